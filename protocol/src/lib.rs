@@ -1,0 +1,25 @@
+//! The rxd wire protocol: what travels over the daemon's Unix socket.
+//!
+//! # Layout
+//! - [`frame`]: length-prefixed framing, encode/decode of MessagePack bodies.
+//! - [`message`]: the handshake, requests, replies, tensor descriptors.
+//! - [`dtype`]: tensor element types.
+//! - [`error`]: stable numeric error codes and the wire error.
+//! - [`limits`]: bounds on every size a peer controls.
+//!
+//! This crate is pure: no IO, no async runtime, no unsafe code, no ONNX Runtime. PROTOCOL.md at
+//! the repository root describes the same format for clients written in other languages.
+#![forbid(unsafe_code)]
+
+pub mod dtype;
+pub mod error;
+pub mod frame;
+pub mod limits;
+pub mod message;
+
+pub use dtype::DType;
+pub use error::{ErrorCode, WireError};
+pub use message::*;
+
+#[cfg(test)]
+mod tests;

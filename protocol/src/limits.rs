@@ -1,0 +1,19 @@
+//! Bounds on everything a peer controls. Both sides enforce them; the daemon may be configured
+//! lower (never higher) for frame size and in-flight requests.
+
+/// Hard ceiling on a frame body, whatever the configuration says.
+pub const MAX_FRAME_LIMIT: u64 = 1 << 30;
+/// Default maximum frame body the daemon accepts (inline tensors up to about this size).
+pub const DEFAULT_MAX_FRAME: u64 = 80 << 20;
+/// Largest frame a handshake may be.
+pub const MAX_HANDSHAKE_FRAME: u64 = 4096;
+/// Longest model, tensor or client name, in bytes.
+pub const MAX_NAME_LEN: usize = 1024;
+/// Highest tensor rank accepted.
+pub const MAX_RANK: usize = 32;
+/// Most tensors (inputs or requested outputs) in one request.
+pub const MAX_TENSORS: usize = 1024;
+/// Largest single tensor, in bytes.
+pub const MAX_TENSOR_BYTES: u64 = 1 << 34;
+/// Default number of requests in flight per connection.
+pub const DEFAULT_MAX_IN_FLIGHT: u32 = 256;

@@ -1,0 +1,428 @@
+//! Message types: the handshake, requests, replies and tensor descriptors.
+//!
+//! Owns the shape of every message and the pure, model-independent checks on them (limits on
+//! names, ranks, element counts). It does not know models or ONNX Runtime; checks that need a
+//! model's signature live in the daemon.
+
+use serde::{Deserialize, Serialize};
+
+use crate::dtype::DType;
+use crate::error::{ErrorCode, WireError};
+use crate::limits;
+
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// First frame from client to daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The protocol version the client speaks ([`PROTOCOL_VERSION`]).
+    pub protocol: u32,
+    /// Free-form client name and version, for logs.
+    #[serde(default)]
+    pub client: String,
+    /// Size of the shared-memory arena the client asks for, in bytes; 0 = none.
+    #[serde(default)]
+    pub arena_bytes: u64,
+}
+
+/// First frame from daemon to client, answering [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HandshakeReply {
+    Welcome(Welcome),
+    /// The handshake was refused (for example [`ErrorCode::UnsupportedVersion`]); the daemon
+    /// closes the connection after sending it.
+    Error(HandshakeError),
+}
+
+/// The daemon accepted the handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub protocol: u32,
+    /// Daemon name and version, e.g. `rxd 0.1.0`.
+    pub server: String,
+    /// Largest frame body the daemon accepts, in bytes.
+    pub max_frame_bytes: u64,
+    /// Requests that may be in flight on this connection at once; the daemon stops reading
+    /// the connection while that many are unanswered.
+    pub max_in_flight: u32,
+    /// Size of the arena granted; 0 = none. When non-zero the frame carries the arena's fd
+    /// (see PROTOCOL.md).
+    #[serde(default)]
+    pub arena_bytes: u64,
+}
+
+/// A refused handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandshakeError {
+    #[serde(flatten)]
+    pub error: WireError,
+    /// Protocol versions the daemon speaks.
+    pub supported: Vec<u32>,
+}
+
+/// Every frame after the handshake from client to daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestFrame {
+    /// Chosen by the client, non-zero, unique among the connection's requests in flight.
+    pub id: u64,
+    pub body: Request,
+}
+
+/// What the client asks for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", content = "args", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Request {
+    Infer(InferRequest),
+    ListModels,
+    ModelInfo(ModelRef),
+    Status,
+    Health,
+    /// Admin: load a model version from the repository.
+    Load(ModelRef),
+    /// Admin: unload a model version (in-flight requests finish first).
+    Unload(ModelRef),
+}
+
+impl Request {
+    /// Short name for logs.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Infer(_) => "infer",
+            Request::ListModels => "list_models",
+            Request::ModelInfo(_) => "model_info",
+            Request::Status => "status",
+            Request::Health => "health",
+            Request::Load(_) => "load",
+            Request::Unload(_) => "unload",
+        }
+    }
+
+    /// Whether the request needs admin rights.
+    pub fn is_admin(&self) -> bool {
+        matches!(self, Request::Load(_) | Request::Unload(_))
+    }
+}
+
+/// Names a model and optionally one version (default: the model's default version).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRef {
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+}
+
+/// Run a model on some inputs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferRequest {
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// One tensor per model input, in any order.
+    pub inputs: Vec<Tensor>,
+    /// Output names wanted; empty = all outputs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<String>,
+}
+
+/// A tensor: name, element type, shape and where its bytes are.
+///
+/// Bytes are little-endian, C order (row-major), packed 4-bit types two per byte, low nibble
+/// first, as ONNX stores them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    pub data: TensorData,
+}
+
+/// Where a tensor's bytes are.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum TensorData {
+    /// In the frame itself (MessagePack `bin`).
+    Inline(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// In the sender's shared-memory arena, `len` bytes from `offset`.
+    Arena(ArenaRef),
+}
+
+impl std::fmt::Debug for TensorData {
+    // Never print tensor bytes (logs must not carry them).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TensorData::Inline(b) => write!(f, "Inline({} bytes)", b.len()),
+            TensorData::Arena(r) => write!(f, "Arena({r:?})"),
+        }
+    }
+}
+
+/// A region of the sender's arena.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArenaRef {
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl Tensor {
+    /// Builds an inline tensor.
+    pub fn inline(name: impl Into<String>, dtype: DType, shape: Vec<u64>, bytes: Vec<u8>) -> Tensor {
+        Tensor {
+            name: name.into(),
+            dtype,
+            shape,
+            data: TensorData::Inline(bytes),
+        }
+    }
+
+    /// Number of elements, `None` on overflow.
+    pub fn element_count(&self) -> Option<u64> {
+        element_count(&self.shape)
+    }
+
+    /// Checks the limits that do not depend on a model: name length, rank, element count, and
+    /// that an inline tensor's byte length equals element count × dtype size. Returns the
+    /// expected byte length.
+    pub fn check(&self) -> Result<u64, WireError> {
+        if self.name.len() > limits::MAX_NAME_LEN {
+            return Err(WireError::new(
+                ErrorCode::InvalidRequest,
+                format!("tensor name longer than {} bytes", limits::MAX_NAME_LEN),
+            ));
+        }
+        if self.shape.len() > limits::MAX_RANK {
+            return Err(WireError::new(
+                ErrorCode::TensorTooLarge,
+                format!(
+                    "tensor '{}' has rank {}, the limit is {}",
+                    self.name,
+                    self.shape.len(),
+                    limits::MAX_RANK
+                ),
+            ));
+        }
+        let too_large = || {
+            WireError::new(
+                ErrorCode::TensorTooLarge,
+                format!("tensor '{}' shape {:?} is too large", self.name, self.shape),
+            )
+        };
+        let elements = self.element_count().ok_or_else(too_large)?;
+        let bytes = self.dtype.byte_len(elements).ok_or_else(too_large)?;
+        if bytes > limits::MAX_TENSOR_BYTES {
+            return Err(too_large());
+        }
+        if let TensorData::Inline(data) = &self.data
+            && data.len() as u64 != bytes
+        {
+            return Err(WireError::new(
+                ErrorCode::DataLengthMismatch,
+                format!(
+                    "tensor '{}' is {} {:?}: {} bytes expected, {} given",
+                    self.name,
+                    self.dtype,
+                    self.shape,
+                    bytes,
+                    data.len()
+                ),
+            ));
+        }
+        Ok(bytes)
+    }
+}
+
+/// Product of dims, `None` on overflow.
+pub fn element_count(shape: &[u64]) -> Option<u64> {
+    shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))
+}
+
+impl InferRequest {
+    /// Model-independent checks on the whole request (counts and every tensor).
+    pub fn check(&self) -> Result<(), WireError> {
+        check_name(&self.model)?;
+        if self.inputs.len() > limits::MAX_TENSORS || self.outputs.len() > limits::MAX_TENSORS {
+            return Err(WireError::new(
+                ErrorCode::InvalidRequest,
+                format!("more than {} tensors in one request", limits::MAX_TENSORS),
+            ));
+        }
+        for t in &self.inputs {
+            t.check()?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks a model name's length (names are otherwise matched exactly).
+pub fn check_name(name: &str) -> Result<(), WireError> {
+    if name.is_empty() || name.len() > limits::MAX_NAME_LEN {
+        return Err(WireError::new(
+            ErrorCode::InvalidRequest,
+            format!("model name must be 1 to {} bytes", limits::MAX_NAME_LEN),
+        ));
+    }
+    Ok(())
+}
+
+/// Every frame after the handshake from daemon to client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseFrame {
+    /// The id of the request answered; 0 for an error about the connection itself (for
+    /// example a frame that could not be decoded far enough to find its id).
+    pub id: u64,
+    pub outcome: Outcome,
+}
+
+/// Success or failure of one request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Ok(Reply),
+    Err(WireError),
+}
+
+/// A successful answer; the variant matches the request's `op`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", content = "args", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Reply {
+    Infer(InferReply),
+    ListModels(ModelList),
+    ModelInfo(ModelInfo),
+    Status(Status),
+    Health(Health),
+    Load(ModelSummary),
+    Unload(ModelSummary),
+}
+
+/// Outputs of one inference.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferReply {
+    pub model: String,
+    pub version: u64,
+    pub outputs: Vec<Tensor>,
+}
+
+/// Every model version the daemon knows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelList {
+    pub models: Vec<ModelSummary>,
+}
+
+/// State of one model version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelSummary {
+    pub name: String,
+    pub version: u64,
+    pub state: ModelState,
+    /// Why the model is `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Sessions (instances) serving it.
+    pub instances: u32,
+    /// Device it runs on (`cpu`, ...).
+    pub device: String,
+}
+
+/// Lifecycle state of a model version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ModelState {
+    /// In the repository, not loaded.
+    Available,
+    Loading,
+    Ready,
+    Unloading,
+    Evicted,
+    Failed,
+}
+
+impl ModelState {
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelState::Available => "available",
+            ModelState::Loading => "loading",
+            ModelState::Ready => "ready",
+            ModelState::Unloading => "unloading",
+            ModelState::Evicted => "evicted",
+            ModelState::Failed => "failed",
+        }
+    }
+}
+
+/// A model version's signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    #[serde(flatten)]
+    pub summary: ModelSummary,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+/// One input or output of a model.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: DType,
+    /// Dimensions; -1 marks a dynamic dimension.
+    pub dims: Vec<i64>,
+    /// Symbolic names of dimensions ("" where none), same length as `dims`.
+    pub dim_names: Vec<String>,
+}
+
+/// What the daemon is and what it serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// Daemon name and version.
+    pub server: String,
+    pub protocol: u32,
+    pub pid: u32,
+    pub uptime_ms: u64,
+    pub socket: String,
+    pub model_repository: String,
+    pub ort_version: String,
+    pub ort_library: String,
+    pub intra_op_threads: u32,
+    pub models_ready: u32,
+    pub models_failed: u32,
+    pub connections: u64,
+    pub requests_total: u64,
+    pub requests_failed: u64,
+    pub in_flight: u64,
+}
+
+/// Overall health.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub state: HealthState,
+    /// Why the state is not `healthy`.
+    pub reasons: Vec<String>,
+    /// Accepting and serving requests.
+    pub ready: bool,
+    pub models_loaded: u32,
+    pub uptime_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthState {
+    Healthy,
+    Degraded,
+    Unhealthy,
+}
+
+impl HealthState {
+    pub fn name(self) -> &'static str {
+        match self {
+            HealthState::Healthy => "healthy",
+            HealthState::Degraded => "degraded",
+            HealthState::Unhealthy => "unhealthy",
+        }
+    }
+}

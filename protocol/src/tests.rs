@@ -1,0 +1,193 @@
+use proptest::prelude::*;
+
+use crate::frame::{self, FrameError, HEADER_LEN};
+use crate::*;
+
+fn sample_infer() -> RequestFrame {
+    RequestFrame {
+        id: 7,
+        body: Request::Infer(InferRequest {
+            model: "digits".into(),
+            version: Some(2),
+            inputs: vec![Tensor::inline(
+                "x",
+                DType::Float32,
+                vec![1, 2],
+                vec![0, 0, 128, 63, 0, 0, 0, 64],
+            )],
+            outputs: vec![],
+        }),
+    }
+}
+
+/// The wire form as a generic value, to check key names other languages rely on.
+fn wire_json<T: serde::Serialize>(msg: &T) -> serde_json::Value {
+    let frame = frame::encode(msg).unwrap();
+    let mut body = &frame[HEADER_LEN..];
+    to_json(rmpv::decode::read_value(&mut body).unwrap())
+}
+
+fn to_json(v: rmpv::Value) -> serde_json::Value {
+    use rmpv::Value as M;
+    use serde_json::Value as J;
+    match v {
+        M::Nil => J::Null,
+        M::Boolean(b) => J::Bool(b),
+        M::Integer(i) => serde_json::json!(i.as_u64().map(J::from).unwrap_or_else(|| J::from(i.as_i64().unwrap()))),
+        M::F32(f) => serde_json::json!(f),
+        M::F64(f) => serde_json::json!(f),
+        M::String(s) => J::String(s.into_str().unwrap()),
+        // Binary shows as an object so tests can tell bin from an array.
+        M::Binary(b) => serde_json::json!({"bin": b.len()}),
+        M::Array(a) => J::Array(a.into_iter().map(to_json).collect()),
+        M::Map(m) => J::Object(
+            m.into_iter()
+                .map(|(k, v)| (k.as_str().unwrap().to_string(), to_json(v)))
+                .collect(),
+        ),
+        M::Ext(..) => panic!("no ext types on the wire"),
+    }
+}
+
+#[test]
+fn requests_round_trip() {
+    let reqs = [
+        sample_infer(),
+        RequestFrame { id: 1, body: Request::ListModels },
+        RequestFrame { id: 2, body: Request::Status },
+        RequestFrame { id: 3, body: Request::Health },
+        RequestFrame {
+            id: 4,
+            body: Request::Load(ModelRef { model: "m".into(), version: None }),
+        },
+        RequestFrame {
+            id: 5,
+            body: Request::ModelInfo(ModelRef { model: "m".into(), version: Some(3) }),
+        },
+    ];
+    for r in reqs {
+        assert_eq!(frame::round_trip(&r), r);
+    }
+}
+
+#[test]
+fn wire_form_uses_named_keys_and_tags() {
+    let v = wire_json(&sample_infer());
+    assert_eq!(v["id"], 7);
+    assert_eq!(v["body"]["op"], "infer");
+    let args = &v["body"]["args"];
+    assert_eq!(args["model"], "digits");
+    assert_eq!(args["inputs"][0]["dtype"], "float32");
+    assert_eq!(args["inputs"][0]["shape"], serde_json::json!([1, 2]));
+    assert_eq!(args["inputs"][0]["data"]["inline"]["bin"], 8);
+    // A unit request has only the tag.
+    let v = wire_json(&RequestFrame { id: 9, body: Request::Status });
+    assert_eq!(v, serde_json::json!({"id": 9, "body": {"op": "status"}}));
+    // Errors carry a numeric code.
+    let v = wire_json(&ResponseFrame {
+        id: 9,
+        outcome: Outcome::Err(WireError::new(ErrorCode::Busy, "full")),
+    });
+    assert_eq!(v, serde_json::json!({"id": 9, "outcome": {"err": {"code": 500, "message": "full"}}}));
+}
+
+#[test]
+fn inline_data_is_msgpack_bin() {
+    let frame = frame::encode(&sample_infer()).unwrap();
+    // bin8 marker (0xc4) followed by the 8-byte length.
+    assert!(frame.windows(2).any(|w| w == [0xc4, 8]));
+}
+
+#[test]
+fn handshake_round_trips() {
+    let hello = Hello { protocol: PROTOCOL_VERSION, client: "t".into(), arena_bytes: 0 };
+    assert_eq!(frame::round_trip(&hello), hello);
+    let refused = HandshakeReply::Error(HandshakeError {
+        error: WireError::new(ErrorCode::UnsupportedVersion, "no"),
+        supported: vec![1],
+    });
+    assert_eq!(frame::round_trip(&refused), refused);
+    let v = wire_json(&refused);
+    assert_eq!(v["error"]["code"], 102);
+    assert_eq!(v["error"]["supported"], serde_json::json!([1]));
+}
+
+#[test]
+fn hello_accepts_missing_optional_fields() {
+    #[derive(serde::Serialize)]
+    struct Minimal {
+        protocol: u32,
+    }
+    let f = frame::encode(&Minimal { protocol: 1 }).unwrap();
+    let hello: Hello = frame::decode(&f[HEADER_LEN..]).unwrap();
+    assert_eq!(hello.arena_bytes, 0);
+}
+
+#[test]
+fn body_len_bounds() {
+    assert!(matches!(frame::body_len([0, 0, 0, 0], 10), Err(FrameError::Empty)));
+    assert!(matches!(
+        frame::body_len(11u32.to_le_bytes(), 10),
+        Err(FrameError::TooLarge { len: 11, max: 10 })
+    ));
+    assert_eq!(frame::body_len(10u32.to_le_bytes(), 10).unwrap(), 10);
+}
+
+#[test]
+fn tensor_checks() {
+    let ok = Tensor::inline("x", DType::Float32, vec![2, 3], vec![0; 24]);
+    assert_eq!(ok.check().unwrap(), 24);
+    let short = Tensor::inline("x", DType::Float32, vec![2, 3], vec![0; 23]);
+    assert_eq!(short.check().unwrap_err().kind(), Some(ErrorCode::DataLengthMismatch));
+    let overflow = Tensor::inline("x", DType::Float32, vec![u64::MAX, 2], vec![]);
+    assert_eq!(overflow.check().unwrap_err().kind(), Some(ErrorCode::TensorTooLarge));
+    let deep = Tensor::inline("x", DType::Uint8, vec![1; limits::MAX_RANK + 1], vec![0]);
+    assert_eq!(deep.check().unwrap_err().kind(), Some(ErrorCode::TensorTooLarge));
+    let packed = Tensor::inline("x", DType::Int4, vec![3], vec![0; 2]);
+    assert_eq!(packed.check().unwrap(), 2);
+}
+
+#[test]
+fn salvage_id_finds_the_id_of_a_bad_request() {
+    #[derive(serde::Serialize)]
+    struct Bad {
+        id: u64,
+        body: u32,
+    }
+    let f = frame::encode(&Bad { id: 42, body: 3 }).unwrap();
+    assert!(frame::decode::<RequestFrame>(&f[HEADER_LEN..]).is_err());
+    assert_eq!(frame::salvage_id(&f[HEADER_LEN..]), Some(42));
+    assert_eq!(frame::salvage_id(b"\xff\x00garbage"), None);
+}
+
+proptest! {
+    /// The decoder never panics on arbitrary bytes (the fuzz target does the same, longer).
+    #[test]
+    fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = frame::decode::<RequestFrame>(&bytes);
+        let _ = frame::decode::<Hello>(&bytes);
+        let _ = frame::decode::<ResponseFrame>(&bytes);
+        let _ = frame::salvage_id(&bytes);
+    }
+
+    /// Mutating a valid frame never panics the decoder.
+    #[test]
+    fn decode_mutated_frames(pos in 0usize..64, val in any::<u8>()) {
+        let mut f = frame::encode(&sample_infer()).unwrap();
+        let body = &mut f[HEADER_LEN..];
+        let p = pos % body.len();
+        body[p] = val;
+        let _ = frame::decode::<RequestFrame>(body);
+    }
+
+    #[test]
+    fn infer_round_trip(id in 1u64.., shape in proptest::collection::vec(0u64..4, 0..4),
+                        name in "[a-z]{1,8}") {
+        let n = element_count(&shape).unwrap() as usize;
+        let r = RequestFrame { id, body: Request::Infer(InferRequest {
+            model: name.clone(), version: None,
+            inputs: vec![Tensor::inline(name, DType::Int64, shape, vec![7; n * 8])],
+            outputs: vec![] }) };
+        prop_assert_eq!(frame::round_trip(&r), r);
+    }
+}
