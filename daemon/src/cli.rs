@@ -1,0 +1,53 @@
+//! Command-line flags of `rxd`, defined once (clap derive). Flags override the config file.
+//! This module only describes flags; `config` turns them into a validated configuration.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// rxd — local inference daemon: serves ONNX models to local processes over a Unix socket.
+#[derive(Debug, Parser)]
+#[command(name = "rxd", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub opts: ServeOpts,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve (the default when no subcommand is given).
+    Serve(ServeOpts),
+    /// Validate the configuration, print every problem, exit 78 if there is any.
+    CheckConfig(ServeOpts),
+}
+
+/// Settings that may come from flags; each overrides the config file's key of the same name.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeOpts {
+    /// Configuration file (TOML). Without it, built-in defaults and flags are used.
+    #[arg(long, short = 'c', env = "RXD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Path of the Unix socket to listen on.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Permission bits of the socket, octal (e.g. 0660).
+    #[arg(long, value_name = "MODE")]
+    pub socket_mode: Option<String>,
+    /// Model repository: <dir>/<model>/<version>/model.onnx.
+    #[arg(long, value_name = "DIR")]
+    pub model_repository: Option<PathBuf>,
+    /// ONNX Runtime shared library (otherwise ORT_DYLIB_PATH, then the bundled one).
+    #[arg(long, value_name = "FILE")]
+    pub ort_library: Option<PathBuf>,
+    /// Intra-op threads per model instance (0 = number of cores).
+    #[arg(long, value_name = "N")]
+    pub intra_op_threads: Option<u32>,
+    /// Group whose members may run admin operations (load, unload).
+    #[arg(long, value_name = "GROUP")]
+    pub admin_group: Option<String>,
+    /// Log filter (error, warn, info, debug, trace, or a tracing filter directive).
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+}

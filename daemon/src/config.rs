@@ -1,0 +1,404 @@
+//! Configuration: the TOML file, flag overrides, defaults and validation.
+//!
+//! Parse → validate → act: [`load`] returns a [`Config`] only when every check passed, and
+//! nothing binds a socket or loads a model before that. [`load`] collects every problem it finds
+//! (not just the first) so that `rxd check-config` can print them all. This module does no IO
+//! beyond reading the file and checking that paths and groups exist.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::cli::ServeOpts;
+use rxd_protocol::limits;
+
+/// Where the .deb puts ONNX Runtime's library.
+pub const BUNDLED_ORT_LIBRARY: &str = "/usr/lib/rxd/libonnxruntime.so.1.31.1";
+pub const DEFAULT_SOCKET: &str = "/run/rxd/rxd.sock";
+pub const DEFAULT_REPOSITORY: &str = "/var/lib/rxd/models";
+
+/// The config file as written. Every key is optional; flags override keys of the same name.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub socket: Option<PathBuf>,
+    pub socket_mode: Option<String>,
+    pub model_repository: Option<PathBuf>,
+    pub ort_library: Option<PathBuf>,
+    pub intra_op_threads: Option<u32>,
+    pub admin_group: Option<String>,
+    pub max_connections: Option<u32>,
+    pub max_in_flight: Option<u32>,
+    pub max_frame_bytes: Option<ByteSize>,
+    pub queue_capacity: Option<u32>,
+    pub shutdown_grace_secs: Option<u64>,
+    pub log_level: Option<String>,
+}
+
+/// The validated configuration in force.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub socket_mode: u32,
+    pub model_repository: PathBuf,
+    /// Resolved ONNX Runtime library path (flag/config, ORT_DYLIB_PATH, bundled).
+    pub ort_library: PathBuf,
+    /// Default intra-op threads per instance.
+    pub intra_op_threads: u32,
+    pub admin_group: Option<String>,
+    pub admin_gid: Option<u32>,
+    pub max_connections: u32,
+    pub max_in_flight: u32,
+    pub max_frame_bytes: u64,
+    /// Default queue capacity per model (requests waiting for a worker).
+    pub queue_capacity: u32,
+    pub shutdown_grace: Duration,
+    pub log_level: String,
+}
+
+/// One thing wrong with the configuration, named by its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Every problem found.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError(pub Vec<Problem>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A size in bytes, written as an integer or a string with a unit (`512MiB`, `2G`, `64k`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Result<ByteSize, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1 << 10,
+            "m" | "mb" | "mib" => 1 << 20,
+            "g" | "gb" | "gib" => 1 << 30,
+            "t" | "tb" | "tib" => 1 << 40,
+            other => return Err(format!("unknown size unit '{other}' (use KiB, MiB, GiB)")),
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("'{s}' is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Reads the file named by `opts.config` (if any), applies flags, validates.
+pub fn load(opts: &ServeOpts) -> Result<Config, ConfigError> {
+    let file = match &opts.config {
+        Some(path) => read_file(path)?,
+        None => FileConfig::default(),
+    };
+    resolve(file, opts, std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError(vec![Problem {
+            key: "config".into(),
+            message: format!("cannot read {}: {e}", path.display()),
+        }])
+    })?;
+    parse_file(&text).map_err(|message| {
+        ConfigError(vec![Problem {
+            key: key_of_toml_error(&message),
+            message: format!("{}: {message}", path.display()),
+        }])
+    })
+}
+
+/// Parses config text (no validation).
+pub fn parse_file(text: &str) -> Result<FileConfig, String> {
+    toml::from_str(text).map_err(|e| e.to_string())
+}
+
+/// The key named in a toml error ("unknown field `foo`" → "foo"), for the problem's key.
+fn key_of_toml_error(message: &str) -> String {
+    message
+        .split('`')
+        .nth(1)
+        .map(str::to_string)
+        .unwrap_or_else(|| "config".into())
+}
+
+/// Merges file and flags, applies defaults and validates. `env_ort` is `ORT_DYLIB_PATH`.
+pub fn resolve(
+    file: FileConfig,
+    opts: &ServeOpts,
+    env_ort: Option<PathBuf>,
+) -> Result<Config, ConfigError> {
+    let mut problems = Vec::new();
+    let mut bad = |key: &str, message: String| {
+        problems.push(Problem {
+            key: key.into(),
+            message,
+        })
+    };
+
+    let socket = opts
+        .socket
+        .clone()
+        .or(file.socket)
+        .unwrap_or_else(|| DEFAULT_SOCKET.into());
+    if socket.as_os_str().is_empty() {
+        bad("socket", "must not be empty".into());
+    } else if socket.as_os_str().len() >= 108 {
+        bad(
+            "socket",
+            format!("path is longer than a Unix socket allows (107 bytes): {}", socket.display()),
+        );
+    }
+
+    let mode_text = opts
+        .socket_mode
+        .clone()
+        .or(file.socket_mode)
+        .unwrap_or_else(|| "0660".into());
+    let socket_mode = match u32::from_str_radix(mode_text.trim_start_matches("0o"), 8) {
+        Ok(m) if m <= 0o777 => m,
+        _ => {
+            bad(
+                "socket-mode",
+                format!("'{mode_text}' is not an octal permission mode like 0660"),
+            );
+            0o660
+        }
+    };
+
+    let model_repository = opts
+        .model_repository
+        .clone()
+        .or(file.model_repository)
+        .unwrap_or_else(|| DEFAULT_REPOSITORY.into());
+    if !model_repository.is_dir() {
+        bad(
+            "model-repository",
+            format!("{} is not a directory", model_repository.display()),
+        );
+    }
+
+    let (ort_library, ort_key) = match (opts.ort_library.clone().or(file.ort_library), env_ort) {
+        (Some(p), _) => (p, "ort-library"),
+        (None, Some(p)) => (p, "ORT_DYLIB_PATH"),
+        (None, None) => (PathBuf::from(BUNDLED_ORT_LIBRARY), "ort-library"),
+    };
+    if !ort_library.is_file() {
+        bad(
+            ort_key,
+            format!(
+                "ONNX Runtime library {} not found; set ort-library in the config, --ort-library, \
+                 or ORT_DYLIB_PATH (scripts/fetch-deps puts one in .deps/onnxruntime/)",
+                ort_library.display()
+            ),
+        );
+    }
+
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let intra_op_threads = match opts.intra_op_threads.or(file.intra_op_threads).unwrap_or(0) {
+        0 => cores,
+        n if n > 1024 => {
+            bad("intra-op-threads", format!("{n} is more than 1024"));
+            cores
+        }
+        n => n,
+    };
+
+    let admin_group = opts.admin_group.clone().or(file.admin_group);
+    let admin_gid = match &admin_group {
+        None => None,
+        Some(name) => match nix::unistd::Group::from_name(name) {
+            Ok(Some(g)) => Some(g.gid.as_raw()),
+            Ok(None) => {
+                bad("admin-group", format!("group '{name}' does not exist"));
+                None
+            }
+            Err(e) => {
+                bad("admin-group", format!("cannot look up group '{name}': {e}"));
+                None
+            }
+        },
+    };
+
+    let mut positive = |key: &str, v: Option<u32>, default: u32, max: u32| match v {
+        None => default,
+        Some(n) if (1..=max).contains(&n) => n,
+        Some(n) => {
+            bad(key, format!("{n} is out of range 1..={max}"));
+            default
+        }
+    };
+    let max_connections = positive("max-connections", file.max_connections, 256, 65536);
+    let max_in_flight = positive(
+        "max-in-flight",
+        file.max_in_flight,
+        limits::DEFAULT_MAX_IN_FLIGHT,
+        65536,
+    );
+    let queue_capacity = positive("queue-capacity", file.queue_capacity, 1024, 1 << 20);
+
+    let max_frame_bytes = match file.max_frame_bytes {
+        None => limits::DEFAULT_MAX_FRAME,
+        Some(ByteSize(n)) if (4096..=limits::MAX_FRAME_LIMIT).contains(&n) => n,
+        Some(ByteSize(n)) => {
+            bad(
+                "max-frame-bytes",
+                format!("{n} is out of range 4KiB..={}", limits::MAX_FRAME_LIMIT),
+            );
+            limits::DEFAULT_MAX_FRAME
+        }
+    };
+
+    let shutdown_grace = Duration::from_secs(file.shutdown_grace_secs.unwrap_or(30));
+    let log_level = opts
+        .log_level
+        .clone()
+        .or(file.log_level)
+        .unwrap_or_else(|| "info".into());
+    if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+        bad("log-level", format!("'{log_level}' is not a log filter"));
+    }
+
+    if !problems.is_empty() {
+        return Err(ConfigError(problems));
+    }
+    Ok(Config {
+        socket,
+        socket_mode,
+        model_repository,
+        ort_library,
+        intra_op_threads,
+        admin_group,
+        admin_gid,
+        max_connections,
+        max_in_flight,
+        max_frame_bytes,
+        queue_capacity,
+        shutdown_grace,
+        log_level,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts_with(dir: &Path) -> ServeOpts {
+        ServeOpts {
+            model_repository: Some(dir.to_path_buf()),
+            // Any existing file passes the existence check.
+            ort_library: Some(dir.join("lib.so")),
+            ..ServeOpts::default()
+        }
+    }
+
+    #[test]
+    fn unknown_key_is_refused_and_named() {
+        let err = parse_file("sokcet = '/tmp/x'\n").unwrap_err();
+        assert!(err.contains("sokcet"), "{err}");
+        assert_eq!(key_of_toml_error(&err), "sokcet");
+    }
+
+    #[test]
+    fn flags_override_file_and_defaults_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("lib.so"), b"").unwrap();
+        let file = parse_file("socket = '/tmp/from-file.sock'\nmax-in-flight = 8\n").unwrap();
+        let mut opts = opts_with(dir.path());
+        opts.socket = Some("/tmp/from-flag.sock".into());
+        let cfg = resolve(file, &opts, None).unwrap();
+        assert_eq!(cfg.socket, PathBuf::from("/tmp/from-flag.sock"));
+        assert_eq!(cfg.max_in_flight, 8);
+        assert_eq!(cfg.socket_mode, 0o660);
+        assert!(cfg.intra_op_threads >= 1);
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = parse_file(
+            "socket-mode = 'rw'\nmax-connections = 0\nmax-frame-bytes = '1KiB'\nadmin-group = 'no-such-group-rxd'\n",
+        )
+        .unwrap();
+        let mut opts = opts_with(dir.path());
+        opts.model_repository = Some(dir.path().join("missing"));
+        let err = resolve(file, &opts, None).unwrap_err();
+        let keys: Vec<&str> = err.0.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "socket-mode",
+                "model-repository",
+                "ort-library",
+                "admin-group",
+                "max-connections",
+                "max-frame-bytes"
+            ]
+        );
+    }
+
+    #[test]
+    fn ort_library_resolution_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let env_lib = dir.path().join("env.so");
+        std::fs::write(&env_lib, b"").unwrap();
+        let mut opts = opts_with(dir.path());
+        opts.ort_library = None;
+        let cfg = resolve(FileConfig::default(), &opts, Some(env_lib.clone())).unwrap();
+        assert_eq!(cfg.ort_library, env_lib);
+        // Without flag, config or env, the bundled path is used (and here it is missing).
+        let err = resolve(FileConfig::default(), &opts, None).unwrap_err();
+        assert!(err.0[0].message.contains(BUNDLED_ORT_LIBRARY));
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(ByteSize::parse("512MiB"), Ok(ByteSize(512 << 20)));
+        assert_eq!(ByteSize::parse("64k"), Ok(ByteSize(64 << 10)));
+        assert_eq!(ByteSize::parse("100"), Ok(ByteSize(100)));
+        assert!(ByteSize::parse("12 parsecs").is_err());
+        assert!(ByteSize::parse("99999999999999T").is_err());
+    }
+}

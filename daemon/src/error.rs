@@ -1,0 +1,77 @@
+//! The daemon's request-level error enum and its one mapping to wire error codes.
+//!
+//! Every failure a client can see passes through [`RequestError::to_wire`]; nothing else
+//! picks wire codes (validation errors that the protocol crate or `validate` already coded
+//! travel as [`RequestError::Wire`]).
+
+use rxd_protocol::{ErrorCode, WireError};
+
+use crate::runtime::RuntimeError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// Already carries its wire code (input validation).
+    #[error("{0}")]
+    Wire(WireError),
+    #[error("unknown model '{0}'")]
+    UnknownModel(String),
+    #[error("model '{model}' has no version {version}")]
+    UnknownVersion { model: String, version: u64 },
+    #[error("model '{model}' version {version} is {state}{}", detail.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
+    NotReady {
+        model: String,
+        version: u64,
+        state: &'static str,
+        detail: Option<String>,
+    },
+    #[error("'{op}' needs admin rights (uid 0, the daemon's uid, or the admin group)")]
+    PermissionDenied { op: &'static str },
+    #[error("model '{model}' queue is full ({capacity} waiting); retry later")]
+    Busy { model: String, capacity: usize },
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    #[error("loading '{model}' version {version} failed: {message}")]
+    LoadFailed {
+        model: String,
+        version: u64,
+        message: String,
+    },
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl RequestError {
+    /// The wire code for this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            RequestError::Wire(w) => w.kind().unwrap_or(ErrorCode::Internal),
+            RequestError::UnknownModel(_) | RequestError::UnknownVersion { .. } => {
+                ErrorCode::UnknownModel
+            }
+            RequestError::NotReady { .. } => ErrorCode::ModelNotReady,
+            RequestError::PermissionDenied { .. } => ErrorCode::PermissionDenied,
+            RequestError::Busy { .. } => ErrorCode::Busy,
+            RequestError::ShuttingDown => ErrorCode::ShuttingDown,
+            RequestError::LoadFailed { .. } => ErrorCode::LoadFailed,
+            RequestError::Runtime(RuntimeError::Run(_)) => ErrorCode::InferenceFailed,
+            RequestError::Runtime(RuntimeError::WorkersGone) => ErrorCode::ModelNotReady,
+            RequestError::Runtime(_) => ErrorCode::LoadFailed,
+            RequestError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    pub fn to_wire(&self) -> WireError {
+        match self {
+            RequestError::Wire(w) => w.clone(),
+            other => WireError::new(other.code(), other.to_string()),
+        }
+    }
+}
+
+impl From<WireError> for RequestError {
+    fn from(w: WireError) -> Self {
+        RequestError::Wire(w)
+    }
+}

@@ -1,0 +1,113 @@
+//! rxd, the local inference daemon, as a library: the `rxd` binary is a thin shell around it,
+//! and tests can drive [`serve`] in-process with a listener they bound themselves.
+//!
+//! # Layout
+//! - [`cli`]: command-line flags (clap), shared by the binary, man pages and completions.
+//! - [`config`]: TOML configuration, flag overrides, validation (parse → validate → act).
+//! - [`listener`]: binding the Unix socket, accepting connections, peer credentials.
+//! - [`connection`]: one client connection: handshake, framed reads/writes, pipelining.
+//! - [`dispatch`]: routes a decoded request to the registry or the status reports.
+//! - [`peer`]: who is on the other end (SO_PEERCRED) and whether they are an admin.
+//! - [`registry`]: the model repository on disk and the models loaded from it.
+//! - [`validate`]: checks a request's tensors against a model's signature.
+//! - [`runtime`]: ONNX Runtime — library loading, sessions, worker threads. Nothing outside
+//!   it calls ORT.
+//! - [`metrics`]: counters behind `status` and `health`.
+//! - [`error`]: the daemon's error enums and their one mapping to wire error codes.
+//! - [`shutdown`]: signals and the cancellation tree.
+#![deny(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod connection;
+pub mod dispatch;
+pub mod error;
+pub mod listener;
+pub mod metrics;
+pub mod peer;
+pub mod registry;
+pub mod runtime;
+pub mod shutdown;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+pub use listener::serve;
+
+/// Name and version reported in the handshake and status.
+pub const SERVER_NAME: &str = concat!("rxd ", env!("CARGO_PKG_VERSION"));
+
+/// Everything a connection needs, shared by all of them.
+pub struct Shared {
+    pub config: config::Config,
+    pub registry: registry::Registry,
+    pub metrics: metrics::Metrics,
+    pub started: Instant,
+    /// The uid the daemon runs as (admin by definition).
+    pub own_uid: u32,
+}
+
+pub type SharedRef = Arc<Shared>;
+
+/// Exit codes (sysexits) of the `rxd` binary.
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// Bad command line.
+    pub const USAGE: u8 = 64;
+    /// A needed resource is unavailable (socket in use by another daemon).
+    pub const UNAVAILABLE: u8 = 69;
+    /// Internal error.
+    pub const SOFTWARE: u8 = 70;
+    /// An OS call failed (binding the socket, reading the repository).
+    pub const OSERR: u8 = 71;
+    /// Bad configuration; the unit does not restart on it (`RestartPreventExitStatus=78`).
+    pub const CONFIG: u8 = 78;
+}
+
+/// Builds the shared state: loads ONNX Runtime and prepares the registry (nothing loaded yet).
+pub fn prepare(config: config::Config) -> Result<SharedRef, runtime::RuntimeError> {
+    let runtime = Arc::new(runtime::Runtime::init(&config.ort_library)?);
+    let registry = registry::Registry::new(
+        config.model_repository.clone(),
+        runtime,
+        registry::Defaults {
+            intra_op_threads: config.intra_op_threads,
+            queue_capacity: config.queue_capacity,
+        },
+    );
+    Ok(Arc::new(Shared {
+        config,
+        registry,
+        metrics: metrics::Metrics::default(),
+        started: Instant::now(),
+        own_uid: nix::unistd::geteuid().as_raw(),
+    }))
+}
+
+/// Loads the repository's models, then serves `listener` until `shutdown` fires, drains, and
+/// unloads everything. The listener is bound before models load, so clients that connect
+/// early wait in the backlog instead of being refused.
+pub async fn run(
+    shared: SharedRef,
+    listener: tokio::net::UnixListener,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    let s = shared.clone();
+    tokio::task::spawn_blocking(move || s.registry.load_all_latest())
+        .await
+        .map_err(std::io::Error::other)??;
+    let (ready, failed) = shared.registry.counts();
+    tracing::info!(
+        socket = %shared.config.socket.display(),
+        ready,
+        failed,
+        "serving"
+    );
+    serve(listener, shared.clone(), shutdown).await;
+    let s = shared.clone();
+    tokio::task::spawn_blocking(move || s.registry.unload_all())
+        .await
+        .map_err(std::io::Error::other)?;
+    Ok(())
+}

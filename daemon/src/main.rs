@@ -1,0 +1,113 @@
+//! The `rxd` binary: parses flags, validates the configuration, and runs the daemon library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use rxd::cli::{Cli, Command, ServeOpts};
+use rxd::{config, exit};
+
+#[allow(unsafe_code)] // One call: setting the environment before any thread exists.
+fn main() -> ExitCode {
+    // SAFETY: first statement of main; no other thread exists yet, so nothing can read the
+    // environment concurrently. ONNX Runtime's PyPI build sends telemetry unless this is set
+    // before it loads.
+    unsafe { std::env::set_var("ORT_DISABLE_TELEMETRY", "1") };
+
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
+        }
+    };
+    match cli.command {
+        Some(Command::CheckConfig(opts)) => check_config(&opts),
+        Some(Command::Serve(opts)) => serve(&opts),
+        None => serve(&cli.opts),
+    }
+}
+
+fn check_config(opts: &ServeOpts) -> ExitCode {
+    match config::load(opts) {
+        Ok(cfg) => {
+            println!(
+                "configuration OK: socket {}, repository {}, ONNX Runtime {}",
+                cfg.socket.display(),
+                cfg.model_repository.display(),
+                cfg.ort_library.display()
+            );
+            ExitCode::from(exit::OK)
+        }
+        Err(e) => {
+            for p in &e.0 {
+                eprintln!("rxd: config: {p}");
+            }
+            ExitCode::from(exit::CONFIG)
+        }
+    }
+}
+
+fn serve(opts: &ServeOpts) -> ExitCode {
+    let cfg = match config::load(opts) {
+        Ok(c) => c,
+        Err(e) => {
+            for p in &e.0 {
+                eprintln!("rxd: config: {p}");
+            }
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&cfg.log_level))
+        .with_writer(std::io::stderr)
+        .init();
+
+    let std_listener = match rxd::listener::bind(&cfg.socket, cfg.socket_mode) {
+        Ok(l) => l,
+        Err(e @ rxd::listener::BindError::InUse(_)) => {
+            tracing::error!("{e}");
+            return ExitCode::from(exit::UNAVAILABLE);
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(exit::OSERR);
+        }
+    };
+    let socket = cfg.socket.clone();
+    let shared = match rxd::prepare(cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e}");
+            let _ = std::fs::remove_file(&socket);
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("rxd-io")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return ExitCode::from(exit::OSERR);
+        }
+    };
+    let result = rt.block_on(async {
+        let shutdown = rxd::shutdown::install()?;
+        let listener = tokio::net::UnixListener::from_std(std_listener)?;
+        rxd::run(shared, listener, shutdown).await
+    });
+    let _ = std::fs::remove_file(&socket);
+    match result {
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::from(exit::OK)
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::from(exit::OSERR)
+        }
+    }
+}

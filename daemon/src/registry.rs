@@ -1,0 +1,475 @@
+//! The model repository on disk and the model versions loaded from it.
+//!
+//! Layout: `<repository>/<model>/<version>/model.onnx`, versions are positive integers, plus an
+//! optional `<repository>/<model>/model.toml` with per-model settings. The registry owns each
+//! version's lifecycle state and, for ready versions, the [`LoadedModel`] (signature + worker
+//! pool). Invariant: a `LoadedModel` lives as long as any request holds it, so unloading never
+//! pulls a model out from under a request: the map drops its `Arc`, the last request's drop
+//! closes the queue and the workers exit after finishing it.
+//! Boundary: loading blocks (ORT session creation); async callers go through
+//! `spawn_blocking`. The registry never touches sockets.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use rxd_protocol::{ModelInfo, ModelState, ModelSummary};
+use serde::Deserialize;
+use tokio::sync::oneshot;
+
+use crate::error::RequestError;
+use crate::runtime::{Job, OutputTensor, Runtime, SessionOptions, Signature, SubmitError, WorkerPool};
+use crate::validate::Checked;
+
+/// `model.toml`: per-model settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ModelSettings {
+    /// Sessions (worker threads) serving the model; default 1.
+    pub instances: Option<u32>,
+    /// Intra-op threads per instance; default: the daemon's `intra-op-threads`.
+    pub intra_op_threads: Option<u32>,
+    /// Requests that may wait for a worker before new ones get `busy`.
+    pub queue_capacity: Option<u32>,
+    /// Let ORT threads spin between runs (lower latency, more idle CPU). Default false.
+    pub allow_spinning: Option<bool>,
+}
+
+impl ModelSettings {
+    fn read(model_dir: &Path) -> Result<ModelSettings, String> {
+        let path = model_dir.join("model.toml");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let s: ModelSettings =
+                    toml::from_str(&text).map_err(|e| format!("model.toml: {e}"))?;
+                if s.instances.is_some_and(|n| !(1..=64).contains(&n)) {
+                    return Err("model.toml: instances must be 1..=64".into());
+                }
+                if s.queue_capacity == Some(0) {
+                    return Err("model.toml: queue-capacity must be at least 1".into());
+                }
+                Ok(s)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ModelSettings::default()),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+}
+
+/// Daemon-wide defaults the registry applies.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    pub intra_op_threads: u32,
+    pub queue_capacity: u32,
+}
+
+/// A model version that is ready to serve.
+pub struct LoadedModel {
+    pub name: String,
+    pub version: u64,
+    pub signature: Signature,
+    queue_capacity: usize,
+    pool: WorkerPool,
+}
+
+impl LoadedModel {
+    /// Queues a checked request and waits for its outputs.
+    pub async fn infer(&self, checked: Checked) -> Result<Vec<OutputTensor>, RequestError> {
+        let (tx, rx) = oneshot::channel();
+        let job = Job {
+            inputs: checked.inputs,
+            outputs: checked.outputs,
+            reply: tx,
+        };
+        match self.pool.try_submit(job) {
+            Ok(()) => {}
+            Err(SubmitError::Full(_)) => {
+                return Err(RequestError::Busy {
+                    model: self.name.clone(),
+                    capacity: self.queue_capacity,
+                });
+            }
+            Err(SubmitError::Closed(_)) => {
+                return Err(crate::runtime::RuntimeError::WorkersGone.into());
+            }
+        }
+        let result = rx
+            .await
+            .map_err(|_| RequestError::from(crate::runtime::RuntimeError::WorkersGone))?;
+        Ok(result?)
+    }
+
+    pub fn queued(&self) -> usize {
+        self.pool.queued()
+    }
+
+    pub fn instances(&self) -> usize {
+        self.pool.instances()
+    }
+}
+
+struct Version {
+    path: PathBuf,
+    state: ModelState,
+    error: Option<String>,
+    loaded: Option<Arc<LoadedModel>>,
+}
+
+struct Model {
+    settings: Result<ModelSettings, String>,
+    versions: BTreeMap<u64, Version>,
+}
+
+/// The repository and the loaded models.
+pub struct Registry {
+    root: PathBuf,
+    runtime: Arc<Runtime>,
+    defaults: Defaults,
+    models: RwLock<BTreeMap<String, Model>>,
+}
+
+impl Registry {
+    pub fn new(root: PathBuf, runtime: Arc<Runtime>, defaults: Defaults) -> Registry {
+        Registry {
+            root,
+            runtime,
+            defaults,
+            models: RwLock::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Reads the repository: new models and versions are added as `available`, settings are
+    /// re-read. Versions that vanished from disk and are not loaded are forgotten.
+    pub fn scan(&self) -> std::io::Result<()> {
+        let mut found: BTreeMap<String, (Result<ModelSettings, String>, BTreeMap<u64, PathBuf>)> =
+            BTreeMap::new();
+        for entry in std::fs::read_dir(&self.root)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || !entry.file_type()?.is_dir() {
+                continue;
+            }
+            let dir = entry.path();
+            let mut versions = BTreeMap::new();
+            for v in std::fs::read_dir(&dir)? {
+                let v = v?;
+                let Some(num) = v
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .filter(|&n| n >= 1)
+                else {
+                    continue;
+                };
+                let file = v.path().join("model.onnx");
+                if file.is_file() {
+                    versions.insert(num, file);
+                }
+            }
+            if versions.is_empty() {
+                tracing::warn!(model = %name, "no <version>/model.onnx in {}", dir.display());
+                continue;
+            }
+            found.insert(name, (ModelSettings::read(&dir), versions));
+        }
+        let mut models = self.write();
+        models.retain(|name, m| {
+            m.versions.retain(|v, ver| {
+                ver.loaded.is_some() || found.get(name).is_some_and(|f| f.1.contains_key(v))
+            });
+            !m.versions.is_empty() || found.contains_key(name)
+        });
+        for (name, (settings, versions)) in found {
+            let model = models.entry(name).or_insert_with(|| Model {
+                settings: Ok(ModelSettings::default()),
+                versions: BTreeMap::new(),
+            });
+            model.settings = settings;
+            for (num, path) in versions {
+                model.versions.entry(num).or_insert(Version {
+                    path,
+                    state: ModelState::Available,
+                    error: None,
+                    loaded: None,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Scans and loads the latest version of every model (blocking). Failures are recorded in
+    /// the model's state; the others still load.
+    pub fn load_all_latest(&self) -> std::io::Result<()> {
+        self.scan()?;
+        let latest: Vec<(String, u64)> = self
+            .read()
+            .iter()
+            .filter_map(|(n, m)| m.versions.keys().next_back().map(|&v| (n.clone(), v)))
+            .collect();
+        for (name, version) in latest {
+            if let Err(e) = self.load(&name, Some(version)) {
+                tracing::error!(model = %name, version, "{e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads a version (default: the latest on disk). Blocking.
+    pub fn load(&self, name: &str, version: Option<u64>) -> Result<ModelSummary, RequestError> {
+        // Pick the version and mark it loading, under the lock; build sessions outside it.
+        let (version, path, settings) = {
+            let mut models = self.write();
+            let model = models
+                .get_mut(name)
+                .ok_or_else(|| RequestError::UnknownModel(name.into()))?;
+            let version = match version {
+                Some(v) => v,
+                None => *model
+                    .versions
+                    .keys()
+                    .next_back()
+                    .ok_or_else(|| RequestError::UnknownModel(name.into()))?,
+            };
+            let settings = model.settings.clone();
+            let ver = model
+                .versions
+                .get_mut(&version)
+                .ok_or_else(|| RequestError::UnknownVersion {
+                    model: name.into(),
+                    version,
+                })?;
+            match ver.state {
+                ModelState::Ready => return Ok(summary(name, version, ver)),
+                ModelState::Loading | ModelState::Unloading => {
+                    return Err(RequestError::NotReady {
+                        model: name.into(),
+                        version,
+                        state: ver.state.name(),
+                        detail: None,
+                    });
+                }
+                _ => {}
+            }
+            ver.state = ModelState::Loading;
+            ver.error = None;
+            (version, ver.path.clone(), settings)
+        };
+
+        let result = settings.and_then(|s| self.build(name, version, &path, &s));
+        let mut models = self.write();
+        let ver = models
+            .get_mut(name)
+            .and_then(|m| m.versions.get_mut(&version))
+            .ok_or_else(|| RequestError::Internal("model vanished while loading".into()))?;
+        match result {
+            Ok(loaded) => {
+                tracing::info!(
+                    model = %name,
+                    version,
+                    instances = loaded.instances(),
+                    "model ready"
+                );
+                ver.loaded = Some(Arc::new(loaded));
+                ver.state = ModelState::Ready;
+                Ok(summary(name, version, ver))
+            }
+            Err(message) => {
+                ver.state = ModelState::Failed;
+                ver.error = Some(message.clone());
+                Err(RequestError::LoadFailed {
+                    model: name.into(),
+                    version,
+                    message,
+                })
+            }
+        }
+    }
+
+    fn build(
+        &self,
+        name: &str,
+        version: u64,
+        path: &Path,
+        settings: &ModelSettings,
+    ) -> Result<LoadedModel, String> {
+        let opts = SessionOptions {
+            intra_op_threads: settings
+                .intra_op_threads
+                .unwrap_or(self.defaults.intra_op_threads),
+            allow_spinning: settings.allow_spinning.unwrap_or(false),
+        };
+        let instances = settings.instances.unwrap_or(1);
+        let mut sessions = Vec::new();
+        let mut signature = None;
+        for _ in 0..instances {
+            let (session, sig) = self
+                .runtime
+                .session(path, &opts)
+                .map_err(|e| e.to_string())?;
+            sessions.push(session);
+            signature = Some(sig);
+        }
+        let signature = signature.ok_or("no instances")?;
+        let queue_capacity = settings
+            .queue_capacity
+            .unwrap_or(self.defaults.queue_capacity) as usize;
+        Ok(LoadedModel {
+            name: name.into(),
+            version,
+            signature,
+            queue_capacity,
+            pool: WorkerPool::start(&format!("{name}-{version}"), sessions, queue_capacity),
+        })
+    }
+
+    /// Unloads a version (default: every loaded version). Requests already holding it finish.
+    pub fn unload(&self, name: &str, version: Option<u64>) -> Result<ModelSummary, RequestError> {
+        let dropped;
+        let result = {
+            let mut models = self.write();
+            let model = models
+                .get_mut(name)
+                .ok_or_else(|| RequestError::UnknownModel(name.into()))?;
+            let versions: Vec<u64> = match version {
+                Some(v) if model.versions.contains_key(&v) => vec![v],
+                Some(v) => {
+                    return Err(RequestError::UnknownVersion {
+                        model: name.into(),
+                        version: v,
+                    });
+                }
+                None => model
+                    .versions
+                    .iter()
+                    .filter(|(_, v)| v.loaded.is_some())
+                    .map(|(&n, _)| n)
+                    .collect(),
+            };
+            let mut taken = Vec::new();
+            for v in &versions {
+                let ver = model.versions.get_mut(v).expect("listed above");
+                taken.extend(ver.loaded.take());
+                ver.state = ModelState::Available;
+                ver.error = None;
+            }
+            dropped = taken;
+            let shown = versions
+                .last()
+                .copied()
+                .or_else(|| model.versions.keys().next_back().copied())
+                .ok_or_else(|| RequestError::UnknownModel(name.into()))?;
+            summary(name, shown, &model.versions[&shown])
+        };
+        // Dropping outside the lock: if no request holds the model, this joins its workers.
+        drop(dropped);
+        tracing::info!(model = %name, ?version, "model unloaded");
+        Ok(result)
+    }
+
+    /// The loaded model for a request: the given version, or the highest ready one.
+    pub fn get(&self, name: &str, version: Option<u64>) -> Result<Arc<LoadedModel>, RequestError> {
+        let models = self.read();
+        let model = models
+            .get(name)
+            .ok_or_else(|| RequestError::UnknownModel(name.into()))?;
+        let (num, ver) = match version {
+            Some(v) => (
+                v,
+                model
+                    .versions
+                    .get(&v)
+                    .ok_or_else(|| RequestError::UnknownVersion {
+                        model: name.into(),
+                        version: v,
+                    })?,
+            ),
+            None => match model.versions.iter().rev().find(|(_, v)| v.loaded.is_some()) {
+                Some((&n, v)) => (n, v),
+                None => {
+                    let (&n, v) = model.versions.iter().next_back().expect("non-empty");
+                    (n, v)
+                }
+            },
+        };
+        ver.loaded.clone().ok_or_else(|| RequestError::NotReady {
+            model: name.into(),
+            version: num,
+            state: ver.state.name(),
+            detail: ver.error.clone(),
+        })
+    }
+
+    pub fn list(&self) -> Vec<ModelSummary> {
+        self.read()
+            .iter()
+            .flat_map(|(name, m)| m.versions.iter().map(move |(&v, ver)| summary(name, v, ver)))
+            .collect()
+    }
+
+    pub fn info(&self, name: &str, version: Option<u64>) -> Result<ModelInfo, RequestError> {
+        let loaded = self.get(name, version)?;
+        let models = self.read();
+        let ver = &models[name].versions[&loaded.version];
+        Ok(ModelInfo {
+            summary: summary(name, loaded.version, ver),
+            inputs: loaded.signature.inputs.clone(),
+            outputs: loaded.signature.outputs.clone(),
+        })
+    }
+
+    /// (ready, failed) version counts.
+    pub fn counts(&self) -> (u32, u32) {
+        let models = self.read();
+        let mut ready = 0;
+        let mut failed = 0;
+        for ver in models.values().flat_map(|m| m.versions.values()) {
+            match ver.state {
+                ModelState::Ready => ready += 1,
+                ModelState::Failed => failed += 1,
+                _ => {}
+            }
+        }
+        (ready, failed)
+    }
+
+    /// Drops every loaded model and waits for workers (shutdown).
+    pub fn unload_all(&self) {
+        let taken: Vec<Arc<LoadedModel>> = self
+            .write()
+            .values_mut()
+            .flat_map(|m| m.versions.values_mut())
+            .filter_map(|v| {
+                v.state = ModelState::Available;
+                v.loaded.take()
+            })
+            .collect();
+        drop(taken);
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Model>> {
+        self.models.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Model>> {
+        self.models.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn summary(name: &str, version: u64, ver: &Version) -> ModelSummary {
+    ModelSummary {
+        name: name.into(),
+        version,
+        state: ver.state,
+        error: ver.error.clone(),
+        instances: ver.loaded.as_ref().map_or(0, |l| l.instances() as u32),
+        device: "cpu".into(),
+    }
+}

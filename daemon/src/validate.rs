@@ -1,0 +1,186 @@
+//! Checks an inference request against a model's signature before any work is queued.
+//!
+//! Pure: no IO, no ORT. Every rejection carries its wire code; a request that passes has one
+//! tensor per model input with the right dtype, rank, fixed dimensions and byte length.
+
+use rxd_protocol::{ErrorCode, InferRequest, TensorData, WireError};
+
+use crate::runtime::{InputTensor, Signature};
+
+/// A request ready for a worker.
+#[derive(Debug)]
+pub struct Checked {
+    pub inputs: Vec<InputTensor>,
+    pub outputs: Vec<String>,
+}
+
+pub fn check(sig: &Signature, req: InferRequest) -> Result<Checked, WireError> {
+    req.check()?;
+    let mut slots: Vec<Option<InputTensor>> = sig.inputs.iter().map(|_| None).collect();
+    for t in req.inputs {
+        let Some(pos) = sig.inputs.iter().position(|s| s.name == t.name) else {
+            let names: Vec<&str> = sig.inputs.iter().map(|s| s.name.as_str()).collect();
+            return Err(WireError::new(
+                ErrorCode::UnknownInput,
+                format!("model '{}' has no input '{}' (inputs: {names:?})", req.model, t.name),
+            ));
+        };
+        if slots[pos].is_some() {
+            return Err(WireError::new(
+                ErrorCode::InvalidRequest,
+                format!("input '{}' given twice", t.name),
+            ));
+        }
+        let spec = &sig.inputs[pos];
+        if t.dtype != spec.dtype {
+            return Err(WireError::new(
+                ErrorCode::DtypeMismatch,
+                format!("input '{}' must be {}, got {}", t.name, spec.dtype, t.dtype),
+            ));
+        }
+        let fits = t.shape.len() == spec.dims.len()
+            && t
+                .shape
+                .iter()
+                .zip(&spec.dims)
+                .all(|(&got, &want)| want < 0 || got == want as u64);
+        if !fits {
+            return Err(WireError::new(
+                ErrorCode::ShapeMismatch,
+                format!(
+                    "input '{}' must have shape {} (-1 = any), got {:?}",
+                    t.name,
+                    dims_text(&spec.dims),
+                    t.shape
+                ),
+            ));
+        }
+        let bytes = match t.data {
+            TensorData::Inline(b) => b,
+            TensorData::Arena(_) => {
+                return Err(WireError::new(
+                    ErrorCode::ArenaUnavailable,
+                    "this connection has no shared-memory arena",
+                ));
+            }
+            _ => {
+                return Err(WireError::new(
+                    ErrorCode::InvalidRequest,
+                    "unsupported tensor data location",
+                ));
+            }
+        };
+        slots[pos] = Some(InputTensor {
+            name: t.name,
+            dtype: t.dtype,
+            shape: t.shape,
+            bytes,
+        });
+    }
+    let missing: Vec<&str> = sig
+        .inputs
+        .iter()
+        .zip(&slots)
+        .filter(|(_, s)| s.is_none())
+        .map(|(spec, _)| spec.name.as_str())
+        .collect();
+    if !missing.is_empty() {
+        return Err(WireError::new(
+            ErrorCode::MissingInput,
+            format!("missing input(s) {missing:?} for model '{}'", req.model),
+        ));
+    }
+    let outputs = if req.outputs.is_empty() {
+        sig.outputs.iter().map(|s| s.name.clone()).collect()
+    } else {
+        for name in &req.outputs {
+            if !sig.outputs.iter().any(|s| &s.name == name) {
+                return Err(WireError::new(
+                    ErrorCode::UnknownOutput,
+                    format!("model '{}' has no output '{name}'", req.model),
+                ));
+            }
+        }
+        req.outputs
+    };
+    Ok(Checked {
+        inputs: slots.into_iter().flatten().collect(),
+        outputs,
+    })
+}
+
+fn dims_text(dims: &[i64]) -> String {
+    let parts: Vec<String> = dims.iter().map(i64::to_string).collect();
+    format!("[{}]", parts.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rxd_protocol::{DType, Tensor, TensorSpec};
+
+    fn sig() -> Signature {
+        let spec = |name: &str, dtype, dims: Vec<i64>| TensorSpec {
+            name: name.into(),
+            dtype,
+            dim_names: dims.iter().map(|_| String::new()).collect(),
+            dims,
+        };
+        Signature {
+            inputs: vec![
+                spec("x", DType::Float32, vec![-1, 3]),
+                spec("sr", DType::Int64, vec![]),
+            ],
+            outputs: vec![spec("y", DType::Float32, vec![-1])],
+        }
+    }
+
+    fn req(inputs: Vec<Tensor>) -> InferRequest {
+        InferRequest {
+            model: "m".into(),
+            version: None,
+            inputs,
+            outputs: vec![],
+        }
+    }
+
+    fn x(rows: u64) -> Tensor {
+        Tensor::inline("x", DType::Float32, vec![rows, 3], vec![0; rows as usize * 12])
+    }
+
+    fn sr() -> Tensor {
+        Tensor::inline("sr", DType::Int64, vec![], vec![0; 8])
+    }
+
+    fn code(r: Result<Checked, WireError>) -> ErrorCode {
+        r.unwrap_err().kind().unwrap()
+    }
+
+    #[test]
+    fn accepts_any_dynamic_dim_and_orders_inputs() {
+        let c = check(&sig(), req(vec![sr(), x(5)])).unwrap();
+        assert_eq!(c.inputs[0].name, "x");
+        assert_eq!(c.inputs[1].name, "sr");
+        assert_eq!(c.outputs, vec!["y".to_string()]);
+    }
+
+    #[test]
+    fn rejects_each_kind_of_bad_input() {
+        assert_eq!(code(check(&sig(), req(vec![x(1)]))), ErrorCode::MissingInput);
+        let mut extra = vec![x(1), sr()];
+        extra.push(Tensor::inline("z", DType::Float32, vec![1], vec![0; 4]));
+        assert_eq!(code(check(&sig(), req(extra))), ErrorCode::UnknownInput);
+        let wrong_dtype = Tensor::inline("x", DType::Float64, vec![1, 3], vec![0; 24]);
+        assert_eq!(code(check(&sig(), req(vec![wrong_dtype, sr()]))), ErrorCode::DtypeMismatch);
+        let wrong_dim = Tensor::inline("x", DType::Float32, vec![1, 4], vec![0; 16]);
+        assert_eq!(code(check(&sig(), req(vec![wrong_dim, sr()]))), ErrorCode::ShapeMismatch);
+        let wrong_rank = Tensor::inline("x", DType::Float32, vec![3], vec![0; 12]);
+        assert_eq!(code(check(&sig(), req(vec![wrong_rank, sr()]))), ErrorCode::ShapeMismatch);
+        let short = Tensor::inline("x", DType::Float32, vec![1, 3], vec![0; 11]);
+        assert_eq!(code(check(&sig(), req(vec![short, sr()]))), ErrorCode::DataLengthMismatch);
+        assert_eq!(code(check(&sig(), req(vec![x(1), x(1), sr()]))), ErrorCode::InvalidRequest);
+        let mut r = req(vec![x(1), sr()]);
+        r.outputs = vec!["nope".into()];
+        assert_eq!(code(check(&sig(), r)), ErrorCode::UnknownOutput);
+    }
+}
