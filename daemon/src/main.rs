@@ -60,6 +60,7 @@ fn serve(opts: &ServeOpts) -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cfg.log_level))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
     let std_listener = match rxd::listener::bind(&cfg.socket, cfg.socket_mode) {

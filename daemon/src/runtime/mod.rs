@@ -62,11 +62,7 @@ impl Runtime {
             .with_telemetry(false)
             .build()
             .map_err(|e| lib_err(e.to_string()))?;
-        let version = ort::info()
-            .split(',')
-            .find_map(|kv| kv.trim().strip_prefix("git-branch=rel-"))
-            .unwrap_or("unknown")
-            .to_string();
+        let version = version_of(library);
         Ok(Runtime {
             env,
             library: library.to_path_buf(),
@@ -111,6 +107,26 @@ impl Runtime {
         })?;
         Ok((session, signature))
     }
+}
+
+/// ORT's version: from the library's file name (`libonnxruntime.so.1.31.1`, symlinks
+/// followed), else from its build info, else "unknown".
+fn version_of(library: &Path) -> String {
+    let real = std::fs::canonicalize(library).unwrap_or_else(|_| library.to_path_buf());
+    let from_name = real
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.split_once(".so."))
+        .map(|(_, v)| v.to_string())
+        .filter(|v| v.split('.').all(|p| p.parse::<u32>().is_ok()));
+    from_name
+        .or_else(|| {
+            ort::info()
+                .split(',')
+                .find_map(|kv| kv.trim().strip_prefix("git-branch=rel-"))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// A model's inputs and outputs.

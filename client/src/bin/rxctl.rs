@@ -1,0 +1,380 @@
+//! `rxctl`: the command-line client of rxd. Thin: flags here, everything else in the library.
+//!
+//! Exit codes: 0 success; 1 the daemon answered with an error; 2 `health` found the daemon
+//! unhealthy (or degraded, with `--strict`); 64 usage; 65 bad input file; 69 cannot reach the
+//! daemon; 74 cannot write an output file; 77 permission denied by the daemon.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use rxd_client::protocol::{HealthState, ModelState, Tensor, TensorSpec};
+use rxd_client::{ClientError, DType, ErrorCode, blocking::Client, npy, tensor};
+
+/// Command-line client for rxd, the local inference daemon.
+#[derive(Debug, Parser)]
+#[command(name = "rxctl", version, about)]
+struct Cli {
+    /// Daemon socket.
+    #[arg(long, global = true, env = "RXD_SOCKET", default_value = rxd_client::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// What the daemon is and serves.
+    Status,
+    /// Health: healthy, degraded or unhealthy, with reasons. Exits 2 when unhealthy.
+    Health {
+        /// Also exit 2 when degraded.
+        #[arg(long)]
+        strict: bool,
+    },
+    /// List model versions, or show one model's signature.
+    Models {
+        model: Option<String>,
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// Run a model. Inputs come from .npy files; inputs not given are filled with random data
+    /// of the right shape (dynamic dimensions = 1).
+    Infer {
+        model: String,
+        #[arg(long)]
+        version: Option<u64>,
+        /// NAME=FILE.npy, once per input.
+        #[arg(long = "input", short = 'i', value_name = "NAME=FILE")]
+        inputs: Vec<String>,
+        /// Write each output to DIR/NAME.npy.
+        #[arg(long, short = 'o', value_name = "DIR")]
+        output_dir: Option<PathBuf>,
+        /// Only these outputs (default: all).
+        #[arg(long = "output", value_name = "NAME")]
+        outputs: Vec<String>,
+        /// Seed for generated inputs.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Admin: load a model version (default: the latest on disk).
+    Load {
+        model: String,
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// Admin: unload a model (all loaded versions, or one).
+    Unload {
+        model: String,
+        #[arg(long)]
+        version: Option<u64>,
+    },
+}
+
+mod code {
+    pub const SERVER_ERROR: u8 = 1;
+    pub const UNHEALTHY: u8 = 2;
+    pub const USAGE: u8 = 64;
+    pub const DATA: u8 = 65;
+    pub const UNAVAILABLE: u8 = 69;
+    pub const IO: u8 = 74;
+    pub const NOPERM: u8 = 77;
+}
+
+struct Failure(u8, String);
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Failure {
+        let c = match &e {
+            ClientError::Connect { .. } | ClientError::Handshake(_) | ClientError::Closed(_) => {
+                code::UNAVAILABLE
+            }
+            ClientError::Server(w) if w.kind() == Some(ErrorCode::PermissionDenied) => code::NOPERM,
+            _ => code::SERVER_ERROR,
+        };
+        Failure(c, e.to_string())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { code::USAGE } else { 0 });
+        }
+    };
+    match run(&cli) {
+        Ok(c) => ExitCode::from(c),
+        Err(Failure(c, msg)) => {
+            if cli.json {
+                let v = serde_json::json!({"error": msg, "exit_code": c});
+                println!("{v}");
+            } else {
+                eprintln!("rxctl: {msg}");
+            }
+            ExitCode::from(c)
+        }
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
+}
+
+fn run(cli: &Cli) -> Result<u8, Failure> {
+    let client = Client::connect(&cli.socket)?;
+    match &cli.command {
+        Cmd::Status => {
+            let s = client.status()?;
+            if cli.json {
+                print_json(&s);
+            } else {
+                println!("{} (protocol {}), pid {}", s.server, s.protocol, s.pid);
+                println!("uptime:       {:.1} s", s.uptime_ms as f64 / 1000.0);
+                println!("socket:       {}", s.socket);
+                println!("repository:   {}", s.model_repository);
+                println!("onnxruntime:  {} ({})", s.ort_version, s.ort_library);
+                println!("threads:      {} intra-op per instance", s.intra_op_threads);
+                println!("models:       {} ready, {} failed", s.models_ready, s.models_failed);
+                println!(
+                    "requests:     {} total, {} failed, {} in flight; {} connections",
+                    s.requests_total, s.requests_failed, s.in_flight, s.connections
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Health { strict } => {
+            let h = client.health()?;
+            if cli.json {
+                print_json(&h);
+            } else {
+                println!("{} ({} models ready)", h.state.name(), h.models_loaded);
+                for r in &h.reasons {
+                    println!("  - {r}");
+                }
+                if let Some(e) = &h.last_error {
+                    println!("last error: {e}");
+                }
+            }
+            let bad = h.state == HealthState::Unhealthy || (*strict && h.state == HealthState::Degraded);
+            Ok(if bad { code::UNHEALTHY } else { 0 })
+        }
+        Cmd::Models { model: None, .. } => {
+            let models = client.list_models()?;
+            if cli.json {
+                print_json(&models);
+            } else {
+                println!("{:<24} {:>7}  {:<10} {:>9}  {:<6} ERROR", "MODEL", "VERSION", "STATE", "INSTANCES", "DEVICE");
+                for m in &models {
+                    println!(
+                        "{:<24} {:>7}  {:<10} {:>9}  {:<6} {}",
+                        m.name,
+                        m.version,
+                        m.state.name(),
+                        m.instances,
+                        m.device,
+                        m.error.as_deref().unwrap_or("")
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Models { model: Some(name), version } => {
+            let info = client.model_info(name, *version)?;
+            if cli.json {
+                print_json(&info);
+            } else {
+                let s = &info.summary;
+                println!("{} version {}: {} on {}, {} instance(s)", s.name, s.version, s.state.name(), s.device, s.instances);
+                println!("inputs:");
+                for t in &info.inputs {
+                    println!("  {}", spec_text(t));
+                }
+                println!("outputs:");
+                for t in &info.outputs {
+                    println!("  {}", spec_text(t));
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Infer { model, version, inputs, output_dir, outputs, seed } => {
+            infer(cli, &client, model, *version, inputs, output_dir.as_ref(), outputs, *seed)
+        }
+        Cmd::Load { model, version } => {
+            let s = client.load(model, *version)?;
+            if cli.json {
+                print_json(&s);
+            } else {
+                println!("{} version {}: {}", s.name, s.version, s.state.name());
+            }
+            Ok(if s.state == ModelState::Ready { 0 } else { code::SERVER_ERROR })
+        }
+        Cmd::Unload { model, version } => {
+            let s = client.unload(model, *version)?;
+            if cli.json {
+                print_json(&s);
+            } else {
+                println!("{} unloaded", s.name);
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn spec_text(t: &TensorSpec) -> String {
+    let dims: Vec<String> = t
+        .dims
+        .iter()
+        .zip(&t.dim_names)
+        .map(|(&d, n)| match (d, n.is_empty()) {
+            (d, _) if d >= 0 => d.to_string(),
+            (_, false) => n.clone(),
+            _ => "?".into(),
+        })
+        .collect();
+    format!("{:<24} {:<8} [{}]", t.name, t.dtype.name(), dims.join(", "))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn infer(
+    cli: &Cli,
+    client: &Client,
+    model: &str,
+    version: Option<u64>,
+    input_args: &[String],
+    output_dir: Option<&PathBuf>,
+    wanted: &[String],
+    seed: u64,
+) -> Result<u8, Failure> {
+    let info = client.model_info(model, version)?;
+    let mut given = Vec::new();
+    for arg in input_args {
+        let (name, path) = arg
+            .split_once('=')
+            .ok_or_else(|| Failure(code::USAGE, format!("--input '{arg}' is not NAME=FILE.npy")))?;
+        let file = std::fs::File::open(path)
+            .map_err(|e| Failure(code::DATA, format!("cannot open {path}: {e}")))?;
+        let t = npy::read(name, std::io::BufReader::new(file))
+            .map_err(|e| Failure(code::DATA, format!("{path}: {e}")))?;
+        given.push(t);
+    }
+    let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for spec in &info.inputs {
+        if !given.iter().any(|t| t.name == spec.name) {
+            given.push(random_input(spec, &mut rng));
+        }
+    }
+    let reply = client.infer_request(rxd_client::protocol::InferRequest {
+        model: model.into(),
+        version,
+        inputs: given,
+        outputs: wanted.to_vec(),
+    })?;
+    if let Some(dir) = output_dir {
+        std::fs::create_dir_all(dir).map_err(|e| Failure(code::IO, format!("{}: {e}", dir.display())))?;
+        for t in &reply.outputs {
+            let path = dir.join(format!("{}.npy", t.name));
+            let f = std::fs::File::create(&path)
+                .map_err(|e| Failure(code::IO, format!("{}: {e}", path.display())))?;
+            npy::write(t, std::io::BufWriter::new(f))
+                .map_err(|e| Failure(code::IO, format!("{}: {e}", path.display())))?;
+        }
+    }
+    if cli.json {
+        let outs: Vec<serde_json::Value> = reply
+            .outputs
+            .iter()
+            .map(|t| {
+                serde_json::json!({
+                    "name": t.name, "dtype": t.dtype.name(), "shape": t.shape,
+                    "values": preview(t, usize::MAX),
+                })
+            })
+            .collect();
+        print_json(&serde_json::json!({"model": reply.model, "version": reply.version, "outputs": outs}));
+    } else {
+        println!("{} version {}:", reply.model, reply.version);
+        for t in &reply.outputs {
+            let shape: Vec<String> = t.shape.iter().map(u64::to_string).collect();
+            let values: Vec<String> = preview(t, 10).iter().map(human_number).collect();
+            let more = if t.shape.iter().product::<u64>() > 10 { ", ..." } else { "" };
+            println!(
+                "  {} {} [{}] = [{}{more}]",
+                t.name,
+                t.dtype.name(),
+                shape.join(", "),
+                values.join(", ")
+            );
+        }
+        if let Some(dir) = output_dir {
+            println!("outputs written to {}", dir.display());
+        }
+    }
+    Ok(0)
+}
+
+fn human_number(v: &serde_json::Value) -> String {
+    match v.as_f64() {
+        Some(x) if v.is_f64() && x != 0.0 && !(1e-3..1e6).contains(&x.abs()) => format!("{x:.3e}"),
+        Some(x) if v.is_f64() => format!("{x:.4}"),
+        _ => v.to_string(),
+    }
+}
+
+/// Random data for an input: floats in [0, 1), integers in 0..10, booleans.
+fn random_input(spec: &TensorSpec, rng: &mut u64) -> Tensor {
+    let shape: Vec<u64> = spec.dims.iter().map(|&d| if d < 0 { 1 } else { d as u64 }).collect();
+    let n = shape.iter().product::<u64>() as usize;
+    let mut next = || {
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        *rng
+    };
+    let mut bytes = Vec::new();
+    for _ in 0..n {
+        let r = next();
+        let unit = (r >> 40) as f32 / (1u64 << 24) as f32;
+        match spec.dtype {
+            DType::Float32 => bytes.extend_from_slice(&unit.to_le_bytes()),
+            DType::Float64 => bytes.extend_from_slice(&f64::from(unit).to_le_bytes()),
+            DType::Bool => bytes.push((r & 1) as u8),
+            d => {
+                let v = (r % 10).to_le_bytes();
+                let size = (d.bits() / 8).max(1) as usize;
+                bytes.extend_from_slice(&v[..size.min(8)]);
+                bytes.resize(bytes.len() + size.saturating_sub(8), 0);
+            }
+        }
+    }
+    let len = spec.dtype.byte_len(n as u64).unwrap_or(0) as usize;
+    bytes.resize(len, 0);
+    Tensor::inline(spec.name.clone(), spec.dtype, shape, bytes)
+}
+
+/// The first `max` values of a tensor as JSON numbers (empty for dtypes without a preview).
+fn preview(t: &Tensor, max: usize) -> Vec<serde_json::Value> {
+    fn take<T: tensor::Element + Into<serde_json::Value>>(t: &Tensor, max: usize) -> Vec<serde_json::Value> {
+        tensor::to_array::<T>(t)
+            .map(|a| a.iter().take(max).map(|&x| x.into()).collect())
+            .unwrap_or_default()
+    }
+    match t.dtype {
+        DType::Float32 => take::<f32>(t, max),
+        DType::Float64 => take::<f64>(t, max),
+        DType::Int8 => take::<i8>(t, max),
+        DType::Int16 => take::<i16>(t, max),
+        DType::Int32 => take::<i32>(t, max),
+        DType::Int64 => take::<i64>(t, max),
+        DType::Uint8 => take::<u8>(t, max),
+        DType::Uint16 => take::<u16>(t, max),
+        DType::Uint32 => take::<u32>(t, max),
+        DType::Uint64 => take::<u64>(t, max),
+        DType::Bool => take::<bool>(t, max),
+        _ => Vec::new(),
+    }
+}

@@ -1,0 +1,74 @@
+//! A blocking client: the async [`crate::Client`] driven by a private one-thread runtime.
+//! Safe to share between threads (`&Client` is enough to send requests concurrently).
+
+use std::path::Path;
+
+use rxd_protocol::{
+    Health, InferReply, InferRequest, ModelInfo, ModelSummary, Reply, Request, Status, Tensor,
+};
+
+use crate::ClientError;
+
+pub struct Client {
+    inner: crate::Client,
+    rt: tokio::runtime::Runtime,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl Client {
+    pub fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("rxd-client")
+            .enable_all()
+            .build()?;
+        let inner = rt.block_on(crate::Client::connect(path))?;
+        Ok(Client { inner, rt })
+    }
+
+    /// The async client behind this one.
+    pub fn as_async(&self) -> &crate::Client {
+        &self.inner
+    }
+
+    pub fn request(&self, body: Request) -> Result<Reply, ClientError> {
+        self.rt.block_on(self.inner.request(body))
+    }
+
+    pub fn infer(&self, model: &str, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, ClientError> {
+        self.rt.block_on(self.inner.infer(model, inputs))
+    }
+
+    pub fn infer_request(&self, req: InferRequest) -> Result<InferReply, ClientError> {
+        self.rt.block_on(self.inner.infer_request(req))
+    }
+
+    pub fn list_models(&self) -> Result<Vec<ModelSummary>, ClientError> {
+        self.rt.block_on(self.inner.list_models())
+    }
+
+    pub fn model_info(&self, model: &str, version: Option<u64>) -> Result<ModelInfo, ClientError> {
+        self.rt.block_on(self.inner.model_info(model, version))
+    }
+
+    pub fn status(&self) -> Result<Status, ClientError> {
+        self.rt.block_on(self.inner.status())
+    }
+
+    pub fn health(&self) -> Result<Health, ClientError> {
+        self.rt.block_on(self.inner.health())
+    }
+
+    pub fn load(&self, model: &str, version: Option<u64>) -> Result<ModelSummary, ClientError> {
+        self.rt.block_on(self.inner.load(model, version))
+    }
+
+    pub fn unload(&self, model: &str, version: Option<u64>) -> Result<ModelSummary, ClientError> {
+        self.rt.block_on(self.inner.unload(model, version))
+    }
+}

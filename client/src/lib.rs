@@ -1,0 +1,70 @@
+//! Rust client library for rxd: an async [`Client`] (tokio) and a [`blocking::Client`] over the
+//! same protocol, tensors in and out as `ndarray` arrays, many requests in flight on one
+//! connection, and errors as [`ClientError`] carrying the wire code.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), rxd_client::ClientError> {
+//! let client = rxd_client::Client::connect("/run/rxd/rxd.sock").await?;
+//! let x = ndarray::Array2::<f32>::zeros((1, 64));
+//! let outputs = client
+//!     .infer("digits", vec![rxd_client::tensor::from_array("input", &x)])
+//!     .await?;
+//! let label = rxd_client::tensor::to_array::<i64>(&outputs[0])?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - [`transport`]: the connection: handshake, a reader task that routes responses by id.
+//! - [`tensor`]: conversions between `ndarray` arrays and wire tensors.
+//! - [`npy`]: reading and writing NumPy `.npy` files of any wire dtype (used by rxctl).
+//! - [`blocking`]: the same API without async.
+#![forbid(unsafe_code)]
+
+pub mod blocking;
+pub mod npy;
+pub mod tensor;
+pub mod transport;
+
+pub use rxd_protocol as protocol;
+pub use rxd_protocol::{DType, ErrorCode, Tensor, WireError};
+pub use transport::Client;
+
+/// Default socket path of a packaged daemon; `RXD_SOCKET` overrides it in rxctl.
+pub const DEFAULT_SOCKET: &str = "/run/rxd/rxd.sock";
+
+/// Everything that can go wrong for a client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {path}: {source}")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The daemon answered with an error.
+    #[error("{0}")]
+    Server(WireError),
+    /// The daemon refused the handshake.
+    #[error("handshake refused: {0}")]
+    Handshake(WireError),
+    /// The peer sent something this library cannot understand.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The connection closed before the answer came.
+    #[error("connection closed: {0}")]
+    Closed(String),
+    /// A tensor could not be converted (dtype or shape).
+    #[error("tensor conversion: {0}")]
+    Tensor(String),
+}
+
+impl ClientError {
+    /// The wire code when the daemon answered with an error.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server(w) | ClientError::Handshake(w) => w.kind(),
+            _ => None,
+        }
+    }
+}
