@@ -34,7 +34,9 @@ fn dtype_of_descr(s: &str) -> Option<DType> {
         "<i1" | "<u1" | "<b1" => s.replacen('<', "|", 1),
         _ => s,
     };
-    DType::ALL.into_iter().find(|&d| descr(d) == Some(s.as_str()))
+    DType::ALL
+        .into_iter()
+        .find(|&d| descr(d) == Some(s.as_str()))
 }
 
 /// Reads a `.npy` file into a named tensor.
@@ -76,9 +78,12 @@ pub fn read(name: &str, mut r: impl Read) -> Result<Tensor, String> {
         .strip_prefix('\'')
         .and_then(|s| s.split('\'').next())
         .ok_or("bad descr")?;
-    let dtype = dtype_of_descr(descr_val).ok_or_else(|| format!("unsupported dtype {descr_val}"))?;
+    let dtype =
+        dtype_of_descr(descr_val).ok_or_else(|| format!("unsupported dtype {descr_val}"))?;
     if field("fortran_order")?.starts_with("True") {
-        return Err("Fortran-order arrays are not supported; save with np.ascontiguousarray".into());
+        return Err(
+            "Fortran-order arrays are not supported; save with np.ascontiguousarray".into(),
+        );
     }
     let shape_text = field("shape")?;
     let inner = shape_text
@@ -89,14 +94,23 @@ pub fn read(name: &str, mut r: impl Read) -> Result<Tensor, String> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.trim_end_matches('L').parse::<u64>().map_err(|_| format!("bad dim {s}")))
+        .map(|s| {
+            s.trim_end_matches('L')
+                .parse::<u64>()
+                .map_err(|_| format!("bad dim {s}"))
+        })
         .collect::<Result<_, _>>()?;
     let n = rxd_protocol::message::element_count(&shape).ok_or("shape overflows")?;
     let len = dtype.byte_len(n).ok_or("shape overflows")?;
     let mut data = Vec::new();
-    r.take(len).read_to_end(&mut data).map_err(|e| e.to_string())?;
+    r.take(len)
+        .read_to_end(&mut data)
+        .map_err(|e| e.to_string())?;
     if data.len() as u64 != len {
-        return Err(format!("file holds {} data bytes, {len} expected", data.len()));
+        return Err(format!(
+            "file holds {} data bytes, {len} expected",
+            data.len()
+        ));
     }
     Ok(Tensor::inline(name, dtype, shape, data))
 }
@@ -150,7 +164,7 @@ mod tests {
     fn reads_numpy_written_header() {
         // np.save of np.arange(3, dtype=np.int64)
         let mut h = "{'descr': '<i8', 'fortran_order': False, 'shape': (3,), }".to_string();
-        while (10 + h.len() + 1) % 64 != 0 {
+        while !(10 + h.len() + 1).is_multiple_of(64) {
             h.push(' ');
         }
         h.push('\n');

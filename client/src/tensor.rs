@@ -78,7 +78,10 @@ pub fn to_array<T: Element>(t: &Tensor) -> Result<ArrayD<T>, ClientError> {
         )));
     }
     let TensorData::Inline(bytes) = &t.data else {
-        return Err(ClientError::Tensor(format!("tensor '{}' is not inline", t.name)));
+        return Err(ClientError::Tensor(format!(
+            "tensor '{}' is not inline",
+            t.name
+        )));
     };
     let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
     let n: usize = shape.iter().product();

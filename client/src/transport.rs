@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use rxd_protocol::frame::{self, HEADER_LEN};
 use rxd_protocol::{
-    Health, HandshakeReply, Hello, InferReply, InferRequest, ModelInfo, ModelRef, ModelSummary,
+    HandshakeReply, Health, Hello, InferReply, InferRequest, ModelInfo, ModelRef, ModelSummary,
     Outcome, PROTOCOL_VERSION, Reply, Request, RequestFrame, ResponseFrame, Status, Tensor,
     Welcome, limits,
 };
@@ -171,7 +171,11 @@ impl Client {
     }
 
     /// Runs a model; outputs in the model's output order (or the order asked for).
-    pub async fn infer(&self, model: &str, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, ClientError> {
+    pub async fn infer(
+        &self,
+        model: &str,
+        inputs: Vec<Tensor>,
+    ) -> Result<Vec<Tensor>, ClientError> {
         Ok(self
             .infer_request(InferRequest {
                 model: model.into(),
@@ -198,8 +202,15 @@ impl Client {
         }
     }
 
-    pub async fn model_info(&self, model: &str, version: Option<u64>) -> Result<ModelInfo, ClientError> {
-        match self.request(Request::ModelInfo(model_ref(model, version))).await? {
+    pub async fn model_info(
+        &self,
+        model: &str,
+        version: Option<u64>,
+    ) -> Result<ModelInfo, ClientError> {
+        match self
+            .request(Request::ModelInfo(model_ref(model, version)))
+            .await?
+        {
             Reply::ModelInfo(i) => Ok(i),
             other => Err(unexpected(&other)),
         }
@@ -220,16 +231,30 @@ impl Client {
     }
 
     /// Admin: load a model version.
-    pub async fn load(&self, model: &str, version: Option<u64>) -> Result<ModelSummary, ClientError> {
-        match self.request(Request::Load(model_ref(model, version))).await? {
+    pub async fn load(
+        &self,
+        model: &str,
+        version: Option<u64>,
+    ) -> Result<ModelSummary, ClientError> {
+        match self
+            .request(Request::Load(model_ref(model, version)))
+            .await?
+        {
             Reply::Load(s) => Ok(s),
             other => Err(unexpected(&other)),
         }
     }
 
     /// Admin: unload a model version (all loaded versions when `None`).
-    pub async fn unload(&self, model: &str, version: Option<u64>) -> Result<ModelSummary, ClientError> {
-        match self.request(Request::Unload(model_ref(model, version))).await? {
+    pub async fn unload(
+        &self,
+        model: &str,
+        version: Option<u64>,
+    ) -> Result<ModelSummary, ClientError> {
+        match self
+            .request(Request::Unload(model_ref(model, version)))
+            .await?
+        {
             Reply::Unload(s) => Ok(s),
             other => Err(unexpected(&other)),
         }

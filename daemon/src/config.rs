@@ -132,7 +132,11 @@ pub fn load(opts: &ServeOpts) -> Result<Config, ConfigError> {
         Some(path) => read_file(path)?,
         None => FileConfig::default(),
     };
-    resolve(file, opts, std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
+    resolve(
+        file,
+        opts,
+        std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from),
+    )
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -188,7 +192,10 @@ pub fn resolve(
     } else if socket.as_os_str().len() >= 108 {
         bad(
             "socket",
-            format!("path is longer than a Unix socket allows (107 bytes): {}", socket.display()),
+            format!(
+                "path is longer than a Unix socket allows (107 bytes): {}",
+                socket.display()
+            ),
         );
     }
 

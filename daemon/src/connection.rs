@@ -46,7 +46,9 @@ async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R, max: u64) -> Result<Vec<u8
     if n == 0 {
         return Err(ReadError::Eof);
     }
-    rd.read_exact(&mut header[n..]).await.map_err(ReadError::Io)?;
+    rd.read_exact(&mut header[n..])
+        .await
+        .map_err(ReadError::Io)?;
     let len = frame::body_len(header, max).map_err(ReadError::Frame)?;
     let mut body = vec![0u8; len];
     rd.read_exact(&mut body).await.map_err(ReadError::Io)?;

@@ -91,7 +91,10 @@ pub fn status(shared: &SharedRef) -> Status {
 
 pub fn health(shared: &SharedRef) -> Health {
     let models = shared.registry.list();
-    let ready = models.iter().filter(|m| m.state == ModelState::Ready).count() as u32;
+    let ready = models
+        .iter()
+        .filter(|m| m.state == ModelState::Ready)
+        .count() as u32;
     let mut reasons: Vec<String> = models
         .iter()
         .filter(|m| m.state == ModelState::Failed)

@@ -23,7 +23,8 @@ impl Peer {
     ) -> std::io::Result<Peer> {
         let cred = stream.peer_cred()?;
         let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid());
-        let in_group = |g: u32| gid == g || pid.is_some_and(|p| supplementary_groups(p).contains(&g));
+        let in_group =
+            |g: u32| gid == g || pid.is_some_and(|p| supplementary_groups(p).contains(&g));
         let admin = uid == 0 || uid == own_uid || admin_gid.is_some_and(in_group);
         Ok(Peer {
             uid,
@@ -43,7 +44,11 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| g.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 

@@ -18,7 +18,9 @@ use serde::Deserialize;
 use tokio::sync::oneshot;
 
 use crate::error::RequestError;
-use crate::runtime::{Job, OutputTensor, Runtime, SessionOptions, Signature, SubmitError, WorkerPool};
+use crate::runtime::{
+    Job, OutputTensor, Runtime, SessionOptions, Signature, SubmitError, WorkerPool,
+};
 use crate::validate::Checked;
 
 /// `model.toml`: per-model settings.
@@ -108,6 +110,9 @@ impl LoadedModel {
     }
 }
 
+/// A model found on disk: its settings (or why they are bad) and its version files.
+type Found = (Result<ModelSettings, String>, BTreeMap<u64, PathBuf>);
+
 struct Version {
     path: PathBuf,
     state: ModelState,
@@ -149,8 +154,7 @@ impl Registry {
     /// Reads the repository: new models and versions are added as `available`, settings are
     /// re-read. Versions that vanished from disk and are not loaded are forgotten.
     pub fn scan(&self) -> std::io::Result<()> {
-        let mut found: BTreeMap<String, (Result<ModelSettings, String>, BTreeMap<u64, PathBuf>)> =
-            BTreeMap::new();
+        let mut found: BTreeMap<String, Found> = BTreeMap::new();
         for entry in std::fs::read_dir(&self.root)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -225,43 +229,43 @@ impl Registry {
     /// Loads a version (default: the latest on disk). Blocking.
     pub fn load(&self, name: &str, version: Option<u64>) -> Result<ModelSummary, RequestError> {
         // Pick the version and mark it loading, under the lock; build sessions outside it.
-        let (version, path, settings) = {
-            let mut models = self.write();
-            let model = models
-                .get_mut(name)
-                .ok_or_else(|| RequestError::UnknownModel(name.into()))?;
-            let version = match version {
-                Some(v) => v,
-                None => *model
-                    .versions
-                    .keys()
-                    .next_back()
-                    .ok_or_else(|| RequestError::UnknownModel(name.into()))?,
-            };
-            let settings = model.settings.clone();
-            let ver = model
-                .versions
-                .get_mut(&version)
-                .ok_or_else(|| RequestError::UnknownVersion {
-                    model: name.into(),
-                    version,
-                })?;
-            match ver.state {
-                ModelState::Ready => return Ok(summary(name, version, ver)),
-                ModelState::Loading | ModelState::Unloading => {
-                    return Err(RequestError::NotReady {
+        let (version, path, settings) =
+            {
+                let mut models = self.write();
+                let model = models
+                    .get_mut(name)
+                    .ok_or_else(|| RequestError::UnknownModel(name.into()))?;
+                let version = match version {
+                    Some(v) => v,
+                    None => *model
+                        .versions
+                        .keys()
+                        .next_back()
+                        .ok_or_else(|| RequestError::UnknownModel(name.into()))?,
+                };
+                let settings = model.settings.clone();
+                let ver = model.versions.get_mut(&version).ok_or_else(|| {
+                    RequestError::UnknownVersion {
                         model: name.into(),
                         version,
-                        state: ver.state.name(),
-                        detail: None,
-                    });
+                    }
+                })?;
+                match ver.state {
+                    ModelState::Ready => return Ok(summary(name, version, ver)),
+                    ModelState::Loading | ModelState::Unloading => {
+                        return Err(RequestError::NotReady {
+                            model: name.into(),
+                            version,
+                            state: ver.state.name(),
+                            detail: None,
+                        });
+                    }
+                    _ => {}
                 }
-                _ => {}
-            }
-            ver.state = ModelState::Loading;
-            ver.error = None;
-            (version, ver.path.clone(), settings)
-        };
+                ver.state = ModelState::Loading;
+                ver.error = None;
+                (version, ver.path.clone(), settings)
+            };
 
         let result = settings.and_then(|s| self.build(name, version, &path, &s));
         let mut models = self.write();
@@ -391,7 +395,12 @@ impl Registry {
                         version: v,
                     })?,
             ),
-            None => match model.versions.iter().rev().find(|(_, v)| v.loaded.is_some()) {
+            None => match model
+                .versions
+                .iter()
+                .rev()
+                .find(|(_, v)| v.loaded.is_some())
+            {
                 Some((&n, v)) => (n, v),
                 None => {
                     let (&n, v) = model.versions.iter().next_back().expect("non-empty");
@@ -410,7 +419,11 @@ impl Registry {
     pub fn list(&self) -> Vec<ModelSummary> {
         self.read()
             .iter()
-            .flat_map(|(name, m)| m.versions.iter().map(move |(&v, ver)| summary(name, v, ver)))
+            .flat_map(|(name, m)| {
+                m.versions
+                    .iter()
+                    .map(move |(&v, ver)| summary(name, v, ver))
+            })
             .collect()
     }
 

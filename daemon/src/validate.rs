@@ -22,7 +22,10 @@ pub fn check(sig: &Signature, req: InferRequest) -> Result<Checked, WireError> {
             let names: Vec<&str> = sig.inputs.iter().map(|s| s.name.as_str()).collect();
             return Err(WireError::new(
                 ErrorCode::UnknownInput,
-                format!("model '{}' has no input '{}' (inputs: {names:?})", req.model, t.name),
+                format!(
+                    "model '{}' has no input '{}' (inputs: {names:?})",
+                    req.model, t.name
+                ),
             ));
         };
         if slots[pos].is_some() {
@@ -39,8 +42,7 @@ pub fn check(sig: &Signature, req: InferRequest) -> Result<Checked, WireError> {
             ));
         }
         let fits = t.shape.len() == spec.dims.len()
-            && t
-                .shape
+            && t.shape
                 .iter()
                 .zip(&spec.dims)
                 .all(|(&got, &want)| want < 0 || got == want as u64);
@@ -145,7 +147,12 @@ mod tests {
     }
 
     fn x(rows: u64) -> Tensor {
-        Tensor::inline("x", DType::Float32, vec![rows, 3], vec![0; rows as usize * 12])
+        Tensor::inline(
+            "x",
+            DType::Float32,
+            vec![rows, 3],
+            vec![0; rows as usize * 12],
+        )
     }
 
     fn sr() -> Tensor {
@@ -166,19 +173,37 @@ mod tests {
 
     #[test]
     fn rejects_each_kind_of_bad_input() {
-        assert_eq!(code(check(&sig(), req(vec![x(1)]))), ErrorCode::MissingInput);
+        assert_eq!(
+            code(check(&sig(), req(vec![x(1)]))),
+            ErrorCode::MissingInput
+        );
         let mut extra = vec![x(1), sr()];
         extra.push(Tensor::inline("z", DType::Float32, vec![1], vec![0; 4]));
         assert_eq!(code(check(&sig(), req(extra))), ErrorCode::UnknownInput);
         let wrong_dtype = Tensor::inline("x", DType::Float64, vec![1, 3], vec![0; 24]);
-        assert_eq!(code(check(&sig(), req(vec![wrong_dtype, sr()]))), ErrorCode::DtypeMismatch);
+        assert_eq!(
+            code(check(&sig(), req(vec![wrong_dtype, sr()]))),
+            ErrorCode::DtypeMismatch
+        );
         let wrong_dim = Tensor::inline("x", DType::Float32, vec![1, 4], vec![0; 16]);
-        assert_eq!(code(check(&sig(), req(vec![wrong_dim, sr()]))), ErrorCode::ShapeMismatch);
+        assert_eq!(
+            code(check(&sig(), req(vec![wrong_dim, sr()]))),
+            ErrorCode::ShapeMismatch
+        );
         let wrong_rank = Tensor::inline("x", DType::Float32, vec![3], vec![0; 12]);
-        assert_eq!(code(check(&sig(), req(vec![wrong_rank, sr()]))), ErrorCode::ShapeMismatch);
+        assert_eq!(
+            code(check(&sig(), req(vec![wrong_rank, sr()]))),
+            ErrorCode::ShapeMismatch
+        );
         let short = Tensor::inline("x", DType::Float32, vec![1, 3], vec![0; 11]);
-        assert_eq!(code(check(&sig(), req(vec![short, sr()]))), ErrorCode::DataLengthMismatch);
-        assert_eq!(code(check(&sig(), req(vec![x(1), x(1), sr()]))), ErrorCode::InvalidRequest);
+        assert_eq!(
+            code(check(&sig(), req(vec![short, sr()]))),
+            ErrorCode::DataLengthMismatch
+        );
+        assert_eq!(
+            code(check(&sig(), req(vec![x(1), x(1), sr()]))),
+            ErrorCode::InvalidRequest
+        );
         let mut r = req(vec![x(1), sr()]);
         r.outputs = vec!["nope".into()];
         assert_eq!(code(check(&sig(), r)), ErrorCode::UnknownOutput);

@@ -52,9 +52,7 @@ pub fn body_len(header: [u8; HEADER_LEN], max: u64) -> Result<usize, FrameError>
 pub fn encode_into<T: Serialize + ?Sized>(msg: &T, out: &mut Vec<u8>) -> Result<(), FrameError> {
     let start = out.len();
     out.extend_from_slice(&[0; HEADER_LEN]);
-    rmp_serde::encode::write_named(out, msg).map_err(|e| {
-        FrameError::Encode(e.to_string())
-    })?;
+    rmp_serde::encode::write_named(out, msg).map_err(|e| FrameError::Encode(e.to_string()))?;
     let len = out.len() - start - HEADER_LEN;
     let len32 = u32::try_from(len).map_err(|_| FrameError::TooLarge {
         len: len as u64,
@@ -83,7 +81,10 @@ pub fn salvage_id(body: &[u8]) -> Option<u64> {
     struct IdOnly {
         id: u64,
     }
-    decode::<IdOnly>(body).ok().map(|x| x.id).filter(|&id| id != 0)
+    decode::<IdOnly>(body)
+        .ok()
+        .map(|x| x.id)
+        .filter(|&id| id != 0)
 }
 
 /// Encodes then decodes, for tests in this and other crates.

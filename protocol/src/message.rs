@@ -169,7 +169,12 @@ pub struct ArenaRef {
 
 impl Tensor {
     /// Builds an inline tensor.
-    pub fn inline(name: impl Into<String>, dtype: DType, shape: Vec<u64>, bytes: Vec<u8>) -> Tensor {
+    pub fn inline(
+        name: impl Into<String>,
+        dtype: DType,
+        shape: Vec<u64>,
+        bytes: Vec<u8>,
+    ) -> Tensor {
         Tensor {
             name: name.into(),
             dtype,

@@ -33,7 +33,11 @@ fn to_json(v: rmpv::Value) -> serde_json::Value {
     match v {
         M::Nil => J::Null,
         M::Boolean(b) => J::Bool(b),
-        M::Integer(i) => serde_json::json!(i.as_u64().map(J::from).unwrap_or_else(|| J::from(i.as_i64().unwrap()))),
+        M::Integer(i) => serde_json::json!(
+            i.as_u64()
+                .map(J::from)
+                .unwrap_or_else(|| J::from(i.as_i64().unwrap()))
+        ),
         M::F32(f) => serde_json::json!(f),
         M::F64(f) => serde_json::json!(f),
         M::String(s) => J::String(s.into_str().unwrap()),
@@ -53,16 +57,31 @@ fn to_json(v: rmpv::Value) -> serde_json::Value {
 fn requests_round_trip() {
     let reqs = [
         sample_infer(),
-        RequestFrame { id: 1, body: Request::ListModels },
-        RequestFrame { id: 2, body: Request::Status },
-        RequestFrame { id: 3, body: Request::Health },
+        RequestFrame {
+            id: 1,
+            body: Request::ListModels,
+        },
+        RequestFrame {
+            id: 2,
+            body: Request::Status,
+        },
+        RequestFrame {
+            id: 3,
+            body: Request::Health,
+        },
         RequestFrame {
             id: 4,
-            body: Request::Load(ModelRef { model: "m".into(), version: None }),
+            body: Request::Load(ModelRef {
+                model: "m".into(),
+                version: None,
+            }),
         },
         RequestFrame {
             id: 5,
-            body: Request::ModelInfo(ModelRef { model: "m".into(), version: Some(3) }),
+            body: Request::ModelInfo(ModelRef {
+                model: "m".into(),
+                version: Some(3),
+            }),
         },
     ];
     for r in reqs {
@@ -81,14 +100,20 @@ fn wire_form_uses_named_keys_and_tags() {
     assert_eq!(args["inputs"][0]["shape"], serde_json::json!([1, 2]));
     assert_eq!(args["inputs"][0]["data"]["inline"]["bin"], 8);
     // A unit request has only the tag.
-    let v = wire_json(&RequestFrame { id: 9, body: Request::Status });
+    let v = wire_json(&RequestFrame {
+        id: 9,
+        body: Request::Status,
+    });
     assert_eq!(v, serde_json::json!({"id": 9, "body": {"op": "status"}}));
     // Errors carry a numeric code.
     let v = wire_json(&ResponseFrame {
         id: 9,
         outcome: Outcome::Err(WireError::new(ErrorCode::Busy, "full")),
     });
-    assert_eq!(v, serde_json::json!({"id": 9, "outcome": {"err": {"code": 500, "message": "full"}}}));
+    assert_eq!(
+        v,
+        serde_json::json!({"id": 9, "outcome": {"err": {"code": 500, "message": "full"}}})
+    );
 }
 
 #[test]
@@ -100,7 +125,11 @@ fn inline_data_is_msgpack_bin() {
 
 #[test]
 fn handshake_round_trips() {
-    let hello = Hello { protocol: PROTOCOL_VERSION, client: "t".into(), arena_bytes: 0 };
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        client: "t".into(),
+        arena_bytes: 0,
+    };
     assert_eq!(frame::round_trip(&hello), hello);
     let refused = HandshakeReply::Error(HandshakeError {
         error: WireError::new(ErrorCode::UnsupportedVersion, "no"),
@@ -125,7 +154,10 @@ fn hello_accepts_missing_optional_fields() {
 
 #[test]
 fn body_len_bounds() {
-    assert!(matches!(frame::body_len([0, 0, 0, 0], 10), Err(FrameError::Empty)));
+    assert!(matches!(
+        frame::body_len([0, 0, 0, 0], 10),
+        Err(FrameError::Empty)
+    ));
     assert!(matches!(
         frame::body_len(11u32.to_le_bytes(), 10),
         Err(FrameError::TooLarge { len: 11, max: 10 })
@@ -138,11 +170,20 @@ fn tensor_checks() {
     let ok = Tensor::inline("x", DType::Float32, vec![2, 3], vec![0; 24]);
     assert_eq!(ok.check().unwrap(), 24);
     let short = Tensor::inline("x", DType::Float32, vec![2, 3], vec![0; 23]);
-    assert_eq!(short.check().unwrap_err().kind(), Some(ErrorCode::DataLengthMismatch));
+    assert_eq!(
+        short.check().unwrap_err().kind(),
+        Some(ErrorCode::DataLengthMismatch)
+    );
     let overflow = Tensor::inline("x", DType::Float32, vec![u64::MAX, 2], vec![]);
-    assert_eq!(overflow.check().unwrap_err().kind(), Some(ErrorCode::TensorTooLarge));
+    assert_eq!(
+        overflow.check().unwrap_err().kind(),
+        Some(ErrorCode::TensorTooLarge)
+    );
     let deep = Tensor::inline("x", DType::Uint8, vec![1; limits::MAX_RANK + 1], vec![0]);
-    assert_eq!(deep.check().unwrap_err().kind(), Some(ErrorCode::TensorTooLarge));
+    assert_eq!(
+        deep.check().unwrap_err().kind(),
+        Some(ErrorCode::TensorTooLarge)
+    );
     let packed = Tensor::inline("x", DType::Int4, vec![3], vec![0; 2]);
     assert_eq!(packed.check().unwrap(), 2);
 }

@@ -139,7 +139,10 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
                 println!("repository:   {}", s.model_repository);
                 println!("onnxruntime:  {} ({})", s.ort_version, s.ort_library);
                 println!("threads:      {} intra-op per instance", s.intra_op_threads);
-                println!("models:       {} ready, {} failed", s.models_ready, s.models_failed);
+                println!(
+                    "models:       {} ready, {} failed",
+                    s.models_ready, s.models_failed
+                );
                 println!(
                     "requests:     {} total, {} failed, {} in flight; {} connections",
                     s.requests_total, s.requests_failed, s.in_flight, s.connections
@@ -160,7 +163,8 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
                     println!("last error: {e}");
                 }
             }
-            let bad = h.state == HealthState::Unhealthy || (*strict && h.state == HealthState::Degraded);
+            let bad =
+                h.state == HealthState::Unhealthy || (*strict && h.state == HealthState::Degraded);
             Ok(if bad { code::UNHEALTHY } else { 0 })
         }
         Cmd::Models { model: None, .. } => {
@@ -168,7 +172,10 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
             if cli.json {
                 print_json(&models);
             } else {
-                println!("{:<24} {:>7}  {:<10} {:>9}  {:<6} ERROR", "MODEL", "VERSION", "STATE", "INSTANCES", "DEVICE");
+                println!(
+                    "{:<24} {:>7}  {:<10} {:>9}  {:<6} ERROR",
+                    "MODEL", "VERSION", "STATE", "INSTANCES", "DEVICE"
+                );
                 for m in &models {
                     println!(
                         "{:<24} {:>7}  {:<10} {:>9}  {:<6} {}",
@@ -183,13 +190,23 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
             }
             Ok(0)
         }
-        Cmd::Models { model: Some(name), version } => {
+        Cmd::Models {
+            model: Some(name),
+            version,
+        } => {
             let info = client.model_info(name, *version)?;
             if cli.json {
                 print_json(&info);
             } else {
                 let s = &info.summary;
-                println!("{} version {}: {} on {}, {} instance(s)", s.name, s.version, s.state.name(), s.device, s.instances);
+                println!(
+                    "{} version {}: {} on {}, {} instance(s)",
+                    s.name,
+                    s.version,
+                    s.state.name(),
+                    s.device,
+                    s.instances
+                );
                 println!("inputs:");
                 for t in &info.inputs {
                     println!("  {}", spec_text(t));
@@ -201,9 +218,23 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
             }
             Ok(0)
         }
-        Cmd::Infer { model, version, inputs, output_dir, outputs, seed } => {
-            infer(cli, &client, model, *version, inputs, output_dir.as_ref(), outputs, *seed)
-        }
+        Cmd::Infer {
+            model,
+            version,
+            inputs,
+            output_dir,
+            outputs,
+            seed,
+        } => infer(
+            cli,
+            &client,
+            model,
+            *version,
+            inputs,
+            output_dir.as_ref(),
+            outputs,
+            *seed,
+        ),
         Cmd::Load { model, version } => {
             let s = client.load(model, *version)?;
             if cli.json {
@@ -211,7 +242,11 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
             } else {
                 println!("{} version {}: {}", s.name, s.version, s.state.name());
             }
-            Ok(if s.state == ModelState::Ready { 0 } else { code::SERVER_ERROR })
+            Ok(if s.state == ModelState::Ready {
+                0
+            } else {
+                code::SERVER_ERROR
+            })
         }
         Cmd::Unload { model, version } => {
             let s = client.unload(model, *version)?;
@@ -275,7 +310,8 @@ fn infer(
         outputs: wanted.to_vec(),
     })?;
     if let Some(dir) = output_dir {
-        std::fs::create_dir_all(dir).map_err(|e| Failure(code::IO, format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Failure(code::IO, format!("{}: {e}", dir.display())))?;
         for t in &reply.outputs {
             let path = dir.join(format!("{}.npy", t.name));
             let f = std::fs::File::create(&path)
@@ -295,13 +331,19 @@ fn infer(
                 })
             })
             .collect();
-        print_json(&serde_json::json!({"model": reply.model, "version": reply.version, "outputs": outs}));
+        print_json(
+            &serde_json::json!({"model": reply.model, "version": reply.version, "outputs": outs}),
+        );
     } else {
         println!("{} version {}:", reply.model, reply.version);
         for t in &reply.outputs {
             let shape: Vec<String> = t.shape.iter().map(u64::to_string).collect();
             let values: Vec<String> = preview(t, 10).iter().map(human_number).collect();
-            let more = if t.shape.iter().product::<u64>() > 10 { ", ..." } else { "" };
+            let more = if t.shape.iter().product::<u64>() > 10 {
+                ", ..."
+            } else {
+                ""
+            };
             println!(
                 "  {} {} [{}] = [{}{more}]",
                 t.name,
@@ -327,7 +369,11 @@ fn human_number(v: &serde_json::Value) -> String {
 
 /// Random data for an input: floats in [0, 1), integers in 0..10, booleans.
 fn random_input(spec: &TensorSpec, rng: &mut u64) -> Tensor {
-    let shape: Vec<u64> = spec.dims.iter().map(|&d| if d < 0 { 1 } else { d as u64 }).collect();
+    let shape: Vec<u64> = spec
+        .dims
+        .iter()
+        .map(|&d| if d < 0 { 1 } else { d as u64 })
+        .collect();
     let n = shape.iter().product::<u64>() as usize;
     let mut next = || {
         *rng ^= *rng << 13;
@@ -358,7 +404,10 @@ fn random_input(spec: &TensorSpec, rng: &mut u64) -> Tensor {
 
 /// The first `max` values of a tensor as JSON numbers (empty for dtypes without a preview).
 fn preview(t: &Tensor, max: usize) -> Vec<serde_json::Value> {
-    fn take<T: tensor::Element + Into<serde_json::Value>>(t: &Tensor, max: usize) -> Vec<serde_json::Value> {
+    fn take<T: tensor::Element + Into<serde_json::Value>>(
+        t: &Tensor,
+        max: usize,
+    ) -> Vec<serde_json::Value> {
         tensor::to_array::<T>(t)
             .map(|a| a.iter().take(max).map(|&x| x.into()).collect())
             .unwrap_or_default()

@@ -90,7 +90,10 @@ impl Runtime {
             message: e.to_string(),
         };
         let session = Session::builder(&self.env)
-            .and_then(|b| b.with_intra_threads(opts.intra_op_threads as usize).map_err(Into::into))
+            .and_then(|b| {
+                b.with_intra_threads(opts.intra_op_threads as usize)
+                    .map_err(Into::into)
+            })
             .and_then(|b| b.with_inter_threads(1).map_err(Into::into))
             .and_then(|b| {
                 b.with_config_entry(
@@ -146,7 +149,10 @@ impl Signature {
                     dimension_symbols,
                 } => {
                     let dtype = dtype_of(*ty).ok_or_else(|| {
-                        format!("{what} '{}' has element type {ty:?}, which rxd does not serve", o.name())
+                        format!(
+                            "{what} '{}' has element type {ty:?}, which rxd does not serve",
+                            o.name()
+                        )
                     })?;
                     let dims: Vec<i64> = shape.iter().copied().collect();
                     let dim_names = (0..dims.len())
@@ -366,9 +372,12 @@ fn run_job(
             .downcast::<ort::value::DynTensorValueType>()
             .map_err(|e| run_err(&e))?;
         let ty = *tensor.data_type();
-        let dtype = dtype_of(ty).ok_or_else(|| RuntimeError::Run(format!("output '{name}' has type {ty:?}")))?;
+        let dtype = dtype_of(ty)
+            .ok_or_else(|| RuntimeError::Run(format!("output '{name}' has type {ty:?}")))?;
         let shape = tensor.shape().iter().map(|&d| d.max(0) as u64).collect();
-        let bytes = raw::tensor_bytes(&tensor).map_err(|e| run_err(&e))?.to_vec();
+        let bytes = raw::tensor_bytes(&tensor)
+            .map_err(|e| run_err(&e))?
+            .to_vec();
         result.push(OutputTensor {
             name: name.clone(),
             dtype,

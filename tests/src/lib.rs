@@ -1,0 +1,446 @@
+//! Test harness for end-to-end tests: [`TestDaemon`] starts the real `rxd` binary in a temp
+//! dir with a cleared environment and kills it on drop; [`Reference`] runs the same model with
+//! ONNX Runtime in-process, to compare outputs; [`RawConn`] speaks raw frames for malformed-input
+//! tests. Binaries come from the same target dir as the test (run `cargo build --bins` first;
+//! `scripts/test` does).
+#![forbid(unsafe_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use rxd_protocol::frame::{self, HEADER_LEN};
+use rxd_protocol::{DType, HandshakeReply, Hello, PROTOCOL_VERSION, ResponseFrame, Tensor};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A binary built from this workspace (`rxd`, `rxctl`), next to the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} not built; run `cargo build --bins` (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// ONNX Runtime's library fetched by scripts/fetch-deps.
+pub fn ort_library() -> PathBuf {
+    let p = repo_root().join(".deps/onnxruntime/libonnxruntime.so.1.31.1");
+    assert!(
+        p.is_file(),
+        "{} missing; run scripts/fetch-deps",
+        p.display()
+    );
+    p
+}
+
+/// A model file: the bundled digits model, or one fetched from a PyPI wheel.
+pub fn model_file(name: &str) -> PathBuf {
+    let bundled = repo_root()
+        .join("examples/models")
+        .join(name)
+        .join("1/model.onnx");
+    if bundled.is_file() {
+        return bundled;
+    }
+    let p = repo_root()
+        .join(".deps/models")
+        .join(name)
+        .join("1/model.onnx");
+    assert!(
+        p.is_file(),
+        "{} missing; run scripts/fetch-deps",
+        p.display()
+    );
+    p
+}
+
+/// A model repository in a temp dir, made of symlinks to real model files.
+pub struct Repo {
+    pub dir: tempfile::TempDir,
+}
+
+impl Repo {
+    pub fn new() -> Repo {
+        let dir = tempfile::Builder::new()
+            .prefix("rxd-repo")
+            .tempdir()
+            .unwrap();
+        Repo { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Adds `model` version `version` pointing at the real file of `source`.
+    pub fn link(&self, model: &str, version: u64, source: &str) -> &Repo {
+        let d = self.dir.path().join(model).join(version.to_string());
+        std::fs::create_dir_all(&d).unwrap();
+        std::os::unix::fs::symlink(model_file(source), d.join("model.onnx")).unwrap();
+        self
+    }
+
+    /// Adds a version whose model.onnx has the given bytes.
+    pub fn write(&self, model: &str, version: u64, bytes: &[u8]) -> &Repo {
+        let d = self.dir.path().join(model).join(version.to_string());
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("model.onnx"), bytes).unwrap();
+        self
+    }
+
+    /// Writes `<model>/model.toml`.
+    pub fn settings(&self, model: &str, toml: &str) -> &Repo {
+        std::fs::write(self.dir.path().join(model).join("model.toml"), toml).unwrap();
+        self
+    }
+}
+
+impl Default for Repo {
+    fn default() -> Self {
+        Repo::new()
+    }
+}
+
+/// A running `rxd` process.
+pub struct TestDaemon {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl TestDaemon {
+    /// Starts rxd on `repo` with one intra-op thread (so outputs match [`Reference`] bit for
+    /// bit) plus `extra` flags, and waits until it answers a handshake.
+    pub fn start(repo: &Path, extra: &[&str]) -> TestDaemon {
+        TestDaemon::start_with(repo, extra, "")
+    }
+
+    /// Like [`TestDaemon::start`] with a config file holding `config_toml`.
+    pub fn start_with(repo: &Path, extra: &[&str], config_toml: &str) -> TestDaemon {
+        let dir = tempfile::Builder::new()
+            .prefix("rxd-test")
+            .tempdir()
+            .unwrap();
+        let socket = dir.path().join("rxd.sock");
+        let log = dir.path().join("rxd.log");
+        let config = dir.path().join("rxd.toml");
+        std::fs::write(&config, config_toml).unwrap();
+        let mut cmd = Command::new(bin("rxd"));
+        cmd.env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("ORT_DISABLE_TELEMETRY", "1")
+            .arg("--config")
+            .arg(&config)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--model-repository")
+            .arg(repo)
+            .arg("--ort-library")
+            .arg(ort_library())
+            .arg("--intra-op-threads")
+            .arg("1")
+            .arg("--log-level")
+            .arg("debug")
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd.spawn().expect("spawn rxd");
+        let mut d = TestDaemon {
+            child,
+            dir,
+            socket,
+            log,
+        };
+        d.wait_ready(Duration::from_secs(60));
+        d
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("rxd exited early ({status}):\n{}", self.log_text());
+            }
+            if let Ok(mut c) = RawConn::connect(&self.socket)
+                && c.handshake().is_ok()
+            {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "rxd not ready:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A blocking client connected to this daemon.
+    pub fn client(&self) -> rxd_client::blocking::Client {
+        rxd_client::blocking::Client::connect(&self.socket).expect("connect")
+    }
+
+    /// Runs rxctl against this daemon.
+    pub fn rxctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("rxctl"))
+            .env_clear()
+            .env("RXD_SOCKET", &self.socket)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "rxd did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Open file descriptors of the daemon.
+    pub fn fd_targets(&self) -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| std::fs::read_link(e.path()).ok())
+                    .map(|p| p.display().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- rxd log ---\n{}", self.log_text());
+        }
+    }
+}
+
+/// A raw protocol connection, for sending malformed or hand-made frames.
+pub struct RawConn {
+    pub stream: UnixStream,
+}
+
+impl RawConn {
+    pub fn connect(path: &Path) -> std::io::Result<RawConn> {
+        let stream = UnixStream::connect(path)?;
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        Ok(RawConn { stream })
+    }
+
+    pub fn handshake(&mut self) -> Result<(), String> {
+        self.send(&Hello {
+            protocol: PROTOCOL_VERSION,
+            client: "raw-test".into(),
+            arena_bytes: 0,
+        });
+        match frame::decode::<HandshakeReply>(&self.read_body().map_err(|e| e.to_string())?) {
+            Ok(HandshakeReply::Welcome(_)) => Ok(()),
+            Ok(HandshakeReply::Error(e)) => Err(e.error.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    pub fn send<T: serde::Serialize>(&mut self, msg: &T) {
+        let bytes = frame::encode(msg).unwrap();
+        self.stream.write_all(&bytes).unwrap();
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    pub fn read_body(&mut self) -> std::io::Result<Vec<u8>> {
+        let mut header = [0u8; HEADER_LEN];
+        self.stream.read_exact(&mut header)?;
+        let len = u32::from_le_bytes(header) as usize;
+        let mut body = vec![0u8; len];
+        self.stream.read_exact(&mut body)?;
+        Ok(body)
+    }
+
+    pub fn read_response(&mut self) -> ResponseFrame {
+        frame::decode(&self.read_body().expect("response frame")).expect("decodable response")
+    }
+}
+
+/// ONNX Runtime in this process, to compute expected outputs.
+pub struct Reference {
+    session: ort::session::Session,
+}
+
+fn env() -> &'static ort::environment::Environment {
+    static ENV: OnceLock<ort::environment::Environment> = OnceLock::new();
+    ENV.get_or_init(|| {
+        ort::init_from(ort_library())
+            .expect("load ORT")
+            .with_name("rxd-test-reference")
+            .with_telemetry(false)
+            .build()
+            .expect("ORT environment")
+    })
+}
+
+impl Reference {
+    /// A session with the same settings rxd uses in tests (one intra-op thread).
+    pub fn new(model: &Path) -> Reference {
+        let session = ort::session::Session::builder(env())
+            .unwrap()
+            .with_intra_threads(1)
+            .unwrap()
+            .with_inter_threads(1)
+            .unwrap()
+            .commit_from_file(model)
+            .unwrap();
+        Reference { session }
+    }
+
+    /// Runs the model; outputs in the model's order as inline tensors.
+    pub fn run(&mut self, inputs: &[Tensor]) -> Vec<Tensor> {
+        let mut values: Vec<(String, ort::value::DynValue)> = Vec::new();
+        for t in inputs {
+            values.push((t.name.clone(), to_ort(t)));
+        }
+        let names: Vec<String> = self
+            .session
+            .outputs()
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect();
+        let outputs = self.session.run(values).unwrap();
+        names
+            .iter()
+            .map(|n| from_ort(n, &outputs[n.as_str()]))
+            .collect()
+    }
+}
+
+fn le_vec<T, const N: usize>(bytes: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
+    bytes
+        .chunks_exact(N)
+        .map(|c| f(c.try_into().unwrap()))
+        .collect()
+}
+
+fn to_ort(t: &Tensor) -> ort::value::DynValue {
+    let bytes = rxd_client::tensor::bytes(t).unwrap();
+    let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+    match t.dtype {
+        DType::Float32 => {
+            ort::value::Tensor::from_array((shape, le_vec(bytes, f32::from_le_bytes)))
+                .unwrap()
+                .into_dyn()
+        }
+        DType::Int64 => ort::value::Tensor::from_array((shape, le_vec(bytes, i64::from_le_bytes)))
+            .unwrap()
+            .into_dyn(),
+        DType::Int32 => ort::value::Tensor::from_array((shape, le_vec(bytes, i32::from_le_bytes)))
+            .unwrap()
+            .into_dyn(),
+        DType::Uint8 => ort::value::Tensor::from_array((shape, bytes.to_vec()))
+            .unwrap()
+            .into_dyn(),
+        DType::Float64 => {
+            ort::value::Tensor::from_array((shape, le_vec(bytes, f64::from_le_bytes)))
+                .unwrap()
+                .into_dyn()
+        }
+        DType::Bool => ort::value::Tensor::from_array((
+            shape,
+            bytes.iter().map(|&b| b != 0).collect::<Vec<bool>>(),
+        ))
+        .unwrap()
+        .into_dyn(),
+        d => panic!("reference runner does not handle {d}"),
+    }
+}
+
+fn from_ort(name: &str, v: &ort::value::DynValue) -> Tensor {
+    fn collect<T: ort::value::PrimitiveTensorElementType + Copy, const N: usize>(
+        v: &ort::value::DynValue,
+        f: fn(T) -> [u8; N],
+    ) -> (Vec<u64>, Vec<u8>) {
+        let (shape, data) = v.try_extract_tensor::<T>().unwrap();
+        (
+            shape.iter().map(|&d| d as u64).collect(),
+            data.iter().flat_map(|&x| f(x)).collect(),
+        )
+    }
+    let ty = v.dtype().tensor_type().unwrap();
+    let (dtype, (shape, bytes)) = match ty {
+        ort::value::TensorElementType::Float32 => (DType::Float32, collect(v, f32::to_le_bytes)),
+        ort::value::TensorElementType::Int64 => (DType::Int64, collect(v, i64::to_le_bytes)),
+        ort::value::TensorElementType::Int32 => (DType::Int32, collect(v, i32::to_le_bytes)),
+        ort::value::TensorElementType::Float64 => (DType::Float64, collect(v, f64::to_le_bytes)),
+        other => panic!("reference runner does not handle {other:?}"),
+    };
+    Tensor::inline(name, dtype, shape, bytes)
+}
+
+/// Deterministic pseudo-random f32 data in [0, 1).
+pub fn random_f32(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32
+        })
+        .collect()
+}
+
+/// An inline f32 tensor.
+pub fn f32_tensor(name: &str, shape: &[u64], values: &[f32]) -> Tensor {
+    Tensor::inline(
+        name,
+        DType::Float32,
+        shape.to_vec(),
+        values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    )
+}
