@@ -6,12 +6,15 @@
 //! at most `max_in_flight` requests run at once per connection — beyond that the connection is
 //! simply not read (backpressure); on shutdown the connection stops reading, answers what it
 //! accepted, then closes. A peer that vanishes only ends its own connection.
+//! Answers are written by whoever finishes the request: the request task for control requests,
+//! and the model worker thread itself for inferences (through [`Sink`], without a hop back
+//! through the async runtime). A frame is written whole before the next one starts.
 //! Boundary: decoding and dispatch only; shared-memory fds are passed at the handshake and
 //! nowhere else (PROTOCOL.md), so plain reads are safe after it.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use rxd_protocol::frame::{self, FrameError, HEADER_LEN};
 use rxd_protocol::{
@@ -21,15 +24,17 @@ use rxd_protocol::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 use tracing::Instrument;
 
 use crate::SharedRef;
-use crate::dispatch;
+use crate::dispatch::{self, Handled, MakeCompletion};
+use crate::error::RequestError;
 use crate::metrics::Metrics;
 use crate::peer::Peer;
+use crate::runtime::{Completion, OutputTensor, RuntimeError};
 
 /// Why reading a frame stopped.
 enum ReadError {
@@ -66,6 +71,207 @@ fn encode_response(id: u64, outcome: Outcome) -> Vec<u8> {
         })
         .expect("an error frame always encodes")
     })
+}
+
+/// The connection's write side, shared by its request tasks and the model workers.
+///
+/// Invariant: bytes are written only while holding `state`, and only when the backlog is
+/// empty or by the drain task from the backlog's front, so frames never interleave. A writer
+/// that finds the socket full queues the rest and wakes the drain task: a slow client never
+/// blocks a model worker.
+struct Sink {
+    wr: OwnedWriteHalf,
+    state: Mutex<SinkState>,
+    wake: Notify,
+    broken: AtomicBool,
+}
+
+#[derive(Default)]
+struct SinkState {
+    /// Frames waiting, with how much of the first one is already written.
+    backlog: VecDeque<(Vec<u8>, usize)>,
+    finished: bool,
+}
+
+impl Sink {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SinkState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes a whole frame now if the socket takes it, else queues it. Never blocks.
+    fn send(&self, frame: Vec<u8>) {
+        if self.broken.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut st = self.lock();
+        let mut off = 0;
+        if st.backlog.is_empty() {
+            while off < frame.len() {
+                match self.wr.try_write(&frame[off..]) {
+                    Ok(n) => off += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        self.broken.store(true, Ordering::Relaxed);
+                        st.backlog.clear();
+                        drop(st);
+                        self.wake.notify_one();
+                        return;
+                    }
+                }
+            }
+            if off == frame.len() {
+                return;
+            }
+        }
+        st.backlog.push_back((frame, off));
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    fn finish(&self) {
+        self.lock().finished = true;
+        self.wake.notify_one();
+    }
+}
+
+/// Writes queued frames whenever the socket can take them; ends when the connection is
+/// finished and the backlog is empty, or the peer is gone.
+async fn drain_sink(sink: &Sink) {
+    loop {
+        let (pending, finished) = {
+            let st = sink.lock();
+            (!st.backlog.is_empty(), st.finished)
+        };
+        if sink.broken.load(Ordering::Relaxed) || (!pending && finished) {
+            return;
+        }
+        if !pending {
+            sink.wake.notified().await;
+            continue;
+        }
+        if sink.wr.writable().await.is_err() {
+            sink.broken.store(true, Ordering::Relaxed);
+            return;
+        }
+        let mut st = sink.lock();
+        while let Some((buf, off)) = st.backlog.front_mut() {
+            match sink.wr.try_write(&buf[*off..]) {
+                Ok(n) => {
+                    *off += n;
+                    if *off == buf.len() {
+                        st.backlog.pop_front();
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    sink.broken.store(true, Ordering::Relaxed);
+                    st.backlog.clear();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// What every request of one connection shares.
+struct Conn {
+    shared: SharedRef,
+    sink: Sink,
+    in_flight_ids: Mutex<HashSet<u64>>,
+}
+
+impl Conn {
+    /// Answers request `id`: frees the id first (the client may reuse it the moment it reads
+    /// the answer), then writes.
+    fn respond(&self, id: u64, outcome: Outcome) {
+        if id != 0 {
+            self.in_flight_ids
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+            Metrics::dec(&self.shared.metrics.in_flight);
+        }
+        self.sink.send(encode_response(id, outcome));
+    }
+
+    fn fail(&self, id: u64, e: &RequestError) {
+        tracing::debug!(id, code = e.code().as_u16(), "{e}");
+        self.shared.metrics.record_error(e.to_string());
+        self.respond(id, Outcome::Err(e.to_wire()));
+    }
+}
+
+/// The completion of one inference: answers the client from the worker thread.
+struct InferCompletion {
+    conn: Arc<Conn>,
+    id: u64,
+    model: String,
+    version: u64,
+    answered: bool,
+    _permit: Option<OwnedSemaphorePermit>,
+    _token: TaskTrackerToken,
+}
+
+impl Completion for InferCompletion {
+    fn is_abandoned(&self) -> bool {
+        self.conn.sink.broken.load(Ordering::Relaxed)
+    }
+
+    fn complete(mut self: Box<Self>, result: Result<Vec<OutputTensor>, RuntimeError>) {
+        self.answered = true;
+        match result {
+            Ok(outputs) => self.conn.respond(
+                self.id,
+                Outcome::Ok(dispatch::infer_reply(&self.model, self.version, outputs)),
+            ),
+            Err(e) => {
+                let e = match e {
+                    RuntimeError::QueueFull { .. } => {
+                        RequestError::Wire(rxd_protocol::WireError::new(
+                            ErrorCode::Busy,
+                            format!("model '{}': {e}", self.model),
+                        ))
+                    }
+                    other => RequestError::from(other),
+                };
+                self.conn.fail(self.id, &e)
+            }
+        }
+    }
+}
+
+impl Drop for InferCompletion {
+    /// A job dropped without completing still gets its one answer.
+    fn drop(&mut self) {
+        if !self.answered {
+            self.conn.fail(
+                self.id,
+                &RequestError::Internal("the request was dropped unanswered".into()),
+            );
+        }
+    }
+}
+
+/// Builds an [`InferCompletion`] once dispatch knows the model version.
+struct Maker {
+    conn: Arc<Conn>,
+    id: u64,
+    permit: Option<OwnedSemaphorePermit>,
+    token: TaskTrackerToken,
+}
+
+impl MakeCompletion for Maker {
+    fn make(self, model: &str, version: u64) -> Box<dyn Completion> {
+        Box::new(InferCompletion {
+            conn: self.conn,
+            id: self.id,
+            model: model.into(),
+            version,
+            answered: false,
+            _permit: self.permit,
+            _token: self.token,
+        })
+    }
 }
 
 /// Serves one connection until the peer closes it or the daemon shuts down.
@@ -117,11 +323,18 @@ async fn serve(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: Canc
     }
     tracing::debug!(client = %hello.client, "handshake done");
 
-    // Responses are encoded by request tasks and written by one writer task, in completion order.
-    let (out_tx, out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    let writer = tokio::spawn(write_loop(wr, out_rx));
+    let conn = Arc::new(Conn {
+        shared: shared.clone(),
+        sink: Sink {
+            wr,
+            state: Mutex::default(),
+            wake: Notify::new(),
+            broken: AtomicBool::new(false),
+        },
+        in_flight_ids: Mutex::default(),
+    });
+    let drainer = tokio::spawn(drain_conn(conn.clone()));
     let permits = Arc::new(Semaphore::new(max_in_flight as usize));
-    let in_flight_ids: Arc<Mutex<HashSet<u64>>> = Arc::default();
     let tasks = TaskTracker::new();
 
     loop {
@@ -145,61 +358,60 @@ async fn serve(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: Canc
             Err(ReadError::Frame(e)) => {
                 // The stream cannot be resynchronised: answer, then close.
                 shared.metrics.record_error(e.to_string());
-                let _ = out_tx.send(encode_response(0, Outcome::Err(e.to_wire())));
+                conn.respond(0, Outcome::Err(e.to_wire()));
                 break;
             }
         };
+        Metrics::inc(&shared.metrics.requests_total);
         let request: RequestFrame = match frame::decode(&body) {
             Ok(r) => r,
             Err(e) => {
                 let id = frame::salvage_id(&body).unwrap_or(0);
-                Metrics::inc(&shared.metrics.requests_total);
+                let fresh = id != 0 && conn.in_flight_ids.lock().expect("ids").insert(id);
+                if fresh {
+                    Metrics::inc(&shared.metrics.in_flight);
+                }
                 shared.metrics.record_error(e.to_string());
-                let _ = out_tx.send(encode_response(id, Outcome::Err(e.to_wire())));
+                conn.respond(if fresh { id } else { 0 }, Outcome::Err(e.to_wire()));
                 continue;
             }
         };
         drop(body);
         let id = request.id;
-        Metrics::inc(&shared.metrics.requests_total);
-        let fresh = id != 0 && in_flight_ids.lock().expect("ids lock").insert(id);
+        let fresh = id != 0 && conn.in_flight_ids.lock().expect("ids").insert(id);
         if !fresh {
             let err = WireError::new(
                 ErrorCode::BadRequestId,
                 format!("request id {id} is 0 or already in flight on this connection"),
             );
             shared.metrics.record_error(err.message.clone());
-            let _ = out_tx.send(encode_response(id, Outcome::Err(err)));
+            // Not registered as in flight: answer without touching the id set.
+            conn.sink.send(encode_response(id, Outcome::Err(err)));
             continue;
         }
-
-        let (shared, peer, out_tx, ids) = (
-            shared.clone(),
-            peer.clone(),
-            out_tx.clone(),
-            in_flight_ids.clone(),
-        );
-        let op = request.body.op();
-        let span = tracing::debug_span!("req", id, op);
+        Metrics::inc(&shared.metrics.in_flight);
+        let maker = Maker {
+            conn: conn.clone(),
+            id,
+            permit: Some(permit),
+            token: tasks.token(),
+        };
+        if let rxd_protocol::Request::Infer(infer) = request.body {
+            // The hot path: validate and queue right here; the worker answers.
+            if let Err(e) = dispatch::infer(&shared, infer, maker) {
+                conn.fail(id, &e);
+            }
+            continue;
+        }
+        let (shared, peer, conn) = (shared.clone(), peer.clone(), conn.clone());
+        let span = tracing::debug_span!("req", id, op = request.body.op());
         tasks.spawn(
             async move {
-                let started = Instant::now();
-                Metrics::inc(&shared.metrics.in_flight);
-                let outcome = match dispatch::handle(&shared, &peer, request.body).await {
-                    Ok(reply) => Outcome::Ok(reply),
-                    Err(e) => {
-                        let wire = e.to_wire();
-                        tracing::debug!(code = wire.code, "{e}");
-                        shared.metrics.record_error(e.to_string());
-                        Outcome::Err(wire)
-                    }
-                };
-                let bytes = encode_response(id, outcome);
-                Metrics::dec(&shared.metrics.in_flight);
-                ids.lock().expect("ids lock").remove(&id);
-                let _ = out_tx.send(bytes);
-                drop(permit);
-                tracing::trace!(us = started.elapsed().as_micros() as u64, "answered");
+                match dispatch::handle(&shared, &peer, request.body, maker).await {
+                    Ok(Handled::Reply(reply)) => conn.respond(id, Outcome::Ok(reply)),
+                    Ok(Handled::Deferred) => {}
+                    Err(e) => conn.fail(id, &e),
+                }
             }
             .instrument(span),
         );
@@ -208,8 +420,14 @@ async fn serve(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: Canc
     // Answer everything accepted, then let the writer drain and close.
     tasks.close();
     tasks.wait().await;
-    drop(out_tx);
-    let _ = writer.await;
+    conn.sink.finish();
+    let _ = drainer.await;
+}
+
+async fn drain_conn(conn: Arc<Conn>) {
+    // Borrowing the sink through the connection keeps one Arc for both.
+    let sink: &Sink = &conn.sink;
+    drain_sink(sink).await;
 }
 
 async fn refuse(wr: &mut OwnedWriteHalf, error: WireError) {
@@ -220,40 +438,6 @@ async fn refuse(wr: &mut OwnedWriteHalf, error: WireError) {
     });
     if let Ok(bytes) = frame::encode(&reply) {
         let _ = wr.write_all(&bytes).await;
-    }
-    let _ = wr.shutdown().await;
-}
-
-/// Writes encoded frames; coalesces frames that are ready together into one write.
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
-    const COALESCE: usize = 256 * 1024;
-    let mut batch = Vec::new();
-    while let Some(first) = rx.recv().await {
-        let mut buf = first;
-        if buf.len() < COALESCE {
-            while let Ok(next) = rx.try_recv() {
-                if batch.is_empty() {
-                    batch.append(&mut buf);
-                }
-                batch.extend_from_slice(&next);
-                if batch.len() >= COALESCE {
-                    break;
-                }
-            }
-            if !batch.is_empty() {
-                buf = std::mem::take(&mut batch);
-            }
-        }
-        if wr.write_all(&buf).await.is_err() {
-            // The peer is gone; keep draining so senders never block, but stop writing.
-            while rx.recv().await.is_some() {}
-            return;
-        }
-        // Reuse the buffer unless it grew huge (a large inline output).
-        if buf.capacity() <= 4 * COALESCE {
-            buf.clear();
-            batch = buf;
-        }
     }
     let _ = wr.shutdown().await;
 }

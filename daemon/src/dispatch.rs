@@ -3,40 +3,50 @@
 //! Boundary: no framing or socket IO here (that is `connection`), no ORT (that is `runtime`).
 
 use rxd_protocol::{
-    Health, HealthState, InferReply, ModelList, ModelState, PROTOCOL_VERSION, Reply, Request,
-    Status, Tensor,
+    Health, HealthState, InferReply, InferRequest, ModelList, ModelState, PROTOCOL_VERSION, Reply,
+    Request, Status, Tensor,
 };
 
 use crate::SharedRef;
 use crate::error::RequestError;
 use crate::metrics::Metrics;
 use crate::peer::Peer;
+use crate::runtime::{Completion, OutputTensor};
 use crate::validate;
 
-pub async fn handle(shared: &SharedRef, peer: &Peer, req: Request) -> Result<Reply, RequestError> {
+/// How a request was handled.
+pub enum Handled {
+    /// The answer, for the connection to send.
+    Reply(Reply),
+    /// Queued to a model's workers; the completion sends the answer.
+    Deferred,
+}
+
+/// Builds the completion of an inference once the model version is known.
+pub trait MakeCompletion {
+    fn make(self, model: &str, version: u64) -> Box<dyn Completion>;
+}
+
+pub async fn handle(
+    shared: &SharedRef,
+    peer: &Peer,
+    req: Request,
+    completion: impl MakeCompletion,
+) -> Result<Handled, RequestError> {
     if req.is_admin() && !peer.admin {
         return Err(RequestError::PermissionDenied { op: req.op() });
     }
-    match req {
+    let reply = match req {
         Request::Infer(infer) => {
-            let model = shared.registry.get(&infer.model, infer.version)?;
-            let checked = validate::check(&model.signature, infer)?;
-            let outputs = model.infer(checked).await?;
-            Ok(Reply::Infer(InferReply {
-                model: model.name.clone(),
-                version: model.version,
-                outputs: outputs
-                    .into_iter()
-                    .map(|o| Tensor::inline(o.name, o.dtype, o.shape, o.bytes))
-                    .collect(),
-            }))
+            self::infer(shared, infer, completion)?;
+            return Ok(Handled::Deferred);
         }
-        Request::ListModels => Ok(Reply::ListModels(ModelList {
+        Request::ListModels => Reply::ListModels(ModelList {
             models: shared.registry.list(),
-        })),
-        Request::ModelInfo(r) => Ok(Reply::ModelInfo(shared.registry.info(&r.model, r.version)?)),
-        Request::Status => Ok(Reply::Status(status(shared))),
-        Request::Health => Ok(Reply::Health(health(shared))),
+        }),
+        Request::ModelInfo(r) => Reply::ModelInfo(shared.registry.info(&r.model, r.version)?),
+        Request::Status => Reply::Status(status(shared)),
+        Request::Health => Reply::Health(health(shared)),
         Request::Load(r) => {
             rxd_protocol::check_name(&r.model)?;
             let s = shared.clone();
@@ -49,7 +59,7 @@ pub async fn handle(shared: &SharedRef, peer: &Peer, req: Request) -> Result<Rep
             })
             .await
             .map_err(|e| RequestError::Internal(e.to_string()))??;
-            Ok(Reply::Load(summary))
+            Reply::Load(summary)
         }
         Request::Unload(r) => {
             let s = shared.clone();
@@ -57,10 +67,36 @@ pub async fn handle(shared: &SharedRef, peer: &Peer, req: Request) -> Result<Rep
                 tokio::task::spawn_blocking(move || s.registry.unload(&r.model, r.version))
                     .await
                     .map_err(|e| RequestError::Internal(e.to_string()))??;
-            Ok(Reply::Unload(summary))
+            Reply::Unload(summary)
         }
-        _ => Err(RequestError::Internal("request kind not handled".into())),
-    }
+        _ => return Err(RequestError::Internal("request kind not handled".into())),
+    };
+    Ok(Handled::Reply(reply))
+}
+
+/// Validates and queues an inference (synchronous: no await, no ORT). On success the
+/// completion answers; on error nothing was queued and the caller answers.
+pub fn infer(
+    shared: &SharedRef,
+    req: InferRequest,
+    completion: impl MakeCompletion,
+) -> Result<(), RequestError> {
+    let model = shared.registry.get(&req.model, req.version)?;
+    let checked = validate::check(&model.signature, req)?;
+    model.submit(checked, completion.make(&model.name, model.version));
+    Ok(())
+}
+
+/// The reply to a finished inference.
+pub fn infer_reply(model: &str, version: u64, outputs: Vec<OutputTensor>) -> Reply {
+    Reply::Infer(InferReply {
+        model: model.into(),
+        version,
+        outputs: outputs
+            .into_iter()
+            .map(|o| Tensor::inline(o.name, o.dtype, o.shape, o.bytes))
+            .collect(),
+    })
 }
 
 fn uptime_ms(shared: &SharedRef) -> u64 {

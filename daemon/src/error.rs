@@ -26,8 +26,6 @@ pub enum RequestError {
     },
     #[error("'{op}' needs admin rights (uid 0, the daemon's uid, or the admin group)")]
     PermissionDenied { op: &'static str },
-    #[error("model '{model}' queue is full ({capacity} waiting); retry later")]
-    Busy { model: String, capacity: usize },
     #[error("the daemon is shutting down")]
     ShuttingDown,
     #[error("loading '{model}' version {version} failed: {message}")]
@@ -52,11 +50,12 @@ impl RequestError {
             }
             RequestError::NotReady { .. } => ErrorCode::ModelNotReady,
             RequestError::PermissionDenied { .. } => ErrorCode::PermissionDenied,
-            RequestError::Busy { .. } => ErrorCode::Busy,
             RequestError::ShuttingDown => ErrorCode::ShuttingDown,
             RequestError::LoadFailed { .. } => ErrorCode::LoadFailed,
             RequestError::Runtime(RuntimeError::Run(_)) => ErrorCode::InferenceFailed,
             RequestError::Runtime(RuntimeError::WorkersGone) => ErrorCode::ModelNotReady,
+            RequestError::Runtime(RuntimeError::QueueFull { .. }) => ErrorCode::Busy,
+            RequestError::Runtime(RuntimeError::Abandoned) => ErrorCode::Internal,
             RequestError::Runtime(_) => ErrorCode::LoadFailed,
             RequestError::Internal(_) => ErrorCode::Internal,
         }

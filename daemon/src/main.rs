@@ -88,7 +88,12 @@ fn serve(opts: &ServeOpts) -> ExitCode {
         }
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(
+            std::env::var("RXD_IO_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2),
+        )
         .thread_name("rxd-io")
         .enable_all()
         .build()

@@ -15,12 +15,9 @@ use std::sync::{Arc, RwLock};
 
 use rxd_protocol::{ModelInfo, ModelState, ModelSummary};
 use serde::Deserialize;
-use tokio::sync::oneshot;
 
 use crate::error::RequestError;
-use crate::runtime::{
-    Job, OutputTensor, Runtime, SessionOptions, Signature, SubmitError, WorkerPool,
-};
+use crate::runtime::{Completion, Job, Runtime, SessionOptions, Signature, WorkerPool};
 use crate::validate::Checked;
 
 /// `model.toml`: per-model settings.
@@ -75,30 +72,18 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Queues a checked request and waits for its outputs.
-    pub async fn infer(&self, checked: Checked) -> Result<Vec<OutputTensor>, RequestError> {
-        let (tx, rx) = oneshot::channel();
-        let job = Job {
+    /// Queues a checked request; `completion` receives the outputs or the error (including
+    /// a full queue) exactly once.
+    pub fn submit(&self, checked: Checked, completion: Box<dyn Completion>) {
+        self.pool.submit(Job {
             inputs: checked.inputs,
             outputs: checked.outputs,
-            reply: tx,
-        };
-        match self.pool.try_submit(job) {
-            Ok(()) => {}
-            Err(SubmitError::Full(_)) => {
-                return Err(RequestError::Busy {
-                    model: self.name.clone(),
-                    capacity: self.queue_capacity,
-                });
-            }
-            Err(SubmitError::Closed(_)) => {
-                return Err(crate::runtime::RuntimeError::WorkersGone.into());
-            }
-        }
-        let result = rx
-            .await
-            .map_err(|_| RequestError::from(crate::runtime::RuntimeError::WorkersGone))?;
-        Ok(result?)
+            completion,
+        });
+    }
+
+    pub fn queue_capacity(&self) -> usize {
+        self.queue_capacity
     }
 
     pub fn queued(&self) -> usize {

@@ -17,7 +17,6 @@ use ort::environment::Environment;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynTensor, TensorElementType, ValueType};
 use rxd_protocol::{DType, TensorSpec};
-use tokio::sync::oneshot;
 
 /// Errors from ONNX Runtime.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +31,10 @@ pub enum RuntimeError {
     Run(String),
     #[error("the model's workers have stopped")]
     WorkersGone,
+    #[error("the queue is full ({capacity} waiting); retry later")]
+    QueueFull { capacity: usize },
+    #[error("the client is gone; the request was not run")]
+    Abandoned,
 }
 
 /// The loaded ONNX Runtime library and its environment.
@@ -264,20 +267,24 @@ pub struct OutputTensor {
     pub bytes: Vec<u8>,
 }
 
+/// What happens when a job is done. Called exactly once, on the worker thread that ran the
+/// job (or on the submitting thread when the job could not be queued). The connection's
+/// implementation encodes the response and writes it to the client straight from the worker,
+/// so an answer needs no hop back through the async runtime.
+pub trait Completion: Send {
+    /// True when nobody waits for the result any more (the client is gone): the job is skipped.
+    fn is_abandoned(&self) -> bool {
+        false
+    }
+    fn complete(self: Box<Self>, result: Result<Vec<OutputTensor>, RuntimeError>);
+}
+
 /// A unit of work for a model's workers.
 pub struct Job {
     pub inputs: Vec<InputTensor>,
     /// Output names to return (non-empty, validated).
     pub outputs: Vec<String>,
-    pub reply: oneshot::Sender<Result<Vec<OutputTensor>, RuntimeError>>,
-}
-
-/// Why a job was not queued.
-pub enum SubmitError {
-    /// The queue is full (backpressure).
-    Full(Job),
-    /// The workers are gone (model unloading).
-    Closed(Job),
+    pub completion: Box<dyn Completion>,
 }
 
 /// The worker threads of one model version: one session each, one shared bounded queue.
@@ -307,15 +314,23 @@ impl WorkerPool {
         }
     }
 
-    /// Queues a job without waiting.
-    pub fn try_submit(&self, job: Job) -> Result<(), SubmitError> {
+    /// Queues a job without waiting; when it cannot be queued its completion gets the error
+    /// at once (`QueueFull` is backpressure, never a silent drop).
+    pub fn submit(&self, job: Job) {
         let Some(tx) = &self.tx else {
-            return Err(SubmitError::Closed(job));
+            return job.completion.complete(Err(RuntimeError::WorkersGone));
         };
-        tx.try_send(job).map_err(|e| match e {
-            crossbeam_channel::TrySendError::Full(j) => SubmitError::Full(j),
-            crossbeam_channel::TrySendError::Disconnected(j) => SubmitError::Closed(j),
-        })
+        match tx.try_send(job) {
+            Ok(()) => {}
+            Err(crossbeam_channel::TrySendError::Full(j)) => {
+                j.completion.complete(Err(RuntimeError::QueueFull {
+                    capacity: tx.capacity().unwrap_or(0),
+                }))
+            }
+            Err(crossbeam_channel::TrySendError::Disconnected(j)) => {
+                j.completion.complete(Err(RuntimeError::WorkersGone))
+            }
+        }
     }
 
     /// Jobs waiting for a worker.
@@ -340,12 +355,13 @@ impl Drop for WorkerPool {
 
 fn worker_loop(mut session: Session, rx: crossbeam_channel::Receiver<Job>) {
     while let Ok(job) = rx.recv() {
-        if job.reply.is_closed() {
-            // Nobody waits for it (the request was abandoned): skip the work.
+        if job.completion.is_abandoned() {
+            // Nobody waits for it: skip the work, still complete it (bookkeeping).
+            job.completion.complete(Err(RuntimeError::Abandoned));
             continue;
         }
         let result = run_job(&mut session, &job.inputs, &job.outputs);
-        let _ = job.reply.send(result);
+        job.completion.complete(result);
     }
 }
 

@@ -1,0 +1,196 @@
+//! Per-request overhead of rxd on a tiny model (ONNX Runtime's `sigmoid.onnx`), measured in one
+//! run next to its baselines: in-process ONNX Runtime on the same input, and a raw Unix-socket
+//! ping-pong of the same frame sizes. Also daemon RSS (idle, one model) and time from exec to
+//! serving. Prints a Markdown section for BENCHMARKS.md.
+//!
+//! Run: `scripts/bench overhead` (builds the release binaries first), or
+//! `cargo build --release --bins && cargo bench -p rxd-e2e --bench overhead`.
+//! `RXD_BENCH_N` sets the number of timed round trips (default 20000).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use rxd_e2e::*;
+use rxd_protocol::frame::{self, HEADER_LEN};
+use rxd_protocol::{InferRequest, Outcome, Request, RequestFrame, ResponseFrame};
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1e6
+}
+
+struct Stats {
+    p50: f64,
+    p99: f64,
+    mean: f64,
+}
+
+fn stats(mut samples: Vec<Duration>) -> Stats {
+    samples.sort();
+    let mean = samples.iter().map(Duration::as_secs_f64).sum::<f64>() / samples.len() as f64 * 1e6;
+    Stats {
+        p50: percentile(&samples, 0.50),
+        p99: percentile(&samples, 0.99),
+        mean,
+    }
+}
+
+fn time_n(n: usize, warm: usize, mut f: impl FnMut()) -> Stats {
+    for _ in 0..warm {
+        f();
+    }
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        f();
+        v.push(t.elapsed());
+    }
+    stats(v)
+}
+
+fn read_frame(s: &mut UnixStream, buf: &mut Vec<u8>) {
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h).unwrap();
+    buf.resize(u32::from_le_bytes(h) as usize, 0);
+    s.read_exact(buf).unwrap();
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+fn main() {
+    let n: usize = std::env::var("RXD_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20000);
+    let input = f32_tensor("x", &[3, 4, 5], &random_f32(60, 7));
+    let request = RequestFrame {
+        id: 1,
+        body: Request::Infer(InferRequest {
+            model: "sigmoid".into(),
+            version: None,
+            inputs: vec![input.clone()],
+            outputs: vec![],
+        }),
+    };
+    let req_bytes = frame::encode(&request).unwrap();
+
+    // 1. In-process ONNX Runtime, same input.
+    let mut reference = Reference::new(&model_file("sigmoid"));
+    let ort = time_n(n, 1000, || {
+        std::hint::black_box(reference.run(std::slice::from_ref(&input)));
+    });
+
+    // 2. Raw Unix-socket ping-pong: request-sized frame out, response-sized frame back, echo
+    // thread on the other end (the kernel may run it on the other core, like the daemon).
+    let resp_len = {
+        let mut r = reference.run(std::slice::from_ref(&input));
+        let reply = ResponseFrame {
+            id: 1,
+            outcome: Outcome::Ok(rxd_protocol::Reply::Infer(rxd_protocol::InferReply {
+                model: "sigmoid".into(),
+                version: 1,
+                outputs: r.drain(..).collect(),
+            })),
+        };
+        frame::encode(&reply).unwrap()
+    };
+    let (mut a, mut b) = UnixStream::pair().unwrap();
+    let resp_copy = resp_len.clone();
+    let echo = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        loop {
+            let mut h = [0u8; HEADER_LEN];
+            if b.read_exact(&mut h).is_err() {
+                return;
+            }
+            buf.resize(u32::from_le_bytes(h) as usize, 0);
+            b.read_exact(&mut buf).unwrap();
+            b.write_all(&resp_copy).unwrap();
+        }
+    });
+    let mut buf = Vec::new();
+    let raw = time_n(n, 1000, || {
+        a.write_all(&req_bytes).unwrap();
+        read_frame(&mut a, &mut buf);
+    });
+    drop(a);
+    echo.join().unwrap();
+
+    // 3. rxd: time from exec to serving, RSS idle, then with sigmoid loaded.
+    let empty = Repo::new();
+    let t0 = Instant::now();
+    let idle = TestDaemon::start(empty.path(), &[]);
+    let exec_to_serving_empty = t0.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let rss_idle = rss_kib(idle.pid());
+    drop(idle);
+
+    let repo = Repo::new();
+    repo.link("sigmoid", 1, "sigmoid");
+    let t0 = Instant::now();
+    let d = TestDaemon::start(repo.path(), &[]);
+    let exec_to_serving = t0.elapsed();
+    let mut conn = RawConn::connect(&d.socket).unwrap();
+    conn.handshake().unwrap();
+    let mut s = conn.stream;
+    // Sanity: the answer is a success and equals in-process ORT.
+    s.write_all(&req_bytes).unwrap();
+    read_frame(&mut s, &mut buf);
+    let resp: ResponseFrame = frame::decode(&buf).unwrap();
+    match resp.outcome {
+        Outcome::Ok(rxd_protocol::Reply::Infer(r)) => {
+            assert_eq!(r.outputs, reference.run(std::slice::from_ref(&input)))
+        }
+        other => panic!("{other:?}"),
+    }
+    let rxd_raw = time_n(n, 1000, || {
+        s.write_all(&req_bytes).unwrap();
+        read_frame(&mut s, &mut buf);
+    });
+    // The same through the async client library, driven by a blocking wrapper.
+    let client = d.client();
+    let lib = time_n(n / 2, 500, || {
+        std::hint::black_box(client.infer("sigmoid", vec![input.clone()]).unwrap());
+    });
+    let rss_model = rss_kib(d.pid());
+
+    let added_p50 = rxd_raw.p50 - ort.p50;
+    let added_p99 = rxd_raw.p99 - ort.p99;
+    println!("### Per-request overhead, sigmoid.onnx [3,4,5] f32, one client, {n} round trips\n");
+    println!("| path | p50 µs | p99 µs | mean µs |");
+    println!("|---|---:|---:|---:|");
+    for (name, s) in [
+        ("in-process ORT `Session::run`", &ort),
+        ("raw Unix-socket ping-pong (same frame sizes)", &raw),
+        ("rxd, raw protocol client (blocking socket)", &rxd_raw),
+        ("rxd, `rxd_client::blocking::Client::infer`", &lib),
+    ] {
+        println!("| {name} | {:.1} | {:.1} | {:.1} |", s.p50, s.p99, s.mean);
+    }
+    println!();
+    println!(
+        "- rxd added (rxd raw client − in-process ORT): p50 {added_p50:.1} µs, p99 {added_p99:.1} µs"
+    );
+    println!(
+        "- added p50 / raw socket p50 = {:.2} (target ≤ 2.0)",
+        added_p50 / raw.p50
+    );
+    println!(
+        "- daemon RSS: idle (no models) {} KiB, with sigmoid loaded {} KiB",
+        rss_idle, rss_model
+    );
+    println!(
+        "- exec → serving (handshake answered): empty repository {:.0} ms, with sigmoid {:.0} ms",
+        exec_to_serving_empty.as_secs_f64() * 1e3,
+        exec_to_serving.as_secs_f64() * 1e3
+    );
+}
