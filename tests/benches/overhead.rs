@@ -91,20 +91,20 @@ fn main() {
 
     // 2. Raw Unix-socket ping-pong: request-sized frame out, response-sized frame back, echo
     // thread on the other end (the kernel may run it on the other core, like the daemon).
-    let resp_len = {
-        let mut r = reference.run(std::slice::from_ref(&input));
+    let resp_bytes = {
+        let r = reference.run(std::slice::from_ref(&input));
         let reply = ResponseFrame {
             id: 1,
             outcome: Outcome::Ok(rxd_protocol::Reply::Infer(rxd_protocol::InferReply {
                 model: "sigmoid".into(),
                 version: 1,
-                outputs: r.drain(..).collect(),
+                outputs: r,
             })),
         };
         frame::encode(&reply).unwrap()
     };
     let (mut a, mut b) = UnixStream::pair().unwrap();
-    let resp_copy = resp_len.clone();
+    let resp_copy = resp_bytes.clone();
     let echo = std::thread::spawn(move || {
         let mut buf = Vec::new();
         loop {
