@@ -401,6 +401,29 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_default_config_parses() {
+        let text = include_str!("../../packaging/rxd.toml");
+        let file = parse_file(text).unwrap();
+        assert!(
+            file.socket.is_none(),
+            "every key in the shipped file is commented out"
+        );
+        // Uncommented, every documented key is a real key.
+        let uncommented: String = text
+            .lines()
+            .map(|l| {
+                l.strip_prefix('#')
+                    .filter(|r| !r.starts_with(' ') && r.contains(" = "))
+                    .unwrap_or("")
+            })
+            .map(|l| format!("{}\n", l.split(" #").next().unwrap()))
+            .collect();
+        let file = parse_file(&uncommented).unwrap();
+        assert_eq!(file.max_frame_bytes, Some(ByteSize(80 << 20)));
+        assert_eq!(file.socket.as_deref(), Some(Path::new(DEFAULT_SOCKET)));
+    }
+
+    #[test]
     fn byte_sizes() {
         assert_eq!(ByteSize::parse("512MiB"), Ok(ByteSize(512 << 20)));
         assert_eq!(ByteSize::parse("64k"), Ok(ByteSize(64 << 10)));

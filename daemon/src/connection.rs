@@ -292,6 +292,13 @@ async fn serve(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: Canc
     let hello: Hello = match hello {
         Ok(body) => match frame::decode(&body) {
             Ok(h) => h,
+            Err(_) if frame::decode::<RequestFrame>(&body).is_ok() => {
+                let err = WireError::new(
+                    ErrorCode::HandshakeRequired,
+                    "the first frame must be a Hello (see PROTOCOL.md)",
+                );
+                return refuse(&mut wr, err).await;
+            }
             Err(e) => return refuse(&mut wr, e.to_wire()).await,
         },
         Err(ReadError::Frame(e)) => return refuse(&mut wr, e.to_wire()).await,

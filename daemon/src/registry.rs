@@ -143,7 +143,7 @@ impl Registry {
         for entry in std::fs::read_dir(&self.root)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') || !entry.file_type()?.is_dir() {
+            if name.starts_with('.') || !entry.path().is_dir() {
                 continue;
             }
             let dir = entry.path();

@@ -302,6 +302,17 @@ fn bad_input_gets_its_error_code_and_the_daemon_keeps_serving() {
         matches!(reply, rxd_protocol::HandshakeReply::Error(ref e) if e.error.kind() == Some(ErrorCode::MalformedMessage))
     );
 
+    // A request before the handshake.
+    let mut raw = RawConn::connect(&d.socket).unwrap();
+    raw.send(&RequestFrame {
+        id: 1,
+        body: Request::Status,
+    });
+    let reply: rxd_protocol::HandshakeReply = frame::decode(&raw.read_body().unwrap()).unwrap();
+    assert!(
+        matches!(reply, rxd_protocol::HandshakeReply::Error(ref e) if e.error.kind() == Some(ErrorCode::HandshakeRequired))
+    );
+
     // After all that, a fresh client is served.
     let c2 = d.client();
     assert_eq!(c2.infer("digits", vec![good]).unwrap().len(), 2);
