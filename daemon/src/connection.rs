@@ -219,6 +219,7 @@ impl Completion for InferCompletion {
 
     fn complete(mut self: Box<Self>, result: Result<Vec<OutputTensor>, RuntimeError>) {
         self.answered = true;
+        tracing::debug!(id = self.id, model = %self.model, version = self.version, ok = result.is_ok(), "infer done");
         match result {
             Ok(outputs) => self.conn.respond(
                 self.id,
