@@ -21,14 +21,27 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
+    /// Connects with default options (see [`crate::ClientOptions`]).
     pub fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
+        Client::connect_with(path, crate::ClientOptions::default())
+    }
+
+    pub fn connect_with(
+        path: impl AsRef<Path>,
+        options: crate::ClientOptions,
+    ) -> Result<Client, ClientError> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("rxd-client")
             .enable_all()
             .build()?;
-        let inner = rt.block_on(crate::Client::connect(path))?;
+        let inner = rt.block_on(crate::Client::connect_with(path, options))?;
         Ok(Client { inner, rt })
+    }
+
+    /// The connection's shared-memory arena, if any.
+    pub fn arena(&self) -> Option<&crate::Arena> {
+        self.inner.arena()
     }
 
     /// The async client behind this one.

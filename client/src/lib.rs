@@ -15,19 +15,22 @@
 //!
 //! # Layout
 //! - [`transport`]: the connection: handshake, a reader task that routes responses by id.
+//! - [`arena`]: the shared-memory arena: allocator, buffers, zero-copy views.
 //! - [`tensor`]: conversions between `ndarray` arrays and wire tensors.
 //! - [`npy`]: reading and writing NumPy `.npy` files of any wire dtype (used by rxctl).
 //! - [`blocking`]: the same API without async.
 #![forbid(unsafe_code)]
 
+pub mod arena;
 pub mod blocking;
 pub mod npy;
 pub mod tensor;
 pub mod transport;
 
+pub use arena::{Arena, ArenaBuf};
 pub use rxd_protocol as protocol;
 pub use rxd_protocol::{DType, ErrorCode, Tensor, WireError};
-pub use transport::Client;
+pub use transport::{Client, ClientOptions};
 
 /// Default socket path of a packaged daemon; `RXD_SOCKET` overrides it in rxctl.
 pub const DEFAULT_SOCKET: &str = "/run/rxd/rxd.sock";
@@ -57,6 +60,9 @@ pub enum ClientError {
     /// A tensor could not be converted (dtype or shape).
     #[error("tensor conversion: {0}")]
     Tensor(String),
+    /// The arena has no free range that large.
+    #[error("the arena has no {wanted} free bytes in one piece ({free} free in all)")]
+    ArenaFull { wanted: u64, free: u64 },
 }
 
 impl ClientError {

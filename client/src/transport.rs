@@ -4,6 +4,7 @@
 //! connection closing, or by the caller dropping the request future.
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,7 +13,7 @@ use rxd_protocol::frame::{self, HEADER_LEN};
 use rxd_protocol::{
     HandshakeReply, Health, Hello, InferReply, InferRequest, ModelInfo, ModelRef, ModelSummary,
     Outcome, PROTOCOL_VERSION, Reply, Request, RequestFrame, ResponseFrame, Status, Tensor,
-    Welcome, limits,
+    TensorData, Welcome, limits,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -20,6 +21,18 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::oneshot;
 
 use crate::ClientError;
+use crate::arena::{Arena, ArenaBuf};
+
+/// Maps the arena fd the daemon passed, after checking its size and seals.
+fn map_arena(fd: OwnedFd, size: u64) -> Result<Arena, ClientError> {
+    use std::os::fd::AsFd;
+    let seals = rxd_shm::seals(fd.as_fd())?;
+    if seals & rxd_shm::ARENA_SEALS != rxd_shm::ARENA_SEALS {
+        return Err(ClientError::Protocol("the arena fd is not sealed".into()));
+    }
+    let map = rxd_shm::Mapping::map(fd.as_fd(), size as usize)?;
+    Ok(Arena::new(map))
+}
 
 type Waiter = oneshot::Sender<Result<Outcome, ClientError>>;
 
@@ -36,6 +49,41 @@ struct Inner {
     next_id: AtomicU64,
     welcome: Welcome,
     reader: tokio::task::JoinHandle<()>,
+    arena: Option<Arena>,
+    inline_threshold: u64,
+    /// Output bytes each model needed last time, to size output areas.
+    output_sizes: Mutex<HashMap<String, u64>>,
+}
+
+/// How to connect.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Shared-memory arena to ask for, in bytes (0 = none).
+    pub arena_bytes: u64,
+    /// Tensors of at least this many bytes go through the arena (when there is one).
+    pub inline_threshold: u64,
+    /// Name sent in the handshake.
+    pub client_name: String,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            arena_bytes: 64 << 20,
+            inline_threshold: 64 << 10,
+            client_name: concat!("rxd-client ", env!("CARGO_PKG_VERSION")).into(),
+        }
+    }
+}
+
+impl ClientOptions {
+    /// No arena: every tensor travels inline.
+    pub fn inline_only() -> ClientOptions {
+        ClientOptions {
+            arena_bytes: 0,
+            ..ClientOptions::default()
+        }
+    }
 }
 
 impl Drop for Inner {
@@ -71,8 +119,51 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
-fn lock(m: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reads the welcome frame with `recvmsg`, so that an fd passed with it is not lost.
+async fn read_welcome(stream: &UnixStream) -> Result<(Vec<u8>, Option<OwnedFd>), ClientError> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut got = 0;
+    let mut fd = None;
+    let mut body: Vec<u8> = Vec::new();
+    let mut need = HEADER_LEN;
+    loop {
+        stream.readable().await?;
+        let buf: &mut [u8] = if got < HEADER_LEN {
+            &mut header[got..]
+        } else {
+            &mut body[got - HEADER_LEN..]
+        };
+        let r = stream.try_io(tokio::io::Interest::READABLE, || {
+            rxd_shm::recv_with_fd(stream.as_raw_fd(), buf)
+        });
+        let (n, passed) = match r {
+            Ok(x) => x,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if n == 0 {
+            return Err(ClientError::Closed(
+                "the daemon closed the connection in the handshake".into(),
+            ));
+        }
+        if passed.is_some() {
+            fd = passed;
+        }
+        got += n;
+        if got == HEADER_LEN && need == HEADER_LEN {
+            let len = frame::body_len(header, limits::MAX_HANDSHAKE_FRAME)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            body = vec![0; len];
+            need = HEADER_LEN + len;
+        }
+        if got == need && need > HEADER_LEN {
+            return Ok((body, fd));
+        }
+    }
 }
 
 async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R, max: u64) -> Result<Vec<u8>, ClientError> {
@@ -85,8 +176,16 @@ async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R, max: u64) -> Result<Vec<u8
 }
 
 impl Client {
-    /// Connects and performs the handshake.
+    /// Connects with default options (a 64 MiB arena, tensors from 64 KiB through it).
     pub async fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
+        Client::connect_with(path, ClientOptions::default()).await
+    }
+
+    /// Connects and performs the handshake.
+    pub async fn connect_with(
+        path: impl AsRef<Path>,
+        options: ClientOptions,
+    ) -> Result<Client, ClientError> {
         let path = path.as_ref();
         let stream = UnixStream::connect(path)
             .await
@@ -94,27 +193,39 @@ impl Client {
                 path: path.display().to_string(),
                 source,
             })?;
-        Client::handshake(stream, concat!("rxd-client ", env!("CARGO_PKG_VERSION"))).await
+        Client::handshake(stream, options).await
     }
 
     /// Performs the handshake on an already-connected stream.
-    pub async fn handshake(stream: UnixStream, client_name: &str) -> Result<Client, ClientError> {
-        let (rd, mut wr) = stream.into_split();
-        let mut rd = BufReader::with_capacity(64 * 1024, rd);
+    pub async fn handshake(
+        mut stream: UnixStream,
+        options: ClientOptions,
+    ) -> Result<Client, ClientError> {
         let hello = Hello {
             protocol: PROTOCOL_VERSION,
-            client: client_name.into(),
-            arena_bytes: 0,
+            client: options.client_name.clone(),
+            arena_bytes: options.arena_bytes,
         };
         let bytes = frame::encode(&hello).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        wr.write_all(&bytes).await?;
-        let body = read_frame(&mut rd, limits::MAX_HANDSHAKE_FRAME).await?;
+        stream.write_all(&bytes).await?;
+        let (body, fd) = read_welcome(&stream).await?;
         let welcome = match frame::decode::<HandshakeReply>(&body)
             .map_err(|e| ClientError::Protocol(e.to_string()))?
         {
             HandshakeReply::Welcome(w) => w,
             HandshakeReply::Error(e) => return Err(ClientError::Handshake(e.error)),
         };
+        let arena = match (welcome.arena_bytes, fd) {
+            (0, _) => None,
+            (n, Some(fd)) => Some(map_arena(fd, n)?),
+            (_, None) => {
+                return Err(ClientError::Protocol(
+                    "an arena was granted but no fd came".into(),
+                ));
+            }
+        };
+        let (rd, wr) = stream.into_split();
+        let mut rd = BufReader::with_capacity(64 * 1024, rd);
         let max_frame = welcome.max_frame_bytes.max(limits::DEFAULT_MAX_FRAME);
         let inner = Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| {
             let weak = weak.clone();
@@ -134,9 +245,17 @@ impl Client {
                 next_id: AtomicU64::new(1),
                 welcome,
                 reader,
+                arena,
+                inline_threshold: options.inline_threshold,
+                output_sizes: Mutex::new(HashMap::new()),
             }
         });
         Ok(Client { inner })
+    }
+
+    /// The connection's shared-memory arena, if the daemon granted one.
+    pub fn arena(&self) -> Option<&Arena> {
+        self.inner.arena.as_ref()
     }
 
     /// What the daemon said in the handshake.
@@ -170,21 +289,84 @@ impl Client {
         }
     }
 
-    /// Runs a model; outputs in the model's output order (or the order asked for).
+    /// Runs a model; outputs in the model's output order, as inline tensors. With an arena,
+    /// inputs of at least the inline threshold go through it, and so do outputs once the
+    /// model's output size is known (from the previous call); the arena buffers are freed
+    /// when the call ends, however it ends.
     pub async fn infer(
         &self,
         model: &str,
         inputs: Vec<Tensor>,
     ) -> Result<Vec<Tensor>, ClientError> {
-        Ok(self
-            .infer_request(InferRequest {
-                model: model.into(),
-                version: None,
-                inputs,
-                outputs: Vec::new(),
-            })
-            .await?
-            .outputs)
+        let Some(arena) = &self.inner.arena else {
+            return Ok(self
+                .infer_request(InferRequest::new(model, inputs))
+                .await?
+                .outputs);
+        };
+        let mut held = Vec::new();
+        let mut sent = Vec::with_capacity(inputs.len());
+        for t in inputs {
+            match &t.data {
+                TensorData::Inline(b) if b.len() as u64 >= self.inner.inline_threshold => {
+                    match arena.alloc(b.len() as u64) {
+                        Ok(mut buf) => {
+                            buf.bytes_mut().copy_from_slice(b);
+                            sent.push(buf.tensor(&t.name, t.dtype, t.shape.clone())?);
+                            held.push(buf);
+                        }
+                        Err(ClientError::ArenaFull { .. }) => sent.push(t),
+                        Err(e) => return Err(e),
+                    }
+                }
+                _ => sent.push(t),
+            }
+        }
+        let known = lock(&self.inner.output_sizes).get(model).copied();
+        let area = match known {
+            Some(n) if n >= self.inner.inline_threshold => arena.alloc(n).ok(),
+            _ => None,
+        };
+        let mut req = InferRequest::new(model, sent);
+        req.output_area = area.as_ref().map(ArenaBuf::as_ref);
+        let result = self.infer_request(req.clone()).await;
+        let reply = match (result, &area) {
+            // The outputs grew (dynamic shapes): retry with them inline.
+            (Err(ClientError::Server(e)), Some(_))
+                if e.kind() == Some(rxd_protocol::ErrorCode::OutputRegionTooSmall) =>
+            {
+                if let Some(n) = e.needed_bytes {
+                    lock(&self.inner.output_sizes).insert(model.into(), n);
+                }
+                req.output_area = None;
+                self.infer_request(req).await?
+            }
+            (r, _) => r?,
+        };
+        let mut total = 0u64;
+        let mut outputs = Vec::with_capacity(reply.outputs.len());
+        for t in reply.outputs {
+            let bytes = match (&t.data, &area) {
+                (TensorData::Inline(_), _) => {
+                    outputs.push(t);
+                    continue;
+                }
+                (TensorData::Arena(_), Some(buf)) => buf.output_bytes(&t)?.to_vec(),
+                _ => {
+                    return Err(ClientError::Protocol(
+                        "an output in the arena was not asked for".into(),
+                    ));
+                }
+            };
+            outputs.push(Tensor::inline(t.name, t.dtype, t.shape, bytes));
+        }
+        for t in &outputs {
+            let n = crate::tensor::bytes(t).map_or(0, <[u8]>::len) as u64;
+            total += n.next_multiple_of(rxd_protocol::OUTPUT_ALIGN);
+        }
+        lock(&self.inner.output_sizes).insert(model.into(), total);
+        drop(held);
+        Ok(outputs)
     }
 
     /// Runs a model with every option of the request.

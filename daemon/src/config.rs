@@ -32,6 +32,8 @@ pub struct FileConfig {
     pub max_connections: Option<u32>,
     pub max_in_flight: Option<u32>,
     pub max_frame_bytes: Option<ByteSize>,
+    pub max_arena_bytes: Option<ByteSize>,
+    pub arena_total_bytes: Option<ByteSize>,
     pub queue_capacity: Option<u32>,
     pub shutdown_grace_secs: Option<u64>,
     pub log_level: Option<String>,
@@ -52,6 +54,10 @@ pub struct Config {
     pub max_connections: u32,
     pub max_in_flight: u32,
     pub max_frame_bytes: u64,
+    /// Largest shared-memory arena one connection may have (0 = arenas disabled).
+    pub max_arena_bytes: u64,
+    /// Total of all connections' arenas.
+    pub arena_total_bytes: u64,
     /// Default queue capacity per model (requests waiting for a worker).
     pub queue_capacity: u32,
     pub shutdown_grace: Duration,
@@ -298,6 +304,19 @@ pub fn resolve(
         }
     };
 
+    let max_arena_bytes = file
+        .max_arena_bytes
+        .map_or(limits::DEFAULT_MAX_ARENA, |b| b.0);
+    let arena_total_bytes = file
+        .arena_total_bytes
+        .map_or(limits::DEFAULT_ARENA_TOTAL.max(max_arena_bytes), |b| b.0);
+    if arena_total_bytes < max_arena_bytes {
+        bad(
+            "arena-total-bytes",
+            format!("{arena_total_bytes} is less than max-arena-bytes ({max_arena_bytes})"),
+        );
+    }
+
     let shutdown_grace = Duration::from_secs(file.shutdown_grace_secs.unwrap_or(30));
     let log_level = opts
         .log_level
@@ -322,6 +341,8 @@ pub fn resolve(
         max_connections,
         max_in_flight,
         max_frame_bytes,
+        max_arena_bytes,
+        arena_total_bytes,
         queue_capacity,
         shutdown_grace,
         log_level,

@@ -175,6 +175,9 @@ async fn drain_sink(sink: &Sink) {
 
 /// What every request of one connection shares.
 struct Conn {
+    /// The connection's arena; requests in flight hold their own reference to the mapping,
+    /// so it is unmapped only when the last of them is done.
+    arena: Option<ArenaGrant>,
     shared: SharedRef,
     sink: Sink,
     in_flight_ids: Mutex<HashSet<u64>>,
@@ -315,23 +318,48 @@ async fn serve(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: Canc
         );
         return refuse(&mut wr, err).await;
     }
+    let arena = if hello.arena_bytes > 0 {
+        match ArenaGrant::new(&shared, hello.arena_bytes) {
+            Ok(a) => Some(a),
+            Err(e) => return refuse(&mut wr, e).await,
+        }
+    } else {
+        None
+    };
     let max_in_flight = shared.config.max_in_flight;
     let welcome = HandshakeReply::Welcome(Welcome {
         protocol: PROTOCOL_VERSION,
         server: crate::SERVER_NAME.into(),
         max_frame_bytes: shared.config.max_frame_bytes,
         max_in_flight,
-        arena_bytes: 0,
+        arena_bytes: arena.as_ref().map_or(0, |a| a.map.len() as u64),
     });
     let Ok(bytes) = frame::encode(&welcome) else {
         return;
     };
-    if wr.write_all(&bytes).await.is_err() {
+    let sent = match &arena {
+        // The one frame that carries an fd: the welcome, with the arena's memfd attached.
+        Some(a) => match send_with_fd(&wr, &bytes, a.fd.as_ref().expect("fresh grant")).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!("cannot pass the arena fd: {e}");
+                return;
+            }
+        },
+        None => 0,
+    };
+    if wr.write_all(&bytes[sent..]).await.is_err() {
         return;
     }
-    tracing::debug!(client = %hello.client, "handshake done");
+    // The client has its own fd now; ours is no longer needed (the mapping stays).
+    let arena = arena.map(|mut a| {
+        a.fd = None;
+        a
+    });
+    tracing::debug!(client = %hello.client, arena = welcome_arena(&arena), "handshake done");
 
     let conn = Arc::new(Conn {
+        arena,
         shared: shared.clone(),
         sink: Sink {
             wr,
@@ -406,7 +434,8 @@ async fn serve(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: Canc
         };
         if let rxd_protocol::Request::Infer(infer) = request.body {
             // The hot path: validate and queue right here; the worker answers.
-            if let Err(e) = dispatch::infer(&shared, infer, maker) {
+            let map = conn.arena.as_ref().map(|a| &a.map);
+            if let Err(e) = dispatch::infer(&shared, infer, map, maker) {
                 conn.fail(id, &e);
             }
             continue;
@@ -436,6 +465,88 @@ async fn drain_conn(conn: Arc<Conn>) {
     // Borrowing the sink through the connection keeps one Arc for both.
     let sink: &Sink = &conn.sink;
     drain_sink(sink).await;
+}
+
+/// A connection's arena: the sealed memfd (until passed to the client), its mapping, and its
+/// share of the daemon-wide arena budget (returned on drop).
+struct ArenaGrant {
+    fd: Option<std::os::fd::OwnedFd>,
+    map: Arc<rxd_shm::Mapping>,
+    shared: SharedRef,
+    reserved: u64,
+}
+
+impl ArenaGrant {
+    fn new(shared: &SharedRef, asked: u64) -> Result<ArenaGrant, WireError> {
+        let unavailable = |m: String| WireError::new(ErrorCode::ArenaUnavailable, m);
+        let cfg = &shared.config;
+        let size = asked.div_ceil(4096).saturating_mul(4096);
+        if size > cfg.max_arena_bytes {
+            return Err(unavailable(format!(
+                "an arena of {asked} bytes exceeds max-arena-bytes ({})",
+                cfg.max_arena_bytes
+            )));
+        }
+        let total = &shared.metrics.arena_bytes;
+        total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(size)
+                    .filter(|&t| t <= cfg.arena_total_bytes)
+            })
+            .map_err(|used| {
+                unavailable(format!(
+                    "the daemon's arena budget is used up ({used} of {} bytes)",
+                    cfg.arena_total_bytes
+                ))
+            })?;
+        let grant = |shared: &SharedRef| -> std::io::Result<ArenaGrant> {
+            let fd = rxd_shm::create_sealed("rxd-arena", size as usize)?;
+            let map = rxd_shm::Mapping::map(std::os::fd::AsFd::as_fd(&fd), size as usize)?;
+            Ok(ArenaGrant {
+                fd: Some(fd),
+                map: Arc::new(map),
+                shared: shared.clone(),
+                reserved: size,
+            })
+        };
+        grant(shared).map_err(|e| {
+            total.fetch_sub(size, Ordering::AcqRel);
+            unavailable(format!("cannot create an arena of {size} bytes: {e}"))
+        })
+    }
+}
+
+impl Drop for ArenaGrant {
+    fn drop(&mut self) {
+        self.shared
+            .metrics
+            .arena_bytes
+            .fetch_sub(self.reserved, Ordering::AcqRel);
+    }
+}
+
+fn welcome_arena(a: &Option<ArenaGrant>) -> u64 {
+    a.as_ref().map_or(0, |a| a.map.len() as u64)
+}
+
+/// Sends the first bytes of `frame` with `fd` attached; returns how many bytes went.
+async fn send_with_fd(
+    wr: &OwnedWriteHalf,
+    frame: &[u8],
+    fd: &std::os::fd::OwnedFd,
+) -> std::io::Result<usize> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let stream: &UnixStream = wr.as_ref();
+    loop {
+        stream.writable().await?;
+        match stream.try_io(tokio::io::Interest::WRITABLE, || {
+            rxd_shm::send_with_fd(stream.as_raw_fd(), frame, fd.as_fd())
+        }) {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 async fn refuse(wr: &mut OwnedWriteHalf, error: WireError) {

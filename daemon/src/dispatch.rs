@@ -3,15 +3,15 @@
 //! Boundary: no framing or socket IO here (that is `connection`), no ORT (that is `runtime`).
 
 use rxd_protocol::{
-    Health, HealthState, InferReply, InferRequest, ModelList, ModelState, PROTOCOL_VERSION, Reply,
-    Request, Status, Tensor,
+    ArenaRef, Health, HealthState, InferReply, InferRequest, ModelList, ModelState,
+    PROTOCOL_VERSION, Reply, Request, Status, Tensor, TensorData,
 };
 
 use crate::SharedRef;
 use crate::error::RequestError;
 use crate::metrics::Metrics;
 use crate::peer::Peer;
-use crate::runtime::{Completion, OutputTensor};
+use crate::runtime::{Completion, OutputData, OutputTensor};
 use crate::validate;
 
 /// How a request was handled.
@@ -38,7 +38,7 @@ pub async fn handle(
     }
     let reply = match req {
         Request::Infer(infer) => {
-            self::infer(shared, infer, completion)?;
+            self::infer(shared, infer, None, completion)?;
             return Ok(Handled::Deferred);
         }
         Request::ListModels => Reply::ListModels(ModelList {
@@ -79,10 +79,11 @@ pub async fn handle(
 pub fn infer(
     shared: &SharedRef,
     req: InferRequest,
+    arena: Option<&std::sync::Arc<rxd_shm::Mapping>>,
     completion: impl MakeCompletion,
 ) -> Result<(), RequestError> {
     let model = shared.registry.get(&req.model, req.version)?;
-    let checked = validate::check(&model.signature, req)?;
+    let checked = validate::check(&model.signature, req, arena)?;
     model.submit(checked, completion.make(&model.name, model.version));
     Ok(())
 }
@@ -94,7 +95,17 @@ pub fn infer_reply(model: &str, version: u64, outputs: Vec<OutputTensor>) -> Rep
         version,
         outputs: outputs
             .into_iter()
-            .map(|o| Tensor::inline(o.name, o.dtype, o.shape, o.bytes))
+            .map(|o| Tensor {
+                name: o.name,
+                dtype: o.dtype,
+                shape: o.shape,
+                data: match o.data {
+                    OutputData::Inline(b) => TensorData::Inline(b),
+                    OutputData::Arena { offset, len } => {
+                        TensorData::Arena(ArenaRef { offset, len })
+                    }
+                },
+            })
             .collect(),
     })
 }

@@ -78,6 +78,7 @@ impl LoadedModel {
         self.pool.submit(Job {
             inputs: checked.inputs,
             outputs: checked.outputs,
+            placement: checked.placement,
             completion,
         });
     }

@@ -3,18 +3,53 @@
 //! Pure: no IO, no ORT. Every rejection carries its wire code; a request that passes has one
 //! tensor per model input with the right dtype, rank, fixed dimensions and byte length.
 
-use rxd_protocol::{ErrorCode, InferRequest, TensorData, WireError};
+use std::sync::Arc;
 
-use crate::runtime::{InputTensor, Signature};
+use rxd_protocol::{ArenaRef, ErrorCode, InferRequest, TensorData, WireError};
+use rxd_shm::Mapping;
+
+use crate::runtime::{InputData, InputTensor, OutputTarget, Placement, Signature};
 
 /// A request ready for a worker.
 #[derive(Debug)]
 pub struct Checked {
     pub inputs: Vec<InputTensor>,
     pub outputs: Vec<String>,
+    pub placement: Placement,
 }
 
-pub fn check(sig: &Signature, req: InferRequest) -> Result<Checked, WireError> {
+/// Checks a shared-memory reference: an arena exists, the range is inside it (overflow-safe)
+/// and `offset` is a multiple of `align`. Nothing is read from the arena.
+fn check_ref(
+    arena: Option<&Arc<Mapping>>,
+    what: &str,
+    r: ArenaRef,
+    align: u64,
+) -> Result<(), WireError> {
+    let map = arena.ok_or_else(|| {
+        WireError::new(
+            ErrorCode::ArenaUnavailable,
+            format!("{what} refers to the arena, but this connection has none"),
+        )
+    })?;
+    map.range(r.offset, r.len)
+        .map_err(|e| WireError::new(ErrorCode::ArenaOutOfRange, format!("{what}: {e}")))?;
+    if r.offset % align != 0 {
+        return Err(WireError::new(
+            ErrorCode::ArenaMisaligned,
+            format!("{what}: offset {} is not a multiple of {align}", r.offset),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks `req` against the model's signature; `arena` is the sending connection's arena
+/// (references are always relative to it).
+pub fn check(
+    sig: &Signature,
+    req: InferRequest,
+    arena: Option<&Arc<Mapping>>,
+) -> Result<Checked, WireError> {
     req.check()?;
     let mut slots: Vec<Option<InputTensor>> = sig.inputs.iter().map(|_| None).collect();
     for t in req.inputs {
@@ -57,13 +92,30 @@ pub fn check(sig: &Signature, req: InferRequest) -> Result<Checked, WireError> {
                 ),
             ));
         }
-        let bytes = match t.data {
-            TensorData::Inline(b) => b,
-            TensorData::Arena(_) => {
-                return Err(WireError::new(
-                    ErrorCode::ArenaUnavailable,
-                    "this connection has no shared-memory arena",
-                ));
+        let data = match t.data {
+            TensorData::Inline(b) => InputData::Inline(b),
+            TensorData::Arena(r) => {
+                let expected = t.check()?;
+                if r.len != expected {
+                    return Err(WireError::new(
+                        ErrorCode::DataLengthMismatch,
+                        format!(
+                            "input '{}' is {} {:?}: {expected} bytes expected, the reference has {}",
+                            t.name, t.dtype, t.shape, r.len
+                        ),
+                    ));
+                }
+                check_ref(
+                    arena,
+                    &format!("input '{}'", t.name),
+                    r,
+                    t.dtype.alignment(),
+                )?;
+                InputData::Shared {
+                    map: arena.expect("checked").clone(),
+                    offset: r.offset,
+                    len: r.len,
+                }
             }
             _ => {
                 return Err(WireError::new(
@@ -76,7 +128,7 @@ pub fn check(sig: &Signature, req: InferRequest) -> Result<Checked, WireError> {
             name: t.name,
             dtype: t.dtype,
             shape: t.shape,
-            bytes,
+            data,
         });
     }
     let missing: Vec<&str> = sig
@@ -105,9 +157,75 @@ pub fn check(sig: &Signature, req: InferRequest) -> Result<Checked, WireError> {
         }
         req.outputs
     };
+    let placement = place(sig, &outputs, &req.output_regions, req.output_area, arena)?;
     Ok(Checked {
         inputs: slots.into_iter().flatten().collect(),
         outputs,
+        placement,
+    })
+}
+
+fn place(
+    sig: &Signature,
+    outputs: &[String],
+    regions: &[rxd_protocol::OutputRegion],
+    area: Option<ArenaRef>,
+    arena: Option<&Arc<Mapping>>,
+) -> Result<Placement, WireError> {
+    if regions.is_empty() && area.is_none() {
+        return Ok(Placement::default());
+    }
+    for (i, r) in regions.iter().enumerate() {
+        if regions[..i].iter().any(|o| o.name == r.name) {
+            return Err(WireError::new(
+                ErrorCode::InvalidRequest,
+                format!("two regions for output '{}'", r.name),
+            ));
+        }
+        if !outputs.contains(&r.name) {
+            return Err(WireError::new(
+                ErrorCode::UnknownOutput,
+                format!(
+                    "a region is given for '{}', which is not an output of this request",
+                    r.name
+                ),
+            ));
+        }
+        let dtype = sig
+            .outputs
+            .iter()
+            .find(|s| s.name == r.name)
+            .map(|s| s.dtype)
+            .expect("requested outputs exist");
+        let rr = ArenaRef {
+            offset: r.offset,
+            len: r.len,
+        };
+        check_ref(
+            arena,
+            &format!("the region for output '{}'", r.name),
+            rr,
+            dtype.alignment(),
+        )?;
+    }
+    if let Some(a) = area {
+        check_ref(arena, "the output area", a, 1)?;
+    }
+    let targets = outputs
+        .iter()
+        .map(|name| match regions.iter().find(|r| &r.name == name) {
+            Some(r) => OutputTarget::Region {
+                offset: r.offset,
+                len: r.len,
+            },
+            None if area.is_some() => OutputTarget::Area,
+            None => OutputTarget::Inline,
+        })
+        .collect();
+    Ok(Placement {
+        arena: arena.cloned(),
+        targets,
+        area: area.map(|a| (a.offset, a.len)),
     })
 }
 
@@ -143,6 +261,8 @@ mod tests {
             version: None,
             inputs,
             outputs: vec![],
+            output_regions: Vec::new(),
+            output_area: None,
         }
     }
 
@@ -159,13 +279,17 @@ mod tests {
         Tensor::inline("sr", DType::Int64, vec![], vec![0; 8])
     }
 
+    fn check_(sig: &Signature, req: InferRequest) -> Result<Checked, WireError> {
+        check(sig, req, None)
+    }
+
     fn code(r: Result<Checked, WireError>) -> ErrorCode {
         r.unwrap_err().kind().unwrap()
     }
 
     #[test]
     fn accepts_any_dynamic_dim_and_orders_inputs() {
-        let c = check(&sig(), req(vec![sr(), x(5)])).unwrap();
+        let c = check_(&sig(), req(vec![sr(), x(5)])).unwrap();
         assert_eq!(c.inputs[0].name, "x");
         assert_eq!(c.inputs[1].name, "sr");
         assert_eq!(c.outputs, vec!["y".to_string()]);
@@ -174,38 +298,38 @@ mod tests {
     #[test]
     fn rejects_each_kind_of_bad_input() {
         assert_eq!(
-            code(check(&sig(), req(vec![x(1)]))),
+            code(check_(&sig(), req(vec![x(1)]))),
             ErrorCode::MissingInput
         );
         let mut extra = vec![x(1), sr()];
         extra.push(Tensor::inline("z", DType::Float32, vec![1], vec![0; 4]));
-        assert_eq!(code(check(&sig(), req(extra))), ErrorCode::UnknownInput);
+        assert_eq!(code(check_(&sig(), req(extra))), ErrorCode::UnknownInput);
         let wrong_dtype = Tensor::inline("x", DType::Float64, vec![1, 3], vec![0; 24]);
         assert_eq!(
-            code(check(&sig(), req(vec![wrong_dtype, sr()]))),
+            code(check_(&sig(), req(vec![wrong_dtype, sr()]))),
             ErrorCode::DtypeMismatch
         );
         let wrong_dim = Tensor::inline("x", DType::Float32, vec![1, 4], vec![0; 16]);
         assert_eq!(
-            code(check(&sig(), req(vec![wrong_dim, sr()]))),
+            code(check_(&sig(), req(vec![wrong_dim, sr()]))),
             ErrorCode::ShapeMismatch
         );
         let wrong_rank = Tensor::inline("x", DType::Float32, vec![3], vec![0; 12]);
         assert_eq!(
-            code(check(&sig(), req(vec![wrong_rank, sr()]))),
+            code(check_(&sig(), req(vec![wrong_rank, sr()]))),
             ErrorCode::ShapeMismatch
         );
         let short = Tensor::inline("x", DType::Float32, vec![1, 3], vec![0; 11]);
         assert_eq!(
-            code(check(&sig(), req(vec![short, sr()]))),
+            code(check_(&sig(), req(vec![short, sr()]))),
             ErrorCode::DataLengthMismatch
         );
         assert_eq!(
-            code(check(&sig(), req(vec![x(1), x(1), sr()]))),
+            code(check_(&sig(), req(vec![x(1), x(1), sr()]))),
             ErrorCode::InvalidRequest
         );
         let mut r = req(vec![x(1), sr()]);
         r.outputs = vec!["nope".into()];
-        assert_eq!(code(check(&sig(), r)), ErrorCode::UnknownOutput);
+        assert_eq!(code(check_(&sig(), r)), ErrorCode::UnknownOutput);
     }
 }

@@ -17,3 +17,7 @@ pub const MAX_TENSORS: usize = 1024;
 pub const MAX_TENSOR_BYTES: u64 = 1 << 34;
 /// Default number of requests in flight per connection.
 pub const DEFAULT_MAX_IN_FLIGHT: u32 = 256;
+/// Default largest shared-memory arena per connection.
+pub const DEFAULT_MAX_ARENA: u64 = 256 << 20;
+/// Default total of all connections' arenas.
+pub const DEFAULT_ARENA_TOTAL: u64 = 1 << 30;

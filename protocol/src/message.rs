@@ -125,7 +125,25 @@ pub struct InferRequest {
     /// Output names wanted; empty = all outputs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outputs: Vec<String>,
+    /// Outputs to write at a given place in the sender's arena.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub output_regions: Vec<OutputRegion>,
+    /// Where to write every other output in the sender's arena: packed in output order, each
+    /// starting at a 64-byte-aligned offset. Absent: such outputs travel inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_area: Option<ArenaRef>,
 }
+
+/// An arena region for one named output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputRegion {
+    pub name: String,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Alignment of outputs packed into an `output_area`.
+pub const OUTPUT_ALIGN: u64 = 64;
 
 /// A tensor: name, element type, shape and where its bytes are.
 ///
@@ -245,6 +263,18 @@ pub fn element_count(shape: &[u64]) -> Option<u64> {
 }
 
 impl InferRequest {
+    /// A request for `model` with these inputs and defaults for everything else.
+    pub fn new(model: impl Into<String>, inputs: Vec<Tensor>) -> InferRequest {
+        InferRequest {
+            model: model.into(),
+            version: None,
+            inputs,
+            outputs: Vec::new(),
+            output_regions: Vec::new(),
+            output_area: None,
+        }
+    }
+
     /// Model-independent checks on the whole request (counts and every tensor).
     pub fn check(&self) -> Result<(), WireError> {
         check_name(&self.model)?;
@@ -252,6 +282,12 @@ impl InferRequest {
             return Err(WireError::new(
                 ErrorCode::InvalidRequest,
                 format!("more than {} tensors in one request", limits::MAX_TENSORS),
+            ));
+        }
+        if self.output_regions.len() > limits::MAX_TENSORS {
+            return Err(WireError::new(
+                ErrorCode::InvalidRequest,
+                format!("more than {} output regions", limits::MAX_TENSORS),
             ));
         }
         for t in &self.inputs {

@@ -16,6 +16,8 @@ fn sample_infer() -> RequestFrame {
                 vec![0, 0, 128, 63, 0, 0, 0, 64],
             )],
             outputs: vec![],
+            output_regions: Vec::new(),
+            output_area: None,
         }),
     }
 }
@@ -228,7 +230,7 @@ proptest! {
         let r = RequestFrame { id, body: Request::Infer(InferRequest {
             model: name.clone(), version: None,
             inputs: vec![Tensor::inline(name, DType::Int64, shape, vec![7; n * 8])],
-            outputs: vec![] }) };
+            outputs: vec![], output_regions: Vec::new(), output_area: None, }) };
         prop_assert_eq!(frame::round_trip(&r), r);
     }
 }

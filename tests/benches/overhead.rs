@@ -79,6 +79,8 @@ fn main() {
             version: None,
             inputs: vec![input.clone()],
             outputs: vec![],
+            output_regions: Vec::new(),
+            output_area: None,
         }),
     };
     let req_bytes = frame::encode(&request).unwrap();

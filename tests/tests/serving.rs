@@ -338,6 +338,8 @@ fn clients_that_vanish_mid_request_leave_the_daemon_serving_and_leak_nothing() {
                     version: None,
                     inputs: vec![image.clone()],
                     outputs: vec![],
+                    output_regions: Vec::new(),
+                    output_area: None,
                 }),
             });
         }
@@ -468,6 +470,8 @@ fn sigterm_answers_every_accepted_request_then_exits_zero() {
                     version: None,
                     inputs: vec![image.clone()],
                     outputs: vec![],
+                    output_regions: Vec::new(),
+                    output_area: None,
                 }),
             },
             &mut frames,

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use rxd_client::protocol::{HealthState, ModelState, Tensor, TensorSpec};
-use rxd_client::{ClientError, DType, ErrorCode, blocking::Client, npy, tensor};
+use rxd_client::{ClientError, ClientOptions, DType, ErrorCode, blocking::Client, npy, tensor};
 
 /// Command-line client for rxd, the local inference daemon.
 #[derive(Debug, Parser)]
@@ -126,7 +126,26 @@ fn print_json<T: serde::Serialize>(v: &T) {
 }
 
 fn run(cli: &Cli) -> Result<u8, Failure> {
-    let client = Client::connect(&cli.socket)?;
+    if let Cmd::Infer {
+        model,
+        version,
+        inputs,
+        output_dir,
+        outputs,
+        seed,
+    } = &cli.command
+    {
+        return infer(
+            cli,
+            model,
+            *version,
+            inputs,
+            output_dir.as_ref(),
+            outputs,
+            *seed,
+        );
+    }
+    let client = Client::connect_with(&cli.socket, ClientOptions::inline_only())?;
     match &cli.command {
         Cmd::Status => {
             let s = client.status()?;
@@ -218,23 +237,7 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
             }
             Ok(0)
         }
-        Cmd::Infer {
-            model,
-            version,
-            inputs,
-            output_dir,
-            outputs,
-            seed,
-        } => infer(
-            cli,
-            &client,
-            model,
-            *version,
-            inputs,
-            output_dir.as_ref(),
-            outputs,
-            *seed,
-        ),
+        Cmd::Infer { .. } => unreachable!("handled above"),
         Cmd::Load { model, version } => {
             let s = client.load(model, *version)?;
             if cli.json {
@@ -277,7 +280,6 @@ fn spec_text(t: &TensorSpec) -> String {
 #[allow(clippy::too_many_arguments)]
 fn infer(
     cli: &Cli,
-    client: &Client,
     model: &str,
     version: Option<u64>,
     input_args: &[String],
@@ -285,7 +287,6 @@ fn infer(
     wanted: &[String],
     seed: u64,
 ) -> Result<u8, Failure> {
-    let info = client.model_info(model, version)?;
     let mut given = Vec::new();
     for arg in input_args {
         let (name, path) = arg
@@ -297,18 +298,44 @@ fn infer(
             .map_err(|e| Failure(code::DATA, format!("{path}: {e}")))?;
         given.push(t);
     }
+    // Inputs large enough go through a shared-memory arena sized for them (the library decides
+    // per tensor); outputs come back inline.
+    let options = ClientOptions::default();
+    let input_bytes: u64 = given
+        .iter()
+        .filter_map(tensor::bytes)
+        .map(|b| (b.len() as u64).next_multiple_of(64))
+        .filter(|&n| n >= options.inline_threshold)
+        .sum();
+    let options = ClientOptions {
+        arena_bytes: if input_bytes > 0 {
+            input_bytes + (1 << 20)
+        } else {
+            0
+        },
+        ..options
+    };
+    let client = Client::connect_with(&cli.socket, options)?;
+    let info = client.model_info(model, version)?;
     let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     for spec in &info.inputs {
         if !given.iter().any(|t| t.name == spec.name) {
             given.push(random_input(spec, &mut rng));
         }
     }
-    let reply = client.infer_request(rxd_client::protocol::InferRequest {
-        model: model.into(),
-        version,
-        inputs: given,
-        outputs: wanted.to_vec(),
-    })?;
+    let reply = if version.is_none() && wanted.is_empty() {
+        let outputs = client.infer(model, given)?;
+        rxd_client::protocol::InferReply {
+            model: model.into(),
+            version: info.summary.version,
+            outputs,
+        }
+    } else {
+        let mut req = rxd_client::protocol::InferRequest::new(model, given);
+        req.version = version;
+        req.outputs = wanted.to_vec();
+        client.infer_request(req)?
+    };
     if let Some(dir) = output_dir {
         std::fs::create_dir_all(dir)
             .map_err(|e| Failure(code::IO, format!("{}: {e}", dir.display())))?;

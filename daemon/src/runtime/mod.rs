@@ -11,12 +11,14 @@ mod raw;
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use ort::environment::Environment;
 use ort::session::{Session, SessionInputValue};
-use ort::value::{DynTensor, TensorElementType, ValueType};
+use ort::value::{TensorElementType, ValueType};
 use rxd_protocol::{DType, TensorSpec};
+use rxd_shm::Mapping;
 
 /// Errors from ONNX Runtime.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +37,12 @@ pub enum RuntimeError {
     QueueFull { capacity: usize },
     #[error("the client is gone; the request was not run")]
     Abandoned,
+    #[error("{target} holds {available} bytes, {needed} needed")]
+    OutputTooSmall {
+        target: String,
+        needed: u64,
+        available: u64,
+    },
 }
 
 /// The loaded ONNX Runtime library and its environment.
@@ -249,13 +257,47 @@ pub fn element_type_of(d: DType) -> TensorElementType {
     }
 }
 
-/// A validated input: the bytes match dtype × shape (checked by `validate`).
+/// A validated input: its bytes match dtype × shape (checked by `validate`).
 #[derive(Debug)]
 pub struct InputTensor {
     pub name: String,
     pub dtype: DType,
     pub shape: Vec<u64>,
-    pub bytes: Vec<u8>,
+    pub data: InputData,
+}
+
+/// Where an input's bytes are.
+#[derive(Debug)]
+pub enum InputData {
+    /// Decoded from the frame.
+    Inline(Vec<u8>),
+    /// In the client's arena (range and alignment checked). The bytes may change under us at
+    /// any time; they are only ever handed to ORT as raw memory, never read as Rust data.
+    Shared {
+        map: Arc<Mapping>,
+        offset: u64,
+        len: u64,
+    },
+}
+
+/// Where one output goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputTarget {
+    /// Back in the response frame.
+    Inline,
+    /// At this region of the client's arena.
+    Region { offset: u64, len: u64 },
+    /// Packed into the request's output area.
+    Area,
+}
+
+/// Where a job's outputs go: one target per wanted output.
+#[derive(Debug, Default)]
+pub struct Placement {
+    pub arena: Option<Arc<Mapping>>,
+    pub targets: Vec<OutputTarget>,
+    /// The output area (offset, len), when any target is `Area`.
+    pub area: Option<(u64, u64)>,
 }
 
 /// One output of a run.
@@ -264,7 +306,18 @@ pub struct OutputTensor {
     pub name: String,
     pub dtype: DType,
     pub shape: Vec<u64>,
-    pub bytes: Vec<u8>,
+    pub data: OutputData,
+}
+
+/// Where an output's bytes were put.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutputData {
+    Inline(Vec<u8>),
+    /// Written into the client's arena.
+    Arena {
+        offset: u64,
+        len: u64,
+    },
 }
 
 /// What happens when a job is done. Called exactly once, on the worker thread that ran the
@@ -284,6 +337,7 @@ pub struct Job {
     pub inputs: Vec<InputTensor>,
     /// Output names to return (non-empty, validated).
     pub outputs: Vec<String>,
+    pub placement: Placement,
     pub completion: Box<dyn Completion>,
 }
 
@@ -360,7 +414,7 @@ fn worker_loop(mut session: Session, rx: crossbeam_channel::Receiver<Job>) {
             job.completion.complete(Err(RuntimeError::Abandoned));
             continue;
         }
-        let result = run_job(&mut session, &job.inputs, &job.outputs);
+        let result = run_job(&mut session, &job.inputs, &job.outputs, &job.placement);
         job.completion.complete(result);
     }
 }
@@ -369,16 +423,25 @@ fn run_job(
     session: &mut Session,
     inputs: &[InputTensor],
     wanted: &[String],
+    placement: &Placement,
 ) -> Result<Vec<OutputTensor>, RuntimeError> {
     let run_err = |e: &dyn std::fmt::Display| RuntimeError::Run(e.to_string());
     let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
     for t in inputs {
-        let tensor = raw::tensor_from_bytes(element_type_of(t.dtype), &t.shape, &t.bytes)
-            .map_err(|e| run_err(&e))?;
-        values.push((Cow::Borrowed(t.name.as_str()), tensor.into()));
+        let ty = element_type_of(t.dtype);
+        let value: SessionInputValue<'_> = match &t.data {
+            InputData::Inline(bytes) => raw::tensor_from_bytes(ty, &t.shape, bytes)
+                .map_err(|e| run_err(&e))?
+                .into(),
+            InputData::Shared { map, offset, len } => {
+                raw::tensor_over_mapping(map, *offset, *len, ty, &t.shape)
+                    .map_err(|e| run_err(&e))?
+            }
+        };
+        values.push((Cow::Borrowed(t.name.as_str()), value));
     }
     let outputs = session.run(values).map_err(|e| run_err(&e))?;
-    let mut result = Vec::with_capacity(wanted.len());
+    let mut views = Vec::with_capacity(wanted.len());
     for name in wanted {
         let value = outputs
             .get(name.as_str())
@@ -390,21 +453,80 @@ fn run_job(
         let ty = *tensor.data_type();
         let dtype = dtype_of(ty)
             .ok_or_else(|| RuntimeError::Run(format!("output '{name}' has type {ty:?}")))?;
-        let shape = tensor.shape().iter().map(|&d| d.max(0) as u64).collect();
-        let bytes = raw::tensor_bytes(&tensor)
-            .map_err(|e| run_err(&e))?
-            .to_vec();
+        let shape: Vec<u64> = tensor.shape().iter().map(|&d| d.max(0) as u64).collect();
+        views.push((name, dtype, shape, tensor));
+    }
+    let mut bytes = Vec::with_capacity(views.len());
+    for (_, _, _, tensor) in &views {
+        bytes.push(raw::tensor_bytes(tensor).map_err(|e| run_err(&e))?);
+    }
+    let offsets = place(placement, wanted, &bytes)?;
+    let mut result = Vec::with_capacity(views.len());
+    for (((name, dtype, shape, _), data), offset) in views.iter().zip(&bytes).zip(offsets) {
+        let data = match (offset, &placement.arena) {
+            (Some(offset), Some(map)) => {
+                map.copy_in(offset, data)
+                    .map_err(|e| RuntimeError::Run(e.to_string()))?;
+                OutputData::Arena {
+                    offset,
+                    len: data.len() as u64,
+                }
+            }
+            _ => OutputData::Inline(data.to_vec()),
+        };
         result.push(OutputTensor {
-            name: name.clone(),
-            dtype,
-            shape,
-            bytes,
+            name: (*name).clone(),
+            dtype: *dtype,
+            shape: shape.clone(),
+            data,
         });
     }
     Ok(result)
 }
 
-/// Convenience for tests and warmup: a tensor as `DynTensor`.
-pub fn dyn_tensor(t: &InputTensor) -> Result<DynTensor, String> {
-    raw::tensor_from_bytes(element_type_of(t.dtype), &t.shape, &t.bytes)
+/// Decides where each output goes (`None` = inline) and checks, before anything is written,
+/// that every region is large enough: no partial writes.
+fn place(
+    placement: &Placement,
+    wanted: &[String],
+    bytes: &[&[u8]],
+) -> Result<Vec<Option<u64>>, RuntimeError> {
+    let mut offsets = Vec::with_capacity(bytes.len());
+    let (area_start, area_len) = placement.area.unwrap_or((0, 0));
+    let mut cursor = area_start;
+    for (i, data) in bytes.iter().enumerate() {
+        let n = data.len() as u64;
+        match placement
+            .targets
+            .get(i)
+            .copied()
+            .unwrap_or(OutputTarget::Inline)
+        {
+            OutputTarget::Inline => offsets.push(None),
+            OutputTarget::Region { offset, len } => {
+                if n > len {
+                    return Err(RuntimeError::OutputTooSmall {
+                        target: format!("the region for output '{}'", wanted[i]),
+                        needed: n,
+                        available: len,
+                    });
+                }
+                offsets.push(Some(offset));
+            }
+            OutputTarget::Area => {
+                let start = cursor.next_multiple_of(rxd_protocol::OUTPUT_ALIGN);
+                cursor = start.saturating_add(n);
+                offsets.push(Some(start));
+            }
+        }
+    }
+    let needed = cursor - area_start;
+    if needed > area_len {
+        return Err(RuntimeError::OutputTooSmall {
+            target: "the output area".into(),
+            needed,
+            available: area_len,
+        });
+    }
+    Ok(offsets)
 }

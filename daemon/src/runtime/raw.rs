@@ -1,11 +1,82 @@
-//! The daemon's only unsafe code: copying bytes into and out of ORT tensor buffers.
+//! The daemon's unsafe code around ONNX Runtime: copying bytes into and out of ORT tensor
+//! buffers, and building input tensors directly over a client's shared-memory arena.
+//! (Shared memory itself — mapping, fd passing — is in the `rxd-shm` crate.)
 //!
-//! Invariant: a buffer is touched only after checking that it is CPU-accessible and that its
-//! byte size, as ORT reports it, equals the slice's length.
+//! Invariants: a buffer is touched only after checking that it is CPU-accessible and that its
+//! byte size, as ORT reports it, equals the slice's length; a tensor over the arena is built
+//! only after the range check in `Mapping::ptr`, a length check against dtype × shape and an
+//! alignment check, and never outlives the borrow of the mapping.
 #![allow(unsafe_code)]
 
-use ort::memory::Allocator;
-use ort::value::{DynTensor, DynTensorRef, TensorElementType};
+use ort::memory::{Allocator, MemoryInfo};
+use ort::session::SessionInputValue;
+use ort::value::{DynTensor, DynTensorRef, Shape, TensorElementType, TensorRefMut};
+use rxd_shm::Mapping;
+
+fn dims_of(shape: &[u64]) -> Result<Vec<i64>, String> {
+    shape
+        .iter()
+        .map(|&d| i64::try_from(d).map_err(|_| format!("dimension {d} too large")))
+        .collect()
+}
+
+/// An input tensor over `len` bytes of the arena at `offset`, without copying, for the plain
+/// numeric types; other types (bool, which must be normalised to 0/1, and the packed and 8-bit
+/// float types) are copied out first.
+pub fn tensor_over_mapping<'a>(
+    map: &'a Mapping,
+    offset: u64,
+    len: u64,
+    ty: TensorElementType,
+    shape: &[u64],
+) -> Result<SessionInputValue<'a>, String> {
+    let dims = dims_of(shape)?;
+    let elements: u64 = shape
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d))
+        .ok_or("shape overflows")?;
+    macro_rules! zero_copy {
+        ($t:ty) => {{
+            let size = std::mem::size_of::<$t>() as u64;
+            if elements.checked_mul(size) != Some(len) {
+                return Err(format!("{len} bytes for {elements} elements of {ty:?}"));
+            }
+            let ptr = map.ptr(offset, len).map_err(|e| e.to_string())?;
+            if (ptr as usize) % std::mem::align_of::<$t>() != 0 {
+                return Err(format!("offset {offset} is not aligned for {ty:?}"));
+            }
+            // SAFETY: `ptr..ptr+len` lies inside the mapping (`Mapping::ptr` checked it), `len`
+            // equals elements × size_of::<T>() and `ptr` is aligned for T (both checked above);
+            // the tensor borrows `map` for 'a, so the memory stays mapped while ORT uses it.
+            // ORT only reads inputs; the peer may change the bytes concurrently, which can only
+            // change the numbers computed (every bit pattern is a valid value of these types).
+            let t = unsafe {
+                TensorRefMut::<$t>::from_raw(MemoryInfo::default(), ptr.cast(), Shape::from(dims))
+            }
+            .map_err(|e| e.to_string())?;
+            Ok(t.into())
+        }};
+    }
+    use TensorElementType as T;
+    match ty {
+        T::Float32 => zero_copy!(f32),
+        T::Float64 => zero_copy!(f64),
+        T::Int8 => zero_copy!(i8),
+        T::Uint8 => zero_copy!(u8),
+        T::Int16 => zero_copy!(i16),
+        T::Uint16 => zero_copy!(u16),
+        T::Int32 => zero_copy!(i32),
+        T::Uint32 => zero_copy!(u32),
+        T::Int64 => zero_copy!(i64),
+        T::Uint64 => zero_copy!(u64),
+        _ => {
+            let n = usize::try_from(len).map_err(|_| "input too large")?;
+            let mut buf = vec![0u8; n];
+            map.copy_out(offset, &mut buf).map_err(|e| e.to_string())?;
+            Ok(tensor_from_bytes(ty, shape, &buf)?.into())
+        }
+    }
+}
 
 /// Creates a CPU tensor of `ty` and `shape` holding a copy of `bytes`.
 pub fn tensor_from_bytes(
@@ -13,10 +84,7 @@ pub fn tensor_from_bytes(
     shape: &[u64],
     bytes: &[u8],
 ) -> Result<DynTensor, String> {
-    let dims: Vec<i64> = shape
-        .iter()
-        .map(|&d| i64::try_from(d).map_err(|_| format!("dimension {d} too large")))
-        .collect::<Result<_, _>>()?;
+    let dims = dims_of(shape)?;
     let mut tensor = DynTensor::new(&Allocator::default(), ty, dims).map_err(|e| e.to_string())?;
     if !tensor.memory_info().is_cpu_accessible() {
         return Err("tensor memory is not CPU-accessible".into());
@@ -34,6 +102,14 @@ pub fn tensor_from_bytes(
         // `size` bytes long (checked equal to `bytes.len()` above); a fresh ORT allocation
         // cannot overlap `bytes`.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, size) };
+        if ty == TensorElementType::Bool {
+            // SAFETY: same buffer as above, exclusively ours; normalise to 0/1 so that ORT
+            // never reads an invalid bool.
+            let b = unsafe { std::slice::from_raw_parts_mut(dst, size) };
+            for x in b {
+                *x = u8::from(*x != 0);
+            }
+        }
     }
     Ok(tensor)
 }

@@ -1,0 +1,350 @@
+//! Shared memory for rxd: sealed memfd arenas, their mappings, and passing an fd over a Unix
+//! socket. This crate holds the project's shared-memory unsafe code (the daemon's only other
+//! unsafe code copies bytes into and out of ONNX Runtime tensors); daemon and client use its
+//! safe API.
+//!
+//! Invariants:
+//! - A [`Mapping`] stays mapped for its whole life and is unmapped exactly once, on drop. Its
+//!   memory may be written by the other process at any time: this crate never hands out a
+//!   Rust reference to mapped memory except through [`Region`], which stands for a byte range
+//!   that the protocol gives to this side alone.
+//! - Every offset and length is checked with overflow-safe arithmetic before a pointer is
+//!   formed ([`Mapping::range`]).
+//! - An arena's memfd is sealed against shrinking and growing before its fd leaves the
+//!   creating process, so the peer cannot truncate it under our mapping (no SIGBUS).
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+use nix::sys::memfd::{MFdFlags, memfd_create};
+use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+
+/// Seals every arena carries: size fixed, seals fixed.
+pub const ARENA_SEALS: i32 = libc_seal(SealFlag::F_SEAL_SHRINK)
+    | libc_seal(SealFlag::F_SEAL_GROW)
+    | libc_seal(SealFlag::F_SEAL_SEAL);
+
+const fn libc_seal(f: SealFlag) -> i32 {
+    f.bits()
+}
+
+/// A range that does not lie inside the mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RangeError {
+    pub offset: u64,
+    pub len: u64,
+    pub size: u64,
+}
+
+impl std::fmt::Display for RangeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "bytes {}..{}+{} are outside the {}-byte arena",
+            self.offset, self.offset, self.len, self.size
+        )
+    }
+}
+
+impl std::error::Error for RangeError {}
+
+/// Creates a memfd of `size` bytes and seals it (`F_SEAL_SHRINK|F_SEAL_GROW|F_SEAL_SEAL`).
+pub fn create_sealed(name: &str, size: usize) -> io::Result<OwnedFd> {
+    let fd = memfd_create(name, MFdFlags::MFD_ALLOW_SEALING | MFdFlags::MFD_CLOEXEC)?;
+    let len = i64::try_from(size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    nix::unistd::ftruncate(&fd, len)?;
+    fcntl(
+        &fd,
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
+        ),
+    )?;
+    Ok(fd)
+}
+
+/// The seals on an fd (`F_GET_SEALS`).
+pub fn seals(fd: BorrowedFd<'_>) -> io::Result<i32> {
+    Ok(fcntl(fd, FcntlArg::F_GET_SEALS)?)
+}
+
+/// The size of the file behind an fd.
+pub fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    Ok(nix::sys::stat::fstat(fd)?.st_size as u64)
+}
+
+/// A shared, read-write mapping of a whole file.
+pub struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; the raw pointer is only turned into
+// references through `Region` (exclusive by construction) and otherwise used for bounded
+// copies, which are sound from any thread.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; `&Mapping` only allows bounded copies and pointer arithmetic.
+unsafe impl Sync for Mapping {}
+
+impl std::fmt::Debug for Mapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Mapping({} bytes)", self.len)
+    }
+}
+
+impl Mapping {
+    /// Maps `fd` shared read-write. `len` must equal the file's size (checked: a mapping past
+    /// the end of a file faults on access). Pages are populated up front, so the first request
+    /// does not pay for page faults.
+    pub fn map(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
+        let size = file_size(fd)?;
+        if size != len as u64 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("file is {size} bytes, mapping {len} asked"),
+            ));
+        }
+        let nz = std::num::NonZeroUsize::new(len)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"))?;
+        // SAFETY: a fresh mapping at an address the kernel picks; it aliases no Rust object.
+        // `len` equals the file size (checked above) and for arenas the size is sealed, so no
+        // access inside the mapping can fault.
+        let ptr = unsafe {
+            mmap(
+                None,
+                nz,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED | MapFlags::MAP_POPULATE,
+                fd,
+                0,
+            )?
+        };
+        Ok(Mapping {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Checks that `len` bytes from `offset` lie inside the mapping; returns the offset.
+    pub fn range(&self, offset: u64, len: u64) -> Result<usize, RangeError> {
+        let err = RangeError {
+            offset,
+            len,
+            size: self.len as u64,
+        };
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len as u64 => Ok(offset as usize),
+            _ => Err(err),
+        }
+    }
+
+    /// A raw pointer to `offset` for handing to C code (ONNX Runtime), after the range check.
+    /// The memory may change under the reader at any time; callers must treat it as untrusted
+    /// bytes and never form Rust references to it.
+    pub fn ptr(&self, offset: u64, len: u64) -> Result<*mut u8, RangeError> {
+        let off = self.range(offset, len)?;
+        // SAFETY: `off + len <= self.len` (checked by `range`), so the result stays inside the
+        // mapping.
+        Ok(unsafe { self.ptr.as_ptr().add(off) })
+    }
+
+    /// Copies `src` into the mapping at `offset`.
+    pub fn copy_in(&self, offset: u64, src: &[u8]) -> Result<(), RangeError> {
+        let dst = self.ptr(offset, src.len() as u64)?;
+        // SAFETY: `dst..dst+src.len()` lies inside the mapping (checked by `ptr`); `src` is a
+        // Rust slice, which cannot overlap shared memory we never hand out as a reference.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
+        Ok(())
+    }
+
+    /// Copies bytes out of the mapping at `offset` into `dst`.
+    pub fn copy_out(&self, offset: u64, dst: &mut [u8]) -> Result<(), RangeError> {
+        let src = self.ptr(offset, dst.len() as u64)?;
+        // SAFETY: `src..src+dst.len()` lies inside the mapping (checked by `ptr`); `dst` is an
+        // exclusive Rust slice outside it.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly what mmap returned and are unmapped only here, once.
+        if let Err(e) = unsafe { munmap(self.ptr.cast(), self.len) } {
+            // Nothing sensible to do; the address space leaks.
+            eprintln!("rxd-shm: munmap failed: {e}");
+        }
+    }
+}
+
+/// A byte range of a mapping that the protocol gives to this side alone (for a client: a
+/// buffer it allocated and has not handed to the daemon for writing). The only way to get
+/// Rust references into shared memory.
+#[derive(Debug)]
+pub struct Region {
+    map: Arc<Mapping>,
+    offset: usize,
+    len: usize,
+}
+
+impl Region {
+    /// Claims `len` bytes at `offset`. The caller's allocator guarantees that no other
+    /// `Region` covers them.
+    pub fn new(map: Arc<Mapping>, offset: u64, len: u64) -> Result<Region, RangeError> {
+        let offset = map.range(offset, len)?;
+        Ok(Region {
+            map,
+            offset,
+            len: len as usize,
+        })
+    }
+
+    pub fn offset(&self) -> u64 {
+        self.offset as u64
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn mapping(&self) -> &Arc<Mapping> {
+        &self.map
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: the range is inside the mapping (checked in `new`), the mapping outlives
+        // `self` (we hold an Arc), and by the protocol nobody writes this range while this
+        // side owns it (the daemon writes only output regions a request named, and only
+        // before answering that request).
+        unsafe { std::slice::from_raw_parts(self.map.ptr.as_ptr().add(self.offset), self.len) }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`; `&mut self` makes this the only reference in this process.
+        unsafe { std::slice::from_raw_parts_mut(self.map.ptr.as_ptr().add(self.offset), self.len) }
+    }
+}
+
+/// Sends `bytes` with `fd` attached (SCM_RIGHTS) in one `sendmsg`. Returns bytes sent; the
+/// caller sends the rest (if any) with plain writes. Works on non-blocking sockets
+/// (`WouldBlock` is returned as an error).
+pub fn send_with_fd(sock: RawFd, bytes: &[u8], fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let fds = [fd.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let iov = [io::IoSlice::new(bytes)];
+    Ok(sendmsg::<()>(
+        sock,
+        &iov,
+        &cmsg,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?)
+}
+
+/// Receives into `buf` with `recvmsg`, taking at most one passed fd (extra fds are closed).
+/// Returns the bytes read and the fd, if one came.
+pub fn recv_with_fd(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            for r in raw {
+                // SAFETY: the kernel just installed `r` in our fd table for this message
+                // (SCM_RIGHTS); nothing else owns it, so wrapping it transfers ownership once.
+                fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+            }
+        }
+    }
+    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+    let n = msg.bytes;
+    if truncated {
+        return Err(io::Error::other("ancillary data truncated"));
+    }
+    let first = if fds.is_empty() {
+        None
+    } else {
+        Some(fds.swap_remove(0))
+    };
+    Ok((n, first))
+}
+
+/// Convenience for fd-generic callers.
+pub fn raw(fd: &impl AsFd) -> RawFd {
+    fd.as_fd().as_raw_fd()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_arena_cannot_change_size() {
+        let fd = create_sealed("rxd-test", 8192).unwrap();
+        assert_eq!(seals(fd.as_fd()).unwrap() & ARENA_SEALS, ARENA_SEALS);
+        let err = nix::unistd::ftruncate(&fd, 0).unwrap_err();
+        assert_eq!(err, nix::errno::Errno::EPERM);
+        let err = nix::unistd::ftruncate(&fd, 1 << 20).unwrap_err();
+        assert_eq!(err, nix::errno::Errno::EPERM);
+        assert_eq!(file_size(fd.as_fd()).unwrap(), 8192);
+    }
+
+    #[test]
+    fn two_mappings_share_bytes_and_ranges_are_checked() {
+        let fd = create_sealed("rxd-test", 4096).unwrap();
+        let a = Arc::new(Mapping::map(fd.as_fd(), 4096).unwrap());
+        let b = Mapping::map(fd.as_fd(), 4096).unwrap();
+        a.copy_in(100, b"hello").unwrap();
+        let mut out = [0u8; 5];
+        b.copy_out(100, &mut out).unwrap();
+        assert_eq!(&out, b"hello");
+        assert!(a.range(4096, 0).is_ok());
+        assert!(a.range(4092, 4).is_ok());
+        assert!(a.range(4093, 4).is_err(), "one byte past the end");
+        assert!(a.range(u64::MAX, 2).is_err(), "overflow");
+        assert!(
+            Mapping::map(fd.as_fd(), 8192).is_err(),
+            "longer than the file"
+        );
+        let mut r = Region::new(a.clone(), 0, 8).unwrap();
+        r.as_mut_slice().copy_from_slice(&[1; 8]);
+        let mut out = [0u8; 8];
+        b.copy_out(0, &mut out).unwrap();
+        assert_eq!(out, [1; 8]);
+    }
+
+    #[test]
+    fn fd_passes_over_a_socket_pair() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let fd = create_sealed("rxd-test", 4096).unwrap();
+        let sent = send_with_fd(raw(&a), b"xyz", fd.as_fd()).unwrap();
+        assert_eq!(sent, 3);
+        let mut buf = [0u8; 16];
+        let (n, got) = recv_with_fd(raw(&b), &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"xyz");
+        let got = got.expect("an fd came");
+        assert_eq!(file_size(got.as_fd()).unwrap(), 4096);
+        // Plain data afterwards carries no fd.
+        std::io::Write::write_all(&mut &a, b"more").unwrap();
+        let (n, none) = recv_with_fd(raw(&b), &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"more");
+        assert!(none.is_none());
+    }
+}
