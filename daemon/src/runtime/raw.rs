@@ -42,7 +42,7 @@ pub fn tensor_over_mapping<'a>(
                 return Err(format!("{len} bytes for {elements} elements of {ty:?}"));
             }
             let ptr = map.ptr(offset, len).map_err(|e| e.to_string())?;
-            if (ptr as usize) % std::mem::align_of::<$t>() != 0 {
+            if !(ptr as usize).is_multiple_of(std::mem::align_of::<$t>()) {
                 return Err(format!("offset {offset} is not aligned for {ty:?}"));
             }
             // SAFETY: `ptr..ptr+len` lies inside the mapping (`Mapping::ptr` checked it), `len`
