@@ -358,6 +358,11 @@ pub struct Reference {
     session: ort::session::Session,
 }
 
+/// The ORT environment of the test process (loads the library once).
+pub fn reference_env() -> &'static ort::environment::Environment {
+    env()
+}
+
 fn env() -> &'static ort::environment::Environment {
     static ENV: OnceLock<ort::environment::Environment> = OnceLock::new();
     ENV.get_or_init(|| {
