@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod peer;
 pub mod registry;
 pub mod runtime;
+pub mod scheduler;
 pub mod shutdown;
 pub mod validate;
 

@@ -1,0 +1,384 @@
+//! The batching policy of one model version, as a state machine without IO: events go in with
+//! the current time, actions come out. The driver (`scheduler::mod`) carries them out. Tested
+//! with plain unit and property tests and a fake clock.
+//!
+//! Policy, in order, every time something happens:
+//! 1. Requests whose deadline has passed are expired (answered `deadline_exceeded`, never run).
+//! 2. While a worker is free and requests wait: the head is the waiting request with the
+//!    highest *effective* priority (its priority plus one level per `aging` waited — so a
+//!    low-priority request waits at most `aging × (levels between)` behind a stream of higher
+//!    ones), oldest first on ties. The batch is the head plus other requests with the same
+//!    shape key, best first, while the rows fit `max_batch_rows` (a request with more rows
+//!    than that runs alone).
+//! 3. Run now, or wait for the batch to fill: run if the model is not batchable, the batch
+//!    has reached its target rows, or the head has waited its allowed wait; else wake up when
+//!    the wait ends. Static mode: target = `max_batch_rows`, wait = `max_queue_delay`.
+//!    Adaptive mode (a latency target T is set): from the measured compute time per batch size
+//!    (a linear model `c(b) = a + k·b` fitted to recent batches) and the measured arrival
+//!    rate, the target is the largest batch with `c(b) ≤ T/2`, and the head waits only while
+//!    the expected arrivals can still fill the batch within `T − c(target)` of its arrival.
+//!    Waiting never pushes a request past its deadline.
+//! 4. A full queue refuses new requests at once (`busy`).
+//!
+//! Invariants (property-tested): every request is answered exactly once (run, rejected or
+//! expired); no batch exceeds `max_batch_rows` unless it is a single request; no request runs
+//! after its deadline; every batch shares one shape key; the head of every batch has the
+//! highest effective priority among those waiting.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+/// Identifies a request inside one scheduler.
+pub type ReqId = u64;
+
+/// Per-model batching settings (model.toml; changeable at run time later).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Largest batch in rows (1 = no batching).
+    pub max_batch_rows: u32,
+    /// Static mode: how long the head may wait for the batch to fill.
+    pub max_queue_delay: Duration,
+    /// Adaptive mode when set: the latency (queue + compute) to keep.
+    pub latency_target: Option<Duration>,
+    /// Requests that may wait; more are refused with `busy`.
+    pub queue_capacity: usize,
+    /// One priority level gained per this much waiting.
+    pub aging: Duration,
+    /// Whether requests may be concatenated along dimension 0.
+    pub batchable: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            max_batch_rows: 32,
+            max_queue_delay: Duration::ZERO,
+            latency_target: None,
+            queue_capacity: 1024,
+            aging: Duration::from_millis(100),
+            batchable: true,
+        }
+    }
+}
+
+/// A waiting request as the policy sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item {
+    pub id: ReqId,
+    pub rows: u32,
+    /// Requests batch together only with equal keys (same dtypes and dims after the first).
+    pub key: u64,
+    pub priority: u8,
+    pub arrived: Instant,
+    pub deadline: Option<Instant>,
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Run these requests as one batch on a free worker (head first).
+    Run(Vec<ReqId>),
+    /// The queue is full: answer `busy`.
+    Reject(ReqId),
+    /// The deadline passed before it could run: answer `deadline_exceeded`.
+    Expire(ReqId),
+    /// Call [`Batcher::tick`] at this time (replaces any earlier wake-up).
+    Wake(Instant),
+}
+
+/// Measured compute time per batch size: a linear fit over recent batches.
+#[derive(Debug, Clone, Default)]
+pub struct CostModel {
+    /// (rows, seconds) of recent batches.
+    samples: VecDeque<(f64, f64)>,
+}
+
+impl CostModel {
+    const KEEP: usize = 64;
+
+    pub fn record(&mut self, rows: u32, compute: Duration) {
+        if self.samples.len() == Self::KEEP {
+            self.samples.pop_front();
+        }
+        self.samples
+            .push_back((f64::from(rows), compute.as_secs_f64()));
+    }
+
+    /// Predicted compute time of a batch of `rows` (`None` before any sample).
+    pub fn predict(&self, rows: u32) -> Option<Duration> {
+        let n = self.samples.len() as f64;
+        if n == 0.0 {
+            return None;
+        }
+        let (sx, sy) = self
+            .samples
+            .iter()
+            .fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y));
+        let (mx, my) = (sx / n, sy / n);
+        let (sxx, sxy) = self.samples.iter().fold((0.0, 0.0), |(a, b), &(x, y)| {
+            (a + (x - mx) * (x - mx), b + (x - mx) * (y - my))
+        });
+        let secs = if sxx < 1e-9 {
+            // One batch size seen so far: assume no batching gain (cost proportional to rows).
+            my * f64::from(rows) / mx.max(1.0)
+        } else {
+            let k = (sxy / sxx).max(0.0);
+            let a = (my - k * mx).max(0.0);
+            a + k * f64::from(rows)
+        };
+        Some(Duration::from_secs_f64(secs.max(0.0)))
+    }
+}
+
+/// Arrival rate in rows per second, smoothed.
+#[derive(Debug, Clone, Default)]
+struct RateEstimator {
+    last: Option<Instant>,
+    /// Smoothed seconds per row.
+    gap: Option<f64>,
+}
+
+impl RateEstimator {
+    fn observe(&mut self, rows: u32, now: Instant) {
+        if let Some(last) = self.last {
+            let g = now.saturating_duration_since(last).as_secs_f64() / f64::from(rows.max(1));
+            self.gap = Some(match self.gap {
+                Some(old) => 0.8 * old + 0.2 * g,
+                None => g,
+            });
+        }
+        self.last = Some(now);
+    }
+
+    /// Expected time for `rows` more rows to arrive.
+    fn time_for(&self, rows: u32) -> Option<Duration> {
+        self.gap
+            .map(|g| Duration::from_secs_f64((g * f64::from(rows)).min(3600.0)))
+    }
+}
+
+/// The policy state of one model version.
+#[derive(Debug)]
+pub struct Batcher {
+    settings: Settings,
+    queue: Vec<Item>,
+    free_workers: usize,
+    cost: CostModel,
+    rate: RateEstimator,
+    wake: Option<Instant>,
+}
+
+impl Batcher {
+    pub fn new(settings: Settings, workers: usize) -> Batcher {
+        Batcher {
+            settings,
+            queue: Vec::new(),
+            free_workers: workers,
+            cost: CostModel::default(),
+            rate: RateEstimator::default(),
+            wake: None,
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Changes the settings (runtime control); takes effect at the next decision.
+    pub fn set_settings(&mut self, settings: Settings, now: Instant) -> Vec<Action> {
+        self.settings = settings;
+        self.schedule(now)
+    }
+
+    /// Requests waiting.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn free_workers(&self) -> usize {
+        self.free_workers
+    }
+
+    /// The cost model, for status reports.
+    pub fn cost(&self) -> &CostModel {
+        &self.cost
+    }
+
+    /// A request arrives.
+    pub fn arrive(&mut self, item: Item, now: Instant) -> Vec<Action> {
+        self.rate.observe(item.rows, now);
+        if self.queue.len() >= self.settings.queue_capacity {
+            let mut actions = vec![Action::Reject(item.id)];
+            actions.extend(self.schedule(now));
+            return actions;
+        }
+        self.queue.push(item);
+        self.schedule(now)
+    }
+
+    /// A batch of `rows` finished after `compute`; its worker is free again.
+    pub fn batch_done(&mut self, rows: u32, compute: Duration, now: Instant) -> Vec<Action> {
+        self.cost.record(rows, compute);
+        self.free_workers += 1;
+        self.schedule(now)
+    }
+
+    /// Adds (or, negative, removes) workers — scaling instances at run time.
+    pub fn add_workers(&mut self, n: usize, now: Instant) -> Vec<Action> {
+        self.free_workers += n;
+        self.schedule(now)
+    }
+
+    /// A wake-up asked for earlier has come.
+    pub fn tick(&mut self, now: Instant) -> Vec<Action> {
+        self.wake = None;
+        self.schedule(now)
+    }
+
+    fn effective_priority(&self, item: &Item, now: Instant) -> u64 {
+        let waited = now.saturating_duration_since(item.arrived);
+        let aging = self.settings.aging.as_nanos().max(1);
+        u64::from(item.priority) + (waited.as_nanos() / aging) as u64
+    }
+
+    /// Index of the head: highest effective priority, then earliest arrival.
+    fn head(&self, now: Instant) -> Option<usize> {
+        (0..self.queue.len()).max_by(|&a, &b| {
+            let (x, y) = (&self.queue[a], &self.queue[b]);
+            self.effective_priority(x, now)
+                .cmp(&self.effective_priority(y, now))
+                .then(y.arrived.cmp(&x.arrived))
+                .then(y.id.cmp(&x.id))
+        })
+    }
+
+    /// Target rows and allowed wait of the head, by mode.
+    fn plan(&self, head: &Item, rows_now: u32, now: Instant) -> (u32, Instant) {
+        let s = &self.settings;
+        let max = s.max_batch_rows.max(1);
+        let (target, wait) = match s.latency_target {
+            None => (max, s.max_queue_delay),
+            Some(t) => {
+                // Largest batch whose compute fits half the target.
+                let target = match self.cost.predict(1) {
+                    None => max,
+                    Some(_) => {
+                        let mut b = 1;
+                        while b < max && self.cost.predict(b + 1).is_some_and(|c| c <= t / 2) {
+                            b += 1;
+                        }
+                        b
+                    }
+                };
+                let compute = self.cost.predict(target).unwrap_or_default();
+                let budget = t.saturating_sub(compute);
+                // Wait only if the missing rows are expected within the budget.
+                let missing = target.saturating_sub(rows_now);
+                let wait = match self.rate.time_for(missing) {
+                    Some(fill) if fill <= budget => fill.min(budget),
+                    _ => Duration::ZERO,
+                };
+                (target, wait)
+            }
+        };
+        let mut until = head.arrived + wait;
+        // Never wait past a deadline of the batch-to-be (minus its expected compute).
+        if let Some(d) = head.deadline {
+            let c = self.cost.predict(rows_now.max(1)).unwrap_or_default();
+            until = until.min(d.checked_sub(c).unwrap_or(now));
+        }
+        (target.max(1), until)
+    }
+
+    fn schedule(&mut self, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        // 1. Expire.
+        self.queue.retain(|i| {
+            let expired = i.deadline.is_some_and(|d| d <= now);
+            if expired {
+                actions.push(Action::Expire(i.id));
+            }
+            !expired
+        });
+        // 2–3. Fill free workers.
+        let mut wake: Option<Instant> = None;
+        while self.free_workers > 0 {
+            let Some(h) = self.head(now) else { break };
+            let head = self.queue[h].clone();
+            let max = self.settings.max_batch_rows.max(1);
+            let mut batch = self.collect(&head, now, max);
+            let rows: u32 = batch.iter().map(|&i| self.queue[i].rows).sum();
+            let run_now = if !self.settings.batchable || max <= 1 {
+                true
+            } else {
+                let (target, until) = self.plan(&head, rows, now);
+                if rows > target {
+                    batch = self.collect(&head, now, target);
+                }
+                if rows >= target || now >= until {
+                    true
+                } else {
+                    wake = Some(until);
+                    false
+                }
+            };
+            if !run_now {
+                break;
+            }
+            let ids: Vec<ReqId> = batch.iter().map(|&i| self.queue[i].id).collect();
+            self.queue.retain(|it| !ids.contains(&it.id));
+            self.free_workers -= 1;
+            actions.push(Action::Run(ids));
+        }
+        // Deadlines of waiting requests also need a wake-up.
+        let next_deadline = self.queue.iter().filter_map(|i| i.deadline).min();
+        let next = match (wake, next_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(t) = next
+            && self.wake != Some(t)
+        {
+            self.wake = Some(t);
+            actions.push(Action::Wake(t));
+        }
+        actions
+    }
+
+    /// Indices of the batch for `head`: head first, then compatible requests best first,
+    /// while rows fit `limit`.
+    fn collect(&self, head: &Item, now: Instant, limit: u32) -> Vec<usize> {
+        let head_idx = self
+            .queue
+            .iter()
+            .position(|i| i.id == head.id)
+            .expect("head is queued");
+        let mut batch = vec![head_idx];
+        let max = limit.max(1);
+        if !self.settings.batchable || head.rows >= max {
+            return batch;
+        }
+        let mut rest: Vec<usize> = (0..self.queue.len())
+            .filter(|&i| i != head_idx && self.queue[i].key == head.key)
+            .collect();
+        rest.sort_by(|&a, &b| {
+            let (x, y) = (&self.queue[a], &self.queue[b]);
+            self.effective_priority(y, now)
+                .cmp(&self.effective_priority(x, now))
+                .then(x.arrived.cmp(&y.arrived))
+                .then(x.id.cmp(&y.id))
+        });
+        let mut rows = head.rows;
+        for i in rest {
+            let r = self.queue[i].rows;
+            if rows + r <= max {
+                rows += r;
+                batch.push(i);
+            }
+        }
+        batch
+    }
+}
+
+#[cfg(test)]
+mod tests;

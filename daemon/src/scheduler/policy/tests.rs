@@ -1,0 +1,374 @@
+use std::collections::{HashMap, HashSet};
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn item(id: ReqId, rows: u32, key: u64, priority: u8, arrived: Instant) -> Item {
+    Item {
+        id,
+        rows,
+        key,
+        priority,
+        arrived,
+        deadline: None,
+    }
+}
+
+fn runs(actions: &[Action]) -> Vec<Vec<ReqId>> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Run(ids) => Some(ids.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn work_conserving_batches_form_while_the_worker_is_busy() {
+    let t0 = Instant::now();
+    let mut b = Batcher::new(
+        Settings {
+            max_batch_rows: 8,
+            ..Settings::default()
+        },
+        1,
+    );
+    // Idle worker, no delay: the first request runs at once, alone.
+    assert_eq!(runs(&b.arrive(item(1, 1, 0, 0, t0), t0)), vec![vec![1]]);
+    // While it runs, more arrive and wait.
+    for id in 2..=5 {
+        assert!(runs(&b.arrive(item(id, 1, 0, 0, t0), t0)).is_empty());
+    }
+    assert_eq!(b.queued(), 4);
+    // The worker frees up: everything waiting runs as one batch, oldest first.
+    assert_eq!(
+        runs(&b.batch_done(1, ms(5), t0 + ms(5))),
+        vec![vec![2, 3, 4, 5]]
+    );
+}
+
+#[test]
+fn rows_limit_batches_and_big_requests_run_alone() {
+    let t0 = Instant::now();
+    let mut b = Batcher::new(
+        Settings {
+            max_batch_rows: 4,
+            ..Settings::default()
+        },
+        0,
+    );
+    for (id, rows) in [(1, 3), (2, 2), (3, 1), (4, 6)] {
+        b.arrive(item(id, rows, 0, 0, t0), t0);
+    }
+    // One worker at a time: [1 (3 rows), 3 (1 row)] fits 4; then [2]; then [4] alone (6 > 4).
+    assert_eq!(runs(&b.add_workers(1, t0)), vec![vec![1, 3]]);
+    assert_eq!(runs(&b.batch_done(4, ms(1), t0)), vec![vec![2]]);
+    assert_eq!(runs(&b.batch_done(2, ms(1), t0)), vec![vec![4]]);
+}
+
+#[test]
+fn static_delay_waits_for_the_batch_then_runs_on_the_tick() {
+    let t0 = Instant::now();
+    let s = Settings {
+        max_batch_rows: 3,
+        max_queue_delay: ms(5),
+        ..Settings::default()
+    };
+    let mut b = Batcher::new(s, 1);
+    let a = b.arrive(item(1, 1, 0, 0, t0), t0);
+    assert!(runs(&a).is_empty());
+    assert!(a.contains(&Action::Wake(t0 + ms(5))));
+    assert!(runs(&b.arrive(item(2, 1, 0, 0, t0 + ms(1)), t0 + ms(1))).is_empty());
+    assert_eq!(runs(&b.tick(t0 + ms(5))), vec![vec![1, 2]]);
+    // Reaching the target rows runs at once, without waiting.
+    b.batch_done(2, ms(1), t0 + ms(6));
+    b.arrive(item(3, 1, 0, 0, t0 + ms(6)), t0 + ms(6));
+    b.arrive(item(4, 1, 0, 0, t0 + ms(6)), t0 + ms(6));
+    assert_eq!(
+        runs(&b.arrive(item(5, 1, 0, 0, t0 + ms(6)), t0 + ms(6))),
+        vec![vec![3, 4, 5]]
+    );
+}
+
+#[test]
+fn incompatible_shapes_never_share_a_batch() {
+    let t0 = Instant::now();
+    let mut b = Batcher::new(Settings::default(), 0);
+    for id in 1..=4 {
+        b.arrive(item(id, 1, id % 2, 0, t0), t0);
+    }
+    let r = runs(&b.add_workers(2, t0));
+    assert_eq!(r, vec![vec![1, 3], vec![2, 4]]);
+}
+
+#[test]
+fn a_full_queue_refuses_at_once() {
+    let t0 = Instant::now();
+    let mut b = Batcher::new(
+        Settings {
+            queue_capacity: 2,
+            ..Settings::default()
+        },
+        0,
+    );
+    assert!(b.arrive(item(1, 1, 0, 0, t0), t0).is_empty());
+    assert!(b.arrive(item(2, 1, 0, 0, t0), t0).is_empty());
+    assert_eq!(b.arrive(item(3, 1, 0, 0, t0), t0), vec![Action::Reject(3)]);
+    assert_eq!(b.queued(), 2);
+}
+
+#[test]
+fn expired_requests_are_answered_and_never_run() {
+    let t0 = Instant::now();
+    let mut b = Batcher::new(Settings::default(), 0);
+    let mut it = item(1, 1, 0, 0, t0);
+    it.deadline = Some(t0 + ms(10));
+    let a = b.arrive(it, t0);
+    assert!(a.contains(&Action::Wake(t0 + ms(10))), "{a:?}");
+    b.arrive(item(2, 1, 0, 0, t0), t0);
+    assert_eq!(b.tick(t0 + ms(10)), vec![Action::Expire(1)]);
+    assert_eq!(runs(&b.add_workers(1, t0 + ms(11))), vec![vec![2]]);
+}
+
+#[test]
+fn higher_priority_first_and_aging_bounds_the_wait_of_lower_ones() {
+    let t0 = Instant::now();
+    let s = Settings {
+        max_batch_rows: 1,
+        aging: ms(100),
+        ..Settings::default()
+    };
+    let mut b = Batcher::new(s, 0);
+    b.arrive(item(1, 1, 0, 0, t0), t0);
+    b.arrive(item(2, 1, 0, 2, t0 + ms(1)), t0 + ms(1));
+    assert_eq!(runs(&b.add_workers(1, t0 + ms(2))), vec![vec![2]]);
+    // Request 1 (priority 0) has waited 250 ms: effective priority 2, older than a new
+    // priority-2 request, so it goes first.
+    let now = t0 + ms(250);
+    b.arrive(item(3, 1, 0, 2, now), now);
+    assert_eq!(runs(&b.batch_done(1, ms(1), now)), vec![vec![1]]);
+    assert_eq!(runs(&b.batch_done(1, ms(1), now)), vec![vec![3]]);
+}
+
+#[test]
+fn adaptive_mode_sizes_batches_from_measured_cost_and_the_target() {
+    let t0 = Instant::now();
+    let s = Settings {
+        max_batch_rows: 64,
+        latency_target: Some(ms(20)),
+        ..Settings::default()
+    };
+    let mut b = Batcher::new(s, 1);
+    // Teach it c(b) = 2 ms + 0.5 ms/row: c(b) <= 10 ms for b <= 16.
+    b.free_workers = 0;
+    for rows in [1, 4, 8, 16, 2] {
+        b.batch_done(
+            rows,
+            Duration::from_micros(2000 + 500 * u64::from(rows)),
+            t0,
+        );
+        b.free_workers = 0;
+    }
+    let c = b.cost().predict(16).unwrap();
+    assert!((c.as_secs_f64() - 0.010).abs() < 1e-4, "{c:?}");
+    // Requests arrive every 100 µs; batches take c(b). Simulate, with completions and
+    // wake-ups at their times.
+    let mut now = t0;
+    b.free_workers = 1;
+    let mut ran: Vec<Vec<ReqId>> = Vec::new();
+    let mut done_at: Vec<(Instant, u32)> = Vec::new();
+    let mut wake: Option<Instant> = None;
+    let handle = |acts: Vec<Action>,
+                  now: Instant,
+                  ran: &mut Vec<Vec<ReqId>>,
+                  done_at: &mut Vec<(Instant, u32)>,
+                  wake: &mut Option<Instant>| {
+        for a in acts {
+            match a {
+                Action::Run(ids) => {
+                    let rows = ids.len() as u32;
+                    done_at.push((
+                        now + Duration::from_micros(2000 + 500 * u64::from(rows)),
+                        rows,
+                    ));
+                    ran.push(ids);
+                }
+                Action::Wake(t) => *wake = Some(t),
+                _ => {}
+            }
+        }
+    };
+    for id in 1..=400 {
+        now += Duration::from_micros(100);
+        done_at.sort();
+        while let Some(&(t, rows)) = done_at.first().filter(|(t, _)| *t <= now) {
+            done_at.remove(0);
+            let a = b.batch_done(rows, Duration::from_micros(2000 + 500 * u64::from(rows)), t);
+            handle(a, t, &mut ran, &mut done_at, &mut wake);
+        }
+        if let Some(w) = wake.filter(|w| *w <= now) {
+            wake = None;
+            let a = b.tick(w);
+            handle(a, w, &mut ran, &mut done_at, &mut wake);
+        }
+        let a = b.arrive(item(id, 1, 0, 0, now), now);
+        handle(a, now, &mut ran, &mut done_at, &mut wake);
+    }
+    // Once warmed up, it runs batches of the target size (16 rows), not single requests:
+    // 10 000 rows/s need batches of at least ~4 rows to keep up at c(b) = 2 ms + 0.5 ms/row.
+    let sizes: Vec<usize> = ran.iter().skip(3).map(Vec::len).collect();
+    assert!(
+        !sizes.is_empty() && sizes.iter().all(|&n| n == 16),
+        "{sizes:?}"
+    );
+    // Sparse arrivals (every 50 ms): waiting cannot fill a batch in time; run at once.
+    let mut b2 = Batcher::new(b.settings().clone(), 1);
+    let mut now = t0;
+    for id in 1..=3 {
+        now += ms(50);
+        let r = runs(&b2.arrive(item(id, 1, 0, 0, now), now));
+        if id > 1 {
+            assert_eq!(r, vec![vec![id]]);
+        }
+        b2.batch_done(1, ms(2), now);
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Ev {
+    Arrive {
+        rows: u32,
+        key: u64,
+        priority: u8,
+        deadline_ms: Option<u64>,
+    },
+    Finish,
+    Advance(u64),
+}
+
+fn ev() -> impl Strategy<Value = Ev> {
+    prop_oneof![
+        4 => (1u32..6, 0u64..3, 0u8..4, proptest::option::of(1u64..30)).prop_map(
+            |(rows, key, priority, deadline_ms)| Ev::Arrive { rows, key, priority, deadline_ms }),
+        3 => Just(Ev::Finish),
+        2 => (0u64..15).prop_map(Ev::Advance),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn policy_invariants_hold(
+        events in proptest::collection::vec(ev(), 1..120),
+        workers in 1usize..4,
+        max_rows in 1u32..8,
+        delay in 0u64..10,
+        capacity in 1usize..20,
+        adaptive in any::<bool>(),
+    ) {
+        let t0 = Instant::now();
+        let settings = Settings {
+            max_batch_rows: max_rows,
+            max_queue_delay: ms(delay),
+            latency_target: adaptive.then(|| ms(12)),
+            queue_capacity: capacity,
+            aging: ms(7),
+            batchable: true,
+        };
+        let mut b = Batcher::new(settings.clone(), workers);
+        let mut now = t0;
+        let mut next_id = 1;
+        let mut waiting: HashMap<ReqId, Item> = HashMap::new();
+        let mut answered: HashSet<ReqId> = HashSet::new();
+        let mut running: Vec<u32> = Vec::new();
+        let mut wake: Option<Instant> = None;
+        let aging = settings.aging.as_nanos();
+        let eff = |i: &Item, now: Instant| u64::from(i.priority)
+            + (now.saturating_duration_since(i.arrived).as_nanos() / aging) as u64;
+
+        let apply = |actions: Vec<Action>, now: Instant,
+                         waiting: &mut HashMap<ReqId, Item>,
+                         answered: &mut HashSet<ReqId>,
+                         running: &mut Vec<u32>,
+                         wake: &mut Option<Instant>| -> Result<(), TestCaseError> {
+            // Expiries come first in an action list; apply them before checking runs.
+            for a in &actions {
+                if let Action::Expire(id) | Action::Reject(id) = a {
+                    prop_assert!(answered.insert(*id), "answered twice: {}", id);
+                    waiting.remove(id);
+                }
+            }
+            for a in actions {
+                match a {
+                    Action::Run(ids) => {
+                        prop_assert!(!ids.is_empty());
+                        let items: Vec<Item> = ids.iter().map(|id| waiting[id].clone()).collect();
+                        let rows: u32 = items.iter().map(|i| i.rows).sum();
+                        prop_assert!(ids.len() == 1 || rows <= settings.max_batch_rows,
+                            "batch of {} rows", rows);
+                        prop_assert!(items.iter().all(|i| i.key == items[0].key), "mixed keys");
+                        for i in &items {
+                            prop_assert!(i.deadline.is_none_or(|d| d > now), "ran after deadline");
+                        }
+                        let best = waiting.values().map(|i| eff(i, now)).max().unwrap();
+                        prop_assert_eq!(eff(&items[0], now), best, "head is not the best");
+                        for id in &ids {
+                            prop_assert!(answered.insert(*id), "answered twice: {}", id);
+                            waiting.remove(id);
+                        }
+                        running.push(rows);
+                    }
+                    Action::Wake(t) => *wake = Some(t),
+                    _ => {}
+                }
+            }
+            Ok(())
+        };
+
+        for e in events {
+            match e {
+                Ev::Arrive { rows, key, priority, deadline_ms } => {
+                    let it = Item { id: next_id, rows, key, priority, arrived: now,
+                                    deadline: deadline_ms.map(|d| now + ms(d)) };
+                    next_id += 1;
+                    waiting.insert(it.id, it.clone());
+                    let a = b.arrive(it, now);
+                    apply(a, now, &mut waiting, &mut answered, &mut running, &mut wake)?;
+                }
+                Ev::Finish => {
+                    if let Some(rows) = running.pop() {
+                        let a = b.batch_done(rows, ms(1), now);
+                        apply(a, now, &mut waiting, &mut answered, &mut running, &mut wake)?;
+                    }
+                }
+                Ev::Advance(d) => {
+                    now += ms(d);
+                    if wake.is_some_and(|w| w <= now) {
+                        wake = None;
+                        let a = b.tick(now);
+                        apply(a, now, &mut waiting, &mut answered, &mut running, &mut wake)?;
+                    }
+                }
+            }
+        }
+        // Drain: finish everything, advance time, until nothing waits.
+        for _ in 0..10_000 {
+            if waiting.is_empty() && running.is_empty() { break; }
+            if let Some(rows) = running.pop() {
+                let a = b.batch_done(rows, ms(1), now);
+                apply(a, now, &mut waiting, &mut answered, &mut running, &mut wake)?;
+            } else {
+                now += ms(1);
+                let a = b.tick(now);
+                apply(a, now, &mut waiting, &mut answered, &mut running, &mut wake)?;
+            }
+        }
+        prop_assert!(waiting.is_empty(), "never answered: {:?}", waiting.keys().collect::<Vec<_>>());
+        prop_assert_eq!(answered.len() as u64, next_id - 1);
+    }
+}
