@@ -82,9 +82,18 @@ pub fn infer(
     arena: Option<&std::sync::Arc<rxd_shm::Mapping>>,
     completion: impl MakeCompletion,
 ) -> Result<(), RequestError> {
+    let deadline = req
+        .timeout_ms
+        .map(|ms| std::time::Instant::now() + std::time::Duration::from_millis(ms));
+    let priority = req.priority;
     let model = shared.registry.get(&req.model, req.version)?;
     let checked = validate::check(&model.signature, req, arena)?;
-    model.submit(checked, completion.make(&model.name, model.version));
+    model.submit(
+        checked,
+        completion.make(&model.name, model.version),
+        priority,
+        deadline,
+    );
     Ok(())
 }
 

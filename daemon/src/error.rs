@@ -56,6 +56,7 @@ impl RequestError {
             RequestError::Runtime(RuntimeError::WorkersGone) => ErrorCode::ModelNotReady,
             RequestError::Runtime(RuntimeError::QueueFull { .. }) => ErrorCode::Busy,
             RequestError::Runtime(RuntimeError::Abandoned) => ErrorCode::Internal,
+            RequestError::Runtime(RuntimeError::DeadlineExceeded) => ErrorCode::DeadlineExceeded,
             RequestError::Runtime(RuntimeError::OutputTooSmall { .. }) => {
                 ErrorCode::OutputRegionTooSmall
             }

@@ -17,7 +17,8 @@ use rxd_protocol::{ModelInfo, ModelState, ModelSummary};
 use serde::Deserialize;
 
 use crate::error::RequestError;
-use crate::runtime::{Completion, Job, Runtime, SessionOptions, Signature, WorkerPool};
+use crate::runtime::{Completion, Job, Runtime, SessionOptions, Signature};
+use crate::scheduler::Scheduler;
 use crate::validate::Checked;
 
 /// `model.toml`: per-model settings.
@@ -32,6 +33,41 @@ pub struct ModelSettings {
     pub queue_capacity: Option<u32>,
     /// Let ORT threads spin between runs (lower latency, more idle CPU). Default false.
     pub allow_spinning: Option<bool>,
+    /// Largest batch in rows for models with a dynamic first dimension (1 = no batching).
+    /// Default 32.
+    pub max_batch_rows: Option<u32>,
+    /// Static batching: how long a request may wait for its batch to fill, in µs. Default 0:
+    /// batches form only from requests that arrive while the workers are busy.
+    pub max_queue_delay_us: Option<u64>,
+    /// Adaptive batching: the latency (queue + compute) to keep, in ms. When set, batch size
+    /// and wait follow the measured compute time and arrival rate.
+    pub latency_target_ms: Option<f64>,
+    /// Priority of requests that do not give one (0–255). Default 0.
+    pub default_priority: Option<u8>,
+    /// A waiting request gains one priority level per this many ms (no starvation). Default 100.
+    pub priority_aging_ms: Option<u64>,
+}
+
+impl ModelSettings {
+    /// The scheduler settings these give, with the daemon's queue capacity as default.
+    pub fn scheduler(&self, default_queue: u32) -> crate::scheduler::policy::Settings {
+        let d = crate::scheduler::policy::Settings::default();
+        crate::scheduler::policy::Settings {
+            max_batch_rows: self.max_batch_rows.unwrap_or(d.max_batch_rows).max(1),
+            max_queue_delay: self
+                .max_queue_delay_us
+                .map_or(d.max_queue_delay, std::time::Duration::from_micros),
+            latency_target: self
+                .latency_target_ms
+                .filter(|&t| t > 0.0)
+                .map(|t| std::time::Duration::from_secs_f64(t / 1000.0)),
+            queue_capacity: self.queue_capacity.unwrap_or(default_queue) as usize,
+            aging: self
+                .priority_aging_ms
+                .map_or(d.aging, std::time::Duration::from_millis),
+            batchable: true,
+        }
+    }
 }
 
 impl ModelSettings {
@@ -67,33 +103,60 @@ pub struct LoadedModel {
     pub name: String,
     pub version: u64,
     pub signature: Signature,
-    queue_capacity: usize,
-    pool: WorkerPool,
+    scheduler: Arc<Scheduler>,
 }
 
 impl LoadedModel {
-    /// Queues a checked request; `completion` receives the outputs or the error (including
-    /// a full queue) exactly once.
-    pub fn submit(&self, checked: Checked, completion: Box<dyn Completion>) {
-        self.pool.submit(Job {
+    /// Queues a checked request; `completion` receives the outputs or the error (a full
+    /// queue, a passed deadline) exactly once.
+    pub fn submit(
+        &self,
+        checked: Checked,
+        completion: Box<dyn Completion>,
+        priority: Option<u8>,
+        deadline: Option<std::time::Instant>,
+    ) {
+        let job = Job {
             inputs: checked.inputs,
             outputs: checked.outputs,
             placement: checked.placement,
             completion,
-        });
-    }
-
-    pub fn queue_capacity(&self) -> usize {
-        self.queue_capacity
+        };
+        self.scheduler.submit(job, priority, deadline);
     }
 
     pub fn queued(&self) -> usize {
-        self.pool.queued()
+        self.scheduler.queued()
     }
 
     pub fn instances(&self) -> usize {
-        self.pool.instances()
+        self.scheduler.instances()
     }
+
+    pub fn scheduler(&self) -> &Arc<Scheduler> {
+        &self.scheduler
+    }
+
+    /// Whether requests are batched (every input and output has a dynamic first dimension).
+    pub fn batchable(&self) -> bool {
+        batchable(&self.signature)
+    }
+}
+
+impl Drop for LoadedModel {
+    /// Unloading never drops a request: everything queued runs first.
+    fn drop(&mut self) {
+        self.scheduler.drain();
+    }
+}
+
+/// A model can batch when every input and output has rank ≥ 1 and a dynamic first dimension.
+pub fn batchable(sig: &Signature) -> bool {
+    sig.inputs
+        .iter()
+        .chain(&sig.outputs)
+        .all(|t| t.dims.first() == Some(&-1))
+        && !sig.inputs.is_empty()
 }
 
 /// A model found on disk: its settings (or why they are bad) and its version files.
@@ -308,15 +371,19 @@ impl Registry {
             signature = Some(sig);
         }
         let signature = signature.ok_or("no instances")?;
-        let queue_capacity = settings
-            .queue_capacity
-            .unwrap_or(self.defaults.queue_capacity) as usize;
+        let sched_settings = settings.scheduler(self.defaults.queue_capacity);
+        let scheduler = Scheduler::start(
+            &format!("{name}-{version}"),
+            sessions,
+            sched_settings,
+            batchable(&signature),
+            settings.default_priority.unwrap_or(0),
+        );
         Ok(LoadedModel {
             name: name.into(),
             version,
             signature,
-            queue_capacity,
-            pool: WorkerPool::start(&format!("{name}-{version}"), sessions, queue_capacity),
+            scheduler,
         })
     }
 
@@ -463,12 +530,19 @@ impl Registry {
 }
 
 fn summary(name: &str, version: u64, ver: &Version) -> ModelSummary {
+    use std::sync::atomic::Ordering::Relaxed;
+    let loaded = ver.loaded.as_ref();
+    let stats = loaded.map(|l| &l.scheduler.stats);
     ModelSummary {
         name: name.into(),
         version,
         state: ver.state,
         error: ver.error.clone(),
-        instances: ver.loaded.as_ref().map_or(0, |l| l.instances() as u32),
+        instances: loaded.map_or(0, |l| l.instances() as u32),
         device: "cpu".into(),
+        batchable: loaded.is_some_and(|l| l.batchable()),
+        requests: stats.map_or(0, |s| s.requests.load(Relaxed)),
+        batches: stats.map_or(0, |s| s.batches.load(Relaxed)),
+        rows: stats.map_or(0, |s| s.rows.load(Relaxed)),
     }
 }

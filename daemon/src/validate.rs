@@ -263,6 +263,8 @@ mod tests {
             outputs: vec![],
             output_regions: Vec::new(),
             output_area: None,
+            priority: None,
+            timeout_ms: None,
         }
     }
 

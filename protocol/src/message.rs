@@ -132,6 +132,13 @@ pub struct InferRequest {
     /// starting at a 64-byte-aligned offset. Absent: such outputs travel inline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_area: Option<ArenaRef>,
+    /// Higher runs first (0–255); absent: the model's default priority.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
+    /// If the request has not started running this many milliseconds after the daemon read
+    /// it, it is answered `deadline_exceeded` and never run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 /// An arena region for one named output.
@@ -272,6 +279,8 @@ impl InferRequest {
             outputs: Vec::new(),
             output_regions: Vec::new(),
             output_area: None,
+            priority: None,
+            timeout_ms: None,
         }
     }
 
@@ -366,6 +375,16 @@ pub struct ModelSummary {
     pub instances: u32,
     /// Device it runs on (`cpu`, ...).
     pub device: String,
+    /// Whether requests to it are batched together (dynamic first dimension everywhere).
+    #[serde(default)]
+    pub batchable: bool,
+    /// Requests received, batches run, rows run, since it was loaded.
+    #[serde(default)]
+    pub requests: u64,
+    #[serde(default)]
+    pub batches: u64,
+    #[serde(default)]
+    pub rows: u64,
 }
 
 /// Lifecycle state of a model version.

@@ -18,6 +18,8 @@ fn sample_infer() -> RequestFrame {
             outputs: vec![],
             output_regions: Vec::new(),
             output_area: None,
+            priority: None,
+            timeout_ms: None,
         }),
     }
 }
@@ -230,7 +232,7 @@ proptest! {
         let r = RequestFrame { id, body: Request::Infer(InferRequest {
             model: name.clone(), version: None,
             inputs: vec![Tensor::inline(name, DType::Int64, shape, vec![7; n * 8])],
-            outputs: vec![], output_regions: Vec::new(), output_area: None, }) };
+            outputs: vec![], output_regions: Vec::new(), output_area: None, priority: None, timeout_ms: None, }) };
         prop_assert_eq!(frame::round_trip(&r), r);
     }
 }

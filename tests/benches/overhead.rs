@@ -81,6 +81,8 @@ fn main() {
             outputs: vec![],
             output_regions: Vec::new(),
             output_area: None,
+            priority: None,
+            timeout_ms: None,
         }),
     };
     let req_bytes = frame::encode(&request).unwrap();

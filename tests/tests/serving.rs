@@ -340,6 +340,8 @@ fn clients_that_vanish_mid_request_leave_the_daemon_serving_and_leak_nothing() {
                     outputs: vec![],
                     output_regions: Vec::new(),
                     output_area: None,
+                    priority: None,
+                    timeout_ms: None,
                 }),
             });
         }
@@ -472,6 +474,8 @@ fn sigterm_answers_every_accepted_request_then_exits_zero() {
                     outputs: vec![],
                     output_regions: Vec::new(),
                     output_area: None,
+                    priority: None,
+                    timeout_ms: None,
                 }),
             },
             &mut frames,

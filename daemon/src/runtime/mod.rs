@@ -37,6 +37,8 @@ pub enum RuntimeError {
     QueueFull { capacity: usize },
     #[error("the client is gone; the request was not run")]
     Abandoned,
+    #[error("the deadline passed before the request could run")]
+    DeadlineExceeded,
     #[error("{target} holds {available} bytes, {needed} needed")]
     OutputTooSmall {
         target: String,
@@ -341,24 +343,44 @@ pub struct Job {
     pub completion: Box<dyn Completion>,
 }
 
-/// The worker threads of one model version: one session each, one shared bounded queue.
+/// Jobs that run together as one batch (concatenated along dimension 0), or one job alone.
+pub struct Batch {
+    pub jobs: Vec<Job>,
+    /// Rows of each job (dimension 0 of its inputs), same order.
+    pub rows: Vec<u32>,
+}
+
+/// Told when a worker finishes a batch (the scheduler, held weakly by the workers).
+pub trait BatchListener: Send + Sync {
+    fn batch_done(&self, rows: u32, compute: std::time::Duration);
+}
+
+/// The worker threads of one model version: one session each, all taking batches from one
+/// channel. Dropping the pool closes the channel and joins the threads (after they finish
+/// what they hold).
 pub struct WorkerPool {
-    tx: Option<crossbeam_channel::Sender<Job>>,
+    tx: Option<crossbeam_channel::Sender<Batch>>,
     handles: Vec<JoinHandle<()>>,
 }
 
 impl WorkerPool {
-    /// Starts one worker thread per session.
-    pub fn start(label: &str, sessions: Vec<Session>, queue_capacity: usize) -> WorkerPool {
-        let (tx, rx) = crossbeam_channel::bounded::<Job>(queue_capacity);
+    /// Starts one worker thread per session. The channel holds at most one batch per worker:
+    /// batches are formed by the scheduler only when a worker is free.
+    pub fn start(
+        label: &str,
+        sessions: Vec<Session>,
+        listener: std::sync::Weak<dyn BatchListener>,
+    ) -> WorkerPool {
+        let (tx, rx) = crossbeam_channel::bounded::<Batch>(sessions.len().max(1));
         let handles = sessions
             .into_iter()
             .enumerate()
             .map(|(i, session)| {
                 let rx = rx.clone();
+                let listener = listener.clone();
                 std::thread::Builder::new()
                     .name(format!("rxd-w-{label}-{i}"))
-                    .spawn(move || worker_loop(session, rx))
+                    .spawn(move || worker_loop(session, rx, listener))
                     .expect("spawn worker thread")
             })
             .collect();
@@ -368,28 +390,13 @@ impl WorkerPool {
         }
     }
 
-    /// Queues a job without waiting; when it cannot be queued its completion gets the error
-    /// at once (`QueueFull` is backpressure, never a silent drop).
-    pub fn submit(&self, job: Job) {
-        let Some(tx) = &self.tx else {
-            return job.completion.complete(Err(RuntimeError::WorkersGone));
-        };
-        match tx.try_send(job) {
-            Ok(()) => {}
-            Err(crossbeam_channel::TrySendError::Full(j)) => {
-                j.completion.complete(Err(RuntimeError::QueueFull {
-                    capacity: tx.capacity().unwrap_or(0),
-                }))
-            }
-            Err(crossbeam_channel::TrySendError::Disconnected(j)) => {
-                j.completion.complete(Err(RuntimeError::WorkersGone))
-            }
+    /// Hands a batch to a free worker. Fails (returning the batch) only if the workers are
+    /// gone or, against the scheduler's accounting, none is free.
+    pub fn send(&self, batch: Batch) -> Result<(), Batch> {
+        match &self.tx {
+            Some(tx) => tx.try_send(batch).map_err(|e| e.into_inner()),
+            None => Err(batch),
         }
-    }
-
-    /// Jobs waiting for a worker.
-    pub fn queued(&self) -> usize {
-        self.tx.as_ref().map_or(0, |t| t.len())
     }
 
     pub fn instances(&self) -> usize {
@@ -398,36 +405,122 @@ impl WorkerPool {
 }
 
 impl Drop for WorkerPool {
-    /// Closes the queue; workers finish what is queued, drop their sessions and exit.
     fn drop(&mut self) {
         self.tx = None;
+        let me = std::thread::current().id();
         for h in self.handles.drain(..) {
-            let _ = h.join();
+            // The last reference may be dropped by a worker itself (it upgrades its listener
+            // after each batch): that thread exits on its own once the channel is closed.
+            if h.thread().id() != me {
+                let _ = h.join();
+            }
         }
     }
 }
 
-fn worker_loop(mut session: Session, rx: crossbeam_channel::Receiver<Job>) {
-    while let Ok(job) = rx.recv() {
-        if job.completion.is_abandoned() {
-            // Nobody waits for it: skip the work, still complete it (bookkeeping).
-            job.completion.complete(Err(RuntimeError::Abandoned));
-            continue;
+fn worker_loop(
+    mut session: Session,
+    rx: crossbeam_channel::Receiver<Batch>,
+    listener: std::sync::Weak<dyn BatchListener>,
+) {
+    while let Ok(batch) = rx.recv() {
+        let started = std::time::Instant::now();
+        let rows: u32 = batch.rows.iter().sum();
+        run_batch(&mut session, batch);
+        if let Some(l) = listener.upgrade() {
+            l.batch_done(rows, started.elapsed());
         }
-        let result = run_job(&mut session, &job.inputs, &job.outputs, &job.placement);
-        job.completion.complete(result);
     }
 }
 
-fn run_job(
+/// Runs a batch and completes every job in it.
+fn run_batch(session: &mut Session, batch: Batch) {
+    let Batch { jobs, rows } = batch;
+    let (live, abandoned): (Vec<(Job, u32)>, Vec<(Job, u32)>) = jobs
+        .into_iter()
+        .zip(rows)
+        .partition(|(j, _)| !j.completion.is_abandoned());
+    for (j, _) in abandoned {
+        // Nobody waits for it: skip the work, still complete it (bookkeeping).
+        j.completion.complete(Err(RuntimeError::Abandoned));
+    }
+    match live.len() {
+        0 => {}
+        1 => {
+            let (job, _) = live.into_iter().next().expect("one");
+            let result = run_one(session, &job);
+            job.completion.complete(result);
+        }
+        _ => {
+            let (jobs, rows): (Vec<Job>, Vec<u32>) = live.into_iter().unzip();
+            match run_many(session, &jobs, &rows) {
+                Ok(results) => {
+                    for (job, r) in jobs.into_iter().zip(results) {
+                        job.completion.complete(r);
+                    }
+                }
+                Err(e) => {
+                    for job in jobs {
+                        job.completion
+                            .complete(Err(RuntimeError::Run(e.to_string())));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A model output as ORT returned it.
+struct View<'a> {
+    name: &'a str,
+    dtype: DType,
+    shape: Vec<u64>,
+    bytes: &'a [u8],
+}
+
+fn run_err(e: &dyn std::fmt::Display) -> RuntimeError {
+    RuntimeError::Run(e.to_string())
+}
+
+/// Runs `values` and borrows the outputs named `names` (all of them must exist).
+fn with_outputs<R>(
     session: &mut Session,
-    inputs: &[InputTensor],
-    wanted: &[String],
-    placement: &Placement,
-) -> Result<Vec<OutputTensor>, RuntimeError> {
-    let run_err = |e: &dyn std::fmt::Display| RuntimeError::Run(e.to_string());
-    let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(inputs.len());
-    for t in inputs {
+    values: Vec<(Cow<'_, str>, SessionInputValue<'_>)>,
+    names: &[&str],
+    then: impl FnOnce(&[View<'_>]) -> Result<R, RuntimeError>,
+) -> Result<R, RuntimeError> {
+    let outputs = session.run(values).map_err(|e| run_err(&e))?;
+    let mut tensors = Vec::with_capacity(names.len());
+    for &name in names {
+        let value = outputs
+            .get(name)
+            .ok_or_else(|| RuntimeError::Run(format!("output '{name}' missing")))?;
+        let tensor = value
+            .view()
+            .downcast::<ort::value::DynTensorValueType>()
+            .map_err(|e| run_err(&e))?;
+        tensors.push((name, tensor));
+    }
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, tensor) in &tensors {
+        let ty = *tensor.data_type();
+        let dtype = dtype_of(ty)
+            .ok_or_else(|| RuntimeError::Run(format!("output '{name}' has type {ty:?}")))?;
+        views.push(View {
+            name,
+            dtype,
+            shape: tensor.shape().iter().map(|&d| d.max(0) as u64).collect(),
+            bytes: raw::tensor_bytes(tensor).map_err(|e| run_err(&e))?,
+        });
+    }
+    then(&views)
+}
+
+/// Runs one job: inputs straight from where they are (zero copy from the arena).
+fn run_one(session: &mut Session, job: &Job) -> Result<Vec<OutputTensor>, RuntimeError> {
+    let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
+        Vec::with_capacity(job.inputs.len());
+    for t in &job.inputs {
         let ty = element_type_of(t.dtype);
         let value: SessionInputValue<'_> = match &t.data {
             InputData::Inline(bytes) => raw::tensor_from_bytes(ty, &t.shape, bytes)
@@ -440,44 +533,124 @@ fn run_job(
         };
         values.push((Cow::Borrowed(t.name.as_str()), value));
     }
-    let outputs = session.run(values).map_err(|e| run_err(&e))?;
-    let mut views = Vec::with_capacity(wanted.len());
-    for name in wanted {
-        let value = outputs
-            .get(name.as_str())
-            .ok_or_else(|| RuntimeError::Run(format!("output '{name}' missing")))?;
-        let tensor = value
-            .view()
-            .downcast::<ort::value::DynTensorValueType>()
+    let names: Vec<&str> = job.outputs.iter().map(String::as_str).collect();
+    with_outputs(session, values, &names, |views| {
+        deliver(views, &job.placement)
+    })
+}
+
+/// Runs several jobs as one batch: one gather copy of the inputs into batch tensors, one run,
+/// then each job's rows of every output are delivered where that job wants them.
+fn run_many(
+    session: &mut Session,
+    jobs: &[Job],
+    rows: &[u32],
+) -> Result<Vec<Result<Vec<OutputTensor>, RuntimeError>>, RuntimeError> {
+    let total: u64 = rows.iter().map(|&r| u64::from(r)).sum();
+    let first = &jobs[0];
+    let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
+        Vec::with_capacity(first.inputs.len());
+    for (k, t) in first.inputs.iter().enumerate() {
+        let mut bytes = Vec::new();
+        for job in jobs {
+            let input = job
+                .inputs
+                .get(k)
+                .filter(|i| {
+                    i.name == t.name && i.dtype == t.dtype && i.shape.get(1..) == t.shape.get(1..)
+                })
+                .ok_or_else(|| RuntimeError::Run("incompatible requests in one batch".into()))?;
+            match &input.data {
+                InputData::Inline(b) => bytes.extend_from_slice(b),
+                InputData::Shared { map, offset, len } => {
+                    let start = bytes.len();
+                    bytes.resize(start + *len as usize, 0);
+                    map.copy_out(*offset, &mut bytes[start..])
+                        .map_err(|e| RuntimeError::Run(e.to_string()))?;
+                }
+            }
+        }
+        let mut shape = t.shape.clone();
+        shape[0] = total;
+        let tensor = raw::tensor_from_bytes(element_type_of(t.dtype), &shape, &bytes)
             .map_err(|e| run_err(&e))?;
-        let ty = *tensor.data_type();
-        let dtype = dtype_of(ty)
-            .ok_or_else(|| RuntimeError::Run(format!("output '{name}' has type {ty:?}")))?;
-        let shape: Vec<u64> = tensor.shape().iter().map(|&d| d.max(0) as u64).collect();
-        views.push((name, dtype, shape, tensor));
+        values.push((Cow::Owned(t.name.clone()), tensor.into()));
     }
-    let mut bytes = Vec::with_capacity(views.len());
-    for (_, _, _, tensor) in &views {
-        bytes.push(raw::tensor_bytes(tensor).map_err(|e| run_err(&e))?);
+    // Every output any job wants, in first-seen order.
+    let mut names: Vec<&str> = Vec::new();
+    for job in jobs {
+        for o in &job.outputs {
+            if !names.contains(&o.as_str()) {
+                names.push(o);
+            }
+        }
     }
-    let offsets = place(placement, wanted, &bytes)?;
+    with_outputs(session, values, &names, |views| {
+        for v in views {
+            if v.shape.first() != Some(&total) || v.bytes.len() as u64 % total.max(1) != 0 {
+                return Err(RuntimeError::Run(format!(
+                    "output '{}' has shape {:?}, not {total} rows: the model cannot batch",
+                    v.name, v.shape
+                )));
+            }
+        }
+        let mut start = 0u64;
+        let mut results = Vec::with_capacity(jobs.len());
+        for (job, &r) in jobs.iter().zip(rows) {
+            let r = u64::from(r);
+            let mine: Vec<View<'_>> = job
+                .outputs
+                .iter()
+                .map(|name| {
+                    let v = views
+                        .iter()
+                        .find(|v| v.name == name)
+                        .expect("collected above");
+                    let row_bytes = v.bytes.len() as u64 / total.max(1);
+                    let mut shape = v.shape.clone();
+                    shape[0] = r;
+                    let (a, b) = (
+                        (start * row_bytes) as usize,
+                        ((start + r) * row_bytes) as usize,
+                    );
+                    View {
+                        name: v.name,
+                        dtype: v.dtype,
+                        shape,
+                        bytes: &v.bytes[a..b],
+                    }
+                })
+                .collect();
+            results.push(deliver(&mine, &job.placement));
+            start += r;
+        }
+        Ok(results)
+    })
+}
+
+/// Puts outputs where the job wants them: checks every region first (no partial writes),
+/// then copies into the arena or into inline buffers.
+fn deliver(views: &[View<'_>], placement: &Placement) -> Result<Vec<OutputTensor>, RuntimeError> {
+    let wanted: Vec<String> = views.iter().map(|v| v.name.to_string()).collect();
+    let bytes: Vec<&[u8]> = views.iter().map(|v| v.bytes).collect();
+    let offsets = place(placement, &wanted, &bytes)?;
     let mut result = Vec::with_capacity(views.len());
-    for (((name, dtype, shape, _), data), offset) in views.iter().zip(&bytes).zip(offsets) {
+    for (v, offset) in views.iter().zip(offsets) {
         let data = match (offset, &placement.arena) {
             (Some(offset), Some(map)) => {
-                map.copy_in(offset, data)
+                map.copy_in(offset, v.bytes)
                     .map_err(|e| RuntimeError::Run(e.to_string()))?;
                 OutputData::Arena {
                     offset,
-                    len: data.len() as u64,
+                    len: v.bytes.len() as u64,
                 }
             }
-            _ => OutputData::Inline(data.to_vec()),
+            _ => OutputData::Inline(v.bytes.to_vec()),
         };
         result.push(OutputTensor {
-            name: (*name).clone(),
-            dtype: *dtype,
-            shape: shape.clone(),
+            name: v.name.to_string(),
+            dtype: v.dtype,
+            shape: v.shape.clone(),
             data,
         });
     }

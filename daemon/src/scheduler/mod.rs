@@ -1,4 +1,232 @@
 //! Scheduling requests of one model version onto its workers: the pure batching policy
-//! ([`policy`]) and the driver that carries out its actions.
+//! ([`policy`]) and the driver ([`Scheduler`]) that carries out its actions.
+//!
+//! The driver has no thread of its own: whoever produces an event drives it inline, under one
+//! mutex — the connection that submits a request, the worker that finishes a batch (and so
+//! may pick up the next one at once), or the shared timer thread for delayed batches and
+//! deadlines. A request that finds an idle worker and no reason to wait goes to it directly,
+//! so batching costs nothing at low load.
+//! Invariants: every submitted job is completed exactly once (run, `busy`, or
+//! `deadline_exceeded`); completions run outside the lock; a worker gets a batch only when
+//! the policy counted it free.
 
 pub mod policy;
+mod timer;
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use ort::session::Session;
+
+use crate::runtime::{Batch, BatchListener, Job, RuntimeError, WorkerPool};
+use policy::{Action, Batcher, Item, ReqId, Settings};
+
+/// Counters of one model version.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub requests: AtomicU64,
+    pub batches: AtomicU64,
+    pub rows: AtomicU64,
+}
+
+struct State {
+    batcher: Batcher,
+    pending: HashMap<ReqId, (Job, u32)>,
+    next_id: ReqId,
+    running: usize,
+}
+
+/// The scheduler of one model version: policy state, waiting jobs, and the worker pool.
+pub struct Scheduler {
+    me: Weak<Scheduler>,
+    state: Mutex<State>,
+    idle: Condvar,
+    pool: OnceLock<WorkerPool>,
+    batchable: bool,
+    default_priority: u8,
+    pub stats: Stats,
+}
+
+impl Scheduler {
+    /// Starts the workers (one per session) and returns the scheduler feeding them.
+    pub fn start(
+        label: &str,
+        sessions: Vec<Session>,
+        mut settings: Settings,
+        batchable: bool,
+        default_priority: u8,
+    ) -> Arc<Scheduler> {
+        settings.batchable = batchable && settings.max_batch_rows > 1;
+        let workers = sessions.len();
+        let sched = Arc::new_cyclic(|me| Scheduler {
+            me: me.clone(),
+            state: Mutex::new(State {
+                batcher: Batcher::new(settings, workers),
+                pending: HashMap::new(),
+                next_id: 1,
+                running: 0,
+            }),
+            idle: Condvar::new(),
+            pool: OnceLock::new(),
+            batchable,
+            default_priority,
+            stats: Stats::default(),
+        });
+        let listener: Weak<dyn BatchListener> = sched.me.clone();
+        let pool = WorkerPool::start(label, sessions, listener);
+        let _ = sched.pool.set(pool);
+        sched
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn instances(&self) -> usize {
+        self.pool.get().map_or(0, WorkerPool::instances)
+    }
+
+    /// Requests waiting for a worker.
+    pub fn queued(&self) -> usize {
+        self.lock().batcher.queued()
+    }
+
+    pub fn settings(&self) -> Settings {
+        self.lock().batcher.settings().clone()
+    }
+
+    /// Queues a job. `deadline`: answer `deadline_exceeded` instead of running after it.
+    pub fn submit(&self, job: Job, priority: Option<u8>, deadline: Option<Instant>) {
+        let now = Instant::now();
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.lock();
+        let id = st.next_id;
+        st.next_id += 1;
+        let (rows, key) = self.rows_and_key(&job, id);
+        let item = Item {
+            id,
+            rows,
+            key,
+            priority: priority.unwrap_or(self.default_priority),
+            arrived: now,
+            deadline,
+        };
+        st.pending.insert(id, (job, rows));
+        let actions = st.batcher.arrive(item, now);
+        self.act(st, actions);
+    }
+
+    /// Rows (dimension 0, equal across inputs) and the shape key of a job. Jobs that cannot
+    /// batch get a key of their own.
+    fn rows_and_key(&self, job: &Job, id: ReqId) -> (u32, u64) {
+        let alone = (1, u64::MAX - id);
+        if !self.batchable {
+            return alone;
+        }
+        let Some(rows) = job.inputs.first().and_then(|t| t.shape.first()).copied() else {
+            return alone;
+        };
+        if rows == 0
+            || rows > u64::from(u32::MAX)
+            || job.inputs.iter().any(|t| t.shape.first() != Some(&rows))
+        {
+            return alone;
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for t in &job.inputs {
+            t.name.hash(&mut h);
+            t.dtype.hash(&mut h);
+            t.shape[1..].hash(&mut h);
+        }
+        (rows as u32, h.finish() >> 1)
+    }
+
+    /// Carries out actions: batches go to workers, refusals and expiries are answered — all
+    /// after the lock is released.
+    fn act(&self, mut st: std::sync::MutexGuard<'_, State>, actions: Vec<Action>) {
+        let mut batches = Vec::new();
+        let mut failed: Vec<(Job, RuntimeError)> = Vec::new();
+        for a in actions {
+            match a {
+                Action::Run(ids) => {
+                    let (jobs, rows): (Vec<Job>, Vec<u32>) =
+                        ids.iter().filter_map(|id| st.pending.remove(id)).unzip();
+                    st.running += 1;
+                    batches.push(Batch { jobs, rows });
+                }
+                Action::Reject(id) => {
+                    if let Some((job, _)) = st.pending.remove(&id) {
+                        let capacity = st.batcher.settings().queue_capacity;
+                        failed.push((job, RuntimeError::QueueFull { capacity }));
+                    }
+                }
+                Action::Expire(id) => {
+                    if let Some((job, _)) = st.pending.remove(&id) {
+                        failed.push((job, RuntimeError::DeadlineExceeded));
+                    }
+                }
+                Action::Wake(at) => timer::wake_at(at, self.me.clone()),
+            }
+        }
+        drop(st);
+        for b in batches {
+            let rows: u32 = b.rows.iter().sum();
+            self.stats.batches.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .rows
+                .fetch_add(u64::from(rows), Ordering::Relaxed);
+            let sent = match self.pool.get() {
+                Some(pool) => pool.send(b),
+                None => Err(b),
+            };
+            if let Err(b) = sent {
+                // Workers gone (never expected while the scheduler lives): answer, free the slot.
+                for job in b.jobs {
+                    job.completion.complete(Err(RuntimeError::WorkersGone));
+                }
+                self.batch_done(rows, Duration::ZERO);
+            }
+        }
+        for (job, e) in failed {
+            job.completion.complete(Err(e));
+        }
+        self.idle.notify_all();
+    }
+
+    /// A timer set by the policy fired.
+    pub fn tick(&self) {
+        let mut st = self.lock();
+        let actions = st.batcher.tick(Instant::now());
+        self.act(st, actions);
+    }
+
+    /// Waits until nothing is queued or running (before the model is dropped).
+    pub fn drain(&self) {
+        let mut st = self.lock();
+        while !st.pending.is_empty() || st.running > 0 {
+            let (guard, _) = self
+                .idle
+                .wait_timeout(st, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner());
+            st = guard;
+            // A delayed batch may be waiting for its timer: let the policy decide now.
+            let actions = st.batcher.tick(Instant::now());
+            if !actions.is_empty() {
+                self.act(st, actions);
+                st = self.lock();
+            }
+        }
+    }
+}
+
+impl BatchListener for Scheduler {
+    fn batch_done(&self, rows: u32, compute: Duration) {
+        let mut st = self.lock();
+        st.running = st.running.saturating_sub(1);
+        let actions = st.batcher.batch_done(rows, compute, Instant::now());
+        self.act(st, actions);
+    }
+}
