@@ -436,11 +436,12 @@ fn worker_loop(
 /// Runs a batch and completes every job in it.
 fn run_batch(session: &mut Session, batch: Batch) {
     let Batch { jobs, rows } = batch;
-    let (live, abandoned): (Vec<(Job, u32)>, Vec<(Job, u32)>) = jobs
-        .into_iter()
-        .zip(rows)
-        .partition(|(j, _)| !j.completion.is_abandoned());
-    for (j, _) in abandoned {
+    let mut live: Vec<(Job, u32)> = Vec::with_capacity(jobs.len());
+    for (j, r) in jobs.into_iter().zip(rows) {
+        if !j.completion.is_abandoned() {
+            live.push((j, r));
+            continue;
+        }
         // Nobody waits for it: skip the work, still complete it (bookkeeping).
         j.completion.complete(Err(RuntimeError::Abandoned));
     }
@@ -587,7 +588,9 @@ fn run_many(
     }
     with_outputs(session, values, &names, |views| {
         for v in views {
-            if v.shape.first() != Some(&total) || v.bytes.len() as u64 % total.max(1) != 0 {
+            if v.shape.first() != Some(&total)
+                || !(v.bytes.len() as u64).is_multiple_of(total.max(1))
+            {
                 return Err(RuntimeError::Run(format!(
                     "output '{}' has shape {:?}, not {total} rows: the model cannot batch",
                     v.name, v.shape
