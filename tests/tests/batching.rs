@@ -1,0 +1,270 @@
+//! Issue 4: batching across connections, deadlines, backpressure and priorities, against the
+//! real daemon.
+
+use std::time::Duration;
+
+use rxd_client::{ClientError, DType, ErrorCode, Tensor};
+use rxd_e2e::*;
+use rxd_protocol::{InferRequest, Outcome, Reply, Request, RequestFrame};
+
+fn code_of(e: ClientError) -> ErrorCode {
+    e.code()
+        .unwrap_or_else(|| panic!("not a server error: {e}"))
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn model_stats(d: &TestDaemon, name: &str) -> rxd_protocol::ModelSummary {
+    d.client_inline()
+        .list_models()
+        .unwrap()
+        .into_iter()
+        .find(|m| m.name == name)
+        .unwrap()
+}
+
+/// `clients` concurrent connections each send one single-row request; returns each answer.
+fn concurrent_single_rows(d: &TestDaemon, model: &str, inputs: Vec<Tensor>) -> Vec<Vec<Tensor>> {
+    let socket = d.socket.clone();
+    let model = model.to_string();
+    rt().block_on(async move {
+        let handles: Vec<_> = inputs
+            .into_iter()
+            .map(|t| {
+                let (socket, model) = (socket.clone(), model.clone());
+                tokio::spawn(async move {
+                    let c = rxd_client::Client::connect(&socket).await.unwrap();
+                    c.infer(&model, vec![t]).await.unwrap()
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for h in handles {
+            out.push(h.await.unwrap());
+        }
+        out
+    })
+}
+
+fn close(a: &[u8], b: &[u8]) -> bool {
+    let f = |x: &[u8]| {
+        x.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect::<Vec<_>>()
+    };
+    f(a).iter()
+        .zip(f(b))
+        .all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()))
+}
+
+#[test]
+fn batched_results_equal_unbatched_in_process_ort_row_by_row() {
+    let repo = Repo::new();
+    // Wait up to 50 ms for batches of up to 8 rows, so concurrent requests are batched.
+    repo.link("ppocr_cls", 1, "ppocr_cls")
+        .settings(
+            "ppocr_cls",
+            "max-batch-rows = 8\nmax-queue-delay-us = 50000\n",
+        )
+        .link("digits", 1, "digits")
+        .settings(
+            "digits",
+            "max-batch-rows = 16\nmax-queue-delay-us = 50000\n",
+        );
+    let d = TestDaemon::start(repo.path(), &[]);
+
+    // PP-OCR direction classifier: 16 clients, one 3x48x192 crop each.
+    let crops: Vec<Tensor> = (0..16)
+        .map(|i| f32_tensor("x", &[1, 3, 48, 192], &random_f32(3 * 48 * 192, 100 + i)))
+        .collect();
+    let mut reference = Reference::new(&model_file("ppocr_cls"));
+    let want: Vec<Vec<Tensor>> = crops
+        .iter()
+        .map(|c| reference.run(std::slice::from_ref(c)))
+        .collect();
+    let got = concurrent_single_rows(&d, "ppocr_cls", crops);
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g[0].shape, w[0].shape);
+        let (gb, wb) = (
+            rxd_client::tensor::bytes(&g[0]).unwrap(),
+            rxd_client::tensor::bytes(&w[0]).unwrap(),
+        );
+        assert!(
+            close(gb, wb),
+            "batched output differs from the unbatched run"
+        );
+    }
+    let s = model_stats(&d, "ppocr_cls");
+    assert!(s.batchable);
+    assert_eq!((s.requests, s.rows), (16, 16));
+    assert!(
+        s.batches < 16,
+        "requests were batched: {} batches for 16 requests",
+        s.batches
+    );
+
+    // The digits MLP, with requests of several rows each: limits count rows.
+    let x = {
+        let f = std::fs::File::open(repo_root().join("examples/data/digits_test_x.npy")).unwrap();
+        rxd_client::npy::read("input", f).unwrap()
+    };
+    let bytes = rxd_client::tensor::bytes(&x).unwrap();
+    let parts: Vec<Tensor> = (0..8)
+        .map(|i| {
+            Tensor::inline(
+                "input",
+                DType::Float32,
+                vec![3, 64],
+                bytes[i * 768..(i + 1) * 768].to_vec(),
+            )
+        })
+        .collect();
+    let mut reference = Reference::new(&model_file("digits"));
+    let want: Vec<Vec<Tensor>> = parts
+        .iter()
+        .map(|p| reference.run(std::slice::from_ref(p)))
+        .collect();
+    let got = concurrent_single_rows(&d, "digits", parts);
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g[0], w[0], "labels");
+        assert!(close(
+            rxd_client::tensor::bytes(&g[1]).unwrap(),
+            rxd_client::tensor::bytes(&w[1]).unwrap()
+        ));
+    }
+    let s = model_stats(&d, "digits");
+    assert_eq!(s.rows, 24);
+    assert!(
+        s.batches < 8 && s.batches >= 2,
+        "16-row batches of 3-row requests: {} batches",
+        s.batches
+    );
+}
+
+#[test]
+fn a_request_past_its_deadline_is_answered_and_never_run() {
+    let repo = Repo::new();
+    // Batches wait up to 300 ms to fill: a 50 ms deadline passes while waiting.
+    repo.link("digits", 1, "digits").settings(
+        "digits",
+        "max-batch-rows = 64\nmax-queue-delay-us = 300000\n",
+    );
+    let d = TestDaemon::start(repo.path(), &[]);
+    let c = d.client_inline();
+    let x = Tensor::inline("input", DType::Float32, vec![1, 64], vec![0; 256]);
+    let mut req = InferRequest::new("digits", vec![x.clone()]);
+    req.timeout_ms = Some(50);
+    let t = std::time::Instant::now();
+    assert_eq!(
+        code_of(c.infer_request(req).unwrap_err()),
+        ErrorCode::DeadlineExceeded
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(290),
+        "answered at the deadline, not after the wait"
+    );
+    let s = model_stats(&d, "digits");
+    assert_eq!(
+        (s.requests, s.rows, s.batches),
+        (1, 0, 0),
+        "the expired request never ran"
+    );
+    // Without a deadline it runs after the wait.
+    assert_eq!(c.infer("digits", vec![x]).unwrap().len(), 2);
+    assert_eq!(model_stats(&d, "digits").rows, 1);
+}
+
+#[test]
+fn a_full_queue_answers_busy_at_once_and_drops_nothing() {
+    let repo = Repo::new();
+    repo.link("digits", 1, "digits").settings(
+        "digits",
+        "queue-capacity = 3\nmax-batch-rows = 64\nmax-queue-delay-us = 400000\n",
+    );
+    let d = TestDaemon::start(repo.path(), &[]);
+    let mut raw = RawConn::connect(&d.socket).unwrap();
+    raw.handshake().unwrap();
+    let x = Tensor::inline("input", DType::Float32, vec![1, 64], vec![0; 256]);
+    for id in 1..=5 {
+        raw.send(&RequestFrame {
+            id,
+            body: Request::Infer(InferRequest::new("digits", vec![x.clone()])),
+        });
+    }
+    // Two over capacity are refused at once; the three queued run when the wait ends.
+    let mut busy = Vec::new();
+    let mut ok = Vec::new();
+    let t = std::time::Instant::now();
+    for _ in 0..5 {
+        let r = raw.read_response();
+        match r.outcome {
+            Outcome::Err(e) if e.kind() == Some(ErrorCode::Busy) => {
+                assert!(
+                    t.elapsed() < Duration::from_millis(300),
+                    "busy must not wait"
+                );
+                busy.push(r.id)
+            }
+            Outcome::Ok(Reply::Infer(_)) => ok.push(r.id),
+            other => panic!("{other:?}"),
+        }
+    }
+    busy.sort();
+    ok.sort();
+    assert_eq!(busy, vec![4, 5]);
+    assert_eq!(ok, vec![1, 2, 3]);
+    let s = model_stats(&d, "digits");
+    assert_eq!(
+        (s.rows, s.batches),
+        (3, 1),
+        "the three queued requests ran as one batch"
+    );
+}
+
+#[test]
+fn higher_priority_requests_run_first() {
+    let repo = Repo::new();
+    // No batching: one request per run, one worker.
+    repo.link("yolov8n", 1, "yolov8n")
+        .settings("yolov8n", "max-batch-rows = 1\n");
+    let d = TestDaemon::start(repo.path(), &[]);
+    let mut raw = RawConn::connect(&d.socket).unwrap();
+    raw.handshake().unwrap();
+    let image = f32_tensor("images", &[1, 3, 320, 320], &random_f32(3 * 320 * 320, 3));
+    let mut frames = Vec::new();
+    // Request 1 occupies the worker; then 4 low-priority and 4 high-priority ones queue.
+    for id in 1..=9u64 {
+        let mut req = InferRequest::new("yolov8n", vec![image.clone()]);
+        req.priority = Some(match id {
+            1 => 0,
+            2..=5 => 1,
+            _ => 9,
+        });
+        rxd_protocol::frame::encode_into(
+            &RequestFrame {
+                id,
+                body: Request::Infer(req),
+            },
+            &mut frames,
+        )
+        .unwrap();
+    }
+    raw.send_raw(&frames).unwrap();
+    let order: Vec<u64> = (0..9)
+        .map(|_| {
+            let r = raw.read_response();
+            assert!(matches!(r.outcome, Outcome::Ok(_)), "{:?}", r.outcome);
+            r.id
+        })
+        .collect();
+    // FIFO within a level; the high ones before the low ones (all queued within a few ms,
+    // far less than the 100 ms aging step).
+    assert_eq!(&order[1..5], &[6, 7, 8, 9], "{order:?}");
+    assert_eq!(&order[5..], &[2, 3, 4, 5], "{order:?}");
+}
