@@ -19,9 +19,11 @@
 //! - [`tensor`]: conversions between `ndarray` arrays and wire tensors.
 //! - [`npy`]: reading and writing NumPy `.npy` files of any wire dtype (used by rxctl).
 //! - [`blocking`]: the same API without async.
+//! - [`bench`]: the load generator behind `rxctl bench`.
 #![forbid(unsafe_code)]
 
 pub mod arena;
+pub mod bench;
 pub mod blocking;
 pub mod npy;
 pub mod tensor;
