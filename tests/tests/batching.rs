@@ -268,3 +268,61 @@ fn higher_priority_requests_run_first() {
     assert_eq!(&order[1..5], &[6, 7, 8, 9], "{order:?}");
     assert_eq!(&order[5..], &[2, 3, 4, 5], "{order:?}");
 }
+
+#[test]
+fn rxctl_bench_reports_what_the_daemon_did() {
+    let repo = Repo::new();
+    repo.link("ppocr_cls", 1, "ppocr_cls")
+        .settings("ppocr_cls", "instances = 2\n");
+    let d = TestDaemon::start(repo.path(), &[]);
+    let out = d.rxctl(&[
+        "--json",
+        "bench",
+        "ppocr_cls",
+        "-c",
+        "8",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let requests = v["requests"].as_u64().unwrap();
+    assert!(requests > 10, "{v}");
+    assert!(v["throughput_per_s"].as_f64().unwrap() > 0.0);
+    for p in ["p50", "p90", "p95", "p99"] {
+        assert!(v["latency_ms"][p].as_f64().unwrap() > 0.0, "{p}");
+    }
+    assert!(v["latency_ms"]["p50"].as_f64() <= v["latency_ms"]["p99"].as_f64());
+    assert_eq!(v["errors"], serde_json::json!({}));
+    // 8 clients on 2 workers: the daemon batched (and the count matches its own counters).
+    let batch = v["mean_batch_size"].as_f64().unwrap();
+    assert!(batch > 1.0, "{v}");
+    let s = model_stats(&d, "ppocr_cls");
+    assert!(
+        s.requests >= requests,
+        "daemon saw {} requests, bench counted {requests}",
+        s.requests
+    );
+    // Errors are counted by code: a deadline of 0 ms expires everything.
+    let out = d.rxctl(&[
+        "--json",
+        "bench",
+        "ppocr_cls",
+        "-c",
+        "2",
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0",
+        "--timeout-ms",
+        "0",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["errors"]["deadline_exceeded"].as_u64().unwrap() > 0,
+        "{v}"
+    );
+}
