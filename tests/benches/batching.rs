@@ -1,0 +1,189 @@
+//! Throughput of many small clients through rxd's batching vs the best in-process ONNX
+//! Runtime configuration, in one run: PP-OCR's direction classifier (dynamic batch, light, so
+//! per-request overhead matters), single-item requests from 1, 8 and 32 concurrent clients.
+//! The in-process baseline is the best over batch sizes *and* thread layouts (one session
+//! with 2 intra-op threads, or two 1-thread sessions run concurrently).
+//!
+//! Run: `scripts/bench batching`. `RXD_BENCH_SECS` sets seconds per measurement (default 4);
+//! `RXD_BENCH_MODELS` the models (default `ppocr_cls,yolov8n`).
+
+use std::time::{Duration, Instant};
+
+use rxd_e2e::*;
+
+/// A benchmarked model: name, input name, shape of one item, max-batch-rows for rxd.
+struct Case {
+    model: &'static str,
+    input: &'static str,
+    item: [usize; 3],
+    max_rows: u32,
+}
+
+const CASES: [Case; 2] = [
+    Case {
+        model: "ppocr_cls",
+        input: "x",
+        item: [3, 48, 192],
+        max_rows: 8,
+    },
+    Case {
+        model: "yolov8n",
+        input: "images",
+        item: [3, 320, 320],
+        max_rows: 8,
+    },
+];
+
+fn session(model: &str, threads: usize) -> ort::session::Session {
+    ort::session::Session::builder(reference_env())
+        .unwrap()
+        .with_intra_threads(threads)
+        .unwrap()
+        .with_inter_threads(1)
+        .unwrap()
+        .commit_from_file(model_file(model))
+        .unwrap()
+}
+
+/// Items per second of `sessions` sessions run concurrently at batch size `b`.
+fn in_process(case: &Case, threads: usize, sessions: usize, b: usize, secs: f64) -> f64 {
+    let [c, h, w] = case.item;
+    let per = c * h * w;
+    let model = case.model;
+    let data = random_f32(b * per, 5);
+    let handles: Vec<_> = (0..sessions)
+        .map(|_| {
+            let data = data.clone();
+            std::thread::spawn(move || {
+                let mut s = session(model, threads);
+                let x = ndarray::Array4::from_shape_vec((b, c, h, w), data).unwrap();
+                for _ in 0..3 {
+                    s.run(ort::inputs![
+                        ort::value::TensorRef::from_array_view(x.view()).unwrap()
+                    ])
+                    .unwrap();
+                }
+                let start = Instant::now();
+                let end = start + Duration::from_secs_f64(secs);
+                let mut items = 0usize;
+                while Instant::now() < end {
+                    let t = ort::value::TensorRef::from_array_view(x.view()).unwrap();
+                    std::hint::black_box(s.run(ort::inputs![t]).unwrap());
+                    items += b;
+                }
+                // Rate over the time actually spent (the last run ends after `end`).
+                items as f64 / start.elapsed().as_secs_f64()
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).sum()
+}
+
+fn main() {
+    let secs: f64 = std::env::var("RXD_BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4.0);
+    let wanted = std::env::var("RXD_BENCH_MODELS").unwrap_or_else(|_| "ppocr_cls,yolov8n".into());
+    for case in CASES
+        .iter()
+        .filter(|c| wanted.split(',').any(|w| w == c.model))
+    {
+        bench(case, secs);
+    }
+}
+
+fn bench(case: &Case, secs: f64) {
+    let [c, h, w] = case.item;
+    // In-process: every batch size under both thread layouts.
+    let mut best = (0.0, String::new());
+    let mut rows = Vec::new();
+    for b in [1, 2, 4, 8, 16, 32] {
+        let one = in_process(case, 2, 1, b, secs / 2.0);
+        let two = in_process(case, 1, 2, b, secs / 2.0);
+        rows.push((b, one, two));
+        for (v, layout) in [
+            (one, "1 session × 2 threads"),
+            (two, "2 sessions × 1 thread"),
+        ] {
+            if v > best.0 {
+                best = (v, format!("batch {b}, {layout}"));
+            }
+        }
+    }
+
+    // rxd: two 1-thread instances (the better layout on 2 cores), no queue delay.
+    let repo = Repo::new();
+    repo.link(case.model, 1, case.model).settings(
+        case.model,
+        &format!(
+            "instances = 2\nintra-op-threads = 1\nmax-batch-rows = {}\n",
+            case.max_rows
+        ),
+    );
+    let d = TestDaemon::start(repo.path(), &[]);
+    let item = f32_tensor(
+        case.input,
+        &[1, c as u64, h as u64, w as u64],
+        &random_f32(c * h * w, 6),
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut reports = Vec::new();
+    for clients in [1usize, 8, 32] {
+        let load = rxd_client::bench::Load {
+            socket: d.socket.clone(),
+            model: case.model.into(),
+            inputs: vec![item.clone()],
+            concurrency: clients,
+            rate_phases: Vec::new(),
+            duration: Duration::from_secs_f64(secs),
+            requests: None,
+            warmup: Duration::from_millis(500),
+            arena: true,
+            timeout_ms: None,
+        };
+        reports.push(
+            rt.block_on(rxd_client::bench::run(&load, |_, _| {}))
+                .unwrap(),
+        );
+    }
+
+    println!(
+        "### Batching: `{}`, single-item requests of {:?}\n",
+        case.model, case.item
+    );
+    println!("In-process ONNX Runtime, items/s by batch size and thread layout:\n");
+    println!("| batch | 1 session × 2 threads | 2 sessions × 1 thread |");
+    println!("|---:|---:|---:|");
+    for (b, one, two) in &rows {
+        println!("| {b} | {one:.1} | {two:.1} |");
+    }
+    println!(
+        "\nBest in-process: **{:.1} items/s** ({}).\n",
+        best.0, best.1
+    );
+    println!(
+        "rxd (2 instances × 1 thread, max-batch-rows {}, no queue delay), 1 item per request, load generator on the same 2 cores:\n",
+        case.max_rows
+    );
+    println!("| clients | req/s | vs best in-process | p50 ms | p95 ms | p99 ms | mean batch |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &reports {
+        println!(
+            "| {} | {:.1} | {:.0} % | {:.2} | {:.2} | {:.2} | {:.2} |",
+            r.concurrency,
+            r.throughput_per_s,
+            100.0 * r.throughput_per_s / best.0,
+            r.latency_ms.p50,
+            r.latency_ms.p95,
+            r.latency_ms.p99,
+            r.mean_batch_size
+        );
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+    }
+    println!();
+}
