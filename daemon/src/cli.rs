@@ -44,6 +44,9 @@ pub struct ServeOpts {
     /// Intra-op threads per model instance (0 = number of cores).
     #[arg(long, value_name = "N")]
     pub intra_op_threads: Option<u32>,
+    /// Threads reading and writing sockets (default 1; model workers have their own).
+    #[arg(long, value_name = "N")]
+    pub io_threads: Option<u32>,
     /// Group whose members may run admin operations (load, unload).
     #[arg(long, value_name = "GROUP")]
     pub admin_group: Option<String>,

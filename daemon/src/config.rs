@@ -28,6 +28,7 @@ pub struct FileConfig {
     pub model_repository: Option<PathBuf>,
     pub ort_library: Option<PathBuf>,
     pub intra_op_threads: Option<u32>,
+    pub io_threads: Option<u32>,
     pub admin_group: Option<String>,
     pub max_connections: Option<u32>,
     pub max_in_flight: Option<u32>,
@@ -49,6 +50,8 @@ pub struct Config {
     pub ort_library: PathBuf,
     /// Default intra-op threads per instance.
     pub intra_op_threads: u32,
+    /// Threads of the async runtime that reads sockets (model workers are separate).
+    pub io_threads: u32,
     pub admin_group: Option<String>,
     pub admin_gid: Option<u32>,
     pub max_connections: u32,
@@ -259,6 +262,14 @@ pub fn resolve(
         n => n,
     };
 
+    let io_threads = match opts.io_threads.or(file.io_threads).unwrap_or(1) {
+        n @ 1..=64 => n,
+        n => {
+            bad("io-threads", format!("{n} is out of range 1..=64"));
+            1
+        }
+    };
+
     let admin_group = opts.admin_group.clone().or(file.admin_group);
     let admin_gid = match &admin_group {
         None => None,
@@ -336,6 +347,7 @@ pub fn resolve(
         model_repository,
         ort_library,
         intra_op_threads,
+        io_threads,
         admin_group,
         admin_gid,
         max_connections,

@@ -79,6 +79,7 @@ fn serve(opts: &ServeOpts) -> ExitCode {
         }
     };
     let socket = cfg.socket.clone();
+    let cfg_io_threads = cfg.io_threads as usize;
     let shared = match rxd::prepare(cfg) {
         Ok(s) => s,
         Err(e) => {
@@ -88,12 +89,7 @@ fn serve(opts: &ServeOpts) -> ExitCode {
         }
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(
-            std::env::var("RXD_IO_THREADS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(2),
-        )
+        .worker_threads(cfg_io_threads)
         .thread_name("rxd-io")
         .enable_all()
         .build()

@@ -121,7 +121,8 @@ fn bench(case: &Case, secs: f64) {
             case.max_rows
         ),
     );
-    let d = TestDaemon::start(repo.path(), &[]);
+    let io = std::env::var("RXD_BENCH_IO_THREADS").unwrap_or_else(|_| "1".into());
+    let d = TestDaemon::start(repo.path(), &["--io-threads", &io]);
     let item = f32_tensor(
         case.input,
         &[1, c as u64, h as u64, w as u64],
