@@ -98,7 +98,10 @@ struct Conn {
     _bufs: Vec<ArenaBuf>,
 }
 
-async fn connect(load: &Load) -> Result<Conn, ClientError> {
+/// Connection `index` sends inputs that differ from every other connection's in the lowest
+/// byte of the first element, so that the daemon's identical-request coalescing does not
+/// merge different clients' requests (a load generator must measure real runs).
+async fn connect(load: &Load, index: usize) -> Result<Conn, ClientError> {
     let bytes: u64 = load
         .inputs
         .iter()
@@ -117,7 +120,20 @@ async fn connect(load: &Load) -> Result<Conn, ClientError> {
     let client = Client::connect_with(&load.socket, options).await?;
     let mut bufs = Vec::new();
     let mut inputs = Vec::new();
-    for t in &load.inputs {
+    let distinct: Vec<Tensor> = load
+        .inputs
+        .iter()
+        .map(|t| {
+            let mut t = t.clone();
+            if let rxd_protocol::TensorData::Inline(b) = &mut t.data
+                && let Some(first) = b.first_mut()
+            {
+                *first ^= (index % 251) as u8;
+            }
+            t
+        })
+        .collect();
+    for t in &distinct {
         match (client.arena(), crate::tensor::bytes(t)) {
             (Some(arena), Some(b)) => {
                 let mut buf = arena.alloc(b.len() as u64)?;
@@ -175,7 +191,8 @@ pub async fn run(
 ) -> Result<Report, ClientError> {
     let mut conns = Vec::with_capacity(load.concurrency);
     for _ in 0..load.concurrency.max(1) {
-        conns.push(Arc::new(connect(load).await?));
+        let i = conns.len();
+        conns.push(Arc::new(connect(load, i).await?));
     }
     let control = conns[0].client.clone();
     // Warm up (also teaches an adaptive scheduler the model's cost).

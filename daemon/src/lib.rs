@@ -12,12 +12,14 @@
 //! - [`validate`]: checks a request's tensors against a model's signature.
 //! - [`runtime`]: ONNX Runtime — library loading, sessions, worker threads. Nothing outside
 //!   it calls ORT.
+//! - [`coalesce`]: identical-request coalescing and the result cache.
 //! - [`metrics`]: counters behind `status` and `health`.
 //! - [`error`]: the daemon's error enums and their one mapping to wire error codes.
 //! - [`shutdown`]: signals and the cancellation tree.
 #![deny(unsafe_code)]
 
 pub mod cli;
+pub mod coalesce;
 pub mod config;
 pub mod connection;
 pub mod dispatch;

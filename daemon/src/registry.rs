@@ -16,6 +16,7 @@ use std::sync::{Arc, RwLock};
 use rxd_protocol::{ModelInfo, ModelState, ModelSummary};
 use serde::Deserialize;
 
+use crate::coalesce::{Coalescer, Route};
 use crate::error::RequestError;
 use crate::runtime::{Completion, Job, Runtime, SessionOptions, Signature};
 use crate::scheduler::Scheduler;
@@ -46,6 +47,11 @@ pub struct ModelSettings {
     pub default_priority: Option<u8>,
     /// A waiting request gains one priority level per this many ms (no starvation). Default 100.
     pub priority_aging_ms: Option<u64>,
+    /// Identical requests in flight at once run once and share the answer, for requests with
+    /// at most this many input bytes (hashing costs ~1 ms per MB). Default 256 KiB; 0 = off.
+    pub coalesce_max_bytes: Option<crate::config::ByteSize>,
+    /// Result cache (LRU) size; 0 = off (default). Answers repeats without running.
+    pub cache_bytes: Option<crate::config::ByteSize>,
 }
 
 impl ModelSettings {
@@ -104,6 +110,7 @@ pub struct LoadedModel {
     pub version: u64,
     pub signature: Signature,
     scheduler: Arc<Scheduler>,
+    pub coalescer: Arc<Coalescer>,
 }
 
 impl LoadedModel {
@@ -116,10 +123,24 @@ impl LoadedModel {
         priority: Option<u8>,
         deadline: Option<std::time::Instant>,
     ) {
+        let mut inputs = checked.inputs;
+        let (completion, placement) = match self.coalescer.route(
+            &self.name,
+            self.version,
+            &mut inputs,
+            &checked.outputs,
+            completion,
+            checked.placement,
+        ) {
+            Route::Run(c, p) => (c, p),
+            // The group wants the bytes back inline; it places them for each member.
+            Route::Lead(c) => (c, crate::runtime::Placement::default()),
+            Route::Done => return,
+        };
         let job = Job {
-            inputs: checked.inputs,
+            inputs,
             outputs: checked.outputs,
-            placement: checked.placement,
+            placement,
             completion,
         };
         self.scheduler.submit(job, priority, deadline);
@@ -379,11 +400,16 @@ impl Registry {
             batchable(&signature),
             settings.default_priority.unwrap_or(0),
         );
+        let coalescer = Coalescer::new(
+            settings.coalesce_max_bytes.map_or(256 << 10, |b| b.0),
+            settings.cache_bytes.map_or(0, |b| b.0),
+        );
         Ok(LoadedModel {
             name: name.into(),
             version,
             signature,
             scheduler,
+            coalescer,
         })
     }
 
@@ -541,7 +567,14 @@ fn summary(name: &str, version: u64, ver: &Version) -> ModelSummary {
         instances: loaded.map_or(0, |l| l.instances() as u32),
         device: "cpu".into(),
         batchable: loaded.is_some_and(|l| l.batchable()),
-        requests: stats.map_or(0, |s| s.requests.load(Relaxed)),
+        requests: stats.map_or(0, |s| s.requests.load(Relaxed))
+            + loaded.map_or(0, |l| {
+                l.coalescer.stats.hits.load(Relaxed) + l.coalescer.stats.coalesced.load(Relaxed)
+            }),
+        cache_hits: loaded.map_or(0, |l| l.coalescer.stats.hits.load(Relaxed)),
+        cache_misses: loaded.map_or(0, |l| l.coalescer.stats.misses.load(Relaxed)),
+        cache_bytes: loaded.map_or(0, |l| l.coalescer.cache_bytes()),
+        coalesced: loaded.map_or(0, |l| l.coalescer.stats.coalesced.load(Relaxed)),
         batches: stats.map_or(0, |s| s.batches.load(Relaxed)),
         rows: stats.map_or(0, |s| s.rows.load(Relaxed)),
     }

@@ -385,6 +385,16 @@ pub struct ModelSummary {
     pub batches: u64,
     #[serde(default)]
     pub rows: u64,
+    /// Result cache hits and misses, bytes held; requests answered by joining an identical
+    /// request in flight.
+    #[serde(default)]
+    pub cache_hits: u64,
+    #[serde(default)]
+    pub cache_misses: u64,
+    #[serde(default)]
+    pub cache_bytes: u64,
+    #[serde(default)]
+    pub coalesced: u64,
 }
 
 /// Lifecycle state of a model version.

@@ -185,7 +185,7 @@ fn a_full_queue_answers_busy_at_once_and_drops_nothing() {
     let repo = Repo::new();
     repo.link("digits", 1, "digits").settings(
         "digits",
-        "queue-capacity = 3\nmax-batch-rows = 64\nmax-queue-delay-us = 400000\n",
+        "queue-capacity = 3\nmax-batch-rows = 64\nmax-queue-delay-us = 400000\ncoalesce-max-bytes = 0\n",
     );
     let d = TestDaemon::start(repo.path(), &[]);
     let mut raw = RawConn::connect(&d.socket).unwrap();
@@ -325,4 +325,66 @@ fn rxctl_bench_reports_what_the_daemon_did() {
         v["errors"]["deadline_exceeded"].as_u64().unwrap() > 0,
         "{v}"
     );
+}
+
+#[test]
+fn identical_requests_coalesce_and_the_cache_answers_repeats_byte_identically() {
+    let repo = Repo::new();
+    // Requests wait 150 ms for a batch, so identical ones meet in flight.
+    repo.link("digits", 1, "digits").settings(
+        "digits",
+        "max-queue-delay-us = 150000\ncache-bytes = '1MiB'\n",
+    );
+    let d = TestDaemon::start(repo.path(), &[]);
+    let x = {
+        let f = std::fs::File::open(repo_root().join("examples/data/digit.npy")).unwrap();
+        rxd_client::npy::read("input", f).unwrap()
+    };
+    let want = Reference::new(&model_file("digits")).run(std::slice::from_ref(&x));
+
+    // 8 identical requests in flight at once: one run, eight identical answers.
+    let mut raw = RawConn::connect(&d.socket).unwrap();
+    raw.handshake().unwrap();
+    for id in 1..=8 {
+        raw.send(&RequestFrame {
+            id,
+            body: Request::Infer(InferRequest::new("digits", vec![x.clone()])),
+        });
+    }
+    for _ in 0..8 {
+        match raw.read_response().outcome {
+            Outcome::Ok(Reply::Infer(r)) => assert_eq!(r.outputs, want),
+            other => panic!("{other:?}"),
+        }
+    }
+    let s = model_stats(&d, "digits");
+    assert_eq!((s.coalesced, s.rows), (7, 1), "{s:?}");
+
+    // A repeat is a cache hit: answered without running, byte-identical.
+    let c = d.client_inline();
+    assert_eq!(c.infer("digits", vec![x.clone()]).unwrap(), want);
+    let s = model_stats(&d, "digits");
+    assert_eq!((s.cache_hits, s.rows), (1, 1), "{s:?}");
+    assert!(s.cache_bytes >= 48, "{s:?}");
+    // The hit can also be delivered into the client's arena.
+    let ca = d.client();
+    let area = ca.arena().unwrap().alloc(4096).unwrap();
+    let mut req = InferRequest::new("digits", vec![x.clone()]);
+    req.output_area = Some(area.as_ref());
+    let r = ca.infer_request(req).unwrap();
+    for (g, w) in r.outputs.iter().zip(&want) {
+        assert_eq!(
+            area.output_bytes(g).unwrap(),
+            rxd_client::tensor::bytes(w).unwrap()
+        );
+    }
+    // A different input misses and runs.
+    let mut y = x.clone();
+    if let rxd_protocol::TensorData::Inline(b) = &mut y.data {
+        b[0] ^= 0x40;
+    }
+    c.infer("digits", vec![y]).unwrap();
+    let s = model_stats(&d, "digits");
+    assert_eq!((s.cache_hits, s.rows), (2, 2), "{s:?}");
+    assert!(s.cache_misses >= 2, "{s:?}");
 }

@@ -21,7 +21,7 @@ use rxd_protocol::{DType, TensorSpec};
 use rxd_shm::Mapping;
 
 /// Errors from ONNX Runtime.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum RuntimeError {
     #[error("cannot load ONNX Runtime from {path}: {message}")]
     Library { path: PathBuf, message: String },
@@ -471,12 +471,12 @@ fn run_batch(session: &mut Session, batch: Batch) {
     }
 }
 
-/// A model output as ORT returned it.
-struct View<'a> {
-    name: &'a str,
-    dtype: DType,
-    shape: Vec<u64>,
-    bytes: &'a [u8],
+/// A model output's bytes, wherever they are (ORT's buffer, a cache entry).
+pub struct View<'a> {
+    pub name: &'a str,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    pub bytes: &'a [u8],
 }
 
 fn run_err(e: &dyn std::fmt::Display) -> RuntimeError {
@@ -633,7 +633,10 @@ fn run_many(
 
 /// Puts outputs where the job wants them: checks every region first (no partial writes),
 /// then copies into the arena or into inline buffers.
-fn deliver(views: &[View<'_>], placement: &Placement) -> Result<Vec<OutputTensor>, RuntimeError> {
+pub fn deliver(
+    views: &[View<'_>],
+    placement: &Placement,
+) -> Result<Vec<OutputTensor>, RuntimeError> {
     let wanted: Vec<String> = views.iter().map(|v| v.name.to_string()).collect();
     let bytes: Vec<&[u8]> = views.iter().map(|v| v.bytes).collect();
     let offsets = place(placement, &wanted, &bytes)?;
