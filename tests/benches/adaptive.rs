@@ -1,0 +1,147 @@
+//! Adaptive batching vs static configurations under a load that changes from light to heavy
+//! to light (open loop: requests leave on schedule whatever the answers do), on PP-OCR's
+//! direction classifier. Every configuration gets the same load in the same run; the heavy
+//! phase is set from the capacity measured first (closed loop, 32 clients).
+//!
+//! Run: `scripts/bench adaptive`. `RXD_BENCH_PHASE_SECS` sets seconds per phase (default 4).
+
+use std::time::Duration;
+
+use rxd_client::bench::{Load, Report, run};
+use rxd_e2e::*;
+
+const TARGET_MS: f64 = 25.0;
+
+fn daemon(settings: &str) -> (Repo, TestDaemon) {
+    let repo = Repo::new();
+    repo.link("ppocr_cls", 1, "ppocr_cls").settings(
+        "ppocr_cls",
+        &format!("instances = 2\nintra-op-threads = 1\ncoalesce-max-bytes = 0\n{settings}"),
+    );
+    let d = TestDaemon::start(repo.path(), &[]);
+    (repo, d)
+}
+
+fn load(d: &TestDaemon, phases: Vec<(f64, f64)>, concurrency: usize) -> Load {
+    Load {
+        socket: d.socket.clone(),
+        model: "ppocr_cls".into(),
+        inputs: vec![f32_tensor(
+            "x",
+            &[1, 3, 48, 192],
+            &random_f32(3 * 48 * 192, 9),
+        )],
+        concurrency,
+        rate_phases: phases,
+        duration: Duration::from_secs(4),
+        requests: None,
+        warmup: Duration::from_secs(1),
+        arena: true,
+        timeout_ms: None,
+    }
+}
+
+fn main() {
+    let secs: f64 = std::env::var("RXD_BENCH_PHASE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4.0);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Capacity with the default (work-conserving) configuration.
+    let (_r, d) = daemon("max-batch-rows = 32\n");
+    let cap = rt
+        .block_on(run(&load(&d, Vec::new(), 32), |_, _| {}))
+        .unwrap()
+        .throughput_per_s;
+    drop(d);
+    let (light, heavy) = ((0.15 * cap).round(), (0.9 * cap).round());
+    let phases = vec![(light, secs), (heavy, secs), (light, secs)];
+
+    let configs: Vec<(String, String)> = vec![
+        (
+            "static: rows 1 (no batching)".into(),
+            "max-batch-rows = 1\n".into(),
+        ),
+        (
+            "static: rows 4, no wait".into(),
+            "max-batch-rows = 4\n".into(),
+        ),
+        (
+            "static: rows 8, no wait".into(),
+            "max-batch-rows = 8\n".into(),
+        ),
+        (
+            "static: rows 32, no wait".into(),
+            "max-batch-rows = 32\n".into(),
+        ),
+        (
+            "static: rows 8, wait 2 ms".into(),
+            "max-batch-rows = 8\nmax-queue-delay-us = 2000\n".into(),
+        ),
+        (
+            "static: rows 32, wait 5 ms".into(),
+            "max-batch-rows = 32\nmax-queue-delay-us = 5000\n".into(),
+        ),
+        (
+            format!("adaptive: target {TARGET_MS} ms, rows ≤ 32"),
+            format!("max-batch-rows = 32\nlatency-target-ms = {TARGET_MS}\n"),
+        ),
+    ];
+    let mut results: Vec<(String, Report)> = Vec::new();
+    for (name, settings) in configs {
+        let (_r, d) = daemon(&settings);
+        let r = rt
+            .block_on(run(&load(&d, phases.clone(), 32), |_, _| {}))
+            .unwrap();
+        results.push((name, r));
+    }
+
+    println!("### Adaptive vs static batching: `ppocr_cls`, load light → heavy → light\n");
+    println!(
+        "Capacity (closed loop, 32 clients, default settings): {cap:.0} req/s. Phases: {light:.0} req/s, {heavy:.0} req/s, {light:.0} req/s, {secs} s each (open loop, 32 connections).\n"
+    );
+    println!(
+        "| configuration | achieved req/s | p99 ms (all) | p99 light | p99 heavy | p99 light | mean batch | errors |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (name, r) in &results {
+        let p: Vec<String> = r
+            .phases
+            .iter()
+            .map(|p| format!("{:.2}", p.latency_ms.p99))
+            .collect();
+        println!(
+            "| {name} | {:.0} | {:.2} | {} | {:.2} | {} |",
+            r.throughput_per_s,
+            r.latency_ms.p99,
+            p.join(" | "),
+            r.mean_batch_size,
+            r.errors.values().sum::<u64>()
+        );
+    }
+    let (aname, adaptive) = results.last().expect("adaptive ran");
+    let best_static = results[..results.len() - 1]
+        .iter()
+        .filter(|(_, r)| r.latency_ms.p99 >= adaptive.latency_ms.p99 * 0.0)
+        .max_by(|a, b| a.1.throughput_per_s.total_cmp(&b.1.throughput_per_s))
+        .expect("static runs");
+    println!(
+        "\n- best static by throughput: {} ({:.0} req/s, p99 {:.2} ms); {aname}: {:.0} req/s, p99 {:.2} ms",
+        best_static.0,
+        best_static.1.throughput_per_s,
+        best_static.1.latency_ms.p99,
+        adaptive.throughput_per_s,
+        adaptive.latency_ms.p99
+    );
+    let within = adaptive
+        .phases
+        .iter()
+        .all(|p| p.latency_ms.p99 <= TARGET_MS);
+    println!(
+        "- adaptive p99 within the {TARGET_MS} ms target in every phase (all below capacity): {within}"
+    );
+}
