@@ -64,14 +64,18 @@ pub struct ClientOptions {
     pub inline_threshold: u64,
     /// Name sent in the handshake.
     pub client_name: String,
+    /// If the daemon refuses the arena (`arena_unavailable`: over its limits), connect again
+    /// without one instead of failing. Default true.
+    pub arena_fallback: bool,
 }
 
 impl Default for ClientOptions {
     fn default() -> Self {
         ClientOptions {
-            arena_bytes: 64 << 20,
+            arena_bytes: 16 << 20,
             inline_threshold: 64 << 10,
             client_name: concat!("rxd-client ", env!("CARGO_PKG_VERSION")).into(),
+            arena_fallback: true,
         }
     }
 }
@@ -176,7 +180,8 @@ async fn read_frame<R: AsyncRead + Unpin>(rd: &mut R, max: u64) -> Result<Vec<u8
 }
 
 impl Client {
-    /// Connects with default options (a 64 MiB arena, tensors from 64 KiB through it).
+    /// Connects with default options (a 16 MiB arena, tensors from 64 KiB through it; no arena
+    /// if the daemon refuses one).
     pub async fn connect(path: impl AsRef<Path>) -> Result<Client, ClientError> {
         Client::connect_with(path, ClientOptions::default()).await
     }
@@ -187,13 +192,28 @@ impl Client {
         options: ClientOptions,
     ) -> Result<Client, ClientError> {
         let path = path.as_ref();
-        let stream = UnixStream::connect(path)
-            .await
-            .map_err(|source| ClientError::Connect {
-                path: path.display().to_string(),
-                source,
-            })?;
-        Client::handshake(stream, options).await
+        let open = || async {
+            UnixStream::connect(path)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    path: path.display().to_string(),
+                    source,
+                })
+        };
+        match Client::handshake(open().await?, options.clone()).await {
+            Err(ClientError::Handshake(e))
+                if options.arena_fallback
+                    && options.arena_bytes > 0
+                    && e.kind() == Some(rxd_protocol::ErrorCode::ArenaUnavailable) =>
+            {
+                let inline = ClientOptions {
+                    arena_bytes: 0,
+                    ..options
+                };
+                Client::handshake(open().await?, inline).await
+            }
+            other => other,
+        }
     }
 
     /// Performs the handshake on an already-connected stream.

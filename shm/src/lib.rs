@@ -98,8 +98,9 @@ impl std::fmt::Debug for Mapping {
 
 impl Mapping {
     /// Maps `fd` shared read-write. `len` must equal the file's size (checked: a mapping past
-    /// the end of a file faults on access). Pages are populated up front, so the first request
-    /// does not pay for page faults.
+    /// the end of a file faults on access). Pages are not populated: memory is committed by
+    /// whichever side touches a page first (normally the client writing its inputs), and the
+    /// other side's first access to a page is a minor fault.
     pub fn map(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
         let size = file_size(fd)?;
         if size != len as u64 {
@@ -118,7 +119,7 @@ impl Mapping {
                 None,
                 nz,
                 ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED | MapFlags::MAP_POPULATE,
+                MapFlags::MAP_SHARED,
                 fd,
                 0,
             )?

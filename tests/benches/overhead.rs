@@ -160,12 +160,13 @@ fn main() {
         s.write_all(&req_bytes).unwrap();
         read_frame(&mut s, &mut buf);
     });
+    // RSS now: one model loaded, one inline client (before any client arena is mapped).
+    let rss_model = rss_kib(d.pid());
     // The same through the async client library, driven by a blocking wrapper.
     let client = d.client();
     let lib = time_n(n / 2, 500, || {
         std::hint::black_box(client.infer("sigmoid", vec![input.clone()]).unwrap());
     });
-    let rss_model = rss_kib(d.pid());
 
     let added_p50 = rxd_raw.p50 - ort.p50;
     let added_p99 = rxd_raw.p99 - ort.p99;

@@ -385,14 +385,24 @@ fn admin_operations_need_admin_rights() {
     let rxctl = dir.path().join("rxctl");
     std::fs::copy(bin("rxctl"), &rxctl).unwrap();
     let as_nobody = |args: &[&str]| {
-        std::process::Command::new(&rxctl)
-            .env_clear()
-            .env("RXD_SOCKET", &d.socket)
-            .args(args)
-            .uid(65534)
-            .gid(65534)
-            .output()
-            .unwrap()
+        // A fork in another test thread can briefly hold the fresh copy open for writing
+        // (ETXTBSY on exec): retry.
+        for _ in 0..50 {
+            match std::process::Command::new(&rxctl)
+                .env_clear()
+                .env("RXD_SOCKET", &d.socket)
+                .args(args)
+                .uid(65534)
+                .gid(65534)
+                .output()
+            {
+                Err(e) if e.raw_os_error() == Some(nix::libc::ETXTBSY) => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                r => return r.unwrap(),
+            }
+        }
+        panic!("rxctl copy stayed busy");
     };
     let out = as_nobody(&["unload", "digits"]);
     assert_eq!(out.status.code(), Some(77), "{out:?}");
