@@ -140,8 +140,9 @@ fn main() {
 
     let repo = Repo::new();
     repo.link("sigmoid", 1, "sigmoid");
+    let io = std::env::var("RXD_BENCH_IO_THREADS").unwrap_or_else(|_| "1".into());
     let t0 = Instant::now();
-    let d = TestDaemon::start(repo.path(), &[]);
+    let d = TestDaemon::start(repo.path(), &["--io-threads", &io]);
     let exec_to_serving = t0.elapsed();
     let mut conn = RawConn::connect(&d.socket).unwrap();
     conn.handshake().unwrap();
