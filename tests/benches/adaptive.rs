@@ -12,11 +12,11 @@ use rxd_e2e::*;
 
 const TARGET_MS: f64 = 25.0;
 
-fn daemon(settings: &str) -> (Repo, TestDaemon) {
+fn daemon(layout: &str, settings: &str) -> (Repo, TestDaemon) {
     let repo = Repo::new();
     repo.link("ppocr_cls", 1, "ppocr_cls").settings(
         "ppocr_cls",
-        &format!("instances = 2\nintra-op-threads = 1\ncoalesce-max-bytes = 0\n{settings}"),
+        &format!("{layout}coalesce-max-bytes = 0\n{settings}"),
     );
     let d = TestDaemon::start(repo.path(), &[]);
     (repo, d)
@@ -46,13 +46,31 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(4.0);
+    for (name, layout) in [
+        (
+            "2 instances × 1 thread",
+            "instances = 2\nintra-op-threads = 1\n",
+        ),
+        (
+            "1 instance × 2 threads",
+            "instances = 1\nintra-op-threads = 2\n",
+        ),
+    ] {
+        let only = std::env::var("RXD_BENCH_LAYOUT").unwrap_or_default();
+        if only.is_empty() || name.starts_with(&only) {
+            scenario(name, layout, secs);
+        }
+    }
+}
+
+fn scenario(layout_name: &str, layout: &str, secs: f64) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
     // Capacity with the default (work-conserving) configuration.
-    let (_r, d) = daemon("max-batch-rows = 32\n");
+    let (_r, d) = daemon(layout, "max-batch-rows = 32\n");
     let cap = rt
         .block_on(run(&load(&d, Vec::new(), 32), |_, _| {}))
         .unwrap()
@@ -93,14 +111,16 @@ fn main() {
     ];
     let mut results: Vec<(String, Report)> = Vec::new();
     for (name, settings) in configs {
-        let (_r, d) = daemon(&settings);
+        let (_r, d) = daemon(layout, &settings);
         let r = rt
             .block_on(run(&load(&d, phases.clone(), 32), |_, _| {}))
             .unwrap();
         results.push((name, r));
     }
 
-    println!("### Adaptive vs static batching: `ppocr_cls`, load light → heavy → light\n");
+    println!(
+        "### Adaptive vs static batching: `ppocr_cls`, {layout_name}, load light → heavy → light\n"
+    );
     println!(
         "Capacity (closed loop, 32 clients, default settings): {cap:.0} req/s. Phases: {light:.0} req/s, {heavy:.0} req/s, {light:.0} req/s, {secs} s each (open loop, 32 connections).\n"
     );

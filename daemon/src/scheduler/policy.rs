@@ -13,11 +13,15 @@
 //! 3. Run now, or wait for the batch to fill: run if the model is not batchable, the batch
 //!    has reached its target rows, or the head has waited its allowed wait; else wake up when
 //!    the wait ends. Static mode: target = `max_batch_rows`, wait = `max_queue_delay`.
-//!    Adaptive mode (a latency target T is set): from the measured compute time per batch size
-//!    (a linear model `c(b) = a + k·b` fitted to recent batches) and the measured arrival
-//!    rate, the target is the largest batch with `c(b) ≤ T/2`, and the head waits only while
-//!    the expected arrivals can still fill the batch within `T − c(target)` of its arrival.
-//!    Waiting never pushes a request past its deadline.
+//!    Adaptive mode (a latency target T is set): from the measured compute time of every batch
+//!    size seen (a smoothed table, linear in between) and the measured arrival rate, the
+//!    target is the size with the lowest cost per row among those with `c(b) ≤ T/2`; the head
+//!    waits for more rows only if the compute that batch saves is more than twice the time the
+//!    worker would idle waiting (and per row it is ≥ 25 % cheaper), and the expected arrivals
+//!    fill it within `T − c(target)`. Where batching does not
+//!    pay (common on CPUs) it never waits. Whatever is queued runs together up to the largest
+//!    batch predicted to fit `T/2` (work-conserving). Waiting never pushes a request past its
+//!    deadline.
 //! 4. A full queue refuses new requests at once (`busy`).
 //!
 //! Invariants (property-tested): every request is answered exactly once (run, rejected or
@@ -25,7 +29,6 @@
 //! after its deadline; every batch shares one shape key; the head of every batch has the
 //! highest effective priority among those waiting.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 /// Identifies a request inside one scheduler.
@@ -86,47 +89,75 @@ pub enum Action {
     Wake(Instant),
 }
 
-/// Measured compute time per batch size: a linear fit over recent batches.
+/// Measured compute time per batch size: a smoothed time for every size seen, linear in
+/// between and beyond. Per-row cost is not assumed to fall with batch size: on a CPU it often
+/// does not (and can rise for large batches), so the table decides.
 #[derive(Debug, Clone, Default)]
 pub struct CostModel {
-    /// (rows, seconds) of recent batches.
-    samples: VecDeque<(f64, f64)>,
+    /// rows → smoothed seconds.
+    table: std::collections::BTreeMap<u32, f64>,
 }
 
 impl CostModel {
-    const KEEP: usize = 64;
-
     pub fn record(&mut self, rows: u32, compute: Duration) {
-        if self.samples.len() == Self::KEEP {
-            self.samples.pop_front();
-        }
-        self.samples
-            .push_back((f64::from(rows), compute.as_secs_f64()));
+        let t = compute.as_secs_f64();
+        self.table
+            .entry(rows.max(1))
+            .and_modify(|old| *old = 0.7 * *old + 0.3 * t)
+            .or_insert(t);
+    }
+
+    /// Batch sizes measured so far.
+    pub fn sizes(&self) -> impl Iterator<Item = u32> + '_ {
+        self.table.keys().copied()
     }
 
     /// Predicted compute time of a batch of `rows` (`None` before any sample).
     pub fn predict(&self, rows: u32) -> Option<Duration> {
-        let n = self.samples.len() as f64;
-        if n == 0.0 {
-            return None;
+        let rows = rows.max(1);
+        if let Some(&t) = self.table.get(&rows) {
+            return Some(Duration::from_secs_f64(t));
         }
-        let (sx, sy) = self
-            .samples
-            .iter()
-            .fold((0.0, 0.0), |(a, b), &(x, y)| (a + x, b + y));
-        let (mx, my) = (sx / n, sy / n);
-        let (sxx, sxy) = self.samples.iter().fold((0.0, 0.0), |(a, b), &(x, y)| {
-            (a + (x - mx) * (x - mx), b + (x - mx) * (y - my))
-        });
-        let secs = if sxx < 1e-9 {
-            // One batch size seen so far: assume no batching gain (cost proportional to rows).
-            my * f64::from(rows) / mx.max(1.0)
-        } else {
-            let k = (sxy / sxx).max(0.0);
-            let a = (my - k * mx).max(0.0);
-            a + k * f64::from(rows)
+        let below = self.table.range(..rows).next_back();
+        let above = self.table.range(rows..).next();
+        let secs = match (below, above) {
+            (None, None) => return None,
+            // Between two sizes: linear.
+            (Some((&a, &ta)), Some((&b, &tb))) => {
+                ta + (tb - ta) * f64::from(rows - a) / f64::from(b - a)
+            }
+            // Beyond the largest (or below the smallest): per-row cost of the nearest size.
+            (Some((&a, &ta)), None) => ta * f64::from(rows) / f64::from(a),
+            (None, Some((&b, &tb))) => tb * f64::from(rows) / f64::from(b),
         };
         Some(Duration::from_secs_f64(secs.max(0.0)))
+    }
+
+    /// Least-squares line `c(b) = a + k·b` through the table (one point per size), for
+    /// decisions that must not follow one noisy size; `None` below two sizes.
+    pub fn linear(&self, rows: u32) -> Option<Duration> {
+        let n = self.table.len() as f64;
+        if self.table.len() < 2 {
+            return self.predict(rows);
+        }
+        let (sx, sy) = self
+            .table
+            .iter()
+            .fold((0.0, 0.0), |(a, b), (&x, &y)| (a + f64::from(x), b + y));
+        let (mx, my) = (sx / n, sy / n);
+        let (sxx, sxy) = self.table.iter().fold((0.0, 0.0), |(a, b), (&x, &y)| {
+            let dx = f64::from(x) - mx;
+            (a + dx * dx, b + dx * (y - my))
+        });
+        let k = (sxy / sxx).max(0.0);
+        let a = (my - k * mx).max(0.0);
+        Some(Duration::from_secs_f64(a + k * f64::from(rows)))
+    }
+
+    /// Predicted seconds per row at batch size `rows`.
+    pub fn per_row(&self, rows: u32) -> Option<f64> {
+        self.predict(rows)
+            .map(|d| d.as_secs_f64() / f64::from(rows.max(1)))
     }
 }
 
@@ -252,33 +283,52 @@ impl Batcher {
         })
     }
 
-    /// Target rows and allowed wait of the head, by mode.
-    fn plan(&self, head: &Item, rows_now: u32, now: Instant) -> (u32, Instant) {
+    /// Target rows (run when reached), cap (never run more) and allowed wait of the head.
+    fn plan(&self, head: &Item, rows_now: u32, now: Instant) -> (u32, u32, Instant) {
         let s = &self.settings;
         let max = s.max_batch_rows.max(1);
-        let (target, wait) = match s.latency_target {
-            None => (max, s.max_queue_delay),
+        let (target, cap, wait) = match s.latency_target {
+            None => (max, max, s.max_queue_delay),
             Some(t) => {
-                // Largest batch whose compute fits half the target.
-                let target = match self.cost.predict(1) {
-                    None => max,
-                    Some(_) => {
-                        let mut b = 1;
-                        while b < max && self.cost.predict(b + 1).is_some_and(|c| c <= t / 2) {
-                            b += 1;
-                        }
-                        b
+                // Cap: the largest batch whose predicted compute fits half the target
+                // (everything queued up to it runs: work-conserving, and it keeps exploring
+                // sizes); until something is measured, `max`.
+                let cap = (1..=max)
+                    .rev()
+                    .find(|&b| self.cost.linear(b).is_none_or(|c| c <= t / 2))
+                    .unwrap_or(1);
+                // Target: among measured sizes whose compute fits half the latency target, the
+                // one with the lowest cost per row (smallest on ties); until something is
+                // measured, whatever is queued (work-conserving).
+                let target = self
+                    .cost
+                    .sizes()
+                    .filter(|&b| b <= max && self.cost.predict(b).is_some_and(|c| c <= t / 2))
+                    .min_by(|&a, &b| {
+                        let (ca, cb) = (self.cost.per_row(a), self.cost.per_row(b));
+                        ca.partial_cmp(&cb)
+                            .unwrap_or(std::cmp::Ordering::Equal)
+                            .then(a.cmp(&b))
+                    })
+                    .unwrap_or(max);
+                // Waiting idles a worker for the fill time; it pays only if the fuller batch
+                // saves clearly more compute than that (twice, against noisy estimates; and
+                // per row at least 25 %), and the missing rows are expected within the
+                // latency budget.
+                let saving = match (self.cost.per_row(target), self.cost.per_row(rows_now)) {
+                    (Some(full), Some(now_cost)) if full < 0.75 * now_cost => {
+                        Duration::from_secs_f64((now_cost - full) * f64::from(target) / 2.0)
                     }
+                    _ => Duration::ZERO,
                 };
                 let compute = self.cost.predict(target).unwrap_or_default();
                 let budget = t.saturating_sub(compute);
-                // Wait only if the missing rows are expected within the budget.
                 let missing = target.saturating_sub(rows_now);
                 let wait = match self.rate.time_for(missing) {
-                    Some(fill) if fill <= budget => fill.min(budget),
+                    Some(fill) if fill < saving && fill <= budget => fill,
                     _ => Duration::ZERO,
                 };
-                (target, wait)
+                (target.min(cap), cap, wait)
             }
         };
         let mut until = head.arrived + wait;
@@ -287,7 +337,7 @@ impl Batcher {
             let c = self.cost.predict(rows_now.max(1)).unwrap_or_default();
             until = until.min(d.checked_sub(c).unwrap_or(now));
         }
-        (target.max(1), until)
+        (target.max(1), cap.max(1), until)
     }
 
     fn schedule(&mut self, now: Instant) -> Vec<Action> {
@@ -311,9 +361,9 @@ impl Batcher {
             let run_now = if !self.settings.batchable || max <= 1 {
                 true
             } else {
-                let (target, until) = self.plan(&head, rows, now);
-                if rows > target {
-                    batch = self.collect(&head, now, target);
+                let (target, cap, until) = self.plan(&head, rows, now);
+                if rows > cap {
+                    batch = self.collect(&head, now, cap);
                 }
                 if rows >= target || now >= until {
                     true

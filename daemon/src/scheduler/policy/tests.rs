@@ -167,7 +167,7 @@ fn adaptive_mode_sizes_batches_from_measured_cost_and_the_target() {
     let mut b = Batcher::new(s, 1);
     // Teach it c(b) = 2 ms + 0.5 ms/row: c(b) <= 10 ms for b <= 16.
     b.free_workers = 0;
-    for rows in [1, 4, 8, 16, 2] {
+    for rows in [1, 2, 4, 8, 16, 32] {
         b.batch_done(
             rows,
             Duration::from_micros(2000 + 500 * u64::from(rows)),
@@ -371,4 +371,28 @@ proptest! {
         prop_assert!(waiting.is_empty(), "never answered: {:?}", waiting.keys().collect::<Vec<_>>());
         prop_assert_eq!(answered.len() as u64, next_id - 1);
     }
+}
+
+#[test]
+fn adaptive_mode_does_not_wait_when_batching_does_not_pay() {
+    let t0 = Instant::now();
+    let s = Settings {
+        max_batch_rows: 32,
+        latency_target: Some(ms(50)),
+        ..Settings::default()
+    };
+    let mut b = Batcher::new(s, 1);
+    // Flat per-row cost: 1 ms per row at every size.
+    b.free_workers = 0;
+    for rows in [1, 2, 4, 8, 16] {
+        b.batch_done(rows, ms(u64::from(rows)), t0);
+        b.free_workers = 0;
+    }
+    b.free_workers = 1;
+    // Frequent arrivals could fill a batch quickly, but it would not be cheaper: run at once.
+    b.arrive(item(1, 1, 0, 0, t0), t0);
+    b.batch_done(1, ms(1), t0);
+    let now = t0 + Duration::from_micros(100);
+    let a = b.arrive(item(2, 1, 0, 0, now), now);
+    assert_eq!(runs(&a), vec![vec![2]], "{a:?}");
 }
