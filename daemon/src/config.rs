@@ -37,6 +37,7 @@ pub struct FileConfig {
     pub arena_total_bytes: Option<ByteSize>,
     pub queue_capacity: Option<u32>,
     pub shutdown_grace_secs: Option<u64>,
+    pub watchdog_stuck_secs: Option<u64>,
     pub log_level: Option<String>,
 }
 
@@ -64,6 +65,9 @@ pub struct Config {
     /// Default queue capacity per model (requests waiting for a worker).
     pub queue_capacity: u32,
     pub shutdown_grace: Duration,
+    /// A worker on one batch for longer than this is stuck: health says so and the systemd
+    /// watchdog pings stop.
+    pub watchdog_stuck: Duration,
     pub log_level: String,
 }
 
@@ -329,6 +333,7 @@ pub fn resolve(
     }
 
     let shutdown_grace = Duration::from_secs(file.shutdown_grace_secs.unwrap_or(30));
+    let watchdog_stuck = Duration::from_secs(file.watchdog_stuck_secs.unwrap_or(120).max(1));
     let log_level = opts
         .log_level
         .clone()
@@ -357,6 +362,7 @@ pub fn resolve(
         arena_total_bytes,
         queue_capacity,
         shutdown_grace,
+        watchdog_stuck,
         log_level,
     })
 }

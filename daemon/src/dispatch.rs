@@ -163,7 +163,11 @@ pub fn health(shared: &SharedRef) -> Health {
             )
         })
         .collect();
-    let state = if ready == 0 && !models.is_empty() {
+    let stuck = shared.registry.stuck(shared.config.watchdog_stuck);
+    for m in &stuck {
+        reasons.insert(0, format!("model {m}: a worker is stuck on one batch"));
+    }
+    let state = if !stuck.is_empty() || (ready == 0 && !models.is_empty()) {
         reasons.insert(0, "no model is ready".into());
         HealthState::Unhealthy
     } else if !reasons.is_empty() {

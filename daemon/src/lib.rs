@@ -14,6 +14,7 @@
 //!   it calls ORT.
 //! - [`coalesce`]: identical-request coalescing and the result cache.
 //! - [`metrics`]: counters behind `status` and `health`.
+//! - [`notify`]: sd_notify (READY, STATUS, STOPPING) and the liveness-driven watchdog.
 //! - [`error`]: the daemon's error enums and their one mapping to wire error codes.
 //! - [`shutdown`]: signals and the cancellation tree.
 #![deny(unsafe_code)]
@@ -26,6 +27,7 @@ pub mod dispatch;
 pub mod error;
 pub mod listener;
 pub mod metrics;
+pub mod notify;
 pub mod peer;
 pub mod registry;
 pub mod runtime;
@@ -107,10 +109,83 @@ pub async fn run(
         failed,
         "serving"
     );
+    let notifier = Arc::new(notify::Notifier::from_env());
+    if notifier.enabled() {
+        // The socket is bound (before this function) and the preloads are done: ready.
+        notifier.send(&format!("READY=1\nSTATUS={}", status_line(&shared, None)));
+        spawn_notifications(shared.clone(), notifier.clone(), shutdown.clone());
+    }
     serve(listener, shared.clone(), shutdown).await;
     let s = shared.clone();
     tokio::task::spawn_blocking(move || s.registry.unload_all())
         .await
         .map_err(std::io::Error::other)?;
     Ok(())
+}
+
+/// One line for systemd's `STATUS=`: what is served and how busy.
+fn status_line(shared: &SharedRef, rate: Option<f64>) -> String {
+    let (ready, failed) = shared.registry.counts();
+    let mut line = format!(
+        "serving {ready} model(s) on {}",
+        shared.config.socket.display()
+    );
+    if failed > 0 {
+        line.push_str(&format!(", {failed} failed"));
+    }
+    if let Some(r) = rate {
+        line.push_str(&format!(", {r:.1} req/s"));
+    }
+    line
+}
+
+/// STOPPING=1 when shutdown begins; STATUS= every 10 s; WATCHDOG=1 at half the watchdog
+/// interval while no model worker is stuck (a wedged worker stops the pings).
+fn spawn_notifications(
+    shared: SharedRef,
+    notifier: Arc<notify::Notifier>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let (n, s) = (notifier.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        s.cancelled().await;
+        n.send("STOPPING=1\nSTATUS=stopping: answering requests in flight");
+    });
+    let (n, s, sh) = (notifier.clone(), shutdown.clone(), shared.clone());
+    tokio::spawn(async move {
+        let mut last = metrics::Metrics::get(&sh.metrics.requests_total);
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = s.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let now = metrics::Metrics::get(&sh.metrics.requests_total);
+            let rate = (now - last) as f64 / 10.0;
+            last = now;
+            n.send(&format!("STATUS={}", status_line(&sh, Some(rate))));
+        }
+    });
+    if let Some(interval) = notify::watchdog_interval() {
+        let limit = shared.config.watchdog_stuck;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval / 2);
+            let mut was_stuck = false;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let stuck = shared.registry.stuck(limit);
+                if stuck.is_empty() {
+                    notifier.send("WATCHDOG=1");
+                    was_stuck = false;
+                } else if !was_stuck {
+                    tracing::error!(models = ?stuck, "a model worker is stuck; stopping watchdog pings");
+                    was_stuck = true;
+                }
+            }
+        });
+    }
 }

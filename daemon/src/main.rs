@@ -6,12 +6,20 @@ use clap::Parser;
 use rxd::cli::{Cli, Command, ServeOpts};
 use rxd::{config, exit};
 
-#[allow(unsafe_code)] // One call: setting the environment before any thread exists.
+#[allow(unsafe_code)] // Setting the environment before any thread exists.
 fn main() -> ExitCode {
-    // SAFETY: first statement of main; no other thread exists yet, so nothing can read the
+    // Socket activation: read LISTEN_* once, then remove them so children never see them.
+    let num = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u32>().ok());
+    let activation = (num("LISTEN_PID"), num("LISTEN_FDS"));
+    // SAFETY: first statements of main; no other thread exists yet, so nothing can read the
     // environment concurrently. ONNX Runtime's PyPI build sends telemetry unless this is set
     // before it loads.
-    unsafe { std::env::set_var("ORT_DISABLE_TELEMETRY", "1") };
+    unsafe {
+        std::env::set_var("ORT_DISABLE_TELEMETRY", "1");
+        for k in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+            std::env::remove_var(k);
+        }
+    }
 
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -26,8 +34,8 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::CheckConfig(opts)) => check_config(&opts),
-        Some(Command::Serve(opts)) => serve(&opts),
-        None => serve(&cli.opts),
+        Some(Command::Serve(opts)) => serve(&opts, activation),
+        None => serve(&cli.opts, activation),
     }
 }
 
@@ -51,7 +59,7 @@ fn check_config(opts: &ServeOpts) -> ExitCode {
     }
 }
 
-fn serve(opts: &ServeOpts) -> ExitCode {
+fn serve(opts: &ServeOpts, activation: (Option<u32>, Option<u32>)) -> ExitCode {
     let cfg = match config::load(opts) {
         Ok(c) => c,
         Err(e) => {
@@ -67,7 +75,27 @@ fn serve(opts: &ServeOpts) -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
-    let std_listener = match rxd::listener::bind(&cfg.socket, cfg.socket_mode) {
+    let activated = match rxd_shm::activated_listener(activation.0, activation.1) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!("socket activation: {e}");
+            return ExitCode::from(exit::OSERR);
+        }
+    };
+    let owns_socket = activated.is_none();
+    let bound = match activated {
+        Some(l) => {
+            tracing::info!("serving on the socket passed by systemd");
+            l.set_nonblocking(true)
+                .map(|()| l)
+                .map_err(|e| rxd::listener::BindError::Io {
+                    path: "fd 3".into(),
+                    source: e,
+                })
+        }
+        None => rxd::listener::bind(&cfg.socket, cfg.socket_mode),
+    };
+    let std_listener = match bound {
         Ok(l) => l,
         Err(e @ rxd::listener::BindError::InUse(_)) => {
             tracing::error!("{e}");
@@ -84,7 +112,9 @@ fn serve(opts: &ServeOpts) -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("{e}");
-            let _ = std::fs::remove_file(&socket);
+            if owns_socket {
+                let _ = std::fs::remove_file(&socket);
+            }
             return ExitCode::from(exit::CONFIG);
         }
     };
@@ -105,7 +135,10 @@ fn serve(opts: &ServeOpts) -> ExitCode {
         let listener = tokio::net::UnixListener::from_std(std_listener)?;
         rxd::run(shared, listener, shutdown).await
     });
-    let _ = std::fs::remove_file(&socket);
+    // A socket passed by systemd belongs to the socket unit: leave its file alone.
+    if owns_socket {
+        let _ = std::fs::remove_file(&socket);
+    }
     match result {
         Ok(()) => {
             tracing::info!("stopped");

@@ -517,6 +517,19 @@ impl Registry {
         })
     }
 
+    /// Models with a worker stuck on one batch for longer than `limit`.
+    pub fn stuck(&self, limit: std::time::Duration) -> Vec<String> {
+        self.read()
+            .iter()
+            .flat_map(|(name, m)| {
+                m.versions.iter().filter_map(move |(v, ver)| {
+                    let l = ver.loaded.as_ref()?;
+                    (l.scheduler.stuck_workers(limit) > 0).then(|| format!("{name} v{v}"))
+                })
+            })
+            .collect()
+    }
+
     /// (ready, failed) version counts.
     pub fn counts(&self) -> (u32, u32) {
         let models = self.read();

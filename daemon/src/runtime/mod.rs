@@ -361,6 +361,18 @@ pub trait BatchListener: Send + Sync {
 pub struct WorkerPool {
     tx: Option<crossbeam_channel::Sender<Batch>>,
     handles: Vec<JoinHandle<()>>,
+    /// Per worker: when its current batch started (ms since [`epoch`] + 1), 0 when idle.
+    busy_since: Arc<Vec<std::sync::atomic::AtomicU64>>,
+}
+
+/// The process's time origin for worker heartbeats.
+fn epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64 + 1
 }
 
 impl WorkerPool {
@@ -372,21 +384,30 @@ impl WorkerPool {
         listener: std::sync::Weak<dyn BatchListener>,
     ) -> WorkerPool {
         let (tx, rx) = crossbeam_channel::bounded::<Batch>(sessions.len().max(1));
+        let busy_since: Arc<Vec<std::sync::atomic::AtomicU64>> =
+            Arc::new(sessions.iter().map(|_| Default::default()).collect());
+        // Test hook (documented in ARCHITECTURE.md): RXD_TEST_WEDGE=<label prefix> makes the
+        // matching workers hang on their first batch, to test the watchdog.
+        let wedge = std::env::var("RXD_TEST_WEDGE")
+            .ok()
+            .is_some_and(|w| !w.is_empty() && label.starts_with(&w));
         let handles = sessions
             .into_iter()
             .enumerate()
             .map(|(i, session)| {
                 let rx = rx.clone();
                 let listener = listener.clone();
+                let busy = busy_since.clone();
                 std::thread::Builder::new()
                     .name(format!("rxd-w-{label}-{i}"))
-                    .spawn(move || worker_loop(session, rx, listener))
+                    .spawn(move || worker_loop(session, rx, listener, &busy[i], wedge))
                     .expect("spawn worker thread")
             })
             .collect();
         WorkerPool {
             tx: Some(tx),
             handles,
+            busy_since,
         }
     }
 
@@ -401,6 +422,17 @@ impl WorkerPool {
 
     pub fn instances(&self) -> usize {
         self.handles.len()
+    }
+
+    /// Workers that have been on their current batch for longer than `limit`.
+    pub fn stuck(&self, limit: std::time::Duration) -> usize {
+        let now = now_ms();
+        let limit = limit.as_millis() as u64;
+        self.busy_since
+            .iter()
+            .map(|b| b.load(std::sync::atomic::Ordering::Relaxed))
+            .filter(|&since| since != 0 && now.saturating_sub(since) > limit)
+            .count()
     }
 }
 
@@ -422,11 +454,22 @@ fn worker_loop(
     mut session: Session,
     rx: crossbeam_channel::Receiver<Batch>,
     listener: std::sync::Weak<dyn BatchListener>,
+    busy: &std::sync::atomic::AtomicU64,
+    wedge: bool,
 ) {
+    use std::sync::atomic::Ordering::Relaxed;
     while let Ok(batch) = rx.recv() {
         let started = std::time::Instant::now();
+        busy.store(now_ms(), Relaxed);
+        if wedge {
+            tracing::warn!("test hook: this worker hangs now");
+            loop {
+                std::thread::park();
+            }
+        }
         let rows: u32 = batch.rows.iter().sum();
         run_batch(&mut session, batch);
+        busy.store(0, Relaxed);
         if let Some(l) = listener.upgrade() {
             l.batch_done(rows, started.elapsed());
         }

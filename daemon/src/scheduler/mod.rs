@@ -89,6 +89,11 @@ impl Scheduler {
         self.pool.get().map_or(0, WorkerPool::instances)
     }
 
+    /// Workers stuck on one batch for longer than `limit` (liveness check).
+    pub fn stuck_workers(&self, limit: Duration) -> usize {
+        self.pool.get().map_or(0, |p| p.stuck(limit))
+    }
+
     /// Requests waiting for a worker.
     pub fn queued(&self) -> usize {
         self.lock().batcher.queued()
