@@ -292,6 +292,43 @@ pub fn raw(fd: &impl AsFd) -> RawFd {
     fd.as_fd().as_raw_fd()
 }
 
+/// The listening socket passed by systemd socket activation (`LISTEN_FDS=1`, fd 3), when
+/// `listen_pid` is this process. Checked to be a listening Unix stream socket before it is
+/// adopted; `None` otherwise (the fd is then left alone).
+pub fn activated_listener(
+    listen_pid: Option<u32>,
+    listen_fds: Option<u32>,
+) -> io::Result<Option<std::os::unix::net::UnixListener>> {
+    use nix::sys::socket::{AddressFamily, SockType, getsockname, getsockopt, sockopt};
+    if listen_pid != Some(std::process::id()) || listen_fds.unwrap_or(0) == 0 {
+        return Ok(None);
+    }
+    if listen_fds != Some(1) {
+        return Err(io::Error::other(
+            "socket activation passed more than one fd; expected one",
+        ));
+    }
+    const FIRST: RawFd = 3;
+    // SAFETY: a borrow only for the checks below; fd 3 is ours by the LISTEN_FDS protocol
+    // (LISTEN_PID is this process) and stays open while borrowed.
+    let fd = unsafe { BorrowedFd::borrow_raw(FIRST) };
+    let is_stream = getsockopt(&fd, sockopt::SockType)? == SockType::Stream;
+    let listening = getsockopt(&fd, sockopt::AcceptConn)?;
+    let unix = getsockname::<nix::sys::socket::UnixAddr>(FIRST)
+        .map(|a| nix::sys::socket::SockaddrLike::family(&a) == Some(AddressFamily::Unix))
+        .unwrap_or(false);
+    if !(is_stream && listening && unix) {
+        return Err(io::Error::other(
+            "fd 3 from socket activation is not a listening Unix stream socket",
+        ));
+    }
+    // SAFETY: fd 3 was handed to this process by the service manager (checked above to be a
+    // listening Unix stream socket) and nothing else in the process owns it; ownership moves
+    // into the listener exactly once.
+    let owned = unsafe { OwnedFd::from_raw_fd(FIRST) };
+    Ok(Some(std::os::unix::net::UnixListener::from(owned)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -332,6 +369,22 @@ mod tests {
     }
 
     #[test]
+    fn activation_is_only_for_this_process() {
+        assert!(activated_listener(None, Some(1)).unwrap().is_none());
+        assert!(
+            activated_listener(Some(std::process::id() + 1), Some(1))
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            activated_listener(Some(std::process::id()), Some(0))
+                .unwrap()
+                .is_none()
+        );
+        assert!(activated_listener(Some(std::process::id()), Some(2)).is_err());
+    }
+
+    #[test]
     fn fd_passes_over_a_socket_pair() {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
         let fd = create_sealed("rxd-test", 4096).unwrap();
@@ -348,41 +401,4 @@ mod tests {
         assert_eq!(&buf[..n], b"more");
         assert!(none.is_none());
     }
-}
-
-/// The listening socket passed by systemd socket activation (`LISTEN_FDS=1`, fd 3), when
-/// `listen_pid` is this process. Checked to be a listening Unix stream socket before it is
-/// adopted; `None` otherwise (the fd is then left alone).
-pub fn activated_listener(
-    listen_pid: Option<u32>,
-    listen_fds: Option<u32>,
-) -> io::Result<Option<std::os::unix::net::UnixListener>> {
-    use nix::sys::socket::{AddressFamily, SockType, getsockname, getsockopt, sockopt};
-    if listen_pid != Some(std::process::id()) || listen_fds.unwrap_or(0) == 0 {
-        return Ok(None);
-    }
-    if listen_fds != Some(1) {
-        return Err(io::Error::other(
-            "socket activation passed more than one fd; expected one",
-        ));
-    }
-    const FIRST: RawFd = 3;
-    // SAFETY: a borrow only for the checks below; fd 3 is ours by the LISTEN_FDS protocol
-    // (LISTEN_PID is this process) and stays open while borrowed.
-    let fd = unsafe { BorrowedFd::borrow_raw(FIRST) };
-    let is_stream = getsockopt(&fd, sockopt::SockType)? == SockType::Stream;
-    let listening = getsockopt(&fd, sockopt::AcceptConn)?;
-    let unix = getsockname::<nix::sys::socket::UnixAddr>(FIRST)
-        .map(|a| nix::sys::socket::SockaddrLike::family(&a) == Some(AddressFamily::Unix))
-        .unwrap_or(false);
-    if !(is_stream && listening && unix) {
-        return Err(io::Error::other(
-            "fd 3 from socket activation is not a listening Unix stream socket",
-        ));
-    }
-    // SAFETY: fd 3 was handed to this process by the service manager (checked above to be a
-    // listening Unix stream socket) and nothing else in the process owns it; ownership moves
-    // into the listener exactly once.
-    let owned = unsafe { OwnedFd::from_raw_fd(FIRST) };
-    Ok(Some(std::os::unix::net::UnixListener::from(owned)))
 }
