@@ -7,12 +7,50 @@ use clap::{Args, Parser, Subcommand};
 
 /// rxd — local inference daemon: serves ONNX models to local processes over a Unix socket.
 #[derive(Debug, Parser)]
-#[command(name = "rxd", version, about, long_about = None)]
+#[command(
+    name = "rxd",
+    version,
+    about = "rxd — local inference daemon: serves ONNX models to local processes over a Unix socket",
+    long_about = None
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
     #[command(flatten)]
     pub opts: ServeOpts,
+    /// Print a man page or a shell completion script generated from these definitions.
+    #[arg(long, value_enum, hide = true, value_name = "WHAT")]
+    pub generate: Option<Generate>,
+}
+
+/// What `--generate` prints.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Generate {
+    Man,
+    CompleteBash,
+    CompleteZsh,
+    CompleteFish,
+}
+
+/// Writes a man page or completion script for `cmd` (named `name`) to `out`.
+pub fn generate(
+    what: Generate,
+    mut cmd: clap::Command,
+    name: &str,
+    out: &mut dyn std::io::Write,
+) -> std::io::Result<()> {
+    use clap_complete::Shell;
+    let shell = match what {
+        Generate::Man => {
+            let section = if name == "rxd" { "8" } else { "1" };
+            return clap_mangen::Man::new(cmd).section(section).render(out);
+        }
+        Generate::CompleteBash => Shell::Bash,
+        Generate::CompleteZsh => Shell::Zsh,
+        Generate::CompleteFish => Shell::Fish,
+    };
+    clap_complete::generate(shell, &mut cmd, name, out);
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]

@@ -32,6 +32,13 @@ fn main() -> ExitCode {
             });
         }
     };
+    if let Some(what) = cli.generate {
+        let cmd = <Cli as clap::CommandFactory>::command().name("rxd");
+        return match rxd::cli::generate(what, cmd, "rxd", &mut std::io::stdout()) {
+            Ok(()) => ExitCode::from(exit::OK),
+            Err(_) => ExitCode::from(exit::OSERR),
+        };
+    }
     match cli.command {
         Some(Command::CheckConfig(opts)) => check_config(&opts),
         Some(Command::Serve(opts)) => serve(&opts, activation),

@@ -13,7 +13,11 @@ use rxd_client::{ClientError, ClientOptions, DType, ErrorCode, blocking::Client,
 
 /// Command-line client for rxd, the local inference daemon.
 #[derive(Debug, Parser)]
-#[command(name = "rxctl", version, about)]
+#[command(
+    name = "rxctl",
+    version,
+    about = "rxctl — command-line client for rxd, the local inference daemon"
+)]
 struct Cli {
     /// Daemon socket.
     #[arg(long, global = true, env = "RXD_SOCKET", default_value = rxd_client::DEFAULT_SOCKET)]
@@ -22,7 +26,32 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
-    command: Cmd,
+    command: Option<Cmd>,
+    /// Print a man page or a shell completion script generated from these definitions.
+    #[arg(long, value_enum, hide = true, value_name = "WHAT")]
+    generate: Option<Generate>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Generate {
+    Man,
+    CompleteBash,
+    CompleteZsh,
+    CompleteFish,
+}
+
+fn generate(what: Generate) -> std::io::Result<()> {
+    use clap_complete::Shell;
+    let mut cmd = <Cli as clap::CommandFactory>::command().name("rxctl");
+    let out = &mut std::io::stdout();
+    let shell = match what {
+        Generate::Man => return clap_mangen::Man::new(cmd).render(out),
+        Generate::CompleteBash => Shell::Bash,
+        Generate::CompleteZsh => Shell::Zsh,
+        Generate::CompleteFish => Shell::Fish,
+    };
+    clap_complete::generate(shell, &mut cmd, "rxctl", out);
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -141,7 +170,14 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { code::USAGE } else { 0 });
         }
     };
-    match run(&cli) {
+    if let Some(what) = cli.generate {
+        return ExitCode::from(if generate(what).is_ok() { 0 } else { code::IO });
+    }
+    let Some(command) = &cli.command else {
+        let _ = <Cli as clap::CommandFactory>::command().print_help();
+        return ExitCode::from(code::USAGE);
+    };
+    match run(&cli, command) {
         Ok(c) => ExitCode::from(c),
         Err(Failure(c, msg)) => {
             if cli.json {
@@ -159,7 +195,7 @@ fn print_json<T: serde::Serialize>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
 }
 
-fn run(cli: &Cli) -> Result<u8, Failure> {
+fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
     if let Cmd::Infer {
         model,
         version,
@@ -167,7 +203,7 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
         output_dir,
         outputs,
         seed,
-    } = &cli.command
+    } = command
     {
         return infer(
             cli,
@@ -179,11 +215,11 @@ fn run(cli: &Cli) -> Result<u8, Failure> {
             *seed,
         );
     }
-    if let Cmd::Bench { .. } = &cli.command {
-        return bench(cli);
+    if let Cmd::Bench { .. } = command {
+        return bench(cli, command);
     }
     let client = Client::connect_with(&cli.socket, ClientOptions::inline_only())?;
-    match &cli.command {
+    match command {
         Cmd::Status => {
             let s = client.status()?;
             if cli.json {
@@ -315,7 +351,7 @@ fn read_inputs(args: &[String]) -> Result<Vec<Tensor>, Failure> {
     Ok(given)
 }
 
-fn bench(cli: &Cli) -> Result<u8, Failure> {
+fn bench(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
     let Cmd::Bench {
         model,
         concurrency,
@@ -328,7 +364,7 @@ fn bench(cli: &Cli) -> Result<u8, Failure> {
         inline,
         timeout_ms,
         seed,
-    } = &cli.command
+    } = command
     else {
         unreachable!()
     };

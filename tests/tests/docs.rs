@@ -1,0 +1,61 @@
+//! Man pages and completions are generated from the same clap definitions as the flags.
+
+use std::process::Command;
+
+use rxd_e2e::*;
+
+fn generate(binary: &str, what: &str) -> String {
+    let out = Command::new(bin(binary))
+        .args(["--generate", what])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn man_pages_and_completions_come_from_the_flag_definitions() {
+    let man = generate("rxd", "man");
+    assert!(man.contains(".TH rxd 8"), "rxd is section 8");
+    for flag in [
+        "socket",
+        "model\\-repository",
+        "ort\\-library",
+        "intra\\-op\\-threads",
+        "check\\-config",
+    ] {
+        assert!(man.contains(flag), "rxd(8) lacks {flag}");
+    }
+    let man = generate("rxctl", "man");
+    assert!(man.contains(".TH rxctl 1"));
+    for cmd in [
+        "status", "health", "models", "infer", "bench", "load", "unload",
+    ] {
+        assert!(man.contains(cmd), "rxctl(1) lacks {cmd}");
+    }
+    for (shell, marker) in [
+        ("complete-bash", "complete -F"),
+        ("complete-zsh", "#compdef rxctl"),
+        ("complete-fish", "complete -c rxctl"),
+    ] {
+        let text = generate("rxctl", shell);
+        assert!(
+            text.contains(marker),
+            "{shell}: {}",
+            &text[..text.len().min(200)]
+        );
+        assert!(text.contains("bench"), "{shell} completes subcommands");
+    }
+    // rxd.toml(5) documents every key the config accepts.
+    let page = std::fs::read_to_string(repo_root().join("packaging/rxd.toml.5")).unwrap();
+    let config = std::fs::read_to_string(repo_root().join("packaging/rxd.toml")).unwrap();
+    for line in config.lines() {
+        if let Some(key) = line
+            .strip_prefix('#')
+            .and_then(|l| l.split(" = ").next())
+            .filter(|k| !k.starts_with(' ') && !k.is_empty() && !k.contains(' '))
+        {
+            assert!(page.contains(key), "rxd.toml(5) lacks {key}");
+        }
+    }
+}
