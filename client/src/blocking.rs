@@ -81,6 +81,10 @@ impl Client {
         self.rt.block_on(self.inner.load(model, version))
     }
 
+    pub fn reload(&self) -> Result<Vec<ModelSummary>, ClientError> {
+        self.rt.block_on(self.inner.reload())
+    }
+
     pub fn unload(&self, model: &str, version: Option<u64>) -> Result<ModelSummary, ClientError> {
         self.rt.block_on(self.inner.unload(model, version))
     }

@@ -447,6 +447,15 @@ impl Client {
         }
     }
 
+    /// Admin: re-read the repository (new models and versions load; old versions unload once
+    /// the new one is ready).
+    pub async fn reload(&self) -> Result<Vec<ModelSummary>, ClientError> {
+        match self.request(Request::Reload).await? {
+            Reply::Reload(l) => Ok(l.models),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Admin: unload a model version (all loaded versions when `None`).
     pub async fn unload(
         &self,

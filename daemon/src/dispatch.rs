@@ -69,6 +69,14 @@ pub async fn handle(
                     .map_err(|e| RequestError::Internal(e.to_string()))??;
             Reply::Unload(summary)
         }
+        Request::Reload => {
+            let s = shared.clone();
+            let models = tokio::task::spawn_blocking(move || s.registry.reload())
+                .await
+                .map_err(|e| RequestError::Internal(e.to_string()))?
+                .map_err(|e| RequestError::Internal(format!("cannot read repository: {e}")))?;
+            Reply::Reload(ModelList { models })
+        }
         _ => return Err(RequestError::Internal("request kind not handled".into())),
     };
     Ok(Handled::Reply(reply))

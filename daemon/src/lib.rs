@@ -51,6 +51,8 @@ pub struct Shared {
     pub started: Instant,
     /// The uid the daemon runs as (admin by definition).
     pub own_uid: u32,
+    /// SIGHUP: reload the repository.
+    pub reload_requested: tokio::sync::Notify,
 }
 
 pub type SharedRef = Arc<Shared>;
@@ -87,6 +89,7 @@ pub fn prepare(config: config::Config) -> Result<SharedRef, runtime::RuntimeErro
         metrics: metrics::Metrics::default(),
         started: Instant::now(),
         own_uid: nix::unistd::geteuid().as_raw(),
+        reload_requested: tokio::sync::Notify::new(),
     }))
 }
 
@@ -110,6 +113,7 @@ pub async fn run(
         "serving"
     );
     let notifier = Arc::new(notify::Notifier::from_env());
+    spawn_reloader(shared.clone(), notifier.clone(), shutdown.clone());
     if notifier.enabled() {
         // The socket is bound (before this function) and the preloads are done: ready.
         notifier.send(&format!("READY=1\nSTATUS={}", status_line(&shared, None)));
@@ -188,4 +192,28 @@ fn spawn_notifications(
             }
         });
     }
+}
+
+/// Reloads on request (SIGHUP): `RELOADING=1`, re-read the repository, `READY=1`.
+fn spawn_reloader(
+    shared: SharedRef,
+    notifier: Arc<notify::Notifier>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = shared.reload_requested.notified() => {}
+            }
+            notifier.send("RELOADING=1\nSTATUS=reloading the model repository");
+            let s = shared.clone();
+            match tokio::task::spawn_blocking(move || s.registry.reload()).await {
+                Ok(Ok(models)) => tracing::info!(versions = models.len(), "reloaded"),
+                Ok(Err(e)) => tracing::error!("reload failed: {e}"),
+                Err(e) => tracing::error!("reload failed: {e}"),
+            }
+            notifier.send(&format!("READY=1\nSTATUS={}", status_line(&shared, None)));
+        }
+    });
 }

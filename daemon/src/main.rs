@@ -134,7 +134,8 @@ fn serve(opts: &ServeOpts, activation: (Option<u32>, Option<u32>)) -> ExitCode {
         }
     };
     let result = rt.block_on(async {
-        let shutdown = rxd::shutdown::install()?;
+        let s = shared.clone();
+        let shutdown = rxd::shutdown::install(move || s.reload_requested.notify_one())?;
         let listener = tokio::net::UnixListener::from_std(std_listener)?;
         rxd::run(shared, listener, shutdown).await
     });

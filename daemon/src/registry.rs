@@ -184,6 +184,8 @@ pub fn batchable(sig: &Signature) -> bool {
 type Found = (Result<ModelSettings, String>, BTreeMap<u64, PathBuf>);
 
 struct Version {
+    /// Still in the repository at the last scan.
+    on_disk: bool,
     path: PathBuf,
     state: ModelState,
     error: Option<String>,
@@ -255,6 +257,13 @@ impl Registry {
             found.insert(name, (ModelSettings::read(&dir), versions));
         }
         let mut models = self.write();
+        for (name, m) in models.iter_mut() {
+            if !found.contains_key(name) {
+                for v in m.versions.values_mut() {
+                    v.on_disk = false;
+                }
+            }
+        }
         models.retain(|name, m| {
             m.versions.retain(|v, ver| {
                 ver.loaded.is_some() || found.get(name).is_some_and(|f| f.1.contains_key(v))
@@ -267,13 +276,21 @@ impl Registry {
                 versions: BTreeMap::new(),
             });
             model.settings = settings;
+            for v in model.versions.values_mut() {
+                v.on_disk = false;
+            }
             for (num, path) in versions {
-                model.versions.entry(num).or_insert(Version {
-                    path,
-                    state: ModelState::Available,
-                    error: None,
-                    loaded: None,
-                });
+                model
+                    .versions
+                    .entry(num)
+                    .or_insert(Version {
+                        on_disk: true,
+                        path,
+                        state: ModelState::Available,
+                        error: None,
+                        loaded: None,
+                    })
+                    .on_disk = true;
             }
         }
         Ok(())
@@ -294,6 +311,55 @@ impl Registry {
             }
         }
         Ok(())
+    }
+
+    /// Re-reads the repository (SIGHUP, `rxctl reload`): loads the latest version of every
+    /// model that is not ready yet (new models, new versions, re-read model.toml), and only
+    /// once that version is ready unloads the model's other versions; models gone from disk
+    /// are unloaded. Requests holding an old version finish on it. Blocking.
+    pub fn reload(&self) -> std::io::Result<Vec<ModelSummary>> {
+        self.scan()?;
+        let latest: Vec<(String, Option<u64>)> = self
+            .read()
+            .iter()
+            .map(|(n, m)| {
+                let on_disk = m
+                    .versions
+                    .iter()
+                    .filter(|(_, v)| v.on_disk)
+                    .map(|(&k, _)| k)
+                    .max();
+                (n.clone(), on_disk)
+            })
+            .collect();
+        for (name, version) in latest {
+            match version {
+                Some(v) => {
+                    if let Err(e) = self.load(&name, Some(v)) {
+                        tracing::error!(model = %name, version = v, "reload: {e}");
+                        continue;
+                    }
+                    let others: Vec<u64> = self.read()[&name]
+                        .versions
+                        .iter()
+                        .filter(|(k, ver)| **k != v && ver.loaded.is_some())
+                        .map(|(&k, _)| k)
+                        .collect();
+                    for old in others {
+                        let _ = self.unload(&name, Some(old));
+                    }
+                }
+                None => {
+                    let _ = self.unload(&name, None);
+                }
+            }
+        }
+        // Forget what is neither on disk nor loaded.
+        self.write().retain(|_, m| {
+            m.versions.retain(|_, v| v.on_disk || v.loaded.is_some());
+            !m.versions.is_empty()
+        });
+        Ok(self.list())
     }
 
     /// Loads a version (default: the latest on disk). Blocking.

@@ -84,6 +84,8 @@ pub enum Request {
     Load(ModelRef),
     /// Admin: unload a model version (in-flight requests finish first).
     Unload(ModelRef),
+    /// Admin: re-read the repository (as SIGHUP does).
+    Reload,
 }
 
 impl Request {
@@ -97,12 +99,16 @@ impl Request {
             Request::Health => "health",
             Request::Load(_) => "load",
             Request::Unload(_) => "unload",
+            Request::Reload => "reload",
         }
     }
 
     /// Whether the request needs admin rights.
     pub fn is_admin(&self) -> bool {
-        matches!(self, Request::Load(_) | Request::Unload(_))
+        matches!(
+            self,
+            Request::Load(_) | Request::Unload(_) | Request::Reload
+        )
     }
 }
 
@@ -346,6 +352,7 @@ pub enum Reply {
     Health(Health),
     Load(ModelSummary),
     Unload(ModelSummary),
+    Reload(ModelList),
 }
 
 /// Outputs of one inference.

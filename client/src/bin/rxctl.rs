@@ -129,6 +129,8 @@ enum Cmd {
         #[arg(long)]
         version: Option<u64>,
     },
+    /// Admin: re-read the model repository (as SIGHUP does).
+    Reload,
     /// Admin: unload a model (all loaded versions, or one).
     Unload {
         model: String,
@@ -323,6 +325,17 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
             } else {
                 code::SERVER_ERROR
             })
+        }
+        Cmd::Reload => {
+            let models = client.reload()?;
+            if cli.json {
+                print_json(&models);
+            } else {
+                for m in &models {
+                    println!("{} version {}: {}", m.name, m.version, m.state.name());
+                }
+            }
+            Ok(0)
         }
         Cmd::Unload { model, version } => {
             let s = client.unload(model, *version)?;
