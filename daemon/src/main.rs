@@ -166,7 +166,19 @@ fn init_logging(filter: &str) {
     {
         tracing_subscriber::registry()
             .with(filter)
-            .with(journald.with_syslog_identifier("rxd".into()))
+            .with(
+                journald
+                    .with_syslog_identifier("rxd".into())
+                    .with_field_prefix(None)
+                    // syslog meanings: info is informational (6), debug and trace are debug (7).
+                    .with_priority_mappings(tracing_journald::PriorityMappings {
+                        error: tracing_journald::Priority::Error,
+                        warn: tracing_journald::Priority::Warning,
+                        info: tracing_journald::Priority::Informational,
+                        debug: tracing_journald::Priority::Debug,
+                        trace: tracing_journald::Priority::Debug,
+                    }),
+            )
             .init();
         return;
     }

@@ -304,3 +304,105 @@ fn a_wedged_worker_stops_the_watchdog_pings_and_health_says_why() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn under_systemd_logs_go_to_the_journal_with_fields() {
+    // The journal's socket, played by the test (this machine runs no journald).
+    let journal_dir = Path::new("/run/systemd/journal");
+    let journal = journal_dir.join("socket");
+    assert!(
+        !journal.exists(),
+        "a journald is running here; this test needs its socket path free"
+    );
+    std::fs::create_dir_all(journal_dir).unwrap();
+    let sock = UnixDatagram::bind(&journal).unwrap();
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(journal.clone());
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+
+    let repo = Repo::new();
+    repo.link("digits", 1, "digits");
+    let dir = tempfile::tempdir().unwrap();
+    let stderr_path = dir.path().join("stderr");
+    let stderr = std::fs::File::create(&stderr_path).unwrap();
+    let meta = stderr.metadata().unwrap();
+    let stream = format!(
+        "{}:{}",
+        std::os::unix::fs::MetadataExt::dev(&meta),
+        std::os::unix::fs::MetadataExt::ino(&meta)
+    );
+    let mut child = Command::new(bin("rxd"))
+        .env_clear()
+        .env("ORT_DISABLE_TELEMETRY", "1")
+        .env("JOURNAL_STREAM", stream)
+        .arg("--socket")
+        .arg(dir.path().join("rxd.sock"))
+        .arg("--model-repository")
+        .arg(repo.path())
+        .arg("--ort-library")
+        .arg(ort_library())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let mut entries: Vec<Vec<(String, String)>> = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    let has = |e: &[(String, String)], k: &str, v: &str| e.iter().any(|(a, b)| a == k && b == v);
+    let end = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < end && !entries.iter().any(|e| has(e, "MESSAGE", "model ready")) {
+        if let Ok(n) = sock.recv(&mut buf) {
+            entries.push(journal_fields(&buf[..n]));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let ready = entries
+        .iter()
+        .find(|e| has(e, "MESSAGE", "model ready"))
+        .unwrap_or_else(|| panic!("no 'model ready' entry: {entries:?}"));
+    for (k, v) in [
+        ("PRIORITY", "6"),
+        ("SYSLOG_IDENTIFIER", "rxd"),
+        ("MODEL", "digits"),
+        ("VERSION", "1"),
+    ] {
+        assert!(has(ready, k, v), "{k}={v} missing in {ready:?}");
+    }
+    assert!(
+        std::fs::read_to_string(&stderr_path).unwrap().is_empty(),
+        "logs went to the journal, not stderr"
+    );
+}
+
+/// Parses one datagram of journald's native protocol: `KEY=value\n`, or `KEY\n` + u64 LE length
+/// + bytes + `\n`.
+fn journal_fields(mut b: &[u8]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    while let Some(nl) = b.iter().position(|&c| c == b'\n') {
+        let line = &b[..nl];
+        if let Some(eq) = line.iter().position(|&c| c == b'=') {
+            out.push((
+                String::from_utf8_lossy(&line[..eq]).into(),
+                String::from_utf8_lossy(&line[eq + 1..]).into(),
+            ));
+            b = &b[nl + 1..];
+        } else {
+            let key = String::from_utf8_lossy(line).into_owned();
+            let rest = &b[nl + 1..];
+            if rest.len() < 8 {
+                break;
+            }
+            let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+            let value = &rest[8..8 + len];
+            out.push((key, String::from_utf8_lossy(value).into()));
+            b = &rest[8 + len + 1..];
+        }
+    }
+    out
+}
