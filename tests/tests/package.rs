@@ -102,6 +102,18 @@ fn the_deb_installs_serves_and_purges_cleanly_in_a_fresh_debian_12() {
     assert!(ok(root.cmd(None).args(["getent", "passwd", "rxd"])).starts_with("rxd:"));
     assert!(ok(root.cmd(None).args(["rxd", "--version"])).contains("rxd"));
     assert!(root.path("/var/lib/rxd/models").is_dir());
+    // The socket is enabled (the service is not: the first client starts it).
+    assert!(
+        root.path("/etc/systemd/system/sockets.target.wants/rxd.socket")
+            .symlink_metadata()
+            .is_ok(),
+        "rxd.socket not enabled"
+    );
+    assert!(
+        root.path("/etc/systemd/system/multi-user.target.wants/rxd.service")
+            .symlink_metadata()
+            .is_err()
+    );
     assert!(root.path("/etc/rxd/rxd.toml").is_file());
 
     // The daemon, started the way the unit starts it (its ExecStart line, as User=rxd, with
@@ -179,7 +191,12 @@ fn the_deb_installs_serves_and_purges_cleanly_in_a_fresh_debian_12() {
             "{f} left behind after purge"
         );
     }
-    for d in ["/etc/rxd", "/var/lib/rxd", "/usr/lib/rxd"] {
+    for d in [
+        "/etc/rxd",
+        "/var/lib/rxd",
+        "/usr/lib/rxd",
+        "/etc/systemd/system/sockets.target.wants/rxd.socket",
+    ] {
         assert!(!root.path(d).exists(), "{d} left behind after purge");
     }
 }
