@@ -200,3 +200,93 @@ fn the_deb_installs_serves_and_purges_cleanly_in_a_fresh_debian_12() {
         assert!(!root.path(d).exists(), "{d} left behind after purge");
     }
 }
+
+#[test]
+#[ignore = "needs root, debootstrap, systemd-nspawn and packaging/build-deb; run by .ci/run"]
+fn the_service_serves_under_its_sandbox_with_systemd_as_pid_1() {
+    // A booted container (systemd-nspawn -b): the unit's sandbox and syscall filter really
+    // apply, socket activation and Type=notify really happen.
+    let deb = package();
+    let dir = std::env::temp_dir().join(format!("rxd-nspawn-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    struct Gone(PathBuf);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _gone = Gone(dir.clone());
+    ok(Command::new("debootstrap")
+        .args([
+            "--variant=minbase",
+            "--include=systemd,systemd-sysv,dbus",
+            "bookworm",
+        ])
+        .arg(&dir)
+        .arg("http://deb.debian.org/debian"));
+    let nspawn = |args: &[&str]| {
+        let mut c = Command::new("systemd-nspawn");
+        c.args(["--register=no", "--keep-unit", "--quiet", "-D"])
+            .arg(&dir)
+            .args(args);
+        c
+    };
+    let check = dir.join("opt/check");
+    std::fs::create_dir_all(&check).unwrap();
+    std::fs::copy(&deb, check.join("rxd.deb")).unwrap();
+    std::fs::copy(
+        repo_root().join("examples/data/digit.npy"),
+        check.join("digit.npy"),
+    )
+    .unwrap();
+    ok(&mut nspawn(&["dpkg", "-i", "/opt/check/rxd.deb"]));
+    let models = dir.join("var/lib/rxd/models/digits/1");
+    std::fs::create_dir_all(&models).unwrap();
+    std::fs::copy(
+        repo_root().join("examples/models/digits/1/model.onnx"),
+        models.join("model.onnx"),
+    )
+    .unwrap();
+    ok(&mut nspawn(&[
+        "chown",
+        "-R",
+        "rxd:rxd",
+        "/var/lib/rxd/models",
+    ]));
+    // A one-shot unit in the container: use the daemon through its socket, record, power off.
+    std::fs::write(
+        dir.join("etc/systemd/system/rxd-check.service"),
+        "[Unit]\nRequires=rxd.socket\nAfter=rxd.socket\n\n[Service]\nType=oneshot\n\
+         ExecStart=/bin/sh -c 'rxctl --socket /run/rxd/rxd.sock --json infer digits --input input=/opt/check/digit.npy > /opt/check/out.json 2>/opt/check/err; \
+         systemctl show rxd.service -p ActiveState -p NRestarts > /opt/check/state'\n\
+         ExecStartPost=/bin/systemctl poweroff\n",
+    )
+    .unwrap();
+    let wants = dir.join("etc/systemd/system/multi-user.target.wants");
+    std::fs::create_dir_all(&wants).unwrap();
+    std::os::unix::fs::symlink(
+        "/etc/systemd/system/rxd-check.service",
+        wants.join("rxd-check.service"),
+    )
+    .unwrap();
+    let boot = run(Command::new("timeout")
+        .arg("300")
+        .arg("systemd-nspawn")
+        .args(["--register=no", "--keep-unit", "--quiet", "-b", "-D"])
+        .arg(&dir));
+    assert!(
+        boot.status.success(),
+        "{}",
+        String::from_utf8_lossy(&boot.stdout)
+    );
+    let out = std::fs::read_to_string(check.join("out.json")).unwrap_or_default();
+    let err = std::fs::read_to_string(check.join("err")).unwrap_or_default();
+    let v: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out} {err}"));
+    assert_eq!(v["outputs"][0]["values"][0], 7, "{v}");
+    let state = std::fs::read_to_string(check.join("state")).unwrap();
+    assert!(
+        state.contains("ActiveState=active") && state.contains("NRestarts=0"),
+        "{state}"
+    );
+}
