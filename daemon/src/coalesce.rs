@@ -114,11 +114,6 @@ impl Coalescer {
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).bytes
     }
 
-    /// Empties the cache.
-    pub fn clear(&self) {
-        *self.cache.lock().unwrap_or_else(|e| e.into_inner()) = Lru::default();
-    }
-
     fn enabled_for(&self, input_bytes: u64) -> bool {
         input_bytes <= self.coalesce_max_bytes || self.cache_capacity > 0
     }
@@ -336,8 +331,6 @@ mod tests {
         // An entry larger than the whole cache is not kept.
         c.insert([4; 32], out(101));
         assert_eq!(c.cache_bytes(), 80);
-        c.clear();
-        assert_eq!(c.cache_bytes(), 0);
     }
 
     #[test]

@@ -146,10 +146,6 @@ impl LoadedModel {
         self.scheduler.submit(job, priority, deadline);
     }
 
-    pub fn queued(&self) -> usize {
-        self.scheduler.queued()
-    }
-
     pub fn instances(&self) -> usize {
         self.scheduler.instances()
     }

@@ -224,10 +224,6 @@ impl Region {
         self.len == 0
     }
 
-    pub fn mapping(&self) -> &Arc<Mapping> {
-        &self.map
-    }
-
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: the range is inside the mapping (checked in `new`), the mapping outlives
         // `self` (we hold an Arc), and by the protocol nobody writes this range while this

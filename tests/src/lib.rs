@@ -67,6 +67,13 @@ pub fn model_file(name: &str) -> PathBuf {
     p
 }
 
+/// A bundled example array (`examples/data/<file>`) as a tensor named `name`.
+pub fn example_npy(file: &str, name: &str) -> Tensor {
+    let path = repo_root().join("examples/data").join(file);
+    let f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    rxd_client::npy::read(name, f).unwrap()
+}
+
 /// A model repository in a temp dir, made of symlinks to real model files.
 pub struct Repo {
     pub dir: tempfile::TempDir,

@@ -79,10 +79,7 @@ fn arena_results_equal_in_process_ort_for_several_dtypes() {
 
     // Outputs of two dtypes (i64 labels, f32 probabilities) into named regions, read as typed
     // views without copying.
-    let x = {
-        let f = std::fs::File::open(repo_root().join("examples/data/digits_test_x.npy")).unwrap();
-        rxd_client::npy::read("input", f).unwrap()
-    };
+    let x = example_npy("digits_test_x.npy", "input");
     let want = Reference::new(&model_file("digits")).run(std::slice::from_ref(&x));
     let (_xbuf, xref) = to_arena(&c, &x);
     let rows = x.shape[0] as usize;

@@ -110,10 +110,7 @@ fn batched_results_equal_unbatched_in_process_ort_row_by_row() {
     );
 
     // The digits MLP, with requests of several rows each: limits count rows.
-    let x = {
-        let f = std::fs::File::open(repo_root().join("examples/data/digits_test_x.npy")).unwrap();
-        rxd_client::npy::read("input", f).unwrap()
-    };
+    let x = example_npy("digits_test_x.npy", "input");
     let bytes = rxd_client::tensor::bytes(&x).unwrap();
     let parts: Vec<Tensor> = (0..8)
         .map(|i| {
@@ -336,10 +333,7 @@ fn identical_requests_coalesce_and_the_cache_answers_repeats_byte_identically() 
         "max-queue-delay-us = 150000\ncache-bytes = '1MiB'\n",
     );
     let d = TestDaemon::start(repo.path(), &[]);
-    let x = {
-        let f = std::fs::File::open(repo_root().join("examples/data/digit.npy")).unwrap();
-        rxd_client::npy::read("input", f).unwrap()
-    };
+    let x = example_npy("digit.npy", "input");
     let want = Reference::new(&model_file("digits")).run(std::slice::from_ref(&x));
 
     // 8 identical requests in flight at once: one run, eight identical answers.

@@ -94,15 +94,6 @@ impl Scheduler {
         self.pool.get().map_or(0, |p| p.stuck(limit))
     }
 
-    /// Requests waiting for a worker.
-    pub fn queued(&self) -> usize {
-        self.lock().batcher.queued()
-    }
-
-    pub fn settings(&self) -> Settings {
-        self.lock().batcher.settings().clone()
-    }
-
     /// Queues a job. `deadline`: answer `deadline_exceeded` instead of running after it.
     pub fn submit(&self, job: Job, priority: Option<u8>, deadline: Option<Instant>) {
         let now = Instant::now();

@@ -215,12 +215,6 @@ impl Batcher {
         &self.settings
     }
 
-    /// Changes the settings (runtime control); takes effect at the next decision.
-    pub fn set_settings(&mut self, settings: Settings, now: Instant) -> Vec<Action> {
-        self.settings = settings;
-        self.schedule(now)
-    }
-
     /// Requests waiting.
     pub fn queued(&self) -> usize {
         self.queue.len()
