@@ -88,4 +88,16 @@ impl Client {
     pub fn unload(&self, model: &str, version: Option<u64>) -> Result<ModelSummary, ClientError> {
         self.rt.block_on(self.inner.unload(model, version))
     }
+
+    pub fn pin(&self, model: &str, version: Option<u64>) -> Result<ModelSummary, ClientError> {
+        self.rt.block_on(self.inner.pin(model, version))
+    }
+
+    pub fn unpin(&self, model: &str, version: Option<u64>) -> Result<ModelSummary, ClientError> {
+        self.rt.block_on(self.inner.unpin(model, version))
+    }
+
+    pub fn devices(&self) -> Result<Vec<rxd_protocol::DeviceSummary>, ClientError> {
+        self.rt.block_on(self.inner.devices())
+    }
 }

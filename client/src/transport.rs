@@ -456,6 +456,44 @@ impl Client {
         }
     }
 
+    /// Admin: pin a model version (loading it if needed); pinned versions are never evicted.
+    pub async fn pin(
+        &self,
+        model: &str,
+        version: Option<u64>,
+    ) -> Result<ModelSummary, ClientError> {
+        match self
+            .request(Request::Pin(model_ref(model, version)))
+            .await?
+        {
+            Reply::Pin(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Admin: unpin a model version.
+    pub async fn unpin(
+        &self,
+        model: &str,
+        version: Option<u64>,
+    ) -> Result<ModelSummary, ClientError> {
+        match self
+            .request(Request::Unpin(model_ref(model, version)))
+            .await?
+        {
+            Reply::Unpin(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Devices with their memory budgets and resident models.
+    pub async fn devices(&self) -> Result<Vec<rxd_protocol::DeviceSummary>, ClientError> {
+        match self.request(Request::Devices).await? {
+            Reply::Devices(d) => Ok(d.devices),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Admin: unload a model version (all loaded versions when `None`).
     pub async fn unload(
         &self,

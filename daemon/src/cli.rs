@@ -88,7 +88,15 @@ pub struct ServeOpts {
     /// Group whose members may run admin operations (load, unload).
     #[arg(long, value_name = "GROUP")]
     pub admin_group: Option<String>,
+    /// Memory budget of the default device (e.g. 512MiB; 0 = unlimited). Least-recently-used
+    /// idle models are evicted to admit others within it.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub memory_budget: Option<crate::config::ByteSize>,
     /// Log filter (error, warn, info, debug, trace, or a tracing filter directive).
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
+}
+
+fn parse_size(s: &str) -> Result<crate::config::ByteSize, String> {
+    crate::config::ByteSize::parse(s)
 }

@@ -39,6 +39,36 @@ pub struct FileConfig {
     pub shutdown_grace_secs: Option<u64>,
     pub watchdog_stuck_secs: Option<u64>,
     pub log_level: Option<String>,
+    /// Memory budget of the default (first) device; absent or 0 = unlimited.
+    pub memory_budget: Option<ByteSize>,
+    /// Devices models are placed on; default: one `cpu` device.
+    #[serde(default)]
+    pub device: Vec<DeviceConfig>,
+    /// Loaded at start: `*` (every model), `model` (its served versions) or `model:version`.
+    /// Default `["*"]`.
+    pub preload: Option<Vec<String>>,
+    /// Load a model that is not resident when a request names it. Default true.
+    pub load_on_demand: Option<bool>,
+}
+
+/// A `[[device]]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DeviceConfig {
+    pub name: String,
+    /// `cpu`.
+    pub kind: Option<String>,
+    /// Absent or 0 = unlimited.
+    pub memory_budget: Option<ByteSize>,
+}
+
+/// A device in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub name: String,
+    pub kind: String,
+    /// `None` = unlimited.
+    pub budget: Option<u64>,
 }
 
 /// The validated configuration in force.
@@ -69,6 +99,10 @@ pub struct Config {
     /// watchdog pings stop.
     pub watchdog_stuck: Duration,
     pub log_level: String,
+    /// Devices, the default one first.
+    pub devices: Vec<Device>,
+    pub preload: Vec<String>,
+    pub load_on_demand: bool,
 }
 
 /// One thing wrong with the configuration, named by its key.
@@ -343,6 +377,73 @@ pub fn resolve(
         bad("log-level", format!("'{log_level}' is not a log filter"));
     }
 
+    let mut devices: Vec<Device> = Vec::new();
+    for (i, d) in file.device.iter().enumerate() {
+        let kind = d.kind.clone().unwrap_or_else(|| "cpu".into());
+        if rxd_protocol::check_name(&d.name).is_err() {
+            bad(
+                "device.name",
+                format!("'{}' is not a valid device name", d.name),
+            );
+        } else if devices.iter().any(|o| o.name == d.name) {
+            bad(
+                "device.name",
+                format!("device '{}' is listed twice", d.name),
+            );
+        }
+        if kind != "cpu" {
+            bad(
+                "device.kind",
+                format!(
+                    "device '{}': kind '{kind}' is not supported by this build (supported: cpu)",
+                    d.name
+                ),
+            );
+        }
+        let budget = d.memory_budget.map(|b| b.0).filter(|&b| b > 0);
+        // `memory-budget` (or --memory-budget) sets the default device's budget.
+        let budget = if i == 0 {
+            opts.memory_budget
+                .or(file.memory_budget)
+                .map(|b| b.0)
+                .filter(|&b| b > 0)
+                .or(budget)
+        } else {
+            budget
+        };
+        devices.push(Device {
+            name: d.name.clone(),
+            kind,
+            budget,
+        });
+    }
+    if devices.is_empty() {
+        devices.push(Device {
+            name: "cpu".into(),
+            kind: "cpu".into(),
+            budget: opts
+                .memory_budget
+                .or(file.memory_budget)
+                .map(|b| b.0)
+                .filter(|&b| b > 0),
+        });
+    }
+    let preload = file.preload.unwrap_or_else(|| vec!["*".into()]);
+    for p in &preload {
+        let (name, version) = p
+            .split_once(':')
+            .map_or((p.as_str(), None), |(n, v)| (n, Some(v)));
+        let name_ok = name == "*" || rxd_protocol::check_name(name).is_ok();
+        let version_ok = version.is_none_or(|v| v.parse::<u64>().is_ok_and(|v| v >= 1));
+        if !name_ok || !version_ok || (name == "*" && version.is_some()) {
+            bad(
+                "preload",
+                format!("'{p}' is not '*', a model name, or model:version"),
+            );
+        }
+    }
+    let load_on_demand = file.load_on_demand.unwrap_or(true);
+
     if !problems.is_empty() {
         return Err(ConfigError(problems));
     }
@@ -364,6 +465,9 @@ pub fn resolve(
         shutdown_grace,
         watchdog_stuck,
         log_level,
+        devices,
+        preload,
+        load_on_demand,
     })
 }
 

@@ -435,8 +435,18 @@ async fn serve(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: Canc
         if let rxd_protocol::Request::Infer(infer) = request.body {
             // The hot path: validate and queue right here; the worker answers.
             let map = conn.arena.as_ref().map(|a| &a.map);
-            if let Err(e) = dispatch::infer(&shared, infer, map, maker) {
-                conn.fail(id, &e);
+            match dispatch::infer(&shared, infer, map, maker) {
+                Ok(dispatch::Queued::Done) => {}
+                Ok(dispatch::Queued::Cold(cold)) => {
+                    // The model is loading: wait for it off the read loop.
+                    let (shared, conn, map) = (shared.clone(), conn.clone(), map.cloned());
+                    tasks.spawn(async move {
+                        if let Err(e) = cold.run(shared, map).await {
+                            conn.fail(id, &e);
+                        }
+                    });
+                }
+                Err(e) => conn.fail(id, &e),
             }
             continue;
         }

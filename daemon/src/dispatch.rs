@@ -2,8 +2,10 @@
 //! the result into a reply. Checks admin rights before any admin operation runs.
 //! Boundary: no framing or socket IO here (that is `connection`), no ORT (that is `runtime`).
 
+use std::sync::Arc;
+
 use rxd_protocol::{
-    ArenaRef, Health, HealthState, InferReply, InferRequest, ModelList, ModelState,
+    ArenaRef, DeviceList, Health, HealthState, InferReply, InferRequest, ModelList, ModelState,
     PROTOCOL_VERSION, Reply, Request, Status, Tensor, TensorData,
 };
 
@@ -11,10 +13,13 @@ use crate::SharedRef;
 use crate::error::RequestError;
 use crate::metrics::Metrics;
 use crate::peer::Peer;
-use crate::runtime::{Completion, OutputData, OutputTensor};
+use crate::registry::{Demand, LoadSlot, Ticket};
+use crate::runtime::{Completion, OutputData, OutputTensor, RuntimeError};
 use crate::validate;
 
 /// How a request was handled.
+// Built once per control request; boxing the reply would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Handled {
     /// The answer, for the connection to send.
     Reply(Reply),
@@ -38,13 +43,30 @@ pub async fn handle(
     }
     let reply = match req {
         Request::Infer(infer) => {
-            self::infer(shared, infer, None, completion)?;
+            if let Queued::Cold(cold) = self::infer(shared, infer, None, completion)? {
+                cold.run(shared.clone(), None).await?;
+            }
             return Ok(Handled::Deferred);
         }
         Request::ListModels => Reply::ListModels(ModelList {
             models: shared.registry.list(),
         }),
-        Request::ModelInfo(r) => Reply::ModelInfo(shared.registry.info(&r.model, r.version)?),
+        Request::ModelInfo(r) => match shared.registry.info(&r.model, r.version) {
+            // The signature needs the model: load it as a request would.
+            Err(RequestError::NotReady { state, .. })
+                if shared.config.load_on_demand && state != "failed" =>
+            {
+                let s = shared.clone();
+                let info = tokio::task::spawn_blocking(move || {
+                    s.registry.load(&r.model, r.version)?;
+                    s.registry.info(&r.model, r.version)
+                })
+                .await
+                .map_err(|e| RequestError::Internal(e.to_string()))??;
+                Reply::ModelInfo(info)
+            }
+            other => Reply::ModelInfo(other?),
+        },
         Request::Status => Reply::Status(status(shared)),
         Request::Health => Reply::Health(health(shared)),
         Request::Load(r) => {
@@ -69,6 +91,17 @@ pub async fn handle(
                     .map_err(|e| RequestError::Internal(e.to_string()))??;
             Reply::Unload(summary)
         }
+        Request::Pin(r) => {
+            let s = shared.clone();
+            let summary = tokio::task::spawn_blocking(move || s.registry.pin(&r.model, r.version))
+                .await
+                .map_err(|e| RequestError::Internal(e.to_string()))??;
+            Reply::Pin(summary)
+        }
+        Request::Unpin(r) => Reply::Unpin(shared.registry.unpin(&r.model, r.version)?),
+        Request::Devices => Reply::Devices(DeviceList {
+            devices: shared.registry.devices(),
+        }),
         Request::Reload => {
             let s = shared.clone();
             let models = tokio::task::spawn_blocking(move || s.registry.reload())
@@ -82,19 +115,48 @@ pub async fn handle(
     Ok(Handled::Reply(reply))
 }
 
+/// What became of an inference.
+pub enum Queued<M> {
+    /// Queued to the model's workers; the completion answers.
+    Done,
+    /// The model is not resident: the caller awaits [`Cold::run`] off the read loop.
+    Cold(Box<Cold<M>>),
+}
+
+/// An inference waiting for its model to load.
+pub struct Cold<M> {
+    req: InferRequest,
+    completion: M,
+    slot: Arc<LoadSlot>,
+    start: Option<Box<Ticket>>,
+    deadline: Option<std::time::Instant>,
+}
+
 /// Validates and queues an inference (synchronous: no await, no ORT). On success the
-/// completion answers; on error nothing was queued and the caller answers.
-pub fn infer(
+/// completion answers (or, for a cold model, the returned [`Cold`] does); on error nothing
+/// was queued and the caller answers.
+pub fn infer<M: MakeCompletion>(
     shared: &SharedRef,
     req: InferRequest,
-    arena: Option<&std::sync::Arc<rxd_shm::Mapping>>,
-    completion: impl MakeCompletion,
-) -> Result<(), RequestError> {
+    arena: Option<&Arc<rxd_shm::Mapping>>,
+    completion: M,
+) -> Result<Queued<M>, RequestError> {
     let deadline = req
         .timeout_ms
         .map(|ms| std::time::Instant::now() + std::time::Duration::from_millis(ms));
     let priority = req.priority;
-    let model = shared.registry.get(&req.model, req.version)?;
+    let model = match shared.registry.demand(&req.model, req.version)? {
+        Demand::Ready(m) => m,
+        Demand::Cold { slot, start } => {
+            return Ok(Queued::Cold(Box::new(Cold {
+                req,
+                completion,
+                slot,
+                start,
+                deadline,
+            })));
+        }
+    };
     let checked = validate::check(&model.signature, req, arena)?;
     model.submit(
         checked,
@@ -102,7 +164,44 @@ pub fn infer(
         priority,
         deadline,
     );
-    Ok(())
+    Ok(Queued::Done)
+}
+
+impl<M: MakeCompletion> Cold<M> {
+    /// Starts the load if this request was the first to need it, waits for it (bounded by the
+    /// request's deadline: past it the answer is `deadline_exceeded` and nothing runs), then
+    /// queues the request. A load error (over budget, failed) is the request's error.
+    pub async fn run(
+        mut self: Box<Self>,
+        shared: SharedRef,
+        arena: Option<Arc<rxd_shm::Mapping>>,
+    ) -> Result<(), RequestError> {
+        for _ in 0..3 {
+            if let Some(ticket) = self.start.take() {
+                let s = shared.clone();
+                tokio::task::spawn_blocking(move || {
+                    let _ = s.registry.finish(ticket);
+                });
+            }
+            match self.deadline {
+                Some(d) => tokio::time::timeout_at(d.into(), self.slot.wait())
+                    .await
+                    .map_err(|_| RequestError::Runtime(RuntimeError::DeadlineExceeded))??,
+                None => self.slot.wait().await?,
+            }
+            match infer(&shared, self.req, arena.as_ref(), self.completion)? {
+                Queued::Done => return Ok(()),
+                // Evicted again before it could queue (a tiny budget under churn): retry.
+                Queued::Cold(again) => self = again,
+            }
+        }
+        Err(RequestError::NotReady {
+            model: self.req.model.clone(),
+            version: self.req.version.unwrap_or(0),
+            state: "evicted",
+            detail: Some("evicted again before the request could run; retry".into()),
+        })
+    }
 }
 
 /// The reply to a finished inference.

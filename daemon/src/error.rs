@@ -34,6 +34,8 @@ pub enum RequestError {
         version: u64,
         message: String,
     },
+    #[error("{message}")]
+    OverBudget { message: String },
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
     #[error("internal error: {0}")]
@@ -52,6 +54,7 @@ impl RequestError {
             RequestError::PermissionDenied { .. } => ErrorCode::PermissionDenied,
             RequestError::ShuttingDown => ErrorCode::ShuttingDown,
             RequestError::LoadFailed { .. } => ErrorCode::LoadFailed,
+            RequestError::OverBudget { .. } => ErrorCode::OverBudget,
             RequestError::Runtime(RuntimeError::Run(_)) => ErrorCode::InferenceFailed,
             RequestError::Runtime(RuntimeError::WorkersGone) => ErrorCode::ModelNotReady,
             RequestError::Runtime(RuntimeError::QueueFull { .. }) => ErrorCode::Busy,

@@ -2,6 +2,7 @@
 //! and tests can drive [`serve`] in-process with a listener they bound themselves.
 //!
 //! # Layout
+//! - [`budget`]: device memory budgets and the admission/eviction policy (pure).
 //! - [`cli`]: command-line flags (clap), shared by the binary, man pages and completions.
 //! - [`config`]: TOML configuration, flag overrides, validation (parse → validate → act).
 //! - [`listener`]: binding the Unix socket, accepting connections, peer credentials.
@@ -19,6 +20,7 @@
 //! - [`shutdown`]: signals and the cancellation tree.
 #![deny(unsafe_code)]
 
+pub mod budget;
 pub mod cli;
 pub mod coalesce;
 pub mod config;
@@ -81,6 +83,8 @@ pub fn prepare(config: config::Config) -> Result<SharedRef, runtime::RuntimeErro
         registry::Defaults {
             intra_op_threads: config.intra_op_threads,
             queue_capacity: config.queue_capacity,
+            devices: config.devices.clone(),
+            load_on_demand: config.load_on_demand,
         },
     );
     Ok(Arc::new(Shared {
@@ -102,7 +106,7 @@ pub async fn run(
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
     let s = shared.clone();
-    tokio::task::spawn_blocking(move || s.registry.load_all_latest())
+    tokio::task::spawn_blocking(move || s.registry.preload(&s.config.preload))
         .await
         .map_err(std::io::Error::other)??;
     let (ready, failed) = shared.registry.counts();

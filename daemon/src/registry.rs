@@ -1,20 +1,33 @@
-//! The model repository on disk and the model versions loaded from it.
+//! The model repository on disk, the model versions loaded from it, and their lifecycle under
+//! the devices' memory budgets.
 //!
 //! Layout: `<repository>/<model>/<version>/model.onnx`, versions are positive integers, plus an
-//! optional `<repository>/<model>/model.toml` with per-model settings. The registry owns each
-//! version's lifecycle state and, for ready versions, the [`LoadedModel`] (signature + worker
-//! pool). Invariant: a `LoadedModel` lives as long as any request holds it, so unloading never
-//! pulls a model out from under a request: the map drops its `Arc`, the last request's drop
-//! closes the queue and the workers exit after finishing it.
+//! optional `<repository>/<model>/model.toml` with per-model settings (including the version
+//! policy: which versions are served). The registry owns each version's lifecycle state
+//! (available, loading, ready, unloading, evicted, failed) and, for ready versions, the
+//! [`LoadedModel`] (signature + worker pool). Admission and eviction decisions come from the
+//! pure [`crate::budget`] policy; the registry carries them out and measures what each model
+//! really costs (resident-set growth over session creation + warmup, loads serialised so the
+//! figure is the model's own).
+//! Invariants: a `LoadedModel` lives as long as any request holds it, so unloading or evicting
+//! never pulls a model out from under a request; a model with requests queued, running, or
+//! between lookup and queueing is never chosen for eviction; concurrent demands for one cold
+//! version share one load (a [`LoadSlot`]). Lock order: `models`, then `budget`; `load_lock`
+//! is never taken while holding either.
 //! Boundary: loading blocks (ORT session creation); async callers go through
 //! `spawn_blocking`. The registry never touches sockets.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Instant;
 
-use rxd_protocol::{ModelInfo, ModelState, ModelSummary};
+use rxd_protocol::{DeviceSummary, ErrorCode, ModelInfo, ModelState, ModelSummary, WireError};
 use serde::Deserialize;
+
+use crate::budget::{Budget, DeviceSpec, Estimator};
+use crate::config::Device;
 
 use crate::coalesce::{Coalescer, Route};
 use crate::error::RequestError;
@@ -52,6 +65,56 @@ pub struct ModelSettings {
     pub coalesce_max_bytes: Option<crate::config::ByteSize>,
     /// Result cache (LRU) size; 0 = off (default). Answers repeats without running.
     pub cache_bytes: Option<crate::config::ByteSize>,
+    /// Which versions on disk are served: `"latest"` (default), `{ latest = N }`, `"all"`,
+    /// `{ specific = [1, 3] }`.
+    pub version_policy: Option<VersionPolicy>,
+    /// Served versions stay resident once loaded: never evicted.
+    pub pinned: Option<bool>,
+    /// Devices to place it on, in order of preference (default: the one with most free budget).
+    pub devices: Option<Vec<String>>,
+    /// Run the model on zero inputs (at batch 1 and at max-batch-rows) before it is ready, so
+    /// that the first request does not pay for allocation and the measured footprint includes
+    /// the arena of the largest batch. Default true.
+    pub warmup: Option<bool>,
+    /// Shapes for warmup inputs whose dimensions are dynamic (other than the batch dimension),
+    /// e.g. `{ x = [1, 3, 48, 320] }`. Without it such dimensions get 32 and a failing warmup
+    /// is only logged; with it a failing warmup fails the load.
+    pub warmup_dims: Option<HashMap<String, Vec<i64>>>,
+}
+
+/// Which versions of a model are served.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum VersionPolicy {
+    /// `"latest"` or `"all"`.
+    Named(String),
+    Latest {
+        latest: u32,
+    },
+    Specific {
+        specific: Vec<u64>,
+    },
+}
+
+impl VersionPolicy {
+    /// The served versions among `on_disk`.
+    pub fn select(&self, on_disk: &BTreeSet<u64>) -> BTreeSet<u64> {
+        match self {
+            VersionPolicy::Named(n) if n == "all" => on_disk.clone(),
+            VersionPolicy::Named(_) => on_disk.iter().next_back().copied().into_iter().collect(),
+            VersionPolicy::Latest { latest } => on_disk
+                .iter()
+                .rev()
+                .take(*latest as usize)
+                .copied()
+                .collect(),
+            VersionPolicy::Specific { specific } => specific
+                .iter()
+                .filter(|v| on_disk.contains(v))
+                .copied()
+                .collect(),
+        }
+    }
 }
 
 impl ModelSettings {
@@ -89,6 +152,18 @@ impl ModelSettings {
                 if s.queue_capacity == Some(0) {
                     return Err("model.toml: queue-capacity must be at least 1".into());
                 }
+                match &s.version_policy {
+                    Some(VersionPolicy::Named(n)) if n != "latest" && n != "all" => {
+                        return Err(format!(
+                            "model.toml: version-policy '{n}' is not \"latest\", \"all\", \
+                             {{ latest = N }} or {{ specific = [..] }}"
+                        ));
+                    }
+                    Some(VersionPolicy::Latest { latest: 0 }) => {
+                        return Err("model.toml: version-policy latest must be at least 1".into());
+                    }
+                    _ => {}
+                }
                 Ok(s)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ModelSettings::default()),
@@ -102,6 +177,10 @@ impl ModelSettings {
 pub struct Defaults {
     pub intra_op_threads: u32,
     pub queue_capacity: u32,
+    /// Devices, the default one first.
+    pub devices: Vec<Device>,
+    /// Load a non-resident model when a request names it.
+    pub load_on_demand: bool,
 }
 
 /// A model version that is ready to serve.
@@ -109,8 +188,13 @@ pub struct LoadedModel {
     pub name: String,
     pub version: u64,
     pub signature: Signature,
+    /// The device it was placed on.
+    pub device: String,
     scheduler: Arc<Scheduler>,
     pub coalescer: Arc<Coalescer>,
+    /// Milliseconds since the registry's epoch when a request last used it (LRU order).
+    last_used: AtomicU64,
+    epoch: Instant,
 }
 
 impl LoadedModel {
@@ -123,6 +207,8 @@ impl LoadedModel {
         priority: Option<u8>,
         deadline: Option<std::time::Instant>,
     ) {
+        self.last_used
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
         let mut inputs = checked.inputs;
         let (completion, placement) = match self.coalescer.route(
             &self.name,
@@ -158,6 +244,10 @@ impl LoadedModel {
     pub fn batchable(&self) -> bool {
         batchable(&self.signature)
     }
+
+    fn last_used(&self) -> u64 {
+        self.last_used.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for LoadedModel {
@@ -176,8 +266,99 @@ pub fn batchable(sig: &Signature) -> bool {
         && !sig.inputs.is_empty()
 }
 
+/// One load in progress: every request that needs the version waits on it, so concurrent
+/// demands for a cold model trigger one load.
+#[derive(Default)]
+pub struct LoadSlot {
+    done: Mutex<Option<Result<(), WireError>>>,
+    cv: Condvar,
+    notify: tokio::sync::Notify,
+}
+
+impl LoadSlot {
+    fn finish(&self, result: Result<(), WireError>) {
+        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+        self.cv.notify_all();
+        self.notify.notify_waiters();
+    }
+
+    fn result(&self) -> Option<Result<(), WireError>> {
+        self.done.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits (blocking) until the load is over.
+    pub fn wait_blocking(&self) -> Result<(), WireError> {
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(r) = done.clone() {
+                return r;
+            }
+            done = self.cv.wait(done).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Waits (async) until the load is over.
+    pub async fn wait(&self) -> Result<(), WireError> {
+        loop {
+            // Registered before the check, so a finish in between still wakes us.
+            let notified = self.notify.notified();
+            if let Some(r) = self.result() {
+                return r;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// What a lookup found.
+pub enum Demand {
+    Ready(Arc<LoadedModel>),
+    /// Not resident: wait for `slot`; when `start` is given, the caller runs that load
+    /// (blocking, off the async threads) with [`Registry::finish`].
+    Cold {
+        slot: Arc<LoadSlot>,
+        start: Option<Box<Ticket>>,
+    },
+}
+
+/// The right to carry out one load that [`Registry::begin`] started.
+pub struct Ticket {
+    name: String,
+    version: u64,
+    path: PathBuf,
+    settings: ModelSettings,
+    slot: Arc<LoadSlot>,
+    file_bytes: u64,
+    /// Preloads never evict anything.
+    no_evict: bool,
+    served: bool,
+    was: ModelState,
+}
+
+impl Drop for Ticket {
+    /// A ticket dropped without [`Registry::finish`] (a panicked or cancelled load thread)
+    /// must not leave waiters hanging.
+    fn drop(&mut self) {
+        if self.slot.result().is_none() {
+            self.slot.finish(Err(WireError::new(
+                ErrorCode::Internal,
+                "the load was abandoned",
+            )));
+        }
+    }
+}
+
+/// What `begin` decided.
+pub enum Begin {
+    Ready(Arc<LoadedModel>),
+    Wait(Arc<LoadSlot>),
+    Start(Box<Ticket>),
+}
+
 /// A model found on disk: its settings (or why they are bad) and its version files.
 type Found = (Result<ModelSettings, String>, BTreeMap<u64, PathBuf>);
+
+type Key = (String, u64);
 
 struct Version {
     /// Still in the repository at the last scan.
@@ -186,11 +367,89 @@ struct Version {
     state: ModelState,
     error: Option<String>,
     loaded: Option<Arc<LoadedModel>>,
+    slot: Option<Arc<LoadSlot>>,
+    pinned: bool,
+    estimated: Option<u64>,
+    measured: Option<u64>,
+    load_ms: Option<u64>,
+    evictions: u64,
+}
+
+impl Version {
+    fn new(path: PathBuf) -> Version {
+        Version {
+            on_disk: true,
+            path,
+            state: ModelState::Available,
+            error: None,
+            loaded: None,
+            slot: None,
+            pinned: false,
+            estimated: None,
+            measured: None,
+            load_ms: None,
+            evictions: 0,
+        }
+    }
+
+    /// Requests are queued, running, or hold the model between lookup and queueing.
+    fn busy(&self) -> bool {
+        self.loaded
+            .as_ref()
+            .is_some_and(|l| Arc::strong_count(l) > 1 || l.scheduler.busy())
+    }
 }
 
 struct Model {
     settings: Result<ModelSettings, String>,
     versions: BTreeMap<u64, Version>,
+}
+
+impl Model {
+    /// Versions the policy serves, among those on disk.
+    fn served(&self) -> BTreeSet<u64> {
+        let on_disk: BTreeSet<u64> = self
+            .versions
+            .iter()
+            .filter(|(_, v)| v.on_disk)
+            .map(|(&k, _)| k)
+            .collect();
+        let policy = self
+            .settings
+            .as_ref()
+            .ok()
+            .and_then(|s| s.version_policy.clone())
+            .unwrap_or(VersionPolicy::Named("latest".into()));
+        policy.select(&on_disk)
+    }
+
+    /// The version a request without one gets: the highest served version; while that one is
+    /// loading (a reload), the highest ready version keeps serving.
+    fn default_version(&self) -> Option<u64> {
+        let want = self
+            .served()
+            .last()
+            .copied()
+            .or_else(|| self.versions.keys().next_back().copied())?;
+        if self.versions[&want].state == ModelState::Ready {
+            return Some(want);
+        }
+        let ready = self
+            .versions
+            .iter()
+            .rev()
+            .find(|(_, v)| v.state == ModelState::Ready)
+            .map(|(&k, _)| k);
+        match ready {
+            Some(r) if self.versions[&want].state == ModelState::Loading => Some(r),
+            _ => Some(want),
+        }
+    }
+}
+
+struct BudgetState {
+    budget: Budget<Key>,
+    estimator: Estimator,
 }
 
 /// The repository and the loaded models.
@@ -199,15 +458,34 @@ pub struct Registry {
     runtime: Arc<Runtime>,
     defaults: Defaults,
     models: RwLock<BTreeMap<String, Model>>,
+    budget: Mutex<BudgetState>,
+    /// Serialises session creation and model teardown, so that the resident-set growth
+    /// measured over a load is that model's own.
+    load_lock: Mutex<()>,
+    epoch: Instant,
 }
 
 impl Registry {
     pub fn new(root: PathBuf, runtime: Arc<Runtime>, defaults: Defaults) -> Registry {
+        let specs = defaults
+            .devices
+            .iter()
+            .map(|d| DeviceSpec {
+                name: d.name.clone(),
+                budget: d.budget.unwrap_or(u64::MAX),
+            })
+            .collect();
         Registry {
             root,
             runtime,
             defaults,
             models: RwLock::new(BTreeMap::new()),
+            budget: Mutex::new(BudgetState {
+                budget: Budget::new(specs),
+                estimator: Estimator::default(),
+            }),
+            load_lock: Mutex::new(()),
+            epoch: Instant::now(),
         }
     }
 
@@ -217,6 +495,10 @@ impl Registry {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
     /// Reads the repository: new models and versions are added as `available`, settings are
@@ -262,7 +544,9 @@ impl Registry {
         }
         models.retain(|name, m| {
             m.versions.retain(|v, ver| {
-                ver.loaded.is_some() || found.get(name).is_some_and(|f| f.1.contains_key(v))
+                ver.loaded.is_some()
+                    || ver.state == ModelState::Loading
+                    || found.get(name).is_some_and(|f| f.1.contains_key(v))
             });
             !m.versions.is_empty() || found.contains_key(name)
         });
@@ -279,154 +563,478 @@ impl Registry {
                 model
                     .versions
                     .entry(num)
-                    .or_insert(Version {
-                        on_disk: true,
-                        path,
-                        state: ModelState::Available,
-                        error: None,
-                        loaded: None,
-                    })
+                    .or_insert_with(|| Version::new(path))
                     .on_disk = true;
             }
         }
         Ok(())
     }
 
-    /// Scans and loads the latest version of every model (blocking). Failures are recorded in
-    /// the model's state; the others still load.
-    pub fn load_all_latest(&self) -> std::io::Result<()> {
+    /// Scans and loads the preload list (`*`, `model`, `model:version`; blocking). Preloads
+    /// never evict each other: one that does not fit stays available (loaded on demand).
+    /// Failures are recorded in the version's state; the others still load.
+    pub fn preload(&self, list: &[String]) -> std::io::Result<()> {
         self.scan()?;
-        let latest: Vec<(String, u64)> = self
-            .read()
-            .iter()
-            .filter_map(|(n, m)| m.versions.keys().next_back().map(|&v| (n.clone(), v)))
-            .collect();
-        for (name, version) in latest {
-            if let Err(e) = self.load(&name, Some(version)) {
+        let mut targets: Vec<(String, u64)> = Vec::new();
+        {
+            let models = self.read();
+            for item in list {
+                let (name, version) = match item.split_once(':') {
+                    Some((n, v)) => (n, v.parse::<u64>().ok()),
+                    None => (item.as_str(), None),
+                };
+                for (n, m) in models.iter().filter(|(n, _)| name == "*" || *n == name) {
+                    match version {
+                        Some(v) => targets.push((n.clone(), v)),
+                        None => targets.extend(m.served().into_iter().map(|v| (n.clone(), v))),
+                    }
+                }
+                if name != "*" && !models.contains_key(name) {
+                    tracing::warn!(model = %name, "preload: no such model in the repository");
+                }
+            }
+        }
+        let mut seen = HashSet::new();
+        targets.retain(|t| seen.insert(t.clone()));
+        for (name, version) in targets {
+            if let Err(e) = self.load_with(&name, Some(version), true) {
                 tracing::error!(model = %name, version, "{e}");
             }
         }
         Ok(())
     }
 
-    /// Re-reads the repository (SIGHUP, `rxctl reload`): loads the latest version of every
-    /// model that is not ready yet (new models, new versions, re-read model.toml), and only
-    /// once that version is ready unloads the model's other versions; models gone from disk
-    /// are unloaded. Requests holding an old version finish on it. Blocking.
+    /// Re-reads the repository (SIGHUP, `rxctl reload`). For every model with a version
+    /// resident (or loading), the served versions are loaded, and only once the default one is
+    /// ready are the versions no longer served unloaded (they finish what they hold); models
+    /// gone from disk are unloaded. Models never loaded stay available. Blocking.
     pub fn reload(&self) -> std::io::Result<Vec<ModelSummary>> {
         self.scan()?;
-        let latest: Vec<(String, Option<u64>)> = self
+        let plan: Vec<(String, BTreeSet<u64>, bool)> = self
             .read()
             .iter()
             .map(|(n, m)| {
-                let on_disk = m
+                let resident = m
                     .versions
-                    .iter()
-                    .filter(|(_, v)| v.on_disk)
-                    .map(|(&k, _)| k)
-                    .max();
-                (n.clone(), on_disk)
+                    .values()
+                    .any(|v| v.loaded.is_some() || v.state == ModelState::Loading);
+                (n.clone(), m.served(), resident)
             })
             .collect();
-        for (name, version) in latest {
-            match version {
-                Some(v) => {
-                    if let Err(e) = self.load(&name, Some(v)) {
-                        tracing::error!(model = %name, version = v, "reload: {e}");
-                        continue;
-                    }
-                    let others: Vec<u64> = self.read()[&name]
-                        .versions
-                        .iter()
-                        .filter(|(k, ver)| **k != v && ver.loaded.is_some())
-                        .map(|(&k, _)| k)
-                        .collect();
-                    for old in others {
-                        let _ = self.unload(&name, Some(old));
-                    }
+        for (name, served, resident) in plan {
+            if served.is_empty() {
+                let _ = self.unload(&name, None);
+                continue;
+            }
+            if !resident {
+                continue;
+            }
+            let mut ok = true;
+            for &v in served.iter().rev() {
+                if let Err(e) = self.load(&name, Some(v)) {
+                    tracing::error!(model = %name, version = v, "reload: {e}");
+                    ok = false;
+                    break;
                 }
-                None => {
-                    let _ = self.unload(&name, None);
-                }
+            }
+            if !ok {
+                continue;
+            }
+            let stale: Vec<u64> = self.read()[&name]
+                .versions
+                .iter()
+                .filter(|(k, ver)| !served.contains(k) && ver.loaded.is_some())
+                .map(|(&k, _)| k)
+                .collect();
+            for old in stale {
+                let _ = self.unload(&name, Some(old));
             }
         }
         // Forget what is neither on disk nor loaded.
         self.write().retain(|_, m| {
-            m.versions.retain(|_, v| v.on_disk || v.loaded.is_some());
+            m.versions
+                .retain(|_, v| v.on_disk || v.loaded.is_some() || v.state == ModelState::Loading);
             !m.versions.is_empty()
         });
         Ok(self.list())
     }
 
-    /// Loads a version (default: the latest on disk). Blocking.
+    /// Loads a version (default: the model's default version), evicting least-recently-used
+    /// idle models if its device's budget needs room; waits for a load already in progress.
+    /// Blocking.
     pub fn load(&self, name: &str, version: Option<u64>) -> Result<ModelSummary, RequestError> {
-        // Pick the version and mark it loading, under the lock; build sessions outside it.
-        let (version, path, settings) =
-            {
-                let mut models = self.write();
-                let model = models
-                    .get_mut(name)
-                    .ok_or_else(|| RequestError::UnknownModel(name.into()))?;
-                let version = match version {
-                    Some(v) => v,
-                    None => *model
-                        .versions
-                        .keys()
-                        .next_back()
-                        .ok_or_else(|| RequestError::UnknownModel(name.into()))?,
-                };
-                let settings = model.settings.clone();
-                let ver = model.versions.get_mut(&version).ok_or_else(|| {
-                    RequestError::UnknownVersion {
-                        model: name.into(),
-                        version,
-                    }
-                })?;
-                match ver.state {
-                    ModelState::Ready => return Ok(summary(name, version, ver)),
-                    ModelState::Loading | ModelState::Unloading => {
-                        return Err(RequestError::NotReady {
-                            model: name.into(),
-                            version,
-                            state: ver.state.name(),
-                            detail: None,
-                        });
-                    }
-                    _ => {}
-                }
-                ver.state = ModelState::Loading;
-                ver.error = None;
-                (version, ver.path.clone(), settings)
-            };
+        self.load_with(name, version, false)
+    }
 
-        let result = settings.and_then(|s| self.build(name, version, &path, &s));
-        let mut models = self.write();
-        let ver = models
-            .get_mut(name)
-            .and_then(|m| m.versions.get_mut(&version))
-            .ok_or_else(|| RequestError::Internal("model vanished while loading".into()))?;
-        match result {
-            Ok(loaded) => {
-                tracing::info!(
-                    model = %name,
-                    version,
-                    instances = loaded.instances(),
-                    "model ready"
-                );
-                ver.loaded = Some(Arc::new(loaded));
-                ver.state = ModelState::Ready;
-                Ok(summary(name, version, ver))
+    fn load_with(
+        &self,
+        name: &str,
+        version: Option<u64>,
+        no_evict: bool,
+    ) -> Result<ModelSummary, RequestError> {
+        let loaded = match self.begin(name, version, no_evict)? {
+            Begin::Ready(l) => l,
+            Begin::Start(ticket) => return self.finish(ticket),
+            Begin::Wait(slot) => {
+                slot.wait_blocking()?;
+                self.get(name, version)?
             }
+        };
+        self.summary_of(name, loaded.version)
+    }
+
+    /// Starts loading a version unless it is ready or already loading.
+    pub fn begin(
+        &self,
+        name: &str,
+        version: Option<u64>,
+        no_evict: bool,
+    ) -> Result<Begin, RequestError> {
+        let mut models = self.write();
+        let model = models
+            .get_mut(name)
+            .ok_or_else(|| RequestError::UnknownModel(name.into()))?;
+        let version = match version {
+            Some(v) => v,
+            None => model
+                .default_version()
+                .ok_or_else(|| RequestError::UnknownModel(name.into()))?,
+        };
+        let served = model.served().contains(&version);
+        let settings = model.settings.clone();
+        let ver = model
+            .versions
+            .get_mut(&version)
+            .ok_or_else(|| RequestError::UnknownVersion {
+                model: name.into(),
+                version,
+            })?;
+        match ver.state {
+            ModelState::Ready => {
+                return Ok(Begin::Ready(ver.loaded.clone().expect("ready has a model")));
+            }
+            ModelState::Loading => {
+                return Ok(Begin::Wait(ver.slot.clone().expect("loading has a slot")));
+            }
+            ModelState::Unloading => {
+                return Err(RequestError::NotReady {
+                    model: name.into(),
+                    version,
+                    state: ver.state.name(),
+                    detail: None,
+                });
+            }
+            _ => {}
+        }
+        let settings = match settings {
+            Ok(s) => s,
             Err(message) => {
                 ver.state = ModelState::Failed;
                 ver.error = Some(message.clone());
-                Err(RequestError::LoadFailed {
+                return Err(RequestError::LoadFailed {
                     model: name.into(),
                     version,
                     message,
-                })
+                });
+            }
+        };
+        let file_bytes = model_bytes(&ver.path);
+        let slot = Arc::new(LoadSlot::default());
+        let was = ver.state;
+        ver.state = ModelState::Loading;
+        ver.error = None;
+        ver.slot = Some(slot.clone());
+        Ok(Begin::Start(Box::new(Ticket {
+            name: name.into(),
+            version,
+            path: ver.path.clone(),
+            settings,
+            slot,
+            file_bytes,
+            no_evict,
+            served,
+            was,
+        })))
+    }
+
+    /// For an inference: the ready version, or the load to wait for (started if needed and
+    /// loading on demand is on).
+    pub fn demand(&self, name: &str, version: Option<u64>) -> Result<Demand, RequestError> {
+        match self.get(name, version) {
+            Ok(l) => return Ok(Demand::Ready(l)),
+            // A broken model is not retried on every request; `rxctl load` retries it.
+            Err(
+                e @ RequestError::NotReady {
+                    state: "failed", ..
+                },
+            ) => return Err(e),
+            Err(e @ RequestError::NotReady { .. }) if !self.defaults.load_on_demand => {
+                return Err(e);
+            }
+            Err(RequestError::NotReady { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        match self.begin(name, version, false)? {
+            Begin::Ready(l) => Ok(Demand::Ready(l)),
+            Begin::Wait(slot) => Ok(Demand::Cold { slot, start: None }),
+            Begin::Start(t) => Ok(Demand::Cold {
+                slot: t.slot.clone(),
+                start: Some(t),
+            }),
+        }
+    }
+
+    /// Carries out a load that `begin` started: admission under the budget (evicting
+    /// least-recently-used idle models), session creation and warmup, measurement, and the
+    /// final accounting. Every waiter learns the outcome. Blocking.
+    pub fn finish(&self, ticket: Box<Ticket>) -> Result<ModelSummary, RequestError> {
+        let key: Key = (ticket.name.clone(), ticket.version);
+        let owned_name = ticket.name.clone();
+        let (name, version) = (owned_name.as_str(), ticket.version);
+        // Admission.
+        let (device, victims) = {
+            let mut models = self.write();
+            let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+            let estimate = b.estimator.estimate(ticket.file_bytes);
+            let busy = self.sync_usage(&models, &mut b);
+            let candidates = match self.candidates(&ticket.settings, &b) {
+                Ok(c) => c,
+                Err(message) => {
+                    drop(b);
+                    return Err(self.fail(&mut models, ticket, ModelState::Failed, message, None));
+                }
+            };
+            let admitted = if ticket.no_evict {
+                b.budget
+                    .admit(key.clone(), estimate, &candidates, &|_| true, self.now_ms())
+            } else {
+                b.budget.admit(
+                    key.clone(),
+                    estimate,
+                    &candidates,
+                    &|k| busy.contains(k),
+                    self.now_ms(),
+                )
+            };
+            let adm = match admitted {
+                Ok(adm) => adm,
+                Err(over) => {
+                    // Larger than every budget it may use: it can never load.
+                    let never = candidates_or_all(&candidates, b.budget.devices().len())
+                        .iter()
+                        .all(|&d| b.budget.devices()[d].budget < estimate);
+                    drop(b);
+                    let state = if never {
+                        ModelState::Failed
+                    } else {
+                        ticket.was
+                    };
+                    let message = format!(
+                        "'{name}' version {version} does not fit the memory budget: {}",
+                        describe(&over)
+                    );
+                    return Err(self.fail(
+                        &mut models,
+                        ticket,
+                        state,
+                        message,
+                        Some(ErrorCode::OverBudget),
+                    ));
+                }
+            };
+            if let Some(v) = models
+                .get_mut(name)
+                .and_then(|m| m.versions.get_mut(&version))
+            {
+                v.estimated = Some(estimate);
+            }
+            let device = b.budget.devices()[adm.device].name.clone();
+            drop(b);
+            (device, self.take_victims(&mut models, &adm.evict))
+        };
+
+        // Session creation and warmup, measured alone.
+        let guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
+        release(victims);
+        let rss0 = crate::metrics::resident_bytes();
+        let started = Instant::now();
+        let built = self.build(name, version, &ticket.path, &ticket.settings, &device);
+        let load_ms = started.elapsed().as_millis() as u64;
+        let rss1 = crate::metrics::resident_bytes();
+        drop(guard);
+        let loaded = match built {
+            Ok(l) => l,
+            Err(message) => {
+                let mut models = self.write();
+                self.budget
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .budget
+                    .release(&key);
+                return Err(self.fail(&mut models, ticket, ModelState::Failed, message, None));
+            }
+        };
+        let grew = match (rss0, rss1) {
+            (Some(a), Some(b)) => b.saturating_sub(a),
+            _ => 0,
+        };
+        // Weights are resident at least once, even when freed pages were reused.
+        let measured = grew.max(ticket.file_bytes);
+
+        // Final accounting.
+        let mut models = self.write();
+        let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+        let busy = self.sync_usage(&models, &mut b);
+        match b.budget.settle(&key, measured, &|k| busy.contains(k)) {
+            Ok(evict) => {
+                b.estimator.learn(ticket.file_bytes, measured);
+                drop(b);
+                let victims = self.take_victims(&mut models, &evict);
+                let pin = ticket.served && ticket.settings.pinned.unwrap_or(false);
+                let ver = models
+                    .get_mut(name)
+                    .and_then(|m| m.versions.get_mut(&version))
+                    .expect("a loading version stays in the map");
+                ver.loaded = Some(Arc::new(loaded));
+                ver.state = ModelState::Ready;
+                ver.measured = Some(measured);
+                ver.load_ms = Some(load_ms);
+                ver.slot = None;
+                ver.pinned |= pin;
+                if ver.pinned {
+                    self.budget
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .budget
+                        .set_pinned(&key, true);
+                }
+                let summary = self.summary_locked(&models, name, version);
+                drop(models);
+                tracing::info!(
+                    model = %name,
+                    version,
+                    device = %device,
+                    bytes = measured,
+                    load_ms,
+                    evicted = victims.len(),
+                    "model ready"
+                );
+                if !victims.is_empty() {
+                    let _guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
+                    release(victims);
+                }
+                ticket.slot.finish(Ok(()));
+                Ok(summary)
+            }
+            Err(over) => {
+                drop(b);
+                let message = format!(
+                    "'{name}' version {version} measured {measured} bytes after loading, more \
+                     than its device can hold: {}",
+                    describe(&over)
+                );
+                let state = ticket.was;
+                let e = self.fail(
+                    &mut models,
+                    ticket,
+                    state,
+                    message,
+                    Some(ErrorCode::OverBudget),
+                );
+                drop(models);
+                let _guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
+                release(vec![Arc::new(loaded)]);
+                Err(e)
             }
         }
+    }
+
+    /// Ends a load that did not make it: sets the version's state and error, tells the
+    /// waiters, and returns the error for the caller.
+    fn fail(
+        &self,
+        models: &mut BTreeMap<String, Model>,
+        ticket: Box<Ticket>,
+        state: ModelState,
+        message: String,
+        code: Option<ErrorCode>,
+    ) -> RequestError {
+        let (name, version) = (ticket.name.clone(), ticket.version);
+        if let Some(ver) = models
+            .get_mut(&name)
+            .and_then(|m| m.versions.get_mut(&version))
+        {
+            ver.state = if state == ModelState::Loading {
+                ModelState::Available
+            } else {
+                state
+            };
+            ver.error = Some(message.clone());
+            ver.slot = None;
+        }
+        tracing::warn!(model = %name, version, "{message}");
+        let err = match code {
+            Some(ErrorCode::OverBudget) => RequestError::OverBudget { message },
+            _ => RequestError::LoadFailed {
+                model: name,
+                version,
+                message,
+            },
+        };
+        ticket.slot.finish(Err(err.to_wire()));
+        err
+    }
+
+    /// Pushes each resident model's last use into the policy and returns the busy ones.
+    fn sync_usage(&self, models: &BTreeMap<String, Model>, b: &mut BudgetState) -> HashSet<Key> {
+        let mut busy = HashSet::new();
+        for (n, m) in models {
+            for (&v, ver) in &m.versions {
+                let key = (n.clone(), v);
+                if let Some(l) = &ver.loaded {
+                    b.budget.touch(&key, l.last_used());
+                }
+                if ver.busy() {
+                    busy.insert(key);
+                }
+            }
+        }
+        busy
+    }
+
+    /// Device indices a model may go to, from its `devices` preference.
+    fn candidates(&self, settings: &ModelSettings, b: &BudgetState) -> Result<Vec<usize>, String> {
+        match &settings.devices {
+            None => Ok(Vec::new()),
+            Some(names) => names
+                .iter()
+                .map(|n| {
+                    b.budget
+                        .device_index(n)
+                        .ok_or_else(|| format!("model.toml: no device named '{n}'"))
+                })
+                .collect(),
+        }
+    }
+
+    /// Marks the victims evicted and takes their models (dropped by the caller, outside the
+    /// locks).
+    fn take_victims(
+        &self,
+        models: &mut BTreeMap<String, Model>,
+        victims: &[Key],
+    ) -> Vec<Arc<LoadedModel>> {
+        let mut out = Vec::new();
+        for (n, v) in victims {
+            if let Some(ver) = models.get_mut(n).and_then(|m| m.versions.get_mut(v)) {
+                out.extend(ver.loaded.take());
+                ver.state = ModelState::Evicted;
+                ver.evictions += 1;
+                ver.measured = None;
+                tracing::info!(model = %n, version = v, "evicted (least recently used)");
+            }
+        }
+        out
     }
 
     fn build(
@@ -435,6 +1043,7 @@ impl Registry {
         version: u64,
         path: &Path,
         settings: &ModelSettings,
+        device: &str,
     ) -> Result<LoadedModel, String> {
         let opts = SessionOptions {
             intra_op_threads: settings
@@ -443,18 +1052,39 @@ impl Registry {
             allow_spinning: settings.allow_spinning.unwrap_or(false),
         };
         let instances = settings.instances.unwrap_or(1);
+        let sched_settings = settings.scheduler(self.defaults.queue_capacity);
         let mut sessions = Vec::new();
         let mut signature = None;
         for _ in 0..instances {
-            let (session, sig) = self
+            let (mut session, sig) = self
                 .runtime
                 .session(path, &opts)
                 .map_err(|e| e.to_string())?;
+            if settings.warmup.unwrap_or(true) {
+                let mut sizes = vec![1u64];
+                if batchable(&sig) && sched_settings.max_batch_rows > 1 {
+                    sizes.push(u64::from(sched_settings.max_batch_rows));
+                }
+                let dims = settings.warmup_dims.clone().unwrap_or_default();
+                for rows in sizes {
+                    if let Err(e) = crate::runtime::warmup(&mut session, &sig, rows, &dims) {
+                        if settings.warmup_dims.is_some() {
+                            return Err(format!("warmup at batch {rows} failed: {e}"));
+                        }
+                        tracing::warn!(
+                            model = %name,
+                            version,
+                            "warmup at batch {rows} with automatic shapes failed (set \
+                             warmup-dims in model.toml): {e}"
+                        );
+                        break;
+                    }
+                }
+            }
             sessions.push(session);
             signature = Some(sig);
         }
         let signature = signature.ok_or("no instances")?;
-        let sched_settings = settings.scheduler(self.defaults.queue_capacity);
         let scheduler = Scheduler::start(
             &format!("{name}-{version}"),
             sessions,
@@ -470,8 +1100,11 @@ impl Registry {
             name: name.into(),
             version,
             signature,
+            device: device.into(),
             scheduler,
             coalescer,
+            last_used: AtomicU64::new(self.now_ms()),
+            epoch: self.epoch,
         })
     }
 
@@ -499,56 +1132,99 @@ impl Registry {
                     .collect(),
             };
             let mut taken = Vec::new();
+            let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
             for v in &versions {
                 let ver = model.versions.get_mut(v).expect("listed above");
+                if ver.state == ModelState::Loading {
+                    continue;
+                }
                 taken.extend(ver.loaded.take());
                 ver.state = ModelState::Available;
                 ver.error = None;
+                ver.pinned = false;
+                ver.measured = None;
+                b.budget.release(&(name.to_string(), *v));
             }
+            drop(b);
             dropped = taken;
             let shown = versions
                 .last()
                 .copied()
                 .or_else(|| model.versions.keys().next_back().copied())
                 .ok_or_else(|| RequestError::UnknownModel(name.into()))?;
-            summary(name, shown, &model.versions[&shown])
+            self.summary_locked(&models, name, shown)
         };
         // Dropping outside the lock: if no request holds the model, this joins its workers.
-        drop(dropped);
+        let _guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
+        release(dropped);
         tracing::info!(model = %name, ?version, "model unloaded");
         Ok(result)
     }
 
-    /// The loaded model for a request: the given version, or the highest ready one.
+    /// Pins a version (loading it first if needed): never evicted. Blocking.
+    pub fn pin(&self, name: &str, version: Option<u64>) -> Result<ModelSummary, RequestError> {
+        let s = self.load(name, version)?;
+        self.set_pinned(name, s.version, true)
+    }
+
+    /// Unpins a version: it may be evicted again.
+    pub fn unpin(&self, name: &str, version: Option<u64>) -> Result<ModelSummary, RequestError> {
+        let version = match version {
+            Some(v) => v,
+            None => self
+                .read()
+                .get(name)
+                .and_then(Model::default_version)
+                .ok_or_else(|| RequestError::UnknownModel(name.into()))?,
+        };
+        self.set_pinned(name, version, false)
+    }
+
+    fn set_pinned(
+        &self,
+        name: &str,
+        version: u64,
+        pinned: bool,
+    ) -> Result<ModelSummary, RequestError> {
+        let mut models = self.write();
+        let ver = models
+            .get_mut(name)
+            .ok_or_else(|| RequestError::UnknownModel(name.into()))?
+            .versions
+            .get_mut(&version)
+            .ok_or_else(|| RequestError::UnknownVersion {
+                model: name.into(),
+                version,
+            })?;
+        ver.pinned = pinned;
+        self.budget
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .budget
+            .set_pinned(&(name.to_string(), version), pinned);
+        tracing::info!(model = %name, version, pinned, "pin changed");
+        Ok(self.summary_locked(&models, name, version))
+    }
+
+    /// The loaded model for a request: the given version, or the model's default version.
     pub fn get(&self, name: &str, version: Option<u64>) -> Result<Arc<LoadedModel>, RequestError> {
         let models = self.read();
         let model = models
             .get(name)
             .ok_or_else(|| RequestError::UnknownModel(name.into()))?;
-        let (num, ver) = match version {
-            Some(v) => (
-                v,
-                model
-                    .versions
-                    .get(&v)
-                    .ok_or_else(|| RequestError::UnknownVersion {
-                        model: name.into(),
-                        version: v,
-                    })?,
-            ),
-            None => match model
-                .versions
-                .iter()
-                .rev()
-                .find(|(_, v)| v.loaded.is_some())
-            {
-                Some((&n, v)) => (n, v),
-                None => {
-                    let (&n, v) = model.versions.iter().next_back().expect("non-empty");
-                    (n, v)
-                }
-            },
+        let num = match version {
+            Some(v) => v,
+            None => model
+                .default_version()
+                .ok_or_else(|| RequestError::UnknownModel(name.into()))?,
         };
+        let ver = model
+            .versions
+            .get(&num)
+            .ok_or_else(|| RequestError::UnknownVersion {
+                model: name.into(),
+                version: num,
+            })?;
         ver.loaded.clone().ok_or_else(|| RequestError::NotReady {
             model: name.into(),
             version: num,
@@ -558,25 +1234,73 @@ impl Registry {
     }
 
     pub fn list(&self) -> Vec<ModelSummary> {
-        self.read()
+        let models = self.read();
+        models
             .iter()
             .flat_map(|(name, m)| {
                 m.versions
-                    .iter()
-                    .map(move |(&v, ver)| summary(name, v, ver))
+                    .keys()
+                    .map(|&v| self.summary_locked(&models, name, v))
+                    .collect::<Vec<_>>()
             })
             .collect()
+    }
+
+    fn summary_of(&self, name: &str, version: u64) -> Result<ModelSummary, RequestError> {
+        let models = self.read();
+        if !models
+            .get(name)
+            .is_some_and(|m| m.versions.contains_key(&version))
+        {
+            return Err(RequestError::UnknownVersion {
+                model: name.into(),
+                version,
+            });
+        }
+        Ok(self.summary_locked(&models, name, version))
     }
 
     pub fn info(&self, name: &str, version: Option<u64>) -> Result<ModelInfo, RequestError> {
         let loaded = self.get(name, version)?;
         let models = self.read();
-        let ver = &models[name].versions[&loaded.version];
         Ok(ModelInfo {
-            summary: summary(name, loaded.version, ver),
+            summary: self.summary_locked(&models, name, loaded.version),
             inputs: loaded.signature.inputs.clone(),
             outputs: loaded.signature.outputs.clone(),
         })
+    }
+
+    /// Every device: budget, use, and resident versions (least recently used first).
+    pub fn devices(&self) -> Vec<DeviceSummary> {
+        let models = self.read();
+        let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+        self.sync_usage(&models, &mut b);
+        let mut out = Vec::new();
+        for (i, dev) in self.defaults.devices.iter().enumerate() {
+            let u = b.budget.device_use(i);
+            let mut residents: Vec<(u64, String)> = u
+                .residents
+                .iter()
+                .map(|((n, v), ..)| {
+                    let last = models
+                        .get(n)
+                        .and_then(|m| m.versions.get(v))
+                        .and_then(|ver| ver.loaded.as_ref())
+                        .map_or(u64::MAX, |l| l.last_used());
+                    (last, format!("{n}:{v}"))
+                })
+                .collect();
+            residents.sort();
+            out.push(DeviceSummary {
+                name: dev.name.clone(),
+                kind: dev.kind.clone(),
+                budget_bytes: dev.budget,
+                used_bytes: u.used,
+                free_bytes: dev.budget.map(|b| b.saturating_sub(u.used)),
+                models: residents.into_iter().map(|(_, n)| n).collect(),
+            });
+        }
+        out
     }
 
     /// Models with a worker stuck on one batch for longer than `limit`.
@@ -628,29 +1352,125 @@ impl Registry {
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Model>> {
         self.models.write().unwrap_or_else(|e| e.into_inner())
     }
+
+    fn summary_locked(
+        &self,
+        models: &BTreeMap<String, Model>,
+        name: &str,
+        version: u64,
+    ) -> ModelSummary {
+        let model = &models[name];
+        let ver = &model.versions[&version];
+        let now = self.now_ms();
+        let loaded = ver.loaded.as_ref();
+        let stats = loaded.map(|l| &l.scheduler.stats);
+        let memory_bytes = match ver.state {
+            ModelState::Ready => ver.measured,
+            ModelState::Loading => ver.estimated,
+            _ => None,
+        };
+        ModelSummary {
+            name: name.into(),
+            version,
+            state: ver.state,
+            error: ver.error.clone(),
+            instances: loaded.map_or(0, |l| l.instances() as u32),
+            device: loaded.map_or_else(String::new, |l| l.device.clone()),
+            batchable: loaded.is_some_and(|l| l.batchable()),
+            requests: stats.map_or(0, |s| s.requests.load(Ordering::Relaxed))
+                + loaded.map_or(0, |l| {
+                    l.coalescer.stats.hits.load(Ordering::Relaxed)
+                        + l.coalescer.stats.coalesced.load(Ordering::Relaxed)
+                }),
+            cache_hits: loaded.map_or(0, |l| l.coalescer.stats.hits.load(Ordering::Relaxed)),
+            cache_misses: loaded.map_or(0, |l| l.coalescer.stats.misses.load(Ordering::Relaxed)),
+            cache_bytes: loaded.map_or(0, |l| l.coalescer.cache_bytes()),
+            coalesced: loaded.map_or(0, |l| l.coalescer.stats.coalesced.load(Ordering::Relaxed)),
+            batches: stats.map_or(0, |s| s.batches.load(Ordering::Relaxed)),
+            rows: stats.map_or(0, |s| s.rows.load(Ordering::Relaxed)),
+            pinned: ver.pinned,
+            served: model.served().contains(&version),
+            memory_bytes,
+            estimated_bytes: ver.estimated,
+            load_ms: ver.load_ms,
+            idle_ms: loaded.map(|l| now.saturating_sub(l.last_used())),
+            evictions: ver.evictions,
+        }
+    }
 }
 
-fn summary(name: &str, version: u64, ver: &Version) -> ModelSummary {
-    use std::sync::atomic::Ordering::Relaxed;
-    let loaded = ver.loaded.as_ref();
-    let stats = loaded.map(|l| &l.scheduler.stats);
-    ModelSummary {
-        name: name.into(),
-        version,
-        state: ver.state,
-        error: ver.error.clone(),
-        instances: loaded.map_or(0, |l| l.instances() as u32),
-        device: "cpu".into(),
-        batchable: loaded.is_some_and(|l| l.batchable()),
-        requests: stats.map_or(0, |s| s.requests.load(Relaxed))
-            + loaded.map_or(0, |l| {
-                l.coalescer.stats.hits.load(Relaxed) + l.coalescer.stats.coalesced.load(Relaxed)
-            }),
-        cache_hits: loaded.map_or(0, |l| l.coalescer.stats.hits.load(Relaxed)),
-        cache_misses: loaded.map_or(0, |l| l.coalescer.stats.misses.load(Relaxed)),
-        cache_bytes: loaded.map_or(0, |l| l.coalescer.cache_bytes()),
-        coalesced: loaded.map_or(0, |l| l.coalescer.stats.coalesced.load(Relaxed)),
-        batches: stats.map_or(0, |s| s.batches.load(Relaxed)),
-        rows: stats.map_or(0, |s| s.rows.load(Relaxed)),
+/// Drops models (joining their workers once their last request is done) and hands the freed
+/// memory back to the kernel.
+fn release(models: Vec<Arc<LoadedModel>>) {
+    if models.is_empty() {
+        return;
+    }
+    drop(models);
+    crate::runtime::release_free_memory();
+}
+
+/// Bytes of a version on disk: `model.onnx` plus external data files beside it.
+fn model_bytes(model: &Path) -> u64 {
+    let Some(dir) = model.parent() else {
+        return 0;
+    };
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter(|e| e.file_name() != "model.toml")
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn candidates_or_all(candidates: &[usize], n: usize) -> Vec<usize> {
+    if candidates.is_empty() {
+        (0..n).collect()
+    } else {
+        candidates.to_vec()
+    }
+}
+
+/// The policy's refusal in words: each device's budget and use and what is resident.
+fn describe(over: &crate::budget::OverBudget<Key>) -> String {
+    let mut parts = Vec::new();
+    for d in &over.devices {
+        let residents: Vec<String> = d
+            .residents
+            .iter()
+            .map(|((n, v), bytes, pinned, loading)| {
+                let why = if *pinned {
+                    ", pinned"
+                } else if *loading {
+                    ", loading"
+                } else {
+                    ""
+                };
+                format!("{n}:{v} ({}{why})", mib(*bytes))
+            })
+            .collect();
+        parts.push(format!(
+            "device '{}' has a budget of {} with {} used{}",
+            d.name,
+            mib(d.budget),
+            mib(d.used),
+            if residents.is_empty() {
+                String::new()
+            } else {
+                format!(" by {}", residents.join(", "))
+            }
+        ));
+    }
+    format!("needs {}; {}", mib(over.need), parts.join("; "))
+}
+
+fn mib(bytes: u64) -> String {
+    if bytes == u64::MAX {
+        "unlimited".into()
+    } else {
+        format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
     }
 }

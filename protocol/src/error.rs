@@ -58,6 +58,9 @@ pub enum ErrorCode {
     DeadlineExceeded = 501,
     /// The daemon is shutting down and takes no new requests.
     ShuttingDown = 502,
+    /// The model does not fit its device's memory budget, even after evicting every idle,
+    /// unpinned model (the message names what is resident).
+    OverBudget = 503,
 
     /// No shared-memory arena on this connection.
     ArenaUnavailable = 600,
@@ -76,7 +79,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 25] = [
+    pub const ALL: [ErrorCode; 26] = [
         ErrorCode::MalformedMessage,
         ErrorCode::FrameTooLarge,
         ErrorCode::UnsupportedVersion,
@@ -97,6 +100,7 @@ impl ErrorCode {
         ErrorCode::Busy,
         ErrorCode::DeadlineExceeded,
         ErrorCode::ShuttingDown,
+        ErrorCode::OverBudget,
         ErrorCode::ArenaUnavailable,
         ErrorCode::ArenaOutOfRange,
         ErrorCode::ArenaMisaligned,
@@ -140,6 +144,7 @@ impl ErrorCode {
             ErrorCode::Busy => "busy",
             ErrorCode::DeadlineExceeded => "deadline_exceeded",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::OverBudget => "over_budget",
             ErrorCode::ArenaUnavailable => "arena_unavailable",
             ErrorCode::ArenaOutOfRange => "arena_out_of_range",
             ErrorCode::ArenaMisaligned => "arena_misaligned",

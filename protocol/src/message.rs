@@ -86,6 +86,12 @@ pub enum Request {
     Unload(ModelRef),
     /// Admin: re-read the repository (as SIGHUP does).
     Reload,
+    /// Admin: keep a model version resident (loads it if needed); never evicted.
+    Pin(ModelRef),
+    /// Admin: let a pinned version be evicted again.
+    Unpin(ModelRef),
+    /// Devices, their memory budgets and the models resident on each.
+    Devices,
 }
 
 impl Request {
@@ -100,6 +106,9 @@ impl Request {
             Request::Load(_) => "load",
             Request::Unload(_) => "unload",
             Request::Reload => "reload",
+            Request::Pin(_) => "pin",
+            Request::Unpin(_) => "unpin",
+            Request::Devices => "devices",
         }
     }
 
@@ -107,7 +116,11 @@ impl Request {
     pub fn is_admin(&self) -> bool {
         matches!(
             self,
-            Request::Load(_) | Request::Unload(_) | Request::Reload
+            Request::Load(_)
+                | Request::Unload(_)
+                | Request::Reload
+                | Request::Pin(_)
+                | Request::Unpin(_)
         )
     }
 }
@@ -335,6 +348,8 @@ pub struct ResponseFrame {
 /// Success or failure of one request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+// A reply is built once per request and moved a few times; boxing it would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Outcome {
     Ok(Reply),
     Err(WireError),
@@ -353,6 +368,34 @@ pub enum Reply {
     Load(ModelSummary),
     Unload(ModelSummary),
     Reload(ModelList),
+    Pin(ModelSummary),
+    Unpin(ModelSummary),
+    Devices(DeviceList),
+}
+
+/// Every device with its memory budget.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceList {
+    pub devices: Vec<DeviceSummary>,
+}
+
+/// One device: its budget, what is accounted on it, and the model versions resident there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceSummary {
+    /// Name from the configuration (`cpu` by default).
+    pub name: String,
+    /// `cpu` (GPU kinds come with their execution providers).
+    pub kind: String,
+    /// Memory budget in bytes; absent = unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_bytes: Option<u64>,
+    /// Bytes accounted to resident and loading models (measured, or estimated while loading).
+    pub used_bytes: u64,
+    /// Budget minus used; absent when the budget is unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_bytes: Option<u64>,
+    /// Resident versions as `name:version`, least recently used first.
+    pub models: Vec<String>,
 }
 
 /// Outputs of one inference.
@@ -402,6 +445,28 @@ pub struct ModelSummary {
     pub cache_bytes: u64,
     #[serde(default)]
     pub coalesced: u64,
+    /// Pinned versions are never evicted.
+    #[serde(default)]
+    pub pinned: bool,
+    /// Whether the version policy serves this version (requests without a version get the
+    /// highest served one; unserved versions are loaded only by an explicit `load`).
+    #[serde(default)]
+    pub served: bool,
+    /// Bytes accounted to it on its device: measured once ready, estimated while loading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// The estimate made before loading (file size × the learned factor).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_bytes: Option<u64>,
+    /// Session creation + warmup of the last load, in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_ms: Option<u64>,
+    /// Milliseconds since a request last used it (resident versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_ms: Option<u64>,
+    /// Times it was evicted to make room for another model.
+    #[serde(default)]
+    pub evictions: u64,
 }
 
 /// Lifecycle state of a model version.

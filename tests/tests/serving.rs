@@ -412,10 +412,18 @@ fn admin_operations_need_admin_rights() {
     // The model is still there; root (admin) can unload and load it.
     assert!(d.rxctl(&["unload", "digits"]).status.success());
     let c = d.client();
-    assert_eq!(
-        code_of(c.infer("digits", vec![digits_inputs(1)]).unwrap_err()),
-        ErrorCode::ModelNotReady
-    );
+    let state = |c: &rxd_client::blocking::Client| {
+        c.list_models()
+            .unwrap()
+            .into_iter()
+            .find(|m| m.name == "digits")
+            .unwrap()
+            .state
+    };
+    assert_eq!(state(&c), ModelState::Available);
+    // Unloaded is not gone: a request loads it again on demand (load-on-demand = true).
+    c.infer("digits", vec![digits_inputs(1)]).unwrap();
+    assert_eq!(state(&c), ModelState::Ready);
     // A model added to the repository after start can be loaded.
     repo.link("digits2", 1, "digits");
     let out = d.rxctl(&["load", "digits2"]);

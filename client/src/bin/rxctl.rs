@@ -137,6 +137,20 @@ enum Cmd {
         #[arg(long)]
         version: Option<u64>,
     },
+    /// Admin: pin a model version (loads it if needed): never evicted.
+    Pin {
+        model: String,
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// Admin: unpin a model version: it may be evicted again.
+    Unpin {
+        model: String,
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// Devices: memory budget, used, free, and the models resident on each.
+    Devices,
 }
 
 mod code {
@@ -267,16 +281,23 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
                 print_json(&models);
             } else {
                 println!(
-                    "{:<24} {:>7}  {:<10} {:>9}  {:<6} ERROR",
-                    "MODEL", "VERSION", "STATE", "INSTANCES", "DEVICE"
+                    "{:<24} {:>7}  {:<9} {:<6} {:>9} {:>10}  {:<6} ERROR",
+                    "MODEL", "VERSION", "STATE", "SERVED", "INSTANCES", "MEMORY", "DEVICE"
                 );
                 for m in &models {
+                    let served = match (m.served, m.pinned) {
+                        (_, true) => "pinned",
+                        (true, _) => "yes",
+                        _ => "no",
+                    };
                     println!(
-                        "{:<24} {:>7}  {:<10} {:>9}  {:<6} {}",
+                        "{:<24} {:>7}  {:<9} {:<6} {:>9} {:>10}  {:<6} {}",
                         m.name,
                         m.version,
                         m.state.name(),
+                        served,
                         m.instances,
+                        m.memory_bytes.map(size_text).unwrap_or_default(),
                         m.device,
                         m.error.as_deref().unwrap_or("")
                     );
@@ -294,13 +315,26 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
             } else {
                 let s = &info.summary;
                 println!(
-                    "{} version {}: {} on {}, {} instance(s)",
+                    "{} version {}: {} on {}, {} instance(s){}",
                     s.name,
                     s.version,
                     s.state.name(),
                     s.device,
-                    s.instances
+                    s.instances,
+                    if s.pinned { ", pinned" } else { "" }
                 );
+                if let Some(b) = s.memory_bytes {
+                    println!(
+                        "memory: {} measured ({} estimated), loaded and warmed up in {} ms, \
+                         evicted {} time(s)",
+                        size_text(b),
+                        s.estimated_bytes
+                            .map(size_text)
+                            .unwrap_or_else(|| "not".into()),
+                        s.load_ms.unwrap_or(0),
+                        s.evictions
+                    );
+                }
                 println!("inputs:");
                 for t in &info.inputs {
                     println!("  {}", spec_text(t));
@@ -337,6 +371,48 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
             }
             Ok(0)
         }
+        Cmd::Pin { model, version } | Cmd::Unpin { model, version } => {
+            let s = if matches!(command, Cmd::Pin { .. }) {
+                client.pin(model, *version)?
+            } else {
+                client.unpin(model, *version)?
+            };
+            if cli.json {
+                print_json(&s);
+            } else {
+                println!(
+                    "{} version {}: {}{}",
+                    s.name,
+                    s.version,
+                    s.state.name(),
+                    if s.pinned { ", pinned" } else { ", not pinned" }
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Devices => {
+            let devices = client.devices()?;
+            if cli.json {
+                print_json(&devices);
+            } else {
+                println!(
+                    "{:<12} {:<6} {:>10} {:>10} {:>10}  MODELS (least recently used first)",
+                    "DEVICE", "KIND", "BUDGET", "USED", "FREE"
+                );
+                for d in &devices {
+                    println!(
+                        "{:<12} {:<6} {:>10} {:>10} {:>10}  {}",
+                        d.name,
+                        d.kind,
+                        d.budget_bytes.map_or("unlimited".into(), size_text),
+                        size_text(d.used_bytes),
+                        d.free_bytes.map_or("-".into(), size_text),
+                        d.models.join(", ")
+                    );
+                }
+            }
+            Ok(0)
+        }
         Cmd::Unload { model, version } => {
             let s = client.unload(model, *version)?;
             if cli.json {
@@ -346,6 +422,22 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
             }
             Ok(0)
         }
+    }
+}
+
+/// Bytes for people: `12.3 MiB`.
+fn size_text(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
     }
 }
 

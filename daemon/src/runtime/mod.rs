@@ -125,6 +125,57 @@ impl Runtime {
     }
 }
 
+/// Size given to dynamic dimensions other than the batch dimension when warming up without
+/// configured shapes: large enough for the strides of common conv nets.
+pub const WARMUP_AUTO_DIM: u64 = 32;
+
+/// Runs `session` once on zero-filled inputs with `rows` in every dynamic first dimension;
+/// `dims` gives full shapes for named inputs (its first dimension is replaced by `rows` when
+/// the model's is dynamic); other dynamic dimensions get [`WARMUP_AUTO_DIM`]. This makes ORT
+/// allocate its arena for that batch size (and compile kernels on GPU providers) before the
+/// first client request.
+pub fn warmup(
+    session: &mut Session,
+    sig: &Signature,
+    rows: u64,
+    dims: &std::collections::HashMap<String, Vec<i64>>,
+) -> Result<(), RuntimeError> {
+    let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::new();
+    for spec in &sig.inputs {
+        let given = dims.get(&spec.name);
+        let shape: Vec<u64> = spec
+            .dims
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| match (i, d, given.and_then(|g| g.get(i))) {
+                (0, -1, _) => rows,
+                (_, d, _) if d >= 0 => d as u64,
+                (_, _, Some(&g)) if g > 0 => g as u64,
+                _ => WARMUP_AUTO_DIM,
+            })
+            .collect();
+        let elements = shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| RuntimeError::Run("warmup shape overflows".into()))?;
+        let len = spec
+            .dtype
+            .byte_len(elements)
+            .ok_or_else(|| RuntimeError::Run("warmup shape overflows".into()))?;
+        let zeros = vec![0u8; len as usize];
+        let tensor = raw::tensor_from_bytes(element_type_of(spec.dtype), &shape, &zeros)
+            .map_err(|e| run_err(&e))?;
+        values.push((Cow::Owned(spec.name.clone()), tensor.into()));
+    }
+    session.run(values).map_err(|e| run_err(&e))?;
+    Ok(())
+}
+
+/// Returns freed heap memory to the kernel (after unloading models).
+pub fn release_free_memory() {
+    raw::release_free_memory();
+}
+
 /// ORT's version: from the library's file name (`libonnxruntime.so.1.31.1`, symlinks
 /// followed), else from its build info, else "unknown".
 fn version_of(library: &Path) -> String {

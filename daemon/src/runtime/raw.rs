@@ -132,3 +132,13 @@ pub fn tensor_bytes<'a>(tensor: &'a DynTensorRef<'_>) -> Result<&'a [u8], String
     // unmodified (nothing else holds the run's outputs).
     Ok(unsafe { std::slice::from_raw_parts(ptr, size) })
 }
+
+/// Hands memory that the C allocator holds free back to the kernel (after a model is
+/// unloaded or evicted, so that its pages really leave the process).
+pub fn release_free_memory() {
+    // SAFETY: malloc_trim only walks glibc's own heap under its internal lock; it takes no
+    // pointers from us and is safe to call from any thread at any time.
+    unsafe {
+        nix::libc::malloc_trim(0);
+    }
+}

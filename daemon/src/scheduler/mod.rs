@@ -89,6 +89,12 @@ impl Scheduler {
         self.pool.get().map_or(0, WorkerPool::instances)
     }
 
+    /// Requests are queued or running.
+    pub fn busy(&self) -> bool {
+        let st = self.lock();
+        !st.pending.is_empty() || st.running > 0
+    }
+
     /// Workers stuck on one batch for longer than `limit` (liveness check).
     pub fn stuck_workers(&self, limit: Duration) -> usize {
         self.pool.get().map_or(0, |p| p.stuck(limit))
