@@ -195,6 +195,8 @@ pub struct LoadedModel {
     /// Milliseconds since the registry's epoch when a request last used it (LRU order).
     last_used: AtomicU64,
     epoch: Instant,
+    /// ORT's CPU arena after warmup (`TotalAllocated` summed over instances), if reported.
+    pub arena_bytes: Option<u64>,
 }
 
 impl LoadedModel {
@@ -372,6 +374,11 @@ struct Version {
     estimated: Option<u64>,
     measured: Option<u64>,
     load_ms: Option<u64>,
+    /// ORT's CPU arena after warmup (`TotalAllocated`, all instances).
+    arena: Option<u64>,
+    /// The last measured footprint, kept across evictions: the next load's estimate.
+    known: Option<u64>,
+    loads: u64,
     evictions: u64,
 }
 
@@ -388,6 +395,9 @@ impl Version {
             estimated: None,
             measured: None,
             load_ms: None,
+            arena: None,
+            known: None,
+            loads: 0,
             evictions: 0,
         }
     }
@@ -774,6 +784,23 @@ impl Registry {
             Err(RequestError::NotReady { .. }) => {}
             Err(e) => return Err(e),
         }
+        if let Some(v) = version {
+            let models = self.read();
+            if let Some(m) = models.get(name)
+                && m.versions.get(&v).is_some_and(|ver| ver.on_disk)
+                && !m.served().contains(&v)
+            {
+                return Err(RequestError::NotReady {
+                    model: name.into(),
+                    version: v,
+                    state: "not served",
+                    detail: Some(
+                        "the model's version-policy does not serve it (an admin can `rxctl load` it)"
+                            .into(),
+                    ),
+                });
+            }
+        }
         match self.begin(name, version, false)? {
             Begin::Ready(l) => Ok(Demand::Ready(l)),
             Begin::Wait(slot) => Ok(Demand::Cold { slot, start: None }),
@@ -795,7 +822,12 @@ impl Registry {
         let (device, victims) = {
             let mut models = self.write();
             let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
-            let estimate = b.estimator.estimate(ticket.file_bytes);
+            // A version measured before (evicted since) is known; others are estimated.
+            let known = models
+                .get(name)
+                .and_then(|m| m.versions.get(&version))
+                .and_then(|v| v.known);
+            let estimate = known.unwrap_or_else(|| b.estimator.estimate(ticket.file_bytes));
             let busy = self.sync_usage(&models, &mut b);
             let candidates = match self.candidates(&ticket.settings, &b) {
                 Ok(c) => c,
@@ -855,11 +887,15 @@ impl Registry {
 
         // Session creation and warmup, measured alone.
         let guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
-        release(victims);
+        drop(victims);
+        // Freed heap pages go back to the kernel before and after, so the difference is what
+        // the model keeps, not the load's transient peak or reuse of someone else's pages.
+        crate::runtime::release_free_memory();
         let rss0 = crate::metrics::resident_bytes();
         let started = Instant::now();
         let built = self.build(name, version, &ticket.path, &ticket.settings, &device);
         let load_ms = started.elapsed().as_millis() as u64;
+        crate::runtime::release_free_memory();
         let rss1 = crate::metrics::resident_bytes();
         drop(guard);
         let loaded = match built {
@@ -878,8 +914,15 @@ impl Registry {
             (Some(a), Some(b)) => b.saturating_sub(a),
             _ => 0,
         };
-        // Weights are resident at least once, even when freed pages were reused.
-        let measured = grew.max(ticket.file_bytes);
+        // Weights are resident at least once, even when freed pages were reused; and a reload
+        // after an eviction partly reuses pages the allocator kept from the last time, so it
+        // reads low: a version is accounted at the largest footprint measured for it.
+        let known = self
+            .read()
+            .get(name)
+            .and_then(|m| m.versions.get(&version))
+            .and_then(|v| v.known);
+        let measured = grew.max(ticket.file_bytes).max(known.unwrap_or(0));
 
         // Final accounting.
         let mut models = self.write();
@@ -895,10 +938,13 @@ impl Registry {
                     .get_mut(name)
                     .and_then(|m| m.versions.get_mut(&version))
                     .expect("a loading version stays in the map");
+                ver.arena = loaded.arena_bytes;
                 ver.loaded = Some(Arc::new(loaded));
                 ver.state = ModelState::Ready;
                 ver.measured = Some(measured);
+                ver.known = Some(measured);
                 ver.load_ms = Some(load_ms);
+                ver.loads += 1;
                 ver.slot = None;
                 ver.pinned |= pin;
                 if ver.pinned {
@@ -933,7 +979,13 @@ impl Registry {
                      than its device can hold: {}",
                     describe(&over)
                 );
-                let state = ticket.was;
+                // More than the whole device: it can never load there.
+                let never = over.devices.iter().all(|d| d.budget < measured);
+                let state = if never {
+                    ModelState::Failed
+                } else {
+                    ticket.was
+                };
                 let e = self.fail(
                     &mut models,
                     ticket,
@@ -1055,6 +1107,7 @@ impl Registry {
         let sched_settings = settings.scheduler(self.defaults.queue_capacity);
         let mut sessions = Vec::new();
         let mut signature = None;
+        let mut arena: Option<u64> = None;
         for _ in 0..instances {
             let (mut session, sig) = self
                 .runtime
@@ -1081,6 +1134,15 @@ impl Registry {
                     }
                 }
             }
+            match crate::runtime::arena_stats(&session) {
+                Ok(stats) => {
+                    tracing::debug!(model = %name, version, ?stats, "ORT arena after warmup");
+                    if let Some((_, v)) = stats.iter().find(|(k, _)| k == "TotalAllocated") {
+                        *arena.get_or_insert(0) += (*v).max(0) as u64;
+                    }
+                }
+                Err(e) => tracing::debug!(model = %name, version, "no ORT arena statistics: {e}"),
+            }
             sessions.push(session);
             signature = Some(sig);
         }
@@ -1105,6 +1167,7 @@ impl Registry {
             coalescer,
             last_used: AtomicU64::new(self.now_ms()),
             epoch: self.epoch,
+            arena_bytes: arena,
         })
     }
 
@@ -1393,6 +1456,8 @@ impl Registry {
             memory_bytes,
             estimated_bytes: ver.estimated,
             load_ms: ver.load_ms,
+            arena_bytes: ver.arena,
+            loads: ver.loads,
             idle_ms: loaded.map(|l| now.saturating_sub(l.last_used())),
             evictions: ver.evictions,
         }
@@ -1418,7 +1483,8 @@ fn model_bytes(model: &Path) -> u64 {
         .map(|rd| {
             rd.filter_map(Result::ok)
                 .filter(|e| e.file_name() != "model.toml")
-                .filter_map(|e| e.metadata().ok())
+                // Following symlinks: repositories often link model files.
+                .filter_map(|e| std::fs::metadata(e.path()).ok())
                 .filter(|m| m.is_file())
                 .map(|m| m.len())
                 .sum()

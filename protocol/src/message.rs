@@ -461,6 +461,13 @@ pub struct ModelSummary {
     /// Session creation + warmup of the last load, in ms.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_ms: Option<u64>,
+    /// Part of the footprint that ONNX Runtime's CPU arena reports (`TotalAllocated` after
+    /// warmup: activations and reserved buffers; weights are mostly outside it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arena_bytes: Option<u64>,
+    /// Times it was loaded (on demand, by an admin, or at start).
+    #[serde(default)]
+    pub loads: u64,
     /// Milliseconds since a request last used it (resident versions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_ms: Option<u64>,

@@ -142,3 +142,64 @@ pub fn release_free_memory() {
         nix::libc::malloc_trim(0);
     }
 }
+
+/// ORT's statistics of a session's CPU arena allocator (`InUse`, `MaxInUse`,
+/// `TotalAllocated`, `NumReserves`, ...), or why they are not available.
+pub fn arena_stats(session: &ort::session::Session) -> Result<Vec<(String, i64)>, String> {
+    use ort::AsPointer;
+    use ort::memory::{AllocationDevice, AllocatorType, MemoryType};
+    let info = MemoryInfo::new(
+        AllocationDevice::CPU,
+        0,
+        AllocatorType::Arena,
+        MemoryType::Default,
+    )
+    .map_err(|e| e.to_string())?;
+    let allocator = Allocator::new(session, info).map_err(|e| e.to_string())?;
+    let api = ort::api();
+    let mut kvp: *mut ort::sys::OrtKeyValuePairs = std::ptr::null_mut();
+    // SAFETY: `allocator` is a live allocator created above (ORT checked the session and
+    // memory info); `kvp` is a valid out-pointer. On success ORT gives us a key/value set
+    // that we release below; on failure the status is ours to read and release.
+    let status = unsafe { (api.AllocatorGetStats)(allocator.ptr(), &mut kvp) };
+    if !status.0.is_null() {
+        // SAFETY: a non-null status from ORT: its message is a NUL-terminated string owned
+        // by the status, read before the status is released exactly once.
+        let message = unsafe {
+            let m = std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0))
+                .to_string_lossy()
+                .into_owned();
+            (api.ReleaseStatus)(status.0);
+            m
+        };
+        return Err(message);
+    }
+    if kvp.is_null() {
+        return Err("the allocator returned no statistics".into());
+    }
+    let mut keys: *const *const std::ffi::c_char = std::ptr::null();
+    let mut values: *const *const std::ffi::c_char = std::ptr::null();
+    let mut n: usize = 0;
+    let mut out = Vec::new();
+    // SAFETY: `kvp` is the non-null set ORT returned; ORT fills `keys`/`values` with `n`
+    // pointers to NUL-terminated strings owned by `kvp`, which we read (null entries
+    // skipped) before releasing `kvp` exactly once.
+    unsafe {
+        (api.GetKeyValuePairs)(kvp, &mut keys, &mut values, &mut n);
+        if !keys.is_null() && !values.is_null() {
+            for i in 0..n {
+                let (k, v) = (*keys.add(i), *values.add(i));
+                if k.is_null() || v.is_null() {
+                    continue;
+                }
+                let k = std::ffi::CStr::from_ptr(k).to_string_lossy().into_owned();
+                let v = std::ffi::CStr::from_ptr(v).to_string_lossy();
+                if let Ok(v) = v.trim().parse::<i64>() {
+                    out.push((k, v));
+                }
+            }
+        }
+        (api.ReleaseKeyValuePairs)(kvp);
+    }
+    Ok(out)
+}

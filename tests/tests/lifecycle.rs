@@ -1,0 +1,291 @@
+//! Model lifecycle under a memory budget: measured footprints, LRU eviction, pinning, load on
+//! demand (one load for many waiting requests, bounded by deadlines), version policies, and a
+//! model larger than the budget failing alone. Real models, real daemon.
+
+use std::collections::BTreeMap;
+
+use rxd_client::{ClientError, ErrorCode, Tensor};
+use rxd_e2e::*;
+use rxd_protocol::{InferRequest, ModelState, ModelSummary};
+
+const THREE: [&str; 3] = ["yolov8n", "ppocr_det", "ppocr_rec"];
+
+/// A real input for each of the three models (and its name).
+fn input_for(model: &str, seed: u64) -> Tensor {
+    let (name, shape): (&str, Vec<u64>) = match model {
+        "yolov8n" => ("images", vec![1, 3, 320, 320]),
+        "ppocr_det" => ("x", vec![1, 3, 64, 96]),
+        "ppocr_rec" => ("x", vec![1, 3, 48, 160]),
+        other => panic!("no input for {other}"),
+    };
+    let n = shape.iter().product::<u64>() as usize;
+    f32_tensor(name, &shape, &random_f32(n, seed))
+}
+
+fn three_models() -> Repo {
+    let repo = Repo::new();
+    for m in THREE {
+        repo.link(m, 1, m);
+    }
+    repo
+}
+
+fn summaries(d: &TestDaemon) -> BTreeMap<String, ModelSummary> {
+    d.client_inline()
+        .list_models()
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.name.clone(), m))
+        .collect()
+}
+
+fn rss_bytes(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+fn code_of(e: ClientError) -> ErrorCode {
+    match e {
+        ClientError::Server(w) => w.kind().unwrap(),
+        other => panic!("not a server error: {other}"),
+    }
+}
+
+/// What each model measures when loaded alone, and how the accounting compares with the
+/// daemon's resident set seen from outside.
+fn measure_footprints() -> BTreeMap<String, u64> {
+    let repo = three_models();
+    let d = TestDaemon::start_with(repo.path(), &[], "preload = []\n");
+    let base = rss_bytes(d.pid());
+    let mut out = BTreeMap::new();
+    for m in THREE {
+        assert!(d.rxctl(&["load", m]).status.success());
+        let s = &summaries(&d)[m];
+        assert_eq!(s.state, ModelState::Ready);
+        let bytes = s.memory_bytes.expect("measured");
+        let file = std::fs::metadata(model_file(m)).unwrap().len();
+        assert!(
+            bytes >= file,
+            "{m}: {bytes} accounted, the weights alone are {file}"
+        );
+        assert!(s.estimated_bytes.is_some() && s.load_ms.is_some());
+        out.insert(m.to_string(), bytes);
+    }
+    // The accounting agrees with the resident-set growth seen from outside (the daemon
+    // measures each load alone; allocator slack and shared pages make up the rest).
+    let accounted: u64 = out.values().sum();
+    let grew = rss_bytes(d.pid()).saturating_sub(base);
+    let devices = d.client_inline().devices().unwrap();
+    assert_eq!(devices[0].used_bytes, accounted);
+    assert!(
+        grew.abs_diff(accounted) <= accounted / 5 + (4 << 20),
+        "accounted {accounted} bytes, resident set grew {grew}"
+    );
+    out
+}
+
+#[test]
+fn a_budget_for_two_of_three_models_evicts_in_lru_order_and_keeps_pinned_models() {
+    let sizes = measure_footprints();
+    let total: u64 = sizes.values().sum();
+    let max_pair = total - sizes.values().min().unwrap();
+    // Room for any two, never for three.
+    let budget = max_pair + (total - max_pair) / 2;
+    eprintln!("measured alone: {sizes:?}; budget {budget}");
+    let repo = three_models();
+    let config = format!("preload = []\nmemory-budget = {budget}\n");
+    let d = TestDaemon::start_with(repo.path(), &[], &config);
+    let c = d.client();
+    let mut refs: BTreeMap<&str, Reference> = THREE
+        .iter()
+        .map(|&m| (m, Reference::new(&model_file(m))))
+        .collect();
+
+    // Requests cycle over the three models: each one finds its model evicted and evicts the
+    // least recently used of the other two.
+    let mut order: Vec<&str> = Vec::new();
+    for step in 0..7 {
+        let m = THREE[step % 3];
+        let x = input_for(m, step as u64);
+        let got = c.infer(m, vec![x.clone()]).unwrap();
+        assert_eq!(
+            got,
+            refs.get_mut(m).unwrap().run(&[x]),
+            "{m} at step {step}"
+        );
+        order.push(m);
+        let s = summaries(&d);
+        let resident: Vec<&str> = THREE
+            .iter()
+            .copied()
+            .filter(|n| s[*n].state == ModelState::Ready)
+            .collect();
+        assert!(resident.len() <= 2, "step {step}: {resident:?} resident");
+        if step >= 2 {
+            let victim = order[step - 2];
+            assert_eq!(s[victim].state, ModelState::Evicted, "step {step}: {s:?}");
+        }
+        let dev = &c.devices().unwrap()[0];
+        assert!(dev.used_bytes <= budget);
+        // Resident, least recently used first: the last two models used.
+        let want: Vec<String> = order[step.saturating_sub(1)..]
+            .iter()
+            .map(|m| format!("{m}:1"))
+            .collect();
+        assert_eq!(dev.models, want, "step {step}");
+        // Accounting follows what is resident.
+        let sum: u64 = s.values().filter_map(|m| m.memory_bytes).sum();
+        assert_eq!(dev.used_bytes, sum);
+    }
+    let s = summaries(&d);
+    assert!(THREE.iter().all(|m| s[*m].evictions >= 1), "{s:?}");
+
+    // Pin the detector: from now on the other two evict each other and it stays.
+    assert!(d.rxctl(&["pin", "ppocr_det"]).status.success());
+    let det_evictions = summaries(&d)["ppocr_det"].evictions;
+    for step in 0..4 {
+        let m = ["yolov8n", "ppocr_rec"][step % 2];
+        c.infer(m, vec![input_for(m, 100 + step as u64)]).unwrap();
+        let s = summaries(&d);
+        assert_eq!(s["ppocr_det"].state, ModelState::Ready);
+        assert!(s["ppocr_det"].pinned);
+        assert_eq!(s["ppocr_det"].evictions, det_evictions);
+    }
+    // An explicit load cannot make room when the rest is pinned or in use: over budget,
+    // naming what is resident; everything else keeps serving.
+    assert!(d.rxctl(&["pin", "ppocr_rec"]).status.success());
+    let err = c
+        .load("yolov8n", None)
+        .map(|_| format!("{:?} {:?}", summaries(&d), c.devices()))
+        .unwrap_err();
+    let ClientError::Server(w) = err else {
+        panic!("not a server error")
+    };
+    assert_eq!(w.kind(), Some(ErrorCode::OverBudget), "{w}");
+    assert!(
+        w.message.contains("ppocr_det:1") && w.message.contains("pinned"),
+        "{w}"
+    );
+    c.infer("ppocr_det", vec![input_for("ppocr_det", 7)])
+        .unwrap();
+    // Unpinned, it can go again.
+    assert!(d.rxctl(&["unpin", "ppocr_rec"]).status.success());
+    c.infer("yolov8n", vec![input_for("yolov8n", 8)]).unwrap();
+    assert_eq!(summaries(&d)["ppocr_rec"].state, ModelState::Evicted);
+}
+
+#[test]
+fn a_model_larger_than_the_budget_fails_alone() {
+    let repo = Repo::new();
+    repo.link("digits", 1, "digits")
+        .link("ppocr_rec", 1, "ppocr_rec");
+    // The recogniser's weights alone are 10 MiB.
+    let d = TestDaemon::start_with(repo.path(), &[], "memory-budget = '8MiB'\n");
+    let s = summaries(&d);
+    assert_eq!(s["digits"].state, ModelState::Ready);
+    assert_eq!(s["ppocr_rec"].state, ModelState::Failed, "{s:?}");
+    let c = d.client();
+    let err = c.load("ppocr_rec", None).expect_err("cannot fit");
+    assert_eq!(code_of(err), ErrorCode::OverBudget);
+    c.infer("digits", vec![example_npy("digit.npy", "input")])
+        .unwrap();
+    let out = d.rxctl(&["health"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ppocr_rec"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn concurrent_requests_for_a_cold_model_share_one_load_and_deadlines_bound_the_wait() {
+    let repo = Repo::new();
+    repo.link("digits", 1, "digits")
+        .link("yolov8n", 1, "yolov8n");
+    let d = TestDaemon::start_with(repo.path(), &[], "preload = []\n");
+    let s = summaries(&d);
+    assert_eq!(s["digits"].state, ModelState::Available);
+    assert_eq!(s["digits"].loads, 0);
+
+    // A deadline shorter than the load: deadline_exceeded, and the load still completes.
+    let c = d.client();
+    let mut req = InferRequest::new("yolov8n", vec![input_for("yolov8n", 1)]);
+    req.timeout_ms = Some(1);
+    assert_eq!(
+        code_of(c.infer_request(req).unwrap_err()),
+        ErrorCode::DeadlineExceeded
+    );
+
+    let x = example_npy("digit.npy", "input");
+    let want = Reference::new(&model_file("digits")).run(std::slice::from_ref(&x));
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let (socket, x) = (d.socket.clone(), x.clone());
+            std::thread::spawn(move || {
+                let c = rxd_client::blocking::Client::connect(&socket).unwrap();
+                c.infer("digits", vec![x]).unwrap()
+            })
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap(), want);
+    }
+    let s = summaries(&d);
+    assert_eq!(s["digits"].state, ModelState::Ready);
+    assert_eq!(s["digits"].loads, 1, "eight waiting requests, one load");
+    // The load that the timed-out request started finished.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while summaries(&d)["yolov8n"].state != ModelState::Ready {
+        assert!(
+            std::time::Instant::now() < end,
+            "yolov8n never became ready"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(summaries(&d)["yolov8n"].loads, 1);
+}
+
+#[test]
+fn the_version_policy_decides_what_is_served() {
+    let repo = Repo::new();
+    repo.link("m", 1, "digits")
+        .link("m", 2, "digits")
+        .link("m", 3, "digits")
+        .settings("m", "version-policy = { latest = 2 }\n");
+    let d = TestDaemon::start(repo.path(), &[]);
+    let versions: BTreeMap<u64, ModelSummary> = d
+        .client_inline()
+        .list_models()
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.version, m))
+        .collect();
+    assert!(!versions[&1].served && versions[&2].served && versions[&3].served);
+    assert_eq!(versions[&1].state, ModelState::Available);
+    assert_eq!(versions[&2].state, ModelState::Ready);
+    assert_eq!(versions[&3].state, ModelState::Ready);
+    let c = d.client();
+    let x = example_npy("digit.npy", "input");
+    // Without a version: the highest served one.
+    assert_eq!(
+        c.infer_request(InferRequest::new("m", vec![x.clone()]))
+            .unwrap()
+            .version,
+        3
+    );
+    let mut req = InferRequest::new("m", vec![x.clone()]);
+    req.version = Some(2);
+    assert_eq!(c.infer_request(req).unwrap().version, 2);
+    // An unserved version is refused to requests, loadable by an admin.
+    let mut req = InferRequest::new("m", vec![x.clone()]);
+    req.version = Some(1);
+    let err = c.infer_request(req.clone()).unwrap_err();
+    assert_eq!(code_of(err), ErrorCode::ModelNotReady);
+    assert!(d.rxctl(&["load", "m", "--version", "1"]).status.success());
+    assert_eq!(c.infer_request(req).unwrap().version, 1);
+}
