@@ -836,25 +836,25 @@ impl Registry {
                     return Err(self.fail(&mut models, ticket, ModelState::Failed, message, None));
                 }
             };
-            let admitted = if ticket.no_evict {
-                b.budget
-                    .admit(key.clone(), estimate, &candidates, &|_| true, self.now_ms())
-            } else {
-                b.budget.admit(
-                    key.clone(),
-                    estimate,
-                    &candidates,
-                    &|k| busy.contains(k),
-                    self.now_ms(),
-                )
-            };
+            let now = self.now_ms();
+            let is_busy = |k: &Key| ticket.no_evict || busy.contains(k);
+            // An estimate is a guess: when it cannot fit but the weights alone (a hard lower
+            // bound) can, try with that; the measured figure settles it after loading.
+            let floor = ticket.file_bytes.min(estimate);
+            let admitted = b
+                .budget
+                .admit(key.clone(), estimate, &candidates, &is_busy, now)
+                .or_else(|_| {
+                    b.budget
+                        .admit(key.clone(), floor, &candidates, &is_busy, now)
+                });
             let adm = match admitted {
                 Ok(adm) => adm,
                 Err(over) => {
                     // Larger than every budget it may use: it can never load.
                     let never = candidates_or_all(&candidates, b.budget.devices().len())
                         .iter()
-                        .all(|&d| b.budget.devices()[d].budget < estimate);
+                        .all(|&d| b.budget.devices()[d].budget < floor);
                     drop(b);
                     let state = if never {
                         ModelState::Failed
