@@ -111,7 +111,7 @@ fn input_for(model: &str) -> Vec<rxd_client::Tensor> {
         f32_tensor(name, shape, &random_f32(n, 1))
     };
     match model {
-        "ppocr_cls" => vec![f("x", &[1, 3, 48, 192])],
+        "ppocr_rec" => vec![f("x", &[1, 3, 48, 320])],
         "yolov8n" => vec![f("images", &[1, 3, 320, 320])],
         other => panic!("{other}"),
     }
@@ -187,13 +187,13 @@ fn main() {
 
     // First request to an evicted model: a budget that holds one of the two models, requests
     // alternating between them, so each request finds its model evicted.
-    let pair = ["ppocr_cls", "yolov8n"];
-    let big = pair
+    let pair = ["ppocr_rec", "yolov8n"];
+    let sizes: Vec<u64> = pair
         .iter()
         .map(|m| footprints[m].memory_bytes.unwrap())
-        .max()
-        .unwrap();
-    let config = format!("preload = []\nmemory-budget = {}\n", big + (2 << 20));
+        .collect();
+    let (big, small) = (sizes[0].max(sizes[1]), sizes[0].min(sizes[1]));
+    let config = format!("preload = []\nmemory-budget = {}\n", big + small / 2);
     let d = TestDaemon::start_with(repo.path(), &[], &config);
     let c = d.client();
     let mut cold: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
