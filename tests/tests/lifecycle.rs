@@ -87,6 +87,18 @@ fn measure_footprints() -> BTreeMap<String, u64> {
         grew.abs_diff(accounted) <= accounted / 5 + (4 << 20),
         "accounted {accounted} bytes, resident set grew {grew}"
     );
+    // Unloading frees the memory for real: the accounting drops by the model's figure and
+    // the resident set by most of it.
+    let before = rss_bytes(d.pid());
+    assert!(d.rxctl(&["unload", "ppocr_rec"]).status.success());
+    let devices = d.client_inline().devices().unwrap();
+    assert_eq!(devices[0].used_bytes, accounted - out["ppocr_rec"]);
+    let freed = before.saturating_sub(rss_bytes(d.pid()));
+    assert!(
+        freed >= out["ppocr_rec"] / 2,
+        "unloading a {} byte model freed {freed} bytes of resident memory",
+        out["ppocr_rec"]
+    );
     out
 }
 
@@ -288,4 +300,49 @@ fn the_version_policy_decides_what_is_served() {
     assert_eq!(code_of(err), ErrorCode::ModelNotReady);
     assert!(d.rxctl(&["load", "m", "--version", "1"]).status.success());
     assert_eq!(c.infer_request(req).unwrap().version, 1);
+}
+
+#[test]
+fn models_are_placed_by_preference_and_spill_to_the_next_device() {
+    let repo = Repo::new();
+    repo.link("a", 1, "yolov8n")
+        .link("b", 1, "yolov8n")
+        .link("c", 1, "digits")
+        .settings("a", "devices = ['small', 'big']\npinned = true\n")
+        .settings("b", "devices = ['small', 'big']\npinned = true\n")
+        .settings("c", "devices = ['big']\n");
+    // Room for one YOLOv8n on `small` (12 MiB of weights, estimated at 2× before anything is
+    // measured, about 16 MiB measured), not for two.
+    let config = "preload = []\n\
+        [[device]]\nname = 'small'\nmemory-budget = '28MiB'\n\
+        [[device]]\nname = 'big'\nmemory-budget = '64MiB'\n";
+    let d = TestDaemon::start_with(repo.path(), &[], config);
+    let c = d.client();
+    let x = example_npy("digit.npy", "input");
+    for m in ["a", "b"] {
+        c.infer(m, vec![input_for("yolov8n", 1)]).unwrap();
+    }
+    c.infer("c", vec![x.clone()]).unwrap();
+    let s = summaries(&d);
+    assert_eq!(s["a"].device, "small", "first preference has room");
+    assert_eq!(
+        s["b"].device, "big",
+        "small is full of a pinned model: next preference"
+    );
+    assert_eq!(s["c"].device, "big");
+    let devices = c.devices().unwrap();
+    assert_eq!(devices.len(), 2);
+    assert_eq!(devices[0].models, vec!["a:1".to_string()]);
+    assert_eq!(devices[1].models.len(), 2);
+    assert!(
+        devices
+            .iter()
+            .all(|d| d.used_bytes <= d.budget_bytes.unwrap())
+    );
+    // A preference naming no configured device fails that model's load, with the reason.
+    repo.settings("c", "devices = ['gpu7']\n");
+    assert!(d.rxctl(&["unload", "c"]).status.success());
+    assert!(d.rxctl(&["reload"]).status.success());
+    let err = c.infer("c", vec![x]).unwrap_err();
+    assert_eq!(code_of(err), ErrorCode::LoadFailed);
 }
