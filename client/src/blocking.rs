@@ -97,6 +97,17 @@ impl Client {
         self.rt.block_on(self.inner.unpin(model, version))
     }
 
+    pub fn metrics(&self) -> Result<rxd_protocol::MetricsReport, ClientError> {
+        self.rt.block_on(self.inner.metrics())
+    }
+
+    pub fn configure(
+        &self,
+        c: rxd_protocol::Configure,
+    ) -> Result<rxd_protocol::ModelSettingsView, ClientError> {
+        self.rt.block_on(self.inner.configure(c))
+    }
+
     pub fn devices(&self) -> Result<Vec<rxd_protocol::DeviceSummary>, ClientError> {
         self.rt.block_on(self.inner.devices())
     }

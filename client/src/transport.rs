@@ -486,6 +486,25 @@ impl Client {
         }
     }
 
+    /// Every metric the daemon keeps.
+    pub async fn metrics(&self) -> Result<rxd_protocol::MetricsReport, ClientError> {
+        match self.request(Request::Metrics).await? {
+            Reply::Metrics(m) => Ok(*m),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Admin: change a model version's settings at run time.
+    pub async fn configure(
+        &self,
+        c: rxd_protocol::Configure,
+    ) -> Result<rxd_protocol::ModelSettingsView, ClientError> {
+        match self.request(Request::Configure(c)).await? {
+            Reply::Configure(v) => Ok(v),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Devices with their memory budgets and resident models.
     pub async fn devices(&self) -> Result<Vec<rxd_protocol::DeviceSummary>, ClientError> {
         match self.request(Request::Devices).await? {

@@ -92,6 +92,9 @@ pub struct ServeOpts {
     /// idle models are evicted to admit others within it.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub memory_budget: Option<crate::config::ByteSize>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (loopback only, e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
     /// Log filter (error, warn, info, debug, trace, or a tracing filter directive).
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,

@@ -82,7 +82,8 @@ struct Lru {
 /// Coalescing and caching for one model version.
 pub struct Coalescer {
     coalesce_max_bytes: u64,
-    cache_capacity: u64,
+    /// Changeable at run time (`rxctl configure --cache-bytes`).
+    cache_capacity: AtomicU64,
     inflight: Mutex<HashMap<Key, Vec<Member>>>,
     cache: Mutex<Lru>,
     pub stats: Stats,
@@ -102,7 +103,7 @@ impl Coalescer {
     pub fn new(coalesce_max_bytes: u64, cache_capacity: u64) -> Arc<Coalescer> {
         Arc::new(Coalescer {
             coalesce_max_bytes,
-            cache_capacity,
+            cache_capacity: AtomicU64::new(cache_capacity),
             inflight: Mutex::new(HashMap::new()),
             cache: Mutex::new(Lru::default()),
             stats: Stats::default(),
@@ -115,7 +116,33 @@ impl Coalescer {
     }
 
     fn enabled_for(&self, input_bytes: u64) -> bool {
-        input_bytes <= self.coalesce_max_bytes || self.cache_capacity > 0
+        input_bytes <= self.coalesce_max_bytes || self.capacity() > 0
+    }
+
+    /// The result cache's size limit (0 = off).
+    pub fn capacity(&self) -> u64 {
+        self.cache_capacity.load(Ordering::Relaxed)
+    }
+
+    /// Resizes the result cache (0 turns it off), dropping least-recently-used entries that
+    /// no longer fit.
+    pub fn set_capacity(&self, bytes: u64) {
+        self.cache_capacity.store(bytes, Ordering::Relaxed);
+        let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        while c.bytes > bytes {
+            let Some(k) = c.order.pop_front() else { break };
+            if let Some(out) = c.map.remove(&k) {
+                c.bytes -= out.bytes;
+            }
+        }
+    }
+
+    /// Empties the result cache.
+    pub fn clear(&self) {
+        let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        c.map.clear();
+        c.order.clear();
+        c.bytes = 0;
     }
 
     /// Decides how a request runs. `completion` and `placement` are the request's own. When
@@ -145,7 +172,7 @@ impl Coalescer {
         let Some(key) = key(model, version, inputs, outputs) else {
             return Route::Run(completion, placement);
         };
-        if self.cache_capacity > 0 {
+        if self.capacity() > 0 {
             let hit = {
                 let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
                 let hit = c.map.get(&key).cloned();
@@ -185,14 +212,15 @@ impl Coalescer {
     }
 
     fn insert(&self, key: Key, out: Arc<Outputs>) {
-        if self.cache_capacity == 0 || out.bytes > self.cache_capacity {
+        let capacity = self.capacity();
+        if capacity == 0 || out.bytes > capacity {
             return;
         }
         let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if c.map.contains_key(&key) {
             return;
         }
-        while c.bytes + out.bytes > self.cache_capacity {
+        while c.bytes + out.bytes > capacity {
             let Some(old) = c.order.pop_front() else {
                 break;
             };

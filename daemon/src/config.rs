@@ -49,6 +49,9 @@ pub struct FileConfig {
     pub preload: Option<Vec<String>>,
     /// Load a model that is not resident when a request names it. Default true.
     pub load_on_demand: Option<bool>,
+    /// Serve Prometheus' `/metrics` over HTTP on this loopback address (e.g.
+    /// "127.0.0.1:9464"). Off by default: the daemon opens no network socket unless asked.
+    pub metrics_listen: Option<String>,
 }
 
 /// A `[[device]]` table.
@@ -103,6 +106,62 @@ pub struct Config {
     pub devices: Vec<Device>,
     pub preload: Vec<String>,
     pub load_on_demand: bool,
+    /// Loopback address of the optional `/metrics` listener.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+impl Config {
+    /// The configuration in force, by config key, for `status`.
+    pub fn in_force(&self) -> std::collections::BTreeMap<String, String> {
+        let mut m = std::collections::BTreeMap::new();
+        let mut put = |k: &str, v: String| {
+            m.insert(k.to_string(), v);
+        };
+        put("socket", self.socket.display().to_string());
+        put("socket-mode", format!("{:04o}", self.socket_mode));
+        put(
+            "model-repository",
+            self.model_repository.display().to_string(),
+        );
+        put("ort-library", self.ort_library.display().to_string());
+        put("intra-op-threads", self.intra_op_threads.to_string());
+        put("io-threads", self.io_threads.to_string());
+        put("admin-group", self.admin_group.clone().unwrap_or_default());
+        put("max-connections", self.max_connections.to_string());
+        put("max-in-flight", self.max_in_flight.to_string());
+        put("max-frame-bytes", self.max_frame_bytes.to_string());
+        put("max-arena-bytes", self.max_arena_bytes.to_string());
+        put("arena-total-bytes", self.arena_total_bytes.to_string());
+        put("queue-capacity", self.queue_capacity.to_string());
+        put(
+            "shutdown-grace-secs",
+            self.shutdown_grace.as_secs().to_string(),
+        );
+        put(
+            "watchdog-stuck-secs",
+            self.watchdog_stuck.as_secs().to_string(),
+        );
+        put("log-level", self.log_level.clone());
+        put("preload", self.preload.join(","));
+        put("load-on-demand", self.load_on_demand.to_string());
+        put(
+            "metrics-listen",
+            self.metrics_listen
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+        );
+        for d in &self.devices {
+            put(
+                &format!("device.{}", d.name),
+                format!(
+                    "kind={} memory-budget={}",
+                    d.kind,
+                    d.budget.map_or("unlimited".into(), |b| b.to_string())
+                ),
+            );
+        }
+        m
+    }
 }
 
 /// One thing wrong with the configuration, named by its key.
@@ -443,6 +502,27 @@ pub fn resolve(
         }
     }
     let load_on_demand = file.load_on_demand.unwrap_or(true);
+    let metrics_listen = match opts.metrics_listen.clone().or(file.metrics_listen) {
+        None => None,
+        Some(a) if a.is_empty() => None,
+        Some(a) => match a.parse::<std::net::SocketAddr>() {
+            Ok(addr) if addr.ip().is_loopback() => Some(addr),
+            Ok(addr) => {
+                bad(
+                    "metrics-listen",
+                    format!("{addr} is not a loopback address (127.0.0.1 or ::1)"),
+                );
+                None
+            }
+            Err(_) => {
+                bad(
+                    "metrics-listen",
+                    format!("'{a}' is not an address like 127.0.0.1:9464"),
+                );
+                None
+            }
+        },
+    };
 
     if !problems.is_empty() {
         return Err(ConfigError(problems));
@@ -468,6 +548,7 @@ pub fn resolve(
         devices,
         preload,
         load_on_demand,
+        metrics_listen,
     })
 }
 

@@ -199,7 +199,9 @@ impl Conn {
 
     fn fail(&self, id: u64, e: &RequestError) {
         tracing::debug!(id, code = e.code().as_u16(), "{e}");
-        self.shared.metrics.record_error(e.to_string());
+        self.shared
+            .metrics
+            .record_error(e.code().as_u16(), e.to_string());
         self.respond(id, Outcome::Err(e.to_wire()));
     }
 }
@@ -210,6 +212,7 @@ struct InferCompletion {
     id: u64,
     model: String,
     version: u64,
+    metrics: Arc<crate::metrics::ModelMetrics>,
     answered: bool,
     _permit: Option<OwnedSemaphorePermit>,
     _token: TaskTrackerToken,
@@ -223,6 +226,11 @@ impl Completion for InferCompletion {
     fn complete(mut self: Box<Self>, result: Result<Vec<OutputTensor>, RuntimeError>) {
         self.answered = true;
         tracing::debug!(id = self.id, model = %self.model, version = self.version, ok = result.is_ok(), "infer done");
+        self.metrics.record_outcome(match &result {
+            Ok(_) => None,
+            Err(RuntimeError::QueueFull { .. }) => Some(ErrorCode::Busy.as_u16()),
+            Err(e) => Some(RequestError::from(e.clone()).code().as_u16()),
+        });
         match result {
             Ok(outputs) => self.conn.respond(
                 self.id,
@@ -265,12 +273,13 @@ struct Maker {
 }
 
 impl MakeCompletion for Maker {
-    fn make(self, model: &str, version: u64) -> Box<dyn Completion> {
+    fn make(self, model: &crate::registry::LoadedModel) -> Box<dyn Completion> {
         Box::new(InferCompletion {
             conn: self.conn,
             id: self.id,
-            model: model.into(),
-            version,
+            model: model.name.clone(),
+            version: model.version,
+            metrics: model.metrics.clone(),
             answered: false,
             _permit: self.permit,
             _token: self.token,
@@ -393,8 +402,9 @@ async fn serve(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: Canc
             }
             Err(ReadError::Frame(e)) => {
                 // The stream cannot be resynchronised: answer, then close.
-                shared.metrics.record_error(e.to_string());
-                conn.respond(0, Outcome::Err(e.to_wire()));
+                let w = e.to_wire();
+                shared.metrics.record_error(w.code, e.to_string());
+                conn.respond(0, Outcome::Err(w));
                 break;
             }
         };
@@ -407,8 +417,9 @@ async fn serve(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: Canc
                 if fresh {
                     Metrics::inc(&shared.metrics.in_flight);
                 }
-                shared.metrics.record_error(e.to_string());
-                conn.respond(if fresh { id } else { 0 }, Outcome::Err(e.to_wire()));
+                let w = e.to_wire();
+                shared.metrics.record_error(w.code, e.to_string());
+                conn.respond(if fresh { id } else { 0 }, Outcome::Err(w));
                 continue;
             }
         };
@@ -420,7 +431,7 @@ async fn serve(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: Canc
                 ErrorCode::BadRequestId,
                 format!("request id {id} is 0 or already in flight on this connection"),
             );
-            shared.metrics.record_error(err.message.clone());
+            shared.metrics.record_error(err.code, err.message.clone());
             // Not registered as in flight: answer without touching the id set.
             conn.sink.send(encode_response(id, Outcome::Err(err)));
             continue;

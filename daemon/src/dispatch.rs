@@ -29,7 +29,7 @@ pub enum Handled {
 
 /// Builds the completion of an inference once the model version is known.
 pub trait MakeCompletion {
-    fn make(self, model: &str, version: u64) -> Box<dyn Completion>;
+    fn make(self, model: &crate::registry::LoadedModel) -> Box<dyn Completion>;
 }
 
 pub async fn handle(
@@ -102,6 +102,15 @@ pub async fn handle(
         Request::Devices => Reply::Devices(DeviceList {
             devices: shared.registry.devices(),
         }),
+        Request::Metrics => Reply::Metrics(Box::new(metrics(shared))),
+        Request::Configure(c) => {
+            rxd_protocol::check_name(&c.model)?;
+            let s = shared.clone();
+            let view = tokio::task::spawn_blocking(move || s.registry.configure(&c))
+                .await
+                .map_err(|e| RequestError::Internal(e.to_string()))??;
+            Reply::Configure(view)
+        }
         Request::Reload => {
             let s = shared.clone();
             let models = tokio::task::spawn_blocking(move || s.registry.reload())
@@ -157,13 +166,10 @@ pub fn infer<M: MakeCompletion>(
             })));
         }
     };
-    let checked = validate::check(&model.signature, req, arena)?;
-    model.submit(
-        checked,
-        completion.make(&model.name, model.version),
-        priority,
-        deadline,
-    );
+    let checked = validate::check(&model.signature, req, arena).inspect_err(|e| {
+        model.metrics.record_outcome(Some(e.code));
+    })?;
+    model.submit(checked, completion.make(&model), priority, deadline);
     Ok(Queued::Done)
 }
 
@@ -226,6 +232,23 @@ pub fn infer_reply(model: &str, version: u64, outputs: Vec<OutputTensor>) -> Rep
     })
 }
 
+/// Every metric, assembled from the global counters, the registry and /proc.
+pub fn metrics(shared: &SharedRef) -> rxd_protocol::MetricsReport {
+    let m = &shared.metrics;
+    rxd_protocol::MetricsReport {
+        uptime_ms: uptime_ms(shared),
+        process: crate::metrics::process(),
+        requests_total: Metrics::get(&m.requests_total),
+        errors: m.errors.snapshot(),
+        connections_open: Metrics::get(&m.connections_open),
+        connections_total: Metrics::get(&m.connections_total),
+        in_flight: Metrics::get(&m.in_flight),
+        models: shared.registry.model_metrics_report(),
+        devices: shared.registry.devices(),
+        gpus: crate::gpu::metrics(),
+    }
+}
+
 fn uptime_ms(shared: &SharedRef) -> u64 {
     shared.started.elapsed().as_millis() as u64
 }
@@ -249,45 +272,76 @@ pub fn status(shared: &SharedRef) -> Status {
         requests_total: Metrics::get(&m.requests_total),
         requests_failed: Metrics::get(&m.requests_failed),
         in_flight: Metrics::get(&m.in_flight),
+        config: shared.config.in_force(),
     }
 }
 
+/// Health: unhealthy when a worker is stuck or no model version can serve; degraded when a
+/// model failed to load, a queue is nearly full, or the memory budget keeps a served version
+/// out; healthy otherwise. Every reason is named.
 pub fn health(shared: &SharedRef) -> Health {
     let models = shared.registry.list();
     let ready = models
         .iter()
         .filter(|m| m.state == ModelState::Ready)
         .count() as u32;
-    let mut reasons: Vec<String> = models
+    let servable = models
         .iter()
-        .filter(|m| m.state == ModelState::Failed)
-        .map(|m| {
-            format!(
-                "model '{}' version {} failed to load: {}",
-                m.name,
-                m.version,
-                m.error.as_deref().unwrap_or("unknown error")
-            )
+        .filter(|m| {
+            m.state == ModelState::Ready
+                || m.state == ModelState::Loading
+                || (shared.config.load_on_demand
+                    && m.served
+                    && matches!(m.state, ModelState::Available | ModelState::Evicted))
         })
-        .collect();
-    let stuck = shared.registry.stuck(shared.config.watchdog_stuck);
-    for m in &stuck {
-        reasons.insert(0, format!("model {m}: a worker is stuck on one batch"));
+        .count() as u32;
+    let mut unhealthy: Vec<String> = Vec::new();
+    let mut degraded: Vec<String> = Vec::new();
+    for m in shared.registry.stuck(shared.config.watchdog_stuck) {
+        unhealthy.push(format!("model {m}: a worker is stuck on one batch"));
     }
-    let state = if !stuck.is_empty() || (ready == 0 && !models.is_empty()) {
-        reasons.insert(0, "no model is ready".into());
+    if servable == 0 && !models.is_empty() {
+        unhealthy.push("no model version can serve".into());
+    }
+    for m in models.iter().filter(|m| m.state == ModelState::Failed) {
+        degraded.push(format!(
+            "model '{}' version {} failed to load: {}",
+            m.name,
+            m.version,
+            m.error.as_deref().unwrap_or("unknown error")
+        ));
+    }
+    for (m, depth, cap) in shared.registry.saturated(0.9) {
+        degraded.push(format!(
+            "model {m}: queue saturated ({depth} of {cap} waiting)"
+        ));
+    }
+    for m in shared.registry.refused_by_budget() {
+        degraded.push(format!(
+            "model {m}: memory budget exhausted (it does not fit next to the pinned or busy models)"
+        ));
+    }
+    let state = if !unhealthy.is_empty() {
         HealthState::Unhealthy
-    } else if !reasons.is_empty() {
+    } else if !degraded.is_empty() {
         HealthState::Degraded
     } else {
         HealthState::Healthy
     };
+    let devices = shared.registry.devices();
     Health {
         state,
-        reasons,
+        reasons: unhealthy.into_iter().chain(degraded).collect(),
         ready: true,
         models_loaded: ready,
         uptime_ms: uptime_ms(shared),
         last_error: shared.metrics.last_error(),
+        engine_running: true,
+        models_servable: servable,
+        workers: models.iter().map(|m| m.instances).sum(),
+        queue_size: shared.registry.queue_size(),
+        models_memory_bytes: devices.iter().map(|d| d.used_bytes).sum(),
+        rss_bytes: crate::metrics::resident_bytes(),
+        gpu_available: !crate::gpu::metrics().is_empty(),
     }
 }

@@ -14,7 +14,9 @@
 //! - [`runtime`]: ONNX Runtime — library loading, sessions, worker threads. Nothing outside
 //!   it calls ORT.
 //! - [`coalesce`]: identical-request coalescing and the result cache.
-//! - [`metrics`]: counters behind `status` and `health`.
+//! - [`metrics`]: global counters, per-model distributions and rates, process figures.
+//! - [`exporter`]: the optional loopback HTTP `/metrics` endpoint for Prometheus.
+//! - [`gpu`]: GPU utilisation and memory (NVML, amdgpu sysfs) where there are GPUs.
 //! - [`notify`]: sd_notify (READY, STATUS, STOPPING) and the liveness-driven watchdog.
 //! - [`error`]: the daemon's error enums and their one mapping to wire error codes.
 //! - [`shutdown`]: signals and the cancellation tree.
@@ -27,6 +29,8 @@ pub mod config;
 pub mod connection;
 pub mod dispatch;
 pub mod error;
+pub mod exporter;
+pub mod gpu;
 pub mod listener;
 pub mod metrics;
 pub mod notify;
@@ -116,6 +120,11 @@ pub async fn run(
         failed,
         "serving"
     );
+    if let Some(addr) = shared.config.metrics_listen {
+        let l = exporter::bind(addr).await?;
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+        tokio::spawn(exporter::serve(l, shared.clone(), shutdown.clone()));
+    }
     let notifier = Arc::new(notify::Notifier::from_env());
     spawn_reloader(shared.clone(), notifier.clone(), shutdown.clone());
     if notifier.enabled() {

@@ -1,8 +1,18 @@
-//! Counters behind `status` and `health`. Lock-free atomics on the hot path; the last error
-//! behind a mutex that only the error path takes.
+//! What the daemon measures: global counters behind `status` and `health` (lock-free atomics;
+//! the last error behind a mutex that only the error path takes), per-model-version metrics
+//! (outcomes by code, queue/compute/total latency and batch-size distributions kept by
+//! hdrhistogram, per-second rates over the last minute), and the process's figures from /proc.
+//! Boundary: recording only; the report is assembled by `dispatch::metrics` and rendered by
+//! the protocol crate.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use rxd_protocol::ErrorCode;
+use rxd_protocol::metrics::{Latency, ProcessMetrics, Rate, Summary};
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -13,6 +23,8 @@ pub struct Metrics {
     pub in_flight: AtomicU64,
     /// Bytes of shared-memory arenas granted to open connections.
     pub arena_bytes: AtomicU64,
+    /// Error answers by code.
+    pub errors: ErrorCounts,
     last_error: Mutex<Option<String>>,
 }
 
@@ -29,8 +41,9 @@ impl Metrics {
         c.load(Ordering::Relaxed)
     }
 
-    pub fn record_error(&self, message: String) {
+    pub fn record_error(&self, code: u16, message: String) {
         Metrics::inc(&self.requests_failed);
+        self.errors.add(code);
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
     }
 
@@ -51,4 +64,405 @@ pub fn resident_bytes() -> Option<u64> {
         .flatten()
         .unwrap_or(4096) as u64;
     Some(pages * page)
+}
+
+/// Error codes as counter slots: every known code, then one for codes this build does not know.
+const SLOTS: usize = ErrorCode::ALL.len() + 2;
+
+fn slot(code: u16) -> usize {
+    ErrorCode::ALL
+        .iter()
+        .position(|c| c.as_u16() == code)
+        .unwrap_or(if code == ErrorCode::Internal.as_u16() {
+            SLOTS - 2
+        } else {
+            SLOTS - 1
+        })
+}
+
+fn slot_name(i: usize) -> String {
+    match i {
+        i if i < ErrorCode::ALL.len() => ErrorCode::ALL[i].name().into(),
+        i if i == SLOTS - 2 => ErrorCode::Internal.name().into(),
+        _ => "unknown".into(),
+    }
+}
+
+/// Counts of answers by error code.
+#[derive(Debug)]
+pub struct ErrorCounts([AtomicU64; SLOTS]);
+
+impl Default for ErrorCounts {
+    fn default() -> Self {
+        ErrorCounts(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl ErrorCounts {
+    pub fn add(&self, code: u16) {
+        self.0[slot(code)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Non-zero counts by error name.
+    pub fn snapshot(&self) -> BTreeMap<String, u64> {
+        self.0
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i, c.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .map(|(i, n)| (slot_name(i), n))
+            .collect()
+    }
+}
+
+/// Bucket bounds for durations (seconds) in the Prometheus histograms.
+const SECONDS_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+/// Bucket bounds for rows per batch.
+const ROWS_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+/// The recent window: two histograms, each covering this long, reported together.
+const RECENT: Duration = Duration::from_secs(10);
+
+/// One distribution: cumulative (for Prometheus) and recent (for people), in integer units
+/// (µs for durations, rows for batch sizes), kept by hdrhistogram.
+struct Dist {
+    all: Histogram<u64>,
+    recent: [Histogram<u64>; 2],
+    rotated: Instant,
+    /// Exact sum of every observation (hdrhistogram's mean is approximate).
+    sum: u64,
+}
+
+impl Dist {
+    fn new() -> Dist {
+        let h = || Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+        Dist {
+            all: h(),
+            recent: [h(), h()],
+            rotated: Instant::now(),
+            sum: 0,
+        }
+    }
+
+    fn rotate(&mut self, now: Instant) {
+        let age = now.saturating_duration_since(self.rotated);
+        if age >= RECENT * 2 {
+            self.recent[0].reset();
+            self.recent[1].reset();
+            self.rotated = now;
+        } else if age >= RECENT {
+            self.recent.swap(0, 1);
+            self.recent[1].reset();
+            self.rotated = now;
+        }
+    }
+
+    fn record(&mut self, v: u64, now: Instant) {
+        self.rotate(now);
+        let v = v.max(1);
+        self.all.saturating_record(v);
+        self.recent[1].saturating_record(v);
+        self.sum = self.sum.saturating_add(v);
+    }
+
+    /// The report: `scale` converts units to the recent summary's (ms for µs: 1e-3) and
+    /// `sum_scale` to the cumulative sum's and bucket bounds' (seconds for µs: 1e-6).
+    fn report(&mut self, bounds: &[f64], scale: f64, sum_scale: f64) -> Latency {
+        self.rotate(Instant::now());
+        let mut recent = self.recent[0].clone();
+        let _ = recent.add(&self.recent[1]);
+        let q = |p: f64| (recent.value_at_quantile(p) as f64) * scale;
+        let summary = if recent.is_empty() {
+            Summary::default()
+        } else {
+            Summary {
+                count: recent.len(),
+                mean: Some(recent.mean() * scale),
+                p50: Some(q(0.50)),
+                p95: Some(q(0.95)),
+                p99: Some(q(0.99)),
+                max: Some(recent.max() as f64 * scale),
+            }
+        };
+        let buckets = bounds
+            .iter()
+            .map(|&le| {
+                let limit = (le / sum_scale).floor() as u64;
+                let n = if limit == 0 {
+                    0
+                } else {
+                    self.all.count_between(0, limit)
+                };
+                (le, n)
+            })
+            .collect();
+        Latency {
+            recent: summary,
+            count: self.all.len(),
+            sum: self.sum as f64 * sum_scale,
+            buckets,
+        }
+    }
+}
+
+/// Per-second counts over the last minute, for rates over 1, 10 and 60 s.
+struct Window {
+    start: Instant,
+    /// (second since start, requests, errors, batches, rows)
+    slots: [(u64, [u64; 4]); 64],
+}
+
+impl Window {
+    fn new() -> Window {
+        Window {
+            start: Instant::now(),
+            slots: [(u64::MAX, [0; 4]); 64],
+        }
+    }
+
+    fn add(&mut self, what: usize, n: u64, now: Instant) {
+        let sec = now.saturating_duration_since(self.start).as_secs();
+        let slot = &mut self.slots[(sec % 64) as usize];
+        if slot.0 != sec {
+            *slot = (sec, [0; 4]);
+        }
+        slot.1[what] += n;
+    }
+
+    fn rates(&self, now: Instant) -> Vec<Rate> {
+        let elapsed = now.saturating_duration_since(self.start).as_secs();
+        [1u64, 10, 60]
+            .into_iter()
+            .map(|w| {
+                // Complete seconds only: [elapsed - w, elapsed).
+                let from = elapsed.saturating_sub(w);
+                let span = (elapsed - from).max(1) as f64;
+                let mut sums = [0u64; 4];
+                for (sec, counts) in &self.slots {
+                    if *sec >= from && *sec < elapsed {
+                        for (s, c) in sums.iter_mut().zip(counts) {
+                            *s += c;
+                        }
+                    }
+                }
+                Rate {
+                    window_s: w,
+                    requests_per_s: sums[0] as f64 / span,
+                    errors_per_s: sums[1] as f64 / span,
+                    batches_per_s: sums[2] as f64 / span,
+                    rows_per_s: sums[3] as f64 / span,
+                }
+            })
+            .collect()
+    }
+}
+
+struct Dists {
+    queue: Dist,
+    compute: Dist,
+    total: Dist,
+    rows: Dist,
+    window: Window,
+}
+
+/// The metrics of one model version, kept for the daemon's life (they survive evictions and
+/// reloads of the same version). Recording takes one short mutex; counters are atomics.
+pub struct ModelMetrics {
+    pub ok: AtomicU64,
+    pub errors: ErrorCounts,
+    pub loads: AtomicU64,
+    pub load_failures: AtomicU64,
+    pub evictions: AtomicU64,
+    pub load_us: AtomicU64,
+    dists: Mutex<Dists>,
+}
+
+impl Default for ModelMetrics {
+    fn default() -> Self {
+        ModelMetrics {
+            ok: AtomicU64::new(0),
+            errors: ErrorCounts::default(),
+            loads: AtomicU64::new(0),
+            load_failures: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+            load_us: AtomicU64::new(0),
+            dists: Mutex::new(Dists {
+                queue: Dist::new(),
+                compute: Dist::new(),
+                total: Dist::new(),
+                rows: Dist::new(),
+                window: Window::new(),
+            }),
+        }
+    }
+}
+
+impl std::fmt::Debug for ModelMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelMetrics")
+            .field("ok", &self.ok)
+            .finish_non_exhaustive()
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    d.as_micros().min(u128::from(u64::MAX)) as u64
+}
+
+impl ModelMetrics {
+    fn dists(&self) -> std::sync::MutexGuard<'_, Dists> {
+        self.dists.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Requests leaving the queue for a worker, having waited `waits`.
+    pub fn record_queue(&self, waits: impl Iterator<Item = Duration>) {
+        let now = Instant::now();
+        let mut d = self.dists();
+        for w in waits {
+            d.queue.record(micros(w), now);
+        }
+    }
+
+    /// A batch of `rows` ran for `compute`; its requests had arrived at `arrived`.
+    pub fn record_batch(&self, rows: u32, compute: Duration, arrived: &[Instant]) {
+        let now = Instant::now();
+        let mut d = self.dists();
+        d.compute.record(micros(compute), now);
+        d.rows.record(u64::from(rows), now);
+        for a in arrived {
+            d.total
+                .record(micros(now.saturating_duration_since(*a)), now);
+        }
+        d.window.add(2, 1, now);
+        d.window.add(3, u64::from(rows), now);
+    }
+
+    /// A request to this version was answered: `None` = ok, else the error code.
+    pub fn record_outcome(&self, error: Option<u16>) {
+        match error {
+            None => Metrics::inc(&self.ok),
+            Some(code) => self.errors.add(code),
+        }
+        let now = Instant::now();
+        let mut d = self.dists();
+        d.window.add(0, 1, now);
+        if error.is_some() {
+            d.window.add(1, 1, now);
+        }
+    }
+
+    /// Answers by outcome (`ok` and error names).
+    pub fn outcomes(&self) -> BTreeMap<String, u64> {
+        let mut m = self.errors.snapshot();
+        let ok = Metrics::get(&self.ok);
+        if ok > 0 {
+            m.insert("ok".into(), ok);
+        }
+        m
+    }
+
+    /// (queue, compute, total, batch rows, rates) as reported.
+    pub fn report(&self) -> (Latency, Latency, Latency, Latency, Vec<Rate>) {
+        let mut d = self.dists();
+        let queue = d.queue.report(&SECONDS_BUCKETS, 1e-3, 1e-6);
+        let compute = d.compute.report(&SECONDS_BUCKETS, 1e-3, 1e-6);
+        let total = d.total.report(&SECONDS_BUCKETS, 1e-3, 1e-6);
+        let rows = d.rows.report(&ROWS_BUCKETS, 1.0, 1.0);
+        let rates = d.window.rates(Instant::now());
+        (queue, compute, total, rows, rates)
+    }
+}
+
+/// The daemon process: resident memory, CPU time, threads, open fds (from /proc).
+pub fn process() -> ProcessMetrics {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok();
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .as_deref()
+        .and_then(|s| s.rsplit_once(')'))
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|&t| t > 0)
+        .unwrap_or(100) as f64;
+    // utime and stime are fields 14 and 15 of /proc/PID/stat: 12 and 13 after the name.
+    let cpu = match (fields.get(11), fields.get(12)) {
+        (Some(u), Some(s)) => match (u.parse::<u64>(), s.parse::<u64>()) {
+            (Ok(u), Ok(s)) => Some((u + s) as f64 / tick),
+            _ => None,
+        },
+        _ => None,
+    };
+    let threads = fields.get(17).and_then(|t| t.parse().ok());
+    let open_fds = std::fs::read_dir("/proc/self/fd")
+        .ok()
+        .map(|d| d.count() as u64);
+    ProcessMetrics {
+        rss_bytes: resident_bytes(),
+        cpu_seconds: cpu,
+        threads,
+        open_fds,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distributions_report_percentiles_and_cumulative_buckets() {
+        let m = ModelMetrics::default();
+        let t0 = Instant::now();
+        let arrived: Vec<Instant> = (0..4).map(|_| t0).collect();
+        m.record_batch(4, Duration::from_millis(2), &arrived);
+        m.record_queue([1u64, 2, 3, 1000].into_iter().map(Duration::from_millis));
+        m.record_outcome(None);
+        m.record_outcome(Some(ErrorCode::Busy.as_u16()));
+        let (queue, compute, _, rows, rates) = m.report();
+        assert_eq!(queue.count, 4);
+        assert_eq!(queue.recent.count, 4);
+        let p50 = queue.recent.p50.unwrap();
+        assert!((1.9..=2.1).contains(&p50), "{p50}");
+        assert!(queue.recent.max.unwrap() >= 999.0);
+        assert!((queue.sum - 1.006).abs() < 1e-9, "{}", queue.sum);
+        // Cumulative: 3 requests waited ≤ 5 ms, all 4 ≤ 1 s.
+        let at = |le: f64| queue.buckets.iter().find(|b| b.0 == le).unwrap().1;
+        assert_eq!(at(0.005), 3);
+        assert_eq!(at(1.0), 4);
+        assert_eq!(at(0.0005), 0);
+        assert_eq!(compute.count, 1);
+        assert_eq!(rows.buckets.iter().find(|b| b.0 == 4.0).unwrap().1, 1);
+        assert_eq!(rows.buckets.iter().find(|b| b.0 == 2.0).unwrap().1, 0);
+        let outcomes = m.outcomes();
+        assert_eq!(outcomes["ok"], 1);
+        assert_eq!(outcomes["busy"], 1);
+        assert_eq!(rates.len(), 3);
+    }
+
+    #[test]
+    fn every_code_has_its_own_slot() {
+        let c = ErrorCounts::default();
+        for code in ErrorCode::ALL {
+            c.add(code.as_u16());
+        }
+        c.add(ErrorCode::Internal.as_u16());
+        c.add(999);
+        let s = c.snapshot();
+        assert_eq!(s.len(), ErrorCode::ALL.len() + 2);
+        assert!(s.values().all(|&n| n == 1));
+        assert_eq!(s["unknown"], 1);
+    }
+
+    #[test]
+    fn process_figures_come_from_proc() {
+        let p = process();
+        assert!(p.rss_bytes.unwrap() > 1 << 20);
+        assert!(p.threads.unwrap() >= 1);
+        assert!(p.open_fds.unwrap() >= 3);
+        assert!(p.cpu_seconds.unwrap() >= 0.0);
+    }
 }

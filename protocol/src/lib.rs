@@ -6,6 +6,7 @@
 //! - [`dtype`]: tensor element types.
 //! - [`error`]: stable numeric error codes and the wire error.
 //! - [`limits`]: bounds on every size a peer controls.
+//! - [`metrics`]: the metrics report and its Prometheus text rendering.
 //!
 //! This crate is pure: no IO, no async runtime, no unsafe code, no ONNX Runtime. PROTOCOL.md at
 //! the repository root describes the same format for clients written in other languages.
@@ -16,10 +17,12 @@ pub mod error;
 pub mod frame;
 pub mod limits;
 pub mod message;
+pub mod metrics;
 
 pub use dtype::DType;
 pub use error::{ErrorCode, WireError};
 pub use message::*;
+pub use metrics::{MetricsReport, ModelSettingsView};
 
 #[cfg(test)]
 mod tests;

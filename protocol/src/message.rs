@@ -92,6 +92,46 @@ pub enum Request {
     Unpin(ModelRef),
     /// Devices, their memory budgets and the models resident on each.
     Devices,
+    /// Every metric: global, per model version, per device, process, GPUs.
+    Metrics,
+    /// Admin: change a loaded version's settings at run time.
+    Configure(Configure),
+}
+
+/// Run-time changes to a model version's settings; absent fields stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Configure {
+    pub model: String,
+    /// Default: the model's default version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// Sessions serving it: workers are added or retired without dropping a request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch_rows: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queue_delay_us: Option<u64>,
+    /// 0 turns adaptive batching off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_target_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_priority: Option<u8>,
+    /// Priority mode: a waiting request gains a level per this many ms; 0 = strict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_aging_ms: Option<u64>,
+    /// Result cache size; 0 turns the cache off (and empties it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_bytes: Option<u64>,
+    /// Empty the result cache.
+    #[serde(default)]
+    pub clear_cache: bool,
+    /// Move the version to this device (it is reloaded there; requests wait, none fail).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Also write the changes to the model's model.toml, so they survive a restart.
+    #[serde(default)]
+    pub persist: bool,
 }
 
 impl Request {
@@ -109,6 +149,8 @@ impl Request {
             Request::Pin(_) => "pin",
             Request::Unpin(_) => "unpin",
             Request::Devices => "devices",
+            Request::Metrics => "metrics",
+            Request::Configure(_) => "configure",
         }
     }
 
@@ -121,6 +163,7 @@ impl Request {
                 | Request::Reload
                 | Request::Pin(_)
                 | Request::Unpin(_)
+                | Request::Configure(_)
         )
     }
 }
@@ -371,6 +414,8 @@ pub enum Reply {
     Pin(ModelSummary),
     Unpin(ModelSummary),
     Devices(DeviceList),
+    Metrics(Box<crate::metrics::MetricsReport>),
+    Configure(crate::metrics::ModelSettingsView),
 }
 
 /// Every device with its memory budget.
@@ -542,6 +587,9 @@ pub struct Status {
     pub requests_total: u64,
     pub requests_failed: u64,
     pub in_flight: u64,
+    /// The configuration in force, by config key (values as text).
+    #[serde(default)]
+    pub config: std::collections::BTreeMap<String, String>,
 }
 
 /// Overall health.
@@ -556,6 +604,27 @@ pub struct Health {
     pub uptime_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// ONNX Runtime is loaded and its environment is up.
+    #[serde(default)]
+    pub engine_running: bool,
+    /// Model versions that can serve now or on demand (ready, or available/evicted and
+    /// loadable on demand).
+    #[serde(default)]
+    pub models_servable: u32,
+    /// Worker threads (sessions) of all resident versions.
+    #[serde(default)]
+    pub workers: u32,
+    /// Requests waiting for a worker, all models.
+    #[serde(default)]
+    pub queue_size: u64,
+    /// Bytes accounted to models, all devices.
+    #[serde(default)]
+    pub models_memory_bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
+    /// Whether a GPU is visible (NVML or amdgpu).
+    #[serde(default)]
+    pub gpu_available: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

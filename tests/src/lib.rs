@@ -138,6 +138,16 @@ impl TestDaemon {
 
     /// Like [`TestDaemon::start`] with a config file holding `config_toml`.
     pub fn start_with(repo: &Path, extra: &[&str], config_toml: &str) -> TestDaemon {
+        TestDaemon::start_env(repo, &[], config_toml, extra)
+    }
+
+    /// Like [`TestDaemon::start_with`], with extra environment variables for the daemon.
+    pub fn start_env(
+        repo: &Path,
+        env: &[(&str, &str)],
+        config_toml: &str,
+        extra: &[&str],
+    ) -> TestDaemon {
         let dir = tempfile::Builder::new()
             .prefix("rxd-test")
             .tempdir()
@@ -163,6 +173,7 @@ impl TestDaemon {
             .arg("--log-level")
             .arg("debug")
             .args(extra)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
@@ -499,4 +510,18 @@ pub fn f32_tensor(name: &str, shape: &[u64], values: &[f32]) -> Tensor {
         shape.to_vec(),
         values.iter().flat_map(|v| v.to_le_bytes()).collect(),
     )
+}
+
+/// Prometheus' promtool: on PATH, or unpacked by scripts/fetch-deps.
+pub fn promtool() -> PathBuf {
+    if let Some(p) = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("promtool"))
+            .find(|p| p.is_file())
+    }) {
+        return p;
+    }
+    let p = repo_root().join(".deps/prometheus/promtool");
+    assert!(p.is_file(), "promtool missing; run scripts/fetch-deps");
+    p
 }

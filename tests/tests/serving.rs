@@ -406,6 +406,14 @@ fn admin_operations_need_admin_rights() {
     );
     let out = as_nobody(&["load", "digits"]);
     assert_eq!(out.status.code(), Some(77), "{out:?}");
+    for args in [
+        &["configure", "digits", "--max-batch-rows", "2"][..],
+        &["pin", "digits"][..],
+        &["unpin", "digits"][..],
+    ] {
+        let out = as_nobody(args);
+        assert_eq!(out.status.code(), Some(77), "{args:?}: {out:?}");
+    }
     // Reads are open to everyone who can connect.
     let out = as_nobody(&["models"]);
     assert!(out.status.success(), "{out:?}");

@@ -151,7 +151,71 @@ enum Cmd {
     },
     /// Devices: memory budget, used, free, and the models resident on each.
     Devices,
+    /// Every metric; `--prometheus` prints Prometheus' text exposition format.
+    Metrics {
+        #[arg(long)]
+        prometheus: bool,
+    },
+    /// Admin: change a model version's settings at run time (only the options given).
+    Configure {
+        model: String,
+        #[arg(long)]
+        version: Option<u64>,
+        /// Sessions (worker threads); workers are added or retired without dropping requests.
+        #[arg(long)]
+        instances: Option<u32>,
+        #[arg(long)]
+        max_batch_rows: Option<u32>,
+        #[arg(long)]
+        max_queue_delay_us: Option<u64>,
+        /// Adaptive batching target; 0 turns it off.
+        #[arg(long)]
+        latency_target_ms: Option<f64>,
+        #[arg(long)]
+        default_priority: Option<u8>,
+        /// Priority mode: one level gained per this many ms waited; 0 = strict priorities.
+        #[arg(long)]
+        priority_aging_ms: Option<u64>,
+        /// Result cache size (e.g. 64MiB); 0 turns the cache off.
+        #[arg(long, value_parser = parse_size)]
+        cache_bytes: Option<u64>,
+        /// Empty the result cache.
+        #[arg(long)]
+        clear_cache: bool,
+        /// Move the version to this device (it is rebuilt there).
+        #[arg(long)]
+        device: Option<String>,
+        /// Also write the changes to the model's model.toml.
+        #[arg(long)]
+        persist: bool,
+    },
+    /// Live view: models, req/s, p50/p99, batch size, queue, memory per device, cache hit
+    /// rate; refreshed every second; q, Esc or Ctrl-C quits.
+    Top {
+        /// Refresh interval in ms.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+    },
 }
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit '{other}'")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+#[path = "rxctl/top.rs"]
+mod top;
 
 mod code {
     pub const SERVER_ERROR: u8 = 1;
@@ -234,6 +298,14 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
     if let Cmd::Bench { .. } = command {
         return bench(cli, command);
     }
+    if let Cmd::Top { interval_ms } = command {
+        return top::run(
+            &cli.socket,
+            std::time::Duration::from_millis((*interval_ms).max(100)),
+        )
+        .map(|()| 0)
+        .map_err(|e| Failure(code::UNAVAILABLE, e));
+    }
     let client = Client::connect_with(&cli.socket, ClientOptions::inline_only())?;
     match command {
         Cmd::Status => {
@@ -255,6 +327,10 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
                     "requests:     {} total, {} failed, {} in flight; {} connections",
                     s.requests_total, s.requests_failed, s.in_flight, s.connections
                 );
+                println!("configuration in force:");
+                for (k, v) in &s.config {
+                    println!("  {k} = {v}");
+                }
             }
             Ok(0)
         }
@@ -263,7 +339,18 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
             if cli.json {
                 print_json(&h);
             } else {
-                println!("{} ({} models ready)", h.state.name(), h.models_loaded);
+                println!(
+                    "{} ({} model versions ready, {} can serve; {} workers, {} queued; \
+                     models use {}, process {}; GPU {})",
+                    h.state.name(),
+                    h.models_loaded,
+                    h.models_servable,
+                    h.workers,
+                    h.queue_size,
+                    size_text(h.models_memory_bytes),
+                    h.rss_bytes.map_or("?".into(), size_text),
+                    if h.gpu_available { "available" } else { "none" }
+                );
                 for r in &h.reasons {
                     println!("  - {r}");
                 }
@@ -346,7 +433,9 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
             }
             Ok(0)
         }
-        Cmd::Infer { .. } | Cmd::Bench { .. } => unreachable!("handled above"),
+        Cmd::Infer { .. } | Cmd::Bench { .. } | Cmd::Top { .. } => {
+            unreachable!("handled above")
+        }
         Cmd::Load { model, version } => {
             let s = client.load(model, *version)?;
             if cli.json {
@@ -386,6 +475,70 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
                     s.version,
                     s.state.name(),
                     if s.pinned { ", pinned" } else { ", not pinned" }
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Metrics { prometheus } => {
+            let m = client.metrics()?;
+            if *prometheus {
+                print!("{}", rxd_protocol::metrics::prometheus(&m));
+            } else if cli.json {
+                print_json(&m);
+            } else {
+                print!("{}", top::render(&m, None, 200, 1000).join("\n"));
+                println!();
+            }
+            Ok(0)
+        }
+        Cmd::Configure {
+            model,
+            version,
+            instances,
+            max_batch_rows,
+            max_queue_delay_us,
+            latency_target_ms,
+            default_priority,
+            priority_aging_ms,
+            cache_bytes,
+            clear_cache,
+            device,
+            persist,
+        } => {
+            let v = client.configure(rxd_client::protocol::Configure {
+                model: model.clone(),
+                version: *version,
+                instances: *instances,
+                max_batch_rows: *max_batch_rows,
+                max_queue_delay_us: *max_queue_delay_us,
+                latency_target_ms: *latency_target_ms,
+                default_priority: *default_priority,
+                priority_aging_ms: *priority_aging_ms,
+                cache_bytes: *cache_bytes,
+                clear_cache: *clear_cache,
+                device: device.clone(),
+                persist: *persist,
+            })?;
+            if cli.json {
+                print_json(&v);
+            } else {
+                println!(
+                    "{model}: instances {}, max-batch-rows {}, max-queue-delay-us {}, \
+                     latency-target-ms {}, queue-capacity {}, default-priority {}, \
+                     priority-aging-ms {}{}, cache-bytes {}",
+                    v.instances,
+                    v.max_batch_rows,
+                    v.max_queue_delay_us,
+                    v.latency_target_ms.map_or("off".into(), |t| format!("{t}")),
+                    v.queue_capacity,
+                    v.default_priority,
+                    v.priority_aging_ms,
+                    if v.priority_aging_ms == 0 {
+                        " (strict)"
+                    } else {
+                        ""
+                    },
+                    v.cache_bytes
                 );
             }
             Ok(0)

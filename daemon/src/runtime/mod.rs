@@ -427,11 +427,13 @@ pub struct Batch {
     pub jobs: Vec<Job>,
     /// Rows of each job (dimension 0 of its inputs), same order.
     pub rows: Vec<u32>,
+    /// When each job arrived (for latency metrics), same order.
+    pub arrived: Vec<std::time::Instant>,
 }
 
 /// Told when a worker finishes a batch (the scheduler, held weakly by the workers).
 pub trait BatchListener: Send + Sync {
-    fn batch_done(&self, rows: u32, compute: std::time::Duration);
+    fn batch_done(&self, rows: u32, compute: std::time::Duration, arrived: &[std::time::Instant]);
 }
 
 /// The worker threads of one model version: one session each, all taking batches from one
@@ -537,7 +539,8 @@ fn worker_loop(
     wedge: bool,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
-    while let Ok(batch) = rx.recv() {
+    while let Ok(mut batch) = rx.recv() {
+        let arrived = std::mem::take(&mut batch.arrived);
         let started = std::time::Instant::now();
         busy.store(now_ms(), Relaxed);
         if wedge {
@@ -550,14 +553,14 @@ fn worker_loop(
         run_batch(&mut session, batch);
         busy.store(0, Relaxed);
         if let Some(l) = listener.upgrade() {
-            l.batch_done(rows, started.elapsed());
+            l.batch_done(rows, started.elapsed(), &arrived);
         }
     }
 }
 
 /// Runs a batch and completes every job in it.
 fn run_batch(session: &mut Session, batch: Batch) {
-    let Batch { jobs, rows } = batch;
+    let Batch { jobs, rows, .. } = batch;
     let mut live: Vec<(Job, u32)> = Vec::with_capacity(jobs.len());
     for (j, r) in jobs.into_iter().zip(rows) {
         if !j.completion.is_abandoned() {

@@ -34,7 +34,8 @@ pub struct Stats {
 
 struct State {
     batcher: Batcher,
-    pending: HashMap<ReqId, (Job, u32)>,
+    /// Waiting jobs: the job, its rows, when it arrived.
+    pending: HashMap<ReqId, (Job, u32, Instant)>,
     next_id: ReqId,
     running: usize,
 }
@@ -46,8 +47,9 @@ pub struct Scheduler {
     idle: Condvar,
     pool: OnceLock<WorkerPool>,
     batchable: bool,
-    default_priority: u8,
+    default_priority: std::sync::atomic::AtomicU8,
     pub stats: Stats,
+    metrics: Arc<crate::metrics::ModelMetrics>,
 }
 
 impl Scheduler {
@@ -58,6 +60,7 @@ impl Scheduler {
         mut settings: Settings,
         batchable: bool,
         default_priority: u8,
+        metrics: Arc<crate::metrics::ModelMetrics>,
     ) -> Arc<Scheduler> {
         settings.batchable = batchable && settings.max_batch_rows > 1;
         let workers = sessions.len();
@@ -72,8 +75,9 @@ impl Scheduler {
             idle: Condvar::new(),
             pool: OnceLock::new(),
             batchable,
-            default_priority,
+            default_priority: std::sync::atomic::AtomicU8::new(default_priority),
             stats: Stats::default(),
+            metrics,
         });
         let listener: Weak<dyn BatchListener> = sched.me.clone();
         let pool = WorkerPool::start(label, sessions, listener);
@@ -87,6 +91,33 @@ impl Scheduler {
 
     pub fn instances(&self) -> usize {
         self.pool.get().map_or(0, WorkerPool::instances)
+    }
+
+    /// Requests waiting for a worker, and how many may wait.
+    pub fn queue(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.pending.len(), st.batcher.settings().queue_capacity)
+    }
+
+    /// The policy settings in force.
+    pub fn settings(&self) -> Settings {
+        self.lock().batcher.settings().clone()
+    }
+
+    /// Changes the batching settings and default priority at run time.
+    pub fn update(&self, mut settings: Settings, default_priority: u8) {
+        settings.batchable = self.batchable && settings.max_batch_rows > 1;
+        self.default_priority
+            .store(default_priority, Ordering::Relaxed);
+        let mut st = self.lock();
+        st.batcher.set_settings(settings);
+        // Let the policy look at the queue under the new settings now.
+        let actions = st.batcher.tick(Instant::now());
+        self.act(st, actions);
+    }
+
+    pub fn default_priority(&self) -> u8 {
+        self.default_priority.load(Ordering::Relaxed)
     }
 
     /// Requests are queued or running.
@@ -112,11 +143,11 @@ impl Scheduler {
             id,
             rows,
             key,
-            priority: priority.unwrap_or(self.default_priority),
+            priority: priority.unwrap_or(self.default_priority.load(Ordering::Relaxed)),
             arrived: now,
             deadline,
         };
-        st.pending.insert(id, (job, rows));
+        st.pending.insert(id, (job, rows, now));
         let actions = st.batcher.arrive(item, now);
         self.act(st, actions);
     }
@@ -154,19 +185,29 @@ impl Scheduler {
         for a in actions {
             match a {
                 Action::Run(ids) => {
-                    let (jobs, rows): (Vec<Job>, Vec<u32>) =
-                        ids.iter().filter_map(|id| st.pending.remove(id)).unzip();
+                    let mut jobs = Vec::with_capacity(ids.len());
+                    let mut rows = Vec::with_capacity(ids.len());
+                    let mut arrived = Vec::with_capacity(ids.len());
+                    for (job, r, at) in ids.iter().filter_map(|id| st.pending.remove(id)) {
+                        jobs.push(job);
+                        rows.push(r);
+                        arrived.push(at);
+                    }
                     st.running += 1;
-                    batches.push(Batch { jobs, rows });
+                    batches.push(Batch {
+                        jobs,
+                        rows,
+                        arrived,
+                    });
                 }
                 Action::Reject(id) => {
-                    if let Some((job, _)) = st.pending.remove(&id) {
+                    if let Some((job, ..)) = st.pending.remove(&id) {
                         let capacity = st.batcher.settings().queue_capacity;
                         failed.push((job, RuntimeError::QueueFull { capacity }));
                     }
                 }
                 Action::Expire(id) => {
-                    if let Some((job, _)) = st.pending.remove(&id) {
+                    if let Some((job, ..)) = st.pending.remove(&id) {
                         failed.push((job, RuntimeError::DeadlineExceeded));
                     }
                 }
@@ -174,7 +215,10 @@ impl Scheduler {
             }
         }
         drop(st);
+        let now = Instant::now();
         for b in batches {
+            self.metrics
+                .record_queue(b.arrived.iter().map(|a| now.saturating_duration_since(*a)));
             let rows: u32 = b.rows.iter().sum();
             self.stats.batches.fetch_add(1, Ordering::Relaxed);
             self.stats
@@ -189,7 +233,7 @@ impl Scheduler {
                 for job in b.jobs {
                     job.completion.complete(Err(RuntimeError::WorkersGone));
                 }
-                self.batch_done(rows, Duration::ZERO);
+                self.batch_done(rows, Duration::ZERO, &[]);
             }
         }
         for (job, e) in failed {
@@ -225,7 +269,10 @@ impl Scheduler {
 }
 
 impl BatchListener for Scheduler {
-    fn batch_done(&self, rows: u32, compute: Duration) {
+    fn batch_done(&self, rows: u32, compute: Duration, arrived: &[Instant]) {
+        if !arrived.is_empty() {
+            self.metrics.record_batch(rows, compute, arrived);
+        }
         let mut st = self.lock();
         st.running = st.running.saturating_sub(1);
         let actions = st.batcher.batch_done(rows, compute, Instant::now());

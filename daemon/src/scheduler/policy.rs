@@ -45,7 +45,8 @@ pub struct Settings {
     pub latency_target: Option<Duration>,
     /// Requests that may wait; more are refused with `busy`.
     pub queue_capacity: usize,
-    /// One priority level gained per this much waiting.
+    /// One priority level gained per this much waiting; zero = strict priorities (no aging:
+    /// a lower level can starve while higher ones keep arriving).
     pub aging: Duration,
     /// Whether requests may be concatenated along dimension 0.
     pub batchable: bool,
@@ -215,6 +216,12 @@ impl Batcher {
         &self.settings
     }
 
+    /// New settings at run time; waiting requests are scheduled under them from the next
+    /// event on.
+    pub fn set_settings(&mut self, settings: Settings) {
+        self.settings = settings;
+    }
+
     /// Requests waiting.
     pub fn queued(&self) -> usize {
         self.queue.len()
@@ -261,8 +268,12 @@ impl Batcher {
     }
 
     fn effective_priority(&self, item: &Item, now: Instant) -> u64 {
+        if self.settings.aging.is_zero() {
+            // Strict priorities: a level never waits behind a lower one.
+            return u64::from(item.priority);
+        }
         let waited = now.saturating_duration_since(item.arrived);
-        let aging = self.settings.aging.as_nanos().max(1);
+        let aging = self.settings.aging.as_nanos();
         u64::from(item.priority) + (waited.as_nanos() / aging) as u64
     }
 

@@ -157,6 +157,25 @@ fn higher_priority_first_and_aging_bounds_the_wait_of_lower_ones() {
 }
 
 #[test]
+fn zero_aging_is_strict_priority() {
+    let t0 = Instant::now();
+    let s = Settings {
+        max_batch_rows: 1,
+        aging: Duration::ZERO,
+        ..Settings::default()
+    };
+    let mut b = Batcher::new(s, 0);
+    b.arrive(item(1, 1, 0, 0, t0), t0);
+    b.arrive(item(2, 1, 0, 2, t0 + ms(1)), t0 + ms(1));
+    assert_eq!(runs(&b.add_workers(1, t0 + ms(2))), vec![vec![2]]);
+    // However long request 1 waited, a newer priority-2 request goes first.
+    let now = t0 + ms(60_000);
+    b.arrive(item(3, 1, 0, 2, now), now);
+    assert_eq!(runs(&b.batch_done(1, ms(1), now)), vec![vec![3]]);
+    assert_eq!(runs(&b.batch_done(1, ms(1), now)), vec![vec![1]]);
+}
+
+#[test]
 fn adaptive_mode_sizes_batches_from_measured_cost_and_the_target() {
     let t0 = Instant::now();
     let s = Settings {

@@ -82,6 +82,35 @@ pub struct ModelSettings {
     pub warmup_dims: Option<HashMap<String, Vec<i64>>>,
 }
 
+impl ModelSettings {
+    /// `self` with every key that `over` sets replaced (run-time changes over model.toml).
+    pub fn merged(&self, over: &ModelSettings) -> ModelSettings {
+        macro_rules! pick {
+            ($($f:ident),*) => {
+                ModelSettings { $($f: over.$f.clone().or_else(|| self.$f.clone()),)* }
+            };
+        }
+        pick!(
+            instances,
+            intra_op_threads,
+            queue_capacity,
+            allow_spinning,
+            max_batch_rows,
+            max_queue_delay_us,
+            latency_target_ms,
+            default_priority,
+            priority_aging_ms,
+            coalesce_max_bytes,
+            cache_bytes,
+            version_policy,
+            pinned,
+            devices,
+            warmup,
+            warmup_dims
+        )
+    }
+}
+
 /// Which versions of a model are served.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(untagged)]
@@ -197,6 +226,8 @@ pub struct LoadedModel {
     epoch: Instant,
     /// ORT's CPU arena after warmup (`TotalAllocated` summed over instances), if reported.
     pub arena_bytes: Option<u64>,
+    /// Kept for the daemon's life, shared with every load of this version.
+    pub metrics: Arc<crate::metrics::ModelMetrics>,
 }
 
 impl LoadedModel {
@@ -378,6 +409,9 @@ struct Version {
     arena: Option<u64>,
     /// The last measured footprint, kept across evictions: the next load's estimate.
     known: Option<u64>,
+    /// Settings changed at run time (`configure`), over model.toml; kept across reloads of
+    /// this version.
+    overrides: ModelSettings,
     loads: u64,
     evictions: u64,
 }
@@ -397,6 +431,7 @@ impl Version {
             load_ms: None,
             arena: None,
             known: None,
+            overrides: ModelSettings::default(),
             loads: 0,
             evictions: 0,
         }
@@ -473,6 +508,8 @@ pub struct Registry {
     /// measured over a load is that model's own.
     load_lock: Mutex<()>,
     epoch: Instant,
+    /// Per-version metrics, kept for the daemon's life.
+    metrics: Mutex<BTreeMap<Key, Arc<crate::metrics::ModelMetrics>>>,
 }
 
 impl Registry {
@@ -496,7 +533,18 @@ impl Registry {
             }),
             load_lock: Mutex::new(()),
             epoch: Instant::now(),
+            metrics: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// The metrics of a version (created on first use).
+    pub fn model_metrics(&self, name: &str, version: u64) -> Arc<crate::metrics::ModelMetrics> {
+        self.metrics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((name.to_string(), version))
+            .or_default()
+            .clone()
     }
 
     pub fn runtime(&self) -> &Runtime {
@@ -737,6 +785,10 @@ impl Registry {
             _ => {}
         }
         let settings = match settings {
+            Ok(s) => Ok(s.merged(&ver.overrides)),
+            Err(e) => Err(e),
+        };
+        let settings = match settings {
             Ok(s) => s,
             Err(message) => {
                 ver.state = ModelState::Failed;
@@ -945,6 +997,9 @@ impl Registry {
                 ver.known = Some(measured);
                 ver.load_ms = Some(load_ms);
                 ver.loads += 1;
+                let m = self.model_metrics(name, version);
+                crate::metrics::Metrics::inc(&m.loads);
+                m.load_us.fetch_add(load_ms * 1000, Ordering::Relaxed);
                 ver.slot = None;
                 ver.pinned |= pin;
                 if ver.pinned {
@@ -1012,6 +1067,7 @@ impl Registry {
         code: Option<ErrorCode>,
     ) -> RequestError {
         let (name, version) = (ticket.name.clone(), ticket.version);
+        crate::metrics::Metrics::inc(&self.model_metrics(&name, version).load_failures);
         if let Some(ver) = models
             .get_mut(&name)
             .and_then(|m| m.versions.get_mut(&version))
@@ -1082,6 +1138,7 @@ impl Registry {
                 out.extend(ver.loaded.take());
                 ver.state = ModelState::Evicted;
                 ver.evictions += 1;
+                crate::metrics::Metrics::inc(&self.model_metrics(n, *v).evictions);
                 ver.measured = None;
                 tracing::info!(model = %n, version = v, "evicted (least recently used)");
             }
@@ -1153,6 +1210,7 @@ impl Registry {
             sched_settings,
             batchable(&signature),
             settings.default_priority.unwrap_or(0),
+            self.model_metrics(name, version),
         );
         let coalescer = Coalescer::new(
             settings.coalesce_max_bytes.map_or(256 << 10, |b| b.0),
@@ -1168,6 +1226,7 @@ impl Registry {
             last_used: AtomicU64::new(self.now_ms()),
             epoch: self.epoch,
             arena_bytes: arena,
+            metrics: self.model_metrics(name, version),
         })
     }
 
@@ -1540,3 +1599,6 @@ fn mib(bytes: u64) -> String {
         format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
     }
 }
+
+mod control;
+mod report;

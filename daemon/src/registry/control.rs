@@ -1,0 +1,333 @@
+//! Run-time control of loaded versions: settings in force, `configure` (in place for
+//! batching, priority and cache; a rebuild beside the running version for instances and
+//! device), and persisting changes to model.toml with its comments kept.
+//! Boundary: decisions about memory still go through the budget policy.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use rxd_protocol::{ErrorCode, ModelState, WireError};
+
+use super::{Key, LoadedModel, ModelSettings, Registry, describe, model_bytes, release};
+use crate::error::RequestError;
+
+impl Registry {
+    /// The settings in force for a version: model.toml with run-time changes over it (the
+    /// live scheduler's where the version is loaded).
+    pub fn settings_view(
+        &self,
+        name: &str,
+        version: u64,
+    ) -> Result<rxd_protocol::ModelSettingsView, RequestError> {
+        let models = self.read();
+        let model = models
+            .get(name)
+            .ok_or_else(|| RequestError::UnknownModel(name.into()))?;
+        let ver = model
+            .versions
+            .get(&version)
+            .ok_or_else(|| RequestError::UnknownVersion {
+                model: name.into(),
+                version,
+            })?;
+        let merged = model
+            .settings
+            .clone()
+            .unwrap_or_default()
+            .merged(&ver.overrides);
+        Ok(self.view(&merged, ver.loaded.as_deref()))
+    }
+
+    pub(super) fn view(
+        &self,
+        s: &ModelSettings,
+        loaded: Option<&LoadedModel>,
+    ) -> rxd_protocol::ModelSettingsView {
+        let sched = loaded.map_or_else(
+            || s.scheduler(self.defaults.queue_capacity),
+            |l| l.scheduler.settings(),
+        );
+        rxd_protocol::ModelSettingsView {
+            instances: loaded.map_or(s.instances.unwrap_or(1), |l| l.instances() as u32),
+            max_batch_rows: sched.max_batch_rows,
+            max_queue_delay_us: sched.max_queue_delay.as_micros() as u64,
+            latency_target_ms: sched.latency_target.map(|t| t.as_secs_f64() * 1e3),
+            queue_capacity: sched.queue_capacity as u64,
+            default_priority: loaded.map_or(s.default_priority.unwrap_or(0), |l| {
+                l.scheduler.default_priority()
+            }),
+            priority_aging_ms: sched.aging.as_millis() as u64,
+            cache_bytes: loaded
+                .map_or(s.cache_bytes.map_or(0, |b| b.0), |l| l.coalescer.capacity()),
+        }
+    }
+
+    /// Run-time changes to a version's settings (admin). Batching, priority and cache
+    /// settings apply in place; a change of instances or device rebuilds the version beside
+    /// the running one and swaps it in (requests in flight finish on the old one, none is
+    /// dropped). Changes are kept across evictions and reloads of the version, and written
+    /// to model.toml with `persist`. Blocking.
+    pub fn configure(
+        &self,
+        c: &rxd_protocol::Configure,
+    ) -> Result<rxd_protocol::ModelSettingsView, RequestError> {
+        let bad = |m: String| RequestError::Wire(WireError::new(ErrorCode::InvalidRequest, m));
+        if c.instances.is_some_and(|n| !(1..=64).contains(&n)) {
+            return Err(bad("instances must be 1..=64".into()));
+        }
+        if c.max_batch_rows == Some(0) {
+            return Err(bad("max-batch-rows must be at least 1".into()));
+        }
+        if c.latency_target_ms
+            .is_some_and(|t| !(t >= 0.0 && t.is_finite()))
+        {
+            return Err(bad("latency-target-ms must be 0 (off) or positive".into()));
+        }
+        if let Some(d) = &c.device
+            && !self.defaults.devices.iter().any(|x| &x.name == d)
+        {
+            return Err(bad(format!("no device named '{d}'")));
+        }
+        let name = c.model.as_str();
+        let (version, merged, loaded, rebuild) =
+            {
+                let mut models = self.write();
+                let model = models
+                    .get_mut(name)
+                    .ok_or_else(|| RequestError::UnknownModel(name.into()))?;
+                let version = match c.version {
+                    Some(v) => v,
+                    None => model
+                        .default_version()
+                        .ok_or_else(|| RequestError::UnknownModel(name.into()))?,
+                };
+                let base = model
+                    .settings
+                    .clone()
+                    .map_err(|message| RequestError::LoadFailed {
+                        model: name.into(),
+                        version,
+                        message,
+                    })?;
+                let ver = model.versions.get_mut(&version).ok_or_else(|| {
+                    RequestError::UnknownVersion {
+                        model: name.into(),
+                        version,
+                    }
+                })?;
+                let o = &mut ver.overrides;
+                if c.instances.is_some() {
+                    o.instances = c.instances;
+                }
+                if c.max_batch_rows.is_some() {
+                    o.max_batch_rows = c.max_batch_rows;
+                }
+                if c.max_queue_delay_us.is_some() {
+                    o.max_queue_delay_us = c.max_queue_delay_us;
+                }
+                if c.latency_target_ms.is_some() {
+                    o.latency_target_ms = c.latency_target_ms;
+                }
+                if c.default_priority.is_some() {
+                    o.default_priority = c.default_priority;
+                }
+                if c.priority_aging_ms.is_some() {
+                    o.priority_aging_ms = c.priority_aging_ms;
+                }
+                if let Some(b) = c.cache_bytes {
+                    o.cache_bytes = Some(crate::config::ByteSize(b));
+                }
+                if let Some(d) = &c.device {
+                    o.devices = Some(vec![d.clone()]);
+                }
+                let merged = base.merged(&ver.overrides);
+                let loaded = ver.loaded.clone();
+                let rebuild = loaded.as_ref().is_some_and(|l| {
+                    c.instances.is_some_and(|n| n as usize != l.instances())
+                        || c.device.as_ref().is_some_and(|d| *d != l.device)
+                });
+                (version, merged, loaded, rebuild)
+            };
+        if let Some(l) = &loaded {
+            l.scheduler.update(
+                merged.scheduler(self.defaults.queue_capacity),
+                merged.default_priority.unwrap_or(0),
+            );
+            if let Some(b) = c.cache_bytes {
+                l.coalescer.set_capacity(b);
+            }
+            if c.clear_cache {
+                l.coalescer.clear();
+            }
+        }
+        drop(loaded);
+        if rebuild {
+            self.rebuild(name, version)?;
+        }
+        if c.persist {
+            self.persist(name, c)
+                .map_err(|e| RequestError::Internal(format!("cannot write model.toml: {e}")))?;
+        }
+        tracing::info!(model = %name, version, ?c, "settings changed");
+        self.settings_view(name, version)
+    }
+
+    /// Builds a ready version again with its current settings (other instance count, other
+    /// device) beside the running one, then swaps: new requests go to the new one, the old
+    /// one finishes what it holds. Over budget: the old one stays and the error says why.
+    fn rebuild(&self, name: &str, version: u64) -> Result<(), RequestError> {
+        let key: Key = (name.to_string(), version);
+        let (path, settings, file_bytes, device) = {
+            let models = self.read();
+            let model = &models[name];
+            let ver = &model.versions[&version];
+            let settings = model
+                .settings
+                .clone()
+                .unwrap_or_default()
+                .merged(&ver.overrides);
+            let current = ver.loaded.as_ref().map(|l| l.device.clone());
+            let device = settings
+                .devices
+                .as_ref()
+                .and_then(|d| d.first().cloned())
+                .or(current)
+                .unwrap_or_else(|| self.defaults.devices[0].name.clone());
+            (ver.path.clone(), settings, model_bytes(&ver.path), device)
+        };
+        let guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
+        crate::runtime::release_free_memory();
+        let rss0 = crate::metrics::resident_bytes();
+        let started = Instant::now();
+        let built = self.build(name, version, &path, &settings, &device);
+        let load_ms = started.elapsed().as_millis() as u64;
+        crate::runtime::release_free_memory();
+        let rss1 = crate::metrics::resident_bytes();
+        drop(guard);
+        let new = built.map_err(|message| RequestError::LoadFailed {
+            model: name.into(),
+            version,
+            message,
+        })?;
+        let grew = match (rss0, rss1) {
+            (Some(a), Some(b)) => b.saturating_sub(a),
+            _ => 0,
+        };
+        let measured = grew.max(file_bytes);
+        let mut models = self.write();
+        let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+        let busy = self.sync_usage(&models, &mut b);
+        let dev = b.budget.device_index(&device).unwrap_or(0);
+        let pinned = models[name].versions[&version].pinned;
+        let previous = b.budget.release(&key);
+        let placed = b
+            .budget
+            .admit(
+                key.clone(),
+                measured,
+                &[dev],
+                &|k| busy.contains(k),
+                self.now_ms(),
+            )
+            .and_then(|adm| {
+                b.budget
+                    .settle(&key, measured, &|k| busy.contains(k))
+                    .map(|more| adm.evict.into_iter().chain(more).collect::<Vec<_>>())
+            });
+        let victims = match placed {
+            Ok(v) => v,
+            Err(over) => {
+                // Put the old entry back as it was.
+                if let Some(bytes) = previous {
+                    let old_dev = models[name].versions[&version]
+                        .loaded
+                        .as_ref()
+                        .and_then(|l| b.budget.device_index(&l.device))
+                        .unwrap_or(0);
+                    let _ =
+                        b.budget
+                            .admit(key.clone(), bytes, &[old_dev], &|_| true, self.now_ms());
+                    let _ = b.budget.settle(&key, bytes, &|_| true);
+                    b.budget.set_pinned(&key, pinned);
+                }
+                drop(b);
+                drop(models);
+                let _guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
+                release(vec![Arc::new(new)]);
+                return Err(RequestError::OverBudget {
+                    message: format!(
+                        "'{name}' version {version} rebuilt measures {measured} bytes: {}",
+                        describe(&over)
+                    ),
+                });
+            }
+        };
+        b.budget.set_pinned(&key, pinned);
+        drop(b);
+        let mut dropped = self.take_victims(&mut models, &victims);
+        let ver = models
+            .get_mut(name)
+            .and_then(|m| m.versions.get_mut(&version))
+            .expect("the version is in the map");
+        ver.arena = new.arena_bytes;
+        dropped.extend(ver.loaded.replace(Arc::new(new)));
+        ver.state = ModelState::Ready;
+        ver.measured = Some(measured);
+        ver.known = Some(measured);
+        ver.load_ms = Some(load_ms);
+        ver.loads += 1;
+        let m = self.model_metrics(name, version);
+        crate::metrics::Metrics::inc(&m.loads);
+        m.load_us.fetch_add(load_ms * 1000, Ordering::Relaxed);
+        drop(models);
+        tracing::info!(model = %name, version, device = %device, bytes = measured, "rebuilt");
+        let _guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
+        release(dropped);
+        Ok(())
+    }
+
+    /// Writes a configure request's changes into `<repository>/<model>/model.toml`, keeping
+    /// its other keys and comments.
+    fn persist(&self, name: &str, c: &rxd_protocol::Configure) -> std::io::Result<()> {
+        let path = self.root.join(name).join("model.toml");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e),
+        };
+        let mut doc: toml_edit::DocumentMut = text
+            .parse()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{e}")))?;
+        let int = |v: u64| toml_edit::value(i64::try_from(v).unwrap_or(i64::MAX));
+        if let Some(v) = c.instances {
+            doc["instances"] = int(u64::from(v));
+        }
+        if let Some(v) = c.max_batch_rows {
+            doc["max-batch-rows"] = int(u64::from(v));
+        }
+        if let Some(v) = c.max_queue_delay_us {
+            doc["max-queue-delay-us"] = int(v);
+        }
+        if let Some(v) = c.latency_target_ms {
+            doc["latency-target-ms"] = toml_edit::value(v);
+        }
+        if let Some(v) = c.default_priority {
+            doc["default-priority"] = int(u64::from(v));
+        }
+        if let Some(v) = c.priority_aging_ms {
+            doc["priority-aging-ms"] = int(v);
+        }
+        if let Some(v) = c.cache_bytes {
+            doc["cache-bytes"] = int(v);
+        }
+        if let Some(d) = &c.device {
+            let mut a = toml_edit::Array::new();
+            a.push(d.as_str());
+            doc["devices"] = toml_edit::value(a);
+        }
+        let tmp = path.with_extension("toml.tmp");
+        std::fs::write(&tmp, doc.to_string())?;
+        std::fs::rename(&tmp, &path)
+    }
+}
