@@ -549,12 +549,15 @@ impl ModelState {
 }
 
 /// A model version's signature.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelInfo {
     #[serde(flatten)]
     pub summary: ModelSummary,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
+    /// Settings in force (model.toml with run-time changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<crate::metrics::ModelSettingsView>,
 }
 
 /// One input or output of a model.

@@ -308,6 +308,8 @@ fn models_are_placed_by_preference_and_spill_to_the_next_device() {
     repo.link("a", 1, "yolov8n")
         .link("b", 1, "yolov8n")
         .link("c", 1, "digits")
+        .link("e", 1, "digits")
+        .settings("e", "devices = ['gpu7']\n")
         .settings("a", "devices = ['small', 'big']\npinned = true\n")
         .settings("b", "devices = ['small', 'big']\npinned = true\n")
         .settings("c", "devices = ['big']\n");
@@ -339,10 +341,32 @@ fn models_are_placed_by_preference_and_spill_to_the_next_device() {
             .iter()
             .all(|d| d.used_bytes <= d.budget_bytes.unwrap())
     );
+    // Rebalancing: move c to `small` (room after unpinning a and evicting it).
+    assert!(d.rxctl(&["unpin", "a"]).status.success());
+    let out = d.rxctl(&["configure", "c", "--device", "small"]);
+    assert!(out.status.success(), "{out:?}");
+    let s = summaries(&d);
+    assert_eq!(s["c"].device, "small");
+    c.infer("c", vec![x.clone()]).unwrap();
+    let devices = c.devices().unwrap();
+    assert!(
+        devices[0].models.contains(&"c:1".to_string()),
+        "{devices:?}"
+    );
+    assert!(
+        !devices[1].models.contains(&"c:1".to_string()),
+        "{devices:?}"
+    );
+    assert!(
+        devices
+            .iter()
+            .all(|d| d.used_bytes <= d.budget_bytes.unwrap())
+    );
     // A preference naming no configured device fails that model's load, with the reason.
-    repo.settings("c", "devices = ['gpu7']\n");
-    assert!(d.rxctl(&["unload", "c"]).status.success());
-    assert!(d.rxctl(&["reload"]).status.success());
-    let err = c.infer("c", vec![x]).unwrap_err();
-    assert_eq!(code_of(err), ErrorCode::LoadFailed);
+    let err = c.infer("e", vec![x]).unwrap_err();
+    let ClientError::Server(w) = err else {
+        panic!("not a server error")
+    };
+    assert_eq!(w.kind(), Some(ErrorCode::LoadFailed));
+    assert!(w.message.contains("gpu7"), "{w}");
 }

@@ -422,6 +422,19 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
                         s.evictions
                     );
                 }
+                if let Some(v) = &info.settings {
+                    println!(
+                        "settings: max-batch-rows {}, max-queue-delay-us {}, latency-target-ms {}, \
+                         queue-capacity {}, default-priority {}, priority-aging-ms {}, cache-bytes {}",
+                        v.max_batch_rows,
+                        v.max_queue_delay_us,
+                        v.latency_target_ms.map_or("off".into(), |t| format!("{t}")),
+                        v.queue_capacity,
+                        v.default_priority,
+                        v.priority_aging_ms,
+                        v.cache_bytes
+                    );
+                }
                 println!("inputs:");
                 for t in &info.inputs {
                     println!("  {}", spec_text(t));

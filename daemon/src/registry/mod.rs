@@ -1385,10 +1385,13 @@ impl Registry {
     pub fn info(&self, name: &str, version: Option<u64>) -> Result<ModelInfo, RequestError> {
         let loaded = self.get(name, version)?;
         let models = self.read();
+        let summary = self.summary_locked(&models, name, loaded.version);
+        drop(models);
         Ok(ModelInfo {
-            summary: self.summary_locked(&models, name, loaded.version),
+            summary,
             inputs: loaded.signature.inputs.clone(),
             outputs: loaded.signature.outputs.clone(),
+            settings: self.settings_view(name, loaded.version).ok(),
         })
     }
 
