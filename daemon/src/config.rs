@@ -52,6 +52,9 @@ pub struct FileConfig {
     /// Serve Prometheus' `/metrics` over HTTP on this loopback address (e.g.
     /// "127.0.0.1:9464"). Off by default: the daemon opens no network socket unless asked.
     pub metrics_listen: Option<String>,
+    /// Shader and engine caches (Mesa, TensorRT) live here. Default: $CACHE_DIRECTORY (set by
+    /// systemd's CacheDirectory=), else /var/cache/rxd.
+    pub cache_directory: Option<PathBuf>,
 }
 
 /// A `[[device]]` table.
@@ -59,19 +62,72 @@ pub struct FileConfig {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DeviceConfig {
     pub name: String,
-    /// `cpu`.
+    /// `cpu` (default), `webgpu`, `cuda` or `tensorrt`.
     pub kind: Option<String>,
     /// Absent or 0 = unlimited.
     pub memory_budget: Option<ByteSize>,
+    /// webgpu: the WebGPU plugin EP library (default: the bundled one).
+    pub ep_library: Option<PathBuf>,
+    /// cuda/tensorrt: the GPU's index; webgpu: the adapter's index among the plugin's devices.
+    pub device_id: Option<u32>,
+    /// Execution-provider options, as the EP names them (strings).
+    #[serde(default)]
+    pub options: std::collections::BTreeMap<String, String>,
+    /// When the execution provider cannot be created, run the device's models on the CPU
+    /// instead (health says degraded) rather than failing their loads. Default false.
+    pub cpu_fallback: Option<bool>,
+}
+
+/// Where the .deb puts the WebGPU plugin execution provider.
+pub const BUNDLED_WEBGPU_LIBRARY: &str = "/usr/lib/rxd/libonnxruntime_providers_webgpu.so";
+
+/// How a device runs models.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceKind {
+    Cpu,
+    /// ONNX Runtime's WebGPU plugin EP (Vulkan through Dawn: RADV on AMD, lavapipe in tests).
+    WebGpu {
+        library: PathBuf,
+        adapter: u32,
+    },
+    Cuda {
+        id: u32,
+    },
+    TensorRt {
+        id: u32,
+    },
+}
+
+impl DeviceKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::WebGpu { .. } => "webgpu",
+            DeviceKind::Cuda { .. } => "cuda",
+            DeviceKind::TensorRt { .. } => "tensorrt",
+        }
+    }
+
+    /// The execution provider's name as ONNX Runtime reports it.
+    pub fn ep(&self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "CPUExecutionProvider",
+            DeviceKind::WebGpu { .. } => "WebGpuExecutionProvider",
+            DeviceKind::Cuda { .. } => "CUDAExecutionProvider",
+            DeviceKind::TensorRt { .. } => "TensorrtExecutionProvider",
+        }
+    }
 }
 
 /// A device in force.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Device {
     pub name: String,
-    pub kind: String,
+    pub kind: DeviceKind,
     /// `None` = unlimited.
     pub budget: Option<u64>,
+    pub options: Vec<(String, String)>,
+    pub cpu_fallback: bool,
 }
 
 /// The validated configuration in force.
@@ -108,6 +164,8 @@ pub struct Config {
     pub load_on_demand: bool,
     /// Loopback address of the optional `/metrics` listener.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Where shader and engine caches go (created on first use).
+    pub cache_directory: PathBuf,
 }
 
 impl Config {
@@ -145,6 +203,10 @@ impl Config {
         put("preload", self.preload.join(","));
         put("load-on-demand", self.load_on_demand.to_string());
         put(
+            "cache-directory",
+            self.cache_directory.display().to_string(),
+        );
+        put(
             "metrics-listen",
             self.metrics_listen
                 .map(|a| a.to_string())
@@ -154,9 +216,18 @@ impl Config {
             put(
                 &format!("device.{}", d.name),
                 format!(
-                    "kind={} memory-budget={}",
-                    d.kind,
-                    d.budget.map_or("unlimited".into(), |b| b.to_string())
+                    "kind={} memory-budget={}{}",
+                    d.kind.name(),
+                    d.budget.map_or("unlimited".into(), |b| b.to_string()),
+                    match &d.kind {
+                        DeviceKind::WebGpu { library, adapter } => {
+                            format!(" ep-library={} adapter={adapter}", library.display())
+                        }
+                        DeviceKind::Cuda { id } | DeviceKind::TensorRt { id } => {
+                            format!(" device-id={id}")
+                        }
+                        DeviceKind::Cpu => String::new(),
+                    }
                 ),
             );
         }
@@ -438,7 +509,7 @@ pub fn resolve(
 
     let mut devices: Vec<Device> = Vec::new();
     for (i, d) in file.device.iter().enumerate() {
-        let kind = d.kind.clone().unwrap_or_else(|| "cpu".into());
+        let kind_name = d.kind.clone().unwrap_or_else(|| "cpu".into());
         if rxd_protocol::check_name(&d.name).is_err() {
             bad(
                 "device.name",
@@ -450,13 +521,35 @@ pub fn resolve(
                 format!("device '{}' is listed twice", d.name),
             );
         }
-        if kind != "cpu" {
+        let id = d.device_id.unwrap_or(0);
+        let kind = match kind_name.as_str() {
+            "cpu" => DeviceKind::Cpu,
+            // A missing plugin library is not a config error: loads on the device fail (or
+            // fall back) with the reason, and the daemon serves everything else.
+            "webgpu" => DeviceKind::WebGpu {
+                library: d
+                    .ep_library
+                    .clone()
+                    .unwrap_or_else(|| BUNDLED_WEBGPU_LIBRARY.into()),
+                adapter: id,
+            },
+            "cuda" => DeviceKind::Cuda { id },
+            "tensorrt" => DeviceKind::TensorRt { id },
+            other => {
+                bad(
+                    "device.kind",
+                    format!(
+                        "device '{}': kind '{other}' is not one of cpu, webgpu, cuda, tensorrt",
+                        d.name
+                    ),
+                );
+                DeviceKind::Cpu
+            }
+        };
+        if d.ep_library.is_some() && !matches!(kind, DeviceKind::WebGpu { .. }) {
             bad(
-                "device.kind",
-                format!(
-                    "device '{}': kind '{kind}' is not supported by this build (supported: cpu)",
-                    d.name
-                ),
+                "device.ep-library",
+                format!("device '{}': ep-library is for webgpu devices", d.name),
             );
         }
         let budget = d.memory_budget.map(|b| b.0).filter(|&b| b > 0);
@@ -474,12 +567,20 @@ pub fn resolve(
             name: d.name.clone(),
             kind,
             budget,
+            options: d
+                .options
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            cpu_fallback: d.cpu_fallback.unwrap_or(false),
         });
     }
     if devices.is_empty() {
         devices.push(Device {
             name: "cpu".into(),
-            kind: "cpu".into(),
+            kind: DeviceKind::Cpu,
+            options: Vec::new(),
+            cpu_fallback: false,
             budget: opts
                 .memory_budget
                 .or(file.memory_budget)
@@ -502,6 +603,14 @@ pub fn resolve(
         }
     }
     let load_on_demand = file.load_on_demand.unwrap_or(true);
+    let cache_directory = file
+        .cache_directory
+        .or_else(|| {
+            std::env::var_os("CACHE_DIRECTORY")
+                .map(PathBuf::from)
+                .and_then(|p| std::env::split_paths(&p).next())
+        })
+        .unwrap_or_else(|| "/var/cache/rxd".into());
     let metrics_listen = match opts.metrics_listen.clone().or(file.metrics_listen) {
         None => None,
         Some(a) if a.is_empty() => None,
@@ -549,6 +658,7 @@ pub fn resolve(
         preload,
         load_on_demand,
         metrics_listen,
+        cache_directory,
     })
 }
 

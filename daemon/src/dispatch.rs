@@ -311,6 +311,14 @@ pub fn health(shared: &SharedRef) -> Health {
             m.error.as_deref().unwrap_or("unknown error")
         ));
     }
+    for m in models.iter().filter(|m| m.fallback.is_some()) {
+        degraded.push(format!(
+            "model '{}' version {} runs on the CPU instead of its device: {}",
+            m.name,
+            m.version,
+            m.fallback.as_deref().unwrap_or("")
+        ));
+    }
     for (m, depth, cap) in shared.registry.saturated(0.9) {
         degraded.push(format!(
             "model {m}: queue saturated ({depth} of {cap} waiting)"

@@ -36,6 +36,11 @@ fn nvidia() -> Vec<GpuMetrics> {
         .collect()
 }
 
+/// One NVIDIA GPU by index, if NVML sees it.
+pub fn nvidia_device(index: u32) -> Option<GpuMetrics> {
+    nvidia().into_iter().nth(index as usize)
+}
+
 fn read_u64(path: &Path) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }

@@ -89,6 +89,7 @@ pub fn prepare(config: config::Config) -> Result<SharedRef, runtime::RuntimeErro
             queue_capacity: config.queue_capacity,
             devices: config.devices.clone(),
             load_on_demand: config.load_on_demand,
+            cache_dir: config.cache_directory.clone(),
         },
     );
     Ok(Arc::new(Shared {

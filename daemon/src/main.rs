@@ -66,6 +66,7 @@ fn check_config(opts: &ServeOpts) -> ExitCode {
     }
 }
 
+#[allow(unsafe_code)] // Setting MESA_SHADER_CACHE_DIR before any thread exists.
 fn serve(opts: &ServeOpts, activation: (Option<u32>, Option<u32>)) -> ExitCode {
     let cfg = match config::load(opts) {
         Ok(c) => c,
@@ -77,6 +78,21 @@ fn serve(opts: &ServeOpts, activation: (Option<u32>, Option<u32>)) -> ExitCode {
         }
     };
     init_logging(&cfg.log_level);
+    // Mesa compiles shaders for the WebGPU EP's Vulkan pipelines: keep its cache under the
+    // daemon's cache directory, so a restart does not recompile for seconds.
+    let gpu = cfg
+        .devices
+        .iter()
+        .any(|d| matches!(d.kind, config::DeviceKind::WebGpu { .. }));
+    if gpu && std::env::var_os("MESA_SHADER_CACHE_DIR").is_none() {
+        let dir = cfg.cache_directory.join("mesa-shader-cache");
+        match std::fs::create_dir_all(&dir) {
+            // SAFETY: still single-threaded: config loading and the log subscriber start no
+            // threads, and nothing has loaded ONNX Runtime or Vulkan yet.
+            Ok(()) => unsafe { std::env::set_var("MESA_SHADER_CACHE_DIR", &dir) },
+            Err(e) => tracing::warn!("no shader cache in {}: {e}", dir.display()),
+        }
+    }
 
     let activated = match rxd_shm::activated_listener(activation.0, activation.1) {
         Ok(a) => a,

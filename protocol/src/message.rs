@@ -429,8 +429,22 @@ pub struct DeviceList {
 pub struct DeviceSummary {
     /// Name from the configuration (`cpu` by default).
     pub name: String,
-    /// `cpu` (GPU kinds come with their execution providers).
+    /// `cpu`, `webgpu`, `cuda` or `tensorrt`.
     pub kind: String,
+    /// The execution provider (`CPUExecutionProvider`, `WebGpuExecutionProvider`, ...).
+    #[serde(default)]
+    pub ep: String,
+    /// The adapter or GPU as the EP or driver names it, where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
+    /// Why the device's execution provider is not usable, if it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Device memory as the driver reports it (NVML, amdgpu sysfs); absent where unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_total_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_used_bytes: Option<u64>,
     /// Memory budget in bytes; absent = unlimited.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_bytes: Option<u64>,
@@ -519,6 +533,19 @@ pub struct ModelSummary {
     /// Times it was evicted to make room for another model.
     #[serde(default)]
     pub evictions: u64,
+    /// The execution provider its sessions were created for (resident versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ep: Option<String>,
+    /// Why it runs on the CPU instead of its device (the device's EP could not be created
+    /// and CPU fallback is allowed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
+    /// Nodes per execution provider, from ONNX Runtime's profile of the warmup.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub node_placement: std::collections::BTreeMap<String, u64>,
+    /// Nodes that fell back to the CPU EP on a GPU device (first 64).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes_on_cpu: Vec<String>,
 }
 
 /// Lifecycle state of a model version.

@@ -243,6 +243,7 @@ impl From<ClientError> for Failure {
 }
 
 fn main() -> ExitCode {
+    rxd_shm::default_sigpipe();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -422,6 +423,27 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
                         s.evictions
                     );
                 }
+                if let Some(ep) = &s.ep {
+                    let nodes: Vec<String> = s
+                        .node_placement
+                        .iter()
+                        .map(|(ep, n)| format!("{n} on {ep}"))
+                        .collect();
+                    println!(
+                        "execution provider: {ep}{}",
+                        if nodes.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; nodes: {}", nodes.join(", "))
+                        }
+                    );
+                    if !s.nodes_on_cpu.is_empty() {
+                        println!("nodes on the CPU: {}", s.nodes_on_cpu.join(", "));
+                    }
+                }
+                if let Some(f) = &s.fallback {
+                    println!("FALLBACK: runs on the CPU: {f}");
+                }
                 if let Some(v) = &info.settings {
                     println!(
                         "settings: max-batch-rows {}, max-queue-delay-us {}, latency-target-ms {}, \
@@ -562,18 +584,34 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
                 print_json(&devices);
             } else {
                 println!(
-                    "{:<12} {:<6} {:>10} {:>10} {:>10}  MODELS (least recently used first)",
-                    "DEVICE", "KIND", "BUDGET", "USED", "FREE"
+                    "{:<12} {:<8} {:>10} {:>10} {:>10} {:>10}  MODELS (least recently used first)",
+                    "DEVICE", "KIND", "BUDGET", "USED", "FREE", "DEV MEM"
                 );
                 for d in &devices {
                     println!(
-                        "{:<12} {:<6} {:>10} {:>10} {:>10}  {}",
+                        "{:<12} {:<8} {:>10} {:>10} {:>10} {:>10}  {}",
                         d.name,
                         d.kind,
                         d.budget_bytes.map_or("unlimited".into(), size_text),
                         size_text(d.used_bytes),
                         d.free_bytes.map_or("-".into(), size_text),
+                        match (d.memory_used_bytes, d.memory_total_bytes) {
+                            (Some(u), Some(t)) => format!("{}/{}", size_text(u), size_text(t)),
+                            _ => "-".into(),
+                        },
                         d.models.join(", ")
+                    );
+                    println!(
+                        "  {}{}{}",
+                        d.ep,
+                        d.adapter
+                            .as_deref()
+                            .map(|a| format!(" on {a}"))
+                            .unwrap_or_default(),
+                        d.error
+                            .as_deref()
+                            .map(|e| format!("; unusable: {e}"))
+                            .unwrap_or_default()
                     );
                 }
             }

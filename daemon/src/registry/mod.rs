@@ -80,6 +80,9 @@ pub struct ModelSettings {
     /// e.g. `{ x = [1, 3, 48, 320] }`. Without it such dimensions get 32 and a failing warmup
     /// is only logged; with it a failing warmup fails the load.
     pub warmup_dims: Option<HashMap<String, Vec<i64>>>,
+    /// When its device's execution provider cannot be created, run on the CPU instead
+    /// (health: degraded) rather than failing. Default: the device's `cpu-fallback`.
+    pub cpu_fallback: Option<bool>,
 }
 
 impl ModelSettings {
@@ -106,7 +109,8 @@ impl ModelSettings {
             pinned,
             devices,
             warmup,
-            warmup_dims
+            warmup_dims,
+            cpu_fallback
         )
     }
 }
@@ -210,6 +214,8 @@ pub struct Defaults {
     pub devices: Vec<Device>,
     /// Load a non-resident model when a request names it.
     pub load_on_demand: bool,
+    /// Where engine caches go.
+    pub cache_dir: PathBuf,
 }
 
 /// A model version that is ready to serve.
@@ -217,8 +223,14 @@ pub struct LoadedModel {
     pub name: String,
     pub version: u64,
     pub signature: Signature,
-    /// The device it was placed on.
+    /// The device it runs on (the CPU device when it fell back).
     pub device: String,
+    /// The execution provider its sessions were created for.
+    pub ep: &'static str,
+    /// Why it runs on the CPU instead of its device, when it fell back.
+    pub fallback: Option<String>,
+    /// Which execution provider ran each node (from the profiled warmup).
+    pub placement: Option<crate::runtime::NodePlacement>,
     scheduler: Arc<Scheduler>,
     pub coalescer: Arc<Coalescer>,
     /// Milliseconds since the registry's epoch when a request last used it (LRU order).
@@ -980,7 +992,31 @@ impl Registry {
         let mut models = self.write();
         let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
         let busy = self.sync_usage(&models, &mut b);
-        match b.budget.settle(&key, measured, &|k| busy.contains(k)) {
+        // Fell back to the CPU: account it there, not on the device it was admitted to.
+        let moved = match b.budget.device_index(&loaded.device) {
+            Some(idx) if loaded.device != device => {
+                let estimate = b.budget.release(&key).unwrap_or(measured);
+                b.budget
+                    .admit(
+                        key.clone(),
+                        estimate,
+                        &[idx],
+                        &|k| busy.contains(k),
+                        self.now_ms(),
+                    )
+                    .map(|adm| adm.evict)
+            }
+            _ => Ok(Vec::new()),
+        };
+        let settled = moved.and_then(|mut evict| {
+            b.budget
+                .settle(&key, measured, &|k| busy.contains(k))
+                .map(|more| {
+                    evict.extend(more);
+                    evict
+                })
+        });
+        match settled {
             Ok(evict) => {
                 b.estimator.learn(ticket.file_bytes, measured);
                 drop(b);
@@ -1162,15 +1198,57 @@ impl Registry {
         };
         let instances = settings.instances.unwrap_or(1);
         let sched_settings = settings.scheduler(self.defaults.queue_capacity);
+        let dev = self
+            .defaults
+            .devices
+            .iter()
+            .find(|d| d.name == device)
+            .ok_or_else(|| format!("no device named '{device}'"))?;
+        let target = crate::runtime::Target {
+            kind: &dev.kind,
+            options: &dev.options,
+            cache_dir: Some(&self.defaults.cache_dir),
+        };
+        let warm = settings.warmup.unwrap_or(true);
+        // The first instance's warmup is profiled to learn which EP runs each node.
+        let profile = std::env::temp_dir().join(format!("rxd-profile-{name}-{version}"));
+        let mut actual = device.to_string();
+        let mut target_now = target;
+        let mut fallback: Option<String> = None;
+        let mut placement = None;
         let mut sessions = Vec::new();
         let mut signature = None;
         let mut arena: Option<u64> = None;
-        for _ in 0..instances {
-            let (mut session, sig) = self
-                .runtime
-                .session(path, &opts)
-                .map_err(|e| e.to_string())?;
-            if settings.warmup.unwrap_or(true) {
+        for i in 0..instances {
+            let prof = (i == 0 && warm).then_some(profile.as_path());
+            let created = self.runtime.session_on(path, &opts, target_now, prof);
+            let (mut session, sig) = match created {
+                Ok(s) => s,
+                Err(e)
+                    if i == 0
+                        && dev.kind != crate::config::DeviceKind::Cpu
+                        && (dev.cpu_fallback || settings.cpu_fallback.unwrap_or(false)) =>
+                {
+                    // Allowed to fall back: run on the CPU, and say so (health: degraded).
+                    let why = format!("{} is unavailable: {e}", dev.kind.ep());
+                    tracing::warn!(model = %name, version, device, "running on the CPU: {why}");
+                    fallback = Some(why);
+                    target_now = crate::runtime::Target::cpu();
+                    if let Some(cpu) = self
+                        .defaults
+                        .devices
+                        .iter()
+                        .find(|d| d.kind == crate::config::DeviceKind::Cpu)
+                    {
+                        actual = cpu.name.clone();
+                    }
+                    self.runtime
+                        .session_on(path, &opts, target_now, prof)
+                        .map_err(|e| e.to_string())?
+                }
+                Err(e) => return Err(e.to_string()),
+            };
+            if warm {
                 let mut sizes = vec![1u64];
                 if batchable(&sig) && sched_settings.max_batch_rows > 1 {
                     sizes.push(u64::from(sched_settings.max_batch_rows));
@@ -1189,6 +1267,15 @@ impl Registry {
                         );
                         break;
                     }
+                }
+            }
+            if prof.is_some() {
+                match crate::runtime::node_placement(&mut session, target_now.kind.ep()) {
+                    Ok(p) => {
+                        tracing::info!(model = %name, version, nodes = ?p.nodes, "node placement");
+                        placement = Some(p);
+                    }
+                    Err(e) => tracing::warn!(model = %name, version, "no node placement: {e}"),
                 }
             }
             match crate::runtime::arena_stats(&session) {
@@ -1220,7 +1307,10 @@ impl Registry {
             name: name.into(),
             version,
             signature,
-            device: device.into(),
+            device: actual,
+            ep: target_now.kind.ep(),
+            fallback,
+            placement,
             scheduler,
             coalescer,
             last_used: AtomicU64::new(self.now_ms()),
@@ -1402,6 +1492,7 @@ impl Registry {
         self.sync_usage(&models, &mut b);
         let mut out = Vec::new();
         for (i, dev) in self.defaults.devices.iter().enumerate() {
+            let probe = self.runtime.probe(&dev.kind);
             let u = b.budget.device_use(i);
             let mut residents: Vec<(u64, String)> = u
                 .residents
@@ -1418,7 +1509,12 @@ impl Registry {
             residents.sort();
             out.push(DeviceSummary {
                 name: dev.name.clone(),
-                kind: dev.kind.clone(),
+                kind: dev.kind.name().into(),
+                ep: dev.kind.ep().into(),
+                adapter: probe.as_ref().ok().and_then(|p| p.adapter.clone()),
+                error: probe.as_ref().err().cloned(),
+                memory_total_bytes: probe.as_ref().ok().and_then(|p| p.memory_total),
+                memory_used_bytes: probe.as_ref().ok().and_then(|p| p.memory_used),
                 budget_bytes: dev.budget,
                 used_bytes: u.used,
                 free_bytes: dev.budget.map(|b| b.saturating_sub(u.used)),
@@ -1514,6 +1610,16 @@ impl Registry {
             batches: stats.map_or(0, |s| s.batches.load(Ordering::Relaxed)),
             rows: stats.map_or(0, |s| s.rows.load(Ordering::Relaxed)),
             pinned: ver.pinned,
+            ep: loaded.map(|l| l.ep.to_string()),
+            fallback: loaded.and_then(|l| l.fallback.clone()),
+            node_placement: loaded
+                .and_then(|l| l.placement.as_ref())
+                .map(|p| p.nodes.clone())
+                .unwrap_or_default(),
+            nodes_on_cpu: loaded
+                .and_then(|l| l.placement.as_ref())
+                .map(|p| p.on_cpu.clone())
+                .unwrap_or_default(),
             served: model.served().contains(&version),
             memory_bytes,
             estimated_bytes: ver.estimated,

@@ -52,6 +52,37 @@ pub struct Runtime {
     env: Environment,
     library: PathBuf,
     version: String,
+    /// Plugin EP libraries registered with the environment (by path), or why not.
+    plugins: std::sync::Mutex<std::collections::BTreeMap<PathBuf, Result<String, String>>>,
+}
+
+/// Where a session runs: a device's kind and execution-provider options.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub kind: &'a crate::config::DeviceKind,
+    pub options: &'a [(String, String)],
+    /// Engine caches (TensorRT) go under here.
+    pub cache_dir: Option<&'a Path>,
+}
+
+impl Target<'static> {
+    /// The CPU execution provider.
+    pub fn cpu() -> Target<'static> {
+        Target {
+            kind: &crate::config::DeviceKind::Cpu,
+            options: &[],
+            cache_dir: None,
+        }
+    }
+}
+
+/// Which execution provider ran each node, from ORT's profile of a run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodePlacement {
+    /// Nodes per execution provider.
+    pub nodes: std::collections::BTreeMap<String, u64>,
+    /// Nodes that ran on the CPU EP while the session's device was another one (first 64).
+    pub on_cpu: Vec<String>,
 }
 
 /// How to build a model's sessions.
@@ -80,6 +111,7 @@ impl Runtime {
             env,
             library: library.to_path_buf(),
             version,
+            plugins: Default::default(),
         };
         runtime.prime();
         Ok(runtime)
@@ -115,17 +147,33 @@ impl Runtime {
         &self.version
     }
 
-    /// Creates one session for `path` and reads its signature.
+    /// Creates one session for `path` on the CPU and reads its signature.
     pub fn session(
         &self,
         path: &Path,
         opts: &SessionOptions,
     ) -> Result<(Session, Signature), RuntimeError> {
+        self.session_on(path, opts, Target::cpu(), None)
+    }
+
+    /// Creates one session for `path` on `target` and reads its signature. The device's
+    /// execution provider must come up: if it cannot (plugin library missing, no adapter, EP
+    /// not in this ONNX Runtime build), the error says so — never a silent CPU session.
+    /// `profile`: a file prefix; ORT profiles the session's runs until [`node_placement`].
+    pub fn session_on(
+        &self,
+        path: &Path,
+        opts: &SessionOptions,
+        target: Target<'_>,
+        profile: Option<&Path>,
+    ) -> Result<(Session, Signature), RuntimeError> {
+        use crate::config::DeviceKind;
+        use ort::ep::ArbitrarilyConfigurableExecutionProvider;
         let sess_err = |e: &dyn std::fmt::Display| RuntimeError::Session {
             path: path.to_path_buf(),
             message: e.to_string(),
         };
-        let session = Session::builder(&self.env)
+        let mut builder = Session::builder(&self.env)
             .and_then(|b| {
                 b.with_intra_threads(opts.intra_op_threads as usize)
                     .map_err(Into::into)
@@ -138,14 +186,196 @@ impl Runtime {
                 )
                 .map_err(Into::into)
             })
-            .and_then(|mut b| b.commit_from_file(path))
             .map_err(|e| sess_err(&e))?;
+        if let Some(prefix) = profile {
+            builder = builder.with_profiling(prefix).map_err(|e| sess_err(&e))?;
+        }
+        builder = match target.kind {
+            DeviceKind::Cpu => builder,
+            DeviceKind::WebGpu { library, adapter } => {
+                let devices = self.webgpu_devices(library).map_err(|e| sess_err(&e))?;
+                let count = devices.len();
+                let device = devices.into_iter().nth(*adapter as usize).ok_or_else(|| {
+                    sess_err(&format!(
+                        "the WebGPU plugin offers {count} adapter(s); device-id {adapter} is not one"
+                    ))
+                })?;
+                let options: Vec<(String, String)> = target
+                    .options
+                    .iter()
+                    .map(|(k, v)| (format!("WebGpuExecutionProvider.{k}"), v.clone()))
+                    .collect();
+                builder
+                    .with_devices([device], Some(&options))
+                    .map_err(|e| sess_err(&e))?
+            }
+            DeviceKind::Cuda { id } => {
+                let mut ep = ort::ep::CUDA::default().with_device_id(*id as i32);
+                for (k, v) in target.options {
+                    ep = ep.with_arbitrary_config(k, v);
+                }
+                builder
+                    .with_execution_providers([ep.build().error_on_failure()])
+                    .map_err(|e| sess_err(&format!("CUDA execution provider: {e}")))?
+            }
+            DeviceKind::TensorRt { id } => {
+                let mut ep = ort::ep::TensorRT::default().with_device_id(*id as i32);
+                if let Some(dir) = target.cache_dir {
+                    let dir = dir.join("tensorrt");
+                    let _ = std::fs::create_dir_all(&dir);
+                    ep = ep
+                        .with_engine_cache(true)
+                        .with_engine_cache_path(dir.display());
+                }
+                for (k, v) in target.options {
+                    ep = ep.with_arbitrary_config(k, v);
+                }
+                builder
+                    .with_execution_providers([ep.build().error_on_failure()])
+                    .map_err(|e| sess_err(&format!("TensorRT execution provider: {e}")))?
+            }
+        };
+        let session = builder.commit_from_file(path).map_err(|e| sess_err(&e))?;
         let signature = Signature::of(&session).map_err(|message| RuntimeError::Unsupported {
             path: path.to_path_buf(),
             message,
         })?;
         Ok((session, signature))
     }
+
+    /// The WebGPU plugin's devices (adapters), registering the library with the environment
+    /// on first use. Errors name the library and what is missing.
+    fn webgpu_devices(&self, library: &Path) -> Result<Vec<ort::device::Device<'_>>, String> {
+        {
+            let mut plugins = self.plugins.lock().unwrap_or_else(|e| e.into_inner());
+            let n = plugins.len();
+            let entry = plugins.entry(library.to_path_buf()).or_insert_with(|| {
+                if !library.is_file() {
+                    return Err(format!(
+                        "the WebGPU plugin library {} does not exist (set ep-library on the device, \
+                         or install it)",
+                        library.display()
+                    ));
+                }
+                let name = format!("rxd-webgpu-{n}");
+                self.env
+                    .register_ep_library(&name, library)
+                    .map(|()| name)
+                    .map_err(|e| {
+                        format!("cannot load the WebGPU plugin {}: {e}", library.display())
+                    })
+            });
+            entry.clone()?;
+        }
+        let devices: Vec<_> = self
+            .env
+            .devices()
+            .filter(|d| d.ep().ok() == Some("WebGpuExecutionProvider"))
+            .collect();
+        if devices.is_empty() {
+            return Err(
+                "the WebGPU plugin found no adapter (no Vulkan device; a software \
+                        adapter such as lavapipe is offered only with \
+                        ORT_WEBGPU_EP_ALLOW_SOFTWARE_ADAPTER=1)"
+                    .into(),
+            );
+        }
+        Ok(devices)
+    }
+}
+
+/// What a device's execution provider looks like from here.
+#[derive(Debug, Clone, Default)]
+pub struct Probe {
+    pub adapter: Option<String>,
+    pub memory_total: Option<u64>,
+    pub memory_used: Option<u64>,
+}
+
+impl Runtime {
+    /// Whether a device's execution provider can come up, and what the driver reports about
+    /// it (adapter name, memory) where it does.
+    pub fn probe(&self, kind: &crate::config::DeviceKind) -> Result<Probe, String> {
+        use crate::config::DeviceKind;
+        match kind {
+            DeviceKind::Cpu => Ok(Probe::default()),
+            DeviceKind::WebGpu { library, adapter } => {
+                let devices = self.webgpu_devices(library)?;
+                let d = devices.get(*adapter as usize).ok_or_else(|| {
+                    format!(
+                        "the WebGPU plugin offers {} adapter(s); device-id {adapter} is not one",
+                        devices.len()
+                    )
+                })?;
+                let hw = d.hardware_device();
+                Ok(Probe {
+                    adapter: Some(format!(
+                        "{} {:?} (id {:#06x})",
+                        hw.vendor().unwrap_or("unknown vendor"),
+                        hw.ty(),
+                        hw.id()
+                    )),
+                    ..Probe::default()
+                })
+            }
+            DeviceKind::Cuda { id } | DeviceKind::TensorRt { id } => {
+                let gpu = crate::gpu::nvidia_device(*id).ok_or_else(|| {
+                    format!("no NVIDIA GPU {id} (NVML unavailable or no such index)")
+                })?;
+                Ok(Probe {
+                    adapter: gpu.name,
+                    memory_total: gpu.memory_total_bytes,
+                    memory_used: gpu.memory_used_bytes,
+                })
+            }
+        }
+    }
+}
+
+/// Ends a session's profiling and reads which execution provider ran each node (ORT's
+/// profile has one `Node` event per kernel run, with the provider in its args). The profile
+/// file is deleted.
+pub fn node_placement(session: &mut Session, device_ep: &str) -> Result<NodePlacement, String> {
+    let file = session.end_profiling().map_err(|e| e.to_string())?;
+    let text = std::fs::read_to_string(&file).map_err(|e| format!("{file}: {e}"));
+    let _ = std::fs::remove_file(&file);
+    parse_profile(&text?, device_ep)
+}
+
+/// Counts distinct nodes per provider in an ORT profile (JSON array of trace events).
+pub fn parse_profile(text: &str, device_ep: &str) -> Result<NodePlacement, String> {
+    let events: Vec<serde_json::Value> =
+        serde_json::from_str(text).map_err(|e| format!("profile: {e}"))?;
+    let mut seen: std::collections::BTreeMap<String, String> = Default::default();
+    for e in &events {
+        if e.get("cat").and_then(|c| c.as_str()) != Some("Node") {
+            continue;
+        }
+        let Some(name) = e.get("name").and_then(|n| n.as_str()) else {
+            continue;
+        };
+        let Some(node) = name.strip_suffix("_kernel_time") else {
+            continue;
+        };
+        if let Some(p) = e
+            .get("args")
+            .and_then(|a| a.get("provider"))
+            .and_then(|p| p.as_str())
+        {
+            seen.insert(node.to_string(), p.to_string());
+        }
+    }
+    let mut out = NodePlacement::default();
+    for (node, provider) in seen {
+        *out.nodes.entry(provider.clone()).or_default() += 1;
+        if provider == "CPUExecutionProvider"
+            && device_ep != "CPUExecutionProvider"
+            && out.on_cpu.len() < 64
+        {
+            out.on_cpu.push(node);
+        }
+    }
+    Ok(out)
 }
 
 /// Size given to dynamic dimensions other than the batch dimension when warming up without
