@@ -17,6 +17,9 @@ use std::fmt::Debug;
 pub struct DeviceSpec {
     pub name: String,
     pub budget: u64,
+    /// Placement without a preference tries lower tiers first (accelerators 0, CPUs 1), the
+    /// most free budget first within a tier.
+    pub tier: u8,
 }
 
 #[derive(Debug, Clone)]
@@ -164,7 +167,7 @@ impl<K: Ord + Clone + Debug> Budget<K> {
     }
 
     /// Admits `key` with an estimate of `bytes`, on the first of `candidates` (device indices in
-    /// preference order; empty = every device, most free budget first) that fits without
+    /// preference order; empty = every device by tier, then most free budget) that fits without
     /// evicting, else on the first that fits after evicting least-recently-used idle models.
     /// The entry counts as loading (never a victim) until [`Budget::settle`].
     pub fn admit(
@@ -183,7 +186,7 @@ impl<K: Ord + Clone + Debug> Budget<K> {
         }
         let order: Vec<usize> = if candidates.is_empty() {
             let mut all: Vec<usize> = (0..self.devices.len()).collect();
-            all.sort_by_key(|&d| std::cmp::Reverse(self.free(d)));
+            all.sort_by_key(|&d| (self.devices[d].tier, std::cmp::Reverse(self.free(d))));
             all
         } else {
             candidates

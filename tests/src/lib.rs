@@ -525,3 +525,57 @@ pub fn promtool() -> PathBuf {
     assert!(p.is_file(), "promtool missing; run scripts/fetch-deps");
     p
 }
+
+/// The environment that runs ONNX Runtime's WebGPU plugin on Mesa's software Vulkan driver
+/// (lavapipe), from what scripts/fetch-webgpu unpacked under .deps/, and the plugin's path.
+pub fn webgpu_env() -> (Vec<(String, String)>, PathBuf) {
+    let deps = repo_root().join(".deps");
+    let plugin = deps.join("webgpu/libonnxruntime_providers_webgpu.so");
+    let icd = deps.join("lavapipe/lvp_icd.json");
+    let lib = deps.join("lavapipe/usr/lib/x86_64-linux-gnu");
+    for p in [&plugin, &icd, &lib] {
+        assert!(
+            p.exists(),
+            "{} missing; run scripts/fetch-webgpu",
+            p.display()
+        );
+    }
+    let cache = deps.join("webgpu/shader-cache");
+    let _ = std::fs::create_dir_all(&cache);
+    let env = vec![
+        ("VK_DRIVER_FILES".into(), icd.display().to_string()),
+        ("VK_ICD_FILENAMES".into(), icd.display().to_string()),
+        ("LD_LIBRARY_PATH".into(), lib.display().to_string()),
+        ("ORT_WEBGPU_EP_ALLOW_SOFTWARE_ADAPTER".into(), "1".into()),
+        ("MESA_SHADER_CACHE_DIR".into(), cache.display().to_string()),
+    ];
+    (env, plugin)
+}
+
+/// Largest relative difference between two f32 tensors, each element measured against
+/// max(|expected|, 1e-3 × the largest |expected|) so that values near zero do not dominate.
+pub fn max_rel_diff(got: &Tensor, want: &Tensor) -> f64 {
+    let a: Vec<f32> = match &got.data {
+        rxd_protocol::TensorData::Inline(b) => bytemuck_f32(b),
+        other => panic!("inline tensor expected, got {other:?}"),
+    };
+    let b: Vec<f32> = match &want.data {
+        rxd_protocol::TensorData::Inline(b) => bytemuck_f32(b),
+        other => panic!("inline tensor expected, got {other:?}"),
+    };
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| {
+            let floor = (1e-3 * scale).max(1e-12);
+            (*x as f64 - *y as f64).abs() / (y.abs() as f64).max(floor)
+        })
+        .fold(0.0, f64::max)
+}
+
+fn bytemuck_f32(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}

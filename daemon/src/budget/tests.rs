@@ -9,10 +9,12 @@ fn two_devices(a: u64, b: u64) -> Budget<u32> {
         DeviceSpec {
             name: "gpu0".into(),
             budget: a,
+            tier: 0,
         },
         DeviceSpec {
             name: "cpu".into(),
             budget: b,
+            tier: 1,
         },
     ])
 }
@@ -67,9 +69,15 @@ fn prefers_a_device_with_room_over_evicting() {
         (1, 0),
         "falls back to the second choice"
     );
-    // No preference: the device with the most free budget.
+    // No preference: the accelerator first while it has room, then the CPU.
     let a = b.admit(3, 5, &[], &idle, 3).expect("fits");
-    assert_eq!(a.device, 1);
+    assert_eq!(a.device, 0);
+    let a = b.admit(4, 20, &[], &idle, 4).expect("fits");
+    assert_eq!(
+        (a.device, a.evict.len()),
+        (1, 0),
+        "gpu0 is full: the CPU, evicting nothing"
+    );
 }
 
 #[test]

@@ -197,6 +197,7 @@ impl Registry {
             (ver.path.clone(), settings, model_bytes(&ver.path), device)
         };
         let guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.prime(&device);
         crate::runtime::release_free_memory();
         let rss0 = crate::metrics::resident_bytes();
         let started = Instant::now();

@@ -507,6 +507,9 @@ impl Model {
 struct BudgetState {
     budget: Budget<Key>,
     estimator: Estimator,
+    /// The last CPU footprint measured for a model file (by its real path): another version
+    /// or model name linking the same file costs the same.
+    files: HashMap<PathBuf, u64>,
 }
 
 /// The repository and the loaded models.
@@ -532,6 +535,7 @@ impl Registry {
             .map(|d| DeviceSpec {
                 name: d.name.clone(),
                 budget: d.budget.unwrap_or(u64::MAX),
+                tier: u8::from(d.kind == crate::config::DeviceKind::Cpu),
             })
             .collect();
         Registry {
@@ -542,6 +546,7 @@ impl Registry {
             budget: Mutex::new(BudgetState {
                 budget: Budget::new(specs),
                 estimator: Estimator::default(),
+                files: HashMap::new(),
             }),
             load_lock: Mutex::new(()),
             epoch: Instant::now(),
@@ -890,7 +895,11 @@ impl Registry {
             let known = models
                 .get(name)
                 .and_then(|m| m.versions.get(&version))
-                .and_then(|v| v.known);
+                .and_then(|v| v.known)
+                .or_else(|| {
+                    let real = std::fs::canonicalize(&ticket.path).ok()?;
+                    b.files.get(&real).copied()
+                });
             let estimate = known.unwrap_or_else(|| b.estimator.estimate(ticket.file_bytes));
             let busy = self.sync_usage(&models, &mut b);
             let candidates = match self.candidates(&ticket.settings, &b) {
@@ -952,6 +961,7 @@ impl Registry {
         // Session creation and warmup, measured alone.
         let guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
         drop(victims);
+        self.prime(&device);
         // Freed heap pages go back to the kernel before and after, so the difference is what
         // the model keeps, not the load's transient peak or reuse of someone else's pages.
         crate::runtime::release_free_memory();
@@ -1018,7 +1028,18 @@ impl Registry {
         });
         match settled {
             Ok(evict) => {
-                b.estimator.learn(ticket.file_bytes, measured);
+                // GPU loads measure host memory of a driver stack (shader JIT, Dawn), not the
+                // model: only CPU loads teach the estimator.
+                let on_cpu =
+                    self.defaults.devices.iter().any(|d| {
+                        d.name == loaded.device && d.kind == crate::config::DeviceKind::Cpu
+                    });
+                if on_cpu {
+                    b.estimator.learn(ticket.file_bytes, measured);
+                    if let Ok(real) = std::fs::canonicalize(&ticket.path) {
+                        b.files.insert(real, measured);
+                    }
+                }
                 drop(b);
                 let victims = self.take_victims(&mut models, &evict);
                 let pin = ticket.served && ticket.settings.pinned.unwrap_or(false);
@@ -1180,6 +1201,21 @@ impl Registry {
             }
         }
         out
+    }
+
+    /// Pays the device's one-time set-up before a measured load (a failure shows up again,
+    /// with its fallback rules, when the model's own session is created).
+    fn prime(&self, device: &str) {
+        if let Some(dev) = self.defaults.devices.iter().find(|d| d.name == device) {
+            let target = crate::runtime::Target {
+                kind: &dev.kind,
+                options: &dev.options,
+                cache_dir: Some(&self.defaults.cache_dir),
+            };
+            if let Err(e) = self.runtime.prime_device(target) {
+                tracing::debug!(device, "priming the device failed: {e}");
+            }
+        }
     }
 
     fn build(

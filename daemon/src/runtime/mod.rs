@@ -54,6 +54,10 @@ pub struct Runtime {
     version: String,
     /// Plugin EP libraries registered with the environment (by path), or why not.
     plugins: std::sync::Mutex<std::collections::BTreeMap<PathBuf, Result<String, String>>>,
+    /// One tiny session per accelerator device, kept for the daemon's life: it pays the
+    /// device's one-time set-up (Dawn/Vulkan instance and adapter, CUDA context) before the
+    /// first real model's footprint is measured, and keeps that context alive.
+    primed: std::sync::Mutex<std::collections::BTreeMap<String, Session>>,
 }
 
 /// Where a session runs: a device's kind and execution-provider options.
@@ -112,17 +116,45 @@ impl Runtime {
             library: library.to_path_buf(),
             version,
             plugins: Default::default(),
+            primed: Default::default(),
         };
         runtime.prime();
         Ok(runtime)
+    }
+
+    /// Pays an accelerator device's one-time set-up with the built-in one-node graph (once per
+    /// device; the session is kept). Errors are the device's: the EP cannot be created.
+    pub fn prime_device(&self, target: Target<'_>) -> Result<(), RuntimeError> {
+        if matches!(target.kind, crate::config::DeviceKind::Cpu) {
+            return Ok(());
+        }
+        let key = format!("{:?}", target.kind);
+        let mut primed = self.primed.lock().unwrap_or_else(|e| e.into_inner());
+        if primed.contains_key(&key) {
+            return Ok(());
+        }
+        let dir = tempfile_dir();
+        let path = dir.join(format!("rxd-prime-{}.onnx", std::process::id()));
+        std::fs::write(&path, PRIME).map_err(|e| RuntimeError::Session {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let opts = SessionOptions {
+            intra_op_threads: 1,
+            allow_spinning: false,
+        };
+        let made = self.session_on(&path, &opts, target, None);
+        let _ = std::fs::remove_file(&path);
+        let (mut session, sig) = made?;
+        warmup(&mut session, &sig, 1, &Default::default())?;
+        primed.insert(key, session);
+        Ok(())
     }
 
     /// Pays ONNX Runtime's one-time costs (kernel registries, allocators, first-session
     /// set-up: about 20 MB of resident memory) with a tiny built-in graph, so that the memory
     /// measured over the first real model's load is that model's own.
     fn prime(&self) {
-        // One Slice node; made by tests/models/make_models.py (slice_first).
-        const PRIME: &[u8] = include_bytes!("../../assets/prime.onnx");
         let result = Session::builder(&self.env)
             .and_then(|b| b.with_intra_threads(1).map_err(Into::into))
             .and_then(|mut b| b.commit_from_memory(PRIME))
@@ -284,6 +316,13 @@ impl Runtime {
     }
 }
 
+/// One Slice node; made by tests/models/make_models.py (slice_first).
+const PRIME: &[u8] = include_bytes!("../../assets/prime.onnx");
+
+fn tempfile_dir() -> PathBuf {
+    std::env::temp_dir()
+}
+
 /// What a device's execution provider looks like from here.
 #[derive(Debug, Clone, Default)]
 pub struct Probe {
@@ -346,7 +385,8 @@ pub fn node_placement(session: &mut Session, device_ep: &str) -> Result<NodePlac
 pub fn parse_profile(text: &str, device_ep: &str) -> Result<NodePlacement, String> {
     let events: Vec<serde_json::Value> =
         serde_json::from_str(text).map_err(|e| format!("profile: {e}"))?;
-    let mut seen: std::collections::BTreeMap<String, String> = Default::default();
+    // Node names are not unique (nor always set); the node index is.
+    let mut seen: std::collections::BTreeMap<String, (String, String)> = Default::default();
     for e in &events {
         if e.get("cat").and_then(|c| c.as_str()) != Some("Node") {
             continue;
@@ -357,16 +397,25 @@ pub fn parse_profile(text: &str, device_ep: &str) -> Result<NodePlacement, Strin
         let Some(node) = name.strip_suffix("_kernel_time") else {
             continue;
         };
-        if let Some(p) = e
-            .get("args")
+        let args = e.get("args");
+        let Some(p) = args
             .and_then(|a| a.get("provider"))
             .and_then(|p| p.as_str())
-        {
-            seen.insert(node.to_string(), p.to_string());
-        }
+        else {
+            continue;
+        };
+        let index = args
+            .and_then(|a| a.get("node_index"))
+            .and_then(|i| {
+                i.as_str()
+                    .map(str::to_string)
+                    .or_else(|| Some(i.to_string()))
+            })
+            .unwrap_or_else(|| node.to_string());
+        seen.insert(index, (node.to_string(), p.to_string()));
     }
     let mut out = NodePlacement::default();
-    for (node, provider) in seen {
+    for (_, (node, provider)) in seen {
         *out.nodes.entry(provider.clone()).or_default() += 1;
         if provider == "CPUExecutionProvider"
             && device_ep != "CPUExecutionProvider"
@@ -376,6 +425,33 @@ pub fn parse_profile(text: &str, device_ep: &str) -> Result<NodePlacement, Strin
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_placement_counts_nodes_by_index_per_provider() {
+        let profile = r#"[
+            {"cat":"Session","name":"model_run","args":{}},
+            {"cat":"Node","name":"Conv_fence_before","args":{"node_index":"0","provider":"WebGpuExecutionProvider"}},
+            {"cat":"Node","name":"Conv_kernel_time","args":{"op_name":"Conv","node_index":"0","provider":"WebGpuExecutionProvider"}},
+            {"cat":"Node","name":"Conv_kernel_time","args":{"op_name":"Conv","node_index":"1","provider":"WebGpuExecutionProvider"}},
+            {"cat":"Node","name":"Conv_kernel_time","args":{"op_name":"Conv","node_index":"1","provider":"WebGpuExecutionProvider"}},
+            {"cat":"Node","name":"/model.22/Shape_kernel_time","args":{"op_name":"Shape","node_index":"7","provider":"CPUExecutionProvider"}}
+        ]"#;
+        let p = parse_profile(profile, "WebGpuExecutionProvider").unwrap();
+        assert_eq!(
+            p.nodes["WebGpuExecutionProvider"], 2,
+            "two distinct nodes, one run twice"
+        );
+        assert_eq!(p.nodes["CPUExecutionProvider"], 1);
+        assert_eq!(p.on_cpu, vec!["/model.22/Shape".to_string()]);
+        let cpu = parse_profile(profile, "CPUExecutionProvider").unwrap();
+        assert!(cpu.on_cpu.is_empty(), "on a CPU device nothing fell back");
+        assert!(parse_profile("not json", "x").is_err());
+    }
 }
 
 /// Size given to dynamic dimensions other than the batch dimension when warming up without

@@ -1,0 +1,218 @@
+//! The GPU path for real, without a GPU: ONNX Runtime's WebGPU plugin EP on Mesa's software
+//! Vulkan driver (lavapipe), unpacked privately by scripts/fetch-webgpu. Models placed on a
+//! `webgpu` device run on the WebGPU EP (asserted from ORT's own node placement, not inferred
+//! from outputs) and agree with the CPU EP; devices place, spill and evict by their budgets; a
+//! missing plugin fails the load, or with fallback allowed serves on the CPU, degraded.
+//! Shader compilation makes the first run of a model take 10–20 s on a cold cache
+//! (.deps/webgpu/shader-cache keeps it warm between runs).
+
+use std::collections::BTreeMap;
+
+use rxd_client::{ClientError, ErrorCode, Tensor};
+use rxd_e2e::*;
+use rxd_protocol::{HealthState, ModelState, ModelSummary};
+
+const WEBGPU: &str = "WebGpuExecutionProvider";
+const CPU: &str = "CPUExecutionProvider";
+
+fn summaries(d: &TestDaemon) -> BTreeMap<String, ModelSummary> {
+    d.client_inline()
+        .list_models()
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.name.clone(), m))
+        .collect()
+}
+
+fn start(repo: &Repo, devices: &str) -> TestDaemon {
+    let (env, _) = webgpu_env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    TestDaemon::start_env(repo.path(), &env, devices, &[])
+}
+
+fn gpu_device(name: &str, budget: &str) -> String {
+    let (_, plugin) = webgpu_env();
+    format!(
+        "[[device]]\nname = '{name}'\nkind = 'webgpu'\nep-library = '{}'\nmemory-budget = '{budget}'\n",
+        plugin.display()
+    )
+}
+
+#[test]
+fn models_on_the_webgpu_device_run_on_the_webgpu_ep_and_agree_with_the_cpu_ep() {
+    let repo = Repo::new();
+    repo.link("ppocr_cls", 1, "ppocr_cls")
+        .settings("ppocr_cls", "devices = ['gpu0']\n")
+        .link("yolov8n", 1, "yolov8n")
+        .settings("yolov8n", "devices = ['gpu0']\nmax-batch-rows = 1\n");
+    let config = format!("{}[[device]]\nname = 'cpu'\n", gpu_device("gpu0", "2GiB"));
+    let d = start(&repo, &config);
+    let s = summaries(&d);
+    for m in ["ppocr_cls", "yolov8n"] {
+        assert_eq!(s[m].state, ModelState::Ready, "{:?}", s[m]);
+        assert_eq!(s[m].device, "gpu0");
+        assert_eq!(s[m].ep.as_deref(), Some(WEBGPU));
+        assert!(s[m].fallback.is_none());
+    }
+    // ORT's own account of where each node ran: every classifier node on WebGPU; most of
+    // YOLO's (its int64 shape arithmetic stays on the CPU).
+    let cls = &s["ppocr_cls"].node_placement;
+    assert!(cls[WEBGPU] >= 100 && !cls.contains_key(CPU), "{cls:?}");
+    let yolo = &s["yolov8n"];
+    assert!(
+        yolo.node_placement[WEBGPU] > 3 * yolo.node_placement.get(CPU).copied().unwrap_or(0),
+        "{:?}",
+        yolo.node_placement
+    );
+    assert!(!yolo.nodes_on_cpu.is_empty());
+
+    let c = d.client();
+    let crops = f32_tensor("x", &[2, 3, 48, 192], &random_f32(2 * 3 * 48 * 192, 5));
+    let image = f32_tensor("images", &[1, 3, 320, 320], &random_f32(3 * 320 * 320, 6));
+    for (model, input) in [("ppocr_cls", crops), ("yolov8n", image)] {
+        let got = c.infer(model, vec![input.clone()]).unwrap();
+        let want = Reference::new(&model_file(model)).run(&[input]);
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!((&g.name, &g.shape), (&w.name, &w.shape));
+            let rel = max_rel_diff(g, w);
+            assert!(rel <= 1e-4, "{model} {}: relative error {rel}", g.name);
+        }
+    }
+    let devices = c.devices().unwrap();
+    assert_eq!(devices[0].ep, WEBGPU);
+    assert!(
+        devices[0].adapter.is_some() && devices[0].error.is_none(),
+        "{devices:?}"
+    );
+    assert_eq!(devices[0].models.len(), 2);
+}
+
+#[test]
+fn two_devices_place_by_tier_and_preference_spill_when_full_and_evict_by_lru() {
+    let repo = Repo::new();
+    repo.link("cls", 1, "ppocr_cls")
+        .settings("cls", "devices = ['gpu0']\n")
+        .link("digits", 1, "digits")
+        .link("det", 1, "ppocr_det")
+        .settings("det", "devices = ['cpu']\n")
+        .link("yolo", 1, "yolov8n")
+        .settings("yolo", "devices = ['cpu']\nmax-batch-rows = 1\n")
+        .link("spill", 1, "yolov8n")
+        .settings("spill", "devices = ['gpu1', 'cpu']\nmax-batch-rows = 1\n")
+        .link("rec", 1, "ppocr_rec")
+        .settings("rec", "devices = ['gpu1']\n");
+    // gpu1 is the same adapter with a budget too small for any of these models' weights; the
+    // CPU budget holds YOLOv8n or the detector with `spill`'s share, never both big ones.
+    let config = format!(
+        "preload = []\nload-on-demand = true\n{}{}[[device]]\nname = 'cpu'\nmemory-budget = '44MiB'\n",
+        gpu_device("gpu0", "2GiB"),
+        gpu_device("gpu1", "1MiB")
+    );
+    let d = start(&repo, &config);
+    let c = d.client();
+    let digit = example_npy("digit.npy", "input");
+    let crops = f32_tensor("x", &[1, 3, 48, 192], &random_f32(3 * 48 * 192, 1));
+    let det_in = f32_tensor("x", &[1, 3, 64, 96], &random_f32(3 * 64 * 96, 2));
+    let image = f32_tensor("images", &[1, 3, 320, 320], &random_f32(3 * 320 * 320, 3));
+
+    c.infer("cls", vec![crops]).unwrap();
+    // No preference: accelerators first.
+    c.infer("digits", vec![digit]).unwrap();
+    let s = summaries(&d);
+    assert_eq!(
+        (s["cls"].device.as_str(), s["cls"].ep.as_deref()),
+        ("gpu0", Some(WEBGPU))
+    );
+    assert_eq!(s["digits"].device, "gpu0");
+    // gpu1 cannot hold YOLO's weights: `spill` runs on the CPU, its next preference.
+    c.infer("spill", vec![image.clone()]).unwrap();
+    let s = summaries(&d);
+    assert_eq!(
+        (s["spill"].device.as_str(), s["spill"].ep.as_deref()),
+        ("cpu", Some(CPU))
+    );
+    // Only gpu1 allowed: over budget, naming the device; the rest keeps serving.
+    let x = f32_tensor("x", &[1, 3, 48, 160], &random_f32(3 * 48 * 160, 4));
+    match c.infer("rec", vec![x]).unwrap_err() {
+        ClientError::Server(w) => {
+            assert_eq!(w.kind(), Some(ErrorCode::OverBudget), "{w}");
+            assert!(w.message.contains("gpu1"), "{w}");
+        }
+        other => panic!("{other}"),
+    }
+    // The CPU budget: det, then yolo evicts the least recently used CPU model.
+    c.infer("det", vec![det_in.clone()]).unwrap();
+    c.infer("yolo", vec![image.clone()]).unwrap();
+    let s = summaries(&d);
+    assert_eq!(s["yolo"].device, "cpu");
+    let evicted: Vec<&str> = ["spill", "det"]
+        .into_iter()
+        .filter(|m| s[*m].state == ModelState::Evicted)
+        .collect();
+    assert_eq!(
+        evicted,
+        vec!["spill"],
+        "the least recently used CPU model goes: {s:?}"
+    );
+    // GPU residents were not touched by the CPU's pressure.
+    assert_eq!(s["cls"].state, ModelState::Ready);
+    assert_eq!(s["digits"].state, ModelState::Ready);
+    for dev in c.devices().unwrap() {
+        if let Some(b) = dev.budget_bytes {
+            assert!(dev.used_bytes <= b, "{dev:?}");
+        }
+    }
+}
+
+#[test]
+fn a_missing_plugin_fails_the_load_and_with_fallback_the_model_serves_on_the_cpu_degraded() {
+    let repo = Repo::new();
+    repo.link("strict", 1, "digits")
+        .settings("strict", "devices = ['gpu0']\n")
+        .link("lenient", 1, "digits")
+        .settings("lenient", "devices = ['gpu1']\n");
+    let config = "preload = []\n\
+        [[device]]\nname = 'gpu0'\nkind = 'webgpu'\nep-library = '/nonexistent/libwebgpu.so'\n\
+        [[device]]\nname = 'gpu1'\nkind = 'webgpu'\nep-library = '/nonexistent/libwebgpu.so'\ncpu-fallback = true\n\
+        [[device]]\nname = 'cpu'\n";
+    let d = start(&repo, config);
+    let c = d.client();
+    let digit: Tensor = example_npy("digit.npy", "input");
+    match c.infer("strict", vec![digit.clone()]).unwrap_err() {
+        ClientError::Server(w) => {
+            assert_eq!(w.kind(), Some(ErrorCode::LoadFailed), "{w}");
+            assert!(w.message.contains("/nonexistent/libwebgpu.so"), "{w}");
+        }
+        other => panic!("{other}"),
+    }
+    let want = Reference::new(&model_file("digits")).run(std::slice::from_ref(&digit));
+    assert_eq!(c.infer("lenient", vec![digit]).unwrap(), want);
+    let s = summaries(&d);
+    assert_eq!(s["lenient"].device, "cpu");
+    assert_eq!(s["lenient"].ep.as_deref(), Some(CPU));
+    assert!(
+        s["lenient"]
+            .fallback
+            .as_deref()
+            .unwrap()
+            .contains("WebGpuExecutionProvider")
+    );
+    let h = c.health().unwrap();
+    assert_eq!(h.state, HealthState::Degraded);
+    assert!(
+        h.reasons
+            .iter()
+            .any(|r| r.contains("lenient") && r.contains("runs on the CPU")),
+        "{h:?}"
+    );
+    let devices = c.devices().unwrap();
+    assert!(
+        devices[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("does not exist"),
+        "{devices:?}"
+    );
+}
