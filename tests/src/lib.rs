@@ -36,8 +36,12 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// ONNX Runtime's library fetched by scripts/fetch-deps.
+/// ONNX Runtime's library fetched by scripts/fetch-deps (or, for the GPU benchmark, the one
+/// named by `RXD_TEST_ORT_LIBRARY`, e.g. the onnxruntime-gpu build).
 pub fn ort_library() -> PathBuf {
+    if let Some(p) = std::env::var_os("RXD_TEST_ORT_LIBRARY") {
+        return PathBuf::from(p);
+    }
     let p = repo_root().join(".deps/onnxruntime/libonnxruntime.so.1.31.1");
     assert!(
         p.is_file(),
