@@ -132,11 +132,13 @@ impl<K: Ord + Clone + Debug> Budget<K> {
     }
 
     /// Eligible victims on device `d`, least-recently-used first.
-    fn victims(&self, d: usize, except: &K, busy: &dyn Fn(&K) -> bool) -> Vec<(&K, u64)> {
+    fn victims(&self, d: usize, except: Option<&K>, busy: &dyn Fn(&K) -> bool) -> Vec<(&K, u64)> {
         let mut v: Vec<(&K, &Entry)> = self
             .entries
             .iter()
-            .filter(|(k, e)| e.device == d && !e.pinned && !e.loading && *k != except && !busy(k))
+            .filter(|(k, e)| {
+                e.device == d && !e.pinned && !e.loading && Some(*k) != except && !busy(k)
+            })
             .collect();
         v.sort_by(|a, b| a.1.last_used.cmp(&b.1.last_used).then(a.0.cmp(b.0)));
         v.into_iter().map(|(k, e)| (k, e.bytes)).collect()
@@ -156,7 +158,7 @@ impl<K: Ord + Clone + Debug> Budget<K> {
         }
         let mut used = self.used(d);
         let mut out = Vec::new();
-        for (k, bytes) in self.victims(d, except, busy) {
+        for (k, bytes) in self.victims(d, Some(except), busy) {
             if used.saturating_add(need) <= budget {
                 break;
             }
@@ -284,6 +286,42 @@ impl<K: Ord + Clone + Debug> Budget<K> {
                 Err(self.over_budget(measured, &[d]))
             }
         }
+    }
+
+    /// Changes device `d`'s budget (a config reload). If less is accounted than the new
+    /// budget allows, least-recently-used idle unpinned models are evicted (returned) until it
+    /// fits; if that is not enough, nothing changes and the error says what holds the device.
+    pub fn set_budget(
+        &mut self,
+        d: usize,
+        budget: u64,
+        busy: &dyn Fn(&K) -> bool,
+    ) -> Result<Vec<K>, OverBudget<K>> {
+        let used = self.used(d);
+        if used <= budget {
+            self.devices[d].budget = budget;
+            return Ok(Vec::new());
+        }
+        let mut left = used;
+        let mut evict = Vec::new();
+        for (k, bytes) in self.victims(d, None, busy) {
+            if left <= budget {
+                break;
+            }
+            left -= bytes;
+            evict.push(k.clone());
+        }
+        if left > budget {
+            return Err(OverBudget {
+                need: used - budget,
+                devices: vec![self.device_use(d)],
+            });
+        }
+        for k in &evict {
+            self.entries.remove(k);
+        }
+        self.devices[d].budget = budget;
+        Ok(evict)
     }
 
     /// The model was used at `now` (LRU order).

@@ -216,9 +216,8 @@ impl Config {
             put(
                 &format!("device.{}", d.name),
                 format!(
-                    "kind={} memory-budget={}{}",
+                    "kind={}{}",
                     d.kind.name(),
-                    d.budget.map_or("unlimited".into(), |b| b.to_string()),
                     match &d.kind {
                         DeviceKind::WebGpu { library, adapter } => {
                             format!(" ep-library={} adapter={adapter}", library.display())

@@ -54,7 +54,7 @@ pub async fn handle(
         Request::ModelInfo(r) => match shared.registry.info(&r.model, r.version) {
             // The signature needs the model: load it as a request would.
             Err(RequestError::NotReady { state, .. })
-                if shared.config.load_on_demand && state != "failed" =>
+                if shared.registry.load_on_demand() && state != "failed" =>
             {
                 let s = shared.clone();
                 let info = tokio::task::spawn_blocking(move || {
@@ -113,10 +113,15 @@ pub async fn handle(
         }
         Request::Reload => {
             let s = shared.clone();
-            let models = tokio::task::spawn_blocking(move || s.registry.reload())
+            let models = tokio::task::spawn_blocking(move || crate::reload(&s))
                 .await
                 .map_err(|e| RequestError::Internal(e.to_string()))?
-                .map_err(|e| RequestError::Internal(format!("cannot read repository: {e}")))?;
+                .map_err(|e| {
+                    RequestError::Wire(rxd_protocol::WireError::new(
+                        rxd_protocol::ErrorCode::InvalidRequest,
+                        e,
+                    ))
+                })?;
             Reply::Reload(ModelList { models })
         }
         _ => return Err(RequestError::Internal("request kind not handled".into())),
@@ -232,6 +237,34 @@ pub fn infer_reply(model: &str, version: u64, outputs: Vec<OutputTensor>) -> Rep
     })
 }
 
+/// The configuration in force: the start-up configuration with what a reload changed.
+fn config_in_force(shared: &SharedRef) -> std::collections::BTreeMap<String, String> {
+    let mut m = shared.config.in_force();
+    m.insert(
+        "load-on-demand".into(),
+        shared.registry.load_on_demand().to_string(),
+    );
+    m.insert(
+        "preload".into(),
+        shared
+            .preload
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .join(","),
+    );
+    for d in &shared.config.devices {
+        let live = shared
+            .registry
+            .device_budget(&d.name)
+            .filter(|&b| b != u64::MAX);
+        m.insert(
+            format!("device.{}.memory-budget", d.name),
+            live.map_or("unlimited".into(), |b| b.to_string()),
+        );
+    }
+    m
+}
+
 /// Every metric, assembled from the global counters, the registry and /proc.
 pub fn metrics(shared: &SharedRef) -> rxd_protocol::MetricsReport {
     let m = &shared.metrics;
@@ -272,7 +305,7 @@ pub fn status(shared: &SharedRef) -> Status {
         requests_total: Metrics::get(&m.requests_total),
         requests_failed: Metrics::get(&m.requests_failed),
         in_flight: Metrics::get(&m.in_flight),
-        config: shared.config.in_force(),
+        config: config_in_force(shared),
     }
 }
 
@@ -290,7 +323,7 @@ pub fn health(shared: &SharedRef) -> Health {
         .filter(|m| {
             m.state == ModelState::Ready
                 || m.state == ModelState::Loading
-                || (shared.config.load_on_demand
+                || (shared.registry.load_on_demand()
                     && m.served
                     && matches!(m.state, ModelState::Available | ModelState::Evicted))
         })

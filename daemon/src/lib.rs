@@ -57,8 +57,12 @@ pub struct Shared {
     pub started: Instant,
     /// The uid the daemon runs as (admin by definition).
     pub own_uid: u32,
-    /// SIGHUP: reload the repository.
+    /// SIGHUP: reload the configuration and the repository.
     pub reload_requested: tokio::sync::Notify,
+    /// The flags the daemon started with (a reload re-reads the config file under them).
+    pub opts: cli::ServeOpts,
+    /// The preload list in force (changes with a config reload).
+    pub preload: std::sync::Mutex<Vec<String>>,
 }
 
 pub type SharedRef = Arc<Shared>;
@@ -79,7 +83,10 @@ pub mod exit {
 }
 
 /// Builds the shared state: loads ONNX Runtime and prepares the registry (nothing loaded yet).
-pub fn prepare(config: config::Config) -> Result<SharedRef, runtime::RuntimeError> {
+pub fn prepare(
+    config: config::Config,
+    opts: cli::ServeOpts,
+) -> Result<SharedRef, runtime::RuntimeError> {
     let runtime = Arc::new(runtime::Runtime::init(&config.ort_library)?);
     let registry = registry::Registry::new(
         config.model_repository.clone(),
@@ -93,12 +100,14 @@ pub fn prepare(config: config::Config) -> Result<SharedRef, runtime::RuntimeErro
         },
     );
     Ok(Arc::new(Shared {
-        config,
         registry,
         metrics: metrics::Metrics::default(),
         started: Instant::now(),
         own_uid: nix::unistd::geteuid().as_raw(),
         reload_requested: tokio::sync::Notify::new(),
+        opts,
+        preload: std::sync::Mutex::new(config.preload.clone()),
+        config,
     }))
 }
 
@@ -222,7 +231,7 @@ fn spawn_reloader(
             }
             notifier.send("RELOADING=1\nSTATUS=reloading the model repository");
             let s = shared.clone();
-            match tokio::task::spawn_blocking(move || s.registry.reload()).await {
+            match tokio::task::spawn_blocking(move || reload(&s)).await {
                 Ok(Ok(models)) => tracing::info!(versions = models.len(), "reloaded"),
                 Ok(Err(e)) => tracing::error!("reload failed: {e}"),
                 Err(e) => tracing::error!("reload failed: {e}"),
@@ -230,4 +239,107 @@ fn spawn_reloader(
             notifier.send(&format!("READY=1\nSTATUS={}", status_line(&shared, None)));
         }
     });
+}
+
+/// Reload (SIGHUP, `rxctl reload`): re-reads the config file and applies what can change
+/// while serving — device memory budgets (a smaller one evicts least-recently-used idle
+/// models, or is refused if pinned/busy models hold more), `load-on-demand`, the preload list
+/// — then re-reads the model repository and loads what is new in the preload list. Keys that need
+/// a restart (socket, repository, ONNX Runtime library, threads, limits, devices' kinds) are
+/// named in the log and left as they are. A config with problems changes nothing. Blocking.
+pub fn reload(shared: &SharedRef) -> Result<Vec<rxd_protocol::ModelSummary>, String> {
+    let mut notes = Vec::new();
+    let mut added: Vec<String> = Vec::new();
+    if shared.opts.config.is_some() {
+        let new = config::load(&shared.opts)
+            .map_err(|e| format!("the configuration has problems; nothing was reloaded: {e}"))?;
+        let old = &shared.config;
+        let restart: Vec<&str> = [
+            ("socket", old.socket != new.socket),
+            ("socket-mode", old.socket_mode != new.socket_mode),
+            (
+                "model-repository",
+                old.model_repository != new.model_repository,
+            ),
+            ("ort-library", old.ort_library != new.ort_library),
+            (
+                "intra-op-threads",
+                old.intra_op_threads != new.intra_op_threads,
+            ),
+            ("io-threads", old.io_threads != new.io_threads),
+            ("admin-group", old.admin_group != new.admin_group),
+            (
+                "max-connections",
+                old.max_connections != new.max_connections,
+            ),
+            ("max-in-flight", old.max_in_flight != new.max_in_flight),
+            (
+                "max-frame-bytes",
+                old.max_frame_bytes != new.max_frame_bytes,
+            ),
+            (
+                "max-arena-bytes",
+                old.max_arena_bytes != new.max_arena_bytes,
+            ),
+            (
+                "arena-total-bytes",
+                old.arena_total_bytes != new.arena_total_bytes,
+            ),
+            ("queue-capacity", old.queue_capacity != new.queue_capacity),
+            ("metrics-listen", old.metrics_listen != new.metrics_listen),
+            (
+                "cache-directory",
+                old.cache_directory != new.cache_directory,
+            ),
+            (
+                "device",
+                old.devices.len() != new.devices.len()
+                    || old.devices.iter().zip(&new.devices).any(|(a, b)| {
+                        a.name != b.name
+                            || a.kind != b.kind
+                            || a.options != b.options
+                            || a.cpu_fallback != b.cpu_fallback
+                    }),
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(k, _)| k)
+        .collect();
+        if !restart.is_empty() {
+            tracing::warn!(keys = ?restart, "these configuration changes take effect after a restart");
+        }
+        for d in &new.devices {
+            if shared.registry.device_budget(&d.name) == Some(d.budget.unwrap_or(u64::MAX)) {
+                continue;
+            }
+            match shared.registry.set_device_budget(&d.name, d.budget) {
+                Ok(()) => notes.push(format!("device '{}' budget now {:?}", d.name, d.budget)),
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+        shared.registry.set_load_on_demand(new.load_on_demand);
+        let mut preload = shared.preload.lock().unwrap_or_else(|e| e.into_inner());
+        added = new
+            .preload
+            .iter()
+            .filter(|p| !preload.contains(p))
+            .cloned()
+            .collect();
+        *preload = new.preload.clone();
+    }
+    for n in &notes {
+        tracing::info!("{n}");
+    }
+    shared
+        .registry
+        .reload()
+        .map_err(|e| format!("cannot read the repository: {e}"))?;
+    // Entries new to the preload list load now (never evicting anything).
+    if !added.is_empty()
+        && let Err(e) = shared.registry.preload(&added)
+    {
+        tracing::warn!("preload after reload: {e}");
+    }
+    Ok(shared.registry.list())
 }

@@ -127,7 +127,7 @@ fn serve(opts: &ServeOpts, activation: (Option<u32>, Option<u32>)) -> ExitCode {
     };
     let socket = cfg.socket.clone();
     let cfg_io_threads = cfg.io_threads as usize;
-    let shared = match rxd::prepare(cfg) {
+    let shared = match rxd::prepare(cfg, opts.clone()) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("{e}");

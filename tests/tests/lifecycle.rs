@@ -370,3 +370,100 @@ fn models_are_placed_by_preference_and_spill_to_the_next_device() {
     assert_eq!(w.kind(), Some(ErrorCode::LoadFailed));
     assert!(w.message.contains("gpu7"), "{w}");
 }
+
+#[test]
+fn a_config_reload_changes_budgets_on_demand_loading_and_preloads() {
+    let repo = Repo::new();
+    repo.link("a", 1, "digits")
+        .link("b", 1, "ppocr_cls")
+        .link("c", 1, "yolov8n");
+    let d = TestDaemon::start_with(repo.path(), &[], "preload = ['a', 'b']\n");
+    let config = d.dir.path().join("rxd.toml");
+    let c = d.client();
+    let s = summaries(&d);
+    assert_eq!(
+        (s["a"].state, s["b"].state),
+        (ModelState::Ready, ModelState::Ready)
+    );
+    assert_eq!(s["c"].state, ModelState::Available);
+    c.infer(
+        "b",
+        vec![f32_tensor(
+            "x",
+            &[1, 3, 48, 192],
+            &random_f32(3 * 48 * 192, 1),
+        )],
+    )
+    .unwrap();
+    // A budget that holds b but not a and b: the least recently used (a) is evicted.
+    let b_bytes = s["b"].memory_bytes.unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "preload = ['a', 'b', 'c']\nmemory-budget = {}\nload-on-demand = false\n",
+            b_bytes + (512 << 10)
+        ),
+    )
+    .unwrap();
+    let out = d.rxctl(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    let s = summaries(&d);
+    assert_eq!(s["a"].state, ModelState::Evicted, "{s:?}");
+    assert_eq!(s["b"].state, ModelState::Ready);
+    // c was added to the preload list and loaded at once, but its weights alone exceed the
+    // new budget: it failed, saying so.
+    assert_eq!(s["c"].state, ModelState::Failed);
+    assert!(
+        s["c"].error.as_deref().unwrap().contains("memory budget"),
+        "{:?}",
+        s["c"]
+    );
+    let devices = c.devices().unwrap();
+    assert_eq!(devices[0].budget_bytes, Some(b_bytes + (512 << 10)));
+    // load-on-demand is off now: a request for the evicted model is refused, not loaded.
+    assert_eq!(
+        code_of(
+            c.infer("a", vec![example_npy("digit.npy", "input")])
+                .unwrap_err()
+        ),
+        ErrorCode::ModelNotReady
+    );
+    let status = c.status().unwrap();
+    assert_eq!(
+        status.config["load-on-demand"], "false",
+        "the config in force"
+    );
+    assert_eq!(
+        status.config["device.cpu.memory-budget"],
+        (b_bytes + (512 << 10)).to_string()
+    );
+    // A config with problems changes nothing and says why.
+    std::fs::write(&config, "memory-budget = 'lots'\n").unwrap();
+    let out = d.rxctl(&["reload"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("memory-budget"),
+        "{out:?}"
+    );
+    assert_eq!(
+        c.devices().unwrap()[0].budget_bytes,
+        Some(b_bytes + (512 << 10))
+    );
+    // SIGHUP does the same as rxctl reload: back to unlimited and on-demand loading.
+    std::fs::write(&config, "preload = ['a', 'b']\n").unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while c.devices().unwrap()[0].budget_bytes.is_some() {
+        assert!(
+            std::time::Instant::now() < end,
+            "SIGHUP did not reload the config"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    c.infer("a", vec![example_npy("digit.npy", "input")])
+        .unwrap();
+}

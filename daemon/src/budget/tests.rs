@@ -105,6 +105,27 @@ fn settling_above_the_estimate_evicts_or_refuses() {
 }
 
 #[test]
+fn shrinking_a_budget_evicts_lru_or_is_refused() {
+    let mut b = two_devices(100, 0);
+    settled(&mut b, 1, 30, 1);
+    settled(&mut b, 2, 30, 2);
+    settled(&mut b, 3, 30, 3);
+    assert_eq!(b.set_budget(0, 200, &idle).unwrap(), Vec::<u32>::new());
+    assert_eq!(
+        b.set_budget(0, 60, &idle).unwrap(),
+        vec![1],
+        "least recently used goes"
+    );
+    assert_eq!(b.devices()[0].budget, 60);
+    b.set_pinned(&2, true);
+    let busy = |k: &u32| *k == 3;
+    let err = b.set_budget(0, 10, &busy).unwrap_err();
+    assert_eq!(err.need, 50);
+    assert_eq!(b.devices()[0].budget, 60, "refused: unchanged");
+    assert_eq!(b.used(0), 60);
+}
+
+#[test]
 fn estimator_learns_the_ratio() {
     let mut e = Estimator::default();
     let before = e.estimate(10 << 20);
@@ -132,6 +153,7 @@ enum Op {
     Pin(u32, bool),
     Release(u32),
     Busy(u32, bool),
+    Budget(usize, u64),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -143,6 +165,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u32..8, any::<bool>()).prop_map(|(k, p)| Op::Pin(k, p)),
         1 => (0u32..8).prop_map(Op::Release),
         1 => (0u32..8, any::<bool>()).prop_map(|(k, b)| Op::Busy(k, b)),
+        1 => (0usize..2, 0u64..300).prop_map(|(d, b)| Op::Budget(d, b)),
     ]
 }
 
@@ -173,6 +196,7 @@ proptest! {
                             if fresh {
                                 last.insert(key, now);
                                 loading.insert(key);
+                                pinned.remove(&key);
                                 if !prefs.is_empty() {
                                     prop_assert!(prefs.contains(&adm.device));
                                 }
@@ -201,6 +225,7 @@ proptest! {
                             prop_assert_eq!(b.get(&key), None);
                             loading.remove(&key);
                             last.remove(&key);
+                            pinned.remove(&key);
                             Vec::new()
                         }
                     }
@@ -230,6 +255,17 @@ proptest! {
                     if x { busy.insert(k); } else { busy.remove(&k); }
                     Vec::new()
                 }
+                Op::Budget(d, bytes) => match b.set_budget(d, bytes, &is_busy) {
+                    Ok(v) => {
+                        prop_assert_eq!(b.devices()[d].budget, bytes);
+                        v.into_iter().map(|k| (k, d)).collect()
+                    }
+                    Err(_) => {
+                        prop_assert_eq!(&b.devices()[d], &before.devices()[d]);
+                        prop_assert_eq!(format!("{:?}", b.entries), format!("{:?}", before.entries));
+                        Vec::new()
+                    }
+                },
             };
             for (v, dev) in &victims {
                 prop_assert!(!pinned.contains(v), "pinned {v} evicted");

@@ -525,6 +525,8 @@ pub struct Registry {
     epoch: Instant,
     /// Per-version metrics, kept for the daemon's life.
     metrics: Mutex<BTreeMap<Key, Arc<crate::metrics::ModelMetrics>>>,
+    /// `load-on-demand`, changeable by a config reload.
+    on_demand: std::sync::atomic::AtomicBool,
 }
 
 impl Registry {
@@ -541,7 +543,6 @@ impl Registry {
         Registry {
             root,
             runtime,
-            defaults,
             models: RwLock::new(BTreeMap::new()),
             budget: Mutex::new(BudgetState {
                 budget: Budget::new(specs),
@@ -551,7 +552,55 @@ impl Registry {
             load_lock: Mutex::new(()),
             epoch: Instant::now(),
             metrics: Mutex::new(BTreeMap::new()),
+            on_demand: std::sync::atomic::AtomicBool::new(defaults.load_on_demand),
+            defaults,
         }
+    }
+
+    /// Whether a request for a non-resident version loads it.
+    pub fn load_on_demand(&self) -> bool {
+        self.on_demand.load(Ordering::Relaxed)
+    }
+
+    pub fn set_load_on_demand(&self, on: bool) {
+        self.on_demand.store(on, Ordering::Relaxed);
+    }
+
+    /// A device's budget in force.
+    pub fn device_budget(&self, name: &str) -> Option<u64> {
+        let b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+        let i = b.budget.device_index(name)?;
+        Some(b.budget.devices()[i].budget)
+    }
+
+    /// Changes a device's memory budget (config reload): least-recently-used idle models are
+    /// evicted to fit under a smaller one; if pinned or busy models hold more than it, the
+    /// budget stays as it was and the error says what holds the device.
+    pub fn set_device_budget(&self, name: &str, budget: Option<u64>) -> Result<(), String> {
+        let mut models = self.write();
+        let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+        let d = b
+            .budget
+            .device_index(name)
+            .ok_or_else(|| format!("no device '{name}'"))?;
+        let busy = self.sync_usage(&models, &mut b);
+        let victims = b
+            .budget
+            .set_budget(d, budget.unwrap_or(u64::MAX), &|k| busy.contains(k))
+            .map_err(|over| {
+                format!(
+                    "device '{name}' keeps its budget: a budget of {} cannot hold what is pinned \
+                     or busy there ({})",
+                    mib(budget.unwrap_or(u64::MAX)),
+                    describe(&over)
+                )
+            })?;
+        drop(b);
+        let dropped = self.take_victims(&mut models, &victims);
+        drop(models);
+        let _guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
+        release(dropped);
+        Ok(())
     }
 
     /// The metrics of a version (created on first use).
@@ -847,7 +896,7 @@ impl Registry {
                     state: "failed", ..
                 },
             ) => return Err(e),
-            Err(e @ RequestError::NotReady { .. }) if !self.defaults.load_on_demand => {
+            Err(e @ RequestError::NotReady { .. }) if !self.load_on_demand() => {
                 return Err(e);
             }
             Err(RequestError::NotReady { .. }) => {}
@@ -1530,6 +1579,8 @@ impl Registry {
         for (i, dev) in self.defaults.devices.iter().enumerate() {
             let probe = self.runtime.probe(&dev.kind);
             let u = b.budget.device_use(i);
+            // The budget in force (a config reload may have changed it).
+            let live = Some(u.budget).filter(|&b| b != u64::MAX);
             let mut residents: Vec<(u64, String)> = u
                 .residents
                 .iter()
@@ -1551,9 +1602,9 @@ impl Registry {
                 error: probe.as_ref().err().cloned(),
                 memory_total_bytes: probe.as_ref().ok().and_then(|p| p.memory_total),
                 memory_used_bytes: probe.as_ref().ok().and_then(|p| p.memory_used),
-                budget_bytes: dev.budget,
+                budget_bytes: live,
                 used_bytes: u.used,
-                free_bytes: dev.budget.map(|b| b.saturating_sub(u.used)),
+                free_bytes: live.map(|b| b.saturating_sub(u.used)),
                 models: residents.into_iter().map(|(_, n)| n).collect(),
             });
         }
