@@ -1015,11 +1015,13 @@ impl Registry {
         // the model keeps, not the load's transient peak or reuse of someone else's pages.
         crate::runtime::release_free_memory();
         let rss0 = crate::metrics::resident_bytes();
+        let vram0 = self.device_memory_used(&device);
         let started = Instant::now();
         let built = self.build(name, version, &ticket.path, &ticket.settings, &device);
         let load_ms = started.elapsed().as_millis() as u64;
         crate::runtime::release_free_memory();
         let rss1 = crate::metrics::resident_bytes();
+        let vram1 = self.device_memory_used(&device);
         drop(guard);
         let loaded = match built {
             Ok(l) => l,
@@ -1037,6 +1039,13 @@ impl Registry {
             (Some(a), Some(b)) => b.saturating_sub(a),
             _ => 0,
         };
+        // Device memory where the driver reports it (NVML): the sessions' allocations on the
+        // GPU come on top of what they hold in host memory.
+        let grew = grew
+            + match (vram0, vram1) {
+                (Some(a), Some(b)) => b.saturating_sub(a),
+                _ => 0,
+            };
         // Weights are resident at least once, even when freed pages were reused; and a reload
         // after an eviction partly reuses pages the allocator kept from the last time, so it
         // reads low: a version is accounted at the largest footprint measured for it.
@@ -1250,6 +1259,18 @@ impl Registry {
             }
         }
         out
+    }
+
+    /// Memory in use on a device as its driver reports it (NVIDIA through NVML); `None` for the
+    /// CPU and where nothing reports it (WebGPU on lavapipe uses host memory, counted by RSS).
+    fn device_memory_used(&self, device: &str) -> Option<u64> {
+        let dev = self.defaults.devices.iter().find(|d| d.name == device)?;
+        match dev.kind {
+            crate::config::DeviceKind::Cuda { id } | crate::config::DeviceKind::TensorRt { id } => {
+                crate::gpu::nvidia_device(id)?.memory_used_bytes
+            }
+            _ => None,
+        }
     }
 
     /// Pays the device's one-time set-up before a measured load (a failure shows up again,
