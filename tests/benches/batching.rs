@@ -5,7 +5,8 @@
 //! with 2 intra-op threads, or two 1-thread sessions run concurrently).
 //!
 //! Run: `scripts/bench batching`. `RXD_BENCH_SECS` sets seconds per measurement (default 4);
-//! `RXD_BENCH_MODELS` the models (default `ppocr_cls,yolov8n`).
+//! `RXD_BENCH_MODELS` the models (default `ppocr_cls,yolov8n`); `RXD_BENCH_MODEL_TOML` extra
+//! model.toml lines for rxd (e.g. `coalesce-max-bytes = 0`).
 
 use std::time::{Duration, Instant};
 
@@ -117,8 +118,9 @@ fn bench(case: &Case, secs: f64) {
     repo.link(case.model, 1, case.model).settings(
         case.model,
         &format!(
-            "instances = 2\nintra-op-threads = 1\nmax-batch-rows = {}\n",
-            case.max_rows
+            "instances = 2\nintra-op-threads = 1\nmax-batch-rows = {}\n{}",
+            case.max_rows,
+            std::env::var("RXD_BENCH_MODEL_TOML").unwrap_or_default()
         ),
     );
     let io = std::env::var("RXD_BENCH_IO_THREADS").unwrap_or_else(|_| "1".into());

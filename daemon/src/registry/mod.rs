@@ -61,7 +61,8 @@ pub struct ModelSettings {
     /// A waiting request gains one priority level per this many ms (no starvation). Default 100.
     pub priority_aging_ms: Option<u64>,
     /// Identical requests in flight at once run once and share the answer, for requests with
-    /// at most this many input bytes (hashing costs ~1 ms per MB). Default 256 KiB; 0 = off.
+    /// at most this many input bytes (hashing costs ~1 ms per MB, and arena inputs are copied
+    /// before hashing). Default 16 KiB; 0 = off.
     pub coalesce_max_bytes: Option<crate::config::ByteSize>,
     /// Result cache (LRU) size; 0 = off (default). Answers repeats without running.
     pub cache_bytes: Option<crate::config::ByteSize>,
@@ -114,6 +115,10 @@ impl ModelSettings {
         )
     }
 }
+
+/// Default `coalesce-max-bytes`: small requests, where identical ones are common and hashing
+/// is cheap.
+pub const DEFAULT_COALESCE_MAX: u64 = 16 << 10;
 
 /// Which versions of a model are served.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -1406,7 +1411,9 @@ impl Registry {
             self.model_metrics(name, version),
         );
         let coalescer = Coalescer::new(
-            settings.coalesce_max_bytes.map_or(256 << 10, |b| b.0),
+            settings
+                .coalesce_max_bytes
+                .map_or(DEFAULT_COALESCE_MAX, |b| b.0),
             settings.cache_bytes.map_or(0, |b| b.0),
         );
         Ok(LoadedModel {
