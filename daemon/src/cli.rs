@@ -59,6 +59,35 @@ pub enum Command {
     Serve(ServeOpts),
     /// Validate the configuration, print every problem, exit 78 if there is any.
     CheckConfig(ServeOpts),
+    /// Compress an ONNX model (offline): write OUT only if its accuracy report passes.
+    Compress(CompressOpts),
+}
+
+/// `rxd compress IN -o OUT --strategy S [--eval NAME=FILE.npy]...`
+#[derive(Debug, Clone, Args)]
+pub struct CompressOpts {
+    /// The model to compress.
+    #[arg(value_name = "IN.onnx")]
+    pub input: PathBuf,
+    /// Where to write the compressed model.
+    #[arg(long, short = 'o', value_name = "OUT.onnx")]
+    pub output: PathBuf,
+    /// none (a lossless round trip) or int8-weights (BatchNorm folding + per-channel INT8
+    /// weights of MatMul/Gemm/Conv).
+    #[arg(long, default_value = "int8-weights")]
+    pub strategy: String,
+    /// Evaluation inputs, NAME=FILE.npy (float32 or int64), once per model input.
+    #[arg(long = "eval", value_name = "NAME=FILE")]
+    pub eval: Vec<String>,
+    /// Refuse the result when a classifier-like output's top-1 agreement is below this.
+    #[arg(long, default_value_t = 0.99)]
+    pub min_top1: f64,
+    /// Refuse the result when an output's cosine similarity is below this.
+    #[arg(long, default_value_t = 0.99)]
+    pub min_cosine: f64,
+    /// ONNX Runtime library (otherwise ORT_DYLIB_PATH, then the bundled one).
+    #[arg(long, value_name = "FILE")]
+    pub ort_library: Option<PathBuf>,
 }
 
 /// Settings that may come from flags; each overrides the config file's key of the same name.

@@ -41,9 +41,99 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Some(Command::CheckConfig(opts)) => check_config(&opts),
+        Some(Command::Compress(opts)) => compress(&opts),
         Some(Command::Serve(opts)) => serve(&opts, activation),
         None => serve(&cli.opts, activation),
     }
+}
+
+/// `rxd compress`: compress, evaluate against the original, write only if the report passes.
+fn compress(opts: &rxd::cli::CompressOpts) -> ExitCode {
+    let fail = |code: u8, msg: String| {
+        eprintln!("rxd: compress: {msg}");
+        ExitCode::from(code)
+    };
+    let strategy: rxd_compress::Strategy = match opts.strategy.parse() {
+        Ok(s) => s,
+        Err(e) => return fail(exit::USAGE, e),
+    };
+    let bytes = match std::fs::read(&opts.input) {
+        Ok(b) => b,
+        Err(e) => return fail(exit::OSERR, format!("{}: {e}", opts.input.display())),
+    };
+    let (out, outcome) = match rxd_compress::compress(&bytes, strategy) {
+        Ok(r) => r,
+        Err(e) => return fail(70, format!("{}: {e}", opts.input.display())),
+    };
+    println!(
+        "{} weights converted, {} kept as they were",
+        outcome.converted.len(),
+        outcome.kept.len()
+    );
+    for (name, why) in &outcome.kept {
+        println!("  kept {name}: {why}");
+    }
+    let mut inputs = Vec::new();
+    for e in &opts.eval {
+        let Some((name, path)) = e.split_once('=') else {
+            return fail(exit::USAGE, format!("--eval '{e}' is not NAME=FILE.npy"));
+        };
+        match rxd_compress::report::read_npy(name, std::path::Path::new(path)) {
+            Ok(i) => inputs.push(i),
+            Err(e) => return fail(65, e),
+        }
+    }
+    if !inputs.is_empty() {
+        let lib = opts
+            .ort_library
+            .clone()
+            .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(Into::into))
+            .unwrap_or_else(|| config::BUNDLED_ORT_LIBRARY.into());
+        let env = match ort::init_from(&lib)
+            .map_err(|e| e.to_string())
+            .and_then(|b| {
+                b.with_name("rxd-compress")
+                    .build()
+                    .map_err(|e| e.to_string())
+            }) {
+            Ok(env) => env,
+            Err(e) => {
+                return fail(
+                    exit::CONFIG,
+                    format!("ONNX Runtime ({}): {e}", lib.display()),
+                );
+            }
+        };
+        let report = match rxd_compress::report::compare(&env, &bytes, &out, &inputs) {
+            Ok(r) => r,
+            Err(e) => return fail(1, e),
+        };
+        print!("{report}");
+        if report.min_top1() < opts.min_top1 || report.min_cosine() < opts.min_cosine {
+            return fail(
+                1,
+                format!(
+                    "refused: top-1 agreement {:.4} (minimum {}), cosine {:.6} (minimum {}); {} not written",
+                    report.min_top1(),
+                    opts.min_top1,
+                    report.min_cosine(),
+                    opts.min_cosine,
+                    opts.output.display()
+                ),
+            );
+        }
+    }
+    if let Err(e) = std::fs::write(&opts.output, &out) {
+        return fail(exit::OSERR, format!("{}: {e}", opts.output.display()));
+    }
+    println!(
+        "wrote {} ({} → {} bytes, {:.2}×)",
+        opts.output.display(),
+        bytes.len(),
+        out.len(),
+        out.len() as f64 / bytes.len().max(1) as f64
+    );
+    ExitCode::from(exit::OK)
 }
 
 fn check_config(opts: &ServeOpts) -> ExitCode {

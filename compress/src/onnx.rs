@@ -1,0 +1,234 @@
+//! The parts of ONNX's schema the compressor touches, as field numbers and helpers over
+//! [`Message`]s (onnx.proto: ModelProto, GraphProto, NodeProto, TensorProto, AttributeProto).
+//! Everything else stays raw and is written back unchanged.
+
+use crate::proto::{Error, Message, Value};
+
+pub mod model {
+    pub const IR_VERSION: u32 = 1;
+    pub const GRAPH: u32 = 7;
+    pub const OPSET_IMPORT: u32 = 8;
+}
+pub mod opset {
+    pub const DOMAIN: u32 = 1;
+    pub const VERSION: u32 = 2;
+}
+pub mod graph {
+    pub const NODE: u32 = 1;
+    pub const OUTPUT: u32 = 12;
+    pub const INITIALIZER: u32 = 5;
+    pub const INPUT: u32 = 11;
+}
+pub mod node {
+    pub const INPUT: u32 = 1;
+    pub const OUTPUT: u32 = 2;
+    pub const NAME: u32 = 3;
+    pub const OP_TYPE: u32 = 4;
+    pub const ATTRIBUTE: u32 = 5;
+    pub const DOMAIN: u32 = 7;
+}
+pub mod attr {
+    pub const NAME: u32 = 1;
+    pub const F: u32 = 2;
+    pub const I: u32 = 3;
+    pub const T: u32 = 5;
+    pub const TYPE: u32 = 20;
+    pub const TYPE_INT: u64 = 2;
+}
+pub mod tensor {
+    pub const DIMS: u32 = 1;
+    pub const DATA_TYPE: u32 = 2;
+    pub const FLOAT_DATA: u32 = 4;
+    pub const NAME: u32 = 8;
+    pub const RAW_DATA: u32 = 9;
+    pub const DATA_LOCATION: u32 = 14;
+    pub const FLOAT: u64 = 1;
+    pub const INT8: u64 = 3;
+}
+pub mod value_info {
+    pub const NAME: u32 = 1;
+}
+
+/// A model: the top-level message, with its graph parsed (the part that gets rewritten).
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub msg: Message,
+    pub graph: Message,
+}
+
+impl Model {
+    pub fn parse(bytes: &[u8]) -> Result<Model, Error> {
+        let msg = Message::parse(bytes)?;
+        let graph = msg
+            .message(model::GRAPH)?
+            .ok_or_else(|| Error("the model has no graph".into()))?;
+        Ok(Model { msg, graph })
+    }
+
+    /// The model as bytes, with the (possibly rewritten) graph in its place.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut msg = self.msg.clone();
+        msg.replace(model::GRAPH, vec![Value::Bytes(self.graph.encode())]);
+        msg.encode()
+    }
+
+    pub fn ir_version(&self) -> u64 {
+        self.msg.varint(model::IR_VERSION).unwrap_or(0)
+    }
+
+    pub fn set_ir_version(&mut self, v: u64) {
+        self.msg.replace(model::IR_VERSION, vec![Value::Varint(v)]);
+    }
+
+    /// The imported version of an operator domain ("" is the default ONNX domain).
+    pub fn opset(&self, domain: &str) -> Option<u64> {
+        self.msg
+            .messages(model::OPSET_IMPORT)
+            .ok()?
+            .into_iter()
+            .find(|o| {
+                let d = o.string(opset::DOMAIN);
+                d == domain || (domain.is_empty() && d == "ai.onnx")
+            })
+            .and_then(|o| o.varint(opset::VERSION))
+    }
+
+    /// Imports `domain` at `version` if it is not imported yet.
+    pub fn ensure_opset(&mut self, domain: &str, version: u64) {
+        if self.opset(domain).is_some() {
+            return;
+        }
+        let mut o = Message::default();
+        o.push_str(opset::DOMAIN, domain);
+        o.push(opset::VERSION, Value::Varint(version));
+        self.msg.push_message(model::OPSET_IMPORT, &o);
+    }
+}
+
+pub fn name_of(t: &Message) -> String {
+    t.string(tensor::NAME)
+}
+
+pub fn dims_of(t: &Message) -> Result<Vec<i64>, Error> {
+    Ok(t.varints(tensor::DIMS)?
+        .into_iter()
+        .map(|d| d as i64)
+        .collect())
+}
+
+/// A float tensor's values, if stored in the file (raw_data or float_data).
+pub fn f32_data(t: &Message) -> Result<Option<Vec<f32>>, Error> {
+    if t.varint(tensor::DATA_TYPE) != Some(tensor::FLOAT)
+        || t.varint(tensor::DATA_LOCATION) == Some(1)
+    {
+        return Ok(None);
+    }
+    if let Some(raw) = t.bytes(tensor::RAW_DATA) {
+        if raw.len() % 4 != 0 {
+            return Err(Error(format!(
+                "{}: raw_data is not whole floats",
+                name_of(t)
+            )));
+        }
+        return Ok(Some(
+            raw.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect(),
+        ));
+    }
+    Ok(Some(
+        t.fixed32s(tensor::FLOAT_DATA)?
+            .into_iter()
+            .map(f32::from_bits)
+            .collect(),
+    ))
+}
+
+/// A tensor initializer with raw data.
+pub fn make_tensor(name: &str, dims: &[i64], data_type: u64, raw: Vec<u8>) -> Message {
+    let mut t = Message::default();
+    for &d in dims {
+        t.push(tensor::DIMS, Value::Varint(d as u64));
+    }
+    t.push(tensor::DATA_TYPE, Value::Varint(data_type));
+    t.push_str(tensor::NAME, name);
+    t.push(tensor::RAW_DATA, Value::Bytes(raw));
+    t
+}
+
+pub fn op_type(n: &Message) -> String {
+    n.string(node::OP_TYPE)
+}
+
+pub fn inputs(n: &Message) -> Vec<String> {
+    n.strings(node::INPUT)
+}
+
+pub fn outputs(n: &Message) -> Vec<String> {
+    n.strings(node::OUTPUT)
+}
+
+/// An integer attribute of a node.
+pub fn int_attr(n: &Message, name: &str) -> Result<Option<i64>, Error> {
+    Ok(n.messages(node::ATTRIBUTE)?
+        .into_iter()
+        .find(|a| a.string(attr::NAME) == name)
+        .and_then(|a| a.varint(attr::I))
+        .map(|v| v as i64))
+}
+
+/// A float attribute of a node.
+pub fn float_attr(n: &Message, name: &str) -> Result<Option<f32>, Error> {
+    Ok(n.messages(node::ATTRIBUTE)?
+        .into_iter()
+        .find(|a| a.string(attr::NAME) == name)
+        .and_then(|a| {
+            a.all(attr::F).find_map(|v| match v {
+                Value::I32(x) => Some(f32::from_bits(*x)),
+                _ => None,
+            })
+        }))
+}
+
+/// A tensor attribute of a node (a Constant's `value`).
+pub fn tensor_attr(n: &Message, name: &str) -> Result<Option<Message>, Error> {
+    n.messages(node::ATTRIBUTE)?
+        .into_iter()
+        .find(|a| a.string(attr::NAME) == name)
+        .map(|a| a.message(attr::T))
+        .transpose()
+        .map(Option::flatten)
+}
+
+/// A node with integer attributes.
+pub fn make_node(
+    op: &str,
+    domain: &str,
+    name: &str,
+    inputs: &[&str],
+    outputs: &[&str],
+    ints: &[(&str, i64)],
+) -> Message {
+    let mut n = Message::default();
+    for i in inputs {
+        n.push_str(node::INPUT, i);
+    }
+    for o in outputs {
+        n.push_str(node::OUTPUT, o);
+    }
+    if !name.is_empty() {
+        n.push_str(node::NAME, name);
+    }
+    n.push_str(node::OP_TYPE, op);
+    for (k, v) in ints {
+        let mut a = Message::default();
+        a.push_str(attr::NAME, k);
+        a.push(attr::I, Value::Varint(*v as u64));
+        a.push(attr::TYPE, Value::Varint(attr::TYPE_INT));
+        n.push_message(node::ATTRIBUTE, &a);
+    }
+    if !domain.is_empty() {
+        n.push_str(node::DOMAIN, domain);
+    }
+    n
+}

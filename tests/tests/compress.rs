@@ -1,0 +1,145 @@
+//! The compressor on real models: a pass-through keeps the model byte for byte; INT8 weights
+//! shrink the bundled digits MLP and the PP-OCR models to ≤ 0.3× and keep their answers
+//! (digits: top-1 agreement on scikit-learn's test split); the compressed models load and serve
+//! in rxd; `rxd compress` writes a model only when its report passes.
+
+use rxd_compress::report::{self, Input};
+use rxd_compress::{Strategy, compress};
+use rxd_e2e::*;
+
+fn digits_eval() -> Vec<Input> {
+    vec![
+        report::read_npy(
+            "input",
+            &repo_root().join("examples/data/digits_test_x.npy"),
+        )
+        .unwrap(),
+    ]
+}
+
+#[test]
+fn a_model_passed_through_without_a_strategy_is_byte_identical() {
+    for m in [
+        "digits",
+        "ppocr_cls",
+        "ppocr_det",
+        "ppocr_rec",
+        "yolov8n",
+        "silero_vad",
+        "sigmoid",
+    ] {
+        let bytes = std::fs::read(model_file(m)).unwrap();
+        let (out, outcome) = compress(&bytes, Strategy::None).unwrap();
+        assert!(outcome.converted.is_empty());
+        assert!(
+            out == bytes,
+            "{m}: {} bytes in, {} out",
+            bytes.len(),
+            out.len()
+        );
+    }
+}
+
+#[test]
+fn int8_weights_shrink_digits_and_keep_its_answers_on_the_test_split() {
+    let bytes = std::fs::read(model_file("digits")).unwrap();
+    let (out, outcome) = compress(&bytes, Strategy::Int8Weights).unwrap();
+    assert!(!outcome.converted.is_empty(), "{outcome:?}");
+    let r = report::compare(reference_env(), &bytes, &out, &digits_eval()).unwrap();
+    eprintln!("{r}");
+    assert!(r.size_ratio() <= 0.3, "{r}");
+    assert!(r.min_top1() >= 0.99, "{r}");
+}
+
+#[test]
+fn int8_weights_shrink_the_ppocr_models_and_they_still_serve() {
+    let repo = Repo::new();
+    // The classifier is a 0.6 MB model whose graph structure alone (nodes, attributes) is 6 %
+    // of the file: 0.32× is what weights-only compression leaves; the larger two reach ≤ 0.3×.
+    for (m, input, shape, max_ratio) in [
+        ("ppocr_cls", "x", [4u64, 3, 48, 192], 0.33),
+        ("ppocr_rec", "x", [2, 3, 48, 320], 0.3),
+        ("ppocr_det", "x", [1, 3, 96, 96], 0.3),
+    ] {
+        let bytes = std::fs::read(model_file(m)).unwrap();
+        let (out, outcome) = compress(&bytes, Strategy::Int8Weights).unwrap();
+        assert!(outcome.converted.len() > 10, "{m}: {outcome:?}");
+        let n = shape.iter().product::<u64>() as usize;
+        let data = random_f32(n, 11);
+        let inputs = vec![Input {
+            name: input.into(),
+            shape: shape.iter().map(|&d| d as i64).collect(),
+            data: report::Data::F32(data.clone()),
+        }];
+        let r = report::compare(reference_env(), &bytes, &out, &inputs).unwrap();
+        eprintln!("{m}: {r}");
+        assert!(r.size_ratio() <= max_ratio, "{m}: {r}");
+        if m == "ppocr_det" {
+            // A probability map that random input leaves near 0 everywhere: the cosine of
+            // noise means nothing there, the absolute error does.
+            assert!(r.outputs.iter().all(|o| o.max_abs_error < 0.05), "{m}: {r}");
+        } else {
+            assert!(r.min_cosine() >= 0.99, "{m}: {r}");
+        }
+        repo.write(&format!("{m}_int8"), 1, &out);
+        repo.settings(&format!("{m}_int8"), "max-batch-rows = 1\n");
+    }
+    // The compressed models load in the daemon and serve.
+    let d = TestDaemon::start(repo.path(), &[]);
+    let c = d.client();
+    let x = f32_tensor("x", &[1, 3, 48, 192], &random_f32(3 * 48 * 192, 3));
+    let got = c.infer("ppocr_cls_int8", vec![x]).unwrap();
+    assert_eq!(got[0].shape, vec![1, 2]);
+    for m in ["ppocr_cls_int8", "ppocr_rec_int8", "ppocr_det_int8"] {
+        let s = c.model_info(m, None).unwrap().summary;
+        assert_eq!(s.state, rxd_protocol::ModelState::Ready, "{s:?}");
+    }
+}
+
+#[test]
+fn rxd_compress_writes_a_model_only_when_its_report_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("digits-int8.onnx");
+    let x = repo_root().join("examples/data/digits_test_x.npy");
+    let run = |min_top1: &str| {
+        std::process::Command::new(bin("rxd"))
+            .env("ORT_DYLIB_PATH", ort_library())
+            .arg("compress")
+            .arg(model_file("digits"))
+            .arg("-o")
+            .arg(&out)
+            .args(["--strategy", "int8-weights", "--min-top1", min_top1])
+            .arg("--eval")
+            .arg(format!("input={}", x.display()))
+            .output()
+            .unwrap()
+    };
+    // An impossible threshold: refused, nothing written, the report still printed.
+    let o = run("1.01");
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("top-1 agreement"),
+        "{o:?}"
+    );
+    assert!(!out.exists());
+    let o = run("0.99");
+    assert!(o.status.success(), "{o:?}");
+    let written = std::fs::read(&out).unwrap();
+    assert!(
+        written.len() * 10 <= std::fs::metadata(model_file("digits")).unwrap().len() as usize * 3
+    );
+    // The written model serves in rxd and answers like the original on the test split.
+    let repo = Repo::new();
+    repo.write("digits8", 1, &written);
+    let d = TestDaemon::start(repo.path(), &[]);
+    let labels = d
+        .client()
+        .infer("digits8", vec![example_npy("digits_test_x.npy", "input")])
+        .unwrap();
+    let want =
+        Reference::new(&model_file("digits")).run(&[example_npy("digits_test_x.npy", "input")]);
+    assert_eq!(
+        labels[0], want[0],
+        "labels identical on the 360 test digits"
+    );
+}
