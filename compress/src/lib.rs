@@ -6,6 +6,7 @@
 //! - [`proto`]: schema-less protobuf messages (lossless).
 //! - [`onnx`]: ONNX field numbers and helpers over messages.
 //! - [`fold`]: BatchNormalization folded into the Conv before it.
+//! - [`prune`]: the `prune:S` strategy (magnitude pruning to sparsity S).
 //! - [`quant`]: the `int8-weights` strategy (per-channel QDQ).
 //! - [`report`]: original vs compressed on the same inputs through ONNX Runtime.
 //!
@@ -15,40 +16,82 @@
 pub mod fold;
 pub mod onnx;
 pub mod proto;
+pub mod prune;
 pub mod quant;
 pub mod report;
 
-/// A compression strategy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Strategy {
-    /// Rewrite nothing (a lossless round trip).
-    None,
-    /// Per-channel symmetric INT8 weights of MatMul/Gemm/Conv (QDQ).
-    Int8Weights,
+/// A compression plan: strategies applied in order (`prune:0.5+int8-weights`).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Strategy {
+    /// Magnitude pruning to this sparsity of the MatMul/Gemm/Conv weights.
+    pub prune: Option<f64>,
+    /// BatchNorm folding + per-channel symmetric INT8 weights (QDQ).
+    pub int8_weights: bool,
+}
+
+impl Strategy {
+    /// Rewrite nothing: a lossless round trip.
+    pub const NONE: Strategy = Strategy {
+        prune: None,
+        int8_weights: false,
+    };
+    pub const INT8_WEIGHTS: Strategy = Strategy {
+        prune: None,
+        int8_weights: true,
+    };
 }
 
 impl std::str::FromStr for Strategy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "none" => Ok(Strategy::None),
-            "int8-weights" => Ok(Strategy::Int8Weights),
-            other => Err(format!(
-                "unknown strategy '{other}' (this build has: none, int8-weights)"
-            )),
+        let mut out = Strategy::NONE;
+        for part in s.split('+').map(str::trim) {
+            match part.split_once(':') {
+                None if part == "none" => {}
+                None if part == "int8-weights" => out.int8_weights = true,
+                Some(("prune", x)) => {
+                    let v: f64 = x
+                        .parse()
+                        .ok()
+                        .filter(|v: &f64| (0.0..1.0).contains(v))
+                        .ok_or_else(|| {
+                            format!("prune:{x}: the sparsity is a fraction in [0, 1)")
+                        })?;
+                    out.prune = Some(v);
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown strategy '{part}' (this build has: none, int8-weights, prune:S, \
+                         combined with +)"
+                    ));
+                }
+            }
         }
+        Ok(out)
     }
 }
 
-/// Compresses model bytes with `strategy`: the new bytes and what was converted.
-pub fn compress(bytes: &[u8], strategy: Strategy) -> Result<(Vec<u8>, quant::Outcome), String> {
+/// What a compression did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Outcome {
+    pub quant: quant::Outcome,
+    pub pruned: Option<prune::Pruned>,
+    pub batchnorms_folded: usize,
+}
+
+/// Compresses model bytes with `strategy`: the new bytes and what was done.
+pub fn compress(bytes: &[u8], strategy: Strategy) -> Result<(Vec<u8>, Outcome), String> {
     let mut model = onnx::Model::parse(bytes).map_err(|e| e.to_string())?;
-    let outcome = match strategy {
-        Strategy::None => quant::Outcome::default(),
-        Strategy::Int8Weights => {
-            fold::fold_batchnorm(&mut model).map_err(|e| e.to_string())?;
-            quant::int8_weights(&mut model).map_err(|e| e.to_string())?
-        }
-    };
-    Ok((model.encode(), outcome))
+    let mut out = Outcome::default();
+    if strategy.int8_weights {
+        out.batchnorms_folded = fold::fold_batchnorm(&mut model).map_err(|e| e.to_string())?;
+    }
+    if let Some(s) = strategy.prune {
+        out.pruned = Some(prune::prune(&mut model, s).map_err(|e| e.to_string())?);
+    }
+    if strategy.int8_weights {
+        out.quant = quant::int8_weights(&mut model).map_err(|e| e.to_string())?;
+    }
+    // Always re-encoded, also for `none`: that is the lossless round trip the tests check.
+    Ok((model.encode(), out))
 }

@@ -65,12 +65,27 @@ fn compress(opts: &rxd::cli::CompressOpts) -> ExitCode {
         Ok(r) => r,
         Err(e) => return fail(70, format!("{}: {e}", opts.input.display())),
     };
+    if outcome.batchnorms_folded > 0 {
+        println!(
+            "{} BatchNormalization nodes folded into their Conv",
+            outcome.batchnorms_folded
+        );
+    }
+    if let Some(p) = &outcome.pruned {
+        println!(
+            "pruned {} weight tensors: {} of {} entries are exact zeros ({:.1} %)",
+            p.tensors,
+            p.zeros,
+            p.elements,
+            p.sparsity() * 100.0
+        );
+    }
     println!(
-        "{} weights converted, {} kept as they were",
-        outcome.converted.len(),
-        outcome.kept.len()
+        "{} weights converted to INT8, {} kept as they were",
+        outcome.quant.converted.len(),
+        outcome.quant.kept.len()
     );
-    for (name, why) in &outcome.kept {
+    for (name, why) in &outcome.quant.kept {
         println!("  kept {name}: {why}");
     }
     let mut inputs = Vec::new();

@@ -29,8 +29,8 @@ fn a_model_passed_through_without_a_strategy_is_byte_identical() {
         "sigmoid",
     ] {
         let bytes = std::fs::read(model_file(m)).unwrap();
-        let (out, outcome) = compress(&bytes, Strategy::None).unwrap();
-        assert!(outcome.converted.is_empty());
+        let (out, outcome) = compress(&bytes, Strategy::NONE).unwrap();
+        assert!(outcome.quant.converted.is_empty());
         assert!(
             out == bytes,
             "{m}: {} bytes in, {} out",
@@ -43,8 +43,8 @@ fn a_model_passed_through_without_a_strategy_is_byte_identical() {
 #[test]
 fn int8_weights_shrink_digits_and_keep_its_answers_on_the_test_split() {
     let bytes = std::fs::read(model_file("digits")).unwrap();
-    let (out, outcome) = compress(&bytes, Strategy::Int8Weights).unwrap();
-    assert!(!outcome.converted.is_empty(), "{outcome:?}");
+    let (out, outcome) = compress(&bytes, Strategy::INT8_WEIGHTS).unwrap();
+    assert!(!outcome.quant.converted.is_empty(), "{outcome:?}");
     let r = report::compare(reference_env(), &bytes, &out, &digits_eval()).unwrap();
     eprintln!("{r}");
     assert!(r.size_ratio() <= 0.3, "{r}");
@@ -62,8 +62,8 @@ fn int8_weights_shrink_the_ppocr_models_and_they_still_serve() {
         ("ppocr_det", "x", [1, 3, 96, 96], 0.3),
     ] {
         let bytes = std::fs::read(model_file(m)).unwrap();
-        let (out, outcome) = compress(&bytes, Strategy::Int8Weights).unwrap();
-        assert!(outcome.converted.len() > 10, "{m}: {outcome:?}");
+        let (out, outcome) = compress(&bytes, Strategy::INT8_WEIGHTS).unwrap();
+        assert!(outcome.quant.converted.len() > 10, "{m}: {outcome:?}");
         let n = shape.iter().product::<u64>() as usize;
         let data = random_f32(n, 11);
         let inputs = vec![Input {
@@ -142,4 +142,47 @@ fn rxd_compress_writes_a_model_only_when_its_report_passes() {
         labels[0], want[0],
         "labels identical on the 360 test digits"
     );
+}
+
+#[test]
+fn pruning_to_half_sparsity_is_measured_and_its_accuracy_change_reported() {
+    let bytes = std::fs::read(model_file("digits")).unwrap();
+    let strategy: Strategy = "prune:0.5".parse().unwrap();
+    let (out, outcome) = compress(&bytes, strategy).unwrap();
+    let p = outcome.pruned.unwrap();
+    assert!(p.tensors >= 2, "{p:?}");
+    assert!(p.sparsity() >= 0.5, "{p:?}");
+    // Measured in the written model: the pruned weights really are exact zeros.
+    let model = rxd_compress::onnx::Model::parse(&out).unwrap();
+    let mut zeros = 0;
+    let mut total = 0;
+    for t in model
+        .graph
+        .messages(rxd_compress::onnx::graph::INITIALIZER)
+        .unwrap()
+    {
+        let v = rxd_compress::onnx::f32_data(&t)
+            .unwrap()
+            .unwrap_or_default();
+        if v.len() >= rxd_compress::quant::MIN_ELEMENTS {
+            zeros += v.iter().filter(|x| **x == 0.0).count();
+            total += v.len();
+        }
+    }
+    // The file really holds that many exact zeros (counted over every large tensor, so the
+    // pruned weights plus biases that were left alone).
+    assert!(
+        zeros as u64 >= p.zeros && p.zeros * 2 >= p.elements,
+        "{zeros} of {total}, {p:?}"
+    );
+    let r = report::compare(reference_env(), &bytes, &out, &digits_eval()).unwrap();
+    eprintln!("prune 50 %: {r}");
+    assert!(r.min_top1() > 0.5, "{r}");
+    // Combined with INT8: the zeros stay exact, the file shrinks like INT8 alone.
+    let both: Strategy = "prune:0.5+int8-weights".parse().unwrap();
+    let (small, outcome) = compress(&bytes, both).unwrap();
+    assert!(!outcome.quant.converted.is_empty());
+    assert!(small.len() * 10 <= bytes.len() * 3);
+    assert!("prune:1.5".parse::<Strategy>().is_err());
+    assert!("fp17".parse::<Strategy>().is_err());
 }
