@@ -5,6 +5,8 @@
 //! # Layout
 //! - [`proto`]: schema-less protobuf messages (lossless).
 //! - [`onnx`]: ONNX field numbers and helpers over messages.
+//! - [`dynamic`]: the `dynamic-int8` strategy (MatMulInteger with activations quantized at
+//!   run time).
 //! - [`fold`]: BatchNormalization folded into the Conv before it.
 //! - [`prune`]: the `prune:S` strategy (magnitude pruning to sparsity S).
 //! - [`quant`]: the `int8-weights` strategy (per-channel QDQ).
@@ -13,6 +15,7 @@
 //! Boundary: no sockets, no daemon state; `rxd compress` is the command-line face.
 #![deny(unsafe_code)]
 
+pub mod dynamic;
 pub mod fold;
 pub mod onnx;
 pub mod proto;
@@ -27,6 +30,9 @@ pub struct Strategy {
     pub prune: Option<f64>,
     /// BatchNorm folding + per-channel symmetric INT8 weights (QDQ).
     pub int8_weights: bool,
+    /// MatMul with INT8 weights and activations quantized at run time (MatMulInteger); runs
+    /// before `int8_weights`, which then handles the Conv/Gemm weights left.
+    pub dynamic_int8: bool,
 }
 
 impl Strategy {
@@ -34,10 +40,12 @@ impl Strategy {
     pub const NONE: Strategy = Strategy {
         prune: None,
         int8_weights: false,
+        dynamic_int8: false,
     };
     pub const INT8_WEIGHTS: Strategy = Strategy {
         prune: None,
         int8_weights: true,
+        dynamic_int8: false,
     };
 }
 
@@ -49,6 +57,7 @@ impl std::str::FromStr for Strategy {
             match part.split_once(':') {
                 None if part == "none" => {}
                 None if part == "int8-weights" => out.int8_weights = true,
+                None if part == "dynamic-int8" => out.dynamic_int8 = true,
                 Some(("prune", x)) => {
                     let v: f64 = x
                         .parse()
@@ -61,8 +70,8 @@ impl std::str::FromStr for Strategy {
                 }
                 _ => {
                     return Err(format!(
-                        "unknown strategy '{part}' (this build has: none, int8-weights, prune:S, \
-                         combined with +)"
+                        "unknown strategy '{part}' (this build has: none, int8-weights, \
+                         dynamic-int8, prune:S, combined with +)"
                     ));
                 }
             }
@@ -77,6 +86,7 @@ pub struct Outcome {
     pub quant: quant::Outcome,
     pub pruned: Option<prune::Pruned>,
     pub batchnorms_folded: usize,
+    pub dynamic: dynamic::Dynamic,
 }
 
 /// Compresses model bytes with `strategy`: the new bytes and what was done.
@@ -88,6 +98,9 @@ pub fn compress(bytes: &[u8], strategy: Strategy) -> Result<(Vec<u8>, Outcome), 
     }
     if let Some(s) = strategy.prune {
         out.pruned = Some(prune::prune(&mut model, s).map_err(|e| e.to_string())?);
+    }
+    if strategy.dynamic_int8 {
+        out.dynamic = dynamic::dynamic_int8(&mut model).map_err(|e| e.to_string())?;
     }
     if strategy.int8_weights {
         out.quant = quant::int8_weights(&mut model).map_err(|e| e.to_string())?;

@@ -73,8 +73,9 @@ pub struct CompressOpts {
     #[arg(long, short = 'o', value_name = "OUT.onnx")]
     pub output: PathBuf,
     /// none (a lossless round trip), int8-weights (BatchNorm folding + per-channel INT8
-    /// weights of MatMul/Gemm/Conv), prune:S (magnitude pruning to sparsity S), combined
-    /// with + (prune:0.5+int8-weights).
+    /// weights of MatMul/Gemm/Conv), dynamic-int8 (MatMul as MatMulInteger with activations
+    /// quantized at run time), prune:S (magnitude pruning to sparsity S), combined with +
+    /// (prune:0.5+int8-weights).
     #[arg(long, default_value = "int8-weights")]
     pub strategy: String,
     /// Evaluation inputs, NAME=FILE.npy (float32 or int64), once per model input.

@@ -80,6 +80,12 @@ fn compress(opts: &rxd::cli::CompressOpts) -> ExitCode {
             p.sparsity() * 100.0
         );
     }
+    if !outcome.dynamic.converted.is_empty() {
+        println!(
+            "{} MatMul weights converted to dynamic INT8 (MatMulInteger)",
+            outcome.dynamic.converted.len()
+        );
+    }
     println!(
         "{} weights converted to INT8, {} kept as they were",
         outcome.quant.converted.len(),

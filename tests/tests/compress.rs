@@ -186,3 +186,24 @@ fn pruning_to_half_sparsity_is_measured_and_its_accuracy_change_reported() {
     assert!("prune:1.5".parse::<Strategy>().is_err());
     assert!("fp17".parse::<Strategy>().is_err());
 }
+
+#[test]
+fn dynamic_int8_runs_the_digits_mlp_with_integer_matmuls_and_keeps_its_answers() {
+    let bytes = std::fs::read(model_file("digits")).unwrap();
+    let (out, outcome) = compress(&bytes, "dynamic-int8".parse().unwrap()).unwrap();
+    assert_eq!(outcome.dynamic.converted.len(), 3, "{outcome:?}");
+    let model = rxd_compress::onnx::Model::parse(&out).unwrap();
+    let ops: Vec<String> = model
+        .graph
+        .messages(rxd_compress::onnx::graph::NODE)
+        .unwrap()
+        .iter()
+        .map(rxd_compress::onnx::op_type)
+        .collect();
+    assert_eq!(ops.iter().filter(|o| *o == "MatMulInteger").count(), 3);
+    assert!(!ops.iter().any(|o| o == "MatMul"));
+    let r = report::compare(reference_env(), &bytes, &out, &digits_eval()).unwrap();
+    eprintln!("dynamic-int8: {r}");
+    assert!(r.size_ratio() <= 0.3, "{r}");
+    assert!(r.min_top1() >= 0.99, "{r}");
+}
