@@ -8,6 +8,7 @@
 //! - [`dynamic`]: the `dynamic-int8` strategy (MatMulInteger with activations quantized at
 //!   run time).
 //! - [`fold`]: BatchNormalization folded into the Conv before it.
+//! - [`half`]: the `fp16` strategy (float16 weights cast back to float).
 //! - [`prune`]: the `prune:S` strategy (magnitude pruning to sparsity S).
 //! - [`quant`]: the `int8-weights` strategy (per-channel QDQ).
 //! - [`report`]: original vs compressed on the same inputs through ONNX Runtime.
@@ -17,6 +18,7 @@
 
 pub mod dynamic;
 pub mod fold;
+pub mod half;
 pub mod onnx;
 pub mod proto;
 pub mod prune;
@@ -33,6 +35,8 @@ pub struct Strategy {
     /// MatMul with INT8 weights and activations quantized at run time (MatMulInteger); runs
     /// before `int8_weights`, which then handles the Conv/Gemm weights left.
     pub dynamic_int8: bool,
+    /// Remaining float weights stored as float16 (cast back to float when loaded).
+    pub fp16: bool,
 }
 
 impl Strategy {
@@ -41,11 +45,13 @@ impl Strategy {
         prune: None,
         int8_weights: false,
         dynamic_int8: false,
+        fp16: false,
     };
     pub const INT8_WEIGHTS: Strategy = Strategy {
         prune: None,
         int8_weights: true,
         dynamic_int8: false,
+        fp16: false,
     };
 }
 
@@ -58,6 +64,7 @@ impl std::str::FromStr for Strategy {
                 None if part == "none" => {}
                 None if part == "int8-weights" => out.int8_weights = true,
                 None if part == "dynamic-int8" => out.dynamic_int8 = true,
+                None if part == "fp16" => out.fp16 = true,
                 Some(("prune", x)) => {
                     let v: f64 = x
                         .parse()
@@ -71,7 +78,7 @@ impl std::str::FromStr for Strategy {
                 _ => {
                     return Err(format!(
                         "unknown strategy '{part}' (this build has: none, int8-weights, \
-                         dynamic-int8, prune:S, combined with +)"
+                         dynamic-int8, fp16, prune:S, combined with +)"
                     ));
                 }
             }
@@ -87,6 +94,7 @@ pub struct Outcome {
     pub pruned: Option<prune::Pruned>,
     pub batchnorms_folded: usize,
     pub dynamic: dynamic::Dynamic,
+    pub fp16_tensors: usize,
 }
 
 /// Compresses model bytes with `strategy`: the new bytes and what was done.
@@ -104,6 +112,9 @@ pub fn compress(bytes: &[u8], strategy: Strategy) -> Result<(Vec<u8>, Outcome), 
     }
     if strategy.int8_weights {
         out.quant = quant::int8_weights(&mut model).map_err(|e| e.to_string())?;
+    }
+    if strategy.fp16 {
+        out.fp16_tensors = half::fp16(&mut model).map_err(|e| e.to_string())?;
     }
     // Always re-encoded, also for `none`: that is the lossless round trip the tests check.
     Ok((model.encode(), out))

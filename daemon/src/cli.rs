@@ -74,7 +74,8 @@ pub struct CompressOpts {
     pub output: PathBuf,
     /// none (a lossless round trip), int8-weights (BatchNorm folding + per-channel INT8
     /// weights of MatMul/Gemm/Conv), dynamic-int8 (MatMul as MatMulInteger with activations
-    /// quantized at run time), prune:S (magnitude pruning to sparsity S), combined with +
+    /// quantized at run time), fp16 (float weights stored as float16), prune:S (magnitude
+    /// pruning to sparsity S), combined with +
     /// (prune:0.5+int8-weights).
     #[arg(long, default_value = "int8-weights")]
     pub strategy: String,

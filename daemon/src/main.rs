@@ -86,6 +86,9 @@ fn compress(opts: &rxd::cli::CompressOpts) -> ExitCode {
             outcome.dynamic.converted.len()
         );
     }
+    if outcome.fp16_tensors > 0 {
+        println!("{} float tensors stored as float16", outcome.fp16_tensors);
+    }
     println!(
         "{} weights converted to INT8, {} kept as they were",
         outcome.quant.converted.len(),

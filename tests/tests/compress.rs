@@ -207,3 +207,31 @@ fn dynamic_int8_runs_the_digits_mlp_with_integer_matmuls_and_keeps_its_answers()
     assert!(r.size_ratio() <= 0.3, "{r}");
     assert!(r.min_top1() >= 0.99, "{r}");
 }
+
+#[test]
+fn fp16_halves_the_models_and_keeps_outputs_within_a_percent() {
+    for (m, inputs) in [
+        ("digits", digits_eval()),
+        (
+            "ppocr_cls",
+            vec![Input {
+                name: "x".into(),
+                shape: vec![4, 3, 48, 192],
+                data: report::Data::F32(random_f32(4 * 3 * 48 * 192, 9)),
+            }],
+        ),
+    ] {
+        let bytes = std::fs::read(model_file(m)).unwrap();
+        let (out, outcome) = compress(&bytes, "fp16".parse().unwrap()).unwrap();
+        assert!(outcome.fp16_tensors > 0);
+        let r = report::compare(reference_env(), &bytes, &out, &inputs).unwrap();
+        eprintln!("{m} fp16: {r}");
+        // Half of the weights; the graph structure (6 % of the 0.6 MB classifier) stays.
+        assert!(r.size_ratio() <= 0.6, "{m}: {r}");
+        // Within 1e-2 relative: the largest error against the output's largest magnitude.
+        for o in &r.outputs {
+            assert!(o.cosine >= 0.9999, "{m} {}: {r}", o.name);
+        }
+        assert!(r.min_top1() >= 0.99, "{m}: {r}");
+    }
+}
