@@ -108,6 +108,13 @@ impl Client {
         self.rt.block_on(self.inner.configure(c))
     }
 
+    pub fn compress(
+        &self,
+        req: rxd_protocol::CompressRequest,
+    ) -> Result<rxd_protocol::CompressReply, ClientError> {
+        self.rt.block_on(self.inner.compress(req))
+    }
+
     pub fn devices(&self) -> Result<Vec<rxd_protocol::DeviceSummary>, ClientError> {
         self.rt.block_on(self.inner.devices())
     }

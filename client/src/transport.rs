@@ -505,6 +505,17 @@ impl Client {
         }
     }
 
+    /// Admin: compress a repository model into a new version (published if its report passes).
+    pub async fn compress(
+        &self,
+        req: rxd_protocol::CompressRequest,
+    ) -> Result<rxd_protocol::CompressReply, ClientError> {
+        match self.request(Request::Compress(req)).await? {
+            Reply::Compress(r) => Ok(r),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Devices with their memory budgets and resident models.
     pub async fn devices(&self) -> Result<Vec<rxd_protocol::DeviceSummary>, ClientError> {
         match self.request(Request::Devices).await? {

@@ -103,6 +103,13 @@ pub async fn handle(
             devices: shared.registry.devices(),
         }),
         Request::Metrics => Reply::Metrics(Box::new(metrics(shared))),
+        Request::Compress(c) => {
+            let s = shared.clone();
+            let reply = tokio::task::spawn_blocking(move || crate::compression::compress(&s, &c))
+                .await
+                .map_err(|e| RequestError::Internal(e.to_string()))??;
+            Reply::Compress(reply)
+        }
         Request::Configure(c) => {
             rxd_protocol::check_name(&c.model)?;
             let s = shared.clone();

@@ -13,6 +13,7 @@
 //! - [`validate`]: checks a request's tensors against a model's signature.
 //! - [`runtime`]: ONNX Runtime — library loading, sessions, worker threads. Nothing outside
 //!   it calls ORT.
+//! - [`compression`]: `rxctl model compress` — compress a repository model into a new version.
 //! - [`coalesce`]: identical-request coalescing and the result cache.
 //! - [`metrics`]: global counters, per-model distributions and rates, process figures.
 //! - [`exporter`]: the optional loopback HTTP `/metrics` endpoint for Prometheus.
@@ -25,6 +26,7 @@
 pub mod budget;
 pub mod cli;
 pub mod coalesce;
+pub mod compression;
 pub mod config;
 pub mod connection;
 pub mod dispatch;

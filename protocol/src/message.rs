@@ -96,6 +96,51 @@ pub enum Request {
     Metrics,
     /// Admin: change a loaded version's settings at run time.
     Configure(Configure),
+    /// Admin: compress a repository model into a new version, published only when its
+    /// accuracy report passes.
+    Compress(CompressRequest),
+}
+
+/// Compress `model` (version: default) with `strategy` into version N+1.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompressRequest {
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// As `rxd compress --strategy`: `int8-weights`, `dynamic-int8`, `fp16`, `prune:S`,
+    /// combined with `+`.
+    pub strategy: String,
+    /// Evaluation inputs (inline tensors, one per model input). Empty: random inputs of the
+    /// model's shapes (dynamic dimensions 1), which check agreement but not task accuracy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub eval: Vec<Tensor>,
+    /// Thresholds; defaults 0.99.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_top1: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_cosine: Option<f64>,
+    /// Only report; write nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// What a compression did and whether the new version was published.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompressReply {
+    pub model: String,
+    pub from_version: u64,
+    /// The version written, when the report passed (and it was not a dry run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published: Option<u64>,
+    pub size_before: u64,
+    pub size_after: u64,
+    pub latency_ms_before: f64,
+    pub latency_ms_after: f64,
+    pub min_top1: f64,
+    pub min_cosine: f64,
+    /// The report in words (per output errors, cosine, top-1; what was converted).
+    pub report: String,
+    pub passed: bool,
 }
 
 /// Run-time changes to a model version's settings; absent fields stay as they are.
@@ -151,6 +196,7 @@ impl Request {
             Request::Devices => "devices",
             Request::Metrics => "metrics",
             Request::Configure(_) => "configure",
+            Request::Compress(_) => "compress",
         }
     }
 
@@ -164,6 +210,7 @@ impl Request {
                 | Request::Pin(_)
                 | Request::Unpin(_)
                 | Request::Configure(_)
+                | Request::Compress(_)
         )
     }
 }
@@ -416,6 +463,7 @@ pub enum Reply {
     Devices(DeviceList),
     Metrics(Box<crate::metrics::MetricsReport>),
     Configure(crate::metrics::ModelSettingsView),
+    Compress(CompressReply),
 }
 
 /// Every device with its memory budget.

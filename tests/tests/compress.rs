@@ -235,3 +235,64 @@ fn fp16_halves_the_models_and_keeps_outputs_within_a_percent() {
         assert!(r.min_top1() >= 0.99, "{m}: {r}");
     }
 }
+
+#[test]
+fn rxctl_model_compress_publishes_a_new_version_only_when_the_report_passes() {
+    let repo = Repo::new();
+    repo.link("digits", 1, "digits");
+    let d = TestDaemon::start(repo.path(), &[]);
+    let x = repo_root().join("examples/data/digits_test_x.npy");
+    let eval = format!("input={}", x.display());
+    // Thresholds it cannot meet: a report, no new version.
+    let out = d.rxctl(&[
+        "model",
+        "compress",
+        "digits",
+        "--strategy",
+        "prune:0.5",
+        "-i",
+        &eval,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("not published"),
+        "{out:?}"
+    );
+    assert!(!repo.path().join("digits/2").exists());
+    // A dry run reports and writes nothing.
+    let out = d.rxctl(&["model", "compress", "digits", "-i", &eval, "--dry-run"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!repo.path().join("digits/2").exists());
+    // INT8 weights pass: version 2 is written, loaded and served by default; version 1 stays.
+    let out = d.rxctl(&[
+        "model",
+        "compress",
+        "digits",
+        "--strategy",
+        "int8-weights",
+        "-i",
+        &eval,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("published as version 2"),
+        "{out:?}"
+    );
+    assert!(repo.path().join("digits/1/model.onnx").exists());
+    let c = d.client();
+    let digit = example_npy("digit.npy", "input");
+    let reply = c
+        .infer_request(rxd_protocol::InferRequest::new(
+            "digits",
+            vec![digit.clone()],
+        ))
+        .unwrap();
+    assert_eq!(reply.version, 2);
+    let want = Reference::new(&model_file("digits")).run(std::slice::from_ref(&digit));
+    assert_eq!(reply.outputs[0], want[0], "same label as the original");
+    let size2 = std::fs::metadata(repo.path().join("digits/2/model.onnx"))
+        .unwrap()
+        .len();
+    let size1 = std::fs::metadata(model_file("digits")).unwrap().len();
+    assert!(size2 * 10 <= size1 * 3, "{size2} vs {size1}");
+}

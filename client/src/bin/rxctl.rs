@@ -189,12 +189,39 @@ enum Cmd {
         #[arg(long)]
         persist: bool,
     },
+    /// Model operations.
+    #[command(subcommand)]
+    Model(ModelCmd),
     /// Live view: models, req/s, p50/p99, batch size, queue, memory per device, cache hit
     /// rate; refreshed every second; q, Esc or Ctrl-C quits.
     Top {
         /// Refresh interval in ms.
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelCmd {
+    /// Admin: compress a repository model into a new version; the daemon evaluates it against
+    /// the original with ONNX Runtime and publishes it only if the report passes.
+    Compress {
+        model: String,
+        #[arg(long)]
+        version: Option<u64>,
+        /// int8-weights, dynamic-int8, fp16, prune:S, combined with +.
+        #[arg(long, default_value = "int8-weights")]
+        strategy: String,
+        /// Evaluation inputs NAME=FILE.npy (default: random inputs of the model's shapes).
+        #[arg(long = "eval", short = 'i', value_name = "NAME=FILE")]
+        eval: Vec<String>,
+        #[arg(long)]
+        min_top1: Option<f64>,
+        #[arg(long)]
+        min_cosine: Option<f64>,
+        /// Report only; publish nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -577,6 +604,53 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
                 );
             }
             Ok(0)
+        }
+        Cmd::Model(ModelCmd::Compress {
+            model,
+            version,
+            strategy,
+            eval,
+            min_top1,
+            min_cosine,
+            dry_run,
+        }) => {
+            let eval = read_inputs(eval)?;
+            // A progress line while the daemon compresses and evaluates (on a terminal).
+            let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let spinner = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+                let done = done.clone();
+                std::thread::spawn(move || {
+                    let t = std::time::Instant::now();
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        eprint!(
+                            "\rcompressing and evaluating… {:.0} s",
+                            t.elapsed().as_secs_f64()
+                        );
+                        std::thread::sleep(std::time::Duration::from_millis(200));
+                    }
+                    eprint!("\r\x1b[K");
+                })
+            });
+            let r = client.compress(rxd_client::protocol::CompressRequest {
+                model: model.clone(),
+                version: *version,
+                strategy: strategy.clone(),
+                eval,
+                min_top1: *min_top1,
+                min_cosine: *min_cosine,
+                dry_run: *dry_run,
+            });
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(s) = spinner {
+                let _ = s.join();
+            }
+            let r = r?;
+            if cli.json {
+                print_json(&r);
+            } else {
+                print!("{}", r.report);
+            }
+            Ok(if r.passed { 0 } else { code::SERVER_ERROR })
         }
         Cmd::Devices => {
             let devices = client.devices()?;

@@ -174,6 +174,11 @@ impl Runtime {
         &self.library
     }
 
+    /// The ORT environment (for the compressor's accuracy report).
+    pub fn env(&self) -> &Environment {
+        &self.env
+    }
+
     /// ONNX Runtime's version, e.g. `1.31.1`.
     pub fn version(&self) -> &str {
         &self.version

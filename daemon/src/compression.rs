@@ -1,0 +1,171 @@
+//! `rxctl model compress`: compresses a repository model into a new version with the
+//! compressor (`rxd-compress`), evaluates it against the original with ONNX Runtime, and
+//! publishes it as `<repository>/<model>/<N+1>/model.onnx` only when the report passes — then
+//! reloads the repository so the new version is served (the original stays on disk).
+//! Boundary: file writes only inside the model's directory; blocking (callers use
+//! `spawn_blocking`).
+
+use rxd_compress::report::{Data, Input};
+use rxd_protocol::{CompressReply, CompressRequest, DType, TensorData};
+
+use crate::SharedRef;
+use crate::error::RequestError;
+
+fn bad(m: String) -> RequestError {
+    RequestError::Wire(rxd_protocol::WireError::new(
+        rxd_protocol::ErrorCode::InvalidRequest,
+        m,
+    ))
+}
+
+/// Evaluation inputs: the request's tensors, or random ones of the model's shapes.
+fn inputs(
+    shared: &SharedRef,
+    req: &CompressRequest,
+    version: u64,
+) -> Result<Vec<Input>, RequestError> {
+    if !req.eval.is_empty() {
+        return req
+            .eval
+            .iter()
+            .map(|t| {
+                let TensorData::Inline(bytes) = &t.data else {
+                    return Err(bad("evaluation tensors must be inline".into()));
+                };
+                let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+                let data = match t.dtype {
+                    DType::Float32 => Data::F32(
+                        bytes
+                            .chunks_exact(4)
+                            .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
+                            .collect(),
+                    ),
+                    DType::Int64 => Data::I64(
+                        bytes
+                            .chunks_exact(8)
+                            .map(|c| i64::from_le_bytes(c.try_into().expect("8")))
+                            .collect(),
+                    ),
+                    other => {
+                        return Err(bad(format!(
+                            "evaluation input '{}': {other:?} is not supported",
+                            t.name
+                        )));
+                    }
+                };
+                Ok(Input {
+                    name: t.name.clone(),
+                    shape,
+                    data,
+                })
+            })
+            .collect();
+    }
+    let info = shared.registry.info(&req.model, Some(version))?;
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    info.inputs
+        .iter()
+        .map(|spec| {
+            let shape: Vec<i64> = spec
+                .dims
+                .iter()
+                .map(|&d| if d < 0 { 1 } else { d })
+                .collect();
+            let n: usize = shape.iter().map(|&d| d as usize).product();
+            let data = match spec.dtype {
+                DType::Float32 => Data::F32(
+                    (0..n)
+                        .map(|_| {
+                            seed ^= seed << 13;
+                            seed ^= seed >> 7;
+                            seed ^= seed << 17;
+                            (seed >> 40) as f32 / (1u64 << 24) as f32
+                        })
+                        .collect(),
+                ),
+                DType::Int64 => Data::I64(vec![0; n]),
+                other => {
+                    return Err(bad(format!(
+                        "input '{}' is {other:?}: give evaluation inputs",
+                        spec.name
+                    )));
+                }
+            };
+            Ok(Input {
+                name: spec.name.clone(),
+                shape,
+                data,
+            })
+        })
+        .collect()
+}
+
+/// Compresses, evaluates, and publishes when the report passes. Blocking.
+pub fn compress(shared: &SharedRef, req: &CompressRequest) -> Result<CompressReply, RequestError> {
+    rxd_protocol::check_name(&req.model)?;
+    let strategy: rxd_compress::Strategy = req.strategy.parse().map_err(bad)?;
+    // The version compressed: the one named, or the default one (loaded if needed).
+    let loaded = shared.registry.load(&req.model, req.version)?;
+    let version = loaded.version;
+    let dir = shared.registry.root().join(&req.model);
+    let path = dir.join(version.to_string()).join("model.onnx");
+    let bytes = std::fs::read(&path)
+        .map_err(|e| RequestError::Internal(format!("{}: {e}", path.display())))?;
+    let (out, outcome) = rxd_compress::compress(&bytes, strategy).map_err(bad)?;
+    let inputs = inputs(shared, req, version)?;
+    let report =
+        rxd_compress::report::compare(shared.registry.runtime().env(), &bytes, &out, &inputs)
+            .map_err(|e| RequestError::Internal(format!("evaluation failed: {e}")))?;
+    let (min_top1, min_cosine) = (req.min_top1.unwrap_or(0.99), req.min_cosine.unwrap_or(0.99));
+    let passed = report.min_top1() >= min_top1 && report.min_cosine() >= min_cosine;
+    let mut text = format!(
+        "{} weights to INT8 (QDQ), {} MatMuls to dynamic INT8, {} tensors to fp16, {} BatchNorms folded{}\n{report}",
+        outcome.quant.converted.len(),
+        outcome.dynamic.converted.len(),
+        outcome.fp16_tensors,
+        outcome.batchnorms_folded,
+        outcome
+            .pruned
+            .as_ref()
+            .map(|p| format!(", pruned to {:.1} % zeros", p.sparsity() * 100.0))
+            .unwrap_or_default()
+    );
+    let mut published = None;
+    if passed && !req.dry_run {
+        let next = std::fs::read_dir(&dir)
+            .map_err(|e| RequestError::Internal(format!("{}: {e}", dir.display())))?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+            .max()
+            .unwrap_or(version)
+            + 1;
+        let vdir = dir.join(next.to_string());
+        let tmp = dir.join(format!(".{next}.tmp"));
+        std::fs::create_dir_all(&tmp)
+            .and_then(|()| std::fs::write(tmp.join("model.onnx"), &out))
+            .and_then(|()| std::fs::rename(&tmp, &vdir))
+            .map_err(|e| {
+                RequestError::Internal(format!("cannot publish {}: {e}", vdir.display()))
+            })?;
+        text.push_str(&format!(
+            "published as version {next} (version {version} stays on disk)\n"
+        ));
+        published = Some(next);
+        crate::reload(shared).map_err(RequestError::Internal)?;
+    } else if !passed {
+        text.push_str("under the thresholds: not published\n");
+    }
+    tracing::info!(model = %req.model, version, ?published, passed, "compressed");
+    Ok(CompressReply {
+        model: req.model.clone(),
+        from_version: version,
+        published,
+        size_before: report.size_before,
+        size_after: report.size_after,
+        latency_ms_before: report.latency_ms_before,
+        latency_ms_after: report.latency_ms_after,
+        min_top1: report.min_top1(),
+        min_cosine: report.min_cosine(),
+        report: text,
+        passed,
+    })
+}
