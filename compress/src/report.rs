@@ -279,3 +279,49 @@ pub fn compare(
         outputs,
     })
 }
+
+/// Deterministic random inputs for a model's signature (float32 in [0, 1), int64 zeros);
+/// dynamic dimensions get `dynamic` (the batch dimension 1). For checking that a compressed
+/// model agrees with its original when no evaluation data is given.
+pub fn random_inputs(env: &Environment, model: &[u8], dynamic: i64) -> Result<Vec<Input>, String> {
+    use ort::value::{TensorElementType, ValueType};
+    let s = session(env, model)?;
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    s.inputs()
+        .iter()
+        .map(|o| {
+            let ValueType::Tensor { ty, shape, .. } = o.dtype() else {
+                return Err(format!("input '{}' is not a tensor", o.name()));
+            };
+            let dims: Vec<i64> = shape
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| match (i, d) {
+                    (_, d) if d >= 0 => d,
+                    (0, _) => 1,
+                    _ => dynamic,
+                })
+                .collect();
+            let n: usize = dims.iter().map(|&d| d as usize).product();
+            let data = match ty {
+                TensorElementType::Float32 => Data::F32(
+                    (0..n)
+                        .map(|_| {
+                            seed ^= seed << 13;
+                            seed ^= seed >> 7;
+                            seed ^= seed << 17;
+                            (seed >> 40) as f32 / (1u64 << 24) as f32
+                        })
+                        .collect(),
+                ),
+                TensorElementType::Int64 => Data::I64(vec![0; n]),
+                other => return Err(format!("input '{}': {other:?} is not supported", o.name())),
+            };
+            Ok(Input {
+                name: o.name().to_string(),
+                shape: dims,
+                data,
+            })
+        })
+        .collect()
+}

@@ -169,3 +169,79 @@ pub fn compress(shared: &SharedRef, req: &CompressRequest) -> Result<CompressRep
         passed,
     })
 }
+
+/// For a model whose model.toml names a `compress` strategy: the file to load — the compressed
+/// form (cached under the cache directory, keyed by the original's bytes and the strategy) when
+/// it agrees with the original on random inputs, else the original — and what happened, in
+/// words for `rxctl models`.
+pub fn prepare(
+    runtime: &crate::runtime::Runtime,
+    cache_dir: &std::path::Path,
+    name: &str,
+    version: u64,
+    path: &std::path::Path,
+    strategy: &str,
+) -> (std::path::PathBuf, String) {
+    let original = path.to_path_buf();
+    let refused = |why: String| {
+        (
+            original.clone(),
+            format!("compression ({strategy}) refused: {why}"),
+        )
+    };
+    let parsed: rxd_compress::Strategy = match strategy.parse() {
+        Ok(s) => s,
+        Err(e) => return refused(e),
+    };
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) => return refused(e.to_string()),
+    };
+    let key = blake3::hash(&[bytes.as_slice(), strategy.as_bytes()].concat());
+    let file = format!("{name}-{version}-{}.onnx", &key.to_hex()[..16]);
+    let dirs = [
+        cache_dir.join("compressed"),
+        std::env::temp_dir().join("rxd-compressed"),
+    ];
+    for d in &dirs {
+        let cached = d.join(&file);
+        if cached.is_file() {
+            return (cached, format!("served compressed ({strategy}, cached)"));
+        }
+    }
+    let (out, _) = match rxd_compress::compress(&bytes, parsed) {
+        Ok(r) => r,
+        Err(e) => return refused(e),
+    };
+    let report = rxd_compress::report::random_inputs(runtime.env(), &bytes, 32)
+        .and_then(|inputs| rxd_compress::report::compare(runtime.env(), &bytes, &out, &inputs));
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => return refused(e),
+    };
+    if report.min_top1() < 0.99 || report.min_cosine() < 0.99 {
+        return refused(format!(
+            "on random inputs top-1 agreement {:.4}, cosine {:.6} (minimum 0.99)",
+            report.min_top1(),
+            report.min_cosine()
+        ));
+    }
+    for d in &dirs {
+        let cached = d.join(&file);
+        let tmp = d.join(format!(".{file}.tmp"));
+        let written = std::fs::create_dir_all(d)
+            .and_then(|()| std::fs::write(&tmp, &out))
+            .and_then(|()| std::fs::rename(&tmp, &cached));
+        if written.is_ok() {
+            return (
+                cached,
+                format!(
+                    "served compressed ({strategy}: {:.2}× size, cosine {:.6} vs the original)",
+                    report.size_ratio(),
+                    report.min_cosine()
+                ),
+            );
+        }
+    }
+    refused("cannot write the compressed model to the cache directory".into())
+}

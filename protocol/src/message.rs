@@ -594,6 +594,9 @@ pub struct ModelSummary {
     /// Nodes that fell back to the CPU EP on a GPU device (first 64).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes_on_cpu: Vec<String>,
+    /// What the model's `compress` strategy did: served compressed, or why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<String>,
 }
 
 /// Lifecycle state of a model version.

@@ -296,3 +296,42 @@ fn rxctl_model_compress_publishes_a_new_version_only_when_the_report_passes() {
     let size1 = std::fs::metadata(model_file("digits")).unwrap().len();
     assert!(size2 * 10 <= size1 * 3, "{size2} vs {size1}");
 }
+
+#[test]
+fn a_compress_strategy_in_model_toml_serves_the_compressed_model_or_the_original() {
+    let repo = Repo::new();
+    repo.link("small", 1, "digits")
+        .settings("small", "compress = 'int8-weights'\n")
+        .link("sparse", 1, "digits")
+        .settings("sparse", "compress = 'prune:0.9'\n");
+    let cache = tempfile::tempdir().unwrap();
+    let d = TestDaemon::start_with(
+        repo.path(),
+        &[],
+        &format!("cache-directory = '{}'\n", cache.path().display()),
+    );
+    let c = d.client();
+    let x = example_npy("digits_test_x.npy", "input");
+    let want = Reference::new(&model_file("digits")).run(std::slice::from_ref(&x));
+    let info = c.model_info("small", None).unwrap().summary;
+    assert!(
+        info.compression
+            .as_deref()
+            .unwrap()
+            .starts_with("served compressed"),
+        "{info:?}"
+    );
+    // Same labels on the 360 test digits as the original.
+    assert_eq!(c.infer("small", vec![x.clone()]).unwrap()[0], want[0]);
+    let cached: Vec<_> = std::fs::read_dir(cache.path().join("compressed"))
+        .unwrap()
+        .collect();
+    assert_eq!(cached.len(), 1);
+    // 90 % pruning does not agree with the original: refused, the original serves, unchanged.
+    let info = c.model_info("sparse", None).unwrap().summary;
+    assert!(
+        info.compression.as_deref().unwrap().contains("refused"),
+        "{info:?}"
+    );
+    assert_eq!(c.infer("sparse", vec![x]).unwrap(), want);
+}

@@ -471,6 +471,9 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
                 if let Some(f) = &s.fallback {
                     println!("FALLBACK: runs on the CPU: {f}");
                 }
+                if let Some(c) = &s.compression {
+                    println!("compression: {c}");
+                }
                 if let Some(v) = &info.settings {
                     println!(
                         "settings: max-batch-rows {}, max-queue-delay-us {}, latency-target-ms {}, \

@@ -84,6 +84,11 @@ pub struct ModelSettings {
     /// When its device's execution provider cannot be created, run on the CPU instead
     /// (health: degraded) rather than failing. Default: the device's `cpu-fallback`.
     pub cpu_fallback: Option<bool>,
+    /// Serve a compressed form of the model (`int8-weights`, `dynamic-int8`, `fp16`,
+    /// `prune:S`, joined with `+`): compressed when loaded (cached in the cache directory),
+    /// checked against the original on random inputs, used only if it agrees (cosine and
+    /// top-1 ≥ 0.99); otherwise the original serves and the summary says why.
+    pub compress: Option<String>,
 }
 
 impl ModelSettings {
@@ -111,7 +116,8 @@ impl ModelSettings {
             devices,
             warmup,
             warmup_dims,
-            cpu_fallback
+            cpu_fallback,
+            compress
         )
     }
 }
@@ -245,6 +251,8 @@ pub struct LoadedModel {
     pub arena_bytes: Option<u64>,
     /// Kept for the daemon's life, shared with every load of this version.
     pub metrics: Arc<crate::metrics::ModelMetrics>,
+    /// What a model.toml `compress` strategy did (served compressed, or why not).
+    pub compression: Option<String>,
 }
 
 impl LoadedModel {
@@ -1301,6 +1309,23 @@ impl Registry {
         settings: &ModelSettings,
         device: &str,
     ) -> Result<LoadedModel, String> {
+        // A `compress` strategy in model.toml: load the compressed form when it passes.
+        let (path, compression) = match &settings.compress {
+            Some(strategy) => {
+                let (p, note) = crate::compression::prepare(
+                    &self.runtime,
+                    &self.defaults.cache_dir,
+                    name,
+                    version,
+                    path,
+                    strategy,
+                );
+                tracing::info!(model = %name, version, "{note}");
+                (p, Some(note))
+            }
+            None => (path.to_path_buf(), None),
+        };
+        let path = path.as_path();
         let opts = SessionOptions {
             intra_op_threads: settings
                 .intra_op_threads
@@ -1430,6 +1455,7 @@ impl Registry {
             epoch: self.epoch,
             arena_bytes: arena,
             metrics: self.model_metrics(name, version),
+            compression,
         })
     }
 
@@ -1727,6 +1753,7 @@ impl Registry {
             pinned: ver.pinned,
             ep: loaded.map(|l| l.ep.to_string()),
             fallback: loaded.and_then(|l| l.fallback.clone()),
+            compression: loaded.and_then(|l| l.compression.clone()),
             node_placement: loaded
                 .and_then(|l| l.placement.as_ref())
                 .map(|p| p.nodes.clone())
