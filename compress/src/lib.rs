@@ -9,6 +9,7 @@
 //!   run time).
 //! - [`fold`]: BatchNormalization folded into the Conv before it.
 //! - [`half`]: the `fp16` strategy (float16 weights cast back to float).
+//! - [`int4`]: the `int4` strategy (block-wise 4-bit MatMul weights, MatMulNBits).
 //! - [`prune`]: the `prune:S` strategy (magnitude pruning to sparsity S).
 //! - [`quant`]: the `int8-weights` strategy (per-channel QDQ).
 //! - [`report`]: original vs compressed on the same inputs through ONNX Runtime.
@@ -19,6 +20,7 @@
 pub mod dynamic;
 pub mod fold;
 pub mod half;
+pub mod int4;
 pub mod onnx;
 pub mod proto;
 pub mod prune;
@@ -37,6 +39,8 @@ pub struct Strategy {
     pub dynamic_int8: bool,
     /// Remaining float weights stored as float16 (cast back to float when loaded).
     pub fp16: bool,
+    /// MatMul weights as block-wise 4-bit integers (MatMulNBits).
+    pub int4: bool,
 }
 
 impl Strategy {
@@ -46,12 +50,14 @@ impl Strategy {
         int8_weights: false,
         dynamic_int8: false,
         fp16: false,
+        int4: false,
     };
     pub const INT8_WEIGHTS: Strategy = Strategy {
         prune: None,
         int8_weights: true,
         dynamic_int8: false,
         fp16: false,
+        int4: false,
     };
 }
 
@@ -65,6 +71,7 @@ impl std::str::FromStr for Strategy {
                 None if part == "int8-weights" => out.int8_weights = true,
                 None if part == "dynamic-int8" => out.dynamic_int8 = true,
                 None if part == "fp16" => out.fp16 = true,
+                None if part == "int4" => out.int4 = true,
                 Some(("prune", x)) => {
                     let v: f64 = x
                         .parse()
@@ -78,7 +85,7 @@ impl std::str::FromStr for Strategy {
                 _ => {
                     return Err(format!(
                         "unknown strategy '{part}' (this build has: none, int8-weights, \
-                         dynamic-int8, fp16, prune:S, combined with +)"
+                         dynamic-int8, int4, fp16, prune:S, combined with +)"
                     ));
                 }
             }
@@ -95,6 +102,7 @@ pub struct Outcome {
     pub batchnorms_folded: usize,
     pub dynamic: dynamic::Dynamic,
     pub fp16_tensors: usize,
+    pub int4: int4::Int4,
 }
 
 /// Compresses model bytes with `strategy`: the new bytes and what was done.
@@ -106,6 +114,9 @@ pub fn compress(bytes: &[u8], strategy: Strategy) -> Result<(Vec<u8>, Outcome), 
     }
     if let Some(s) = strategy.prune {
         out.pruned = Some(prune::prune(&mut model, s).map_err(|e| e.to_string())?);
+    }
+    if strategy.int4 {
+        out.int4 = int4::int4(&mut model).map_err(|e| e.to_string())?;
     }
     if strategy.dynamic_int8 {
         out.dynamic = dynamic::dynamic_int8(&mut model).map_err(|e| e.to_string())?;

@@ -335,3 +335,21 @@ fn a_compress_strategy_in_model_toml_serves_the_compressed_model_or_the_original
     );
     assert_eq!(c.infer("sparse", vec![x]).unwrap(), want);
 }
+
+#[test]
+fn int4_packs_the_matmul_weights_to_a_fifth_and_the_mlp_still_answers() {
+    let bytes = std::fs::read(model_file("digits")).unwrap();
+    let (out, outcome) = compress(&bytes, "int4".parse().unwrap()).unwrap();
+    let n = &outcome.int4;
+    assert_eq!(n.converted.len(), 3, "{n:?}");
+    let ratio = n.packed_bytes as f64 / n.float_bytes as f64;
+    assert!(
+        ratio <= 0.2,
+        "MatMul weights {} → {} bytes ({ratio:.3}×)",
+        n.float_bytes,
+        n.packed_bytes
+    );
+    let r = report::compare(reference_env(), &bytes, &out, &digits_eval()).unwrap();
+    eprintln!("int4: MatMul weights {ratio:.3}×; {r}");
+    assert!(r.min_top1() >= 0.95, "{r}");
+}
