@@ -13,6 +13,7 @@
 //! - [`prune`]: the `prune:S` strategy (magnitude pruning to sparsity S).
 //! - [`quant`]: the `int8-weights` strategy (per-channel QDQ).
 //! - [`report`]: original vs compressed on the same inputs through ONNX Runtime.
+//! - [`search`]: the sensitivity search (keep the most sensitive weights in float).
 //!
 //! Boundary: no sockets, no daemon state; `rxd compress` is the command-line face.
 #![deny(unsafe_code)]
@@ -26,6 +27,7 @@ pub mod proto;
 pub mod prune;
 pub mod quant;
 pub mod report;
+pub mod search;
 
 /// A compression plan: strategies applied in order (`prune:0.5+int8-weights`).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]

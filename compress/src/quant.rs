@@ -112,6 +112,9 @@ fn quantized(
     (inits, node, channels)
 }
 
+/// Why the sensitivity search left a weight in float.
+pub const KEPT_BY_SEARCH: &str = "kept in float by the sensitivity search";
+
 /// A quantizable weight: channel axis, dims, values.
 type Weight = (i64, Vec<i64>, Vec<f32>);
 
@@ -149,6 +152,15 @@ fn eligibility(
 
 /// Rewrites `model` in place; returns what was converted and what was kept.
 pub fn int8_weights(model: &mut Model) -> Result<Outcome, Error> {
+    int8_weights_except(model, &Default::default())
+}
+
+/// Like [`int8_weights`], keeping the weights named in `keep` in float (the sensitivity
+/// search's choice).
+pub fn int8_weights_except(
+    model: &mut Model,
+    keep: &std::collections::BTreeSet<String>,
+) -> Result<Outcome, Error> {
     let mut nodes = model.graph.messages(graph::NODE)?;
     // Every consumer of every name: (node, input index).
     let mut uses: BTreeMap<String, Vec<(usize, usize)>> = BTreeMap::new();
@@ -169,6 +181,11 @@ pub fn int8_weights(model: &mut Model) -> Result<Outcome, Error> {
     for init in model.graph.messages(graph::INITIALIZER)? {
         let name = onnx::name_of(&init);
         let consumers = uses.get(&name).cloned().unwrap_or_default();
+        if keep.contains(&name) {
+            out.kept.push((name, KEPT_BY_SEARCH.into()));
+            initializers.push(init);
+            continue;
+        }
         match eligibility(&nodes, &consumers, &init)? {
             None => initializers.push(init),
             Some(Err(why)) => {
@@ -198,6 +215,10 @@ pub fn int8_weights(model: &mut Model) -> Result<Outcome, Error> {
             continue;
         };
         let consumers = uses.get(&name).cloned().unwrap_or_default();
+        if keep.contains(&name) {
+            out.kept.push((name, KEPT_BY_SEARCH.into()));
+            continue;
+        }
         match eligibility(&nodes, &consumers, &t)? {
             None => {}
             Some(Err(why)) => out.kept.push((name, why)),

@@ -88,6 +88,10 @@ pub struct CompressOpts {
     /// Refuse the result when an output's cosine similarity is below this.
     #[arg(long, default_value_t = 0.99)]
     pub min_cosine: f64,
+    /// With int8-weights and --eval: when the thresholds are missed, keep the most sensitive
+    /// weights in float until they hold (and say which).
+    #[arg(long)]
+    pub search: bool,
     /// ONNX Runtime library (otherwise ORT_DYLIB_PATH, then the bundled one).
     #[arg(long, value_name = "FILE")]
     pub ort_library: Option<PathBuf>,

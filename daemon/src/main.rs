@@ -132,6 +132,35 @@ fn compress(opts: &rxd::cli::CompressOpts) -> ExitCode {
             Ok(r) => r,
             Err(e) => return fail(1, e),
         };
+        let misses = report.min_top1() < opts.min_top1 || report.min_cosine() < opts.min_cosine;
+        if misses && opts.search && strategy == rxd_compress::Strategy::INT8_WEIGHTS {
+            print!("INT8 everywhere: {report}");
+            return match rxd_compress::search::search(
+                &env,
+                &bytes,
+                &inputs,
+                opts.min_top1,
+                opts.min_cosine,
+            ) {
+                Ok(found) => {
+                    for (w, s) in &found.kept {
+                        println!("  kept {w} in float (alone it costs {s:.3e})");
+                    }
+                    print!("with {} weights in INT8: {}", found.converted, found.report);
+                    match std::fs::write(&opts.output, &found.bytes) {
+                        Ok(()) => {
+                            println!("wrote {}", opts.output.display());
+                            ExitCode::from(exit::OK)
+                        }
+                        Err(e) => fail(exit::OSERR, format!("{}: {e}", opts.output.display())),
+                    }
+                }
+                Err(e) => fail(
+                    1,
+                    format!("refused: {e}; {} not written", opts.output.display()),
+                ),
+            };
+        }
         print!("{report}");
         if report.min_top1() < opts.min_top1 || report.min_cosine() < opts.min_cosine {
             return fail(

@@ -353,3 +353,30 @@ fn int4_packs_the_matmul_weights_to_a_fifth_and_the_mlp_still_answers() {
     eprintln!("int4: MatMul weights {ratio:.3}×; {r}");
     assert!(r.min_top1() >= 0.95, "{r}");
 }
+
+#[test]
+fn the_sensitivity_search_keeps_the_most_sensitive_weights_in_float_until_the_threshold_holds() {
+    let bytes = std::fs::read(model_file("digits")).unwrap();
+    let eval = digits_eval();
+    let all = report::compare(
+        reference_env(),
+        &bytes,
+        &compress(&bytes, Strategy::INT8_WEIGHTS).unwrap().0,
+        &eval,
+    )
+    .unwrap();
+    // A cosine threshold that INT8 everywhere misses.
+    let strict = 1.0 - (1.0 - all.min_cosine()) * 0.8;
+    assert!(all.min_cosine() < strict);
+    let found = rxd_compress::search::search(reference_env(), &bytes, &eval, 0.99, strict).unwrap();
+    eprintln!("search: kept {:?}; {}", found.kept, found.report);
+    assert!(found.passed);
+    assert!(found.report.min_cosine() >= strict);
+    assert!(
+        !found.kept.is_empty() && found.converted > 0,
+        "{:?}",
+        found.kept
+    );
+    // Kept weights come most sensitive first.
+    assert!(found.kept.windows(2).all(|w| w[0].1 >= w[1].1));
+}
