@@ -88,6 +88,10 @@ pub struct CompressOpts {
     /// Refuse the result when an output's cosine similarity is below this.
     #[arg(long, default_value_t = 0.99)]
     pub min_cosine: f64,
+    /// Evaluate this already compressed file against IN instead of compressing IN (for
+    /// comparing other tools' output with the same report).
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub compare_with: Option<PathBuf>,
     /// With int8-weights and --eval: when the thresholds are missed, keep the most sensitive
     /// weights in float until they hold (and say which).
     #[arg(long)]

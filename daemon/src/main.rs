@@ -61,9 +61,15 @@ fn compress(opts: &rxd::cli::CompressOpts) -> ExitCode {
         Ok(b) => b,
         Err(e) => return fail(exit::OSERR, format!("{}: {e}", opts.input.display())),
     };
-    let (out, outcome) = match rxd_compress::compress(&bytes, strategy) {
-        Ok(r) => r,
-        Err(e) => return fail(70, format!("{}: {e}", opts.input.display())),
+    let (out, outcome) = match &opts.compare_with {
+        Some(other) => match std::fs::read(other) {
+            Ok(b) => (b, rxd_compress::Outcome::default()),
+            Err(e) => return fail(exit::OSERR, format!("{}: {e}", other.display())),
+        },
+        None => match rxd_compress::compress(&bytes, strategy) {
+            Ok(r) => r,
+            Err(e) => return fail(70, format!("{}: {e}", opts.input.display())),
+        },
     };
     if outcome.batchnorms_folded > 0 {
         println!(
