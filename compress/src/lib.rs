@@ -28,6 +28,7 @@ pub mod prune;
 pub mod quant;
 pub mod report;
 pub mod search;
+pub mod static_int8;
 
 /// A compression plan: strategies applied in order (`prune:0.5+int8-weights`).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]

@@ -154,14 +154,14 @@ impl std::fmt::Display for Report {
     }
 }
 
-fn session(env: &Environment, model: &[u8]) -> Result<Session, String> {
+pub(crate) fn session(env: &Environment, model: &[u8]) -> Result<Session, String> {
     Session::builder(env)
         .and_then(|b| b.with_intra_threads(1).map_err(Into::into))
         .and_then(|mut b| b.commit_from_memory(model))
         .map_err(|e| e.to_string())
 }
 
-fn values(inputs: &[Input]) -> Result<Vec<(String, DynValue)>, String> {
+pub(crate) fn values(inputs: &[Input]) -> Result<Vec<(String, DynValue)>, String> {
     inputs
         .iter()
         .map(|i| {

@@ -72,7 +72,8 @@ pub struct CompressOpts {
     /// Where to write the compressed model.
     #[arg(long, short = 'o', value_name = "OUT.onnx")]
     pub output: PathBuf,
-    /// none (a lossless round trip), int8-weights (BatchNorm folding + per-channel INT8
+    /// static-int8 (activations too, ranges from --calibration), none (a lossless round
+    /// trip), int8-weights (BatchNorm folding + per-channel INT8
     /// weights of MatMul/Gemm/Conv), dynamic-int8 (MatMul as MatMulInteger with activations
     /// quantized at run time), fp16 (float weights stored as float16), prune:S (magnitude
     /// pruning to sparsity S), combined with +
@@ -82,6 +83,9 @@ pub struct CompressOpts {
     /// Evaluation inputs, NAME=FILE.npy (float32 or int64), once per model input.
     #[arg(long = "eval", value_name = "NAME=FILE")]
     pub eval: Vec<String>,
+    /// Calibration inputs for static-int8, NAME=FILE.npy, once per model input.
+    #[arg(long = "calibration", value_name = "NAME=FILE")]
+    pub calibration: Vec<String>,
     /// Refuse the result when a classifier-like output's top-1 agreement is below this.
     #[arg(long, default_value_t = 0.99)]
     pub min_top1: f64,

@@ -53,15 +53,84 @@ fn compress(opts: &rxd::cli::CompressOpts) -> ExitCode {
         eprintln!("rxd: compress: {msg}");
         ExitCode::from(code)
     };
-    let strategy: rxd_compress::Strategy = match opts.strategy.parse() {
-        Ok(s) => s,
-        Err(e) => return fail(exit::USAGE, e),
+    let is_static = opts.strategy == "static-int8";
+    let strategy: rxd_compress::Strategy = if is_static {
+        rxd_compress::Strategy::NONE
+    } else {
+        match opts.strategy.parse() {
+            Ok(s) => s,
+            Err(e) => return fail(exit::USAGE, format!("{e} or static-int8")),
+        }
+    };
+    let read = |args: &[String]| -> Result<Vec<rxd_compress::report::Input>, String> {
+        args.iter()
+            .map(|e| {
+                let (name, path) = e
+                    .split_once('=')
+                    .ok_or_else(|| format!("'{e}' is not NAME=FILE.npy"))?;
+                rxd_compress::report::read_npy(name, std::path::Path::new(path))
+            })
+            .collect()
+    };
+    let lib = opts
+        .ort_library
+        .clone()
+        .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(Into::into))
+        .unwrap_or_else(|| config::BUNDLED_ORT_LIBRARY.into());
+    let env_cell = std::cell::OnceCell::new();
+    let env = || {
+        env_cell
+            .get_or_init(|| {
+                ort::init_from(&lib)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| {
+                        b.with_name("rxd-compress")
+                            .build()
+                            .map_err(|e| e.to_string())
+                    })
+            })
+            .as_ref()
+            .map_err(|e| format!("ONNX Runtime ({}): {e}", lib.display()))
     };
     let bytes = match std::fs::read(&opts.input) {
         Ok(b) => b,
         Err(e) => return fail(exit::OSERR, format!("{}: {e}", opts.input.display())),
     };
+    let static_out = if is_static {
+        let calibration = match read(&opts.calibration) {
+            Ok(c) if !c.is_empty() => c,
+            Ok(_) => {
+                return fail(
+                    exit::USAGE,
+                    "static-int8 needs --calibration NAME=FILE.npy".into(),
+                );
+            }
+            Err(e) => return fail(65, e),
+        };
+        let env = match env() {
+            Ok(e) => e,
+            Err(e) => return fail(exit::CONFIG, e),
+        };
+        match rxd_compress::static_int8::quantize(env, &bytes, &calibration) {
+            Ok((b, st)) => {
+                println!(
+                    "static INT8: {} activations calibrated, {} weights, {} biases",
+                    st.activations.len(),
+                    st.weights,
+                    st.biases
+                );
+                Some(b)
+            }
+            Err(e) => return fail(1, e),
+        }
+    } else {
+        None
+    };
     let (out, outcome) = match &opts.compare_with {
+        _ if static_out.is_some() => (
+            static_out.clone().expect("checked"),
+            rxd_compress::Outcome::default(),
+        ),
         Some(other) => match std::fs::read(other) {
             Ok(b) => (b, rxd_compress::Outcome::default()),
             Err(e) => return fail(exit::OSERR, format!("{}: {e}", other.display())),
@@ -103,38 +172,16 @@ fn compress(opts: &rxd::cli::CompressOpts) -> ExitCode {
     for (name, why) in &outcome.quant.kept {
         println!("  kept {name}: {why}");
     }
-    let mut inputs = Vec::new();
-    for e in &opts.eval {
-        let Some((name, path)) = e.split_once('=') else {
-            return fail(exit::USAGE, format!("--eval '{e}' is not NAME=FILE.npy"));
-        };
-        match rxd_compress::report::read_npy(name, std::path::Path::new(path)) {
-            Ok(i) => inputs.push(i),
-            Err(e) => return fail(65, e),
-        }
-    }
+    let inputs = match read(&opts.eval) {
+        Ok(i) => i,
+        Err(e) => return fail(65, e),
+    };
     if !inputs.is_empty() {
-        let lib = opts
-            .ort_library
-            .clone()
-            .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(Into::into))
-            .unwrap_or_else(|| config::BUNDLED_ORT_LIBRARY.into());
-        let env = match ort::init_from(&lib)
-            .map_err(|e| e.to_string())
-            .and_then(|b| {
-                b.with_name("rxd-compress")
-                    .build()
-                    .map_err(|e| e.to_string())
-            }) {
-            Ok(env) => env,
-            Err(e) => {
-                return fail(
-                    exit::CONFIG,
-                    format!("ONNX Runtime ({}): {e}", lib.display()),
-                );
-            }
+        let env = match env() {
+            Ok(e) => e,
+            Err(e) => return fail(exit::CONFIG, e),
         };
-        let report = match rxd_compress::report::compare(&env, &bytes, &out, &inputs) {
+        let report = match rxd_compress::report::compare(env, &bytes, &out, &inputs) {
             Ok(r) => r,
             Err(e) => return fail(1, e),
         };
@@ -142,7 +189,7 @@ fn compress(opts: &rxd::cli::CompressOpts) -> ExitCode {
         if misses && opts.search && strategy == rxd_compress::Strategy::INT8_WEIGHTS {
             print!("INT8 everywhere: {report}");
             return match rxd_compress::search::search(
-                &env,
+                env,
                 &bytes,
                 &inputs,
                 opts.min_top1,

@@ -380,3 +380,47 @@ fn the_sensitivity_search_keeps_the_most_sensitive_weights_in_float_until_the_th
     // Kept weights come most sensitive first.
     assert!(found.kept.windows(2).all(|w| w[0].1 >= w[1].1));
 }
+
+#[test]
+fn static_int8_with_calibration_quantizes_activations_and_keeps_yolo_close() {
+    // The numbers (YOLOv8n 0.48× latency) are in BENCHMARKS.md; the test checks structure and
+    // accuracy, not time.
+    for (m, name, shape, min_cosine) in [
+        // Calibrated on one random image (no real photos here): cosine ~0.99 on another.
+        ("yolov8n", "images", vec![1i64, 3, 320, 320], 0.98),
+        // Calibrated on random crops, the light classifier's squeeze-excite blocks lose too
+        // much: reported, and the thresholds would refuse it.
+        ("ppocr_cls", "x", vec![8, 3, 48, 192], 0.9),
+    ] {
+        let bytes = std::fs::read(model_file(m)).unwrap();
+        let n: i64 = shape.iter().product();
+        let input = |seed| Input {
+            name: name.into(),
+            shape: shape.clone(),
+            data: report::Data::F32(random_f32(n as usize, seed)),
+        };
+        let (out, st) =
+            rxd_compress::static_int8::quantize(reference_env(), &bytes, &[input(21)]).unwrap();
+        assert!(
+            st.activations.len() > 50 && st.weights > 50 && st.biases > 30,
+            "{m}: {st:?}"
+        );
+        let model = rxd_compress::onnx::Model::parse(&out).unwrap();
+        let q = model
+            .graph
+            .messages(rxd_compress::onnx::graph::NODE)
+            .unwrap()
+            .iter()
+            .filter(|n| rxd_compress::onnx::op_type(n) == "QuantizeLinear")
+            .count();
+        assert_eq!(q, st.activations.len());
+        let r = report::compare(reference_env(), &bytes, &out, &[input(22)]).unwrap();
+        eprintln!(
+            "{m} static-int8: {} activations, {} weights, {} biases; {r}",
+            st.activations.len(),
+            st.weights,
+            st.biases
+        );
+        assert!(r.min_cosine() >= min_cosine, "{m}: {r}");
+    }
+}

@@ -1,0 +1,275 @@
+//! `static-int8`: activations and weights in INT8, ranges from calibration data. Every
+//! activation entering or leaving a Conv/MatMul/Gemm gets a QuantizeLinear → DequantizeLinear
+//! pair (uint8, asymmetric, scale and zero point from the min/max seen over the calibration
+//! inputs), weights are per-channel symmetric INT8 (as `int8-weights`), Conv/Gemm biases INT32
+//! at scale = input scale × weight scale. That is the full QDQ form ONNX Runtime fuses into
+//! QLinearConv / QLinearMatMul, which run in integer arithmetic.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ort::environment::Environment;
+
+use crate::onnx::{self, Model, graph, tensor};
+use crate::proto::{Message, Value};
+use crate::report::Input;
+
+/// What the static quantizer did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Static {
+    /// Activations given a Q/DQ pair, with their calibrated (min, max).
+    pub activations: Vec<(String, f32, f32)>,
+    pub weights: usize,
+    pub biases: usize,
+}
+
+const UINT8: u64 = 2;
+const INT32: u64 = 6;
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// Min/max of each tensor in `names` over the calibration inputs (the model run with those
+/// tensors added as outputs).
+fn calibrate(
+    env: &Environment,
+    model: &Model,
+    names: &BTreeSet<String>,
+    calibration: &[Input],
+) -> Result<BTreeMap<String, (f32, f32)>, String> {
+    let mut m = model.clone();
+    let existing: BTreeSet<String> = m
+        .graph
+        .messages(graph::OUTPUT)
+        .map_err(err)?
+        .iter()
+        .map(|v| v.string(onnx::value_info::NAME))
+        .collect();
+    for n in names.iter().filter(|n| !existing.contains(*n)) {
+        // ValueInfoProto { name, type: TypeProto { tensor_type: { elem_type: FLOAT } } }
+        let mut tt = Message::default();
+        tt.push(1, Value::Varint(tensor::FLOAT));
+        let mut ty = Message::default();
+        ty.push_message(1, &tt);
+        let mut vi = Message::default();
+        vi.push_str(onnx::value_info::NAME, n);
+        vi.push_message(2, &ty);
+        m.graph.push_message(graph::OUTPUT, &vi);
+    }
+    let mut s = crate::report::session(env, &m.encode())?;
+    let outs = s.run(crate::report::values(calibration)?).map_err(err)?;
+    let mut ranges = BTreeMap::new();
+    for n in names {
+        if let Ok((_, data)) = outs[n.as_str()].try_extract_tensor::<f32>() {
+            let (lo, hi) = data
+                .iter()
+                .fold((0f32, 0f32), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+            ranges.insert(n.clone(), (lo, hi));
+        }
+    }
+    Ok(ranges)
+}
+
+fn uint8_params(lo: f32, hi: f32) -> (f32, u8) {
+    let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
+    let zp = (-lo / scale).round().clamp(0.0, 255.0) as u8;
+    (scale, zp)
+}
+
+/// Quantizes `bytes` with calibration inputs.
+pub fn quantize(
+    env: &Environment,
+    bytes: &[u8],
+    calibration: &[Input],
+) -> Result<(Vec<u8>, Static), String> {
+    let mut model = Model::parse(bytes).map_err(err)?;
+    let opset = model.opset("").unwrap_or(0);
+    if opset < 10 {
+        return Err("static-int8 needs opset 10 (QuantizeLinear)".into());
+    }
+    // Per-channel dequantization (biases; weights likewise in `int8_weights`) needs opset 13,
+    // else ONNX Runtime's com.microsoft DequantizeLinear.
+    let per_channel_domain = if opset >= 13 { "" } else { "com.microsoft" };
+    crate::fold::fold_batchnorm(&mut model).map_err(err)?;
+    let nodes = model.graph.messages(graph::NODE).map_err(err)?;
+    let inits = model.graph.messages(graph::INITIALIZER).map_err(err)?;
+    let init_names: BTreeSet<String> = inits.iter().map(onnx::name_of).collect();
+    let const_outputs: BTreeSet<String> = nodes
+        .iter()
+        .filter(|n| onnx::op_type(n) == "Constant")
+        .flat_map(onnx::outputs)
+        .collect();
+    let is_const = |n: &String| init_names.contains(n) || const_outputs.contains(n);
+    let quantizable = |n: &Message| matches!(onnx::op_type(n).as_str(), "Conv" | "MatMul" | "Gemm");
+    // Activations: the data input and the output of every quantizable node.
+    let mut acts = BTreeSet::new();
+    for n in nodes.iter().filter(|n| quantizable(n)) {
+        let ins = onnx::inputs(n);
+        if ins.len() >= 2 && is_const(&ins[1]) && !is_const(&ins[0]) {
+            acts.insert(ins[0].clone());
+            acts.extend(onnx::outputs(n));
+        }
+    }
+    let ranges = calibrate(env, &model, &acts, calibration)?;
+    let mut out = Static::default();
+
+    // Weights and biases first (biases need the input's scale).
+    let weights_before = crate::quant::int8_weights(&mut model).map_err(err)?;
+    out.weights = weights_before.converted.len();
+    // The weight scales, by weight name: from the DequantizeLinear nodes just written.
+    let mut nodes = model.graph.messages(graph::NODE).map_err(err)?;
+    let mut inits = model.graph.messages(graph::INITIALIZER).map_err(err)?;
+    let init_values: BTreeMap<String, Message> = inits
+        .iter()
+        .map(|t| (onnx::name_of(t), t.clone()))
+        .collect();
+    let mut weight_scale: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+    for n in nodes
+        .iter()
+        .filter(|n| onnx::op_type(n) == "DequantizeLinear")
+    {
+        let ins = onnx::inputs(n);
+        if let (Some(out_name), Some(s)) = (
+            onnx::outputs(n).first().cloned(),
+            ins.get(1).and_then(|s| init_values.get(s)),
+        ) && let Some(v) = onnx::f32_data(s).map_err(err)?
+        {
+            weight_scale.insert(out_name, v);
+        }
+    }
+    let mut extra_nodes = Vec::new();
+    for n in nodes
+        .iter_mut()
+        .filter(|n| matches!(onnx::op_type(n).as_str(), "Conv" | "Gemm"))
+    {
+        let ins = onnx::inputs(n);
+        let (Some(x), Some(w), Some(b)) = (ins.first(), ins.get(1), ins.get(2)) else {
+            continue;
+        };
+        let (Some(&(lo, hi)), Some(ws), Some(bt)) =
+            (ranges.get(x), weight_scale.get(w), init_values.get(b))
+        else {
+            continue;
+        };
+        let Some(bias) = onnx::f32_data(bt).map_err(err)? else {
+            continue;
+        };
+        if bias.len() != ws.len() {
+            continue;
+        }
+        let (xs, _) = uint8_params(lo, hi);
+        let scales: Vec<f32> = ws.iter().map(|s| s * xs).collect();
+        let q: Vec<i32> = bias
+            .iter()
+            .zip(&scales)
+            .map(|(v, s)| (v / s).round().clamp(i32::MIN as f32, i32::MAX as f32) as i32)
+            .collect();
+        let k = out.biases;
+        let (qn, sn, dn) = (
+            format!("rxd.bq{k}"),
+            format!("rxd.bs{k}"),
+            format!("rxd.bd{k}"),
+        );
+        inits.push(onnx::make_tensor(
+            &qn,
+            &[q.len() as i64],
+            INT32,
+            q.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ));
+        inits.push(onnx::make_tensor(
+            &sn,
+            &[q.len() as i64],
+            tensor::FLOAT,
+            scales.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ));
+        extra_nodes.push(onnx::make_node(
+            "DequantizeLinear",
+            per_channel_domain,
+            "",
+            &[&qn, &sn],
+            &[&dn],
+            &[("axis", 0)],
+        ));
+        let mut new_ins: Vec<Value> = ins
+            .iter()
+            .map(|s| Value::Bytes(s.as_bytes().to_vec()))
+            .collect();
+        new_ins[2] = Value::Bytes(dn.into_bytes());
+        n.replace(onnx::node::INPUT, new_ins);
+        out.biases += 1;
+    }
+
+    // Activation Q/DQ pairs; every consumer reads the dequantized tensor.
+    let mut renamed: BTreeMap<String, String> = BTreeMap::new();
+    let mut qdq = Vec::new();
+    for (i, (name, &(lo, hi))) in ranges.iter().enumerate() {
+        let (scale, zp) = uint8_params(lo, hi);
+        let (sn, zn, qn, dn) = (
+            format!("rxd.as{i}"),
+            format!("rxd.az{i}"),
+            format!("rxd.aq{i}"),
+            format!("rxd.ad{i}"),
+        );
+        inits.push(onnx::make_tensor(
+            &sn,
+            &[],
+            tensor::FLOAT,
+            scale.to_le_bytes().to_vec(),
+        ));
+        inits.push(onnx::make_tensor(&zn, &[], UINT8, vec![zp]));
+        qdq.push((
+            name.clone(),
+            onnx::make_node("QuantizeLinear", "", "", &[name, &sn, &zn], &[&qn], &[]),
+        ));
+        qdq.push((
+            name.clone(),
+            onnx::make_node("DequantizeLinear", "", "", &[&qn, &sn, &zn], &[&dn], &[]),
+        ));
+        renamed.insert(name.clone(), dn);
+        out.activations.push((name.clone(), lo, hi));
+    }
+    for n in &mut nodes {
+        let ins = onnx::inputs(n);
+        if ins.iter().any(|i| renamed.contains_key(i)) {
+            let new: Vec<Value> = ins
+                .iter()
+                .map(|i| Value::Bytes(renamed.get(i).unwrap_or(i).as_bytes().to_vec()))
+                .collect();
+            n.replace(onnx::node::INPUT, new);
+        }
+    }
+    // Order: each Q/DQ pair right after the producer of its tensor (graph inputs: first).
+    let mut ordered: Vec<Message> = extra_nodes;
+    let graph_inputs: BTreeSet<String> = model
+        .graph
+        .messages(graph::INPUT)
+        .map_err(err)?
+        .iter()
+        .map(|v| v.string(onnx::value_info::NAME))
+        .collect();
+    for (t, n) in &qdq {
+        if graph_inputs.contains(t) {
+            ordered.push(n.clone());
+        }
+    }
+    for n in nodes {
+        let outs = onnx::outputs(&n);
+        ordered.push(n);
+        for (t, q) in &qdq {
+            if outs.contains(t) {
+                ordered.push(q.clone());
+            }
+        }
+    }
+    let used: BTreeSet<String> = ordered.iter().flat_map(onnx::inputs).collect();
+    inits.retain(|t| used.contains(&onnx::name_of(t)));
+    model.graph.replace(
+        graph::INITIALIZER,
+        inits.iter().map(|t| Value::Bytes(t.encode())).collect(),
+    );
+    model.graph.replace(
+        graph::NODE,
+        ordered.iter().map(|n| Value::Bytes(n.encode())).collect(),
+    );
+    Ok((model.encode(), out))
+}
