@@ -36,6 +36,7 @@ fn calibrate(
     model: &Model,
     names: &BTreeSet<String>,
     calibration: &[Input],
+    method: Calibration,
 ) -> Result<BTreeMap<String, (f32, f32)>, String> {
     let mut m = model.clone();
     let existing: BTreeSet<String> = m
@@ -61,13 +62,55 @@ fn calibrate(
     let mut ranges = BTreeMap::new();
     for n in names {
         if let Ok((_, data)) = outs[n.as_str()].try_extract_tensor::<f32>() {
-            let (lo, hi) = data
-                .iter()
-                .fold((0f32, 0f32), |(lo, hi), &x| (lo.min(x), hi.max(x)));
-            ranges.insert(n.clone(), (lo, hi));
+            ranges.insert(n.clone(), range(data, method));
         }
     }
     Ok(ranges)
+}
+
+/// How activation ranges come from the calibration values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Calibration {
+    /// The smallest and largest value seen (always including 0).
+    MinMax,
+    /// The given percentile of the values at each end (e.g. 99.99): outliers are clipped so
+    /// the common values get finer steps.
+    Percentile(f64),
+}
+
+impl std::str::FromStr for Calibration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            None if s == "minmax" => Ok(Calibration::MinMax),
+            Some(("percentile", p)) => p
+                .parse::<f64>()
+                .ok()
+                .filter(|p| *p > 50.0 && *p <= 100.0)
+                .map(Calibration::Percentile)
+                .ok_or_else(|| format!("percentile:{p}: a percentile in (50, 100]")),
+            _ => Err(format!("calibration '{s}' is not minmax or percentile:P")),
+        }
+    }
+}
+
+/// The range of `data` under `method`, always including 0 (so that 0 is exact).
+pub fn range(data: &[f32], method: Calibration) -> (f32, f32) {
+    match method {
+        Calibration::MinMax => data
+            .iter()
+            .fold((0f32, 0f32), |(lo, hi), &x| (lo.min(x), hi.max(x))),
+        Calibration::Percentile(p) => {
+            let mut v: Vec<f32> = data.iter().copied().filter(|x| x.is_finite()).collect();
+            if v.is_empty() {
+                return (0.0, 0.0);
+            }
+            v.sort_by(f32::total_cmp);
+            let at = |q: f64| v[(((v.len() - 1) as f64) * q).round() as usize];
+            let (lo, hi) = (at(1.0 - p / 100.0), at(p / 100.0));
+            (lo.min(0.0), hi.max(0.0))
+        }
+    }
 }
 
 fn uint8_params(lo: f32, hi: f32) -> (f32, u8) {
@@ -76,11 +119,21 @@ fn uint8_params(lo: f32, hi: f32) -> (f32, u8) {
     (scale, zp)
 }
 
-/// Quantizes `bytes` with calibration inputs.
+/// Quantizes `bytes` with calibration inputs (ranges by min/max).
 pub fn quantize(
     env: &Environment,
     bytes: &[u8],
     calibration: &[Input],
+) -> Result<(Vec<u8>, Static), String> {
+    quantize_with(env, bytes, calibration, Calibration::MinMax)
+}
+
+/// Quantizes `bytes` with calibration inputs and a range method.
+pub fn quantize_with(
+    env: &Environment,
+    bytes: &[u8],
+    calibration: &[Input],
+    method: Calibration,
 ) -> Result<(Vec<u8>, Static), String> {
     let mut model = Model::parse(bytes).map_err(err)?;
     let opset = model.opset("").unwrap_or(0);
@@ -110,7 +163,7 @@ pub fn quantize(
             acts.extend(onnx::outputs(n));
         }
     }
-    let ranges = calibrate(env, &model, &acts, calibration)?;
+    let ranges = calibrate(env, &model, &acts, calibration, method)?;
     let mut out = Static::default();
 
     // Weights and biases first (biases need the input's scale).
@@ -272,4 +325,25 @@ pub fn quantize(
         ordered.iter().map(|n| Value::Bytes(n.encode())).collect(),
     );
     Ok((model.encode(), out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_ranges_clip_outliers_and_keep_zero() {
+        let mut v: Vec<f32> = (1..=1000).map(|i| i as f32 / 1000.0).collect();
+        v.push(100.0);
+        assert_eq!(range(&v, Calibration::MinMax), (0.0, 100.0));
+        let (lo, hi) = range(&v, Calibration::Percentile(99.0));
+        assert_eq!(lo, 0.0);
+        assert!((0.98..=1.0).contains(&hi), "{hi}");
+        assert!("percentile:99.99".parse::<Calibration>().is_ok());
+        assert!("percentile:20".parse::<Calibration>().is_err());
+        assert!(
+            (127..=128).contains(&uint8_params(-1.0, 1.0).1),
+            "zero in the middle"
+        );
+    }
 }

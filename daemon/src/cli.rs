@@ -86,6 +86,12 @@ pub struct CompressOpts {
     /// Calibration inputs for static-int8, NAME=FILE.npy, once per model input.
     #[arg(long = "calibration", value_name = "NAME=FILE")]
     pub calibration: Vec<String>,
+    /// How static-int8 turns calibration values into ranges: minmax or percentile:P.
+    #[arg(long, default_value = "minmax")]
+    pub calibration_method: String,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
     /// Refuse the result when a classifier-like output's top-1 agreement is below this.
     #[arg(long, default_value_t = 0.99)]
     pub min_top1: f64,

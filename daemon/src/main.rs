@@ -111,7 +111,11 @@ fn compress(opts: &rxd::cli::CompressOpts) -> ExitCode {
             Ok(e) => e,
             Err(e) => return fail(exit::CONFIG, e),
         };
-        match rxd_compress::static_int8::quantize(env, &bytes, &calibration) {
+        let method = match opts.calibration_method.parse() {
+            Ok(m) => m,
+            Err(e) => return fail(exit::USAGE, e),
+        };
+        match rxd_compress::static_int8::quantize_with(env, &bytes, &calibration, method) {
             Ok((b, st)) => {
                 println!(
                     "static INT8: {} activations calibrated, {} weights, {} biases",
@@ -214,7 +218,38 @@ fn compress(opts: &rxd::cli::CompressOpts) -> ExitCode {
                 ),
             };
         }
-        print!("{report}");
+        if opts.json {
+            let outputs: Vec<serde_json::Value> = report
+                .outputs
+                .iter()
+                .map(|o| {
+                    serde_json::json!({
+                        "name": o.name,
+                        "max_abs_error": o.max_abs_error,
+                        "mean_abs_error": o.mean_abs_error,
+                        "cosine": o.cosine,
+                        "top1_agreement": o.top1_agreement,
+                    })
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "size_before": report.size_before,
+                    "size_after": report.size_after,
+                    "size_ratio": report.size_ratio(),
+                    "latency_ms_before": report.latency_ms_before,
+                    "latency_ms_after": report.latency_ms_after,
+                    "min_top1": report.min_top1(),
+                    "min_cosine": report.min_cosine(),
+                    "passed": report.min_top1() >= opts.min_top1
+                        && report.min_cosine() >= opts.min_cosine,
+                    "outputs": outputs,
+                })
+            );
+        } else {
+            print!("{report}");
+        }
         if report.min_top1() < opts.min_top1 || report.min_cosine() < opts.min_cosine {
             return fail(
                 1,
