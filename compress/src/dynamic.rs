@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use crate::onnx::{self, Model, graph, tensor};
-use crate::proto::{Error, Message, Value};
+use crate::proto::{Error, Message};
 use crate::quant::{MIN_ELEMENTS, quantize_per_channel};
 
 /// (weight, columns) converted, and (node output, why) kept.
@@ -133,24 +133,6 @@ pub fn dynamic_int8(model: &mut Model) -> Result<Dynamic, Error> {
         return Ok(out);
     }
     inits.retain(|t| !drop_inits.contains(&onnx::name_of(t)));
-    model.graph.replace(
-        graph::INITIALIZER,
-        inits.iter().map(|t| Value::Bytes(t.encode())).collect(),
-    );
-    model.graph.replace(
-        graph::NODE,
-        new_nodes.iter().map(|n| Value::Bytes(n.encode())).collect(),
-    );
-    let inputs: Vec<Value> = model
-        .graph
-        .messages(graph::INPUT)?
-        .into_iter()
-        .filter(|i| !drop_inits.contains(&i.string(onnx::value_info::NAME)))
-        .map(|m| Value::Bytes(m.encode()))
-        .collect();
-    model.graph.replace(graph::INPUT, inputs);
-    if model.ir_version() < 4 {
-        model.set_ir_version(4);
-    }
+    model.rewrite(&inits, &new_nodes, &drop_inits)?;
     Ok(out)
 }

@@ -129,25 +129,7 @@ pub fn fp16(model: &mut Model) -> Result<usize, Error> {
     let mut all: Vec<Message> = casts.iter().map(|(h, n)| cast_to_float(h, n)).collect();
     all.extend(nodes);
     let renamed: Vec<String> = casts.iter().map(|(_, n)| n.clone()).collect();
-    model.graph.replace(
-        graph::INITIALIZER,
-        inits.iter().map(|t| Value::Bytes(t.encode())).collect(),
-    );
-    model.graph.replace(
-        graph::NODE,
-        all.iter().map(|n| Value::Bytes(n.encode())).collect(),
-    );
-    let inputs: Vec<Value> = model
-        .graph
-        .messages(graph::INPUT)?
-        .into_iter()
-        .filter(|i| !renamed.contains(&i.string(onnx::value_info::NAME)))
-        .map(|m| Value::Bytes(m.encode()))
-        .collect();
-    model.graph.replace(graph::INPUT, inputs);
-    if model.ir_version() < 4 {
-        model.set_ir_version(4);
-    }
+    model.rewrite(&inits, &all, &renamed)?;
     Ok(count)
 }
 

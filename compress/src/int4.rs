@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use crate::onnx::{self, Model, graph, tensor};
-use crate::proto::{Error, Message, Value};
+use crate::proto::{Error, Message};
 use crate::quant::MIN_ELEMENTS;
 
 /// Values per block along K.
@@ -126,26 +126,8 @@ pub fn int4(model: &mut Model) -> Result<Int4, Error> {
         return Ok(out);
     }
     inits.retain(|t| !dropped.contains(&onnx::name_of(t)));
-    model.graph.replace(
-        graph::INITIALIZER,
-        inits.iter().map(|t| Value::Bytes(t.encode())).collect(),
-    );
-    model.graph.replace(
-        graph::NODE,
-        new_nodes.iter().map(|n| Value::Bytes(n.encode())).collect(),
-    );
-    let inputs: Vec<Value> = model
-        .graph
-        .messages(graph::INPUT)?
-        .into_iter()
-        .filter(|i| !dropped.contains(&i.string(onnx::value_info::NAME)))
-        .map(|m| Value::Bytes(m.encode()))
-        .collect();
-    model.graph.replace(graph::INPUT, inputs);
+    model.rewrite(&inits, &new_nodes, &dropped)?;
     model.ensure_opset("com.microsoft", 1);
-    if model.ir_version() < 4 {
-        model.set_ir_version(4);
-    }
     Ok(out)
 }
 

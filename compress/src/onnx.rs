@@ -93,6 +93,35 @@ impl Model {
             .and_then(|o| o.varint(opset::VERSION))
     }
 
+    /// Writes a rewritten graph: its initializers and nodes (in order); weights that were
+    /// initializers and are now produced by nodes (`produced`) leave the graph inputs, where
+    /// old models list initializers; the IR version becomes at least 4, which lets the new
+    /// initializers be absent from the inputs.
+    pub fn rewrite(
+        &mut self,
+        initializers: &[Message],
+        nodes: &[Message],
+        produced: &[String],
+    ) -> Result<(), Error> {
+        let encode = |ms: &[Message]| ms.iter().map(|m| Value::Bytes(m.encode())).collect();
+        self.graph.replace(graph::INITIALIZER, encode(initializers));
+        self.graph.replace(graph::NODE, encode(nodes));
+        if self.ir_version() < 4 {
+            self.set_ir_version(4);
+        }
+        if produced.is_empty() {
+            return Ok(());
+        }
+        let inputs: Vec<Message> = self
+            .graph
+            .messages(graph::INPUT)?
+            .into_iter()
+            .filter(|i| !produced.contains(&i.string(value_info::NAME)))
+            .collect();
+        self.graph.replace(graph::INPUT, encode(&inputs));
+        Ok(())
+    }
+
     /// Imports `domain` at `version` if it is not imported yet.
     pub fn ensure_opset(&mut self, domain: &str, version: u64) {
         if self.opset(domain).is_some() {

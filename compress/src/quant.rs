@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use crate::onnx::{self, Model, graph, tensor};
-use crate::proto::{Error, Message, Value};
+use crate::proto::{Error, Message};
 
 /// Weights with fewer elements than this stay in float: int8 saves 3 bytes per element, and
 /// a scale and zero point per channel plus three tensor headers and a node cost ~150 bytes.
@@ -235,32 +235,10 @@ pub fn int8_weights_except(
     if out.converted.is_empty() {
         return Ok(out);
     }
-    // Initializers first, then the dequantize nodes of initializer weights ahead of every
-    // other node (their inputs are constants, so that order is topological).
-    model.graph.replace(
-        graph::INITIALIZER,
-        initializers
-            .iter()
-            .map(|m| Value::Bytes(m.encode()))
-            .collect(),
-    );
-    let mut all_nodes: Vec<Value> = dq_nodes.iter().map(|m| Value::Bytes(m.encode())).collect();
-    all_nodes.extend(nodes.iter().map(|m| Value::Bytes(m.encode())));
-    model.graph.replace(graph::NODE, all_nodes);
-    // Old models list initializers among the graph inputs; a quantized weight is now a node's
-    // output, so it leaves the inputs (IR 4 lets initializers be absent from them).
-    if !replaced.is_empty() {
-        let inputs = model.graph.messages(graph::INPUT)?;
-        let kept_inputs: Vec<Value> = inputs
-            .into_iter()
-            .filter(|i| !replaced.contains(&i.string(onnx::value_info::NAME)))
-            .map(|m| Value::Bytes(m.encode()))
-            .collect();
-        model.graph.replace(graph::INPUT, kept_inputs);
-    }
-    if model.ir_version() < 4 {
-        model.set_ir_version(4);
-    }
+    // The dequantize nodes of initializer weights go ahead of every other node (their
+    // inputs are constants, so that order is topological).
+    dq_nodes.extend(nodes);
+    model.rewrite(&initializers, &dq_nodes, &replaced)?;
     if domain == "com.microsoft" {
         model.ensure_opset("com.microsoft", 1);
     }

@@ -22,7 +22,7 @@ fn bad(m: String) -> RequestError {
 fn inputs(
     shared: &SharedRef,
     req: &CompressRequest,
-    version: u64,
+    bytes: &[u8],
 ) -> Result<Vec<Input>, RequestError> {
     if !req.eval.is_empty() {
         return req
@@ -61,43 +61,9 @@ fn inputs(
             })
             .collect();
     }
-    let info = shared.registry.info(&req.model, Some(version))?;
-    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-    info.inputs
-        .iter()
-        .map(|spec| {
-            let shape: Vec<i64> = spec
-                .dims
-                .iter()
-                .map(|&d| if d < 0 { 1 } else { d })
-                .collect();
-            let n: usize = shape.iter().map(|&d| d as usize).product();
-            let data = match spec.dtype {
-                DType::Float32 => Data::F32(
-                    (0..n)
-                        .map(|_| {
-                            seed ^= seed << 13;
-                            seed ^= seed >> 7;
-                            seed ^= seed << 17;
-                            (seed >> 40) as f32 / (1u64 << 24) as f32
-                        })
-                        .collect(),
-                ),
-                DType::Int64 => Data::I64(vec![0; n]),
-                other => {
-                    return Err(bad(format!(
-                        "input '{}' is {other:?}: give evaluation inputs",
-                        spec.name
-                    )));
-                }
-            };
-            Ok(Input {
-                name: spec.name.clone(),
-                shape,
-                data,
-            })
-        })
-        .collect()
+    // Random inputs of the model's shapes, dynamic dimensions 1.
+    rxd_compress::report::random_inputs(shared.registry.runtime().env(), bytes, 1)
+        .map_err(|e| bad(format!("cannot make evaluation inputs: {e}")))
 }
 
 /// Compresses, evaluates, and publishes when the report passes. Blocking.
@@ -112,7 +78,7 @@ pub fn compress(shared: &SharedRef, req: &CompressRequest) -> Result<CompressRep
     let bytes = std::fs::read(&path)
         .map_err(|e| RequestError::Internal(format!("{}: {e}", path.display())))?;
     let (out, outcome) = rxd_compress::compress(&bytes, strategy).map_err(bad)?;
-    let inputs = inputs(shared, req, version)?;
+    let inputs = inputs(shared, req, &bytes)?;
     let report =
         rxd_compress::report::compare(shared.registry.runtime().env(), &bytes, &out, &inputs)
             .map_err(|e| RequestError::Internal(format!("evaluation failed: {e}")))?;

@@ -4,10 +4,8 @@
 //! Boundary: decisions about memory still go through the budget policy.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Instant;
 
-use rxd_protocol::{ErrorCode, ModelState, WireError};
+use rxd_protocol::{ErrorCode, WireError};
 
 use super::{Key, LoadedModel, ModelSettings, Registry, describe, model_bytes, release};
 use crate::error::RequestError;
@@ -96,12 +94,7 @@ impl Registry {
                 let model = models
                     .get_mut(name)
                     .ok_or_else(|| RequestError::UnknownModel(name.into()))?;
-                let version = match c.version {
-                    Some(v) => v,
-                    None => model
-                        .default_version()
-                        .ok_or_else(|| RequestError::UnknownModel(name.into()))?,
-                };
+                let version = model.resolve(name, c.version)?;
                 let base = model
                     .settings
                     .clone()
@@ -196,25 +189,15 @@ impl Registry {
                 .unwrap_or_else(|| self.defaults.devices[0].name.clone());
             (ver.path.clone(), settings, model_bytes(&ver.path), device)
         };
-        let guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.prime(&device);
-        crate::runtime::release_free_memory();
-        let rss0 = crate::metrics::resident_bytes();
-        let started = Instant::now();
-        let built = self.build(name, version, &path, &settings, &device);
-        let load_ms = started.elapsed().as_millis() as u64;
-        crate::runtime::release_free_memory();
-        let rss1 = crate::metrics::resident_bytes();
-        drop(guard);
+        let (built, grew, load_ms) = {
+            let _guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.measured_build(name, version, &path, &settings, &device)
+        };
         let new = built.map_err(|message| RequestError::LoadFailed {
             model: name.into(),
             version,
             message,
         })?;
-        let grew = match (rss0, rss1) {
-            (Some(a), Some(b)) => b.saturating_sub(a),
-            _ => 0,
-        };
         let measured = grew.max(file_bytes);
         let mut models = self.write();
         let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
@@ -271,16 +254,7 @@ impl Registry {
             .get_mut(name)
             .and_then(|m| m.versions.get_mut(&version))
             .expect("the version is in the map");
-        ver.arena = new.arena_bytes;
-        dropped.extend(ver.loaded.replace(Arc::new(new)));
-        ver.state = ModelState::Ready;
-        ver.measured = Some(measured);
-        ver.known = Some(measured);
-        ver.load_ms = Some(load_ms);
-        ver.loads += 1;
-        let m = self.model_metrics(name, version);
-        crate::metrics::Metrics::inc(&m.loads);
-        m.load_us.fetch_add(load_ms * 1000, Ordering::Relaxed);
+        dropped.extend(self.install(ver, name, version, new, measured, load_ms));
         drop(models);
         tracing::info!(model = %name, version, device = %device, bytes = measured, "rebuilt");
         let _guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());

@@ -493,6 +493,16 @@ impl Model {
         policy.select(&on_disk)
     }
 
+    /// `version`, or the default one when none is named.
+    fn resolve(&self, name: &str, version: Option<u64>) -> Result<u64, RequestError> {
+        match version {
+            Some(v) => Ok(v),
+            None => self
+                .default_version()
+                .ok_or_else(|| RequestError::UnknownModel(name.into())),
+        }
+    }
+
     /// The version a request without one gets: the highest served version; while that one is
     /// loading (a reload), the highest ready version keeps serving.
     fn default_version(&self) -> Option<u64> {
@@ -831,12 +841,7 @@ impl Registry {
         let model = models
             .get_mut(name)
             .ok_or_else(|| RequestError::UnknownModel(name.into()))?;
-        let version = match version {
-            Some(v) => v,
-            None => model
-                .default_version()
-                .ok_or_else(|| RequestError::UnknownModel(name.into()))?,
-        };
+        let version = model.resolve(name, version)?;
         let served = model.served().contains(&version);
         let settings = model.settings.clone();
         let ver = model
@@ -1021,21 +1026,11 @@ impl Registry {
         };
 
         // Session creation and warmup, measured alone.
-        let guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
-        drop(victims);
-        self.prime(&device);
-        // Freed heap pages go back to the kernel before and after, so the difference is what
-        // the model keeps, not the load's transient peak or reuse of someone else's pages.
-        crate::runtime::release_free_memory();
-        let rss0 = crate::metrics::resident_bytes();
-        let vram0 = self.device_memory_used(&device);
-        let started = Instant::now();
-        let built = self.build(name, version, &ticket.path, &ticket.settings, &device);
-        let load_ms = started.elapsed().as_millis() as u64;
-        crate::runtime::release_free_memory();
-        let rss1 = crate::metrics::resident_bytes();
-        let vram1 = self.device_memory_used(&device);
-        drop(guard);
+        let (built, grew, load_ms) = {
+            let _guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
+            drop(victims);
+            self.measured_build(name, version, &ticket.path, &ticket.settings, &device)
+        };
         let loaded = match built {
             Ok(l) => l,
             Err(message) => {
@@ -1048,17 +1043,6 @@ impl Registry {
                 return Err(self.fail(&mut models, ticket, ModelState::Failed, message, None));
             }
         };
-        let grew = match (rss0, rss1) {
-            (Some(a), Some(b)) => b.saturating_sub(a),
-            _ => 0,
-        };
-        // Device memory where the driver reports it (NVML): the sessions' allocations on the
-        // GPU come on top of what they hold in host memory.
-        let grew = grew
-            + match (vram0, vram1) {
-                (Some(a), Some(b)) => b.saturating_sub(a),
-                _ => 0,
-            };
         // Weights are resident at least once, even when freed pages were reused; and a reload
         // after an eviction partly reuses pages the allocator kept from the last time, so it
         // reads low: a version is accounted at the largest footprint measured for it.
@@ -1118,16 +1102,7 @@ impl Registry {
                     .get_mut(name)
                     .and_then(|m| m.versions.get_mut(&version))
                     .expect("a loading version stays in the map");
-                ver.arena = loaded.arena_bytes;
-                ver.loaded = Some(Arc::new(loaded));
-                ver.state = ModelState::Ready;
-                ver.measured = Some(measured);
-                ver.known = Some(measured);
-                ver.load_ms = Some(load_ms);
-                ver.loads += 1;
-                let m = self.model_metrics(name, version);
-                crate::metrics::Metrics::inc(&m.loads);
-                m.load_us.fetch_add(load_ms * 1000, Ordering::Relaxed);
+                self.install(ver, name, version, loaded, measured, load_ms);
                 ver.slot = None;
                 ver.pinned |= pin;
                 if ver.pinned {
@@ -1272,6 +1247,60 @@ impl Registry {
             }
         }
         out
+    }
+
+    /// Primes the device, builds the version and measures what it keeps: resident-set growth
+    /// with freed heap returned to the kernel before and after (so the difference is what the
+    /// model keeps, not the load's transient peak or reuse of someone else's pages), plus
+    /// device memory growth where the driver reports it (NVML). Call under `load_lock`.
+    /// Returns the build, the bytes it grew by, and its time in ms.
+    fn measured_build(
+        &self,
+        name: &str,
+        version: u64,
+        path: &Path,
+        settings: &ModelSettings,
+        device: &str,
+    ) -> (Result<LoadedModel, String>, u64, u64) {
+        self.prime(device);
+        crate::runtime::release_free_memory();
+        let rss0 = crate::metrics::resident_bytes();
+        let vram0 = self.device_memory_used(device);
+        let started = Instant::now();
+        let built = self.build(name, version, path, settings, device);
+        let load_ms = started.elapsed().as_millis() as u64;
+        crate::runtime::release_free_memory();
+        let rss1 = crate::metrics::resident_bytes();
+        let vram1 = self.device_memory_used(device);
+        let growth = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => b.saturating_sub(a),
+            _ => 0,
+        };
+        (built, growth(rss0, rss1) + growth(vram0, vram1), load_ms)
+    }
+
+    /// Makes `loaded` the version's resident model with its measured footprint; returns the
+    /// model it replaces (a rebuild), if any.
+    fn install(
+        &self,
+        ver: &mut Version,
+        name: &str,
+        version: u64,
+        loaded: LoadedModel,
+        measured: u64,
+        load_ms: u64,
+    ) -> Option<Arc<LoadedModel>> {
+        ver.arena = loaded.arena_bytes;
+        let old = ver.loaded.replace(Arc::new(loaded));
+        ver.state = ModelState::Ready;
+        ver.measured = Some(measured);
+        ver.known = Some(measured);
+        ver.load_ms = Some(load_ms);
+        ver.loads += 1;
+        let m = self.model_metrics(name, version);
+        crate::metrics::Metrics::inc(&m.loads);
+        m.load_us.fetch_add(load_ms * 1000, Ordering::Relaxed);
+        old
     }
 
     /// Memory in use on a device as its driver reports it (NVIDIA through NVML); `None` for the
@@ -1563,12 +1592,7 @@ impl Registry {
         let model = models
             .get(name)
             .ok_or_else(|| RequestError::UnknownModel(name.into()))?;
-        let num = match version {
-            Some(v) => v,
-            None => model
-                .default_version()
-                .ok_or_else(|| RequestError::UnknownModel(name.into()))?,
-        };
+        let num = model.resolve(name, version)?;
         let ver = model
             .versions
             .get(&num)
