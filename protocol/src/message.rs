@@ -542,6 +542,12 @@ pub struct ModelSummary {
     pub batches: u64,
     #[serde(default)]
     pub rows: u64,
+    /// Zero rows run to pad batches up to a configured batch size (`batch-sizes`).
+    #[serde(default)]
+    pub padded_rows: u64,
+    /// The batch sizes batches are padded up to (each warmed up at load); empty = none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub batch_sizes: Vec<u32>,
     /// Result cache hits and misses, bytes held; requests answered by joining an identical
     /// request in flight.
     #[serde(default)]

@@ -61,6 +61,9 @@ pub struct ModelMetrics {
     pub outcomes: BTreeMap<String, u64>,
     pub batches: u64,
     pub rows: u64,
+    /// Zero rows run to pad batches to a configured batch size.
+    #[serde(default)]
+    pub padded_rows: u64,
     /// Rates over the last 1, 10 and 60 seconds.
     pub rates: Vec<Rate>,
     /// Waiting for a worker, per request.
@@ -340,6 +343,12 @@ pub fn prometheus(r: &MetricsReport) -> String {
         "counter",
         "Rows (items) run.",
         |m: &ModelMetrics| Some(m.rows as f64)
+    );
+    per_model!(
+        "rxd_model_padded_rows_total",
+        "counter",
+        "Zero rows run to pad batches up to a configured batch size.",
+        |m: &ModelMetrics| Some(m.padded_rows as f64)
     );
     per_model!(
         "rxd_model_queue_depth",

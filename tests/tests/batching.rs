@@ -145,6 +145,63 @@ fn batched_results_equal_unbatched_in_process_ort_row_by_row() {
 }
 
 #[test]
+fn batches_padded_to_configured_sizes_answer_only_the_real_rows() {
+    let repo = Repo::new();
+    repo.link("digits", 1, "digits").settings(
+        "digits",
+        "max-batch-rows = 16\nbatch-sizes = [4, 16]\nmax-queue-delay-us = 50000\n",
+    );
+    let d = TestDaemon::start(repo.path(), &[]);
+    let x = example_npy("digits_test_x.npy", "input");
+    let bytes = rxd_client::tensor::bytes(&x).unwrap();
+    let rows = |from: usize, n: usize| {
+        Tensor::inline(
+            "input",
+            DType::Float32,
+            vec![n as u64, 64],
+            bytes[from * 256..(from + n) * 256].to_vec(),
+        )
+    };
+    let mut reference = Reference::new(&model_file("digits"));
+    let check = |got: &[Tensor], want: &[Tensor]| {
+        assert_eq!(got[0], want[0], "labels");
+        assert_eq!(got[1].shape, want[1].shape);
+        assert!(close(
+            rxd_client::tensor::bytes(&got[1]).unwrap(),
+            rxd_client::tensor::bytes(&want[1]).unwrap()
+        ));
+    };
+    // Alone: 3 rows run as 4, 5 rows as 16; the answers hold only the real rows.
+    let c = d.client_inline();
+    for (from, n) in [(0, 3), (3, 5)] {
+        let want = reference.run(&[rows(from, n)]);
+        check(&c.infer("digits", vec![rows(from, n)]).unwrap(), &want);
+    }
+    let s = model_stats(&d, "digits");
+    assert_eq!(s.batch_sizes, vec![4, 16]);
+    assert_eq!((s.rows, s.padded_rows), (8, 1 + 11));
+    // Concurrent 3-row requests batched and padded: each answer is its own rows.
+    let parts: Vec<Tensor> = (0..6).map(|i| rows(10 + 3 * i, 3)).collect();
+    let want: Vec<Vec<Tensor>> = parts
+        .iter()
+        .map(|p| reference.run(std::slice::from_ref(p)))
+        .collect();
+    let got = concurrent_single_rows(&d, "digits", parts);
+    for (g, w) in got.iter().zip(&want) {
+        check(g, w);
+    }
+    let s = model_stats(&d, "digits");
+    assert_eq!(s.rows, 8 + 18);
+    assert!(s.batches < 2 + 6, "batched: {} batches", s.batches);
+    // Every batch ran at 4 or 16 rows: rows + padding add up to a sum of those.
+    let run = s.rows + s.padded_rows;
+    assert!(s.padded_rows > 12 && run.is_multiple_of(4), "{s:?}");
+    let out = d.rxctl(&["models", "digits"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("batches padded to 4/16 rows"), "{text}");
+}
+
+#[test]
 fn a_request_past_its_deadline_is_answered_and_never_run() {
     let repo = Repo::new();
     // Batches wait up to 300 ms to fill: a 50 ms deadline passes while waiting.

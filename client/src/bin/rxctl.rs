@@ -468,6 +468,15 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
                         println!("nodes on the CPU: {}", s.nodes_on_cpu.join(", "));
                     }
                 }
+                if !s.batch_sizes.is_empty() {
+                    let sizes: Vec<String> = s.batch_sizes.iter().map(u32::to_string).collect();
+                    println!(
+                        "batches padded to {} rows ({} rows of padding run, {} real rows)",
+                        sizes.join("/"),
+                        s.padded_rows,
+                        s.rows
+                    );
+                }
                 if let Some(f) = &s.fallback {
                     println!("FALLBACK: runs on the CPU: {f}");
                 }

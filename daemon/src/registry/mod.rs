@@ -50,6 +50,18 @@ pub struct ModelSettings {
     /// Largest batch in rows for models with a dynamic first dimension (1 = no batching).
     /// Default 32.
     pub max_batch_rows: Option<u32>,
+    /// Batch sizes a batch is padded up to (with zero rows, whose outputs are dropped), e.g.
+    /// `[1, 2, 4, 8, 16, 32]`; each is warmed up at load. GPU execution providers pick (and
+    /// cuDNN searches for) kernels per input shape, which costs up to seconds the first time
+    /// a batch size is seen: padding to a few warmed sizes keeps that out of the request path.
+    /// Default on GPU devices: the powers of two up to max-batch-rows, and max-batch-rows;
+    /// on the CPU none (`[]`: batches run at their own size).
+    pub batch_sizes: Option<Vec<u32>>,
+    /// On GPU devices, one session per batch size in `batch-sizes` (each only ever sees its
+    /// own shape: ORT's CUDA EP re-plans every convolution when a session's input shape
+    /// changes, ~0.1–0.7 s per change). Costs a session's device memory per size. Default
+    /// true; false runs every size on one session.
+    pub session_per_batch_size: Option<bool>,
     /// Static batching: how long a request may wait for its batch to fill, in µs. Default 0:
     /// batches form only from requests that arrive while the workers are busy.
     pub max_queue_delay_us: Option<u64>,
@@ -105,6 +117,8 @@ impl ModelSettings {
             queue_capacity,
             allow_spinning,
             max_batch_rows,
+            batch_sizes,
+            session_per_batch_size,
             max_queue_delay_us,
             latency_target_ms,
             default_priority,
@@ -229,6 +243,36 @@ pub struct Defaults {
     pub cache_dir: PathBuf,
 }
 
+/// The batch sizes a model's batches are padded up to: the configured list (sorted, without
+/// sizes above max-batch-rows or zero), or by default on a GPU device the powers of two up to
+/// max-batch-rows and max-batch-rows itself; none for a model that cannot batch.
+pub fn batch_sizes(
+    configured: Option<&[u32]>,
+    batchable: bool,
+    max_batch_rows: u32,
+    on_gpu: bool,
+) -> Vec<u32> {
+    if !batchable || max_batch_rows <= 1 {
+        return Vec::new();
+    }
+    let mut sizes: Vec<u32> = match configured {
+        Some(list) => list
+            .iter()
+            .copied()
+            .filter(|&b| (1..=max_batch_rows).contains(&b))
+            .collect(),
+        None if on_gpu => (0..u32::BITS)
+            .map(|k| 1u32 << k)
+            .take_while(|&b| b < max_batch_rows)
+            .chain([max_batch_rows])
+            .collect(),
+        None => Vec::new(),
+    };
+    sizes.sort_unstable();
+    sizes.dedup();
+    sizes
+}
+
 /// A model version that is ready to serve.
 pub struct LoadedModel {
     pub name: String,
@@ -242,6 +286,8 @@ pub struct LoadedModel {
     pub fallback: Option<String>,
     /// Which execution provider ran each node (from the profiled warmup).
     pub placement: Option<crate::runtime::NodePlacement>,
+    /// Batch sizes batches are padded up to (see `batch-sizes`).
+    pub batch_sizes: Vec<u32>,
     scheduler: Arc<Scheduler>,
     pub coalescer: Arc<Coalescer>,
     /// Milliseconds since the registry's epoch when a request last used it (LRU order).
@@ -1384,6 +1430,7 @@ impl Registry {
         let mut sessions = Vec::new();
         let mut signature = None;
         let mut arena: Option<u64> = None;
+        let mut pad_to: Vec<u32> = Vec::new();
         for i in 0..instances {
             let prof = (i == 0 && warm).then_some(profile.as_path());
             let created = self.runtime.session_on(path, &opts, target_now, prof);
@@ -1413,11 +1460,27 @@ impl Registry {
                 }
                 Err(e) => return Err(e.to_string()),
             };
+            if i == 0 {
+                pad_to = batch_sizes(
+                    settings.batch_sizes.as_deref(),
+                    batchable(&sig),
+                    sched_settings.max_batch_rows,
+                    *target_now.kind != crate::config::DeviceKind::Cpu,
+                );
+            }
+            let per_size = settings.session_per_batch_size.unwrap_or(true)
+                && *target_now.kind != crate::config::DeviceKind::Cpu
+                && pad_to.iter().any(|&b| b > 1);
             if warm {
                 let mut sizes = vec![1u64];
-                if batchable(&sig) && sched_settings.max_batch_rows > 1 {
+                if batchable(&sig) && sched_settings.max_batch_rows > 1 && !per_size {
                     sizes.push(u64::from(sched_settings.max_batch_rows));
                 }
+                if !per_size {
+                    sizes.extend(pad_to.iter().map(|&b| u64::from(b)));
+                }
+                sizes.sort_unstable();
+                sizes.dedup();
                 let dims = settings.warmup_dims.clone().unwrap_or_default();
                 for rows in sizes {
                     if let Err(e) = crate::runtime::warmup(&mut session, &sig, rows, &dims) {
@@ -1452,7 +1515,27 @@ impl Registry {
                 }
                 Err(e) => tracing::debug!(model = %name, version, "no ORT arena statistics: {e}"),
             }
-            sessions.push(session);
+            // On a GPU, a session per padded batch size (see `WorkerSessions`), each warmed at
+            // its size; `main` serves batch size 1 and any size above the largest.
+            let mut worker = crate::runtime::WorkerSessions::from(session);
+            if per_size {
+                for &rows in pad_to.iter().filter(|&&b| b > 1) {
+                    let (mut extra, _) = self
+                        .runtime
+                        .session_on(path, &opts, target_now, None)
+                        .map_err(|e| e.to_string())?;
+                    if warm {
+                        let dims = settings.warmup_dims.clone().unwrap_or_default();
+                        if let Err(e) =
+                            crate::runtime::warmup(&mut extra, &sig, u64::from(rows), &dims)
+                        {
+                            tracing::warn!(model = %name, version, "warmup at batch {rows}: {e}");
+                        }
+                    }
+                    worker.by_rows.push((u64::from(rows), extra));
+                }
+            }
+            sessions.push(worker);
             signature = Some(sig);
         }
         let signature = signature.ok_or("no instances")?;
@@ -1460,6 +1543,9 @@ impl Registry {
             &format!("{name}-{version}"),
             sessions,
             sched_settings,
+            crate::runtime::WorkerOptions {
+                pad_to: pad_to.clone(),
+            },
             batchable(&signature),
             settings.default_priority.unwrap_or(0),
             self.model_metrics(name, version),
@@ -1478,6 +1564,7 @@ impl Registry {
             ep: target_now.kind.ep(),
             fallback,
             placement,
+            batch_sizes: pad_to,
             scheduler,
             coalescer,
             last_used: AtomicU64::new(self.now_ms()),
@@ -1774,6 +1861,8 @@ impl Registry {
             coalesced: loaded.map_or(0, |l| l.coalescer.stats.coalesced.load(Ordering::Relaxed)),
             batches: stats.map_or(0, |s| s.batches.load(Ordering::Relaxed)),
             rows: stats.map_or(0, |s| s.rows.load(Ordering::Relaxed)),
+            padded_rows: stats.map_or(0, |s| s.padded_rows.load(Ordering::Relaxed)),
+            batch_sizes: loaded.map_or_else(Vec::new, |l| l.batch_sizes.clone()),
             pinned: ver.pinned,
             ep: loaded.map(|l| l.ep.to_string()),
             fallback: loaded.and_then(|l| l.fallback.clone()),
@@ -1877,3 +1966,29 @@ fn mib(bytes: u64) -> String {
 
 mod control;
 mod report;
+
+#[cfg(test)]
+mod batch_size_tests {
+    use super::batch_sizes;
+
+    #[test]
+    fn gpu_devices_pad_to_powers_of_two_and_the_cpu_does_not() {
+        assert_eq!(batch_sizes(None, true, 32, true), vec![1, 2, 4, 8, 16, 32]);
+        assert_eq!(batch_sizes(None, true, 12, true), vec![1, 2, 4, 8, 12]);
+        assert!(batch_sizes(None, true, 32, false).is_empty());
+        assert!(
+            batch_sizes(None, false, 32, true).is_empty(),
+            "cannot batch"
+        );
+        assert!(batch_sizes(None, true, 1, true).is_empty(), "no batching");
+        assert_eq!(
+            batch_sizes(Some(&[16, 0, 4, 64, 4]), true, 32, false),
+            vec![4, 16],
+            "configured: sorted, deduplicated, within 1..=max-batch-rows"
+        );
+        assert!(
+            batch_sizes(Some(&[]), true, 32, true).is_empty(),
+            "[] turns it off"
+        );
+    }
+}

@@ -34,6 +34,7 @@ impl Registry {
                     outcomes: m.outcomes(),
                     batches: get(stats.map(|s| &s.batches)),
                     rows: get(stats.map(|s| &s.rows)),
+                    padded_rows: get(stats.map(|s| &s.padded_rows)),
                     rates,
                     queue,
                     compute,

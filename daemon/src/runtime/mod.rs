@@ -248,6 +248,21 @@ impl Runtime {
             }
             DeviceKind::Cuda { id } => {
                 let mut ep = ort::ep::CUDA::default().with_device_id(*id as i32);
+                // ORT's default, EXHAUSTIVE, times every cuDNN convolution algorithm whenever
+                // a session's input shape changes: 0.5–0.7 s per change for YOLOv8n or the
+                // PP-OCR classifier on an H200, against ~0.1 s with the heuristic choice. Batch
+                // sizes get a session each (`WorkerSessions`), but a new image size (dynamic
+                // height/width) still meets the search in the request path. The heuristic
+                // choice bounds that; `cudnn_conv_algo_search = "EXHAUSTIVE"` in the device's
+                // options brings the search back (with `warmup-dims` so the warmup meets the
+                // shapes that will be served).
+                if !target
+                    .options
+                    .iter()
+                    .any(|(k, _)| k == "cudnn_conv_algo_search")
+                {
+                    ep = ep.with_arbitrary_config("cudnn_conv_algo_search", "HEURISTIC");
+                }
                 for (k, v) in target.options {
                     ep = ep.with_arbitrary_config(k, v);
                 }
@@ -456,6 +471,19 @@ mod tests {
         let cpu = parse_profile(profile, "CPUExecutionProvider").unwrap();
         assert!(cpu.on_cpu.is_empty(), "on a CPU device nothing fell back");
         assert!(parse_profile("not json", "x").is_err());
+    }
+
+    #[test]
+    fn batches_pad_to_the_smallest_size_that_holds_them() {
+        let sizes = [1, 2, 4, 8, 16, 32];
+        let got: Vec<u64> = [1, 2, 3, 5, 8, 9, 17, 32]
+            .iter()
+            .map(|&r| padded_rows(r, &sizes))
+            .collect();
+        assert_eq!(got, vec![1, 2, 4, 8, 8, 16, 32, 32]);
+        assert_eq!(padded_rows(40, &sizes), 40, "larger than every size: as is");
+        assert_eq!(padded_rows(3, &[]), 3, "no sizes: as is");
+        assert_eq!(padded_rows(3, &[16]), 16);
     }
 }
 
@@ -744,7 +772,77 @@ pub struct Batch {
 
 /// Told when a worker finishes a batch (the scheduler, held weakly by the workers).
 pub trait BatchListener: Send + Sync {
-    fn batch_done(&self, rows: u32, compute: std::time::Duration, arrived: &[std::time::Instant]);
+    /// `padding`: zero rows added to reach a configured batch size (see [`padded_rows`]).
+    fn batch_done(
+        &self,
+        rows: u32,
+        padding: u32,
+        compute: std::time::Duration,
+        arrived: &[std::time::Instant],
+    );
+}
+
+/// How a model's workers run batches.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerOptions {
+    /// Batch sizes (ascending) a batch is padded up to with zero rows; empty = none.
+    pub pad_to: Vec<u32>,
+}
+
+/// A worker's gather buffers, one per model input, kept (with their capacity) from batch to
+/// batch: a batch's inputs are copied once, into memory that was used before, and the batch
+/// tensors are built over it (no fresh allocation, page faults or second copy per batch).
+#[derive(Debug, Default)]
+pub struct Staging {
+    buffers: Vec<Vec<u8>>,
+}
+
+impl Staging {
+    /// Buffer `k`, emptied (its capacity kept).
+    fn take(&mut self, k: usize) -> Vec<u8> {
+        if self.buffers.len() <= k {
+            self.buffers.resize_with(k + 1, Vec::new);
+        }
+        let mut b = std::mem::take(&mut self.buffers[k]);
+        b.clear();
+        b
+    }
+
+    /// Gives buffer `k` back for the next batch.
+    fn put(&mut self, k: usize, b: Vec<u8>) {
+        self.buffers[k] = b;
+    }
+}
+
+/// The sessions of one worker: `main`, and on GPU devices one more session per padded batch
+/// size, each run only at that size. ORT's CUDA EP keeps one set of cuDNN plans per Conv node,
+/// for the last input shape: a session that alternates between two batch sizes pays a re-plan
+/// on every change — 0.5–0.7 s per run for YOLOv8n and the PP-OCR classifier with ORT's
+/// default algorithm search, ~0.1 s with the heuristic one, against 1–3 ms at a fixed shape
+/// (measured in-process on an H200: `cargo bench --bench cuda_probe`). A session per size
+/// never changes shape.
+pub struct WorkerSessions {
+    pub main: Session,
+    /// Sessions by the batch size (rows) they run; batches of other sizes use `main`.
+    pub by_rows: Vec<(u64, Session)>,
+}
+
+impl From<Session> for WorkerSessions {
+    fn from(main: Session) -> Self {
+        WorkerSessions {
+            main,
+            by_rows: Vec::new(),
+        }
+    }
+}
+
+impl WorkerSessions {
+    fn for_rows(&mut self, rows: u64) -> &mut Session {
+        match self.by_rows.iter_mut().find(|(r, _)| *r == rows) {
+            Some((_, s)) => s,
+            None => &mut self.main,
+        }
+    }
 }
 
 /// The worker threads of one model version: one session each, all taking batches from one
@@ -772,9 +870,11 @@ impl WorkerPool {
     /// batches are formed by the scheduler only when a worker is free.
     pub fn start(
         label: &str,
-        sessions: Vec<Session>,
+        sessions: Vec<WorkerSessions>,
+        options: WorkerOptions,
         listener: std::sync::Weak<dyn BatchListener>,
     ) -> WorkerPool {
+        let options = Arc::new(options);
         let (tx, rx) = crossbeam_channel::bounded::<Batch>(sessions.len().max(1));
         let busy_since: Arc<Vec<std::sync::atomic::AtomicU64>> =
             Arc::new(sessions.iter().map(|_| Default::default()).collect());
@@ -790,9 +890,10 @@ impl WorkerPool {
                 let rx = rx.clone();
                 let listener = listener.clone();
                 let busy = busy_since.clone();
+                let options = options.clone();
                 std::thread::Builder::new()
                     .name(format!("rxd-w-{label}-{i}"))
-                    .spawn(move || worker_loop(session, rx, listener, &busy[i], wedge))
+                    .spawn(move || worker_loop(session, rx, &options, listener, &busy[i], wedge))
                     .expect("spawn worker thread")
             })
             .collect();
@@ -843,13 +944,15 @@ impl Drop for WorkerPool {
 }
 
 fn worker_loop(
-    mut session: Session,
+    mut sessions: WorkerSessions,
     rx: crossbeam_channel::Receiver<Batch>,
+    options: &WorkerOptions,
     listener: std::sync::Weak<dyn BatchListener>,
     busy: &std::sync::atomic::AtomicU64,
     wedge: bool,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
+    let mut staging = Staging::default();
     while let Ok(mut batch) = rx.recv() {
         let arrived = std::mem::take(&mut batch.arrived);
         let started = std::time::Instant::now();
@@ -861,16 +964,31 @@ fn worker_loop(
             }
         }
         let rows: u32 = batch.rows.iter().sum();
-        run_batch(&mut session, batch);
+        let padding = run_batch(&mut sessions, batch, options, &mut staging);
         busy.store(0, Relaxed);
         if let Some(l) = listener.upgrade() {
-            l.batch_done(rows, started.elapsed(), &arrived);
+            l.batch_done(rows, padding, started.elapsed(), &arrived);
         }
     }
 }
 
-/// Runs a batch and completes every job in it.
-fn run_batch(session: &mut Session, batch: Batch) {
+/// The size a batch of `rows` rows runs at: the smallest of `pad_to` that holds it, or its own
+/// size when none does (or `pad_to` is empty).
+pub fn padded_rows(rows: u64, pad_to: &[u32]) -> u64 {
+    pad_to
+        .iter()
+        .map(|&b| u64::from(b))
+        .find(|&b| b >= rows)
+        .unwrap_or(rows)
+}
+
+/// Runs a batch and completes every job in it; returns the rows of padding it ran.
+fn run_batch(
+    sessions: &mut WorkerSessions,
+    batch: Batch,
+    options: &WorkerOptions,
+    staging: &mut Staging,
+) -> u32 {
     let Batch { jobs, rows, .. } = batch;
     let mut live: Vec<(Job, u32)> = Vec::with_capacity(jobs.len());
     for (j, r) in jobs.into_iter().zip(rows) {
@@ -881,16 +999,20 @@ fn run_batch(session: &mut Session, batch: Batch) {
         // Nobody waits for it: skip the work, still complete it (bookkeeping).
         j.completion.complete(Err(RuntimeError::Abandoned));
     }
+    let total: u64 = live.iter().map(|(_, r)| u64::from(*r)).sum();
+    let padded = padded_rows(total, &options.pad_to);
+    let padding = (padded - total) as u32;
+    let session = sessions.for_rows(padded);
     match live.len() {
-        0 => {}
-        1 => {
+        0 => return 0,
+        1 if padded == total => {
             let (job, _) = live.into_iter().next().expect("one");
             let result = run_one(session, &job);
             job.completion.complete(result);
         }
         _ => {
             let (jobs, rows): (Vec<Job>, Vec<u32>) = live.into_iter().unzip();
-            match run_many(session, &jobs, &rows) {
+            match run_many(session, &jobs, &rows, padded, staging) {
                 Ok(results) => {
                     for (job, r) in jobs.into_iter().zip(results) {
                         job.completion.complete(r);
@@ -905,6 +1027,7 @@ fn run_batch(session: &mut Session, batch: Batch) {
             }
         }
     }
+    padding
 }
 
 /// A model output's bytes, wherever they are (ORT's buffer, a cache entry).
@@ -953,16 +1076,17 @@ fn with_outputs<R>(
     then(&views)
 }
 
-/// Runs one job: inputs straight from where they are (zero copy from the arena).
+/// Runs one job: inputs straight from where they are (zero copy from the arena or from the
+/// request's inline bytes).
 fn run_one(session: &mut Session, job: &Job) -> Result<Vec<OutputTensor>, RuntimeError> {
     let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
         Vec::with_capacity(job.inputs.len());
     for t in &job.inputs {
         let ty = element_type_of(t.dtype);
         let value: SessionInputValue<'_> = match &t.data {
-            InputData::Inline(bytes) => raw::tensor_from_bytes(ty, &t.shape, bytes)
-                .map_err(|e| run_err(&e))?
-                .into(),
+            InputData::Inline(bytes) => {
+                raw::tensor_over_bytes(bytes, ty, &t.shape).map_err(|e| run_err(&e))?
+            }
             InputData::Shared { map, offset, len } => {
                 raw::tensor_over_mapping(map, *offset, *len, ty, &t.shape)
                     .map_err(|e| run_err(&e))?
@@ -976,19 +1100,41 @@ fn run_one(session: &mut Session, job: &Job) -> Result<Vec<OutputTensor>, Runtim
     })
 }
 
-/// Runs several jobs as one batch: one gather copy of the inputs into batch tensors, one run,
-/// then each job's rows of every output are delivered where that job wants them.
+/// Runs several jobs as one batch: one gather copy of the inputs into batch tensors (padded
+/// with zero rows up to `padded` rows), one run, then each job's rows of every output are
+/// delivered where that job wants them (the padding rows' outputs are dropped).
 fn run_many(
     session: &mut Session,
     jobs: &[Job],
     rows: &[u32],
+    padded: u64,
+    staging: &mut Staging,
 ) -> Result<Vec<Result<Vec<OutputTensor>, RuntimeError>>, RuntimeError> {
-    let total: u64 = rows.iter().map(|&r| u64::from(r)).sum();
+    let mut gathered: Vec<(Vec<u8>, Vec<u64>)> = Vec::with_capacity(jobs[0].inputs.len());
+    let result = run_gathered(session, jobs, rows, padded, staging, &mut gathered);
+    for (k, (b, _)) in gathered.into_iter().enumerate() {
+        staging.put(k, b);
+    }
+    result
+}
+
+/// [`run_many`]'s work, gathering into `gathered` (buffers from `staging`, returned by the
+/// caller whatever happens).
+fn run_gathered(
+    session: &mut Session,
+    jobs: &[Job],
+    rows: &[u32],
+    padded: u64,
+    staging: &mut Staging,
+    gathered: &mut Vec<(Vec<u8>, Vec<u64>)>,
+) -> Result<Vec<Result<Vec<OutputTensor>, RuntimeError>>, RuntimeError> {
+    let t0 = std::time::Instant::now();
+    let real: u64 = rows.iter().map(|&r| u64::from(r)).sum();
+    let total = padded.max(real);
     let first = &jobs[0];
-    let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
-        Vec::with_capacity(first.inputs.len());
     for (k, t) in first.inputs.iter().enumerate() {
-        let mut bytes = Vec::new();
+        gathered.push((staging.take(k), Vec::new()));
+        let bytes = &mut gathered[k].0;
         for job in jobs {
             let input = job
                 .inputs
@@ -1007,11 +1153,20 @@ fn run_many(
                 }
             }
         }
+        if total > real && real > 0 {
+            let row = bytes.len() as u64 / real;
+            bytes.resize((row * total) as usize, 0);
+        }
         let mut shape = t.shape.clone();
         shape[0] = total;
-        let tensor = raw::tensor_from_bytes(element_type_of(t.dtype), &shape, &bytes)
+        gathered[k].1 = shape;
+    }
+    // The batch tensors are built over the gathered buffers (no second copy).
+    let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(gathered.len());
+    for (t, (bytes, shape)) in first.inputs.iter().zip(gathered.iter()) {
+        let tensor = raw::tensor_over_bytes(bytes, element_type_of(t.dtype), shape)
             .map_err(|e| run_err(&e))?;
-        values.push((Cow::Owned(t.name.clone()), tensor.into()));
+        values.push((Cow::Borrowed(t.name.as_str()), tensor));
     }
     // Every output any job wants, in first-seen order.
     let mut names: Vec<&str> = Vec::new();
@@ -1022,7 +1177,11 @@ fn run_many(
             }
         }
     }
+    let gathered = t0.elapsed();
+    let t1 = std::time::Instant::now();
     with_outputs(session, values, &names, |views| {
+        let ran = t1.elapsed();
+        let t2 = std::time::Instant::now();
         for v in views {
             if v.shape.first() != Some(&total)
                 || !(v.bytes.len() as u64).is_multiple_of(total.max(1))
@@ -1063,6 +1222,15 @@ fn run_many(
             results.push(deliver(&mine, &job.placement));
             start += r;
         }
+        tracing::trace!(
+            jobs = jobs.len(),
+            rows = real,
+            padded = total,
+            gather_us = gathered.as_micros() as u64,
+            run_us = ran.as_micros() as u64,
+            deliver_us = t2.elapsed().as_micros() as u64,
+            "batch timings"
+        );
         Ok(results)
     })
 }

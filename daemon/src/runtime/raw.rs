@@ -30,6 +30,67 @@ pub fn tensor_over_mapping<'a>(
     ty: TensorElementType,
     shape: &[u64],
 ) -> Result<SessionInputValue<'a>, String> {
+    if !zero_copy_type(ty) {
+        let n = usize::try_from(len).map_err(|_| "input too large")?;
+        let mut buf = vec![0u8; n];
+        map.copy_out(offset, &mut buf).map_err(|e| e.to_string())?;
+        return Ok(tensor_from_bytes(ty, shape, &buf)?.into());
+    }
+    let ptr = map.ptr(offset, len).map_err(|e| e.to_string())?;
+    // SAFETY: `Mapping::ptr` checked that `ptr..ptr+len` lies inside the mapping, which `map`
+    // keeps mapped for 'a. ORT only reads inputs; the peer may change the bytes concurrently,
+    // which can only change the numbers computed (every bit pattern is a valid value of the
+    // zero-copy types).
+    unsafe { over_raw(ptr, len, ty, shape) }
+}
+
+/// An input tensor over `bytes` (a gathered batch, an inline input), without copying, for the
+/// plain numeric types at their alignment; other types, or misaligned bytes, are copied into
+/// an ORT tensor.
+pub fn tensor_over_bytes<'a>(
+    bytes: &'a [u8],
+    ty: TensorElementType,
+    shape: &[u64],
+) -> Result<SessionInputValue<'a>, String> {
+    let align = match ty {
+        TensorElementType::Float64 | TensorElementType::Int64 | TensorElementType::Uint64 => 8,
+        _ => 4,
+    };
+    if !zero_copy_type(ty) || !(bytes.as_ptr() as usize).is_multiple_of(align) {
+        return Ok(tensor_from_bytes(ty, shape, bytes)?.into());
+    }
+    // SAFETY: `bytes` is a live slice of `bytes.len()` bytes borrowed for 'a; ORT only reads
+    // inputs, so the cast to a mutable pointer is never written through.
+    unsafe { over_raw(bytes.as_ptr().cast_mut(), bytes.len() as u64, ty, shape) }
+}
+
+fn zero_copy_type(ty: TensorElementType) -> bool {
+    use TensorElementType as T;
+    matches!(
+        ty,
+        T::Float32
+            | T::Float64
+            | T::Int8
+            | T::Uint8
+            | T::Int16
+            | T::Uint16
+            | T::Int32
+            | T::Uint32
+            | T::Int64
+            | T::Uint64
+    )
+}
+
+/// A tensor over `len` bytes at `ptr`, checked against `ty` × `shape` and `ty`'s alignment.
+///
+/// # Safety
+/// `ptr..ptr+len` must be readable for 'a, and nothing may free it while the tensor lives.
+unsafe fn over_raw<'a>(
+    ptr: *mut u8,
+    len: u64,
+    ty: TensorElementType,
+    shape: &[u64],
+) -> Result<SessionInputValue<'a>, String> {
     let dims = dims_of(shape)?;
     let elements: u64 = shape
         .iter()
@@ -41,15 +102,11 @@ pub fn tensor_over_mapping<'a>(
             if elements.checked_mul(size) != Some(len) {
                 return Err(format!("{len} bytes for {elements} elements of {ty:?}"));
             }
-            let ptr = map.ptr(offset, len).map_err(|e| e.to_string())?;
             if !(ptr as usize).is_multiple_of(std::mem::align_of::<$t>()) {
-                return Err(format!("offset {offset} is not aligned for {ty:?}"));
+                return Err(format!("input data is not aligned for {ty:?}"));
             }
-            // SAFETY: `ptr..ptr+len` lies inside the mapping (`Mapping::ptr` checked it), `len`
-            // equals elements × size_of::<T>() and `ptr` is aligned for T (both checked above);
-            // the tensor borrows `map` for 'a, so the memory stays mapped while ORT uses it.
-            // ORT only reads inputs; the peer may change the bytes concurrently, which can only
-            // change the numbers computed (every bit pattern is a valid value of these types).
+            // SAFETY: the caller guarantees `ptr..ptr+len` is readable for 'a; `len` equals
+            // elements × size_of::<T>() and `ptr` is aligned for T (both checked above).
             let t = unsafe {
                 TensorRefMut::<$t>::from_raw(MemoryInfo::default(), ptr.cast(), Shape::from(dims))
             }
@@ -69,12 +126,7 @@ pub fn tensor_over_mapping<'a>(
         T::Uint32 => zero_copy!(u32),
         T::Int64 => zero_copy!(i64),
         T::Uint64 => zero_copy!(u64),
-        _ => {
-            let n = usize::try_from(len).map_err(|_| "input too large")?;
-            let mut buf = vec![0u8; n];
-            map.copy_out(offset, &mut buf).map_err(|e| e.to_string())?;
-            Ok(tensor_from_bytes(ty, shape, &buf)?.into())
-        }
+        other => Err(format!("no zero-copy tensor for {other:?}")),
     }
 }
 

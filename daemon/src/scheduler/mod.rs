@@ -19,8 +19,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use ort::session::Session;
-
 use crate::runtime::{Batch, BatchListener, Job, RuntimeError, WorkerPool};
 use policy::{Action, Batcher, Item, ReqId, Settings};
 
@@ -30,6 +28,8 @@ pub struct Stats {
     pub requests: AtomicU64,
     pub batches: AtomicU64,
     pub rows: AtomicU64,
+    /// Zero rows added to reach a configured batch size.
+    pub padded_rows: AtomicU64,
 }
 
 struct State {
@@ -56,8 +56,9 @@ impl Scheduler {
     /// Starts the workers (one per session) and returns the scheduler feeding them.
     pub fn start(
         label: &str,
-        sessions: Vec<Session>,
+        sessions: Vec<crate::runtime::WorkerSessions>,
         mut settings: Settings,
+        options: crate::runtime::WorkerOptions,
         batchable: bool,
         default_priority: u8,
         metrics: Arc<crate::metrics::ModelMetrics>,
@@ -80,7 +81,7 @@ impl Scheduler {
             metrics,
         });
         let listener: Weak<dyn BatchListener> = sched.me.clone();
-        let pool = WorkerPool::start(label, sessions, listener);
+        let pool = WorkerPool::start(label, sessions, options, listener);
         let _ = sched.pool.set(pool);
         sched
     }
@@ -233,7 +234,7 @@ impl Scheduler {
                 for job in b.jobs {
                     job.completion.complete(Err(RuntimeError::WorkersGone));
                 }
-                self.batch_done(rows, Duration::ZERO, &[]);
+                self.batch_done(rows, 0, Duration::ZERO, &[]);
             }
         }
         for (job, e) in failed {
@@ -269,7 +270,10 @@ impl Scheduler {
 }
 
 impl BatchListener for Scheduler {
-    fn batch_done(&self, rows: u32, compute: Duration, arrived: &[Instant]) {
+    fn batch_done(&self, rows: u32, padding: u32, compute: Duration, arrived: &[Instant]) {
+        self.stats
+            .padded_rows
+            .fetch_add(u64::from(padding), Ordering::Relaxed);
         if !arrived.is_empty() {
             self.metrics.record_batch(rows, compute, arrived);
         }
