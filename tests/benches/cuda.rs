@@ -1,6 +1,10 @@
 //! rxd on an NVIDIA GPU with the CUDA execution provider, next to in-process ONNX Runtime CUDA
-//! in the same run: YOLOv8n-320 outputs vs the CPU EP, and items/s and p50 latency at batch
-//! 1–32 through rxd (one client, the request carrying the whole batch) and in-process.
+//! in the same run, for YOLOv8n-320 and the PP-OCR direction classifier: outputs vs the CPU EP;
+//! items/s and p50 latency at batch 1–32 through rxd (one client, the request carrying the
+//! whole batch) and in-process; and 1, 8, 32 clients sending single items, batched by rxd.
+//! `RXD_BENCH_N` runs per batch size, `RXD_BENCH_SECS` seconds per client count,
+//! `RXD_BENCH_MODELS` which models, `RXD_BENCH_MODEL_TOML` extra model.toml lines,
+//! `RXD_BENCH_DEVICE_TOML` extra lines for the GPU's `[[device]]` table (e.g. options).
 //! Needs a GPU machine and the onnxruntime-gpu build of ONNX Runtime: run `scripts/gpu-cuda`,
 //! which fetches it and sets RXD_TEST_ORT_LIBRARY. Prints a Markdown section for BENCHMARKS.md.
 
@@ -15,6 +19,26 @@ fn p50(mut v: Vec<Duration>) -> f64 {
     v[v.len() / 2].as_secs_f64() * 1e3
 }
 
+/// A benchmarked model: name, input name, shape of one item.
+struct Case {
+    model: &'static str,
+    input: &'static str,
+    item: [u64; 3],
+}
+
+const CASES: [Case; 2] = [
+    Case {
+        model: "yolov8n",
+        input: "images",
+        item: [3, 320, 320],
+    },
+    Case {
+        model: "ppocr_cls",
+        input: "x",
+        item: [3, 48, 192],
+    },
+];
+
 fn main() {
     if std::env::var_os("RXD_TEST_ORT_LIBRARY").is_none() {
         eprintln!(
@@ -26,37 +50,75 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
-    let model = model_file("yolov8n");
+    let secs: f64 = std::env::var("RXD_BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4.0);
+    let wanted = std::env::var("RXD_BENCH_MODELS").unwrap_or_else(|_| "yolov8n,ppocr_cls".into());
+    for case in CASES
+        .iter()
+        .filter(|c| wanted.split(',').any(|w| w == c.model))
+    {
+        bench(case, n, secs);
+    }
+}
+
+fn bench(case: &Case, n: usize, secs: f64) {
+    let [ch, h, w] = case.item;
+    let per = (ch * h * w) as usize;
+    let model = model_file(case.model);
     let repo = Repo::new();
-    repo.link("yolov8n", 1, "yolov8n")
-        .settings("yolov8n", "devices = ['gpu0']\nmax-batch-rows = 32\n");
+    repo.link(case.model, 1, case.model).settings(
+        case.model,
+        &format!(
+            "devices = ['gpu0']\nmax-batch-rows = 32\n{}",
+            std::env::var("RXD_BENCH_MODEL_TOML").unwrap_or_default()
+        ),
+    );
     // The daemon starts with a cleared environment: hand it the CUDA libraries' path.
     let ld = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
     let d = TestDaemon::start_env(
         repo.path(),
         &[("LD_LIBRARY_PATH", ld.as_str())],
-        "[[device]]\nname = 'gpu0'\nkind = 'cuda'\ndevice-id = 0\n[[device]]\nname = 'cpu'\n",
-        &[],
+        &format!(
+            "[[device]]\nname = 'cpu'\n[[device]]\nname = 'gpu0'\nkind = 'cuda'\ndevice-id = 0\n{}",
+            std::env::var("RXD_BENCH_DEVICE_TOML").unwrap_or_default()
+        ),
+        &["--io-threads", "2"],
     );
-    let c = d.client();
-    let s = c.model_info("yolov8n", None).unwrap().summary;
+    // An arena large enough for a 32-row batch and its outputs (the default 16 MiB would send
+    // YOLOv8n batches of 16 or more inline through the socket).
+    let c = rxd_client::blocking::Client::connect_with(
+        &d.socket,
+        rxd_client::ClientOptions {
+            arena_bytes: 256 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let s = c.model_info(case.model, None).unwrap().summary;
     assert_eq!(s.ep.as_deref(), Some("CUDAExecutionProvider"), "{s:?}");
-    let card = c.devices().unwrap()[0]
+    let card = c
+        .devices()
+        .unwrap()
+        .into_iter()
+        .find(|d| d.name == "gpu0")
+        .unwrap()
         .adapter
         .clone()
         .unwrap_or_else(|| "unknown NVIDIA GPU".into());
 
-    // Outputs: rxd on CUDA vs the CPU EP in this process.
-    let image = f32_tensor("images", &[1, 3, 320, 320], &random_f32(3 * 320 * 320, 1));
-    let got = c.infer("yolov8n", vec![image.clone()]).unwrap();
-    let want = Reference::new(&model).run(std::slice::from_ref(&image));
+    // Outputs: rxd on CUDA (ORT's defaults, TF32 on) vs the CPU EP in this process.
+    let one = f32_tensor(case.input, &[1, ch, h, w], &random_f32(per, 1));
+    let got = c.infer(case.model, vec![one.clone()]).unwrap();
+    let want = Reference::new(&model).run(std::slice::from_ref(&one));
     let rel = got
         .iter()
         .zip(&want)
         .map(|(g, w)| max_rel_diff(g, w))
         .fold(0.0, f64::max);
 
-    // In-process ORT with the CUDA EP.
+    // In-process ORT with the CUDA EP, and rxd with one client sending the whole batch.
     let mut session = Session::builder(reference_env())
         .unwrap()
         .with_execution_providers([ort::ep::CUDA::default()
@@ -67,37 +129,77 @@ fn main() {
         .commit_from_file(&model)
         .unwrap();
     let mut rows = Vec::new();
+    let mut best = (0.0f64, 0u64);
     for batch in [1u64, 2, 4, 8, 16, 32] {
-        let count = (3 * 320 * 320 * batch) as usize;
+        let count = per * batch as usize;
         let data = random_f32(count, batch);
         let mut local = Vec::with_capacity(n);
         for i in 0..n + 5 {
-            let x = OrtTensor::from_array(([batch as i64, 3, 320, 320], data.clone())).unwrap();
+            let x = OrtTensor::from_array((
+                [batch as i64, ch as i64, h as i64, w as i64],
+                data.clone(),
+            ))
+            .unwrap();
             let t = Instant::now();
-            session.run(ort::inputs!["images" => x]).unwrap();
+            session.run(ort::inputs![case.input => x]).unwrap();
             if i >= 5 {
                 local.push(t.elapsed());
             }
         }
-        let x = f32_tensor("images", &[batch, 3, 320, 320], &data);
+        let x = f32_tensor(case.input, &[batch, ch, h, w], &data);
         let mut remote = Vec::with_capacity(n);
         for i in 0..n + 5 {
             let t = Instant::now();
-            c.infer("yolov8n", vec![x.clone()]).unwrap();
+            c.infer(case.model, vec![x.clone()]).unwrap();
             if i >= 5 {
                 remote.push(t.elapsed());
             }
         }
         let (l, r) = (p50(local), p50(remote));
+        let items = batch as f64 / l * 1e3;
+        if items > best.0 {
+            best = (items, batch);
+        }
         rows.push(format!(
-            "| {batch} | {l:.2} | {:.0} | {r:.2} | {:.0} | {:.2} |",
-            batch as f64 / l * 1e3,
+            "| {batch} | {l:.2} | {items:.0} | {r:.2} | {:.0} | {:.2} |",
             batch as f64 / r * 1e3,
             l / r
         ));
     }
-    println!("### YOLOv8n-320 on {card}, CUDA EP (p50 of {n} runs)\n");
-    println!("Outputs through rxd (CUDA) vs the CPU EP: max relative error {rel:.2e}.\n");
+    drop(session);
+
+    // Many clients, one item per request: rxd batches them on the GPU.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    let item = f32_tensor(case.input, &[1, ch, h, w], &random_f32(per, 6));
+    let mut reports = Vec::new();
+    for clients in [1usize, 8, 32] {
+        let load = rxd_client::bench::Load {
+            socket: d.socket.clone(),
+            model: case.model.into(),
+            inputs: vec![item.clone()],
+            concurrency: clients,
+            rate_phases: Vec::new(),
+            duration: Duration::from_secs_f64(secs),
+            requests: None,
+            warmup: Duration::from_millis(500),
+            arena: true,
+            timeout_ms: None,
+        };
+        reports.push(
+            rt.block_on(rxd_client::bench::run(&load, |_, _| {}))
+                .unwrap(),
+        );
+    }
+
+    println!(
+        "### `{}` {:?} on {card}, CUDA EP (p50 of {n} runs)\n",
+        case.model, case.item
+    );
+    println!("Outputs through rxd (CUDA, TF32 on) vs the CPU EP: max relative error {rel:.2e}.\n");
     println!(
         "| batch | in-process ms | in-process items/s | rxd ms | rxd items/s | rxd / in-process throughput |"
     );
@@ -105,4 +207,27 @@ fn main() {
     for r in rows {
         println!("{r}");
     }
+    let s = c.model_info(case.model, None).unwrap().summary;
+    println!(
+        "\nSingle-item requests from many clients (rxd max-batch-rows 32, no queue delay, batch \
+         sizes {:?}; {} rows of padding for {} rows in all), vs the best in-process rate above \
+         ({:.0} items/s at batch {}):\n",
+        s.batch_sizes, s.padded_rows, s.rows, best.0, best.1
+    );
+    println!("| clients | req/s | vs best in-process | p50 ms | p95 ms | p99 ms | mean batch |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &reports {
+        println!(
+            "| {} | {:.0} | {:.0} % | {:.2} | {:.2} | {:.2} | {:.2} |",
+            r.concurrency,
+            r.throughput_per_s,
+            100.0 * r.throughput_per_s / best.0,
+            r.latency_ms.p50,
+            r.latency_ms.p95,
+            r.latency_ms.p99,
+            r.mean_batch_size
+        );
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+    }
+    println!();
 }

@@ -15,8 +15,12 @@ use std::time::{Duration, Instant};
 use rxd_protocol::frame::{self, HEADER_LEN};
 use rxd_protocol::{DType, HandshakeReply, Hello, PROTOCOL_VERSION, ResponseFrame, Tensor};
 
-/// The repository root.
+/// The repository root (`RXD_E2E_ROOT` overrides it, for test binaries built on one machine
+/// and run from a copy of the repository on another, e.g. a GPU machine without a toolchain).
 pub fn repo_root() -> PathBuf {
+    if let Some(root) = std::env::var_os("RXD_E2E_ROOT") {
+        return PathBuf::from(root);
+    }
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
@@ -405,6 +409,23 @@ impl Reference {
             .with_intra_threads(1)
             .unwrap()
             .with_inter_threads(1)
+            .unwrap()
+            .commit_from_file(model)
+            .unwrap();
+        Reference { session }
+    }
+
+    /// A session on ONNX Runtime's CUDA EP (GPU 0) with the given provider options, for the
+    /// GPU tests (`RXD_TEST_ORT_LIBRARY` must name the onnxruntime-gpu build).
+    pub fn cuda(model: &Path, options: &[(&str, &str)]) -> Reference {
+        use ort::ep::ArbitrarilyConfigurableExecutionProvider;
+        let mut ep = ort::ep::CUDA::default().with_device_id(0);
+        for (k, v) in options {
+            ep = ep.with_arbitrary_config(*k, *v);
+        }
+        let session = ort::session::Session::builder(env())
+            .unwrap()
+            .with_execution_providers([ep.build().error_on_failure()])
             .unwrap()
             .commit_from_file(model)
             .unwrap();
