@@ -772,14 +772,7 @@ pub struct Batch {
 
 /// Told when a worker finishes a batch (the scheduler, held weakly by the workers).
 pub trait BatchListener: Send + Sync {
-    /// `padding`: zero rows added to reach a configured batch size (see [`padded_rows`]).
-    fn batch_done(
-        &self,
-        rows: u32,
-        padding: u32,
-        compute: std::time::Duration,
-        arrived: &[std::time::Instant],
-    );
+    fn batch_done(&self, rows: u32, compute: std::time::Duration, arrived: &[std::time::Instant]);
 }
 
 /// How a model's workers run batches.
@@ -964,10 +957,10 @@ fn worker_loop(
             }
         }
         let rows: u32 = batch.rows.iter().sum();
-        let padding = run_batch(&mut sessions, batch, options, &mut staging);
+        run_batch(&mut sessions, batch, options, &mut staging);
         busy.store(0, Relaxed);
         if let Some(l) = listener.upgrade() {
-            l.batch_done(rows, padding, started.elapsed(), &arrived);
+            l.batch_done(rows, started.elapsed(), &arrived);
         }
     }
 }
@@ -982,13 +975,13 @@ pub fn padded_rows(rows: u64, pad_to: &[u32]) -> u64 {
         .unwrap_or(rows)
 }
 
-/// Runs a batch and completes every job in it; returns the rows of padding it ran.
+/// Runs a batch and completes every job in it.
 fn run_batch(
     sessions: &mut WorkerSessions,
     batch: Batch,
     options: &WorkerOptions,
     staging: &mut Staging,
-) -> u32 {
+) {
     let Batch { jobs, rows, .. } = batch;
     let mut live: Vec<(Job, u32)> = Vec::with_capacity(jobs.len());
     for (j, r) in jobs.into_iter().zip(rows) {
@@ -1001,10 +994,9 @@ fn run_batch(
     }
     let total: u64 = live.iter().map(|(_, r)| u64::from(*r)).sum();
     let padded = padded_rows(total, &options.pad_to);
-    let padding = (padded - total) as u32;
     let session = sessions.for_rows(padded);
     match live.len() {
-        0 => return 0,
+        0 => {}
         1 if padded == total => {
             let (job, _) = live.into_iter().next().expect("one");
             let result = run_one(session, &job);
@@ -1027,7 +1019,6 @@ fn run_batch(
             }
         }
     }
-    padding
 }
 
 /// A model output's bytes, wherever they are (ORT's buffer, a cache entry).

@@ -43,6 +43,8 @@ struct State {
 /// The scheduler of one model version: policy state, waiting jobs, and the worker pool.
 pub struct Scheduler {
     me: Weak<Scheduler>,
+    /// Batch sizes the workers pad batches up to (for the `padded_rows` count).
+    pad_to: Vec<u32>,
     state: Mutex<State>,
     idle: Condvar,
     pool: OnceLock<WorkerPool>,
@@ -76,12 +78,13 @@ impl Scheduler {
             idle: Condvar::new(),
             pool: OnceLock::new(),
             batchable,
+            pad_to: options.pad_to.clone(),
             default_priority: std::sync::atomic::AtomicU8::new(default_priority),
             stats: Stats::default(),
             metrics,
         });
         let listener: Weak<dyn BatchListener> = sched.me.clone();
-        let pool = WorkerPool::start(label, sessions, options, listener);
+        let pool = WorkerPool::start(label, sessions, options.clone(), listener);
         let _ = sched.pool.set(pool);
         sched
     }
@@ -225,6 +228,11 @@ impl Scheduler {
             self.stats
                 .rows
                 .fetch_add(u64::from(rows), Ordering::Relaxed);
+            // Counted here, with the rows, so that both are final when a client has its answer.
+            let padded = crate::runtime::padded_rows(u64::from(rows), &self.pad_to);
+            self.stats
+                .padded_rows
+                .fetch_add(padded - u64::from(rows), Ordering::Relaxed);
             let sent = match self.pool.get() {
                 Some(pool) => pool.send(b),
                 None => Err(b),
@@ -234,7 +242,7 @@ impl Scheduler {
                 for job in b.jobs {
                     job.completion.complete(Err(RuntimeError::WorkersGone));
                 }
-                self.batch_done(rows, 0, Duration::ZERO, &[]);
+                self.batch_done(rows, Duration::ZERO, &[]);
             }
         }
         for (job, e) in failed {
@@ -270,10 +278,7 @@ impl Scheduler {
 }
 
 impl BatchListener for Scheduler {
-    fn batch_done(&self, rows: u32, padding: u32, compute: Duration, arrived: &[Instant]) {
-        self.stats
-            .padded_rows
-            .fetch_add(u64::from(padding), Ordering::Relaxed);
+    fn batch_done(&self, rows: u32, compute: Duration, arrived: &[Instant]) {
         if !arrived.is_empty() {
             self.metrics.record_batch(rows, compute, arrived);
         }
