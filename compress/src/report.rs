@@ -99,6 +99,10 @@ pub struct OutputReport {
     pub cosine: f64,
     /// Fraction of rows whose argmax over the last dimension agrees (classifier-like outputs).
     pub top1_agreement: Option<f64>,
+    /// For [N, T, C] outputs (per-timestep class scores, as a CTC text recogniser gives):
+    /// fraction of the N items whose greedy CTC reading (argmax per step, repeats collapsed,
+    /// class 0 = blank dropped) is the same — whole words, not characters.
+    pub sequence_agreement: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -147,6 +151,9 @@ impl std::fmt::Display for Report {
             )?;
             if let Some(t) = o.top1_agreement {
                 write!(f, ", top-1 agreement {:.2} %", t * 100.0)?;
+            }
+            if let Some(t) = o.sequence_agreement {
+                write!(f, ", same CTC reading {:.2} %", t * 100.0)?;
             }
             writeln!(f)?;
         }
@@ -211,6 +218,21 @@ fn run(s: &mut Session, inputs: &[Input], runs: usize) -> Result<(Vec<Output>, f
     Ok((result, t.elapsed().as_secs_f64() * 1e3 / runs.max(1) as f64))
 }
 
+/// Greedy CTC decoding of one item's [T, C] scores: argmax per step, repeats collapsed, class 0
+/// (the blank) dropped.
+pub fn ctc_greedy(scores: &[f64], classes: usize, argmax: &dyn Fn(&[f64]) -> usize) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut prev = usize::MAX;
+    for step in scores.chunks_exact(classes) {
+        let k = argmax(step);
+        if k != prev && k != 0 {
+            out.push(k);
+        }
+        prev = k;
+    }
+    out
+}
+
 /// Compares `before` and `after` (model bytes) on `inputs`.
 pub fn compare(
     env: &Environment,
@@ -245,16 +267,26 @@ pub fn compare(
             dot / (nx * ny).max(f64::MIN_POSITIVE)
         };
         let last = *shape.last().unwrap_or(&1) as usize;
+        let argmax = |v: &[f64]| {
+            v.iter()
+                .enumerate()
+                .fold(
+                    (0, f64::NEG_INFINITY),
+                    |m, (i, &x)| if x > m.1 { (i, x) } else { m },
+                )
+                .0
+        };
+        let sequence_agreement = (shape.len() == 3 && last >= 2 && shape[1] > 1).then(|| {
+            let steps = shape[1] as usize * last;
+            let items = x.len() / steps.max(1);
+            let same = x
+                .chunks_exact(steps)
+                .zip(y.chunks_exact(steps))
+                .filter(|(p, q)| ctc_greedy(p, last, &argmax) == ctc_greedy(q, last, &argmax))
+                .count();
+            same as f64 / items.max(1) as f64
+        });
         let top1_agreement = (shape.len() >= 2 && last >= 2).then(|| {
-            let argmax = |v: &[f64]| {
-                v.iter()
-                    .enumerate()
-                    .fold(
-                        (0, f64::NEG_INFINITY),
-                        |m, (i, &x)| if x > m.1 { (i, x) } else { m },
-                    )
-                    .0
-            };
             let rows = x.len() / last;
             let same = x
                 .chunks_exact(last)
@@ -269,6 +301,7 @@ pub fn compare(
             mean_abs_error,
             cosine,
             top1_agreement,
+            sequence_agreement,
         });
     }
     Ok(Report {

@@ -229,6 +229,7 @@ fn compress(opts: &rxd::cli::CompressOpts) -> ExitCode {
                         "mean_abs_error": o.mean_abs_error,
                         "cosine": o.cosine,
                         "top1_agreement": o.top1_agreement,
+                        "sequence_agreement": o.sequence_agreement,
                     })
                 })
                 .collect();

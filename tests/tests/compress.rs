@@ -96,6 +96,105 @@ fn int8_weights_shrink_the_ppocr_models_and_they_still_serve() {
     }
 }
 
+/// Reads the word crops in `x` with a recogniser (`bytes`): greedy CTC over its output,
+/// classes mapped through the dictionary PP-OCR keeps in the model's `character` metadata
+/// (class 0 is the blank, the class after the dictionary a space).
+fn read_words(bytes: &[u8], x: &Input) -> Vec<String> {
+    let mut s = ort::session::Session::builder(reference_env())
+        .unwrap()
+        .commit_from_memory(bytes)
+        .unwrap();
+    let dict: Vec<String> = s
+        .metadata()
+        .unwrap()
+        .custom("character")
+        .expect("the recogniser's dictionary")
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let report::Data::F32(data) = &x.data else {
+        panic!("float input expected")
+    };
+    let input = ort::value::Tensor::from_array((x.shape.clone(), data.clone())).unwrap();
+    let out = s.run(ort::inputs!["x" => input]).unwrap();
+    let (shape, scores) = out[0].try_extract_tensor::<f32>().unwrap();
+    let (t, c) = (shape[1] as usize, shape[2] as usize);
+    let scores: Vec<f64> = scores.iter().map(|&v| f64::from(v)).collect();
+    let argmax = |v: &[f64]| {
+        v.iter()
+            .enumerate()
+            .fold(
+                (0, f64::NEG_INFINITY),
+                |m, (i, &x)| if x > m.1 { (i, x) } else { m },
+            )
+            .0
+    };
+    scores
+        .chunks_exact(t * c)
+        .map(|item| {
+            report::ctc_greedy(item, c, &argmax)
+                .into_iter()
+                .map(|k| dict.get(k - 1).map_or(" ", String::as_str).to_string())
+                .collect::<String>()
+                // A space class read at a crop's margin is not part of the word.
+                .trim()
+                .to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn int8_weights_keep_the_recogniser_reading_rendered_words() {
+    // 120 word crops (words, numbers, amounts, dates) rendered by scripts/fetch-deps.
+    let dir = repo_root().join(".deps/ocr-words");
+    let truth: Vec<String> = std::fs::read_to_string(dir.join("words.txt"))
+        .expect("run scripts/fetch-deps")
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let x = report::read_npy("x", &dir.join("words.npy")).unwrap();
+    let bytes = std::fs::read(model_file("ppocr_rec")).unwrap();
+    let (out, _) = compress(&bytes, Strategy::INT8_WEIGHTS).unwrap();
+    let before = read_words(&bytes, &x);
+    let after = read_words(&out, &x);
+    let exact = |got: &[String]| {
+        got.iter().zip(&truth).filter(|(g, w)| g == w).count() as f64 / truth.len() as f64
+    };
+    let same =
+        before.iter().zip(&after).filter(|(a, b)| a == b).count() as f64 / truth.len() as f64;
+    for ((t, b), a) in truth.iter().zip(&before).zip(&after) {
+        if t != b || b != a {
+            eprintln!("{t:?}: original {b:?}, int8 {a:?}");
+        }
+    }
+    eprintln!(
+        "size {:.2}×; exact words: original {:.1} %, int8 {:.1} %; same reading {:.1} %",
+        out.len() as f64 / bytes.len() as f64,
+        100.0 * exact(&before),
+        100.0 * exact(&after),
+        100.0 * same
+    );
+    // The crops are readable (the original model reads nearly all of them), and the INT8
+    // model reads ≥ 98 % of the words exactly as the original does.
+    assert!(exact(&before) >= 0.9, "{before:?}");
+    assert!(same >= 0.98);
+    assert!(exact(&after) >= exact(&before) - 0.02);
+    // The report, from the output scores alone (its CTC reading counts a margin space too).
+    let report::Data::F32(all) = &x.data else {
+        unreachable!()
+    };
+    let per = all.len() / truth.len();
+    let first = Input {
+        name: "x".into(),
+        shape: [&[24], &x.shape[1..]].concat(),
+        data: report::Data::F32(all[..24 * per].to_vec()),
+    };
+    let r = report::compare(reference_env(), &bytes, &out, &[first]).unwrap();
+    eprintln!("{r}");
+    assert!(r.outputs[0].sequence_agreement.is_some(), "{r}");
+    assert!(r.size_ratio() <= 0.3, "{r}");
+}
+
 #[test]
 fn rxd_compress_writes_a_model_only_when_its_report_passes() {
     let dir = tempfile::tempdir().unwrap();
