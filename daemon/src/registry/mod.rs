@@ -54,8 +54,8 @@ pub struct ModelSettings {
     /// `[1, 2, 4, 8, 16, 32]`; each is warmed up at load. GPU execution providers pick (and
     /// cuDNN searches for) kernels per input shape, which costs up to seconds the first time
     /// a batch size is seen: padding to a few warmed sizes keeps that out of the request path.
-    /// Default on GPU devices: the powers of two up to max-batch-rows, and max-batch-rows;
-    /// on the CPU none (`[]`: batches run at their own size).
+    /// Default on CUDA/TensorRT devices: the powers of two up to max-batch-rows, and
+    /// max-batch-rows; elsewhere none (`[]`: batches run at their own size).
     pub batch_sizes: Option<Vec<u32>>,
     /// On GPU devices, one session per batch size in `batch-sizes` (each only ever sees its
     /// own shape: ORT's CUDA EP re-plans every convolution when a session's input shape
@@ -244,8 +244,9 @@ pub struct Defaults {
 }
 
 /// The batch sizes a model's batches are padded up to: the configured list (sorted, without
-/// sizes above max-batch-rows or zero), or by default on a GPU device the powers of two up to
-/// max-batch-rows and max-batch-rows itself; none for a model that cannot batch.
+/// sizes above max-batch-rows or zero), or by default on an NVIDIA device (CUDA, TensorRT) the
+/// powers of two up to max-batch-rows and max-batch-rows itself; none for a model that cannot
+/// batch.
 pub fn batch_sizes(
     configured: Option<&[u32]>,
     batchable: bool,
@@ -1460,12 +1461,18 @@ impl Registry {
                 }
                 Err(e) => return Err(e.to_string()),
             };
+            // The shape-change cost these avoid was measured on ORT's CUDA EP (and TensorRT
+            // builds an engine per shape); the CPU and WebGPU keep batches at their own size.
+            let nvidia = matches!(
+                target_now.kind,
+                crate::config::DeviceKind::Cuda { .. } | crate::config::DeviceKind::TensorRt { .. }
+            );
             if i == 0 {
                 pad_to = batch_sizes(
                     settings.batch_sizes.as_deref(),
                     batchable(&sig),
                     sched_settings.max_batch_rows,
-                    *target_now.kind != crate::config::DeviceKind::Cpu,
+                    nvidia,
                 );
             }
             let per_size = settings.session_per_batch_size.unwrap_or(true)
