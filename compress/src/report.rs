@@ -218,9 +218,20 @@ fn run(s: &mut Session, inputs: &[Input], runs: usize) -> Result<(Vec<Output>, f
     Ok((result, t.elapsed().as_secs_f64() * 1e3 / runs.max(1) as f64))
 }
 
+/// The index of the largest value (the first of equal ones; 0 for an empty slice).
+pub fn argmax(v: &[f64]) -> usize {
+    v.iter()
+        .enumerate()
+        .fold(
+            (0, f64::NEG_INFINITY),
+            |m, (i, &x)| if x > m.1 { (i, x) } else { m },
+        )
+        .0
+}
+
 /// Greedy CTC decoding of one item's [T, C] scores: argmax per step, repeats collapsed, class 0
 /// (the blank) dropped.
-pub fn ctc_greedy(scores: &[f64], classes: usize, argmax: &dyn Fn(&[f64]) -> usize) -> Vec<usize> {
+pub fn ctc_greedy(scores: &[f64], classes: usize) -> Vec<usize> {
     let mut out = Vec::new();
     let mut prev = usize::MAX;
     for step in scores.chunks_exact(classes) {
@@ -267,22 +278,13 @@ pub fn compare(
             dot / (nx * ny).max(f64::MIN_POSITIVE)
         };
         let last = *shape.last().unwrap_or(&1) as usize;
-        let argmax = |v: &[f64]| {
-            v.iter()
-                .enumerate()
-                .fold(
-                    (0, f64::NEG_INFINITY),
-                    |m, (i, &x)| if x > m.1 { (i, x) } else { m },
-                )
-                .0
-        };
         let sequence_agreement = (shape.len() == 3 && last >= 2 && shape[1] > 1).then(|| {
             let steps = shape[1] as usize * last;
             let items = x.len() / steps.max(1);
             let same = x
                 .chunks_exact(steps)
                 .zip(y.chunks_exact(steps))
-                .filter(|(p, q)| ctc_greedy(p, last, &argmax) == ctc_greedy(q, last, &argmax))
+                .filter(|(p, q)| ctc_greedy(p, last) == ctc_greedy(q, last))
                 .count();
             same as f64 / items.max(1) as f64
         });

@@ -130,30 +130,7 @@ fn bench(case: &Case, secs: f64) {
         &[1, c as u64, h as u64, w as u64],
         &random_f32(c * h * w, 6),
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut reports = Vec::new();
-    for clients in [1usize, 8, 32] {
-        let load = rxd_client::bench::Load {
-            socket: d.socket.clone(),
-            model: case.model.into(),
-            inputs: vec![item.clone()],
-            concurrency: clients,
-            rate_phases: Vec::new(),
-            duration: Duration::from_secs_f64(secs),
-            requests: None,
-            warmup: Duration::from_millis(500),
-            arena: true,
-            timeout_ms: None,
-        };
-        reports.push(
-            rt.block_on(rxd_client::bench::run(&load, |_, _| {}))
-                .unwrap(),
-        );
-    }
+    let reports = closed_loop(&d.socket, case.model, &item, &[1, 8, 32], secs);
 
     println!(
         "### Batching: `{}`, single-item requests of {:?}\n",
@@ -173,20 +150,5 @@ fn bench(case: &Case, secs: f64) {
         "rxd (2 instances × 1 thread, max-batch-rows {}, no queue delay), 1 item per request, load generator on the same 2 cores:\n",
         case.max_rows
     );
-    println!("| clients | req/s | vs best in-process | p50 ms | p95 ms | p99 ms | mean batch |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
-    for r in &reports {
-        println!(
-            "| {} | {:.1} | {:.0} % | {:.2} | {:.2} | {:.2} | {:.2} |",
-            r.concurrency,
-            r.throughput_per_s,
-            100.0 * r.throughput_per_s / best.0,
-            r.latency_ms.p50,
-            r.latency_ms.p95,
-            r.latency_ms.p99,
-            r.mean_batch_size
-        );
-        assert!(r.errors.is_empty(), "{:?}", r.errors);
-    }
-    println!();
+    print_client_table(&reports, best.0);
 }

@@ -169,31 +169,8 @@ fn bench(case: &Case, n: usize, secs: f64) {
     drop(session);
 
     // Many clients, one item per request: rxd batches them on the GPU.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap();
     let item = f32_tensor(case.input, &[1, ch, h, w], &random_f32(per, 6));
-    let mut reports = Vec::new();
-    for clients in [1usize, 8, 32] {
-        let load = rxd_client::bench::Load {
-            socket: d.socket.clone(),
-            model: case.model.into(),
-            inputs: vec![item.clone()],
-            concurrency: clients,
-            rate_phases: Vec::new(),
-            duration: Duration::from_secs_f64(secs),
-            requests: None,
-            warmup: Duration::from_millis(500),
-            arena: true,
-            timeout_ms: None,
-        };
-        reports.push(
-            rt.block_on(rxd_client::bench::run(&load, |_, _| {}))
-                .unwrap(),
-        );
-    }
+    let reports = closed_loop(&d.socket, case.model, &item, &[1, 8, 32], secs);
 
     println!(
         "### `{}` {:?} on {card}, CUDA EP (p50 of {n} runs)\n",
@@ -214,20 +191,5 @@ fn bench(case: &Case, n: usize, secs: f64) {
          ({:.0} items/s at batch {}):\n",
         s.batch_sizes, s.padded_rows, s.rows, best.0, best.1
     );
-    println!("| clients | req/s | vs best in-process | p50 ms | p95 ms | p99 ms | mean batch |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
-    for r in &reports {
-        println!(
-            "| {} | {:.0} | {:.0} % | {:.2} | {:.2} | {:.2} | {:.2} |",
-            r.concurrency,
-            r.throughput_per_s,
-            100.0 * r.throughput_per_s / best.0,
-            r.latency_ms.p50,
-            r.latency_ms.p95,
-            r.latency_ms.p99,
-            r.mean_batch_size
-        );
-        assert!(r.errors.is_empty(), "{:?}", r.errors);
-    }
-    println!();
+    print_client_table(&reports, best.0);
 }

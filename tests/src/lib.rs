@@ -234,6 +234,17 @@ impl TestDaemon {
             .count()
     }
 
+    /// Every model version's summary, by model name (for several versions of one model, the
+    /// last listed).
+    pub fn summaries(&self) -> std::collections::BTreeMap<String, rxd_protocol::ModelSummary> {
+        self.client_inline()
+            .list_models()
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.name.clone(), m))
+            .collect()
+    }
+
     /// A blocking client connected to this daemon (with the default arena).
     pub fn client(&self) -> rxd_client::blocking::Client {
         rxd_client::blocking::Client::connect(&self.socket).expect("connect")
@@ -603,4 +614,62 @@ fn bytemuck_f32(b: &[u8]) -> Vec<f32> {
     b.chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()
+}
+
+/// Closed-loop load for the benches: each client count in `clients` sends `item`
+/// requests for `secs` seconds (after 0.5 s of warm-up) through the arena; one report each.
+pub fn closed_loop(
+    socket: &Path,
+    model: &str,
+    item: &Tensor,
+    clients: &[usize],
+    secs: f64,
+) -> Vec<rxd_client::bench::Report> {
+    // 2 load-generator threads on a 2-core machine, 4 where there are more cores.
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .unwrap();
+    clients
+        .iter()
+        .map(|&concurrency| {
+            let load = rxd_client::bench::Load {
+                socket: socket.to_path_buf(),
+                model: model.into(),
+                inputs: vec![item.clone()],
+                concurrency,
+                rate_phases: Vec::new(),
+                duration: Duration::from_secs_f64(secs),
+                requests: None,
+                warmup: Duration::from_millis(500),
+                arena: true,
+                timeout_ms: None,
+            };
+            rt.block_on(rxd_client::bench::run(&load, |_, _| {}))
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Prints [`closed_loop`]'s reports as a Markdown table against the best in-process rate
+/// `best` (items/s), and asserts that no request failed.
+pub fn print_client_table(reports: &[rxd_client::bench::Report], best: f64) {
+    println!("| clients | req/s | vs best in-process | p50 ms | p95 ms | p99 ms | mean batch |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for r in reports {
+        println!(
+            "| {} | {:.1} | {:.0} % | {:.2} | {:.2} | {:.2} | {:.2} |",
+            r.concurrency,
+            r.throughput_per_s,
+            100.0 * r.throughput_per_s / best,
+            r.latency_ms.p50,
+            r.latency_ms.p95,
+            r.latency_ms.p99,
+            r.mean_batch_size
+        );
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+    }
+    println!();
 }

@@ -21,12 +21,7 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 fn model_stats(d: &TestDaemon, name: &str) -> rxd_protocol::ModelSummary {
-    d.client_inline()
-        .list_models()
-        .unwrap()
-        .into_iter()
-        .find(|m| m.name == name)
-        .unwrap()
+    d.summaries().remove(name).unwrap()
 }
 
 /// `clients` concurrent connections each send one single-row request; returns each answer.

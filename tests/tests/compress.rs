@@ -120,19 +120,10 @@ fn read_words(bytes: &[u8], x: &Input) -> Vec<String> {
     let (shape, scores) = out[0].try_extract_tensor::<f32>().unwrap();
     let (t, c) = (shape[1] as usize, shape[2] as usize);
     let scores: Vec<f64> = scores.iter().map(|&v| f64::from(v)).collect();
-    let argmax = |v: &[f64]| {
-        v.iter()
-            .enumerate()
-            .fold(
-                (0, f64::NEG_INFINITY),
-                |m, (i, &x)| if x > m.1 { (i, x) } else { m },
-            )
-            .0
-    };
     scores
         .chunks_exact(t * c)
         .map(|item| {
-            report::ctc_greedy(item, c, &argmax)
+            report::ctc_greedy(item, c)
                 .into_iter()
                 .map(|k| dict.get(k - 1).map_or(" ", String::as_str).to_string())
                 .collect::<String>()

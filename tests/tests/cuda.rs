@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use rxd_client::{ClientError, ErrorCode};
 use rxd_e2e::*;
-use rxd_protocol::{HealthState, ModelState, ModelSummary, Tensor};
+use rxd_protocol::{HealthState, ModelState, Tensor};
 
 const CUDA: &str = "CUDAExecutionProvider";
 const CPU: &str = "CPUExecutionProvider";
@@ -66,15 +66,6 @@ fn start(repo: &Repo, config: &str) -> TestDaemon {
     )
 }
 
-fn summaries(d: &TestDaemon) -> BTreeMap<String, ModelSummary> {
-    d.client_inline()
-        .list_models()
-        .unwrap()
-        .into_iter()
-        .map(|m| (m.name.clone(), m))
-        .collect()
-}
-
 fn nvml_used(d: &TestDaemon, device: &str) -> u64 {
     let devices = d.client().devices().unwrap();
     let dev = devices.iter().find(|x| x.name == device).unwrap();
@@ -92,7 +83,7 @@ fn models_on_a_cuda_device_run_on_the_cuda_ep_batched_and_agree_with_the_cpu_ep(
         .link("ppocr_cls", 1, "ppocr_cls")
         .settings("ppocr_cls", batching);
     let d = start(&repo, &format!("{}[[device]]\nname = 'cpu'\n", gpu0("")));
-    let s = summaries(&d);
+    let s = d.summaries();
     for m in ["yolov8n", "ppocr_cls"] {
         let m = &s[m];
         assert_eq!(m.state, ModelState::Ready, "{m:?}");
@@ -173,7 +164,7 @@ fn models_on_a_cuda_device_run_on_the_cuda_ep_batched_and_agree_with_the_cpu_ep(
         assert!(*rel <= 1e-3, "{output}: relative error {rel}");
     }
     // Batches formed: fewer batches than requests on at least one model.
-    let s = summaries(&d);
+    let s = d.summaries();
     let (requests, batches): (u64, u64) = ["yolov8n", "ppocr_cls"]
         .iter()
         .map(|m| (s[*m].requests, s[*m].batches))
@@ -221,7 +212,7 @@ fn gpu_memory_is_measured_given_back_on_unload_and_a_gpu_budget_evicts_by_lru() 
         c.load(model, None).unwrap();
         c.infer(model, vec![input.clone()]).unwrap();
         let loaded = nvml_used(&d, "gpu0");
-        let bytes = summaries(&d)[model].memory_bytes.unwrap();
+        let bytes = d.summaries()[model].memory_bytes.unwrap();
         c.unload(model, None).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut freed = 0;
@@ -287,7 +278,7 @@ fn gpu_memory_is_measured_given_back_on_unload_and_a_gpu_budget_evicts_by_lru() 
             rel <= 1e-4,
             "{model}: relative error {rel} vs in-process CUDA"
         );
-        let s = summaries(&d);
+        let s = d.summaries();
         let other = if model == "yolo" { "det" } else { "yolo" };
         assert_eq!(s[model].state, ModelState::Ready);
         if i > 0 {
@@ -302,7 +293,7 @@ fn gpu_memory_is_measured_given_back_on_unload_and_a_gpu_budget_evicts_by_lru() 
         assert!(g.used_bytes <= budget, "{g:?}");
         assert_eq!(g.models, vec![format!("{model}:1")]);
     }
-    let s = summaries(&d);
+    let s = d.summaries();
     assert_eq!(s["yolo"].evictions + s["det"].evictions, 3, "{s:?}");
 }
 
@@ -337,7 +328,7 @@ fn a_missing_gpu_or_tensorrt_fails_the_load_and_with_fallback_serves_on_the_cpu_
     }
     let want = Reference::new(&model_file("digits")).run(std::slice::from_ref(&digit));
     assert_eq!(c.infer("lenient", vec![digit]).unwrap(), want);
-    let s = summaries(&d);
+    let s = d.summaries();
     assert_eq!(
         (s["lenient"].device.as_str(), s["lenient"].ep.as_deref()),
         ("cpu", Some(CPU))

@@ -30,15 +30,6 @@ fn three_models() -> Repo {
     repo
 }
 
-fn summaries(d: &TestDaemon) -> BTreeMap<String, ModelSummary> {
-    d.client_inline()
-        .list_models()
-        .unwrap()
-        .into_iter()
-        .map(|m| (m.name.clone(), m))
-        .collect()
-}
-
 fn rss_bytes(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kb: u64 = status
@@ -66,7 +57,7 @@ fn measure_footprints() -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
     for m in THREE {
         assert!(d.rxctl(&["load", m]).status.success());
-        let s = &summaries(&d)[m];
+        let s = &d.summaries()[m];
         assert_eq!(s.state, ModelState::Ready);
         let bytes = s.memory_bytes.expect("measured");
         let file = std::fs::metadata(model_file(m)).unwrap().len();
@@ -132,7 +123,7 @@ fn a_budget_for_two_of_three_models_evicts_in_lru_order_and_keeps_pinned_models(
             "{m} at step {step}"
         );
         order.push(m);
-        let s = summaries(&d);
+        let s = d.summaries();
         let resident: Vec<&str> = THREE
             .iter()
             .copied()
@@ -155,16 +146,16 @@ fn a_budget_for_two_of_three_models_evicts_in_lru_order_and_keeps_pinned_models(
         let sum: u64 = s.values().filter_map(|m| m.memory_bytes).sum();
         assert_eq!(dev.used_bytes, sum);
     }
-    let s = summaries(&d);
+    let s = d.summaries();
     assert!(THREE.iter().all(|m| s[*m].evictions >= 1), "{s:?}");
 
     // Pin the detector: from now on the other two evict each other and it stays.
     assert!(d.rxctl(&["pin", "ppocr_det"]).status.success());
-    let det_evictions = summaries(&d)["ppocr_det"].evictions;
+    let det_evictions = d.summaries()["ppocr_det"].evictions;
     for step in 0..4 {
         let m = ["yolov8n", "ppocr_rec"][step % 2];
         c.infer(m, vec![input_for(m, 100 + step as u64)]).unwrap();
-        let s = summaries(&d);
+        let s = d.summaries();
         assert_eq!(s["ppocr_det"].state, ModelState::Ready);
         assert!(s["ppocr_det"].pinned);
         assert_eq!(s["ppocr_det"].evictions, det_evictions);
@@ -174,7 +165,7 @@ fn a_budget_for_two_of_three_models_evicts_in_lru_order_and_keeps_pinned_models(
     assert!(d.rxctl(&["pin", "ppocr_rec"]).status.success());
     let err = c
         .load("yolov8n", None)
-        .map(|_| format!("{:?} {:?}", summaries(&d), c.devices()))
+        .map(|_| format!("{:?} {:?}", d.summaries(), c.devices()))
         .unwrap_err();
     let ClientError::Server(w) = err else {
         panic!("not a server error")
@@ -189,7 +180,7 @@ fn a_budget_for_two_of_three_models_evicts_in_lru_order_and_keeps_pinned_models(
     // Unpinned, it can go again.
     assert!(d.rxctl(&["unpin", "ppocr_rec"]).status.success());
     c.infer("yolov8n", vec![input_for("yolov8n", 8)]).unwrap();
-    assert_eq!(summaries(&d)["ppocr_rec"].state, ModelState::Evicted);
+    assert_eq!(d.summaries()["ppocr_rec"].state, ModelState::Evicted);
 }
 
 #[test]
@@ -199,7 +190,7 @@ fn a_model_larger_than_the_budget_fails_alone() {
         .link("ppocr_rec", 1, "ppocr_rec");
     // The recogniser's weights alone are 10 MiB.
     let d = TestDaemon::start_with(repo.path(), &[], "memory-budget = '8MiB'\n");
-    let s = summaries(&d);
+    let s = d.summaries();
     assert_eq!(s["digits"].state, ModelState::Ready);
     assert_eq!(s["ppocr_rec"].state, ModelState::Failed, "{s:?}");
     let c = d.client();
@@ -220,7 +211,7 @@ fn concurrent_requests_for_a_cold_model_share_one_load_and_deadlines_bound_the_w
     repo.link("digits", 1, "digits")
         .link("yolov8n", 1, "yolov8n");
     let d = TestDaemon::start_with(repo.path(), &[], "preload = []\n");
-    let s = summaries(&d);
+    let s = d.summaries();
     assert_eq!(s["digits"].state, ModelState::Available);
     assert_eq!(s["digits"].loads, 0);
 
@@ -247,19 +238,19 @@ fn concurrent_requests_for_a_cold_model_share_one_load_and_deadlines_bound_the_w
     for t in threads {
         assert_eq!(t.join().unwrap(), want);
     }
-    let s = summaries(&d);
+    let s = d.summaries();
     assert_eq!(s["digits"].state, ModelState::Ready);
     assert_eq!(s["digits"].loads, 1, "eight waiting requests, one load");
     // The load that the timed-out request started finished.
     let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while summaries(&d)["yolov8n"].state != ModelState::Ready {
+    while d.summaries()["yolov8n"].state != ModelState::Ready {
         assert!(
             std::time::Instant::now() < end,
             "yolov8n never became ready"
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    assert_eq!(summaries(&d)["yolov8n"].loads, 1);
+    assert_eq!(d.summaries()["yolov8n"].loads, 1);
 }
 
 #[test]
@@ -325,7 +316,7 @@ fn models_are_placed_by_preference_and_spill_to_the_next_device() {
         c.infer(m, vec![input_for("yolov8n", 1)]).unwrap();
     }
     c.infer("c", vec![x.clone()]).unwrap();
-    let s = summaries(&d);
+    let s = d.summaries();
     assert_eq!(s["a"].device, "small", "first preference has room");
     assert_eq!(
         s["b"].device, "big",
@@ -345,7 +336,7 @@ fn models_are_placed_by_preference_and_spill_to_the_next_device() {
     assert!(d.rxctl(&["unpin", "a"]).status.success());
     let out = d.rxctl(&["configure", "c", "--device", "small"]);
     assert!(out.status.success(), "{out:?}");
-    let s = summaries(&d);
+    let s = d.summaries();
     assert_eq!(s["c"].device, "small");
     c.infer("c", vec![x.clone()]).unwrap();
     let devices = c.devices().unwrap();
@@ -380,7 +371,7 @@ fn a_config_reload_changes_budgets_on_demand_loading_and_preloads() {
     let d = TestDaemon::start_with(repo.path(), &[], "preload = ['a', 'b']\n");
     let config = d.dir.path().join("rxd.toml");
     let c = d.client();
-    let s = summaries(&d);
+    let s = d.summaries();
     assert_eq!(
         (s["a"].state, s["b"].state),
         (ModelState::Ready, ModelState::Ready)
@@ -407,7 +398,7 @@ fn a_config_reload_changes_budgets_on_demand_loading_and_preloads() {
     .unwrap();
     let out = d.rxctl(&["reload"]);
     assert!(out.status.success(), "{out:?}");
-    let s = summaries(&d);
+    let s = d.summaries();
     assert_eq!(s["a"].state, ModelState::Evicted, "{s:?}");
     assert_eq!(s["b"].state, ModelState::Ready);
     // c was added to the preload list and loaded at once, but its weights alone exceed the

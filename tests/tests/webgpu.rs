@@ -6,23 +6,12 @@
 //! Shader compilation makes the first run of a model take 10–20 s on a cold cache
 //! (.deps/webgpu/shader-cache keeps it warm between runs).
 
-use std::collections::BTreeMap;
-
 use rxd_client::{ClientError, ErrorCode, Tensor};
 use rxd_e2e::*;
-use rxd_protocol::{HealthState, ModelState, ModelSummary};
+use rxd_protocol::{HealthState, ModelState};
 
 const WEBGPU: &str = "WebGpuExecutionProvider";
 const CPU: &str = "CPUExecutionProvider";
-
-fn summaries(d: &TestDaemon) -> BTreeMap<String, ModelSummary> {
-    d.client_inline()
-        .list_models()
-        .unwrap()
-        .into_iter()
-        .map(|m| (m.name.clone(), m))
-        .collect()
-}
 
 fn start(repo: &Repo, devices: &str) -> TestDaemon {
     let (env, _) = webgpu_env();
@@ -47,7 +36,7 @@ fn models_on_the_webgpu_device_run_on_the_webgpu_ep_and_agree_with_the_cpu_ep() 
         .settings("yolov8n", "devices = ['gpu0']\nmax-batch-rows = 1\n");
     let config = format!("{}[[device]]\nname = 'cpu'\n", gpu_device("gpu0", "2GiB"));
     let d = start(&repo, &config);
-    let s = summaries(&d);
+    let s = d.summaries();
     for m in ["ppocr_cls", "yolov8n"] {
         assert_eq!(s[m].state, ModelState::Ready, "{:?}", s[m]);
         assert_eq!(s[m].device, "gpu0");
@@ -119,7 +108,7 @@ fn two_devices_place_by_tier_and_preference_spill_when_full_and_evict_by_lru() {
     c.infer("cls", vec![crops]).unwrap();
     // No preference: accelerators first.
     c.infer("digits", vec![digit]).unwrap();
-    let s = summaries(&d);
+    let s = d.summaries();
     assert_eq!(
         (s["cls"].device.as_str(), s["cls"].ep.as_deref()),
         ("gpu0", Some(WEBGPU))
@@ -127,7 +116,7 @@ fn two_devices_place_by_tier_and_preference_spill_when_full_and_evict_by_lru() {
     assert_eq!(s["digits"].device, "gpu0");
     // gpu1 cannot hold YOLO's weights: `spill` runs on the CPU, its next preference.
     c.infer("spill", vec![image.clone()]).unwrap();
-    let s = summaries(&d);
+    let s = d.summaries();
     assert_eq!(
         (s["spill"].device.as_str(), s["spill"].ep.as_deref()),
         ("cpu", Some(CPU))
@@ -144,7 +133,7 @@ fn two_devices_place_by_tier_and_preference_spill_when_full_and_evict_by_lru() {
     // The CPU budget: det, then yolo evicts the least recently used CPU model.
     c.infer("det", vec![det_in.clone()]).unwrap();
     c.infer("yolo", vec![image.clone()]).unwrap();
-    let s = summaries(&d);
+    let s = d.summaries();
     assert_eq!(s["yolo"].device, "cpu");
     let evicted: Vec<&str> = ["spill", "det"]
         .into_iter()
@@ -188,7 +177,7 @@ fn a_missing_plugin_fails_the_load_and_with_fallback_the_model_serves_on_the_cpu
     }
     let want = Reference::new(&model_file("digits")).run(std::slice::from_ref(&digit));
     assert_eq!(c.infer("lenient", vec![digit]).unwrap(), want);
-    let s = summaries(&d);
+    let s = d.summaries();
     assert_eq!(s["lenient"].device, "cpu");
     assert_eq!(s["lenient"].ep.as_deref(), Some(CPU));
     assert!(

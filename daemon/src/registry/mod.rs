@@ -287,8 +287,6 @@ pub struct LoadedModel {
     pub fallback: Option<String>,
     /// Which execution provider ran each node (from the profiled warmup).
     pub placement: Option<crate::runtime::NodePlacement>,
-    /// Batch sizes batches are padded up to (see `batch-sizes`).
-    pub batch_sizes: Vec<u32>,
     scheduler: Arc<Scheduler>,
     pub coalescer: Arc<Coalescer>,
     /// Milliseconds since the registry's epoch when a request last used it (LRU order).
@@ -1432,6 +1430,7 @@ impl Registry {
         let mut signature = None;
         let mut arena: Option<u64> = None;
         let mut pad_to: Vec<u32> = Vec::new();
+        let warmup_dims = settings.warmup_dims.clone().unwrap_or_default();
         for i in 0..instances {
             let prof = (i == 0 && warm).then_some(profile.as_path());
             let created = self.runtime.session_on(path, &opts, target_now, prof);
@@ -1478,28 +1477,40 @@ impl Registry {
             let per_size = settings.session_per_batch_size.unwrap_or(true)
                 && *target_now.kind != crate::config::DeviceKind::Cpu
                 && pad_to.iter().any(|&b| b > 1);
+            // Zero inputs at `rows` rows: false (logged) when it fails with automatic shapes;
+            // with configured warmup-dims a failure fails the load.
+            let warm_at =
+                |session: &mut ort::session::Session, rows: u64| -> Result<bool, String> {
+                    match crate::runtime::warmup(session, &sig, rows, &warmup_dims) {
+                        Ok(()) => Ok(true),
+                        Err(e) if settings.warmup_dims.is_some() => {
+                            Err(format!("warmup at batch {rows} failed: {e}"))
+                        }
+                        Err(e) => {
+                            tracing::warn!(
+                                model = %name,
+                                version,
+                                "warmup at batch {rows} with automatic shapes failed (set \
+                                 warmup-dims in model.toml): {e}"
+                            );
+                            Ok(false)
+                        }
+                    }
+                };
             if warm {
+                // With a session per batch size, `main` only ever runs batch 1 (and sizes above
+                // the largest): warming it at others would leave it planned for the wrong shape.
                 let mut sizes = vec![1u64];
-                if batchable(&sig) && sched_settings.max_batch_rows > 1 && !per_size {
-                    sizes.push(u64::from(sched_settings.max_batch_rows));
-                }
                 if !per_size {
+                    if batchable(&sig) && sched_settings.max_batch_rows > 1 {
+                        sizes.push(u64::from(sched_settings.max_batch_rows));
+                    }
                     sizes.extend(pad_to.iter().map(|&b| u64::from(b)));
                 }
                 sizes.sort_unstable();
                 sizes.dedup();
-                let dims = settings.warmup_dims.clone().unwrap_or_default();
                 for rows in sizes {
-                    if let Err(e) = crate::runtime::warmup(&mut session, &sig, rows, &dims) {
-                        if settings.warmup_dims.is_some() {
-                            return Err(format!("warmup at batch {rows} failed: {e}"));
-                        }
-                        tracing::warn!(
-                            model = %name,
-                            version,
-                            "warmup at batch {rows} with automatic shapes failed (set \
-                             warmup-dims in model.toml): {e}"
-                        );
+                    if !warm_at(&mut session, rows)? {
                         break;
                     }
                 }
@@ -1532,12 +1543,7 @@ impl Registry {
                         .session_on(path, &opts, target_now, None)
                         .map_err(|e| e.to_string())?;
                     if warm {
-                        let dims = settings.warmup_dims.clone().unwrap_or_default();
-                        if let Err(e) =
-                            crate::runtime::warmup(&mut extra, &sig, u64::from(rows), &dims)
-                        {
-                            tracing::warn!(model = %name, version, "warmup at batch {rows}: {e}");
-                        }
+                        warm_at(&mut extra, u64::from(rows))?;
                     }
                     worker.by_rows.push((u64::from(rows), extra));
                 }
@@ -1550,9 +1556,7 @@ impl Registry {
             &format!("{name}-{version}"),
             sessions,
             sched_settings,
-            crate::runtime::WorkerOptions {
-                pad_to: pad_to.clone(),
-            },
+            pad_to,
             batchable(&signature),
             settings.default_priority.unwrap_or(0),
             self.model_metrics(name, version),
@@ -1571,7 +1575,6 @@ impl Registry {
             ep: target_now.kind.ep(),
             fallback,
             placement,
-            batch_sizes: pad_to,
             scheduler,
             coalescer,
             last_used: AtomicU64::new(self.now_ms()),
@@ -1869,7 +1872,7 @@ impl Registry {
             batches: stats.map_or(0, |s| s.batches.load(Ordering::Relaxed)),
             rows: stats.map_or(0, |s| s.rows.load(Ordering::Relaxed)),
             padded_rows: stats.map_or(0, |s| s.padded_rows.load(Ordering::Relaxed)),
-            batch_sizes: loaded.map_or_else(Vec::new, |l| l.batch_sizes.clone()),
+            batch_sizes: loaded.map_or_else(Vec::new, |l| l.scheduler.batch_sizes().to_vec()),
             pinned: ver.pinned,
             ep: loaded.map(|l| l.ep.to_string()),
             fallback: loaded.and_then(|l| l.fallback.clone()),

@@ -775,13 +775,6 @@ pub trait BatchListener: Send + Sync {
     fn batch_done(&self, rows: u32, compute: std::time::Duration, arrived: &[std::time::Instant]);
 }
 
-/// How a model's workers run batches.
-#[derive(Debug, Clone, Default)]
-pub struct WorkerOptions {
-    /// Batch sizes (ascending) a batch is padded up to with zero rows; empty = none.
-    pub pad_to: Vec<u32>,
-}
-
 /// A worker's gather buffers, one per model input, kept (with their capacity) from batch to
 /// batch: a batch's inputs are copied once, into memory that was used before, and the batch
 /// tensors are built over it (no fresh allocation, page faults or second copy per batch).
@@ -864,10 +857,10 @@ impl WorkerPool {
     pub fn start(
         label: &str,
         sessions: Vec<WorkerSessions>,
-        options: WorkerOptions,
+        pad_to: Vec<u32>,
         listener: std::sync::Weak<dyn BatchListener>,
     ) -> WorkerPool {
-        let options = Arc::new(options);
+        let pad_to: Arc<[u32]> = pad_to.into();
         let (tx, rx) = crossbeam_channel::bounded::<Batch>(sessions.len().max(1));
         let busy_since: Arc<Vec<std::sync::atomic::AtomicU64>> =
             Arc::new(sessions.iter().map(|_| Default::default()).collect());
@@ -883,10 +876,10 @@ impl WorkerPool {
                 let rx = rx.clone();
                 let listener = listener.clone();
                 let busy = busy_since.clone();
-                let options = options.clone();
+                let pad_to = pad_to.clone();
                 std::thread::Builder::new()
                     .name(format!("rxd-w-{label}-{i}"))
-                    .spawn(move || worker_loop(session, rx, &options, listener, &busy[i], wedge))
+                    .spawn(move || worker_loop(session, rx, &pad_to, listener, &busy[i], wedge))
                     .expect("spawn worker thread")
             })
             .collect();
@@ -939,7 +932,7 @@ impl Drop for WorkerPool {
 fn worker_loop(
     mut sessions: WorkerSessions,
     rx: crossbeam_channel::Receiver<Batch>,
-    options: &WorkerOptions,
+    pad_to: &[u32],
     listener: std::sync::Weak<dyn BatchListener>,
     busy: &std::sync::atomic::AtomicU64,
     wedge: bool,
@@ -957,7 +950,7 @@ fn worker_loop(
             }
         }
         let rows: u32 = batch.rows.iter().sum();
-        run_batch(&mut sessions, batch, options, &mut staging);
+        run_batch(&mut sessions, batch, pad_to, &mut staging);
         busy.store(0, Relaxed);
         if let Some(l) = listener.upgrade() {
             l.batch_done(rows, started.elapsed(), &arrived);
@@ -976,12 +969,7 @@ pub fn padded_rows(rows: u64, pad_to: &[u32]) -> u64 {
 }
 
 /// Runs a batch and completes every job in it.
-fn run_batch(
-    sessions: &mut WorkerSessions,
-    batch: Batch,
-    options: &WorkerOptions,
-    staging: &mut Staging,
-) {
+fn run_batch(sessions: &mut WorkerSessions, batch: Batch, pad_to: &[u32], staging: &mut Staging) {
     let Batch { jobs, rows, .. } = batch;
     let mut live: Vec<(Job, u32)> = Vec::with_capacity(jobs.len());
     for (j, r) in jobs.into_iter().zip(rows) {
@@ -993,7 +981,7 @@ fn run_batch(
         j.completion.complete(Err(RuntimeError::Abandoned));
     }
     let total: u64 = live.iter().map(|(_, r)| u64::from(*r)).sum();
-    let padded = padded_rows(total, &options.pad_to);
+    let padded = padded_rows(total, pad_to);
     let session = sessions.for_rows(padded);
     match live.len() {
         0 => {}
@@ -1119,7 +1107,6 @@ fn run_gathered(
     staging: &mut Staging,
     gathered: &mut Vec<(Vec<u8>, Vec<u64>)>,
 ) -> Result<Vec<Result<Vec<OutputTensor>, RuntimeError>>, RuntimeError> {
-    let t0 = std::time::Instant::now();
     let real: u64 = rows.iter().map(|&r| u64::from(r)).sum();
     let total = padded.max(real);
     let first = &jobs[0];
@@ -1168,11 +1155,7 @@ fn run_gathered(
             }
         }
     }
-    let gathered = t0.elapsed();
-    let t1 = std::time::Instant::now();
     with_outputs(session, values, &names, |views| {
-        let ran = t1.elapsed();
-        let t2 = std::time::Instant::now();
         for v in views {
             if v.shape.first() != Some(&total)
                 || !(v.bytes.len() as u64).is_multiple_of(total.max(1))
@@ -1213,15 +1196,6 @@ fn run_gathered(
             results.push(deliver(&mine, &job.placement));
             start += r;
         }
-        tracing::trace!(
-            jobs = jobs.len(),
-            rows = real,
-            padded = total,
-            gather_us = gathered.as_micros() as u64,
-            run_us = ran.as_micros() as u64,
-            deliver_us = t2.elapsed().as_micros() as u64,
-            "batch timings"
-        );
         Ok(results)
     })
 }

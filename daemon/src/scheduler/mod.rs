@@ -60,7 +60,7 @@ impl Scheduler {
         label: &str,
         sessions: Vec<crate::runtime::WorkerSessions>,
         mut settings: Settings,
-        options: crate::runtime::WorkerOptions,
+        pad_to: Vec<u32>,
         batchable: bool,
         default_priority: u8,
         metrics: Arc<crate::metrics::ModelMetrics>,
@@ -78,13 +78,13 @@ impl Scheduler {
             idle: Condvar::new(),
             pool: OnceLock::new(),
             batchable,
-            pad_to: options.pad_to.clone(),
+            pad_to: pad_to.clone(),
             default_priority: std::sync::atomic::AtomicU8::new(default_priority),
             stats: Stats::default(),
             metrics,
         });
         let listener: Weak<dyn BatchListener> = sched.me.clone();
-        let pool = WorkerPool::start(label, sessions, options.clone(), listener);
+        let pool = WorkerPool::start(label, sessions, pad_to, listener);
         let _ = sched.pool.set(pool);
         sched
     }
@@ -106,6 +106,11 @@ impl Scheduler {
     /// The policy settings in force.
     pub fn settings(&self) -> Settings {
         self.lock().batcher.settings().clone()
+    }
+
+    /// The batch sizes batches are padded up to (empty: none).
+    pub fn batch_sizes(&self) -> &[u32] {
+        &self.pad_to
     }
 
     /// Changes the batching settings and default priority at run time.
