@@ -1,12 +1,20 @@
-//! `fp16`: float weights stored in half precision. Each float initializer (or Constant-node
-//! tensor) large enough to matter becomes a FLOAT16 tensor followed by a Cast back to float
-//! under its original name, so the graph's arithmetic and its inputs and outputs keep their
-//! types: the file halves, and ONNX Runtime folds the casts when it loads the model (compute
-//! stays in float32; the CPU execution provider has few float16 kernels).
+//! Half precision, two ways.
+//!
+//! `fp16` ([`fp16_compute`]): the model computes in float16 — every float weight and constant
+//! is float16, and the graph's float inputs and outputs are cast at the edges so clients keep
+//! sending and receiving float32. This is what makes a GPU faster (tensor cores, half the
+//! memory traffic). On the CPU, ONNX Runtime runs the operators it has no float16 kernel for in
+//! float32 between casts it inserts itself, so the answers are the same but nothing is gained.
+//!
+//! `fp16-weights` ([`fp16`]): storage only. Each float initializer (or Constant-node tensor)
+//! large enough to matter becomes a FLOAT16 tensor followed by a Cast back to float under its
+//! original name, so the arithmetic stays float32: the file halves, and ONNX Runtime folds the
+//! casts when it loads the model. It combines with the integer strategies.
 
-use crate::onnx::{self, Model, graph, node, tensor};
+use crate::onnx::{self, Model, graph, node, tensor, value_info};
 use crate::proto::{Error, Message, Value};
 use crate::quant::MIN_ELEMENTS;
+use std::collections::{HashMap, HashSet};
 
 /// ONNX's FLOAT16 data type.
 pub const FLOAT16: u64 = 10;
@@ -132,6 +140,346 @@ pub fn fp16(model: &mut Model) -> Result<usize, Error> {
     model.rewrite(&inits, &all, &renamed)?;
     Ok(count)
 }
+
+/// What `fp16` (compute) did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HalfCompute {
+    /// Float initializers and Constant tensors now float16.
+    pub tensors: usize,
+    /// Float values outside float16's range, clamped to ±65504.
+    pub clamped: usize,
+    /// Nodes kept in float32 (no float16 form in ONNX), with casts around them.
+    pub kept_float: Vec<String>,
+}
+
+const FLOAT: u64 = tensor::FLOAT;
+const INT64: u64 = 7;
+const BOOL: u64 = 9;
+const UINT8: u64 = 2;
+/// The largest finite float16.
+const F16_MAX: f32 = 65504.0;
+
+/// ValueInfoProto.type → TypeProto.tensor_type → elem_type.
+fn elem_type(vi: &Message) -> Option<u64> {
+    vi.message(2).ok()??.message(1).ok()??.varint(1)
+}
+
+fn set_elem_type(vi: &mut Message, t: u64) -> Result<(), Error> {
+    let Some(mut ty) = vi.message(2)? else {
+        return Ok(());
+    };
+    let Some(mut tt) = ty.message(1)? else {
+        return Ok(());
+    };
+    tt.replace(1, vec![Value::Varint(t)]);
+    ty.replace(1, vec![Value::Bytes(tt.encode())]);
+    vi.replace(2, vec![Value::Bytes(ty.encode())]);
+    Ok(())
+}
+
+/// A float tensor as float16 (name kept), values clamped to float16's range.
+fn to_half(t: &Message, clamped: &mut usize) -> Result<Option<Message>, Error> {
+    let Some(v) = onnx::f32_data(t)? else {
+        return Ok(None);
+    };
+    let v: Vec<f32> = v
+        .into_iter()
+        .map(|x| {
+            if x.is_finite() && x.abs() > F16_MAX {
+                *clamped += 1;
+                x.clamp(-F16_MAX, F16_MAX)
+            } else {
+                x
+            }
+        })
+        .collect();
+    let mut h = half_tensor(&onnx::name_of(t), &onnx::dims_of(t)?, &v);
+    if onnx::name_of(t).is_empty() {
+        h.replace(tensor::NAME, Vec::new());
+    }
+    Ok(Some(h))
+}
+
+fn set_attrs(n: &mut Message, attrs: &[Message]) {
+    n.replace(
+        node::ATTRIBUTE,
+        attrs.iter().map(|a| Value::Bytes(a.encode())).collect(),
+    );
+}
+
+fn tensor_attribute(name: &str, t: &Message) -> Message {
+    let mut a = Message::default();
+    a.push_str(onnx::attr::NAME, name);
+    a.push_message(onnx::attr::T, t);
+    a.push(onnx::attr::TYPE, Value::Varint(4));
+    a
+}
+
+fn cast(from: &str, to: &str, ty: u64) -> Message {
+    onnx::make_node("Cast", "", "", &[from], &[to], &[("to", ty as i64)])
+}
+
+/// Inputs that ONNX types as float32 whatever the node's data type: (op, input index).
+const FLOAT32_INPUTS: &[(&str, usize)] = &[("Resize", 2), ("Upsample", 1)];
+/// Operators with no float16 form in ONNX: they run in float32 between casts.
+const FLOAT32_OPS: &[&str] = &["Range", "NonMaxSuppression"];
+/// Operators whose `dtype` attribute chooses a float output (float32 when absent).
+const DTYPE_OPS: &[&str] = &[
+    "RandomNormal",
+    "RandomUniform",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "EyeLike",
+    "Bernoulli",
+];
+
+/// The data types of a node's outputs, from its inputs' types (`None`: not known). Enough
+/// of ONNX's type rules to find where float values flow; not a full inference.
+fn output_types(n: &Message, types: &HashMap<String, u64>) -> Result<Vec<Option<u64>>, Error> {
+    let ins = onnx::inputs(n);
+    let outs = onnx::outputs(n);
+    let of = |i: usize| ins.get(i).and_then(|x| types.get(x)).copied();
+    let first = ins.iter().find_map(|x| types.get(x)).copied();
+    let all = |t: Option<u64>| vec![t; outs.len()];
+    Ok(match onnx::op_type(n).as_str() {
+        "Constant" => {
+            let attrs = n.messages(node::ATTRIBUTE)?;
+            let t = attrs
+                .iter()
+                .find_map(|a| match a.string(onnx::attr::NAME).as_str() {
+                    "value" => a
+                        .message(onnx::attr::T)
+                        .ok()
+                        .flatten()
+                        .and_then(|t| t.varint(tensor::DATA_TYPE)),
+                    "value_float" | "value_floats" => Some(FLOAT16),
+                    "value_int" | "value_ints" => Some(INT64),
+                    _ => None,
+                });
+            all(t)
+        }
+        "Cast" => all(onnx::int_attr(n, "to")?.map(|t| t as u64)),
+        "CastLike" => all(of(1)),
+        "ConstantOfShape" => all(Some(
+            onnx::tensor_attr(n, "value")?
+                .and_then(|t| t.varint(tensor::DATA_TYPE))
+                .unwrap_or(FLOAT),
+        )),
+        "Shape" | "Size" | "NonZero" | "ArgMax" | "ArgMin" | "NonMaxSuppression" => {
+            all(Some(INT64))
+        }
+        "TopK" => vec![first, Some(INT64)],
+        "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "Not" | "And" | "Or"
+        | "Xor" | "IsNaN" | "IsInf" => all(Some(BOOL)),
+        "QuantizeLinear" => all(Some(of(2).unwrap_or(UINT8))),
+        "DequantizeLinear" => all(of(1)),
+        "Where" => all(of(1)),
+        op if DTYPE_OPS.contains(&op) => all(Some(
+            onnx::int_attr(n, "dtype")?
+                .map(|t| t as u64)
+                .unwrap_or(if op.ends_with("Like") {
+                    first.unwrap_or(FLOAT)
+                } else {
+                    FLOAT
+                }),
+        )),
+        _ => all(first),
+    })
+}
+
+/// Converts the whole model to float16 arithmetic: every float initializer and constant
+/// becomes float16, casts to float16 become the model's float sources, Cast nodes to float
+/// cast to float16 instead, and float graph inputs and outputs keep their float type through
+/// a Cast at each (clients keep sending and receiving float32). Operators without a float16
+/// form run in float32 between casts. Graphs with control flow (If/Loop/Scan subgraphs) are
+/// refused: their bodies would need the same conversion.
+pub fn fp16_compute(model: &mut Model) -> Result<HalfCompute, Error> {
+    let mut out = HalfCompute::default();
+    let mut types: HashMap<String, u64> = HashMap::new();
+    let mut inits = Vec::new();
+    for t in model.graph.messages(graph::INITIALIZER)? {
+        let t = match to_half(&t, &mut out.clamped)? {
+            Some(h) => {
+                out.tensors += 1;
+                h
+            }
+            None => t,
+        };
+        if let Some(ty) = t.varint(tensor::DATA_TYPE) {
+            types.insert(onnx::name_of(&t), ty);
+        }
+        inits.push(t);
+    }
+    let init_names: HashSet<String> = inits.iter().map(onnx::name_of).collect();
+    // Graph inputs: initializers listed there (old IR versions) leave the list; float inputs
+    // are cast to float16 under a new name that every consumer reads instead.
+    let mut renamed: HashMap<String, String> = HashMap::new();
+    let mut nodes = Vec::new();
+    let mut dropped = Vec::new();
+    for i in model.graph.messages(graph::INPUT)? {
+        let name = i.string(value_info::NAME);
+        if init_names.contains(&name) {
+            dropped.push(name);
+        } else if elem_type(&i) == Some(FLOAT) {
+            let h = format!("{name}.fp16");
+            nodes.push(cast(&name, &h, FLOAT16));
+            types.insert(h.clone(), FLOAT16);
+            renamed.insert(name, h);
+        } else if let Some(t) = elem_type(&i) {
+            types.insert(name, t);
+        }
+    }
+    // Graph outputs: a float output is produced under a new name and cast back to float.
+    let mut out_renamed: HashMap<String, String> = HashMap::new();
+    let mut out_casts = Vec::new();
+    for o in model.graph.messages(graph::OUTPUT)? {
+        let name = o.string(value_info::NAME);
+        if elem_type(&o) == Some(FLOAT) && !renamed.contains_key(&name) {
+            let h = format!("{name}.fp16");
+            out_casts.push(cast(&h, &name, FLOAT));
+            out_renamed.insert(name, h);
+        }
+    }
+    let rename = |x: String| {
+        renamed
+            .get(&x)
+            .or_else(|| out_renamed.get(&x))
+            .cloned()
+            .unwrap_or(x)
+    };
+    for (k, mut n) in model.graph.messages(graph::NODE)?.into_iter().enumerate() {
+        let op = onnx::op_type(&n);
+        let mut attrs = n.messages(node::ATTRIBUTE)?;
+        if attrs
+            .iter()
+            .any(|a| a.bytes(6).is_some() || a.bytes(11).is_some())
+        {
+            return Err(Error(format!(
+                "node {} ({op}) has a subgraph: fp16 compute does not convert control flow \
+                 (fp16-weights stores the weights in half precision without it)",
+                n.string(node::NAME)
+            )));
+        }
+        // Float sources inside the node: tensors in attributes, target types.
+        for a in &mut attrs {
+            let an = a.string(onnx::attr::NAME);
+            match (op.as_str(), an.as_str()) {
+                ("Constant" | "ConstantOfShape", "value") => {
+                    if let Some(t) = a.message(onnx::attr::T)?
+                        && let Some(h) = to_half(&t, &mut out.clamped)?
+                    {
+                        out.tensors += 1;
+                        a.replace(onnx::attr::T, vec![Value::Bytes(h.encode())]);
+                    }
+                }
+                ("Constant", "value_float" | "value_floats") => {
+                    let v: Vec<f32> = a
+                        .fixed32s(if an == "value_float" { 2 } else { 7 })?
+                        .into_iter()
+                        .map(f32::from_bits)
+                        .collect();
+                    let dims: Vec<i64> = if an == "value_float" {
+                        vec![]
+                    } else {
+                        vec![v.len() as i64]
+                    };
+                    let mut h = half_tensor("", &dims, &v);
+                    h.replace(tensor::NAME, Vec::new());
+                    *a = tensor_attribute("value", &h);
+                    out.tensors += 1;
+                }
+                ("Cast", "to") if a.varint(onnx::attr::I) == Some(FLOAT) => {
+                    a.replace(onnx::attr::I, vec![Value::Varint(FLOAT16)]);
+                }
+                (op, "dtype")
+                    if DTYPE_OPS.contains(&op) && a.varint(onnx::attr::I) == Some(FLOAT) =>
+                {
+                    a.replace(onnx::attr::I, vec![Value::Varint(FLOAT16)]);
+                }
+                _ => {}
+            }
+        }
+        let names: Vec<String> = attrs.iter().map(|a| a.string(onnx::attr::NAME)).collect();
+        if op == "ConstantOfShape" && !names.iter().any(|a| a == "value") {
+            let mut zero = half_tensor("", &[1], &[0.0]);
+            zero.replace(tensor::NAME, Vec::new());
+            attrs.push(tensor_attribute("value", &zero));
+        }
+        if DTYPE_OPS.contains(&op.as_str())
+            && !op.ends_with("Like")
+            && !names.iter().any(|a| a == "dtype")
+        {
+            let mut a = Message::default();
+            a.push_str(onnx::attr::NAME, "dtype");
+            a.push(onnx::attr::I, Value::Varint(FLOAT16));
+            a.push(onnx::attr::TYPE, Value::Varint(onnx::attr::TYPE_INT));
+            attrs.push(a);
+        }
+        set_attrs(&mut n, &attrs);
+        let ins: Vec<String> = onnx::inputs(&n).into_iter().map(rename).collect();
+        let outs: Vec<String> = onnx::outputs(&n).into_iter().map(rename).collect();
+        let mut ins2 = ins.clone();
+        let mut outs2 = outs.clone();
+        let whole = FLOAT32_OPS.contains(&op.as_str());
+        for (i, x) in ins.iter().enumerate() {
+            let must = whole || FLOAT32_INPUTS.contains(&(op.as_str(), i));
+            if must && !x.is_empty() && types.get(x) == Some(&FLOAT16) {
+                let f = format!("{x}.f32.{k}.{i}");
+                nodes.push(cast(x, &f, FLOAT));
+                types.insert(f.clone(), FLOAT);
+                ins2[i] = f;
+            }
+        }
+        n.replace(
+            node::INPUT,
+            ins2.iter()
+                .map(|x| Value::Bytes(x.clone().into_bytes()))
+                .collect(),
+        );
+        let tys = output_types(&n, &types)?;
+        let mut after = Vec::new();
+        for (o, (x, t)) in outs.iter().zip(&tys).enumerate() {
+            if whole && *t == Some(FLOAT) {
+                let f = format!("{x}.f32");
+                after.push(cast(&f, x, FLOAT16));
+                outs2[o] = f;
+                types.insert(x.clone(), FLOAT16);
+            } else if let Some(t) = t {
+                types.insert(x.clone(), *t);
+            }
+        }
+        if whole && ins2 != ins {
+            out.kept_float
+                .push(format!("{} ({op})", n.string(node::NAME)));
+        }
+        n.replace(
+            node::OUTPUT,
+            outs2
+                .iter()
+                .map(|x| Value::Bytes(x.clone().into_bytes()))
+                .collect(),
+        );
+        nodes.push(n);
+        nodes.extend(after);
+    }
+    nodes.extend(out_casts);
+    // Intermediate value types recorded in the file follow.
+    let mut vis = model.graph.messages(VALUE_INFO)?;
+    for vi in &mut vis {
+        if elem_type(vi) == Some(FLOAT) {
+            set_elem_type(vi, FLOAT16)?;
+        }
+    }
+    model.graph.replace(
+        VALUE_INFO,
+        vis.iter().map(|v| Value::Bytes(v.encode())).collect(),
+    );
+    model.rewrite(&inits, &nodes, &dropped)?;
+    Ok(out)
+}
+
+/// GraphProto.value_info.
+const VALUE_INFO: u32 = 13;
 
 #[cfg(test)]
 mod tests {

@@ -8,7 +8,8 @@
 //! - [`dynamic`]: the `dynamic-int8` strategy (MatMulInteger with activations quantized at
 //!   run time).
 //! - [`fold`]: BatchNormalization folded into the Conv before it.
-//! - [`half`]: the `fp16` strategy (float16 weights cast back to float).
+//! - [`half`]: the `fp16` strategy (float16 arithmetic, float32 at the model's edges) and
+//!   `fp16-weights` (float16 storage, cast back to float when loaded).
 //! - [`int4`]: the `int4` strategy (block-wise 4-bit MatMul weights, MatMulNBits).
 //! - [`prune`]: the `prune:S` strategy (magnitude pruning to sparsity S).
 //! - [`quant`]: the `int8-weights` strategy (per-channel QDQ).
@@ -42,6 +43,8 @@ pub struct Strategy {
     pub dynamic_int8: bool,
     /// Remaining float weights stored as float16 (cast back to float when loaded).
     pub fp16: bool,
+    /// The whole model in float16 arithmetic, float32 inputs and outputs kept by casts.
+    pub fp16_compute: bool,
     /// MatMul weights as block-wise 4-bit integers (MatMulNBits).
     pub int4: bool,
 }
@@ -53,6 +56,7 @@ impl Strategy {
         int8_weights: false,
         dynamic_int8: false,
         fp16: false,
+        fp16_compute: false,
         int4: false,
     };
     pub const INT8_WEIGHTS: Strategy = Strategy {
@@ -60,6 +64,7 @@ impl Strategy {
         int8_weights: true,
         dynamic_int8: false,
         fp16: false,
+        fp16_compute: false,
         int4: false,
     };
 }
@@ -73,7 +78,8 @@ impl std::str::FromStr for Strategy {
                 None if part == "none" => {}
                 None if part == "int8-weights" => out.int8_weights = true,
                 None if part == "dynamic-int8" => out.dynamic_int8 = true,
-                None if part == "fp16" => out.fp16 = true,
+                None if part == "fp16" => out.fp16_compute = true,
+                None if part == "fp16-weights" => out.fp16 = true,
                 None if part == "int4" => out.int4 = true,
                 Some(("prune", x)) => {
                     let v: f64 = x
@@ -88,10 +94,16 @@ impl std::str::FromStr for Strategy {
                 _ => {
                     return Err(format!(
                         "unknown strategy '{part}' (this build has: none, int8-weights, \
-                         dynamic-int8, int4, fp16, prune:S, combined with +)"
+                         dynamic-int8, int4, fp16, fp16-weights, prune:S, combined with +)"
                     ));
                 }
             }
+        }
+        if out.fp16_compute && (out.int8_weights || out.dynamic_int8 || out.int4 || out.fp16) {
+            return Err(format!(
+                "{s}: fp16 (float16 arithmetic) combines only with prune:S; for int8 or int4 \
+                 weights with the float tensors left in half precision use fp16-weights"
+            ));
         }
         Ok(out)
     }
@@ -105,6 +117,8 @@ pub struct Outcome {
     pub batchnorms_folded: usize,
     pub dynamic: dynamic::Dynamic,
     pub fp16_tensors: usize,
+    /// Set when the model now computes in float16 (`fp16`).
+    pub fp16_compute: Option<half::HalfCompute>,
     pub int4: int4::Int4,
 }
 
@@ -112,7 +126,9 @@ pub struct Outcome {
 pub fn compress(bytes: &[u8], strategy: Strategy) -> Result<(Vec<u8>, Outcome), String> {
     let mut model = onnx::Model::parse(bytes).map_err(|e| e.to_string())?;
     let mut out = Outcome::default();
-    if strategy.int8_weights {
+    // Folding first also keeps BatchNorm statistics out of float16: PP-OCR's detector has
+    // running variances near 1e8 (float16 ends at 65504); folded, they become small scales.
+    if strategy.int8_weights || strategy.fp16_compute {
         out.batchnorms_folded = fold::fold_batchnorm(&mut model).map_err(|e| e.to_string())?;
     }
     if let Some(s) = strategy.prune {
@@ -129,6 +145,11 @@ pub fn compress(bytes: &[u8], strategy: Strategy) -> Result<(Vec<u8>, Outcome), 
     }
     if strategy.fp16 {
         out.fp16_tensors = half::fp16(&mut model).map_err(|e| e.to_string())?;
+    }
+    if strategy.fp16_compute {
+        let h = half::fp16_compute(&mut model).map_err(|e| e.to_string())?;
+        out.fp16_tensors = h.tensors;
+        out.fp16_compute = Some(h);
     }
     // Always re-encoded, also for `none`: that is the lossless round trip the tests check.
     Ok((model.encode(), out))

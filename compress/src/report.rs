@@ -1,6 +1,7 @@
 //! The accuracy report: the original and the compressed model run through ONNX Runtime on the
 //! same inputs; per output the largest and mean absolute error, cosine similarity, and — for
-//! classifier-like outputs (last dimension ≥ 2) — how often the top-1 class agrees; sizes and
+//! classifier-like outputs ([N, C], or [N, T, C] probability rows) — how often the top-1 class
+//! agrees (and for [N, T, C], the greedy CTC reading); sizes and
 //! latencies side by side. Thresholds decide whether the compressed model may be used.
 
 use std::path::Path;
@@ -96,6 +97,8 @@ pub struct OutputReport {
     pub name: String,
     pub max_abs_error: f64,
     pub mean_abs_error: f64,
+    /// The largest error against the output's largest magnitude.
+    pub relative_error: f64,
     pub cosine: f64,
     /// Fraction of rows whose argmax over the last dimension agrees (classifier-like outputs).
     pub top1_agreement: Option<f64>,
@@ -146,8 +149,8 @@ impl std::fmt::Display for Report {
         for o in &self.outputs {
             write!(
                 f,
-                "  {}: max abs error {:.3e}, mean abs error {:.3e}, cosine {:.6}",
-                o.name, o.max_abs_error, o.mean_abs_error, o.cosine
+                "  {}: max abs error {:.3e} ({:.2e} relative), mean abs error {:.3e}, cosine {:.6}",
+                o.name, o.max_abs_error, o.relative_error, o.mean_abs_error, o.cosine
             )?;
             if let Some(t) = o.top1_agreement {
                 write!(f, ", top-1 agreement {:.2} %", t * 100.0)?;
@@ -269,6 +272,8 @@ pub fn compare(
         let diffs = x.iter().zip(y).map(|(p, q)| (p - q).abs());
         let max_abs_error = diffs.clone().fold(0.0, f64::max);
         let mean_abs_error = diffs.sum::<f64>() / n;
+        let largest = x.iter().fold(0.0f64, |m, p| m.max(p.abs()));
+        let relative_error = max_abs_error / largest.max(f64::MIN_POSITIVE);
         let dot: f64 = x.iter().zip(y).map(|(p, q)| p * q).sum();
         let nx = x.iter().map(|p| p * p).sum::<f64>().sqrt();
         let ny = y.iter().map(|q| q * q).sum::<f64>().sqrt();
@@ -278,7 +283,14 @@ pub fn compare(
             dot / (nx * ny).max(f64::MIN_POSITIVE)
         };
         let last = *shape.last().unwrap_or(&1) as usize;
-        let sequence_agreement = (shape.len() == 3 && last >= 2 && shape[1] > 1).then(|| {
+        // Classifier-like: [N, C] rows, or [N, T, C] whose rows are probability distributions
+        // in the original (a CTC recogniser's softmax) — not YOLO's [1, 84, anchors] or a
+        // detector's [N, 1, H, W] map, where an argmax along the last axis means nothing.
+        let distributions = last >= 2
+            && x.chunks_exact(last)
+                .all(|r| r.iter().all(|&p| p >= 0.0) && (r.iter().sum::<f64>() - 1.0).abs() < 1e-3);
+        let classes = last >= 2 && (shape.len() == 2 || (shape.len() == 3 && distributions));
+        let sequence_agreement = (classes && shape.len() == 3 && shape[1] > 1).then(|| {
             let steps = shape[1] as usize * last;
             let items = x.len() / steps.max(1);
             let same = x
@@ -288,7 +300,7 @@ pub fn compare(
                 .count();
             same as f64 / items.max(1) as f64
         });
-        let top1_agreement = (shape.len() >= 2 && last >= 2).then(|| {
+        let top1_agreement = classes.then(|| {
             let rows = x.len() / last;
             let same = x
                 .chunks_exact(last)
@@ -301,6 +313,7 @@ pub fn compare(
             name: name.clone(),
             max_abs_error,
             mean_abs_error,
+            relative_error,
             cosine,
             top1_agreement,
             sequence_agreement,

@@ -75,7 +75,9 @@ pub struct CompressOpts {
     /// static-int8 (activations too, ranges from --calibration), none (a lossless round
     /// trip), int8-weights (BatchNorm folding + per-channel INT8
     /// weights of MatMul/Gemm/Conv), dynamic-int8 (MatMul as MatMulInteger with activations
-    /// quantized at run time), fp16 (float weights stored as float16), prune:S (magnitude
+    /// quantized at run time), fp16 (weights and arithmetic in float16, float32 inputs and
+    /// outputs), fp16-weights (float weights stored as float16, computed in float32),
+    /// prune:S (magnitude
     /// pruning to sparsity S), combined with +
     /// (prune:0.5+int8-weights).
     #[arg(long, default_value = "int8-weights")]

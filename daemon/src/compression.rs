@@ -85,10 +85,15 @@ pub fn compress(shared: &SharedRef, req: &CompressRequest) -> Result<CompressRep
     let (min_top1, min_cosine) = (req.min_top1.unwrap_or(0.99), req.min_cosine.unwrap_or(0.99));
     let passed = report.min_top1() >= min_top1 && report.min_cosine() >= min_cosine;
     let mut text = format!(
-        "{} weights to INT8 (QDQ), {} MatMuls to dynamic INT8, {} tensors to fp16, {} BatchNorms folded{}\n{report}",
+        "{} weights to INT8 (QDQ), {} MatMuls to dynamic INT8, {} tensors to fp16{}, {} BatchNorms folded{}\n{report}",
         outcome.quant.converted.len(),
         outcome.dynamic.converted.len(),
         outcome.fp16_tensors,
+        if outcome.fp16_compute.is_some() {
+            " (float16 arithmetic)"
+        } else {
+            ""
+        },
         outcome.batchnorms_folded,
         outcome
             .pruned

@@ -165,16 +165,31 @@ fn compress(opts: &rxd::cli::CompressOpts) -> ExitCode {
             outcome.dynamic.converted.len()
         );
     }
-    if outcome.fp16_tensors > 0 {
-        println!("{} float tensors stored as float16", outcome.fp16_tensors);
+    match &outcome.fp16_compute {
+        Some(h) => {
+            println!(
+                "float16 arithmetic: {} tensors converted, {} values clamped to ±65504, \
+                 float32 inputs and outputs kept by casts",
+                h.tensors, h.clamped
+            );
+            for n in &h.kept_float {
+                println!("  kept in float32 (no float16 form): {n}");
+            }
+        }
+        None if outcome.fp16_tensors > 0 => {
+            println!("{} float tensors stored as float16", outcome.fp16_tensors);
+        }
+        None => {}
     }
-    println!(
-        "{} weights converted to INT8, {} kept as they were",
-        outcome.quant.converted.len(),
-        outcome.quant.kept.len()
-    );
-    for (name, why) in &outcome.quant.kept {
-        println!("  kept {name}: {why}");
+    if strategy.int8_weights {
+        println!(
+            "{} weights converted to INT8, {} kept as they were",
+            outcome.quant.converted.len(),
+            outcome.quant.kept.len()
+        );
+        for (name, why) in &outcome.quant.kept {
+            println!("  kept {name}: {why}");
+        }
     }
     let inputs = match read(&opts.eval) {
         Ok(i) => i,
@@ -227,6 +242,7 @@ fn compress(opts: &rxd::cli::CompressOpts) -> ExitCode {
                         "name": o.name,
                         "max_abs_error": o.max_abs_error,
                         "mean_abs_error": o.mean_abs_error,
+                        "relative_error": o.relative_error,
                         "cosine": o.cosine,
                         "top1_agreement": o.top1_agreement,
                         "sequence_agreement": o.sequence_agreement,

@@ -298,32 +298,92 @@ fn dynamic_int8_runs_the_digits_mlp_with_integer_matmuls_and_keeps_its_answers()
     assert!(r.min_top1() >= 0.99, "{r}");
 }
 
+fn cls_crops() -> Vec<Input> {
+    vec![Input {
+        name: "x".into(),
+        shape: vec![4, 3, 48, 192],
+        data: report::Data::F32(random_f32(4 * 3 * 48 * 192, 9)),
+    }]
+}
+
 #[test]
-fn fp16_halves_the_models_and_keeps_outputs_within_a_percent() {
-    for (m, inputs) in [
-        ("digits", digits_eval()),
-        (
-            "ppocr_cls",
-            vec![Input {
-                name: "x".into(),
-                shape: vec![4, 3, 48, 192],
-                data: report::Data::F32(random_f32(4 * 3 * 48 * 192, 9)),
-            }],
-        ),
-    ] {
+fn fp16_weights_halve_the_models_and_keep_outputs_within_a_percent() {
+    for (m, inputs) in [("digits", digits_eval()), ("ppocr_cls", cls_crops())] {
         let bytes = std::fs::read(model_file(m)).unwrap();
-        let (out, outcome) = compress(&bytes, "fp16".parse().unwrap()).unwrap();
+        let (out, outcome) = compress(&bytes, "fp16-weights".parse().unwrap()).unwrap();
         assert!(outcome.fp16_tensors > 0);
+        assert!(outcome.fp16_compute.is_none());
         let r = report::compare(reference_env(), &bytes, &out, &inputs).unwrap();
-        eprintln!("{m} fp16: {r}");
+        eprintln!("{m} fp16-weights: {r}");
         // Half of the weights; the graph structure (6 % of the 0.6 MB classifier) stays.
         assert!(r.size_ratio() <= 0.6, "{m}: {r}");
-        // Within 1e-2 relative: the largest error against the output's largest magnitude.
         for o in &r.outputs {
+            assert!(o.relative_error <= 1e-2, "{m} {}: {r}", o.name);
             assert!(o.cosine >= 0.9999, "{m} {}: {r}", o.name);
         }
         assert!(r.min_top1() >= 0.99, "{m}: {r}");
     }
+}
+
+/// The fp16: weights *and* arithmetic in half precision, float32 at the edges.
+#[test]
+fn fp16_computes_in_half_precision_and_keeps_outputs_within_a_percent() {
+    let yolo = Input {
+        name: "images".into(),
+        shape: vec![1, 3, 320, 320],
+        data: report::Data::F32(random_f32(3 * 320 * 320, 4)),
+    };
+    for (m, inputs) in [
+        ("digits", digits_eval()),
+        ("ppocr_cls", cls_crops()),
+        ("yolov8n", vec![yolo]),
+    ] {
+        let bytes = std::fs::read(model_file(m)).unwrap();
+        let (out, outcome) = compress(&bytes, "fp16".parse().unwrap()).unwrap();
+        let h = outcome.fp16_compute.clone().expect("fp16 compute outcome");
+        assert!(h.tensors > 0);
+        // No float32 tensor is left in the file, and every float graph input and output is
+        // cast at the edge: the arithmetic between is float16.
+        let model = rxd_compress::onnx::Model::parse(&out).unwrap();
+        let casts: Vec<_> = model
+            .graph
+            .messages(rxd_compress::onnx::graph::NODE)
+            .unwrap()
+            .into_iter()
+            .filter(|n| rxd_compress::onnx::op_type(n) == "Cast")
+            .collect();
+        assert!(casts.len() >= 2, "{m}: {} casts", casts.len());
+        for t in model
+            .graph
+            .messages(rxd_compress::onnx::graph::INITIALIZER)
+            .unwrap()
+        {
+            assert_ne!(
+                t.varint(rxd_compress::onnx::tensor::DATA_TYPE),
+                Some(rxd_compress::onnx::tensor::FLOAT),
+                "{m}: {} is still float32",
+                rxd_compress::onnx::name_of(&t)
+            );
+        }
+        let r = report::compare(reference_env(), &bytes, &out, &inputs).unwrap();
+        eprintln!("{m} fp16: {r}");
+        eprintln!("{m} fp16: kept in float32: {:?}", h.kept_float);
+        assert!(r.size_ratio() <= 0.6, "{m}: {r}");
+        for o in &r.outputs {
+            assert!(o.relative_error <= 1e-2, "{m} {}: {r}", o.name);
+        }
+        // YOLOv8n's [1, 84, 2100] output is boxes and scores per anchor, not class rows.
+        if m != "yolov8n" {
+            assert!(r.min_top1() >= 0.99, "{m}: {r}");
+        }
+    }
+}
+
+#[test]
+fn fp16_compute_does_not_combine_with_integer_weights() {
+    let e = "fp16+int8-weights".parse::<Strategy>().unwrap_err();
+    assert!(e.contains("fp16-weights"), "{e}");
+    assert!("fp16-weights+int8-weights".parse::<Strategy>().is_ok());
 }
 
 #[test]

@@ -340,3 +340,57 @@ fn a_missing_gpu_or_tensorrt_fails_the_load_and_with_fallback_serves_on_the_cpu_
     let ghost = devices.iter().find(|x| x.name == "ghost").unwrap();
     assert!(ghost.error.as_deref().unwrap().contains("7"), "{ghost:?}");
 }
+
+/// `compress = 'fp16'` on a GPU: the daemon serves the float16-arithmetic form of YOLOv8n and
+/// the PP-OCR classifier on the CUDA EP, clients keep sending and receiving float32, and the
+/// answers stay within 1e-2 (relative to each output's largest magnitude) of the float32 model
+/// run in this process on the same GPU.
+#[test]
+#[ignore = "needs an NVIDIA GPU and onnxruntime-gpu: scripts/gpu-cuda"]
+fn fp16_models_serve_on_the_gpu_in_half_precision_within_a_percent_of_float32() {
+    let repo = Repo::new();
+    let settings = "devices = ['gpu0']\ncompress = 'fp16'\nmax-batch-rows = 8\n";
+    repo.link("yolov8n", 1, "yolov8n")
+        .settings("yolov8n", settings)
+        .link("ppocr_cls", 1, "ppocr_cls")
+        .settings("ppocr_cls", settings);
+    let d = start(&repo, &gpu0(""));
+    let s = d.summaries();
+    for m in ["yolov8n", "ppocr_cls"] {
+        let m = &s[m];
+        assert_eq!(m.state, ModelState::Ready, "{m:?}");
+        assert!(
+            m.compression
+                .as_deref()
+                .unwrap_or("")
+                .starts_with("served compressed (fp16"),
+            "{m:?}"
+        );
+        assert_eq!(m.ep.as_deref(), Some(CUDA), "{m:?}");
+        let on_gpu = m.node_placement.get(CUDA).copied().unwrap_or(0);
+        let on_cpu = m.node_placement.get(CPU).copied().unwrap_or(0);
+        assert!(on_gpu > 4 * on_cpu, "{:?}", m.node_placement);
+    }
+    let c = d.client();
+    for (model, input, item) in [
+        ("yolov8n", "images", [3u64, 320, 320]),
+        ("ppocr_cls", "x", [3, 48, 192]),
+    ] {
+        let mut want = Reference::cuda(&model_file(model), &OPTIONS);
+        for seed in 0..4 {
+            let x = random_f32(item.iter().product::<u64>() as usize, 40 + seed);
+            let t = f32_tensor(input, &[1, item[0], item[1], item[2]], &x);
+            let got = c.infer(model, vec![t.clone()]).unwrap();
+            for g in &got {
+                assert_eq!(g.dtype, rxd_protocol::DType::Float32, "{g:?}");
+            }
+            let (rel, abs) = errors(&got, &want.run(&[t]));
+            println!("{model} fp16 on the GPU vs float32: relative {rel:.2e}, absolute {abs:.2e}");
+            assert!(rel <= 1e-2, "{model}: relative error {rel}");
+            assert!(
+                rel > 0.0,
+                "{model}: bit-identical to float32, not float16 arithmetic"
+            );
+        }
+    }
+}
