@@ -150,6 +150,8 @@ pub struct HalfCompute {
     pub clamped: usize,
     /// Nodes kept in float32 (no float16 form in ONNX), with casts around them.
     pub kept_float: Vec<String>,
+    /// The default domain's opset moved (from, to) so that float16 kernels exist.
+    pub opset_upgraded: Option<(u64, u64)>,
 }
 
 const FLOAT: u64 = tensor::FLOAT;
@@ -295,6 +297,26 @@ fn output_types(n: &Message, types: &HashMap<String, u64>) -> Result<Vec<Option<
 /// refused: their bodies would need the same conversion.
 pub fn fp16_compute(model: &mut Model) -> Result<HalfCompute, Error> {
     let mut out = HalfCompute::default();
+    // Clip has float16 kernels in ONNX Runtime's CUDA EP from opset 12 on (before, float32
+    // only: an opset-11 model's Clips would fall back to the CPU, with copies around each).
+    // Opset 12 changed no node this affects but Dropout (its ratio became an input), so an
+    // opset-11 graph without Dropout moves to 12; older ones keep their Clips in float32.
+    let ops: HashSet<String> = model
+        .graph
+        .messages(graph::NODE)?
+        .iter()
+        .map(onnx::op_type)
+        .collect();
+    let opset = model.opset("").unwrap_or(0);
+    let mut float32_ops: Vec<&str> = FLOAT32_OPS.to_vec();
+    if opset < 12 && ops.contains("Clip") {
+        if opset == 11 && !ops.contains("Dropout") {
+            model.set_opset("", 12)?;
+            out.opset_upgraded = Some((11, 12));
+        } else {
+            float32_ops.push("Clip");
+        }
+    }
     let mut types: HashMap<String, u64> = HashMap::new();
     let mut inits = Vec::new();
     for t in model.graph.messages(graph::INITIALIZER)? {
@@ -420,7 +442,7 @@ pub fn fp16_compute(model: &mut Model) -> Result<HalfCompute, Error> {
         let outs: Vec<String> = onnx::outputs(&n).into_iter().map(rename).collect();
         let mut ins2 = ins.clone();
         let mut outs2 = outs.clone();
-        let whole = FLOAT32_OPS.contains(&op.as_str());
+        let whole = float32_ops.contains(&op.as_str());
         for (i, x) in ins.iter().enumerate() {
             let must = whole || FLOAT32_INPUTS.contains(&(op.as_str(), i));
             if must && !x.is_empty() && types.get(x) == Some(&FLOAT16) {

@@ -122,6 +122,23 @@ impl Model {
         Ok(())
     }
 
+    /// Changes the imported version of an operator domain ("" is the default ONNX domain);
+    /// the caller checks that the graph's nodes mean the same at the new version.
+    pub fn set_opset(&mut self, domain: &str, version: u64) -> Result<(), Error> {
+        let mut imports = self.msg.messages(model::OPSET_IMPORT)?;
+        for o in &mut imports {
+            let d = o.string(opset::DOMAIN);
+            if d == domain || (domain.is_empty() && d == "ai.onnx") {
+                o.replace(opset::VERSION, vec![Value::Varint(version)]);
+            }
+        }
+        self.msg.replace(
+            model::OPSET_IMPORT,
+            imports.iter().map(|o| Value::Bytes(o.encode())).collect(),
+        );
+        Ok(())
+    }
+
     /// Imports `domain` at `version` if it is not imported yet.
     pub fn ensure_opset(&mut self, domain: &str, version: u64) {
         if self.opset(domain).is_some() {

@@ -172,6 +172,9 @@ fn compress(opts: &rxd::cli::CompressOpts) -> ExitCode {
                  float32 inputs and outputs kept by casts",
                 h.tensors, h.clamped
             );
+            if let Some((from, to)) = h.opset_upgraded {
+                println!("  opset {from} → {to} (Clip's float16 kernels)");
+            }
             for n in &h.kept_float {
                 println!("  kept in float32 (no float16 form): {n}");
             }

@@ -342,12 +342,13 @@ fn a_missing_gpu_or_tensorrt_fails_the_load_and_with_fallback_serves_on_the_cpu_
 }
 
 /// `compress = 'fp16'` on a GPU: the daemon serves the float16-arithmetic form of YOLOv8n and
-/// the PP-OCR classifier on the CUDA EP, clients keep sending and receiving float32, and the
-/// answers stay within 1e-2 (relative to each output's largest magnitude) of the float32 model
-/// run in this process on the same GPU.
+/// the PP-OCR classifier on the CUDA EP (no node falls back to the CPU), clients keep sending
+/// and receiving float32, and the answers stay close to the float32 model run in this process
+/// on the same GPU (the classifier's probabilities within 1e-2, YOLOv8n's boxes within a pixel
+/// and its scores within 1e-2), and bit-identical to the same float16 model run by ORT here.
 #[test]
 #[ignore = "needs an NVIDIA GPU and onnxruntime-gpu: scripts/gpu-cuda"]
-fn fp16_models_serve_on_the_gpu_in_half_precision_within_a_percent_of_float32() {
+fn fp16_models_serve_on_the_gpu_in_half_precision_close_to_float32() {
     let repo = Repo::new();
     let settings = "devices = ['gpu0']\ncompress = 'fp16'\nmax-batch-rows = 8\n";
     repo.link("yolov8n", 1, "yolov8n")
@@ -372,11 +373,18 @@ fn fp16_models_serve_on_the_gpu_in_half_precision_within_a_percent_of_float32() 
         assert!(on_gpu > 4 * on_cpu, "{:?}", m.node_placement);
     }
     let c = d.client();
+    let dir = tempfile::tempdir().unwrap();
     for (model, input, item) in [
         ("yolov8n", "images", [3u64, 320, 320]),
         ("ppocr_cls", "x", [3, 48, 192]),
     ] {
-        let mut want = Reference::cuda(&model_file(model), &OPTIONS);
+        let mut full = Reference::cuda(&model_file(model), &OPTIONS);
+        // The same compression in this process, run by ORT here with the same options.
+        let bytes = std::fs::read(model_file(model)).unwrap();
+        let (half, _) = rxd_compress::compress(&bytes, "fp16".parse().unwrap()).unwrap();
+        let half_path = dir.path().join(format!("{model}.onnx"));
+        std::fs::write(&half_path, half).unwrap();
+        let mut half = Reference::cuda(&half_path, &OPTIONS);
         for seed in 0..4 {
             let x = random_f32(item.iter().product::<u64>() as usize, 40 + seed);
             let t = f32_tensor(input, &[1, item[0], item[1], item[2]], &x);
@@ -384,13 +392,35 @@ fn fp16_models_serve_on_the_gpu_in_half_precision_within_a_percent_of_float32() 
             for g in &got {
                 assert_eq!(g.dtype, rxd_protocol::DType::Float32, "{g:?}");
             }
-            let (rel, abs) = errors(&got, &want.run(&[t]));
-            println!("{model} fp16 on the GPU vs float32: relative {rel:.2e}, absolute {abs:.2e}");
-            assert!(rel <= 1e-2, "{model}: relative error {rel}");
+            // rxd adds nothing to ORT's float16 run: the same bits.
             assert!(
-                rel > 0.0,
-                "{model}: bit-identical to float32, not float16 arithmetic"
+                got == half.run(std::slice::from_ref(&t)),
+                "{model}: rxd ≠ in-process fp16"
             );
+            let want = full.run(&[t]);
+            let (rel, abs) = errors(&got, &want);
+            println!("{model} fp16 on the GPU vs float32: relative {rel:.2e}, absolute {abs:.2e}");
+            assert!(rel > 0.0, "{model}: bit-identical, not float16 arithmetic");
+            if model == "ppocr_cls" {
+                // Two class probabilities: each within 1e-2.
+                assert!(abs <= 1e-2, "{model}: probabilities moved {abs}");
+                continue;
+            }
+            // YOLOv8n's [1, 4 + classes, anchors]: rows 0-3 are box centre and size in
+            // pixels, the rest class scores in [0, 1]. On noise every anchor's box is a flat
+            // DFL distribution, the least stable case.
+            let (g, w) = (f32s(&got[0]), f32s(&want[0]));
+            let rows = got[0].shape[1] as usize;
+            let anchors = g.len() / rows;
+            let worst = |rows: std::ops::Range<usize>| {
+                rows.flat_map(|r| r * anchors..(r + 1) * anchors)
+                    .map(|i| (g[i] - w[i]).abs())
+                    .fold(0f32, f32::max)
+            };
+            let (boxes, scores) = (worst(0..4), worst(4..rows));
+            println!("  boxes within {boxes:.3} px, scores within {scores:.2e}");
+            assert!(scores <= 1e-2, "scores moved {scores}");
+            assert!(boxes <= 1.0, "boxes moved {boxes} px");
         }
     }
 }
