@@ -56,6 +56,8 @@ pub fn fold_batchnorm(model: &mut Model) -> Result<usize, Error> {
         .collect();
     let mut new_inits = Vec::new();
     let mut remove = BTreeSet::new();
+    // Names whose old definitions give way to folded tensors of the same name.
+    let mut replaced: BTreeSet<String> = BTreeSet::new();
     let mut folded = 0;
     for b in 0..nodes.len() {
         if onnx::op_type(&nodes[b]) != "BatchNormalization" {
@@ -103,10 +105,22 @@ pub fn fold_batchnorm(model: &mut Model) -> Result<usize, Error> {
         let b2: Vec<f32> = (0..m)
             .map(|i| (bias[i] - mean[i]) * s[i] + beta[i])
             .collect();
-        let (wn, bn) = (
-            format!("{}_bn_folded", conv_in[1]),
-            format!("{}_bn_bias", bn_out[0]),
-        );
+        // The folded tensors take over names nothing else reads (the conv's own weight and
+        // bias, or the BN's shift), so the file does not grow by new names and the weights
+        // keep the names a user knows them by (the sensitivity search reports them).
+        let only_here = |n: &String| consumers.get(n) == Some(&1) && !graph_outputs.contains(n);
+        let wn = if only_here(&conv_in[1]) {
+            replaced.insert(conv_in[1].clone());
+            conv_in[1].clone()
+        } else {
+            format!("{}_bn_folded", conv_in[1])
+        };
+        let bn = match conv_in.get(2).filter(|s| !s.is_empty()) {
+            Some(b) if only_here(b) => b.clone(),
+            _ if only_here(&bn_in[2]) => bn_in[2].clone(),
+            _ => format!("{}_bn_bias", bn_out[0]),
+        };
+        replaced.insert(bn.clone());
         new_inits.push(onnx::make_tensor(
             &wn,
             wdims,
@@ -150,14 +164,17 @@ pub fn fold_batchnorm(model: &mut Model) -> Result<usize, Error> {
     let nodes: Vec<Message> = nodes
         .into_iter()
         .filter(|n| {
-            onnx::op_type(n) != "Constant" || onnx::outputs(n).iter().any(|o| used.contains(o))
+            onnx::op_type(n) != "Constant"
+                || onnx::outputs(n)
+                    .iter()
+                    .any(|o| used.contains(o) && !replaced.contains(o))
         })
         .collect();
     let mut inits: Vec<Message> = model
         .graph
         .messages(graph::INITIALIZER)?
         .into_iter()
-        .filter(|t| used.contains(&onnx::name_of(t)))
+        .filter(|t| used.contains(&onnx::name_of(t)) && !replaced.contains(&onnx::name_of(t)))
         .collect();
     inits.extend(new_inits);
     let kept: BTreeSet<String> = inits.iter().map(onnx::name_of).collect();

@@ -55,6 +55,24 @@ pub fn f16_bits(x: f32) -> u16 {
     sign | v as u16
 }
 
+/// binary32 from IEEE 754 binary16 (exact: every half is a float).
+pub fn f32_from_f16_bits(h: u16) -> f32 {
+    let sign = u32::from(h & 0x8000) << 16;
+    let exp = u32::from((h >> 10) & 0x1f);
+    let man = u32::from(h & 0x3ff);
+    let bits = match (exp, man) {
+        (0, 0) => sign,
+        (0, m) => {
+            // Subnormal: value m · 2^-24, normalised for binary32.
+            let shift = m.leading_zeros() - 21;
+            sign | ((113 - shift) << 23) | ((m << shift) & 0x3ff) << 13
+        }
+        (0x1f, m) => sign | 0x7f80_0000 | (m << 13),
+        (e, m) => sign | ((e + 112) << 23) | (m << 13),
+    };
+    f32::from_bits(bits)
+}
+
 fn half_tensor(name: &str, dims: &[i64], values: &[f32]) -> Message {
     onnx::make_tensor(
         name,
@@ -520,5 +538,19 @@ mod tests {
         assert_eq!(f16_bits(0.1), 0x2e66);
         assert_eq!(f16_bits(1.0 + 1.0 / 2048.0), 0x3c00, "ties to even");
         assert_eq!(f16_bits(1.0 + 3.0 / 2048.0), 0x3c02);
+    }
+
+    #[test]
+    fn every_half_converts_back_exactly() {
+        for h in 0..=u16::MAX {
+            let f = f32_from_f16_bits(h);
+            if f.is_nan() {
+                assert_eq!(h & 0x7c00, 0x7c00);
+                continue;
+            }
+            assert_eq!(f16_bits(f), h, "{h:#06x} → {f:e}");
+        }
+        assert_eq!(f32_from_f16_bits(0x3c00), 1.0);
+        assert_eq!(f32_from_f16_bits(0x0001), 5.960_464_5e-8);
     }
 }

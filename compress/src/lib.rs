@@ -15,6 +15,8 @@
 //! - [`quant`]: the `int8-weights` strategy (per-channel QDQ).
 //! - [`report`]: original vs compressed on the same inputs through ONNX Runtime.
 //! - [`search`]: the sensitivity search (keep the most sensitive weights in float).
+//! - [`tidy`]: Constant nodes as initializers, identical ones stored once (every size
+//!   strategy).
 //!
 //! Boundary: no sockets, no daemon state; `rxd compress` is the command-line face.
 #![deny(unsafe_code)]
@@ -30,6 +32,7 @@ pub mod quant;
 pub mod report;
 pub mod search;
 pub mod static_int8;
+pub mod tidy;
 
 /// A compression plan: strategies applied in order (`prune:0.5+int8-weights`).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -119,6 +122,7 @@ pub struct Outcome {
     pub fp16_tensors: usize,
     /// Set when the model now computes in float16 (`fp16`).
     pub fp16_compute: Option<half::HalfCompute>,
+    pub tidy: tidy::Tidy,
     pub int4: int4::Int4,
 }
 
@@ -150,6 +154,9 @@ pub fn compress(bytes: &[u8], strategy: Strategy) -> Result<(Vec<u8>, Outcome), 
         let h = half::fp16_compute(&mut model).map_err(|e| e.to_string())?;
         out.fp16_tensors = h.tensors;
         out.fp16_compute = Some(h);
+    }
+    if strategy != Strategy::NONE {
+        out.tidy = tidy::constants_to_initializers(&mut model).map_err(|e| e.to_string())?;
     }
     // Always re-encoded, also for `none`: that is the lossless round trip the tests check.
     Ok((model.encode(), out))

@@ -167,7 +167,7 @@ pub fn quantize_with(
     let mut out = Static::default();
 
     // Weights and biases first (biases need the input's scale).
-    let weights_before = crate::quant::int8_weights(&mut model).map_err(err)?;
+    let weights_before = crate::quant::int8_weights_float_scales(&mut model).map_err(err)?;
     out.weights = weights_before.converted.len();
     // The weight scales, by weight name: from the DequantizeLinear nodes just written.
     let mut nodes = model.graph.messages(graph::NODE).map_err(err)?;
