@@ -5,6 +5,7 @@
 //! # Layout
 //! - [`proto`]: schema-less protobuf messages (lossless).
 //! - [`onnx`]: ONNX field numbers and helpers over messages.
+//! - [`opset`]: moving a graph from opset 11/12 to 13 where nothing changes meaning.
 //! - [`dynamic`]: the `dynamic-int8` strategy (MatMulInteger with activations quantized at
 //!   run time).
 //! - [`fold`]: BatchNormalization folded into the Conv before it.
@@ -26,6 +27,7 @@ pub mod fold;
 pub mod half;
 pub mod int4;
 pub mod onnx;
+pub mod opset;
 pub mod proto;
 pub mod prune;
 pub mod quant;

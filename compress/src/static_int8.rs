@@ -136,12 +136,16 @@ pub fn quantize_with(
     method: Calibration,
 ) -> Result<(Vec<u8>, Static), String> {
     let mut model = Model::parse(bytes).map_err(err)?;
-    let opset = model.opset("").unwrap_or(0);
+    let mut opset = model.opset("").unwrap_or(0);
     if opset < 10 {
         return Err("static-int8 needs opset 10 (QuantizeLinear)".into());
     }
     // Per-channel dequantization (biases; weights likewise in `int8_weights`) needs opset 13,
-    // else ONNX Runtime's com.microsoft DequantizeLinear.
+    // else ONNX Runtime's com.microsoft DequantizeLinear, whose QDQ form ORT does not fuse
+    // into integer kernels: graphs that mean the same at 13 move there.
+    if opset < 13 && crate::opset::upgrade_to_13(&mut model).map_err(err)? {
+        opset = 13;
+    }
     let per_channel_domain = if opset >= 13 { "" } else { "com.microsoft" };
     crate::fold::fold_batchnorm(&mut model).map_err(err)?;
     let nodes = model.graph.messages(graph::NODE).map_err(err)?;

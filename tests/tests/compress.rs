@@ -622,6 +622,18 @@ fn static_int8_with_calibration_quantizes_activations_and_keeps_yolo_close() {
             .filter(|n| rxd_compress::onnx::op_type(n) == "QuantizeLinear")
             .count();
         assert_eq!(q, st.activations.len());
+        // The opset-11 classifier moves to opset 13, where DequantizeLinear has a per-channel
+        // axis of its own (ORT fuses that form into QLinearConv, not its com.microsoft one).
+        assert!(model.opset("").unwrap() >= 13, "{m}");
+        assert!(
+            model
+                .graph
+                .messages(rxd_compress::onnx::graph::NODE)
+                .unwrap()
+                .iter()
+                .all(|n| n.string(rxd_compress::onnx::node::DOMAIN).is_empty()),
+            "{m}: a node outside the default domain"
+        );
         let r = report::compare(reference_env(), &bytes, &out, &[input(22)]).unwrap();
         eprintln!(
             "{m} static-int8: {} activations, {} weights, {} biases; {r}",
@@ -631,4 +643,50 @@ fn static_int8_with_calibration_quantizes_activations_and_keeps_yolo_close() {
         );
         assert!(r.min_cosine() >= min_cosine, "{m}: {r}");
     }
+}
+
+/// Moving the opset-11 classifier to opset 13 (its Softmax rewritten to opset 11's
+/// flatten-at-axis meaning) changes no answer; a graph with an operator whose meaning changed
+/// (Unsqueeze's axes became an input) is left alone.
+#[test]
+fn the_classifier_moves_to_opset_13_with_the_same_answers() {
+    let bytes = std::fs::read(model_file("ppocr_cls")).unwrap();
+    let mut model = rxd_compress::onnx::Model::parse(&bytes).unwrap();
+    assert!(rxd_compress::opset::upgrade_to_13(&mut model).unwrap());
+    assert_eq!(model.opset(""), Some(13));
+    let r = report::compare(
+        reference_env(),
+        &bytes,
+        &model.encode(),
+        &[cls_word_crops()],
+    )
+    .unwrap();
+    eprintln!("opset 13: {r}");
+    assert!(r.outputs.iter().all(|o| o.max_abs_error < 1e-6), "{r}");
+    assert_eq!(r.min_top1(), 1.0);
+    let mut model = rxd_compress::onnx::Model::parse(&bytes).unwrap();
+    let mut nodes = model
+        .graph
+        .messages(rxd_compress::onnx::graph::NODE)
+        .unwrap();
+    nodes.push(rxd_compress::onnx::make_node(
+        "Unsqueeze",
+        "",
+        "",
+        &["x"],
+        &["x_unsqueezed"],
+        &[],
+    ));
+    model
+        .rewrite(
+            &model
+                .graph
+                .messages(rxd_compress::onnx::graph::INITIALIZER)
+                .unwrap(),
+            &nodes,
+            &[],
+        )
+        .unwrap();
+    assert!(!rxd_compress::opset::upgrade_to_13(&mut model).unwrap());
+    assert_eq!(model.opset(""), Some(11));
 }
