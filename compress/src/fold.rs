@@ -43,12 +43,7 @@ pub fn fold_batchnorm(model: &mut Model) -> Result<usize, Error> {
             *consumers.entry(i).or_default() += 1;
         }
     }
-    let graph_outputs: BTreeSet<String> = model
-        .graph
-        .messages(graph::OUTPUT)?
-        .iter()
-        .map(|v| v.string(onnx::value_info::NAME))
-        .collect();
+    let graph_outputs = model.output_names()?;
     let producer: BTreeMap<String, usize> = nodes
         .iter()
         .enumerate()
@@ -120,7 +115,9 @@ pub fn fold_batchnorm(model: &mut Model) -> Result<usize, Error> {
             _ if only_here(&bn_in[2]) => bn_in[2].clone(),
             _ => format!("{}_bn_bias", bn_out[0]),
         };
-        replaced.insert(bn.clone());
+        if !bn.ends_with("_bn_bias") {
+            replaced.insert(bn.clone());
+        }
         new_inits.push(onnx::make_tensor(
             &wn,
             wdims,

@@ -16,8 +16,7 @@ use crate::proto::{Error, Message, Value};
 use crate::quant::MIN_ELEMENTS;
 use std::collections::{HashMap, HashSet};
 
-/// ONNX's FLOAT16 data type.
-pub const FLOAT16: u64 = 10;
+use crate::onnx::tensor::{BOOL, FLOAT, FLOAT16, INT64, UINT8};
 
 /// IEEE 754 binary16 from binary32, rounding to nearest even (overflow to ±inf, NaN kept).
 pub fn f16_bits(x: f32) -> u16 {
@@ -86,14 +85,7 @@ fn half_tensor(name: &str, dims: &[i64], values: &[f32]) -> Message {
 }
 
 fn cast_to_float(from: &str, to: &str) -> Message {
-    onnx::make_node(
-        "Cast",
-        "",
-        "",
-        &[from],
-        &[to],
-        &[("to", tensor::FLOAT as i64)],
-    )
+    cast(from, to, tensor::FLOAT)
 }
 
 /// Converts the model's large float weights to float16 in place; returns how many.
@@ -172,10 +164,6 @@ pub struct HalfCompute {
     pub opset_upgraded: Option<(u64, u64)>,
 }
 
-const FLOAT: u64 = tensor::FLOAT;
-const INT64: u64 = 7;
-const BOOL: u64 = 9;
-const UINT8: u64 = 2;
 /// The largest finite float16.
 const F16_MAX: f32 = 65504.0;
 
@@ -389,17 +377,14 @@ pub fn fp16_compute(model: &mut Model) -> Result<HalfCompute, Error> {
     };
     for (k, mut n) in model.graph.messages(graph::NODE)?.into_iter().enumerate() {
         let op = onnx::op_type(&n);
-        let mut attrs = n.messages(node::ATTRIBUTE)?;
-        if attrs
-            .iter()
-            .any(|a| a.bytes(6).is_some() || a.bytes(11).is_some())
-        {
+        if onnx::has_subgraph(&n)? {
             return Err(Error(format!(
                 "node {} ({op}) has a subgraph: fp16 compute does not convert control flow \
                  (fp16-weights stores the weights in half precision without it)",
                 n.string(node::NAME)
             )));
         }
+        let mut attrs = n.messages(node::ATTRIBUTE)?;
         // Float sources inside the node: tensors in attributes, target types.
         for a in &mut attrs {
             let an = a.string(onnx::attr::NAME);

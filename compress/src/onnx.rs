@@ -32,6 +32,8 @@ pub mod attr {
     pub const F: u32 = 2;
     pub const I: u32 = 3;
     pub const T: u32 = 5;
+    pub const G: u32 = 6;
+    pub const GRAPHS: u32 = 11;
     pub const TYPE: u32 = 20;
     pub const TYPE_INT: u64 = 2;
 }
@@ -43,7 +45,11 @@ pub mod tensor {
     pub const RAW_DATA: u32 = 9;
     pub const DATA_LOCATION: u32 = 14;
     pub const FLOAT: u64 = 1;
+    pub const UINT8: u64 = 2;
     pub const INT8: u64 = 3;
+    pub const INT64: u64 = 7;
+    pub const BOOL: u64 = 9;
+    pub const FLOAT16: u64 = 10;
 }
 pub mod value_info {
     pub const NAME: u32 = 1;
@@ -139,6 +145,16 @@ impl Model {
         Ok(())
     }
 
+    /// The names of the graph's outputs.
+    pub fn output_names(&self) -> Result<std::collections::BTreeSet<String>, Error> {
+        Ok(self
+            .graph
+            .messages(graph::OUTPUT)?
+            .iter()
+            .map(|v| v.string(value_info::NAME))
+            .collect())
+    }
+
     /// Imports `domain` at `version` if it is not imported yet.
     pub fn ensure_opset(&mut self, domain: &str, version: u64) {
         if self.opset(domain).is_some() {
@@ -200,6 +216,14 @@ pub fn make_tensor(name: &str, dims: &[i64], data_type: u64, raw: Vec<u8>) -> Me
     t.push_str(tensor::NAME, name);
     t.push(tensor::RAW_DATA, Value::Bytes(raw));
     t
+}
+
+/// Whether a node carries a subgraph (If/Loop/Scan bodies), which rewrites that rename or
+/// retype values would have to follow.
+pub fn has_subgraph(n: &Message) -> Result<bool, Error> {
+    Ok(n.messages(node::ATTRIBUTE)?
+        .iter()
+        .any(|a| a.bytes(attr::G).is_some() || a.bytes(attr::GRAPHS).is_some()))
 }
 
 pub fn op_type(n: &Message) -> String {

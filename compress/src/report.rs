@@ -247,6 +247,18 @@ pub fn ctc_greedy(scores: &[f64], classes: usize) -> Vec<usize> {
     out
 }
 
+/// Cosine similarity of two outputs (1 when both are all zeros).
+pub fn cosine(x: &[f64], y: &[f64]) -> f64 {
+    let dot: f64 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+    let nx = x.iter().map(|p| p * p).sum::<f64>().sqrt();
+    let ny = y.iter().map(|q| q * q).sum::<f64>().sqrt();
+    if nx == 0.0 && ny == 0.0 {
+        1.0
+    } else {
+        dot / (nx * ny).max(f64::MIN_POSITIVE)
+    }
+}
+
 /// Compares `before` and `after` (model bytes) on `inputs`.
 pub fn compare(
     env: &Environment,
@@ -274,14 +286,7 @@ pub fn compare(
         let mean_abs_error = diffs.sum::<f64>() / n;
         let largest = x.iter().fold(0.0f64, |m, p| m.max(p.abs()));
         let relative_error = max_abs_error / largest.max(f64::MIN_POSITIVE);
-        let dot: f64 = x.iter().zip(y).map(|(p, q)| p * q).sum();
-        let nx = x.iter().map(|p| p * p).sum::<f64>().sqrt();
-        let ny = y.iter().map(|q| q * q).sum::<f64>().sqrt();
-        let cosine = if nx == 0.0 && ny == 0.0 {
-            1.0
-        } else {
-            dot / (nx * ny).max(f64::MIN_POSITIVE)
-        };
+        let cosine = cosine(x, y);
         let last = *shape.last().unwrap_or(&1) as usize;
         // Classifier-like: [N, C] rows, or [N, T, C] whose rows are probability distributions
         // in the original (a CTC recogniser's softmax) — not YOLO's [1, 84, anchors] or a

@@ -7,7 +7,7 @@
 //! `none`, the lossless round trip). Graphs with subgraphs are left alone (a subgraph may
 //! read an outer constant by name).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use crate::onnx::{self, Model, graph, node, tensor};
 use crate::proto::{Error, Message, Value};
@@ -23,24 +23,12 @@ pub struct Tidy {
 
 pub fn constants_to_initializers(model: &mut Model) -> Result<Tidy, Error> {
     let nodes = model.graph.messages(graph::NODE)?;
-    let has_subgraph = nodes.iter().any(|n| {
-        n.messages(node::ATTRIBUTE)
-            .map(|attrs| {
-                attrs
-                    .iter()
-                    .any(|a| a.bytes(6).is_some() || a.bytes(11).is_some())
-            })
-            .unwrap_or(true)
-    });
-    if has_subgraph {
-        return Ok(Tidy::default());
+    for n in &nodes {
+        if onnx::has_subgraph(n)? {
+            return Ok(Tidy::default());
+        }
     }
-    let outputs: BTreeSet<String> = model
-        .graph
-        .messages(graph::OUTPUT)?
-        .iter()
-        .map(|v| v.string(onnx::value_info::NAME))
-        .collect();
+    let outputs = model.output_names()?;
     let mut out = Tidy::default();
     let mut by_content: BTreeMap<Vec<u8>, String> = BTreeMap::new();
     let mut renamed: BTreeMap<String, String> = BTreeMap::new();

@@ -42,10 +42,7 @@ fn load(d: &TestDaemon, phases: Vec<(f64, f64)>, concurrency: usize) -> Load {
 }
 
 fn main() {
-    let secs: f64 = std::env::var("RXD_BENCH_PHASE_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4.0);
+    let secs: f64 = bench_setting("RXD_BENCH_PHASE_SECS", 4.0);
     for (name, layout) in [
         (
             "2 instances × 1 thread",

@@ -43,10 +43,7 @@ fn time(n: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    let scale: f64 = std::env::var("RXD_BENCH_SCALE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1.0);
+    let scale: f64 = bench_setting("RXD_BENCH_SCALE", 1.0);
     let sizes: [(&str, usize); 4] = [
         ("4 KiB", 4 << 10),
         ("1 MiB", 1 << 20),

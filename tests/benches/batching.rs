@@ -81,10 +81,7 @@ fn in_process(case: &Case, threads: usize, sessions: usize, b: usize, secs: f64)
 }
 
 fn main() {
-    let secs: f64 = std::env::var("RXD_BENCH_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4.0);
+    let secs: f64 = bench_setting("RXD_BENCH_SECS", 4.0);
     let wanted = std::env::var("RXD_BENCH_MODELS").unwrap_or_else(|_| "ppocr_cls,yolov8n".into());
     for case in CASES
         .iter()

@@ -40,20 +40,9 @@ const CASES: [Case; 2] = [
 ];
 
 fn main() {
-    if std::env::var_os("RXD_TEST_ORT_LIBRARY").is_none() {
-        eprintln!(
-            "set RXD_TEST_ORT_LIBRARY to the onnxruntime-gpu library (scripts/gpu-cuda does)"
-        );
-        std::process::exit(2);
-    }
-    let n: usize = std::env::var("RXD_BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50);
-    let secs: f64 = std::env::var("RXD_BENCH_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4.0);
+    require_gpu_library();
+    let n: usize = bench_setting("RXD_BENCH_N", 50);
+    let secs: f64 = bench_setting("RXD_BENCH_SECS", 4.0);
     let wanted = std::env::var("RXD_BENCH_MODELS").unwrap_or_else(|_| "yolov8n,ppocr_cls".into());
     for case in CASES
         .iter()

@@ -134,6 +134,10 @@ fn inputs(model: &str, words: Option<&Input>, b: usize) -> (Vec<usize>, Vec<f32>
     }
 }
 
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| f64::from(x)).collect()
+}
+
 /// What the answers kept: the task's own measure, if it has one on real inputs.
 fn kept(model: &str, shape: &[usize], real: bool, want: &[f32], got: &[f32]) -> String {
     let b = shape[0];
@@ -149,7 +153,7 @@ fn kept(model: &str, shape: &[usize], real: bool, want: &[f32], got: &[f32]) -> 
         ("ppocr_rec", true) => {
             let per = want.len() / b;
             let classes = 6625;
-            let f = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+            let f = f64s;
             let same = want
                 .chunks_exact(per)
                 .zip(got.chunks_exact(per))
@@ -176,25 +180,11 @@ fn kept(model: &str, shape: &[usize], real: bool, want: &[f32], got: &[f32]) -> 
     }
 }
 
-fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
-    let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    dot / (n(a) * n(b)).max(f64::MIN_POSITIVE)
-}
-
 fn main() {
-    if std::env::var_os("RXD_TEST_ORT_LIBRARY").is_none()
-        && std::env::var("RXD_BENCH_EP").as_deref() != Ok("cpu")
-    {
-        eprintln!(
-            "set RXD_TEST_ORT_LIBRARY to the onnxruntime-gpu library (scripts/gpu-cuda does)"
-        );
-        std::process::exit(2);
+    if std::env::var("RXD_BENCH_EP").as_deref() != Ok("cpu") {
+        require_gpu_library();
     }
-    let n: usize = std::env::var("RXD_BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30);
+    let n: usize = bench_setting("RXD_BENCH_N", 30);
     let words = report::read_npy("x", &repo_root().join(".deps/ocr-words/words.npy")).ok();
     println!("### Float16 arithmetic on the GPU (`fp16`), in-process CUDA EP, p50 of {n} runs");
     println!();
@@ -242,7 +232,7 @@ fn main() {
             println!(
                 "| {model} | {b} | {a:.2} | {c:.2} | {:.2}× | {:.6} | {rel:.1e} | {} |",
                 c / a,
-                cosine(&want, &got),
+                report::cosine(&f64s(&want), &f64s(&got)),
                 kept(model, &shape, real, &want, &got)
             );
         }

@@ -57,12 +57,7 @@ fn run(s: &mut Session, input: &str, shape: &[usize], data: &[f32]) -> Duration 
 }
 
 fn main() {
-    if std::env::var_os("RXD_TEST_ORT_LIBRARY").is_none() {
-        eprintln!(
-            "set RXD_TEST_ORT_LIBRARY to the onnxruntime-gpu library (scripts/gpu-cuda does)"
-        );
-        std::process::exit(2);
-    }
+    require_gpu_library();
     for (model, input, item) in [
         ("ppocr_cls", "x", [3usize, 48, 192]),
         ("yolov8n", "images", [3, 320, 320]),

@@ -123,10 +123,7 @@ fn main() {
         println!("{}", bare_load_here(&model));
         return;
     }
-    let n: usize = std::env::var("RXD_BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let n: usize = bench_setting("RXD_BENCH_N", 5);
     let repo = Repo::new();
     for m in MODELS {
         repo.link(m, 1, m);

@@ -67,10 +67,7 @@ fn rss_kib(pid: i32) -> u64 {
 }
 
 fn main() {
-    let n: usize = std::env::var("RXD_BENCH_N")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20000);
+    let n: usize = bench_setting("RXD_BENCH_N", 20000);
     let input = f32_tensor("x", &[3, 4, 5], &random_f32(60, 7));
     let request = RequestFrame {
         id: 1,

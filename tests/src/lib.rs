@@ -55,6 +55,26 @@ pub fn ort_library() -> PathBuf {
     p
 }
 
+/// A benchmark setting from the environment (`RXD_BENCH_N`, `RXD_BENCH_SECS`, …), or
+/// `default` when unset or unparsable.
+pub fn bench_setting<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Exits the GPU benchmarks with a hint unless `RXD_TEST_ORT_LIBRARY` names a library (the
+/// onnxruntime-gpu build, which scripts/gpu-cuda fetches).
+pub fn require_gpu_library() {
+    if std::env::var_os("RXD_TEST_ORT_LIBRARY").is_none() {
+        eprintln!(
+            "set RXD_TEST_ORT_LIBRARY to the onnxruntime-gpu library (scripts/gpu-cuda does)"
+        );
+        std::process::exit(2);
+    }
+}
+
 /// A model file: bundled (examples/models, tests/models), or fetched from a PyPI wheel.
 pub fn model_file(name: &str) -> PathBuf {
     for dir in ["examples/models", "tests/models"] {
