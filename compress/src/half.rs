@@ -295,6 +295,30 @@ fn output_types(n: &Message, types: &HashMap<String, u64>) -> Result<Vec<Option<
     })
 }
 
+/// The data type of every value the graph's inputs, initializers and nodes define, as far as
+/// [`output_types`] can tell (absent: not known).
+pub(crate) fn value_types(model: &Model) -> Result<HashMap<String, u64>, Error> {
+    let mut types = HashMap::new();
+    for t in model.graph.messages(graph::INITIALIZER)? {
+        if let Some(ty) = t.varint(tensor::DATA_TYPE) {
+            types.insert(onnx::name_of(&t), ty);
+        }
+    }
+    for i in model.graph.messages(graph::INPUT)? {
+        if let Some(ty) = elem_type(&i) {
+            types.entry(i.string(value_info::NAME)).or_insert(ty);
+        }
+    }
+    for n in model.graph.messages(graph::NODE)? {
+        for (o, t) in onnx::outputs(&n).into_iter().zip(output_types(&n, &types)?) {
+            if let Some(t) = t {
+                types.insert(o, t);
+            }
+        }
+    }
+    Ok(types)
+}
+
 /// Converts the whole model to float16 arithmetic: every float initializer and constant
 /// becomes float16, casts to float16 become the model's float sources, Cast nodes to float
 /// cast to float16 instead, and float graph inputs and outputs keep their float type through

@@ -226,6 +226,54 @@ pub fn has_subgraph(n: &Message) -> Result<bool, Error> {
         .any(|a| a.bytes(attr::G).is_some() || a.bytes(attr::GRAPHS).is_some()))
 }
 
+/// `nodes` in an order where each runs after the producers of its inputs (names not produced
+/// by any node — graph inputs, initializers — count as present); among the nodes that are
+/// ready, the earliest in `nodes` goes first, so a sorted list keeps its order.
+pub fn topo_sort(nodes: Vec<Message>) -> Result<Vec<Message>, Error> {
+    use std::collections::{BTreeSet, HashMap};
+    let mut producer: HashMap<String, usize> = HashMap::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for o in outputs(n) {
+            producer.insert(o, i);
+        }
+    }
+    let mut waits = vec![0usize; nodes.len()];
+    let mut users: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
+    for (i, n) in nodes.iter().enumerate() {
+        let deps: BTreeSet<usize> = inputs(n)
+            .iter()
+            .filter_map(|x| producer.get(x).copied())
+            .filter(|&p| p != i)
+            .collect();
+        waits[i] = deps.len();
+        for p in deps {
+            users[p].push(i);
+        }
+    }
+    let mut ready: BTreeSet<usize> = (0..nodes.len()).filter(|&i| waits[i] == 0).collect();
+    let mut order = Vec::with_capacity(nodes.len());
+    while let Some(i) = ready.pop_first() {
+        order.push(i);
+        for &u in &users[i] {
+            waits[u] -= 1;
+            if waits[u] == 0 {
+                ready.insert(u);
+            }
+        }
+    }
+    if order.len() != nodes.len() {
+        return Err(Error(format!(
+            "{} nodes are in a cycle",
+            nodes.len() - order.len()
+        )));
+    }
+    let mut slots: Vec<Option<Message>> = nodes.into_iter().map(Some).collect();
+    Ok(order
+        .into_iter()
+        .map(|i| slots[i].take().expect("each node once"))
+        .collect())
+}
+
 pub fn op_type(n: &Message) -> String {
     n.string(node::OP_TYPE)
 }
@@ -301,4 +349,32 @@ pub fn make_node(
         n.push_str(node::DOMAIN, domain);
     }
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(op: &str, ins: &[&str], outs: &[&str]) -> Message {
+        make_node(op, "", "", ins, outs, &[])
+    }
+
+    #[test]
+    fn topo_sort_puts_producers_first_and_keeps_sorted_lists_as_they_are() {
+        let sorted = vec![
+            node("Relu", &["x"], &["a"]),
+            node("Neg", &["a"], &["b"]),
+            node("Add", &["a", "b"], &["c"]),
+        ];
+        let ops = |v: &[Message]| v.iter().map(op_type).collect::<Vec<_>>();
+        assert_eq!(
+            ops(&topo_sort(sorted.clone()).unwrap()),
+            ["Relu", "Neg", "Add"]
+        );
+        let mut shuffled = sorted.clone();
+        shuffled.reverse();
+        assert_eq!(ops(&topo_sort(shuffled).unwrap()), ["Relu", "Neg", "Add"]);
+        let cycle = vec![node("Neg", &["b"], &["a"]), node("Neg", &["a"], &["b"])];
+        assert!(topo_sort(cycle).unwrap_err().0.contains("cycle"));
+    }
 }

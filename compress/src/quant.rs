@@ -221,8 +221,12 @@ pub fn int8_weights_except(
 
 /// [`int8_weights`] with every scale a float32 initializer: the static-INT8 strategy reads
 /// them back to scale the biases, and ONNX Runtime's QDQ fusion wants them constant.
-pub fn int8_weights_float_scales(model: &mut Model) -> Result<Outcome, Error> {
-    quantize_weights(model, &Default::default(), false)
+/// Weights named in `keep` stay float.
+pub fn int8_weights_float_scales(
+    model: &mut Model,
+    keep: &std::collections::BTreeSet<String>,
+) -> Result<Outcome, Error> {
+    quantize_weights(model, keep, false)
 }
 
 fn quantize_weights(

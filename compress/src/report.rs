@@ -171,6 +171,36 @@ pub(crate) fn session(env: &Environment, model: &[u8]) -> Result<Session, String
         .map_err(|e| e.to_string())
 }
 
+/// The operators ONNX Runtime runs for `model` after its graph optimizations (on this
+/// machine's CPU EP, one thread), by type — e.g. whether a QDQ graph became QLinearConv.
+pub fn optimized_ops(
+    env: &Environment,
+    model: &[u8],
+) -> Result<std::collections::BTreeMap<String, usize>, String> {
+    let path = std::env::temp_dir().join(format!(
+        "rxd-optimized-{}-{:?}.onnx",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let built = Session::builder(env)
+        .and_then(|b| b.with_intra_threads(1).map_err(Into::into))
+        .and_then(|b| b.with_optimized_model_path(&path).map_err(Into::into))
+        .and_then(|mut b| b.commit_from_memory(model))
+        .map_err(|e| e.to_string());
+    let saved = built.and_then(|_| std::fs::read(&path).map_err(|e| e.to_string()));
+    let _ = std::fs::remove_file(&path);
+    let m = crate::onnx::Model::parse(&saved?).map_err(|e| e.to_string())?;
+    let mut ops = std::collections::BTreeMap::new();
+    for n in m
+        .graph
+        .messages(crate::onnx::graph::NODE)
+        .map_err(|e| e.to_string())?
+    {
+        *ops.entry(crate::onnx::op_type(&n)).or_default() += 1;
+    }
+    Ok(ops)
+}
+
 pub(crate) fn values(inputs: &[Input]) -> Result<Vec<(String, DynValue)>, String> {
     inputs
         .iter()

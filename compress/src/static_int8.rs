@@ -1,52 +1,323 @@
-//! `static-int8`: activations and weights in INT8, ranges from calibration data. Every
-//! activation entering or leaving a Conv/MatMul/Gemm gets a QuantizeLinear → DequantizeLinear
-//! pair (uint8, asymmetric, scale and zero point from the min/max seen over the calibration
-//! inputs), weights are per-channel symmetric INT8 (as `int8-weights`), Conv/Gemm biases INT32
-//! at scale = input scale × weight scale. That is the full QDQ form ONNX Runtime fuses into
-//! QLinearConv / QLinearMatMul, which run in integer arithmetic.
+//! `static-int8`: activations and weights in INT8, activation ranges from calibration data,
+//! in the QDQ form ONNX Runtime fuses into integer kernels (QLinearConv, QLinearMatMul,
+//! QLinearAdd, QLinearMul, QLinearGlobalAveragePool, QLinearConcat, QLinearSigmoid, …).
+//!
+//! The graph is planned tensor by tensor, in node order:
+//! - a *quantized operator* (Conv/MatMul/Gemm with a constant weight, Add, Mul,
+//!   GlobalAveragePool, AveragePool, Concat, Sigmoid, LeakyRelu) reads every data input
+//!   through a DequantizeLinear and writes its output through a QuantizeLinear → DequantizeLinear
+//!   pair (uint8, asymmetric, scale and zero point from the range seen over the calibration
+//!   inputs); constant inputs of Add/Mul become uint8 initializers; weights are per-channel
+//!   symmetric INT8 (as `int8-weights`), Conv/Gemm biases INT32 at input scale × weight scale;
+//! - a Relu, or a Clip whose minimum is 0, that is the only reader of a quantized operator's
+//!   output is *absorbed*: the QuantizeLinear takes the operator's output with the range of the
+//!   clamped tensor (zero point 0, upper end within the Clip's maximum), which clamps exactly
+//!   as the node did, and the node goes;
+//! - a Mul or Div by a positive scalar constant whose input is already INT8 becomes a *scale
+//!   change*: its readers dequantize the same INT8 values with the scale multiplied (or
+//!   divided) by the constant, and the node goes — the `/ 6` of every hard-swish costs nothing;
+//! - a data-movement operator (Reshape, Transpose, Flatten, Squeeze, Unsqueeze, Resize, Slice,
+//!   Split) on an INT8 tensor re-quantizes with its input's scale and zero point, so ONNX
+//!   Runtime runs it on the INT8 values;
+//! - everything else runs in float on dequantized inputs; graph outputs are never quantized
+//!   (a final Concat that mixes box coordinates and scores keeps both).
+//!
+//! A plan is made twice: once to know which tensors to calibrate, once more with the ranges
+//! (a tensor the calibration run cannot give as float leaves its operator in float).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ort::environment::Environment;
 
 use crate::onnx::{self, Model, graph, tensor};
 use crate::proto::{Message, Value};
-use crate::report::Input;
+use crate::report::{Input, Report};
 
 /// What the static quantizer did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Static {
-    /// Activations given a Q/DQ pair, with their calibrated (min, max).
+    /// Calibrated activations (each one QuantizeLinear), with their (min, max).
     pub activations: Vec<(String, f32, f32)>,
     pub weights: usize,
     pub biases: usize,
+    /// Operators computing on INT8 inputs and output, by type.
+    pub quantized: BTreeMap<String, usize>,
+    /// Operators turned into quantization parameters, by type: Relu/Clip absorbed into a
+    /// range, Mul/Div by a positive constant folded into a scale.
+    pub folded: BTreeMap<String, usize>,
+    /// Data-movement operators running on INT8 values, by type.
+    pub moved: BTreeMap<String, usize>,
+    /// Operators left in float, by type.
+    pub float: BTreeMap<String, usize>,
 }
 
-const UINT8: u64 = 2;
+const UINT8: u64 = tensor::UINT8;
 const INT32: u64 = 6;
+
+/// Operators whose inputs and output are all quantized (ORT has integer kernels for them).
+const KERNELS: &[&str] = &[
+    "Conv",
+    "MatMul",
+    "Gemm",
+    "Add",
+    "Mul",
+    "GlobalAveragePool",
+    "AveragePool",
+    "Concat",
+    "Sigmoid",
+    "LeakyRelu",
+];
+/// Operators that move values without computing on them: output scale = input scale.
+const SAME_SCALE: &[&str] = &[
+    "Reshape",
+    "Transpose",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Resize",
+    "Slice",
+    "Split",
+];
+// Not MaxPool: ONNX Runtime's uint8 MaxPool is a plain loop over NCHW — 7.2 ms for the
+// PP-OCR classifier's last 2×2 pool over 64 crops, against 0.6 ms in float — so it runs in
+// float between a DequantizeLinear and a QuantizeLinear.
 
 fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-/// Min/max of each tensor in `names` over the calibration inputs (the model run with those
-/// tensors added as outputs).
-fn calibrate(
+/// How a tensor gets its INT8 form.
+#[derive(Debug, Clone, PartialEq)]
+enum Act {
+    /// Calibrated: QuantizeLinear of `feed` (the tensor itself, or the input of the Relu/Clip
+    /// that was absorbed) with the tensor's range.
+    Point { feed: String },
+    /// The INT8 values of `of`, read at `factor` × its scale (a folded Mul/Div).
+    Rescale { of: String, factor: f32 },
+    /// Re-quantized with `of`'s parameters (the output of a data-movement operator).
+    Same { of: String },
+}
+
+#[derive(Debug, Default)]
+struct Plan {
+    acts: Vec<(String, Act)>,
+    planned: BTreeSet<String>,
+    /// Nodes that go (absorbed or folded), by index.
+    removed: BTreeSet<usize>,
+    /// Constant inputs of quantized Add/Mul nodes: (node, input index).
+    consts: Vec<(usize, usize)>,
+    quantized: BTreeMap<String, usize>,
+    folded: BTreeMap<String, usize>,
+    moved: BTreeMap<String, usize>,
+    float: BTreeMap<String, usize>,
+    /// For each calibrated tensor: the node whose quantization put it there and, for that
+    /// node's output, the quantized tensors the node reads (the sensitivity search's map).
+    blame: BTreeMap<String, (String, Vec<String>)>,
+}
+
+impl Plan {
+    fn add(&mut self, t: &str, act: Act) -> bool {
+        let new = self.planned.insert(t.to_string());
+        if new {
+            self.acts.push((t.to_string(), act));
+        }
+        new
+    }
+}
+
+/// What the planner knows of the graph.
+struct Graph<'a> {
+    nodes: &'a [Message],
+    /// Float constants (initializers, and DequantizeLinear outputs of constant weights).
+    consts: &'a HashMap<String, Option<Vec<f32>>>,
+    float: &'a BTreeSet<String>,
+    outputs: &'a BTreeSet<String>,
+    readers: HashMap<String, Vec<usize>>,
+}
+
+impl Graph<'_> {
+    fn scalar(&self, t: &str) -> Option<f32> {
+        match self.consts.get(t) {
+            Some(Some(v)) if v.len() == 1 => Some(v[0]),
+            _ => None,
+        }
+    }
+    fn is_const(&self, t: &str) -> bool {
+        self.consts.contains_key(t)
+    }
+    /// A float activation that may be calibrated (given `ranges`, one that was).
+    fn calibratable(&self, t: &str, ranges: Option<&BTreeMap<String, (f32, f32)>>) -> bool {
+        self.float.contains(t)
+            && !self.is_const(t)
+            && !self.outputs.contains(t)
+            && ranges.is_none_or(|r| r.contains_key(t))
+    }
+    /// The Relu or Clip(0, ·) that is the only reader of `t`, and its output.
+    fn clamp_after(&self, t: &str) -> Option<(usize, String)> {
+        let [j] = self.readers.get(t)?.as_slice() else {
+            return None;
+        };
+        let n = &self.nodes[*j];
+        let ins = onnx::inputs(n);
+        let absorbs = match onnx::op_type(n).as_str() {
+            "Relu" => true,
+            "Clip" => {
+                ins.get(1).and_then(|m| self.scalar(m)) == Some(0.0)
+                    && ins
+                        .get(2)
+                        .is_none_or(|m| m.is_empty() || self.scalar(m).is_some())
+            }
+            _ => false,
+        };
+        let out = onnx::outputs(n).into_iter().next()?;
+        (absorbs && !self.outputs.contains(&out) && self.float.contains(&out)).then_some((*j, out))
+    }
+}
+
+/// A node's name, or for a node without one `OpType:first-output` (output names are unique
+/// and survive the rewrites, node positions do not).
+pub fn node_id(n: &Message) -> String {
+    let name = n.string(onnx::node::NAME);
+    if name.is_empty() {
+        let out = onnx::outputs(n).into_iter().next().unwrap_or_default();
+        format!("{}:{out}", onnx::op_type(n))
+    } else {
+        name
+    }
+}
+
+fn plan(g: &Graph, keep: &BTreeSet<String>, ranges: Option<&BTreeMap<String, (f32, f32)>>) -> Plan {
+    let mut p = Plan::default();
+    for (i, n) in g.nodes.iter().enumerate() {
+        if p.removed.contains(&i) {
+            continue;
+        }
+        let op = onnx::op_type(n);
+        let ins = onnx::inputs(n);
+        let outs = onnx::outputs(n);
+        let Some(out) = outs.first().cloned() else {
+            continue;
+        };
+        let id = node_id(n);
+        let free = !keep.contains(&id);
+        let count = |m: &mut BTreeMap<String, usize>| *m.entry(op.clone()).or_default() += 1;
+        // A Mul/Div by a positive scalar on an INT8 tensor: a scale change.
+        if free
+            && (op == "Mul" || op == "Div")
+            && ins.len() == 2
+            && outs.len() == 1
+            && !g.outputs.contains(&out)
+        {
+            let pair = if op == "Div" || g.scalar(&ins[1]).is_some() {
+                (&ins[0], &ins[1])
+            } else {
+                (&ins[1], &ins[0])
+            };
+            if let Some(c) = g.scalar(pair.1).filter(|c| *c > 0.0 && c.is_finite())
+                && p.planned.contains(pair.0)
+            {
+                let factor = if op == "Div" { 1.0 / c } else { c };
+                p.add(
+                    &out,
+                    Act::Rescale {
+                        of: pair.0.clone(),
+                        factor,
+                    },
+                );
+                p.removed.insert(i);
+                count(&mut p.folded);
+                continue;
+            }
+        }
+        if free
+            && SAME_SCALE.contains(&op.as_str())
+            && ins.first().is_some_and(|x| p.planned.contains(x))
+            && outs
+                .iter()
+                .all(|o| g.float.contains(o) && !g.outputs.contains(o))
+        {
+            for o in &outs {
+                p.add(o, Act::Same { of: ins[0].clone() });
+            }
+            count(&mut p.moved);
+            continue;
+        }
+        if free && outs.len() == 1 && KERNELS.contains(&op.as_str()) {
+            let weighted = matches!(op.as_str(), "Conv" | "MatMul" | "Gemm");
+            let (data, consts): (Vec<usize>, Vec<usize>) = if weighted {
+                let ok = ins.len() >= 2 && !g.is_const(&ins[0]) && g.is_const(&ins[1]);
+                (if ok { vec![0] } else { vec![] }, vec![])
+            } else {
+                (0..ins.len())
+                    .filter(|&k| !ins[k].is_empty())
+                    .partition(|&k| !g.is_const(&ins[k]))
+            };
+            let consts_ok = consts.is_empty()
+                || (matches!(op.as_str(), "Add" | "Mul")
+                    && consts
+                        .iter()
+                        .all(|&k| matches!(g.consts.get(&ins[k]), Some(Some(_)))));
+            let data_ok = !data.is_empty()
+                && data
+                    .iter()
+                    .all(|&k| p.planned.contains(&ins[k]) || g.calibratable(&ins[k], ranges));
+            let absorbed = g.clamp_after(&out);
+            let point = absorbed.as_ref().map_or(&out, |a| &a.1).clone();
+            let out_ok = g.calibratable(&point, ranges);
+            if consts_ok && data_ok && (out_ok || weighted) {
+                for &k in &data {
+                    if p.add(
+                        &ins[k],
+                        Act::Point {
+                            feed: ins[k].clone(),
+                        },
+                    ) {
+                        p.blame.insert(ins[k].clone(), (id.clone(), Vec::new()));
+                    }
+                }
+                p.consts.extend(consts.iter().map(|&k| (i, k)));
+                if out_ok {
+                    p.add(&point, Act::Point { feed: out.clone() });
+                    let read = data.iter().map(|&k| ins[k].clone()).collect();
+                    p.blame.insert(point.clone(), (id.clone(), read));
+                    if let Some((j, _)) = absorbed {
+                        p.removed.insert(j);
+                        *p.folded.entry(onnx::op_type(&g.nodes[j])).or_default() += 1;
+                    }
+                }
+                count(&mut p.quantized);
+                continue;
+            }
+        }
+        if op != "Constant" {
+            count(&mut p.float);
+        }
+    }
+    p
+}
+
+/// The values of the float tensors in `names` on `inputs` (the model run with those tensors
+/// added as outputs); names the run cannot give as float are absent.
+fn tensors(
     env: &Environment,
     model: &Model,
     names: &BTreeSet<String>,
-    calibration: &[Input],
-    method: Calibration,
-) -> Result<BTreeMap<String, (f32, f32)>, String> {
+    inputs: &[Input],
+) -> Result<BTreeMap<String, Vec<f32>>, String> {
+    // A graph input is read from `inputs`: asked for as an output, ONNX Runtime hands back
+    // the input's own buffer, which is freed with the inputs when the run returns.
+    let mut values = BTreeMap::new();
+    for i in inputs {
+        if let (true, crate::report::Data::F32(d)) = (names.contains(&i.name), &i.data) {
+            values.insert(i.name.clone(), d.clone());
+        }
+    }
     let mut m = model.clone();
-    let existing: BTreeSet<String> = m
-        .graph
-        .messages(graph::OUTPUT)
-        .map_err(err)?
+    let existing = m.output_names().map_err(err)?;
+    for n in names
         .iter()
-        .map(|v| v.string(onnx::value_info::NAME))
-        .collect();
-    for n in names.iter().filter(|n| !existing.contains(*n)) {
+        .filter(|n| !existing.contains(*n) && !values.contains_key(*n))
+    {
         // ValueInfoProto { name, type: TypeProto { tensor_type: { elem_type: FLOAT } } }
         let mut tt = Message::default();
         tt.push(1, Value::Varint(tensor::FLOAT));
@@ -58,14 +329,28 @@ fn calibrate(
         m.graph.push_message(graph::OUTPUT, &vi);
     }
     let mut s = crate::report::session(env, &m.encode())?;
-    let outs = s.run(crate::report::values(calibration)?).map_err(err)?;
-    let mut ranges = BTreeMap::new();
-    for n in names {
+    let outs = s.run(crate::report::values(inputs)?).map_err(err)?;
+    let from_run: Vec<&String> = names.iter().filter(|n| !values.contains_key(*n)).collect();
+    for n in from_run {
         if let Ok((_, data)) = outs[n.as_str()].try_extract_tensor::<f32>() {
-            ranges.insert(n.clone(), range(data, method));
+            values.insert(n.clone(), data.to_vec());
         }
     }
-    Ok(ranges)
+    Ok(values)
+}
+
+/// The range of each tensor in `names` over the calibration inputs.
+fn calibrate(
+    env: &Environment,
+    model: &Model,
+    names: &BTreeSet<String>,
+    calibration: &[Input],
+    method: Calibration,
+) -> Result<BTreeMap<String, (f32, f32)>, String> {
+    Ok(tensors(env, model, names, calibration)?
+        .into_iter()
+        .map(|(n, v)| (n, range(&v, method)))
+        .collect())
 }
 
 /// How activation ranges come from the calibration values.
@@ -105,8 +390,11 @@ pub fn range(data: &[f32], method: Calibration) -> (f32, f32) {
             if v.is_empty() {
                 return (0.0, 0.0);
             }
-            v.sort_by(f32::total_cmp);
-            let at = |q: f64| v[(((v.len() - 1) as f64) * q).round() as usize];
+            // Two selections, not a sort: calibration tensors hold millions of values.
+            let mut at = |q: f64| {
+                let k = (((v.len() - 1) as f64) * q).round() as usize;
+                *v.select_nth_unstable_by(k, f32::total_cmp).1
+            };
             let (lo, hi) = (at(1.0 - p / 100.0), at(p / 100.0));
             (lo.min(0.0), hi.max(0.0))
         }
@@ -119,15 +407,6 @@ fn uint8_params(lo: f32, hi: f32) -> (f32, u8) {
     (scale, zp)
 }
 
-/// Quantizes `bytes` with calibration inputs (ranges by min/max).
-pub fn quantize(
-    env: &Environment,
-    bytes: &[u8],
-    calibration: &[Input],
-) -> Result<(Vec<u8>, Static), String> {
-    quantize_with(env, bytes, calibration, Calibration::MinMax)
-}
-
 /// Quantizes `bytes` with calibration inputs and a range method.
 pub fn quantize_with(
     env: &Environment,
@@ -135,200 +414,465 @@ pub fn quantize_with(
     calibration: &[Input],
     method: Calibration,
 ) -> Result<(Vec<u8>, Static), String> {
+    quantize_except(env, bytes, calibration, method, &BTreeSet::new())
+}
+
+/// [`quantize_with`], leaving the nodes named in `keep` ([`node_id`]) in float, weights
+/// included.
+pub fn quantize_except(
+    env: &Environment,
+    bytes: &[u8],
+    calibration: &[Input],
+    method: Calibration,
+    keep: &BTreeSet<String>,
+) -> Result<(Vec<u8>, Static), String> {
+    quantize_traced(env, bytes, calibration, method, keep, &mut BTreeMap::new())
+        .map(|(b, s, _)| (b, s))
+}
+
+/// Where each quantized tensor's dequantized values are in the quantized graph, and who put
+/// them there ([`Plan::blame`]).
+struct Trace {
+    dequantized: BTreeMap<String, String>,
+    blame: BTreeMap<String, (String, Vec<String>)>,
+}
+
+/// The float graph the quantizer works on: moved to opset 13 where that changes nothing,
+/// Constant nodes as initializers, BatchNormalization folded. Also says whether per-channel
+/// DequantizeLinear is in the default domain (opset 13 or later).
+fn prepare(bytes: &[u8]) -> Result<(Model, bool), String> {
     let mut model = Model::parse(bytes).map_err(err)?;
-    let mut opset = model.opset("").unwrap_or(0);
+    let opset = model.opset("").unwrap_or(0);
     if opset < 10 {
         return Err("static-int8 needs opset 10 (QuantizeLinear)".into());
     }
-    // Per-channel dequantization (biases; weights likewise in `int8_weights`) needs opset 13,
-    // else ONNX Runtime's com.microsoft DequantizeLinear, whose QDQ form ORT does not fuse
-    // into integer kernels: graphs that mean the same at 13 move there.
-    if opset < 13 && crate::opset::upgrade_to_13(&mut model).map_err(err)? {
-        opset = 13;
-    }
-    let per_channel_domain = if opset >= 13 { "" } else { "com.microsoft" };
+    // Per-channel dequantization needs opset 13, else ONNX Runtime's com.microsoft
+    // DequantizeLinear, whose QDQ form ORT does not fuse into integer kernels: graphs that
+    // mean the same at 13 move there.
+    let standard = opset >= 13 || crate::opset::upgrade_to_13(&mut model).map_err(err)?;
+    crate::tidy::constants_to_initializers(&mut model).map_err(err)?;
     crate::fold::fold_batchnorm(&mut model).map_err(err)?;
-    let nodes = model.graph.messages(graph::NODE).map_err(err)?;
-    let inits = model.graph.messages(graph::INITIALIZER).map_err(err)?;
-    let init_names: BTreeSet<String> = inits.iter().map(onnx::name_of).collect();
-    let const_outputs: BTreeSet<String> = nodes
-        .iter()
-        .filter(|n| onnx::op_type(n) == "Constant")
-        .flat_map(onnx::outputs)
-        .collect();
-    let is_const = |n: &String| init_names.contains(n) || const_outputs.contains(n);
-    let quantizable = |n: &Message| matches!(onnx::op_type(n).as_str(), "Conv" | "MatMul" | "Gemm");
-    // Activations: the data input and the output of every quantizable node.
-    let mut acts = BTreeSet::new();
-    for n in nodes.iter().filter(|n| quantizable(n)) {
-        let ins = onnx::inputs(n);
-        if ins.len() >= 2 && is_const(&ins[1]) && !is_const(&ins[0]) {
-            acts.insert(ins[0].clone());
-            acts.extend(onnx::outputs(n));
+    Ok((model, standard))
+}
+
+fn quantize_traced(
+    env: &Environment,
+    bytes: &[u8],
+    calibration: &[Input],
+    method: Calibration,
+    keep: &BTreeSet<String>,
+    ranges: &mut BTreeMap<String, (f32, f32)>,
+) -> Result<(Vec<u8>, Static, Trace), String> {
+    let (mut model, standard) = prepare(bytes)?;
+    let per_channel_domain = if standard { "" } else { "com.microsoft" };
+    let mut out = Static::default();
+    let mut keep_weights = BTreeSet::new();
+    for n in model.graph.messages(graph::NODE).map_err(err)? {
+        if keep.contains(&node_id(&n))
+            && matches!(onnx::op_type(&n).as_str(), "Conv" | "MatMul" | "Gemm")
+        {
+            keep_weights.extend(onnx::inputs(&n).into_iter().nth(1));
         }
     }
-    let ranges = calibrate(env, &model, &acts, calibration, method)?;
-    let mut out = Static::default();
+    out.weights = crate::quant::int8_weights_float_scales(&mut model, &keep_weights)
+        .map_err(err)?
+        .converted
+        .len();
 
-    // Weights and biases first (biases need the input's scale).
-    let weights_before = crate::quant::int8_weights_float_scales(&mut model).map_err(err)?;
-    out.weights = weights_before.converted.len();
-    // The weight scales, by weight name: from the DequantizeLinear nodes just written.
-    let mut nodes = model.graph.messages(graph::NODE).map_err(err)?;
+    let nodes = model.graph.messages(graph::NODE).map_err(err)?;
     let mut inits = model.graph.messages(graph::INITIALIZER).map_err(err)?;
-    let init_values: BTreeMap<String, Message> = inits
-        .iter()
-        .map(|t| (onnx::name_of(t), t.clone()))
-        .collect();
+    let mut consts: HashMap<String, Option<Vec<f32>>> = HashMap::new();
+    for t in &inits {
+        consts.insert(onnx::name_of(t), onnx::f32_data(t).map_err(err)?);
+    }
+    // Dequantized weights are constants too; their scales scale the biases.
     let mut weight_scale: BTreeMap<String, Vec<f32>> = BTreeMap::new();
     for n in nodes
         .iter()
         .filter(|n| onnx::op_type(n) == "DequantizeLinear")
     {
         let ins = onnx::inputs(n);
-        if let (Some(out_name), Some(s)) = (
-            onnx::outputs(n).first().cloned(),
-            ins.get(1).and_then(|s| init_values.get(s)),
-        ) && let Some(v) = onnx::f32_data(s).map_err(err)?
-        {
-            weight_scale.insert(out_name, v);
+        if ins.iter().all(|i| i.is_empty() || consts.contains_key(i)) {
+            let o = onnx::outputs(n).into_iter().next().unwrap_or_default();
+            if let Some(Some(s)) = ins.get(1).and_then(|s| consts.get(s)) {
+                weight_scale.insert(o.clone(), s.clone());
+            }
+            consts.insert(o, None);
         }
     }
-    let mut extra_nodes = Vec::new();
-    for n in nodes
-        .iter_mut()
-        .filter(|n| matches!(onnx::op_type(n).as_str(), "Conv" | "Gemm"))
-    {
-        let ins = onnx::inputs(n);
-        let (Some(x), Some(w), Some(b)) = (ins.first(), ins.get(1), ins.get(2)) else {
-            continue;
-        };
-        let (Some(&(lo, hi)), Some(ws), Some(bt)) =
-            (ranges.get(x), weight_scale.get(w), init_values.get(b))
-        else {
-            continue;
-        };
-        let Some(bias) = onnx::f32_data(bt).map_err(err)? else {
-            continue;
-        };
-        if bias.len() != ws.len() {
-            continue;
-        }
-        let (xs, _) = uint8_params(lo, hi);
-        let scales: Vec<f32> = ws.iter().map(|s| s * xs).collect();
-        let q: Vec<i32> = bias
-            .iter()
-            .zip(&scales)
-            .map(|(v, s)| (v / s).round().clamp(i32::MIN as f32, i32::MAX as f32) as i32)
-            .collect();
-        let k = out.biases;
-        let (qn, sn, dn) = (
-            format!("rxd.bq{k}"),
-            format!("rxd.bs{k}"),
-            format!("rxd.bd{k}"),
-        );
-        inits.push(onnx::make_tensor(
-            &qn,
-            &[q.len() as i64],
-            INT32,
-            q.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        ));
-        inits.push(onnx::make_tensor(
-            &sn,
-            &[q.len() as i64],
-            tensor::FLOAT,
-            scales.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        ));
-        extra_nodes.push(onnx::make_node(
-            "DequantizeLinear",
-            per_channel_domain,
-            "",
-            &[&qn, &sn],
-            &[&dn],
-            &[("axis", 0)],
-        ));
-        let mut new_ins: Vec<Value> = ins
-            .iter()
-            .map(|s| Value::Bytes(s.as_bytes().to_vec()))
-            .collect();
-        new_ins[2] = Value::Bytes(dn.into_bytes());
-        n.replace(onnx::node::INPUT, new_ins);
-        out.biases += 1;
-    }
-
-    // Activation Q/DQ pairs; every consumer reads the dequantized tensor.
-    let mut renamed: BTreeMap<String, String> = BTreeMap::new();
-    let mut qdq = Vec::new();
-    for (i, (name, &(lo, hi))) in ranges.iter().enumerate() {
-        let (scale, zp) = uint8_params(lo, hi);
-        let (sn, zn, qn, dn) = (
-            format!("rxd.as{i}"),
-            format!("rxd.az{i}"),
-            format!("rxd.aq{i}"),
-            format!("rxd.ad{i}"),
-        );
-        inits.push(onnx::make_tensor(
-            &sn,
-            &[],
-            tensor::FLOAT,
-            scale.to_le_bytes().to_vec(),
-        ));
-        inits.push(onnx::make_tensor(&zn, &[], UINT8, vec![zp]));
-        qdq.push((
-            name.clone(),
-            onnx::make_node("QuantizeLinear", "", "", &[name, &sn, &zn], &[&qn], &[]),
-        ));
-        qdq.push((
-            name.clone(),
-            onnx::make_node("DequantizeLinear", "", "", &[&qn, &sn, &zn], &[&dn], &[]),
-        ));
-        renamed.insert(name.clone(), dn);
-        out.activations.push((name.clone(), lo, hi));
-    }
-    for n in &mut nodes {
-        let ins = onnx::inputs(n);
-        if ins.iter().any(|i| renamed.contains_key(i)) {
-            let new: Vec<Value> = ins
-                .iter()
-                .map(|i| Value::Bytes(renamed.get(i).unwrap_or(i).as_bytes().to_vec()))
-                .collect();
-            n.replace(onnx::node::INPUT, new);
-        }
-    }
-    // Order: each Q/DQ pair right after the producer of its tensor (graph inputs: first).
-    let mut ordered: Vec<Message> = extra_nodes;
-    let graph_inputs: BTreeSet<String> = model
-        .graph
-        .messages(graph::INPUT)
-        .map_err(err)?
+    let types = crate::half::value_types(&model).map_err(err)?;
+    let float: BTreeSet<String> = types
         .iter()
-        .map(|v| v.string(onnx::value_info::NAME))
+        .filter(|(_, t)| **t == tensor::FLOAT)
+        .map(|(n, _)| n.clone())
         .collect();
-    for (t, n) in &qdq {
-        if graph_inputs.contains(t) {
-            ordered.push(n.clone());
-        }
-    }
-    for n in nodes {
-        let outs = onnx::outputs(&n);
-        ordered.push(n);
-        for (t, q) in &qdq {
-            if outs.contains(t) {
-                ordered.push(q.clone());
+    let outputs = model.output_names().map_err(err)?;
+    let mut readers: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for x in onnx::inputs(n) {
+            let r = readers.entry(x).or_default();
+            if !r.contains(&i) {
+                r.push(i);
             }
         }
     }
-    let used: BTreeSet<String> = ordered.iter().flat_map(onnx::inputs).collect();
+    let g = Graph {
+        nodes: &nodes,
+        consts: &consts,
+        float: &float,
+        outputs: &outputs,
+        readers,
+    };
+    // `ranges` keeps what earlier calls (the search's rounds) calibrated on the same model.
+    let wanted: BTreeSet<String> = plan(&g, keep, None)
+        .acts
+        .into_iter()
+        .filter(|(t, a)| matches!(a, Act::Point { .. }) && !ranges.contains_key(t))
+        .map(|(t, _)| t)
+        .collect();
+    if !wanted.is_empty() {
+        ranges.extend(calibrate(env, &model, &wanted, calibration, method)?);
+    }
+    let p = plan(&g, keep, Some(ranges));
+    out.quantized = p.quantized.clone();
+    out.folded = p.folded.clone();
+    out.moved = p.moved.clone();
+    out.float = p.float.clone();
+
+    // Quantization parameters per tensor: (INT8 tensor, scale, zero point, their names).
+    struct Qp {
+        q: String,
+        scale: f32,
+        scale_name: String,
+        zp_name: String,
+    }
+    let mut params: BTreeMap<String, Qp> = BTreeMap::new();
+    let mut dq: BTreeMap<String, String> = BTreeMap::new();
+    let mut added: Vec<Message> = Vec::new();
+    let scalar = |name: &str, ty: u64, raw: Vec<u8>| onnx::make_tensor(name, &[], ty, raw);
+    for (k, (t, act)) in p.acts.iter().enumerate() {
+        let d = format!("rxd.ad{k}");
+        let qp = match act {
+            Act::Point { feed } => {
+                let (lo, hi) = ranges[t];
+                let (scale, zp) = uint8_params(lo, hi);
+                let (sn, zn, qn) = (
+                    format!("rxd.as{k}"),
+                    format!("rxd.az{k}"),
+                    format!("rxd.aq{k}"),
+                );
+                inits.push(scalar(&sn, tensor::FLOAT, scale.to_le_bytes().to_vec()));
+                inits.push(scalar(&zn, UINT8, vec![zp]));
+                added.push(onnx::make_node(
+                    "QuantizeLinear",
+                    "",
+                    "",
+                    &[feed, &sn, &zn],
+                    &[&qn],
+                    &[],
+                ));
+                out.activations.push((t.clone(), lo, hi));
+                Qp {
+                    q: qn,
+                    scale,
+                    scale_name: sn,
+                    zp_name: zn,
+                }
+            }
+            Act::Rescale { of, factor } => {
+                let src = &params[of];
+                let scale = src.scale * factor;
+                let sn = format!("rxd.as{k}");
+                inits.push(scalar(&sn, tensor::FLOAT, scale.to_le_bytes().to_vec()));
+                Qp {
+                    q: src.q.clone(),
+                    scale,
+                    scale_name: sn,
+                    zp_name: src.zp_name.clone(),
+                }
+            }
+            Act::Same { of } => {
+                let src = &params[of];
+                let qn = format!("rxd.aq{k}");
+                added.push(onnx::make_node(
+                    "QuantizeLinear",
+                    "",
+                    "",
+                    &[t, &src.scale_name, &src.zp_name],
+                    &[&qn],
+                    &[],
+                ));
+                Qp {
+                    q: qn,
+                    scale: src.scale,
+                    scale_name: src.scale_name.clone(),
+                    zp_name: src.zp_name.clone(),
+                }
+            }
+        };
+        added.push(onnx::make_node(
+            "DequantizeLinear",
+            "",
+            "",
+            &[&qp.q, &qp.scale_name, &qp.zp_name],
+            &[&d],
+            &[],
+        ));
+        dq.insert(t.clone(), d);
+        params.insert(t.clone(), qp);
+    }
+
+    // The kept nodes read dequantized tensors; constant inputs of Add/Mul and Conv/Gemm
+    // biases are quantized.
+    let mut nodes: Vec<Option<Message>> = nodes.into_iter().map(Some).collect();
+    for &i in &p.removed {
+        nodes[i] = None;
+    }
+    let mut const_dq: BTreeMap<String, String> = BTreeMap::new();
+    for &(i, k) in &p.consts {
+        let Some(n) = nodes[i].as_mut() else { continue };
+        let mut ins = onnx::inputs(n);
+        let c = ins[k].clone();
+        let d = match const_dq.get(&c) {
+            Some(d) => d.clone(),
+            None => {
+                let Some(Some(v)) = consts.get(&c) else {
+                    continue;
+                };
+                let (lo, hi) = range(v, Calibration::MinMax);
+                let (scale, zp) = uint8_params(lo, hi);
+                let j = const_dq.len();
+                let (qn, sn, zn, d) = (
+                    format!("rxd.cq{j}"),
+                    format!("rxd.cs{j}"),
+                    format!("rxd.cz{j}"),
+                    format!("rxd.cd{j}"),
+                );
+                let dims = inits
+                    .iter()
+                    .find(|t| onnx::name_of(t) == c)
+                    .map(onnx::dims_of)
+                    .transpose()
+                    .map_err(err)?
+                    .unwrap_or_default();
+                let q: Vec<u8> = v
+                    .iter()
+                    .map(|x| ((x / scale).round() + zp as f32).clamp(0.0, 255.0) as u8)
+                    .collect();
+                inits.push(onnx::make_tensor(&qn, &dims, UINT8, q));
+                inits.push(scalar(&sn, tensor::FLOAT, scale.to_le_bytes().to_vec()));
+                inits.push(scalar(&zn, UINT8, vec![zp]));
+                added.push(onnx::make_node(
+                    "DequantizeLinear",
+                    "",
+                    "",
+                    &[&qn, &sn, &zn],
+                    &[&d],
+                    &[],
+                ));
+                const_dq.insert(c.clone(), d.clone());
+                d
+            }
+        };
+        ins[k] = d;
+        n.replace(
+            onnx::node::INPUT,
+            ins.iter()
+                .map(|s| Value::Bytes(s.as_bytes().to_vec()))
+                .collect(),
+        );
+    }
+    for n in nodes.iter_mut().flatten() {
+        let mut ins = onnx::inputs(n);
+        let quantized_conv = matches!(onnx::op_type(n).as_str(), "Conv" | "Gemm")
+            && ins.len() >= 3
+            && params.contains_key(&ins[0]);
+        if quantized_conv
+            && let (Some(ws), Some(Some(bias))) = (weight_scale.get(&ins[1]), consts.get(&ins[2]))
+            && bias.len() == ws.len()
+        {
+            let xs = params[&ins[0]].scale;
+            let scales: Vec<f32> = ws.iter().map(|s| s * xs).collect();
+            let q: Vec<i32> = bias
+                .iter()
+                .zip(&scales)
+                .map(|(v, s)| (v / s).round().clamp(i32::MIN as f32, i32::MAX as f32) as i32)
+                .collect();
+            let k = out.biases;
+            let (qn, sn, dn) = (
+                format!("rxd.bq{k}"),
+                format!("rxd.bs{k}"),
+                format!("rxd.bd{k}"),
+            );
+            inits.push(onnx::make_tensor(
+                &qn,
+                &[q.len() as i64],
+                INT32,
+                q.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ));
+            inits.push(onnx::make_tensor(
+                &sn,
+                &[q.len() as i64],
+                tensor::FLOAT,
+                scales.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ));
+            added.push(onnx::make_node(
+                "DequantizeLinear",
+                per_channel_domain,
+                "",
+                &[&qn, &sn],
+                &[&dn],
+                &[("axis", 0)],
+            ));
+            ins[2] = dn;
+            out.biases += 1;
+        }
+        let ins: Vec<String> = ins
+            .into_iter()
+            .map(|x| dq.get(&x).cloned().unwrap_or(x))
+            .collect();
+        n.replace(
+            onnx::node::INPUT,
+            ins.iter()
+                .map(|s| Value::Bytes(s.as_bytes().to_vec()))
+                .collect(),
+        );
+    }
+    let mut all: Vec<Message> = nodes.into_iter().flatten().chain(added).collect();
+    // Quantization steps nobody reads (the INT8 form of a tensor only a folded node used).
+    loop {
+        let read: BTreeSet<String> = all
+            .iter()
+            .flat_map(onnx::inputs)
+            .chain(outputs.iter().cloned())
+            .collect();
+        let before = all.len();
+        all.retain(|n| {
+            !matches!(
+                onnx::op_type(n).as_str(),
+                "QuantizeLinear" | "DequantizeLinear"
+            ) || onnx::outputs(n).iter().any(|o| read.contains(o))
+        });
+        if all.len() == before {
+            break;
+        }
+    }
+    let all = onnx::topo_sort(all).map_err(err)?;
+    let produced: BTreeSet<String> = all.iter().flat_map(onnx::outputs).collect();
+    dq.retain(|_, d| produced.contains(d));
+    let used: BTreeSet<String> = all.iter().flat_map(onnx::inputs).collect();
     inits.retain(|t| used.contains(&onnx::name_of(t)));
-    model.graph.replace(
-        graph::INITIALIZER,
-        inits.iter().map(|t| Value::Bytes(t.encode())).collect(),
-    );
-    model.graph.replace(
-        graph::NODE,
-        ordered.iter().map(|n| Value::Bytes(n.encode())).collect(),
-    );
-    Ok((model.encode(), out))
+    model.rewrite(&inits, &all, &[]).map_err(err)?;
+    let trace = Trace {
+        dequantized: dq,
+        blame: p.blame,
+    };
+    Ok((model.encode(), out, trace))
+}
+
+/// What [`search`] found.
+#[derive(Debug, Clone)]
+pub struct Searched {
+    pub bytes: Vec<u8>,
+    pub stat: Static,
+    pub report: Report,
+    /// Nodes kept in float, in the order chosen, each with the error its quantization added
+    /// (1 − cosine of the tensor it wrote against float, less the worst of the quantized
+    /// tensors it read) when it was chosen.
+    pub kept: Vec<(String, f64)>,
+    pub passed: bool,
+}
+
+/// Rounds of the search: round k keeps 2^k more nodes in float (at most 63 in all).
+const SEARCH_ROUNDS: u32 = 6;
+
+fn cosine_f32(x: &[f32], y: &[f32]) -> f64 {
+    let (mut dot, mut nx, mut ny) = (0f64, 0f64, 0f64);
+    for (&a, &b) in x.iter().zip(y) {
+        let (a, b) = (a as f64, b as f64);
+        dot += a * b;
+        nx += a * a;
+        ny += b * b;
+    }
+    if nx == 0.0 && ny == 0.0 {
+        1.0
+    } else {
+        dot / (nx * ny).sqrt().max(f64::MIN_POSITIVE)
+    }
+}
+
+/// Static INT8 that meets the thresholds on `eval` with as few float nodes as it can find:
+/// quantize everything; while the report misses, compare every quantized tensor with its
+/// float value on the evaluation inputs, charge each quantized node with the error it adds
+/// (what it writes, less the worst of what it reads) and keep the worst nodes in float —
+/// one, then two, four, … more per round.
+pub fn search(
+    env: &Environment,
+    bytes: &[u8],
+    calibration: &[Input],
+    method: Calibration,
+    eval: &[Input],
+    min_top1: f64,
+    min_cosine: f64,
+) -> Result<Searched, String> {
+    let (float_model, _) = prepare(bytes)?;
+    let mut keep = BTreeSet::new();
+    let mut kept = Vec::new();
+    let mut ranges = BTreeMap::new();
+    let mut round = 0;
+    loop {
+        let (q, stat, trace) =
+            quantize_traced(env, bytes, calibration, method, &keep, &mut ranges)?;
+        let report = crate::report::compare(env, bytes, &q, eval)?;
+        let passed = report.min_top1() >= min_top1 && report.min_cosine() >= min_cosine;
+        let done = |passed| Searched {
+            bytes: q.clone(),
+            stat: stat.clone(),
+            report: report.clone(),
+            kept: kept.clone(),
+            passed,
+        };
+        if passed && stat.weights == 0 && stat.activations.is_empty() {
+            return Err(
+                "no static INT8 model meets the thresholds: only the float model does".into(),
+            );
+        }
+        if passed || round == SEARCH_ROUNDS {
+            return Ok(done(passed));
+        }
+        let names: BTreeSet<String> = trace.dequantized.keys().cloned().collect();
+        let want = tensors(env, &float_model, &names, eval)?;
+        let dq_names: BTreeSet<String> = trace.dequantized.values().cloned().collect();
+        let got = tensors(env, &Model::parse(&q).map_err(err)?, &dq_names, eval)?;
+        let error = |t: &String| -> Option<f64> {
+            let (a, b) = (want.get(t)?, got.get(trace.dequantized.get(t)?)?);
+            Some(1.0 - cosine_f32(a, b))
+        };
+        let mut by_node: BTreeMap<String, f64> = BTreeMap::new();
+        for (t, (node, read)) in &trace.blame {
+            let Some(e) = error(t) else { continue };
+            let upstream = read.iter().filter_map(error).fold(0.0, f64::max);
+            let own = by_node.entry(node.clone()).or_default();
+            *own = own.max(e - upstream);
+        }
+        let mut ranked: Vec<(String, f64)> = by_node
+            .into_iter()
+            .filter(|(n, e)| *e > 0.0 && !keep.contains(n))
+            .collect();
+        if ranked.is_empty() {
+            return Err(format!(
+                "no static INT8 model meets the thresholds: {} nodes kept in float, and no \
+                 other quantized node adds error",
+                kept.len()
+            ));
+        }
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+        for (n, e) in ranked.into_iter().take(1 << round) {
+            keep.insert(n.clone());
+            kept.push((n, e));
+        }
+        round += 1;
+    }
 }
 
 #[cfg(test)]

@@ -115,14 +115,36 @@ fn compress(opts: &rxd::cli::CompressOpts) -> ExitCode {
             Ok(m) => m,
             Err(e) => return fail(exit::USAGE, e),
         };
-        match rxd_compress::static_int8::quantize_with(env, &bytes, &calibration, method) {
-            Ok((b, st)) => {
-                println!(
-                    "static INT8: {} activations calibrated, {} weights, {} biases",
-                    st.activations.len(),
-                    st.weights,
-                    st.biases
-                );
+        let eval = match read(&opts.eval) {
+            Ok(e) => e,
+            Err(e) => return fail(65, e),
+        };
+        // With evaluation inputs the sensitivity search runs when the thresholds are missed:
+        // a static model that misses them is of no use, and which nodes to keep in float is
+        // what a user would otherwise find by hand.
+        let quantized = if eval.is_empty() {
+            rxd_compress::static_int8::quantize_with(env, &bytes, &calibration, method)
+                .map(|(b, st)| (b, st, Vec::new()))
+        } else {
+            rxd_compress::static_int8::search(
+                env,
+                &bytes,
+                &calibration,
+                method,
+                &eval,
+                opts.min_top1,
+                opts.min_cosine,
+            )
+            .map(|f| (f.bytes, f.stat, f.kept))
+        };
+        match quantized {
+            Ok((b, st, kept)) => {
+                print_static(&st);
+                for (node, e) in &kept {
+                    println!(
+                        "  kept {node} in float (its quantization added {e:.2e} to 1 − cosine)"
+                    );
+                }
                 Some(b)
             }
             Err(e) => return fail(1, e),
@@ -295,6 +317,27 @@ fn compress(opts: &rxd::cli::CompressOpts) -> ExitCode {
         out.len() as f64 / bytes.len().max(1) as f64
     );
     ExitCode::from(exit::OK)
+}
+
+fn print_static(st: &rxd_compress::static_int8::Static) {
+    let list = |m: &std::collections::BTreeMap<String, usize>| {
+        let v: Vec<String> = m.iter().map(|(op, n)| format!("{n} {op}")).collect();
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    println!(
+        "static INT8: {} activations calibrated, {} weights, {} biases",
+        st.activations.len(),
+        st.weights,
+        st.biases
+    );
+    println!("  in INT8: {}", list(&st.quantized));
+    println!("  folded into scales and ranges: {}", list(&st.folded));
+    println!("  moved as INT8: {}", list(&st.moved));
+    println!("  left in float: {}", list(&st.float));
 }
 
 fn check_config(opts: &ServeOpts) -> ExitCode {
