@@ -18,6 +18,44 @@ fn bad(m: String) -> RequestError {
     ))
 }
 
+/// Inline request tensors as the compressor's inputs (`what`: "evaluation", "calibration").
+fn to_inputs(tensors: &[rxd_protocol::Tensor], what: &str) -> Result<Vec<Input>, RequestError> {
+    tensors
+        .iter()
+        .map(|t| {
+            let TensorData::Inline(bytes) = &t.data else {
+                return Err(bad(format!("{what} tensors must be inline")));
+            };
+            let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+            let data = match t.dtype {
+                DType::Float32 => Data::F32(
+                    bytes
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
+                        .collect(),
+                ),
+                DType::Int64 => Data::I64(
+                    bytes
+                        .chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().expect("8")))
+                        .collect(),
+                ),
+                other => {
+                    return Err(bad(format!(
+                        "{what} input '{}': {other:?} is not supported",
+                        t.name
+                    )));
+                }
+            };
+            Ok(Input {
+                name: t.name.clone(),
+                shape,
+                data,
+            })
+        })
+        .collect()
+}
+
 /// Evaluation inputs: the request's tensors, or random ones of the model's shapes.
 fn inputs(
     shared: &SharedRef,
@@ -25,41 +63,7 @@ fn inputs(
     bytes: &[u8],
 ) -> Result<Vec<Input>, RequestError> {
     if !req.eval.is_empty() {
-        return req
-            .eval
-            .iter()
-            .map(|t| {
-                let TensorData::Inline(bytes) = &t.data else {
-                    return Err(bad("evaluation tensors must be inline".into()));
-                };
-                let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-                let data = match t.dtype {
-                    DType::Float32 => Data::F32(
-                        bytes
-                            .chunks_exact(4)
-                            .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
-                            .collect(),
-                    ),
-                    DType::Int64 => Data::I64(
-                        bytes
-                            .chunks_exact(8)
-                            .map(|c| i64::from_le_bytes(c.try_into().expect("8")))
-                            .collect(),
-                    ),
-                    other => {
-                        return Err(bad(format!(
-                            "evaluation input '{}': {other:?} is not supported",
-                            t.name
-                        )));
-                    }
-                };
-                Ok(Input {
-                    name: t.name.clone(),
-                    shape,
-                    data,
-                })
-            })
-            .collect();
+        return to_inputs(&req.eval, "evaluation");
     }
     // Random inputs of the model's shapes, dynamic dimensions 1.
     rxd_compress::report::random_inputs(shared.registry.runtime().env(), bytes, 1)
@@ -69,7 +73,25 @@ fn inputs(
 /// Compresses, evaluates, and publishes when the report passes. Blocking.
 pub fn compress(shared: &SharedRef, req: &CompressRequest) -> Result<CompressReply, RequestError> {
     rxd_protocol::check_name(&req.model)?;
-    let strategy: rxd_compress::Strategy = req.strategy.parse().map_err(bad)?;
+    let is_static = req.strategy == "static-int8";
+    let strategy: rxd_compress::Strategy = if is_static {
+        rxd_compress::Strategy::NONE
+    } else {
+        req.strategy
+            .parse()
+            .map_err(|e| bad(format!("{e} or static-int8")))?
+    };
+    let calibration = to_inputs(&req.calibration, "calibration")?;
+    if is_static && calibration.is_empty() {
+        return Err(bad("static-int8 needs calibration inputs".into()));
+    }
+    let method: rxd_compress::static_int8::Calibration = req
+        .calibration_method
+        .as_deref()
+        .unwrap_or("percentile:99.99")
+        .parse()
+        .map_err(bad)?;
+    let (min_top1, min_cosine) = (req.min_top1.unwrap_or(0.99), req.min_cosine.unwrap_or(0.99));
     // The version compressed: the one named, or the default one (loaded if needed).
     let loaded = shared.registry.load(&req.model, req.version)?;
     let version = loaded.version;
@@ -77,14 +99,44 @@ pub fn compress(shared: &SharedRef, req: &CompressRequest) -> Result<CompressRep
     let path = dir.join(version.to_string()).join("model.onnx");
     let bytes = std::fs::read(&path)
         .map_err(|e| RequestError::Internal(format!("{}: {e}", path.display())))?;
-    let (out, outcome) = rxd_compress::compress(&bytes, strategy).map_err(bad)?;
     let inputs = inputs(shared, req, &bytes)?;
-    let report =
-        rxd_compress::report::compare(shared.registry.runtime().env(), &bytes, &out, &inputs)
-            .map_err(|e| RequestError::Internal(format!("evaluation failed: {e}")))?;
-    let (min_top1, min_cosine) = (req.min_top1.unwrap_or(0.99), req.min_cosine.unwrap_or(0.99));
+    let env = shared.registry.runtime().env();
+    // static-int8 runs the sensitivity search on the evaluation inputs (as `rxd compress
+    // --eval` does): the nodes kept in float are named in the report.
+    let mut static_text = String::new();
+    let (out, outcome) = if is_static {
+        let found = rxd_compress::static_int8::search(
+            env,
+            &bytes,
+            &calibration,
+            method,
+            &inputs,
+            min_top1,
+            min_cosine,
+        )
+        .map_err(bad)?;
+        let st = &found.stat;
+        static_text = format!(
+            "static INT8: {} activations calibrated, {} weights, {} biases; {} operators in INT8\n",
+            st.activations.len(),
+            st.weights,
+            st.biases,
+            st.quantized.values().sum::<usize>()
+        );
+        for (node, e) in &found.kept {
+            static_text.push_str(&format!(
+                "  kept {node} in float (its quantization added {e:.2e} to 1 − cosine)\n"
+            ));
+        }
+        (found.bytes, rxd_compress::Outcome::default())
+    } else {
+        rxd_compress::compress(&bytes, strategy).map_err(bad)?
+    };
+    let report = rxd_compress::report::compare(env, &bytes, &out, &inputs)
+        .map_err(|e| RequestError::Internal(format!("evaluation failed: {e}")))?;
     let passed = report.min_top1() >= min_top1 && report.min_cosine() >= min_cosine;
-    let mut text = format!(
+    let mut text = static_text;
+    text += &format!(
         "{} weights to INT8 (QDQ), {} MatMuls to dynamic INT8, {} tensors to fp16{}, {} BatchNorms folded{}\n{report}",
         outcome.quant.converted.len(),
         outcome.dynamic.converted.len(),

@@ -108,8 +108,15 @@ pub struct CompressRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
     /// As `rxd compress --strategy`: `int8-weights`, `dynamic-int8`, `fp16`, `prune:S`,
-    /// combined with `+`.
+    /// combined with `+`; or `static-int8` (needs `calibration`).
     pub strategy: String,
+    /// Calibration inputs for `static-int8` (inline tensors, one per model input, a batch of
+    /// items each).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub calibration: Vec<Tensor>,
+    /// `static-int8` range method: `percentile:P` (default `percentile:99.99`) or `minmax`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration_method: Option<String>,
     /// Evaluation inputs (inline tensors, one per model input). Empty: random inputs of the
     /// model's shapes (dynamic dimensions 1), which check agreement but not task accuracy.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

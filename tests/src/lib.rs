@@ -559,6 +559,15 @@ pub fn random_f32(n: usize, seed: u64) -> Vec<f32> {
 }
 
 /// An inline f32 tensor.
+/// A float32 tensor's values (inline or in an arena the caller still maps).
+pub fn tensor_f32(t: &Tensor) -> Vec<f32> {
+    rxd_client::tensor::bytes(t)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
 pub fn f32_tensor(name: &str, shape: &[u64], values: &[f32]) -> Tensor {
     Tensor::inline(
         name,

@@ -501,6 +501,87 @@ fn rxctl_model_compress_publishes_a_new_version_only_when_the_report_passes() {
     assert!(size2 * 10 <= size1 * 3, "{size2} vs {size1}");
 }
 
+/// static-int8 through the daemon: calibration and evaluation crops sent inline, the report
+/// passes, the new version serves, and its answers are the published file's answers in
+/// in-process ONNX Runtime (and the original's top-1).
+#[test]
+fn rxctl_model_compress_static_int8_publishes_a_calibrated_version() {
+    let repo = Repo::new();
+    repo.link("ppocr_cls", 1, "ppocr_cls");
+    let d = TestDaemon::start(repo.path(), &[]);
+    let (cal, eval) = split(&cls_word_crops(), 15);
+    let npy = |x: &Input, file: &str| {
+        let report::Data::F32(v) = &x.data else {
+            unreachable!()
+        };
+        let shape: Vec<u64> = x.shape.iter().map(|&s| s as u64).collect();
+        let path = d.dir.path().join(file);
+        rxd_client::npy::write(
+            &f32_tensor("x", &shape, v),
+            std::fs::File::create(&path).unwrap(),
+        )
+        .unwrap();
+        format!("x={}", path.display())
+    };
+    let (cal_arg, eval_arg) = (npy(&cal, "cal.npy"), npy(&split(&eval, 4).0, "eval.npy"));
+    // Without calibration it is refused, with a reason.
+    let out = d.rxctl(&[
+        "model",
+        "compress",
+        "ppocr_cls",
+        "--strategy",
+        "static-int8",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("calibration"),
+        "{out:?}"
+    );
+    let out = d.rxctl(&[
+        "model",
+        "compress",
+        "ppocr_cls",
+        "--strategy",
+        "static-int8",
+        "--calibration",
+        &cal_arg,
+        "-i",
+        &eval_arg,
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text.contains("static INT8:") && text.contains("published as version 2"),
+        "{text}"
+    );
+    let published = repo.path().join("ppocr_cls/2/model.onnx");
+    let ops = report::optimized_ops(reference_env(), &std::fs::read(&published).unwrap()).unwrap();
+    assert_eq!(count(&ops, "QLinearConv"), 53, "{ops:?}");
+    let report::Data::F32(v) = &eval.data else {
+        unreachable!()
+    };
+    let one = f32_tensor("x", &[1, 3, 48, 192], &v[..3 * 48 * 192]);
+    let reply = d
+        .client()
+        .infer_request(rxd_protocol::InferRequest::new(
+            "ppocr_cls",
+            vec![one.clone()],
+        ))
+        .unwrap();
+    assert_eq!(reply.version, 2);
+    let want = Reference::new(&published).run(std::slice::from_ref(&one));
+    assert_eq!(
+        reply.outputs[0], want[0],
+        "rxd serves what ORT computes on the file"
+    );
+    let original = Reference::new(&model_file("ppocr_cls")).run(std::slice::from_ref(&one));
+    let top = |t: &rxd_protocol::Tensor| {
+        let v = tensor_f32(t);
+        (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap()
+    };
+    assert_eq!(top(&reply.outputs[0]), top(&original[0]));
+}
+
 #[test]
 fn a_compress_strategy_in_model_toml_serves_the_compressed_model_or_the_original() {
     let repo = Repo::new();

@@ -38,21 +38,13 @@ fn errors(got: &[Tensor], want: &[Tensor]) -> (f64, f64) {
     for (g, w) in got.iter().zip(want) {
         assert_eq!((&g.name, &g.shape), (&w.name, &w.shape));
         rel = rel.max(max_rel_diff(g, w));
-        let (a, b) = (f32s(g), f32s(w));
+        let (a, b) = (tensor_f32(g), tensor_f32(w));
         abs = a
             .iter()
             .zip(&b)
             .fold(abs, |m, (x, y)| m.max((x - y).abs() as f64));
     }
     (rel, abs)
-}
-
-fn f32s(t: &Tensor) -> Vec<f32> {
-    rxd_client::tensor::bytes(t)
-        .unwrap()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-        .collect()
 }
 
 fn start(repo: &Repo, config: &str) -> TestDaemon {
@@ -409,7 +401,7 @@ fn fp16_models_serve_on_the_gpu_in_half_precision_close_to_float32() {
             // YOLOv8n's [1, 4 + classes, anchors]: rows 0-3 are box centre and size in
             // pixels, the rest class scores in [0, 1]. On noise every anchor's box is a flat
             // DFL distribution, the least stable case.
-            let (g, w) = (f32s(&got[0]), f32s(&want[0]));
+            let (g, w) = (tensor_f32(&got[0]), tensor_f32(&want[0]));
             let rows = got[0].shape[1] as usize;
             let anchors = g.len() / rows;
             let worst = |rows: std::ops::Range<usize>| {

@@ -209,9 +209,16 @@ enum ModelCmd {
         model: String,
         #[arg(long)]
         version: Option<u64>,
-        /// int8-weights, dynamic-int8, fp16, prune:S, combined with +.
+        /// int8-weights, dynamic-int8, fp16, prune:S, combined with +; or static-int8 (with
+        /// --calibration).
         #[arg(long, default_value = "int8-weights")]
         strategy: String,
+        /// static-int8: calibration inputs NAME=FILE.npy (a batch of real inputs).
+        #[arg(long = "calibration", value_name = "NAME=FILE")]
+        calibration: Vec<String>,
+        /// static-int8: activation ranges, percentile:P (default percentile:99.99) or minmax.
+        #[arg(long)]
+        calibration_method: Option<String>,
         /// Evaluation inputs NAME=FILE.npy (default: random inputs of the model's shapes).
         #[arg(long = "eval", short = 'i', value_name = "NAME=FILE")]
         eval: Vec<String>,
@@ -621,12 +628,15 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
             model,
             version,
             strategy,
+            calibration,
+            calibration_method,
             eval,
             min_top1,
             min_cosine,
             dry_run,
         }) => {
             let eval = read_inputs(eval)?;
+            let calibration = read_inputs(calibration)?;
             // A progress line while the daemon compresses and evaluates (on a terminal).
             let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let spinner = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
@@ -647,6 +657,8 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
                 model: model.clone(),
                 version: *version,
                 strategy: strategy.clone(),
+                calibration,
+                calibration_method: calibration_method.clone(),
                 eval,
                 min_top1: *min_top1,
                 min_cosine: *min_cosine,
