@@ -135,24 +135,28 @@ pub fn compress(shared: &SharedRef, req: &CompressRequest) -> Result<CompressRep
     let report = rxd_compress::report::compare(env, &bytes, &out, &inputs)
         .map_err(|e| RequestError::Internal(format!("evaluation failed: {e}")))?;
     let passed = report.min_top1() >= min_top1 && report.min_cosine() >= min_cosine;
-    let mut text = static_text;
-    text += &format!(
-        "{} weights to INT8 (QDQ), {} MatMuls to dynamic INT8, {} tensors to fp16{}, {} BatchNorms folded{}\n{report}",
-        outcome.quant.converted.len(),
-        outcome.dynamic.converted.len(),
-        outcome.fp16_tensors,
-        if outcome.fp16_compute.is_some() {
-            " (float16 arithmetic)"
-        } else {
-            ""
-        },
-        outcome.batchnorms_folded,
-        outcome
-            .pruned
-            .as_ref()
-            .map(|p| format!(", pruned to {:.1} % zeros", p.sparsity() * 100.0))
-            .unwrap_or_default()
-    );
+    let mut text = if is_static {
+        static_text
+    } else {
+        format!(
+            "{} weights to INT8 (QDQ), {} MatMuls to dynamic INT8, {} tensors to fp16{}, {} BatchNorms folded{}\n",
+            outcome.quant.converted.len(),
+            outcome.dynamic.converted.len(),
+            outcome.fp16_tensors,
+            if outcome.fp16_compute.is_some() {
+                " (float16 arithmetic)"
+            } else {
+                ""
+            },
+            outcome.batchnorms_folded,
+            outcome
+                .pruned
+                .as_ref()
+                .map(|p| format!(", pruned to {:.1} % zeros", p.sparsity() * 100.0))
+                .unwrap_or_default()
+        )
+    };
+    text += &report.to_string();
     let mut published = None;
     if passed && !req.dry_run {
         let next = std::fs::read_dir(&dir)
