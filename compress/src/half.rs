@@ -479,12 +479,7 @@ pub fn fp16_compute(model: &mut Model) -> Result<HalfCompute, Error> {
                 ins2[i] = f;
             }
         }
-        n.replace(
-            node::INPUT,
-            ins2.iter()
-                .map(|x| Value::Bytes(x.clone().into_bytes()))
-                .collect(),
-        );
+        onnx::set_inputs(&mut n, ins2.iter().cloned());
         let tys = output_types(&n, &types)?;
         let mut after = Vec::new();
         for (o, (x, t)) in outs.iter().zip(&tys).enumerate() {

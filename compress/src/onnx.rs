@@ -286,6 +286,17 @@ pub fn outputs(n: &Message) -> Vec<String> {
     n.strings(node::OUTPUT)
 }
 
+/// Replaces a node's inputs.
+pub fn set_inputs(n: &mut Message, inputs: impl IntoIterator<Item = String>) {
+    n.replace(
+        node::INPUT,
+        inputs
+            .into_iter()
+            .map(|i| Value::Bytes(i.into_bytes()))
+            .collect(),
+    );
+}
+
 /// An integer attribute of a node.
 pub fn int_attr(n: &Message, name: &str) -> Result<Option<i64>, Error> {
     Ok(n.messages(node::ATTRIBUTE)?

@@ -278,10 +278,17 @@ pub fn ctc_greedy(scores: &[f64], classes: usize) -> Vec<usize> {
 }
 
 /// Cosine similarity of two outputs (1 when both are all zeros).
-pub fn cosine(x: &[f64], y: &[f64]) -> f64 {
-    let dot: f64 = x.iter().zip(y).map(|(p, q)| p * q).sum();
-    let nx = x.iter().map(|p| p * p).sum::<f64>().sqrt();
-    let ny = y.iter().map(|q| q * q).sum::<f64>().sqrt();
+/// Cosine similarity of two equally long vectors (float32 or float64), summed in f64; 1 when
+/// both are zero.
+pub fn cosine<T: Copy + Into<f64>>(x: &[T], y: &[T]) -> f64 {
+    let (mut dot, mut nx, mut ny) = (0f64, 0f64, 0f64);
+    for (&p, &q) in x.iter().zip(y) {
+        let (p, q): (f64, f64) = (p.into(), q.into());
+        dot += p * q;
+        nx += p * p;
+        ny += q * q;
+    }
+    let (nx, ny) = (nx.sqrt(), ny.sqrt());
     if nx == 0.0 && ny == 0.0 {
         1.0
     } else {

@@ -675,12 +675,7 @@ fn quantize_traced(
             }
         };
         ins[k] = d;
-        n.replace(
-            onnx::node::INPUT,
-            ins.iter()
-                .map(|s| Value::Bytes(s.as_bytes().to_vec()))
-                .collect(),
-        );
+        onnx::set_inputs(n, ins);
     }
     for n in nodes.iter_mut().flatten() {
         let mut ins = onnx::inputs(n);
@@ -727,16 +722,7 @@ fn quantize_traced(
             ins[2] = dn;
             out.biases += 1;
         }
-        let ins: Vec<String> = ins
-            .into_iter()
-            .map(|x| dq.get(&x).cloned().unwrap_or(x))
-            .collect();
-        n.replace(
-            onnx::node::INPUT,
-            ins.iter()
-                .map(|s| Value::Bytes(s.as_bytes().to_vec()))
-                .collect(),
-        );
+        onnx::set_inputs(n, ins.into_iter().map(|x| dq.get(&x).cloned().unwrap_or(x)));
     }
     let mut all: Vec<Message> = nodes.into_iter().flatten().chain(added).collect();
     // Quantization steps nobody reads (the INT8 form of a tensor only a folded node used).
@@ -786,21 +772,6 @@ pub struct Searched {
 /// Rounds of the search: round k keeps 2^k more nodes in float (at most 63 in all).
 const SEARCH_ROUNDS: u32 = 6;
 
-fn cosine_f32(x: &[f32], y: &[f32]) -> f64 {
-    let (mut dot, mut nx, mut ny) = (0f64, 0f64, 0f64);
-    for (&a, &b) in x.iter().zip(y) {
-        let (a, b) = (a as f64, b as f64);
-        dot += a * b;
-        nx += a * a;
-        ny += b * b;
-    }
-    if nx == 0.0 && ny == 0.0 {
-        1.0
-    } else {
-        dot / (nx * ny).sqrt().max(f64::MIN_POSITIVE)
-    }
-}
-
 /// Static INT8 that meets the thresholds on `eval` with as few float nodes as it can find:
 /// quantize everything; while the report misses, compare every quantized tensor with its
 /// float value on the evaluation inputs, charge each quantized node with the error it adds
@@ -846,7 +817,7 @@ pub fn search(
         let got = tensors(env, &Model::parse(&q).map_err(err)?, &dq_names, eval)?;
         let error = |t: &String| -> Option<f64> {
             let (a, b) = (want.get(t)?, got.get(trace.dequantized.get(t)?)?);
-            Some(1.0 - cosine_f32(a, b))
+            Some(1.0 - crate::report::cosine(a, b))
         };
         let mut by_node: BTreeMap<String, f64> = BTreeMap::new();
         for (t, (node, read)) in &trace.blame {

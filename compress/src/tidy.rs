@@ -71,11 +71,12 @@ pub fn constants_to_initializers(model: &mut Model) -> Result<Tidy, Error> {
     let nodes: Vec<Message> = kept
         .into_iter()
         .map(|mut n| {
-            let ins: Vec<Value> = onnx::inputs(&n)
-                .into_iter()
-                .map(|i| Value::Bytes(renamed.get(&i).cloned().unwrap_or(i).into_bytes()))
-                .collect();
-            n.replace(node::INPUT, ins);
+            let ins = onnx::inputs(&n);
+            onnx::set_inputs(
+                &mut n,
+                ins.into_iter()
+                    .map(|i| renamed.get(&i).cloned().unwrap_or(i)),
+            );
             n
         })
         .collect();

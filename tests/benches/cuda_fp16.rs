@@ -232,7 +232,7 @@ fn main() {
             println!(
                 "| {model} | {b} | {a:.2} | {c:.2} | {:.2}× | {:.6} | {rel:.1e} | {} |",
                 c / a,
-                report::cosine(&f64s(&want), &f64s(&got)),
+                report::cosine(&want, &got),
                 kept(model, &shape, real, &want, &got)
             );
         }

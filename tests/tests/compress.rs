@@ -690,7 +690,7 @@ fn count(ops: &std::collections::BTreeMap<String, usize>, op: &str) -> usize {
 
 #[test]
 fn static_int8_runs_yolo_in_integer_kernels_and_keeps_it_close() {
-    // The latencies (0.43–0.45× of float on one thread) are in BENCHMARKS.md; the test checks
+    // The latencies (0.42–0.43× of float on one thread) are in BENCHMARKS.md; the test checks
     // what ONNX Runtime makes of the graph and the accuracy, not time.
     let bytes = std::fs::read(model_file("yolov8n")).unwrap();
     let n = 3 * 320 * 320;
