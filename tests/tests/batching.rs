@@ -140,6 +140,45 @@ fn batched_results_equal_unbatched_in_process_ort_row_by_row() {
 }
 
 #[test]
+fn adaptive_mode_batches_a_backlog_and_answers_equal_in_process_ort() {
+    let repo = Repo::new();
+    // A latency target and no static wait: batch sizes come from the measured cost alone.
+    repo.link("ppocr_cls", 1, "ppocr_cls").settings(
+        "ppocr_cls",
+        "instances = 1\nmax-batch-rows = 16\nlatency-target-ms = 500\ncoalesce-max-bytes = 0\n",
+    );
+    let d = TestDaemon::start(repo.path(), &[]);
+    let crops: Vec<Tensor> = (0..48)
+        .map(|i| f32_tensor("x", &[1, 3, 48, 192], &random_f32(3 * 48 * 192, 300 + i)))
+        .collect();
+    let mut reference = Reference::new(&model_file("ppocr_cls"));
+    let want: Vec<Vec<Tensor>> = crops
+        .iter()
+        .map(|c| reference.run(std::slice::from_ref(c)))
+        .collect();
+    let got = concurrent_single_rows(&d, "ppocr_cls", crops);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g[0].shape, w[0].shape);
+        assert!(
+            close(
+                rxd_client::tensor::bytes(&g[0]).unwrap(),
+                rxd_client::tensor::bytes(&w[0]).unwrap()
+            ),
+            "request {i}: the adaptive batch's output differs from the unbatched run"
+        );
+    }
+    let s = model_stats(&d, "ppocr_cls");
+    assert_eq!((s.requests, s.rows), (48, 48));
+    // One worker, 48 requests at once: while it runs one batch the rest queue, and the
+    // adaptive mode runs the backlog in batches (never over the limit).
+    assert!(
+        s.batches < 48 && s.batches >= 3,
+        "{} batches for 48 requests (limit 16 rows)",
+        s.batches
+    );
+}
+
+#[test]
 fn batches_padded_to_configured_sizes_answer_only_the_real_rows() {
     let repo = Repo::new();
     repo.link("digits", 1, "digits").settings(

@@ -768,11 +768,21 @@ pub struct Batch {
     pub rows: Vec<u32>,
     /// When each job arrived (for latency metrics), same order.
     pub arrived: Vec<std::time::Instant>,
+    /// When the scheduler took a worker for it (the worker is the scheduler's from then on).
+    pub dispatched: std::time::Instant,
 }
 
 /// Told when a worker finishes a batch (the scheduler, held weakly by the workers).
 pub trait BatchListener: Send + Sync {
-    fn batch_done(&self, rows: u32, compute: std::time::Duration, arrived: &[std::time::Instant]);
+    /// `compute`: the worker's time on the batch; `occupied`: from dispatch to now — what the
+    /// batch cost the scheduler in worker time, hand-over included.
+    fn batch_done(
+        &self,
+        rows: u32,
+        compute: std::time::Duration,
+        occupied: std::time::Duration,
+        arrived: &[std::time::Instant],
+    );
 }
 
 /// A worker's gather buffers, one per model input, kept (with their capacity) from batch to
@@ -950,10 +960,11 @@ fn worker_loop(
             }
         }
         let rows: u32 = batch.rows.iter().sum();
+        let dispatched = batch.dispatched;
         run_batch(&mut sessions, batch, pad_to, &mut staging);
         busy.store(0, Relaxed);
         if let Some(l) = listener.upgrade() {
-            l.batch_done(rows, started.elapsed(), &arrived);
+            l.batch_done(rows, started.elapsed(), dispatched.elapsed(), &arrived);
         }
     }
 }

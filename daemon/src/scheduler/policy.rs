@@ -13,15 +13,19 @@
 //! 3. Run now, or wait for the batch to fill: run if the model is not batchable, the batch
 //!    has reached its target rows, or the head has waited its allowed wait; else wake up when
 //!    the wait ends. Static mode: target = `max_batch_rows`, wait = `max_queue_delay`.
-//!    Adaptive mode (a latency target T is set): from the measured compute time of every batch
-//!    size seen (a smoothed table, linear in between) and the measured arrival rate, the
-//!    target is the size with the lowest cost per row among those with `c(b) ≤ T/2`; the head
-//!    waits for more rows only if the compute that batch saves is more than twice the time the
-//!    worker would idle waiting (and per row it is ≥ 25 % cheaper), and the expected arrivals
-//!    fill it within `T − c(target)`. Where batching does not
-//!    pay (common on CPUs) it never waits. Whatever is queued runs together up to the largest
-//!    batch predicted to fit `T/2` (work-conserving). Waiting never pushes a request past its
-//!    deadline.
+//!    Adaptive mode (a latency target T is set): the policy keeps a smoothed table of what a
+//!    batch of each size has cost a worker (hand-over to free) and a least-squares line
+//!    through it. The cap is the largest batch predicted within T/2 (whatever is queued runs
+//!    together up to it: work-conserving, and it keeps measuring sizes); with several
+//!    workers and a flat per-row cost (a 1/W share of the backlog within 10 % per row of the
+//!    whole) a batch takes only its share, so a burst runs on all workers at once; once the
+//!    head has waited T/2 the cap is `max_batch_rows` and nothing waits (drain: catching up
+//!    is what brings latency back). The target is the
+//!    measured size with the lowest cost per row within T/2; the head waits for it only if
+//!    the compute it saves is more than twice the time the worker would idle waiting (and per
+//!    row it is ≥ 25 % cheaper), and the expected arrivals fill it within `T − c(target)`:
+//!    where batching does not pay (common on CPUs) it never waits. Waiting never pushes a
+//!    request past its deadline.
 //! 4. A full queue refuses new requests at once (`busy`).
 //!
 //! Invariants (property-tested): every request is answered exactly once (run, rejected or
@@ -194,6 +198,8 @@ impl RateEstimator {
 pub struct Batcher {
     settings: Settings,
     queue: Vec<Item>,
+    /// Workers in all, busy or not (the adaptive mode splits a backlog over them).
+    workers: usize,
     free_workers: usize,
     cost: CostModel,
     rate: RateEstimator,
@@ -205,6 +211,7 @@ impl Batcher {
         Batcher {
             settings,
             queue: Vec::new(),
+            workers,
             free_workers: workers,
             cost: CostModel::default(),
             rate: RateEstimator::default(),
@@ -257,6 +264,7 @@ impl Batcher {
 
     /// Adds (or, negative, removes) workers — scaling instances at run time.
     pub fn add_workers(&mut self, n: usize, now: Instant) -> Vec<Action> {
+        self.workers += n;
         self.free_workers += n;
         self.schedule(now)
     }
@@ -295,13 +303,44 @@ impl Batcher {
         let (target, cap, wait) = match s.latency_target {
             None => (max, max, s.max_queue_delay),
             Some(t) => {
-                // Cap: the largest batch whose predicted compute fits half the target
-                // (everything queued up to it runs: work-conserving, and it keeps exploring
-                // sizes); until something is measured, `max`.
-                let cap = (1..=max)
+                let per_row_line = |b: u32| {
+                    self.cost
+                        .linear(b)
+                        .map(|c| c.as_secs_f64() / f64::from(b.max(1)))
+                };
+                // Fits: the largest batch whose compute (on the least-squares line) fits half
+                // the target; until something is measured, `max`.
+                let fits = (1..=max)
                     .rev()
                     .find(|&b| self.cost.linear(b).is_none_or(|c| c <= t / 2))
                     .unwrap_or(1);
+                // Behind (the head has waited half the target already): the cap is lifted to
+                // `max` and nothing waits — the target is at risk either way, and catching up
+                // is what brings latency back. This does not trust the cost line: on a
+                // loaded machine one slow measurement can make it predict that only small
+                // batches fit, and a controller that believed it fell behind for good (one
+                // bench round at 2 s p99). Where per-row cost is flat the split below still
+                // spreads the backlog over the workers.
+                let behind = now.saturating_duration_since(head.arrived) >= t / 2;
+                let fits = if behind { max } else { fits };
+                // Several workers and a backlog: where per-row cost is flat (a 1/W share of
+                // the backlog costs within 10 % per row of one batch of it), this batch takes
+                // only its share, so a burst runs on all workers at once instead of as one
+                // long batch on one. Where larger batches are clearly cheaper per row, one
+                // batch takes it all. The share grows with the backlog, so larger sizes keep
+                // being measured.
+                let queued: u32 = self
+                    .queue
+                    .iter()
+                    .filter(|i| i.key == head.key)
+                    .map(|i| i.rows)
+                    .sum();
+                let whole = queued.min(fits);
+                let share = queued.div_ceil(self.workers.max(1) as u32).max(1);
+                let cap = match (per_row_line(share), per_row_line(whole)) {
+                    (Some(ps), Some(pw)) if share < whole && ps <= 1.1 * pw => share,
+                    _ => fits,
+                };
                 // Target: among measured sizes whose compute fits half the latency target, the
                 // one with the lowest cost per row (smallest on ties); until something is
                 // measured, whatever is queued (work-conserving).
@@ -330,7 +369,7 @@ impl Batcher {
                 let budget = t.saturating_sub(compute);
                 let missing = target.saturating_sub(rows_now);
                 let wait = match self.rate.time_for(missing) {
-                    Some(fill) if fill < saving && fill <= budget => fill,
+                    Some(fill) if !behind && fill < saving && fill <= budget => fill,
                     _ => Duration::ZERO,
                 };
                 (target.min(cap), cap, wait)

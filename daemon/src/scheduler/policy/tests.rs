@@ -175,88 +175,124 @@ fn zero_aging_is_strict_priority() {
     assert_eq!(runs(&b.batch_done(1, ms(1), now)), vec![vec![1]]);
 }
 
-#[test]
-fn adaptive_mode_sizes_batches_from_measured_cost_and_the_target() {
+/// A batcher in adaptive mode that has measured `cost(rows)` at sizes 1, 2, 4, … 32.
+fn taught(target: Duration, workers: usize, cost: fn(u32) -> Duration) -> Batcher {
     let t0 = Instant::now();
     let s = Settings {
         max_batch_rows: 64,
-        latency_target: Some(ms(20)),
+        latency_target: Some(target),
         ..Settings::default()
     };
-    let mut b = Batcher::new(s, 1);
-    // Teach it c(b) = 2 ms + 0.5 ms/row: c(b) <= 10 ms for b <= 16.
+    let mut b = Batcher::new(s, workers);
     b.free_workers = 0;
     for rows in [1, 2, 4, 8, 16, 32] {
-        b.batch_done(
-            rows,
-            Duration::from_micros(2000 + 500 * u64::from(rows)),
-            t0,
-        );
+        b.batch_done(rows, cost(rows), t0);
         b.free_workers = 0;
     }
-    let c = b.cost().predict(16).unwrap();
-    assert!((c.as_secs_f64() - 0.010).abs() < 1e-4, "{c:?}");
-    // Requests arrive every 100 µs; batches take c(b). Simulate, with completions and
-    // wake-ups at their times.
-    let mut now = t0;
-    b.free_workers = 1;
-    let mut ran: Vec<Vec<ReqId>> = Vec::new();
+    b.free_workers = workers;
+    b
+}
+
+/// A batch the simulation started: its requests and when.
+type Started = (Vec<ReqId>, Instant);
+
+/// Feeds single-row requests arriving every `gap` to `b`, batches taking `cost(rows)`, with
+/// completions and wake-ups at their times. Returns every batch (ids, start).
+fn simulate(
+    b: &mut Batcher,
+    n: u64,
+    gap: Duration,
+    cost: fn(u32) -> Duration,
+) -> (Vec<Started>, HashMap<ReqId, Instant>) {
+    let mut now = Instant::now();
+    let mut ran = Vec::new();
+    let mut arrived = HashMap::new();
     let mut done_at: Vec<(Instant, u32)> = Vec::new();
     let mut wake: Option<Instant> = None;
-    let handle = |acts: Vec<Action>,
-                  now: Instant,
-                  ran: &mut Vec<Vec<ReqId>>,
-                  done_at: &mut Vec<(Instant, u32)>,
-                  wake: &mut Option<Instant>| {
+    let mut handle = |acts: Vec<Action>,
+                      at: Instant,
+                      done_at: &mut Vec<(Instant, u32)>,
+                      wake: &mut Option<Instant>| {
         for a in acts {
             match a {
                 Action::Run(ids) => {
                     let rows = ids.len() as u32;
-                    done_at.push((
-                        now + Duration::from_micros(2000 + 500 * u64::from(rows)),
-                        rows,
-                    ));
-                    ran.push(ids);
+                    done_at.push((at + cost(rows), rows));
+                    ran.push((ids, at));
                 }
                 Action::Wake(t) => *wake = Some(t),
                 _ => {}
             }
         }
     };
-    for id in 1..=400 {
-        now += Duration::from_micros(100);
-        done_at.sort();
-        while let Some(&(t, rows)) = done_at.first().filter(|(t, _)| *t <= now) {
-            done_at.remove(0);
-            let a = b.batch_done(rows, Duration::from_micros(2000 + 500 * u64::from(rows)), t);
-            handle(a, t, &mut ran, &mut done_at, &mut wake);
+    for id in 1..=n {
+        now += gap;
+        loop {
+            done_at.sort();
+            let next_done = done_at.first().map(|d| d.0).filter(|t| *t <= now);
+            let next_wake = wake.filter(|w| *w <= now);
+            match (next_done, next_wake) {
+                (Some(d), w) if w.is_none_or(|w| d <= w) => {
+                    let (_, rows) = done_at.remove(0);
+                    let a = b.batch_done(rows, cost(rows), d);
+                    handle(a, d, &mut done_at, &mut wake);
+                }
+                (_, Some(w)) => {
+                    wake = None;
+                    let a = b.tick(w);
+                    handle(a, w, &mut done_at, &mut wake);
+                }
+                _ => break,
+            }
         }
-        if let Some(w) = wake.filter(|w| *w <= now) {
-            wake = None;
-            let a = b.tick(w);
-            handle(a, w, &mut ran, &mut done_at, &mut wake);
-        }
+        arrived.insert(id, now);
         let a = b.arrive(item(id, 1, 0, 0, now), now);
-        handle(a, now, &mut ran, &mut done_at, &mut wake);
+        handle(a, now, &mut done_at, &mut wake);
     }
-    // Once warmed up, it runs batches of the target size (16 rows), not single requests:
-    // 10 000 rows/s need batches of at least ~4 rows to keep up at c(b) = 2 ms + 0.5 ms/row.
-    let sizes: Vec<usize> = ran.iter().skip(3).map(Vec::len).collect();
+    (ran, arrived)
+}
+
+fn falling(rows: u32) -> Duration {
+    // 2 ms + 0.5 ms per row: c(b) <= 10 ms for b <= 16.
+    Duration::from_micros(2000 + 500 * u64::from(rows))
+}
+
+#[test]
+fn adaptive_mode_sizes_batches_from_measured_cost_and_the_target() {
+    let target = ms(20);
+    let b = taught(target, 1, falling);
+    let c = b.cost().predict(16).unwrap();
+    assert!((c.as_secs_f64() - 0.010).abs() < 1e-4, "{c:?}");
+    // 1 400 rows/s, 90 % of what 16-row batches can do (1 600 rows/s): batches grow with the
+    // backlog, never past what fits half the target (16), and after warm-up every request is
+    // answered within the target.
+    let mut b = taught(target, 1, falling);
+    let (ran, arrived) = simulate(&mut b, 2000, Duration::from_micros(700), falling);
+    let sizes: Vec<usize> = ran.iter().map(|r| r.0.len()).collect();
+    assert!(sizes.iter().all(|&n| n <= 16), "{sizes:?}");
+    let mean = sizes.iter().sum::<usize>() as f64 / sizes.len() as f64;
+    assert!(mean > 4.0, "mean batch {mean}: {sizes:?}");
+    for (ids, start) in ran.iter().skip(20) {
+        let end = *start + falling(ids.len() as u32);
+        for id in ids {
+            let latency = end - arrived[id];
+            assert!(latency <= target, "request {id}: {latency:?} > {target:?}");
+        }
+    }
+    // 10 000 rows/s (five times what any batch size can do): once the head has waited half
+    // the target, it drains at the largest batch (64 rows: the most rows per second).
+    let mut b = taught(target, 1, falling);
+    let (ran, _) = simulate(&mut b, 1000, Duration::from_micros(100), falling);
+    let sizes: Vec<usize> = ran.iter().skip(3).map(|r| r.0.len()).collect();
     assert!(
-        !sizes.is_empty() && sizes.iter().all(|&n| n == 16),
+        !sizes.is_empty() && sizes.iter().all(|&n| n == 64),
         "{sizes:?}"
     );
     // Sparse arrivals (every 50 ms): waiting cannot fill a batch in time; run at once.
-    let mut b2 = Batcher::new(b.settings().clone(), 1);
-    let mut now = t0;
-    for id in 1..=3 {
-        now += ms(50);
-        let r = runs(&b2.arrive(item(id, 1, 0, 0, now), now));
-        if id > 1 {
-            assert_eq!(r, vec![vec![id]]);
-        }
-        b2.batch_done(1, ms(2), now);
-    }
+    let mut b = taught(target, 1, falling);
+    let (ran, _) = simulate(&mut b, 5, ms(50), falling);
+    assert!(ran.iter().all(|r| r.0.len() == 1), "{ran:?}");
+    assert_eq!(ran.len(), 5);
 }
 
 #[derive(Debug, Clone)]
@@ -414,4 +450,28 @@ fn adaptive_mode_does_not_wait_when_batching_does_not_pay() {
     let now = t0 + Duration::from_micros(100);
     let a = b.arrive(item(2, 1, 0, 0, now), now);
     assert_eq!(runs(&a), vec![vec![2]], "{a:?}");
+}
+
+#[test]
+fn adaptive_mode_splits_a_backlog_over_the_workers_only_where_per_row_cost_is_flat() {
+    let t0 = Instant::now();
+    // Two workers, both busy while `n` requests queue; then they free one after the other.
+    let batches = |cost: fn(u32) -> Duration, n: u64| {
+        let mut b = taught(ms(100), 2, cost);
+        b.free_workers = 0;
+        for id in 1..=n {
+            assert!(runs(&b.arrive(item(id, 1, 0, 0, t0), t0)).is_empty());
+        }
+        let first = runs(&b.batch_done(1, cost(1), t0));
+        let second = runs(&b.batch_done(1, cost(1), t0));
+        (first, second)
+    };
+    // Flat: 1 ms per row at every size. Each batch takes half of what waits.
+    let (a, b) = batches(|r| ms(u64::from(r)), 8);
+    assert_eq!(a, vec![vec![1, 2, 3, 4]]);
+    assert_eq!(b, vec![vec![5, 6]]);
+    // Falling: 5 ms + 0.2 ms per row — one batch of 8 is far cheaper per row than two of 4.
+    let (a, b) = batches(|r| Duration::from_micros(5000 + 200 * u64::from(r)), 8);
+    assert_eq!(a, vec![vec![1, 2, 3, 4, 5, 6, 7, 8]]);
+    assert!(b.is_empty());
 }
