@@ -58,6 +58,30 @@ fn close(a: &[u8], b: &[u8]) -> bool {
         .all(|(x, y)| (x - y).abs() <= 1e-5 * (1.0 + y.abs()))
 }
 
+/// `n` clients each send one random 3x48x192 crop (seeds from `seed`) to `ppocr_cls`; every
+/// answer must equal an unbatched in-process ORT run on the same crop.
+fn concurrent_crops_equal_in_process_ort(d: &TestDaemon, n: u64, seed: u64) {
+    let crops: Vec<Tensor> = (0..n)
+        .map(|i| f32_tensor("x", &[1, 3, 48, 192], &random_f32(3 * 48 * 192, seed + i)))
+        .collect();
+    let mut reference = Reference::new(&model_file("ppocr_cls"));
+    let want: Vec<Vec<Tensor>> = crops
+        .iter()
+        .map(|c| reference.run(std::slice::from_ref(c)))
+        .collect();
+    let got = concurrent_single_rows(d, "ppocr_cls", crops);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g[0].shape, w[0].shape);
+        assert!(
+            close(
+                rxd_client::tensor::bytes(&g[0]).unwrap(),
+                rxd_client::tensor::bytes(&w[0]).unwrap()
+            ),
+            "request {i}: the batched output differs from the unbatched run"
+        );
+    }
+}
+
 #[test]
 fn batched_results_equal_unbatched_in_process_ort_row_by_row() {
     let repo = Repo::new();
@@ -75,26 +99,7 @@ fn batched_results_equal_unbatched_in_process_ort_row_by_row() {
     let d = TestDaemon::start(repo.path(), &[]);
 
     // PP-OCR direction classifier: 16 clients, one 3x48x192 crop each.
-    let crops: Vec<Tensor> = (0..16)
-        .map(|i| f32_tensor("x", &[1, 3, 48, 192], &random_f32(3 * 48 * 192, 100 + i)))
-        .collect();
-    let mut reference = Reference::new(&model_file("ppocr_cls"));
-    let want: Vec<Vec<Tensor>> = crops
-        .iter()
-        .map(|c| reference.run(std::slice::from_ref(c)))
-        .collect();
-    let got = concurrent_single_rows(&d, "ppocr_cls", crops);
-    for (g, w) in got.iter().zip(&want) {
-        assert_eq!(g[0].shape, w[0].shape);
-        let (gb, wb) = (
-            rxd_client::tensor::bytes(&g[0]).unwrap(),
-            rxd_client::tensor::bytes(&w[0]).unwrap(),
-        );
-        assert!(
-            close(gb, wb),
-            "batched output differs from the unbatched run"
-        );
-    }
+    concurrent_crops_equal_in_process_ort(&d, 16, 100);
     let s = model_stats(&d, "ppocr_cls");
     assert!(s.batchable);
     assert_eq!((s.requests, s.rows), (16, 16));
@@ -148,25 +153,7 @@ fn adaptive_mode_batches_a_backlog_and_answers_equal_in_process_ort() {
         "instances = 1\nmax-batch-rows = 16\nlatency-target-ms = 500\ncoalesce-max-bytes = 0\n",
     );
     let d = TestDaemon::start(repo.path(), &[]);
-    let crops: Vec<Tensor> = (0..48)
-        .map(|i| f32_tensor("x", &[1, 3, 48, 192], &random_f32(3 * 48 * 192, 300 + i)))
-        .collect();
-    let mut reference = Reference::new(&model_file("ppocr_cls"));
-    let want: Vec<Vec<Tensor>> = crops
-        .iter()
-        .map(|c| reference.run(std::slice::from_ref(c)))
-        .collect();
-    let got = concurrent_single_rows(&d, "ppocr_cls", crops);
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        assert_eq!(g[0].shape, w[0].shape);
-        assert!(
-            close(
-                rxd_client::tensor::bytes(&g[0]).unwrap(),
-                rxd_client::tensor::bytes(&w[0]).unwrap()
-            ),
-            "request {i}: the adaptive batch's output differs from the unbatched run"
-        );
-    }
+    concurrent_crops_equal_in_process_ort(&d, 48, 300);
     let s = model_stats(&d, "ppocr_cls");
     assert_eq!((s.requests, s.rows), (48, 48));
     // One worker, 48 requests at once: while it runs one batch the rest queue, and the
