@@ -213,7 +213,10 @@ impl TestDaemon {
             socket,
             log,
         };
-        d.wait_ready(Duration::from_secs(60));
+        // Generous: a daemon that dies fails at once (`try_wait`), but models on the WebGPU
+        // device compile their shaders on a cold cache at load — 33 s for ppocr_cls alone on
+        // a loaded 2-core machine, and a clean clone's cache is cold.
+        d.wait_ready(Duration::from_secs(240));
         d
     }
 
