@@ -6,7 +6,10 @@
 //!
 //! Run: `scripts/bench batching`. `RXD_BENCH_SECS` sets seconds per measurement (default 4);
 //! `RXD_BENCH_MODELS` the models (default `ppocr_cls,yolov8n`); `RXD_BENCH_MODEL_TOML` extra
-//! model.toml lines for rxd (e.g. `coalesce-max-bytes = 0`).
+//! model.toml lines for rxd (e.g. `coalesce-max-bytes = 0`, or `latency-target-ms = 25` and
+//! `max-batch-rows = 32` for the adaptive mode: a row limit there replaces the bench's); `RXD_BENCH_THREADS` the compute
+//! threads both sides get (default 2: in-process one session with N intra-op threads or N
+//! 1-thread sessions, rxd N 1-thread instances).
 
 use std::time::{Duration, Instant};
 
@@ -82,27 +85,28 @@ fn in_process(case: &Case, threads: usize, sessions: usize, b: usize, secs: f64)
 
 fn main() {
     let secs: f64 = bench_setting("RXD_BENCH_SECS", 4.0);
+    let threads: usize = bench_setting("RXD_BENCH_THREADS", 2);
     let wanted = std::env::var("RXD_BENCH_MODELS").unwrap_or_else(|_| "ppocr_cls,yolov8n".into());
     for case in CASES
         .iter()
         .filter(|c| wanted.split(',').any(|w| w == c.model))
     {
-        bench(case, secs);
+        bench(case, secs, threads);
     }
 }
 
-fn bench(case: &Case, secs: f64) {
+fn bench(case: &Case, secs: f64, threads: usize) {
     let [c, h, w] = case.item;
     // In-process: every batch size under both thread layouts.
     let mut best = (0.0, String::new());
     let mut rows = Vec::new();
     for b in [1, 2, 4, 8, 16, 32] {
-        let one = in_process(case, 2, 1, b, secs / 2.0);
-        let two = in_process(case, 1, 2, b, secs / 2.0);
-        rows.push((b, one, two));
+        let one = in_process(case, threads, 1, b, secs / 2.0);
+        let many = in_process(case, 1, threads, b, secs / 2.0);
+        rows.push((b, one, many));
         for (v, layout) in [
-            (one, "1 session × 2 threads"),
-            (two, "2 sessions × 1 thread"),
+            (one, format!("1 session × {threads} threads")),
+            (many, format!("{threads} sessions × 1 thread")),
         ] {
             if v > best.0 {
                 best = (v, format!("batch {b}, {layout}"));
@@ -110,15 +114,18 @@ fn bench(case: &Case, secs: f64) {
         }
     }
 
-    // rxd: two 1-thread instances (the better layout on 2 cores), no queue delay.
+    // rxd: 1-thread instances (the better layout on 2 cores), no queue delay.
+    // Extra settings may replace the row limit (e.g. the adaptive mode with its own).
+    let extra = std::env::var("RXD_BENCH_MODEL_TOML").unwrap_or_default();
+    let limit = if extra.contains("max-batch-rows") {
+        String::new()
+    } else {
+        format!("max-batch-rows = {}\n", case.max_rows)
+    };
     let repo = Repo::new();
     repo.link(case.model, 1, case.model).settings(
         case.model,
-        &format!(
-            "instances = 2\nintra-op-threads = 1\nmax-batch-rows = {}\n{}",
-            case.max_rows,
-            std::env::var("RXD_BENCH_MODEL_TOML").unwrap_or_default()
-        ),
+        &format!("instances = {threads}\nintra-op-threads = 1\n{limit}{extra}"),
     );
     let io = std::env::var("RXD_BENCH_IO_THREADS").unwrap_or_else(|_| "1".into());
     let d = TestDaemon::start(repo.path(), &["--io-threads", &io]);
@@ -134,7 +141,7 @@ fn bench(case: &Case, secs: f64) {
         case.model, case.item
     );
     println!("In-process ONNX Runtime, items/s by batch size and thread layout:\n");
-    println!("| batch | 1 session × 2 threads | 2 sessions × 1 thread |");
+    println!("| batch | 1 session × {threads} threads | {threads} sessions × 1 thread |");
     println!("|---:|---:|---:|");
     for (b, one, two) in &rows {
         println!("| {b} | {one:.1} | {two:.1} |");
@@ -144,8 +151,13 @@ fn bench(case: &Case, secs: f64) {
         best.0, best.1
     );
     println!(
-        "rxd (2 instances × 1 thread, max-batch-rows {}, no queue delay), 1 item per request, load generator on the same 2 cores:\n",
-        case.max_rows
+        "rxd ({threads} instances × 1 thread, {}), 1 item per request, load generator on the same machine ({} cores):\n",
+        if extra.is_empty() {
+            format!("max-batch-rows {}, no queue delay", case.max_rows)
+        } else {
+            format!("`{}`", extra.trim().replace('\n', "; "))
+        },
+        std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     print_client_table(&reports, best.0);
 }
