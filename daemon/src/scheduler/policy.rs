@@ -17,7 +17,9 @@
 //!    batch of each size has cost a worker (hand-over to free). The chosen size is the
 //!    smallest measured one whose cost per row is within 10 % of the lowest, among sizes
 //!    whose compute fits T/2 — or, once the head has waited T/2 (behind: catching up is what
-//!    brings latency back), among all sizes. The table decides, not a fitted curve: per-row
+//!    brings latency back), the largest within 5 % of the lowest among all sizes (fewer
+//!    batches: each also costs hand-over, wake-ups and answers on shared cores, which the
+//!    worker's time does not show). The table decides, not a fitted curve: per-row
 //!    cost falls with size on GPUs, is flat on some CPUs and U-shaped on others (larger
 //!    batches cost more per row), and a controller that grows batches when behind runs away
 //!    on the last kind. A backlog runs at the chosen size, so where no size is cheaper each
@@ -41,8 +43,17 @@ use std::time::{Duration, Instant};
 pub type ReqId = u64;
 
 /// Batch sizes whose cost per row is within this factor of the lowest count as equally cheap
-/// (the smallest of them is chosen: lower latency, and a backlog spreads over the workers).
+/// while the target is kept: the smallest of them is chosen (lower latency, and a backlog
+/// spreads over the workers).
 pub const CHEAP_ENOUGH: f64 = 1.1;
+
+/// Behind (the head has waited half the target): sizes within this factor of the lowest cost
+/// per row count as equally cheap and the *largest* of them is chosen. A worker's time is
+/// not all a batch costs: hand-over, wake-ups and answers run on cores the load generator
+/// and the other workers share, once per batch, so where per-row cost looks flat fewer,
+/// larger batches drain a backlog faster (on the 2-core machine "rows 8, wait 2 ms" beat
+/// small batches, 8 of 9 rounds).
+pub const CHEAP_ENOUGH_BEHIND: f64 = 1.05;
 
 /// Adaptive mode: one batch in this many run from a backlog is a probe at a neighbouring size
 /// (twice or half the chosen one, in turn), so the cost table follows the machine and finds a
@@ -151,12 +162,13 @@ impl CostModel {
 
     /// The size to run a backlog at: among measured sizes up to `max` whose compute fits
     /// `limit` (all of them when none fits, or without a limit), the smallest whose cost per
-    /// row is within [`CHEAP_ENOUGH`] of the lowest. `None` before any sample.
+    /// row is within [`CHEAP_ENOUGH`] of the lowest — or, `behind`, the largest within
+    /// [`CHEAP_ENOUGH_BEHIND`]. `None` before any sample.
     ///
     /// The table decides, not a fitted curve: a line `a + k·b` always predicts a falling cost
     /// per row, but on CPUs it is often flat or U-shaped (on one 16-core Xeon, PP-OCR's
     /// classifier ran 26 % more rows/s in batches of 4 than of 1, and 58 % more than of 32).
-    pub fn best(&self, max: u32, limit: Option<Duration>) -> Option<u32> {
+    pub fn best(&self, max: u32, limit: Option<Duration>, behind: bool) -> Option<u32> {
         let sizes = self.table.range(..=max.max(1));
         let fits = |t: &f64| limit.is_none_or(|l| *t <= l.as_secs_f64());
         let pool: Vec<(u32, f64)> = if sizes.clone().any(|(_, t)| fits(t)) {
@@ -169,10 +181,22 @@ impl CostModel {
         };
         let per_row = |(b, t): &(u32, f64)| t / f64::from(*b);
         let low = pool.iter().map(per_row).fold(f64::INFINITY, f64::min);
-        // The table iterates in ascending size: the first cheap enough is the smallest.
-        pool.iter()
-            .find(|p| per_row(p) <= CHEAP_ENOUGH * low)
-            .map(|p| p.0)
+        // The table iterates in ascending size.
+        let mut cheap = pool.iter().filter(|p| {
+            per_row(p)
+                <= low
+                    * if behind {
+                        CHEAP_ENOUGH_BEHIND
+                    } else {
+                        CHEAP_ENOUGH
+                    }
+        });
+        if behind {
+            cheap.next_back()
+        } else {
+            cheap.next()
+        }
+        .map(|p| p.0)
     }
 
     /// Whether a batch of `rows` has been measured.
@@ -352,7 +376,7 @@ impl Batcher {
                     .filter(|i| i.key == head.key)
                     .map(|i| i.rows)
                     .sum();
-                let Some(best) = self.cost.best(max, limit) else {
+                let Some(best) = self.cost.best(max, limit, behind) else {
                     // Nothing measured yet: whatever waits runs together (work-conserving),
                     // which measures a spread of sizes.
                     return Plan {

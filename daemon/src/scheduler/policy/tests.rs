@@ -280,14 +280,13 @@ fn adaptive_mode_sizes_batches_from_measured_cost_and_the_target() {
         }
     }
     // 10 000 rows/s (five times what any batch size can do): once the head has waited half
-    // the target, it drains at the size cheapest per row whatever its compute time — after
-    // probing 64 (never measured), the smallest within 10 % per row of the cheapest: 32.
+    // the target, it drains at the size cheapest per row whatever its compute time — 64, never
+    // measured, probed at once (32 costs 6 % more per row).
     let mut b = taught(target, 1, falling);
     let (ran, _) = simulate(&mut b, 1000, Duration::from_micros(100), falling);
     let sizes: Vec<usize> = ran.iter().map(|r| r.0.len()).collect();
-    assert_eq!(sizes[2], 64, "{sizes:?}");
     assert!(
-        sizes.len() > 4 && sizes[3..].iter().all(|&n| n == 32),
+        sizes.len() > 3 && sizes[2..].iter().all(|&n| n == 64),
         "{sizes:?}"
     );
     // Sparse arrivals (every 50 ms): waiting cannot fill a batch in time; run at once.
