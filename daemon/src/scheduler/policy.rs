@@ -51,8 +51,8 @@ pub const CHEAP_ENOUGH: f64 = 1.1;
 /// per row count as equally cheap and the *largest* of them is chosen. A worker's time is
 /// not all a batch costs: hand-over, wake-ups and answers run on cores the load generator
 /// and the other workers share, once per batch, so where per-row cost looks flat fewer,
-/// larger batches drain a backlog faster (on the 2-core machine "rows 8, wait 2 ms" beat
-/// small batches, 8 of 9 rounds).
+/// larger batches drain a backlog faster (on the 2-core machine, choosing the smallest when
+/// behind lost 8 of 9 rounds to "rows 8, wait 2 ms").
 pub const CHEAP_ENOUGH_BEHIND: f64 = 1.05;
 
 /// Adaptive mode: one batch in this many run from a backlog is a probe at a neighbouring size
@@ -132,11 +132,6 @@ impl CostModel {
             .entry(rows.max(1))
             .and_modify(|old| *old = 0.7 * *old + 0.3 * t)
             .or_insert(t);
-    }
-
-    /// Batch sizes measured so far.
-    pub fn sizes(&self) -> impl Iterator<Item = u32> + '_ {
-        self.table.keys().copied()
     }
 
     /// Predicted compute time of a batch of `rows` (`None` before any sample).
@@ -255,8 +250,6 @@ struct Plan {
 pub struct Batcher {
     settings: Settings,
     queue: Vec<Item>,
-    /// Workers in all, busy or not (the adaptive mode splits a backlog over them).
-    workers: usize,
     free_workers: usize,
     cost: CostModel,
     rate: RateEstimator,
@@ -270,7 +263,6 @@ impl Batcher {
         Batcher {
             settings,
             queue: Vec::new(),
-            workers,
             free_workers: workers,
             cost: CostModel::default(),
             rate: RateEstimator::default(),
@@ -324,7 +316,6 @@ impl Batcher {
 
     /// Adds (or, negative, removes) workers — scaling instances at run time.
     pub fn add_workers(&mut self, n: usize, now: Instant) -> Vec<Action> {
-        self.workers += n;
         self.free_workers += n;
         self.schedule(now)
     }
