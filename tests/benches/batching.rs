@@ -2,14 +2,15 @@
 //! Runtime configuration, in one run: PP-OCR's direction classifier (dynamic batch, light, so
 //! per-request overhead matters), single-item requests from 1, 8 and 32 concurrent clients.
 //! The in-process baseline is the best over batch sizes *and* thread layouts (one session
-//! with 2 intra-op threads, or two 1-thread sessions run concurrently).
+//! with N intra-op threads, or N 1-thread sessions run concurrently). rxd runs twice: with a
+//! static row limit and no queue delay, and in the adaptive mode.
 //!
 //! Run: `scripts/bench batching`. `RXD_BENCH_SECS` sets seconds per measurement (default 4);
 //! `RXD_BENCH_MODELS` the models (default `ppocr_cls,yolov8n`); `RXD_BENCH_MODEL_TOML` extra
-//! model.toml lines for rxd (e.g. `coalesce-max-bytes = 0`, or `latency-target-ms = 25` and
-//! `max-batch-rows = 32` for the adaptive mode: a row limit there replaces the bench's); `RXD_BENCH_THREADS` the compute
-//! threads both sides get (default 2: in-process one session with N intra-op threads or N
-//! 1-thread sessions, rxd N 1-thread instances).
+//! model.toml lines for rxd (e.g. `coalesce-max-bytes = 0`; with a `max-batch-rows` they
+//! replace both configurations); `RXD_BENCH_THREADS` the compute threads both sides get
+//! (default 2: in-process one session with N intra-op threads or N 1-thread sessions, rxd N
+//! 1-thread instances).
 
 use std::time::{Duration, Instant};
 
@@ -114,27 +115,45 @@ fn bench(case: &Case, secs: f64, threads: usize) {
         }
     }
 
-    // rxd: 1-thread instances (the better layout on 2 cores), no queue delay.
-    // Extra settings may replace the row limit (e.g. the adaptive mode with its own).
+    // rxd: 1-thread instances (the better layout on 2 cores), each batching configuration
+    // in a daemon of its own: static (a row limit, no queue delay) and the adaptive mode.
+    // Extra settings go to both; one that sets the row limit replaces the two.
     let extra = std::env::var("RXD_BENCH_MODEL_TOML").unwrap_or_default();
-    let limit = if extra.contains("max-batch-rows") {
-        String::new()
+    let configs: Vec<(String, String)> = if extra.contains("max-batch-rows") {
+        vec![(
+            format!("`{}`", extra.trim().replace('\n', "; ")),
+            extra.clone(),
+        )]
     } else {
-        format!("max-batch-rows = {}\n", case.max_rows)
+        vec![
+            (
+                format!("max-batch-rows {}, no queue delay", case.max_rows),
+                format!("max-batch-rows = {}\n{extra}", case.max_rows),
+            ),
+            (
+                "adaptive: latency-target-ms 25, max-batch-rows 32".into(),
+                format!("latency-target-ms = 25\nmax-batch-rows = 32\n{extra}"),
+            ),
+        ]
     };
-    let repo = Repo::new();
-    repo.link(case.model, 1, case.model).settings(
-        case.model,
-        &format!("instances = {threads}\nintra-op-threads = 1\n{limit}{extra}"),
-    );
-    let io = std::env::var("RXD_BENCH_IO_THREADS").unwrap_or_else(|_| "1".into());
-    let d = TestDaemon::start(repo.path(), &["--io-threads", &io]);
     let item = f32_tensor(
         case.input,
         &[1, c as u64, h as u64, w as u64],
         &random_f32(c * h * w, 6),
     );
-    let reports = closed_loop(&d.socket, case.model, &item, &[1, 8, 32], secs);
+    let io = std::env::var("RXD_BENCH_IO_THREADS").unwrap_or_else(|_| "1".into());
+    let reports: Vec<_> = configs
+        .iter()
+        .map(|(_, settings)| {
+            let repo = Repo::new();
+            repo.link(case.model, 1, case.model).settings(
+                case.model,
+                &format!("instances = {threads}\nintra-op-threads = 1\n{settings}"),
+            );
+            let d = TestDaemon::start(repo.path(), &["--io-threads", &io]);
+            closed_loop(&d.socket, case.model, &item, &[1, 8, 32], secs)
+        })
+        .collect();
 
     println!(
         "### Batching: `{}`, single-item requests of {:?}\n",
@@ -150,14 +169,11 @@ fn bench(case: &Case, secs: f64, threads: usize) {
         "\nBest in-process: **{:.1} items/s** ({}).\n",
         best.0, best.1
     );
-    println!(
-        "rxd ({threads} instances × 1 thread, {}), 1 item per request, load generator on the same machine ({} cores):\n",
-        if extra.is_empty() {
-            format!("max-batch-rows {}, no queue delay", case.max_rows)
-        } else {
-            format!("`{}`", extra.trim().replace('\n', "; "))
-        },
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
-    print_client_table(&reports, best.0);
+    for ((name, _), reports) in configs.iter().zip(&reports) {
+        println!(
+            "rxd ({threads} instances × 1 thread, {name}), 1 item per request, load generator on the same machine ({} cores):\n",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        print_client_table(reports, best.0);
+    }
 }
