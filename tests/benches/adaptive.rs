@@ -26,14 +26,22 @@ use rxd_e2e::*;
 
 const TARGET_MS: f64 = 25.0;
 
-fn daemon(layout: &str, settings: &str) -> (Repo, TestDaemon) {
+/// One run in a fresh daemon with `settings`: the phased open-loop load, or with no phases
+/// the closed loop.
+fn measure(
+    rt: &tokio::runtime::Runtime,
+    layout: &str,
+    settings: &str,
+    phases: &[(f64, f64)],
+) -> Report {
     let repo = Repo::new();
     repo.link("ppocr_cls", 1, "ppocr_cls").settings(
         "ppocr_cls",
         &format!("{layout}coalesce-max-bytes = 0\n{settings}"),
     );
     let d = TestDaemon::start(repo.path(), &[]);
-    (repo, d)
+    rt.block_on(run(&load(&d, phases.to_vec(), 32), |_, _| {}))
+        .unwrap()
 }
 
 fn load(d: &TestDaemon, phases: Vec<(f64, f64)>, concurrency: usize) -> Load {
@@ -74,6 +82,11 @@ fn main() {
             scenario(name, layout, secs, rounds, heavy);
         }
     }
+}
+
+/// The p99 of each run, in order.
+fn p99s(runs: &[Report]) -> Vec<f64> {
+    runs.iter().map(|r| r.latency_ms.p99).collect()
 }
 
 /// The median of the rounds' values.
@@ -118,16 +131,12 @@ fn scenario(layout_name: &str, layout: &str, secs: f64, rounds: usize, heavy_sha
         .build()
         .unwrap();
     // Capacity: the better of two work-conserving configurations, large batches (where
-    // batching pays) and small ones (where large batches cost more per row, as on a Xeon
-    // measured once: rows 32 gave 1 370 req/s where rows 4 gave about 2 300).
+    // batching pays) and small ones (where large batches cost more per row: on a Xeon
+    // measured once, rows 32 gave 1 370 req/s while in-process ONNX Runtime did 2 305
+    // items/s in batches of 4).
     let cap = ["max-batch-rows = 32\n", "max-batch-rows = 4\n"]
         .into_iter()
-        .map(|settings| {
-            let (_r, d) = daemon(layout, settings);
-            rt.block_on(run(&load(&d, Vec::new(), 32), |_, _| {}))
-                .unwrap()
-                .throughput_per_s
-        })
+        .map(|settings| measure(&rt, layout, settings, &[]).throughput_per_s)
         .fold(0.0, f64::max);
     let (light, heavy) = ((0.15 * cap).round(), (heavy_share * cap).round());
     let phases = vec![(light, secs), (heavy, secs), (light, secs)];
@@ -166,11 +175,7 @@ fn scenario(layout_name: &str, layout: &str, secs: f64, rounds: usize, heavy_sha
     for round in 0..rounds.max(1) {
         for k in 0..configs.len() {
             let i = (k + round) % configs.len();
-            let (_r, d) = daemon(layout, &configs[i].1);
-            let r = rt
-                .block_on(run(&load(&d, phases.clone(), 32), |_, _| {}))
-                .unwrap();
-            runs[i].push(r);
+            runs[i].push(measure(&rt, layout, &configs[i].1, &phases));
         }
     }
     let results: Vec<(String, Summary)> = configs
@@ -236,15 +241,11 @@ fn scenario(layout_name: &str, layout: &str, secs: f64, rounds: usize, heavy_sha
             pair.reverse();
         }
         for i in pair {
-            let (_r, d) = daemon(layout, &configs[i].1);
-            let r = rt
-                .block_on(run(&load(&d, phases.clone(), 32), |_, _| {}))
-                .unwrap();
-            runs[i].push(r);
+            runs[i].push(measure(&rt, layout, &configs[i].1, &phases));
         }
     }
     if paired > 0 {
-        let med = |i: usize| median(runs[i].iter().map(|r| r.latency_ms.p99).collect());
+        let med = |i: usize| median(p99s(&runs[i]));
         println!(
             "- with {paired} paired rounds added ({} in all): median p99 adaptive {:.2} ms, {} {:.2} ms",
             runs[n - 1].len(),
@@ -253,9 +254,8 @@ fn scenario(layout_name: &str, layout: &str, secs: f64, rounds: usize, heavy_sha
             med(best_i)
         );
     }
-    let p99s = |i: usize| -> Vec<f64> { runs[i].iter().map(|r| r.latency_ms.p99).collect() };
     let in_target = |r: &Report| r.phases.iter().all(|p| p.latency_ms.p99 <= TARGET_MS);
-    let (ap, sp) = (p99s(n - 1), p99s(best_i));
+    let (ap, sp) = (p99s(&runs[n - 1]), p99s(&runs[best_i]));
     let wins = ap.iter().zip(&sp).filter(|(a, s)| a <= s).count();
     let fmt = |v: &[f64]| {
         v.iter()

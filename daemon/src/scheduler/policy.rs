@@ -164,34 +164,26 @@ impl CostModel {
     /// per row, but on CPUs it is often flat or U-shaped (on one 16-core Xeon, PP-OCR's
     /// classifier ran 26 % more rows/s in batches of 4 than of 1, and 58 % more than of 32).
     pub fn best(&self, max: u32, limit: Option<Duration>, behind: bool) -> Option<u32> {
-        let sizes = self.table.range(..=max.max(1));
-        let fits = |t: &f64| limit.is_none_or(|l| *t <= l.as_secs_f64());
-        let pool: Vec<(u32, f64)> = if sizes.clone().any(|(_, t)| fits(t)) {
-            sizes
-                .filter(|(_, t)| fits(t))
-                .map(|(&b, &t)| (b, t))
-                .collect()
+        // Passes over the table without allocating: this runs at every scheduling decision.
+        let sizes = || self.table.range(..=max.max(1)).map(|(&b, &t)| (b, t));
+        let fits = |&(_, t): &(u32, f64)| limit.is_none_or(|l| t <= l.as_secs_f64());
+        let any_fits = sizes().any(|p| fits(&p));
+        let pool = || sizes().filter(move |p| !any_fits || fits(p));
+        let per_row = |&(b, t): &(u32, f64)| t / f64::from(b);
+        let low = pool().map(|p| per_row(&p)).fold(f64::INFINITY, f64::min);
+        let tolerance = if behind {
+            CHEAP_ENOUGH_BEHIND
         } else {
-            sizes.map(|(&b, &t)| (b, t)).collect()
+            CHEAP_ENOUGH
         };
-        let per_row = |(b, t): &(u32, f64)| t / f64::from(*b);
-        let low = pool.iter().map(per_row).fold(f64::INFINITY, f64::min);
         // The table iterates in ascending size.
-        let mut cheap = pool.iter().filter(|p| {
-            per_row(p)
-                <= low
-                    * if behind {
-                        CHEAP_ENOUGH_BEHIND
-                    } else {
-                        CHEAP_ENOUGH
-                    }
-        });
+        let mut cheap = pool().filter(|p| per_row(p) <= low * tolerance);
         if behind {
             cheap.next_back()
         } else {
             cheap.next()
         }
-        .map(|p| p.0)
+        .map(|(b, _)| b)
     }
 
     /// Whether a batch of `rows` has been measured.
