@@ -1,6 +1,7 @@
-//! Who is on the other end of a connection (SO_PEERCRED) and whether they may run admin
-//! operations. Identity is taken once, at accept, from the kernel; nothing a client sends can
-//! change it.
+//! Who is on the other end of a connection (SO_PEERCRED, SO_PEERGROUPS) and whether they may
+//! run admin operations. Identity is taken once, at accept, from the socket: what the kernel
+//! recorded when the peer connected. Nothing a client sends, and no later state of its pid,
+//! can change it.
 
 use tokio::net::UnixStream;
 
@@ -15,7 +16,9 @@ pub struct Peer {
 
 impl Peer {
     /// Reads the peer's credentials and decides admin rights: uid 0, the daemon's own uid, or
-    /// membership (primary or supplementary) in `admin_gid`.
+    /// membership (primary or supplementary) in `admin_gid`. Everything comes from the socket
+    /// — SO_PEERCRED and SO_PEERGROUPS, fixed when the peer connected — never from
+    /// /proc/PID, whose pid may belong to another process by the time the daemon accepts.
     pub fn identify(
         stream: &UnixStream,
         own_uid: u32,
@@ -23,9 +26,9 @@ impl Peer {
     ) -> std::io::Result<Peer> {
         let cred = stream.peer_cred()?;
         let (uid, gid, pid) = (cred.uid(), cred.gid(), cred.pid());
-        let in_group =
-            |g: u32| gid == g || pid.is_some_and(|p| supplementary_groups(p).contains(&g));
-        let admin = uid == 0 || uid == own_uid || admin_gid.is_some_and(in_group);
+        let admin = uid == 0
+            || uid == own_uid
+            || admin_gid.is_some_and(|g| gid == g || socket_groups(stream).contains(&g));
         Ok(Peer {
             uid,
             gid,
@@ -35,35 +38,32 @@ impl Peer {
     }
 }
 
-/// The supplementary groups of a live process (`Groups:` in /proc/PID/status); empty when the
-/// process is gone.
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return Vec::new();
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| {
-            g.split_whitespace()
-                .filter_map(|n| n.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
+/// The peer's supplementary groups as of its connect; none if the kernel cannot say (then only
+/// the primary group counts, which never grants more than the peer had).
+fn socket_groups(stream: &UnixStream) -> Vec<u32> {
+    use std::os::fd::AsFd;
+    rxd_shm::peer_groups(stream.as_fd()).unwrap_or_else(|e| {
+        tracing::warn!("cannot read the peer's groups (SO_PEERGROUPS): {e}");
+        Vec::new()
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn own_process_groups_are_read() {
-        let pid = std::process::id() as i32;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let line = status.lines().find(|l| l.starts_with("Groups:")).unwrap();
-        let expected = line.split_whitespace().count() - 1;
-        assert_eq!(supplementary_groups(pid).len(), expected);
-        assert!(supplementary_groups(i32::MAX).is_empty());
+    #[tokio::test]
+    async fn groups_are_read_from_the_socket() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut want: Vec<u32> = nix::unistd::getgroups()
+            .unwrap()
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
+        let mut got = socket_groups(&a);
+        want.sort_unstable();
+        got.sort_unstable();
+        assert_eq!(got, want);
     }
 
     #[tokio::test]

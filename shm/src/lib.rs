@@ -283,6 +283,45 @@ pub fn recv_with_fd(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Option<Ow
     Ok((n, first))
 }
 
+/// `SO_PEERGROUPS` (Linux ≥ 4.13); the same number on every architecture rxd builds for
+/// except mips and sparc, which it does not.
+#[cfg(not(any(target_arch = "mips", target_arch = "mips64", target_arch = "sparc64")))]
+const SO_PEERGROUPS: nix::libc::c_int = 59;
+
+/// The supplementary groups of a connected Unix socket's peer as they were when it connected
+/// (`SO_PEERGROUPS`): taken from the socket, so a peer that has exited, or whose pid now
+/// belongs to another process, cannot lend its groups to anyone.
+pub fn peer_groups(sock: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
+    let mut groups: Vec<nix::libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = nix::libc::socklen_t::try_from(groups.len() * size_of::<nix::libc::gid_t>())
+            .map_err(|_| io::Error::other("too many groups"))?;
+        // SAFETY: `groups` is a live, writable buffer of exactly `len` bytes; the kernel writes
+        // at most `len` bytes into it and stores the size it needs (or wrote) in `len`.
+        let rc = unsafe {
+            nix::libc::getsockopt(
+                sock.as_raw_fd(),
+                nix::libc::SOL_SOCKET,
+                SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let n = len as usize / size_of::<nix::libc::gid_t>();
+        if rc == 0 {
+            groups.truncate(n.min(groups.len()));
+            return Ok(groups);
+        }
+        let err = io::Error::last_os_error();
+        // ERANGE: the buffer was too small and `len` says how much is needed.
+        if err.raw_os_error() == Some(nix::libc::ERANGE) && n > groups.len() && n <= 1 << 16 {
+            groups.resize(n, 0);
+            continue;
+        }
+        return Err(err);
+    }
+}
+
 /// Convenience for fd-generic callers.
 pub fn raw(fd: &impl AsFd) -> RawFd {
     fd.as_fd().as_raw_fd()

@@ -1,0 +1,283 @@
+//! What every hostile-client test shares: a daemon other users can reach, connections made
+//! as another user, a well-behaved bystander client that keeps checking answers while an
+//! attack runs, and the daemon's fd count and resident memory before and after.
+// Shared by every attack module; not each one uses every helper.
+#![allow(dead_code)]
+
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rxd_client::{DType, Tensor};
+use rxd_e2e::*;
+
+/// The unprivileged user attacks run as (`nobody` on Debian).
+pub const NOBODY: u32 = 65534;
+
+/// Hostile tests measure latency bounds and memory: they run one at a time.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A daemon on `repo` whose socket any local user may connect to (mode 0666, directory
+/// searchable), as on a shared machine.
+pub fn shared_daemon(repo: &Path, config_toml: &str, extra: &[&str]) -> TestDaemon {
+    let mut args = vec!["--socket-mode", "0666"];
+    args.extend_from_slice(extra);
+    let d = TestDaemon::start_with(repo, &args, config_toml);
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
+/// A repository with the bundled digits model (and `extra` fetched models).
+pub fn repo_with(extra: &[&str]) -> Repo {
+    let repo = Repo::new();
+    repo.link("digits", 1, "digits");
+    for m in extra {
+        repo.link(m, 1, m);
+    }
+    // Writable by the daemon only; readable by all (the daemon may drop privileges).
+    std::fs::set_permissions(repo.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    repo
+}
+
+/// A socket connected to `socket` by a process running as `uid`/`gid` with supplementary
+/// `groups`; with `after_groups`, that process changes its groups once connected and stays
+/// alive (holding its pid) until the returned [`Connector`] is dropped.
+pub struct Connector {
+    child: Child,
+    /// Our end of the helper's stdin: it lives until this closes.
+    _line: UnixStream,
+    pub pid: u32,
+}
+
+impl Drop for Connector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn connect_as_with(
+    socket: &Path,
+    uid: u32,
+    gid: u32,
+    groups: &[u32],
+    after_groups: Option<&[u32]>,
+) -> (UnixStream, Connector) {
+    let list = |g: &[u32]| {
+        if g.is_empty() {
+            "-".to_string()
+        } else {
+            g.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+        }
+    };
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let mut cmd = Command::new(bin("rxd-connect-as"));
+    cmd.arg(uid.to_string())
+        .arg(gid.to_string())
+        .arg(list(groups))
+        .arg(socket);
+    if let Some(a) = after_groups {
+        cmd.arg(list(a));
+    }
+    let child = cmd
+        .stdin(Stdio::from(OwnedFd::from(theirs)))
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn rxd-connect-as");
+    let pid = child.id();
+    let mut buf = [0u8; 1];
+    ours.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let (_, fd) = rxd_shm::recv_with_fd(rxd_shm::raw(&ours), &mut buf).expect("connected fd");
+    let stream = UnixStream::from(fd.expect("rxd-connect-as sent no fd"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let conn = Connector {
+        child,
+        _line: ours,
+        pid,
+    };
+    (stream, conn)
+}
+
+/// A socket connected as `nobody` (no supplementary groups); the helper has exited.
+pub fn connect_as_nobody(socket: &Path) -> RawConn {
+    let (stream, conn) = connect_as_with(socket, NOBODY, NOBODY, &[], None);
+    drop(conn);
+    RawConn { stream }
+}
+
+/// The daemon's resident memory in bytes.
+pub fn rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// Open file descriptors of the daemon.
+pub fn fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// The daemon's state before an attack.
+pub struct Before {
+    pub fds: usize,
+    pub rss: u64,
+}
+
+pub fn before(d: &TestDaemon) -> Before {
+    Before {
+        fds: fds(d.pid()),
+        rss: rss(d.pid()),
+    }
+}
+
+/// One digits request with `rows` rows from the bundled test set, and its expected output
+/// from ONNX Runtime in-process.
+pub fn digits_case(rows: usize) -> (Tensor, Vec<Tensor>) {
+    let all = example_npy("digits_test_x.npy", "input");
+    let bytes = rxd_client::tensor::bytes(&all).unwrap()[..rows * 64 * 4].to_vec();
+    let input = Tensor::inline("input", DType::Float32, vec![rows as u64, 64], bytes);
+    let mut reference = Reference::new(&model_file("digits"));
+    let want = reference.run(std::slice::from_ref(&input));
+    (input, want)
+}
+
+/// What the bystander saw.
+#[derive(Debug, Default)]
+pub struct Seen {
+    pub ok: u64,
+    pub wrong: u64,
+    pub errors: Vec<String>,
+    pub max_latency: Duration,
+}
+
+/// A well-behaved client (the test's own uid) that sends digits requests one after another
+/// on fresh and kept connections while an attack runs, checking every answer.
+pub struct Bystander {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Seen>>,
+}
+
+impl Bystander {
+    pub fn start(socket: &Path) -> Bystander {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (input, want) = digits_case(4);
+        let socket: PathBuf = socket.to_path_buf();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen = Seen::default();
+            let mut kept: Option<rxd_client::blocking::Client> = None;
+            let mut n = 0u64;
+            while !flag.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                // Every fourth request on a fresh connection: accepting must keep working too.
+                if n.is_multiple_of(4) {
+                    kept = None;
+                }
+                let client = match kept.take() {
+                    Some(c) => Ok(c),
+                    None => rxd_client::blocking::Client::connect_with(
+                        &socket,
+                        rxd_client::ClientOptions::inline_only(),
+                    ),
+                };
+                let result = client.and_then(|c| {
+                    let out = c.infer("digits", vec![input.clone()]);
+                    kept = Some(c);
+                    out
+                });
+                let took = t.elapsed();
+                seen.max_latency = seen.max_latency.max(took);
+                match result {
+                    Ok(out) if out == want => seen.ok += 1,
+                    Ok(_) => seen.wrong += 1,
+                    Err(e) => seen.errors.push(e.to_string()),
+                }
+                n += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            seen
+        });
+        Bystander {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn stop(mut self) -> Seen {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Bystander {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The daemon survived the attack unharmed: still running, answering correctly, the bystander
+/// served every time within `latency`, fds back to what they were (give the daemon a moment to
+/// close what the attack opened), resident memory grown by at most `rss_slack`.
+pub fn assert_unharmed(
+    d: &mut TestDaemon,
+    before: &Before,
+    seen: &Seen,
+    latency: Duration,
+    rss_slack: u64,
+) {
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "the daemon died:\n{}",
+        d.log_text()
+    );
+    assert!(seen.ok > 0, "the bystander was never served: {seen:?}");
+    assert_eq!(seen.wrong, 0, "wrong answers: {seen:?}");
+    assert!(seen.errors.is_empty(), "bystander errors: {seen:?}");
+    assert!(
+        seen.max_latency <= latency,
+        "the bystander waited {:?} (bound {latency:?}): {seen:?}",
+        seen.max_latency
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = fds(d.pid());
+        if now <= before.fds {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon holds {now} fds, {} before the attack: {:?}",
+            before.fds,
+            d.fd_targets()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let grown = rss(d.pid()).saturating_sub(before.rss);
+    assert!(
+        grown <= rss_slack,
+        "resident memory grew by {} MiB (bound {} MiB)",
+        grown >> 20,
+        rss_slack >> 20
+    );
+    let (input, want) = digits_case(2);
+    let out = d.client_inline().infer("digits", vec![input]).unwrap();
+    assert_eq!(out, want);
+}
