@@ -1,0 +1,112 @@
+//! The handshake: the first frame must be a Hello; the answer is a Welcome (with the arena's
+//! memfd attached when one was asked for and granted) or a handshake error, then close.
+
+use rxd_protocol::frame;
+use rxd_protocol::{
+    ErrorCode, HandshakeError, HandshakeReply, Hello, PROTOCOL_VERSION, RequestFrame, Welcome,
+    WireError, limits,
+};
+use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio_util::sync::CancellationToken;
+
+use super::arena::{ArenaGrant, send_with_fd};
+use super::reader::{ReadError, read_frame};
+use crate::SharedRef;
+
+/// Runs the handshake. `Some(arena)` when the connection is established (with its arena, if
+/// one was granted; the fd has been passed and dropped here, the mapping stays); `None` when
+/// the connection is to close (refused, gone, shutting down).
+pub(super) async fn handshake<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    wr: &mut OwnedWriteHalf,
+    shared: &SharedRef,
+    shutdown: &CancellationToken,
+) -> Option<Option<ArenaGrant>> {
+    let hello = tokio::select! {
+        _ = shutdown.cancelled() => return None,
+        r = read_frame(rd, limits::MAX_HANDSHAKE_FRAME) => r,
+    };
+    let hello: Hello = match hello {
+        Ok(body) => match frame::decode(&body) {
+            Ok(h) => h,
+            Err(_) if frame::decode::<RequestFrame>(&body).is_ok() => {
+                let err = WireError::new(
+                    ErrorCode::HandshakeRequired,
+                    "the first frame must be a Hello (see PROTOCOL.md)",
+                );
+                return refuse(wr, err).await;
+            }
+            Err(e) => return refuse(wr, e.to_wire()).await,
+        },
+        Err(ReadError::Frame(e)) => return refuse(wr, e.to_wire()).await,
+        Err(_) => return None,
+    };
+    if hello.protocol != PROTOCOL_VERSION {
+        let err = WireError::new(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "protocol version {} is not supported (this daemon speaks {PROTOCOL_VERSION})",
+                hello.protocol
+            ),
+        );
+        return refuse(wr, err).await;
+    }
+    let arena = if hello.arena_bytes > 0 {
+        match ArenaGrant::new(shared, hello.arena_bytes) {
+            Ok(a) => Some(a),
+            Err(e) => return refuse(wr, e).await,
+        }
+    } else {
+        None
+    };
+    let welcome = HandshakeReply::Welcome(Welcome {
+        protocol: PROTOCOL_VERSION,
+        server: crate::SERVER_NAME.into(),
+        max_frame_bytes: shared.config.max_frame_bytes,
+        max_in_flight: shared.config.max_in_flight,
+        arena_bytes: arena.as_ref().map_or(0, |a| a.map.len() as u64),
+    });
+    let Ok(bytes) = frame::encode(&welcome) else {
+        return None;
+    };
+    let sent = match &arena {
+        // The one frame that carries an fd: the welcome, with the arena's memfd attached.
+        Some(ArenaGrant { fd: Some(fd), .. }) => match send_with_fd(wr, &bytes, fd).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!("cannot pass the arena fd: {e}");
+                return None;
+            }
+        },
+        _ => 0,
+    };
+    if wr.write_all(&bytes[sent..]).await.is_err() {
+        return None;
+    }
+    // The client has its own fd now; ours is no longer needed (the mapping stays).
+    let arena = arena.map(|mut a| {
+        a.fd = None;
+        a
+    });
+    tracing::debug!(
+        client = %hello.client,
+        arena = arena.as_ref().map_or(0, |a| a.map.len() as u64),
+        "handshake done"
+    );
+    Some(arena)
+}
+
+/// Answers a failed handshake with its error, then closes the write side.
+pub(super) async fn refuse<T>(wr: &mut OwnedWriteHalf, error: WireError) -> Option<T> {
+    tracing::debug!(code = error.code, "handshake refused: {}", error.message);
+    let reply = HandshakeReply::Error(HandshakeError {
+        error,
+        supported: vec![PROTOCOL_VERSION],
+    });
+    if let Ok(bytes) = frame::encode(&reply) {
+        let _ = wr.write_all(&bytes).await;
+    }
+    let _ = wr.shutdown().await;
+    None
+}
