@@ -31,7 +31,23 @@ pub struct FileConfig {
     pub io_threads: Option<u32>,
     pub admin_group: Option<String>,
     pub max_connections: Option<u32>,
+    /// Connections one non-admin user may hold at once. Default: a quarter of
+    /// `max-connections` (at least 1).
+    pub max_connections_per_uid: Option<u32>,
     pub max_in_flight: Option<u32>,
+    /// Answer bytes a connection may have waiting for its client to read them; beyond it the
+    /// socket is not read and further answers are replaced by `unread_answers` errors.
+    pub max_unsent_bytes: Option<ByteSize>,
+    /// Request bytes the daemon holds at once over all connections (frames being read, and
+    /// requests queued or running); a non-admin user may hold at most half.
+    pub request_memory_bytes: Option<ByteSize>,
+    /// A connection must complete its handshake within this.
+    pub handshake_timeout_secs: Option<u64>,
+    /// A frame whose first bytes arrived must arrive whole within this.
+    pub frame_timeout_secs: Option<u64>,
+    /// A connection with nothing in flight that sends nothing for this long is closed, and
+    /// so is one whose client takes none of its answers for this long. 0 = never.
+    pub idle_timeout_secs: Option<u64>,
     pub max_frame_bytes: Option<ByteSize>,
     pub max_arena_bytes: Option<ByteSize>,
     pub arena_total_bytes: Option<ByteSize>,
@@ -145,7 +161,14 @@ pub struct Config {
     pub admin_group: Option<String>,
     pub admin_gid: Option<u32>,
     pub max_connections: u32,
+    pub max_connections_per_uid: u32,
     pub max_in_flight: u32,
+    pub max_unsent_bytes: u64,
+    pub request_memory_bytes: u64,
+    pub handshake_timeout: Duration,
+    pub frame_timeout: Duration,
+    /// `None` = never.
+    pub idle_timeout: Option<Duration>,
     pub max_frame_bytes: u64,
     /// Largest shared-memory arena one connection may have (0 = arenas disabled).
     pub max_arena_bytes: u64,
@@ -186,7 +209,28 @@ impl Config {
         put("io-threads", self.io_threads.to_string());
         put("admin-group", self.admin_group.clone().unwrap_or_default());
         put("max-connections", self.max_connections.to_string());
+        put(
+            "max-connections-per-uid",
+            self.max_connections_per_uid.to_string(),
+        );
         put("max-in-flight", self.max_in_flight.to_string());
+        put("max-unsent-bytes", self.max_unsent_bytes.to_string());
+        put(
+            "request-memory-bytes",
+            self.request_memory_bytes.to_string(),
+        );
+        put(
+            "handshake-timeout-secs",
+            self.handshake_timeout.as_secs().to_string(),
+        );
+        put(
+            "frame-timeout-secs",
+            self.frame_timeout.as_secs().to_string(),
+        );
+        put(
+            "idle-timeout-secs",
+            self.idle_timeout.map_or(0, |d| d.as_secs()).to_string(),
+        );
         put("max-frame-bytes", self.max_frame_bytes.to_string());
         put("max-arena-bytes", self.max_arena_bytes.to_string());
         put("arena-total-bytes", self.arena_total_bytes.to_string());
@@ -469,6 +513,26 @@ pub fn resolve(
         65536,
     );
     let queue_capacity = positive("queue-capacity", file.queue_capacity, 1024, 1 << 20);
+    let max_connections_per_uid = positive(
+        "max-connections-per-uid",
+        file.max_connections_per_uid,
+        (max_connections / 4).max(1),
+        max_connections,
+    );
+    let mut seconds = |key: &str, v: Option<u64>, default: u64| match v {
+        None => Duration::from_secs(default),
+        Some(n) if (1..=86_400).contains(&n) => Duration::from_secs(n),
+        Some(n) => {
+            bad(key, format!("{n} is out of range 1..=86400"));
+            Duration::from_secs(default)
+        }
+    };
+    let handshake_timeout = seconds("handshake-timeout-secs", file.handshake_timeout_secs, 10);
+    let frame_timeout = seconds("frame-timeout-secs", file.frame_timeout_secs, 30);
+    let idle_timeout = match file.idle_timeout_secs {
+        Some(0) => None,
+        v => Some(seconds("idle-timeout-secs", v, 600)),
+    };
 
     let max_frame_bytes = match file.max_frame_bytes {
         None => limits::DEFAULT_MAX_FRAME,
@@ -481,6 +545,29 @@ pub fn resolve(
             limits::DEFAULT_MAX_FRAME
         }
     };
+
+    let max_unsent_bytes = file
+        .max_unsent_bytes
+        .map_or(limits::DEFAULT_MAX_UNSENT, |b| b.0);
+    if max_unsent_bytes < 65536 {
+        bad(
+            "max-unsent-bytes",
+            format!("{max_unsent_bytes} is less than 64KiB"),
+        );
+    }
+    let request_memory_bytes = file.request_memory_bytes.map_or(
+        limits::DEFAULT_REQUEST_MEMORY.max(2 * max_frame_bytes),
+        |b| b.0,
+    );
+    if request_memory_bytes < 2 * max_frame_bytes {
+        bad(
+            "request-memory-bytes",
+            format!(
+                "{request_memory_bytes} is less than twice max-frame-bytes ({max_frame_bytes}): \
+                 a user's half must hold one whole frame"
+            ),
+        );
+    }
 
     let max_arena_bytes = file
         .max_arena_bytes
@@ -645,7 +732,13 @@ pub fn resolve(
         admin_group,
         admin_gid,
         max_connections,
+        max_connections_per_uid,
         max_in_flight,
+        max_unsent_bytes,
+        request_memory_bytes,
+        handshake_timeout,
+        frame_timeout,
+        idle_timeout,
         max_frame_bytes,
         max_arena_bytes,
         arena_total_bytes,

@@ -68,7 +68,7 @@ pub async fn handle(
             other => Reply::ModelInfo(other?),
         },
         Request::Status => Reply::Status(status(shared)),
-        Request::Health => Reply::Health(health(shared)),
+        Request::Health => Reply::Health(health(shared, peer.admin)),
         Request::Load(r) => {
             rxd_protocol::check_name(&r.model)?;
             let s = shared.clone();
@@ -102,7 +102,21 @@ pub async fn handle(
         Request::Devices => Reply::Devices(DeviceList {
             devices: shared.registry.devices(),
         }),
-        Request::Metrics => Reply::Metrics(Box::new(metrics(shared))),
+        Request::Metrics => {
+            // Building the report costs real CPU (every model's distributions): one at a time,
+            // off the IO threads, so a flood of metrics requests costs at most one core and
+            // never delays another client's frames.
+            static ONE_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+            let _turn = ONE_AT_A_TIME
+                .acquire()
+                .await
+                .map_err(|e| RequestError::Internal(e.to_string()))?;
+            let s = shared.clone();
+            let report = tokio::task::spawn_blocking(move || metrics(&s))
+                .await
+                .map_err(|e| RequestError::Internal(e.to_string()))?;
+            Reply::Metrics(Box::new(report))
+        }
         Request::Compress(c) => {
             let s = shared.clone();
             let reply = tokio::task::spawn_blocking(move || crate::compression::compress(&s, &c))
@@ -318,8 +332,9 @@ pub fn status(shared: &SharedRef) -> Status {
 
 /// Health: unhealthy when a worker is stuck or no model version can serve; degraded when a
 /// model failed to load, a queue is nearly full, or the memory budget keeps a served version
-/// out; healthy otherwise. Every reason is named.
-pub fn health(shared: &SharedRef) -> Health {
+/// out; healthy otherwise. Every reason is named. The last error is shown in full to admins
+/// only (`admin`); others see its code and model.
+pub fn health(shared: &SharedRef, admin: bool) -> Health {
     let models = shared.registry.list();
     let ready = models
         .iter()
@@ -383,7 +398,7 @@ pub fn health(shared: &SharedRef) -> Health {
         ready: true,
         models_loaded: ready,
         uptime_ms: uptime_ms(shared),
-        last_error: shared.metrics.last_error(),
+        last_error: shared.metrics.last_error(admin),
         engine_running: true,
         models_servable: servable,
         workers: models.iter().map(|m| m.instances).sum(),

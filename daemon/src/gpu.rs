@@ -78,8 +78,14 @@ pub fn amdgpu(drm: &Path) -> Vec<GpuMetrics> {
         .collect()
 }
 
-/// Every GPU the daemon can see.
+/// Every GPU the daemon can see (sampled: NVML calls take milliseconds on some drivers).
 pub fn metrics() -> Vec<GpuMetrics> {
+    static SAMPLE: crate::metrics::Sampled<Vec<GpuMetrics>> =
+        crate::metrics::Sampled::new(crate::metrics::SAMPLE_PERIOD);
+    SAMPLE.get(metrics_now)
+}
+
+fn metrics_now() -> Vec<GpuMetrics> {
     let mut all = nvidia();
     all.extend(amdgpu(Path::new("/sys/class/drm")));
     all

@@ -9,6 +9,7 @@
 //! - [`connection`]: one client connection: handshake, framed reads/writes, pipelining.
 //! - [`dispatch`]: routes a decoded request to the registry or the status reports.
 //! - [`peer`]: who is on the other end (SO_PEERCRED) and whether they are an admin.
+//! - [`quota`]: what one user may hold: connections and request memory.
 //! - [`registry`]: the model repository on disk and the models loaded from it.
 //! - [`validate`]: checks a request's tensors against a model's signature.
 //! - [`runtime`]: ONNX Runtime — library loading, sessions, worker threads. Nothing outside
@@ -37,6 +38,7 @@ pub mod listener;
 pub mod metrics;
 pub mod notify;
 pub mod peer;
+pub mod quota;
 pub mod registry;
 pub mod runtime;
 pub mod scheduler;
@@ -56,6 +58,8 @@ pub struct Shared {
     pub config: config::Config,
     pub registry: registry::Registry,
     pub metrics: metrics::Metrics,
+    /// Per-user shares of connections and request memory.
+    pub quotas: Arc<quota::Quotas>,
     pub started: Instant,
     /// The uid the daemon runs as (admin by definition).
     pub own_uid: u32,
@@ -104,6 +108,7 @@ pub fn prepare(
     Ok(Arc::new(Shared {
         registry,
         metrics: metrics::Metrics::default(),
+        quotas: quota::Quotas::new(config.max_connections_per_uid, config.request_memory_bytes),
         started: Instant::now(),
         own_uid: nix::unistd::geteuid().as_raw(),
         reload_requested: tokio::sync::Notify::new(),

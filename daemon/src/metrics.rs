@@ -25,7 +25,7 @@ pub struct Metrics {
     pub arena_bytes: AtomicU64,
     /// Error answers by code.
     pub errors: ErrorCounts,
-    last_error: Mutex<Option<String>>,
+    last_error: Mutex<Option<LastError>>,
 }
 
 impl Metrics {
@@ -41,18 +41,42 @@ impl Metrics {
         c.load(Ordering::Relaxed)
     }
 
-    pub fn record_error(&self, code: u16, message: String) {
+    /// Counts a failed request and keeps it as the last error. `model` names the model the
+    /// request reached, if it reached one (never a name only the client typed).
+    pub fn record_error(&self, code: u16, message: String, model: Option<&str>) {
         Metrics::inc(&self.requests_failed);
         self.errors.add(code);
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(message);
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(LastError {
+            code,
+            model: model.map(str::to_string),
+            message,
+        });
     }
 
-    pub fn last_error(&self) -> Option<String> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    /// The last error, as `admin` may see it: the whole message for an admin; for anyone
+    /// else only its code and model — a message can carry another client's input names,
+    /// shapes or paths.
+    pub fn last_error(&self, admin: bool) -> Option<String> {
+        let last = self.last_error.lock().unwrap_or_else(|e| e.into_inner());
+        let e = last.as_ref()?;
+        if admin {
+            return Some(e.message.clone());
+        }
+        let code = rxd_protocol::ErrorCode::from_u16(e.code)
+            .map_or_else(|| format!("error {}", e.code), |c| c.to_string());
+        Some(match &e.model {
+            Some(m) => format!("{code} (model '{m}')"),
+            None => code,
+        })
     }
+}
+
+/// The last failed request.
+#[derive(Debug)]
+struct LastError {
+    code: u16,
+    model: Option<String>,
+    message: String,
 }
 
 /// The process's resident set size in bytes (`/proc/self/statm`), if readable.
@@ -125,21 +149,37 @@ const ROWS_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256
 /// The recent window: two histograms, each covering this long, reported together.
 const RECENT: Duration = Duration::from_secs(10);
 
-/// One distribution: cumulative (for Prometheus) and recent (for people), in integer units
-/// (µs for durations, rows for batch sizes), kept by hdrhistogram.
+/// One distribution: cumulative (for Prometheus: exact counts per bucket, count, sum) and recent
+/// (for people: percentiles over the last 10–20 s, kept by hdrhistogram at two significant
+/// figures), in integer units (µs for durations, rows for batch sizes).
+/// Recording is O(buckets) with no allocation; a report clones one small histogram (about
+/// 45 KB), so building metrics stays cheap while workers record under the same lock.
 struct Dist {
-    all: Histogram<u64>,
+    /// Bucket upper bounds in the report's units (`le`) and in recording units.
+    bounds: &'static [f64],
+    limits: Vec<u64>,
+    /// Observations ≤ each limit (not cumulative: one bucket per observation).
+    counts: Vec<u64>,
+    count: u64,
     recent: [Histogram<u64>; 2],
     rotated: Instant,
-    /// Exact sum of every observation (hdrhistogram's mean is approximate).
+    /// Exact sum of every observation.
     sum: u64,
 }
 
 impl Dist {
-    fn new() -> Dist {
-        let h = || Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+    /// `sum_scale` converts recording units to the bounds' units (1e-6: µs → seconds).
+    fn new(bounds: &'static [f64], sum_scale: f64) -> Dist {
+        let h = || Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid bounds");
+        let limits: Vec<u64> = bounds
+            .iter()
+            .map(|&le| (le / sum_scale).floor() as u64)
+            .collect();
         Dist {
-            all: h(),
+            bounds,
+            counts: vec![0; limits.len()],
+            limits,
+            count: 0,
             recent: [h(), h()],
             rotated: Instant::now(),
             sum: 0,
@@ -162,14 +202,17 @@ impl Dist {
     fn record(&mut self, v: u64, now: Instant) {
         self.rotate(now);
         let v = v.max(1);
-        self.all.saturating_record(v);
+        if let Some(i) = self.limits.iter().position(|&l| v <= l) {
+            self.counts[i] += 1;
+        }
+        self.count += 1;
         self.recent[1].saturating_record(v);
         self.sum = self.sum.saturating_add(v);
     }
 
     /// The report: `scale` converts units to the recent summary's (ms for µs: 1e-3) and
     /// `sum_scale` to the cumulative sum's and bucket bounds' (seconds for µs: 1e-6).
-    fn report(&mut self, bounds: &[f64], scale: f64, sum_scale: f64) -> Latency {
+    fn report(&mut self, scale: f64, sum_scale: f64) -> Latency {
         self.rotate(Instant::now());
         let mut recent = self.recent[0].clone();
         let _ = recent.add(&self.recent[1]);
@@ -186,21 +229,19 @@ impl Dist {
                 max: Some(recent.max() as f64 * scale),
             }
         };
-        let buckets = bounds
+        let mut below = 0;
+        let buckets = self
+            .bounds
             .iter()
-            .map(|&le| {
-                let limit = (le / sum_scale).floor() as u64;
-                let n = if limit == 0 {
-                    0
-                } else {
-                    self.all.count_between(0, limit)
-                };
-                (le, n)
+            .zip(&self.counts)
+            .map(|(&le, &n)| {
+                below += n;
+                (le, below)
             })
             .collect();
         Latency {
             recent: summary,
-            count: self.all.len(),
+            count: self.count,
             sum: self.sum as f64 * sum_scale,
             buckets,
         }
@@ -289,10 +330,10 @@ impl Default for ModelMetrics {
             evictions: AtomicU64::new(0),
             load_us: AtomicU64::new(0),
             dists: Mutex::new(Dists {
-                queue: Dist::new(),
-                compute: Dist::new(),
-                total: Dist::new(),
-                rows: Dist::new(),
+                queue: Dist::new(&SECONDS_BUCKETS, 1e-6),
+                compute: Dist::new(&SECONDS_BUCKETS, 1e-6),
+                total: Dist::new(&SECONDS_BUCKETS, 1e-6),
+                rows: Dist::new(&ROWS_BUCKETS, 1.0),
                 window: Window::new(),
             }),
         }
@@ -366,10 +407,10 @@ impl ModelMetrics {
     /// (queue, compute, total, batch rows, rates) as reported.
     pub fn report(&self) -> (Latency, Latency, Latency, Latency, Vec<Rate>) {
         let mut d = self.dists();
-        let queue = d.queue.report(&SECONDS_BUCKETS, 1e-3, 1e-6);
-        let compute = d.compute.report(&SECONDS_BUCKETS, 1e-3, 1e-6);
-        let total = d.total.report(&SECONDS_BUCKETS, 1e-3, 1e-6);
-        let rows = d.rows.report(&ROWS_BUCKETS, 1.0, 1.0);
+        let queue = d.queue.report(1e-3, 1e-6);
+        let compute = d.compute.report(1e-3, 1e-6);
+        let total = d.total.report(1e-3, 1e-6);
+        let rows = d.rows.report(1.0, 1.0);
         let rates = d.window.rates(Instant::now());
         (queue, compute, total, rows, rates)
     }
@@ -377,6 +418,43 @@ impl ModelMetrics {
 
 /// The daemon process: resident memory, CPU time, threads, open fds (from /proc).
 pub fn process() -> ProcessMetrics {
+    // Reading /proc costs tens of µs per call: a flood of metrics requests reads it at most
+    // once per period.
+    static SAMPLE: Sampled<ProcessMetrics> = Sampled::new(SAMPLE_PERIOD);
+    SAMPLE.get(process_now)
+}
+
+/// How stale process and GPU figures may be (they are sampled, not read per request).
+pub const SAMPLE_PERIOD: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A value read at most once per `every`; callers in between get the last reading.
+pub struct Sampled<T> {
+    every: std::time::Duration,
+    last: Mutex<Option<(std::time::Instant, T)>>,
+}
+
+impl<T: Clone> Sampled<T> {
+    pub const fn new(every: std::time::Duration) -> Sampled<T> {
+        Sampled {
+            every,
+            last: Mutex::new(None),
+        }
+    }
+
+    pub fn get(&self, read: impl FnOnce() -> T) -> T {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        match &*last {
+            Some((at, v)) if at.elapsed() < self.every => v.clone(),
+            _ => {
+                let v = read();
+                *last = Some((std::time::Instant::now(), v.clone()));
+                v
+            }
+        }
+    }
+}
+
+fn process_now() -> ProcessMetrics {
     let stat = std::fs::read_to_string("/proc/self/stat").ok();
     // Fields after the command name (which may contain spaces) start after the last ')'.
     let fields: Vec<&str> = stat

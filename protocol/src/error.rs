@@ -24,6 +24,9 @@ pub enum ErrorCode {
     HandshakeRequired = 103,
     /// A request id is 0 (reserved) or is already in flight on this connection.
     BadRequestId = 104,
+    /// A file descriptor came with a frame after the handshake (fds travel only with the
+    /// welcome). The descriptors are closed and the connection ends.
+    UnexpectedFd = 105,
 
     /// A request is well-formed but its contents are invalid (names, sizes, limits).
     InvalidRequest = 200,
@@ -61,6 +64,16 @@ pub enum ErrorCode {
     /// The model does not fit its device's memory budget, even after evicting every idle,
     /// unpinned model (the message names what is resident).
     OverBudget = 503,
+    /// The connection's answers not yet taken by the client exceed `max-unsent-bytes`: this
+    /// answer was dropped (the request ran). Read answers as they come; large outputs belong
+    /// in the arena.
+    UnreadAnswers = 504,
+    /// The peer's user already holds its share of the daemon's connections
+    /// (`max-connections-per-uid`); sent as a handshake error.
+    ConnectionLimit = 505,
+    /// The connection was closed for a timeout: no handshake in time, a frame not completed
+    /// in time, or idle with nothing in flight. Sent under id 0 (or as a handshake error).
+    ConnectionTimeout = 506,
 
     /// No shared-memory arena on this connection.
     ArenaUnavailable = 600,
@@ -79,12 +92,13 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 26] = [
+    pub const ALL: [ErrorCode; 30] = [
         ErrorCode::MalformedMessage,
         ErrorCode::FrameTooLarge,
         ErrorCode::UnsupportedVersion,
         ErrorCode::HandshakeRequired,
         ErrorCode::BadRequestId,
+        ErrorCode::UnexpectedFd,
         ErrorCode::InvalidRequest,
         ErrorCode::MissingInput,
         ErrorCode::UnknownInput,
@@ -101,6 +115,9 @@ impl ErrorCode {
         ErrorCode::DeadlineExceeded,
         ErrorCode::ShuttingDown,
         ErrorCode::OverBudget,
+        ErrorCode::UnreadAnswers,
+        ErrorCode::ConnectionLimit,
+        ErrorCode::ConnectionTimeout,
         ErrorCode::ArenaUnavailable,
         ErrorCode::ArenaOutOfRange,
         ErrorCode::ArenaMisaligned,
@@ -129,6 +146,7 @@ impl ErrorCode {
             ErrorCode::UnsupportedVersion => "unsupported_version",
             ErrorCode::HandshakeRequired => "handshake_required",
             ErrorCode::BadRequestId => "bad_request_id",
+            ErrorCode::UnexpectedFd => "unexpected_fd",
             ErrorCode::InvalidRequest => "invalid_request",
             ErrorCode::MissingInput => "missing_input",
             ErrorCode::UnknownInput => "unknown_input",
@@ -145,6 +163,9 @@ impl ErrorCode {
             ErrorCode::DeadlineExceeded => "deadline_exceeded",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::OverBudget => "over_budget",
+            ErrorCode::UnreadAnswers => "unread_answers",
+            ErrorCode::ConnectionLimit => "connection_limit",
+            ErrorCode::ConnectionTimeout => "connection_timeout",
             ErrorCode::ArenaUnavailable => "arena_unavailable",
             ErrorCode::ArenaOutOfRange => "arena_out_of_range",
             ErrorCode::ArenaMisaligned => "arena_misaligned",

@@ -21,3 +21,8 @@ pub const DEFAULT_MAX_IN_FLIGHT: u32 = 256;
 pub const DEFAULT_MAX_ARENA: u64 = 256 << 20;
 /// Default total of all connections' arenas.
 pub const DEFAULT_ARENA_TOTAL: u64 = 1 << 30;
+/// Default answer bytes a connection may have waiting for its client to read.
+pub const DEFAULT_MAX_UNSENT: u64 = 64 << 20;
+/// Default request bytes the daemon holds at once over all connections (at least twice the
+/// frame limit in force).
+pub const DEFAULT_REQUEST_MEMORY: u64 = 512 << 20;

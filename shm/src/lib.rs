@@ -322,6 +322,28 @@ pub fn peer_groups(sock: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
     }
 }
 
+/// Receives into `buf` with `recvmsg` where no fds are expected: any that came (or that the
+/// kernel had to discard for lack of room, `MSG_CTRUNC`) are closed, and the flag says so.
+/// Returns the bytes read and whether fds came.
+pub fn recv_closing_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+    let mut space = nix::cmsg_space!([RawFd; 8]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut had = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            for r in raw {
+                // SAFETY: the kernel just installed `r` in our fd table for this message
+                // (SCM_RIGHTS); nothing else owns it: wrapping it takes ownership once, and
+                // dropping it closes it.
+                drop(unsafe { OwnedFd::from_raw_fd(r) });
+                had = true;
+            }
+        }
+    }
+    Ok((msg.bytes, had))
+}
+
 /// Convenience for fd-generic callers.
 pub fn raw(fd: &impl AsFd) -> RawFd {
     fd.as_fd().as_raw_fd()

@@ -6,19 +6,19 @@ use rxd_protocol::{
     ErrorCode, HandshakeError, HandshakeReply, Hello, PROTOCOL_VERSION, RequestFrame, Welcome,
     WireError, limits,
 };
-use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio_util::sync::CancellationToken;
 
 use super::arena::{ArenaGrant, send_with_fd};
-use super::reader::{ReadError, read_frame};
+use super::reader::{FrameReader, ReadError, read_frame};
 use crate::SharedRef;
 
 /// Runs the handshake. `Some(arena)` when the connection is established (with its arena, if
 /// one was granted; the fd has been passed and dropped here, the mapping stays); `None` when
 /// the connection is to close (refused, gone, shutting down).
-pub(super) async fn handshake<R: AsyncRead + Unpin>(
-    rd: &mut R,
+pub(super) async fn handshake(
+    rd: &mut FrameReader,
     wr: &mut OwnedWriteHalf,
     shared: &SharedRef,
     shutdown: &CancellationToken,
@@ -40,6 +40,13 @@ pub(super) async fn handshake<R: AsyncRead + Unpin>(
             Err(e) => return refuse(wr, e.to_wire()).await,
         },
         Err(ReadError::Frame(e)) => return refuse(wr, e.to_wire()).await,
+        Err(ReadError::Fd) => {
+            let err = WireError::new(
+                ErrorCode::UnexpectedFd,
+                "file descriptors may be passed only with the welcome; they were closed",
+            );
+            return refuse(wr, err).await;
+        }
         Err(_) => return None,
     };
     if hello.protocol != PROTOCOL_VERSION {

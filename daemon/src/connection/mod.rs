@@ -1,16 +1,27 @@
 //! One client connection: the handshake, then framed requests read in order and answered as
 //! they complete (pipelining, out-of-order responses).
 //!
-//! Invariants: every request frame that was read completely gets exactly one response frame
-//! (a success, or an error under its id — id 0 when the frame is too broken to carry one);
-//! at most `max_in_flight` requests run at once per connection — beyond that the connection is
-//! simply not read (backpressure); on shutdown the connection stops reading, answers what it
-//! accepted, then closes. A peer that vanishes only ends its own connection.
+//! Invariants: every request frame that was read completely gets exactly one response frame:
+//! a success or an error under its id, or — for a frame that cannot be tied to a request in
+//! flight (undecodable without an id, id 0, an id already in flight, a second Hello) — an
+//! error under id 0, after which the connection goes on. Errors that leave the stream
+//! unusable (a bad frame length, an fd, a timeout) are answered under id 0, then the
+//! connection stops reading, answers what it accepted, and closes. At most
+//! `max-in-flight` requests per connection are accepted and not yet answered *on the socket*
+//! (a request's permit is released when its answer is written, not when it is queued), the
+//! client's unread answers stay within `max-unsent-bytes` ([`sink`]), and every request's bytes
+//! are held from the user's share of `request-memory-bytes` from its header until its answer
+//! ([`crate::quota`]); beyond any of these the connection is simply not read (backpressure).
+//! A connection that does not complete its handshake, or a frame, in time, or that sits idle
+//! with nothing in flight, is closed with a `connection_timeout` error. On shutdown the
+//! connection stops reading, answers what it accepted, then closes. A peer that vanishes only
+//! ends its own connection.
 //! Answers are written by whoever finishes the request: the request task for control requests,
 //! and the model worker thread itself for inferences (through [`Sink`], without a hop back
 //! through the async runtime). A frame is written whole before the next one starts.
-//! Boundary: decoding and dispatch only; shared-memory fds are passed at the handshake and
-//! nowhere else (PROTOCOL.md), so plain reads are safe after it.
+//! Boundary: decoding and dispatch only. Shared-memory fds are passed with the welcome and
+//! nowhere else (PROTOCOL.md); every read is a `recvmsg`, and an fd that arrives after the
+//! handshake is closed and ends the connection ([`reader`]).
 
 mod arena;
 mod handshake;
@@ -18,14 +29,13 @@ mod reader;
 mod sink;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rxd_protocol::frame;
-use rxd_protocol::{ErrorCode, Outcome, RequestFrame, WireError};
-use tokio::io::BufReader;
+use rxd_protocol::{ErrorCode, Hello, Outcome, RequestFrame, WireError};
 use tokio::net::UnixStream;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 use tracing::Instrument;
@@ -35,10 +45,11 @@ use crate::dispatch::{self, Handled, MakeCompletion};
 use crate::error::RequestError;
 use crate::metrics::Metrics;
 use crate::peer::Peer;
+use crate::quota::Held;
 use crate::runtime::{Completion, OutputTensor, RuntimeError};
 use arena::ArenaGrant;
-use reader::{ReadError, read_frame};
-use sink::{Sink, drain_sink, encode_response};
+use reader::{FrameReader, ReadError};
+use sink::{Sent, Sink, encode_response};
 
 /// What every request of one connection shares.
 struct Conn {
@@ -48,12 +59,17 @@ struct Conn {
     shared: SharedRef,
     sink: Sink,
     in_flight_ids: Mutex<HashSet<u64>>,
+    /// Control requests running at once ([`CONTROL_AT_ONCE`]).
+    control: Arc<Semaphore>,
 }
+
+/// Control requests one connection may have running at once.
+const CONTROL_AT_ONCE: usize = 4;
 
 impl Conn {
     /// Answers request `id`: frees the id first (the client may reuse it the moment it reads
-    /// the answer), then writes.
-    fn respond(&self, id: u64, outcome: Outcome) {
+    /// the answer), then writes; `permit` is released once the answer is on the socket.
+    fn respond(&self, id: u64, outcome: Outcome, permit: Option<OwnedSemaphorePermit>) {
         if id != 0 {
             self.in_flight_ids
                 .lock()
@@ -61,15 +77,46 @@ impl Conn {
                 .remove(&id);
             Metrics::dec(&self.shared.metrics.in_flight);
         }
-        self.sink.send(encode_response(id, outcome));
+        if let Sent::Dropped(bytes) = self.sink.send(id, encode_response(id, outcome), permit) {
+            tracing::debug!(
+                id,
+                bytes,
+                "answer dropped: the client leaves its answers unread"
+            );
+            self.shared.metrics.record_error(
+                ErrorCode::UnreadAnswers.as_u16(),
+                format!("answer to request {id} dropped: the client leaves its answers unread"),
+                None,
+            );
+        }
     }
 
-    fn fail(&self, id: u64, e: &RequestError) {
+    /// Answers `id` with an error. `model` names the model the request reached, if any.
+    fn fail(
+        &self,
+        id: u64,
+        e: &RequestError,
+        model: Option<&str>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
         tracing::debug!(id, code = e.code().as_u16(), "{e}");
         self.shared
             .metrics
-            .record_error(e.code().as_u16(), e.to_string());
-        self.respond(id, Outcome::Err(e.to_wire()));
+            .record_error(e.code().as_u16(), e.to_string(), model);
+        self.respond(id, Outcome::Err(e.to_wire()), permit);
+    }
+
+    /// Answers a frame that cannot be tied to a request in flight, under id 0.
+    fn refuse(&self, err: WireError, permit: OwnedSemaphorePermit) {
+        tracing::debug!(code = err.code, "{}", err.message);
+        self.shared
+            .metrics
+            .record_error(err.code, err.message.clone(), None);
+        self.respond(0, Outcome::Err(err), Some(permit));
+    }
+
+    fn ids(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+        self.in_flight_ids.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -81,13 +128,14 @@ struct InferCompletion {
     version: u64,
     metrics: Arc<crate::metrics::ModelMetrics>,
     answered: bool,
-    _permit: Option<OwnedSemaphorePermit>,
+    permit: Option<OwnedSemaphorePermit>,
+    _held: Option<Held>,
     _token: TaskTrackerToken,
 }
 
 impl Completion for InferCompletion {
     fn is_abandoned(&self) -> bool {
-        self.conn.sink.broken.load(Ordering::Relaxed)
+        self.conn.sink.is_broken()
     }
 
     fn complete(mut self: Box<Self>, result: Result<Vec<OutputTensor>, RuntimeError>) {
@@ -98,10 +146,12 @@ impl Completion for InferCompletion {
             Err(RuntimeError::QueueFull { .. }) => Some(ErrorCode::Busy.as_u16()),
             Err(e) => Some(RequestError::from(e.clone()).code().as_u16()),
         });
+        let permit = self.permit.take();
         match result {
             Ok(outputs) => self.conn.respond(
                 self.id,
                 Outcome::Ok(dispatch::infer_reply(&self.model, self.version, outputs)),
+                permit,
             ),
             Err(e) => {
                 let e = match e {
@@ -113,7 +163,7 @@ impl Completion for InferCompletion {
                     }
                     other => RequestError::from(other),
                 };
-                self.conn.fail(self.id, &e)
+                self.conn.fail(self.id, &e, Some(&self.model), permit)
             }
         }
     }
@@ -123,9 +173,12 @@ impl Drop for InferCompletion {
     /// A job dropped without completing still gets its one answer.
     fn drop(&mut self) {
         if !self.answered {
+            let permit = self.permit.take();
             self.conn.fail(
                 self.id,
                 &RequestError::Internal("the request was dropped unanswered".into()),
+                Some(&self.model),
+                permit,
             );
         }
     }
@@ -136,6 +189,7 @@ struct Maker {
     conn: Arc<Conn>,
     id: u64,
     permit: Option<OwnedSemaphorePermit>,
+    held: Option<Held>,
     token: TaskTrackerToken,
 }
 
@@ -148,133 +202,125 @@ impl MakeCompletion for Maker {
             version: model.version,
             metrics: model.metrics.clone(),
             answered: false,
-            _permit: self.permit,
+            permit: self.permit,
+            _held: self.held,
             _token: self.token,
         })
     }
 }
 
-/// Serves one connection until the peer closes it or the daemon shuts down.
+/// Serves one connection until the peer closes it or the daemon shuts down. A user over its
+/// share of connections is refused with `connection_limit` before the handshake.
 pub async fn run(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: CancellationToken) {
     let span = tracing::info_span!("conn", uid = peer.uid, pid = peer.pid.unwrap_or(0));
-    serve(stream, shared, peer, shutdown).instrument(span).await;
+    async move {
+        let slot = match shared.quotas.connect(peer.uid, peer.admin) {
+            Ok(slot) => slot,
+            Err((held, limit)) => {
+                let err = WireError::new(
+                    ErrorCode::ConnectionLimit,
+                    format!(
+                        "uid {} already has {held} connections, the most one user may have \
+                         (max-connections-per-uid = {limit}); close some, or ask an admin to \
+                         raise the limit",
+                        peer.uid
+                    ),
+                );
+                tracing::debug!("{}", err.message);
+                shared
+                    .metrics
+                    .record_error(err.code, err.message.clone(), None);
+                let (_, mut wr) = stream.into_split();
+                let refusal = handshake::refuse::<()>(&mut wr, err);
+                let _ = tokio::time::timeout(Duration::from_secs(1), refusal).await;
+                return;
+            }
+        };
+        serve(stream, shared, peer, shutdown).await;
+        drop(slot);
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Why the read loop stopped.
+enum Stop {
+    /// Peer gone, end of stream, or shutdown: nothing to say.
+    Quietly,
+    /// A protocol violation or timeout: answered under id 0 before closing.
+    Answer(WireError),
+}
+
+impl From<ReadError> for Stop {
+    fn from(e: ReadError) -> Stop {
+        match e {
+            ReadError::Eof => Stop::Quietly,
+            ReadError::Io(e) => {
+                tracing::debug!("read failed: {e}");
+                Stop::Quietly
+            }
+            // The stream cannot be resynchronised.
+            ReadError::Frame(e) => Stop::Answer(e.to_wire()),
+            ReadError::Fd => Stop::Answer(WireError::new(
+                ErrorCode::UnexpectedFd,
+                "file descriptors may be passed only with the welcome (PROTOCOL.md); they \
+                 were closed",
+            )),
+        }
+    }
+}
+
+fn frame_timeout(len: usize, limit: Duration) -> Stop {
+    Stop::Answer(WireError::new(
+        ErrorCode::ConnectionTimeout,
+        format!("a frame of {len} bytes did not arrive whole within {limit:?}"),
+    ))
 }
 
 async fn serve(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: CancellationToken) {
+    let cfg = &shared.config;
     let (rd, mut wr) = stream.into_split();
-    let mut rd = BufReader::with_capacity(64 * 1024, rd);
+    let mut rd = FrameReader::new(rd);
 
-    let Some(arena) = handshake::handshake(&mut rd, &mut wr, &shared, &shutdown).await else {
-        return;
+    let handshake = handshake::handshake(&mut rd, &mut wr, &shared, &shutdown);
+    let arena = match tokio::time::timeout(cfg.handshake_timeout, handshake).await {
+        Ok(Some(arena)) => arena,
+        Ok(None) => return,
+        Err(_) => {
+            let err = WireError::new(
+                ErrorCode::ConnectionTimeout,
+                format!("no handshake within {:?}", cfg.handshake_timeout),
+            );
+            let _ = handshake::refuse::<()>(&mut wr, err).await;
+            return;
+        }
     };
-    let max_in_flight = shared.config.max_in_flight;
-
+    let max_in_flight = cfg.max_in_flight as usize;
     let conn = Arc::new(Conn {
         arena,
         shared: shared.clone(),
-        sink: Sink {
-            wr,
-            state: Mutex::default(),
-            wake: Notify::new(),
-            broken: AtomicBool::new(false),
-        },
+        sink: Sink::new(wr, cfg.max_unsent_bytes),
         in_flight_ids: Mutex::default(),
+        control: Arc::new(Semaphore::new(CONTROL_AT_ONCE)),
     });
-    let drainer = tokio::spawn(drain_conn(conn.clone()));
-    let permits = Arc::new(Semaphore::new(max_in_flight as usize));
+    let drainer = tokio::spawn({
+        let (conn, stall) = (conn.clone(), cfg.idle_timeout);
+        async move { conn.sink.drain(stall).await }
+    });
+    let permits = Arc::new(Semaphore::new(max_in_flight));
     let tasks = TaskTracker::new();
 
-    loop {
-        let permit = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-        };
-        let body = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            r = read_frame(&mut rd, shared.config.max_frame_bytes) => r,
-        };
-        let body = match body {
-            Ok(b) => b,
-            Err(ReadError::Eof) => break,
-            Err(ReadError::Io(e)) => {
-                tracing::debug!("read failed: {e}");
-                break;
-            }
-            Err(ReadError::Frame(e)) => {
-                // The stream cannot be resynchronised: answer, then close.
-                let w = e.to_wire();
-                shared.metrics.record_error(w.code, e.to_string());
-                conn.respond(0, Outcome::Err(w));
-                break;
-            }
-        };
-        Metrics::inc(&shared.metrics.requests_total);
-        let request: RequestFrame = match frame::decode(&body) {
-            Ok(r) => r,
-            Err(e) => {
-                let id = frame::salvage_id(&body).unwrap_or(0);
-                let fresh = id != 0 && conn.in_flight_ids.lock().expect("ids").insert(id);
-                if fresh {
-                    Metrics::inc(&shared.metrics.in_flight);
-                }
-                let w = e.to_wire();
-                shared.metrics.record_error(w.code, e.to_string());
-                conn.respond(if fresh { id } else { 0 }, Outcome::Err(w));
-                continue;
-            }
-        };
-        drop(body);
-        let id = request.id;
-        let fresh = id != 0 && conn.in_flight_ids.lock().expect("ids").insert(id);
-        if !fresh {
-            let err = WireError::new(
-                ErrorCode::BadRequestId,
-                format!("request id {id} is 0 or already in flight on this connection"),
-            );
-            shared.metrics.record_error(err.code, err.message.clone());
-            // Not registered as in flight: answer without touching the id set.
-            conn.sink.send(encode_response(id, Outcome::Err(err)));
-            continue;
-        }
-        Metrics::inc(&shared.metrics.in_flight);
-        let maker = Maker {
-            conn: conn.clone(),
-            id,
-            permit: Some(permit),
-            token: tasks.token(),
-        };
-        if let rxd_protocol::Request::Infer(infer) = request.body {
-            // The hot path: validate and queue right here; the worker answers.
-            let map = conn.arena.as_ref().map(|a| &a.map);
-            match dispatch::infer(&shared, infer, map, maker) {
-                Ok(dispatch::Queued::Done) => {}
-                Ok(dispatch::Queued::Cold(cold)) => {
-                    // The model is loading: wait for it off the read loop.
-                    let (shared, conn, map) = (shared.clone(), conn.clone(), map.cloned());
-                    tasks.spawn(async move {
-                        if let Err(e) = cold.run(shared, map).await {
-                            conn.fail(id, &e);
-                        }
-                    });
-                }
-                Err(e) => conn.fail(id, &e),
-            }
-            continue;
-        }
-        let (shared, peer, conn) = (shared.clone(), peer.clone(), conn.clone());
-        let span = tracing::debug_span!("req", id, op = request.body.op());
-        tasks.spawn(
-            async move {
-                match dispatch::handle(&shared, &peer, request.body, maker).await {
-                    Ok(Handled::Reply(reply)) => conn.respond(id, Outcome::Ok(reply)),
-                    Ok(Handled::Deferred) => {}
-                    Err(e) => conn.fail(id, &e),
-                }
-            }
-            .instrument(span),
-        );
+    let stop = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => Stop::Quietly,
+        stop = read_loop(&mut rd, &conn, &peer, &permits, &tasks) => stop,
+    };
+    if let Stop::Answer(err) = stop {
+        tracing::debug!(code = err.code, "closing the connection: {}", err.message);
+        shared
+            .metrics
+            .record_error(err.code, err.message.clone(), None);
+        conn.respond(0, Outcome::Err(err), None);
     }
 
     // Answer everything accepted, then let the writer drain and close.
@@ -284,8 +330,170 @@ async fn serve(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: Canc
     let _ = drainer.await;
 }
 
-async fn drain_conn(conn: Arc<Conn>) {
-    // Borrowing the sink through the connection keeps one Arc for both.
-    let sink: &Sink = &conn.sink;
-    drain_sink(sink).await;
+/// Reads, checks and dispatches requests until the peer stops or breaks the protocol.
+async fn read_loop(
+    rd: &mut FrameReader,
+    conn: &Arc<Conn>,
+    peer: &Peer,
+    permits: &Arc<Semaphore>,
+    tasks: &TaskTracker,
+) -> Stop {
+    let shared = &conn.shared;
+    let cfg = &shared.config;
+    let max_unsent = usize::try_from(cfg.max_unsent_bytes).unwrap_or(usize::MAX);
+    loop {
+        // Backpressure: a free request slot, and a client that reads its answers.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return Stop::Quietly;
+        };
+        conn.sink.wait_unsent_at_most(max_unsent).await;
+        if conn.sink.is_broken() {
+            return Stop::Quietly;
+        }
+        // The next frame's first byte; an idle connection with nothing in flight closes.
+        if let Err(stop) = next_byte(rd, conn, permits, cfg.idle_timeout).await {
+            return stop;
+        }
+        let started = Instant::now();
+        let len =
+            match tokio::time::timeout(cfg.frame_timeout, rd.header(cfg.max_frame_bytes)).await {
+                Ok(Ok(len)) => len,
+                Ok(Err(e)) => return e.into(),
+                Err(_) => return frame_timeout(0, cfg.frame_timeout),
+            };
+        // The request's bytes come out of the user's share of request memory before they are
+        // read; waiting for it stops the frame's clock.
+        let held = match shared.quotas.try_hold(peer.uid, peer.admin, len as u64) {
+            Some(h) => h,
+            None => shared.quotas.hold(peer.uid, peer.admin, len as u64).await,
+        };
+        let deadline = Instant::now() + cfg.frame_timeout.saturating_sub(started.elapsed());
+        let body = match tokio::time::timeout_at(deadline.into(), rd.body(len)).await {
+            Ok(Ok(body)) => body,
+            Ok(Err(e)) => return e.into(),
+            Err(_) => return frame_timeout(len, cfg.frame_timeout),
+        };
+        Metrics::inc(&shared.metrics.requests_total);
+        let request: RequestFrame = match frame::decode(&body) {
+            Ok(r) => r,
+            Err(_) if frame::decode::<Hello>(&body).is_ok() => {
+                conn.refuse(
+                    WireError::new(
+                        ErrorCode::HandshakeRequired,
+                        "a second Hello: the handshake is done once, first (PROTOCOL.md)",
+                    ),
+                    permit,
+                );
+                continue;
+            }
+            Err(e) => {
+                // Answered under the request's id if it can be read and is not in flight,
+                // else under id 0 (never a second answer to a request in flight).
+                let w = e.to_wire();
+                let id = frame::salvage_id(&body).unwrap_or(0);
+                if id == 0 || !conn.ids().insert(id) {
+                    conn.refuse(w, permit);
+                    continue;
+                }
+                Metrics::inc(&shared.metrics.in_flight);
+                shared.metrics.record_error(w.code, e.to_string(), None);
+                conn.respond(id, Outcome::Err(w), Some(permit));
+                continue;
+            }
+        };
+        drop(body);
+        let id = request.id;
+        if id == 0 || !conn.ids().insert(id) {
+            // Answered under id 0: under its id it would give the request in flight a second
+            // answer.
+            conn.refuse(
+                WireError::new(
+                    ErrorCode::BadRequestId,
+                    format!("request id {id} is 0 or already in flight on this connection"),
+                ),
+                permit,
+            );
+            continue;
+        }
+        Metrics::inc(&shared.metrics.in_flight);
+        if let rxd_protocol::Request::Infer(infer) = request.body {
+            let maker = Maker {
+                conn: conn.clone(),
+                id,
+                permit: Some(permit),
+                held: Some(held),
+                token: tasks.token(),
+            };
+            // The hot path: validate and queue right here; the worker answers.
+            let map = conn.arena.as_ref().map(|a| &a.map);
+            match dispatch::infer(shared, infer, map, maker) {
+                Ok(dispatch::Queued::Done) => {}
+                Ok(dispatch::Queued::Cold(cold)) => {
+                    // The model is loading: wait for it off the read loop.
+                    let (shared, conn, map) = (shared.clone(), conn.clone(), map.cloned());
+                    tasks.spawn(async move {
+                        if let Err(e) = cold.run(shared, map).await {
+                            conn.fail(id, &e, None, None);
+                        }
+                    });
+                }
+                Err(e) => conn.fail(id, &e, None, None),
+            }
+            continue;
+        }
+        // Control requests answer from a task of their own, a few at a time per connection:
+        // they run on the IO threads, so one connection's flood of them must not fill those
+        // threads' queues. The maker (for an infer sent through `handle`) gets no permit: the
+        // task keeps it until its answer is written.
+        let Ok(control) = conn.control.clone().acquire_owned().await else {
+            return Stop::Quietly;
+        };
+        let maker = Maker {
+            conn: conn.clone(),
+            id,
+            permit: None,
+            held: None,
+            token: tasks.token(),
+        };
+        let (shared, peer, conn) = (shared.clone(), peer.clone(), conn.clone());
+        let span = tracing::debug_span!("req", id, op = request.body.op());
+        tasks.spawn(
+            async move {
+                let _held = (held, control);
+                match dispatch::handle(&shared, &peer, request.body, maker).await {
+                    Ok(Handled::Reply(reply)) => conn.respond(id, Outcome::Ok(reply), Some(permit)),
+                    Ok(Handled::Deferred) => {}
+                    Err(e) => conn.fail(id, &e, None, Some(permit)),
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Waits for the first byte of the next frame. With an idle timeout, a connection that has
+/// nothing in flight (only the loop's own permit taken, no answer unsent) and receives nothing
+/// for that long is stopped with `connection_timeout`.
+async fn next_byte(
+    rd: &mut FrameReader,
+    conn: &Conn,
+    permits: &Semaphore,
+    idle: Option<Duration>,
+) -> Result<(), Stop> {
+    let Some(idle) = idle else {
+        return rd.fill().await.map_err(Stop::from);
+    };
+    let all = conn.shared.config.max_in_flight as usize;
+    loop {
+        match tokio::time::timeout(idle, rd.fill()).await {
+            Ok(r) => return r.map_err(Stop::from),
+            Err(_) if permits.available_permits() + 1 >= all && conn.sink.unsent() == 0 => {
+                return Err(Stop::Answer(WireError::new(
+                    ErrorCode::ConnectionTimeout,
+                    format!("idle for {idle:?} with nothing in flight"),
+                )));
+            }
+            Err(_) => {}
+        }
+    }
 }

@@ -1,31 +1,141 @@
 //! Reading frames from the connection's socket.
+//!
+//! Every read is a `recvmsg`, so that a file descriptor sent with any byte is seen: a plain
+//! `read` stops at a message that carries fds (and tokio then waits for readiness that never
+//! comes, stalling the connection), and would silently drop them. Fds travel only with the
+//! welcome (PROTOCOL.md); any that arrives here is closed at once and reported as
+//! [`ReadError::Fd`]. What a header claims is reserved from the user's request-memory quota
+//! before the body is read (the caller does it), and a body's pages are committed only as its
+//! bytes arrive.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 
 use rxd_protocol::frame::{self, FrameError, HEADER_LEN};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::Interest;
+use tokio::net::unix::OwnedReadHalf;
 
 /// Why reading a frame stopped.
+#[derive(Debug)]
 pub(super) enum ReadError {
     /// Clean end of stream at a frame boundary.
     Eof,
     Frame(FrameError),
-    Io(std::io::Error),
+    /// File descriptors arrived (now closed).
+    Fd,
+    Io(io::Error),
 }
 
-pub(super) async fn read_frame<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    max: u64,
-) -> Result<Vec<u8>, ReadError> {
-    let mut header = [0u8; HEADER_LEN];
-    // Distinguish a clean close (no byte of a new frame) from a truncated frame.
-    let n = rd.read(&mut header).await.map_err(ReadError::Io)?;
-    if n == 0 {
-        return Err(ReadError::Eof);
+/// Bytes read ahead of the current frame.
+const STAGING: usize = 64 * 1024;
+
+/// Frames from one socket: a staging buffer for small reads, bodies read into their own
+/// vectors.
+pub(super) struct FrameReader {
+    rd: OwnedReadHalf,
+    staging: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl FrameReader {
+    pub(super) fn new(rd: OwnedReadHalf) -> FrameReader {
+        FrameReader {
+            rd,
+            staging: vec![0; STAGING].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
     }
-    rd.read_exact(&mut header[n..])
-        .await
-        .map_err(ReadError::Io)?;
-    let len = frame::body_len(header, max).map_err(ReadError::Frame)?;
-    let mut body = vec![0u8; len];
-    rd.read_exact(&mut body).await.map_err(ReadError::Io)?;
-    Ok(body)
+
+    /// Bytes received but not yet consumed.
+    pub(super) fn buffered(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// One `recvmsg` into `buf`, waiting for readiness; 0 = end of stream.
+    async fn recv(rd: &OwnedReadHalf, buf: &mut [u8]) -> Result<usize, ReadError> {
+        let stream: &tokio::net::UnixStream = rd.as_ref();
+        let fd = stream.as_raw_fd();
+        loop {
+            stream.readable().await.map_err(ReadError::Io)?;
+            match stream.try_io(Interest::READABLE, || recv_no_fds(fd, buf)) {
+                Ok(Ok(n)) => return Ok(n),
+                Ok(Err(())) => return Err(ReadError::Fd),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ReadError::Io(e)),
+            }
+        }
+    }
+
+    /// Waits until at least one byte is buffered; `Eof` if the stream ended first.
+    pub(super) async fn fill(&mut self) -> Result<(), ReadError> {
+        if self.buffered() > 0 {
+            return Ok(());
+        }
+        self.start = 0;
+        self.end = 0;
+        let n = Self::recv(&self.rd, &mut self.staging).await?;
+        if n == 0 {
+            return Err(ReadError::Eof);
+        }
+        self.end = n;
+        Ok(())
+    }
+
+    /// The next header's body length, checked against `max`. `Eof` only at a frame boundary.
+    pub(super) async fn header(&mut self, max: u64) -> Result<usize, ReadError> {
+        self.fill().await?;
+        let mut header = [0u8; HEADER_LEN];
+        let mut got = 0;
+        while got < HEADER_LEN {
+            if self.buffered() == 0 {
+                self.start = 0;
+                self.end = 0;
+                let n = Self::recv(&self.rd, &mut self.staging).await?;
+                if n == 0 {
+                    return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into()));
+                }
+                self.end = n;
+            }
+            let take = (HEADER_LEN - got).min(self.buffered());
+            header[got..got + take].copy_from_slice(&self.staging[self.start..self.start + take]);
+            self.start += take;
+            got += take;
+        }
+        frame::body_len(header, max).map_err(ReadError::Frame)
+    }
+
+    /// A body of `len` bytes (the length was reserved from the request-memory quota before
+    /// this is called). A large zeroed vector is fresh anonymous memory: its pages are
+    /// committed only as the peer's bytes land in them.
+    pub(super) async fn body(&mut self, len: usize) -> Result<Vec<u8>, ReadError> {
+        let mut body = vec![0u8; len];
+        let have = self.buffered().min(len);
+        body[..have].copy_from_slice(&self.staging[self.start..self.start + have]);
+        self.start += have;
+        let mut filled = have;
+        while filled < len {
+            let n = Self::recv(&self.rd, &mut body[filled..]).await?;
+            if n == 0 {
+                return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into()));
+            }
+            filled += n;
+        }
+        Ok(body)
+    }
+}
+
+/// `recvmsg` into `buf`. `Err(())` when file descriptors came with the bytes: the kernel put
+/// them in our fd table and [`rxd_shm::recv_closing_fds`] has closed them already.
+fn recv_no_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<Result<usize, ()>> {
+    let (n, had_fds) = rxd_shm::recv_closing_fds(fd, buf)?;
+    Ok(if had_fds { Err(()) } else { Ok(n) })
+}
+
+/// The handshake's reader: a whole frame of at most `max` bytes.
+pub(super) async fn read_frame(rd: &mut FrameReader, max: u64) -> Result<Vec<u8>, ReadError> {
+    let len = rd.header(max).await?;
+    rd.body(len).await
 }

@@ -281,3 +281,55 @@ pub fn assert_unharmed(
     let out = d.client_inline().infer("digits", vec![input]).unwrap();
     assert_eq!(out, want);
 }
+
+/// Resets the daemon's peak resident memory (`VmHWM`), so that [`peak_rss`] measures from now.
+pub fn reset_peak(pid: i32) {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+}
+
+/// The daemon's peak resident memory since [`reset_peak`].
+pub fn peak_rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// A frame holding `msg`.
+pub fn frame_of<T: serde::Serialize>(msg: &T) -> Vec<u8> {
+    rxd_protocol::frame::encode(msg).unwrap()
+}
+
+/// Reads every response until the daemon closes the connection (or `limit` passes). A
+/// handshake error counts as an error response under id 0.
+pub fn read_all(conn: &mut RawConn, limit: Duration) -> Vec<rxd_protocol::ResponseFrame> {
+    use rxd_protocol::{HandshakeReply, Outcome, ResponseFrame, frame};
+    conn.stream.set_read_timeout(Some(limit)).unwrap();
+    let mut out = Vec::new();
+    while let Ok(body) = conn.read_body() {
+        let r = match frame::decode::<ResponseFrame>(&body) {
+            Ok(r) => r,
+            Err(_) => match frame::decode::<HandshakeReply>(&body).unwrap() {
+                HandshakeReply::Error(e) => ResponseFrame {
+                    id: 0,
+                    outcome: Outcome::Err(e.error),
+                },
+                HandshakeReply::Welcome(w) => panic!("a second welcome: {w:?}"),
+            },
+        };
+        out.push(r);
+    }
+    out
+}
+
+/// The code of an error outcome (panics on success).
+pub fn err_code(o: &rxd_protocol::Outcome) -> Option<rxd_protocol::ErrorCode> {
+    match o {
+        rxd_protocol::Outcome::Err(e) => e.kind(),
+        rxd_protocol::Outcome::Ok(r) => panic!("expected an error, got {r:?}"),
+    }
+}
