@@ -279,7 +279,25 @@ pub fn reload(shared: &SharedRef) -> Result<Vec<rxd_protocol::ModelSummary>, Str
                 "max-connections",
                 old.max_connections != new.max_connections,
             ),
+            (
+                "max-connections-per-uid",
+                old.max_connections_per_uid != new.max_connections_per_uid,
+            ),
             ("max-in-flight", old.max_in_flight != new.max_in_flight),
+            (
+                "max-unsent-bytes",
+                old.max_unsent_bytes != new.max_unsent_bytes,
+            ),
+            (
+                "request-memory-bytes",
+                old.request_memory_bytes != new.request_memory_bytes,
+            ),
+            (
+                "handshake-timeout-secs",
+                old.handshake_timeout != new.handshake_timeout,
+            ),
+            ("frame-timeout-secs", old.frame_timeout != new.frame_timeout),
+            ("idle-timeout-secs", old.idle_timeout != new.idle_timeout),
             (
                 "max-frame-bytes",
                 old.max_frame_bytes != new.max_frame_bytes,

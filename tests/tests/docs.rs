@@ -59,3 +59,15 @@ fn man_pages_and_completions_come_from_the_flag_definitions() {
         }
     }
 }
+
+#[test]
+fn protocol_md_lists_every_error_code() {
+    let doc = std::fs::read_to_string(repo_root().join("PROTOCOL.md")).unwrap();
+    for code in rxd_protocol::ErrorCode::ALL
+        .into_iter()
+        .chain([rxd_protocol::ErrorCode::Internal])
+    {
+        let row = format!("| {} | `{}` |", code.as_u16(), code.name());
+        assert!(doc.contains(&row), "PROTOCOL.md's error table lacks {row}");
+    }
+}
