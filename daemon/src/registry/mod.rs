@@ -484,6 +484,36 @@ struct Version {
     overrides: ModelSettings,
     loads: u64,
     evictions: u64,
+    /// For a failed version: its files as they were when it failed. A rescan that finds them
+    /// changed (put back, replaced, model.toml edited) makes it available again.
+    failed_files: Option<FileStamp>,
+}
+
+/// What identifies a version's files: model.onnx (symlinks followed) and model.toml, each by
+/// device, inode, size and modification time; `None` parts are missing files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    model: Option<(u64, u64, u64, i64, i64)>,
+    settings: Option<(u64, u64, u64, i64, i64)>,
+}
+
+impl FileStamp {
+    fn of(model: &Path) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        let stamp = |p: &Path| {
+            std::fs::metadata(p)
+                .ok()
+                .map(|m| (m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
+        };
+        let toml = model
+            .parent()
+            .and_then(Path::parent)
+            .map(|dir| dir.join("model.toml"));
+        FileStamp {
+            model: stamp(model),
+            settings: toml.as_deref().and_then(stamp),
+        }
+    }
 }
 
 impl Version {
@@ -504,6 +534,7 @@ impl Version {
             overrides: ModelSettings::default(),
             loads: 0,
             evictions: 0,
+            failed_files: None,
         }
     }
 
@@ -743,7 +774,7 @@ impl Registry {
             !m.versions.is_empty() || found.contains_key(name)
         });
         for (name, (settings, versions)) in found {
-            let model = models.entry(name).or_insert_with(|| Model {
+            let model = models.entry(name.clone()).or_insert_with(|| Model {
                 settings: Ok(ModelSettings::default()),
                 versions: BTreeMap::new(),
             });
@@ -752,11 +783,22 @@ impl Registry {
                 v.on_disk = false;
             }
             for (num, path) in versions {
-                model
+                let ver = model
                     .versions
                     .entry(num)
-                    .or_insert_with(|| Version::new(path))
-                    .on_disk = true;
+                    .or_insert_with(|| Version::new(path));
+                ver.on_disk = true;
+                // A version that failed is not retried on every request, but its files coming
+                // back or changing (a model removed and put back, fixed, or its model.toml
+                // edited) makes it available again.
+                if ver.state == ModelState::Failed
+                    && ver.failed_files.as_ref() != Some(&FileStamp::of(&ver.path))
+                {
+                    tracing::info!(model = %name, version = num, "its files changed: available again");
+                    ver.state = ModelState::Available;
+                    ver.error = None;
+                    ver.failed_files = None;
+                }
             }
         }
         Ok(())
@@ -913,6 +955,16 @@ impl Registry {
             }
             _ => {}
         }
+        // A version whose file is gone (removed since the last scan, or by a reload under
+        // way) is not loaded: that would only mark it failed, and keep it so once the file is
+        // back. The next rescan forgets it or finds it again.
+        if !ver.path.is_file() {
+            ver.on_disk = false;
+            return Err(RequestError::UnknownVersion {
+                model: name.into(),
+                version,
+            });
+        }
         let settings = match settings {
             Ok(s) => Ok(s.merged(&ver.overrides)),
             Err(e) => Err(e),
@@ -922,6 +974,7 @@ impl Registry {
             Err(message) => {
                 ver.state = ModelState::Failed;
                 ver.error = Some(message.clone());
+                ver.failed_files = Some(FileStamp::of(&ver.path));
                 return Err(RequestError::LoadFailed {
                     model: name.into(),
                     version,
@@ -1227,6 +1280,9 @@ impl Registry {
             };
             ver.error = Some(message.clone());
             ver.slot = None;
+            if ver.state == ModelState::Failed {
+                ver.failed_files = Some(FileStamp::of(&ver.path));
+            }
         }
         tracing::warn!(model = %name, version, "{message}");
         let err = match code {

@@ -5,4 +5,5 @@
 //! as CI does).
 
 mod common;
+mod models;
 mod peer;
