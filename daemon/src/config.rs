@@ -38,6 +38,9 @@ pub struct FileConfig {
     pub queue_capacity: Option<u32>,
     pub shutdown_grace_secs: Option<u64>,
     pub watchdog_stuck_secs: Option<u64>,
+    /// Seconds a model load may take before it fails (model.toml `load-timeout-secs`
+    /// overrides it per model). Default 300.
+    pub load_timeout_secs: Option<u64>,
     pub log_level: Option<String>,
     /// Memory budget of the default (first) device; absent or 0 = unlimited.
     pub memory_budget: Option<ByteSize>,
@@ -157,6 +160,9 @@ pub struct Config {
     /// A worker on one batch for longer than this is stuck: health says so and the systemd
     /// watchdog pings stop.
     pub watchdog_stuck: Duration,
+    /// A load (session creation, compression, warmup) that takes longer fails; its thread is
+    /// left behind, so no load can hold the registry or shutdown.
+    pub load_timeout: Duration,
     pub log_level: String,
     /// Devices, the default one first.
     pub devices: Vec<Device>,
@@ -199,6 +205,7 @@ impl Config {
             "watchdog-stuck-secs",
             self.watchdog_stuck.as_secs().to_string(),
         );
+        put("load-timeout-secs", self.load_timeout.as_secs().to_string());
         put("log-level", self.log_level.clone());
         put("preload", self.preload.join(","));
         put("load-on-demand", self.load_on_demand.to_string());
@@ -497,6 +504,17 @@ pub fn resolve(
 
     let shutdown_grace = Duration::from_secs(file.shutdown_grace_secs.unwrap_or(30));
     let watchdog_stuck = Duration::from_secs(file.watchdog_stuck_secs.unwrap_or(120).max(1));
+    let load_timeout = match file.load_timeout_secs {
+        None => Duration::from_secs(300),
+        Some(n @ 1..=86400) => Duration::from_secs(n),
+        Some(n) => {
+            bad(
+                "load-timeout-secs",
+                format!("{n} is out of range 1..=86400"),
+            );
+            Duration::from_secs(300)
+        }
+    };
     let log_level = opts
         .log_level
         .clone()
@@ -652,6 +670,7 @@ pub fn resolve(
         queue_capacity,
         shutdown_grace,
         watchdog_stuck,
+        load_timeout,
         log_level,
         devices,
         preload,

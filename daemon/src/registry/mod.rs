@@ -96,6 +96,9 @@ pub struct ModelSettings {
     /// When its device's execution provider cannot be created, run on the CPU instead
     /// (health: degraded) rather than failing. Default: the device's `cpu-fallback`.
     pub cpu_fallback: Option<bool>,
+    /// Seconds a load (session creation, compression, warmup) may take before it fails with
+    /// `load_failed`; default: the daemon's `load-timeout-secs`.
+    pub load_timeout_secs: Option<u64>,
     /// Serve a compressed form of the model (`int8-weights`, `dynamic-int8`, `fp16`,
     /// `prune:S`, joined with `+`): compressed when loaded (cached in the cache directory),
     /// checked against the original on random inputs, used only if it agrees (cosine and
@@ -131,7 +134,8 @@ impl ModelSettings {
             warmup,
             warmup_dims,
             cpu_fallback,
-            compress
+            compress,
+            load_timeout_secs
         )
     }
 }
@@ -210,6 +214,9 @@ impl ModelSettings {
                 if s.queue_capacity == Some(0) {
                     return Err("model.toml: queue-capacity must be at least 1".into());
                 }
+                if s.load_timeout_secs == Some(0) {
+                    return Err("model.toml: load-timeout-secs must be at least 1".into());
+                }
                 match &s.version_policy {
                     Some(VersionPolicy::Named(n)) if n != "latest" && n != "all" => {
                         return Err(format!(
@@ -241,6 +248,8 @@ pub struct Defaults {
     pub load_on_demand: bool,
     /// Where engine caches go.
     pub cache_dir: PathBuf,
+    /// How long a load may take (model.toml `load-timeout-secs` overrides it per model).
+    pub load_timeout: std::time::Duration,
 }
 
 /// The batch sizes a model's batches are padded up to: the configured list (sorted, without
@@ -1350,11 +1359,12 @@ impl Registry {
         out
     }
 
-    /// Primes the device, builds the version and measures what it keeps: resident-set growth
-    /// with freed heap returned to the kernel before and after (so the difference is what the
-    /// model keeps, not the load's transient peak or reuse of someone else's pages), plus
-    /// device memory growth where the driver reports it (NVML). Call under `load_lock`.
-    /// Returns the build, the bytes it grew by, and its time in ms.
+    /// Runs [`LoadJob::measured_build`] on a thread of its own and waits for it until the
+    /// load's deadline (model.toml `load-timeout-secs`, else the daemon's). Call under
+    /// `load_lock`. Past the deadline the load fails ("timed out after N s") and the caller
+    /// releases the lock and the registry slot as for any failure; the thread is left behind
+    /// (detached): it still holds what it was building — sessions, their memory, unaccounted —
+    /// and drops it if it ever finishes. Shutdown does not wait for it.
     fn measured_build(
         &self,
         name: &str,
@@ -1363,21 +1373,57 @@ impl Registry {
         settings: &ModelSettings,
         device: &str,
     ) -> (Result<LoadedModel, String>, u64, u64) {
-        self.prime(device);
-        crate::runtime::release_free_memory();
-        let rss0 = crate::metrics::resident_bytes();
-        let vram0 = self.device_memory_used(device);
-        let started = Instant::now();
-        let built = self.build(name, version, path, settings, device);
-        let load_ms = started.elapsed().as_millis() as u64;
-        crate::runtime::release_free_memory();
-        let rss1 = crate::metrics::resident_bytes();
-        let vram1 = self.device_memory_used(device);
-        let growth = |a: Option<u64>, b: Option<u64>| match (a, b) {
-            (Some(a), Some(b)) => b.saturating_sub(a),
-            _ => 0,
+        let limit = settings
+            .load_timeout_secs
+            .map_or(self.defaults.load_timeout, std::time::Duration::from_secs);
+        let job = LoadJob {
+            runtime: self.runtime.clone(),
+            defaults: self.defaults.clone(),
+            metrics: self.model_metrics(name, version),
+            epoch: self.epoch,
         };
-        (built, growth(rss0, rss1) + growth(vram0, vram1), load_ms)
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (name_, path_, settings_, device_) = (
+            name.to_string(),
+            path.to_path_buf(),
+            settings.clone(),
+            device.to_string(),
+        );
+        let started = Instant::now();
+        let spawned = std::thread::Builder::new()
+            .name(format!("rxd-load-{name}"))
+            .spawn(move || {
+                let built = job.measured_build(&name_, version, &path_, &settings_, &device_);
+                // Nobody waits any more (past the deadline): the build is dropped here.
+                let _ = tx.send(built);
+            });
+        if let Err(e) = spawned {
+            return (Err(format!("cannot start a load thread: {e}")), 0, 0);
+        }
+        match rx.recv_timeout(limit) {
+            Ok(built) => built,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                tracing::error!(
+                    model = %name,
+                    version,
+                    "the load did not finish within {} s; its thread is left behind",
+                    limit.as_secs()
+                );
+                (
+                    Err(format!(
+                        "timed out after {} s (load-timeout-secs)",
+                        limit.as_secs()
+                    )),
+                    0,
+                    started.elapsed().as_millis() as u64,
+                )
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => (
+                Err("the load thread ended without a result".into()),
+                0,
+                started.elapsed().as_millis() as u64,
+            ),
+        }
     }
 
     /// Makes `loaded` the version's resident model with its measured footprint; returns the
@@ -1402,6 +1448,48 @@ impl Registry {
         crate::metrics::Metrics::inc(&m.loads);
         m.load_us.fetch_add(load_ms * 1000, Ordering::Relaxed);
         old
+    }
+}
+
+/// What a load needs, owned, so that it can run on a thread of its own and be left behind
+/// when it passes its deadline (see [`Registry::measured_build`]).
+struct LoadJob {
+    runtime: Arc<Runtime>,
+    defaults: Defaults,
+    metrics: Arc<crate::metrics::ModelMetrics>,
+    epoch: Instant,
+}
+
+impl LoadJob {
+    /// Primes the device, builds the version and measures what it keeps: resident-set growth
+    /// with freed heap returned to the kernel before and after (so the difference is what the
+    /// model keeps, not the load's transient peak or reuse of someone else's pages), plus
+    /// device memory growth where the driver reports it (NVML). Runs on the load's own thread
+    /// while [`Registry::measured_build`] holds `load_lock`. Returns the build, the bytes it
+    /// grew by, and its time in ms.
+    fn measured_build(
+        &self,
+        name: &str,
+        version: u64,
+        path: &Path,
+        settings: &ModelSettings,
+        device: &str,
+    ) -> (Result<LoadedModel, String>, u64, u64) {
+        self.prime(device);
+        crate::runtime::release_free_memory();
+        let rss0 = crate::metrics::resident_bytes();
+        let vram0 = self.device_memory_used(device);
+        let started = Instant::now();
+        let built = self.build(name, version, path, settings, device);
+        let load_ms = started.elapsed().as_millis() as u64;
+        crate::runtime::release_free_memory();
+        let rss1 = crate::metrics::resident_bytes();
+        let vram1 = self.device_memory_used(device);
+        let growth = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => b.saturating_sub(a),
+            _ => 0,
+        };
+        (built, growth(rss0, rss1) + growth(vram0, vram1), load_ms)
     }
 
     /// Memory in use on a device as its driver reports it (NVIDIA through NVML); `None` for the
@@ -1456,6 +1544,17 @@ impl Registry {
             None => (path.to_path_buf(), None),
         };
         let path = path.as_path();
+        // Test hook (ARCHITECTURE.md): RXD_TEST_LOAD_HANG=<model name prefix> makes that
+        // model's loads hang here, as a load blocked on a FIFO at its profile path did.
+        if std::env::var("RXD_TEST_LOAD_HANG")
+            .ok()
+            .is_some_and(|p| !p.is_empty() && name.starts_with(&p))
+        {
+            tracing::warn!(model = %name, "test hook: this load hangs now");
+            loop {
+                std::thread::park();
+            }
+        }
         let opts = SessionOptions {
             intra_op_threads: settings
                 .intra_op_threads
@@ -1477,7 +1576,11 @@ impl Registry {
         };
         let warm = settings.warmup.unwrap_or(true);
         // The first instance's warmup is profiled to learn which EP runs each node.
-        let profile = std::env::temp_dir().join(format!("rxd-profile-{name}-{version}"));
+        // In the daemon's private directory: never at a predictable path of a shared one.
+        let profile = self
+            .runtime
+            .scratch_dir()
+            .join(format!("profile-{name}-{version}"));
         let mut actual = device.to_string();
         let mut target_now = target;
         let mut fallback: Option<String> = None;
@@ -1615,7 +1718,7 @@ impl Registry {
             pad_to,
             batchable(&signature),
             settings.default_priority.unwrap_or(0),
-            self.model_metrics(name, version),
+            self.metrics.clone(),
         );
         let coalescer = Coalescer::new(
             settings
@@ -1633,14 +1736,16 @@ impl Registry {
             placement,
             scheduler,
             coalescer,
-            last_used: AtomicU64::new(self.now_ms()),
+            last_used: AtomicU64::new(self.epoch.elapsed().as_millis() as u64),
             epoch: self.epoch,
             arena_bytes: arena,
-            metrics: self.model_metrics(name, version),
+            metrics: self.metrics.clone(),
             compression,
         })
     }
+}
 
+impl Registry {
     /// Unloads a version (default: every loaded version). Requests already holding it finish.
     pub fn unload(&self, name: &str, version: Option<u64>) -> Result<ModelSummary, RequestError> {
         let dropped;

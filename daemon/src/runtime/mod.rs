@@ -39,6 +39,8 @@ pub enum RuntimeError {
     Abandoned,
     #[error("the deadline passed before the request could run")]
     DeadlineExceeded,
+    #[error("cannot create a private directory in {dir}: {message}")]
+    Scratch { dir: PathBuf, message: String },
     #[error("{target} holds {available} bytes, {needed} needed")]
     OutputTooSmall {
         target: String,
@@ -58,6 +60,11 @@ pub struct Runtime {
     /// device's one-time set-up (Dawn/Vulkan instance and adapter, CUDA context) before the
     /// first real model's footprint is measured, and keeps that context alive.
     primed: std::sync::Mutex<std::collections::BTreeMap<String, Session>>,
+    /// The daemon's private directory (mode 0700, a random name created exclusively, removed
+    /// at exit) for the files ONNX Runtime is told to write: profiles, the prime graph.
+    /// Nothing is ever written at a predictable path of a shared directory, where another
+    /// local user could plant a symlink (overwrite any file) or a FIFO (hang the writer).
+    scratch: tempfile::TempDir,
 }
 
 /// Where a session runs: a device's kind and execution-provider options.
@@ -111,12 +118,22 @@ impl Runtime {
             .build()
             .map_err(|e| lib_err(e.to_string()))?;
         let version = version_of(library);
+        let base = std::env::temp_dir();
+        let scratch = tempfile::Builder::new()
+            .prefix("rxd-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .tempdir_in(&base)
+            .map_err(|e| RuntimeError::Scratch {
+                dir: base,
+                message: e.to_string(),
+            })?;
         let runtime = Runtime {
             env,
             library: library.to_path_buf(),
             version,
             plugins: Default::default(),
             primed: Default::default(),
+            scratch,
         };
         runtime.prime();
         Ok(runtime)
@@ -133,8 +150,7 @@ impl Runtime {
         if primed.contains_key(&key) {
             return Ok(());
         }
-        let dir = tempfile_dir();
-        let path = dir.join(format!("rxd-prime-{}.onnx", std::process::id()));
+        let path = self.scratch.path().join("prime.onnx");
         std::fs::write(&path, PRIME).map_err(|e| RuntimeError::Session {
             path: path.clone(),
             message: e.to_string(),
@@ -172,6 +188,11 @@ impl Runtime {
 
     pub fn library(&self) -> &Path {
         &self.library
+    }
+
+    /// The daemon's private directory (see [`Runtime`]'s `scratch`).
+    pub fn scratch_dir(&self) -> &Path {
+        self.scratch.path()
     }
 
     /// The ORT environment (for the compressor's accuracy report).
@@ -338,10 +359,6 @@ impl Runtime {
 
 /// One Slice node; made by tests/models/make_models.py (slice_first).
 const PRIME: &[u8] = include_bytes!("../../assets/prime.onnx");
-
-fn tempfile_dir() -> PathBuf {
-    std::env::temp_dir()
-}
 
 /// What a device's execution provider looks like from here.
 #[derive(Debug, Clone, Default)]

@@ -1,11 +1,15 @@
-//! What the repository and a request's shapes can do to the daemon: model files that vanish
-//! and come back.
+//! What the repository can do to the daemon: model files that vanish and come back, loads
+//! that hang, and the files a load writes.
 
-use std::time::Duration;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use rxd_client::Tensor;
 use rxd_e2e::*;
-use rxd_protocol::{ErrorCode, InferRequest, ModelRef, Outcome, Reply, Request, RequestFrame};
+use rxd_protocol::{
+    ErrorCode, InferRequest, ModelRef, Outcome, Reply, Request, RequestFrame, WireError,
+};
 
 use crate::common::*;
 
@@ -19,6 +23,18 @@ fn ask(conn: &mut RawConn, id: u64, body: Request) -> Outcome {
 
 fn infer(conn: &mut RawConn, id: u64, model: &str, inputs: Vec<Tensor>) -> Outcome {
     ask(conn, id, Request::Infer(InferRequest::new(model, inputs)))
+}
+
+/// The error of an answer that must be one, with the code it must have.
+#[track_caller]
+fn refused(outcome: Outcome, code: ErrorCode) -> WireError {
+    match outcome {
+        Outcome::Err(e) => {
+            assert_eq!(e.kind(), Some(code), "{e}");
+            e
+        }
+        Outcome::Ok(r) => panic!("expected {code:?}, got an answer: {r:?}"),
+    }
 }
 
 /// An admin connection (the test's own uid) whose answers must come within 20 s.
@@ -55,6 +71,210 @@ fn nobody(d: &TestDaemon) -> RawConn {
 
 fn sigmoid_input() -> Tensor {
     f32_tensor("x", &[3, 4, 5], &random_f32(60, 3))
+}
+
+/// Paths planted in the shared temporary directory, removed when dropped.
+struct Planted(Vec<PathBuf>);
+
+impl Drop for Planted {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// The local time of `unix_secs` as ONNX Runtime writes it in profile file names.
+fn profile_time(unix_secs: u64) -> String {
+    let out = std::process::Command::new("date")
+        .arg("-d")
+        .arg(format!("@{unix_secs}"))
+        .arg("+%Y-%m-%d_%H-%M-%S")
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Every name ONNX Runtime could give a profile with `prefix` (`<prefix>_<time>_<ms>.json`)
+/// in the next `secs` seconds.
+fn profile_names(tmp: &Path, prefix: &str, secs: u64) -> Vec<PathBuf> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut names = Vec::new();
+    for s in now..now + secs {
+        let t = profile_time(s);
+        for ms in 0..1000 {
+            names.push(tmp.join(format!("{prefix}_{t}_{ms:03}.json")));
+            names.push(tmp.join(format!("{prefix}_{t}_{ms}.json")));
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Entries of `dir` whose names start with `prefix`.
+fn entries_with(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Regression (issue 19, item 3): every load wrote ONNX Runtime's profile to
+/// `/tmp/rxd-profile-<model>-<version>_<time>.json`, following symlinks (a local user could
+/// make a root daemon overwrite any file) and opening FIFOs (hanging the load, with
+/// `load_lock` held, forever). Loads write nothing at predictable paths of the shared
+/// temporary directory: traps planted at every name ONNX Runtime could pick are left alone.
+#[test]
+fn loads_write_nothing_at_predictable_paths_in_the_shared_tmp() {
+    let _serial = serial();
+    let tmp = std::env::temp_dir();
+    let tag = std::process::id();
+    let (linked, piped) = (format!("trap{tag}l"), format!("trap{tag}f"));
+    let repo = repo_with(&[]);
+    repo.link(&linked, 1, "sigmoid").link(&piped, 1, "mul_1");
+    let mut d = shared_daemon(repo.path(), "preload = [\"digits\"]\n", &[]);
+    let before = before(&d);
+    let bystander = Bystander::start(&d.socket);
+
+    let victim_dir = tempfile::tempdir().unwrap();
+    let victim = victim_dir.path().join("precious");
+    std::fs::write(&victim, "precious").unwrap();
+    let mut planted = Planted(Vec::new());
+    let link_prefix = format!("rxd-profile-{linked}-1");
+    for p in profile_names(&tmp, &link_prefix, 10) {
+        std::os::unix::fs::symlink(&victim, &p).unwrap();
+        planted.0.push(p);
+    }
+    let fifo_prefix = format!("rxd-profile-{piped}-1");
+    for p in profile_names(&tmp, &fifo_prefix, 10) {
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
+        planted.0.push(p);
+    }
+    let traps = planted.0.len();
+
+    let mut admin = admin(&d);
+    for (id, model) in [(1, &linked), (2, &piped)] {
+        let t = Instant::now();
+        ok(ask(&mut admin, id, Request::Load(model_ref(model))));
+        assert!(t.elapsed() < Duration::from_secs(10), "{model}");
+    }
+
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    let found: Vec<PathBuf> = [&link_prefix, &fifo_prefix]
+        .iter()
+        .flat_map(|p| entries_with(&tmp, p))
+        .collect();
+    assert_eq!(
+        found.len(),
+        traps,
+        "a load wrote a file in {}",
+        tmp.display()
+    );
+    for p in &found {
+        let meta = std::fs::symlink_metadata(p).unwrap();
+        assert!(
+            meta.file_type().is_symlink() || meta.file_type().is_fifo(),
+            "{} was replaced",
+            p.display()
+        );
+    }
+    drop(admin);
+    assert!(
+        entries_with(&tmp, &format!("rxd-profile-{tag}")).is_empty()
+            && !d
+                .log_text()
+                .contains(&format!("{}/rxd-profile", tmp.display())),
+        "profiles go to the daemon's private directory"
+    );
+
+    let seen = bystander.stop();
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(2), 64 << 20);
+}
+
+/// Regression (issue 19, item 3): a load that never finishes (here: a test hook that hangs
+/// session creation, as a FIFO in a profile path did) held `load_lock` forever: every later
+/// load and unload waited, and SIGTERM never finished. Loads have a deadline: past it the load
+/// fails with `load_failed`, the lock and the registry slot are released, and shutdown does
+/// not wait for the stuck thread.
+#[test]
+fn a_hung_load_times_out_and_wedges_nothing() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    repo.link("hang_short", 1, "sigmoid")
+        .settings("hang_short", "load-timeout-secs = 2\n")
+        .link("hang_long", 1, "sigmoid")
+        .link("other", 1, "mul_1");
+    let mut d = TestDaemon::start_env(
+        repo.path(),
+        &[("RXD_TEST_LOAD_HANG", "hang")],
+        "preload = [\"digits\"]\nload-timeout-secs = 600\nshutdown-grace-secs = 3\n",
+        &["--socket-mode", "0666"],
+    );
+    std::fs::set_permissions(
+        d.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let before = before(&d);
+    let bystander = Bystander::start(&d.socket);
+
+    // A client's request starts the load that hangs; it is answered at the deadline.
+    let socket = d.socket.clone();
+    let waiter = std::thread::spawn(move || {
+        let mut c = connect_as_nobody(&socket);
+        c.stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        c.handshake().unwrap();
+        let t = Instant::now();
+        let outcome = infer(&mut c, 1, "hang_short", vec![sigmoid_input()]);
+        (outcome, t.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // Meanwhile other loads and unloads go through (at the latest once the deadline passed).
+    let mut admin = admin(&d);
+    let t = Instant::now();
+    ok(ask(&mut admin, 1, Request::Load(model_ref("other"))));
+    ok(ask(&mut admin, 2, Request::Unload(model_ref("other"))));
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    let (outcome, took) = waiter.join().unwrap();
+    let e = refused(outcome, ErrorCode::LoadFailed);
+    assert!(e.message.contains("timed out after 2 s"), "{e}");
+    assert!(took < Duration::from_secs(8), "{took:?}");
+    // The failed version is not retried on every request (nor does it hang one).
+    let mut c = nobody(&d);
+    let t = Instant::now();
+    refused(
+        infer(&mut c, 2, "hang_short", vec![sigmoid_input()]),
+        ErrorCode::ModelNotReady,
+    );
+    assert!(t.elapsed() < Duration::from_secs(1));
+    drop((c, admin));
+    let seen = bystander.stop();
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(2), 64 << 20);
+
+    // A stuck load with a long deadline does not hold up SIGTERM.
+    let mut c = nobody(&d);
+    c.send(&RequestFrame {
+        id: 3,
+        body: Request::Infer(InferRequest::new("hang_long", vec![sigmoid_input()])),
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    let status = d.terminate();
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "SIGTERM took {:?}:\n{}",
+        t.elapsed(),
+        d.log_text()
+    );
+    assert!(status.success(), "{status}");
 }
 
 /// Regression (issue 19, item 9): requests racing a reload that removed a model started
@@ -128,7 +348,6 @@ fn a_model_removed_and_put_back_serves_again() {
         reload();
         served(&mut c, 10 + round);
     }
-    drop(reload);
     drop((c, control));
 
     let seen = bystander.stop();
