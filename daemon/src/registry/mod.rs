@@ -96,6 +96,14 @@ pub struct ModelSettings {
     /// When its device's execution provider cannot be created, run on the CPU instead
     /// (health: degraded) rather than failing. Default: the device's `cpu-fallback`.
     pub cpu_fallback: Option<bool>,
+    /// The largest size each input dimension may have in a request, by input name, e.g.
+    /// `{ x = [8, 3, 1280, 1280] }` (0 or -1: the default for that dimension). Default for a
+    /// dynamic dimension: 8 × its largest warmup size, at least 2048 (`validate::max_dims`).
+    /// Larger requests are refused with `tensor_too_large` before they reach ONNX Runtime.
+    pub max_dims: Option<HashMap<String, Vec<i64>>>,
+    /// Let inputs with a zero-sized dimension through validation. Default false: ONNX
+    /// Runtime's kernels abort the whole process on some (Silero VAD's LSTM on a zero batch).
+    pub allow_empty_inputs: Option<bool>,
     /// Seconds a load (session creation, compression, warmup) may take before it fails with
     /// `load_failed`; default: the daemon's `load-timeout-secs`.
     pub load_timeout_secs: Option<u64>,
@@ -135,6 +143,8 @@ impl ModelSettings {
             warmup_dims,
             cpu_fallback,
             compress,
+            max_dims,
+            allow_empty_inputs,
             load_timeout_secs
         )
     }
@@ -1710,7 +1720,19 @@ impl LoadJob {
             sessions.push(worker);
             signature = Some(sig);
         }
-        let signature = signature.ok_or("no instances")?;
+        let mut signature = signature.ok_or("no instances")?;
+        // The largest batch any warmup ran (or would run, with warmup off).
+        let warm_rows = pad_to
+            .iter()
+            .map(|&b| u64::from(b))
+            .chain([1])
+            .chain(
+                (batchable(&signature) && sched_settings.max_batch_rows > 1)
+                    .then_some(u64::from(sched_settings.max_batch_rows)),
+            )
+            .max()
+            .unwrap_or(1);
+        apply_limits(&mut signature, settings, warm_rows)?;
         let scheduler = Scheduler::start(
             &format!("{name}-{version}"),
             sessions,
@@ -2056,6 +2078,34 @@ impl Registry {
             evictions: ver.evictions,
         }
     }
+}
+
+/// Sets what requests to `sig` may send (each input's `max_dims`, empty inputs allowed or
+/// not) from model.toml and the warmup shapes at `warm_rows` rows.
+fn apply_limits(
+    sig: &mut Signature,
+    settings: &ModelSettings,
+    warm_rows: u64,
+) -> Result<(), String> {
+    let configured = settings.max_dims.clone().unwrap_or_default();
+    if let Some(unknown) = configured
+        .keys()
+        .find(|k| !sig.inputs.iter().any(|s| &s.name == *k))
+    {
+        return Err(format!(
+            "model.toml: max-dims names '{unknown}', which is not an input"
+        ));
+    }
+    let warmup_dims = settings.warmup_dims.clone().unwrap_or_default();
+    for spec in &mut sig.inputs {
+        let given = warmup_dims.get(&spec.name).map(Vec::as_slice);
+        let warm = crate::runtime::warmup_shape(spec, warm_rows, given);
+        spec.max_dims =
+            crate::validate::max_dims(spec, &warm, configured.get(&spec.name).map(Vec::as_slice))
+                .map_err(|e| format!("model.toml: {e}"))?;
+    }
+    sig.allow_empty = settings.allow_empty_inputs.unwrap_or(false);
+    Ok(())
 }
 
 /// Drops models (joining their workers once their last request is done) and hands the freed

@@ -521,18 +521,7 @@ pub fn warmup(
 ) -> Result<(), RuntimeError> {
     let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::new();
     for spec in &sig.inputs {
-        let given = dims.get(&spec.name);
-        let shape: Vec<u64> = spec
-            .dims
-            .iter()
-            .enumerate()
-            .map(|(i, &d)| match (i, d, given.and_then(|g| g.get(i))) {
-                (0, -1, _) => rows,
-                (_, d, _) if d >= 0 => d as u64,
-                (_, _, Some(&g)) if g > 0 => g as u64,
-                _ => WARMUP_AUTO_DIM,
-            })
-            .collect();
+        let shape = warmup_shape(spec, rows, dims.get(&spec.name).map(Vec::as_slice));
         let elements = shape
             .iter()
             .try_fold(1u64, |a, &d| a.checked_mul(d))
@@ -548,6 +537,22 @@ pub fn warmup(
     }
     session.run(values).map_err(|e| run_err(&e))?;
     Ok(())
+}
+
+/// The shape [`warmup`] gives an input at `rows` rows: `rows` in a dynamic first dimension,
+/// `given` (model.toml `warmup-dims`) for other dynamic dimensions where it has a positive
+/// size, [`WARMUP_AUTO_DIM`] for the rest.
+pub fn warmup_shape(spec: &TensorSpec, rows: u64, given: Option<&[i64]>) -> Vec<u64> {
+    spec.dims
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| match (i, d, given.and_then(|g| g.get(i))) {
+            (0, d, _) if d < 0 => rows,
+            (_, d, _) if d >= 0 => d as u64,
+            (_, _, Some(&g)) if g > 0 => g as u64,
+            _ => WARMUP_AUTO_DIM,
+        })
+        .collect()
 }
 
 /// Statistics of the session's CPU arena as ORT reports them (name, value).
@@ -580,11 +585,14 @@ fn version_of(library: &Path) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// A model's inputs and outputs.
+/// A model's inputs and outputs, and what requests may send: each input's `max_dims` (set by
+/// the registry at load, see `validate::max_dims`) and whether inputs may be empty.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Signature {
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
+    /// Inputs with a zero-sized dimension pass validation (model.toml `allow-empty-inputs`).
+    pub allow_empty: bool,
 }
 
 impl Signature {
@@ -611,6 +619,7 @@ impl Signature {
                         dtype,
                         dims,
                         dim_names,
+                        max_dims: Vec::new(),
                     })
                 }
                 other => Err(format!(
@@ -630,6 +639,7 @@ impl Signature {
                 .iter()
                 .map(|o| spec(o, "output"))
                 .collect::<Result<_, _>>()?,
+            allow_empty: false,
         })
     }
 }

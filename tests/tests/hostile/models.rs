@@ -1,11 +1,12 @@
-//! What the repository can do to the daemon: model files that vanish and come back, loads
+//! What the repository and a request's shapes can do to the daemon: inputs that make ONNX
+//! Runtime abort, shapes over a model's limits, model files that vanish and come back, loads
 //! that hang, and the files a load writes.
 
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rxd_client::Tensor;
+use rxd_client::{DType, Tensor};
 use rxd_e2e::*;
 use rxd_protocol::{
     ErrorCode, InferRequest, ModelRef, Outcome, Reply, Request, RequestFrame, WireError,
@@ -69,8 +70,150 @@ fn nobody(d: &TestDaemon) -> RawConn {
     c
 }
 
+fn zeros(name: &str, dtype: DType, shape: &[u64]) -> Tensor {
+    let n: u64 = shape.iter().product();
+    let size = if dtype == DType::Int64 { 8 } else { 4 };
+    Tensor::inline(name, dtype, shape.to_vec(), vec![0; (n * size) as usize])
+}
+
+fn silero(input: &[u64], state: &[u64]) -> Vec<Tensor> {
+    vec![
+        zeros("input", DType::Float32, input),
+        zeros("state", DType::Float32, state),
+        Tensor::inline("sr", DType::Int64, vec![], 16000i64.to_le_bytes().to_vec()),
+    ]
+}
+
 fn sigmoid_input() -> Tensor {
     f32_tensor("x", &[3, 4, 5], &random_f32(60, 3))
+}
+
+/// Regression (issue 19, item 1): Silero VAD with a zero-size batch passed validation and
+/// ONNX Runtime's LSTM called `std::terminate`, killing the daemon with every client's
+/// requests. Inputs with a zero-sized dimension are refused before any session sees them,
+/// unless the model opts in; dimensions beyond ONNX Runtime's int64 are refused too.
+#[test]
+fn inputs_that_abort_onnx_runtime_never_reach_a_session() {
+    let _serial = serial();
+    let repo = repo_with(&["silero_vad"]);
+    repo.link("digits_empty_ok", 1, "digits")
+        .settings("digits_empty_ok", "allow-empty-inputs = true\n");
+    let mut d = shared_daemon(repo.path(), "", &[]);
+    let before = before(&d);
+    let bystander = Bystander::start(&d.socket);
+
+    let mut c = nobody(&d);
+    let e = refused(
+        infer(&mut c, 1, "silero_vad", silero(&[0, 512], &[2, 0, 128])),
+        ErrorCode::ShapeMismatch,
+    );
+    assert!(
+        e.message.contains("'input'") && e.message.contains("dimension 0"),
+        "the refusal names the input and the dimension: {e}"
+    );
+    // One empty input is enough to be refused.
+    refused(
+        infer(&mut c, 2, "silero_vad", silero(&[1, 512], &[2, 0, 128])),
+        ErrorCode::ShapeMismatch,
+    );
+    // Dimensions ONNX Runtime cannot represent (above i64::MAX; zero elements in all).
+    refused(
+        infer(&mut c, 3, "silero_vad", silero(&[1 << 63, 0], &[2, 1, 128])),
+        ErrorCode::TensorTooLarge,
+    );
+    // The model still serves well-formed requests.
+    match infer(&mut c, 4, "silero_vad", silero(&[1, 512], &[2, 1, 128])) {
+        Outcome::Ok(Reply::Infer(r)) => assert_eq!(r.outputs[0].shape, vec![1, 1]),
+        other => panic!("{other:?}"),
+    }
+    // A model that opts in gets empty inputs through validation (ONNX Runtime then refuses
+    // this one with an error of its own, which is fine: it does not abort).
+    let answer = infer(
+        &mut c,
+        5,
+        "digits_empty_ok",
+        vec![zeros("input", DType::Float32, &[0, 64])],
+    );
+    if let Outcome::Err(e) = answer {
+        assert_ne!(e.kind(), Some(ErrorCode::ShapeMismatch), "{e}");
+    }
+    drop(c);
+
+    let seen = bystander.stop();
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(2), 64 << 20);
+}
+
+/// Issue 19, item 10: dynamic dimensions have per-model limits (model.toml `max-dims`, by
+/// default derived from the warmup shapes with a floor), shown by `model_info`, and a request
+/// over them is refused naming the limit.
+#[test]
+fn request_shapes_are_bounded_per_model() {
+    let _serial = serial();
+    let repo = repo_with(&["ppocr_det"]);
+    repo.link("det_small", 1, "ppocr_det")
+        .settings("det_small", "max-dims = { x = [4, 3, 640, 640] }\n");
+    let mut d = shared_daemon(repo.path(), "", &[]);
+    let before = before(&d);
+    let bystander = Bystander::start(&d.socket);
+
+    let info = d.client_inline().model_info("ppocr_det", None).unwrap();
+    assert_eq!(
+        info.inputs[0].max_dims,
+        vec![2048, 3, 2048, 2048],
+        "{info:?}"
+    );
+    let info = d.client_inline().model_info("det_small", None).unwrap();
+    assert_eq!(info.inputs[0].max_dims, vec![4, 3, 640, 640]);
+    let info = d.client_inline().model_info("digits", None).unwrap();
+    assert_eq!(info.inputs[0].max_dims, vec![2048, 64]);
+
+    let mut c = nobody(&d);
+    let e = refused(
+        infer(
+            &mut c,
+            1,
+            "ppocr_det",
+            vec![zeros("x", DType::Float32, &[1, 3, 32, 4096])],
+        ),
+        ErrorCode::TensorTooLarge,
+    );
+    assert!(
+        e.message.contains("dimension 3")
+            && e.message.contains("2048")
+            && e.message.contains("max-dims"),
+        "the refusal names the dimension, the limit and how to raise it: {e}"
+    );
+    refused(
+        infer(
+            &mut c,
+            2,
+            "det_small",
+            vec![zeros("x", DType::Float32, &[1, 3, 672, 64])],
+        ),
+        ErrorCode::TensorTooLarge,
+    );
+    refused(
+        infer(
+            &mut c,
+            3,
+            "digits",
+            vec![zeros("input", DType::Float32, &[4096, 64])],
+        ),
+        ErrorCode::TensorTooLarge,
+    );
+    match infer(
+        &mut c,
+        4,
+        "det_small",
+        vec![zeros("x", DType::Float32, &[1, 3, 640, 64])],
+    ) {
+        Outcome::Ok(_) => {}
+        other => panic!("{other:?}"),
+    }
+    drop(c);
+
+    let seen = bystander.stop();
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(2), 64 << 20);
 }
 
 /// Paths planted in the shared temporary directory, removed when dropped.
