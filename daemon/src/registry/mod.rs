@@ -1600,6 +1600,8 @@ impl LoadJob {
         let mut arena: Option<u64> = None;
         let mut pad_to: Vec<u32> = Vec::new();
         let warmup_dims = settings.warmup_dims.clone().unwrap_or_default();
+        // Whether the batch-1 warmup ran: its inputs then shrink the arena after large runs.
+        let mut warm_one = warm;
         for i in 0..instances {
             let prof = (i == 0 && warm).then_some(profile.as_path());
             let created = self.runtime.session_on(path, &opts, target_now, prof);
@@ -1680,6 +1682,7 @@ impl LoadJob {
                 sizes.dedup();
                 for rows in sizes {
                     if !warm_at(&mut session, rows)? {
+                        warm_one &= rows > 1;
                         break;
                     }
                 }
@@ -1732,7 +1735,15 @@ impl LoadJob {
             )
             .max()
             .unwrap_or(1);
-        apply_limits(&mut signature, settings, warm_rows)?;
+        let keep = apply_limits(&mut signature, settings, warm_rows)?;
+        for worker in &mut sessions {
+            let tidy = if warm_one {
+                crate::runtime::zero_inputs(&signature, 1, &warmup_dims).unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            worker.arena = crate::runtime::ArenaRelease::above(keep, tidy);
+        }
         let scheduler = Scheduler::start(
             &format!("{name}-{version}"),
             sessions,
@@ -2081,12 +2092,14 @@ impl Registry {
 }
 
 /// Sets what requests to `sig` may send (each input's `max_dims`, empty inputs allowed or
-/// not) from model.toml and the warmup shapes at `warm_rows` rows.
+/// not) from model.toml and the warmup shapes at `warm_rows` rows, and returns the input
+/// elements of that warmup run: runs larger than it give their arena growth back
+/// ([`crate::runtime::ArenaRelease`]).
 fn apply_limits(
     sig: &mut Signature,
     settings: &ModelSettings,
     warm_rows: u64,
-) -> Result<(), String> {
+) -> Result<u64, String> {
     let configured = settings.max_dims.clone().unwrap_or_default();
     if let Some(unknown) = configured
         .keys()
@@ -2097,15 +2110,17 @@ fn apply_limits(
         ));
     }
     let warmup_dims = settings.warmup_dims.clone().unwrap_or_default();
+    let mut elements = 0u64;
     for spec in &mut sig.inputs {
         let given = warmup_dims.get(&spec.name).map(Vec::as_slice);
         let warm = crate::runtime::warmup_shape(spec, warm_rows, given);
+        elements = elements.saturating_add(warm.iter().fold(1u64, |a, &d| a.saturating_mul(d)));
         spec.max_dims =
             crate::validate::max_dims(spec, &warm, configured.get(&spec.name).map(Vec::as_slice))
                 .map_err(|e| format!("model.toml: {e}"))?;
     }
     sig.allow_empty = settings.allow_empty_inputs.unwrap_or(false);
-    Ok(())
+    Ok(elements)
 }
 
 /// Drops models (joining their workers once their last request is done) and hands the freed

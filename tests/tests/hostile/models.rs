@@ -1,5 +1,5 @@
-//! What the repository and a request's shapes can do to the daemon: inputs that make ONNX
-//! Runtime abort, shapes over a model's limits, model files that vanish and come back, loads
+//! What a request's shapes and the repository can do to the daemon: inputs that make ONNX
+//! Runtime abort, shapes that grow its memory, model files that vanish and come back, loads
 //! that hang, and the files a load writes.
 
 use std::os::unix::fs::FileTypeExt;
@@ -214,6 +214,53 @@ fn request_shapes_are_bounded_per_model() {
 
     let seen = bystander.stop();
     assert_unharmed(&mut d, &before, &seen, Duration::from_secs(2), 64 << 20);
+}
+
+/// Regression (issue 19, item 10): one detector request with a large image grew ONNX
+/// Runtime's arena by hundreds of MiB and the daemon kept it, unaccounted. Memory a run needs
+/// beyond what the warmup shapes needed is given back once the model's worker is idle.
+#[test]
+fn a_limit_sized_request_gives_its_memory_back() {
+    let _serial = serial();
+    let repo = repo_with(&["ppocr_det"]);
+    let mut d = shared_daemon(repo.path(), "", &[]);
+    let mut c = nobody(&d);
+    // A request of an ordinary size first, so what is measured is what the large one adds.
+    match infer(
+        &mut c,
+        1,
+        "ppocr_det",
+        vec![zeros("x", DType::Float32, &[1, 3, 320, 320])],
+    ) {
+        Outcome::Ok(_) => {}
+        other => panic!("{other:?}"),
+    }
+    let before = before(&d);
+    let bystander = Bystander::start(&d.socket);
+
+    let side = 2048;
+    let x = f32_tensor(
+        "x",
+        &[1, 3, side, side],
+        &random_f32(3 * (side * side) as usize, 11),
+    );
+    let started = Instant::now();
+    match infer(&mut c, 2, "ppocr_det", vec![x]) {
+        Outcome::Ok(Reply::Infer(r)) => assert_eq!(r.outputs[0].shape, vec![1, 1, side, side]),
+        other => panic!("{other:?}"),
+    }
+    eprintln!(
+        "{side}x{side} detector request: {:?}, RSS {} MiB before, {} MiB after",
+        started.elapsed(),
+        before.rss >> 20,
+        rss(d.pid()) >> 20
+    );
+    drop(c);
+    // Given back after a second of idleness (`runtime::ARENA_IDLE`); the bystander goes on.
+    std::thread::sleep(Duration::from_secs(2));
+
+    let seen = bystander.stop();
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
 }
 
 /// Paths planted in the shared temporary directory, removed when dropped.
