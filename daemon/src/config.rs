@@ -739,6 +739,20 @@ mod tests {
     }
 
     #[test]
+    fn load_timeout_defaults_to_five_minutes_and_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("lib.so"), b"").unwrap();
+        let opts = opts_with(dir.path());
+        let cfg = resolve(FileConfig::default(), &opts, None).unwrap();
+        assert_eq!(cfg.load_timeout, Duration::from_secs(300));
+        assert_eq!(cfg.in_force()["load-timeout-secs"], "300");
+        let cfg = resolve(parse_file("load-timeout-secs = 20\n").unwrap(), &opts, None).unwrap();
+        assert_eq!(cfg.load_timeout, Duration::from_secs(20));
+        let err = resolve(parse_file("load-timeout-secs = 0\n").unwrap(), &opts, None).unwrap_err();
+        assert_eq!(err.0[0].key, "load-timeout-secs");
+    }
+
+    #[test]
     fn ort_library_resolution_order() {
         let dir = tempfile::tempdir().unwrap();
         let env_lib = dir.path().join("env.so");
