@@ -1491,6 +1491,10 @@ impl LoadJob {
         let vram0 = self.device_memory_used(device);
         let started = Instant::now();
         let built = self.build(name, version, path, settings, device);
+        if built.is_err() {
+            // A load that failed after profiling began leaves ORT's profile behind.
+            self.remove_profiles(name, version);
+        }
         let load_ms = started.elapsed().as_millis() as u64;
         crate::runtime::release_free_memory();
         let rss1 = crate::metrics::resident_bytes();
@@ -1500,6 +1504,17 @@ impl LoadJob {
             _ => 0,
         };
         (built, growth(rss0, rss1) + growth(vram0, vram1), load_ms)
+    }
+
+    /// Removes what ORT's profiler wrote for this version in the private directory.
+    fn remove_profiles(&self, name: &str, version: u64) {
+        let prefix = format!("profile-{name}-{version}_");
+        let dir = self.runtime.scratch_dir();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// Memory in use on a device as its driver reports it (NVIDIA through NVML); `None` for the

@@ -127,6 +127,7 @@ impl Runtime {
                 dir: base,
                 message: e.to_string(),
             })?;
+        tracing::debug!(dir = %scratch.path().display(), "private directory");
         let runtime = Runtime {
             env,
             library: library.to_path_buf(),

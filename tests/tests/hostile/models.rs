@@ -327,8 +327,21 @@ fn loads_write_nothing_at_predictable_paths_in_the_shared_tmp() {
     let tag = std::process::id();
     let (linked, piped) = (format!("trap{tag}l"), format!("trap{tag}f"));
     let repo = repo_with(&[]);
-    repo.link(&linked, 1, "sigmoid").link(&piped, 1, "mul_1");
-    let mut d = shared_daemon(repo.path(), "preload = [\"digits\"]\n", &[]);
+    repo.link(&linked, 1, "sigmoid")
+        .link(&piped, 1, "mul_1")
+        .write("broken", 1, b"not a model");
+    // The shared temporary directory is where the daemon would write, as it did.
+    let mut d = TestDaemon::start_env(
+        repo.path(),
+        &[("TMPDIR", &tmp.display().to_string())],
+        "preload = [\"digits\"]\n",
+        &["--socket-mode", "0666"],
+    );
+    std::fs::set_permissions(
+        d.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let before = before(&d);
     let bystander = Bystander::start(&d.socket);
 
@@ -354,6 +367,10 @@ fn loads_write_nothing_at_predictable_paths_in_the_shared_tmp() {
         ok(ask(&mut admin, id, Request::Load(model_ref(model))));
         assert!(t.elapsed() < Duration::from_secs(10), "{model}");
     }
+    refused(
+        ask(&mut admin, 3, Request::Load(model_ref("broken"))),
+        ErrorCode::LoadFailed,
+    );
 
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
     let found: Vec<PathBuf> = [&link_prefix, &fifo_prefix]
@@ -385,6 +402,29 @@ fn loads_write_nothing_at_predictable_paths_in_the_shared_tmp() {
 
     let seen = bystander.stop();
     assert_unharmed(&mut d, &before, &seen, Duration::from_secs(2), 64 << 20);
+
+    // Its own directory: private while it runs, gone once it stops.
+    let log = d.log_text();
+    let private = log
+        .lines()
+        .find(|l| l.contains("private directory"))
+        .and_then(|l| l.split("dir=").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .map(PathBuf::from)
+        .expect("the daemon logs its private directory");
+    assert!(private.starts_with(&tmp), "{}", private.display());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&private).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o700, "{}", private.display());
+    let kept: Vec<_> = std::fs::read_dir(&private)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(kept.is_empty(), "profiles are removed once read: {kept:?}");
+    assert!(d.terminate().success());
+    assert!(!private.exists(), "{} is left behind", private.display());
 }
 
 /// Regression (issue 19, item 3): a load that never finishes (here: a test hook that hangs
