@@ -226,9 +226,12 @@ pub fn prepare(
     };
     let key = blake3::hash(&[bytes.as_slice(), strategy.as_bytes()].concat());
     let file = format!("{name}-{version}-{}.onnx", &key.to_hex()[..16]);
+    // Never a shared directory: a compressed model found there would be served, and one
+    // written there could follow a planted symlink. Without a writable cache directory the
+    // daemon's private directory holds it until the daemon stops.
     let dirs = [
         cache_dir.join("compressed"),
-        std::env::temp_dir().join("rxd-compressed"),
+        runtime.scratch_dir().join("compressed"),
     ];
     for d in &dirs {
         let cached = d.join(&file);

@@ -54,6 +54,9 @@ pub struct FileConfig {
     pub queue_capacity: Option<u32>,
     pub shutdown_grace_secs: Option<u64>,
     pub watchdog_stuck_secs: Option<u64>,
+    /// Seconds a model load may take before it fails (model.toml `load-timeout-secs`
+    /// overrides it per model). Default 300.
+    pub load_timeout_secs: Option<u64>,
     pub log_level: Option<String>,
     /// Memory budget of the default (first) device; absent or 0 = unlimited.
     pub memory_budget: Option<ByteSize>,
@@ -180,6 +183,9 @@ pub struct Config {
     /// A worker on one batch for longer than this is stuck: health says so and the systemd
     /// watchdog pings stop.
     pub watchdog_stuck: Duration,
+    /// A load (session creation, compression, warmup) that takes longer fails; its thread is
+    /// left behind, so no load can hold the registry or shutdown.
+    pub load_timeout: Duration,
     pub log_level: String,
     /// Devices, the default one first.
     pub devices: Vec<Device>,
@@ -243,6 +249,7 @@ impl Config {
             "watchdog-stuck-secs",
             self.watchdog_stuck.as_secs().to_string(),
         );
+        put("load-timeout-secs", self.load_timeout.as_secs().to_string());
         put("log-level", self.log_level.clone());
         put("preload", self.preload.join(","));
         put("load-on-demand", self.load_on_demand.to_string());
@@ -584,6 +591,17 @@ pub fn resolve(
 
     let shutdown_grace = Duration::from_secs(file.shutdown_grace_secs.unwrap_or(30));
     let watchdog_stuck = Duration::from_secs(file.watchdog_stuck_secs.unwrap_or(120).max(1));
+    let load_timeout = match file.load_timeout_secs {
+        None => Duration::from_secs(300),
+        Some(n @ 1..=86400) => Duration::from_secs(n),
+        Some(n) => {
+            bad(
+                "load-timeout-secs",
+                format!("{n} is out of range 1..=86400"),
+            );
+            Duration::from_secs(300)
+        }
+    };
     let log_level = opts
         .log_level
         .clone()
@@ -745,6 +763,7 @@ pub fn resolve(
         queue_capacity,
         shutdown_grace,
         watchdog_stuck,
+        load_timeout,
         log_level,
         devices,
         preload,
@@ -810,6 +829,20 @@ mod tests {
                 "max-frame-bytes"
             ]
         );
+    }
+
+    #[test]
+    fn load_timeout_defaults_to_five_minutes_and_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("lib.so"), b"").unwrap();
+        let opts = opts_with(dir.path());
+        let cfg = resolve(FileConfig::default(), &opts, None).unwrap();
+        assert_eq!(cfg.load_timeout, Duration::from_secs(300));
+        assert_eq!(cfg.in_force()["load-timeout-secs"], "300");
+        let cfg = resolve(parse_file("load-timeout-secs = 20\n").unwrap(), &opts, None).unwrap();
+        assert_eq!(cfg.load_timeout, Duration::from_secs(20));
+        let err = resolve(parse_file("load-timeout-secs = 0\n").unwrap(), &opts, None).unwrap_err();
+        assert_eq!(err.0[0].key, "load-timeout-secs");
     }
 
     #[test]

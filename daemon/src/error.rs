@@ -68,7 +68,9 @@ impl RequestError {
                 | RuntimeError::Session { .. }
                 | RuntimeError::Unsupported { .. },
             ) => ErrorCode::LoadFailed,
-            RequestError::Internal(_) => ErrorCode::Internal,
+            RequestError::Runtime(RuntimeError::Scratch { .. }) | RequestError::Internal(_) => {
+                ErrorCode::Internal
+            }
         }
     }
 

@@ -103,6 +103,7 @@ pub fn prepare(
             devices: config.devices.clone(),
             load_on_demand: config.load_on_demand,
             cache_dir: config.cache_directory.clone(),
+            load_timeout: config.load_timeout,
         },
     );
     Ok(Arc::new(Shared {
@@ -127,9 +128,15 @@ pub async fn run(
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
     let s = shared.clone();
-    tokio::task::spawn_blocking(move || s.registry.preload(&s.config.preload))
-        .await
-        .map_err(std::io::Error::other)??;
+    let preload = tokio::task::spawn_blocking(move || s.registry.preload(&s.config.preload));
+    tokio::select! {
+        done = preload => done.map_err(std::io::Error::other)??,
+        // Loads are bounded by their deadline, but SIGTERM need not wait for it.
+        () = shutdown.cancelled() => {
+            tracing::info!("stopping before the preloads finished");
+            return Ok(());
+        }
+    }
     let (ready, failed) = shared.registry.counts();
     tracing::info!(
         socket = %shared.config.socket.display(),

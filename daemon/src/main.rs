@@ -449,6 +449,9 @@ fn serve(opts: &ServeOpts, activation: (Option<u32>, Option<u32>)) -> ExitCode {
         let listener = tokio::net::UnixListener::from_std(std_listener)?;
         rxd::run(shared, listener, shutdown).await
     });
+    // A load past its deadline leaves its thread behind (and the blocking task that waited
+    // for it returns at the deadline): stopping must not wait for either.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
     // A socket passed by systemd belongs to the socket unit: leave its file alone.
     if owns_socket {
         let _ = std::fs::remove_file(&socket);

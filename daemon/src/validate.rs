@@ -1,11 +1,15 @@
-//! Checks an inference request against a model's signature before any work is queued.
+//! Checks an inference request against a model's signature before any work is queued, and
+//! computes the per-input dimension limits a model's requests are held to.
 //!
 //! Pure: no IO, no ORT. Every rejection carries its wire code; a request that passes has one
-//! tensor per model input with the right dtype, rank, fixed dimensions and byte length.
+//! tensor per model input with the right dtype, rank, fixed dimensions and byte length, no
+//! zero-sized dimension (unless the model allows empty inputs: ONNX Runtime's kernels abort
+//! the process on some, e.g. Silero VAD's LSTM on a zero batch) and every dimension within the
+//! input's limit.
 
 use std::sync::Arc;
 
-use rxd_protocol::{ArenaRef, ErrorCode, InferRequest, TensorData, WireError};
+use rxd_protocol::{ArenaRef, ErrorCode, InferRequest, TensorData, TensorSpec, WireError};
 use rxd_shm::Mapping;
 
 use crate::runtime::{InputData, InputTensor, OutputTarget, Placement, Signature};
@@ -76,22 +80,7 @@ pub fn check(
                 format!("input '{}' must be {}, got {}", t.name, spec.dtype, t.dtype),
             ));
         }
-        let fits = t.shape.len() == spec.dims.len()
-            && t.shape
-                .iter()
-                .zip(&spec.dims)
-                .all(|(&got, &want)| want < 0 || got == want as u64);
-        if !fits {
-            return Err(WireError::new(
-                ErrorCode::ShapeMismatch,
-                format!(
-                    "input '{}' must have shape {} (-1 = any), got {:?}",
-                    t.name,
-                    dims_text(&spec.dims),
-                    t.shape
-                ),
-            ));
-        }
+        check_shape(spec, &t.shape, sig.allow_empty)?;
         let data = match t.data {
             TensorData::Inline(b) => InputData::Inline(b),
             TensorData::Arena(r) => {
@@ -229,6 +218,104 @@ fn place(
     })
 }
 
+/// An input's shape against its spec: rank and fixed dimensions (`shape_mismatch`), no
+/// zero-sized dimension unless `allow_empty` (`shape_mismatch`), every dimension within the
+/// input's `max_dims` (`tensor_too_large`).
+fn check_shape(spec: &TensorSpec, shape: &[u64], allow_empty: bool) -> Result<(), WireError> {
+    let fits = shape.len() == spec.dims.len()
+        && shape
+            .iter()
+            .zip(&spec.dims)
+            .all(|(&got, &want)| want < 0 || got == want as u64);
+    if !fits {
+        return Err(WireError::new(
+            ErrorCode::ShapeMismatch,
+            format!(
+                "input '{}' must have shape {} (-1 = any), got {shape:?}",
+                spec.name,
+                dims_text(&spec.dims),
+            ),
+        ));
+    }
+    for (i, &got) in shape.iter().enumerate() {
+        if got == 0 && !allow_empty {
+            return Err(WireError::new(
+                ErrorCode::ShapeMismatch,
+                format!(
+                    "input '{}' has size 0 in dimension {i} ({shape:?}): empty inputs are refused \
+                     (ONNX Runtime aborts on some; model.toml allow-empty-inputs = true lets \
+                     them through)",
+                    spec.name
+                ),
+            ));
+        }
+        if let Some(&max) = spec.max_dims.get(i)
+            && got > max
+        {
+            return Err(WireError::new(
+                ErrorCode::TensorTooLarge,
+                format!(
+                    "input '{}' dimension {i} is {got}, over this model's limit of {max} \
+                     (limits {:?}; model.toml max-dims raises them)",
+                    spec.name, spec.max_dims
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A dynamic dimension's default limit is this many times its largest warmup size...
+pub const DIM_LIMIT_FACTOR: u64 = 8;
+/// ...and never less than this: PP-OCR detector images of 960–1280 px and recognizer crops
+/// 48 × up to ~2000 px pass, so do batches of up to 2048 rows.
+pub const DIM_LIMIT_FLOOR: u64 = 2048;
+
+/// The largest size each dimension of `spec` accepts: a fixed dimension its own size; a
+/// dynamic one what model.toml `max-dims` gives for it (a positive number; 0 or -1 = the
+/// default), by default `max(DIM_LIMIT_FLOOR, DIM_LIMIT_FACTOR × warm[i])`, where `warm` is
+/// the input's largest warmup shape (the batch size in a dynamic first dimension). Errors name
+/// what is wrong with the configured limits.
+pub fn max_dims(
+    spec: &TensorSpec,
+    warm: &[u64],
+    configured: Option<&[i64]>,
+) -> Result<Vec<u64>, String> {
+    if let Some(c) = configured
+        && c.len() != spec.dims.len()
+    {
+        return Err(format!(
+            "max-dims for '{}' has {} dimensions, the input has {} ({})",
+            spec.name,
+            c.len(),
+            spec.dims.len(),
+            dims_text(&spec.dims)
+        ));
+    }
+    spec.dims
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| {
+            let given = configured
+                .and_then(|c| c.get(i))
+                .copied()
+                .filter(|&g| g > 0);
+            match (d, given) {
+                (d, Some(g)) if d >= 0 && g != d => Err(format!(
+                    "max-dims for '{}' gives {g} for dimension {i}, which is fixed at {d}",
+                    spec.name
+                )),
+                (d, _) if d >= 0 => Ok(d as u64),
+                (_, Some(g)) => Ok(g as u64),
+                (_, None) => {
+                    let w = warm.get(i).copied().unwrap_or(0);
+                    Ok(w.saturating_mul(DIM_LIMIT_FACTOR).max(DIM_LIMIT_FLOOR))
+                }
+            }
+        })
+        .collect()
+}
+
 fn dims_text(dims: &[i64]) -> String {
     let parts: Vec<String> = dims.iter().map(i64::to_string).collect();
     format!("[{}]", parts.join(", "))
@@ -237,21 +324,26 @@ fn dims_text(dims: &[i64]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rxd_protocol::{DType, Tensor, TensorSpec};
+    use rxd_protocol::{DType, Tensor};
 
-    fn sig() -> Signature {
-        let spec = |name: &str, dtype, dims: Vec<i64>| TensorSpec {
+    fn spec(name: &str, dtype: DType, dims: Vec<i64>) -> TensorSpec {
+        TensorSpec {
             name: name.into(),
             dtype,
             dim_names: dims.iter().map(|_| String::new()).collect(),
             dims,
-        };
+            max_dims: Vec::new(),
+        }
+    }
+
+    fn sig() -> Signature {
         Signature {
             inputs: vec![
                 spec("x", DType::Float32, vec![-1, 3]),
                 spec("sr", DType::Int64, vec![]),
             ],
             outputs: vec![spec("y", DType::Float32, vec![-1])],
+            allow_empty: false,
         }
     }
 
@@ -333,5 +425,72 @@ mod tests {
         let mut r = req(vec![x(1), sr()]);
         r.outputs = vec!["nope".into()];
         assert_eq!(code(check_(&sig(), r)), ErrorCode::UnknownOutput);
+    }
+
+    #[test]
+    fn empty_inputs_are_refused_unless_the_model_allows_them() {
+        let e = check_(&sig(), req(vec![x(0), sr()])).unwrap_err();
+        assert_eq!(e.kind(), Some(ErrorCode::ShapeMismatch));
+        assert!(
+            e.message.contains("'x'") && e.message.contains("dimension 0"),
+            "{e}"
+        );
+        let mut open = sig();
+        open.allow_empty = true;
+        assert!(check_(&open, req(vec![x(0), sr()])).is_ok());
+    }
+
+    #[test]
+    fn dimensions_over_the_limit_or_past_int64_are_too_large() {
+        let mut limited = sig();
+        limited.inputs[0].max_dims = vec![4, 3];
+        assert!(check_(&limited, req(vec![x(4), sr()])).is_ok());
+        let e = check_(&limited, req(vec![x(5), sr()])).unwrap_err();
+        assert_eq!(e.kind(), Some(ErrorCode::TensorTooLarge));
+        assert!(
+            e.message.contains("dimension 0 is 5") && e.message.contains("max-dims"),
+            "{e}"
+        );
+        // Zero elements in all, but a dimension ONNX Runtime cannot represent.
+        let mut open = sig();
+        open.inputs[0] = spec("x", DType::Float32, vec![-1, -1]);
+        open.allow_empty = true;
+        let huge = Tensor::inline("x", DType::Float32, vec![1 << 63, 0], vec![]);
+        assert_eq!(
+            code(check_(&open, req(vec![huge, sr()]))),
+            ErrorCode::TensorTooLarge
+        );
+    }
+
+    #[test]
+    fn default_limits_follow_the_warmup_with_a_floor() {
+        let det = spec("x", DType::Float32, vec![-1, 3, -1, -1]);
+        // Warmed at 32 rows of 32 × 32: the floor.
+        assert_eq!(
+            max_dims(&det, &[32, 3, 32, 32], None).unwrap(),
+            vec![2048, 3, 2048, 2048]
+        );
+        // Warmed at 640 × 960: eight times that.
+        assert_eq!(
+            max_dims(&det, &[1, 3, 640, 960], None).unwrap(),
+            vec![2048, 3, 5120, 7680]
+        );
+        // Configured; 0 and -1 keep the default; fixed dimensions must stay as they are.
+        assert_eq!(
+            max_dims(&det, &[1, 3, 32, 32], Some(&[4, 3, 0, 640])).unwrap(),
+            vec![4, 3, 2048, 640]
+        );
+        assert_eq!(
+            max_dims(&det, &[1, 3, 32, 32], Some(&[4, -1, -1, -1])).unwrap(),
+            vec![4, 3, 2048, 2048]
+        );
+        assert!(max_dims(&det, &[1, 3, 32, 32], Some(&[4, 4, 0, 0])).is_err());
+        assert!(max_dims(&det, &[1, 3, 32, 32], Some(&[4, 3])).is_err());
+        // Scalars have no dimensions to limit.
+        assert!(
+            max_dims(&spec("sr", DType::Int64, vec![]), &[], None)
+                .unwrap()
+                .is_empty()
+        );
     }
 }

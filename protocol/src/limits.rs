@@ -13,6 +13,8 @@ pub const MAX_NAME_LEN: usize = 1024;
 pub const MAX_RANK: usize = 32;
 /// Most tensors (inputs or requested outputs) in one request.
 pub const MAX_TENSORS: usize = 1024;
+/// Largest size of one dimension: ONNX Runtime's dimensions are `int64`.
+pub const MAX_DIM: u64 = i64::MAX as u64;
 /// Largest single tensor, in bytes.
 pub const MAX_TENSOR_BYTES: u64 = 1 << 34;
 /// Default number of requests in flight per connection.

@@ -329,9 +329,9 @@ impl Tensor {
         element_count(&self.shape)
     }
 
-    /// Checks the limits that do not depend on a model: name length, rank, element count, and
-    /// that an inline tensor's byte length equals element count × dtype size. Returns the
-    /// expected byte length.
+    /// Checks the limits that do not depend on a model: name length, rank, dimension sizes,
+    /// element count, and that an inline tensor's byte length equals element count × dtype
+    /// size. Returns the expected byte length.
     pub fn check(&self) -> Result<u64, WireError> {
         if self.name.len() > limits::MAX_NAME_LEN {
             return Err(WireError::new(
@@ -347,6 +347,21 @@ impl Tensor {
                     self.name,
                     self.shape.len(),
                     limits::MAX_RANK
+                ),
+            ));
+        }
+        if let Some((i, d)) = self
+            .shape
+            .iter()
+            .enumerate()
+            .find(|&(_, &d)| d > limits::MAX_DIM)
+        {
+            return Err(WireError::new(
+                ErrorCode::TensorTooLarge,
+                format!(
+                    "tensor '{}' dimension {i} is {d}, more than a dimension can be ({})",
+                    self.name,
+                    limits::MAX_DIM
                 ),
             ));
         }
@@ -660,6 +675,10 @@ pub struct TensorSpec {
     pub dims: Vec<i64>,
     /// Symbolic names of dimensions ("" where none), same length as `dims`.
     pub dim_names: Vec<String>,
+    /// Inputs: the largest size the daemon accepts in each dimension (a fixed dimension's own
+    /// size); empty for outputs and where no limit applies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub max_dims: Vec<u64>,
 }
 
 /// What the daemon is and what it serves.

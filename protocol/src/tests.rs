@@ -183,6 +183,14 @@ fn tensor_checks() {
         overflow.check().unwrap_err().kind(),
         Some(ErrorCode::TensorTooLarge)
     );
+    // Zero elements, but a dimension ONNX Runtime cannot represent (its dims are int64).
+    let huge_dim = Tensor::inline("x", DType::Float32, vec![1 << 63, 0], vec![]);
+    assert_eq!(
+        huge_dim.check().unwrap_err().kind(),
+        Some(ErrorCode::TensorTooLarge)
+    );
+    let widest = Tensor::inline("x", DType::Float32, vec![limits::MAX_DIM, 0], vec![]);
+    assert_eq!(widest.check().unwrap(), 0);
     let deep = Tensor::inline("x", DType::Uint8, vec![1; limits::MAX_RANK + 1], vec![0]);
     assert_eq!(
         deep.check().unwrap_err().kind(),

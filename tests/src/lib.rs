@@ -201,6 +201,9 @@ impl TestDaemon {
             .arg("--log-level")
             .arg("debug")
             .args(extra)
+            // The daemon's private directory goes in the test's own, which is removed with
+            // it (a daemon killed with SIGKILL cannot remove it itself).
+            .env("TMPDIR", dir.path())
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

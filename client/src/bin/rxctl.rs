@@ -901,7 +901,12 @@ fn spec_text(t: &TensorSpec) -> String {
             _ => "?".into(),
         })
         .collect();
-    format!("{:<24} {:<8} [{}]", t.name, t.dtype.name(), dims.join(", "))
+    let text = format!("{:<24} {:<8} [{}]", t.name, t.dtype.name(), dims.join(", "));
+    if t.max_dims.is_empty() {
+        return text;
+    }
+    let max: Vec<String> = t.max_dims.iter().map(u64::to_string).collect();
+    format!("{text}  at most [{}]", max.join(", "))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -96,6 +96,17 @@ pub struct ModelSettings {
     /// When its device's execution provider cannot be created, run on the CPU instead
     /// (health: degraded) rather than failing. Default: the device's `cpu-fallback`.
     pub cpu_fallback: Option<bool>,
+    /// The largest size each input dimension may have in a request, by input name, e.g.
+    /// `{ x = [8, 3, 1280, 1280] }` (0 or -1: the default for that dimension). Default for a
+    /// dynamic dimension: 8 × its largest warmup size, at least 2048 (`validate::max_dims`).
+    /// Larger requests are refused with `tensor_too_large` before they reach ONNX Runtime.
+    pub max_dims: Option<HashMap<String, Vec<i64>>>,
+    /// Let inputs with a zero-sized dimension through validation. Default false: ONNX
+    /// Runtime's kernels abort the whole process on some (Silero VAD's LSTM on a zero batch).
+    pub allow_empty_inputs: Option<bool>,
+    /// Seconds a load (session creation, compression, warmup) may take before it fails with
+    /// `load_failed`; default: the daemon's `load-timeout-secs`.
+    pub load_timeout_secs: Option<u64>,
     /// Serve a compressed form of the model (`int8-weights`, `dynamic-int8`, `fp16`,
     /// `prune:S`, joined with `+`): compressed when loaded (cached in the cache directory),
     /// checked against the original on random inputs, used only if it agrees (cosine and
@@ -131,7 +142,10 @@ impl ModelSettings {
             warmup,
             warmup_dims,
             cpu_fallback,
-            compress
+            compress,
+            max_dims,
+            allow_empty_inputs,
+            load_timeout_secs
         )
     }
 }
@@ -210,6 +224,9 @@ impl ModelSettings {
                 if s.queue_capacity == Some(0) {
                     return Err("model.toml: queue-capacity must be at least 1".into());
                 }
+                if s.load_timeout_secs == Some(0) {
+                    return Err("model.toml: load-timeout-secs must be at least 1".into());
+                }
                 match &s.version_policy {
                     Some(VersionPolicy::Named(n)) if n != "latest" && n != "all" => {
                         return Err(format!(
@@ -241,6 +258,8 @@ pub struct Defaults {
     pub load_on_demand: bool,
     /// Where engine caches go.
     pub cache_dir: PathBuf,
+    /// How long a load may take (model.toml `load-timeout-secs` overrides it per model).
+    pub load_timeout: std::time::Duration,
 }
 
 /// The batch sizes a model's batches are padded up to: the configured list (sorted, without
@@ -484,6 +503,36 @@ struct Version {
     overrides: ModelSettings,
     loads: u64,
     evictions: u64,
+    /// For a failed version: its files as they were when it failed. A rescan that finds them
+    /// changed (put back, replaced, model.toml edited) makes it available again.
+    failed_files: Option<FileStamp>,
+}
+
+/// What identifies a version's files: model.onnx (symlinks followed) and model.toml, each by
+/// device, inode, size and modification time; `None` parts are missing files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    model: Option<(u64, u64, u64, i64, i64)>,
+    settings: Option<(u64, u64, u64, i64, i64)>,
+}
+
+impl FileStamp {
+    fn of(model: &Path) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        let stamp = |p: &Path| {
+            std::fs::metadata(p)
+                .ok()
+                .map(|m| (m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
+        };
+        let toml = model
+            .parent()
+            .and_then(Path::parent)
+            .map(|dir| dir.join("model.toml"));
+        FileStamp {
+            model: stamp(model),
+            settings: toml.as_deref().and_then(stamp),
+        }
+    }
 }
 
 impl Version {
@@ -504,6 +553,7 @@ impl Version {
             overrides: ModelSettings::default(),
             loads: 0,
             evictions: 0,
+            failed_files: None,
         }
     }
 
@@ -743,7 +793,7 @@ impl Registry {
             !m.versions.is_empty() || found.contains_key(name)
         });
         for (name, (settings, versions)) in found {
-            let model = models.entry(name).or_insert_with(|| Model {
+            let model = models.entry(name.clone()).or_insert_with(|| Model {
                 settings: Ok(ModelSettings::default()),
                 versions: BTreeMap::new(),
             });
@@ -752,11 +802,22 @@ impl Registry {
                 v.on_disk = false;
             }
             for (num, path) in versions {
-                model
+                let ver = model
                     .versions
                     .entry(num)
-                    .or_insert_with(|| Version::new(path))
-                    .on_disk = true;
+                    .or_insert_with(|| Version::new(path));
+                ver.on_disk = true;
+                // A version that failed is not retried on every request, but its files coming
+                // back or changing (a model removed and put back, fixed, or its model.toml
+                // edited) makes it available again.
+                if ver.state == ModelState::Failed
+                    && ver.failed_files.as_ref() != Some(&FileStamp::of(&ver.path))
+                {
+                    tracing::info!(model = %name, version = num, "its files changed: available again");
+                    ver.state = ModelState::Available;
+                    ver.error = None;
+                    ver.failed_files = None;
+                }
             }
         }
         Ok(())
@@ -913,6 +974,16 @@ impl Registry {
             }
             _ => {}
         }
+        // A version whose file is gone (removed since the last scan, or by a reload under
+        // way) is not loaded: that would only mark it failed, and keep it so once the file is
+        // back. The next rescan forgets it or finds it again.
+        if !ver.path.is_file() {
+            ver.on_disk = false;
+            return Err(RequestError::UnknownVersion {
+                model: name.into(),
+                version,
+            });
+        }
         let settings = match settings {
             Ok(s) => Ok(s.merged(&ver.overrides)),
             Err(e) => Err(e),
@@ -922,6 +993,7 @@ impl Registry {
             Err(message) => {
                 ver.state = ModelState::Failed;
                 ver.error = Some(message.clone());
+                ver.failed_files = Some(FileStamp::of(&ver.path));
                 return Err(RequestError::LoadFailed {
                     model: name.into(),
                     version,
@@ -1227,6 +1299,9 @@ impl Registry {
             };
             ver.error = Some(message.clone());
             ver.slot = None;
+            if ver.state == ModelState::Failed {
+                ver.failed_files = Some(FileStamp::of(&ver.path));
+            }
         }
         tracing::warn!(model = %name, version, "{message}");
         let err = match code {
@@ -1294,11 +1369,12 @@ impl Registry {
         out
     }
 
-    /// Primes the device, builds the version and measures what it keeps: resident-set growth
-    /// with freed heap returned to the kernel before and after (so the difference is what the
-    /// model keeps, not the load's transient peak or reuse of someone else's pages), plus
-    /// device memory growth where the driver reports it (NVML). Call under `load_lock`.
-    /// Returns the build, the bytes it grew by, and its time in ms.
+    /// Runs [`LoadJob::measured_build`] on a thread of its own and waits for it until the
+    /// load's deadline (model.toml `load-timeout-secs`, else the daemon's). Call under
+    /// `load_lock`. Past the deadline the load fails ("timed out after N s") and the caller
+    /// releases the lock and the registry slot as for any failure; the thread is left behind
+    /// (detached): it still holds what it was building — sessions, their memory, unaccounted —
+    /// and drops it if it ever finishes. Shutdown does not wait for it.
     fn measured_build(
         &self,
         name: &str,
@@ -1307,21 +1383,57 @@ impl Registry {
         settings: &ModelSettings,
         device: &str,
     ) -> (Result<LoadedModel, String>, u64, u64) {
-        self.prime(device);
-        crate::runtime::release_free_memory();
-        let rss0 = crate::metrics::resident_bytes();
-        let vram0 = self.device_memory_used(device);
-        let started = Instant::now();
-        let built = self.build(name, version, path, settings, device);
-        let load_ms = started.elapsed().as_millis() as u64;
-        crate::runtime::release_free_memory();
-        let rss1 = crate::metrics::resident_bytes();
-        let vram1 = self.device_memory_used(device);
-        let growth = |a: Option<u64>, b: Option<u64>| match (a, b) {
-            (Some(a), Some(b)) => b.saturating_sub(a),
-            _ => 0,
+        let limit = settings
+            .load_timeout_secs
+            .map_or(self.defaults.load_timeout, std::time::Duration::from_secs);
+        let job = LoadJob {
+            runtime: self.runtime.clone(),
+            defaults: self.defaults.clone(),
+            metrics: self.model_metrics(name, version),
+            epoch: self.epoch,
         };
-        (built, growth(rss0, rss1) + growth(vram0, vram1), load_ms)
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (name_, path_, settings_, device_) = (
+            name.to_string(),
+            path.to_path_buf(),
+            settings.clone(),
+            device.to_string(),
+        );
+        let started = Instant::now();
+        let spawned = std::thread::Builder::new()
+            .name(format!("rxd-load-{name}"))
+            .spawn(move || {
+                let built = job.measured_build(&name_, version, &path_, &settings_, &device_);
+                // Nobody waits any more (past the deadline): the build is dropped here.
+                let _ = tx.send(built);
+            });
+        if let Err(e) = spawned {
+            return (Err(format!("cannot start a load thread: {e}")), 0, 0);
+        }
+        match rx.recv_timeout(limit) {
+            Ok(built) => built,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                tracing::error!(
+                    model = %name,
+                    version,
+                    "the load did not finish within {} s; its thread is left behind",
+                    limit.as_secs()
+                );
+                (
+                    Err(format!(
+                        "timed out after {} s (load-timeout-secs)",
+                        limit.as_secs()
+                    )),
+                    0,
+                    started.elapsed().as_millis() as u64,
+                )
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => (
+                Err("the load thread ended without a result".into()),
+                0,
+                started.elapsed().as_millis() as u64,
+            ),
+        }
     }
 
     /// Makes `loaded` the version's resident model with its measured footprint; returns the
@@ -1346,6 +1458,63 @@ impl Registry {
         crate::metrics::Metrics::inc(&m.loads);
         m.load_us.fetch_add(load_ms * 1000, Ordering::Relaxed);
         old
+    }
+}
+
+/// What a load needs, owned, so that it can run on a thread of its own and be left behind
+/// when it passes its deadline (see [`Registry::measured_build`]).
+struct LoadJob {
+    runtime: Arc<Runtime>,
+    defaults: Defaults,
+    metrics: Arc<crate::metrics::ModelMetrics>,
+    epoch: Instant,
+}
+
+impl LoadJob {
+    /// Primes the device, builds the version and measures what it keeps: resident-set growth
+    /// with freed heap returned to the kernel before and after (so the difference is what the
+    /// model keeps, not the load's transient peak or reuse of someone else's pages), plus
+    /// device memory growth where the driver reports it (NVML). Runs on the load's own thread
+    /// while [`Registry::measured_build`] holds `load_lock`. Returns the build, the bytes it
+    /// grew by, and its time in ms.
+    fn measured_build(
+        &self,
+        name: &str,
+        version: u64,
+        path: &Path,
+        settings: &ModelSettings,
+        device: &str,
+    ) -> (Result<LoadedModel, String>, u64, u64) {
+        self.prime(device);
+        crate::runtime::release_free_memory();
+        let rss0 = crate::metrics::resident_bytes();
+        let vram0 = self.device_memory_used(device);
+        let started = Instant::now();
+        let built = self.build(name, version, path, settings, device);
+        if built.is_err() {
+            // A load that failed after profiling began leaves ORT's profile behind.
+            self.remove_profiles(name, version);
+        }
+        let load_ms = started.elapsed().as_millis() as u64;
+        crate::runtime::release_free_memory();
+        let rss1 = crate::metrics::resident_bytes();
+        let vram1 = self.device_memory_used(device);
+        let growth = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => b.saturating_sub(a),
+            _ => 0,
+        };
+        (built, growth(rss0, rss1) + growth(vram0, vram1), load_ms)
+    }
+
+    /// Removes what ORT's profiler wrote for this version in the private directory.
+    fn remove_profiles(&self, name: &str, version: u64) {
+        let prefix = format!("profile-{name}-{version}_");
+        let dir = self.runtime.scratch_dir();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// Memory in use on a device as its driver reports it (NVIDIA through NVML); `None` for the
@@ -1400,6 +1569,17 @@ impl Registry {
             None => (path.to_path_buf(), None),
         };
         let path = path.as_path();
+        // Test hook (ARCHITECTURE.md): RXD_TEST_LOAD_HANG=<model name prefix> makes that
+        // model's loads hang here, as a load blocked on a FIFO at its profile path did.
+        if std::env::var("RXD_TEST_LOAD_HANG")
+            .ok()
+            .is_some_and(|p| !p.is_empty() && name.starts_with(&p))
+        {
+            tracing::warn!(model = %name, "test hook: this load hangs now");
+            loop {
+                std::thread::park();
+            }
+        }
         let opts = SessionOptions {
             intra_op_threads: settings
                 .intra_op_threads
@@ -1421,7 +1601,11 @@ impl Registry {
         };
         let warm = settings.warmup.unwrap_or(true);
         // The first instance's warmup is profiled to learn which EP runs each node.
-        let profile = std::env::temp_dir().join(format!("rxd-profile-{name}-{version}"));
+        // In the daemon's private directory: never at a predictable path of a shared one.
+        let profile = self
+            .runtime
+            .scratch_dir()
+            .join(format!("profile-{name}-{version}"));
         let mut actual = device.to_string();
         let mut target_now = target;
         let mut fallback: Option<String> = None;
@@ -1431,6 +1615,8 @@ impl Registry {
         let mut arena: Option<u64> = None;
         let mut pad_to: Vec<u32> = Vec::new();
         let warmup_dims = settings.warmup_dims.clone().unwrap_or_default();
+        // Whether the batch-1 warmup ran: its inputs then shrink the arena after large runs.
+        let mut warm_one = warm;
         for i in 0..instances {
             let prof = (i == 0 && warm).then_some(profile.as_path());
             let created = self.runtime.session_on(path, &opts, target_now, prof);
@@ -1511,6 +1697,7 @@ impl Registry {
                 sizes.dedup();
                 for rows in sizes {
                     if !warm_at(&mut session, rows)? {
+                        warm_one &= rows > 1;
                         break;
                     }
                 }
@@ -1551,7 +1738,27 @@ impl Registry {
             sessions.push(worker);
             signature = Some(sig);
         }
-        let signature = signature.ok_or("no instances")?;
+        let mut signature = signature.ok_or("no instances")?;
+        // The largest batch any warmup ran (or would run, with warmup off).
+        let warm_rows = pad_to
+            .iter()
+            .map(|&b| u64::from(b))
+            .chain([1])
+            .chain(
+                (batchable(&signature) && sched_settings.max_batch_rows > 1)
+                    .then_some(u64::from(sched_settings.max_batch_rows)),
+            )
+            .max()
+            .unwrap_or(1);
+        let keep = apply_limits(&mut signature, settings, warm_rows)?;
+        for worker in &mut sessions {
+            let tidy = if warm_one {
+                crate::runtime::zero_inputs(&signature, 1, &warmup_dims).unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            worker.arena = crate::runtime::ArenaRelease::above(keep, tidy);
+        }
         let scheduler = Scheduler::start(
             &format!("{name}-{version}"),
             sessions,
@@ -1559,7 +1766,7 @@ impl Registry {
             pad_to,
             batchable(&signature),
             settings.default_priority.unwrap_or(0),
-            self.model_metrics(name, version),
+            self.metrics.clone(),
         );
         let coalescer = Coalescer::new(
             settings
@@ -1577,14 +1784,16 @@ impl Registry {
             placement,
             scheduler,
             coalescer,
-            last_used: AtomicU64::new(self.now_ms()),
+            last_used: AtomicU64::new(self.epoch.elapsed().as_millis() as u64),
             epoch: self.epoch,
             arena_bytes: arena,
-            metrics: self.model_metrics(name, version),
+            metrics: self.metrics.clone(),
             compression,
         })
     }
+}
 
+impl Registry {
     /// Unloads a version (default: every loaded version). Requests already holding it finish.
     pub fn unload(&self, name: &str, version: Option<u64>) -> Result<ModelSummary, RequestError> {
         let dropped;
@@ -1895,6 +2104,38 @@ impl Registry {
             evictions: ver.evictions,
         }
     }
+}
+
+/// Sets what requests to `sig` may send (each input's `max_dims`, empty inputs allowed or
+/// not) from model.toml and the warmup shapes at `warm_rows` rows, and returns the input
+/// elements of that warmup run: runs larger than it give their arena growth back
+/// ([`crate::runtime::ArenaRelease`]).
+fn apply_limits(
+    sig: &mut Signature,
+    settings: &ModelSettings,
+    warm_rows: u64,
+) -> Result<u64, String> {
+    let configured = settings.max_dims.clone().unwrap_or_default();
+    if let Some(unknown) = configured
+        .keys()
+        .find(|k| !sig.inputs.iter().any(|s| &s.name == *k))
+    {
+        return Err(format!(
+            "model.toml: max-dims names '{unknown}', which is not an input"
+        ));
+    }
+    let warmup_dims = settings.warmup_dims.clone().unwrap_or_default();
+    let mut elements = 0u64;
+    for spec in &mut sig.inputs {
+        let given = warmup_dims.get(&spec.name).map(Vec::as_slice);
+        let warm = crate::runtime::warmup_shape(spec, warm_rows, given);
+        elements = elements.saturating_add(warm.iter().fold(1u64, |a, &d| a.saturating_mul(d)));
+        spec.max_dims =
+            crate::validate::max_dims(spec, &warm, configured.get(&spec.name).map(Vec::as_slice))
+                .map_err(|e| format!("model.toml: {e}"))?;
+    }
+    sig.allow_empty = settings.allow_empty_inputs.unwrap_or(false);
+    Ok(elements)
 }
 
 /// Drops models (joining their workers once their last request is done) and hands the freed

@@ -39,6 +39,8 @@ pub enum RuntimeError {
     Abandoned,
     #[error("the deadline passed before the request could run")]
     DeadlineExceeded,
+    #[error("cannot create a private directory in {dir}: {message}")]
+    Scratch { dir: PathBuf, message: String },
     #[error("{target} holds {available} bytes, {needed} needed")]
     OutputTooSmall {
         target: String,
@@ -58,6 +60,11 @@ pub struct Runtime {
     /// device's one-time set-up (Dawn/Vulkan instance and adapter, CUDA context) before the
     /// first real model's footprint is measured, and keeps that context alive.
     primed: std::sync::Mutex<std::collections::BTreeMap<String, Session>>,
+    /// The daemon's private directory (mode 0700, a random name created exclusively, removed
+    /// at exit) for the files ONNX Runtime is told to write: profiles, the prime graph.
+    /// Nothing is ever written at a predictable path of a shared directory, where another
+    /// local user could plant a symlink (overwrite any file) or a FIFO (hang the writer).
+    scratch: tempfile::TempDir,
 }
 
 /// Where a session runs: a device's kind and execution-provider options.
@@ -111,12 +118,23 @@ impl Runtime {
             .build()
             .map_err(|e| lib_err(e.to_string()))?;
         let version = version_of(library);
+        let base = std::env::temp_dir();
+        let scratch = tempfile::Builder::new()
+            .prefix("rxd-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .tempdir_in(&base)
+            .map_err(|e| RuntimeError::Scratch {
+                dir: base,
+                message: e.to_string(),
+            })?;
+        tracing::debug!(dir = %scratch.path().display(), "private directory");
         let runtime = Runtime {
             env,
             library: library.to_path_buf(),
             version,
             plugins: Default::default(),
             primed: Default::default(),
+            scratch,
         };
         runtime.prime();
         Ok(runtime)
@@ -133,8 +151,7 @@ impl Runtime {
         if primed.contains_key(&key) {
             return Ok(());
         }
-        let dir = tempfile_dir();
-        let path = dir.join(format!("rxd-prime-{}.onnx", std::process::id()));
+        let path = self.scratch.path().join("prime.onnx");
         std::fs::write(&path, PRIME).map_err(|e| RuntimeError::Session {
             path: path.clone(),
             message: e.to_string(),
@@ -172,6 +189,11 @@ impl Runtime {
 
     pub fn library(&self) -> &Path {
         &self.library
+    }
+
+    /// The daemon's private directory (see [`Runtime`]'s `scratch`).
+    pub fn scratch_dir(&self) -> &Path {
+        self.scratch.path()
     }
 
     /// The ORT environment (for the compressor's accuracy report).
@@ -339,10 +361,6 @@ impl Runtime {
 /// One Slice node; made by tests/models/make_models.py (slice_first).
 const PRIME: &[u8] = include_bytes!("../../assets/prime.onnx");
 
-fn tempfile_dir() -> PathBuf {
-    std::env::temp_dir()
-}
-
 /// What a device's execution provider looks like from here.
 #[derive(Debug, Clone, Default)]
 pub struct Probe {
@@ -502,20 +520,23 @@ pub fn warmup(
     rows: u64,
     dims: &std::collections::HashMap<String, Vec<i64>>,
 ) -> Result<(), RuntimeError> {
-    let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::new();
+    let values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = zero_inputs(sig, rows, dims)?
+        .into_iter()
+        .map(|(name, tensor)| (Cow::Owned(name), tensor.into()))
+        .collect();
+    session.run(values).map_err(|e| run_err(&e))?;
+    Ok(())
+}
+
+/// Zero-filled inputs of the warmup's shapes at `rows` rows (see [`warmup`]).
+pub fn zero_inputs(
+    sig: &Signature,
+    rows: u64,
+    dims: &std::collections::HashMap<String, Vec<i64>>,
+) -> Result<Vec<(String, ort::value::DynTensor)>, RuntimeError> {
+    let mut values = Vec::with_capacity(sig.inputs.len());
     for spec in &sig.inputs {
-        let given = dims.get(&spec.name);
-        let shape: Vec<u64> = spec
-            .dims
-            .iter()
-            .enumerate()
-            .map(|(i, &d)| match (i, d, given.and_then(|g| g.get(i))) {
-                (0, -1, _) => rows,
-                (_, d, _) if d >= 0 => d as u64,
-                (_, _, Some(&g)) if g > 0 => g as u64,
-                _ => WARMUP_AUTO_DIM,
-            })
-            .collect();
+        let shape = warmup_shape(spec, rows, dims.get(&spec.name).map(Vec::as_slice));
         let elements = shape
             .iter()
             .try_fold(1u64, |a, &d| a.checked_mul(d))
@@ -527,10 +548,25 @@ pub fn warmup(
         let zeros = vec![0u8; len as usize];
         let tensor = raw::tensor_from_bytes(element_type_of(spec.dtype), &shape, &zeros)
             .map_err(|e| run_err(&e))?;
-        values.push((Cow::Owned(spec.name.clone()), tensor.into()));
+        values.push((spec.name.clone(), tensor));
     }
-    session.run(values).map_err(|e| run_err(&e))?;
-    Ok(())
+    Ok(values)
+}
+
+/// The shape [`warmup`] gives an input at `rows` rows: `rows` in a dynamic first dimension,
+/// `given` (model.toml `warmup-dims`) for other dynamic dimensions where it has a positive
+/// size, [`WARMUP_AUTO_DIM`] for the rest.
+pub fn warmup_shape(spec: &TensorSpec, rows: u64, given: Option<&[i64]>) -> Vec<u64> {
+    spec.dims
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| match (i, d, given.and_then(|g| g.get(i))) {
+            (0, d, _) if d < 0 => rows,
+            (_, d, _) if d >= 0 => d as u64,
+            (_, _, Some(&g)) if g > 0 => g as u64,
+            _ => WARMUP_AUTO_DIM,
+        })
+        .collect()
 }
 
 /// Statistics of the session's CPU arena as ORT reports them (name, value).
@@ -563,11 +599,14 @@ fn version_of(library: &Path) -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// A model's inputs and outputs.
+/// A model's inputs and outputs, and what requests may send: each input's `max_dims` (set by
+/// the registry at load, see `validate::max_dims`) and whether inputs may be empty.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Signature {
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
+    /// Inputs with a zero-sized dimension pass validation (model.toml `allow-empty-inputs`).
+    pub allow_empty: bool,
 }
 
 impl Signature {
@@ -594,6 +633,7 @@ impl Signature {
                         dtype,
                         dims,
                         dim_names,
+                        max_dims: Vec::new(),
                     })
                 }
                 other => Err(format!(
@@ -613,6 +653,7 @@ impl Signature {
                 .iter()
                 .map(|o| spec(o, "output"))
                 .collect::<Result<_, _>>()?,
+            allow_empty: false,
         })
     }
 }
@@ -821,6 +862,8 @@ pub struct WorkerSessions {
     pub main: Session,
     /// Sessions by the batch size (rows) they run; batches of other sizes use `main`.
     pub by_rows: Vec<(u64, Session)>,
+    /// When ORT's CPU arena gives memory back.
+    pub arena: ArenaRelease,
 }
 
 impl From<Session> for WorkerSessions {
@@ -828,17 +871,151 @@ impl From<Session> for WorkerSessions {
         WorkerSessions {
             main,
             by_rows: Vec::new(),
+            arena: ArenaRelease::default(),
         }
     }
 }
 
 impl WorkerSessions {
-    fn for_rows(&mut self, rows: u64) -> &mut Session {
+    /// The session for a batch of `rows` rows, the arena policy, and whether it is `main`.
+    fn for_rows(&mut self, rows: u64) -> (&mut Session, &mut ArenaRelease, bool) {
         match self.by_rows.iter_mut().find(|(r, _)| *r == rows) {
-            Some((_, s)) => s,
-            None => &mut self.main,
+            Some((_, s)) => (s, &mut self.arena, false),
+            None => (&mut self.main, &mut self.arena, true),
         }
     }
+}
+
+/// Gives back what ORT's CPU arena grew by for runs larger than the warmup's. ORT's arena keeps
+/// every block it ever allocated: one detector request with a 1536×1536 image grew the daemon
+/// by ~480 MiB for good, memory the budget never saw (a version is accounted at what it holds
+/// after its warmup). After a run whose inputs hold more elements than the largest warmup run,
+/// once the worker has been idle for [`ARENA_IDLE`], it runs the batch-1 warmup inputs with
+/// ORT's `memory.enable_memory_arena_shrinkage` (the arena frees every block no tensor uses
+/// when that run ends) and returns freed heap to the kernel. Waiting for idleness keeps a
+/// stream of large requests at full speed (shrinking after each run made the PP-OCR detector
+/// at 640×640 ~50 % slower: every run faulted its memory in again, BENCHMARKS.md); runs
+/// within the warmup shapes change nothing. Without batch-1 warmup inputs (warmup off, or
+/// failed at automatic shapes) the large run itself shrinks the arena when it ends (the block
+/// holding its outputs stays until the next such run). `warmup-dims` at the shapes a model
+/// serves keeps their memory resident and accounted.
+pub struct ArenaRelease {
+    /// Input elements of the largest warmup run; larger runs make the arena shrink.
+    pub keep_elements: u64,
+    options: Option<ort::session::RunOptions>,
+    /// Zero inputs of the batch-1 warmup (empty when that warmup did not run or failed).
+    tidy: Vec<(String, ort::value::DynTensor)>,
+    /// A large run happened since the last shrink: shrink once the worker is idle.
+    pending: bool,
+    /// Whether the first large run was logged.
+    logged: bool,
+}
+
+/// How long a worker waits, idle, before giving back what a large run grew its arena by.
+pub const ARENA_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl std::fmt::Debug for ArenaRelease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArenaRelease")
+            .field("keep_elements", &self.keep_elements)
+            .field("tidy", &!self.tidy.is_empty())
+            .field("pending", &self.pending)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ArenaRelease {
+    /// Never shrinks.
+    fn default() -> Self {
+        ArenaRelease::above(u64::MAX, Vec::new())
+    }
+}
+
+impl ArenaRelease {
+    /// Shrinks after runs of more than `keep_elements` input elements; `tidy` are the zero
+    /// inputs of the batch-1 warmup, which the session ran successfully.
+    pub fn above(keep_elements: u64, tidy: Vec<(String, ort::value::DynTensor)>) -> ArenaRelease {
+        ArenaRelease {
+            keep_elements,
+            options: None,
+            tidy,
+            pending: false,
+            logged: false,
+        }
+    }
+
+    /// Run options that shrink the arena (made once).
+    fn shrink_options(&mut self) -> Option<&ort::session::RunOptions> {
+        if self.options.is_none() {
+            let made = ort::session::RunOptions::new().and_then(|mut o| {
+                o.set("memory.enable_memory_arena_shrinkage", "cpu:0")
+                    .map(|()| o)
+            });
+            match made {
+                Ok(o) => self.options = Some(o),
+                Err(e) => tracing::warn!("cannot make run options that shrink the arena: {e}"),
+            }
+        }
+        self.options.as_ref()
+    }
+
+    /// Notes a run of `elements` input elements about to start; returns run options when the
+    /// run itself must shrink the arena (no batch-1 inputs to do it later).
+    fn for_run(&mut self, elements: u64) -> Option<&ort::session::RunOptions> {
+        if elements <= self.keep_elements {
+            return None;
+        }
+        if !self.logged {
+            self.logged = true;
+            tracing::info!(
+                thread = std::thread::current().name().unwrap_or(""),
+                elements,
+                warmup = self.keep_elements,
+                "a run larger than the warmup's: ORT's arena is given back after such runs \
+                 (warmup-dims at the shapes served keeps their memory resident and accounted)"
+            );
+        }
+        if self.tidy.is_empty() {
+            return self.shrink_options();
+        }
+        self.pending = true;
+        None
+    }
+
+    /// Whether a large run's growth waits to be given back.
+    fn pending(&self) -> bool {
+        self.pending
+    }
+
+    /// Gives a large run's growth back: a batch-1 run that shrinks the arena (nothing is in
+    /// use between runs, so every block a larger run added is freed), then freed heap to the
+    /// kernel.
+    fn tidy(&mut self, session: &mut Session) {
+        self.pending = false;
+        if self.shrink_options().is_none() {
+            return;
+        }
+        let Some(options) = &self.options else {
+            return;
+        };
+        let values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = self
+            .tidy
+            .iter()
+            .map(|(name, t)| (Cow::Borrowed(name.as_str()), t.into()))
+            .collect();
+        if let Err(e) = session.run_with_options(values, options) {
+            tracing::debug!("the batch-1 run that shrinks the arena failed: {e}");
+        }
+        release_free_memory();
+    }
+}
+
+/// Input elements of a set of shapes (saturating).
+fn elements_of<'a>(shapes: impl IntoIterator<Item = &'a [u64]>) -> u64 {
+    shapes
+        .into_iter()
+        .map(|s| s.iter().fold(1u64, |a, &d| a.saturating_mul(d)))
+        .fold(0u64, u64::saturating_add)
 }
 
 /// The worker threads of one model version: one session each, all taking batches from one
@@ -949,7 +1126,22 @@ fn worker_loop(
 ) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut staging = Staging::default();
-    while let Ok(mut batch) = rx.recv() {
+    loop {
+        // After a run larger than the warmup's, the arena's growth goes back once idle.
+        let next = if sessions.arena.pending() {
+            match rx.recv_timeout(ARENA_IDLE) {
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    sessions.arena.tidy(&mut sessions.main);
+                    continue;
+                }
+                other => other.ok(),
+            }
+        } else {
+            rx.recv().ok()
+        };
+        let Some(mut batch) = next else {
+            break;
+        };
         let arrived = std::mem::take(&mut batch.arrived);
         let started = std::time::Instant::now();
         busy.store(now_ms(), Relaxed);
@@ -993,17 +1185,22 @@ fn run_batch(sessions: &mut WorkerSessions, batch: Batch, pad_to: &[u32], stagin
     }
     let total: u64 = live.iter().map(|(_, r)| u64::from(*r)).sum();
     let padded = padded_rows(total, pad_to);
-    let session = sessions.for_rows(padded);
-    match live.len() {
-        0 => {}
+    let (session, arena, is_main) = sessions.for_rows(padded);
+    let shrunk = match live.len() {
+        0 => false,
         1 if padded == total => {
             let (job, _) = live.into_iter().next().expect("one");
-            let result = run_one(session, &job);
+            let elements = elements_of(job.inputs.iter().map(|t| t.shape.as_slice()));
+            let shrink = arena.for_run(elements);
+            let shrunk = shrink.is_some();
+            let result = run_one(session, &job, shrink);
             job.completion.complete(result);
+            shrunk
         }
         _ => {
             let (jobs, rows): (Vec<Job>, Vec<u32>) = live.into_iter().unzip();
-            match run_many(session, &jobs, &rows, padded, staging) {
+            let (result, shrunk) = run_many(session, &jobs, &rows, padded, staging, arena);
+            match result {
                 Ok(results) => {
                     for (job, r) in jobs.into_iter().zip(results) {
                         job.completion.complete(r);
@@ -1016,7 +1213,13 @@ fn run_batch(sessions: &mut WorkerSessions, batch: Batch, pad_to: &[u32], stagin
                     }
                 }
             }
+            shrunk
         }
+    };
+    // A run that shrank the arena itself: its freed heap goes back now that the answers
+    // are out. (Sessions per batch size run one shape each; only `main` meets larger ones.)
+    if shrunk && is_main {
+        release_free_memory();
     }
 }
 
@@ -1033,13 +1236,20 @@ fn run_err(e: &dyn std::fmt::Display) -> RuntimeError {
 }
 
 /// Runs `values` and borrows the outputs named `names` (all of them must exist).
+/// With `shrink` (see [`ArenaRelease`]), ORT's arena frees its unused blocks when the run
+/// ends.
 fn with_outputs<R>(
     session: &mut Session,
     values: Vec<(Cow<'_, str>, SessionInputValue<'_>)>,
     names: &[&str],
+    shrink: Option<&ort::session::RunOptions>,
     then: impl FnOnce(&[View<'_>]) -> Result<R, RuntimeError>,
 ) -> Result<R, RuntimeError> {
-    let outputs = session.run(values).map_err(|e| run_err(&e))?;
+    let outputs = match shrink {
+        Some(options) => session.run_with_options(values, options),
+        None => session.run(values),
+    }
+    .map_err(|e| run_err(&e))?;
     let mut tensors = Vec::with_capacity(names.len());
     for &name in names {
         let value = outputs
@@ -1068,7 +1278,11 @@ fn with_outputs<R>(
 
 /// Runs one job: inputs straight from where they are (zero copy from the arena or from the
 /// request's inline bytes).
-fn run_one(session: &mut Session, job: &Job) -> Result<Vec<OutputTensor>, RuntimeError> {
+fn run_one(
+    session: &mut Session,
+    job: &Job,
+    shrink: Option<&ort::session::RunOptions>,
+) -> Result<Vec<OutputTensor>, RuntimeError> {
     let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
         Vec::with_capacity(job.inputs.len());
     for t in &job.inputs {
@@ -1085,7 +1299,7 @@ fn run_one(session: &mut Session, job: &Job) -> Result<Vec<OutputTensor>, Runtim
         values.push((Cow::Borrowed(t.name.as_str()), value));
     }
     let names: Vec<&str> = job.outputs.iter().map(String::as_str).collect();
-    with_outputs(session, values, &names, |views| {
+    with_outputs(session, values, &names, shrink, |views| {
         deliver(views, &job.placement)
     })
 }
@@ -1099,17 +1313,32 @@ fn run_many(
     rows: &[u32],
     padded: u64,
     staging: &mut Staging,
-) -> Result<Vec<Result<Vec<OutputTensor>, RuntimeError>>, RuntimeError> {
+    arena: &mut ArenaRelease,
+) -> (Results, bool) {
     let mut gathered: Vec<(Vec<u8>, Vec<u64>)> = Vec::with_capacity(jobs[0].inputs.len());
-    let result = run_gathered(session, jobs, rows, padded, staging, &mut gathered);
+    let mut shrunk = false;
+    let result = run_gathered(
+        session,
+        jobs,
+        rows,
+        padded,
+        staging,
+        &mut gathered,
+        arena,
+        &mut shrunk,
+    );
     for (k, (b, _)) in gathered.into_iter().enumerate() {
         staging.put(k, b);
     }
-    result
+    (result, shrunk)
 }
 
+/// Each job's outputs, or the batch's error.
+type Results = Result<Vec<Result<Vec<OutputTensor>, RuntimeError>>, RuntimeError>;
+
 /// [`run_many`]'s work, gathering into `gathered` (buffers from `staging`, returned by the
-/// caller whatever happens).
+/// caller whatever happens); `shrunk` says whether the run shrank ORT's arena.
+#[allow(clippy::too_many_arguments)]
 fn run_gathered(
     session: &mut Session,
     jobs: &[Job],
@@ -1117,7 +1346,9 @@ fn run_gathered(
     padded: u64,
     staging: &mut Staging,
     gathered: &mut Vec<(Vec<u8>, Vec<u64>)>,
-) -> Result<Vec<Result<Vec<OutputTensor>, RuntimeError>>, RuntimeError> {
+    arena: &mut ArenaRelease,
+    shrunk: &mut bool,
+) -> Results {
     let real: u64 = rows.iter().map(|&r| u64::from(r)).sum();
     let total = padded.max(real);
     let first = &jobs[0];
@@ -1166,7 +1397,10 @@ fn run_gathered(
             }
         }
     }
-    with_outputs(session, values, &names, |views| {
+    let elements = elements_of(gathered.iter().map(|(_, shape)| shape.as_slice()));
+    let shrink = arena.for_run(elements);
+    *shrunk = shrink.is_some();
+    with_outputs(session, values, &names, shrink, |views| {
         for v in views {
             if v.shape.first() != Some(&total)
                 || !(v.bytes.len() as u64).is_multiple_of(total.max(1))

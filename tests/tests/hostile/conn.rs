@@ -29,7 +29,10 @@ fn infer_frame(id: u64, req: InferRequest) -> Vec<u8> {
 fn answers_nobody_reads_cost_bounded_memory() {
     let _serial = serial();
     let repo = repo_with(&["relu"]);
-    repo.settings("relu", "max-batch-rows = 1\n");
+    repo.settings(
+        "relu",
+        "max-batch-rows = 1\nmax-dims = { x = [4096, 4096] }\n",
+    );
     let mut d = shared_daemon(repo.path(), "", &[]);
     let b = before(&d);
     let bystander = Bystander::start(&d.socket);
@@ -362,6 +365,7 @@ fn health_shows_other_peers_only_the_code_of_the_last_error() {
 fn a_duplicate_id_never_gets_a_second_answer() {
     let _serial = serial();
     let repo = repo_with(&["relu"]);
+    repo.settings("relu", "max-dims = { x = [2048, 4096] }\n");
     let mut d = shared_daemon(repo.path(), "", &[]);
     let b = before(&d);
     let mut c = connect_as_nobody(&d.socket);

@@ -6,4 +6,5 @@
 
 mod common;
 mod conn;
+mod models;
 mod peer;

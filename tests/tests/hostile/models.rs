@@ -1,0 +1,585 @@
+//! What a request's shapes and the repository can do to the daemon: inputs that make ONNX
+//! Runtime abort, shapes that grow its memory, model files that vanish and come back, loads
+//! that hang, and the files a load writes.
+
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rxd_client::{DType, Tensor};
+use rxd_e2e::*;
+use rxd_protocol::{
+    ErrorCode, InferRequest, ModelRef, Outcome, Reply, Request, RequestFrame, WireError,
+};
+
+use crate::common::*;
+
+/// Sends one request on `conn` and reads its answer.
+fn ask(conn: &mut RawConn, id: u64, body: Request) -> Outcome {
+    conn.send(&RequestFrame { id, body });
+    let r = conn.read_response();
+    assert_eq!(r.id, id);
+    r.outcome
+}
+
+fn infer(conn: &mut RawConn, id: u64, model: &str, inputs: Vec<Tensor>) -> Outcome {
+    ask(conn, id, Request::Infer(InferRequest::new(model, inputs)))
+}
+
+/// The error of an answer that must be one, with the code it must have.
+#[track_caller]
+fn refused(outcome: Outcome, code: ErrorCode) -> WireError {
+    match outcome {
+        Outcome::Err(e) => {
+            assert_eq!(e.kind(), Some(code), "{e}");
+            e
+        }
+        Outcome::Ok(r) => panic!("expected {code:?}, got an answer: {r:?}"),
+    }
+}
+
+/// An admin connection (the test's own uid) whose answers must come within 20 s.
+fn admin(d: &TestDaemon) -> RawConn {
+    let mut c = RawConn::connect(&d.socket).unwrap();
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    c.handshake().unwrap();
+    c
+}
+
+fn model_ref(model: &str) -> ModelRef {
+    ModelRef {
+        model: model.into(),
+        version: None,
+    }
+}
+
+#[track_caller]
+fn ok(outcome: Outcome) -> Reply {
+    match outcome {
+        Outcome::Ok(r) => r,
+        Outcome::Err(e) => panic!("{e}"),
+    }
+}
+
+/// A connection made as `nobody`, handshaken.
+fn nobody(d: &TestDaemon) -> RawConn {
+    let mut c = connect_as_nobody(&d.socket);
+    c.handshake().unwrap();
+    c
+}
+
+fn zeros(name: &str, dtype: DType, shape: &[u64]) -> Tensor {
+    let n: u64 = shape.iter().product();
+    let size = if dtype == DType::Int64 { 8 } else { 4 };
+    Tensor::inline(name, dtype, shape.to_vec(), vec![0; (n * size) as usize])
+}
+
+fn silero(input: &[u64], state: &[u64]) -> Vec<Tensor> {
+    vec![
+        zeros("input", DType::Float32, input),
+        zeros("state", DType::Float32, state),
+        Tensor::inline("sr", DType::Int64, vec![], 16000i64.to_le_bytes().to_vec()),
+    ]
+}
+
+fn sigmoid_input() -> Tensor {
+    f32_tensor("x", &[3, 4, 5], &random_f32(60, 3))
+}
+
+/// Regression (issue 19, item 1): Silero VAD with a zero-size batch passed validation and
+/// ONNX Runtime's LSTM called `std::terminate`, killing the daemon with every client's
+/// requests. Inputs with a zero-sized dimension are refused before any session sees them,
+/// unless the model opts in; dimensions beyond ONNX Runtime's int64 are refused too.
+#[test]
+fn inputs_that_abort_onnx_runtime_never_reach_a_session() {
+    let _serial = serial();
+    let repo = repo_with(&["silero_vad"]);
+    repo.link("digits_empty_ok", 1, "digits")
+        .settings("digits_empty_ok", "allow-empty-inputs = true\n");
+    let mut d = shared_daemon(repo.path(), "", &[]);
+    let before = before(&d);
+    let bystander = Bystander::start(&d.socket);
+
+    let mut c = nobody(&d);
+    let e = refused(
+        infer(&mut c, 1, "silero_vad", silero(&[0, 512], &[2, 0, 128])),
+        ErrorCode::ShapeMismatch,
+    );
+    assert!(
+        e.message.contains("'input'") && e.message.contains("dimension 0"),
+        "the refusal names the input and the dimension: {e}"
+    );
+    // One empty input is enough to be refused.
+    refused(
+        infer(&mut c, 2, "silero_vad", silero(&[1, 512], &[2, 0, 128])),
+        ErrorCode::ShapeMismatch,
+    );
+    // Dimensions ONNX Runtime cannot represent (above i64::MAX; zero elements in all).
+    refused(
+        infer(&mut c, 3, "silero_vad", silero(&[1 << 63, 0], &[2, 1, 128])),
+        ErrorCode::TensorTooLarge,
+    );
+    // The model still serves well-formed requests.
+    match infer(&mut c, 4, "silero_vad", silero(&[1, 512], &[2, 1, 128])) {
+        Outcome::Ok(Reply::Infer(r)) => assert_eq!(r.outputs[0].shape, vec![1, 1]),
+        other => panic!("{other:?}"),
+    }
+    // A model that opts in gets empty inputs through validation (ONNX Runtime then refuses
+    // this one with an error of its own, which is fine: it does not abort).
+    let answer = infer(
+        &mut c,
+        5,
+        "digits_empty_ok",
+        vec![zeros("input", DType::Float32, &[0, 64])],
+    );
+    if let Outcome::Err(e) = answer {
+        assert_ne!(e.kind(), Some(ErrorCode::ShapeMismatch), "{e}");
+    }
+    drop(c);
+
+    let seen = bystander.stop();
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(2), 64 << 20);
+}
+
+/// Issue 19, item 10: dynamic dimensions have per-model limits (model.toml `max-dims`, by
+/// default derived from the warmup shapes with a floor), shown by `model_info`, and a request
+/// over them is refused naming the limit.
+#[test]
+fn request_shapes_are_bounded_per_model() {
+    let _serial = serial();
+    let repo = repo_with(&["ppocr_det"]);
+    repo.link("det_small", 1, "ppocr_det")
+        .settings("det_small", "max-dims = { x = [4, 3, 640, 640] }\n");
+    let mut d = shared_daemon(repo.path(), "", &[]);
+    let before = before(&d);
+    let bystander = Bystander::start(&d.socket);
+
+    let info = d.client_inline().model_info("ppocr_det", None).unwrap();
+    assert_eq!(
+        info.inputs[0].max_dims,
+        vec![2048, 3, 2048, 2048],
+        "{info:?}"
+    );
+    let info = d.client_inline().model_info("det_small", None).unwrap();
+    assert_eq!(info.inputs[0].max_dims, vec![4, 3, 640, 640]);
+    let info = d.client_inline().model_info("digits", None).unwrap();
+    assert_eq!(info.inputs[0].max_dims, vec![2048, 64]);
+
+    let mut c = nobody(&d);
+    let e = refused(
+        infer(
+            &mut c,
+            1,
+            "ppocr_det",
+            vec![zeros("x", DType::Float32, &[1, 3, 32, 4096])],
+        ),
+        ErrorCode::TensorTooLarge,
+    );
+    assert!(
+        e.message.contains("dimension 3")
+            && e.message.contains("2048")
+            && e.message.contains("max-dims"),
+        "the refusal names the dimension, the limit and how to raise it: {e}"
+    );
+    refused(
+        infer(
+            &mut c,
+            2,
+            "det_small",
+            vec![zeros("x", DType::Float32, &[1, 3, 672, 64])],
+        ),
+        ErrorCode::TensorTooLarge,
+    );
+    refused(
+        infer(
+            &mut c,
+            3,
+            "digits",
+            vec![zeros("input", DType::Float32, &[4096, 64])],
+        ),
+        ErrorCode::TensorTooLarge,
+    );
+    match infer(
+        &mut c,
+        4,
+        "det_small",
+        vec![zeros("x", DType::Float32, &[1, 3, 640, 64])],
+    ) {
+        Outcome::Ok(_) => {}
+        other => panic!("{other:?}"),
+    }
+    drop(c);
+
+    let seen = bystander.stop();
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(2), 64 << 20);
+}
+
+/// Regression (issue 19, item 10): one detector request with a large image grew ONNX
+/// Runtime's arena by hundreds of MiB and the daemon kept it, unaccounted. Memory a run needs
+/// beyond what the warmup shapes needed is given back once the model's worker is idle.
+#[test]
+fn a_limit_sized_request_gives_its_memory_back() {
+    let _serial = serial();
+    let repo = repo_with(&["ppocr_det"]);
+    let mut d = shared_daemon(repo.path(), "", &[]);
+    let mut c = nobody(&d);
+    // A request of an ordinary size first, so what is measured is what the large one adds.
+    match infer(
+        &mut c,
+        1,
+        "ppocr_det",
+        vec![zeros("x", DType::Float32, &[1, 3, 320, 320])],
+    ) {
+        Outcome::Ok(_) => {}
+        other => panic!("{other:?}"),
+    }
+    let before = before(&d);
+    let bystander = Bystander::start(&d.socket);
+
+    let side = 2048;
+    let x = f32_tensor(
+        "x",
+        &[1, 3, side, side],
+        &random_f32(3 * (side * side) as usize, 11),
+    );
+    let started = Instant::now();
+    match infer(&mut c, 2, "ppocr_det", vec![x]) {
+        Outcome::Ok(Reply::Infer(r)) => assert_eq!(r.outputs[0].shape, vec![1, 1, side, side]),
+        other => panic!("{other:?}"),
+    }
+    eprintln!(
+        "{side}x{side} detector request: {:?}, RSS {} MiB before, {} MiB after",
+        started.elapsed(),
+        before.rss >> 20,
+        rss(d.pid()) >> 20
+    );
+    drop(c);
+    // Given back after a second of idleness (`runtime::ARENA_IDLE`); the bystander goes on.
+    std::thread::sleep(Duration::from_secs(2));
+
+    let seen = bystander.stop();
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+}
+
+/// Paths planted in the shared temporary directory, removed when dropped.
+struct Planted(Vec<PathBuf>);
+
+impl Drop for Planted {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// The local time of `unix_secs` as ONNX Runtime writes it in profile file names.
+fn profile_time(unix_secs: u64) -> String {
+    let out = std::process::Command::new("date")
+        .arg("-d")
+        .arg(format!("@{unix_secs}"))
+        .arg("+%Y-%m-%d_%H-%M-%S")
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Every name ONNX Runtime could give a profile with `prefix` (`<prefix>_<time>_<ms>.json`)
+/// in the next `secs` seconds.
+fn profile_names(tmp: &Path, prefix: &str, secs: u64) -> Vec<PathBuf> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut names = Vec::new();
+    for s in now..now + secs {
+        let t = profile_time(s);
+        for ms in 0..1000 {
+            names.push(tmp.join(format!("{prefix}_{t}_{ms:03}.json")));
+            names.push(tmp.join(format!("{prefix}_{t}_{ms}.json")));
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Entries of `dir` whose names start with `prefix`.
+fn entries_with(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Regression (issue 19, item 3): every load wrote ONNX Runtime's profile to
+/// `/tmp/rxd-profile-<model>-<version>_<time>.json`, following symlinks (a local user could
+/// make a root daemon overwrite any file) and opening FIFOs (hanging the load, with
+/// `load_lock` held, forever). Loads write nothing at predictable paths of the shared
+/// temporary directory: traps planted at every name ONNX Runtime could pick are left alone.
+#[test]
+fn loads_write_nothing_at_predictable_paths_in_the_shared_tmp() {
+    let _serial = serial();
+    let tmp = std::env::temp_dir();
+    let tag = std::process::id();
+    let (linked, piped) = (format!("trap{tag}l"), format!("trap{tag}f"));
+    let repo = repo_with(&[]);
+    repo.link(&linked, 1, "sigmoid")
+        .link(&piped, 1, "mul_1")
+        .write("broken", 1, b"not a model");
+    // The shared temporary directory is where the daemon would write, as it did.
+    let mut d = TestDaemon::start_env(
+        repo.path(),
+        &[("TMPDIR", &tmp.display().to_string())],
+        "preload = [\"digits\"]\n",
+        &["--socket-mode", "0666"],
+    );
+    std::fs::set_permissions(
+        d.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let before = before(&d);
+    let bystander = Bystander::start(&d.socket);
+
+    let victim_dir = tempfile::tempdir().unwrap();
+    let victim = victim_dir.path().join("precious");
+    std::fs::write(&victim, "precious").unwrap();
+    let mut planted = Planted(Vec::new());
+    let link_prefix = format!("rxd-profile-{linked}-1");
+    for p in profile_names(&tmp, &link_prefix, 10) {
+        std::os::unix::fs::symlink(&victim, &p).unwrap();
+        planted.0.push(p);
+    }
+    let fifo_prefix = format!("rxd-profile-{piped}-1");
+    for p in profile_names(&tmp, &fifo_prefix, 10) {
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o666)).unwrap();
+        planted.0.push(p);
+    }
+    let traps = planted.0.len();
+
+    let mut admin = admin(&d);
+    for (id, model) in [(1, &linked), (2, &piped)] {
+        let t = Instant::now();
+        ok(ask(&mut admin, id, Request::Load(model_ref(model))));
+        assert!(t.elapsed() < Duration::from_secs(10), "{model}");
+    }
+    refused(
+        ask(&mut admin, 3, Request::Load(model_ref("broken"))),
+        ErrorCode::LoadFailed,
+    );
+
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    let found: Vec<PathBuf> = [&link_prefix, &fifo_prefix]
+        .iter()
+        .flat_map(|p| entries_with(&tmp, p))
+        .collect();
+    assert_eq!(
+        found.len(),
+        traps,
+        "a load wrote a file in {}",
+        tmp.display()
+    );
+    for p in &found {
+        let meta = std::fs::symlink_metadata(p).unwrap();
+        assert!(
+            meta.file_type().is_symlink() || meta.file_type().is_fifo(),
+            "{} was replaced",
+            p.display()
+        );
+    }
+    drop(admin);
+    assert!(
+        entries_with(&tmp, &format!("rxd-profile-{tag}")).is_empty()
+            && !d
+                .log_text()
+                .contains(&format!("{}/rxd-profile", tmp.display())),
+        "profiles go to the daemon's private directory"
+    );
+
+    let seen = bystander.stop();
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(2), 64 << 20);
+
+    // Its own directory: private while it runs, gone once it stops.
+    let log = d.log_text();
+    let private = log
+        .lines()
+        .find(|l| l.contains("private directory"))
+        .and_then(|l| l.split("dir=").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .map(PathBuf::from)
+        .expect("the daemon logs its private directory");
+    assert!(private.starts_with(&tmp), "{}", private.display());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&private).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o700, "{}", private.display());
+    let kept: Vec<_> = std::fs::read_dir(&private)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(kept.is_empty(), "profiles are removed once read: {kept:?}");
+    assert!(d.terminate().success());
+    assert!(!private.exists(), "{} is left behind", private.display());
+}
+
+/// Regression (issue 19, item 3): a load that never finishes (here: a test hook that hangs
+/// session creation, as a FIFO in a profile path did) held `load_lock` forever: every later
+/// load and unload waited, and SIGTERM never finished. Loads have a deadline: past it the load
+/// fails with `load_failed`, the lock and the registry slot are released, and shutdown does
+/// not wait for the stuck thread.
+#[test]
+fn a_hung_load_times_out_and_wedges_nothing() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    repo.link("hang_short", 1, "sigmoid")
+        .settings("hang_short", "load-timeout-secs = 2\n")
+        .link("hang_long", 1, "sigmoid")
+        .link("other", 1, "mul_1");
+    let mut d = TestDaemon::start_env(
+        repo.path(),
+        &[("RXD_TEST_LOAD_HANG", "hang")],
+        "preload = [\"digits\"]\nload-timeout-secs = 600\nshutdown-grace-secs = 3\n",
+        &["--socket-mode", "0666"],
+    );
+    std::fs::set_permissions(
+        d.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let before = before(&d);
+    let bystander = Bystander::start(&d.socket);
+
+    // A client's request starts the load that hangs; it is answered at the deadline.
+    let socket = d.socket.clone();
+    let waiter = std::thread::spawn(move || {
+        let mut c = connect_as_nobody(&socket);
+        c.stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        c.handshake().unwrap();
+        let t = Instant::now();
+        let outcome = infer(&mut c, 1, "hang_short", vec![sigmoid_input()]);
+        (outcome, t.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // Meanwhile other loads and unloads go through (at the latest once the deadline passed).
+    let mut admin = admin(&d);
+    let t = Instant::now();
+    ok(ask(&mut admin, 1, Request::Load(model_ref("other"))));
+    ok(ask(&mut admin, 2, Request::Unload(model_ref("other"))));
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    let (outcome, took) = waiter.join().unwrap();
+    let e = refused(outcome, ErrorCode::LoadFailed);
+    assert!(e.message.contains("timed out after 2 s"), "{e}");
+    assert!(took < Duration::from_secs(8), "{took:?}");
+    // The failed version is not retried on every request (nor does it hang one).
+    let mut c = nobody(&d);
+    let t = Instant::now();
+    refused(
+        infer(&mut c, 2, "hang_short", vec![sigmoid_input()]),
+        ErrorCode::ModelNotReady,
+    );
+    assert!(t.elapsed() < Duration::from_secs(1));
+    drop((c, admin));
+    let seen = bystander.stop();
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(2), 64 << 20);
+
+    // A stuck load with a long deadline does not hold up SIGTERM.
+    let mut c = nobody(&d);
+    c.send(&RequestFrame {
+        id: 3,
+        body: Request::Infer(InferRequest::new("hang_long", vec![sigmoid_input()])),
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    let status = d.terminate();
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "SIGTERM took {:?}:\n{}",
+        t.elapsed(),
+        d.log_text()
+    );
+    assert!(status.success(), "{status}");
+}
+
+/// Regression (issue 19, item 9): requests racing a reload that removed a model started
+/// on-demand loads of the deleted file and marked the version `failed`; after the file was
+/// put back and the repository reloaded, requests kept getting `model_not_ready … failed`.
+#[test]
+fn a_model_removed_and_put_back_serves_again() {
+    let _serial = serial();
+    let repo = repo_with(&["sigmoid"]);
+    let mut d = shared_daemon(repo.path(), "", &[]);
+    let before = before(&d);
+    let bystander = Bystander::start(&d.socket);
+    let dir = repo.path().join("sigmoid");
+    let away = repo.path().join(".sigmoid-away");
+    let mut control = admin(&d);
+    ok(ask(&mut control, 1, Request::Unload(model_ref("sigmoid"))));
+    let mut control_id = 1;
+    let mut reload = || {
+        control_id += 1;
+        ok(ask(&mut control, control_id, Request::Reload));
+    };
+    let served = |c: &mut RawConn, id: u64| match infer(c, id, "sigmoid", vec![sigmoid_input()]) {
+        Outcome::Ok(_) => {}
+        other => panic!("sigmoid is not served again: {other:?}"),
+    };
+
+    // A request for a version whose file is gone starts no load and marks nothing failed.
+    std::fs::rename(&dir, &away).unwrap();
+    let mut c = nobody(&d);
+    let e = match infer(&mut c, 1, "sigmoid", vec![sigmoid_input()]) {
+        Outcome::Err(e) => e,
+        Outcome::Ok(_) => panic!("served from a file that is gone"),
+    };
+    assert!(
+        matches!(
+            e.kind(),
+            Some(ErrorCode::UnknownModel | ErrorCode::ModelNotReady)
+        ),
+        "{e}"
+    );
+    std::fs::rename(&away, &dir).unwrap();
+    reload();
+    served(&mut c, 2);
+
+    // The race of the issue: requests while a reload removes the model.
+    for round in 0..3u64 {
+        std::fs::rename(&dir, &away).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let racers: Vec<_> = (0..3)
+            .map(|_| {
+                let (socket, stop) = (d.socket.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut c = connect_as_nobody(&socket);
+                    c.handshake().unwrap();
+                    let mut id = 1;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let _ = infer(&mut c, id, "sigmoid", vec![sigmoid_input()]);
+                        id += 1;
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+        reload();
+        std::thread::sleep(Duration::from_millis(200));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for r in racers {
+            r.join().unwrap();
+        }
+        std::fs::rename(&away, &dir).unwrap();
+        reload();
+        served(&mut c, 10 + round);
+    }
+    drop((c, control));
+
+    let seen = bystander.stop();
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(2), 64 << 20);
+}
