@@ -6,3 +6,4 @@
 
 mod common;
 mod peer;
+mod sched;
