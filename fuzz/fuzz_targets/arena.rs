@@ -32,7 +32,11 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     for _ in 0..u.int_in_range(1..=16)? {
         let (offset, len) = (edge(u, size)?, edge(u, size)?);
         let inside = offset.checked_add(len).is_some_and(|e| e <= size);
-        assert_eq!(map.range(offset, len).is_ok(), inside, "{offset}+{len} of {size}");
+        assert_eq!(
+            map.range(offset, len).is_ok(),
+            inside,
+            "{offset}+{len} of {size}"
+        );
         assert_eq!(map.ptr(offset, len).is_ok(), inside);
         if len <= size + 16 {
             let byte: u8 = u.arbitrary()?;
@@ -61,7 +65,9 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                     assert_eq!(r.offset() % REGION_ALIGN, 0);
                     assert_eq!(r.len() % REGION_ALIGN, 0);
                     assert!(r.offset() + r.len() <= size);
-                    for o in held.iter().map(|h| (h.offset(), h.len()))
+                    for o in held
+                        .iter()
+                        .map(|h| (h.offset(), h.len()))
                         .chain(lent.iter().map(|l| (l.offset(), l.len())))
                     {
                         assert!(r.offset() + r.len() <= o.0 || o.0 + o.1 <= r.offset());
@@ -85,7 +91,10 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     drop(held);
     drop(lent);
     assert_eq!(alloc.free_bytes(), total, "every byte is free again");
-    assert!(alloc.alloc(total).is_some() || total == 0, "and in one piece");
+    assert!(
+        alloc.alloc(total).is_some() || total == 0,
+        "and in one piece"
+    );
     Ok(())
 }
 

@@ -61,7 +61,13 @@ fn specs(u: &mut Unstructured<'_>) -> Result<Vec<TensorSpec>> {
         }
         let rank = u.int_in_range(0..=4)?;
         let dims: Vec<i64> = (0..rank)
-            .map(|_| Ok(if u.ratio(1, 3)? { -1 } else { num(u, 6)? as i64 }))
+            .map(|_| {
+                Ok(if u.ratio(1, 3)? {
+                    -1
+                } else {
+                    num(u, 6)? as i64
+                })
+            })
             .collect::<Result<_>>()?;
         let dim_names = vec![String::new(); dims.len()];
         v.push(TensorSpec {
@@ -78,10 +84,16 @@ fn arena_ref(u: &mut Unstructured<'_>, len: u64) -> Result<ArenaRef> {
     let offset = match u.int_in_range(0..=3)? {
         0 => u.arbitrary()?,
         1 => (ARENA as u64).saturating_sub(len),
-        2 => (ARENA as u64).saturating_sub(len).saturating_add(num(u, 8)?),
+        2 => (ARENA as u64)
+            .saturating_sub(len)
+            .saturating_add(num(u, 8)?),
         _ => num(u, 4096)?,
     };
-    let len = if u.ratio(3, 4)? { len } else { num(u, 1 << 17)? };
+    let len = if u.ratio(3, 4)? {
+        len
+    } else {
+        num(u, 1 << 17)?
+    };
     Ok(ArenaRef { offset, len })
 }
 
@@ -92,11 +104,21 @@ fn request(u: &mut Unstructured<'_>, sig: &Signature) -> Result<InferRequest> {
         if u.ratio(1, 16)? {
             continue;
         }
-        let dtype = if u.ratio(15, 16)? { spec.dtype } else { dtype(u)? };
+        let dtype = if u.ratio(15, 16)? {
+            spec.dtype
+        } else {
+            dtype(u)?
+        };
         let mut shape: Vec<u64> = spec
             .dims
             .iter()
-            .map(|&d| Ok(if d < 0 || u.ratio(1, 16)? { num(u, 5)? } else { d as u64 }))
+            .map(|&d| {
+                Ok(if d < 0 || u.ratio(1, 16)? {
+                    num(u, 5)?
+                } else {
+                    d as u64
+                })
+            })
             .collect::<Result<_>>()?;
         if u.ratio(1, 16)? {
             shape.push(num(u, 3)?);
@@ -114,8 +136,17 @@ fn request(u: &mut Unstructured<'_>, sig: &Signature) -> Result<InferRequest> {
         } else {
             TensorData::Arena(arena_ref(u, bytes)?)
         };
-        let name = if u.ratio(15, 16)? { spec.name.clone() } else { name(u)? };
-        inputs.push(Tensor { name, dtype, shape, data });
+        let name = if u.ratio(15, 16)? {
+            spec.name.clone()
+        } else {
+            name(u)?
+        };
+        inputs.push(Tensor {
+            name,
+            dtype,
+            shape,
+            data,
+        });
         if u.ratio(1, 32)? {
             inputs.push(inputs[inputs.len() - 1].clone());
         }
@@ -175,7 +206,11 @@ fuzz_target!(|data: &[u8]| {
             InputData::Inline(b) => assert_eq!(b.len() as u64, bytes),
             InputData::Shared { map, offset, len } => {
                 assert_eq!(*len, bytes);
-                assert!(offset.checked_add(*len).is_some_and(|e| e <= map.len() as u64));
+                assert!(
+                    offset
+                        .checked_add(*len)
+                        .is_some_and(|e| e <= map.len() as u64)
+                );
                 assert_eq!(offset % t.dtype.alignment(), 0);
                 assert!(Arc::ptr_eq(map, arena()));
             }
