@@ -305,6 +305,7 @@ fn a_peers_backlog_at_one_level_does_not_hold_back_others_at_that_level() {
         std::thread::sleep(Duration::from_millis(5));
     }
     stop.store(true, Ordering::Relaxed);
+    drop(c);
     let seen = bystander.stop();
     let (ok, errors) = attacker.join().unwrap();
     assert!(errors.is_empty(), "{errors:?}");
