@@ -1,17 +1,21 @@
 //! The client side of the shared-memory arena: the mapping the daemon passed at the
-//! handshake, an allocator over it, and buffers ([`ArenaBuf`]) that free themselves on drop —
-//! so a failed request or a dropped future never leaks arena space.
+//! handshake, an allocator over it ([`rxd_shm::Allocator`]), and buffers ([`ArenaBuf`]) that
+//! free themselves on drop — so a failed request or a dropped future never leaks arena space.
 //!
-//! Write inputs in place through [`ArenaBuf::view_mut`], send them as [`ArenaBuf::tensor`]
-//! references, name a buffer as the output area, and read outputs without copying through
-//! [`ArenaBuf::view`].
+//! Write inputs in place through [`ArenaBuf::view_mut`] and send them as
+//! [`ArenaBuf::tensor`] references. Outputs go into buffers lent to the request for its whole
+//! life ([`OutputBufs`], [`crate::Client::infer_into`]): the daemon writes them until it
+//! answers, so the request borrows them mutably until then and nothing here can read them
+//! meanwhile; read them without copying afterwards through [`ArenaBuf::view`]. A buffer lent
+//! to a request whose future is dropped before the answer is emptied (length 0): the daemon
+//! may still write its range, which is freed once the answer comes (never, if the connection
+//! is gone first).
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use ndarray::{ArrayViewD, ArrayViewMutD, IxDyn};
 use rxd_protocol::{ArenaRef, DType, OUTPUT_ALIGN, Tensor, TensorData};
-use rxd_shm::{Mapping, Region};
+use rxd_shm::{Allocator, Lent, Mapping, Region};
 
 use crate::ClientError;
 use crate::tensor::Element;
@@ -19,16 +23,12 @@ use crate::tensor::Element;
 /// Offsets handed out are multiples of this (enough for every dtype and for SIMD loads).
 pub const ALIGN: u64 = OUTPUT_ALIGN;
 
-struct Inner {
-    map: Arc<Mapping>,
-    /// Free ranges: offset → length, coalesced.
-    free: Mutex<BTreeMap<u64, u64>>,
-}
+const _: () = assert!(rxd_shm::REGION_ALIGN == ALIGN);
 
 /// The connection's arena. Cheap to clone.
 #[derive(Clone)]
 pub struct Arena {
-    inner: Arc<Inner>,
+    alloc: Arc<Allocator>,
 }
 
 impl std::fmt::Debug for Arena {
@@ -44,78 +44,39 @@ impl std::fmt::Debug for Arena {
 
 impl Arena {
     pub(crate) fn new(map: Mapping) -> Arena {
-        let size = map.len() as u64;
         Arena {
-            inner: Arc::new(Inner {
-                map: Arc::new(map),
-                free: Mutex::new(BTreeMap::from([(0, size)])),
-            }),
+            alloc: Allocator::new(map),
         }
     }
 
     pub fn size(&self) -> u64 {
-        self.inner.map.len() as u64
+        self.alloc.mapping().len() as u64
     }
 
     /// Bytes not allocated.
     pub fn free_bytes(&self) -> u64 {
-        self.lock().values().sum()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, u64>> {
-        self.inner.free.lock().unwrap_or_else(|e| e.into_inner())
+        self.alloc.free_bytes()
     }
 
     /// Allocates `len` bytes (at least 1), aligned to [`ALIGN`]. First fit.
     pub fn alloc(&self, len: u64) -> Result<ArenaBuf, ClientError> {
-        let want = len.max(1).next_multiple_of(ALIGN);
-        let mut free = self.lock();
-        let found = free
-            .iter()
-            .find(|&(_, &l)| l >= want)
-            .map(|(&o, &l)| (o, l));
-        let Some((offset, have)) = found else {
-            return Err(ClientError::ArenaFull {
+        let region = self
+            .alloc
+            .alloc(len)
+            .ok_or_else(|| ClientError::ArenaFull {
                 wanted: len,
-                free: free.values().sum(),
-            });
-        };
-        free.remove(&offset);
-        if have > want {
-            free.insert(offset + want, have - want);
-        }
-        drop(free);
-        let region = Region::new(self.inner.map.clone(), offset, want)
-            .map_err(|e| ClientError::Tensor(e.to_string()))?;
+                free: self.free_bytes(),
+            })?;
         Ok(ArenaBuf {
-            arena: self.clone(),
             region: Some(region),
             len,
         })
-    }
-
-    fn release(&self, offset: u64, len: u64) {
-        let mut free = self.lock();
-        let (mut start, mut size) = (offset, len);
-        // Merge with the previous and the next free range.
-        if let Some((&po, &pl)) = free.range(..offset).next_back()
-            && po + pl == offset
-        {
-            free.remove(&po);
-            start = po;
-            size += pl;
-        }
-        if let Some(&nl) = free.get(&(offset + len)) {
-            free.remove(&(offset + len));
-            size += nl;
-        }
-        free.insert(start, size);
     }
 }
 
 /// An allocated piece of the arena; freed when dropped.
 pub struct ArenaBuf {
-    arena: Arena,
+    /// `None` once lent to a request that was dropped before its answer.
     region: Option<Region>,
     /// Bytes asked for (the region may be larger, rounded to [`ALIGN`]).
     len: u64,
@@ -123,51 +84,58 @@ pub struct ArenaBuf {
 
 impl std::fmt::Debug for ArenaBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ArenaBuf({}+{})", self.offset(), self.len)
-    }
-}
-
-impl Drop for ArenaBuf {
-    fn drop(&mut self) {
-        if let Some(r) = self.region.take() {
-            self.arena.release(r.offset(), r.len() as u64);
-        }
+        write!(f, "ArenaBuf({}+{})", self.offset(), self.len())
     }
 }
 
 impl ArenaBuf {
-    fn region(&self) -> &Region {
-        self.region.as_ref().expect("present until drop")
-    }
-
     pub fn offset(&self) -> u64 {
-        self.region().offset()
+        self.region.as_ref().map_or(0, Region::offset)
     }
 
+    /// Bytes asked for; 0 once the buffer was given up to a dropped request.
     pub fn len(&self) -> u64 {
-        self.len
+        if self.region.is_some() { self.len } else { 0 }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     /// The whole buffer as a wire reference.
     pub fn as_ref(&self) -> ArenaRef {
         ArenaRef {
             offset: self.offset(),
-            len: self.len,
+            len: self.len(),
         }
     }
 
     pub fn bytes(&self) -> &[u8] {
-        &self.region().as_slice()[..self.len as usize]
+        match &self.region {
+            Some(r) => &r.as_slice()[..self.len as usize],
+            None => &[],
+        }
     }
 
     pub fn bytes_mut(&mut self) -> &mut [u8] {
         let len = self.len as usize;
-        let r = self.region.as_mut().expect("present until drop");
-        &mut r.as_mut_slice()[..len]
+        match &mut self.region {
+            Some(r) => &mut r.as_mut_slice()[..len],
+            None => &mut [],
+        }
+    }
+
+    /// Whether this buffer lies in `arena` (offsets name places in one connection's arena).
+    pub fn is_in(&self, arena: &Arena) -> bool {
+        self.region
+            .as_ref()
+            .is_some_and(|r| r.is_from(&arena.alloc))
+    }
+
+    /// Gives the range up for good while a request that may still write it is outstanding
+    /// (its future was dropped before the answer): the buffer becomes empty.
+    pub(crate) fn give_up(&mut self) -> Option<Lent> {
+        self.region.take().map(Region::lend)
     }
 
     /// A writable typed view of the buffer with `shape` (element count × size must fit).
@@ -191,10 +159,10 @@ impl ArenaBuf {
         let n = rxd_protocol::message::element_count(&shape)
             .and_then(|e| dtype.byte_len(e))
             .ok_or_else(|| ClientError::Tensor("shape overflows".into()))?;
-        if n > self.len {
+        if n > self.len() {
             return Err(ClientError::Tensor(format!(
                 "{n} bytes do not fit a {}-byte buffer",
-                self.len
+                self.len()
             )));
         }
         Ok(Tensor {
@@ -219,7 +187,7 @@ impl ArenaBuf {
         let start = r
             .offset
             .checked_sub(self.offset())
-            .filter(|s| s.checked_add(r.len).is_some_and(|e| e <= self.len))
+            .filter(|s| s.checked_add(r.len).is_some_and(|e| e <= self.len()))
             .ok_or_else(|| {
                 ClientError::Tensor(format!("output '{}' lies outside this buffer", t.name))
             })?;
@@ -244,6 +212,39 @@ impl ArenaBuf {
             bytemuck::try_cast_slice(bytes).map_err(|e| ClientError::Tensor(e.to_string()))?;
         let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
         ArrayViewD::from_shape(IxDyn(&shape), slice).map_err(|e| ClientError::Tensor(e.to_string()))
+    }
+}
+
+/// The arena buffers a request's outputs go to, lent to the request (mutably borrowed) until
+/// its answer: the whole output area, and regions for named outputs. See
+/// [`crate::Client::infer_into`].
+#[derive(Debug, Default)]
+pub struct OutputBufs<'a> {
+    pub(crate) area: Option<&'a mut ArenaBuf>,
+    pub(crate) regions: Vec<(String, &'a mut ArenaBuf)>,
+}
+
+impl<'a> OutputBufs<'a> {
+    /// Every output not given a region goes into `buf`, packed in output order (each at a
+    /// multiple of 64 bytes).
+    pub fn area(buf: &'a mut ArenaBuf) -> OutputBufs<'a> {
+        OutputBufs {
+            area: Some(buf),
+            regions: Vec::new(),
+        }
+    }
+
+    /// Output `name` goes into `buf`.
+    pub fn region(mut self, name: &str, buf: &'a mut ArenaBuf) -> OutputBufs<'a> {
+        self.regions.push((name.into(), buf));
+        self
+    }
+
+    /// Every buffer, for the time of the request.
+    pub(crate) fn into_all(self) -> Vec<&'a mut ArenaBuf> {
+        let mut v: Vec<&'a mut ArenaBuf> = self.regions.into_iter().map(|(_, b)| b).collect();
+        v.extend(self.area);
+        v
     }
 }
 

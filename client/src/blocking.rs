@@ -61,6 +61,16 @@ impl Client {
         self.rt.block_on(self.inner.infer_request(req))
     }
 
+    /// Runs a model with its outputs written into arena buffers lent to the request until
+    /// the answer (see [`crate::Client::infer_into`]).
+    pub fn infer_into(
+        &self,
+        req: InferRequest,
+        outputs: crate::OutputBufs<'_>,
+    ) -> Result<InferReply, ClientError> {
+        self.rt.block_on(self.inner.infer_into(req, outputs))
+    }
+
     pub fn list_models(&self) -> Result<Vec<ModelSummary>, ClientError> {
         self.rt.block_on(self.inner.list_models())
     }

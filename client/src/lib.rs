@@ -29,7 +29,7 @@ pub mod npy;
 pub mod tensor;
 pub mod transport;
 
-pub use arena::{Arena, ArenaBuf};
+pub use arena::{Arena, ArenaBuf, OutputBufs};
 pub use rxd_protocol as protocol;
 pub use rxd_protocol::{DType, ErrorCode, Tensor, WireError};
 pub use transport::{Client, ClientOptions};

@@ -21,7 +21,7 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::oneshot;
 
 use crate::ClientError;
-use crate::arena::{Arena, ArenaBuf};
+use crate::arena::{Arena, ArenaBuf, OutputBufs};
 
 /// Maps the arena fd the daemon passed, after checking its size and seals.
 fn map_arena(fd: OwnedFd, size: u64) -> Result<Arena, ClientError> {
@@ -39,8 +39,20 @@ type Waiter = oneshot::Sender<Result<Outcome, ClientError>>;
 #[derive(Default)]
 struct Pending {
     waiters: HashMap<u64, Waiter>,
+    /// Output buffers of requests whose futures were dropped before the answer: the daemon
+    /// may write them until it answers; they are freed when the answer comes.
+    lent: HashMap<u64, Vec<rxd_shm::Lent>>,
     /// Set once the connection is gone; new requests fail at once with this reason.
     closed: Option<String>,
+}
+
+impl Drop for Pending {
+    /// The connection is gone without the answers: those ranges are never reused.
+    fn drop(&mut self) {
+        for (_, lent) in self.lent.drain() {
+            lent.into_iter().for_each(rxd_shm::Lent::leak);
+        }
+    }
 }
 
 struct Inner {
@@ -111,15 +123,32 @@ impl std::fmt::Debug for Client {
     }
 }
 
-/// Removes a request's waiter if its future is dropped before the answer.
-struct PendingGuard<'a> {
+/// Removes a request's waiter if its future is dropped before the answer, and then takes
+/// the output buffers lent to it out of their owners' hands (the daemon may still write
+/// them): they are freed when the answer comes, or never if the connection is gone.
+struct PendingGuard<'a, 'b> {
     inner: &'a Inner,
     id: u64,
+    lent: Vec<&'b mut ArenaBuf>,
+    /// The daemon's answer reached this request.
+    answered: bool,
 }
 
-impl Drop for PendingGuard<'_> {
+impl Drop for PendingGuard<'_, '_> {
     fn drop(&mut self) {
-        lock(&self.inner.pending).waiters.remove(&self.id);
+        let mut p = lock(&self.inner.pending);
+        let outstanding = p.waiters.remove(&self.id).is_some();
+        // The daemon answered (delivered to a future that was dropped before it looked, if
+        // the waiter is gone while the connection is open): it is done with the buffers.
+        if self.answered || (!outstanding && p.closed.is_none()) {
+            return;
+        }
+        let lent: Vec<rxd_shm::Lent> = self.lent.iter_mut().filter_map(|b| b.give_up()).collect();
+        if p.closed.is_some() {
+            lent.into_iter().for_each(rxd_shm::Lent::leak);
+        } else if !lent.is_empty() {
+            p.lent.insert(self.id, lent);
+        }
     }
 }
 
@@ -257,6 +286,9 @@ impl Client {
                     for (_, w) in p.waiters.drain() {
                         let _ = w.send(Err(ClientError::Closed(reason.clone())));
                     }
+                    for (_, lent) in p.lent.drain() {
+                        lent.into_iter().for_each(rxd_shm::Lent::leak);
+                    }
                 }
             });
             Inner {
@@ -283,8 +315,22 @@ impl Client {
         &self.inner.welcome
     }
 
-    /// Sends one request and waits for its answer.
+    /// Sends one request and waits for its answer. An inference that names output places in
+    /// the arena is refused here: the daemon writes them while the request is in flight, so
+    /// they must be buffers lent to it ([`Client::infer_into`]).
     pub async fn request(&self, body: Request) -> Result<Reply, ClientError> {
+        if let Request::Infer(r) = &body
+            && (r.output_area.is_some() || !r.output_regions.is_empty())
+        {
+            return Err(ClientError::Tensor(
+                "output places in the arena are named with Client::infer_into (OutputBufs)".into(),
+            ));
+        }
+        self.send(body, Vec::new()).await
+    }
+
+    /// Sends one request with `lent` output buffers and waits for its answer.
+    async fn send(&self, body: Request, lent: Vec<&mut ArenaBuf>) -> Result<Reply, ClientError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let bytes = frame::encode(&RequestFrame { id, body })
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -296,12 +342,16 @@ impl Client {
             }
             p.waiters.insert(id, tx);
         }
-        let _guard = PendingGuard {
+        let mut guard = PendingGuard {
             inner: &self.inner,
             id,
+            lent,
+            answered: false,
         };
         self.inner.writer.lock().await.write_all(&bytes).await?;
-        match rx.await {
+        let outcome = rx.await;
+        guard.answered = matches!(outcome, Ok(Ok(_)));
+        match outcome {
             Ok(Ok(Outcome::Ok(reply))) => Ok(reply),
             Ok(Ok(Outcome::Err(e))) => Err(ClientError::Server(e)),
             Ok(Err(e)) => Err(e),
@@ -343,13 +393,15 @@ impl Client {
             }
         }
         let known = lock(&self.inner.output_sizes).get(model).copied();
-        let area = match known {
+        let mut area = match known {
             Some(n) if n >= self.inner.inline_threshold => arena.alloc(n).ok(),
             _ => None,
         };
-        let mut req = InferRequest::new(model, sent);
-        req.output_area = area.as_ref().map(ArenaBuf::as_ref);
-        let result = self.infer_request(req.clone()).await;
+        let req = InferRequest::new(model, sent);
+        let result = match &mut area {
+            Some(buf) => self.infer_into(req.clone(), OutputBufs::area(buf)).await,
+            None => self.infer_request(req.clone()).await,
+        };
         let reply = match (result, &area) {
             // The outputs grew (dynamic shapes): retry with them inline.
             (Err(ClientError::Server(e)), Some(_))
@@ -358,7 +410,7 @@ impl Client {
                 if let Some(n) = e.needed_bytes {
                     lock(&self.inner.output_sizes).insert(model.into(), n);
                 }
-                req.output_area = None;
+                area = None;
                 self.infer_request(req).await?
             }
             (r, _) => r?,
@@ -389,9 +441,52 @@ impl Client {
         Ok(outputs)
     }
 
-    /// Runs a model with every option of the request.
+    /// Runs a model with every option of the request (outputs in the arena go through
+    /// [`Client::infer_into`]).
     pub async fn infer_request(&self, req: InferRequest) -> Result<InferReply, ClientError> {
         match self.request(Request::Infer(req)).await? {
+            Reply::Infer(r) => Ok(r),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Runs a model with its outputs written into arena buffers of this connection, lent to
+    /// the request until the answer (`outputs` borrows them mutably; read them afterwards
+    /// with [`ArenaBuf::view`] or [`ArenaBuf::output_bytes`]). `req` must not name output
+    /// places itself. If this future is dropped before the answer, the buffers are emptied
+    /// (the daemon may still write their ranges, which are freed once it has answered).
+    pub async fn infer_into(
+        &self,
+        mut req: InferRequest,
+        outputs: OutputBufs<'_>,
+    ) -> Result<InferReply, ClientError> {
+        if req.output_area.is_some() || !req.output_regions.is_empty() {
+            return Err(ClientError::Tensor(
+                "name output places through OutputBufs only".into(),
+            ));
+        }
+        let arena = self.inner.arena.as_ref().ok_or_else(|| {
+            ClientError::Tensor("this connection has no arena for outputs".into())
+        })?;
+        let foreign = |b: &ArenaBuf| !b.is_in(arena);
+        if outputs.area.as_deref().is_some_and(foreign)
+            || outputs.regions.iter().any(|(_, b)| foreign(b))
+        {
+            return Err(ClientError::Tensor(
+                "an output buffer is not in this connection's arena (or was given up)".into(),
+            ));
+        }
+        req.output_area = outputs.area.as_deref().map(ArenaBuf::as_ref);
+        req.output_regions = outputs
+            .regions
+            .iter()
+            .map(|(name, b)| rxd_protocol::OutputRegion {
+                name: name.clone(),
+                offset: b.offset(),
+                len: b.len(),
+            })
+            .collect();
+        match self.send(Request::Infer(req), outputs.into_all()).await? {
             Reply::Infer(r) => Ok(r),
             other => Err(unexpected(&other)),
         }
@@ -579,9 +674,158 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
             continue;
         }
-        let waiter = lock(&inner.pending).waiters.remove(&resp.id);
+        let (waiter, lent) = {
+            let mut p = lock(&inner.pending);
+            let waiter = p.waiters.remove(&resp.id);
+            let lent = if waiter.is_none() {
+                p.lent.remove(&resp.id)
+            } else {
+                None
+            };
+            (waiter, lent)
+        };
         if let Some(w) = waiter {
             let _ = w.send(Ok(resp.outcome));
         }
+        // Answered: the daemon is done with the buffers of a request given up.
+        drop(lent);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+    use std::time::Duration;
+
+    use rxd_protocol::{InferReply, RequestFrame};
+
+    use super::*;
+
+    fn read_std_frame(s: &mut std::os::unix::net::UnixStream) -> Vec<u8> {
+        let mut header = [0u8; HEADER_LEN];
+        s.read_exact(&mut header).unwrap();
+        let mut body = vec![0u8; u32::from_le_bytes(header) as usize];
+        s.read_exact(&mut body).unwrap();
+        body
+    }
+
+    /// A client connected to a fake daemon (the other end of a socket pair, returned with the
+    /// daemon's view of the 64 KiB arena it granted).
+    async fn fake_daemon() -> (Client, std::os::unix::net::UnixStream, rxd_shm::Mapping) {
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let daemon = std::thread::spawn(move || {
+            read_std_frame(&mut theirs);
+            let fd = rxd_shm::create_sealed("rxd-client-test", 1 << 16).unwrap();
+            let map = rxd_shm::Mapping::map(fd.as_fd(), 1 << 16).unwrap();
+            let welcome = HandshakeReply::Welcome(Welcome {
+                protocol: PROTOCOL_VERSION,
+                server: "fake".into(),
+                max_frame_bytes: 1 << 20,
+                max_in_flight: 16,
+                arena_bytes: 1 << 16,
+            });
+            let bytes = frame::encode(&welcome).unwrap();
+            let sent = rxd_shm::send_with_fd(rxd_shm::raw(&theirs), &bytes, fd.as_fd()).unwrap();
+            theirs.write_all(&bytes[sent..]).unwrap();
+            (theirs, map)
+        });
+        ours.set_nonblocking(true).unwrap();
+        let stream = UnixStream::from_std(ours).unwrap();
+        let options = ClientOptions {
+            arena_bytes: 1 << 16,
+            ..ClientOptions::default()
+        };
+        let client = Client::handshake(stream, options).await.unwrap();
+        let (theirs, map) = daemon.join().unwrap();
+        (client, theirs, map)
+    }
+
+    /// The daemon writes an output buffer until it answers: a request holds its buffers until
+    /// then, and a request dropped before the answer gives them up (emptied) rather than
+    /// letting their owner read memory being written; their range is reused only once the
+    /// answer has come.
+    #[tokio::test]
+    async fn output_buffers_stay_lent_until_the_daemon_answers() {
+        let (client, mut daemon, map) = fake_daemon().await;
+        let arena = client.arena().unwrap().clone();
+        let mut area = arena.alloc(4096).unwrap();
+        let offset = area.offset();
+        let free = arena.free_bytes();
+
+        // Naming output places by hand is refused: only lent buffers may be written.
+        let mut raw = InferRequest::new("m", Vec::new());
+        raw.output_area = Some(area.as_ref());
+        assert!(matches!(
+            client.infer_request(raw).await,
+            Err(ClientError::Tensor(_))
+        ));
+
+        // The request's future is dropped before the daemon answers.
+        let req = InferRequest::new("m", Vec::new());
+        let call = client.infer_into(req, OutputBufs::area(&mut area));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), call)
+                .await
+                .is_err()
+        );
+        assert!(area.is_empty(), "given up: {area:?}");
+        assert!(area.bytes().is_empty());
+        assert_eq!(arena.free_bytes(), free, "still allocated");
+        drop(area);
+        assert_eq!(
+            arena.free_bytes(),
+            free,
+            "still allocated after its owner let go"
+        );
+
+        // The daemon writes the area, then answers: only now is the range free again.
+        let body = read_std_frame(&mut daemon);
+        let req: RequestFrame = frame::decode(&body).unwrap();
+        assert!(matches!(&req.body, Request::Infer(r) if r.output_area.is_some()));
+        map.copy_in(offset, &[7; 4096]).unwrap();
+        let reply = ResponseFrame {
+            id: req.id,
+            outcome: Outcome::Ok(Reply::Infer(InferReply {
+                model: "m".into(),
+                version: 1,
+                outputs: Vec::new(),
+            })),
+        };
+        daemon.write_all(&frame::encode(&reply).unwrap()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while arena.free_bytes() != free + 4096 {
+            assert!(std::time::Instant::now() < deadline, "never freed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        // A request answered in time keeps its buffer, with what the daemon wrote.
+        let mut area = arena.alloc(64).unwrap();
+        let offset = area.offset();
+        let call = client.infer_into(
+            InferRequest::new("m", Vec::new()),
+            OutputBufs::area(&mut area),
+        );
+        let answer = async {
+            let mut daemon = daemon.try_clone().unwrap();
+            tokio::task::spawn_blocking(move || {
+                let req: RequestFrame = frame::decode(&read_std_frame(&mut daemon)).unwrap();
+                map.copy_in(offset, &[9; 64]).unwrap();
+                let reply = ResponseFrame {
+                    id: req.id,
+                    outcome: Outcome::Ok(Reply::Infer(InferReply {
+                        model: "m".into(),
+                        version: 1,
+                        outputs: Vec::new(),
+                    })),
+                };
+                daemon.write_all(&frame::encode(&reply).unwrap()).unwrap();
+            })
+            .await
+            .unwrap()
+        };
+        let (result, ()) = tokio::join!(call, answer);
+        result.unwrap();
+        assert_eq!(area.bytes(), &[9; 64][..]);
     }
 }

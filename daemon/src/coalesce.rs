@@ -7,20 +7,48 @@
 //! its own arena region). With a cache (`cache-bytes` > 0), finished results are kept in an
 //! LRU bounded in bytes and answer repeats without running. Answers from either path are
 //! byte-identical to a fresh run: they are copies of the bytes ORT produced.
+//!
+//! A request joins a group in flight only if the group cannot fail it for a reason of the
+//! leader's: the group's priority is at least the joiner's and its deadline no earlier (no
+//! deadline is the latest). Otherwise it leads a group of its own (several groups may then
+//! share a key), so no request ever fails or waits because of another client's settings.
+//!
+//! Keying is per-byte work (a copy of arena inputs and a hash, about 1 ms per MB): requests
+//! with more than [`INLINE_KEY_BYTES`] of input are keyed on a small pool of threads
+//! ([`KEY_THREADS`] at most) and routed from there once the key is known, never on the
+//! connection's IO thread. What those requests hold (copies being made or made, bytes being
+//! hashed) is bounded daemon-wide by [`set_key_budget`] (the daemon's `arena-total-bytes`);
+//! a request that finds the budget spent runs without being keyed (a fresh run, neither
+//! cached nor coalesced), so a client cannot make the daemon copy without bound.
 //! Boundary: no ORT here; the runtime's `deliver` places the bytes.
 
+use std::any::Any;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 use rxd_protocol::DType;
 
 use crate::runtime::{
-    Completion, InputData, InputTensor, OutputData, OutputTensor, Placement, RuntimeError, View,
-    deliver,
+    Completion, InputData, InputTensor, Job, OutputData, OutputTensor, Placement, RuntimeError,
+    View, deliver,
 };
+use crate::scheduler::{Scheduler, Terms};
+use crate::validate::Checked;
 
 pub type Key = [u8; 32];
+
+/// Requests with at most this many input bytes are keyed inline, where they arrive (the fast
+/// path: hashing 64 KiB takes tens of microseconds); larger ones on the key pool.
+pub const INLINE_KEY_BYTES: u64 = 64 << 10;
+
+/// Threads of the key pool at most (fewer on small machines: half the cores, at least one).
+pub const KEY_THREADS: usize = 4;
+
+/// Arena inputs are copied and hashed in pieces of this size (the piece just copied is hashed
+/// while it is still in the cache).
+const KEY_CHUNK: usize = 1 << 20;
 
 /// A finished result: every output's bytes.
 #[derive(Debug)]
@@ -72,6 +100,27 @@ struct Member {
     placement: Placement,
 }
 
+/// A group in flight: the leader's terms (what the group runs under) and who waits for it.
+struct Flight {
+    id: u64,
+    priority: u8,
+    deadline: Option<Instant>,
+    members: Vec<Member>,
+}
+
+impl Flight {
+    /// Whether a request with these terms may join: the group runs no later and fails no
+    /// sooner than the request would on its own.
+    fn accepts(&self, priority: u8, deadline: Option<Instant>) -> bool {
+        let deadline_ok = match (self.deadline, deadline) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(group), Some(own)) => group >= own,
+        };
+        self.priority >= priority && deadline_ok
+    }
+}
+
 #[derive(Default)]
 struct Lru {
     map: HashMap<Key, Arc<Outputs>>,
@@ -84,20 +133,24 @@ pub struct Coalescer {
     coalesce_max_bytes: u64,
     /// Changeable at run time (`rxctl configure --cache-bytes`).
     cache_capacity: AtomicU64,
-    inflight: Mutex<HashMap<Key, Vec<Member>>>,
+    /// Groups in flight by key (usually one; more when terms kept a request from joining).
+    inflight: Mutex<HashMap<Key, Vec<Flight>>>,
+    next_flight: AtomicU64,
     cache: Mutex<Lru>,
     pub stats: Stats,
 }
 
-/// What to do with a request.
-pub enum Route {
-    /// Not coalescable (too large, or both features off): run it as is.
-    Run(Box<dyn Completion>, Placement),
+/// What to do with a keyed request.
+enum Route {
     /// Run it as the leader of a group: its outputs come back inline to this completion.
     Lead(Box<dyn Completion>),
     /// Answered (from the cache) or joined a group in flight: nothing to run.
     Done,
 }
+
+/// Keeps the model version alive while a request is keyed off the IO thread (so it is not
+/// evicted between lookup and queueing).
+pub type Keep = Arc<dyn Any + Send + Sync>;
 
 impl Coalescer {
     pub fn new(coalesce_max_bytes: u64, cache_capacity: u64) -> Arc<Coalescer> {
@@ -105,6 +158,7 @@ impl Coalescer {
             coalesce_max_bytes,
             cache_capacity: AtomicU64::new(cache_capacity),
             inflight: Mutex::new(HashMap::new()),
+            next_flight: AtomicU64::new(1),
             cache: Mutex::new(Lru::default()),
             stats: Stats::default(),
         })
@@ -145,33 +199,121 @@ impl Coalescer {
         c.bytes = 0;
     }
 
-    /// Decides how a request runs. `completion` and `placement` are the request's own. When
-    /// the request is keyed, its arena inputs are replaced by copies of the bytes hashed, so
-    /// that what runs is exactly what the key names (a client changing its arena cannot
-    /// poison the cache or another client's answer).
+    /// Queues a checked request on `scheduler`, keyed first when coalescing or the cache
+    /// applies: answered from the cache, joined to an identical group in flight whose terms
+    /// suit it, or run (as a group's leader when keyed). Small requests are keyed here, large
+    /// ones on the key pool (`keep` holds the model until then). `completion` receives the
+    /// outputs or the error exactly once.
     #[allow(clippy::too_many_arguments)]
-    pub fn route(
+    pub fn submit(
         self: &Arc<Self>,
         model: &str,
         version: u64,
-        inputs: &mut [InputTensor],
-        outputs: &[String],
+        scheduler: &Arc<Scheduler>,
+        checked: Checked,
+        completion: Box<dyn Completion>,
+        terms: Terms,
+        keep: Keep,
+    ) {
+        let (mut inline, mut shared) = (0u64, 0u64);
+        for t in &checked.inputs {
+            match &t.data {
+                InputData::Inline(b) => inline += b.len() as u64,
+                InputData::Shared { len, .. } => shared += *len,
+            }
+        }
+        let input_bytes = inline.saturating_add(shared);
+        let job = Job {
+            inputs: checked.inputs,
+            outputs: checked.outputs,
+            placement: checked.placement,
+            completion,
+        };
+        if !self.enabled_for(input_bytes) {
+            scheduler.submit(job, terms);
+            return;
+        }
+        // The group's terms are compared with resolved priorities.
+        let terms = Terms {
+            priority: Some(terms.priority.unwrap_or(scheduler.default_priority())),
+            ..terms
+        };
+        if input_bytes <= INLINE_KEY_BYTES {
+            self.keyed(model, version, scheduler, job, terms);
+            return;
+        }
+        let Some(charge) = Charge::take(input_bytes) else {
+            // The key budget is spent: run it as is (zero-copy; neither cached nor coalesced).
+            scheduler.submit(job, terms);
+            return;
+        };
+        let (owner, scheduler, model) = (self.clone(), scheduler.clone(), model.to_string());
+        key_pool().run(Box::new(move || {
+            let _keep = keep;
+            if job.completion.is_abandoned() {
+                // The client is gone: nobody wants the answer, so no keying (the worker skips
+                // abandoned jobs).
+                scheduler.submit(job, terms);
+                return;
+            }
+            let job = Job {
+                completion: Box::new(Charged {
+                    inner: job.completion,
+                    _charge: charge,
+                }),
+                ..job
+            };
+            owner.keyed(&model, version, &scheduler, job, terms);
+        }));
+    }
+
+    /// Keys `job` (arena inputs are replaced by copies of the bytes hashed, so that what runs
+    /// is exactly what the key names: a client changing its arena cannot poison the cache or
+    /// another client's answer), then answers it from the cache, joins it to a group, or
+    /// queues it as a group's leader.
+    fn keyed(
+        self: &Arc<Self>,
+        model: &str,
+        version: u64,
+        scheduler: &Scheduler,
+        mut job: Job,
+        terms: Terms,
+    ) {
+        let Some(key) = key(model, version, &mut job.inputs, &job.outputs) else {
+            scheduler.submit(job, terms);
+            return;
+        };
+        let Job {
+            inputs,
+            outputs,
+            placement,
+            completion,
+        } = job;
+        let priority = terms.priority.unwrap_or(0);
+        match self.route(key, priority, terms.deadline, completion, placement) {
+            Route::Lead(completion) => scheduler.submit(
+                Job {
+                    inputs,
+                    outputs,
+                    // The group wants the bytes back inline; it places them for each member.
+                    placement: Placement::default(),
+                    completion,
+                },
+                terms,
+            ),
+            Route::Done => {}
+        }
+    }
+
+    /// Decides how a keyed request runs.
+    fn route(
+        self: &Arc<Self>,
+        key: Key,
+        priority: u8,
+        deadline: Option<Instant>,
         completion: Box<dyn Completion>,
         placement: Placement,
     ) -> Route {
-        let input_bytes: u64 = inputs
-            .iter()
-            .map(|t| match &t.data {
-                InputData::Inline(b) => b.len() as u64,
-                InputData::Shared { len, .. } => *len,
-            })
-            .sum();
-        if !self.enabled_for(input_bytes) {
-            return Route::Run(completion, placement);
-        }
-        let Some(key) = key(model, version, inputs, outputs) else {
-            return Route::Run(completion, placement);
-        };
         if self.capacity() > 0 {
             let hit = {
                 let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
@@ -198,15 +340,23 @@ impl Coalescer {
             completion,
             placement,
         };
-        if let Some(group) = inflight.get_mut(&key) {
+        let flights = inflight.entry(key).or_default();
+        if let Some(f) = flights.iter_mut().find(|f| f.accepts(priority, deadline)) {
             self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
-            group.push(member);
+            f.members.push(member);
             return Route::Done;
         }
-        inflight.insert(key, vec![member]);
+        let id = self.next_flight.fetch_add(1, Ordering::Relaxed);
+        flights.push(Flight {
+            id,
+            priority,
+            deadline,
+            members: vec![member],
+        });
         Route::Lead(Box::new(Group {
             owner: self.clone(),
             key,
+            id,
             answered: false,
         }))
     }
@@ -238,17 +388,29 @@ impl Coalescer {
 struct Group {
     owner: Arc<Coalescer>,
     key: Key,
+    /// Which of the key's flights is this group's.
+    id: u64,
     answered: bool,
 }
 
 impl Group {
     fn take_members(&self) -> Vec<Member> {
-        self.owner
+        let mut inflight = self
+            .owner
             .inflight
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.key)
-            .unwrap_or_default()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some(flights) = inflight.get_mut(&self.key) else {
+            return Vec::new();
+        };
+        let members = match flights.iter().position(|f| f.id == self.id) {
+            Some(i) => flights.swap_remove(i).members,
+            None => Vec::new(),
+        };
+        if flights.is_empty() {
+            inflight.remove(&self.key);
+        }
+        members
     }
 }
 
@@ -261,7 +423,8 @@ impl Completion for Group {
             .unwrap_or_else(|e| e.into_inner());
         inflight
             .get(&self.key)
-            .is_none_or(|g| g.iter().all(|m| m.completion.is_abandoned()))
+            .and_then(|fs| fs.iter().find(|f| f.id == self.id))
+            .is_none_or(|f| f.members.iter().all(|m| m.completion.is_abandoned()))
     }
 
     fn complete(mut self: Box<Self>, result: Result<Vec<OutputTensor>, RuntimeError>) {
@@ -302,40 +465,141 @@ impl Drop for Group {
     }
 }
 
-/// The key of a request; arena inputs are copied (and replaced by the copies) before they
-/// are hashed. `None` if an arena input cannot be read.
+/// The key of a request; arena inputs are copied (and replaced by the copies) as they are
+/// hashed, a piece at a time. `None` if an arena input cannot be read.
 fn key(model: &str, version: u64, inputs: &mut [InputTensor], outputs: &[String]) -> Option<Key> {
     let mut h = blake3::Hasher::new();
-    let mut field = |b: &[u8]| {
+    let field = |h: &mut blake3::Hasher, b: &[u8]| {
         h.update(&(b.len() as u64).to_le_bytes());
         h.update(b);
     };
-    field(model.as_bytes());
-    field(&version.to_le_bytes());
+    field(&mut h, model.as_bytes());
+    field(&mut h, &version.to_le_bytes());
     for t in inputs.iter_mut() {
-        field(t.name.as_bytes());
-        field(t.dtype.name().as_bytes());
+        field(&mut h, t.name.as_bytes());
+        field(&mut h, t.dtype.name().as_bytes());
         for d in &t.shape {
-            field(&d.to_le_bytes());
+            field(&mut h, &d.to_le_bytes());
         }
-        if let InputData::Shared { map, offset, len } = &t.data {
-            let mut copy = vec![0u8; *len as usize];
-            map.copy_out(*offset, &mut copy).ok()?;
-            t.data = InputData::Inline(copy);
-        }
-        if let InputData::Inline(b) = &t.data {
-            field(b);
+        match &t.data {
+            InputData::Inline(b) => field(&mut h, b),
+            InputData::Shared { map, offset, len } => {
+                // Hashed exactly as an inline input of the same bytes: the copy is what runs.
+                let mut copy = vec![0u8; usize::try_from(*len).ok()?];
+                h.update(&len.to_le_bytes());
+                let mut at = 0usize;
+                for piece in copy.chunks_mut(KEY_CHUNK) {
+                    map.copy_out(offset.checked_add(at as u64)?, piece).ok()?;
+                    h.update(piece);
+                    at += piece.len();
+                }
+                t.data = InputData::Inline(copy);
+            }
         }
     }
     for o in outputs {
-        field(o.as_bytes());
+        field(&mut h, o.as_bytes());
     }
     Some(*h.finalize().as_bytes())
+}
+
+/// Bytes that requests keyed off the IO thread may hold at once (see [`set_key_budget`]).
+static KEY_BUDGET: AtomicU64 = AtomicU64::new(1 << 30);
+/// Bytes they hold now.
+static KEY_HELD: AtomicU64 = AtomicU64::new(0);
+
+/// Sets the daemon-wide bound on the bytes of requests being keyed off the IO thread (arena
+/// inputs copied or being copied, inputs being hashed). The daemon passes its
+/// `arena-total-bytes`: at most one more copy of what clients may make it map.
+pub fn set_key_budget(bytes: u64) {
+    KEY_BUDGET.store(bytes, Ordering::Relaxed);
+}
+
+/// A share of the key budget, returned on drop.
+#[derive(Debug)]
+struct Charge(u64);
+
+impl Charge {
+    /// Takes `bytes` of the budget, or nothing if that would overspend it — except that a
+    /// request alone may always take it (so that one large request is still keyed).
+    fn take(bytes: u64) -> Option<Charge> {
+        let budget = KEY_BUDGET.load(Ordering::Relaxed);
+        KEY_HELD
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                let after = held.checked_add(bytes)?;
+                (held == 0 || after <= budget).then_some(after)
+            })
+            .ok()
+            .map(|_| Charge(bytes))
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        KEY_HELD.fetch_sub(self.0, Ordering::AcqRel);
+    }
+}
+
+/// A completion that holds a share of the key budget until the request is answered (its
+/// input copies live in the job until then).
+struct Charged {
+    inner: Box<dyn Completion>,
+    _charge: Charge,
+}
+
+impl Completion for Charged {
+    fn is_abandoned(&self) -> bool {
+        self.inner.is_abandoned()
+    }
+
+    fn complete(self: Box<Self>, result: Result<Vec<OutputTensor>, RuntimeError>) {
+        self.inner.complete(result);
+    }
+}
+
+type Task = Box<dyn FnOnce() + Send>;
+
+/// Threads that key large requests, fed through one channel (first come, first served).
+struct KeyPool {
+    tx: crossbeam_channel::Sender<Task>,
+}
+
+impl KeyPool {
+    fn run(&self, task: Task) {
+        if let Err(e) = self.tx.send(task) {
+            // The threads never exit while the sender lives; run it here rather than drop it.
+            (e.0)();
+        }
+    }
+}
+
+fn key_pool() -> &'static KeyPool {
+    static POOL: OnceLock<KeyPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let (tx, rx) = crossbeam_channel::unbounded::<Task>();
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let threads = (cores / 2).clamp(1, KEY_THREADS);
+        for i in 0..threads {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("rxd-key-{i}"))
+                .spawn(move || {
+                    for task in rx {
+                        task();
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!("cannot start a key thread: {e}");
+            }
+        }
+        KeyPool { tx }
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn out(n: usize) -> Arc<Outputs> {
         Arc::new(Outputs {
@@ -359,6 +623,141 @@ mod tests {
         // An entry larger than the whole cache is not kept.
         c.insert([4; 32], out(101));
         assert_eq!(c.cache_bytes(), 80);
+    }
+
+    type Outcome = Result<Vec<OutputTensor>, RuntimeError>;
+
+    /// Records what a request was answered.
+    #[derive(Clone, Default)]
+    struct Answer(Arc<Mutex<Option<Outcome>>>);
+
+    impl Answer {
+        fn completion(&self) -> Box<dyn Completion> {
+            Box::new(self.clone())
+        }
+
+        fn get(&self) -> Option<Outcome> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    impl Completion for Answer {
+        fn complete(self: Box<Self>, result: Outcome) {
+            *self.0.lock().unwrap() = Some(result);
+        }
+    }
+
+    fn lead(route: Route) -> Box<dyn Completion> {
+        match route {
+            Route::Lead(c) => c,
+            Route::Done => panic!("joined a group, expected to lead one"),
+        }
+    }
+
+    fn output() -> Vec<OutputTensor> {
+        vec![OutputTensor {
+            name: "y".into(),
+            dtype: DType::Uint8,
+            shape: vec![1],
+            data: OutputData::Inline(vec![7]),
+        }]
+    }
+
+    /// Issue 19, item 8: a request without a deadline that joined an identical one with
+    /// `timeout_ms: 30` got that one's `deadline_exceeded`. It now joins only a group that
+    /// cannot fail it for the leader's reasons (deadline no earlier, priority no lower).
+    #[test]
+    fn a_request_joins_only_groups_whose_terms_cannot_fail_it() {
+        let c = Coalescer::new(1 << 20, 0);
+        let now = Instant::now();
+        let soon = Some(now + Duration::from_millis(30));
+        let later = Some(now + Duration::from_millis(300));
+        let key = [9; 32];
+        let route = |priority, deadline, a: &Answer| {
+            c.route(
+                key,
+                priority,
+                deadline,
+                a.completion(),
+                Placement::default(),
+            )
+        };
+        // A leader with a 30 ms deadline; an identical request without one leads its own.
+        let (hurried, patient) = (Answer::default(), Answer::default());
+        let hurried_group = lead(route(0, soon, &hurried));
+        let patient_group = lead(route(0, None, &patient));
+        // Requests whose terms the groups meet join them: an earlier or equal deadline...
+        let (a, b, d) = (Answer::default(), Answer::default(), Answer::default());
+        assert!(matches!(route(0, soon, &a), Route::Done));
+        assert!(
+            matches!(route(0, later, &b), Route::Done),
+            "joins the patient group"
+        );
+        // ...but not a higher priority, which leads a third group.
+        let urgent_group = lead(route(3, None, &d));
+        // A lower priority may join the urgent group.
+        let e = Answer::default();
+        assert!(matches!(route(1, None, &e), Route::Done));
+        assert_eq!(c.stats.coalesced.load(Ordering::Relaxed), 3);
+
+        // The hurried group's deadline passes: only its own members hear of it.
+        hurried_group.complete(Err(RuntimeError::DeadlineExceeded));
+        for x in [&hurried, &a] {
+            assert!(matches!(x.get(), Some(Err(RuntimeError::DeadlineExceeded))));
+        }
+        for x in [&patient, &b, &d, &e] {
+            assert!(x.get().is_none(), "answered by another group");
+        }
+        patient_group.complete(Ok(output()));
+        urgent_group.complete(Ok(output()));
+        for x in [&patient, &b, &d, &e] {
+            assert_eq!(x.get().unwrap().unwrap(), output());
+        }
+        assert!(
+            c.inflight.lock().unwrap().is_empty(),
+            "every group removed itself"
+        );
+    }
+
+    #[test]
+    fn the_key_budget_bounds_what_large_requests_hold_but_one_always_fits() {
+        // (The only test that touches the process-wide budget.)
+        set_key_budget(100);
+        let a = Charge::take(60).expect("fits");
+        let b = Charge::take(40).expect("fits exactly");
+        assert!(Charge::take(1).is_none(), "spent");
+        drop(a);
+        drop(b);
+        let alone = Charge::take(1000).expect("a request alone is always keyed");
+        assert!(Charge::take(1).is_none());
+        drop(alone);
+        assert_eq!(KEY_HELD.load(Ordering::Relaxed), 0);
+        set_key_budget(1 << 30);
+    }
+
+    #[test]
+    fn arena_inputs_are_hashed_as_the_copies_that_run() {
+        use std::os::fd::AsFd;
+        let fd = rxd_shm::create_sealed("rxd-key-test", 3 << 20).unwrap();
+        let map = Arc::new(rxd_shm::Mapping::map(fd.as_fd(), 3 << 20).unwrap());
+        let bytes: Vec<u8> = (0..(2 << 20) + 5).map(|i| (i % 251) as u8).collect();
+        map.copy_in(64, &bytes).unwrap();
+        let tensor = |data| InputTensor {
+            name: "x".into(),
+            dtype: DType::Uint8,
+            shape: vec![bytes.len() as u64],
+            data,
+        };
+        let mut shared = [tensor(InputData::Shared {
+            map: map.clone(),
+            offset: 64,
+            len: bytes.len() as u64,
+        })];
+        let mut inline = [tensor(InputData::Inline(bytes.clone()))];
+        let k = key("m", 1, &mut shared, &[]).unwrap();
+        assert_eq!(k, key("m", 1, &mut inline, &[]).unwrap());
+        // The arena input now runs from the copy that was hashed.
+        assert!(matches!(&shared[0].data, InputData::Inline(b) if *b == bytes));
     }
 
     #[test]

@@ -18,6 +18,10 @@ use rxd_protocol::limits;
 pub const BUNDLED_ORT_LIBRARY: &str = "/usr/lib/rxd/libonnxruntime.so.1.31.1";
 pub const DEFAULT_SOCKET: &str = "/run/rxd/rxd.sock";
 pub const DEFAULT_REPOSITORY: &str = "/var/lib/rxd/models";
+/// Priorities non-admin peers may use: 0..=this. The engine APIs users come from use small
+/// levels (`priority=5`); with aging, this also bounds how long a peer's stream can hold back
+/// a default-priority request (`priority-aging-ms` × this).
+pub const DEFAULT_MAX_PEER_PRIORITY: u8 = 15;
 
 /// The config file as written. Every key is optional; flags override keys of the same name.
 #[derive(Debug, Default, Deserialize)]
@@ -52,6 +56,8 @@ pub struct FileConfig {
     pub max_arena_bytes: Option<ByteSize>,
     pub arena_total_bytes: Option<ByteSize>,
     pub queue_capacity: Option<u32>,
+    /// Highest request priority a non-admin peer may ask for (default 15).
+    pub max_peer_priority: Option<u8>,
     pub shutdown_grace_secs: Option<u64>,
     pub watchdog_stuck_secs: Option<u64>,
     /// Seconds a model load may take before it fails (model.toml `load-timeout-secs`
@@ -179,6 +185,8 @@ pub struct Config {
     pub arena_total_bytes: u64,
     /// Default queue capacity per model (requests waiting for a worker).
     pub queue_capacity: u32,
+    /// Non-admin peers may ask for priorities `0..=max_peer_priority`; higher is refused.
+    pub max_peer_priority: u8,
     pub shutdown_grace: Duration,
     /// A worker on one batch for longer than this is stuck: health says so and the systemd
     /// watchdog pings stop.
@@ -241,6 +249,7 @@ impl Config {
         put("max-arena-bytes", self.max_arena_bytes.to_string());
         put("arena-total-bytes", self.arena_total_bytes.to_string());
         put("queue-capacity", self.queue_capacity.to_string());
+        put("max-peer-priority", self.max_peer_priority.to_string());
         put(
             "shutdown-grace-secs",
             self.shutdown_grace.as_secs().to_string(),
@@ -540,6 +549,7 @@ pub fn resolve(
         Some(0) => None,
         v => Some(seconds("idle-timeout-secs", v, 600)),
     };
+    let max_peer_priority = file.max_peer_priority.unwrap_or(DEFAULT_MAX_PEER_PRIORITY);
 
     let max_frame_bytes = match file.max_frame_bytes {
         None => limits::DEFAULT_MAX_FRAME,
@@ -761,6 +771,7 @@ pub fn resolve(
         max_arena_bytes,
         arena_total_bytes,
         queue_capacity,
+        max_peer_priority,
         shutdown_grace,
         watchdog_stuck,
         load_timeout,

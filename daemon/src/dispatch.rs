@@ -15,6 +15,7 @@ use crate::metrics::Metrics;
 use crate::peer::Peer;
 use crate::registry::{Demand, LoadSlot, Ticket};
 use crate::runtime::{Completion, OutputData, OutputTensor, RuntimeError};
+use crate::scheduler::Terms;
 use crate::validate;
 
 /// How a request was handled.
@@ -43,7 +44,7 @@ pub async fn handle(
     }
     let reply = match req {
         Request::Infer(infer) => {
-            if let Queued::Cold(cold) = self::infer(shared, infer, None, completion)? {
+            if let Queued::Cold(cold) = self::infer(shared, infer, None, peer, completion)? {
                 cold.run(shared.clone(), None).await?;
             }
             return Ok(Handled::Deferred);
@@ -165,21 +166,35 @@ pub struct Cold<M> {
     slot: Arc<LoadSlot>,
     start: Option<Box<Ticket>>,
     deadline: Option<std::time::Instant>,
+    peer: Peer,
 }
 
 /// Validates and queues an inference (synchronous: no await, no ORT). On success the
 /// completion answers (or, for a cold model, the returned [`Cold`] does); on error nothing
-/// was queued and the caller answers.
+/// was queued and the caller answers. A priority above `max-peer-priority` is for admins
+/// only (`permission_denied` for others).
 pub fn infer<M: MakeCompletion>(
     shared: &SharedRef,
     req: InferRequest,
     arena: Option<&Arc<rxd_shm::Mapping>>,
+    peer: &Peer,
     completion: M,
 ) -> Result<Queued<M>, RequestError> {
+    let max = shared.config.max_peer_priority;
+    if let Some(p) = req.priority.filter(|&p| p > max && !peer.admin) {
+        return Err(RequestError::Wire(rxd_protocol::WireError::new(
+            rxd_protocol::ErrorCode::PermissionDenied,
+            format!("priority {p} is for admins; other clients may use 0..={max}"),
+        )));
+    }
     let deadline = req
         .timeout_ms
         .map(|ms| std::time::Instant::now() + std::time::Duration::from_millis(ms));
-    let priority = req.priority;
+    let terms = Terms {
+        priority: req.priority,
+        deadline,
+        source: u64::from(peer.uid),
+    };
     let model = match shared.registry.demand(&req.model, req.version)? {
         Demand::Ready(m) => m,
         Demand::Cold { slot, start } => {
@@ -189,13 +204,14 @@ pub fn infer<M: MakeCompletion>(
                 slot,
                 start,
                 deadline,
+                peer: peer.clone(),
             })));
         }
     };
     let checked = validate::check(&model.signature, req, arena).inspect_err(|e| {
         model.metrics.record_outcome(Some(e.code));
     })?;
-    model.submit(checked, completion.make(&model), priority, deadline);
+    model.submit(checked, completion.make(&model), terms);
     Ok(Queued::Done)
 }
 
@@ -221,7 +237,13 @@ impl<M: MakeCompletion> Cold<M> {
                     .map_err(|_| RequestError::Runtime(RuntimeError::DeadlineExceeded))??,
                 None => self.slot.wait().await?,
             }
-            match infer(&shared, self.req, arena.as_ref(), self.completion)? {
+            match infer(
+                &shared,
+                self.req,
+                arena.as_ref(),
+                &self.peer,
+                self.completion,
+            )? {
                 Queued::Done => return Ok(()),
                 // Evicted again before it could queue (a tiny budget under churn): retry.
                 Queued::Cold(again) => self = again,

@@ -127,6 +127,8 @@ pub async fn run(
     listener: tokio::net::UnixListener,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
+    // Requests keyed off the IO thread hold at most one more copy of what clients may map.
+    coalesce::set_key_budget(shared.config.arena_total_bytes);
     let s = shared.clone();
     let preload = tokio::task::spawn_blocking(move || s.registry.preload(&s.config.preload));
     tokio::select! {
@@ -318,6 +320,10 @@ pub fn reload(shared: &SharedRef) -> Result<Vec<rxd_protocol::ModelSummary>, Str
                 old.arena_total_bytes != new.arena_total_bytes,
             ),
             ("queue-capacity", old.queue_capacity != new.queue_capacity),
+            (
+                "max-peer-priority",
+                old.max_peer_priority != new.max_peer_priority,
+            ),
             ("metrics-listen", old.metrics_listen != new.metrics_listen),
             (
                 "cache-directory",

@@ -6,18 +6,24 @@
 //! Invariants:
 //! - A [`Mapping`] stays mapped for its whole life and is unmapped exactly once, on drop. Its
 //!   memory may be written by the other process at any time: this crate never hands out a
-//!   Rust reference to mapped memory except through [`Region`], which stands for a byte range
-//!   that the protocol gives to this side alone.
+//!   Rust reference to mapped memory except through [`Region`], which only an [`Allocator`]
+//!   creates: it hands each byte range to one `Region` at a time, and a range the peer may
+//!   write (an output buffer named in a request) is lent ([`Region::lend`]), which gives up
+//!   the `Region` until the peer is done with it. Everything else is copied
+//!   ([`Mapping::copy_in`], [`Mapping::copy_out`]) or passed on as a raw pointer.
 //! - Every offset and length is checked with overflow-safe arithmetic before a pointer is
 //!   formed ([`Mapping::range`]).
-//! - An arena's memfd is sealed against shrinking and growing before its fd leaves the
-//!   creating process, so the peer cannot truncate it under our mapping (no SIGBUS).
+//! - Only a file sealed against shrinking and growing is mapped ([`Mapping::map`] checks the
+//!   seals and the size itself), so the peer cannot truncate it under the mapping (no
+//!   SIGBUS); arenas are created sealed ([`create_sealed`]) before their fd leaves the
+//!   creating process.
 #![allow(unsafe_code)]
 
+use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
@@ -28,6 +34,9 @@ use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, s
 pub const ARENA_SEALS: i32 = libc_seal(SealFlag::F_SEAL_SHRINK)
     | libc_seal(SealFlag::F_SEAL_GROW)
     | libc_seal(SealFlag::F_SEAL_SEAL);
+
+/// Seals [`Mapping::map`] requires: the size cannot change under the mapping.
+pub const SIZE_SEALS: i32 = libc_seal(SealFlag::F_SEAL_SHRINK) | libc_seal(SealFlag::F_SEAL_GROW);
 
 const fn libc_seal(f: SealFlag) -> i32 {
     f.bits()
@@ -84,8 +93,8 @@ pub struct Mapping {
 }
 
 // SAFETY: the mapping is plain memory owned by this value; the raw pointer is only turned into
-// references through `Region` (exclusive by construction) and otherwise used for bounded
-// copies, which are sound from any thread.
+// references through `Region` (exclusive by construction, see `Allocator`) and otherwise used
+// for bounded copies, which are sound from any thread.
 unsafe impl Send for Mapping {}
 // SAFETY: as above; `&Mapping` only allows bounded copies and pointer arithmetic.
 unsafe impl Sync for Mapping {}
@@ -97,11 +106,21 @@ impl std::fmt::Debug for Mapping {
 }
 
 impl Mapping {
-    /// Maps `fd` shared read-write. `len` must equal the file's size (checked: a mapping past
-    /// the end of a file faults on access). Pages are not populated: memory is committed by
-    /// whichever side touches a page first (normally the client writing its inputs), and the
-    /// other side's first access to a page is a minor fault.
+    /// Maps `fd` shared read-write. The file must be sealed against shrinking and growing
+    /// (`F_SEAL_SHRINK|F_SEAL_GROW`, checked here: another process holding the fd could
+    /// otherwise truncate it, and an access past the end faults with SIGBUS) and `len` must
+    /// equal its size (checked after the seals, when the size can no longer change). Pages
+    /// are not populated: memory is committed by whichever side touches a page first
+    /// (normally the client writing its inputs), and the other side's first access to a page
+    /// is a minor fault.
     pub fn map(fd: BorrowedFd<'_>, len: usize) -> io::Result<Mapping> {
+        let have = seals(fd)?;
+        if have & SIZE_SEALS != SIZE_SEALS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the file is not sealed against shrinking and growing (F_SEAL_SHRINK|F_SEAL_GROW)",
+            ));
+        }
         let size = file_size(fd)?;
         if size != len as u64 {
             return Err(io::Error::new(
@@ -112,8 +131,8 @@ impl Mapping {
         let nz = std::num::NonZeroUsize::new(len)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"))?;
         // SAFETY: a fresh mapping at an address the kernel picks; it aliases no Rust object.
-        // `len` equals the file size (checked above) and for arenas the size is sealed, so no
-        // access inside the mapping can fault.
+        // `len` equals the file size and the size is sealed (both checked above), so no access
+        // inside the mapping can fault.
         let ptr = unsafe {
             mmap(
                 None,
@@ -161,7 +180,15 @@ impl Mapping {
         Ok(unsafe { self.ptr.as_ptr().add(off) })
     }
 
-    /// Copies `src` into the mapping at `offset`.
+    /// Copies `src` into the mapping at `offset` (after the range check).
+    ///
+    /// Concurrent access by the peer: the bytes are stored through a raw pointer, once each.
+    /// If the peer reads the range meanwhile it may see a mix of old and new bytes, and if it
+    /// writes the range meanwhile the range ends up holding a mix of both; that is the peer's
+    /// business (the protocol gives a range to one side at a time) and it can never make this
+    /// process misbehave: no Rust reference into the mapping exists while this runs (only a
+    /// [`Region`] would make one, and the peer is never lent a `Region`'s range), and nothing
+    /// here reads the range back.
     pub fn copy_in(&self, offset: u64, src: &[u8]) -> Result<(), RangeError> {
         let dst = self.ptr(offset, src.len() as u64)?;
         // SAFETY: `dst..dst+src.len()` lies inside the mapping (checked by `ptr`); `src` is a
@@ -170,7 +197,16 @@ impl Mapping {
         Ok(())
     }
 
-    /// Copies bytes out of the mapping at `offset` into `dst`.
+    /// Copies bytes out of the mapping at `offset` into `dst` (after the range check).
+    ///
+    /// Concurrent writes by the peer: each byte of the range is read once, through a raw
+    /// pointer, into `dst`, which is private memory. A peer writing the range meanwhile makes
+    /// `dst` a mix of old and new bytes (torn at any granularity — a multi-byte value may be
+    /// half old, half new); `dst` then holds those bytes and never changes again. Callers get
+    /// untrusted but stable bytes: whatever they validate in `dst` stays valid. It is never
+    /// undefined behaviour for this process: no Rust reference into the mapping is formed,
+    /// and the compiler cannot assume the source is unchanged between reads because nothing
+    /// reads it twice.
     pub fn copy_out(&self, offset: u64, dst: &mut [u8]) -> Result<(), RangeError> {
         let src = self.ptr(offset, dst.len() as u64)?;
         // SAFETY: `src..src+dst.len()` lies inside the mapping (checked by `ptr`); `dst` is an
@@ -190,51 +226,196 @@ impl Drop for Mapping {
     }
 }
 
-/// A byte range of a mapping that the protocol gives to this side alone (for a client: a
-/// buffer it allocated and has not handed to the daemon for writing). The only way to get
-/// Rust references into shared memory.
+/// Alignment of every [`Region`] offset and length (enough for every dtype and SIMD loads).
+pub const REGION_ALIGN: u64 = 64;
+
+/// Hands out disjoint byte ranges of a mapping as [`Region`]s (first fit, [`REGION_ALIGN`]ed,
+/// freed ranges coalesced): the allocator that makes `Region`'s references sound. Each range
+/// belongs to at most one `Region` or [`Lent`] at a time; it returns to the free list only
+/// when that one is dropped.
 #[derive(Debug)]
-pub struct Region {
+pub struct Allocator {
     map: Arc<Mapping>,
-    offset: usize,
-    len: usize,
+    /// Free ranges: offset → length.
+    free: Mutex<BTreeMap<u64, u64>>,
 }
 
-impl Region {
-    /// Claims `len` bytes at `offset`. The caller's allocator guarantees that no other
-    /// `Region` covers them.
-    pub fn new(map: Arc<Mapping>, offset: u64, len: u64) -> Result<Region, RangeError> {
-        let offset = map.range(offset, len)?;
-        Ok(Region {
-            map,
-            offset,
-            len: len as usize,
+impl Allocator {
+    /// An allocator over the whole of `map`, which no one else allocates from.
+    pub fn new(map: Mapping) -> Arc<Allocator> {
+        let size = map.len() as u64;
+        let usable = size - size % REGION_ALIGN;
+        let free = if usable > 0 {
+            BTreeMap::from([(0, usable)])
+        } else {
+            BTreeMap::new()
+        };
+        Arc::new(Allocator {
+            map: Arc::new(map),
+            free: Mutex::new(free),
         })
     }
 
-    pub fn offset(&self) -> u64 {
-        self.offset as u64
+    /// The mapping allocated from (for copies and raw pointers, never references).
+    pub fn mapping(&self) -> &Arc<Mapping> {
+        &self.map
     }
 
-    pub fn len(&self) -> usize {
-        self.len
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, u64>> {
+        self.free.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Bytes not allocated (nor lent).
+    pub fn free_bytes(&self) -> u64 {
+        self.lock().values().sum()
+    }
+
+    /// A region of at least `len` bytes (at least 1; rounded up to [`REGION_ALIGN`]), or
+    /// `None` when no free range is large enough.
+    pub fn alloc(self: &Arc<Self>, len: u64) -> Option<Region> {
+        let want = len.max(1).checked_next_multiple_of(REGION_ALIGN)?;
+        let mut free = self.lock();
+        let (offset, have) = free
+            .iter()
+            .find(|&(_, &l)| l >= want)
+            .map(|(&o, &l)| (o, l))?;
+        free.remove(&offset);
+        if have > want {
+            free.insert(offset + want, have - want);
+        }
+        drop(free);
+        // The free list only ever holds ranges inside the mapping.
+        debug_assert!(self.map.range(offset, want).is_ok());
+        Some(Region {
+            span: Span {
+                owner: self.clone(),
+                offset,
+                len: want,
+                leak: false,
+            },
+        })
+    }
+
+    fn release(&self, offset: u64, len: u64) {
+        let mut free = self.lock();
+        let (mut start, mut size) = (offset, len);
+        // Merge with the previous and the next free range.
+        if let Some((&po, &pl)) = free.range(..offset).next_back()
+            && po + pl == offset
+        {
+            free.remove(&po);
+            start = po;
+            size += pl;
+        }
+        if let Some(&nl) = free.get(&(offset + len)) {
+            free.remove(&(offset + len));
+            size += nl;
+        }
+        free.insert(start, size);
+    }
+}
+
+/// An allocated range; returns to its allocator's free list on drop (unless leaked).
+#[derive(Debug)]
+struct Span {
+    owner: Arc<Allocator>,
+    offset: u64,
+    len: u64,
+    leak: bool,
+}
+
+impl Drop for Span {
+    fn drop(&mut self) {
+        if !self.leak {
+            self.owner.release(self.offset, self.len);
+        }
+    }
+}
+
+/// A byte range of a mapping that this side alone may use, from an [`Allocator`]: the only
+/// way to get Rust references into shared memory. Sound because the allocator gives the
+/// range to no one else in this process, and the peer, by the protocol, writes only ranges
+/// a request names for outputs — which a `Region` must be [`lend`](Region::lend)ed for, giving
+/// up its references until the peer has answered.
+#[derive(Debug)]
+pub struct Region {
+    span: Span,
+}
+
+impl Region {
+    pub fn offset(&self) -> u64 {
+        self.span.offset
+    }
+
+    /// The region's length (the length asked for, rounded up to [`REGION_ALIGN`]).
+    pub fn len(&self) -> u64 {
+        self.span.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.span.len == 0
+    }
+
+    /// Whether this region was allocated by `alloc` (so its offset means a place in that
+    /// allocator's mapping).
+    pub fn is_from(&self, alloc: &Arc<Allocator>) -> bool {
+        Arc::ptr_eq(&self.span.owner, alloc)
+    }
+
+    fn ptr(&self) -> *mut u8 {
+        self.span
+            .owner
+            .map
+            .ptr(self.span.offset, self.span.len)
+            .expect("a region lies inside its mapping")
     }
 
     pub fn as_slice(&self) -> &[u8] {
-        // SAFETY: the range is inside the mapping (checked in `new`), the mapping outlives
-        // `self` (we hold an Arc), and by the protocol nobody writes this range while this
-        // side owns it (the daemon writes only output regions a request named, and only
-        // before answering that request).
-        unsafe { std::slice::from_raw_parts(self.map.ptr.as_ptr().add(self.offset), self.len) }
+        // SAFETY: the range is inside the mapping (`ptr` checks it), the mapping outlives
+        // `self` (the span holds the allocator, which holds it), the allocator gives the
+        // range to this region alone, and the peer does not write it while it is a region
+        // (only lent ranges are named for outputs: `lend` consumes the region).
+        unsafe { std::slice::from_raw_parts(self.ptr(), self.span.len as usize) }
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as in `as_slice`; `&mut self` makes this the only reference in this process.
-        unsafe { std::slice::from_raw_parts_mut(self.map.ptr.as_ptr().add(self.offset), self.len) }
+        unsafe { std::slice::from_raw_parts_mut(self.ptr(), self.span.len as usize) }
+    }
+
+    /// Gives the range to the peer to write (name it in a request only after this): no
+    /// reference into it can exist any more. The returned [`Lent`] keeps the range allocated;
+    /// drop it once the peer has answered (the range is free again), or [`Lent::leak`] it if
+    /// no answer will come (the peer may still write it).
+    pub fn lend(self) -> Lent {
+        Lent { span: self.span }
+    }
+}
+
+/// A range lent to the peer: allocated, but without access from this side.
+#[derive(Debug)]
+pub struct Lent {
+    span: Span,
+}
+
+impl Lent {
+    pub fn offset(&self) -> u64 {
+        self.span.offset
+    }
+
+    pub fn len(&self) -> u64 {
+        self.span.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.span.len == 0
+    }
+
+    /// Never gives the range back to the allocator: for a range the peer may still write
+    /// although no answer will tell when it is done (the connection is gone). The mapping
+    /// itself is still unmapped once nothing else uses it.
+    pub fn leak(mut self) {
+        self.span.leak = true;
     }
 }
 
@@ -428,11 +609,55 @@ mod tests {
             Mapping::map(fd.as_fd(), 8192).is_err(),
             "longer than the file"
         );
-        let mut r = Region::new(a.clone(), 0, 8).unwrap();
-        r.as_mut_slice().copy_from_slice(&[1; 8]);
-        let mut out = [0u8; 8];
-        b.copy_out(0, &mut out).unwrap();
-        assert_eq!(out, [1; 8]);
+    }
+
+    #[test]
+    fn only_files_sealed_against_resizing_are_mapped() {
+        // An unsealed memfd: its owner could truncate it under the mapping (SIGBUS).
+        let fd = memfd_create("rxd-test", MFdFlags::MFD_ALLOW_SEALING).unwrap();
+        nix::unistd::ftruncate(&fd, 4096).unwrap();
+        let err = Mapping::map(fd.as_fd(), 4096).unwrap_err();
+        assert!(err.to_string().contains("not sealed"), "{err}");
+        // Sealed against shrinking only: still refused (it could grow, then shrink).
+        fcntl(&fd, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK)).unwrap();
+        assert!(Mapping::map(fd.as_fd(), 4096).is_err());
+        fcntl(&fd, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_GROW)).unwrap();
+        let map = Mapping::map(fd.as_fd(), 4096).unwrap();
+        assert_eq!(map.len(), 4096);
+        // A file that cannot be sealed at all (no MFD_ALLOW_SEALING).
+        let plain = memfd_create("rxd-test", MFdFlags::empty()).unwrap();
+        nix::unistd::ftruncate(&plain, 4096).unwrap();
+        assert!(Mapping::map(plain.as_fd(), 4096).is_err());
+    }
+
+    #[test]
+    fn regions_are_disjoint_aligned_and_lent_ranges_are_not_reused_until_returned() {
+        let fd = create_sealed("rxd-test", 4096).unwrap();
+        let peer = Mapping::map(fd.as_fd(), 4096).unwrap();
+        let alloc = Allocator::new(Mapping::map(fd.as_fd(), 4096).unwrap());
+        let mut a = alloc.alloc(10).unwrap();
+        let b = alloc.alloc(100).unwrap();
+        assert_eq!((a.offset(), a.len()), (0, 64));
+        assert_eq!((b.offset(), b.len()), (64, 128));
+        a.as_mut_slice().fill(1);
+        let mut out = [0u8; 64];
+        peer.copy_out(0, &mut out).unwrap();
+        assert_eq!(out, [1; 64], "the peer sees what the region wrote");
+        assert!(alloc.alloc(4096).is_none());
+        // Lent to the peer: the range stays allocated until the lender gives it back.
+        let lent = a.lend();
+        peer.copy_in(0, &[2; 64]).unwrap();
+        assert_eq!(alloc.free_bytes(), 4096 - 192);
+        drop(lent);
+        assert_eq!(alloc.free_bytes(), 4096 - 128);
+        // Leaked: never handed out again.
+        let c = alloc.alloc(64).unwrap();
+        assert_eq!(c.offset(), 0);
+        c.lend().leak();
+        drop(b);
+        assert_eq!(alloc.free_bytes(), 4096 - 64);
+        let all = alloc.alloc(4096 - 64).unwrap();
+        assert_eq!(all.offset(), 64, "the leaked range stays out");
     }
 
     #[test]

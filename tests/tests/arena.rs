@@ -3,11 +3,11 @@
 use std::os::fd::AsFd;
 use std::time::Duration;
 
-use rxd_client::{ClientError, ClientOptions, DType, ErrorCode, Tensor, blocking::Client};
-use rxd_e2e::*;
-use rxd_protocol::{
-    ArenaRef, InferRequest, Outcome, OutputRegion, Reply, Request, RequestFrame, TensorData,
+use rxd_client::{
+    ClientError, ClientOptions, DType, ErrorCode, OutputBufs, Tensor, blocking::Client,
 };
+use rxd_e2e::*;
+use rxd_protocol::{ArenaRef, InferRequest, Outcome, Reply, Request, RequestFrame, TensorData};
 
 fn code_of(e: ClientError) -> ErrorCode {
     e.code()
@@ -57,10 +57,9 @@ fn arena_results_equal_in_process_ort_for_several_dtypes() {
     ];
     let want = Reference::new(&model_file("silero_vad")).run(&inputs);
     let held: Vec<_> = inputs.iter().map(|t| to_arena(&c, t)).collect();
-    let area = c.arena().unwrap().alloc(1 << 16).unwrap();
-    let mut req = InferRequest::new("silero_vad", held.iter().map(|(_, t)| t.clone()).collect());
-    req.output_area = Some(area.as_ref());
-    let reply = c.infer_request(req).unwrap();
+    let mut area = c.arena().unwrap().alloc(1 << 16).unwrap();
+    let req = InferRequest::new("silero_vad", held.iter().map(|(_, t)| t.clone()).collect());
+    let reply = c.infer_into(req, OutputBufs::area(&mut area)).unwrap();
     assert_eq!(reply.outputs.len(), want.len());
     for (g, w) in reply.outputs.iter().zip(&want) {
         assert!(
@@ -83,22 +82,13 @@ fn arena_results_equal_in_process_ort_for_several_dtypes() {
     let want = Reference::new(&model_file("digits")).run(std::slice::from_ref(&x));
     let (_xbuf, xref) = to_arena(&c, &x);
     let rows = x.shape[0] as usize;
-    let labels = c.arena().unwrap().alloc(rows as u64 * 8).unwrap();
-    let probs = c.arena().unwrap().alloc(rows as u64 * 40).unwrap();
-    let mut req = InferRequest::new("digits", vec![xref]);
-    req.output_regions = vec![
-        OutputRegion {
-            name: "label".into(),
-            offset: labels.offset(),
-            len: labels.len(),
-        },
-        OutputRegion {
-            name: "probabilities".into(),
-            offset: probs.offset(),
-            len: probs.len(),
-        },
-    ];
-    let reply = c.infer_request(req).unwrap();
+    let mut labels = c.arena().unwrap().alloc(rows as u64 * 8).unwrap();
+    let mut probs = c.arena().unwrap().alloc(rows as u64 * 40).unwrap();
+    let req = InferRequest::new("digits", vec![xref]);
+    let outputs = OutputBufs::default()
+        .region("label", &mut labels)
+        .region("probabilities", &mut probs);
+    let reply = c.infer_into(req, outputs).unwrap();
     let got_labels = labels.view::<i64>(&reply.outputs[0]).unwrap();
     let want_labels = rxd_client::tensor::to_array::<i64>(&want[0]).unwrap();
     assert_eq!(got_labels, want_labels.view());

@@ -440,10 +440,11 @@ fn identical_requests_coalesce_and_the_cache_answers_repeats_byte_identically() 
     assert!(s.cache_bytes >= 48, "{s:?}");
     // The hit can also be delivered into the client's arena.
     let ca = d.client();
-    let area = ca.arena().unwrap().alloc(4096).unwrap();
-    let mut req = InferRequest::new("digits", vec![x.clone()]);
-    req.output_area = Some(area.as_ref());
-    let r = ca.infer_request(req).unwrap();
+    let mut area = ca.arena().unwrap().alloc(4096).unwrap();
+    let req = InferRequest::new("digits", vec![x.clone()]);
+    let r = ca
+        .infer_into(req, rxd_client::OutputBufs::area(&mut area))
+        .unwrap();
     for (g, w) in r.outputs.iter().zip(&want) {
         assert_eq!(
             area.output_bytes(g).unwrap(),

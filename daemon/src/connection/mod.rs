@@ -426,7 +426,7 @@ async fn read_loop(
             };
             // The hot path: validate and queue right here; the worker answers.
             let map = conn.arena.as_ref().map(|a| &a.map);
-            match dispatch::infer(shared, infer, map, maker) {
+            match dispatch::infer(shared, infer, map, peer, maker) {
                 Ok(dispatch::Queued::Done) => {}
                 Ok(dispatch::Queued::Cold(cold)) => {
                     // The model is loading: wait for it off the read loop.

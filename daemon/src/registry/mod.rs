@@ -29,9 +29,9 @@ use serde::Deserialize;
 use crate::budget::{Budget, DeviceSpec, Estimator};
 use crate::config::Device;
 
-use crate::coalesce::{Coalescer, Route};
+use crate::coalesce::Coalescer;
 use crate::error::RequestError;
-use crate::runtime::{Completion, Job, Runtime, SessionOptions, Signature};
+use crate::runtime::{Completion, Runtime, SessionOptions, Signature};
 use crate::scheduler::Scheduler;
 use crate::validate::Checked;
 
@@ -323,35 +323,22 @@ impl LoadedModel {
     /// Queues a checked request; `completion` receives the outputs or the error (a full
     /// queue, a passed deadline) exactly once.
     pub fn submit(
-        &self,
+        self: &Arc<Self>,
         checked: Checked,
         completion: Box<dyn Completion>,
-        priority: Option<u8>,
-        deadline: Option<std::time::Instant>,
+        terms: crate::scheduler::Terms,
     ) {
         self.last_used
             .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-        let mut inputs = checked.inputs;
-        let (completion, placement) = match self.coalescer.route(
+        self.coalescer.submit(
             &self.name,
             self.version,
-            &mut inputs,
-            &checked.outputs,
+            &self.scheduler,
+            checked,
             completion,
-            checked.placement,
-        ) {
-            Route::Run(c, p) => (c, p),
-            // The group wants the bytes back inline; it places them for each member.
-            Route::Lead(c) => (c, crate::runtime::Placement::default()),
-            Route::Done => return,
-        };
-        let job = Job {
-            inputs,
-            outputs: checked.outputs,
-            placement,
-            completion,
-        };
-        self.scheduler.submit(job, priority, deadline);
+            terms,
+            self.clone(),
+        );
     }
 
     pub fn instances(&self) -> usize {

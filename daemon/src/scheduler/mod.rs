@@ -22,6 +22,17 @@ use std::time::{Duration, Instant};
 use crate::runtime::{Batch, BatchListener, Job, RuntimeError, WorkerPool};
 use policy::{Action, Batcher, Item, ReqId, Settings};
 
+/// The terms a request is queued under: how urgent it is and who asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Terms {
+    /// `None`: the model's default priority.
+    pub priority: Option<u8>,
+    /// Answer `deadline_exceeded` instead of running after it.
+    pub deadline: Option<Instant>,
+    /// Who asked (the peer's uid): sources share a priority level fairly.
+    pub source: u64,
+}
+
 /// Counters of one model version.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -140,8 +151,8 @@ impl Scheduler {
         self.pool.get().map_or(0, |p| p.stuck(limit))
     }
 
-    /// Queues a job. `deadline`: answer `deadline_exceeded` instead of running after it.
-    pub fn submit(&self, job: Job, priority: Option<u8>, deadline: Option<Instant>) {
+    /// Queues a job under `terms`.
+    pub fn submit(&self, job: Job, terms: Terms) {
         let now = Instant::now();
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let mut st = self.lock();
@@ -152,9 +163,12 @@ impl Scheduler {
             id,
             rows,
             key,
-            priority: priority.unwrap_or(self.default_priority.load(Ordering::Relaxed)),
+            priority: terms
+                .priority
+                .unwrap_or(self.default_priority.load(Ordering::Relaxed)),
             arrived: now,
-            deadline,
+            deadline: terms.deadline,
+            source: terms.source,
         };
         st.pending.insert(id, (job, rows, now));
         let actions = st.batcher.arrive(item, now);

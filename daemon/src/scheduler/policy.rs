@@ -5,11 +5,25 @@
 //! Policy, in order, every time something happens:
 //! 1. Requests whose deadline has passed are expired (answered `deadline_exceeded`, never run).
 //! 2. While a worker is free and requests wait: the head is the waiting request with the
-//!    highest *effective* priority (its priority plus one level per `aging` waited — so a
-//!    low-priority request waits at most `aging × (levels between)` behind a stream of higher
-//!    ones), oldest first on ties. The batch is the head plus other requests with the same
-//!    shape key, best first, while the rows fit `max_batch_rows` (a request with more rows
-//!    than that runs alone).
+//!    highest *effective* priority (its priority plus one level per `aging` waited since its
+//!    *start*), earliest start first on ties. A request's start is its arrival, unless its
+//!    own source (the peer's uid) already has requests queued at its level or above: then it
+//!    starts when those are expected to be done (each counts the time a worker takes per
+//!    request of its rows at the cheapest measured batch size, shared over the workers) — a
+//!    fair share: one source's backlog runs in turn with other sources' requests instead of
+//!    ahead of them, and it does not age while it waits its turn. Starts never go backwards
+//!    within a source and level (first come, first served there), and lie at most
+//!    `queue_capacity` service times after the arrival. The batch is the head plus other
+//!    requests with the same shape key, best first, while the rows fit `max_batch_rows` (a
+//!    request with more rows than that runs alone).
+//!
+//!    The bound this gives: a request at level `d` that is its source's only one waiting at
+//!    `d` or above is overtaken by a request at level `p > d` only if that one starts less
+//!    than `(p − d) × aging` after it (the tie goes to the earlier start). So it waits at
+//!    most `(p − d) × aging` for the highest level `p` anyone else queues at, plus the time
+//!    to run what started before that moment and has not run yet (at most the queue: the
+//!    wait it would have had anyway). Which levels peers may use is the dispatcher's rule
+//!    (`max-peer-priority`), not the policy's.
 //! 3. Run now, or wait for the batch to fill: run if the model is not batchable, the batch
 //!    has reached its target rows, or the head has waited its allowed wait; else wake up when
 //!    the wait ends. Static mode: target = `max_batch_rows`, wait = `max_queue_delay`.
@@ -35,7 +49,9 @@
 //! Invariants (property-tested): every request is answered exactly once (run, rejected or
 //! expired); no batch exceeds `max_batch_rows` unless it is a single request; no request runs
 //! after its deadline; every batch shares one shape key; the head of every batch has the
-//! highest effective priority among those waiting.
+//! highest effective priority among those waiting; a request alone at its level from its
+//! source waits at most the bound above behind any stream of higher levels; at one level, a
+//! source's backlog does not delay another source's request by more than a turn.
 
 use std::time::{Duration, Instant};
 
@@ -101,6 +117,15 @@ pub struct Item {
     pub priority: u8,
     pub arrived: Instant,
     pub deadline: Option<Instant>,
+    /// Who asked (the peer's uid): sources share a level fairly.
+    pub source: u64,
+}
+
+/// A queued request and the time its waiting counts from (see the module's rule 2).
+#[derive(Debug, Clone)]
+struct Waiting {
+    item: Item,
+    start: Instant,
 }
 
 /// What the driver must do.
@@ -241,7 +266,9 @@ struct Plan {
 #[derive(Debug)]
 pub struct Batcher {
     settings: Settings,
-    queue: Vec<Item>,
+    queue: Vec<Waiting>,
+    /// Workers in all, busy or free (the fair share divides service time over them).
+    workers: usize,
     free_workers: usize,
     cost: CostModel,
     rate: RateEstimator,
@@ -255,6 +282,7 @@ impl Batcher {
         Batcher {
             settings,
             queue: Vec::new(),
+            workers,
             free_workers: workers,
             cost: CostModel::default(),
             rate: RateEstimator::default(),
@@ -295,8 +323,42 @@ impl Batcher {
             actions.extend(self.schedule(now));
             return actions;
         }
-        self.queue.push(item);
+        let start = self.fair_start(&item);
+        self.queue.push(Waiting { item, start });
         self.schedule(now)
+    }
+
+    /// When `item`'s waiting counts from: its arrival, or, behind requests of its own source
+    /// at its level or above, when those are expected to be done — never before the latest
+    /// start among them (first come, first served within a source and level).
+    fn fair_start(&self, item: &Item) -> Instant {
+        let mut ahead = 0u32;
+        let mut latest = item.arrived;
+        for w in &self.queue {
+            if w.item.source == item.source && w.item.priority >= item.priority {
+                ahead += 1;
+                latest = latest.max(w.start);
+            }
+        }
+        if ahead == 0 {
+            return item.arrived;
+        }
+        let turn = self.service_time(item.rows).saturating_mul(ahead);
+        latest.max(item.arrived + turn)
+    }
+
+    /// Expected time the workers take per request of `rows` in a backlog: the cheapest
+    /// measured cost per row, shared over the workers. Zero before anything was measured
+    /// (then starts are arrivals: first come, first served).
+    fn service_time(&self, rows: u32) -> Duration {
+        let max = self.settings.max_batch_rows.max(1);
+        let per_row = self
+            .cost
+            .best(max, None, true)
+            .and_then(|b| self.cost.per_row(b))
+            .unwrap_or(0.0);
+        let secs = per_row * f64::from(rows.max(1)) / self.workers.max(1) as f64;
+        Duration::try_from_secs_f64(secs).unwrap_or(Duration::ZERO)
     }
 
     /// A batch of `rows` finished after `compute`; its worker is free again.
@@ -306,8 +368,9 @@ impl Batcher {
         self.schedule(now)
     }
 
-    /// Adds (or, negative, removes) workers — scaling instances at run time.
+    /// Adds workers — scaling instances at run time.
     pub fn add_workers(&mut self, n: usize, now: Instant) -> Vec<Action> {
+        self.workers += n;
         self.free_workers += n;
         self.schedule(now)
     }
@@ -318,25 +381,29 @@ impl Batcher {
         self.schedule(now)
     }
 
-    fn effective_priority(&self, item: &Item, now: Instant) -> u64 {
+    /// Priority plus one level per `aging` waited since the request's start (a start still
+    /// ahead has waited nothing).
+    fn effective_priority(&self, w: &Waiting, now: Instant) -> u64 {
         if self.settings.aging.is_zero() {
             // Strict priorities: a level never waits behind a lower one.
-            return u64::from(item.priority);
+            return u64::from(w.item.priority);
         }
-        let waited = now.saturating_duration_since(item.arrived);
+        let waited = now.saturating_duration_since(w.start);
         let aging = self.settings.aging.as_nanos();
-        u64::from(item.priority) + (waited.as_nanos() / aging) as u64
+        u64::from(w.item.priority) + (waited.as_nanos() / aging) as u64
     }
 
-    /// Index of the head: highest effective priority, then earliest arrival.
+    /// `x` goes before `y`: higher effective priority, then earlier start, then earlier id.
+    fn before(&self, x: &Waiting, y: &Waiting, now: Instant) -> std::cmp::Ordering {
+        self.effective_priority(y, now)
+            .cmp(&self.effective_priority(x, now))
+            .then(x.start.cmp(&y.start))
+            .then(x.item.id.cmp(&y.item.id))
+    }
+
+    /// Index of the head: the request that goes before every other.
     fn head(&self, now: Instant) -> Option<usize> {
-        (0..self.queue.len()).max_by(|&a, &b| {
-            let (x, y) = (&self.queue[a], &self.queue[b]);
-            self.effective_priority(x, now)
-                .cmp(&self.effective_priority(y, now))
-                .then(y.arrived.cmp(&x.arrived))
-                .then(y.id.cmp(&x.id))
-        })
+        (0..self.queue.len()).min_by(|&a, &b| self.before(&self.queue[a], &self.queue[b], now))
     }
 
     /// Target rows (run when reached), cap (never run more), allowed wait of the head, and
@@ -356,8 +423,8 @@ impl Batcher {
                 let queued: u32 = self
                     .queue
                     .iter()
-                    .filter(|i| i.key == head.key)
-                    .map(|i| i.rows)
+                    .filter(|w| w.item.key == head.key)
+                    .map(|w| w.item.rows)
                     .sum();
                 let Some(best) = self.cost.best(max, limit, behind) else {
                     // Nothing measured yet: whatever waits runs together (work-conserving),
@@ -440,10 +507,10 @@ impl Batcher {
     fn schedule(&mut self, now: Instant) -> Vec<Action> {
         let mut actions = Vec::new();
         // 1. Expire.
-        self.queue.retain(|i| {
-            let expired = i.deadline.is_some_and(|d| d <= now);
+        self.queue.retain(|w| {
+            let expired = w.item.deadline.is_some_and(|d| d <= now);
             if expired {
-                actions.push(Action::Expire(i.id));
+                actions.push(Action::Expire(w.item.id));
             }
             !expired
         });
@@ -451,10 +518,10 @@ impl Batcher {
         let mut wake: Option<Instant> = None;
         while self.free_workers > 0 {
             let Some(h) = self.head(now) else { break };
-            let head = self.queue[h].clone();
+            let head = self.queue[h].item.clone();
             let max = self.settings.max_batch_rows.max(1);
             let mut batch = self.collect(&head, now, max);
-            let rows: u32 = batch.iter().map(|&i| self.queue[i].rows).sum();
+            let rows: u32 = batch.iter().map(|&i| self.queue[i].item.rows).sum();
             let run_now = if !self.settings.batchable || max <= 1 {
                 true
             } else {
@@ -475,13 +542,13 @@ impl Batcher {
             if !run_now {
                 break;
             }
-            let ids: Vec<ReqId> = batch.iter().map(|&i| self.queue[i].id).collect();
-            self.queue.retain(|it| !ids.contains(&it.id));
+            let ids: Vec<ReqId> = batch.iter().map(|&i| self.queue[i].item.id).collect();
+            self.queue.retain(|w| !ids.contains(&w.item.id));
             self.free_workers -= 1;
             actions.push(Action::Run(ids));
         }
         // Deadlines of waiting requests also need a wake-up.
-        let next_deadline = self.queue.iter().filter_map(|i| i.deadline).min();
+        let next_deadline = self.queue.iter().filter_map(|w| w.item.deadline).min();
         let next = match (wake, next_deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -501,7 +568,7 @@ impl Batcher {
         let head_idx = self
             .queue
             .iter()
-            .position(|i| i.id == head.id)
+            .position(|w| w.item.id == head.id)
             .expect("head is queued");
         let mut batch = vec![head_idx];
         let max = limit.max(1);
@@ -509,18 +576,12 @@ impl Batcher {
             return batch;
         }
         let mut rest: Vec<usize> = (0..self.queue.len())
-            .filter(|&i| i != head_idx && self.queue[i].key == head.key)
+            .filter(|&i| i != head_idx && self.queue[i].item.key == head.key)
             .collect();
-        rest.sort_by(|&a, &b| {
-            let (x, y) = (&self.queue[a], &self.queue[b]);
-            self.effective_priority(y, now)
-                .cmp(&self.effective_priority(x, now))
-                .then(x.arrived.cmp(&y.arrived))
-                .then(x.id.cmp(&y.id))
-        });
+        rest.sort_by(|&a, &b| self.before(&self.queue[a], &self.queue[b], now));
         let mut rows = head.rows;
         for i in rest {
-            let r = self.queue[i].rows;
+            let r = self.queue[i].item.rows;
             if rows + r <= max {
                 rows += r;
                 batch.push(i);

@@ -8,3 +8,4 @@ mod common;
 mod conn;
 mod models;
 mod peer;
+mod sched;

@@ -16,6 +16,7 @@ fn item(id: ReqId, rows: u32, key: u64, priority: u8, arrived: Instant) -> Item 
         priority,
         arrived,
         deadline: None,
+        source: id,
     }
 }
 
@@ -303,6 +304,7 @@ enum Ev {
         key: u64,
         priority: u8,
         deadline_ms: Option<u64>,
+        source: u64,
     },
     Finish,
     Advance(u64),
@@ -310,8 +312,9 @@ enum Ev {
 
 fn ev() -> impl Strategy<Value = Ev> {
     prop_oneof![
-        4 => (1u32..6, 0u64..3, 0u8..4, proptest::option::of(1u64..30)).prop_map(
-            |(rows, key, priority, deadline_ms)| Ev::Arrive { rows, key, priority, deadline_ms }),
+        4 => (1u32..6, 0u64..3, 0u8..4, proptest::option::of(1u64..30), 0u64..3).prop_map(
+            |(rows, key, priority, deadline_ms, source)|
+                Ev::Arrive { rows, key, priority, deadline_ms, source }),
         3 => Just(Ev::Finish),
         2 => (0u64..15).prop_map(Ev::Advance),
     ]
@@ -339,16 +342,18 @@ proptest! {
         let mut b = Batcher::new(settings.clone(), workers);
         let mut now = t0;
         let mut next_id = 1;
-        let mut waiting: HashMap<ReqId, Item> = HashMap::new();
+        // Each waiting request with its start (when its waiting counts from).
+        let mut waiting: HashMap<ReqId, (Item, Instant)> = HashMap::new();
+        let mut most = Duration::ZERO;
         let mut answered: HashSet<ReqId> = HashSet::new();
         let mut running: Vec<u32> = Vec::new();
         let mut wake: Option<Instant> = None;
         let aging = settings.aging.as_nanos();
-        let eff = |i: &Item, now: Instant| u64::from(i.priority)
-            + (now.saturating_duration_since(i.arrived).as_nanos() / aging) as u64;
+        let eff = |(i, start): &(Item, Instant), now: Instant| u64::from(i.priority)
+            + (now.saturating_duration_since(*start).as_nanos() / aging) as u64;
 
         let apply = |actions: Vec<Action>, now: Instant,
-                         waiting: &mut HashMap<ReqId, Item>,
+                         waiting: &mut HashMap<ReqId, (Item, Instant)>,
                          answered: &mut HashSet<ReqId>,
                          running: &mut Vec<u32>,
                          wake: &mut Option<Instant>| -> Result<(), TestCaseError> {
@@ -363,12 +368,14 @@ proptest! {
                 match a {
                     Action::Run(ids) => {
                         prop_assert!(!ids.is_empty());
-                        let items: Vec<Item> = ids.iter().map(|id| waiting[id].clone()).collect();
-                        let rows: u32 = items.iter().map(|i| i.rows).sum();
+                        let items: Vec<(Item, Instant)> =
+                            ids.iter().map(|id| waiting[id].clone()).collect();
+                        let rows: u32 = items.iter().map(|i| i.0.rows).sum();
                         prop_assert!(ids.len() == 1 || rows <= settings.max_batch_rows,
                             "batch of {} rows", rows);
-                        prop_assert!(items.iter().all(|i| i.key == items[0].key), "mixed keys");
-                        for i in &items {
+                        prop_assert!(items.iter().all(|i| i.0.key == items[0].0.key),
+                            "mixed keys");
+                        for (i, _) in &items {
                             prop_assert!(i.deadline.is_none_or(|d| d > now), "ran after deadline");
                         }
                         let best = waiting.values().map(|i| eff(i, now)).max().unwrap();
@@ -388,11 +395,31 @@ proptest! {
 
         for e in events {
             match e {
-                Ev::Arrive { rows, key, priority, deadline_ms } => {
+                Ev::Arrive { rows, key, priority, deadline_ms, source } => {
                     let it = Item { id: next_id, rows, key, priority, arrived: now,
-                                    deadline: deadline_ms.map(|d| now + ms(d)) };
+                                    deadline: deadline_ms.map(|d| now + ms(d)), source };
                     next_id += 1;
-                    waiting.insert(it.id, it.clone());
+                    // The fair-share start: the arrival unless the source has requests
+                    // waiting at this level or above; then later, but never more than a
+                    // full queue of service times later.
+                    let start = b.fair_start(&it);
+                    let behind_own = waiting.values()
+                        .any(|(w, _)| w.source == source && w.priority >= priority);
+                    prop_assert!(start >= now);
+                    prop_assert!(behind_own || start == now, "a lone request starts late");
+                    // (Service times of the largest request generated, at the largest
+                    // estimate used so far: the estimate moves as batches are measured, and
+                    // a start is never before the start of an earlier request of the source.)
+                    most = most.max(b.service_time(5)
+                        .saturating_mul(settings.queue_capacity as u32));
+                    prop_assert!(start <= now + most, "start {:?} after arrival",
+                        start - now);
+                    for (w, s) in waiting.values() {
+                        if w.source == source && w.priority == priority {
+                            prop_assert!(*s <= start, "a later request starts earlier");
+                        }
+                    }
+                    waiting.insert(it.id, (it.clone(), start));
                     let a = b.arrive(it, now);
                     apply(a, now, &mut waiting, &mut answered, &mut running, &mut wake)?;
                 }
@@ -528,4 +555,155 @@ fn adaptive_mode_keeps_to_sizes_cheap_per_row_where_larger_batches_cost_more() {
         "{cheap} of {}: {sizes:?}",
         sizes.len()
     );
+}
+
+/// One worker, batches of one request that each take `cost`, `flood` keeping `backlog`
+/// requests of source 1 queued at `level`; once that runs steadily, one request of source 2
+/// at `own` arrives. Returns how long that request waited for its batch.
+fn wait_behind_a_flood(
+    aging: Duration,
+    level: u8,
+    own: u8,
+    backlog: usize,
+    workers: usize,
+    cost: Duration,
+) -> Duration {
+    let s = Settings {
+        max_batch_rows: 1,
+        aging,
+        queue_capacity: backlog + 1,
+        ..Settings::default()
+    };
+    let mut b = Batcher::new(s, workers);
+    let mut now = Instant::now();
+    let mut next = 1;
+    let mut running: Vec<Instant> = Vec::new(); // when each running batch finishes
+    let flood = |b: &mut Batcher, id: &mut ReqId, now: Instant| {
+        let mut runs = Vec::new();
+        while b.queued() < backlog {
+            let mut it = item(*id, 1, 0, level, now);
+            it.source = 1;
+            *id += 1;
+            runs.extend(runs_of(b.arrive(it, now)));
+        }
+        runs
+    };
+    let mut target: Option<(ReqId, Instant)> = None;
+    let mut started = 0u64;
+    loop {
+        let runs = flood(&mut b, &mut next, now);
+        for ids in runs {
+            if target.is_some_and(|(t, _)| ids.contains(&t)) {
+                return now - target.unwrap().1;
+            }
+            running.push(now + cost);
+            started += 1;
+        }
+        if target.is_none() && started > 200 {
+            let mut it = item(next, 1, 0, own, now);
+            it.source = 2;
+            let id = next;
+            next += 1;
+            target = Some((id, now));
+            for ids in runs_of(b.arrive(it, now)) {
+                if ids.contains(&id) {
+                    return Duration::ZERO;
+                }
+                running.push(now + cost);
+            }
+        }
+        // The next batch to finish.
+        running.sort();
+        now = running.remove(0);
+        for ids in runs_of(b.batch_done(1, cost, now)) {
+            if target.is_some_and(|(t, _)| ids.contains(&t)) {
+                return now - target.unwrap().1;
+            }
+            running.push(now + cost);
+            started += 1;
+        }
+        assert!(started < 1_000_000, "the request never ran");
+    }
+}
+
+fn runs_of(actions: Vec<Action>) -> Vec<Vec<ReqId>> {
+    runs(&actions)
+}
+
+proptest! {
+    /// Issue 19, item 6: a request at level `own` waits at most `(level − own) × aging`
+    /// behind another source's stream at `level`, plus the backlog that started before.
+    #[test]
+    fn a_lower_level_waits_at_most_the_aging_bound_behind_anothers_stream(
+        level in 1u8..=15,
+        below in 1u8..=15,
+        aging_ms in 1u64..20,
+        backlog in 1usize..40,
+        workers in 1usize..3,
+        cost_us in 200u64..3000,
+    ) {
+        let own = level.saturating_sub(below);
+        let (aging, cost) = (ms(aging_ms), Duration::from_micros(cost_us));
+        let waited = wait_behind_a_flood(aging, level, own, backlog, workers, cost);
+        let bound = aging * u32::from(level - own)
+            + cost * (backlog as u32 / workers as u32 + 2);
+        prop_assert!(waited <= bound, "waited {:?}, bound {:?}", waited, bound);
+    }
+}
+
+/// Issue 19, item 6: priority 255 against a default-priority request (the attack as
+/// reported) holds it back 255 aging steps; the highest peer level (15) only 15.
+#[test]
+fn the_levels_peers_may_use_bound_how_long_they_hold_back_the_default() {
+    let (aging, cost) = (ms(100), Duration::from_micros(500));
+    let at = |level| wait_behind_a_flood(aging, level, 0, 64, 1, cost);
+    assert!(at(255) >= ms(25_000), "{:?}", at(255));
+    assert!(at(15) <= ms(1_500) + cost * 66, "{:?}", at(15));
+}
+
+/// Fair share within a level: one source's backlog runs in turn with another source's
+/// request, not ahead of it (first come, first served within a source).
+#[test]
+fn one_sources_backlog_does_not_hold_back_anothers_request_at_its_level() {
+    for aging in [ms(100), Duration::ZERO] {
+        let t0 = Instant::now();
+        let s = Settings {
+            max_batch_rows: 1,
+            aging,
+            ..Settings::default()
+        };
+        let mut b = Batcher::new(s, 1);
+        // The worker has measured what a request costs: 1 ms.
+        b.free_workers = 0;
+        b.batch_done(1, ms(1), t0);
+        b.free_workers = 0;
+        // Source 1 queues 50 requests at once; source 2 one, a moment later.
+        let mut flood = Vec::new();
+        for id in 1..=50 {
+            let mut it = item(id, 1, 0, 5, t0);
+            it.source = 1;
+            flood.push(id);
+            assert!(runs(&b.arrive(it, t0)).is_empty());
+        }
+        let later = t0 + Duration::from_micros(1500);
+        let mut it = item(99, 1, 0, 5, later);
+        it.source = 2;
+        assert!(runs(&b.arrive(it, later)).is_empty());
+        // The worker frees: the flood's first request (started before), then source 2's —
+        // not the flood's 49 others first.
+        let mut order = Vec::new();
+        let mut now = later;
+        for _ in 0..4 {
+            now += ms(1);
+            order.extend(runs(&b.batch_done(1, ms(1), now)).concat());
+        }
+        assert_eq!(order, vec![1, 2, 99, 3], "aging {aging:?}");
+        // Source 1's own requests keep their order.
+        let mut rest = Vec::new();
+        while b.queued() > 0 {
+            now += ms(1);
+            rest.extend(runs(&b.batch_done(1, ms(1), now)).concat());
+        }
+        assert_eq!(rest, (4..=50).collect::<Vec<_>>());
+    }
 }
