@@ -184,7 +184,9 @@ impl TestDaemon {
         let log = dir.path().join("rxd.log");
         let config = dir.path().join("rxd.toml");
         std::fs::write(&config, config_toml).unwrap();
-        let mut cmd = Command::new(bin("rxd"));
+        // Benchmarks compare builds in one run: `RXD_BENCH_RXD` names another rxd binary.
+        let rxd = std::env::var_os("RXD_BENCH_RXD").map_or_else(|| bin("rxd"), PathBuf::from);
+        let mut cmd = Command::new(rxd);
         cmd.env_clear()
             .env("PATH", "/usr/bin:/bin")
             .env("ORT_DISABLE_TELEMETRY", "1")
