@@ -544,7 +544,7 @@ pub fn resolve(
         }
     };
     let handshake_timeout = seconds("handshake-timeout-secs", file.handshake_timeout_secs, 10);
-    let frame_timeout = seconds("frame-timeout-secs", file.frame_timeout_secs, 30);
+    let frame_timeout = seconds("frame-timeout-secs", file.frame_timeout_secs, 10);
     let idle_timeout = match file.idle_timeout_secs {
         Some(0) => None,
         v => Some(seconds("idle-timeout-secs", v, 600)),
@@ -573,15 +573,15 @@ pub fn resolve(
         );
     }
     let request_memory_bytes = file.request_memory_bytes.map_or(
-        limits::DEFAULT_REQUEST_MEMORY.max(2 * max_frame_bytes),
+        limits::DEFAULT_REQUEST_MEMORY.max(4 * max_frame_bytes),
         |b| b.0,
     );
-    if request_memory_bytes < 2 * max_frame_bytes {
+    if request_memory_bytes < 4 * max_frame_bytes {
         bad(
             "request-memory-bytes",
             format!(
-                "{request_memory_bytes} is less than twice max-frame-bytes ({max_frame_bytes}): \
-                 a user's half must hold one whole frame"
+                "{request_memory_bytes} is less than four times max-frame-bytes \
+                 ({max_frame_bytes}): a user's quarter must hold one whole frame"
             ),
         );
     }
@@ -591,11 +591,16 @@ pub fn resolve(
         .map_or(limits::DEFAULT_MAX_ARENA, |b| b.0);
     let arena_total_bytes = file
         .arena_total_bytes
-        .map_or(limits::DEFAULT_ARENA_TOTAL.max(max_arena_bytes), |b| b.0);
-    if arena_total_bytes < max_arena_bytes {
+        .map_or(limits::DEFAULT_ARENA_TOTAL.max(2 * max_arena_bytes), |b| {
+            b.0
+        });
+    if arena_total_bytes < 2 * max_arena_bytes {
         bad(
             "arena-total-bytes",
-            format!("{arena_total_bytes} is less than max-arena-bytes ({max_arena_bytes})"),
+            format!(
+                "{arena_total_bytes} is less than twice max-arena-bytes ({max_arena_bytes}): a \
+                 user's half must hold one whole arena"
+            ),
         );
     }
 

@@ -53,13 +53,27 @@ pub async fn handle(
             models: shared.registry.list(),
         }),
         Request::ModelInfo(r) => match shared.registry.info(&r.model, r.version) {
-            // The signature needs the model: load it as a request would.
+            // The signature needs the model: load it as a request would — under the version
+            // policy (a version it does not serve loads only for an admin, as with `load`).
             Err(RequestError::NotReady { state, .. })
                 if shared.registry.load_on_demand() && state != "failed" =>
             {
-                let s = shared.clone();
+                let (s, admin) = (shared.clone(), peer.admin);
                 let info = tokio::task::spawn_blocking(move || {
-                    s.registry.load(&r.model, r.version)?;
+                    if admin {
+                        s.registry.load(&r.model, r.version)?;
+                    } else {
+                        match s.registry.demand(&r.model, r.version)? {
+                            Demand::Ready(_) => {}
+                            Demand::Cold {
+                                start: Some(ticket),
+                                ..
+                            } => {
+                                s.registry.finish(ticket)?;
+                            }
+                            Demand::Cold { slot, start: None } => slot.wait_blocking()?,
+                        }
+                    }
                     s.registry.info(&r.model, r.version)
                 })
                 .await

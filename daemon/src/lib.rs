@@ -109,7 +109,11 @@ pub fn prepare(
     Ok(Arc::new(Shared {
         registry,
         metrics: metrics::Metrics::default(),
-        quotas: quota::Quotas::new(config.max_connections_per_uid, config.request_memory_bytes),
+        quotas: quota::Quotas::new(
+            config.max_connections_per_uid,
+            config.request_memory_bytes,
+            config.arena_total_bytes,
+        ),
         started: Instant::now(),
         own_uid: nix::unistd::geteuid().as_raw(),
         reload_requested: tokio::sync::Notify::new(),

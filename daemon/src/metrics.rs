@@ -21,8 +21,6 @@ pub struct Metrics {
     pub requests_total: AtomicU64,
     pub requests_failed: AtomicU64,
     pub in_flight: AtomicU64,
-    /// Bytes of shared-memory arenas granted to open connections.
-    pub arena_bytes: AtomicU64,
     /// Error answers by code.
     pub errors: ErrorCounts,
     last_error: Mutex<Option<LastError>>,

@@ -136,11 +136,19 @@ pub fn check(
     let outputs = if req.outputs.is_empty() {
         sig.outputs.iter().map(|s| s.name.clone()).collect()
     } else {
-        for name in &req.outputs {
+        for (i, name) in req.outputs.iter().enumerate() {
             if !sig.outputs.iter().any(|s| &s.name == name) {
                 return Err(WireError::new(
                     ErrorCode::UnknownOutput,
                     format!("model '{}' has no output '{name}'", req.model),
+                ));
+            }
+            // Each output once: a name repeated would be copied and answered once per mention
+            // (a way to multiply one run's memory by the tensor limit).
+            if req.outputs[..i].contains(name) {
+                return Err(WireError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("output '{name}' asked for twice"),
                 ));
             }
         }
@@ -425,6 +433,9 @@ mod tests {
         let mut r = req(vec![x(1), sr()]);
         r.outputs = vec!["nope".into()];
         assert_eq!(code(check_(&sig(), r)), ErrorCode::UnknownOutput);
+        let mut r = req(vec![x(1), sr()]);
+        r.outputs = vec!["y".into(), "y".into()];
+        assert_eq!(code(check_(&sig(), r)), ErrorCode::InvalidRequest);
     }
 
     #[test]

@@ -21,7 +21,14 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-    // As bare bodies.
+    // As bare bodies: the daemon checks the structure first; whatever passes the check and
+    // decodes must also decode without it (the check never changes what a body means).
+    let checked =
+        frame::decode_bounded::<RequestFrame>(data, rxd_protocol::limits::MAX_FRAME_VALUES);
+    if let Ok(req) = &checked {
+        assert_eq!(frame::decode::<RequestFrame>(data).as_ref().ok(), Some(req));
+    }
+    let _ = frame::decode_bounded::<Hello>(data, rxd_protocol::limits::MAX_FRAME_VALUES);
     let _ = frame::decode::<Hello>(data);
     let _ = frame::salvage_id(data);
     if let Ok(req) = frame::decode::<RequestFrame>(data) {

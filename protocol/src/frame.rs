@@ -74,6 +74,104 @@ pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, FrameError> {
     rmp_serde::from_slice(body).map_err(|e| FrameError::Decode(e.to_string()))
 }
 
+/// Decodes a frame body from an untrusted peer after checking its MessagePack structure
+/// ([`check_structure`]): at most `max_values` values in all and nesting at most
+/// [`limits::MAX_DEPTH`] deep. What decoding allocates is then bounded by the body's bytes plus a
+/// few dozen bytes per value — a body of millions of one-byte values (each of which would
+/// decode into a 24-byte `String` or a buffered `Content`) is refused before any allocation.
+pub fn decode_bounded<'a, T: Deserialize<'a>>(
+    body: &'a [u8],
+    max_values: usize,
+) -> Result<T, FrameError> {
+    check_structure(body, max_values)?;
+    decode(body)
+}
+
+/// Walks one MessagePack value in `body` without allocating: every length within the body, at
+/// most `max_values` values (map keys and values, array items, scalars, strings, bins — each
+/// counts one) and at most [`limits::MAX_DEPTH`] levels of maps and arrays. Time is linear in
+/// the number of values (string and bin payloads are skipped, not read).
+pub fn check_structure(body: &[u8], max_values: usize) -> Result<(), FrameError> {
+    let bad = |what: &str| FrameError::Decode(what.to_string());
+    let mut pos = 0usize;
+    let mut values = 0usize;
+    // Values still to read at each open level (the outermost: the one body value).
+    let mut pending: Vec<u64> = vec![1];
+    let take = |pos: &mut usize, n: usize| -> Result<usize, FrameError> {
+        let start = *pos;
+        let end = start
+            .checked_add(n)
+            .filter(|&e| e <= body.len())
+            .ok_or_else(|| bad("a length runs past the end of the frame"))?;
+        *pos = end;
+        Ok(start)
+    };
+    let uint = |pos: &mut usize, n: usize| -> Result<u64, FrameError> {
+        let at = take(pos, n)?;
+        Ok(body[at..at + n]
+            .iter()
+            .fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
+    };
+    while let Some(top) = pending.last_mut() {
+        if *top == 0 {
+            pending.pop();
+            continue;
+        }
+        *top -= 1;
+        values += 1;
+        if values > max_values {
+            return Err(bad(&format!("more than {max_values} values in one frame")));
+        }
+        let at = take(&mut pos, 1)?;
+        let marker = body[at];
+        // (payload bytes to skip, children to read) for this value.
+        let (skip, children): (u64, u64) = match marker {
+            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => (0, 0),
+            0x80..=0x8f => (0, 2 * u64::from(marker & 0x0f)),
+            0x90..=0x9f => (0, u64::from(marker & 0x0f)),
+            0xa0..=0xbf => (u64::from(marker & 0x1f), 0),
+            0xc4 | 0xd9 => (uint(&mut pos, 1)?, 0),
+            0xc5 | 0xda => (uint(&mut pos, 2)?, 0),
+            0xc6 | 0xdb => (uint(&mut pos, 4)?, 0),
+            0xc7 => (uint(&mut pos, 1)? + 1, 0),
+            0xc8 => (uint(&mut pos, 2)? + 1, 0),
+            0xc9 => (uint(&mut pos, 4)? + 1, 0),
+            0xca => (4, 0),
+            0xcb => (8, 0),
+            0xcc | 0xd0 => (1, 0),
+            0xcd | 0xd1 => (2, 0),
+            0xce | 0xd2 => (4, 0),
+            0xcf | 0xd3 => (8, 0),
+            0xd4 => (2, 0),
+            0xd5 => (3, 0),
+            0xd6 => (5, 0),
+            0xd7 => (9, 0),
+            0xd8 => (17, 0),
+            0xdc => (0, uint(&mut pos, 2)?),
+            0xdd => (0, uint(&mut pos, 4)?),
+            0xde => (0, 2 * uint(&mut pos, 2)?),
+            0xdf => (0, 2 * uint(&mut pos, 4)?),
+            0xc1 => return Err(bad("the never-used MessagePack marker 0xc1")),
+        };
+        let skip = usize::try_from(skip).map_err(|_| bad("a length runs past the end"))?;
+        take(&mut pos, skip)?;
+        if children > 0 {
+            // More children than bytes left can never be valid: refuse early.
+            if children > (body.len() - pos) as u64 {
+                return Err(bad("a map or array longer than the frame"));
+            }
+            if pending.len() > crate::limits::MAX_DEPTH {
+                return Err(bad(&format!(
+                    "maps and arrays nested more than {} deep",
+                    crate::limits::MAX_DEPTH
+                )));
+            }
+            pending.push(children);
+        }
+    }
+    Ok(())
+}
+
 /// Best effort: the `id` of a request frame whose body does not decode as a whole, so that the
 /// error can be answered under the right id. `None` when even that fails.
 pub fn salvage_id(body: &[u8]) -> Option<u64> {

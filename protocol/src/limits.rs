@@ -28,3 +28,9 @@ pub const DEFAULT_MAX_UNSENT: u64 = 64 << 20;
 /// Default request bytes the daemon holds at once over all connections (at least twice the
 /// frame limit in force).
 pub const DEFAULT_REQUEST_MEMORY: u64 = 512 << 20;
+/// Deepest nesting of MessagePack maps and arrays accepted in a frame from a peer.
+pub const MAX_DEPTH: usize = 32;
+/// Most MessagePack values (scalars, strings, bins, map keys and values, array items) in one
+/// request frame: a request at every other limit (1024 tensors of rank 32 with their names,
+/// 1024 outputs and output regions) has about 55 000.
+pub const MAX_FRAME_VALUES: usize = 1 << 16;

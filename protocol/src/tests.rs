@@ -213,11 +213,83 @@ fn salvage_id_finds_the_id_of_a_bad_request() {
     assert_eq!(frame::salvage_id(b"\xff\x00garbage"), None);
 }
 
+/// The largest legitimate request (every count at its limit) passes the structure check.
+#[test]
+fn a_request_at_every_limit_passes_the_structure_check() {
+    let name = |i: usize| format!("{i:0>1024}");
+    let inputs: Vec<Tensor> = (0..limits::MAX_TENSORS)
+        .map(|i| Tensor::inline(name(i), DType::Uint8, vec![1; limits::MAX_RANK], vec![1]))
+        .collect();
+    let outputs: Vec<String> = (0..limits::MAX_TENSORS).map(name).collect();
+    let output_regions = outputs
+        .iter()
+        .map(|n| OutputRegion {
+            name: n.clone(),
+            offset: u64::MAX,
+            len: u64::MAX,
+        })
+        .collect();
+    let r = RequestFrame {
+        id: u64::MAX,
+        body: Request::Infer(InferRequest {
+            model: name(0),
+            version: Some(u64::MAX),
+            inputs,
+            outputs,
+            output_regions,
+            output_area: Some(ArenaRef { offset: 1, len: 2 }),
+            priority: Some(255),
+            timeout_ms: Some(u64::MAX),
+        }),
+    };
+    let f = frame::encode(&r).unwrap();
+    let got: RequestFrame =
+        frame::decode_bounded(&f[HEADER_LEN..], limits::MAX_FRAME_VALUES).unwrap();
+    assert_eq!(got, r);
+}
+
+/// Issue 19 (red team): a frame of millions of one-byte values decodes into tens of bytes per
+/// value; the structure check refuses it before anything is allocated, wherever the values
+/// sit (a known key, an unknown key, `args` before `op`).
+#[test]
+fn frames_of_many_tiny_values_are_refused_before_decoding() {
+    // {"id": 1, "body": {"args": {"x": [nil × 100 000]}, "op": "status"}}
+    let mut b = vec![
+        0x82, 0xa2, b'i', b'd', 0x01, 0xa4, b'b', b'o', b'd', b'y', 0x82,
+    ];
+    b.extend_from_slice(&[0xa4, b'a', b'r', b'g', b's', 0x81, 0xa1, b'x', 0xdd]);
+    b.extend_from_slice(&100_000u32.to_be_bytes());
+    b.extend(std::iter::repeat_n(0xc0, 100_000));
+    b.extend_from_slice(&[0xa2, b'o', b'p', 0xa6, b's', b't', b'a', b't', b'u', b's']);
+    let e = frame::decode_bounded::<RequestFrame>(&b, limits::MAX_FRAME_VALUES).unwrap_err();
+    assert!(e.to_string().contains("values"), "{e}");
+    assert_eq!(e.to_wire().kind(), Some(ErrorCode::MalformedMessage));
+    // Nesting deeper than the limit.
+    let mut deep = vec![0x91; limits::MAX_DEPTH + 2];
+    deep.push(0xc0);
+    assert!(frame::check_structure(&deep, limits::MAX_FRAME_VALUES).is_err());
+    let mut ok = vec![0x91; limits::MAX_DEPTH - 1];
+    ok.push(0xc0);
+    frame::check_structure(&ok, limits::MAX_FRAME_VALUES).unwrap();
+    // Lengths past the end, an array longer than the bytes left, the unused marker.
+    for bad in [
+        &[0xc6, 0xff, 0xff, 0xff, 0xff][..],
+        &[0xdd, 0x7f, 0xff, 0xff, 0xff, 0xc0],
+        &[0xdb, 0x00, 0x00, 0x00, 0x09, b'x'],
+        &[0xc1],
+        &[],
+    ] {
+        assert!(frame::check_structure(bad, 1 << 20).is_err(), "{bad:?}");
+    }
+}
+
 proptest! {
     /// The decoder never panics on arbitrary bytes (the fuzz target does the same, longer).
     #[test]
     fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         let _ = frame::decode::<RequestFrame>(&bytes);
+        let _ = frame::decode_bounded::<RequestFrame>(&bytes, limits::MAX_FRAME_VALUES);
+        let _ = frame::check_structure(&bytes, 64);
         let _ = frame::decode::<Hello>(&bytes);
         let _ = frame::decode::<ResponseFrame>(&bytes);
         let _ = frame::salvage_id(&bytes);
@@ -231,6 +303,20 @@ proptest! {
         let p = pos % body.len();
         body[p] = val;
         let _ = frame::decode::<RequestFrame>(body);
+    }
+
+    /// Every frame the encoder writes passes the structure check with its exact value count.
+    #[test]
+    fn encoded_frames_pass_the_structure_check(shape in proptest::collection::vec(0u64..4, 0..6),
+                                               names in proptest::collection::vec("[a-z]{0,6}", 0..20)) {
+        let n = element_count(&shape).unwrap() as usize;
+        let r = RequestFrame { id: 3, body: Request::Infer(InferRequest {
+            model: "m".into(), version: None,
+            inputs: vec![Tensor::inline("x", DType::Uint8, shape, vec![1; n])],
+            outputs: names, output_regions: Vec::new(), output_area: None, priority: Some(1),
+            timeout_ms: None, }) };
+        let f = frame::encode(&r).unwrap();
+        prop_assert!(frame::check_structure(&f[HEADER_LEN..], limits::MAX_FRAME_VALUES).is_ok());
     }
 
     #[test]

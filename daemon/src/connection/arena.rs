@@ -1,26 +1,32 @@
 //! A connection's shared-memory arena: created, sealed and mapped at the handshake, its fd
-//! passed with the welcome, its size counted against the daemon-wide arena budget.
+//! passed with the welcome, its size held from the user's share of the daemon-wide arena
+//! budget (`arena-total-bytes`; see `quota`).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use rxd_protocol::{ErrorCode, WireError};
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
 
 use crate::SharedRef;
+use crate::peer::Peer;
+use crate::quota::Held;
 
 /// A connection's arena: the sealed memfd (until passed to the client), its mapping, and its
 /// share of the daemon-wide arena budget (returned on drop).
 pub(super) struct ArenaGrant {
     pub(super) fd: Option<std::os::fd::OwnedFd>,
     pub(super) map: Arc<rxd_shm::Mapping>,
-    shared: SharedRef,
-    reserved: u64,
+    /// The arena's bytes, held from the user's share of `arena-total-bytes`.
+    _held: Held,
 }
 
 impl ArenaGrant {
-    pub(super) fn new(shared: &SharedRef, asked: u64) -> Result<ArenaGrant, WireError> {
+    pub(super) fn new(
+        shared: &SharedRef,
+        peer: &Peer,
+        asked: u64,
+    ) -> Result<ArenaGrant, WireError> {
         let unavailable = |m: String| WireError::new(ErrorCode::ArenaUnavailable, m);
         let cfg = &shared.config;
         let size = asked.div_ceil(4096).saturating_mul(4096);
@@ -30,41 +36,19 @@ impl ArenaGrant {
                 cfg.max_arena_bytes
             )));
         }
-        let total = &shared.metrics.arena_bytes;
-        total
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                used.checked_add(size)
-                    .filter(|&t| t <= cfg.arena_total_bytes)
-            })
-            .map_err(|used| {
-                unavailable(format!(
-                    "the daemon's arena budget is used up ({used} of {} bytes)",
-                    cfg.arena_total_bytes
-                ))
-            })?;
-        let grant = |shared: &SharedRef| -> std::io::Result<ArenaGrant> {
-            let fd = rxd_shm::create_sealed("rxd-arena", size as usize)?;
-            let map = rxd_shm::Mapping::map(std::os::fd::AsFd::as_fd(&fd), size as usize)?;
-            Ok(ArenaGrant {
-                fd: Some(fd),
-                map: Arc::new(map),
-                shared: shared.clone(),
-                reserved: size,
-            })
-        };
-        grant(shared).map_err(|e| {
-            total.fetch_sub(size, Ordering::AcqRel);
-            unavailable(format!("cannot create an arena of {size} bytes: {e}"))
+        let held = shared
+            .quotas
+            .hold_arena(peer.uid, peer.admin, size)
+            .map_err(unavailable)?;
+        let fd = rxd_shm::create_sealed("rxd-arena", size as usize)
+            .map_err(|e| unavailable(format!("cannot create an arena of {size} bytes: {e}")))?;
+        let map = rxd_shm::Mapping::map(std::os::fd::AsFd::as_fd(&fd), size as usize)
+            .map_err(|e| unavailable(format!("cannot map an arena of {size} bytes: {e}")))?;
+        Ok(ArenaGrant {
+            fd: Some(fd),
+            map: Arc::new(map),
+            _held: held,
         })
-    }
-}
-
-impl Drop for ArenaGrant {
-    fn drop(&mut self) {
-        self.shared
-            .metrics
-            .arena_bytes
-            .fetch_sub(self.reserved, Ordering::AcqRel);
     }
 }
 

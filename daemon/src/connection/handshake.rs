@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::arena::{ArenaGrant, send_with_fd};
 use super::reader::{FrameReader, ReadError, read_frame};
 use crate::SharedRef;
+use crate::peer::Peer;
 
 /// Runs the handshake. `Some(arena)` when the connection is established (with its arena, if
 /// one was granted; the fd has been passed and dropped here, the mapping stays); `None` when
@@ -21,6 +22,7 @@ pub(super) async fn handshake(
     rd: &mut FrameReader,
     wr: &mut OwnedWriteHalf,
     shared: &SharedRef,
+    peer: &Peer,
     shutdown: &CancellationToken,
 ) -> Option<Option<ArenaGrant>> {
     let hello = tokio::select! {
@@ -28,7 +30,7 @@ pub(super) async fn handshake(
         r = read_frame(rd, limits::MAX_HANDSHAKE_FRAME) => r,
     };
     let hello: Hello = match hello {
-        Ok(body) => match frame::decode(&body) {
+        Ok(body) => match frame::decode_bounded(&body, limits::MAX_FRAME_VALUES) {
             Ok(h) => h,
             Err(_) if frame::decode::<RequestFrame>(&body).is_ok() => {
                 let err = WireError::new(
@@ -60,7 +62,7 @@ pub(super) async fn handshake(
         return refuse(wr, err).await;
     }
     let arena = if hello.arena_bytes > 0 {
-        match ArenaGrant::new(shared, hello.arena_bytes) {
+        match ArenaGrant::new(shared, peer, hello.arena_bytes) {
             Ok(a) => Some(a),
             Err(e) => return refuse(wr, e).await,
         }

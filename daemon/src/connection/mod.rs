@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rxd_protocol::frame;
-use rxd_protocol::{ErrorCode, Hello, Outcome, RequestFrame, WireError};
+use rxd_protocol::{ErrorCode, Hello, Outcome, RequestFrame, WireError, limits};
 use tokio::net::UnixStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -129,7 +129,8 @@ struct InferCompletion {
     metrics: Arc<crate::metrics::ModelMetrics>,
     answered: bool,
     permit: Option<OwnedSemaphorePermit>,
-    _held: Option<Held>,
+    /// The request's bytes; given back before the answer is queued (which holds its own).
+    held: Option<Held>,
     _token: TaskTrackerToken,
 }
 
@@ -140,7 +141,40 @@ impl Completion for InferCompletion {
 
     fn complete(mut self: Box<Self>, result: Result<Vec<OutputTensor>, RuntimeError>) {
         self.answered = true;
+        drop(self.held.take());
         tracing::debug!(id = self.id, model = %self.model, version = self.version, ok = result.is_ok(), "infer done");
+        // An answer larger than the frame limit could not be read by the client anyway:
+        // refused before it is encoded (large outputs belong in the arena).
+        // (Bytes inline plus, per output, an upper bound on what MessagePack adds around them.)
+        let inline: usize = match &result {
+            Ok(outputs) => outputs
+                .iter()
+                .map(|o| {
+                    let framing = 64 + o.name.len() + 9 * o.shape.len();
+                    framing
+                        + match &o.data {
+                            crate::runtime::OutputData::Inline(b) => b.len(),
+                            _ => 16,
+                        }
+                })
+                .sum::<usize>()
+                .saturating_add(64 + self.model.len()),
+            Err(_) => 0,
+        };
+        let limit = self.conn.shared.config.max_frame_bytes;
+        if inline as u64 > limit {
+            let e = RequestError::Wire(WireError::new(
+                ErrorCode::TensorTooLarge,
+                format!(
+                    "the answer would be {inline} bytes, more than max-frame-bytes ({limit}); \
+                     ask for large outputs in the arena (output_area or output_regions)"
+                ),
+            ));
+            self.metrics
+                .record_outcome(Some(ErrorCode::TensorTooLarge.as_u16()));
+            let permit = self.permit.take();
+            return self.conn.fail(self.id, &e, Some(&self.model), permit);
+        }
         self.metrics.record_outcome(match &result {
             Ok(_) => None,
             Err(RuntimeError::QueueFull { .. }) => Some(ErrorCode::Busy.as_u16()),
@@ -173,6 +207,7 @@ impl Drop for InferCompletion {
     /// A job dropped without completing still gets its one answer.
     fn drop(&mut self) {
         if !self.answered {
+            drop(self.held.take());
             let permit = self.permit.take();
             self.conn.fail(
                 self.id,
@@ -203,7 +238,7 @@ impl MakeCompletion for Maker {
             metrics: model.metrics.clone(),
             answered: false,
             permit: self.permit,
-            _held: self.held,
+            held: self.held,
             _token: self.token,
         })
     }
@@ -282,7 +317,7 @@ async fn serve(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: Canc
     let (rd, mut wr) = stream.into_split();
     let mut rd = FrameReader::new(rd);
 
-    let handshake = handshake::handshake(&mut rd, &mut wr, &shared, &shutdown);
+    let handshake = handshake::handshake(&mut rd, &mut wr, &shared, &peer, &shutdown);
     let arena = match tokio::time::timeout(cfg.handshake_timeout, handshake).await {
         Ok(Some(arena)) => arena,
         Ok(None) => return,
@@ -299,7 +334,15 @@ async fn serve(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: Canc
     let conn = Arc::new(Conn {
         arena,
         shared: shared.clone(),
-        sink: Sink::new(wr, cfg.max_unsent_bytes),
+        sink: Sink::new(
+            wr,
+            cfg.max_unsent_bytes,
+            Some(sink::Owner {
+                quotas: shared.quotas.clone(),
+                uid: peer.uid,
+                admin: peer.admin,
+            }),
+        ),
         in_flight_ids: Mutex::default(),
         control: Arc::new(Semaphore::new(CONTROL_AT_ONCE)),
     });
@@ -361,19 +404,43 @@ async fn read_loop(
                 Ok(Err(e)) => return e.into(),
                 Err(_) => return frame_timeout(0, cfg.frame_timeout),
             };
+        let header_took = started.elapsed();
         // The request's bytes come out of the user's share of request memory before they are
-        // read; waiting for it stops the frame's clock.
-        let held = match shared.quotas.try_hold(peer.uid, peer.admin, len as u64) {
-            Some(h) => h,
-            None => shared.quotas.hold(peer.uid, peer.admin, len as u64).await,
+        // read, one frame of a user at a time, in line with other users' frames; waiting
+        // stops the frame's clock.
+        // A frame already here whole just takes its memory (the common case: no wait); one
+        // that must wait — for memory, or for its bytes — first becomes its user's one frame
+        // being read (always in that order: the mark, then the memory).
+        let quick = rd.buffered() >= len;
+        let fast = shared
+            .quotas
+            .try_hold(peer.uid, peer.admin, len as u64)
+            .filter(|_| quick);
+        let (held, reading) = match fast {
+            Some(h) => (h, None),
+            None => {
+                let r = shared.quotas.begin_frame(peer.uid, peer.admin).await;
+                let h = match shared.quotas.try_hold(peer.uid, peer.admin, len as u64) {
+                    Some(h) => h,
+                    None => shared.quotas.hold(peer.uid, peer.admin, len as u64).await,
+                };
+                (h, Some(r))
+            }
         };
-        let deadline = Instant::now() + cfg.frame_timeout.saturating_sub(started.elapsed());
+        let deadline = Instant::now() + cfg.frame_timeout.saturating_sub(header_took);
         let body = match tokio::time::timeout_at(deadline.into(), rd.body(len)).await {
             Ok(Ok(body)) => body,
             Ok(Err(e)) => return e.into(),
             Err(_) => return frame_timeout(len, cfg.frame_timeout),
         };
+        drop(reading);
         Metrics::inc(&shared.metrics.requests_total);
+        // The structure first (bounded values and depth, no allocation): what decoding then
+        // allocates is bounded by the frame's bytes.
+        if let Err(e) = frame::check_structure(&body, limits::MAX_FRAME_VALUES) {
+            conn.refuse(e.to_wire(), permit);
+            continue;
+        }
         let request: RequestFrame = match frame::decode(&body) {
             Ok(r) => r,
             Err(_) if frame::decode::<Hello>(&body).is_ok() => {

@@ -8,18 +8,22 @@
 //! `unread_answers` error for the same id, so each request still gets exactly one answer and
 //! the backlog holds at most `max_unsent` bytes plus one frame plus those small errors (one per
 //! request in flight, which `max-in-flight` bounds: a request's in-flight permit is held until
-//! its answer is written, not merely queued). A client that takes no bytes for `stall` while
+//! its answer is written, not merely queued). Answers queued behind unread ones are also held
+//! from the user's share of request memory (`quota`), so a user's many connections cannot
+//! multiply the per-connection bound. A client that takes no bytes for `stall` while
 //! answers wait is gone as far as the daemon is concerned: the sink breaks and drops them.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rxd_protocol::frame;
 use rxd_protocol::{ErrorCode, Outcome, ResponseFrame, WireError};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
+
+use crate::quota::{Held, Quotas};
 
 pub(super) fn encode_response(id: u64, outcome: Outcome) -> Vec<u8> {
     let frame = ResponseFrame { id, outcome };
@@ -41,12 +45,25 @@ fn error_frame(id: u64, err: WireError) -> Vec<u8> {
     frame::encode(&frame).unwrap_or_default()
 }
 
+/// Answers up to this size are queued without asking the user's share (it may go over by that
+/// much per connection); larger ones, and any queued behind an unread answer, must fit it.
+const FORCED_MAX: usize = 64 << 10;
+
 /// A frame waiting to be written, with how much of it is written already and the in-flight
 /// permit of its request (released once the frame is out).
 struct Pending {
     bytes: Vec<u8>,
     off: usize,
     _permit: Option<OwnedSemaphorePermit>,
+    /// The frame's bytes, held from its user's request memory until written.
+    _held: Option<Held>,
+}
+
+/// Whose request memory a connection's unread answers are held from.
+pub(super) struct Owner {
+    pub(super) quotas: Arc<Quotas>,
+    pub(super) uid: u32,
+    pub(super) admin: bool,
 }
 
 #[derive(Default)]
@@ -72,6 +89,7 @@ pub(super) struct Sink {
     wr: OwnedWriteHalf,
     state: Mutex<SinkState>,
     max_unsent: usize,
+    owner: Option<Owner>,
     /// Wakes the drain task: something was queued, or the connection finished.
     wake: Notify,
     /// Wakes the reader waiting for the backlog to shrink.
@@ -80,11 +98,12 @@ pub(super) struct Sink {
 }
 
 impl Sink {
-    pub(super) fn new(wr: OwnedWriteHalf, max_unsent: u64) -> Sink {
+    pub(super) fn new(wr: OwnedWriteHalf, max_unsent: u64, owner: Option<Owner>) -> Sink {
         Sink {
             wr,
             state: Mutex::default(),
             max_unsent: usize::try_from(max_unsent).unwrap_or(usize::MAX),
+            owner,
             wake: Notify::new(),
             drained: Notify::new(),
             broken: AtomicBool::new(false),
@@ -127,19 +146,39 @@ impl Sink {
         let mut st = self.lock();
         let mut frame = frame;
         let mut sent = Sent::Queued;
+        let mut held = None;
+        let unread = |why: String| WireError::new(ErrorCode::UnreadAnswers, why);
         if st.unsent > 0 && st.unsent.saturating_add(frame.len()) > self.max_unsent {
-            let dropped = frame.len();
-            let err = WireError::new(
-                ErrorCode::UnreadAnswers,
-                format!(
-                    "this answer ({dropped} bytes) was dropped: {} bytes of earlier answers are \
-                     still unread (max-unsent-bytes is {}); read answers as they come, and ask \
-                     for large outputs in the arena",
-                    st.unsent, self.max_unsent
-                ),
-            );
+            let err = unread(format!(
+                "this answer ({} bytes) was dropped: {} bytes of earlier answers are still \
+                 unread (max-unsent-bytes is {}); read answers as they come, and ask for large \
+                 outputs in the arena",
+                frame.len(),
+                st.unsent,
+                self.max_unsent
+            ));
+            sent = Sent::Dropped(frame.len());
             frame = error_frame(id, err);
-            sent = Sent::Dropped(dropped);
+        } else if (!st.backlog.is_empty() || frame.len() > FORCED_MAX)
+            && let Some(o) = &self.owner
+        {
+            // An answer that may wait (queued behind unread ones, or too large for the
+            // socket's buffer) is held from the user's share of request memory first, so that
+            // many connections cannot multiply the per-connection bound; without room it
+            // becomes an `unread_answers` error.
+            held = o
+                .quotas
+                .hold_answer(o.uid, o.admin, frame.len() as u64, false);
+            if held.is_none() {
+                let err = unread(format!(
+                    "this answer ({} bytes) was dropped: this user's unread answers and requests \
+                     hold its share of request-memory-bytes; read answers as they come, and ask \
+                     for large outputs in the arena",
+                    frame.len()
+                ));
+                sent = Sent::Dropped(frame.len());
+                frame = error_frame(id, err);
+            }
         }
         let mut off = 0;
         if st.backlog.is_empty() {
@@ -160,11 +199,19 @@ impl Sink {
                 return sent;
             }
         }
-        st.unsent += frame.len() - off;
+        let rest = frame.len() - off;
+        if held.is_none()
+            && let Some(o) = &self.owner
+        {
+            // A small answer (at most `FORCED_MAX`) or an error always goes, counted.
+            held = o.quotas.hold_answer(o.uid, o.admin, rest as u64, true);
+        }
+        st.unsent += rest;
         st.backlog.push_back(Pending {
             bytes: frame,
             off,
             _permit: permit,
+            _held: held,
         });
         drop(st);
         self.wake.notify_one();
@@ -250,8 +297,6 @@ impl Sink {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use tokio::io::AsyncReadExt;
     use tokio::net::UnixStream;
     use tokio::sync::Semaphore;
@@ -281,7 +326,7 @@ mod tests {
     async fn frames_larger_than_the_socket_buffer_arrive_whole_and_in_order() {
         let (a, mut b) = UnixStream::pair().unwrap();
         let (_rd, wr) = a.into_split();
-        let sink = Arc::new(Sink::new(wr, 64 << 20));
+        let sink = Arc::new(Sink::new(wr, 64 << 20, None));
         let drainer = tokio::spawn({
             let s = sink.clone();
             async move { s.drain(None).await }
@@ -303,7 +348,7 @@ mod tests {
     async fn answers_past_the_unsent_bound_become_small_errors_and_permits_wait_for_writes() {
         let (a, mut b) = UnixStream::pair().unwrap();
         let (_rd, wr) = a.into_split();
-        let sink = Arc::new(Sink::new(wr, 1 << 20));
+        let sink = Arc::new(Sink::new(wr, 1 << 20, None));
         let permits = Arc::new(Semaphore::new(4));
         for id in 1..=4 {
             let p = permits.clone().try_acquire_owned().unwrap();
@@ -342,10 +387,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn unread_answers_are_held_from_the_users_share_across_connections() {
+        // A user's share of request memory: 4 MiB (a quarter of 16).
+        let quotas = Quotas::new(64, 16 << 20, 16 << 20);
+        let owner = || Owner {
+            quotas: quotas.clone(),
+            uid: 1000,
+            admin: false,
+        };
+        let mut peers = Vec::new();
+        let mut sinks = Vec::new();
+        for _ in 0..3 {
+            let (a, b) = UnixStream::pair().unwrap();
+            let (_rd, wr) = a.into_split();
+            peers.push(b);
+            sinks.push(Sink::new(wr, 64 << 20, Some(owner())));
+        }
+        let mut dropped = 0;
+        for (i, sink) in sinks.iter().enumerate() {
+            for id in 1..=4 {
+                if let Sent::Dropped(_) = sink.send(id, ok_frame(id, 1 << 20), None) {
+                    dropped += 1;
+                }
+            }
+            assert!(sink.unsent() > 0 || i > 0, "sink {i} queued answers");
+        }
+        // Large answers go only while the user's 4 MiB last, over all its connections.
+        assert!(dropped >= 8, "{dropped} dropped");
+        assert!(
+            quotas.memory_held() <= (4 << 20) + 4096,
+            "{}",
+            quotas.memory_held()
+        );
+        drop(sinks);
+        assert_eq!(quotas.memory_held(), 0, "given back when the answers go");
+    }
+
+    #[tokio::test]
     async fn a_client_that_takes_nothing_breaks_the_sink_after_the_stall_time() {
         let (a, _b) = UnixStream::pair().unwrap();
         let (_rd, wr) = a.into_split();
-        let sink = Arc::new(Sink::new(wr, 64 << 20));
+        let sink = Arc::new(Sink::new(wr, 64 << 20, None));
         let permits = Arc::new(Semaphore::new(1));
         let p = permits.clone().try_acquire_owned().unwrap();
         sink.send(1, ok_frame(1, 4 << 20), Some(p));
@@ -373,7 +455,7 @@ mod tests {
     async fn a_closed_peer_breaks_the_sink() {
         let (a, b) = UnixStream::pair().unwrap();
         let (_rd, wr) = a.into_split();
-        let sink = Sink::new(wr, 64 << 20);
+        let sink = Sink::new(wr, 64 << 20, None);
         drop(b);
         // The first write may land in the buffer of a socket whose peer is gone.
         let mut gone = false;

@@ -233,7 +233,7 @@ fn frames_held_one_byte_short_cost_bounded_memory() {
     let repo = repo_with(&[]);
     let mut d = shared_daemon(
         repo.path(),
-        "request-memory-bytes = \"200MiB\"\nframe-timeout-secs = 3\n",
+        "request-memory-bytes = \"320MiB\"\nframe-timeout-secs = 3\n",
         &[],
     );
     let b = before(&d);

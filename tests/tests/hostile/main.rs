@@ -8,4 +8,5 @@ mod common;
 mod conn;
 mod models;
 mod peer;
+mod redteam;
 mod sched;
