@@ -45,6 +45,10 @@ pub struct FileConfig {
     /// Request bytes the daemon holds at once over all connections (frames being read, and
     /// requests queued or running); a non-admin user may hold at most half.
     pub request_memory_bytes: Option<ByteSize>,
+    /// ONNX Runtime's CPU memory — model weights and every run's tensors — in one arena shared
+    /// by all sessions and capped at this; a run that needs more fails. Default: half the
+    /// machine's memory; 0 = no shared arena (each session grows its own without a cap).
+    pub run_memory_bytes: Option<ByteSize>,
     /// A connection must complete its handshake within this.
     pub handshake_timeout_secs: Option<u64>,
     /// A frame whose first bytes arrived must arrive whole within this.
@@ -174,6 +178,8 @@ pub struct Config {
     pub max_in_flight: u32,
     pub max_unsent_bytes: u64,
     pub request_memory_bytes: u64,
+    /// `None`: no shared arena.
+    pub run_memory_bytes: Option<u64>,
     pub handshake_timeout: Duration,
     pub frame_timeout: Duration,
     /// `None` = never.
@@ -586,6 +592,16 @@ pub fn resolve(
         );
     }
 
+    let run_memory_bytes = match file.run_memory_bytes {
+        Some(ByteSize(0)) => None,
+        Some(ByteSize(n)) if n < 64 << 20 => {
+            bad("run-memory-bytes", format!("{n} is less than 64MiB (0 turns the cap off)"));
+            None
+        }
+        Some(ByteSize(n)) => Some(n),
+        None => physical_memory().map(|m| m / 2),
+    };
+
     let max_arena_bytes = file
         .max_arena_bytes
         .map_or(limits::DEFAULT_MAX_ARENA, |b| b.0);
@@ -769,6 +785,7 @@ pub fn resolve(
         max_in_flight,
         max_unsent_bytes,
         request_memory_bytes,
+        run_memory_bytes,
         handshake_timeout,
         frame_timeout,
         idle_timeout,
@@ -787,6 +804,14 @@ pub fn resolve(
         metrics_listen,
         cache_directory,
     })
+}
+
+/// The machine's physical memory, if the system says.
+fn physical_memory() -> Option<u64> {
+    use nix::unistd::{SysconfVar, sysconf};
+    let pages = sysconf(SysconfVar::_PHYS_PAGES).ok().flatten()?;
+    let page = sysconf(SysconfVar::PAGE_SIZE).ok().flatten()?;
+    u64::try_from(pages).ok()?.checked_mul(u64::try_from(page).ok()?)
 }
 
 #[cfg(test)]

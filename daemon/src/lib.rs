@@ -93,7 +93,7 @@ pub fn prepare(
     config: config::Config,
     opts: cli::ServeOpts,
 ) -> Result<SharedRef, runtime::RuntimeError> {
-    let runtime = Arc::new(runtime::Runtime::init(&config.ort_library)?);
+    let runtime = Arc::new(runtime::Runtime::init(&config.ort_library, config.run_memory_bytes)?);
     let registry = registry::Registry::new(
         config.model_repository.clone(),
         runtime,
@@ -304,6 +304,10 @@ pub fn reload(shared: &SharedRef) -> Result<Vec<rxd_protocol::ModelSummary>, Str
             (
                 "request-memory-bytes",
                 old.request_memory_bytes != new.request_memory_bytes,
+            ),
+            (
+                "run-memory-bytes",
+                old.run_memory_bytes != new.run_memory_bytes,
             ),
             (
                 "handshake-timeout-secs",

@@ -183,7 +183,9 @@ impl TestDaemon {
         let socket = dir.path().join("rxd.sock");
         let log = dir.path().join("rxd.log");
         let config = dir.path().join("rxd.toml");
-        std::fs::write(&config, config_toml).unwrap();
+        // Benchmarks compare configurations in one run: `RXD_BENCH_CONFIG` adds TOML lines.
+        let extra_config = std::env::var("RXD_BENCH_CONFIG").unwrap_or_default();
+        std::fs::write(&config, format!("{config_toml}\n{extra_config}\n")).unwrap();
         // Benchmarks compare builds in one run: `RXD_BENCH_RXD` names another rxd binary.
         let rxd = std::env::var_os("RXD_BENCH_RXD").map_or_else(|| bin("rxd"), PathBuf::from);
         let mut cmd = Command::new(rxd);

@@ -65,6 +65,8 @@ pub struct Runtime {
     /// Nothing is ever written at a predictable path of a shared directory, where another
     /// local user could plant a symlink (overwrite any file) or a FIFO (hang the writer).
     scratch: tempfile::TempDir,
+    /// The cap of the CPU arena every session shares (`run-memory-bytes`), when there is one.
+    shared_arena: Option<u64>,
 }
 
 /// Where a session runs: a device's kind and execution-provider options.
@@ -106,7 +108,10 @@ pub struct SessionOptions {
 
 impl Runtime {
     /// Loads the ORT library at `library` (never searches: the config resolved the path).
-    pub fn init(library: &Path) -> Result<Runtime, RuntimeError> {
+    /// With `run_memory`, every session allocates its CPU memory (weights and the tensors of
+    /// every run) from one arena capped at that many bytes: a request whose shapes would need
+    /// more fails (`inference_failed`) instead of growing the daemon without bound.
+    pub fn init(library: &Path, run_memory: Option<u64>) -> Result<Runtime, RuntimeError> {
         let lib_err = |message: String| RuntimeError::Library {
             path: library.to_path_buf(),
             message,
@@ -118,6 +123,10 @@ impl Runtime {
             .build()
             .map_err(|e| lib_err(e.to_string()))?;
         let version = version_of(library);
+        if let Some(cap) = run_memory {
+            raw::register_capped_cpu_arena(&env, usize::try_from(cap).unwrap_or(usize::MAX))
+                .map_err(|e| lib_err(format!("cannot register the shared CPU arena: {e}")))?;
+        }
         let base = std::env::temp_dir();
         let scratch = tempfile::Builder::new()
             .prefix("rxd-")
@@ -135,6 +144,7 @@ impl Runtime {
             plugins: Default::default(),
             primed: Default::default(),
             scratch,
+            shared_arena: run_memory,
         };
         runtime.prime();
         Ok(runtime)
@@ -174,6 +184,7 @@ impl Runtime {
     fn prime(&self) {
         let result = Session::builder(&self.env)
             .and_then(|b| b.with_intra_threads(1).map_err(Into::into))
+            .and_then(|b| self.shared_allocator(b))
             .and_then(|mut b| b.commit_from_memory(PRIME))
             .map_err(|e| e.to_string())
             .and_then(|mut session| {
@@ -189,6 +200,22 @@ impl Runtime {
 
     pub fn library(&self) -> &Path {
         &self.library
+    }
+
+    /// Makes a session allocate from the shared, capped CPU arena when there is one.
+    fn shared_allocator(
+        &self,
+        b: ort::session::builder::SessionBuilder,
+    ) -> ort::Result<ort::session::builder::SessionBuilder> {
+        match self.shared_arena {
+            Some(_) => b.with_env_allocators().map_err(Into::into),
+            None => Ok(b),
+        }
+    }
+
+    /// The cap of the shared CPU arena (`run-memory-bytes`), if there is one.
+    pub fn run_memory(&self) -> Option<u64> {
+        self.shared_arena
     }
 
     /// The daemon's private directory (see [`Runtime`]'s `scratch`).
@@ -238,6 +265,7 @@ impl Runtime {
                     .map_err(Into::into)
             })
             .and_then(|b| b.with_inter_threads(1).map_err(Into::into))
+            .and_then(|b| self.shared_allocator(b))
             .and_then(|b| {
                 b.with_config_entry(
                     "session.intra_op.allow_spinning",

@@ -255,3 +255,61 @@ pub fn arena_stats(session: &ort::session::Session) -> Result<Vec<(String, i64)>
     }
     Ok(out)
 }
+
+/// Registers one CPU arena allocator on `env`, shared by every session built with
+/// `session.use_env_allocators` and capped at `max_mem` bytes (`arena_extend_strategy`
+/// kSameAsRequested, so growth is what is asked for, not the next power of two). A run that
+/// needs more than the cap fails with ORT's allocation error instead of growing the process.
+pub fn register_capped_cpu_arena(
+    env: &ort::environment::Environment,
+    max_mem: usize,
+) -> Result<(), String> {
+    use ort::AsPointer;
+    let api = ort::api();
+    let read_status = |status: ort::sys::OrtStatusPtr| -> Result<(), String> {
+        if status.0.is_null() {
+            return Ok(());
+        }
+        // SAFETY: a non-null status from ORT: its message is a NUL-terminated string owned by
+        // the status, read before the status is released exactly once.
+        Err(unsafe {
+            let m = std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0))
+                .to_string_lossy()
+                .into_owned();
+            (api.ReleaseStatus)(status.0);
+            m
+        })
+    };
+    let mut info: *mut ort::sys::OrtMemoryInfo = std::ptr::null_mut();
+    // SAFETY: `info` is a valid out-pointer; ORT writes a new memory info on success.
+    read_status(unsafe {
+        (api.CreateCpuMemoryInfo)(
+            ort::sys::OrtAllocatorType::OrtArenaAllocator,
+            ort::sys::OrtMemType::OrtMemTypeDefault,
+            &mut info,
+        )
+    })?;
+    let keys = [c"max_mem".as_ptr(), c"arena_extend_strategy".as_ptr()];
+    let values: [usize; 2] = [max_mem, 1];
+    let mut cfg: *mut ort::sys::OrtArenaCfg = std::ptr::null_mut();
+    // SAFETY: `keys` and `values` are arrays of 2 live entries (NUL-terminated literals and
+    // integers) for the duration of the call; `cfg` is a valid out-pointer.
+    let made = read_status(unsafe {
+        (api.CreateArenaCfgV2)(keys.as_ptr(), values.as_ptr(), keys.len(), &mut cfg)
+    });
+    let registered = made.and_then(|()| {
+        // SAFETY: `env` is a live environment (borrowed for the call), `info` and `cfg` were
+        // created above and are only read by ORT, which copies what it keeps.
+        read_status(unsafe {
+            (api.CreateAndRegisterAllocator)(env.ptr().cast_mut(), info, cfg)
+        })
+    });
+    // SAFETY: `cfg` (if created) and `info` were created above and are released exactly once.
+    unsafe {
+        if !cfg.is_null() {
+            (api.ReleaseArenaCfg)(cfg);
+        }
+        (api.ReleaseMemoryInfo)(info);
+    }
+    registered
+}

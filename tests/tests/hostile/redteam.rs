@@ -304,31 +304,25 @@ fn unread_answers_over_many_connections_stay_within_the_users_share() {
         )),
     });
     let mut conns = Vec::new();
-    let mut stalled = 0;
     for _ in 0..24 {
         let mut c = connect_as_nobody(&d.socket);
         c.handshake().unwrap();
-        // Two requests per connection, never read. Once the user's share is full of unread
-        // answers the daemon stops reading its connections: writes stall (bounded here).
+        // Two requests per connection, never read. While the user's share is full the daemon
+        // reads none of its connections (writes may stall: bounded here).
         c.stream
             .set_write_timeout(Some(Duration::from_millis(500)))
             .unwrap();
-        if c.send_raw(&frame).is_err() || c.send_raw(&second).is_err() {
-            stalled += 1;
-        }
+        let _ = c.send_raw(&frame).and_then(|()| c.send_raw(&second));
         conns.push(c);
     }
-    assert!(
-        stalled > 0,
-        "the daemon kept reading a user that reads none of its answers"
-    );
     std::thread::sleep(Duration::from_secs(8));
     let peak = peak_rss(d.pid()).saturating_sub(b.rss);
     let seen = bystander.stop();
     // A quarter of request-memory-bytes (128 MiB) for unread answers and requests, plus what
     // is being computed and encoded at a time.
+    eprintln!("peak growth {} MiB", peak / MIB);
     assert!(
-        peak <= 512 * MIB,
+        peak <= 384 * MIB,
         "unread answers over 24 connections grew the daemon by {} MiB",
         peak / MIB
     );
@@ -385,4 +379,50 @@ fn model_info_loads_only_versions_the_policy_serves_for_non_admins() {
     let mut admin = RawConn::connect(&d.socket).unwrap();
     admin.handshake().unwrap();
     assert!(matches!(info(&mut admin, 1, 1), Outcome::Ok(_)));
+}
+
+/// Red team 2: `max-dims` let the PP-OCRv4 recogniser (made for 48-pixel-high crops) take a
+/// 2048 × 2048 image, and ONNX Runtime grew the daemon to 8.5 GiB for it. Every session now
+/// allocates from one CPU arena capped at `run-memory-bytes`: such a run fails, the daemon does
+/// not grow past the cap, and everything else is served.
+#[test]
+fn a_request_shaped_to_need_gigabytes_fails_within_run_memory() {
+    let _serial = serial();
+    let repo = repo_with(&["ppocr_rec"]);
+    let mut d = shared_daemon(repo.path(), "run-memory-bytes = \"256MiB\"\n", &[]);
+    let b = before(&d);
+    let bystander = Bystander::start(&d.socket);
+    reset_peak(d.pid());
+    let mut c = connect_as_nobody(&d.socket);
+    c.handshake().unwrap();
+    let huge = f32_tensor(
+        "x",
+        &[1, 3, 1024, 1024],
+        &random_f32(3 * 1024 * 1024, 5),
+    );
+    c.send(&RequestFrame {
+        id: 1,
+        body: Request::Infer(InferRequest::new("ppocr_rec", vec![huge])),
+    });
+    let r = c.read_response();
+    assert_eq!(err_code(&r.outcome), Some(ErrorCode::InferenceFailed), "{r:?}");
+    let peak = peak_rss(d.pid()).saturating_sub(b.rss);
+    eprintln!("peak growth {} MiB", peak / MIB);
+    assert!(peak <= 400 * MIB, "one request grew the daemon by {} MiB", peak / MIB);
+    // A crop of the size the model is made for still runs, and equals in-process ORT.
+    let crop = f32_tensor("x", &[1, 3, 48, 320], &random_f32(3 * 48 * 320, 6));
+    let want = Reference::new(&model_file("ppocr_rec")).run(std::slice::from_ref(&crop));
+    c.send(&RequestFrame {
+        id: 2,
+        body: Request::Infer(InferRequest::new("ppocr_rec", vec![crop])),
+    });
+    match c.read_response().outcome {
+        Outcome::Ok(rxd_protocol::Reply::Infer(r)) => {
+            assert!(max_rel_diff(&r.outputs[0], &want[0]) <= 1e-5)
+        }
+        other => panic!("{other:?}"),
+    }
+    let seen = bystander.stop();
+    drop(c);
+    assert_unharmed(&mut d, &b, &seen, Duration::from_secs(2), 400 * MIB);
 }

@@ -157,7 +157,8 @@ fn large_keyed_requests_do_not_stall_other_clients() {
     );
     let mut d = shared_daemon(
         repo.path(),
-        "max-arena-bytes = \"256MiB\"\narena-total-bytes = \"2GiB\"\n",
+        // (A user may hold half of arena-total-bytes: eight 256 MiB arenas need 4 GiB.)
+        "max-arena-bytes = \"256MiB\"\narena-total-bytes = \"4GiB\"\n",
         &[],
     );
     let before = before(&d);
