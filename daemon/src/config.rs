@@ -595,7 +595,10 @@ pub fn resolve(
     let run_memory_bytes = match file.run_memory_bytes {
         Some(ByteSize(0)) => None,
         Some(ByteSize(n)) if n < 64 << 20 => {
-            bad("run-memory-bytes", format!("{n} is less than 64MiB (0 turns the cap off)"));
+            bad(
+                "run-memory-bytes",
+                format!("{n} is less than 64MiB (0 turns the cap off)"),
+            );
             None
         }
         Some(ByteSize(n)) => Some(n),
@@ -811,7 +814,9 @@ fn physical_memory() -> Option<u64> {
     use nix::unistd::{SysconfVar, sysconf};
     let pages = sysconf(SysconfVar::_PHYS_PAGES).ok().flatten()?;
     let page = sysconf(SysconfVar::PAGE_SIZE).ok().flatten()?;
-    u64::try_from(pages).ok()?.checked_mul(u64::try_from(page).ok()?)
+    u64::try_from(pages)
+        .ok()?
+        .checked_mul(u64::try_from(page).ok()?)
 }
 
 #[cfg(test)]

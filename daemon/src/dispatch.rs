@@ -58,12 +58,13 @@ pub async fn handle(
             Err(RequestError::NotReady { state, .. })
                 if shared.registry.load_on_demand() && state != "failed" =>
             {
-                let (s, admin) = (shared.clone(), peer.admin);
+                let (s, peer) = (shared.clone(), peer.clone());
                 let info = tokio::task::spawn_blocking(move || {
-                    if admin {
+                    if peer.admin {
                         s.registry.load(&r.model, r.version)?;
                     } else {
-                        match s.registry.demand(&r.model, r.version)? {
+                        let may_load = load_gate(&s, &peer, &r.model);
+                        match s.registry.demand_gated(&r.model, r.version, &may_load)? {
                             Demand::Ready(_) => {}
                             Demand::Cold {
                                 start: Some(ticket),
@@ -209,7 +210,13 @@ pub fn infer<M: MakeCompletion>(
         deadline,
         source: u64::from(peer.uid),
     };
-    let model = match shared.registry.demand(&req.model, req.version)? {
+    let demanded = {
+        let may_load = load_gate(shared, peer, &req.model);
+        shared
+            .registry
+            .demand_gated(&req.model, req.version, &may_load)?
+    };
+    let model = match demanded {
         Demand::Ready(m) => m,
         Demand::Cold { slot, start } => {
             return Ok(Queued::Cold(Box::new(Cold {
@@ -269,6 +276,30 @@ impl<M: MakeCompletion> Cold<M> {
             state: "evicted",
             detail: Some("evicted again before the request could run; retry".into()),
         })
+    }
+}
+
+/// Whether a request of `peer` may start a load of `model` now: a user's requests start loads
+/// at a bounded rate (`quota`), so a client asking for model after model cannot make the
+/// daemon load and evict without pause; beyond it the answer is `busy`.
+fn load_gate<'a>(
+    shared: &'a SharedRef,
+    peer: &'a Peer,
+    model: &'a str,
+) -> impl Fn() -> Result<(), RequestError> + 'a {
+    move || {
+        if shared.quotas.try_load(peer.uid, peer.admin) {
+            return Ok(());
+        }
+        Err(RequestError::Wire(rxd_protocol::WireError::new(
+            rxd_protocol::ErrorCode::Busy,
+            format!(
+                "model '{model}' is not loaded, and this user's requests have started loads \
+                 faster than {} at once and one per {:?}; retry in a moment",
+                crate::quota::LOAD_BURST,
+                crate::quota::LOAD_EVERY
+            ),
+        )))
     }
 }
 

@@ -93,7 +93,10 @@ pub fn prepare(
     config: config::Config,
     opts: cli::ServeOpts,
 ) -> Result<SharedRef, runtime::RuntimeError> {
-    let runtime = Arc::new(runtime::Runtime::init(&config.ort_library, config.run_memory_bytes)?);
+    let runtime = Arc::new(runtime::Runtime::init(
+        &config.ort_library,
+        config.run_memory_bytes,
+    )?);
     let registry = registry::Registry::new(
         config.model_repository.clone(),
         runtime,

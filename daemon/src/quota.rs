@@ -3,7 +3,9 @@
 //! - connections (`max-connections-per-uid`);
 //! - request memory (`request-memory-bytes`): the bytes of request frames being read, of
 //!   requests queued or running, and of answers queued for a client that has not read them;
-//! - shared-memory arenas (`arena-total-bytes`).
+//! - shared-memory arenas (`arena-total-bytes`);
+//! - model loads its requests start ([`LOAD_BURST`], then one per [`LOAD_EVERY`];
+//!   beyond that `busy`).
 //!
 //! Each byte pool gives one non-admin user at most a share of it (a quarter of request memory,
 //! half of the arenas) and all non-admins together at most three quarters, so a few users
@@ -99,6 +101,31 @@ struct Usage {
     next_ticket: u64,
     /// Non-admin users with a frame being read (waiting for memory or arriving).
     reading: std::collections::HashSet<u32>,
+    /// Loads each non-admin user may still start at once (a token bucket), as of when.
+    loads: HashMap<u32, (f64, std::time::Instant)>,
+}
+
+/// Loads a non-admin user's requests may start in a burst, and how often one more after that:
+/// a client that asks for model after model to make the daemon load and evict them is answered
+/// `busy` beyond this rate instead of costing a load (and another user's model) per request.
+pub const LOAD_BURST: f64 = 4.0;
+pub const LOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Usage {
+    /// Takes one of `uid`'s load turns if it has one (a token bucket of [`LOAD_BURST`],
+    /// refilled one per [`LOAD_EVERY`]).
+    fn try_load(&mut self, uid: u32, now: std::time::Instant) -> bool {
+        let (tokens, at) = self.loads.entry(uid).or_insert((LOAD_BURST, now));
+        let refill = now.saturating_duration_since(*at).as_secs_f64() / LOAD_EVERY.as_secs_f64();
+        *tokens = (*tokens + refill).min(LOAD_BURST);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Usage {
@@ -280,6 +307,11 @@ impl Quotas {
         }
         u.arena.take(uid, admin, bytes);
         Ok(self.held(Kind::Arena, uid, admin, bytes))
+    }
+
+    /// Whether a request of `uid` may start a model load now (admins: always); takes the turn.
+    pub fn try_load(&self, uid: u32, admin: bool) -> bool {
+        admin || self.usage().try_load(uid, std::time::Instant::now())
     }
 
     /// Request memory held now, in total.
@@ -485,6 +517,25 @@ mod tests {
         drop(h1);
         assert_eq!(victim.await.unwrap(), 1);
         assert_eq!(second.await.unwrap(), 25);
+    }
+
+    #[test]
+    fn a_user_starts_a_burst_of_loads_then_one_per_period() {
+        let mut u = Usage::default();
+        let t0 = std::time::Instant::now();
+        for _ in 0..LOAD_BURST as usize {
+            assert!(u.try_load(7, t0));
+        }
+        assert!(!u.try_load(7, t0), "the burst is spent");
+        assert!(u.try_load(8, t0), "another user is not held");
+        assert!(u.try_load(7, t0 + LOAD_EVERY), "one more per period");
+        assert!(!u.try_load(7, t0 + LOAD_EVERY));
+        // After long enough the burst is back, never more.
+        let later = t0 + LOAD_EVERY * 100;
+        for _ in 0..LOAD_BURST as usize {
+            assert!(u.try_load(7, later));
+        }
+        assert!(!u.try_load(7, later));
     }
 
     #[tokio::test]

@@ -930,6 +930,17 @@ impl Registry {
         version: Option<u64>,
         no_evict: bool,
     ) -> Result<Begin, RequestError> {
+        self.begin_gated(name, version, no_evict, &|| Ok(()))
+    }
+
+    /// [`Registry::begin`], asking `may_load` before a load would start.
+    fn begin_gated(
+        &self,
+        name: &str,
+        version: Option<u64>,
+        no_evict: bool,
+        may_load: &dyn Fn() -> Result<(), RequestError>,
+    ) -> Result<Begin, RequestError> {
         let mut models = self.write();
         let model = models
             .get_mut(name)
@@ -988,6 +999,7 @@ impl Registry {
                 });
             }
         };
+        may_load()?;
         let file_bytes = model_bytes(&ver.path);
         let slot = Arc::new(LoadSlot::default());
         let was = ver.state;
@@ -1010,6 +1022,17 @@ impl Registry {
     /// For an inference: the ready version, or the load to wait for (started if needed and
     /// loading on demand is on).
     pub fn demand(&self, name: &str, version: Option<u64>) -> Result<Demand, RequestError> {
+        self.demand_gated(name, version, &|| Ok(()))
+    }
+
+    /// [`Registry::demand`], where `may_load` decides whether this request may start a load
+    /// (it is asked only when one would start: not for a model ready or already loading).
+    pub fn demand_gated(
+        &self,
+        name: &str,
+        version: Option<u64>,
+        may_load: &dyn Fn() -> Result<(), RequestError>,
+    ) -> Result<Demand, RequestError> {
         match self.get(name, version) {
             Ok(l) => return Ok(Demand::Ready(l)),
             // A broken model is not retried on every request; `rxctl load` retries it.
@@ -1041,7 +1064,7 @@ impl Registry {
                 });
             }
         }
-        match self.begin(name, version, false)? {
+        match self.begin_gated(name, version, false, may_load)? {
             Begin::Ready(l) => Ok(Demand::Ready(l)),
             Begin::Wait(slot) => Ok(Demand::Cold { slot, start: None }),
             Begin::Start(t) => Ok(Demand::Cold {

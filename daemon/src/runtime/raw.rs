@@ -300,9 +300,7 @@ pub fn register_capped_cpu_arena(
     let registered = made.and_then(|()| {
         // SAFETY: `env` is a live environment (borrowed for the call), `info` and `cfg` were
         // created above and are only read by ORT, which copies what it keeps.
-        read_status(unsafe {
-            (api.CreateAndRegisterAllocator)(env.ptr().cast_mut(), info, cfg)
-        })
+        read_status(unsafe { (api.CreateAndRegisterAllocator)(env.ptr().cast_mut(), info, cfg) })
     });
     // SAFETY: `cfg` (if created) and `info` were created above and are released exactly once.
     unsafe {

@@ -395,20 +395,24 @@ fn a_request_shaped_to_need_gigabytes_fails_within_run_memory() {
     reset_peak(d.pid());
     let mut c = connect_as_nobody(&d.socket);
     c.handshake().unwrap();
-    let huge = f32_tensor(
-        "x",
-        &[1, 3, 1024, 1024],
-        &random_f32(3 * 1024 * 1024, 5),
-    );
+    let huge = f32_tensor("x", &[1, 3, 1024, 1024], &random_f32(3 * 1024 * 1024, 5));
     c.send(&RequestFrame {
         id: 1,
         body: Request::Infer(InferRequest::new("ppocr_rec", vec![huge])),
     });
     let r = c.read_response();
-    assert_eq!(err_code(&r.outcome), Some(ErrorCode::InferenceFailed), "{r:?}");
+    assert_eq!(
+        err_code(&r.outcome),
+        Some(ErrorCode::InferenceFailed),
+        "{r:?}"
+    );
     let peak = peak_rss(d.pid()).saturating_sub(b.rss);
     eprintln!("peak growth {} MiB", peak / MIB);
-    assert!(peak <= 400 * MIB, "one request grew the daemon by {} MiB", peak / MIB);
+    assert!(
+        peak <= 400 * MIB,
+        "one request grew the daemon by {} MiB",
+        peak / MIB
+    );
     // A crop of the size the model is made for still runs, and equals in-process ORT.
     let crop = f32_tensor("x", &[1, 3, 48, 320], &random_f32(3 * 48 * 320, 6));
     let want = Reference::new(&model_file("ppocr_rec")).run(std::slice::from_ref(&crop));
@@ -425,4 +429,59 @@ fn a_request_shaped_to_need_gigabytes_fails_within_run_memory() {
     let seen = bystander.stop();
     drop(c);
     assert_unharmed(&mut d, &b, &seen, Duration::from_secs(2), 400 * MIB);
+}
+
+/// Red team 5 (second half): a client alternating between two models under a budget that holds
+/// one of them made the daemon load and evict 150 times in 28 s. A user's requests now start
+/// loads at a bounded rate (a burst of 4, then one per 2 s) and are answered `busy` beyond it.
+#[test]
+fn a_user_cannot_make_the_daemon_load_and_evict_without_pause() {
+    let _serial = serial();
+    let repo = repo_with(&["sigmoid", "mul_1"]);
+    let d = shared_daemon(repo.path(), "", &[]);
+    // Room for digits and one of the other two.
+    let sizes = d.summaries();
+    let size = |m: &str| sizes[m].memory_bytes.expect("measured");
+    let budget = size("digits") + size("sigmoid").max(size("mul_1")) + 64 * 1024;
+    std::fs::write(
+        d.dir.path().join("rxd.toml"),
+        format!("memory-budget = {budget}\n"),
+    )
+    .unwrap();
+    d.client_inline().reload().unwrap();
+    let loads = |d: &TestDaemon| d.summaries().values().map(|m| m.loads).sum::<u64>();
+    let before_loads = loads(&d);
+    let bystander = Bystander::start(&d.socket);
+    let mut c = connect_as_nobody(&d.socket);
+    c.handshake().unwrap();
+    let inputs = [
+        ("sigmoid", f32_tensor("x", &[3, 4, 5], &random_f32(60, 1))),
+        ("mul_1", f32_tensor("X", &[3, 2], &random_f32(6, 2))),
+    ];
+    let (mut busy, mut ok, mut id) = (0, 0, 0u64);
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        let (model, x) = &inputs[(id % 2) as usize];
+        id += 1;
+        c.send(&RequestFrame {
+            id,
+            body: Request::Infer(InferRequest::new(*model, vec![x.clone()])),
+        });
+        match c.read_response().outcome {
+            Outcome::Ok(_) => ok += 1,
+            Outcome::Err(e) if e.kind() == Some(ErrorCode::Busy) => busy += 1,
+            Outcome::Err(e) if e.kind() == Some(ErrorCode::OverBudget) => {}
+            Outcome::Err(e) => panic!("{e}"),
+        }
+    }
+    let seen = bystander.stop();
+    let started = loads(&d) - before_loads;
+    // The attacker's burst and one per 2 s over 6 s (7), and whatever the bystander's own
+    // model needed to come back.
+    assert!(
+        started <= 12,
+        "{started} loads in 6 s ({ok} ok, {busy} busy)"
+    );
+    assert!(busy > 0, "the attacker was never told to slow down");
+    assert!(seen.errors.is_empty() && seen.wrong == 0, "{seen:?}");
 }
