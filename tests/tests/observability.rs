@@ -255,7 +255,24 @@ fn health_turns_degraded_for_its_reasons_and_back() {
     wait_for_health(&d, HealthState::Healthy, "");
 
     // The budget keeps a served model out (the rest is pinned): degraded; unpinning lets it in.
+    // A budget with room for what is resident and 4 MiB more (footprints are measured, and
+    // how much ONNX Runtime's shared arena lends a load varies, so it is set from them).
     assert!(d.rxctl(&["pin", "yolov8n"]).status.success());
+    let resident: u64 = d
+        .summaries()
+        .values()
+        .filter(|m| m.state == rxd_protocol::ModelState::Ready)
+        .map(|m| m.memory_bytes.unwrap_or(0))
+        .sum();
+    std::fs::write(
+        d.dir.path().join("rxd.toml"),
+        format!(
+            "preload = ['digits', 'yolov8n']\nmemory-budget = {}\n",
+            resident + (4 << 20)
+        ),
+    )
+    .unwrap();
+    assert!(d.rxctl(&["reload"]).status.success());
     let c = d.client();
     let x = f32_tensor("x", &[1, 3, 48, 160], &random_f32(3 * 48 * 160, 1));
     assert_eq!(
