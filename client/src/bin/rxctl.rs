@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use rxd_client::protocol::{HealthState, ModelState, Tensor, TensorSpec};
-use rxd_client::{ClientError, ClientOptions, DType, ErrorCode, blocking::Client, npy, tensor};
+use rxd_client::protocol::{HealthState, ModelState, TensorSpec};
+use rxd_client::{ClientError, ClientOptions, ErrorCode, blocking::Client};
 
 /// Command-line client for rxd, the local inference daemon.
 #[derive(Debug, Parser)]
@@ -248,6 +248,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
+#[path = "rxctl/bench.rs"]
+mod bench;
+#[path = "rxctl/infer.rs"]
+mod infer;
 #[path = "rxctl/top.rs"]
 mod top;
 
@@ -320,7 +324,7 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
         seed,
     } = command
     {
-        return infer(
+        return infer::infer(
             cli,
             model,
             *version,
@@ -331,7 +335,7 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
         );
     }
     if let Cmd::Bench { .. } = command {
-        return bench(cli, command);
+        return bench::bench(cli, command);
     }
     if let Cmd::Top { interval_ms } = command {
         return top::run(
@@ -635,8 +639,8 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
             min_cosine,
             dry_run,
         }) => {
-            let eval = read_inputs(eval)?;
-            let calibration = read_inputs(calibration)?;
+            let eval = infer::read_inputs(eval)?;
+            let calibration = infer::read_inputs(calibration)?;
             // A progress line while the daemon compresses and evaluates (on a terminal).
             let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let spinner = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
@@ -743,153 +747,6 @@ fn size_text(bytes: u64) -> String {
     }
 }
 
-fn read_inputs(args: &[String]) -> Result<Vec<Tensor>, Failure> {
-    let mut given = Vec::new();
-    for arg in args {
-        let (name, path) = arg
-            .split_once('=')
-            .ok_or_else(|| Failure(code::USAGE, format!("--input '{arg}' is not NAME=FILE.npy")))?;
-        let file = std::fs::File::open(path)
-            .map_err(|e| Failure(code::DATA, format!("cannot open {path}: {e}")))?;
-        let t = npy::read(name, std::io::BufReader::new(file))
-            .map_err(|e| Failure(code::DATA, format!("{path}: {e}")))?;
-        given.push(t);
-    }
-    Ok(given)
-}
-
-fn bench(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
-    let Cmd::Bench {
-        model,
-        concurrency,
-        rate,
-        duration,
-        requests,
-        warmup,
-        inputs,
-        rows,
-        inline,
-        timeout_ms,
-        seed,
-    } = command
-    else {
-        unreachable!()
-    };
-    let phases: Vec<(f64, f64)> = match rate {
-        None => Vec::new(),
-        Some(text) => text
-            .split(',')
-            .map(|p| {
-                let (r, s) = p.split_once(':').unwrap_or((p, "5"));
-                match (r.trim().parse::<f64>(), s.trim().parse::<f64>()) {
-                    (Ok(r), Ok(s)) if r > 0.0 && s > 0.0 => Ok((r, s)),
-                    _ => Err(Failure(
-                        code::USAGE,
-                        format!("--rate phase '{p}' is not RATE:SECONDS"),
-                    )),
-                }
-            })
-            .collect::<Result<_, _>>()?,
-    };
-    let mut given = read_inputs(inputs)?;
-    let info =
-        Client::connect_with(&cli.socket, ClientOptions::inline_only())?.model_info(model, None)?;
-    let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for spec in &info.inputs {
-        if !given.iter().any(|t| t.name == spec.name) {
-            let mut spec = spec.clone();
-            if spec.dims.first() == Some(&-1) {
-                spec.dims[0] = *rows as i64;
-            }
-            given.push(random_input(&spec, &mut rng));
-        }
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| Failure(code::SERVER_ERROR, e.to_string()))?;
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let levels: Vec<usize> = if phases.is_empty() {
-        concurrency.clone()
-    } else {
-        vec![concurrency[0]]
-    };
-    let mut reports = Vec::new();
-    for &c in &levels {
-        let load = rxd_client::bench::Load {
-            socket: cli.socket.clone(),
-            model: model.clone(),
-            inputs: given.clone(),
-            concurrency: c.max(1),
-            rate_phases: phases.clone(),
-            duration: std::time::Duration::from_secs_f64(*duration),
-            requests: *requests,
-            warmup: std::time::Duration::from_secs_f64(*warmup),
-            arena: !inline,
-            timeout_ms: *timeout_ms,
-        };
-        let total: f64 = if phases.is_empty() {
-            *duration
-        } else {
-            phases.iter().map(|p| p.1).sum()
-        };
-        let report = rt.block_on(rxd_client::bench::run(&load, move |n, t| {
-            if tty {
-                let width = 30usize;
-                let filled = ((t.as_secs_f64() / total).min(1.0) * width as f64) as usize;
-                eprint!(
-                    "\r  c={c:<4} [{}{}] {:>5.1}/{total:.0} s  {n} requests ",
-                    "#".repeat(filled),
-                    " ".repeat(width - filled),
-                    t.as_secs_f64()
-                );
-            }
-        }));
-        if tty {
-            eprint!("\r{}\r", " ".repeat(72));
-        }
-        reports.push(report?);
-    }
-    if cli.json {
-        if reports.len() == 1 {
-            print_json(&reports[0]);
-        } else {
-            print_json(&serde_json::json!({ "runs": reports }));
-        }
-    } else {
-        println!(
-            "{:>6} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7}  ERRORS",
-            "CONC", "REQ/S", "P50 ms", "P90 ms", "P95 ms", "P99 ms", "BATCH"
-        );
-        for r in &reports {
-            let errors: Vec<String> = r.errors.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            println!(
-                "{:>6} {:>10.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7.2}  {}",
-                r.concurrency,
-                r.throughput_per_s,
-                r.latency_ms.p50,
-                r.latency_ms.p90,
-                r.latency_ms.p95,
-                r.latency_ms.p99,
-                r.mean_batch_size,
-                errors.join(" ")
-            );
-            for p in &r.phases {
-                println!(
-                    "       phase: offered {:>8.1}/s  achieved {:>8.1}/s  p99 {:>8.2} ms",
-                    p.offered_per_s, p.throughput_per_s, p.latency_ms.p99
-                );
-            }
-        }
-    }
-    Ok(if reports.iter().all(|r| r.errors.is_empty()) {
-        0
-    } else {
-        code::SERVER_ERROR
-    })
-}
-
 fn spec_text(t: &TensorSpec) -> String {
     let dims: Vec<String> = t
         .dims
@@ -907,172 +764,4 @@ fn spec_text(t: &TensorSpec) -> String {
     }
     let max: Vec<String> = t.max_dims.iter().map(u64::to_string).collect();
     format!("{text}  at most [{}]", max.join(", "))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn infer(
-    cli: &Cli,
-    model: &str,
-    version: Option<u64>,
-    input_args: &[String],
-    output_dir: Option<&PathBuf>,
-    wanted: &[String],
-    seed: u64,
-) -> Result<u8, Failure> {
-    let mut given = read_inputs(input_args)?;
-    // Inputs large enough go through a shared-memory arena sized for them (the library decides
-    // per tensor); outputs come back inline.
-    let options = ClientOptions::default();
-    let input_bytes: u64 = given
-        .iter()
-        .filter_map(tensor::bytes)
-        .map(|b| (b.len() as u64).next_multiple_of(64))
-        .filter(|&n| n >= options.inline_threshold)
-        .sum();
-    let options = ClientOptions {
-        arena_bytes: if input_bytes > 0 {
-            input_bytes + (1 << 20)
-        } else {
-            0
-        },
-        ..options
-    };
-    let client = Client::connect_with(&cli.socket, options)?;
-    let info = client.model_info(model, version)?;
-    let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for spec in &info.inputs {
-        if !given.iter().any(|t| t.name == spec.name) {
-            given.push(random_input(spec, &mut rng));
-        }
-    }
-    let reply = if version.is_none() && wanted.is_empty() {
-        let outputs = client.infer(model, given)?;
-        rxd_client::protocol::InferReply {
-            model: model.into(),
-            version: info.summary.version,
-            outputs,
-        }
-    } else {
-        let mut req = rxd_client::protocol::InferRequest::new(model, given);
-        req.version = version;
-        req.outputs = wanted.to_vec();
-        client.infer_request(req)?
-    };
-    if let Some(dir) = output_dir {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Failure(code::IO, format!("{}: {e}", dir.display())))?;
-        for t in &reply.outputs {
-            let path = dir.join(format!("{}.npy", t.name));
-            let f = std::fs::File::create(&path)
-                .map_err(|e| Failure(code::IO, format!("{}: {e}", path.display())))?;
-            npy::write(t, std::io::BufWriter::new(f))
-                .map_err(|e| Failure(code::IO, format!("{}: {e}", path.display())))?;
-        }
-    }
-    if cli.json {
-        let outs: Vec<serde_json::Value> = reply
-            .outputs
-            .iter()
-            .map(|t| {
-                serde_json::json!({
-                    "name": t.name, "dtype": t.dtype.name(), "shape": t.shape,
-                    "values": preview(t, usize::MAX),
-                })
-            })
-            .collect();
-        print_json(
-            &serde_json::json!({"model": reply.model, "version": reply.version, "outputs": outs}),
-        );
-    } else {
-        println!("{} version {}:", reply.model, reply.version);
-        for t in &reply.outputs {
-            let shape: Vec<String> = t.shape.iter().map(u64::to_string).collect();
-            let values: Vec<String> = preview(t, 10).iter().map(human_number).collect();
-            let more = if t.shape.iter().product::<u64>() > 10 {
-                ", ..."
-            } else {
-                ""
-            };
-            println!(
-                "  {} {} [{}] = [{}{more}]",
-                t.name,
-                t.dtype.name(),
-                shape.join(", "),
-                values.join(", ")
-            );
-        }
-        if let Some(dir) = output_dir {
-            println!("outputs written to {}", dir.display());
-        }
-    }
-    Ok(0)
-}
-
-fn human_number(v: &serde_json::Value) -> String {
-    match v.as_f64() {
-        Some(x) if v.is_f64() && x != 0.0 && !(1e-3..1e6).contains(&x.abs()) => format!("{x:.3e}"),
-        Some(x) if v.is_f64() => format!("{x:.4}"),
-        _ => v.to_string(),
-    }
-}
-
-/// Random data for an input: floats in [0, 1), integers in 0..10, booleans.
-fn random_input(spec: &TensorSpec, rng: &mut u64) -> Tensor {
-    let shape: Vec<u64> = spec
-        .dims
-        .iter()
-        .map(|&d| if d < 0 { 1 } else { d as u64 })
-        .collect();
-    let n = shape.iter().product::<u64>() as usize;
-    let mut next = || {
-        *rng ^= *rng << 13;
-        *rng ^= *rng >> 7;
-        *rng ^= *rng << 17;
-        *rng
-    };
-    let mut bytes = Vec::new();
-    for _ in 0..n {
-        let r = next();
-        let unit = (r >> 40) as f32 / (1u64 << 24) as f32;
-        match spec.dtype {
-            DType::Float32 => bytes.extend_from_slice(&unit.to_le_bytes()),
-            DType::Float64 => bytes.extend_from_slice(&f64::from(unit).to_le_bytes()),
-            DType::Bool => bytes.push((r & 1) as u8),
-            d => {
-                let v = (r % 10).to_le_bytes();
-                let size = (d.bits() / 8).max(1) as usize;
-                bytes.extend_from_slice(&v[..size.min(8)]);
-                bytes.resize(bytes.len() + size.saturating_sub(8), 0);
-            }
-        }
-    }
-    let len = spec.dtype.byte_len(n as u64).unwrap_or(0) as usize;
-    bytes.resize(len, 0);
-    Tensor::inline(spec.name.clone(), spec.dtype, shape, bytes)
-}
-
-/// The first `max` values of a tensor as JSON numbers (empty for dtypes without a preview).
-fn preview(t: &Tensor, max: usize) -> Vec<serde_json::Value> {
-    fn take<T: tensor::Element + Into<serde_json::Value>>(
-        t: &Tensor,
-        max: usize,
-    ) -> Vec<serde_json::Value> {
-        tensor::to_array::<T>(t)
-            .map(|a| a.iter().take(max).map(|&x| x.into()).collect())
-            .unwrap_or_default()
-    }
-    match t.dtype {
-        DType::Float32 => take::<f32>(t, max),
-        DType::Float64 => take::<f64>(t, max),
-        DType::Int8 => take::<i8>(t, max),
-        DType::Int16 => take::<i16>(t, max),
-        DType::Int32 => take::<i32>(t, max),
-        DType::Int64 => take::<i64>(t, max),
-        DType::Uint8 => take::<u8>(t, max),
-        DType::Uint16 => take::<u16>(t, max),
-        DType::Uint32 => take::<u32>(t, max),
-        DType::Uint64 => take::<u64>(t, max),
-        DType::Bool => take::<bool>(t, max),
-        _ => Vec::new(),
-    }
 }

@@ -1,0 +1,140 @@
+//! `rxctl bench`: flags to a [`rxd_client::bench::Load`], a progress line on a terminal, and
+//! the report as a table or JSON.
+
+use rxd_client::ClientOptions;
+use rxd_client::blocking::Client;
+
+use crate::infer::{random_input, read_inputs};
+use crate::{Cli, Cmd, Failure, code, print_json};
+
+pub fn bench(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
+    let Cmd::Bench {
+        model,
+        concurrency,
+        rate,
+        duration,
+        requests,
+        warmup,
+        inputs,
+        rows,
+        inline,
+        timeout_ms,
+        seed,
+    } = command
+    else {
+        unreachable!()
+    };
+    let phases: Vec<(f64, f64)> = match rate {
+        None => Vec::new(),
+        Some(text) => text
+            .split(',')
+            .map(|p| {
+                let (r, s) = p.split_once(':').unwrap_or((p, "5"));
+                match (r.trim().parse::<f64>(), s.trim().parse::<f64>()) {
+                    (Ok(r), Ok(s)) if r > 0.0 && s > 0.0 => Ok((r, s)),
+                    _ => Err(Failure(
+                        code::USAGE,
+                        format!("--rate phase '{p}' is not RATE:SECONDS"),
+                    )),
+                }
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let mut given = read_inputs(inputs)?;
+    let info =
+        Client::connect_with(&cli.socket, ClientOptions::inline_only())?.model_info(model, None)?;
+    let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for spec in &info.inputs {
+        if !given.iter().any(|t| t.name == spec.name) {
+            let mut spec = spec.clone();
+            if spec.dims.first() == Some(&-1) {
+                spec.dims[0] = *rows as i64;
+            }
+            given.push(random_input(&spec, &mut rng));
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Failure(code::SERVER_ERROR, e.to_string()))?;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let levels: Vec<usize> = if phases.is_empty() {
+        concurrency.clone()
+    } else {
+        vec![concurrency[0]]
+    };
+    let mut reports = Vec::new();
+    for &c in &levels {
+        let load = rxd_client::bench::Load {
+            socket: cli.socket.clone(),
+            model: model.clone(),
+            inputs: given.clone(),
+            concurrency: c.max(1),
+            rate_phases: phases.clone(),
+            duration: std::time::Duration::from_secs_f64(*duration),
+            requests: *requests,
+            warmup: std::time::Duration::from_secs_f64(*warmup),
+            arena: !inline,
+            timeout_ms: *timeout_ms,
+        };
+        let total: f64 = if phases.is_empty() {
+            *duration
+        } else {
+            phases.iter().map(|p| p.1).sum()
+        };
+        let report = rt.block_on(rxd_client::bench::run(&load, move |n, t| {
+            if tty {
+                let width = 30usize;
+                let filled = ((t.as_secs_f64() / total).min(1.0) * width as f64) as usize;
+                eprint!(
+                    "\r  c={c:<4} [{}{}] {:>5.1}/{total:.0} s  {n} requests ",
+                    "#".repeat(filled),
+                    " ".repeat(width - filled),
+                    t.as_secs_f64()
+                );
+            }
+        }));
+        if tty {
+            eprint!("\r{}\r", " ".repeat(72));
+        }
+        reports.push(report?);
+    }
+    if cli.json {
+        if reports.len() == 1 {
+            print_json(&reports[0]);
+        } else {
+            print_json(&serde_json::json!({ "runs": reports }));
+        }
+    } else {
+        println!(
+            "{:>6} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7}  ERRORS",
+            "CONC", "REQ/S", "P50 ms", "P90 ms", "P95 ms", "P99 ms", "BATCH"
+        );
+        for r in &reports {
+            let errors: Vec<String> = r.errors.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!(
+                "{:>6} {:>10.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7.2}  {}",
+                r.concurrency,
+                r.throughput_per_s,
+                r.latency_ms.p50,
+                r.latency_ms.p90,
+                r.latency_ms.p95,
+                r.latency_ms.p99,
+                r.mean_batch_size,
+                errors.join(" ")
+            );
+            for p in &r.phases {
+                println!(
+                    "       phase: offered {:>8.1}/s  achieved {:>8.1}/s  p99 {:>8.2} ms",
+                    p.offered_per_s, p.throughput_per_s, p.latency_ms.p99
+                );
+            }
+        }
+    }
+    Ok(if reports.iter().all(|r| r.errors.is_empty()) {
+        0
+    } else {
+        code::SERVER_ERROR
+    })
+}
