@@ -683,6 +683,7 @@ pub fn closed_loop(
                 warmup: Duration::from_millis(500),
                 arena: true,
                 timeout_ms: None,
+                same_input: false,
             };
             rt.block_on(rxd_client::bench::run(&load, |_, _| {}))
                 .unwrap()

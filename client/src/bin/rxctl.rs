@@ -94,7 +94,7 @@ enum Cmd {
     Bench {
         model: String,
         /// Connections, each with one request in flight; a list sweeps (1,8,32).
-        #[arg(long, short = 'c', value_delimiter = ',', default_value = "1")]
+        #[arg(long, short = 'c', value_delimiter = ',', default_value = "1", value_parser = positive)]
         concurrency: Vec<usize>,
         /// Open loop instead: RATE:SECONDS phases, e.g. 50:5,400:5,50:5 (requests/s).
         #[arg(long, value_name = "RATE:SECS,...")]
@@ -102,10 +102,11 @@ enum Cmd {
         /// Seconds per closed-loop run.
         #[arg(long, default_value_t = 5.0)]
         duration: f64,
-        /// Stop a closed-loop run after this many requests.
+        /// Stop a closed-loop run after exactly this many requests (or --duration).
         #[arg(long)]
         requests: Option<u64>,
-        /// Seconds of warm-up before measuring.
+        /// Seconds of warm-up before measuring (its requests are not in the figures; the
+        /// daemon's metrics count them, and the report says how many there were).
         #[arg(long, default_value_t = 1.0)]
         warmup: f64,
         /// NAME=FILE.npy inputs; others are generated.
@@ -120,6 +121,11 @@ enum Cmd {
         /// Per-request deadline in ms.
         #[arg(long)]
         timeout_ms: Option<u64>,
+        /// Send identical inputs in every request. By default each request differs in the
+        /// lowest bits of the largest float input's first elements, so that the daemon's
+        /// result cache and coalescing do not answer without running the model.
+        #[arg(long)]
+        same_input: bool,
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
@@ -230,6 +236,14 @@ enum ModelCmd {
         #[arg(long)]
         dry_run: bool,
     },
+}
+
+fn positive(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{s}' is not a positive number")),
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {

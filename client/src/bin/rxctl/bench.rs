@@ -19,6 +19,7 @@ pub fn bench(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
         rows,
         inline,
         timeout_ms,
+        same_input,
         seed,
     } = command
     else {
@@ -70,13 +71,14 @@ pub fn bench(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
             socket: cli.socket.clone(),
             model: model.clone(),
             inputs: given.clone(),
-            concurrency: c.max(1),
+            concurrency: c,
             rate_phases: phases.clone(),
             duration: std::time::Duration::from_secs_f64(*duration),
             requests: *requests,
             warmup: std::time::Duration::from_secs_f64(*warmup),
             arena: !inline,
             timeout_ms: *timeout_ms,
+            same_input: *same_input,
         };
         let total: f64 = if phases.is_empty() {
             *duration
@@ -107,34 +109,78 @@ pub fn bench(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
             print_json(&serde_json::json!({ "runs": reports }));
         }
     } else {
-        println!(
-            "{:>6} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7}  ERRORS",
-            "CONC", "REQ/S", "P50 ms", "P90 ms", "P95 ms", "P99 ms", "BATCH"
-        );
-        for r in &reports {
-            let errors: Vec<String> = r.errors.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            println!(
-                "{:>6} {:>10.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7.2}  {}",
-                r.concurrency,
-                r.throughput_per_s,
-                r.latency_ms.p50,
-                r.latency_ms.p90,
-                r.latency_ms.p95,
-                r.latency_ms.p99,
-                r.mean_batch_size,
-                errors.join(" ")
-            );
-            for p in &r.phases {
-                println!(
-                    "       phase: offered {:>8.1}/s  achieved {:>8.1}/s  p99 {:>8.2} ms",
-                    p.offered_per_s, p.throughput_per_s, p.latency_ms.p99
-                );
-            }
-        }
+        print_table(&reports);
     }
     Ok(if reports.iter().all(|r| r.errors.is_empty()) {
         0
     } else {
         code::SERVER_ERROR
     })
+}
+
+fn print_table(reports: &[rxd_client::bench::Report]) {
+    println!(
+        "{:>6} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7}  ERRORS",
+        "CONC", "REQ/S", "P50 ms", "P90 ms", "P95 ms", "P99 ms", "BATCH", "CACHED"
+    );
+    for r in reports {
+        let errors: Vec<String> = r.errors.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "{:>6} {:>10.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7.2} {:>6.0}%  {}",
+            r.concurrency,
+            r.throughput_per_s,
+            r.latency_ms.p50,
+            r.latency_ms.p90,
+            r.latency_ms.p95,
+            r.latency_ms.p99,
+            r.mean_batch_size,
+            r.answered_without_running() * 100.0,
+            errors.join(" ")
+        );
+        for p in &r.phases {
+            println!(
+                "       phase: offered {:>8.1}/s  achieved {:>8.1}/s  p99 {:>8.2} ms",
+                p.offered_per_s, p.throughput_per_s, p.latency_ms.p99
+            );
+        }
+    }
+    let Some(first) = reports.first() else {
+        return;
+    };
+    let warm: Vec<String> = reports
+        .iter()
+        .map(|r| format!("{} requests in {:.1} s", r.warmup_requests, r.warmup_s))
+        .collect();
+    println!(
+        "warm-up before each run: {} (not in the figures above; the daemon's metrics count them)",
+        warm.join(", ")
+    );
+    match (&first.varied_input, first.same_input) {
+        (_, true) => println!(
+            "inputs: identical in every request (--same-input): the daemon's result cache and \
+             coalescing may answer them without running the model"
+        ),
+        (Some(name), false) => println!(
+            "inputs: each request differs in the lowest bits of the first elements of '{name}' \
+             (--same-input sends identical ones)"
+        ),
+        (None, false) => println!(
+            "inputs: no float input to vary, so every request is identical: the daemon's result \
+             cache and coalescing may answer them without running the model"
+        ),
+    }
+    if reports.iter().any(|r| r.answered_without_running() > 0.0) {
+        println!(
+            "CACHED: requests the daemon answered from its result cache or by joining an \
+             identical request in flight (during the run, all clients of the model)"
+        );
+    }
+    let mut shown = std::collections::BTreeSet::new();
+    for r in reports {
+        for (code, message) in &r.error_messages {
+            if shown.insert(code.clone()) {
+                println!("{code}: {message}");
+            }
+        }
+    }
 }

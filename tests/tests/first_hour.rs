@@ -1,0 +1,108 @@
+//! "The first hour without a stumble": rxctl and the load generator on every real model, as
+//! a new user meets them, against the real daemon and real ONNX Runtime.
+
+use std::time::Duration;
+
+use rxd_client::bench::{Load, run};
+use rxd_client::{DType, Tensor};
+use rxd_e2e::*;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn silero_inputs() -> Vec<Tensor> {
+    let audio: Vec<f32> = random_f32(512, 3).iter().map(|x| x * 2.0 - 1.0).collect();
+    vec![
+        f32_tensor("input", &[1, 512], &audio),
+        f32_tensor("state", &[2, 1, 128], &[0.0; 256]),
+        Tensor::inline("sr", DType::Int64, vec![], 16000i64.to_le_bytes().to_vec()),
+    ]
+}
+
+/// Regression: `rxctl bench silero -i input=.. -i state=.. -i sr=.. -c 2` failed every
+/// request of the second connection. The load generator made each connection's inputs
+/// distinct by flipping the first byte of every input — turning the int64 sample rate 16000
+/// into 16001, which sends Silero down its 8 kHz branch, where 512 samples break its LSTM. Only
+/// float inputs are varied now, and per request.
+#[test]
+fn bench_of_silero_with_two_connections_sends_the_sample_rate_unchanged() {
+    let repo = Repo::new();
+    repo.link("silero_vad", 1, "silero_vad");
+    let d = TestDaemon::start(repo.path(), &[]);
+    let rt = runtime();
+    for (arena, concurrency) in [(true, 2), (false, 2), (true, 3)] {
+        let load = Load {
+            concurrency,
+            arena,
+            duration: Duration::from_millis(700),
+            warmup: Duration::from_millis(200),
+            ..Load::new(&d.socket, "silero_vad", silero_inputs())
+        };
+        let r = rt.block_on(run(&load, |_, _| {})).unwrap();
+        assert!(r.errors.is_empty(), "arena {arena}: {:?}", r.error_messages);
+        assert!(r.ok > 10, "{r:?}");
+        assert_eq!(r.varied_input.as_deref(), Some("input"));
+    }
+}
+
+/// `--requests N` sends exactly N measured requests whatever the concurrency, and the report
+/// says what the warm-up sent (the daemon counts those too).
+#[test]
+fn bench_stops_at_exactly_n_requests_and_reports_its_warmup() {
+    let repo = Repo::new();
+    repo.link("digits", 1, "digits");
+    let d = TestDaemon::start(repo.path(), &[]);
+    let rt = runtime();
+    let input = example_npy("digit.npy", "input");
+    let before = d.summaries()["digits"].requests;
+    let load = Load {
+        concurrency: 7,
+        requests: Some(50),
+        duration: Duration::from_secs(60),
+        warmup: Duration::from_millis(300),
+        ..Load::new(&d.socket, "digits", vec![input])
+    };
+    let r = rt.block_on(run(&load, |_, _| {})).unwrap();
+    assert_eq!((r.requests, r.ok), (50, 50), "{r:?}");
+    assert!(r.warmup_requests > 0);
+    let after = d.summaries()["digits"].requests;
+    assert_eq!(after - before, 50 + r.warmup_requests);
+}
+
+/// With the result cache on, a benchmark of identical requests is answered by the cache and
+/// says so; by default every request differs, so the model runs for each.
+#[test]
+fn bench_varies_inputs_unless_asked_and_reports_what_the_cache_answered() {
+    let repo = Repo::new();
+    repo.link("digits", 1, "digits")
+        .settings("digits", "cache-bytes = \"16MiB\"\n");
+    let d = TestDaemon::start(repo.path(), &[]);
+    let rt = runtime();
+    let input = example_npy("digit.npy", "input");
+    let base = Load {
+        concurrency: 2,
+        requests: Some(300),
+        duration: Duration::from_secs(60),
+        warmup: Duration::ZERO,
+        ..Load::new(&d.socket, "digits", vec![input])
+    };
+    let varied = rt.block_on(run(&base, |_, _| {})).unwrap();
+    assert_eq!(varied.ok, 300);
+    assert_eq!(varied.cache_hits + varied.coalesced, 0, "{varied:?}");
+    let same = Load {
+        same_input: true,
+        ..base
+    };
+    let same = rt.block_on(run(&same, |_, _| {})).unwrap();
+    assert_eq!(same.ok, 300);
+    assert!(
+        same.answered_without_running() > 0.9,
+        "identical requests: {same:?}"
+    );
+    assert_eq!(same.varied_input, None);
+}
