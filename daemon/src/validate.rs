@@ -231,9 +231,9 @@ fn check_shape(spec: &TensorSpec, shape: &[u64], allow_empty: bool) -> Result<()
         return Err(WireError::new(
             ErrorCode::ShapeMismatch,
             format!(
-                "input '{}' must have shape {} (-1 = any), got {shape:?}",
+                "input '{}' must have shape {} (? or a name: any size), got {shape:?}",
                 spec.name,
-                dims_text(&spec.dims),
+                spec.dims_text(),
             ),
         ));
     }
@@ -289,7 +289,7 @@ pub fn max_dims(
             spec.name,
             c.len(),
             spec.dims.len(),
-            dims_text(&spec.dims)
+            spec.dims_text()
         ));
     }
     spec.dims
@@ -316,11 +316,6 @@ pub fn max_dims(
         .collect()
 }
 
-fn dims_text(dims: &[i64]) -> String {
-    let parts: Vec<String> = dims.iter().map(i64::to_string).collect();
-    format!("[{}]", parts.join(", "))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,6 +328,7 @@ mod tests {
             dim_names: dims.iter().map(|_| String::new()).collect(),
             dims,
             max_dims: Vec::new(),
+            warmup_dims: Vec::new(),
         }
     }
 

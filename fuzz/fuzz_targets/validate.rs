@@ -76,6 +76,7 @@ fn specs(u: &mut Unstructured<'_>) -> Result<Vec<TensorSpec>> {
             dims,
             dim_names,
             max_dims: Vec::new(),
+            warmup_dims: Vec::new(),
         });
     }
     Ok(v)

@@ -244,3 +244,27 @@ proptest! {
         prop_assert_eq!(frame::round_trip(&r), r);
     }
 }
+
+#[test]
+fn dims_text_names_plain_dimensions_and_marks_the_rest() {
+    let spec = TensorSpec {
+        name: "output0".into(),
+        dtype: DType::Float32,
+        dims: vec![-1, 22, -1, -1],
+        dim_names: vec![
+            "batch".into(),
+            String::new(),
+            "(floor(height/2 - 1/2) + 1)*2".into(),
+            String::new(),
+        ],
+        max_dims: Vec::new(),
+        warmup_dims: Vec::new(),
+    };
+    assert_eq!(spec.dims_text(), "[batch, 22, ?, ?]");
+    // Older daemons send no warmup_dims; the field is optional on the wire.
+    let mut v = wire_json(&spec);
+    assert!(v.get("warmup_dims").is_none(), "{v}");
+    v.as_object_mut().unwrap().remove("max_dims");
+    let back: TensorSpec = rmp_serde::from_slice(&rmp_serde::to_vec_named(&v).unwrap()).unwrap();
+    assert_eq!(back, spec);
+}

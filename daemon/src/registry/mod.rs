@@ -1604,6 +1604,8 @@ impl LoadJob {
         let warmup_dims = settings.warmup_dims.clone().unwrap_or_default();
         // Whether the batch-1 warmup ran: its inputs then shrink the arena after large runs.
         let mut warm_one = warm;
+        // The outputs' shapes in the first instance's batch-1 warmup.
+        let mut warmed_outputs: Option<Vec<Vec<u64>>> = None;
         for i in 0..instances {
             let prof = (i == 0 && warm).then_some(profile.as_path());
             let created = self.runtime.session_on(path, &opts, target_now, prof);
@@ -1650,26 +1652,27 @@ impl LoadJob {
             let per_size = settings.session_per_batch_size.unwrap_or(true)
                 && *target_now.kind != crate::config::DeviceKind::Cpu
                 && pad_to.iter().any(|&b| b > 1);
-            // Zero inputs at `rows` rows: false (logged) when it fails with automatic shapes;
-            // with configured warmup-dims a failure fails the load.
-            let warm_at =
-                |session: &mut ort::session::Session, rows: u64| -> Result<bool, String> {
-                    match crate::runtime::warmup(session, &sig, rows, &warmup_dims) {
-                        Ok(()) => Ok(true),
-                        Err(e) if settings.warmup_dims.is_some() => {
-                            Err(format!("warmup at batch {rows} failed: {e}"))
-                        }
-                        Err(e) => {
-                            tracing::warn!(
-                                model = %name,
-                                version,
-                                "warmup at batch {rows} with automatic shapes failed (set \
-                                 warmup-dims in model.toml): {e}"
-                            );
-                            Ok(false)
-                        }
+            // Zero inputs at `rows` rows: the outputs' shapes, or None (logged) when it fails
+            // with automatic shapes; with configured warmup-dims a failure fails the load.
+            let warm_at = |session: &mut ort::session::Session,
+                           rows: u64|
+             -> Result<Option<Vec<Vec<u64>>>, String> {
+                match crate::runtime::warmup(session, &sig, rows, &warmup_dims) {
+                    Ok(shapes) => Ok(Some(shapes)),
+                    Err(e) if settings.warmup_dims.is_some() => {
+                        Err(format!("warmup at batch {rows} failed: {e}"))
                     }
-                };
+                    Err(e) => {
+                        tracing::warn!(
+                            model = %name,
+                            version,
+                            "warmup at batch {rows} with automatic shapes failed (set \
+                             warmup-dims in model.toml): {e}"
+                        );
+                        Ok(None)
+                    }
+                }
+            };
             if warm {
                 // With a session per batch size, `main` only ever runs batch 1 (and sizes above
                 // the largest): warming it at others would leave it planned for the wrong shape.
@@ -1683,9 +1686,13 @@ impl LoadJob {
                 sizes.sort_unstable();
                 sizes.dedup();
                 for rows in sizes {
-                    if !warm_at(&mut session, rows)? {
-                        warm_one &= rows > 1;
-                        break;
+                    match warm_at(&mut session, rows)? {
+                        Some(shapes) if rows == 1 && i == 0 => warmed_outputs = Some(shapes),
+                        Some(_) => {}
+                        None => {
+                            warm_one &= rows > 1;
+                            break;
+                        }
                     }
                 }
             }
@@ -1717,7 +1724,7 @@ impl LoadJob {
                         .session_on(path, &opts, target_now, None)
                         .map_err(|e| e.to_string())?;
                     if warm {
-                        warm_at(&mut extra, u64::from(rows))?;
+                        let _ = warm_at(&mut extra, u64::from(rows))?;
                     }
                     worker.by_rows.push((u64::from(rows), extra));
                 }
@@ -1738,6 +1745,9 @@ impl LoadJob {
             .max()
             .unwrap_or(1);
         let keep = apply_limits(&mut signature, settings, warm_rows)?;
+        if let (true, Some(outputs)) = (warm_one, warmed_outputs) {
+            record_warmup_shapes(&mut signature, &warmup_dims, outputs);
+        }
         for worker in &mut sessions {
             let tidy = if warm_one {
                 crate::runtime::zero_inputs(&signature, 1, &warmup_dims).unwrap_or_default()
@@ -2123,6 +2133,22 @@ fn apply_limits(
     }
     sig.allow_empty = settings.allow_empty_inputs.unwrap_or(false);
     Ok(elements)
+}
+
+/// Records the shapes of the batch-1 warmup in the signature (`model_info` shows them), so
+/// that clients generating inputs use a shape the model runs with.
+fn record_warmup_shapes(
+    sig: &mut Signature,
+    warmup_dims: &HashMap<String, Vec<i64>>,
+    outputs: Vec<Vec<u64>>,
+) {
+    for spec in &mut sig.inputs {
+        let given = warmup_dims.get(&spec.name).map(Vec::as_slice);
+        spec.warmup_dims = crate::runtime::warmup_shape(spec, 1, given);
+    }
+    for (spec, shape) in sig.outputs.iter_mut().zip(outputs) {
+        spec.warmup_dims = shape;
+    }
 }
 
 /// Drops models (joining their workers once their last request is done) and hands the freed

@@ -513,19 +513,33 @@ pub const WARMUP_AUTO_DIM: u64 = 32;
 /// `dims` gives full shapes for named inputs (its first dimension is replaced by `rows` when
 /// the model's is dynamic); other dynamic dimensions get [`WARMUP_AUTO_DIM`]. This makes ORT
 /// allocate its arena for that batch size (and compile kernels on GPU providers) before the
-/// first client request.
+/// first client request. Returns the outputs' shapes, in the signature's output order.
 pub fn warmup(
     session: &mut Session,
     sig: &Signature,
     rows: u64,
     dims: &std::collections::HashMap<String, Vec<i64>>,
-) -> Result<(), RuntimeError> {
+) -> Result<Vec<Vec<u64>>, RuntimeError> {
     let values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = zero_inputs(sig, rows, dims)?
         .into_iter()
         .map(|(name, tensor)| (Cow::Owned(name), tensor.into()))
         .collect();
-    session.run(values).map_err(|e| run_err(&e))?;
-    Ok(())
+    let outputs = session.run(values).map_err(|e| run_err(&e))?;
+    Ok(sig
+        .outputs
+        .iter()
+        .map(|spec| {
+            outputs
+                .get(spec.name.as_str())
+                .and_then(|v| match v.dtype() {
+                    ValueType::Tensor { shape, .. } => {
+                        Some(shape.iter().map(|&d| d.max(0) as u64).collect())
+                    }
+                    _ => None,
+                })
+                .unwrap_or_default()
+        })
+        .collect())
 }
 
 /// Zero-filled inputs of the warmup's shapes at `rows` rows (see [`warmup`]).
@@ -634,6 +648,7 @@ impl Signature {
                         dims,
                         dim_names,
                         max_dims: Vec::new(),
+                        warmup_dims: Vec::new(),
                     })
                 }
                 other => Err(format!(
