@@ -128,6 +128,20 @@ impl Repo {
         self
     }
 
+    /// Adds `model` version 1 as scripts/quickstart lays it out: the model file, and the
+    /// settings of `examples/repository/<model>/model.toml` where there are some.
+    pub fn example(&self, model: &str) -> &Repo {
+        self.link(model, 1, model);
+        let toml = repo_root()
+            .join("examples/repository")
+            .join(model)
+            .join("model.toml");
+        if let Ok(text) = std::fs::read_to_string(toml) {
+            self.settings(model, &text);
+        }
+        self
+    }
+
     /// Adds a version whose model.onnx has the given bytes.
     pub fn write(&self, model: &str, version: u64, bytes: &[u8]) -> &Repo {
         let d = self.dir.path().join(model).join(version.to_string());

@@ -106,3 +106,83 @@ fn bench_varies_inputs_unless_asked_and_reports_what_the_cache_answered() {
     );
     assert_eq!(same.varied_input, None);
 }
+
+/// The fetched real models, as scripts/quickstart lays them out (with the settings of
+/// examples/repository/).
+const REAL: [&str; 5] = [
+    "yolov8n",
+    "ppocr_det",
+    "ppocr_cls",
+    "ppocr_rec",
+    "silero_vad",
+];
+
+fn real_repo() -> Repo {
+    let repo = Repo::new();
+    for m in REAL {
+        repo.example(m);
+    }
+    repo
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `rxctl infer MODEL` with no inputs works on every real model: inputs are generated at the
+/// shape the daemon warmed the model up with (YOLOv8n's [1, 3, 320, 320], not [1, 3, 1, 1]),
+/// and the output says they were random. `rxctl bench MODEL` too.
+#[test]
+fn rxctl_infer_and_bench_run_every_real_model_with_generated_inputs() {
+    let repo = real_repo();
+    let d = TestDaemon::start(repo.path(), &[]);
+    for m in REAL {
+        let out = d.rxctl(&["infer", m]);
+        assert!(out.status.success(), "{m}: {out:?}");
+        assert!(stdout(&out).starts_with("random inputs: "), "{m}: {out:?}");
+        let out = d.rxctl(&["--json", "infer", m]);
+        assert!(out.status.success(), "{m}: {out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let generated = v["generated_inputs"].as_array().unwrap();
+        assert!(
+            generated
+                .iter()
+                .all(|g| g["shape_from"] == "warmup" || g["shape_from"] == "fixed"),
+            "{m}: {v}"
+        );
+        let out = d.rxctl(&[
+            "--json",
+            "bench",
+            m,
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.2",
+            "-c",
+            "2",
+        ]);
+        assert!(out.status.success(), "{m}: {out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(v["ok"].as_u64().unwrap() > 0, "{m}: {v}");
+        assert_eq!(v["errors"], serde_json::json!({}), "{m}: {v}");
+    }
+    let yolo = d.rxctl(&["--json", "infer", "yolov8n"]);
+    let v: serde_json::Value = serde_json::from_slice(&yolo.stdout).unwrap();
+    assert_eq!(
+        v["generated_inputs"][0]["shape"],
+        serde_json::json!([1, 3, 320, 320])
+    );
+    // --dim sets a generated input's shape; one that does not fit the model is a usage error.
+    let out = d.rxctl(&["--json", "infer", "yolov8n", "--dim", "images=1x3x256x256"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["outputs"][0]["shape"], serde_json::json!([1, 22, 1344]));
+    for bad in [
+        "images=1x3x256",
+        "images=1x4x256x256",
+        "nope=1",
+        "images=1x3x9999x32",
+    ] {
+        let out = d.rxctl(&["infer", "yolov8n", "--dim", bad]);
+        assert_eq!(out.status.code(), Some(64), "{bad}: {out:?}");
+    }
+}

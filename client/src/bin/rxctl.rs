@@ -71,7 +71,8 @@ enum Cmd {
         version: Option<u64>,
     },
     /// Run a model. Inputs come from .npy files; inputs not given are filled with random data
-    /// of the right shape (dynamic dimensions = 1).
+    /// (floats in [0, 1), integers 0..9) of the shape the daemon warmed the model up with, or
+    /// of the shape --dim gives, and the output says which inputs were random.
     Infer {
         model: String,
         #[arg(long)]
@@ -79,6 +80,10 @@ enum Cmd {
         /// NAME=FILE.npy, once per input.
         #[arg(long = "input", short = 'i', value_name = "NAME=FILE")]
         inputs: Vec<String>,
+        /// Shape of a generated input, e.g. images=1x3x320x320 (default: the model's warmup
+        /// shape, `rxctl models MODEL` shows it; without one, dynamic dimensions are 1).
+        #[arg(long = "dim", value_name = "NAME=AxBx..")]
+        dims: Vec<String>,
         /// Write each output to DIR/NAME.npy.
         #[arg(long, short = 'o', value_name = "DIR")]
         output_dir: Option<PathBuf>,
@@ -109,12 +114,16 @@ enum Cmd {
         /// daemon's metrics count them, and the report says how many there were).
         #[arg(long, default_value_t = 1.0)]
         warmup: f64,
-        /// NAME=FILE.npy inputs; others are generated.
+        /// NAME=FILE.npy inputs; others are generated (random, of the model's warmup shape).
         #[arg(long = "input", short = 'i', value_name = "NAME=FILE")]
         inputs: Vec<String>,
-        /// Rows (first dimension) of generated inputs where it is dynamic.
-        #[arg(long, default_value_t = 1)]
-        rows: u64,
+        /// Shape of a generated input, e.g. images=1x3x320x320 (as for `rxctl infer`).
+        #[arg(long = "dim", value_name = "NAME=AxBx..")]
+        dims: Vec<String>,
+        /// Rows (first dimension) of generated inputs where it is dynamic (default: the
+        /// generated shape's).
+        #[arg(long)]
+        rows: Option<u64>,
         /// Send tensors inline instead of through the shared-memory arena.
         #[arg(long)]
         inline: bool,
@@ -275,6 +284,7 @@ mod code {
     pub const USAGE: u8 = 64;
     pub const DATA: u8 = 65;
     pub const UNAVAILABLE: u8 = 69;
+    pub const SOFTWARE: u8 = 70;
     pub const IO: u8 = 74;
     pub const NOPERM: u8 = 77;
 }
@@ -329,24 +339,8 @@ fn print_json<T: serde::Serialize>(v: &T) {
 }
 
 fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
-    if let Cmd::Infer {
-        model,
-        version,
-        inputs,
-        output_dir,
-        outputs,
-        seed,
-    } = command
-    {
-        return infer::infer(
-            cli,
-            model,
-            *version,
-            inputs,
-            output_dir.as_ref(),
-            outputs,
-            *seed,
-        );
+    if let Cmd::Infer { .. } = command {
+        return infer::infer(cli, command);
     }
     if let Cmd::Bench { .. } = command {
         return bench::bench(cli, command);
@@ -762,20 +756,16 @@ fn size_text(bytes: u64) -> String {
 }
 
 fn spec_text(t: &TensorSpec) -> String {
-    let dims: Vec<String> = t
-        .dims
-        .iter()
-        .zip(&t.dim_names)
-        .map(|(&d, n)| match (d, n.is_empty()) {
-            (d, _) if d >= 0 => d.to_string(),
-            (_, false) => n.clone(),
-            _ => "?".into(),
-        })
-        .collect();
-    let text = format!("{:<24} {:<8} [{}]", t.name, t.dtype.name(), dims.join(", "));
-    if t.max_dims.is_empty() {
-        return text;
+    let list = |v: &[u64]| {
+        let parts: Vec<String> = v.iter().map(u64::to_string).collect();
+        format!("[{}]", parts.join(", "))
+    };
+    let mut text = format!("{:<24} {:<8} {}", t.name, t.dtype.name(), t.dims_text());
+    if !t.warmup_dims.is_empty() {
+        text.push_str(&format!("  warmup {}", list(&t.warmup_dims)));
     }
-    let max: Vec<String> = t.max_dims.iter().map(u64::to_string).collect();
-    format!("{text}  at most [{}]", max.join(", "))
+    if !t.max_dims.is_empty() {
+        text.push_str(&format!("  at most {}", list(&t.max_dims)));
+    }
+    text
 }

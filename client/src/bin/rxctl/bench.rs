@@ -4,7 +4,7 @@
 use rxd_client::ClientOptions;
 use rxd_client::blocking::Client;
 
-use crate::infer::{random_input, read_inputs};
+use crate::infer::{generate, generated_text, parse_dims, read_inputs};
 use crate::{Cli, Cmd, Failure, code, print_json};
 
 pub fn bench(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
@@ -16,6 +16,7 @@ pub fn bench(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
         requests,
         warmup,
         inputs,
+        dims,
         rows,
         inline,
         timeout_ms,
@@ -42,17 +43,14 @@ pub fn bench(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
             .collect::<Result<_, _>>()?,
     };
     let mut given = read_inputs(inputs)?;
+    let dims = parse_dims(dims)?;
     let info =
         Client::connect_with(&cli.socket, ClientOptions::inline_only())?.model_info(model, None)?;
-    let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for spec in &info.inputs {
-        if !given.iter().any(|t| t.name == spec.name) {
-            let mut spec = spec.clone();
-            if spec.dims.first() == Some(&-1) {
-                spec.dims[0] = *rows as i64;
-            }
-            given.push(random_input(&spec, &mut rng));
-        }
+    let generated = generate(&info, &mut given, &dims, *rows, *seed)?;
+    if !cli.json
+        && let Some(text) = generated_text(&generated)
+    {
+        println!("{text}");
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -103,11 +101,19 @@ pub fn bench(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
         reports.push(report?);
     }
     if cli.json {
-        if reports.len() == 1 {
-            print_json(&reports[0]);
+        let mut doc = if reports.len() == 1 {
+            serde_json::to_value(&reports[0])
         } else {
-            print_json(&serde_json::json!({ "runs": reports }));
+            serde_json::to_value(&reports).map(|runs| serde_json::json!({ "runs": runs }))
         }
+        .map_err(|e| Failure(code::SOFTWARE, e.to_string()))?;
+        if let Some(map) = doc.as_object_mut() {
+            map.insert(
+                "generated_inputs".into(),
+                serde_json::to_value(&generated).unwrap_or_default(),
+            );
+        }
+        print_json(&doc);
     } else {
         print_table(&reports);
     }

@@ -1,12 +1,12 @@
 //! `rxctl infer`: inputs from .npy files or generated, one request, outputs shown and written
 //! as .npy files.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
 
-use rxd_client::protocol::{Tensor, TensorSpec};
+use rxd_client::protocol::{ModelInfo, Tensor, TensorSpec};
 use rxd_client::{ClientOptions, DType, blocking::Client, npy, tensor};
 
-use crate::{Cli, Failure, code, print_json};
+use crate::{Cli, Cmd, Failure, code, print_json};
 
 pub fn read_inputs(args: &[String]) -> Result<Vec<Tensor>, Failure> {
     let mut given = Vec::new();
@@ -23,17 +23,196 @@ pub fn read_inputs(args: &[String]) -> Result<Vec<Tensor>, Failure> {
     Ok(given)
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn infer(
-    cli: &Cli,
-    model: &str,
-    version: Option<u64>,
-    input_args: &[String],
-    output_dir: Option<&PathBuf>,
-    wanted: &[String],
+/// `--dim NAME=AxBxC` flags, by input name.
+pub fn parse_dims(args: &[String]) -> Result<BTreeMap<String, Vec<u64>>, Failure> {
+    let mut dims = BTreeMap::new();
+    for arg in args {
+        let usage = || {
+            Failure(
+                code::USAGE,
+                format!("--dim '{arg}' is not NAME=AxBx.. (e.g. images=1x3x320x320)"),
+            )
+        };
+        let (name, shape) = arg.split_once('=').ok_or_else(usage)?;
+        let shape: Vec<u64> = if shape.trim().is_empty() {
+            Vec::new() // a scalar
+        } else {
+            shape
+                .split(['x', 'X', ','])
+                .map(|d| d.trim().parse::<u64>().map_err(|_| usage()))
+                .collect::<Result<_, _>>()?
+        };
+        if dims.insert(name.to_string(), shape).is_some() {
+            return Err(Failure(code::USAGE, format!("--dim names '{name}' twice")));
+        }
+    }
+    Ok(dims)
+}
+
+/// A generated input: its shape and where the shape came from.
+#[derive(Debug, serde::Serialize)]
+pub struct Generated {
+    pub name: String,
+    pub dtype: &'static str,
+    pub shape: Vec<u64>,
+    /// `dim` (--dim), `warmup` (the shape the daemon warmed the model up with) or `ones`
+    /// (no warmup shape known: dynamic dimensions are 1).
+    pub shape_from: &'static str,
+}
+
+/// The shape of a generated input: `--dim`'s (checked against the model), else the model's
+/// warmup shape, else its fixed dimensions with 1 for dynamic ones; `rows` replaces a
+/// dynamic first dimension.
+fn generated_shape(
+    spec: &TensorSpec,
+    flag: Option<&Vec<u64>>,
+    rows: Option<u64>,
+) -> Result<(Vec<u64>, &'static str), Failure> {
+    let (mut shape, from) = match flag {
+        Some(shape) => {
+            let fits = shape.len() == spec.dims.len()
+                && shape
+                    .iter()
+                    .zip(&spec.dims)
+                    .all(|(&got, &want)| want < 0 || got == want as u64);
+            if !fits {
+                return Err(Failure(
+                    code::USAGE,
+                    format!(
+                        "--dim {}: the input's shape is {}, not {shape:?}",
+                        spec.name,
+                        spec.dims_text()
+                    ),
+                ));
+            }
+            (shape.clone(), "dim")
+        }
+        None if spec.warmup_dims.len() == spec.dims.len() && !spec.dims.is_empty() => {
+            (spec.warmup_dims.clone(), "warmup")
+        }
+        None if spec.dims.iter().all(|&d| d >= 0) => {
+            (spec.dims.iter().map(|&d| d as u64).collect(), "fixed")
+        }
+        None => (
+            spec.dims
+                .iter()
+                .map(|&d| if d < 0 { 1 } else { d as u64 })
+                .collect(),
+            "ones",
+        ),
+    };
+    if let (Some(rows), Some(-1)) = (rows, spec.dims.first()) {
+        shape[0] = rows;
+    }
+    for (i, (&got, &max)) in shape.iter().zip(&spec.max_dims).enumerate() {
+        if got > max {
+            return Err(Failure(
+                code::USAGE,
+                format!(
+                    "{}: dimension {i} of {shape:?} is over the model's limit {:?} \
+                     (model.toml max-dims)",
+                    spec.name, spec.max_dims
+                ),
+            ));
+        }
+    }
+    if shape.contains(&0) {
+        return Err(Failure(
+            code::USAGE,
+            format!("{}: {shape:?} has a zero-sized dimension", spec.name),
+        ));
+    }
+    Ok((shape, from))
+}
+
+/// Adds a random input for every input of the model that `given` lacks; returns what was
+/// generated. `--dim` may only name inputs that are generated.
+pub fn generate(
+    info: &ModelInfo,
+    given: &mut Vec<Tensor>,
+    dims: &BTreeMap<String, Vec<u64>>,
+    rows: Option<u64>,
     seed: u64,
-) -> Result<u8, Failure> {
+) -> Result<Vec<Generated>, Failure> {
+    for name in dims.keys() {
+        if given.iter().any(|t| &t.name == name) {
+            return Err(Failure(
+                code::USAGE,
+                format!("--dim {name}: that input is given by --input"),
+            ));
+        }
+        if !info.inputs.iter().any(|s| &s.name == name) {
+            let names: Vec<&str> = info.inputs.iter().map(|s| s.name.as_str()).collect();
+            return Err(Failure(
+                code::USAGE,
+                format!(
+                    "--dim {name}: {} has no such input (its inputs: {})",
+                    info.summary.name,
+                    names.join(", ")
+                ),
+            ));
+        }
+    }
+    let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut generated = Vec::new();
+    for spec in &info.inputs {
+        if given.iter().any(|t| t.name == spec.name) {
+            continue;
+        }
+        let (shape, from) = generated_shape(spec, dims.get(&spec.name), rows)?;
+        given.push(random_input(spec, &shape, &mut rng));
+        generated.push(Generated {
+            name: spec.name.clone(),
+            dtype: spec.dtype.name(),
+            shape,
+            shape_from: from,
+        });
+    }
+    Ok(generated)
+}
+
+/// Says which inputs were random, and of what shape (text output).
+pub fn generated_text(generated: &[Generated]) -> Option<String> {
+    if generated.is_empty() {
+        return None;
+    }
+    let items: Vec<String> = generated
+        .iter()
+        .map(|g| {
+            let shape: Vec<String> = g.shape.iter().map(u64::to_string).collect();
+            format!("{} {} [{}]", g.name, g.dtype, shape.join(", "))
+        })
+        .collect();
+    let why = if generated.iter().any(|g| g.shape_from == "ones") {
+        "no warmup shape is known for some: their dynamic dimensions are 1 \
+         (--dim NAME=AxB.. sets a shape; model.toml warmup-dims gives the model one)"
+    } else if generated.iter().any(|g| g.shape_from == "warmup") {
+        "the shapes the daemon warmed the model up with; --dim NAME=AxB.. changes them"
+    } else {
+        "--input NAME=FILE.npy gives real ones"
+    };
+    Some(format!("random inputs: {} ({why})", items.join(", ")))
+}
+
+pub fn infer(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
+    let Cmd::Infer {
+        model,
+        version,
+        inputs: input_args,
+        dims,
+        output_dir,
+        outputs: wanted,
+        seed,
+    } = command
+    else {
+        unreachable!()
+    };
+    let (version, output_dir) = (*version, output_dir.as_ref());
     let mut given = read_inputs(input_args)?;
+    let dims = parse_dims(dims)?;
+    let info = Client::connect_with(&cli.socket, ClientOptions::inline_only())?
+        .model_info(model, version)?;
+    let generated = generate(&info, &mut given, &dims, None, *seed)?;
     // Inputs large enough go through a shared-memory arena sized for them (the library decides
     // per tensor); outputs come back inline.
     let options = ClientOptions::default();
@@ -52,15 +231,22 @@ pub fn infer(
         ..options
     };
     let client = Client::connect_with(&cli.socket, options)?;
-    let info = client.model_info(model, version)?;
-    let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for spec in &info.inputs {
-        if !given.iter().any(|t| t.name == spec.name) {
-            given.push(random_input(spec, &mut rng));
+    let hint = |f: Failure| -> Failure {
+        if f.0 == code::SERVER_ERROR && generated.iter().any(|g| g.shape_from == "ones") {
+            Failure(
+                f.0,
+                format!(
+                    "{} (inputs were generated with dynamic dimensions of 1: give a shape with \
+                     --dim NAME=AxB.., or real inputs with --input NAME=FILE.npy)",
+                    f.1
+                ),
+            )
+        } else {
+            f
         }
-    }
+    };
     let reply = if version.is_none() && wanted.is_empty() {
-        let outputs = client.infer(model, given)?;
+        let outputs = client.infer(model, given).map_err(|e| hint(e.into()))?;
         rxd_client::protocol::InferReply {
             model: model.into(),
             version: info.summary.version,
@@ -70,7 +256,7 @@ pub fn infer(
         let mut req = rxd_client::protocol::InferRequest::new(model, given);
         req.version = version;
         req.outputs = wanted.to_vec();
-        client.infer_request(req)?
+        client.infer_request(req).map_err(|e| hint(e.into()))?
     };
     if let Some(dir) = output_dir {
         std::fs::create_dir_all(dir)
@@ -94,10 +280,16 @@ pub fn infer(
                 })
             })
             .collect();
-        print_json(
-            &serde_json::json!({"model": reply.model, "version": reply.version, "outputs": outs}),
-        );
+        print_json(&serde_json::json!({
+            "model": reply.model,
+            "version": reply.version,
+            "generated_inputs": generated,
+            "outputs": outs,
+        }));
     } else {
+        if let Some(text) = generated_text(&generated) {
+            println!("{text}");
+        }
         println!("{} version {}:", reply.model, reply.version);
         for t in &reply.outputs {
             let shape: Vec<String> = t.shape.iter().map(u64::to_string).collect();
@@ -130,13 +322,9 @@ fn human_number(v: &serde_json::Value) -> String {
     }
 }
 
-/// Random data for an input: floats in [0, 1), integers in 0..10, booleans.
-pub fn random_input(spec: &TensorSpec, rng: &mut u64) -> Tensor {
-    let shape: Vec<u64> = spec
-        .dims
-        .iter()
-        .map(|&d| if d < 0 { 1 } else { d as u64 })
-        .collect();
+/// Random data of `shape` for an input: floats in [0, 1), integers in 0..10, booleans.
+fn random_input(spec: &TensorSpec, shape: &[u64], rng: &mut u64) -> Tensor {
+    let shape = shape.to_vec();
     let n = shape.iter().product::<u64>() as usize;
     let mut next = || {
         *rng ^= *rng << 13;
