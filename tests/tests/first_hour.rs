@@ -186,3 +186,43 @@ fn rxctl_infer_and_bench_run_every_real_model_with_generated_inputs() {
         assert_eq!(out.status.code(), Some(64), "{bad}: {out:?}");
     }
 }
+
+/// Output names with a slash (PP-OCR's `save_infer_model/scale_0.tmp_1`, exporters'
+/// `/model/Conv_output_0`) are written as one file inside `-o DIR` (`%2F` for the slash),
+/// holding the output; `-o` naming a file is a usage error, before the model runs.
+#[test]
+fn rxctl_writes_outputs_with_slashes_in_their_names_inside_the_directory() {
+    let repo = Repo::new();
+    repo.example("ppocr_cls");
+    let d = TestDaemon::start(repo.path(), &[]);
+    let dir = d.dir.path().join("out");
+    let out = d.rxctl(&["--json", "infer", "ppocr_cls", "-o", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let file = dir.join("save_infer_model%2Fscale_0.tmp_1.npy");
+    assert_eq!(v["outputs"][0]["file"], file.display().to_string());
+    let entries: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let t = rxd_client::npy::read(
+        "save_infer_model/scale_0.tmp_1",
+        std::fs::File::open(&file).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(t.shape, vec![1, 2]);
+    assert_eq!(
+        serde_json::json!(
+            rxd_client::tensor::to_array::<f32>(&t)
+                .unwrap()
+                .into_raw_vec_and_offset()
+                .0
+        ),
+        v["outputs"][0]["values"]
+    );
+    let file_arg = d.dir.path().join("a-file");
+    std::fs::write(&file_arg, b"").unwrap();
+    let before = d.summaries()["ppocr_cls"].requests;
+    let out = d.rxctl(&["infer", "ppocr_cls", "-o", file_arg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("names a directory"));
+    assert_eq!(d.summaries()["ppocr_cls"].requests, before);
+}

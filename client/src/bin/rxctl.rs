@@ -84,7 +84,10 @@ enum Cmd {
         /// shape, `rxctl models MODEL` shows it; without one, dynamic dimensions are 1).
         #[arg(long = "dim", value_name = "NAME=AxBx..")]
         dims: Vec<String>,
-        /// Write each output to DIR/NAME.npy.
+        /// Write each output to DIR/NAME.npy (created if missing). In NAME, every character
+        /// but ASCII letters, digits, _ - and . (and a leading .) becomes %XX, so each output
+        /// is one file inside DIR: save_infer_model/scale_0.tmp_1 →
+        /// save_infer_model%2Fscale_0.tmp_1.npy.
         #[arg(long, short = 'o', value_name = "DIR")]
         output_dir: Option<PathBuf>,
         /// Only these outputs (default: all).

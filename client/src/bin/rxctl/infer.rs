@@ -208,6 +208,20 @@ pub fn infer(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
         unreachable!()
     };
     let (version, output_dir) = (*version, output_dir.as_ref());
+    if let Some(dir) = output_dir {
+        if dir.exists() && !dir.is_dir() {
+            return Err(Failure(
+                code::USAGE,
+                format!(
+                    "-o {}: that is a file; -o names a directory (each output is written to \
+                     DIR/NAME.npy)",
+                    dir.display()
+                ),
+            ));
+        }
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Failure(code::IO, format!("{}: {e}", dir.display())))?;
+    }
     let mut given = read_inputs(input_args)?;
     let dims = parse_dims(dims)?;
     let info = Client::connect_with(&cli.socket, ClientOptions::inline_only())?
@@ -258,26 +272,31 @@ pub fn infer(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
         req.outputs = wanted.to_vec();
         client.infer_request(req).map_err(|e| hint(e.into()))?
     };
+    let mut files = Vec::new();
     if let Some(dir) = output_dir {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Failure(code::IO, format!("{}: {e}", dir.display())))?;
         for t in &reply.outputs {
-            let path = dir.join(format!("{}.npy", t.name));
+            let path = dir.join(npy::file_name(&t.name));
             let f = std::fs::File::create(&path)
                 .map_err(|e| Failure(code::IO, format!("{}: {e}", path.display())))?;
             npy::write(t, std::io::BufWriter::new(f))
                 .map_err(|e| Failure(code::IO, format!("{}: {e}", path.display())))?;
+            files.push(path);
         }
     }
     if cli.json {
         let outs: Vec<serde_json::Value> = reply
             .outputs
             .iter()
-            .map(|t| {
-                serde_json::json!({
+            .enumerate()
+            .map(|(i, t)| {
+                let mut v = serde_json::json!({
                     "name": t.name, "dtype": t.dtype.name(), "shape": t.shape,
                     "values": preview(t, usize::MAX),
-                })
+                });
+                if let (Some(path), Some(map)) = (files.get(i), v.as_object_mut()) {
+                    map.insert("file".into(), path.display().to_string().into());
+                }
+                v
             })
             .collect();
         print_json(&serde_json::json!({
@@ -308,7 +327,12 @@ pub fn infer(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
             );
         }
         if let Some(dir) = output_dir {
-            println!("outputs written to {}", dir.display());
+            let names: Vec<String> = files
+                .iter()
+                .filter_map(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .collect();
+            println!("outputs written to {}: {}", dir.display(), names.join(", "));
         }
     }
     Ok(0)
