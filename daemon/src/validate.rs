@@ -146,7 +146,8 @@ pub fn check(
         }
         req.outputs
     };
-    let placement = place(sig, &outputs, &req.output_regions, req.output_area, arena)?;
+    let mut placement = place(sig, &outputs, &req.output_regions, req.output_area, arena)?;
+    placement.inline_overflow = req.inline_overflow;
     Ok(Checked {
         inputs: slots.into_iter().flatten().collect(),
         outputs,
@@ -215,6 +216,7 @@ fn place(
         arena: arena.cloned(),
         targets,
         area: area.map(|a| (a.offset, a.len)),
+        inline_overflow: false,
     })
 }
 
@@ -353,6 +355,7 @@ mod tests {
             output_area: None,
             priority: None,
             timeout_ms: None,
+            inline_overflow: false,
         }
     }
 

@@ -255,6 +255,11 @@ pub struct InferRequest {
     /// it, it is answered `deadline_exceeded` and never run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// An output that does not fit its region or what is left of the output area comes
+    /// inline instead of failing the request with `output_region_too_small` (so a client
+    /// whose guess of the output sizes was short gets its answer from one run).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inline_overflow: bool,
 }
 
 /// An arena region for one named output.
@@ -412,6 +417,7 @@ impl InferRequest {
             output_area: None,
             priority: None,
             timeout_ms: None,
+            inline_overflow: false,
         }
     }
 

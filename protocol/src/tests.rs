@@ -20,6 +20,7 @@ fn sample_infer() -> RequestFrame {
             output_area: None,
             priority: None,
             timeout_ms: None,
+            inline_overflow: false,
         }),
     }
 }
@@ -240,7 +241,7 @@ proptest! {
         let r = RequestFrame { id, body: Request::Infer(InferRequest {
             model: name.clone(), version: None,
             inputs: vec![Tensor::inline(name, DType::Int64, shape, vec![7; n * 8])],
-            outputs: vec![], output_regions: Vec::new(), output_area: None, priority: None, timeout_ms: None, }) };
+            outputs: vec![], output_regions: Vec::new(), output_area: None, priority: None, timeout_ms: None, inline_overflow: false, }) };
         prop_assert_eq!(frame::round_trip(&r), r);
     }
 }

@@ -774,6 +774,9 @@ pub struct Placement {
     pub targets: Vec<OutputTarget>,
     /// The output area (offset, len), when any target is `Area`.
     pub area: Option<(u64, u64)>,
+    /// An output that does not fit its region or the rest of the area goes inline instead of
+    /// failing the job (`InferRequest::inline_overflow`).
+    pub inline_overflow: bool,
 }
 
 /// One output of a run.
@@ -1493,7 +1496,8 @@ pub fn deliver(
 }
 
 /// Decides where each output goes (`None` = inline) and checks, before anything is written,
-/// that every region is large enough: no partial writes.
+/// that every region is large enough: no partial writes. With `inline_overflow`, an output
+/// that does not fit its region, or the area after the outputs placed before it, goes inline.
 fn place(
     placement: &Placement,
     wanted: &[String],
@@ -1501,7 +1505,9 @@ fn place(
 ) -> Result<Vec<Option<u64>>, RuntimeError> {
     let mut offsets = Vec::with_capacity(bytes.len());
     let (area_start, area_len) = placement.area.unwrap_or((0, 0));
+    let area_end = area_start.saturating_add(area_len);
     let mut cursor = area_start;
+    let overflow = placement.inline_overflow;
     for (i, data) in bytes.iter().enumerate() {
         let n = data.len() as u64;
         match placement
@@ -1511,6 +1517,7 @@ fn place(
             .unwrap_or(OutputTarget::Inline)
         {
             OutputTarget::Inline => offsets.push(None),
+            OutputTarget::Region { len, .. } if n > len && overflow => offsets.push(None),
             OutputTarget::Region { offset, len } => {
                 if n > len {
                     return Err(RuntimeError::OutputTooSmall {
@@ -1523,7 +1530,12 @@ fn place(
             }
             OutputTarget::Area => {
                 let start = cursor.next_multiple_of(rxd_protocol::OUTPUT_ALIGN);
-                cursor = start.saturating_add(n);
+                let end = start.saturating_add(n);
+                if overflow && end > area_end {
+                    offsets.push(None);
+                    continue;
+                }
+                cursor = end;
                 offsets.push(Some(start));
             }
         }
@@ -1537,4 +1549,59 @@ fn place(
         });
     }
     Ok(offsets)
+}
+
+#[cfg(test)]
+mod place_tests {
+    use super::*;
+
+    fn placement(
+        targets: Vec<OutputTarget>,
+        area: Option<(u64, u64)>,
+        overflow: bool,
+    ) -> Placement {
+        Placement {
+            arena: None,
+            targets,
+            area,
+            inline_overflow: overflow,
+        }
+    }
+
+    #[test]
+    fn outputs_that_do_not_fit_go_inline_only_when_the_request_allows_it() {
+        let wanted = vec!["a".to_string(), "b".to_string(), "c".to_string()];
+        let (a, b, c) = (vec![0u8; 100], vec![0u8; 300], vec![0u8; 10]);
+        let bytes: Vec<&[u8]> = vec![&a, &b, &c];
+        let area = vec![OutputTarget::Area; 3];
+        // An area of 256 bytes holds `a` (at 0) and, after `b` overflows, `c` (at 128).
+        let p = placement(area.clone(), Some((1024, 256)), true);
+        assert_eq!(
+            place(&p, &wanted, &bytes).unwrap(),
+            vec![Some(1024), None, Some(1152)]
+        );
+        let p = placement(area, Some((1024, 256)), false);
+        assert!(matches!(
+            place(&p, &wanted, &bytes),
+            Err(RuntimeError::OutputTooSmall { needed: 458, .. })
+        ));
+        let region = vec![
+            OutputTarget::Region { offset: 0, len: 50 },
+            OutputTarget::Region {
+                offset: 64,
+                len: 300,
+            },
+            OutputTarget::Inline,
+        ];
+        let p = placement(region.clone(), None, true);
+        assert_eq!(
+            place(&p, &wanted, &bytes).unwrap(),
+            vec![None, Some(64), None]
+        );
+        let p = placement(region, None, false);
+        assert!(matches!(
+            place(&p, &wanted, &bytes),
+            Err(RuntimeError::OutputTooSmall { needed: 100, .. })
+        ));
+    }
 }
