@@ -18,6 +18,7 @@
 //! - [`arena`]: the shared-memory arena: allocator, buffers, zero-copy views.
 //! - [`tensor`]: conversions between `ndarray` arrays and wire tensors.
 //! - [`npy`]: reading and writing NumPy `.npy` files of any wire dtype (used by rxctl).
+//! - [`shapes`]: output sizes known before a run (to size an output area for a first request).
 //! - [`blocking`]: the same API without async.
 //! - [`bench`]: the load generator behind `rxctl bench`.
 #![forbid(unsafe_code)]
@@ -26,6 +27,7 @@ pub mod arena;
 pub mod bench;
 pub mod blocking;
 pub mod npy;
+pub mod shapes;
 pub mod tensor;
 pub mod transport;
 

@@ -226,3 +226,96 @@ fn rxctl_writes_outputs_with_slashes_in_their_names_inside_the_directory() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("names a directory"));
     assert_eq!(d.summaries()["ppocr_cls"].requests, before);
 }
+
+/// Bytes rxctl read from Unix sockets while running `args` under strace (one trace file per
+/// thread, so no system call is split over two lines).
+fn socket_bytes_read(d: &TestDaemon, args: &[&str]) -> (std::process::Output, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("trace");
+    let out = std::process::Command::new("strace")
+        .args([
+            "-ff",
+            "-yy",
+            "-qq",
+            "-e",
+            "trace=read,readv,recvfrom,recvmsg",
+            "-o",
+        ])
+        .arg(&prefix)
+        .arg(bin("rxctl"))
+        .args(args)
+        .env_clear()
+        .env("RXD_SOCKET", &d.socket)
+        .output()
+        .expect("strace (apt install strace; .ci/run installs it)");
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        for line in text.lines().filter(|l| l.contains("UNIX-STREAM")) {
+            let n = line
+                .rsplit("= ")
+                .next()
+                .and_then(|n| n.trim().parse::<u64>().ok());
+            total += n.unwrap_or(0);
+        }
+    }
+    (out, total)
+}
+
+/// A first request's outputs go through the shared-memory arena when their size can be known
+/// before the run (here from the warmup: PP-OCR's detector names no dimension it shares with
+/// its input; YOLOv8n's output is a formula of the input's height and width): strace counts
+/// what rxctl reads from the socket. Before, a one-shot `rxctl infer ppocr_det` read its
+/// 1.6 MB output through the socket.
+#[test]
+fn first_request_outputs_come_through_the_arena() {
+    let repo = Repo::new();
+    repo.example("ppocr_det").example("yolov8n");
+    let d = TestDaemon::start(repo.path(), &[]);
+    for (args, output_bytes) in [
+        (vec!["infer", "ppocr_det"], 640 * 640 * 4),
+        (
+            vec!["infer", "yolov8n", "--dim", "images=1x3x256x256"],
+            22 * 1344 * 4,
+        ),
+        (
+            vec!["infer", "yolov8n", "--dim", "images=2x3x320x320"],
+            2 * 22 * 2100 * 4,
+        ),
+    ] {
+        let (out, read) = socket_bytes_read(&d, &args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        assert!(
+            read < 16 << 10,
+            "{args:?}: {read} bytes read from the socket for {output_bytes} bytes of outputs"
+        );
+        assert!(read > 500, "the trace saw the socket: {read}");
+    }
+    // An output whose size cannot be known gets no area and comes inline (the control: the
+    // trace does see outputs that cross the socket).
+    let (out, read) = socket_bytes_read(&d, &["infer", "ppocr_det", "--dim", "x=1x3x320x320"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(read > 320 * 320 * 4, "{read}");
+}
+
+/// When the output area a client guessed is too small (the previous call's size, for a larger
+/// image), the outputs come inline in the same answer: the model runs once per request, and
+/// the outputs are what in-process ONNX Runtime gives.
+#[test]
+fn a_short_output_area_falls_back_inline_without_running_twice() {
+    let repo = Repo::new();
+    repo.example("ppocr_det");
+    let d = TestDaemon::start(repo.path(), &[]);
+    let c = d.client();
+    let mut reference = Reference::new(&model_file("ppocr_det"));
+    for (i, side) in [640u64, 960, 960].into_iter().enumerate() {
+        let n = (3 * side * side) as usize;
+        let x = f32_tensor("x", &[1, 3, side, side], &random_f32(n, i as u64));
+        let before = d.summaries()["ppocr_det"].clone();
+        let got = c.infer("ppocr_det", vec![x.clone()]).unwrap();
+        let after = d.summaries()["ppocr_det"].clone();
+        assert_eq!(after.requests - before.requests, 1, "side {side}");
+        assert_eq!(after.batches - before.batches, 1, "side {side}: ran once");
+        assert_eq!(got, reference.run(&[x]), "side {side}");
+    }
+}

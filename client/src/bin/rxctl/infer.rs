@@ -227,8 +227,9 @@ pub fn infer(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
     let info = Client::connect_with(&cli.socket, ClientOptions::inline_only())?
         .model_info(model, version)?;
     let generated = generate(&info, &mut given, &dims, None, *seed)?;
-    // Inputs large enough go through a shared-memory arena sized for them (the library decides
-    // per tensor); outputs come back inline.
+    // An arena sized for the inputs large enough to go through it and for the outputs, where
+    // their size is known before the run (the library places both; outputs that do not fit
+    // come inline).
     let options = ClientOptions::default();
     let input_bytes: u64 = given
         .iter()
@@ -236,11 +237,13 @@ pub fn infer(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
         .map(|b| (b.len() as u64).next_multiple_of(64))
         .filter(|&n| n >= options.inline_threshold)
         .sum();
+    let output_bytes = rxd_client::shapes::output_area_bytes(&info, &given, wanted)
+        .filter(|&n| n >= options.inline_threshold)
+        .unwrap_or(0);
     let options = ClientOptions {
-        arena_bytes: if input_bytes > 0 {
-            input_bytes + (1 << 20)
-        } else {
-            0
+        arena_bytes: match input_bytes + output_bytes {
+            0 => 0,
+            n => n + (64 << 10),
         },
         ..options
     };
@@ -259,19 +262,10 @@ pub fn infer(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
             f
         }
     };
-    let reply = if version.is_none() && wanted.is_empty() {
-        let outputs = client.infer(model, given).map_err(|e| hint(e.into()))?;
-        rxd_client::protocol::InferReply {
-            model: model.into(),
-            version: info.summary.version,
-            outputs,
-        }
-    } else {
-        let mut req = rxd_client::protocol::InferRequest::new(model, given);
-        req.version = version;
-        req.outputs = wanted.to_vec();
-        client.infer_request(req).map_err(|e| hint(e.into()))?
-    };
+    let mut req = rxd_client::protocol::InferRequest::new(model, given);
+    req.version = version;
+    req.outputs = wanted.to_vec();
+    let reply = client.infer_with(req).map_err(|e| hint(e.into()))?;
     let mut files = Vec::new();
     if let Some(dir) = output_dir {
         for t in &reply.outputs {
