@@ -319,3 +319,49 @@ fn a_short_output_area_falls_back_inline_without_running_twice() {
         assert_eq!(got, reference.run(&[x]), "side {side}");
     }
 }
+
+/// A client's failing requests do not flood the log: ONNX Runtime's messages go through
+/// tracing (no ANSI colour codes, rxd's format, the session named), once per code location
+/// per 10 s, while the metrics count every failure. Before, each failed request printed ORT's
+/// own coloured lines to stderr (26,467 lines from a 15 s bench).
+#[test]
+fn failing_requests_are_counted_in_metrics_not_logged_one_by_one() {
+    let repo = Repo::new();
+    repo.example("yolov8n");
+    let d = TestDaemon::start(repo.path(), &[]);
+    // A 1 × 1 image passes validation and fails inside the model (Concat of mismatched maps).
+    let load = Load {
+        concurrency: 2,
+        requests: Some(400),
+        duration: Duration::from_secs(60),
+        warmup: Duration::ZERO,
+        ..Load::new(
+            &d.socket,
+            "yolov8n",
+            vec![f32_tensor("images", &[1, 3, 1, 1], &[0.5; 3])],
+        )
+    };
+    let r = runtime().block_on(run(&load, |_, _| {})).unwrap();
+    assert_eq!(r.errors.get("inference_failed"), Some(&400), "{r:?}");
+    let m = d.client_inline().metrics().unwrap();
+    let y = m.models.iter().find(|x| x.name == "yolov8n").unwrap();
+    assert_eq!(y.outcomes.get("inference_failed"), Some(&400));
+    let log = d.log_text();
+    assert!(!log.contains('\x1b'), "ANSI escapes in the log");
+    // (The harness logs at debug level, where ORT's set-up information shows as DEBUG.)
+    let ort: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" onnxruntime: ") && !l.contains(" DEBUG "))
+        .collect();
+    assert!(
+        !ort.is_empty() && ort.len() <= 3,
+        "{} lines from ONNX Runtime:\n{}",
+        ort.len(),
+        ort.join("\n")
+    );
+    assert!(
+        ort[0].contains("WARN") && ort[0].contains("session=\"yolov8n:1\""),
+        "{}",
+        ort[0]
+    );
+}

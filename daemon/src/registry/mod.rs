@@ -1572,6 +1572,7 @@ impl LoadJob {
                 .intra_op_threads
                 .unwrap_or(self.defaults.intra_op_threads),
             allow_spinning: settings.allow_spinning.unwrap_or(false),
+            log_id: format!("{name}:{version}"),
         };
         let instances = settings.instances.unwrap_or(1);
         let sched_settings = settings.scheduler(self.defaults.queue_capacity);

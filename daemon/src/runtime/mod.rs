@@ -7,6 +7,7 @@
 //! Boundary: this module knows tensors as (dtype, shape, bytes); it knows nothing about
 //! connections, the wire format's framing or the repository layout.
 
+pub mod log;
 mod raw;
 
 use std::borrow::Cow;
@@ -102,6 +103,8 @@ pub struct SessionOptions {
     pub intra_op_threads: u32,
     /// Let ORT's intra-op threads spin after work (lower latency, burns CPU while idle-ish).
     pub allow_spinning: bool,
+    /// Names the session in ORT's log messages (`model:version`).
+    pub log_id: String,
 }
 
 impl Runtime {
@@ -115,8 +118,12 @@ impl Runtime {
         let env = builder
             .with_name("rxd")
             .with_telemetry(false)
+            .with_logger(log::logger())
             .build()
             .map_err(|e| lib_err(e.to_string()))?;
+        // With a custom logger ORT starts at its most verbose level: every message would be
+        // formatted and handed over, per run too. Warnings and errors are what rxd logs.
+        env.set_log_level(ort::logging::LogLevel::Warning);
         let version = version_of(library);
         let base = std::env::temp_dir();
         let scratch = tempfile::Builder::new()
@@ -159,6 +166,7 @@ impl Runtime {
         let opts = SessionOptions {
             intra_op_threads: 1,
             allow_spinning: false,
+            log_id: "rxd-probe".into(),
         };
         let made = self.session_on(&path, &opts, target, None);
         let _ = std::fs::remove_file(&path);
@@ -238,6 +246,7 @@ impl Runtime {
                     .map_err(Into::into)
             })
             .and_then(|b| b.with_inter_threads(1).map_err(Into::into))
+            .and_then(|b| b.with_log_id(&opts.log_id).map_err(Into::into))
             .and_then(|b| {
                 b.with_config_entry(
                     "session.intra_op.allow_spinning",
