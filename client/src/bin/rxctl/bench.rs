@@ -185,7 +185,7 @@ fn print_table(reports: &[rxd_client::bench::Report]) {
     for r in reports {
         for (code, message) in &r.error_messages {
             if shown.insert(code.clone()) {
-                println!("{code}: {message}");
+                println!("first error: {message}");
             }
         }
     }
