@@ -381,8 +381,8 @@ impl Client {
     /// Runs a model with every option of `req` (version, outputs wanted, priority, deadline);
     /// outputs come back as inline tensors. With an arena, inline inputs of at least the
     /// inline threshold are placed in it, and outputs come through it too — from the first
-    /// request: the output area is sized from the model's signature (asked once per model and
-    /// version with `model_info`, unless the request has a deadline) and the inputs' shapes
+    /// request: the output area is sized from the model's signature (asked once per model with
+    /// `model_info`, unless the request names a version or has a deadline) and the inputs' shapes
     /// ([`crate::shapes`]), else from the previous call's outputs; outputs that do not fit it
     /// come inline in the same answer (the model runs once). The arena buffers are freed when
     /// the call ends, however it ends. `req` must not name output places itself.
@@ -414,7 +414,10 @@ impl Client {
                 _ => sent.push(t),
             }
         }
-        let signature = if req.timeout_ms.is_none() {
+        // Asking for the signature may load the model (as the request would): not for a
+        // request with a deadline, which the lookup would not respect, nor for one naming a
+        // version, which the lookup could load where the request would be refused.
+        let signature = if req.timeout_ms.is_none() && req.version.is_none() {
             self.signature(&key).await?
         } else {
             None
@@ -485,8 +488,9 @@ impl Client {
     }
 
     /// The model's signature for sizing output areas: asked once per model and version (one
-    /// lookup however many requests wait for it). A model or version the daemon does not know
-    /// is an error (the request would fail the same way); other failures give `None`.
+    /// lookup however many requests wait for it). Errors about the model (unknown, failed to
+    /// load, over its memory budget, not ready) are the request's errors: it would fail the
+    /// same way (the lookup loads a cold model as the request would); others give `None`.
     async fn signature(
         &self,
         key: &(String, Option<u64>),
@@ -499,7 +503,19 @@ impl Client {
             .get_or_try_init(|| async {
                 match self.model_info(&key.0, key.1).await {
                     Ok(info) => Ok(Some(Arc::new(info))),
-                    Err(e) if e.code() == Some(rxd_protocol::ErrorCode::UnknownModel) => Err(e),
+                    Err(e)
+                        if matches!(
+                            e.code(),
+                            Some(
+                                rxd_protocol::ErrorCode::UnknownModel
+                                    | rxd_protocol::ErrorCode::LoadFailed
+                                    | rxd_protocol::ErrorCode::OverBudget
+                                    | rxd_protocol::ErrorCode::ModelNotReady
+                            )
+                        ) =>
+                    {
+                        Err(e)
+                    }
                     Err(_) => Ok(None),
                 }
             })
