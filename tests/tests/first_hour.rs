@@ -365,3 +365,51 @@ fn failing_requests_are_counted_in_metrics_not_logged_one_by_one() {
         ort[0]
     );
 }
+
+/// Log lines read as sentences, not Rust debug output, and a failed load is logged once;
+/// `configure --persist` writes sizes as people write them.
+#[test]
+fn the_log_says_what_happened_once_and_in_words() {
+    let repo = Repo::new();
+    repo.link("digits", 1, "digits")
+        .write("broken", 1, b"not an ONNX file");
+    let d = TestDaemon::start(repo.path(), &[]);
+    let out = d.rxctl(&[
+        "configure",
+        "digits",
+        "--cache-bytes",
+        "64MiB",
+        "--instances",
+        "2",
+        "--persist",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(d.rxctl(&["unload", "digits"]).status.success());
+    let toml = std::fs::read_to_string(repo.path().join("digits/model.toml")).unwrap();
+    assert!(toml.contains("cache-bytes = \"64MiB\""), "{toml}");
+    let log = d.log_text();
+    let failed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("broken") && (l.contains(" WARN ") || l.contains(" ERROR ")))
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    assert!(failed[0].contains("load failed"), "{}", failed[0]);
+    let info: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.contains(" DEBUG ") && !l.contains(" TRACE "))
+        .collect();
+    for l in &info {
+        for debug in ["Some(", "None", "Configure {", "{\""] {
+            assert!(!l.contains(debug), "Rust debug output in the log: {l}");
+        }
+    }
+    assert!(
+        info.iter().any(|l| l
+            .contains("settings changed: instances 2, cache-bytes 64MiB, written to model.toml")),
+        "{log}"
+    );
+    assert!(
+        info.iter()
+            .any(|l| l.contains("model unloaded (every version)"))
+    );
+}

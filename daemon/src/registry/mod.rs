@@ -366,6 +366,14 @@ impl Drop for LoadedModel {
     }
 }
 
+/// Errors of a load that [`Registry::fail`] has already logged.
+fn logged_by_fail(e: &RequestError) -> bool {
+    matches!(
+        e,
+        RequestError::LoadFailed { .. } | RequestError::OverBudget { .. }
+    )
+}
+
 /// A model can batch when every input and output has rank ≥ 1 and a dynamic first dimension.
 pub fn batchable(sig: &Signature) -> bool {
     sig.inputs
@@ -837,7 +845,9 @@ impl Registry {
         let mut seen = HashSet::new();
         targets.retain(|t| seen.insert(t.clone()));
         for (name, version) in targets {
-            if let Err(e) = self.load_with(&name, Some(version), true) {
+            if let Err(e) = self.load_with(&name, Some(version), true)
+                && !logged_by_fail(&e)
+            {
                 tracing::error!(model = %name, version, "{e}");
             }
         }
@@ -872,7 +882,9 @@ impl Registry {
             let mut ok = true;
             for &v in served.iter().rev() {
                 if let Err(e) = self.load(&name, Some(v)) {
-                    tracing::error!(model = %name, version = v, "reload: {e}");
+                    if !logged_by_fail(&e) {
+                        tracing::error!(model = %name, version = v, "reload: {e}");
+                    }
                     ok = false;
                     break;
                 }
@@ -1290,7 +1302,8 @@ impl Registry {
                 ver.failed_files = Some(FileStamp::of(&ver.path));
             }
         }
-        tracing::warn!(model = %name, version, "{message}");
+        // The one log line of a failed load (callers do not log it again).
+        tracing::warn!(model = %name, version, "load failed: {message}");
         let err = match code {
             Some(ErrorCode::OverBudget) => RequestError::OverBudget { message },
             _ => RequestError::LoadFailed {
@@ -1700,7 +1713,12 @@ impl LoadJob {
             if prof.is_some() {
                 match crate::runtime::node_placement(&mut session, target_now.kind.ep()) {
                     Ok(p) => {
-                        tracing::info!(model = %name, version, nodes = ?p.nodes, "node placement");
+                        let nodes: Vec<String> = p
+                            .nodes
+                            .iter()
+                            .map(|(ep, n)| format!("{n} on {ep}"))
+                            .collect();
+                        tracing::info!(model = %name, version, "nodes: {}", nodes.join(", "));
                         placement = Some(p);
                     }
                     Err(e) => tracing::warn!(model = %name, version, "no node placement: {e}"),
@@ -1841,7 +1859,10 @@ impl Registry {
         // Dropping outside the lock: if no request holds the model, this joins its workers.
         let _guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
         release(dropped);
-        tracing::info!(model = %name, ?version, "model unloaded");
+        match version {
+            Some(v) => tracing::info!(model = %name, version = v, "model unloaded"),
+            None => tracing::info!(model = %name, "model unloaded (every version)"),
+        }
         Ok(result)
     }
 

@@ -81,6 +81,13 @@ pub fn logger() -> ort::logging::LoggerFunction {
                 String::new()
             };
             let session = if id.is_empty() { "-" } else { id };
+            // A load that failed before its model was read has no profile to write; rxd logs
+            // the failure itself.
+            let level = if message.starts_with("Could not write a profile") {
+                LogLevel::Info
+            } else {
+                level
+            };
             match level {
                 LogLevel::Verbose => {
                     tracing::trace!(target: "onnxruntime", session, location, "{message}{more}")
