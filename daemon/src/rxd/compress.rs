@@ -104,25 +104,20 @@ fn report_json(r: &rxd_compress::report::Report, min_top1: f64, min_cosine: f64)
 
 /// Checks that `--eval`/`--calibration` inputs name every input of the model and nothing
 /// else (ONNX Runtime's own message for a wrong name says neither which nor what exists).
-fn check_names(
-    flag: &str,
-    given: &[rxd_compress::report::Input],
-    model: &[String],
-) -> Result<(), String> {
+fn check_names(flag: &str, given: &[String], model: &[String]) -> Result<(), String> {
     if given.is_empty() {
         return Ok(());
     }
     let list = model.join(", ");
     for g in given {
-        if !model.contains(&g.name) {
+        if !model.contains(g) {
             return Err(format!(
-                "{flag} {}: the model has no input of that name (its inputs: {list})",
-                g.name
+                "{flag} {g}: the model has no input of that name (its inputs: {list})"
             ));
         }
     }
     for m in model {
-        if !given.iter().any(|g| &g.name == m) {
+        if !given.contains(m) {
             return Err(format!(
                 "{flag} gives no '{m}' (the model's inputs: {list})"
             ));
@@ -197,13 +192,18 @@ pub fn run(opts: &rxd::cli::CompressOpts) -> ExitCode {
             );
         }
     };
+    // Names first (a wrong one is the mistake to report, whatever its file), then the files.
     let read_checked = |flag: &str, args: &[String]| -> Result<_, (u8, String)> {
-        let inputs = read(args).map_err(|e| {
-            let usage = e.ends_with("is not NAME=FILE.npy");
-            (if usage { code::USAGE } else { code::DATAERR }, e)
-        })?;
-        check_names(flag, &inputs, &model_inputs).map_err(|e| (code::USAGE, e))?;
-        Ok(inputs)
+        let names = args
+            .iter()
+            .map(|a| {
+                a.split_once('=')
+                    .map(|(n, _)| n.to_string())
+                    .ok_or_else(|| (code::USAGE, format!("{flag} '{a}' is not NAME=FILE.npy")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        check_names(flag, &names, &model_inputs).map_err(|e| (code::USAGE, e))?;
+        read(args).map_err(|e| (code::DATAERR, e))
     };
     let (calibration, eval) = match (
         read_checked("--calibration", &opts.calibration),
