@@ -413,3 +413,188 @@ fn the_log_says_what_happened_once_and_in_words() {
             .any(|l| l.contains("model unloaded (every version)"))
     );
 }
+
+/// One JSON document, whole stdout (trailing lines or a progress line would fail to parse).
+fn one_json(what: &str, out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{what}: stdout is not one JSON document ({e}):\n{}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Every `--json` prints exactly one JSON document on stdout, successes and failures alike,
+/// for rxctl's commands and for `rxd compress` (whose progress lines used to come before and
+/// after the object).
+#[test]
+fn every_json_output_is_one_json_document() {
+    let repo = Repo::new();
+    repo.link("digits", 1, "digits");
+    let d = TestDaemon::start(repo.path(), &[]);
+    let digit = repo_root().join("examples/data/digit.npy");
+    let input = format!("input={}", digit.display());
+    let out_dir = d.dir.path().join("out");
+    let cases: Vec<(Vec<&str>, i32)> = vec![
+        (vec!["status"], 0),
+        (vec!["health"], 0),
+        (vec!["models"], 0),
+        (vec!["models", "digits"], 0),
+        (vec!["infer", "digits", "-i", &input], 0),
+        (vec!["infer", "digits", "-o", out_dir.to_str().unwrap()], 0),
+        (
+            vec!["bench", "digits", "--requests", "20", "--warmup", "0"],
+            0,
+        ),
+        (
+            vec![
+                "bench",
+                "digits",
+                "-c",
+                "1,2",
+                "--requests",
+                "10",
+                "--warmup",
+                "0",
+            ],
+            0,
+        ),
+        (
+            vec!["bench", "digits", "--rate", "50:0.2", "--warmup", "0"],
+            0,
+        ),
+        (vec!["devices"], 0),
+        (vec!["metrics"], 0),
+        (vec!["configure", "digits", "--max-batch-rows", "8"], 0),
+        (vec!["load", "digits"], 0),
+        (vec!["pin", "digits"], 0),
+        (vec!["unpin", "digits"], 0),
+        (vec!["reload"], 0),
+        (vec!["model", "compress", "digits", "--dry-run"], 0),
+        (vec!["unload", "digits"], 0),
+        (vec!["infer", "nope"], 1),
+        (vec!["infer", "digits", "-i", "input=/nonexistent.npy"], 65),
+        (vec!["metrics", "--prometheus"], 64),
+        (vec!["top"], 64),
+    ];
+    for (args, code) in cases {
+        let mut all = vec!["--json"];
+        all.extend(&args);
+        let out = d.rxctl(&all);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {out:?}");
+        let v = one_json(&format!("rxctl {args:?}"), &out);
+        if code != 0 {
+            assert_eq!(v["exit_code"], code, "{args:?}: {v}");
+            assert!(v["error"].is_string(), "{args:?}: {v}");
+        }
+    }
+    let unknown = one_json("unknown model", &d.rxctl(&["--json", "infer", "nope"]));
+    assert!(
+        unknown["error"]
+            .as_str()
+            .unwrap()
+            .contains("the daemon serves: digits"),
+        "{unknown}"
+    );
+
+    // rxd compress: written, refused by its report, and a usage error.
+    let model = model_file("digits");
+    let eval = format!(
+        "input={}",
+        repo_root()
+            .join("examples/data/digits_test_x.npy")
+            .display()
+    );
+    let compress = |strategy: &str, eval: &str| {
+        std::process::Command::new(bin("rxd"))
+            .args(["compress", "--json", "--ort-library"])
+            .arg(ort_library())
+            .arg(&model)
+            .arg("-o")
+            .arg(d.dir.path().join("out.onnx"))
+            .args(["--strategy", strategy, "--eval", eval])
+            .output()
+            .unwrap()
+    };
+    let ok = compress("int8-weights", &eval);
+    assert_eq!(ok.status.code(), Some(0), "{ok:?}");
+    let v = one_json("rxd compress", &ok);
+    assert_eq!(v["written"], true, "{v}");
+    assert_eq!(v["report"]["passed"], true, "{v}");
+    assert!(
+        !String::from_utf8_lossy(&ok.stderr).is_empty(),
+        "progress goes to stderr"
+    );
+    let refused = compress("prune:0.9", &eval);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    let v = one_json("rxd compress (refused)", &refused);
+    assert_eq!(
+        (v["written"].clone(), v["report"]["passed"].clone()),
+        (false.into(), false.into()),
+        "{v}"
+    );
+    let usage = compress("int8-weights", "x=/nonexistent.npy");
+    assert_eq!(usage.status.code(), Some(64), "{usage:?}");
+    let v = one_json("rxd compress (usage)", &usage);
+    assert!(
+        v["error"].as_str().unwrap().contains("its inputs: input"),
+        "a wrong --eval name lists the model's inputs: {v}"
+    );
+}
+
+/// Smaller stumbles: `rxctl top` without a terminal is a usage error that points at `rxctl
+/// metrics` (not "daemon unreachable"), `rxctl metrics` is not top's screen, an unknown model
+/// lists the models there are, a socket the user may not open is exit 77 with the group to
+/// join, `rxd compress` on a file that is not ONNX says so (65).
+#[test]
+fn small_stumbles_have_precise_answers() {
+    let repo = Repo::new();
+    repo.link("digits", 1, "digits");
+    let d = TestDaemon::start(repo.path(), &[]);
+    let top = d.rxctl(&["top"]);
+    assert_eq!(top.status.code(), Some(64), "{top:?}");
+    assert!(String::from_utf8_lossy(&top.stderr).contains("rxctl metrics"));
+    let metrics = d.rxctl(&["metrics"]);
+    assert!(metrics.status.success());
+    assert!(
+        !stdout(&metrics).contains("q quits"),
+        "{}",
+        stdout(&metrics)
+    );
+    let unknown = d.rxctl(&["infer", "digit"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("the daemon serves: digits"),
+        "{unknown:?}"
+    );
+    // Another user, not in the socket's group (the test runs as root, which no mode stops).
+    if nix::unistd::Uid::effective().is_root() {
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(bin("rxctl"))
+            .arg("status")
+            .env("RXD_SOCKET", &d.socket)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(77), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("group rxd"),
+            "{out:?}"
+        );
+    }
+    let not_onnx = d.dir.path().join("notes.txt");
+    std::fs::write(&not_onnx, "these are notes, not a model\n").unwrap();
+    let out = std::process::Command::new(bin("rxd"))
+        .arg("compress")
+        .arg(&not_onnx)
+        .arg("-o")
+        .arg(d.dir.path().join("x.onnx"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(65), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not an ONNX model"),
+        "{out:?}"
+    );
+}

@@ -1,8 +1,9 @@
 //! `rxctl`: the command-line client of rxd. Thin: flags here, everything else in the library.
 //!
-//! Exit codes: 0 success; 1 the daemon answered with an error; 2 `health` found the daemon
-//! unhealthy (or degraded, with `--strict`); 64 usage; 65 bad input file; 69 cannot reach the
-//! daemon; 74 cannot write an output file; 77 permission denied by the daemon.
+//! Exit codes ([`EXIT_CODES`], in `--help` and rxctl(1)): 0 success; 1 the daemon answered
+//! with an error; 2 `health` found the daemon unhealthy (or degraded, with `--strict`); 64
+//! usage; 65 bad input file; 69 cannot reach the daemon; 70 internal error; 74 cannot write
+//! an output file; 77 permission denied (by the daemon, or on its socket).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,12 +12,21 @@ use clap::{Parser, Subcommand};
 use rxd_client::protocol::{HealthState, ModelState, TensorSpec};
 use rxd_client::{ClientError, ClientOptions, ErrorCode, blocking::Client};
 
+/// What rxctl exits with.
+const EXIT_CODES: &str = "Exit codes: 0 ok; 1 the daemon answered with an error; 2 unhealthy \
+(health; also degraded with --strict); 64 usage; 65 an input file cannot be read; 69 the daemon \
+cannot be reached; 70 internal error; 74 an output file cannot be written; 77 permission \
+denied (an admin command, or the socket: members of the daemon's group, rxd for the packaged \
+service, may use it). With --json every command prints exactly one JSON document on stdout, \
+errors as {\"error\", \"exit_code\"}.";
+
 /// Command-line client for rxd, the local inference daemon.
 #[derive(Debug, Parser)]
 #[command(
     name = "rxctl",
     version,
-    about = "rxctl — command-line client for rxd, the local inference daemon"
+    about = "rxctl — command-line client for rxd, the local inference daemon",
+    after_help = EXIT_CODES
 )]
 struct Cli {
     /// Daemon socket.
@@ -296,15 +306,49 @@ struct Failure(u8, String);
 
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Failure {
-        let c = match &e {
-            ClientError::Connect { .. } | ClientError::Handshake(_) | ClientError::Closed(_) => {
-                code::UNAVAILABLE
+        match &e {
+            ClientError::Connect { path, source }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                Failure(
+                    code::NOPERM,
+                    format!(
+                        "cannot connect to {path}: permission denied. Members of the daemon's \
+                         group may use its socket; for the packaged service that is group rxd: \
+                         `sudo usermod -aG rxd \"$USER\"`, then log in again ({source})"
+                    ),
+                )
             }
-            ClientError::Server(w) if w.kind() == Some(ErrorCode::PermissionDenied) => code::NOPERM,
-            _ => code::SERVER_ERROR,
-        };
-        Failure(c, e.to_string())
+            ClientError::Connect { .. } | ClientError::Handshake(_) | ClientError::Closed(_) => {
+                Failure(code::UNAVAILABLE, e.to_string())
+            }
+            ClientError::Server(w) if w.kind() == Some(ErrorCode::PermissionDenied) => {
+                Failure(code::NOPERM, e.to_string())
+            }
+            _ => Failure(code::SERVER_ERROR, e.to_string()),
+        }
     }
+}
+
+/// An `unknown_model` error with the models the daemon does serve.
+fn with_known_models(cli: &Cli, f: Failure) -> Failure {
+    let unknown = format!("{} (", ErrorCode::UnknownModel.name());
+    if f.0 != code::SERVER_ERROR || !f.1.starts_with(&unknown) {
+        return f;
+    }
+    let names: std::collections::BTreeSet<String> =
+        Client::connect_with(&cli.socket, ClientOptions::inline_only())
+            .and_then(|c| c.list_models())
+            .map(|l| l.into_iter().map(|m| m.name).collect())
+            .unwrap_or_default();
+    if names.is_empty() {
+        return f;
+    }
+    let names: Vec<String> = names.into_iter().collect();
+    Failure(
+        f.0,
+        format!("{}; the daemon serves: {}", f.1, names.join(", ")),
+    )
 }
 
 fn main() -> ExitCode {
@@ -323,7 +367,7 @@ fn main() -> ExitCode {
         let _ = <Cli as clap::CommandFactory>::command().print_help();
         return ExitCode::from(code::USAGE);
     };
-    match run(&cli, command) {
+    match run(&cli, command).map_err(|f| with_known_models(&cli, f)) {
         Ok(c) => ExitCode::from(c),
         Err(Failure(c, msg)) => {
             if cli.json {
@@ -338,7 +382,10 @@ fn main() -> ExitCode {
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {
-    println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
+    match serde_json::to_string_pretty(v) {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("rxctl: cannot print JSON: {e}"),
+    }
 }
 
 fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
@@ -349,12 +396,24 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
         return bench::bench(cli, command);
     }
     if let Cmd::Top { interval_ms } = command {
+        if cli.json {
+            return Err(Failure(
+                code::USAGE,
+                "rxctl top is a live view; `rxctl --json metrics` gives its figures as JSON".into(),
+            ));
+        }
         return top::run(
             &cli.socket,
             std::time::Duration::from_millis((*interval_ms).max(100)),
         )
-        .map(|()| 0)
-        .map_err(|e| Failure(code::UNAVAILABLE, e));
+        .map(|()| 0);
+    }
+    if let (Cmd::Metrics { prometheus: true }, true) = (command, cli.json) {
+        return Err(Failure(
+            code::USAGE,
+            "--prometheus prints Prometheus' text format, --json one JSON document: choose one"
+                .into(),
+        ));
     }
     let client = Client::connect_with(&cli.socket, ClientOptions::inline_only())?;
     match command {
@@ -582,7 +641,7 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
             } else if cli.json {
                 print_json(&m);
             } else {
-                print!("{}", top::render(&m, None, 200, 1000).join("\n"));
+                print!("{}", top::render(&m, None, 200, 1000, false).join("\n"));
                 println!();
             }
             Ok(0)
