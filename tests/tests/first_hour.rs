@@ -583,6 +583,29 @@ fn small_stumbles_have_precise_answers() {
             "{out:?}"
         );
     }
+    // check-config names every mistyped key, not just the first, each once.
+    let bad = d.dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "io-threads = \"x\"\nmax-connections = \"y\"\nlog-level = 3\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin("rxd"))
+        .args(["check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    for (line, key) in lines
+        .iter()
+        .zip(["io-threads", "max-connections", "log-level"])
+    {
+        assert!(line.starts_with(&format!("rxd: config: {key}: ")), "{err}");
+    }
+    assert!(!err.contains("config: config:"), "{err}");
     let not_onnx = d.dir.path().join("notes.txt");
     std::fs::write(&not_onnx, "these are notes, not a model\n").unwrap();
     let out = std::process::Command::new(bin("rxd"))
