@@ -5,7 +5,7 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), rxd_client::ClientError> {
 //! let client = rxd_client::Client::connect("/run/rxd/rxd.sock").await?;
-//! let x = ndarray::Array2::<f32>::zeros((1, 64));
+//! let x = rxd_client::ndarray::Array2::<f32>::zeros((1, 64));
 //! let outputs = client
 //!     .infer("digits", vec![rxd_client::tensor::from_array("input", &x)])
 //!     .await?;
@@ -32,6 +32,9 @@ pub mod tensor;
 pub mod transport;
 
 pub use arena::{Arena, ArenaBuf, OutputBufs};
+/// The `ndarray` this library's tensors convert to and from (use it rather than adding your
+/// own dependency, whose version would have to match).
+pub use ndarray;
 pub use rxd_protocol as protocol;
 pub use rxd_protocol::{DType, ErrorCode, Tensor, WireError};
 pub use transport::{Client, ClientOptions};
