@@ -27,6 +27,13 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Cargo's target directory this test was built in (`target/`, or `CARGO_TARGET_DIR`).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test>
+    exe.ancestors().nth(3).unwrap().to_path_buf()
+}
+
 /// A binary built from this workspace (`rxd`, `rxctl`), next to the test executable.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
