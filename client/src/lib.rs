@@ -39,6 +39,14 @@ pub use rxd_protocol as protocol;
 pub use rxd_protocol::{DType, ErrorCode, Tensor, WireError};
 pub use transport::{Client, ClientOptions};
 
+// The Rust snippets of the README and docs/clients.md compile as doctests, unchanged.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeSnippets;
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/clients.md")]
+pub struct ClientsSnippets;
+
 /// Default socket path of a packaged daemon; `RXD_SOCKET` overrides it in rxctl.
 pub const DEFAULT_SOCKET: &str = "/run/rxd/rxd.sock";
 
