@@ -72,12 +72,12 @@ fn protocol_md_lists_every_error_code() {
     }
 }
 
-/// Every relative link of the user documentation (README.md, docs/*.md) names a file or
-/// folder that exists, and every `#anchor` into a Markdown file names one of its headings.
+/// Every relative link of the user documentation (README.md, docs/*.md, BENCHMARKS.md) names
+/// a file or folder that exists, and every `#anchor` names a heading of its page.
 #[test]
 fn documentation_links_resolve() {
     let root = repo_root();
-    let mut pages = vec![root.join("README.md")];
+    let mut pages = vec![root.join("README.md"), root.join("BENCHMARKS.md")];
     for e in std::fs::read_dir(root.join("docs")).unwrap() {
         let p = e.unwrap().path();
         if p.extension().is_some_and(|x| x == "md") {
@@ -108,11 +108,15 @@ fn documentation_links_resolve() {
             let rest = &text[i + 2..];
             let Some(end) = rest.find(')') else { continue };
             let target = &rest[..end];
-            if target.contains("://") || target.starts_with('#') || target.contains(' ') {
+            if target.contains("://") || target.contains(' ') {
                 continue;
             }
             let (file, anchor) = target.split_once('#').unwrap_or((target, ""));
-            let path = dir.join(file);
+            let path = if file.is_empty() {
+                page.clone()
+            } else {
+                dir.join(file)
+            };
             assert!(
                 path.exists(),
                 "{}: link to {target}: no such file",
