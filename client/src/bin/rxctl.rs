@@ -574,7 +574,7 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
                         v.queue_capacity,
                         v.default_priority,
                         v.priority_aging_ms,
-                        v.cache_bytes
+                        cache_text(v.cache_bytes)
                     );
                 }
                 println!("inputs:");
@@ -693,7 +693,7 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
                     } else {
                         ""
                     },
-                    v.cache_bytes
+                    cache_text(v.cache_bytes)
                 );
             }
             Ok(0)
@@ -798,6 +798,15 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
             }
             Ok(0)
         }
+    }
+}
+
+/// A cache size for people: `off`, or `64.0 MiB`.
+fn cache_text(bytes: u64) -> String {
+    if bytes == 0 {
+        "off".into()
+    } else {
+        size_text(bytes)
     }
 }
 
