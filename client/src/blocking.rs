@@ -57,6 +57,12 @@ impl Client {
         self.rt.block_on(self.inner.infer(model, inputs))
     }
 
+    /// Runs a model with every option of `req`, inputs and outputs through the arena where
+    /// they fit (see [`crate::Client::infer_with`]).
+    pub fn infer_with(&self, req: InferRequest) -> Result<InferReply, ClientError> {
+        self.rt.block_on(self.inner.infer_with(req))
+    }
+
     pub fn infer_request(&self, req: InferRequest) -> Result<InferReply, ClientError> {
         self.rt.block_on(self.inner.infer_request(req))
     }

@@ -5,7 +5,7 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), rxd_client::ClientError> {
 //! let client = rxd_client::Client::connect("/run/rxd/rxd.sock").await?;
-//! let x = ndarray::Array2::<f32>::zeros((1, 64));
+//! let x = rxd_client::ndarray::Array2::<f32>::zeros((1, 64));
 //! let outputs = client
 //!     .infer("digits", vec![rxd_client::tensor::from_array("input", &x)])
 //!     .await?;
@@ -18,6 +18,7 @@
 //! - [`arena`]: the shared-memory arena: allocator, buffers, zero-copy views.
 //! - [`tensor`]: conversions between `ndarray` arrays and wire tensors.
 //! - [`npy`]: reading and writing NumPy `.npy` files of any wire dtype (used by rxctl).
+//! - [`shapes`]: output sizes known before a run (to size an output area for a first request).
 //! - [`blocking`]: the same API without async.
 //! - [`bench`]: the load generator behind `rxctl bench`.
 #![forbid(unsafe_code)]
@@ -26,13 +27,25 @@ pub mod arena;
 pub mod bench;
 pub mod blocking;
 pub mod npy;
+pub mod shapes;
 pub mod tensor;
 pub mod transport;
 
 pub use arena::{Arena, ArenaBuf, OutputBufs};
+/// The `ndarray` this library's tensors convert to and from (use it rather than adding your
+/// own dependency, whose version would have to match).
+pub use ndarray;
 pub use rxd_protocol as protocol;
 pub use rxd_protocol::{DType, ErrorCode, Tensor, WireError};
 pub use transport::{Client, ClientOptions};
+
+// The Rust snippets of the README and docs/clients.md compile as doctests, unchanged.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeSnippets;
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/clients.md")]
+pub struct ClientsSnippets;
 
 /// Default socket path of a packaged daemon; `RXD_SOCKET` overrides it in rxctl.
 pub const DEFAULT_SOCKET: &str = "/run/rxd/rxd.sock";

@@ -63,9 +63,14 @@ struct Inner {
     reader: tokio::task::JoinHandle<()>,
     arena: Option<Arena>,
     inline_threshold: u64,
-    /// Output bytes each model needed last time, to size output areas.
-    output_sizes: Mutex<HashMap<String, u64>>,
+    /// Output bytes each model (and version asked for) needed last time, to size output
+    /// areas when its signature does not tell.
+    output_sizes: Mutex<HashMap<(String, Option<u64>), u64>>,
+    /// Signatures of the models (and versions asked for) this client ran, for output areas.
+    signatures: Mutex<HashMap<(String, Option<u64>), SignatureCell>>,
 }
+
+type SignatureCell = Arc<tokio::sync::OnceCell<Option<Arc<ModelInfo>>>>;
 
 /// How to connect.
 #[derive(Debug, Clone)]
@@ -300,6 +305,7 @@ impl Client {
                 arena,
                 inline_threshold: options.inline_threshold,
                 output_sizes: Mutex::new(HashMap::new()),
+                signatures: Mutex::new(HashMap::new()),
             }
         });
         Ok(Client { inner })
@@ -359,24 +365,40 @@ impl Client {
         }
     }
 
-    /// Runs a model; outputs in the model's output order, as inline tensors. With an arena,
-    /// inputs of at least the inline threshold go through it, and so do outputs once the
-    /// model's output size is known (from the previous call); the arena buffers are freed
-    /// when the call ends, however it ends.
+    /// Runs a model; outputs in the model's output order, as inline tensors (see
+    /// [`Client::infer_with`]).
     pub async fn infer(
         &self,
         model: &str,
         inputs: Vec<Tensor>,
     ) -> Result<Vec<Tensor>, ClientError> {
+        Ok(self
+            .infer_with(InferRequest::new(model, inputs))
+            .await?
+            .outputs)
+    }
+
+    /// Runs a model with every option of `req` (version, outputs wanted, priority, deadline);
+    /// outputs come back as inline tensors. With an arena, inline inputs of at least the
+    /// inline threshold are placed in it, and outputs come through it too — from the first
+    /// request: the output area is sized from the model's signature (asked once per model with
+    /// `model_info`, unless the request names a version or has a deadline) and the inputs' shapes
+    /// ([`crate::shapes`]), else from the previous call's outputs; outputs that do not fit it
+    /// come inline in the same answer (the model runs once). The arena buffers are freed when
+    /// the call ends, however it ends. `req` must not name output places itself.
+    pub async fn infer_with(&self, req: InferRequest) -> Result<InferReply, ClientError> {
+        if req.output_area.is_some() || !req.output_regions.is_empty() {
+            return Err(ClientError::Tensor(
+                "output places in the arena are named with Client::infer_into (OutputBufs)".into(),
+            ));
+        }
         let Some(arena) = &self.inner.arena else {
-            return Ok(self
-                .infer_request(InferRequest::new(model, inputs))
-                .await?
-                .outputs);
+            return self.infer_request(req).await;
         };
+        let key = (req.model.clone(), req.version);
         let mut held = Vec::new();
-        let mut sent = Vec::with_capacity(inputs.len());
-        for t in inputs {
+        let mut sent = Vec::with_capacity(req.inputs.len());
+        for t in req.inputs {
             match &t.data {
                 TensorData::Inline(b) if b.len() as u64 >= self.inner.inline_threshold => {
                     match arena.alloc(b.len() as u64) {
@@ -392,23 +414,39 @@ impl Client {
                 _ => sent.push(t),
             }
         }
-        let known = lock(&self.inner.output_sizes).get(model).copied();
-        let mut area = match known {
+        // Asking for the signature may load the model (as the request would): not for a
+        // request with a deadline, which the lookup would not respect, nor for one naming a
+        // version, which the lookup could load where the request would be refused.
+        let signature = if req.timeout_ms.is_none() && req.version.is_none() {
+            self.signature(&key).await?
+        } else {
+            None
+        };
+        let estimate = signature
+            .as_deref()
+            .and_then(|info| crate::shapes::output_area_bytes(info, &sent, &req.outputs))
+            .or_else(|| lock(&self.inner.output_sizes).get(&key).copied());
+        let mut area = match estimate {
             Some(n) if n >= self.inner.inline_threshold => arena.alloc(n).ok(),
             _ => None,
         };
-        let req = InferRequest::new(model, sent);
+        let req = InferRequest {
+            inputs: sent,
+            inline_overflow: true,
+            ..req
+        };
         let result = match &mut area {
             Some(buf) => self.infer_into(req.clone(), OutputBufs::area(buf)).await,
             None => self.infer_request(req.clone()).await,
         };
         let reply = match (result, &area) {
-            // The outputs grew (dynamic shapes): retry with them inline.
+            // A daemon that does not know `inline_overflow` refuses an area too small: run
+            // again with the outputs inline.
             (Err(ClientError::Server(e)), Some(_))
                 if e.kind() == Some(rxd_protocol::ErrorCode::OutputRegionTooSmall) =>
             {
                 if let Some(n) = e.needed_bytes {
-                    lock(&self.inner.output_sizes).insert(model.into(), n);
+                    lock(&self.inner.output_sizes).insert(key.clone(), n);
                 }
                 area = None;
                 self.infer_request(req).await?
@@ -416,10 +454,13 @@ impl Client {
             (r, _) => r?,
         };
         let mut total = 0u64;
+        let mut overflowed = false;
         let mut outputs = Vec::with_capacity(reply.outputs.len());
         for t in reply.outputs {
             let bytes = match (&t.data, &area) {
-                (TensorData::Inline(_), _) => {
+                (TensorData::Inline(b), _) => {
+                    overflowed |= area.is_some();
+                    total += (b.len() as u64).next_multiple_of(rxd_protocol::OUTPUT_ALIGN);
                     outputs.push(t);
                     continue;
                 }
@@ -430,15 +471,56 @@ impl Client {
                     ));
                 }
             };
+            total += (bytes.len() as u64).next_multiple_of(rxd_protocol::OUTPUT_ALIGN);
             outputs.push(Tensor::inline(t.name, t.dtype, t.shape, bytes));
         }
-        for t in &outputs {
-            let n = crate::tensor::bytes(t).map_or(0, <[u8]>::len) as u64;
-            total += n.next_multiple_of(rxd_protocol::OUTPUT_ALIGN);
+        lock(&self.inner.output_sizes).insert(key.clone(), total);
+        if overflowed && signature.is_some() {
+            // The signature's estimate was short (a new version?): ask again next time.
+            lock(&self.inner.signatures).remove(&key);
         }
-        lock(&self.inner.output_sizes).insert(model.into(), total);
         drop(held);
-        Ok(outputs)
+        Ok(InferReply {
+            model: reply.model,
+            version: reply.version,
+            outputs,
+        })
+    }
+
+    /// The model's signature for sizing output areas: asked once per model and version (one
+    /// lookup however many requests wait for it). Errors about the model (unknown, failed to
+    /// load, over its memory budget, not ready) are the request's errors: it would fail the
+    /// same way (the lookup loads a cold model as the request would); others give `None`.
+    async fn signature(
+        &self,
+        key: &(String, Option<u64>),
+    ) -> Result<Option<Arc<ModelInfo>>, ClientError> {
+        let cell = lock(&self.inner.signatures)
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let got = cell
+            .get_or_try_init(|| async {
+                match self.model_info(&key.0, key.1).await {
+                    Ok(info) => Ok(Some(Arc::new(info))),
+                    Err(e)
+                        if matches!(
+                            e.code(),
+                            Some(
+                                rxd_protocol::ErrorCode::UnknownModel
+                                    | rxd_protocol::ErrorCode::LoadFailed
+                                    | rxd_protocol::ErrorCode::OverBudget
+                                    | rxd_protocol::ErrorCode::ModelNotReady
+                            )
+                        ) =>
+                    {
+                        Err(e)
+                    }
+                    Err(_) => Ok(None),
+                }
+            })
+            .await?;
+        Ok(got.clone())
     }
 
     /// Runs a model with every option of the request (outputs in the arena go through

@@ -155,6 +155,24 @@ impl Model {
             .collect())
     }
 
+    /// The names of the inputs a caller feeds, in order: the graph's inputs that are not
+    /// initializers (old models list their weights among the inputs too).
+    pub fn input_names(&self) -> Result<Vec<String>, Error> {
+        let weights: std::collections::HashSet<String> = self
+            .graph
+            .messages(graph::INITIALIZER)?
+            .iter()
+            .map(name_of)
+            .collect();
+        Ok(self
+            .graph
+            .messages(graph::INPUT)?
+            .iter()
+            .map(|v| v.string(value_info::NAME))
+            .filter(|n| !weights.contains(n))
+            .collect())
+    }
+
     /// Imports `domain` at `version` if it is not imported yet.
     pub fn ensure_opset(&mut self, domain: &str, version: u64) {
         if self.opset(domain).is_some() {

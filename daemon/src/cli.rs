@@ -60,8 +60,19 @@ pub enum Command {
     /// Validate the configuration, print every problem, exit 78 if there is any.
     CheckConfig(ServeOpts),
     /// Compress an ONNX model (offline): write OUT only if its accuracy report passes.
+    #[command(after_help = COMPRESS_EXIT_CODES)]
     Compress(CompressOpts),
 }
+
+/// What `rxd compress` exits with (in its `--help` and rxd(8)).
+pub const COMPRESS_EXIT_CODES: &str = "Exit codes: 0 OUT written (the report passed, or none was \
+asked for); 1 refused: the report missed --min-top1/--min-cosine (OUT not written), or ONNX \
+Runtime failed to run a model; 64 usage: an unknown strategy, static-int8 without \
+--calibration, --eval/--calibration not NAME=FILE.npy or not naming exactly the model's \
+inputs; 65 IN is not an ONNX model, or an .npy file cannot be read; 66 IN cannot be read; \
+70 the compressor failed on this model; 73 OUT cannot be written; 78 ONNX Runtime cannot be \
+loaded. With --json, stdout holds exactly one JSON object (progress goes to stderr), with \
+\"written\", \"report\" and, on failure, \"error\" and \"exit_code\".";
 
 /// `rxd compress IN -o OUT --strategy S [--eval NAME=FILE.npy]...`
 #[derive(Debug, Clone, Args)]
@@ -94,7 +105,8 @@ pub struct CompressOpts {
     /// cosine; percentile ranges kept both (100 %, 0.9999).
     #[arg(long, default_value = "percentile:99.99")]
     pub calibration_method: String,
-    /// Print the report as one JSON object.
+    /// Print one JSON object on stdout (the report, what was written); progress goes to
+    /// stderr.
     #[arg(long)]
     pub json: bool,
     /// Refuse the result when a classifier-like output's top-1 agreement is below this.

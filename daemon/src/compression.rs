@@ -181,7 +181,17 @@ pub fn compress(shared: &SharedRef, req: &CompressRequest) -> Result<CompressRep
     } else if !passed {
         text.push_str("under the thresholds: not published\n");
     }
-    tracing::info!(model = %req.model, version, ?published, passed, "compressed");
+    match published {
+        Some(p) => {
+            tracing::info!(model = %req.model, version, "compressed: published as version {p}")
+        }
+        None if passed => {
+            tracing::info!(model = %req.model, version, "compressed: passed, not published (dry run)")
+        }
+        None => {
+            tracing::info!(model = %req.model, version, "compressed: under the thresholds, not published")
+        }
+    }
     Ok(CompressReply {
         model: req.model.clone(),
         from_version: version,

@@ -388,12 +388,98 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
             message: format!("cannot read {}: {e}", path.display()),
         }])
     })?;
-    parse_file(&text).map_err(|message| {
-        ConfigError(vec![Problem {
+    parse_file(&text).map_err(|_| ConfigError(file_problems(&text, path)))
+}
+
+/// Every problem of a config file that does not deserialize (serde stops at the first): each
+/// top-level key, and each key of each `[[device]]` table, is tried on its own, so a file with
+/// three keys of the wrong type gets three problems, each naming its key and line.
+fn file_problems(text: &str, path: &Path) -> Vec<Problem> {
+    let table: toml::Table = match text.parse() {
+        Ok(t) => t,
+        Err(e) => {
+            return vec![Problem {
+                key: path.display().to_string(),
+                message: format!("not valid TOML: {}", e.to_string().trim_end()),
+            }];
+        }
+    };
+    let place = |key: &str| match line_of(text, key) {
+        Some(n) => format!("{} line {n}", path.display()),
+        None => path.display().to_string(),
+    };
+    let check = |t: toml::Table| -> Result<(), String> {
+        FileConfig::deserialize(t)
+            .map(|_| ())
+            .map_err(|e| e.message().trim_end().to_string())
+    };
+    let mut problems = Vec::new();
+    for (key, value) in table {
+        if let (true, toml::Value::Array(devices)) = (key == "device", &value) {
+            for (i, d) in devices.iter().enumerate() {
+                let Some(d) = d.as_table() else {
+                    problems.push(Problem {
+                        key: format!("device[{i}]"),
+                        message: format!("{}: a [[device]] must be a table", path.display()),
+                    });
+                    continue;
+                };
+                if !d.contains_key("name") {
+                    problems.push(Problem {
+                        key: format!("device[{i}]"),
+                        message: format!("{}: a [[device]] needs a name", path.display()),
+                    });
+                }
+                for (k, v) in d {
+                    let mut one = toml::Table::new();
+                    one.insert("name".into(), toml::Value::String("x".into()));
+                    one.insert(k.clone(), v.clone());
+                    let mut t = toml::Table::new();
+                    t.insert(
+                        "device".into(),
+                        toml::Value::Array(vec![toml::Value::Table(one)]),
+                    );
+                    if let Err(message) = check(t) {
+                        problems.push(Problem {
+                            key: format!("device[{i}].{k}"),
+                            message: format!("{}: {message}", path.display()),
+                        });
+                    }
+                }
+            }
+            continue;
+        }
+        let mut t = toml::Table::new();
+        t.insert(key.clone(), value);
+        if let Err(message) = check(t) {
+            problems.push(Problem {
+                message: format!("{}: {message}", place(&key)),
+                key,
+            });
+        }
+    }
+    // In the file's order.
+    problems.sort_by_key(|p| line_of(text, &p.key).unwrap_or(usize::MAX));
+    if problems.is_empty() {
+        // Not a key's own fault (should not happen): say what serde said.
+        let message = parse_file(text).err().unwrap_or_default();
+        problems.push(Problem {
             key: key_of_toml_error(&message),
             message: format!("{}: {message}", path.display()),
-        }])
-    })
+        });
+    }
+    problems
+}
+
+/// The 1-based line where top-level `key` is set (`key = ...`), if it is written plainly.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
 }
 
 /// Parses config text (no validation).
@@ -830,6 +916,38 @@ mod tests {
             ort_library: Some(dir.join("lib.so")),
             ..ServeOpts::default()
         }
+    }
+
+    #[test]
+    fn every_mistyped_key_is_a_problem_of_its_own_with_its_line() {
+        let text = "io-threads = \"x\"\nsocket = '/tmp/s'\nmax-connections = \"y\"\n\
+                    log-level = 3\nsokcet = 1\n\n[[device]]\nname = \"gpu\"\nkind = 7\n";
+        let problems = file_problems(text, Path::new("/etc/rxd/rxd.toml"));
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "io-threads",
+                "max-connections",
+                "log-level",
+                "sokcet",
+                "device[0].kind"
+            ],
+            "{problems:#?}"
+        );
+        let text: Vec<String> = problems.iter().map(Problem::to_string).collect();
+        assert!(
+            text[0].starts_with("io-threads: /etc/rxd/rxd.toml line 1: invalid type"),
+            "{text:?}"
+        );
+        assert!(text[1].contains("line 3"), "{text:?}");
+        assert!(text.iter().all(|t| !t.contains("config:")), "{text:?}");
+        let broken = file_problems("socket = \n", Path::new("/x.toml"));
+        assert_eq!(broken.len(), 1);
+        assert!(
+            broken[0].to_string().starts_with("/x.toml: not valid TOML"),
+            "{broken:?}"
+        );
     }
 
     #[test]

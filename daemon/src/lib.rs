@@ -232,7 +232,10 @@ fn spawn_notifications(
                     notifier.send("WATCHDOG=1");
                     was_stuck = false;
                 } else if !was_stuck {
-                    tracing::error!(models = ?stuck, "a model worker is stuck; stopping watchdog pings");
+                    tracing::error!(
+                        "a model worker is stuck ({}); stopping watchdog pings",
+                        stuck.join(", ")
+                    );
                     was_stuck = true;
                 }
             }
@@ -356,7 +359,10 @@ pub fn reload(shared: &SharedRef) -> Result<Vec<rxd_protocol::ModelSummary>, Str
         .map(|(k, _)| k)
         .collect();
         if !restart.is_empty() {
-            tracing::warn!(keys = ?restart, "these configuration changes take effect after a restart");
+            tracing::warn!(
+                "these configuration changes take effect after a restart: {}",
+                restart.join(", ")
+            );
         }
         for d in &new.devices {
             if shared.registry.device_budget(&d.name) == Some(d.budget.unwrap_or(u64::MAX)) {

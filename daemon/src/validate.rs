@@ -154,7 +154,8 @@ pub fn check(
         }
         req.outputs
     };
-    let placement = place(sig, &outputs, &req.output_regions, req.output_area, arena)?;
+    let mut placement = place(sig, &outputs, &req.output_regions, req.output_area, arena)?;
+    placement.inline_overflow = req.inline_overflow;
     Ok(Checked {
         inputs: slots.into_iter().flatten().collect(),
         outputs,
@@ -223,6 +224,7 @@ fn place(
         arena: arena.cloned(),
         targets,
         area: area.map(|a| (a.offset, a.len)),
+        inline_overflow: false,
     })
 }
 
@@ -239,9 +241,9 @@ fn check_shape(spec: &TensorSpec, shape: &[u64], allow_empty: bool) -> Result<()
         return Err(WireError::new(
             ErrorCode::ShapeMismatch,
             format!(
-                "input '{}' must have shape {} (-1 = any), got {shape:?}",
+                "input '{}' must have shape {} (? or a name: any size), got {shape:?}",
                 spec.name,
-                dims_text(&spec.dims),
+                spec.dims_text(),
             ),
         ));
     }
@@ -297,7 +299,7 @@ pub fn max_dims(
             spec.name,
             c.len(),
             spec.dims.len(),
-            dims_text(&spec.dims)
+            spec.dims_text()
         ));
     }
     spec.dims
@@ -324,11 +326,6 @@ pub fn max_dims(
         .collect()
 }
 
-fn dims_text(dims: &[i64]) -> String {
-    let parts: Vec<String> = dims.iter().map(i64::to_string).collect();
-    format!("[{}]", parts.join(", "))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,6 +338,7 @@ mod tests {
             dim_names: dims.iter().map(|_| String::new()).collect(),
             dims,
             max_dims: Vec::new(),
+            warmup_dims: Vec::new(),
         }
     }
 
@@ -365,6 +363,7 @@ mod tests {
             output_area: None,
             priority: None,
             timeout_ms: None,
+            inline_overflow: false,
         }
     }
 

@@ -75,6 +75,8 @@ fn specs(u: &mut Unstructured<'_>) -> Result<Vec<TensorSpec>> {
             dtype: dtype(u)?,
             dims,
             dim_names,
+            max_dims: Vec::new(),
+            warmup_dims: Vec::new(),
         });
     }
     Ok(v)
@@ -181,7 +183,11 @@ fuzz_target!(|data: &[u8]| {
     let (Ok(inputs), Ok(outputs)) = (specs(&mut u), specs(&mut u)) else {
         return;
     };
-    let sig = Signature { inputs, outputs };
+    let sig = Signature {
+        inputs,
+        outputs,
+        allow_empty: false,
+    };
     let Ok(req) = request(&mut u, &sig) else {
         return;
     };

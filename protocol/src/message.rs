@@ -255,6 +255,11 @@ pub struct InferRequest {
     /// it, it is answered `deadline_exceeded` and never run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// An output that does not fit its region or what is left of the output area comes
+    /// inline instead of failing the request with `output_region_too_small` (so a client
+    /// whose guess of the output sizes was short gets its answer from one run).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inline_overflow: bool,
 }
 
 /// An arena region for one named output.
@@ -412,6 +417,7 @@ impl InferRequest {
             output_area: None,
             priority: None,
             timeout_ms: None,
+            inline_overflow: false,
         }
     }
 
@@ -679,6 +685,37 @@ pub struct TensorSpec {
     /// size); empty for outputs and where no limit applies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub max_dims: Vec<u64>,
+    /// The shape this tensor had in the model's warmup at batch 1 (model.toml `warmup-dims`,
+    /// else automatic sizes), when that warmup ran and succeeded: for an input, a shape the
+    /// model is known to run with; for an output, what such inputs gave. Empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warmup_dims: Vec<u64>,
+}
+
+impl TensorSpec {
+    /// The dimensions for people: fixed sizes as numbers, dynamic ones by their symbolic name
+    /// where it is a plain name (`batch`, `p2o.DynamicDimension.0`), else `?` (no name, or a
+    /// formula ONNX Runtime inferred): `[batch, 3, ?, ?]`.
+    pub fn dims_text(&self) -> String {
+        let parts: Vec<String> = self
+            .dims
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| {
+                let name = self.dim_names.get(i).map_or("", String::as_str);
+                let plain = !name.is_empty()
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+                match d {
+                    d if d >= 0 => d.to_string(),
+                    _ if plain => name.to_string(),
+                    _ => "?".to_string(),
+                }
+            })
+            .collect();
+        format!("[{}]", parts.join(", "))
+    }
 }
 
 /// What the daemon is and what it serves.

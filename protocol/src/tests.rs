@@ -20,6 +20,7 @@ fn sample_infer() -> RequestFrame {
             output_area: None,
             priority: None,
             timeout_ms: None,
+            inline_overflow: false,
         }),
     }
 }
@@ -240,6 +241,7 @@ fn a_request_at_every_limit_passes_the_structure_check() {
             output_area: Some(ArenaRef { offset: 1, len: 2 }),
             priority: Some(255),
             timeout_ms: Some(u64::MAX),
+            inline_overflow: true,
         }),
     };
     let f = frame::encode(&r).unwrap();
@@ -314,7 +316,7 @@ proptest! {
             model: "m".into(), version: None,
             inputs: vec![Tensor::inline("x", DType::Uint8, shape, vec![1; n])],
             outputs: names, output_regions: Vec::new(), output_area: None, priority: Some(1),
-            timeout_ms: None, }) };
+            timeout_ms: None, inline_overflow: false, }) };
         let f = frame::encode(&r).unwrap();
         prop_assert!(frame::check_structure(&f[HEADER_LEN..], limits::MAX_FRAME_VALUES).is_ok());
     }
@@ -326,7 +328,31 @@ proptest! {
         let r = RequestFrame { id, body: Request::Infer(InferRequest {
             model: name.clone(), version: None,
             inputs: vec![Tensor::inline(name, DType::Int64, shape, vec![7; n * 8])],
-            outputs: vec![], output_regions: Vec::new(), output_area: None, priority: None, timeout_ms: None, }) };
+            outputs: vec![], output_regions: Vec::new(), output_area: None, priority: None, timeout_ms: None, inline_overflow: false, }) };
         prop_assert_eq!(frame::round_trip(&r), r);
     }
+}
+
+#[test]
+fn dims_text_names_plain_dimensions_and_marks_the_rest() {
+    let spec = TensorSpec {
+        name: "output0".into(),
+        dtype: DType::Float32,
+        dims: vec![-1, 22, -1, -1],
+        dim_names: vec![
+            "batch".into(),
+            String::new(),
+            "(floor(height/2 - 1/2) + 1)*2".into(),
+            String::new(),
+        ],
+        max_dims: Vec::new(),
+        warmup_dims: Vec::new(),
+    };
+    assert_eq!(spec.dims_text(), "[batch, 22, ?, ?]");
+    // Older daemons send no warmup_dims; the field is optional on the wire.
+    let mut v = wire_json(&spec);
+    assert!(v.get("warmup_dims").is_none(), "{v}");
+    v.as_object_mut().unwrap().remove("max_dims");
+    let back: TensorSpec = rmp_serde::from_slice(&rmp_serde::to_vec_named(&v).unwrap()).unwrap();
+    assert_eq!(back, spec);
 }

@@ -60,6 +60,7 @@ fn load(d: &TestDaemon, phases: Vec<(f64, f64)>, concurrency: usize) -> Load {
         warmup: Duration::from_secs(1),
         arena: true,
         timeout_ms: None,
+        same_input: false,
     }
 }
 

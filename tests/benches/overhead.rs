@@ -82,6 +82,7 @@ fn main() {
             output_area: None,
             priority: None,
             timeout_ms: None,
+            inline_overflow: false,
         }),
     };
     let req_bytes = frame::encode(&request).unwrap();

@@ -27,6 +27,13 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// Cargo's target directory this test was built in (`target/`, or `CARGO_TARGET_DIR`).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test>
+    exe.ancestors().nth(3).unwrap().to_path_buf()
+}
+
 /// A binary built from this workspace (`rxd`, `rxctl`), next to the test executable.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -125,6 +132,20 @@ impl Repo {
         let d = self.dir.path().join(model).join(version.to_string());
         std::fs::create_dir_all(&d).unwrap();
         std::os::unix::fs::symlink(model_file(source), d.join("model.onnx")).unwrap();
+        self
+    }
+
+    /// Adds `model` version 1 as scripts/quickstart lays it out: the model file, and the
+    /// settings of `examples/repository/<model>/model.toml` where there are some.
+    pub fn example(&self, model: &str) -> &Repo {
+        self.link(model, 1, model);
+        let toml = repo_root()
+            .join("examples/repository")
+            .join(model)
+            .join("model.toml");
+        if let Ok(text) = std::fs::read_to_string(toml) {
+            self.settings(model, &text);
+        }
         self
     }
 
@@ -685,6 +706,7 @@ pub fn closed_loop(
                 warmup: Duration::from_millis(500),
                 arena: true,
                 timeout_ms: None,
+                same_input: false,
             };
             rt.block_on(rxd_client::bench::run(&load, |_, _| {}))
                 .unwrap()

@@ -71,3 +71,67 @@ fn protocol_md_lists_every_error_code() {
         assert!(doc.contains(&row), "PROTOCOL.md's error table lacks {row}");
     }
 }
+
+/// Every relative link of the user documentation (README.md, docs/*.md, BENCHMARKS.md) names
+/// a file or folder that exists, and every `#anchor` names a heading of its page.
+#[test]
+fn documentation_links_resolve() {
+    let root = repo_root();
+    let mut pages = vec![root.join("README.md"), root.join("BENCHMARKS.md")];
+    for e in std::fs::read_dir(root.join("docs")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "md") {
+            pages.push(p);
+        }
+    }
+    assert!(pages.len() > 5, "{pages:?}");
+    // GitHub's anchors: lower case, spaces to '-', most punctuation dropped.
+    let anchors = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix('#'))
+            .map(|h| {
+                h.trim_start_matches('#')
+                    .trim()
+                    .to_lowercase()
+                    .chars()
+                    .filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-' || *c == '_')
+                    .map(|c| if c == ' ' { '-' } else { c })
+                    .collect()
+            })
+            .collect()
+    };
+    let mut checked = 0;
+    for page in &pages {
+        let text = std::fs::read_to_string(page).unwrap();
+        let dir = page.parent().unwrap();
+        for (i, _) in text.match_indices("](") {
+            let rest = &text[i + 2..];
+            let Some(end) = rest.find(')') else { continue };
+            let target = &rest[..end];
+            if target.contains("://") || target.contains(' ') {
+                continue;
+            }
+            let (file, anchor) = target.split_once('#').unwrap_or((target, ""));
+            let path = if file.is_empty() {
+                page.clone()
+            } else {
+                dir.join(file)
+            };
+            assert!(
+                path.exists(),
+                "{}: link to {target}: no such file",
+                page.display()
+            );
+            if !anchor.is_empty() {
+                let doc = std::fs::read_to_string(&path).unwrap();
+                assert!(
+                    anchors(&doc).iter().any(|a| a == anchor),
+                    "{}: link to {target}: no such heading",
+                    page.display()
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 20, "{checked} links");
+}

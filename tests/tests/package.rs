@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use rxd_e2e::repo_root;
+use rxd_e2e::{repo_root, target_dir};
 
 fn run(cmd: &mut Command) -> Output {
     cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
@@ -69,7 +69,8 @@ impl Drop for Chroot {
 }
 
 fn package() -> PathBuf {
-    let dir = repo_root().join("target/debian");
+    // packaging/build-deb writes it under cargo's target directory, the one this test runs from.
+    let dir = target_dir().join("debian");
     std::fs::read_dir(&dir)
         .ok()
         .and_then(|rd| {

@@ -336,6 +336,7 @@ fn clients_that_vanish_mid_request_leave_the_daemon_serving_and_leak_nothing() {
                     output_area: None,
                     priority: None,
                     timeout_ms: None,
+                    inline_overflow: false,
                 }),
             });
         }
@@ -496,6 +497,7 @@ fn sigterm_answers_every_accepted_request_then_exits_zero() {
                     output_area: None,
                     priority: None,
                     timeout_ms: None,
+                    inline_overflow: false,
                 }),
             },
             &mut frames,

@@ -1,22 +1,32 @@
 //! `rxctl`: the command-line client of rxd. Thin: flags here, everything else in the library.
 //!
-//! Exit codes: 0 success; 1 the daemon answered with an error; 2 `health` found the daemon
-//! unhealthy (or degraded, with `--strict`); 64 usage; 65 bad input file; 69 cannot reach the
-//! daemon; 74 cannot write an output file; 77 permission denied by the daemon.
+//! Exit codes ([`EXIT_CODES`], in `--help` and rxctl(1)): 0 success; 1 the daemon answered
+//! with an error; 2 `health` found the daemon unhealthy (or degraded, with `--strict`); 64
+//! usage; 65 bad input file; 69 cannot reach the daemon; 70 internal error; 74 cannot write
+//! an output file; 77 permission denied (by the daemon, or on its socket).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use rxd_client::protocol::{HealthState, ModelState, Tensor, TensorSpec};
-use rxd_client::{ClientError, ClientOptions, DType, ErrorCode, blocking::Client, npy, tensor};
+use rxd_client::protocol::{HealthState, ModelState, TensorSpec};
+use rxd_client::{ClientError, ClientOptions, ErrorCode, blocking::Client};
+
+/// What rxctl exits with.
+const EXIT_CODES: &str = "Exit codes: 0 ok; 1 the daemon answered with an error; 2 unhealthy \
+(health; also degraded with --strict); 64 usage; 65 an input file cannot be read; 69 the daemon \
+cannot be reached; 70 internal error; 74 an output file cannot be written; 77 permission \
+denied (an admin command, or the socket: members of the daemon's group, rxd for the packaged \
+service, may use it). With --json every command prints exactly one JSON document on stdout, \
+errors as {\"error\", \"exit_code\"}.";
 
 /// Command-line client for rxd, the local inference daemon.
 #[derive(Debug, Parser)]
 #[command(
     name = "rxctl",
     version,
-    about = "rxctl — command-line client for rxd, the local inference daemon"
+    about = "rxctl — command-line client for rxd, the local inference daemon",
+    after_help = EXIT_CODES
 )]
 struct Cli {
     /// Daemon socket.
@@ -71,7 +81,8 @@ enum Cmd {
         version: Option<u64>,
     },
     /// Run a model. Inputs come from .npy files; inputs not given are filled with random data
-    /// of the right shape (dynamic dimensions = 1).
+    /// (floats in [0, 1), integers 0..9) of the shape the daemon warmed the model up with, or
+    /// of the shape --dim gives, and the output says which inputs were random.
     Infer {
         model: String,
         #[arg(long)]
@@ -79,7 +90,14 @@ enum Cmd {
         /// NAME=FILE.npy, once per input.
         #[arg(long = "input", short = 'i', value_name = "NAME=FILE")]
         inputs: Vec<String>,
-        /// Write each output to DIR/NAME.npy.
+        /// Shape of a generated input, e.g. images=1x3x320x320 (default: the model's warmup
+        /// shape, `rxctl models MODEL` shows it; without one, dynamic dimensions are 1).
+        #[arg(long = "dim", value_name = "NAME=AxBx..")]
+        dims: Vec<String>,
+        /// Write each output to DIR/NAME.npy (created if missing). In NAME, every character
+        /// but ASCII letters, digits, _ - and . (and a leading .) becomes %XX, so each output
+        /// is one file inside DIR: save_infer_model/scale_0.tmp_1 →
+        /// save_infer_model%2Fscale_0.tmp_1.npy.
         #[arg(long, short = 'o', value_name = "DIR")]
         output_dir: Option<PathBuf>,
         /// Only these outputs (default: all).
@@ -94,7 +112,7 @@ enum Cmd {
     Bench {
         model: String,
         /// Connections, each with one request in flight; a list sweeps (1,8,32).
-        #[arg(long, short = 'c', value_delimiter = ',', default_value = "1")]
+        #[arg(long, short = 'c', value_delimiter = ',', default_value = "1", value_parser = positive)]
         concurrency: Vec<usize>,
         /// Open loop instead: RATE:SECONDS phases, e.g. 50:5,400:5,50:5 (requests/s).
         #[arg(long, value_name = "RATE:SECS,...")]
@@ -102,24 +120,34 @@ enum Cmd {
         /// Seconds per closed-loop run.
         #[arg(long, default_value_t = 5.0)]
         duration: f64,
-        /// Stop a closed-loop run after this many requests.
+        /// Stop a closed-loop run after exactly this many requests (or --duration).
         #[arg(long)]
         requests: Option<u64>,
-        /// Seconds of warm-up before measuring.
+        /// Seconds of warm-up before measuring (its requests are not in the figures; the
+        /// daemon's metrics count them, and the report says how many there were).
         #[arg(long, default_value_t = 1.0)]
         warmup: f64,
-        /// NAME=FILE.npy inputs; others are generated.
+        /// NAME=FILE.npy inputs; others are generated (random, of the model's warmup shape).
         #[arg(long = "input", short = 'i', value_name = "NAME=FILE")]
         inputs: Vec<String>,
-        /// Rows (first dimension) of generated inputs where it is dynamic.
-        #[arg(long, default_value_t = 1)]
-        rows: u64,
+        /// Shape of a generated input, e.g. images=1x3x320x320 (as for `rxctl infer`).
+        #[arg(long = "dim", value_name = "NAME=AxBx..")]
+        dims: Vec<String>,
+        /// Rows (first dimension) of generated inputs where it is dynamic (default: the
+        /// generated shape's).
+        #[arg(long)]
+        rows: Option<u64>,
         /// Send tensors inline instead of through the shared-memory arena.
         #[arg(long)]
         inline: bool,
         /// Per-request deadline in ms.
         #[arg(long)]
         timeout_ms: Option<u64>,
+        /// Send identical inputs in every request. By default each request differs in the
+        /// lowest bits of the largest float input's first elements, so that the daemon's
+        /// result cache and coalescing do not answer without running the model.
+        #[arg(long)]
+        same_input: bool,
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
@@ -232,6 +260,14 @@ enum ModelCmd {
     },
 }
 
+fn positive(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{s}' is not a positive number")),
+    }
+}
+
 fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -248,6 +284,10 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("'{s}' is too large"))
 }
 
+#[path = "rxctl/bench.rs"]
+mod bench;
+#[path = "rxctl/infer.rs"]
+mod infer;
 #[path = "rxctl/top.rs"]
 mod top;
 
@@ -257,6 +297,7 @@ mod code {
     pub const USAGE: u8 = 64;
     pub const DATA: u8 = 65;
     pub const UNAVAILABLE: u8 = 69;
+    pub const SOFTWARE: u8 = 70;
     pub const IO: u8 = 74;
     pub const NOPERM: u8 = 77;
 }
@@ -265,15 +306,49 @@ struct Failure(u8, String);
 
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Failure {
-        let c = match &e {
-            ClientError::Connect { .. } | ClientError::Handshake(_) | ClientError::Closed(_) => {
-                code::UNAVAILABLE
+        match &e {
+            ClientError::Connect { path, source }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                Failure(
+                    code::NOPERM,
+                    format!(
+                        "cannot connect to {path}: permission denied. Members of the daemon's \
+                         group may use its socket; for the packaged service that is group rxd: \
+                         `sudo usermod -aG rxd \"$USER\"`, then log in again ({source})"
+                    ),
+                )
             }
-            ClientError::Server(w) if w.kind() == Some(ErrorCode::PermissionDenied) => code::NOPERM,
-            _ => code::SERVER_ERROR,
-        };
-        Failure(c, e.to_string())
+            ClientError::Connect { .. } | ClientError::Handshake(_) | ClientError::Closed(_) => {
+                Failure(code::UNAVAILABLE, e.to_string())
+            }
+            ClientError::Server(w) if w.kind() == Some(ErrorCode::PermissionDenied) => {
+                Failure(code::NOPERM, e.to_string())
+            }
+            _ => Failure(code::SERVER_ERROR, e.to_string()),
+        }
     }
+}
+
+/// An `unknown_model` error with the models the daemon does serve.
+fn with_known_models(cli: &Cli, f: Failure) -> Failure {
+    let unknown = format!("{} (", ErrorCode::UnknownModel.name());
+    if f.0 != code::SERVER_ERROR || !f.1.starts_with(&unknown) {
+        return f;
+    }
+    let names: std::collections::BTreeSet<String> =
+        Client::connect_with(&cli.socket, ClientOptions::inline_only())
+            .and_then(|c| c.list_models())
+            .map(|l| l.into_iter().map(|m| m.name).collect())
+            .unwrap_or_default();
+    if names.is_empty() {
+        return f;
+    }
+    let names: Vec<String> = names.into_iter().collect();
+    Failure(
+        f.0,
+        format!("{}; the daemon serves: {}", f.1, names.join(", ")),
+    )
 }
 
 fn main() -> ExitCode {
@@ -292,7 +367,7 @@ fn main() -> ExitCode {
         let _ = <Cli as clap::CommandFactory>::command().print_help();
         return ExitCode::from(code::USAGE);
     };
-    match run(&cli, command) {
+    match run(&cli, command).map_err(|f| with_known_models(&cli, f)) {
         Ok(c) => ExitCode::from(c),
         Err(Failure(c, msg)) => {
             if cli.json {
@@ -307,39 +382,38 @@ fn main() -> ExitCode {
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {
-    println!("{}", serde_json::to_string_pretty(v).expect("serializable"));
+    match serde_json::to_string_pretty(v) {
+        Ok(text) => println!("{text}"),
+        Err(e) => eprintln!("rxctl: cannot print JSON: {e}"),
+    }
 }
 
 fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
-    if let Cmd::Infer {
-        model,
-        version,
-        inputs,
-        output_dir,
-        outputs,
-        seed,
-    } = command
-    {
-        return infer(
-            cli,
-            model,
-            *version,
-            inputs,
-            output_dir.as_ref(),
-            outputs,
-            *seed,
-        );
+    if let Cmd::Infer { .. } = command {
+        return infer::infer(cli, command);
     }
     if let Cmd::Bench { .. } = command {
-        return bench(cli, command);
+        return bench::bench(cli, command);
     }
     if let Cmd::Top { interval_ms } = command {
+        if cli.json {
+            return Err(Failure(
+                code::USAGE,
+                "rxctl top is a live view; `rxctl --json metrics` gives its figures as JSON".into(),
+            ));
+        }
         return top::run(
             &cli.socket,
             std::time::Duration::from_millis((*interval_ms).max(100)),
         )
-        .map(|()| 0)
-        .map_err(|e| Failure(code::UNAVAILABLE, e));
+        .map(|()| 0);
+    }
+    if let (Cmd::Metrics { prometheus: true }, true) = (command, cli.json) {
+        return Err(Failure(
+            code::USAGE,
+            "--prometheus prints Prometheus' text format, --json one JSON document: choose one"
+                .into(),
+        ));
     }
     let client = Client::connect_with(&cli.socket, ClientOptions::inline_only())?;
     match command {
@@ -500,7 +574,7 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
                         v.queue_capacity,
                         v.default_priority,
                         v.priority_aging_ms,
-                        v.cache_bytes
+                        cache_text(v.cache_bytes)
                     );
                 }
                 println!("inputs:");
@@ -567,7 +641,7 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
             } else if cli.json {
                 print_json(&m);
             } else {
-                print!("{}", top::render(&m, None, 200, 1000).join("\n"));
+                print!("{}", top::render(&m, None, 200, 1000, false).join("\n"));
                 println!();
             }
             Ok(0)
@@ -619,7 +693,7 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
                     } else {
                         ""
                     },
-                    v.cache_bytes
+                    cache_text(v.cache_bytes)
                 );
             }
             Ok(0)
@@ -635,8 +709,8 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
             min_cosine,
             dry_run,
         }) => {
-            let eval = read_inputs(eval)?;
-            let calibration = read_inputs(calibration)?;
+            let eval = infer::read_inputs(eval)?;
+            let calibration = infer::read_inputs(calibration)?;
             // A progress line while the daemon compresses and evaluates (on a terminal).
             let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let spinner = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
@@ -727,6 +801,15 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
     }
 }
 
+/// A cache size for people: `off`, or `64.0 MiB`.
+fn cache_text(bytes: u64) -> String {
+    if bytes == 0 {
+        "off".into()
+    } else {
+        size_text(bytes)
+    }
+}
+
 /// Bytes for people: `12.3 MiB`.
 fn size_text(bytes: u64) -> String {
     const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
@@ -743,336 +826,17 @@ fn size_text(bytes: u64) -> String {
     }
 }
 
-fn read_inputs(args: &[String]) -> Result<Vec<Tensor>, Failure> {
-    let mut given = Vec::new();
-    for arg in args {
-        let (name, path) = arg
-            .split_once('=')
-            .ok_or_else(|| Failure(code::USAGE, format!("--input '{arg}' is not NAME=FILE.npy")))?;
-        let file = std::fs::File::open(path)
-            .map_err(|e| Failure(code::DATA, format!("cannot open {path}: {e}")))?;
-        let t = npy::read(name, std::io::BufReader::new(file))
-            .map_err(|e| Failure(code::DATA, format!("{path}: {e}")))?;
-        given.push(t);
-    }
-    Ok(given)
-}
-
-fn bench(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
-    let Cmd::Bench {
-        model,
-        concurrency,
-        rate,
-        duration,
-        requests,
-        warmup,
-        inputs,
-        rows,
-        inline,
-        timeout_ms,
-        seed,
-    } = command
-    else {
-        unreachable!()
-    };
-    let phases: Vec<(f64, f64)> = match rate {
-        None => Vec::new(),
-        Some(text) => text
-            .split(',')
-            .map(|p| {
-                let (r, s) = p.split_once(':').unwrap_or((p, "5"));
-                match (r.trim().parse::<f64>(), s.trim().parse::<f64>()) {
-                    (Ok(r), Ok(s)) if r > 0.0 && s > 0.0 => Ok((r, s)),
-                    _ => Err(Failure(
-                        code::USAGE,
-                        format!("--rate phase '{p}' is not RATE:SECONDS"),
-                    )),
-                }
-            })
-            .collect::<Result<_, _>>()?,
-    };
-    let mut given = read_inputs(inputs)?;
-    let info =
-        Client::connect_with(&cli.socket, ClientOptions::inline_only())?.model_info(model, None)?;
-    let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for spec in &info.inputs {
-        if !given.iter().any(|t| t.name == spec.name) {
-            let mut spec = spec.clone();
-            if spec.dims.first() == Some(&-1) {
-                spec.dims[0] = *rows as i64;
-            }
-            given.push(random_input(&spec, &mut rng));
-        }
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| Failure(code::SERVER_ERROR, e.to_string()))?;
-    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let levels: Vec<usize> = if phases.is_empty() {
-        concurrency.clone()
-    } else {
-        vec![concurrency[0]]
-    };
-    let mut reports = Vec::new();
-    for &c in &levels {
-        let load = rxd_client::bench::Load {
-            socket: cli.socket.clone(),
-            model: model.clone(),
-            inputs: given.clone(),
-            concurrency: c.max(1),
-            rate_phases: phases.clone(),
-            duration: std::time::Duration::from_secs_f64(*duration),
-            requests: *requests,
-            warmup: std::time::Duration::from_secs_f64(*warmup),
-            arena: !inline,
-            timeout_ms: *timeout_ms,
-        };
-        let total: f64 = if phases.is_empty() {
-            *duration
-        } else {
-            phases.iter().map(|p| p.1).sum()
-        };
-        let report = rt.block_on(rxd_client::bench::run(&load, move |n, t| {
-            if tty {
-                let width = 30usize;
-                let filled = ((t.as_secs_f64() / total).min(1.0) * width as f64) as usize;
-                eprint!(
-                    "\r  c={c:<4} [{}{}] {:>5.1}/{total:.0} s  {n} requests ",
-                    "#".repeat(filled),
-                    " ".repeat(width - filled),
-                    t.as_secs_f64()
-                );
-            }
-        }));
-        if tty {
-            eprint!("\r{}\r", " ".repeat(72));
-        }
-        reports.push(report?);
-    }
-    if cli.json {
-        if reports.len() == 1 {
-            print_json(&reports[0]);
-        } else {
-            print_json(&serde_json::json!({ "runs": reports }));
-        }
-    } else {
-        println!(
-            "{:>6} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7}  ERRORS",
-            "CONC", "REQ/S", "P50 ms", "P90 ms", "P95 ms", "P99 ms", "BATCH"
-        );
-        for r in &reports {
-            let errors: Vec<String> = r.errors.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            println!(
-                "{:>6} {:>10.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7.2}  {}",
-                r.concurrency,
-                r.throughput_per_s,
-                r.latency_ms.p50,
-                r.latency_ms.p90,
-                r.latency_ms.p95,
-                r.latency_ms.p99,
-                r.mean_batch_size,
-                errors.join(" ")
-            );
-            for p in &r.phases {
-                println!(
-                    "       phase: offered {:>8.1}/s  achieved {:>8.1}/s  p99 {:>8.2} ms",
-                    p.offered_per_s, p.throughput_per_s, p.latency_ms.p99
-                );
-            }
-        }
-    }
-    Ok(if reports.iter().all(|r| r.errors.is_empty()) {
-        0
-    } else {
-        code::SERVER_ERROR
-    })
-}
-
 fn spec_text(t: &TensorSpec) -> String {
-    let dims: Vec<String> = t
-        .dims
-        .iter()
-        .zip(&t.dim_names)
-        .map(|(&d, n)| match (d, n.is_empty()) {
-            (d, _) if d >= 0 => d.to_string(),
-            (_, false) => n.clone(),
-            _ => "?".into(),
-        })
-        .collect();
-    let text = format!("{:<24} {:<8} [{}]", t.name, t.dtype.name(), dims.join(", "));
-    if t.max_dims.is_empty() {
-        return text;
-    }
-    let max: Vec<String> = t.max_dims.iter().map(u64::to_string).collect();
-    format!("{text}  at most [{}]", max.join(", "))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn infer(
-    cli: &Cli,
-    model: &str,
-    version: Option<u64>,
-    input_args: &[String],
-    output_dir: Option<&PathBuf>,
-    wanted: &[String],
-    seed: u64,
-) -> Result<u8, Failure> {
-    let mut given = read_inputs(input_args)?;
-    // Inputs large enough go through a shared-memory arena sized for them (the library decides
-    // per tensor); outputs come back inline.
-    let options = ClientOptions::default();
-    let input_bytes: u64 = given
-        .iter()
-        .filter_map(tensor::bytes)
-        .map(|b| (b.len() as u64).next_multiple_of(64))
-        .filter(|&n| n >= options.inline_threshold)
-        .sum();
-    let options = ClientOptions {
-        arena_bytes: if input_bytes > 0 {
-            input_bytes + (1 << 20)
-        } else {
-            0
-        },
-        ..options
+    let list = |v: &[u64]| {
+        let parts: Vec<String> = v.iter().map(u64::to_string).collect();
+        format!("[{}]", parts.join(", "))
     };
-    let client = Client::connect_with(&cli.socket, options)?;
-    let info = client.model_info(model, version)?;
-    let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for spec in &info.inputs {
-        if !given.iter().any(|t| t.name == spec.name) {
-            given.push(random_input(spec, &mut rng));
-        }
+    let mut text = format!("{:<24} {:<8} {}", t.name, t.dtype.name(), t.dims_text());
+    if !t.warmup_dims.is_empty() {
+        text.push_str(&format!("  warmup {}", list(&t.warmup_dims)));
     }
-    let reply = if version.is_none() && wanted.is_empty() {
-        let outputs = client.infer(model, given)?;
-        rxd_client::protocol::InferReply {
-            model: model.into(),
-            version: info.summary.version,
-            outputs,
-        }
-    } else {
-        let mut req = rxd_client::protocol::InferRequest::new(model, given);
-        req.version = version;
-        req.outputs = wanted.to_vec();
-        client.infer_request(req)?
-    };
-    if let Some(dir) = output_dir {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Failure(code::IO, format!("{}: {e}", dir.display())))?;
-        for t in &reply.outputs {
-            let path = dir.join(format!("{}.npy", t.name));
-            let f = std::fs::File::create(&path)
-                .map_err(|e| Failure(code::IO, format!("{}: {e}", path.display())))?;
-            npy::write(t, std::io::BufWriter::new(f))
-                .map_err(|e| Failure(code::IO, format!("{}: {e}", path.display())))?;
-        }
+    if !t.max_dims.is_empty() {
+        text.push_str(&format!("  at most {}", list(&t.max_dims)));
     }
-    if cli.json {
-        let outs: Vec<serde_json::Value> = reply
-            .outputs
-            .iter()
-            .map(|t| {
-                serde_json::json!({
-                    "name": t.name, "dtype": t.dtype.name(), "shape": t.shape,
-                    "values": preview(t, usize::MAX),
-                })
-            })
-            .collect();
-        print_json(
-            &serde_json::json!({"model": reply.model, "version": reply.version, "outputs": outs}),
-        );
-    } else {
-        println!("{} version {}:", reply.model, reply.version);
-        for t in &reply.outputs {
-            let shape: Vec<String> = t.shape.iter().map(u64::to_string).collect();
-            let values: Vec<String> = preview(t, 10).iter().map(human_number).collect();
-            let more = if t.shape.iter().product::<u64>() > 10 {
-                ", ..."
-            } else {
-                ""
-            };
-            println!(
-                "  {} {} [{}] = [{}{more}]",
-                t.name,
-                t.dtype.name(),
-                shape.join(", "),
-                values.join(", ")
-            );
-        }
-        if let Some(dir) = output_dir {
-            println!("outputs written to {}", dir.display());
-        }
-    }
-    Ok(0)
-}
-
-fn human_number(v: &serde_json::Value) -> String {
-    match v.as_f64() {
-        Some(x) if v.is_f64() && x != 0.0 && !(1e-3..1e6).contains(&x.abs()) => format!("{x:.3e}"),
-        Some(x) if v.is_f64() => format!("{x:.4}"),
-        _ => v.to_string(),
-    }
-}
-
-/// Random data for an input: floats in [0, 1), integers in 0..10, booleans.
-fn random_input(spec: &TensorSpec, rng: &mut u64) -> Tensor {
-    let shape: Vec<u64> = spec
-        .dims
-        .iter()
-        .map(|&d| if d < 0 { 1 } else { d as u64 })
-        .collect();
-    let n = shape.iter().product::<u64>() as usize;
-    let mut next = || {
-        *rng ^= *rng << 13;
-        *rng ^= *rng >> 7;
-        *rng ^= *rng << 17;
-        *rng
-    };
-    let mut bytes = Vec::new();
-    for _ in 0..n {
-        let r = next();
-        let unit = (r >> 40) as f32 / (1u64 << 24) as f32;
-        match spec.dtype {
-            DType::Float32 => bytes.extend_from_slice(&unit.to_le_bytes()),
-            DType::Float64 => bytes.extend_from_slice(&f64::from(unit).to_le_bytes()),
-            DType::Bool => bytes.push((r & 1) as u8),
-            d => {
-                let v = (r % 10).to_le_bytes();
-                let size = (d.bits() / 8).max(1) as usize;
-                bytes.extend_from_slice(&v[..size.min(8)]);
-                bytes.resize(bytes.len() + size.saturating_sub(8), 0);
-            }
-        }
-    }
-    let len = spec.dtype.byte_len(n as u64).unwrap_or(0) as usize;
-    bytes.resize(len, 0);
-    Tensor::inline(spec.name.clone(), spec.dtype, shape, bytes)
-}
-
-/// The first `max` values of a tensor as JSON numbers (empty for dtypes without a preview).
-fn preview(t: &Tensor, max: usize) -> Vec<serde_json::Value> {
-    fn take<T: tensor::Element + Into<serde_json::Value>>(
-        t: &Tensor,
-        max: usize,
-    ) -> Vec<serde_json::Value> {
-        tensor::to_array::<T>(t)
-            .map(|a| a.iter().take(max).map(|&x| x.into()).collect())
-            .unwrap_or_default()
-    }
-    match t.dtype {
-        DType::Float32 => take::<f32>(t, max),
-        DType::Float64 => take::<f64>(t, max),
-        DType::Int8 => take::<i8>(t, max),
-        DType::Int16 => take::<i16>(t, max),
-        DType::Int32 => take::<i32>(t, max),
-        DType::Int64 => take::<i64>(t, max),
-        DType::Uint8 => take::<u8>(t, max),
-        DType::Uint16 => take::<u16>(t, max),
-        DType::Uint32 => take::<u32>(t, max),
-        DType::Uint64 => take::<u64>(t, max),
-        DType::Bool => take::<bool>(t, max),
-        _ => Vec::new(),
-    }
+    text
 }

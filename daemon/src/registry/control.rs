@@ -162,7 +162,7 @@ impl Registry {
             self.persist(name, c)
                 .map_err(|e| RequestError::Internal(format!("cannot write model.toml: {e}")))?;
         }
-        tracing::info!(model = %name, version, ?c, "settings changed");
+        tracing::info!(model = %name, version, "settings changed: {}", changes(c));
         self.settings_view(name, version)
     }
 
@@ -294,7 +294,10 @@ impl Registry {
             doc["priority-aging-ms"] = int(v);
         }
         if let Some(v) = c.cache_bytes {
-            doc["cache-bytes"] = int(v);
+            doc["cache-bytes"] = match size_text(v) {
+                Some(text) => toml_edit::value(text),
+                None => int(v),
+            };
         }
         if let Some(d) = &c.device {
             let mut a = toml_edit::Array::new();
@@ -304,5 +307,85 @@ impl Registry {
         let tmp = path.with_extension("toml.tmp");
         std::fs::write(&tmp, doc.to_string())?;
         std::fs::rename(&tmp, &path)
+    }
+}
+
+/// A byte count as model.toml's users write it (`64MiB`), when it is a whole number of KiB,
+/// MiB or GiB.
+fn size_text(v: u64) -> Option<String> {
+    [(30, "GiB"), (20, "MiB"), (10, "KiB")]
+        .into_iter()
+        .find(|&(shift, _)| v > 0 && v.is_multiple_of(1u64 << shift))
+        .map(|(shift, unit)| format!("{}{unit}", v >> shift))
+}
+
+/// The settings a configure request changes, for the log: `instances 2, cache-bytes 64MiB`.
+fn changes(c: &rxd_protocol::Configure) -> String {
+    let mut parts = Vec::new();
+    let mut put = |key: &str, v: Option<String>| {
+        if let Some(v) = v {
+            parts.push(format!("{key} {v}"));
+        }
+    };
+    put("instances", c.instances.map(|v| v.to_string()));
+    put("max-batch-rows", c.max_batch_rows.map(|v| v.to_string()));
+    put(
+        "max-queue-delay-us",
+        c.max_queue_delay_us.map(|v| v.to_string()),
+    );
+    put(
+        "latency-target-ms",
+        c.latency_target_ms
+            .map(|v| if v > 0.0 { v.to_string() } else { "off".into() }),
+    );
+    put(
+        "default-priority",
+        c.default_priority.map(|v| v.to_string()),
+    );
+    put(
+        "priority-aging-ms",
+        c.priority_aging_ms.map(|v| v.to_string()),
+    );
+    put(
+        "cache-bytes",
+        c.cache_bytes
+            .map(|v| size_text(v).unwrap_or_else(|| v.to_string())),
+    );
+    put("device", c.device.clone());
+    if c.clear_cache {
+        parts.push("cache cleared".into());
+    }
+    if c.persist {
+        parts.push("written to model.toml".into());
+    }
+    if parts.is_empty() {
+        "nothing".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_read_as_settings_and_sizes_as_people_write_them() {
+        assert_eq!(size_text(64 << 20).as_deref(), Some("64MiB"));
+        assert_eq!(size_text(3 << 30).as_deref(), Some("3GiB"));
+        assert_eq!(size_text(1536).as_deref(), None, "1.5 KiB stays a number");
+        assert_eq!(size_text(0), None);
+        let c = rxd_protocol::Configure {
+            model: "digits".into(),
+            instances: Some(2),
+            cache_bytes: Some(64 << 20),
+            latency_target_ms: Some(0.0),
+            persist: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            changes(&c),
+            "instances 2, latency-target-ms off, cache-bytes 64MiB, written to model.toml"
+        );
     }
 }

@@ -366,6 +366,14 @@ impl Drop for LoadedModel {
     }
 }
 
+/// Errors of a load that [`Registry::fail`] has already logged.
+fn logged_by_fail(e: &RequestError) -> bool {
+    matches!(
+        e,
+        RequestError::LoadFailed { .. } | RequestError::OverBudget { .. }
+    )
+}
+
 /// A model can batch when every input and output has rank ≥ 1 and a dynamic first dimension.
 pub fn batchable(sig: &Signature) -> bool {
     sig.inputs
@@ -837,7 +845,9 @@ impl Registry {
         let mut seen = HashSet::new();
         targets.retain(|t| seen.insert(t.clone()));
         for (name, version) in targets {
-            if let Err(e) = self.load_with(&name, Some(version), true) {
+            if let Err(e) = self.load_with(&name, Some(version), true)
+                && !logged_by_fail(&e)
+            {
                 tracing::error!(model = %name, version, "{e}");
             }
         }
@@ -872,7 +882,9 @@ impl Registry {
             let mut ok = true;
             for &v in served.iter().rev() {
                 if let Err(e) = self.load(&name, Some(v)) {
-                    tracing::error!(model = %name, version = v, "reload: {e}");
+                    if !logged_by_fail(&e) {
+                        tracing::error!(model = %name, version = v, "reload: {e}");
+                    }
                     ok = false;
                     break;
                 }
@@ -1313,7 +1325,8 @@ impl Registry {
                 ver.failed_files = Some(FileStamp::of(&ver.path));
             }
         }
-        tracing::warn!(model = %name, version, "{message}");
+        // The one log line of a failed load (callers do not log it again).
+        tracing::warn!(model = %name, version, "load failed: {message}");
         let err = match code {
             Some(ErrorCode::OverBudget) => RequestError::OverBudget { message },
             _ => RequestError::LoadFailed {
@@ -1595,6 +1608,7 @@ impl LoadJob {
                 .intra_op_threads
                 .unwrap_or(self.defaults.intra_op_threads),
             allow_spinning: settings.allow_spinning.unwrap_or(false),
+            log_id: format!("{name}:{version}"),
         };
         let instances = settings.instances.unwrap_or(1);
         let sched_settings = settings.scheduler(self.defaults.queue_capacity);
@@ -1627,6 +1641,8 @@ impl LoadJob {
         let warmup_dims = settings.warmup_dims.clone().unwrap_or_default();
         // Whether the batch-1 warmup ran: its inputs then shrink the arena after large runs.
         let mut warm_one = warm;
+        // The outputs' shapes in the first instance's batch-1 warmup.
+        let mut warmed_outputs: Option<Vec<Vec<u64>>> = None;
         for i in 0..instances {
             let prof = (i == 0 && warm).then_some(profile.as_path());
             let created = self.runtime.session_on(path, &opts, target_now, prof);
@@ -1673,26 +1689,27 @@ impl LoadJob {
             let per_size = settings.session_per_batch_size.unwrap_or(true)
                 && *target_now.kind != crate::config::DeviceKind::Cpu
                 && pad_to.iter().any(|&b| b > 1);
-            // Zero inputs at `rows` rows: false (logged) when it fails with automatic shapes;
-            // with configured warmup-dims a failure fails the load.
-            let warm_at =
-                |session: &mut ort::session::Session, rows: u64| -> Result<bool, String> {
-                    match crate::runtime::warmup(session, &sig, rows, &warmup_dims) {
-                        Ok(()) => Ok(true),
-                        Err(e) if settings.warmup_dims.is_some() => {
-                            Err(format!("warmup at batch {rows} failed: {e}"))
-                        }
-                        Err(e) => {
-                            tracing::warn!(
-                                model = %name,
-                                version,
-                                "warmup at batch {rows} with automatic shapes failed (set \
-                                 warmup-dims in model.toml): {e}"
-                            );
-                            Ok(false)
-                        }
+            // Zero inputs at `rows` rows: the outputs' shapes, or None (logged) when it fails
+            // with automatic shapes; with configured warmup-dims a failure fails the load.
+            let warm_at = |session: &mut ort::session::Session,
+                           rows: u64|
+             -> Result<Option<Vec<Vec<u64>>>, String> {
+                match crate::runtime::warmup(session, &sig, rows, &warmup_dims) {
+                    Ok(shapes) => Ok(Some(shapes)),
+                    Err(e) if settings.warmup_dims.is_some() => {
+                        Err(format!("warmup at batch {rows} failed: {e}"))
                     }
-                };
+                    Err(e) => {
+                        tracing::warn!(
+                            model = %name,
+                            version,
+                            "warmup at batch {rows} with automatic shapes failed (set \
+                             warmup-dims in model.toml): {e}"
+                        );
+                        Ok(None)
+                    }
+                }
+            };
             if warm {
                 // With a session per batch size, `main` only ever runs batch 1 (and sizes above
                 // the largest): warming it at others would leave it planned for the wrong shape.
@@ -1706,16 +1723,25 @@ impl LoadJob {
                 sizes.sort_unstable();
                 sizes.dedup();
                 for rows in sizes {
-                    if !warm_at(&mut session, rows)? {
-                        warm_one &= rows > 1;
-                        break;
+                    match warm_at(&mut session, rows)? {
+                        Some(shapes) if rows == 1 && i == 0 => warmed_outputs = Some(shapes),
+                        Some(_) => {}
+                        None => {
+                            warm_one &= rows > 1;
+                            break;
+                        }
                     }
                 }
             }
             if prof.is_some() {
                 match crate::runtime::node_placement(&mut session, target_now.kind.ep()) {
                     Ok(p) => {
-                        tracing::info!(model = %name, version, nodes = ?p.nodes, "node placement");
+                        let nodes: Vec<String> = p
+                            .nodes
+                            .iter()
+                            .map(|(ep, n)| format!("{n} on {ep}"))
+                            .collect();
+                        tracing::info!(model = %name, version, "nodes: {}", nodes.join(", "));
                         placement = Some(p);
                     }
                     Err(e) => tracing::warn!(model = %name, version, "no node placement: {e}"),
@@ -1740,7 +1766,7 @@ impl LoadJob {
                         .session_on(path, &opts, target_now, None)
                         .map_err(|e| e.to_string())?;
                     if warm {
-                        warm_at(&mut extra, u64::from(rows))?;
+                        let _ = warm_at(&mut extra, u64::from(rows))?;
                     }
                     worker.by_rows.push((u64::from(rows), extra));
                 }
@@ -1761,6 +1787,9 @@ impl LoadJob {
             .max()
             .unwrap_or(1);
         let keep = apply_limits(&mut signature, settings, warm_rows)?;
+        if let (true, Some(outputs)) = (warm_one, warmed_outputs) {
+            record_warmup_shapes(&mut signature, &warmup_dims, outputs);
+        }
         for worker in &mut sessions {
             let tidy = if warm_one {
                 crate::runtime::zero_inputs(&signature, 1, &warmup_dims).unwrap_or_default()
@@ -1853,7 +1882,10 @@ impl Registry {
         // Dropping outside the lock: if no request holds the model, this joins its workers.
         let _guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
         release(dropped);
-        tracing::info!(model = %name, ?version, "model unloaded");
+        match version {
+            Some(v) => tracing::info!(model = %name, version = v, "model unloaded"),
+            None => tracing::info!(model = %name, "model unloaded (every version)"),
+        }
         Ok(result)
     }
 
@@ -2146,6 +2178,22 @@ fn apply_limits(
     }
     sig.allow_empty = settings.allow_empty_inputs.unwrap_or(false);
     Ok(elements)
+}
+
+/// Records the shapes of the batch-1 warmup in the signature (`model_info` shows them), so
+/// that clients generating inputs use a shape the model runs with.
+fn record_warmup_shapes(
+    sig: &mut Signature,
+    warmup_dims: &HashMap<String, Vec<i64>>,
+    outputs: Vec<Vec<u64>>,
+) {
+    for spec in &mut sig.inputs {
+        let given = warmup_dims.get(&spec.name).map(Vec::as_slice);
+        spec.warmup_dims = crate::runtime::warmup_shape(spec, 1, given);
+    }
+    for (spec, shape) in sig.outputs.iter_mut().zip(outputs) {
+        spec.warmup_dims = shape;
+    }
 }
 
 /// Drops models (joining their workers once their last request is done) and hands the freed

@@ -7,6 +7,7 @@
 //! Boundary: this module knows tensors as (dtype, shape, bytes); it knows nothing about
 //! connections, the wire format's framing or the repository layout.
 
+pub mod log;
 mod raw;
 
 use std::borrow::Cow;
@@ -104,6 +105,8 @@ pub struct SessionOptions {
     pub intra_op_threads: u32,
     /// Let ORT's intra-op threads spin after work (lower latency, burns CPU while idle-ish).
     pub allow_spinning: bool,
+    /// Names the session in ORT's log messages (`model:version`).
+    pub log_id: String,
 }
 
 impl Runtime {
@@ -120,8 +123,12 @@ impl Runtime {
         let env = builder
             .with_name("rxd")
             .with_telemetry(false)
+            .with_logger(log::logger())
             .build()
             .map_err(|e| lib_err(e.to_string()))?;
+        // With a custom logger ORT starts at its most verbose level: every message would be
+        // formatted and handed over, per run too. Warnings and errors are what rxd logs.
+        env.set_log_level(ort::logging::LogLevel::Warning);
         let version = version_of(library);
         if let Some(cap) = run_memory {
             raw::register_capped_cpu_arena(&env, usize::try_from(cap).unwrap_or(usize::MAX))
@@ -169,6 +176,7 @@ impl Runtime {
         let opts = SessionOptions {
             intra_op_threads: 1,
             allow_spinning: false,
+            log_id: "rxd-probe".into(),
         };
         let made = self.session_on(&path, &opts, target, None);
         let _ = std::fs::remove_file(&path);
@@ -266,6 +274,7 @@ impl Runtime {
             })
             .and_then(|b| b.with_inter_threads(1).map_err(Into::into))
             .and_then(|b| self.shared_allocator(b))
+            .and_then(|b| b.with_log_id(&opts.log_id).map_err(Into::into))
             .and_then(|b| {
                 b.with_config_entry(
                     "session.intra_op.allow_spinning",
@@ -541,19 +550,33 @@ pub const WARMUP_AUTO_DIM: u64 = 32;
 /// `dims` gives full shapes for named inputs (its first dimension is replaced by `rows` when
 /// the model's is dynamic); other dynamic dimensions get [`WARMUP_AUTO_DIM`]. This makes ORT
 /// allocate its arena for that batch size (and compile kernels on GPU providers) before the
-/// first client request.
+/// first client request. Returns the outputs' shapes, in the signature's output order.
 pub fn warmup(
     session: &mut Session,
     sig: &Signature,
     rows: u64,
     dims: &std::collections::HashMap<String, Vec<i64>>,
-) -> Result<(), RuntimeError> {
+) -> Result<Vec<Vec<u64>>, RuntimeError> {
     let values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = zero_inputs(sig, rows, dims)?
         .into_iter()
         .map(|(name, tensor)| (Cow::Owned(name), tensor.into()))
         .collect();
-    session.run(values).map_err(|e| run_err(&e))?;
-    Ok(())
+    let outputs = session.run(values).map_err(|e| run_err(&e))?;
+    Ok(sig
+        .outputs
+        .iter()
+        .map(|spec| {
+            outputs
+                .get(spec.name.as_str())
+                .and_then(|v| match v.dtype() {
+                    ValueType::Tensor { shape, .. } => {
+                        Some(shape.iter().map(|&d| d.max(0) as u64).collect())
+                    }
+                    _ => None,
+                })
+                .unwrap_or_default()
+        })
+        .collect())
 }
 
 /// Zero-filled inputs of the warmup's shapes at `rows` rows (see [`warmup`]).
@@ -662,6 +685,7 @@ impl Signature {
                         dims,
                         dim_names,
                         max_dims: Vec::new(),
+                        warmup_dims: Vec::new(),
                     })
                 }
                 other => Err(format!(
@@ -787,6 +811,9 @@ pub struct Placement {
     pub targets: Vec<OutputTarget>,
     /// The output area (offset, len), when any target is `Area`.
     pub area: Option<(u64, u64)>,
+    /// An output that does not fit its region or the rest of the area goes inline instead of
+    /// failing the job (`InferRequest::inline_overflow`).
+    pub inline_overflow: bool,
 }
 
 /// One output of a run.
@@ -1506,7 +1533,8 @@ pub fn deliver(
 }
 
 /// Decides where each output goes (`None` = inline) and checks, before anything is written,
-/// that every region is large enough: no partial writes.
+/// that every region is large enough: no partial writes. With `inline_overflow`, an output
+/// that does not fit its region, or the area after the outputs placed before it, goes inline.
 fn place(
     placement: &Placement,
     wanted: &[String],
@@ -1514,7 +1542,9 @@ fn place(
 ) -> Result<Vec<Option<u64>>, RuntimeError> {
     let mut offsets = Vec::with_capacity(bytes.len());
     let (area_start, area_len) = placement.area.unwrap_or((0, 0));
+    let area_end = area_start.saturating_add(area_len);
     let mut cursor = area_start;
+    let overflow = placement.inline_overflow;
     for (i, data) in bytes.iter().enumerate() {
         let n = data.len() as u64;
         match placement
@@ -1524,6 +1554,7 @@ fn place(
             .unwrap_or(OutputTarget::Inline)
         {
             OutputTarget::Inline => offsets.push(None),
+            OutputTarget::Region { len, .. } if n > len && overflow => offsets.push(None),
             OutputTarget::Region { offset, len } => {
                 if n > len {
                     return Err(RuntimeError::OutputTooSmall {
@@ -1536,7 +1567,12 @@ fn place(
             }
             OutputTarget::Area => {
                 let start = cursor.next_multiple_of(rxd_protocol::OUTPUT_ALIGN);
-                cursor = start.saturating_add(n);
+                let end = start.saturating_add(n);
+                if overflow && end > area_end {
+                    offsets.push(None);
+                    continue;
+                }
+                cursor = end;
                 offsets.push(Some(start));
             }
         }
@@ -1550,4 +1586,59 @@ fn place(
         });
     }
     Ok(offsets)
+}
+
+#[cfg(test)]
+mod place_tests {
+    use super::*;
+
+    fn placement(
+        targets: Vec<OutputTarget>,
+        area: Option<(u64, u64)>,
+        overflow: bool,
+    ) -> Placement {
+        Placement {
+            arena: None,
+            targets,
+            area,
+            inline_overflow: overflow,
+        }
+    }
+
+    #[test]
+    fn outputs_that_do_not_fit_go_inline_only_when_the_request_allows_it() {
+        let wanted = vec!["a".to_string(), "b".to_string(), "c".to_string()];
+        let (a, b, c) = (vec![0u8; 100], vec![0u8; 300], vec![0u8; 10]);
+        let bytes: Vec<&[u8]> = vec![&a, &b, &c];
+        let area = vec![OutputTarget::Area; 3];
+        // An area of 256 bytes holds `a` (at 0) and, after `b` overflows, `c` (at 128).
+        let p = placement(area.clone(), Some((1024, 256)), true);
+        assert_eq!(
+            place(&p, &wanted, &bytes).unwrap(),
+            vec![Some(1024), None, Some(1152)]
+        );
+        let p = placement(area, Some((1024, 256)), false);
+        assert!(matches!(
+            place(&p, &wanted, &bytes),
+            Err(RuntimeError::OutputTooSmall { needed: 458, .. })
+        ));
+        let region = vec![
+            OutputTarget::Region { offset: 0, len: 50 },
+            OutputTarget::Region {
+                offset: 64,
+                len: 300,
+            },
+            OutputTarget::Inline,
+        ];
+        let p = placement(region.clone(), None, true);
+        assert_eq!(
+            place(&p, &wanted, &bytes).unwrap(),
+            vec![None, Some(64), None]
+        );
+        let p = placement(region, None, false);
+        assert!(matches!(
+            place(&p, &wanted, &bytes),
+            Err(RuntimeError::OutputTooSmall { needed: 100, .. })
+        ));
+    }
 }

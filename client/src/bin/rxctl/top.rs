@@ -13,19 +13,20 @@ use rxd_client::ClientOptions;
 use rxd_client::blocking::Client;
 use rxd_client::protocol::MetricsReport;
 
-use crate::size_text as size;
+use crate::{Failure, code, size_text as size};
 
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("-".into(), |v| format!("{v:.digits$}"))
 }
 
 /// The view as lines of at most `width` characters, at most `height` lines. `prev` (the last
-/// report and the time since) gives the process CPU share.
+/// report and the time since) gives the process CPU share; `live` adds how to quit.
 pub fn render(
     m: &MetricsReport,
     prev: Option<(&MetricsReport, Duration)>,
     width: usize,
     height: usize,
+    live: bool,
 ) -> Vec<String> {
     let mut lines = Vec::new();
     let cpu = match (prev, m.process.cpu_seconds) {
@@ -36,13 +37,14 @@ pub fn render(
         _ => None,
     };
     lines.push(format!(
-        "rxd: up {:.0} s, {} connections, {} in flight, {} requests, RSS {}, CPU {}   (q quits)",
+        "rxd: up {:.0} s, {} connections, {} in flight, {} requests, RSS {}, CPU {}{}",
         m.uptime_ms as f64 / 1000.0,
         m.connections_open,
         m.in_flight,
         m.requests_total,
         m.process.rss_bytes.map_or("-".into(), size),
         cpu.unwrap_or_else(|| "-".into()),
+        if live { "   (q quits)" } else { "" },
     ));
     lines.push(String::new());
     lines.push(format!(
@@ -157,19 +159,29 @@ impl Drop for Screen {
 }
 
 /// Runs the live view until q, Esc or Ctrl-C.
-pub fn run(socket: &Path, interval: Duration) -> Result<(), String> {
-    let client = Client::connect_with(socket, ClientOptions::inline_only())
-        .map_err(|e| format!("cannot connect to {}: {e}", socket.display()))?;
-    let _screen = Screen::enter().map_err(|e| format!("not a terminal: {e}"))?;
+pub fn run(socket: &Path, interval: Duration) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
+        return Err(Failure(
+            code::USAGE,
+            "rxctl top is a live view and needs a terminal; `rxctl metrics` prints the same \
+             figures once (`rxctl --json metrics` as JSON)"
+                .into(),
+        ));
+    }
+    let client = Client::connect_with(socket, ClientOptions::inline_only())?;
+    let io = |e: std::io::Error| Failure(code::IO, format!("terminal: {e}"));
+    let _screen = Screen::enter().map_err(io)?;
     let mut prev: Option<(MetricsReport, Instant)> = None;
     loop {
-        let report = client.metrics().map_err(|e| e.to_string())?;
+        let report = client.metrics()?;
         let (w, h) = terminal::size().unwrap_or((120, 40));
         let lines = render(
             &report,
             prev.as_ref().map(|(p, t)| (p, t.elapsed())),
             w as usize,
             h as usize,
+            true,
         );
         let mut out = std::io::stdout();
         let _ = queue!(
@@ -189,8 +201,8 @@ pub fn run(socket: &Path, interval: Duration) -> Result<(), String> {
             if left.is_zero() {
                 break;
             }
-            if event::poll(left).map_err(|e| e.to_string())?
-                && let Event::Key(k) = event::read().map_err(|e| e.to_string())?
+            if event::poll(left).map_err(io)?
+                && let Event::Key(k) = event::read().map_err(io)?
                 && k.kind != KeyEventKind::Release
             {
                 let quit = matches!(k.code, KeyCode::Char('q') | KeyCode::Esc)

@@ -1,0 +1,192 @@
+//! `rxctl bench`: flags to a [`rxd_client::bench::Load`], a progress line on a terminal, and
+//! the report as a table or JSON.
+
+use rxd_client::ClientOptions;
+use rxd_client::blocking::Client;
+
+use crate::infer::{generate, generated_text, parse_dims, read_inputs};
+use crate::{Cli, Cmd, Failure, code, print_json};
+
+pub fn bench(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
+    let Cmd::Bench {
+        model,
+        concurrency,
+        rate,
+        duration,
+        requests,
+        warmup,
+        inputs,
+        dims,
+        rows,
+        inline,
+        timeout_ms,
+        same_input,
+        seed,
+    } = command
+    else {
+        unreachable!()
+    };
+    let phases: Vec<(f64, f64)> = match rate {
+        None => Vec::new(),
+        Some(text) => text
+            .split(',')
+            .map(|p| {
+                let (r, s) = p.split_once(':').unwrap_or((p, "5"));
+                match (r.trim().parse::<f64>(), s.trim().parse::<f64>()) {
+                    (Ok(r), Ok(s)) if r > 0.0 && s > 0.0 => Ok((r, s)),
+                    _ => Err(Failure(
+                        code::USAGE,
+                        format!("--rate phase '{p}' is not RATE:SECONDS"),
+                    )),
+                }
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let mut given = read_inputs(inputs)?;
+    let dims = parse_dims(dims)?;
+    let info =
+        Client::connect_with(&cli.socket, ClientOptions::inline_only())?.model_info(model, None)?;
+    let generated = generate(&info, &mut given, &dims, *rows, *seed)?;
+    if !cli.json
+        && let Some(text) = generated_text(&generated)
+    {
+        println!("{text}");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Failure(code::SERVER_ERROR, e.to_string()))?;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let levels: Vec<usize> = if phases.is_empty() {
+        concurrency.clone()
+    } else {
+        vec![concurrency[0]]
+    };
+    let mut reports = Vec::new();
+    for &c in &levels {
+        let load = rxd_client::bench::Load {
+            socket: cli.socket.clone(),
+            model: model.clone(),
+            inputs: given.clone(),
+            concurrency: c,
+            rate_phases: phases.clone(),
+            duration: std::time::Duration::from_secs_f64(*duration),
+            requests: *requests,
+            warmup: std::time::Duration::from_secs_f64(*warmup),
+            arena: !inline,
+            timeout_ms: *timeout_ms,
+            same_input: *same_input,
+        };
+        let total: f64 = if phases.is_empty() {
+            *duration
+        } else {
+            phases.iter().map(|p| p.1).sum()
+        };
+        let report = rt.block_on(rxd_client::bench::run(&load, move |n, t| {
+            if tty {
+                let width = 30usize;
+                let filled = ((t.as_secs_f64() / total).min(1.0) * width as f64) as usize;
+                eprint!(
+                    "\r  c={c:<4} [{}{}] {:>5.1}/{total:.0} s  {n} requests ",
+                    "#".repeat(filled),
+                    " ".repeat(width - filled),
+                    t.as_secs_f64()
+                );
+            }
+        }));
+        if tty {
+            eprint!("\r{}\r", " ".repeat(72));
+        }
+        reports.push(report?);
+    }
+    if cli.json {
+        let mut doc = if reports.len() == 1 {
+            serde_json::to_value(&reports[0])
+        } else {
+            serde_json::to_value(&reports).map(|runs| serde_json::json!({ "runs": runs }))
+        }
+        .map_err(|e| Failure(code::SOFTWARE, e.to_string()))?;
+        if let Some(map) = doc.as_object_mut() {
+            map.insert(
+                "generated_inputs".into(),
+                serde_json::to_value(&generated).unwrap_or_default(),
+            );
+        }
+        print_json(&doc);
+    } else {
+        print_table(&reports);
+    }
+    Ok(if reports.iter().all(|r| r.errors.is_empty()) {
+        0
+    } else {
+        code::SERVER_ERROR
+    })
+}
+
+fn print_table(reports: &[rxd_client::bench::Report]) {
+    println!(
+        "{:>6} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7}  ERRORS",
+        "CONC", "REQ/S", "P50 ms", "P90 ms", "P95 ms", "P99 ms", "BATCH", "CACHED"
+    );
+    for r in reports {
+        let errors: Vec<String> = r.errors.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!(
+            "{:>6} {:>10.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7.2} {:>6.0}%  {}",
+            r.concurrency,
+            r.throughput_per_s,
+            r.latency_ms.p50,
+            r.latency_ms.p90,
+            r.latency_ms.p95,
+            r.latency_ms.p99,
+            r.mean_batch_size,
+            r.answered_without_running() * 100.0,
+            errors.join(" ")
+        );
+        for p in &r.phases {
+            println!(
+                "       phase: offered {:>8.1}/s  achieved {:>8.1}/s  p99 {:>8.2} ms",
+                p.offered_per_s, p.throughput_per_s, p.latency_ms.p99
+            );
+        }
+    }
+    let Some(first) = reports.first() else {
+        return;
+    };
+    let warm: Vec<String> = reports
+        .iter()
+        .map(|r| format!("{} requests in {:.1} s", r.warmup_requests, r.warmup_s))
+        .collect();
+    println!(
+        "warm-up before each run: {} (not in the figures above; the daemon's metrics count them)",
+        warm.join(", ")
+    );
+    match (&first.varied_input, first.same_input) {
+        (_, true) => println!(
+            "inputs: identical in every request (--same-input): the daemon's result cache and \
+             coalescing may answer them without running the model"
+        ),
+        (Some(name), false) => println!(
+            "inputs: each request differs in the lowest bits of the first elements of '{name}' \
+             (--same-input sends identical ones)"
+        ),
+        (None, false) => println!(
+            "inputs: no float input to vary, so every request is identical: the daemon's result \
+             cache and coalescing may answer them without running the model"
+        ),
+    }
+    if reports.iter().any(|r| r.answered_without_running() > 0.0) {
+        println!(
+            "CACHED: requests the daemon answered from its result cache or by joining an \
+             identical request in flight (during the run, all clients of the model)"
+        );
+    }
+    let mut shown = std::collections::BTreeSet::new();
+    for r in reports {
+        for (code, message) in &r.error_messages {
+            if shown.insert(code.clone()) {
+                println!("first error: {message}");
+            }
+        }
+    }
+}
