@@ -59,13 +59,7 @@ fn read_frame(s: &mut UnixStream, buf: &mut Vec<u8>) {
 }
 
 fn rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
+    proc_status_bytes(pid, "VmRSS") / 1024
 }
 
 fn main() {

@@ -366,6 +366,18 @@ impl Drop for TestDaemon {
     }
 }
 
+/// A figure of `/proc/PID/status` given in kB (`VmRSS`, `VmHWM`, ...), in bytes.
+pub fn proc_status_bytes(pid: i32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
+    kb * 1024
+}
+
 /// A raw protocol connection, for sending malformed or hand-made frames.
 pub struct RawConn {
     pub stream: UnixStream,

@@ -31,14 +31,7 @@ fn three_models() -> Repo {
 }
 
 fn rss_bytes(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb * 1024
+    proc_status_bytes(pid, "VmRSS")
 }
 
 fn code_of(e: ClientError) -> ErrorCode {

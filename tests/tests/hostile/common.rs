@@ -118,14 +118,7 @@ pub fn connect_as_nobody(socket: &Path) -> RawConn {
 
 /// The daemon's resident memory in bytes.
 pub fn rss(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb * 1024
+    proc_status_bytes(pid, "VmRSS")
 }
 
 /// Open file descriptors of the daemon.
@@ -289,14 +282,7 @@ pub fn reset_peak(pid: i32) {
 
 /// The daemon's peak resident memory since [`reset_peak`].
 pub fn peak_rss(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    kb * 1024
+    proc_status_bytes(pid, "VmHWM")
 }
 
 /// A frame holding `msg`.
