@@ -328,7 +328,8 @@ fn fds_after_the_handshake_are_closed_and_end_the_connection() {
 fn health_shows_other_peers_only_the_code_of_the_last_error() {
     let _serial = serial();
     let repo = repo_with(&[]);
-    let d = shared_daemon(repo.path(), "", &[]);
+    let mut d = shared_daemon(repo.path(), "", &[]);
+    let b = before(&d);
     let secret = Tensor::inline("the-secret-input-name", DType::Float32, vec![1], vec![0; 4]);
     let (good, _) = digits_case(1);
     let e = d
@@ -356,6 +357,11 @@ fn health_shows_other_peers_only_the_code_of_the_last_error() {
     );
     let admins = health(&mut RawConn::connect(&d.socket).unwrap());
     assert!(admins.contains("the-secret-input-name"), "{admins}");
+    let seen = Seen {
+        ok: 1,
+        ..Seen::default()
+    };
+    assert_unharmed(&mut d, &b, &seen, Duration::from_secs(2), 32 * MIB);
 }
 
 /// Regression (issue 19, item 13): the `bad_request_id` refusal was sent under the id of the

@@ -1,6 +1,8 @@
 //! Who a peer is: admin rights come from the credentials the socket was connected with, never
 //! from a pid that may have been reused by the time the daemon accepts.
 
+use std::time::Duration;
+
 use rxd_e2e::*;
 use rxd_protocol::{ErrorCode, Outcome, Request, RequestFrame};
 
@@ -26,11 +28,12 @@ fn reload_as(conn: &mut RawConn) -> Outcome {
 fn admin_rights_come_from_the_socket_not_from_a_reused_pid() {
     let _serial = serial();
     let repo = repo_with(&[]);
-    let d = shared_daemon(
+    let mut d = shared_daemon(
         repo.path(),
         "admin-group = \"users\"\nmax-connections = 1\n",
         &[],
     );
+    let b = before(&d);
 
     // A member of the admin group that connected as one is admin (the check can say yes).
     let (stream, helper) = connect_as_with(&d.socket, NOBODY, NOBODY, &[ADMIN_GID], None);
@@ -57,4 +60,10 @@ fn admin_rights_come_from_the_socket_not_from_a_reused_pid() {
         Outcome::Ok(_) => panic!("a peer that connected without the admin group got admin rights"),
     }
     drop(helper);
+    // (One connection at a time: the checks after the attack stand in for a bystander.)
+    let seen = Seen {
+        ok: 1,
+        ..Seen::default()
+    };
+    assert_unharmed(&mut d, &b, &seen, Duration::from_secs(2), 32 << 20);
 }
