@@ -178,7 +178,9 @@ impl Bystander {
             let mut seen = Seen::default();
             let mut kept: Option<rxd_client::blocking::Client> = None;
             let mut n = 0u64;
-            while !flag.load(Ordering::Relaxed) {
+            // At least one request, however soon the attack ends (a loaded machine may start
+            // this thread late).
+            loop {
                 let t = Instant::now();
                 // Every fourth request on a fresh connection: accepting must keep working too.
                 if n.is_multiple_of(4) {
@@ -204,6 +206,9 @@ impl Bystander {
                     Err(e) => seen.errors.push(e.to_string()),
                 }
                 n += 1;
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
                 std::thread::sleep(Duration::from_millis(10));
             }
             seen
