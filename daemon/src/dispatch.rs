@@ -13,7 +13,7 @@ use crate::SharedRef;
 use crate::error::RequestError;
 use crate::metrics::Metrics;
 use crate::peer::Peer;
-use crate::registry::{Demand, LoadSlot, Ticket};
+use crate::registry::{Demand, LoadSlot};
 use crate::runtime::{Completion, OutputData, OutputTensor, RuntimeError};
 use crate::scheduler::Terms;
 use crate::validate;
@@ -179,7 +179,6 @@ pub struct Cold<M> {
     req: InferRequest,
     completion: M,
     slot: Arc<LoadSlot>,
-    start: Option<Box<Ticket>>,
     deadline: Option<std::time::Instant>,
     peer: Peer,
 }
@@ -219,11 +218,19 @@ pub fn infer<M: MakeCompletion>(
     let model = match demanded {
         Demand::Ready(m) => m,
         Demand::Cold { slot, start } => {
+            // The load starts here, never carried in the `Cold` that waits for it: a `Cold`
+            // dropped holding its ticket (its last retry, or a task never polled) abandoned
+            // the load that other requests wait on, and left the version `loading`.
+            if let Some(ticket) = start {
+                let s = shared.clone();
+                tokio::task::spawn_blocking(move || {
+                    let _ = s.registry.finish(ticket);
+                });
+            }
             return Ok(Queued::Cold(Box::new(Cold {
                 req,
                 completion,
                 slot,
-                start,
                 deadline,
                 peer: peer.clone(),
             })));
@@ -237,7 +244,7 @@ pub fn infer<M: MakeCompletion>(
 }
 
 impl<M: MakeCompletion> Cold<M> {
-    /// Starts the load if this request was the first to need it, waits for it (bounded by the
+    /// Waits for the load (started by [`infer`]; bounded by the
     /// request's deadline: past it the answer is `deadline_exceeded` and nothing runs), then
     /// queues the request. A load error (over budget, failed) is the request's error.
     pub async fn run(
@@ -246,12 +253,6 @@ impl<M: MakeCompletion> Cold<M> {
         arena: Option<Arc<rxd_shm::Mapping>>,
     ) -> Result<(), RequestError> {
         for _ in 0..3 {
-            if let Some(ticket) = self.start.take() {
-                let s = shared.clone();
-                tokio::task::spawn_blocking(move || {
-                    let _ = s.registry.finish(ticket);
-                });
-            }
             match self.deadline {
                 Some(d) => tokio::time::timeout_at(d.into(), self.slot.wait())
                     .await

@@ -972,7 +972,15 @@ impl Registry {
                 return Ok(Begin::Ready(ver.loaded.clone().expect("ready has a model")));
             }
             ModelState::Loading => {
-                return Ok(Begin::Wait(ver.slot.clone().expect("loading has a slot")));
+                let slot = ver.slot.clone().expect("loading has a slot");
+                // A finished load leaves `Loading` before it tells its slot; a slot told while
+                // the state is still `Loading` is a ticket dropped unfinished (its thread
+                // panicked): start again rather than answer every request with its error.
+                if slot.result().is_none() {
+                    return Ok(Begin::Wait(slot));
+                }
+                ver.state = ModelState::Available;
+                ver.slot = None;
             }
             ModelState::Unloading => {
                 return Err(RequestError::NotReady {
