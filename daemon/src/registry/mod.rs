@@ -390,9 +390,17 @@ pub struct LoadSlot {
     done: Mutex<Option<Result<(), WireError>>>,
     cv: Condvar,
     notify: tokio::sync::Notify,
+    /// The model the load made, held as long as anyone holds the slot: while its waiters
+    /// have not queued their requests yet, the model counts as busy (see `Version::busy`),
+    /// so the next load cannot evict it from under them.
+    made: Mutex<Option<Arc<LoadedModel>>>,
 }
 
 impl LoadSlot {
+    fn hold(&self, model: Arc<LoadedModel>) {
+        *self.made.lock().unwrap_or_else(|e| e.into_inner()) = Some(model);
+    }
+
     fn finish(&self, result: Result<(), WireError>) {
         *self.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
         self.cv.notify_all();
@@ -1250,6 +1258,9 @@ impl Registry {
                     .and_then(|m| m.versions.get_mut(&version))
                     .expect("a loading version stays in the map");
                 self.install(ver, name, version, loaded, measured, load_ms);
+                ticket
+                    .slot
+                    .hold(ver.loaded.clone().expect("installed a model"));
                 ver.slot = None;
                 ver.pinned |= pin;
                 if ver.pinned {
