@@ -506,6 +506,10 @@ struct Version {
     overrides: ModelSettings,
     loads: u64,
     evictions: u64,
+    /// The last load measured more than its whole device. One such measurement can be other
+    /// threads' memory counted in (a footprint is the resident set's growth while serving
+    /// goes on): only a second in a row marks the version failed.
+    over_measured: bool,
     /// For a failed version: its files as they were when it failed. A rescan that finds them
     /// changed (put back, replaced, model.toml edited) makes it available again.
     failed_files: Option<FileStamp>,
@@ -557,6 +561,7 @@ impl Version {
             loads: 0,
             evictions: 0,
             failed_files: None,
+            over_measured: false,
         }
     }
 
@@ -1295,8 +1300,15 @@ impl Registry {
                      than its device can hold: {}",
                     describe(&over)
                 );
-                // More than the whole device: it can never load there.
-                let never = over.devices.iter().all(|d| d.budget < measured);
+                // More than the whole device: it can never load there — certain when its
+                // weights alone are, and taken as so after two measurements in a row.
+                let whole = over.devices.iter().all(|d| d.budget < measured);
+                let weights = over.devices.iter().all(|d| d.budget < ticket.file_bytes);
+                let again = models
+                    .get_mut(name)
+                    .and_then(|m| m.versions.get_mut(&version))
+                    .is_some_and(|v| std::mem::replace(&mut v.over_measured, whole));
+                let never = weights || (whole && again);
                 let state = if never {
                     ModelState::Failed
                 } else {
@@ -1496,6 +1508,7 @@ impl Registry {
         ver.known = Some(measured);
         ver.load_ms = Some(load_ms);
         ver.loads += 1;
+        ver.over_measured = false;
         let m = self.model_metrics(name, version);
         crate::metrics::Metrics::inc(&m.loads);
         m.load_us.fetch_add(load_ms * 1000, Ordering::Relaxed);
