@@ -92,13 +92,18 @@ fn two_devices_place_by_tier_and_preference_spill_when_full_and_evict_by_lru() {
         .link("rec", 1, "ppocr_rec")
         .settings("rec", "devices = ['gpu1']\n");
     // gpu1 is the same adapter with a budget too small for any of these models' weights; the
-    // CPU budget holds YOLOv8n or the detector with `spill`'s share, never both big ones.
-    let config = format!(
-        "preload = []\nload-on-demand = true\n{}{}[[device]]\nname = 'cpu'\nmemory-budget = '44MiB'\n",
-        gpu_device("gpu0", "2GiB"),
-        gpu_device("gpu1", "1MiB")
-    );
-    let d = start(&repo, &config);
+    // CPU budget is set below once `spill` and the detector are measured.
+    let config = |cpu_budget: &str| {
+        format!(
+            "preload = []\nload-on-demand = true\n{}{}[[device]]\nname = 'cpu'\nmemory-budget = '{cpu_budget}'\n",
+            gpu_device("gpu0", "2GiB"),
+            gpu_device("gpu1", "1MiB")
+        )
+    };
+    let config_in = |d: &TestDaemon, cpu_budget: &str| {
+        std::fs::write(d.dir.path().join("rxd.toml"), config(cpu_budget)).unwrap();
+    };
+    let d = start(&repo, &config("1GiB"));
     let c = d.client();
     let digit = example_npy("digit.npy", "input");
     let crops = f32_tensor("x", &[1, 3, 48, 192], &random_f32(3 * 48 * 192, 1));
@@ -130,8 +135,19 @@ fn two_devices_place_by_tier_and_preference_spill_when_full_and_evict_by_lru() {
         }
         other => panic!("{other}"),
     }
-    // The CPU budget: det, then yolo evicts the least recently used CPU model.
+    // The CPU budget: det, then yolo evicts the least recently used CPU model. Footprints
+    // are measured (resident-set growth, which varies from run to run), so the budget is
+    // set from what `spill` and the detector measured: both fit, a third YOLOv8n (its
+    // estimate is `spill`'s measure, the same file) does not, and the detector with it does.
     c.infer("det", vec![det_in.clone()]).unwrap();
+    let s = d.summaries();
+    let (spill, det) = (
+        s["spill"].memory_bytes.expect("measured"),
+        s["det"].memory_bytes.expect("measured"),
+    );
+    config_in(&d, &format!("{}B", spill + det + spill.min(det) / 2));
+    c.reload().unwrap();
+    assert_eq!(d.summaries()["spill"].state, ModelState::Ready);
     c.infer("yolo", vec![image.clone()]).unwrap();
     let s = d.summaries();
     assert_eq!(s["yolo"].device, "cpu");
