@@ -134,4 +134,14 @@ impl Client {
     pub fn devices(&self) -> Result<Vec<rxd_protocol::DeviceSummary>, ClientError> {
         self.rt.block_on(self.inner.devices())
     }
+
+    /// Admin: publishes a model file into the repository (see [`crate::Client::publish`]).
+    pub fn publish(
+        &self,
+        model: &str,
+        version: Option<u64>,
+        bytes: &[u8],
+    ) -> Result<rxd_protocol::PublishReply, ClientError> {
+        self.rt.block_on(self.inner.publish(model, version, bytes))
+    }
 }

@@ -693,6 +693,42 @@ impl Client {
         }
     }
 
+    /// Admin: publishes a model file's bytes into the daemon's repository as `version` (default:
+    /// one more than the highest on disk) and rescans it. The bytes go through the arena when
+    /// they fit there, else inline (up to the daemon's frame limit).
+    pub async fn publish(
+        &self,
+        model: &str,
+        version: Option<u64>,
+        bytes: &[u8],
+    ) -> Result<rxd_protocol::PublishReply, ClientError> {
+        let mut held = match &self.inner.arena {
+            Some(arena) if bytes.len() as u64 >= self.inner.inline_threshold => {
+                arena.alloc(bytes.len() as u64).ok().map(|mut buf| {
+                    buf.bytes_mut().copy_from_slice(bytes);
+                    buf
+                })
+            }
+            _ => None,
+        };
+        let data = match &held {
+            Some(buf) => TensorData::Arena(buf.as_ref()),
+            None => TensorData::Inline(bytes.to_vec()),
+        };
+        let req = rxd_protocol::PublishRequest {
+            model: model.into(),
+            version,
+            data,
+        };
+        // The daemon reads the range until it answers: the buffer is lent to the request (kept
+        // out of use until the answer even if this future is dropped).
+        let lent: Vec<&mut ArenaBuf> = held.iter_mut().collect();
+        match self.send(Request::Publish(req), lent).await? {
+            Reply::Publish(r) => Ok(r),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Devices with their memory budgets and resident models.
     pub async fn devices(&self) -> Result<Vec<rxd_protocol::DeviceSummary>, ClientError> {
         match self.request(Request::Devices).await? {

@@ -59,6 +59,8 @@ pub struct FileConfig {
     pub max_frame_bytes: Option<ByteSize>,
     pub max_arena_bytes: Option<ByteSize>,
     pub arena_total_bytes: Option<ByteSize>,
+    /// Largest model file an admin may publish into the repository (`rxctl model add`).
+    pub max_publish_bytes: Option<ByteSize>,
     pub queue_capacity: Option<u32>,
     /// Highest request priority a non-admin peer may ask for (default 15).
     pub max_peer_priority: Option<u8>,
@@ -189,6 +191,8 @@ pub struct Config {
     pub max_arena_bytes: u64,
     /// Total of all connections' arenas.
     pub arena_total_bytes: u64,
+    /// Largest model file `publish` accepts.
+    pub max_publish_bytes: u64,
     /// Default queue capacity per model (requests waiting for a worker).
     pub queue_capacity: u32,
     /// Non-admin peers may ask for priorities `0..=max_peer_priority`; higher is refused.
@@ -254,6 +258,7 @@ impl Config {
         put("max-frame-bytes", self.max_frame_bytes.to_string());
         put("max-arena-bytes", self.max_arena_bytes.to_string());
         put("arena-total-bytes", self.arena_total_bytes.to_string());
+        put("max-publish-bytes", self.max_publish_bytes.to_string());
         put("queue-capacity", self.queue_capacity.to_string());
         put("max-peer-priority", self.max_peer_priority.to_string());
         put(
@@ -881,6 +886,9 @@ pub fn resolve(
         max_frame_bytes,
         max_arena_bytes,
         arena_total_bytes,
+        max_publish_bytes: file
+            .max_publish_bytes
+            .map_or(crate::publish::DEFAULT_MAX_PUBLISH_BYTES, |b| b.0),
         queue_capacity,
         max_peer_priority,
         shutdown_grace,

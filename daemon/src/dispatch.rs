@@ -33,10 +33,13 @@ pub trait MakeCompletion {
     fn make(self, model: &crate::registry::LoadedModel) -> Box<dyn Completion>;
 }
 
+/// Handles a control request (or an inference, queued through `completion`); `arena` is the
+/// sending connection's arena, which `publish` may read its file from.
 pub async fn handle(
     shared: &SharedRef,
     peer: &Peer,
     req: Request,
+    arena: Option<Arc<rxd_shm::Mapping>>,
     completion: impl MakeCompletion,
 ) -> Result<Handled, RequestError> {
     if req.is_admin() && !peer.admin {
@@ -139,6 +142,16 @@ pub async fn handle(
                 .await
                 .map_err(|e| RequestError::Internal(e.to_string()))??;
             Reply::Compress(reply)
+        }
+        Request::Publish(p) => {
+            let s = shared.clone();
+            let reply = tokio::task::spawn_blocking(move || {
+                let (p, bytes) = crate::publish::take_bytes(&s, p, arena.as_ref())?;
+                crate::publish::publish(&s, &p, &bytes)
+            })
+            .await
+            .map_err(|e| RequestError::Internal(e.to_string()))??;
+            Reply::Publish(reply)
         }
         Request::Configure(c) => {
             rxd_protocol::check_name(&c.model)?;

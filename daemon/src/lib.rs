@@ -15,6 +15,7 @@
 //! - [`runtime`]: ONNX Runtime — library loading, sessions, worker threads. Nothing outside
 //!   it calls ORT.
 //! - [`compression`]: `rxctl model compress` — compress a repository model into a new version.
+//! - [`publish`]: `rxctl model add` — write a client's model file into the repository.
 //! - [`coalesce`]: identical-request coalescing and the result cache.
 //! - [`metrics`]: global counters, per-model distributions and rates, process figures.
 //! - [`exporter`]: the optional loopback HTTP `/metrics` endpoint for Prometheus.
@@ -38,6 +39,7 @@ pub mod listener;
 pub mod metrics;
 pub mod notify;
 pub mod peer;
+pub mod publish;
 pub mod quota;
 pub mod registry;
 pub mod runtime;

@@ -99,6 +99,34 @@ pub enum Request {
     /// Admin: compress a repository model into a new version, published only when its
     /// accuracy report passes.
     Compress(CompressRequest),
+    /// Admin: write a model file into the repository as a new version, then rescan it.
+    Publish(PublishRequest),
+}
+
+/// Publish `data` (an ONNX model file's bytes) as `<repository>/<model>/<version>/model.onnx`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublishRequest {
+    /// The model's directory name: 1 to 255 bytes of ASCII letters, digits, `_`, `-`, `.`,
+    /// not starting with `.` or `-` ([`check_repository_name`]).
+    pub model: String,
+    /// The version to write (at least 1, not on disk yet); absent: one more than the highest
+    /// on disk (1 for a new model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// The file's bytes: inline, or a range of the sender's arena (large files).
+    pub data: TensorData,
+}
+
+/// Where a published model was written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishReply {
+    pub model: String,
+    pub version: u64,
+    /// Bytes written.
+    pub bytes: u64,
+    /// The new version's state after the repository was rescanned (`available`, or `ready`
+    /// when a reload loaded it).
+    pub summary: ModelSummary,
 }
 
 /// Compress `model` (version: default) with `strategy` into version N+1.
@@ -204,6 +232,7 @@ impl Request {
             Request::Metrics => "metrics",
             Request::Configure(_) => "configure",
             Request::Compress(_) => "compress",
+            Request::Publish(_) => "publish",
         }
     }
 
@@ -218,6 +247,7 @@ impl Request {
                 | Request::Unpin(_)
                 | Request::Configure(_)
                 | Request::Compress(_)
+                | Request::Publish(_)
         )
     }
 }
@@ -454,6 +484,29 @@ pub fn check_name(name: &str) -> Result<(), WireError> {
     Ok(())
 }
 
+/// Checks a name that becomes a directory of the model repository (a published model): 1 to
+/// 255 bytes of ASCII letters, digits, `_`, `-` and `.`, not starting with `.` (hidden, `..`)
+/// or `-` — so it can name nothing but one entry directly inside the repository.
+pub fn check_repository_name(name: &str) -> Result<(), WireError> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with(['.', '-'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        return Ok(());
+    }
+    Err(WireError::new(
+        ErrorCode::InvalidRequest,
+        format!(
+            "model name {:?} cannot name a repository directory: use 1 to 255 ASCII letters, \
+             digits, '_', '-' or '.', not starting with '.' or '-'",
+            name.chars().take(64).collect::<String>()
+        ),
+    ))
+}
+
 /// Every frame after the handshake from daemon to client.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResponseFrame {
@@ -492,6 +545,7 @@ pub enum Reply {
     Metrics(Box<crate::metrics::MetricsReport>),
     Configure(crate::metrics::ModelSettingsView),
     Compress(CompressReply),
+    Publish(PublishReply),
 }
 
 /// Every device with its memory budget.

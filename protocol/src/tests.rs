@@ -356,3 +356,61 @@ fn dims_text_names_plain_dimensions_and_marks_the_rest() {
     let back: TensorSpec = rmp_serde::from_slice(&rmp_serde::to_vec_named(&v).unwrap()).unwrap();
     assert_eq!(back, spec);
 }
+
+#[test]
+fn publish_wire_form() {
+    let req = RequestFrame {
+        id: 3,
+        body: Request::Publish(PublishRequest {
+            model: "digits".into(),
+            version: None,
+            data: TensorData::Arena(ArenaRef {
+                offset: 4096,
+                len: 100,
+            }),
+        }),
+    };
+    assert_eq!(frame::round_trip(&req), req);
+    assert!(req.body.is_admin());
+    assert_eq!(
+        wire_json(&req),
+        serde_json::json!({"id": 3, "body": {"op": "publish", "args": {
+            "model": "digits", "data": {"arena": {"offset": 4096, "len": 100}}}}})
+    );
+    let inline = Request::Publish(PublishRequest {
+        model: "m".into(),
+        version: Some(2),
+        data: TensorData::Inline(vec![1, 2, 3]),
+    });
+    let v = wire_json(&RequestFrame {
+        id: 4,
+        body: inline,
+    });
+    assert_eq!(v["body"]["args"]["version"], 2);
+    assert_eq!(v["body"]["args"]["data"]["inline"]["bin"], 3);
+}
+
+#[test]
+fn repository_names_name_one_entry_inside_the_repository() {
+    for ok in ["digits", "yolo_v8n-2", "a.b", "A9"] {
+        check_repository_name(ok).unwrap();
+    }
+    let long = "x".repeat(256);
+    for bad in [
+        "",
+        ".",
+        "..",
+        "../x",
+        "a/b",
+        "/abs",
+        ".hidden",
+        "-flag",
+        "a\0b",
+        "a b",
+        "é",
+        long.as_str(),
+    ] {
+        let e = check_repository_name(bad).unwrap_err();
+        assert_eq!(e.kind(), Some(ErrorCode::InvalidRequest), "{bad:?}");
+    }
+}

@@ -231,6 +231,20 @@ enum Cmd {
 
 #[derive(Debug, Subcommand)]
 enum ModelCmd {
+    /// Admin: publish a model file into the daemon's repository as a new version (sent through
+    /// shared memory, written atomically), then serve it; with --compress, also compress it
+    /// into the version after (published only if its accuracy report passes).
+    Add {
+        model: String,
+        /// The ONNX model file.
+        file: PathBuf,
+        /// The version to write (default: one more than the highest on disk).
+        #[arg(long)]
+        version: Option<u64>,
+        /// Then compress it with this strategy (as `rxctl model compress --strategy`).
+        #[arg(long, value_name = "STRATEGY")]
+        compress: Option<String>,
+    },
     /// Admin: compress a repository model into a new version; the daemon evaluates it against
     /// the original with ONNX Runtime and publishes it only if the report passes.
     Compress {
@@ -303,6 +317,57 @@ mod code {
 }
 
 struct Failure(u8, String);
+
+/// `rxctl model add`: the file goes through an arena of its size (inline if the daemon
+/// refuses one), then, with `compress`, the new version is compressed.
+fn model_add(
+    cli: &Cli,
+    model: &str,
+    file: &std::path::Path,
+    version: Option<u64>,
+    compress: Option<&str>,
+) -> Result<u8, Failure> {
+    let bytes =
+        std::fs::read(file).map_err(|e| Failure(code::DATA, format!("{}: {e}", file.display())))?;
+    let options = ClientOptions {
+        arena_bytes: (bytes.len() as u64).next_multiple_of(4096),
+        ..ClientOptions::default()
+    };
+    let client = Client::connect_with(&cli.socket, options)?;
+    let published = client.publish(model, version, &bytes)?;
+    let compressed = match compress {
+        Some(strategy) => Some(client.compress(rxd_client::protocol::CompressRequest {
+            model: model.into(),
+            version: Some(published.version),
+            strategy: strategy.into(),
+            calibration: Vec::new(),
+            calibration_method: None,
+            eval: Vec::new(),
+            min_top1: None,
+            min_cosine: None,
+            dry_run: false,
+        })?),
+        None => None,
+    };
+    if cli.json {
+        print_json(&serde_json::json!({ "publish": published, "compress": compressed }));
+    } else {
+        println!(
+            "published {} version {} ({}, {})",
+            published.model,
+            published.version,
+            size_text(published.bytes),
+            published.summary.state.name()
+        );
+        if let Some(c) = &compressed {
+            print!("{}", c.report);
+        }
+    }
+    Ok(match compressed {
+        Some(c) if !c.passed => code::SERVER_ERROR,
+        _ => 0,
+    })
+}
 
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Failure {
@@ -698,6 +763,12 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
             }
             Ok(0)
         }
+        Cmd::Model(ModelCmd::Add {
+            model,
+            file,
+            version,
+            compress,
+        }) => model_add(cli, model, file, *version, compress.as_deref()),
         Cmd::Model(ModelCmd::Compress {
             model,
             version,

@@ -523,11 +523,12 @@ async fn read_loop(
             token: tasks.token(),
         };
         let (shared, peer, conn) = (shared.clone(), peer.clone(), conn.clone());
+        let arena = conn.arena.as_ref().map(|a| a.map.clone());
         let span = tracing::debug_span!("req", id, op = request.body.op());
         tasks.spawn(
             async move {
                 let _held = (held, control);
-                match dispatch::handle(&shared, &peer, request.body, maker).await {
+                match dispatch::handle(&shared, &peer, request.body, arena, maker).await {
                     Ok(Handled::Reply(reply)) => conn.respond(id, Outcome::Ok(reply), Some(permit)),
                     Ok(Handled::Deferred) => {}
                     Err(e) => conn.fail(id, &e, None, Some(permit)),

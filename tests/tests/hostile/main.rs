@@ -8,5 +8,6 @@ mod common;
 mod conn;
 mod models;
 mod peer;
+mod publish;
 mod redteam;
 mod sched;
