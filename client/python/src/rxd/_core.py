@@ -1,0 +1,388 @@
+"""The protocol core both clients share, sans IO: one connection's state (welcome, arena,
+requests in flight by id), turning calls into frames — inputs placed in the arena or inline,
+output areas sized — and answers into results or exceptions.
+
+The blocking client calls it under its lock; the asyncio client from its event loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _shapes, _wire, errors
+from ._arena import Arena, Slot
+from .result import Result
+
+#: What infer() takes as inputs: arrays by input name (or one array for a one-input model).
+Inputs = Union[Mapping[str, Any], np.ndarray]
+#: A model and the version asked for.
+Key = Tuple[str, Optional[int]]
+
+
+@dataclass
+class Options:
+    """How a client connects (see :class:`rxd.Client`)."""
+
+    socket: str
+    arena_bytes: int = 64 << 20
+    inline_threshold: int = 64 << 10
+    client_name: str = "rxd-python"
+    connect_timeout: float = 10.0
+    reconnect: bool = True
+    arena_fallback: bool = True
+
+
+@dataclass
+class Memory:
+    """What a client learns about models, kept across reconnects: signatures (for output
+    areas and input names) and the output bytes each model needed last time."""
+
+    signatures: Dict[Key, Optional[Dict[str, Any]]] = field(default_factory=dict)
+    output_sizes: Dict[Key, int] = field(default_factory=dict)
+
+
+class Call:
+    """One request in flight: its frame, what it holds until the answer, and the answer."""
+
+    __slots__ = (
+        "id", "op", "frame", "held", "keep", "area", "key", "copy", "done", "ok", "payload",
+        "abandoned", "waiter", "signature",
+    )
+
+    def __init__(self, rid: int, op: str) -> None:
+        self.id = rid
+        self.op = op
+        self.frame: List[Union[bytes, memoryview]] = []
+        #: Arena slots the request uses (input copies, the output area): released when the
+        #: answer comes, also if the caller stopped waiting.
+        self.held: List[Slot] = []
+        #: The caller's arrays the daemon reads from the arena until it answers.
+        self.keep: List[Any] = []
+        self.area: Optional[Slot] = None
+        self.key: Optional[Key] = None
+        self.copy = False
+        self.done = False
+        self.ok = False
+        self.payload: Any = None
+        self.abandoned = False
+        #: The asyncio future (asyncio client) waiting for the answer.
+        self.waiter: Any = None
+        self.signature: Optional[Dict[str, Any]] = None
+
+    def release(self) -> None:
+        """The daemon answered (or the connection is gone): let go of what the request held."""
+        for s in self.held:
+            s.release()
+        self.held = []
+        self.keep = []
+
+
+class Connection:
+    """One connection's protocol state."""
+
+    def __init__(self, welcome: Mapping[str, Any], arena: Optional[Arena], options: Options, memory: Memory) -> None:
+        self.welcome = dict(welcome)
+        self.arena = arena
+        self.options = options
+        self.memory = memory
+        self.max_frame = max(int(welcome.get("max_frame_bytes", 0)), _wire.DEFAULT_MAX_FRAME)
+        self.max_in_flight = int(welcome.get("max_in_flight", 256)) or 256
+        self.reader = _wire.FrameReader(self.max_frame)
+        self.pending: Dict[int, Call] = {}
+        self.closed: Optional[str] = None
+        self._next = 1
+
+    # -- building requests --------------------------------------------------------------
+    def _new(self, op: str) -> Call:
+        if self.closed is not None:
+            raise errors.ConnectionClosed(self.closed)
+        rid = self._next
+        self._next = rid + 1 if rid < (1 << 63) else 1
+        return Call(rid, op)
+
+    def control(self, op: str, args: Optional[Dict[str, Any]] = None) -> Call:
+        call = self._new(op)
+        call.frame = _wire.encode(_wire.request(call.id, op, args))
+        self.pending[call.id] = call
+        return call
+
+    def publish(self, model: str, data: Union[bytes, memoryview], version: Optional[int]) -> Call:
+        """A publish request whose file goes through the arena when it fits there."""
+        call = self._new("publish")
+        args: Dict[str, Any] = {"model": model}
+        if version is not None:
+            args["version"] = int(version)
+        slot = self.arena.alloc(len(data)) if self.arena is not None and len(data) > 0 else None
+        try:
+            if slot is not None and self.arena is not None:
+                dst = self.arena.ndarray(slot.offset, (len(data),), np.dtype(np.uint8), writable=True)
+                dst[:] = np.frombuffer(data, dtype=np.uint8)
+                del dst
+                call.held.append(slot)
+                args["data"] = {"arena": {"offset": slot.offset, "len": len(data)}}
+            else:
+                args["data"] = {"inline": data}
+            call.frame = _wire.encode(_wire.request(call.id, "publish", args))
+        except BaseException:
+            call.release()
+            raise
+        self.pending[call.id] = call
+        return call
+
+    def infer(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        version: Optional[int],
+        outputs: Optional[Sequence[str]],
+        priority: Optional[int],
+        timeout: Optional[float],
+        copy: bool,
+        signature: Optional[Dict[str, Any]],
+    ) -> Call:
+        """An infer request: inputs placed (arena arrays by reference, large arrays copied
+        into the arena once, the rest inline), an output area sized when the outputs' size
+        can be known (from ``signature`` or the previous call)."""
+        call = self._new("infer")
+        call.key = (model, version)
+        call.copy = copy
+        call.signature = signature
+        try:
+            self._build_infer(call, model, inputs, version, outputs, priority, timeout, signature)
+        except BaseException:
+            call.release()
+            raise
+        self.pending[call.id] = call
+        return call
+
+    def _build_infer(
+        self,
+        call: Call,
+        model: str,
+        inputs: Inputs,
+        version: Optional[int],
+        outputs: Optional[Sequence[str]],
+        priority: Optional[int],
+        timeout: Optional[float],
+        signature: Optional[Dict[str, Any]],
+    ) -> None:
+        named = named_inputs(inputs, signature)
+        arena = self.arena
+        threshold = self.options.inline_threshold
+        tensors: List[Dict[str, Any]] = []
+        shapes: Dict[str, List[int]] = {}
+        for name, value in named.items():
+            a = as_array(value)
+            wire = _wire.wire_dtype(a.dtype)
+            shape = [int(d) for d in a.shape]
+            shapes[name] = shape
+            data: Dict[str, Any]
+            off = arena.offset_of(a) if arena is not None else None
+            if off is not None and off % max(1, a.dtype.itemsize) == 0:
+                # Already in the arena (client.empty(), or an output of an earlier request):
+                # sent by reference, kept alive until the answer.
+                data = {"arena": {"offset": off, "len": a.nbytes}}
+                call.keep.append(a)
+            else:
+                slot = arena.alloc(a.nbytes) if arena is not None and a.nbytes >= threshold else None
+                if slot is not None and arena is not None:
+                    call.held.append(slot)
+                    dst = arena.ndarray(slot.offset, a.shape, a.dtype, writable=True)
+                    np.copyto(dst, a, casting="no")
+                    del dst
+                    data = {"arena": {"offset": slot.offset, "len": a.nbytes}}
+                else:
+                    flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+                    data = {"inline": memoryview(flat.data)}
+            tensors.append({"name": name, "dtype": wire, "shape": shape, "data": data})
+        args: Dict[str, Any] = {"model": model, "inputs": tensors, "inline_overflow": True}
+        if version is not None:
+            args["version"] = int(version)
+        wanted = list(outputs or [])
+        if wanted:
+            args["outputs"] = wanted
+        if priority is not None:
+            if not 0 <= int(priority) <= 255:
+                raise errors.ClientError(f"priority {priority} is not in 0..=255")
+            args["priority"] = int(priority)
+        if timeout is not None:
+            args["timeout_ms"] = max(0, math.ceil(timeout * 1000))
+        if arena is not None:
+            key = (model, version)
+            estimate = _shapes.output_area_bytes(signature, shapes, wanted) if signature else None
+            if estimate is None:
+                estimate = self.memory.output_sizes.get(key)
+            if estimate is not None and estimate >= threshold:
+                area = arena.alloc(estimate)
+                if area is not None:
+                    call.area = area
+                    call.held.append(area)
+                    args["output_area"] = {"offset": area.offset, "len": area.nbytes}
+        call.frame = _wire.encode(_wire.request(call.id, "infer", args))
+
+    # -- answers ----------------------------------------------------------------------------
+    def feed(self, nbytes: int) -> List[Call]:
+        """Takes ``nbytes`` read into ``reader.get_buffer()``; returns the calls answered (calls
+        whose caller stopped waiting are released here instead)."""
+        answered: List[Call] = []
+        for body in self.reader.buffer_updated(nbytes):
+            frame = _wire.decode(body)
+            if not isinstance(frame, dict):
+                raise _wire.FrameError("a response that is not a map")
+            rid, ok, payload = _wire.split_outcome(frame)
+            if rid == 0:
+                # About the connection itself; the daemon closes it after most of these.
+                if not ok:
+                    self.closed = str(errors.from_wire(payload))
+                continue
+            call = self.pending.pop(rid, None)
+            if call is None:
+                continue
+            call.done, call.ok, call.payload = True, ok, payload
+            if call.abandoned:
+                call.release()
+                continue
+            answered.append(call)
+        return answered
+
+    def fail_all(self, reason: str) -> List[Call]:
+        """The connection is gone: every call in flight fails. The daemon may still touch their
+        arena ranges, but this arena takes no new allocations (a new connection maps a new
+        one); arrays already showing it stay valid."""
+        self.closed = self.closed or reason
+        calls = list(self.pending.values())
+        self.pending.clear()
+        for c in calls:
+            c.done, c.ok = True, False
+            c.payload = None
+            c.held = []  # never reused: the arena is retired with the connection
+            c.keep = []
+        return [c for c in calls if not c.abandoned]
+
+    def abandon(self, call: Call) -> None:
+        """The caller stopped waiting (timeout, cancellation, an exception): what the request
+        holds is released when its answer comes (at once if it already came)."""
+        if call.done:
+            call.release()
+        else:
+            call.abandoned = True
+
+    def outcome(self, call: Call) -> Any:
+        """The reply's args of an answered control call, or its exception."""
+        call.release()
+        if call.ok:
+            return call.payload
+        if call.payload is None:
+            raise errors.ConnectionClosed(self.closed or "the connection closed")
+        raise errors.from_wire(call.payload)
+
+    def result(self, call: Call) -> Result:
+        """The :class:`Result` of an answered infer call (or its exception)."""
+        if not call.ok:
+            if call.payload is None:
+                call.release()
+                raise errors.ConnectionClosed(self.closed or "the connection closed")
+            call.release()
+            raise errors.from_wire(call.payload)
+        area = call.area
+        hold = area is not None and not call.copy
+        if hold and area is not None:
+            # The Result takes over the request's claim on the output area (with copy=True
+            # the outputs are copied out and the area goes back with the request's slots).
+            call.held.remove(area)
+        try:
+            res, total, overflowed = build_result(call.payload, area, call.copy, hold)
+        except BaseException:
+            if hold and area is not None:
+                area.release()
+            raise
+        finally:
+            call.release()
+        if call.key is not None:
+            self.memory.output_sizes[call.key] = total
+            if overflowed and call.signature is not None:
+                # The signature's estimate was short (a new version?): ask again next time.
+                self.memory.signatures.pop(call.key, None)
+        return res
+
+
+def as_array(value: Any) -> np.ndarray[Any, Any]:
+    a = np.asarray(value)
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return a
+
+
+def named_inputs(inputs: Inputs, signature: Optional[Mapping[str, Any]]) -> Mapping[str, Any]:
+    if isinstance(inputs, Mapping):
+        return inputs
+    names = [i["name"] for i in (signature or {}).get("inputs", [])]
+    if len(names) != 1:
+        raise errors.ClientError(
+            "inputs must be a mapping {input name: array}"
+            + (f" (the model has inputs {names})" if names else "")
+        )
+    return {names[0]: inputs}
+
+
+def needs_signature(inputs: Inputs) -> bool:
+    return not isinstance(inputs, Mapping)
+
+
+def build_result(
+    payload: Mapping[str, Any], area: Optional[Slot], copy: bool, hold: bool
+) -> Tuple[Result, int, bool]:
+    """Outputs as numpy arrays: views into ``area`` (holding claims on it) or copies; inline
+    outputs over the received bytes. Returns the result, the output bytes (64-byte aligned, for
+    sizing the next area) and whether an output that should have been in the area came inline."""
+    arrays: Dict[str, np.ndarray[Any, Any]] = {}
+    dtypes: Dict[str, str] = {}
+    total = 0
+    overflowed = False
+    for t in payload.get("outputs", []):
+        name, wire, shape = t["name"], t["dtype"], [int(d) for d in t["shape"]]
+        dtype = _wire.numpy_dtype(wire)
+        data = t["data"]
+        dtypes[name] = wire
+        if "inline" in data:
+            raw = data["inline"]
+            overflowed |= area is not None
+            total += _aligned(len(raw))
+            if dtype is None:
+                arr = np.frombuffer(raw, dtype=np.uint8)
+            else:
+                arr = np.frombuffer(raw, dtype=dtype).reshape(shape)
+            arrays[name] = arr.copy() if copy else arr
+            continue
+        ref = data.get("arena") if isinstance(data, dict) else None
+        if ref is None or area is None:
+            raise errors.ProtocolError(f"output {name!r} is in the arena, where none was asked for")
+        off, ln = int(ref["offset"]), int(ref["len"])
+        at = off - area.offset
+        if at < 0 or at + ln > area.nbytes:
+            raise errors.ProtocolError(f"output {name!r} lies outside its output area")
+        total += _aligned(ln)
+        view_dtype = dtype if dtype is not None else np.dtype(np.uint8)
+        view_shape = shape if dtype is not None else [ln]
+        if copy:
+            tmp = area.arena.ndarray(off, view_shape, view_dtype, writable=False)
+            arrays[name] = tmp.copy()
+            del tmp
+        else:
+            arrays[name] = area.view(view_shape, view_dtype, at=at)
+    res = Result(payload.get("model", ""), int(payload.get("version", 0)), arrays, dtypes, area if hold else None)
+    return res, total, overflowed
+
+
+def _aligned(n: int) -> int:
+    a = _wire.OUTPUT_ALIGN
+    return (n + a - 1) // a * a
+
+
+#: Builds a call on a connection (used by both clients to retry on a fresh connection).
+Builder = Callable[[Connection], Call]

@@ -1,0 +1,460 @@
+"""The blocking client, :class:`Client`."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import threading
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+
+import numpy as np
+
+from . import _handshake, _wire, errors
+from ._core import Call, Connection, Inputs, Key, Memory, Options, needs_signature
+from . import _ops
+from ._ops import PathOrBytes, read_model_file
+from .result import Result
+from .types import CompressReply, DeviceSummary, Health, MetricsReport, ModelInfo, ModelSummary, PublishReply, Settings, Status
+
+T = TypeVar("T")
+
+#: Model errors a signature lookup passes on (the request would fail the same way); other
+#: lookup failures only mean the output area is not sized.
+_MODEL_ERRORS = (errors.UnknownModel, errors.LoadFailed, errors.OverBudget, errors.ModelNotReady)
+
+
+class _Link:
+    """One connection: the socket and its protocol state."""
+
+    def __init__(self, sock: socket.socket, conn: Connection) -> None:
+        self.sock = sock
+        self.conn = conn
+        self.send_lock = threading.Lock()
+        #: A thread is reading the socket for everyone (leader/followers).
+        self.reading = False
+        self.poll = select.poll()
+        self.poll.register(sock.fileno(), select.POLLIN)
+        self.dead = False
+
+
+class Client:
+    """A blocking connection to rxd. Thread-safe: any number of threads may call it at once;
+    their requests are in flight together on the one connection and answers are matched by
+    id (the waiting thread reads the socket itself, no extra thread).
+
+    ``socket``: the daemon's socket (default ``$RXD_SOCKET``, else ``/run/rxd/rxd.sock``).
+    ``arena_bytes``: the shared-memory arena to ask for (0: none; if the daemon refuses it the
+    client connects without one unless ``arena_fallback=False``). Arrays of at least
+    ``inline_threshold`` bytes go through the arena; smaller ones inline. ``reconnect``: after
+    the daemon restarts or closes the connection, the next call connects again (waiting up to
+    ``connect_timeout`` for the daemon to come back); calls in flight when it went away raise
+    :class:`rxd.ConnectionClosed`.
+    """
+
+    def __init__(
+        self,
+        socket: Optional[Union[str, "os.PathLike[str]"]] = None,
+        *,
+        arena_bytes: int = 64 << 20,
+        inline_threshold: int = 64 << 10,
+        client_name: Optional[str] = None,
+        connect_timeout: float = 10.0,
+        reconnect: bool = True,
+        arena_fallback: bool = True,
+    ) -> None:
+        from . import __version__
+
+        self._options = Options(
+            socket=_handshake.socket_path(socket),
+            arena_bytes=int(arena_bytes),
+            inline_threshold=int(inline_threshold),
+            client_name=client_name or f"rxd-python {__version__}",
+            connect_timeout=float(connect_timeout),
+            reconnect=reconnect,
+            arena_fallback=arena_fallback,
+        )
+        self._memory = Memory()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._connect_lock = threading.Lock()
+        self._closed = False
+        self._link: Optional[_Link] = None
+        self._link = self._open(self._options.connect_timeout)
+
+    # -- connection ---------------------------------------------------------------------------
+    def _open(self, timeout: float) -> _Link:
+        sock, conn = _handshake.connect_blocking(self._options, self._memory, timeout)
+        return _Link(sock, conn)
+
+    def _ensure(self) -> _Link:
+        link = self._link
+        if link is not None and not link.dead:
+            return link
+        if self._closed:
+            raise errors.ConnectionClosed("the client is closed")
+        if not self._options.reconnect:
+            raise errors.ConnectionClosed(
+                (link.conn.closed if link is not None else None) or "not connected (reconnect=False)"
+            )
+        with self._connect_lock:
+            link = self._link
+            if link is not None and not link.dead:
+                return link
+            deadline = time.monotonic() + self._options.connect_timeout
+            delay = 0.02
+            while True:
+                try:
+                    new = self._open(max(0.05, deadline - time.monotonic()))
+                    break
+                except (OSError, errors.ConnectionClosed, errors.ShuttingDown) as e:
+                    if time.monotonic() + delay > deadline:
+                        raise errors.ConnectionClosed(
+                            f"cannot reconnect to {self._options.socket}: {e}"
+                        ) from e
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.5)
+            with self._lock:
+                self._link = new
+            return new
+
+    def _broken(self, link: _Link, reason: str) -> None:
+        with self._lock:
+            if link.dead:
+                return
+            link.dead = True
+            link.conn.fail_all(reason)
+            self._cond.notify_all()
+        try:
+            link.sock.close()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        """Closes the connection. Arrays from results stay readable until collected."""
+        self._closed = True
+        link = self._link
+        if link is not None:
+            self._broken(link, "the client was closed")
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def welcome(self) -> Dict[str, Any]:
+        """What the daemon said in the handshake (``server``, ``max_frame_bytes``, ...)."""
+        return self._ensure().conn.welcome
+
+    @property
+    def arena_bytes(self) -> int:
+        """The size of the arena the daemon granted (0: none)."""
+        arena = self._ensure().conn.arena
+        return 0 if arena is None else arena.size
+
+    def arena_free_bytes(self) -> int:
+        """Bytes of the arena not in use (0 without an arena)."""
+        arena = self._ensure().conn.arena
+        return 0 if arena is None else arena.free_bytes()
+
+    def arena_free_ranges(self) -> List[Tuple[int, int]]:
+        """The arena's free list as ``[(offset, length)]``; ``[(0, arena_bytes)]`` when nothing
+        is in use."""
+        arena = self._ensure().conn.arena
+        return [] if arena is None else arena.free_ranges()
+
+    # -- arrays in the arena ----------------------------------------------------------------------
+    def empty(self, shape: Union[int, Sequence[int]], dtype: Any = np.float32) -> "np.ndarray[Any, Any]":
+        """A writable array in the shared-memory arena: fill it in place and pass it to
+        :meth:`infer`, which sends it without any copy. Its memory is reserved until it (and
+        every view of it) is garbage-collected. Without an arena, or when the arena is full,
+        an ordinary array (sent as any other: copied once into the arena, or inline)."""
+        return _empty(self._ensure().conn, shape, dtype)
+
+    def zeros(self, shape: Union[int, Sequence[int]], dtype: Any = np.float32) -> "np.ndarray[Any, Any]":
+        """:meth:`empty`, filled with zeros."""
+        a = self.empty(shape, dtype)
+        a[...] = 0
+        return a
+
+    def in_arena(self, array: "np.ndarray[Any, Any]") -> bool:
+        """Whether ``array`` lies in this connection's arena (and would be sent by reference)."""
+        arena = self._ensure().conn.arena
+        return arena is not None and arena.offset_of(np.asarray(array)) is not None
+
+    # -- requests -------------------------------------------------------------------------------
+    def _roundtrip(self, build: Callable[[Connection], Call], timeout: Optional[float]) -> Tuple[Connection, Call]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        link = self._ensure()
+        with self._lock:
+            call = build(link.conn)
+        try:
+            with link.send_lock:
+                _send_all(link.sock, call.frame)
+        except OSError as e:
+            self._broken(link, f"the connection broke: {e}")
+        call.frame = []
+        self._wait(link, call, deadline, timeout)
+        return link.conn, call
+
+    def _wait(self, link: _Link, call: Call, deadline: Optional[float], timeout: Optional[float]) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not call.done:
+                        if not link.reading and not link.dead:
+                            link.reading = True
+                            break
+                        remaining = None if deadline is None else deadline - time.monotonic()
+                        if remaining is not None and remaining <= 0:
+                            raise errors.Timeout(f"no answer within {timeout} s")
+                        self._cond.wait(remaining)
+                    else:
+                        return
+                try:
+                    self._read(link, deadline)
+                finally:
+                    with self._lock:
+                        link.reading = False
+                        self._cond.notify_all()
+                if deadline is not None and not call.done and time.monotonic() >= deadline:
+                    raise errors.Timeout(f"no answer within {timeout} s")
+        except BaseException:
+            with self._lock:
+                link.conn.abandon(call)
+            raise
+
+    def _read(self, link: _Link, deadline: Optional[float]) -> None:
+        """Reads what the socket has (waiting until ``deadline``) and hands out the answers."""
+        if deadline is not None:
+            ms = max(0, int((deadline - time.monotonic()) * 1000) + 1)
+            if not link.poll.poll(ms):
+                return
+        reader = link.conn.reader
+        try:
+            n = link.sock.recv_into(reader.get_buffer())
+        except OSError as e:
+            self._broken(link, f"the connection broke: {e}")
+            return
+        if n == 0:
+            self._broken(link, link.conn.closed or "the daemon closed the connection")
+            return
+        try:
+            with self._lock:
+                link.conn.feed(n)
+                self._cond.notify_all()
+        except (_wire.FrameError, ValueError) as e:
+            self._broken(link, f"undecodable answer: {e}")
+
+    def _control(self, op: str, args: Optional[Dict[str, Any]] = None, timeout: Optional[float] = None) -> Any:
+        conn, call = self._roundtrip(lambda c: c.control(op, args), timeout)
+        return conn.outcome(call)
+
+    def infer(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        version: Optional[int] = None,
+        outputs: Optional[Sequence[str]] = None,
+        priority: Optional[int] = None,
+        timeout: Optional[float] = None,
+        copy: bool = False,
+    ) -> Result:
+        """Runs ``model`` on ``inputs`` (``{input name: array}``, or one array for a model with
+        one input) and returns its outputs (:class:`rxd.Result`, by output name).
+
+        ``version``: a version (default: the one the daemon serves). ``outputs``: the outputs
+        wanted (default all). ``priority``: 0–255, higher first (non-admins up to the daemon's
+        ``max-peer-priority``, 15 by default). ``timeout``: seconds; a request that has not
+        started running by then is answered :class:`rxd.DeadlineExceeded`, and the call waits
+        no longer than that for its answer (:class:`rxd.Timeout`). ``copy``: owned, writable
+        arrays instead of views of the arena.
+
+        Arrays from :meth:`empty` (or outputs of an earlier result) are sent by reference;
+        other arrays of at least ``inline_threshold`` bytes are copied into the arena once;
+        smaller ones travel inline. Outputs come through the arena when their size is known
+        before the run (from the model's signature, or the previous call)."""
+        signature = self._signature(model, version, inputs, timeout)
+        wait = None if timeout is None else timeout + max(0.5, timeout)
+        conn, call = self._roundtrip(
+            lambda c: c.infer(
+                model, inputs, version=version, outputs=outputs, priority=priority,
+                timeout=timeout, copy=copy, signature=signature,
+            ),
+            wait,
+        )
+        return conn.result(call)
+
+    def _signature(
+        self, model: str, version: Optional[int], inputs: Inputs, timeout: Optional[float]
+    ) -> Optional[Dict[str, Any]]:
+        # Asked once per model (and version): it may load the model, as the request would —
+        # not for a request with a deadline (the lookup would not respect it) nor one naming a
+        # version (unless the inputs' names must come from it).
+        key: Key = (model, version)
+        if key in self._memory.signatures:
+            return self._memory.signatures[key]
+        if not needs_signature(inputs) and (timeout is not None or version is not None):
+            return None
+        try:
+            info: Optional[Dict[str, Any]] = self._control("model_info", _ops.model_ref(model, version))
+        except _MODEL_ERRORS:
+            raise
+        except errors.RxdError:
+            info = None
+        self._memory.signatures[key] = info
+        return info
+
+    # -- control and observability ------------------------------------------------------------
+    def models(self) -> List[ModelSummary]:
+        """Every model version the daemon knows, with its state and counters."""
+        out: List[ModelSummary] = self._control("list_models")["models"]
+        return out
+
+    def model_info(self, model: str, version: Optional[int] = None) -> ModelInfo:
+        """A model version's signature (inputs, outputs, limits) and state; loads it if needed,
+        as a request would."""
+        info: ModelInfo = self._control("model_info", _ops.model_ref(model, version))
+        return info
+
+    def status(self) -> Status:
+        """What the daemon is and serves (version, uptime, configuration in force, counters)."""
+        out: Status = self._control("status")
+        return out
+
+    def health(self) -> Health:
+        """``state`` healthy/degraded/unhealthy with ``reasons``, workers, queue, memory."""
+        out: Health = self._control("health")
+        return out
+
+    def metrics(self) -> MetricsReport:
+        """Every metric: process, per model (rates, latency percentiles, batches, cache),
+        devices, GPUs."""
+        out: MetricsReport = self._control("metrics")
+        return out
+
+    def devices(self) -> List[DeviceSummary]:
+        """Devices with their memory budgets and resident models."""
+        out: List[DeviceSummary] = self._control("devices")["devices"]
+        return out
+
+    # -- admin --------------------------------------------------------------------------------------
+    def load(self, model: str, version: Optional[int] = None) -> ModelSummary:
+        """Admin: loads a model version (evicting idle ones if its device's budget needs room)."""
+        out: ModelSummary = self._control("load", _ops.model_ref(model, version))
+        return out
+
+    def unload(self, model: str, version: Optional[int] = None) -> ModelSummary:
+        """Admin: unloads a model version now (a later request may load it again)."""
+        out: ModelSummary = self._control("unload", _ops.model_ref(model, version))
+        return out
+
+    def pin(self, model: str, version: Optional[int] = None) -> ModelSummary:
+        """Admin: keeps a model version resident (never evicted); loads it if needed."""
+        out: ModelSummary = self._control("pin", _ops.model_ref(model, version))
+        return out
+
+    def unpin(self, model: str, version: Optional[int] = None) -> ModelSummary:
+        """Admin: lets a pinned version be evicted again."""
+        out: ModelSummary = self._control("unpin", _ops.model_ref(model, version))
+        return out
+
+    def reload(self) -> List[ModelSummary]:
+        """Admin: re-reads the configuration and the repository, as SIGHUP does."""
+        out: List[ModelSummary] = self._control("reload")["models"]
+        return out
+
+    def configure(self, model: str, version: Optional[int] = None, **settings: Any) -> Settings:
+        """Admin: changes a model version's settings at run time — ``instances`` (workers),
+        ``max_batch_rows``, ``max_queue_delay_us``, ``latency_target_ms`` (0: adaptive
+        batching off), ``default_priority``, ``priority_aging_ms`` (0: strict priority),
+        ``cache_bytes`` (0: cache off), ``clear_cache``, ``device``, ``persist``. Returns
+        the settings in force."""
+        out: Settings = self._control("configure", _ops.configure_args(model, version, settings))
+        return out
+
+    def compress(
+        self,
+        model: str,
+        strategy: str = "int8-weights",
+        *,
+        version: Optional[int] = None,
+        calibration: Optional[Mapping[str, Any]] = None,
+        calibration_method: Optional[str] = None,
+        eval: Optional[Mapping[str, Any]] = None,
+        min_top1: Optional[float] = None,
+        min_cosine: Optional[float] = None,
+        dry_run: bool = False,
+    ) -> CompressReply:
+        """Admin: compresses a repository model (``int8-weights``, ``dynamic-int8``, ``int4``,
+        ``fp16``, ``fp16-weights``, ``prune:S``, joined with ``+``; or ``static-int8`` with
+        ``calibration`` arrays by input name). The daemon compares it with the original on
+        ``eval`` inputs (default: random ones) and publishes it as the next version only if
+        the report passes ``min_top1``/``min_cosine`` (default 0.99)."""
+        args = _ops.compress_args(
+            model, strategy, version=version, calibration=calibration,
+            calibration_method=calibration_method, eval=eval, min_top1=min_top1,
+            min_cosine=min_cosine, dry_run=dry_run,
+        )
+        out: CompressReply = self._control("compress", args)
+        return out
+
+    def publish(self, model: str, source: PathOrBytes, *, version: Optional[int] = None) -> PublishReply:
+        """Admin: publishes an ONNX model file (a path, or its bytes) into the daemon's
+        repository as ``version`` (default: one more than the highest on disk) and has the
+        daemon rescan it. The bytes go through the arena (on a connection with an arena of
+        their size when this one's is too small); the daemon writes them atomically."""
+        data = read_model_file(source)
+        link = self._ensure()
+        arena = link.conn.arena
+        fits = arena is not None and arena.free_bytes() >= len(data) + 64
+        if not fits and len(data) + 4096 > link.conn.max_frame:
+            with Client(
+                self._options.socket,
+                arena_bytes=len(data) + 4096,
+                client_name=self._options.client_name,
+                connect_timeout=self._options.connect_timeout,
+                reconnect=False,
+            ) as side:
+                return side.publish(model, data, version=version)
+        conn, call = self._roundtrip(lambda c: c.publish(model, data, version), None)
+        out: PublishReply = conn.outcome(call)
+        return out
+
+
+def _empty(conn: Connection, shape: Union[int, Sequence[int]], dtype: Any) -> "np.ndarray[Any, Any]":
+    dt = np.dtype(dtype)
+    _wire.wire_dtype(dt)
+    dims = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(d) for d in shape)
+    nbytes = int(np.prod(dims, dtype=np.int64)) * dt.itemsize
+    arena = conn.arena
+    slot = arena.alloc(nbytes) if arena is not None else None
+    if slot is None:
+        return np.empty(dims, dtype=dt.newbyteorder("<") if dt.byteorder == ">" else dt)
+    try:
+        return slot.view(dims, dt.newbyteorder("<") if dt.byteorder == ">" else dt, writable=True)
+    finally:
+        slot.release()  # the array's own claim keeps it
+
+
+def _send_all(sock: socket.socket, bufs: Sequence[Union[bytes, memoryview]]) -> None:
+    total = sum(len(b) for b in bufs)
+    if total <= 1 << 16:
+        sock.sendall(b"".join(bufs))
+        return
+    views: List[memoryview] = [memoryview(b).cast("B") for b in bufs]
+    while views:
+        n = sock.sendmsg(views)
+        while n and views:
+            if n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][n:]
+                n = 0
+
+

@@ -1,0 +1,200 @@
+"""No leaks: requests that are cancelled, time out or meet exceptions give their arena slots
+back (once the daemon has answered them), the daemon's fds stay flat, and a view of the arena
+never changes or disappears under its owner."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import random
+import threading
+import time
+from typing import Any, Dict, List
+
+import numpy as np
+import pytest
+
+import rxd
+from conftest import Daemon, arena_whole, reference
+
+
+class Boom(Exception):
+    """An exception of the caller's own."""
+
+
+def wait_for(cond: Any, what: str, limit: float = 20.0) -> None:
+    deadline = time.monotonic() + limit
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def fds_settle(daemon: Daemon, want: int) -> None:
+    wait_for(lambda: daemon.fds() <= want, f"the daemon holds {daemon.fds()} fds, {want} before")
+
+
+def cls_input(rng: np.random.Generator) -> Dict[str, np.ndarray]:
+    return {"x": rng.random((2, 3, 48, 192), dtype=np.float32)}  # 221 KiB: through the arena
+
+
+async def test_1000_requests_with_cancellations_timeouts_and_exceptions_leak_nothing(daemon: Daemon) -> None:
+    rng = np.random.default_rng(1)
+    pick = random.Random(1)
+    baseline = daemon.fds()
+    ref = reference("ppocr_cls")
+    fixed = cls_input(rng)
+    want = ref.run(fixed)["save_infer_model/scale_0.tmp_1"]
+    seen: Dict[str, int] = {}
+
+    async with rxd.AsyncClient(daemon.socket, inline_threshold=0) as client:
+        connected = daemon.fds()
+        assert arena_whole(client)
+
+        async def one(kind: str) -> None:
+            placed = None
+            try:
+                if kind == "ok":
+                    with await client.infer("ppocr_cls", fixed) as r:
+                        np.testing.assert_allclose(r["save_infer_model/scale_0.tmp_1"], want, rtol=1e-5, atol=1e-6)
+                elif kind == "arena-input":
+                    placed = client.empty((2, 3, 48, 192))
+                    placed[...] = fixed["x"]
+                    r = await client.infer("ppocr_cls", {"x": placed})
+                    del r  # never closed: collected
+                elif kind == "cancel":
+                    task = asyncio.ensure_future(client.infer("ppocr_cls", cls_input(rng)))
+                    await asyncio.sleep(pick.random() * 0.003)
+                    task.cancel()
+                    try:
+                        (await task).close()
+                    except asyncio.CancelledError:
+                        pass
+                elif kind == "wait-for":
+                    await asyncio.wait_for(client.infer("ppocr_cls", cls_input(rng)), pick.random() * 0.004)
+                elif kind == "deadline":
+                    await client.infer("ppocr_cls", cls_input(rng), timeout=0.0005)
+                elif kind == "raise-holding":
+                    with await client.infer("ppocr_cls", fixed) as r:
+                        _ = r["save_infer_model/scale_0.tmp_1"]
+                        raise Boom()
+                elif kind == "bad-dtype":
+                    await client.infer("ppocr_cls", {"x": fixed["x"].astype(np.float64)})
+                elif kind == "unsendable":
+                    # One input placed in the arena, then one that cannot be sent at all.
+                    await client.infer("silero_vad", {"input": np.zeros((1, 512), np.float32), "state": np.zeros((2, 1, 128), np.float32), "sr": np.array(["x"])})
+                seen[kind + ":ok"] = seen.get(kind + ":ok", 0) + 1
+            except (asyncio.TimeoutError, rxd.DeadlineExceeded, Boom, rxd.DtypeMismatch, TypeError) as e:
+                seen[f"{kind}:{type(e).__name__}"] = seen.get(f"{kind}:{type(e).__name__}", 0) + 1
+            finally:
+                del placed
+
+        kinds = ["ok", "arena-input", "cancel", "wait-for", "deadline", "raise-holding", "bad-dtype", "unsendable"]
+        for _ in range(25):
+            await asyncio.gather(*(one(pick.choice(kinds)) for _ in range(40)))
+        assert sum(seen.values()) == 1000, seen
+        # Every kind happened, and the abandoned ones really were given up mid-flight.
+        assert all(any(k.startswith(kind + ":") for k in seen) for kind in kinds), seen
+        assert seen.get("cancel:ok", 0) < 125 and seen.get("wait-for:TimeoutError", 0) > 0, seen
+        # Answers to abandoned requests may still be on their way: their slots come back then.
+        proto = client._proto
+        assert proto is not None
+        deadline = time.monotonic() + 20
+        while proto.conn.pending:
+            assert time.monotonic() < deadline, f"{len(proto.conn.pending)} requests never answered"
+            await asyncio.sleep(0.02)
+        gc.collect()
+        assert arena_whole(client), client.arena_free_ranges()
+        assert daemon.fds() <= connected, "the daemon's fds moved while the client was connected"
+    fds_settle(daemon, baseline)
+
+
+def test_blocking_threads_with_timeouts_and_exceptions_leak_nothing(daemon: Daemon) -> None:
+    baseline = daemon.fds()
+    errors: List[BaseException] = []
+    outcomes: Dict[str, int] = {}
+    lock = threading.Lock()
+    with rxd.Client(daemon.socket, inline_threshold=0) as client:
+        connected = daemon.fds()
+
+        def worker(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            pick = random.Random(seed)
+            for _ in range(60):
+                kind = pick.choice(["ok", "deadline", "raise", "det"])
+                try:
+                    if kind == "ok":
+                        client.infer("ppocr_cls", cls_input(rng)).close()
+                    elif kind == "deadline":
+                        client.infer("ppocr_cls", cls_input(rng), timeout=0.0005)
+                    elif kind == "raise":
+                        with client.infer("ppocr_cls", cls_input(rng)) as r:
+                            _ = r["save_infer_model/scale_0.tmp_1"]
+                            raise Boom()
+                    else:
+                        # Long runs that others' short deadlines queue behind (client-side
+                        # waits end at timeout + 0.5 s).
+                        client.infer("ppocr_det", {"x": rng.random((1, 3, 640, 640), dtype=np.float32)}, timeout=0.01)
+                    name = kind + ":ok"
+                except (rxd.DeadlineExceeded, Boom) as e:
+                    name = f"{kind}:{type(e).__name__}"
+                except BaseException as e:  # noqa: BLE001 - reported below
+                    with lock:
+                        errors.append(e)
+                    return
+                with lock:
+                    outcomes[name] = outcomes.get(name, 0) + 1
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert sum(outcomes.values()) == 240, outcomes
+        assert outcomes.get("raise:Boom", 0) > 0, outcomes
+        link = client._link
+        assert link is not None
+        wait_for(lambda: not link.conn.pending or bool(client.status()) and not link.conn.pending, "answers never came")
+        assert arena_whole(client), client.arena_free_ranges()
+        assert daemon.fds() <= connected
+    fds_settle(daemon, baseline)
+
+
+def test_a_view_never_changes_and_outlives_its_result_safely(daemon: Daemon) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.random((1, 3, 320, 320), dtype=np.float32)
+    want = reference("yolov8n").run({"images": x})["output0"]
+    with rxd.Client(daemon.socket) as client:
+        result = client.infer("yolov8n", {"images": x})
+        view = result["output0"]
+        assert result.in_arena("output0") and not view.flags.writeable
+        with pytest.raises(ValueError):
+            view[0, 0, 0] = 1.0  # read-only: nobody writes the daemon's answer by mistake
+        part = view[0, :4]  # a numpy view of the view
+        result.close()
+        with pytest.raises(rxd.ResultClosed):
+            result["output0"]
+        # The range stays reserved while any array shows it: later requests (whose outputs
+        # would otherwise reuse the range first) never change it.
+        held = client.arena_free_bytes()
+        assert held < client.arena_bytes
+        for _ in range(20):
+            y = rng.random((1, 3, 320, 320), dtype=np.float32)
+            client.infer("yolov8n", {"images": y}).close()
+        np.testing.assert_array_equal(view, want)
+        del view
+        gc.collect()
+        assert client.arena_free_bytes() == held, "freed while a view of the view was alive"
+        np.testing.assert_array_equal(part, want[0, :4])
+        del part
+        assert arena_whole(client)
+
+        # A result dropped without being closed gives its range back too.
+        r2 = client.infer("yolov8n", {"images": x})
+        v2 = r2["output0"]
+        del r2
+        gc.collect()
+        np.testing.assert_array_equal(v2, want)
+        assert not arena_whole(client)
+        del v2
+        assert arena_whole(client)

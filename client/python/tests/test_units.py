@@ -1,0 +1,103 @@
+"""The sans-IO pieces on their own: frame splitting, the arena allocator, output sizes."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import msgpack
+import numpy as np
+import pytest
+
+from rxd import _shapes, _wire
+from rxd._arena import Arena
+
+YOLO = "(floor(floor(floor(height/2 - 1/2)/2)/2) + 1)*(floor(floor(floor(width/2 - 1/2)/2)/2) + 1) + (floor(floor(floor(floor(height/2 - 1/2)/2)/2)/2) + 1)*(floor(floor(floor(floor(width/2 - 1/2)/2)/2)/2) + 1) + (floor(floor(floor(floor(floor(height/2 - 1/2)/2)/2)/2)/2) + 1)*(floor(floor(floor(floor(floor(width/2 - 1/2)/2)/2)/2)/2) + 1)"
+
+
+def test_formulas_of_input_dimensions_are_evaluated_exactly() -> None:
+    assert _shapes.evaluate(YOLO, {"height": 320, "width": 320}) == 2100
+    assert _shapes.evaluate(YOLO, {"height": 256, "width": 256}) == 1344
+    assert _shapes.evaluate(YOLO, {"height": 333, "width": 111}) == 42 * 14 + 21 * 7 + 11 * 4
+    assert _shapes.evaluate("ceiling(7/2) + Max(2, 3) - min(1, 4)", {}) == 6
+    for bad in ["height + 1", "1/2", "2 - 3", "floor(", "sqrt(4)", "1/0"]:
+        assert _shapes.evaluate(bad, {}) is None, bad
+
+
+def test_output_area_from_names_formulas_and_the_warmup() -> None:
+    yolo = {
+        "inputs": [{"name": "images", "dtype": "float32", "dims": [-1, 3, -1, -1], "dim_names": ["batch", "", "height", "width"], "warmup_dims": [1, 3, 320, 320]}],
+        "outputs": [{"name": "output0", "dtype": "float32", "dims": [-1, 22, -1], "dim_names": ["batch", "", YOLO], "warmup_dims": [1, 22, 2100]}],
+    }
+    assert _shapes.output_area_bytes(yolo, {"images": [2, 3, 256, 256]}, []) == 2 * 22 * 1344 * 4
+    det = {
+        "inputs": [{"name": "x", "dtype": "float32", "dims": [-1, 3, -1, -1], "dim_names": ["p.0", "", "p.1", "p.2"], "warmup_dims": [1, 3, 640, 640]}],
+        "outputs": [{"name": "y", "dtype": "float32", "dims": [-1, 1, -1, -1], "dim_names": ["p.3", "", "p.4", "p.5"], "warmup_dims": [1, 1, 640, 640]}],
+    }
+    assert _shapes.output_area_bytes(det, {"x": [3, 3, 640, 640]}, []) == 3 * 640 * 640 * 4
+    assert _shapes.output_area_bytes(det, {"x": [1, 3, 960, 960]}, []) is None
+
+
+def frame(obj: object) -> bytes:
+    body = msgpack.packb(obj, use_bin_type=True)
+    return struct.pack("<I", len(body)) + body
+
+
+def test_frames_are_split_however_the_bytes_arrive() -> None:
+    frames = [frame({"id": i, "outcome": {"ok": {"op": "status"}}}) for i in range(200)]
+    frames.insert(50, frame({"id": 999, "blob": b"\x07" * 300_000}))  # larger than the scratch
+    stream = b"".join(frames)
+    for step in (1, 7, 4096, 1 << 20):
+        reader = _wire.FrameReader(1 << 24)
+        got = []
+        pos = 0
+        while pos < len(stream):
+            buf = reader.get_buffer()
+            n = min(len(buf), step, len(stream) - pos)
+            buf[:n] = stream[pos : pos + n]
+            pos += n
+            got.extend(_wire.decode(b) for b in reader.buffer_updated(n))
+        assert [g["id"] for g in got] == [f_id for f_id in list(range(50)) + [999] + list(range(50, 200))], step
+        assert got[50]["blob"] == b"\x07" * 300_000
+    reader = _wire.FrameReader(1000)
+    buf = reader.get_buffer()
+    buf[:4] = struct.pack("<I", 1001)
+    with pytest.raises(_wire.FrameError):
+        reader.buffer_updated(4)
+
+
+def sealed_memfd(size: int) -> int:
+    import fcntl
+
+    fd = os.memfd_create("rxd-test", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, 1033, 0x0001 | 0x0002 | 0x0004)  # F_ADD_SEALS: seal, shrink, grow
+    return fd
+
+
+def test_the_allocator_aligns_coalesces_and_refuses_unsealed_arenas() -> None:
+    arena = Arena(sealed_memfd(1 << 16), 1 << 16)
+    a, b, c = arena.alloc(10), arena.alloc(100), arena.alloc(1000)
+    assert a is not None and b is not None and c is not None
+    assert [s.offset % 64 for s in (a, b, c)] == [0, 0, 0]
+    assert arena.free_bytes() == (1 << 16) - 64 - 128 - 1024
+    assert arena.alloc(1 << 16) is None
+    b.release()
+    a.release()
+    c.release()
+    assert arena.free_ranges() == [(0, 1 << 16)]
+    view_slot = arena.alloc(4 * 6)
+    assert view_slot is not None
+    v = view_slot.view((2, 3), np.dtype(np.float32), writable=True)
+    v[...] = 1.5
+    view_slot.release()
+    part = v[1]
+    del v
+    assert arena.free_ranges() != [(0, 1 << 16)]  # `part` still shows it
+    assert float(part.sum()) == 4.5
+    del part
+    assert arena.free_ranges() == [(0, 1 << 16)]
+    plain = os.memfd_create("rxd-test", os.MFD_CLOEXEC)
+    os.ftruncate(plain, 4096)
+    with pytest.raises(OSError, match="seal"):
+        Arena(plain, 4096)
