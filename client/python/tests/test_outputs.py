@@ -118,3 +118,41 @@ def test_an_output_view_feeds_the_next_request_by_reference(daemon: Daemon) -> N
                 np.testing.assert_array_equal(second["y"], want)
         del y
         assert arena_whole(client)
+
+
+def test_lists_and_unusual_layouts_are_sent_as_the_model_declares(daemon: Daemon) -> None:
+    # A list takes the input's declared dtype (float32, not numpy's float64); strided,
+    # Fortran-ordered, big-endian and broadcast arrays, and arena arrays that are not
+    # contiguous or start mid-slot, all give in-process ONNX Runtime's outputs.
+    base = rng.standard_normal((6, 4, 5)).astype(np.float32) * 10
+    base[0, 0, :4] = [np.nan, np.inf, -np.inf, 1e-42]
+    ref = reference("sigmoid")
+    variants: Dict[str, Any] = {
+        "list": base[:3].tolist(),
+        "strided": base[::2],
+        "fortran": np.asfortranarray(base[:3]),
+        "big-endian": base[:3].astype(">f4"),
+        "broadcast": np.broadcast_to(base[0], (3, 4, 5)),
+    }
+    for threshold in (0, 1 << 30):  # everything through the arena; everything inline
+        with rxd.Client(daemon.socket, inline_threshold=threshold) as client:
+            for name, value in variants.items():
+                want = ref.run({"x": np.asarray(value, dtype=np.float32)})["y"]
+                with client.infer("sigmoid", {"x": value}) as got:
+                    assert got["y"].dtype == np.float32, name
+                    np.testing.assert_array_equal(got["y"], want, err_msg=name)
+            flat = client.empty(61, np.float32)
+            flat[1:] = base[:3].reshape(-1)
+            block = client.empty((2, 3, 4, 5), np.float32)
+            block[...] = base.reshape(2, 3, 4, 5)
+            placed = {
+                "one element in": flat[1:].reshape(3, 4, 5),
+                "a sub-block": block[1],
+                "not contiguous": block.transpose(1, 0, 2, 3)[:, 0],
+            }
+            for name, value in placed.items():
+                assert client.in_arena(value) == value.flags.c_contiguous, name
+                with client.infer("sigmoid", {"x": value}) as got:
+                    np.testing.assert_array_equal(got["y"], ref.run({"x": np.ascontiguousarray(value)})["y"], err_msg=name)
+            del flat, block, placed, value
+            assert arena_whole(client)

@@ -172,12 +172,13 @@ class Connection:
         signature: Optional[Dict[str, Any]],
     ) -> None:
         named = named_inputs(inputs, signature)
+        declared = input_dtypes(signature)
         arena = self.arena
         threshold = self.options.inline_threshold
         tensors: List[Dict[str, Any]] = []
         shapes: Dict[str, List[int]] = {}
         for name, value in named.items():
-            a = as_array(value)
+            a = as_array(value, declared.get(name))
             wire = _wire.wire_dtype(a.dtype)
             shape = [int(d) for d in a.shape]
             shapes[name] = shape
@@ -311,8 +312,14 @@ class Connection:
         return res
 
 
-def as_array(value: Any) -> np.ndarray[Any, Any]:
-    a = np.asarray(value)
+def as_array(value: Any, declared: Optional[np.dtype[Any]] = None) -> np.ndarray[Any, Any]:
+    """``value`` as a little-endian array. A value that is not a numpy array (a list, a
+    number) takes the input's ``declared`` dtype when the model's signature is known (a list of
+    floats would otherwise be float64); an array keeps its own dtype, checked by the daemon."""
+    if declared is not None and not isinstance(value, np.ndarray):
+        a = np.asarray(value, dtype=declared)
+    else:
+        a = np.asarray(value)
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
     return a
@@ -328,6 +335,16 @@ def named_inputs(inputs: Inputs, signature: Optional[Mapping[str, Any]]) -> Mapp
             + (f" (the model has inputs {names})" if names else "")
         )
     return {names[0]: inputs}
+
+
+def input_dtypes(signature: Optional[Mapping[str, Any]]) -> Dict[str, np.dtype[Any]]:
+    """The numpy dtype of each input the signature declares (those numpy has a type for)."""
+    out: Dict[str, np.dtype[Any]] = {}
+    for spec in (signature or {}).get("inputs", []):
+        dt = _wire.numpy_dtype(str(spec.get("dtype", "")))
+        if dt is not None:
+            out[str(spec["name"])] = dt
+    return out
 
 
 def needs_signature(inputs: Inputs) -> bool:
