@@ -140,8 +140,8 @@ class Arena:
     def offset_of(self, arr: np.ndarray[Any, Any]) -> Optional[int]:
         """The offset of a C-contiguous array's bytes in this arena, or ``None`` when they are
         not (all) in it."""
-        if not arr.flags.c_contiguous:
-            return None
+        if arr.base is None or not arr.flags.c_contiguous:
+            return None  # an array that owns its memory is not in the arena
         addr = int(arr.__array_interface__["data"][0])
         off = addr - self.address
         if off < 0 or off + arr.nbytes > self.size:

@@ -43,6 +43,26 @@ class Memory:
 
     signatures: Dict[Key, Optional[Dict[str, Any]]] = field(default_factory=dict)
     output_sizes: Dict[Key, int] = field(default_factory=dict)
+    #: Output area sizes computed from a signature, by model, input shapes and outputs asked
+    #: for (a request of a shape seen before does not evaluate the signature again).
+    areas: Dict[Tuple[Key, Tuple[Tuple[str, Tuple[int, ...]], ...], Tuple[str, ...]], Optional[int]] = field(default_factory=dict)
+
+    def forget(self, key: Key) -> None:
+        """The signature of ``key`` proved wrong (a new version?): ask for it again."""
+        self.signatures.pop(key, None)
+        self.areas = {k: v for k, v in self.areas.items() if k[0] != key}
+
+    def area_bytes(self, key: Key, signature: Dict[str, Any], shapes: Dict[str, List[int]], wanted: List[str]) -> Optional[int]:
+        """:func:`rxd._shapes.output_area_bytes`, remembered."""
+        k = (key, tuple((n, tuple(v)) for n, v in shapes.items()), tuple(wanted))
+        try:
+            return self.areas[k]
+        except KeyError:
+            pass
+        if len(self.areas) >= 4096:
+            self.areas.clear()
+        n = self.areas[k] = _shapes.output_area_bytes(signature, shapes, wanted)
+        return n
 
 
 class Call:
@@ -172,7 +192,7 @@ class Connection:
         signature: Optional[Dict[str, Any]],
     ) -> None:
         named = named_inputs(inputs, signature)
-        declared = input_dtypes(signature)
+        declared = input_dtypes(signature) if signature and not all(isinstance(v, np.ndarray) for v in named.values()) else {}
         arena = self.arena
         threshold = self.options.inline_threshold
         tensors: List[Dict[str, Any]] = []
@@ -215,7 +235,7 @@ class Connection:
             args["timeout_ms"] = max(0, math.ceil(timeout * 1000))
         if arena is not None:
             key = (model, version)
-            estimate = _shapes.output_area_bytes(signature, shapes, wanted) if signature else None
+            estimate = self.memory.area_bytes(key, signature, shapes, wanted) if signature else None
             if estimate is None:
                 estimate = self.memory.output_sizes.get(key)
             if estimate is not None and estimate >= threshold:
@@ -308,7 +328,7 @@ class Connection:
             self.memory.output_sizes[call.key] = total
             if overflowed and call.signature is not None:
                 # The signature's estimate was short (a new version?): ask again next time.
-                self.memory.signatures.pop(call.key, None)
+                self.memory.forget(call.key)
         return res
 
 

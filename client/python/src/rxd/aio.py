@@ -84,8 +84,11 @@ class _Protocol(asyncio.BufferedProtocol):
 
     def send(self, frame: Sequence[Union[bytes, memoryview]]) -> None:
         assert self.transport is not None
-        for b in frame:
-            self.transport.write(b)
+        if len(frame) == 2 and len(frame[1]) <= 1 << 16:
+            self.transport.write(b"".join(frame))  # one send for a small frame, not two
+        else:
+            for b in frame:
+                self.transport.write(b)
 
     async def drain(self) -> None:
         if self._drained is not None and not self._drained.done():
