@@ -214,13 +214,10 @@ class Client:
                         self._cond.wait(remaining)
                     else:
                         return
-                try:
-                    self._read(link, deadline)
-                finally:
-                    with self._lock:
-                        link.reading = False
-                        self._cond.notify_all()
-                if deadline is not None and not call.done and time.monotonic() >= deadline:
+                self._read(link, deadline)
+                if call.done:
+                    return
+                if deadline is not None and time.monotonic() >= deadline:
                     raise errors.Timeout(f"no answer within {timeout} s")
         except BaseException:
             with self._lock:
@@ -228,26 +225,28 @@ class Client:
             raise
 
     def _read(self, link: _Link, deadline: Optional[float]) -> None:
-        """Reads what the socket has (waiting until ``deadline``) and hands out the answers."""
-        if deadline is not None:
-            ms = max(0, int((deadline - time.monotonic()) * 1000) + 1)
-            if not link.poll.poll(ms):
-                return
-        reader = link.conn.reader
+        """As the reader (``link.reading``): reads what the socket has (waiting until
+        ``deadline``), hands out the answers and gives up the reader's role, in one go."""
+        n = -1
+        broken: Optional[str] = None
         try:
-            n = link.sock.recv_into(reader.get_buffer())
+            if deadline is None or link.poll.poll(max(0, int((deadline - time.monotonic()) * 1000) + 1)):
+                n = link.sock.recv_into(link.conn.reader.get_buffer())
+                if n == 0:
+                    broken = link.conn.closed or "the daemon closed the connection"
         except OSError as e:
-            self._broken(link, f"the connection broke: {e}")
-            return
-        if n == 0:
-            self._broken(link, link.conn.closed or "the daemon closed the connection")
-            return
-        try:
+            broken = f"the connection broke: {e}"
+        finally:
             with self._lock:
-                link.conn.feed(n)
+                link.reading = False
+                if n > 0:
+                    try:
+                        link.conn.feed(n)
+                    except (_wire.FrameError, ValueError) as e:
+                        broken = f"undecodable answer: {e}"
                 self._cond.notify_all()
-        except (_wire.FrameError, ValueError) as e:
-            self._broken(link, f"undecodable answer: {e}")
+        if broken is not None:
+            self._broken(link, broken)
 
     def _control(self, op: str, args: Optional[Dict[str, Any]] = None, timeout: Optional[float] = None) -> Any:
         conn, call = self._roundtrip(lambda c: c.control(op, args), timeout)
