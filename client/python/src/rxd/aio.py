@@ -90,6 +90,11 @@ class _Protocol(asyncio.BufferedProtocol):
             for b in frame:
                 self.transport.write(b)
 
+    @property
+    def paused(self) -> bool:
+        """The transport's buffer is full: wait for :meth:`drain` before sending more."""
+        return self._drained is not None and not self._drained.done()
+
     async def drain(self) -> None:
         if self._drained is not None and not self._drained.done():
             await self._drained
@@ -271,7 +276,8 @@ class AsyncClient:
         try:
             proto.send(call.frame)
             call.frame = []
-            await proto.drain()
+            if proto.paused:
+                await proto.drain()
             if timeout is None:
                 await waiter
             else:
@@ -300,7 +306,11 @@ class AsyncClient:
         copy: bool = False,
     ) -> Result:
         """Runs ``model`` on ``inputs``; see :meth:`rxd.Client.infer`."""
-        signature = await self._signature(model, version, inputs, timeout)
+        key: Key = (model, version)
+        if key in self._memory.signatures:  # the usual case: no coroutine for the lookup
+            signature = self._memory.signatures[key]
+        else:
+            signature = await self._signature(model, version, inputs, timeout)
         wait = None if timeout is None else timeout + max(0.5, timeout)
         conn, call = await self._roundtrip(
             lambda c: c.infer(
