@@ -882,3 +882,61 @@ fn the_classifier_moves_to_opset_13_with_the_same_answers() {
     assert!(!rxd_compress::opset::upgrade_to_13(&mut model).unwrap());
     assert_eq!(model.opset(""), Some(11));
 }
+
+/// `rxctl model add` (issue 22): the file goes through the arena into the repository as the
+/// next version, byte for byte, and is served — answers equal in-process ONNX Runtime's on
+/// the same file; with `--compress` the version after it is compressed and served; a version
+/// on disk is never replaced.
+#[test]
+fn rxctl_model_add_publishes_serves_and_compresses_the_next_version() {
+    let repo = Repo::new();
+    repo.link("digits", 1, "digits");
+    let d = TestDaemon::start(repo.path(), &[]);
+    let file = model_file("digits");
+    let path = file.to_str().unwrap();
+    let out = d.rxctl(&["model", "add", "hand", path]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("published hand version 1"),
+        "{out:?}"
+    );
+    let written = repo.path().join("hand/1/model.onnx");
+    assert_eq!(
+        std::fs::read(&written).unwrap(),
+        std::fs::read(&file).unwrap()
+    );
+    let digit = example_npy("digit.npy", "input");
+    let c = d.client();
+    let reply = c
+        .infer_request(rxd_protocol::InferRequest::new("hand", vec![digit.clone()]))
+        .unwrap();
+    assert_eq!(reply.version, 1);
+    let want = Reference::new(&file).run(std::slice::from_ref(&digit));
+    assert_eq!(reply.outputs, want);
+
+    // An explicit version that exists is refused; nothing on disk changes.
+    let out = d.rxctl(&["model", "add", "hand", path, "--version", "1"]);
+    assert!(!out.status.success(), "{out:?}");
+    assert_eq!(
+        std::fs::read(&written).unwrap(),
+        std::fs::read(&file).unwrap()
+    );
+
+    // --compress: version 2 is the file, version 3 its INT8-weights form, served by default.
+    let out = d.rxctl(&["model", "add", "hand", path, "--compress", "int8-weights"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("published hand version 2") && text.contains("published as version 3"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read(repo.path().join("hand/2/model.onnx")).unwrap(),
+        std::fs::read(&file).unwrap()
+    );
+    let reply = c
+        .infer_request(rxd_protocol::InferRequest::new("hand", vec![digit.clone()]))
+        .unwrap();
+    assert_eq!(reply.version, 3);
+    assert_eq!(reply.outputs[0], want[0], "same label as the original");
+}
