@@ -268,7 +268,9 @@ class AsyncClient:
 
     # -- requests -----------------------------------------------------------------------------
     async def _roundtrip(self, build: Callable[[Connection], Call], timeout: Optional[float]) -> Tuple[Connection, Call]:
-        proto = await self._ensure()
+        proto = self._proto
+        if proto is None or proto.lost:
+            proto = await self._ensure()
         conn = proto.conn
         call = build(conn)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
