@@ -74,7 +74,16 @@ fn publish_refuses_traversal_oversize_non_onnx_non_admins_and_planted_symlinks()
     let (welcome, fd) = admin.handshake_arena(1 << 20).unwrap();
     let map = rxd_shm::Mapping::map(fd.as_fd(), welcome.arena_bytes as usize).unwrap();
     let repo_before = tree(repo.path());
-    let parent_before = tree(repo.path().parent().unwrap()).len();
+    // Where a name that escaped the repository would have written (the repository's parent is
+    // the shared temporary directory: its other entries come and go with other programs).
+    let parent = repo.path().parent().unwrap();
+    let escapes = [
+        parent.join("escaped"),
+        parent.join("1"),
+        std::path::PathBuf::from("/tmp/abs"),
+    ];
+    let escaped = || escapes.iter().map(|p| p.exists()).collect::<Vec<bool>>();
+    let escaped_before = escaped();
 
     // Names that would leave the repository, or hide in it.
     for (i, name) in [
@@ -168,7 +177,11 @@ fn publish_refuses_traversal_oversize_non_onnx_non_admins_and_planted_symlinks()
         repo_before,
         "a refused publish wrote something"
     );
-    assert_eq!(tree(repo.path().parent().unwrap()).len(), parent_before);
+    assert_eq!(
+        escaped(),
+        escaped_before,
+        "a refused publish wrote outside the repository"
+    );
 
     // A peer that is not an admin, with a valid file.
     let mut nobody = connect_as_nobody(&d.socket);
