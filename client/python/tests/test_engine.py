@@ -45,16 +45,19 @@ async def test_engine_requests_and_metrics_from_the_daemons_counters(served: Dae
     sync = engine.process_request_sync(xs[0], priority=2)  # one array: the model's one input
     np.testing.assert_array_equal(sync["save_infer_model/scale_0.tmp_1"], ref.run({"x": xs[0]})["save_infer_model/scale_0.tmp_1"])
     np.testing.assert_array_equal(engine.predict({"x": xs[1]})["save_infer_model/scale_0.tmp_1"], ref.run({"x": xs[1]})["save_infer_model/scale_0.tmp_1"])
+    # Nested lists, as engine users pass them: the signature start() asked for gives the dtype.
+    listed = await engine.process_request({"x": xs[2].tolist()})
+    np.testing.assert_array_equal(listed["save_infer_model/scale_0.tmp_1"], ref.run({"x": xs[2]})["save_infer_model/scale_0.tmp_1"])
 
     after = engine.get_performance_metrics()
     assert set(after) == {"throughput", "latency", "resource_usage", "batch_stats", "cache_stats"}
-    assert after["batch_stats"]["total_requests"] - before["batch_stats"]["total_requests"] == 26
-    assert after["batch_stats"]["successful_requests"] - before["batch_stats"]["successful_requests"] == 26
+    assert after["batch_stats"]["total_requests"] - before["batch_stats"]["total_requests"] == 27
+    assert after["batch_stats"]["successful_requests"] - before["batch_stats"]["successful_requests"] == 27
     assert after["batch_stats"]["total_batches"] > before["batch_stats"]["total_batches"]
     # Rates count complete seconds: within two, the burst shows.
     until(lambda: engine.get_performance_metrics()["throughput"]["requests_per_second"] > 0, "no request rate", 3.0)
     rates = engine.get_performance_metrics()["throughput"]
-    assert rates["batches_per_second"] > 0 and rates["requests_per_second"] <= 26
+    assert rates["batches_per_second"] > 0 and rates["requests_per_second"] <= 27
     assert after["throughput"]["average_batch_size"] >= 1.0
     lat = after["latency"]
     assert 0 < lat["p50_ms"] <= lat["p95_ms"] <= lat["p99_ms"] and lat["mean_ms"] > 0

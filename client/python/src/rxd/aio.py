@@ -361,8 +361,10 @@ class AsyncClient:
         return out
 
     async def model_info(self, model: str, version: Optional[int] = None) -> ModelInfo:
-        """A model version's signature and state (loads it if needed)."""
+        """A model version's signature and state (loads it if needed); remembered as the
+        signature later requests use."""
         out: ModelInfo = await self._control("model_info", _ops.model_ref(model, version))
+        self._memory.signatures[(model, version)] = dict(out)
         return out
 
     async def status(self) -> Status:

@@ -316,8 +316,10 @@ class Client:
 
     def model_info(self, model: str, version: Optional[int] = None) -> ModelInfo:
         """A model version's signature (inputs, outputs, limits) and state; loads it if needed,
-        as a request would."""
+        as a request would. Remembered as the signature later requests use (for input names,
+        the dtype of lists, and the output area)."""
         info: ModelInfo = self._control("model_info", _ops.model_ref(model, version))
+        self._memory.signatures[(model, version)] = dict(info)
         return info
 
     def status(self) -> Status:

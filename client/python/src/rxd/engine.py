@@ -56,7 +56,9 @@ class Engine:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        """Connects and makes sure the model is loaded (the daemon loads it on demand)."""
+        """Connects and makes sure the model is loaded (the daemon loads it on demand); its
+        signature, asked for here, names the inputs and sizes the outputs' place in the arena
+        from the first request on."""
         if self._async is None:
             self._async = AsyncClient(self._socket, **self._options)
         await self._async.connect()
