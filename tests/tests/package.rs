@@ -171,9 +171,11 @@ fn the_deb_installs_serves_and_purges_cleanly_in_a_fresh_debian_12() {
         "/run/rxd/rxd.sock",
         "status",
     ]));
-    assert_eq!(denied.status.code(), Some(69), "{denied:?}");
+    // EX_NOPERM, with the hint a user needs.
+    assert_eq!(denied.status.code(), Some(77), "{denied:?}");
+    let said = String::from_utf8_lossy(&denied.stderr);
     assert!(
-        String::from_utf8_lossy(&denied.stderr).contains("Permission denied"),
+        said.contains("permission denied") && said.contains("usermod -aG rxd"),
         "{denied:?}"
     );
 
