@@ -55,18 +55,27 @@ def strace(daemon: Daemon, d: pathlib.Path) -> Iterator[Trace]:
     )
     trace = Trace(d)
     try:
-        # Attached once a probe connection shows up in the trace.
-        deadline = time.monotonic() + 20
+        # Attached once a probe connection shows up in the trace. The probe sends a byte (the
+        # daemon reads a socket only once it is readable) and stays open while we look:
+        # strace names a socket's peer only while both ends exist.
+        def seen(ino: int) -> bool:
+            return any(f"->{ino}" in f.read_text(errors="replace") for f in d.iterdir())
+
+        deadline = time.monotonic() + 60
         while True:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
                 probe.connect(daemon.socket)
                 ino = os.fstat(probe.fileno()).st_ino
-                probe.close()
-            handshake_ok(daemon.socket)
-            if any(f"->{ino}" in f.read_text(errors="replace") for f in d.iterdir()):
+                probe.sendall(b"\x00")
+                look_until = time.monotonic() + 2
+                found = seen(ino)
+                while not found and time.monotonic() < look_until:
+                    time.sleep(0.05)
+                    found = seen(ino)
+            if found:
                 break
             assert time.monotonic() < deadline, "strace did not attach"
-            time.sleep(0.1)
+        handshake_ok(daemon.socket)
         yield trace
     finally:
         proc.send_signal(signal.SIGINT)
