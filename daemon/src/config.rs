@@ -112,41 +112,37 @@ pub struct DeviceConfig {
 /// Where the .deb puts the WebGPU plugin execution provider.
 pub const BUNDLED_WEBGPU_LIBRARY: &str = "/usr/lib/rxd/libonnxruntime_providers_webgpu.so";
 
-/// How a device runs models.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeviceKind {
-    Cpu,
-    /// ONNX Runtime's WebGPU plugin EP (Vulkan through Dawn: RADV on AMD, lavapipe in tests).
-    WebGpu {
-        library: PathBuf,
-        adapter: u32,
-    },
-    Cuda {
-        id: u32,
-    },
-    TensorRt {
-        id: u32,
-    },
+pub use crate::runtime::DeviceKind;
+
+/// Test hooks (ARCHITECTURE.md), read from the environment once at start and passed to what
+/// they change: `RXD_TEST_LOAD_HANG=<model prefix>` makes those models' loads hang in session
+/// creation (the load-deadline test); `RXD_TEST_WEDGE=<model>` makes that model's workers hang
+/// on their first batch (the watchdog test).
+#[derive(Debug, Clone, Default)]
+pub struct TestHooks {
+    pub load_hang: Option<String>,
+    pub wedge: Option<String>,
 }
 
-impl DeviceKind {
-    pub fn name(&self) -> &'static str {
-        match self {
-            DeviceKind::Cpu => "cpu",
-            DeviceKind::WebGpu { .. } => "webgpu",
-            DeviceKind::Cuda { .. } => "cuda",
-            DeviceKind::TensorRt { .. } => "tensorrt",
+impl TestHooks {
+    pub fn from_env() -> TestHooks {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        TestHooks {
+            load_hang: var("RXD_TEST_LOAD_HANG"),
+            wedge: var("RXD_TEST_WEDGE"),
         }
     }
 
-    /// The execution provider's name as ONNX Runtime reports it.
-    pub fn ep(&self) -> &'static str {
-        match self {
-            DeviceKind::Cpu => "CPUExecutionProvider",
-            DeviceKind::WebGpu { .. } => "WebGpuExecutionProvider",
-            DeviceKind::Cuda { .. } => "CUDAExecutionProvider",
-            DeviceKind::TensorRt { .. } => "TensorrtExecutionProvider",
-        }
+    /// Whether loads of `model` hang.
+    pub fn load_hangs(&self, model: &str) -> bool {
+        self.load_hang
+            .as_ref()
+            .is_some_and(|p| model.starts_with(p))
+    }
+
+    /// Whether the workers of `label` (`model-version`) hang on their first batch.
+    pub fn wedges(&self, label: &str) -> bool {
+        self.wedge.as_ref().is_some_and(|w| label.starts_with(w))
     }
 }
 

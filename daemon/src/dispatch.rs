@@ -30,7 +30,7 @@ pub enum Handled {
 
 /// Builds the completion of an inference once the model version is known.
 pub trait MakeCompletion {
-    fn make(self, model: &crate::registry::LoadedModel) -> Box<dyn Completion>;
+    fn make(self, model: &crate::model::LoadedModel) -> Box<dyn Completion>;
 }
 
 /// Handles a control request (or an inference, queued through `completion`); `arena` is the

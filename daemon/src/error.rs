@@ -66,7 +66,9 @@ impl RequestError {
             RequestError::Runtime(
                 RuntimeError::Library { .. }
                 | RuntimeError::Session { .. }
-                | RuntimeError::Unsupported { .. },
+                | RuntimeError::Unsupported { .. }
+                | RuntimeError::Warmup { .. }
+                | RuntimeError::NoInstances,
             ) => ErrorCode::LoadFailed,
             RequestError::Runtime(RuntimeError::Scratch { .. }) | RequestError::Internal(_) => {
                 ErrorCode::Internal

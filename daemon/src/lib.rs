@@ -11,6 +11,7 @@
 //! - [`peer`]: who is on the other end (SO_PEERCRED) and whether they are an admin.
 //! - [`quota`]: what one user may hold: connections and request memory.
 //! - [`registry`]: the model repository on disk and the models loaded from it.
+//! - [`model`]: a loaded model version and the serving hot path into it (`submit`).
 //! - [`validate`]: checks a request's tensors against a model's signature.
 //! - [`runtime`]: ONNX Runtime — library loading, sessions, worker threads. Nothing outside
 //!   it calls ORT.
@@ -37,6 +38,7 @@ pub mod exporter;
 pub mod gpu;
 pub mod listener;
 pub mod metrics;
+pub mod model;
 pub mod notify;
 pub mod peer;
 pub mod publish;
@@ -109,6 +111,7 @@ pub fn prepare(
             load_on_demand: config.load_on_demand,
             cache_dir: config.cache_directory.clone(),
             load_timeout: config.load_timeout,
+            hooks: config::TestHooks::from_env(),
         },
     );
     Ok(Arc::new(Shared {

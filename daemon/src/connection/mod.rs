@@ -229,7 +229,7 @@ struct Maker {
 }
 
 impl MakeCompletion for Maker {
-    fn make(self, model: &crate::registry::LoadedModel) -> Box<dyn Completion> {
+    fn make(self, model: &crate::model::LoadedModel) -> Box<dyn Completion> {
         Box::new(InferCompletion {
             conn: self.conn,
             id: self.id,

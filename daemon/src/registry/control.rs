@@ -7,8 +7,11 @@ use std::sync::Arc;
 
 use rxd_protocol::{ErrorCode, WireError};
 
-use super::{Key, LoadedModel, ModelSettings, Registry, describe, model_bytes, release};
+use super::report::describe;
+use super::scan::model_bytes;
+use super::{Key, ModelSettings, Registry};
 use crate::error::RequestError;
+use crate::model::LoadedModel;
 
 impl Registry {
     /// The settings in force for a version: model.toml with run-time changes over it (the
@@ -34,7 +37,7 @@ impl Registry {
             .clone()
             .unwrap_or_default()
             .merged(&ver.overrides);
-        Ok(self.view(&merged, ver.loaded.as_deref()))
+        Ok(self.view(&merged, ver.loaded().map(|l| &**l)))
     }
 
     pub(super) fn view(
@@ -44,7 +47,7 @@ impl Registry {
     ) -> rxd_protocol::ModelSettingsView {
         let sched = loaded.map_or_else(
             || s.scheduler(self.defaults.queue_capacity),
-            |l| l.scheduler.settings(),
+            |l| l.scheduler().settings(),
         );
         rxd_protocol::ModelSettingsView {
             instances: loaded.map_or(s.instances.unwrap_or(1), |l| l.instances() as u32),
@@ -53,7 +56,7 @@ impl Registry {
             latency_target_ms: sched.latency_target.map(|t| t.as_secs_f64() * 1e3),
             queue_capacity: sched.queue_capacity as u64,
             default_priority: loaded.map_or(s.default_priority.unwrap_or(0), |l| {
-                l.scheduler.default_priority()
+                l.scheduler().default_priority()
             }),
             priority_aging_ms: sched.aging.as_millis() as u64,
             cache_bytes: loaded
@@ -71,79 +74,40 @@ impl Registry {
         c: &rxd_protocol::Configure,
     ) -> Result<rxd_protocol::ModelSettingsView, RequestError> {
         let bad = |m: String| RequestError::Wire(WireError::new(ErrorCode::InvalidRequest, m));
-        if c.instances.is_some_and(|n| !(1..=64).contains(&n)) {
-            return Err(bad("instances must be 1..=64".into()));
-        }
-        if c.max_batch_rows == Some(0) {
-            return Err(bad("max-batch-rows must be at least 1".into()));
-        }
-        if c.latency_target_ms
-            .is_some_and(|t| !(t >= 0.0 && t.is_finite()))
-        {
-            return Err(bad("latency-target-ms must be 0 (off) or positive".into()));
-        }
+        let change = ModelSettings::of_configure(c);
+        change.check().map_err(bad)?;
         if let Some(d) = &c.device
             && !self.defaults.devices.iter().any(|x| &x.name == d)
         {
             return Err(bad(format!("no device named '{d}'")));
         }
         let name = c.model.as_str();
-        let (version, merged, loaded, rebuild) =
-            {
-                let mut models = self.write();
-                let model = models
-                    .get_mut(name)
-                    .ok_or_else(|| RequestError::UnknownModel(name.into()))?;
-                let version = model.resolve(name, c.version)?;
-                let base = model
-                    .settings
-                    .clone()
-                    .map_err(|message| RequestError::LoadFailed {
-                        model: name.into(),
-                        version,
-                        message,
-                    })?;
-                let ver = model.versions.get_mut(&version).ok_or_else(|| {
-                    RequestError::UnknownVersion {
-                        model: name.into(),
-                        version,
-                    }
+        let (version, merged, loaded, rebuild) = {
+            let mut models = self.write();
+            let model = models
+                .get_mut(name)
+                .ok_or_else(|| RequestError::UnknownModel(name.into()))?;
+            let version = model.resolve(name, c.version)?;
+            let base = model
+                .settings
+                .clone()
+                .map_err(|message| RequestError::LoadFailed {
+                    model: name.into(),
+                    version,
+                    message,
                 })?;
-                let o = &mut ver.overrides;
-                if c.instances.is_some() {
-                    o.instances = c.instances;
-                }
-                if c.max_batch_rows.is_some() {
-                    o.max_batch_rows = c.max_batch_rows;
-                }
-                if c.max_queue_delay_us.is_some() {
-                    o.max_queue_delay_us = c.max_queue_delay_us;
-                }
-                if c.latency_target_ms.is_some() {
-                    o.latency_target_ms = c.latency_target_ms;
-                }
-                if c.default_priority.is_some() {
-                    o.default_priority = c.default_priority;
-                }
-                if c.priority_aging_ms.is_some() {
-                    o.priority_aging_ms = c.priority_aging_ms;
-                }
-                if let Some(b) = c.cache_bytes {
-                    o.cache_bytes = Some(crate::config::ByteSize(b));
-                }
-                if let Some(d) = &c.device {
-                    o.devices = Some(vec![d.clone()]);
-                }
-                let merged = base.merged(&ver.overrides);
-                let loaded = ver.loaded.clone();
-                let rebuild = loaded.as_ref().is_some_and(|l| {
-                    c.instances.is_some_and(|n| n as usize != l.instances())
-                        || c.device.as_ref().is_some_and(|d| *d != l.device)
-                });
-                (version, merged, loaded, rebuild)
-            };
+            let ver = model.version_mut(name, version)?;
+            ver.overrides = ver.overrides.merged(&change);
+            let merged = base.merged(&ver.overrides);
+            let loaded = ver.loaded().cloned();
+            let rebuild = loaded.as_ref().is_some_and(|l| {
+                c.instances.is_some_and(|n| n as usize != l.instances())
+                    || c.device.as_ref().is_some_and(|d| *d != l.device)
+            });
+            (version, merged, loaded, rebuild)
+        };
         if let Some(l) = &loaded {
-            l.scheduler.update(
+            l.scheduler().update(
                 merged.scheduler(self.defaults.queue_capacity),
                 merged.default_priority.unwrap_or(0),
             );
@@ -173,14 +137,19 @@ impl Registry {
         let key: Key = (name.to_string(), version);
         let (path, settings, file_bytes, device) = {
             let models = self.read();
-            let model = &models[name];
-            let ver = &model.versions[&version];
-            let settings = model
-                .settings
-                .clone()
-                .unwrap_or_default()
-                .merged(&ver.overrides);
-            let current = ver.loaded.as_ref().map(|l| l.device.clone());
+            let model = models
+                .get(name)
+                .ok_or_else(|| RequestError::UnknownModel(name.into()))?;
+            let base = model.settings.clone().unwrap_or_default();
+            let ver = model
+                .versions
+                .get(&version)
+                .ok_or_else(|| RequestError::UnknownVersion {
+                    model: name.into(),
+                    version,
+                })?;
+            let settings = base.merged(&ver.overrides);
+            let current = ver.loaded().map(|l| l.device.clone());
             let device = settings
                 .devices
                 .as_ref()
@@ -200,35 +169,20 @@ impl Registry {
         })?;
         let measured = grew.max(file_bytes);
         let mut models = self.write();
-        let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+        let mut b = self.lock_budget();
         let busy = self.sync_usage(&models, &mut b);
         let dev = b.budget.device_index(&device).unwrap_or(0);
-        let pinned = models[name].versions[&version].pinned;
-        let previous = b.budget.release(&key);
-        let placed = b
-            .budget
-            .admit(
-                key.clone(),
-                measured,
-                &[dev],
-                &|k| busy.contains(k),
-                self.now_ms(),
-            )
-            .and_then(|adm| {
-                b.budget
-                    .settle(&key, measured, &|k| busy.contains(k))
-                    .map(|more| adm.evict.into_iter().chain(more).collect::<Vec<_>>())
-            });
-        let victims = match placed {
+        let pinned = models
+            .get(name)
+            .and_then(|m| m.versions.get(&version))
+            .is_some_and(|v| v.pinned);
+        let previous = b.budget.get(&key);
+        let victims = match self.place(&mut b, &key, Some(dev), measured, &busy) {
             Ok(v) => v,
             Err(over) => {
                 // Put the old entry back as it was.
-                if let Some(bytes) = previous {
-                    let old_dev = models[name].versions[&version]
-                        .loaded
-                        .as_ref()
-                        .and_then(|l| b.budget.device_index(&l.device))
-                        .unwrap_or(0);
+                if let Some((old_dev, bytes)) = previous {
+                    b.budget.release(&key);
                     let _ =
                         b.budget
                             .admit(key.clone(), bytes, &[old_dev], &|_| true, self.now_ms());
@@ -237,8 +191,7 @@ impl Registry {
                 }
                 drop(b);
                 drop(models);
-                let _guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
-                release(vec![Arc::new(new)]);
+                self.release(vec![Arc::new(new)]);
                 return Err(RequestError::OverBudget {
                     message: format!(
                         "'{name}' version {version} rebuilt measures {measured} bytes: {}",
@@ -250,15 +203,15 @@ impl Registry {
         b.budget.set_pinned(&key, pinned);
         drop(b);
         let mut dropped = self.take_victims(&mut models, &victims);
-        let ver = models
+        if let Some(ver) = models
             .get_mut(name)
             .and_then(|m| m.versions.get_mut(&version))
-            .expect("the version is in the map");
-        dropped.extend(self.install(ver, name, version, new, measured, load_ms));
+        {
+            dropped.extend(self.install(ver, name, version, new, measured, load_ms));
+        }
         drop(models);
         tracing::info!(model = %name, version, device = %device, bytes = measured, "rebuilt");
-        let _guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
-        release(dropped);
+        self.release(dropped);
         Ok(())
     }
 

@@ -68,16 +68,14 @@ pub struct Scheduler {
 impl Scheduler {
     /// Starts the workers (one per session) and returns the scheduler feeding them.
     pub fn start(
-        label: &str,
-        sessions: Vec<crate::runtime::WorkerSessions>,
+        crew: crate::runtime::Crew,
         mut settings: Settings,
-        pad_to: Vec<u32>,
         batchable: bool,
         default_priority: u8,
         metrics: Arc<crate::metrics::ModelMetrics>,
     ) -> Arc<Scheduler> {
         settings.batchable = batchable && settings.max_batch_rows > 1;
-        let workers = sessions.len();
+        let workers = crew.sessions.len();
         let sched = Arc::new_cyclic(|me| Scheduler {
             me: me.clone(),
             state: Mutex::new(State {
@@ -89,13 +87,13 @@ impl Scheduler {
             idle: Condvar::new(),
             pool: OnceLock::new(),
             batchable,
-            pad_to: pad_to.clone(),
+            pad_to: crew.pad_to.clone(),
             default_priority: std::sync::atomic::AtomicU8::new(default_priority),
             stats: Stats::default(),
             metrics,
         });
         let listener: Weak<dyn BatchListener> = sched.me.clone();
-        let pool = WorkerPool::start(label, sessions, pad_to, listener);
+        let pool = WorkerPool::start(crew, listener);
         let _ = sched.pool.set(pool);
         sched
     }

@@ -1,0 +1,149 @@
+//! A model version ready to serve ([`LoadedModel`]) and the serving hot path into it:
+//! [`LoadedModel::submit`] stamps its last use (for LRU eviction) and hands a checked request
+//! to the coalescer in front of the version's scheduler.
+//! Invariant: a `LoadedModel` lives as long as any request holds it; the last drop drains
+//! its scheduler (everything queued runs) and joins its workers.
+//! Boundary: no registry state, no locks of the registry; the registry decides when a model
+//! is created and dropped.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use crate::coalesce::Coalescer;
+use crate::runtime::{Built, Completion, Crew, NodePlacement, Signature};
+use crate::scheduler::{Scheduler, Terms, policy};
+use crate::validate::Checked;
+
+/// A model version that is ready to serve.
+pub struct LoadedModel {
+    pub name: String,
+    pub version: u64,
+    pub signature: Signature,
+    /// The device it runs on (the CPU device when it fell back).
+    pub device: String,
+    /// The execution provider its sessions were created for.
+    pub ep: &'static str,
+    /// Why it runs on the CPU instead of its device, when it fell back.
+    pub fallback: Option<String>,
+    /// Which execution provider ran each node (from the profiled warmup).
+    pub placement: Option<NodePlacement>,
+    scheduler: Arc<Scheduler>,
+    pub coalescer: Arc<Coalescer>,
+    /// Milliseconds since the registry's epoch when a request last used it (LRU order).
+    last_used: AtomicU64,
+    epoch: Instant,
+    /// ORT's CPU arena after warmup (`TotalAllocated` summed over instances), if reported.
+    pub arena_bytes: Option<u64>,
+    /// Kept for the daemon's life, shared with every load of this version.
+    pub metrics: Arc<crate::metrics::ModelMetrics>,
+    /// What a model.toml `compress` strategy did (served compressed, or why not).
+    pub compression: Option<String>,
+}
+
+/// What a version serves with besides its sessions.
+pub struct Serving {
+    pub name: String,
+    pub version: u64,
+    /// The device it runs on.
+    pub device: String,
+    pub scheduler: policy::Settings,
+    pub default_priority: u8,
+    /// Requests with at most this many input bytes are coalesced (0 = off).
+    pub coalesce_max_bytes: u64,
+    /// Result cache capacity (0 = off).
+    pub cache_bytes: u64,
+    pub metrics: Arc<crate::metrics::ModelMetrics>,
+    pub compression: Option<String>,
+    /// The registry's time origin for `last_used`.
+    pub epoch: Instant,
+    /// Test hook: its workers hang on their first batch.
+    pub wedge: bool,
+}
+
+impl LoadedModel {
+    /// Starts the built sessions' workers behind a scheduler and a coalescer.
+    pub fn start(built: Built, s: Serving) -> LoadedModel {
+        let batchable = built.signature.batchable();
+        let crew = Crew {
+            label: format!("{}-{}", s.name, s.version),
+            sessions: built.sessions,
+            pad_to: built.pad_to,
+            wedge: s.wedge,
+        };
+        let scheduler = Scheduler::start(
+            crew,
+            s.scheduler,
+            batchable,
+            s.default_priority,
+            s.metrics.clone(),
+        );
+        LoadedModel {
+            name: s.name,
+            version: s.version,
+            signature: built.signature,
+            device: s.device,
+            ep: built.ep,
+            fallback: built.fallback,
+            placement: built.placement,
+            scheduler,
+            coalescer: Coalescer::new(s.coalesce_max_bytes, s.cache_bytes),
+            last_used: AtomicU64::new(s.epoch.elapsed().as_millis() as u64),
+            epoch: s.epoch,
+            arena_bytes: built.arena_bytes,
+            metrics: s.metrics,
+            compression: s.compression,
+        }
+    }
+
+    /// Queues a checked request; `completion` receives the outputs or the error (a full
+    /// queue, a passed deadline) exactly once.
+    pub fn submit(
+        self: &Arc<Self>,
+        checked: Checked,
+        completion: Box<dyn Completion>,
+        terms: Terms,
+    ) {
+        self.last_used
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.coalescer.submit(
+            &self.name,
+            self.version,
+            &self.scheduler,
+            checked,
+            completion,
+            terms,
+            self.clone(),
+        );
+    }
+
+    pub fn instances(&self) -> usize {
+        self.scheduler.instances()
+    }
+
+    pub fn scheduler(&self) -> &Arc<Scheduler> {
+        &self.scheduler
+    }
+
+    /// Whether requests are batched (every input and output has a dynamic first dimension).
+    pub fn batchable(&self) -> bool {
+        self.signature.batchable()
+    }
+
+    /// When a request last used it, in ms since the registry's epoch.
+    pub fn last_used(&self) -> u64 {
+        self.last_used.load(Ordering::Relaxed)
+    }
+
+    /// Requests are queued, running, or hold the model between lookup and queueing.
+    pub fn busy(self: &Arc<Self>) -> bool {
+        Arc::strong_count(self) > 1 || self.scheduler.busy()
+    }
+}
+
+impl Drop for LoadedModel {
+    /// Unloading never drops a request: everything queued runs first.
+    fn drop(&mut self) {
+        self.scheduler.drain();
+    }
+}

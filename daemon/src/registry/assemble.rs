@@ -1,0 +1,143 @@
+//! From model.toml to a served model: a version's settings become a runtime build (the
+//! compressed form first when `compress` asks for it), the built sessions get their input
+//! limits (`max-dims`, empty inputs) and become a [`LoadedModel`] with its scheduler and
+//! coalescer.
+//! Boundary: never touches an ORT session; the runtime builds them.
+
+use std::path::Path;
+
+use super::footprint::LoadJob;
+use super::settings::{DEFAULT_COALESCE_MAX, ModelSettings};
+use crate::model::{LoadedModel, Serving};
+use crate::runtime::{BuildSpec, SessionOptions, Signature, Target, warmup_shape};
+
+impl LoadJob {
+    /// Builds a version on `device` with `settings`. Blocking.
+    pub(super) fn build(
+        &self,
+        name: &str,
+        version: u64,
+        path: &Path,
+        settings: &ModelSettings,
+        device: &str,
+    ) -> Result<LoadedModel, String> {
+        // A `compress` strategy in model.toml: load the compressed form when it passes.
+        let (path, compression) = match &settings.compress {
+            Some(strategy) => {
+                let (p, note) = crate::compression::prepare(
+                    &self.runtime,
+                    &self.defaults.cache_dir,
+                    name,
+                    version,
+                    path,
+                    strategy,
+                );
+                tracing::info!(model = %name, version, "{note}");
+                (p, Some(note))
+            }
+            None => (path.to_path_buf(), None),
+        };
+        // Test hook (ARCHITECTURE.md): RXD_TEST_LOAD_HANG=<model name prefix> makes that
+        // model's loads hang here, as a load blocked on a FIFO at its profile path did.
+        if self.defaults.hooks.load_hangs(name) {
+            tracing::warn!(model = %name, "test hook: this load hangs now");
+            loop {
+                std::thread::park();
+            }
+        }
+        let dev = self
+            .defaults
+            .devices
+            .iter()
+            .find(|d| d.name == device)
+            .ok_or_else(|| format!("no device named '{device}'"))?;
+        let sched = settings.scheduler(self.defaults.queue_capacity);
+        let spec = BuildSpec {
+            name,
+            version,
+            device,
+            path: &path,
+            options: SessionOptions {
+                intra_op_threads: settings
+                    .intra_op_threads
+                    .unwrap_or(self.defaults.intra_op_threads),
+                allow_spinning: settings.allow_spinning.unwrap_or(false),
+                log_id: format!("{name}:{version}"),
+            },
+            target: Target {
+                kind: &dev.kind,
+                options: &dev.options,
+                cache_dir: Some(&self.defaults.cache_dir),
+            },
+            cpu_fallback: dev.cpu_fallback || settings.cpu_fallback.unwrap_or(false),
+            instances: settings.instances.unwrap_or(1),
+            warmup: settings.warmup.unwrap_or(true),
+            warmup_dims: settings.warmup_dims.as_ref(),
+            batch_sizes: settings.batch_sizes.as_deref(),
+            max_batch_rows: sched.max_batch_rows,
+            session_per_batch_size: settings.session_per_batch_size.unwrap_or(true),
+        };
+        let mut built = self.runtime.build(&spec).map_err(|e| e.to_string())?;
+        built.limit(|sig, warm_rows| apply_limits(sig, settings, warm_rows))?;
+        // A fallback runs on the CPU device (when one is configured).
+        let actual = match &built.fallback {
+            Some(_) => self
+                .defaults
+                .devices
+                .iter()
+                .find(|d| d.kind == crate::config::DeviceKind::Cpu)
+                .map_or(device, |cpu| cpu.name.as_str()),
+            None => device,
+        };
+        Ok(LoadedModel::start(
+            built,
+            Serving {
+                name: name.into(),
+                version,
+                device: actual.to_string(),
+                scheduler: sched,
+                default_priority: settings.default_priority.unwrap_or(0),
+                coalesce_max_bytes: settings
+                    .coalesce_max_bytes
+                    .map_or(DEFAULT_COALESCE_MAX, |b| b.0),
+                cache_bytes: settings.cache_bytes.map_or(0, |b| b.0),
+                metrics: self.metrics.clone(),
+                compression,
+                epoch: self.epoch,
+                wedge: self.defaults.hooks.wedges(&format!("{name}-{version}")),
+            },
+        ))
+    }
+}
+
+/// Sets what requests to `sig` may send (each input's `max_dims`, empty inputs allowed or
+/// not) from model.toml and the warmup shapes at `warm_rows` rows, and returns the input
+/// elements of that warmup run: runs larger than it give their arena growth back
+/// ([`crate::runtime::ArenaRelease`]).
+fn apply_limits(
+    sig: &mut Signature,
+    settings: &ModelSettings,
+    warm_rows: u64,
+) -> Result<u64, String> {
+    let configured = settings.max_dims.clone().unwrap_or_default();
+    if let Some(unknown) = configured
+        .keys()
+        .find(|k| !sig.inputs.iter().any(|s| &s.name == *k))
+    {
+        return Err(format!(
+            "model.toml: max-dims names '{unknown}', which is not an input"
+        ));
+    }
+    let warmup_dims = settings.warmup_dims.clone().unwrap_or_default();
+    let mut elements = 0u64;
+    for spec in &mut sig.inputs {
+        let given = warmup_dims.get(&spec.name).map(Vec::as_slice);
+        let warm = warmup_shape(spec, warm_rows, given);
+        elements = elements.saturating_add(warm.iter().fold(1u64, |a, &d| a.saturating_mul(d)));
+        spec.max_dims =
+            crate::validate::max_dims(spec, &warm, configured.get(&spec.name).map(Vec::as_slice))
+                .map_err(|e| format!("model.toml: {e}"))?;
+    }
+    sig.allow_empty = settings.allow_empty_inputs.unwrap_or(false);
+    Ok(elements)
+}

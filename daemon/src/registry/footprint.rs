@@ -1,0 +1,157 @@
+//! What a version costs: it is built on a thread of its own ([`LoadJob`]) while the registry
+//! waits under `load_lock` until the load's deadline, and measured as the resident-set growth
+//! over the build — with freed heap returned to the kernel before and after, so the figure is
+//! what the model keeps, not the load's transient peak — plus device memory growth where the
+//! driver reports it (NVML). The device's one-time set-up is paid before the measurement.
+//! Boundary: measures; the budget decides what the figure means.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{Defaults, ModelSettings, Registry};
+use crate::model::LoadedModel;
+use crate::runtime::Runtime;
+
+/// A build's outcome: the model or why not, the bytes it grew the process (and device) by,
+/// and its time in ms.
+pub(super) type Measured = (Result<LoadedModel, String>, u64, u64);
+
+/// What a load needs, owned, so that it can run on a thread of its own and be left behind
+/// when it passes its deadline (see [`Registry::measured_build`]).
+pub(super) struct LoadJob {
+    pub runtime: Arc<Runtime>,
+    pub defaults: Defaults,
+    pub metrics: Arc<crate::metrics::ModelMetrics>,
+    pub epoch: Instant,
+}
+
+impl Registry {
+    /// Runs [`LoadJob::measured_build`] on a thread of its own and waits for it until the
+    /// load's deadline (model.toml `load-timeout-secs`, else the daemon's). Call under
+    /// `load_lock`. Past the deadline the load fails ("timed out after N s") and the caller
+    /// releases the lock and the registry slot as for any failure; the thread is left behind
+    /// (detached): it still holds what it was building — sessions, their memory, unaccounted —
+    /// and drops it if it ever finishes. Shutdown does not wait for it.
+    pub(super) fn measured_build(
+        &self,
+        name: &str,
+        version: u64,
+        path: &Path,
+        settings: &ModelSettings,
+        device: &str,
+    ) -> Measured {
+        let limit = settings
+            .load_timeout_secs
+            .map_or(self.defaults.load_timeout, Duration::from_secs);
+        let job = LoadJob {
+            runtime: self.runtime.clone(),
+            defaults: self.defaults.clone(),
+            metrics: self.model_metrics(name, version),
+            epoch: self.epoch,
+        };
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (name_, path_, settings_, device_) = (
+            name.to_string(),
+            path.to_path_buf(),
+            settings.clone(),
+            device.to_string(),
+        );
+        let started = Instant::now();
+        let spawned = std::thread::Builder::new()
+            .name(format!("rxd-load-{name}"))
+            .spawn(move || {
+                let built = job.measured_build(&name_, version, &path_, &settings_, &device_);
+                // Nobody waits any more (past the deadline): the build is dropped here.
+                let _ = tx.send(built);
+            });
+        if let Err(e) = spawned {
+            return (Err(format!("cannot start a load thread: {e}")), 0, 0);
+        }
+        let elapsed = || started.elapsed().as_millis() as u64;
+        match rx.recv_timeout(limit) {
+            Ok(built) => built,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                tracing::error!(
+                    model = %name,
+                    version,
+                    "the load did not finish within {} s; its thread is left behind",
+                    limit.as_secs()
+                );
+                (
+                    Err(format!(
+                        "timed out after {} s (load-timeout-secs)",
+                        limit.as_secs()
+                    )),
+                    0,
+                    elapsed(),
+                )
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => (
+                Err("the load thread ended without a result".into()),
+                0,
+                elapsed(),
+            ),
+        }
+    }
+}
+
+impl LoadJob {
+    /// Primes the device, builds the version and measures what it keeps. Runs on the load's
+    /// own thread while [`Registry::measured_build`] holds `load_lock`.
+    fn measured_build(
+        &self,
+        name: &str,
+        version: u64,
+        path: &Path,
+        settings: &ModelSettings,
+        device: &str,
+    ) -> Measured {
+        self.prime(device);
+        crate::runtime::release_free_memory();
+        let rss0 = crate::metrics::resident_bytes();
+        let vram0 = self.device_memory_used(device);
+        let started = Instant::now();
+        let built = self.build(name, version, path, settings, device);
+        if built.is_err() {
+            // A load that failed after profiling began leaves ORT's profile behind.
+            self.runtime.remove_profiles(name, version);
+        }
+        let load_ms = started.elapsed().as_millis() as u64;
+        crate::runtime::release_free_memory();
+        let rss1 = crate::metrics::resident_bytes();
+        let vram1 = self.device_memory_used(device);
+        let growth = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => b.saturating_sub(a),
+            _ => 0,
+        };
+        (built, growth(rss0, rss1) + growth(vram0, vram1), load_ms)
+    }
+
+    /// Memory in use on a device as its driver reports it (NVIDIA through NVML); `None` for the
+    /// CPU and where nothing reports it (WebGPU on lavapipe uses host memory, counted by RSS).
+    fn device_memory_used(&self, device: &str) -> Option<u64> {
+        let dev = self.defaults.devices.iter().find(|d| d.name == device)?;
+        match dev.kind {
+            crate::config::DeviceKind::Cuda { id } | crate::config::DeviceKind::TensorRt { id } => {
+                crate::gpu::nvidia_device(id)?.memory_used_bytes
+            }
+            _ => None,
+        }
+    }
+
+    /// Pays the device's one-time set-up before a measured load (a failure shows up again,
+    /// with its fallback rules, when the model's own session is created).
+    fn prime(&self, device: &str) {
+        if let Some(dev) = self.defaults.devices.iter().find(|d| d.name == device) {
+            let target = crate::runtime::Target {
+                kind: &dev.kind,
+                options: &dev.options,
+                cache_dir: Some(&self.defaults.cache_dir),
+            };
+            if let Err(e) = self.runtime.prime_device(target) {
+                tracing::debug!(device, "priming the device failed: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,579 @@
+//! Load orchestration: a request or an admin demands a version; the first one starts its load
+//! ([`Ticket`]) and the others wait on its slot; [`Registry::finish`] carries the load out —
+//! admission under the budget (evicting least-recently-used idle models), building and
+//! measuring it alone under `load_lock`, then [`Registry::place`] accounts the measured
+//! footprint (shared with rebuilds) — and every waiter learns the outcome. Also preloads,
+//! reloads and budget changes, which are made of loads, unloads and evictions.
+//! Boundary: decisions about memory come from `budget`; building and measuring from
+//! `footprint`.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rxd_protocol::{ErrorCode, ModelSummary, WireError};
+
+use super::lifecycle::{Idle, LoadSlot};
+use super::report::describe;
+use super::scan::{FileStamp, model_bytes};
+use super::{BudgetState, Key, Model, ModelSettings, Registry, Version};
+use crate::budget::OverBudget;
+use crate::error::RequestError;
+use crate::model::LoadedModel;
+
+/// What a lookup found.
+pub enum Demand {
+    Ready(Arc<LoadedModel>),
+    /// Not resident: wait for `slot`; when `start` is given, the caller runs that load
+    /// (blocking, off the async threads) with [`Registry::finish`].
+    Cold {
+        slot: Arc<LoadSlot>,
+        start: Option<Box<Ticket>>,
+    },
+}
+
+/// What `begin` decided.
+pub enum Begin {
+    Ready(Arc<LoadedModel>),
+    Wait(Arc<LoadSlot>),
+    Start(Box<Ticket>),
+}
+
+/// The right to carry out one load that [`Registry::begin`] started.
+pub struct Ticket {
+    name: String,
+    version: u64,
+    path: PathBuf,
+    settings: ModelSettings,
+    slot: Arc<LoadSlot>,
+    file_bytes: u64,
+    /// Preloads never evict anything.
+    no_evict: bool,
+    served: bool,
+    /// Where the load started from: a refusal by the budget goes back there.
+    from: Idle,
+}
+
+impl Drop for Ticket {
+    /// A ticket dropped without [`Registry::finish`] (a panicked or cancelled load thread)
+    /// must not leave waiters hanging.
+    fn drop(&mut self) {
+        if self.slot.result().is_none() {
+            self.slot.finish(Err(WireError::new(
+                ErrorCode::Internal,
+                "the load was abandoned",
+            )));
+        }
+    }
+}
+
+/// How a load ended without a model.
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    /// It cannot be built (bad settings, bad model, timeout): failed until its files change.
+    Broken,
+    /// The budget refused it; `never`: it is larger than every budget it may use.
+    OverBudget { never: bool },
+}
+
+/// The device a load was admitted to and the models evicted for it.
+type Admitted = (String, Vec<Arc<LoadedModel>>);
+
+/// Errors of a load that [`Registry::fail`] has already logged.
+pub(super) fn logged_by_fail(e: &RequestError) -> bool {
+    matches!(
+        e,
+        RequestError::LoadFailed { .. } | RequestError::OverBudget { .. }
+    )
+}
+
+impl Registry {
+    /// Loads a version (default: the model's default version), evicting least-recently-used
+    /// idle models if its device's budget needs room; waits for a load already in progress.
+    /// Blocking.
+    pub fn load(&self, name: &str, version: Option<u64>) -> Result<ModelSummary, RequestError> {
+        self.load_with(name, version, false)
+    }
+
+    pub(super) fn load_with(
+        &self,
+        name: &str,
+        version: Option<u64>,
+        no_evict: bool,
+    ) -> Result<ModelSummary, RequestError> {
+        let loaded = match self.begin(name, version, no_evict)? {
+            Begin::Ready(l) => l,
+            Begin::Start(ticket) => return self.finish(ticket),
+            Begin::Wait(slot) => {
+                slot.wait_blocking()?;
+                self.get(name, version)?
+            }
+        };
+        self.summary_of(name, loaded.version)
+    }
+
+    /// Starts loading a version unless it is ready or already loading.
+    pub fn begin(
+        &self,
+        name: &str,
+        version: Option<u64>,
+        no_evict: bool,
+    ) -> Result<Begin, RequestError> {
+        self.begin_gated(name, version, no_evict, &|| Ok(()))
+    }
+
+    /// [`Registry::begin`], asking `may_load` before a load would start.
+    fn begin_gated(
+        &self,
+        name: &str,
+        version: Option<u64>,
+        no_evict: bool,
+        may_load: &dyn Fn() -> Result<(), RequestError>,
+    ) -> Result<Begin, RequestError> {
+        let mut models = self.write();
+        let model = models
+            .get_mut(name)
+            .ok_or_else(|| RequestError::UnknownModel(name.into()))?;
+        let version = model.resolve(name, version)?;
+        let served = model.served().contains(&version);
+        let settings = model.settings.clone();
+        let ver = model.version_mut(name, version)?;
+        if let Some(m) = ver.state.model() {
+            return Ok(Begin::Ready(m.clone()));
+        }
+        if !ver.state.abandoned()
+            && let Some(slot) = ver.state.slot()
+        {
+            return Ok(Begin::Wait(slot.clone()));
+        }
+        // A version whose file is gone (removed since the last scan, or by a reload under
+        // way) is not loaded: that would only mark it failed, and keep it so once the file is
+        // back. The next rescan forgets it or finds it again.
+        if !ver.path.is_file() {
+            ver.on_disk = false;
+            return Err(RequestError::UnknownVersion {
+                model: name.into(),
+                version,
+            });
+        }
+        let settings = match settings {
+            Ok(s) => s.merged(&ver.overrides),
+            Err(message) => {
+                ver.state.fail(message.clone(), FileStamp::of(&ver.path));
+                return Err(RequestError::LoadFailed {
+                    model: name.into(),
+                    version,
+                    message,
+                });
+            }
+        };
+        may_load()?;
+        let file_bytes = model_bytes(&ver.path);
+        let slot = Arc::new(LoadSlot::default());
+        let Some(from) = ver.state.start(slot.clone()) else {
+            // Not reached: it was neither ready nor loading above, under the same lock.
+            return Err(RequestError::Internal(
+                "the version changed state under the registry's lock".into(),
+            ));
+        };
+        Ok(Begin::Start(Box::new(Ticket {
+            name: name.into(),
+            version,
+            path: ver.path.clone(),
+            settings,
+            slot,
+            file_bytes,
+            no_evict,
+            served,
+            from,
+        })))
+    }
+
+    /// For an inference: the ready version, or the load to wait for (started if needed and
+    /// loading on demand is on).
+    pub fn demand(&self, name: &str, version: Option<u64>) -> Result<Demand, RequestError> {
+        self.demand_gated(name, version, &|| Ok(()))
+    }
+
+    /// [`Registry::demand`], where `may_load` decides whether this request may start a load
+    /// (it is asked only when one would start: not for a model ready or already loading).
+    pub fn demand_gated(
+        &self,
+        name: &str,
+        version: Option<u64>,
+        may_load: &dyn Fn() -> Result<(), RequestError>,
+    ) -> Result<Demand, RequestError> {
+        match self.get(name, version) {
+            Ok(l) => return Ok(Demand::Ready(l)),
+            // A broken model is not retried on every request; `rxctl load` retries it.
+            Err(
+                e @ RequestError::NotReady {
+                    state: "failed", ..
+                },
+            ) => return Err(e),
+            Err(e @ RequestError::NotReady { .. }) if !self.load_on_demand() => {
+                return Err(e);
+            }
+            Err(RequestError::NotReady { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(v) = version {
+            let models = self.read();
+            if let Some(m) = models.get(name)
+                && m.versions.get(&v).is_some_and(|ver| ver.on_disk)
+                && !m.served().contains(&v)
+            {
+                return Err(RequestError::NotReady {
+                    model: name.into(),
+                    version: v,
+                    state: "not served",
+                    detail: Some(
+                        "the model's version-policy does not serve it (an admin can `rxctl load` it)"
+                            .into(),
+                    ),
+                });
+            }
+        }
+        match self.begin_gated(name, version, false, may_load)? {
+            Begin::Ready(l) => Ok(Demand::Ready(l)),
+            Begin::Wait(slot) => Ok(Demand::Cold { slot, start: None }),
+            Begin::Start(t) => Ok(Demand::Cold {
+                slot: t.slot.clone(),
+                start: Some(t),
+            }),
+        }
+    }
+
+    /// Carries out a load that `begin` started: admission under the budget (evicting
+    /// least-recently-used idle models), session creation and warmup, measurement, and the
+    /// final accounting. Every waiter learns the outcome. Blocking.
+    pub fn finish(&self, ticket: Box<Ticket>) -> Result<ModelSummary, RequestError> {
+        let key: Key = (ticket.name.clone(), ticket.version);
+        let (name, version) = (key.0.as_str(), key.1);
+        let (device, victims) = {
+            let mut models = self.write();
+            match self.admit(&mut models, &ticket) {
+                Ok(admitted) => admitted,
+                Err((failure, message)) => {
+                    return Err(self.fail(&mut models, ticket, failure, message));
+                }
+            }
+        };
+
+        // Session creation and warmup, measured alone.
+        let (built, grew, load_ms) = {
+            let _guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
+            drop(victims);
+            self.measured_build(name, version, &ticket.path, &ticket.settings, &device)
+        };
+        let loaded = match built {
+            Ok(l) => l,
+            Err(message) => {
+                let mut models = self.write();
+                self.lock_budget().budget.release(&key);
+                return Err(self.fail(&mut models, ticket, Failure::Broken, message));
+            }
+        };
+        // Weights are resident at least once, even when freed pages were reused; and a reload
+        // after an eviction partly reuses pages the allocator kept from the last time, so it
+        // reads low: a version is accounted at the largest footprint measured for it.
+        let known = self
+            .read()
+            .get(name)
+            .and_then(|m| m.versions.get(&version))
+            .and_then(|v| v.known);
+        let measured = grew.max(ticket.file_bytes).max(known.unwrap_or(0));
+
+        // Final accounting.
+        let mut models = self.write();
+        let mut b = self.lock_budget();
+        let busy = self.sync_usage(&models, &mut b);
+        let dev = b.budget.device_index(&loaded.device);
+        match self.place(&mut b, &key, dev, measured, &busy) {
+            Ok(evict) => {
+                // GPU loads measure host memory of a driver stack (shader JIT, Dawn), not the
+                // model: only CPU loads teach the estimator.
+                let on_cpu =
+                    self.defaults.devices.iter().any(|d| {
+                        d.name == loaded.device && d.kind == crate::config::DeviceKind::Cpu
+                    });
+                if on_cpu {
+                    b.estimator.learn(ticket.file_bytes, measured);
+                    if let Ok(real) = std::fs::canonicalize(&ticket.path) {
+                        b.files.insert(real, measured);
+                    }
+                }
+                drop(b);
+                let victims = self.take_victims(&mut models, &evict);
+                let pin = ticket.served && ticket.settings.pinned.unwrap_or(false);
+                let mut replaced = None;
+                if let Some(ver) = models
+                    .get_mut(name)
+                    .and_then(|m| m.versions.get_mut(&version))
+                {
+                    replaced = self.install(ver, name, version, loaded, measured, load_ms);
+                    if let Some(m) = ver.state.model() {
+                        ticket.slot.hold(m.clone());
+                    }
+                    ver.pinned |= pin;
+                    if ver.pinned {
+                        self.lock_budget().budget.set_pinned(&key, true);
+                    }
+                }
+                let summary = self.summary_of_locked(&models, name, version);
+                drop(models);
+                tracing::info!(
+                    model = %name,
+                    version,
+                    device = %device,
+                    bytes = measured,
+                    load_ms,
+                    evicted = victims.len(),
+                    "model ready"
+                );
+                if !victims.is_empty() || replaced.is_some() {
+                    self.release(victims.into_iter().chain(replaced).collect());
+                }
+                ticket.slot.finish(Ok(()));
+                summary
+            }
+            Err(over) => {
+                drop(b);
+                let message = format!(
+                    "'{name}' version {version} measured {measured} bytes after loading, more \
+                     than its device can hold: {}",
+                    describe(&over)
+                );
+                // More than the whole device: it can never load there — certain when its
+                // weights alone are, and taken as so after two measurements in a row.
+                let whole = over.devices.iter().all(|d| d.budget < measured);
+                let weights = over.devices.iter().all(|d| d.budget < ticket.file_bytes);
+                let again = models
+                    .get_mut(name)
+                    .and_then(|m| m.versions.get_mut(&version))
+                    .is_some_and(|v| std::mem::replace(&mut v.over_measured, whole));
+                let never = weights || (whole && again);
+                let e = self.fail(&mut models, ticket, Failure::OverBudget { never }, message);
+                drop(models);
+                self.release(vec![Arc::new(loaded)]);
+                Err(e)
+            }
+        }
+    }
+
+    /// Admission: the device a starting load goes to and the victims to evict for it (taken
+    /// from the map, dropped by the caller), or why it cannot be admitted.
+    fn admit(
+        &self,
+        models: &mut std::collections::BTreeMap<String, Model>,
+        ticket: &Ticket,
+    ) -> Result<Admitted, (Failure, String)> {
+        let (name, version) = (ticket.name.as_str(), ticket.version);
+        let key: Key = (ticket.name.clone(), version);
+        let mut b = self.lock_budget();
+        // A version measured before (evicted since) is known; others are estimated.
+        let known = models
+            .get(name)
+            .and_then(|m| m.versions.get(&version))
+            .and_then(|v| v.known)
+            .or_else(|| {
+                let real = std::fs::canonicalize(&ticket.path).ok()?;
+                b.files.get(&real).copied()
+            });
+        let estimate = known.unwrap_or_else(|| b.estimator.estimate(ticket.file_bytes));
+        let busy = self.sync_usage(models, &mut b);
+        let candidates = self
+            .candidates(&ticket.settings, &b)
+            .map_err(|message| (Failure::Broken, message))?;
+        let now = self.now_ms();
+        let is_busy = |k: &Key| ticket.no_evict || busy.contains(k);
+        // An estimate is a guess: when it cannot fit but the weights alone (a hard lower
+        // bound) can, try with that; the measured figure settles it after loading.
+        let floor = ticket.file_bytes.min(estimate);
+        let admitted = b
+            .budget
+            .admit(key.clone(), estimate, &candidates, &is_busy, now)
+            .or_else(|_| {
+                b.budget
+                    .admit(key.clone(), floor, &candidates, &is_busy, now)
+            });
+        let adm = admitted.map_err(|over| {
+            // Larger than every budget it may use: it can never load.
+            let all: Vec<usize> = (0..b.budget.devices().len()).collect();
+            let never = if candidates.is_empty() {
+                &all
+            } else {
+                &candidates
+            }
+            .iter()
+            .all(|&d| b.budget.devices()[d].budget < floor);
+            let message = format!(
+                "'{name}' version {version} does not fit the memory budget: {}",
+                describe(&over)
+            );
+            (Failure::OverBudget { never }, message)
+        })?;
+        if let Some(v) = models
+            .get_mut(name)
+            .and_then(|m| m.versions.get_mut(&version))
+        {
+            v.estimated = Some(estimate);
+        }
+        let device = b.budget.devices()[adm.device].name.clone();
+        drop(b);
+        Ok((device, self.take_victims(models, &adm.evict)))
+    }
+
+    /// Accounts a built version at its measured footprint on device `dev` (where it was built:
+    /// the CPU after a fallback, another device after a rebuild), moving its entry there first
+    /// if the budget holds it elsewhere, then settling the measured figure. Returns the
+    /// victims to evict; over budget, the version's entry is gone from the budget and the
+    /// error says what holds the device. Shared by loads and rebuilds.
+    pub(super) fn place(
+        &self,
+        b: &mut BudgetState,
+        key: &Key,
+        dev: Option<usize>,
+        measured: u64,
+        busy: &HashSet<Key>,
+    ) -> Result<Vec<Key>, OverBudget<Key>> {
+        let is_busy = |k: &Key| busy.contains(k);
+        let mut evict = Vec::new();
+        if let Some(dev) = dev
+            && b.budget.get(key).map(|(d, _)| d) != Some(dev)
+        {
+            // Admitted at the smaller of what it held and what it measured: `settle` then
+            // decides with the measured figure.
+            let bytes = b
+                .budget
+                .release(key)
+                .map_or(measured, |held| held.min(measured));
+            evict = b
+                .budget
+                .admit(key.clone(), bytes, &[dev], &is_busy, self.now_ms())?
+                .evict;
+        }
+        evict.extend(b.budget.settle(key, measured, &is_busy)?);
+        Ok(evict)
+    }
+
+    /// Ends a load that did not make it: sets the version's state and error, tells the
+    /// waiters, and returns the error for the caller.
+    fn fail(
+        &self,
+        models: &mut std::collections::BTreeMap<String, Model>,
+        ticket: Box<Ticket>,
+        failure: Failure,
+        message: String,
+    ) -> RequestError {
+        let (name, version) = (ticket.name.clone(), ticket.version);
+        crate::metrics::Metrics::inc(&self.model_metrics(&name, version).load_failures);
+        if let Some(ver) = models
+            .get_mut(&name)
+            .and_then(|m| m.versions.get_mut(&version))
+        {
+            let files = FileStamp::of(&ver.path);
+            match failure {
+                Failure::Broken | Failure::OverBudget { never: true } => {
+                    ver.state.fail(message.clone(), files);
+                }
+                Failure::OverBudget { never: false } => {
+                    ver.state.refuse(ticket.from, message.clone(), files);
+                }
+            }
+        }
+        // The one log line of a failed load (callers do not log it again).
+        tracing::warn!(model = %name, version, "load failed: {message}");
+        let err = match failure {
+            Failure::OverBudget { .. } => RequestError::OverBudget { message },
+            Failure::Broken => RequestError::LoadFailed {
+                model: name,
+                version,
+                message,
+            },
+        };
+        ticket.slot.finish(Err(err.to_wire()));
+        err
+    }
+
+    /// Pushes each resident model's last use into the policy and returns the busy ones.
+    pub(super) fn sync_usage(
+        &self,
+        models: &std::collections::BTreeMap<String, Model>,
+        b: &mut BudgetState,
+    ) -> HashSet<Key> {
+        let mut busy = HashSet::new();
+        for (n, m) in models {
+            for (&v, ver) in &m.versions {
+                let key = (n.clone(), v);
+                if let Some(l) = ver.loaded() {
+                    b.budget.touch(&key, l.last_used());
+                }
+                if ver.busy() {
+                    busy.insert(key);
+                }
+            }
+        }
+        busy
+    }
+
+    /// Device indices a model may go to, from its `devices` preference.
+    fn candidates(&self, settings: &ModelSettings, b: &BudgetState) -> Result<Vec<usize>, String> {
+        match &settings.devices {
+            None => Ok(Vec::new()),
+            Some(names) => names
+                .iter()
+                .map(|n| {
+                    b.budget
+                        .device_index(n)
+                        .ok_or_else(|| format!("model.toml: no device named '{n}'"))
+                })
+                .collect(),
+        }
+    }
+
+    /// Marks the victims evicted and takes their models (dropped by the caller, outside the
+    /// locks).
+    pub(super) fn take_victims(
+        &self,
+        models: &mut std::collections::BTreeMap<String, Model>,
+        victims: &[Key],
+    ) -> Vec<Arc<LoadedModel>> {
+        let mut out = Vec::new();
+        for (n, v) in victims {
+            if let Some(ver) = models.get_mut(n).and_then(|m| m.versions.get_mut(v)) {
+                out.extend(ver.state.evict());
+                ver.evictions += 1;
+                crate::metrics::Metrics::inc(&self.model_metrics(n, *v).evictions);
+                ver.measured = None;
+                tracing::info!(model = %n, version = v, "evicted (least recently used)");
+            }
+        }
+        out
+    }
+
+    /// Makes `loaded` the version's resident model with its measured footprint; returns the
+    /// model it replaces (a rebuild), if any.
+    pub(super) fn install(
+        &self,
+        ver: &mut Version,
+        name: &str,
+        version: u64,
+        loaded: LoadedModel,
+        measured: u64,
+        load_ms: u64,
+    ) -> Option<Arc<LoadedModel>> {
+        ver.arena = loaded.arena_bytes;
+        let old = ver.state.ready(Arc::new(loaded));
+        ver.measured = Some(measured);
+        ver.known = Some(measured);
+        ver.load_ms = Some(load_ms);
+        ver.loads += 1;
+        ver.over_measured = false;
+        let m = self.model_metrics(name, version);
+        crate::metrics::Metrics::inc(&m.loads);
+        m.load_us
+            .fetch_add(load_ms * 1000, std::sync::atomic::Ordering::Relaxed);
+        old
+    }
+}

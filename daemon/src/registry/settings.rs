@@ -1,0 +1,268 @@
+//! `model.toml`: a model's settings as a typed schema, the one check of them (shared with
+//! run-time changes), what they mean for the scheduler, and which versions a version policy
+//! serves; plus the daemon-wide defaults they fall back to.
+//! Boundary: no state; reading model.toml is the only IO.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::config::{ByteSize, Device};
+
+/// `model.toml`: per-model settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ModelSettings {
+    /// Sessions (worker threads) serving the model; default 1.
+    pub instances: Option<u32>,
+    /// Intra-op threads per instance; default: the daemon's `intra-op-threads`.
+    pub intra_op_threads: Option<u32>,
+    /// Requests that may wait for a worker before new ones get `busy`.
+    pub queue_capacity: Option<u32>,
+    /// Let ORT threads spin between runs (lower latency, more idle CPU). Default false.
+    pub allow_spinning: Option<bool>,
+    /// Largest batch in rows for models with a dynamic first dimension (1 = no batching).
+    /// Default 32.
+    pub max_batch_rows: Option<u32>,
+    /// Batch sizes a batch is padded up to (with zero rows, whose outputs are dropped), e.g.
+    /// `[1, 2, 4, 8, 16, 32]`; each is warmed up at load. GPU execution providers pick (and
+    /// cuDNN searches for) kernels per input shape, which costs up to seconds the first time
+    /// a batch size is seen: padding to a few warmed sizes keeps that out of the request path.
+    /// Default on CUDA/TensorRT devices: the powers of two up to max-batch-rows, and
+    /// max-batch-rows; elsewhere none (`[]`: batches run at their own size).
+    pub batch_sizes: Option<Vec<u32>>,
+    /// On GPU devices, one session per batch size in `batch-sizes` (each only ever sees its
+    /// own shape: ORT's CUDA EP re-plans every convolution when a session's input shape
+    /// changes, ~0.1–0.7 s per change). Costs a session's device memory per size. Default
+    /// true; false runs every size on one session.
+    pub session_per_batch_size: Option<bool>,
+    /// Static batching: how long a request may wait for its batch to fill, in µs. Default 0:
+    /// batches form only from requests that arrive while the workers are busy.
+    pub max_queue_delay_us: Option<u64>,
+    /// Adaptive batching: the latency (queue + compute) to keep, in ms. When set, batch size
+    /// and wait follow the measured compute time and arrival rate.
+    pub latency_target_ms: Option<f64>,
+    /// Priority of requests that do not give one (0–255). Default 0.
+    pub default_priority: Option<u8>,
+    /// A waiting request gains one priority level per this many ms (no starvation). Default 100.
+    pub priority_aging_ms: Option<u64>,
+    /// Identical requests in flight at once run once and share the answer, for requests with
+    /// at most this many input bytes (hashing costs ~1 ms per MB, and arena inputs are copied
+    /// before hashing). Default 16 KiB; 0 = off.
+    pub coalesce_max_bytes: Option<ByteSize>,
+    /// Result cache (LRU) size; 0 = off (default). Answers repeats without running.
+    pub cache_bytes: Option<ByteSize>,
+    /// Which versions on disk are served: `"latest"` (default), `{ latest = N }`, `"all"`,
+    /// `{ specific = [1, 3] }`.
+    pub version_policy: Option<VersionPolicy>,
+    /// Served versions stay resident once loaded: never evicted.
+    pub pinned: Option<bool>,
+    /// Devices to place it on, in order of preference (default: the one with most free budget).
+    pub devices: Option<Vec<String>>,
+    /// Run the model on zero inputs (at batch 1 and at max-batch-rows) before it is ready, so
+    /// that the first request does not pay for allocation and the measured footprint includes
+    /// the arena of the largest batch. Default true.
+    pub warmup: Option<bool>,
+    /// Shapes for warmup inputs whose dimensions are dynamic (other than the batch dimension),
+    /// e.g. `{ x = [1, 3, 48, 320] }`. Without it such dimensions get 32 and a failing warmup
+    /// is only logged; with it a failing warmup fails the load.
+    pub warmup_dims: Option<HashMap<String, Vec<i64>>>,
+    /// When its device's execution provider cannot be created, run on the CPU instead
+    /// (health: degraded) rather than failing. Default: the device's `cpu-fallback`.
+    pub cpu_fallback: Option<bool>,
+    /// The largest size each input dimension may have in a request, by input name, e.g.
+    /// `{ x = [8, 3, 1280, 1280] }` (0 or -1: the default for that dimension). Default for a
+    /// dynamic dimension: 8 × its largest warmup size, at least 2048 (`validate::max_dims`).
+    /// Larger requests are refused with `tensor_too_large` before they reach ONNX Runtime.
+    pub max_dims: Option<HashMap<String, Vec<i64>>>,
+    /// Let inputs with a zero-sized dimension through validation. Default false: ONNX
+    /// Runtime's kernels abort the whole process on some (Silero VAD's LSTM on a zero batch).
+    pub allow_empty_inputs: Option<bool>,
+    /// Seconds a load (session creation, compression, warmup) may take before it fails with
+    /// `load_failed`; default: the daemon's `load-timeout-secs`.
+    pub load_timeout_secs: Option<u64>,
+    /// Serve a compressed form of the model (`int8-weights`, `dynamic-int8`, `fp16`,
+    /// `prune:S`, joined with `+`): compressed when loaded (cached in the cache directory),
+    /// checked against the original on random inputs, used only if it agrees (cosine and
+    /// top-1 ≥ 0.99); otherwise the original serves and the summary says why.
+    pub compress: Option<String>,
+}
+
+impl ModelSettings {
+    /// `self` with every key that `over` sets replaced (run-time changes over model.toml).
+    pub fn merged(&self, over: &ModelSettings) -> ModelSettings {
+        macro_rules! pick {
+            ($($f:ident),*) => {
+                ModelSettings { $($f: over.$f.clone().or_else(|| self.$f.clone()),)* }
+            };
+        }
+        pick!(
+            instances,
+            intra_op_threads,
+            queue_capacity,
+            allow_spinning,
+            max_batch_rows,
+            batch_sizes,
+            session_per_batch_size,
+            max_queue_delay_us,
+            latency_target_ms,
+            default_priority,
+            priority_aging_ms,
+            coalesce_max_bytes,
+            cache_bytes,
+            version_policy,
+            pinned,
+            devices,
+            warmup,
+            warmup_dims,
+            cpu_fallback,
+            compress,
+            max_dims,
+            allow_empty_inputs,
+            load_timeout_secs
+        )
+    }
+}
+
+/// Default `coalesce-max-bytes`: small requests, where identical ones are common and hashing
+/// is cheap.
+pub const DEFAULT_COALESCE_MAX: u64 = 16 << 10;
+
+/// Which versions of a model are served.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum VersionPolicy {
+    /// `"latest"` or `"all"`.
+    Named(String),
+    Latest {
+        latest: u32,
+    },
+    Specific {
+        specific: Vec<u64>,
+    },
+}
+
+impl VersionPolicy {
+    /// The served versions among `on_disk`.
+    pub fn select(&self, on_disk: &BTreeSet<u64>) -> BTreeSet<u64> {
+        match self {
+            VersionPolicy::Named(n) if n == "all" => on_disk.clone(),
+            VersionPolicy::Named(_) => on_disk.iter().next_back().copied().into_iter().collect(),
+            VersionPolicy::Latest { latest } => on_disk
+                .iter()
+                .rev()
+                .take(*latest as usize)
+                .copied()
+                .collect(),
+            VersionPolicy::Specific { specific } => specific
+                .iter()
+                .filter(|v| on_disk.contains(v))
+                .copied()
+                .collect(),
+        }
+    }
+}
+
+impl ModelSettings {
+    /// The scheduler settings these give, with the daemon's queue capacity as default.
+    pub fn scheduler(&self, default_queue: u32) -> crate::scheduler::policy::Settings {
+        let d = crate::scheduler::policy::Settings::default();
+        crate::scheduler::policy::Settings {
+            max_batch_rows: self.max_batch_rows.unwrap_or(d.max_batch_rows).max(1),
+            max_queue_delay: self
+                .max_queue_delay_us
+                .map_or(d.max_queue_delay, std::time::Duration::from_micros),
+            latency_target: self
+                .latency_target_ms
+                .filter(|&t| t > 0.0)
+                .map(|t| std::time::Duration::from_secs_f64(t / 1000.0)),
+            queue_capacity: self.queue_capacity.unwrap_or(default_queue) as usize,
+            aging: self
+                .priority_aging_ms
+                .map_or(d.aging, std::time::Duration::from_millis),
+            batchable: true,
+        }
+    }
+}
+
+impl ModelSettings {
+    /// Reads `<model_dir>/model.toml` (absent: defaults) and checks it.
+    pub fn read(model_dir: &Path) -> Result<ModelSettings, String> {
+        let path = model_dir.join("model.toml");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let s: ModelSettings =
+                    toml::from_str(&text).map_err(|e| format!("model.toml: {e}"))?;
+                s.check().map_err(|e| format!("model.toml: {e}"))?;
+                Ok(s)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ModelSettings::default()),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+
+    /// The one check of settings, for model.toml and for run-time changes (`configure`)
+    /// alike: the first problem found, in words.
+    pub fn check(&self) -> Result<(), String> {
+        if self.instances.is_some_and(|n| !(1..=64).contains(&n)) {
+            return Err("instances must be 1..=64".into());
+        }
+        if self.queue_capacity == Some(0) {
+            return Err("queue-capacity must be at least 1".into());
+        }
+        if self.load_timeout_secs == Some(0) {
+            return Err("load-timeout-secs must be at least 1".into());
+        }
+        if self.max_batch_rows == Some(0) {
+            return Err("max-batch-rows must be at least 1".into());
+        }
+        if self
+            .latency_target_ms
+            .is_some_and(|t| !(t >= 0.0 && t.is_finite()))
+        {
+            return Err("latency-target-ms must be 0 (off) or positive".into());
+        }
+        match &self.version_policy {
+            Some(VersionPolicy::Named(n)) if n != "latest" && n != "all" => Err(format!(
+                "version-policy '{n}' is not \"latest\", \"all\", {{ latest = N }} or \
+                 {{ specific = [..] }}"
+            )),
+            Some(VersionPolicy::Latest { latest: 0 }) => {
+                Err("version-policy latest must be at least 1".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The settings a run-time `configure` request changes, as settings over model.toml.
+    pub fn of_configure(c: &rxd_protocol::Configure) -> ModelSettings {
+        ModelSettings {
+            instances: c.instances,
+            max_batch_rows: c.max_batch_rows,
+            max_queue_delay_us: c.max_queue_delay_us,
+            latency_target_ms: c.latency_target_ms,
+            default_priority: c.default_priority,
+            priority_aging_ms: c.priority_aging_ms,
+            cache_bytes: c.cache_bytes.map(ByteSize),
+            devices: c.device.clone().map(|d| vec![d]),
+            ..ModelSettings::default()
+        }
+    }
+}
+
+/// Daemon-wide defaults the registry applies.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    pub intra_op_threads: u32,
+    pub queue_capacity: u32,
+    /// Devices, the default one first.
+    pub devices: Vec<Device>,
+    /// Load a non-resident model when a request names it.
+    pub load_on_demand: bool,
+    /// Where engine caches go.
+    pub cache_dir: PathBuf,
+    /// How long a load may take (model.toml `load-timeout-secs` overrides it per model).
+    pub load_timeout: std::time::Duration,
+    pub hooks: crate::config::TestHooks,
+}

@@ -1,0 +1,149 @@
+//! What workers are given and give back: validated input tensors (inline or over a client's
+//! arena), where each output goes, the [`Completion`] that answers a job exactly once, jobs
+//! and batches, and the size a batch runs at.
+
+use std::sync::Arc;
+
+use rxd_protocol::DType;
+use rxd_shm::Mapping;
+
+use super::RuntimeError;
+
+/// A validated input: its bytes match dtype × shape (checked by `validate`).
+#[derive(Debug)]
+pub struct InputTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    pub data: InputData,
+}
+
+/// Where an input's bytes are.
+#[derive(Debug)]
+pub enum InputData {
+    /// Decoded from the frame.
+    Inline(Vec<u8>),
+    /// In the client's arena (range and alignment checked). The bytes may change under us at
+    /// any time; they are only ever handed to ORT as raw memory, never read as Rust data.
+    Shared {
+        map: Arc<Mapping>,
+        offset: u64,
+        len: u64,
+    },
+}
+
+/// Where one output goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputTarget {
+    /// Back in the response frame.
+    Inline,
+    /// At this region of the client's arena.
+    Region { offset: u64, len: u64 },
+    /// Packed into the request's output area.
+    Area,
+}
+
+/// Where a job's outputs go: one target per wanted output.
+#[derive(Debug, Default)]
+pub struct Placement {
+    pub arena: Option<Arc<Mapping>>,
+    pub targets: Vec<OutputTarget>,
+    /// The output area (offset, len), when any target is `Area`.
+    pub area: Option<(u64, u64)>,
+    /// An output that does not fit its region or the rest of the area goes inline instead of
+    /// failing the job (`InferRequest::inline_overflow`).
+    pub inline_overflow: bool,
+}
+
+/// One output of a run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputTensor {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    pub data: OutputData,
+}
+
+/// Where an output's bytes were put.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutputData {
+    Inline(Vec<u8>),
+    /// Written into the client's arena.
+    Arena {
+        offset: u64,
+        len: u64,
+    },
+}
+
+/// What happens when a job is done. Called exactly once, on the worker thread that ran the
+/// job (or on the submitting thread when the job could not be queued). The connection's
+/// implementation encodes the response and writes it to the client straight from the worker,
+/// so an answer needs no hop back through the async runtime.
+pub trait Completion: Send {
+    /// True when nobody waits for the result any more (the client is gone): the job is skipped.
+    fn is_abandoned(&self) -> bool {
+        false
+    }
+    fn complete(self: Box<Self>, result: Result<Vec<OutputTensor>, RuntimeError>);
+}
+
+/// A unit of work for a model's workers.
+pub struct Job {
+    pub inputs: Vec<InputTensor>,
+    /// Output names to return (non-empty, validated).
+    pub outputs: Vec<String>,
+    pub placement: Placement,
+    pub completion: Box<dyn Completion>,
+}
+
+/// Jobs that run together as one batch (concatenated along dimension 0), or one job alone.
+pub struct Batch {
+    pub jobs: Vec<Job>,
+    /// Rows of each job (dimension 0 of its inputs), same order.
+    pub rows: Vec<u32>,
+    /// When each job arrived (for latency metrics), same order.
+    pub arrived: Vec<std::time::Instant>,
+    /// When the scheduler took a worker for it (the worker is the scheduler's from then on).
+    pub dispatched: std::time::Instant,
+}
+
+/// Told when a worker finishes a batch (the scheduler, held weakly by the workers).
+pub trait BatchListener: Send + Sync {
+    /// `compute`: the worker's time on the batch; `occupied`: from dispatch to now — what the
+    /// batch cost the scheduler in worker time, hand-over included.
+    fn batch_done(
+        &self,
+        rows: u32,
+        compute: std::time::Duration,
+        occupied: std::time::Duration,
+        arrived: &[std::time::Instant],
+    );
+}
+
+/// The size a batch of `rows` rows runs at: the smallest of `pad_to` that holds it, or its own
+/// size when none does (or `pad_to` is empty).
+pub fn padded_rows(rows: u64, pad_to: &[u32]) -> u64 {
+    pad_to
+        .iter()
+        .map(|&b| u64::from(b))
+        .find(|&b| b >= rows)
+        .unwrap_or(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_pad_to_the_smallest_size_that_holds_them() {
+        let sizes = [1, 2, 4, 8, 16, 32];
+        let got: Vec<u64> = [1, 2, 3, 5, 8, 9, 17, 32]
+            .iter()
+            .map(|&r| padded_rows(r, &sizes))
+            .collect();
+        assert_eq!(got, vec![1, 2, 4, 8, 8, 16, 32, 32]);
+        assert_eq!(padded_rows(40, &sizes), 40, "larger than every size: as is");
+        assert_eq!(padded_rows(3, &[]), 3, "no sizes: as is");
+        assert_eq!(padded_rows(3, &[16]), 16);
+    }
+}

@@ -1,0 +1,328 @@
+//! The worker threads of one model version ([`WorkerPool`]): each owns its sessions
+//! ([`WorkerSessions`]) and takes batches from one channel; a worker gives back what large runs
+//! grew ORT's arena by once idle ([`ArenaRelease`]) and stamps the start of each batch for the
+//! watchdog.
+//! Invariant: only a worker thread runs its sessions; dropping the pool closes the channel and
+//! joins the threads after they finish what they hold.
+//! Boundary: test hooks come in as arguments; nothing is read from the environment here.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use ort::session::{Session, SessionInputValue};
+
+use super::job::{Batch, BatchListener};
+use super::release_free_memory;
+use super::run::{Staging, run_batch};
+
+/// The sessions of one worker: `main`, and on GPU devices one more session per padded batch
+/// size, each run only at that size. ORT's CUDA EP keeps one set of cuDNN plans per Conv node,
+/// for the last input shape: a session that alternates between two batch sizes pays a re-plan
+/// on every change — 0.5–0.7 s per run for YOLOv8n and the PP-OCR classifier with ORT's
+/// default algorithm search, ~0.1 s with the heuristic one, against 1–3 ms at a fixed shape
+/// (measured in-process on an H200: `cargo bench --bench cuda_probe`). A session per size
+/// never changes shape.
+pub struct WorkerSessions {
+    pub main: Session,
+    /// Sessions by the batch size (rows) they run; batches of other sizes use `main`.
+    pub by_rows: Vec<(u64, Session)>,
+    /// When ORT's CPU arena gives memory back.
+    pub arena: ArenaRelease,
+}
+
+impl From<Session> for WorkerSessions {
+    fn from(main: Session) -> Self {
+        WorkerSessions {
+            main,
+            by_rows: Vec::new(),
+            arena: ArenaRelease::default(),
+        }
+    }
+}
+
+impl WorkerSessions {
+    /// The session for a batch of `rows` rows, the arena policy, and whether it is `main`.
+    pub(super) fn for_rows(&mut self, rows: u64) -> (&mut Session, &mut ArenaRelease, bool) {
+        match self.by_rows.iter_mut().find(|(r, _)| *r == rows) {
+            Some((_, s)) => (s, &mut self.arena, false),
+            None => (&mut self.main, &mut self.arena, true),
+        }
+    }
+}
+
+/// Gives back what ORT's CPU arena grew by for runs larger than the warmup's. ORT's arena keeps
+/// every block it ever allocated: one detector request with a 1536×1536 image grew the daemon
+/// by ~480 MiB for good, memory the budget never saw (a version is accounted at what it holds
+/// after its warmup). After a run whose inputs hold more elements than the largest warmup run,
+/// once the worker has been idle for [`ARENA_IDLE`], it runs the batch-1 warmup inputs with
+/// ORT's `memory.enable_memory_arena_shrinkage` (the arena frees every block no tensor uses
+/// when that run ends) and returns freed heap to the kernel. Waiting for idleness keeps a
+/// stream of large requests at full speed (shrinking after each run made the PP-OCR detector
+/// at 640×640 ~50 % slower: every run faulted its memory in again, BENCHMARKS.md); runs
+/// within the warmup shapes change nothing. Without batch-1 warmup inputs (warmup off, or
+/// failed at automatic shapes) the large run itself shrinks the arena when it ends (the block
+/// holding its outputs stays until the next such run). `warmup-dims` at the shapes a model
+/// serves keeps their memory resident and accounted.
+pub struct ArenaRelease {
+    /// Input elements of the largest warmup run; larger runs make the arena shrink.
+    pub keep_elements: u64,
+    options: Option<ort::session::RunOptions>,
+    /// Zero inputs of the batch-1 warmup (empty when that warmup did not run or failed).
+    tidy: Vec<(String, ort::value::DynTensor)>,
+    /// A large run happened since the last shrink: shrink once the worker is idle.
+    pending: bool,
+    /// Whether the first large run was logged.
+    logged: bool,
+}
+
+/// How long a worker waits, idle, before giving back what a large run grew its arena by.
+pub const ARENA_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl std::fmt::Debug for ArenaRelease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ArenaRelease")
+            .field("keep_elements", &self.keep_elements)
+            .field("tidy", &!self.tidy.is_empty())
+            .field("pending", &self.pending)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ArenaRelease {
+    /// Never shrinks.
+    fn default() -> Self {
+        ArenaRelease::above(u64::MAX, Vec::new())
+    }
+}
+
+impl ArenaRelease {
+    /// Shrinks after runs of more than `keep_elements` input elements; `tidy` are the zero
+    /// inputs of the batch-1 warmup, which the session ran successfully.
+    pub fn above(keep_elements: u64, tidy: Vec<(String, ort::value::DynTensor)>) -> ArenaRelease {
+        ArenaRelease {
+            keep_elements,
+            options: None,
+            tidy,
+            pending: false,
+            logged: false,
+        }
+    }
+
+    /// Run options that shrink the arena (made once).
+    fn shrink_options(&mut self) -> Option<&ort::session::RunOptions> {
+        if self.options.is_none() {
+            let made = ort::session::RunOptions::new().and_then(|mut o| {
+                o.set("memory.enable_memory_arena_shrinkage", "cpu:0")
+                    .map(|()| o)
+            });
+            match made {
+                Ok(o) => self.options = Some(o),
+                Err(e) => tracing::warn!("cannot make run options that shrink the arena: {e}"),
+            }
+        }
+        self.options.as_ref()
+    }
+
+    /// Notes a run of `elements` input elements about to start; returns run options when the
+    /// run itself must shrink the arena (no batch-1 inputs to do it later).
+    pub(super) fn for_run(&mut self, elements: u64) -> Option<&ort::session::RunOptions> {
+        if elements <= self.keep_elements {
+            return None;
+        }
+        if !self.logged {
+            self.logged = true;
+            tracing::info!(
+                thread = std::thread::current().name().unwrap_or(""),
+                elements,
+                warmup = self.keep_elements,
+                "a run larger than the warmup's: ORT's arena is given back after such runs \
+                 (warmup-dims at the shapes served keeps their memory resident and accounted)"
+            );
+        }
+        if self.tidy.is_empty() {
+            return self.shrink_options();
+        }
+        self.pending = true;
+        None
+    }
+
+    /// Whether a large run's growth waits to be given back.
+    fn pending(&self) -> bool {
+        self.pending
+    }
+
+    /// Gives a large run's growth back: a batch-1 run that shrinks the arena (nothing is in
+    /// use between runs, so every block a larger run added is freed), then freed heap to the
+    /// kernel.
+    fn tidy(&mut self, session: &mut Session) {
+        self.pending = false;
+        if self.shrink_options().is_none() {
+            return;
+        }
+        let Some(options) = &self.options else {
+            return;
+        };
+        let values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = self
+            .tidy
+            .iter()
+            .map(|(name, t)| (Cow::Borrowed(name.as_str()), t.into()))
+            .collect();
+        if let Err(e) = session.run_with_options(values, options) {
+            tracing::debug!("the batch-1 run that shrinks the arena failed: {e}");
+        }
+        release_free_memory();
+    }
+}
+
+/// The worker threads of one model version: one session each, all taking batches from one
+/// channel. Dropping the pool closes the channel and joins the threads (after they finish
+/// what they hold).
+pub struct WorkerPool {
+    tx: Option<crossbeam_channel::Sender<Batch>>,
+    handles: Vec<JoinHandle<()>>,
+    /// Per worker: when its current batch started (ms since [`epoch`] + 1), 0 when idle.
+    busy_since: Arc<Vec<std::sync::atomic::AtomicU64>>,
+}
+
+/// The process's time origin for worker heartbeats.
+fn epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+fn now_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64 + 1
+}
+
+/// What a worker pool is started with.
+pub struct Crew {
+    /// `model-version`, for the threads' names.
+    pub label: String,
+    /// One worker per entry.
+    pub sessions: Vec<WorkerSessions>,
+    /// Batch sizes batches are padded up to.
+    pub pad_to: Vec<u32>,
+    /// A test hook (`config::TestHooks`): every worker hangs on its first batch, to test the
+    /// watchdog.
+    pub wedge: bool,
+}
+
+impl WorkerPool {
+    /// Starts one worker thread per session. The channel holds at most one batch per worker:
+    /// batches are formed by the scheduler only when a worker is free.
+    pub fn start(crew: Crew, listener: std::sync::Weak<dyn BatchListener>) -> WorkerPool {
+        let Crew {
+            label,
+            sessions,
+            pad_to,
+            wedge,
+        } = crew;
+        let pad_to: Arc<[u32]> = pad_to.into();
+        let (tx, rx) = crossbeam_channel::bounded::<Batch>(sessions.len().max(1));
+        let busy_since: Arc<Vec<std::sync::atomic::AtomicU64>> =
+            Arc::new(sessions.iter().map(|_| Default::default()).collect());
+        let handles = sessions
+            .into_iter()
+            .enumerate()
+            .map(|(i, session)| {
+                let rx = rx.clone();
+                let listener = listener.clone();
+                let busy = busy_since.clone();
+                let pad_to = pad_to.clone();
+                std::thread::Builder::new()
+                    .name(format!("rxd-w-{label}-{i}"))
+                    .spawn(move || worker_loop(session, rx, &pad_to, listener, &busy[i], wedge))
+                    .expect("spawn worker thread")
+            })
+            .collect();
+        WorkerPool {
+            tx: Some(tx),
+            handles,
+            busy_since,
+        }
+    }
+
+    /// Hands a batch to a free worker. Fails (returning the batch) only if the workers are
+    /// gone or, against the scheduler's accounting, none is free.
+    pub fn send(&self, batch: Batch) -> Result<(), Batch> {
+        match &self.tx {
+            Some(tx) => tx.try_send(batch).map_err(|e| e.into_inner()),
+            None => Err(batch),
+        }
+    }
+
+    pub fn instances(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Workers that have been on their current batch for longer than `limit`.
+    pub fn stuck(&self, limit: std::time::Duration) -> usize {
+        let now = now_ms();
+        let limit = limit.as_millis() as u64;
+        self.busy_since
+            .iter()
+            .map(|b| b.load(std::sync::atomic::Ordering::Relaxed))
+            .filter(|&since| since != 0 && now.saturating_sub(since) > limit)
+            .count()
+    }
+}
+
+impl Drop for WorkerPool {
+    fn drop(&mut self) {
+        self.tx = None;
+        let me = std::thread::current().id();
+        for h in self.handles.drain(..) {
+            // The last reference may be dropped by a worker itself (it upgrades its listener
+            // after each batch): that thread exits on its own once the channel is closed.
+            if h.thread().id() != me {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+fn worker_loop(
+    mut sessions: WorkerSessions,
+    rx: crossbeam_channel::Receiver<Batch>,
+    pad_to: &[u32],
+    listener: std::sync::Weak<dyn BatchListener>,
+    busy: &std::sync::atomic::AtomicU64,
+    wedge: bool,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut staging = Staging::default();
+    loop {
+        // After a run larger than the warmup's, the arena's growth goes back once idle.
+        let next = if sessions.arena.pending() {
+            match rx.recv_timeout(ARENA_IDLE) {
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    sessions.arena.tidy(&mut sessions.main);
+                    continue;
+                }
+                other => other.ok(),
+            }
+        } else {
+            rx.recv().ok()
+        };
+        let Some(mut batch) = next else {
+            break;
+        };
+        let arrived = std::mem::take(&mut batch.arrived);
+        let started = std::time::Instant::now();
+        busy.store(now_ms(), Relaxed);
+        if wedge {
+            tracing::warn!("test hook: this worker hangs now");
+            loop {
+                std::thread::park();
+            }
+        }
+        let rows: u32 = batch.rows.iter().sum();
+        let dispatched = batch.dispatched;
+        run_batch(&mut sessions, batch, pad_to, &mut staging);
+        busy.store(0, Relaxed);
+        if let Some(l) = listener.upgrade() {
+            l.batch_done(rows, started.elapsed(), dispatched.elapsed(), &arrived);
+        }
+    }
+}
