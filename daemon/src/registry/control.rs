@@ -9,7 +9,7 @@ use rxd_protocol::{ErrorCode, WireError};
 
 use super::report::describe;
 use super::scan::model_bytes;
-use super::{Key, ModelSettings, Registry};
+use super::{Key, ModelSettings, Registry, lookup};
 use crate::error::RequestError;
 use crate::model::LoadedModel;
 
@@ -22,21 +22,8 @@ impl Registry {
         version: u64,
     ) -> Result<rxd_protocol::ModelSettingsView, RequestError> {
         let models = self.read();
-        let model = models
-            .get(name)
-            .ok_or_else(|| RequestError::UnknownModel(name.into()))?;
-        let ver = model
-            .versions
-            .get(&version)
-            .ok_or_else(|| RequestError::UnknownVersion {
-                model: name.into(),
-                version,
-            })?;
-        let merged = model
-            .settings
-            .clone()
-            .unwrap_or_default()
-            .merged(&ver.overrides);
+        let (model, ver) = lookup(&models, name, version)?;
+        let merged = model.settings_of(ver);
         Ok(self.view(&merged, ver.loaded().map(|l| &**l)))
     }
 
@@ -137,18 +124,8 @@ impl Registry {
         let key: Key = (name.to_string(), version);
         let (path, settings, file_bytes, device) = {
             let models = self.read();
-            let model = models
-                .get(name)
-                .ok_or_else(|| RequestError::UnknownModel(name.into()))?;
-            let base = model.settings.clone().unwrap_or_default();
-            let ver = model
-                .versions
-                .get(&version)
-                .ok_or_else(|| RequestError::UnknownVersion {
-                    model: name.into(),
-                    version,
-                })?;
-            let settings = base.merged(&ver.overrides);
+            let (model, ver) = lookup(&models, name, version)?;
+            let settings = model.settings_of(ver);
             let current = ver.loaded().map(|l| l.device.clone());
             let device = settings
                 .devices

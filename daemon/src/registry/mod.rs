@@ -165,15 +165,47 @@ impl Model {
         }
     }
 
-    /// A version of this model, or `unknown_model` naming it.
+    /// A version of this model, or `unknown_version` naming it.
+    fn version(&self, name: &str, version: u64) -> Result<&Version, RequestError> {
+        self.versions
+            .get(&version)
+            .ok_or_else(|| unknown(name, version))
+    }
+
+    /// A version of this model, or `unknown_version` naming it.
     fn version_mut(&mut self, name: &str, version: u64) -> Result<&mut Version, RequestError> {
         self.versions
             .get_mut(&version)
-            .ok_or_else(|| RequestError::UnknownVersion {
-                model: name.into(),
-                version,
-            })
+            .ok_or_else(|| unknown(name, version))
     }
+
+    /// The settings a version runs with: model.toml (defaults where it is broken) with the
+    /// version's run-time changes over it.
+    fn settings_of(&self, ver: &Version) -> ModelSettings {
+        self.settings
+            .clone()
+            .unwrap_or_default()
+            .merged(&ver.overrides)
+    }
+}
+
+fn unknown(name: &str, version: u64) -> RequestError {
+    RequestError::UnknownVersion {
+        model: name.into(),
+        version,
+    }
+}
+
+/// A model and one of its versions, or `unknown_model` / `unknown_version` naming them.
+fn lookup<'a>(
+    models: &'a BTreeMap<String, Model>,
+    name: &str,
+    version: u64,
+) -> Result<(&'a Model, &'a Version), RequestError> {
+    let model = models
+        .get(name)
+        .ok_or_else(|| RequestError::UnknownModel(name.into()))?;
+    Ok((model, model.version(name, version)?))
 }
 
 struct BudgetState {
@@ -290,13 +322,7 @@ impl Registry {
             .get(name)
             .ok_or_else(|| RequestError::UnknownModel(name.into()))?;
         let num = model.resolve(name, version)?;
-        let ver = model
-            .versions
-            .get(&num)
-            .ok_or_else(|| RequestError::UnknownVersion {
-                model: name.into(),
-                version: num,
-            })?;
+        let ver = model.version(name, num)?;
         ver.loaded().cloned().ok_or_else(|| RequestError::NotReady {
             model: name.into(),
             version: num,

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rxd_protocol::{DeviceSummary, ModelInfo, ModelState, ModelSummary};
 
-use super::{Key, Model, Registry, Version};
+use super::{Key, Model, Registry, Version, lookup};
 use crate::error::RequestError;
 
 impl Registry {
@@ -131,16 +131,7 @@ impl Registry {
         name: &str,
         version: u64,
     ) -> Result<ModelSummary, RequestError> {
-        let model = models
-            .get(name)
-            .ok_or_else(|| RequestError::UnknownModel(name.into()))?;
-        let ver = model
-            .versions
-            .get(&version)
-            .ok_or_else(|| RequestError::UnknownVersion {
-                model: name.into(),
-                version,
-            })?;
+        let (model, ver) = lookup(models, name, version)?;
         Ok(self.summary(model, name, version, ver))
     }
 
