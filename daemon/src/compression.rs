@@ -177,7 +177,7 @@ pub fn compress(shared: &SharedRef, req: &CompressRequest) -> Result<CompressRep
             "published as version {next} (version {version} stays on disk)\n"
         ));
         published = Some(next);
-        crate::reload(shared).map_err(RequestError::Internal)?;
+        crate::reload::apply(shared).map_err(RequestError::Internal)?;
     } else if !passed {
         text.push_str("under the thresholds: not published\n");
     }

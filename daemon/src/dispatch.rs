@@ -1,17 +1,15 @@
-//! Routes one decoded request to the registry, the validator or the status reports, and turns
-//! the result into a reply. Checks admin rights before any admin operation runs.
+//! Routes one decoded request to the registry, the validator or the reports (`report`), and
+//! turns the result into a reply. Checks admin rights before any admin operation runs.
 //! Boundary: no framing or socket IO here (that is `connection`), no ORT (that is `runtime`).
 
 use std::sync::Arc;
 
 use rxd_protocol::{
-    ArenaRef, DeviceList, Health, HealthState, InferReply, InferRequest, ModelList, ModelState,
-    PROTOCOL_VERSION, Reply, Request, Status, Tensor, TensorData,
+    ArenaRef, DeviceList, InferReply, InferRequest, ModelList, Reply, Request, Tensor, TensorData,
 };
 
 use crate::SharedRef;
 use crate::error::RequestError;
-use crate::metrics::Metrics;
 use crate::peer::Peer;
 use crate::registry::{Demand, LoadSlot};
 use crate::runtime::{Completion, OutputData, OutputTensor, RuntimeError};
@@ -62,7 +60,7 @@ pub async fn handle(
                 if shared.registry.load_on_demand() && state != "failed" =>
             {
                 let (s, peer) = (shared.clone(), peer.clone());
-                let info = tokio::task::spawn_blocking(move || {
+                let info = blocking(move || {
                     if peer.admin {
                         s.registry.load(&r.model, r.version)?;
                     } else {
@@ -80,41 +78,34 @@ pub async fn handle(
                     }
                     s.registry.info(&r.model, r.version)
                 })
-                .await
-                .map_err(|e| RequestError::Internal(e.to_string()))??;
+                .await??;
                 Reply::ModelInfo(info)
             }
             other => Reply::ModelInfo(other?),
         },
-        Request::Status => Reply::Status(status(shared)),
-        Request::Health => Reply::Health(health(shared, peer.admin)),
+        Request::Status => Reply::Status(crate::report::status(shared)),
+        Request::Health => Reply::Health(crate::report::health(shared, peer.admin)),
         Request::Load(r) => {
             rxd_protocol::check_name(&r.model)?;
             let s = shared.clone();
-            let summary = tokio::task::spawn_blocking(move || {
+            let summary = blocking(move || {
                 // Pick up models added to the repository since the last scan.
                 s.registry
                     .scan()
                     .map_err(|e| RequestError::Internal(format!("cannot read repository: {e}")))?;
                 s.registry.load(&r.model, r.version)
             })
-            .await
-            .map_err(|e| RequestError::Internal(e.to_string()))??;
+            .await??;
             Reply::Load(summary)
         }
         Request::Unload(r) => {
             let s = shared.clone();
-            let summary =
-                tokio::task::spawn_blocking(move || s.registry.unload(&r.model, r.version))
-                    .await
-                    .map_err(|e| RequestError::Internal(e.to_string()))??;
+            let summary = blocking(move || s.registry.unload(&r.model, r.version)).await??;
             Reply::Unload(summary)
         }
         Request::Pin(r) => {
             let s = shared.clone();
-            let summary = tokio::task::spawn_blocking(move || s.registry.pin(&r.model, r.version))
-                .await
-                .map_err(|e| RequestError::Internal(e.to_string()))??;
+            let summary = blocking(move || s.registry.pin(&r.model, r.version)).await??;
             Reply::Pin(summary)
         }
         Request::Unpin(r) => Reply::Unpin(shared.registry.unpin(&r.model, r.version)?),
@@ -131,41 +122,33 @@ pub async fn handle(
                 .await
                 .map_err(|e| RequestError::Internal(e.to_string()))?;
             let s = shared.clone();
-            let report = tokio::task::spawn_blocking(move || metrics(&s))
-                .await
-                .map_err(|e| RequestError::Internal(e.to_string()))?;
+            let report = blocking(move || crate::report::metrics(&s)).await?;
             Reply::Metrics(Box::new(report))
         }
         Request::Compress(c) => {
             let s = shared.clone();
-            let reply = tokio::task::spawn_blocking(move || crate::compression::compress(&s, &c))
-                .await
-                .map_err(|e| RequestError::Internal(e.to_string()))??;
+            let reply = blocking(move || crate::compression::compress(&s, &c)).await??;
             Reply::Compress(reply)
         }
         Request::Publish(p) => {
             let s = shared.clone();
-            let reply = tokio::task::spawn_blocking(move || {
+            let reply = blocking(move || {
                 let (p, bytes) = crate::publish::take_bytes(&s, p, arena.as_ref())?;
                 crate::publish::publish(&s, &p, &bytes)
             })
-            .await
-            .map_err(|e| RequestError::Internal(e.to_string()))??;
+            .await??;
             Reply::Publish(reply)
         }
         Request::Configure(c) => {
             rxd_protocol::check_name(&c.model)?;
             let s = shared.clone();
-            let view = tokio::task::spawn_blocking(move || s.registry.configure(&c))
-                .await
-                .map_err(|e| RequestError::Internal(e.to_string()))??;
+            let view = blocking(move || s.registry.configure(&c)).await??;
             Reply::Configure(view)
         }
         Request::Reload => {
             let s = shared.clone();
-            let models = tokio::task::spawn_blocking(move || crate::reload(&s))
-                .await
-                .map_err(|e| RequestError::Internal(e.to_string()))?
+            let models = blocking(move || crate::reload::apply(&s))
+                .await?
                 .map_err(|e| {
                     RequestError::Wire(rxd_protocol::WireError::new(
                         rxd_protocol::ErrorCode::InvalidRequest,
@@ -339,153 +322,12 @@ pub fn infer_reply(model: &str, version: u64, outputs: Vec<OutputTensor>) -> Rep
     })
 }
 
-/// The configuration in force: the start-up configuration with what a reload changed.
-fn config_in_force(shared: &SharedRef) -> std::collections::BTreeMap<String, String> {
-    let mut m = shared.config.in_force();
-    m.insert(
-        "load-on-demand".into(),
-        shared.registry.load_on_demand().to_string(),
-    );
-    m.insert(
-        "preload".into(),
-        shared
-            .preload
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .join(","),
-    );
-    for d in &shared.config.devices {
-        let live = shared
-            .registry
-            .device_budget(&d.name)
-            .filter(|&b| b != u64::MAX);
-        m.insert(
-            format!("device.{}.memory-budget", d.name),
-            live.map_or("unlimited".into(), |b| b.to_string()),
-        );
-    }
-    m
-}
-
-/// Every metric, assembled from the global counters, the registry and /proc.
-pub fn metrics(shared: &SharedRef) -> rxd_protocol::MetricsReport {
-    let m = &shared.metrics;
-    rxd_protocol::MetricsReport {
-        uptime_ms: uptime_ms(shared),
-        process: crate::metrics::process(),
-        requests_total: Metrics::get(&m.requests_total),
-        errors: m.errors.snapshot(),
-        connections_open: Metrics::get(&m.connections_open),
-        connections_total: Metrics::get(&m.connections_total),
-        in_flight: Metrics::get(&m.in_flight),
-        models: shared.registry.model_metrics_report(),
-        devices: shared.registry.devices(),
-        gpus: crate::gpu::metrics(),
-    }
-}
-
-fn uptime_ms(shared: &SharedRef) -> u64 {
-    shared.started.elapsed().as_millis() as u64
-}
-
-pub fn status(shared: &SharedRef) -> Status {
-    let (ready, failed) = shared.registry.counts();
-    let m = &shared.metrics;
-    Status {
-        server: crate::SERVER_NAME.into(),
-        protocol: PROTOCOL_VERSION,
-        pid: std::process::id(),
-        uptime_ms: uptime_ms(shared),
-        socket: shared.config.socket.display().to_string(),
-        model_repository: shared.config.model_repository.display().to_string(),
-        ort_version: shared.registry.runtime().version().into(),
-        ort_library: shared.registry.runtime().library().display().to_string(),
-        intra_op_threads: shared.config.intra_op_threads,
-        models_ready: ready,
-        models_failed: failed,
-        connections: Metrics::get(&m.connections_open),
-        requests_total: Metrics::get(&m.requests_total),
-        requests_failed: Metrics::get(&m.requests_failed),
-        in_flight: Metrics::get(&m.in_flight),
-        config: config_in_force(shared),
-    }
-}
-
-/// Health: unhealthy when a worker is stuck or no model version can serve; degraded when a
-/// model failed to load, a queue is nearly full, or the memory budget keeps a served version
-/// out; healthy otherwise. Every reason is named. The last error is shown in full to admins
-/// only (`admin`); others see its code and model.
-pub fn health(shared: &SharedRef, admin: bool) -> Health {
-    let models = shared.registry.list();
-    let ready = models
-        .iter()
-        .filter(|m| m.state == ModelState::Ready)
-        .count() as u32;
-    let servable = models
-        .iter()
-        .filter(|m| {
-            m.state == ModelState::Ready
-                || m.state == ModelState::Loading
-                || (shared.registry.load_on_demand()
-                    && m.served
-                    && matches!(m.state, ModelState::Available | ModelState::Evicted))
-        })
-        .count() as u32;
-    let mut unhealthy: Vec<String> = Vec::new();
-    let mut degraded: Vec<String> = Vec::new();
-    for m in shared.registry.stuck(shared.config.watchdog_stuck) {
-        unhealthy.push(format!("model {m}: a worker is stuck on one batch"));
-    }
-    if servable == 0 && !models.is_empty() {
-        unhealthy.push("no model version can serve".into());
-    }
-    for m in models.iter().filter(|m| m.state == ModelState::Failed) {
-        degraded.push(format!(
-            "model '{}' version {} failed to load: {}",
-            m.name,
-            m.version,
-            m.error.as_deref().unwrap_or("unknown error")
-        ));
-    }
-    for m in models.iter().filter(|m| m.fallback.is_some()) {
-        degraded.push(format!(
-            "model '{}' version {} runs on the CPU instead of its device: {}",
-            m.name,
-            m.version,
-            m.fallback.as_deref().unwrap_or("")
-        ));
-    }
-    for (m, depth, cap) in shared.registry.saturated(0.9) {
-        degraded.push(format!(
-            "model {m}: queue saturated ({depth} of {cap} waiting)"
-        ));
-    }
-    for m in shared.registry.refused_by_budget() {
-        degraded.push(format!(
-            "model {m}: memory budget exhausted (it does not fit next to the pinned or busy models)"
-        ));
-    }
-    let state = if !unhealthy.is_empty() {
-        HealthState::Unhealthy
-    } else if !degraded.is_empty() {
-        HealthState::Degraded
-    } else {
-        HealthState::Healthy
-    };
-    let devices = shared.registry.devices();
-    Health {
-        state,
-        reasons: unhealthy.into_iter().chain(degraded).collect(),
-        ready: true,
-        models_loaded: ready,
-        uptime_ms: uptime_ms(shared),
-        last_error: shared.metrics.last_error(admin),
-        engine_running: true,
-        models_servable: servable,
-        workers: models.iter().map(|m| m.instances).sum(),
-        queue_size: shared.registry.queue_size(),
-        models_memory_bytes: devices.iter().map(|d| d.used_bytes).sum(),
-        rss_bytes: crate::metrics::resident_bytes(),
-        gpu_available: !crate::gpu::metrics().is_empty(),
-    }
+/// Runs blocking work (loads, reports, reloads) on the blocking pool, off the IO threads; a
+/// task that panicked is an internal error.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, RequestError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| RequestError::Internal(e.to_string()))
 }

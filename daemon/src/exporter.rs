@@ -63,7 +63,7 @@ async fn scrape(mut stream: TcpStream, shared: SharedRef) -> std::io::Result<()>
     let mut parts = line.lines().next().unwrap_or("").split_whitespace();
     match (parts.next(), parts.next()) {
         (Some("GET"), Some(path)) if path == "/metrics" || path.starts_with("/metrics?") => {
-            let body = rxd_protocol::metrics::prometheus(&crate::dispatch::metrics(&shared));
+            let body = rxd_protocol::metrics::prometheus(&crate::report::metrics(&shared));
             respond(
                 &mut stream,
                 "200 OK",

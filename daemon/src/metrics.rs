@@ -2,7 +2,7 @@
 //! the last error behind a mutex that only the error path takes), per-model-version metrics
 //! (outcomes by code, queue/compute/total latency and batch-size distributions kept by
 //! hdrhistogram, per-second rates over the last minute), and the process's figures from /proc.
-//! Boundary: recording only; the report is assembled by `dispatch::metrics` and rendered by
+//! Boundary: recording only; the report is assembled by `report::metrics` and rendered by
 //! the protocol crate.
 
 use std::collections::BTreeMap;
