@@ -70,9 +70,8 @@ impl RequestError {
                 | RuntimeError::Warmup { .. }
                 | RuntimeError::NoInstances,
             ) => ErrorCode::LoadFailed,
-            RequestError::Runtime(RuntimeError::Scratch { .. }) | RequestError::Internal(_) => {
-                ErrorCode::Internal
-            }
+            RequestError::Runtime(RuntimeError::Scratch { .. } | RuntimeError::Threads(_))
+            | RequestError::Internal(_) => ErrorCode::Internal,
         }
     }
 

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::coalesce::Coalescer;
-use crate::runtime::{Built, Completion, Crew, NodePlacement, Signature};
+use crate::runtime::{Built, Completion, Crew, NodePlacement, RuntimeError, Signature};
 use crate::scheduler::{Scheduler, Terms, policy};
 use crate::validate::Checked;
 
@@ -62,8 +62,9 @@ pub struct Serving {
 }
 
 impl LoadedModel {
-    /// Starts the built sessions' workers behind a scheduler and a coalescer.
-    pub fn start(built: Built, s: Serving) -> LoadedModel {
+    /// Starts the built sessions' workers behind a scheduler and a coalescer; fails when a
+    /// worker thread cannot start.
+    pub fn start(built: Built, s: Serving) -> Result<LoadedModel, RuntimeError> {
         let batchable = built.signature.batchable();
         let crew = Crew {
             label: format!("{}-{}", s.name, s.version),
@@ -77,8 +78,8 @@ impl LoadedModel {
             batchable,
             s.default_priority,
             s.metrics.clone(),
-        );
-        LoadedModel {
+        )?;
+        Ok(LoadedModel {
             name: s.name,
             version: s.version,
             signature: built.signature,
@@ -93,7 +94,7 @@ impl LoadedModel {
             arena_bytes: built.arena_bytes,
             metrics: s.metrics,
             compression: s.compression,
-        }
+        })
     }
 
     /// Queues a checked request; `completion` receives the outputs or the error (a full

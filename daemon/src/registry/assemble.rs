@@ -89,7 +89,7 @@ impl LoadJob {
                 .map_or(device, |cpu| cpu.name.as_str()),
             None => device,
         };
-        Ok(LoadedModel::start(
+        LoadedModel::start(
             built,
             Serving {
                 name: name.into(),
@@ -106,7 +106,8 @@ impl LoadJob {
                 epoch: self.epoch,
                 wedge: self.defaults.hooks.wedges(&format!("{name}-{version}")),
             },
-        ))
+        )
+        .map_err(|e| e.to_string())
     }
 }
 

@@ -69,6 +69,8 @@ pub enum RuntimeError {
     Warmup { rows: u64, message: String },
     #[error("no instances")]
     NoInstances,
+    #[error("cannot start a worker thread: {0}")]
+    Threads(String),
     #[error("{target} holds {available} bytes, {needed} needed")]
     OutputTooSmall {
         target: String,

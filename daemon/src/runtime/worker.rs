@@ -13,8 +13,8 @@ use std::thread::JoinHandle;
 use ort::session::{Session, SessionInputValue};
 
 use super::job::{Batch, BatchListener};
-use super::release_free_memory;
 use super::run::{Staging, run_batch};
+use super::{RuntimeError, release_free_memory};
 
 /// The sessions of one worker: `main`, and on GPU devices one more session per padded batch
 /// size, each run only at that size. ORT's CUDA EP keeps one set of cuDNN plans per Conv node,
@@ -210,8 +210,13 @@ pub struct Crew {
 
 impl WorkerPool {
     /// Starts one worker thread per session. The channel holds at most one batch per worker:
-    /// batches are formed by the scheduler only when a worker is free.
-    pub fn start(crew: Crew, listener: std::sync::Weak<dyn BatchListener>) -> WorkerPool {
+    /// batches are formed by the scheduler only when a worker is free. A thread that cannot be
+    /// started (the process is out of threads) is an error, not an abort: the workers already
+    /// started stop (their channel closes) and are joined.
+    pub fn start(
+        crew: Crew,
+        listener: std::sync::Weak<dyn BatchListener>,
+    ) -> Result<WorkerPool, RuntimeError> {
         let Crew {
             label,
             sessions,
@@ -222,25 +227,23 @@ impl WorkerPool {
         let (tx, rx) = crossbeam_channel::bounded::<Batch>(sessions.len().max(1));
         let busy_since: Arc<Vec<std::sync::atomic::AtomicU64>> =
             Arc::new(sessions.iter().map(|_| Default::default()).collect());
-        let handles = sessions
-            .into_iter()
-            .enumerate()
-            .map(|(i, session)| {
-                let rx = rx.clone();
-                let listener = listener.clone();
-                let busy = busy_since.clone();
-                let pad_to = pad_to.clone();
-                std::thread::Builder::new()
-                    .name(format!("rxd-w-{label}-{i}"))
-                    .spawn(move || worker_loop(session, rx, &pad_to, listener, &busy[i], wedge))
-                    .expect("spawn worker thread")
-            })
-            .collect();
-        WorkerPool {
+        let mut pool = WorkerPool {
             tx: Some(tx),
-            handles,
-            busy_since,
+            handles: Vec::with_capacity(sessions.len()),
+            busy_since: busy_since.clone(),
+        };
+        for (i, session) in sessions.into_iter().enumerate() {
+            let rx = rx.clone();
+            let listener = listener.clone();
+            let busy = busy_since.clone();
+            let pad_to = pad_to.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("rxd-w-{label}-{i}"))
+                .spawn(move || worker_loop(session, rx, &pad_to, listener, &busy[i], wedge))
+                .map_err(|e| RuntimeError::Threads(e.to_string()))?;
+            pool.handles.push(handle);
         }
+        Ok(pool)
     }
 
     /// Hands a batch to a free worker. Fails (returning the batch) only if the workers are

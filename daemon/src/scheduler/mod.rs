@@ -66,14 +66,15 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    /// Starts the workers (one per session) and returns the scheduler feeding them.
+    /// Starts the workers (one per session) and returns the scheduler feeding them, or why a
+    /// worker could not start.
     pub fn start(
         crew: crate::runtime::Crew,
         mut settings: Settings,
         batchable: bool,
         default_priority: u8,
         metrics: Arc<crate::metrics::ModelMetrics>,
-    ) -> Arc<Scheduler> {
+    ) -> Result<Arc<Scheduler>, crate::runtime::RuntimeError> {
         settings.batchable = batchable && settings.max_batch_rows > 1;
         let workers = crew.sessions.len();
         let sched = Arc::new_cyclic(|me| Scheduler {
@@ -93,9 +94,9 @@ impl Scheduler {
             metrics,
         });
         let listener: Weak<dyn BatchListener> = sched.me.clone();
-        let pool = WorkerPool::start(crew, listener);
+        let pool = WorkerPool::start(crew, listener)?;
         let _ = sched.pool.set(pool);
-        sched
+        Ok(sched)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
