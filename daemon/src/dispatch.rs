@@ -157,7 +157,6 @@ pub async fn handle(
                 })?;
             Reply::Reload(ModelList { models })
         }
-        _ => return Err(RequestError::Internal("request kind not handled".into())),
     };
     Ok(Handled::Reply(reply))
 }

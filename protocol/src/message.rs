@@ -73,7 +73,6 @@ pub struct RequestFrame {
 /// What the client asks for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", content = "args", rename_all = "snake_case")]
-#[non_exhaustive]
 pub enum Request {
     Infer(InferRequest),
     ListModels,
