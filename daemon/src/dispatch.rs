@@ -5,11 +5,12 @@
 use std::sync::Arc;
 
 use rxd_protocol::{
-    ArenaRef, DeviceList, InferReply, InferRequest, ModelList, Reply, Request, Tensor, TensorData,
+    ArenaRef, DeviceList, InferReply, InferRequest, ModelList, ModelState, Reply, Request, Tensor,
+    TensorData,
 };
 
 use crate::SharedRef;
-use crate::error::RequestError;
+use crate::error::{RequestError, Unready};
 use crate::peer::Peer;
 use crate::registry::{Demand, LoadSlot};
 use crate::runtime::{Completion, OutputData, OutputTensor, RuntimeError};
@@ -57,7 +58,7 @@ pub async fn handle(
             // The signature needs the model: load it as a request would — under the version
             // policy (a version it does not serve loads only for an admin, as with `load`).
             Err(RequestError::NotReady { state, .. })
-                if shared.registry.load_on_demand() && state != "failed" =>
+                if shared.registry.load_on_demand() && state != Unready::In(ModelState::Failed) =>
             {
                 let (s, peer) = (shared.clone(), peer.clone());
                 let info = blocking(move || {
@@ -269,7 +270,7 @@ impl<M: MakeCompletion> Cold<M> {
         Err(RequestError::NotReady {
             model: self.req.model.clone(),
             version: self.req.version.unwrap_or(0),
-            state: "evicted",
+            state: Unready::In(ModelState::Evicted),
             detail: Some("evicted again before the request could run; retry".into()),
         })
     }

@@ -4,9 +4,26 @@
 //! picks wire codes (validation errors that the protocol crate or `validate` already coded
 //! travel as [`RequestError::Wire`]).
 
-use rxd_protocol::{ErrorCode, WireError};
+use rxd_protocol::{ErrorCode, ModelState, WireError};
 
 use crate::runtime::RuntimeError;
+
+/// Why a version cannot take a request now: the state it is in, or that its model's version
+/// policy does not serve it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unready {
+    In(ModelState),
+    NotServed,
+}
+
+impl std::fmt::Display for Unready {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Unready::In(state) => state.name(),
+            Unready::NotServed => "not served",
+        })
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
@@ -21,7 +38,7 @@ pub enum RequestError {
     NotReady {
         model: String,
         version: u64,
-        state: &'static str,
+        state: Unready,
         detail: Option<String>,
     },
     #[error("'{op}' needs admin rights (uid 0, the daemon's uid, or the admin group)")]
@@ -90,5 +107,29 @@ impl RequestError {
 impl From<WireError> for RequestError {
     fn from(w: WireError) -> Self {
         RequestError::Wire(w)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn not_ready_names_the_state_or_the_version_policy() {
+        let e = RequestError::NotReady {
+            model: "m".into(),
+            version: 2,
+            state: Unready::In(ModelState::Failed),
+            detail: Some("no such op".into()),
+        };
+        assert_eq!(e.to_string(), "model 'm' version 2 is failed: no such op");
+        assert_eq!(e.code(), ErrorCode::ModelNotReady);
+        let e = RequestError::NotReady {
+            model: "m".into(),
+            version: 1,
+            state: Unready::NotServed,
+            detail: None,
+        };
+        assert_eq!(e.to_string(), "model 'm' version 1 is not served");
     }
 }

@@ -11,14 +11,14 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use rxd_protocol::{ErrorCode, ModelSummary, WireError};
+use rxd_protocol::{ErrorCode, ModelState, ModelSummary, WireError};
 
 use super::lifecycle::{Idle, LoadSlot};
 use super::report::describe;
 use super::scan::{FileStamp, model_bytes};
 use super::{BudgetState, Key, Model, ModelSettings, Registry, Version};
 use crate::budget::OverBudget;
-use crate::error::RequestError;
+use crate::error::{RequestError, Unready};
 use crate::model::LoadedModel;
 
 /// What a lookup found.
@@ -208,7 +208,8 @@ impl Registry {
             // A broken model is not retried on every request; `rxctl load` retries it.
             Err(
                 e @ RequestError::NotReady {
-                    state: "failed", ..
+                    state: Unready::In(ModelState::Failed),
+                    ..
                 },
             ) => return Err(e),
             Err(e @ RequestError::NotReady { .. }) if !self.load_on_demand() => {
@@ -226,7 +227,7 @@ impl Registry {
                 return Err(RequestError::NotReady {
                     model: name.into(),
                     version: v,
-                    state: "not served",
+                    state: Unready::NotServed,
                     detail: Some(
                         "the model's version-policy does not serve it (an admin can `rxctl load` it)"
                             .into(),

@@ -43,7 +43,7 @@ use std::time::Instant;
 use rxd_protocol::{ModelState, ModelSummary};
 
 use crate::budget::{Budget, DeviceSpec, Estimator};
-use crate::error::RequestError;
+use crate::error::{RequestError, Unready};
 use crate::model::LoadedModel;
 use crate::runtime::Runtime;
 
@@ -326,7 +326,7 @@ impl Registry {
         ver.loaded().cloned().ok_or_else(|| RequestError::NotReady {
             model: name.into(),
             version: num,
-            state: ver.state.kind().name(),
+            state: Unready::In(ver.state.kind()),
             detail: ver.state.error().map(str::to_string),
         })
     }
