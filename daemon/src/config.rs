@@ -225,6 +225,11 @@ impl Config {
             self.model_repository.display().to_string(),
         );
         put("ort-library", self.ort_library.display().to_string());
+        put(
+            "run-memory-bytes",
+            self.run_memory_bytes
+                .map_or_else(|| "unlimited".into(), |b| b.to_string()),
+        );
         put("intra-op-threads", self.intra_op_threads.to_string());
         put("io-threads", self.io_threads.to_string());
         put("admin-group", self.admin_group.clone().unwrap_or_default());
@@ -294,12 +299,42 @@ impl Config {
                         }
                         DeviceKind::Cpu => String::new(),
                     }
-                ),
+                ) + &d
+                    .options
+                    .iter()
+                    .map(|(k, v)| format!(" {k}={v}"))
+                    .collect::<String>()
+                    + if d.cpu_fallback { " cpu-fallback" } else { "" },
             );
         }
         m
     }
+
+    /// The keys whose values differ between `self` and `new` that a reload cannot apply
+    /// (every key of [`Config::in_force`] but [`RELOADABLE`]): they take effect after a
+    /// restart.
+    pub fn needs_restart(&self, new: &Config) -> Vec<String> {
+        let (was, now) = (self.in_force(), new.in_force());
+        let mut keys: Vec<String> = was
+            .keys()
+            .chain(now.keys())
+            .filter(|k| !RELOADABLE.contains(&k.as_str()) && was.get(*k) != now.get(*k))
+            .cloned()
+            .collect();
+        // The first device is the default one: an order changed is a change.
+        let names = |c: &Config| c.devices.iter().map(|d| d.name.clone()).collect::<Vec<_>>();
+        if names(self) != names(new) {
+            keys.push("device".into());
+        }
+        keys.sort();
+        keys.dedup();
+        keys
+    }
 }
+
+/// The keys of [`Config::in_force`] that a reload applies while serving (with each device's
+/// `memory-budget`, which is not among them); a change to any other takes a restart.
+pub const RELOADABLE: &[&str] = &["preload", "load-on-demand"];
 
 /// One thing wrong with the configuration, named by its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -959,6 +994,58 @@ mod tests {
         let err = parse_file("sokcet = '/tmp/x'\n").unwrap_err();
         assert!(err.contains("sokcet"), "{err}");
         assert_eq!(key_of_toml_error(&err), "sokcet");
+    }
+
+    #[test]
+    fn a_reload_names_every_changed_key_it_cannot_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("lib.so"), b"").unwrap();
+        let cfg = |text: &str| resolve(parse_file(text).unwrap(), &opts_with(dir.path()), None);
+        let devices = "[[device]]\nname = 'cpu'\nkind = 'cpu'\nmemory-budget = '1GiB'\n\
+                       [[device]]\nname = 'cpu2'\nkind = 'cpu'\n";
+        let old = cfg(&format!("log-level = 'info'\npreload = ['a']\n{devices}")).unwrap();
+        let same = cfg(&format!("log-level = 'info'\npreload = ['a']\n{devices}")).unwrap();
+        assert!(old.needs_restart(&same).is_empty());
+        // Reloadable: the preload list, load-on-demand, a device's budget.
+        let reloadable = cfg(&format!(
+            "log-level = 'info'\npreload = ['a', 'b']\nload-on-demand = false\n{}",
+            devices.replace("1GiB", "2GiB")
+        ))
+        .unwrap();
+        assert!(
+            old.needs_restart(&reloadable).is_empty(),
+            "{:?}",
+            old.needs_restart(&reloadable)
+        );
+        let changed = cfg(&format!(
+            "log-level = 'debug'\nload-timeout-secs = 5\nrun-memory-bytes = '1GiB'\n\
+             preload = ['a']\n{}",
+            devices.replace(
+                "name = 'cpu2'\nkind = 'cpu'",
+                "name = 'cpu2'\nkind = 'cpu'\ncpu-fallback = true"
+            )
+        ))
+        .unwrap();
+        assert_eq!(
+            old.needs_restart(&changed),
+            [
+                "device.cpu2",
+                "load-timeout-secs",
+                "log-level",
+                "run-memory-bytes"
+            ]
+        );
+        let reordered = cfg(
+            "log-level = 'info'\npreload = ['a']\n[[device]]\nname = 'cpu2'\n\
+                             kind = 'cpu'\n[[device]]\nname = 'cpu'\nkind = 'cpu'\n\
+                             memory-budget = '1GiB'\n",
+        )
+        .unwrap();
+        assert_eq!(
+            old.needs_restart(&reordered),
+            ["device"],
+            "the default device changed"
+        );
     }
 
     #[test]
