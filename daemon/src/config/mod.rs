@@ -1,0 +1,344 @@
+//! Configuration: the TOML file, flag overrides, defaults and validation.
+//!
+//! Parse → validate → act: [`load`] returns a [`Config`] only when every check passed, and
+//! nothing binds a socket or loads a model before that. [`load`] collects every problem it finds
+//! (not just the first) so that `rxd check-config` can print them all. This module does no IO
+//! beyond reading the file and checking that paths and groups exist.
+//!
+//! Layout: `file` is the file's schema (serde) and its problems named by key and line;
+//! `resolve` merges file, flags and defaults and validates; this module holds what is in force
+//! ([`Config`]) and what a reload may change.
+
+mod file;
+mod resolve;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::cli::ServeOpts;
+
+use file::read_file;
+pub use file::{DeviceConfig, FileConfig, parse_file};
+pub use resolve::resolve;
+
+/// Where the .deb puts ONNX Runtime's library.
+pub const BUNDLED_ORT_LIBRARY: &str = "/usr/lib/rxd/libonnxruntime.so.1.31.1";
+pub const DEFAULT_SOCKET: &str = "/run/rxd/rxd.sock";
+pub const DEFAULT_REPOSITORY: &str = "/var/lib/rxd/models";
+/// Priorities non-admin peers may use: 0..=this. The engine APIs users come from use small
+/// levels (`priority=5`); with aging, this also bounds how long a peer's stream can hold back
+/// a default-priority request (`priority-aging-ms` × this).
+pub const DEFAULT_MAX_PEER_PRIORITY: u8 = 15;
+
+/// Where the .deb puts the WebGPU plugin execution provider.
+pub const BUNDLED_WEBGPU_LIBRARY: &str = "/usr/lib/rxd/libonnxruntime_providers_webgpu.so";
+
+pub use crate::runtime::DeviceKind;
+
+/// Test hooks (ARCHITECTURE.md), read from the environment once at start and passed to what
+/// they change: `RXD_TEST_LOAD_HANG=<model prefix>` makes those models' loads hang in session
+/// creation (the load-deadline test); `RXD_TEST_WEDGE=<model>` makes that model's workers hang
+/// on their first batch (the watchdog test).
+#[derive(Debug, Clone, Default)]
+pub struct TestHooks {
+    pub load_hang: Option<String>,
+    pub wedge: Option<String>,
+}
+
+impl TestHooks {
+    pub fn from_env() -> TestHooks {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        TestHooks {
+            load_hang: var("RXD_TEST_LOAD_HANG"),
+            wedge: var("RXD_TEST_WEDGE"),
+        }
+    }
+
+    /// Whether loads of `model` hang.
+    pub fn load_hangs(&self, model: &str) -> bool {
+        self.load_hang
+            .as_ref()
+            .is_some_and(|p| model.starts_with(p))
+    }
+
+    /// Whether the workers of `label` (`model-version`) hang on their first batch.
+    pub fn wedges(&self, label: &str) -> bool {
+        self.wedge.as_ref().is_some_and(|w| label.starts_with(w))
+    }
+}
+
+/// A device in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub name: String,
+    pub kind: DeviceKind,
+    /// `None` = unlimited.
+    pub budget: Option<u64>,
+    pub options: Vec<(String, String)>,
+    pub cpu_fallback: bool,
+}
+
+/// The validated configuration in force.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub socket: PathBuf,
+    pub socket_mode: u32,
+    pub model_repository: PathBuf,
+    /// Resolved ONNX Runtime library path (flag/config, ORT_DYLIB_PATH, bundled).
+    pub ort_library: PathBuf,
+    /// Default intra-op threads per instance.
+    pub intra_op_threads: u32,
+    /// Threads of the async runtime that reads sockets (model workers are separate).
+    pub io_threads: u32,
+    pub admin_group: Option<String>,
+    pub admin_gid: Option<u32>,
+    pub max_connections: u32,
+    pub max_connections_per_uid: u32,
+    pub max_in_flight: u32,
+    pub max_unsent_bytes: u64,
+    pub request_memory_bytes: u64,
+    /// `None`: no shared arena.
+    pub run_memory_bytes: Option<u64>,
+    pub handshake_timeout: Duration,
+    pub frame_timeout: Duration,
+    /// `None` = never.
+    pub idle_timeout: Option<Duration>,
+    pub max_frame_bytes: u64,
+    /// Largest shared-memory arena one connection may have (0 = arenas disabled).
+    pub max_arena_bytes: u64,
+    /// Total of all connections' arenas.
+    pub arena_total_bytes: u64,
+    /// Largest model file `publish` accepts.
+    pub max_publish_bytes: u64,
+    /// Default queue capacity per model (requests waiting for a worker).
+    pub queue_capacity: u32,
+    /// Non-admin peers may ask for priorities `0..=max_peer_priority`; higher is refused.
+    pub max_peer_priority: u8,
+    pub shutdown_grace: Duration,
+    /// A worker on one batch for longer than this is stuck: health says so and the systemd
+    /// watchdog pings stop.
+    pub watchdog_stuck: Duration,
+    /// A load (session creation, compression, warmup) that takes longer fails; its thread is
+    /// left behind, so no load can hold the registry or shutdown.
+    pub load_timeout: Duration,
+    pub log_level: String,
+    /// Devices, the default one first.
+    pub devices: Vec<Device>,
+    pub preload: Vec<String>,
+    pub load_on_demand: bool,
+    /// Loopback address of the optional `/metrics` listener.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Where shader and engine caches go (created on first use).
+    pub cache_directory: PathBuf,
+}
+
+impl Config {
+    /// The configuration in force, by config key, for `status`.
+    pub fn in_force(&self) -> std::collections::BTreeMap<String, String> {
+        let mut m = std::collections::BTreeMap::new();
+        let mut put = |k: &str, v: String| {
+            m.insert(k.to_string(), v);
+        };
+        put("socket", self.socket.display().to_string());
+        put("socket-mode", format!("{:04o}", self.socket_mode));
+        put(
+            "model-repository",
+            self.model_repository.display().to_string(),
+        );
+        put("ort-library", self.ort_library.display().to_string());
+        put(
+            "run-memory-bytes",
+            self.run_memory_bytes
+                .map_or_else(|| "unlimited".into(), |b| b.to_string()),
+        );
+        put("intra-op-threads", self.intra_op_threads.to_string());
+        put("io-threads", self.io_threads.to_string());
+        put("admin-group", self.admin_group.clone().unwrap_or_default());
+        put("max-connections", self.max_connections.to_string());
+        put(
+            "max-connections-per-uid",
+            self.max_connections_per_uid.to_string(),
+        );
+        put("max-in-flight", self.max_in_flight.to_string());
+        put("max-unsent-bytes", self.max_unsent_bytes.to_string());
+        put(
+            "request-memory-bytes",
+            self.request_memory_bytes.to_string(),
+        );
+        put(
+            "handshake-timeout-secs",
+            self.handshake_timeout.as_secs().to_string(),
+        );
+        put(
+            "frame-timeout-secs",
+            self.frame_timeout.as_secs().to_string(),
+        );
+        put(
+            "idle-timeout-secs",
+            self.idle_timeout.map_or(0, |d| d.as_secs()).to_string(),
+        );
+        put("max-frame-bytes", self.max_frame_bytes.to_string());
+        put("max-arena-bytes", self.max_arena_bytes.to_string());
+        put("arena-total-bytes", self.arena_total_bytes.to_string());
+        put("max-publish-bytes", self.max_publish_bytes.to_string());
+        put("queue-capacity", self.queue_capacity.to_string());
+        put("max-peer-priority", self.max_peer_priority.to_string());
+        put(
+            "shutdown-grace-secs",
+            self.shutdown_grace.as_secs().to_string(),
+        );
+        put(
+            "watchdog-stuck-secs",
+            self.watchdog_stuck.as_secs().to_string(),
+        );
+        put("load-timeout-secs", self.load_timeout.as_secs().to_string());
+        put("log-level", self.log_level.clone());
+        put("preload", self.preload.join(","));
+        put("load-on-demand", self.load_on_demand.to_string());
+        put(
+            "cache-directory",
+            self.cache_directory.display().to_string(),
+        );
+        put(
+            "metrics-listen",
+            self.metrics_listen
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+        );
+        for d in &self.devices {
+            put(
+                &format!("device.{}", d.name),
+                format!(
+                    "kind={}{}",
+                    d.kind.name(),
+                    match &d.kind {
+                        DeviceKind::WebGpu { library, adapter } => {
+                            format!(" ep-library={} adapter={adapter}", library.display())
+                        }
+                        DeviceKind::Cuda { id } | DeviceKind::TensorRt { id } => {
+                            format!(" device-id={id}")
+                        }
+                        DeviceKind::Cpu => String::new(),
+                    }
+                ) + &d
+                    .options
+                    .iter()
+                    .map(|(k, v)| format!(" {k}={v}"))
+                    .collect::<String>()
+                    + if d.cpu_fallback { " cpu-fallback" } else { "" },
+            );
+        }
+        m
+    }
+
+    /// The keys whose values differ between `self` and `new` that a reload cannot apply
+    /// (every key of [`Config::in_force`] but [`RELOADABLE`]): they take effect after a
+    /// restart.
+    pub fn needs_restart(&self, new: &Config) -> Vec<String> {
+        let (was, now) = (self.in_force(), new.in_force());
+        let mut keys: Vec<String> = was
+            .keys()
+            .chain(now.keys())
+            .filter(|k| !RELOADABLE.contains(&k.as_str()) && was.get(*k) != now.get(*k))
+            .cloned()
+            .collect();
+        // The first device is the default one: an order changed is a change.
+        let names = |c: &Config| c.devices.iter().map(|d| d.name.clone()).collect::<Vec<_>>();
+        if names(self) != names(new) {
+            keys.push("device".into());
+        }
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+}
+
+/// The keys of [`Config::in_force`] that a reload applies while serving (with each device's
+/// `memory-budget`, which is not among them); a change to any other takes a restart.
+pub const RELOADABLE: &[&str] = &["preload", "load-on-demand"];
+
+/// One thing wrong with the configuration, named by its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Every problem found.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError(pub Vec<Problem>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A size in bytes, written as an integer or a string with a unit (`512MiB`, `2G`, `64k`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Result<ByteSize, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1 << 10,
+            "m" | "mb" | "mib" => 1 << 20,
+            "g" | "gb" | "gib" => 1 << 30,
+            "t" | "tb" | "tib" => 1 << 40,
+            other => return Err(format!("unknown size unit '{other}' (use KiB, MiB, GiB)")),
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("'{s}' is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Reads the file named by `opts.config` (if any), applies flags, validates.
+pub fn load(opts: &ServeOpts) -> Result<Config, ConfigError> {
+    let file = match &opts.config {
+        Some(path) => read_file(path)?,
+        None => FileConfig::default(),
+    };
+    resolve(
+        file,
+        opts,
+        std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from),
+    )
+}
