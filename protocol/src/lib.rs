@@ -7,6 +7,7 @@
 //! - [`error`]: stable numeric error codes and the wire error.
 //! - [`limits`]: bounds on every size a peer controls.
 //! - [`metrics`]: the metrics report and its Prometheus text rendering.
+//! - [`units`]: sizes as people write them (`512MiB`), for configs and command lines.
 //!
 //! This crate is pure: no IO, no async runtime, no unsafe code, no ONNX Runtime. PROTOCOL.md at
 //! the repository root describes the same format for clients written in other languages.
@@ -18,6 +19,7 @@ pub mod frame;
 pub mod limits;
 pub mod message;
 pub mod metrics;
+pub mod units;
 
 pub use dtype::DType;
 pub use error::{ErrorCode, WireError};

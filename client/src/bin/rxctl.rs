@@ -205,7 +205,7 @@ enum Cmd {
         #[arg(long)]
         priority_aging_ms: Option<u64>,
         /// Result cache size (e.g. 64MiB); 0 turns the cache off.
-        #[arg(long, value_parser = parse_size)]
+        #[arg(long, value_parser = rxd_protocol::units::parse_size)]
         cache_bytes: Option<u64>,
         /// Empty the result cache.
         #[arg(long)]
@@ -280,22 +280,6 @@ fn positive(s: &str) -> Result<usize, String> {
         Ok(n) => Ok(n),
         Err(_) => Err(format!("'{s}' is not a positive number")),
     }
-}
-
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        other => return Err(format!("unknown size unit '{other}'")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("'{s}' is too large"))
 }
 
 #[path = "rxctl/bench.rs"]
