@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use rxd_client::protocol::{HealthState, ModelState, TensorSpec};
+use rxd_client::protocol::{HealthState, ModelState};
 use rxd_client::{ClientError, ClientOptions, ErrorCode, blocking::Client};
 
 /// What rxctl exits with.
@@ -286,6 +286,8 @@ fn positive(s: &str) -> Result<usize, String> {
 mod bench;
 #[path = "rxctl/infer.rs"]
 mod infer;
+#[path = "rxctl/render.rs"]
+mod render;
 #[path = "rxctl/top.rs"]
 mod top;
 
@@ -340,7 +342,7 @@ fn model_add(
             "published {} version {} ({}, {})",
             published.model,
             published.version,
-            size_text(published.bytes),
+            render::size_text(published.bytes),
             published.summary.state.name()
         );
         if let Some(c) = &compressed {
@@ -438,215 +440,60 @@ fn print_json<T: serde::Serialize>(v: &T) {
 }
 
 fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
-    if let Cmd::Infer { .. } = command {
-        return infer::infer(cli, command);
-    }
-    if let Cmd::Bench { .. } = command {
-        return bench::bench(cli, command);
-    }
-    if let Cmd::Top { interval_ms } = command {
+    let connect = || Client::connect_with(&cli.socket, ClientOptions::inline_only());
+    // Text for people, or exactly one JSON document.
+    let show = |text: String, json: &dyn erased::Json| {
         if cli.json {
-            return Err(Failure(
-                code::USAGE,
-                "rxctl top is a live view; `rxctl --json metrics` gives its figures as JSON".into(),
-            ));
+            json.print();
+        } else {
+            print!("{text}");
         }
-        return top::run(
-            &cli.socket,
-            std::time::Duration::from_millis((*interval_ms).max(100)),
-        )
-        .map(|()| 0);
-    }
-    if let (Cmd::Metrics { prometheus: true }, true) = (command, cli.json) {
-        return Err(Failure(
-            code::USAGE,
-            "--prometheus prints Prometheus' text format, --json one JSON document: choose one"
-                .into(),
-        ));
-    }
-    let client = Client::connect_with(&cli.socket, ClientOptions::inline_only())?;
+    };
     match command {
-        Cmd::Status => {
-            let s = client.status()?;
+        Cmd::Infer { .. } => infer::infer(cli, command),
+        Cmd::Bench { .. } => bench::bench(cli, command),
+        Cmd::Top { interval_ms } => {
             if cli.json {
-                print_json(&s);
-            } else {
-                println!("{} (protocol {}), pid {}", s.server, s.protocol, s.pid);
-                println!("uptime:       {:.1} s", s.uptime_ms as f64 / 1000.0);
-                println!("socket:       {}", s.socket);
-                println!("repository:   {}", s.model_repository);
-                println!("onnxruntime:  {} ({})", s.ort_version, s.ort_library);
-                println!("threads:      {} intra-op per instance", s.intra_op_threads);
-                println!(
-                    "models:       {} ready, {} failed",
-                    s.models_ready, s.models_failed
-                );
-                println!(
-                    "requests:     {} total, {} failed, {} in flight; {} connections",
-                    s.requests_total, s.requests_failed, s.in_flight, s.connections
-                );
-                println!("configuration in force:");
-                for (k, v) in &s.config {
-                    println!("  {k} = {v}");
-                }
+                return Err(Failure(
+                    code::USAGE,
+                    "rxctl top is a live view; `rxctl --json metrics` gives its figures as JSON"
+                        .into(),
+                ));
             }
+            top::run(
+                &cli.socket,
+                std::time::Duration::from_millis((*interval_ms).max(100)),
+            )
+            .map(|()| 0)
+        }
+        Cmd::Status => {
+            let s = connect()?.status()?;
+            show(render::status(&s), &s);
             Ok(0)
         }
         Cmd::Health { strict } => {
-            let h = client.health()?;
-            if cli.json {
-                print_json(&h);
-            } else {
-                println!(
-                    "{} ({} model versions ready, {} can serve; {} workers, {} queued; \
-                     models use {}, process {}; GPU {})",
-                    h.state.name(),
-                    h.models_loaded,
-                    h.models_servable,
-                    h.workers,
-                    h.queue_size,
-                    size_text(h.models_memory_bytes),
-                    h.rss_bytes.map_or("?".into(), size_text),
-                    if h.gpu_available { "available" } else { "none" }
-                );
-                for r in &h.reasons {
-                    println!("  - {r}");
-                }
-                if let Some(e) = &h.last_error {
-                    println!("last error: {e}");
-                }
-            }
+            let h = connect()?.health()?;
+            show(render::health(&h), &h);
             let bad =
                 h.state == HealthState::Unhealthy || (*strict && h.state == HealthState::Degraded);
             Ok(if bad { code::UNHEALTHY } else { 0 })
         }
         Cmd::Models { model: None, .. } => {
-            let models = client.list_models()?;
-            if cli.json {
-                print_json(&models);
-            } else {
-                println!(
-                    "{:<24} {:>7}  {:<9} {:<6} {:>9} {:>10}  {:<6} ERROR",
-                    "MODEL", "VERSION", "STATE", "SERVED", "INSTANCES", "MEMORY", "DEVICE"
-                );
-                for m in &models {
-                    let served = match (m.served, m.pinned) {
-                        (_, true) => "pinned",
-                        (true, _) => "yes",
-                        _ => "no",
-                    };
-                    println!(
-                        "{:<24} {:>7}  {:<9} {:<6} {:>9} {:>10}  {:<6} {}",
-                        m.name,
-                        m.version,
-                        m.state.name(),
-                        served,
-                        m.instances,
-                        m.memory_bytes.map(size_text).unwrap_or_default(),
-                        m.device,
-                        m.error.as_deref().unwrap_or("")
-                    );
-                }
-            }
+            let models = connect()?.list_models()?;
+            show(render::models(&models), &models);
             Ok(0)
         }
         Cmd::Models {
             model: Some(name),
             version,
         } => {
-            let info = client.model_info(name, *version)?;
-            if cli.json {
-                print_json(&info);
-            } else {
-                let s = &info.summary;
-                println!(
-                    "{} version {}: {} on {}, {} instance(s){}",
-                    s.name,
-                    s.version,
-                    s.state.name(),
-                    s.device,
-                    s.instances,
-                    if s.pinned { ", pinned" } else { "" }
-                );
-                if let Some(b) = s.memory_bytes {
-                    println!(
-                        "memory: {} measured ({} estimated), loaded and warmed up in {} ms, \
-                         evicted {} time(s)",
-                        size_text(b),
-                        s.estimated_bytes
-                            .map(size_text)
-                            .unwrap_or_else(|| "not".into()),
-                        s.load_ms.unwrap_or(0),
-                        s.evictions
-                    );
-                }
-                if let Some(ep) = &s.ep {
-                    let nodes: Vec<String> = s
-                        .node_placement
-                        .iter()
-                        .map(|(ep, n)| format!("{n} on {ep}"))
-                        .collect();
-                    println!(
-                        "execution provider: {ep}{}",
-                        if nodes.is_empty() {
-                            String::new()
-                        } else {
-                            format!("; nodes: {}", nodes.join(", "))
-                        }
-                    );
-                    if !s.nodes_on_cpu.is_empty() {
-                        println!("nodes on the CPU: {}", s.nodes_on_cpu.join(", "));
-                    }
-                }
-                if !s.batch_sizes.is_empty() {
-                    let sizes: Vec<String> = s.batch_sizes.iter().map(u32::to_string).collect();
-                    println!(
-                        "batches padded to {} rows ({} rows of padding run, {} real rows)",
-                        sizes.join("/"),
-                        s.padded_rows,
-                        s.rows
-                    );
-                }
-                if let Some(f) = &s.fallback {
-                    println!("FALLBACK: runs on the CPU: {f}");
-                }
-                if let Some(c) = &s.compression {
-                    println!("compression: {c}");
-                }
-                if let Some(v) = &info.settings {
-                    println!(
-                        "settings: max-batch-rows {}, max-queue-delay-us {}, latency-target-ms {}, \
-                         queue-capacity {}, default-priority {}, priority-aging-ms {}, cache-bytes {}",
-                        v.max_batch_rows,
-                        v.max_queue_delay_us,
-                        v.latency_target_ms.map_or("off".into(), |t| format!("{t}")),
-                        v.queue_capacity,
-                        v.default_priority,
-                        v.priority_aging_ms,
-                        cache_text(v.cache_bytes)
-                    );
-                }
-                println!("inputs:");
-                for t in &info.inputs {
-                    println!("  {}", spec_text(t));
-                }
-                println!("outputs:");
-                for t in &info.outputs {
-                    println!("  {}", spec_text(t));
-                }
-            }
+            let info = connect()?.model_info(name, *version)?;
+            show(render::model_info(&info), &info);
             Ok(0)
         }
-        Cmd::Infer { .. } | Cmd::Bench { .. } | Cmd::Top { .. } => {
-            unreachable!("handled above")
-        }
         Cmd::Load { model, version } => {
-            let s = client.load(model, *version)?;
-            if cli.json {
-                print_json(&s);
-            } else {
-                println!("{} version {}: {}", s.name, s.version, s.state.name());
-            }
+            let s = connect()?.load(model, *version)?;
+            show(render::state(&s), &s);
             Ok(if s.state == ModelState::Ready {
                 0
             } else {
@@ -654,44 +501,37 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
             })
         }
         Cmd::Reload => {
-            let models = client.reload()?;
-            if cli.json {
-                print_json(&models);
-            } else {
-                for m in &models {
-                    println!("{} version {}: {}", m.name, m.version, m.state.name());
-                }
-            }
+            let models = connect()?.reload()?;
+            show(models.iter().map(render::state).collect(), &models);
             Ok(0)
         }
-        Cmd::Pin { model, version } | Cmd::Unpin { model, version } => {
-            let s = if matches!(command, Cmd::Pin { .. }) {
-                client.pin(model, *version)?
-            } else {
-                client.unpin(model, *version)?
-            };
-            if cli.json {
-                print_json(&s);
-            } else {
-                println!(
-                    "{} version {}: {}{}",
-                    s.name,
-                    s.version,
-                    s.state.name(),
-                    if s.pinned { ", pinned" } else { ", not pinned" }
-                );
-            }
+        Cmd::Pin { model, version } => {
+            let s = connect()?.pin(model, *version)?;
+            show(render::pinned(&s), &s);
+            Ok(0)
+        }
+        Cmd::Unpin { model, version } => {
+            let s = connect()?.unpin(model, *version)?;
+            show(render::pinned(&s), &s);
             Ok(0)
         }
         Cmd::Metrics { prometheus } => {
-            let m = client.metrics()?;
+            if *prometheus && cli.json {
+                return Err(Failure(
+                    code::USAGE,
+                    "--prometheus prints Prometheus' text format, --json one JSON document: \
+                     choose one"
+                        .into(),
+                ));
+            }
+            let m = connect()?.metrics()?;
             if *prometheus {
                 print!("{}", rxd_protocol::metrics::prometheus(&m));
-            } else if cli.json {
-                print_json(&m);
             } else {
-                print!("{}", top::render(&m, None, 200, 1000, false).join("\n"));
-                println!();
+                show(
+                    top::render(&m, None, 200, 1000, false).join("\n") + "\n",
+                    &m,
+                );
             }
             Ok(0)
         }
@@ -709,7 +549,7 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
             device,
             persist,
         } => {
-            let v = client.configure(rxd_client::protocol::Configure {
+            let v = connect()?.configure(rxd_client::protocol::Configure {
                 model: model.clone(),
                 version: *version,
                 instances: *instances,
@@ -723,28 +563,7 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
                 device: device.clone(),
                 persist: *persist,
             })?;
-            if cli.json {
-                print_json(&v);
-            } else {
-                println!(
-                    "{model}: instances {}, max-batch-rows {}, max-queue-delay-us {}, \
-                     latency-target-ms {}, queue-capacity {}, default-priority {}, \
-                     priority-aging-ms {}{}, cache-bytes {}",
-                    v.instances,
-                    v.max_batch_rows,
-                    v.max_queue_delay_us,
-                    v.latency_target_ms.map_or("off".into(), |t| format!("{t}")),
-                    v.queue_capacity,
-                    v.default_priority,
-                    v.priority_aging_ms,
-                    if v.priority_aging_ms == 0 {
-                        " (strict)"
-                    } else {
-                        ""
-                    },
-                    cache_text(v.cache_bytes)
-                );
-            }
+            show(render::configured(model, &v), &v);
             Ok(0)
         }
         Cmd::Model(ModelCmd::Add {
@@ -753,145 +572,87 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
             version,
             compress,
         }) => model_add(cli, model, file, *version, compress.as_deref()),
-        Cmd::Model(ModelCmd::Compress {
-            model,
-            version,
-            strategy,
-            calibration,
-            calibration_method,
-            eval,
-            min_top1,
-            min_cosine,
-            dry_run,
-        }) => {
-            let eval = infer::read_inputs(eval)?;
-            let calibration = infer::read_inputs(calibration)?;
-            // A progress line while the daemon compresses and evaluates (on a terminal).
-            let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let spinner = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
-                let done = done.clone();
-                std::thread::spawn(move || {
-                    let t = std::time::Instant::now();
-                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                        eprint!(
-                            "\rcompressing and evaluating… {:.0} s",
-                            t.elapsed().as_secs_f64()
-                        );
-                        std::thread::sleep(std::time::Duration::from_millis(200));
-                    }
-                    eprint!("\r\x1b[K");
-                })
-            });
-            let r = client.compress(rxd_client::protocol::CompressRequest {
-                model: model.clone(),
-                version: *version,
-                strategy: strategy.clone(),
-                calibration,
-                calibration_method: calibration_method.clone(),
-                eval,
-                min_top1: *min_top1,
-                min_cosine: *min_cosine,
-                dry_run: *dry_run,
-            });
-            done.store(true, std::sync::atomic::Ordering::Relaxed);
-            if let Some(s) = spinner {
-                let _ = s.join();
-            }
-            let r = r?;
-            if cli.json {
-                print_json(&r);
-            } else {
-                print!("{}", r.report);
-            }
-            Ok(if r.passed { 0 } else { code::SERVER_ERROR })
-        }
+        Cmd::Model(ModelCmd::Compress { .. }) => compress(cli, command, &connect()?),
         Cmd::Devices => {
-            let devices = client.devices()?;
-            if cli.json {
-                print_json(&devices);
-            } else {
-                println!(
-                    "{:<12} {:<8} {:>10} {:>10} {:>10} {:>10}  MODELS (least recently used first)",
-                    "DEVICE", "KIND", "BUDGET", "USED", "FREE", "DEV MEM"
-                );
-                for d in &devices {
-                    println!(
-                        "{:<12} {:<8} {:>10} {:>10} {:>10} {:>10}  {}",
-                        d.name,
-                        d.kind,
-                        d.budget_bytes.map_or("unlimited".into(), size_text),
-                        size_text(d.used_bytes),
-                        d.free_bytes.map_or("-".into(), size_text),
-                        match (d.memory_used_bytes, d.memory_total_bytes) {
-                            (Some(u), Some(t)) => format!("{}/{}", size_text(u), size_text(t)),
-                            _ => "-".into(),
-                        },
-                        d.models.join(", ")
-                    );
-                    println!(
-                        "  {}{}{}",
-                        d.ep,
-                        d.adapter
-                            .as_deref()
-                            .map(|a| format!(" on {a}"))
-                            .unwrap_or_default(),
-                        d.error
-                            .as_deref()
-                            .map(|e| format!("; unusable: {e}"))
-                            .unwrap_or_default()
-                    );
-                }
-            }
+            let devices = connect()?.devices()?;
+            show(render::devices(&devices), &devices);
             Ok(0)
         }
         Cmd::Unload { model, version } => {
-            let s = client.unload(model, *version)?;
-            if cli.json {
-                print_json(&s);
-            } else {
-                println!("{} unloaded", s.name);
-            }
+            let s = connect()?.unload(model, *version)?;
+            show(format!("{} unloaded\n", s.name), &s);
             Ok(0)
         }
     }
 }
 
-/// A cache size for people: `off`, or `64.0 MiB`.
-fn cache_text(bytes: u64) -> String {
-    if bytes == 0 {
-        "off".into()
-    } else {
-        size_text(bytes)
-    }
-}
-
-/// Bytes for people: `12.3 MiB`.
-fn size_text(bytes: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
-}
-
-fn spec_text(t: &TensorSpec) -> String {
-    let list = |v: &[u64]| {
-        let parts: Vec<String> = v.iter().map(u64::to_string).collect();
-        format!("[{}]", parts.join(", "))
+/// `rxctl model compress`: the daemon compresses and evaluates (a progress line meanwhile, on
+/// a terminal); exits 1 when the compressed model did not pass.
+fn compress(cli: &Cli, command: &Cmd, client: &Client) -> Result<u8, Failure> {
+    let Cmd::Model(ModelCmd::Compress {
+        model,
+        version,
+        strategy,
+        calibration,
+        calibration_method,
+        eval,
+        min_top1,
+        min_cosine,
+        dry_run,
+    }) = command
+    else {
+        return Err(Failure(code::SOFTWARE, "not a compress command".into()));
     };
-    let mut text = format!("{:<24} {:<8} {}", t.name, t.dtype.name(), t.dims_text());
-    if !t.warmup_dims.is_empty() {
-        text.push_str(&format!("  warmup {}", list(&t.warmup_dims)));
+    let eval = infer::read_inputs(eval)?;
+    let calibration = infer::read_inputs(calibration)?;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spinner = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let t = std::time::Instant::now();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                eprint!(
+                    "\rcompressing and evaluating… {:.0} s",
+                    t.elapsed().as_secs_f64()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            eprint!("\r\x1b[K");
+        })
+    });
+    let r = client.compress(rxd_client::protocol::CompressRequest {
+        model: model.clone(),
+        version: *version,
+        strategy: strategy.clone(),
+        calibration,
+        calibration_method: calibration_method.clone(),
+        eval,
+        min_top1: *min_top1,
+        min_cosine: *min_cosine,
+        dry_run: *dry_run,
+    });
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(s) = spinner {
+        let _ = s.join();
     }
-    if !t.max_dims.is_empty() {
-        text.push_str(&format!("  at most {}", list(&t.max_dims)));
+    let r = r?;
+    if cli.json {
+        print_json(&r);
+    } else {
+        print!("{}", r.report);
     }
-    text
+    Ok(if r.passed { 0 } else { code::SERVER_ERROR })
+}
+
+mod erased {
+    /// A value printed as JSON, whatever its type.
+    pub trait Json {
+        fn print(&self);
+    }
+
+    impl<T: serde::Serialize> Json for T {
+        fn print(&self) {
+            super::print_json(self);
+        }
+    }
 }

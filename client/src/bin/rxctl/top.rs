@@ -13,7 +13,8 @@ use rxd_client::ClientOptions;
 use rxd_client::blocking::Client;
 use rxd_client::protocol::MetricsReport;
 
-use crate::{Failure, code, size_text as size};
+use crate::render::size_text as size;
+use crate::{Failure, code};
 
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("-".into(), |v| format!("{v:.digits$}"))

@@ -1,0 +1,394 @@
+//! What rxctl prints for people: each reply rendered as text by a pure function (the same
+//! reply gives the same text; nothing here talks to the daemon), tested without one.
+
+use std::fmt::Write;
+
+use rxd_client::protocol::{
+    DeviceSummary, Health, ModelInfo, ModelSettingsView, ModelSummary, Status, TensorSpec,
+};
+
+/// `rxctl status`.
+pub fn status(s: &Status) -> String {
+    let mut o = String::new();
+    let _ = writeln!(o, "{} (protocol {}), pid {}", s.server, s.protocol, s.pid);
+    let _ = writeln!(o, "uptime:       {:.1} s", s.uptime_ms as f64 / 1000.0);
+    let _ = writeln!(o, "socket:       {}", s.socket);
+    let _ = writeln!(o, "repository:   {}", s.model_repository);
+    let _ = writeln!(o, "onnxruntime:  {} ({})", s.ort_version, s.ort_library);
+    let _ = writeln!(
+        o,
+        "threads:      {} intra-op per instance",
+        s.intra_op_threads
+    );
+    let _ = writeln!(
+        o,
+        "models:       {} ready, {} failed",
+        s.models_ready, s.models_failed
+    );
+    let _ = writeln!(
+        o,
+        "requests:     {} total, {} failed, {} in flight; {} connections",
+        s.requests_total, s.requests_failed, s.in_flight, s.connections
+    );
+    let _ = writeln!(o, "configuration in force:");
+    for (k, v) in &s.config {
+        let _ = writeln!(o, "  {k} = {v}");
+    }
+    o
+}
+
+/// `rxctl health`.
+pub fn health(h: &Health) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{} ({} model versions ready, {} can serve; {} workers, {} queued; \
+         models use {}, process {}; GPU {})",
+        h.state.name(),
+        h.models_loaded,
+        h.models_servable,
+        h.workers,
+        h.queue_size,
+        size_text(h.models_memory_bytes),
+        h.rss_bytes.map_or("?".into(), size_text),
+        if h.gpu_available { "available" } else { "none" }
+    );
+    for r in &h.reasons {
+        let _ = writeln!(o, "  - {r}");
+    }
+    if let Some(e) = &h.last_error {
+        let _ = writeln!(o, "last error: {e}");
+    }
+    o
+}
+
+/// `rxctl models`: one row per version.
+pub fn models(models: &[ModelSummary]) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{:<24} {:>7}  {:<9} {:<6} {:>9} {:>10}  {:<6} ERROR",
+        "MODEL", "VERSION", "STATE", "SERVED", "INSTANCES", "MEMORY", "DEVICE"
+    );
+    for m in models {
+        let served = match (m.served, m.pinned) {
+            (_, true) => "pinned",
+            (true, _) => "yes",
+            _ => "no",
+        };
+        let _ = writeln!(
+            o,
+            "{:<24} {:>7}  {:<9} {:<6} {:>9} {:>10}  {:<6} {}",
+            m.name,
+            m.version,
+            m.state.name(),
+            served,
+            m.instances,
+            m.memory_bytes.map(size_text).unwrap_or_default(),
+            m.device,
+            m.error.as_deref().unwrap_or("")
+        );
+    }
+    o
+}
+
+/// `rxctl models NAME`.
+pub fn model_info(info: &ModelInfo) -> String {
+    let mut o = String::new();
+    let s = &info.summary;
+    let _ = writeln!(
+        o,
+        "{} version {}: {} on {}, {} instance(s){}",
+        s.name,
+        s.version,
+        s.state.name(),
+        s.device,
+        s.instances,
+        if s.pinned { ", pinned" } else { "" }
+    );
+    if let Some(b) = s.memory_bytes {
+        let _ = writeln!(
+            o,
+            "memory: {} measured ({} estimated), loaded and warmed up in {} ms, \
+             evicted {} time(s)",
+            size_text(b),
+            s.estimated_bytes
+                .map(size_text)
+                .unwrap_or_else(|| "not".into()),
+            s.load_ms.unwrap_or(0),
+            s.evictions
+        );
+    }
+    if let Some(ep) = &s.ep {
+        let nodes: Vec<String> = s
+            .node_placement
+            .iter()
+            .map(|(ep, n)| format!("{n} on {ep}"))
+            .collect();
+        let _ = writeln!(
+            o,
+            "execution provider: {ep}{}",
+            if nodes.is_empty() {
+                String::new()
+            } else {
+                format!("; nodes: {}", nodes.join(", "))
+            }
+        );
+        if !s.nodes_on_cpu.is_empty() {
+            let _ = writeln!(o, "nodes on the CPU: {}", s.nodes_on_cpu.join(", "));
+        }
+    }
+    if !s.batch_sizes.is_empty() {
+        let sizes: Vec<String> = s.batch_sizes.iter().map(u32::to_string).collect();
+        let _ = writeln!(
+            o,
+            "batches padded to {} rows ({} rows of padding run, {} real rows)",
+            sizes.join("/"),
+            s.padded_rows,
+            s.rows
+        );
+    }
+    if let Some(f) = &s.fallback {
+        let _ = writeln!(o, "FALLBACK: runs on the CPU: {f}");
+    }
+    if let Some(c) = &s.compression {
+        let _ = writeln!(o, "compression: {c}");
+    }
+    if let Some(v) = &info.settings {
+        let _ = writeln!(
+            o,
+            "settings: max-batch-rows {}, max-queue-delay-us {}, latency-target-ms {}, \
+             queue-capacity {}, default-priority {}, priority-aging-ms {}, cache-bytes {}",
+            v.max_batch_rows,
+            v.max_queue_delay_us,
+            v.latency_target_ms.map_or("off".into(), |t| format!("{t}")),
+            v.queue_capacity,
+            v.default_priority,
+            v.priority_aging_ms,
+            cache_text(v.cache_bytes)
+        );
+    }
+    let _ = writeln!(o, "inputs:");
+    for t in &info.inputs {
+        let _ = writeln!(o, "  {}", spec_text(t));
+    }
+    let _ = writeln!(o, "outputs:");
+    for t in &info.outputs {
+        let _ = writeln!(o, "  {}", spec_text(t));
+    }
+    o
+}
+
+/// A version and its state (`rxctl load`, `rxctl reload`).
+pub fn state(s: &ModelSummary) -> String {
+    format!("{} version {}: {}\n", s.name, s.version, s.state.name())
+}
+
+/// A version after `rxctl pin` or `unpin`.
+pub fn pinned(s: &ModelSummary) -> String {
+    format!(
+        "{} version {}: {}{}\n",
+        s.name,
+        s.version,
+        s.state.name(),
+        if s.pinned { ", pinned" } else { ", not pinned" }
+    )
+}
+
+/// The settings in force after `rxctl configure`.
+pub fn configured(model: &str, v: &ModelSettingsView) -> String {
+    format!(
+        "{model}: instances {}, max-batch-rows {}, max-queue-delay-us {}, \
+         latency-target-ms {}, queue-capacity {}, default-priority {}, \
+         priority-aging-ms {}{}, cache-bytes {}\n",
+        v.instances,
+        v.max_batch_rows,
+        v.max_queue_delay_us,
+        v.latency_target_ms.map_or("off".into(), |t| format!("{t}")),
+        v.queue_capacity,
+        v.default_priority,
+        v.priority_aging_ms,
+        if v.priority_aging_ms == 0 {
+            " (strict)"
+        } else {
+            ""
+        },
+        cache_text(v.cache_bytes)
+    )
+}
+
+/// `rxctl devices`: two lines per device.
+pub fn devices(devices: &[DeviceSummary]) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{:<12} {:<8} {:>10} {:>10} {:>10} {:>10}  MODELS (least recently used first)",
+        "DEVICE", "KIND", "BUDGET", "USED", "FREE", "DEV MEM"
+    );
+    for d in devices {
+        let _ = writeln!(
+            o,
+            "{:<12} {:<8} {:>10} {:>10} {:>10} {:>10}  {}",
+            d.name,
+            d.kind,
+            d.budget_bytes.map_or("unlimited".into(), size_text),
+            size_text(d.used_bytes),
+            d.free_bytes.map_or("-".into(), size_text),
+            match (d.memory_used_bytes, d.memory_total_bytes) {
+                (Some(u), Some(t)) => format!("{}/{}", size_text(u), size_text(t)),
+                _ => "-".into(),
+            },
+            d.models.join(", ")
+        );
+        let _ = writeln!(
+            o,
+            "  {}{}{}",
+            d.ep,
+            d.adapter
+                .as_deref()
+                .map(|a| format!(" on {a}"))
+                .unwrap_or_default(),
+            d.error
+                .as_deref()
+                .map(|e| format!("; unusable: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    o
+}
+
+/// A cache size for people: `off`, or `64.0 MiB`.
+pub fn cache_text(bytes: u64) -> String {
+    if bytes == 0 {
+        "off".into()
+    } else {
+        size_text(bytes)
+    }
+}
+
+/// Bytes for people: `12.3 MiB`.
+pub fn size_text(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+pub fn spec_text(t: &TensorSpec) -> String {
+    let list = |v: &[u64]| {
+        let parts: Vec<String> = v.iter().map(u64::to_string).collect();
+        format!("[{}]", parts.join(", "))
+    };
+    let mut text = format!("{:<24} {:<8} {}", t.name, t.dtype.name(), t.dims_text());
+    if !t.warmup_dims.is_empty() {
+        text.push_str(&format!("  warmup {}", list(&t.warmup_dims)));
+    }
+    if !t.max_dims.is_empty() {
+        text.push_str(&format!("  at most {}", list(&t.max_dims)));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn summary(extra: serde_json::Value) -> ModelSummary {
+        let mut v = json!({
+            "name": "digits", "version": 2, "state": "ready", "instances": 1, "device": "cpu",
+            "batchable": true, "requests": 0, "batches": 0, "rows": 0, "padded_rows": 0,
+            "cache_hits": 0, "cache_misses": 0, "cache_bytes": 0, "coalesced": 0,
+            "pinned": false, "served": true, "loads": 1, "evictions": 0,
+        });
+        if let (Some(v), Some(extra)) = (v.as_object_mut(), extra.as_object()) {
+            v.extend(extra.clone());
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn sizes_for_people() {
+        assert_eq!(size_text(512), "512 B");
+        assert_eq!(size_text(1536), "1.5 KiB");
+        assert_eq!(size_text(3 << 30), "3.0 GiB");
+        assert_eq!(cache_text(0), "off");
+        assert_eq!(cache_text(64 << 20), "64.0 MiB");
+    }
+
+    #[test]
+    fn the_models_table_has_a_row_per_version_and_says_what_is_pinned_or_failed() {
+        let text = models(&[
+            summary(json!({"pinned": true, "memory_bytes": 2_097_152})),
+            summary(
+                json!({"name": "vad", "version": 1, "state": "failed", "served": false,
+                           "error": "no such op"}),
+            ),
+        ]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[0].starts_with("MODEL"), "{text}");
+        assert!(lines[1].starts_with("digits"), "{text}");
+        assert!(
+            lines[1].contains("pinned") && lines[1].contains("2.0 MiB"),
+            "{text}"
+        );
+        assert!(
+            lines[2].contains("failed") && lines[2].contains(" no  "),
+            "{text}"
+        );
+        assert!(lines[2].ends_with("no such op"), "{text}");
+        assert!(text.ends_with('\n'));
+    }
+
+    #[test]
+    fn state_lines_name_the_version() {
+        let s = summary(json!({}));
+        assert_eq!(state(&s), "digits version 2: ready\n");
+        assert_eq!(pinned(&s), "digits version 2: ready, not pinned\n");
+        let p = summary(json!({"pinned": true}));
+        assert_eq!(pinned(&p), "digits version 2: ready, pinned\n");
+    }
+
+    #[test]
+    fn health_names_every_reason_and_the_last_error() {
+        let h: Health = serde_json::from_value(json!({
+            "state": "degraded", "reasons": ["model 'vad' version 1 failed to load: x"],
+            "ready": true, "models_loaded": 1, "uptime_ms": 5, "models_servable": 1,
+            "workers": 2, "queue_size": 0, "models_memory_bytes": 1024,
+            "last_error": "load_failed (vad)",
+        }))
+        .unwrap();
+        let text = health(&h);
+        assert_eq!(
+            text,
+            "degraded (1 model versions ready, 1 can serve; 2 workers, 0 queued; models use \
+             1.0 KiB, process ?; GPU none)\n  - model 'vad' version 1 failed to load: x\n\
+             last error: load_failed (vad)\n"
+        );
+    }
+
+    #[test]
+    fn devices_show_budget_use_and_why_a_device_is_unusable() {
+        let d: DeviceSummary = serde_json::from_value(json!({
+            "name": "gpu", "kind": "webgpu", "ep": "WebGpuExecutionProvider",
+            "error": "no adapter", "budget_bytes": 1_073_741_824u64, "used_bytes": 0,
+            "free_bytes": 1_073_741_824u64, "models": [],
+        }))
+        .unwrap();
+        let text = devices(&[d]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(lines[1].starts_with("gpu          webgpu"), "{text}");
+        assert!(lines[1].contains("1.0 GiB"), "{text}");
+        assert_eq!(lines[2], "  WebGpuExecutionProvider; unusable: no adapter");
+    }
+}
