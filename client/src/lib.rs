@@ -21,6 +21,9 @@
 //! - [`shapes`]: output sizes known before a run (to size an output area for a first request).
 //! - [`blocking`]: the same API without async.
 //! - [`bench`]: the load generator behind `rxctl bench`.
+//!
+//! The `rxctl` binary needs the default feature `cli` (clap, crossterm); the library does not:
+//! `default-features = false` leaves them out.
 #![forbid(unsafe_code)]
 
 pub mod arena;
