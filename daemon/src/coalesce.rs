@@ -23,7 +23,7 @@
 //! Boundary: no ORT here; the runtime's `deliver` places the bytes.
 
 use std::any::Any;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
@@ -121,11 +121,58 @@ impl Flight {
     }
 }
 
+/// The result cache: answers by key, least recently used first out, bounded in bytes. A hit
+/// moves its entry to the back in O(log n) (the order is kept by use tick, not scanned).
 #[derive(Default)]
 struct Lru {
-    map: HashMap<Key, Arc<Outputs>>,
-    order: VecDeque<Key>,
+    /// Each entry with the tick of its last use.
+    map: HashMap<Key, (u64, Arc<Outputs>)>,
+    /// Keys by the tick of their last use: the first is the least recently used.
+    order: BTreeMap<u64, Key>,
+    tick: u64,
     bytes: u64,
+}
+
+impl Lru {
+    /// The answer for `key`, now the most recently used.
+    fn get(&mut self, key: &Key) -> Option<Arc<Outputs>> {
+        self.tick += 1;
+        let tick = self.tick;
+        let (used, out) = self.map.get_mut(key)?;
+        self.order.remove(used);
+        self.order.insert(tick, *key);
+        *used = tick;
+        Some(out.clone())
+    }
+
+    /// Keeps `out` under `key` (unless already kept), dropping the least recently used
+    /// entries until it fits in `capacity` bytes.
+    fn insert(&mut self, key: Key, out: Arc<Outputs>, capacity: u64) {
+        if self.map.contains_key(&key) {
+            return;
+        }
+        self.shrink_to(capacity.saturating_sub(out.bytes));
+        self.tick += 1;
+        self.bytes += out.bytes;
+        self.order.insert(self.tick, key);
+        self.map.insert(key, (self.tick, out));
+    }
+
+    /// Drops the least recently used entries until at most `bytes` are held.
+    fn shrink_to(&mut self, bytes: u64) {
+        while self.bytes > bytes {
+            let Some((_, old)) = self.order.pop_first() else {
+                break;
+            };
+            if let Some((_, o)) = self.map.remove(&old) {
+                self.bytes -= o.bytes;
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = Lru::default();
+    }
 }
 
 /// Coalescing and caching for one model version.
@@ -182,21 +229,15 @@ impl Coalescer {
     /// no longer fit.
     pub fn set_capacity(&self, bytes: u64) {
         self.cache_capacity.store(bytes, Ordering::Relaxed);
-        let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        while c.bytes > bytes {
-            let Some(k) = c.order.pop_front() else { break };
-            if let Some(out) = c.map.remove(&k) {
-                c.bytes -= out.bytes;
-            }
-        }
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .shrink_to(bytes);
     }
 
     /// Empties the result cache.
     pub fn clear(&self) {
-        let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        c.map.clear();
-        c.order.clear();
-        c.bytes = 0;
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// Queues a checked request on `scheduler`, keyed first when coalescing or the cache
@@ -315,15 +356,11 @@ impl Coalescer {
         placement: Placement,
     ) -> Route {
         if self.capacity() > 0 {
-            let hit = {
-                let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-                let hit = c.map.get(&key).cloned();
-                if hit.is_some() {
-                    c.order.retain(|k| k != &key);
-                    c.order.push_back(key);
-                }
-                hit
-            };
+            let hit = self
+                .cache
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&key);
             match hit {
                 Some(out) => {
                     self.stats.hits.fetch_add(1, Ordering::Relaxed);
@@ -366,21 +403,10 @@ impl Coalescer {
         if capacity == 0 || out.bytes > capacity {
             return;
         }
-        let mut c = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if c.map.contains_key(&key) {
-            return;
-        }
-        while c.bytes + out.bytes > capacity {
-            let Some(old) = c.order.pop_front() else {
-                break;
-            };
-            if let Some(o) = c.map.remove(&old) {
-                c.bytes -= o.bytes;
-            }
-        }
-        c.bytes += out.bytes;
-        c.order.push_back(key);
-        c.map.insert(key, out);
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, out, capacity);
     }
 }
 
@@ -623,6 +649,33 @@ mod tests {
         // An entry larger than the whole cache is not kept.
         c.insert([4; 32], out(101));
         assert_eq!(c.cache_bytes(), 80);
+    }
+
+    #[test]
+    fn a_hit_makes_an_entry_the_most_recent_and_shrinking_drops_the_least_recent() {
+        let mut lru = Lru::default();
+        for k in 1..=3u8 {
+            lru.insert([k; 32], out(10), 30);
+        }
+        assert!(lru.get(&[1; 32]).is_some(), "a hit");
+        assert!(lru.get(&[9; 32]).is_none(), "a miss");
+        lru.insert([4; 32], out(10), 30);
+        assert!(
+            !lru.map.contains_key(&[2; 32]),
+            "2 was the least recent, not 1"
+        );
+        assert!(lru.map.contains_key(&[1; 32]));
+        lru.insert([1; 32], out(10), 30);
+        assert_eq!(
+            (lru.bytes, lru.map.len(), lru.order.len()),
+            (30, 3, 3),
+            "kept once"
+        );
+        lru.shrink_to(15);
+        assert_eq!(lru.bytes, 10);
+        assert!(lru.map.contains_key(&[4; 32]), "the most recent stays");
+        lru.clear();
+        assert_eq!((lru.bytes, lru.map.len(), lru.order.len()), (0, 0, 0));
     }
 
     type Outcome = Result<Vec<OutputTensor>, RuntimeError>;
