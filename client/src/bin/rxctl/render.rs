@@ -157,14 +157,8 @@ pub fn model_info(info: &ModelInfo) -> String {
     if let Some(v) = &info.settings {
         let _ = writeln!(
             o,
-            "settings: max-batch-rows {}, max-queue-delay-us {}, latency-target-ms {}, \
-             queue-capacity {}, default-priority {}, priority-aging-ms {}, cache-bytes {}",
-            v.max_batch_rows,
-            v.max_queue_delay_us,
-            v.latency_target_ms.map_or("off".into(), |t| format!("{t}")),
-            v.queue_capacity,
-            v.default_priority,
-            v.priority_aging_ms,
+            "settings: {}, cache-bytes {}",
+            scheduling(v),
             cache_text(v.cache_bytes)
         );
     }
@@ -198,22 +192,29 @@ pub fn pinned(s: &ModelSummary) -> String {
 /// The settings in force after `rxctl configure`.
 pub fn configured(model: &str, v: &ModelSettingsView) -> String {
     format!(
-        "{model}: instances {}, max-batch-rows {}, max-queue-delay-us {}, \
-         latency-target-ms {}, queue-capacity {}, default-priority {}, \
-         priority-aging-ms {}{}, cache-bytes {}\n",
+        "{model}: instances {}, {}{}, cache-bytes {}\n",
         v.instances,
-        v.max_batch_rows,
-        v.max_queue_delay_us,
-        v.latency_target_ms.map_or("off".into(), |t| format!("{t}")),
-        v.queue_capacity,
-        v.default_priority,
-        v.priority_aging_ms,
+        scheduling(v),
         if v.priority_aging_ms == 0 {
             " (strict)"
         } else {
             ""
         },
         cache_text(v.cache_bytes)
+    )
+}
+
+/// A version's batching and priority settings.
+fn scheduling(v: &ModelSettingsView) -> String {
+    format!(
+        "max-batch-rows {}, max-queue-delay-us {}, latency-target-ms {}, queue-capacity {}, \
+         default-priority {}, priority-aging-ms {}",
+        v.max_batch_rows,
+        v.max_queue_delay_us,
+        v.latency_target_ms.map_or("off".into(), |t| format!("{t}")),
+        v.queue_capacity,
+        v.default_priority,
+        v.priority_aging_ms,
     )
 }
 
@@ -356,6 +357,22 @@ mod tests {
         assert_eq!(pinned(&s), "digits version 2: ready, not pinned\n");
         let p = summary(json!({"pinned": true}));
         assert_eq!(pinned(&p), "digits version 2: ready, pinned\n");
+    }
+
+    #[test]
+    fn configured_settings_say_when_priorities_are_strict() {
+        let v: ModelSettingsView = serde_json::from_value(json!({
+            "instances": 2, "max_batch_rows": 8, "max_queue_delay_us": 0,
+            "latency_target_ms": null, "queue_capacity": 64, "default_priority": 0,
+            "priority_aging_ms": 0, "cache_bytes": 0,
+        }))
+        .unwrap();
+        assert_eq!(
+            configured("digits", &v),
+            "digits: instances 2, max-batch-rows 8, max-queue-delay-us 0, latency-target-ms \
+             off, queue-capacity 64, default-priority 0, priority-aging-ms 0 (strict), \
+             cache-bytes off\n"
+        );
     }
 
     #[test]
