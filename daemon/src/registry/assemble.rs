@@ -4,23 +4,21 @@
 //! coalescer.
 //! Boundary: never touches an ORT session; the runtime builds them.
 
-use std::path::Path;
-
-use super::footprint::LoadJob;
+use super::footprint::{Build, LoadJob};
 use super::settings::{DEFAULT_COALESCE_MAX, ModelSettings};
 use crate::model::{LoadedModel, Serving};
 use crate::runtime::{BuildSpec, SessionOptions, Signature, Target, warmup_shape};
 
 impl LoadJob {
     /// Builds a version on `device` with `settings`. Blocking.
-    pub(super) fn build(
-        &self,
-        name: &str,
-        version: u64,
-        path: &Path,
-        settings: &ModelSettings,
-        device: &str,
-    ) -> Result<LoadedModel, String> {
+    pub(super) fn build(&self, build: &Build) -> Result<LoadedModel, String> {
+        let (name, version, settings, device) = (
+            build.name.as_str(),
+            build.version,
+            &build.settings,
+            build.device.as_str(),
+        );
+        let path = build.path.as_path();
         // A `compress` strategy in model.toml: load the compressed form when it passes.
         let (path, compression) = match &settings.compress {
             Some(strategy) => {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use rxd_protocol::{ErrorCode, WireError};
 
+use super::footprint::Build;
 use super::report::describe;
 use super::scan::model_bytes;
 use super::{Key, ModelSettings, Registry, lookup};
@@ -137,7 +138,13 @@ impl Registry {
         };
         let (built, grew, load_ms) = {
             let _guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
-            self.measured_build(name, version, &path, &settings, &device)
+            self.measured_build(Build {
+                name: name.into(),
+                version,
+                path,
+                settings,
+                device: device.clone(),
+            })
         };
         let new = built.map_err(|message| RequestError::LoadFailed {
             model: name.into(),

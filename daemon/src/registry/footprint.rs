@@ -5,7 +5,7 @@
 //! driver reports it (NVML). The device's one-time set-up is paid before the measurement.
 //! Boundary: measures; the budget decides what the figure means.
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,17 @@ use crate::runtime::Runtime;
 /// A build's outcome: the model or why not, the bytes it grew the process (and device) by,
 /// and its time in ms.
 pub(super) type Measured = (Result<LoadedModel, String>, u64, u64);
+
+/// A version to build: which, from which file, with what settings, on which device. Owned,
+/// so that the build can run on a thread of its own.
+#[derive(Debug, Clone)]
+pub(super) struct Build {
+    pub name: String,
+    pub version: u64,
+    pub path: PathBuf,
+    pub settings: ModelSettings,
+    pub device: String,
+}
 
 /// What a load needs, owned, so that it can run on a thread of its own and be left behind
 /// when it passes its deadline (see [`Registry::measured_build`]).
@@ -33,38 +44,26 @@ impl Registry {
     /// releases the lock and the registry slot as for any failure; the thread is left behind
     /// (detached): it still holds what it was building — sessions, their memory, unaccounted —
     /// and drops it if it ever finishes. Shutdown does not wait for it.
-    pub(super) fn measured_build(
-        &self,
-        name: &str,
-        version: u64,
-        path: &Path,
-        settings: &ModelSettings,
-        device: &str,
-    ) -> Measured {
-        let limit = settings
+    pub(super) fn measured_build(&self, build: Build) -> Measured {
+        let (name, version) = (build.name.clone(), build.version);
+        let limit = build
+            .settings
             .load_timeout_secs
             .map_or(self.defaults.load_timeout, Duration::from_secs);
         let job = LoadJob {
             runtime: self.runtime.clone(),
             defaults: self.defaults.clone(),
-            metrics: self.model_metrics(name, version),
+            metrics: self.model_metrics(&name, version),
             epoch: self.epoch,
         };
         let (tx, rx) = crossbeam_channel::bounded(1);
-        let (name_, path_, settings_, device_) = (
-            name.to_string(),
-            path.to_path_buf(),
-            settings.clone(),
-            device.to_string(),
-        );
         let started = Instant::now();
-        let spawned = std::thread::Builder::new()
-            .name(format!("rxd-load-{name}"))
-            .spawn(move || {
-                let built = job.measured_build(&name_, version, &path_, &settings_, &device_);
-                // Nobody waits any more (past the deadline): the build is dropped here.
-                let _ = tx.send(built);
-            });
+        let thread = format!("rxd-load-{name}");
+        let spawned = std::thread::Builder::new().name(thread).spawn(move || {
+            let built = job.measured_build(&build);
+            // Nobody waits any more (past the deadline): the build is dropped here.
+            let _ = tx.send(built);
+        });
         if let Err(e) = spawned {
             return (Err(format!("cannot start a load thread: {e}")), 0, 0);
         }
@@ -99,20 +98,14 @@ impl Registry {
 impl LoadJob {
     /// Primes the device, builds the version and measures what it keeps. Runs on the load's
     /// own thread while [`Registry::measured_build`] holds `load_lock`.
-    fn measured_build(
-        &self,
-        name: &str,
-        version: u64,
-        path: &Path,
-        settings: &ModelSettings,
-        device: &str,
-    ) -> Measured {
+    fn measured_build(&self, build: &Build) -> Measured {
+        let (name, version, device) = (build.name.as_str(), build.version, build.device.as_str());
         self.prime(device);
         crate::runtime::release_free_memory();
         let rss0 = crate::metrics::resident_bytes();
         let vram0 = self.device_memory_used(device);
         let started = Instant::now();
-        let built = self.build(name, version, path, settings, device);
+        let built = self.build(build);
         if built.is_err() {
             // A load that failed after profiling began leaves ORT's profile behind.
             self.runtime.remove_profiles(name, version);

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use rxd_protocol::{ErrorCode, ModelState, ModelSummary, WireError};
 
+use super::footprint::Build;
 use super::lifecycle::{Idle, LoadSlot};
 use super::report::describe;
 use super::scan::{FileStamp, model_bytes};
@@ -265,7 +266,13 @@ impl Registry {
         let (built, grew, load_ms) = {
             let _guard = self.load_lock.lock().unwrap_or_else(|e| e.into_inner());
             drop(victims);
-            self.measured_build(name, version, &ticket.path, &ticket.settings, &device)
+            self.measured_build(Build {
+                name: name.into(),
+                version,
+                path: ticket.path.clone(),
+                settings: ticket.settings.clone(),
+                device: device.clone(),
+            })
         };
         let loaded = match built {
             Ok(l) => l,
