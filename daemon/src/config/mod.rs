@@ -6,10 +6,11 @@
 //! beyond reading the file and checking that paths and groups exist.
 //!
 //! Layout: `file` is the file's schema (serde) and its problems named by key and line;
-//! `resolve` merges file, flags and defaults and validates; this module holds what is in force
-//! ([`Config`]) and what a reload may change.
+//! `resolve` merges file, flags and defaults and validates, asking [`Host`] about the machine;
+//! this module holds what is in force ([`Config`]) and what a reload may change.
 
 mod file;
+mod host;
 mod resolve;
 #[cfg(test)]
 mod tests;
@@ -24,7 +25,8 @@ use crate::cli::ServeOpts;
 
 use file::read_file;
 pub use file::{DeviceConfig, FileConfig, parse_file};
-pub use resolve::resolve;
+pub use host::{Host, System};
+pub use resolve::{resolve, resolve_on};
 
 /// Where the .deb puts ONNX Runtime's library.
 pub const BUNDLED_ORT_LIBRARY: &str = "/usr/lib/rxd/libonnxruntime.so.1.31.1";

@@ -6,10 +6,22 @@ use std::time::Duration;
 
 use rxd_protocol::limits;
 
+use super::host::{Host, System};
 use super::*;
 
-/// Merges file and flags, applies defaults and validates. `env_ort` is `ORT_DYLIB_PATH`.
+/// Merges file and flags, applies defaults and validates against this machine. `env_ort` is
+/// `ORT_DYLIB_PATH`.
 pub fn resolve(
+    file: FileConfig,
+    opts: &ServeOpts,
+    env_ort: Option<PathBuf>,
+) -> Result<Config, ConfigError> {
+    resolve_on(&System, file, opts, env_ort)
+}
+
+/// [`resolve`], asking `host` about the machine.
+pub fn resolve_on(
+    host: &dyn Host,
     file: FileConfig,
     opts: &ServeOpts,
     env_ort: Option<PathBuf>,
@@ -60,7 +72,7 @@ pub fn resolve(
         .clone()
         .or(file.model_repository)
         .unwrap_or_else(|| DEFAULT_REPOSITORY.into());
-    if !model_repository.is_dir() {
+    if !host.is_dir(&model_repository) {
         bad(
             "model-repository",
             format!("{} is not a directory", model_repository.display()),
@@ -72,7 +84,7 @@ pub fn resolve(
         (None, Some(p)) => (p, "ORT_DYLIB_PATH"),
         (None, None) => (PathBuf::from(BUNDLED_ORT_LIBRARY), "ort-library"),
     };
-    if !ort_library.is_file() {
+    if !host.is_file(&ort_library) {
         bad(
             ort_key,
             format!(
@@ -83,7 +95,7 @@ pub fn resolve(
         );
     }
 
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let cores = host.cores();
     let intra_op_threads = match opts.intra_op_threads.or(file.intra_op_threads).unwrap_or(0) {
         0 => cores,
         n if n > 1024 => {
@@ -104,8 +116,8 @@ pub fn resolve(
     let admin_group = opts.admin_group.clone().or(file.admin_group);
     let admin_gid = match &admin_group {
         None => None,
-        Some(name) => match nix::unistd::Group::from_name(name) {
-            Ok(Some(g)) => Some(g.gid.as_raw()),
+        Some(name) => match host.group(name) {
+            Ok(Some(gid)) => Some(gid),
             Ok(None) => {
                 bad("admin-group", format!("group '{name}' does not exist"));
                 None
@@ -200,7 +212,7 @@ pub fn resolve(
             None
         }
         Some(ByteSize(n)) => Some(n),
-        None => physical_memory().map(|m| m / 2),
+        None => host.physical_memory().map(|m| m / 2),
     };
 
     let max_arena_bytes = file
@@ -341,11 +353,7 @@ pub fn resolve(
     let load_on_demand = file.load_on_demand.unwrap_or(true);
     let cache_directory = file
         .cache_directory
-        .or_else(|| {
-            std::env::var_os("CACHE_DIRECTORY")
-                .map(PathBuf::from)
-                .and_then(|p| std::env::split_paths(&p).next())
-        })
+        .or_else(|| host.cache_directory())
         .unwrap_or_else(|| "/var/cache/rxd".into());
     let metrics_listen = match opts.metrics_listen.clone().or(file.metrics_listen) {
         None => None,
@@ -408,14 +416,4 @@ pub fn resolve(
         metrics_listen,
         cache_directory,
     })
-}
-
-/// The machine's physical memory, if the system says.
-fn physical_memory() -> Option<u64> {
-    use nix::unistd::{SysconfVar, sysconf};
-    let pages = sysconf(SysconfVar::_PHYS_PAGES).ok().flatten()?;
-    let page = sysconf(SysconfVar::PAGE_SIZE).ok().flatten()?;
-    u64::try_from(pages)
-        .ok()?
-        .checked_mul(u64::try_from(page).ok()?)
 }

@@ -200,3 +200,74 @@ fn byte_sizes() {
     assert!(ByteSize::parse("12 parsecs").is_err());
     assert!(ByteSize::parse("99999999999999T").is_err());
 }
+
+/// A machine made up for the test: the paths, groups and sizes it is given exist.
+struct FakeHost {
+    dirs: Vec<&'static str>,
+    files: Vec<&'static str>,
+    groups: Vec<(&'static str, u32)>,
+}
+
+impl Host for FakeHost {
+    fn is_dir(&self, path: &Path) -> bool {
+        self.dirs.iter().any(|d| path == Path::new(d))
+    }
+    fn is_file(&self, path: &Path) -> bool {
+        self.files.iter().any(|f| path == Path::new(f))
+    }
+    fn cores(&self) -> u32 {
+        6
+    }
+    fn group(&self, name: &str) -> Result<Option<u32>, String> {
+        Ok(self
+            .groups
+            .iter()
+            .find(|(g, _)| *g == name)
+            .map(|&(_, gid)| gid))
+    }
+    fn physical_memory(&self) -> Option<u64> {
+        Some(8 << 30)
+    }
+    fn cache_directory(&self) -> Option<PathBuf> {
+        Some("/var/cache/from-systemd".into())
+    }
+}
+
+#[test]
+fn validation_asks_the_host_about_the_machine() {
+    let host = FakeHost {
+        dirs: vec!["/srv/models"],
+        files: vec!["/opt/ort/libonnxruntime.so"],
+        groups: vec![("rxd-admin", 4242)],
+    };
+    let opts = ServeOpts {
+        model_repository: Some("/srv/models".into()),
+        ..ServeOpts::default()
+    };
+    let file = parse_file("admin-group = 'rxd-admin'\n").unwrap();
+    let cfg = resolve_on(
+        &host,
+        file,
+        &opts,
+        Some("/opt/ort/libonnxruntime.so".into()),
+    )
+    .unwrap();
+    assert_eq!(cfg.ort_library, Path::new("/opt/ort/libonnxruntime.so"));
+    assert_eq!(cfg.intra_op_threads, 6, "every core by default");
+    assert_eq!(cfg.admin_gid, Some(4242));
+    assert_eq!(
+        cfg.run_memory_bytes,
+        Some(4 << 30),
+        "half the memory by default"
+    );
+    assert_eq!(cfg.cache_directory, Path::new("/var/cache/from-systemd"));
+
+    let file = parse_file("admin-group = 'wheel'\nmodel-repository = '/nowhere'\n").unwrap();
+    let err = resolve_on(&host, file, &ServeOpts::default(), None).unwrap_err();
+    let keys: Vec<&str> = err.0.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(keys, ["model-repository", "ort-library", "admin-group"]);
+    assert!(
+        err.to_string().contains("group 'wheel' does not exist"),
+        "{err}"
+    );
+}
