@@ -22,12 +22,10 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
 use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
-use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
 
 /// Seals every arena carries: size fixed, seals fixed.
@@ -86,18 +84,13 @@ pub fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(nix::sys::stat::fstat(fd)?.st_size as u64)
 }
 
-/// A shared, read-write mapping of a whole file.
+/// A shared, read-write mapping of a whole file: memmap2's `MmapRaw`, made for memory another
+/// process may write (it hands out raw pointers only, never references), which maps in
+/// `map` and unmaps exactly once on drop.
 pub struct Mapping {
-    ptr: NonNull<u8>,
+    map: memmap2::MmapRaw,
     len: usize,
 }
-
-// SAFETY: the mapping is plain memory owned by this value; the raw pointer is only turned into
-// references through `Region` (exclusive by construction, see `Allocator`) and otherwise used
-// for bounded copies, which are sound from any thread.
-unsafe impl Send for Mapping {}
-// SAFETY: as above; `&Mapping` only allows bounded copies and pointer arithmetic.
-unsafe impl Sync for Mapping {}
 
 impl std::fmt::Debug for Mapping {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -128,25 +121,15 @@ impl Mapping {
                 format!("file is {size} bytes, mapping {len} asked"),
             ));
         }
-        let nz = std::num::NonZeroUsize::new(len)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"))?;
-        // SAFETY: a fresh mapping at an address the kernel picks; it aliases no Rust object.
-        // `len` equals the file size and the size is sealed (both checked above), so no access
-        // inside the mapping can fault.
-        let ptr = unsafe {
-            mmap(
-                None,
-                nz,
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-                fd,
-                0,
-            )?
-        };
-        Ok(Mapping {
-            ptr: ptr.cast(),
-            len,
-        })
+        if len == 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty mapping"));
+        }
+        // Shared and read-write, at an address the kernel picks. `len` equals the file size
+        // and the size is sealed (both checked above), so no access inside it can fault.
+        let map = memmap2::MmapOptions::new()
+            .len(len)
+            .map_raw(fd.as_raw_fd())?;
+        Ok(Mapping { map, len })
     }
 
     pub fn len(&self) -> usize {
@@ -177,7 +160,7 @@ impl Mapping {
         let off = self.range(offset, len)?;
         // SAFETY: `off + len <= self.len` (checked by `range`), so the result stays inside the
         // mapping.
-        Ok(unsafe { self.ptr.as_ptr().add(off) })
+        Ok(unsafe { self.map.as_mut_ptr().add(off) })
     }
 
     /// Copies `src` into the mapping at `offset` (after the range check).
@@ -213,16 +196,6 @@ impl Mapping {
         // exclusive Rust slice outside it.
         unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) };
         Ok(())
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` are exactly what mmap returned and are unmapped only here, once.
-        if let Err(e) = unsafe { munmap(self.ptr.cast(), self.len) } {
-            // Nothing sensible to do; the address space leaks.
-            eprintln!("rxd-shm: munmap failed: {e}");
-        }
     }
 }
 
