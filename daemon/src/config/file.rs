@@ -72,13 +72,25 @@ pub struct FileConfig {
     pub cache_directory: Option<PathBuf>,
 }
 
+/// A `[[device]]` table's `kind`, as written; serde names the allowed values, with the line,
+/// for any other.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KindName {
+    #[default]
+    Cpu,
+    Webgpu,
+    Cuda,
+    Tensorrt,
+}
+
 /// A `[[device]]` table.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DeviceConfig {
     pub name: String,
     /// `cpu` (default), `webgpu`, `cuda` or `tensorrt`.
-    pub kind: Option<String>,
+    pub kind: Option<KindName>,
     /// Absent or 0 = unlimited.
     pub memory_budget: Option<ByteSize>,
     /// webgpu: the WebGPU plugin EP library (default: the bundled one).

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use crate::cli::ServeOpts;
 
 use file::read_file;
-pub use file::{DeviceConfig, FileConfig, parse_file};
+pub use file::{DeviceConfig, FileConfig, KindName, parse_file};
 pub use host::{Host, System};
 pub use resolve::{resolve, resolve_on};
 

@@ -257,7 +257,6 @@ pub fn resolve_on(
 
     let mut devices: Vec<Device> = Vec::new();
     for (i, d) in file.device.iter().enumerate() {
-        let kind_name = d.kind.clone().unwrap_or_else(|| "cpu".into());
         if rxd_protocol::check_name(&d.name).is_err() {
             bad(
                 "device.name",
@@ -270,29 +269,19 @@ pub fn resolve_on(
             );
         }
         let id = d.device_id.unwrap_or(0);
-        let kind = match kind_name.as_str() {
-            "cpu" => DeviceKind::Cpu,
+        let kind = match d.kind.unwrap_or_default() {
+            KindName::Cpu => DeviceKind::Cpu,
             // A missing plugin library is not a config error: loads on the device fail (or
             // fall back) with the reason, and the daemon serves everything else.
-            "webgpu" => DeviceKind::WebGpu {
+            KindName::Webgpu => DeviceKind::WebGpu {
                 library: d
                     .ep_library
                     .clone()
                     .unwrap_or_else(|| BUNDLED_WEBGPU_LIBRARY.into()),
                 adapter: id,
             },
-            "cuda" => DeviceKind::Cuda { id },
-            "tensorrt" => DeviceKind::TensorRt { id },
-            other => {
-                bad(
-                    "device.kind",
-                    format!(
-                        "device '{}': kind '{other}' is not one of cpu, webgpu, cuda, tensorrt",
-                        d.name
-                    ),
-                );
-                DeviceKind::Cpu
-            }
+            KindName::Cuda => DeviceKind::Cuda { id },
+            KindName::Tensorrt => DeviceKind::TensorRt { id },
         };
         if d.ep_library.is_some() && !matches!(kind, DeviceKind::WebGpu { .. }) {
             bad(

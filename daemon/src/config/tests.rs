@@ -271,3 +271,18 @@ fn validation_asks_the_host_about_the_machine() {
         "{err}"
     );
 }
+
+#[test]
+fn a_device_kind_is_one_of_four_named_values() {
+    let text = "[[device]]\nname = \"g\"\nkind = \"vulkan\"\n";
+    let problems = file_problems(text, Path::new("/r.toml"));
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].key, "device[0].kind");
+    let m = &problems[0].message;
+    assert!(m.contains("vulkan"), "{m}");
+    for kind in ["cpu", "webgpu", "cuda", "tensorrt"] {
+        assert!(m.contains(kind), "{m}");
+        let ok = format!("[[device]]\nname = \"g\"\nkind = \"{kind}\"\n");
+        assert!(parse_file(&ok).is_ok(), "{kind}");
+    }
+}

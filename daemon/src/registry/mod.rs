@@ -127,7 +127,7 @@ impl Model {
             .as_ref()
             .ok()
             .and_then(|s| s.version_policy.clone())
-            .unwrap_or(VersionPolicy::Named("latest".into()));
+            .unwrap_or_default();
         policy.select(&on_disk)
     }
 

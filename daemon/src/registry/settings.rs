@@ -130,32 +130,61 @@ impl ModelSettings {
 pub const DEFAULT_COALESCE_MAX: u64 = 16 << 10;
 
 /// Which versions of a model are served.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VersionPolicy {
-    /// `"latest"` or `"all"`.
-    Named(String),
-    Latest {
-        latest: u32,
-    },
-    Specific {
-        specific: Vec<u64>,
-    },
+    /// `"all"`.
+    All,
+    /// `"latest"` (N = 1) or `{ latest = N }`: the N newest.
+    Latest(std::num::NonZeroU32),
+    /// `{ specific = [1, 3] }`.
+    Specific(Vec<u64>),
+}
+
+impl Default for VersionPolicy {
+    fn default() -> Self {
+        VersionPolicy::Latest(std::num::NonZeroU32::MIN)
+    }
+}
+
+impl<'de> Deserialize<'de> for VersionPolicy {
+    /// Any other value is refused naming the four forms (toml adds the line).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let forms = "is not \"latest\", \"all\", { latest = N } (N ≥ 1) or { specific = [..] }";
+        let value = toml::Value::deserialize(d)?;
+        let policy = match &value {
+            toml::Value::String(s) if s == "latest" => Some(VersionPolicy::default()),
+            toml::Value::String(s) if s == "all" => Some(VersionPolicy::All),
+            toml::Value::Table(t) if t.len() == 1 => match t.iter().next() {
+                Some((k, toml::Value::Integer(n))) if k == "latest" => u32::try_from(*n)
+                    .ok()
+                    .and_then(std::num::NonZeroU32::new)
+                    .map(VersionPolicy::Latest),
+                Some((k, toml::Value::Array(a))) if k == "specific" => a
+                    .iter()
+                    .map(|v| v.as_integer().and_then(|n| u64::try_from(n).ok()))
+                    .collect::<Option<Vec<u64>>>()
+                    .map(VersionPolicy::Specific),
+                _ => None,
+            },
+            _ => None,
+        };
+        policy.ok_or_else(|| D::Error::custom(format!("version-policy {value} {forms}")))
+    }
 }
 
 impl VersionPolicy {
     /// The served versions among `on_disk`.
     pub fn select(&self, on_disk: &BTreeSet<u64>) -> BTreeSet<u64> {
         match self {
-            VersionPolicy::Named(n) if n == "all" => on_disk.clone(),
-            VersionPolicy::Named(_) => on_disk.iter().next_back().copied().into_iter().collect(),
-            VersionPolicy::Latest { latest } => on_disk
+            VersionPolicy::All => on_disk.clone(),
+            VersionPolicy::Latest(n) => on_disk
                 .iter()
                 .rev()
-                .take(*latest as usize)
+                .take(n.get() as usize)
                 .copied()
                 .collect(),
-            VersionPolicy::Specific { specific } => specific
+            VersionPolicy::Specific(specific) => specific
                 .iter()
                 .filter(|v| on_disk.contains(v))
                 .copied()
@@ -223,16 +252,7 @@ impl ModelSettings {
         {
             return Err("latency-target-ms must be 0 (off) or positive".into());
         }
-        match &self.version_policy {
-            Some(VersionPolicy::Named(n)) if n != "latest" && n != "all" => Err(format!(
-                "version-policy '{n}' is not \"latest\", \"all\", {{ latest = N }} or \
-                 {{ specific = [..] }}"
-            )),
-            Some(VersionPolicy::Latest { latest: 0 }) => {
-                Err("version-policy latest must be at least 1".into())
-            }
-            _ => Ok(()),
-        }
+        Ok(())
     }
 
     /// The settings a run-time `configure` request changes, as settings over model.toml.
@@ -265,4 +285,61 @@ pub struct Defaults {
     /// How long a load may take (model.toml `load-timeout-secs` overrides it per model).
     pub load_timeout: std::time::Duration,
     pub hooks: crate::config::TestHooks,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(text: &str) -> Result<Option<VersionPolicy>, String> {
+        toml::from_str::<ModelSettings>(text)
+            .map(|s| s.version_policy)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn version_policies_parse_to_their_meaning_and_others_are_refused_with_the_line() {
+        let n = |n| VersionPolicy::Latest(std::num::NonZeroU32::new(n).unwrap());
+        assert_eq!(policy(""), Ok(None));
+        assert_eq!(policy("version-policy = \"latest\""), Ok(Some(n(1))));
+        assert_eq!(
+            policy("version-policy = \"all\""),
+            Ok(Some(VersionPolicy::All))
+        );
+        assert_eq!(policy("version-policy = { latest = 3 }"), Ok(Some(n(3))));
+        assert_eq!(
+            policy("version-policy = { specific = [1, 3] }"),
+            Ok(Some(VersionPolicy::Specific(vec![1, 3])))
+        );
+        for bad in [
+            "\"newest\"",
+            "{ latest = 0 }",
+            "{ latest = -2 }",
+            "{ specific = [-1] }",
+            "{ specific = [\"1\"] }",
+            "{ latest = 1, specific = [1] }",
+            "3",
+        ] {
+            let e = policy(&format!("instances = 1\nversion-policy = {bad}\n")).unwrap_err();
+            assert!(
+                e.contains("line 2") && e.contains("latest = N"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_policy_selects_its_versions_from_those_on_disk() {
+        let disk: BTreeSet<u64> = [1, 2, 5, 9].into();
+        let n = |n| VersionPolicy::Latest(std::num::NonZeroU32::new(n).unwrap());
+        assert_eq!(VersionPolicy::default().select(&disk), [9].into());
+        assert_eq!(n(2).select(&disk), [5, 9].into());
+        assert_eq!(n(9).select(&disk), disk);
+        assert_eq!(VersionPolicy::All.select(&disk), disk);
+        assert_eq!(
+            VersionPolicy::Specific(vec![2, 3]).select(&disk),
+            [2].into()
+        );
+        assert!(VersionPolicy::default().select(&BTreeSet::new()).is_empty());
+    }
 }
