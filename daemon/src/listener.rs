@@ -93,6 +93,7 @@ pub async fn serve(listener: UnixListener, shared: SharedRef, shutdown: Cancella
         });
     }
     drop(listener);
+    shared.registry.stop_loading();
     tracker.close();
     let open = tracker.len();
     if open > 0 {

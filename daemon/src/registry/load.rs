@@ -147,6 +147,11 @@ impl Registry {
         {
             return Ok(Begin::Wait(slot.clone()));
         }
+        // Checked under the models lock, which `stop_loading` takes after setting it: a load
+        // either began before (and its waiters are told) or does not begin.
+        if self.stopping() {
+            return Err(RequestError::ShuttingDown);
+        }
         // A version whose file is gone (removed since the last scan, or by a reload under
         // way) is not loaded: that would only mark it failed, and keep it so once the file is
         // back. The next rescan forgets it or finds it again.

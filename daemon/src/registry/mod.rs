@@ -231,6 +231,9 @@ pub struct Registry {
     metrics: Mutex<BTreeMap<Key, Arc<crate::metrics::ModelMetrics>>>,
     /// `load-on-demand`, changeable by a config reload.
     on_demand: AtomicBool,
+    /// Set when the daemon starts to stop: no load begins, and waiters of loads under way are
+    /// answered `shutting_down` (see [`Registry::stop_loading`]).
+    stopping: AtomicBool,
 }
 
 impl Registry {
@@ -257,6 +260,7 @@ impl Registry {
             epoch: Instant::now(),
             metrics: Mutex::new(BTreeMap::new()),
             on_demand: AtomicBool::new(defaults.load_on_demand),
+            stopping: AtomicBool::new(false),
             defaults,
         }
     }
@@ -417,6 +421,28 @@ impl Registry {
             .set_pinned(&(name.to_string(), version), pinned);
         tracing::info!(model = %name, version, pinned, "pin changed");
         self.summary_of_locked(&models, name, version)
+    }
+
+    /// The daemon is stopping: no load starts from now on (a request that needs one is
+    /// answered `shutting_down`), and every request waiting for a load under way is answered
+    /// `shutting_down` now rather than after the load, which may take up to its deadline —
+    /// longer than the shutdown grace, which would close its connection unanswered.
+    pub fn stop_loading(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let models = self.write();
+        for slot in models
+            .values()
+            .flat_map(|m| m.versions.values())
+            .filter_map(|v| v.state.slot())
+        {
+            if slot.result().is_none() {
+                slot.finish(Err(RequestError::ShuttingDown.to_wire()));
+            }
+        }
+    }
+
+    pub(super) fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 
     /// Drops every loaded model and waits for workers (shutdown).

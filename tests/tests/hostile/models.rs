@@ -505,6 +505,15 @@ fn a_hung_load_times_out_and_wedges_nothing() {
         d.log_text()
     );
     assert!(status.success(), "{status}");
+    // The request that waited for the stuck load is answered, not dropped with its
+    // connection.
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let r = c.read_response();
+    assert_eq!(r.id, 3);
+    let e = refused(r.outcome, ErrorCode::ShuttingDown);
+    assert!(e.message.contains("shutting down"), "{e}");
 }
 
 /// Regression (issue 19, item 9): requests racing a reload that removed a model started
