@@ -25,6 +25,44 @@ impl std::fmt::Display for Unready {
     }
 }
 
+/// How a load that requests waited for ended without a model: what its waiters are told
+/// (cloned to each of them).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoadError {
+    #[error("loading '{model}' version {version} failed: {message}")]
+    Failed {
+        model: String,
+        version: u64,
+        message: String,
+    },
+    #[error("{message}")]
+    OverBudget { message: String },
+    /// Its load thread ended without finishing it (panicked or cancelled).
+    #[error("the load was abandoned")]
+    Abandoned,
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+}
+
+impl From<LoadError> for RequestError {
+    fn from(e: LoadError) -> Self {
+        match e {
+            LoadError::Failed {
+                model,
+                version,
+                message,
+            } => RequestError::LoadFailed {
+                model,
+                version,
+                message,
+            },
+            LoadError::OverBudget { message } => RequestError::OverBudget { message },
+            LoadError::Abandoned => RequestError::Internal(e.to_string()),
+            LoadError::ShuttingDown => RequestError::ShuttingDown,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
     /// Already carries its wire code (input validation).

@@ -7,7 +7,9 @@
 
 use std::sync::{Arc, Condvar, Mutex};
 
-use rxd_protocol::{ModelState, WireError};
+use rxd_protocol::ModelState;
+
+use crate::error::LoadError;
 
 use super::scan::FileStamp;
 use crate::model::LoadedModel;
@@ -211,7 +213,7 @@ impl<M> State<M> {
 /// demands for a cold model trigger one load.
 #[derive(Default)]
 pub struct LoadSlot {
-    done: Mutex<Option<Result<(), WireError>>>,
+    done: Mutex<Option<Result<(), LoadError>>>,
     cv: Condvar,
     notify: tokio::sync::Notify,
     /// The model the load made, held as long as anyone holds the slot: while its waiters
@@ -233,18 +235,18 @@ impl LoadSlot {
         *self.made.lock().unwrap_or_else(|e| e.into_inner()) = Some(model);
     }
 
-    pub(super) fn finish(&self, result: Result<(), WireError>) {
+    pub(super) fn finish(&self, result: Result<(), LoadError>) {
         *self.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
         self.cv.notify_all();
         self.notify.notify_waiters();
     }
 
-    pub(super) fn result(&self) -> Option<Result<(), WireError>> {
+    pub(super) fn result(&self) -> Option<Result<(), LoadError>> {
         self.done.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Waits (blocking) until the load is over.
-    pub fn wait_blocking(&self) -> Result<(), WireError> {
+    pub fn wait_blocking(&self) -> Result<(), LoadError> {
         let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(r) = done.clone() {
@@ -255,7 +257,7 @@ impl LoadSlot {
     }
 
     /// Waits (async) until the load is over.
-    pub async fn wait(&self) -> Result<(), WireError> {
+    pub async fn wait(&self) -> Result<(), LoadError> {
         loop {
             // Registered before the check, so a finish in between still wakes us.
             let notified = self.notify.notified();
@@ -458,10 +460,7 @@ mod tests {
         s.start(abandoned.clone());
         assert!(!s.abandoned(), "a load under way is left alone");
         assert_eq!(s.kind(), ModelState::Loading);
-        abandoned.finish(Err(WireError::new(
-            rxd_protocol::ErrorCode::Internal,
-            "the load was abandoned",
-        )));
+        abandoned.finish(Err(LoadError::Abandoned));
         assert!(s.abandoned());
         assert_eq!(s.kind(), ModelState::Available);
         assert_eq!(s.error(), None);

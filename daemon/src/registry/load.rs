@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use rxd_protocol::{ErrorCode, ModelState, ModelSummary, WireError};
+use rxd_protocol::{ModelState, ModelSummary};
 
 use super::footprint::Build;
 use super::lifecycle::{Idle, LoadSlot};
@@ -19,7 +19,7 @@ use super::report::describe;
 use super::scan::{FileStamp, model_bytes};
 use super::{BudgetState, Key, Model, ModelSettings, Registry, Version};
 use crate::budget::OverBudget;
-use crate::error::{RequestError, Unready};
+use crate::error::{LoadError, RequestError, Unready};
 use crate::model::LoadedModel;
 
 /// What a lookup found.
@@ -60,10 +60,7 @@ impl Drop for Ticket {
     /// must not leave waiters hanging.
     fn drop(&mut self) {
         if self.slot.result().is_none() {
-            self.slot.finish(Err(WireError::new(
-                ErrorCode::Internal,
-                "the load was abandoned",
-            )));
+            self.slot.finish(Err(LoadError::Abandoned));
         }
     }
 }
@@ -498,15 +495,15 @@ impl Registry {
         // The one log line of a failed load (callers do not log it again).
         tracing::warn!(model = %name, version, "load failed: {message}");
         let err = match failure {
-            Failure::OverBudget { .. } => RequestError::OverBudget { message },
-            Failure::Broken => RequestError::LoadFailed {
+            Failure::OverBudget { .. } => LoadError::OverBudget { message },
+            Failure::Broken => LoadError::Failed {
                 model: name,
                 version,
                 message,
             },
         };
-        ticket.slot.finish(Err(err.to_wire()));
-        err
+        ticket.slot.finish(Err(err.clone()));
+        err.into()
     }
 
     /// Pushes each resident model's last use into the policy and returns the busy ones.

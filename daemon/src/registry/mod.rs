@@ -436,7 +436,7 @@ impl Registry {
             .filter_map(|v| v.state.slot())
         {
             if slot.result().is_none() {
-                slot.finish(Err(RequestError::ShuttingDown.to_wire()));
+                slot.finish(Err(crate::error::LoadError::ShuttingDown));
             }
         }
     }
