@@ -147,6 +147,7 @@ pub async fn run(
 ) -> std::io::Result<()> {
     // Requests keyed off the IO thread hold at most one more copy of what clients may map.
     coalesce::set_key_budget(shared.config.arena_total_bytes);
+    scheduler::timer::start()?;
     let s = shared.clone();
     let preload = tokio::task::spawn_blocking(move || s.registry.preload(&s.config.preload));
     tokio::select! {

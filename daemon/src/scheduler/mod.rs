@@ -11,7 +11,7 @@
 //! the policy counted it free.
 
 pub mod policy;
-mod timer;
+pub mod timer;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};

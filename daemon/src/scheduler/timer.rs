@@ -37,19 +37,34 @@ struct Timer {
     cv: Condvar,
 }
 
+static TIMER: OnceLock<&'static Timer> = OnceLock::new();
+
+/// Starts the timer thread. The daemon does so at start, so that a thread that cannot be
+/// spawned is a start-up error rather than a panic on the request that first waits.
+pub fn start() -> std::io::Result<()> {
+    static STARTING: Mutex<()> = Mutex::new(());
+    let _one = STARTING.lock().unwrap_or_else(|e| e.into_inner());
+    if TIMER.get().is_some() {
+        return Ok(());
+    }
+    let t: &'static Timer = Box::leak(Box::new(Timer {
+        heap: Mutex::new((BinaryHeap::new(), 0)),
+        cv: Condvar::new(),
+    }));
+    std::thread::Builder::new()
+        .name("rxd-timer".into())
+        .spawn(move || run(t))?;
+    let _ = TIMER.set(t);
+    Ok(())
+}
+
 fn timer() -> &'static Timer {
-    static TIMER: OnceLock<&'static Timer> = OnceLock::new();
-    TIMER.get_or_init(|| {
-        let t: &'static Timer = Box::leak(Box::new(Timer {
-            heap: Mutex::new((BinaryHeap::new(), 0)),
-            cv: Condvar::new(),
-        }));
-        std::thread::Builder::new()
-            .name("rxd-timer".into())
-            .spawn(move || run(t))
-            .expect("spawn timer thread");
-        t
-    })
+    if let Some(t) = TIMER.get() {
+        return t;
+    }
+    // Only where the daemon's start did not run (unit tests).
+    start().expect("spawn the timer thread");
+    TIMER.get().expect("just started")
 }
 
 /// Asks for `target.tick()` at `at`.
