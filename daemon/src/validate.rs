@@ -232,12 +232,7 @@ fn place(
 /// zero-sized dimension unless `allow_empty` (`shape_mismatch`), every dimension within the
 /// input's `max_dims` (`tensor_too_large`).
 fn check_shape(spec: &TensorSpec, shape: &[u64], allow_empty: bool) -> Result<(), WireError> {
-    let fits = shape.len() == spec.dims.len()
-        && shape
-            .iter()
-            .zip(&spec.dims)
-            .all(|(&got, &want)| want < 0 || got == want as u64);
-    if !fits {
+    if !spec.fits(shape) {
         return Err(WireError::new(
             ErrorCode::ShapeMismatch,
             format!(

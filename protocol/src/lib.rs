@@ -19,6 +19,7 @@ pub mod frame;
 pub mod limits;
 pub mod message;
 pub mod metrics;
+mod shape;
 pub mod units;
 
 pub use dtype::DType;

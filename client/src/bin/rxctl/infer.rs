@@ -70,12 +70,7 @@ fn generated_shape(
 ) -> Result<(Vec<u64>, &'static str), Failure> {
     let (mut shape, from) = match flag {
         Some(shape) => {
-            let fits = shape.len() == spec.dims.len()
-                && shape
-                    .iter()
-                    .zip(&spec.dims)
-                    .all(|(&got, &want)| want < 0 || got == want as u64);
-            if !fits {
+            if !spec.fits(shape) {
                 return Err(Failure(
                     code::USAGE,
                     format!(
