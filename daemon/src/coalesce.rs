@@ -20,6 +20,13 @@
 //! hashed) is bounded daemon-wide by [`set_key_budget`] (the daemon's `arena-total-bytes`);
 //! a request that finds the budget spent runs without being keyed (a fresh run, neither
 //! cached nor coalesced), so a client cannot make the daemon copy without bound.
+//!
+//! Coalescing is on by default for requests with at most `coalesce-max-bytes` of input
+//! (model.toml; 16 KiB by default, since hashing and copying image-sized inputs costs
+//! throughput); larger requests opt in per model, and the cache is opt-in.
+//! Invariant: a keyed request runs on copies of the bytes it was keyed on (its arena inputs are
+//! replaced by the copies hashed, a piece at a time), so a client that changes its arena cannot
+//! poison the cache or another client's answer.
 //! Boundary: no ORT here; the runtime's `deliver` places the bytes.
 
 use std::any::Any;

@@ -1,5 +1,13 @@
 //! Routes one decoded request to the registry, the validator or the reports (`report`), and
 //! turns the result into a reply. Checks admin rights before any admin operation runs.
+//!
+//! Inferences take a synchronous path (`infer`), called from the connection's read loop: a
+//! priority above `max-peer-priority` is refused to non-admins, the registry is asked for the
+//! model (a non-admin's request may start a load only within the user's load rate, `quota`),
+//! the request is validated against the model's signature and submitted under its `Terms`
+//! (priority, deadline, the peer's uid as its source). A model that must load first gives a
+//! `Cold` request: the first one starts the load on a blocking thread at once (later ones
+//! share it), and the connection awaits `Cold::run` in a task of its own.
 //! Boundary: no framing or socket IO here (that is `connection`), no ORT (that is `runtime`).
 
 use std::sync::Arc;

@@ -1,6 +1,8 @@
 //! A connection's shared-memory arena: created, sealed and mapped at the handshake, its fd
 //! passed with the welcome, its size held from the user's share of the daemon-wide arena
-//! budget (`arena-total-bytes`; see `quota`).
+//! budget (`arena-total-bytes`; see `quota`). Jobs that read or write the arena hold their own
+//! `Arc` of the mapping, so it is unmapped only once the connection and its last request are
+//! gone.
 
 use std::sync::Arc;
 

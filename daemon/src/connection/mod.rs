@@ -16,6 +16,10 @@
 //! with nothing in flight, is closed with a `connection_timeout` error. On shutdown the
 //! connection stops reading, answers what it accepted, then closes. A peer that vanishes only
 //! ends its own connection.
+//! Inferences are validated and queued inline by the read loop, with no task per request (a
+//! request for a model that must load first waits in a task of its own, so the read loop
+//! never waits for a load); control requests run in tracked tasks, at most
+//! `CONTROL_AT_ONCE` per connection, beyond which the connection is not read.
 //! Answers are written by whoever finishes the request: the request task for control requests,
 //! and the model worker thread itself for inferences (through [`Sink`], without a hop back
 //! through the async runtime). A frame is written whole before the next one starts.

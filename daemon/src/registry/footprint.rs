@@ -3,6 +3,13 @@
 //! over the build — with freed heap returned to the kernel before and after, so the figure is
 //! what the model keeps, not the load's transient peak — plus device memory growth where the
 //! driver reports it (NVML). The device's one-time set-up is paid before the measurement.
+//!
+//! The figure accounted (`Registry::finish`) is at least the file size and at least the largest
+//! figure measured earlier for the version: a reload after an eviction reuses pages the
+//! allocator kept and reads low. ORT's own arena statistics (`TotalAllocated`) are reported
+//! beside it and never accounted: they miss most weights. Only loads on a CPU device teach the
+//! estimator; on other devices the host memory that grows is largely the driver stack's
+//! (shader compilers, Dawn), counted toward the first model that needs it.
 //! Boundary: measures; the budget decides what the figure means.
 
 use std::path::PathBuf;

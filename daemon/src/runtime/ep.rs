@@ -3,6 +3,9 @@
 //! library, its adapters from the environment; CUDA and TensorRT through ort's builders with
 //! `error_on_failure`), paying a device's one-time set-up (`prime_device`) and probing what a
 //! device looks like (`probe`).
+//! ort's `cuda` and `tensorrt` features only expose those builders and link nothing: ONNX
+//! Runtime itself is loaded at run time. A WebGPU device's options reach the plugin prefixed
+//! `WebGpuExecutionProvider.`.
 //! Invariant: an execution provider that cannot be created is an error, never a silent CPU
 //! session.
 

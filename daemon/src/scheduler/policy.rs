@@ -52,6 +52,9 @@
 //! highest effective priority among those waiting; a request alone at its level from its
 //! source waits at most the bound above behind any stream of higher levels; at one level, a
 //! source's backlog does not delay another source's request by more than a turn.
+//!
+//! Limit: one cost table per model version, so requests of very different shapes (a dynamic
+//! image width) share one.
 
 use std::time::{Duration, Instant};
 
