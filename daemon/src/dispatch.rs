@@ -158,12 +158,7 @@ pub async fn handle(
             let s = shared.clone();
             let models = blocking(move || crate::reload::apply(&s))
                 .await?
-                .map_err(|e| {
-                    RequestError::Wire(rxd_protocol::WireError::new(
-                        rxd_protocol::ErrorCode::InvalidRequest,
-                        e,
-                    ))
-                })?;
+                .map_err(RequestError::Invalid)?;
             Reply::Reload(ModelList { models })
         }
     };
@@ -200,10 +195,7 @@ pub fn infer<M: MakeCompletion>(
 ) -> Result<Queued<M>, RequestError> {
     let max = shared.config.max_peer_priority;
     if let Some(p) = req.priority.filter(|&p| p > max && !peer.admin) {
-        return Err(RequestError::Wire(rxd_protocol::WireError::new(
-            rxd_protocol::ErrorCode::PermissionDenied,
-            format!("priority {p} is for admins; other clients may use 0..={max}"),
-        )));
+        return Err(RequestError::PriorityDenied { priority: p, max });
     }
     let deadline = req
         .timeout_ms
@@ -296,14 +288,11 @@ fn load_gate<'a>(
         if shared.quotas.try_load(peer.uid, peer.admin) {
             return Ok(());
         }
-        Err(RequestError::Wire(rxd_protocol::WireError::new(
-            rxd_protocol::ErrorCode::Busy,
-            format!(
-                "model '{model}' is not loaded, and this user's requests have started loads \
+        Err(RequestError::Busy(format!(
+            "model '{model}' is not loaded, and this user's requests have started loads \
                  faster than {} at once and one per {:?}; retry in a moment",
-                crate::quota::LOAD_BURST,
-                crate::quota::LOAD_EVERY
-            ),
+            crate::quota::LOAD_BURST,
+            crate::quota::LOAD_EVERY
         )))
     }
 }

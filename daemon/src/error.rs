@@ -81,6 +81,15 @@ pub enum RequestError {
     },
     #[error("'{op}' needs admin rights (uid 0, the daemon's uid, or the admin group)")]
     PermissionDenied { op: &'static str },
+    #[error("priority {priority} is for admins; other clients may use 0..={max}")]
+    PriorityDenied { priority: u8, max: u8 },
+    /// A request that is well-formed but asks for something that cannot be (a bad setting,
+    /// version 0, a file too large).
+    #[error("{0}")]
+    Invalid(String),
+    /// Refused for now; the same request may succeed later.
+    #[error("{0}")]
+    Busy(String),
     #[error("the daemon is shutting down")]
     ShuttingDown,
     #[error("loading '{model}' version {version} failed: {message}")]
@@ -106,7 +115,11 @@ impl RequestError {
                 ErrorCode::UnknownModel
             }
             RequestError::NotReady { .. } => ErrorCode::ModelNotReady,
-            RequestError::PermissionDenied { .. } => ErrorCode::PermissionDenied,
+            RequestError::PermissionDenied { .. } | RequestError::PriorityDenied { .. } => {
+                ErrorCode::PermissionDenied
+            }
+            RequestError::Invalid(_) => ErrorCode::InvalidRequest,
+            RequestError::Busy(_) => ErrorCode::Busy,
             RequestError::ShuttingDown => ErrorCode::ShuttingDown,
             RequestError::LoadFailed { .. } => ErrorCode::LoadFailed,
             RequestError::OverBudget { .. } => ErrorCode::OverBudget,

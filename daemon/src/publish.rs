@@ -30,7 +30,7 @@ use crate::error::RequestError;
 pub const DEFAULT_MAX_PUBLISH_BYTES: u64 = 256 << 20;
 
 fn invalid(m: String) -> RequestError {
-    RequestError::Wire(WireError::new(ErrorCode::InvalidRequest, m))
+    RequestError::Invalid(m)
 }
 
 /// Checks what can be checked before any byte is read, then takes a private copy of the

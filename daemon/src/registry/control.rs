@@ -5,8 +5,6 @@
 
 use std::sync::Arc;
 
-use rxd_protocol::{ErrorCode, WireError};
-
 use super::footprint::Build;
 use super::report::describe;
 use super::scan::model_bytes;
@@ -61,7 +59,7 @@ impl Registry {
         &self,
         c: &rxd_protocol::Configure,
     ) -> Result<rxd_protocol::ModelSettingsView, RequestError> {
-        let bad = |m: String| RequestError::Wire(WireError::new(ErrorCode::InvalidRequest, m));
+        let bad = RequestError::Invalid;
         let change = ModelSettings::of_configure(c);
         change.check().map_err(bad)?;
         if let Some(d) = &c.device
