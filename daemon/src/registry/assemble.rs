@@ -4,14 +4,14 @@
 //! coalescer.
 //! Boundary: never touches an ORT session; the runtime builds them.
 
-use super::footprint::{Build, LoadJob};
+use super::footprint::{Build, BuildError, LoadJob};
 use super::settings::{DEFAULT_COALESCE_MAX, ModelSettings};
 use crate::model::{LoadedModel, Serving};
 use crate::runtime::{BuildSpec, SessionOptions, Signature, Target, warmup_shape};
 
 impl LoadJob {
     /// Builds a version on `device` with `settings`. Blocking.
-    pub(super) fn build(&self, build: &Build) -> Result<LoadedModel, String> {
+    pub(super) fn build(&self, build: &Build) -> Result<LoadedModel, BuildError> {
         let (name, version, settings, device) = (
             build.name.as_str(),
             build.version,
@@ -48,7 +48,7 @@ impl LoadJob {
             .devices
             .iter()
             .find(|d| d.name == device)
-            .ok_or_else(|| format!("no device named '{device}'"))?;
+            .ok_or_else(|| BuildError::NoDevice(device.into()))?;
         let sched = settings.scheduler(self.defaults.queue_capacity);
         let spec = BuildSpec {
             name,
@@ -75,8 +75,10 @@ impl LoadJob {
             max_batch_rows: sched.max_batch_rows,
             session_per_batch_size: settings.session_per_batch_size.unwrap_or(true),
         };
-        let mut built = self.runtime.build(&spec).map_err(|e| e.to_string())?;
-        built.limit(|sig, warm_rows| apply_limits(sig, settings, warm_rows))?;
+        let mut built = self.runtime.build(&spec)?;
+        built
+            .limit(|sig, warm_rows| apply_limits(sig, settings, warm_rows))
+            .map_err(BuildError::Settings)?;
         // A fallback runs on the CPU device (when one is configured).
         let actual = match &built.fallback {
             Some(_) => self
@@ -105,7 +107,7 @@ impl LoadJob {
                 wedge: self.defaults.hooks.wedges(&format!("{name}-{version}")),
             },
         )
-        .map_err(|e| e.to_string())
+        .map_err(BuildError::Runtime)
     }
 }
 
@@ -123,9 +125,7 @@ fn apply_limits(
         .keys()
         .find(|k| !sig.inputs.iter().any(|s| &s.name == *k))
     {
-        return Err(format!(
-            "model.toml: max-dims names '{unknown}', which is not an input"
-        ));
+        return Err(format!("max-dims names '{unknown}', which is not an input"));
     }
     let warmup_dims = settings.warmup_dims.clone().unwrap_or_default();
     let mut elements = 0u64;
@@ -134,8 +134,7 @@ fn apply_limits(
         let warm = warmup_shape(spec, warm_rows, given);
         elements = elements.saturating_add(warm.iter().fold(1u64, |a, &d| a.saturating_mul(d)));
         spec.max_dims =
-            crate::validate::max_dims(spec, &warm, configured.get(&spec.name).map(Vec::as_slice))
-                .map_err(|e| format!("model.toml: {e}"))?;
+            crate::validate::max_dims(spec, &warm, configured.get(&spec.name).map(Vec::as_slice))?;
     }
     sig.allow_empty = settings.allow_empty_inputs.unwrap_or(false);
     Ok(elements)

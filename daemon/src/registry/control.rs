@@ -144,10 +144,10 @@ impl Registry {
                 device: device.clone(),
             })
         };
-        let new = built.map_err(|message| RequestError::LoadFailed {
+        let new = built.map_err(|e| RequestError::LoadFailed {
             model: name.into(),
             version,
-            message,
+            message: e.to_string(),
         })?;
         let measured = grew.max(file_bytes);
         let mut models = self.write();

@@ -22,7 +22,25 @@ use crate::runtime::Runtime;
 
 /// A build's outcome: the model or why not, the bytes it grew the process (and device) by,
 /// and its time in ms.
-pub(super) type Measured = (Result<LoadedModel, String>, u64, u64);
+pub(super) type Measured = (Result<LoadedModel, BuildError>, u64, u64);
+
+/// Why a version could not be built; its text is what a failed load reports.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("no device named '{0}'")]
+    NoDevice(String),
+    /// model.toml asks for something the model does not have.
+    #[error("model.toml: {0}")]
+    Settings(String),
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::RuntimeError),
+    #[error("cannot start a load thread: {0}")]
+    Thread(std::io::Error),
+    #[error("timed out after {} s (load-timeout-secs)", .0.as_secs())]
+    TimedOut(Duration),
+    #[error("the load thread ended without a result")]
+    Vanished,
+}
 
 /// A version to build: which, from which file, with what settings, on which device. Owned,
 /// so that the build can run on a thread of its own.
@@ -72,7 +90,7 @@ impl Registry {
             let _ = tx.send(built);
         });
         if let Err(e) = spawned {
-            return (Err(format!("cannot start a load thread: {e}")), 0, 0);
+            return (Err(BuildError::Thread(e)), 0, 0);
         }
         let elapsed = || started.elapsed().as_millis() as u64;
         match rx.recv_timeout(limit) {
@@ -84,20 +102,11 @@ impl Registry {
                     "the load did not finish within {} s; its thread is left behind",
                     limit.as_secs()
                 );
-                (
-                    Err(format!(
-                        "timed out after {} s (load-timeout-secs)",
-                        limit.as_secs()
-                    )),
-                    0,
-                    elapsed(),
-                )
+                (Err(BuildError::TimedOut(limit)), 0, elapsed())
             }
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => (
-                Err("the load thread ended without a result".into()),
-                0,
-                elapsed(),
-            ),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                (Err(BuildError::Vanished), 0, elapsed())
+            }
         }
     }
 }

@@ -278,10 +278,10 @@ impl Registry {
         };
         let loaded = match built {
             Ok(l) => l,
-            Err(message) => {
+            Err(e) => {
                 let mut models = self.write();
                 self.lock_budget().budget.release(&key);
-                return Err(self.fail(&mut models, ticket, Failure::Broken, message));
+                return Err(self.fail(&mut models, ticket, Failure::Broken, e.to_string()));
             }
         };
         // Weights are resident at least once, even when freed pages were reused; and a reload
