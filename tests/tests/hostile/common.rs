@@ -268,13 +268,22 @@ pub fn assert_unharmed(
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let grown = rss(d.pid()).saturating_sub(before.rss);
-    assert!(
-        grown <= rss_slack,
-        "resident memory grew by {} MiB (bound {} MiB)",
-        grown >> 20,
-        rss_slack >> 20
-    );
+    // Memory held for requests goes once they are answered — by the thread that drops the
+    // job, which a loaded machine may run a moment after the client read its answer.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let grown = rss(d.pid()).saturating_sub(before.rss);
+        if grown <= rss_slack {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "resident memory grew by {} MiB (bound {} MiB)",
+            grown >> 20,
+            rss_slack >> 20
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let (input, want) = digits_case(2);
     let out = d.client_inline().infer("digits", vec![input]).unwrap();
     assert_eq!(out, want);
