@@ -282,13 +282,9 @@ fn positive(s: &str) -> Result<usize, String> {
     }
 }
 
-#[path = "rxctl/bench.rs"]
 mod bench;
-#[path = "rxctl/infer.rs"]
 mod infer;
-#[path = "rxctl/render.rs"]
 mod render;
-#[path = "rxctl/top.rs"]
 mod top;
 
 mod code {
