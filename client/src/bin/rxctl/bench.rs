@@ -1,14 +1,64 @@
 //! `rxctl bench`: flags to a [`rxd_client::bench::Load`], a progress line on a terminal, and
 //! the report as a table or JSON.
 
-use rxd_client::ClientOptions;
-use rxd_client::blocking::Client;
-
 use crate::infer::{generate, generated_text, parse_dims, read_inputs};
-use crate::{Cli, Cmd, Failure, code, print_json};
+use crate::{Cli, Failure, code, print_json};
 
-pub fn bench(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
-    let Cmd::Bench {
+/// `rxctl bench MODEL`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    model: String,
+    /// Connections, each with one request in flight; a list sweeps (1,8,32).
+    #[arg(long, short = 'c', value_delimiter = ',', default_value = "1", value_parser = positive)]
+    concurrency: Vec<usize>,
+    /// Open loop instead: RATE:SECONDS phases, e.g. 50:5,400:5,50:5 (requests/s).
+    #[arg(long, value_name = "RATE:SECS,...")]
+    rate: Option<String>,
+    /// Seconds per closed-loop run.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Stop a closed-loop run after exactly this many requests (or --duration).
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Seconds of warm-up before measuring (its requests are not in the figures; the
+    /// daemon's metrics count them, and the report says how many there were).
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
+    /// NAME=FILE.npy inputs; others are generated (random, of the model's warmup shape).
+    #[arg(long = "input", short = 'i', value_name = "NAME=FILE")]
+    inputs: Vec<String>,
+    /// Shape of a generated input, e.g. images=1x3x320x320 (as for `rxctl infer`).
+    #[arg(long = "dim", value_name = "NAME=AxBx..")]
+    dims: Vec<String>,
+    /// Rows (first dimension) of generated inputs where it is dynamic (default: the
+    /// generated shape's).
+    #[arg(long)]
+    rows: Option<u64>,
+    /// Send tensors inline instead of through the shared-memory arena.
+    #[arg(long)]
+    inline: bool,
+    /// Per-request deadline in ms.
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// Send identical inputs in every request. By default each request differs in the
+    /// lowest bits of the largest float input's first elements, so that the daemon's
+    /// result cache and coalescing do not answer without running the model.
+    #[arg(long)]
+    same_input: bool,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+fn positive(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{s}' is not a positive number")),
+    }
+}
+
+pub fn bench(cli: &Cli, args: &BenchArgs) -> Result<u8, Failure> {
+    let BenchArgs {
         model,
         concurrency,
         rate,
@@ -22,10 +72,7 @@ pub fn bench(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
         timeout_ms,
         same_input,
         seed,
-    } = command
-    else {
-        unreachable!()
-    };
+    } = args;
     let phases: Vec<(f64, f64)> = match rate {
         None => Vec::new(),
         Some(text) => text
@@ -44,8 +91,7 @@ pub fn bench(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
     };
     let mut given = read_inputs(inputs)?;
     let dims = parse_dims(dims)?;
-    let info =
-        Client::connect_with(&cli.socket, ClientOptions::inline_only())?.model_info(model, None)?;
+    let info = cli.connect()?.model_info(model, None)?;
     let generated = generate(&info, &mut given, &dims, *rows, *seed)?;
     if !cli.json
         && let Some(text) = generated_text(&generated)

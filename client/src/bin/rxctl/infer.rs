@@ -2,11 +2,38 @@
 //! as .npy files.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use rxd_client::protocol::{ModelInfo, Tensor, TensorSpec};
 use rxd_client::{ClientOptions, DType, blocking::Client, npy, tensor};
 
-use crate::{Cli, Cmd, Failure, code, print_json};
+use crate::{Cli, Failure, Target, code, print_json};
+
+/// `rxctl infer MODEL [--input NAME=FILE.npy]... [-o DIR]`.
+#[derive(Debug, clap::Args)]
+pub struct InferArgs {
+    #[command(flatten)]
+    target: Target,
+    /// NAME=FILE.npy, once per input.
+    #[arg(long = "input", short = 'i', value_name = "NAME=FILE")]
+    inputs: Vec<String>,
+    /// Shape of a generated input, e.g. images=1x3x320x320 (default: the model's warmup
+    /// shape, `rxctl models MODEL` shows it; without one, dynamic dimensions are 1).
+    #[arg(long = "dim", value_name = "NAME=AxBx..")]
+    dims: Vec<String>,
+    /// Write each output to DIR/NAME.npy (created if missing). In NAME, every character
+    /// but ASCII letters, digits, _ - and . (and a leading .) becomes %XX, so each output
+    /// is one file inside DIR: save_infer_model/scale_0.tmp_1 →
+    /// save_infer_model%2Fscale_0.tmp_1.npy.
+    #[arg(long, short = 'o', value_name = "DIR")]
+    output_dir: Option<PathBuf>,
+    /// Only these outputs (default: all).
+    #[arg(long = "output", value_name = "NAME")]
+    outputs: Vec<String>,
+    /// Seed for generated inputs.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
 
 pub fn read_inputs(args: &[String]) -> Result<Vec<Tensor>, Failure> {
     let mut given = Vec::new();
@@ -194,20 +221,9 @@ pub fn generated_text(generated: &[Generated]) -> Option<String> {
     Some(format!("random inputs: {} ({why})", items.join(", ")))
 }
 
-pub fn infer(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
-    let Cmd::Infer {
-        model,
-        version,
-        inputs: input_args,
-        dims,
-        output_dir,
-        outputs: wanted,
-        seed,
-    } = command
-    else {
-        unreachable!()
-    };
-    let (version, output_dir) = (*version, output_dir.as_ref());
+pub fn infer(cli: &Cli, args: &InferArgs) -> Result<u8, Failure> {
+    let (model, version) = (&args.target.model, args.target.version);
+    let (output_dir, wanted) = (args.output_dir.as_ref(), &args.outputs);
     if let Some(dir) = output_dir {
         if dir.exists() && !dir.is_dir() {
             return Err(Failure(
@@ -222,11 +238,10 @@ pub fn infer(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Failure(code::IO, format!("{}: {e}", dir.display())))?;
     }
-    let mut given = read_inputs(input_args)?;
-    let dims = parse_dims(dims)?;
-    let info = Client::connect_with(&cli.socket, ClientOptions::inline_only())?
-        .model_info(model, version)?;
-    let generated = generate(&info, &mut given, &dims, None, *seed)?;
+    let mut given = read_inputs(&args.inputs)?;
+    let dims = parse_dims(&args.dims)?;
+    let info = cli.connect()?.model_info(model, version)?;
+    let generated = generate(&info, &mut given, &dims, None, args.seed)?;
     // An arena sized for the inputs large enough to go through it and for the outputs, where
     // their size is known before the run (the library places both; outputs that do not fit
     // come inline).

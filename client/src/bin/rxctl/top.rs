@@ -14,7 +14,30 @@ use rxd_client::blocking::Client;
 use rxd_client::protocol::MetricsReport;
 
 use crate::render::size_text as size;
-use crate::{Failure, code};
+use crate::{Cli, Failure, code};
+
+/// `rxctl top`.
+#[derive(Debug, clap::Args)]
+pub struct TopArgs {
+    /// Refresh interval in ms.
+    #[arg(long, default_value_t = 1000)]
+    interval_ms: u64,
+}
+
+/// `rxctl top`: refuses `--json` (`metrics` gives the figures as JSON), then runs the view.
+pub fn top(cli: &Cli, args: &TopArgs) -> Result<u8, Failure> {
+    if cli.json {
+        return Err(Failure(
+            code::USAGE,
+            "rxctl top is a live view; `rxctl --json metrics` gives its figures as JSON".into(),
+        ));
+    }
+    run(
+        &cli.socket,
+        Duration::from_millis(args.interval_ms.max(100)),
+    )
+    .map(|()| 0)
+}
 
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("-".into(), |v| format!("{v:.digits$}"))
@@ -160,7 +183,7 @@ impl Drop for Screen {
 }
 
 /// Runs the live view until q, Esc or Ctrl-C.
-pub fn run(socket: &Path, interval: Duration) -> Result<(), Failure> {
+fn run(socket: &Path, interval: Duration) -> Result<(), Failure> {
     use std::io::IsTerminal;
     if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
         return Err(Failure(
