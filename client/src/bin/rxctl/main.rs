@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use rxd_client::generate::{Generate, generate};
 use rxd_client::{ClientError, ClientOptions, blocking::Client};
 
 mod admin;
@@ -53,28 +54,6 @@ struct Cli {
     /// Print a man page or a shell completion script generated from these definitions.
     #[arg(long, value_enum, hide = true, value_name = "WHAT")]
     generate: Option<Generate>,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum Generate {
-    Man,
-    CompleteBash,
-    CompleteZsh,
-    CompleteFish,
-}
-
-fn generate(what: Generate) -> std::io::Result<()> {
-    use clap_complete::Shell;
-    let mut cmd = <Cli as clap::CommandFactory>::command().name("rxctl");
-    let out = &mut std::io::stdout();
-    let shell = match what {
-        Generate::Man => return clap_mangen::Man::new(cmd).render(out),
-        Generate::CompleteBash => Shell::Bash,
-        Generate::CompleteZsh => Shell::Zsh,
-        Generate::CompleteFish => Shell::Fish,
-    };
-    clap_complete::generate(shell, &mut cmd, "rxctl", out);
-    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -150,7 +129,9 @@ fn main() -> ExitCode {
         }
     };
     if let Some(what) = cli.generate {
-        return ExitCode::from(if generate(what).is_ok() { 0 } else { code::IO });
+        let cmd = <Cli as clap::CommandFactory>::command().name("rxctl");
+        let written = generate(what, cmd, "1", &mut std::io::stdout());
+        return ExitCode::from(if written.is_ok() { 0 } else { code::IO });
     }
     let Some(command) = &cli.command else {
         let _ = <Cli as clap::CommandFactory>::command().print_help();
