@@ -96,7 +96,7 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> Result<u8, Failure> {
     if !cli.json
         && let Some(text) = generated_text(&generated)
     {
-        println!("{text}");
+        outln!("{text}");
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -171,13 +171,20 @@ pub fn bench(cli: &Cli, args: &BenchArgs) -> Result<u8, Failure> {
 }
 
 fn print_table(reports: &[rxd_client::bench::Report]) {
-    println!(
+    outln!(
         "{:>6} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7} {:>7}  ERRORS",
-        "CONC", "REQ/S", "P50 ms", "P90 ms", "P95 ms", "P99 ms", "BATCH", "CACHED"
+        "CONC",
+        "REQ/S",
+        "P50 ms",
+        "P90 ms",
+        "P95 ms",
+        "P99 ms",
+        "BATCH",
+        "CACHED"
     );
     for r in reports {
         let errors: Vec<String> = r.errors.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!(
+        outln!(
             "{:>6} {:>10.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7.2} {:>6.0}%  {}",
             r.concurrency,
             r.throughput_per_s,
@@ -190,9 +197,11 @@ fn print_table(reports: &[rxd_client::bench::Report]) {
             errors.join(" ")
         );
         for p in &r.phases {
-            println!(
+            outln!(
                 "       phase: offered {:>8.1}/s  achieved {:>8.1}/s  p99 {:>8.2} ms",
-                p.offered_per_s, p.throughput_per_s, p.latency_ms.p99
+                p.offered_per_s,
+                p.throughput_per_s,
+                p.latency_ms.p99
             );
         }
     }
@@ -203,26 +212,26 @@ fn print_table(reports: &[rxd_client::bench::Report]) {
         .iter()
         .map(|r| format!("{} requests in {:.1} s", r.warmup_requests, r.warmup_s))
         .collect();
-    println!(
+    outln!(
         "warm-up before each run: {} (not in the figures above; the daemon's metrics count them)",
         warm.join(", ")
     );
     match (&first.varied_input, first.same_input) {
-        (_, true) => println!(
+        (_, true) => outln!(
             "inputs: identical in every request (--same-input): the daemon's result cache and \
              coalescing may answer them without running the model"
         ),
-        (Some(name), false) => println!(
+        (Some(name), false) => outln!(
             "inputs: each request differs in the lowest bits of the first elements of '{name}' \
              (--same-input sends identical ones)"
         ),
-        (None, false) => println!(
+        (None, false) => outln!(
             "inputs: no float input to vary, so every request is identical: the daemon's result \
              cache and coalescing may answer them without running the model"
         ),
     }
     if reports.iter().any(|r| r.answered_without_running() > 0.0) {
-        println!(
+        outln!(
             "CACHED: requests the daemon answered from its result cache or by joining an \
              identical request in flight (during the run, all clients of the model)"
         );
@@ -231,7 +240,7 @@ fn print_table(reports: &[rxd_client::bench::Report]) {
     for r in reports {
         for (code, message) in &r.error_messages {
             if shown.insert(code.clone()) {
-                println!("first error: {message}");
+                outln!("first error: {message}");
             }
         }
     }

@@ -316,9 +316,9 @@ pub fn infer(cli: &Cli, args: &InferArgs) -> Result<u8, Failure> {
         }));
     } else {
         if let Some(text) = generated_text(&generated) {
-            println!("{text}");
+            outln!("{text}");
         }
-        println!("{} version {}:", reply.model, reply.version);
+        outln!("{} version {}:", reply.model, reply.version);
         for t in &reply.outputs {
             let shape: Vec<String> = t.shape.iter().map(u64::to_string).collect();
             let values: Vec<String> = preview(t, 10).iter().map(human_number).collect();
@@ -327,7 +327,7 @@ pub fn infer(cli: &Cli, args: &InferArgs) -> Result<u8, Failure> {
             } else {
                 ""
             };
-            println!(
+            outln!(
                 "  {} {} [{}] = [{}{more}]",
                 t.name,
                 t.dtype.name(),
@@ -341,7 +341,7 @@ pub fn infer(cli: &Cli, args: &InferArgs) -> Result<u8, Failure> {
                 .filter_map(|p| p.file_name())
                 .map(|n| n.to_string_lossy().into_owned())
                 .collect();
-            println!("outputs written to {}: {}", dir.display(), names.join(", "));
+            outln!("outputs written to {}: {}", dir.display(), names.join(", "));
         }
     }
     Ok(0)

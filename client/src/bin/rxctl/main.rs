@@ -15,6 +15,8 @@ use clap::{Parser, Subcommand};
 use rxd_client::generate::{Generate, generate};
 use rxd_client::{ClientError, ClientOptions, blocking::Client};
 
+#[macro_use]
+mod out;
 mod admin;
 mod bench;
 mod exit;
@@ -114,13 +116,12 @@ impl Cli {
         if self.json {
             print_json(json);
         } else {
-            print!("{text}");
+            out!("{text}");
         }
     }
 }
 
 fn main() -> ExitCode {
-    rxd_shm::default_sigpipe();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -130,8 +131,13 @@ fn main() -> ExitCode {
     };
     if let Some(what) = cli.generate {
         let cmd = <Cli as clap::CommandFactory>::command().name("rxctl");
-        let written = generate(what, cmd, "1", &mut std::io::stdout());
-        return ExitCode::from(if written.is_ok() { 0 } else { code::IO });
+        return match generate(what, cmd, "1", &mut std::io::stdout()) {
+            Ok(()) => ExitCode::from(0),
+            Err(e) => {
+                out::exit_if_closed(&e);
+                ExitCode::from(code::IO)
+            }
+        };
     }
     let Some(command) = &cli.command else {
         let _ = <Cli as clap::CommandFactory>::command().print_help();
@@ -142,7 +148,7 @@ fn main() -> ExitCode {
         Err(Failure(c, msg)) => {
             if cli.json {
                 let v = serde_json::json!({"error": msg, "exit_code": c});
-                println!("{v}");
+                outln!("{v}");
             } else {
                 eprintln!("rxctl: {msg}");
             }
@@ -175,7 +181,7 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
 
 fn print_json<T: serde::Serialize>(v: &T) {
     match serde_json::to_string_pretty(v) {
-        Ok(text) => println!("{text}"),
+        Ok(text) => outln!("{text}"),
         Err(e) => eprintln!("rxctl: cannot print JSON: {e}"),
     }
 }

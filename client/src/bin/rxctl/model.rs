@@ -92,7 +92,7 @@ pub fn add(cli: &Cli, args: &AddArgs) -> Result<u8, Failure> {
     if cli.json {
         print_json(&serde_json::json!({ "publish": published, "compress": compressed }));
     } else {
-        println!(
+        outln!(
             "published {} version {} ({}, {})",
             published.model,
             published.version,
@@ -100,7 +100,7 @@ pub fn add(cli: &Cli, args: &AddArgs) -> Result<u8, Failure> {
             published.summary.state.name()
         );
         if let Some(c) = &compressed {
-            print!("{}", c.report);
+            out!("{}", c.report);
         }
     }
     Ok(match compressed {
@@ -149,7 +149,7 @@ pub fn compress(cli: &Cli, args: &CompressArgs) -> Result<u8, Failure> {
     if cli.json {
         print_json(&r);
     } else {
-        print!("{}", r.report);
+        out!("{}", r.report);
     }
     Ok(if r.passed { 0 } else { code::SERVER_ERROR })
 }

@@ -75,7 +75,7 @@ pub fn metrics(cli: &Cli, args: &MetricsArgs) -> Result<u8, Failure> {
     }
     let m = cli.connect()?.metrics()?;
     if args.prometheus {
-        print!("{}", rxd_protocol::metrics::prometheus(&m));
+        out!("{}", rxd_protocol::metrics::prometheus(&m));
     } else {
         cli.show(
             &(top::render(&m, None, 200, 1000, false).join("\n") + "\n"),
