@@ -21,6 +21,8 @@
 //! - [`shapes`]: output sizes known before a run (to size an output area for a first request).
 //! - [`blocking`]: the same API without async.
 //! - [`bench`]: the load generator behind `rxctl bench`.
+//! - `generate` (feature `generate`): man pages and shell completions from clap definitions,
+//!   shared by `rxctl` and `rxd`.
 //!
 //! The `rxctl` binary needs the default feature `cli` (clap, crossterm); the library does not:
 //! `default-features = false` leaves them out.
@@ -29,6 +31,8 @@
 pub mod arena;
 pub mod bench;
 pub mod blocking;
+#[cfg(feature = "generate")]
+pub mod generate;
 pub mod npy;
 pub mod shapes;
 pub mod tensor;

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+pub use rxd_client::generate::Generate;
 
 /// rxd — local inference daemon: serves ONNX models to local processes over a Unix socket.
 #[derive(Debug, Parser)]
@@ -21,36 +22,6 @@ pub struct Cli {
     /// Print a man page or a shell completion script generated from these definitions.
     #[arg(long, value_enum, hide = true, value_name = "WHAT")]
     pub generate: Option<Generate>,
-}
-
-/// What `--generate` prints.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum Generate {
-    Man,
-    CompleteBash,
-    CompleteZsh,
-    CompleteFish,
-}
-
-/// Writes a man page or completion script for `cmd` (named `name`) to `out`.
-pub fn generate(
-    what: Generate,
-    mut cmd: clap::Command,
-    name: &str,
-    out: &mut dyn std::io::Write,
-) -> std::io::Result<()> {
-    use clap_complete::Shell;
-    let shell = match what {
-        Generate::Man => {
-            let section = if name == "rxd" { "8" } else { "1" };
-            return clap_mangen::Man::new(cmd).section(section).render(out);
-        }
-        Generate::CompleteBash => Shell::Bash,
-        Generate::CompleteZsh => Shell::Zsh,
-        Generate::CompleteFish => Shell::Fish,
-    };
-    clap_complete::generate(shell, &mut cmd, name, out);
-    Ok(())
 }
 
 #[derive(Debug, Subcommand)]

@@ -37,7 +37,7 @@ fn main() -> ExitCode {
     };
     if let Some(what) = cli.generate {
         let cmd = <Cli as clap::CommandFactory>::command().name("rxd");
-        return match rxd::cli::generate(what, cmd, "rxd", &mut std::io::stdout()) {
+        return match rxd_client::generate::generate(what, cmd, "8", &mut std::io::stdout()) {
             Ok(()) => ExitCode::from(exit::OK),
             Err(_) => ExitCode::from(exit::OSERR),
         };

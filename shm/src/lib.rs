@@ -540,16 +540,6 @@ pub fn activated_listener(
     Ok(Some(std::os::unix::net::UnixListener::from(owned)))
 }
 
-/// Restores the default SIGPIPE action (terminate quietly), as command-line tools expect
-/// when their output is piped into `head`; Rust starts programs with SIGPIPE ignored, which
-/// turns a closed pipe into a panic on the next `println!`.
-pub fn default_sigpipe() {
-    use nix::sys::signal::{SigHandler, Signal, signal};
-    // SAFETY: SIG_DFL installs no Rust handler (nothing runs in signal context); called at
-    // the start of a CLI's main, before it starts threads.
-    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -47,6 +47,18 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Runs `cmd` with its stdout a pipe whose reader has already closed (`| head -1` once `head`
+/// has its line), and returns its status and stderr.
+pub fn output_into_closed_pipe(mut cmd: Command) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    cmd.stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap()
+}
+
 /// ONNX Runtime's library fetched by scripts/fetch-deps (or, for the GPU benchmark, the one
 /// named by `RXD_TEST_ORT_LIBRARY`, e.g. the onnxruntime-gpu build).
 pub fn ort_library() -> PathBuf {
@@ -312,12 +324,14 @@ impl TestDaemon {
 
     /// Runs rxctl against this daemon.
     pub fn rxctl(&self, args: &[&str]) -> std::process::Output {
-        Command::new(bin("rxctl"))
-            .env_clear()
-            .env("RXD_SOCKET", &self.socket)
-            .args(args)
-            .output()
-            .unwrap()
+        self.rxctl_command(args).output().unwrap()
+    }
+
+    /// rxctl against this daemon, not yet started.
+    pub fn rxctl_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("rxctl"));
+        cmd.env_clear().env("RXD_SOCKET", &self.socket).args(args);
+        cmd
     }
 
     /// Sends SIGTERM and waits for the exit status.

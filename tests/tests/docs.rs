@@ -13,6 +13,19 @@ fn generate(binary: &str, what: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Issue 21: `rxctl --generate man | head` ends rxctl quietly (status 0, nothing on stderr)
+/// when the reader closes, as ripgrep does, instead of a panic or a death by SIGPIPE.
+#[test]
+fn generating_into_a_closed_pipe_exits_quietly() {
+    for what in ["man", "complete-bash"] {
+        let mut cmd = Command::new(bin("rxctl"));
+        cmd.args(["--generate", what]);
+        let out = output_into_closed_pipe(cmd);
+        assert_eq!(out.status.code(), Some(0), "--generate {what}: {out:?}");
+        assert!(out.stderr.is_empty(), "--generate {what}: {out:?}");
+    }
+}
+
 #[test]
 fn man_pages_and_completions_come_from_the_flag_definitions() {
     let man = generate("rxd", "man");

@@ -621,3 +621,22 @@ fn small_stumbles_have_precise_answers() {
         "{out:?}"
     );
 }
+
+/// Issue 21: `rxctl models | head -1` and the like: when stdout's reader has gone, rxctl ends
+/// quietly with status 0 and nothing on stderr (not a panic, not a death by SIGPIPE).
+#[test]
+fn rxctl_into_a_closed_pipe_exits_quietly() {
+    let repo = Repo::new();
+    repo.link("digits", 1, "digits");
+    let d = TestDaemon::start(repo.path(), &[]);
+    for args in [
+        &["models"][..],
+        &["--json", "metrics"],
+        &["metrics", "--prometheus"],
+        &["infer", "digits"],
+    ] {
+        let out = output_into_closed_pipe(d.rxctl_command(args));
+        assert_eq!(out.status.code(), Some(0), "rxctl {args:?}: {out:?}");
+        assert!(out.stderr.is_empty(), "rxctl {args:?}: {out:?}");
+    }
+}

@@ -2,11 +2,39 @@
 //! as .npy files.
 
 use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
 
-use rxd_client::protocol::{ModelInfo, Tensor, TensorSpec};
+use rxd_client::protocol::{InferReply, ModelInfo, Tensor, TensorSpec};
 use rxd_client::{ClientOptions, DType, blocking::Client, npy, tensor};
 
-use crate::{Cli, Cmd, Failure, code, print_json};
+use crate::{Cli, Failure, Target, code, print_json};
+
+/// `rxctl infer MODEL [--input NAME=FILE.npy]... [-o DIR]`.
+#[derive(Debug, clap::Args)]
+pub struct InferArgs {
+    #[command(flatten)]
+    target: Target,
+    /// NAME=FILE.npy, once per input.
+    #[arg(long = "input", short = 'i', value_name = "NAME=FILE")]
+    inputs: Vec<String>,
+    /// Shape of a generated input, e.g. images=1x3x320x320 (default: the model's warmup
+    /// shape, `rxctl models MODEL` shows it; without one, dynamic dimensions are 1).
+    #[arg(long = "dim", value_name = "NAME=AxBx..")]
+    dims: Vec<String>,
+    /// Write each output to DIR/NAME.npy (created if missing). In NAME, every character
+    /// but ASCII letters, digits, _ - and . (and a leading .) becomes %XX, so each output
+    /// is one file inside DIR: save_infer_model/scale_0.tmp_1 →
+    /// save_infer_model%2Fscale_0.tmp_1.npy.
+    #[arg(long, short = 'o', value_name = "DIR")]
+    output_dir: Option<PathBuf>,
+    /// Only these outputs (default: all).
+    #[arg(long = "output", value_name = "NAME")]
+    outputs: Vec<String>,
+    /// Seed for generated inputs.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
 
 pub fn read_inputs(args: &[String]) -> Result<Vec<Tensor>, Failure> {
     let mut given = Vec::new();
@@ -189,20 +217,9 @@ pub fn generated_text(generated: &[Generated]) -> Option<String> {
     Some(format!("random inputs: {} ({why})", items.join(", ")))
 }
 
-pub fn infer(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
-    let Cmd::Infer {
-        model,
-        version,
-        inputs: input_args,
-        dims,
-        output_dir,
-        outputs: wanted,
-        seed,
-    } = command
-    else {
-        unreachable!()
-    };
-    let (version, output_dir) = (*version, output_dir.as_ref());
+pub fn infer(cli: &Cli, args: &InferArgs) -> Result<u8, Failure> {
+    let (model, version) = (&args.target.model, args.target.version);
+    let (output_dir, wanted) = (args.output_dir.as_ref(), &args.outputs);
     if let Some(dir) = output_dir {
         if dir.exists() && !dir.is_dir() {
             return Err(Failure(
@@ -217,11 +234,10 @@ pub fn infer(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Failure(code::IO, format!("{}: {e}", dir.display())))?;
     }
-    let mut given = read_inputs(input_args)?;
-    let dims = parse_dims(dims)?;
-    let info = Client::connect_with(&cli.socket, ClientOptions::inline_only())?
-        .model_info(model, version)?;
-    let generated = generate(&info, &mut given, &dims, None, *seed)?;
+    let mut given = read_inputs(&args.inputs)?;
+    let dims = parse_dims(&args.dims)?;
+    let info = cli.connect()?.model_info(model, version)?;
+    let generated = generate(&info, &mut given, &dims, None, args.seed)?;
     // An arena sized for the inputs large enough to go through it and for the outputs, where
     // their size is known before the run (the library places both; outputs that do not fit
     // come inline).
@@ -295,36 +311,55 @@ pub fn infer(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
             "outputs": outs,
         }));
     } else {
-        if let Some(text) = generated_text(&generated) {
-            println!("{text}");
-        }
-        println!("{} version {}:", reply.model, reply.version);
-        for t in &reply.outputs {
-            let shape: Vec<String> = t.shape.iter().map(u64::to_string).collect();
-            let values: Vec<String> = preview(t, 10).iter().map(human_number).collect();
-            let more = if t.shape.iter().product::<u64>() > 10 {
-                ", ..."
-            } else {
-                ""
-            };
-            println!(
-                "  {} {} [{}] = [{}{more}]",
-                t.name,
-                t.dtype.name(),
-                shape.join(", "),
-                values.join(", ")
-            );
-        }
-        if let Some(dir) = output_dir {
-            let names: Vec<String> = files
-                .iter()
-                .filter_map(|p| p.file_name())
-                .map(|n| n.to_string_lossy().into_owned())
-                .collect();
-            println!("outputs written to {}: {}", dir.display(), names.join(", "));
-        }
+        let written = output_dir.map(|dir| (dir.as_path(), files.as_slice()));
+        out!("{}", reply_text(&reply, &generated, written));
     }
     Ok(0)
+}
+
+/// `rxctl infer`'s text: which inputs were random, each output's first values, and where the
+/// outputs were written (`written`: the directory and the files).
+pub fn reply_text(
+    reply: &InferReply,
+    generated: &[Generated],
+    written: Option<(&Path, &[PathBuf])>,
+) -> String {
+    let mut o = String::new();
+    if let Some(text) = generated_text(generated) {
+        let _ = writeln!(o, "{text}");
+    }
+    let _ = writeln!(o, "{} version {}:", reply.model, reply.version);
+    for t in &reply.outputs {
+        let shape: Vec<String> = t.shape.iter().map(u64::to_string).collect();
+        let values: Vec<String> = preview(t, 10).iter().map(human_number).collect();
+        let more = if t.shape.iter().product::<u64>() > 10 {
+            ", ..."
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            o,
+            "  {} {} [{}] = [{}{more}]",
+            t.name,
+            t.dtype.name(),
+            shape.join(", "),
+            values.join(", ")
+        );
+    }
+    if let Some((dir, files)) = written {
+        let names: Vec<String> = files
+            .iter()
+            .filter_map(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .collect();
+        let _ = writeln!(
+            o,
+            "outputs written to {}: {}",
+            dir.display(),
+            names.join(", ")
+        );
+    }
+    o
 }
 
 fn human_number(v: &serde_json::Value) -> String {
@@ -389,5 +424,81 @@ fn preview(t: &Tensor, max: usize) -> Vec<serde_json::Value> {
         DType::Uint64 => take::<u64>(t, max),
         DType::Bool => take::<bool>(t, max),
         _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generated(from: &'static str) -> Generated {
+        Generated {
+            name: "images".into(),
+            dtype: "float32",
+            shape: vec![1, 3, 320, 320],
+            shape_from: from,
+        }
+    }
+
+    #[test]
+    fn generated_inputs_are_named_with_their_shape_and_where_it_came_from() {
+        assert_eq!(generated_text(&[]), None);
+        assert_eq!(
+            generated_text(&[generated("warmup")]).unwrap(),
+            "random inputs: images float32 [1, 3, 320, 320] (the shapes the daemon warmed the \
+             model up with; --dim NAME=AxB.. changes them)"
+        );
+        let ones = generated_text(&[generated("ones")]).unwrap();
+        assert!(ones.contains("their dynamic dimensions are 1"), "{ones}");
+        let dim = generated_text(&[generated("dim")]).unwrap();
+        assert!(
+            dim.ends_with("(--input NAME=FILE.npy gives real ones)"),
+            "{dim}"
+        );
+    }
+
+    #[test]
+    fn the_reply_shows_ten_values_of_each_output_and_where_they_were_written() {
+        let values: Vec<u8> = (0..12)
+            .flat_map(|i| (i as f32 * 0.5).to_le_bytes())
+            .collect();
+        let label = 7i64.to_le_bytes().to_vec();
+        let reply = InferReply {
+            model: "digits".into(),
+            version: 2,
+            outputs: vec![
+                Tensor::inline("probs", DType::Float32, vec![1, 12], values),
+                Tensor::inline("label", DType::Int64, vec![1], label),
+            ],
+        };
+        let files = [
+            PathBuf::from("out/probs.npy"),
+            PathBuf::from("out/label.npy"),
+        ];
+        let text = reply_text(
+            &reply,
+            &[generated("warmup")],
+            Some((Path::new("out"), &files)),
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("random inputs: images"), "{text}");
+        assert_eq!(lines[1], "digits version 2:");
+        assert_eq!(
+            lines[2],
+            "  probs float32 [1, 12] = [0.0000, 0.5000, 1.0000, 1.5000, 2.0000, 2.5000, \
+             3.0000, 3.5000, 4.0000, 4.5000, ...]"
+        );
+        assert_eq!(lines[3], "  label int64 [1] = [7]");
+        assert_eq!(lines[4], "outputs written to out: probs.npy, label.npy");
+        assert_eq!(lines.len(), 5, "{text}");
+        assert!(!reply_text(&reply, &[], None).contains("random"));
+    }
+
+    #[test]
+    fn numbers_are_shown_for_people() {
+        assert_eq!(human_number(&serde_json::json!(0.5)), "0.5000");
+        assert_eq!(human_number(&serde_json::json!(1.5e-5)), "1.500e-5");
+        assert_eq!(human_number(&serde_json::json!(0.0)), "0.0000");
+        assert_eq!(human_number(&serde_json::json!(3)), "3");
     }
 }

@@ -408,4 +408,75 @@ mod tests {
         assert!(lines[1].contains("1.0 GiB"), "{text}");
         assert_eq!(lines[2], "  WebGpuExecutionProvider; unusable: no adapter");
     }
+
+    #[test]
+    fn status_says_what_the_daemon_is_and_the_configuration_in_force() {
+        let s: Status = serde_json::from_value(json!({
+            "server": "rxd 0.1.0", "protocol": 3, "pid": 42, "uptime_ms": 1500,
+            "socket": "/run/rxd/rxd.sock", "model_repository": "/srv/models",
+            "ort_version": "1.31.1", "ort_library": "libonnxruntime.so", "intra_op_threads": 1,
+            "models_ready": 2, "models_failed": 1, "connections": 3, "requests_total": 10,
+            "requests_failed": 1, "in_flight": 0, "config": {"memory-budget": "512 MiB"},
+        }))
+        .unwrap();
+        assert_eq!(
+            status(&s),
+            "rxd 0.1.0 (protocol 3), pid 42\n\
+             uptime:       1.5 s\n\
+             socket:       /run/rxd/rxd.sock\n\
+             repository:   /srv/models\n\
+             onnxruntime:  1.31.1 (libonnxruntime.so)\n\
+             threads:      1 intra-op per instance\n\
+             models:       2 ready, 1 failed\n\
+             requests:     10 total, 1 failed, 0 in flight; 3 connections\n\
+             configuration in force:\n  memory-budget = 512 MiB\n"
+        );
+    }
+
+    #[test]
+    fn model_info_shows_memory_placement_and_every_input_and_output() {
+        let mut v = serde_json::to_value(summary(json!({
+            "memory_bytes": 2_097_152, "estimated_bytes": 1_048_576, "load_ms": 30,
+            "ep": "CPUExecutionProvider", "node_placement": {"CPUExecutionProvider": 12},
+            "pinned": true,
+        })))
+        .unwrap();
+        let more = json!({
+            "inputs": [{"name": "input", "dtype": "float32", "dims": [-1, 64],
+                        "dim_names": ["batch", ""], "warmup_dims": [1, 64],
+                        "max_dims": [32, 64]}],
+            "outputs": [{"name": "label", "dtype": "int64", "dims": [-1],
+                         "dim_names": ["?x"]}],
+        });
+        if let (Some(v), Some(more)) = (v.as_object_mut(), more.as_object()) {
+            v.extend(more.clone());
+        }
+        let info: ModelInfo = serde_json::from_value(v).unwrap();
+        let text = model_info(&info);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0], "digits version 2: ready on cpu, 1 instance(s), pinned",
+            "{text}"
+        );
+        assert_eq!(
+            lines[1],
+            "memory: 2.0 MiB measured (1.0 MiB estimated), loaded and warmed up in 30 ms, \
+             evicted 0 time(s)"
+        );
+        assert_eq!(
+            lines[2],
+            "execution provider: CPUExecutionProvider; nodes: 12 on CPUExecutionProvider"
+        );
+        assert_eq!(lines[3], "inputs:");
+        assert_eq!(
+            lines[4],
+            format!(
+                "  {:<24} {:<8} [batch, 64]  warmup [1, 64]  at most [32, 64]",
+                "input", "float32"
+            )
+        );
+        assert_eq!(lines[5], "outputs:");
+        assert_eq!(lines[6], format!("  {:<24} {:<8} [?]", "label", "int64"));
+        assert_eq!(lines.len(), 7, "{text}");
+    }
 }

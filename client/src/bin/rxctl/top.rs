@@ -14,7 +14,30 @@ use rxd_client::blocking::Client;
 use rxd_client::protocol::MetricsReport;
 
 use crate::render::size_text as size;
-use crate::{Failure, code};
+use crate::{Cli, Failure, code};
+
+/// `rxctl top`.
+#[derive(Debug, clap::Args)]
+pub struct TopArgs {
+    /// Refresh interval in ms.
+    #[arg(long, default_value_t = 1000)]
+    interval_ms: u64,
+}
+
+/// `rxctl top`: refuses `--json` (`metrics` gives the figures as JSON), then runs the view.
+pub fn top(cli: &Cli, args: &TopArgs) -> Result<u8, Failure> {
+    if cli.json {
+        return Err(Failure(
+            code::USAGE,
+            "rxctl top is a live view; `rxctl --json metrics` gives its figures as JSON".into(),
+        ));
+    }
+    run(
+        &cli.socket,
+        Duration::from_millis(args.interval_ms.max(100)),
+    )
+    .map(|()| 0)
+}
 
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("-".into(), |v| format!("{v:.digits$}"))
@@ -160,7 +183,7 @@ impl Drop for Screen {
 }
 
 /// Runs the live view until q, Esc or Ctrl-C.
-pub fn run(socket: &Path, interval: Duration) -> Result<(), Failure> {
+fn run(socket: &Path, interval: Duration) -> Result<(), Failure> {
     use std::io::IsTerminal;
     if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
         return Err(Failure(
@@ -214,5 +237,90 @@ pub fn run(socket: &Path, interval: Duration) -> Result<(), Failure> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn report(cpu_seconds: f64) -> MetricsReport {
+        let latency = |p50: f64, p99: f64| {
+            json!({"recent": {"count": 4, "mean": p50, "p50": p50, "p99": p99},
+                   "count": 4, "sum": 1.0, "buckets": []})
+        };
+        let model = json!({
+                "name": "digits", "version": 1, "state": "ready", "device": "cpu",
+                "instances": 2, "queue_depth": 0, "queue_capacity": 64,
+                "outcomes": {"ok": 38}, "batches": 10, "rows": 38,
+                "rates": [{"window_s": 1, "requests_per_s": 9.0, "errors_per_s": 0.0,
+                           "batches_per_s": 2.0, "rows_per_s": 9.0},
+                          {"window_s": 10, "requests_per_s": 3.5, "errors_per_s": 0.5,
+                           "batches_per_s": 1.0, "rows_per_s": 3.5}],
+                "queue": latency(0.1, 0.2), "compute": latency(1.0, 2.0),
+                "total": latency(1.25, 2.5), "batch_rows": latency(3.8, 4.0),
+                "cache_hits": 1, "cache_misses": 3, "cache_hit_rate": 0.25,
+                "cache_bytes": 0, "coalesced": 0, "memory_bytes": 1_048_576, "loads": 1,
+                "load_failures": 0, "evictions": 0, "load_seconds_total": 0.5,
+                "settings": {"instances": 2, "max_batch_rows": 8, "max_queue_delay_us": 0,
+                             "queue_capacity": 64, "default_priority": 0,
+                             "priority_aging_ms": 0, "cache_bytes": 0},
+        });
+        serde_json::from_value(json!({
+            "uptime_ms": 12_000, "requests_total": 40, "errors": {"busy": 2},
+            "process": {"rss_bytes": 3_145_728, "cpu_seconds": cpu_seconds},
+            "connections_open": 1, "connections_total": 3, "in_flight": 0,
+            "models": [model],
+            "devices": [{"name": "cpu", "kind": "cpu", "used_bytes": 1_048_576,
+                         "models": ["digits"]}],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_view_has_a_row_per_model_and_device_and_the_cpu_share_since_the_last_report() {
+        let lines = render(
+            &report(2.0),
+            Some((&report(1.5), Duration::from_secs(1))),
+            200,
+            100,
+            true,
+        );
+        assert_eq!(
+            lines[0],
+            "rxd: up 12 s, 1 connections, 0 in flight, 40 requests, RSS 3.0 MiB, CPU 50%   \
+             (q quits)"
+        );
+        assert!(lines[2].starts_with("MODEL"), "{lines:#?}");
+        // The 10 s rate, recent percentiles, queue of capacity, memory and cache hits.
+        let row: Vec<&str> = lines[3].split_whitespace().collect();
+        assert_eq!(
+            row,
+            [
+                "digits", "1", "ready", "cpu", "2", "38", "3.5", "0.5", "1.25", "2.50", "3.8",
+                "0/64", "1.0", "MiB", "25%"
+            ],
+            "{lines:#?}"
+        );
+        assert!(lines[5].starts_with("DEVICE"), "{lines:#?}");
+        let device: Vec<&str> = lines[6].split_whitespace().collect();
+        assert_eq!(
+            device,
+            ["cpu", "unlimited", "1.0", "MiB", "-", "digits"],
+            "{lines:#?}"
+        );
+        assert_eq!(lines[7], "GPUs: none visible");
+        assert_eq!(lines[8], "errors: busy 2");
+        assert_eq!(lines.len(), 9, "{lines:#?}");
+    }
+
+    #[test]
+    fn the_view_fits_the_terminal_and_says_quit_only_when_live() {
+        let lines = render(&report(1.0), None, 30, 4, false);
+        assert_eq!(lines.len(), 4);
+        assert!(lines.iter().all(|l| l.chars().count() <= 30), "{lines:#?}");
+        assert_eq!(lines[0], "rxd: up 12 s, 1 connections, 0");
+        assert!(lines[0].len() <= 30 && !lines.concat().contains("quits"));
     }
 }
