@@ -1,0 +1,157 @@
+//! File descriptors between processes: an arena's memfd sent and received over a Unix socket
+//! (SCM_RIGHTS), reads that close any fd that was not expected, a peer's groups taken from
+//! the socket, and the listening socket a service manager passed at start (socket
+//! activation: an fd handed over across exec rather than over a socket).
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+
+/// Sends `bytes` with `fd` attached (SCM_RIGHTS) in one `sendmsg`. Returns bytes sent; the
+/// caller sends the rest (if any) with plain writes. Works on non-blocking sockets
+/// (`WouldBlock` is returned as an error).
+pub fn send_with_fd(sock: RawFd, bytes: &[u8], fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let fds = [fd.as_raw_fd()];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let iov = [io::IoSlice::new(bytes)];
+    Ok(sendmsg::<()>(
+        sock,
+        &iov,
+        &cmsg,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?)
+}
+
+/// Receives into `buf` with `recvmsg`, taking at most one passed fd (extra fds are closed).
+/// Returns the bytes read and the fd, if one came.
+pub fn recv_with_fd(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            for r in raw {
+                // SAFETY: the kernel just installed `r` in our fd table for this message
+                // (SCM_RIGHTS); nothing else owns it, so wrapping it transfers ownership once.
+                fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+            }
+        }
+    }
+    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+    let n = msg.bytes;
+    if truncated {
+        return Err(io::Error::other("ancillary data truncated"));
+    }
+    let first = if fds.is_empty() {
+        None
+    } else {
+        Some(fds.swap_remove(0))
+    };
+    Ok((n, first))
+}
+
+/// `SO_PEERGROUPS` (Linux ≥ 4.13); the same number on every architecture rxd builds for
+/// except mips and sparc, which it does not.
+#[cfg(not(any(target_arch = "mips", target_arch = "mips64", target_arch = "sparc64")))]
+const SO_PEERGROUPS: nix::libc::c_int = 59;
+
+/// The supplementary groups of a connected Unix socket's peer as they were when it connected
+/// (`SO_PEERGROUPS`): taken from the socket, so a peer that has exited, or whose pid now
+/// belongs to another process, cannot lend its groups to anyone.
+pub fn peer_groups(sock: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
+    let mut groups: Vec<nix::libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = nix::libc::socklen_t::try_from(groups.len() * size_of::<nix::libc::gid_t>())
+            .map_err(|_| io::Error::other("too many groups"))?;
+        // SAFETY: `groups` is a live, writable buffer of exactly `len` bytes; the kernel writes
+        // at most `len` bytes into it and stores the size it needs (or wrote) in `len`.
+        let rc = unsafe {
+            nix::libc::getsockopt(
+                sock.as_raw_fd(),
+                nix::libc::SOL_SOCKET,
+                SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let n = len as usize / size_of::<nix::libc::gid_t>();
+        if rc == 0 {
+            groups.truncate(n.min(groups.len()));
+            return Ok(groups);
+        }
+        let err = io::Error::last_os_error();
+        // ERANGE: the buffer was too small and `len` says how much is needed.
+        if err.raw_os_error() == Some(nix::libc::ERANGE) && n > groups.len() && n <= 1 << 16 {
+            groups.resize(n, 0);
+            continue;
+        }
+        return Err(err);
+    }
+}
+
+/// Receives into `buf` with `recvmsg` where no fds are expected: any that came (or that the
+/// kernel had to discard for lack of room, `MSG_CTRUNC`) are closed, and the flag says so.
+/// Returns the bytes read and whether fds came.
+pub fn recv_closing_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+    let mut space = nix::cmsg_space!([RawFd; 8]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut had = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            for r in raw {
+                // SAFETY: the kernel just installed `r` in our fd table for this message
+                // (SCM_RIGHTS); nothing else owns it: wrapping it takes ownership once, and
+                // dropping it closes it.
+                drop(unsafe { OwnedFd::from_raw_fd(r) });
+                had = true;
+            }
+        }
+    }
+    Ok((msg.bytes, had))
+}
+
+/// Convenience for fd-generic callers.
+pub fn raw(fd: &impl AsFd) -> RawFd {
+    fd.as_fd().as_raw_fd()
+}
+
+/// The listening socket passed by systemd socket activation (`LISTEN_FDS=1`, fd 3), when
+/// `listen_pid` is this process. Checked to be a listening Unix stream socket before it is
+/// adopted; `None` otherwise (the fd is then left alone).
+pub fn activated_listener(
+    listen_pid: Option<u32>,
+    listen_fds: Option<u32>,
+) -> io::Result<Option<std::os::unix::net::UnixListener>> {
+    use nix::sys::socket::{AddressFamily, SockType, getsockname, getsockopt, sockopt};
+    if listen_pid != Some(std::process::id()) || listen_fds.unwrap_or(0) == 0 {
+        return Ok(None);
+    }
+    if listen_fds != Some(1) {
+        return Err(io::Error::other(
+            "socket activation passed more than one fd; expected one",
+        ));
+    }
+    const FIRST: RawFd = 3;
+    // SAFETY: a borrow only for the checks below; fd 3 is ours by the LISTEN_FDS protocol
+    // (LISTEN_PID is this process) and stays open while borrowed.
+    let fd = unsafe { BorrowedFd::borrow_raw(FIRST) };
+    let is_stream = getsockopt(&fd, sockopt::SockType)? == SockType::Stream;
+    let listening = getsockopt(&fd, sockopt::AcceptConn)?;
+    let unix = getsockname::<nix::sys::socket::UnixAddr>(FIRST)
+        .map(|a| nix::sys::socket::SockaddrLike::family(&a) == Some(AddressFamily::Unix))
+        .unwrap_or(false);
+    if !(is_stream && listening && unix) {
+        return Err(io::Error::other(
+            "fd 3 from socket activation is not a listening Unix stream socket",
+        ));
+    }
+    // SAFETY: fd 3 was handed to this process by the service manager (checked above to be a
+    // listening Unix stream socket) and nothing else in the process owns it; ownership moves
+    // into the listener exactly once.
+    let owned = unsafe { OwnedFd::from_raw_fd(FIRST) };
+    Ok(Some(std::os::unix::net::UnixListener::from(owned)))
+}
