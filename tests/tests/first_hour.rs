@@ -640,3 +640,139 @@ fn rxctl_into_a_closed_pipe_exits_quietly() {
         assert!(out.stderr.is_empty(), "rxctl {args:?}: {out:?}");
     }
 }
+
+/// Inputs for `model` from `seed`: of the shapes the examples serve (the detector smaller, to
+/// keep the test short), floats random, Silero's sample rate 16000 and its state small.
+fn real_inputs(model: &str, seed: u64) -> Vec<Tensor> {
+    let image = |name: &str, shape: &[u64]| {
+        let n = shape.iter().product::<u64>() as usize;
+        f32_tensor(name, shape, &random_f32(n, seed))
+    };
+    match model {
+        "sigmoid" => vec![image("x", &[3, 4, 5])],
+        "mul_1" => vec![image("X", &[3, 2])],
+        "yolov8n" => vec![image("images", &[1, 3, 320, 320])],
+        "ppocr_det" => vec![image("x", &[1, 3, 128, 160])],
+        "ppocr_cls" => vec![image("x", &[1, 3, 48, 192])],
+        "ppocr_rec" => vec![image("x", &[1, 3, 48, 320])],
+        "silero_vad" => {
+            let audio: Vec<f32> = random_f32(512, seed)
+                .iter()
+                .map(|x| x * 2.0 - 1.0)
+                .collect();
+            let state: Vec<f32> = random_f32(256, seed + 1).iter().map(|x| x * 0.1).collect();
+            vec![
+                f32_tensor("input", &[1, 512], &audio),
+                f32_tensor("state", &[2, 1, 128], &state),
+                Tensor::inline("sr", DType::Int64, vec![], 16000i64.to_le_bytes().to_vec()),
+            ]
+        }
+        other => panic!("no inputs for {other}"),
+    }
+}
+
+/// Regression (issue 26): the load generator and concurrent requests work on every model of the
+/// models set — the fetched real ones and ONNX Runtime's own datasets — including Silero VAD,
+/// a stateful model whose batch axis is not the first of every input (`state` [2, batch, 128],
+/// `sr` a scalar), so it must never be batched. Four connections (two through the arena, two
+/// inline) send distinct requests at once, and one request identical on all four (coalesced);
+/// every answer equals in-process ONNX Runtime on the same inputs. Then `bench` runs each model
+/// at 2 and 3 connections without an error, and `--rows` is refused (usage) where rows are not
+/// the first dimension of every input, instead of failing every request.
+#[test]
+fn issue_26_bench_and_concurrent_requests_answer_every_real_model_as_in_process_ort() {
+    let models = ["sigmoid", "mul_1"].into_iter().chain(REAL);
+    let repo = Repo::new();
+    for m in models.clone() {
+        repo.example(m);
+    }
+    let d = TestDaemon::start(repo.path(), &[]);
+    let rt = runtime();
+    for m in models {
+        let mut reference = Reference::new(&model_file(m));
+        let answers = rt.block_on(async {
+            let tasks: Vec<_> = (0..4u64)
+                .map(|c| {
+                    let socket = d.socket.clone();
+                    tokio::spawn(async move {
+                        let options = if c % 2 == 0 {
+                            rxd_client::ClientOptions {
+                                inline_threshold: 0,
+                                ..rxd_client::ClientOptions::default()
+                            }
+                        } else {
+                            rxd_client::ClientOptions::inline_only()
+                        };
+                        let client = rxd_client::Client::connect_with(&socket, options)
+                            .await
+                            .unwrap();
+                        let seeds = [10 * c + 1, 10 * c + 2, 999, 10 * c + 3];
+                        let calls = seeds.map(|seed| {
+                            let client = client.clone();
+                            tokio::spawn(async move {
+                                let got = client.infer(m, real_inputs(m, seed)).await;
+                                (seed, got.unwrap_or_else(|e| panic!("{m} seed {seed}: {e}")))
+                            })
+                        });
+                        let mut answers = Vec::new();
+                        for call in calls {
+                            answers.push(call.await.unwrap());
+                        }
+                        answers
+                    })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for t in tasks {
+                all.extend(t.await.unwrap());
+            }
+            all
+        });
+        assert_eq!(answers.len(), 16, "{m}");
+        for (seed, got) in answers {
+            let want = reference.run(&real_inputs(m, seed));
+            assert_eq!(got.len(), want.len(), "{m} seed {seed}");
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!((&g.name, g.dtype, &g.shape), (&w.name, w.dtype, &w.shape));
+                let diff = max_rel_diff(g, w);
+                assert!(diff <= 1e-4, "{m} seed {seed} '{}': {diff}", g.name);
+            }
+        }
+        for (arena, concurrency) in [(true, 2), (false, 3)] {
+            let load = Load {
+                concurrency,
+                arena,
+                duration: Duration::from_millis(400),
+                warmup: Duration::from_millis(100),
+                ..Load::new(&d.socket, m, real_inputs(m, 7))
+            };
+            let r = rt.block_on(run(&load, |_, _| {})).unwrap();
+            assert!(
+                r.errors.is_empty(),
+                "{m} arena {arena}: {:?}",
+                r.error_messages
+            );
+            assert!(r.ok > 0, "{m}: {r:?}");
+        }
+    }
+    assert!(!d.summaries()["silero_vad"].batchable);
+    let out = d.rxctl(&["bench", "silero_vad", "--rows", "2", "--duration", "0.2"]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("'state'") && err.contains("--dim"), "{err}");
+    // Where every input is batch-first, --rows sets the batch.
+    let out = d.rxctl(&[
+        "--json",
+        "bench",
+        "ppocr_cls",
+        "--rows",
+        "3",
+        "--duration",
+        "0.3",
+        "--warmup",
+        "0",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["errors"], serde_json::json!({}), "{v}");
+}

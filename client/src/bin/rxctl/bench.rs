@@ -32,8 +32,8 @@ pub struct BenchArgs {
     /// Shape of a generated input, e.g. images=1x3x320x320 (as for `rxctl infer`).
     #[arg(long = "dim", value_name = "NAME=AxBx..")]
     dims: Vec<String>,
-    /// Rows (first dimension) of generated inputs where it is dynamic (default: the
-    /// generated shape's).
+    /// Rows (first dimension) of generated inputs (default: the generated shape's); only
+    /// for a model whose every input has a dynamic first dimension.
     #[arg(long)]
     rows: Option<u64>,
     /// Send tensors inline instead of through the shared-memory arena.

@@ -90,7 +90,7 @@ pub struct Generated {
 
 /// The shape of a generated input: `--dim`'s (checked against the model), else the model's
 /// warmup shape, else its fixed dimensions with 1 for dynamic ones; `rows` replaces a
-/// dynamic first dimension.
+/// dynamic first dimension (`generate` allows it only where every input has one).
 fn generated_shape(
     spec: &TensorSpec,
     flag: Option<&Vec<u64>>,
@@ -175,6 +175,24 @@ pub fn generate(
                 ),
             ));
         }
+    }
+    // Rows are the first dimension of every input only when every input has a dynamic first
+    // dimension (the daemon's rule for batching). Elsewhere (Silero's `state` is [2, batch,
+    // 128], `sr` a scalar) setting the first dimension alone makes inputs of different batch
+    // sizes, which the model refuses on every request.
+    if rows.is_some()
+        && let Some(odd) = info.inputs.iter().find(|s| s.dims.first() != Some(&-1))
+    {
+        return Err(Failure(
+            code::USAGE,
+            format!(
+                "--rows: {}'s input '{}' ({}) does not have its rows as a dynamic first \
+                 dimension; give each input's shape with --dim instead",
+                info.summary.name,
+                odd.name,
+                odd.dims_text()
+            ),
+        ));
     }
     let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut generated = Vec::new();
