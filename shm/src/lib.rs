@@ -317,20 +317,29 @@ pub struct Region {
     span: Span,
 }
 
+/// Where a range of an allocator's mapping lies, for the types that hold one.
+macro_rules! span_accessors {
+    ($($t:ty),*) => {$(
+        impl $t {
+            pub fn offset(&self) -> u64 {
+                self.span.offset
+            }
+
+            /// The range's length (the length asked for, rounded up to [`REGION_ALIGN`]).
+            pub fn len(&self) -> u64 {
+                self.span.len
+            }
+
+            pub fn is_empty(&self) -> bool {
+                self.span.len == 0
+            }
+        }
+    )*};
+}
+
+span_accessors!(Region, Lent);
+
 impl Region {
-    pub fn offset(&self) -> u64 {
-        self.span.offset
-    }
-
-    /// The region's length (the length asked for, rounded up to [`REGION_ALIGN`]).
-    pub fn len(&self) -> u64 {
-        self.span.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.span.len == 0
-    }
-
     /// Whether this region was allocated by `alloc` (so its offset means a place in that
     /// allocator's mapping).
     pub fn is_from(&self, alloc: &Arc<Allocator>) -> bool {
@@ -374,18 +383,6 @@ pub struct Lent {
 }
 
 impl Lent {
-    pub fn offset(&self) -> u64 {
-        self.span.offset
-    }
-
-    pub fn len(&self) -> u64 {
-        self.span.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.span.len == 0
-    }
-
     /// Never gives the range back to the allocator: for a range the peer may still write
     /// although no answer will tell when it is done (the connection is gone). The mapping
     /// itself is still unmapped once nothing else uses it.
