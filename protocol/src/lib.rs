@@ -8,8 +8,9 @@
 //! - [`limits`]: bounds on every size a peer controls.
 //! - [`metrics`]: the metrics report and its Prometheus text rendering.
 //! - [`units`]: sizes as people write them (`512MiB`), for configs and command lines.
+//! - [`npy`]: NumPy `.npy` files as tensors (over any `Read`/`Write`), for clients and tools.
 //!
-//! This crate is pure: no IO, no async runtime, no unsafe code, no ONNX Runtime. PROTOCOL.md at
+//! This crate is pure: no IO of its own, no async runtime, no unsafe code, no ONNX Runtime. PROTOCOL.md at
 //! the repository root describes the same format for clients written in other languages.
 #![forbid(unsafe_code)]
 
@@ -19,6 +20,7 @@ pub mod frame;
 pub mod limits;
 pub mod message;
 pub mod metrics;
+pub mod npy;
 mod shape;
 pub mod units;
 
