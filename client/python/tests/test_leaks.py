@@ -160,6 +160,79 @@ def test_blocking_threads_with_timeouts_and_exceptions_leak_nothing(daemon: Daem
     fds_settle(daemon, baseline)
 
 
+def test_threads_sharing_a_blocking_client_each_get_their_own_answers(daemon: Daemon) -> None:
+    """A thread alone on a connection reads its answer itself, straight after sending; when
+    others join, one reads for all. Every answer reaches the thread that asked — small inline
+    requests going in and out of the single-thread path, beside slow requests that keep the
+    reader's role taken for a while."""
+    ref = reference("sigmoid")
+    errors: List[BaseException] = []
+    with rxd.Client(daemon.socket) as client:
+        x0 = np.linspace(-3, 3, 60, dtype=np.float32).reshape(3, 4, 5)
+        np.testing.assert_array_equal(client.infer("sigmoid", {"x": x0}, copy=True)["y"], ref.run({"x": x0})["y"])
+
+        def small(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            try:
+                for i in range(150):
+                    x = rng.standard_normal((3, 4, 5)).astype(np.float32)
+                    with client.infer("sigmoid", {"x": x}) as r:
+                        np.testing.assert_array_equal(r["y"], ref.run({"x": x})["y"])
+                    if i % 50 == 0:
+                        time.sleep(0.01)  # now and then alone on the connection
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        def slow() -> None:
+            rng = np.random.default_rng(99)
+            try:
+                for _ in range(3):
+                    client.infer("ppocr_det", {"x": rng.random((1, 3, 640, 640), dtype=np.float32)}).close()
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=small, args=(k,)) for k in range(3)] + [threading.Thread(target=slow)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        link = client._link
+        assert link is not None and not link.conn.pending and not link.reading
+        assert arena_whole(client), client.arena_free_ranges()
+
+
+def test_an_exception_while_a_lone_thread_reads_frees_its_slots(daemon: Daemon) -> None:
+    """A thread alone on the connection that is interrupted while it waits for its answer (here
+    by a signal handler's exception) gives up its request: its arena slots come back when the
+    answer does, read by the next request."""
+    import signal
+
+    x = np.random.default_rng(5).random((1, 3, 640, 640), dtype=np.float32)  # copied into the arena
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Boom()
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with rxd.Client(daemon.socket) as client:
+            client.infer("ppocr_det", {"x": x}).close()  # loaded, and the output area sized
+            for _ in range(3):
+                signal.setitimer(signal.ITIMER_REAL, 0.005)
+                with pytest.raises(Boom):
+                    client.infer("ppocr_det", {"x": x}).close()
+                    time.sleep(1)  # answered before the alarm: wait for it here instead
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            link = client._link
+            assert link is not None and not link.reading
+            s = np.zeros((3, 4, 5), np.float32)
+            wait_for(lambda: (client.infer("sigmoid", {"x": s}).close(), not link.conn.pending)[1], "the abandoned answers never came")
+            assert arena_whole(client), client.arena_free_ranges()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def test_a_view_never_changes_and_outlives_its_result_safely(daemon: Daemon) -> None:
     rng = np.random.default_rng(3)
     x = rng.random((1, 3, 320, 320), dtype=np.float32)

@@ -101,3 +101,63 @@ def test_the_allocator_aligns_coalesces_and_refuses_unsealed_arenas() -> None:
     os.ftruncate(plain, 4096)
     with pytest.raises(OSError, match="seal"):
         Arena(plain, 4096)
+
+
+def test_a_request_from_a_template_is_the_message_encoded_in_full() -> None:
+    """Infer frames filled in from a template (id, inline bytes, arena offsets, the output
+    area's offset) decode to what encoding the whole message gives, whatever the request's
+    options, placements and dtypes; requests that differ in any of them get their own."""
+    from rxd._core import Call, Connection, Memory, Options
+
+    arena = Arena(sealed_memfd(1 << 20), 1 << 20)
+    conn = Connection({}, arena, Options(socket="unused", inline_threshold=1024), Memory())
+    placed = arena.alloc(4 * 300)
+    assert placed is not None
+    in_arena = placed.view((300,), np.dtype(np.float32), writable=True)
+    placed.release()
+    in_arena[...] = 2.0
+    signature = {
+        "inputs": [{"name": "x", "dtype": "float32", "dims": [-1, 1000], "dim_names": ["batch", ""]}],
+        "outputs": [{"name": "y", "dtype": "float32", "dims": [-1, 1000], "dim_names": ["batch", ""]}],
+    }
+    cases = [
+        ({"x": np.arange(60, dtype=np.float32).reshape(3, 4, 5)}, {}),
+        ({"x": np.arange(60, dtype=np.float32).reshape(3, 4, 5)[:, ::2]}, {}),  # not contiguous
+        ({"a": np.array([True, False]), "b": np.arange(5, dtype=np.int64), "c": np.float16(1.5) * np.ones((2, 2), np.float16)}, {"version": 3, "outputs": ["y", "z"], "priority": 7, "timeout": 0.25}),
+        ({"x": in_arena, "big": np.ones(1000, np.float32)}, {"priority": 0, "timeout": 0.0}),  # by reference, copied in
+        ({"x": np.ones((4, 1000), np.float32)}, {"signature": signature}),  # an output area
+        (np.ones((1, 1000), np.float32), {"signature": signature}),  # one array, named by the signature
+    ]
+    areas = 0
+    for inputs, options in cases:
+        kw: dict = {"version": None, "outputs": None, "priority": None, "timeout": None, "signature": None}
+        kw.update(options)
+        for _ in range(2):  # the template is made, then used
+            call = conn.infer("m", inputs, copy=False, **kw)
+            assert len(call.frame) == 1
+            frame = bytes(call.frame[0])
+            (n,) = struct.unpack_from("<I", frame)
+            assert n == len(frame) - 4
+            full = Call(call.id, "infer")
+            full.area = call.area
+            sig = kw["signature"]
+            conn._build_infer(full, "m", inputs, kw["version"], kw["outputs"], kw["priority"], kw["timeout"], sig)
+            want = _wire.decode(b"".join(full.frame)[4:])
+            got = _wire.decode(frame[4:])
+            # Each encoding copied inputs into slots and sized an output area of its own.
+            held = {s.offset for s in call.held}
+            for g, w in zip(got["body"]["args"]["inputs"], want["body"]["args"]["inputs"]):
+                if "arena" in g["data"] and g["data"]["arena"]["offset"] != placed.offset:
+                    assert g["data"]["arena"]["offset"] in held
+                    w["data"]["arena"]["offset"] = g["data"]["arena"]["offset"]
+            if call.area is not None:
+                areas += 1
+                assert full.area is not None and got["body"]["args"]["output_area"] == {"offset": call.area.offset, "len": call.area.nbytes}
+                want["body"]["args"]["output_area"]["offset"] = call.area.offset
+            assert got == want, (inputs, options)
+            full.release()
+            conn.pending.pop(call.id).release()
+    assert areas == 4  # two requests with an output area in each of two cases
+    assert len(conn.memory.templates) == len(cases)
+    del in_arena, cases, inputs, call, full
+    assert arena.free_ranges() == [(0, 1 << 20)]

@@ -1,6 +1,7 @@
 """The protocol core both clients share, sans IO: one connection's state (welcome, arena,
 requests in flight by id), turning calls into frames — inputs placed in the arena or inline,
-output areas sized — and answers into results or exceptions.
+output areas sized; an infer request like one seen before filled into its frame's template
+rather than encoded again — and answers into results or exceptions.
 
 The blocking client calls it under its lock; the asyncio client from its event loop.
 """
@@ -11,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import msgpack  # type: ignore[import-untyped]
 import numpy as np
 
 from . import _shapes, _wire, errors
@@ -47,10 +49,22 @@ class Memory:
     #: for (a request of a shape seen before does not evaluate the signature again).
     areas: Dict[Tuple[Key, Tuple[Tuple[str, Tuple[int, ...]], ...], Tuple[str, ...]], Optional[int]] = field(default_factory=dict)
 
+    #: Infer frames cut into constant pieces around their holes (:func:`rxd._wire.infer_template`),
+    #: by model, version, outputs asked for, priority, timeout and the inputs' names, dtypes,
+    #: shapes and placements: a request like one seen before fills the holes instead of
+    #: encoding its message again.
+    templates: Dict[Tuple[Any, ...], "Template"] = field(default_factory=dict)
+
     def forget(self, key: Key) -> None:
         """The signature of ``key`` proved wrong (a new version?): ask for it again."""
         self.signatures.pop(key, None)
         self.areas = {k: v for k, v in self.areas.items() if k[0] != key}
+        self.templates = {k: v for k, v in self.templates.items() if (k[0], k[1]) != key}
+
+    def learn(self, key: Key, signature: Optional[Dict[str, Any]]) -> None:
+        """``signature`` is ``key``'s (asked for by the user): what was built on an older one goes."""
+        self.forget(key)
+        self.signatures[key] = signature
 
     def area_bytes(self, key: Key, signature: Dict[str, Any], shapes: Dict[str, List[int]], wanted: List[str]) -> Optional[int]:
         """:func:`rxd._shapes.output_area_bytes`, remembered."""
@@ -63,6 +77,30 @@ class Memory:
             self.areas.clear()
         n = self.areas[k] = _shapes.output_area_bytes(signature, shapes, wanted)
         return n
+
+
+#: A template's output area was sized from the model's signature (not the previous answer).
+_BY_SIGNATURE = object()
+
+
+class Template:
+    """An infer frame for one kind of request (see :attr:`Memory.templates`), with the output
+    area it asks for (``area``: bytes, or ``None``) and, lazily, the same frame without one
+    (for when the arena has no room for the area)."""
+
+    __slots__ = ("spec", "pieces", "area", "sized_by", "_bare")
+
+    def __init__(self, spec: Tuple[Any, ...], area: Optional[int], sized_by: Any) -> None:
+        self.spec = spec
+        self.pieces, _ = _wire.infer_template(*spec, area)
+        self.area = area
+        self.sized_by = sized_by
+        self._bare: Optional[Tuple[bytes, ...]] = None
+
+    def bare(self) -> Tuple[bytes, ...]:
+        if self._bare is None:
+            self._bare, _ = _wire.infer_template(*self.spec, None)
+        return self._bare
 
 
 class Call:
@@ -173,12 +211,104 @@ class Connection:
         call.copy = copy
         call.signature = signature
         try:
-            self._build_infer(call, model, inputs, version, outputs, priority, timeout, signature)
+            if not self._fill_template(call, model, inputs, version, outputs, priority, timeout, signature):
+                self._build_infer(call, model, inputs, version, outputs, priority, timeout, signature)
         except BaseException:
             call.release()
             raise
         self.pending[call.id] = call
         return call
+
+    def _fill_template(
+        self,
+        call: Call,
+        model: str,
+        inputs: Inputs,
+        version: Optional[int],
+        outputs: Optional[Sequence[str]],
+        priority: Optional[int],
+        timeout: Optional[float],
+        signature: Optional[Dict[str, Any]],
+    ) -> bool:
+        """The frame of an infer request whose inputs are all numpy arrays of a dtype the wire
+        has (in their byte order), made from the :class:`Template` of requests of its kind:
+        only the id, the inputs' bytes or arena offsets and the output area's offset are
+        written. Places the inputs as :meth:`_build_infer` does. ``False`` (nothing done) for
+        any other request, which :meth:`_build_infer` encodes in full."""
+        if type(inputs) is dict:
+            named: Mapping[str, Any] = inputs
+        elif type(inputs) is np.ndarray:
+            named = named_inputs(inputs, signature)
+        else:
+            return False
+        wires = _FAST_WIRE
+        for value in named.values():
+            if type(value) is not np.ndarray or value.dtype not in wires:
+                return False
+        if priority is not None and not 0 <= priority <= 255:
+            return False  # _build_infer says what is wrong
+        arena = self.arena
+        threshold = self.options.inline_threshold
+        tensors = []
+        holes: List[Any] = [_wire.u64(call.id)]
+        for name, a in named.items():
+            nbytes = a.nbytes
+            off = arena.offset_of(a) if arena is not None and a.base is not None else None
+            if off is not None and off % a.itemsize == 0:
+                call.keep.append(a)
+                tensors.append((name, wires[a.dtype], a.shape, _wire.ARENA, nbytes))
+                holes.append(_wire.u64(off))
+                continue
+            slot = arena.alloc(nbytes) if arena is not None and nbytes >= threshold else None
+            if slot is not None and arena is not None:
+                call.held.append(slot)
+                dst = arena.ndarray(slot.offset, a.shape, a.dtype, writable=True)
+                np.copyto(dst, a, casting="no")
+                del dst
+                tensors.append((name, wires[a.dtype], a.shape, _wire.ARENA, nbytes))
+                holes.append(_wire.u64(slot.offset))
+            else:
+                tensors.append((name, wires[a.dtype], a.shape, _wire.INLINE, nbytes))
+                holes.append(a if a.flags.c_contiguous else np.ascontiguousarray(a))
+        timeout_ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+        spec = (model, version, tuple(outputs) if outputs else (), priority, timeout_ms, tuple(tensors))
+        memory = self.memory
+        key = (model, version)
+        t = memory.templates.get(spec)
+        if t is None or (t.sized_by is not _BY_SIGNATURE and t.sized_by != memory.output_sizes.get(key)):
+            t = self._template(spec, key, signature)
+        pieces = t.pieces
+        if t.area is not None and arena is not None:
+            area = arena.alloc(t.area)
+            if area is None:
+                pieces = t.bare()
+            else:
+                call.area = area
+                call.held.append(area)
+                holes.append(_wire.u64(area.offset))
+        parts: List[Any] = [None] * (2 * len(holes) + 1)
+        parts[0::2] = pieces
+        parts[1::2] = holes
+        call.frame = [b"".join(parts)]
+        return True
+
+    def _template(self, spec: Tuple[Any, ...], key: Key, signature: Optional[Dict[str, Any]]) -> "Template":
+        """A new :class:`Template` for requests like ``spec``, with the output area
+        :meth:`_build_infer` would ask for."""
+        memory = self.memory
+        sized_by: Any = _BY_SIGNATURE
+        estimate = None
+        if self.arena is not None:
+            tensors = spec[5]
+            shapes = {t[0]: [int(d) for d in t[2]] for t in tensors}
+            estimate = memory.area_bytes(key, signature, shapes, list(spec[2])) if signature else None
+            if estimate is None:
+                sized_by = estimate = memory.output_sizes.get(key)
+        area = estimate if estimate is not None and estimate >= self.options.inline_threshold else None
+        if len(memory.templates) >= 1024:
+            memory.templates.clear()
+        t = memory.templates[spec] = Template(spec, area, sized_by)
+        return t
 
     def _build_infer(
         self,
@@ -252,8 +382,8 @@ class Connection:
         whose caller stopped waiting are released here instead)."""
         answered: List[Call] = []
         for body in self.reader.buffer_updated(nbytes):
-            frame = _wire.decode(body)
-            if not isinstance(frame, dict):
+            frame = _unpackb(body, raw=False, strict_map_key=False)
+            if type(frame) is not dict:
                 raise _wire.FrameError("a response that is not a map")
             rid, ok, payload = _wire.split_outcome(frame)
             if rid == 0:
@@ -332,6 +462,13 @@ class Connection:
         return res
 
 
+#: Wire dtype names by numpy dtype, for the dtypes sent as they are (little-endian or
+#: single-byte); any other array goes through :func:`as_array`.
+_FAST_WIRE: Dict[np.dtype[Any], str] = {d: n for n, d in _wire._DTYPES.items()}
+_DTYPES = _wire._DTYPES
+_unpackb = msgpack.unpackb
+
+
 def as_array(value: Any, declared: Optional[np.dtype[Any]] = None) -> np.ndarray[Any, Any]:
     """``value`` as a little-endian array. A value that is not a numpy array (a list, a
     number) takes the input's ``declared`` dtype when the model's signature is known (a list of
@@ -381,21 +518,23 @@ def build_result(
     dtypes: Dict[str, str] = {}
     total = 0
     overflowed = False
-    for t in payload.get("outputs", []):
-        name, wire, shape = t["name"], t["dtype"], [int(d) for d in t["shape"]]
-        dtype = _wire.numpy_dtype(wire)
+    align = _wire.OUTPUT_ALIGN - 1
+    for t in payload.get("outputs", ()):
+        name, wire, shape = t["name"], t["dtype"], t["shape"]
+        dtype = _DTYPES.get(wire)
         data = t["data"]
         dtypes[name] = wire
-        if "inline" in data:
-            raw = data["inline"]
+        raw = data.get("inline") if type(data) is dict else None
+        if raw is not None:
             overflowed |= area is not None
-            total += _aligned(len(raw))
+            total += (len(raw) + align) & ~align
             if dtype is None:
                 arr = np.frombuffer(raw, dtype=np.uint8)
             else:
                 arr = np.frombuffer(raw, dtype=dtype).reshape(shape)
             arrays[name] = arr.copy() if copy else arr
             continue
+        shape = [int(d) for d in shape]
         ref = data.get("arena") if isinstance(data, dict) else None
         if ref is None or area is None:
             raise errors.ProtocolError(f"output {name!r} is in the arena, where none was asked for")

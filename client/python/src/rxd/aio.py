@@ -364,7 +364,7 @@ class AsyncClient:
         """A model version's signature and state (loads it if needed); remembered as the
         signature later requests use."""
         out: ModelInfo = await self._control("model_info", _ops.model_ref(model, version))
-        self._memory.signatures[(model, version)] = dict(out)
+        self._memory.learn((model, version), dict(out))
         return out
 
     async def status(self) -> Status:
