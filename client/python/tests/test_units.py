@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import Any, Dict
 
 import msgpack
 import numpy as np
 import pytest
 
+import rxd
 from rxd import _shapes, _wire
 from rxd._arena import Arena
 
@@ -161,3 +163,56 @@ def test_a_request_from_a_template_is_the_message_encoded_in_full() -> None:
     assert len(conn.memory.templates) == len(cases)
     del in_arena, cases, inputs, call, full
     assert arena.free_ranges() == [(0, 1 << 20)]
+
+
+def test_an_answer_like_the_last_one_is_cut_and_any_other_decoded_in_full() -> None:
+    """The answer to a templated request whose bytes match the previous answer's everywhere
+    but at the id and the inline outputs gives the same result as decoding it; any other
+    answer (another version, another shape, an error) is decoded in full and learnt."""
+    from rxd._core import Connection, Memory, Options
+
+    conn = Connection({}, None, Options(socket="unused"), Memory())
+    x = np.zeros((3, 4, 5), np.float32)
+
+    def answer(rid: int, version: int = 1, shape: tuple = (3, 4, 5), ok: bool = True) -> bytes:
+        y = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape) + rid
+        outcome = {"ok": {"op": "infer", "args": {"model": "m", "version": version, "outputs": [
+            {"name": "y", "dtype": "float32", "shape": list(shape), "data": {"inline": y.tobytes()}},
+            {"name": "n", "dtype": "int64", "shape": [], "data": {"inline": np.int64(rid).tobytes()}},
+        ]}}} if ok else {"err": {"code": 302, "message": "no such model"}}
+        return frame({"id": rid, "outcome": outcome})
+
+    def exchange(**kw: Any) -> Any:
+        call = conn.infer("m", {"x": x}, version=None, outputs=None, priority=None, timeout=None, copy=False, signature=None)
+        data = answer(call.id, **kw)
+        buf = conn.reader.get_buffer()
+        buf[: len(data)] = data
+        assert conn.feed(len(data)) == [call]
+        return call, conn.result(call) if kw.get("ok", True) else None
+
+    for rid in range(1, 400):  # ids of every width up to two bytes
+        kw: Dict[str, Any] = {}
+        if rid % 50 == 7:
+            kw = {"version": 2}
+        elif rid % 50 == 8:
+            kw = {"shape": (2, 5)}
+        elif rid % 50 == 9:
+            kw = {"ok": False}
+        if kw.get("ok", True):
+            call, got = exchange(**kw)
+            cut = call.cuts is not None
+            # Cut out only when the previous answer looked the same.
+            assert cut == (rid > 1 and rid % 50 not in (7, 8, 9, 10)), rid
+            shape = kw.get("shape", (3, 4, 5))
+            np.testing.assert_array_equal(got["y"], np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape) + rid)
+            assert got["n"].shape == () and int(got["n"]) == rid
+            assert got.version == kw.get("version", 1) and got.model == "m" and got.dtypes == {"y": "float32", "n": "int64"}
+        else:
+            call = conn.infer("m", {"x": x}, version=None, outputs=None, priority=None, timeout=None, copy=False, signature=None)
+            data = answer(call.id, ok=False)
+            conn.reader.get_buffer()[: len(data)] = data
+            conn.feed(len(data))
+            with pytest.raises(rxd.RxdError) as e:
+                conn.result(call)
+            assert e.value.code == 302
+    assert not conn.pending

@@ -179,6 +179,64 @@ def infer_template(
     return tuple(pieces), body + HEADER.size
 
 
+#: How the daemon begins every answer: a map of two entries, ``id`` first.
+ANSWER_HEAD = b"\x82\xa2id"
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64_BARE = struct.Struct(">Q")
+
+
+def read_uint(buf: Union[bytes, bytearray, memoryview], pos: int) -> Tuple[int, int]:
+    """The unsigned MessagePack integer at ``pos`` and the position after it; ``(-1, pos)``
+    when there is none."""
+    m = buf[pos]
+    if m < 0x80:
+        return m, pos + 1
+    if m == 0xCC:
+        return buf[pos + 1], pos + 2
+    if m == 0xCD:
+        return _U16.unpack_from(buf, pos + 1)[0], pos + 3
+    if m == 0xCE:
+        return _U32.unpack_from(buf, pos + 1)[0], pos + 5
+    if m == 0xCF:
+        return _U64_BARE.unpack_from(buf, pos + 1)[0], pos + 9
+    return -1, pos
+
+
+def bin_spans(body: Union[bytes, bytearray, memoryview], message: Any) -> Optional[List[Tuple[int, int]]]:
+    """Where each ``bin`` value of ``message`` — what :func:`decode` made of ``body`` — lies in
+    ``body``: ``[(offset, length)]`` in wire order; ``None`` if the walk does not come out
+    exactly (a message :func:`decode` would not give back byte for byte)."""
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(len(body), 1 << 10))
+    unpacker.feed(body)
+    spans: List[Tuple[int, int]] = []
+
+    def walk(value: Any) -> None:
+        if type(value) is dict:
+            if unpacker.read_map_header() != len(value):
+                raise ValueError("a map with repeated keys")
+            for item in value.values():
+                unpacker.skip()
+                walk(item)
+        elif type(value) is list:
+            unpacker.read_array_header()
+            for item in value:
+                walk(item)
+        else:
+            unpacker.skip()
+            if type(value) is bytes:
+                end = unpacker.tell()
+                spans.append((end - len(value), len(value)))
+
+    try:
+        walk(message)
+    except (ValueError, msgpack.ExtraData, msgpack.OutOfData, msgpack.UnpackException):
+        return None
+    if unpacker.tell() != len(body):
+        return None
+    return spans
+
+
 def decode(body: Union[bytes, bytearray, memoryview]) -> Any:
     """The message in a frame body."""
     return msgpack.unpackb(body, raw=False, strict_map_key=False)
