@@ -160,6 +160,49 @@ def test_blocking_threads_with_timeouts_and_exceptions_leak_nothing(daemon: Daem
     fds_settle(daemon, baseline)
 
 
+async def test_asyncio_answers_resume_their_tasks_however_they_are_awaited(daemon: Daemon) -> None:
+    """An answer resumes its task straight from the read callback: tasks awaiting directly,
+    through ``wait_for``, ``gather`` and ``shield`` each get their own answer, also while
+    other tasks' requests time out or are cancelled, and the connection ends whole."""
+    ref = reference("sigmoid")
+    rng = np.random.default_rng(7)
+    async with rxd.AsyncClient(daemon.socket) as client:
+
+        async def one(k: int) -> None:
+            x = rng.standard_normal((3, 4, 5)).astype(np.float32)
+            want = ref.run({"x": x})["y"]
+            if k % 4 == 0:
+                r = await client.infer("sigmoid", {"x": x})
+            elif k % 4 == 1:
+                r = await asyncio.wait_for(client.infer("sigmoid", {"x": x}), 30)
+            elif k % 4 == 2:
+                r = await asyncio.shield(client.infer("sigmoid", {"x": x}))
+            else:
+                (r,) = await asyncio.gather(client.infer("sigmoid", {"x": x}))
+            with r:
+                np.testing.assert_allclose(r["y"], want, rtol=1e-6)
+
+        async def abandoned() -> None:
+            x = rng.random((1, 3, 640, 640), dtype=np.float32)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(client.infer("ppocr_det", {"x": x}), 0.001)
+            task = asyncio.ensure_future(client.infer("ppocr_det", {"x": x}))
+            await asyncio.sleep(0.001)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        for _ in range(5):
+            await asyncio.gather(abandoned(), *(one(k) for k in range(40)))
+        for k in range(200):  # one at a time: answers like the last, cut out
+            await one(k)
+        proto = client._proto
+        assert proto is not None
+        while proto.conn.pending:
+            await asyncio.sleep(0.02)
+        assert arena_whole(client), client.arena_free_ranges()
+
+
 def test_threads_sharing_a_blocking_client_each_get_their_own_answers(daemon: Daemon) -> None:
     """A thread alone on a connection reads its answer itself, straight after sending; when
     others join, one reads for all. Every answer reaches the thread that asked — small inline
