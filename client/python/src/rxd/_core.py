@@ -319,35 +319,37 @@ class Connection:
             named = named_inputs(inputs, signature)
         else:
             return False
-        wires = _FAST_WIRE
-        for value in named.values():
-            if type(value) is not np.ndarray or value.dtype not in wires:
-                return False
         if priority is not None and not 0 <= priority <= 255:
             return False  # _build_infer says what is wrong
+        wires = _FAST_WIRE
         arena = self.arena
         threshold = self.options.inline_threshold
         tensors = []
         holes: List[Any] = [_wire.u64(call.id)]
         for name, a in named.items():
+            wire = wires.get(a.dtype) if type(a) is np.ndarray else None
+            if wire is None:
+                call.release()  # what earlier inputs took
+                return False
             nbytes = a.nbytes
-            off = arena.offset_of(a) if arena is not None and a.base is not None else None
-            if off is not None and off % a.itemsize == 0:
-                call.keep.append(a)
-                tensors.append((name, wires[a.dtype], a.shape, _wire.ARENA, nbytes))
-                holes.append(_wire.u64(off))
-                continue
-            slot = arena.alloc(nbytes) if arena is not None and nbytes >= threshold else None
-            if slot is not None and arena is not None:
-                call.held.append(slot)
-                dst = arena.ndarray(slot.offset, a.shape, a.dtype, writable=True)
-                np.copyto(dst, a, casting="no")
-                del dst
-                tensors.append((name, wires[a.dtype], a.shape, _wire.ARENA, nbytes))
-                holes.append(_wire.u64(slot.offset))
-            else:
-                tensors.append((name, wires[a.dtype], a.shape, _wire.INLINE, nbytes))
-                holes.append(a if a.flags.c_contiguous else np.ascontiguousarray(a))
+            if arena is not None:
+                off = arena.offset_of(a) if a.base is not None else None
+                if off is not None and off % a.itemsize == 0:
+                    call.keep.append(a)
+                    tensors.append((name, wire, a.shape, _wire.ARENA, nbytes))
+                    holes.append(_wire.u64(off))
+                    continue
+                slot = arena.alloc(nbytes) if nbytes >= threshold else None
+                if slot is not None:
+                    call.held.append(slot)
+                    dst = arena.ndarray(slot.offset, a.shape, a.dtype, writable=True)
+                    np.copyto(dst, a, casting="no")
+                    del dst
+                    tensors.append((name, wire, a.shape, _wire.ARENA, nbytes))
+                    holes.append(_wire.u64(slot.offset))
+                    continue
+            tensors.append((name, wire, a.shape, _wire.INLINE, nbytes))
+            holes.append(a if a.flags.c_contiguous else np.ascontiguousarray(a))
         timeout_ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
         spec = (model, version, tuple(outputs) if outputs else (), priority, timeout_ms, tuple(tensors))
         memory = self.memory

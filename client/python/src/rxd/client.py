@@ -189,20 +189,32 @@ class Client:
 
     # -- requests -------------------------------------------------------------------------------
     def _roundtrip(self, build: Callable[[Connection], Call], timeout: Optional[float]) -> Tuple[Connection, Call]:
-        deadline = None if timeout is None else time.monotonic() + timeout
         link = self._link
         if link is None or link.dead:
             link = self._ensure()
         conn = link.conn
         with self._lock:
             call = build(conn)
-            # Alone on the connection (the usual case of one thread): take the reader's role
-            # now, so that the answer is read without another turn of the lock. Only alone:
-            # the daemon has nothing else to send that a send blocked on a full socket could
-            # keep unread.
-            reading = not link.reading and not link.dead and len(conn.pending) == 1
-            if reading:
-                link.reading = True
+            reading = self._alone(link)
+        self._exchange(link, call, reading, timeout)
+        return conn, call
+
+    @staticmethod
+    def _alone(link: _Link) -> bool:
+        """Under the lock, just after a call was made: when it is alone on the connection (the
+        usual case of one thread), its thread takes the reader's role now, so that it reads
+        its answer without another turn of the lock. Only alone: the daemon has nothing else
+        to send that a send blocked on a full socket could keep unread."""
+        if not link.reading and not link.dead and len(link.conn.pending) == 1:
+            link.reading = True
+            return True
+        return False
+
+    def _exchange(self, link: _Link, call: Call, reading: bool, timeout: Optional[float]) -> None:
+        """Sends ``call`` and waits for its answer (``reading``: this thread holds the reader's
+        role already)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        conn = link.conn
         try:
             with link.send_lock:
                 _send_all(link.sock, call.frame)
@@ -217,7 +229,6 @@ class Client:
             raise
         call.frame = []
         self._wait(link, call, deadline, timeout, reading)
-        return conn, call
 
     def _wake(self) -> None:
         """Under the lock: lets the threads waiting for answers look again (one of them may
@@ -318,14 +329,17 @@ class Client:
         key: Key = (model, version)
         signatures = self._memory.signatures
         signature = signatures[key] if key in signatures else self._signature(model, version, inputs, timeout)
-        wait = None if timeout is None else timeout + max(0.5, timeout)
-        conn, call = self._roundtrip(
-            lambda c: c.infer(
+        link = self._link
+        if link is None or link.dead:
+            link = self._ensure()
+        conn = link.conn
+        with self._lock:
+            call = conn.infer(
                 model, inputs, version=version, outputs=outputs, priority=priority,
                 timeout=timeout, copy=copy, signature=signature,
-            ),
-            wait,
-        )
+            )
+            reading = self._alone(link)
+        self._exchange(link, call, reading, None if timeout is None else timeout + max(0.5, timeout))
         return conn.result(call)
 
     def _signature(
