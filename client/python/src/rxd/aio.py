@@ -181,7 +181,9 @@ class _Protocol(asyncio.BufferedProtocol):
 
     def send(self, frame: Sequence[Union[bytes, memoryview]]) -> None:
         assert self.transport is not None
-        if len(frame) == 2 and len(frame[1]) <= 1 << 16:
+        if len(frame) == 1:
+            self.transport.write(frame[0])
+        elif len(frame) == 2 and len(frame[1]) <= 1 << 16:
             self.transport.write(b"".join(frame))  # one send for a small frame, not two
         else:
             for b in frame:
@@ -370,6 +372,12 @@ class AsyncClient:
             proto = await self._ensure()
         conn = proto.conn
         call = build(conn)
+        await self._exchange(proto, call, timeout)
+        return conn, call
+
+    @staticmethod
+    async def _exchange(proto: _Protocol, call: Call, timeout: Optional[float]) -> None:
+        """Sends ``call`` and waits for its answer."""
         waiter = _Answer(proto.loop)
         call.waiter = waiter
         try:
@@ -385,9 +393,8 @@ class AsyncClient:
                 except asyncio.TimeoutError:
                     raise errors.Timeout(f"no answer within {timeout} s") from None
         except BaseException:
-            conn.abandon(call)
+            proto.conn.abandon(call)
             raise
-        return conn, call
 
     async def _control(self, op: str, args: Optional[Dict[str, Any]] = None, timeout: Optional[float] = None) -> Any:
         conn, call = await self._roundtrip(lambda c: c.control(op, args), timeout)
@@ -410,14 +417,28 @@ class AsyncClient:
             signature = self._memory.signatures[key]
         else:
             signature = await self._signature(model, version, inputs, timeout)
-        wait = None if timeout is None else timeout + max(0.5, timeout)
-        conn, call = await self._roundtrip(
-            lambda c: c.infer(
-                model, inputs, version=version, outputs=outputs, priority=priority,
-                timeout=timeout, copy=copy, signature=signature,
-            ),
-            wait,
+        proto = self._proto
+        if proto is None or proto.lost:
+            proto = await self._ensure()
+        conn = proto.conn
+        call = conn.infer(
+            model, inputs, version=version, outputs=outputs, priority=priority,
+            timeout=timeout, copy=copy, signature=signature,
         )
+        if timeout is None:
+            # The usual case, without another coroutine: _exchange's steps.
+            waiter = call.waiter = _Answer(proto.loop)
+            try:
+                proto.send(call.frame)
+                call.frame = []
+                if proto.paused:
+                    await proto.drain()
+                await waiter
+            except BaseException:
+                conn.abandon(call)
+                raise
+        else:
+            await self._exchange(proto, call, timeout + max(0.5, timeout))
         return conn.result(call)
 
     async def _signature(
