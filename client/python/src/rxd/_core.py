@@ -92,7 +92,8 @@ class Template:
 
     def __init__(self, spec: Tuple[Any, ...], area: Optional[int], sized_by: Any) -> None:
         self.spec = spec
-        self.pieces, _ = _wire.infer_template(*spec, area)
+        model, version, outputs, priority, timeout_ms, tensors = spec
+        self.pieces, _ = _wire.infer_template(model, version, outputs, priority, timeout_ms, tensors, area)
         self.area = area
         self.sized_by = sized_by
         self._bare: Optional[Tuple[bytes, ...]] = None
@@ -104,7 +105,8 @@ class Template:
 
     def bare(self) -> Tuple[bytes, ...]:
         if self._bare is None:
-            self._bare, _ = _wire.infer_template(*self.spec, None)
+            model, version, outputs, priority, timeout_ms, tensors = self.spec
+            self._bare, _ = _wire.infer_template(model, version, outputs, priority, timeout_ms, tensors, None)
         return self._bare
 
 
@@ -460,20 +462,22 @@ class Connection:
     # -- answers ----------------------------------------------------------------------------
     def feed(self, nbytes: int) -> List[Call]:
         """Takes ``nbytes`` read into ``reader.get_buffer()``; returns the calls answered (calls
-        whose caller stopped waiting are released here instead)."""
+        whose caller stopped waiting are released here instead). An answer that looks like
+        the previous answer to its template (:class:`Answer`) is cut, any other decoded."""
         answered: List[Call] = []
         pending = self.pending
         for body in self.reader.buffer_updated(nbytes):
-            if body[:4] == _ANSWER_HEAD:
+            if len(body) > 13 and body[:4] == _ANSWER_HEAD:
                 # An answer to a templated request that looks like the last one: its outputs
                 # are cut out, the rest is known.
                 rid, at = _read_uint(body, 4)
                 call = pending.get(rid)
-                answer = call.template.answer if call is not None and call.template is not None else None
-                if answer is not None and call is not None:
+                template = call.template if call is not None else None
+                answer = template.answer if template is not None else None
+                if answer is not None and call is not None and template is not None:
                     cuts = answer.cut(body, at)
                     if cuts is not None:
-                        call.template.unpaid = 0
+                        template.unpaid = 0
                         del pending[rid]
                         call.done = call.ok = True
                         call.answer, call.cuts = answer, cuts
@@ -575,7 +579,7 @@ class Connection:
 _FAST_WIRE: Dict[np.dtype[Any], str] = {d: n for n, d in _wire._DTYPES.items()}
 _DTYPES = _wire._DTYPES
 _unpackb = msgpack.unpackb
-_ANSWER_HEAD = _wire.ANSWER_HEAD
+_ANSWER_HEAD = memoryview(_wire.ANSWER_HEAD)
 _read_uint = _wire.read_uint
 
 

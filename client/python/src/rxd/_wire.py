@@ -282,16 +282,16 @@ class FrameReader:
             self._start, self._end = 0, n
         return self._view[self._end :]
 
-    def buffer_updated(self, nbytes: int) -> List[Union[memoryview, bytearray]]:
+    def buffer_updated(self, nbytes: int) -> List[memoryview]:
         """Takes ``nbytes`` read into the last buffer; returns the frame bodies completed. A
         small body is a view of the scratch buffer, valid until the next :meth:`get_buffer`:
         decode it before reading more."""
-        out: List[Union[memoryview, bytearray]] = []
+        out: List[memoryview] = []
         if self._big is not None:
             self._big_got += nbytes
             if self._big_got < len(self._big):
                 return out
-            out.append(self._big)
+            out.append(memoryview(self._big))
             self._big = None
             return out
         self._end += nbytes

@@ -41,13 +41,9 @@ class Result(Mapping[str, "np.ndarray[Any, Any]"]):
         self.dtypes = dtypes
         self._outputs: Optional[Dict[str, np.ndarray[Any, Any]]] = outputs
         self._area = area
-        if area is None:
-            self._in_arena: AbstractSet[str] = frozenset()
-            self._finalizer: Optional[weakref.finalize] = None
-        else:
-            self._in_arena = {n for n, a in outputs.items() if _shows(a, area)}
-            # Released when closed, or when this object is collected unclosed.
-            self._finalizer = weakref.finalize(self, _release, area)
+        self._in_arena: AbstractSet[str] = frozenset() if area is None else {n for n, a in outputs.items() if _shows(a, area)}
+        # Released when closed, or when this object is collected unclosed.
+        self._finalizer = weakref.finalize(self, _release, area) if area is not None else None
 
     def __getitem__(self, name: str) -> "np.ndarray[Any, Any]":
         if self._outputs is None:
