@@ -41,7 +41,8 @@ class Options:
 @dataclass
 class Memory:
     """What a client learns about models, kept across reconnects: signatures (for output
-    areas and input names) and the output bytes each model needed last time."""
+    areas and input names), the output bytes each model needed last time, and the templates
+    of its requests' frames with the look of their answers."""
 
     signatures: Dict[Key, Optional[Dict[str, Any]]] = field(default_factory=dict)
     output_sizes: Dict[Key, int] = field(default_factory=dict)
