@@ -160,6 +160,122 @@ def test_blocking_threads_with_timeouts_and_exceptions_leak_nothing(daemon: Daem
     fds_settle(daemon, baseline)
 
 
+async def test_asyncio_answers_resume_their_tasks_however_they_are_awaited(daemon: Daemon) -> None:
+    """An answer resumes its task straight from the read callback: tasks awaiting directly,
+    through ``wait_for``, ``gather`` and ``shield`` each get their own answer, also while
+    other tasks' requests time out or are cancelled, and the connection ends whole."""
+    ref = reference("sigmoid")
+    rng = np.random.default_rng(7)
+    async with rxd.AsyncClient(daemon.socket) as client:
+
+        async def one(k: int) -> None:
+            x = rng.standard_normal((3, 4, 5)).astype(np.float32)
+            want = ref.run({"x": x})["y"]
+            if k % 4 == 0:
+                r = await client.infer("sigmoid", {"x": x})
+            elif k % 4 == 1:
+                r = await asyncio.wait_for(client.infer("sigmoid", {"x": x}), 30)
+            elif k % 4 == 2:
+                r = await asyncio.shield(client.infer("sigmoid", {"x": x}))
+            else:
+                (r,) = await asyncio.gather(client.infer("sigmoid", {"x": x}))
+            with r:
+                np.testing.assert_allclose(r["y"], want, rtol=1e-6)
+
+        async def abandoned() -> None:
+            x = rng.random((1, 3, 640, 640), dtype=np.float32)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(client.infer("ppocr_det", {"x": x}), 0.001)
+            task = asyncio.ensure_future(client.infer("ppocr_det", {"x": x}))
+            await asyncio.sleep(0.001)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        for _ in range(5):
+            await asyncio.gather(abandoned(), *(one(k) for k in range(40)))
+        for k in range(200):  # one at a time: answers like the last, cut out
+            await one(k)
+        proto = client._proto
+        assert proto is not None
+        while proto.conn.pending:
+            await asyncio.sleep(0.02)
+        assert arena_whole(client), client.arena_free_ranges()
+
+
+def test_threads_sharing_a_blocking_client_each_get_their_own_answers(daemon: Daemon) -> None:
+    """A thread alone on a connection reads its answer itself, straight after sending; when
+    others join, one reads for all. Every answer reaches the thread that asked — small inline
+    requests going in and out of the single-thread path, beside slow requests that keep the
+    reader's role taken for a while."""
+    ref = reference("sigmoid")
+    errors: List[BaseException] = []
+    with rxd.Client(daemon.socket) as client:
+        x0 = np.linspace(-3, 3, 60, dtype=np.float32).reshape(3, 4, 5)
+        np.testing.assert_array_equal(client.infer("sigmoid", {"x": x0}, copy=True)["y"], ref.run({"x": x0})["y"])
+
+        def small(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            try:
+                for i in range(150):
+                    x = rng.standard_normal((3, 4, 5)).astype(np.float32)
+                    with client.infer("sigmoid", {"x": x}) as r:
+                        np.testing.assert_array_equal(r["y"], ref.run({"x": x})["y"])
+                    if i % 50 == 0:
+                        time.sleep(0.01)  # now and then alone on the connection
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        def slow() -> None:
+            rng = np.random.default_rng(99)
+            try:
+                for _ in range(3):
+                    client.infer("ppocr_det", {"x": rng.random((1, 3, 640, 640), dtype=np.float32)}).close()
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=small, args=(k,)) for k in range(3)] + [threading.Thread(target=slow)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        link = client._link
+        assert link is not None and not link.conn.pending and not link.reading
+        assert arena_whole(client), client.arena_free_ranges()
+
+
+def test_an_exception_while_a_lone_thread_reads_frees_its_slots(daemon: Daemon) -> None:
+    """A thread alone on the connection that is interrupted while it waits for its answer (here
+    by a signal handler's exception) gives up its request: its arena slots come back when the
+    answer does, read by the next request."""
+    import signal
+
+    x = np.random.default_rng(5).random((1, 3, 640, 640), dtype=np.float32)  # copied into the arena
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Boom()
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        with rxd.Client(daemon.socket) as client:
+            client.infer("ppocr_det", {"x": x}).close()  # loaded, and the output area sized
+            for _ in range(3):
+                signal.setitimer(signal.ITIMER_REAL, 0.005)
+                with pytest.raises(Boom):
+                    client.infer("ppocr_det", {"x": x}).close()
+                    time.sleep(1)  # answered before the alarm: wait for it here instead
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            link = client._link
+            assert link is not None and not link.reading
+            s = np.zeros((3, 4, 5), np.float32)
+            wait_for(lambda: (client.infer("sigmoid", {"x": s}).close(), not link.conn.pending)[1], "the abandoned answers never came")
+            assert arena_whole(client), client.arena_free_ranges()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def test_a_view_never_changes_and_outlives_its_result_safely(daemon: Daemon) -> None:
     rng = np.random.default_rng(3)
     x = rng.random((1, 3, 320, 320), dtype=np.float32)

@@ -1,6 +1,7 @@
 """The protocol core both clients share, sans IO: one connection's state (welcome, arena,
 requests in flight by id), turning calls into frames — inputs placed in the arena or inline,
-output areas sized — and answers into results or exceptions.
+output areas sized; an infer request like one seen before filled into its frame's template
+rather than encoded again — and answers into results or exceptions.
 
 The blocking client calls it under its lock; the asyncio client from its event loop.
 """
@@ -11,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+import msgpack  # type: ignore[import-untyped]
 import numpy as np
 
 from . import _shapes, _wire, errors
@@ -39,7 +41,8 @@ class Options:
 @dataclass
 class Memory:
     """What a client learns about models, kept across reconnects: signatures (for output
-    areas and input names) and the output bytes each model needed last time."""
+    areas and input names), the output bytes each model needed last time, and the templates
+    of its requests' frames with the look of their answers."""
 
     signatures: Dict[Key, Optional[Dict[str, Any]]] = field(default_factory=dict)
     output_sizes: Dict[Key, int] = field(default_factory=dict)
@@ -47,10 +50,22 @@ class Memory:
     #: for (a request of a shape seen before does not evaluate the signature again).
     areas: Dict[Tuple[Key, Tuple[Tuple[str, Tuple[int, ...]], ...], Tuple[str, ...]], Optional[int]] = field(default_factory=dict)
 
+    #: Infer frames cut into constant pieces around their holes (:func:`rxd._wire.infer_template`),
+    #: by model, version, outputs asked for, priority, timeout and the inputs' names, dtypes,
+    #: shapes and placements: a request like one seen before fills the holes instead of
+    #: encoding its message again.
+    templates: Dict[Tuple[Any, ...], "Template"] = field(default_factory=dict)
+
     def forget(self, key: Key) -> None:
         """The signature of ``key`` proved wrong (a new version?): ask for it again."""
         self.signatures.pop(key, None)
         self.areas = {k: v for k, v in self.areas.items() if k[0] != key}
+        self.templates = {k: v for k, v in self.templates.items() if (k[0], k[1]) != key}
+
+    def learn(self, key: Key, signature: Optional[Dict[str, Any]]) -> None:
+        """``signature`` is ``key``'s (asked for by the user): what was built on an older one goes."""
+        self.forget(key)
+        self.signatures[key] = signature
 
     def area_bytes(self, key: Key, signature: Dict[str, Any], shapes: Dict[str, List[int]], wanted: List[str]) -> Optional[int]:
         """:func:`rxd._shapes.output_area_bytes`, remembered."""
@@ -65,12 +80,111 @@ class Memory:
         return n
 
 
+#: A template's output area was sized from the model's signature (not the previous answer).
+_BY_SIGNATURE = object()
+
+
+class Template:
+    """An infer frame for one kind of request (see :attr:`Memory.templates`), with the output
+    area it asks for (``area``: bytes, or ``None``) and, lazily, the same frame without one
+    (for when the arena has no room for the area)."""
+
+    __slots__ = ("spec", "pieces", "area", "sized_by", "_bare", "answer", "unpaid")
+
+    def __init__(self, spec: Tuple[Any, ...], area: Optional[int], sized_by: Any) -> None:
+        self.spec = spec
+        model, version, outputs, priority, timeout_ms, tensors = spec
+        self.pieces, _ = _wire.infer_template(model, version, outputs, priority, timeout_ms, tensors, area)
+        self.area = area
+        self.sized_by = sized_by
+        self._bare: Optional[Tuple[bytes, ...]] = None
+        #: What the answers to these requests looked like last time (outputs inline).
+        self.answer: Optional[Answer] = None
+        #: Looks learnt in a row that no answer has matched since: answers that keep
+        #: changing (an output whose shape varies) are not worth learning after a few.
+        self.unpaid = 0
+
+    def bare(self) -> Tuple[bytes, ...]:
+        if self._bare is None:
+            model, version, outputs, priority, timeout_ms, tensors = self.spec
+            self._bare, _ = _wire.infer_template(model, version, outputs, priority, timeout_ms, tensors, None)
+        return self._bare
+
+
+class Answer:
+    """An answer to a templated request, all outputs inline, as bytes: everything after its
+    id, cut at its outputs' bytes. An answer whose bytes match this one's everywhere but at
+    the id and those cuts is the same message with other output values: :meth:`cut` takes
+    those out without decoding the message again."""
+
+    __slots__ = ("size", "segments", "spans", "model", "version", "outputs", "dtypes", "total")
+
+    def __init__(self, tail: Union[bytes, memoryview], spans: List[Tuple[int, int]], payload: Mapping[str, Any], total: int) -> None:
+        self.size = len(tail)
+        self.spans = spans
+        segments = []
+        at = 0
+        for start, n in spans + [(len(tail), 0)]:
+            if start > at:
+                segments.append((at, bytes(tail[at:start])))
+            at = start + n
+        self.segments = segments
+        self.model = payload.get("model", "")
+        self.version = int(payload.get("version", 0))
+        self.outputs: List[Tuple[str, Optional[np.dtype[Any]], List[int]]] = []
+        self.dtypes: Dict[str, str] = {}
+        for t in payload.get("outputs", ()):
+            self.outputs.append((t["name"], _DTYPES.get(t["dtype"]), [int(d) for d in t["shape"]]))
+            self.dtypes[t["name"]] = t["dtype"]
+        self.total = total
+
+    def cut(self, body: memoryview, at: int) -> Optional[List[bytes]]:
+        """The outputs' bytes of ``body`` (its id ending at ``at``), or ``None`` when it is not
+        an answer like this one."""
+        if len(body) - at != self.size:
+            return None
+        for start, segment in self.segments:
+            start += at
+            if body[start : start + len(segment)] != segment:
+                return None
+        return [bytes(body[at + start : at + start + n]) for start, n in self.spans]
+
+    def result(self, cuts: List[bytes], copy: bool) -> Result:
+        arrays: Dict[str, np.ndarray[Any, Any]] = {}
+        for (name, dtype, shape), raw in zip(self.outputs, cuts):
+            arr = np.frombuffer(raw, dtype=np.uint8) if dtype is None else np.frombuffer(raw, dtype=dtype).reshape(shape)
+            arrays[name] = arr.copy() if copy else arr
+        return Result(self.model, self.version, arrays, dict(self.dtypes), None)
+
+
+def learn_answer(call: "Call", body: Union[bytes, bytearray, memoryview], frame: Any) -> None:
+    """After decoding an answer in full: remembers how it looks (:class:`Answer`) for the
+    call's template, when its outputs all came inline."""
+    template = call.template
+    payload = call.payload
+    if template is None or call.area is not None or not call.ok or type(payload) is not dict or template.unpaid >= 3:
+        return
+    outputs = payload.get("outputs")
+    if type(outputs) is not list or not all(type(t) is dict and type(t.get("data")) is dict and type(t["data"].get("inline")) is bytes for t in outputs):
+        return
+    body = memoryview(body)
+    if body[:4] != _wire.ANSWER_HEAD:
+        return
+    rid, at = _wire.read_uint(body, 4)
+    spans = _wire.bin_spans(body, frame)
+    if rid != call.id or spans is None or len(spans) != len(outputs):
+        return
+    total = sum(_aligned(n) for _, n in spans)
+    template.unpaid += 1
+    template.answer = Answer(body[at:], [(s - at, n) for s, n in spans], payload, total)
+
+
 class Call:
     """One request in flight: its frame, what it holds until the answer, and the answer."""
 
     __slots__ = (
         "id", "op", "frame", "held", "keep", "area", "key", "copy", "done", "ok", "payload",
-        "abandoned", "waiter", "signature",
+        "abandoned", "waiter", "signature", "template", "answer", "cuts",
     )
 
     def __init__(self, rid: int, op: str) -> None:
@@ -92,6 +206,11 @@ class Call:
         #: The asyncio future (asyncio client) waiting for the answer.
         self.waiter: Any = None
         self.signature: Optional[Dict[str, Any]] = None
+        #: The template the request was made from; when the answer looked as the template's
+        #: previous one did, that look and the outputs' bytes cut from the answer.
+        self.template: Optional[Template] = None
+        self.answer: Optional[Answer] = None
+        self.cuts: Optional[List[bytes]] = None
 
     def release(self) -> None:
         """The daemon answered (or the connection is gone): let go of what the request held."""
@@ -173,12 +292,107 @@ class Connection:
         call.copy = copy
         call.signature = signature
         try:
-            self._build_infer(call, model, inputs, version, outputs, priority, timeout, signature)
+            if not self._fill_template(call, model, inputs, version, outputs, priority, timeout, signature):
+                self._build_infer(call, model, inputs, version, outputs, priority, timeout, signature)
         except BaseException:
             call.release()
             raise
         self.pending[call.id] = call
         return call
+
+    def _fill_template(
+        self,
+        call: Call,
+        model: str,
+        inputs: Inputs,
+        version: Optional[int],
+        outputs: Optional[Sequence[str]],
+        priority: Optional[int],
+        timeout: Optional[float],
+        signature: Optional[Dict[str, Any]],
+    ) -> bool:
+        """The frame of an infer request whose inputs are all numpy arrays of a dtype the wire
+        has (in their byte order), made from the :class:`Template` of requests of its kind:
+        only the id, the inputs' bytes or arena offsets and the output area's offset are
+        written. Places the inputs as :meth:`_build_infer` does. ``False`` (nothing done) for
+        any other request, which :meth:`_build_infer` encodes in full."""
+        if type(inputs) is dict:
+            named: Mapping[str, Any] = inputs
+        elif type(inputs) is np.ndarray:
+            named = named_inputs(inputs, signature)
+        else:
+            return False
+        if priority is not None and not 0 <= priority <= 255:
+            return False  # _build_infer says what is wrong
+        wires = _FAST_WIRE
+        arena = self.arena
+        threshold = self.options.inline_threshold
+        tensors = []
+        holes: List[Any] = [_wire.u64(call.id)]
+        for name, a in named.items():
+            wire = wires.get(a.dtype) if type(a) is np.ndarray else None
+            if wire is None:
+                call.release()  # what earlier inputs took
+                return False
+            nbytes = a.nbytes
+            if arena is not None:
+                off = arena.offset_of(a) if a.base is not None else None
+                if off is not None and off % a.itemsize == 0:
+                    call.keep.append(a)
+                    tensors.append((name, wire, a.shape, _wire.ARENA, nbytes))
+                    holes.append(_wire.u64(off))
+                    continue
+                slot = arena.alloc(nbytes) if nbytes >= threshold else None
+                if slot is not None:
+                    call.held.append(slot)
+                    dst = arena.ndarray(slot.offset, a.shape, a.dtype, writable=True)
+                    np.copyto(dst, a, casting="no")
+                    del dst
+                    tensors.append((name, wire, a.shape, _wire.ARENA, nbytes))
+                    holes.append(_wire.u64(slot.offset))
+                    continue
+            tensors.append((name, wire, a.shape, _wire.INLINE, nbytes))
+            holes.append(a if a.flags.c_contiguous else np.ascontiguousarray(a))
+        timeout_ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+        spec = (model, version, tuple(outputs) if outputs else (), priority, timeout_ms, tuple(tensors))
+        memory = self.memory
+        key = (model, version)
+        t = memory.templates.get(spec)
+        if t is None or (t.sized_by is not _BY_SIGNATURE and t.sized_by != memory.output_sizes.get(key)):
+            t = self._template(spec, key, signature)
+        pieces = t.pieces
+        if t.area is not None and arena is not None:
+            area = arena.alloc(t.area)
+            if area is None:
+                pieces = t.bare()
+            else:
+                call.area = area
+                call.held.append(area)
+                holes.append(_wire.u64(area.offset))
+        parts: List[Any] = [None] * (2 * len(holes) + 1)
+        parts[0::2] = pieces
+        parts[1::2] = holes
+        call.frame = [b"".join(parts)]
+        call.template = t
+        return True
+
+    def _template(self, spec: Tuple[Any, ...], key: Key, signature: Optional[Dict[str, Any]]) -> "Template":
+        """A new :class:`Template` for requests like ``spec``, with the output area
+        :meth:`_build_infer` would ask for."""
+        memory = self.memory
+        sized_by: Any = _BY_SIGNATURE
+        estimate = None
+        if self.arena is not None:
+            tensors = spec[5]
+            shapes = {t[0]: [int(d) for d in t[2]] for t in tensors}
+            estimate = memory.area_bytes(key, signature, shapes, list(spec[2])) if signature else None
+            if estimate is None:
+                sized_by = estimate = memory.output_sizes.get(key)
+        area = estimate if estimate is not None and estimate >= self.options.inline_threshold else None
+        if len(memory.templates) >= 1024:
+            memory.templates.clear()
+        t = memory.templates[spec] = Template(spec, area, sized_by)
+        return t
 
     def _build_infer(
         self,
@@ -249,11 +463,32 @@ class Connection:
     # -- answers ----------------------------------------------------------------------------
     def feed(self, nbytes: int) -> List[Call]:
         """Takes ``nbytes`` read into ``reader.get_buffer()``; returns the calls answered (calls
-        whose caller stopped waiting are released here instead)."""
+        whose caller stopped waiting are released here instead). An answer that looks like
+        the previous answer to its template (:class:`Answer`) is cut, any other decoded."""
         answered: List[Call] = []
+        pending = self.pending
         for body in self.reader.buffer_updated(nbytes):
-            frame = _wire.decode(body)
-            if not isinstance(frame, dict):
+            if len(body) > 13 and body[:4] == _ANSWER_HEAD:
+                # An answer to a templated request that looks like the last one: its outputs
+                # are cut out, the rest is known.
+                rid, at = _read_uint(body, 4)
+                call = pending.get(rid)
+                template = call.template if call is not None else None
+                answer = template.answer if template is not None else None
+                if answer is not None and call is not None and template is not None:
+                    cuts = answer.cut(body, at)
+                    if cuts is not None:
+                        template.unpaid = 0
+                        del pending[rid]
+                        call.done = call.ok = True
+                        call.answer, call.cuts = answer, cuts
+                        if call.abandoned:
+                            call.release()
+                        else:
+                            answered.append(call)
+                        continue
+            frame = _unpackb(body, raw=False, strict_map_key=False)
+            if type(frame) is not dict:
                 raise _wire.FrameError("a response that is not a map")
             rid, ok, payload = _wire.split_outcome(frame)
             if rid == 0:
@@ -265,6 +500,8 @@ class Connection:
             if call is None:
                 continue
             call.done, call.ok, call.payload = True, ok, payload
+            if call.template is not None:
+                learn_answer(call, body, frame)
             if call.abandoned:
                 call.release()
                 continue
@@ -304,6 +541,12 @@ class Connection:
 
     def result(self, call: Call) -> Result:
         """The :class:`Result` of an answered infer call (or its exception)."""
+        answer = call.answer
+        if answer is not None and call.cuts is not None:
+            call.release()
+            if call.key is not None:
+                self.memory.output_sizes[call.key] = answer.total
+            return answer.result(call.cuts, call.copy)
         if not call.ok:
             if call.payload is None:
                 call.release()
@@ -330,6 +573,15 @@ class Connection:
                 # The signature's estimate was short (a new version?): ask again next time.
                 self.memory.forget(call.key)
         return res
+
+
+#: Wire dtype names by numpy dtype, for the dtypes sent as they are (little-endian or
+#: single-byte); any other array goes through :func:`as_array`.
+_FAST_WIRE: Dict[np.dtype[Any], str] = {d: n for n, d in _wire._DTYPES.items()}
+_DTYPES = _wire._DTYPES
+_unpackb = msgpack.unpackb
+_ANSWER_HEAD = memoryview(_wire.ANSWER_HEAD)
+_read_uint = _wire.read_uint
 
 
 def as_array(value: Any, declared: Optional[np.dtype[Any]] = None) -> np.ndarray[Any, Any]:
@@ -381,21 +633,23 @@ def build_result(
     dtypes: Dict[str, str] = {}
     total = 0
     overflowed = False
-    for t in payload.get("outputs", []):
-        name, wire, shape = t["name"], t["dtype"], [int(d) for d in t["shape"]]
-        dtype = _wire.numpy_dtype(wire)
+    align = _wire.OUTPUT_ALIGN - 1
+    for t in payload.get("outputs", ()):
+        name, wire, shape = t["name"], t["dtype"], t["shape"]
+        dtype = _DTYPES.get(wire)
         data = t["data"]
         dtypes[name] = wire
-        if "inline" in data:
-            raw = data["inline"]
+        raw = data.get("inline") if type(data) is dict else None
+        if raw is not None:
             overflowed |= area is not None
-            total += _aligned(len(raw))
+            total += (len(raw) + align) & ~align
             if dtype is None:
                 arr = np.frombuffer(raw, dtype=np.uint8)
             else:
                 arr = np.frombuffer(raw, dtype=dtype).reshape(shape)
             arrays[name] = arr.copy() if copy else arr
             continue
+        shape = [int(d) for d in shape]
         ref = data.get("arena") if isinstance(data, dict) else None
         if ref is None or area is None:
             raise errors.ProtocolError(f"output {name!r} is in the arena, where none was asked for")

@@ -7,7 +7,7 @@ what :func:`encode` returns.
 from __future__ import annotations
 
 import struct
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import msgpack  # type: ignore[import-untyped]
 import numpy as np
@@ -83,6 +83,160 @@ def encode(msg: Any) -> List[Union[bytes, memoryview]]:
     return [HEADER.pack(len(body)), body]
 
 
+#: An integer hole in a template: MessagePack's uint64 form (0xcf and 8 bytes, big-endian), which
+#: has the same size whatever the value (PROTOCOL.md: integers may use any width).
+U64 = struct.Struct(">BQ")
+U64_SIZE = U64.size
+
+
+def u64(value: int) -> bytes:
+    """``value`` in MessagePack's fixed-size uint64 form (a template's integer hole)."""
+    return U64.pack(0xCF, value)
+
+
+def _map_header(n: int) -> bytes:
+    return bytes([0x80 | n]) if n < 16 else b"\xde" + struct.pack(">H", n)
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes([0x90 | n])
+    return b"\xdc" + struct.pack(">H", n) if n < 1 << 16 else b"\xdd" + struct.pack(">I", n)
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 1 << 8:
+        return b"\xc4" + struct.pack(">B", n)
+    return b"\xc5" + struct.pack(">H", n) if n < 1 << 16 else b"\xc6" + struct.pack(">I", n)
+
+
+#: What fills a hole of an infer template: the request id, an input's bytes (inline), an
+#: input's arena offset, the output area's offset.
+INLINE = "inline"
+ARENA = "arena"
+
+
+def infer_template(
+    model: str,
+    version: Optional[int],
+    outputs: Tuple[str, ...],
+    priority: Optional[int],
+    timeout_ms: Optional[int],
+    tensors: Sequence[Tuple[str, str, Tuple[int, ...], str, int]],
+    area_len: Optional[int],
+) -> Tuple[Tuple[bytes, ...], int]:
+    """An infer request frame (length header included) cut into constant pieces around its
+    holes, for requests that differ only in the holes' contents: ``frame = c0 + h0 + c1 + h1 +
+    ... + cN``, the holes being, in order, the id (:func:`u64`), then each tensor's data — its
+    ``nbytes`` bytes (``INLINE``) or its arena offset (:func:`u64`, ``ARENA``) — then the output
+    area's offset (:func:`u64`) when ``area_len`` is given. ``tensors``: ``(name, wire dtype,
+    shape, INLINE or ARENA, nbytes)``. Returns the pieces and the frame's length.
+
+    The message is the one :func:`request` would make for the same arguments (same keys in
+    the same order), only with integers that fill holes in their uint64 form."""
+    pack = msgpack.Packer(use_bin_type=True).pack
+    pieces: List[bytes] = []
+    cur = bytearray()
+    holes = 0
+
+    def hole(size: int) -> None:
+        nonlocal cur, holes
+        pieces.append(bytes(cur))
+        cur = bytearray()
+        holes += size
+
+    cur += _map_header(2) + pack("id")
+    hole(U64_SIZE)
+    cur += pack("body") + _map_header(2) + pack("op") + pack("infer") + pack("args")
+    extra = [version is not None, bool(outputs), priority is not None, timeout_ms is not None, area_len is not None]
+    cur += _map_header(3 + sum(extra)) + pack("model") + pack(model) + pack("inputs") + _array_header(len(tensors))
+    for name, wire, shape, kind, nbytes in tensors:
+        cur += _map_header(4) + pack("name") + pack(name) + pack("dtype") + pack(wire)
+        cur += pack("shape") + pack(list(shape)) + pack("data") + _map_header(1)
+        if kind == INLINE:
+            cur += pack("inline") + _bin_header(nbytes)
+            hole(nbytes)
+        else:
+            cur += pack("arena") + _map_header(2) + pack("offset")
+            hole(U64_SIZE)
+            cur += pack("len") + pack(nbytes)
+    cur += pack("inline_overflow") + pack(True)
+    if version is not None:
+        cur += pack("version") + pack(int(version))
+    if outputs:
+        cur += pack("outputs") + pack(list(outputs))
+    if priority is not None:
+        cur += pack("priority") + pack(int(priority))
+    if timeout_ms is not None:
+        cur += pack("timeout_ms") + pack(int(timeout_ms))
+    if area_len is not None:
+        cur += pack("output_area") + _map_header(2) + pack("offset")
+        hole(U64_SIZE)
+        cur += pack("len") + pack(int(area_len))
+    pieces.append(bytes(cur))
+    body = sum(len(p) for p in pieces) + holes
+    pieces[0] = HEADER.pack(body) + pieces[0]
+    return tuple(pieces), body + HEADER.size
+
+
+#: How the daemon begins every answer: a map of two entries, ``id`` first.
+ANSWER_HEAD = b"\x82\xa2id"
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64_BARE = struct.Struct(">Q")
+
+
+def read_uint(buf: Union[bytes, bytearray, memoryview], pos: int) -> Tuple[int, int]:
+    """The unsigned MessagePack integer at ``pos`` and the position after it; ``(-1, pos)``
+    when there is none."""
+    m = buf[pos]
+    if m < 0x80:
+        return m, pos + 1
+    if m == 0xCC:
+        return buf[pos + 1], pos + 2
+    if m == 0xCD:
+        return _U16.unpack_from(buf, pos + 1)[0], pos + 3
+    if m == 0xCE:
+        return _U32.unpack_from(buf, pos + 1)[0], pos + 5
+    if m == 0xCF:
+        return _U64_BARE.unpack_from(buf, pos + 1)[0], pos + 9
+    return -1, pos
+
+
+def bin_spans(body: Union[bytes, bytearray, memoryview], message: Any) -> Optional[List[Tuple[int, int]]]:
+    """Where each ``bin`` value of ``message`` — what :func:`decode` made of ``body`` — lies in
+    ``body``: ``[(offset, length)]`` in wire order; ``None`` if the walk does not come out
+    exactly (a message :func:`decode` would not give back byte for byte)."""
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(len(body), 1 << 10))
+    unpacker.feed(body)
+    spans: List[Tuple[int, int]] = []
+
+    def walk(value: Any) -> None:
+        if type(value) is dict:
+            if unpacker.read_map_header() != len(value):
+                raise ValueError("a map with repeated keys")
+            for item in value.values():
+                unpacker.skip()
+                walk(item)
+        elif type(value) is list:
+            unpacker.read_array_header()
+            for item in value:
+                walk(item)
+        else:
+            unpacker.skip()
+            if type(value) is bytes:
+                end = unpacker.tell()
+                spans.append((end - len(value), len(value)))
+
+    try:
+        walk(message)
+    except (ValueError, msgpack.ExtraData, msgpack.OutOfData, msgpack.UnpackException):
+        return None
+    if unpacker.tell() != len(body):
+        return None
+    return spans
+
+
 def decode(body: Union[bytes, bytearray, memoryview]) -> Any:
     """The message in a frame body."""
     return msgpack.unpackb(body, raw=False, strict_map_key=False)
@@ -128,14 +282,16 @@ class FrameReader:
             self._start, self._end = 0, n
         return self._view[self._end :]
 
-    def buffer_updated(self, nbytes: int) -> List[Union[bytes, bytearray]]:
-        """Takes ``nbytes`` read into the last buffer; returns the frame bodies completed."""
-        out: List[Union[bytes, bytearray]] = []
+    def buffer_updated(self, nbytes: int) -> List[memoryview]:
+        """Takes ``nbytes`` read into the last buffer; returns the frame bodies completed. A
+        small body is a view of the scratch buffer, valid until the next :meth:`get_buffer`:
+        decode it before reading more."""
+        out: List[memoryview] = []
         if self._big is not None:
             self._big_got += nbytes
             if self._big_got < len(self._big):
                 return out
-            out.append(self._big)
+            out.append(memoryview(self._big))
             self._big = None
             return out
         self._end += nbytes
@@ -146,7 +302,7 @@ class FrameReader:
             have = self._end - self._start - 4
             if have >= n:
                 s = self._start + 4
-                out.append(bytes(self._view[s : s + n]))
+                out.append(self._view[s : s + n])
                 self._start = s + n
                 continue
             if n + 4 > len(self._scratch):
@@ -162,11 +318,13 @@ class FrameReader:
 
 def split_outcome(frame: Dict[str, Any]) -> Tuple[int, bool, Any]:
     """``(id, ok, reply args or error map)`` of a response frame."""
-    rid = int(frame.get("id", 0))
+    rid = frame.get("id", 0)
+    if type(rid) is not int:
+        rid = int(rid)
     outcome = frame.get("outcome") or {}
     if "ok" in outcome:
         reply = outcome["ok"]
-        return rid, True, reply.get("args") if isinstance(reply, dict) else None
+        return rid, True, reply.get("args") if type(reply) is dict else None
     return rid, False, outcome.get("err") or {"code": 901, "message": "an answer without an outcome"}
 
 

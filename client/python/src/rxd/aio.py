@@ -29,13 +29,110 @@ from .types import (
 )
 
 
+class _Answer:
+    """The answer to one request, awaited by the task that sent it: a future, duck-typed as
+    asyncio allows (``_asyncio_future_blocking``, what ``asyncio.isfuture`` looks for), that
+    the protocol completes when it reads the answer. :meth:`resume` runs the awaiting task's
+    wake-up at once, from the read callback: an ``asyncio.Future`` would schedule it, which
+    costs every answer one more turn of the event loop (an ``epoll_wait`` and the loop's
+    bookkeeping). Completed any other way (:meth:`set_result`, :meth:`cancel`) it schedules
+    its callbacks as an ``asyncio.Future`` does, so ``wait_for``, cancellation and timeouts
+    behave as with one."""
+
+    _asyncio_future_blocking = False
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._state = 0  # 0: waiting, 1: answered, 2: cancelled
+        self._callbacks: List[Tuple[Callable[[Any], Any], Any]] = []
+        self._message: Optional[str] = None
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def done(self) -> bool:
+        return self._state != 0
+
+    def cancelled(self) -> bool:
+        return self._state == 2
+
+    def result(self) -> None:
+        self.exception()
+
+    def exception(self) -> Optional[BaseException]:
+        if self._state == 2:
+            raise asyncio.CancelledError() if self._message is None else asyncio.CancelledError(self._message)
+        if self._state == 0:
+            raise asyncio.InvalidStateError("no answer yet")
+        return None
+
+    def add_done_callback(self, fn: Callable[[Any], Any], *, context: Any = None) -> None:
+        if self._state:
+            self._loop.call_soon(fn, self, context=context)
+        else:
+            self._callbacks.append((fn, context))
+
+    def remove_done_callback(self, fn: Callable[[Any], Any]) -> int:
+        kept = [(f, c) for f, c in self._callbacks if f != fn]
+        removed = len(self._callbacks) - len(kept)
+        self._callbacks = kept
+        return removed
+
+    def cancel(self, msg: Optional[str] = None) -> bool:
+        if self._state:
+            return False
+        self._state, self._message = 2, msg
+        self._schedule()
+        return True
+
+    def set_result(self, _: None = None) -> None:
+        """Answered (or failed: the call says which); callbacks scheduled."""
+        if not self._state:
+            self._state = 1
+            self._schedule()
+
+    def _schedule(self) -> None:
+        callbacks, self._callbacks = self._callbacks, []
+        for fn, ctx in callbacks:
+            self._loop.call_soon(fn, self, context=ctx)
+
+    def resume(self) -> None:
+        """Answered: runs the callbacks (the awaiting task's next step) now. Only from a
+        callback of the event loop, outside any task — the protocol's read callback."""
+        if self._state:
+            return
+        self._state = 1
+        callbacks, self._callbacks = self._callbacks, []
+        for fn, ctx in callbacks:
+            try:
+                if ctx is None:
+                    fn(self)
+                else:
+                    ctx.run(fn, self)
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except BaseException as e:  # as the event loop does for a failing callback
+                self._loop.call_exception_handler({"message": "exception in an answer's callback", "exception": e, "future": self})
+
+    def __await__(self) -> Any:
+        if not self._state:
+            self._asyncio_future_blocking = True
+            yield self
+        if not self._state:
+            raise RuntimeError("await wasn't used with future")
+        return self.result()
+
+    __iter__ = __await__
+
+
 class _Protocol(asyncio.BufferedProtocol):
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.transport: Optional[asyncio.Transport] = None
         self.lost = False
         self._drained: Optional[asyncio.Future[None]] = None
-        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.loop = asyncio.get_running_loop()
+        self.gone: asyncio.Future[None] = self.loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -54,8 +151,8 @@ class _Protocol(asyncio.BufferedProtocol):
             return
         for call in answered:
             w = call.waiter
-            if w is not None and not w.done():
-                w.set_result(None)
+            if w is not None:
+                w.resume()
 
     def eof_received(self) -> Optional[bool]:
         return False
@@ -84,7 +181,9 @@ class _Protocol(asyncio.BufferedProtocol):
 
     def send(self, frame: Sequence[Union[bytes, memoryview]]) -> None:
         assert self.transport is not None
-        if len(frame) == 2 and len(frame[1]) <= 1 << 16:
+        if len(frame) == 1:
+            self.transport.write(frame[0])
+        elif len(frame) == 2 and len(frame[1]) <= 1 << 16:
             self.transport.write(b"".join(frame))  # one send for a small frame, not two
         else:
             for b in frame:
@@ -273,7 +372,13 @@ class AsyncClient:
             proto = await self._ensure()
         conn = proto.conn
         call = build(conn)
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self._exchange(proto, call, timeout)
+        return conn, call
+
+    @staticmethod
+    async def _exchange(proto: _Protocol, call: Call, timeout: Optional[float]) -> None:
+        """Sends ``call`` and waits for its answer."""
+        waiter = _Answer(proto.loop)
         call.waiter = waiter
         try:
             proto.send(call.frame)
@@ -288,9 +393,8 @@ class AsyncClient:
                 except asyncio.TimeoutError:
                     raise errors.Timeout(f"no answer within {timeout} s") from None
         except BaseException:
-            conn.abandon(call)
+            proto.conn.abandon(call)
             raise
-        return conn, call
 
     async def _control(self, op: str, args: Optional[Dict[str, Any]] = None, timeout: Optional[float] = None) -> Any:
         conn, call = await self._roundtrip(lambda c: c.control(op, args), timeout)
@@ -313,14 +417,28 @@ class AsyncClient:
             signature = self._memory.signatures[key]
         else:
             signature = await self._signature(model, version, inputs, timeout)
-        wait = None if timeout is None else timeout + max(0.5, timeout)
-        conn, call = await self._roundtrip(
-            lambda c: c.infer(
-                model, inputs, version=version, outputs=outputs, priority=priority,
-                timeout=timeout, copy=copy, signature=signature,
-            ),
-            wait,
+        proto = self._proto
+        if proto is None or proto.lost:
+            proto = await self._ensure()
+        conn = proto.conn
+        call = conn.infer(
+            model, inputs, version=version, outputs=outputs, priority=priority,
+            timeout=timeout, copy=copy, signature=signature,
         )
+        if timeout is None:
+            # The usual case, without another coroutine: _exchange's steps.
+            waiter = call.waiter = _Answer(proto.loop)
+            try:
+                proto.send(call.frame)
+                call.frame = []
+                if proto.paused:
+                    await proto.drain()
+                await waiter
+            except BaseException:
+                conn.abandon(call)
+                raise
+        else:
+            await self._exchange(proto, call, timeout + max(0.5, timeout))
         return conn.result(call)
 
     async def _signature(
@@ -364,7 +482,7 @@ class AsyncClient:
         """A model version's signature and state (loads it if needed); remembered as the
         signature later requests use."""
         out: ModelInfo = await self._control("model_info", _ops.model_ref(model, version))
-        self._memory.signatures[(model, version)] = dict(out)
+        self._memory.learn((model, version), dict(out))
         return out
 
     async def status(self) -> Status:

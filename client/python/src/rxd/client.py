@@ -78,6 +78,8 @@ class Client:
         self._memory = Memory()
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
+        #: Threads waiting on ``_cond`` for their answers (none: no one to notify).
+        self._waiting = 0
         self._connect_lock = threading.Lock()
         self._closed = False
         self._link: Optional[_Link] = None
@@ -125,7 +127,7 @@ class Client:
                 return
             link.dead = True
             link.conn.fail_all(reason)
-            self._cond.notify_all()
+            self._wake()
         try:
             link.sock.close()
         except OSError:
@@ -187,33 +189,76 @@ class Client:
 
     # -- requests -------------------------------------------------------------------------------
     def _roundtrip(self, build: Callable[[Connection], Call], timeout: Optional[float]) -> Tuple[Connection, Call]:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        link = self._ensure()
+        link = self._link
+        if link is None or link.dead:
+            link = self._ensure()
+        conn = link.conn
         with self._lock:
-            call = build(link.conn)
+            call = build(conn)
+            reading = self._alone(link)
+        self._exchange(link, call, reading, timeout)
+        return conn, call
+
+    @staticmethod
+    def _alone(link: _Link) -> bool:
+        """Under the lock, just after a call was made: when it is alone on the connection (the
+        usual case of one thread), its thread takes the reader's role now, so that it reads
+        its answer without another turn of the lock. Only alone: the daemon has nothing else
+        to send that a send blocked on a full socket could keep unread."""
+        if not link.reading and not link.dead and len(link.conn.pending) == 1:
+            link.reading = True
+            return True
+        return False
+
+    def _exchange(self, link: _Link, call: Call, reading: bool, timeout: Optional[float]) -> None:
+        """Sends ``call`` and waits for its answer (``reading``: this thread holds the reader's
+        role already)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        conn = link.conn
         try:
             with link.send_lock:
                 _send_all(link.sock, call.frame)
         except OSError as e:
             self._broken(link, f"the connection broke: {e}")
+        except BaseException:
+            with self._lock:
+                if reading:
+                    link.reading = False
+                    self._wake()
+                conn.abandon(call)
+            raise
         call.frame = []
-        self._wait(link, call, deadline, timeout)
-        return link.conn, call
+        self._wait(link, call, deadline, timeout, reading)
 
-    def _wait(self, link: _Link, call: Call, deadline: Optional[float], timeout: Optional[float]) -> None:
+    def _wake(self) -> None:
+        """Under the lock: lets the threads waiting for answers look again (one of them may
+        take the reader's role)."""
+        if self._waiting:
+            self._cond.notify_all()
+
+    def _wait(self, link: _Link, call: Call, deadline: Optional[float], timeout: Optional[float], reading: bool) -> None:
+        """Until ``call`` is answered: reads the socket while no other thread does (the
+        reader's role, ``link.reading``; ``reading``: this thread holds it already), else
+        waits for the reader to hand out the answers."""
         try:
             while True:
-                with self._lock:
-                    while not call.done:
-                        if not link.reading and not link.dead:
-                            link.reading = True
-                            break
-                        remaining = None if deadline is None else deadline - time.monotonic()
-                        if remaining is not None and remaining <= 0:
-                            raise errors.Timeout(f"no answer within {timeout} s")
-                        self._cond.wait(remaining)
-                    else:
-                        return
+                if not reading:
+                    with self._lock:
+                        while not call.done:
+                            if not link.reading and not link.dead:
+                                link.reading = True
+                                break
+                            remaining = None if deadline is None else deadline - time.monotonic()
+                            if remaining is not None and remaining <= 0:
+                                raise errors.Timeout(f"no answer within {timeout} s")
+                            self._waiting += 1
+                            try:
+                                self._cond.wait(remaining)
+                            finally:
+                                self._waiting -= 1
+                        else:
+                            return
+                reading = False
                 self._read(link, deadline)
                 if call.done:
                     return
@@ -221,6 +266,9 @@ class Client:
                     raise errors.Timeout(f"no answer within {timeout} s")
         except BaseException:
             with self._lock:
+                if reading:  # never got to read
+                    link.reading = False
+                    self._wake()
                 link.conn.abandon(call)
             raise
 
@@ -244,7 +292,8 @@ class Client:
                         link.conn.feed(n)
                     except (_wire.FrameError, ValueError) as e:
                         broken = f"undecodable answer: {e}"
-                self._cond.notify_all()
+                if self._waiting:
+                    self._cond.notify_all()
         if broken is not None:
             self._broken(link, broken)
 
@@ -277,15 +326,20 @@ class Client:
         other arrays of at least ``inline_threshold`` bytes are copied into the arena once;
         smaller ones travel inline. Outputs come through the arena when their size is known
         before the run (from the model's signature, or the previous call)."""
-        signature = self._signature(model, version, inputs, timeout)
-        wait = None if timeout is None else timeout + max(0.5, timeout)
-        conn, call = self._roundtrip(
-            lambda c: c.infer(
+        key: Key = (model, version)
+        signatures = self._memory.signatures
+        signature = signatures[key] if key in signatures else self._signature(model, version, inputs, timeout)
+        link = self._link
+        if link is None or link.dead:
+            link = self._ensure()
+        conn = link.conn
+        with self._lock:
+            call = conn.infer(
                 model, inputs, version=version, outputs=outputs, priority=priority,
                 timeout=timeout, copy=copy, signature=signature,
-            ),
-            wait,
-        )
+            )
+            reading = self._alone(link)
+        self._exchange(link, call, reading, None if timeout is None else timeout + max(0.5, timeout))
         return conn.result(call)
 
     def _signature(
@@ -319,7 +373,7 @@ class Client:
         as a request would. Remembered as the signature later requests use (for input names,
         the dtype of lists, and the output area)."""
         info: ModelInfo = self._control("model_info", _ops.model_ref(model, version))
-        self._memory.signatures[(model, version)] = dict(info)
+        self._memory.learn((model, version), dict(info))
         return info
 
     def status(self) -> Status:
@@ -443,6 +497,9 @@ def _empty(conn: Connection, shape: Union[int, Sequence[int]], dtype: Any) -> "n
 
 
 def _send_all(sock: socket.socket, bufs: Sequence[Union[bytes, memoryview]]) -> None:
+    if len(bufs) == 1 and len(bufs[0]) <= 1 << 16:
+        sock.sendall(bufs[0])
+        return
     total = sum(len(b) for b in bufs)
     if total <= 1 << 16:
         sock.sendall(b"".join(bufs))

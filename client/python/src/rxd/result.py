@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any, Dict, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, AbstractSet, Any, Dict, Iterator, Mapping, Optional
 
 import numpy as np
 
@@ -40,8 +40,8 @@ class Result(Mapping[str, "np.ndarray[Any, Any]"]):
         #: (``bfloat16``, ``float8*``, 4-bit) are raw ``uint8`` bytes.
         self.dtypes = dtypes
         self._outputs: Optional[Dict[str, np.ndarray[Any, Any]]] = outputs
-        self._in_arena = {n for n, a in outputs.items() if area is not None and _shows(a, area)}
         self._area = area
+        self._in_arena: AbstractSet[str] = frozenset() if area is None else {n for n, a in outputs.items() if _shows(a, area)}
         # Released when closed, or when this object is collected unclosed.
         self._finalizer = weakref.finalize(self, _release, area) if area is not None else None
 
