@@ -8,7 +8,7 @@ import sys
 from typing import Dict, List
 
 if sys.version_info >= (3, 11):
-    from typing import NotRequired, TypedDict
+    from typing import NotRequired, TypedDict  # novm: only on 3.11+, else typing_extensions
 else:  # pragma: no cover - Python 3.9 and 3.10
     from typing_extensions import NotRequired, TypedDict
 
