@@ -6,6 +6,7 @@
 //! - [`proto`]: schema-less protobuf messages (lossless).
 //! - [`onnx`]: ONNX field numbers and helpers over messages.
 //! - [`opset`]: moving a graph from opset 11/12 to 13 where nothing changes meaning.
+//! - [`error`]: the one error type.
 //! - [`dynamic`]: the `dynamic-int8` strategy (MatMulInteger with activations quantized at
 //!   run time).
 //! - [`fold`]: BatchNormalization folded into the Conv before it.
@@ -23,6 +24,7 @@
 #![deny(unsafe_code)]
 
 pub mod dynamic;
+pub mod error;
 pub mod fold;
 pub mod half;
 pub mod int4;
@@ -35,6 +37,8 @@ pub mod report;
 pub mod search;
 pub mod static_int8;
 pub mod tidy;
+
+pub use error::{Error, Result};
 
 /// A compression plan: strategies applied in order (`prune:0.5+int8-weights`).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -75,8 +79,8 @@ impl Strategy {
 }
 
 impl std::str::FromStr for Strategy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
         let mut out = Strategy::NONE;
         for part in s.split('+').map(str::trim) {
             match part.split_once(':') {
@@ -92,23 +96,23 @@ impl std::str::FromStr for Strategy {
                         .ok()
                         .filter(|v: &f64| (0.0..1.0).contains(v))
                         .ok_or_else(|| {
-                            format!("prune:{x}: the sparsity is a fraction in [0, 1)")
+                            Error::Usage(format!("prune:{x}: the sparsity is a fraction in [0, 1)"))
                         })?;
                     out.prune = Some(v);
                 }
                 _ => {
-                    return Err(format!(
+                    return Err(Error::Usage(format!(
                         "unknown strategy '{part}' (this build has: none, int8-weights, \
                          dynamic-int8, int4, fp16, fp16-weights, prune:S, combined with +)"
-                    ));
+                    )));
                 }
             }
         }
         if out.fp16_compute && (out.int8_weights || out.dynamic_int8 || out.int4 || out.fp16) {
-            return Err(format!(
+            return Err(Error::Usage(format!(
                 "{s}: fp16 (float16 arithmetic) combines only with prune:S; for int8 or int4 \
                  weights with the float tensors left in half precision use fp16-weights"
-            ));
+            )));
         }
         Ok(out)
     }
@@ -129,36 +133,36 @@ pub struct Outcome {
 }
 
 /// Compresses model bytes with `strategy`: the new bytes and what was done.
-pub fn compress(bytes: &[u8], strategy: Strategy) -> Result<(Vec<u8>, Outcome), String> {
-    let mut model = onnx::Model::parse(bytes).map_err(|e| e.to_string())?;
+pub fn compress(bytes: &[u8], strategy: Strategy) -> Result<(Vec<u8>, Outcome)> {
+    let mut model = onnx::Model::parse(bytes)?;
     let mut out = Outcome::default();
     // Folding first also keeps BatchNorm statistics out of float16: PP-OCR's detector has
     // running variances near 1e8 (float16 ends at 65504); folded, they become small scales.
     if strategy.int8_weights || strategy.fp16_compute {
-        out.batchnorms_folded = fold::fold_batchnorm(&mut model).map_err(|e| e.to_string())?;
+        out.batchnorms_folded = fold::fold_batchnorm(&mut model)?;
     }
     if let Some(s) = strategy.prune {
-        out.pruned = Some(prune::prune(&mut model, s).map_err(|e| e.to_string())?);
+        out.pruned = Some(prune::prune(&mut model, s)?);
     }
     if strategy.int4 {
-        out.int4 = int4::int4(&mut model).map_err(|e| e.to_string())?;
+        out.int4 = int4::int4(&mut model)?;
     }
     if strategy.dynamic_int8 {
-        out.dynamic = dynamic::dynamic_int8(&mut model).map_err(|e| e.to_string())?;
+        out.dynamic = dynamic::dynamic_int8(&mut model)?;
     }
     if strategy.int8_weights {
-        out.quant = quant::int8_weights(&mut model).map_err(|e| e.to_string())?;
+        out.quant = quant::int8_weights(&mut model)?;
     }
     if strategy.fp16 {
-        out.fp16_tensors = half::fp16(&mut model).map_err(|e| e.to_string())?;
+        out.fp16_tensors = half::fp16(&mut model)?;
     }
     if strategy.fp16_compute {
-        let h = half::fp16_compute(&mut model).map_err(|e| e.to_string())?;
+        let h = half::fp16_compute(&mut model)?;
         out.fp16_tensors = h.tensors;
         out.fp16_compute = Some(h);
     }
     if strategy != Strategy::NONE {
-        out.tidy = tidy::constants_to_initializers(&mut model).map_err(|e| e.to_string())?;
+        out.tidy = tidy::constants_to_initializers(&mut model)?;
     }
     // Always re-encoded, also for `none`: that is the lossless round trip the tests check.
     Ok((model.encode(), out))

@@ -11,6 +11,8 @@ use ort::environment::Environment;
 use ort::session::Session;
 use ort::value::{DynValue, Tensor};
 
+use crate::{Error, Result};
+
 /// One input tensor (from a .npy file).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Input {
@@ -26,9 +28,12 @@ pub enum Data {
 }
 
 /// Reads a .npy file of little-endian float32 or int64 (C order) as input `name`.
-pub fn read_npy(name: &str, path: &Path) -> Result<Input, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let bad = |m: &str| format!("{}: {m}", path.display());
+pub fn read_npy(name: &str, path: &Path) -> Result<Input> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Read {
+        path: path.into(),
+        source,
+    })?;
+    let bad = |m: &str| Error::Data(format!("{}: {m}", path.display()));
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err(bad("not a .npy file"));
     }
@@ -164,11 +169,10 @@ impl std::fmt::Display for Report {
     }
 }
 
-pub(crate) fn session(env: &Environment, model: &[u8]) -> Result<Session, String> {
-    Session::builder(env)
+pub(crate) fn session(env: &Environment, model: &[u8]) -> Result<Session> {
+    Ok(Session::builder(env)
         .and_then(|b| b.with_intra_threads(1).map_err(Into::into))
-        .and_then(|mut b| b.commit_from_memory(model))
-        .map_err(|e| e.to_string())
+        .and_then(|mut b| b.commit_from_memory(model))?)
 }
 
 /// The operators ONNX Runtime runs for `model` after its graph optimizations (on this
@@ -176,7 +180,7 @@ pub(crate) fn session(env: &Environment, model: &[u8]) -> Result<Session, String
 pub fn optimized_ops(
     env: &Environment,
     model: &[u8],
-) -> Result<std::collections::BTreeMap<String, usize>, String> {
+) -> Result<std::collections::BTreeMap<String, usize>> {
     let path = std::env::temp_dir().join(format!(
         "rxd-optimized-{}-{:?}.onnx",
         std::process::id(),
@@ -186,32 +190,29 @@ pub fn optimized_ops(
         .and_then(|b| b.with_intra_threads(1).map_err(Into::into))
         .and_then(|b| b.with_optimized_model_path(&path).map_err(Into::into))
         .and_then(|mut b| b.commit_from_memory(model))
-        .map_err(|e| e.to_string());
-    let saved = built.and_then(|_| std::fs::read(&path).map_err(|e| e.to_string()));
+        .map_err(Error::from);
+    let saved = built.and_then(|_| {
+        std::fs::read(&path).map_err(|source| Error::Read {
+            path: path.clone(),
+            source,
+        })
+    });
     let _ = std::fs::remove_file(&path);
-    let m = crate::onnx::Model::parse(&saved?).map_err(|e| e.to_string())?;
+    let m = crate::onnx::Model::parse(&saved?)?;
     let mut ops = std::collections::BTreeMap::new();
-    for n in m
-        .graph
-        .messages(crate::onnx::graph::NODE)
-        .map_err(|e| e.to_string())?
-    {
+    for n in m.graph.messages(crate::onnx::graph::NODE)? {
         *ops.entry(crate::onnx::op_type(&n)).or_default() += 1;
     }
     Ok(ops)
 }
 
-pub(crate) fn values(inputs: &[Input]) -> Result<Vec<(String, DynValue)>, String> {
+pub(crate) fn values(inputs: &[Input]) -> Result<Vec<(String, DynValue)>> {
     inputs
         .iter()
         .map(|i| {
             let v: DynValue = match &i.data {
-                Data::F32(d) => Tensor::from_array((i.shape.clone(), d.clone()))
-                    .map_err(|e| e.to_string())?
-                    .into_dyn(),
-                Data::I64(d) => Tensor::from_array((i.shape.clone(), d.clone()))
-                    .map_err(|e| e.to_string())?
-                    .into_dyn(),
+                Data::F32(d) => Tensor::from_array((i.shape.clone(), d.clone()))?.into_dyn(),
+                Data::I64(d) => Tensor::from_array((i.shape.clone(), d.clone()))?.into_dyn(),
             };
             Ok((i.name.clone(), v))
         })
@@ -223,9 +224,9 @@ type Output = (String, Vec<i64>, Vec<f64>);
 
 /// Runs a model on the inputs: each output as (name, shape, values as f64) for float outputs,
 /// plus the mean latency of `runs` timed runs.
-fn run(s: &mut Session, inputs: &[Input], runs: usize) -> Result<(Vec<Output>, f64), String> {
+fn run(s: &mut Session, inputs: &[Input], runs: usize) -> Result<(Vec<Output>, f64)> {
     let names: Vec<String> = s.outputs().iter().map(|o| o.name().to_string()).collect();
-    let outs = s.run(values(inputs)?).map_err(|e| e.to_string())?;
+    let outs = s.run(values(inputs)?)?;
     let mut result = Vec::new();
     for n in &names {
         let v = &outs[n.as_str()];
@@ -246,7 +247,7 @@ fn run(s: &mut Session, inputs: &[Input], runs: usize) -> Result<(Vec<Output>, f
     drop(outs);
     let t = Instant::now();
     for _ in 0..runs {
-        s.run(values(inputs)?).map_err(|e| e.to_string())?;
+        s.run(values(inputs)?)?;
     }
     Ok((result, t.elapsed().as_secs_f64() * 1e3 / runs.max(1) as f64))
 }
@@ -297,25 +298,19 @@ pub fn cosine<T: Copy + Into<f64>>(x: &[T], y: &[T]) -> f64 {
 }
 
 /// Compares `before` and `after` (model bytes) on `inputs`.
-pub fn compare(
-    env: &Environment,
-    before: &[u8],
-    after: &[u8],
-    inputs: &[Input],
-) -> Result<Report, String> {
+pub fn compare(env: &Environment, before: &[u8], after: &[u8], inputs: &[Input]) -> Result<Report> {
     let mut a = session(env, before)?;
-    let mut b =
-        session(env, after).map_err(|e| format!("the compressed model does not load: {e}"))?;
+    let mut b = session(env, after).map_err(|e| Error::CompressedDoesNotLoad(e.to_string()))?;
     let (ra, la) = run(&mut a, inputs, 5)?;
     let (rb, lb) = run(&mut b, inputs, 5)?;
     let mut outputs = Vec::new();
     for ((name, shape, x), (_, _, y)) in ra.iter().zip(&rb) {
         if x.len() != y.len() {
-            return Err(format!(
-                "output {name} changed size: {} vs {}",
-                x.len(),
-                y.len()
-            ));
+            return Err(Error::OutputChanged {
+                name: name.clone(),
+                before: x.len(),
+                after: y.len(),
+            });
         }
         let n = x.len().max(1) as f64;
         let diffs = x.iter().zip(y).map(|(p, q)| (p - q).abs());
@@ -373,7 +368,7 @@ pub fn compare(
 /// Deterministic random inputs for a model's signature (float32 in [0, 1), int64 zeros);
 /// dynamic dimensions get `dynamic` (the batch dimension 1). For checking that a compressed
 /// model agrees with its original when no evaluation data is given.
-pub fn random_inputs(env: &Environment, model: &[u8], dynamic: i64) -> Result<Vec<Input>, String> {
+pub fn random_inputs(env: &Environment, model: &[u8], dynamic: i64) -> Result<Vec<Input>> {
     use ort::value::{TensorElementType, ValueType};
     let s = session(env, model)?;
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
@@ -381,7 +376,10 @@ pub fn random_inputs(env: &Environment, model: &[u8], dynamic: i64) -> Result<Ve
         .iter()
         .map(|o| {
             let ValueType::Tensor { ty, shape, .. } = o.dtype() else {
-                return Err(format!("input '{}' is not a tensor", o.name()));
+                return Err(Error::Unsupported(format!(
+                    "input '{}' is not a tensor",
+                    o.name()
+                )));
             };
             let dims: Vec<i64> = shape
                 .iter()
@@ -405,7 +403,12 @@ pub fn random_inputs(env: &Environment, model: &[u8], dynamic: i64) -> Result<Ve
                         .collect(),
                 ),
                 TensorElementType::Int64 => Data::I64(vec![0; n]),
-                other => return Err(format!("input '{}': {other:?} is not supported", o.name())),
+                other => {
+                    return Err(Error::Unsupported(format!(
+                        "input '{}': {other:?} is not supported",
+                        o.name()
+                    )));
+                }
             };
             Ok(Input {
                 name: o.name().to_string(),

@@ -10,6 +10,7 @@ use ort::environment::Environment;
 
 use crate::onnx::Model;
 use crate::report::{self, Input, Report};
+use crate::{Error, Result};
 
 /// What the search found.
 #[derive(Debug, Clone)]
@@ -27,10 +28,10 @@ fn passes(r: &Report, min_top1: f64, min_cosine: f64) -> bool {
     r.min_top1() >= min_top1 && r.min_cosine() >= min_cosine
 }
 
-fn int8(bytes: &[u8], keep: &BTreeSet<String>) -> Result<(Vec<u8>, crate::quant::Outcome), String> {
-    let mut m = Model::parse(bytes).map_err(|e| e.to_string())?;
-    crate::fold::fold_batchnorm(&mut m).map_err(|e| e.to_string())?;
-    let out = crate::quant::int8_weights_except(&mut m, keep).map_err(|e| e.to_string())?;
+fn int8(bytes: &[u8], keep: &BTreeSet<String>) -> Result<(Vec<u8>, crate::quant::Outcome)> {
+    let mut m = Model::parse(bytes)?;
+    crate::fold::fold_batchnorm(&mut m)?;
+    let out = crate::quant::int8_weights_except(&mut m, keep)?;
     Ok((m.encode(), out))
 }
 
@@ -41,7 +42,7 @@ pub fn search(
     inputs: &[Input],
     min_top1: f64,
     min_cosine: f64,
-) -> Result<Found, String> {
+) -> Result<Found> {
     let (all, outcome) = int8(bytes, &BTreeSet::new())?;
     let r = report::compare(env, bytes, &all, inputs)?;
     let weights: Vec<String> = outcome.converted.iter().map(|c| c.0.clone()).collect();
@@ -81,5 +82,7 @@ pub fn search(
             });
         }
     }
-    Err("no choice of float weights meets the thresholds".into())
+    Err(Error::ThresholdsUnmet(
+        "no choice of float weights meets the thresholds".into(),
+    ))
 }

@@ -32,6 +32,7 @@ use ort::environment::Environment;
 use crate::onnx::{self, Model, graph, tensor};
 use crate::proto::{Message, Value};
 use crate::report::{Input, Report};
+use crate::{Error, Result};
 
 /// What the static quantizer did.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -81,10 +82,6 @@ const SAME_SCALE: &[&str] = &[
 // Not MaxPool: ONNX Runtime's uint8 MaxPool is a plain loop over NCHW — 7.2 ms for the
 // PP-OCR classifier's last 2×2 pool over 64 crops, against 0.6 ms in float — so it runs in
 // float between a DequantizeLinear and a QuantizeLinear.
-
-fn err(e: impl std::fmt::Display) -> String {
-    e.to_string()
-}
 
 /// How a tensor gets its INT8 form.
 #[derive(Debug, Clone, PartialEq)]
@@ -303,7 +300,7 @@ fn tensors(
     model: &Model,
     names: &BTreeSet<String>,
     inputs: &[Input],
-) -> Result<BTreeMap<String, Vec<f32>>, String> {
+) -> Result<BTreeMap<String, Vec<f32>>> {
     // A graph input is read from `inputs`: asked for as an output, ONNX Runtime hands back
     // the input's own buffer, which is freed with the inputs when the run returns.
     let mut values = BTreeMap::new();
@@ -313,7 +310,7 @@ fn tensors(
         }
     }
     let mut m = model.clone();
-    let existing = m.output_names().map_err(err)?;
+    let existing = m.output_names()?;
     for n in names
         .iter()
         .filter(|n| !existing.contains(*n) && !values.contains_key(*n))
@@ -329,7 +326,7 @@ fn tensors(
         m.graph.push_message(graph::OUTPUT, &vi);
     }
     let mut s = crate::report::session(env, &m.encode())?;
-    let outs = s.run(crate::report::values(inputs)?).map_err(err)?;
+    let outs = s.run(crate::report::values(inputs)?)?;
     let from_run: Vec<&String> = names.iter().filter(|n| !values.contains_key(*n)).collect();
     for n in from_run {
         if let Ok((_, data)) = outs[n.as_str()].try_extract_tensor::<f32>() {
@@ -346,7 +343,7 @@ fn calibrate(
     names: &BTreeSet<String>,
     calibration: &[Input],
     method: Calibration,
-) -> Result<BTreeMap<String, (f32, f32)>, String> {
+) -> Result<BTreeMap<String, (f32, f32)>> {
     Ok(tensors(env, model, names, calibration)?
         .into_iter()
         .map(|(n, v)| (n, range(&v, method)))
@@ -364,8 +361,8 @@ pub enum Calibration {
 }
 
 impl std::str::FromStr for Calibration {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
         match s.split_once(':') {
             None if s == "minmax" => Ok(Calibration::MinMax),
             Some(("percentile", p)) => p
@@ -373,8 +370,10 @@ impl std::str::FromStr for Calibration {
                 .ok()
                 .filter(|p| *p > 50.0 && *p <= 100.0)
                 .map(Calibration::Percentile)
-                .ok_or_else(|| format!("percentile:{p}: a percentile in (50, 100]")),
-            _ => Err(format!("calibration '{s}' is not minmax or percentile:P")),
+                .ok_or_else(|| Error::Usage(format!("percentile:{p}: a percentile in (50, 100]"))),
+            _ => Err(Error::Usage(format!(
+                "calibration '{s}' is not minmax or percentile:P"
+            ))),
         }
     }
 }
@@ -413,7 +412,7 @@ pub fn quantize_with(
     bytes: &[u8],
     calibration: &[Input],
     method: Calibration,
-) -> Result<(Vec<u8>, Static), String> {
+) -> Result<(Vec<u8>, Static)> {
     quantize_except(env, bytes, calibration, method, &BTreeSet::new())
 }
 
@@ -425,7 +424,7 @@ pub fn quantize_except(
     calibration: &[Input],
     method: Calibration,
     keep: &BTreeSet<String>,
-) -> Result<(Vec<u8>, Static), String> {
+) -> Result<(Vec<u8>, Static)> {
     quantize_traced(env, bytes, calibration, method, keep, &mut BTreeMap::new())
         .map(|(b, s, _)| (b, s))
 }
@@ -440,18 +439,20 @@ struct Trace {
 /// The float graph the quantizer works on: moved to opset 13 where that changes nothing,
 /// Constant nodes as initializers, BatchNormalization folded. Also says whether per-channel
 /// DequantizeLinear is in the default domain (opset 13 or later).
-fn prepare(bytes: &[u8]) -> Result<(Model, bool), String> {
-    let mut model = Model::parse(bytes).map_err(err)?;
+fn prepare(bytes: &[u8]) -> Result<(Model, bool)> {
+    let mut model = Model::parse(bytes)?;
     let opset = model.opset("").unwrap_or(0);
     if opset < 10 {
-        return Err("static-int8 needs opset 10 (QuantizeLinear)".into());
+        return Err(Error::Unsupported(
+            "static-int8 needs opset 10 (QuantizeLinear)".into(),
+        ));
     }
     // Per-channel dequantization needs opset 13, else ONNX Runtime's com.microsoft
     // DequantizeLinear, whose QDQ form ORT does not fuse into integer kernels: graphs that
     // mean the same at 13 move there.
-    let standard = opset >= 13 || crate::opset::upgrade_to_13(&mut model).map_err(err)?;
-    crate::tidy::constants_to_initializers(&mut model).map_err(err)?;
-    crate::fold::fold_batchnorm(&mut model).map_err(err)?;
+    let standard = opset >= 13 || crate::opset::upgrade_to_13(&mut model)?;
+    crate::tidy::constants_to_initializers(&mut model)?;
+    crate::fold::fold_batchnorm(&mut model)?;
     Ok((model, standard))
 }
 
@@ -462,28 +463,27 @@ fn quantize_traced(
     method: Calibration,
     keep: &BTreeSet<String>,
     ranges: &mut BTreeMap<String, (f32, f32)>,
-) -> Result<(Vec<u8>, Static, Trace), String> {
+) -> Result<(Vec<u8>, Static, Trace)> {
     let (mut model, standard) = prepare(bytes)?;
     let per_channel_domain = if standard { "" } else { "com.microsoft" };
     let mut out = Static::default();
     let mut keep_weights = BTreeSet::new();
-    for n in model.graph.messages(graph::NODE).map_err(err)? {
+    for n in model.graph.messages(graph::NODE)? {
         if keep.contains(&node_id(&n))
             && matches!(onnx::op_type(&n).as_str(), "Conv" | "MatMul" | "Gemm")
         {
             keep_weights.extend(onnx::inputs(&n).into_iter().nth(1));
         }
     }
-    out.weights = crate::quant::int8_weights_float_scales(&mut model, &keep_weights)
-        .map_err(err)?
+    out.weights = crate::quant::int8_weights_float_scales(&mut model, &keep_weights)?
         .converted
         .len();
 
-    let nodes = model.graph.messages(graph::NODE).map_err(err)?;
-    let mut inits = model.graph.messages(graph::INITIALIZER).map_err(err)?;
+    let nodes = model.graph.messages(graph::NODE)?;
+    let mut inits = model.graph.messages(graph::INITIALIZER)?;
     let mut consts: HashMap<String, Option<Vec<f32>>> = HashMap::new();
     for t in &inits {
-        consts.insert(onnx::name_of(t), onnx::f32_data(t).map_err(err)?);
+        consts.insert(onnx::name_of(t), onnx::f32_data(t)?);
     }
     // Dequantized weights are constants too; their scales scale the biases.
     let mut weight_scale: BTreeMap<String, Vec<f32>> = BTreeMap::new();
@@ -500,13 +500,13 @@ fn quantize_traced(
             consts.insert(o, None);
         }
     }
-    let types = crate::half::value_types(&model).map_err(err)?;
+    let types = crate::half::value_types(&model)?;
     let float: BTreeSet<String> = types
         .iter()
         .filter(|(_, t)| **t == tensor::FLOAT)
         .map(|(n, _)| n.clone())
         .collect();
-    let outputs = model.output_names().map_err(err)?;
+    let outputs = model.output_names()?;
     let mut readers: HashMap<String, Vec<usize>> = HashMap::new();
     for (i, n) in nodes.iter().enumerate() {
         for x in onnx::inputs(n) {
@@ -652,8 +652,7 @@ fn quantize_traced(
                     .iter()
                     .find(|t| onnx::name_of(t) == c)
                     .map(onnx::dims_of)
-                    .transpose()
-                    .map_err(err)?
+                    .transpose()?
                     .unwrap_or_default();
                 let q: Vec<u8> = v
                     .iter()
@@ -743,12 +742,12 @@ fn quantize_traced(
             break;
         }
     }
-    let all = onnx::topo_sort(all).map_err(err)?;
+    let all = onnx::topo_sort(all)?;
     let produced: BTreeSet<String> = all.iter().flat_map(onnx::outputs).collect();
     dq.retain(|_, d| produced.contains(d));
     let used: BTreeSet<String> = all.iter().flat_map(onnx::inputs).collect();
     inits.retain(|t| used.contains(&onnx::name_of(t)));
-    model.rewrite(&inits, &all, &[]).map_err(err)?;
+    model.rewrite(&inits, &all, &[])?;
     let trace = Trace {
         dequantized: dq,
         blame: p.blame,
@@ -785,7 +784,7 @@ pub fn search(
     eval: &[Input],
     min_top1: f64,
     min_cosine: f64,
-) -> Result<Searched, String> {
+) -> Result<Searched> {
     let (float_model, _) = prepare(bytes)?;
     let mut keep = BTreeSet::new();
     let mut kept = Vec::new();
@@ -804,9 +803,9 @@ pub fn search(
             passed,
         };
         if passed && stat.weights == 0 && stat.activations.is_empty() {
-            return Err(
+            return Err(Error::ThresholdsUnmet(
                 "no static INT8 model meets the thresholds: only the float model does".into(),
-            );
+            ));
         }
         if passed || round == SEARCH_ROUNDS {
             return Ok(done(passed));
@@ -814,7 +813,7 @@ pub fn search(
         let names: BTreeSet<String> = trace.dequantized.keys().cloned().collect();
         let want = tensors(env, &float_model, &names, eval)?;
         let dq_names: BTreeSet<String> = trace.dequantized.values().cloned().collect();
-        let got = tensors(env, &Model::parse(&q).map_err(err)?, &dq_names, eval)?;
+        let got = tensors(env, &Model::parse(&q)?, &dq_names, eval)?;
         let error = |t: &String| -> Option<f64> {
             let (a, b) = (want.get(t)?, got.get(trace.dequantized.get(t)?)?);
             Some(1.0 - crate::report::cosine(a, b))
@@ -831,11 +830,11 @@ pub fn search(
             .filter(|(n, e)| *e > 0.0 && !keep.contains(n))
             .collect();
         if ranked.is_empty() {
-            return Err(format!(
+            return Err(Error::ThresholdsUnmet(format!(
                 "no static INT8 model meets the thresholds: {} nodes kept in float, and no \
                  other quantized node adds error",
                 kept.len()
-            ));
+            )));
         }
         ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
         for (n, e) in ranked.into_iter().take(1 << round) {

@@ -79,7 +79,7 @@ pub fn compress(shared: &SharedRef, req: &CompressRequest) -> Result<CompressRep
     } else {
         req.strategy
             .parse()
-            .map_err(|e| bad(format!("{e} or static-int8")))?
+            .map_err(|e: rxd_compress::Error| bad(format!("{e} or static-int8")))?
     };
     let calibration = to_inputs(&req.calibration, "calibration")?;
     if is_static && calibration.is_empty() {
@@ -90,7 +90,7 @@ pub fn compress(shared: &SharedRef, req: &CompressRequest) -> Result<CompressRep
         .as_deref()
         .unwrap_or("percentile:99.99")
         .parse()
-        .map_err(bad)?;
+        .map_err(|e: rxd_compress::Error| bad(e.to_string()))?;
     let (min_top1, min_cosine) = (req.min_top1.unwrap_or(0.99), req.min_cosine.unwrap_or(0.99));
     // The version compressed: the one named, or the default one (loaded if needed).
     let loaded = shared.registry.load(&req.model, req.version)?;
@@ -114,7 +114,7 @@ pub fn compress(shared: &SharedRef, req: &CompressRequest) -> Result<CompressRep
             min_top1,
             min_cosine,
         )
-        .map_err(bad)?;
+        .map_err(|e| bad(e.to_string()))?;
         let st = &found.stat;
         static_text = format!(
             "static INT8: {} activations calibrated, {} weights, {} biases; {} operators in INT8\n",
@@ -130,7 +130,7 @@ pub fn compress(shared: &SharedRef, req: &CompressRequest) -> Result<CompressRep
         }
         (found.bytes, rxd_compress::Outcome::default())
     } else {
-        rxd_compress::compress(&bytes, strategy).map_err(bad)?
+        rxd_compress::compress(&bytes, strategy).map_err(|e| bad(e.to_string()))?
     };
     let report = rxd_compress::report::compare(env, &bytes, &out, &inputs)
         .map_err(|e| RequestError::Internal(format!("evaluation failed: {e}")))?;
@@ -228,7 +228,7 @@ pub fn prepare(
     };
     let parsed: rxd_compress::Strategy = match strategy.parse() {
         Ok(s) => s,
-        Err(e) => return refused(e),
+        Err(e) => return refused(e.to_string()),
     };
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
@@ -251,13 +251,13 @@ pub fn prepare(
     }
     let (out, _) = match rxd_compress::compress(&bytes, parsed) {
         Ok(r) => r,
-        Err(e) => return refused(e),
+        Err(e) => return refused(e.to_string()),
     };
     let report = rxd_compress::report::random_inputs(runtime.env(), &bytes, 32)
         .and_then(|inputs| rxd_compress::report::compare(runtime.env(), &bytes, &out, &inputs));
     let report = match report {
         Ok(r) => r,
-        Err(e) => return refused(e),
+        Err(e) => return refused(e.to_string()),
     };
     if report.min_top1() < 0.99 || report.min_cosine() < 0.99 {
         return refused(format!(

@@ -152,6 +152,7 @@ pub fn run(opts: &rxd::cli::CompressOpts) -> ExitCode {
                     .split_once('=')
                     .ok_or_else(|| format!("'{e}' is not NAME=FILE.npy"))?;
                 rxd_compress::report::read_npy(name, std::path::Path::new(path))
+                    .map_err(|e| e.to_string())
             })
             .collect()
     };
@@ -225,7 +226,7 @@ pub fn run(opts: &rxd::cli::CompressOpts) -> ExitCode {
         };
         let method = match opts.calibration_method.parse() {
             Ok(m) => m,
-            Err(e) => return fail(code::USAGE, e),
+            Err(e) => return fail(code::USAGE, rxd_compress::Error::to_string(&e)),
         };
         // With evaluation inputs the sensitivity search runs when the thresholds are missed:
         // a static model that misses them is of no use, and which nodes to keep in float is
@@ -259,7 +260,7 @@ pub fn run(opts: &rxd::cli::CompressOpts) -> ExitCode {
                 );
                 Some(b)
             }
-            Err(e) => return fail(code::REFUSED, e),
+            Err(e) => return fail(code::REFUSED, e.to_string()),
         }
     } else {
         None
@@ -337,7 +338,7 @@ pub fn run(opts: &rxd::cli::CompressOpts) -> ExitCode {
         };
         let report = match rxd_compress::report::compare(env, &bytes, &result, &inputs) {
             Ok(r) => r,
-            Err(e) => return fail(code::REFUSED, e),
+            Err(e) => return fail(code::REFUSED, e.to_string()),
         };
         out.set(
             "report",
