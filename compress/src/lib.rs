@@ -12,6 +12,7 @@
 //! - [`fold`]: BatchNormalization folded into the Conv before it.
 //! - [`half`]: the `fp16` strategy (float16 arithmetic, float32 at the model's edges) and
 //!   `fp16-weights` (float16 storage, cast back to float when loaded).
+//! - [`job`]: one compression job (plan, inputs, thresholds → result), as both faces run it.
 //! - [`int4`]: the `int4` strategy (block-wise 4-bit MatMul weights, MatMulNBits).
 //! - [`prune`]: the `prune:S` strategy (magnitude pruning to sparsity S).
 //! - [`quant`]: the `int8-weights` strategy (per-channel QDQ).
@@ -20,7 +21,8 @@
 //! - [`tidy`]: Constant nodes as initializers, identical ones stored once (every size
 //!   strategy).
 //!
-//! Boundary: no sockets, no daemon state; `rxd compress` is the command-line face.
+//! Boundary: no sockets, no daemon state, never writes a model file; `rxd compress` and `rxctl model
+//! compress` are thin faces over [`job`].
 #![deny(unsafe_code)]
 
 pub mod dynamic;
@@ -28,6 +30,7 @@ pub mod error;
 pub mod fold;
 pub mod half;
 pub mod int4;
+pub mod job;
 pub mod onnx;
 pub mod opset;
 pub mod proto;

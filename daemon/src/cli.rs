@@ -91,7 +91,7 @@ pub struct CompressOpts {
     /// prune:S (magnitude
     /// pruning to sparsity S), combined with +
     /// (prune:0.5+int8-weights).
-    #[arg(long, default_value = "int8-weights")]
+    #[arg(long, default_value = rxd_compress::job::DEFAULT_STRATEGY)]
     pub strategy: String,
     /// Evaluation inputs, NAME=FILE.npy (float32 or int64), once per model input.
     #[arg(long = "eval", value_name = "NAME=FILE")]
@@ -103,17 +103,17 @@ pub struct CompressOpts {
     /// default clips the 0.01 % outliers at each end: min/max ranges broke the PP-OCR
     /// classifier's squeeze-excite blocks (55 % agreement) and cost YOLOv8n a decimal of
     /// cosine; percentile ranges kept both (100 %, 0.9999).
-    #[arg(long, default_value = "percentile:99.99")]
-    pub calibration_method: String,
+    #[arg(long, default_value_t = rxd_compress::static_int8::Calibration::DEFAULT)]
+    pub calibration_method: rxd_compress::static_int8::Calibration,
     /// Print one JSON object on stdout (the report, what was written); progress goes to
     /// stderr.
     #[arg(long)]
     pub json: bool,
     /// Refuse the result when a classifier-like output's top-1 agreement is below this.
-    #[arg(long, default_value_t = 0.99)]
+    #[arg(long, default_value_t = rxd_compress::job::Thresholds::DEFAULT.min_top1)]
     pub min_top1: f64,
     /// Refuse the result when an output's cosine similarity is below this.
-    #[arg(long, default_value_t = 0.99)]
+    #[arg(long, default_value_t = rxd_compress::job::Thresholds::DEFAULT.min_cosine)]
     pub min_cosine: f64,
     /// Evaluate this already compressed file against IN instead of compressing IN (for
     /// comparing other tools' output with the same report).
