@@ -41,6 +41,9 @@ pub enum Error {
         before: usize,
         after: usize,
     },
+    /// The strategy found nothing to change in this model: its result would be the original.
+    #[error("{0}")]
+    NothingChanged(String),
     /// No variant the search may try meets the accuracy thresholds.
     #[error("{0}")]
     ThresholdsUnmet(String),

@@ -175,11 +175,24 @@ impl Job {
                     done.kept = found.kept;
                     done.report = Some(found.report);
                 }
+                if let Did::Static(st) = &done.did
+                    && st.weights == 0
+                    && st.activations.is_empty()
+                {
+                    return Err(Error::NothingChanged(
+                        "static-int8 changed nothing: no weight or activation of this model \
+                         can be quantized (subgraphs are not planned)"
+                            .into(),
+                    ));
+                }
                 return Ok(done);
             }
             Plan::Given(b) => done.bytes = b.clone(),
             Plan::Rewrite(strategy) => {
                 let (b, outcome) = crate::compress(model, *strategy)?;
+                if *strategy != Strategy::NONE && outcome.weights_changed() == 0 {
+                    return Err(Error::NothingChanged(nothing_changed(strategy, &outcome)));
+                }
                 done.bytes = b;
                 done.did = Did::Rewrite(outcome);
             }
@@ -206,6 +219,38 @@ impl Job {
         }
         Ok(done)
     }
+}
+
+/// Why `strategy` changed nothing, in words: what it looked for, and the weights it found
+/// but kept (with why).
+fn nothing_changed(strategy: &Strategy, o: &Outcome) -> String {
+    let mut looked = Vec::new();
+    if strategy.int8_weights || strategy.prune.is_some() {
+        looked.push("MatMul/Gemm/Conv/recurrent weights");
+    }
+    if strategy.dynamic_int8 || strategy.int4 {
+        looked.push("MatMul weights");
+    }
+    if strategy.fp16 || strategy.fp16_compute {
+        looked.push("float tensors of 64 or more values");
+    }
+    looked.dedup();
+    let mut text = format!(
+        "{strategy} changed nothing in this model: it found no {} to convert, in the graph or \
+         its subgraphs",
+        looked.join(" or ")
+    );
+    let kept: Vec<String> = o
+        .quant
+        .kept
+        .iter()
+        .chain(&o.dynamic.kept)
+        .map(|(n, why)| format!("{n} ({why})"))
+        .collect();
+    if !kept.is_empty() {
+        text.push_str(&format!("; kept as they were: {}", kept.join(", ")));
+    }
+    text
 }
 
 /// The names of a model's inputs (its graph inputs that are not initializers).

@@ -121,6 +121,31 @@ impl std::str::FromStr for Strategy {
     }
 }
 
+impl std::fmt::Display for Strategy {
+    /// The strategy as `--strategy` takes it (`prune:0.5+int8-weights`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(s) = self.prune {
+            parts.push(format!("prune:{s}"));
+        }
+        for (on, name) in [
+            (self.int4, "int4"),
+            (self.dynamic_int8, "dynamic-int8"),
+            (self.int8_weights, "int8-weights"),
+            (self.fp16, "fp16-weights"),
+            (self.fp16_compute, "fp16"),
+        ] {
+            if on {
+                parts.push(name.to_string());
+            }
+        }
+        if parts.is_empty() {
+            parts.push("none".into());
+        }
+        f.write_str(&parts.join("+"))
+    }
+}
+
 /// What a compression did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Outcome {
@@ -133,6 +158,18 @@ pub struct Outcome {
     pub fp16_compute: Option<half::HalfCompute>,
     pub tidy: tidy::Tidy,
     pub int4: int4::Int4,
+}
+
+impl Outcome {
+    /// How many weights the strategy changed (converted, stored smaller or pruned): 0 means
+    /// it found nothing it applies to.
+    pub fn weights_changed(&self) -> usize {
+        self.quant.converted.len()
+            + self.dynamic.converted.len()
+            + self.fp16_tensors
+            + self.int4.converted.len()
+            + self.pruned.as_ref().map_or(0, |p| p.tensors)
+    }
 }
 
 /// Compresses model bytes with `strategy`: the new bytes and what was done.

@@ -244,6 +244,57 @@ pub fn has_subgraph(n: &Message) -> Result<bool, Error> {
         .any(|a| a.bytes(attr::G).is_some() || a.bytes(attr::GRAPHS).is_some()))
 }
 
+/// Rewrites each subgraph `n` carries (If branches, Loop/Scan bodies: attributes of type
+/// GRAPH or GRAPHS) with `f`, writing back the ones `f` says it changed; true when any was.
+pub fn map_subgraphs(
+    n: &mut Message,
+    f: &mut dyn FnMut(&mut Message) -> Result<bool, Error>,
+) -> Result<bool, Error> {
+    let mut attrs = n.messages(node::ATTRIBUTE)?;
+    let mut changed = false;
+    for a in &mut attrs {
+        for field in [attr::G, attr::GRAPHS] {
+            let mut graphs = a.messages(field)?;
+            let mut any = false;
+            for g in &mut graphs {
+                any |= f(g)?;
+            }
+            if any {
+                a.replace(
+                    field,
+                    graphs.iter().map(|g| Value::Bytes(g.encode())).collect(),
+                );
+                changed = true;
+            }
+        }
+    }
+    if changed {
+        n.replace(
+            node::ATTRIBUTE,
+            attrs.iter().map(|a| Value::Bytes(a.encode())).collect(),
+        );
+    }
+    Ok(changed)
+}
+
+/// Every node inside the subgraphs of `nodes`, at any depth: the readers of names a graph
+/// defines that its subgraphs use from the outer scope.
+pub fn nested_nodes(nodes: &[Message]) -> Result<Vec<Message>, Error> {
+    let mut out = Vec::new();
+    for n in nodes {
+        for a in n.messages(node::ATTRIBUTE)? {
+            for field in [attr::G, attr::GRAPHS] {
+                for g in a.messages(field)? {
+                    let inner = g.messages(graph::NODE)?;
+                    out.extend(nested_nodes(&inner)?);
+                    out.extend(inner);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// `nodes` in an order where each runs after the producers of its inputs (names not produced
 /// by any node — graph inputs, initializers — count as present); among the nodes that are
 /// ready, the earliest in `nodes` goes first, so a sorted list keeps its order.

@@ -66,8 +66,8 @@ pub enum Command {
 
 /// What `rxd compress` exits with (in its `--help` and rxd(8)).
 pub const COMPRESS_EXIT_CODES: &str = "Exit codes: 0 OUT written (the report passed, or none was \
-asked for); 1 refused: the report missed --min-top1/--min-cosine (OUT not written), or ONNX \
-Runtime failed to run a model; 64 usage: an unknown strategy, static-int8 without \
+asked for); 1 refused: the report missed --min-top1/--min-cosine, or the strategy found \
+nothing to change in this model (OUT not written), or ONNX Runtime failed to run a model; 64 usage: an unknown strategy, static-int8 without \
 --calibration, --eval/--calibration not NAME=FILE.npy or not naming exactly the model's \
 inputs; 65 IN is not an ONNX model, or an .npy file cannot be read; 66 IN cannot be read; \
 70 the compressor failed on this model; 73 OUT cannot be written; 78 ONNX Runtime cannot be \

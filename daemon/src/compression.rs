@@ -63,9 +63,12 @@ fn to_inputs(tensors: &[rxd_protocol::Tensor], what: &str) -> Result<Vec<Input>,
 fn request_error(e: rxd_compress::Error) -> RequestError {
     use rxd_compress::Error as E;
     match e {
-        E::Usage(_) | E::Data(_) | E::NotOnnx(_) | E::Unsupported(_) | E::ThresholdsUnmet(_) => {
-            bad(e.to_string())
-        }
+        E::Usage(_)
+        | E::Data(_)
+        | E::NotOnnx(_)
+        | E::Unsupported(_)
+        | E::NothingChanged(_)
+        | E::ThresholdsUnmet(_) => bad(e.to_string()),
         E::Malformed(_)
         | E::Read { .. }
         | E::Runtime(_)

@@ -40,6 +40,7 @@ fn exit_code(e: &Error) -> u8 {
         Error::Runtime(_)
         | Error::CompressedDoesNotLoad(_)
         | Error::OutputChanged { .. }
+        | Error::NothingChanged(_)
         | Error::ThresholdsUnmet(_) => code::REFUSED,
     }
 }
@@ -145,7 +146,7 @@ fn compress(opts: &rxd::cli::CompressOpts, result: &mut Option<Compressed>) -> R
         None
     };
     let done = job.run(env.as_ref(), &bytes).map_err(|e| match e {
-        Error::ThresholdsUnmet(m) => Failed(
+        Error::ThresholdsUnmet(m) | Error::NothingChanged(m) => Failed(
             code::REFUSED,
             format!("refused: {m}; {} not written", opts.output.display()),
         ),
