@@ -41,7 +41,7 @@ use crate::onnx::{Model, tensor};
 use crate::report::Input;
 use crate::{Error, Result};
 
-pub use calibrate::{Calibration, range};
+pub use calibrate::{CHUNK_ITEMS, Calibration, EXACT_VALUES, HALF_BINS, Stats, range};
 pub use plan::node_id;
 pub use search::{Searched, search};
 
@@ -168,5 +168,51 @@ mod tests {
             (127..=128).contains(&uint8_params(-1.0, 1.0).1),
             "zero in the middle"
         );
+    }
+
+    /// Values a long calibration would see: a bulk in [-1, 3) and rare outliers to ±40.
+    fn stream(n: usize) -> impl Iterator<Item = f32> {
+        let mut s = 0x9E37_79B9_7F4A_7C15u64;
+        (0..n).map(move |i| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let u = (s >> 40) as f32 / (1u64 << 24) as f32;
+            if i % 50_000 == 7 {
+                40.0 * (u - 0.5) * 2.0
+            } else {
+                4.0 * u - 1.0
+            }
+        })
+    }
+
+    #[test]
+    fn streamed_statistics_stay_bounded_and_match_the_exact_ranges() {
+        let n = 2_000_000;
+        let all: Vec<f32> = stream(n).collect();
+        let mut st = Stats::default();
+        for chunk in all.chunks(4096) {
+            st.add(chunk);
+        }
+        let bound = (EXACT_VALUES * 4).max((2 * HALF_BINS + 1) * 4);
+        assert!(st.bytes() <= bound, "{} bytes", st.bytes());
+        assert_eq!(
+            st.range(Calibration::MinMax),
+            range(&all, Calibration::MinMax)
+        );
+        for p in [99.0, 99.9, 99.99] {
+            let (lo, hi) = st.range(Calibration::Percentile(p));
+            let (elo, ehi) = range(&all, Calibration::Percentile(p));
+            // Within a bin: 1.6 % of the value.
+            assert!((lo - elo).abs() <= elo.abs() / 60.0, "{p}: {lo} vs {elo}");
+            assert!((hi - ehi).abs() <= ehi.abs() / 60.0, "{p}: {hi} vs {ehi}");
+        }
+        // Few values: exactly what the one-shot range gives.
+        let few: Vec<f32> = stream(1000).collect();
+        let mut st = Stats::default();
+        st.add(&few[..500]);
+        st.add(&few[500..]);
+        let p = Calibration::Percentile(99.0);
+        assert_eq!(st.range(p), range(&few, p));
     }
 }

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ort::environment::Environment;
 
-use super::calibrate::{Calibration, tensors};
+use super::calibrate::{Calibration, Probe};
 use super::rewrite::quantize_traced;
 use super::{Static, prepare};
 use crate::onnx::Model;
@@ -67,13 +67,42 @@ pub fn search(
         if passed || round == SEARCH_ROUNDS {
             return Ok(done(passed));
         }
+        // Each quantized tensor against its float value, a chunk of the evaluation inputs at
+        // a time: dot products and norms summed, never the tensors of the whole set.
         let names: BTreeSet<String> = trace.dequantized.keys().cloned().collect();
-        let want = tensors(env, &float_model, &names, eval)?;
         let dq_names: BTreeSet<String> = trace.dequantized.values().cloned().collect();
-        let got = tensors(env, &Model::parse(&q)?, &dq_names, eval)?;
+        let quantized = Model::parse(&q)?;
+        let mut want = Probe::new(env, &float_model, &names, eval)?;
+        let mut got = Probe::new(env, &quantized, &dq_names, eval)?;
+        if want.chunks() != got.chunks() {
+            return Err(Error::Unsupported(
+                "the quantized model takes its inputs in other shapes than the original".into(),
+            ));
+        }
+        let mut sums: BTreeMap<&String, (f64, f64, f64)> = BTreeMap::new();
+        for k in 0..want.chunks() {
+            let (a, b) = (want.values(k)?, got.values(k)?);
+            for (t, d) in &trace.dequantized {
+                let (Some(x), Some(y)) = (a.get(t), b.get(d)) else {
+                    continue;
+                };
+                let s = sums.entry(t).or_default();
+                for (&p, &q) in x.iter().zip(y) {
+                    let (p, q) = (f64::from(p), f64::from(q));
+                    s.0 += p * q;
+                    s.1 += p * p;
+                    s.2 += q * q;
+                }
+            }
+        }
         let error = |t: &String| -> Option<f64> {
-            let (a, b) = (want.get(t)?, got.get(trace.dequantized.get(t)?)?);
-            Some(1.0 - crate::report::cosine(a, b))
+            let &(dot, nx, ny) = sums.get(t)?;
+            let cosine = if nx == 0.0 && ny == 0.0 {
+                1.0
+            } else {
+                dot / (nx.sqrt() * ny.sqrt()).max(f64::MIN_POSITIVE)
+            };
+            Some(1.0 - cosine)
         };
         let mut by_node: BTreeMap<String, f64> = BTreeMap::new();
         for (t, (node, read)) in &trace.blame {
