@@ -477,6 +477,8 @@ struct OutputJson<'a> {
     cosine: f64,
     top1_agreement: Option<f64>,
     sequence_agreement: Option<f64>,
+    top_box_agreement: Option<f64>,
+    score_cosine: Option<f64>,
 }
 
 /// A report in JSON, with its verdict under `thresholds`.
@@ -515,6 +517,8 @@ impl<'a> ReportJson<'a> {
                     cosine: o.cosine,
                     top1_agreement: o.top1_agreement,
                     sequence_agreement: o.sequence_agreement,
+                    top_box_agreement: o.top_box_agreement,
+                    score_cosine: o.score_cosine,
                 })
                 .collect(),
         }

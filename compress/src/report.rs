@@ -111,6 +111,13 @@ pub struct OutputReport {
     /// fraction of the N items whose greedy CTC reading (argmax per step, repeats collapsed,
     /// class 0 = blank dropped) is the same — whole words, not characters.
     pub sequence_agreement: Option<f64>,
+    /// For detector outputs [N, 4 + C, boxes] (YOLOv8's: 4 box coordinates, then C class
+    /// scores in [0, 1] per candidate box): fraction of the N items whose highest-scoring box
+    /// has the same class. Box coordinates are almost all of such an output's magnitude, so
+    /// its cosine sees boxes, not classes.
+    pub top_box_agreement: Option<f64>,
+    /// For detector outputs: the cosine of the class scores alone.
+    pub score_cosine: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -127,16 +134,23 @@ impl Report {
         self.size_after as f64 / self.size_before.max(1) as f64
     }
 
-    /// The lowest top-1 agreement over classifier-like outputs (1.0 when there is none).
+    /// The lowest top-1 agreement over classifier-like outputs and top-box class agreement
+    /// over detector outputs (1.0 when there is none).
     pub fn min_top1(&self) -> f64 {
         self.outputs
             .iter()
-            .filter_map(|o| o.top1_agreement)
+            .flat_map(|o| [o.top1_agreement, o.top_box_agreement])
+            .flatten()
             .fold(1.0, f64::min)
     }
 
+    /// The lowest cosine over outputs, and over the class scores of detector outputs.
     pub fn min_cosine(&self) -> f64 {
-        self.outputs.iter().map(|o| o.cosine).fold(1.0, f64::min)
+        self.outputs
+            .iter()
+            .flat_map(|o| [Some(o.cosine), o.score_cosine])
+            .flatten()
+            .fold(1.0, f64::min)
     }
 }
 
@@ -162,6 +176,13 @@ impl std::fmt::Display for Report {
             }
             if let Some(t) = o.sequence_agreement {
                 write!(f, ", same CTC reading {:.2} %", t * 100.0)?;
+            }
+            if let (Some(t), Some(c)) = (o.top_box_agreement, o.score_cosine) {
+                write!(
+                    f,
+                    ", top-box class agreement {:.2} %, class scores cosine {c:.6}",
+                    t * 100.0
+                )?;
             }
             writeln!(f)?;
         }
@@ -297,6 +318,118 @@ pub fn cosine<T: Copy + Into<f64>>(x: &[T], y: &[T]) -> f64 {
     }
 }
 
+/// How one output of the compressed model (`y`) compares with the original's (`x`), both of
+/// shape `shape`, by what the output means: classifier rows by top-1, CTC sequences by their
+/// reading, detector outputs by the class of the top box and the cosine of their class
+/// scores; every output by its errors and cosine.
+pub fn compare_output(name: &str, shape: &[i64], x: &[f64], y: &[f64]) -> OutputReport {
+    let n = x.len().max(1) as f64;
+    let diffs = x.iter().zip(y).map(|(p, q)| (p - q).abs());
+    let max_abs_error = diffs.clone().fold(0.0, f64::max);
+    let mean_abs_error = diffs.sum::<f64>() / n;
+    let largest = x.iter().fold(0.0f64, |m, p| m.max(p.abs()));
+    let relative_error = max_abs_error / largest.max(f64::MIN_POSITIVE);
+    let cosine = cosine(x, y);
+    let last = *shape.last().unwrap_or(&1) as usize;
+    // Classifier-like: [N, C] rows, or [N, T, C] whose rows are probability distributions
+    // in the original (a CTC recogniser's softmax) — not YOLO's [1, 84, anchors] or a
+    // detector's [N, 1, H, W] map, where an argmax along the last axis means nothing.
+    let distributions = last >= 2
+        && x.chunks_exact(last)
+            .all(|r| r.iter().all(|&p| p >= 0.0) && (r.iter().sum::<f64>() - 1.0).abs() < 1e-3);
+    let classes = last >= 2 && (shape.len() == 2 || (shape.len() == 3 && distributions));
+    let sequence_agreement = (classes && shape.len() == 3 && shape[1] > 1).then(|| {
+        let steps = shape[1] as usize * last;
+        let items = x.len() / steps.max(1);
+        let same = x
+            .chunks_exact(steps)
+            .zip(y.chunks_exact(steps))
+            .filter(|(p, q)| ctc_greedy(p, last) == ctc_greedy(q, last))
+            .count();
+        same as f64 / items.max(1) as f64
+    });
+    let top1_agreement = classes.then(|| {
+        let rows = x.len() / last;
+        let same = x
+            .chunks_exact(last)
+            .zip(y.chunks_exact(last))
+            .filter(|(p, q)| argmax(p) == argmax(q))
+            .count();
+        same as f64 / rows.max(1) as f64
+    });
+    let detector = (!distributions)
+        .then(|| detector_layout(shape, x))
+        .flatten();
+    let (top_box_agreement, score_cosine) = match detector {
+        Some((features, boxes)) => {
+            let item = features * boxes;
+            let items = x.len() / item;
+            let same = x
+                .chunks_exact(item)
+                .zip(y.chunks_exact(item))
+                .filter(|(p, q)| top_box(p, features, boxes).1 == top_box(q, features, boxes).1)
+                .count();
+            let scores = |v: &[f64]| -> Vec<f64> {
+                v.chunks_exact(item)
+                    .flat_map(|i| i[4 * boxes..].iter().copied())
+                    .collect()
+            };
+            (
+                Some(same as f64 / items.max(1) as f64),
+                Some(crate::report::cosine(&scores(x), &scores(y))),
+            )
+        }
+        None => (None, None),
+    };
+    OutputReport {
+        name: name.to_string(),
+        max_abs_error,
+        mean_abs_error,
+        relative_error,
+        cosine,
+        top1_agreement,
+        sequence_agreement,
+        top_box_agreement,
+        score_cosine,
+    }
+}
+
+/// For an output laid out as a detector's [N, 4 + C, boxes] — more candidate boxes than
+/// features, and every class score of the original in [0, 1] — its (features, boxes).
+fn detector_layout(shape: &[i64], x: &[f64]) -> Option<(usize, usize)> {
+    let &[_, features, boxes] = shape else {
+        return None;
+    };
+    let (features, boxes) = (
+        usize::try_from(features).ok()?,
+        usize::try_from(boxes).ok()?,
+    );
+    if features < 5 || boxes <= features || x.is_empty() {
+        return None;
+    }
+    let item = features * boxes;
+    let scores_in_unit = x
+        .chunks_exact(item)
+        .all(|i| i[4 * boxes..].iter().all(|s| (0.0..=1.0).contains(s)));
+    scores_in_unit.then_some((features, boxes))
+}
+
+/// One item of a detector output ([4 + C, boxes]): the box with the highest class score, and
+/// its class.
+pub fn top_box(item: &[f64], features: usize, boxes: usize) -> (usize, usize) {
+    let classes = features - 4;
+    let (mut best, mut at, mut class) = (f64::NEG_INFINITY, 0, 0);
+    for c in 0..classes {
+        let row = &item[(4 + c) * boxes..(5 + c) * boxes];
+        for (b, &s) in row.iter().enumerate() {
+            if s > best {
+                (best, at, class) = (s, b, c);
+            }
+        }
+    }
+    (at, class)
+}
+
 /// Compares `before` and `after` (model bytes) on `inputs`.
 pub fn compare(env: &Environment, before: &[u8], after: &[u8], inputs: &[Input]) -> Result<Report> {
     let mut a = session(env, before)?;
@@ -312,49 +445,7 @@ pub fn compare(env: &Environment, before: &[u8], after: &[u8], inputs: &[Input])
                 after: y.len(),
             });
         }
-        let n = x.len().max(1) as f64;
-        let diffs = x.iter().zip(y).map(|(p, q)| (p - q).abs());
-        let max_abs_error = diffs.clone().fold(0.0, f64::max);
-        let mean_abs_error = diffs.sum::<f64>() / n;
-        let largest = x.iter().fold(0.0f64, |m, p| m.max(p.abs()));
-        let relative_error = max_abs_error / largest.max(f64::MIN_POSITIVE);
-        let cosine = cosine(x, y);
-        let last = *shape.last().unwrap_or(&1) as usize;
-        // Classifier-like: [N, C] rows, or [N, T, C] whose rows are probability distributions
-        // in the original (a CTC recogniser's softmax) — not YOLO's [1, 84, anchors] or a
-        // detector's [N, 1, H, W] map, where an argmax along the last axis means nothing.
-        let distributions = last >= 2
-            && x.chunks_exact(last)
-                .all(|r| r.iter().all(|&p| p >= 0.0) && (r.iter().sum::<f64>() - 1.0).abs() < 1e-3);
-        let classes = last >= 2 && (shape.len() == 2 || (shape.len() == 3 && distributions));
-        let sequence_agreement = (classes && shape.len() == 3 && shape[1] > 1).then(|| {
-            let steps = shape[1] as usize * last;
-            let items = x.len() / steps.max(1);
-            let same = x
-                .chunks_exact(steps)
-                .zip(y.chunks_exact(steps))
-                .filter(|(p, q)| ctc_greedy(p, last) == ctc_greedy(q, last))
-                .count();
-            same as f64 / items.max(1) as f64
-        });
-        let top1_agreement = classes.then(|| {
-            let rows = x.len() / last;
-            let same = x
-                .chunks_exact(last)
-                .zip(y.chunks_exact(last))
-                .filter(|(p, q)| argmax(p) == argmax(q))
-                .count();
-            same as f64 / rows.max(1) as f64
-        });
-        outputs.push(OutputReport {
-            name: name.clone(),
-            max_abs_error,
-            mean_abs_error,
-            relative_error,
-            cosine,
-            top1_agreement,
-            sequence_agreement,
-        });
+        outputs.push(compare_output(name, shape, x, y));
     }
     Ok(Report {
         size_before: before.len() as u64,
@@ -417,4 +508,57 @@ pub fn random_inputs(env: &Environment, model: &[u8], dynamic: i64) -> Result<Ve
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A YOLOv8-like output [N, 4 + C, boxes]: box coordinates in pixels, class scores in
+    /// [0, 1]; one strong box per item, of class `item % C`.
+    fn detections(items: usize, classes: usize, boxes: usize, shift: usize) -> Vec<f64> {
+        let features = 4 + classes;
+        let mut v = vec![0.0; items * features * boxes];
+        for i in 0..items {
+            let item = &mut v[i * features * boxes..(i + 1) * features * boxes];
+            for b in 0..boxes {
+                for k in 0..4 {
+                    item[k * boxes + b] = 20.0 + ((b * 7 + k * 13) % 280) as f64;
+                }
+                for c in 0..classes {
+                    item[(4 + c) * boxes + b] = 0.001 * ((b + c) % 5) as f64;
+                }
+            }
+            let c = (i + shift) % classes;
+            item[(4 + c) * boxes + 3] = 0.9;
+        }
+        v
+    }
+
+    #[test]
+    fn a_detector_that_flips_classes_is_caught_though_its_cosine_is_near_one() {
+        let (items, classes, boxes) = (8, 18, 300);
+        let shape = [items as i64, 4 + classes as i64, boxes as i64];
+        let x = detections(items, classes, boxes, 0);
+        let same = compare_output("output0", &shape, &x, &x);
+        assert_eq!(same.top_box_agreement, Some(1.0));
+        // Every item's top box changes class; the boxes do not move.
+        let flipped = detections(items, classes, boxes, 1);
+        let r = compare_output("output0", &shape, &x, &flipped);
+        assert!(r.cosine > 0.9998, "{}", r.cosine);
+        assert_eq!(r.top_box_agreement, Some(0.0));
+        assert!(r.score_cosine.unwrap() < 0.5, "{:?}", r.score_cosine);
+        assert_eq!(r.top1_agreement, None);
+        let report = Report {
+            size_before: 1,
+            size_after: 1,
+            latency_ms_before: 1.0,
+            latency_ms_after: 1.0,
+            outputs: vec![r],
+        };
+        assert_eq!(report.min_top1(), 0.0);
+        // A [N, 1, H, W] map or an [N, C] row is no detector.
+        assert_eq!(detector_layout(&[1, 1, 64], &[0.5; 64]), None);
+        assert_eq!(detector_layout(&[2, 10], &[0.5; 20]), None);
+    }
 }
