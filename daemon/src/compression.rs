@@ -1,9 +1,9 @@
-//! `rxctl model compress`: compresses a repository model into a new version with the
-//! compressor (`rxd-compress`), evaluates it against the original with ONNX Runtime, and
-//! publishes it as `<repository>/<model>/<N+1>/model.onnx` only when the report passes — then
-//! reloads the repository so the new version is served (the original stays on disk).
-//! Boundary: file writes only inside the model's directory; blocking (callers use
-//! `spawn_blocking`).
+//! `rxctl model compress`: the daemon's face of [`rxd_compress::job`] — a request into a job
+//! on a repository model, the result published through [`crate::publish`] as the next
+//! version only when its report passes, then the repository reloaded so the new version is
+//! served (the original stays on disk); and the check of a model.toml `compress` strategy.
+//! Boundary: writes a model version only through `publish`, compressed forms only into the
+//! cache directories; blocking (callers use `spawn_blocking`).
 
 use rxd_compress::job::{Job, Plan, RANDOM_CHECK_BATCH, Thresholds};
 use rxd_compress::report::{Data, Input};
@@ -96,8 +96,12 @@ pub fn compress(shared: &SharedRef, req: &CompressRequest) -> Result<CompressRep
     // The version compressed: the one named, or the default one (loaded if needed).
     let loaded = shared.registry.load(&req.model, req.version)?;
     let version = loaded.version;
-    let dir = shared.registry.root().join(&req.model);
-    let path = dir.join(version.to_string()).join("model.onnx");
+    let path = shared
+        .registry
+        .root()
+        .join(&req.model)
+        .join(version.to_string())
+        .join("model.onnx");
     let bytes = std::fs::read(&path)
         .map_err(|e| RequestError::Internal(format!("{}: {e}", path.display())))?;
     let env = shared.registry.runtime().env();
@@ -111,20 +115,14 @@ pub fn compress(shared: &SharedRef, req: &CompressRequest) -> Result<CompressRep
     let mut text = done.to_string();
     let mut published = None;
     if passed && !req.dry_run {
-        let next = std::fs::read_dir(&dir)
-            .map_err(|e| RequestError::Internal(format!("{}: {e}", dir.display())))?
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
-            .max()
-            .unwrap_or(version)
-            + 1;
-        let vdir = dir.join(next.to_string());
-        let tmp = dir.join(format!(".{next}.tmp"));
-        std::fs::create_dir_all(&tmp)
-            .and_then(|()| std::fs::write(tmp.join("model.onnx"), &done.bytes))
-            .and_then(|()| std::fs::rename(&tmp, &vdir))
-            .map_err(|e| {
-                RequestError::Internal(format!("cannot publish {}: {e}", vdir.display()))
-            })?;
+        // As `publish` writes a client's file: the next version, written whole or not at all,
+        // never through a symlink, one writer at a time.
+        let publish = rxd_protocol::PublishRequest {
+            model: req.model.clone(),
+            version: None,
+            data: TensorData::Inline(Vec::new()),
+        };
+        let next = crate::publish::publish(shared, &publish, &done.bytes)?.version;
         text.push_str(&format!(
             "published as version {next} (version {version} stays on disk)\n"
         ));
