@@ -124,6 +124,9 @@ pub struct OutputReport {
 pub struct Report {
     pub size_before: u64,
     pub size_after: u64,
+    /// Items per timed run: 1 (batch 1, the first item) when the inputs are a batch both
+    /// models take item by item, else the inputs' first dimension (all of them at once).
+    pub latency_items: usize,
     pub latency_ms_before: f64,
     pub latency_ms_after: f64,
     pub outputs: Vec<OutputReport>,
@@ -156,9 +159,14 @@ impl Report {
 
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let at = if self.latency_items == 1 {
+            "at batch 1".to_string()
+        } else {
+            format!("of all {} items at once", self.latency_items)
+        };
         writeln!(
             f,
-            "size {} → {} bytes ({:.2}×); latency {:.2} → {:.2} ms",
+            "size {} → {} bytes ({:.2}×); latency {at} {:.2} → {:.2} ms",
             self.size_before,
             self.size_after,
             self.size_ratio(),
@@ -243,9 +251,8 @@ pub(crate) fn values(inputs: &[Input]) -> Result<Vec<(String, DynValue)>> {
 /// One output of a run: name, shape, values.
 type Output = (String, Vec<i64>, Vec<f64>);
 
-/// Runs a model on the inputs: each output as (name, shape, values as f64) for float outputs,
-/// plus the mean latency of `runs` timed runs.
-fn run(s: &mut Session, inputs: &[Input], runs: usize) -> Result<(Vec<Output>, f64)> {
+/// Runs a model on the inputs: each output as (name, shape, values as f64) for float outputs.
+fn run(s: &mut Session, inputs: &[Input]) -> Result<Vec<Output>> {
     let names: Vec<String> = s.outputs().iter().map(|o| o.name().to_string()).collect();
     let outs = s.run(values(inputs)?)?;
     let mut result = Vec::new();
@@ -265,12 +272,72 @@ fn run(s: &mut Session, inputs: &[Input], runs: usize) -> Result<(Vec<Output>, f
             ));
         }
     }
-    drop(outs);
-    let t = Instant::now();
-    for _ in 0..runs {
-        s.run(values(inputs)?)?;
+    Ok(result)
+}
+
+/// Items `from..to` of an input (along its first dimension).
+pub(crate) fn items_of(i: &Input, from: usize, to: usize) -> Input {
+    let per = i.shape[1..].iter().map(|&d| d as usize).product::<usize>();
+    let mut shape = i.shape.clone();
+    shape[0] = (to - from) as i64;
+    let data = match &i.data {
+        Data::F32(d) => Data::F32(d[from * per..to * per].to_vec()),
+        Data::I64(d) => Data::I64(d[from * per..to * per].to_vec()),
+    };
+    Input {
+        name: i.name.clone(),
+        shape,
+        data,
     }
-    Ok((result, t.elapsed().as_secs_f64() * 1e3 / runs.max(1) as f64))
+}
+
+/// How many items the inputs hold along a first dimension they all share and the model
+/// leaves free (`None`: the inputs are not a batch the model could take item by item).
+pub(crate) fn batch_items(s: &Session, inputs: &[Input]) -> Option<usize> {
+    let free = s.inputs().iter().all(|i| match i.dtype() {
+        ort::value::ValueType::Tensor { shape, .. } => shape.first().is_some_and(|d| *d < 0),
+        _ => false,
+    });
+    let n = *inputs.first()?.shape.first()?;
+    (free && n > 0 && inputs.iter().all(|i| i.shape.first() == Some(&n))).then_some(n as usize)
+}
+
+/// Timed runs per model: at batch 1, or of the whole inputs when they are not a batch.
+const TIMED_RUNS_ONE: usize = 20;
+const TIMED_RUNS_ALL: usize = 5;
+
+/// The mean latency of `a` and of `b` in ms, runs interleaved (a, b, a, b, …, after one
+/// untimed run each): at batch 1 — the first item — when the inputs are a batch both models
+/// take item by item, else of the whole inputs; and the items per run.
+fn latencies(a: &mut Session, b: &mut Session, inputs: &[Input]) -> Result<(f64, f64, usize)> {
+    let (one, runs, items) = match (batch_items(a, inputs), batch_items(b, inputs)) {
+        (Some(_), Some(_)) => (
+            inputs.iter().map(|i| items_of(i, 0, 1)).collect::<Vec<_>>(),
+            TIMED_RUNS_ONE,
+            1,
+        ),
+        _ => (
+            inputs.to_vec(),
+            TIMED_RUNS_ALL,
+            inputs
+                .first()
+                .and_then(|i| i.shape.first())
+                .map_or(1, |&n| n.max(1) as usize),
+        ),
+    };
+    a.run(values(&one)?)?;
+    b.run(values(&one)?)?;
+    let (mut ta, mut tb) = (0f64, 0f64);
+    for _ in 0..runs {
+        let t = Instant::now();
+        a.run(values(&one)?)?;
+        ta += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        b.run(values(&one)?)?;
+        tb += t.elapsed().as_secs_f64();
+    }
+    let ms = |t: f64| t * 1e3 / runs as f64;
+    Ok((ms(ta), ms(tb), items))
 }
 
 /// The index of the largest value (the first of equal ones; 0 for an empty slice).
@@ -434,8 +501,9 @@ pub fn top_box(item: &[f64], features: usize, boxes: usize) -> (usize, usize) {
 pub fn compare(env: &Environment, before: &[u8], after: &[u8], inputs: &[Input]) -> Result<Report> {
     let mut a = session(env, before)?;
     let mut b = session(env, after).map_err(|e| Error::CompressedDoesNotLoad(e.to_string()))?;
-    let (ra, la) = run(&mut a, inputs, 5)?;
-    let (rb, lb) = run(&mut b, inputs, 5)?;
+    let ra = run(&mut a, inputs)?;
+    let rb = run(&mut b, inputs)?;
+    let (la, lb, latency_items) = latencies(&mut a, &mut b, inputs)?;
     let mut outputs = Vec::new();
     for ((name, shape, x), (_, _, y)) in ra.iter().zip(&rb) {
         if x.len() != y.len() {
@@ -450,6 +518,7 @@ pub fn compare(env: &Environment, before: &[u8], after: &[u8], inputs: &[Input])
     Ok(Report {
         size_before: before.len() as u64,
         size_after: after.len() as u64,
+        latency_items,
         latency_ms_before: la,
         latency_ms_after: lb,
         outputs,
@@ -552,6 +621,7 @@ mod tests {
         let report = Report {
             size_before: 1,
             size_after: 1,
+            latency_items: 1,
             latency_ms_before: 1.0,
             latency_ms_after: 1.0,
             outputs: vec![r],

@@ -61,20 +61,13 @@ impl<'a> Probe<'a> {
             m.graph.push_message(graph::OUTPUT, &vi);
         }
         let session = crate::report::session(env, &m.encode())?;
-        let free_first = session.inputs().iter().all(|i| match i.dtype() {
-            ort::value::ValueType::Tensor { shape, .. } => shape.first().is_some_and(|d| *d < 0),
-            _ => false,
-        });
-        let items = inputs.first().and_then(|i| i.shape.first()).copied();
-        let shared = items.filter(|n| *n > 0 && inputs.iter().all(|i| i.shape.first() == Some(n)));
+        let cut = crate::report::batch_items(&session, inputs).map(|n| (CHUNK_ITEMS, n));
         Ok(Probe {
             session,
             from_run,
             from_inputs,
             inputs,
-            cut: shared
-                .filter(|_| free_first)
-                .map(|n| (CHUNK_ITEMS, n as usize)),
+            cut,
         })
     }
 
@@ -89,7 +82,10 @@ impl<'a> Probe<'a> {
             None => self.inputs.to_vec(),
             Some((chunk, items)) => {
                 let (from, to) = (k * chunk, ((k + 1) * chunk).min(items));
-                self.inputs.iter().map(|i| items_of(i, from, to)).collect()
+                self.inputs
+                    .iter()
+                    .map(|i| crate::report::items_of(i, from, to))
+                    .collect()
             }
         };
         let mut values = BTreeMap::new();
@@ -105,22 +101,6 @@ impl<'a> Probe<'a> {
             }
         }
         Ok(values)
-    }
-}
-
-/// Items `from..to` of an input (along its first dimension).
-fn items_of(i: &Input, from: usize, to: usize) -> Input {
-    let per = i.shape[1..].iter().map(|&d| d as usize).product::<usize>();
-    let mut shape = i.shape.clone();
-    shape[0] = (to - from) as i64;
-    let data = match &i.data {
-        Data::F32(d) => Data::F32(d[from * per..to * per].to_vec()),
-        Data::I64(d) => Data::I64(d[from * per..to * per].to_vec()),
-    };
-    Input {
-        name: i.name.clone(),
-        shape,
-        data,
     }
 }
 
