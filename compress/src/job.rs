@@ -479,6 +479,7 @@ struct OutputJson<'a> {
     sequence_agreement: Option<f64>,
     top_box_agreement: Option<f64>,
     score_cosine: Option<f64>,
+    decision_agreement: Option<f64>,
 }
 
 /// A report in JSON, with its verdict under `thresholds`.
@@ -521,6 +522,7 @@ impl<'a> ReportJson<'a> {
                     sequence_agreement: o.sequence_agreement,
                     top_box_agreement: o.top_box_agreement,
                     score_cosine: o.score_cosine,
+                    decision_agreement: o.decision_agreement,
                 })
                 .collect(),
         }

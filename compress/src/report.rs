@@ -118,6 +118,10 @@ pub struct OutputReport {
     pub top_box_agreement: Option<f64>,
     /// For detector outputs: the cosine of the class scores alone.
     pub score_cosine: Option<f64>,
+    /// For one-channel score outputs in [0, 1] — [N, 1] (a voice-activity probability) or
+    /// [N, 1, H, W] (a text or segmentation map) — the fraction of values on the same side
+    /// of 0.5: the decisions (speech, text pixel) a user of the output takes.
+    pub decision_agreement: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -137,12 +141,13 @@ impl Report {
         self.size_after as f64 / self.size_before.max(1) as f64
     }
 
-    /// The lowest top-1 agreement over classifier-like outputs and top-box class agreement
-    /// over detector outputs (1.0 when there is none).
+    /// The lowest agreement of what the outputs decide: top-1 of classifier-like outputs,
+    /// top-box class of detector outputs, the 0.5 decision of score maps (1.0 when there is
+    /// none).
     pub fn min_top1(&self) -> f64 {
         self.outputs
             .iter()
-            .flat_map(|o| [o.top1_agreement, o.top_box_agreement])
+            .flat_map(|o| [o.top1_agreement, o.top_box_agreement, o.decision_agreement])
             .flatten()
             .fold(1.0, f64::min)
     }
@@ -184,6 +189,9 @@ impl std::fmt::Display for Report {
             }
             if let Some(t) = o.sequence_agreement {
                 write!(f, ", same CTC reading {:.2} %", t * 100.0)?;
+            }
+            if let Some(t) = o.decision_agreement {
+                write!(f, ", decisions at 0.5 agree {:.2} %", t * 100.0)?;
             }
             if let (Some(t), Some(c)) = (o.top_box_agreement, o.score_cosine) {
                 write!(
@@ -448,6 +456,18 @@ pub fn compare_output(name: &str, shape: &[i64], x: &[f64], y: &[f64]) -> Output
         }
         None => (None, None),
     };
+    let scores = shape.len() >= 2
+        && shape[1] == 1
+        && !x.is_empty()
+        && x.iter().all(|p| (0.0..=1.0).contains(p));
+    let decision_agreement = scores.then(|| {
+        let same = x
+            .iter()
+            .zip(y)
+            .filter(|(p, q)| (**p >= 0.5) == (**q >= 0.5))
+            .count();
+        same as f64 / x.len() as f64
+    });
     OutputReport {
         name: name.to_string(),
         max_abs_error,
@@ -458,6 +478,7 @@ pub fn compare_output(name: &str, shape: &[i64], x: &[f64], y: &[f64]) -> Output
         sequence_agreement,
         top_box_agreement,
         score_cosine,
+        decision_agreement,
     }
 }
 
@@ -627,6 +648,11 @@ mod tests {
             outputs: vec![r],
         };
         assert_eq!(report.min_top1(), 0.0);
+        // A one-channel map in [0, 1] is judged by its decisions.
+        let map = [0.1, 0.6, 0.7, 0.2];
+        let r = compare_output("maps", &[1, 1, 2, 2], &map, &[0.1, 0.4, 0.7, 0.2]);
+        assert_eq!(r.decision_agreement, Some(0.75));
+        assert_eq!(r.top_box_agreement, None);
         // A [N, 1, H, W] map or an [N, C] row is no detector.
         assert_eq!(detector_layout(&[1, 1, 64], &[0.5; 64]), None);
         assert_eq!(detector_layout(&[2, 10], &[0.5; 20]), None);

@@ -1226,3 +1226,34 @@ fn a_detector_variant_that_flips_classes_is_refused_though_its_cosine_is_near_on
     eprintln!("int8-weights: {r}");
     assert_eq!(r.outputs[0].top_box_agreement, Some(1.0), "{r}");
 }
+
+/// Issue 24.2: a one-channel map in [0, 1] is judged by the decisions taken from it. The
+/// PP-OCR detector's text map of rendered words (each crop padded to 64 rows): after
+/// int8-weights, the same pixels are text.
+#[test]
+fn the_detectors_text_map_is_judged_by_its_text_pixels() {
+    let x = report::read_npy("x", &repo_root().join(".deps/ocr-words/words.npy")).unwrap();
+    let report::Data::F32(d) = &x.data else {
+        panic!("float32 crops expected")
+    };
+    let (n, w) = (16, x.shape[3] as usize);
+    let mut padded = vec![1.0f32; n * 3 * 64 * w];
+    for i in 0..n {
+        for c in 0..3 {
+            let from = &d[(i * 3 + c) * 48 * w..][..48 * w];
+            padded[((i * 3 + c) * 64 + 8) * w..][..48 * w].copy_from_slice(from);
+        }
+    }
+    let words = Input {
+        name: "x".into(),
+        shape: vec![n as i64, 3, 64, w as i64],
+        data: report::Data::F32(padded),
+    };
+    let bytes = std::fs::read(model_file("ppocr_det")).unwrap();
+    let (out, _) = compress(&bytes, Strategy::INT8_WEIGHTS).unwrap();
+    let r = report::compare(reference_env(), &bytes, &out, &[words]).unwrap();
+    eprintln!("ppocr_det on rendered words: {r}");
+    let agreement = r.outputs[0].decision_agreement.expect("a one-channel map");
+    assert!(agreement >= 0.99, "{r}");
+    assert!(r.min_top1() <= agreement);
+}
