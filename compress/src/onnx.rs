@@ -457,4 +457,54 @@ mod tests {
         let cycle = vec![node("Neg", &["b"], &["a"]), node("Neg", &["a"], &["b"])];
         assert!(topo_sort(cycle).unwrap_err().0.contains("cycle"));
     }
+
+    /// An `If` whose then-branch holds a nested `If`: the subgraphs are found at any depth,
+    /// and only a subgraph the closure changes is written back.
+    #[test]
+    fn subgraphs_are_found_at_any_depth_and_only_changed_ones_rewritten() {
+        let graph = |nodes: &[Message]| {
+            let mut g = Message::default();
+            for n in nodes {
+                g.push_message(graph::NODE, n);
+            }
+            g
+        };
+        let with_branch = |op: &str, branch: &Message| {
+            let mut n = node(op, &["cond"], &["y"]);
+            let mut a = Message::default();
+            a.push_str(attr::NAME, "then_branch");
+            a.push_message(attr::G, branch);
+            n.push_message(node::ATTRIBUTE, &a);
+            n
+        };
+        let inner = graph(&[node("Relu", &["w"], &["r"])]);
+        let middle = graph(&[with_branch("If", &inner), node("Neg", &["w"], &["n"])]);
+        let mut top = with_branch("If", &middle);
+        let found: Vec<String> = nested_nodes(std::slice::from_ref(&top))
+            .unwrap()
+            .iter()
+            .map(op_type)
+            .collect();
+        assert_eq!(found, ["Relu", "If", "Neg"]);
+        let before = top.clone();
+        assert!(!map_subgraphs(&mut top, &mut |_| Ok(false)).unwrap());
+        assert_eq!(top, before);
+        let changed = map_subgraphs(&mut top, &mut |g| {
+            let mut nodes = g.messages(graph::NODE)?;
+            nodes.retain(|n| op_type(n) != "Neg");
+            g.replace(
+                graph::NODE,
+                nodes.iter().map(|n| Value::Bytes(n.encode())).collect(),
+            );
+            Ok(true)
+        })
+        .unwrap();
+        assert!(changed);
+        let found: Vec<String> = nested_nodes(std::slice::from_ref(&top))
+            .unwrap()
+            .iter()
+            .map(op_type)
+            .collect();
+        assert_eq!(found, ["Relu", "If"]);
+    }
 }
