@@ -17,6 +17,8 @@ use crate::{Error, Outcome, Result, Strategy};
 
 /// The strategy a job runs when none is named.
 pub const DEFAULT_STRATEGY: &str = "int8-weights";
+/// How long a sensitivity search may take unless told otherwise.
+pub const DEFAULT_SEARCH_BUDGET: std::time::Duration = std::time::Duration::from_secs(300);
 /// Random evaluation inputs drawn (batch size) to check a model.toml `compress` strategy.
 pub const RANDOM_CHECK_BATCH: i64 = 32;
 
@@ -86,6 +88,8 @@ pub struct Job {
     /// With `int8-weights`: when the thresholds are missed, keep the most sensitive weights in
     /// float until they hold (static-int8 always searches when it has evaluation inputs).
     pub search: bool,
+    /// How long a search may take ([`DEFAULT_SEARCH_BUDGET`] from [`Job::new`]).
+    pub search_budget: std::time::Duration,
 }
 
 impl Job {
@@ -108,6 +112,7 @@ impl Job {
             eval,
             thresholds,
             search,
+            search_budget: DEFAULT_SEARCH_BUDGET,
         })
     }
 
@@ -120,6 +125,17 @@ impl Job {
     /// must be given when [`Job::needs_runtime`]. A result under the thresholds is `Ok` with
     /// [`Compressed::passed`] false; `Err` when nothing could be judged.
     pub fn run(&self, env: Option<&Environment>, model: &[u8]) -> Result<Compressed> {
+        self.run_with(env, model, &|_| {})
+    }
+
+    /// [`Job::run`], a search's progress told to `progress` as it goes.
+    pub fn run_with(
+        &self,
+        env: Option<&Environment>,
+        model: &[u8],
+        progress: &dyn Fn(&str),
+    ) -> Result<Compressed> {
+        let budget = crate::budget::Budget::new(self.search_budget, progress);
         let names = model_inputs(model)?;
         check_names(
             "calibration input",
@@ -161,14 +177,14 @@ impl Job {
                     done.bytes = b;
                     done.did = Did::Static(st);
                 } else {
-                    let found = crate::static_int8::search(
+                    let found = crate::static_int8::search_within(
                         env()?,
                         model,
                         &self.calibration,
                         *method,
                         &self.eval,
-                        self.thresholds.min_top1,
-                        self.thresholds.min_cosine,
+                        (self.thresholds.min_top1, self.thresholds.min_cosine),
+                        &budget,
                     )?;
                     done.bytes = found.bytes;
                     done.did = Did::Static(found.stat);
@@ -203,12 +219,13 @@ impl Job {
         let report = crate::report::compare(env()?, model, &done.bytes, &self.eval)?;
         let weights_only = matches!(self.plan, Plan::Rewrite(s) if s == Strategy::INT8_WEIGHTS);
         if self.search && weights_only && !self.thresholds.met_by(&report) {
-            let found = crate::search::search(
+            let found = crate::search::search_within(
                 env()?,
                 model,
                 &self.eval,
                 self.thresholds.min_top1,
                 self.thresholds.min_cosine,
+                &budget,
             )?;
             done.bytes = found.bytes;
             done.kept = found.kept;

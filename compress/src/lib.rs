@@ -6,6 +6,7 @@
 //! - [`proto`]: schema-less protobuf messages (lossless).
 //! - [`onnx`]: ONNX field numbers and helpers over messages.
 //! - [`opset`]: moving a graph from opset 11/12 to 13 where nothing changes meaning.
+//! - [`budget`]: a search's time budget and progress reports.
 //! - [`error`]: the one error type.
 //! - [`dynamic`]: the `dynamic-int8` strategy (MatMulInteger with activations quantized at
 //!   run time).
@@ -25,6 +26,7 @@
 //! compress` are thin faces over [`job`].
 #![deny(unsafe_code)]
 
+pub mod budget;
 pub mod dynamic;
 pub mod error;
 pub mod fold;

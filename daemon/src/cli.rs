@@ -123,6 +123,10 @@ pub struct CompressOpts {
     /// weights in float until they hold (and say which).
     #[arg(long)]
     pub search: bool,
+    /// Seconds a sensitivity search (--search, or static-int8 with --eval) may take before it
+    /// gives up (exit 1); its progress goes to stderr.
+    #[arg(long, value_name = "SECONDS", default_value_t = rxd_compress::job::DEFAULT_SEARCH_BUDGET.as_secs())]
+    pub search_budget: u64,
     /// ONNX Runtime library (otherwise ORT_DYLIB_PATH, then the bundled one).
     #[arg(long, value_name = "FILE")]
     pub ort_library: Option<PathBuf>,

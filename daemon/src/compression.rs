@@ -110,7 +110,10 @@ pub fn compress(shared: &SharedRef, req: &CompressRequest) -> Result<CompressRep
         job.eval = rxd_compress::report::random_inputs(env, &bytes, 1)
             .map_err(|e| bad(format!("cannot make evaluation inputs: {e}")))?;
     }
-    let done = job.run(Some(env), &bytes).map_err(request_error)?;
+    let progress = |m: &str| tracing::info!(model = %req.model, version, "compress: {m}");
+    let done = job
+        .run_with(Some(env), &bytes, &progress)
+        .map_err(request_error)?;
     let passed = done.passed();
     let mut text = done.to_string();
     let mut published = None;

@@ -1257,3 +1257,69 @@ fn the_detectors_text_map_is_judged_by_its_text_pixels() {
     assert!(agreement >= 0.99, "{r}");
     assert!(r.min_top1() <= agreement);
 }
+
+/// Issue 24.3 (the bound): both sensitivity searches stop when their time budget is spent and
+/// say so, where they would otherwise go on (the weight search on the PP-OCRv4 recogniser did
+/// not finish in 60 minutes on 2 cores); `rxd compress` reports the progress on stderr.
+#[test]
+fn the_sensitivity_searches_stop_at_their_time_budget_and_say_how_far_they_got() {
+    use rxd_compress::budget::Budget;
+    let bytes = std::fs::read(model_file("digits")).unwrap();
+    let eval = digits_eval();
+    let heard = std::sync::Mutex::new(Vec::new());
+    let progress = |m: &str| heard.lock().unwrap().push(m.to_string());
+    // Cosine 1.0 holds only in float: the weight search would try every weight.
+    let spent = Budget::new(std::time::Duration::ZERO, &progress);
+    let e = rxd_compress::search::search_within(reference_env(), &bytes, &eval, 0.99, 1.0, &spent)
+        .unwrap_err();
+    assert!(
+        matches!(&e, rxd_compress::Error::ThresholdsUnmet(m) if m.contains("time budget")),
+        "{e}"
+    );
+    assert!(
+        heard.lock().unwrap()[0].contains("INT8 everywhere"),
+        "{heard:?}"
+    );
+    let e = rxd_compress::static_int8::search_within(
+        reference_env(),
+        &bytes,
+        &eval,
+        "minmax".parse().unwrap(),
+        &eval,
+        (0.99, 1.0),
+        &Budget::new(std::time::Duration::ZERO, &progress),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("time budget"), "{e}");
+    // The command line: --search-budget 0 stops the search at once, the progress on stderr.
+    let dir = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(bin("rxd"))
+        .env("ORT_DYLIB_PATH", ort_library())
+        .arg("compress")
+        .arg(model_file("digits"))
+        .arg("-o")
+        .arg(dir.path().join("out.onnx"))
+        .args([
+            "--strategy",
+            "int8-weights",
+            "--search",
+            "--min-cosine",
+            "1",
+        ])
+        .args(["--search-budget", "0", "--eval"])
+        .arg(format!(
+            "input={}",
+            repo_root()
+                .join("examples/data/digits_test_x.npy")
+                .display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("INT8 everywhere") && err.contains("time budget (0 s)"),
+        "{err}"
+    );
+    assert!(!dir.path().join("out.onnx").exists());
+}

@@ -43,7 +43,7 @@ use crate::{Error, Result};
 
 pub use calibrate::{CHUNK_ITEMS, Calibration, EXACT_VALUES, HALF_BINS, Stats, range};
 pub use plan::node_id;
-pub use search::{Searched, search};
+pub use search::{Searched, search, search_within};
 
 /// What the static quantizer did.
 #[derive(Debug, Clone, Default, PartialEq)]

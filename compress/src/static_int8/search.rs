@@ -8,6 +8,7 @@ use ort::environment::Environment;
 use super::calibrate::{Calibration, Probe};
 use super::rewrite::quantize_traced;
 use super::{Static, prepare};
+use crate::budget::Budget;
 use crate::onnx::Model;
 use crate::report::{Input, Report};
 use crate::{Error, Result};
@@ -42,16 +43,44 @@ pub fn search(
     min_top1: f64,
     min_cosine: f64,
 ) -> Result<Searched> {
+    search_within(
+        env,
+        bytes,
+        calibration,
+        method,
+        eval,
+        (min_top1, min_cosine),
+        &Budget::unlimited(),
+    )
+}
+
+/// [`search`] within a time budget, saying how far it got; `thresholds` are (top-1, cosine).
+pub fn search_within(
+    env: &Environment,
+    bytes: &[u8],
+    calibration: &[Input],
+    method: Calibration,
+    eval: &[Input],
+    (min_top1, min_cosine): (f64, f64),
+    budget: &Budget,
+) -> Result<Searched> {
     let (float_model, _) = prepare(bytes)?;
     let mut keep = BTreeSet::new();
-    let mut kept = Vec::new();
+    let mut kept: Vec<(String, f64)> = Vec::new();
     let mut ranges = BTreeMap::new();
     let mut round = 0;
     loop {
+        budget.check(|| format!("after {round} rounds ({} nodes in float)", kept.len()))?;
         let (q, stat, trace) =
             quantize_traced(env, bytes, calibration, method, &keep, &mut ranges)?;
         let report = crate::report::compare(env, bytes, &q, eval)?;
         let passed = report.min_top1() >= min_top1 && report.min_cosine() >= min_cosine;
+        budget.say(&format!(
+            "static INT8 with {} nodes in float: top-1 {:.4}, cosine {:.6}",
+            kept.len(),
+            report.min_top1(),
+            report.min_cosine()
+        ));
         let done = |passed| Searched {
             bytes: q.clone(),
             stat: stat.clone(),

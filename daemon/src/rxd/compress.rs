@@ -130,7 +130,7 @@ fn compress(opts: &rxd::cli::CompressOpts, result: &mut Option<Compressed>) -> R
     let read = |v: Vec<(String, &Path)>| -> Result<Vec<Input>, Error> {
         v.iter().map(|(n, p)| read_npy(n, p)).collect()
     };
-    let job = Job::new(
+    let mut job = Job::new(
         plan,
         read(calibration)?,
         read(eval)?,
@@ -140,21 +140,25 @@ fn compress(opts: &rxd::cli::CompressOpts, result: &mut Option<Compressed>) -> R
         },
         opts.search,
     )?;
+    job.search_budget = std::time::Duration::from_secs(opts.search_budget);
     let env = if job.needs_runtime() {
         Some(runtime(opts.ort_library.clone())?)
     } else {
         None
     };
-    let done = job.run(env.as_ref(), &bytes).map_err(|e| match e {
-        Error::ThresholdsUnmet(m) | Error::NothingChanged(m) => Failed(
-            code::REFUSED,
-            format!("refused: {m}; {} not written", opts.output.display()),
-        ),
-        Error::Malformed(_) | Error::Unsupported(_) => {
-            Failed(code::SOFTWARE, format!("{}: {e}", opts.input.display()))
-        }
-        e => e.into(),
-    })?;
+    let progress = |m: &str| eprintln!("rxd: compress: {m}");
+    let done = job
+        .run_with(env.as_ref(), &bytes, &progress)
+        .map_err(|e| match e {
+            Error::ThresholdsUnmet(m) | Error::NothingChanged(m) => Failed(
+                code::REFUSED,
+                format!("refused: {m}; {} not written", opts.output.display()),
+            ),
+            Error::Malformed(_) | Error::Unsupported(_) => {
+                Failed(code::SOFTWARE, format!("{}: {e}", opts.input.display()))
+            }
+            e => e.into(),
+        })?;
     // The summary is for people: on stdout, or on stderr when stdout carries the JSON.
     let summary = done.to_string();
     let written = write_out(opts, &done);
