@@ -1323,3 +1323,30 @@ fn the_sensitivity_searches_stop_at_their_time_budget_and_say_how_far_they_got()
     );
     assert!(!dir.path().join("out.onnx").exists());
 }
+
+/// Exit codes by kind of failure: an .npy file that cannot be read is bad data (65), IN that
+/// cannot be read is 66, a wrong input name is a usage error (64).
+#[test]
+fn rxd_compress_exit_codes_name_the_kind_of_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |model: &std::path::Path, eval: &str| {
+        std::process::Command::new(bin("rxd"))
+            .env("ORT_DYLIB_PATH", ort_library())
+            .arg("compress")
+            .arg(model)
+            .arg("-o")
+            .arg(dir.path().join("out.onnx"))
+            .args(["--eval", eval])
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    let digits = model_file("digits");
+    assert_eq!(run(&digits, "input=/nonexistent.npy"), Some(65));
+    assert_eq!(
+        run(&dir.path().join("missing.onnx"), "input=x.npy"),
+        Some(66)
+    );
+    assert_eq!(run(&digits, "image=x.npy"), Some(64));
+}

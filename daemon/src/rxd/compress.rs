@@ -127,8 +127,11 @@ fn compress(opts: &rxd::cli::CompressOpts, result: &mut Option<Compressed>) -> R
     let eval = pairs("--eval", &opts.eval)?;
     job::check_names("--calibration", calibration.iter().map(|p| &p.0), &names)?;
     job::check_names("--eval", eval.iter().map(|p| &p.0), &names)?;
-    let read = |v: Vec<(String, &Path)>| -> Result<Vec<Input>, Error> {
-        v.iter().map(|(n, p)| read_npy(n, p)).collect()
+    // An .npy file that cannot be read is bad data (65), as one that does not parse.
+    let read = |v: Vec<(String, &Path)>| -> Result<Vec<Input>, Failed> {
+        v.iter()
+            .map(|(n, p)| read_npy(n, p).map_err(|e| Failed(code::DATAERR, e.to_string())))
+            .collect()
     };
     let mut job = Job::new(
         plan,
