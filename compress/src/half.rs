@@ -88,25 +88,44 @@ fn cast_to_float(from: &str, to: &str) -> Message {
     cast(from, to, tensor::FLOAT)
 }
 
-/// Converts the model's large float weights to float16 in place; returns how many.
+/// Converts the model's large float weights to float16 in place — in the main graph and in
+/// every If/Loop/Scan body — and returns how many.
 pub fn fp16(model: &mut Model) -> Result<usize, Error> {
     let mut count = 0;
+    let Some(renamed) = fp16_graph(&mut model.graph, &mut count)? else {
+        return Ok(0);
+    };
+    let inits = model.graph.messages(graph::INITIALIZER)?;
+    let nodes = model.graph.messages(graph::NODE)?;
+    model.rewrite(&inits, &nodes, &renamed)?;
+    Ok(count)
+}
+
+/// [`fp16`] on one graph, its subgraphs first: the initializers now produced by a Cast, or
+/// `None` when nothing here or below changed. `count` numbers the float16 tensors.
+fn fp16_graph(g: &mut Message, count: &mut usize) -> Result<Option<Vec<String>>, Error> {
+    let mut subgraphs = false;
+    let mut own = g.messages(graph::NODE)?;
+    for n in &mut own {
+        subgraphs |= onnx::map_subgraphs(n, &mut |sub| Ok(fp16_graph(sub, count)?.is_some()))?;
+    }
+    let inner = *count;
     let mut casts = Vec::new();
     let mut inits = Vec::new();
-    for t in model.graph.messages(graph::INITIALIZER)? {
+    for t in g.messages(graph::INITIALIZER)? {
         match onnx::f32_data(&t)? {
             Some(v) if v.len() >= MIN_ELEMENTS => {
                 let name = onnx::name_of(&t);
                 let hn = format!("rxd.h{count}");
                 inits.push(half_tensor(&hn, &onnx::dims_of(&t)?, &v));
                 casts.push((hn, name));
-                count += 1;
+                *count += 1;
             }
             _ => inits.push(t),
         }
     }
     let mut nodes = Vec::new();
-    for mut n in model.graph.messages(graph::NODE)? {
+    for mut n in own {
         let is_const = onnx::op_type(&n) == "Constant";
         let tensor = if is_const {
             onnx::tensor_attr(&n, "value")?
@@ -121,7 +140,7 @@ pub fn fp16(model: &mut Model) -> Result<usize, Error> {
             Some(v) if v.len() >= MIN_ELEMENTS => {
                 let out = onnx::outputs(&n).into_iter().next().unwrap_or_default();
                 let hn = format!("rxd.h{count}");
-                count += 1;
+                *count += 1;
                 let mut h = half_tensor("", &onnx::dims_of(&t)?, &v);
                 h.replace(tensor::NAME, Vec::new());
                 let mut attrs = n.messages(node::ATTRIBUTE)?;
@@ -141,14 +160,19 @@ pub fn fp16(model: &mut Model) -> Result<usize, Error> {
             _ => nodes.push(n),
         }
     }
-    if count == 0 {
-        return Ok(0);
+    let encode = |ms: &[Message]| ms.iter().map(|m| Value::Bytes(m.encode())).collect();
+    if *count == inner {
+        if !subgraphs {
+            return Ok(None);
+        }
+        g.replace(graph::NODE, encode(&nodes));
+        return Ok(Some(Vec::new()));
     }
     let mut all: Vec<Message> = casts.iter().map(|(h, n)| cast_to_float(h, n)).collect();
     all.extend(nodes);
-    let renamed: Vec<String> = casts.iter().map(|(_, n)| n.clone()).collect();
-    model.rewrite(&inits, &all, &renamed)?;
-    Ok(count)
+    g.replace(graph::INITIALIZER, encode(&inits));
+    g.replace(graph::NODE, encode(&all));
+    Ok(Some(casts.into_iter().map(|(_, n)| n).collect()))
 }
 
 /// What `fp16` (compute) did.

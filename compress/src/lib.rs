@@ -6,11 +6,14 @@
 //! - [`proto`]: schema-less protobuf messages (lossless).
 //! - [`onnx`]: ONNX field numbers and helpers over messages.
 //! - [`opset`]: moving a graph from opset 11/12 to 13 where nothing changes meaning.
+//! - [`budget`]: a search's time budget and progress reports.
+//! - [`error`]: the one error type.
 //! - [`dynamic`]: the `dynamic-int8` strategy (MatMulInteger with activations quantized at
 //!   run time).
 //! - [`fold`]: BatchNormalization folded into the Conv before it.
 //! - [`half`]: the `fp16` strategy (float16 arithmetic, float32 at the model's edges) and
 //!   `fp16-weights` (float16 storage, cast back to float when loaded).
+//! - [`job`]: one compression job (plan, inputs, thresholds → result), as both faces run it.
 //! - [`int4`]: the `int4` strategy (block-wise 4-bit MatMul weights, MatMulNBits).
 //! - [`prune`]: the `prune:S` strategy (magnitude pruning to sparsity S).
 //! - [`quant`]: the `int8-weights` strategy (per-channel QDQ).
@@ -19,13 +22,17 @@
 //! - [`tidy`]: Constant nodes as initializers, identical ones stored once (every size
 //!   strategy).
 //!
-//! Boundary: no sockets, no daemon state; `rxd compress` is the command-line face.
+//! Boundary: no sockets, no daemon state, never writes a model file; `rxd compress` and `rxctl model
+//! compress` are thin faces over [`job`].
 #![deny(unsafe_code)]
 
+pub mod budget;
 pub mod dynamic;
+pub mod error;
 pub mod fold;
 pub mod half;
 pub mod int4;
+pub mod job;
 pub mod onnx;
 pub mod opset;
 pub mod proto;
@@ -35,6 +42,8 @@ pub mod report;
 pub mod search;
 pub mod static_int8;
 pub mod tidy;
+
+pub use error::{Error, Result};
 
 /// A compression plan: strategies applied in order (`prune:0.5+int8-weights`).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -75,8 +84,8 @@ impl Strategy {
 }
 
 impl std::str::FromStr for Strategy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
         let mut out = Strategy::NONE;
         for part in s.split('+').map(str::trim) {
             match part.split_once(':') {
@@ -92,25 +101,50 @@ impl std::str::FromStr for Strategy {
                         .ok()
                         .filter(|v: &f64| (0.0..1.0).contains(v))
                         .ok_or_else(|| {
-                            format!("prune:{x}: the sparsity is a fraction in [0, 1)")
+                            Error::Usage(format!("prune:{x}: the sparsity is a fraction in [0, 1)"))
                         })?;
                     out.prune = Some(v);
                 }
                 _ => {
-                    return Err(format!(
+                    return Err(Error::Usage(format!(
                         "unknown strategy '{part}' (this build has: none, int8-weights, \
                          dynamic-int8, int4, fp16, fp16-weights, prune:S, combined with +)"
-                    ));
+                    )));
                 }
             }
         }
         if out.fp16_compute && (out.int8_weights || out.dynamic_int8 || out.int4 || out.fp16) {
-            return Err(format!(
+            return Err(Error::Usage(format!(
                 "{s}: fp16 (float16 arithmetic) combines only with prune:S; for int8 or int4 \
                  weights with the float tensors left in half precision use fp16-weights"
-            ));
+            )));
         }
         Ok(out)
+    }
+}
+
+impl std::fmt::Display for Strategy {
+    /// The strategy as `--strategy` takes it (`prune:0.5+int8-weights`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(s) = self.prune {
+            parts.push(format!("prune:{s}"));
+        }
+        for (on, name) in [
+            (self.int4, "int4"),
+            (self.dynamic_int8, "dynamic-int8"),
+            (self.int8_weights, "int8-weights"),
+            (self.fp16, "fp16-weights"),
+            (self.fp16_compute, "fp16"),
+        ] {
+            if on {
+                parts.push(name.to_string());
+            }
+        }
+        if parts.is_empty() {
+            parts.push("none".into());
+        }
+        f.write_str(&parts.join("+"))
     }
 }
 
@@ -128,37 +162,49 @@ pub struct Outcome {
     pub int4: int4::Int4,
 }
 
+impl Outcome {
+    /// How many weights the strategy changed (converted, stored smaller or pruned): 0 means
+    /// it found nothing it applies to.
+    pub fn weights_changed(&self) -> usize {
+        self.quant.converted.len()
+            + self.dynamic.converted.len()
+            + self.fp16_tensors
+            + self.int4.converted.len()
+            + self.pruned.as_ref().map_or(0, |p| p.tensors)
+    }
+}
+
 /// Compresses model bytes with `strategy`: the new bytes and what was done.
-pub fn compress(bytes: &[u8], strategy: Strategy) -> Result<(Vec<u8>, Outcome), String> {
-    let mut model = onnx::Model::parse(bytes).map_err(|e| e.to_string())?;
+pub fn compress(bytes: &[u8], strategy: Strategy) -> Result<(Vec<u8>, Outcome)> {
+    let mut model = onnx::Model::parse(bytes)?;
     let mut out = Outcome::default();
     // Folding first also keeps BatchNorm statistics out of float16: PP-OCR's detector has
     // running variances near 1e8 (float16 ends at 65504); folded, they become small scales.
     if strategy.int8_weights || strategy.fp16_compute {
-        out.batchnorms_folded = fold::fold_batchnorm(&mut model).map_err(|e| e.to_string())?;
+        out.batchnorms_folded = fold::fold_batchnorm(&mut model)?;
     }
     if let Some(s) = strategy.prune {
-        out.pruned = Some(prune::prune(&mut model, s).map_err(|e| e.to_string())?);
+        out.pruned = Some(prune::prune(&mut model, s)?);
     }
     if strategy.int4 {
-        out.int4 = int4::int4(&mut model).map_err(|e| e.to_string())?;
+        out.int4 = int4::int4(&mut model)?;
     }
     if strategy.dynamic_int8 {
-        out.dynamic = dynamic::dynamic_int8(&mut model).map_err(|e| e.to_string())?;
+        out.dynamic = dynamic::dynamic_int8(&mut model)?;
     }
     if strategy.int8_weights {
-        out.quant = quant::int8_weights(&mut model).map_err(|e| e.to_string())?;
+        out.quant = quant::int8_weights(&mut model)?;
     }
     if strategy.fp16 {
-        out.fp16_tensors = half::fp16(&mut model).map_err(|e| e.to_string())?;
+        out.fp16_tensors = half::fp16(&mut model)?;
     }
     if strategy.fp16_compute {
-        let h = half::fp16_compute(&mut model).map_err(|e| e.to_string())?;
+        let h = half::fp16_compute(&mut model)?;
         out.fp16_tensors = h.tensors;
         out.fp16_compute = Some(h);
     }
     if strategy != Strategy::NONE {
-        out.tidy = tidy::constants_to_initializers(&mut model).map_err(|e| e.to_string())?;
+        out.tidy = tidy::constants_to_initializers(&mut model)?;
     }
     // Always re-encoded, also for `none`: that is the lossless round trip the tests check.
     Ok((model.encode(), out))

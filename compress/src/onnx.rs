@@ -244,6 +244,57 @@ pub fn has_subgraph(n: &Message) -> Result<bool, Error> {
         .any(|a| a.bytes(attr::G).is_some() || a.bytes(attr::GRAPHS).is_some()))
 }
 
+/// Rewrites each subgraph `n` carries (If branches, Loop/Scan bodies: attributes of type
+/// GRAPH or GRAPHS) with `f`, writing back the ones `f` says it changed; true when any was.
+pub fn map_subgraphs(
+    n: &mut Message,
+    f: &mut dyn FnMut(&mut Message) -> Result<bool, Error>,
+) -> Result<bool, Error> {
+    let mut attrs = n.messages(node::ATTRIBUTE)?;
+    let mut changed = false;
+    for a in &mut attrs {
+        for field in [attr::G, attr::GRAPHS] {
+            let mut graphs = a.messages(field)?;
+            let mut any = false;
+            for g in &mut graphs {
+                any |= f(g)?;
+            }
+            if any {
+                a.replace(
+                    field,
+                    graphs.iter().map(|g| Value::Bytes(g.encode())).collect(),
+                );
+                changed = true;
+            }
+        }
+    }
+    if changed {
+        n.replace(
+            node::ATTRIBUTE,
+            attrs.iter().map(|a| Value::Bytes(a.encode())).collect(),
+        );
+    }
+    Ok(changed)
+}
+
+/// Every node inside the subgraphs of `nodes`, at any depth: the readers of names a graph
+/// defines that its subgraphs use from the outer scope.
+pub fn nested_nodes(nodes: &[Message]) -> Result<Vec<Message>, Error> {
+    let mut out = Vec::new();
+    for n in nodes {
+        for a in n.messages(node::ATTRIBUTE)? {
+            for field in [attr::G, attr::GRAPHS] {
+                for g in a.messages(field)? {
+                    let inner = g.messages(graph::NODE)?;
+                    out.extend(nested_nodes(&inner)?);
+                    out.extend(inner);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// `nodes` in an order where each runs after the producers of its inputs (names not produced
 /// by any node — graph inputs, initializers — count as present); among the nodes that are
 /// ready, the earliest in `nodes` goes first, so a sorted list keeps its order.
@@ -405,5 +456,55 @@ mod tests {
         assert_eq!(ops(&topo_sort(shuffled).unwrap()), ["Relu", "Neg", "Add"]);
         let cycle = vec![node("Neg", &["b"], &["a"]), node("Neg", &["a"], &["b"])];
         assert!(topo_sort(cycle).unwrap_err().0.contains("cycle"));
+    }
+
+    /// An `If` whose then-branch holds a nested `If`: the subgraphs are found at any depth,
+    /// and only a subgraph the closure changes is written back.
+    #[test]
+    fn subgraphs_are_found_at_any_depth_and_only_changed_ones_rewritten() {
+        let graph = |nodes: &[Message]| {
+            let mut g = Message::default();
+            for n in nodes {
+                g.push_message(graph::NODE, n);
+            }
+            g
+        };
+        let with_branch = |op: &str, branch: &Message| {
+            let mut n = node(op, &["cond"], &["y"]);
+            let mut a = Message::default();
+            a.push_str(attr::NAME, "then_branch");
+            a.push_message(attr::G, branch);
+            n.push_message(node::ATTRIBUTE, &a);
+            n
+        };
+        let inner = graph(&[node("Relu", &["w"], &["r"])]);
+        let middle = graph(&[with_branch("If", &inner), node("Neg", &["w"], &["n"])]);
+        let mut top = with_branch("If", &middle);
+        let found: Vec<String> = nested_nodes(std::slice::from_ref(&top))
+            .unwrap()
+            .iter()
+            .map(op_type)
+            .collect();
+        assert_eq!(found, ["Relu", "If", "Neg"]);
+        let before = top.clone();
+        assert!(!map_subgraphs(&mut top, &mut |_| Ok(false)).unwrap());
+        assert_eq!(top, before);
+        let changed = map_subgraphs(&mut top, &mut |g| {
+            let mut nodes = g.messages(graph::NODE)?;
+            nodes.retain(|n| op_type(n) != "Neg");
+            g.replace(
+                graph::NODE,
+                nodes.iter().map(|n| Value::Bytes(n.encode())).collect(),
+            );
+            Ok(true)
+        })
+        .unwrap();
+        assert!(changed);
+        let found: Vec<String> = nested_nodes(std::slice::from_ref(&top))
+            .unwrap()
+            .iter()
+            .map(op_type)
+            .collect();
+        assert_eq!(found, ["Relu", "If"]);
     }
 }

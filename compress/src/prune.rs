@@ -53,10 +53,30 @@ fn with_values(t: &Message, values: &[f32]) -> Message {
     t
 }
 
-/// Prunes the weights of `model` in place.
+/// Prunes the weights of `model` in place (in the main graph and every If/Loop/Scan body).
 pub fn prune(model: &mut Model, sparsity: f64) -> Result<Pruned, Error> {
-    let mut nodes = model.graph.messages(graph::NODE)?;
-    let weights: std::collections::BTreeSet<String> = nodes
+    let mut out = Pruned::default();
+    prune_graph(&mut model.graph, sparsity, &mut out)?;
+    Ok(out)
+}
+
+/// [`prune`] on one graph, its subgraphs first.
+fn prune_graph(g: &mut Message, sparsity: f64, out: &mut Pruned) -> Result<(), Error> {
+    let mut nodes = g.messages(graph::NODE)?;
+    for n in &mut nodes {
+        onnx::map_subgraphs(n, &mut |sub| {
+            let before = out.tensors;
+            prune_graph(sub, sparsity, out)?;
+            Ok(out.tensors > before)
+        })?;
+    }
+    // Weights this graph defines may be read inside its subgraphs (outer-scope names).
+    let readers: Vec<Message> = nodes
+        .iter()
+        .cloned()
+        .chain(onnx::nested_nodes(&nodes)?)
+        .collect();
+    let weights: std::collections::BTreeSet<String> = readers
         .iter()
         .flat_map(|n| {
             onnx::inputs(n)
@@ -67,7 +87,6 @@ pub fn prune(model: &mut Model, sparsity: f64) -> Result<Pruned, Error> {
                 .collect::<Vec<_>>()
         })
         .collect();
-    let mut out = Pruned::default();
     let apply = |t: &Message, out: &mut Pruned| -> Result<Option<Message>, Error> {
         if !weights.contains(&onnx::name_of(t)) {
             return Ok(None);
@@ -83,9 +102,9 @@ pub fn prune(model: &mut Model, sparsity: f64) -> Result<Pruned, Error> {
         out.tensors += 1;
         Ok(Some(with_values(t, &v)))
     };
-    let mut inits = model.graph.messages(graph::INITIALIZER)?;
+    let mut inits = g.messages(graph::INITIALIZER)?;
     for t in &mut inits {
-        if let Some(new) = apply(t, &mut out)? {
+        if let Some(new) = apply(t, out)? {
             *t = new;
         }
     }
@@ -101,7 +120,7 @@ pub fn prune(model: &mut Model, sparsity: f64) -> Result<Pruned, Error> {
         };
         // The tensor inside a Constant carries no name of its own: give it the output's.
         t.replace(tensor::NAME, vec![Value::Bytes(name.into_bytes())]);
-        if let Some(new) = apply(&t, &mut out)? {
+        if let Some(new) = apply(&t, out)? {
             let mut attrs = n.messages(node::ATTRIBUTE)?;
             for a in &mut attrs {
                 if a.string(onnx::attr::NAME) == "value" {
@@ -116,15 +135,15 @@ pub fn prune(model: &mut Model, sparsity: f64) -> Result<Pruned, Error> {
             );
         }
     }
-    model.graph.replace(
+    g.replace(
         graph::INITIALIZER,
         inits.iter().map(|t| Value::Bytes(t.encode())).collect(),
     );
-    model.graph.replace(
+    g.replace(
         graph::NODE,
         nodes.iter().map(|n| Value::Bytes(n.encode())).collect(),
     );
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use crate::onnx::{self, Model, graph, tensor};
-use crate::proto::{Error, Message};
+use crate::proto::{Error, Message, Value};
 
 /// Weights with fewer elements than this stay in float: int8 saves 3 bytes per element, and
 /// a scale and zero point per channel plus three tensor headers and a node cost ~150 bytes.
@@ -27,6 +27,34 @@ pub struct Outcome {
     pub kept: Vec<(String, String)>,
 }
 
+/// How a consumer reads a weight at one of its inputs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Reads {
+    /// As a weight with channels along this axis (MatMul, Gemm, Conv, recurrent ops).
+    Weight(i64),
+    /// Moves it (Slice, Concat, Transpose, …) to where a weight is read: a float matrix read
+    /// only this way is a weight an exporter sliced or reordered (Silero's LSTM gates).
+    Moves,
+    /// Anything else: not a weight.
+    Other,
+}
+
+/// How `node` reads its input `index`.
+fn reads(node: &Message, index: usize) -> Result<Reads, Error> {
+    Ok(match weight_axis(node, index)? {
+        Some(axis) => Reads::Weight(axis),
+        None => match (onnx::op_type(node).as_str(), index) {
+            (
+                "Slice" | "Split" | "Gather" | "Transpose" | "Reshape" | "Squeeze" | "Unsqueeze"
+                | "Flatten" | "Identity",
+                0,
+            )
+            | ("Concat", _) => Reads::Moves,
+            _ => Reads::Other,
+        },
+    })
+}
+
 /// The channel axis a consumer quantizes its weight along, if it takes one at `index`.
 fn weight_axis(node: &Message, index: usize) -> Result<Option<i64>, Error> {
     let op = onnx::op_type(node);
@@ -38,6 +66,8 @@ fn weight_axis(node: &Message, index: usize) -> Result<Option<i64>, Error> {
             1
         }),
         ("Conv", 1) => Some(0),
+        // Recurrent weights [directions, gates × hidden, ·]: per gate row.
+        ("LSTM" | "GRU" | "RNN", 1 | 2) => Some(1),
         _ => None,
     })
 }
@@ -180,9 +210,31 @@ fn eligibility(
     uses: &[(usize, usize)],
     t: &Message,
 ) -> Result<Option<Result<Weight, String>>, Error> {
-    let mut axes = Vec::new();
+    let mut how = Vec::new();
     for &(n, i) in uses {
-        axes.push(weight_axis(&nodes[n], i)?);
+        how.push(reads(&nodes[n], i)?);
+    }
+    // Movers read whatever the weight readers read: they do not vote on the axis.
+    let axes: Vec<Option<i64>> = how
+        .iter()
+        .filter(|r| **r != Reads::Moves)
+        .map(|r| match r {
+            Reads::Weight(a) => Some(*a),
+            _ => None,
+        })
+        .collect();
+    if axes.is_empty() {
+        // Only moved: a weight when it is a float matrix worth converting, per row.
+        if how.is_empty() {
+            return Ok(None);
+        }
+        let dims = onnx::dims_of(t)?;
+        return Ok(match onnx::f32_data(t)? {
+            Some(values) if values.len() >= MIN_ELEMENTS && dims.len() >= 2 => {
+                Some(Ok((0, dims, values)))
+            }
+            _ => None,
+        });
     }
     if axes.iter().all(Option::is_none) {
         return Ok(None);
@@ -196,10 +248,16 @@ fn eligibility(
     let Some(values) = onnx::f32_data(t)? else {
         return Ok(Some(Err("not a float tensor stored in the file".into())));
     };
-    if values.len() < MIN_ELEMENTS || dims.len() < 2 || axis as usize >= dims.len() {
+    if values.len() < MIN_ELEMENTS {
         return Ok(Some(Err(format!(
             "{} elements: too small to gain",
             values.len()
+        ))));
+    }
+    if dims.len() < 2 || axis as usize >= dims.len() {
+        return Ok(Some(Err(format!(
+            "{} dimension(s), no channel axis {axis}",
+            dims.len()
         ))));
     }
     Ok(Some(Ok((axis, dims, values))))
@@ -234,32 +292,78 @@ fn quantize_weights(
     keep: &std::collections::BTreeSet<String>,
     half_scales: bool,
 ) -> Result<Outcome, Error> {
-    let mut nodes = model.graph.messages(graph::NODE)?;
-    // Every consumer of every name: (node, input index).
-    let mut uses: BTreeMap<String, Vec<(usize, usize)>> = BTreeMap::new();
-    for (n, node) in nodes.iter().enumerate() {
-        for (i, input) in onnx::inputs(node).into_iter().enumerate() {
-            uses.entry(input).or_default().push((n, i));
-        }
-    }
     let domain = if model.opset("").unwrap_or(0) >= 13 {
         ""
     } else {
         "com.microsoft"
     };
     let mut out = Outcome::default();
+    let how = How {
+        keep,
+        domain,
+        half_scales,
+    };
+    let Some(replaced) = quantize_graph(&mut model.graph, &how, &mut out)? else {
+        return Ok(out);
+    };
+    // The main graph's initializers that became nodes leave its inputs (old models list
+    // initializers there), and the IR version allows initializers absent from the inputs.
+    let initializers = model.graph.messages(graph::INITIALIZER)?;
+    let nodes = model.graph.messages(graph::NODE)?;
+    model.rewrite(&initializers, &nodes, &replaced)?;
+    if domain == "com.microsoft" {
+        model.ensure_opset("com.microsoft", 1);
+    }
+    Ok(out)
+}
+
+/// What every graph of a model is quantized with.
+struct How<'a> {
+    keep: &'a std::collections::BTreeSet<String>,
+    domain: &'a str,
+    half_scales: bool,
+}
+
+/// Quantizes the weights of one graph (the model's, or an If/Loop/Scan body) and, first, of
+/// the subgraphs its nodes carry: weights a subgraph defines stay in it, weights it reads from
+/// an outer scope are found where they are defined. The initializers that became nodes, or
+/// `None` when nothing in this graph or below it changed.
+fn quantize_graph(
+    g: &mut Message,
+    how: &How,
+    out: &mut Outcome,
+) -> Result<Option<Vec<String>>, Error> {
+    let mut nodes = g.messages(graph::NODE)?;
+    let mut changed = false;
+    for n in &mut nodes {
+        changed |= onnx::map_subgraphs(n, &mut |sub| Ok(quantize_graph(sub, how, out)?.is_some()))?;
+    }
+    // Every reader of every name: this graph's nodes, then those of its subgraphs (which
+    // read this graph's weights as outer-scope names): (reader, input index).
+    let readers: Vec<Message> = nodes
+        .iter()
+        .cloned()
+        .chain(onnx::nested_nodes(&nodes)?)
+        .collect();
+    let mut uses: BTreeMap<String, Vec<(usize, usize)>> = BTreeMap::new();
+    for (n, node) in readers.iter().enumerate() {
+        for (i, input) in onnx::inputs(node).into_iter().enumerate() {
+            uses.entry(input).or_default().push((n, i));
+        }
+    }
+    let converted_before = out.converted.len();
     let mut initializers = Vec::new();
     let mut dq_nodes = Vec::new();
     let mut replaced = Vec::new();
-    for init in model.graph.messages(graph::INITIALIZER)? {
+    for init in g.messages(graph::INITIALIZER)? {
         let name = onnx::name_of(&init);
         let consumers = uses.get(&name).cloned().unwrap_or_default();
-        if keep.contains(&name) {
+        if how.keep.contains(&name) {
             out.kept.push((name, KEPT_BY_SEARCH.into()));
             initializers.push(init);
             continue;
         }
-        match eligibility(&nodes, &consumers, &init)? {
+        match eligibility(&readers, &consumers, &init)? {
             None => initializers.push(init),
             Some(Err(why)) => {
                 out.kept.push((name, why));
@@ -268,58 +372,64 @@ fn quantize_weights(
             Some(Ok((axis, dims, values))) => {
                 let k = out.converted.len();
                 let (inits, cast, node, channels) =
-                    quantized(&name, k, &dims, &values, axis, domain, half_scales);
+                    quantized(&name, k, &dims, &values, axis, how.domain, how.half_scales);
                 initializers.extend(inits);
                 dq_nodes.extend(cast);
                 dq_nodes.push(node);
-                let op = onnx::op_type(&nodes[consumers[0].0]);
+                let op = onnx::op_type(&readers[consumers[0].0]);
                 out.converted.push((name.clone(), op, axis, channels));
                 replaced.push(name);
             }
         }
     }
     // Weights held by Constant nodes: the Constant is replaced, in place, by its dequantizer.
-    for n in 0..nodes.len() {
-        if onnx::op_type(&nodes[n]) != "Constant" {
+    for slot in &mut nodes {
+        if onnx::op_type(slot) != "Constant" {
             continue;
         }
-        let Some(name) = onnx::outputs(&nodes[n]).into_iter().next() else {
+        let Some(name) = onnx::outputs(slot).into_iter().next() else {
             continue;
         };
-        let Some(t) = onnx::tensor_attr(&nodes[n], "value")? else {
+        let Some(t) = onnx::tensor_attr(slot, "value")? else {
             continue;
         };
         let consumers = uses.get(&name).cloned().unwrap_or_default();
-        if keep.contains(&name) {
+        if how.keep.contains(&name) {
             out.kept.push((name, KEPT_BY_SEARCH.into()));
             continue;
         }
-        match eligibility(&nodes, &consumers, &t)? {
+        match eligibility(&readers, &consumers, &t)? {
             None => {}
             Some(Err(why)) => out.kept.push((name, why)),
             Some(Ok((axis, dims, values))) => {
                 let k = out.converted.len();
                 let (inits, cast, node, channels) =
-                    quantized(&name, k, &dims, &values, axis, domain, half_scales);
+                    quantized(&name, k, &dims, &values, axis, how.domain, how.half_scales);
                 initializers.extend(inits);
                 dq_nodes.extend(cast);
-                let op = onnx::op_type(&nodes[consumers[0].0]);
-                nodes[n] = node;
+                let op = onnx::op_type(&readers[consumers[0].0]);
+                *slot = node;
                 out.converted.push((name, op, axis, channels));
             }
         }
     }
-    if out.converted.is_empty() {
-        return Ok(out);
+    if out.converted.len() == converted_before {
+        if changed {
+            g.replace(
+                graph::NODE,
+                nodes.iter().map(|n| Value::Bytes(n.encode())).collect(),
+            );
+            return Ok(Some(Vec::new()));
+        }
+        return Ok(None);
     }
     // The dequantize nodes of initializer weights and the scales' casts go ahead of every
     // other node (their inputs are constants, so that order is topological).
     dq_nodes.extend(nodes);
-    model.rewrite(&initializers, &dq_nodes, &replaced)?;
-    if domain == "com.microsoft" {
-        model.ensure_opset("com.microsoft", 1);
-    }
-    Ok(out)
+    let encode = |ms: &[Message]| ms.iter().map(|m| Value::Bytes(m.encode())).collect();
+    g.replace(graph::INITIALIZER, encode(&initializers));
+    g.replace(graph::NODE, encode(&dq_nodes));
+    Ok(Some(replaced))
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@ use ort::environment::Environment;
 use ort::session::Session;
 use ort::value::{DynValue, Tensor};
 
+use crate::{Error, Result};
+
 /// One input tensor (from a .npy file).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Input {
@@ -26,9 +28,12 @@ pub enum Data {
 }
 
 /// Reads a .npy file of little-endian float32 or int64 (C order) as input `name`.
-pub fn read_npy(name: &str, path: &Path) -> Result<Input, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let bad = |m: &str| format!("{}: {m}", path.display());
+pub fn read_npy(name: &str, path: &Path) -> Result<Input> {
+    let bytes = std::fs::read(path).map_err(|source| Error::Read {
+        path: path.into(),
+        source,
+    })?;
+    let bad = |m: &str| Error::Data(format!("{}: {m}", path.display()));
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err(bad("not a .npy file"));
     }
@@ -106,12 +111,26 @@ pub struct OutputReport {
     /// fraction of the N items whose greedy CTC reading (argmax per step, repeats collapsed,
     /// class 0 = blank dropped) is the same — whole words, not characters.
     pub sequence_agreement: Option<f64>,
+    /// For detector outputs [N, 4 + C, boxes] (YOLOv8's: 4 box coordinates, then C class
+    /// scores in [0, 1] per candidate box): fraction of the N items whose highest-scoring box
+    /// has the same class. Box coordinates are almost all of such an output's magnitude, so
+    /// its cosine sees boxes, not classes.
+    pub top_box_agreement: Option<f64>,
+    /// For detector outputs: the cosine of the class scores alone.
+    pub score_cosine: Option<f64>,
+    /// For one-channel score outputs in [0, 1] — [N, 1] (a voice-activity probability) or
+    /// [N, 1, H, W] (a text or segmentation map) — the fraction of values on the same side
+    /// of 0.5: the decisions (speech, text pixel) a user of the output takes.
+    pub decision_agreement: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Report {
     pub size_before: u64,
     pub size_after: u64,
+    /// Items per timed run: 1 (batch 1, the first item) when the inputs are a batch both
+    /// models take item by item, else the inputs' first dimension (all of them at once).
+    pub latency_items: usize,
     pub latency_ms_before: f64,
     pub latency_ms_after: f64,
     pub outputs: Vec<OutputReport>,
@@ -122,24 +141,37 @@ impl Report {
         self.size_after as f64 / self.size_before.max(1) as f64
     }
 
-    /// The lowest top-1 agreement over classifier-like outputs (1.0 when there is none).
+    /// The lowest agreement of what the outputs decide: top-1 of classifier-like outputs,
+    /// top-box class of detector outputs, the 0.5 decision of score maps (1.0 when there is
+    /// none).
     pub fn min_top1(&self) -> f64 {
         self.outputs
             .iter()
-            .filter_map(|o| o.top1_agreement)
+            .flat_map(|o| [o.top1_agreement, o.top_box_agreement, o.decision_agreement])
+            .flatten()
             .fold(1.0, f64::min)
     }
 
+    /// The lowest cosine over outputs, and over the class scores of detector outputs.
     pub fn min_cosine(&self) -> f64 {
-        self.outputs.iter().map(|o| o.cosine).fold(1.0, f64::min)
+        self.outputs
+            .iter()
+            .flat_map(|o| [Some(o.cosine), o.score_cosine])
+            .flatten()
+            .fold(1.0, f64::min)
     }
 }
 
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let at = if self.latency_items == 1 {
+            "at batch 1".to_string()
+        } else {
+            format!("of all {} items at once", self.latency_items)
+        };
         writeln!(
             f,
-            "size {} → {} bytes ({:.2}×); latency {:.2} → {:.2} ms",
+            "size {} → {} bytes ({:.2}×); latency {at} {:.2} → {:.2} ms",
             self.size_before,
             self.size_after,
             self.size_ratio(),
@@ -158,17 +190,26 @@ impl std::fmt::Display for Report {
             if let Some(t) = o.sequence_agreement {
                 write!(f, ", same CTC reading {:.2} %", t * 100.0)?;
             }
+            if let Some(t) = o.decision_agreement {
+                write!(f, ", decisions at 0.5 agree {:.2} %", t * 100.0)?;
+            }
+            if let (Some(t), Some(c)) = (o.top_box_agreement, o.score_cosine) {
+                write!(
+                    f,
+                    ", top-box class agreement {:.2} %, class scores cosine {c:.6}",
+                    t * 100.0
+                )?;
+            }
             writeln!(f)?;
         }
         Ok(())
     }
 }
 
-pub(crate) fn session(env: &Environment, model: &[u8]) -> Result<Session, String> {
-    Session::builder(env)
+pub(crate) fn session(env: &Environment, model: &[u8]) -> Result<Session> {
+    Ok(Session::builder(env)
         .and_then(|b| b.with_intra_threads(1).map_err(Into::into))
-        .and_then(|mut b| b.commit_from_memory(model))
-        .map_err(|e| e.to_string())
+        .and_then(|mut b| b.commit_from_memory(model))?)
 }
 
 /// The operators ONNX Runtime runs for `model` after its graph optimizations (on this
@@ -176,7 +217,7 @@ pub(crate) fn session(env: &Environment, model: &[u8]) -> Result<Session, String
 pub fn optimized_ops(
     env: &Environment,
     model: &[u8],
-) -> Result<std::collections::BTreeMap<String, usize>, String> {
+) -> Result<std::collections::BTreeMap<String, usize>> {
     let path = std::env::temp_dir().join(format!(
         "rxd-optimized-{}-{:?}.onnx",
         std::process::id(),
@@ -186,32 +227,29 @@ pub fn optimized_ops(
         .and_then(|b| b.with_intra_threads(1).map_err(Into::into))
         .and_then(|b| b.with_optimized_model_path(&path).map_err(Into::into))
         .and_then(|mut b| b.commit_from_memory(model))
-        .map_err(|e| e.to_string());
-    let saved = built.and_then(|_| std::fs::read(&path).map_err(|e| e.to_string()));
+        .map_err(Error::from);
+    let saved = built.and_then(|_| {
+        std::fs::read(&path).map_err(|source| Error::Read {
+            path: path.clone(),
+            source,
+        })
+    });
     let _ = std::fs::remove_file(&path);
-    let m = crate::onnx::Model::parse(&saved?).map_err(|e| e.to_string())?;
+    let m = crate::onnx::Model::parse(&saved?)?;
     let mut ops = std::collections::BTreeMap::new();
-    for n in m
-        .graph
-        .messages(crate::onnx::graph::NODE)
-        .map_err(|e| e.to_string())?
-    {
+    for n in m.graph.messages(crate::onnx::graph::NODE)? {
         *ops.entry(crate::onnx::op_type(&n)).or_default() += 1;
     }
     Ok(ops)
 }
 
-pub(crate) fn values(inputs: &[Input]) -> Result<Vec<(String, DynValue)>, String> {
+pub(crate) fn values(inputs: &[Input]) -> Result<Vec<(String, DynValue)>> {
     inputs
         .iter()
         .map(|i| {
             let v: DynValue = match &i.data {
-                Data::F32(d) => Tensor::from_array((i.shape.clone(), d.clone()))
-                    .map_err(|e| e.to_string())?
-                    .into_dyn(),
-                Data::I64(d) => Tensor::from_array((i.shape.clone(), d.clone()))
-                    .map_err(|e| e.to_string())?
-                    .into_dyn(),
+                Data::F32(d) => Tensor::from_array((i.shape.clone(), d.clone()))?.into_dyn(),
+                Data::I64(d) => Tensor::from_array((i.shape.clone(), d.clone()))?.into_dyn(),
             };
             Ok((i.name.clone(), v))
         })
@@ -221,11 +259,10 @@ pub(crate) fn values(inputs: &[Input]) -> Result<Vec<(String, DynValue)>, String
 /// One output of a run: name, shape, values.
 type Output = (String, Vec<i64>, Vec<f64>);
 
-/// Runs a model on the inputs: each output as (name, shape, values as f64) for float outputs,
-/// plus the mean latency of `runs` timed runs.
-fn run(s: &mut Session, inputs: &[Input], runs: usize) -> Result<(Vec<Output>, f64), String> {
+/// Runs a model on the inputs: each output as (name, shape, values as f64) for float outputs.
+fn run(s: &mut Session, inputs: &[Input]) -> Result<Vec<Output>> {
     let names: Vec<String> = s.outputs().iter().map(|o| o.name().to_string()).collect();
-    let outs = s.run(values(inputs)?).map_err(|e| e.to_string())?;
+    let outs = s.run(values(inputs)?)?;
     let mut result = Vec::new();
     for n in &names {
         let v = &outs[n.as_str()];
@@ -243,12 +280,72 @@ fn run(s: &mut Session, inputs: &[Input], runs: usize) -> Result<(Vec<Output>, f
             ));
         }
     }
-    drop(outs);
-    let t = Instant::now();
-    for _ in 0..runs {
-        s.run(values(inputs)?).map_err(|e| e.to_string())?;
+    Ok(result)
+}
+
+/// Items `from..to` of an input (along its first dimension).
+pub(crate) fn items_of(i: &Input, from: usize, to: usize) -> Input {
+    let per = i.shape[1..].iter().map(|&d| d as usize).product::<usize>();
+    let mut shape = i.shape.clone();
+    shape[0] = (to - from) as i64;
+    let data = match &i.data {
+        Data::F32(d) => Data::F32(d[from * per..to * per].to_vec()),
+        Data::I64(d) => Data::I64(d[from * per..to * per].to_vec()),
+    };
+    Input {
+        name: i.name.clone(),
+        shape,
+        data,
     }
-    Ok((result, t.elapsed().as_secs_f64() * 1e3 / runs.max(1) as f64))
+}
+
+/// How many items the inputs hold along a first dimension they all share and the model
+/// leaves free (`None`: the inputs are not a batch the model could take item by item).
+pub(crate) fn batch_items(s: &Session, inputs: &[Input]) -> Option<usize> {
+    let free = s.inputs().iter().all(|i| match i.dtype() {
+        ort::value::ValueType::Tensor { shape, .. } => shape.first().is_some_and(|d| *d < 0),
+        _ => false,
+    });
+    let n = *inputs.first()?.shape.first()?;
+    (free && n > 0 && inputs.iter().all(|i| i.shape.first() == Some(&n))).then_some(n as usize)
+}
+
+/// Timed runs per model: at batch 1, or of the whole inputs when they are not a batch.
+const TIMED_RUNS_ONE: usize = 20;
+const TIMED_RUNS_ALL: usize = 5;
+
+/// The mean latency of `a` and of `b` in ms, runs interleaved (a, b, a, b, …, after one
+/// untimed run each): at batch 1 — the first item — when the inputs are a batch both models
+/// take item by item, else of the whole inputs; and the items per run.
+fn latencies(a: &mut Session, b: &mut Session, inputs: &[Input]) -> Result<(f64, f64, usize)> {
+    let (one, runs, items) = match (batch_items(a, inputs), batch_items(b, inputs)) {
+        (Some(_), Some(_)) => (
+            inputs.iter().map(|i| items_of(i, 0, 1)).collect::<Vec<_>>(),
+            TIMED_RUNS_ONE,
+            1,
+        ),
+        _ => (
+            inputs.to_vec(),
+            TIMED_RUNS_ALL,
+            inputs
+                .first()
+                .and_then(|i| i.shape.first())
+                .map_or(1, |&n| n.max(1) as usize),
+        ),
+    };
+    a.run(values(&one)?)?;
+    b.run(values(&one)?)?;
+    let (mut ta, mut tb) = (0f64, 0f64);
+    for _ in 0..runs {
+        let t = Instant::now();
+        a.run(values(&one)?)?;
+        ta += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        b.run(values(&one)?)?;
+        tb += t.elapsed().as_secs_f64();
+    }
+    let ms = |t: f64| t * 1e3 / runs as f64;
+    Ok((ms(ta), ms(tb), items))
 }
 
 /// The index of the largest value (the first of equal ones; 0 for an empty slice).
@@ -296,74 +393,153 @@ pub fn cosine<T: Copy + Into<f64>>(x: &[T], y: &[T]) -> f64 {
     }
 }
 
+/// How one output of the compressed model (`y`) compares with the original's (`x`), both of
+/// shape `shape`, by what the output means: classifier rows by top-1, CTC sequences by their
+/// reading, detector outputs by the class of the top box and the cosine of their class
+/// scores; every output by its errors and cosine.
+pub fn compare_output(name: &str, shape: &[i64], x: &[f64], y: &[f64]) -> OutputReport {
+    let n = x.len().max(1) as f64;
+    let diffs = x.iter().zip(y).map(|(p, q)| (p - q).abs());
+    let max_abs_error = diffs.clone().fold(0.0, f64::max);
+    let mean_abs_error = diffs.sum::<f64>() / n;
+    let largest = x.iter().fold(0.0f64, |m, p| m.max(p.abs()));
+    let relative_error = max_abs_error / largest.max(f64::MIN_POSITIVE);
+    let cosine = cosine(x, y);
+    let last = *shape.last().unwrap_or(&1) as usize;
+    // Classifier-like: [N, C] rows, or [N, T, C] whose rows are probability distributions
+    // in the original (a CTC recogniser's softmax) — not YOLO's [1, 84, anchors] or a
+    // detector's [N, 1, H, W] map, where an argmax along the last axis means nothing.
+    let distributions = last >= 2
+        && x.chunks_exact(last)
+            .all(|r| r.iter().all(|&p| p >= 0.0) && (r.iter().sum::<f64>() - 1.0).abs() < 1e-3);
+    let classes = last >= 2 && (shape.len() == 2 || (shape.len() == 3 && distributions));
+    let sequence_agreement = (classes && shape.len() == 3 && shape[1] > 1).then(|| {
+        let steps = shape[1] as usize * last;
+        let items = x.len() / steps.max(1);
+        let same = x
+            .chunks_exact(steps)
+            .zip(y.chunks_exact(steps))
+            .filter(|(p, q)| ctc_greedy(p, last) == ctc_greedy(q, last))
+            .count();
+        same as f64 / items.max(1) as f64
+    });
+    let top1_agreement = classes.then(|| {
+        let rows = x.len() / last;
+        let same = x
+            .chunks_exact(last)
+            .zip(y.chunks_exact(last))
+            .filter(|(p, q)| argmax(p) == argmax(q))
+            .count();
+        same as f64 / rows.max(1) as f64
+    });
+    let detector = (!distributions)
+        .then(|| detector_layout(shape, x))
+        .flatten();
+    let (top_box_agreement, score_cosine) = match detector {
+        Some((features, boxes)) => {
+            let item = features * boxes;
+            let items = x.len() / item;
+            let same = x
+                .chunks_exact(item)
+                .zip(y.chunks_exact(item))
+                .filter(|(p, q)| top_box(p, features, boxes).1 == top_box(q, features, boxes).1)
+                .count();
+            let scores = |v: &[f64]| -> Vec<f64> {
+                v.chunks_exact(item)
+                    .flat_map(|i| i[4 * boxes..].iter().copied())
+                    .collect()
+            };
+            (
+                Some(same as f64 / items.max(1) as f64),
+                Some(crate::report::cosine(&scores(x), &scores(y))),
+            )
+        }
+        None => (None, None),
+    };
+    let scores = shape.len() >= 2
+        && shape[1] == 1
+        && !x.is_empty()
+        && x.iter().all(|p| (0.0..=1.0).contains(p));
+    let decision_agreement = scores.then(|| {
+        let same = x
+            .iter()
+            .zip(y)
+            .filter(|(p, q)| (**p >= 0.5) == (**q >= 0.5))
+            .count();
+        same as f64 / x.len() as f64
+    });
+    OutputReport {
+        name: name.to_string(),
+        max_abs_error,
+        mean_abs_error,
+        relative_error,
+        cosine,
+        top1_agreement,
+        sequence_agreement,
+        top_box_agreement,
+        score_cosine,
+        decision_agreement,
+    }
+}
+
+/// For an output laid out as a detector's [N, 4 + C, boxes] — more candidate boxes than
+/// features, and every class score of the original in [0, 1] — its (features, boxes).
+fn detector_layout(shape: &[i64], x: &[f64]) -> Option<(usize, usize)> {
+    let &[_, features, boxes] = shape else {
+        return None;
+    };
+    let (features, boxes) = (
+        usize::try_from(features).ok()?,
+        usize::try_from(boxes).ok()?,
+    );
+    if features < 5 || boxes <= features || x.is_empty() {
+        return None;
+    }
+    let item = features * boxes;
+    let scores_in_unit = x
+        .chunks_exact(item)
+        .all(|i| i[4 * boxes..].iter().all(|s| (0.0..=1.0).contains(s)));
+    scores_in_unit.then_some((features, boxes))
+}
+
+/// One item of a detector output ([4 + C, boxes]): the box with the highest class score, and
+/// its class.
+pub fn top_box(item: &[f64], features: usize, boxes: usize) -> (usize, usize) {
+    let classes = features - 4;
+    let (mut best, mut at, mut class) = (f64::NEG_INFINITY, 0, 0);
+    for c in 0..classes {
+        let row = &item[(4 + c) * boxes..(5 + c) * boxes];
+        for (b, &s) in row.iter().enumerate() {
+            if s > best {
+                (best, at, class) = (s, b, c);
+            }
+        }
+    }
+    (at, class)
+}
+
 /// Compares `before` and `after` (model bytes) on `inputs`.
-pub fn compare(
-    env: &Environment,
-    before: &[u8],
-    after: &[u8],
-    inputs: &[Input],
-) -> Result<Report, String> {
+pub fn compare(env: &Environment, before: &[u8], after: &[u8], inputs: &[Input]) -> Result<Report> {
     let mut a = session(env, before)?;
-    let mut b =
-        session(env, after).map_err(|e| format!("the compressed model does not load: {e}"))?;
-    let (ra, la) = run(&mut a, inputs, 5)?;
-    let (rb, lb) = run(&mut b, inputs, 5)?;
+    let mut b = session(env, after).map_err(|e| Error::CompressedDoesNotLoad(e.to_string()))?;
+    let ra = run(&mut a, inputs)?;
+    let rb = run(&mut b, inputs)?;
+    let (la, lb, latency_items) = latencies(&mut a, &mut b, inputs)?;
     let mut outputs = Vec::new();
     for ((name, shape, x), (_, _, y)) in ra.iter().zip(&rb) {
         if x.len() != y.len() {
-            return Err(format!(
-                "output {name} changed size: {} vs {}",
-                x.len(),
-                y.len()
-            ));
+            return Err(Error::OutputChanged {
+                name: name.clone(),
+                before: x.len(),
+                after: y.len(),
+            });
         }
-        let n = x.len().max(1) as f64;
-        let diffs = x.iter().zip(y).map(|(p, q)| (p - q).abs());
-        let max_abs_error = diffs.clone().fold(0.0, f64::max);
-        let mean_abs_error = diffs.sum::<f64>() / n;
-        let largest = x.iter().fold(0.0f64, |m, p| m.max(p.abs()));
-        let relative_error = max_abs_error / largest.max(f64::MIN_POSITIVE);
-        let cosine = cosine(x, y);
-        let last = *shape.last().unwrap_or(&1) as usize;
-        // Classifier-like: [N, C] rows, or [N, T, C] whose rows are probability distributions
-        // in the original (a CTC recogniser's softmax) — not YOLO's [1, 84, anchors] or a
-        // detector's [N, 1, H, W] map, where an argmax along the last axis means nothing.
-        let distributions = last >= 2
-            && x.chunks_exact(last)
-                .all(|r| r.iter().all(|&p| p >= 0.0) && (r.iter().sum::<f64>() - 1.0).abs() < 1e-3);
-        let classes = last >= 2 && (shape.len() == 2 || (shape.len() == 3 && distributions));
-        let sequence_agreement = (classes && shape.len() == 3 && shape[1] > 1).then(|| {
-            let steps = shape[1] as usize * last;
-            let items = x.len() / steps.max(1);
-            let same = x
-                .chunks_exact(steps)
-                .zip(y.chunks_exact(steps))
-                .filter(|(p, q)| ctc_greedy(p, last) == ctc_greedy(q, last))
-                .count();
-            same as f64 / items.max(1) as f64
-        });
-        let top1_agreement = classes.then(|| {
-            let rows = x.len() / last;
-            let same = x
-                .chunks_exact(last)
-                .zip(y.chunks_exact(last))
-                .filter(|(p, q)| argmax(p) == argmax(q))
-                .count();
-            same as f64 / rows.max(1) as f64
-        });
-        outputs.push(OutputReport {
-            name: name.clone(),
-            max_abs_error,
-            mean_abs_error,
-            relative_error,
-            cosine,
-            top1_agreement,
-            sequence_agreement,
-        });
+        outputs.push(compare_output(name, shape, x, y));
     }
     Ok(Report {
         size_before: before.len() as u64,
         size_after: after.len() as u64,
+        latency_items,
         latency_ms_before: la,
         latency_ms_after: lb,
         outputs,
@@ -373,7 +549,7 @@ pub fn compare(
 /// Deterministic random inputs for a model's signature (float32 in [0, 1), int64 zeros);
 /// dynamic dimensions get `dynamic` (the batch dimension 1). For checking that a compressed
 /// model agrees with its original when no evaluation data is given.
-pub fn random_inputs(env: &Environment, model: &[u8], dynamic: i64) -> Result<Vec<Input>, String> {
+pub fn random_inputs(env: &Environment, model: &[u8], dynamic: i64) -> Result<Vec<Input>> {
     use ort::value::{TensorElementType, ValueType};
     let s = session(env, model)?;
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
@@ -381,7 +557,10 @@ pub fn random_inputs(env: &Environment, model: &[u8], dynamic: i64) -> Result<Ve
         .iter()
         .map(|o| {
             let ValueType::Tensor { ty, shape, .. } = o.dtype() else {
-                return Err(format!("input '{}' is not a tensor", o.name()));
+                return Err(Error::Unsupported(format!(
+                    "input '{}' is not a tensor",
+                    o.name()
+                )));
             };
             let dims: Vec<i64> = shape
                 .iter()
@@ -405,7 +584,12 @@ pub fn random_inputs(env: &Environment, model: &[u8], dynamic: i64) -> Result<Ve
                         .collect(),
                 ),
                 TensorElementType::Int64 => Data::I64(vec![0; n]),
-                other => return Err(format!("input '{}': {other:?} is not supported", o.name())),
+                other => {
+                    return Err(Error::Unsupported(format!(
+                        "input '{}': {other:?} is not supported",
+                        o.name()
+                    )));
+                }
             };
             Ok(Input {
                 name: o.name().to_string(),
@@ -414,4 +598,63 @@ pub fn random_inputs(env: &Environment, model: &[u8], dynamic: i64) -> Result<Ve
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A YOLOv8-like output [N, 4 + C, boxes]: box coordinates in pixels, class scores in
+    /// [0, 1]; one strong box per item, of class `item % C`.
+    fn detections(items: usize, classes: usize, boxes: usize, shift: usize) -> Vec<f64> {
+        let features = 4 + classes;
+        let mut v = vec![0.0; items * features * boxes];
+        for i in 0..items {
+            let item = &mut v[i * features * boxes..(i + 1) * features * boxes];
+            for b in 0..boxes {
+                for k in 0..4 {
+                    item[k * boxes + b] = 20.0 + ((b * 7 + k * 13) % 280) as f64;
+                }
+                for c in 0..classes {
+                    item[(4 + c) * boxes + b] = 0.001 * ((b + c) % 5) as f64;
+                }
+            }
+            let c = (i + shift) % classes;
+            item[(4 + c) * boxes + 3] = 0.9;
+        }
+        v
+    }
+
+    #[test]
+    fn a_detector_that_flips_classes_is_caught_though_its_cosine_is_near_one() {
+        let (items, classes, boxes) = (8, 18, 300);
+        let shape = [items as i64, 4 + classes as i64, boxes as i64];
+        let x = detections(items, classes, boxes, 0);
+        let same = compare_output("output0", &shape, &x, &x);
+        assert_eq!(same.top_box_agreement, Some(1.0));
+        // Every item's top box changes class; the boxes do not move.
+        let flipped = detections(items, classes, boxes, 1);
+        let r = compare_output("output0", &shape, &x, &flipped);
+        assert!(r.cosine > 0.9998, "{}", r.cosine);
+        assert_eq!(r.top_box_agreement, Some(0.0));
+        assert!(r.score_cosine.unwrap() < 0.5, "{:?}", r.score_cosine);
+        assert_eq!(r.top1_agreement, None);
+        let report = Report {
+            size_before: 1,
+            size_after: 1,
+            latency_items: 1,
+            latency_ms_before: 1.0,
+            latency_ms_after: 1.0,
+            outputs: vec![r],
+        };
+        assert_eq!(report.min_top1(), 0.0);
+        // A one-channel map in [0, 1] is judged by its decisions.
+        let map = [0.1, 0.6, 0.7, 0.2];
+        let r = compare_output("maps", &[1, 1, 2, 2], &map, &[0.1, 0.4, 0.7, 0.2]);
+        assert_eq!(r.decision_agreement, Some(0.75));
+        assert_eq!(r.top_box_agreement, None);
+        // A [N, 1, H, W] map or an [N, C] row is no detector.
+        assert_eq!(detector_layout(&[1, 1, 64], &[0.5; 64]), None);
+        assert_eq!(detector_layout(&[2, 10], &[0.5; 20]), None);
+    }
 }

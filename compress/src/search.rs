@@ -8,8 +8,10 @@ use std::collections::BTreeSet;
 
 use ort::environment::Environment;
 
+use crate::budget::Budget;
 use crate::onnx::Model;
 use crate::report::{self, Input, Report};
+use crate::{Error, Result};
 
 /// What the search found.
 #[derive(Debug, Clone)]
@@ -27,21 +29,40 @@ fn passes(r: &Report, min_top1: f64, min_cosine: f64) -> bool {
     r.min_top1() >= min_top1 && r.min_cosine() >= min_cosine
 }
 
-fn int8(bytes: &[u8], keep: &BTreeSet<String>) -> Result<(Vec<u8>, crate::quant::Outcome), String> {
-    let mut m = Model::parse(bytes).map_err(|e| e.to_string())?;
-    crate::fold::fold_batchnorm(&mut m).map_err(|e| e.to_string())?;
-    let out = crate::quant::int8_weights_except(&mut m, keep).map_err(|e| e.to_string())?;
+fn int8(bytes: &[u8], keep: &BTreeSet<String>) -> Result<(Vec<u8>, crate::quant::Outcome)> {
+    let mut m = Model::parse(bytes)?;
+    crate::fold::fold_batchnorm(&mut m)?;
+    let out = crate::quant::int8_weights_except(&mut m, keep)?;
     Ok((m.encode(), out))
 }
 
-/// INT8 weights with as few float weights as the thresholds allow.
+/// INT8 weights with as few float weights as the thresholds allow, however long it takes.
 pub fn search(
     env: &Environment,
     bytes: &[u8],
     inputs: &[Input],
     min_top1: f64,
     min_cosine: f64,
-) -> Result<Found, String> {
+) -> Result<Found> {
+    search_within(
+        env,
+        bytes,
+        inputs,
+        min_top1,
+        min_cosine,
+        &Budget::unlimited(),
+    )
+}
+
+/// [`search`] within a time budget, saying how far it got.
+pub fn search_within(
+    env: &Environment,
+    bytes: &[u8],
+    inputs: &[Input],
+    min_top1: f64,
+    min_cosine: f64,
+    budget: &Budget,
+) -> Result<Found> {
     let (all, outcome) = int8(bytes, &BTreeSet::new())?;
     let r = report::compare(env, bytes, &all, inputs)?;
     let weights: Vec<String> = outcome.converted.iter().map(|c| c.0.clone()).collect();
@@ -55,22 +76,42 @@ pub fn search(
             passed,
         });
     }
+    budget.say(&format!(
+        "INT8 everywhere: top-1 {:.4}, cosine {:.6}; measuring each of {} weights alone",
+        r.min_top1(),
+        r.min_cosine(),
+        weights.len()
+    ));
     // Each weight alone: every other one stays in float.
     let mut sens = Vec::new();
-    for w in &weights {
+    for (k, w) in weights.iter().enumerate() {
+        budget.check(|| format!("measuring weight {} of {}", k + 1, weights.len()))?;
         let others: BTreeSet<String> = weights.iter().filter(|x| *x != w).cloned().collect();
         let (one, _) = int8(bytes, &others)?;
         let r = report::compare(env, bytes, &one, inputs)?;
-        sens.push((w.clone(), (1.0 - r.min_cosine()) + (1.0 - r.min_top1())));
+        let cost = (1.0 - r.min_cosine()) + (1.0 - r.min_top1());
+        budget.say(&format!(
+            "weight {} of {} ({w}) alone costs {cost:.3e}",
+            k + 1,
+            weights.len()
+        ));
+        sens.push((w.clone(), cost));
     }
     sens.sort_by(|a, b| b.1.total_cmp(&a.1));
     let mut keep = BTreeSet::new();
     let mut kept = Vec::new();
     for (w, s) in sens {
+        budget.check(|| format!("with {} weights kept in float", keep.len()))?;
         keep.insert(w.clone());
         kept.push((w, s));
         let (candidate, outcome) = int8(bytes, &keep)?;
         let r = report::compare(env, bytes, &candidate, inputs)?;
+        budget.say(&format!(
+            "{} weights in float: top-1 {:.4}, cosine {:.6}",
+            keep.len(),
+            r.min_top1(),
+            r.min_cosine()
+        ));
         if passes(&r, min_top1, min_cosine) {
             return Ok(Found {
                 bytes: candidate,
@@ -81,5 +122,7 @@ pub fn search(
             });
         }
     }
-    Err("no choice of float weights meets the thresholds".into())
+    Err(Error::ThresholdsUnmet(
+        "no choice of float weights meets the thresholds".into(),
+    ))
 }

@@ -37,8 +37,8 @@ pub enum Command {
 
 /// What `rxd compress` exits with (in its `--help` and rxd(8)).
 pub const COMPRESS_EXIT_CODES: &str = "Exit codes: 0 OUT written (the report passed, or none was \
-asked for); 1 refused: the report missed --min-top1/--min-cosine (OUT not written), or ONNX \
-Runtime failed to run a model; 64 usage: an unknown strategy, static-int8 without \
+asked for); 1 refused: the report missed --min-top1/--min-cosine, or the strategy found \
+nothing to change in this model (OUT not written), or ONNX Runtime failed to run a model; 64 usage: an unknown strategy, static-int8 without \
 --calibration, --eval/--calibration not NAME=FILE.npy or not naming exactly the model's \
 inputs; 65 IN is not an ONNX model, or an .npy file cannot be read; 66 IN cannot be read; \
 70 the compressor failed on this model; 73 OUT cannot be written; 78 ONNX Runtime cannot be \
@@ -62,7 +62,7 @@ pub struct CompressOpts {
     /// prune:S (magnitude
     /// pruning to sparsity S), combined with +
     /// (prune:0.5+int8-weights).
-    #[arg(long, default_value = "int8-weights")]
+    #[arg(long, default_value = rxd_compress::job::DEFAULT_STRATEGY)]
     pub strategy: String,
     /// Evaluation inputs, NAME=FILE.npy (float32 or int64), once per model input.
     #[arg(long = "eval", value_name = "NAME=FILE")]
@@ -74,17 +74,17 @@ pub struct CompressOpts {
     /// default clips the 0.01 % outliers at each end: min/max ranges broke the PP-OCR
     /// classifier's squeeze-excite blocks (55 % agreement) and cost YOLOv8n a decimal of
     /// cosine; percentile ranges kept both (100 %, 0.9999).
-    #[arg(long, default_value = "percentile:99.99")]
-    pub calibration_method: String,
+    #[arg(long, default_value_t = rxd_compress::static_int8::Calibration::DEFAULT)]
+    pub calibration_method: rxd_compress::static_int8::Calibration,
     /// Print one JSON object on stdout (the report, what was written); progress goes to
     /// stderr.
     #[arg(long)]
     pub json: bool,
     /// Refuse the result when a classifier-like output's top-1 agreement is below this.
-    #[arg(long, default_value_t = 0.99)]
+    #[arg(long, default_value_t = rxd_compress::job::Thresholds::DEFAULT.min_top1)]
     pub min_top1: f64,
     /// Refuse the result when an output's cosine similarity is below this.
-    #[arg(long, default_value_t = 0.99)]
+    #[arg(long, default_value_t = rxd_compress::job::Thresholds::DEFAULT.min_cosine)]
     pub min_cosine: f64,
     /// Evaluate this already compressed file against IN instead of compressing IN (for
     /// comparing other tools' output with the same report).
@@ -94,6 +94,10 @@ pub struct CompressOpts {
     /// weights in float until they hold (and say which).
     #[arg(long)]
     pub search: bool,
+    /// Seconds a sensitivity search (--search, or static-int8 with --eval) may take before it
+    /// gives up (exit 1); its progress goes to stderr.
+    #[arg(long, value_name = "SECONDS", default_value_t = rxd_compress::job::DEFAULT_SEARCH_BUDGET.as_secs())]
+    pub search_budget: u64,
     /// ONNX Runtime library (otherwise ORT_DYLIB_PATH, then the bundled one).
     #[arg(long, value_name = "FILE")]
     pub ort_library: Option<PathBuf>,

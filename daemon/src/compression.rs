@@ -1,11 +1,13 @@
-//! `rxctl model compress`: compresses a repository model into a new version with the
-//! compressor (`rxd-compress`), evaluates it against the original with ONNX Runtime, and
-//! publishes it as `<repository>/<model>/<N+1>/model.onnx` only when the report passes — then
-//! reloads the repository so the new version is served (the original stays on disk).
-//! Boundary: file writes only inside the model's directory; blocking (callers use
-//! `spawn_blocking`).
+//! `rxctl model compress`: the daemon's face of [`rxd_compress::job`] — a request into a job
+//! on a repository model, the result published through [`crate::publish`] as the next
+//! version only when its report passes, then the repository reloaded so the new version is
+//! served (the original stays on disk); and the check of a model.toml `compress` strategy.
+//! Boundary: writes a model version only through `publish`, compressed forms only into the
+//! cache directories; blocking (callers use `spawn_blocking`).
 
+use rxd_compress::job::{Job, Plan, RANDOM_CHECK_BATCH, Thresholds};
 use rxd_compress::report::{Data, Input};
+use rxd_compress::static_int8::Calibration;
 use rxd_protocol::{CompressReply, CompressRequest, DType, TensorData};
 
 use crate::SharedRef;
@@ -56,123 +58,74 @@ fn to_inputs(tensors: &[rxd_protocol::Tensor], what: &str) -> Result<Vec<Input>,
         .collect()
 }
 
-/// Evaluation inputs: the request's tensors, or random ones of the model's shapes.
-fn inputs(
-    shared: &SharedRef,
-    req: &CompressRequest,
-    bytes: &[u8],
-) -> Result<Vec<Input>, RequestError> {
-    if !req.eval.is_empty() {
-        return to_inputs(&req.eval, "evaluation");
+/// A compressor error as a request error: what the request asked for or sent is the
+/// client's mistake; ONNX Runtime failing on the original or the result is the daemon's.
+fn request_error(e: rxd_compress::Error) -> RequestError {
+    use rxd_compress::Error as E;
+    match e {
+        E::Usage(_)
+        | E::Data(_)
+        | E::NotOnnx(_)
+        | E::Unsupported(_)
+        | E::NothingChanged(_)
+        | E::ThresholdsUnmet(_) => bad(e.to_string()),
+        E::Malformed(_)
+        | E::Read { .. }
+        | E::Runtime(_)
+        | E::CompressedDoesNotLoad(_)
+        | E::OutputChanged { .. } => RequestError::Internal(format!("compression failed: {e}")),
     }
-    // Random inputs of the model's shapes, dynamic dimensions 1.
-    rxd_compress::report::random_inputs(shared.registry.runtime().env(), bytes, 1)
-        .map_err(|e| bad(format!("cannot make evaluation inputs: {e}")))
 }
 
 /// Compresses, evaluates, and publishes when the report passes. Blocking.
 pub fn compress(shared: &SharedRef, req: &CompressRequest) -> Result<CompressReply, RequestError> {
     rxd_protocol::check_name(&req.model)?;
-    let is_static = req.strategy == "static-int8";
-    let strategy: rxd_compress::Strategy = if is_static {
-        rxd_compress::Strategy::NONE
-    } else {
-        req.strategy
-            .parse()
-            .map_err(|e| bad(format!("{e} or static-int8")))?
+    let method = match &req.calibration_method {
+        Some(m) => m.parse().map_err(request_error)?,
+        None => Calibration::DEFAULT,
+    };
+    let plan = Plan::parse(&req.strategy, method).map_err(request_error)?;
+    let defaults = Thresholds::DEFAULT;
+    let thresholds = Thresholds {
+        min_top1: req.min_top1.unwrap_or(defaults.min_top1),
+        min_cosine: req.min_cosine.unwrap_or(defaults.min_cosine),
     };
     let calibration = to_inputs(&req.calibration, "calibration")?;
-    if is_static && calibration.is_empty() {
-        return Err(bad("static-int8 needs calibration inputs".into()));
-    }
-    let method: rxd_compress::static_int8::Calibration = req
-        .calibration_method
-        .as_deref()
-        .unwrap_or("percentile:99.99")
-        .parse()
-        .map_err(bad)?;
-    let (min_top1, min_cosine) = (req.min_top1.unwrap_or(0.99), req.min_cosine.unwrap_or(0.99));
+    let eval = to_inputs(&req.eval, "evaluation")?;
+    let mut job = Job::new(plan, calibration, eval, thresholds, false).map_err(request_error)?;
     // The version compressed: the one named, or the default one (loaded if needed).
     let loaded = shared.registry.load(&req.model, req.version)?;
     let version = loaded.version;
-    let dir = shared.registry.root().join(&req.model);
-    let path = dir.join(version.to_string()).join("model.onnx");
+    let path = shared
+        .registry
+        .root()
+        .join(&req.model)
+        .join(version.to_string())
+        .join("model.onnx");
     let bytes = std::fs::read(&path)
         .map_err(|e| RequestError::Internal(format!("{}: {e}", path.display())))?;
-    let inputs = inputs(shared, req, &bytes)?;
     let env = shared.registry.runtime().env();
-    // static-int8 runs the sensitivity search on the evaluation inputs (as `rxd compress
-    // --eval` does): the nodes kept in float are named in the report.
-    let mut static_text = String::new();
-    let (out, outcome) = if is_static {
-        let found = rxd_compress::static_int8::search(
-            env,
-            &bytes,
-            &calibration,
-            method,
-            &inputs,
-            min_top1,
-            min_cosine,
-        )
-        .map_err(bad)?;
-        let st = &found.stat;
-        static_text = format!(
-            "static INT8: {} activations calibrated, {} weights, {} biases; {} operators in INT8\n",
-            st.activations.len(),
-            st.weights,
-            st.biases,
-            st.quantized.values().sum::<usize>()
-        );
-        for (node, e) in &found.kept {
-            static_text.push_str(&format!(
-                "  kept {node} in float (its quantization added {e:.2e} to 1 − cosine)\n"
-            ));
-        }
-        (found.bytes, rxd_compress::Outcome::default())
-    } else {
-        rxd_compress::compress(&bytes, strategy).map_err(bad)?
-    };
-    let report = rxd_compress::report::compare(env, &bytes, &out, &inputs)
-        .map_err(|e| RequestError::Internal(format!("evaluation failed: {e}")))?;
-    let passed = report.min_top1() >= min_top1 && report.min_cosine() >= min_cosine;
-    let mut text = if is_static {
-        static_text
-    } else {
-        format!(
-            "{} weights to INT8 (QDQ), {} MatMuls to dynamic INT8, {} tensors to fp16{}, {} BatchNorms folded{}\n",
-            outcome.quant.converted.len(),
-            outcome.dynamic.converted.len(),
-            outcome.fp16_tensors,
-            if outcome.fp16_compute.is_some() {
-                " (float16 arithmetic)"
-            } else {
-                ""
-            },
-            outcome.batchnorms_folded,
-            outcome
-                .pruned
-                .as_ref()
-                .map(|p| format!(", pruned to {:.1} % zeros", p.sparsity() * 100.0))
-                .unwrap_or_default()
-        )
-    };
-    text += &report.to_string();
+    if job.eval.is_empty() {
+        // Random inputs of the model's shapes, dynamic dimensions 1: agreement, not accuracy.
+        job.eval = rxd_compress::report::random_inputs(env, &bytes, 1)
+            .map_err(|e| bad(format!("cannot make evaluation inputs: {e}")))?;
+    }
+    let progress = |m: &str| tracing::info!(model = %req.model, version, "compress: {m}");
+    let done = job
+        .run_with(Some(env), &bytes, &progress)
+        .map_err(request_error)?;
+    let passed = done.passed();
+    let mut text = done.to_string();
     let mut published = None;
     if passed && !req.dry_run {
-        let next = std::fs::read_dir(&dir)
-            .map_err(|e| RequestError::Internal(format!("{}: {e}", dir.display())))?
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
-            .max()
-            .unwrap_or(version)
-            + 1;
-        let vdir = dir.join(next.to_string());
-        let tmp = dir.join(format!(".{next}.tmp"));
-        std::fs::create_dir_all(&tmp)
-            .and_then(|()| std::fs::write(tmp.join("model.onnx"), &out))
-            .and_then(|()| std::fs::rename(&tmp, &vdir))
-            .map_err(|e| {
-                RequestError::Internal(format!("cannot publish {}: {e}", vdir.display()))
-            })?;
+        // As `publish` writes a client's file: the next version, written whole or not at all,
+        // never through a symlink, one writer at a time.
+        let publish = rxd_protocol::PublishRequest {
+            model: req.model.clone(),
+            version: None,
+            data: TensorData::Inline(Vec::new()),
+        };
+        let next = crate::publish::publish(shared, &publish, &done.bytes)?.version;
         text.push_str(&format!(
             "published as version {next} (version {version} stays on disk)\n"
         ));
@@ -192,16 +145,17 @@ pub fn compress(shared: &SharedRef, req: &CompressRequest) -> Result<CompressRep
             tracing::info!(model = %req.model, version, "compressed: under the thresholds, not published")
         }
     }
+    let report = done.report.as_ref();
     Ok(CompressReply {
         model: req.model.clone(),
         from_version: version,
         published,
-        size_before: report.size_before,
-        size_after: report.size_after,
-        latency_ms_before: report.latency_ms_before,
-        latency_ms_after: report.latency_ms_after,
-        min_top1: report.min_top1(),
-        min_cosine: report.min_cosine(),
+        size_before: done.size_before,
+        size_after: done.size_after(),
+        latency_ms_before: report.map_or(0.0, |r| r.latency_ms_before),
+        latency_ms_after: report.map_or(0.0, |r| r.latency_ms_after),
+        min_top1: report.map_or(1.0, |r| r.min_top1()),
+        min_cosine: report.map_or(1.0, |r| r.min_cosine()),
         report: text,
         passed,
     })
@@ -226,9 +180,9 @@ pub fn prepare(
             format!("compression ({strategy}) refused: {why}"),
         )
     };
-    let parsed: rxd_compress::Strategy = match strategy.parse() {
-        Ok(s) => s,
-        Err(e) => return refused(e),
+    let plan = match strategy.parse() {
+        Ok(s) => Plan::Rewrite(s),
+        Err(e) => return refused(e.to_string()),
     };
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
@@ -249,36 +203,33 @@ pub fn prepare(
             return (cached, format!("served compressed ({strategy}, cached)"));
         }
     }
-    let (out, _) = match rxd_compress::compress(&bytes, parsed) {
-        Ok(r) => r,
-        Err(e) => return refused(e),
+    let env = runtime.env();
+    let done = rxd_compress::report::random_inputs(env, &bytes, RANDOM_CHECK_BATCH)
+        .and_then(|eval| Job::new(plan, Vec::new(), eval, Thresholds::DEFAULT, false))
+        .and_then(|job| job.run(Some(env), &bytes));
+    let done = match done {
+        Ok(d) => d,
+        Err(e) => return refused(e.to_string()),
     };
-    let report = rxd_compress::report::random_inputs(runtime.env(), &bytes, 32)
-        .and_then(|inputs| rxd_compress::report::compare(runtime.env(), &bytes, &out, &inputs));
-    let report = match report {
-        Ok(r) => r,
-        Err(e) => return refused(e),
-    };
-    if report.min_top1() < 0.99 || report.min_cosine() < 0.99 {
-        return refused(format!(
-            "on random inputs top-1 agreement {:.4}, cosine {:.6} (minimum 0.99)",
-            report.min_top1(),
-            report.min_cosine()
-        ));
+    if let Some(why) = done.shortfall() {
+        return refused(format!("on random inputs {why}"));
     }
+    let (out, cosine) = (
+        &done.bytes,
+        done.report.as_ref().map_or(1.0, |r| r.min_cosine()),
+    );
     for d in &dirs {
         let cached = d.join(&file);
         let tmp = d.join(format!(".{file}.tmp"));
         let written = std::fs::create_dir_all(d)
-            .and_then(|()| std::fs::write(&tmp, &out))
+            .and_then(|()| std::fs::write(&tmp, out))
             .and_then(|()| std::fs::rename(&tmp, &cached));
         if written.is_ok() {
             return (
                 cached,
                 format!(
-                    "served compressed ({strategy}: {:.2}× size, cosine {:.6} vs the original)",
-                    report.size_ratio(),
-                    report.min_cosine()
+                    "served compressed ({strategy}: {:.2}× size, cosine {cosine:.6} vs the original)",
+                    done.size_ratio(),
                 ),
             );
         }

@@ -436,7 +436,7 @@ fn fp16_computes_in_half_precision_and_keeps_outputs_within_a_percent() {
 #[test]
 fn fp16_compute_does_not_combine_with_integer_weights() {
     let e = "fp16+int8-weights".parse::<Strategy>().unwrap_err();
-    assert!(e.contains("fp16-weights"), "{e}");
+    assert!(e.to_string().contains("fp16-weights"), "{e}");
     assert!("fp16-weights+int8-weights".parse::<Strategy>().is_ok());
 }
 
@@ -722,7 +722,14 @@ fn static_int8_runs_yolo_in_integer_kernels_and_keeps_it_close() {
     assert!(count(&ops, "QLinearConcat") >= 20, "{ops:?}");
     let r = report::compare(reference_env(), &bytes, &out, &[input(22)]).unwrap();
     eprintln!("yolov8n static-int8: {r}");
-    assert!(r.min_cosine() >= 0.9995, "{r}");
+    // The boxes stay close (they are nearly all of the output's magnitude); the class
+    // scores alone do not (cosine 0.93 on this input), which the report now sees and the
+    // default thresholds refuse (issue 24.2).
+    assert!(r.outputs[0].cosine >= 0.9995, "{r}");
+    assert!(
+        r.outputs[0].score_cosine.unwrap() < r.outputs[0].cosine,
+        "{r}"
+    );
 }
 
 /// MobileNetV3's hard-swish (x · Clip(x + 3, 0, 6) / 6) and squeeze-excite blocks in integer
@@ -832,7 +839,8 @@ fn the_static_search_keeps_the_nodes_that_add_the_most_error_in_float() {
         rxd_compress::static_int8::search(reference_env(), &bytes, &eval, minmax, &eval, 0.99, 1.0)
             .unwrap_err();
     assert!(
-        err.contains("no static INT8 model meets the thresholds"),
+        err.to_string()
+            .contains("no static INT8 model meets the thresholds"),
         "{err}"
     );
 }
@@ -939,4 +947,406 @@ fn rxctl_model_add_publishes_serves_and_compresses_the_next_version() {
         .unwrap();
     assert_eq!(reply.version, 3);
     assert_eq!(reply.outputs[0], want[0], "same label as the original");
+}
+
+/// Synthetic speech at 16 kHz: utterances of six vowels (a glottal pulse train at a pitch
+/// between 95 and 230 Hz through three formant resonators, syllables at 4.5 Hz) separated by
+/// 0.3–1 s of faint noise — Silero VAD calls about 70 % of its chunks speech.
+fn synthetic_speech() -> Vec<f32> {
+    const SR: f32 = 16000.0;
+    let vowels: [[(f32, f32); 3]; 5] = [
+        [(730.0, 90.0), (1090.0, 110.0), (2440.0, 170.0)],
+        [(270.0, 60.0), (2290.0, 100.0), (3010.0, 120.0)],
+        [(300.0, 60.0), (870.0, 90.0), (2240.0, 150.0)],
+        [(530.0, 80.0), (1840.0, 100.0), (2480.0, 140.0)],
+        [(570.0, 80.0), (840.0, 90.0), (2410.0, 150.0)],
+    ];
+    let rng = random_f32(64, 5);
+    let noise = random_f32(1 << 20, 6);
+    let mut audio = Vec::new();
+    let tau = std::f64::consts::TAU;
+    for k in 0..12 {
+        let f0 = 95.0 + 135.0 * f64::from(rng[k]);
+        for j in 0..6 {
+            let n = (0.25 * SR) as usize;
+            let mut phase = 0f64;
+            let src: Vec<f64> = (0..n)
+                .map(|i| {
+                    let t = i as f64 / f64::from(SR);
+                    phase += tau * f0 * (1.0 + 0.03 * (tau * 3.0 * t).sin()) / f64::from(SR);
+                    (1..40)
+                        .take_while(|h| f64::from(*h) * f0 < 7000.0)
+                        .map(|h| (f64::from(h) * phase).sin() / f64::from(h))
+                        .sum()
+                })
+                .collect();
+            let mut out = vec![0f64; n];
+            for &(f, b) in &vowels[(k + j) % 5] {
+                let r = (-std::f64::consts::PI * f64::from(b) / f64::from(SR)).exp();
+                let th = tau * f64::from(f) / f64::from(SR);
+                let (a1, a2) = (-2.0 * r * th.cos(), r * r);
+                let (mut y1, mut y2) = (0f64, 0f64);
+                for (o, x) in out.iter_mut().zip(&src) {
+                    let y = x - a1 * y1 - a2 * y2;
+                    (y2, y1) = (y1, y);
+                    *o += y;
+                }
+            }
+            let peak = out.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-9);
+            for (i, v) in out.iter().enumerate() {
+                let env = 0.5 - 0.5 * (tau * 4.5 * i as f64 / f64::from(SR)).cos();
+                audio.push((0.5 * v / peak * env) as f32);
+            }
+        }
+        let gap = ((0.3 + 0.7 * rng[32 + k]) * SR) as usize;
+        let at = audio.len();
+        audio.extend((0..gap).map(|i| 0.02 * (noise[(at + i) % noise.len()] - 0.5)));
+    }
+    for (i, v) in audio.iter_mut().enumerate() {
+        *v += 0.006 * (noise[i % noise.len()] - 0.5);
+    }
+    audio
+}
+
+/// Silero VAD's speech probability for each 512-sample chunk of `audio`, run as its wrapper
+/// does: one chunk at a time with the 64 samples before it, the state carried over.
+fn silero_stream(model: &[u8], audio: &[f32]) -> Vec<f32> {
+    let mut s = ort::session::Session::builder(reference_env())
+        .unwrap()
+        .commit_from_memory(model)
+        .unwrap();
+    let mut state = vec![0f32; 2 * 128];
+    let mut context = vec![0f32; 64];
+    let mut probs = Vec::new();
+    for chunk in audio.chunks_exact(512) {
+        let x: Vec<f32> = context.iter().chain(chunk).copied().collect();
+        context = chunk[512 - 64..].to_vec();
+        let out = s
+            .run(ort::inputs![
+                "input" => ort::value::Tensor::from_array((vec![1i64, 576], x)).unwrap(),
+                "state" => ort::value::Tensor::from_array((vec![2i64, 1, 128], state.clone())).unwrap(),
+                "sr" => ort::value::Tensor::from_array((Vec::<i64>::new(), vec![16000i64])).unwrap(),
+            ])
+            .unwrap();
+        probs.push(out[0].try_extract_tensor::<f32>().unwrap().1[0]);
+        state = out[1].try_extract_tensor::<f32>().unwrap().1.to_vec();
+    }
+    probs
+}
+
+/// Issue 24: Silero VAD keeps every weight as a Constant node inside the two branches of an
+/// `If` (one per sample rate). int8-weights finds them there — the STFT basis, the encoder's
+/// convolutions, and the LSTM matrices its exporter slices inside a nested `If` — and the
+/// speech decisions stay the same.
+#[test]
+fn int8_weights_find_silero_vads_weights_inside_its_if_branches() {
+    let bytes = std::fs::read(model_file("silero_vad")).unwrap();
+    let (out, outcome) = compress(&bytes, Strategy::INT8_WEIGHTS).unwrap();
+    let names: Vec<&str> = outcome
+        .quant
+        .converted
+        .iter()
+        .map(|c| c.0.as_str())
+        .collect();
+    eprintln!("converted {names:?}; kept {:?}", outcome.quant.kept);
+    for branch in ["then_branch", "else_branch"] {
+        for w in [
+            "stft.forward_basis_buffer",
+            "encoder.0.reparam_conv.weight",
+            "encoder.1.reparam_conv.weight",
+            "encoder.2.reparam_conv.weight",
+            "encoder.3.reparam_conv.weight",
+            "decoder.rnn.weight_ih",
+            "decoder.rnn.weight_hh",
+        ] {
+            assert!(
+                names.iter().any(|n| n.contains(branch) && n.ends_with(w)),
+                "{branch} {w} not converted: {names:?}"
+            );
+        }
+    }
+    let before = bytes.len();
+    assert!(
+        out.len() * 100 <= before * 32,
+        "{} of {before} bytes",
+        out.len()
+    );
+    // The speech decisions, chunk by chunk, as silero-vad's get_speech_timestamps makes
+    // them: speech from a probability of 0.5 until it falls under 0.35. (A bare 0.5 cut
+    // flips where the probability hovers at the edge of a syllable: measured 813 of 822
+    // chunks the same.)
+    let audio = synthetic_speech();
+    let (p, q) = (silero_stream(&bytes, &audio), silero_stream(&out, &audio));
+    let decide = |v: &[f32]| {
+        let mut on = false;
+        v.iter()
+            .map(|&x| {
+                on = if on { x >= 0.35 } else { x >= 0.5 };
+                on
+            })
+            .collect::<Vec<bool>>()
+    };
+    let (dp, dq) = (decide(&p), decide(&q));
+    let speech = dp.iter().filter(|x| **x).count();
+    let same = dp.iter().zip(&dq).filter(|(a, b)| a == b).count();
+    let bare = p
+        .iter()
+        .zip(&q)
+        .filter(|(a, b)| (**a >= 0.5) == (**b >= 0.5))
+        .count();
+    eprintln!(
+        "{speech} of {} chunks speech; {same} decisions the same ({bare} at a bare 0.5 cut)",
+        p.len()
+    );
+    assert!(speech * 2 >= p.len(), "the audio should be mostly speech");
+    assert!(same * 100 >= p.len() * 99, "{same} of {}", p.len());
+    assert!(bare * 1000 >= p.len() * 985, "{bare} of {}", p.len());
+}
+
+/// Issue 24: a strategy that finds nothing to change says so and exits non-zero, instead of
+/// reporting success with an identical file (Silero VAD used to give "0 weights converted",
+/// exit 0). int4 packs MatMul weights only, and YOLOv8n has none; Silero's weights inside its
+/// `If` branches are found by int8-weights.
+#[test]
+fn a_strategy_that_changes_nothing_says_so_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.onnx");
+    let run = |model: &str, strategy: &str| {
+        std::process::Command::new(bin("rxd"))
+            .env("ORT_DYLIB_PATH", ort_library())
+            .arg("compress")
+            .arg(model_file(model))
+            .arg("-o")
+            .arg(&out)
+            .args(["--strategy", strategy])
+            .output()
+            .unwrap()
+    };
+    let o = run("yolov8n", "int4");
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("int4 changed nothing"), "{err}");
+    assert!(!out.exists());
+    let o = run("silero_vad", "int8-weights");
+    assert!(o.status.success(), "{o:?}");
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("weights converted to INT8"), "{text}");
+    assert!(!text.contains("0 weights converted"), "{text}");
+    assert!(
+        std::fs::metadata(&out).unwrap().len() * 3
+            < std::fs::metadata(model_file("silero_vad")).unwrap().len()
+    );
+    // The lossless round trip asks for no change and gets none: still a success.
+    std::fs::remove_file(&out).unwrap();
+    let o = run("silero_vad", "none");
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        std::fs::read(model_file("silero_vad")).unwrap()
+    );
+}
+
+/// YOLOv8n with its class-score rows in reverse order: the boxes are the original's, every
+/// top box changes class.
+fn yolo_with_classes_reversed(bytes: &[u8]) -> Vec<u8> {
+    use rxd_compress::onnx::{self, graph, tensor};
+    let mut m = onnx::Model::parse(bytes).unwrap();
+    let out = m.output_names().unwrap().into_iter().next().unwrap();
+    let mut nodes = m.graph.messages(graph::NODE).unwrap();
+    for n in &mut nodes {
+        if onnx::outputs(n).contains(&out) {
+            let outs = onnx::outputs(n)
+                .into_iter()
+                .map(|o| if o == out { "rxd.raw".to_string() } else { o })
+                .collect::<Vec<_>>();
+            n.replace(
+                onnx::node::OUTPUT,
+                outs.into_iter()
+                    .map(|o| rxd_compress::proto::Value::Bytes(o.into_bytes()))
+                    .collect(),
+            );
+        }
+    }
+    let features = 4 + 18; // NudeNet's 18 classes
+    let order: Vec<i64> = (0..4).chain((4..features).rev()).collect();
+    let mut inits = m.graph.messages(graph::INITIALIZER).unwrap();
+    inits.push(onnx::make_tensor(
+        "rxd.order",
+        &[order.len() as i64],
+        tensor::INT64,
+        order.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    ));
+    nodes.push(onnx::make_node(
+        "Gather",
+        "",
+        "",
+        &["rxd.raw", "rxd.order"],
+        &[&out],
+        &[("axis", 1)],
+    ));
+    m.rewrite(&inits, &nodes, &[]).unwrap();
+    m.encode()
+}
+
+/// Issue 24.2: a detector output [1, 4 + classes, boxes] is judged by what it means. Its box
+/// coordinates are almost all of its magnitude, so a variant whose every top box has another
+/// class keeps a whole-output cosine of 0.9999+; the class of the top box and the cosine of
+/// the class scores see it, and the job refuses it. Weights-only INT8 keeps the top boxes.
+#[test]
+fn a_detector_variant_that_flips_classes_is_refused_though_its_cosine_is_near_one() {
+    use rxd_compress::job::{Job, Plan, Thresholds};
+    let bytes = std::fs::read(model_file("yolov8n")).unwrap();
+    let n = 3 * 320 * 320;
+    let eval = vec![Input {
+        name: "images".into(),
+        shape: vec![4, 3, 320, 320],
+        data: report::Data::F32(random_f32(4 * n, 21)),
+    }];
+    let flipped = yolo_with_classes_reversed(&bytes);
+    let job = |plan| {
+        Job::new(plan, Vec::new(), eval.clone(), Thresholds::DEFAULT, false)
+            .unwrap()
+            .run(Some(reference_env()), &bytes)
+            .unwrap()
+    };
+    let done = job(Plan::Given(flipped));
+    let r = done.report.as_ref().unwrap();
+    eprintln!("classes reversed: {r}");
+    let o = &r.outputs[0];
+    assert!(o.cosine > 0.9998, "{r}");
+    assert_eq!(o.top_box_agreement, Some(0.0), "{r}");
+    assert!(!done.passed());
+    assert!(done.shortfall().unwrap().contains("top-1 agreement 0.0000"));
+    let json = serde_json::to_value(&done).unwrap();
+    assert_eq!(json["report"]["outputs"][0]["top_box_agreement"], 0.0);
+    assert_eq!(json["passed"], false);
+    // int8-weights: the same top boxes.
+    let done = job(Plan::Rewrite(rxd_compress::Strategy::INT8_WEIGHTS));
+    let r = done.report.as_ref().unwrap();
+    eprintln!("int8-weights: {r}");
+    assert_eq!(r.outputs[0].top_box_agreement, Some(1.0), "{r}");
+}
+
+/// Issue 24.2: a one-channel map in [0, 1] is judged by the decisions taken from it. The
+/// PP-OCR detector's text map of rendered words (each crop padded to 64 rows): after
+/// int8-weights, the same pixels are text.
+#[test]
+fn the_detectors_text_map_is_judged_by_its_text_pixels() {
+    let x = report::read_npy("x", &repo_root().join(".deps/ocr-words/words.npy")).unwrap();
+    let report::Data::F32(d) = &x.data else {
+        panic!("float32 crops expected")
+    };
+    let (n, w) = (16, x.shape[3] as usize);
+    let mut padded = vec![1.0f32; n * 3 * 64 * w];
+    for i in 0..n {
+        for c in 0..3 {
+            let from = &d[(i * 3 + c) * 48 * w..][..48 * w];
+            padded[((i * 3 + c) * 64 + 8) * w..][..48 * w].copy_from_slice(from);
+        }
+    }
+    let words = Input {
+        name: "x".into(),
+        shape: vec![n as i64, 3, 64, w as i64],
+        data: report::Data::F32(padded),
+    };
+    let bytes = std::fs::read(model_file("ppocr_det")).unwrap();
+    let (out, _) = compress(&bytes, Strategy::INT8_WEIGHTS).unwrap();
+    let r = report::compare(reference_env(), &bytes, &out, &[words]).unwrap();
+    eprintln!("ppocr_det on rendered words: {r}");
+    let agreement = r.outputs[0].decision_agreement.expect("a one-channel map");
+    assert!(agreement >= 0.99, "{r}");
+    assert!(r.min_top1() <= agreement);
+}
+
+/// Issue 24.3 (the bound): both sensitivity searches stop when their time budget is spent and
+/// say so, where they would otherwise go on (the weight search on the PP-OCRv4 recogniser did
+/// not finish in 60 minutes on 2 cores); `rxd compress` reports the progress on stderr.
+#[test]
+fn the_sensitivity_searches_stop_at_their_time_budget_and_say_how_far_they_got() {
+    use rxd_compress::budget::Budget;
+    let bytes = std::fs::read(model_file("digits")).unwrap();
+    let eval = digits_eval();
+    let heard = std::sync::Mutex::new(Vec::new());
+    let progress = |m: &str| heard.lock().unwrap().push(m.to_string());
+    // Cosine 1.0 holds only in float: the weight search would try every weight.
+    let spent = Budget::new(std::time::Duration::ZERO, &progress);
+    let e = rxd_compress::search::search_within(reference_env(), &bytes, &eval, 0.99, 1.0, &spent)
+        .unwrap_err();
+    assert!(
+        matches!(&e, rxd_compress::Error::ThresholdsUnmet(m) if m.contains("time budget")),
+        "{e}"
+    );
+    assert!(
+        heard.lock().unwrap()[0].contains("INT8 everywhere"),
+        "{heard:?}"
+    );
+    let e = rxd_compress::static_int8::search_within(
+        reference_env(),
+        &bytes,
+        &eval,
+        "minmax".parse().unwrap(),
+        &eval,
+        (0.99, 1.0),
+        &Budget::new(std::time::Duration::ZERO, &progress),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("time budget"), "{e}");
+    // The command line: --search-budget 0 stops the search at once, the progress on stderr.
+    let dir = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(bin("rxd"))
+        .env("ORT_DYLIB_PATH", ort_library())
+        .arg("compress")
+        .arg(model_file("digits"))
+        .arg("-o")
+        .arg(dir.path().join("out.onnx"))
+        .args([
+            "--strategy",
+            "int8-weights",
+            "--search",
+            "--min-cosine",
+            "1",
+        ])
+        .args(["--search-budget", "0", "--eval"])
+        .arg(format!(
+            "input={}",
+            repo_root()
+                .join("examples/data/digits_test_x.npy")
+                .display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("INT8 everywhere") && err.contains("time budget (0 s)"),
+        "{err}"
+    );
+    assert!(!dir.path().join("out.onnx").exists());
+}
+
+/// Exit codes by kind of failure: an .npy file that cannot be read is bad data (65), IN that
+/// cannot be read is 66, a wrong input name is a usage error (64).
+#[test]
+fn rxd_compress_exit_codes_name_the_kind_of_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |model: &std::path::Path, eval: &str| {
+        std::process::Command::new(bin("rxd"))
+            .env("ORT_DYLIB_PATH", ort_library())
+            .arg("compress")
+            .arg(model)
+            .arg("-o")
+            .arg(dir.path().join("out.onnx"))
+            .args(["--eval", eval])
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    let digits = model_file("digits");
+    assert_eq!(run(&digits, "input=/nonexistent.npy"), Some(65));
+    assert_eq!(
+        run(&dir.path().join("missing.onnx"), "input=x.npy"),
+        Some(66)
+    );
+    assert_eq!(run(&digits, "image=x.npy"), Some(64));
 }
