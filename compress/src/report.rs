@@ -27,73 +27,65 @@ pub enum Data {
     I64(Vec<i64>),
 }
 
-/// Reads a .npy file of little-endian float32 or int64 (C order) as input `name`.
+/// Reads a .npy file of float32 or int64 (C order) as input `name` (`rxd_protocol::npy`, the
+/// project's one `.npy` reader).
 pub fn read_npy(name: &str, path: &Path) -> Result<Input> {
-    let bytes = std::fs::read(path).map_err(|source| Error::Read {
+    let file = std::fs::File::open(path).map_err(|source| Error::Read {
         path: path.into(),
         source,
     })?;
-    let bad = |m: &str| Error::Data(format!("{}: {m}", path.display()));
-    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
-        return Err(bad("not a .npy file"));
-    }
-    let (hlen, start) = match bytes[6] {
-        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (
-            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-            12,
-        ),
-        _ => return Err(bad("unsupported .npy version")),
-    };
-    let header = std::str::from_utf8(
-        bytes
-            .get(start..start + hlen)
-            .ok_or_else(|| bad("short header"))?,
-    )
-    .map_err(|_| bad("header is not text"))?;
-    if header.contains("'fortran_order': True") {
-        return Err(bad("Fortran order is not supported"));
-    }
-    let shape_text = header
-        .split("'shape':")
-        .nth(1)
-        .and_then(|s| s.split('(').nth(1))
-        .and_then(|s| s.split(')').next())
-        .ok_or_else(|| bad("no shape"))?;
-    let shape: Vec<i64> = shape_text
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse().map_err(|_| bad("bad shape")))
-        .collect::<Result<_, _>>()?;
-    let body = &bytes[start + hlen..];
-    let n: usize = shape.iter().map(|&d| d as usize).product();
-    let data = if header.contains("'<f4'") {
-        if body.len() != n * 4 {
-            return Err(bad("data length does not match the shape"));
+    let t = rxd_protocol::npy::read(name, std::io::BufReader::new(file))
+        .map_err(|e| Error::Data(format!("{}: {e}", path.display())))?;
+    Input::from_tensor(&t).map_err(|e| Error::Data(format!("{}: {e}", path.display())))
+}
+
+impl Input {
+    /// An inline float32 or int64 tensor as an input.
+    pub fn from_tensor(t: &rxd_protocol::Tensor) -> Result<Input> {
+        let bad = |m: String| Error::Data(format!("input '{}': {m}", t.name));
+        let rxd_protocol::TensorData::Inline(bytes) = &t.data else {
+            return Err(bad("must be inline".into()));
+        };
+        let elements = rxd_protocol::message::element_count(&t.shape)
+            .ok_or_else(|| bad("its shape overflows".into()))?;
+        if t.dtype.byte_len(elements) != Some(bytes.len() as u64) {
+            return Err(bad(format!(
+                "{} bytes do not hold a {:?} tensor of shape {:?}",
+                bytes.len(),
+                t.dtype,
+                t.shape
+            )));
         }
-        Data::F32(
-            body.chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
-                .collect(),
-        )
-    } else if header.contains("'<i8'") {
-        if body.len() != n * 8 {
-            return Err(bad("data length does not match the shape"));
-        }
-        Data::I64(
-            body.chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().expect("8")))
-                .collect(),
-        )
-    } else {
-        return Err(bad("only float32 and int64 arrays are supported"));
-    };
-    Ok(Input {
-        name: name.into(),
-        shape,
-        data,
-    })
+        let shape = t
+            .shape
+            .iter()
+            .map(|&d| i64::try_from(d).map_err(|_| bad("a dimension is too large".into())))
+            .collect::<Result<Vec<i64>>>()?;
+        let data = match t.dtype {
+            rxd_protocol::DType::Float32 => Data::F32(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
+            rxd_protocol::DType::Int64 => Data::I64(
+                bytes
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                    .collect(),
+            ),
+            other => {
+                return Err(bad(format!(
+                    "{other:?} is not supported (float32 and int64 are)"
+                )));
+            }
+        };
+        Ok(Input {
+            name: t.name.clone(),
+            shape,
+            data,
+        })
+    }
 }
 
 /// How one output compares.
@@ -603,6 +595,41 @@ pub fn random_inputs(env: &Environment, model: &[u8], dynamic: i64) -> Result<Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tensors_become_inputs_only_when_their_bytes_fit_their_shape() {
+        use rxd_protocol::{DType, Tensor};
+        let f: Vec<u8> = [1.5f32, -2.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let i = Input::from_tensor(&Tensor::inline("x", DType::Float32, vec![1, 2], f.clone()));
+        assert_eq!(i.unwrap().data, Data::F32(vec![1.5, -2.0]));
+        let n = Input::from_tensor(&Tensor::inline(
+            "n",
+            DType::Int64,
+            vec![],
+            7i64.to_le_bytes().to_vec(),
+        ));
+        assert_eq!(n.unwrap().data, Data::I64(vec![7]));
+        let short = Input::from_tensor(&Tensor::inline("x", DType::Float32, vec![1, 3], f.clone()));
+        assert!(short.unwrap_err().to_string().contains("do not hold"));
+        let odd = Input::from_tensor(&Tensor::inline("b", DType::Uint8, vec![8], f));
+        assert!(odd.unwrap_err().to_string().contains("not supported"));
+        let mut npy = Vec::new();
+        let t = Tensor::inline(
+            "x",
+            DType::Float32,
+            vec![2],
+            [1.0f32, 2.0].iter().flat_map(|x| x.to_le_bytes()).collect(),
+        );
+        rxd_protocol::npy::write(&t, &mut npy).unwrap();
+        let dir = std::env::temp_dir().join(format!("rxd-npy-{}", std::process::id()));
+        std::fs::write(&dir, &npy).unwrap();
+        let back = read_npy("x", &dir);
+        let _ = std::fs::remove_file(&dir);
+        assert_eq!(back.unwrap().data, Data::F32(vec![1.0, 2.0]));
+    }
 
     /// A YOLOv8-like output [N, 4 + C, boxes]: box coordinates in pixels, class scores in
     /// [0, 1]; one strong box per item, of class `item % C`.

@@ -6,55 +6,22 @@
 //! cache directories; blocking (callers use `spawn_blocking`).
 
 use rxd_compress::job::{Job, Plan, RANDOM_CHECK_BATCH, Thresholds};
-use rxd_compress::report::{Data, Input};
+use rxd_compress::report::Input;
 use rxd_compress::static_int8::Calibration;
-use rxd_protocol::{CompressReply, CompressRequest, DType, TensorData};
+use rxd_protocol::{CompressReply, CompressRequest, TensorData};
 
 use crate::SharedRef;
 use crate::error::RequestError;
 
 fn bad(m: String) -> RequestError {
-    RequestError::Wire(rxd_protocol::WireError::new(
-        rxd_protocol::ErrorCode::InvalidRequest,
-        m,
-    ))
+    RequestError::Invalid(m)
 }
 
 /// Inline request tensors as the compressor's inputs (`what`: "evaluation", "calibration").
 fn to_inputs(tensors: &[rxd_protocol::Tensor], what: &str) -> Result<Vec<Input>, RequestError> {
     tensors
         .iter()
-        .map(|t| {
-            let TensorData::Inline(bytes) = &t.data else {
-                return Err(bad(format!("{what} tensors must be inline")));
-            };
-            let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-            let data = match t.dtype {
-                DType::Float32 => Data::F32(
-                    bytes
-                        .chunks_exact(4)
-                        .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
-                        .collect(),
-                ),
-                DType::Int64 => Data::I64(
-                    bytes
-                        .chunks_exact(8)
-                        .map(|c| i64::from_le_bytes(c.try_into().expect("8")))
-                        .collect(),
-                ),
-                other => {
-                    return Err(bad(format!(
-                        "{what} input '{}': {other:?} is not supported",
-                        t.name
-                    )));
-                }
-            };
-            Ok(Input {
-                name: t.name.clone(),
-                shape,
-                data,
-            })
-        })
+        .map(|t| Input::from_tensor(t).map_err(|e| bad(format!("{what} {e}"))))
         .collect()
 }
 
