@@ -38,8 +38,8 @@ use std::time::Instant;
 use rxd_protocol::DType;
 
 use crate::runtime::{
-    Completion, InputData, InputTensor, Job, OutputData, OutputTensor, Placement, RuntimeError,
-    View, deliver,
+    Completion, InputData, InputTensor, Job, OutputData, OutputTarget, OutputTensor, Placement,
+    RuntimeError, View, deliver,
 };
 use crate::scheduler::{Scheduler, Terms};
 use crate::validate::Checked;
@@ -463,7 +463,15 @@ impl Completion for Group {
     fn complete(mut self: Box<Self>, result: Result<Vec<OutputTensor>, RuntimeError>) {
         self.answered = true;
         // Members are taken before answering: a request arriving now starts a new group.
-        let members = self.take_members();
+        let mut members = self.take_members();
+        if members.len() == 1 && self.owner.capacity() == 0 {
+            // No duplicate came and nothing is cached: the leader's own outputs, moved to it
+            // when it wants them inline (no shared copy of them is made).
+            let m = members.pop().expect("one member");
+            m.completion
+                .complete(result.and_then(|outputs| alone(outputs, &m.placement)));
+            return;
+        }
         match result.map(Outputs::from_inline) {
             Ok(Some(out)) => {
                 let out = Arc::new(out);
@@ -496,6 +504,32 @@ impl Drop for Group {
             }
         }
     }
+}
+
+/// A group's only member gets the outputs the leader ran with (inline): as they are when it
+/// wants them inline, else placed where it wants them.
+fn alone(
+    outputs: Vec<OutputTensor>,
+    placement: &Placement,
+) -> Result<Vec<OutputTensor>, RuntimeError> {
+    if placement.targets.iter().all(|t| *t == OutputTarget::Inline) {
+        return Ok(outputs);
+    }
+    let views = outputs
+        .iter()
+        .map(|o| match &o.data {
+            OutputData::Inline(bytes) => Ok(View {
+                name: &o.name,
+                dtype: o.dtype,
+                shape: o.shape.clone(),
+                bytes,
+            }),
+            OutputData::Arena { .. } => Err(RuntimeError::Run(
+                "coalesced outputs were not inline".into(),
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    deliver(&views, placement)
 }
 
 /// The key of a request; arena inputs are copied (and replaced by the copies) as they are

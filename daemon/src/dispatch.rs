@@ -92,7 +92,11 @@ pub async fn handle(
             }
             other => Reply::ModelInfo(other?),
         },
-        Request::Status => Reply::Status(crate::report::status(shared)),
+        Request::Status => {
+            #[cfg(feature = "alloc-count")]
+            crate::alloc_count::log_totals();
+            Reply::Status(crate::report::status(shared))
+        }
         Request::Health => Reply::Health(crate::report::health(shared, peer.admin)),
         Request::Load(r) => {
             rxd_protocol::check_name(&r.model)?;

@@ -27,8 +27,11 @@
 //! - [`reload`]: a configuration and repository reload (SIGHUP, `rxctl reload`).
 //! - [`error`]: the daemon's error enums and their one mapping to wire error codes.
 //! - [`shutdown`]: signals and the cancellation tree.
+//! - `alloc_count` (feature `alloc-count`, benchmarks only): counts the daemon's allocations.
 #![deny(unsafe_code)]
 
+#[cfg(feature = "alloc-count")]
+pub mod alloc_count;
 pub mod budget;
 pub mod cli;
 pub mod coalesce;

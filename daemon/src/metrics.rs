@@ -307,9 +307,14 @@ struct Dists {
 }
 
 /// The metrics of one model version, kept for the daemon's life (they survive evictions and
-/// reloads of the same version). Recording takes one short mutex; counters are atomics.
+/// reloads of the same version). Recording takes one short mutex per batch (`record_queue` when
+/// it is handed to a worker, `record_batch` when it is done); a successful answer touches
+/// atomics only, and is added to the per-second window by the next lock holder (the answers of
+/// a batch are recorded just before its `record_batch`); errors take the mutex at once.
 pub struct ModelMetrics {
     pub ok: AtomicU64,
+    /// Successful answers not yet added to the per-second window.
+    unwindowed_ok: AtomicU64,
     pub errors: ErrorCounts,
     pub loads: AtomicU64,
     pub load_failures: AtomicU64,
@@ -322,6 +327,7 @@ impl Default for ModelMetrics {
     fn default() -> Self {
         ModelMetrics {
             ok: AtomicU64::new(0),
+            unwindowed_ok: AtomicU64::new(0),
             errors: ErrorCounts::default(),
             loads: AtomicU64::new(0),
             load_failures: AtomicU64::new(0),
@@ -351,14 +357,21 @@ fn micros(d: Duration) -> u64 {
 }
 
 impl ModelMetrics {
-    fn dists(&self) -> std::sync::MutexGuard<'_, Dists> {
-        self.dists.lock().unwrap_or_else(|e| e.into_inner())
+    /// The distributions, with the answers recorded since the last holder added to the window
+    /// (as of `now`).
+    fn dists(&self, now: Instant) -> std::sync::MutexGuard<'_, Dists> {
+        let mut d = self.dists.lock().unwrap_or_else(|e| e.into_inner());
+        let ok = self.unwindowed_ok.swap(0, Ordering::Relaxed);
+        if ok > 0 {
+            d.window.add(0, ok, now);
+        }
+        d
     }
 
     /// Requests leaving the queue for a worker, having waited `waits`.
     pub fn record_queue(&self, waits: impl Iterator<Item = Duration>) {
         let now = Instant::now();
-        let mut d = self.dists();
+        let mut d = self.dists(now);
         for w in waits {
             d.queue.record(micros(w), now);
         }
@@ -367,7 +380,7 @@ impl ModelMetrics {
     /// A batch of `rows` ran for `compute`; its requests had arrived at `arrived`.
     pub fn record_batch(&self, rows: u32, compute: Duration, arrived: &[Instant]) {
         let now = Instant::now();
-        let mut d = self.dists();
+        let mut d = self.dists(now);
         d.compute.record(micros(compute), now);
         d.rows.record(u64::from(rows), now);
         for a in arrived {
@@ -379,17 +392,18 @@ impl ModelMetrics {
     }
 
     /// A request to this version was answered: `None` = ok, else the error code.
+    /// Lock-free for a success (see [`ModelMetrics`]).
     pub fn record_outcome(&self, error: Option<u16>) {
-        match error {
-            None => Metrics::inc(&self.ok),
-            Some(code) => self.errors.add(code),
-        }
+        let Some(code) = error else {
+            Metrics::inc(&self.ok);
+            self.unwindowed_ok.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        self.errors.add(code);
         let now = Instant::now();
-        let mut d = self.dists();
+        let mut d = self.dists(now);
         d.window.add(0, 1, now);
-        if error.is_some() {
-            d.window.add(1, 1, now);
-        }
+        d.window.add(1, 1, now);
     }
 
     /// Answers by outcome (`ok` and error names).
@@ -404,7 +418,7 @@ impl ModelMetrics {
 
     /// (queue, compute, total, batch rows, rates) as reported.
     pub fn report(&self) -> (Latency, Latency, Latency, Latency, Vec<Rate>) {
-        let mut d = self.dists();
+        let mut d = self.dists(Instant::now());
         let queue = d.queue.report(1e-3, 1e-6);
         let compute = d.compute.report(1e-3, 1e-6);
         let total = d.total.report(1e-3, 1e-6);

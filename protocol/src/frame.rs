@@ -95,8 +95,11 @@ pub fn check_structure(body: &[u8], max_values: usize) -> Result<(), FrameError>
     let bad = |what: &str| FrameError::Decode(what.to_string());
     let mut pos = 0usize;
     let mut values = 0usize;
-    // Values still to read at each open level (the outermost: the one body value).
-    let mut pending: Vec<u64> = vec![1];
+    // Values still to read at each open level (the outermost: the one body value), on the
+    // stack: at most MAX_DEPTH levels below the outermost.
+    let mut pending = [0u64; crate::limits::MAX_DEPTH + 1];
+    pending[0] = 1;
+    let mut depth = 1usize;
     let take = |pos: &mut usize, n: usize| -> Result<usize, FrameError> {
         let start = *pos;
         let end = start
@@ -112,12 +115,12 @@ pub fn check_structure(body: &[u8], max_values: usize) -> Result<(), FrameError>
             .iter()
             .fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
     };
-    while let Some(top) = pending.last_mut() {
-        if *top == 0 {
-            pending.pop();
+    while depth > 0 {
+        if pending[depth - 1] == 0 {
+            depth -= 1;
             continue;
         }
-        *top -= 1;
+        pending[depth - 1] -= 1;
         values += 1;
         if values > max_values {
             return Err(bad(&format!("more than {max_values} values in one frame")));
@@ -160,13 +163,14 @@ pub fn check_structure(body: &[u8], max_values: usize) -> Result<(), FrameError>
             if children > (body.len() - pos) as u64 {
                 return Err(bad("a map or array longer than the frame"));
             }
-            if pending.len() > crate::limits::MAX_DEPTH {
+            if depth > crate::limits::MAX_DEPTH {
                 return Err(bad(&format!(
                     "maps and arrays nested more than {} deep",
                     crate::limits::MAX_DEPTH
                 )));
             }
-            pending.push(children);
+            pending[depth] = children;
+            depth += 1;
         }
     }
     Ok(())

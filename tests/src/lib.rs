@@ -209,6 +209,19 @@ impl TestDaemon {
         config_toml: &str,
         extra: &[&str],
     ) -> TestDaemon {
+        // Benchmarks compare builds in one run: `RXD_BENCH_RXD` names another rxd binary.
+        let rxd = std::env::var_os("RXD_BENCH_RXD").map_or_else(|| bin("rxd"), PathBuf::from);
+        TestDaemon::start_program(&rxd, repo, env, config_toml, extra)
+    }
+
+    /// Like [`TestDaemon::start_env`], running the rxd binary at `rxd`.
+    pub fn start_program(
+        rxd: &Path,
+        repo: &Path,
+        env: &[(&str, &str)],
+        config_toml: &str,
+        extra: &[&str],
+    ) -> TestDaemon {
         let dir = tempfile::Builder::new()
             .prefix("rxd-test")
             .tempdir()
@@ -219,8 +232,6 @@ impl TestDaemon {
         // Benchmarks compare configurations in one run: `RXD_BENCH_CONFIG` adds TOML lines.
         let extra_config = std::env::var("RXD_BENCH_CONFIG").unwrap_or_default();
         std::fs::write(&config, format!("{config_toml}\n{extra_config}\n")).unwrap();
-        // Benchmarks compare builds in one run: `RXD_BENCH_RXD` names another rxd binary.
-        let rxd = std::env::var_os("RXD_BENCH_RXD").map_or_else(|| bin("rxd"), PathBuf::from);
         let mut cmd = Command::new(rxd);
         cmd.env_clear()
             .env("PATH", "/usr/bin:/bin")
@@ -235,8 +246,11 @@ impl TestDaemon {
             .arg(ort_library())
             .arg("--intra-op-threads")
             .arg("1")
-            .arg("--log-level")
-            .arg("debug")
+            .args(if extra.contains(&"--log-level") {
+                &[][..]
+            } else {
+                &["--log-level", "debug"][..]
+            })
             .args(extra)
             // The daemon's private directory goes in the test's own, which is removed with
             // it (a daemon killed with SIGKILL cannot remove it itself).

@@ -74,6 +74,17 @@ impl Conn {
     /// Answers request `id`: frees the id first (the client may reuse it the moment it reads
     /// the answer), then writes; `permit` is released once the answer is on the socket.
     fn respond(&self, id: u64, outcome: Outcome, permit: Option<OwnedSemaphorePermit>) {
+        self.respond_sized(id, outcome, permit, 0);
+    }
+
+    /// [`Conn::respond`] with the answer encoded into a buffer of `capacity` bytes.
+    fn respond_sized(
+        &self,
+        id: u64,
+        outcome: Outcome,
+        permit: Option<OwnedSemaphorePermit>,
+        capacity: usize,
+    ) {
         if id != 0 {
             self.in_flight_ids
                 .lock()
@@ -81,7 +92,10 @@ impl Conn {
                 .remove(&id);
             Metrics::dec(&self.shared.metrics.in_flight);
         }
-        if let Sent::Dropped(bytes) = self.sink.send(id, encode_response(id, outcome), permit) {
+        if let Sent::Dropped(bytes) =
+            self.sink
+                .send(id, encode_response(id, outcome, capacity), permit)
+        {
             tracing::debug!(
                 id,
                 bytes,
@@ -186,10 +200,12 @@ impl Completion for InferCompletion {
         });
         let permit = self.permit.take();
         match result {
-            Ok(outputs) => self.conn.respond(
+            // `inline` estimates the frame's size (plus its header and some slack).
+            Ok(outputs) => self.conn.respond_sized(
                 self.id,
                 Outcome::Ok(dispatch::infer_reply(&self.model, self.version, outputs)),
                 permit,
+                inline + rxd_protocol::frame::HEADER_LEN + 64,
             ),
             Err(e) => {
                 let e = match e {

@@ -25,15 +25,20 @@ use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 use crate::quota::{Held, Quotas};
 
-pub(super) fn encode_response(id: u64, outcome: Outcome) -> Vec<u8> {
+/// Encodes an answer into a buffer of `capacity` bytes (an estimate of the frame's size: an
+/// inference answer knows its outputs' sizes, so its buffer is allocated once, not grown by
+/// doubling; 0 = let it grow).
+pub(super) fn encode_response(id: u64, outcome: Outcome, capacity: usize) -> Vec<u8> {
     let frame = ResponseFrame { id, outcome };
-    frame::encode(&frame).unwrap_or_else(|e| {
+    let mut out = Vec::with_capacity(capacity);
+    match frame::encode_into(&frame, &mut out) {
+        Ok(()) => out,
         // Only an output too large for a u32 frame can get here; answer with the error.
-        error_frame(
+        Err(e) => error_frame(
             id,
             WireError::new(ErrorCode::Internal, format!("cannot encode response: {e}")),
-        )
-    })
+        ),
+    }
 }
 
 fn error_frame(id: u64, err: WireError) -> Vec<u8> {
@@ -307,6 +312,7 @@ mod tests {
         encode_response(
             id,
             Outcome::Err(WireError::new(ErrorCode::Internal, "x".repeat(bytes))),
+            0,
         )
     }
 

@@ -131,6 +131,28 @@ impl Model {
         policy.select(&on_disk)
     }
 
+    /// The highest version the policy serves ([`Model::served`]'s last), without building the
+    /// set: asked on every request that names no version.
+    fn highest_served(&self) -> Option<u64> {
+        let mut on_disk = self
+            .versions
+            .iter()
+            .rev()
+            .filter(|(_, v)| v.on_disk)
+            .map(|(&k, _)| k);
+        let policy = self
+            .settings
+            .as_ref()
+            .ok()
+            .and_then(|s| s.version_policy.as_ref());
+        let highest = match policy {
+            Some(VersionPolicy::Specific(specific)) => on_disk.find(|v| specific.contains(v)),
+            _ => on_disk.next(),
+        };
+        debug_assert_eq!(highest, self.served().last().copied());
+        highest
+    }
+
     /// `version`, or the default one when none is named.
     fn resolve(&self, name: &str, version: Option<u64>) -> Result<u64, RequestError> {
         match version {
@@ -145,9 +167,7 @@ impl Model {
     /// loading (a reload), the highest ready version keeps serving.
     fn default_version(&self) -> Option<u64> {
         let want = self
-            .served()
-            .last()
-            .copied()
+            .highest_served()
             .or_else(|| self.versions.keys().next_back().copied())?;
         let state = self.versions.get(&want).map(|v| v.state.kind());
         if state == Some(ModelState::Ready) {
