@@ -30,19 +30,26 @@
 //! Boundary: no ORT here; the runtime's `deliver` places the bytes.
 
 use std::any::Any;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use rxd_protocol::DType;
 
 use crate::runtime::{
-    Completion, InputData, InputTensor, Job, OutputData, OutputTarget, OutputTensor, Placement,
-    RuntimeError, View, deliver,
+    Completion, InputData, Job, OutputData, OutputTarget, OutputTensor, Placement, RuntimeError,
+    View, deliver,
 };
 use crate::scheduler::{Scheduler, Terms};
 use crate::validate::Checked;
+
+mod key;
+mod lru;
+
+pub use key::set_key_budget;
+use key::{Charge, Charged, key, key_pool};
+use lru::Lru;
 
 pub type Key = [u8; 32];
 
@@ -52,10 +59,6 @@ pub const INLINE_KEY_BYTES: u64 = 64 << 10;
 
 /// Threads of the key pool at most (fewer on small machines: half the cores, at least one).
 pub const KEY_THREADS: usize = 4;
-
-/// Arena inputs are copied and hashed in pieces of this size (the piece just copied is hashed
-/// while it is still in the cache).
-const KEY_CHUNK: usize = 1 << 20;
 
 /// A finished result: every output's bytes.
 #[derive(Debug)]
@@ -125,60 +128,6 @@ impl Flight {
             (Some(group), Some(own)) => group >= own,
         };
         self.priority >= priority && deadline_ok
-    }
-}
-
-/// The result cache: answers by key, least recently used first out, bounded in bytes. A hit
-/// moves its entry to the back in O(log n) (the order is kept by use tick, not scanned).
-#[derive(Default)]
-struct Lru {
-    /// Each entry with the tick of its last use.
-    map: HashMap<Key, (u64, Arc<Outputs>)>,
-    /// Keys by the tick of their last use: the first is the least recently used.
-    order: BTreeMap<u64, Key>,
-    tick: u64,
-    bytes: u64,
-}
-
-impl Lru {
-    /// The answer for `key`, now the most recently used.
-    fn get(&mut self, key: &Key) -> Option<Arc<Outputs>> {
-        self.tick += 1;
-        let tick = self.tick;
-        let (used, out) = self.map.get_mut(key)?;
-        self.order.remove(used);
-        self.order.insert(tick, *key);
-        *used = tick;
-        Some(out.clone())
-    }
-
-    /// Keeps `out` under `key` (unless already kept), dropping the least recently used
-    /// entries until it fits in `capacity` bytes.
-    fn insert(&mut self, key: Key, out: Arc<Outputs>, capacity: u64) {
-        if self.map.contains_key(&key) {
-            return;
-        }
-        self.shrink_to(capacity.saturating_sub(out.bytes));
-        self.tick += 1;
-        self.bytes += out.bytes;
-        self.order.insert(self.tick, key);
-        self.map.insert(key, (self.tick, out));
-    }
-
-    /// Drops the least recently used entries until at most `bytes` are held.
-    fn shrink_to(&mut self, bytes: u64) {
-        while self.bytes > bytes {
-            let Some((_, old)) = self.order.pop_first() else {
-                break;
-            };
-            if let Some((_, o)) = self.map.remove(&old) {
-                self.bytes -= o.bytes;
-            }
-        }
-    }
-
-    fn clear(&mut self) {
-        *self = Lru::default();
     }
 }
 
@@ -532,140 +481,11 @@ fn alone(
     deliver(&views, placement)
 }
 
-/// The key of a request; arena inputs are copied (and replaced by the copies) as they are
-/// hashed, a piece at a time. `None` if an arena input cannot be read.
-fn key(model: &str, version: u64, inputs: &mut [InputTensor], outputs: &[String]) -> Option<Key> {
-    let mut h = blake3::Hasher::new();
-    let field = |h: &mut blake3::Hasher, b: &[u8]| {
-        h.update(&(b.len() as u64).to_le_bytes());
-        h.update(b);
-    };
-    field(&mut h, model.as_bytes());
-    field(&mut h, &version.to_le_bytes());
-    for t in inputs.iter_mut() {
-        field(&mut h, t.name.as_bytes());
-        field(&mut h, t.dtype.name().as_bytes());
-        for d in &t.shape {
-            field(&mut h, &d.to_le_bytes());
-        }
-        match &t.data {
-            InputData::Inline(b) => field(&mut h, b),
-            InputData::Shared { map, offset, len } => {
-                // Hashed exactly as an inline input of the same bytes: the copy is what runs.
-                let mut copy = vec![0u8; usize::try_from(*len).ok()?];
-                h.update(&len.to_le_bytes());
-                let mut at = 0usize;
-                for piece in copy.chunks_mut(KEY_CHUNK) {
-                    map.copy_out(offset.checked_add(at as u64)?, piece).ok()?;
-                    h.update(piece);
-                    at += piece.len();
-                }
-                t.data = InputData::Inline(copy);
-            }
-        }
-    }
-    for o in outputs {
-        field(&mut h, o.as_bytes());
-    }
-    Some(*h.finalize().as_bytes())
-}
-
-/// Bytes that requests keyed off the IO thread may hold at once (see [`set_key_budget`]).
-static KEY_BUDGET: AtomicU64 = AtomicU64::new(1 << 30);
-/// Bytes they hold now.
-static KEY_HELD: AtomicU64 = AtomicU64::new(0);
-
-/// Sets the daemon-wide bound on the bytes of requests being keyed off the IO thread (arena
-/// inputs copied or being copied, inputs being hashed). The daemon passes its
-/// `arena-total-bytes`: at most one more copy of what clients may make it map.
-pub fn set_key_budget(bytes: u64) {
-    KEY_BUDGET.store(bytes, Ordering::Relaxed);
-}
-
-/// A share of the key budget, returned on drop.
-#[derive(Debug)]
-struct Charge(u64);
-
-impl Charge {
-    /// Takes `bytes` of the budget, or nothing if that would overspend it — except that a
-    /// request alone may always take it (so that one large request is still keyed).
-    fn take(bytes: u64) -> Option<Charge> {
-        let budget = KEY_BUDGET.load(Ordering::Relaxed);
-        KEY_HELD
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                let after = held.checked_add(bytes)?;
-                (held == 0 || after <= budget).then_some(after)
-            })
-            .ok()
-            .map(|_| Charge(bytes))
-    }
-}
-
-impl Drop for Charge {
-    fn drop(&mut self) {
-        KEY_HELD.fetch_sub(self.0, Ordering::AcqRel);
-    }
-}
-
-/// A completion that holds a share of the key budget until the request is answered (its
-/// input copies live in the job until then).
-struct Charged {
-    inner: Box<dyn Completion>,
-    _charge: Charge,
-}
-
-impl Completion for Charged {
-    fn is_abandoned(&self) -> bool {
-        self.inner.is_abandoned()
-    }
-
-    fn complete(self: Box<Self>, result: Result<Vec<OutputTensor>, RuntimeError>) {
-        self.inner.complete(result);
-    }
-}
-
-type Task = Box<dyn FnOnce() + Send>;
-
-/// Threads that key large requests, fed through one channel (first come, first served).
-struct KeyPool {
-    tx: crossbeam_channel::Sender<Task>,
-}
-
-impl KeyPool {
-    fn run(&self, task: Task) {
-        if let Err(e) = self.tx.send(task) {
-            // The threads never exit while the sender lives; run it here rather than drop it.
-            (e.0)();
-        }
-    }
-}
-
-fn key_pool() -> &'static KeyPool {
-    static POOL: OnceLock<KeyPool> = OnceLock::new();
-    POOL.get_or_init(|| {
-        let (tx, rx) = crossbeam_channel::unbounded::<Task>();
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        let threads = (cores / 2).clamp(1, KEY_THREADS);
-        for i in 0..threads {
-            let rx = rx.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("rxd-key-{i}"))
-                .spawn(move || {
-                    for task in rx {
-                        task();
-                    }
-                });
-            if let Err(e) = spawned {
-                tracing::error!("cannot start a key thread: {e}");
-            }
-        }
-        KeyPool { tx }
-    })
-}
-
 #[cfg(test)]
 mod tests {
+    use super::key::KEY_HELD;
     use super::*;
+    use crate::runtime::InputTensor;
     use std::time::Duration;
 
     fn out(n: usize) -> Arc<Outputs> {
