@@ -4,10 +4,8 @@
 //! scale). ONNX Runtime runs MatMulInteger with int8 kernels. Opset 11 or later (where
 //! DynamicQuantizeLinear exists); anything else stays as it is.
 
-use std::collections::BTreeMap;
-
-use crate::onnx::{self, Model, graph, tensor};
-use crate::proto::{Error, Message};
+use crate::onnx::{self, Model, tensor};
+use crate::proto::Error;
 use crate::quant::{MIN_ELEMENTS, quantize_per_channel};
 
 /// (weight, columns) converted, and (node output, why) kept.
@@ -26,19 +24,12 @@ pub fn dynamic_int8(model: &mut Model) -> Result<Dynamic, Error> {
         ));
         return Ok(out);
     }
-    let nodes = model.graph.messages(graph::NODE)?;
-    let mut inits: Vec<Message> = model.graph.messages(graph::INITIALIZER)?;
-    let by_name: BTreeMap<String, usize> = inits
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (onnx::name_of(t), i))
-        .collect();
-    let mut uses: BTreeMap<String, usize> = BTreeMap::new();
-    for n in &nodes {
-        for i in onnx::inputs(n) {
-            *uses.entry(i).or_default() += 1;
-        }
-    }
+    let onnx::Indexed {
+        nodes,
+        mut inits,
+        by_name,
+        uses,
+    } = onnx::indexed(&model.graph)?;
     let mut new_nodes = Vec::new();
     let mut drop_inits = Vec::new();
     for n in nodes {

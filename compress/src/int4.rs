@@ -3,10 +3,8 @@
 //! K, two values per byte (low nibble first), one float scale per block, symmetric around the
 //! default zero point 8. The MatMul becomes MatMulNBits with attributes K, N, bits, block_size.
 
-use std::collections::BTreeMap;
-
-use crate::onnx::{self, Model, graph, tensor};
-use crate::proto::{Error, Message};
+use crate::onnx::{self, Model, tensor};
+use crate::proto::Error;
 use crate::quant::MIN_ELEMENTS;
 
 /// Values per block along K.
@@ -53,19 +51,12 @@ pub fn pack(w: &[f32], k: usize, n: usize) -> (Vec<u8>, Vec<f32>) {
 
 pub fn int4(model: &mut Model) -> Result<Int4, Error> {
     let mut out = Int4::default();
-    let nodes = model.graph.messages(graph::NODE)?;
-    let mut inits: Vec<Message> = model.graph.messages(graph::INITIALIZER)?;
-    let by_name: BTreeMap<String, usize> = inits
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (onnx::name_of(t), i))
-        .collect();
-    let mut uses: BTreeMap<String, usize> = BTreeMap::new();
-    for n in &nodes {
-        for i in onnx::inputs(n) {
-            *uses.entry(i).or_default() += 1;
-        }
-    }
+    let onnx::Indexed {
+        nodes,
+        mut inits,
+        by_name,
+        uses,
+    } = onnx::indexed(&model.graph)?;
     let mut new_nodes = Vec::new();
     let mut dropped = Vec::new();
     for n in nodes {

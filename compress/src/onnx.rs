@@ -185,6 +185,38 @@ impl Model {
     }
 }
 
+/// A graph's nodes and initializers, with each initializer's index by name and how many node
+/// inputs read each name: what a strategy that rewrites weights in place starts from.
+pub struct Indexed {
+    pub nodes: Vec<Message>,
+    pub inits: Vec<Message>,
+    pub by_name: std::collections::BTreeMap<String, usize>,
+    pub uses: std::collections::BTreeMap<String, usize>,
+}
+
+/// [`Indexed`] of `graph`.
+pub fn indexed(graph: &Message) -> Result<Indexed, Error> {
+    let nodes = graph.messages(graph::NODE)?;
+    let inits = graph.messages(graph::INITIALIZER)?;
+    let by_name = inits
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (name_of(t), i))
+        .collect();
+    let mut uses = std::collections::BTreeMap::new();
+    for n in &nodes {
+        for i in inputs(n) {
+            *uses.entry(i).or_default() += 1;
+        }
+    }
+    Ok(Indexed {
+        nodes,
+        inits,
+        by_name,
+        uses,
+    })
+}
+
 pub fn name_of(t: &Message) -> String {
     t.string(tensor::NAME)
 }
