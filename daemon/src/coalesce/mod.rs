@@ -116,6 +116,9 @@ struct Flight {
     priority: u8,
     deadline: Option<Instant>,
     members: Vec<Member>,
+    /// Its worker found every member gone and skips it: nobody may join any more (a joiner
+    /// would be answered "the client is gone").
+    closed: bool,
 }
 
 impl Flight {
@@ -127,7 +130,7 @@ impl Flight {
             (Some(_), None) => false,
             (Some(group), Some(own)) => group >= own,
         };
-        self.priority >= priority && deadline_ok
+        !self.closed && self.priority >= priority && deadline_ok
     }
 }
 
@@ -345,6 +348,7 @@ impl Coalescer {
             priority,
             deadline,
             members: vec![member],
+            closed: false,
         });
         Route::Lead(Box::new(Group {
             owner: self.clone(),
@@ -398,15 +402,25 @@ impl Group {
 
 impl Completion for Group {
     fn is_abandoned(&self) -> bool {
-        let inflight = self
+        let mut inflight = self
             .owner
             .inflight
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        inflight
-            .get(&self.key)
-            .and_then(|fs| fs.iter().find(|f| f.id == self.id))
-            .is_none_or(|f| f.members.iter().all(|m| m.completion.is_abandoned()))
+        // A `true` here is final (the worker skips the group and completes it as abandoned),
+        // so the group is closed under the same lock that joining takes: no request can join
+        // between this answer and that completion.
+        match inflight
+            .get_mut(&self.key)
+            .and_then(|fs| fs.iter_mut().find(|f| f.id == self.id))
+        {
+            None => true,
+            Some(f) => {
+                let gone = f.members.iter().all(|m| m.completion.is_abandoned());
+                f.closed |= gone;
+                gone
+            }
+        }
     }
 
     fn complete(mut self: Box<Self>, result: Result<Vec<OutputTensor>, RuntimeError>) {
@@ -631,6 +645,46 @@ mod tests {
             c.inflight.lock().unwrap().is_empty(),
             "every group removed itself"
         );
+    }
+
+    /// A request whose client has gone.
+    struct Gone(Answer);
+
+    impl Completion for Gone {
+        fn is_abandoned(&self) -> bool {
+            true
+        }
+
+        fn complete(self: Box<Self>, result: Outcome) {
+            Box::new(self.0).complete(result);
+        }
+    }
+
+    /// Regression (soak): the worker found a group's only member gone and skipped it; an
+    /// identical request from a live client joined in between and was answered "the client is
+    /// gone; the request was not run". A group found abandoned is closed to joiners.
+    #[test]
+    fn a_request_never_joins_a_group_its_worker_has_found_abandoned() {
+        let c = Coalescer::new(1 << 20, 0);
+        let key = [5; 32];
+        let (gone, live) = (Answer::default(), Answer::default());
+        let group = lead(c.route(
+            key,
+            0,
+            None,
+            Box::new(Gone(gone.clone())),
+            Placement::default(),
+        ));
+        assert!(group.is_abandoned(), "its only member is gone");
+        // The worker now skips it; meanwhile an identical request arrives: it leads anew.
+        let fresh = lead(c.route(key, 0, None, live.completion(), Placement::default()));
+        group.complete(Err(RuntimeError::Abandoned));
+        assert!(matches!(gone.get(), Some(Err(RuntimeError::Abandoned))));
+        assert!(live.get().is_none(), "not answered by the skipped group");
+        assert!(!fresh.is_abandoned());
+        fresh.complete(Ok(output()));
+        assert_eq!(live.get().unwrap().unwrap(), output());
+        assert!(c.inflight.lock().unwrap().is_empty());
     }
 
     #[test]

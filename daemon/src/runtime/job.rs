@@ -80,7 +80,9 @@ pub enum OutputData {
 /// implementation encodes the response and writes it to the client straight from the worker,
 /// so an answer needs no hop back through the async runtime.
 pub trait Completion: Send {
-    /// True when nobody waits for the result any more (the client is gone): the job is skipped.
+    /// True when nobody waits for the result any more (the client is gone): the job is skipped
+    /// and completed with [`RuntimeError::Abandoned`]. A `true` is final: the caller commits to
+    /// skipping (a coalescing group closes itself to joiners when it answers `true`).
     fn is_abandoned(&self) -> bool {
         false
     }
