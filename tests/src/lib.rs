@@ -161,6 +161,18 @@ impl Repo {
         self
     }
 
+    /// Adds `model` version `version`: a copy of `source`'s file made `pad` bytes larger by
+    /// an initializer no node uses. ONNX Runtime drops it at load, so the model serves as
+    /// before while its file — the floor of the footprint the daemon accounts — has a size the
+    /// test chooses: a memory budget in files of several MiB does not hang on the few hundred
+    /// KiB by which the measured growth of a tiny model varies from load to load and machine
+    /// to machine.
+    pub fn link_padded(&self, model: &str, version: u64, source: &str, pad: usize) -> &Repo {
+        let mut bytes = std::fs::read(model_file(source)).unwrap();
+        bytes.extend(unused_initializer("rxd_test_padding", pad));
+        self.write(model, version, &bytes)
+    }
+
     /// Adds a version whose model.onnx has the given bytes.
     pub fn write(&self, model: &str, version: u64, bytes: &[u8]) -> &Repo {
         let d = self.dir.path().join(model).join(version.to_string());
@@ -180,6 +192,55 @@ impl Default for Repo {
     fn default() -> Self {
         Repo::new()
     }
+}
+
+/// Protobuf bytes that, appended to an ONNX file, add to its graph a float initializer of
+/// `bytes` bytes (rounded down to whole floats) named `name`, no node uses: a `ModelProto.graph` field
+/// occurring twice is merged by the parser, so the graph gains `initializer` without the
+/// original bytes being rewritten.
+fn unused_initializer(name: &str, bytes: usize) -> Vec<u8> {
+    fn varint(out: &mut Vec<u8>, mut v: u64) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    fn field(out: &mut Vec<u8>, number: u64, body: &[u8]) {
+        varint(out, number << 3 | 2);
+        varint(out, body.len() as u64);
+        out.extend_from_slice(body);
+    }
+    let floats = bytes / 4;
+    let mut tensor = Vec::new();
+    varint(&mut tensor, 1 << 3); // dims
+    varint(&mut tensor, floats as u64);
+    varint(&mut tensor, 2 << 3); // data_type
+    varint(&mut tensor, 1); // FLOAT
+    field(&mut tensor, 8, name.as_bytes()); // name
+    field(&mut tensor, 9, &vec![0u8; floats * 4]); // raw_data
+    // Declared a graph input too (with a default, so nobody must feed it): models of IR
+    // version 3 and below may only have initializers that are inputs.
+    let mut dim = Vec::new();
+    varint(&mut dim, 1 << 3); // Dimension.dim_value
+    varint(&mut dim, floats as u64);
+    let mut shape = Vec::new();
+    field(&mut shape, 1, &dim); // TensorShapeProto.dim
+    let mut tensor_type = Vec::new();
+    varint(&mut tensor_type, 1 << 3); // TypeProto.Tensor.elem_type
+    varint(&mut tensor_type, 1); // FLOAT
+    field(&mut tensor_type, 2, &shape); // TypeProto.Tensor.shape
+    let mut type_proto = Vec::new();
+    field(&mut type_proto, 1, &tensor_type); // TypeProto.tensor_type
+    let mut input = Vec::new();
+    field(&mut input, 1, name.as_bytes()); // ValueInfoProto.name
+    field(&mut input, 2, &type_proto); // ValueInfoProto.type
+    let mut graph = Vec::new();
+    field(&mut graph, 5, &tensor); // GraphProto.initializer
+    field(&mut graph, 11, &input); // GraphProto.input
+    let mut model = Vec::new();
+    field(&mut model, 7, &graph); // ModelProto.graph
+    model
 }
 
 /// A running `rxd` process.
@@ -389,7 +450,18 @@ impl Drop for TestDaemon {
         );
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!("--- rxd log ---\n{}", self.log_text());
+            // The end of the log only: the failure's own message comes before it, and a
+            // reader (or CI) that shows the last lines of the output must still see it.
+            const TAIL: usize = 25;
+            let text = self.log_text();
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(TAIL);
+            eprintln!(
+                "--- rxd log: the last {} of {} lines ---\n{}\n--- the failure is stated above the log ---",
+                lines.len() - from,
+                lines.len(),
+                lines[from..].join("\n")
+            );
         }
     }
 }
