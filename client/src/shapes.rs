@@ -312,6 +312,7 @@ mod tests {
             inputs,
             outputs,
             settings: None,
+            tuning: None,
         }
     }
 

@@ -115,6 +115,7 @@ pub fn prepare(
         runtime,
         registry::Defaults {
             intra_op_threads: config.intra_op_threads,
+            tune: config.tune,
             queue_capacity: config.queue_capacity,
             devices: config.devices.clone(),
             load_on_demand: config.load_on_demand,

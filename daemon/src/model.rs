@@ -39,6 +39,8 @@ pub struct LoadedModel {
     pub metrics: Arc<crate::metrics::ModelMetrics>,
     /// What a model.toml `compress` strategy did (served compressed, or why not).
     pub compression: Option<String>,
+    /// What load-time tuning chose, when it chose anything.
+    pub tuning: Option<rxd_protocol::Tuning>,
 }
 
 /// What a version serves with besides its sessions.
@@ -55,6 +57,7 @@ pub struct Serving {
     pub cache_bytes: u64,
     pub metrics: Arc<crate::metrics::ModelMetrics>,
     pub compression: Option<String>,
+    pub tuning: Option<rxd_protocol::Tuning>,
     /// The registry's time origin for `last_used`.
     pub epoch: Instant,
     /// Test hook: its workers hang on their first batch.
@@ -94,6 +97,7 @@ impl LoadedModel {
             arena_bytes: built.arena_bytes,
             metrics: s.metrics,
             compression: s.compression,
+            tuning: s.tuning,
         })
     }
 

@@ -253,7 +253,8 @@ pub struct TestDaemon {
 
 impl TestDaemon {
     /// Starts rxd on `repo` with one intra-op thread (so outputs match [`Reference`] bit for
-    /// bit) plus `extra` flags, and waits until it answers a handshake.
+    /// bit; `--intra-op-threads` in `extra` replaces it) and load-time tuning off (unless the
+    /// config asks for it) plus `extra` flags, and waits until it answers a handshake.
     pub fn start(repo: &Path, extra: &[&str]) -> TestDaemon {
         TestDaemon::start_with(repo, extra, "")
     }
@@ -292,7 +293,17 @@ impl TestDaemon {
         let config = dir.path().join("rxd.toml");
         // Benchmarks compare configurations in one run: `RXD_BENCH_CONFIG` adds TOML lines.
         let extra_config = std::env::var("RXD_BENCH_CONFIG").unwrap_or_default();
-        std::fs::write(&config, format!("{config_toml}\n{extra_config}\n")).unwrap();
+        // Load-time tuning is off unless a test asks for it (`tune = true`): it measures every
+        // model for up to seconds at each load and picks layouts and batch policies that
+        // tests of batching, instances and memory pin down themselves. Its own tests (tune.rs)
+        // and the quick start run it.
+        let asks = |t: &str| t.lines().any(|l| l.trim_start().starts_with("tune"));
+        let tune = if asks(config_toml) || asks(&extra_config) {
+            ""
+        } else {
+            "tune = false\n"
+        };
+        std::fs::write(&config, format!("{tune}{config_toml}\n{extra_config}\n")).unwrap();
         let mut cmd = Command::new(rxd);
         cmd.env_clear()
             .env("PATH", "/usr/bin:/bin")
@@ -305,8 +316,11 @@ impl TestDaemon {
             .arg(repo)
             .arg("--ort-library")
             .arg(ort_library())
-            .arg("--intra-op-threads")
-            .arg("1")
+            .args(if extra.contains(&"--intra-op-threads") {
+                &[][..]
+            } else {
+                &["--intra-op-threads", "1"][..]
+            })
             .args(if extra.contains(&"--log-level") {
                 &[][..]
             } else {
@@ -633,7 +647,8 @@ fn le_vec<T, const N: usize>(bytes: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
         .collect()
 }
 
-fn to_ort(t: &Tensor) -> ort::value::DynValue {
+/// `t` as an ONNX Runtime value of this process (for in-process baselines).
+pub fn to_ort(t: &Tensor) -> ort::value::DynValue {
     let bytes = rxd_client::tensor::bytes(t).unwrap();
     let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
     match t.dtype {
@@ -797,6 +812,17 @@ pub fn closed_loop(
     clients: &[usize],
     secs: f64,
 ) -> Vec<rxd_client::bench::Report> {
+    closed_loop_inputs(socket, model, std::slice::from_ref(item), clients, secs)
+}
+
+/// [`closed_loop`] for requests of several inputs.
+pub fn closed_loop_inputs(
+    socket: &Path,
+    model: &str,
+    inputs: &[Tensor],
+    clients: &[usize],
+    secs: f64,
+) -> Vec<rxd_client::bench::Report> {
     // 2 load-generator threads on a 2-core machine, 4 where there are more cores.
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4));
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -810,7 +836,7 @@ pub fn closed_loop(
             let load = rxd_client::bench::Load {
                 socket: socket.to_path_buf(),
                 model: model.into(),
-                inputs: vec![item.clone()],
+                inputs: inputs.to_vec(),
                 concurrency,
                 rate_phases: Vec::new(),
                 duration: Duration::from_secs_f64(secs),

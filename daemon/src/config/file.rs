@@ -64,11 +64,15 @@ pub struct FileConfig {
     pub preload: Option<Vec<String>>,
     /// Load a model that is not resident when a request names it. Default true.
     pub load_on_demand: Option<bool>,
+    /// Measure each model at load over thread layouts and batch sizes and serve with the
+    /// best, where its model.toml leaves those settings unset (model.toml `tune` overrides
+    /// it per model). Default true.
+    pub tune: Option<bool>,
     /// Serve Prometheus' `/metrics` over HTTP on this loopback address (e.g.
     /// "127.0.0.1:9464"). Off by default: the daemon opens no network socket unless asked.
     pub metrics_listen: Option<String>,
-    /// Shader and engine caches (Mesa, TensorRT) live here. Default: $CACHE_DIRECTORY (set by
-    /// systemd's CacheDirectory=), else /var/cache/rxd.
+    /// Shader and engine caches (Mesa, TensorRT) and load-time tuning's choices live here.
+    /// Default: $CACHE_DIRECTORY (set by systemd's CacheDirectory=), else /var/cache/rxd.
     pub cache_directory: Option<PathBuf>,
 }
 

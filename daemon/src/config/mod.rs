@@ -93,8 +93,10 @@ pub struct Config {
     pub model_repository: PathBuf,
     /// Resolved ONNX Runtime library path (flag/config, ORT_DYLIB_PATH, bundled).
     pub ort_library: PathBuf,
-    /// Default intra-op threads per instance.
+    /// Default intra-op threads per instance; the cores a tuned model's layout spreads over.
     pub intra_op_threads: u32,
+    /// Load-time tuning, where model.toml does not say (`tune`).
+    pub tune: bool,
     /// Threads of the async runtime that reads sockets (model workers are separate).
     pub io_threads: u32,
     pub admin_group: Option<String>,
@@ -159,6 +161,7 @@ impl Config {
                 .map_or_else(|| "unlimited".into(), |b| b.to_string()),
         );
         put("intra-op-threads", self.intra_op_threads.to_string());
+        put("tune", self.tune.to_string());
         put("io-threads", self.io_threads.to_string());
         put("admin-group", self.admin_group.clone().unwrap_or_default());
         put("max-connections", self.max_connections.to_string());

@@ -375,6 +375,7 @@ pub fn resolve_on(
         model_repository,
         ort_library,
         intra_op_threads,
+        tune: file.tune.unwrap_or(true),
         io_threads,
         admin_group,
         admin_gid,

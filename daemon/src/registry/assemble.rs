@@ -11,7 +11,11 @@ use crate::runtime::{BuildSpec, SessionOptions, Signature, Target, warmup_shape}
 
 impl LoadJob {
     /// Builds a version on `device` with `settings`. Blocking.
-    pub(super) fn build(&self, build: &Build) -> Result<LoadedModel, BuildError> {
+    pub(super) fn build(
+        &self,
+        build: &Build,
+        tuning: Option<rxd_protocol::Tuning>,
+    ) -> Result<LoadedModel, BuildError> {
         let (name, version, settings, device) = (
             build.name.as_str(),
             build.version,
@@ -103,11 +107,123 @@ impl LoadJob {
                 cache_bytes: settings.cache_bytes.map_or(0, |b| b.0),
                 metrics: self.metrics.clone(),
                 compression,
+                tuning,
                 epoch: self.epoch,
                 wedge: self.defaults.hooks.wedges(&format!("{name}-{version}")),
             },
         )
         .map_err(BuildError::Runtime)
+    }
+}
+
+impl LoadJob {
+    /// The layout and batch policy for the settings `build` leaves to tuning, from the cache
+    /// or measured now (see `registry::tune`); `None` when nothing is tuned: model.toml sets
+    /// the layout or `tune = false`, the device is not a CPU, the model is served compressed,
+    /// or the measurement failed (logged; the defaults serve).
+    pub(super) fn tune(&self, build: &Build) -> Option<rxd_protocol::Tuning> {
+        let s = &build.settings;
+        if !s.tune.unwrap_or(self.defaults.tune)
+            || s.instances.is_some()
+            || s.intra_op_threads.is_some()
+            || s.compress.is_some()
+        {
+            return None;
+        }
+        let dev = self
+            .defaults
+            .devices
+            .iter()
+            .find(|d| d.name == build.device)?;
+        if dev.kind != crate::config::DeviceKind::Cpu {
+            return None;
+        }
+        let cores = self.defaults.intra_op_threads;
+        let max_rows = s
+            .max_batch_rows
+            .unwrap_or(crate::scheduler::policy::Settings::default().max_batch_rows);
+        let sizes: Vec<u32> = (0..8)
+            .map(|i| 1u32 << i)
+            .filter(|&b| b <= max_rows)
+            .collect();
+        let key = super::tune::CacheKey {
+            device: &build.device,
+            cores,
+            sizes: &sizes,
+            ort: self.runtime.version(),
+            dims: s.warmup_dims.as_ref(),
+        };
+        let cache = super::tune::cache_path(&self.defaults.cache_dir, &build.path, &key).ok();
+        if let Some(t) = cache
+            .as_deref()
+            .filter(|_| !build.retune)
+            .and_then(super::tune::read_cache)
+        {
+            tracing::info!(model = %build.name, version = build.version, "tuning (cached): {}", t.reason);
+            return Some(rxd_protocol::Tuning { cached: true, ..t });
+        }
+        let started = std::time::Instant::now();
+        let no_dims = std::collections::HashMap::new();
+        let spec = crate::runtime::TuneSpec {
+            path: &build.path,
+            target: Target {
+                kind: &dev.kind,
+                options: &dev.options,
+                cache_dir: Some(&self.defaults.cache_dir),
+            },
+            options: SessionOptions {
+                intra_op_threads: cores,
+                allow_spinning: s.allow_spinning.unwrap_or(false),
+                log_id: format!("{}:{} (tuning)", build.name, build.version),
+            },
+            layouts: &crate::runtime::layouts(cores),
+            sizes: &sizes,
+            warmup_dims: s.warmup_dims.as_ref().unwrap_or(&no_dims),
+            budget: TUNE_BUDGET,
+        };
+        let cells = match self.runtime.measure(&spec) {
+            Ok(crate::runtime::Measured::Cells(cells)) => cells,
+            Ok(crate::runtime::Measured::Skipped(why)) => {
+                tracing::info!(model = %build.name, version = build.version, "not tuned: {why}");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(model = %build.name, version = build.version, "tuning failed, serving with the defaults: {e}");
+                return None;
+            }
+        };
+        let mut t = super::tune::choose(&cells)?;
+        t.measured_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(
+            model = %build.name,
+            version = build.version,
+            "tuned in {} ms: {}",
+            t.measured_ms,
+            t.reason
+        );
+        if let Some(path) = &cache {
+            super::tune::write_cache(path, &t);
+        }
+        Some(t)
+    }
+}
+
+/// What measuring a model at load may take at most (session creation included).
+pub const TUNE_BUDGET: std::time::Duration = std::time::Duration::from_secs(3);
+
+impl Build {
+    /// These settings with what tuning chose for the keys they leave unset. The latency
+    /// target (the adaptive batch policy) only where no static wait is set either.
+    pub(super) fn tuned(&self, t: &rxd_protocol::Tuning) -> Build {
+        let mut b = self.clone();
+        let s = &mut b.settings;
+        s.instances = Some(t.instances);
+        s.intra_op_threads = Some(t.threads);
+        s.max_batch_rows.get_or_insert(t.max_batch_rows);
+        if s.latency_target_ms.is_none() && s.max_queue_delay_us.is_none() {
+            s.latency_target_ms = Some(t.latency_target_ms);
+        }
+        b
     }
 }
 

@@ -60,6 +60,11 @@ impl Registry {
         c: &rxd_protocol::Configure,
     ) -> Result<rxd_protocol::ModelSettingsView, RequestError> {
         let bad = RequestError::Invalid;
+        if c.retune && c.instances.is_some() {
+            return Err(bad(
+                "--retune chooses the instances itself: give one or the other".into(),
+            ));
+        }
         let change = ModelSettings::of_configure(c);
         change.check().map_err(bad)?;
         if let Some(d) = &c.device
@@ -82,12 +87,31 @@ impl Registry {
                     version,
                     message,
                 })?;
+            if c.retune {
+                if base.instances.is_some() || base.intra_op_threads.is_some() {
+                    return Err(bad(format!(
+                        "{name}/model.toml sets instances or intra-op-threads: there is nothing to tune"
+                    )));
+                }
+                if !base.tune.unwrap_or(self.defaults.tune) {
+                    return Err(bad(format!("tuning is off for '{name}' (tune = false)")));
+                }
+            }
             let ver = model.version_mut(name, version)?;
+            if c.retune {
+                if ver.loaded().is_none() {
+                    return Err(bad(format!(
+                        "'{name}' version {version} is not loaded: it is tuned when it loads"
+                    )));
+                }
+                ver.overrides.instances = None;
+            }
             ver.overrides = ver.overrides.merged(&change);
             let merged = base.merged(&ver.overrides);
             let loaded = ver.loaded().cloned();
             let rebuild = loaded.as_ref().is_some_and(|l| {
-                c.instances.is_some_and(|n| n as usize != l.instances())
+                c.retune
+                    || c.instances.is_some_and(|n| n as usize != l.instances())
                     || c.device.as_ref().is_some_and(|d| *d != l.device)
             });
             (version, merged, loaded, rebuild)
@@ -106,7 +130,7 @@ impl Registry {
         }
         drop(loaded);
         if rebuild {
-            self.rebuild(name, version)?;
+            self.rebuild(name, version, c.retune)?;
         }
         if c.persist {
             self.persist(name, c)
@@ -119,7 +143,7 @@ impl Registry {
     /// Builds a ready version again with its current settings (other instance count, other
     /// device) beside the running one, then swaps: new requests go to the new one, the old
     /// one finishes what it holds. Over budget: the old one stays and the error says why.
-    fn rebuild(&self, name: &str, version: u64) -> Result<(), RequestError> {
+    fn rebuild(&self, name: &str, version: u64, retune: bool) -> Result<(), RequestError> {
         let key: Key = (name.to_string(), version);
         let (path, settings, file_bytes, device) = {
             let models = self.read();
@@ -142,6 +166,7 @@ impl Registry {
                 path,
                 settings,
                 device: device.clone(),
+                retune,
             })
         };
         let new = built.map_err(|e| RequestError::LoadFailed {
@@ -263,6 +288,7 @@ fn changes(c: &rxd_protocol::Configure) -> String {
         }
     };
     put("instances", c.instances.map(|v| v.to_string()));
+    put("tuning", c.retune.then(|| "measured again".to_string()));
     put("max-batch-rows", c.max_batch_rows.map(|v| v.to_string()));
     put(
         "max-queue-delay-us",

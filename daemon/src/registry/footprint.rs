@@ -51,6 +51,8 @@ pub(super) struct Build {
     pub path: PathBuf,
     pub settings: ModelSettings,
     pub device: String,
+    /// Tune by measuring, whatever the cache holds (`rxctl configure --retune`).
+    pub retune: bool,
 }
 
 /// What a load needs, owned, so that it can run on a thread of its own and be left behind
@@ -117,11 +119,21 @@ impl LoadJob {
     fn measured_build(&self, build: &Build) -> Measured {
         let (name, version, device) = (build.name.as_str(), build.version, build.device.as_str());
         self.prime(device);
+        // Tuning's own sessions come and go before the footprint's baseline.
+        let tuning = self.tune(build);
+        let tuned;
+        let build = match &tuning {
+            Some(t) => {
+                tuned = build.tuned(t);
+                &tuned
+            }
+            None => build,
+        };
         crate::runtime::release_free_memory();
         let rss0 = crate::metrics::resident_bytes();
         let vram0 = self.device_memory_used(device);
         let started = Instant::now();
-        let built = self.build(build);
+        let built = self.build(build, tuning);
         if built.is_err() {
             // A load that failed after profiling began leaves ORT's profile behind.
             self.runtime.remove_profiles(name, version);

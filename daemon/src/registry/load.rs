@@ -274,6 +274,7 @@ impl Registry {
                 path: ticket.path.clone(),
                 settings: ticket.settings.clone(),
                 device: device.clone(),
+                retune: false,
             })
         };
         let loaded = match built {

@@ -33,6 +33,7 @@ mod reload;
 mod report;
 mod scan;
 pub mod settings;
+pub mod tune;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};

@@ -143,6 +143,7 @@ impl Registry {
             inputs: loaded.signature.inputs.clone(),
             outputs: loaded.signature.outputs.clone(),
             settings: self.settings_view(name, loaded.version).ok(),
+            tuning: loaded.tuning.clone(),
         })
     }
 

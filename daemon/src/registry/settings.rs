@@ -82,6 +82,11 @@ pub struct ModelSettings {
     /// Seconds a load (session creation, compression, warmup) may take before it fails with
     /// `load_failed`; default: the daemon's `load-timeout-secs`.
     pub load_timeout_secs: Option<u64>,
+    /// Measure the model at load over thread layouts and batch sizes and serve with the best
+    /// (the keys this file leaves unset: `instances`/`intra-op-threads` together,
+    /// `max-batch-rows`, `latency-target-ms`), on CPU devices; the choice is kept in the cache
+    /// directory per model file, device and machine. Default true.
+    pub tune: Option<bool>,
     /// Serve a compressed form of the model (`int8-weights`, `dynamic-int8`, `fp16`,
     /// `prune:S`, joined with `+`): compressed when loaded (cached in the cache directory),
     /// checked against the original on random inputs, used only if it agrees (cosine and
@@ -118,6 +123,7 @@ impl ModelSettings {
             warmup_dims,
             cpu_fallback,
             compress,
+            tune,
             max_dims,
             allow_empty_inputs,
             load_timeout_secs
@@ -275,6 +281,8 @@ impl ModelSettings {
 #[derive(Debug, Clone)]
 pub struct Defaults {
     pub intra_op_threads: u32,
+    /// Load-time tuning where model.toml does not say (`registry::tune`).
+    pub tune: bool,
     pub queue_capacity: u32,
     /// Devices, the default one first.
     pub devices: Vec<Device>,

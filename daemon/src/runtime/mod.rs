@@ -3,7 +3,8 @@
 //! sessions, warmed and profiled), `signature` (inputs/outputs, dtypes, warmup inputs),
 //! `profile` (which provider ran each node), `job` (what workers are given), `worker` (the
 //! threads and their arena policy), `run` (running a batch), `deliver` (placing outputs),
-//! `raw` (the unsafe code around ORT), `log` (ORT's log into tracing).
+//! `raw` (the unsafe code around ORT), `log` (ORT's log into tracing), `tune` (a model measured
+//! over thread layouts and batch sizes).
 //!
 //! Nothing outside this module calls ORT. Each model instance is one `Session` owned by one
 //! worker thread; connection tasks hand work to workers over a bounded channel and get the
@@ -22,6 +23,7 @@ mod profile;
 mod raw;
 mod run;
 mod signature;
+mod tune;
 mod worker;
 
 use std::path::{Path, PathBuf};
@@ -40,6 +42,7 @@ pub use profile::NodePlacement;
 pub use signature::{
     Signature, WARMUP_AUTO_DIM, dtype_of, element_type_of, warmup, warmup_shape, zero_inputs,
 };
+pub use tune::{Cell, Layout, Measured, TuneSpec, layouts};
 pub use worker::{ARENA_IDLE, ArenaRelease, Crew, WorkerPool, WorkerSessions};
 
 use profile::node_placement;

@@ -116,4 +116,9 @@ pub struct Configure {
     /// Also write the changes to the model's model.toml, so they survive a restart.
     #[serde(default)]
     pub persist: bool,
+    /// Measure the loaded version again (load-time tuning, ignoring its cached choice) and
+    /// rebuild it with what that chooses; an `instances` set earlier at run time is dropped.
+    /// Refused where model.toml sets the layout or turns tuning off, or with `instances`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retune: bool,
 }

@@ -226,6 +226,44 @@ pub struct ModelInfo {
     /// Settings in force (model.toml with run-time changes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settings: Option<crate::metrics::ModelSettingsView>,
+    /// What load-time tuning chose for the settings model.toml leaves unset, and the table it
+    /// measured; absent when nothing was tuned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tuning: Option<Tuning>,
+}
+
+/// Load-time tuning: the layout and batch policy chosen from measurements of the model on its
+/// device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tuning {
+    /// Sessions (workers).
+    pub instances: u32,
+    /// Intra-op threads per session.
+    pub threads: u32,
+    pub max_batch_rows: u32,
+    /// The adaptive batch policy's latency target.
+    pub latency_target_ms: f64,
+    /// Why, in words.
+    pub reason: String,
+    /// How long measuring took (ms); 0 when the choice came from the cache.
+    pub measured_ms: u64,
+    /// Read from the cache directory instead of measured at this load.
+    #[serde(default)]
+    pub cached: bool,
+    pub table: Vec<TuningCell>,
+}
+
+/// One measured point: `instances` sessions of `threads` threads each running batches of
+/// `rows` rows at once.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TuningCell {
+    pub instances: u32,
+    pub threads: u32,
+    pub rows: u32,
+    /// Rows finished per second by all the sessions together.
+    pub items_per_s: f64,
+    /// Mean time of one batch on one session, ms.
+    pub run_ms: f64,
 }
 
 /// One input or output of a model.

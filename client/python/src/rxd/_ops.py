@@ -22,6 +22,7 @@ SETTINGS = (
     "priority_aging_ms",
     "cache_bytes",
     "clear_cache",
+    "retune",
     "device",
     "persist",
 )

@@ -427,8 +427,9 @@ class Client:
         """Admin: changes a model version's settings at run time — ``instances`` (workers),
         ``max_batch_rows``, ``max_queue_delay_us``, ``latency_target_ms`` (0: adaptive
         batching off), ``default_priority``, ``priority_aging_ms`` (0: strict priority),
-        ``cache_bytes`` (0: cache off), ``clear_cache``, ``device``, ``persist``. Returns
-        the settings in force."""
+        ``cache_bytes`` (0: cache off), ``clear_cache``, ``device``, ``persist``, ``retune``
+        (measure the model again and serve with what load-time tuning chooses). Returns the
+        settings in force."""
         out: Settings = self._control("configure", _ops.configure_args(model, version, settings))
         return out
 

@@ -36,6 +36,9 @@ pub struct ConfigureArgs {
     /// Also write the changes to the model's model.toml.
     #[arg(long)]
     persist: bool,
+    /// Measure the model again (load-time tuning) and rebuild it with what that chooses.
+    #[arg(long)]
+    retune: bool,
 }
 
 /// Exits 1 when the version did not become ready.
@@ -90,6 +93,7 @@ pub fn configure(cli: &Cli, args: &ConfigureArgs) -> Result<u8, Failure> {
         clear_cache: args.clear_cache,
         device: args.device.clone(),
         persist: args.persist,
+        retune: args.retune,
     })?;
     cli.show(&render::configured(&args.target.model, &v), &v);
     Ok(0)

@@ -162,6 +162,9 @@ pub fn model_info(info: &ModelInfo) -> String {
             cache_text(v.cache_bytes)
         );
     }
+    if let Some(t) = &info.tuning {
+        let _ = writeln!(o, "{}", tuning(t));
+    }
     let _ = writeln!(o, "inputs:");
     for t in &info.inputs {
         let _ = writeln!(o, "  {}", spec_text(t));
@@ -169,6 +172,39 @@ pub fn model_info(info: &ModelInfo) -> String {
     let _ = writeln!(o, "outputs:");
     for t in &info.outputs {
         let _ = writeln!(o, "  {}", spec_text(t));
+    }
+    o
+}
+
+/// What load-time tuning chose, why, and the table it measured.
+pub fn tuning(t: &rxd_client::protocol::Tuning) -> String {
+    let mut o = format!(
+        "tuning ({}): {} session(s) × {} thread(s), batches up to {} rows, latency target \
+         {:.2} ms — {}\n  sessions × threads  rows  items/s  ms/batch",
+        if t.cached {
+            "from the cache".to_string()
+        } else {
+            format!("measured in {} ms", t.measured_ms)
+        },
+        t.instances,
+        t.threads,
+        t.max_batch_rows,
+        t.latency_target_ms,
+        t.reason
+    );
+    for c in &t.table {
+        let chosen =
+            c.instances == t.instances && c.threads == t.threads && c.rows == t.max_batch_rows;
+        let _ = write!(
+            o,
+            "\n  {:>8} × {:<8} {:>5} {:>8.0} {:>9.3}{}",
+            c.instances,
+            c.threads,
+            c.rows,
+            c.items_per_s,
+            c.run_ms,
+            if chosen { "  ← chosen" } else { "" }
+        );
     }
     o
 }
@@ -478,5 +514,45 @@ mod tests {
         assert_eq!(lines[5], "outputs:");
         assert_eq!(lines[6], format!("  {:<24} {:<8} [?]", "label", "int64"));
         assert_eq!(lines.len(), 7, "{text}");
+    }
+}
+
+#[cfg(test)]
+mod tuning_tests {
+    use rxd_client::protocol::{Tuning, TuningCell};
+
+    #[test]
+    fn tuning_names_the_choice_why_and_marks_its_row_of_the_table() {
+        let cell = |instances, threads, rows, items_per_s, run_ms| TuningCell {
+            instances,
+            threads,
+            rows,
+            items_per_s,
+            run_ms,
+        };
+        let t = Tuning {
+            instances: 2,
+            threads: 1,
+            max_batch_rows: 1,
+            latency_target_ms: 5.5,
+            reason: "because".into(),
+            measured_ms: 340,
+            cached: false,
+            table: vec![cell(1, 2, 1, 736.0, 1.335), cell(2, 1, 1, 1333.0, 1.369)],
+        };
+        let text = super::tuning(&t);
+        assert!(text.starts_with("tuning (measured in 340 ms): 2 session(s) × 1 thread(s), batches up to 1 rows, latency target 5.50 ms — because"), "{text}");
+        let rows: Vec<&str> = text.lines().skip(2).collect();
+        assert_eq!(rows.len(), 2, "{text}");
+        assert!(
+            rows[0].contains("736") && !rows[0].contains("chosen"),
+            "{text}"
+        );
+        assert!(
+            rows[1].contains("1333") && rows[1].ends_with("← chosen"),
+            "{text}"
+        );
+        let cached = super::tuning(&Tuning { cached: true, ..t });
+        assert!(cached.starts_with("tuning (from the cache)"), "{cached}");
     }
 }
