@@ -122,6 +122,7 @@ pub struct Report {
     pub size_after: u64,
     /// Items per timed run: 1 (batch 1, the first item) when the inputs are a batch both
     /// models take item by item, else the inputs' first dimension (all of them at once).
+    /// Latencies are medians of runs of the two models interleaved.
     pub latency_items: usize,
     pub latency_ms_before: f64,
     pub latency_ms_after: f64,
@@ -302,13 +303,30 @@ pub(crate) fn batch_items(s: &Session, inputs: &[Input]) -> Option<usize> {
     (free && n > 0 && inputs.iter().all(|i| i.shape.first() == Some(&n))).then_some(n as usize)
 }
 
-/// Timed runs per model: at batch 1, or of the whole inputs when they are not a batch.
+/// Timed runs per model: at least this many at batch 1, or of the whole inputs when they are
+/// not a batch…
 const TIMED_RUNS_ONE: usize = 20;
 const TIMED_RUNS_ALL: usize = 5;
+/// … and at batch 1 until both models have run this long (a digits MLP answers in 15 µs:
+/// 20 runs of it time the machine's noise, not the model), at most [`TIMED_RUNS_MAX`] runs.
+const TIMED_AT_LEAST: std::time::Duration = std::time::Duration::from_millis(400);
+const TIMED_RUNS_MAX: usize = 20_000;
 
-/// The mean latency of `a` and of `b` in ms, runs interleaved (a, b, a, b, …, after one
-/// untimed run each): at batch 1 — the first item — when the inputs are a batch both models
-/// take item by item, else of the whole inputs; and the items per run.
+/// The median of some durations in seconds (0 for none).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The median latency of `a` and of `b` in ms, runs interleaved (a, b, a, b, …, after one
+/// untimed run each), so that both see the same machine: at batch 1 — the first item — when
+/// the inputs are a batch both models take item by item, else of the whole inputs; and the
+/// items per run. Medians, not means: on a shared machine another process's burst lands in
+/// a few runs of either model and would move a mean.
 fn latencies(a: &mut Session, b: &mut Session, inputs: &[Input]) -> Result<(f64, f64, usize)> {
     let (one, runs, items) = match (batch_items(a, inputs), batch_items(b, inputs)) {
         (Some(_), Some(_)) => (
@@ -327,17 +345,22 @@ fn latencies(a: &mut Session, b: &mut Session, inputs: &[Input]) -> Result<(f64,
     };
     a.run(values(&one)?)?;
     b.run(values(&one)?)?;
-    let (mut ta, mut tb) = (0f64, 0f64);
-    for _ in 0..runs {
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    let start = Instant::now();
+    while ta.len() < runs
+        || (items == 1 && start.elapsed() < TIMED_AT_LEAST && ta.len() < TIMED_RUNS_MAX)
+    {
+        // The input values are made before the clock starts: only the run is timed.
+        let v = values(&one)?;
         let t = Instant::now();
-        a.run(values(&one)?)?;
-        ta += t.elapsed().as_secs_f64();
+        a.run(v)?;
+        ta.push(t.elapsed().as_secs_f64());
+        let v = values(&one)?;
         let t = Instant::now();
-        b.run(values(&one)?)?;
-        tb += t.elapsed().as_secs_f64();
+        b.run(v)?;
+        tb.push(t.elapsed().as_secs_f64());
     }
-    let ms = |t: f64| t * 1e3 / runs as f64;
-    Ok((ms(ta), ms(tb), items))
+    Ok((median(ta) * 1e3, median(tb) * 1e3, items))
 }
 
 /// The index of the largest value (the first of equal ones; 0 for an empty slice).
