@@ -83,7 +83,8 @@ pub struct ModelSettings {
     /// `load_failed`; default: the daemon's `load-timeout-secs`.
     pub load_timeout_secs: Option<u64>,
     /// Serve a compressed form of the model (`int8-weights`, `dynamic-int8`, `fp16`,
-    /// `prune:S`, joined with `+`): compressed when loaded (cached in the cache directory),
+    /// `prune:S`, joined with `+`; or `auto`/`auto:OBJECTIVE`, the smallest candidate that
+    /// agrees and is not slower): compressed when loaded (cached in the cache directory),
     /// checked against the original on random inputs, used only if it agrees (cosine and
     /// top-1 ≥ 0.99); otherwise the original serves and the summary says why.
     pub compress: Option<String>,
