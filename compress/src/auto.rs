@@ -310,7 +310,11 @@ impl Table {
                 _ => None,
             })
             .collect();
-        let Some(i) = self.chosen else {
+        let won = self.chosen.and_then(|i| match &self.candidates[i].tried {
+            Tried::Measured(m) => Some((&self.candidates[i], m)),
+            _ => None,
+        });
+        let Some((c, m)) = won else {
             let missed: Vec<String> = self
                 .candidates
                 .iter()
@@ -320,10 +324,6 @@ impl Table {
                 "no candidate is smaller, meets the thresholds and is not slower: {}",
                 missed.join("; ")
             );
-        };
-        let c = &self.candidates[i];
-        let Tried::Measured(m) = &c.tried else {
-            unreachable!("choose picks measured candidates only")
         };
         let what = match self.objective {
             Objective::Size => format!("the smallest ({:.2}×)", m.size_ratio),
@@ -336,16 +336,16 @@ impl Table {
             ),
         };
         let of = match passing.len() {
-            1 => "the only candidate".to_string(),
-            n => format!("of {n} candidates"),
+            1 => "the only candidate that passes".to_string(),
+            n => format!("of the {n} candidates that pass"),
         };
         format!(
-            "{} is {what}, {of} that meet the thresholds, are smaller and not slower than the \
-             original ({:.2}× size, {:.2}× latency {})",
+            "{} wins: {what}, {of} (meets the thresholds, smaller than the original, not \
+             slower than it {}): {:.2}× size, {:.2}× latency",
             c.strategy,
+            m.latency_at(),
             m.size_ratio,
             m.latency_ratio,
-            m.latency_at()
         )
     }
 }
@@ -549,9 +549,9 @@ mod tests {
         );
         assert!(text.contains("chosen"), "{text}");
         assert!(
-            table
-                .why()
-                .starts_with("static-int8 is the smallest (0.36×), of 2 candidates"),
+            table.why().starts_with(
+                "static-int8 wins: the smallest (0.36×), of the 2 candidates that pass"
+            ),
             "{}",
             table.why()
         );

@@ -164,7 +164,7 @@ impl std::fmt::Display for Report {
         };
         writeln!(
             f,
-            "size {} → {} bytes ({:.2}×); latency {at} {:.2} → {:.2} ms",
+            "size {} → {} bytes ({:.2}×); latency {at} {:.3} → {:.3} ms",
             self.size_before,
             self.size_after,
             self.size_ratio(),

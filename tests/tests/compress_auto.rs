@@ -355,3 +355,46 @@ fn the_parts_are_disjoint_and_cover_the_split() {
         + rb.iter().filter(|r| rc.contains(r)).count();
     assert_eq!(overlap, 0);
 }
+
+#[test]
+fn rxctl_model_compress_auto_publishes_the_winner_and_prints_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let [cal, eval, held] = digits_parts();
+    let cal = format!("input={}", write_npy(dir.path(), "cal.npy", &cal).display());
+    let ev = format!(
+        "input={}",
+        write_npy(dir.path(), "eval.npy", &eval).display()
+    );
+    let repo = Repo::new();
+    repo.link("digits", 1, "digits");
+    let d = TestDaemon::start(repo.path(), &[]);
+    let out = d.rxctl(&[
+        "model",
+        "compress",
+        "digits",
+        "--strategy",
+        "auto:latency",
+        "--calibration",
+        &cal,
+        "-i",
+        &ev,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("auto (latency objective)"), "{text}");
+    for s in rxd_compress::auto::candidates(true) {
+        assert!(text.contains(&format!("\n  {s} ")), "{s}: {text}");
+    }
+    assert!(text.contains("wins: the fastest"), "{text}");
+    assert!(text.contains("published as version 2"), "{text}");
+    // Version 2 answers like the original on the held-out digits (in-process ONNX Runtime
+    // on the published file).
+    let v2 = repo.path().join("digits/2/model.onnx");
+    let (want, got) = (labels(&model_file("digits"), &held), labels(&v2, &held));
+    let same = want.iter().zip(&got).filter(|(a, b)| a == b).count();
+    assert!(same * 100 >= want.len() * 99, "{same} of {}", want.len());
+    assert!(
+        std::fs::metadata(&v2).unwrap().len()
+            < std::fs::metadata(model_file("digits")).unwrap().len()
+    );
+}
