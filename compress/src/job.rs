@@ -231,23 +231,23 @@ impl Job {
                 let took = t.elapsed();
                 slowest = slowest.max(took);
                 match run {
-                    Ok(c) => match &c.report {
-                        Some(r) => {
-                            let m = Measured::new(
-                                r,
-                                &self.thresholds,
-                                c.kept.len(),
-                                took.as_secs_f64(),
-                            );
-                            if m.passed() {
-                                result = Some(c.clone());
+                    Ok(c) => {
+                        let m = c.report.as_ref().map(|r| {
+                            Measured::new(r, &self.thresholds, c.kept.len(), took.as_secs_f64())
+                        });
+                        match m {
+                            Some(m) => {
+                                // Only a candidate that may win keeps its bytes.
+                                if m.passed() {
+                                    result = Some(c);
+                                }
+                                Tried::Measured(m)
                             }
-                            Tried::Measured(m)
+                            None => Tried::Failed {
+                                why: "no accuracy report".into(),
+                            },
                         }
-                        None => Tried::Failed {
-                            why: "no accuracy report".into(),
-                        },
-                    },
+                    }
                     Err(Error::NothingChanged(m)) => Tried::Skipped {
                         why: format!("does not apply: {m}"),
                     },
