@@ -678,6 +678,8 @@ struct OutputJson<'a> {
     sequence_agreement: Option<f64>,
     top_box_agreement: Option<f64>,
     score_cosine: Option<f64>,
+    box_agreement: Option<f64>,
+    detections: Option<[usize; 2]>,
     decision_agreement: Option<f64>,
 }
 
@@ -721,6 +723,8 @@ impl<'a> ReportJson<'a> {
                     sequence_agreement: o.sequence_agreement,
                     top_box_agreement: o.top_box_agreement,
                     score_cosine: o.score_cosine,
+                    box_agreement: o.box_agreement,
+                    detections: o.detections,
                     decision_agreement: o.decision_agreement,
                 })
                 .collect(),
