@@ -213,49 +213,23 @@ impl Job {
         for strategy in crate::auto::candidates(!self.calibration.is_empty()) {
             let plan = Plan::parse(strategy, method)?;
             let left = self.search_budget.saturating_sub(start.elapsed());
-            let mut result = None;
-            let tried = if left.is_zero() || left < slowest {
-                Tried::Skipped {
-                    why: format!(
-                        "would not fit the time budget ({:.1} s of {:.0} s left, the slowest \
-                         candidate so far took {:.1} s)",
-                        left.as_secs_f64(),
-                        self.search_budget.as_secs_f64(),
-                        slowest.as_secs_f64()
-                    ),
-                }
+            let (tried, result) = if left.is_zero() || left < slowest {
+                let why = format!(
+                    "would not fit the time budget ({:.1} s of {:.0} s left, the slowest \
+                     candidate so far took {:.1} s)",
+                    left.as_secs_f64(),
+                    self.search_budget.as_secs_f64(),
+                    slowest.as_secs_f64()
+                );
+                (Tried::Skipped { why }, None)
             } else {
                 say(&format!("trying {strategy}"));
                 let t = Instant::now();
-                let run = self.run_plan(&plan, Some(env), model, &Budget::new(left, progress));
-                let took = t.elapsed();
-                slowest = slowest.max(took);
-                match run {
-                    Ok(c) => {
-                        let m = c.report.as_ref().map(|r| {
-                            Measured::new(r, &self.thresholds, c.kept.len(), took.as_secs_f64())
-                        });
-                        match m {
-                            Some(m) => {
-                                // Only a candidate that may win keeps its bytes.
-                                if m.passed() {
-                                    result = Some(c);
-                                }
-                                Tried::Measured(m)
-                            }
-                            None => Tried::Failed {
-                                why: "no accuracy report".into(),
-                            },
-                        }
-                    }
-                    Err(Error::NothingChanged(m)) => Tried::Skipped {
-                        why: format!("does not apply: {m}"),
-                    },
-                    Err(Error::ThresholdsUnmet(m)) if start.elapsed() >= self.search_budget => {
-                        Tried::Skipped { why: m }
-                    }
-                    Err(e) => Tried::Failed { why: e.to_string() },
-                }
+                let budget = Budget::new(left, progress);
+                let run = self.run_plan(&plan, Some(env), model, &budget);
+                slowest = slowest.max(t.elapsed());
+                let out_of_time = start.elapsed() >= self.search_budget;
+                self.judge(run, t.elapsed(), out_of_time)
             };
             if let Tried::Measured(m) = &tried {
                 let misses = m.misses();
@@ -300,6 +274,34 @@ impl Job {
             });
         done.auto = Some(table);
         Ok(done)
+    }
+
+    /// One auto candidate's run as a row of the table, and its result when it may win (only
+    /// those keep their bytes). A search stopped by the budget is a skip; a strategy that
+    /// finds nothing to change does not apply.
+    fn judge(
+        &self,
+        run: Result<Compressed>,
+        took: Duration,
+        out_of_time: bool,
+    ) -> (Tried, Option<Compressed>) {
+        match run {
+            Ok(c) => {
+                let Some(r) = &c.report else {
+                    let why = "no accuracy report".to_string();
+                    return (Tried::Failed { why }, None);
+                };
+                let m = Measured::new(r, &self.thresholds, c.kept.len(), took.as_secs_f64());
+                let keep = m.passed().then_some(c);
+                (Tried::Measured(m), keep)
+            }
+            Err(Error::NothingChanged(m)) => {
+                let why = format!("does not apply: {m}");
+                (Tried::Skipped { why }, None)
+            }
+            Err(Error::ThresholdsUnmet(why)) if out_of_time => (Tried::Skipped { why }, None),
+            Err(e) => (Tried::Failed { why: e.to_string() }, None),
+        }
     }
 
     /// `plan` (not [`Plan::Auto`]) on `model`, a search within `budget`.
