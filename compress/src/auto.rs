@@ -79,8 +79,8 @@ pub fn candidates(calibration: bool) -> Vec<&'static str> {
 pub struct Check {
     /// The output it looks at.
     pub output: String,
-    /// `top-1`, `CTC reading` (whole sequences), `top-box class`, `boxes` (matched by class
-    /// and IoU), `decisions`, `cosine`, `class-score cosine`.
+    /// `top-1`, `top-box class`, `boxes` (matched by class and IoU), `decisions`, `cosine`,
+    /// `class-score cosine`.
     pub check: &'static str,
     pub value: f64,
     /// The threshold it must meet.
@@ -109,7 +109,6 @@ pub fn checks(r: &Report, t: &Thresholds) -> Vec<Check> {
             }
         };
         add("top-1", o.top1_agreement, t.min_top1);
-        add("CTC reading", o.sequence_agreement, t.min_top1);
         add("top-box class", o.top_box_agreement, t.min_top1);
         add("boxes", o.box_agreement, t.min_top1);
         add("decisions", o.decision_agreement, t.min_top1);
