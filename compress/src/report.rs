@@ -352,7 +352,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// the inputs are a batch both models take item by item, else of the whole inputs; and the
 /// items per run. Medians, not means: on a shared machine another process's burst lands in
 /// a few runs of either model and would move a mean.
-fn latencies(a: &mut Session, b: &mut Session, inputs: &[Input]) -> Result<(f64, f64, usize)> {
+fn latencies(
+    a: &mut Session,
+    b: &mut Session,
+    inputs: &[Input],
+    at_least: std::time::Duration,
+) -> Result<(f64, f64, usize)> {
     let (one, runs, items) = match (batch_items(a, inputs), batch_items(b, inputs)) {
         (Some(_), Some(_)) => (
             inputs.iter().map(|i| items_of(i, 0, 1)).collect::<Vec<_>>(),
@@ -372,8 +377,7 @@ fn latencies(a: &mut Session, b: &mut Session, inputs: &[Input]) -> Result<(f64,
     b.run(values(&one)?)?;
     let (mut ta, mut tb) = (Vec::new(), Vec::new());
     let start = Instant::now();
-    while ta.len() < runs
-        || (items == 1 && start.elapsed() < TIMED_AT_LEAST && ta.len() < TIMED_RUNS_MAX)
+    while ta.len() < runs || (items == 1 && start.elapsed() < at_least && ta.len() < TIMED_RUNS_MAX)
     {
         // The input values are made before the clock starts: only the run is timed.
         let v = values(&one)?;
@@ -666,11 +670,33 @@ pub fn top_box(item: &[f64], features: usize, boxes: usize) -> (usize, usize) {
 
 /// Compares `before` and `after` (model bytes) on `inputs`.
 pub fn compare(env: &Environment, before: &[u8], after: &[u8], inputs: &[Input]) -> Result<Report> {
+    compare_timed(env, before, after, inputs, TIMED_AT_LEAST)
+}
+
+/// [`compare`] with latencies from the least timing (20 runs, no time floor): for a search's
+/// steps that only rank candidates by accuracy, where a settled latency would cost
+/// [`TIMED_AT_LEAST`] per step.
+pub(crate) fn compare_quick(
+    env: &Environment,
+    before: &[u8],
+    after: &[u8],
+    inputs: &[Input],
+) -> Result<Report> {
+    compare_timed(env, before, after, inputs, std::time::Duration::ZERO)
+}
+
+fn compare_timed(
+    env: &Environment,
+    before: &[u8],
+    after: &[u8],
+    inputs: &[Input],
+    at_least: std::time::Duration,
+) -> Result<Report> {
     let mut a = session(env, before)?;
     let mut b = session(env, after).map_err(|e| Error::CompressedDoesNotLoad(e.to_string()))?;
     let ra = run(&mut a, inputs)?;
     let rb = run(&mut b, inputs)?;
-    let (la, lb, latency_items) = latencies(&mut a, &mut b, inputs)?;
+    let (la, lb, latency_items) = latencies(&mut a, &mut b, inputs, at_least)?;
     let mut outputs = Vec::new();
     for ((name, shape, x), (_, _, y)) in ra.iter().zip(&rb) {
         if x.len() != y.len() {
