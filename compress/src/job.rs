@@ -7,10 +7,13 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::{Duration, Instant};
 
 use ort::environment::Environment;
 use serde::Serialize;
 
+use crate::auto::{Candidate, Measured, Objective, Table, Tried};
+use crate::budget::Budget;
 use crate::report::{Input, Report};
 use crate::static_int8::{Calibration, Static};
 use crate::{Error, Outcome, Result, Strategy};
@@ -18,7 +21,7 @@ use crate::{Error, Outcome, Result, Strategy};
 /// The strategy a job runs when none is named.
 pub const DEFAULT_STRATEGY: &str = "int8-weights";
 /// How long a sensitivity search may take unless told otherwise.
-pub const DEFAULT_SEARCH_BUDGET: std::time::Duration = std::time::Duration::from_secs(300);
+pub const DEFAULT_SEARCH_BUDGET: Duration = Duration::from_secs(300);
 /// Random evaluation inputs drawn (batch size) to check a model.toml `compress` strategy.
 pub const RANDOM_CHECK_BATCH: i64 = 32;
 
@@ -60,17 +63,27 @@ pub enum Plan {
     /// No compression: an already compressed model (another tool's) judged against the
     /// original with the same report.
     Given(Vec<u8>),
+    /// Try the candidate strategies ([`crate::auto::candidates`]), judge each against the
+    /// original, keep the one `Objective` prefers among those that pass.
+    Auto(Objective, Calibration),
 }
 
 impl Plan {
-    /// The plan a `--strategy` names (`static-int8` calibrates with `method`).
+    /// The plan a `--strategy` names (`static-int8` calibrates with `method`; `auto` and
+    /// `auto:OBJECTIVE` search, static-int8 candidates calibrating with `method`).
     pub fn parse(strategy: &str, method: Calibration) -> Result<Plan> {
         if strategy == "static-int8" {
             return Ok(Plan::StaticInt8(method));
         }
+        if strategy == "auto" {
+            return Ok(Plan::Auto(Objective::default(), method));
+        }
+        if let Some(o) = strategy.strip_prefix("auto:") {
+            return Ok(Plan::Auto(o.parse()?, method));
+        }
         match strategy.parse() {
             Ok(s) => Ok(Plan::Rewrite(s)),
-            Err(Error::Usage(m)) => Err(Error::Usage(format!("{m} or static-int8"))),
+            Err(Error::Usage(m)) => Err(Error::Usage(format!("{m}, static-int8 or auto"))),
             Err(e) => Err(e),
         }
     }
@@ -88,8 +101,12 @@ pub struct Job {
     /// With `int8-weights`: when the thresholds are missed, keep the most sensitive weights in
     /// float until they hold (static-int8 always searches when it has evaluation inputs).
     pub search: bool,
-    /// How long a search may take ([`DEFAULT_SEARCH_BUDGET`] from [`Job::new`]).
-    pub search_budget: std::time::Duration,
+    /// How long a search may take ([`DEFAULT_SEARCH_BUDGET`] from [`Job::new`]); for
+    /// [`Plan::Auto`], all candidates together.
+    pub search_budget: Duration,
+    /// The evaluation inputs are random (the caller had no data): reports measure agreement
+    /// with the original, not accuracy, and [`Plan::Auto`]'s table says so.
+    pub eval_is_random: bool,
 }
 
 impl Job {
@@ -113,12 +130,13 @@ impl Job {
             thresholds,
             search,
             search_budget: DEFAULT_SEARCH_BUDGET,
+            eval_is_random: false,
         })
     }
 
     /// Whether [`Job::run`] needs ONNX Runtime (to calibrate or to evaluate).
     pub fn needs_runtime(&self) -> bool {
-        matches!(self.plan, Plan::StaticInt8(_)) || !self.eval.is_empty()
+        matches!(self.plan, Plan::StaticInt8(_) | Plan::Auto(..)) || !self.eval.is_empty()
     }
 
     /// Compresses `model` and, with evaluation inputs, judges the result against it. `env`
@@ -135,7 +153,6 @@ impl Job {
         model: &[u8],
         progress: &dyn Fn(&str),
     ) -> Result<Compressed> {
-        let budget = crate::budget::Budget::new(self.search_budget, progress);
         let names = model_inputs(model)?;
         check_names(
             "calibration input",
@@ -147,6 +164,154 @@ impl Job {
             self.eval.iter().map(|i| &i.name),
             &names,
         )?;
+        if let Plan::Auto(objective, method) = self.plan {
+            let env = env.ok_or_else(|| {
+                Error::Runtime("this job needs ONNX Runtime, and none was given".into())
+            })?;
+            return self.run_auto(env, model, objective, method, progress);
+        }
+        let budget = Budget::new(self.search_budget, progress);
+        self.run_plan(&self.plan, env, model, &budget)
+    }
+
+    /// [`Plan::Auto`]: every candidate run as its own plan on the same inputs, all within
+    /// the one search budget (a candidate that would not fit what is left is skipped, and
+    /// says so), the winner's result returned with the table. Nothing passes: `Ok` with
+    /// [`Compressed::passed`] false, the table saying what each candidate missed.
+    fn run_auto(
+        &self,
+        env: &Environment,
+        model: &[u8],
+        objective: Objective,
+        method: Calibration,
+        progress: &dyn Fn(&str),
+    ) -> Result<Compressed> {
+        if self.eval.is_empty() {
+            return Err(Error::Usage(
+                "auto judges every candidate against the original on evaluation inputs \
+                 (--eval NAME=FILE.npy), and none were given: what it picked would be of \
+                 unverified accuracy; give --eval, or name a strategy"
+                    .into(),
+            ));
+        }
+        let start = Instant::now();
+        let say = |m: &str| {
+            progress(&format!(
+                "[{:.1} s] auto: {m}",
+                start.elapsed().as_secs_f64()
+            ))
+        };
+        if self.eval_is_random {
+            say(
+                "WARNING: no evaluation data; candidates are judged on random inputs, so \
+                 their accuracy is unverified",
+            );
+        }
+        let mut rows = Vec::new();
+        let mut kept: Vec<Option<Compressed>> = Vec::new();
+        let mut slowest = Duration::ZERO;
+        for strategy in crate::auto::candidates(!self.calibration.is_empty()) {
+            let plan = Plan::parse(strategy, method)?;
+            let left = self.search_budget.saturating_sub(start.elapsed());
+            let (tried, result) = if left.is_zero() || left < slowest {
+                let why = format!(
+                    "would not fit the time budget ({:.1} s of {:.0} s left, the slowest \
+                     candidate so far took {:.1} s)",
+                    left.as_secs_f64(),
+                    self.search_budget.as_secs_f64(),
+                    slowest.as_secs_f64()
+                );
+                (Tried::Skipped { why }, None)
+            } else {
+                say(&format!("trying {strategy}"));
+                let t = Instant::now();
+                let budget = Budget::new(left, progress);
+                let run = self.run_plan(&plan, Some(env), model, &budget);
+                slowest = slowest.max(t.elapsed());
+                let out_of_time = start.elapsed() >= self.search_budget;
+                self.judge(run, t.elapsed(), out_of_time)
+            };
+            if let Tried::Measured(m) = &tried {
+                let misses = m.misses();
+                say(&format!(
+                    "{strategy}: {:.2}× size, {:.2}× latency: {}",
+                    m.size_ratio,
+                    m.latency_ratio,
+                    if misses.is_empty() {
+                        "passes".to_string()
+                    } else {
+                        misses.join("; ")
+                    }
+                ));
+            }
+            rows.push(Candidate {
+                strategy: strategy.to_string(),
+                tried,
+            });
+            kept.push(result);
+        }
+        let table = Table::new(
+            objective,
+            rows,
+            self.eval_is_random,
+            start.elapsed().as_secs_f64(),
+            self.search_budget.as_secs_f64(),
+        );
+        say(&table.why());
+        let mut done = table
+            .chosen
+            .and_then(|i| kept[i].take())
+            .unwrap_or_else(|| Compressed {
+                bytes: Vec::new(),
+                plan: self.plan.clone(),
+                size_before: model.len() as u64,
+                did: Did::Nothing,
+                kept: Vec::new(),
+                first: None,
+                report: None,
+                thresholds: self.thresholds,
+                auto: None,
+            });
+        done.auto = Some(table);
+        Ok(done)
+    }
+
+    /// One auto candidate's run as a row of the table, and its result when it may win (only
+    /// those keep their bytes). A search stopped by the budget is a skip; a strategy that
+    /// finds nothing to change does not apply.
+    fn judge(
+        &self,
+        run: Result<Compressed>,
+        took: Duration,
+        out_of_time: bool,
+    ) -> (Tried, Option<Compressed>) {
+        match run {
+            Ok(c) => {
+                let Some(r) = &c.report else {
+                    let why = "no accuracy report".to_string();
+                    return (Tried::Failed { why }, None);
+                };
+                let m = Measured::new(r, &self.thresholds, c.kept.len(), took.as_secs_f64());
+                let keep = m.passed().then_some(c);
+                (Tried::Measured(m), keep)
+            }
+            Err(Error::NothingChanged(m)) => {
+                let why = format!("does not apply: {m}");
+                (Tried::Skipped { why }, None)
+            }
+            Err(Error::ThresholdsUnmet(why)) if out_of_time => (Tried::Skipped { why }, None),
+            Err(e) => (Tried::Failed { why: e.to_string() }, None),
+        }
+    }
+
+    /// `plan` (not [`Plan::Auto`]) on `model`, a search within `budget`.
+    fn run_plan(
+        &self,
+        plan: &Plan,
+        env: Option<&Environment>,
+        model: &[u8],
+        budget: &crate::budget::Budget,
+    ) -> Result<Compressed> {
         let env = || {
             env.ok_or_else(|| {
                 Error::Runtime("this job needs ONNX Runtime, and none was given".into())
@@ -154,15 +319,16 @@ impl Job {
         };
         let mut done = Compressed {
             bytes: Vec::new(),
-            plan: self.plan.clone(),
+            plan: plan.clone(),
             size_before: model.len() as u64,
             did: Did::Nothing,
             kept: Vec::new(),
             first: None,
             report: None,
             thresholds: self.thresholds,
+            auto: None,
         };
-        match &self.plan {
+        match plan {
             Plan::StaticInt8(method) => {
                 // With evaluation inputs the sensitivity search runs when the thresholds are
                 // missed: a static model that misses them is of no use, and which nodes to
@@ -184,7 +350,7 @@ impl Job {
                         *method,
                         &self.eval,
                         (self.thresholds.min_top1, self.thresholds.min_cosine),
-                        &budget,
+                        budget,
                     )?;
                     done.bytes = found.bytes;
                     done.did = Did::Static(found.stat);
@@ -204,6 +370,9 @@ impl Job {
                 return Ok(done);
             }
             Plan::Given(b) => done.bytes = b.clone(),
+            Plan::Auto(..) => {
+                return Err(Error::Usage("auto cannot be a candidate of itself".into()));
+            }
             Plan::Rewrite(strategy) => {
                 let (b, outcome) = crate::compress(model, *strategy)?;
                 if *strategy != Strategy::NONE && outcome.weights_changed() == 0 {
@@ -217,7 +386,7 @@ impl Job {
             return Ok(done);
         }
         let report = crate::report::compare(env()?, model, &done.bytes, &self.eval)?;
-        let weights_only = matches!(self.plan, Plan::Rewrite(s) if s == Strategy::INT8_WEIGHTS);
+        let weights_only = matches!(plan, Plan::Rewrite(s) if *s == Strategy::INT8_WEIGHTS);
         if self.search && weights_only && !self.thresholds.met_by(&report) {
             let found = crate::search::search_within(
                 env()?,
@@ -225,7 +394,7 @@ impl Job {
                 &self.eval,
                 self.thresholds.min_top1,
                 self.thresholds.min_cosine,
-                &budget,
+                budget,
             )?;
             done.bytes = found.bytes;
             done.kept = found.kept;
@@ -332,6 +501,9 @@ pub struct Compressed {
     /// Original against compressed on the evaluation inputs (none given: `None`).
     pub report: Option<Report>,
     pub thresholds: Thresholds,
+    /// [`Plan::Auto`]: what was tried and what won (this result is the winner's; without a
+    /// winner it holds no model).
+    pub auto: Option<Table>,
 }
 
 impl Compressed {
@@ -344,15 +516,20 @@ impl Compressed {
     }
 
     /// Whether the result may be used: its report meets the thresholds, or nothing was
-    /// evaluated.
+    /// evaluated; with [`Plan::Auto`], a candidate won.
     pub fn passed(&self) -> bool {
-        self.report
-            .as_ref()
-            .is_none_or(|r| self.thresholds.met_by(r))
+        self.auto.as_ref().is_none_or(|t| t.chosen.is_some())
+            && self
+                .report
+                .as_ref()
+                .is_none_or(|r| self.thresholds.met_by(r))
     }
 
     /// Why the result was refused, in words (`None` when it passed).
     pub fn shortfall(&self) -> Option<String> {
+        if let Some(t) = self.auto.as_ref().filter(|t| t.chosen.is_none()) {
+            return Some(t.why());
+        }
         let r = self.report.as_ref().filter(|_| !self.passed())?;
         Some(format!(
             "top-1 agreement {:.4} (minimum {}), cosine {:.6} (minimum {})",
@@ -455,8 +632,15 @@ fn write_outcome(f: &mut fmt::Formatter<'_>, o: &Outcome, s: &Strategy) -> fmt::
 }
 
 impl fmt::Display for Compressed {
-    /// What was done, what the search kept in float, and the report.
+    /// The auto table (when there is one), what was done, what the search kept in float,
+    /// and the report.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(t) = &self.auto {
+            write!(f, "{t}")?;
+            if let Some(s) = t.chosen_strategy() {
+                writeln!(f, "chosen: {s}")?;
+            }
+        }
         match (&self.did, &self.plan) {
             (Did::Rewrite(o), Plan::Rewrite(s)) => write_outcome(f, o, s)?,
             (Did::Static(st), _) => {
@@ -496,6 +680,8 @@ struct OutputJson<'a> {
     sequence_agreement: Option<f64>,
     top_box_agreement: Option<f64>,
     score_cosine: Option<f64>,
+    box_agreement: Option<f64>,
+    detections: Option<[usize; 2]>,
     decision_agreement: Option<f64>,
 }
 
@@ -539,6 +725,8 @@ impl<'a> ReportJson<'a> {
                     sequence_agreement: o.sequence_agreement,
                     top_box_agreement: o.top_box_agreement,
                     score_cosine: o.score_cosine,
+                    box_agreement: o.box_agreement,
+                    detections: o.detections,
                     decision_agreement: o.decision_agreement,
                 })
                 .collect(),
@@ -548,8 +736,16 @@ impl<'a> ReportJson<'a> {
 
 impl Serialize for Compressed {
     /// `size_before`, `size_after`, `size_ratio`, `kept_in_float` (names), `report` (or
-    /// null), `passed`.
+    /// null), `passed`; with auto, `auto`: the table (`objective`, `candidates`, `chosen`,
+    /// `chosen_strategy`, `why`, …).
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct AutoJson<'a> {
+            #[serde(flatten)]
+            table: &'a Table,
+            chosen_strategy: Option<&'a str>,
+            why: String,
+        }
         #[derive(Serialize)]
         struct Doc<'a> {
             size_before: u64,
@@ -558,6 +754,8 @@ impl Serialize for Compressed {
             kept_in_float: Vec<&'a str>,
             report: Option<ReportJson<'a>>,
             passed: bool,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            auto: Option<AutoJson<'a>>,
         }
         Doc {
             size_before: self.size_before,
@@ -569,6 +767,11 @@ impl Serialize for Compressed {
                 .as_ref()
                 .map(|r| ReportJson::new(r, &self.thresholds)),
             passed: self.passed(),
+            auto: self.auto.as_ref().map(|t| AutoJson {
+                table: t,
+                chosen_strategy: t.chosen_strategy(),
+                why: t.why(),
+            }),
         }
         .serialize(s)
     }
@@ -586,9 +789,18 @@ mod tests {
             Plan::parse("prune:0.5+int8-weights", Calibration::DEFAULT).unwrap(),
             Plan::Rewrite("prune:0.5+int8-weights".parse().unwrap())
         );
+        assert_eq!(
+            Plan::parse("auto", Calibration::MinMax).unwrap(),
+            Plan::Auto(Objective::Size, Calibration::MinMax)
+        );
+        assert_eq!(
+            Plan::parse("auto:latency", Calibration::DEFAULT).unwrap(),
+            Plan::Auto(Objective::Latency, Calibration::DEFAULT)
+        );
+        assert!(Plan::parse("auto:fast", Calibration::DEFAULT).is_err());
         let e = Plan::parse("int9", Calibration::DEFAULT).unwrap_err();
         assert!(
-            matches!(&e, Error::Usage(m) if m.ends_with("or static-int8")),
+            matches!(&e, Error::Usage(m) if m.ends_with("static-int8 or auto")),
             "{e}"
         );
         let e = Job::new(p, Vec::new(), Vec::new(), Thresholds::DEFAULT, false).unwrap_err();

@@ -3,6 +3,7 @@
 //! cost in accuracy with ONNX Runtime before a compressed model may be used.
 //!
 //! # Layout
+//! - [`auto`]: `--strategy auto` — the candidates, how each is judged, which one wins.
 //! - [`proto`]: schema-less protobuf messages (lossless).
 //! - [`onnx`]: ONNX field numbers and helpers over messages.
 //! - [`opset`]: moving a graph from opset 11/12 to 13 where nothing changes meaning.
@@ -26,6 +27,7 @@
 //! compress` are thin faces over [`job`].
 #![deny(unsafe_code)]
 
+pub mod auto;
 pub mod budget;
 pub mod dynamic;
 pub mod error;

@@ -110,6 +110,15 @@ pub struct OutputReport {
     pub top_box_agreement: Option<f64>,
     /// For detector outputs: the cosine of the class scores alone.
     pub score_cosine: Option<f64>,
+    /// For detector outputs: the detections (candidates whose best class score reaches
+    /// [`DETECTION_SCORE`], per-class non-maximum suppression at [`NMS_IOU`]) of the two
+    /// models matched one to one by class and IoU ≥ [`MATCH_IOU`]: 2 × matched ÷ (the
+    /// original's + the compressed model's detections), over all items — a box that moves,
+    /// changes class, appears or disappears counts. `None` when neither model detects
+    /// anything.
+    pub box_agreement: Option<f64>,
+    /// For detector outputs: how many detections the original and the compressed model made.
+    pub detections: Option<[usize; 2]>,
     /// For one-channel score outputs in [0, 1] — [N, 1] (a voice-activity probability) or
     /// [N, 1, H, W] (a text or segmentation map) — the fraction of values on the same side
     /// of 0.5: the decisions (speech, text pixel) a user of the output takes.
@@ -122,6 +131,7 @@ pub struct Report {
     pub size_after: u64,
     /// Items per timed run: 1 (batch 1, the first item) when the inputs are a batch both
     /// models take item by item, else the inputs' first dimension (all of them at once).
+    /// Latencies are medians of runs of the two models interleaved.
     pub latency_items: usize,
     pub latency_ms_before: f64,
     pub latency_ms_after: f64,
@@ -134,12 +144,19 @@ impl Report {
     }
 
     /// The lowest agreement of what the outputs decide: top-1 of classifier-like outputs,
-    /// top-box class of detector outputs, the 0.5 decision of score maps (1.0 when there is
-    /// none).
+    /// top-box class and matched boxes of detector outputs, the 0.5 decision of score maps
+    /// (1.0 when there is none).
     pub fn min_top1(&self) -> f64 {
         self.outputs
             .iter()
-            .flat_map(|o| [o.top1_agreement, o.top_box_agreement, o.decision_agreement])
+            .flat_map(|o| {
+                [
+                    o.top1_agreement,
+                    o.top_box_agreement,
+                    o.box_agreement,
+                    o.decision_agreement,
+                ]
+            })
             .flatten()
             .fold(1.0, f64::min)
     }
@@ -163,7 +180,7 @@ impl std::fmt::Display for Report {
         };
         writeln!(
             f,
-            "size {} → {} bytes ({:.2}×); latency {at} {:.2} → {:.2} ms",
+            "size {} → {} bytes ({:.2}×); latency {at} {:.3} → {:.3} ms",
             self.size_before,
             self.size_after,
             self.size_ratio(),
@@ -191,6 +208,15 @@ impl std::fmt::Display for Report {
                     ", top-box class agreement {:.2} %, class scores cosine {c:.6}",
                     t * 100.0
                 )?;
+            }
+            match (o.box_agreement, o.detections) {
+                (Some(b), Some([x, y])) => write!(
+                    f,
+                    ", boxes matched by class and IoU ≥ {MATCH_IOU} {:.2} % ({x} → {y} detections)",
+                    b * 100.0
+                )?,
+                (None, Some(_)) => write!(f, ", no detections (score ≥ {DETECTION_SCORE})")?,
+                _ => {}
             }
             writeln!(f)?;
         }
@@ -302,14 +328,36 @@ pub(crate) fn batch_items(s: &Session, inputs: &[Input]) -> Option<usize> {
     (free && n > 0 && inputs.iter().all(|i| i.shape.first() == Some(&n))).then_some(n as usize)
 }
 
-/// Timed runs per model: at batch 1, or of the whole inputs when they are not a batch.
+/// Timed runs per model: at least this many at batch 1, or of the whole inputs when they are
+/// not a batch…
 const TIMED_RUNS_ONE: usize = 20;
 const TIMED_RUNS_ALL: usize = 5;
+/// … and at batch 1 until both models have run this long (a digits MLP answers in 15 µs:
+/// 20 runs of it time the machine's noise, not the model), at most [`TIMED_RUNS_MAX`] runs.
+const TIMED_AT_LEAST: std::time::Duration = std::time::Duration::from_millis(400);
+const TIMED_RUNS_MAX: usize = 20_000;
 
-/// The mean latency of `a` and of `b` in ms, runs interleaved (a, b, a, b, …, after one
-/// untimed run each): at batch 1 — the first item — when the inputs are a batch both models
-/// take item by item, else of the whole inputs; and the items per run.
-fn latencies(a: &mut Session, b: &mut Session, inputs: &[Input]) -> Result<(f64, f64, usize)> {
+/// The median of some durations in seconds (0 for none).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The median latency of `a` and of `b` in ms, runs interleaved (a, b, a, b, …, after one
+/// untimed run each), so that both see the same machine: at batch 1 — the first item — when
+/// the inputs are a batch both models take item by item, else of the whole inputs; and the
+/// items per run. Medians, not means: on a shared machine another process's burst lands in
+/// a few runs of either model and would move a mean.
+fn latencies(
+    a: &mut Session,
+    b: &mut Session,
+    inputs: &[Input],
+    at_least: std::time::Duration,
+) -> Result<(f64, f64, usize)> {
     let (one, runs, items) = match (batch_items(a, inputs), batch_items(b, inputs)) {
         (Some(_), Some(_)) => (
             inputs.iter().map(|i| items_of(i, 0, 1)).collect::<Vec<_>>(),
@@ -327,17 +375,21 @@ fn latencies(a: &mut Session, b: &mut Session, inputs: &[Input]) -> Result<(f64,
     };
     a.run(values(&one)?)?;
     b.run(values(&one)?)?;
-    let (mut ta, mut tb) = (0f64, 0f64);
-    for _ in 0..runs {
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    let start = Instant::now();
+    while ta.len() < runs || (items == 1 && start.elapsed() < at_least && ta.len() < TIMED_RUNS_MAX)
+    {
+        // The input values are made before the clock starts: only the run is timed.
+        let v = values(&one)?;
         let t = Instant::now();
-        a.run(values(&one)?)?;
-        ta += t.elapsed().as_secs_f64();
+        a.run(v)?;
+        ta.push(t.elapsed().as_secs_f64());
+        let v = values(&one)?;
         let t = Instant::now();
-        b.run(values(&one)?)?;
-        tb += t.elapsed().as_secs_f64();
+        b.run(v)?;
+        tb.push(t.elapsed().as_secs_f64());
     }
-    let ms = |t: f64| t * 1e3 / runs as f64;
-    Ok((ms(ta), ms(tb), items))
+    Ok((median(ta) * 1e3, median(tb) * 1e3, items))
 }
 
 /// The index of the largest value (the first of equal ones; 0 for an empty slice).
@@ -427,6 +479,23 @@ pub fn compare_output(name: &str, shape: &[i64], x: &[f64], y: &[f64]) -> Output
     let detector = (!distributions)
         .then(|| detector_layout(shape, x))
         .flatten();
+    let (box_agreement, detections) = match detector {
+        Some((features, boxes)) => {
+            let item = features * boxes;
+            let (mut matched, mut na, mut nb) = (0, 0, 0);
+            for (p, q) in x.chunks_exact(item).zip(y.chunks_exact(item)) {
+                let (a, b) = (detect(p, features, boxes), detect(q, features, boxes));
+                matched += match_boxes(&a, &b);
+                na += a.len();
+                nb += b.len();
+            }
+            (
+                (na + nb > 0).then(|| 2.0 * matched as f64 / (na + nb) as f64),
+                Some([na, nb]),
+            )
+        }
+        None => (None, None),
+    };
     let (top_box_agreement, score_cosine) = match detector {
         Some((features, boxes)) => {
             let item = features * boxes;
@@ -470,8 +539,97 @@ pub fn compare_output(name: &str, shape: &[i64], x: &[f64], y: &[f64]) -> Output
         sequence_agreement,
         top_box_agreement,
         score_cosine,
+        box_agreement,
+        detections,
         decision_agreement,
     }
+}
+
+/// A detector's best class score a candidate box needs to count as a detection (YOLOv8's
+/// usual confidence threshold).
+pub const DETECTION_SCORE: f64 = 0.25;
+/// Non-maximum suppression: a detection overlapping a better one of its class by more than
+/// this is dropped.
+pub const NMS_IOU: f64 = 0.45;
+/// Two detections of the same class are the same object from this IoU on.
+pub const MATCH_IOU: f64 = 0.5;
+/// Detections kept per item, best first.
+const MAX_DETECTIONS: usize = 300;
+
+/// One detection: box as (centre x, centre y, width, height), class, score.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Detection {
+    pub rect: [f64; 4],
+    pub class: usize,
+    pub score: f64,
+}
+
+/// Intersection over union of two (cx, cy, w, h) boxes.
+pub fn iou(a: &[f64; 4], b: &[f64; 4]) -> f64 {
+    let span = |r: &[f64; 4], k: usize| (r[k] - r[k + 2] / 2.0, r[k] + r[k + 2] / 2.0);
+    let overlap = |k| {
+        let ((a0, a1), (b0, b1)) = (span(a, k), span(b, k));
+        (a1.min(b1) - a0.max(b0)).max(0.0)
+    };
+    let inter = overlap(0) * overlap(1);
+    let union = a[2].max(0.0) * a[3].max(0.0) + b[2].max(0.0) * b[3].max(0.0) - inter;
+    if union > 0.0 { inter / union } else { 0.0 }
+}
+
+/// One item of a detector output ([4 + C, boxes]) as detections: every candidate whose best
+/// class score reaches [`DETECTION_SCORE`], best first, per-class non-maximum suppression at
+/// [`NMS_IOU`], at most [`MAX_DETECTIONS`].
+pub fn detect(item: &[f64], features: usize, boxes: usize) -> Vec<Detection> {
+    let mut found: Vec<Detection> = (0..boxes)
+        .filter_map(|b| {
+            let (class, score) = (0..features - 4)
+                .map(|c| (c, item[(4 + c) * boxes + b]))
+                .fold(
+                    (0, f64::NEG_INFINITY),
+                    |m, (c, s)| if s > m.1 { (c, s) } else { m },
+                );
+            (score >= DETECTION_SCORE).then(|| Detection {
+                rect: [0, 1, 2, 3].map(|k| item[k * boxes + b]),
+                class,
+                score,
+            })
+        })
+        .collect();
+    found.sort_by(|a, b| b.score.total_cmp(&a.score));
+    let mut kept: Vec<Detection> = Vec::new();
+    for d in found {
+        if kept.len() == MAX_DETECTIONS {
+            break;
+        }
+        if !kept
+            .iter()
+            .any(|k| k.class == d.class && iou(&k.rect, &d.rect) > NMS_IOU)
+        {
+            kept.push(d);
+        }
+    }
+    kept
+}
+
+/// How many of `a`'s detections (best first) find their own partner in `b`: the unmatched
+/// one of the same class with the highest IoU, at least [`MATCH_IOU`].
+pub fn match_boxes(a: &[Detection], b: &[Detection]) -> usize {
+    let mut taken = vec![false; b.len()];
+    let mut matched = 0;
+    for d in a {
+        let best = b
+            .iter()
+            .enumerate()
+            .filter(|(j, e)| !taken[*j] && e.class == d.class)
+            .map(|(j, e)| (j, iou(&d.rect, &e.rect)))
+            .filter(|(_, v)| *v >= MATCH_IOU)
+            .max_by(|x, y| x.1.total_cmp(&y.1));
+        if let Some((j, _)) = best {
+            taken[j] = true;
+            matched += 1;
+        }
+    }
+    matched
 }
 
 /// For an output laid out as a detector's [N, 4 + C, boxes] — more candidate boxes than
@@ -512,11 +670,33 @@ pub fn top_box(item: &[f64], features: usize, boxes: usize) -> (usize, usize) {
 
 /// Compares `before` and `after` (model bytes) on `inputs`.
 pub fn compare(env: &Environment, before: &[u8], after: &[u8], inputs: &[Input]) -> Result<Report> {
+    compare_timed(env, before, after, inputs, TIMED_AT_LEAST)
+}
+
+/// [`compare`] with latencies from the least timing (20 runs, no time floor): for a search's
+/// steps that only rank candidates by accuracy, where a settled latency would cost
+/// [`TIMED_AT_LEAST`] per step.
+pub(crate) fn compare_quick(
+    env: &Environment,
+    before: &[u8],
+    after: &[u8],
+    inputs: &[Input],
+) -> Result<Report> {
+    compare_timed(env, before, after, inputs, std::time::Duration::ZERO)
+}
+
+fn compare_timed(
+    env: &Environment,
+    before: &[u8],
+    after: &[u8],
+    inputs: &[Input],
+    at_least: std::time::Duration,
+) -> Result<Report> {
     let mut a = session(env, before)?;
     let mut b = session(env, after).map_err(|e| Error::CompressedDoesNotLoad(e.to_string()))?;
     let ra = run(&mut a, inputs)?;
     let rb = run(&mut b, inputs)?;
-    let (la, lb, latency_items) = latencies(&mut a, &mut b, inputs)?;
+    let (la, lb, latency_items) = latencies(&mut a, &mut b, inputs, at_least)?;
     let mut outputs = Vec::new();
     for ((name, shape, x), (_, _, y)) in ra.iter().zip(&rb) {
         if x.len() != y.len() {
@@ -653,6 +833,67 @@ mod tests {
     }
 
     #[test]
+    fn detector_boxes_are_matched_by_class_and_iou() {
+        let (items, classes, boxes) = (4, 6, 200);
+        let features = 4 + classes;
+        let shape = [items as i64, features as i64, boxes as i64];
+        let x = detections(items, classes, boxes, 0);
+        // The strong box (index 3) of item 0 moves by its own width: its class and score
+        // stay, so the top-box class still agrees, but it is another place in the image.
+        let mut moved = x.clone();
+        let w = moved[2 * boxes + 3];
+        moved[3] += w;
+        let r = compare_output("output0", &shape, &x, &moved);
+        assert_eq!(r.top_box_agreement, Some(1.0));
+        assert_eq!(r.detections, Some([4, 4]));
+        // 3 of 4 matched: 2 × 3 / 8.
+        assert_eq!(r.box_agreement, Some(0.75));
+        // A small shift (a tenth of the width) is the same object.
+        let mut nudged = x.clone();
+        nudged[3] += w / 10.0;
+        let r = compare_output("output0", &shape, &x, &nudged);
+        assert_eq!(r.box_agreement, Some(1.0));
+        // A detection that appears: item 1 gets a second box of another class far away.
+        let mut extra = x.clone();
+        let item = features * boxes;
+        extra[item + (4 + 5) * boxes + 100] = 0.8;
+        let r = compare_output("output0", &shape, &x, &extra);
+        assert_eq!(r.detections, Some([4, 5]));
+        assert!(
+            (r.box_agreement.unwrap() - 8.0 / 9.0).abs() < 1e-12,
+            "{r:?}"
+        );
+        let report = Report {
+            size_before: 1,
+            size_after: 1,
+            latency_items: 1,
+            latency_ms_before: 1.0,
+            latency_ms_after: 1.0,
+            outputs: vec![r],
+        };
+        assert!(report.min_top1() < 0.9);
+        assert!(
+            report.to_string().contains("(4 → 5 detections)"),
+            "{report}"
+        );
+        // Overlapping boxes of one class are one detection (suppression); IoU by hand.
+        let a = [10.0, 10.0, 10.0, 10.0];
+        assert_eq!(iou(&a, &a), 1.0);
+        assert!((iou(&a, &[15.0, 10.0, 10.0, 10.0]) - 50.0 / 150.0).abs() < 1e-12);
+        assert_eq!(iou(&a, &[40.0, 10.0, 10.0, 10.0]), 0.0);
+        let mut twice = x.clone();
+        twice[4] = x[3] + 1.0;
+        twice[4 * boxes + 4] = 0.85;
+        assert_eq!(detect(&twice[..item], features, boxes).len(), 1);
+        // Nothing detected by either model: nothing to judge.
+        let quiet = vec![0.01; items * item];
+        assert_eq!(
+            compare_output("output0", &shape, &quiet, &quiet).box_agreement,
+            None
+        );
+    }
+
+    #[test]
     fn a_detector_that_flips_classes_is_caught_though_its_cosine_is_near_one() {
         let (items, classes, boxes) = (8, 18, 300);
         let shape = [items as i64, 4 + classes as i64, boxes as i64];
@@ -666,6 +907,11 @@ mod tests {
         assert_eq!(r.top_box_agreement, Some(0.0));
         assert!(r.score_cosine.unwrap() < 0.5, "{:?}", r.score_cosine);
         assert_eq!(r.top1_agreement, None);
+        // The flipped classes are also unmatched boxes: one detection per item each, none
+        // of the same class.
+        assert_eq!(r.detections, Some([items, items]));
+        assert_eq!(r.box_agreement, Some(0.0));
+        assert_eq!(same.box_agreement, Some(1.0));
         let report = Report {
             size_before: 1,
             size_after: 1,

@@ -37,10 +37,11 @@ pub enum Command {
 
 /// What `rxd compress` exits with (in its `--help` and rxd(8)).
 pub const COMPRESS_EXIT_CODES: &str = "Exit codes: 0 OUT written (the report passed, or none was \
-asked for); 1 refused: the report missed --min-top1/--min-cosine, or the strategy found \
+asked for); 1 refused: the report missed --min-top1/--min-cosine (auto: no candidate passed; \
+the table names what each missed), or the strategy found \
 nothing to change in this model (OUT not written), or ONNX Runtime failed to run a model; 64 usage: an unknown strategy, static-int8 without \
 --calibration, --eval/--calibration not NAME=FILE.npy or not naming exactly the model's \
-inputs; 65 IN is not an ONNX model, or an .npy file cannot be read; 66 IN cannot be read; \
+inputs, auto without --eval; 65 IN is not an ONNX model, or an .npy file cannot be read; 66 IN cannot be read; \
 70 the compressor failed on this model; 73 OUT cannot be written; 78 ONNX Runtime cannot be \
 loaded. With --json, stdout holds exactly one JSON object (progress goes to stderr), with \
 \"written\", \"report\" and, on failure, \"error\" and \"exit_code\".";
@@ -54,7 +55,11 @@ pub struct CompressOpts {
     /// Where to write the compressed model.
     #[arg(long, short = 'o', value_name = "OUT.onnx")]
     pub output: PathBuf,
-    /// static-int8 (activations too, ranges from --calibration), none (a lossless round
+    /// auto (try the strategies below, each judged against IN on --eval and timed at batch 1
+    /// against IN in the same run; write the one --objective prefers among those that meet
+    /// the thresholds, are smaller and not slower than IN; needs --eval, static-int8 is tried
+    /// only with --calibration), static-int8 (activations too, ranges from --calibration),
+    /// none (a lossless round
     /// trip), int8-weights (BatchNorm folding + per-channel INT8
     /// weights of MatMul/Gemm/Conv), dynamic-int8 (MatMul as MatMulInteger with activations
     /// quantized at run time), fp16 (weights and arithmetic in float16, float32 inputs and
@@ -64,6 +69,11 @@ pub struct CompressOpts {
     /// (prune:0.5+int8-weights).
     #[arg(long, default_value = rxd_compress::job::DEFAULT_STRATEGY)]
     pub strategy: String,
+    /// With --strategy auto, what to prefer among the variants that pass: size (the
+    /// smallest), latency (the fastest at batch 1), balanced (the smallest size ratio ×
+    /// latency ratio).
+    #[arg(long, value_name = "size|latency|balanced")]
+    pub objective: Option<rxd_compress::auto::Objective>,
     /// Evaluation inputs, NAME=FILE.npy (float32 or int64), once per model input.
     #[arg(long = "eval", value_name = "NAME=FILE")]
     pub eval: Vec<String>,
@@ -95,7 +105,8 @@ pub struct CompressOpts {
     #[arg(long)]
     pub search: bool,
     /// Seconds a sensitivity search (--search, or static-int8 with --eval) may take before it
-    /// gives up (exit 1); its progress goes to stderr.
+    /// gives up (exit 1); its progress goes to stderr. With auto: all candidates together (one
+    /// that would not fit what is left is skipped, and the table says so).
     #[arg(long, value_name = "SECONDS", default_value_t = rxd_compress::job::DEFAULT_SEARCH_BUDGET.as_secs())]
     pub search_budget: u64,
     /// ONNX Runtime library (otherwise ORT_DYLIB_PATH, then the bundled one).

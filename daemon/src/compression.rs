@@ -76,6 +76,7 @@ pub fn compress(shared: &SharedRef, req: &CompressRequest) -> Result<CompressRep
         // Random inputs of the model's shapes, dynamic dimensions 1: agreement, not accuracy.
         job.eval = rxd_compress::report::random_inputs(env, &bytes, 1)
             .map_err(|e| bad(format!("cannot make evaluation inputs: {e}")))?;
+        job.eval_is_random = true;
     }
     let progress = |m: &str| tracing::info!(model = %req.model, version, "compress: {m}");
     let done = job
@@ -147,8 +148,11 @@ pub fn prepare(
             format!("compression ({strategy}) refused: {why}"),
         )
     };
-    let plan = match strategy.parse() {
-        Ok(s) => Plan::Rewrite(s),
+    // A rewrite, or `auto` (which tries the rewrites; static-int8 needs calibration data
+    // that model.toml has no place for).
+    let plan = match Plan::parse(strategy, Calibration::DEFAULT) {
+        Ok(p @ (Plan::Rewrite(_) | Plan::Auto(..))) => p,
+        Ok(_) => return refused(format!("{strategy} needs calibration data")),
         Err(e) => return refused(e.to_string()),
     };
     let bytes = match std::fs::read(path) {
@@ -171,9 +175,13 @@ pub fn prepare(
         }
     }
     let env = runtime.env();
+    let progress = |m: &str| tracing::info!(model = name, version, "compress: {m}");
     let done = rxd_compress::report::random_inputs(env, &bytes, RANDOM_CHECK_BATCH)
         .and_then(|eval| Job::new(plan, Vec::new(), eval, Thresholds::DEFAULT, false))
-        .and_then(|job| job.run(Some(env), &bytes));
+        .and_then(|mut job| {
+            job.eval_is_random = true;
+            job.run_with(Some(env), &bytes, &progress)
+        });
     let done = match done {
         Ok(d) => d,
         Err(e) => return refused(e.to_string()),
@@ -192,10 +200,19 @@ pub fn prepare(
             .and_then(|()| std::fs::write(&tmp, out))
             .and_then(|()| std::fs::rename(&tmp, &cached));
         if written.is_ok() {
+            // auto: which strategy won, and that random inputs verify agreement only.
+            let chosen = done
+                .auto
+                .as_ref()
+                .and_then(|t| t.chosen_strategy())
+                .map_or(String::new(), |s| {
+                    format!(" chose {s}, accuracy unverified (random inputs)")
+                });
             return (
                 cached,
                 format!(
-                    "served compressed ({strategy}: {:.2}× size, cosine {cosine:.6} vs the original)",
+                    "served compressed ({strategy}{chosen}: {:.2}× size, cosine {cosine:.6} vs \
+                     the original)",
                     done.size_ratio(),
                 ),
             );

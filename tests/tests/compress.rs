@@ -1215,10 +1215,19 @@ fn a_detector_variant_that_flips_classes_is_refused_though_its_cosine_is_near_on
     let o = &r.outputs[0];
     assert!(o.cosine > 0.9998, "{r}");
     assert_eq!(o.top_box_agreement, Some(0.0), "{r}");
+    // Random images hold nothing YOLO detects (best class score 0.02): no boxes to match,
+    // which the report says instead of counting it as agreement.
+    assert_eq!(o.detections, Some([0, 0]), "{r}");
+    assert_eq!(o.box_agreement, None, "{r}");
+    assert!(r.to_string().contains("no detections"), "{r}");
     assert!(!done.passed());
     assert!(done.shortfall().unwrap().contains("top-1 agreement 0.0000"));
     let json = serde_json::to_value(&done).unwrap();
     assert_eq!(json["report"]["outputs"][0]["top_box_agreement"], 0.0);
+    assert_eq!(
+        json["report"]["outputs"][0]["detections"],
+        serde_json::json!([0, 0])
+    );
     assert_eq!(json["passed"], false);
     // int8-weights: the same top boxes.
     let done = job(Plan::Rewrite(rxd_compress::Strategy::INT8_WEIGHTS));

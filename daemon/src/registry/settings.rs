@@ -88,7 +88,8 @@ pub struct ModelSettings {
     /// directory per model file, device and machine. Default true.
     pub tune: Option<bool>,
     /// Serve a compressed form of the model (`int8-weights`, `dynamic-int8`, `fp16`,
-    /// `prune:S`, joined with `+`): compressed when loaded (cached in the cache directory),
+    /// `prune:S`, joined with `+`; or `auto`/`auto:OBJECTIVE`, the smallest candidate that
+    /// agrees and is not slower): compressed when loaded (cached in the cache directory),
     /// checked against the original on random inputs, used only if it agrees (cosine and
     /// top-1 ≥ 0.99); otherwise the original serves and the summary says why.
     pub compress: Option<String>,

@@ -116,6 +116,16 @@ fn compress(opts: &rxd::cli::CompressOpts, result: &mut Option<Compressed>) -> R
         })?),
         None => Plan::parse(&opts.strategy, opts.calibration_method)?,
     };
+    let plan = match (plan, opts.objective) {
+        (Plan::Auto(_, method), Some(o)) if opts.strategy == "auto" => Plan::Auto(o, method),
+        (p, None) => p,
+        _ => {
+            return Err(Failed(
+                code::USAGE,
+                "--objective goes with --strategy auto only".into(),
+            ));
+        }
+    };
     let bytes = std::fs::read(&opts.input).map_err(|source| Error::Read {
         path: opts.input.clone(),
         source,

@@ -40,7 +40,8 @@ pub struct CompressRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
     /// As `rxd compress --strategy`: `int8-weights`, `dynamic-int8`, `fp16`, `prune:S`,
-    /// combined with `+`; or `static-int8` (needs `calibration`).
+    /// combined with `+`; or `static-int8` (needs `calibration`); or `auto[:OBJECTIVE]`
+    /// (objective `size`, `latency` or `balanced`).
     pub strategy: String,
     /// Calibration inputs for `static-int8` (inline tensors, one per model input, a batch of
     /// items each).

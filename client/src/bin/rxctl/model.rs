@@ -41,7 +41,9 @@ pub struct CompressArgs {
     #[command(flatten)]
     target: Target,
     /// int8-weights, dynamic-int8, fp16, prune:S, combined with +; or static-int8 (with
-    /// --calibration).
+    /// --calibration); or auto (the daemon tries them all and publishes the smallest that
+    /// passes and is not slower at batch 1; auto:latency the fastest, auto:balanced the
+    /// smallest size × latency; without --eval its accuracy is unverified).
     #[arg(long, default_value = "int8-weights")]
     strategy: String,
     /// static-int8: calibration inputs NAME=FILE.npy (a batch of real inputs).
