@@ -146,9 +146,15 @@ impl LoadJob {
             .map(|i| 1u32 << i)
             .filter(|&b| b <= max_rows)
             .collect();
+        // Sessions cost about twice the file each (weights, ORT's copies and arena); they may
+        // take half the device's budget, or a quarter of the machine's memory without one.
+        let session_bytes = 2 * std::fs::metadata(&build.path).map_or(0, |m| m.len());
+        let limit = dev.budget.map_or_else(|| physical_memory() / 4, |b| b / 2);
+        let layouts = super::tune::affordable(crate::runtime::layouts(cores), session_bytes, limit);
         let key = super::tune::CacheKey {
             device: &build.device,
             cores,
+            layouts: &layouts,
             sizes: &sizes,
             ort: self.runtime.version(),
             dims: s.warmup_dims.as_ref(),
@@ -176,7 +182,7 @@ impl LoadJob {
                 allow_spinning: s.allow_spinning.unwrap_or(false),
                 log_id: format!("{}:{} (tuning)", build.name, build.version),
             },
-            layouts: &crate::runtime::layouts(cores),
+            layouts: &layouts,
             sizes: &sizes,
             warmup_dims: s.warmup_dims.as_ref().unwrap_or(&no_dims),
             budget: TUNE_BUDGET,
@@ -205,6 +211,21 @@ impl LoadJob {
             super::tune::write_cache(path, &t);
         }
         Some(t)
+    }
+}
+
+/// The machine's memory in bytes (u64::MAX where the system does not say).
+fn physical_memory() -> u64 {
+    use nix::unistd::{SysconfVar, sysconf};
+    let get = |v| {
+        sysconf(v)
+            .ok()
+            .flatten()
+            .and_then(|n| u64::try_from(n).ok())
+    };
+    match (get(SysconfVar::_PHYS_PAGES), get(SysconfVar::PAGE_SIZE)) {
+        (Some(pages), Some(page)) => pages.saturating_mul(page),
+        _ => u64::MAX,
     }
 }
 

@@ -80,6 +80,24 @@ pub fn choose(table: &[Cell]) -> Option<Tuning> {
     })
 }
 
+/// The layouts whose sessions fit `limit` bytes, at `session_bytes` each: every session of
+/// every layout measured is alive at once while tuning, and the chosen layout's serve, so
+/// layouts are kept, fewest sessions first, while their sessions together fit. The single
+/// session on every core is always kept (one session is what any load costs).
+pub fn affordable(
+    mut layouts: Vec<crate::runtime::Layout>,
+    session_bytes: u64,
+    limit: u64,
+) -> Vec<crate::runtime::Layout> {
+    layouts.sort_by_key(|l| l.instances);
+    let mut total = 0u64;
+    layouts.retain(|l| {
+        total = total.saturating_add(session_bytes.saturating_mul(u64::from(l.instances)));
+        l.instances == 1 || total <= limit
+    });
+    layouts
+}
+
 /// What a tuning's cache entry is for besides the model's bytes: any of it changing measures
 /// again.
 #[derive(Debug)]
@@ -87,6 +105,8 @@ pub struct CacheKey<'a> {
     pub device: &'a str,
     /// The cores given to the daemon.
     pub cores: u32,
+    /// The layouts measured (fewer where memory is short).
+    pub layouts: &'a [crate::runtime::Layout],
     pub sizes: &'a [u32],
     /// The ONNX Runtime version.
     pub ort: &'a str,
@@ -102,8 +122,8 @@ pub fn cache_path(cache_dir: &Path, model: &Path, key: &CacheKey<'_>) -> std::io
     let dims: std::collections::BTreeMap<_, _> = key.dims.into_iter().flatten().collect();
     h.update(
         format!(
-            "\0{}\0{}\0{:?}\0{}\0{dims:?}",
-            key.device, key.cores, key.sizes, key.ort
+            "\0{}\0{}\0{:?}\0{:?}\0{}\0{dims:?}",
+            key.device, key.cores, key.layouts, key.sizes, key.ort
         )
         .as_bytes(),
     );
@@ -229,6 +249,18 @@ mod tests {
     }
 
     #[test]
+    fn layouts_are_measured_only_while_their_sessions_fit_the_memory_given() {
+        let all = crate::runtime::layouts(16);
+        let n = |v: &[Layout]| v.iter().map(|l| l.instances).collect::<Vec<_>>();
+        // A small model: every layout (1 + 8 + 16 sessions).
+        assert_eq!(n(&affordable(all.clone(), 10 << 20, 4 << 30)), [1, 8, 16]);
+        // 2 GiB a session in 24 GiB: one session, then 8 (18 GiB); 16 more would not fit.
+        assert_eq!(n(&affordable(all.clone(), 2 << 30, 24 << 30)), [1, 8]);
+        // Larger than the limit alone: still the one session on every core.
+        assert_eq!(n(&affordable(all, 64 << 30, 24 << 30)), [1]);
+    }
+
+    #[test]
     fn the_cache_is_per_model_device_and_machine_and_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (dir.path().join("a.onnx"), dir.path().join("b.onnx"));
@@ -238,6 +270,7 @@ mod tests {
             let key = CacheKey {
                 device,
                 cores,
+                layouts: &[],
                 sizes: &[1, 2],
                 ort: "1.31.1",
                 dims: None,
@@ -253,6 +286,7 @@ mod tests {
         let with_dims = CacheKey {
             device: "cpu",
             cores: 2,
+            layouts: &[],
             sizes: &[1, 2],
             ort: "1.31.1",
             dims: Some(&dims),
