@@ -160,10 +160,14 @@ impl LoadJob {
             dims: s.warmup_dims.as_ref(),
         };
         let cache = super::tune::cache_path(&self.defaults.cache_dir, &build.path, &key).ok();
+        let remembered = |path: &std::path::Path| {
+            let known = self.tunings.lock().unwrap_or_else(|e| e.into_inner());
+            known.get(path).cloned()
+        };
         if let Some(t) = cache
             .as_deref()
             .filter(|_| !build.retune)
-            .and_then(super::tune::read_cache)
+            .and_then(|p| remembered(p).or_else(|| super::tune::read_cache(p)))
         {
             tracing::info!(model = %build.name, version = build.version, "tuning (cached): {}", t.reason);
             return Some(rxd_protocol::Tuning { cached: true, ..t });
@@ -209,6 +213,8 @@ impl LoadJob {
         );
         if let Some(path) = &cache {
             super::tune::write_cache(path, &t);
+            let mut known = self.tunings.lock().unwrap_or_else(|e| e.into_inner());
+            known.insert(path.clone(), t.clone());
         }
         Some(t)
     }

@@ -59,6 +59,7 @@ pub(super) struct Build {
 /// when it passes its deadline (see [`Registry::measured_build`]).
 pub(super) struct LoadJob {
     pub runtime: Arc<Runtime>,
+    pub tunings: super::tune::Remembered,
     pub defaults: Defaults,
     pub metrics: Arc<crate::metrics::ModelMetrics>,
     pub epoch: Instant,
@@ -79,6 +80,7 @@ impl Registry {
             .map_or(self.defaults.load_timeout, Duration::from_secs);
         let job = LoadJob {
             runtime: self.runtime.clone(),
+            tunings: self.tunings.clone(),
             defaults: self.defaults.clone(),
             metrics: self.model_metrics(&name, version),
             epoch: self.epoch,

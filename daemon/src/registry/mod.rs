@@ -255,6 +255,9 @@ pub struct Registry {
     /// Set when the daemon starts to stop: no load begins, and waiters of loads under way are
     /// answered `shutting_down` (see [`Registry::stop_loading`]).
     stopping: AtomicBool,
+    /// Load-time tuning's choices by cache key, for the daemon's life: a cache directory that
+    /// cannot be written does not make every reload measure again.
+    tunings: tune::Remembered,
 }
 
 impl Registry {
@@ -282,6 +285,7 @@ impl Registry {
             metrics: Mutex::new(BTreeMap::new()),
             on_demand: AtomicBool::new(defaults.load_on_demand),
             stopping: AtomicBool::new(false),
+            tunings: Default::default(),
             defaults,
         }
     }

@@ -131,6 +131,9 @@ pub fn cache_path(cache_dir: &Path, model: &Path, key: &CacheKey<'_>) -> std::io
     Ok(cache_dir.join("tune").join(format!("{}.json", &name[..32])))
 }
 
+/// Choices already made, by cache file (shared by the registry and its load jobs).
+pub type Remembered = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<PathBuf, Tuning>>>;
+
 /// A cached choice, if there is a readable one.
 pub fn read_cache(path: &Path) -> Option<Tuning> {
     let text = std::fs::read_to_string(path).ok()?;
