@@ -6,7 +6,13 @@
 //! wins: only the keys it leaves unset are tuned.
 //!
 //! The choice: the best throughput measured anywhere sets the bar; among the cells within
-//! [`NEAR`] of it, the one whose single run is quickest wins (the same work for less latency).
+//! [`NEAR`] of it, the layout with the most sessions (fewest threads each) wins, then the one
+//! whose single run is quickest. Single-thread sessions share the cores with other busy
+//! models without loss (the kernel time-slices whole runs), where a session of several
+//! threads stalls at every operator while one of its threads waits for a core: with the PP-OCR
+//! classifier busy beside it, YOLOv8n in one two-thread session got ~25 requests/s and the
+//! classifier ~900; as two single-thread sessions ~32 and ~690, each its fair share (2 cores,
+//! BENCHMARKS.md, "tune").
 //! Its layout serves; the batch cap is the smallest size of that layout within `NEAR` of the
 //! layout's best throughput (beyond it a batch only adds latency); the latency target, which
 //! turns on the adaptive batch policy, lets a batch of that cap run in half of it and is never
@@ -32,7 +38,9 @@ pub fn choose(table: &[Cell]) -> Option<Tuning> {
     let pick = table
         .iter()
         .filter(|c| near(c.items_per_s, best))
-        .min_by(|a, b| a.run_ms.total_cmp(&b.run_ms))?;
+        .min_by(|a, b| {
+            (b.layout.instances.cmp(&a.layout.instances)).then(a.run_ms.total_cmp(&b.run_ms))
+        })?;
     let layout = pick.layout;
     let of_layout: Vec<&Cell> = table.iter().filter(|c| c.layout == layout).collect();
     let layout_best = of_layout
@@ -243,10 +251,17 @@ mod tests {
     }
 
     #[test]
-    fn equal_throughput_goes_to_the_lower_latency() {
+    fn equal_throughput_goes_to_single_thread_sessions_then_to_the_lower_latency() {
         // The same items/s from one two-thread session at 1 row (0.5 ms) as from two
-        // one-thread sessions at 1 row (1 ms each): the quicker run wins.
+        // one-thread sessions at 1 row (1 ms each): the single-thread sessions, which share
+        // the cores with other busy models without stalling.
         let t = table(&[(ONE, 1, 0.5), (TWO, 1, 1.0)]);
+        assert_eq!(layout(&choose(&t).unwrap()), TWO);
+        // Within one layout, equal throughput goes to the quicker run (the smaller batch).
+        let t = table(&[(TWO, 1, 1.0), (TWO, 2, 2.0)]);
+        assert_eq!(choose(&t).unwrap().max_batch_rows, 1);
+        // Clearly more throughput from the two-thread session: it wins.
+        let t = table(&[(ONE, 1, 0.4), (TWO, 1, 1.0)]);
         assert_eq!(layout(&choose(&t).unwrap()), ONE);
         assert!(choose(&[]).is_none());
     }
