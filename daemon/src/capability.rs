@@ -4,7 +4,7 @@
 //! to float32, as `fp16-weights` stores them, needs no float16 arithmetic). The file is read
 //! at the protobuf wire level without copying it (only the main graph; subgraphs are not
 //! searched). Placement (`registry::load`) keeps such a model off devices whose probe found
-//! no float16 (`runtime::caps`).
+//! no float16 (`runtime::caps`), and reads nothing where every device has float16.
 //! Boundary: pure reading; no ORT, no registry state.
 
 use std::collections::HashSet;

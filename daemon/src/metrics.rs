@@ -728,4 +728,39 @@ mod tests {
         let kept = d.history.lock().unwrap().len();
         assert!(kept <= 3, "{kept}");
     }
+
+    /// What recording costs a worker per batch, alone and with a second worker of the same
+    /// device recording at the same time (the atomics' cache line shared). Run in release for
+    /// figures: `cargo test -p rxd --lib --release -- --ignored --nocapture device_load_cost`.
+    #[test]
+    #[ignore = "a timing; run in release"]
+    fn device_load_cost_per_batch() {
+        const N: u32 = 2_000_000;
+        let d = std::sync::Arc::new(DeviceLoad::default());
+        let run = |d: &DeviceLoad| {
+            let t = Instant::now();
+            let started = Instant::now();
+            for _ in 0..N {
+                d.begin(started);
+                d.end(started, 1);
+            }
+            t.elapsed().as_nanos() as f64 / f64::from(N)
+        };
+        let alone = run(&d);
+        let other = d.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let rival = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                other.begin(Instant::now());
+                other.end(Instant::now(), 1);
+            }
+        });
+        let shared = run(&d);
+        stop.store(true, Ordering::Relaxed);
+        rival.join().unwrap();
+        println!("DeviceLoad begin+end: {alone:.1} ns alone, {shared:.1} ns with a rival worker");
+        assert!(alone < 1000.0 && shared < 5000.0, "{alone} {shared}");
+        assert_eq!(d.running.load(Ordering::Relaxed), 0);
+    }
 }

@@ -41,6 +41,11 @@ impl Registry {
         }
     }
 
+    /// Whether a device's probe found no float16 (else no model needs to be read for it).
+    pub(super) fn some_device_lacks_float16(&self) -> bool {
+        (0..self.caps.len()).any(|i| self.capabilities(i).is_some_and(|c| !c.float16.usable()))
+    }
+
     /// Device `i`'s capabilities, once probed.
     pub(super) fn capabilities(&self, i: usize) -> Option<Capabilities> {
         self.caps.get(i).and_then(|c| c.get().copied().flatten())

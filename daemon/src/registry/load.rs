@@ -255,10 +255,12 @@ impl Registry {
         let key: Key = (ticket.name.clone(), ticket.version);
         let (name, version) = (key.0.as_str(), key.1);
         // Outside the locks: the devices' probe (done at start; here for embedders that skip
-        // it) and reading the model file for float16.
+        // it) and, only where some device has no float16, reading the model file for it.
         self.probe_devices();
-        let float16 =
-            crate::capability::float16_need(&ticket.path, ticket.settings.compress.as_deref());
+        let float16 = self.some_device_lacks_float16().then(|| {
+            crate::capability::float16_need(&ticket.path, ticket.settings.compress.as_deref())
+        });
+        let float16 = float16.flatten();
         let (device, victims) = {
             let mut models = self.write();
             match self.admit(&mut models, &ticket, float16.as_deref()) {
