@@ -113,6 +113,14 @@ impl<K: Ord + Clone + Debug> Budget<K> {
         self.devices.iter().position(|d| d.name == name)
     }
 
+    /// Every device in the order a model without a preference tries them: by tier, then the
+    /// most free budget first.
+    pub fn preference(&self) -> Vec<usize> {
+        let mut all: Vec<usize> = (0..self.devices.len()).collect();
+        all.sort_by_key(|&d| (self.devices[d].tier, std::cmp::Reverse(self.free(d))));
+        all
+    }
+
     /// Bytes accounted on device `d`.
     pub fn used(&self, d: usize) -> u64 {
         self.entries
@@ -187,9 +195,7 @@ impl<K: Ord + Clone + Debug> Budget<K> {
             });
         }
         let order: Vec<usize> = if candidates.is_empty() {
-            let mut all: Vec<usize> = (0..self.devices.len()).collect();
-            all.sort_by_key(|&d| (self.devices[d].tier, std::cmp::Reverse(self.free(d))));
-            all
+            self.preference()
         } else {
             candidates
                 .iter()

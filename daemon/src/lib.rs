@@ -3,6 +3,8 @@
 //!
 //! # Layout
 //! - [`budget`]: device memory budgets and the admission/eviction policy (pure).
+//! - [`capability`]: what a model needs of a device beyond memory (float16), read from its
+//!   file.
 //! - [`cli`]: command-line flags (clap), shared by the binary, man pages and completions.
 //! - [`config`]: TOML configuration, flag overrides, validation (parse → validate → act).
 //! - [`listener`]: binding the Unix socket, accepting connections, peer credentials.
@@ -33,6 +35,7 @@
 #[cfg(feature = "alloc-count")]
 pub mod alloc_count;
 pub mod budget;
+pub mod capability;
 pub mod cli;
 pub mod coalesce;
 pub mod compression;
@@ -153,7 +156,11 @@ pub async fn run(
     coalesce::set_key_budget(shared.config.arena_total_bytes);
     scheduler::timer::start()?;
     let s = shared.clone();
-    let preload = tokio::task::spawn_blocking(move || s.registry.preload(&s.config.preload));
+    let preload = tokio::task::spawn_blocking(move || {
+        // What each device computes, found once before anything is placed on it.
+        s.registry.probe_devices();
+        s.registry.preload(&s.config.preload)
+    });
     tokio::select! {
         done = preload => done.map_err(std::io::Error::other)??,
         // Loads are bounded by their deadline, but SIGTERM need not wait for it.

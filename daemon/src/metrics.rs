@@ -499,6 +499,134 @@ fn process_now() -> ProcessMetrics {
     }
 }
 
+/// How busy one device is. Its workers record each batch with a few atomic operations (no
+/// lock, no allocation, no clock read of its own: the worker's batch timestamps are passed
+/// in); reports read the counters and keep a short history of readings under a mutex that
+/// only they take, to turn totals into figures over a recent window.
+///
+/// Busy time is the union of the workers' batches: the device is busy while at least one of
+/// its workers runs a batch (a GPU's utilisation is counted the same way), so the ratio stays
+/// within 0–1 however many workers share the device.
+#[derive(Debug)]
+pub struct DeviceLoad {
+    epoch: Instant,
+    /// Workers on the device running a batch now.
+    running: AtomicU64,
+    /// Nanoseconds since `epoch` at which the current busy stretch began (while `running > 0`).
+    since: AtomicU64,
+    /// Nanoseconds of busy stretches that have ended.
+    busy_ns: AtomicU64,
+    rows: AtomicU64,
+    batches: AtomicU64,
+    /// Readings taken by reports: (ns since `epoch`, busy ns, rows), oldest first.
+    history: Mutex<std::collections::VecDeque<(u64, u64, u64)>>,
+}
+
+/// The window device figures cover when reports come at least this often.
+pub const DEVICE_WINDOW: Duration = Duration::from_secs(10);
+/// Reports closer together than this do not add a reading (a flood of metrics requests keeps
+/// the history short).
+const READING_EVERY: Duration = Duration::from_millis(100);
+
+impl Default for DeviceLoad {
+    fn default() -> Self {
+        DeviceLoad {
+            epoch: Instant::now(),
+            running: AtomicU64::new(0),
+            since: AtomicU64::new(0),
+            busy_ns: AtomicU64::new(0),
+            rows: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            history: Mutex::new(std::collections::VecDeque::from([(0, 0, 0)])),
+        }
+    }
+}
+
+impl DeviceLoad {
+    fn ns(&self, at: Instant) -> u64 {
+        let d = at.saturating_duration_since(self.epoch);
+        d.as_nanos().min(u128::from(u64::MAX)) as u64
+    }
+
+    /// A worker on the device starts a batch at `at`.
+    pub fn begin(&self, at: Instant) {
+        // The first worker in starts the stretch. Nobody ends it before this store: its end
+        // needs this worker's own decrement.
+        if self.running.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.since.store(self.ns(at), Ordering::Release);
+        }
+    }
+
+    /// A worker on the device ended a batch of `rows` rows at `at`.
+    pub fn end(&self, at: Instant, rows: u32) {
+        self.rows.fetch_add(u64::from(rows), Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        // Read before leaving: while this worker counts as running, no new stretch can begin,
+        // so `since` is this stretch's start.
+        let since = self.since.load(Ordering::Acquire);
+        if self.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.busy_ns
+                .fetch_add(self.ns(at).saturating_sub(since), Ordering::Relaxed);
+        }
+    }
+
+    /// Busy nanoseconds up to `now`, the stretch under way included.
+    fn busy_at(&self, now: u64) -> u64 {
+        let ended = self.busy_ns.load(Ordering::Relaxed);
+        if self.running.load(Ordering::Acquire) > 0 {
+            let since = self.since.load(Ordering::Acquire);
+            ended + now.saturating_sub(since)
+        } else {
+            ended
+        }
+    }
+
+    /// The device's figures now, with `queue_depth` requests waiting for its models.
+    pub fn report(&self, queue_depth: u64) -> rxd_protocol::DeviceLoad {
+        self.report_at(Instant::now(), queue_depth)
+    }
+
+    fn report_at(&self, at: Instant, queue_depth: u64) -> rxd_protocol::DeviceLoad {
+        let now = self.ns(at);
+        let busy = self.busy_at(now);
+        let rows = self.rows.load(Ordering::Relaxed);
+        let (t0, busy0, rows0) = {
+            let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
+            let cutoff = now.saturating_sub(DEVICE_WINDOW.as_nanos() as u64);
+            // Keep the newest reading at or before the window's start, and the ones after.
+            while h.len() >= 2 && h[1].0 <= cutoff {
+                h.pop_front();
+            }
+            let base = h.front().copied().unwrap_or((0, 0, 0));
+            if h.back()
+                .is_none_or(|b| now.saturating_sub(b.0) >= READING_EVERY.as_nanos() as u64)
+            {
+                h.push_back((now, busy, rows));
+            }
+            base
+        };
+        let window = now.saturating_sub(t0);
+        let secs = window as f64 / 1e9;
+        let (busy_ratio, rows_per_s) = if window == 0 {
+            (0.0, 0.0)
+        } else {
+            (
+                (busy.saturating_sub(busy0) as f64 / window as f64).clamp(0.0, 1.0),
+                rows.saturating_sub(rows0) as f64 / secs,
+            )
+        };
+        rxd_protocol::DeviceLoad {
+            busy_ratio,
+            rows_per_s,
+            window_s: secs,
+            queue_depth,
+            busy_seconds_total: busy as f64 / 1e9,
+            rows_total: rows,
+            batches_total: self.batches.load(Ordering::Relaxed),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -554,5 +682,85 @@ mod tests {
         assert!(p.threads.unwrap() >= 1);
         assert!(p.open_fds.unwrap() >= 3);
         assert!(p.cpu_seconds.unwrap() >= 0.0);
+    }
+
+    #[test]
+    fn device_busy_is_the_union_of_its_workers_batches_over_a_recent_window() {
+        let d = DeviceLoad::default();
+        let t = |ms: u64| d.epoch + Duration::from_millis(ms);
+        // Two workers overlapping: busy from 1000 to 4000 ms (3 s), not 4 s.
+        d.begin(t(1000));
+        d.begin(t(2000));
+        d.end(t(3000), 2);
+        d.end(t(4000), 3);
+        // Idle, then one batch under way at the report (counted up to the report's time).
+        d.begin(t(9000));
+        let r = d.report_at(t(10_000), 7);
+        assert_eq!(r.rows_total, 5);
+        assert_eq!(r.batches_total, 2);
+        assert_eq!(r.queue_depth, 7);
+        assert!((r.busy_seconds_total - 4.0).abs() < 1e-6, "{r:?}");
+        assert!((r.window_s - 10.0).abs() < 1e-6, "{r:?}");
+        assert!((r.busy_ratio - 0.4).abs() < 1e-6, "{r:?}");
+        assert!((r.rows_per_s - 0.5).abs() < 1e-6, "{r:?}");
+        d.end(t(11_000), 1);
+        // Reports every second: the window is the last 10 s, so the ratio falls back towards
+        // 0 once idle, and reaches it when the whole window is idle.
+        let mut last = r;
+        for s in 12..=22 {
+            last = d.report_at(t(s * 1000), 0);
+        }
+        assert!((last.window_s - 10.0).abs() < 1e-6, "{last:?}");
+        assert_eq!(last.busy_ratio, 0.0, "{last:?}");
+        assert_eq!(last.rows_per_s, 0.0, "{last:?}");
+        assert!((last.busy_seconds_total - 5.0).abs() < 1e-6, "{last:?}");
+        // A report long after the last one covers the time since it.
+        let late = d.report_at(t(60_000), 0);
+        assert!((late.window_s - 38.0).abs() < 1e-6, "{late:?}");
+    }
+
+    #[test]
+    fn device_readings_are_not_kept_for_reports_closer_than_the_reading_period() {
+        let d = DeviceLoad::default();
+        for i in 0..10_000u64 {
+            d.report_at(d.epoch + Duration::from_micros(i * 10), 0);
+        }
+        let kept = d.history.lock().unwrap().len();
+        assert!(kept <= 3, "{kept}");
+    }
+
+    /// What recording costs a worker per batch, alone and with a second worker of the same
+    /// device recording at the same time (the atomics' cache line shared). Run in release for
+    /// figures: `cargo test -p rxd --lib --release -- --ignored --nocapture device_load_cost`.
+    #[test]
+    #[ignore = "a timing; run in release"]
+    fn device_load_cost_per_batch() {
+        const N: u32 = 2_000_000;
+        let d = std::sync::Arc::new(DeviceLoad::default());
+        let run = |d: &DeviceLoad| {
+            let t = Instant::now();
+            let started = Instant::now();
+            for _ in 0..N {
+                d.begin(started);
+                d.end(started, 1);
+            }
+            t.elapsed().as_nanos() as f64 / f64::from(N)
+        };
+        let alone = run(&d);
+        let other = d.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let rival = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                other.begin(Instant::now());
+                other.end(Instant::now(), 1);
+            }
+        });
+        let shared = run(&d);
+        stop.store(true, Ordering::Relaxed);
+        rival.join().unwrap();
+        println!("DeviceLoad begin+end: {alone:.1} ns alone, {shared:.1} ns with a rival worker");
+        assert!(alone < 1000.0 && shared < 5000.0, "{alone} {shared}");
+        assert_eq!(d.running.load(Ordering::Relaxed), 0);
     }
 }

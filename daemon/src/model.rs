@@ -62,6 +62,8 @@ pub struct Serving {
     pub epoch: Instant,
     /// Test hook: its workers hang on their first batch.
     pub wedge: bool,
+    /// Its device's busy time and rows (the workers record each batch there).
+    pub device_load: Arc<crate::metrics::DeviceLoad>,
 }
 
 impl LoadedModel {
@@ -74,6 +76,7 @@ impl LoadedModel {
             sessions: built.sessions,
             pad_to: built.pad_to,
             wedge: s.wedge,
+            load: s.device_load,
         };
         let scheduler = Scheduler::start(
             crew,

@@ -477,6 +477,73 @@ pub fn prometheus(r: &MetricsReport) -> String {
             );
         }
     }
+    type DeviceFigure = fn(&crate::DeviceLoad) -> f64;
+    let per_device: [(&str, &str, &str, DeviceFigure); 6] = [
+        (
+            "rxd_device_busy_ratio",
+            "gauge",
+            "Share of recent wall time (rxd_device_load_window_seconds) in which a worker on the device ran a batch.",
+            |l| l.busy_ratio,
+        ),
+        (
+            "rxd_device_busy_seconds_total",
+            "counter",
+            "Seconds in which at least one worker on the device ran a batch.",
+            |l| l.busy_seconds_total,
+        ),
+        (
+            "rxd_device_queue_depth",
+            "gauge",
+            "Requests waiting for a worker, all model versions on the device.",
+            |l| l.queue_depth as f64,
+        ),
+        (
+            "rxd_device_rows_total",
+            "counter",
+            "Rows (items) run on the device, padding excluded.",
+            |l| l.rows_total as f64,
+        ),
+        (
+            "rxd_device_rows_per_second",
+            "gauge",
+            "Rows run per second over the recent window (rxd_device_load_window_seconds).",
+            |l| l.rows_per_s,
+        ),
+        (
+            "rxd_device_load_window_seconds",
+            "gauge",
+            "The window the device's busy ratio and rows per second cover.",
+            |l| l.window_s,
+        ),
+    ];
+    for (name, kind, help, pick) in per_device {
+        o.family(name, kind, help);
+        for d in &r.devices {
+            if let Some(l) = &d.load {
+                o.sample(name, &[("device", d.name.clone())], pick(l));
+            }
+        }
+    }
+    o.family(
+        "rxd_device_capability",
+        "gauge",
+        "1 for how the device supports a kind of arithmetic (native, emulated, absent), as probed at start.",
+    );
+    for d in &r.devices {
+        if let Some(c) = &d.capabilities {
+            for (cap, support) in [("float16", c.float16), ("int8", c.int8)] {
+                o.sample(
+                    "rxd_device_capability",
+                    &[
+                        ("device", d.name.clone()),
+                        ("capability", cap.into()),
+                        ("support", support.name().into()),
+                    ],
+                    1.0,
+                );
+            }
+        }
+    }
     if !r.gpus.is_empty() {
         o.family(
             "rxd_gpu_utilization_ratio",

@@ -414,3 +414,60 @@ fn repository_names_name_one_entry_inside_the_repository() {
         assert_eq!(e.kind(), Some(ErrorCode::InvalidRequest), "{bad:?}");
     }
 }
+
+#[test]
+fn device_summaries_decode_with_and_without_capabilities_and_load() {
+    #[derive(serde::Serialize)]
+    struct Old<'a> {
+        name: &'a str,
+        kind: &'a str,
+        used_bytes: u64,
+        models: Vec<String>,
+    }
+    // A summary from a daemon before capabilities and load: both absent.
+    let old = rmp_serde::to_vec_named(&Old {
+        name: "cpu",
+        kind: "cpu",
+        used_bytes: 0,
+        models: vec![],
+    })
+    .unwrap();
+    let d: DeviceSummary = rmp_serde::from_slice(&old).unwrap();
+    assert_eq!((d.capabilities, d.load), (None, None));
+
+    let new = DeviceSummary {
+        capabilities: Some(Capabilities {
+            float16: Support::Absent,
+            int8: Support::Native,
+        }),
+        load: Some(DeviceLoad {
+            busy_ratio: 0.5,
+            queue_depth: 3,
+            ..DeviceLoad::default()
+        }),
+        ..d
+    };
+    let bytes = rmp_serde::to_vec_named(&new).unwrap();
+    let back: DeviceSummary = rmp_serde::from_slice(&bytes).unwrap();
+    assert_eq!(back, new);
+    let json = wire_json(&new);
+    assert_eq!(json["capabilities"]["float16"], "absent");
+    assert_eq!(json["load"]["queue_depth"], 3);
+
+    // A support value from a newer daemon reads as unknown.
+    #[derive(serde::Serialize)]
+    struct Newer<'a> {
+        float16: &'a str,
+        bfloat16: &'a str,
+    }
+    let c: Capabilities = rmp_serde::from_slice(
+        &rmp_serde::to_vec_named(&Newer {
+            float16: "partial",
+            bfloat16: "native",
+        })
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(c.float16, Support::Unknown);
+    assert_eq!(c.int8, Support::Unknown);
+}

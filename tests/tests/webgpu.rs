@@ -221,3 +221,37 @@ fn a_missing_plugin_fails_the_load_and_with_fallback_the_model_serves_on_the_cpu
         "{devices:?}"
     );
 }
+
+#[test]
+fn the_webgpu_device_is_probed_for_float16_and_integer_kernels_at_start() {
+    let repo = Repo::new();
+    repo.link("digits", 1, "digits");
+    let config = format!("{}[[device]]\nname = 'cpu'\n", gpu_device("gpu0", "1GiB"));
+    let d = start(&repo, &config);
+    let devices = d.client().devices().unwrap();
+    let gpu = devices.iter().find(|x| x.name == "gpu0").unwrap();
+    let caps = gpu.capabilities.expect("probed at start");
+    // Mesa's lavapipe offers shaderFloat16, so ORT's WebGPU kernels run the float16 Add
+    // themselves (CPU fallback is off for the probe); a Polaris card would say absent.
+    assert_eq!(caps.float16, rxd_protocol::Support::Native, "{gpu:?}");
+    // ORT's WebGPU EP has no MatMulInteger kernel: integer models run their integer nodes on
+    // the CPU.
+    assert_eq!(caps.int8, rxd_protocol::Support::Absent, "{gpu:?}");
+    let cpu = devices.iter().find(|x| x.name == "cpu").unwrap();
+    assert_eq!(
+        cpu.capabilities.map(|c| c.float16),
+        Some(rxd_protocol::Support::Emulated)
+    );
+    let log = d.log_text();
+    let why = log
+        .lines()
+        .find(|l| l.contains("no integer kernels") && l.contains(WEBGPU))
+        .unwrap_or_else(|| panic!("{log}"));
+    println!("{why}");
+    let out = d.rxctl(&["devices"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("float16 native, int8 absent"),
+        "rxctl devices:\n{text}"
+    );
+}

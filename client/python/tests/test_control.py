@@ -62,6 +62,8 @@ def test_blocking_control_and_observability(ctl: Daemon) -> None:
         devices = c.devices()
         cpu = [d for d in devices if d["kind"] == "cpu"]
         assert cpu and "sigmoid" in " ".join(cpu[0]["models"])
+        assert cpu[0]["capabilities"] == {"float16": "emulated", "int8": "native"}
+        assert cpu[0]["load"]["rows_total"] >= 5 and 0 <= cpu[0]["load"]["busy_ratio"] <= 1
 
         # Admin operations (the tests run as the daemon's own user).
         assert c.unload("digits")["state"] != "ready"

@@ -110,6 +110,14 @@ impl LoadJob {
                 tuning,
                 epoch: self.epoch,
                 wedge: self.defaults.hooks.wedges(&format!("{name}-{version}")),
+                device_load: self
+                    .defaults
+                    .devices
+                    .iter()
+                    .zip(&self.device_loads)
+                    .find(|(d, _)| d.name == actual)
+                    .map(|(_, l)| l.clone())
+                    .unwrap_or_default(),
             },
         )
         .map_err(BuildError::Runtime)

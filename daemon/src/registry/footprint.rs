@@ -63,6 +63,8 @@ pub(super) struct LoadJob {
     pub defaults: Defaults,
     pub metrics: Arc<crate::metrics::ModelMetrics>,
     pub epoch: Instant,
+    /// Per device (`defaults.devices`' order): what its workers record their batches into.
+    pub device_loads: Vec<Arc<crate::metrics::DeviceLoad>>,
 }
 
 impl Registry {
@@ -84,6 +86,7 @@ impl Registry {
             defaults: self.defaults.clone(),
             metrics: self.model_metrics(&name, version),
             epoch: self.epoch,
+            device_loads: self.loads.clone(),
         };
         let (tx, rx) = crossbeam_channel::bounded(1);
         let started = Instant::now();

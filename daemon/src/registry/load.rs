@@ -254,9 +254,16 @@ impl Registry {
     pub fn finish(&self, ticket: Box<Ticket>) -> Result<ModelSummary, RequestError> {
         let key: Key = (ticket.name.clone(), ticket.version);
         let (name, version) = (key.0.as_str(), key.1);
+        // Outside the locks: the devices' probe (done at start; here for embedders that skip
+        // it) and, only where some device has no float16, reading the model file for it.
+        self.probe_devices();
+        let float16 = self.some_device_lacks_float16().then(|| {
+            crate::capability::float16_need(&ticket.path, ticket.settings.compress.as_deref())
+        });
+        let float16 = float16.flatten();
         let (device, victims) = {
             let mut models = self.write();
-            match self.admit(&mut models, &ticket) {
+            match self.admit(&mut models, &ticket, float16.as_deref()) {
                 Ok(admitted) => admitted,
                 Err((failure, message)) => {
                     return Err(self.fail(&mut models, ticket, failure, message));
@@ -374,10 +381,13 @@ impl Registry {
 
     /// Admission: the device a starting load goes to and the victims to evict for it (taken
     /// from the map, dropped by the caller), or why it cannot be admitted.
+    /// `float16`: why the model computes in float16, if it does (devices without float16
+    /// are not candidates).
     fn admit(
         &self,
         models: &mut std::collections::BTreeMap<String, Model>,
         ticket: &Ticket,
+        float16: Option<&str>,
     ) -> Result<Admitted, (Failure, String)> {
         let (name, version) = (ticket.name.as_str(), ticket.version);
         let key: Key = (ticket.name.clone(), version);
@@ -393,9 +403,14 @@ impl Registry {
             });
         let estimate = known.unwrap_or_else(|| b.estimator.estimate(ticket.file_bytes));
         let busy = self.sync_usage(models, &mut b);
-        let candidates = self
+        let mut candidates = self
             .candidates(&ticket.settings, &b)
             .map_err(|message| (Failure::Broken, message))?;
+        if let Some(why) = float16 {
+            candidates = self
+                .float16_candidates(&b, candidates, why)
+                .map_err(|m| (Failure::Broken, format!("'{name}' version {version}: {m}")))?;
+        }
         let now = self.now_ms();
         let is_busy = |k: &Key| ticket.no_evict || busy.contains(k);
         // An estimate is a guess: when it cannot fit but the weights alone (a hard lower

@@ -12,6 +12,8 @@
 //!   [`LoadedModel`];
 //! - `reload`: preloads, a rescan's loads and unloads, device budget changes;
 //! - `control`: run-time `configure` (in place, or a rebuild beside the running version);
+//! - `devices`: each device's probed capabilities and its load, and the float16 placement
+//!   rule;
 //! - `report`: summaries, devices, metrics and health figures.
 //!
 //! This file: the registry's state (the map of models and versions, the budget) and the
@@ -26,6 +28,7 @@
 
 mod assemble;
 mod control;
+mod devices;
 mod footprint;
 mod lifecycle;
 mod load;
@@ -258,6 +261,11 @@ pub struct Registry {
     /// Load-time tuning's choices by cache key, for the daemon's life: a cache directory that
     /// cannot be written does not make every reload measure again.
     tunings: tune::Remembered,
+    /// Per device (the order of `defaults.devices`): its capabilities, probed once (`None`:
+    /// its execution provider did not come up).
+    caps: Vec<std::sync::OnceLock<Option<rxd_protocol::Capabilities>>>,
+    /// Per device: busy time and rows, recorded by the workers placed there.
+    loads: Vec<Arc<crate::metrics::DeviceLoad>>,
 }
 
 impl Registry {
@@ -286,6 +294,16 @@ impl Registry {
             on_demand: AtomicBool::new(defaults.load_on_demand),
             stopping: AtomicBool::new(false),
             tunings: Default::default(),
+            caps: defaults
+                .devices
+                .iter()
+                .map(|_| Default::default())
+                .collect(),
+            loads: defaults
+                .devices
+                .iter()
+                .map(|_| Default::default())
+                .collect(),
             defaults,
         }
     }

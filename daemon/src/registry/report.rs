@@ -1,5 +1,5 @@
-//! What the registry reports: version summaries and signatures, devices with their budgets
-//! and residents, every version's metrics, and the figures health is judged on (stuck
+//! What the registry reports: version summaries and signatures, devices with their budgets,
+//! residents, capabilities and load, every version's metrics, and the figures health is judged on (stuck
 //! workers, queue saturation, versions kept out by the memory budget).
 //! Boundary: reads the registry's state; changes nothing.
 
@@ -171,6 +171,14 @@ impl Registry {
                 })
                 .collect();
             residents.sort();
+            // Requests waiting for the versions placed on this device.
+            let queued: u64 = models
+                .values()
+                .flat_map(|m| m.versions.values())
+                .filter_map(|v| v.loaded())
+                .filter(|l| l.device == dev.name)
+                .map(|l| l.scheduler().queue().0 as u64)
+                .sum();
             out.push(DeviceSummary {
                 name: dev.name.clone(),
                 kind: dev.kind.name().into(),
@@ -183,6 +191,8 @@ impl Registry {
                 used_bytes: u.used,
                 free_bytes: live.map(|b| b.saturating_sub(u.used)),
                 models: residents.into_iter().map(|(_, n)| n).collect(),
+                capabilities: self.capabilities(i),
+                load: self.device_load_report(i, queued),
             });
         }
         out

@@ -15,6 +15,7 @@
 //! connections, the wire format's framing, the repository layout or the configuration file.
 
 mod build;
+mod caps;
 mod deliver;
 mod ep;
 mod job;

@@ -206,6 +206,8 @@ pub struct Crew {
     /// A test hook (`config::TestHooks`): every worker hangs on its first batch, to test the
     /// watchdog.
     pub wedge: bool,
+    /// The device's busy time and rows, recorded per batch.
+    pub load: Arc<crate::metrics::DeviceLoad>,
 }
 
 impl WorkerPool {
@@ -222,6 +224,7 @@ impl WorkerPool {
             sessions,
             pad_to,
             wedge,
+            load,
         } = crew;
         let pad_to: Arc<[u32]> = pad_to.into();
         let (tx, rx) = crossbeam_channel::bounded::<Batch>(sessions.len().max(1));
@@ -237,9 +240,10 @@ impl WorkerPool {
             let listener = listener.clone();
             let busy = busy_since.clone();
             let pad_to = pad_to.clone();
+            let load = load.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("rxd-w-{label}-{i}"))
-                .spawn(move || worker_loop(session, rx, &pad_to, listener, &busy[i], wedge))
+                .spawn(move || worker_loop(session, rx, &pad_to, listener, &busy[i], wedge, &load))
                 .map_err(|e| RuntimeError::Threads(e.to_string()))?;
             pool.handles.push(handle);
         }
@@ -292,6 +296,7 @@ fn worker_loop(
     listener: std::sync::Weak<dyn BatchListener>,
     busy: &std::sync::atomic::AtomicU64,
     wedge: bool,
+    load: &crate::metrics::DeviceLoad,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut staging = Staging::default();
@@ -322,10 +327,18 @@ fn worker_loop(
         }
         let rows: u32 = batch.rows.iter().sum();
         let dispatched = batch.dispatched;
+        load.begin(started);
         run_batch(&mut sessions, batch, pad_to, &mut staging);
+        let done = std::time::Instant::now();
+        load.end(done, rows);
         busy.store(0, Relaxed);
         if let Some(l) = listener.upgrade() {
-            l.batch_done(rows, started.elapsed(), dispatched.elapsed(), &arrived);
+            l.batch_done(
+                rows,
+                done.saturating_duration_since(started),
+                done.saturating_duration_since(dispatched),
+                &arrived,
+            );
         }
     }
 }

@@ -51,13 +51,14 @@ pub enum Reply {
 }
 
 /// Every device with its memory budget.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeviceList {
     pub devices: Vec<DeviceSummary>,
 }
 
-/// One device: its budget, what is accounted on it, and the model versions resident there.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One device: its budget, what is accounted on it, the model versions resident there, what
+/// it can compute and how busy it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeviceSummary {
     /// Name from the configuration (`cpu` by default).
     pub name: String,
@@ -87,6 +88,84 @@ pub struct DeviceSummary {
     pub free_bytes: Option<u64>,
     /// Resident versions as `name:version`, least recently used first.
     pub models: Vec<String>,
+    /// What the device computes, as probed once at start; absent from older daemons and for a
+    /// device whose probe could not run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Capabilities>,
+    /// How busy the device is; absent from older daemons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<DeviceLoad>,
+}
+
+/// What a device computes, found by running a one-node model of each kind on it once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// float16 arithmetic (an `Add` of two float16 tensors).
+    #[serde(default)]
+    pub float16: Support,
+    /// Integer (INT8) kernels (a `MatMulInteger` of uint8 tensors).
+    #[serde(default)]
+    pub int8: Support,
+}
+
+/// Whether a device computes a kind of arithmetic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Support {
+    /// The device's own kernels compute it.
+    Native,
+    /// It runs, converted to another type (the CPU computes most float16 operators in
+    /// float32 between casts): correct, not faster.
+    Emulated,
+    /// The device cannot run it (models that need it are not placed there).
+    Absent,
+    /// Not probed, or a value this build does not know.
+    #[default]
+    #[serde(other)]
+    Unknown,
+}
+
+impl Support {
+    pub fn name(self) -> &'static str {
+        match self {
+            Support::Native => "native",
+            Support::Emulated => "emulated",
+            Support::Absent => "absent",
+            Support::Unknown => "unknown",
+        }
+    }
+
+    /// Models that need it may run on the device (only `absent` refuses them).
+    pub fn usable(self) -> bool {
+        self != Support::Absent
+    }
+}
+
+/// How busy a device is: its workers' batches, and the requests waiting for its models.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct DeviceLoad {
+    /// Share of wall time in which at least one worker on the device ran a batch, over the
+    /// last `window_s` seconds (0–1).
+    #[serde(default)]
+    pub busy_ratio: f64,
+    /// Rows run per second over the last `window_s` seconds.
+    #[serde(default)]
+    pub rows_per_s: f64,
+    /// The window the two figures above cover: about 10 s when the device is reported at
+    /// least that often, else the time since it was last reported (at most 60 s).
+    #[serde(default)]
+    pub window_s: f64,
+    /// Requests waiting for a worker, all versions resident on the device.
+    #[serde(default)]
+    pub queue_depth: u64,
+    /// Seconds in which at least one worker on the device ran a batch, since start.
+    #[serde(default)]
+    pub busy_seconds_total: f64,
+    /// Rows run (padding excluded) and batches, since start.
+    #[serde(default)]
+    pub rows_total: u64,
+    #[serde(default)]
+    pub batches_total: u64,
 }
 
 /// Outputs of one inference.

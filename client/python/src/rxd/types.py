@@ -13,7 +13,9 @@ else:  # pragma: no cover - Python 3.9 and 3.10
     from typing_extensions import NotRequired, TypedDict
 
 __all__ = [
+    "Capabilities",
     "CompressReply",
+    "DeviceLoad",
     "DeviceSummary",
     "GpuMetrics",
     "Health",
@@ -135,6 +137,25 @@ class DeviceSummary(TypedDict):
     used_bytes: int
     free_bytes: NotRequired[int]
     models: List[str]
+    capabilities: NotRequired[Capabilities]
+    load: NotRequired[DeviceLoad]
+
+
+class Capabilities(TypedDict):
+    """``native``, ``emulated`` (runs, converted: the CPU's float16), ``absent`` or ``unknown``."""
+
+    float16: str
+    int8: str
+
+
+class DeviceLoad(TypedDict):
+    busy_ratio: float
+    rows_per_s: float
+    window_s: float
+    queue_depth: int
+    busy_seconds_total: float
+    rows_total: int
+    batches_total: int
 
 
 class Recent(TypedDict):

@@ -290,6 +290,28 @@ pub fn devices(devices: &[DeviceSummary]) -> String {
                 .map(|e| format!("; unusable: {e}"))
                 .unwrap_or_default()
         );
+        let mut more = Vec::new();
+        if let Some(c) = &d.capabilities {
+            more.push(format!(
+                "float16 {}, int8 {}",
+                c.float16.name(),
+                c.int8.name()
+            ));
+        }
+        if let Some(l) = &d.load {
+            more.push(format!(
+                "busy {:.0}%, {:.1} rows/s (last {:.0} s), {} queued; {} rows, {:.1} s busy in all",
+                l.busy_ratio * 100.0,
+                l.rows_per_s,
+                l.window_s,
+                l.queue_depth,
+                l.rows_total,
+                l.busy_seconds_total
+            ));
+        }
+        if !more.is_empty() {
+            let _ = writeln!(o, "  {}", more.join("; "));
+        }
     }
     o
 }
@@ -443,6 +465,34 @@ mod tests {
         assert!(lines[1].starts_with("gpu          webgpu"), "{text}");
         assert!(lines[1].contains("1.0 GiB"), "{text}");
         assert_eq!(lines[2], "  WebGpuExecutionProvider; unusable: no adapter");
+    }
+
+    #[test]
+    fn devices_show_capabilities_and_load_where_the_daemon_reports_them() {
+        let d: DeviceSummary = serde_json::from_value(json!({
+            "name": "gpu0", "kind": "webgpu", "ep": "WebGpuExecutionProvider",
+            "used_bytes": 0, "models": ["yolo:1"],
+            "capabilities": {"float16": "absent", "int8": "native", "bf16": "native"},
+            "load": {"busy_ratio": 0.5, "rows_per_s": 120.0, "window_s": 10.0,
+                     "queue_depth": 3, "busy_seconds_total": 61.25, "rows_total": 9000,
+                     "batches_total": 800},
+        }))
+        .unwrap();
+        let text = devices(&[d]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(
+            lines[3],
+            "  float16 absent, int8 native; busy 50%, 120.0 rows/s (last 10 s), 3 queued; \
+             9000 rows, 61.2 s busy in all"
+        );
+        // A capability value this build does not know reads as unknown.
+        let d: DeviceSummary = serde_json::from_value(json!({
+            "name": "x", "kind": "cpu", "used_bytes": 0, "models": [],
+            "capabilities": {"float16": "bfloat-only"},
+        }))
+        .unwrap();
+        assert!(devices(&[d]).contains("float16 unknown, int8 unknown"));
     }
 
     #[test]

@@ -115,16 +115,20 @@ pub fn render(
     }
     lines.push(String::new());
     lines.push(format!(
-        "{:<12} {:>10} {:>10} {:>10}  MODELS (least recently used first)",
-        "DEVICE", "BUDGET", "USED", "FREE"
+        "{:<12} {:>10} {:>10} {:>10} {:>5} {:>9} {:>6}  MODELS (least recently used first)",
+        "DEVICE", "BUDGET", "USED", "FREE", "BUSY", "ROWS/S", "QUEUE"
     ));
     for d in &m.devices {
+        let load = d.load.as_ref();
         lines.push(format!(
-            "{:<12} {:>10} {:>10} {:>10}  {}",
+            "{:<12} {:>10} {:>10} {:>10} {:>5} {:>9} {:>6}  {}",
             d.name,
             d.budget_bytes.map_or("unlimited".into(), size),
             size(d.used_bytes),
             d.free_bytes.map_or("-".into(), size),
+            load.map_or("-".into(), |l| format!("{:.0}%", l.busy_ratio * 100.0)),
+            opt(load.map(|l| l.rows_per_s), 1),
+            load.map_or("-".into(), |l| l.queue_depth.to_string()),
             d.models.join(", ")
         ));
     }
@@ -273,7 +277,10 @@ mod tests {
             "connections_open": 1, "connections_total": 3, "in_flight": 0,
             "models": [model],
             "devices": [{"name": "cpu", "kind": "cpu", "used_bytes": 1_048_576,
-                         "models": ["digits"]}],
+                         "models": ["digits"],
+                         "load": {"busy_ratio": 0.425, "rows_per_s": 3.5, "window_s": 10.0,
+                                  "queue_depth": 2, "busy_seconds_total": 4.0,
+                                  "rows_total": 38, "batches_total": 10}}],
         }))
         .unwrap()
     }
@@ -307,7 +314,17 @@ mod tests {
         let device: Vec<&str> = lines[6].split_whitespace().collect();
         assert_eq!(
             device,
-            ["cpu", "unlimited", "1.0", "MiB", "-", "digits"],
+            [
+                "cpu",
+                "unlimited",
+                "1.0",
+                "MiB",
+                "-",
+                "42%",
+                "3.5",
+                "2",
+                "digits"
+            ],
             "{lines:#?}"
         );
         assert_eq!(lines[7], "GPUs: none visible");
