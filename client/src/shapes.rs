@@ -313,6 +313,7 @@ mod tests {
             outputs,
             settings: None,
             tuning: None,
+            not_tuned: None,
         }
     }
 

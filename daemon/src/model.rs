@@ -41,6 +41,8 @@ pub struct LoadedModel {
     pub compression: Option<String>,
     /// What load-time tuning chose, when it chose anything.
     pub tuning: Option<rxd_protocol::Tuning>,
+    /// Why it chose nothing, when it did not.
+    pub not_tuned: Option<String>,
 }
 
 /// What a version serves with besides its sessions.
@@ -58,6 +60,7 @@ pub struct Serving {
     pub metrics: Arc<crate::metrics::ModelMetrics>,
     pub compression: Option<String>,
     pub tuning: Option<rxd_protocol::Tuning>,
+    pub not_tuned: Option<String>,
     /// The registry's time origin for `last_used`.
     pub epoch: Instant,
     /// Test hook: its workers hang on their first batch.
@@ -101,6 +104,7 @@ impl LoadedModel {
             metrics: s.metrics,
             compression: s.compression,
             tuning: s.tuning,
+            not_tuned: s.not_tuned,
         })
     }
 

@@ -175,6 +175,16 @@ fn what_model_toml_sets_is_not_tuned_and_unknown_shapes_are_not_measured() {
     let d = start(&repo, cache.path(), "");
     let fixed = info(&d, "fixed");
     assert!(fixed.tuning.is_none());
+    // Model info says why each was not tuned.
+    let why = |m: &str| info(&d, m).not_tuned.unwrap_or_default();
+    assert!(
+        why("fixed").contains("the layout is set"),
+        "{}",
+        why("fixed")
+    );
+    assert!(why("off").contains("tune = false"), "{}", why("off"));
+    assert!(why("rec").contains("warmup-dims"), "{}", why("rec"));
+    assert!(info(&d, "rows").not_tuned.is_none());
     assert_eq!(fixed.settings.unwrap().instances, 1);
     let retune = |model: &str| {
         d.client_inline().configure(rxd_protocol::Configure {

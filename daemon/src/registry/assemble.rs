@@ -14,7 +14,7 @@ impl LoadJob {
     pub(super) fn build(
         &self,
         build: &Build,
-        tuning: Option<rxd_protocol::Tuning>,
+        tuning: Result<rxd_protocol::Tuning, String>,
     ) -> Result<LoadedModel, BuildError> {
         let (name, version, settings, device) = (
             build.name.as_str(),
@@ -107,7 +107,8 @@ impl LoadJob {
                 cache_bytes: settings.cache_bytes.map_or(0, |b| b.0),
                 metrics: self.metrics.clone(),
                 compression,
-                tuning,
+                not_tuned: tuning.as_ref().err().cloned(),
+                tuning: tuning.ok(),
                 epoch: self.epoch,
                 wedge: self.defaults.hooks.wedges(&format!("{name}-{version}")),
                 device_load: self
@@ -126,25 +127,32 @@ impl LoadJob {
 
 impl LoadJob {
     /// The layout and batch policy for the settings `build` leaves to tuning, from the cache
-    /// or measured now (see `registry::tune`); `None` when nothing is tuned: model.toml sets
-    /// the layout or `tune = false`, the device is not a CPU, the model is served compressed,
-    /// or the measurement failed (logged; the defaults serve).
-    pub(super) fn tune(&self, build: &Build) -> Option<rxd_protocol::Tuning> {
+    /// or measured now (see `registry::tune`); or why nothing is tuned (model info shows it):
+    /// model.toml sets the layout or `tune = false`, the device is not a CPU, the model is
+    /// served compressed, its shapes are not known, or the measurement failed (logged; the
+    /// defaults serve).
+    pub(super) fn tune(&self, build: &Build) -> Result<rxd_protocol::Tuning, String> {
         let s = &build.settings;
-        if !s.tune.unwrap_or(self.defaults.tune)
-            || s.instances.is_some()
-            || s.intra_op_threads.is_some()
-            || s.compress.is_some()
-        {
-            return None;
+        if !s.tune.unwrap_or(self.defaults.tune) {
+            return Err("tuning is off (tune = false)".into());
+        }
+        if s.instances.is_some() || s.intra_op_threads.is_some() {
+            return Err("the layout is set (instances or intra-op-threads)".into());
+        }
+        if s.compress.is_some() {
+            return Err("served compressed (compress)".into());
         }
         let dev = self
             .defaults
             .devices
             .iter()
-            .find(|d| d.name == build.device)?;
+            .find(|d| d.name == build.device)
+            .ok_or_else(|| format!("no device named '{}'", build.device))?;
         if dev.kind != crate::config::DeviceKind::Cpu {
-            return None;
+            return Err(format!(
+                "device '{}' is not a CPU (only CPU devices are tuned)",
+                dev.name
+            ));
         }
         let cores = self.defaults.intra_op_threads;
         let max_rows = s
@@ -178,7 +186,7 @@ impl LoadJob {
             .and_then(|p| remembered(p).or_else(|| super::tune::read_cache(p)))
         {
             tracing::info!(model = %build.name, version = build.version, "tuning (cached): {}", t.reason);
-            return Some(rxd_protocol::Tuning { cached: true, ..t });
+            return Ok(rxd_protocol::Tuning { cached: true, ..t });
         }
         let started = std::time::Instant::now();
         let no_dims = std::collections::HashMap::new();
@@ -203,14 +211,14 @@ impl LoadJob {
             Ok(crate::runtime::Measured::Cells(cells)) => cells,
             Ok(crate::runtime::Measured::Skipped(why)) => {
                 tracing::info!(model = %build.name, version = build.version, "not tuned: {why}");
-                return None;
+                return Err(why);
             }
             Err(e) => {
                 tracing::warn!(model = %build.name, version = build.version, "tuning failed, serving with the defaults: {e}");
-                return None;
+                return Err(format!("the measurement failed: {e}"));
             }
         };
-        let mut t = super::tune::choose(&cells)?;
+        let mut t = super::tune::choose(&cells).ok_or("nothing could be measured")?;
         t.measured_ms = started.elapsed().as_millis() as u64;
         tracing::info!(
             model = %build.name,
@@ -224,7 +232,7 @@ impl LoadJob {
             let mut known = self.tunings.lock().unwrap_or_else(|e| e.into_inner());
             known.insert(path.clone(), t.clone());
         }
-        Some(t)
+        Ok(t)
     }
 }
 

@@ -128,11 +128,11 @@ impl LoadJob {
         let tuning = self.tune(build);
         let tuned;
         let build = match &tuning {
-            Some(t) => {
+            Ok(t) => {
                 tuned = build.tuned(t);
                 &tuned
             }
-            None => build,
+            Err(_) => build,
         };
         crate::runtime::release_free_memory();
         let rss0 = crate::metrics::resident_bytes();

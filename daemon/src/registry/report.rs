@@ -144,6 +144,7 @@ impl Registry {
             outputs: loaded.signature.outputs.clone(),
             settings: self.settings_view(name, loaded.version).ok(),
             tuning: loaded.tuning.clone(),
+            not_tuned: loaded.not_tuned.clone(),
         })
     }
 

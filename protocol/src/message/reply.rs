@@ -309,6 +309,10 @@ pub struct ModelInfo {
     /// measured; absent when nothing was tuned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tuning: Option<Tuning>,
+    /// Why load-time tuning chose nothing for this loaded version (tuning off, the layout set,
+    /// a GPU device, shapes not known, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_tuned: Option<String>,
 }
 
 /// Load-time tuning: the layout and batch policy chosen from measurements of the model on its

@@ -165,6 +165,9 @@ pub fn model_info(info: &ModelInfo) -> String {
     if let Some(t) = &info.tuning {
         let _ = writeln!(o, "{}", tuning(t));
     }
+    if let Some(why) = &info.not_tuned {
+        let _ = writeln!(o, "not tuned: {why}");
+    }
     let _ = writeln!(o, "inputs:");
     for t in &info.inputs {
         let _ = writeln!(o, "  {}", spec_text(t));
@@ -564,6 +567,18 @@ mod tests {
         assert_eq!(lines[5], "outputs:");
         assert_eq!(lines[6], format!("  {:<24} {:<8} [?]", "label", "int64"));
         assert_eq!(lines.len(), 7, "{text}");
+
+        // Why load-time tuning chose nothing, when the daemon says.
+        let untuned = ModelInfo {
+            not_tuned: Some("tuning is off (tune = false)".into()),
+            ..info
+        };
+        let text = model_info(&untuned);
+        assert_eq!(
+            text.lines().nth(3),
+            Some("not tuned: tuning is off (tune = false)"),
+            "{text}"
+        );
     }
 }
 
