@@ -261,17 +261,7 @@ impl Job {
         let mut done = table
             .chosen
             .and_then(|i| kept[i].take())
-            .unwrap_or_else(|| Compressed {
-                bytes: Vec::new(),
-                plan: self.plan.clone(),
-                size_before: model.len() as u64,
-                did: Did::Nothing,
-                kept: Vec::new(),
-                first: None,
-                report: None,
-                thresholds: self.thresholds,
-                auto: None,
-            });
+            .unwrap_or_else(|| Compressed::nothing(&self.plan, model, self.thresholds));
         done.auto = Some(table);
         Ok(done)
     }
@@ -317,17 +307,7 @@ impl Job {
                 Error::Runtime("this job needs ONNX Runtime, and none was given".into())
             })
         };
-        let mut done = Compressed {
-            bytes: Vec::new(),
-            plan: plan.clone(),
-            size_before: model.len() as u64,
-            did: Did::Nothing,
-            kept: Vec::new(),
-            first: None,
-            report: None,
-            thresholds: self.thresholds,
-            auto: None,
-        };
+        let mut done = Compressed::nothing(plan, model, self.thresholds);
         match plan {
             Plan::StaticInt8(method) => {
                 // With evaluation inputs the sensitivity search runs when the thresholds are
@@ -507,6 +487,21 @@ pub struct Compressed {
 }
 
 impl Compressed {
+    /// `plan` on `model` before it has done anything: no bytes, no report.
+    fn nothing(plan: &Plan, model: &[u8], thresholds: Thresholds) -> Compressed {
+        Compressed {
+            bytes: Vec::new(),
+            plan: plan.clone(),
+            size_before: model.len() as u64,
+            did: Did::Nothing,
+            kept: Vec::new(),
+            first: None,
+            report: None,
+            thresholds,
+            auto: None,
+        }
+    }
+
     pub fn size_after(&self) -> u64 {
         self.bytes.len() as u64
     }

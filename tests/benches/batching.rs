@@ -39,17 +39,6 @@ const CASES: [Case; 2] = [
     },
 ];
 
-fn session(model: &str, threads: usize) -> ort::session::Session {
-    ort::session::Session::builder(reference_env())
-        .unwrap()
-        .with_intra_threads(threads)
-        .unwrap()
-        .with_inter_threads(1)
-        .unwrap()
-        .commit_from_file(model_file(model))
-        .unwrap()
-}
-
 /// Items per second of `sessions` sessions run concurrently at batch size `b`.
 fn in_process(case: &Case, threads: usize, sessions: usize, b: usize, secs: f64) -> f64 {
     let [c, h, w] = case.item;
@@ -60,7 +49,7 @@ fn in_process(case: &Case, threads: usize, sessions: usize, b: usize, secs: f64)
         .map(|_| {
             let data = data.clone();
             std::thread::spawn(move || {
-                let mut s = session(model, threads);
+                let mut s = bench_session(model, threads);
                 let x = ndarray::Array4::from_shape_vec((b, c, h, w), data).unwrap();
                 for _ in 0..3 {
                     s.run(ort::inputs![

@@ -70,17 +70,6 @@ const CASES: [Case; 5] = [
     },
 ];
 
-fn session(model: &str, threads: usize) -> ort::session::Session {
-    ort::session::Session::builder(reference_env())
-        .unwrap()
-        .with_intra_threads(threads)
-        .unwrap()
-        .with_inter_threads(1)
-        .unwrap()
-        .commit_from_file(model_file(model))
-        .unwrap()
-}
-
 /// `inputs` repeated `b` times along the first axis.
 fn batch(inputs: &[Tensor], b: u64) -> Vec<Tensor> {
     if b == 1 {
@@ -107,7 +96,7 @@ fn in_process(case: &Case, threads: usize, sessions: usize, b: u64, secs: f64) -
             .map(|_| {
                 let inputs = &inputs;
                 s.spawn(move || {
-                    let mut sess = session(model, threads);
+                    let mut sess = bench_session(model, threads);
                     let run = |sess: &mut ort::session::Session| {
                         let values: Vec<(String, ort::value::DynValue)> =
                             inputs.iter().map(|t| (t.name.clone(), to_ort(t))).collect();

@@ -735,6 +735,44 @@ pub fn f32_tensor(name: &str, shape: &[u64], values: &[f32]) -> Tensor {
     )
 }
 
+/// Asserts that `promtool check metrics` accepts `text` (Prometheus' exposition format).
+pub fn promtool_accepts(text: &str) {
+    use std::io::Write;
+    let mut child = Command::new(promtool())
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// An in-process ONNX Runtime session on `model` with `threads` intra-op threads and one
+/// inter-op thread (the benchmarks' baselines).
+pub fn bench_session(model: &str, threads: usize) -> ort::session::Session {
+    ort::session::Session::builder(env())
+        .unwrap()
+        .with_intra_threads(threads)
+        .unwrap()
+        .with_inter_threads(1)
+        .unwrap()
+        .commit_from_file(model_file(model))
+        .unwrap()
+}
+
 /// Prometheus' promtool: on PATH, or unpacked by scripts/fetch-deps.
 pub fn promtool() -> PathBuf {
     if let Some(p) = std::env::var_os("PATH").and_then(|paths| {

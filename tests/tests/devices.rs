@@ -21,30 +21,6 @@ fn device<'a>(devices: &'a [DeviceSummary], name: &str) -> &'a DeviceSummary {
         .unwrap_or_else(|| panic!("no device {name}: {devices:?}"))
 }
 
-fn promtool_accepts(text: &str) {
-    use std::io::Write;
-    let mut child = std::process::Command::new(promtool())
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn the_cpu_device_is_probed_at_start_float16_emulated_and_int8_native() {
     let repo = Repo::new();

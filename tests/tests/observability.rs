@@ -32,29 +32,6 @@ fn code_of(e: ClientError) -> ErrorCode {
     }
 }
 
-fn promtool_accepts(text: &str) {
-    let mut child = std::process::Command::new(promtool())
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn counters_and_histograms_agree_with_what_was_sent_and_promtool_accepts_them() {
     let repo = Repo::new();
