@@ -80,6 +80,7 @@ impl LoadedModel {
             pad_to: built.pad_to,
             wedge: s.wedge,
             load: s.device_load,
+            axes: Arc::new(built.signature.axes.clone()),
         };
         let scheduler = Scheduler::start(
             crew,

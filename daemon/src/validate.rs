@@ -345,6 +345,7 @@ mod tests {
             ],
             outputs: vec![spec("y", DType::Float32, vec![-1])],
             allow_empty: false,
+            axes: Default::default(),
         }
     }
 

@@ -674,7 +674,8 @@ fn real_inputs(model: &str, seed: u64) -> Vec<Tensor> {
 /// Regression (issue 26): the load generator and concurrent requests work on every model of the
 /// models set — the fetched real ones and ONNX Runtime's own datasets — including Silero VAD,
 /// a stateful model whose batch axis is not the first of every input (`state` [2, batch, 128],
-/// `sr` a scalar), so it must never be batched. Four connections (two through the arena, two
+/// `sr` a scalar; its example model.toml says where the rows are, tests/batch_axes.rs). Four
+/// connections (two through the arena, two
 /// inline) send distinct requests at once, and one request identical on all four (coalesced);
 /// every answer equals in-process ONNX Runtime on the same inputs. Then `bench` runs each model
 /// at 2 and 3 connections without an error, and `--rows` is refused (usage) where rows are not
@@ -755,7 +756,10 @@ fn issue_26_bench_and_concurrent_requests_answer_every_real_model_as_in_process_
             assert!(r.ok > 0, "{m}: {r:?}");
         }
     }
-    assert!(!d.summaries()["silero_vad"].batchable);
+    assert!(
+        d.summaries()["silero_vad"].batchable,
+        "batch-axes in examples/repository/silero_vad/model.toml"
+    );
     let out = d.rxctl(&["bench", "silero_vad", "--rows", "2", "--duration", "0.2"]);
     assert_eq!(out.status.code(), Some(64), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);

@@ -54,6 +54,7 @@ impl LoadJob {
             .find(|d| d.name == device)
             .ok_or_else(|| BuildError::NoDevice(device.into()))?;
         let sched = settings.scheduler(self.defaults.queue_capacity);
+        let axes = settings.axes();
         let spec = BuildSpec {
             name,
             version,
@@ -76,6 +77,7 @@ impl LoadJob {
             warmup: settings.warmup.unwrap_or(true),
             warmup_dims: settings.warmup_dims.as_ref(),
             batch_sizes: settings.batch_sizes.as_deref(),
+            axes: &axes,
             max_batch_rows: sched.max_batch_rows,
             session_per_batch_size: settings.session_per_batch_size.unwrap_or(true),
         };
@@ -167,6 +169,7 @@ impl LoadJob {
         let session_bytes = 2 * std::fs::metadata(&build.path).map_or(0, |m| m.len());
         let limit = dev.budget.map_or_else(|| physical_memory() / 4, |b| b / 2);
         let layouts = super::tune::affordable(crate::runtime::layouts(cores), session_bytes, limit);
+        let axes = s.axes();
         let key = super::tune::CacheKey {
             device: &build.device,
             cores,
@@ -174,6 +177,7 @@ impl LoadJob {
             sizes: &sizes,
             ort: self.runtime.version(),
             dims: s.warmup_dims.as_ref(),
+            axes: &axes,
         };
         let cache = super::tune::cache_path(&self.defaults.cache_dir, &build.path, &key).ok();
         let remembered = |path: &std::path::Path| {
@@ -205,6 +209,7 @@ impl LoadJob {
             layouts: &layouts,
             sizes: &sizes,
             warmup_dims: s.warmup_dims.as_ref().unwrap_or(&no_dims),
+            axes: &axes,
             budget: TUNE_BUDGET,
         };
         let cells = match self.runtime.measure(&spec) {
@@ -288,9 +293,10 @@ fn apply_limits(
     }
     let warmup_dims = settings.warmup_dims.clone().unwrap_or_default();
     let mut elements = 0u64;
-    for spec in &mut sig.inputs {
+    let axes = sig.axes.inputs.clone();
+    for (spec, axis) in sig.inputs.iter_mut().zip(axes) {
         let given = warmup_dims.get(&spec.name).map(Vec::as_slice);
-        let warm = warmup_shape(spec, warm_rows, given);
+        let warm = warmup_shape(spec, axis, warm_rows, given);
         elements = elements.saturating_add(warm.iter().fold(1u64, |a, &d| a.saturating_mul(d)));
         spec.max_dims =
             crate::validate::max_dims(spec, &warm, configured.get(&spec.name).map(Vec::as_slice))?;

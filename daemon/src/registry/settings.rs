@@ -76,6 +76,14 @@ pub struct ModelSettings {
     /// dynamic dimension: 8 × its largest warmup size, at least 2048 (`validate::max_dims`).
     /// Larger requests are refused with `tensor_too_large` before they reach ONNX Runtime.
     pub max_dims: Option<HashMap<String, Vec<i64>>>,
+    /// Where each tensor's rows are when requests run as one batch, by input or output name,
+    /// for tensors whose rows are not along dimension 0: e.g. a recurrent model's state
+    /// `[layers, batch, hidden]` — `{ state = 1, stateN = 1 }`. Default: dimension 0.
+    pub batch_axes: Option<HashMap<String, u32>>,
+    /// Inputs that are not batched: every request of a batch gives the same value, and
+    /// requests with different values run in different batches (rank-0 inputs always are).
+    /// Only values sent in the request frame (not through the arena) of at most 4 KiB batch.
+    pub shared_inputs: Option<Vec<String>>,
     /// Let inputs with a zero-sized dimension through validation. Default false: ONNX
     /// Runtime's kernels abort the whole process on some (Silero VAD's LSTM on a zero batch).
     pub allow_empty_inputs: Option<bool>,
@@ -127,8 +135,18 @@ impl ModelSettings {
             tune,
             max_dims,
             allow_empty_inputs,
+            batch_axes,
+            shared_inputs,
             load_timeout_secs
         )
+    }
+
+    /// `batch-axes` and `shared-inputs` as the runtime takes them.
+    pub fn axes(&self) -> crate::runtime::AxesConfig {
+        crate::runtime::AxesConfig {
+            axes: self.batch_axes.clone().unwrap_or_default(),
+            shared: self.shared_inputs.clone().unwrap_or_default(),
+        }
     }
 }
 

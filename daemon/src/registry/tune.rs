@@ -124,6 +124,8 @@ pub struct CacheKey<'a> {
     pub ort: &'a str,
     /// model.toml `warmup-dims`: the shapes measured.
     pub dims: Option<&'a std::collections::HashMap<String, Vec<i64>>>,
+    /// model.toml `batch-axes` and `shared-inputs`: whether and how it batches.
+    pub axes: &'a crate::runtime::AxesConfig,
 }
 
 /// The cache file for a model file on a device of this machine: named by a hash of the
@@ -132,6 +134,7 @@ pub fn cache_path(cache_dir: &Path, model: &Path, key: &CacheKey<'_>) -> std::io
     let mut h = blake3::Hasher::new();
     h.update_reader(std::fs::File::open(model)?)?;
     let dims: std::collections::BTreeMap<_, _> = key.dims.into_iter().flatten().collect();
+    let axes: std::collections::BTreeMap<_, _> = key.axes.axes.iter().collect();
     h.update(
         format!(
             "\0{}\0{}\0{:?}\0{:?}\0{}\0{dims:?}",
@@ -139,6 +142,10 @@ pub fn cache_path(cache_dir: &Path, model: &Path, key: &CacheKey<'_>) -> std::io
         )
         .as_bytes(),
     );
+    // Only when set, so that the choices kept before these keys existed still apply.
+    if !axes.is_empty() || !key.axes.shared.is_empty() {
+        h.update(format!("\0{axes:?}\0{:?}", key.axes.shared).as_bytes());
+    }
     let name = h.finalize().to_hex();
     Ok(cache_dir.join("tune").join(format!("{}.json", &name[..32])))
 }
@@ -293,6 +300,7 @@ mod tests {
         let (a, b) = (dir.path().join("a.onnx"), dir.path().join("b.onnx"));
         std::fs::write(&a, b"model a").unwrap();
         std::fs::write(&b, b"model b").unwrap();
+        let no_axes = crate::runtime::AxesConfig::default();
         let p = |m: &Path, device: &str, cores: u32| {
             let key = CacheKey {
                 device,
@@ -301,6 +309,7 @@ mod tests {
                 sizes: &[1, 2],
                 ort: "1.31.1",
                 dims: None,
+                axes: &no_axes,
             };
             cache_path(dir.path(), m, &key).unwrap()
         };
@@ -317,10 +326,29 @@ mod tests {
             sizes: &[1, 2],
             ort: "1.31.1",
             dims: Some(&dims),
+            axes: &no_axes,
         };
         assert_ne!(
             cache_path(dir.path(), &a, &with_dims).unwrap(),
             p(&a, "cpu", 2)
+        );
+        let axes = crate::runtime::AxesConfig {
+            axes: [("state".to_string(), 1)].into(),
+            shared: Vec::new(),
+        };
+        let with_axes = CacheKey {
+            device: "cpu",
+            cores: 2,
+            layouts: &[],
+            sizes: &[1, 2],
+            ort: "1.31.1",
+            dims: None,
+            axes: &axes,
+        };
+        assert_ne!(
+            cache_path(dir.path(), &a, &with_axes).unwrap(),
+            p(&a, "cpu", 2),
+            "batch-axes change what is measured"
         );
         let t = choose(&table(&[(ONE, 1, 1.0), (TWO, 1, 1.5)])).unwrap();
         assert!(read_cache(&p(&a, "cpu", 2)).is_none());

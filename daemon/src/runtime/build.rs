@@ -12,8 +12,9 @@ use std::path::Path;
 use ort::session::Session;
 
 use super::{
-    ArenaRelease, DeviceKind, NodePlacement, Runtime, RuntimeError, SessionOptions, Signature,
-    Target, WorkerSessions, arena_stats, node_placement, warmup, warmup_shape, zero_inputs,
+    ArenaRelease, AxesConfig, DeviceKind, NodePlacement, Runtime, RuntimeError, SessionOptions,
+    Signature, Target, WorkerSessions, arena_stats, node_placement, warmup, warmup_shape,
+    zero_inputs,
 };
 
 /// What to build.
@@ -38,6 +39,8 @@ pub struct BuildSpec<'a> {
     pub warmup_dims: Option<&'a HashMap<String, Vec<i64>>>,
     /// Configured batch sizes to pad batches to (see [`batch_sizes`]).
     pub batch_sizes: Option<&'a [u32]>,
+    /// Where each tensor's rows are (model.toml `batch-axes`, `shared-inputs`).
+    pub axes: &'a AxesConfig,
     pub max_batch_rows: u32,
     /// On accelerators, one session per padded batch size.
     pub session_per_batch_size: bool,
@@ -77,9 +80,10 @@ impl Built {
     ) -> Result<(), E> {
         let keep = limit(&mut self.signature, self.warm_rows)?;
         if let (true, Some(outputs)) = (self.warm_one, self.warmed_outputs.take()) {
-            for spec in &mut self.signature.inputs {
+            let axes = self.signature.axes.inputs.clone();
+            for (spec, axis) in self.signature.inputs.iter_mut().zip(axes) {
                 let given = self.warmup_dims.get(&spec.name).map(Vec::as_slice);
-                spec.warmup_dims = warmup_shape(spec, 1, given);
+                spec.warmup_dims = warmup_shape(spec, axis, 1, given);
             }
             for (spec, shape) in self.signature.outputs.iter_mut().zip(outputs) {
                 spec.warmup_dims = shape;
@@ -148,7 +152,12 @@ impl Runtime {
         let mut warmed_outputs: Option<Vec<Vec<u64>>> = None;
         for i in 0..spec.instances {
             let prof = (i == 0 && spec.warmup).then_some(profile.as_path());
-            let (mut session, sig) = match self.session_on(spec.path, &spec.options, target, prof) {
+            let (mut session, mut sig) = match self.session_on(
+                spec.path,
+                &spec.options,
+                target,
+                prof,
+            ) {
                 Ok(s) => s,
                 Err(e) if i == 0 && *target.kind != DeviceKind::Cpu && spec.cpu_fallback => {
                     // Allowed to fall back: run on the CPU, and say so (health: degraded).
@@ -160,6 +169,11 @@ impl Runtime {
                 }
                 Err(e) => return Err(e),
             };
+            sig.set_axes(spec.axes)
+                .map_err(|message| RuntimeError::Unsupported {
+                    path: spec.path.to_path_buf(),
+                    message,
+                })?;
             // The shape-change cost these avoid was measured on ORT's CUDA EP (and TensorRT
             // builds an engine per shape); the CPU and WebGPU keep batches at their own size.
             let nvidia = matches!(

@@ -1,7 +1,7 @@
 //! Running a batch on a worker's session: one job alone straight from where its inputs are
 //! (zero copy from the arena or the request's bytes), several as one batch gathered into the
-//! worker's reused buffers (padded to the batch size its session runs) and split back per job;
-//! every job completed exactly once.
+//! worker's reused buffers (padded to the batch size its session runs) along each tensor's
+//! rows dimension ([`Axis`]) and split back per job; every job completed exactly once.
 //! Boundary: the worker thread calls in; outputs go out through `deliver`.
 
 use std::borrow::Cow;
@@ -10,8 +10,10 @@ use ort::session::{Session, SessionInputValue};
 
 use super::deliver::{View, deliver};
 use super::job::{Batch, InputData, Job, OutputTensor, padded_rows};
-use super::worker::{ArenaRelease, WorkerSessions};
-use super::{RuntimeError, dtype_of, element_type_of, raw, release_free_memory, run_err};
+use super::worker::{ArenaRelease, Pad, WorkerSessions};
+use super::{
+    Axes, Axis, RuntimeError, dtype_of, element_type_of, raw, release_free_memory, run_err,
+};
 
 /// A worker's gather buffers, one per model input, kept (with their capacity) from batch to
 /// batch: a batch's inputs are copied once, into memory that was used before, and the batch
@@ -50,7 +52,7 @@ fn elements_of<'a>(shapes: impl IntoIterator<Item = &'a [u64]>) -> u64 {
 pub(super) fn run_batch(
     sessions: &mut WorkerSessions,
     batch: Batch,
-    pad_to: &[u32],
+    pad: Pad<'_>,
     staging: &mut Staging,
 ) {
     let Batch { jobs, rows, .. } = batch;
@@ -64,7 +66,7 @@ pub(super) fn run_batch(
         j.completion.complete(Err(RuntimeError::Abandoned));
     }
     let total: u64 = live.iter().map(|(_, r)| u64::from(*r)).sum();
-    let padded = padded_rows(total, pad_to);
+    let padded = padded_rows(total, pad.to);
     let (session, arena, is_main) = sessions.for_rows(padded);
     let shrunk = match live.len() {
         0 => false,
@@ -79,7 +81,8 @@ pub(super) fn run_batch(
         }
         _ => {
             let (jobs, rows): (Vec<Job>, Vec<u32>) = live.into_iter().unzip();
-            let (result, shrunk) = run_many(session, &jobs, &rows, padded, staging, arena);
+            let (result, shrunk) =
+                run_many(session, &jobs, &rows, padded, pad.axes, staging, arena);
             match result {
                 Ok(results) => {
                     for (job, r) in jobs.into_iter().zip(results) {
@@ -180,6 +183,7 @@ fn run_many(
     jobs: &[Job],
     rows: &[u32],
     padded: u64,
+    axes: &Axes,
     staging: &mut Staging,
     arena: &mut ArenaRelease,
 ) -> (Results, bool) {
@@ -190,6 +194,7 @@ fn run_many(
         jobs,
         rows,
         padded,
+        axes,
         staging,
         &mut gathered,
         arena,
@@ -212,6 +217,7 @@ fn run_gathered(
     jobs: &[Job],
     rows: &[u32],
     padded: u64,
+    axes: &Axes,
     staging: &mut Staging,
     gathered: &mut Vec<(Vec<u8>, Vec<u64>)>,
     arena: &mut ArenaRelease,
@@ -220,34 +226,44 @@ fn run_gathered(
     let real: u64 = rows.iter().map(|&r| u64::from(r)).sum();
     let total = padded.max(real);
     let first = &jobs[0];
+    let incompatible = || RuntimeError::Run("incompatible requests in one batch".into());
     for (k, t) in first.inputs.iter().enumerate() {
         gathered.push((staging.take(k), Vec::new()));
-        let bytes = &mut gathered[k].0;
+        let axis = axes.inputs.get(k).copied().unwrap_or(Axis::Rows(0));
+        let mut parts = Vec::with_capacity(jobs.len());
         for job in jobs {
             let input = job
                 .inputs
                 .get(k)
-                .filter(|i| {
-                    i.name == t.name && i.dtype == t.dtype && i.shape.get(1..) == t.shape.get(1..)
-                })
-                .ok_or_else(|| RuntimeError::Run("incompatible requests in one batch".into()))?;
-            match &input.data {
-                InputData::Inline(b) => bytes.extend_from_slice(b),
-                InputData::Shared { map, offset, len } => {
-                    let start = bytes.len();
-                    bytes.resize(start + *len as usize, 0);
-                    map.copy_out(*offset, &mut bytes[start..])
-                        .map_err(|e| RuntimeError::Run(e.to_string()))?;
+                .filter(|i| i.name == t.name && i.dtype == t.dtype && same_but_rows(i, t, axis))
+                .ok_or_else(incompatible)?;
+            parts.push(input);
+        }
+        let (bytes, shape) = &mut gathered[k];
+        match axis {
+            Axis::Rows(a) => {
+                let layout = Layout::of(&t.shape, a, t.dtype.byte_len(1).unwrap_or(1))
+                    .ok_or_else(incompatible)?;
+                gather(bytes, &parts, a, layout, total)?;
+                *shape = t.shape.clone();
+                shape[a] = total;
+            }
+            Axis::Shared => {
+                // Every request gives the same value (the scheduler batches only equal inline
+                // values; checked again here): the batch runs with it once.
+                let InputData::Inline(value) = &t.data else {
+                    return Err(incompatible());
+                };
+                if parts
+                    .iter()
+                    .any(|p| !matches!(&p.data, InputData::Inline(v) if v == value))
+                {
+                    return Err(incompatible());
                 }
+                bytes.extend_from_slice(value);
+                *shape = t.shape.clone();
             }
         }
-        if total > real && real > 0 {
-            let row = bytes.len() as u64 / real;
-            bytes.resize((row * total) as usize, 0);
-        }
-        let mut shape = t.shape.clone();
-        shape[0] = total;
-        gathered[k].1 = shape;
     }
     // The batch tensors are built over the gathered buffers (no second copy).
     let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(gathered.len());
@@ -256,7 +272,7 @@ fn run_gathered(
             .map_err(|e| run_err(&e))?;
         values.push((Cow::Borrowed(t.name.as_str()), tensor));
     }
-    // Every output any job wants, in first-seen order.
+    // Every output any job wants, in first-seen order, with where its rows are.
     let mut names: Vec<&str> = Vec::new();
     for job in jobs {
         for o in &job.outputs {
@@ -269,40 +285,48 @@ fn run_gathered(
     let shrink = arena.for_run(elements);
     *shrunk = shrink.is_some();
     with_outputs(session, values, &names, shrink, |views| {
+        let mut layouts = Vec::with_capacity(views.len());
         for v in views {
-            if v.shape.first() != Some(&total)
-                || !(v.bytes.len() as u64).is_multiple_of(total.max(1))
-            {
-                return Err(RuntimeError::Run(format!(
-                    "output '{}' has shape {:?}, not {total} rows: the model cannot batch",
-                    v.name, v.shape
-                )));
-            }
+            let a = match axes.output(v.name) {
+                Axis::Rows(a) => a,
+                Axis::Shared => usize::MAX,
+            };
+            let layout = Layout::of(&v.shape, a, v.dtype.byte_len(1).unwrap_or(1))
+                .filter(|l| v.shape[a] == total && l.bytes(total) == v.bytes.len() as u64)
+                .ok_or_else(|| {
+                    RuntimeError::Run(format!(
+                        "output '{}' has shape {:?}, not {total} rows along dimension {a}: the \
+                         model cannot batch (model.toml batch-axes)",
+                        v.name, v.shape
+                    ))
+                })?;
+            layouts.push((a, layout));
         }
         let mut start = 0u64;
         let mut results = Vec::with_capacity(jobs.len());
         for (job, &r) in jobs.iter().zip(rows) {
             let r = u64::from(r);
-            let mine: Vec<View<'_>> = job
-                .outputs
+            // A job's rows of an output: one slice where they are contiguous (rows along
+            // dimension 0), else copied out of each outer block.
+            let mut parts: Vec<(usize, Cow<'_, [u8]>)> = Vec::with_capacity(job.outputs.len());
+            for name in &job.outputs {
+                let i = views
+                    .iter()
+                    .position(|v| v.name == name)
+                    .expect("collected above");
+                parts.push((i, layouts[i].1.rows_of(views[i].bytes, total, start, r)));
+            }
+            let mine: Vec<View<'_>> = parts
                 .iter()
-                .map(|name| {
-                    let v = views
-                        .iter()
-                        .find(|v| v.name == name)
-                        .expect("collected above");
-                    let row_bytes = v.bytes.len() as u64 / total.max(1);
+                .map(|(i, bytes)| {
+                    let v = &views[*i];
                     let mut shape = v.shape.clone();
-                    shape[0] = r;
-                    let (a, b) = (
-                        (start * row_bytes) as usize,
-                        ((start + r) * row_bytes) as usize,
-                    );
+                    shape[layouts[*i].0] = r;
                     View {
                         name: v.name,
                         dtype: v.dtype,
                         shape,
-                        bytes: &v.bytes[a..b],
+                        bytes: bytes.as_ref(),
                     }
                 })
                 .collect();
@@ -311,4 +335,243 @@ fn run_gathered(
         }
         Ok(results)
     })
+}
+
+/// Whether input `i` can run in one batch with `t`: the same shape but for the rows dimension
+/// (for a shared input, the same shape).
+fn same_but_rows(i: &super::job::InputTensor, t: &super::job::InputTensor, axis: Axis) -> bool {
+    match axis {
+        Axis::Rows(a) => {
+            i.shape.len() == t.shape.len()
+                && a < t.shape.len()
+                && i.shape[..a] == t.shape[..a]
+                && i.shape[a + 1..] == t.shape[a + 1..]
+        }
+        Axis::Shared => i.shape == t.shape,
+    }
+}
+
+/// A tensor seen as `outer` blocks, each of some rows of `inner` bytes: rows along dimension
+/// `a` of a row-major shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    outer: u64,
+    inner: u64,
+}
+
+impl Layout {
+    /// The layout of `shape` with rows along dimension `a`, elements of `element` bytes
+    /// (`None` if `a` is not a dimension of it or the sizes overflow).
+    fn of(shape: &[u64], a: usize, element: u64) -> Option<Layout> {
+        if a >= shape.len() {
+            return None;
+        }
+        let product = |dims: &[u64]| dims.iter().try_fold(1u64, |p, &d| p.checked_mul(d));
+        Some(Layout {
+            outer: product(&shape[..a])?,
+            inner: product(&shape[a + 1..])?.checked_mul(element)?,
+        })
+    }
+
+    /// Bytes of a tensor of `rows` rows.
+    fn bytes(&self, rows: u64) -> u64 {
+        self.outer.saturating_mul(rows).saturating_mul(self.inner)
+    }
+
+    /// Rows `start..start + r` of a tensor of `total` rows laid out so: borrowed when they
+    /// are contiguous (one outer block), copied otherwise.
+    fn rows_of<'b>(&self, bytes: &'b [u8], total: u64, start: u64, r: u64) -> Cow<'b, [u8]> {
+        let (inner, outer) = (self.inner as usize, self.outer as usize);
+        let (total, start, r) = (total as usize, start as usize, r as usize);
+        if outer == 1 {
+            return Cow::Borrowed(&bytes[start * inner..(start + r) * inner]);
+        }
+        let mut out = Vec::with_capacity(outer * r * inner);
+        for o in 0..outer {
+            let from = (o * total + start) * inner;
+            out.extend_from_slice(&bytes[from..from + r * inner]);
+        }
+        Cow::Owned(out)
+    }
+}
+
+/// Gathers `parts` (inputs with their rows along dimension `a`, laid out as `layout` with
+/// their own row counts) into one tensor of `total` rows in `dst` (empty, its capacity
+/// reused); rows past the parts' are zeros (padding).
+fn gather(
+    dst: &mut Vec<u8>,
+    parts: &[&super::job::InputTensor],
+    a: usize,
+    layout: Layout,
+    total: u64,
+) -> Result<(), RuntimeError> {
+    let short = || RuntimeError::Run("an input is shorter than its shape".into());
+    let rows: Vec<u64> = parts
+        .iter()
+        .map(|p| p.shape.get(a).copied().unwrap_or(0))
+        .collect();
+    let size = usize::try_from(layout.bytes(total))
+        .ok()
+        .filter(|_| {
+            rows.iter()
+                .try_fold(0u64, |s, &r| s.checked_add(r))
+                .is_some_and(|s| s <= total)
+        })
+        .ok_or_else(|| RuntimeError::Run("incompatible requests in one batch".into()))?;
+    let inner = layout.inner as usize;
+    // Copies `to.len()` bytes of a part from byte `from` on.
+    let copy = |data: &InputData, from: usize, to: &mut [u8]| -> Result<(), RuntimeError> {
+        match data {
+            InputData::Inline(b) => {
+                to.copy_from_slice(b.get(from..from + to.len()).ok_or_else(short)?);
+                Ok(())
+            }
+            InputData::Shared { map, offset, len } => {
+                if (from + to.len()) as u64 > *len {
+                    return Err(short());
+                }
+                map.copy_out(offset + from as u64, to)
+                    .map_err(|e| RuntimeError::Run(e.to_string()))
+            }
+        }
+    };
+    if layout.outer == 1 {
+        // Rows along the outermost dimension: each part is one contiguous run, appended.
+        for (p, &r) in parts.iter().zip(&rows) {
+            let n = r as usize * inner;
+            match &p.data {
+                InputData::Inline(b) => dst.extend_from_slice(b.get(..n).ok_or_else(short)?),
+                InputData::Shared { .. } => {
+                    let start = dst.len();
+                    dst.resize(start + n, 0);
+                    copy(&p.data, 0, &mut dst[start..])?;
+                }
+            }
+        }
+        dst.resize(size, 0);
+        return Ok(());
+    }
+    // Rows inside each outer block: every part contributes its rows to every block.
+    dst.resize(size, 0);
+    let total = total as usize;
+    let mut start = 0usize;
+    for (p, &r) in parts.iter().zip(&rows) {
+        let n = r as usize * inner;
+        for o in 0..layout.outer as usize {
+            let to = (o * total + start) * inner;
+            copy(&p.data, o * n, &mut dst[to..to + n])?;
+        }
+        start += r as usize;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::InputTensor;
+    use rxd_protocol::DType;
+
+    /// An inline f32 input of `shape` whose elements count up from `base`.
+    fn input(shape: &[u64], base: f32) -> InputTensor {
+        let n: u64 = shape.iter().product();
+        let bytes = (0..n)
+            .flat_map(|i| (base + i as f32).to_ne_bytes())
+            .collect();
+        InputTensor {
+            name: "x".into(),
+            dtype: DType::Float32,
+            shape: shape.to_vec(),
+            data: InputData::Inline(bytes),
+        }
+    }
+
+    fn bytes_of(t: &InputTensor) -> &[u8] {
+        match &t.data {
+            InputData::Inline(b) => b,
+            InputData::Shared { .. } => unreachable!(),
+        }
+    }
+
+    /// Gathering parts along any dimension and taking each part's rows back out gives every
+    /// part's bytes back, and the padding rows are zeros, for several shapes and row counts.
+    #[test]
+    fn gathered_rows_split_back_into_each_part_along_any_dimension() {
+        let cases: &[(&[u64], usize, &[u64])] = &[
+            // (a part's shape with its rows set to 0, the rows dimension, each part's rows)
+            (&[0, 3], 0, &[1, 2, 1]),
+            (&[2, 0, 4], 1, &[1, 1, 3]),
+            (&[2, 0, 128], 1, &[1, 1, 1, 1, 1, 1, 1, 1]),
+            (&[3, 2, 0], 2, &[2, 1]),
+            (&[0], 0, &[5, 2]),
+        ];
+        for &(shape, a, rows) in cases {
+            let parts: Vec<InputTensor> = rows
+                .iter()
+                .enumerate()
+                .map(|(i, &r)| {
+                    let mut s = shape.to_vec();
+                    s[a] = r;
+                    input(&s, 1000.0 * (i + 1) as f32)
+                })
+                .collect();
+            let refs: Vec<&InputTensor> = parts.iter().collect();
+            let real: u64 = rows.iter().sum();
+            for total in [real, real + 3] {
+                let mut full = shape.to_vec();
+                full[a] = total;
+                let layout = Layout::of(&full, a, 4).unwrap();
+                let mut dst = Vec::new();
+                gather(&mut dst, &refs, a, layout, total).unwrap();
+                assert_eq!(dst.len() as u64, layout.bytes(total), "{shape:?} along {a}");
+                let mut start = 0;
+                for (p, &r) in parts.iter().zip(rows) {
+                    let back = layout.rows_of(&dst, total, start, r);
+                    assert_eq!(
+                        &*back,
+                        bytes_of(p),
+                        "{shape:?} along {a}, rows {start}..+{r}"
+                    );
+                    start += r;
+                }
+                let pad = layout.rows_of(&dst, total, real, total - real);
+                assert!(pad.iter().all(|&b| b == 0), "padding rows are zeros");
+            }
+        }
+    }
+
+    #[test]
+    fn parts_with_more_rows_than_the_batch_are_refused_not_indexed() {
+        let parts = [input(&[2, 3, 4], 0.0), input(&[2, 3, 4], 1.0)];
+        let refs: Vec<&InputTensor> = parts.iter().collect();
+        let layout = Layout::of(&[2, 4, 4], 1, 4).unwrap();
+        let mut dst = Vec::new();
+        assert!(
+            gather(&mut dst, &refs, 1, layout, 4).is_err(),
+            "6 rows into 4"
+        );
+        let short = InputTensor {
+            data: InputData::Inline(vec![0; 8]),
+            ..input(&[2, 1, 4], 0.0)
+        };
+        let mut dst = Vec::new();
+        assert!(
+            gather(&mut dst, &[&short], 1, layout, 4).is_err(),
+            "bytes shorter than the shape"
+        );
+    }
+
+    #[test]
+    fn a_layout_needs_the_dimension_and_sizes_that_fit() {
+        assert_eq!(
+            Layout::of(&[2, 5, 128], 1, 4),
+            Some(Layout {
+                outer: 2,
+                inner: 512
+            })
+        );
+        assert_eq!(Layout::of(&[2, 5], 2, 4), None);
+        assert_eq!(Layout::of(&[2, u64::MAX], 0, 4), None);
+        assert_eq!(Layout::of(&[u64::MAX, 2, 2], 2, 4), None, "outer overflows");
+    }
 }

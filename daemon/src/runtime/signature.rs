@@ -1,5 +1,6 @@
 //! A model's signature (inputs and outputs as the wire describes them, read from a session),
-//! the dtype mapping between ORT and the wire, and the zero-filled warmup inputs.
+//! where each tensor's rows are when requests run as one batch, the dtype mapping between ORT
+//! and the wire, and the zero-filled warmup inputs.
 
 use std::borrow::Cow;
 
@@ -9,25 +10,141 @@ use rxd_protocol::{DType, TensorSpec};
 
 use super::{RuntimeError, raw, run_err};
 
-/// A model's inputs and outputs, and what requests may send: each input's `max_dims` (set by
-/// the registry at load, see `validate::max_dims`) and whether inputs may be empty.
+/// A model's inputs and outputs, where their rows are, and what requests may send: each
+/// input's `max_dims` (set by the registry at load, see `validate::max_dims`) and whether
+/// inputs may be empty.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Signature {
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
     /// Inputs with a zero-sized dimension pass validation (model.toml `allow-empty-inputs`).
     pub allow_empty: bool,
+    /// Where each input's and output's rows are, in the order of `inputs` and `outputs`.
+    pub axes: Axes,
+}
+
+/// Where a tensor's rows are when several requests run as one batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Axis {
+    /// Along this dimension: 0, unless model.toml `batch-axes` names another (a recurrent
+    /// model's state, `[layers, batch, hidden]`, has its rows along dimension 1).
+    Rows(usize),
+    /// Not batched: every request of a batch gives the same value, which the batch runs with
+    /// once (a rank-0 input such as Silero VAD's sample rate, or one named in model.toml
+    /// `shared-inputs`). Requests with different values run in different batches.
+    Shared,
+}
+
+/// Each tensor's [`Axis`], in the signature's order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Axes {
+    pub inputs: Vec<Axis>,
+    pub outputs: Vec<Axis>,
+    /// The outputs' names, in the same order.
+    pub output_names: Vec<String>,
+}
+
+impl Axes {
+    /// The axis of the output named `name` (dimension 0 if there is none of that name).
+    pub fn output(&self, name: &str) -> Axis {
+        self.output_names
+            .iter()
+            .position(|n| n == name)
+            .and_then(|i| self.outputs.get(i).copied())
+            .unwrap_or(Axis::Rows(0))
+    }
+
+    /// By default rows are along dimension 0, and rank-0 inputs are shared.
+    fn default_for(inputs: &[TensorSpec], outputs: &[TensorSpec]) -> Axes {
+        Axes {
+            inputs: inputs
+                .iter()
+                .map(|t| match t.dims.len() {
+                    0 => Axis::Shared,
+                    _ => Axis::Rows(0),
+                })
+                .collect(),
+            outputs: outputs.iter().map(|_| Axis::Rows(0)).collect(),
+            output_names: outputs.iter().map(|t| t.name.clone()).collect(),
+        }
+    }
+}
+
+/// model.toml's `batch-axes` (tensor name → the dimension its rows are along) and
+/// `shared-inputs` (inputs every request of a batch must give the same value).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AxesConfig {
+    pub axes: std::collections::HashMap<String, u32>,
+    pub shared: Vec<String>,
 }
 
 impl Signature {
-    /// A model can batch when every input and output has rank ≥ 1 and a dynamic first
-    /// dimension.
+    /// A model can batch when it has an input with rows, every input with rows and every
+    /// output has a dynamic dimension where its rows are, and no output is shared.
     pub fn batchable(&self) -> bool {
+        let rows_dynamic = |t: &TensorSpec, a: &Axis| match a {
+            Axis::Rows(k) => t.dims.get(*k) == Some(&-1),
+            Axis::Shared => false,
+        };
         self.inputs
             .iter()
-            .chain(&self.outputs)
-            .all(|t| t.dims.first() == Some(&-1))
-            && !self.inputs.is_empty()
+            .zip(&self.axes.inputs)
+            .any(|(t, a)| rows_dynamic(t, a))
+            && self
+                .inputs
+                .iter()
+                .zip(&self.axes.inputs)
+                .all(|(t, a)| *a == Axis::Shared || rows_dynamic(t, a))
+            && self
+                .outputs
+                .iter()
+                .zip(&self.axes.outputs)
+                .all(|(t, a)| rows_dynamic(t, a))
+    }
+
+    /// The [`Axis`] of input `k`.
+    pub fn input_axis(&self, k: usize) -> Axis {
+        self.axes.inputs.get(k).copied().unwrap_or(Axis::Rows(0))
+    }
+
+    /// Applies model.toml's `batch-axes` and `shared-inputs`, or says what in them does not
+    /// fit this model.
+    pub fn set_axes(&mut self, config: &AxesConfig) -> Result<(), String> {
+        let mut axes = Axes::default_for(&self.inputs, &self.outputs);
+        for (name, &axis) in &config.axes {
+            let (spec, slot) = match self.inputs.iter().position(|t| &t.name == name) {
+                Some(i) => (&self.inputs[i], &mut axes.inputs[i]),
+                None => match self.outputs.iter().position(|t| &t.name == name) {
+                    Some(i) => (&self.outputs[i], &mut axes.outputs[i]),
+                    None => {
+                        return Err(format!(
+                            "batch-axes names '{name}', which is neither an input nor an output"
+                        ));
+                    }
+                },
+            };
+            if axis as usize >= spec.dims.len() {
+                return Err(format!(
+                    "batch-axes gives '{name}' dimension {axis}; it has {} ({})",
+                    spec.dims.len(),
+                    spec.dims_text()
+                ));
+            }
+            *slot = Axis::Rows(axis as usize);
+        }
+        for name in &config.shared {
+            let Some(i) = self.inputs.iter().position(|t| &t.name == name) else {
+                return Err(format!(
+                    "shared-inputs names '{name}', which is not an input"
+                ));
+            };
+            if config.axes.contains_key(name) {
+                return Err(format!("'{name}' is in both batch-axes and shared-inputs"));
+            }
+            axes.inputs[i] = Axis::Shared;
+        }
+        self.axes = axes;
+        Ok(())
     }
 
     pub(super) fn of(session: &Session) -> Result<Signature, String> {
@@ -63,17 +180,20 @@ impl Signature {
                 )),
             }
         };
+        let inputs: Vec<TensorSpec> = session
+            .inputs()
+            .iter()
+            .map(|o| spec(o, "input"))
+            .collect::<Result<_, _>>()?;
+        let outputs: Vec<TensorSpec> = session
+            .outputs()
+            .iter()
+            .map(|o| spec(o, "output"))
+            .collect::<Result<_, _>>()?;
         Ok(Signature {
-            inputs: session
-                .inputs()
-                .iter()
-                .map(|o| spec(o, "input"))
-                .collect::<Result<_, _>>()?,
-            outputs: session
-                .outputs()
-                .iter()
-                .map(|o| spec(o, "output"))
-                .collect::<Result<_, _>>()?,
+            axes: Axes::default_for(&inputs, &outputs),
+            inputs,
+            outputs,
             allow_empty: false,
         })
     }
@@ -143,9 +263,10 @@ pub fn element_type_of(d: DType) -> TensorElementType {
 /// configured shapes: large enough for the strides of common conv nets.
 pub const WARMUP_AUTO_DIM: u64 = 32;
 
-/// Runs `session` once on zero-filled inputs with `rows` in every dynamic first dimension;
-/// `dims` gives full shapes for named inputs (its first dimension is replaced by `rows` when
-/// the model's is dynamic); other dynamic dimensions get [`WARMUP_AUTO_DIM`]. This makes ORT
+/// Runs `session` once on zero-filled inputs with `rows` in every input's dynamic rows
+/// dimension (see [`Axis`]); `dims` gives full shapes for named inputs (their rows dimension
+/// is replaced by `rows` when the model's is dynamic); other dynamic dimensions get
+/// [`WARMUP_AUTO_DIM`]. This makes ORT
 /// allocate its arena for that batch size (and compile kernels on GPU providers) before the
 /// first client request. Returns the outputs' shapes, in the signature's output order.
 pub fn warmup(
@@ -183,8 +304,9 @@ pub fn zero_inputs(
     dims: &std::collections::HashMap<String, Vec<i64>>,
 ) -> Result<Vec<(String, ort::value::DynTensor)>, RuntimeError> {
     let mut values = Vec::with_capacity(sig.inputs.len());
-    for spec in &sig.inputs {
-        let shape = warmup_shape(spec, rows, dims.get(&spec.name).map(Vec::as_slice));
+    for (k, spec) in sig.inputs.iter().enumerate() {
+        let given = dims.get(&spec.name).map(Vec::as_slice);
+        let shape = warmup_shape(spec, sig.input_axis(k), rows, given);
         let elements = shape
             .iter()
             .try_fold(1u64, |a, &d| a.checked_mul(d))
@@ -201,18 +323,123 @@ pub fn zero_inputs(
     Ok(values)
 }
 
-/// The shape [`warmup`] gives an input at `rows` rows: `rows` in a dynamic first dimension,
-/// `given` (model.toml `warmup-dims`) for other dynamic dimensions where it has a positive
-/// size, [`WARMUP_AUTO_DIM`] for the rest.
-pub fn warmup_shape(spec: &TensorSpec, rows: u64, given: Option<&[i64]>) -> Vec<u64> {
+/// The shape [`warmup`] gives an input at `rows` rows: `rows` in its dynamic rows dimension
+/// (`axis`), `given` (model.toml `warmup-dims`) for other dynamic dimensions where it has a
+/// positive size, [`WARMUP_AUTO_DIM`] for the rest.
+pub fn warmup_shape(spec: &TensorSpec, axis: Axis, rows: u64, given: Option<&[i64]>) -> Vec<u64> {
+    let at = match axis {
+        Axis::Rows(k) => Some(k),
+        Axis::Shared => None,
+    };
     spec.dims
         .iter()
         .enumerate()
         .map(|(i, &d)| match (i, d, given.and_then(|g| g.get(i))) {
-            (0, d, _) if d < 0 => rows,
+            (i, d, _) if d < 0 && Some(i) == at => rows,
             (_, d, _) if d >= 0 => d as u64,
             (_, _, Some(&g)) if g > 0 => g as u64,
             _ => WARMUP_AUTO_DIM,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, dims: &[i64]) -> TensorSpec {
+        TensorSpec {
+            name: name.into(),
+            dtype: DType::Float32,
+            dims: dims.to_vec(),
+            dim_names: Vec::new(),
+            max_dims: Vec::new(),
+            warmup_dims: Vec::new(),
+        }
+    }
+
+    /// Silero VAD's signature: audio `[batch, samples]`, state `[2, batch, 128]`, a rank-0
+    /// sample rate; outputs `[batch, 1]` and the new state, every dimension dynamic.
+    fn silero() -> Signature {
+        let inputs = vec![
+            spec("input", &[-1, -1]),
+            spec("state", &[2, -1, 128]),
+            spec("sr", &[]),
+        ];
+        let outputs = vec![spec("output", &[-1, 1]), spec("stateN", &[-1, -1, -1])];
+        Signature {
+            axes: Axes::default_for(&inputs, &outputs),
+            inputs,
+            outputs,
+            allow_empty: false,
+        }
+    }
+
+    fn config(axes: &[(&str, u32)], shared: &[&str]) -> AxesConfig {
+        AxesConfig {
+            axes: axes.iter().map(|&(n, a)| (n.to_string(), a)).collect(),
+            shared: shared.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_state_with_its_rows_along_dimension_one_batches_once_configured() {
+        let mut sig = silero();
+        assert!(!sig.batchable(), "the state's dimension 0 is fixed at 2");
+        assert_eq!(
+            sig.input_axis(2),
+            Axis::Shared,
+            "rank 0 is shared by default"
+        );
+        sig.set_axes(&config(&[("state", 1), ("stateN", 1)], &[]))
+            .unwrap();
+        assert!(sig.batchable());
+        assert_eq!(sig.input_axis(1), Axis::Rows(1));
+        assert_eq!(sig.axes.output("stateN"), Axis::Rows(1));
+        assert_eq!(sig.axes.output("output"), Axis::Rows(0));
+        assert_eq!(
+            warmup_shape(&sig.inputs[1], sig.input_axis(1), 4, Some(&[2, 1, 128])),
+            vec![2, 4, 128],
+            "warmup rows go where the rows are"
+        );
+        // Only the new state's axis: the output's rows are still where they were.
+        let mut half = silero();
+        half.set_axes(&config(&[("state", 1)], &[])).unwrap();
+        assert!(half.batchable(), "stateN's dimension 0 is dynamic too");
+    }
+
+    #[test]
+    fn axes_that_do_not_fit_the_model_are_refused_by_name() {
+        let mut sig = silero();
+        let err = |c: AxesConfig| silero().set_axes(&c).unwrap_err();
+        assert!(err(config(&[("nope", 0)], &[])).contains("'nope'"));
+        assert!(err(config(&[("state", 3)], &[])).contains("dimension 3"));
+        assert!(err(config(&[], &["stateN"])).contains("not an input"));
+        assert!(err(config(&[("input", 0)], &["input"])).contains("both"));
+        // A shared input with rows elsewhere: the model still batches on the others.
+        sig.set_axes(&config(&[("state", 1), ("stateN", 1)], &["input"]))
+            .unwrap();
+        assert_eq!(sig.input_axis(0), Axis::Shared);
+        assert!(sig.batchable());
+        // Every input shared: nothing to batch along.
+        let mut none = silero();
+        none.set_axes(&config(&[], &["input", "state"])).unwrap();
+        assert!(!none.batchable());
+    }
+
+    #[test]
+    fn the_default_is_dimension_zero_everywhere() {
+        let inputs = vec![spec("x", &[-1, 3])];
+        let outputs = vec![spec("y", &[-1])];
+        let mut sig = Signature {
+            axes: Axes::default_for(&inputs, &outputs),
+            inputs,
+            outputs,
+            allow_empty: false,
+        };
+        assert!(sig.batchable());
+        sig.set_axes(&AxesConfig::default()).unwrap();
+        assert!(sig.batchable());
+        assert_eq!(sig.input_axis(0), Axis::Rows(0));
+    }
 }

@@ -57,6 +57,8 @@ pub struct TuneSpec<'a> {
     /// Batch sizes to try, ascending (only 1 is tried for a model that is not batched).
     pub sizes: &'a [u32],
     pub warmup_dims: &'a HashMap<String, Vec<i64>>,
+    /// Where each tensor's rows are (model.toml `batch-axes`, `shared-inputs`).
+    pub axes: &'a super::AxesConfig,
     /// The whole measurement's time, session creation included.
     pub budget: Duration,
 }
@@ -104,7 +106,13 @@ impl Runtime {
             };
             let mut sessions = Vec::with_capacity(layout.instances as usize);
             for _ in 0..layout.instances {
-                let made = self.session_on(spec.path, &opts, spec.target, None)?;
+                let mut made = self.session_on(spec.path, &opts, spec.target, None)?;
+                made.1
+                    .set_axes(spec.axes)
+                    .map_err(|message| RuntimeError::Unsupported {
+                        path: spec.path.to_path_buf(),
+                        message,
+                    })?;
                 if let Some(why) = unknown_shape(&made.1, spec.warmup_dims) {
                     return Ok(Measured::Skipped(why));
                 }
@@ -185,14 +193,15 @@ impl Runtime {
 /// Why requests' shapes are not known for `sig` (an input dimension past the first that is
 /// dynamic and not given in `dims`), if they are not.
 fn unknown_shape(sig: &super::Signature, dims: &HashMap<String, Vec<i64>>) -> Option<String> {
-    sig.inputs.iter().find_map(|t| {
+    sig.inputs.iter().enumerate().find_map(|(k, t)| {
         let given = dims.get(&t.name);
-        let unknown = t
-            .dims
-            .iter()
-            .enumerate()
-            .skip(1)
-            .any(|(i, &d)| d < 0 && given.and_then(|g| g.get(i)).is_none_or(|&g| g <= 0));
+        let rows = match sig.input_axis(k) {
+            super::Axis::Rows(a) => Some(a),
+            super::Axis::Shared => None,
+        };
+        let unknown = t.dims.iter().enumerate().any(|(i, &d)| {
+            Some(i) != rows && d < 0 && given.and_then(|g| g.get(i)).is_none_or(|&g| g <= 0)
+        });
         unknown.then(|| {
             format!(
                 "input '{}' has dynamic dimensions besides the batch: say the size requests \

@@ -208,6 +208,8 @@ pub struct Crew {
     pub wedge: bool,
     /// The device's busy time and rows, recorded per batch.
     pub load: Arc<crate::metrics::DeviceLoad>,
+    /// Where each tensor's rows are in a batch.
+    pub axes: Arc<super::Axes>,
 }
 
 impl WorkerPool {
@@ -225,6 +227,7 @@ impl WorkerPool {
             pad_to,
             wedge,
             load,
+            axes,
         } = crew;
         let pad_to: Arc<[u32]> = pad_to.into();
         let (tx, rx) = crossbeam_channel::bounded::<Batch>(sessions.len().max(1));
@@ -241,9 +244,16 @@ impl WorkerPool {
             let busy = busy_since.clone();
             let pad_to = pad_to.clone();
             let load = load.clone();
+            let axes = axes.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("rxd-w-{label}-{i}"))
-                .spawn(move || worker_loop(session, rx, &pad_to, listener, &busy[i], wedge, &load))
+                .spawn(move || {
+                    let pad = Pad {
+                        to: &pad_to,
+                        axes: &axes,
+                    };
+                    worker_loop(session, rx, pad, listener, &busy[i], wedge, &load)
+                })
                 .map_err(|e| RuntimeError::Threads(e.to_string()))?;
             pool.handles.push(handle);
         }
@@ -289,10 +299,18 @@ impl Drop for WorkerPool {
     }
 }
 
+/// How a worker lays out its batches: the sizes it pads them to, and where each tensor's rows
+/// are.
+#[derive(Clone, Copy)]
+pub(super) struct Pad<'a> {
+    pub to: &'a [u32],
+    pub axes: &'a super::Axes,
+}
+
 fn worker_loop(
     mut sessions: WorkerSessions,
     rx: crossbeam_channel::Receiver<Batch>,
-    pad_to: &[u32],
+    pad: Pad<'_>,
     listener: std::sync::Weak<dyn BatchListener>,
     busy: &std::sync::atomic::AtomicU64,
     wedge: bool,
@@ -328,7 +346,7 @@ fn worker_loop(
         let rows: u32 = batch.rows.iter().sum();
         let dispatched = batch.dispatched;
         load.begin(started);
-        run_batch(&mut sessions, batch, pad_to, &mut staging);
+        run_batch(&mut sessions, batch, pad, &mut staging);
         let done = std::time::Instant::now();
         load.end(done, rows);
         busy.store(0, Relaxed);

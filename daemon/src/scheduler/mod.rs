@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use crate::runtime::{Batch, BatchListener, Job, RuntimeError, WorkerPool};
+use crate::runtime::{Axes, Axis, Batch, BatchListener, InputData, Job, RuntimeError, WorkerPool};
 use policy::{Action, Batcher, Item, ReqId, Settings};
 
 /// The terms a request is queued under: how urgent it is and who asked.
@@ -43,6 +43,9 @@ pub struct Stats {
     pub padded_rows: AtomicU64,
 }
 
+/// The largest shared input (see `runtime::Axis::Shared`) whose requests batch together.
+pub const SHARED_MAX_BYTES: usize = 4096;
+
 struct State {
     batcher: Batcher,
     /// Waiting jobs: the job, its rows, when it arrived.
@@ -60,6 +63,11 @@ pub struct Scheduler {
     idle: Condvar,
     pool: OnceLock<WorkerPool>,
     batchable: bool,
+    /// Where each input's rows are.
+    axes: Arc<Axes>,
+    /// Hashes shape keys with this process's own random keys, so that no client can make two
+    /// different requests share a key on purpose.
+    keys: std::hash::RandomState,
     default_priority: std::sync::atomic::AtomicU8,
     pub stats: Stats,
     metrics: Arc<crate::metrics::ModelMetrics>,
@@ -77,6 +85,7 @@ impl Scheduler {
     ) -> Result<Arc<Scheduler>, crate::runtime::RuntimeError> {
         settings.batchable = batchable && settings.max_batch_rows > 1;
         let workers = crew.sessions.len();
+        let axes = crew.axes.clone();
         let sched = Arc::new_cyclic(|me| Scheduler {
             me: me.clone(),
             state: Mutex::new(State {
@@ -88,6 +97,8 @@ impl Scheduler {
             idle: Condvar::new(),
             pool: OnceLock::new(),
             batchable,
+            axes,
+            keys: std::hash::RandomState::new(),
             pad_to: crew.pad_to.clone(),
             default_priority: std::sync::atomic::AtomicU8::new(default_priority),
             stats: Stats::default(),
@@ -174,29 +185,46 @@ impl Scheduler {
         self.act(st, actions);
     }
 
-    /// Rows (dimension 0, equal across inputs) and the shape key of a job. Jobs that cannot
-    /// batch get a key of their own.
+    /// Rows (equal across inputs, along each input's rows dimension) and the shape key of a
+    /// job: jobs with the same key have the same shapes but for their rows and the same value
+    /// of every shared input. Jobs that cannot batch get a key of their own.
     fn rows_and_key(&self, job: &Job, id: ReqId) -> (u32, u64) {
+        use std::hash::BuildHasher;
         let alone = (1, u64::MAX - id);
         if !self.batchable {
             return alone;
         }
-        let Some(rows) = job.inputs.first().and_then(|t| t.shape.first()).copied() else {
-            return alone;
-        };
-        if rows == 0
-            || rows > u64::from(u32::MAX)
-            || job.inputs.iter().any(|t| t.shape.first() != Some(&rows))
-        {
-            return alone;
-        }
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        for t in &job.inputs {
+        let mut rows = None;
+        let mut h = self.keys.build_hasher();
+        for (k, t) in job.inputs.iter().enumerate() {
             t.name.hash(&mut h);
             t.dtype.hash(&mut h);
-            t.shape[1..].hash(&mut h);
+            match self.axes.inputs.get(k).copied().unwrap_or(Axis::Rows(0)) {
+                Axis::Rows(a) => {
+                    let Some(&r) = t.shape.get(a) else {
+                        return alone;
+                    };
+                    if *rows.get_or_insert(r) != r {
+                        return alone;
+                    }
+                    t.shape[..a].hash(&mut h);
+                    t.shape[a + 1..].hash(&mut h);
+                }
+                // A shared value batches only from the request's own bytes (arena bytes may
+                // change after they were compared), and only a small one.
+                Axis::Shared => match &t.data {
+                    InputData::Inline(b) if b.len() <= SHARED_MAX_BYTES => {
+                        t.shape.hash(&mut h);
+                        b.hash(&mut h);
+                    }
+                    _ => return alone,
+                },
+            }
         }
-        (rows as u32, h.finish() >> 1)
+        match rows {
+            Some(r) if r > 0 && r <= u64::from(u32::MAX) => (r as u32, h.finish() >> 1),
+            _ => alone,
+        }
     }
 
     /// Carries out actions: batches go to workers, refusals and expiries are answered — all

@@ -1,0 +1,155 @@
+//! Batching a model whose rows are not along dimension 0 of every tensor (model.toml
+//! `batch-axes`, and rank-0 inputs shared by a batch): Silero VAD, whose state is
+//! `[2, batch, 128]` and whose sample rate is a scalar, against the real daemon and in-process
+//! ONNX Runtime.
+
+use rxd_client::{ClientOptions, DType, Tensor};
+use rxd_e2e::*;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// One request of `rows` audio streams: `samples` samples each at sample rate `sr`, with a
+/// state of its own (all drawn from `seed`).
+fn request(rows: u64, samples: u64, sr: i64, seed: u64) -> Vec<Tensor> {
+    let n = (rows * samples) as usize;
+    let audio: Vec<f32> = random_f32(n, seed).iter().map(|x| x * 2.0 - 1.0).collect();
+    let state: Vec<f32> = random_f32(256 * rows as usize, seed + 7)
+        .iter()
+        .map(|x| x * 0.2 - 0.1)
+        .collect();
+    vec![
+        f32_tensor("input", &[rows, samples], &audio),
+        f32_tensor("state", &[2, rows, 128], &state),
+        Tensor::inline("sr", DType::Int64, vec![], sr.to_le_bytes().to_vec()),
+    ]
+}
+
+/// Requests of several streams, sample rates and chunk sizes from eight connections at once
+/// (half through the arena, half inline) to one worker that waits for batches to fill: every
+/// answer — the speech probability and the new state, whose rows are along dimension 1 —
+/// equals in-process ONNX Runtime run on that request alone; requests were batched (fewer
+/// batches than requests); and requests that differ only in their sample rate (a shared,
+/// rank-0 input) were never run together: the 8 kHz and 16 kHz answers at 256 samples would
+/// differ from their references if one batch had run with the other's rate.
+#[test]
+fn silero_requests_batch_along_the_state_rows_and_answer_as_alone() {
+    let repo = Repo::new();
+    repo.link("silero_vad", 1, "silero_vad").settings(
+        "silero_vad",
+        "warmup-dims = { input = [1, 256], state = [2, 1, 128] }\n\
+         batch-axes = { state = 1, stateN = 1 }\n\
+         max-batch-rows = 16\n\
+         max-queue-delay-us = 20000\n",
+    );
+    let d = TestDaemon::start(repo.path(), &[]);
+    let summary = &d.summaries()["silero_vad"];
+    assert!(summary.batchable, "batch-axes makes it batchable");
+    // (rows, samples, sample rate)
+    let kinds: [(u64, u64, i64); 5] = [
+        (1, 512, 16000),
+        (1, 256, 16000),
+        (1, 256, 8000),
+        (2, 512, 16000),
+        (3, 256, 8000),
+    ];
+    let per_connection = 10u64;
+    let rt = runtime();
+    let answers = rt.block_on(async {
+        let tasks: Vec<_> = (0..8u64)
+            .map(|c| {
+                let socket = d.socket.clone();
+                tokio::spawn(async move {
+                    let options = if c % 2 == 0 {
+                        ClientOptions {
+                            inline_threshold: 0,
+                            ..ClientOptions::default()
+                        }
+                    } else {
+                        ClientOptions::inline_only()
+                    };
+                    let client = rxd_client::Client::connect_with(&socket, options)
+                        .await
+                        .unwrap();
+                    let calls: Vec<_> = (0..per_connection)
+                        .map(|i| {
+                            let client = client.clone();
+                            let seed = 1000 * c + 10 * i;
+                            let (rows, samples, sr) = kinds[((c + i) % 5) as usize];
+                            tokio::spawn(async move {
+                                let inputs = request(rows, samples, sr, seed);
+                                let got = client.infer("silero_vad", inputs.clone()).await;
+                                (inputs, got.unwrap_or_else(|e| panic!("seed {seed}: {e}")))
+                            })
+                        })
+                        .collect();
+                    let mut out = Vec::new();
+                    for call in calls {
+                        out.push(call.await.unwrap());
+                    }
+                    out
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all
+    });
+    assert_eq!(answers.len(), 80);
+    let mut reference = Reference::new(&model_file("silero_vad"));
+    for (inputs, got) in &answers {
+        let want = reference.run(inputs);
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!((&g.name, g.dtype, &g.shape), (&w.name, w.dtype, &w.shape));
+            let diff = max_rel_diff(g, w);
+            assert!(
+                diff <= 1e-5,
+                "{:?} sr {:?}: '{}' differs by {diff}",
+                inputs[0].shape,
+                inputs[2].data,
+                g.name
+            );
+        }
+    }
+    let after = &d.summaries()["silero_vad"];
+    let rows: u64 = (0..8u64)
+        .flat_map(|c| (0..per_connection).map(move |i| kinds[((c + i) % 5) as usize].0))
+        .sum();
+    assert_eq!(after.rows, rows + summary.rows, "every row ran once");
+    assert!(
+        after.batches - summary.batches < 80,
+        "requests ran in batches: {} batches for 80 requests",
+        after.batches - summary.batches
+    );
+}
+
+/// Settings that do not fit the model fail its load with a reason naming them.
+#[test]
+fn batch_axes_that_do_not_fit_fail_the_load_by_name() {
+    let repo = Repo::new();
+    repo.link("silero_vad", 1, "silero_vad")
+        .settings(
+            "silero_vad",
+            "warmup-dims = { input = [1, 512], state = [2, 1, 128] }\n\
+             batch-axes = { state = 3 }\n",
+        )
+        .link("digits", 1, "digits")
+        .settings("digits", "shared-inputs = [\"nope\"]\n");
+    let d = TestDaemon::start(repo.path(), &[]);
+    let s = d.summaries();
+    let error = |m: &str| s[m].error.clone().unwrap_or_default();
+    assert!(
+        error("silero_vad").contains("dimension 3"),
+        "{:?}",
+        s["silero_vad"]
+    );
+    assert!(error("digits").contains("'nope'"), "{:?}", s["digits"]);
+}
