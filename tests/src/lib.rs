@@ -243,6 +243,71 @@ fn unused_initializer(name: &str, bytes: usize) -> Vec<u8> {
     model
 }
 
+/// A one-node ONNX model (built here, byte by byte): `y = Gather(table, index)` over a
+/// four-element float table, `index` int64 `[n]`. An index outside 0..4 makes ONNX Runtime
+/// fail the run: a request whose values, not shape, fail it.
+pub fn gather_model() -> Vec<u8> {
+    fn varint(out: &mut Vec<u8>, mut v: u64) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    fn field(out: &mut Vec<u8>, number: u64, body: &[u8]) {
+        varint(out, number << 3 | 2);
+        varint(out, body.len() as u64);
+        out.extend_from_slice(body);
+    }
+    fn number(out: &mut Vec<u8>, field: u64, v: u64) {
+        varint(out, field << 3);
+        varint(out, v);
+    }
+    // ValueInfoProto of a rank-1 tensor of `elem_type` with a symbolic dimension "n".
+    fn value_info(name: &str, elem_type: u64) -> Vec<u8> {
+        let mut dim = Vec::new();
+        field(&mut dim, 2, b"n"); // Dimension.dim_param
+        let mut shape = Vec::new();
+        field(&mut shape, 1, &dim);
+        let mut tensor_type = Vec::new();
+        number(&mut tensor_type, 1, elem_type);
+        field(&mut tensor_type, 2, &shape);
+        let mut type_proto = Vec::new();
+        field(&mut type_proto, 1, &tensor_type);
+        let mut info = Vec::new();
+        field(&mut info, 1, name.as_bytes());
+        field(&mut info, 2, &type_proto);
+        info
+    }
+    let mut node = Vec::new();
+    field(&mut node, 1, b"table"); // NodeProto.input
+    field(&mut node, 1, b"index");
+    field(&mut node, 2, b"y"); // NodeProto.output
+    field(&mut node, 4, b"Gather"); // NodeProto.op_type
+    let mut table = Vec::new();
+    number(&mut table, 1, 4); // dims
+    number(&mut table, 2, 1); // FLOAT
+    field(&mut table, 8, b"table");
+    let values: Vec<u8> = [10.0f32, 20.0, 30.0, 40.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    field(&mut table, 9, &values); // raw_data
+    let mut graph = Vec::new();
+    field(&mut graph, 1, &node);
+    field(&mut graph, 2, b"gather");
+    field(&mut graph, 5, &table); // initializer
+    field(&mut graph, 11, &value_info("index", 7)); // input, INT64
+    field(&mut graph, 12, &value_info("y", 1)); // output, FLOAT
+    let mut opset = Vec::new();
+    number(&mut opset, 2, 13); // OperatorSetIdProto.version (domain "": ONNX)
+    let mut model = Vec::new();
+    number(&mut model, 1, 8); // ir_version
+    field(&mut model, 7, &graph);
+    field(&mut model, 8, &opset);
+    model
+}
+
 /// A running `rxd` process.
 pub struct TestDaemon {
     pub child: Child,

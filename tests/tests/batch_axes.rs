@@ -153,3 +153,58 @@ fn batch_axes_that_do_not_fit_fail_the_load_by_name() {
     );
     assert!(error("digits").contains("'nope'"), "{:?}", s["digits"]);
 }
+
+/// A request whose values make ONNX Runtime fail (an index out of range) fails alone: the
+/// requests batched beside it are run again one by one and answered, never failed with it.
+#[test]
+fn a_request_that_fails_its_batch_fails_alone() {
+    let repo = Repo::new();
+    repo.write("gather", 1, &gather_model()).settings(
+        "gather",
+        "max-batch-rows = 32\nmax-queue-delay-us = 30000\n",
+    );
+    let d = TestDaemon::start(repo.path(), &[]);
+    assert!(d.summaries()["gather"].batchable);
+    let index = |i: i64| Tensor::inline("index", DType::Int64, vec![1], i.to_le_bytes().to_vec());
+    let rt = runtime();
+    let before = d.summaries()["gather"].batches;
+    let results = rt.block_on(async {
+        let client = rxd_client::Client::connect_with(&d.socket, ClientOptions::inline_only())
+            .await
+            .unwrap();
+        let calls: Vec<_> = (0..24i64)
+            .map(|i| {
+                let client = client.clone();
+                // Every sixth request asks for an element the table does not have.
+                let idx = if i % 6 == 5 { 4 + i } else { i % 4 };
+                tokio::spawn(async move { (idx, client.infer("gather", vec![index(idx)]).await) })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for c in calls {
+            out.push(c.await.unwrap());
+        }
+        out
+    });
+    for (idx, result) in results {
+        match result {
+            Ok(outputs) if idx < 4 => {
+                assert_eq!(
+                    tensor_f32(&outputs[0]),
+                    vec![10.0 * (idx + 1) as f32],
+                    "index {idx}"
+                )
+            }
+            Err(e) if idx >= 4 => {
+                assert_eq!(
+                    e.code(),
+                    Some(rxd_client::ErrorCode::InferenceFailed),
+                    "{e}"
+                )
+            }
+            other => panic!("index {idx}: {other:?}"),
+        }
+    }
+    let batches = d.summaries()["gather"].batches - before;
+    assert!(batches < 24, "the requests were batched: {batches} batches");
+}

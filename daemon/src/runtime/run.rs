@@ -90,9 +90,13 @@ pub(super) fn run_batch(
                     }
                 }
                 Err(e) => {
+                    // One request can fail a whole batch (a value ONNX Runtime refuses, such
+                    // as an index out of range): each then runs alone, so that only requests
+                    // that fail on their own fail, never a stranger's batched beside them.
+                    tracing::debug!("a batch of {} failed, running each alone: {e}", jobs.len());
                     for job in jobs {
-                        job.completion
-                            .complete(Err(RuntimeError::Run(e.to_string())));
+                        let result = run_one(session, &job, None);
+                        job.completion.complete(result);
                     }
                 }
             }
