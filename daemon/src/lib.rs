@@ -118,6 +118,7 @@ pub fn prepare(
         runtime,
         registry::Defaults {
             intra_op_threads: config.intra_op_threads,
+            follow_cores: config.cores_auto,
             tune: config.tune,
             queue_capacity: config.queue_capacity,
             devices: config.devices.clone(),
@@ -183,6 +184,7 @@ pub async fn run(
     }
     let notifier = Arc::new(notify::Notifier::from_env());
     supervise::spawn_reloader(shared.clone(), notifier.clone(), shutdown.clone());
+    supervise::spawn_core_watch(shared.clone(), shutdown.clone());
     if notifier.enabled() {
         // The socket is bound (before this function) and the preloads are done: ready.
         notifier.send(&format!(

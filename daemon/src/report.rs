@@ -69,7 +69,7 @@ pub fn status(shared: &SharedRef) -> Status {
         model_repository: shared.config.model_repository.display().to_string(),
         ort_version: shared.registry.runtime().version().into(),
         ort_library: shared.registry.runtime().library().display().to_string(),
-        intra_op_threads: shared.config.intra_op_threads,
+        intra_op_threads: shared.registry.cores(),
         models_ready: ready,
         models_failed: failed,
         connections: Metrics::get(&m.connections_open),

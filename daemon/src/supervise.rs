@@ -77,6 +77,35 @@ pub(crate) fn spawn_notifications(
     }
 }
 
+/// How often the cores the daemon may use are read (`Registry::follow_cores`).
+const CORES_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Follows the cores the daemon may use — CPU affinity (`taskset`, systemd's `CPUAffinity=`)
+/// and cgroup quota (`CPUQuota=`), as the standard library reads them — every
+/// [`CORES_CHECK`], re-tuning the tuned models when they change. Reading them is a
+/// `sched_getaffinity` and two small cgroup files.
+pub(crate) fn spawn_core_watch(shared: SharedRef, shutdown: tokio_util::sync::CancellationToken) {
+    if !shared.config.cores_auto {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(CORES_CHECK);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let sh = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let now = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+                sh.registry.follow_cores(now)
+            })
+            .await;
+        }
+    });
+}
+
 /// Reloads on request (SIGHUP): `RELOADING=1`, re-read the repository, `READY=1`.
 pub(crate) fn spawn_reloader(
     shared: SharedRef,

@@ -15,13 +15,15 @@ use std::time::{Duration, Instant};
 use rxd_e2e::*;
 use rxd_protocol::{DType, Tensor};
 
-/// A benchmarked model: its name and one request's inputs (batch axis first where it has one).
+/// A benchmarked model: its name and one request's inputs.
 struct Case {
     model: &'static str,
-    /// model.toml: the shapes, nothing else.
+    /// model.toml: the shapes (and where rows are, for a model whose rows are not along
+    /// dimension 0 of every tensor), nothing else.
     toml: &'static str,
     inputs: fn() -> Vec<Tensor>,
-    batchable: bool,
+    /// Inputs whose rows are not along dimension 0 (rank-0 inputs are shared by a batch).
+    axes: &'static [(&'static str, usize)],
 }
 
 fn image(name: &str, c: u64, h: u64, w: u64) -> Vec<Tensor> {
@@ -34,29 +36,30 @@ const CASES: [Case; 5] = [
         model: "ppocr_rec",
         toml: "warmup-dims = { x = [1, 3, 48, 320] }",
         inputs: || image("x", 3, 48, 320),
-        batchable: true,
+        axes: &[],
     },
     Case {
         model: "ppocr_det",
         toml: "warmup-dims = { x = [1, 3, 640, 640] }",
         inputs: || image("x", 3, 640, 640),
-        batchable: true,
+        axes: &[],
     },
     Case {
         model: "ppocr_cls",
         toml: "warmup-dims = { x = [1, 3, 48, 192] }",
         inputs: || image("x", 3, 48, 192),
-        batchable: true,
+        axes: &[],
     },
     Case {
         model: "yolov8n",
         toml: "warmup-dims = { images = [1, 3, 320, 320] }",
         inputs: || image("images", 3, 320, 320),
-        batchable: true,
+        axes: &[],
     },
     Case {
         model: "silero_vad",
-        toml: "warmup-dims = { input = [1, 256], state = [2, 1, 128] }",
+        toml: "warmup-dims = { input = [1, 256], state = [2, 1, 128] }\n\
+               batch-axes = { state = 1, stateN = 1 }",
         inputs: || {
             // 8 kHz audio, 256 samples a chunk (the warmup's zero `sr` runs as 8 kHz too).
             let audio: Vec<f32> = random_f32(256, 12).iter().map(|v| v * 0.2 - 0.1).collect();
@@ -66,22 +69,36 @@ const CASES: [Case; 5] = [
                 Tensor::inline("sr", DType::Int64, vec![], 8000i64.to_le_bytes().to_vec()),
             ]
         },
-        batchable: false,
+        axes: &[("state", 1)],
     },
 ];
 
-/// `inputs` repeated `b` times along the first axis.
-fn batch(inputs: &[Tensor], b: u64) -> Vec<Tensor> {
+/// `inputs` repeated `b` times along each one's rows dimension (rank-0 inputs as they are).
+fn batch(case: &Case, inputs: &[Tensor], b: u64) -> Vec<Tensor> {
     if b == 1 {
         return inputs.to_vec();
     }
     inputs
         .iter()
         .map(|t| {
+            if t.shape.is_empty() {
+                return t.clone();
+            }
+            let a = case
+                .axes
+                .iter()
+                .find(|(n, _)| *n == t.name)
+                .map_or(0, |&(_, a)| a);
             let bytes = rxd_client::tensor::bytes(t).unwrap();
+            let outer: u64 = t.shape[..a].iter().product();
+            let block = bytes.len() / outer as usize;
             let mut shape = t.shape.clone();
-            shape[0] *= b;
-            Tensor::inline(&t.name, t.dtype, shape, bytes.repeat(b as usize))
+            shape[a] *= b;
+            let repeated = bytes
+                .chunks(block)
+                .flat_map(|c| c.repeat(b as usize))
+                .collect();
+            Tensor::inline(&t.name, t.dtype, shape, repeated)
         })
         .collect()
 }
@@ -89,7 +106,7 @@ fn batch(inputs: &[Tensor], b: u64) -> Vec<Tensor> {
 /// Items per second of `sessions` sessions of `threads` threads run concurrently at batch
 /// `b`, and the time of one run (ms).
 fn in_process(case: &Case, threads: usize, sessions: usize, b: u64, secs: f64) -> (f64, f64) {
-    let inputs = batch(&(case.inputs)(), b);
+    let inputs = batch(case, &(case.inputs)(), b);
     let model = case.model;
     let results: Vec<(f64, f64)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..sessions)
@@ -129,11 +146,7 @@ fn in_process(case: &Case, threads: usize, sessions: usize, b: u64, secs: f64) -
 fn best_in_process(case: &Case, cores: usize, secs: f64) -> (f64, String, (usize, usize, u64)) {
     let mut best = (0.0, String::new(), (1, 1, 1));
     let layouts = [(cores, 1), (1, cores)];
-    let sizes: &[u64] = if case.batchable {
-        &[1, 4, 8, 16, 32]
-    } else {
-        &[1]
-    };
+    let sizes: &[u64] = &[1, 4, 8, 16, 32];
     for (threads, sessions) in layouts {
         for &b in sizes {
             let (items, run_ms) = in_process(case, threads, sessions, b, secs / 2.0);

@@ -229,3 +229,94 @@ fn what_model_toml_sets_is_not_tuned_and_unknown_shapes_are_not_measured() {
     let d = TestDaemon::start_with(repo.path(), &["--intra-op-threads", "2"], "tune = false\n");
     assert!(info(&d, "cls").tuning.is_none());
 }
+
+/// The CPUs this process may run on (its affinity), from `taskset -p`.
+fn affinity(pid: u32) -> String {
+    let out = std::process::Command::new("taskset")
+        .args(["-p", &pid.to_string()])
+        .output()
+        .expect("taskset (util-linux)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.rsplit(':').next().unwrap().trim().to_string()
+}
+
+/// Pins every thread of `pid` to the CPUs of `mask` (hex).
+fn pin(pid: i32, mask: &str) {
+    let out = std::process::Command::new("taskset")
+        .args(["-a", "-p", mask, &pid.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// Waits (up to a minute) until the model's tuning satisfies `done`.
+fn wait_for_tuning(
+    d: &TestDaemon,
+    done: impl Fn(&rxd_protocol::Tuning) -> bool,
+) -> rxd_protocol::Tuning {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let t = info(d, "cls").tuning.expect("tuned");
+        if done(&t) {
+            return t;
+        }
+        assert!(std::time::Instant::now() < end, "not re-tuned: {t:?}");
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
+/// With `intra-op-threads` automatic, the daemon follows the cores it may use: pinned to one
+/// CPU (as `taskset`, systemd's CPUAffinity= or a cgroup quota would), it measures its tuned
+/// model again over the layouts of one core and serves that; given its CPUs back, it re-tunes
+/// for two. Answers stay those of in-process ONNX Runtime throughout.
+#[test]
+fn the_daemon_re_tunes_when_the_cores_it_may_use_change() {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores < 2 {
+        eprintln!("skipped: needs two cores");
+        return;
+    }
+    let repo = classifier_repo();
+    let cache = tempfile::tempdir().unwrap();
+    let d = TestDaemon::start_with(
+        repo.path(),
+        &["--intra-op-threads", "0"],
+        &format!(
+            "tune = true\ncache-directory = '{}'\n",
+            cache.path().display()
+        ),
+    );
+    let first = info(&d, "cls").tuning.expect("tuned");
+    let spread = |t: &rxd_protocol::Tuning| {
+        t.table
+            .iter()
+            .map(|c| c.instances * c.threads)
+            .max()
+            .unwrap_or(0)
+    };
+    assert!(
+        spread(&first) >= 2,
+        "tuned over every core: {:?}",
+        first.table
+    );
+    let full = affinity(std::process::id());
+    // The lowest CPU this test may use.
+    let mask = u128::from_str_radix(&full, 16).unwrap();
+    let one = format!("{:x}", mask & mask.wrapping_neg());
+    pin(d.pid(), &one);
+    let narrow = wait_for_tuning(&d, |t| spread(t) == 1 && !t.cached);
+    assert_eq!((narrow.instances, narrow.threads), (1, 1), "{narrow:?}");
+    let s = info(&d, "cls").settings.expect("settings");
+    assert_eq!(s.instances, 1);
+    let mut reference = Reference::new(&model_file("ppocr_cls"));
+    let client = d.client_inline();
+    for seed in 0..3 {
+        let got = client.infer("cls", crops(1, seed)).unwrap();
+        let want = reference.run(&crops(1, seed));
+        assert!(max_rel_diff(&got[0], &want[0]) <= 1e-4);
+    }
+    pin(d.pid(), &full);
+    let wide = wait_for_tuning(&d, |t| spread(t) >= 2);
+    assert!(!wide.cached, "measured again: {wide:?}");
+    assert!(d.log_text().contains("re-tuning"), "the log says why");
+}

@@ -107,6 +107,9 @@ pub struct Config {
     pub ort_library: PathBuf,
     /// Default intra-op threads per instance; the cores a tuned model's layout spreads over.
     pub intra_op_threads: u32,
+    /// `intra-op-threads` was left automatic (0 or unset): the daemon follows the cores it
+    /// may use when they change (`supervise::spawn_core_watch`).
+    pub cores_auto: bool,
     /// Load-time tuning, where model.toml does not say (`tune`).
     pub tune: bool,
     /// Threads of the async runtime that reads sockets (model workers are separate).

@@ -96,6 +96,7 @@ pub fn resolve_on(
     }
 
     let cores = host.cores();
+    let cores_auto = opts.intra_op_threads.or(file.intra_op_threads).unwrap_or(0) == 0;
     let intra_op_threads = match opts.intra_op_threads.or(file.intra_op_threads).unwrap_or(0) {
         0 => cores,
         n if n > 1024 => {
@@ -375,6 +376,7 @@ pub fn resolve_on(
         model_repository,
         ort_library,
         intra_op_threads,
+        cores_auto,
         tune: file.tune.unwrap_or(true),
         io_threads,
         admin_group,

@@ -13,6 +13,55 @@ use crate::error::RequestError;
 use crate::model::LoadedModel;
 
 impl Registry {
+    /// Threads per instance by default, and the cores load-time tuning spreads a model over.
+    pub fn cores(&self) -> u32 {
+        self.cores.load(std::sync::atomic::Ordering::Relaxed).max(1)
+    }
+
+    /// Follows the cores the daemon may use (`now`: its CPU affinity and cgroup quota, read by
+    /// the caller) when `intra-op-threads` is automatic: on a change, loads from then on use
+    /// the new count, and every loaded version that load-time tuning laid out is measured
+    /// again and rebuilt (as `rxctl configure --retune` does: the old sessions serve until the
+    /// new ones are ready; a version whose rebuild fails keeps serving as it was). Returns the
+    /// versions re-tuned. Blocking: tuning measures for up to a few seconds per version.
+    pub fn follow_cores(&self, now: u32) -> Vec<(String, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.defaults.follow_cores || now == 0 {
+            return Vec::new();
+        }
+        let before = self.cores.swap(now, Relaxed);
+        if before == now {
+            return Vec::new();
+        }
+        let tuned: Vec<(String, u64)> = {
+            let models = self.read();
+            models
+                .iter()
+                .flat_map(|(name, m)| {
+                    m.versions.iter().filter_map(move |(&v, ver)| {
+                        let laid_out = ver.overrides.instances.is_none()
+                            && ver.loaded().is_some_and(|l| l.tuning.is_some());
+                        laid_out.then(|| (name.clone(), v))
+                    })
+                })
+                .collect()
+        };
+        tracing::info!(
+            "the daemon may now use {now} core(s) (was {before}): re-tuning {} model version(s)",
+            tuned.len()
+        );
+        let mut done = Vec::new();
+        for (name, version) in tuned {
+            match self.rebuild(&name, version, true) {
+                Ok(()) => done.push((name, version)),
+                Err(e) => {
+                    tracing::warn!(model = %name, version, "re-tuning for {now} core(s) failed: {e}")
+                }
+            }
+        }
+        done
+    }
+
     /// The settings in force for a version: model.toml with run-time changes over it (the
     /// live scheduler's where the version is loaded).
     pub fn settings_view(

@@ -83,7 +83,11 @@ impl Registry {
         let job = LoadJob {
             runtime: self.runtime.clone(),
             tunings: self.tunings.clone(),
-            defaults: self.defaults.clone(),
+            // The cores as they are now (`Registry::follow_cores`).
+            defaults: Defaults {
+                intra_op_threads: self.cores(),
+                ..self.defaults.clone()
+            },
             metrics: self.model_metrics(&name, version),
             epoch: self.epoch,
             device_loads: self.loads.clone(),

@@ -266,6 +266,10 @@ pub struct Registry {
     caps: Vec<std::sync::OnceLock<Option<rxd_protocol::Capabilities>>>,
     /// Per device: busy time and rows, recorded by the workers placed there.
     loads: Vec<Arc<crate::metrics::DeviceLoad>>,
+    /// Threads per instance by default, and the cores tuning spreads a model over:
+    /// `defaults.intra_op_threads`, then the cores the daemon may use as they change when
+    /// `defaults.follow_cores` ([`Registry::follow_cores`]).
+    cores: std::sync::atomic::AtomicU32,
 }
 
 impl Registry {
@@ -294,6 +298,7 @@ impl Registry {
             on_demand: AtomicBool::new(defaults.load_on_demand),
             stopping: AtomicBool::new(false),
             tunings: Default::default(),
+            cores: std::sync::atomic::AtomicU32::new(defaults.intra_op_threads),
             caps: defaults
                 .devices
                 .iter()

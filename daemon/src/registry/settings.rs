@@ -300,6 +300,9 @@ impl ModelSettings {
 #[derive(Debug, Clone)]
 pub struct Defaults {
     pub intra_op_threads: u32,
+    /// `intra_op_threads` is the cores the daemon may use, and follows them when they change
+    /// (see `Registry::follow_cores`).
+    pub follow_cores: bool,
     /// Load-time tuning where model.toml does not say (`registry::tune`).
     pub tune: bool,
     pub queue_capacity: u32,
