@@ -61,6 +61,10 @@ pub struct Scheduler {
     pad_to: Vec<u32>,
     state: Mutex<State>,
     idle: Condvar,
+    /// Threads waiting on `idle` ([`Scheduler::drain`]): a `Condvar` notification is a system
+    /// call even when nobody waits, so it is made only when somebody does (it was two per
+    /// request: after the submission and after the batch).
+    draining: std::sync::atomic::AtomicUsize,
     pool: OnceLock<WorkerPool>,
     batchable: bool,
     /// Where each input's rows are.
@@ -95,6 +99,7 @@ impl Scheduler {
                 running: 0,
             }),
             idle: Condvar::new(),
+            draining: std::sync::atomic::AtomicUsize::new(0),
             pool: OnceLock::new(),
             batchable,
             axes,
@@ -295,7 +300,11 @@ impl Scheduler {
         for (job, e) in failed {
             job.completion.complete(Err(e));
         }
-        self.idle.notify_all();
+        // A drainer counts itself before it looks at the state under the lock, and this runs
+        // after the state changed under it: either it sees the change, or it is counted here.
+        if self.draining.load(Ordering::SeqCst) > 0 {
+            self.idle.notify_all();
+        }
     }
 
     /// A timer set by the policy fired.
@@ -307,6 +316,8 @@ impl Scheduler {
 
     /// Waits until nothing is queued or running (before the model is dropped).
     pub fn drain(&self) {
+        self.draining.fetch_add(1, Ordering::SeqCst);
+        let _counted = Uncount(&self.draining);
         let mut st = self.lock();
         while !st.pending.is_empty() || st.running > 0 {
             let (guard, _) = self
@@ -321,6 +332,15 @@ impl Scheduler {
                 st = self.lock();
             }
         }
+    }
+}
+
+/// Takes a drainer off the count when it stops waiting, however it stops.
+struct Uncount<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Uncount<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
