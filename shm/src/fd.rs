@@ -155,3 +155,15 @@ pub fn activated_listener(
     let owned = unsafe { OwnedFd::from_raw_fd(FIRST) };
     Ok(Some(std::os::unix::net::UnixListener::from(owned)))
 }
+
+/// `stream` registered with the current tokio runtime for `interest` only (tokio's own
+/// `UnixStream` always registers for both directions). Must be called within a runtime.
+pub fn watch(
+    stream: std::os::unix::net::UnixStream,
+    interest: tokio::io::Interest,
+) -> io::Result<tokio::io::unix::AsyncFd<std::os::unix::net::UnixStream>> {
+    // SAFETY: a std `UnixStream` owns its descriptor: it stays open, and `as_raw_fd` returns
+    // that same descriptor, until the stream is dropped — which the `AsyncFd` does only after
+    // taking it out of the runtime's registration.
+    Ok(unsafe { tokio::io::unix::AsyncFd::register_with_interest(stream, interest) }?)
+}

@@ -1,5 +1,6 @@
 //! Shared memory for rxd: sealed memfd arenas, their mappings, and file descriptors passed
-//! between processes ([`fd`]: over a Unix socket, or by the service manager at start). This crate holds the project's shared-memory unsafe code (the daemon's only other
+//! between processes ([`fd`]: over a Unix socket, or by the service manager at start; and a
+//! socket registered with the async runtime for one direction). This crate holds the project's shared-memory unsafe code (the daemon's only other
 //! unsafe code copies bytes into and out of ONNX Runtime tensors); daemon and client use its
 //! safe API.
 //!

@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use rxd_protocol::{ErrorCode, WireError};
-use tokio::net::UnixStream;
-use tokio::net::unix::OwnedWriteHalf;
+
+use super::socket::WriteSide;
 
 use crate::SharedRef;
 use crate::peer::Peer;
@@ -56,20 +56,11 @@ impl ArenaGrant {
 
 /// Sends the first bytes of `frame` with `fd` attached; returns how many bytes went.
 pub(super) async fn send_with_fd(
-    wr: &OwnedWriteHalf,
+    wr: &WriteSide,
     frame: &[u8],
     fd: &std::os::fd::OwnedFd,
 ) -> std::io::Result<usize> {
-    use std::os::fd::{AsFd, AsRawFd};
-    let stream: &UnixStream = wr.as_ref();
-    loop {
-        stream.writable().await?;
-        match stream.try_io(tokio::io::Interest::WRITABLE, || {
-            rxd_shm::send_with_fd(stream.as_raw_fd(), frame, fd.as_fd())
-        }) {
-            Ok(n) => return Ok(n),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        }
-    }
+    use std::os::fd::AsFd;
+    wr.write_with(|sock| rxd_shm::send_with_fd(sock, frame, fd.as_fd()))
+        .await
 }

@@ -6,12 +6,11 @@ use rxd_protocol::{
     ErrorCode, HandshakeError, HandshakeReply, Hello, PROTOCOL_VERSION, RequestFrame, Welcome,
     WireError, limits,
 };
-use tokio::io::AsyncWriteExt;
-use tokio::net::unix::OwnedWriteHalf;
 use tokio_util::sync::CancellationToken;
 
 use super::arena::{ArenaGrant, send_with_fd};
 use super::reader::{FrameReader, ReadError, read_frame};
+use super::socket::WriteSide;
 use crate::SharedRef;
 use crate::peer::Peer;
 
@@ -20,7 +19,7 @@ use crate::peer::Peer;
 /// the connection is to close (refused, gone, shutting down).
 pub(super) async fn handshake(
     rd: &mut FrameReader,
-    wr: &mut OwnedWriteHalf,
+    wr: &mut WriteSide,
     shared: &SharedRef,
     peer: &Peer,
     shutdown: &CancellationToken,
@@ -107,7 +106,7 @@ pub(super) async fn handshake(
 }
 
 /// Answers a failed handshake with its error, then closes the write side.
-pub(super) async fn refuse<T>(wr: &mut OwnedWriteHalf, error: WireError) -> Option<T> {
+pub(super) async fn refuse<T>(wr: &mut WriteSide, error: WireError) -> Option<T> {
     tracing::debug!(code = error.code, "handshake refused: {}", error.message);
     let reply = HandshakeReply::Error(HandshakeError {
         error,
@@ -116,6 +115,6 @@ pub(super) async fn refuse<T>(wr: &mut OwnedWriteHalf, error: WireError) -> Opti
     if let Ok(bytes) = frame::encode(&reply) {
         let _ = wr.write_all(&bytes).await;
     }
-    let _ = wr.shutdown().await;
+    wr.shutdown();
     None
 }

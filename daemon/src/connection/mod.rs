@@ -31,6 +31,7 @@ mod arena;
 mod handshake;
 mod reader;
 mod sink;
+mod socket;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -285,7 +286,9 @@ pub async fn run(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: Ca
                 shared
                     .metrics
                     .record_error(err.code, err.message.clone(), None);
-                let (_, mut wr) = stream.into_split();
+                let Ok((_, mut wr)) = socket::split(stream) else {
+                    return;
+                };
                 let refusal = handshake::refuse::<()>(&mut wr, err);
                 let _ = tokio::time::timeout(Duration::from_secs(1), refusal).await;
                 return;
@@ -334,7 +337,13 @@ fn frame_timeout(len: usize, limit: Duration) -> Stop {
 
 async fn serve(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: CancellationToken) {
     let cfg = &shared.config;
-    let (rd, mut wr) = stream.into_split();
+    let (rd, mut wr) = match socket::split(stream) {
+        Ok(halves) => halves,
+        Err(e) => {
+            tracing::debug!("cannot set up the connection's socket: {e}");
+            return;
+        }
+    };
     let mut rd = FrameReader::new(rd);
 
     let handshake = handshake::handshake(&mut rd, &mut wr, &shared, &peer, &shutdown);

@@ -9,11 +9,11 @@
 //! bytes arrive.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 
 use rxd_protocol::frame::{self, FrameError, HEADER_LEN};
-use tokio::io::Interest;
-use tokio::net::unix::OwnedReadHalf;
+
+use super::socket::ReadSide;
 
 /// Why reading a frame stopped.
 #[derive(Debug)]
@@ -32,14 +32,14 @@ const STAGING: usize = 64 * 1024;
 /// Frames from one socket: a staging buffer for small reads, bodies read into their own
 /// vectors.
 pub(super) struct FrameReader {
-    rd: OwnedReadHalf,
+    rd: ReadSide,
     staging: Box<[u8]>,
     start: usize,
     end: usize,
 }
 
 impl FrameReader {
-    pub(super) fn new(rd: OwnedReadHalf) -> FrameReader {
+    pub(super) fn new(rd: ReadSide) -> FrameReader {
         FrameReader {
             rd,
             staging: vec![0; STAGING].into_boxed_slice(),
@@ -53,19 +53,24 @@ impl FrameReader {
         self.end - self.start
     }
 
-    /// One `recvmsg` into `buf`, waiting for readiness; 0 = end of stream.
-    async fn recv(rd: &OwnedReadHalf, buf: &mut [u8]) -> Result<usize, ReadError> {
-        let stream: &tokio::net::UnixStream = rd.as_ref();
-        let fd = stream.as_raw_fd();
-        loop {
-            stream.readable().await.map_err(ReadError::Io)?;
-            match stream.try_io(Interest::READABLE, || recv_no_fds(fd, buf)) {
-                Ok(Ok(n)) => return Ok(n),
-                Ok(Err(())) => return Err(ReadError::Fd),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(ReadError::Io(e)),
-            }
+    /// One `recvmsg` into `buf`, waiting for readiness; 0 = end of stream. A read that fills
+    /// less than `buf` emptied the socket: the next one waits for the peer's next bytes
+    /// without a `recvmsg` that would only say there are none (see [`ReadSide::read`]; one
+    /// system call per request fewer). A read also stops short where file descriptors come
+    /// with the next bytes; only a peer that breaks the protocol sends any, and it then
+    /// waits for its own next bytes to be read.
+    async fn recv(rd: &ReadSide, buf: &mut [u8]) -> Result<usize, ReadError> {
+        let cap = buf.len();
+        match rd
+            .read(
+                |fd| recv_no_fds(fd, buf),
+                |r| matches!(r, Ok(n) if *n > 0 && *n < cap),
+            )
+            .await
+        {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(())) => Err(ReadError::Fd),
+            Err(e) => Err(ReadError::Io(e)),
         }
     }
 

@@ -20,9 +20,9 @@ use std::time::Duration;
 
 use rxd_protocol::frame;
 use rxd_protocol::{ErrorCode, Outcome, ResponseFrame, WireError};
-use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
+use super::socket::WriteSide;
 use crate::quota::{Held, Quotas};
 
 /// Encodes an answer into a buffer of `capacity` bytes (an estimate of the frame's size: an
@@ -91,7 +91,7 @@ pub(super) enum Sent {
 }
 
 pub(super) struct Sink {
-    wr: OwnedWriteHalf,
+    wr: WriteSide,
     state: Mutex<SinkState>,
     max_unsent: usize,
     owner: Option<Owner>,
@@ -103,7 +103,7 @@ pub(super) struct Sink {
 }
 
 impl Sink {
-    pub(super) fn new(wr: OwnedWriteHalf, max_unsent: u64, owner: Option<Owner>) -> Sink {
+    pub(super) fn new(wr: WriteSide, max_unsent: u64, owner: Option<Owner>) -> Sink {
         Sink {
             wr,
             state: Mutex::default(),
@@ -331,7 +331,7 @@ mod tests {
     #[tokio::test]
     async fn frames_larger_than_the_socket_buffer_arrive_whole_and_in_order() {
         let (a, mut b) = UnixStream::pair().unwrap();
-        let (_rd, wr) = a.into_split();
+        let (_rd, wr) = super::super::socket::split(a).unwrap();
         let sink = Arc::new(Sink::new(wr, 64 << 20, None));
         let drainer = tokio::spawn({
             let s = sink.clone();
@@ -353,7 +353,7 @@ mod tests {
     #[tokio::test]
     async fn answers_past_the_unsent_bound_become_small_errors_and_permits_wait_for_writes() {
         let (a, mut b) = UnixStream::pair().unwrap();
-        let (_rd, wr) = a.into_split();
+        let (_rd, wr) = super::super::socket::split(a).unwrap();
         let sink = Arc::new(Sink::new(wr, 1 << 20, None));
         let permits = Arc::new(Semaphore::new(4));
         for id in 1..=4 {
@@ -405,7 +405,7 @@ mod tests {
         let mut sinks = Vec::new();
         for _ in 0..3 {
             let (a, b) = UnixStream::pair().unwrap();
-            let (_rd, wr) = a.into_split();
+            let (_rd, wr) = super::super::socket::split(a).unwrap();
             peers.push(b);
             sinks.push(Sink::new(wr, 64 << 20, Some(owner())));
         }
@@ -432,7 +432,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_that_takes_nothing_breaks_the_sink_after_the_stall_time() {
         let (a, _b) = UnixStream::pair().unwrap();
-        let (_rd, wr) = a.into_split();
+        let (_rd, wr) = super::super::socket::split(a).unwrap();
         let sink = Arc::new(Sink::new(wr, 64 << 20, None));
         let permits = Arc::new(Semaphore::new(1));
         let p = permits.clone().try_acquire_owned().unwrap();
@@ -460,7 +460,7 @@ mod tests {
     #[tokio::test]
     async fn a_closed_peer_breaks_the_sink() {
         let (a, b) = UnixStream::pair().unwrap();
-        let (_rd, wr) = a.into_split();
+        let (_rd, wr) = super::super::socket::split(a).unwrap();
         let sink = Sink::new(wr, 64 << 20, None);
         drop(b);
         // The first write may land in the buffer of a socket whose peer is gone.

@@ -1,0 +1,195 @@
+//! The connection's socket, split into a reading side registered with the async runtime for
+//! readability only, and a writing side registered for writability only while a write waits
+//! for room.
+//!
+//! Why not the runtime's own split stream: it registers the socket for both directions, and a
+//! Unix socket signals "writable" every time the peer reads — so every answer a client read
+//! woke the IO thread once for nothing (one `epoll_wait` return and a thread wake-up per
+//! request, BENCHMARKS.md "cost per request"). Answers are written by whoever finishes the
+//! request, straight to the socket; only a client that does not read makes a write wait, and
+//! only then is writability watched, through a second descriptor of the same socket.
+//! Boundary: bytes in and out of one socket; no framing.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use nix::sys::socket::MsgFlags;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+/// The reading side: the socket, watched for readability.
+pub(super) struct ReadSide(AsyncFd<UnixStream>);
+
+/// The writing side: a second descriptor of the socket. Shuts the socket's writing direction
+/// down when dropped (the client then sees the end of the stream).
+pub(super) struct WriteSide(UnixStream);
+
+/// Splits an accepted connection (taken out of the runtime's registration).
+pub(super) fn split(stream: tokio::net::UnixStream) -> io::Result<(ReadSide, WriteSide)> {
+    let stream = stream.into_std()?;
+    stream.set_nonblocking(true)?;
+    let writer = stream.try_clone()?;
+    Ok((
+        ReadSide(rxd_shm::fd::watch(stream, Interest::READABLE)?),
+        WriteSide(writer),
+    ))
+}
+
+impl ReadSide {
+    /// Waits until the socket is readable, then runs `read` on its descriptor: `Ok(n)` what
+    /// `read` returned. A `WouldBlock` from `read` waits again. When `drained(&n)` says the
+    /// read emptied the socket (it filled less than it could), the readiness seen before the
+    /// read is cleared as a `WouldBlock` would clear it, so that the next call waits for the
+    /// peer's next bytes instead of reading once more only to learn there are none: bytes
+    /// that arrived during or after the read set readiness anew, and the end of the stream
+    /// is never cleared, so nothing is left unread.
+    pub(super) async fn read<R>(
+        &self,
+        mut read: impl FnMut(RawFd) -> io::Result<R>,
+        drained: impl Fn(&R) -> bool,
+    ) -> io::Result<R> {
+        loop {
+            let mut guard = self.0.readable().await?;
+            match guard.try_io(|s| read(s.as_raw_fd())) {
+                Ok(Ok(r)) => {
+                    if drained(&r) {
+                        guard.clear_ready();
+                    }
+                    return Ok(r);
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl WriteSide {
+    /// Writes what the socket takes now: `WouldBlock` when it takes nothing. Never raises
+    /// SIGPIPE (a peer gone is an error).
+    pub(super) fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        nix::sys::socket::send(
+            self.0.as_raw_fd(),
+            buf,
+            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+        )
+        .map_err(io::Error::from)
+    }
+
+    /// Runs `write` on the socket's descriptor until it does not answer `WouldBlock`,
+    /// waiting for room in between.
+    pub(super) async fn write_with<R>(
+        &self,
+        mut write: impl FnMut(RawFd) -> io::Result<R>,
+    ) -> io::Result<R> {
+        loop {
+            match write(self.0.as_raw_fd()) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                other => return other,
+            }
+        }
+    }
+
+    /// Ends the socket's writing direction (the peer sees the end of the stream).
+    pub(super) fn shutdown(&self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Write);
+    }
+
+    /// Writes all of `buf`, waiting for room as needed.
+    pub(super) async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            let n = self.write_with(|_| self.try_write(buf)).await?;
+            buf = &buf[n..];
+        }
+        Ok(())
+    }
+
+    /// Waits until the socket can take bytes. The socket is watched for writability, through
+    /// a descriptor of its own, only for the wait: watching starts from the socket's state
+    /// at that moment, so room made before the wait began is seen.
+    pub(super) async fn writable(&self) -> io::Result<()> {
+        let watch = rxd_shm::fd::watch(self.0.try_clone()?, Interest::WRITABLE)?;
+        let _ready = watch.writable().await?;
+        Ok(())
+    }
+}
+
+impl Drop for WriteSide {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (ReadSide, WriteSide, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let (r, w) = split(tokio::net::UnixStream::from_std(a).unwrap()).unwrap();
+        (r, w, b)
+    }
+
+    fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+        nix::sys::socket::recv(fd, buf, MsgFlags::MSG_DONTWAIT).map_err(io::Error::from)
+    }
+
+    /// A read that empties the socket clears readiness; bytes that come later are still read,
+    /// and so is the end of the stream.
+    #[tokio::test]
+    async fn a_drained_socket_waits_for_the_next_bytes_and_sees_the_end() {
+        use std::io::Write;
+        let (r, _w, mut peer) = pair();
+        let mut buf = [0u8; 64];
+        peer.write_all(b"abc").unwrap();
+        let n = r.read(|fd| recv(fd, &mut buf), |&n| n < 64).await.unwrap();
+        assert_eq!(&buf[..n], b"abc");
+        // Nothing buffered: the next read waits, and returns once bytes come.
+        let later = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            r.read(|fd| recv(fd, &mut buf), |&n| n < 64),
+        )
+        .await;
+        assert!(later.is_err(), "no bytes, no read");
+        peer.write_all(b"de").unwrap();
+        let n = r.read(|fd| recv(fd, &mut buf), |&n| n < 64).await.unwrap();
+        assert_eq!(&buf[..n], b"de");
+        // Bytes and the end of the stream at once: the bytes, then the end.
+        peer.write_all(b"f").unwrap();
+        drop(peer);
+        let n = r.read(|fd| recv(fd, &mut buf), |&n| n < 64).await.unwrap();
+        assert_eq!(&buf[..n], b"f");
+        let n = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            r.read(|fd| recv(fd, &mut buf), |&n| n < 64),
+        )
+        .await
+        .expect("the end of the stream is seen")
+        .unwrap();
+        assert_eq!(n, 0);
+    }
+
+    /// A write that finds the socket full waits until the peer reads, then goes on; dropping
+    /// the writing side ends the peer's stream.
+    #[tokio::test]
+    async fn a_full_socket_waits_for_room_and_drop_ends_the_stream() {
+        use std::io::Read;
+        let (_r, w, mut peer) = pair();
+        let big = vec![7u8; 4 << 20];
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            peer.read_to_end(&mut got).unwrap();
+            got.len()
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(20), w.write_all(&big))
+            .await
+            .expect("written as the peer reads")
+            .unwrap();
+        drop(w);
+        assert_eq!(reader.join().unwrap(), big.len());
+    }
+}
