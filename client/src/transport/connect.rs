@@ -147,7 +147,9 @@ impl Client {
                 ));
             }
         };
-        let (rd, wr) = stream.into_split();
+        // Each direction watched by itself: see `rxd_shm::socket` (a stream watched for
+        // writability woke the runtime every time the daemon read a request).
+        let (rd, wr) = rxd_shm::socket::split(stream)?;
         let mut rd = BufReader::with_capacity(64 * 1024, rd);
         let max_frame = welcome.max_frame_bytes.max(limits::DEFAULT_MAX_FRAME);
         let inner = Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| {

@@ -17,8 +17,7 @@ use std::sync::{Arc, Mutex};
 
 use rxd_protocol::frame;
 use rxd_protocol::{ModelInfo, Outcome, Reply, Request, RequestFrame, Welcome};
-use tokio::io::AsyncWriteExt;
-use tokio::net::unix::OwnedWriteHalf;
+use rxd_shm::socket::WriteSide;
 use tokio::sync::oneshot;
 
 use crate::ClientError;
@@ -52,7 +51,7 @@ impl Drop for Pending {
 }
 
 struct Inner {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    writer: tokio::sync::Mutex<WriteSide>,
     pending: Mutex<Pending>,
     next_id: AtomicU64,
     welcome: Welcome,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use rxd_protocol::{ErrorCode, WireError};
 
-use super::socket::WriteSide;
+use rxd_shm::socket::WriteSide;
 
 use crate::SharedRef;
 use crate::peer::Peer;

@@ -10,9 +10,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::arena::{ArenaGrant, send_with_fd};
 use super::reader::{FrameReader, ReadError, read_frame};
-use super::socket::WriteSide;
 use crate::SharedRef;
 use crate::peer::Peer;
+use rxd_shm::socket::WriteSide;
 
 /// Runs the handshake. `Some(arena)` when the connection is established (with its arena, if
 /// one was granted; the fd has been passed and dropped here, the mapping stays); `None` when

@@ -31,7 +31,6 @@ mod arena;
 mod handshake;
 mod reader;
 mod sink;
-mod socket;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -286,7 +285,7 @@ pub async fn run(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: Ca
                 shared
                     .metrics
                     .record_error(err.code, err.message.clone(), None);
-                let Ok((_, mut wr)) = socket::split(stream) else {
+                let Ok((_, mut wr)) = rxd_shm::socket::split(stream) else {
                     return;
                 };
                 let refusal = handshake::refuse::<()>(&mut wr, err);
@@ -337,7 +336,7 @@ fn frame_timeout(len: usize, limit: Duration) -> Stop {
 
 async fn serve(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: CancellationToken) {
     let cfg = &shared.config;
-    let (rd, mut wr) = match socket::split(stream) {
+    let (rd, mut wr) = match rxd_shm::socket::split(stream) {
         Ok(halves) => halves,
         Err(e) => {
             tracing::debug!("cannot set up the connection's socket: {e}");

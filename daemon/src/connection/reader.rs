@@ -13,7 +13,7 @@ use std::os::fd::RawFd;
 
 use rxd_protocol::frame::{self, FrameError, HEADER_LEN};
 
-use super::socket::ReadSide;
+use rxd_shm::socket::ReadSide;
 
 /// Why reading a frame stopped.
 #[derive(Debug)]

@@ -22,8 +22,8 @@ use rxd_protocol::frame;
 use rxd_protocol::{ErrorCode, Outcome, ResponseFrame, WireError};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
-use super::socket::WriteSide;
 use crate::quota::{Held, Quotas};
+use rxd_shm::socket::WriteSide;
 
 /// Encodes an answer into a buffer of `capacity` bytes (an estimate of the frame's size: an
 /// inference answer knows its outputs' sizes, so its buffer is allocated once, not grown by
@@ -331,7 +331,7 @@ mod tests {
     #[tokio::test]
     async fn frames_larger_than_the_socket_buffer_arrive_whole_and_in_order() {
         let (a, mut b) = UnixStream::pair().unwrap();
-        let (_rd, wr) = super::super::socket::split(a).unwrap();
+        let (_rd, wr) = rxd_shm::socket::split(a).unwrap();
         let sink = Arc::new(Sink::new(wr, 64 << 20, None));
         let drainer = tokio::spawn({
             let s = sink.clone();
@@ -353,7 +353,7 @@ mod tests {
     #[tokio::test]
     async fn answers_past_the_unsent_bound_become_small_errors_and_permits_wait_for_writes() {
         let (a, mut b) = UnixStream::pair().unwrap();
-        let (_rd, wr) = super::super::socket::split(a).unwrap();
+        let (_rd, wr) = rxd_shm::socket::split(a).unwrap();
         let sink = Arc::new(Sink::new(wr, 1 << 20, None));
         let permits = Arc::new(Semaphore::new(4));
         for id in 1..=4 {
@@ -405,7 +405,7 @@ mod tests {
         let mut sinks = Vec::new();
         for _ in 0..3 {
             let (a, b) = UnixStream::pair().unwrap();
-            let (_rd, wr) = super::super::socket::split(a).unwrap();
+            let (_rd, wr) = rxd_shm::socket::split(a).unwrap();
             peers.push(b);
             sinks.push(Sink::new(wr, 64 << 20, Some(owner())));
         }
@@ -432,7 +432,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_that_takes_nothing_breaks_the_sink_after_the_stall_time() {
         let (a, _b) = UnixStream::pair().unwrap();
-        let (_rd, wr) = super::super::socket::split(a).unwrap();
+        let (_rd, wr) = rxd_shm::socket::split(a).unwrap();
         let sink = Arc::new(Sink::new(wr, 64 << 20, None));
         let permits = Arc::new(Semaphore::new(1));
         let p = permits.clone().try_acquire_owned().unwrap();
@@ -460,7 +460,7 @@ mod tests {
     #[tokio::test]
     async fn a_closed_peer_breaks_the_sink() {
         let (a, b) = UnixStream::pair().unwrap();
-        let (_rd, wr) = super::super::socket::split(a).unwrap();
+        let (_rd, wr) = rxd_shm::socket::split(a).unwrap();
         let sink = Sink::new(wr, 64 << 20, None);
         drop(b);
         // The first write may land in the buffer of a socket whose peer is gone.

@@ -1,37 +1,41 @@
-//! The connection's socket, split into a reading side registered with the async runtime for
+//! A connected Unix socket split into a reading side registered with the async runtime for
 //! readability only, and a writing side registered for writability only while a write waits
-//! for room.
+//! for room (daemon and client both use it).
 //!
 //! Why not the runtime's own split stream: it registers the socket for both directions, and a
-//! Unix socket signals "writable" every time the peer reads — so every answer a client read
-//! woke the IO thread once for nothing (one `epoll_wait` return and a thread wake-up per
-//! request, BENCHMARKS.md "cost per request"). Answers are written by whoever finishes the
-//! request, straight to the socket; only a client that does not read makes a write wait, and
-//! only then is writability watched, through a second descriptor of the same socket.
+//! Unix socket signals "writable" every time the peer reads — so every message the peer read
+//! woke the runtime once for nothing (one `epoll_wait` return and a thread wake-up per
+//! request on each side, BENCHMARKS.md "cost per request"). Writes go straight to the socket;
+//! only a peer that does not read makes a write wait, and only then is writability watched,
+//! through a second descriptor of the same socket.
 //! Boundary: bytes in and out of one socket; no framing.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
 use nix::sys::socket::MsgFlags;
-use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, Interest, ReadBuf};
+
+use crate::fd::watch;
 
 /// The reading side: the socket, watched for readability.
-pub(super) struct ReadSide(AsyncFd<UnixStream>);
+pub struct ReadSide(AsyncFd<UnixStream>);
 
 /// The writing side: a second descriptor of the socket. Shuts the socket's writing direction
 /// down when dropped (the client then sees the end of the stream).
-pub(super) struct WriteSide(UnixStream);
+pub struct WriteSide(UnixStream);
 
 /// Splits an accepted connection (taken out of the runtime's registration).
-pub(super) fn split(stream: tokio::net::UnixStream) -> io::Result<(ReadSide, WriteSide)> {
+pub fn split(stream: tokio::net::UnixStream) -> io::Result<(ReadSide, WriteSide)> {
     let stream = stream.into_std()?;
     stream.set_nonblocking(true)?;
     let writer = stream.try_clone()?;
     Ok((
-        ReadSide(rxd_shm::fd::watch(stream, Interest::READABLE)?),
+        ReadSide(watch(stream, Interest::READABLE)?),
         WriteSide(writer),
     ))
 }
@@ -44,7 +48,7 @@ impl ReadSide {
     /// peer's next bytes instead of reading once more only to learn there are none: bytes
     /// that arrived during or after the read set readiness anew, and the end of the stream
     /// is never cleared, so nothing is left unread.
-    pub(super) async fn read<R>(
+    pub async fn read<R>(
         &self,
         mut read: impl FnMut(RawFd) -> io::Result<R>,
         drained: impl Fn(&R) -> bool,
@@ -66,10 +70,42 @@ impl ReadSide {
     }
 }
 
+/// Reads through the runtime (as a buffered reader wants them), with the same clearing of
+/// readiness after a read that drains the socket as [`ReadSide::read`]. Any file descriptors
+/// sent along are discarded by the kernel (nothing is passed after the handshake).
+impl AsyncRead for ReadSide {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let mut guard = ready!(self.0.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            let len = unfilled.len();
+            match guard.try_io(|s| {
+                nix::sys::socket::recv(s.as_raw_fd(), unfilled, MsgFlags::MSG_DONTWAIT)
+                    .map_err(io::Error::from)
+            }) {
+                Ok(Ok(n)) => {
+                    if n > 0 && n < len {
+                        guard.clear_ready();
+                    }
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
 impl WriteSide {
     /// Writes what the socket takes now: `WouldBlock` when it takes nothing. Never raises
     /// SIGPIPE (a peer gone is an error).
-    pub(super) fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+    pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         nix::sys::socket::send(
             self.0.as_raw_fd(),
             buf,
@@ -80,7 +116,7 @@ impl WriteSide {
 
     /// Runs `write` on the socket's descriptor until it does not answer `WouldBlock`,
     /// waiting for room in between.
-    pub(super) async fn write_with<R>(
+    pub async fn write_with<R>(
         &self,
         mut write: impl FnMut(RawFd) -> io::Result<R>,
     ) -> io::Result<R> {
@@ -94,12 +130,12 @@ impl WriteSide {
     }
 
     /// Ends the socket's writing direction (the peer sees the end of the stream).
-    pub(super) fn shutdown(&self) {
+    pub fn shutdown(&self) {
         let _ = self.0.shutdown(std::net::Shutdown::Write);
     }
 
     /// Writes all of `buf`, waiting for room as needed.
-    pub(super) async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
+    pub async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
         while !buf.is_empty() {
             let n = self.write_with(|_| self.try_write(buf)).await?;
             buf = &buf[n..];
@@ -110,8 +146,8 @@ impl WriteSide {
     /// Waits until the socket can take bytes. The socket is watched for writability, through
     /// a descriptor of its own, only for the wait: watching starts from the socket's state
     /// at that moment, so room made before the wait began is seen.
-    pub(super) async fn writable(&self) -> io::Result<()> {
-        let watch = rxd_shm::fd::watch(self.0.try_clone()?, Interest::WRITABLE)?;
+    pub async fn writable(&self) -> io::Result<()> {
+        let watch = watch(self.0.try_clone()?, Interest::WRITABLE)?;
         let _ready = watch.writable().await?;
         Ok(())
     }
