@@ -65,6 +65,8 @@ pub struct Serving {
     pub epoch: Instant,
     /// Test hook: its workers hang on their first batch.
     pub wedge: bool,
+    /// Test hook: its device fails every run.
+    pub fail_runs: bool,
     /// Its device's busy time and rows (the workers record each batch there).
     pub device_load: Arc<crate::metrics::DeviceLoad>,
 }
@@ -76,10 +78,13 @@ impl LoadedModel {
         let batchable = built.signature.batchable();
         let crew = Crew {
             label: format!("{}-{}", s.name, s.version),
+            device: s.device.clone(),
             sessions: built.sessions,
             pad_to: built.pad_to,
             wedge: s.wedge,
             load: s.device_load,
+            lane: 0,
+            fail_runs: s.fail_runs,
         };
         let scheduler = Scheduler::start(
             crew,

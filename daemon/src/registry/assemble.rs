@@ -111,6 +111,7 @@ impl LoadJob {
                 tuning: tuning.ok(),
                 epoch: self.epoch,
                 wedge: self.defaults.hooks.wedges(&format!("{name}-{version}")),
+                fail_runs: self.defaults.hooks.fails_device(actual),
                 device_load: self
                     .defaults
                     .devices

@@ -6,21 +6,31 @@
 //! may pick up the next one at once), or the shared timer thread for delayed batches and
 //! deadlines. A request that finds an idle worker and no reason to wait goes to it directly,
 //! so batching costs nothing at low load.
+//!
+//! A version may have workers on several devices, one *lane* each (model.toml `spread`): the
+//! policy counts the workers of every lane together, and each batch it forms goes to the lane
+//! expected to finish it first ([`route`]). The policy's cost table learns from the lane that
+//! is cheapest for the batch's size; each lane keeps its own for routing. A lane can leave (its
+//! device's share evicted: it finishes what it holds, takes nothing new) and, when a device
+//! fails its runs (a test hook), the batches it hands back are routed once more to another
+//! lane while it rests for [`route::RETRY_AFTER`], after which it is tried again.
 //! Invariants: every submitted job is completed exactly once (run, `busy`, or
-//! `deadline_exceeded`); completions run outside the lock; a worker gets a batch only when
-//! the policy counted it free.
+//! `deadline_exceeded`); completions run outside the lock; the policy forms a batch only when
+//! it counted a worker free, over all lanes.
 
 pub mod policy;
+pub mod route;
 pub mod timer;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::runtime::{Batch, BatchListener, Job, RuntimeError, WorkerPool};
 use policy::{Action, Batcher, Item, ReqId, Settings};
+use route::Lane;
 
 /// The terms a request is queued under: how urgent it is and who asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -49,6 +59,32 @@ struct State {
     pending: HashMap<ReqId, (Job, u32, Instant)>,
     next_id: ReqId,
     running: usize,
+    /// Per lane (index = lane id, never reused): what routing knows of it.
+    lanes: Vec<LaneState>,
+}
+
+/// A lane as the driver keeps it: the router's view and the counts reports show.
+struct LaneState {
+    lane: Lane,
+    /// Rows run on it.
+    rows: u64,
+    /// Its workers are out of the policy's count (failed, resting until its retry).
+    resting: bool,
+    /// Its last run failed and none has succeeded since (health names the device).
+    failing: Option<String>,
+}
+
+/// One lane in a report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaneReport {
+    pub device: String,
+    pub instances: usize,
+    pub batches: u64,
+    pub rows: u64,
+    /// `serving`, `draining` or `failed`.
+    pub state: &'static str,
+    /// Why its last run failed, while it has not run one since.
+    pub error: Option<String>,
 }
 
 /// The scheduler of one model version: policy state, waiting jobs, and the worker pool.
@@ -58,7 +94,8 @@ pub struct Scheduler {
     pad_to: Vec<u32>,
     state: Mutex<State>,
     idle: Condvar,
-    pool: OnceLock<WorkerPool>,
+    /// Per lane: its workers (taken out when it leaves; dropped by the caller).
+    pools: RwLock<Vec<Option<Arc<WorkerPool>>>>,
     batchable: bool,
     default_priority: std::sync::atomic::AtomicU8,
     pub stats: Stats,
@@ -76,6 +113,7 @@ impl Scheduler {
         metrics: Arc<crate::metrics::ModelMetrics>,
     ) -> Result<Arc<Scheduler>, crate::runtime::RuntimeError> {
         settings.batchable = batchable && settings.max_batch_rows > 1;
+        let device = crew.device.clone();
         let workers = crew.sessions.len();
         let sched = Arc::new_cyclic(|me| Scheduler {
             me: me.clone(),
@@ -84,9 +122,10 @@ impl Scheduler {
                 pending: HashMap::new(),
                 next_id: 1,
                 running: 0,
+                lanes: vec![LaneState::new(device, workers)],
             }),
             idle: Condvar::new(),
-            pool: OnceLock::new(),
+            pools: RwLock::new(Vec::new()),
             batchable,
             pad_to: crew.pad_to.clone(),
             default_priority: std::sync::atomic::AtomicU8::new(default_priority),
@@ -94,8 +133,10 @@ impl Scheduler {
             metrics,
         });
         let listener: Weak<dyn BatchListener> = sched.me.clone();
+        let mut crew = crew;
+        crew.lane = 0;
         let pool = WorkerPool::start(crew, listener)?;
-        let _ = sched.pool.set(pool);
+        sched.write_pools().push(Some(Arc::new(pool)));
         Ok(sched)
     }
 
@@ -103,8 +144,129 @@ impl Scheduler {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn read_pools(&self) -> std::sync::RwLockReadGuard<'_, Vec<Option<Arc<WorkerPool>>>> {
+        self.pools.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_pools(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Option<Arc<WorkerPool>>>> {
+        self.pools.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Workers of the first lane (the device the version was loaded on): the `instances`
+    /// setting in force.
     pub fn instances(&self) -> usize {
-        self.pool.get().map_or(0, WorkerPool::instances)
+        self.read_pools()
+            .first()
+            .and_then(Option::as_ref)
+            .map_or(0, |p| p.instances())
+    }
+
+    /// Workers on every lane still serving.
+    pub fn all_instances(&self) -> usize {
+        self.read_pools()
+            .iter()
+            .flatten()
+            .map(|p| p.instances())
+            .sum()
+    }
+
+    /// Adds a lane: `crew`'s workers on another device, which take batches from now on.
+    /// Fails when a worker thread cannot start, or when the device already has a lane here.
+    pub fn add_lane(&self, mut crew: crate::runtime::Crew) -> Result<(), RuntimeError> {
+        let mut pools = self.write_pools();
+        let mut st = self.lock();
+        if st
+            .lanes
+            .iter()
+            .zip(pools.iter())
+            .any(|(l, p)| p.is_some() && l.lane.device == crew.device)
+        {
+            return Err(RuntimeError::Threads(format!(
+                "the version already has instances on '{}'",
+                crew.device
+            )));
+        }
+        let id = st.lanes.len();
+        crew.lane = id;
+        let workers = crew.sessions.len();
+        let device = crew.device.clone();
+        let listener: Weak<dyn BatchListener> = self.me.clone();
+        let pool = WorkerPool::start(crew, listener)?;
+        pools.push(Some(Arc::new(pool)));
+        st.lanes.push(LaneState::new(device, workers));
+        drop(pools);
+        let actions = st.batcher.add_workers(workers, Instant::now());
+        self.act(st, actions);
+        Ok(())
+    }
+
+    /// Takes the lane on `device` out: it takes no new batch and its workers (returned, for
+    /// the caller to drop outside its locks: dropping joins them) finish what they hold.
+    /// `None` when the device has no lane here, or it is the last one serving.
+    pub fn remove_lane(&self, device: &str) -> Option<Arc<WorkerPool>> {
+        let mut pools = self.write_pools();
+        let mut st = self.lock();
+        let serving = pools.iter().filter(|p| p.is_some()).count();
+        let i = st
+            .lanes
+            .iter()
+            .zip(pools.iter())
+            .position(|(l, p)| p.is_some() && l.lane.device == device)?;
+        if serving < 2 {
+            return None;
+        }
+        let pool = pools[i].take();
+        let l = &mut st.lanes[i];
+        l.lane.draining = true;
+        let workers = if l.resting { 0 } else { l.lane.workers };
+        st.batcher.retire_workers(workers);
+        pool
+    }
+
+    /// The devices of the lanes serving, first lane first.
+    pub fn devices(&self) -> Vec<String> {
+        let pools = self.read_pools();
+        let st = self.lock();
+        st.lanes
+            .iter()
+            .zip(pools.iter())
+            .filter(|(_, p)| p.is_some())
+            .map(|(l, _)| l.lane.device.clone())
+            .collect()
+    }
+
+    /// Every lane that still serves or holds batches.
+    pub fn lanes(&self) -> Vec<LaneReport> {
+        let pools = self.read_pools();
+        let st = self.lock();
+        st.lanes
+            .iter()
+            .zip(pools.iter())
+            .filter(|(l, p)| p.is_some() || l.lane.outstanding > 0)
+            .map(|(l, p)| LaneReport {
+                device: l.lane.device.clone(),
+                instances: p.as_ref().map_or(0, |p| p.instances()),
+                batches: l.lane.handed,
+                rows: l.rows,
+                state: if p.is_none() {
+                    "draining"
+                } else if l.failing.is_some() {
+                    "failed"
+                } else {
+                    "serving"
+                },
+                error: l.failing.clone(),
+            })
+            .collect()
+    }
+
+    /// Devices whose last run here failed (and none has succeeded since), with why.
+    pub fn failing_devices(&self) -> Vec<(String, String)> {
+        self.lock()
+            .lanes
+            .iter()
+            .filter_map(|l| Some((l.lane.device.clone(), l.failing.clone()?)))
+            .collect()
     }
 
     /// Requests waiting for a worker, and how many may wait.
@@ -147,7 +309,11 @@ impl Scheduler {
 
     /// Workers stuck on one batch for longer than `limit` (liveness check).
     pub fn stuck_workers(&self, limit: Duration) -> usize {
-        self.pool.get().map_or(0, |p| p.stuck(limit))
+        self.read_pools()
+            .iter()
+            .flatten()
+            .map(|p| p.stuck(limit))
+            .sum()
     }
 
     /// Queues a job under `terms`.
@@ -201,9 +367,21 @@ impl Scheduler {
 
     /// Carries out actions: batches go to workers, refusals and expiries are answered — all
     /// after the lock is released.
-    fn act(&self, mut st: std::sync::MutexGuard<'_, State>, actions: Vec<Action>) {
+    fn act(&self, mut st: std::sync::MutexGuard<'_, State>, mut actions: Vec<Action>) {
         let mut batches = Vec::new();
         let mut failed: Vec<(Job, RuntimeError)> = Vec::new();
+        // Lanes whose rest after a failure is over are tried again.
+        let now = Instant::now();
+        let mut back = 0;
+        for l in &mut st.lanes {
+            if l.resting && !l.lane.draining && l.lane.usable(now) {
+                l.resting = false;
+                back += l.lane.workers;
+            }
+        }
+        if back > 0 {
+            actions.extend(st.batcher.add_workers(back, now));
+        }
         for a in actions {
             match a {
                 Action::Run(ids) => {
@@ -216,11 +394,15 @@ impl Scheduler {
                         arrived.push(at);
                     }
                     st.running += 1;
+                    let total: u32 = rows.iter().sum();
+                    let lane = Self::route(&mut st.lanes, total, now);
                     batches.push(Batch {
                         jobs,
                         rows,
                         arrived,
                         dispatched: Instant::now(),
+                        lane,
+                        retried: false,
                     });
                 }
                 Action::Reject(id) => {
@@ -252,22 +434,44 @@ impl Scheduler {
             self.stats
                 .padded_rows
                 .fetch_add(padded - u64::from(rows), Ordering::Relaxed);
-            let sent = match self.pool.get() {
-                Some(pool) => pool.send(b),
-                None => Err(b),
-            };
-            if let Err(b) = sent {
-                // Workers gone (never expected while the scheduler lives): answer, free the slot.
-                for job in b.jobs {
-                    job.completion.complete(Err(RuntimeError::WorkersGone));
-                }
-                self.batch_done(rows, Duration::ZERO, Duration::ZERO, &[]);
-            }
+            self.send(b);
         }
         for (job, e) in failed {
             job.completion.complete(Err(e));
         }
         self.idle.notify_all();
+    }
+
+    /// Picks the lane for a batch of `rows` and counts it there (the first lane when none
+    /// is usable: its workers are all the policy counted).
+    fn route(lanes: &mut [LaneState], rows: u32, now: Instant) -> usize {
+        let views: Vec<Lane> = lanes.iter().map(|l| l.lane.clone()).collect();
+        let i = route::choose(&views, rows, now)
+            .or_else(|| lanes.iter().position(|l| !l.lane.draining))
+            .unwrap_or(0);
+        let l = &mut lanes[i].lane;
+        l.outstanding += 1;
+        l.handed += 1;
+        l.backlog += l.cost.predict(rows).unwrap_or_default();
+        i
+    }
+
+    /// Hands a routed batch to its lane's workers; a lane gone (never expected: a lane leaves
+    /// only after routing stopped choosing it) answers its jobs and frees the slot.
+    fn send(&self, b: Batch) {
+        let lane = b.lane;
+        let rows: u32 = b.rows.iter().sum();
+        let pool = self.read_pools().get(lane).cloned().flatten();
+        let sent = match pool {
+            Some(pool) => pool.send(b),
+            None => Err(b),
+        };
+        if let Err(b) = sent {
+            for job in b.jobs {
+                job.completion.complete(Err(RuntimeError::WorkersGone));
+            }
+            self.batch_done(lane, rows, Duration::ZERO, Duration::ZERO, &[]);
+        }
     }
 
     /// A timer set by the policy fired.
@@ -296,16 +500,109 @@ impl Scheduler {
     }
 }
 
+impl LaneState {
+    fn new(device: String, workers: usize) -> LaneState {
+        LaneState {
+            lane: Lane::new(device, workers),
+            rows: 0,
+            resting: false,
+            failing: None,
+        }
+    }
+}
+
 impl BatchListener for Scheduler {
-    fn batch_done(&self, rows: u32, compute: Duration, occupied: Duration, arrived: &[Instant]) {
+    fn batch_done(
+        &self,
+        lane: usize,
+        rows: u32,
+        compute: Duration,
+        occupied: Duration,
+        arrived: &[Instant],
+    ) {
         if !arrived.is_empty() {
             self.metrics.record_batch(rows, compute, arrived);
         }
         let mut st = self.lock();
         st.running = st.running.saturating_sub(1);
-        // The policy learns what a batch costs it: the worker's time from hand-over to free
-        // (on a loaded 2-core machine the hand-over is a visible part of a 1 ms batch).
-        let actions = st.batcher.batch_done(rows, occupied, Instant::now());
+        let now = Instant::now();
+        // The lane's own table learns the worker's time from hand-over to free (on a loaded
+        // 2-core machine the hand-over is a visible part of a 1 ms batch) ...
+        let cheapest = {
+            let mut cheapest = true;
+            if let Some(l) = st.lanes.get_mut(lane) {
+                let expected = l.lane.cost.predict(rows).unwrap_or_default();
+                l.lane.outstanding = l.lane.outstanding.saturating_sub(1);
+                l.lane.backlog = l.lane.backlog.saturating_sub(expected);
+                if !arrived.is_empty() {
+                    l.lane.cost.record(rows, occupied);
+                    l.rows += u64::from(rows);
+                    l.failing = None;
+                }
+                let mine = l.lane.cost.predict(rows).unwrap_or_default();
+                cheapest = st.lanes.iter().all(|o| {
+                    o.lane.draining || o.lane.cost.predict(rows).is_none_or(|c| c >= mine)
+                });
+            }
+            cheapest
+        };
+        // ... and the policy's from the cheapest lane for this size.
+        let actions = if cheapest && !arrived.is_empty() {
+            st.batcher.batch_done(rows, occupied, now)
+        } else {
+            st.batcher.worker_free(now)
+        };
         self.act(st, actions);
+    }
+
+    fn batch_failed(&self, lane: usize, mut batch: Batch, error: String) {
+        let mut st = self.lock();
+        let now = Instant::now();
+        let rows: u32 = batch.rows.iter().sum();
+        let mut others = false;
+        if let Some(l) = st.lanes.get_mut(lane) {
+            let expected = l.lane.cost.predict(rows).unwrap_or_default();
+            l.lane.outstanding = l.lane.outstanding.saturating_sub(1);
+            l.lane.backlog = l.lane.backlog.saturating_sub(expected);
+            if l.failing.is_none() {
+                tracing::warn!(device = %l.lane.device, "a run failed on the device: {error}");
+            }
+            l.failing = Some(error.clone());
+        }
+        let usable = |l: &LaneState| !l.resting && l.lane.usable(now);
+        if st
+            .lanes
+            .iter()
+            .enumerate()
+            .any(|(i, l)| i != lane && usable(l))
+        {
+            others = true;
+            // Drained: its workers leave the policy's count until the retry.
+            let l = &mut st.lanes[lane];
+            l.lane.failed_until = Some(now + route::RETRY_AFTER);
+            if !l.resting {
+                l.resting = true;
+                let workers = l.lane.workers;
+                st.batcher.retire_workers(workers);
+            }
+            timer::wake_at(now + route::RETRY_AFTER, self.me.clone());
+        }
+        if others && !batch.retried {
+            // Retried once, elsewhere; it keeps the slot the policy counted for it.
+            batch.retried = true;
+            batch.lane = Self::route(&mut st.lanes, rows, now);
+            batch.dispatched = now;
+            drop(st);
+            self.send(batch);
+            return;
+        }
+        // Nowhere else to go, or failed twice: answered with the error; the slot is free.
+        st.running = st.running.saturating_sub(1);
+        let actions = st.batcher.worker_free(now);
+        self.act(st, actions);
+        for job in batch.jobs {
+            job.completion
+                .complete(Err(RuntimeError::Run(format!("device failed: {error}"))));
+        }
     }
 }

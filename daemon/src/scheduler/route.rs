@@ -1,0 +1,247 @@
+//! Which device a batch runs on, when a version has instances on several devices ("lanes"):
+//! a pure function of what each lane is expected to take ([`choose`]), and the per-lane
+//! bookkeeping it reads ([`Lane`]: its measured cost per batch size and the work already
+//! handed to it).
+//!
+//! Rule: a batch goes to the lane expected to *finish* it first. A lane's expected finish is
+//! the time until one of its workers is free — zero while it has fewer batches than workers,
+//! else the expected work it holds shared over its workers — plus what a batch of this size
+//! costs on it (its own measured [`CostModel`]; a lane that never ran one is assumed to cost
+//! what the cheapest measured lane does, so that every lane gets measured once). Finishes
+//! within [`TIE`] of each other are a tie, won by the lane that was handed fewer batches, so
+//! equal devices share the work evenly. A device ten times slower thus gets a batch only when
+//! the fast device's queue would make the batch finish later there; an idle fast device never
+//! waits behind a slow one. Lanes that are draining (evicted) or failed are not candidates.
+//! Boundary: no IO, no clock of its own; the scheduler's driver keeps the lanes.
+
+use std::time::{Duration, Instant};
+
+use super::policy::CostModel;
+
+/// Finishes within this factor of the earliest count as a tie.
+pub const TIE: f64 = 1.05;
+
+/// After a run on a lane fails, it takes no batch for this long; then it is tried again.
+pub const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// What the router knows of one lane (a device's instances of one version).
+#[derive(Debug, Clone)]
+pub struct Lane {
+    /// The device's name.
+    pub device: String,
+    /// Its worker threads (instances).
+    pub workers: usize,
+    /// Batches handed to it and not finished.
+    pub outstanding: usize,
+    /// Expected compute of those batches, by this lane's cost table.
+    pub backlog: Duration,
+    /// Batches handed to it since it started.
+    pub handed: u64,
+    /// Its measured compute per batch size.
+    pub cost: CostModel,
+    /// Evicted: it finishes what it holds and takes nothing new.
+    pub draining: bool,
+    /// Its runs failed: no batch before this time.
+    pub failed_until: Option<Instant>,
+}
+
+impl Lane {
+    pub fn new(device: String, workers: usize) -> Lane {
+        Lane {
+            device,
+            workers,
+            outstanding: 0,
+            backlog: Duration::ZERO,
+            handed: 0,
+            cost: CostModel::default(),
+            draining: false,
+            failed_until: None,
+        }
+    }
+
+    /// Whether it may take a batch at `now`.
+    pub fn usable(&self, now: Instant) -> bool {
+        !self.draining && self.workers > 0 && self.failed_until.is_none_or(|t| t <= now)
+    }
+
+    /// Expected time until one of its workers is free.
+    pub fn wait(&self) -> Duration {
+        if self.outstanding < self.workers {
+            Duration::ZERO
+        } else {
+            self.backlog / self.workers.max(1) as u32
+        }
+    }
+}
+
+/// The lane expected to finish a batch of `rows` first (see the module's rule), or `None`
+/// when no lane is usable at `now`.
+pub fn choose(lanes: &[Lane], rows: u32, now: Instant) -> Option<usize> {
+    // A lane never measured is assumed as fast as the cheapest measured one.
+    let fallback = lanes
+        .iter()
+        .filter_map(|l| l.cost.predict(rows))
+        .min()
+        .unwrap_or(Duration::ZERO);
+    let finishes: Vec<(usize, Duration)> = lanes
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.usable(now))
+        .map(|(i, l)| (i, l.wait() + l.cost.predict(rows).unwrap_or(fallback)))
+        .collect();
+    let earliest = finishes.iter().map(|&(_, f)| f).min()?;
+    let tie = earliest.mul_f64(TIE);
+    finishes
+        .into_iter()
+        .filter(|&(_, f)| f <= tie)
+        .min_by_key(|&(i, f)| (lanes[i].handed, f, i))
+        .map(|(i, _)| i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lane(name: &str, workers: usize, cost_ms: f64) -> Lane {
+        let mut l = Lane::new(name.into(), workers);
+        for rows in [1, 8] {
+            l.cost.record(
+                rows,
+                Duration::from_secs_f64(cost_ms * f64::from(rows) / 1e3),
+            );
+        }
+        l
+    }
+
+    /// A closed loop on simulated time: `clients` each send a batch of one row, wait for it
+    /// and send again. Returns batches per lane and the slowest answer.
+    fn simulate(mut lanes: Vec<Lane>, clients: usize, batches: usize) -> (Vec<u64>, Duration) {
+        let t0 = Instant::now();
+        // Per lane: when each worker is next free.
+        let mut free: Vec<Vec<Duration>> = lanes
+            .iter()
+            .map(|l| vec![Duration::ZERO; l.workers])
+            .collect();
+        // Per lane: the finish times of what it holds.
+        let mut held: Vec<Vec<Duration>> = lanes.iter().map(|_| Vec::new()).collect();
+        let mut ready = vec![Duration::ZERO; clients];
+        let mut worst = Duration::ZERO;
+        for _ in 0..batches {
+            // The client ready first sends next.
+            let (c, &now) = ready
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, t)| **t)
+                .expect("clients");
+            for ((l, h), f) in lanes.iter_mut().zip(held.iter_mut()).zip(&free) {
+                h.retain(|&f| f > now);
+                l.outstanding = h.len();
+                // The work it still holds: each worker's time until free.
+                l.backlog = f.iter().map(|&f| f.saturating_sub(now)).sum();
+            }
+            let i = choose(&lanes, 1, t0 + now).expect("a lane");
+            let cost = lanes[i].cost.predict(1).expect("measured");
+            let w = (0..free[i].len())
+                .min_by_key(|&w| free[i][w])
+                .expect("a worker");
+            let start = free[i][w].max(now);
+            let done = start + cost;
+            free[i][w] = done;
+            held[i].push(done);
+            lanes[i].handed += 1;
+            worst = worst.max(done - now);
+            ready[c] = done;
+        }
+        (lanes.iter().map(|l| l.handed).collect(), worst)
+    }
+
+    #[test]
+    fn equal_devices_share_the_work_about_evenly() {
+        let (handed, _) = simulate(vec![lane("a", 1, 1.0), lane("b", 1, 1.0)], 8, 1000);
+        let (a, b) = (handed[0] as f64, handed[1] as f64);
+        assert!((a - b).abs() / (a + b) < 0.05, "{handed:?}");
+    }
+
+    #[test]
+    fn equal_idle_devices_alternate() {
+        let now = Instant::now();
+        let mut lanes = vec![lane("a", 1, 1.0), lane("b", 1, 1.0)];
+        let first = choose(&lanes, 1, now).expect("a lane");
+        lanes[first].handed += 1;
+        let second = choose(&lanes, 1, now).expect("a lane");
+        assert_ne!(first, second);
+    }
+
+    #[test]
+    fn an_idle_fast_device_never_waits_behind_a_slow_one() {
+        let now = Instant::now();
+        let mut lanes = vec![lane("slow", 1, 10.0), lane("fast", 1, 1.0)];
+        // The slow one was handed far fewer batches: the count does not matter.
+        lanes[1].handed = 1000;
+        assert_eq!(choose(&lanes, 1, now), Some(1));
+        assert_eq!(choose(&lanes, 8, now), Some(1));
+        // Busy but about to be free, the fast one still finishes first.
+        lanes[1].outstanding = 1;
+        lanes[1].backlog = Duration::from_millis(5);
+        assert_eq!(choose(&lanes, 1, now), Some(1));
+    }
+
+    #[test]
+    fn a_ten_times_slower_device_gets_work_only_when_the_fast_queue_is_longer() {
+        let now = Instant::now();
+        let mut lanes = vec![lane("fast", 1, 1.0), lane("slow", 1, 10.0)];
+        for queued in 0..20u32 {
+            lanes[0].outstanding = queued as usize;
+            lanes[0].backlog = Duration::from_millis(u64::from(queued));
+            let expected = if queued + 1 > 10 * 105 / 100 { 1 } else { 0 };
+            assert_eq!(choose(&lanes, 1, now), Some(expected), "{queued} queued");
+        }
+    }
+
+    #[test]
+    fn under_load_a_slow_device_takes_a_small_share_without_raising_the_worst_latency() {
+        // 4 clients: the fast device alone answers each within 4 ms; the slow one (10 ms a
+        // batch) helps only where that is not later.
+        let (alone, worst_alone) = simulate(vec![lane("fast", 1, 1.0)], 4, 2000);
+        let (both, worst_both) =
+            simulate(vec![lane("fast", 1, 1.0), lane("slow", 1, 10.0)], 4, 2000);
+        assert_eq!(alone, vec![2000]);
+        assert_eq!(
+            both,
+            vec![2000, 0],
+            "the fast one alone finishes every batch first"
+        );
+        assert!(
+            worst_both <= worst_alone,
+            "{worst_both:?} > {worst_alone:?}"
+        );
+        // 12 clients: the fast queue is long enough for the slow device to help.
+        let (both, worst_both) =
+            simulate(vec![lane("fast", 1, 1.0), lane("slow", 1, 10.0)], 12, 2000);
+        let (_, worst_alone) = simulate(vec![lane("fast", 1, 1.0)], 12, 2000);
+        let slow_share = both[1] as f64 / 2000.0;
+        assert!(slow_share > 0.0 && slow_share < 0.15, "{both:?}");
+        assert!(
+            worst_both <= worst_alone,
+            "{worst_both:?} > {worst_alone:?}"
+        );
+    }
+
+    #[test]
+    fn an_unmeasured_lane_is_assumed_as_fast_as_the_cheapest() {
+        let now = Instant::now();
+        let mut lanes = vec![lane("a", 1, 1.0), Lane::new("b".into(), 1)];
+        lanes[0].handed = 5;
+        assert_eq!(choose(&lanes, 1, now), Some(1));
+    }
+
+    #[test]
+    fn draining_and_failed_lanes_take_nothing_until_their_retry() {
+        let now = Instant::now();
+        let mut lanes = vec![lane("a", 1, 1.0), lane("b", 1, 1.0)];
+        lanes[0].draining = true;
+        lanes[1].failed_until = Some(now + RETRY_AFTER);
+        assert_eq!(choose(&lanes, 1, now), None);
+        assert_eq!(choose(&lanes, 1, now + RETRY_AFTER), Some(1));
+    }
+}
