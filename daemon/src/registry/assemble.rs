@@ -16,6 +16,17 @@ impl LoadJob {
         build: &Build,
         tuning: Result<rxd_protocol::Tuning, String>,
     ) -> Result<LoadedModel, BuildError> {
+        let (built, serving) = self.parts(build, tuning)?;
+        LoadedModel::start(built, serving).map_err(BuildError::Runtime)
+    }
+
+    /// Builds the sessions of a version on `device` with `settings`, and what it serves
+    /// with besides. Blocking.
+    fn parts(
+        &self,
+        build: &Build,
+        tuning: Result<rxd_protocol::Tuning, String>,
+    ) -> Result<(crate::runtime::Built, Serving), BuildError> {
         let (name, version, settings, device) = (
             build.name.as_str(),
             build.version,
@@ -93,7 +104,7 @@ impl LoadJob {
                 .map_or(device, |cpu| cpu.name.as_str()),
             None => device,
         };
-        LoadedModel::start(
+        Ok((
             built,
             Serving {
                 name: name.into(),
@@ -121,8 +132,7 @@ impl LoadJob {
                     .map(|(_, l)| l.clone())
                     .unwrap_or_default(),
             },
-        )
-        .map_err(BuildError::Runtime)
+        ))
     }
 }
 

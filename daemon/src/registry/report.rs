@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rxd_protocol::{DeviceSummary, ModelInfo, ModelState, ModelSummary};
 
-use super::{Key, Model, Registry, Version, lookup};
+use super::{Held, Model, Registry, Version, lookup};
 use crate::error::RequestError;
 
 impl Registry {
@@ -162,7 +162,8 @@ impl Registry {
             let mut residents: Vec<(u64, String)> = u
                 .residents
                 .iter()
-                .map(|((n, v), ..)| {
+                .map(|(h, ..)| {
+                    let (n, v) = h.version();
                     let last = models
                         .get(n)
                         .and_then(|m| m.versions.get(v))
@@ -282,13 +283,14 @@ impl Registry {
 }
 
 /// The policy's refusal in words: each device's budget and use and what is resident.
-pub(super) fn describe(over: &crate::budget::OverBudget<Key>) -> String {
+pub(super) fn describe(over: &crate::budget::OverBudget<Held>) -> String {
     let mut parts = Vec::new();
     for d in &over.devices {
         let residents: Vec<String> = d
             .residents
             .iter()
-            .map(|((n, v), bytes, pinned, loading)| {
+            .map(|(h, bytes, pinned, loading)| {
+                let (n, v) = h.version();
                 let why = if *pinned {
                     ", pinned"
                 } else if *loading {
