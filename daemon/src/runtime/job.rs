@@ -109,6 +109,8 @@ pub struct Batch {
     pub dispatched: std::time::Instant,
     /// The lane (a device's workers) it was routed to, told back to the listener.
     pub lane: usize,
+    /// The compute the router expected of it there (taken off the lane's backlog when done).
+    pub expected: std::time::Duration,
     /// Already handed back once by a failing device and routed again (a batch is retried
     /// once).
     pub retried: bool,
@@ -121,6 +123,7 @@ pub trait BatchListener: Send + Sync {
     fn batch_done(
         &self,
         lane: usize,
+        expected: std::time::Duration,
         rows: u32,
         compute: std::time::Duration,
         occupied: std::time::Duration,

@@ -370,6 +370,7 @@ fn worker_loop(
         }
         let rows: u32 = batch.rows.iter().sum();
         let dispatched = batch.dispatched.max(last_done);
+        let expected = batch.expected;
         load.begin(started);
         run_batch(&mut sessions, batch, pad_to, &mut staging);
         let done = std::time::Instant::now();
@@ -379,6 +380,7 @@ fn worker_loop(
         if let Some(l) = listener.upgrade() {
             l.batch_done(
                 lane,
+                expected,
                 rows,
                 done.saturating_duration_since(started),
                 done.saturating_duration_since(dispatched),

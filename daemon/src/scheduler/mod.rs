@@ -72,6 +72,8 @@ struct LaneState {
     resting: bool,
     /// Its last run failed and none has succeeded since (health names the device).
     failing: Option<String>,
+    /// The batch it was last handed is a probe: its cost replaces the table's.
+    probe: bool,
 }
 
 /// One lane in a report.
@@ -395,13 +397,14 @@ impl Scheduler {
                     }
                     st.running += 1;
                     let total: u32 = rows.iter().sum();
-                    let lane = Self::route(&mut st.lanes, total, now);
+                    let (lane, expected) = Self::route(&mut st.lanes, total, now);
                     batches.push(Batch {
                         jobs,
                         rows,
                         arrived,
                         dispatched: Instant::now(),
                         lane,
+                        expected,
                         retried: false,
                     });
                 }
@@ -443,23 +446,29 @@ impl Scheduler {
     }
 
     /// Picks the lane for a batch of `rows` and counts it there (the first lane when none
-    /// is usable: its workers are all the policy counted).
-    fn route(lanes: &mut [LaneState], rows: u32, now: Instant) -> usize {
-        let views: Vec<Lane> = lanes.iter().map(|l| l.lane.clone()).collect();
-        let i = route::choose(&views, rows, now)
-            .or_else(|| lanes.iter().position(|l| !l.lane.draining))
-            .unwrap_or(0);
-        let l = &mut lanes[i].lane;
-        l.outstanding += 1;
-        l.handed += 1;
-        l.backlog += l.cost.predict(rows).unwrap_or_default();
-        i
+    /// is usable: its workers are all the policy counted); returns it and the compute
+    /// expected of the batch there.
+    fn route(lanes: &mut [LaneState], rows: u32, now: Instant) -> (usize, Duration) {
+        let i = if lanes.len() == 1 {
+            0
+        } else {
+            let views: Vec<Lane> = lanes.iter().map(|l| l.lane.clone()).collect();
+            route::choose(&views, rows, now)
+                .or_else(|| lanes.iter().position(|l| !l.lane.draining))
+                .unwrap_or(0)
+        };
+        let l = &mut lanes[i];
+        // A batch after a long gap (a probe) measures the lane afresh.
+        l.probe = l.lane.probe_due(now);
+        let cost = l.lane.predict(rows).unwrap_or_default();
+        l.lane.hand(cost, now);
+        (i, cost)
     }
 
     /// Hands a routed batch to its lane's workers; a lane gone (never expected: a lane leaves
     /// only after routing stopped choosing it) answers its jobs and frees the slot.
     fn send(&self, b: Batch) {
-        let lane = b.lane;
+        let (lane, expected) = (b.lane, b.expected);
         let rows: u32 = b.rows.iter().sum();
         let pool = self.read_pools().get(lane).cloned().flatten();
         let sent = match pool {
@@ -470,7 +479,7 @@ impl Scheduler {
             for job in b.jobs {
                 job.completion.complete(Err(RuntimeError::WorkersGone));
             }
-            self.batch_done(lane, rows, Duration::ZERO, Duration::ZERO, &[]);
+            self.batch_done(lane, expected, rows, Duration::ZERO, Duration::ZERO, &[]);
         }
     }
 
@@ -507,6 +516,7 @@ impl LaneState {
             rows: 0,
             resting: false,
             failing: None,
+            probe: false,
         }
     }
 }
@@ -515,6 +525,7 @@ impl BatchListener for Scheduler {
     fn batch_done(
         &self,
         lane: usize,
+        expected: Duration,
         rows: u32,
         compute: Duration,
         occupied: Duration,
@@ -526,27 +537,31 @@ impl BatchListener for Scheduler {
         let mut st = self.lock();
         st.running = st.running.saturating_sub(1);
         let now = Instant::now();
-        // The lane's own table learns the worker's time from hand-over to free (on a loaded
-        // 2-core machine the hand-over is a visible part of a 1 ms batch) ...
+        // The lane's own table learns the batch's compute ...
         let cheapest = {
             let mut cheapest = true;
             if let Some(l) = st.lanes.get_mut(lane) {
-                let expected = l.lane.cost.predict(rows).unwrap_or_default();
-                l.lane.outstanding = l.lane.outstanding.saturating_sub(1);
-                l.lane.backlog = l.lane.backlog.saturating_sub(expected);
+                l.lane.finish(expected, now);
                 if !arrived.is_empty() {
-                    l.lane.cost.record(rows, occupied);
+                    // Its compute alone: a hand-over to an idle worker (a wake-up, ms on a
+                    // loaded machine) is paid by whichever lane is idle, and counting it would
+                    // make the idle lane look slower and stay idle.
+                    let fresh = std::mem::take(&mut l.probe);
+                    l.lane.learn(rows, compute, fresh);
                     l.rows += u64::from(rows);
                     l.failing = None;
                 }
-                let mine = l.lane.cost.predict(rows).unwrap_or_default();
-                cheapest = st.lanes.iter().all(|o| {
-                    o.lane.draining || o.lane.cost.predict(rows).is_none_or(|c| c >= mine)
-                });
+                let mine = l.lane.predict(rows).unwrap_or_default();
+                cheapest = st
+                    .lanes
+                    .iter()
+                    .all(|o| o.lane.draining || o.lane.predict(rows).is_none_or(|c| c >= mine));
             }
             cheapest
         };
-        // ... and the policy's from the cheapest lane for this size.
+        // ... and the policy's the worker's time from hand-over to free (on a loaded 2-core
+        // machine the hand-over is a visible part of a 1 ms batch), from the cheapest lane
+        // for this size.
         let actions = if cheapest && !arrived.is_empty() {
             st.batcher.batch_done(rows, occupied, now)
         } else {
@@ -561,9 +576,7 @@ impl BatchListener for Scheduler {
         let rows: u32 = batch.rows.iter().sum();
         let mut others = false;
         if let Some(l) = st.lanes.get_mut(lane) {
-            let expected = l.lane.cost.predict(rows).unwrap_or_default();
-            l.lane.outstanding = l.lane.outstanding.saturating_sub(1);
-            l.lane.backlog = l.lane.backlog.saturating_sub(expected);
+            l.lane.finish(batch.expected, now);
             if l.failing.is_none() {
                 tracing::warn!(device = %l.lane.device, "a run failed on the device: {error}");
             }
@@ -590,7 +603,7 @@ impl BatchListener for Scheduler {
         if others && !batch.retried {
             // Retried once, elsewhere; it keeps the slot the policy counted for it.
             batch.retried = true;
-            batch.lane = Self::route(&mut st.lanes, rows, now);
+            (batch.lane, batch.expected) = Self::route(&mut st.lanes, rows, now);
             batch.dispatched = now;
             drop(st);
             self.send(batch);

@@ -162,6 +162,12 @@ impl CostModel {
             .or_insert(t);
     }
 
+    /// Replaces what was measured for `rows` (a fresh measurement after a long gap: the old
+    /// one is not blended in).
+    pub fn replace(&mut self, rows: u32, compute: Duration) {
+        self.table.insert(rows.max(1), compute.as_secs_f64());
+    }
+
     /// Predicted compute time of a batch of `rows` (`None` before any sample).
     pub fn predict(&self, rows: u32) -> Option<Duration> {
         let rows = rows.max(1);

@@ -5,13 +5,23 @@
 //!
 //! Rule: a batch goes to the lane expected to *finish* it first. A lane's expected finish is
 //! the time until one of its workers is free — zero while it has fewer batches than workers,
-//! else the expected work it holds shared over its workers — plus what a batch of this size
-//! costs on it (its own measured [`CostModel`]; a lane that never ran one is assumed to cost
-//! what the cheapest measured lane does, so that every lane gets measured once). Finishes
+//! else the expected work it holds, less what its running batches have done since they
+//! started, shared over its workers — plus what a batch of this size
+//! costs on it (its own measured [`CostModel`]; a lane that has run fewer than [`WARM_RUNS`]
+//! batches is assumed to cost what the cheapest measured lane does, so that every lane gets
+//! measured past its cold first runs — those take ten times the steady cost on a CPU). Finishes
 //! within [`TIE`] of each other are a tie, won by the lane that was handed fewer batches, so
 //! equal devices share the work evenly. A device ten times slower thus gets a batch only when
 //! the fast device's queue would make the batch finish later there; an idle fast device never
 //! waits behind a slow one. Lanes that are draining (evicted) or failed are not candidates.
+//!
+//! Probes: a cost measured once (a first run after a cold start, a device busy with something
+//! else for a moment) would keep a lane out for good if it were never measured again. So a
+//! lane that has had no batch for [`PROBE_AFTER`] and has a free worker takes the next batch,
+//! whatever it is expected to cost, and that measurement replaces the old one. At most one
+//! batch per lane per [`PROBE_AFTER`] (five a second) runs at a slow device's speed: at the
+//! rates where a fast device has a queue that is far below one batch in a hundred, and at
+//! rates low enough for it to matter the fast device has no queue anyway.
 //! Boundary: no IO, no clock of its own; the scheduler's driver keeps the lanes.
 
 use std::time::{Duration, Instant};
@@ -20,6 +30,13 @@ use super::policy::CostModel;
 
 /// Finishes within this factor of the earliest count as a tie.
 pub const TIE: f64 = 1.05;
+
+/// Batches a lane runs before its own measurements count (until then each measurement
+/// replaces the last, and routing assumes it as fast as the cheapest lane).
+pub const WARM_RUNS: u64 = 8;
+
+/// A lane with a free worker and no batch for this long takes the next one (a probe).
+pub const PROBE_AFTER: Duration = Duration::from_millis(200);
 
 /// After a run on a lane fails, it takes no batch for this long; then it is tried again.
 pub const RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -35,10 +52,17 @@ pub struct Lane {
     pub outstanding: usize,
     /// Expected compute of those batches, by this lane's cost table.
     pub backlog: Duration,
+    /// When its workers last started a batch (their running batches have done the work
+    /// since then).
+    pub since: Option<Instant>,
     /// Batches handed to it since it started.
     pub handed: u64,
+    /// When it was last handed a batch.
+    pub last: Option<Instant>,
     /// Its measured compute per batch size.
     pub cost: CostModel,
+    /// Batches it ran and measured.
+    pub runs: u64,
     /// Evicted: it finishes what it holds and takes nothing new.
     pub draining: bool,
     /// Its runs failed: no batch before this time.
@@ -52,8 +76,11 @@ impl Lane {
             workers,
             outstanding: 0,
             backlog: Duration::ZERO,
+            since: None,
             handed: 0,
+            last: None,
             cost: CostModel::default(),
+            runs: 0,
             draining: false,
             failed_until: None,
         }
@@ -65,11 +92,69 @@ impl Lane {
     }
 
     /// Expected time until one of its workers is free.
-    pub fn wait(&self) -> Duration {
-        if self.outstanding < self.workers {
-            Duration::ZERO
+    /// Its expected compute for a batch of `rows` (`None` while it is not warm).
+    pub fn predict(&self, rows: u32) -> Option<Duration> {
+        if self.runs < WARM_RUNS {
+            return None;
+        }
+        self.cost.predict(rows)
+    }
+
+    /// Learns what a batch of `rows` took; `fresh`: the measurement replaces the last (a
+    /// probe after a long gap).
+    pub fn learn(&mut self, rows: u32, took: Duration, fresh: bool) {
+        if fresh || self.runs < WARM_RUNS {
+            self.cost.replace(rows, took);
         } else {
-            self.backlog / self.workers.max(1) as u32
+            self.cost.record(rows, took);
+        }
+        self.runs += 1;
+    }
+
+    /// Whether its next batch is a probe: it has a free worker and has had no batch for
+    /// [`PROBE_AFTER`].
+    pub fn probe_due(&self, now: Instant) -> bool {
+        self.outstanding < self.workers
+            && self
+                .last
+                .is_some_and(|t| now.saturating_duration_since(t) >= PROBE_AFTER)
+    }
+
+    pub fn wait(&self, now: Instant) -> Duration {
+        if self.outstanding < self.workers {
+            return Duration::ZERO;
+        }
+        let running = self.outstanding.min(self.workers) as u32;
+        let done = self
+            .since
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
+            * running;
+        self.backlog.saturating_sub(done) / self.workers.max(1) as u32
+    }
+
+    /// Counts a batch of expected cost `cost` handed to it at `now`.
+    pub fn hand(&mut self, cost: Duration, now: Instant) {
+        if self.outstanding < self.workers {
+            // A free worker starts it now.
+            self.since = Some(now);
+        }
+        self.outstanding += 1;
+        self.handed += 1;
+        self.backlog += cost;
+        self.last = Some(now);
+    }
+
+    /// Counts a batch of expected cost `cost` finished (or handed back) at `now`.
+    pub fn finish(&mut self, cost: Duration, now: Instant) {
+        self.outstanding = self.outstanding.saturating_sub(1);
+        self.backlog = self.backlog.saturating_sub(cost);
+        if self.outstanding == 0 {
+            // Estimates made as the table changed do not add up exactly: none left over.
+            self.backlog = Duration::ZERO;
+        }
+        if self.outstanding >= self.workers {
+            // The worker takes the next batch it holds.
+            self.since = Some(now);
         }
     }
 }
@@ -77,17 +162,20 @@ impl Lane {
 /// The lane expected to finish a batch of `rows` first (see the module's rule), or `None`
 /// when no lane is usable at `now`.
 pub fn choose(lanes: &[Lane], rows: u32, now: Instant) -> Option<usize> {
+    if let Some(i) = lanes.iter().position(|l| l.usable(now) && l.probe_due(now)) {
+        return Some(i);
+    }
     // A lane never measured is assumed as fast as the cheapest measured one.
     let fallback = lanes
         .iter()
-        .filter_map(|l| l.cost.predict(rows))
+        .filter_map(|l| l.predict(rows))
         .min()
         .unwrap_or(Duration::ZERO);
     let finishes: Vec<(usize, Duration)> = lanes
         .iter()
         .enumerate()
         .filter(|(_, l)| l.usable(now))
-        .map(|(i, l)| (i, l.wait() + l.cost.predict(rows).unwrap_or(fallback)))
+        .map(|(i, l)| (i, l.wait(now) + l.predict(rows).unwrap_or(fallback)))
         .collect();
     let earliest = finishes.iter().map(|&(_, f)| f).min()?;
     let tie = earliest.mul_f64(TIE);
@@ -104,11 +192,14 @@ mod tests {
 
     fn lane(name: &str, workers: usize, cost_ms: f64) -> Lane {
         let mut l = Lane::new(name.into(), workers);
-        for rows in [1, 8] {
-            l.cost.record(
-                rows,
-                Duration::from_secs_f64(cost_ms * f64::from(rows) / 1e3),
-            );
+        for _ in 0..WARM_RUNS {
+            for rows in [1, 8] {
+                l.learn(
+                    rows,
+                    Duration::from_secs_f64(cost_ms * f64::from(rows) / 1e3),
+                    false,
+                );
+            }
         }
         l
     }
@@ -140,7 +231,7 @@ mod tests {
                 l.backlog = f.iter().map(|&f| f.saturating_sub(now)).sum();
             }
             let i = choose(&lanes, 1, t0 + now).expect("a lane");
-            let cost = lanes[i].cost.predict(1).expect("measured");
+            let cost = lanes[i].predict(1).expect("measured");
             let w = (0..free[i].len())
                 .min_by_key(|&w| free[i][w])
                 .expect("a worker");
@@ -233,6 +324,38 @@ mod tests {
         let mut lanes = vec![lane("a", 1, 1.0), Lane::new("b".into(), 1)];
         lanes[0].handed = 5;
         assert_eq!(choose(&lanes, 1, now), Some(1));
+    }
+
+    #[test]
+    fn a_lane_is_assumed_fast_until_warm_and_its_cold_runs_do_not_stick() {
+        let now = Instant::now();
+        let mut lanes = vec![lane("a", 1, 1.0), Lane::new("b".into(), 1)];
+        lanes[0].handed = 100;
+        // Its first run was cold (twenty times the steady cost): still assumed as fast.
+        lanes[1].learn(1, Duration::from_millis(20), false);
+        lanes[1].handed = 1;
+        assert_eq!(choose(&lanes, 1, now), Some(1));
+        for _ in 1..WARM_RUNS {
+            lanes[1].learn(1, Duration::from_millis(1), false);
+        }
+        assert_eq!(lanes[1].predict(1), Some(Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn a_lane_passed_over_for_a_while_is_probed_once_then_judged_by_the_new_cost() {
+        let now = Instant::now();
+        let mut lanes = vec![lane("fast", 1, 1.0), lane("slow", 1, 10.0)];
+        lanes[1].last = Some(now);
+        assert_eq!(choose(&lanes, 1, now), Some(0));
+        let later = now + PROBE_AFTER;
+        assert_eq!(choose(&lanes, 1, later), Some(1), "probe");
+        // A busy lane is not probed.
+        lanes[1].outstanding = 1;
+        assert_eq!(choose(&lanes, 1, later), Some(0));
+        lanes[1].outstanding = 0;
+        lanes[1].hand(Duration::from_millis(10), later);
+        lanes[1].finish(Duration::from_millis(10), later);
+        assert_eq!(choose(&lanes, 1, later), Some(0), "probed just now");
     }
 
     #[test]
