@@ -76,16 +76,7 @@ impl LoadedModel {
     /// worker thread cannot start.
     pub fn start(built: Built, s: Serving) -> Result<LoadedModel, RuntimeError> {
         let batchable = built.signature.batchable();
-        let crew = Crew {
-            label: format!("{}-{}", s.name, s.version),
-            device: s.device.clone(),
-            sessions: built.sessions,
-            pad_to: built.pad_to,
-            wedge: s.wedge,
-            load: s.device_load,
-            lane: 0,
-            fail_runs: s.fail_runs,
-        };
+        let crew = LoadedModel::crew(built.sessions, built.pad_to, &s);
         let scheduler = Scheduler::start(
             crew,
             s.scheduler,
@@ -111,6 +102,25 @@ impl LoadedModel {
             tuning: s.tuning,
             not_tuned: s.not_tuned,
         })
+    }
+
+    /// The workers of built sessions, for this version's scheduler (its first lane, or a
+    /// share on another device joining it).
+    pub fn crew(
+        sessions: Vec<crate::runtime::WorkerSessions>,
+        pad_to: Vec<u32>,
+        s: &Serving,
+    ) -> Crew {
+        Crew {
+            label: format!("{}-{}", s.name, s.version),
+            device: s.device.clone(),
+            sessions,
+            pad_to,
+            wedge: s.wedge,
+            load: s.device_load.clone(),
+            lane: 0,
+            fail_runs: s.fail_runs,
+        }
     }
 
     /// Queues a checked request; `completion` receives the outputs or the error (a full

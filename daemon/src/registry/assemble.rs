@@ -20,6 +20,25 @@ impl LoadJob {
         LoadedModel::start(built, serving).map_err(BuildError::Runtime)
     }
 
+    /// Builds a version's share on another device: its sessions there, as workers to join the
+    /// version's scheduler. Blocking.
+    pub(super) fn build_share(
+        &self,
+        build: &Build,
+        tuning: Result<rxd_protocol::Tuning, String>,
+    ) -> Result<crate::runtime::Crew, BuildError> {
+        let (built, serving) = self.parts(build, tuning)?;
+        if built.fallback.is_some() {
+            // A share runs where it was asked to, or not at all.
+            return Err(BuildError::Settings(format!(
+                "device '{}': {}",
+                build.device,
+                built.fallback.unwrap_or_default()
+            )));
+        }
+        Ok(LoadedModel::crew(built.sessions, built.pad_to, &serving))
+    }
+
     /// Builds the sessions of a version on `device` with `settings`, and what it serves
     /// with besides. Blocking.
     fn parts(

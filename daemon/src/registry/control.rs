@@ -220,6 +220,7 @@ impl Registry {
         drop(models);
         tracing::info!(model = %name, version, device = %device, bytes = measured, "rebuilt");
         self.release(dropped);
+        self.spread(name, version);
         Ok(())
     }
 

@@ -357,7 +357,9 @@ impl Registry {
                     self.release(victims.into_iter().chain(replaced).collect());
                 }
                 ticket.slot.finish(Ok(()));
-                summary
+                // Requests are served from here on; shares on other devices join as built.
+                self.spread(name, version);
+                self.summary_of(name, version).or(summary)
             }
             Err(over) => {
                 drop(b);

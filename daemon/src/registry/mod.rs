@@ -36,6 +36,7 @@ mod reload;
 mod report;
 mod scan;
 pub mod settings;
+mod spread;
 pub mod tune;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

@@ -242,8 +242,10 @@ impl Registry {
             version,
             state: ver.state.kind(),
             error: ver.state.error().map(str::to_string),
-            instances: loaded.map_or(0, |l| l.instances() as u32),
+            instances: loaded.map_or(0, |l| l.scheduler().all_instances() as u32),
             device: loaded.map_or_else(String::new, |l| l.device.clone()),
+            shares: loaded.map_or_else(Vec::new, |l| shares(l, ver)),
+            share_evictions: ver.share_evictions,
             batchable: loaded.is_some_and(|l| l.batchable()),
             requests: stats.map_or(0, |s| s.requests.load(Ordering::Relaxed))
                 + loaded.map_or(0, |l| {
@@ -280,6 +282,30 @@ impl Registry {
             evictions: ver.evictions,
         }
     }
+}
+
+/// A version's instances per device, when it has more than one device's.
+fn shares(loaded: &crate::model::LoadedModel, ver: &Version) -> Vec<rxd_protocol::DeviceShare> {
+    let lanes = loaded.scheduler().lanes();
+    if lanes.len() < 2 && ver.shares.is_empty() {
+        return Vec::new();
+    }
+    lanes
+        .into_iter()
+        .map(|l| rxd_protocol::DeviceShare {
+            memory_bytes: if l.device == loaded.device {
+                ver.measured
+            } else {
+                ver.shares.get(&l.device).copied()
+            },
+            device: l.device,
+            instances: l.instances as u32,
+            batches: l.batches,
+            rows: l.rows,
+            state: l.state.into(),
+            error: l.error,
+        })
+        .collect()
 }
 
 /// The policy's refusal in words: each device's budget and use and what is resident.

@@ -60,6 +60,11 @@ pub struct ModelSettings {
     pub pinned: Option<bool>,
     /// Devices to place it on, in order of preference (default: the one with most free budget).
     pub devices: Option<Vec<String>>,
+    /// Serve on every device in `devices` at once, not only the first that has room: the
+    /// version loads on the first, then gets `instances` on each other one (a share, admitted
+    /// and accounted on that device's budget, evicted on its own), and each batch goes to
+    /// the device expected to finish it first. Default false.
+    pub spread: Option<bool>,
     /// Run the model on zero inputs (at batch 1 and at max-batch-rows) before it is ready, so
     /// that the first request does not pay for allocation and the measured footprint includes
     /// the arena of the largest batch. Default true.
@@ -120,6 +125,7 @@ impl ModelSettings {
             version_policy,
             pinned,
             devices,
+            spread,
             warmup,
             warmup_dims,
             cpu_fallback,
@@ -252,6 +258,16 @@ impl ModelSettings {
         }
         if self.max_batch_rows == Some(0) {
             return Err("max-batch-rows must be at least 1".into());
+        }
+        if self.spread == Some(true) {
+            let devices = self.devices.as_deref().unwrap_or_default();
+            if devices.len() < 2 {
+                return Err("spread = true needs at least two devices in `devices`".into());
+            }
+            let unique: BTreeSet<&String> = devices.iter().collect();
+            if unique.len() != devices.len() {
+                return Err("spread = true: `devices` lists a device twice".into());
+            }
         }
         if self
             .latency_target_ms
