@@ -1,0 +1,279 @@
+//! One model on several devices at once (issue 25, items 1–4): model.toml `spread = true`
+//! gives a version instances on every device in its `devices`, each device's share accounted
+//! on that device's budget; batches go to the device expected to finish them first. Two CPU
+//! devices (two `[[device]]` tables of kind "cpu") stand in for two accelerators: answers
+//! equal in-process ONNX Runtime's, both devices run batches, a share evicted by its device's
+//! budget leaves the model serving on the other, `rxctl rebalance` places it again, and a
+//! device made to fail every run (a test hook) costs no request: its batches are retried on
+//! the other device, health names it, and it is tried again later.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rxd_client::Tensor;
+use rxd_e2e::*;
+use rxd_protocol::{DeviceShare, HealthState, ModelState, ModelSummary};
+
+const MODEL: &str = "cls";
+
+fn devices_config(budget_b: &str) -> String {
+    format!(
+        "preload = ['{MODEL}']\n\
+         [[device]]\nname = 'cpu-a'\nkind = 'cpu'\nmemory-budget = '1GiB'\n\
+         [[device]]\nname = 'cpu-b'\nkind = 'cpu'\nmemory-budget = '{budget_b}'\n"
+    )
+}
+
+fn repo() -> Repo {
+    let repo = Repo::new();
+    // One request per batch: each answer is computed exactly as the reference computes it.
+    repo.link(MODEL, 1, "ppocr_cls").settings(
+        MODEL,
+        "devices = ['cpu-a', 'cpu-b']\nspread = true\nmax-batch-rows = 1\n",
+    );
+    repo
+}
+
+fn share<'a>(s: &'a ModelSummary, device: &str) -> Option<&'a DeviceShare> {
+    s.shares.iter().find(|x| x.device == device)
+}
+
+/// Waits until the model serves on both devices (shares join after the first device's load).
+fn wait_for_both(d: &TestDaemon) -> ModelSummary {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = d.summaries().remove(MODEL).expect("the model");
+        let serving = |dev| share(&s, dev).is_some_and(|x| x.state == "serving");
+        if s.state == ModelState::Ready && serving("cpu-a") && serving("cpu-b") {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not on both devices: {s:?}\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `n` different crops and what in-process ONNX Runtime answers for each.
+fn inputs_and_answers(n: usize) -> Vec<(Tensor, Vec<Tensor>)> {
+    let mut reference = Reference::new(&model_file("ppocr_cls"));
+    (0..n)
+        .map(|i| {
+            let x = f32_tensor(
+                "x",
+                &[1, 3, 48, 192],
+                &random_f32(3 * 48 * 192, 100 + i as u64),
+            );
+            let want = reference.run(std::slice::from_ref(&x));
+            (x, want)
+        })
+        .collect()
+}
+
+/// `clients` threads each send `per_client` requests; every answer must equal the
+/// reference's. Returns the number of requests that failed (and panics on a wrong answer).
+fn load(
+    d: &TestDaemon,
+    cases: &[(Tensor, Vec<Tensor>)],
+    clients: usize,
+    per_client: usize,
+) -> usize {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..clients)
+            .map(|c| {
+                scope.spawn(move || {
+                    let client = d.client();
+                    let mut failed = 0;
+                    for i in 0..per_client {
+                        let (x, want) = &cases[(c * per_client + i) % cases.len()];
+                        match client.infer(MODEL, vec![x.clone()]) {
+                            Ok(got) => assert_eq!(&got, want, "client {c} request {i}"),
+                            Err(e) => {
+                                eprintln!("client {c} request {i}: {e}");
+                                failed += 1;
+                            }
+                        }
+                    }
+                    failed
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    })
+}
+
+/// The summary once every answered batch is counted on its device (a lane counts a batch's
+/// rows after its answers are written).
+fn settled(d: &TestDaemon) -> ModelSummary {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = d.summaries().remove(MODEL).unwrap();
+        let ran: u64 = s.shares.iter().map(|x| x.rows).sum();
+        if ran == s.rows || Instant::now() > deadline {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn device_rows(d: &TestDaemon) -> BTreeMap<String, u64> {
+    d.client()
+        .metrics()
+        .unwrap()
+        .devices
+        .iter()
+        .map(|x| (x.name.clone(), x.load.as_ref().map_or(0, |l| l.rows_total)))
+        .collect()
+}
+
+fn rxctl_text(d: &TestDaemon, args: &[&str]) -> String {
+    let out = d.rxctl(args);
+    assert!(out.status.success(), "rxctl {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn two_cpu_devices_serve_one_model_like_ort_both_run_batches_and_one_evicted_leaves_it_serving() {
+    let repo = repo();
+    let d = TestDaemon::start_with(repo.path(), &[], &devices_config("1GiB"));
+    let s = wait_for_both(&d);
+    // Each device's share is accounted on its own budget.
+    let devices = d.client().devices().unwrap();
+    for name in ["cpu-a", "cpu-b"] {
+        let dev = devices.iter().find(|x| x.name == name).unwrap();
+        assert!(dev.used_bytes > 0, "{dev:?}");
+        assert_eq!(dev.models, vec![format!("{MODEL}:1")], "{dev:?}");
+        assert!(
+            share(&s, name).unwrap().memory_bytes.is_some_and(|b| b > 0),
+            "{s:?}"
+        );
+    }
+    assert_eq!(s.instances, 2, "one instance per device: {s:?}");
+
+    let cases = inputs_and_answers(16);
+    let before = device_rows(&d);
+    assert_eq!(load(&d, &cases, 8, 40), 0);
+    let s = settled(&d);
+    let (a, b) = (share(&s, "cpu-a").unwrap(), share(&s, "cpu-b").unwrap());
+    println!("batches: cpu-a {}, cpu-b {}", a.batches, b.batches);
+    // Every batch ran on one of the two, and both ran a real part. (How evenly equal
+    // devices share is the router's unit tests' business: on a shared 2-core machine two
+    // "equal" CPU devices are not equally fast from one moment to the next, and the router
+    // follows what it measures.)
+    assert_eq!(a.rows + b.rows, s.rows, "{s:?}");
+    let low = a.rows.min(b.rows) as f64 / s.rows as f64;
+    assert!(low > 0.05, "{s:?}");
+    // The devices' own counters moved on both.
+    let after = device_rows(&d);
+    for name in ["cpu-a", "cpu-b"] {
+        assert!(
+            after[name] > before[name],
+            "{name}: {before:?} -> {after:?}"
+        );
+    }
+    let text = rxctl_text(&d, &["models", MODEL]);
+    assert!(text.contains("on 2 devices"), "{text}");
+    assert!(text.contains("  on cpu-a: 1 instance(s)"), "{text}");
+    assert!(text.contains("  on cpu-b: 1 instance(s)"), "{text}");
+    let text = rxctl_text(&d, &["models"]);
+    assert!(text.contains("cpu-a+cpu-b"), "{text}");
+
+    // cpu-b's budget shrinks below the share (a config reload): the share alone is evicted;
+    // the version stays ready and answers from cpu-a.
+    std::fs::write(
+        d.dir.path().join("rxd.toml"),
+        format!("tune = false\n{}", devices_config("1MiB")),
+    )
+    .unwrap();
+    d.client().reload().unwrap();
+    let s = d.summaries().remove(MODEL).unwrap();
+    assert_eq!(s.state, ModelState::Ready, "{s:?}");
+    assert_eq!(s.evictions, 0, "{s:?}");
+    assert_eq!(s.share_evictions, 1, "{s:?}");
+    assert!(share(&s, "cpu-b").is_none(), "{s:?}");
+    let devices = d.client().devices().unwrap();
+    let b = devices.iter().find(|x| x.name == "cpu-b").unwrap();
+    assert_eq!(b.used_bytes, 0, "{b:?}");
+    assert!(b.models.is_empty(), "{b:?}");
+    let rows_b = device_rows(&d)["cpu-b"];
+    assert_eq!(load(&d, &cases, 4, 20), 0);
+    assert_eq!(
+        device_rows(&d)["cpu-b"],
+        rows_b,
+        "nothing runs on cpu-b any more"
+    );
+
+    // Room again, and `rxctl rebalance` places the share back; requests in flight meanwhile
+    // all succeed.
+    std::fs::write(
+        d.dir.path().join("rxd.toml"),
+        format!("tune = false\n{}", devices_config("1GiB")),
+    )
+    .unwrap();
+    d.client().reload().unwrap();
+    let failed = std::thread::scope(|scope| {
+        let during = scope.spawn(|| load(&d, &cases, 4, 30));
+        let text = rxctl_text(&d, &["rebalance", MODEL]);
+        assert!(text.contains("cpu-a+cpu-b"), "{text}");
+        during.join().unwrap()
+    });
+    assert_eq!(failed, 0);
+    let s = wait_for_both(&d);
+    assert_eq!(s.share_evictions, 1, "{s:?}");
+    assert_eq!(d.client().health().unwrap().state, HealthState::Healthy);
+}
+
+#[test]
+fn a_device_that_fails_every_run_costs_no_request_is_named_by_health_and_is_tried_again() {
+    let repo = repo();
+    let d = TestDaemon::start_env(
+        repo.path(),
+        &[("RXD_TEST_FAIL_DEVICE", "cpu-b")],
+        &devices_config("1GiB"),
+        &[],
+    );
+    wait_for_both(&d);
+    let cases = inputs_and_answers(16);
+    assert_eq!(load(&d, &cases, 8, 30), 0, "no request fails");
+    let s = settled(&d);
+    let b = share(&s, "cpu-b").unwrap();
+    assert_eq!(b.state, "failed", "{s:?}");
+    assert!(
+        b.batches > 0 && b.rows == 0,
+        "routed there, never answered from there: {s:?}"
+    );
+    assert!(
+        b.error
+            .as_deref()
+            .is_some_and(|e| e.contains("fails every run")),
+        "{s:?}"
+    );
+    assert_eq!(share(&s, "cpu-a").unwrap().rows, 8 * 30, "{s:?}");
+    let health = d.client().health().unwrap();
+    assert_eq!(health.state, HealthState::Degraded, "{health:?}");
+    assert!(
+        health
+            .reasons
+            .iter()
+            .any(|r| r.contains("device 'cpu-b' fails its runs")),
+        "{health:?}"
+    );
+    let out = d.rxctl(&["health"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("degraded") && text.contains("cpu-b"),
+        "{text}"
+    );
+
+    // After its rest the device is tried again (and fails again): batches are routed there
+    // once more, and still no request fails.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(load(&d, &cases, 8, 10), 0);
+    let again = d.summaries().remove(MODEL).unwrap();
+    let b2 = share(&again, "cpu-b").unwrap();
+    assert!(b2.batches > b.batches, "tried again: {s:?} -> {again:?}");
+    assert_eq!(b2.rows, 0);
+    assert!(d.log_text().contains("a run failed on the device"));
+}
