@@ -449,17 +449,22 @@ impl Scheduler {
     /// is usable: its workers are all the policy counted); returns it and the compute
     /// expected of the batch there.
     fn route(lanes: &mut [LaneState], rows: u32, now: Instant) -> (usize, Duration) {
-        let i = if lanes.len() == 1 {
-            0
+        let choice = if lanes.len() == 1 {
+            route::Choice {
+                lane: 0,
+                probe: false,
+            }
         } else {
             let views: Vec<Lane> = lanes.iter().map(|l| l.lane.clone()).collect();
-            route::choose(&views, rows, now)
-                .or_else(|| lanes.iter().position(|l| !l.lane.draining))
-                .unwrap_or(0)
+            route::choose(&views, rows, now).unwrap_or(route::Choice {
+                lane: lanes.iter().position(|l| !l.lane.draining).unwrap_or(0),
+                probe: false,
+            })
         };
+        let i = choice.lane;
         let l = &mut lanes[i];
-        // A batch after a long gap (a probe) measures the lane afresh.
-        l.probe = l.lane.probe_due(now);
+        // A probe measures the lane afresh.
+        l.probe |= choice.probe;
         let cost = l.lane.predict(rows).unwrap_or_default();
         l.lane.hand(cost, now);
         (i, cost)

@@ -9,7 +9,8 @@
 //! started, shared over its workers — plus what a batch of this size
 //! costs on it (its own measured [`CostModel`]; a lane that has run fewer than [`WARM_RUNS`]
 //! batches is assumed to cost what the cheapest measured lane does, so that every lane gets
-//! measured past its cold first runs — those take ten times the steady cost on a CPU). Finishes
+//! measured past its cold first runs — those take ten times the steady cost on a CPU — but it
+//! is given a batch only while no warm lane is idle). Finishes
 //! within [`TIE`] of each other are a tie, won by the lane that was handed fewer batches, so
 //! equal devices share the work evenly. A device ten times slower thus gets a batch only when
 //! the fast device's queue would make the batch finish later there; an idle fast device never
@@ -17,11 +18,13 @@
 //!
 //! Probes: a cost measured once (a first run after a cold start, a device busy with something
 //! else for a moment) would keep a lane out for good if it were never measured again. So a
-//! lane that has had no batch for [`PROBE_AFTER`] and has a free worker takes the next batch,
-//! whatever it is expected to cost, and that measurement replaces the old one. At most one
-//! batch per lane per [`PROBE_AFTER`] (five a second) runs at a slow device's speed: at the
-//! rates where a fast device has a queue that is far below one batch in a hundred, and at
-//! rates low enough for it to matter the fast device has no queue anyway.
+//! lane with a free worker that has had no batch for [`PROBE_AFTER`] times how much slower it
+//! is expected to be than the best lane (200 ms for an equal device, 9 s for one 45 times
+//! slower; at most [`PROBE_MAX`]) takes the next batch while the best lane has work queued,
+//! whatever it is expected to cost, and that measurement replaces the old one. With nothing
+//! queued there is no probe: another device could not help, and an idle fast device is never
+//! made to wait. A slow device's probes thus cost about as much of the fast device's time
+//! as one of its batches, once per [`PROBE_AFTER`]: far below one request in a hundred.
 //! Boundary: no IO, no clock of its own; the scheduler's driver keeps the lanes.
 
 use std::time::{Duration, Instant};
@@ -35,8 +38,20 @@ pub const TIE: f64 = 1.05;
 /// replaces the last, and routing assumes it as fast as the cheapest lane).
 pub const WARM_RUNS: u64 = 8;
 
-/// A lane with a free worker and no batch for this long takes the next one (a probe).
+/// A lane with a free worker and no batch for this long, times how much slower than the best
+/// lane it is expected to be, takes the next one (a probe).
 pub const PROBE_AFTER: Duration = Duration::from_millis(200);
+
+/// The longest a lane goes without a probe.
+pub const PROBE_MAX: Duration = Duration::from_secs(30);
+
+/// What [`choose`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Choice {
+    pub lane: usize,
+    /// The batch is a probe: its measurement replaces the lane's.
+    pub probe: bool,
+}
 
 /// After a run on a lane fails, it takes no batch for this long; then it is tried again.
 pub const RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -111,13 +126,13 @@ impl Lane {
         self.runs += 1;
     }
 
-    /// Whether its next batch is a probe: it has a free worker and has had no batch for
-    /// [`PROBE_AFTER`].
-    pub fn probe_due(&self, now: Instant) -> bool {
+    /// Whether its next batch may be a probe: it has a free worker and has had no batch for
+    /// `after`.
+    pub fn probe_due(&self, now: Instant, after: Duration) -> bool {
         self.outstanding < self.workers
             && self
                 .last
-                .is_some_and(|t| now.saturating_duration_since(t) >= PROBE_AFTER)
+                .is_some_and(|t| now.saturating_duration_since(t) >= after)
     }
 
     pub fn wait(&self, now: Instant) -> Duration {
@@ -161,34 +176,66 @@ impl Lane {
 
 /// The lane expected to finish a batch of `rows` first (see the module's rule), or `None`
 /// when no lane is usable at `now`.
-pub fn choose(lanes: &[Lane], rows: u32, now: Instant) -> Option<usize> {
-    if let Some(i) = lanes.iter().position(|l| l.usable(now) && l.probe_due(now)) {
-        return Some(i);
-    }
-    // A lane never measured is assumed as fast as the cheapest measured one.
+pub fn choose(lanes: &[Lane], rows: u32, now: Instant) -> Option<Choice> {
+    // A lane not warm yet is assumed as fast as the cheapest warm one.
     let fallback = lanes
         .iter()
         .filter_map(|l| l.predict(rows))
         .min()
         .unwrap_or(Duration::ZERO);
+    let cost = |l: &Lane| l.predict(rows).unwrap_or(fallback);
     let finishes: Vec<(usize, Duration)> = lanes
         .iter()
         .enumerate()
         .filter(|(_, l)| l.usable(now))
-        .map(|(i, l)| (i, l.wait(now) + l.predict(rows).unwrap_or(fallback)))
+        .map(|(i, l)| (i, l.wait(now) + cost(l)))
         .collect();
     let earliest = finishes.iter().map(|&(_, f)| f).min()?;
     let tie = earliest.mul_f64(TIE);
-    finishes
-        .into_iter()
-        .filter(|&(_, f)| f <= tie)
-        .min_by_key(|&(i, f)| (lanes[i].handed, f, i))
-        .map(|(i, _)| i)
+    let best = finishes
+        .iter()
+        .filter(|&&(_, f)| f <= tie)
+        .min_by_key(|&&(i, f)| (lanes[i].handed, f, i))
+        .map(|&(i, _)| i)?;
+    // A lane not warm yet is tried only while the warm ones have work queued: an idle warm
+    // lane takes the batch rather than one whose speed is unknown.
+    let warm = |i: usize| lanes[i].runs >= WARM_RUNS;
+    let idle_warm = finishes
+        .iter()
+        .filter(|&&(i, _)| warm(i) && lanes[i].wait(now).is_zero())
+        .min_by_key(|&&(i, f)| (f, i))
+        .map(|&(i, _)| i);
+    let best = match idle_warm {
+        Some(i) if !warm(best) => i,
+        _ => best,
+    };
+    // Probes only while the best lane has work queued: with nothing waiting another device
+    // cannot help, and a probe would only add its latency.
+    if !lanes[best].wait(now).is_zero() {
+        let base = cost(&lanes[best]).as_secs_f64().max(1e-6);
+        let probe = lanes.iter().position(|l| {
+            let slower = (cost(l).as_secs_f64() / base).max(1.0);
+            let after = PROBE_AFTER.mul_f64(slower).min(PROBE_MAX);
+            l.usable(now) && l.probe_due(now, after)
+        });
+        if let Some(lane) = probe {
+            return Some(Choice { lane, probe: true });
+        }
+    }
+    Some(Choice {
+        lane: best,
+        probe: false,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The lane chosen, or `None`.
+    fn pick(lanes: &[Lane], rows: u32, now: Instant) -> Option<usize> {
+        choose(lanes, rows, now).map(|c| c.lane)
+    }
 
     fn lane(name: &str, workers: usize, cost_ms: f64) -> Lane {
         let mut l = Lane::new(name.into(), workers);
@@ -230,7 +277,7 @@ mod tests {
                 // The work it still holds: each worker's time until free.
                 l.backlog = f.iter().map(|&f| f.saturating_sub(now)).sum();
             }
-            let i = choose(&lanes, 1, t0 + now).expect("a lane");
+            let i = choose(&lanes, 1, t0 + now).expect("a lane").lane;
             let cost = lanes[i].predict(1).expect("measured");
             let w = (0..free[i].len())
                 .min_by_key(|&w| free[i][w])
@@ -257,9 +304,9 @@ mod tests {
     fn equal_idle_devices_alternate() {
         let now = Instant::now();
         let mut lanes = vec![lane("a", 1, 1.0), lane("b", 1, 1.0)];
-        let first = choose(&lanes, 1, now).expect("a lane");
+        let first = choose(&lanes, 1, now).expect("a lane").lane;
         lanes[first].handed += 1;
-        let second = choose(&lanes, 1, now).expect("a lane");
+        let second = choose(&lanes, 1, now).expect("a lane").lane;
         assert_ne!(first, second);
     }
 
@@ -269,12 +316,12 @@ mod tests {
         let mut lanes = vec![lane("slow", 1, 10.0), lane("fast", 1, 1.0)];
         // The slow one was handed far fewer batches: the count does not matter.
         lanes[1].handed = 1000;
-        assert_eq!(choose(&lanes, 1, now), Some(1));
-        assert_eq!(choose(&lanes, 8, now), Some(1));
+        assert_eq!(pick(&lanes, 1, now), Some(1));
+        assert_eq!(pick(&lanes, 8, now), Some(1));
         // Busy but about to be free, the fast one still finishes first.
         lanes[1].outstanding = 1;
         lanes[1].backlog = Duration::from_millis(5);
-        assert_eq!(choose(&lanes, 1, now), Some(1));
+        assert_eq!(pick(&lanes, 1, now), Some(1));
     }
 
     #[test]
@@ -285,7 +332,7 @@ mod tests {
             lanes[0].outstanding = queued as usize;
             lanes[0].backlog = Duration::from_millis(u64::from(queued));
             let expected = if queued + 1 > 10 * 105 / 100 { 1 } else { 0 };
-            assert_eq!(choose(&lanes, 1, now), Some(expected), "{queued} queued");
+            assert_eq!(pick(&lanes, 1, now), Some(expected), "{queued} queued");
         }
     }
 
@@ -319,11 +366,16 @@ mod tests {
     }
 
     #[test]
-    fn an_unmeasured_lane_is_assumed_as_fast_as_the_cheapest() {
+    fn an_unmeasured_lane_is_assumed_as_fast_as_the_cheapest_once_work_queues() {
         let now = Instant::now();
         let mut lanes = vec![lane("a", 1, 1.0), Lane::new("b".into(), 1)];
         lanes[0].handed = 5;
-        assert_eq!(choose(&lanes, 1, now), Some(1));
+        // The warm lane idle: it takes the batch.
+        assert_eq!(pick(&lanes, 1, now), Some(0));
+        // The warm lane busy: the new one is tried (assumed as fast).
+        lanes[0].outstanding = 1;
+        lanes[0].backlog = Duration::from_micros(500);
+        assert_eq!(pick(&lanes, 1, now), Some(1));
     }
 
     #[test]
@@ -334,7 +386,9 @@ mod tests {
         // Its first run was cold (twenty times the steady cost): still assumed as fast.
         lanes[1].learn(1, Duration::from_millis(20), false);
         lanes[1].handed = 1;
-        assert_eq!(choose(&lanes, 1, now), Some(1));
+        lanes[0].outstanding = 1;
+        lanes[0].backlog = Duration::from_micros(500);
+        assert_eq!(pick(&lanes, 1, now), Some(1));
         for _ in 1..WARM_RUNS {
             lanes[1].learn(1, Duration::from_millis(1), false);
         }
@@ -342,20 +396,36 @@ mod tests {
     }
 
     #[test]
-    fn a_lane_passed_over_for_a_while_is_probed_once_then_judged_by_the_new_cost() {
+    fn a_lane_passed_over_is_probed_while_work_queues_later_the_slower_it_is() {
         let now = Instant::now();
         let mut lanes = vec![lane("fast", 1, 1.0), lane("slow", 1, 10.0)];
         lanes[1].last = Some(now);
-        assert_eq!(choose(&lanes, 1, now), Some(0));
-        let later = now + PROBE_AFTER;
-        assert_eq!(choose(&lanes, 1, later), Some(1), "probe");
+        // The fast lane has work queued.
+        lanes[0].outstanding = 1;
+        lanes[0].backlog = Duration::from_millis(1);
+        assert_eq!(pick(&lanes, 1, now), Some(0));
+        // Ten times slower: probed after ten times PROBE_AFTER, not before.
+        assert_eq!(pick(&lanes, 1, now + PROBE_AFTER), Some(0));
+        let later = now + PROBE_AFTER * 10;
+        assert_eq!(
+            choose(&lanes, 1, later),
+            Some(Choice {
+                lane: 1,
+                probe: true
+            })
+        );
+        // The fast lane idle: no probe, the batch is not made to wait.
+        lanes[0].outstanding = 0;
+        assert_eq!(pick(&lanes, 1, later), Some(0));
+        lanes[0].outstanding = 1;
         // A busy lane is not probed.
         lanes[1].outstanding = 1;
-        assert_eq!(choose(&lanes, 1, later), Some(0));
+        assert_eq!(pick(&lanes, 1, later), Some(0));
         lanes[1].outstanding = 0;
+        // Probed just now: not again.
         lanes[1].hand(Duration::from_millis(10), later);
         lanes[1].finish(Duration::from_millis(10), later);
-        assert_eq!(choose(&lanes, 1, later), Some(0), "probed just now");
+        assert_eq!(pick(&lanes, 1, later), Some(0));
     }
 
     #[test]
@@ -364,7 +434,7 @@ mod tests {
         let mut lanes = vec![lane("a", 1, 1.0), lane("b", 1, 1.0)];
         lanes[0].draining = true;
         lanes[1].failed_until = Some(now + RETRY_AFTER);
-        assert_eq!(choose(&lanes, 1, now), None);
-        assert_eq!(choose(&lanes, 1, now + RETRY_AFTER), Some(1));
+        assert_eq!(pick(&lanes, 1, now), None);
+        assert_eq!(pick(&lanes, 1, now + RETRY_AFTER), Some(1));
     }
 }
