@@ -123,41 +123,31 @@ impl Registry {
         };
         let crew = built.map_err(|e| forget(e.to_string()))?;
         let measured = grew.max(bytes);
-        {
-            let models = self.write();
+        // Settled and joined under the models lock, so that an eviction of the share (which
+        // takes that lock) finds it either not yet joined or joined.
+        let joined = {
+            let mut models = self.write();
             let mut b = self.lock_budget();
-            let holds = models
-                .get(&name)
-                .and_then(|m| m.versions.get(&version))
-                .is_some_and(|v| {
+            let ver = models
+                .get_mut(&name)
+                .and_then(|m| m.versions.get_mut(&version))
+                .filter(|v| {
                     v.shares.contains_key(device)
                         && v.loaded().is_some_and(|l| Arc::ptr_eq(l, loaded))
                 });
-            if !holds {
-                drop(b);
-                drop(models);
-                return Err(forget("the version was unloaded or replaced".into()));
+            match ver {
+                None => Err("the version was unloaded or replaced, or the share evicted".into()),
+                Some(ver) => match b.budget.settle(&held, measured, &|_| true) {
+                    Err(over) => Err(format!("it measured {measured} bytes: {}", describe(&over))),
+                    Ok(_) => {
+                        drop(b);
+                        ver.shares.insert(device.to_string(), measured);
+                        loaded.scheduler().add_lane(crew).map_err(|e| e.to_string())
+                    }
+                },
             }
-            if let Err(over) = b.budget.settle(&held, measured, &|_| true) {
-                drop(b);
-                drop(models);
-                return Err(forget(format!(
-                    "it measured {measured} bytes: {}",
-                    describe(&over)
-                )));
-            }
-        }
-        if let Some(ver) = self
-            .write()
-            .get_mut(&name)
-            .and_then(|m| m.versions.get_mut(&version))
-        {
-            ver.shares.insert(device.to_string(), measured);
-        }
-        loaded
-            .scheduler()
-            .add_lane(crew)
-            .map_err(|e| forget(e.to_string()))?;
+        };
+        joined.map_err(forget)?;
         tracing::info!(
             model = %name,
             version,
