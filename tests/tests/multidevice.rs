@@ -29,7 +29,8 @@ fn repo() -> Repo {
     // One request per batch: each answer is computed exactly as the reference computes it.
     repo.link(MODEL, 1, "ppocr_cls").settings(
         MODEL,
-        "devices = ['cpu-a', 'cpu-b']\nspread = true\nmax-batch-rows = 1\n",
+        "devices = ['cpu-a', 'cpu-b']\nspread = true\nmax-batch-rows = 1\n\
+         device-instances = { cpu-b = 2 }\n",
     );
     repo
 }
@@ -150,7 +151,10 @@ fn two_cpu_devices_serve_one_model_like_ort_both_run_batches_and_one_evicted_lea
             "{s:?}"
         );
     }
-    assert_eq!(s.instances, 2, "one instance per device: {s:?}");
+    // `instances` (1) on cpu-a, `device-instances` on cpu-b.
+    assert_eq!(s.instances, 3, "{s:?}");
+    assert_eq!(share(&s, "cpu-a").unwrap().instances, 1, "{s:?}");
+    assert_eq!(share(&s, "cpu-b").unwrap().instances, 2, "{s:?}");
 
     let cases = inputs_and_answers(16);
     let before = device_rows(&d);
@@ -176,7 +180,7 @@ fn two_cpu_devices_serve_one_model_like_ort_both_run_batches_and_one_evicted_lea
     let text = rxctl_text(&d, &["models", MODEL]);
     assert!(text.contains("on 2 devices"), "{text}");
     assert!(text.contains("  on cpu-a: 1 instance(s)"), "{text}");
-    assert!(text.contains("  on cpu-b: 1 instance(s)"), "{text}");
+    assert!(text.contains("  on cpu-b: 2 instance(s)"), "{text}");
     let text = rxctl_text(&d, &["models"]);
     assert!(text.contains("cpu-a+cpu-b"), "{text}");
 

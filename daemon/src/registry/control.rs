@@ -164,7 +164,7 @@ impl Registry {
                 name: name.into(),
                 version,
                 path,
-                settings,
+                settings: settings.on_device(&device),
                 device: device.clone(),
                 retune,
             })

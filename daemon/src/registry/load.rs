@@ -279,7 +279,7 @@ impl Registry {
                 name: name.into(),
                 version,
                 path: ticket.path.clone(),
-                settings: ticket.settings.clone(),
+                settings: ticket.settings.on_device(&device),
                 device: device.clone(),
                 retune: false,
             })

@@ -103,7 +103,7 @@ impl Registry {
                     name: name.clone(),
                     version,
                     path,
-                    settings,
+                    settings: settings.on_device(device),
                     device: device.to_string(),
                     retune: false,
                 },
