@@ -7,7 +7,8 @@
 //! (logged); the version serves on the devices it has. The budget may later evict a share
 //! alone (`take_victims`): the version keeps serving on its other devices.
 //! [`Registry::rebalance`] places a version again over its allowed devices: shares on devices
-//! no longer listed leave, missing ones are added.
+//! no longer listed (or failing) leave, missing ones are added; `rxctl rebalance` and every
+//! reload (budgets may have grown) run it.
 //! Boundary: decisions about memory come from `budget`; the routing between lanes is the
 //! scheduler's.
 
@@ -26,11 +27,19 @@ impl Registry {
     /// Blocking (each share is a build). Problems are logged, not returned: the version
     /// serves on the devices it has.
     pub(super) fn spread(&self, name: &str, version: u64) {
+        self.spread_except(name, version, &[]);
+    }
+
+    /// [`Registry::spread`], leaving out the devices in `except`.
+    fn spread_except(&self, name: &str, version: u64, except: &[String]) {
         let Some((loaded, want)) = self.spread_plan(name, version) else {
             return;
         };
         let have = loaded.scheduler().devices();
-        for device in want.iter().filter(|d| !have.contains(d)) {
+        for device in want
+            .iter()
+            .filter(|d| !have.contains(d) && !except.contains(d))
+        {
             if let Err(e) = self.add_share(&loaded, device) {
                 tracing::warn!(
                     model = %name,
@@ -209,7 +218,8 @@ impl Registry {
                     }
                 }
                 drop(loaded);
-                self.spread(&n, v);
+                // A failing device is not given a new share at once: it is tried again later.
+                self.spread_except(&n, v, &failing);
             }
             out.push(self.summary_of(&n, v)?);
         }
