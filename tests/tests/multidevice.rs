@@ -16,6 +16,13 @@ use rxd_protocol::{DeviceShare, HealthState, ModelState, ModelSummary};
 
 const MODEL: &str = "cls";
 
+/// The tests here load both cores; the timing comparison must not run beside the others.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn devices_config(budget_b: &str) -> String {
     format!(
         "preload = ['{MODEL}']\n\
@@ -137,6 +144,7 @@ fn rxctl_text(d: &TestDaemon, args: &[&str]) -> String {
 
 #[test]
 fn two_cpu_devices_serve_one_model_like_ort_both_run_batches_and_one_evicted_leaves_it_serving() {
+    let _serial = one_at_a_time();
     let repo = repo();
     let d = TestDaemon::start_with(repo.path(), &[], &devices_config("1GiB"));
     let s = wait_for_both(&d);
@@ -209,21 +217,36 @@ fn two_cpu_devices_serve_one_model_like_ort_both_run_batches_and_one_evicted_lea
         "nothing runs on cpu-b any more"
     );
 
-    // Room again, and `rxctl rebalance` places the share back; requests in flight meanwhile
-    // all succeed.
+    // `rxctl rebalance` tries to place the share again: it does not fit, and nothing fails.
+    let failed = std::thread::scope(|scope| {
+        let during = scope.spawn(|| load(&d, &cases, 4, 30));
+        let text = rxctl_text(&d, &["rebalance", MODEL]);
+        assert!(
+            text.contains("instance(s) on cpu-a\n") && !text.contains("cpu-b"),
+            "{text}"
+        );
+        during.join().unwrap()
+    });
+    assert_eq!(failed, 0);
+    assert!(
+        d.log_text()
+            .contains("no share on the device: it does not fit")
+    );
+
+    // Room again (a reload): the share is placed back at once, under load, and nothing fails.
     std::fs::write(
         d.dir.path().join("rxd.toml"),
         format!("tune = false\n{}", devices_config("1GiB")),
     )
     .unwrap();
-    d.client().reload().unwrap();
     let failed = std::thread::scope(|scope| {
         let during = scope.spawn(|| load(&d, &cases, 4, 30));
-        let text = rxctl_text(&d, &["rebalance", MODEL]);
-        assert!(text.contains("cpu-a+cpu-b"), "{text}");
+        d.client().reload().unwrap();
         during.join().unwrap()
     });
     assert_eq!(failed, 0);
+    let text = rxctl_text(&d, &["rebalance", MODEL]);
+    assert!(text.contains("3 instance(s) on cpu-a+cpu-b"), "{text}");
     let s = wait_for_both(&d);
     assert_eq!(s.share_evictions, 1, "{s:?}");
     assert_eq!(d.client().health().unwrap().state, HealthState::Healthy);
@@ -231,6 +254,7 @@ fn two_cpu_devices_serve_one_model_like_ort_both_run_batches_and_one_evicted_lea
 
 #[test]
 fn a_device_that_fails_every_run_costs_no_request_is_named_by_health_and_is_tried_again() {
+    let _serial = one_at_a_time();
     let repo = repo();
     let d = TestDaemon::start_env(
         repo.path(),
@@ -288,6 +312,7 @@ fn a_device_that_fails_every_run_costs_no_request_is_named_by_health_and_is_trie
 /// under the same closed-loop load in turn.
 #[test]
 fn cpu_and_webgpu_the_slow_device_gets_a_small_share_and_p99_is_no_worse_than_the_cpu_alone() {
+    let _serial = one_at_a_time();
     let (env, plugin) = webgpu_env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let repo = Repo::new();
