@@ -284,10 +284,11 @@ impl Registry {
     }
 }
 
-/// A version's instances per device, when it has more than one device's.
+/// A version's instances per device, when it has more than one device's (or its one device
+/// fails its runs: health names it from here).
 fn shares(loaded: &crate::model::LoadedModel, ver: &Version) -> Vec<rxd_protocol::DeviceShare> {
     let lanes = loaded.scheduler().lanes();
-    if lanes.len() < 2 && ver.shares.is_empty() {
+    if lanes.len() < 2 && ver.shares.is_empty() && lanes.iter().all(|l| l.error.is_none()) {
         return Vec::new();
     }
     lanes
