@@ -304,6 +304,35 @@ fn a_device_that_fails_every_run_costs_no_request_is_named_by_health_and_is_trie
     assert!(b2.batches > b.batches, "tried again: {s:?} -> {again:?}");
     assert_eq!(b2.rows, 0);
     assert!(d.log_text().contains("a run failed on the device"));
+
+    // A model with no other device: its requests fail (no retry), naming the failure.
+    repo.link("solo", 1, "ppocr_cls")
+        .settings("solo", "devices = ['cpu-b']\n");
+    // (The reload rebalances: the failing device's share of the spread model leaves it.)
+    d.client().reload().unwrap();
+    let s = d.summaries().remove(MODEL).unwrap();
+    assert!(share(&s, "cpu-b").is_none(), "{s:?}");
+    assert_eq!(load(&d, &cases, 4, 10), 0);
+    let (x, _) = &cases[0];
+    match d.client().infer("solo", vec![x.clone()]) {
+        Err(rxd_client::ClientError::Server(w)) => {
+            assert_eq!(
+                w.kind(),
+                Some(rxd_client::ErrorCode::InferenceFailed),
+                "{w}"
+            );
+            assert!(w.message.contains("device failed"), "{w}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let health = d.client().health().unwrap();
+    assert!(
+        health
+            .reasons
+            .iter()
+            .any(|r| r.contains("device 'cpu-b'") && r.contains("model 'solo'")),
+        "{health:?}"
+    );
 }
 
 /// A CPU and a WebGPU device on lavapipe (20–45 times slower than the CPU here, and running
