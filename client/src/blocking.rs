@@ -101,6 +101,10 @@ impl Client {
         self.rt.block_on(self.inner.reload())
     }
 
+    pub fn rebalance(&self, model: Option<&str>) -> Result<Vec<ModelSummary>, ClientError> {
+        self.rt.block_on(self.inner.rebalance(model))
+    }
+
     pub fn unload(&self, model: &str, version: Option<u64>) -> Result<ModelSummary, ClientError> {
         self.rt.block_on(self.inner.unload(model, version))
     }

@@ -158,6 +158,14 @@ pub async fn handle(
             let view = blocking(move || s.registry.configure(&c)).await??;
             Reply::Configure(view)
         }
+        Request::Rebalance(r) => {
+            if let Some(m) = &r.model {
+                rxd_protocol::check_name(m)?;
+            }
+            let s = shared.clone();
+            let models = blocking(move || s.registry.rebalance(r.model.as_deref())).await??;
+            Reply::Rebalance(ModelList { models })
+        }
         Request::Reload => {
             let s = shared.clone();
             let models = blocking(move || crate::reload::apply(&s))

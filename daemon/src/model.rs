@@ -65,6 +65,8 @@ pub struct Serving {
     pub epoch: Instant,
     /// Test hook: its workers hang on their first batch.
     pub wedge: bool,
+    /// Test hook: its device fails every run.
+    pub fail_runs: bool,
     /// Its device's busy time and rows (the workers record each batch there).
     pub device_load: Arc<crate::metrics::DeviceLoad>,
 }
@@ -74,14 +76,8 @@ impl LoadedModel {
     /// worker thread cannot start.
     pub fn start(built: Built, s: Serving) -> Result<LoadedModel, RuntimeError> {
         let batchable = built.signature.batchable();
-        let crew = Crew {
-            label: format!("{}-{}", s.name, s.version),
-            sessions: built.sessions,
-            pad_to: built.pad_to,
-            wedge: s.wedge,
-            load: s.device_load,
-            axes: Arc::new(built.signature.axes.clone()),
-        };
+        let axes = Arc::new(built.signature.axes.clone());
+        let crew = LoadedModel::crew(built.sessions, built.pad_to, axes, &s);
         let scheduler = Scheduler::start(
             crew,
             s.scheduler,
@@ -107,6 +103,27 @@ impl LoadedModel {
             tuning: s.tuning,
             not_tuned: s.not_tuned,
         })
+    }
+
+    /// The workers of built sessions, for this version's scheduler (its first lane, or a
+    /// share on another device joining it).
+    pub fn crew(
+        sessions: Vec<crate::runtime::WorkerSessions>,
+        pad_to: Vec<u32>,
+        axes: Arc<crate::runtime::Axes>,
+        s: &Serving,
+    ) -> Crew {
+        Crew {
+            label: format!("{}-{}", s.name, s.version),
+            device: s.device.clone(),
+            sessions,
+            pad_to,
+            wedge: s.wedge,
+            load: s.device_load.clone(),
+            lane: 0,
+            fail_runs: s.fail_runs,
+            axes,
+        }
     }
 
     /// Queues a checked request; `completion` receives the outputs or the error (a full

@@ -10,7 +10,9 @@ use crate::{SharedRef, config};
 /// models, or is refused if pinned/busy models hold more), `load-on-demand`, the preload list
 /// — then re-reads the model repository and loads what is new in the preload list. Every other key
 /// that changed needs a restart ([`config::Config::needs_restart`]): it is named in the log and
-/// left as it is. A config with problems changes nothing. Blocking.
+/// left as it is. Last, versions spread over several devices are placed again (a budget that
+/// grew makes room for a share evicted earlier; a device no longer listed loses its share).
+/// A config with problems changes nothing. Blocking.
 pub fn apply(shared: &SharedRef) -> Result<Vec<rxd_protocol::ModelSummary>, String> {
     let mut notes = Vec::new();
     let mut added: Vec<String> = Vec::new();
@@ -56,6 +58,9 @@ pub fn apply(shared: &SharedRef) -> Result<Vec<rxd_protocol::ModelSummary>, Stri
         && let Err(e) = shared.registry.preload(&added)
     {
         tracing::warn!("preload after reload: {e}");
+    }
+    if let Err(e) = shared.registry.rebalance(None) {
+        tracing::warn!("rebalance after reload: {e}");
     }
     Ok(shared.registry.list())
 }

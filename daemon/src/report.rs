@@ -124,6 +124,18 @@ pub fn health(shared: &SharedRef, admin: bool) -> Health {
             m.fallback.as_deref().unwrap_or("")
         ));
     }
+    for m in &models {
+        for s in m.shares.iter().filter(|s| s.state == "failed") {
+            degraded.push(format!(
+                "device '{}' fails its runs (model '{}' version {} serves on its other devices; \
+                 the device is tried again later): {}",
+                s.device,
+                m.name,
+                m.version,
+                s.error.as_deref().unwrap_or("")
+            ));
+        }
+    }
     for (m, depth, cap) in shared.registry.saturated(0.9) {
         degraded.push(format!(
             "model {m}: queue saturated ({depth} of {cap} waiting)"

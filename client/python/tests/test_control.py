@@ -80,6 +80,12 @@ def test_blocking_control_and_observability(ctl: Daemon) -> None:
         shutil.copy(RELU, ctl.repo / "relu" / "1" / "model.onnx")
         assert "relu" not in {m["name"] for m in c.models()}
         assert "relu" in {m["name"] for m in c.reload()}
+        # Nothing here is spread over several devices: rebalance answers the residents as
+        # they are.
+        placed = c.rebalance("digits")
+        assert [m["name"] for m in placed] == ["digits"] and not placed[0].get("shares")
+        with pytest.raises(rxd.UnknownModel):
+            c.rebalance("no_such_model")
         y = np.array([[-1.5, 0.0, 2.5]], np.float32)
         np.testing.assert_array_equal(c.infer("relu", {"x": y})["y"], np.maximum(y, 0))
 
@@ -121,6 +127,7 @@ async def test_asyncio_control_and_observability(ctl: Daemon) -> None:
         assert not (await c.unpin("digits"))["pinned"]
         assert (await c.configure("digits", max_batch_rows=5))["max_batch_rows"] == 5
         assert any(m["name"] == "digits" for m in await c.reload())
+        assert any(m["name"] == "digits" for m in await c.rebalance())
         report = await c.compress("digits", "int8-weights", eval={"input": x}, dry_run=True)
         assert report["size_after"] < report["size_before"] and not report.get("published")
         assert [m["version"] for m in await c.models() if m["name"] == "digits"] == [1]

@@ -68,6 +68,18 @@ impl Client {
         }
     }
 
+    /// Admin: place resident versions (of `model`, or all) again over the devices their
+    /// settings allow; returns them with their devices.
+    pub async fn rebalance(&self, model: Option<&str>) -> Result<Vec<ModelSummary>, ClientError> {
+        let body = Request::Rebalance(rxd_protocol::RebalanceRequest {
+            model: model.map(str::to_string),
+        });
+        match self.request(body).await? {
+            Reply::Rebalance(l) => Ok(l.models),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Admin: pin a model version (loading it if needed); pinned versions are never evicted.
     pub async fn pin(
         &self,

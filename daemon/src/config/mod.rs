@@ -46,11 +46,15 @@ pub use crate::runtime::DeviceKind;
 /// they change: `RXD_TEST_LOAD_HANG=<model prefix>` makes those models' loads hang in session
 /// creation (the load-deadline test); `RXD_TEST_WEDGE=<model>` makes that model's workers hang
 /// on their first batch (the watchdog test); `RXD_TEST_NO_FLOAT16=<device,...>` makes those
-/// devices' capability probe find no float16 (the float16 placement test).
+/// devices' capability probe find no float16 (the float16 placement test);
+/// `RXD_TEST_FAIL_DEVICE=<device,...>` makes every run on those devices fail (the failing
+/// device test: its batches are handed back to be retried elsewhere).
 #[derive(Debug, Clone, Default)]
 pub struct TestHooks {
     pub load_hang: Option<String>,
     pub wedge: Option<String>,
+    /// Devices (names, comma-separated) whose workers fail every run.
+    pub fail_device: Option<String>,
     /// Devices (names, comma-separated) whose capability probe reports no float16, as a
     /// Polaris GPU's would: float16 placement is tested without such a GPU.
     pub no_float16: Option<String>,
@@ -62,6 +66,7 @@ impl TestHooks {
         TestHooks {
             load_hang: var("RXD_TEST_LOAD_HANG"),
             wedge: var("RXD_TEST_WEDGE"),
+            fail_device: var("RXD_TEST_FAIL_DEVICE"),
             no_float16: var("RXD_TEST_NO_FLOAT16"),
         }
     }
@@ -69,6 +74,13 @@ impl TestHooks {
     /// Whether device `name`'s probe is made to find no float16.
     pub fn hides_float16(&self, name: &str) -> bool {
         self.no_float16
+            .as_ref()
+            .is_some_and(|l| l.split(',').any(|d| d.trim() == name))
+    }
+
+    /// Whether every run on device `name` fails.
+    pub fn fails_device(&self, name: &str) -> bool {
+        self.fail_device
             .as_ref()
             .is_some_and(|l| l.split(',').any(|d| d.trim() == name))
     }

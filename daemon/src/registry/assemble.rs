@@ -16,6 +16,42 @@ impl LoadJob {
         build: &Build,
         tuning: Result<rxd_protocol::Tuning, String>,
     ) -> Result<LoadedModel, BuildError> {
+        let (built, serving) = self.parts(build, tuning)?;
+        LoadedModel::start(built, serving).map_err(BuildError::Runtime)
+    }
+
+    /// Builds a version's share on another device: its sessions there, as workers to join the
+    /// version's scheduler. Blocking.
+    pub(super) fn build_share(
+        &self,
+        build: &Build,
+        tuning: Result<rxd_protocol::Tuning, String>,
+    ) -> Result<crate::runtime::Crew, BuildError> {
+        let (built, serving) = self.parts(build, tuning)?;
+        if built.fallback.is_some() {
+            // A share runs where it was asked to, or not at all.
+            return Err(BuildError::Settings(format!(
+                "device '{}': {}",
+                build.device,
+                built.fallback.unwrap_or_default()
+            )));
+        }
+        let axes = std::sync::Arc::new(built.signature.axes.clone());
+        Ok(LoadedModel::crew(
+            built.sessions,
+            built.pad_to,
+            axes,
+            &serving,
+        ))
+    }
+
+    /// Builds the sessions of a version on `device` with `settings`, and what it serves
+    /// with besides. Blocking.
+    fn parts(
+        &self,
+        build: &Build,
+        tuning: Result<rxd_protocol::Tuning, String>,
+    ) -> Result<(crate::runtime::Built, Serving), BuildError> {
         let (name, version, settings, device) = (
             build.name.as_str(),
             build.version,
@@ -95,7 +131,7 @@ impl LoadJob {
                 .map_or(device, |cpu| cpu.name.as_str()),
             None => device,
         };
-        LoadedModel::start(
+        Ok((
             built,
             Serving {
                 name: name.into(),
@@ -113,6 +149,7 @@ impl LoadJob {
                 tuning: tuning.ok(),
                 epoch: self.epoch,
                 wedge: self.defaults.hooks.wedges(&format!("{name}-{version}")),
+                fail_runs: self.defaults.hooks.fails_device(actual),
                 device_load: self
                     .defaults
                     .devices
@@ -122,8 +159,7 @@ impl LoadJob {
                     .map(|(_, l)| l.clone())
                     .unwrap_or_default(),
             },
-        )
-        .map_err(BuildError::Runtime)
+        ))
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::footprint::Build;
 use super::report::describe;
 use super::scan::model_bytes;
-use super::{Key, ModelSettings, Registry, lookup};
+use super::{Held, Key, ModelSettings, Registry, lookup};
 use crate::error::RequestError;
 use crate::model::LoadedModel;
 
@@ -213,7 +213,7 @@ impl Registry {
                 name: name.into(),
                 version,
                 path,
-                settings,
+                settings: settings.on_device(&device),
                 device: device.clone(),
                 retune,
             })
@@ -232,18 +232,19 @@ impl Registry {
             .get(name)
             .and_then(|m| m.versions.get(&version))
             .is_some_and(|v| v.pinned);
-        let previous = b.budget.get(&key);
+        let held = Held::Version(key.clone());
+        let previous = b.budget.get(&held);
         let victims = match self.place(&mut b, &key, Some(dev), measured, &busy) {
             Ok(v) => v,
             Err(over) => {
                 // Put the old entry back as it was.
                 if let Some((old_dev, bytes)) = previous {
-                    b.budget.release(&key);
+                    b.budget.release(&held);
                     let _ =
                         b.budget
-                            .admit(key.clone(), bytes, &[old_dev], &|_| true, self.now_ms());
-                    let _ = b.budget.settle(&key, bytes, &|_| true);
-                    b.budget.set_pinned(&key, pinned);
+                            .admit(held.clone(), bytes, &[old_dev], &|_| true, self.now_ms());
+                    let _ = b.budget.settle(&held, bytes, &|_| true);
+                    b.budget.set_pinned(&held, pinned);
                 }
                 drop(b);
                 drop(models);
@@ -256,7 +257,7 @@ impl Registry {
                 });
             }
         };
-        b.budget.set_pinned(&key, pinned);
+        b.budget.set_pinned(&held, pinned);
         drop(b);
         let mut dropped = self.take_victims(&mut models, &victims);
         if let Some(ver) = models
@@ -268,6 +269,7 @@ impl Registry {
         drop(models);
         tracing::info!(model = %name, version, device = %device, bytes = measured, "rebuilt");
         self.release(dropped);
+        self.spread(name, version);
         Ok(())
     }
 

@@ -20,9 +20,14 @@ use super::{Defaults, ModelSettings, Registry};
 use crate::model::LoadedModel;
 use crate::runtime::Runtime;
 
-/// A build's outcome: the model or why not, the bytes it grew the process (and device) by,
-/// and its time in ms.
-pub(super) type Measured = (Result<LoadedModel, BuildError>, u64, u64);
+/// A build's outcome: the model (or a share's workers) or why not, the bytes it grew the
+/// process (and device) by, and its time in ms.
+pub(super) type Measured<T = LoadedModel> = (Result<T, BuildError>, u64, u64);
+
+/// What a measured build makes of the built sessions: a [`LoadedModel`], or the workers of
+/// a share on another device.
+pub(super) type Make<T> =
+    fn(&LoadJob, &Build, Result<rxd_protocol::Tuning, String>) -> Result<T, BuildError>;
 
 /// Why a version could not be built; its text is what a failed load reports.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +80,15 @@ impl Registry {
     /// (detached): it still holds what it was building — sessions, their memory, unaccounted —
     /// and drops it if it ever finishes. Shutdown does not wait for it.
     pub(super) fn measured_build(&self, build: Build) -> Measured {
+        self.measured_build_with(build, LoadJob::build)
+    }
+
+    /// [`Registry::measured_build`], making what `make` makes of the sessions.
+    pub(super) fn measured_build_with<T: Send + 'static>(
+        &self,
+        build: Build,
+        make: Make<T>,
+    ) -> Measured<T> {
         let (name, version) = (build.name.clone(), build.version);
         let limit = build
             .settings
@@ -96,7 +110,7 @@ impl Registry {
         let started = Instant::now();
         let thread = format!("rxd-load-{name}");
         let spawned = std::thread::Builder::new().name(thread).spawn(move || {
-            let built = job.measured_build(&build);
+            let built = job.measured_build(&build, make);
             // Nobody waits any more (past the deadline): the build is dropped here.
             let _ = tx.send(built);
         });
@@ -125,7 +139,7 @@ impl Registry {
 impl LoadJob {
     /// Primes the device, builds the version and measures what it keeps. Runs on the load's
     /// own thread while [`Registry::measured_build`] holds `load_lock`.
-    fn measured_build(&self, build: &Build) -> Measured {
+    fn measured_build<T>(&self, build: &Build, make: Make<T>) -> Measured<T> {
         let (name, version, device) = (build.name.as_str(), build.version, build.device.as_str());
         self.prime(device);
         // Tuning's own sessions come and go before the footprint's baseline.
@@ -142,7 +156,7 @@ impl LoadJob {
         let rss0 = crate::metrics::resident_bytes();
         let vram0 = self.device_memory_used(device);
         let started = Instant::now();
-        let built = self.build(build, tuning);
+        let built = make(self, build, tuning);
         if built.is_err() {
             // A load that failed after profiling began leaves ORT's profile behind.
             self.runtime.remove_profiles(name, version);

@@ -17,7 +17,7 @@ use super::footprint::Build;
 use super::lifecycle::{Idle, LoadSlot};
 use super::report::describe;
 use super::scan::{FileStamp, model_bytes};
-use super::{BudgetState, Key, Model, ModelSettings, Registry, Version};
+use super::{BudgetState, Held, Key, Model, ModelSettings, Registry, Version};
 use crate::budget::OverBudget;
 use crate::error::{LoadError, RequestError, Unready};
 use crate::model::LoadedModel;
@@ -279,7 +279,7 @@ impl Registry {
                 name: name.into(),
                 version,
                 path: ticket.path.clone(),
-                settings: ticket.settings.clone(),
+                settings: ticket.settings.on_device(&device),
                 device: device.clone(),
                 retune: false,
             })
@@ -288,7 +288,9 @@ impl Registry {
             Ok(l) => l,
             Err(e) => {
                 let mut models = self.write();
-                self.lock_budget().budget.release(&key);
+                self.lock_budget()
+                    .budget
+                    .release(&Held::Version(key.clone()));
                 return Err(self.fail(&mut models, ticket, Failure::Broken, e.to_string()));
             }
         };
@@ -335,7 +337,9 @@ impl Registry {
                     }
                     ver.pinned |= pin;
                     if ver.pinned {
-                        self.lock_budget().budget.set_pinned(&key, true);
+                        self.lock_budget()
+                            .budget
+                            .set_pinned(&Held::Version(key.clone()), true);
                     }
                 }
                 let summary = self.summary_of_locked(&models, name, version);
@@ -353,7 +357,9 @@ impl Registry {
                     self.release(victims.into_iter().chain(replaced).collect());
                 }
                 ticket.slot.finish(Ok(()));
-                summary
+                // Requests are served from here on; shares on other devices join as built.
+                self.spread(name, version);
+                self.summary_of(name, version).or(summary)
             }
             Err(over) => {
                 drop(b);
@@ -412,16 +418,27 @@ impl Registry {
                 .map_err(|m| (Failure::Broken, format!("'{name}' version {version}: {m}")))?;
         }
         let now = self.now_ms();
-        let is_busy = |k: &Key| ticket.no_evict || busy.contains(k);
+        let is_busy = |h: &Held| ticket.no_evict || busy.contains(h.version());
         // An estimate is a guess: when it cannot fit but the weights alone (a hard lower
         // bound) can, try with that; the measured figure settles it after loading.
         let floor = ticket.file_bytes.min(estimate);
         let admitted = b
             .budget
-            .admit(key.clone(), estimate, &candidates, &is_busy, now)
+            .admit(
+                Held::Version(key.clone()),
+                estimate,
+                &candidates,
+                &is_busy,
+                now,
+            )
             .or_else(|_| {
-                b.budget
-                    .admit(key.clone(), floor, &candidates, &is_busy, now)
+                b.budget.admit(
+                    Held::Version(key.clone()),
+                    floor,
+                    &candidates,
+                    &is_busy,
+                    now,
+                )
             });
         let adm = admitted.map_err(|over| {
             // Larger than every budget it may use: it can never load.
@@ -462,24 +479,25 @@ impl Registry {
         dev: Option<usize>,
         measured: u64,
         busy: &HashSet<Key>,
-    ) -> Result<Vec<Key>, OverBudget<Key>> {
-        let is_busy = |k: &Key| busy.contains(k);
+    ) -> Result<Vec<Held>, OverBudget<Held>> {
+        let is_busy = |h: &Held| busy.contains(h.version());
+        let held = Held::Version(key.clone());
         let mut evict = Vec::new();
         if let Some(dev) = dev
-            && b.budget.get(key).map(|(d, _)| d) != Some(dev)
+            && b.budget.get(&held).map(|(d, _)| d) != Some(dev)
         {
             // Admitted at the smaller of what it held and what it measured: `settle` then
             // decides with the measured figure.
             let bytes = b
                 .budget
-                .release(key)
-                .map_or(measured, |held| held.min(measured));
+                .release(&held)
+                .map_or(measured, |was| was.min(measured));
             evict = b
                 .budget
-                .admit(key.clone(), bytes, &[dev], &is_busy, self.now_ms())?
+                .admit(held.clone(), bytes, &[dev], &is_busy, self.now_ms())?
                 .evict;
         }
-        evict.extend(b.budget.settle(key, measured, &is_busy)?);
+        evict.extend(b.budget.settle(&held, measured, &is_busy)?);
         Ok(evict)
     }
 
@@ -522,7 +540,9 @@ impl Registry {
         err.into()
     }
 
-    /// Pushes each resident model's last use into the policy and returns the busy ones.
+    /// Pushes each resident model's last use into the policy (for its shares too), releases
+    /// share entries whose version is no longer resident or no longer holds that share, and
+    /// returns the busy versions.
     pub(super) fn sync_usage(
         &self,
         models: &std::collections::BTreeMap<String, Model>,
@@ -533,12 +553,31 @@ impl Registry {
             for (&v, ver) in &m.versions {
                 let key = (n.clone(), v);
                 if let Some(l) = ver.loaded() {
-                    b.budget.touch(&key, l.last_used());
+                    b.budget.touch(&Held::Version(key.clone()), l.last_used());
+                    for dev in ver.shares.keys() {
+                        b.budget
+                            .touch(&Held::Share(key.clone(), dev.clone()), l.last_used());
+                    }
                 }
                 if ver.busy() {
                     busy.insert(key);
                 }
             }
+        }
+        let stale: Vec<Held> = (0..b.budget.devices().len())
+            .flat_map(|d| b.budget.device_use(d).residents)
+            .filter_map(|(h, ..)| match &h {
+                Held::Share((n, v), dev) => {
+                    let ver = models.get(n).and_then(|m| m.versions.get(v));
+                    let holds = ver
+                        .is_some_and(|ver| ver.loaded().is_some() && ver.shares.contains_key(dev));
+                    (!holds).then_some(h)
+                }
+                Held::Version(_) => None,
+            })
+            .collect();
+        for h in stale {
+            b.budget.release(&h);
         }
         busy
     }
@@ -559,20 +598,43 @@ impl Registry {
     }
 
     /// Marks the victims evicted and takes their models (dropped by the caller, outside the
-    /// locks).
+    /// locks). A share's victim is its device's instances only: they leave the version's
+    /// scheduler (finishing what they hold, on a thread of their own) and the version keeps
+    /// serving on its other devices.
     pub(super) fn take_victims(
         &self,
         models: &mut std::collections::BTreeMap<String, Model>,
-        victims: &[Key],
+        victims: &[Held],
     ) -> Vec<Arc<LoadedModel>> {
         let mut out = Vec::new();
-        for (n, v) in victims {
-            if let Some(ver) = models.get_mut(n).and_then(|m| m.versions.get_mut(v)) {
-                out.extend(ver.state.evict());
-                ver.evictions += 1;
-                crate::metrics::Metrics::inc(&self.model_metrics(n, *v).evictions);
-                ver.measured = None;
-                tracing::info!(model = %n, version = v, "evicted (least recently used)");
+        for h in victims {
+            let (n, v) = h.version();
+            let Some(ver) = models.get_mut(n).and_then(|m| m.versions.get_mut(v)) else {
+                continue;
+            };
+            match h {
+                Held::Version(_) => {
+                    out.extend(ver.state.evict());
+                    ver.evictions += 1;
+                    ver.shares.clear();
+                    crate::metrics::Metrics::inc(&self.model_metrics(n, *v).evictions);
+                    ver.measured = None;
+                    tracing::info!(model = %n, version = v, "evicted (least recently used)");
+                }
+                Held::Share(_, dev) => {
+                    ver.shares.remove(dev);
+                    ver.share_evictions += 1;
+                    if let Some(pool) = ver.loaded().and_then(|l| l.scheduler().remove_lane(dev)) {
+                        super::drop_aside(pool);
+                    }
+                    tracing::info!(
+                        model = %n,
+                        version = v,
+                        device = %dev,
+                        "its instances on the device evicted (least recently used); it serves \
+                         on its other devices"
+                    );
+                }
             }
         }
         out
@@ -590,6 +652,8 @@ impl Registry {
         load_ms: u64,
     ) -> Option<Arc<LoadedModel>> {
         ver.arena = loaded.arena_bytes;
+        // A new model has its first device's instances only (shares are added after).
+        ver.shares.clear();
         let old = ver.state.ready(Arc::new(loaded));
         ver.measured = Some(measured);
         ver.known = Some(measured);

@@ -36,6 +36,7 @@ mod reload;
 mod report;
 mod scan;
 pub mod settings;
+mod spread;
 pub mod tune;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -57,6 +58,23 @@ pub use settings::{Defaults, ModelSettings, VersionPolicy};
 
 type Key = (String, u64);
 
+/// What a device's budget accounts: a version on the device it was loaded on, or its share
+/// (instances) on another device (model.toml `spread`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Held {
+    Version(Key),
+    Share(Key, String),
+}
+
+impl Held {
+    /// The version it belongs to.
+    fn version(&self) -> &Key {
+        match self {
+            Held::Version(k) | Held::Share(k, _) => k,
+        }
+    }
+}
+
 struct Version {
     /// Still in the repository at the last scan.
     on_disk: bool,
@@ -76,6 +94,11 @@ struct Version {
     overrides: ModelSettings,
     loads: u64,
     evictions: u64,
+    /// Its shares on devices other than its model's first (model.toml `spread`): device →
+    /// bytes accounted there, from admission on (the instances may still be building).
+    shares: BTreeMap<String, u64>,
+    /// Times one of its shares was evicted.
+    share_evictions: u64,
     /// The last load measured more than its whole device. One such measurement can be other
     /// threads' memory counted in (a footprint is the resident set's growth while serving
     /// goes on): only a second in a row marks the version failed.
@@ -97,6 +120,8 @@ impl Version {
             overrides: ModelSettings::default(),
             loads: 0,
             evictions: 0,
+            shares: BTreeMap::new(),
+            share_evictions: 0,
             over_measured: false,
         }
     }
@@ -232,8 +257,36 @@ fn lookup<'a>(
     Ok((model, model.version(name, version)?))
 }
 
+/// Drops what left a scheduler (a lane's workers) on a thread of its own: dropping joins
+/// worker threads, which finish what they hold first.
+fn drop_aside<T: Send + 'static>(what: T) {
+    let spawned = std::thread::Builder::new()
+        .name("rxd-drop".into())
+        .spawn(move || drop(what));
+    if let Err(e) = spawned {
+        tracing::warn!("cannot start a thread to let instances go: {e}");
+    }
+}
+
+/// Releases a version's entry and every share of it.
+fn release_all(budget: &mut Budget<Held>, key: &Key) {
+    budget.release(&Held::Version(key.clone()));
+    for share in shares_of(budget, key) {
+        budget.release(&share);
+    }
+}
+
+/// The share entries of a version, on every device.
+fn shares_of(budget: &Budget<Held>, key: &Key) -> Vec<Held> {
+    (0..budget.devices().len())
+        .flat_map(|d| budget.device_use(d).residents)
+        .map(|(h, ..)| h)
+        .filter(|h| matches!(h, Held::Share(k, _) if k == key))
+        .collect()
+}
+
 struct BudgetState {
-    budget: Budget<Key>,
+    budget: Budget<Held>,
     estimator: Estimator,
     /// The last CPU footprint measured for a model file (by its real path): another version
     /// or model name linking the same file costs the same.
@@ -414,7 +467,7 @@ impl Registry {
                 taken.extend(ver.state.unload());
                 ver.pinned = false;
                 ver.measured = None;
-                b.budget.release(&(name.to_string(), *v));
+                release_all(&mut b.budget, &(name.to_string(), *v));
             }
             drop(b);
             let shown = versions
@@ -466,7 +519,7 @@ impl Registry {
             .pinned = pinned;
         self.lock_budget()
             .budget
-            .set_pinned(&(name.to_string(), version), pinned);
+            .set_pinned(&Held::Version((name.to_string(), version)), pinned);
         tracing::info!(model = %name, version, pinned, "pin changed");
         self.summary_of_locked(&models, name, version)
     }

@@ -127,7 +127,9 @@ impl Registry {
         let busy = self.sync_usage(&models, &mut b);
         let victims = b
             .budget
-            .set_budget(d, budget.unwrap_or(u64::MAX), &|k| busy.contains(k))
+            .set_budget(d, budget.unwrap_or(u64::MAX), &|h| {
+                busy.contains(h.version())
+            })
             .map_err(|over| {
                 format!(
                     "device '{name}' keeps its budget: a budget of {} cannot hold what is pinned \

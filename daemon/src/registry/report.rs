@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rxd_protocol::{DeviceSummary, ModelInfo, ModelState, ModelSummary};
 
-use super::{Key, Model, Registry, Version, lookup};
+use super::{Held, Model, Registry, Version, lookup};
 use crate::error::RequestError;
 
 impl Registry {
@@ -162,7 +162,8 @@ impl Registry {
             let mut residents: Vec<(u64, String)> = u
                 .residents
                 .iter()
-                .map(|((n, v), ..)| {
+                .map(|(h, ..)| {
+                    let (n, v) = h.version();
                     let last = models
                         .get(n)
                         .and_then(|m| m.versions.get(v))
@@ -241,8 +242,10 @@ impl Registry {
             version,
             state: ver.state.kind(),
             error: ver.state.error().map(str::to_string),
-            instances: loaded.map_or(0, |l| l.instances() as u32),
+            instances: loaded.map_or(0, |l| l.scheduler().all_instances() as u32),
             device: loaded.map_or_else(String::new, |l| l.device.clone()),
+            shares: loaded.map_or_else(Vec::new, |l| shares(l, ver)),
+            share_evictions: ver.share_evictions,
             batchable: loaded.is_some_and(|l| l.batchable()),
             requests: stats.map_or(0, |s| s.requests.load(Ordering::Relaxed))
                 + loaded.map_or(0, |l| {
@@ -281,14 +284,40 @@ impl Registry {
     }
 }
 
+/// A version's instances per device, when it has more than one device's (or its one device
+/// fails its runs: health names it from here).
+fn shares(loaded: &crate::model::LoadedModel, ver: &Version) -> Vec<rxd_protocol::DeviceShare> {
+    let lanes = loaded.scheduler().lanes();
+    if lanes.len() < 2 && ver.shares.is_empty() && lanes.iter().all(|l| l.error.is_none()) {
+        return Vec::new();
+    }
+    lanes
+        .into_iter()
+        .map(|l| rxd_protocol::DeviceShare {
+            memory_bytes: if l.device == loaded.device {
+                ver.measured
+            } else {
+                ver.shares.get(&l.device).copied()
+            },
+            device: l.device,
+            instances: l.instances as u32,
+            batches: l.batches,
+            rows: l.rows,
+            state: l.state.into(),
+            error: l.error,
+        })
+        .collect()
+}
+
 /// The policy's refusal in words: each device's budget and use and what is resident.
-pub(super) fn describe(over: &crate::budget::OverBudget<Key>) -> String {
+pub(super) fn describe(over: &crate::budget::OverBudget<Held>) -> String {
     let mut parts = Vec::new();
     for d in &over.devices {
         let residents: Vec<String> = d
             .residents
             .iter()
-            .map(|((n, v), bytes, pinned, loading)| {
+            .map(|(h, bytes, pinned, loading)| {
+                let (n, v) = h.version();
                 let why = if *pinned {
                     ", pinned"
                 } else if *loading {

@@ -60,6 +60,14 @@ pub struct ModelSettings {
     pub pinned: Option<bool>,
     /// Devices to place it on, in order of preference (default: the one with most free budget).
     pub devices: Option<Vec<String>>,
+    /// Serve on every device in `devices` at once, not only the first that has room: the
+    /// version loads on the first, then gets `instances` on each other one (a share, admitted
+    /// and accounted on that device's budget, evicted on its own), and each batch goes to
+    /// the device expected to finish it first. Default false.
+    pub spread: Option<bool>,
+    /// Instances on particular devices, over `instances`, e.g. `{ gpu0 = 2, cpu = 1 }` (a
+    /// device it does not name gets `instances`).
+    pub device_instances: Option<HashMap<String, u32>>,
     /// Run the model on zero inputs (at batch 1 and at max-batch-rows) before it is ready, so
     /// that the first request does not pay for allocation and the measured footprint includes
     /// the arena of the largest batch. Default true.
@@ -104,6 +112,16 @@ pub struct ModelSettings {
 }
 
 impl ModelSettings {
+    /// These settings for a build on `device`: `instances` from `device-instances` where it
+    /// names the device.
+    pub fn on_device(&self, device: &str) -> ModelSettings {
+        let mut s = self.clone();
+        if let Some(n) = self.device_instances.as_ref().and_then(|m| m.get(device)) {
+            s.instances = Some(*n);
+        }
+        s
+    }
+
     /// `self` with every key that `over` sets replaced (run-time changes over model.toml).
     pub fn merged(&self, over: &ModelSettings) -> ModelSettings {
         macro_rules! pick {
@@ -128,6 +146,8 @@ impl ModelSettings {
             version_policy,
             pinned,
             devices,
+            spread,
+            device_instances,
             warmup,
             warmup_dims,
             cpu_fallback,
@@ -271,6 +291,27 @@ impl ModelSettings {
         if self.max_batch_rows == Some(0) {
             return Err("max-batch-rows must be at least 1".into());
         }
+        if let Some(per) = &self.device_instances {
+            if per.values().any(|n| !(1..=64).contains(n)) {
+                return Err("device-instances must be 1..=64 on each device".into());
+            }
+            let devices = self.devices.as_deref().unwrap_or_default();
+            if let Some(d) = per.keys().find(|d| !devices.contains(d)) {
+                return Err(format!(
+                    "device-instances names '{d}', which `devices` does not list"
+                ));
+            }
+        }
+        if self.spread == Some(true) {
+            let devices = self.devices.as_deref().unwrap_or_default();
+            if devices.len() < 2 {
+                return Err("spread = true needs at least two devices in `devices`".into());
+            }
+            let unique: BTreeSet<&String> = devices.iter().collect();
+            if unique.len() != devices.len() {
+                return Err("spread = true: `devices` lists a device twice".into());
+            }
+        }
         if self
             .latency_target_ms
             .is_some_and(|t| !(t >= 0.0 && t.is_finite()))
@@ -320,6 +361,29 @@ pub struct Defaults {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn checked(text: &str) -> Result<ModelSettings, String> {
+        let s: ModelSettings = toml::from_str(text).map_err(|e| e.to_string())?;
+        s.check().map(|()| s)
+    }
+
+    #[test]
+    fn spread_needs_two_distinct_devices_and_device_instances_name_listed_ones() {
+        assert!(checked("spread = true\ndevices = ['a', 'b']").is_ok());
+        for bad in [
+            "spread = true",
+            "spread = true\ndevices = ['a']",
+            "spread = true\ndevices = ['a', 'a']",
+            "devices = ['a', 'b']\ndevice-instances = { c = 2 }",
+            "devices = ['a', 'b']\ndevice-instances = { b = 0 }",
+        ] {
+            assert!(checked(bad).is_err(), "{bad}");
+        }
+        let s =
+            checked("instances = 3\ndevices = ['a', 'b']\ndevice-instances = { b = 2 }").unwrap();
+        assert_eq!(s.on_device("a").instances, Some(3));
+        assert_eq!(s.on_device("b").instances, Some(2));
+    }
 
     fn policy(text: &str) -> Result<Option<VersionPolicy>, String> {
         toml::from_str::<ModelSettings>(text)

@@ -107,6 +107,13 @@ pub struct Batch {
     pub arrived: Vec<std::time::Instant>,
     /// When the scheduler took a worker for it (the worker is the scheduler's from then on).
     pub dispatched: std::time::Instant,
+    /// The lane (a device's workers) it was routed to, told back to the listener.
+    pub lane: usize,
+    /// The compute the router expected of it there (taken off the lane's backlog when done).
+    pub expected: std::time::Duration,
+    /// Already handed back once by a failing device and routed again (a batch is retried
+    /// once).
+    pub retried: bool,
 }
 
 /// Told when a worker finishes a batch (the scheduler, held weakly by the workers).
@@ -115,11 +122,18 @@ pub trait BatchListener: Send + Sync {
     /// batch cost the scheduler in worker time, hand-over included.
     fn batch_done(
         &self,
+        lane: usize,
+        expected: std::time::Duration,
         rows: u32,
         compute: std::time::Duration,
         occupied: std::time::Duration,
         arrived: &[std::time::Instant],
     );
+
+    /// The worker's device failed the batch before any job was answered: the listener retries
+    /// it elsewhere or answers it. Only the test hook that fails a device's runs hands batches
+    /// back; a run that fails inside ONNX Runtime answers its jobs with the error.
+    fn batch_failed(&self, lane: usize, batch: Batch, error: String);
 }
 
 /// The size a batch of `rows` rows runs at: the smallest of `pad_to` that holds it, or its own

@@ -199,6 +199,8 @@ fn now_ms() -> u64 {
 pub struct Crew {
     /// `model-version`, for the threads' names.
     pub label: String,
+    /// The device its sessions run on.
+    pub device: String,
     /// One worker per entry.
     pub sessions: Vec<WorkerSessions>,
     /// Batch sizes batches are padded up to.
@@ -210,6 +212,11 @@ pub struct Crew {
     pub load: Arc<crate::metrics::DeviceLoad>,
     /// Where each tensor's rows are in a batch.
     pub axes: Arc<super::Axes>,
+    /// Which of the scheduler's lanes these workers are (told back with each batch).
+    pub lane: usize,
+    /// A test hook (`config::TestHooks`): the device fails every run; each batch is handed
+    /// back to the listener unrun.
+    pub fail_runs: bool,
 }
 
 impl WorkerPool {
@@ -223,14 +230,19 @@ impl WorkerPool {
     ) -> Result<WorkerPool, RuntimeError> {
         let Crew {
             label,
+            device: _,
             sessions,
             pad_to,
             wedge,
             load,
             axes,
+            lane,
+            fail_runs,
         } = crew;
         let pad_to: Arc<[u32]> = pad_to.into();
-        let (tx, rx) = crossbeam_channel::bounded::<Batch>(sessions.len().max(1));
+        // The scheduler bounds what is handed out in all (one batch per worker of the version,
+        // over every lane) and may route several to the lane expected to finish them first.
+        let (tx, rx) = crossbeam_channel::unbounded::<Batch>();
         let busy_since: Arc<Vec<std::sync::atomic::AtomicU64>> =
             Arc::new(sessions.iter().map(|_| Default::default()).collect());
         let mut pool = WorkerPool {
@@ -245,14 +257,15 @@ impl WorkerPool {
             let pad_to = pad_to.clone();
             let load = load.clone();
             let axes = axes.clone();
+            let hooks = Hooks { wedge, fail_runs };
             let handle = std::thread::Builder::new()
-                .name(format!("rxd-w-{label}-{i}"))
+                .name(format!("rxd-w-{label}-{lane}.{i}"))
                 .spawn(move || {
                     let pad = Pad {
                         to: &pad_to,
                         axes: &axes,
                     };
-                    worker_loop(session, rx, pad, listener, &busy[i], wedge, &load)
+                    worker_loop(session, rx, pad, listener, &busy[i], hooks, &load, lane)
                 })
                 .map_err(|e| RuntimeError::Threads(e.to_string()))?;
             pool.handles.push(handle);
@@ -260,8 +273,8 @@ impl WorkerPool {
         Ok(pool)
     }
 
-    /// Hands a batch to a free worker. Fails (returning the batch) only if the workers are
-    /// gone or, against the scheduler's accounting, none is free.
+    /// Hands a batch to the workers (the next free one takes it). Fails (returning the batch)
+    /// only if the workers are gone.
     pub fn send(&self, batch: Batch) -> Result<(), Batch> {
         match &self.tx {
             Some(tx) => tx.try_send(batch).map_err(|e| e.into_inner()),
@@ -307,17 +320,29 @@ pub(super) struct Pad<'a> {
     pub axes: &'a super::Axes,
 }
 
+/// The test hooks a worker obeys.
+#[derive(Debug, Clone, Copy)]
+struct Hooks {
+    wedge: bool,
+    fail_runs: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn worker_loop(
     mut sessions: WorkerSessions,
     rx: crossbeam_channel::Receiver<Batch>,
     pad: Pad<'_>,
     listener: std::sync::Weak<dyn BatchListener>,
     busy: &std::sync::atomic::AtomicU64,
-    wedge: bool,
+    hooks: Hooks,
     load: &crate::metrics::DeviceLoad,
+    lane: usize,
 ) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut staging = Staging::default();
+    // When this worker finished its last batch: a batch routed here while it was busy was
+    // the scheduler's from then on, not from its dispatch.
+    let mut last_done = std::time::Instant::now();
     loop {
         // After a run larger than the warmup's, the arena's growth goes back once idle.
         let next = if sessions.arena.pending() {
@@ -337,21 +362,41 @@ fn worker_loop(
         let arrived = std::mem::take(&mut batch.arrived);
         let started = std::time::Instant::now();
         busy.store(now_ms(), Relaxed);
-        if wedge {
+        if hooks.wedge {
             tracing::warn!("test hook: this worker hangs now");
             loop {
                 std::thread::park();
             }
         }
+        if hooks.fail_runs {
+            busy.store(0, Relaxed);
+            batch.arrived = arrived;
+            match listener.upgrade() {
+                Some(l) => {
+                    l.batch_failed(lane, batch, "test hook: the device fails every run".into())
+                }
+                None => {
+                    for job in batch.jobs {
+                        job.completion.complete(Err(RuntimeError::WorkersGone));
+                    }
+                }
+            }
+            last_done = std::time::Instant::now();
+            continue;
+        }
         let rows: u32 = batch.rows.iter().sum();
-        let dispatched = batch.dispatched;
+        let dispatched = batch.dispatched.max(last_done);
+        let expected = batch.expected;
         load.begin(started);
         run_batch(&mut sessions, batch, pad, &mut staging);
         let done = std::time::Instant::now();
         load.end(done, rows);
         busy.store(0, Relaxed);
+        last_done = done;
         if let Some(l) = listener.upgrade() {
             l.batch_done(
+                lane,
+                expected,
                 rows,
                 done.saturating_duration_since(started),
                 done.saturating_duration_since(dispatched),

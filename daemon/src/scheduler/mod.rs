@@ -6,21 +6,31 @@
 //! may pick up the next one at once), or the shared timer thread for delayed batches and
 //! deadlines. A request that finds an idle worker and no reason to wait goes to it directly,
 //! so batching costs nothing at low load.
+//!
+//! A version may have workers on several devices, one *lane* each (model.toml `spread`): the
+//! policy counts the workers of every lane together, and each batch it forms goes to the lane
+//! expected to finish it first ([`route`]). The policy's cost table learns from the lane that
+//! is cheapest for the batch's size; each lane keeps its own for routing. A lane can leave (its
+//! device's share evicted: it finishes what it holds, takes nothing new) and, when a device
+//! fails its runs (a test hook), the batches it hands back are routed once more to another
+//! lane while it rests for [`route::RETRY_AFTER`], after which it is tried again.
 //! Invariants: every submitted job is completed exactly once (run, `busy`, or
-//! `deadline_exceeded`); completions run outside the lock; a worker gets a batch only when
-//! the policy counted it free.
+//! `deadline_exceeded`); completions run outside the lock; the policy forms a batch only when
+//! it counted a worker free, over all lanes.
 
 pub mod policy;
+pub mod route;
 pub mod timer;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::runtime::{Axes, Axis, Batch, BatchListener, InputData, Job, RuntimeError, WorkerPool};
 use policy::{Action, Batcher, Item, ReqId, Settings};
+use route::Lane;
 
 /// The terms a request is queued under: how urgent it is and who asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -52,6 +62,34 @@ struct State {
     pending: HashMap<ReqId, (Job, u32, Instant)>,
     next_id: ReqId,
     running: usize,
+    /// Per lane (index = lane id, never reused): what routing knows of it.
+    lanes: Vec<LaneState>,
+}
+
+/// A lane as the driver keeps it: the router's view and the counts reports show.
+struct LaneState {
+    lane: Lane,
+    /// Rows run on it.
+    rows: u64,
+    /// Its workers are out of the policy's count (failed, resting until its retry).
+    resting: bool,
+    /// Its last run failed and none has succeeded since (health names the device).
+    failing: Option<String>,
+    /// The batch it was last handed is a probe: its cost replaces the table's.
+    probe: bool,
+}
+
+/// One lane in a report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaneReport {
+    pub device: String,
+    pub instances: usize,
+    pub batches: u64,
+    pub rows: u64,
+    /// `serving`, `draining` or `failed`.
+    pub state: &'static str,
+    /// Why its last run failed, while it has not run one since.
+    pub error: Option<String>,
 }
 
 /// The scheduler of one model version: policy state, waiting jobs, and the worker pool.
@@ -65,7 +103,8 @@ pub struct Scheduler {
     /// call even when nobody waits, so it is made only when somebody does (it was two per
     /// request: after the submission and after the batch).
     draining: std::sync::atomic::AtomicUsize,
-    pool: OnceLock<WorkerPool>,
+    /// Per lane: its workers (taken out when it leaves; dropped by the caller).
+    pools: RwLock<Vec<Option<Arc<WorkerPool>>>>,
     batchable: bool,
     /// Where each input's rows are.
     axes: Arc<Axes>,
@@ -88,6 +127,7 @@ impl Scheduler {
         metrics: Arc<crate::metrics::ModelMetrics>,
     ) -> Result<Arc<Scheduler>, crate::runtime::RuntimeError> {
         settings.batchable = batchable && settings.max_batch_rows > 1;
+        let device = crew.device.clone();
         let workers = crew.sessions.len();
         let axes = crew.axes.clone();
         let sched = Arc::new_cyclic(|me| Scheduler {
@@ -97,10 +137,11 @@ impl Scheduler {
                 pending: HashMap::new(),
                 next_id: 1,
                 running: 0,
+                lanes: vec![LaneState::new(device, workers)],
             }),
             idle: Condvar::new(),
             draining: std::sync::atomic::AtomicUsize::new(0),
-            pool: OnceLock::new(),
+            pools: RwLock::new(Vec::new()),
             batchable,
             axes,
             keys: std::hash::RandomState::new(),
@@ -110,8 +151,10 @@ impl Scheduler {
             metrics,
         });
         let listener: Weak<dyn BatchListener> = sched.me.clone();
+        let mut crew = crew;
+        crew.lane = 0;
         let pool = WorkerPool::start(crew, listener)?;
-        let _ = sched.pool.set(pool);
+        sched.write_pools().push(Some(Arc::new(pool)));
         Ok(sched)
     }
 
@@ -119,8 +162,129 @@ impl Scheduler {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn read_pools(&self) -> std::sync::RwLockReadGuard<'_, Vec<Option<Arc<WorkerPool>>>> {
+        self.pools.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_pools(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Option<Arc<WorkerPool>>>> {
+        self.pools.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Workers of the first lane (the device the version was loaded on): the `instances`
+    /// setting in force.
     pub fn instances(&self) -> usize {
-        self.pool.get().map_or(0, WorkerPool::instances)
+        self.read_pools()
+            .first()
+            .and_then(Option::as_ref)
+            .map_or(0, |p| p.instances())
+    }
+
+    /// Workers on every lane still serving.
+    pub fn all_instances(&self) -> usize {
+        self.read_pools()
+            .iter()
+            .flatten()
+            .map(|p| p.instances())
+            .sum()
+    }
+
+    /// Adds a lane: `crew`'s workers on another device, which take batches from now on.
+    /// Fails when a worker thread cannot start, or when the device already has a lane here.
+    pub fn add_lane(&self, mut crew: crate::runtime::Crew) -> Result<(), RuntimeError> {
+        let mut pools = self.write_pools();
+        let mut st = self.lock();
+        if st
+            .lanes
+            .iter()
+            .zip(pools.iter())
+            .any(|(l, p)| p.is_some() && l.lane.device == crew.device)
+        {
+            return Err(RuntimeError::Threads(format!(
+                "the version already has instances on '{}'",
+                crew.device
+            )));
+        }
+        let id = st.lanes.len();
+        crew.lane = id;
+        let workers = crew.sessions.len();
+        let device = crew.device.clone();
+        let listener: Weak<dyn BatchListener> = self.me.clone();
+        let pool = WorkerPool::start(crew, listener)?;
+        pools.push(Some(Arc::new(pool)));
+        st.lanes.push(LaneState::new(device, workers));
+        drop(pools);
+        let actions = st.batcher.add_workers(workers, Instant::now());
+        self.act(st, actions);
+        Ok(())
+    }
+
+    /// Takes the lane on `device` out: it takes no new batch and its workers (returned, for
+    /// the caller to drop outside its locks: dropping joins them) finish what they hold.
+    /// `None` when the device has no lane here, or it is the last one serving.
+    pub fn remove_lane(&self, device: &str) -> Option<Arc<WorkerPool>> {
+        let mut pools = self.write_pools();
+        let mut st = self.lock();
+        let serving = pools.iter().filter(|p| p.is_some()).count();
+        let i = st
+            .lanes
+            .iter()
+            .zip(pools.iter())
+            .position(|(l, p)| p.is_some() && l.lane.device == device)?;
+        if serving < 2 {
+            return None;
+        }
+        let pool = pools[i].take();
+        let l = &mut st.lanes[i];
+        l.lane.draining = true;
+        let workers = if l.resting { 0 } else { l.lane.workers };
+        st.batcher.retire_workers(workers);
+        pool
+    }
+
+    /// The devices of the lanes serving, first lane first.
+    pub fn devices(&self) -> Vec<String> {
+        let pools = self.read_pools();
+        let st = self.lock();
+        st.lanes
+            .iter()
+            .zip(pools.iter())
+            .filter(|(_, p)| p.is_some())
+            .map(|(l, _)| l.lane.device.clone())
+            .collect()
+    }
+
+    /// Every lane that still serves or holds batches.
+    pub fn lanes(&self) -> Vec<LaneReport> {
+        let pools = self.read_pools();
+        let st = self.lock();
+        st.lanes
+            .iter()
+            .zip(pools.iter())
+            .filter(|(l, p)| p.is_some() || l.lane.outstanding > 0)
+            .map(|(l, p)| LaneReport {
+                device: l.lane.device.clone(),
+                instances: p.as_ref().map_or(0, |p| p.instances()),
+                batches: l.lane.handed,
+                rows: l.rows,
+                state: if p.is_none() {
+                    "draining"
+                } else if l.failing.is_some() {
+                    "failed"
+                } else {
+                    "serving"
+                },
+                error: l.failing.clone(),
+            })
+            .collect()
+    }
+
+    /// Devices whose last run here failed (and none has succeeded since), with why.
+    pub fn failing_devices(&self) -> Vec<(String, String)> {
+        self.lock()
+            .lanes
+            .iter()
+            .filter_map(|l| Some((l.lane.device.clone(), l.failing.clone()?)))
+            .collect()
     }
 
     /// Requests waiting for a worker, and how many may wait.
@@ -163,7 +327,11 @@ impl Scheduler {
 
     /// Workers stuck on one batch for longer than `limit` (liveness check).
     pub fn stuck_workers(&self, limit: Duration) -> usize {
-        self.pool.get().map_or(0, |p| p.stuck(limit))
+        self.read_pools()
+            .iter()
+            .flatten()
+            .map(|p| p.stuck(limit))
+            .sum()
     }
 
     /// Queues a job under `terms`.
@@ -234,9 +402,21 @@ impl Scheduler {
 
     /// Carries out actions: batches go to workers, refusals and expiries are answered — all
     /// after the lock is released.
-    fn act(&self, mut st: std::sync::MutexGuard<'_, State>, actions: Vec<Action>) {
+    fn act(&self, mut st: std::sync::MutexGuard<'_, State>, mut actions: Vec<Action>) {
         let mut batches = Vec::new();
         let mut failed: Vec<(Job, RuntimeError)> = Vec::new();
+        // Lanes whose rest after a failure is over are tried again.
+        let now = Instant::now();
+        let mut back = 0;
+        for l in &mut st.lanes {
+            if l.resting && !l.lane.draining && l.lane.usable(now) {
+                l.resting = false;
+                back += l.lane.workers;
+            }
+        }
+        if back > 0 {
+            actions.extend(st.batcher.add_workers(back, now));
+        }
         for a in actions {
             match a {
                 Action::Run(ids) => {
@@ -249,11 +429,16 @@ impl Scheduler {
                         arrived.push(at);
                     }
                     st.running += 1;
+                    let total: u32 = rows.iter().sum();
+                    let (lane, expected) = Self::route(&mut st.lanes, total, now);
                     batches.push(Batch {
                         jobs,
                         rows,
                         arrived,
                         dispatched: Instant::now(),
+                        lane,
+                        expected,
+                        retried: false,
                     });
                 }
                 Action::Reject(id) => {
@@ -285,17 +470,7 @@ impl Scheduler {
             self.stats
                 .padded_rows
                 .fetch_add(padded - u64::from(rows), Ordering::Relaxed);
-            let sent = match self.pool.get() {
-                Some(pool) => pool.send(b),
-                None => Err(b),
-            };
-            if let Err(b) = sent {
-                // Workers gone (never expected while the scheduler lives): answer, free the slot.
-                for job in b.jobs {
-                    job.completion.complete(Err(RuntimeError::WorkersGone));
-                }
-                self.batch_done(rows, Duration::ZERO, Duration::ZERO, &[]);
-            }
+            self.send(b);
         }
         for (job, e) in failed {
             job.completion.complete(Err(e));
@@ -304,6 +479,49 @@ impl Scheduler {
         // after the state changed under it: either it sees the change, or it is counted here.
         if self.draining.load(Ordering::SeqCst) > 0 {
             self.idle.notify_all();
+        }
+    }
+
+    /// Picks the lane for a batch of `rows` and counts it there (the first lane when none
+    /// is usable: its workers are all the policy counted); returns it and the compute
+    /// expected of the batch there.
+    fn route(lanes: &mut [LaneState], rows: u32, now: Instant) -> (usize, Duration) {
+        let choice = if lanes.len() == 1 {
+            route::Choice {
+                lane: 0,
+                probe: false,
+            }
+        } else {
+            let views: Vec<Lane> = lanes.iter().map(|l| l.lane.clone()).collect();
+            route::choose(&views, rows, now).unwrap_or(route::Choice {
+                lane: lanes.iter().position(|l| !l.lane.draining).unwrap_or(0),
+                probe: false,
+            })
+        };
+        let i = choice.lane;
+        let l = &mut lanes[i];
+        // A probe measures the lane afresh.
+        l.probe |= choice.probe;
+        let cost = l.lane.predict(rows).unwrap_or_default();
+        l.lane.hand(cost, now);
+        (i, cost)
+    }
+
+    /// Hands a routed batch to its lane's workers; a lane gone (never expected: a lane leaves
+    /// only after routing stopped choosing it) answers its jobs and frees the slot.
+    fn send(&self, b: Batch) {
+        let (lane, expected) = (b.lane, b.expected);
+        let rows: u32 = b.rows.iter().sum();
+        let pool = self.read_pools().get(lane).cloned().flatten();
+        let sent = match pool {
+            Some(pool) => pool.send(b),
+            None => Err(b),
+        };
+        if let Err(b) = sent {
+            for job in b.jobs {
+                job.completion.complete(Err(RuntimeError::WorkersGone));
+            }
+            self.batch_done(lane, expected, rows, Duration::ZERO, Duration::ZERO, &[]);
         }
     }
 
@@ -344,16 +562,113 @@ impl Drop for Uncount<'_> {
     }
 }
 
+impl LaneState {
+    fn new(device: String, workers: usize) -> LaneState {
+        LaneState {
+            lane: Lane::new(device, workers),
+            rows: 0,
+            resting: false,
+            failing: None,
+            probe: false,
+        }
+    }
+}
+
 impl BatchListener for Scheduler {
-    fn batch_done(&self, rows: u32, compute: Duration, occupied: Duration, arrived: &[Instant]) {
+    fn batch_done(
+        &self,
+        lane: usize,
+        expected: Duration,
+        rows: u32,
+        compute: Duration,
+        occupied: Duration,
+        arrived: &[Instant],
+    ) {
         if !arrived.is_empty() {
             self.metrics.record_batch(rows, compute, arrived);
         }
         let mut st = self.lock();
         st.running = st.running.saturating_sub(1);
-        // The policy learns what a batch costs it: the worker's time from hand-over to free
-        // (on a loaded 2-core machine the hand-over is a visible part of a 1 ms batch).
-        let actions = st.batcher.batch_done(rows, occupied, Instant::now());
+        let now = Instant::now();
+        // The lane's own table learns the batch's compute ...
+        let cheapest = {
+            let mut cheapest = true;
+            if let Some(l) = st.lanes.get_mut(lane) {
+                l.lane.finish(expected, now);
+                if !arrived.is_empty() {
+                    // Its compute alone: a hand-over to an idle worker (a wake-up, ms on a
+                    // loaded machine) is paid by whichever lane is idle, and counting it would
+                    // make the idle lane look slower and stay idle.
+                    let fresh = std::mem::take(&mut l.probe);
+                    l.lane.learn(rows, compute, fresh);
+                    l.rows += u64::from(rows);
+                    l.failing = None;
+                }
+                let mine = l.lane.predict(rows).unwrap_or_default();
+                cheapest = st
+                    .lanes
+                    .iter()
+                    .all(|o| o.lane.draining || o.lane.predict(rows).is_none_or(|c| c >= mine));
+            }
+            cheapest
+        };
+        // ... and the policy's the worker's time from hand-over to free (on a loaded 2-core
+        // machine the hand-over is a visible part of a 1 ms batch), from the cheapest lane
+        // for this size.
+        let actions = if cheapest && !arrived.is_empty() {
+            st.batcher.batch_done(rows, occupied, now)
+        } else {
+            st.batcher.worker_free(now)
+        };
         self.act(st, actions);
+    }
+
+    fn batch_failed(&self, lane: usize, mut batch: Batch, error: String) {
+        let mut st = self.lock();
+        let now = Instant::now();
+        let rows: u32 = batch.rows.iter().sum();
+        let mut others = false;
+        if let Some(l) = st.lanes.get_mut(lane) {
+            l.lane.finish(batch.expected, now);
+            if l.failing.is_none() {
+                tracing::warn!(device = %l.lane.device, "a run failed on the device: {error}");
+            }
+            l.failing = Some(error.clone());
+        }
+        let usable = |l: &LaneState| !l.resting && l.lane.usable(now);
+        if st
+            .lanes
+            .iter()
+            .enumerate()
+            .any(|(i, l)| i != lane && usable(l))
+        {
+            others = true;
+            // Drained: its workers leave the policy's count until the retry.
+            let l = &mut st.lanes[lane];
+            l.lane.failed_until = Some(now + route::RETRY_AFTER);
+            if !l.resting {
+                l.resting = true;
+                let workers = l.lane.workers;
+                st.batcher.retire_workers(workers);
+            }
+            timer::wake_at(now + route::RETRY_AFTER, self.me.clone());
+        }
+        if others && !batch.retried {
+            // Retried once, elsewhere; it keeps the slot the policy counted for it.
+            batch.retried = true;
+            (batch.lane, batch.expected) = Self::route(&mut st.lanes, rows, now);
+            batch.dispatched = now;
+            drop(st);
+            self.send(batch);
+            return;
+        }
+        // Nowhere else to go, or failed twice: answered with the error; the slot is free.
+        st.running = st.running.saturating_sub(1);
+        let actions = st.batcher.worker_free(now);
+        self.act(st, actions);
+        for job in batch.jobs {
+            job.completion
+                .complete(Err(RuntimeError::Run(format!("device failed: {error}"))));
+        }
     }
 }

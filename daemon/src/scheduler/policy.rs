@@ -162,6 +162,12 @@ impl CostModel {
             .or_insert(t);
     }
 
+    /// Replaces what was measured for `rows` (a fresh measurement after a long gap: the old
+    /// one is not blended in).
+    pub fn replace(&mut self, rows: u32, compute: Duration) {
+        self.table.insert(rows.max(1), compute.as_secs_f64());
+    }
+
     /// Predicted compute time of a batch of `rows` (`None` before any sample).
     pub fn predict(&self, rows: u32) -> Option<Duration> {
         let rows = rows.max(1);
@@ -273,6 +279,8 @@ pub struct Batcher {
     /// Workers in all, busy or free (the fair share divides service time over them).
     workers: usize,
     free_workers: usize,
+    /// Workers taken away while busy: the next this many finished batches free nothing.
+    retiring: usize,
     cost: CostModel,
     rate: RateEstimator,
     wake: Option<Instant>,
@@ -287,6 +295,7 @@ impl Batcher {
             queue: Vec::new(),
             workers,
             free_workers: workers,
+            retiring: 0,
             cost: CostModel::default(),
             rate: RateEstimator::default(),
             wake: None,
@@ -367,15 +376,34 @@ impl Batcher {
     /// A batch of `rows` finished after `compute`; its worker is free again.
     pub fn batch_done(&mut self, rows: u32, compute: Duration, now: Instant) -> Vec<Action> {
         self.cost.record(rows, compute);
-        self.free_workers += 1;
+        self.worker_free(now)
+    }
+
+    /// A batch finished whose cost does not teach the table (it ran on a device other than
+    /// the one the table follows); its worker is free again.
+    pub fn worker_free(&mut self, now: Instant) -> Vec<Action> {
+        if self.retiring > 0 {
+            self.retiring -= 1;
+        } else {
+            self.free_workers += 1;
+        }
         self.schedule(now)
     }
 
-    /// Adds workers — scaling instances at run time.
+    /// Adds workers — scaling instances at run time, or a device's instances joining.
     pub fn add_workers(&mut self, n: usize, now: Instant) -> Vec<Action> {
         self.workers += n;
         self.free_workers += n;
         self.schedule(now)
+    }
+
+    /// Takes `n` workers away (a device's instances leaving): free ones at once, busy ones
+    /// as their batches finish.
+    pub fn retire_workers(&mut self, n: usize) {
+        self.workers = self.workers.saturating_sub(n);
+        let now_free = self.free_workers.min(n);
+        self.free_workers -= now_free;
+        self.retiring += n - now_free;
     }
 
     /// A wake-up asked for earlier has come.

@@ -48,6 +48,8 @@ pub enum Reply {
     Configure(crate::metrics::ModelSettingsView),
     Compress(CompressReply),
     Publish(PublishReply),
+    /// The versions placed again, with their devices.
+    Rebalance(ModelList),
 }
 
 /// Every device with its memory budget.
@@ -266,6 +268,33 @@ pub struct ModelSummary {
     /// What the model's `compress` strategy did: served compressed, or why not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<String>,
+    /// Per device, when it has instances on several (model.toml `spread`): the device it
+    /// loaded on first, then its shares on the others.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shares: Vec<DeviceShare>,
+    /// Times one of its shares on another device was evicted (it kept serving).
+    #[serde(default)]
+    pub share_evictions: u64,
+}
+
+/// A model version's instances on one device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceShare {
+    pub device: String,
+    /// Its instances (worker threads) there.
+    pub instances: u32,
+    /// Batches and rows routed to it since the version was loaded.
+    pub batches: u64,
+    pub rows: u64,
+    /// Bytes accounted to it on that device's budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// `serving`; `draining` (evicted, finishing what it holds); `failed` (its last run
+    /// failed: it takes no batch until it is tried again).
+    pub state: String,
+    /// Why its last run failed, while state is `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Lifecycle state of a model version.

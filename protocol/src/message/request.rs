@@ -45,6 +45,18 @@ pub enum Request {
     Compress(CompressRequest),
     /// Admin: write a model file into the repository as a new version, then rescan it.
     Publish(PublishRequest),
+    /// Admin: place resident versions (of one model, or all) again over the devices their
+    /// settings allow: shares on devices no longer allowed or failing leave, missing ones are
+    /// added; no request fails.
+    Rebalance(RebalanceRequest),
+}
+
+/// Which models `rebalance` places again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebalanceRequest {
+    /// One model; none: every model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
 }
 
 impl Request {
@@ -66,6 +78,7 @@ impl Request {
             Request::Configure(_) => "configure",
             Request::Compress(_) => "compress",
             Request::Publish(_) => "publish",
+            Request::Rebalance(_) => "rebalance",
         }
     }
 
@@ -81,6 +94,7 @@ impl Request {
                 | Request::Configure(_)
                 | Request::Compress(_)
                 | Request::Publish(_)
+                | Request::Rebalance(_)
         )
     }
 }

@@ -522,6 +522,12 @@ class AsyncClient:
         out: List[ModelSummary] = (await self._control("reload"))["models"]
         return out
 
+    async def rebalance(self, model: Optional[str] = None) -> List[ModelSummary]:
+        """Admin: places versions again over their devices; see :meth:`rxd.Client.rebalance`."""
+        args = {} if model is None else {"model": model}
+        out: List[ModelSummary] = (await self._control("rebalance", args))["models"]
+        return out
+
     async def configure(self, model: str, version: Optional[int] = None, **settings: Any) -> Settings:
         """Admin: changes a model version's settings; see :meth:`rxd.Client.configure`."""
         out: Settings = await self._control("configure", _ops.configure_args(model, version, settings))

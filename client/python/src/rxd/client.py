@@ -423,6 +423,14 @@ class Client:
         out: List[ModelSummary] = self._control("reload")["models"]
         return out
 
+    def rebalance(self, model: Optional[str] = None) -> List[ModelSummary]:
+        """Admin: places the resident versions of ``model`` (all models without one) again
+        over the devices their model.toml allows (``spread``); returns them with their
+        ``shares``."""
+        args = {} if model is None else {"model": model}
+        out: List[ModelSummary] = self._control("rebalance", args)["models"]
+        return out
+
     def configure(self, model: str, version: Optional[int] = None, **settings: Any) -> Settings:
         """Admin: changes a model version's settings at run time — ``instances`` (workers),
         ``max_batch_rows``, ``max_queue_delay_us``, ``latency_target_ms`` (0: adaptive

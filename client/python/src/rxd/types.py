@@ -16,6 +16,7 @@ __all__ = [
     "Capabilities",
     "CompressReply",
     "DeviceLoad",
+    "DeviceShare",
     "DeviceSummary",
     "GpuMetrics",
     "Health",
@@ -62,6 +63,20 @@ class ModelSummary(TypedDict):
     node_placement: NotRequired[Dict[str, int]]
     nodes_on_cpu: NotRequired[List[str]]
     compression: NotRequired[str]
+    shares: NotRequired[List["DeviceShare"]]
+    share_evictions: NotRequired[int]
+
+
+class DeviceShare(TypedDict):
+    """A version's instances on one device (model.toml ``spread``)."""
+
+    device: str
+    instances: int
+    batches: int
+    rows: int
+    memory_bytes: NotRequired[int]
+    state: str
+    error: NotRequired[str]
 
 
 class TensorSpec(TypedDict):

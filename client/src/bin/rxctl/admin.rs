@@ -61,6 +61,19 @@ pub fn reload(cli: &Cli) -> Result<u8, Failure> {
     Ok(0)
 }
 
+/// `rxctl rebalance [MODEL]`.
+#[derive(Debug, clap::Args)]
+pub struct RebalanceArgs {
+    /// The model (default: every model).
+    pub model: Option<String>,
+}
+
+pub fn rebalance(cli: &Cli, args: &RebalanceArgs) -> Result<u8, Failure> {
+    let models = cli.connect()?.rebalance(args.model.as_deref())?;
+    cli.show(&render::placed(&models), &models);
+    Ok(0)
+}
+
 pub fn unload(cli: &Cli, t: &Target) -> Result<u8, Failure> {
     let s = cli.connect()?.unload(&t.model, t.version)?;
     cli.show(&format!("{} unloaded\n", s.name), &s);

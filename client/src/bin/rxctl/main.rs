@@ -79,6 +79,10 @@ enum Cmd {
     Reload,
     /// Admin: unload a model (all loaded versions, or one).
     Unload(Target),
+    /// Admin: place resident versions again over the devices their model.toml allows
+    /// (`spread`): shares on devices no longer listed or failing leave, missing ones are
+    /// added; no request fails.
+    Rebalance(admin::RebalanceArgs),
     /// Admin: pin a model version (loads it if needed): never evicted.
     Pin(Target),
     /// Admin: unpin a model version: it may be evicted again.
@@ -171,6 +175,7 @@ fn run(cli: &Cli, command: &Cmd) -> Result<u8, Failure> {
         Cmd::Load(target) => admin::load(cli, target),
         Cmd::Reload => admin::reload(cli),
         Cmd::Unload(target) => admin::unload(cli, target),
+        Cmd::Rebalance(args) => admin::rebalance(cli, args),
         Cmd::Pin(target) => admin::pin(cli, target),
         Cmd::Unpin(target) => admin::unpin(cli, target),
         Cmd::Configure(args) => admin::configure(cli, args),

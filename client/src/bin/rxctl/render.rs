@@ -85,8 +85,62 @@ pub fn models(models: &[ModelSummary]) -> String {
             served,
             m.instances,
             m.memory_bytes.map(size_text).unwrap_or_default(),
-            m.device,
+            devices_text(m),
             m.error.as_deref().unwrap_or("")
+        );
+    }
+    o
+}
+
+/// The device a version runs on, or every device it has instances on (`cpu-a+cpu-b`).
+fn devices_text(m: &ModelSummary) -> String {
+    if m.shares.is_empty() {
+        return m.device.clone();
+    }
+    m.shares
+        .iter()
+        .map(|s| s.device.as_str())
+        .collect::<Vec<_>>()
+        .join("+")
+}
+
+/// One line per device of a version on several: its instances, what was routed there, its
+/// memory and state.
+fn shares_text(s: &ModelSummary) -> String {
+    let mut o = String::new();
+    for d in &s.shares {
+        let _ = writeln!(
+            o,
+            "  on {}: {} instance(s), {} batches, {} rows, {}, {}{}",
+            d.device,
+            d.instances,
+            d.batches,
+            d.rows,
+            d.memory_bytes.map(size_text).unwrap_or_else(|| "-".into()),
+            d.state,
+            d.error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
+    }
+    o
+}
+
+/// Versions after `rxctl rebalance`: each with the devices it now runs on.
+pub fn placed(models: &[ModelSummary]) -> String {
+    let mut o = String::new();
+    if models.is_empty() {
+        o.push_str("nothing resident to place\n");
+    }
+    for m in models {
+        let _ = writeln!(
+            o,
+            "{} version {}: {} instance(s) on {}",
+            m.name,
+            m.version,
+            m.instances,
+            devices_text(m)
         );
     }
     o
@@ -106,6 +160,15 @@ pub fn model_info(info: &ModelInfo) -> String {
         s.instances,
         if s.pinned { ", pinned" } else { "" }
     );
+    if !s.shares.is_empty() {
+        let _ = writeln!(
+            o,
+            "on {} devices ({} share eviction(s)):",
+            s.shares.len(),
+            s.share_evictions
+        );
+        o.push_str(&shares_text(s));
+    }
     if let Some(b) = s.memory_bytes {
         let _ = writeln!(
             o,
@@ -409,6 +472,48 @@ mod tests {
         );
         assert!(lines[2].ends_with("no such op"), "{text}");
         assert!(text.ends_with('\n'));
+    }
+
+    #[test]
+    fn a_version_on_several_devices_shows_each_share() {
+        let s = summary(json!({
+            "instances": 2, "share_evictions": 1,
+            "shares": [
+                {"device": "cpu-a", "instances": 1, "batches": 7, "rows": 9,
+                 "memory_bytes": 1_048_576, "state": "serving"},
+                {"device": "cpu-b", "instances": 1, "batches": 3, "rows": 3,
+                 "state": "failed", "error": "lost"},
+            ],
+        }));
+        let table = models(std::slice::from_ref(&s));
+        assert!(
+            table
+                .lines()
+                .nth(1)
+                .is_some_and(|l| l.contains("cpu-a+cpu-b")),
+            "{table}"
+        );
+        let info = ModelInfo {
+            summary: s,
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            settings: None,
+            tuning: None,
+            not_tuned: None,
+        };
+        let text = model_info(&info);
+        assert!(
+            text.contains("on 2 devices (1 share eviction(s)):\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  on cpu-a: 1 instance(s), 7 batches, 9 rows, 1.0 MiB, serving\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  on cpu-b: 1 instance(s), 3 batches, 3 rows, -, failed: lost\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -707,3 +707,38 @@ fn one_sources_backlog_does_not_hold_back_anothers_request_at_its_level() {
         assert_eq!(rest, (4..=50).collect::<Vec<_>>());
     }
 }
+
+#[test]
+fn workers_retired_while_busy_free_no_slot_when_their_batches_finish() {
+    let t0 = Instant::now();
+    let settings = Settings {
+        max_batch_rows: 1,
+        ..Settings::default()
+    };
+    let mut b = Batcher::new(settings, 2);
+    // Both workers busy, one request waits.
+    assert_eq!(runs(&b.arrive(item(1, 1, 0, 0, t0), t0)), vec![vec![1]]);
+    assert_eq!(runs(&b.arrive(item(2, 1, 0, 0, t0), t0)), vec![vec![2]]);
+    assert!(runs(&b.arrive(item(3, 1, 0, 0, t0), t0)).is_empty());
+    // One worker leaves (its device's share evicted) while its batch runs.
+    b.retire_workers(1);
+    assert_eq!(b.free_workers(), 0);
+    // The first batch to finish pays the debt: nothing new runs.
+    assert!(runs(&b.worker_free(t0 + ms(1))).is_empty());
+    assert_eq!(b.queued(), 1);
+    // The next frees the one worker left, which takes the waiting request.
+    assert_eq!(runs(&b.batch_done(1, ms(2), t0 + ms(2))), vec![vec![3]]);
+    assert_eq!(b.free_workers(), 0);
+    assert!(runs(&b.batch_done(1, ms(2), t0 + ms(3))).is_empty());
+    assert_eq!(b.free_workers(), 1);
+    // Workers joining (a share added, a failed device back) take what waits at once.
+    assert_eq!(
+        runs(&b.arrive(item(4, 1, 0, 0, t0 + ms(4)), t0 + ms(4))),
+        vec![vec![4]]
+    );
+    assert_eq!(
+        runs(&b.arrive(item(5, 1, 0, 0, t0 + ms(4)), t0 + ms(4))),
+        Vec::<Vec<ReqId>>::new()
+    );
+    assert_eq!(runs(&b.add_workers(1, t0 + ms(5))), vec![vec![5]]);
+}

@@ -1,0 +1,440 @@
+//! Which device a batch runs on, when a version has instances on several devices ("lanes"):
+//! a pure function of what each lane is expected to take ([`choose`]), and the per-lane
+//! bookkeeping it reads ([`Lane`]: its measured cost per batch size and the work already
+//! handed to it).
+//!
+//! Rule: a batch goes to the lane expected to *finish* it first. A lane's expected finish is
+//! the time until one of its workers is free — zero while it has fewer batches than workers,
+//! else the expected work it holds, less what its running batches have done since they
+//! started, shared over its workers — plus what a batch of this size
+//! costs on it (its own measured [`CostModel`]; a lane that has run fewer than [`WARM_RUNS`]
+//! batches is assumed to cost what the cheapest measured lane does, so that every lane gets
+//! measured past its cold first runs — those take ten times the steady cost on a CPU — but it
+//! is given a batch only while no warm lane is idle). Finishes
+//! within [`TIE`] of each other are a tie, won by the lane that was handed fewer batches, so
+//! equal devices share the work evenly. A device ten times slower thus gets a batch only when
+//! the fast device's queue would make the batch finish later there; an idle fast device never
+//! waits behind a slow one. Lanes that are draining (evicted) or failed are not candidates.
+//!
+//! Probes: a cost measured once (a first run after a cold start, a device busy with something
+//! else for a moment) would keep a lane out for good if it were never measured again. So a
+//! lane with a free worker that has had no batch for [`PROBE_AFTER`] times how much slower it
+//! is expected to be than the best lane (200 ms for an equal device, 9 s for one 45 times
+//! slower; at most [`PROBE_MAX`]) takes the next batch while the best lane has work queued,
+//! whatever it is expected to cost, and that measurement replaces the old one. With nothing
+//! queued there is no probe: another device could not help, and an idle fast device is never
+//! made to wait. A slow device's probes thus cost about as much of the fast device's time
+//! as one of its batches, once per [`PROBE_AFTER`]: far below one request in a hundred.
+//! Boundary: no IO, no clock of its own; the scheduler's driver keeps the lanes.
+
+use std::time::{Duration, Instant};
+
+use super::policy::CostModel;
+
+/// Finishes within this factor of the earliest count as a tie.
+pub const TIE: f64 = 1.05;
+
+/// Batches a lane runs before its own measurements count (until then each measurement
+/// replaces the last, and routing assumes it as fast as the cheapest lane).
+pub const WARM_RUNS: u64 = 8;
+
+/// A lane with a free worker and no batch for this long, times how much slower than the best
+/// lane it is expected to be, takes the next one (a probe).
+pub const PROBE_AFTER: Duration = Duration::from_millis(200);
+
+/// The longest a lane goes without a probe.
+pub const PROBE_MAX: Duration = Duration::from_secs(30);
+
+/// What [`choose`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Choice {
+    pub lane: usize,
+    /// The batch is a probe: its measurement replaces the lane's.
+    pub probe: bool,
+}
+
+/// After a run on a lane fails, it takes no batch for this long; then it is tried again.
+pub const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// What the router knows of one lane (a device's instances of one version).
+#[derive(Debug, Clone)]
+pub struct Lane {
+    /// The device's name.
+    pub device: String,
+    /// Its worker threads (instances).
+    pub workers: usize,
+    /// Batches handed to it and not finished.
+    pub outstanding: usize,
+    /// Expected compute of those batches, by this lane's cost table.
+    pub backlog: Duration,
+    /// When its workers last started a batch (their running batches have done the work
+    /// since then).
+    pub since: Option<Instant>,
+    /// Batches handed to it since it started.
+    pub handed: u64,
+    /// When it was last handed a batch.
+    pub last: Option<Instant>,
+    /// Its measured compute per batch size.
+    pub cost: CostModel,
+    /// Batches it ran and measured.
+    pub runs: u64,
+    /// Evicted: it finishes what it holds and takes nothing new.
+    pub draining: bool,
+    /// Its runs failed: no batch before this time.
+    pub failed_until: Option<Instant>,
+}
+
+impl Lane {
+    pub fn new(device: String, workers: usize) -> Lane {
+        Lane {
+            device,
+            workers,
+            outstanding: 0,
+            backlog: Duration::ZERO,
+            since: None,
+            handed: 0,
+            last: None,
+            cost: CostModel::default(),
+            runs: 0,
+            draining: false,
+            failed_until: None,
+        }
+    }
+
+    /// Whether it may take a batch at `now`.
+    pub fn usable(&self, now: Instant) -> bool {
+        !self.draining && self.workers > 0 && self.failed_until.is_none_or(|t| t <= now)
+    }
+
+    /// Expected time until one of its workers is free.
+    /// Its expected compute for a batch of `rows` (`None` while it is not warm).
+    pub fn predict(&self, rows: u32) -> Option<Duration> {
+        if self.runs < WARM_RUNS {
+            return None;
+        }
+        self.cost.predict(rows)
+    }
+
+    /// Learns what a batch of `rows` took; `fresh`: the measurement replaces the last (a
+    /// probe after a long gap).
+    pub fn learn(&mut self, rows: u32, took: Duration, fresh: bool) {
+        if fresh || self.runs < WARM_RUNS {
+            self.cost.replace(rows, took);
+        } else {
+            self.cost.record(rows, took);
+        }
+        self.runs += 1;
+    }
+
+    /// Whether its next batch may be a probe: it has a free worker and has had no batch for
+    /// `after`.
+    pub fn probe_due(&self, now: Instant, after: Duration) -> bool {
+        self.outstanding < self.workers
+            && self
+                .last
+                .is_some_and(|t| now.saturating_duration_since(t) >= after)
+    }
+
+    pub fn wait(&self, now: Instant) -> Duration {
+        if self.outstanding < self.workers {
+            return Duration::ZERO;
+        }
+        let running = self.outstanding.min(self.workers) as u32;
+        let done = self
+            .since
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
+            * running;
+        self.backlog.saturating_sub(done) / self.workers.max(1) as u32
+    }
+
+    /// Counts a batch of expected cost `cost` handed to it at `now`.
+    pub fn hand(&mut self, cost: Duration, now: Instant) {
+        if self.outstanding < self.workers {
+            // A free worker starts it now.
+            self.since = Some(now);
+        }
+        self.outstanding += 1;
+        self.handed += 1;
+        self.backlog += cost;
+        self.last = Some(now);
+    }
+
+    /// Counts a batch of expected cost `cost` finished (or handed back) at `now`.
+    pub fn finish(&mut self, cost: Duration, now: Instant) {
+        self.outstanding = self.outstanding.saturating_sub(1);
+        self.backlog = self.backlog.saturating_sub(cost);
+        if self.outstanding == 0 {
+            // Estimates made as the table changed do not add up exactly: none left over.
+            self.backlog = Duration::ZERO;
+        }
+        if self.outstanding >= self.workers {
+            // The worker takes the next batch it holds.
+            self.since = Some(now);
+        }
+    }
+}
+
+/// The lane expected to finish a batch of `rows` first (see the module's rule), or `None`
+/// when no lane is usable at `now`.
+pub fn choose(lanes: &[Lane], rows: u32, now: Instant) -> Option<Choice> {
+    // A lane not warm yet is assumed as fast as the cheapest warm one.
+    let fallback = lanes
+        .iter()
+        .filter_map(|l| l.predict(rows))
+        .min()
+        .unwrap_or(Duration::ZERO);
+    let cost = |l: &Lane| l.predict(rows).unwrap_or(fallback);
+    let finishes: Vec<(usize, Duration)> = lanes
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.usable(now))
+        .map(|(i, l)| (i, l.wait(now) + cost(l)))
+        .collect();
+    let earliest = finishes.iter().map(|&(_, f)| f).min()?;
+    let tie = earliest.mul_f64(TIE);
+    let best = finishes
+        .iter()
+        .filter(|&&(_, f)| f <= tie)
+        .min_by_key(|&&(i, f)| (lanes[i].handed, f, i))
+        .map(|&(i, _)| i)?;
+    // A lane not warm yet is tried only while the warm ones have work queued: an idle warm
+    // lane takes the batch rather than one whose speed is unknown.
+    let warm = |i: usize| lanes[i].runs >= WARM_RUNS;
+    let idle_warm = finishes
+        .iter()
+        .filter(|&&(i, _)| warm(i) && lanes[i].wait(now).is_zero())
+        .min_by_key(|&&(i, f)| (f, i))
+        .map(|&(i, _)| i);
+    let best = match idle_warm {
+        Some(i) if !warm(best) => i,
+        _ => best,
+    };
+    // Probes only while the best lane has work queued: with nothing waiting another device
+    // cannot help, and a probe would only add its latency.
+    if !lanes[best].wait(now).is_zero() {
+        let base = cost(&lanes[best]).as_secs_f64().max(1e-6);
+        let probe = lanes.iter().position(|l| {
+            let slower = (cost(l).as_secs_f64() / base).max(1.0);
+            let after = PROBE_AFTER.mul_f64(slower).min(PROBE_MAX);
+            l.usable(now) && l.probe_due(now, after)
+        });
+        if let Some(lane) = probe {
+            return Some(Choice { lane, probe: true });
+        }
+    }
+    Some(Choice {
+        lane: best,
+        probe: false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lane chosen, or `None`.
+    fn pick(lanes: &[Lane], rows: u32, now: Instant) -> Option<usize> {
+        choose(lanes, rows, now).map(|c| c.lane)
+    }
+
+    fn lane(name: &str, workers: usize, cost_ms: f64) -> Lane {
+        let mut l = Lane::new(name.into(), workers);
+        for _ in 0..WARM_RUNS {
+            for rows in [1, 8] {
+                l.learn(
+                    rows,
+                    Duration::from_secs_f64(cost_ms * f64::from(rows) / 1e3),
+                    false,
+                );
+            }
+        }
+        l
+    }
+
+    /// A closed loop on simulated time: `clients` each send a batch of one row, wait for it
+    /// and send again. Returns batches per lane and the slowest answer.
+    fn simulate(mut lanes: Vec<Lane>, clients: usize, batches: usize) -> (Vec<u64>, Duration) {
+        let t0 = Instant::now();
+        // Per lane: when each worker is next free.
+        let mut free: Vec<Vec<Duration>> = lanes
+            .iter()
+            .map(|l| vec![Duration::ZERO; l.workers])
+            .collect();
+        // Per lane: the finish times of what it holds.
+        let mut held: Vec<Vec<Duration>> = lanes.iter().map(|_| Vec::new()).collect();
+        let mut ready = vec![Duration::ZERO; clients];
+        let mut worst = Duration::ZERO;
+        for _ in 0..batches {
+            // The client ready first sends next.
+            let (c, &now) = ready
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, t)| **t)
+                .expect("clients");
+            for ((l, h), f) in lanes.iter_mut().zip(held.iter_mut()).zip(&free) {
+                h.retain(|&f| f > now);
+                l.outstanding = h.len();
+                // The work it still holds: each worker's time until free.
+                l.backlog = f.iter().map(|&f| f.saturating_sub(now)).sum();
+            }
+            let i = choose(&lanes, 1, t0 + now).expect("a lane").lane;
+            let cost = lanes[i].predict(1).expect("measured");
+            let w = (0..free[i].len())
+                .min_by_key(|&w| free[i][w])
+                .expect("a worker");
+            let start = free[i][w].max(now);
+            let done = start + cost;
+            free[i][w] = done;
+            held[i].push(done);
+            lanes[i].handed += 1;
+            worst = worst.max(done - now);
+            ready[c] = done;
+        }
+        (lanes.iter().map(|l| l.handed).collect(), worst)
+    }
+
+    #[test]
+    fn equal_devices_share_the_work_about_evenly() {
+        let (handed, _) = simulate(vec![lane("a", 1, 1.0), lane("b", 1, 1.0)], 8, 1000);
+        let (a, b) = (handed[0] as f64, handed[1] as f64);
+        assert!((a - b).abs() / (a + b) < 0.05, "{handed:?}");
+    }
+
+    #[test]
+    fn equal_idle_devices_alternate() {
+        let now = Instant::now();
+        let mut lanes = vec![lane("a", 1, 1.0), lane("b", 1, 1.0)];
+        let first = choose(&lanes, 1, now).expect("a lane").lane;
+        lanes[first].handed += 1;
+        let second = choose(&lanes, 1, now).expect("a lane").lane;
+        assert_ne!(first, second);
+    }
+
+    #[test]
+    fn an_idle_fast_device_never_waits_behind_a_slow_one() {
+        let now = Instant::now();
+        let mut lanes = vec![lane("slow", 1, 10.0), lane("fast", 1, 1.0)];
+        // The slow one was handed far fewer batches: the count does not matter.
+        lanes[1].handed = 1000;
+        assert_eq!(pick(&lanes, 1, now), Some(1));
+        assert_eq!(pick(&lanes, 8, now), Some(1));
+        // Busy but about to be free, the fast one still finishes first.
+        lanes[1].outstanding = 1;
+        lanes[1].backlog = Duration::from_millis(5);
+        assert_eq!(pick(&lanes, 1, now), Some(1));
+    }
+
+    #[test]
+    fn a_ten_times_slower_device_gets_work_only_when_the_fast_queue_is_longer() {
+        let now = Instant::now();
+        let mut lanes = vec![lane("fast", 1, 1.0), lane("slow", 1, 10.0)];
+        for queued in 0..20u32 {
+            lanes[0].outstanding = queued as usize;
+            lanes[0].backlog = Duration::from_millis(u64::from(queued));
+            let expected = if queued + 1 > 10 * 105 / 100 { 1 } else { 0 };
+            assert_eq!(pick(&lanes, 1, now), Some(expected), "{queued} queued");
+        }
+    }
+
+    #[test]
+    fn under_load_a_slow_device_takes_a_small_share_without_raising_the_worst_latency() {
+        // 4 clients: the fast device alone answers each within 4 ms; the slow one (10 ms a
+        // batch) helps only where that is not later.
+        let (alone, worst_alone) = simulate(vec![lane("fast", 1, 1.0)], 4, 2000);
+        let (both, worst_both) =
+            simulate(vec![lane("fast", 1, 1.0), lane("slow", 1, 10.0)], 4, 2000);
+        assert_eq!(alone, vec![2000]);
+        assert_eq!(
+            both,
+            vec![2000, 0],
+            "the fast one alone finishes every batch first"
+        );
+        assert!(
+            worst_both <= worst_alone,
+            "{worst_both:?} > {worst_alone:?}"
+        );
+        // 12 clients: the fast queue is long enough for the slow device to help.
+        let (both, worst_both) =
+            simulate(vec![lane("fast", 1, 1.0), lane("slow", 1, 10.0)], 12, 2000);
+        let (_, worst_alone) = simulate(vec![lane("fast", 1, 1.0)], 12, 2000);
+        let slow_share = both[1] as f64 / 2000.0;
+        assert!(slow_share > 0.0 && slow_share < 0.15, "{both:?}");
+        assert!(
+            worst_both <= worst_alone,
+            "{worst_both:?} > {worst_alone:?}"
+        );
+    }
+
+    #[test]
+    fn an_unmeasured_lane_is_assumed_as_fast_as_the_cheapest_once_work_queues() {
+        let now = Instant::now();
+        let mut lanes = vec![lane("a", 1, 1.0), Lane::new("b".into(), 1)];
+        lanes[0].handed = 5;
+        // The warm lane idle: it takes the batch.
+        assert_eq!(pick(&lanes, 1, now), Some(0));
+        // The warm lane busy: the new one is tried (assumed as fast).
+        lanes[0].outstanding = 1;
+        lanes[0].backlog = Duration::from_micros(500);
+        assert_eq!(pick(&lanes, 1, now), Some(1));
+    }
+
+    #[test]
+    fn a_lane_is_assumed_fast_until_warm_and_its_cold_runs_do_not_stick() {
+        let now = Instant::now();
+        let mut lanes = vec![lane("a", 1, 1.0), Lane::new("b".into(), 1)];
+        lanes[0].handed = 100;
+        // Its first run was cold (twenty times the steady cost): still assumed as fast.
+        lanes[1].learn(1, Duration::from_millis(20), false);
+        lanes[1].handed = 1;
+        lanes[0].outstanding = 1;
+        lanes[0].backlog = Duration::from_micros(500);
+        assert_eq!(pick(&lanes, 1, now), Some(1));
+        for _ in 1..WARM_RUNS {
+            lanes[1].learn(1, Duration::from_millis(1), false);
+        }
+        assert_eq!(lanes[1].predict(1), Some(Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn a_lane_passed_over_is_probed_while_work_queues_later_the_slower_it_is() {
+        let now = Instant::now();
+        let mut lanes = vec![lane("fast", 1, 1.0), lane("slow", 1, 10.0)];
+        lanes[1].last = Some(now);
+        // The fast lane has work queued.
+        lanes[0].outstanding = 1;
+        lanes[0].backlog = Duration::from_millis(1);
+        assert_eq!(pick(&lanes, 1, now), Some(0));
+        // Ten times slower: probed after ten times PROBE_AFTER, not before.
+        assert_eq!(pick(&lanes, 1, now + PROBE_AFTER), Some(0));
+        let later = now + PROBE_AFTER * 10;
+        assert_eq!(
+            choose(&lanes, 1, later),
+            Some(Choice {
+                lane: 1,
+                probe: true
+            })
+        );
+        // The fast lane idle: no probe, the batch is not made to wait.
+        lanes[0].outstanding = 0;
+        assert_eq!(pick(&lanes, 1, later), Some(0));
+        lanes[0].outstanding = 1;
+        // A busy lane is not probed.
+        lanes[1].outstanding = 1;
+        assert_eq!(pick(&lanes, 1, later), Some(0));
+        lanes[1].outstanding = 0;
+        // Probed just now: not again.
+        lanes[1].hand(Duration::from_millis(10), later);
+        lanes[1].finish(Duration::from_millis(10), later);
+        assert_eq!(pick(&lanes, 1, later), Some(0));
+    }
+
+    #[test]
+    fn draining_and_failed_lanes_take_nothing_until_their_retry() {
+        let now = Instant::now();
+        let mut lanes = vec![lane("a", 1, 1.0), lane("b", 1, 1.0)];
+        lanes[0].draining = true;
+        lanes[1].failed_until = Some(now + RETRY_AFTER);
+        assert_eq!(pick(&lanes, 1, now), None);
+        assert_eq!(pick(&lanes, 1, now + RETRY_AFTER), Some(1));
+    }
+}
