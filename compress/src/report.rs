@@ -236,6 +236,17 @@ pub fn optimized_ops(
     env: &Environment,
     model: &[u8],
 ) -> Result<std::collections::BTreeMap<String, usize>> {
+    let m = crate::onnx::Model::parse(&optimized(env, model)?)?;
+    let mut ops = std::collections::BTreeMap::new();
+    for n in m.graph.messages(crate::onnx::graph::NODE)? {
+        *ops.entry(crate::onnx::op_type(&n)).or_default() += 1;
+    }
+    Ok(ops)
+}
+
+/// The graph ONNX Runtime runs for `model` after its graph optimizations (on this machine's
+/// CPU EP, one thread), as a model's bytes.
+pub fn optimized(env: &Environment, model: &[u8]) -> Result<Vec<u8>> {
     let path = std::env::temp_dir().join(format!(
         "rxd-optimized-{}-{:?}.onnx",
         std::process::id(),
@@ -253,12 +264,7 @@ pub fn optimized_ops(
         })
     });
     let _ = std::fs::remove_file(&path);
-    let m = crate::onnx::Model::parse(&saved?)?;
-    let mut ops = std::collections::BTreeMap::new();
-    for n in m.graph.messages(crate::onnx::graph::NODE)? {
-        *ops.entry(crate::onnx::op_type(&n)).or_default() += 1;
-    }
-    Ok(ops)
+    saved
 }
 
 pub(crate) fn values(inputs: &[Input]) -> Result<Vec<(String, DynValue)>> {
