@@ -56,9 +56,23 @@ impl fmt::Display for Objective {
     }
 }
 
+/// The suffix of a candidate served dequantized at load: the file is the weights-only form,
+/// the session runs the float model it stands for ([`crate::dequant`]), as the daemon does.
+pub const AT_LOAD: &str = "@load";
+
+/// A candidate's strategy and whether it is served dequantized at load (`int8-weights@load`).
+pub fn at_load(candidate: &str) -> (&str, bool) {
+    match candidate.strip_suffix(AT_LOAD) {
+        Some(base) => (base, true),
+        None => (candidate, false),
+    }
+}
+
 /// The strategies `auto` tries, cheapest first; `static-int8` (last, it calibrates and
-/// searches) only with calibration inputs. Pruning is not a candidate: pruned weights are
-/// stored dense (no smaller on disk) and cost accuracy.
+/// searches) only with calibration inputs. The weights-only INT8 forms are tried twice: as
+/// ONNX Runtime runs the file (dequantizing on every run: small, slow) and dequantized at load
+/// (`@load`: small on disk, float in memory, full speed). Pruning is not a candidate: pruned
+/// weights are stored dense (no smaller on disk) and cost accuracy.
 pub fn candidates(calibration: bool) -> Vec<&'static str> {
     let mut v = vec![
         "fp16-weights",
@@ -66,6 +80,8 @@ pub fn candidates(calibration: bool) -> Vec<&'static str> {
         "dynamic-int8",
         "int8-weights",
         "int8-weights+fp16-weights",
+        "int8-weights@load",
+        "int8-weights+fp16-weights@load",
         "int4",
     ];
     if calibration {
@@ -124,7 +140,12 @@ pub fn checks(r: &Report, t: &Thresholds) -> Vec<Check> {
 /// What was measured of a candidate that ran.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Measured {
+    /// The file on disk against the original's.
     pub size_ratio: f64,
+    /// What ONNX Runtime holds in memory against the original's: the graph it runs after its
+    /// load-time optimizations (`fp16-weights`' casts folded to float, a `@load` form's float
+    /// weights), measured; `None` when it could not be.
+    pub memory_ratio: Option<f64>,
     /// Candidate over original, measured interleaved in the same run.
     pub latency_ratio: f64,
     pub latency_ms_before: f64,
@@ -143,6 +164,7 @@ impl Measured {
     pub fn new(r: &Report, t: &Thresholds, kept_in_float: usize, seconds: f64) -> Measured {
         Measured {
             size_ratio: r.size_ratio(),
+            memory_ratio: None,
             latency_ratio: r.latency_ms_after / r.latency_ms_before.max(f64::MIN_POSITIVE),
             latency_ms_before: r.latency_ms_before,
             latency_ms_after: r.latency_ms_after,
@@ -344,9 +366,20 @@ impl Table {
             1 => "the only candidate that passes".to_string(),
             n => format!("of the {n} candidates that pass"),
         };
+        let load = if at_load(&c.strategy).1 {
+            let memory = m
+                .memory_ratio
+                .map_or_else(String::new, |r| format!(", {r:.2}× in memory"));
+            "; the file is its weights-only form, which rxd dequantizes when it loads it (float \
+             weights in memory, full speed)"
+                .to_string()
+                + &memory
+        } else {
+            String::new()
+        };
         format!(
             "{} wins: {what}, {of} (meets the thresholds, smaller than the original, not \
-             slower than it {}): {:.2}× size, {:.2}× latency",
+             slower than it {}): {:.2}× size, {:.2}× latency{load}",
             c.strategy,
             m.latency_at(),
             m.size_ratio,
@@ -386,32 +419,35 @@ impl fmt::Display for Table {
         }
         writeln!(
             f,
-            "auto ({} objective), {:.1} s of a {:.0} s budget; size and latency against the \
-             original:",
+            "auto ({} objective), {:.1} s of a {:.0} s budget; size on disk, in memory (the \
+             graph ONNX Runtime runs) and latency at batch 1 against the original's; @load: \
+             served dequantized at load:",
             self.objective, self.seconds, self.budget_seconds
         )?;
         writeln!(
             f,
-            "  {:<26} {:>6} {:>8}  {:<8} agreement",
-            "strategy", "size", "latency", "verdict"
+            "  {:<32} {:>6} {:>6} {:>8}  {:<8} agreement",
+            "strategy", "disk", "memory", "latency", "verdict"
         )?;
         for (i, c) in self.candidates.iter().enumerate() {
             let (verdict, why) = c.verdict(self.chosen == Some(i));
-            let (size, latency, checks) = match &c.tried {
+            let (size, memory, latency, checks) = match &c.tried {
                 Tried::Measured(m) => (
                     format!("{:.2}×", m.size_ratio),
+                    m.memory_ratio
+                        .map_or_else(|| "?".into(), |r| format!("{r:.2}×")),
                     format!("{:.2}×", m.latency_ratio),
                     agreement(&m.checks),
                 ),
-                _ => ("-".into(), "-".into(), "-".into()),
+                _ => ("-".into(), "-".into(), "-".into(), "-".into()),
             };
             writeln!(
                 f,
-                "  {:<26} {size:>6} {latency:>8}  {verdict:<8} {checks}",
+                "  {:<32} {size:>6} {memory:>6} {latency:>8}  {verdict:<8} {checks}",
                 c.strategy
             )?;
             if !why.is_empty() {
-                writeln!(f, "  {:<26}   └ {why}", "")?;
+                writeln!(f, "  {:<32}   └ {why}", "")?;
             }
         }
         writeln!(f, "{}", self.why())
@@ -427,6 +463,7 @@ mod tests {
             strategy: strategy.into(),
             tried: Tried::Measured(Measured {
                 size_ratio: size,
+                memory_ratio: Some(size),
                 latency_ratio: latency,
                 latency_ms_before: 1.0,
                 latency_ms_after: latency,
@@ -460,8 +497,9 @@ mod tests {
         }
     }
 
-    /// Measured on digits/PP-OCR-like models: int8-weights small and slow, static small and
-    /// fast, fp16-weights half and as fast, fp16 half and a little slower.
+    /// Measured on digits/PP-OCR-like models: int8-weights small and slow as ONNX Runtime
+    /// runs the file, as fast as the original dequantized at load; static small and fast,
+    /// fp16-weights half and as fast, fp16 half and a little slower.
     fn table() -> Vec<Candidate> {
         vec![
             measured("fp16-weights", 0.50, 1.00, 1.0),
@@ -470,18 +508,26 @@ mod tests {
             measured("static-int8", 0.36, 0.80, 1.0),
             measured("int4", 0.20, 0.95, 0.90),
             skipped("dynamic-int8"),
+            measured("int8-weights@load", 0.27, 1.01, 1.0),
         ]
     }
 
     #[test]
     fn each_objective_picks_among_the_candidates_that_pass() {
         let t = table();
-        // int8-weights is smallest but slower; int4 is smaller still but misses top-1.
+        // int8-weights as the file runs is slower; int4 is smaller but misses top-1; the same
+        // int8-weights dequantized at load is as small and not slower: size and balanced
+        // (0.27 × 1.01 against static's 0.36 × 0.80) take it, latency takes static.
+        assert_eq!(choose(&t, Objective::Size), Some(6));
+        assert_eq!(choose(&t, Objective::Latency), Some(3));
+        assert_eq!(choose(&t, Objective::Balanced), Some(6));
+        // Without the @load form, static-int8 wins every objective.
+        let mut t = table();
+        t.remove(6);
         assert_eq!(choose(&t, Objective::Size), Some(3));
         assert_eq!(choose(&t, Objective::Latency), Some(3));
         assert_eq!(choose(&t, Objective::Balanced), Some(3));
-        // Without static-int8: size and balanced take fp16-weights.
-        let mut t = table();
+        // Without static-int8 either: size and balanced take fp16-weights.
         t.remove(3);
         assert_eq!(choose(&t, Objective::Size), Some(0));
         assert_eq!(choose(&t, Objective::Balanced), Some(0));
@@ -541,6 +587,7 @@ mod tests {
                 why: "the compressed model does not load".into(),
             },
         });
+        t.remove(6);
         let table = Table::new(Objective::Size, t, true, 2.0, 300.0);
         assert_eq!(table.chosen_strategy(), Some("static-int8"));
         let text = table.to_string();
@@ -560,6 +607,27 @@ mod tests {
             "{}",
             table.why()
         );
+        // The @load form's win says what it costs on disk and in memory.
+        let mut t = self::table();
+        if let Tried::Measured(m) = &mut t[6].tried {
+            m.memory_ratio = Some(1.0);
+        }
+        let won = Table::new(Objective::Size, t, false, 2.0, 300.0);
+        let why = won.why();
+        assert!(
+            why.starts_with("int8-weights@load wins: the smallest (0.27×)")
+                && why.contains("rxd dequantizes when it loads it")
+                && why.ends_with("1.00× in memory"),
+            "{why}"
+        );
+        let text = won.to_string();
+        assert!(
+            text.contains("int8-weights@load                 0.27×  1.00×    1.01×  chosen"),
+            "{text}"
+        );
+        let (base, load) = at_load("int8-weights+fp16-weights@load");
+        assert_eq!((base, load), ("int8-weights+fp16-weights", true));
+        assert_eq!(at_load("int8-weights"), ("int8-weights", false));
         // A variant no smaller than the original does not pass, however accurate and fast.
         let t = vec![measured("none", 1.0, 0.9, 1.0)];
         assert_eq!(choose(&t, Objective::Latency), None);
@@ -619,6 +687,7 @@ mod tests {
         );
         assert!("fast".parse::<Objective>().is_err());
         assert!(candidates(true).contains(&"static-int8"));
+        assert!(candidates(false).contains(&"int8-weights@load"));
         assert!(!candidates(false).contains(&"static-int8"));
     }
 }
