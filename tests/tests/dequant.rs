@@ -180,3 +180,101 @@ fn a_model_with_nothing_to_dequantize_is_returned_unchanged() {
     let (out, d) = dequantize_bytes(&half).unwrap();
     assert!(out.is_none() && !d.changed(), "{d}");
 }
+
+fn values_of(i: &Input) -> Vec<f32> {
+    match &i.data {
+        Data::F32(v) => v.clone(),
+        Data::I64(_) => unreachable!("float inputs"),
+    }
+}
+
+fn as_tensor(i: &Input) -> rxd_protocol::Tensor {
+    let shape: Vec<u64> = i.shape.iter().map(|&d| d as u64).collect();
+    f32_tensor(&i.name, &shape, &values_of(i))
+}
+
+fn argmax_rows(v: &[f32], classes: usize) -> Vec<usize> {
+    v.chunks_exact(classes)
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b })
+                .0
+        })
+        .collect()
+}
+
+/// Issue 24 item 5: the daemon loads a weights-only INT8 file (the PP-OCR classifier and the
+/// digits MLP after `int8-weights`) dequantized: model info says so, and that the graph its
+/// sessions run has no DequantizeLinear left; it answers what the weights-only file means (its
+/// outputs in ONNX Runtime without graph optimizations, within 1e-5) and what in-process ONNX
+/// Runtime answers on the file (same classes, within the fused kernels' rounding). With
+/// `dequantize-at-load = false` the file serves as it is, as in-process ONNX Runtime runs it.
+#[test]
+fn dequantize_at_load_serves_a_weights_only_model_with_the_files_answers() {
+    let (cls_small, _) = compress(
+        &std::fs::read(model_file("ppocr_cls")).unwrap(),
+        Strategy::INT8_WEIGHTS,
+    )
+    .unwrap();
+    let (digits_small, _) = compress(
+        &std::fs::read(model_file("digits")).unwrap(),
+        Strategy::INT8_WEIGHTS,
+    )
+    .unwrap();
+    let repo = Repo::new();
+    repo.write("cls", 1, &cls_small)
+        .write("cls_file", 1, &cls_small)
+        .settings("cls_file", "dequantize-at-load = false\n")
+        .write("digits", 1, &digits_small);
+    let d = TestDaemon::start(repo.path(), &[]);
+    let c = d.client();
+
+    let info = c.model_info("cls", None).unwrap();
+    let dq = info.dequantized.expect("dequantized at load");
+    let folded = op_counts(&cls_small).unwrap()["DequantizeLinear"] as u64;
+    assert_eq!((dq.folded, dq.remaining), (folded, 0), "{dq:?}");
+    assert_eq!(dq.file_bytes, cls_small.len() as u64);
+    assert!(dq.served_bytes > 3 * dq.file_bytes, "{dq:?}");
+    assert!(
+        c.model_info("cls_file", None)
+            .unwrap()
+            .dequantized
+            .is_none()
+    );
+    let text = String::from_utf8(d.rxctl(&["models", "cls"]).stdout).unwrap();
+    assert!(
+        text.contains(&format!(
+            "dequantized at load: {folded} DequantizeLinear folded into float weights"
+        )),
+        "{text}"
+    );
+
+    let file = |m: &str| repo.path().join(m).join("1/model.onnx");
+    for (seed, scale, offset) in [(2411, 2.0, -1.0), (2412, 0.6, 0.2)] {
+        let x = f32_input("x", &[4, 3, 48, 192], seed, scale, offset);
+        let got = tensor_f32(&c.infer("cls", vec![as_tensor(&x)]).unwrap()[0]);
+        let meant = outputs(&cls_small, std::slice::from_ref(&x), false);
+        let off = relative_difference(std::slice::from_ref(&got), &meant[..1]);
+        assert!(
+            off <= 1e-5,
+            "{off:.2e} from the weights-only model's meaning"
+        );
+        let file_run = Reference::new(&file("cls")).run(&[as_tensor(&x)]);
+        let in_process = tensor_f32(&file_run[0]);
+        assert_eq!(argmax_rows(&got, 2), argmax_rows(&in_process, 2));
+        assert!(relative_difference(&[got], std::slice::from_ref(&in_process)) <= 5e-3);
+        // Served as the file: what in-process ONNX Runtime computes on the file.
+        let as_file = tensor_f32(&c.infer("cls_file", vec![as_tensor(&x)]).unwrap()[0]);
+        assert!(relative_difference(&[as_file], &[in_process]) <= 1e-5);
+    }
+
+    // The digits MLP: the same labels as in-process ONNX Runtime on the file, on the test
+    // split.
+    let x = example_npy("digits_test_x.npy", "input");
+    let want = Reference::new(&file("digits")).run(std::slice::from_ref(&x));
+    let got = c.infer("digits", vec![x]).unwrap();
+    assert_eq!(got[0], want[0]);
+    let dq = c.model_info("digits", None).unwrap().dequantized.unwrap();
+    assert_eq!(dq.remaining, 0);
+}

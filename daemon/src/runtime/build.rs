@@ -25,6 +25,9 @@ pub struct BuildSpec<'a> {
     /// The device's name, for logs.
     pub device: &'a str,
     pub path: &'a Path,
+    /// The model made from the file in memory (dequantized at load): sessions are made from
+    /// it; `None`: from the file.
+    pub bytes: Option<&'a [u8]>,
     pub options: SessionOptions,
     pub target: Target<'a>,
     /// When the device's execution provider cannot be created, run on the CPU instead.
@@ -148,7 +151,13 @@ impl Runtime {
         let mut warmed_outputs: Option<Vec<Vec<u64>>> = None;
         for i in 0..spec.instances {
             let prof = (i == 0 && spec.warmup).then_some(profile.as_path());
-            let (mut session, sig) = match self.session_on(spec.path, &spec.options, target, prof) {
+            let (mut session, sig) = match self.session_on(
+                spec.path,
+                spec.bytes,
+                &spec.options,
+                target,
+                prof,
+            ) {
                 Ok(s) => s,
                 Err(e) if i == 0 && *target.kind != DeviceKind::Cpu && spec.cpu_fallback => {
                     // Allowed to fall back: run on the CPU, and say so (health: degraded).
@@ -156,7 +165,7 @@ impl Runtime {
                     tracing::warn!(model = %name, version, device = spec.device, "running on the CPU: {why}");
                     fallback = Some(why);
                     target = Target::cpu();
-                    self.session_on(spec.path, &spec.options, target, prof)?
+                    self.session_on(spec.path, spec.bytes, &spec.options, target, prof)?
                 }
                 Err(e) => return Err(e),
             };
@@ -249,7 +258,8 @@ impl Runtime {
             let mut worker = WorkerSessions::from(session);
             if per_size {
                 for &rows in pad_to.iter().filter(|&&b| b > 1) {
-                    let (mut extra, _) = self.session_on(spec.path, &spec.options, target, None)?;
+                    let (mut extra, _) =
+                        self.session_on(spec.path, spec.bytes, &spec.options, target, None)?;
                     if spec.warmup {
                         let _ = warm_at(&mut extra, u64::from(rows))?;
                     }

@@ -50,6 +50,8 @@ pub struct Cell {
 #[derive(Debug, Clone)]
 pub struct TuneSpec<'a> {
     pub path: &'a Path,
+    /// The model made from the file in memory (dequantized at load), else `None`.
+    pub bytes: Option<&'a [u8]>,
     pub target: Target<'a>,
     /// Spinning and the log id; the thread count comes from each layout.
     pub options: SessionOptions,
@@ -104,7 +106,7 @@ impl Runtime {
             };
             let mut sessions = Vec::with_capacity(layout.instances as usize);
             for _ in 0..layout.instances {
-                let made = self.session_on(spec.path, &opts, spec.target, None)?;
+                let made = self.session_on(spec.path, spec.bytes, &opts, spec.target, None)?;
                 if let Some(why) = unknown_shape(&made.1, spec.warmup_dims) {
                     return Ok(Measured::Skipped(why));
                 }
