@@ -129,6 +129,23 @@ fn auto_writes_the_smallest_variant_that_passes_and_it_answers_like_the_original
             "{c}"
         );
     }
+    // The weights-only forms are tried as the file runs and dequantized at load: the same
+    // file (size), the float model in memory, judged on what the daemon would run.
+    for name in ["int8-weights", "int8-weights+fp16-weights"] {
+        let row = |n: &str| rows.iter().find(|r| r["strategy"] == n).unwrap();
+        let (file, load) = (row(name), row(&format!("{name}@load")));
+        assert_eq!(load["state"], "measured", "{load}");
+        assert_eq!(load["size_ratio"], file["size_ratio"], "{load} vs {file}");
+        let memory = load["memory_ratio"].as_f64().unwrap();
+        assert!(
+            memory > 3.0 * load["size_ratio"].as_f64().unwrap(),
+            "dequantized, the weights are float in memory: {load}"
+        );
+        assert!(
+            file["memory_ratio"].as_f64().unwrap() < memory,
+            "{file} vs {load}"
+        );
+    }
     // No passing candidate is smaller (the size objective).
     let passing = |r: &&serde_json::Value| {
         r["state"] == "measured"
