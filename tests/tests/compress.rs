@@ -224,7 +224,7 @@ fn int8_weights_keep_the_recogniser_reading_rendered_words() {
     assert!(exact(&before) >= 0.9, "{before:?}");
     assert!(same >= 0.98);
     assert!(exact(&after) >= exact(&before) - 0.02);
-    // The report, from the output scores alone (its CTC reading counts a margin space too).
+    // The report, from the output scores alone (its CTC reading trims margin spaces too).
     let report::Data::F32(all) = &x.data else {
         unreachable!()
     };
