@@ -184,6 +184,7 @@ impl LoadJob {
             sizes: &sizes,
             ort: self.runtime.version(),
             dims: s.warmup_dims.as_ref(),
+            dequantized: served.is_some(),
         };
         let cache = super::tune::cache_path(&self.defaults.cache_dir, &build.path, &key).ok();
         let remembered = |path: &std::path::Path| {

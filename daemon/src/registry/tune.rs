@@ -124,6 +124,9 @@ pub struct CacheKey<'a> {
     pub ort: &'a str,
     /// model.toml `warmup-dims`: the shapes measured.
     pub dims: Option<&'a std::collections::HashMap<String, Vec<i64>>>,
+    /// The file was measured dequantized at load (a weights-only file served as a float
+    /// model, which runs at another speed than the file as it is).
+    pub dequantized: bool,
 }
 
 /// The cache file for a model file on a device of this machine: named by a hash of the
@@ -134,8 +137,14 @@ pub fn cache_path(cache_dir: &Path, model: &Path, key: &CacheKey<'_>) -> std::io
     let dims: std::collections::BTreeMap<_, _> = key.dims.into_iter().flatten().collect();
     h.update(
         format!(
-            "\0{}\0{}\0{:?}\0{:?}\0{}\0{dims:?}",
-            key.device, key.cores, key.layouts, key.sizes, key.ort
+            "\0{}\0{}\0{:?}\0{:?}\0{}\0{dims:?}{}",
+            key.device,
+            key.cores,
+            key.layouts,
+            key.sizes,
+            key.ort,
+            // Only when set, so the keys of every other model stay what they were.
+            if key.dequantized { "\0dequantized" } else { "" }
         )
         .as_bytes(),
     );
@@ -301,6 +310,7 @@ mod tests {
                 sizes: &[1, 2],
                 ort: "1.31.1",
                 dims: None,
+                dequantized: false,
             };
             cache_path(dir.path(), m, &key).unwrap()
         };
@@ -317,9 +327,20 @@ mod tests {
             sizes: &[1, 2],
             ort: "1.31.1",
             dims: Some(&dims),
+            dequantized: false,
         };
         assert_ne!(
             cache_path(dir.path(), &a, &with_dims).unwrap(),
+            p(&a, "cpu", 2)
+        );
+        // The same file measured dequantized at load is another entry.
+        let dequantized = CacheKey {
+            dims: None,
+            dequantized: true,
+            ..with_dims
+        };
+        assert_ne!(
+            cache_path(dir.path(), &a, &dequantized).unwrap(),
             p(&a, "cpu", 2)
         );
         let t = choose(&table(&[(ONE, 1, 1.0), (TWO, 1, 1.5)])).unwrap();
