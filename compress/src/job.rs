@@ -107,6 +107,10 @@ pub struct Job {
     /// The evaluation inputs are random (the caller had no data): reports measure agreement
     /// with the original, not accuracy, and [`Plan::Auto`]'s table says so.
     pub eval_is_random: bool,
+    /// The result will be served dequantized at load when it is a weights-only form (true
+    /// from [`Job::new`]); false: [`Plan::Auto`] does not try the `@load` candidates (a model
+    /// whose model.toml sets `dequantize-at-load = false`).
+    pub at_load: bool,
 }
 
 impl Job {
@@ -131,6 +135,7 @@ impl Job {
             search,
             search_budget: DEFAULT_SEARCH_BUDGET,
             eval_is_random: false,
+            at_load: true,
         })
     }
 
@@ -212,7 +217,10 @@ impl Job {
         let mut slowest = Duration::ZERO;
         // What ONNX Runtime holds of the original: the memory ratios' denominator.
         let memory_before = crate::report::optimized(env, model).map(|b| b.len());
-        for strategy in crate::auto::candidates(!self.calibration.is_empty()) {
+        let tried = crate::auto::candidates(!self.calibration.is_empty())
+            .into_iter()
+            .filter(|c| self.at_load || !crate::auto::at_load(c).1);
+        for strategy in tried {
             let (base, at_load) = crate::auto::at_load(strategy);
             let plan = Plan::parse(base, method)?;
             let left = self.search_budget.saturating_sub(start.elapsed());

@@ -33,6 +33,7 @@ impl LoadJob {
                     version,
                     path,
                     strategy,
+                    settings.dequantize_at_load.unwrap_or(true),
                 );
                 tracing::info!(model = %name, version, "{note}");
                 (p, Some(note))
