@@ -96,6 +96,12 @@ const ACTIVATION_QUANT: &[&str] = &[
 /// [`dequantize`] on model bytes: the rewritten bytes (`None` when nothing changed, so the
 /// original bytes stand) and what was done.
 pub fn dequantize_bytes(bytes: &[u8]) -> Result<(Option<Vec<u8>>, Dequantized), Error> {
+    // Every model a daemon loads comes here: one without the operator's name anywhere in its
+    // bytes (a float model) is not parsed, which would copy it.
+    const OP: &[u8] = b"DequantizeLinear";
+    if !bytes.windows(OP.len()).any(|w| w == OP) {
+        return Ok((None, Dequantized::default()));
+    }
     let mut model = Model::parse(bytes)?;
     let d = dequantize(&mut model)?;
     Ok((d.changed().then(|| model.encode()), d))
