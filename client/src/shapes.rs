@@ -314,6 +314,7 @@ mod tests {
             settings: None,
             tuning: None,
             not_tuned: None,
+            dequantized: None,
         }
     }
 

@@ -107,6 +107,10 @@ pub struct Job {
     /// The evaluation inputs are random (the caller had no data): reports measure agreement
     /// with the original, not accuracy, and [`Plan::Auto`]'s table says so.
     pub eval_is_random: bool,
+    /// The result will be served dequantized at load when it is a weights-only form (true
+    /// from [`Job::new`]); false: [`Plan::Auto`] does not try the `@load` candidates (a model
+    /// whose model.toml sets `dequantize-at-load = false`).
+    pub at_load: bool,
 }
 
 impl Job {
@@ -131,6 +135,7 @@ impl Job {
             search,
             search_budget: DEFAULT_SEARCH_BUDGET,
             eval_is_random: false,
+            at_load: true,
         })
     }
 
@@ -210,8 +215,14 @@ impl Job {
         let mut rows = Vec::new();
         let mut kept: Vec<Option<Compressed>> = Vec::new();
         let mut slowest = Duration::ZERO;
-        for strategy in crate::auto::candidates(!self.calibration.is_empty()) {
-            let plan = Plan::parse(strategy, method)?;
+        // What ONNX Runtime holds of the original: the memory ratios' denominator.
+        let memory_before = crate::report::optimized(env, model).map(|b| b.len());
+        let tried = crate::auto::candidates(!self.calibration.is_empty())
+            .into_iter()
+            .filter(|c| self.at_load || !crate::auto::at_load(c).1);
+        for strategy in tried {
+            let (base, at_load) = crate::auto::at_load(strategy);
+            let plan = Plan::parse(base, method)?;
             let left = self.search_budget.saturating_sub(start.elapsed());
             let (tried, result) = if left.is_zero() || left < slowest {
                 let why = format!(
@@ -226,10 +237,17 @@ impl Job {
                 say(&format!("trying {strategy}"));
                 let t = Instant::now();
                 let budget = Budget::new(left, progress);
-                let run = self.run_plan(&plan, Some(env), model, &budget);
+                let run = self
+                    .run_plan(&plan, Some(env), model, &budget)
+                    .and_then(|c| self.served(env, model, c, at_load));
                 slowest = slowest.max(t.elapsed());
                 let out_of_time = start.elapsed() >= self.search_budget;
-                self.judge(run, t.elapsed(), out_of_time)
+                let memory = |served: &[u8]| {
+                    let before = *memory_before.as_ref().ok()?;
+                    let after = crate::report::optimized(env, served).ok()?.len();
+                    Some(after as f64 / before.max(1) as f64)
+                };
+                self.judge(run, t.elapsed(), out_of_time, memory)
             };
             if let Tried::Measured(m) = &tried {
                 let misses = m.misses();
@@ -266,22 +284,50 @@ impl Job {
         Ok(done)
     }
 
+    /// An auto candidate as it would be served, with the bytes the session is made from:
+    /// `c` itself, or (`at_load`) the float model its weights-only file stands for, judged
+    /// and timed as that model against the original — its size is still the file's.
+    fn served(
+        &self,
+        env: &Environment,
+        model: &[u8],
+        mut c: Compressed,
+        at_load: bool,
+    ) -> Result<(Compressed, Vec<u8>)> {
+        if !at_load {
+            let bytes = c.bytes.clone();
+            return Ok((c, bytes));
+        }
+        let (full, d) = crate::dequant::dequantize_bytes(&c.bytes)?;
+        let Some(full) = full else {
+            return Err(Error::NothingChanged(format!(
+                "nothing to dequantize at load: {d}"
+            )));
+        };
+        let mut r = crate::report::compare(env, model, &full, &self.eval)?;
+        r.size_after = c.size_after();
+        c.report = Some(r);
+        Ok((c, full))
+    }
+
     /// One auto candidate's run as a row of the table, and its result when it may win (only
     /// those keep their bytes). A search stopped by the budget is a skip; a strategy that
-    /// finds nothing to change does not apply.
+    /// finds nothing to change does not apply. `memory` measures the served bytes.
     fn judge(
         &self,
-        run: Result<Compressed>,
+        run: Result<(Compressed, Vec<u8>)>,
         took: Duration,
         out_of_time: bool,
+        memory: impl Fn(&[u8]) -> Option<f64>,
     ) -> (Tried, Option<Compressed>) {
         match run {
-            Ok(c) => {
+            Ok((c, served)) => {
                 let Some(r) = &c.report else {
                     let why = "no accuracy report".to_string();
                     return (Tried::Failed { why }, None);
                 };
-                let m = Measured::new(r, &self.thresholds, c.kept.len(), took.as_secs_f64());
+                let mut m = Measured::new(r, &self.thresholds, c.kept.len(), took.as_secs_f64());
+                m.memory_ratio = memory(&served);
                 let keep = m.passed().then_some(c);
                 (Tried::Measured(m), keep)
             }

@@ -8,6 +8,7 @@
 //! - [`onnx`]: ONNX field numbers and helpers over messages.
 //! - [`opset`]: moving a graph from opset 11/12 to 13 where nothing changes meaning.
 //! - [`budget`]: a search's time budget and progress reports.
+//! - [`dequant`]: dequantize-at-load (weights-only forms folded back into float weights).
 //! - [`error`]: the one error type.
 //! - [`dynamic`]: the `dynamic-int8` strategy (MatMulInteger with activations quantized at
 //!   run time).
@@ -29,6 +30,7 @@
 
 pub mod auto;
 pub mod budget;
+pub mod dequant;
 pub mod dynamic;
 pub mod error;
 pub mod fold;

@@ -100,8 +100,10 @@ pub struct OutputReport {
     /// Fraction of rows whose argmax over the last dimension agrees (classifier-like outputs).
     pub top1_agreement: Option<f64>,
     /// For [N, T, C] outputs (per-timestep class scores, as a CTC text recogniser gives):
-    /// fraction of the N items whose greedy CTC reading (argmax per step, repeats collapsed,
-    /// class 0 = blank dropped) is the same — whole words, not characters.
+    /// fraction of the N items whose reading ([`ctc_reading`]: greedy CTC, margin spaces
+    /// trimmed) is the same — whole words, not characters. Where it is given it is what the
+    /// output is judged by (held to the top-1 threshold); its per-step top-1 and cosine are
+    /// shown, not judged: a blank read a step earlier changes them, not the word.
     pub sequence_agreement: Option<f64>,
     /// For detector outputs [N, 4 + C, boxes] (YOLOv8's: 4 box coordinates, then C class
     /// scores in [0, 1] per candidate box): fraction of the N items whose highest-scoring box
@@ -144,14 +146,15 @@ impl Report {
     }
 
     /// The lowest agreement of what the outputs decide: top-1 of classifier-like outputs,
-    /// top-box class and matched boxes of detector outputs, the 0.5 decision of score maps
-    /// (1.0 when there is none).
+    /// whole readings of CTC recognisers (instead of their per-step top-1), top-box class and
+    /// matched boxes of detector outputs, the 0.5 decision of score maps (1.0 when there is
+    /// none).
     pub fn min_top1(&self) -> f64 {
         self.outputs
             .iter()
             .flat_map(|o| {
                 [
-                    o.top1_agreement,
+                    o.sequence_agreement.or(o.top1_agreement),
                     o.top_box_agreement,
                     o.box_agreement,
                     o.decision_agreement,
@@ -161,11 +164,17 @@ impl Report {
             .fold(1.0, f64::min)
     }
 
-    /// The lowest cosine over outputs, and over the class scores of detector outputs.
+    /// The lowest cosine over outputs (not CTC recognisers', judged by their readings), and
+    /// over the class scores of detector outputs.
     pub fn min_cosine(&self) -> f64 {
         self.outputs
             .iter()
-            .flat_map(|o| [Some(o.cosine), o.score_cosine])
+            .flat_map(|o| {
+                [
+                    o.sequence_agreement.is_none().then_some(o.cosine),
+                    o.score_cosine,
+                ]
+            })
             .flatten()
             .fold(1.0, f64::min)
     }
@@ -236,6 +245,17 @@ pub fn optimized_ops(
     env: &Environment,
     model: &[u8],
 ) -> Result<std::collections::BTreeMap<String, usize>> {
+    let m = crate::onnx::Model::parse(&optimized(env, model)?)?;
+    let mut ops = std::collections::BTreeMap::new();
+    for n in m.graph.messages(crate::onnx::graph::NODE)? {
+        *ops.entry(crate::onnx::op_type(&n)).or_default() += 1;
+    }
+    Ok(ops)
+}
+
+/// The graph ONNX Runtime runs for `model` after its graph optimizations (on this machine's
+/// CPU EP, one thread), as a model's bytes.
+pub fn optimized(env: &Environment, model: &[u8]) -> Result<Vec<u8>> {
     let path = std::env::temp_dir().join(format!(
         "rxd-optimized-{}-{:?}.onnx",
         std::process::id(),
@@ -253,12 +273,7 @@ pub fn optimized_ops(
         })
     });
     let _ = std::fs::remove_file(&path);
-    let m = crate::onnx::Model::parse(&saved?)?;
-    let mut ops = std::collections::BTreeMap::new();
-    for n in m.graph.messages(crate::onnx::graph::NODE)? {
-        *ops.entry(crate::onnx::op_type(&n)).or_default() += 1;
-    }
-    Ok(ops)
+    saved
 }
 
 pub(crate) fn values(inputs: &[Input]) -> Result<Vec<(String, DynValue)>> {
@@ -418,7 +433,21 @@ pub fn ctc_greedy(scores: &[f64], classes: usize) -> Vec<usize> {
     out
 }
 
-/// Cosine similarity of two outputs (1 when both are all zeros).
+/// What a CTC recogniser reads in one item's [T, C] scores, as its users read it: the greedy
+/// decoding ([`ctc_greedy`]) without the spaces at its ends. PaddleOCR's recognisers (PP-OCR,
+/// RapidOCR) put the space last among their classes (`use_space_char`), and one read at a
+/// crop's margin is not part of the word (their pipelines strip it), so two readings that
+/// differ only there agree.
+pub fn ctc_reading(scores: &[f64], classes: usize) -> Vec<usize> {
+    let mut read = ctc_greedy(scores, classes);
+    let space = classes.saturating_sub(1);
+    let end = read.iter().rposition(|&k| k != space).map_or(0, |i| i + 1);
+    read.truncate(end);
+    let start = read.iter().position(|&k| k != space).unwrap_or(read.len());
+    read.drain(..start);
+    read
+}
+
 /// Cosine similarity of two equally long vectors (float32 or float64), summed in f64; 1 when
 /// both are zero.
 pub fn cosine<T: Copy + Into<f64>>(x: &[T], y: &[T]) -> f64 {
@@ -463,7 +492,7 @@ pub fn compare_output(name: &str, shape: &[i64], x: &[f64], y: &[f64]) -> Output
         let same = x
             .chunks_exact(steps)
             .zip(y.chunks_exact(steps))
-            .filter(|(p, q)| ctc_greedy(p, last) == ctc_greedy(q, last))
+            .filter(|(p, q)| ctc_reading(p, last) == ctc_reading(q, last))
             .count();
         same as f64 / items.max(1) as f64
     });

@@ -132,7 +132,8 @@ pub fn compress(shared: &SharedRef, req: &CompressRequest) -> Result<CompressRep
 /// For a model whose model.toml names a `compress` strategy: the file to load — the compressed
 /// form (cached under the cache directory, keyed by the original's bytes and the strategy) when
 /// it agrees with the original on random inputs, else the original — and what happened, in
-/// words for `rxctl models`.
+/// words for `rxctl models`. `at_load`: a weights-only result will be dequantized at load
+/// (model.toml `dequantize-at-load`); without, `auto` does not try its `@load` candidates.
 pub fn prepare(
     runtime: &crate::runtime::Runtime,
     cache_dir: &std::path::Path,
@@ -140,6 +141,7 @@ pub fn prepare(
     version: u64,
     path: &std::path::Path,
     strategy: &str,
+    at_load: bool,
 ) -> (std::path::PathBuf, String) {
     let original = path.to_path_buf();
     let refused = |why: String| {
@@ -159,7 +161,10 @@ pub fn prepare(
         Ok(b) => b,
         Err(e) => return refused(e.to_string()),
     };
-    let key = blake3::hash(&[bytes.as_slice(), strategy.as_bytes()].concat());
+    // Served as it is, auto may choose otherwise: another entry (the key of every other
+    // model stays what it was).
+    let served_as_is: &[u8] = if at_load { b"" } else { b"\0served as it is" };
+    let key = blake3::hash(&[bytes.as_slice(), strategy.as_bytes(), served_as_is].concat());
     let file = format!("{name}-{version}-{}.onnx", &key.to_hex()[..16]);
     // Never a shared directory: a compressed model found there would be served, and one
     // written there could follow a planted symlink. Without a writable cache directory the
@@ -180,6 +185,7 @@ pub fn prepare(
         .and_then(|eval| Job::new(plan, Vec::new(), eval, Thresholds::DEFAULT, false))
         .and_then(|mut job| {
             job.eval_is_random = true;
+            job.at_load = at_load;
             job.run_with(Some(env), &bytes, &progress)
         });
     let done = match done {

@@ -43,6 +43,8 @@ pub struct LoadedModel {
     pub tuning: Option<rxd_protocol::Tuning>,
     /// Why it chose nothing, when it did not.
     pub not_tuned: Option<String>,
+    /// What dequantize-at-load did, when the file was a weights-only form.
+    pub dequantized: Option<Box<rxd_protocol::Dequantized>>,
 }
 
 /// What a version serves with besides its sessions.
@@ -61,6 +63,7 @@ pub struct Serving {
     pub compression: Option<String>,
     pub tuning: Option<rxd_protocol::Tuning>,
     pub not_tuned: Option<String>,
+    pub dequantized: Option<Box<rxd_protocol::Dequantized>>,
     /// The registry's time origin for `last_used`.
     pub epoch: Instant,
     /// Test hook: its workers hang on their first batch.
@@ -102,6 +105,7 @@ impl LoadedModel {
             compression: s.compression,
             tuning: s.tuning,
             not_tuned: s.not_tuned,
+            dequantized: s.dequantized,
         })
     }
 

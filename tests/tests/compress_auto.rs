@@ -129,7 +129,25 @@ fn auto_writes_the_smallest_variant_that_passes_and_it_answers_like_the_original
             "{c}"
         );
     }
-    // No passing candidate is smaller (the size objective).
+    // The weights-only forms are tried as the file runs and dequantized at load: the same
+    // file (size), the float model in memory, judged on what the daemon would run.
+    for name in ["int8-weights", "int8-weights+fp16-weights"] {
+        let row = |n: &str| rows.iter().find(|r| r["strategy"] == n).unwrap();
+        let (file, load) = (row(name), row(&format!("{name}@load")));
+        assert_eq!(load["state"], "measured", "{load}");
+        assert_eq!(load["size_ratio"], file["size_ratio"], "{load} vs {file}");
+        let memory = load["memory_ratio"].as_f64().unwrap();
+        assert!(
+            memory > 3.0 * load["size_ratio"].as_f64().unwrap(),
+            "dequantized, the weights are float in memory: {load}"
+        );
+        assert!(
+            file["memory_ratio"].as_f64().unwrap() < memory,
+            "{file} vs {load}"
+        );
+    }
+    // No passing candidate is smaller beyond the size objective's tolerance, and none as
+    // small is faster.
     let passing = |r: &&serde_json::Value| {
         r["state"] == "measured"
             && r["latency_ratio"].as_f64().unwrap() <= rxd_compress::auto::LATENCY_TOLERANCE
@@ -140,8 +158,19 @@ fn auto_writes_the_smallest_variant_that_passes_and_it_answers_like_the_original
                 .iter()
                 .all(|c| c["minimum"].is_null() || c["value"].as_f64() >= c["minimum"].as_f64())
     };
+    let latency = won["latency_ratio"].as_f64().unwrap();
     for r in rows.iter().filter(passing) {
-        assert!(r["size_ratio"].as_f64().unwrap() >= size, "{r} vs {won}");
+        let s = r["size_ratio"].as_f64().unwrap();
+        assert!(
+            s * rxd_compress::auto::SIZE_TOLERANCE >= size,
+            "{r} vs {won}"
+        );
+        if s <= size {
+            assert!(
+                r["latency_ratio"].as_f64().unwrap() >= latency,
+                "{r} vs {won}"
+            );
+        }
     }
     // What was written is the winner, and the table went to stderr for people.
     let written = std::fs::read(&out).unwrap();
@@ -309,7 +338,9 @@ fn auto_runs_out_of_budget_by_skipping_candidates_and_says_so() {
 fn compress_auto_in_model_toml_serves_the_chosen_variant_and_says_its_accuracy_is_unverified() {
     let repo = Repo::new();
     repo.link("digits", 1, "digits")
-        .settings("digits", "compress = 'auto'\n");
+        .settings("digits", "compress = 'auto'\n")
+        .link("as_is", 1, "digits")
+        .settings("as_is", "compress = 'auto'\ndequantize-at-load = false\n");
     let cache = tempfile::tempdir().unwrap();
     let d = TestDaemon::start_with(
         repo.path(),
@@ -317,10 +348,24 @@ fn compress_auto_in_model_toml_serves_the_chosen_variant_and_says_its_accuracy_i
         &format!("cache-directory = '{}'\n", cache.path().display()),
     );
     let c = d.client();
-    let info = c.model_info("digits", None).unwrap().summary;
-    let note = info.compression.unwrap_or_default();
+    let info = c.model_info("digits", None).unwrap();
+    let note = info.summary.compression.unwrap_or_default();
     assert!(note.starts_with("served compressed (auto chose "), "{note}");
     assert!(note.contains("accuracy unverified"), "{note}");
+    // A weights-only winner is what the daemon then dequantizes at load.
+    assert_eq!(
+        note.contains("@load"),
+        info.dequantized.is_some(),
+        "{note}: {:?}",
+        info.dequantized
+    );
+    // Where the file would be served as it is, auto does not try what only dequantizing at
+    // load makes fast.
+    let info = c.model_info("as_is", None).unwrap();
+    let note = info.summary.compression.unwrap_or_default();
+    assert!(note.starts_with("served compressed (auto chose "), "{note}");
+    assert!(!note.contains("@load"), "{note}");
+    assert!(info.dequantized.is_none());
     // The same labels as the original on the 360 test digits.
     let x = example_npy("digits_test_x.npy", "input");
     let want = Reference::new(&model_file("digits")).run(std::slice::from_ref(&x));
@@ -329,9 +374,11 @@ fn compress_auto_in_model_toml_serves_the_chosen_variant_and_says_its_accuracy_i
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();
-    assert_eq!(cached.len(), 1);
+    assert_eq!(cached.len(), 2, "one per model: {cached:?}");
     let original = std::fs::metadata(model_file("digits")).unwrap().len();
-    assert!(std::fs::metadata(&cached[0]).unwrap().len() < original);
+    for f in &cached {
+        assert!(std::fs::metadata(f).unwrap().len() < original);
+    }
 }
 
 /// The three parts the tests use share no item.

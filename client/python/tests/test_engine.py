@@ -140,6 +140,9 @@ def test_server_publishes_predicts_optimizes_and_reports(served: Daemon) -> None
         q = server.predict("handwriting_q", {"input": x})  # served: the compressed version
         assert (q["label"] == want["label"]).mean() >= 0.75
         assert server.get_model_stats("handwriting_q")["version"] == 2
+    with rxd.Client(served.socket) as c:  # its INT8 weights were made float again at load
+        dq = c.model_info("handwriting_q")["dequantized"]
+        assert dq["folded"] > 0 and dq["remaining"] == 0 and dq["served_bytes"] > 3 * dq["file_bytes"], dq
 
 
 def test_a_peer_that_is_not_an_admin_cannot_publish(served: Daemon) -> None:

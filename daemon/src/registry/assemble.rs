@@ -1,7 +1,7 @@
 //! From model.toml to a served model: a version's settings become a runtime build (the
-//! compressed form first when `compress` asks for it), the built sessions get their input
-//! limits (`max-dims`, empty inputs) and become a [`LoadedModel`] with its scheduler and
-//! coalescer.
+//! compressed form first when `compress` asks for it; a weights-only file dequantized at load
+//! unless `dequantize-at-load = false`), the built sessions get their input limits
+//! (`max-dims`, empty inputs) and become a [`LoadedModel`] with its scheduler and coalescer.
 //! Boundary: never touches an ORT session; the runtime builds them.
 
 use super::footprint::{Build, BuildError, LoadJob};
@@ -69,12 +69,15 @@ impl LoadJob {
                     version,
                     path,
                     strategy,
+                    settings.dequantize_at_load.unwrap_or(true),
                 );
                 tracing::info!(model = %name, version, "{note}");
                 (p, Some(note))
             }
             None => (path.to_path_buf(), None),
         };
+        let served = dequantized(&path, settings, name, version);
+        let (bytes, dequantized) = served.unzip();
         // Test hook (ARCHITECTURE.md): RXD_TEST_LOAD_HANG=<model name prefix> makes that
         // model's loads hang here, as a load blocked on a FIFO at its profile path did.
         if self.defaults.hooks.load_hangs(name) {
@@ -96,6 +99,7 @@ impl LoadJob {
             version,
             device,
             path: &path,
+            bytes: bytes.as_deref(),
             options: SessionOptions {
                 intra_op_threads: settings
                     .intra_op_threads
@@ -146,6 +150,7 @@ impl LoadJob {
                 metrics: self.metrics.clone(),
                 compression,
                 not_tuned: tuning.as_ref().err().cloned(),
+                dequantized: dequantized.map(Box::new),
                 tuning: tuning.ok(),
                 epoch: self.epoch,
                 wedge: self.defaults.hooks.wedges(&format!("{name}-{version}")),
@@ -200,9 +205,15 @@ impl LoadJob {
             .map(|i| 1u32 << i)
             .filter(|&b| b <= max_rows)
             .collect();
-        // Sessions cost about twice the file each (weights, ORT's copies and arena); they may
+        // Measured as it will serve: a weights-only file dequantized.
+        let served = dequantized(&build.path, s, &build.name, build.version);
+        // Sessions cost about twice the model each (weights, ORT's copies and arena); they may
         // take half the device's budget, or a quarter of the machine's memory without one.
-        let session_bytes = 2 * std::fs::metadata(&build.path).map_or(0, |m| m.len());
+        let model_bytes = served.as_ref().map_or_else(
+            || std::fs::metadata(&build.path).map_or(0, |m| m.len()),
+            |(b, _)| b.len() as u64,
+        );
+        let session_bytes = 2 * model_bytes;
         let limit = dev.budget.map_or_else(|| physical_memory() / 4, |b| b / 2);
         let layouts = super::tune::affordable(crate::runtime::layouts(cores), session_bytes, limit);
         let axes = s.axes();
@@ -214,6 +225,7 @@ impl LoadJob {
             ort: self.runtime.version(),
             dims: s.warmup_dims.as_ref(),
             axes: &axes,
+            dequantized: served.is_some(),
         };
         let cache = super::tune::cache_path(&self.defaults.cache_dir, &build.path, &key).ok();
         let remembered = |path: &std::path::Path| {
@@ -232,6 +244,7 @@ impl LoadJob {
         let no_dims = std::collections::HashMap::new();
         let spec = crate::runtime::TuneSpec {
             path: &build.path,
+            bytes: served.as_ref().map(|(b, _)| b.as_slice()),
             target: Target {
                 kind: &dev.kind,
                 options: &dev.options,
@@ -275,6 +288,55 @@ impl LoadJob {
         }
         Ok(t)
     }
+}
+
+/// Dequantize-at-load: when `path` holds a weights-only compressed form (DequantizeLinear of
+/// constant weights in front of float operators) and model.toml does not turn it off
+/// (`dequantize-at-load = false`), the float model it stands for — to make the sessions from
+/// — and what was done; `None`: the file serves as it is (nothing to fold, a model whose
+/// activations are quantized, or the file cannot be read as ONNX: then the session's own
+/// error says so).
+fn dequantized(
+    path: &std::path::Path,
+    settings: &ModelSettings,
+    name: &str,
+    version: u64,
+) -> Option<(Vec<u8>, rxd_protocol::Dequantized)> {
+    if !settings.dequantize_at_load.unwrap_or(true) {
+        return None;
+    }
+    let file = std::fs::read(path).ok()?;
+    let (bytes, d) = match rxd_compress::dequant::dequantize_bytes(&file) {
+        Ok((Some(b), d)) => (b, d),
+        Ok((None, d)) => {
+            if d.refused.is_some() {
+                tracing::debug!(model = %name, version, "{d}");
+            }
+            return None;
+        }
+        Err(e) => {
+            tracing::debug!(model = %name, version, "not dequantized at load: {e}");
+            return None;
+        }
+    };
+    let remaining = rxd_compress::dequant::op_counts(&bytes)
+        .ok()
+        .and_then(|c| c.get("DequantizeLinear").copied())
+        .unwrap_or(0);
+    tracing::info!(
+        model = %name,
+        version,
+        "dequantized at load: {d}; {} bytes on disk, {} served",
+        file.len(),
+        bytes.len()
+    );
+    let info = rxd_protocol::Dequantized {
+        folded: d.folded as u64,
+        remaining: remaining as u64,
+        file_bytes: file.len() as u64,
+        served_bytes: bytes.len() as u64,
+    };
+    Some((bytes, info))
 }
 
 /// The machine's memory in bytes (u64::MAX where the system does not say).

@@ -302,7 +302,12 @@ impl Registry {
             .get(name)
             .and_then(|m| m.versions.get(&version))
             .and_then(|v| v.known);
-        let measured = grew.max(ticket.file_bytes).max(known.unwrap_or(0));
+        // A weights-only file dequantized at load holds its float weights: at least those.
+        let weights = loaded
+            .dequantized
+            .as_ref()
+            .map_or(ticket.file_bytes, |d| d.served_bytes);
+        let measured = grew.max(weights).max(known.unwrap_or(0));
 
         // Final accounting.
         let mut models = self.write();
@@ -318,7 +323,8 @@ impl Registry {
                         d.name == loaded.device && d.kind == crate::config::DeviceKind::Cpu
                     });
                 if on_cpu {
-                    b.estimator.learn(ticket.file_bytes, measured);
+                    // Of the model as served: a dequantized file's float size, not its own.
+                    b.estimator.learn(weights, measured);
                     if let Ok(real) = std::fs::canonicalize(&ticket.path) {
                         b.files.insert(real, measured);
                     }

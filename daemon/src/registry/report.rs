@@ -145,6 +145,7 @@ impl Registry {
             settings: self.settings_view(name, loaded.version).ok(),
             tuning: loaded.tuning.clone(),
             not_tuned: loaded.not_tuned.clone(),
+            dequantized: loaded.dequantized.clone(),
         })
     }
 

@@ -109,6 +109,11 @@ pub struct ModelSettings {
     /// checked against the original on random inputs, used only if it agrees (cosine and
     /// top-1 ≥ 0.99); otherwise the original serves and the summary says why.
     pub compress: Option<String>,
+    /// When the model file is a weights-only compressed form (DequantizeLinear of constant
+    /// int8 weights in front of float operators, as `int8-weights` writes), fold its weights
+    /// back into float when it loads, so it runs at full speed (ONNX Runtime would dequantize
+    /// them on every run): small on disk, the float size in memory. Default true.
+    pub dequantize_at_load: Option<bool>,
 }
 
 impl ModelSettings {
@@ -157,7 +162,8 @@ impl ModelSettings {
             allow_empty_inputs,
             batch_axes,
             shared_inputs,
-            load_timeout_secs
+            load_timeout_secs,
+            dequantize_at_load
         )
     }
 

@@ -126,6 +126,9 @@ pub struct CacheKey<'a> {
     pub dims: Option<&'a std::collections::HashMap<String, Vec<i64>>>,
     /// model.toml `batch-axes` and `shared-inputs`: whether and how it batches.
     pub axes: &'a crate::runtime::AxesConfig,
+    /// The file was measured dequantized at load (a weights-only file served as a float
+    /// model, which runs at another speed than the file as it is).
+    pub dequantized: bool,
 }
 
 /// The cache file for a model file on a device of this machine: named by a hash of the
@@ -137,8 +140,14 @@ pub fn cache_path(cache_dir: &Path, model: &Path, key: &CacheKey<'_>) -> std::io
     let axes: std::collections::BTreeMap<_, _> = key.axes.axes.iter().collect();
     h.update(
         format!(
-            "\0{}\0{}\0{:?}\0{:?}\0{}\0{dims:?}",
-            key.device, key.cores, key.layouts, key.sizes, key.ort
+            "\0{}\0{}\0{:?}\0{:?}\0{}\0{dims:?}{}",
+            key.device,
+            key.cores,
+            key.layouts,
+            key.sizes,
+            key.ort,
+            // Only when set, so the keys of every other model stay what they were.
+            if key.dequantized { "\0dequantized" } else { "" }
         )
         .as_bytes(),
     );
@@ -310,6 +319,7 @@ mod tests {
                 ort: "1.31.1",
                 dims: None,
                 axes: &no_axes,
+                dequantized: false,
             };
             cache_path(dir.path(), m, &key).unwrap()
         };
@@ -327,6 +337,7 @@ mod tests {
             ort: "1.31.1",
             dims: Some(&dims),
             axes: &no_axes,
+            dequantized: false,
         };
         assert_ne!(
             cache_path(dir.path(), &a, &with_dims).unwrap(),
@@ -344,11 +355,22 @@ mod tests {
             ort: "1.31.1",
             dims: None,
             axes: &axes,
+            dequantized: false,
         };
         assert_ne!(
             cache_path(dir.path(), &a, &with_axes).unwrap(),
             p(&a, "cpu", 2),
             "batch-axes change what is measured"
+        );
+        // The same file measured dequantized at load is another entry.
+        let dequantized = CacheKey {
+            dims: None,
+            dequantized: true,
+            ..with_dims
+        };
+        assert_ne!(
+            cache_path(dir.path(), &a, &dequantized).unwrap(),
+            p(&a, "cpu", 2)
         );
         let t = choose(&table(&[(ONE, 1, 1.0), (TWO, 1, 1.5)])).unwrap();
         assert!(read_cache(&p(&a, "cpu", 2)).is_none());

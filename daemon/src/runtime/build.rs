@@ -26,6 +26,9 @@ pub struct BuildSpec<'a> {
     /// The device's name, for logs.
     pub device: &'a str,
     pub path: &'a Path,
+    /// The model made from the file in memory (dequantized at load): sessions are made from
+    /// it; `None`: from the file.
+    pub bytes: Option<&'a [u8]>,
     pub options: SessionOptions,
     pub target: Target<'a>,
     /// When the device's execution provider cannot be created, run on the CPU instead.
@@ -154,6 +157,7 @@ impl Runtime {
             let prof = (i == 0 && spec.warmup).then_some(profile.as_path());
             let (mut session, mut sig) = match self.session_on(
                 spec.path,
+                spec.bytes,
                 &spec.options,
                 target,
                 prof,
@@ -165,7 +169,7 @@ impl Runtime {
                     tracing::warn!(model = %name, version, device = spec.device, "running on the CPU: {why}");
                     fallback = Some(why);
                     target = Target::cpu();
-                    self.session_on(spec.path, &spec.options, target, prof)?
+                    self.session_on(spec.path, spec.bytes, &spec.options, target, prof)?
                 }
                 Err(e) => return Err(e),
             };
@@ -263,7 +267,8 @@ impl Runtime {
             let mut worker = WorkerSessions::from(session);
             if per_size {
                 for &rows in pad_to.iter().filter(|&&b| b > 1) {
-                    let (mut extra, _) = self.session_on(spec.path, &spec.options, target, None)?;
+                    let (mut extra, _) =
+                        self.session_on(spec.path, spec.bytes, &spec.options, target, None)?;
                     if spec.warmup {
                         let _ = warm_at(&mut extra, u64::from(rows))?;
                     }

@@ -172,7 +172,7 @@ impl Runtime {
             allow_spinning: false,
             log_id: "rxd-probe".into(),
         };
-        let made = self.session_on(&path, &opts, target, None);
+        let made = self.session_on(&path, None, &opts, target, None);
         let _ = std::fs::remove_file(&path);
         let (mut session, sig) = made?;
         warmup(&mut session, &sig, 1, &Default::default())?;

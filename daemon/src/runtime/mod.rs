@@ -223,16 +223,19 @@ impl Runtime {
         path: &Path,
         opts: &SessionOptions,
     ) -> Result<(Session, Signature), RuntimeError> {
-        self.session_on(path, opts, Target::cpu(), None)
+        self.session_on(path, None, opts, Target::cpu(), None)
     }
 
     /// Creates one session for `path` on `target` and reads its signature. The device's
     /// execution provider must come up: if it cannot (plugin library missing, no adapter, EP
     /// not in this ONNX Runtime build), the error says so — never a silent CPU session.
     /// `profile`: a file prefix; ORT profiles the session's runs until [`node_placement`].
+    /// `bytes`: the model to make the session from, made from the file at `path` in memory
+    /// (dequantized at load); `None`: the file itself.
     pub fn session_on(
         &self,
         path: &Path,
+        bytes: Option<&[u8]>,
         opts: &SessionOptions,
         target: Target<'_>,
         profile: Option<&Path>,
@@ -263,7 +266,11 @@ impl Runtime {
         builder = self
             .with_device(builder, target)
             .map_err(|e| sess_err(&e))?;
-        let session = builder.commit_from_file(path).map_err(|e| sess_err(&e))?;
+        let session = match bytes {
+            Some(b) => builder.commit_from_memory(b),
+            None => builder.commit_from_file(path),
+        }
+        .map_err(|e| sess_err(&e))?;
         let signature = Signature::of(&session).map_err(|message| RuntimeError::Unsupported {
             path: path.to_path_buf(),
             message,

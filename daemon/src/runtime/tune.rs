@@ -50,6 +50,8 @@ pub struct Cell {
 #[derive(Debug, Clone)]
 pub struct TuneSpec<'a> {
     pub path: &'a Path,
+    /// The model made from the file in memory (dequantized at load), else `None`.
+    pub bytes: Option<&'a [u8]>,
     pub target: Target<'a>,
     /// Spinning and the log id; the thread count comes from each layout.
     pub options: SessionOptions,
@@ -106,7 +108,7 @@ impl Runtime {
             };
             let mut sessions = Vec::with_capacity(layout.instances as usize);
             for _ in 0..layout.instances {
-                let mut made = self.session_on(spec.path, &opts, spec.target, None)?;
+                let mut made = self.session_on(spec.path, spec.bytes, &opts, spec.target, None)?;
                 made.1
                     .set_axes(spec.axes)
                     .map_err(|message| RuntimeError::Unsupported {

@@ -342,6 +342,25 @@ pub struct ModelInfo {
     /// a GPU device, shapes not known, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_tuned: Option<String>,
+    /// Set when the file is a weights-only compressed form (DequantizeLinear in front of float
+    /// operators) whose weights the daemon turned back into float when it loaded it: small on
+    /// disk, float in memory, full speed (model.toml `dequantize-at-load`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dequantized: Option<Box<Dequantized>>,
+}
+
+/// Dequantize-at-load: what the daemon did to a weights-only model file before it made its
+/// sessions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dequantized {
+    /// DequantizeLinear nodes folded into float weights.
+    pub folded: u64,
+    /// DequantizeLinear nodes left in the graph the sessions run (not of constants).
+    pub remaining: u64,
+    /// The file's size.
+    pub file_bytes: u64,
+    /// The size of the model the sessions were made from (float weights).
+    pub served_bytes: u64,
 }
 
 /// Load-time tuning: the layout and batch policy chosen from measurements of the model on its

@@ -15,6 +15,7 @@ else:  # pragma: no cover - Python 3.9 and 3.10
 __all__ = [
     "Capabilities",
     "CompressReply",
+    "Dequantized",
     "DeviceLoad",
     "DeviceShare",
     "DeviceSummary",
@@ -99,10 +100,20 @@ class Settings(TypedDict):
     cache_bytes: int
 
 
+class Dequantized(TypedDict):
+    """What dequantize-at-load did to a weights-only model file."""
+
+    folded: int
+    remaining: int
+    file_bytes: int
+    served_bytes: int
+
+
 class ModelInfo(ModelSummary):
     inputs: List[TensorSpec]
     outputs: List[TensorSpec]
     settings: NotRequired[Settings]
+    dequantized: NotRequired[Dequantized]
 
 
 class Status(TypedDict):

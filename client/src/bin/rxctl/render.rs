@@ -217,6 +217,9 @@ pub fn model_info(info: &ModelInfo) -> String {
     if let Some(c) = &s.compression {
         let _ = writeln!(o, "compression: {c}");
     }
+    if let Some(d) = &info.dequantized {
+        let _ = writeln!(o, "{}", dequantized(d));
+    }
     if let Some(v) = &info.settings {
         let _ = writeln!(
             o,
@@ -389,6 +392,21 @@ pub fn cache_text(bytes: u64) -> String {
     } else {
         size_text(bytes)
     }
+}
+
+/// What dequantize-at-load did to a weights-only file.
+fn dequantized(d: &rxd_client::protocol::Dequantized) -> String {
+    let left = match d.remaining {
+        0 => String::new(),
+        n => format!(", {n} DequantizeLinear of computed values left"),
+    };
+    format!(
+        "dequantized at load: {} DequantizeLinear folded into float weights ({} on disk, {} \
+         served{left})",
+        d.folded,
+        size_text(d.file_bytes),
+        size_text(d.served_bytes)
+    )
 }
 
 /// Bytes for people: `12.3 MiB`.
@@ -682,6 +700,26 @@ mod tests {
         assert_eq!(
             text.lines().nth(3),
             Some("not tuned: tuning is off (tune = false)"),
+            "{text}"
+        );
+
+        // A weights-only file served dequantized at load.
+        let dequantized = ModelInfo {
+            dequantized: Some(Box::new(rxd_client::protocol::Dequantized {
+                folded: 3,
+                remaining: 0,
+                file_bytes: 1 << 20,
+                served_bytes: 4 << 20,
+            })),
+            ..untuned
+        };
+        let text = model_info(&dequantized);
+        assert_eq!(
+            text.lines().nth(3),
+            Some(
+                "dequantized at load: 3 DequantizeLinear folded into float weights \
+                 (1.0 MiB on disk, 4.0 MiB served)"
+            ),
             "{text}"
         );
     }
