@@ -518,6 +518,7 @@ mod tests {
             settings: None,
             tuning: None,
             not_tuned: None,
+            dequantized: None,
         };
         let text = model_info(&info);
         assert!(
