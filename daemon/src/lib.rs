@@ -184,7 +184,7 @@ pub async fn run(
     }
     let notifier = Arc::new(notify::Notifier::from_env());
     supervise::spawn_reloader(shared.clone(), notifier.clone(), shutdown.clone());
-    supervise::spawn_core_watch(shared.clone(), shutdown.clone());
+    supervise::spawn_housekeeping(shared.clone(), shutdown.clone());
     if notifier.enabled() {
         // The socket is bound (before this function) and the preloads are done: ready.
         notifier.send(&format!(

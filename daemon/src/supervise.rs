@@ -77,19 +77,22 @@ pub(crate) fn spawn_notifications(
     }
 }
 
-/// How often the cores the daemon may use are read (`Registry::follow_cores`).
-const CORES_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often the cores the daemon may use are read (`Registry::follow_cores`), and missing
+/// shares of spread models placed (`Registry::place_missing_shares`).
+const HOUSEKEEPING: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Follows the cores the daemon may use — CPU affinity (`taskset`, systemd's `CPUAffinity=`)
-/// and cgroup quota (`CPUQuota=`), as the standard library reads them — every
-/// [`CORES_CHECK`], re-tuning the tuned models when they change. Reading them is a
-/// `sched_getaffinity` and two small cgroup files.
-pub(crate) fn spawn_core_watch(shared: SharedRef, shutdown: tokio_util::sync::CancellationToken) {
-    if !shared.config.cores_auto {
+/// Every [`HOUSEKEEPING`]: follows the cores the daemon may use — CPU affinity (`taskset`,
+/// systemd's `CPUAffinity=`) and cgroup quota (`CPUQuota=`), as the standard library reads
+/// them — re-tuning the tuned models when they change (reading them is a `sched_getaffinity`
+/// and two small cgroup files); and, with several devices, gives spread models the shares
+/// that fit now. Both are blocking work, done off the async threads, one check at a time.
+pub(crate) fn spawn_housekeeping(shared: SharedRef, shutdown: tokio_util::sync::CancellationToken) {
+    let (cores, shares) = (shared.config.cores_auto, shared.config.devices.len() > 1);
+    if !cores && !shares {
         return;
     }
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(CORES_CHECK);
+        let mut tick = tokio::time::interval(HOUSEKEEPING);
         tick.tick().await;
         loop {
             tokio::select! {
@@ -98,8 +101,13 @@ pub(crate) fn spawn_core_watch(shared: SharedRef, shutdown: tokio_util::sync::Ca
             }
             let sh = shared.clone();
             let _ = tokio::task::spawn_blocking(move || {
-                let now = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-                sh.registry.follow_cores(now)
+                if cores {
+                    let now = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+                    sh.registry.follow_cores(now);
+                }
+                if shares {
+                    sh.registry.place_missing_shares();
+                }
             })
             .await;
         }

@@ -252,6 +252,83 @@ fn two_cpu_devices_serve_one_model_like_ort_both_run_batches_and_one_evicted_lea
     assert_eq!(d.client().health().unwrap().state, HealthState::Healthy);
 }
 
+/// Room made on a device by an unload: the spread model's missing share joins that device by
+/// itself (no reload, no `rxctl rebalance`), and no request fails meanwhile.
+#[test]
+fn a_share_that_did_not_fit_joins_by_itself_once_an_unload_makes_room() {
+    let _serial = one_at_a_time();
+    let yolo = "devices = ['cpu-a', 'cpu-b']\nspread = true\nmax-batch-rows = 1\n\
+                warmup-dims = { images = [1, 3, 320, 320] }\n";
+    let two = |budget_b: u64| {
+        format!(
+            "[[device]]\nname = 'cpu-a'\nkind = 'cpu'\nmemory-budget = '1GiB'\n\
+             [[device]]\nname = 'cpu-b'\nkind = 'cpu'\nmemory-budget = {budget_b}\n"
+        )
+    };
+    // What YOLOv8n's share takes on a device here (measured, so the budget below means the
+    // same on any machine).
+    let footprint = {
+        let repo = Repo::new();
+        repo.link("yolo", 1, "yolov8n").settings("yolo", yolo);
+        let d = TestDaemon::start_with(
+            repo.path(),
+            &[],
+            &format!("preload = ['yolo']\n{}", two(1 << 30)),
+        );
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let s = d.summaries().remove("yolo").unwrap();
+            if let Some(b) = share(&s, "cpu-b").and_then(|x| x.memory_bytes) {
+                break b;
+            }
+            assert!(Instant::now() < deadline, "{s:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // cpu-b already holds a model as large as the share or larger, and has room for half a
+    // share besides; when that model leaves, the whole of cpu-b's budget is free.
+    let filler = (footprint as usize).max(32 << 20);
+    let repo = Repo::new();
+    repo.link("yolo", 1, "yolov8n").settings("yolo", yolo);
+    repo.link_padded("filler", 1, "digits", filler)
+        .settings("filler", "devices = ['cpu-b']\n");
+    let budget_b = filler as u64 + footprint / 2;
+    let d = TestDaemon::start_with(
+        repo.path(),
+        &[],
+        &format!("preload = ['filler']\n{}", two(budget_b)),
+    );
+    let image = f32_tensor("images", &[1, 3, 320, 320], &random_f32(3 * 320 * 320, 5));
+    let want = Reference::new(&model_file("yolov8n")).run(std::slice::from_ref(&image));
+    let client = d.client();
+    assert_eq!(client.infer("yolo", vec![image.clone()]).unwrap(), want);
+    // Give the automatic placement a few of its checks: no room, no share.
+    std::thread::sleep(Duration::from_secs(6));
+    let s = d.summaries().remove("yolo").unwrap();
+    assert!(share(&s, "cpu-b").is_none(), "no room on cpu-b yet: {s:?}");
+    assert_eq!(s.state, ModelState::Ready);
+
+    rxctl_text(&d, &["unload", "filler"]);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        assert_eq!(client.infer("yolo", vec![image.clone()]).unwrap(), want);
+        let s = d.summaries().remove("yolo").unwrap();
+        if share(&s, "cpu-b").is_some_and(|x| x.state == "serving") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the share did not join cpu-b: {s:?}\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        d.log_text().contains("rebalance: a share joins the device"),
+        "the log says why"
+    );
+}
+
 #[test]
 fn a_device_that_fails_every_run_costs_no_request_is_named_by_health_and_is_tried_again() {
     let _serial = one_at_a_time();

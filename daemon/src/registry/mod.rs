@@ -319,6 +319,10 @@ pub struct Registry {
     caps: Vec<std::sync::OnceLock<Option<rxd_protocol::Capabilities>>>,
     /// Per device: busy time and rows, recorded by the workers placed there.
     loads: Vec<Arc<crate::metrics::DeviceLoad>>,
+    /// When a share of a version could not be placed on a device (it did not fit, or failed
+    /// to build): the automatic rebalance leaves that device alone for a while
+    /// ([`Registry::place_missing_shares`]).
+    share_misses: Mutex<HashMap<(Key, String), Instant>>,
     /// Threads per instance by default, and the cores tuning spreads a model over:
     /// `defaults.intra_op_threads`, then the cores the daemon may use as they change when
     /// `defaults.follow_cores` ([`Registry::follow_cores`]).
@@ -352,6 +356,7 @@ impl Registry {
             stopping: AtomicBool::new(false),
             tunings: Default::default(),
             cores: std::sync::atomic::AtomicU32::new(defaults.intra_op_threads),
+            share_misses: Mutex::new(HashMap::new()),
             caps: defaults
                 .devices
                 .iter()

@@ -8,11 +8,15 @@
 //! alone (`take_victims`): the version keeps serving on its other devices.
 //! [`Registry::rebalance`] places a version again over its allowed devices: shares on devices
 //! no longer listed (or failing) leave, missing ones are added; `rxctl rebalance` and every
-//! reload (budgets may have grown) run it.
+//! reload (budgets may have grown) run it. Every few seconds
+//! [`Registry::place_missing_shares`] adds, by itself, the shares that fit now (memory freed
+//! by an unload or an eviction, a device whose runs failed that works again); load is the
+//! router's to balance, batch by batch.
 //! Boundary: decisions about memory come from `budget`; the routing between lanes is the
 //! scheduler's.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rxd_protocol::ModelSummary;
 
@@ -22,7 +26,78 @@ use super::{Held, Key, Registry};
 use crate::error::RequestError;
 use crate::model::LoadedModel;
 
+/// How long the automatic rebalance leaves a device alone after a version's share could not
+/// be placed there (it did not fit, or its build failed): a device without room is asked again
+/// at this pace, not at every check, and a share whose build fails is not rebuilt over and over.
+pub const SHARE_RETRY: Duration = Duration::from_secs(30);
+
 impl Registry {
+    /// Gives every resident version that is spread over several devices the shares it lacks
+    /// on devices that can take them now: room freed by an unload or an eviction, a device
+    /// whose runs failed and now succeed (a failing device keeps its share; the router tries
+    /// it again by itself). A device that could not take a version's share is tried again
+    /// only after [`SHARE_RETRY`]. Returns the shares added. Blocking (each share is a
+    /// build); called every few seconds (`supervise::spawn_housekeeping`).
+    pub fn place_missing_shares(&self) -> Vec<(String, u64, String)> {
+        if self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            return Vec::new();
+        }
+        let now = Instant::now();
+        let resident: Vec<(String, u64)> = {
+            let models = self.read();
+            models
+                .iter()
+                .flat_map(|(n, m)| {
+                    m.versions
+                        .iter()
+                        .filter(|(_, v)| v.loaded().is_some())
+                        .map(move |(&v, _)| (n.clone(), v))
+                })
+                .collect()
+        };
+        let mut added = Vec::new();
+        for (name, version) in resident {
+            let Some((loaded, want)) = self.spread_plan(&name, version) else {
+                continue;
+            };
+            let have = loaded.scheduler().devices();
+            let failing: Vec<String> = loaded
+                .scheduler()
+                .failing_devices()
+                .into_iter()
+                .map(|(d, _)| d)
+                .collect();
+            let key: Key = (name.clone(), version);
+            for device in want
+                .iter()
+                .filter(|d| !have.contains(d) && !failing.contains(d))
+            {
+                let slot = (key.clone(), device.clone());
+                {
+                    let mut misses = self.share_misses.lock().unwrap_or_else(|e| e.into_inner());
+                    misses.retain(|_, at| now.saturating_duration_since(*at) < SHARE_RETRY);
+                    if misses.contains_key(&slot) {
+                        continue;
+                    }
+                }
+                match self.add_share(&loaded, device) {
+                    Ok(()) => {
+                        tracing::info!(model = %name, version, device = %device, "rebalance: a share joins the device");
+                        added.push((name.clone(), version, device.clone()));
+                    }
+                    Err(e) => {
+                        tracing::debug!(model = %name, version, device = %device, "no share on the device yet: {e}");
+                        self.share_misses
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(slot, Instant::now());
+                    }
+                }
+            }
+        }
+        added
+    }
+
     /// Gives a ready version a share on each device its settings spread it to and it lacks.
     /// Blocking (each share is a build). Problems are logged, not returned: the version
     /// serves on the devices it has.
