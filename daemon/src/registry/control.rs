@@ -26,7 +26,7 @@ impl Registry {
     /// versions re-tuned. Blocking: tuning measures for up to a few seconds per version.
     pub fn follow_cores(&self, now: u32) -> Vec<(String, u64)> {
         use std::sync::atomic::Ordering::Relaxed;
-        if !self.defaults.follow_cores || now == 0 {
+        if !self.defaults.follow_cores || now == 0 || self.stopping.load(Relaxed) {
             return Vec::new();
         }
         let before = self.cores.swap(now, Relaxed);

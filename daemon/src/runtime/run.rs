@@ -93,6 +93,8 @@ pub(super) fn run_batch(
                     // One request can fail a whole batch (a value ONNX Runtime refuses, such
                     // as an index out of range): each then runs alone, so that only requests
                     // that fail on their own fail, never a stranger's batched beside them.
+                    // (On a GPU session kept for one batch size this runs other sizes on it:
+                    // slower, once, and only after a failure.)
                     tracing::debug!("a batch of {} failed, running each alone: {e}", jobs.len());
                     for job in jobs {
                         let result = run_one(session, &job, None);
