@@ -194,23 +194,27 @@ impl Default for Repo {
     }
 }
 
+/// Protobuf's base-128 varint of `v`, appended to `out`.
+fn varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// A length-delimited protobuf field (`number`, wire type 2) holding `body`.
+fn field(out: &mut Vec<u8>, number: u64, body: &[u8]) {
+    varint(out, number << 3 | 2);
+    varint(out, body.len() as u64);
+    out.extend_from_slice(body);
+}
+
 /// Protobuf bytes that, appended to an ONNX file, add to its graph a float initializer of
 /// `bytes` bytes (rounded down to whole floats) named `name`, no node uses: a `ModelProto.graph` field
 /// occurring twice is merged by the parser, so the graph gains `initializer` without the
 /// original bytes being rewritten.
 fn unused_initializer(name: &str, bytes: usize) -> Vec<u8> {
-    fn varint(out: &mut Vec<u8>, mut v: u64) {
-        while v >= 0x80 {
-            out.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        out.push(v as u8);
-    }
-    fn field(out: &mut Vec<u8>, number: u64, body: &[u8]) {
-        varint(out, number << 3 | 2);
-        varint(out, body.len() as u64);
-        out.extend_from_slice(body);
-    }
     let floats = bytes / 4;
     let mut tensor = Vec::new();
     varint(&mut tensor, 1 << 3); // dims
@@ -247,18 +251,6 @@ fn unused_initializer(name: &str, bytes: usize) -> Vec<u8> {
 /// four-element float table, `index` int64 `[n]`. An index outside 0..4 makes ONNX Runtime
 /// fail the run: a request whose values, not shape, fail it.
 pub fn gather_model() -> Vec<u8> {
-    fn varint(out: &mut Vec<u8>, mut v: u64) {
-        while v >= 0x80 {
-            out.push((v as u8) | 0x80);
-            v >>= 7;
-        }
-        out.push(v as u8);
-    }
-    fn field(out: &mut Vec<u8>, number: u64, body: &[u8]) {
-        varint(out, number << 3 | 2);
-        varint(out, body.len() as u64);
-        out.extend_from_slice(body);
-    }
     fn number(out: &mut Vec<u8>, field: u64, v: u64) {
         varint(out, field << 3);
         varint(out, v);

@@ -43,30 +43,13 @@ impl Registry {
             return Vec::new();
         }
         let now = Instant::now();
-        let resident: Vec<(String, u64)> = {
-            let models = self.read();
-            models
-                .iter()
-                .flat_map(|(n, m)| {
-                    m.versions
-                        .iter()
-                        .filter(|(_, v)| v.loaded().is_some())
-                        .map(move |(&v, _)| (n.clone(), v))
-                })
-                .collect()
-        };
         let mut added = Vec::new();
-        for (name, version) in resident {
+        for (name, version) in self.resident_versions(None) {
             let Some((loaded, want)) = self.spread_plan(&name, version) else {
                 continue;
             };
             let have = loaded.scheduler().devices();
-            let failing: Vec<String> = loaded
-                .scheduler()
-                .failing_devices()
-                .into_iter()
-                .map(|(d, _)| d)
-                .collect();
+            let failing = failing_devices(&loaded);
             let key: Key = (name.clone(), version);
             for device in want
                 .iter()
@@ -96,6 +79,20 @@ impl Registry {
             }
         }
         added
+    }
+
+    /// The resident versions of model `name` (of every model without one).
+    fn resident_versions(&self, name: Option<&str>) -> Vec<(String, u64)> {
+        self.read()
+            .iter()
+            .filter(|(n, _)| name.is_none_or(|want| want == n.as_str()))
+            .flat_map(|(n, m)| {
+                m.versions
+                    .iter()
+                    .filter(|(_, v)| v.loaded().is_some())
+                    .map(|(&v, _)| (n.clone(), v))
+            })
+            .collect()
     }
 
     /// Gives a ready version a share on each device its settings spread it to and it lacks.
@@ -248,33 +245,15 @@ impl Registry {
     /// added. Requests are never failed: a leaving share finishes what it holds, and the
     /// version serves on its other devices meanwhile. Blocking.
     pub fn rebalance(&self, name: Option<&str>) -> Result<Vec<ModelSummary>, RequestError> {
-        let targets: Vec<(String, u64)> = {
-            let models = self.read();
-            if let Some(n) = name
-                && !models.contains_key(n)
-            {
-                return Err(RequestError::UnknownModel(n.into()));
-            }
-            models
-                .iter()
-                .filter(|(n, _)| name.is_none_or(|want| want == n.as_str()))
-                .flat_map(|(n, m)| {
-                    m.versions
-                        .iter()
-                        .filter(|(_, v)| v.loaded().is_some())
-                        .map(|(&v, _)| (n.clone(), v))
-                })
-                .collect()
-        };
+        if let Some(n) = name
+            && !self.read().contains_key(n)
+        {
+            return Err(RequestError::UnknownModel(n.into()));
+        }
         let mut out = Vec::new();
-        for (n, v) in targets {
+        for (n, v) in self.resident_versions(name) {
             if let Some((loaded, want)) = self.spread_plan(&n, v) {
-                let failing: Vec<String> = loaded
-                    .scheduler()
-                    .failing_devices()
-                    .into_iter()
-                    .map(|(d, _)| d)
-                    .collect();
+                let failing = failing_devices(&loaded);
                 // The device it loaded on holds the version itself: it stays.
                 for device in loaded.scheduler().devices() {
                     let listed = want.contains(&device);
@@ -300,4 +279,14 @@ impl Registry {
         }
         Ok(out)
     }
+}
+
+/// The devices whose runs of `loaded` fail.
+fn failing_devices(loaded: &LoadedModel) -> Vec<String> {
+    loaded
+        .scheduler()
+        .failing_devices()
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect()
 }
