@@ -70,6 +70,8 @@ pub struct Serving {
     pub wedge: bool,
     /// Test hook: its device fails every run.
     pub fail_runs: bool,
+    /// Test hook: its device's runs fail inside ONNX Runtime.
+    pub ort_fails: bool,
     /// Its device's busy time and rows (the workers record each batch there).
     pub device_load: Arc<crate::metrics::DeviceLoad>,
 }
@@ -126,6 +128,7 @@ impl LoadedModel {
             load: s.device_load.clone(),
             lane: 0,
             fail_runs: s.fail_runs,
+            ort_fails: s.ort_fails,
             axes,
         }
     }

@@ -252,6 +252,104 @@ fn two_cpu_devices_serve_one_model_like_ort_both_run_batches_and_one_evicted_lea
     assert_eq!(d.client().health().unwrap().state, HealthState::Healthy);
 }
 
+/// A device whose runs fail inside ONNX Runtime itself (`ort:` in the test hook: each run is
+/// given an input the model does not have, as a broken execution provider fails): every batch
+/// that fails there is run again on the other device, no request fails, and the device is
+/// blamed — health degraded naming it — because the same requests ran elsewhere.
+#[test]
+fn a_device_whose_runs_fail_in_onnx_runtime_costs_no_request_and_is_blamed() {
+    let _serial = one_at_a_time();
+    let repo = repo();
+    let d = TestDaemon::start_env(
+        repo.path(),
+        &[("RXD_TEST_FAIL_DEVICE", "ort:cpu-b")],
+        &devices_config("1GiB"),
+        &[],
+    );
+    wait_for_both(&d);
+    let cases = inputs_and_answers(16);
+    assert_eq!(load(&d, &cases, 8, 30), 0, "no request fails");
+    let s = settled(&d);
+    let b = share(&s, "cpu-b").unwrap();
+    assert_eq!(b.state, "failed", "{s:?}");
+    assert_eq!(b.rows, 0, "nothing answered from cpu-b: {s:?}");
+    assert!(
+        b.error
+            .as_deref()
+            .is_some_and(|e| e.contains("rxd_test_no_such_input")),
+        "ONNX Runtime's own error: {s:?}"
+    );
+    let health = d.client().health().unwrap();
+    assert_eq!(health.state, HealthState::Degraded, "{health:?}");
+    assert!(
+        health.reasons.iter().any(|r| r.contains("cpu-b")),
+        "{health:?}"
+    );
+}
+
+/// Requests whose values ONNX Runtime refuses fail on every device: they are answered with
+/// their own error after one retry elsewhere, and no device is blamed for them.
+#[test]
+fn requests_that_fail_everywhere_fail_and_no_device_is_blamed() {
+    let _serial = one_at_a_time();
+    let repo = Repo::new();
+    repo.write("gather", 1, &gather_model()).settings(
+        "gather",
+        "devices = ['cpu-a', 'cpu-b']\nspread = true\nmax-batch-rows = 1\n",
+    );
+    let config = devices_config("1GiB").replace(MODEL, "gather");
+    let d = TestDaemon::start_with(repo.path(), &[], &config);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !d.summaries()["gather"]
+        .shares
+        .iter()
+        .all(|x| x.state == "serving")
+        || d.summaries()["gather"].shares.len() < 2
+    {
+        assert!(Instant::now() < deadline, "{:?}", d.summaries()["gather"]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let index = |i: i64| {
+        Tensor::inline(
+            "index",
+            rxd_client::DType::Int64,
+            vec![1],
+            i.to_le_bytes().to_vec(),
+        )
+    };
+    let client = d.client();
+    for i in 0..12i64 {
+        match client.infer(
+            "gather",
+            vec![index(if i % 3 == 0 { 100 + i } else { i % 4 })],
+        ) {
+            Ok(out) if i % 3 != 0 => {
+                assert_eq!(tensor_f32(&out[0]), vec![10.0 * ((i % 4) + 1) as f32])
+            }
+            Err(rxd_client::ClientError::Server(w)) if i % 3 == 0 => {
+                assert_eq!(
+                    w.kind(),
+                    Some(rxd_client::ErrorCode::InferenceFailed),
+                    "{w}"
+                );
+                assert!(
+                    w.message.contains("out of data bounds"),
+                    "its own error: {w}"
+                );
+            }
+            other => panic!("request {i}: {other:?}"),
+        }
+    }
+    let health = d.client().health().unwrap();
+    assert_eq!(
+        health.state,
+        HealthState::Healthy,
+        "no device blamed: {health:?}"
+    );
+    let s = d.summaries().remove("gather").unwrap();
+    assert!(s.shares.iter().all(|x| x.state == "serving"), "{s:?}");
+}
+
 /// Room made on a device by an unload: the spread model's missing share joins that device by
 /// itself (no reload, no `rxctl rebalance`), and no request fails meanwhile.
 #[test]

@@ -48,7 +48,9 @@ pub use crate::runtime::DeviceKind;
 /// on their first batch (the watchdog test); `RXD_TEST_NO_FLOAT16=<device,...>` makes those
 /// devices' capability probe find no float16 (the float16 placement test);
 /// `RXD_TEST_FAIL_DEVICE=<device,...>` makes every run on those devices fail (the failing
-/// device test: its batches are handed back to be retried elsewhere).
+/// device test: its batches are handed back unrun to be retried elsewhere); a device written
+/// `ort:<device>` there fails inside ONNX Runtime instead (each run is given an input the
+/// model does not have), through the path a real execution provider's failure takes.
 #[derive(Debug, Clone, Default)]
 pub struct TestHooks {
     pub load_hang: Option<String>,
@@ -78,11 +80,19 @@ impl TestHooks {
             .is_some_and(|l| l.split(',').any(|d| d.trim() == name))
     }
 
-    /// Whether every run on device `name` fails.
+    /// Whether every run on device `name` fails (handed back unrun).
     pub fn fails_device(&self, name: &str) -> bool {
         self.fail_device
             .as_ref()
             .is_some_and(|l| l.split(',').any(|d| d.trim() == name))
+    }
+
+    /// Whether every run on device `name` fails inside ONNX Runtime.
+    pub fn fails_in_ort(&self, name: &str) -> bool {
+        self.fail_device.as_ref().is_some_and(|l| {
+            l.split(',')
+                .any(|d| d.trim().strip_prefix("ort:") == Some(name))
+        })
     }
 
     /// Whether loads of `model` hang.

@@ -155,6 +155,7 @@ impl LoadJob {
                 epoch: self.epoch,
                 wedge: self.defaults.hooks.wedges(&format!("{name}-{version}")),
                 fail_runs: self.defaults.hooks.fails_device(actual),
+                ort_fails: self.defaults.hooks.fails_in_ort(actual),
                 device_load: self
                     .defaults
                     .devices

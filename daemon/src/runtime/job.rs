@@ -114,6 +114,10 @@ pub struct Batch {
     /// Already handed back once by a failing device and routed again (a batch is retried
     /// once).
     pub retried: bool,
+    /// The lane whose run of it failed inside ONNX Runtime, and how: should it succeed here,
+    /// that device is to blame ([`BatchListener::blame`]); should it fail here too, the
+    /// requests are (and nobody is blamed).
+    pub failed_on: Option<Box<(usize, String)>>,
 }
 
 /// Told when a worker finishes a batch (the scheduler, held weakly by the workers).
@@ -131,9 +135,22 @@ pub trait BatchListener: Send + Sync {
     );
 
     /// The worker's device failed the batch before any job was answered: the listener retries
-    /// it elsewhere or answers it. Only the test hook that fails a device's runs hands batches
-    /// back; a run that fails inside ONNX Runtime answers its jobs with the error.
+    /// it elsewhere or answers it. The test hook that fails a device's runs hands batches back
+    /// this way (the device is known to be at fault).
     fn batch_failed(&self, lane: usize, batch: Batch, error: String);
+
+    /// Whether a batch that ONNX Runtime failed on `lane` could be tried on another device
+    /// (one is usable, and the batch was not retried already).
+    fn can_retry(&self, lane: usize, retried: bool) -> bool;
+
+    /// ONNX Runtime failed every request of the batch, each run alone too: the device may be
+    /// at fault (an execution provider that fails every run, a lost GPU) or the requests may
+    /// be (a value ONNX Runtime refuses). The listener retries it once on another device,
+    /// marking it `failed_on` this lane, or answers it with `error`.
+    fn run_failed(&self, lane: usize, batch: Batch, error: String);
+
+    /// A batch that failed on `lane` ran here: that device is at fault.
+    fn blame(&self, lane: usize, error: String);
 }
 
 /// The size a batch of `rows` rows runs at: the smallest of `pad_to` that holds it, or its own

@@ -11,9 +11,7 @@ use ort::session::{Session, SessionInputValue};
 use super::deliver::{View, deliver};
 use super::job::{Batch, InputData, Job, OutputTensor, padded_rows};
 use super::worker::{ArenaRelease, Pad, WorkerSessions};
-use super::{
-    Axes, Axis, RuntimeError, dtype_of, element_type_of, raw, release_free_memory, run_err,
-};
+use super::{Axis, RuntimeError, dtype_of, element_type_of, raw, release_free_memory, run_err};
 
 /// A worker's gather buffers, one per model input, kept (with their capacity) from batch to
 /// batch: a batch's inputs are copied once, into memory that was used before, and the batch
@@ -48,13 +46,33 @@ fn elements_of<'a>(shapes: impl IntoIterator<Item = &'a [u64]>) -> u64 {
         .fold(0u64, u64::saturating_add)
 }
 
-/// Runs a batch and completes every job in it.
+/// Jobs of a batch that ONNX Runtime failed, every one (each run alone too): handed back to
+/// the scheduler unanswered, with the error, so that another device can try them.
+pub(super) struct Failed {
+    pub jobs: Vec<Job>,
+    pub rows: Vec<u32>,
+    pub error: String,
+}
+
+/// What became of a batch.
+pub(super) enum Ran {
+    /// Every job answered; `ok`: at least one with outputs.
+    Answered {
+        ok: bool,
+    },
+    HandedBack(Failed),
+}
+
+/// Runs a batch and completes every job in it — except when ONNX Runtime fails every job
+/// (alone too) and `hand_back()` says another device could try them: those are handed back
+/// unanswered ([`Failed`]). Otherwise each failed job is answered with its own error.
 pub(super) fn run_batch(
     sessions: &mut WorkerSessions,
     batch: Batch,
     pad: Pad<'_>,
     staging: &mut Staging,
-) {
+    hand_back: &dyn Fn() -> bool,
+) -> Ran {
     let Batch { jobs, rows, .. } = batch;
     let mut live: Vec<(Job, u32)> = Vec::with_capacity(jobs.len());
     for (j, r) in jobs.into_iter().zip(rows) {
@@ -68,41 +86,74 @@ pub(super) fn run_batch(
     let total: u64 = live.iter().map(|(_, r)| u64::from(*r)).sum();
     let padded = padded_rows(total, pad.to);
     let (session, arena, is_main) = sessions.for_rows(padded);
-    let shrunk = match live.len() {
-        0 => false,
+    let (shrunk, ran) = match live.len() {
+        0 => (false, Ran::Answered { ok: false }),
         1 if padded == total => {
-            let (job, _) = live.into_iter().next().expect("one");
+            let (job, r) = live.into_iter().next().expect("one");
             let elements = elements_of(job.inputs.iter().map(|t| t.shape.as_slice()));
             let shrink = arena.for_run(elements);
             let shrunk = shrink.is_some();
-            let result = run_one(session, &job, shrink);
-            job.completion.complete(result);
-            shrunk
+            match run_one(session, &job, shrink, pad.bogus) {
+                Err(RuntimeError::Run(error)) if hand_back() => (
+                    shrunk,
+                    Ran::HandedBack(Failed {
+                        jobs: vec![job],
+                        rows: vec![r],
+                        error,
+                    }),
+                ),
+                result => {
+                    let ok = result.is_ok();
+                    job.completion.complete(result);
+                    (shrunk, Ran::Answered { ok })
+                }
+            }
         }
         _ => {
             let (jobs, rows): (Vec<Job>, Vec<u32>) = live.into_iter().unzip();
-            let (result, shrunk) =
-                run_many(session, &jobs, &rows, padded, pad.axes, staging, arena);
+            let (result, shrunk) = run_many(session, &jobs, &rows, padded, pad, staging, arena);
             match result {
                 Ok(results) => {
+                    let ok = results.iter().any(Result::is_ok);
                     for (job, r) in jobs.into_iter().zip(results) {
                         job.completion.complete(r);
                     }
+                    (shrunk, Ran::Answered { ok })
                 }
                 Err(e) => {
                     // One request can fail a whole batch (a value ONNX Runtime refuses, such
                     // as an index out of range): each then runs alone, so that only requests
                     // that fail on their own fail, never a stranger's batched beside them.
                     // (On a GPU session kept for one batch size this runs other sizes on it:
-                    // slower, once, and only after a failure.)
+                    // slower, once, and only after a failure.) When every one fails alone
+                    // too, the device may be what fails: they go back unanswered.
                     tracing::debug!("a batch of {} failed, running each alone: {e}", jobs.len());
-                    for job in jobs {
-                        let result = run_one(session, &job, None);
-                        job.completion.complete(result);
+                    let alone: Vec<_> = jobs
+                        .into_iter()
+                        .map(|job| {
+                            let result = run_one(session, &job, None, pad.bogus);
+                            (job, result)
+                        })
+                        .collect();
+                    let every = alone
+                        .iter()
+                        .all(|(_, r)| matches!(r, Err(RuntimeError::Run(_))));
+                    if every && hand_back() {
+                        let error = match &alone[0].1 {
+                            Err(RuntimeError::Run(m)) => m.clone(),
+                            _ => e.to_string(),
+                        };
+                        let jobs = alone.into_iter().map(|(job, _)| job).collect();
+                        (shrunk, Ran::HandedBack(Failed { jobs, rows, error }))
+                    } else {
+                        let ok = alone.iter().any(|(_, r)| r.is_ok());
+                        for (job, result) in alone {
+                            job.completion.complete(result);
+                        }
+                        (shrunk, Ran::Answered { ok })
                     }
                 }
             }
-            shrunk
         }
     };
     // A run that shrank the arena itself: its freed heap goes back now that the answers
@@ -110,6 +161,7 @@ pub(super) fn run_batch(
     if shrunk && is_main {
         release_free_memory();
     }
+    ran
 }
 
 /// Runs `values` and borrows the outputs named `names` (all of them must exist).
@@ -153,12 +205,22 @@ fn with_outputs<R>(
     then(&views)
 }
 
+/// The test hook's input that no model has (`config::TestHooks`, `ort:` devices): ONNX Runtime
+/// refuses the run, as a failing execution provider would.
+fn bogus_input() -> Result<(Cow<'static, str>, SessionInputValue<'static>), RuntimeError> {
+    static ZERO: [u8; 4] = [0; 4];
+    let value = raw::tensor_over_bytes(&ZERO, element_type_of(rxd_protocol::DType::Float32), &[1])
+        .map_err(|e| run_err(&e))?;
+    Ok((Cow::Borrowed("rxd_test_no_such_input"), value))
+}
+
 /// Runs one job: inputs straight from where they are (zero copy from the arena or from the
 /// request's inline bytes).
 fn run_one(
     session: &mut Session,
     job: &Job,
     shrink: Option<&ort::session::RunOptions>,
+    bogus: bool,
 ) -> Result<Vec<OutputTensor>, RuntimeError> {
     let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
         Vec::with_capacity(job.inputs.len());
@@ -175,6 +237,9 @@ fn run_one(
         };
         values.push((Cow::Borrowed(t.name.as_str()), value));
     }
+    if bogus {
+        values.push(bogus_input()?);
+    }
     let names: Vec<&str> = job.outputs.iter().map(String::as_str).collect();
     with_outputs(session, values, &names, shrink, |views| {
         deliver(views, &job.placement)
@@ -189,7 +254,7 @@ fn run_many(
     jobs: &[Job],
     rows: &[u32],
     padded: u64,
-    axes: &Axes,
+    pad: Pad<'_>,
     staging: &mut Staging,
     arena: &mut ArenaRelease,
 ) -> (Results, bool) {
@@ -200,7 +265,7 @@ fn run_many(
         jobs,
         rows,
         padded,
-        axes,
+        pad,
         staging,
         &mut gathered,
         arena,
@@ -223,7 +288,7 @@ fn run_gathered(
     jobs: &[Job],
     rows: &[u32],
     padded: u64,
-    axes: &Axes,
+    pad: Pad<'_>,
     staging: &mut Staging,
     gathered: &mut Vec<(Vec<u8>, Vec<u64>)>,
     arena: &mut ArenaRelease,
@@ -231,7 +296,7 @@ fn run_gathered(
 ) -> Results {
     let real: u64 = rows.iter().map(|&r| u64::from(r)).sum();
     let total = padded.max(real);
-    let first = &jobs[0];
+    let (axes, first) = (pad.axes, &jobs[0]);
     let incompatible = || RuntimeError::Run("incompatible requests in one batch".into());
     for (k, t) in first.inputs.iter().enumerate() {
         gathered.push((staging.take(k), Vec::new()));
@@ -277,6 +342,9 @@ fn run_gathered(
         let tensor = raw::tensor_over_bytes(bytes, element_type_of(t.dtype), shape)
             .map_err(|e| run_err(&e))?;
         values.push((Cow::Borrowed(t.name.as_str()), tensor));
+    }
+    if pad.bogus {
+        values.push(bogus_input()?);
     }
     // Every output any job wants, in first-seen order, with where its rows are.
     let mut names: Vec<&str> = Vec::new();

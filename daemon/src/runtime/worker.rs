@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use ort::session::{Session, SessionInputValue};
 
 use super::job::{Batch, BatchListener};
-use super::run::{Staging, run_batch};
+use super::run::{Ran, Staging, run_batch};
 use super::{RuntimeError, release_free_memory};
 
 /// The sessions of one worker: `main`, and on GPU devices one more session per padded batch
@@ -217,6 +217,9 @@ pub struct Crew {
     /// A test hook (`config::TestHooks`): the device fails every run; each batch is handed
     /// back to the listener unrun.
     pub fail_runs: bool,
+    /// A test hook (`config::TestHooks`): every run is given an input the model does not
+    /// have, so ONNX Runtime fails it.
+    pub ort_fails: bool,
 }
 
 impl WorkerPool {
@@ -238,6 +241,7 @@ impl WorkerPool {
             axes,
             lane,
             fail_runs,
+            ort_fails,
         } = crew;
         let pad_to: Arc<[u32]> = pad_to.into();
         // The scheduler bounds what is handed out in all (one batch per worker of the version,
@@ -264,6 +268,7 @@ impl WorkerPool {
                     let pad = Pad {
                         to: &pad_to,
                         axes: &axes,
+                        bogus: ort_fails,
                     };
                     worker_loop(session, rx, pad, listener, &busy[i], hooks, &load, lane)
                 })
@@ -273,12 +278,12 @@ impl WorkerPool {
         Ok(pool)
     }
 
-    /// Hands a batch to the workers (the next free one takes it). Fails (returning the batch)
-    /// only if the workers are gone.
-    pub fn send(&self, batch: Batch) -> Result<(), Batch> {
+    /// Hands a batch to the workers (the next free one takes it). Fails (returning the batch,
+    /// boxed: the error path is rare) only if the workers are gone.
+    pub fn send(&self, batch: Batch) -> Result<(), Box<Batch>> {
         match &self.tx {
-            Some(tx) => tx.try_send(batch).map_err(|e| e.into_inner()),
-            None => Err(batch),
+            Some(tx) => tx.try_send(batch).map_err(|e| Box::new(e.into_inner())),
+            None => Err(Box::new(batch)),
         }
     }
 
@@ -318,6 +323,8 @@ impl Drop for WorkerPool {
 pub(super) struct Pad<'a> {
     pub to: &'a [u32],
     pub axes: &'a super::Axes,
+    /// Test hook: runs are given an input the model does not have (ONNX Runtime fails them).
+    pub bogus: bool,
 }
 
 /// The test hooks a worker obeys.
@@ -387,21 +394,56 @@ fn worker_loop(
         let rows: u32 = batch.rows.iter().sum();
         let dispatched = batch.dispatched.max(last_done);
         let expected = batch.expected;
+        let (retried, failed_on) = (batch.retried, batch.failed_on.take());
+        let upgraded = listener.upgrade();
+        let hand_back = || {
+            upgraded
+                .as_ref()
+                .is_some_and(|l| l.can_retry(lane, retried))
+        };
         load.begin(started);
-        run_batch(&mut sessions, batch, pad, &mut staging);
+        let ran = run_batch(&mut sessions, batch, pad, &mut staging, &hand_back);
         let done = std::time::Instant::now();
         load.end(done, rows);
         busy.store(0, Relaxed);
         last_done = done;
-        if let Some(l) = listener.upgrade() {
-            l.batch_done(
-                lane,
-                expected,
-                rows,
-                done.saturating_duration_since(started),
-                done.saturating_duration_since(dispatched),
-                &arrived,
-            );
+        if let Some(l) = upgraded {
+            match ran {
+                // Every request failed here: another device tries them (`hand_back` said one
+                // could), and this one is blamed only if they run there.
+                Ran::HandedBack(f) => {
+                    let batch = Batch {
+                        jobs: f.jobs,
+                        rows: f.rows,
+                        arrived,
+                        dispatched,
+                        lane,
+                        expected,
+                        retried,
+                        failed_on: None,
+                    };
+                    l.run_failed(lane, batch, f.error);
+                }
+                Ran::Answered { ok } => {
+                    if let (true, Some(blamed)) = (ok, failed_on) {
+                        let (bad, error) = *blamed;
+                        l.blame(bad, error);
+                    }
+                    l.batch_done(
+                        lane,
+                        expected,
+                        rows,
+                        done.saturating_duration_since(started),
+                        done.saturating_duration_since(dispatched),
+                        &arrived,
+                    );
+                }
+            }
+        } else if let Ran::HandedBack(f) = ran {
+            for job in f.jobs {
+                job.completion
+                    .complete(Err(RuntimeError::Run(f.error.clone())));
+            }
         }
     }
 }

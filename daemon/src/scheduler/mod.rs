@@ -439,6 +439,7 @@ impl Scheduler {
                         lane,
                         expected,
                         retried: false,
+                        failed_on: None,
                     });
                 }
                 Action::Reject(id) => {
@@ -486,15 +487,32 @@ impl Scheduler {
     /// is usable: its workers are all the policy counted); returns it and the compute
     /// expected of the batch there.
     fn route(lanes: &mut [LaneState], rows: u32, now: Instant) -> (usize, Duration) {
+        Self::route_except(lanes, rows, now, None)
+    }
+
+    /// [`Scheduler::route`], never to lane `except` while another can take the batch.
+    fn route_except(
+        lanes: &mut [LaneState],
+        rows: u32,
+        now: Instant,
+        except: Option<usize>,
+    ) -> (usize, Duration) {
         let choice = if lanes.len() == 1 {
             route::Choice {
                 lane: 0,
                 probe: false,
             }
         } else {
-            let views: Vec<Lane> = lanes.iter().map(|l| l.lane.clone()).collect();
+            let mut views: Vec<Lane> = lanes.iter().map(|l| l.lane.clone()).collect();
+            if let Some(v) = except.and_then(|i| views.get_mut(i)) {
+                v.draining = true;
+            }
             route::choose(&views, rows, now).unwrap_or(route::Choice {
-                lane: lanes.iter().position(|l| !l.lane.draining).unwrap_or(0),
+                lane: lanes
+                    .iter()
+                    .enumerate()
+                    .position(|(i, l)| !l.lane.draining && Some(i) != except)
+                    .unwrap_or(0),
                 probe: false,
             })
         };
@@ -515,7 +533,7 @@ impl Scheduler {
         let pool = self.read_pools().get(lane).cloned().flatten();
         let sent = match pool {
             Some(pool) => pool.send(b),
-            None => Err(b),
+            None => Err(Box::new(b)),
         };
         if let Err(b) = sent {
             for job in b.jobs {
@@ -623,28 +641,64 @@ impl BatchListener for Scheduler {
         self.act(st, actions);
     }
 
-    fn batch_failed(&self, lane: usize, mut batch: Batch, error: String) {
+    fn batch_failed(&self, lane: usize, batch: Batch, error: String) {
         let mut st = self.lock();
         let now = Instant::now();
-        let rows: u32 = batch.rows.iter().sum();
-        let mut others = false;
         if let Some(l) = st.lanes.get_mut(lane) {
             l.lane.finish(batch.expected, now);
-            if l.failing.is_none() {
-                tracing::warn!(device = %l.lane.device, "a run failed on the device: {error}");
-            }
-            l.failing = Some(error.clone());
         }
-        let usable = |l: &LaneState| !l.resting && l.lane.usable(now);
-        if st
-            .lanes
+        // The test hook's device is known to fail: it is blamed at once.
+        self.mark_failing(&mut st, lane, &error, now);
+        self.retry_or_answer(st, lane, batch, error, now);
+    }
+
+    fn can_retry(&self, lane: usize, retried: bool) -> bool {
+        !retried && Self::others_usable(&self.lock(), lane, Instant::now())
+    }
+
+    fn run_failed(&self, lane: usize, mut batch: Batch, error: String) {
+        let mut st = self.lock();
+        let now = Instant::now();
+        if let Some(l) = st.lanes.get_mut(lane) {
+            l.lane.finish(batch.expected, now);
+        }
+        // Nobody is blamed yet: if the batch runs on the other device, this one is
+        // (`blame`); if it fails there too, its requests are.
+        batch.failed_on = Some(Box::new((lane, error.clone())));
+        self.retry_or_answer(st, lane, batch, error, now);
+    }
+
+    fn blame(&self, lane: usize, error: String) {
+        let mut st = self.lock();
+        let now = Instant::now();
+        self.mark_failing(&mut st, lane, &error, now);
+        let actions = st.batcher.tick(now);
+        self.act(st, actions);
+    }
+}
+
+impl Scheduler {
+    /// Whether a lane other than `lane` can take a batch.
+    fn others_usable(st: &State, lane: usize, now: Instant) -> bool {
+        st.lanes
             .iter()
             .enumerate()
-            .any(|(i, l)| i != lane && usable(l))
-        {
-            others = true;
-            // Drained: its workers leave the policy's count until the retry.
-            let l = &mut st.lanes[lane];
+            .any(|(i, l)| i != lane && !l.resting && l.lane.usable(now))
+    }
+
+    /// Marks `lane` failing (health names its device) and, while another lane serves, drains
+    /// it: its workers leave the policy's count until it is tried again after
+    /// [`route::RETRY_AFTER`].
+    fn mark_failing(&self, st: &mut State, lane: usize, error: &str, now: Instant) {
+        let others = Self::others_usable(st, lane, now);
+        let Some(l) = st.lanes.get_mut(lane) else {
+            return;
+        };
+        if l.failing.is_none() {
+            tracing::warn!(device = %l.lane.device, "a run failed on the device: {error}");
+        }
+        l.failing = Some(error.to_string());
+        if others {
             l.lane.failed_until = Some(now + route::RETRY_AFTER);
             if !l.resting {
                 l.resting = true;
@@ -653,10 +707,23 @@ impl BatchListener for Scheduler {
             }
             timer::wake_at(now + route::RETRY_AFTER, self.me.clone());
         }
-        if others && !batch.retried {
-            // Retried once, elsewhere; it keeps the slot the policy counted for it.
+    }
+
+    /// Routes a batch a device failed to another lane, once, keeping the slot the policy
+    /// counted for it; or, with nowhere else to go or on its second failure, answers it with
+    /// `error` and frees the slot.
+    fn retry_or_answer(
+        &self,
+        mut st: std::sync::MutexGuard<'_, State>,
+        lane: usize,
+        mut batch: Batch,
+        error: String,
+        now: Instant,
+    ) {
+        let rows: u32 = batch.rows.iter().sum();
+        if !batch.retried && Self::others_usable(&st, lane, now) {
             batch.retried = true;
-            (batch.lane, batch.expected) = Self::route(&mut st.lanes, rows, now);
+            (batch.lane, batch.expected) = Self::route_except(&mut st.lanes, rows, now, Some(lane));
             batch.dispatched = now;
             drop(st);
             self.send(batch);
