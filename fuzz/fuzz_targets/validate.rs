@@ -183,10 +183,12 @@ fuzz_target!(|data: &[u8]| {
     let (Ok(inputs), Ok(outputs)) = (specs(&mut u), specs(&mut u)) else {
         return;
     };
+    let axes = rxd::runtime::Axes::default_for(&inputs, &outputs);
     let sig = Signature {
         inputs,
         outputs,
         allow_empty: false,
+        axes,
     };
     let Ok(req) = request(&mut u, &sig) else {
         return;

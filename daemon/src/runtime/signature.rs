@@ -55,7 +55,7 @@ impl Axes {
     }
 
     /// By default rows are along dimension 0, and rank-0 inputs are shared.
-    fn default_for(inputs: &[TensorSpec], outputs: &[TensorSpec]) -> Axes {
+    pub fn default_for(inputs: &[TensorSpec], outputs: &[TensorSpec]) -> Axes {
         Axes {
             inputs: inputs
                 .iter()
