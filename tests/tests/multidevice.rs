@@ -136,6 +136,25 @@ fn device_rows(d: &TestDaemon) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// The spread model on both devices with `RXD_TEST_FAIL_DEVICE=hook`, after 8 clients sent
+/// 30 requests each, every one answered: the daemon, the cases sent, the settled summary.
+fn cpu_b_failing(
+    repo: &Repo,
+    hook: &str,
+) -> (TestDaemon, Vec<(Tensor, Vec<Tensor>)>, ModelSummary) {
+    let d = TestDaemon::start_env(
+        repo.path(),
+        &[("RXD_TEST_FAIL_DEVICE", hook)],
+        &devices_config("1GiB"),
+        &[],
+    );
+    wait_for_both(&d);
+    let cases = inputs_and_answers(16);
+    assert_eq!(load(&d, &cases, 8, 30), 0, "no request fails");
+    let s = settled(&d);
+    (d, cases, s)
+}
+
 fn rxctl_text(d: &TestDaemon, args: &[&str]) -> String {
     let out = d.rxctl(args);
     assert!(out.status.success(), "rxctl {args:?}: {out:?}");
@@ -261,16 +280,7 @@ fn two_cpu_devices_serve_one_model_like_ort_both_run_batches_and_one_evicted_lea
 fn a_device_whose_runs_fail_in_onnx_runtime_costs_no_request_and_is_blamed() {
     let _serial = one_at_a_time();
     let repo = repo();
-    let d = TestDaemon::start_env(
-        repo.path(),
-        &[("RXD_TEST_FAIL_DEVICE", "ort:cpu-b")],
-        &devices_config("1GiB"),
-        &[],
-    );
-    wait_for_both(&d);
-    let cases = inputs_and_answers(16);
-    assert_eq!(load(&d, &cases, 8, 30), 0, "no request fails");
-    let s = settled(&d);
+    let (d, _, s) = cpu_b_failing(&repo, "ort:cpu-b");
     let b = share(&s, "cpu-b").unwrap();
     assert_eq!(b.state, "failed", "{s:?}");
     assert_eq!(b.rows, 0, "nothing answered from cpu-b: {s:?}");
@@ -432,16 +442,7 @@ fn a_share_that_did_not_fit_joins_by_itself_once_an_unload_makes_room() {
 fn a_device_that_fails_every_run_costs_no_request_is_named_by_health_and_is_tried_again() {
     let _serial = one_at_a_time();
     let repo = repo();
-    let d = TestDaemon::start_env(
-        repo.path(),
-        &[("RXD_TEST_FAIL_DEVICE", "cpu-b")],
-        &devices_config("1GiB"),
-        &[],
-    );
-    wait_for_both(&d);
-    let cases = inputs_and_answers(16);
-    assert_eq!(load(&d, &cases, 8, 30), 0, "no request fails");
-    let s = settled(&d);
+    let (d, cases, s) = cpu_b_failing(&repo, "cpu-b");
     let b = share(&s, "cpu-b").unwrap();
     assert_eq!(b.state, "failed", "{s:?}");
     assert!(

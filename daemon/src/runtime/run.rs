@@ -300,7 +300,7 @@ fn run_gathered(
     let incompatible = || RuntimeError::Run("incompatible requests in one batch".into());
     for (k, t) in first.inputs.iter().enumerate() {
         gathered.push((staging.take(k), Vec::new()));
-        let axis = axes.inputs.get(k).copied().unwrap_or(Axis::Rows(0));
+        let axis = axes.input(k);
         let mut parts = Vec::with_capacity(jobs.len());
         for job in jobs {
             let input = job

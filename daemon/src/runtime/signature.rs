@@ -45,6 +45,11 @@ pub struct Axes {
 }
 
 impl Axes {
+    /// The axis of input `k` (dimension 0 if there is no such input).
+    pub fn input(&self, k: usize) -> Axis {
+        self.inputs.get(k).copied().unwrap_or(Axis::Rows(0))
+    }
+
     /// The axis of the output named `name` (dimension 0 if there is none of that name).
     pub fn output(&self, name: &str) -> Axis {
         self.output_names
@@ -104,7 +109,7 @@ impl Signature {
 
     /// The [`Axis`] of input `k`.
     pub fn input_axis(&self, k: usize) -> Axis {
-        self.axes.inputs.get(k).copied().unwrap_or(Axis::Rows(0))
+        self.axes.input(k)
     }
 
     /// Applies model.toml's `batch-axes` and `shared-inputs`, or says what in them does not

@@ -372,7 +372,7 @@ impl Scheduler {
         for (k, t) in job.inputs.iter().enumerate() {
             t.name.hash(&mut h);
             t.dtype.hash(&mut h);
-            match self.axes.inputs.get(k).copied().unwrap_or(Axis::Rows(0)) {
+            match self.axes.input(k) {
                 Axis::Rows(a) => {
                     let Some(&r) = t.shape.get(a) else {
                         return alone;
