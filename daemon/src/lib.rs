@@ -29,9 +29,11 @@
 //! - [`reload`]: a configuration and repository reload (SIGHUP, `rxctl reload`).
 //! - [`error`]: the daemon's error enums and their one mapping to wire error codes.
 //! - [`shutdown`]: signals and the cancellation tree.
+//! - [`affinity`]: the CPU cores a thread may run on; pinning a device's threads to its cores.
 //! - `alloc_count` (feature `alloc-count`, benchmarks only): counts the daemon's allocations.
 #![deny(unsafe_code)]
 
+pub mod affinity;
 #[cfg(feature = "alloc-count")]
 pub mod alloc_count;
 pub mod budget;

@@ -53,6 +53,8 @@ pub struct Serving {
     pub version: u64,
     /// The device it runs on.
     pub device: String,
+    /// The device's cores (`[[device]] cores`), which its workers are pinned to.
+    pub cores: Option<Arc<[usize]>>,
     pub scheduler: policy::Settings,
     pub default_priority: u8,
     /// Requests with at most this many input bytes are coalesced (0 = off).
@@ -122,6 +124,7 @@ impl LoadedModel {
         Crew {
             label: format!("{}-{}", s.name, s.version),
             device: s.device.clone(),
+            cores: s.cores.clone(),
             sessions,
             pad_to,
             wedge: s.wedge,

@@ -593,3 +593,77 @@ fn cpu_and_webgpu_the_slow_device_gets_a_small_share_and_p99_is_no_worse_than_th
     let got = d.client().infer(MODEL, vec![item]).unwrap();
     assert!(max_rel_diff(&got[0], &want[0]) < 1e-4);
 }
+
+/// `Cpus_allowed_list` of /proc/`path`/status, as core numbers.
+fn allowed_cores(path: &str) -> Vec<usize> {
+    let status = std::fs::read_to_string(format!("/proc/{path}/status")).unwrap();
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .expect("Cpus_allowed_list")
+        .trim();
+    let mut cores = Vec::new();
+    for part in list.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => cores.extend(a.parse::<usize>().unwrap()..=b.parse().unwrap()),
+            None => cores.push(part.parse().unwrap()),
+        }
+    }
+    cores
+}
+
+/// The daemon's threads whose name starts with `prefix`: the cores each may run on.
+fn thread_cores(pid: i32, prefix: &str) -> Vec<Vec<usize>> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| {
+            let tid = t.ok()?.file_name().into_string().ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok()?;
+            comm.starts_with(prefix)
+                .then(|| allowed_cores(&format!("{pid}/task/{tid}")))
+        })
+        .collect()
+}
+
+/// `[[device]] cores`: each device's workers run on its own cores (here one core each, the
+/// data-parallel layout of two devices on one machine), answers stay equal to in-process ORT,
+/// and `route = "round-robin"` hands the two devices batches in turn.
+#[test]
+fn devices_with_cores_of_their_own_run_their_workers_there_and_round_robin_alternates() {
+    let _serial = one_at_a_time();
+    let mine = allowed_cores("self");
+    let (a, b) = (mine[0], *mine.last().unwrap());
+    let repo = Repo::new();
+    repo.link(MODEL, 1, "ppocr_cls").settings(
+        MODEL,
+        "devices = ['cpu-a', 'cpu-b']\nspread = true\nmax-batch-rows = 1\ntune = false\n\
+         route = 'round-robin'\n",
+    );
+    let config = format!(
+        "preload = ['{MODEL}']\n\
+         [[device]]\nname = 'cpu-a'\nkind = 'cpu'\ncores = '{a}'\n\
+         [[device]]\nname = 'cpu-b'\nkind = 'cpu'\ncores = [{b}]\n"
+    );
+    let d = TestDaemon::start_with(repo.path(), &[], &config);
+    wait_for_both(&d);
+    // Lane 0 is the first device's (the version loads there), lane 1 its share on cpu-b.
+    let lane_a = thread_cores(d.pid(), &format!("rxd-w-{MODEL}-1-0."));
+    let lane_b = thread_cores(d.pid(), &format!("rxd-w-{MODEL}-1-1."));
+    assert_eq!(lane_a, [vec![a]], "cpu-a's worker");
+    assert_eq!(lane_b, [vec![b]], "cpu-b's worker");
+    let threads = |s: &ModelSummary, dev| share(s, dev).map(|x| x.instances);
+    let s = d.summaries().remove(MODEL).unwrap();
+    assert_eq!(
+        (threads(&s, "cpu-a"), threads(&s, "cpu-b")),
+        (Some(1), Some(1)),
+        "{s:?}"
+    );
+
+    let cases = inputs_and_answers(8);
+    assert_eq!(load(&d, &cases, 4, 20), 0, "no request fails");
+    let s = settled(&d);
+    let rows = |dev| share(&s, dev).map_or(0, |x| x.rows);
+    let (ra, rb) = (rows("cpu-a"), rows("cpu-b"));
+    assert_eq!(ra + rb, 80, "{s:?}");
+    assert!(ra.abs_diff(rb) <= 2, "in turn: cpu-a {ra}, cpu-b {rb}");
+}

@@ -107,7 +107,60 @@ pub struct DeviceConfig {
     /// When the execution provider cannot be created, run the device's models on the CPU
     /// instead (health says degraded) rather than failing their loads. Default false.
     pub cpu_fallback: Option<bool>,
+    /// The CPU cores the device's sessions run on: `"0-3,8"` or `[0, 1, 2, 3, 8]`.
+    pub cores: Option<CoreList>,
 }
+
+/// CPU cores, written as a list (`"0-3,8"`, as `taskset -c` and systemd's `CPUAffinity=`
+/// take them) or as an array of numbers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum CoreList {
+    Text(String),
+    Numbers(Vec<u32>),
+}
+
+impl CoreList {
+    /// The cores, sorted and without repeats, or what is wrong with the list.
+    pub fn cores(&self) -> Result<Vec<usize>, String> {
+        let mut cores: Vec<usize> = match self {
+            CoreList::Numbers(n) => n.iter().map(|&c| c as usize).collect(),
+            CoreList::Text(t) => {
+                let mut cores = Vec::new();
+                for part in t.split(',').map(str::trim) {
+                    let number = |s: &str| {
+                        s.trim()
+                            .parse::<usize>()
+                            .map_err(|_| format!("'{part}' is not a core or a range of cores"))
+                    };
+                    match part.split_once('-') {
+                        Some((a, b)) => {
+                            let (a, b) = (number(a)?, number(b)?);
+                            if a > b {
+                                return Err(format!("'{part}' is an empty range"));
+                            }
+                            cores.extend(a..=b.min(a + MAX_CORE));
+                        }
+                        None => cores.push(number(part)?),
+                    }
+                }
+                cores
+            }
+        };
+        if let Some(&c) = cores.iter().find(|&&c| c >= MAX_CORE) {
+            return Err(format!("core {c} is out of range (0..{MAX_CORE})"));
+        }
+        cores.sort_unstable();
+        cores.dedup();
+        if cores.is_empty() {
+            return Err("no core listed".into());
+        }
+        Ok(cores)
+    }
+}
+
+/// The highest core number a list may name, plus one (what a CPU set holds).
+pub const MAX_CORE: usize = 1024;
 
 pub(super) fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| {

@@ -9,6 +9,8 @@ pub trait Host {
     fn is_file(&self, path: &Path) -> bool;
     /// CPU cores this process may use.
     fn cores(&self) -> u32;
+    /// The CPU cores (numbers) this process may run on.
+    fn allowed_cores(&self) -> Vec<usize>;
     /// A group's gid; `Ok(None)` when there is no such group.
     fn group(&self, name: &str) -> Result<Option<u32>, String>;
     /// The machine's physical memory, if the system says.
@@ -31,6 +33,10 @@ impl Host for System {
 
     fn cores(&self) -> u32 {
         std::thread::available_parallelism().map_or(1, |n| n.get() as u32)
+    }
+
+    fn allowed_cores(&self) -> Vec<usize> {
+        crate::affinity::allowed()
     }
 
     fn group(&self, name: &str) -> Result<Option<u32>, String> {

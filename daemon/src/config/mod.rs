@@ -117,6 +117,8 @@ pub struct Device {
     pub budget: Option<u64>,
     pub options: Vec<(String, String)>,
     pub cpu_fallback: bool,
+    /// The cores its sessions' threads run on (`cores`); `None`: wherever the daemon may run.
+    pub cores: Option<std::sync::Arc<[usize]>>,
 }
 
 /// The validated configuration in force.

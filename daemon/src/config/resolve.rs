@@ -290,6 +290,33 @@ pub fn resolve_on(
                 format!("device '{}': ep-library is for webgpu devices", d.name),
             );
         }
+        let cores = match d.cores.as_ref().map(|c| c.cores()) {
+            None => None,
+            Some(Err(e)) => {
+                bad("device.cores", format!("device '{}': {e}", d.name));
+                None
+            }
+            Some(Ok(cores)) => {
+                let allowed = host.allowed_cores();
+                let missing: Vec<String> = cores
+                    .iter()
+                    .filter(|c| !allowed.contains(c))
+                    .map(usize::to_string)
+                    .collect();
+                if !missing.is_empty() {
+                    bad(
+                        "device.cores",
+                        format!(
+                            "device '{}': rxd may not run on core {} (it may use {})",
+                            d.name,
+                            missing.join(", "),
+                            crate::affinity::show(&allowed)
+                        ),
+                    );
+                }
+                Some(cores.into())
+            }
+        };
         let budget = d.memory_budget.map(|b| b.0).filter(|&b| b > 0);
         // `memory-budget` (or --memory-budget) sets the default device's budget.
         let budget = if i == 0 {
@@ -311,6 +338,7 @@ pub fn resolve_on(
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             cpu_fallback: d.cpu_fallback.unwrap_or(false),
+            cores,
         });
     }
     if devices.is_empty() {
@@ -319,6 +347,7 @@ pub fn resolve_on(
             kind: DeviceKind::Cpu,
             options: Vec::new(),
             cpu_fallback: false,
+            cores: None,
             budget: opts
                 .memory_budget
                 .or(file.memory_budget)

@@ -218,6 +218,9 @@ impl Host for FakeHost {
     fn cores(&self) -> u32 {
         6
     }
+    fn allowed_cores(&self) -> Vec<usize> {
+        (0..6).collect()
+    }
     fn group(&self, name: &str) -> Result<Option<u32>, String> {
         Ok(self
             .groups
@@ -230,6 +233,53 @@ impl Host for FakeHost {
     }
     fn cache_directory(&self) -> Option<PathBuf> {
         Some("/var/cache/from-systemd".into())
+    }
+}
+
+#[test]
+fn a_device_lists_its_cores_as_ranges_or_numbers_among_those_rxd_may_use() {
+    let host = FakeHost {
+        dirs: vec!["/srv/models"],
+        files: vec!["/opt/ort/libonnxruntime.so"],
+        groups: vec![],
+    };
+    let opts = ServeOpts {
+        model_repository: Some("/srv/models".into()),
+        ..ServeOpts::default()
+    };
+    let resolve = |text: &str| {
+        resolve_on(
+            &host,
+            parse_file(text).unwrap(),
+            &opts,
+            Some("/opt/ort/libonnxruntime.so".into()),
+        )
+    };
+    let cfg = resolve(
+        "[[device]]\nname = 'a'\ncores = '0-2, 4'\n\
+         [[device]]\nname = 'b'\ncores = [5, 3, 3]\n[[device]]\nname = 'c'\n",
+    )
+    .unwrap();
+    let cores: Vec<Option<Vec<usize>>> = cfg
+        .devices
+        .iter()
+        .map(|d| d.cores.as_ref().map(|c| c.to_vec()))
+        .collect();
+    assert_eq!(cores, [Some(vec![0, 1, 2, 4]), Some(vec![3, 5]), None]);
+    for (list, says) in [
+        (
+            "'4-9'",
+            "rxd may not run on core 6, 7, 8, 9 (it may use 0-5)",
+        ),
+        ("'3-1'", "'3-1' is an empty range"),
+        ("'1,x'", "'x' is not a core"),
+        ("''", "is not a core"),
+        ("[]", "no core listed"),
+        ("[2000]", "core 2000 is out of range"),
+    ] {
+        let err = resolve(&format!("[[device]]\nname = 'a'\ncores = {list}\n")).unwrap_err();
+        assert_eq!(err.0[0].key, "device.cores", "{list}: {err}");
+        assert!(err.to_string().contains(says), "{list}: {err}");
     }
 }
 

@@ -141,6 +141,12 @@ impl LoadJob {
                 name: name.into(),
                 version,
                 device: actual.to_string(),
+                cores: self
+                    .defaults
+                    .devices
+                    .iter()
+                    .find(|d| d.name == actual)
+                    .and_then(|d| d.cores.clone()),
                 scheduler: sched,
                 default_priority: settings.default_priority.unwrap_or(0),
                 coalesce_max_bytes: settings

@@ -94,12 +94,22 @@ impl Registry {
             .settings
             .load_timeout_secs
             .map_or(self.defaults.load_timeout, Duration::from_secs);
+        // A device with cores of its own: the load runs on them (ONNX Runtime's intra-op
+        // threads, created with the sessions, inherit them), and its models' threads and
+        // tuning count them; else the cores the daemon may use now (`Registry::follow_cores`).
+        let pinned = self
+            .defaults
+            .devices
+            .iter()
+            .find(|d| d.name == build.device)
+            .and_then(|d| d.cores.clone());
         let job = LoadJob {
             runtime: self.runtime.clone(),
             tunings: self.tunings.clone(),
-            // The cores as they are now (`Registry::follow_cores`).
             defaults: Defaults {
-                intra_op_threads: self.cores(),
+                intra_op_threads: pinned
+                    .as_ref()
+                    .map_or_else(|| self.cores(), |c| c.len() as u32),
                 ..self.defaults.clone()
             },
             metrics: self.model_metrics(&name, version),
@@ -109,7 +119,9 @@ impl Registry {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let started = Instant::now();
         let thread = format!("rxd-load-{name}");
+        let device = build.device.clone();
         let spawned = std::thread::Builder::new().name(thread).spawn(move || {
+            crate::affinity::pin_for(&device, pinned.as_deref());
             let built = job.measured_build(&build, make);
             // Nobody waits any more (past the deadline): the build is dropped here.
             let _ = tx.send(built);

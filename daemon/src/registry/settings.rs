@@ -68,6 +68,10 @@ pub struct ModelSettings {
     /// Instances on particular devices, over `instances`, e.g. `{ gpu0 = 2, cpu = 1 }` (a
     /// device it does not name gets `instances`).
     pub device_instances: Option<HashMap<String, u32>>,
+    /// How a spread version's batches are divided between its devices: `expected-finish`
+    /// (default: each to the device expected to finish it first) or `round-robin` (each device
+    /// in turn, whatever its speed: what other servers do, kept to compare with).
+    pub route: Option<crate::scheduler::route::Routing>,
     /// Run the model on zero inputs (at batch 1 and at max-batch-rows) before it is ready, so
     /// that the first request does not pay for allocation and the measured footprint includes
     /// the arena of the largest batch. Default true.
@@ -153,6 +157,7 @@ impl ModelSettings {
             devices,
             spread,
             device_instances,
+            route,
             warmup,
             warmup_dims,
             cpu_fallback,
@@ -262,6 +267,7 @@ impl ModelSettings {
                 .priority_aging_ms
                 .map_or(d.aging, std::time::Duration::from_millis),
             batchable: true,
+            routing: self.route.unwrap_or_default(),
         }
     }
 }
@@ -307,6 +313,11 @@ impl ModelSettings {
                     "device-instances names '{d}', which `devices` does not list"
                 ));
             }
+        }
+        if self.route.is_some() && self.spread != Some(true) {
+            return Err(
+                "route is for spread = true (how batches are divided between devices)".into(),
+            );
         }
         if self.spread == Some(true) {
             let devices = self.devices.as_deref().unwrap_or_default();

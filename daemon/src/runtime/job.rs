@@ -118,21 +118,34 @@ pub struct Batch {
     /// that device is to blame ([`BatchListener::blame`]); should it fail here too, the
     /// requests are (and nobody is blamed).
     pub failed_on: Option<Box<(usize, String)>>,
+    /// Split off a batch the policy formed, to try a lane with one request (a probe, or a
+    /// lane not measured yet): its end frees none of the policy's worker slots (the rest of
+    /// the batch holds that one).
+    pub extra: bool,
+}
+
+/// What a worker tells of a batch it finished.
+pub struct Finished<'a> {
+    /// The lane it ran on.
+    pub lane: usize,
+    /// The compute the router expected of it.
+    pub expected: std::time::Duration,
+    pub rows: u32,
+    /// The worker's time on the batch.
+    pub compute: std::time::Duration,
+    /// From dispatch to now: what the batch cost the scheduler in worker time, hand-over
+    /// included.
+    pub occupied: std::time::Duration,
+    /// When each of its jobs arrived; empty for a batch handed back unrun.
+    pub arrived: &'a [std::time::Instant],
+    /// [`Batch::extra`]: its end frees no slot of the policy's.
+    pub extra: bool,
 }
 
 /// Told when a worker finishes a batch (the scheduler, held weakly by the workers).
 pub trait BatchListener: Send + Sync {
-    /// `compute`: the worker's time on the batch; `occupied`: from dispatch to now — what the
-    /// batch cost the scheduler in worker time, hand-over included.
-    fn batch_done(
-        &self,
-        lane: usize,
-        expected: std::time::Duration,
-        rows: u32,
-        compute: std::time::Duration,
-        occupied: std::time::Duration,
-        arrived: &[std::time::Instant],
-    );
+    /// A worker finished a batch (or it was handed back unrun: no `arrived`).
+    fn batch_done(&self, done: Finished<'_>);
 
     /// The worker's device failed the batch before any job was answered: the listener retries
     /// it elsewhere or answers it. The test hook that fails a device's runs hands batches back

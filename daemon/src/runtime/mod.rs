@@ -36,8 +36,8 @@ pub use build::{BuildSpec, Built, batch_sizes};
 pub use deliver::{View, deliver};
 pub use ep::{DeviceKind, Probe, Target};
 pub use job::{
-    Batch, BatchListener, Completion, InputData, InputTensor, Job, OutputData, OutputTarget,
-    OutputTensor, Placement, padded_rows,
+    Batch, BatchListener, Completion, Finished, InputData, InputTensor, Job, OutputData,
+    OutputTarget, OutputTensor, Placement, padded_rows,
 };
 pub use profile::NodePlacement;
 pub use signature::{

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 
 use ort::session::{Session, SessionInputValue};
 
-use super::job::{Batch, BatchListener};
+use super::job::{Batch, BatchListener, Finished};
 use super::run::{Ran, Staging, run_batch};
 use super::{RuntimeError, release_free_memory};
 
@@ -201,6 +201,8 @@ pub struct Crew {
     pub label: String,
     /// The device its sessions run on.
     pub device: String,
+    /// The device's cores: each worker pins itself to them (`[[device]] cores`).
+    pub cores: Option<Arc<[usize]>>,
     /// One worker per entry.
     pub sessions: Vec<WorkerSessions>,
     /// Batch sizes batches are padded up to.
@@ -233,7 +235,8 @@ impl WorkerPool {
     ) -> Result<WorkerPool, RuntimeError> {
         let Crew {
             label,
-            device: _,
+            device,
+            cores,
             sessions,
             pad_to,
             wedge,
@@ -262,9 +265,11 @@ impl WorkerPool {
             let load = load.clone();
             let axes = axes.clone();
             let hooks = Hooks { wedge, fail_runs };
+            let (device, cores) = (device.clone(), cores.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("rxd-w-{label}-{lane}.{i}"))
                 .spawn(move || {
+                    crate::affinity::pin_for(&device, cores.as_deref());
                     let pad = Pad {
                         to: &pad_to,
                         axes: &axes,
@@ -394,7 +399,7 @@ fn worker_loop(
         let rows: u32 = batch.rows.iter().sum();
         let dispatched = batch.dispatched.max(last_done);
         let expected = batch.expected;
-        let (retried, failed_on) = (batch.retried, batch.failed_on.take());
+        let (retried, failed_on, extra) = (batch.retried, batch.failed_on.take(), batch.extra);
         let upgraded = listener.upgrade();
         let hand_back = || {
             upgraded
@@ -421,6 +426,7 @@ fn worker_loop(
                         expected,
                         retried,
                         failed_on: None,
+                        extra,
                     };
                     l.run_failed(lane, batch, f.error);
                 }
@@ -429,14 +435,15 @@ fn worker_loop(
                         let (bad, error) = *blamed;
                         l.blame(bad, error);
                     }
-                    l.batch_done(
+                    l.batch_done(Finished {
                         lane,
                         expected,
                         rows,
-                        done.saturating_duration_since(started),
-                        done.saturating_duration_since(dispatched),
-                        &arrived,
-                    );
+                        compute: done.saturating_duration_since(started),
+                        occupied: done.saturating_duration_since(dispatched),
+                        arrived: &arrived,
+                        extra,
+                    });
                 }
             }
         } else if let Ran::HandedBack(f) = ran {

@@ -28,7 +28,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use crate::runtime::{Axes, Axis, Batch, BatchListener, InputData, Job, RuntimeError, WorkerPool};
+use crate::runtime::{
+    Axes, Axis, Batch, BatchListener, Finished, InputData, Job, RuntimeError, WorkerPool,
+};
 use policy::{Action, Batcher, Item, ReqId, Settings};
 use route::Lane;
 
@@ -430,16 +432,63 @@ impl Scheduler {
                     }
                     st.running += 1;
                     let total: u32 = rows.iter().sum();
-                    let (lane, expected) = Self::route(&mut st.lanes, total, now);
+                    let routing = st.batcher.settings().routing;
+                    let choice = Self::choose_lane(&st.lanes, routing, total, now, None);
+                    // A lane being tried — a probe, or one not measured enough to be
+                    // trusted — gets one request, not a whole batch: on a device forty
+                    // times slower a batch of eight would hold eight requests for seconds.
+                    // The rest go where they are expected to finish first.
+                    let trying = routing == route::Routing::ExpectedFinish
+                        && (choice.probe || st.lanes[choice.lane].lane.runs < route::WARM_RUNS);
+                    if trying && jobs.len() > 1 && st.lanes.len() > 1 {
+                        let (job, r, at) = (jobs.pop(), rows.pop(), arrived.pop());
+                        if let (Some(job), Some(r), Some(at)) = (job, r, at) {
+                            let expected = Self::hand(&mut st.lanes, choice, r, now);
+                            st.running += 1;
+                            batches.push(Batch {
+                                jobs: vec![job],
+                                rows: vec![r],
+                                arrived: vec![at],
+                                dispatched: Instant::now(),
+                                lane: choice.lane,
+                                expected,
+                                retried: false,
+                                failed_on: None,
+                                extra: true,
+                            });
+                        }
+                        let rest = rows.iter().sum();
+                        let choice =
+                            Self::choose_lane(&st.lanes, routing, rest, now, Some(choice.lane));
+                        let choice = route::Choice {
+                            probe: false,
+                            ..choice
+                        };
+                        let expected = Self::hand(&mut st.lanes, choice, rest, now);
+                        batches.push(Batch {
+                            jobs,
+                            rows,
+                            arrived,
+                            dispatched: Instant::now(),
+                            lane: choice.lane,
+                            expected,
+                            retried: false,
+                            failed_on: None,
+                            extra: false,
+                        });
+                        continue;
+                    }
+                    let expected = Self::hand(&mut st.lanes, choice, total, now);
                     batches.push(Batch {
                         jobs,
                         rows,
                         arrived,
                         dispatched: Instant::now(),
-                        lane,
+                        lane: choice.lane,
                         expected,
                         retried: false,
                         failed_on: None,
+                        extra: false,
                     });
                 }
                 Action::Reject(id) => {
@@ -483,21 +532,29 @@ impl Scheduler {
         }
     }
 
-    /// Picks the lane for a batch of `rows` and counts it there (the first lane when none
-    /// is usable: its workers are all the policy counted); returns it and the compute
-    /// expected of the batch there.
-    fn route(lanes: &mut [LaneState], rows: u32, now: Instant) -> (usize, Duration) {
-        Self::route_except(lanes, rows, now, None)
-    }
-
-    /// [`Scheduler::route`], never to lane `except` while another can take the batch.
+    /// Picks the lane for a batch of `rows` and counts it there, never lane `except` while
+    /// another can take the batch; returns it and the compute expected of the batch there.
     fn route_except(
         lanes: &mut [LaneState],
+        routing: route::Routing,
         rows: u32,
         now: Instant,
         except: Option<usize>,
     ) -> (usize, Duration) {
-        let choice = if lanes.len() == 1 {
+        let choice = Self::choose_lane(lanes, routing, rows, now, except);
+        (choice.lane, Self::hand(lanes, choice, rows, now))
+    }
+
+    /// The lane for a batch of `rows` (the first lane when none is usable: its workers are
+    /// all the policy counted), never lane `except` while another can take the batch.
+    fn choose_lane(
+        lanes: &[LaneState],
+        routing: route::Routing,
+        rows: u32,
+        now: Instant,
+        except: Option<usize>,
+    ) -> route::Choice {
+        if lanes.len() == 1 {
             route::Choice {
                 lane: 0,
                 probe: false,
@@ -507,7 +564,7 @@ impl Scheduler {
             if let Some(v) = except.and_then(|i| views.get_mut(i)) {
                 v.draining = true;
             }
-            route::choose(&views, rows, now).unwrap_or(route::Choice {
+            route::pick(routing, &views, rows, now).unwrap_or(route::Choice {
                 lane: lanes
                     .iter()
                     .enumerate()
@@ -515,20 +572,23 @@ impl Scheduler {
                     .unwrap_or(0),
                 probe: false,
             })
-        };
-        let i = choice.lane;
-        let l = &mut lanes[i];
+        }
+    }
+
+    /// Counts a batch of `rows` handed to the chosen lane; returns the compute expected of it.
+    fn hand(lanes: &mut [LaneState], choice: route::Choice, rows: u32, now: Instant) -> Duration {
+        let l = &mut lanes[choice.lane];
         // A probe measures the lane afresh.
         l.probe |= choice.probe;
         let cost = l.lane.predict(rows).unwrap_or_default();
         l.lane.hand(cost, now);
-        (i, cost)
+        cost
     }
 
     /// Hands a routed batch to its lane's workers; a lane gone (never expected: a lane leaves
     /// only after routing stopped choosing it) answers its jobs and frees the slot.
     fn send(&self, b: Batch) {
-        let (lane, expected) = (b.lane, b.expected);
+        let (lane, expected, extra) = (b.lane, b.expected, b.extra);
         let rows: u32 = b.rows.iter().sum();
         let pool = self.read_pools().get(lane).cloned().flatten();
         let sent = match pool {
@@ -539,7 +599,15 @@ impl Scheduler {
             for job in b.jobs {
                 job.completion.complete(Err(RuntimeError::WorkersGone));
             }
-            self.batch_done(lane, expected, rows, Duration::ZERO, Duration::ZERO, &[]);
+            self.batch_done(Finished {
+                lane,
+                expected,
+                rows,
+                compute: Duration::ZERO,
+                occupied: Duration::ZERO,
+                arrived: &[],
+                extra,
+            });
         }
     }
 
@@ -593,15 +661,16 @@ impl LaneState {
 }
 
 impl BatchListener for Scheduler {
-    fn batch_done(
-        &self,
-        lane: usize,
-        expected: Duration,
-        rows: u32,
-        compute: Duration,
-        occupied: Duration,
-        arrived: &[Instant],
-    ) {
+    fn batch_done(&self, done: Finished<'_>) {
+        let Finished {
+            lane,
+            expected,
+            rows,
+            compute,
+            occupied,
+            arrived,
+            extra,
+        } = done;
         if !arrived.is_empty() {
             self.metrics.record_batch(rows, compute, arrived);
         }
@@ -633,7 +702,10 @@ impl BatchListener for Scheduler {
         // ... and the policy's the worker's time from hand-over to free (on a loaded 2-core
         // machine the hand-over is a visible part of a 1 ms batch), from the cheapest lane
         // for this size.
-        let actions = if cheapest && !arrived.is_empty() {
+        let actions = if extra {
+            // Its slot is the rest of its batch's.
+            Vec::new()
+        } else if cheapest && !arrived.is_empty() {
             st.batcher.batch_done(rows, occupied, now)
         } else {
             st.batcher.worker_free(now)
@@ -723,7 +795,9 @@ impl Scheduler {
         let rows: u32 = batch.rows.iter().sum();
         if !batch.retried && Self::others_usable(&st, lane, now) {
             batch.retried = true;
-            (batch.lane, batch.expected) = Self::route_except(&mut st.lanes, rows, now, Some(lane));
+            let routing = st.batcher.settings().routing;
+            (batch.lane, batch.expected) =
+                Self::route_except(&mut st.lanes, routing, rows, now, Some(lane));
             batch.dispatched = now;
             drop(st);
             self.send(batch);
@@ -731,7 +805,11 @@ impl Scheduler {
         }
         // Nowhere else to go, or failed twice: answered with the error; the slot is free.
         st.running = st.running.saturating_sub(1);
-        let actions = st.batcher.worker_free(now);
+        let actions = if batch.extra {
+            Vec::new()
+        } else {
+            st.batcher.worker_free(now)
+        };
         self.act(st, actions);
         for job in batch.jobs {
             job.completion

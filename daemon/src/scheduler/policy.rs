@@ -95,6 +95,8 @@ pub struct Settings {
     pub aging: Duration,
     /// Whether requests may be concatenated along dimension 0.
     pub batchable: bool,
+    /// How batches are divided between a spread version's devices.
+    pub routing: super::route::Routing,
 }
 
 impl Default for Settings {
@@ -106,6 +108,7 @@ impl Default for Settings {
             queue_capacity: 1024,
             aging: Duration::from_millis(100),
             batchable: true,
+            routing: super::route::Routing::default(),
         }
     }
 }

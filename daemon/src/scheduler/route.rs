@@ -16,6 +16,11 @@
 //! the fast device's queue would make the batch finish later there; an idle fast device never
 //! waits behind a slow one. Lanes that are draining (evicted) or failed are not candidates.
 //!
+//! A lane being tried — not warm yet, or probed — holds at most one batch per worker, and the
+//! scheduler gives it one request of the batch formed, sending the rest to the lane expected
+//! to finish them first: a device far slower than assumed costs one request its speed, not a
+//! batch of them.
+//!
 //! Probes: a cost measured once (a first run after a cold start, a device busy with something
 //! else for a moment) would keep a lane out for good if it were never measured again. So a
 //! lane with a free worker that has had no batch for [`PROBE_AFTER`] times how much slower it
@@ -34,6 +39,10 @@ use super::policy::CostModel;
 /// Finishes within this factor of the earliest count as a tie.
 pub const TIE: f64 = 1.05;
 
+/// A lane with a free worker takes a batch it finishes within this factor of the earliest
+/// finish on a lane that has work queued.
+pub const IDLE_TIE: f64 = 1.25;
+
 /// Batches a lane runs before its own measurements count (until then each measurement
 /// replaces the last, and routing assumes it as fast as the cheapest lane).
 pub const WARM_RUNS: u64 = 8;
@@ -44,6 +53,17 @@ pub const PROBE_AFTER: Duration = Duration::from_millis(200);
 
 /// The longest a lane goes without a probe.
 pub const PROBE_MAX: Duration = Duration::from_secs(30);
+
+/// How batches are divided between lanes (model.toml `route`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Routing {
+    /// [`choose`]: the lane expected to finish the batch first.
+    #[default]
+    ExpectedFinish,
+    /// [`round_robin`]: each usable lane in turn, whatever it costs.
+    RoundRobin,
+}
 
 /// What [`choose`] decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,12 +204,21 @@ pub fn choose(lanes: &[Lane], rows: u32, now: Instant) -> Option<Choice> {
         .min()
         .unwrap_or(Duration::ZERO);
     let cost = |l: &Lane| l.predict(rows).unwrap_or(fallback);
-    let finishes: Vec<(usize, Duration)> = lanes
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.usable(now))
-        .map(|(i, l)| (i, l.wait(now) + cost(l)))
-        .collect();
+    // A lane not warm yet holds at most one batch per worker: its speed is a guess until it
+    // has run, and a device forty times slower than the guess must not queue up work.
+    let trusted = |l: &Lane| l.runs >= WARM_RUNS || l.outstanding < l.workers;
+    let candidates = |strict: bool| -> Vec<(usize, Duration)> {
+        lanes
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.usable(now) && (!strict || trusted(l)))
+            .map(|(i, l)| (i, l.wait(now) + cost(l)))
+            .collect()
+    };
+    let mut finishes = candidates(true);
+    if finishes.is_empty() {
+        finishes = candidates(false);
+    }
     let earliest = finishes.iter().map(|&(_, f)| f).min()?;
     let tie = earliest.mul_f64(TIE);
     let best = finishes
@@ -205,8 +234,20 @@ pub fn choose(lanes: &[Lane], rows: u32, now: Instant) -> Option<Choice> {
         .filter(|&&(i, _)| warm(i) && lanes[i].wait(now).is_zero())
         .min_by_key(|&&(i, f)| (f, i))
         .map(|&(i, _)| i);
+    let finish = |i: usize| finishes.iter().find(|&&(j, _)| j == i).map(|&(_, f)| f);
     let best = match idle_warm {
         Some(i) if !warm(best) => i,
+        // A measured lane with a free worker takes the batch when it finishes it within
+        // IDLE_TIE of a lane that has work queued: the policy hands out one batch per worker
+        // in all, so a batch queued behind another leaves the free worker idle until a slot
+        // frees — two equal devices whose measurements differ by noise would share the work
+        // unevenly.
+        Some(i)
+            if !lanes[best].wait(now).is_zero()
+                && finish(i) <= finish(best).map(|f| f.mul_f64(IDLE_TIE)) =>
+        {
+            i
+        }
         _ => best,
     };
     // Probes only while the best lane has work queued: with nothing waiting another device
@@ -226,6 +267,29 @@ pub fn choose(lanes: &[Lane], rows: u32, now: Instant) -> Option<Choice> {
         lane: best,
         probe: false,
     })
+}
+
+/// The next usable lane in turn (by the batches handed out so far), or `None` when no lane
+/// is usable at `now`. Blind to cost: a device ten times slower gets as many batches as a
+/// fast one. Kept to measure [`choose`] against (what other servers do).
+pub fn round_robin(lanes: &[Lane], now: Instant) -> Option<Choice> {
+    let usable: Vec<usize> = (0..lanes.len()).filter(|&i| lanes[i].usable(now)).collect();
+    if usable.is_empty() {
+        return None;
+    }
+    let turn: u64 = lanes.iter().map(|l| l.handed).sum();
+    Some(Choice {
+        lane: usable[(turn % usable.len() as u64) as usize],
+        probe: false,
+    })
+}
+
+/// The lane for a batch of `rows` by `routing`.
+pub fn pick(routing: Routing, lanes: &[Lane], rows: u32, now: Instant) -> Option<Choice> {
+    match routing {
+        Routing::ExpectedFinish => choose(lanes, rows, now),
+        Routing::RoundRobin => round_robin(lanes, now),
+    }
 }
 
 #[cfg(test)]
@@ -253,7 +317,27 @@ mod tests {
 
     /// A closed loop on simulated time: `clients` each send a batch of one row, wait for it
     /// and send again. Returns batches per lane and the slowest answer.
-    fn simulate(mut lanes: Vec<Lane>, clients: usize, batches: usize) -> (Vec<u64>, Duration) {
+    fn simulate(lanes: Vec<Lane>, clients: usize, batches: usize) -> (Vec<u64>, Duration) {
+        simulate_by(Routing::ExpectedFinish, lanes, clients, batches)
+    }
+
+    /// [`simulate`] with `routing`; also returns the simulated time the batches took.
+    fn simulate_by(
+        routing: Routing,
+        lanes: Vec<Lane>,
+        clients: usize,
+        batches: usize,
+    ) -> (Vec<u64>, Duration) {
+        let (handed, worst, _) = simulate_timed(routing, lanes, clients, batches);
+        (handed, worst)
+    }
+
+    fn simulate_timed(
+        routing: Routing,
+        mut lanes: Vec<Lane>,
+        clients: usize,
+        batches: usize,
+    ) -> (Vec<u64>, Duration, Duration) {
         let t0 = Instant::now();
         // Per lane: when each worker is next free.
         let mut free: Vec<Vec<Duration>> = lanes
@@ -277,7 +361,9 @@ mod tests {
                 // The work it still holds: each worker's time until free.
                 l.backlog = f.iter().map(|&f| f.saturating_sub(now)).sum();
             }
-            let i = choose(&lanes, 1, t0 + now).expect("a lane").lane;
+            let i = super::pick(routing, &lanes, 1, t0 + now)
+                .expect("a lane")
+                .lane;
             let cost = lanes[i].predict(1).expect("measured");
             let w = (0..free[i].len())
                 .min_by_key(|&w| free[i][w])
@@ -290,7 +376,86 @@ mod tests {
             worst = worst.max(done - now);
             ready[c] = done;
         }
-        (lanes.iter().map(|l| l.handed).collect(), worst)
+        let end = free.iter().flatten().copied().max().unwrap_or_default();
+        (lanes.iter().map(|l| l.handed).collect(), worst, end)
+    }
+
+    #[test]
+    fn a_free_device_a_little_slower_takes_the_batch_rather_than_queue_it_on_a_busy_one() {
+        let now = Instant::now();
+        let at = now + Duration::from_micros(700);
+        let mut lanes = vec![lane("busy", 1, 1.0), lane("free", 1, 1.5)];
+        lanes[0].hand(Duration::from_millis(1), now);
+        // Queued behind the busy lane's batch (0.3 ms left) it would finish at 1.3 ms, on the
+        // free lane at 1.5 ms: within IDLE_TIE, the free lane takes it ...
+        assert_eq!(pick(&lanes, 1, at), Some(1));
+        // ... and a free lane slower than that waits its turn.
+        let mut lanes = vec![lane("busy", 1, 1.0), lane("slow", 1, 1.7)];
+        lanes[0].hand(Duration::from_millis(1), now);
+        assert_eq!(pick(&lanes, 1, at), Some(0));
+    }
+
+    #[test]
+    fn a_lane_not_warm_holds_one_batch_per_worker() {
+        let now = Instant::now();
+        let mut lanes = vec![lane("fast", 1, 1.0), Lane::new("new".into(), 1)];
+        // The fast lane has work queued: the new lane, assumed as fast, takes a batch ...
+        lanes[0].hand(Duration::from_millis(3), now);
+        lanes[0].hand(Duration::from_millis(1), now);
+        assert_eq!(pick(&lanes, 1, now), Some(1));
+        lanes[1].hand(Duration::from_millis(1), now);
+        // ... and no second while it has not answered the first, however long ago it was
+        // handed (its guessed cost is long spent).
+        let later = now + Duration::from_millis(50);
+        assert_eq!(pick(&lanes, 1, later), Some(0));
+        // Once warm, its measured cost decides alone.
+        for _ in 0..WARM_RUNS {
+            lanes[1].learn(1, Duration::from_millis(1), false);
+        }
+        assert_eq!(pick(&lanes, 1, later), Some(1));
+    }
+
+    #[test]
+    fn round_robin_takes_turns_over_usable_lanes() {
+        let now = Instant::now();
+        let mut lanes = vec![lane("a", 1, 1.0), lane("b", 1, 10.0), lane("c", 1, 1.0)];
+        lanes[2].draining = true;
+        let mut order = Vec::new();
+        for _ in 0..4 {
+            let i = round_robin(&lanes, now).expect("a lane").lane;
+            lanes[i].handed += 1;
+            order.push(i);
+        }
+        assert_eq!(
+            order,
+            [0, 1, 0, 1],
+            "the slow lane in turn, the draining one never"
+        );
+        lanes[0].draining = true;
+        lanes[1].draining = true;
+        assert_eq!(round_robin(&lanes, now), None);
+    }
+
+    #[test]
+    fn on_unequal_devices_expected_finish_beats_round_robin_on_throughput_and_latency() {
+        let devices = || vec![lane("fast", 1, 1.0), lane("slow", 1, 10.0)];
+        let (rr_handed, rr_worst, rr_time) =
+            simulate_timed(Routing::RoundRobin, devices(), 8, 2000);
+        let (ef_handed, ef_worst, ef_time) =
+            simulate_timed(Routing::ExpectedFinish, devices(), 8, 2000);
+        assert!(
+            rr_handed[1] >= 900,
+            "round robin: half to the slow device {rr_handed:?}"
+        );
+        assert!(
+            ef_handed[1] < rr_handed[1] / 2,
+            "{ef_handed:?} against {rr_handed:?}"
+        );
+        assert!(
+            ef_time < rr_time.mul_f64(0.7),
+            "{ef_time:?} against {rr_time:?}"
+        );
+        assert!(ef_worst <= rr_worst, "{ef_worst:?} against {rr_worst:?}");
     }
 
     #[test]
@@ -331,7 +496,13 @@ mod tests {
         for queued in 0..20u32 {
             lanes[0].outstanding = queued as usize;
             lanes[0].backlog = Duration::from_millis(u64::from(queued));
-            let expected = if queued + 1 > 10 * 105 / 100 { 1 } else { 0 };
+            // The free slow lane finishes at 10 ms, the fast one after its queue at
+            // `queued + 1`: the slow one takes the batch once that is within IDLE_TIE.
+            let expected = if 10.0 <= f64::from(queued + 1) * IDLE_TIE {
+                1
+            } else {
+                0
+            };
             assert_eq!(pick(&lanes, 1, now), Some(expected), "{queued} queued");
         }
     }

@@ -338,6 +338,7 @@ proptest! {
             queue_capacity: capacity,
             aging: ms(7),
             batchable: true,
+            routing: Default::default(),
         };
         let mut b = Batcher::new(settings.clone(), workers);
         let mut now = t0;
