@@ -433,7 +433,7 @@ fn device_summaries_decode_with_and_without_capabilities_and_load() {
     })
     .unwrap();
     let d: DeviceSummary = rmp_serde::from_slice(&old).unwrap();
-    assert_eq!((d.capabilities, d.load), (None, None));
+    assert_eq!((d.capabilities, d.load, d.cores), (None, None, None));
 
     let new = DeviceSummary {
         capabilities: Some(Capabilities {
@@ -445,6 +445,7 @@ fn device_summaries_decode_with_and_without_capabilities_and_load() {
             queue_depth: 3,
             ..DeviceLoad::default()
         }),
+        cores: Some("0-3".into()),
         ..d
     };
     let bytes = rmp_serde::to_vec_named(&new).unwrap();

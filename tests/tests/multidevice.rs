@@ -659,6 +659,19 @@ fn devices_with_cores_of_their_own_run_their_workers_there_and_round_robin_alter
         "{s:?}"
     );
 
+    let devices = d.client().devices().unwrap();
+    let cores_of = |name: &str| {
+        devices
+            .iter()
+            .find(|x| x.name == name)
+            .and_then(|x| x.cores.clone())
+    };
+    assert_eq!(
+        (cores_of("cpu-a"), cores_of("cpu-b")),
+        (Some(a.to_string()), Some(b.to_string()))
+    );
+    assert!(rxctl_text(&d, &["devices"]).contains(&format!("cores {a}")));
+
     let cases = inputs_and_answers(8);
     assert_eq!(load(&d, &cases, 4, 20), 0, "no request fails");
     let s = settled(&d);

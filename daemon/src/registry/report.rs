@@ -196,6 +196,7 @@ impl Registry {
                 models: residents.into_iter().map(|(_, n)| n).collect(),
                 capabilities: self.capabilities(i),
                 load: self.device_load_report(i, queued),
+                cores: dev.cores.as_deref().map(crate::affinity::show),
             });
         }
         out

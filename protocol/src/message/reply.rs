@@ -97,6 +97,9 @@ pub struct DeviceSummary {
     /// How busy the device is; absent from older daemons.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load: Option<DeviceLoad>,
+    /// The CPU cores its threads run on ("0-3,8"), where its configuration lists them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cores: Option<String>,
 }
 
 /// What a device computes, found by running a one-node model of each kind on it once.

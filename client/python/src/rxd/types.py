@@ -165,6 +165,7 @@ class DeviceSummary(TypedDict):
     models: List[str]
     capabilities: NotRequired[Capabilities]
     load: NotRequired[DeviceLoad]
+    cores: NotRequired[str]
 
 
 class Capabilities(TypedDict):

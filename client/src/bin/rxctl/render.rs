@@ -360,6 +360,9 @@ pub fn devices(devices: &[DeviceSummary]) -> String {
                 .unwrap_or_default()
         );
         let mut more = Vec::new();
+        if let Some(c) = &d.cores {
+            more.push(format!("cores {c}"));
+        }
         if let Some(c) = &d.capabilities {
             more.push(format!(
                 "float16 {}, int8 {}",
