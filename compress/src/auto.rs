@@ -169,6 +169,8 @@ pub struct Measured {
     /// Weights or nodes a sensitivity search kept in float.
     pub kept_in_float: usize,
     pub seconds: f64,
+    /// The highest latency ratio it may have ([`Thresholds::max_latency`]).
+    pub latency_limit: f64,
 }
 
 impl Measured {
@@ -184,6 +186,7 @@ impl Measured {
             checks: checks(r, t),
             kept_in_float,
             seconds,
+            latency_limit: t.max_latency,
         }
     }
 
@@ -203,11 +206,12 @@ impl Measured {
                 ))
             })
             .collect();
-        if self.latency_ratio > LATENCY_TOLERANCE {
+        if self.latency_ratio > self.latency_limit {
             v.push(format!(
-                "slower: {:.2}× the original's latency {} (more than {LATENCY_TOLERANCE}×)",
+                "slower: {:.2}× the original's latency {} (more than {}×)",
                 self.latency_ratio,
-                self.latency_at()
+                self.latency_at(),
+                self.latency_limit
             ));
         }
         if self.size_ratio >= 1.0 {
@@ -359,6 +363,24 @@ impl Table {
         self.chosen.map(|i| self.candidates[i].strategy.as_str())
     }
 
+    /// What the latency limit asks, in words: "not slower", or "at most 0.8× the
+    /// original's latency".
+    fn latency_rule(&self) -> String {
+        let limit = self
+            .candidates
+            .iter()
+            .find_map(|c| match &c.tried {
+                Tried::Measured(m) => Some(m.latency_limit),
+                _ => None,
+            })
+            .unwrap_or(LATENCY_TOLERANCE);
+        if limit >= 1.0 {
+            "not slower".into()
+        } else {
+            format!("at most {limit}× the original's latency")
+        }
+    }
+
     /// Why the winner won, or why nothing did.
     pub fn why(&self) -> String {
         let passing: Vec<&Measured> = self
@@ -380,7 +402,8 @@ impl Table {
                 .map(|c| format!("{}: {}", c.strategy, c.verdict(false).1))
                 .collect();
             return format!(
-                "no candidate is smaller, meets the thresholds and is not slower: {}",
+                "no candidate is smaller, meets the thresholds and is {}: {}",
+                self.latency_rule(),
                 missed.join("; ")
             );
         };
@@ -418,9 +441,13 @@ impl Table {
         } else {
             String::new()
         };
+        let rule = match self.latency_rule().as_str() {
+            "not slower" => "not slower than it".to_string(),
+            other => other.to_string(),
+        };
         format!(
-            "{} wins: {what}, {of} (meets the thresholds, smaller than the original, not \
-             slower than it {}): {:.2}× size, {:.2}× latency{load}",
+            "{} wins: {what}, {of} (meets the thresholds, smaller than the original, {rule} \
+             {}): {:.2}× size, {:.2}× latency{load}",
             c.strategy,
             m.latency_at(),
             m.size_ratio,
@@ -524,6 +551,7 @@ mod tests {
                     },
                 ],
                 kept_in_float: 0,
+                latency_limit: LATENCY_TOLERANCE,
                 seconds: 0.1,
             }),
         }
@@ -648,6 +676,46 @@ mod tests {
         let text = table.to_string();
         assert_eq!(text.matches(" missed ").count(), 3, "{text}");
         assert_eq!(text.matches("└ slower: ").count(), 3, "{text}");
+    }
+
+    #[test]
+    fn a_latency_limit_below_one_asks_for_a_faster_model_or_refuses_naming_the_misses() {
+        let limited = |strategy: &str, size: f64, latency: f64| {
+            let mut c = measured(strategy, size, latency, 1.0);
+            if let Tried::Measured(m) = &mut c.tried {
+                m.latency_limit = 0.8;
+            }
+            c
+        };
+        let t = vec![
+            limited("int8-weights@load", 0.26, 1.0),
+            limited("static-int8", 0.27, 0.42),
+            limited("fp16", 0.50, 0.97),
+        ];
+        let table = Table::new(Objective::Size, t.clone(), false, 1.0, 300.0);
+        assert_eq!(table.chosen_strategy(), Some("static-int8"));
+        assert!(
+            table.why().contains("at most 0.8× the original's latency"),
+            "{}",
+            table.why()
+        );
+        // Without the static form nothing is fast enough: refused, each miss named.
+        let table = Table::new(
+            Objective::Size,
+            vec![t[0].clone(), t[2].clone()],
+            false,
+            1.0,
+            300.0,
+        );
+        assert_eq!(table.chosen_strategy(), None);
+        let why = table.why();
+        assert!(
+            why.contains("is at most 0.8× the original's latency"),
+            "{why}"
+        );
+        assert!(why.contains("int8-weights@load: slower: 1.00×"), "{why}");
+        assert!(why.contains("(more than 0.8×)"), "{why}");
+        assert!(why.contains("fp16: slower: 0.97×"), "{why}");
     }
 
     #[test]

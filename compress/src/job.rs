@@ -32,6 +32,10 @@ pub struct Thresholds {
     pub min_top1: f64,
     /// Lowest cosine similarity of any output.
     pub min_cosine: f64,
+    /// `auto`: the highest batch-1 latency a candidate may have, as a ratio of the
+    /// original's (default [`crate::auto::LATENCY_TOLERANCE`]: not slower, timing noise
+    /// allowed; 0.8 asks for a model at least 20 % faster).
+    pub max_latency: f64,
 }
 
 impl Thresholds {
@@ -39,6 +43,7 @@ impl Thresholds {
     pub const DEFAULT: Thresholds = Thresholds {
         min_top1: 0.99,
         min_cosine: 0.99,
+        max_latency: crate::auto::LATENCY_TOLERANCE,
     };
 
     /// Whether `r` meets both thresholds.

@@ -96,6 +96,11 @@ pub struct CompressOpts {
     /// Refuse the result when an output's cosine similarity is below this.
     #[arg(long, default_value_t = rxd_compress::job::Thresholds::DEFAULT.min_cosine)]
     pub min_cosine: f64,
+    /// With auto: a candidate slower at batch 1 than this ratio of the original's latency
+    /// misses (the default, 1.05, is "not slower" with room for timing noise; 0.8 asks for a
+    /// model at least 20 % faster — or a refusal naming what each candidate missed).
+    #[arg(long, value_name = "RATIO", default_value_t = rxd_compress::job::Thresholds::DEFAULT.max_latency)]
+    pub max_latency: f64,
     /// Evaluate this already compressed file against IN instead of compressing IN (for
     /// comparing other tools' output with the same report).
     #[arg(long, value_name = "FILE", hide = true)]

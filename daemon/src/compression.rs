@@ -56,6 +56,7 @@ pub fn compress(shared: &SharedRef, req: &CompressRequest) -> Result<CompressRep
     let thresholds = Thresholds {
         min_top1: req.min_top1.unwrap_or(defaults.min_top1),
         min_cosine: req.min_cosine.unwrap_or(defaults.min_cosine),
+        ..defaults
     };
     let calibration = to_inputs(&req.calibration, "calibration")?;
     let eval = to_inputs(&req.eval, "evaluation")?;

@@ -280,6 +280,37 @@ fn auto_refuses_when_nothing_meets_the_thresholds_and_names_what_each_candidate_
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("refused: no candidate"), "{err}");
 
+    // Asked for a model twice as fast: no form of an MLP this small is, so it refuses,
+    // naming each candidate's latency.
+    let (o, doc) = auto(
+        &out,
+        &[
+            "--eval",
+            &format!("input={}", ev.display()),
+            "--max-latency",
+            "0.5",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(!out.exists());
+    let error = doc["error"].as_str().unwrap();
+    assert!(
+        error.contains("is at most 0.5× the original's latency"),
+        "{error}"
+    );
+    let rows = doc["auto"]["candidates"].as_array().unwrap();
+    let measured: Vec<&serde_json::Value> =
+        rows.iter().filter(|r| r["state"] == "measured").collect();
+    assert!(measured.len() >= 5, "{doc}");
+    for r in measured {
+        assert_eq!(r["latency_limit"], 0.5, "{r}");
+        let s = r["strategy"].as_str().unwrap();
+        assert!(
+            error.contains(&format!("{s}: ")) && error.contains("(more than 0.5×)"),
+            "{s}: {error}"
+        );
+    }
+
     // Without --eval the accuracy of any pick would be unverified: a usage error, nothing
     // tried; --objective belongs to auto only.
     let o = Command::new(bin("rxd"))

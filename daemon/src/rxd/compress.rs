@@ -126,6 +126,12 @@ fn compress(opts: &rxd::cli::CompressOpts, result: &mut Option<Compressed>) -> R
             ));
         }
     };
+    if !(opts.max_latency > 0.0 && opts.max_latency.is_finite()) {
+        return Err(Failed(
+            code::USAGE,
+            format!("--max-latency {} is not a positive ratio", opts.max_latency),
+        ));
+    }
     let bytes = std::fs::read(&opts.input).map_err(|source| Error::Read {
         path: opts.input.clone(),
         source,
@@ -150,6 +156,7 @@ fn compress(opts: &rxd::cli::CompressOpts, result: &mut Option<Compressed>) -> R
         Thresholds {
             min_top1: opts.min_top1,
             min_cosine: opts.min_cosine,
+            max_latency: opts.max_latency,
         },
         opts.search,
     )?;
