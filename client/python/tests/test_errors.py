@@ -66,8 +66,17 @@ async def test_a_full_queue_is_busy_and_a_late_request_deadline_exceeded(small: 
         assert busy and ok and len(busy) + len(ok) == 12, outcomes
         assert all(o.code == 500 for o in busy)
         # Queued behind a long run with a 1 ms deadline: answered deadline_exceeded, never run.
+        # The long run must have started (a worker took its batch): a request queued beside it
+        # before that could join its batch, and be answered only when the run ends.
+        async def batches() -> int:
+            return next(m["batches"] for m in await client.models() if m["name"] == "ppocr_det")
+
+        before = await batches()
         first = asyncio.ensure_future(client.infer("ppocr_det", {"x": x}))
-        await asyncio.sleep(0.01)
+        for _ in range(1000):
+            if await batches() > before:
+                break
+            await asyncio.sleep(0.01)
         with pytest.raises(rxd.DeadlineExceeded) as late:
             await client.infer("ppocr_det", {"x": x}, timeout=0.001)
         assert late.value.code == 501 and not isinstance(late.value, rxd.Timeout)
