@@ -74,6 +74,100 @@ fn graph_float16(model: &[u8]) -> Option<String> {
     None
 }
 
+/// Operators whose presence means a model's activations are quantized: its DequantizeLinear
+/// nodes feed integer kernels, and dequantize-at-load leaves it alone (as
+/// `rxd_compress::dequant` does).
+const ACTIVATION_QUANT: [&[u8]; 6] = [
+    b"QuantizeLinear",
+    b"QLinearConv",
+    b"QLinearMatMul",
+    b"ConvInteger",
+    b"MatMulInteger",
+    b"DynamicQuantizeLinear",
+];
+
+const UINT8: u64 = 2;
+const INT8: u64 = 3;
+
+/// What the model at `path` (`file_bytes` long) holds in memory once dequantized at load, as
+/// an estimate before its first load: its file plus three bytes for every 8-bit weight of its
+/// main graph (each becomes a 4-byte float). `None` when it is not a weights-only quantized
+/// file: no DequantizeLinear (a float model: the file stands; found by a streaming search
+/// that reads nothing into memory), or quantized activations (served as it is). Budget
+/// admission uses it so that a weights-only file, a quarter of its float model on disk, is
+/// not admitted at a quarter of what it will take (the measured footprint settles it after).
+pub fn dequantized_bytes(path: &Path, file_bytes: u64) -> Option<u64> {
+    if !contains(path, b"DequantizeLinear") {
+        return None;
+    }
+    let bytes = std::fs::read(path).ok()?;
+    let graph = fields(&bytes).find_map(|(n, v)| match (n, v) {
+        (7, Wire::Bytes(g)) => Some(g),
+        _ => None,
+    })?;
+    let mut eight_bit = 0u64;
+    for (n, v) in fields(graph) {
+        let Wire::Bytes(b) = v else { continue };
+        match n {
+            // node: NodeProto { op_type = 4 }
+            1 if ACTIVATION_QUANT.contains(&string_field(b, 4).unwrap_or_default()) => {
+                return None;
+            }
+            // initializer: TensorProto { dims = 1, data_type = 2 }
+            5 if matches!(varint_field(b, 2), Some(INT8 | UINT8)) => {
+                eight_bit = eight_bit.saturating_add(elements(b));
+            }
+            _ => {}
+        }
+    }
+    Some(file_bytes.saturating_add(eight_bit.saturating_mul(3)))
+}
+
+/// The elements of a TensorProto: the product of its dims (packed or not).
+fn elements(tensor: &[u8]) -> u64 {
+    let mut n = 1u64;
+    for (f, v) in fields(tensor) {
+        match (f, v) {
+            (1, Wire::Varint(d)) => n = n.saturating_mul(d),
+            (1, Wire::Bytes(packed)) => {
+                let mut pos = 0;
+                while pos < packed.len() {
+                    match read_varint(packed, &mut pos) {
+                        Some(d) => n = n.saturating_mul(d),
+                        None => break,
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    n
+}
+
+/// Whether the file at `path` contains `needle`, read in pieces (never whole).
+fn contains(path: &Path, needle: &[u8]) -> bool {
+    use std::io::Read;
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut buf = vec![0u8; (1 << 20) + needle.len()];
+    let mut kept = 0;
+    loop {
+        let got = match f.read(&mut buf[kept..]) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => n,
+        };
+        let end = kept + got;
+        if buf[..end].windows(needle.len()).any(|w| w == needle) {
+            return true;
+        }
+        // Keep the tail: the needle may straddle two reads.
+        let keep = (needle.len() - 1).min(end);
+        buf.copy_within(end - keep..end, 0);
+        kept = keep;
+    }
+}
+
 /// TypeProto { tensor_type = 1: { elem_type = 1 } } of a ValueInfoProto.
 fn value_elem_type(value_info: &[u8]) -> Option<u64> {
     let ty = string_field(value_info, 2)?;
@@ -152,6 +246,64 @@ mod tests {
     use super::*;
     use rxd_compress::onnx::{self, graph, make_node, make_tensor, model::GRAPH};
     use rxd_compress::proto::{Message, Value};
+
+    /// The digits MLP in the form `strategy` writes, in a file; its path and bytes.
+    fn digits_as(strategy: &str, dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let float = std::fs::read(root.join("examples/models/digits/1/model.onnx")).unwrap();
+        let bytes = if strategy == "none" {
+            float
+        } else {
+            rxd_compress::compress(&float, strategy.parse().unwrap())
+                .unwrap()
+                .0
+        };
+        let path = dir.join(format!("{strategy}.onnx"));
+        std::fs::write(&path, &bytes).unwrap();
+        (path, bytes)
+    }
+
+    #[test]
+    fn a_weights_only_file_is_estimated_at_its_dequantized_size_and_nothing_else_is() {
+        let dir = tempfile::tempdir().unwrap();
+        for strategy in ["int8-weights", "int8-weights+fp16-weights"] {
+            let (path, bytes) = digits_as(strategy, dir.path());
+            let served = rxd_compress::dequant::dequantize_bytes(&bytes)
+                .unwrap()
+                .0
+                .expect("dequantized")
+                .len() as f64;
+            let estimate = dequantized_bytes(&path, bytes.len() as u64).expect("an estimate");
+            assert!(
+                (estimate as f64 - served).abs() / served < 0.15,
+                "{strategy}: estimated {estimate}, served {served}, file {}",
+                bytes.len()
+            );
+            assert!(estimate as f64 > 2.5 * bytes.len() as f64, "{strategy}");
+        }
+        // A float model has no DequantizeLinear; quantized activations are served as they are.
+        for strategy in ["none", "dynamic-int8"] {
+            let (path, bytes) = digits_as(strategy, dir.path());
+            assert_eq!(
+                dequantized_bytes(&path, bytes.len() as u64),
+                None,
+                "{strategy}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_streaming_search_finds_a_needle_across_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let mut bytes = vec![0u8; (1 << 20) - 5];
+        bytes.extend_from_slice(b"DequantizeLinear");
+        bytes.extend_from_slice(&[1u8; 100]);
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(contains(&path, b"DequantizeLinear"));
+        assert!(!contains(&path, b"QLinearConv"));
+        assert!(!contains(&dir.path().join("missing"), b"x"));
+    }
 
     /// A model with a float32 input `x`, the given initializers and nodes (op, inputs).
     fn model_with(inits: &[(&str, u64)], nodes: &[(&str, &[&str])]) -> Vec<u8> {

@@ -261,9 +261,15 @@ impl Registry {
             crate::capability::float16_need(&ticket.path, ticket.settings.compress.as_deref())
         });
         let float16 = float16.flatten();
+        // A weights-only file dequantized at load takes its float weights' room: estimated
+        // from the file (read outside the locks; a float model is only searched through).
+        let s = &ticket.settings;
+        let dequantized = (s.compress.is_none() && s.dequantize_at_load.unwrap_or(true))
+            .then(|| crate::capability::dequantized_bytes(&ticket.path, ticket.file_bytes))
+            .flatten();
         let (device, victims) = {
             let mut models = self.write();
-            match self.admit(&mut models, &ticket, float16.as_deref()) {
+            match self.admit(&mut models, &ticket, float16.as_deref(), dequantized) {
                 Ok(admitted) => admitted,
                 Err((failure, message)) => {
                     return Err(self.fail(&mut models, ticket, failure, message));
@@ -394,12 +400,14 @@ impl Registry {
     /// Admission: the device a starting load goes to and the victims to evict for it (taken
     /// from the map, dropped by the caller), or why it cannot be admitted.
     /// `float16`: why the model computes in float16, if it does (devices without float16
-    /// are not candidates).
+    /// are not candidates); `dequantized`: what a weights-only file holds once dequantized at
+    /// load (it stands for the file in the estimate).
     fn admit(
         &self,
         models: &mut std::collections::BTreeMap<String, Model>,
         ticket: &Ticket,
         float16: Option<&str>,
+        dequantized: Option<u64>,
     ) -> Result<Admitted, (Failure, String)> {
         let (name, version) = (ticket.name.as_str(), ticket.version);
         let key: Key = (ticket.name.clone(), version);
@@ -413,7 +421,8 @@ impl Registry {
                 let real = std::fs::canonicalize(&ticket.path).ok()?;
                 b.files.get(&real).copied()
             });
-        let estimate = known.unwrap_or_else(|| b.estimator.estimate(ticket.file_bytes));
+        let weights = dequantized.unwrap_or(ticket.file_bytes);
+        let estimate = known.unwrap_or_else(|| b.estimator.estimate(weights));
         let busy = self.sync_usage(models, &mut b);
         let mut candidates = self
             .candidates(&ticket.settings, &b)
@@ -427,7 +436,7 @@ impl Registry {
         let is_busy = |h: &Held| ticket.no_evict || busy.contains(h.version());
         // An estimate is a guess: when it cannot fit but the weights alone (a hard lower
         // bound) can, try with that; the measured figure settles it after loading.
-        let floor = ticket.file_bytes.min(estimate);
+        let floor = weights.min(estimate);
         let admitted = b
             .budget
             .admit(
