@@ -171,6 +171,9 @@ pub struct Measured {
     pub seconds: f64,
     /// The highest latency ratio it may have ([`Thresholds::max_latency`]).
     pub latency_limit: f64,
+    /// The largest size ratio it may have ([`Thresholds::max_size`]; `None`: under 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size_limit: Option<f64>,
 }
 
 impl Measured {
@@ -187,6 +190,7 @@ impl Measured {
             kept_in_float,
             seconds,
             latency_limit: t.max_latency,
+            size_limit: t.max_size,
         }
     }
 
@@ -216,6 +220,11 @@ impl Measured {
         }
         if self.size_ratio >= 1.0 {
             v.push(format!("not smaller ({:.2}×)", self.size_ratio));
+        } else if let Some(limit) = self.size_limit.filter(|&l| self.size_ratio > l) {
+            v.push(format!(
+                "larger: {:.2}× the original's size (more than {limit}×)",
+                self.size_ratio
+            ));
         }
         v
     }
@@ -381,6 +390,18 @@ impl Table {
         }
     }
 
+    /// What the size limit asks, in words: "smaller", or "at most 0.3× the original's size".
+    fn size_rule(&self) -> String {
+        let limit = self.candidates.iter().find_map(|c| match &c.tried {
+            Tried::Measured(m) => m.size_limit,
+            _ => None,
+        });
+        match limit {
+            Some(l) if l < 1.0 => format!("at most {l}× the original's size"),
+            _ => "smaller".into(),
+        }
+    }
+
     /// Why the winner won, or why nothing did.
     pub fn why(&self) -> String {
         let passing: Vec<&Measured> = self
@@ -402,7 +423,8 @@ impl Table {
                 .map(|c| format!("{}: {}", c.strategy, c.verdict(false).1))
                 .collect();
             return format!(
-                "no candidate is smaller, meets the thresholds and is {}: {}",
+                "no candidate is {}, meets the thresholds and is {}: {}",
+                self.size_rule(),
                 self.latency_rule(),
                 missed.join("; ")
             );
@@ -552,6 +574,7 @@ mod tests {
                 ],
                 kept_in_float: 0,
                 latency_limit: LATENCY_TOLERANCE,
+                size_limit: None,
                 seconds: 0.1,
             }),
         }
@@ -716,6 +739,35 @@ mod tests {
         assert!(why.contains("int8-weights@load: slower: 1.00×"), "{why}");
         assert!(why.contains("(more than 0.8×)"), "{why}");
         assert!(why.contains("fp16: slower: 0.97×"), "{why}");
+    }
+
+    #[test]
+    fn a_size_limit_refuses_what_is_larger_and_names_it() {
+        let limited = |strategy: &str, size: f64, top1: f64| {
+            let mut c = measured(strategy, size, 1.0, top1);
+            if let Tried::Measured(m) = &mut c.tried {
+                m.size_limit = Some(0.3);
+            }
+            c
+        };
+        let t = vec![
+            limited("fp16", 0.50, 1.0),
+            limited("int8-weights@load", 0.26, 0.985),
+        ];
+        let table = Table::new(Objective::Size, t, false, 1.0, 300.0);
+        assert_eq!(table.chosen_strategy(), None);
+        let why = table.why();
+        assert!(
+            why.contains("fp16: ")
+                && why.contains("larger: 0.50× the original's size (more than 0.3×)"),
+            "{why}"
+        );
+        assert!(why.contains("int8-weights@load: "), "{why}");
+        assert!(why.contains("top-1 98.50 % < 99.00 %"), "{why}");
+        assert!(
+            why.starts_with("no candidate is at most 0.3× the original's size"),
+            "{why}"
+        );
     }
 
     #[test]

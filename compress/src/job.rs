@@ -36,6 +36,9 @@ pub struct Thresholds {
     /// original's (default [`crate::auto::LATENCY_TOLERANCE`]: not slower, timing noise
     /// allowed; 0.8 asks for a model at least 20 % faster).
     pub max_latency: f64,
+    /// `auto`: the largest file a candidate may write, as a ratio of the original's (`None`:
+    /// smaller than the original).
+    pub max_size: Option<f64>,
 }
 
 impl Thresholds {
@@ -44,6 +47,7 @@ impl Thresholds {
         min_top1: 0.99,
         min_cosine: 0.99,
         max_latency: crate::auto::LATENCY_TOLERANCE,
+        max_size: None,
     };
 
     /// Whether `r` meets both thresholds.

@@ -101,6 +101,12 @@ pub struct CompressOpts {
     /// model at least 20 % faster — or a refusal naming what each candidate missed).
     #[arg(long, value_name = "RATIO", default_value_t = rxd_compress::job::Thresholds::DEFAULT.max_latency)]
     pub max_latency: f64,
+    /// With auto: a candidate whose file is larger than this ratio of the original's misses
+    /// (default: any file smaller than the original). With --max-latency, one command asks
+    /// for "at most 0.3× the size and 0.8× the latency, as accurate" — or a refusal naming
+    /// what each candidate missed.
+    #[arg(long, value_name = "RATIO")]
+    pub max_size: Option<f64>,
     /// Evaluate this already compressed file against IN instead of compressing IN (for
     /// comparing other tools' output with the same report).
     #[arg(long, value_name = "FILE", hide = true)]

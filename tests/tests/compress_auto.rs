@@ -302,7 +302,7 @@ fn auto_refuses_when_nothing_meets_the_thresholds_and_names_what_each_candidate_
     let measured: Vec<&serde_json::Value> =
         rows.iter().filter(|r| r["state"] == "measured").collect();
     assert!(measured.len() >= 5, "{doc}");
-    for r in measured {
+    for r in &measured {
         assert_eq!(r["latency_limit"], 0.5, "{r}");
         let s = r["strategy"].as_str().unwrap();
         assert!(
@@ -310,6 +310,32 @@ fn auto_refuses_when_nothing_meets_the_thresholds_and_names_what_each_candidate_
             "{s}: {error}"
         );
     }
+
+    // Asked for a tenth of the file: nothing is that small, and each miss says so.
+    let (o, doc) = auto(
+        &out,
+        &[
+            "--eval",
+            &format!("input={}", ev.display()),
+            "--max-size",
+            "0.1",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(!out.exists());
+    let error = doc["error"].as_str().unwrap();
+    assert!(
+        error.contains("no candidate is at most 0.1× the original's size"),
+        "{error}"
+    );
+    assert!(error.contains("(more than 0.1×)"), "{error}");
+    let rows = doc["auto"]["candidates"].as_array().unwrap();
+    assert!(
+        rows.iter()
+            .filter(|r| r["state"] == "measured")
+            .all(|r| r["size_limit"] == 0.1),
+        "{doc}"
+    );
 
     // Without --eval the accuracy of any pick would be unverified: a usage error, nothing
     // tried; --objective belongs to auto only.

@@ -126,6 +126,12 @@ fn compress(opts: &rxd::cli::CompressOpts, result: &mut Option<Compressed>) -> R
             ));
         }
     };
+    if let Some(s) = opts.max_size.filter(|s| !(*s > 0.0 && s.is_finite())) {
+        return Err(Failed(
+            code::USAGE,
+            format!("--max-size {s} is not a positive ratio"),
+        ));
+    }
     if !(opts.max_latency > 0.0 && opts.max_latency.is_finite()) {
         return Err(Failed(
             code::USAGE,
@@ -157,6 +163,7 @@ fn compress(opts: &rxd::cli::CompressOpts, result: &mut Option<Compressed>) -> R
             min_top1: opts.min_top1,
             min_cosine: opts.min_cosine,
             max_latency: opts.max_latency,
+            max_size: opts.max_size,
         },
         opts.search,
     )?;
