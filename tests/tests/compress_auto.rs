@@ -228,6 +228,41 @@ fn auto_writes_the_smallest_variant_that_passes_and_it_answers_like_the_original
     assert!(fast.is_file());
 }
 
+/// `auto` on `eval` with `flag` set to a limit no candidate meets (0.5 for latency, 0.1 for
+/// size): exit 1, nothing written, the error names the limit (`what`: latency or size) and
+/// every measured candidate, whose JSON row carries the limit as `field`.
+fn refused_at_limit(out: &Path, eval: &Path, flag: &str, field: &str, what: &str) {
+    let limit = if what == "size" { 0.1 } else { 0.5 };
+    let (o, doc) = auto(
+        out,
+        &[
+            "--eval",
+            &format!("input={}", eval.display()),
+            flag,
+            &limit.to_string(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    assert!(!out.exists());
+    let error = doc["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!("is at most {limit}× the original's {what}")),
+        "{error}"
+    );
+    let rows = doc["auto"]["candidates"].as_array().unwrap();
+    let measured: Vec<&serde_json::Value> =
+        rows.iter().filter(|r| r["state"] == "measured").collect();
+    assert!(measured.len() >= 5, "{doc}");
+    for r in &measured {
+        assert_eq!(r[field], limit, "{r}");
+        let s = r["strategy"].as_str().unwrap();
+        assert!(
+            error.contains(&format!("{s}: ")) && error.contains(&format!("(more than {limit}×)")),
+            "{s}: {error}"
+        );
+    }
+}
+
 #[test]
 fn auto_refuses_when_nothing_meets_the_thresholds_and_names_what_each_candidate_missed() {
     let dir = tempfile::tempdir().unwrap();
@@ -280,62 +315,10 @@ fn auto_refuses_when_nothing_meets_the_thresholds_and_names_what_each_candidate_
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("refused: no candidate"), "{err}");
 
-    // Asked for a model twice as fast: no form of an MLP this small is, so it refuses,
-    // naming each candidate's latency.
-    let (o, doc) = auto(
-        &out,
-        &[
-            "--eval",
-            &format!("input={}", ev.display()),
-            "--max-latency",
-            "0.5",
-        ],
-    );
-    assert_eq!(o.status.code(), Some(1), "{o:?}");
-    assert!(!out.exists());
-    let error = doc["error"].as_str().unwrap();
-    assert!(
-        error.contains("is at most 0.5× the original's latency"),
-        "{error}"
-    );
-    let rows = doc["auto"]["candidates"].as_array().unwrap();
-    let measured: Vec<&serde_json::Value> =
-        rows.iter().filter(|r| r["state"] == "measured").collect();
-    assert!(measured.len() >= 5, "{doc}");
-    for r in &measured {
-        assert_eq!(r["latency_limit"], 0.5, "{r}");
-        let s = r["strategy"].as_str().unwrap();
-        assert!(
-            error.contains(&format!("{s}: ")) && error.contains("(more than 0.5×)"),
-            "{s}: {error}"
-        );
-    }
-
-    // Asked for a tenth of the file: nothing is that small, and each miss says so.
-    let (o, doc) = auto(
-        &out,
-        &[
-            "--eval",
-            &format!("input={}", ev.display()),
-            "--max-size",
-            "0.1",
-        ],
-    );
-    assert_eq!(o.status.code(), Some(1), "{o:?}");
-    assert!(!out.exists());
-    let error = doc["error"].as_str().unwrap();
-    assert!(
-        error.contains("no candidate is at most 0.1× the original's size"),
-        "{error}"
-    );
-    assert!(error.contains("(more than 0.1×)"), "{error}");
-    let rows = doc["auto"]["candidates"].as_array().unwrap();
-    assert!(
-        rows.iter()
-            .filter(|r| r["state"] == "measured")
-            .all(|r| r["size_limit"] == 0.1),
-        "{doc}"
-    );
+    // Asked for a model twice as fast, or a tenth of the file: no form of an MLP this small
+    // is either, so it refuses, naming each candidate's miss against the limit.
+    refused_at_limit(&out, &ev, "--max-latency", "latency_limit", "latency");
+    refused_at_limit(&out, &ev, "--max-size", "size_limit", "size");
 
     // Without --eval the accuracy of any pick would be unverified: a usage error, nothing
     // tried; --objective belongs to auto only.

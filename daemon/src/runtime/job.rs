@@ -124,6 +124,29 @@ pub struct Batch {
     pub extra: bool,
 }
 
+impl Batch {
+    /// A batch formed now and routed to `lane`, expected to take `expected` there.
+    pub fn new(
+        jobs: Vec<Job>,
+        rows: Vec<u32>,
+        arrived: Vec<std::time::Instant>,
+        lane: usize,
+        expected: std::time::Duration,
+    ) -> Batch {
+        Batch {
+            jobs,
+            rows,
+            arrived,
+            dispatched: std::time::Instant::now(),
+            lane,
+            expected,
+            retried: false,
+            failed_on: None,
+            extra: false,
+        }
+    }
+}
+
 /// What a worker tells of a batch it finished.
 pub struct Finished<'a> {
     /// The lane it ran on.

@@ -421,76 +421,7 @@ impl Scheduler {
         }
         for a in actions {
             match a {
-                Action::Run(ids) => {
-                    let mut jobs = Vec::with_capacity(ids.len());
-                    let mut rows = Vec::with_capacity(ids.len());
-                    let mut arrived = Vec::with_capacity(ids.len());
-                    for (job, r, at) in ids.iter().filter_map(|id| st.pending.remove(id)) {
-                        jobs.push(job);
-                        rows.push(r);
-                        arrived.push(at);
-                    }
-                    st.running += 1;
-                    let total: u32 = rows.iter().sum();
-                    let routing = st.batcher.settings().routing;
-                    let choice = Self::choose_lane(&st.lanes, routing, total, now, None);
-                    // A lane being tried — a probe, or one not measured enough to be
-                    // trusted — gets one request, not a whole batch: on a device forty
-                    // times slower a batch of eight would hold eight requests for seconds.
-                    // The rest go where they are expected to finish first.
-                    let trying = routing == route::Routing::ExpectedFinish
-                        && (choice.probe || st.lanes[choice.lane].lane.runs < route::WARM_RUNS);
-                    if trying && jobs.len() > 1 && st.lanes.len() > 1 {
-                        let (job, r, at) = (jobs.pop(), rows.pop(), arrived.pop());
-                        if let (Some(job), Some(r), Some(at)) = (job, r, at) {
-                            let expected = Self::hand(&mut st.lanes, choice, r, now);
-                            st.running += 1;
-                            batches.push(Batch {
-                                jobs: vec![job],
-                                rows: vec![r],
-                                arrived: vec![at],
-                                dispatched: Instant::now(),
-                                lane: choice.lane,
-                                expected,
-                                retried: false,
-                                failed_on: None,
-                                extra: true,
-                            });
-                        }
-                        let rest = rows.iter().sum();
-                        let choice =
-                            Self::choose_lane(&st.lanes, routing, rest, now, Some(choice.lane));
-                        let choice = route::Choice {
-                            probe: false,
-                            ..choice
-                        };
-                        let expected = Self::hand(&mut st.lanes, choice, rest, now);
-                        batches.push(Batch {
-                            jobs,
-                            rows,
-                            arrived,
-                            dispatched: Instant::now(),
-                            lane: choice.lane,
-                            expected,
-                            retried: false,
-                            failed_on: None,
-                            extra: false,
-                        });
-                        continue;
-                    }
-                    let expected = Self::hand(&mut st.lanes, choice, total, now);
-                    batches.push(Batch {
-                        jobs,
-                        rows,
-                        arrived,
-                        dispatched: Instant::now(),
-                        lane: choice.lane,
-                        expected,
-                        retried: false,
-                        failed_on: None,
-                        extra: false,
-                    });
-                }
+                Action::Run(ids) => Self::form(&mut st, &ids, now, &mut batches),
                 Action::Reject(id) => {
                     if let Some((job, ..)) = st.pending.remove(&id) {
                         let capacity = st.batcher.settings().queue_capacity;
@@ -530,6 +461,43 @@ impl Scheduler {
         if self.draining.load(Ordering::SeqCst) > 0 {
             self.idle.notify_all();
         }
+    }
+
+    /// Takes the requests `ids` the policy put in one batch out of the queue and routes it:
+    /// one batch to the lane chosen — or, when that lane is being tried (a probe, or not
+    /// measured enough to be trusted), one request to it and the rest where they are expected
+    /// to finish first: on a device forty times slower a batch of eight would hold eight
+    /// requests for seconds.
+    fn form(st: &mut State, ids: &[ReqId], now: Instant, batches: &mut Vec<Batch>) {
+        let mut jobs = Vec::with_capacity(ids.len());
+        let mut rows = Vec::with_capacity(ids.len());
+        let mut arrived = Vec::with_capacity(ids.len());
+        for (job, r, at) in ids.iter().filter_map(|id| st.pending.remove(id)) {
+            jobs.push(job);
+            rows.push(r);
+            arrived.push(at);
+        }
+        st.running += 1;
+        let total: u32 = rows.iter().sum();
+        let routing = st.batcher.settings().routing;
+        let mut choice = Self::choose_lane(&st.lanes, routing, total, now, None);
+        let trying = routing == route::Routing::ExpectedFinish
+            && (choice.probe || !st.lanes[choice.lane].lane.warm());
+        if trying && jobs.len() > 1 && st.lanes.len() > 1 {
+            if let (Some(job), Some(r), Some(at)) = (jobs.pop(), rows.pop(), arrived.pop()) {
+                let expected = Self::hand(&mut st.lanes, choice, r, now);
+                // Its own slot in `running`; none of the policy's (`Batch::extra`).
+                st.running += 1;
+                let one = Batch::new(vec![job], vec![r], vec![at], choice.lane, expected);
+                batches.push(Batch { extra: true, ..one });
+            }
+            let (tried, rest) = (choice.lane, rows.iter().sum());
+            choice = Self::choose_lane(&st.lanes, routing, rest, now, Some(tried));
+            choice.probe = false;
+        }
+        let rest = rows.iter().sum();
+        let expected = Self::hand(&mut st.lanes, choice, rest, now);
+        batches.push(Batch::new(jobs, rows, arrived, choice.lane, expected));
     }
 
     /// Picks the lane for a batch of `rows` and counts it there, never lane `except` while

@@ -126,10 +126,14 @@ impl Lane {
         !self.draining && self.workers > 0 && self.failed_until.is_none_or(|t| t <= now)
     }
 
-    /// Expected time until one of its workers is free.
+    /// Whether it has run enough batches for its own measurements to count.
+    pub fn warm(&self) -> bool {
+        self.runs >= WARM_RUNS
+    }
+
     /// Its expected compute for a batch of `rows` (`None` while it is not warm).
     pub fn predict(&self, rows: u32) -> Option<Duration> {
-        if self.runs < WARM_RUNS {
+        if !self.warm() {
             return None;
         }
         self.cost.predict(rows)
@@ -138,7 +142,7 @@ impl Lane {
     /// Learns what a batch of `rows` took; `fresh`: the measurement replaces the last (a
     /// probe after a long gap).
     pub fn learn(&mut self, rows: u32, took: Duration, fresh: bool) {
-        if fresh || self.runs < WARM_RUNS {
+        if fresh || !self.warm() {
             self.cost.replace(rows, took);
         } else {
             self.cost.record(rows, took);
@@ -155,6 +159,7 @@ impl Lane {
                 .is_some_and(|t| now.saturating_duration_since(t) >= after)
     }
 
+    /// Expected time until one of its workers is free.
     pub fn wait(&self, now: Instant) -> Duration {
         if self.outstanding < self.workers {
             return Duration::ZERO;
@@ -206,7 +211,7 @@ pub fn choose(lanes: &[Lane], rows: u32, now: Instant) -> Option<Choice> {
     let cost = |l: &Lane| l.predict(rows).unwrap_or(fallback);
     // A lane not warm yet holds at most one batch per worker: its speed is a guess until it
     // has run, and a device forty times slower than the guess must not queue up work.
-    let trusted = |l: &Lane| l.runs >= WARM_RUNS || l.outstanding < l.workers;
+    let trusted = |l: &Lane| l.warm() || l.outstanding < l.workers;
     let candidates = |strict: bool| -> Vec<(usize, Duration)> {
         lanes
             .iter()
@@ -228,7 +233,7 @@ pub fn choose(lanes: &[Lane], rows: u32, now: Instant) -> Option<Choice> {
         .map(|&(i, _)| i)?;
     // A lane not warm yet is tried only while the warm ones have work queued: an idle warm
     // lane takes the batch rather than one whose speed is unknown.
-    let warm = |i: usize| lanes[i].runs >= WARM_RUNS;
+    let warm = |i: usize| lanes[i].warm();
     let idle_warm = finishes
         .iter()
         .filter(|&&(i, _)| warm(i) && lanes[i].wait(now).is_zero())
