@@ -462,78 +462,14 @@ async fn read_loop(
             Err(_) => return frame_timeout(len, cfg.frame_timeout),
         };
         drop(reading);
-        Metrics::inc(&shared.metrics.requests_total);
-        // The structure first (bounded values and depth, no allocation): what decoding then
-        // allocates is bounded by the frame's bytes.
-        if let Err(e) = frame::check_structure(&body, limits::MAX_FRAME_VALUES) {
-            conn.refuse(e.to_wire(), permit);
-            continue;
-        }
-        let request: RequestFrame = match frame::decode(&body) {
-            Ok(r) => r,
-            Err(_) if frame::decode::<Hello>(&body).is_ok() => {
-                conn.refuse(
-                    WireError::new(
-                        ErrorCode::HandshakeRequired,
-                        "a second Hello: the handshake is done once, first (PROTOCOL.md)",
-                    ),
-                    permit,
-                );
-                continue;
-            }
-            Err(e) => {
-                // Answered under the request's id if it can be read and is not in flight,
-                // else under id 0 (never a second answer to a request in flight).
-                let w = e.to_wire();
-                let id = frame::salvage_id(&body).unwrap_or(0);
-                if id == 0 || !conn.ids().insert(id) {
-                    conn.refuse(w, permit);
-                    continue;
-                }
-                Metrics::inc(&shared.metrics.in_flight);
-                shared.metrics.record_error(w.code, e.to_string(), None);
-                conn.respond(id, Outcome::Err(w), Some(permit));
-                continue;
-            }
+        let (request, permit) = match decode_request(conn, &body, permit) {
+            Ok(taken) => taken,
+            Err(()) => continue,
         };
         drop(body);
         let id = request.id;
-        if id == 0 || !conn.ids().insert(id) {
-            // Answered under id 0: under its id it would give the request in flight a second
-            // answer.
-            conn.refuse(
-                WireError::new(
-                    ErrorCode::BadRequestId,
-                    format!("request id {id} is 0 or already in flight on this connection"),
-                ),
-                permit,
-            );
-            continue;
-        }
-        Metrics::inc(&shared.metrics.in_flight);
         if let rxd_protocol::Request::Infer(infer) = request.body {
-            let maker = Maker {
-                conn: conn.clone(),
-                id,
-                permit: Some(permit),
-                held: Some(held),
-                token: tasks.token(),
-            };
-            // The hot path: validate and queue right here; the worker answers.
-            let map = conn.arena.as_ref().map(|a| &a.map);
-            match dispatch::infer(shared, infer, map, peer, maker) {
-                Ok(dispatch::Queued::Done) => {}
-                Ok(dispatch::Queued::Cold(cold)) => {
-                    // The model is loading: wait for it off the read loop.
-                    let (shared, conn, map) = (shared.clone(), conn.clone(), map.cloned());
-                    tasks.spawn(async move {
-                        if let Err(e) = cold.run(shared, map).await {
-                            conn.fail(id, &e, None, None);
-                        }
-                    });
-                }
-                Err(e) => conn.fail(id, &e, None, None),
-            }
+            queue_infer(conn, peer, tasks, id, infer, Some(permit), held);
             continue;
         }
         // Control requests answer from a task of their own, a few at a time per connection:
@@ -564,6 +500,101 @@ async fn read_loop(
             }
             .instrument(span),
         );
+    }
+}
+
+/// Decodes a request frame's body and takes its id: `Err` when the frame was answered here
+/// instead (undecodable, a second Hello, id 0 or already in flight), with `permit` released
+/// once that answer is written.
+fn decode_request(
+    conn: &Conn,
+    body: &[u8],
+    permit: OwnedSemaphorePermit,
+) -> Result<(RequestFrame, OwnedSemaphorePermit), ()> {
+    let shared = &conn.shared;
+    Metrics::inc(&shared.metrics.requests_total);
+    // The structure first (bounded values and depth, no allocation): what decoding then
+    // allocates is bounded by the frame's bytes.
+    if let Err(e) = frame::check_structure(body, limits::MAX_FRAME_VALUES) {
+        conn.refuse(e.to_wire(), permit);
+        return Err(());
+    }
+    let request: RequestFrame = match frame::decode(body) {
+        Ok(r) => r,
+        Err(_) if frame::decode::<Hello>(body).is_ok() => {
+            conn.refuse(
+                WireError::new(
+                    ErrorCode::HandshakeRequired,
+                    "a second Hello: the handshake is done once, first (PROTOCOL.md)",
+                ),
+                permit,
+            );
+            return Err(());
+        }
+        Err(e) => {
+            // Answered under the request's id if it can be read and is not in flight,
+            // else under id 0 (never a second answer to a request in flight).
+            let w = e.to_wire();
+            let id = frame::salvage_id(body).unwrap_or(0);
+            if id == 0 || !conn.ids().insert(id) {
+                conn.refuse(w, permit);
+                return Err(());
+            }
+            Metrics::inc(&shared.metrics.in_flight);
+            shared.metrics.record_error(w.code, e.to_string(), None);
+            conn.respond(id, Outcome::Err(w), Some(permit));
+            return Err(());
+        }
+    };
+    let id = request.id;
+    if id == 0 || !conn.ids().insert(id) {
+        // Answered under id 0: under its id it would give the request in flight a second
+        // answer.
+        conn.refuse(
+            WireError::new(
+                ErrorCode::BadRequestId,
+                format!("request id {id} is 0 or already in flight on this connection"),
+            ),
+            permit,
+        );
+        return Err(());
+    }
+    Metrics::inc(&shared.metrics.in_flight);
+    Ok((request, permit))
+}
+
+/// The hot path: validates and queues an inference right here; the worker answers (a request
+/// for a model that must load first waits in a task of its own).
+fn queue_infer(
+    conn: &Arc<Conn>,
+    peer: &Peer,
+    tasks: &TaskTracker,
+    id: u64,
+    infer: rxd_protocol::InferRequest,
+    permit: Option<OwnedSemaphorePermit>,
+    held: Held,
+) {
+    let shared = &conn.shared;
+    let maker = Maker {
+        conn: conn.clone(),
+        id,
+        permit,
+        held: Some(held),
+        token: tasks.token(),
+    };
+    let map = conn.arena.as_ref().map(|a| &a.map);
+    match dispatch::infer(shared, infer, map, peer, maker) {
+        Ok(dispatch::Queued::Done) => {}
+        Ok(dispatch::Queued::Cold(cold)) => {
+            // The model is loading: wait for it off the read loop.
+            let (shared, conn, map) = (shared.clone(), conn.clone(), map.cloned());
+            tasks.spawn(async move {
+                if let Err(e) = cold.run(shared, map).await {
+                    conn.fail(id, &e, None, None);
+                }
+            });
+        }
+        Err(e) => conn.fail(id, &e, None, None),
     }
 }
 
