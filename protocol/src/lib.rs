@@ -8,6 +8,7 @@
 //! - [`limits`]: bounds on every size a peer controls.
 //! - [`metrics`]: the metrics report and its Prometheus text rendering.
 //! - [`units`]: sizes as people write them (`512MiB`), for configs and command lines.
+//! - [`ring`]: the shared-memory submission/completion ring's layout and index arithmetic.
 //! - [`npy`]: NumPy `.npy` files as tensors (over any `Read`/`Write`), for clients and tools.
 //!
 //! This crate is pure: no IO of its own, no async runtime, no unsafe code, no ONNX Runtime. PROTOCOL.md at
@@ -21,6 +22,7 @@ pub mod limits;
 pub mod message;
 pub mod metrics;
 pub mod npy;
+pub mod ring;
 mod shape;
 pub mod units;
 

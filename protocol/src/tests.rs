@@ -134,6 +134,7 @@ fn handshake_round_trips() {
         protocol: PROTOCOL_VERSION,
         client: "t".into(),
         arena_bytes: 0,
+        ring: None,
     };
     assert_eq!(frame::round_trip(&hello), hello);
     let refused = HandshakeReply::Error(HandshakeError {

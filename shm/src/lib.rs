@@ -29,6 +29,7 @@ use nix::fcntl::{FcntlArg, SealFlag, fcntl};
 use nix::sys::memfd::{MFdFlags, memfd_create};
 
 pub mod fd;
+pub mod ring;
 pub mod socket;
 pub use fd::{activated_listener, peer_groups, raw, recv_closing_fds, recv_with_fd, send_with_fd};
 

@@ -566,6 +566,7 @@ impl RawConn {
             protocol: PROTOCOL_VERSION,
             client: "raw-test".into(),
             arena_bytes: 0,
+            ring: None,
         });
         match frame::decode::<HandshakeReply>(&self.read_body().map_err(|e| e.to_string())?) {
             Ok(HandshakeReply::Welcome(_)) => Ok(()),
@@ -584,6 +585,7 @@ impl RawConn {
             protocol: PROTOCOL_VERSION,
             client: "raw-test".into(),
             arena_bytes,
+            ring: None,
         });
         let mut header = [0u8; HEADER_LEN];
         let (n, fd) = rxd_shm::recv_with_fd(self.stream.as_raw_fd(), &mut header)

@@ -280,6 +280,7 @@ fn bad_input_gets_its_error_code_and_the_daemon_keeps_serving() {
         protocol: 99,
         client: "old".into(),
         arena_bytes: 0,
+        ring: None,
     });
     let reply: rxd_protocol::HandshakeReply = frame::decode(&raw.read_body().unwrap()).unwrap();
     match reply {

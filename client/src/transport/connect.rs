@@ -128,6 +128,7 @@ impl Client {
             protocol: PROTOCOL_VERSION,
             client: options.client_name.clone(),
             arena_bytes: options.arena_bytes,
+            ring: None,
         };
         let bytes = frame::encode(&hello).map_err(|e| ClientError::Protocol(e.to_string()))?;
         stream.write_all(&bytes).await?;

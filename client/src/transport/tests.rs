@@ -37,6 +37,7 @@ async fn fake_daemon() -> (Client, std::os::unix::net::UnixStream, rxd_shm::Mapp
             max_frame_bytes: 1 << 20,
             max_in_flight: 16,
             arena_bytes: 1 << 16,
+            ring: None,
         });
         let bytes = frame::encode(&welcome).unwrap();
         let sent = rxd_shm::send_with_fd(rxd_shm::raw(&theirs), &bytes, fd.as_fd()).unwrap();

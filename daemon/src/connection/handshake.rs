@@ -74,6 +74,7 @@ pub(super) async fn handshake(
         max_frame_bytes: shared.config.max_frame_bytes,
         max_in_flight: shared.config.max_in_flight,
         arena_bytes: arena.as_ref().map_or(0, |a| a.map.len() as u64),
+        ring: None,
     });
     let Ok(bytes) = frame::encode(&welcome) else {
         return None;

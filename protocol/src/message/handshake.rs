@@ -18,6 +18,28 @@ pub struct Hello {
     /// Size of the shared-memory arena the client asks for, in bytes; 0 = none.
     #[serde(default)]
     pub arena_bytes: u64,
+    /// A submission/completion ring the client asks for (PROTOCOL.md, "The ring"); it lies in
+    /// the arena, after `arena_bytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring: Option<RingAsk>,
+}
+
+/// The ring a client asks for: `entries` slots of `slot_bytes` each way (the daemon rounds
+/// them to what it allows, [`crate::ring::Geometry::granted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingAsk {
+    pub entries: u32,
+    pub slot_bytes: u32,
+}
+
+/// The ring granted: where it starts in the arena, and its geometry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingGrant {
+    /// Offset of the ring's header in the arena (a multiple of 4096); the ring ends at the
+    /// arena's end.
+    pub offset: u64,
+    pub entries: u32,
+    pub slot_bytes: u32,
 }
 
 /// First frame from daemon to client, answering [`Hello`].
@@ -45,6 +67,10 @@ pub struct Welcome {
     /// (see PROTOCOL.md).
     #[serde(default)]
     pub arena_bytes: u64,
+    /// The ring granted, when one was asked for and the daemon allows it (the arena then ends
+    /// with it; `arena_bytes` counts it). Absent: requests go on the socket only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring: Option<RingGrant>,
 }
 
 /// A refused handshake.

@@ -174,6 +174,7 @@ fn idle_and_silent_connections_of_one_user_lock_nobody_out() {
                 protocol: PROTOCOL_VERSION,
                 client: "silent".into(),
                 arena_bytes: 0,
+                ring: None,
             }));
             c.stream
                 .set_read_timeout(Some(Duration::from_secs(5)))
@@ -388,6 +389,7 @@ fn a_duplicate_id_never_gets_a_second_answer() {
         protocol: PROTOCOL_VERSION,
         client: "again".into(),
         arena_bytes: 0,
+        ring: None,
     }));
     frames.extend(infer_frame(8, InferRequest::new("relu", vec![small])));
     c.send_raw(&frames).unwrap();
