@@ -34,6 +34,7 @@ pub mod blocking;
 #[cfg(feature = "generate")]
 pub mod generate;
 pub mod npy;
+pub mod ring;
 pub mod shapes;
 pub mod tensor;
 pub mod transport;
@@ -42,6 +43,7 @@ pub use arena::{Arena, ArenaBuf, OutputBufs};
 /// The `ndarray` this library's tensors convert to and from (use it rather than adding your
 /// own dependency, whose version would have to match).
 pub use ndarray;
+pub use ring::{RingClient, RingOptions};
 pub use rxd_protocol as protocol;
 pub use rxd_protocol::{DType, ErrorCode, Tensor, WireError};
 pub use transport::{Client, ClientOptions};

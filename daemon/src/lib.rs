@@ -87,6 +87,8 @@ pub struct Shared {
     pub opts: cli::ServeOpts,
     /// The preload list in force (changes with a config reload).
     pub preload: std::sync::Mutex<Vec<String>>,
+    /// The connections' submission/completion rings and their poller.
+    pub rings: connection::Rings,
 }
 
 pub type SharedRef = Arc<Shared>;
@@ -143,6 +145,7 @@ pub fn prepare(
         reload_requested: tokio::sync::Notify::new(),
         opts,
         preload: std::sync::Mutex::new(config.preload.clone()),
+        rings: connection::Rings::default(),
         config,
     }))
 }

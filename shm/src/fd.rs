@@ -167,3 +167,15 @@ pub fn watch(
     // taking it out of the runtime's registration.
     Ok(unsafe { tokio::io::unix::AsyncFd::register_with_interest(stream, interest) }?)
 }
+
+/// Peeks at a socket without waiting: how many bytes wait (0: the peer closed), or
+/// `WouldBlock` when none do yet.
+pub fn peek(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    use nix::sys::socket::{MsgFlags, recv};
+    let mut one = [0u8; 1];
+    Ok(recv(
+        fd.as_raw_fd(),
+        &mut one,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    )?)
+}

@@ -31,7 +31,9 @@ use nix::sys::memfd::{MFdFlags, memfd_create};
 pub mod fd;
 pub mod ring;
 pub mod socket;
-pub use fd::{activated_listener, peer_groups, raw, recv_closing_fds, recv_with_fd, send_with_fd};
+pub use fd::{
+    activated_listener, peek, peer_groups, raw, recv_closing_fds, recv_with_fd, send_with_fd,
+};
 
 /// Seals every arena carries: size fixed, seals fixed.
 pub const ARENA_SEALS: i32 = libc_seal(SealFlag::F_SEAL_SHRINK)

@@ -580,12 +580,21 @@ impl RawConn {
         &mut self,
         arena_bytes: u64,
     ) -> Result<(rxd_protocol::Welcome, std::os::fd::OwnedFd), String> {
+        self.handshake_ring(arena_bytes, None)
+    }
+
+    /// Handshake asking for an arena and a ring; returns the welcome and the passed fd.
+    pub fn handshake_ring(
+        &mut self,
+        arena_bytes: u64,
+        ring: Option<rxd_protocol::RingAsk>,
+    ) -> Result<(rxd_protocol::Welcome, std::os::fd::OwnedFd), String> {
         use std::os::fd::AsRawFd;
         self.send(&Hello {
             protocol: PROTOCOL_VERSION,
             client: "raw-test".into(),
             arena_bytes,
-            ring: None,
+            ring,
         });
         let mut header = [0u8; HEADER_LEN];
         let (n, fd) = rxd_shm::recv_with_fd(self.stream.as_raw_fd(), &mut header)

@@ -10,20 +10,29 @@ use tokio_util::sync::CancellationToken;
 
 use super::arena::{ArenaGrant, send_with_fd};
 use super::reader::{FrameReader, ReadError, read_frame};
+use super::ring::{RingSlot, Rings};
 use crate::SharedRef;
 use crate::peer::Peer;
+use rxd_protocol::RingGrant;
+use rxd_protocol::ring::Geometry;
 use rxd_shm::socket::WriteSide;
 
-/// Runs the handshake. `Some(arena)` when the connection is established (with its arena, if
-/// one was granted; the fd has been passed and dropped here, the mapping stays); `None` when
-/// the connection is to close (refused, gone, shutting down).
+/// What the handshake granted: the arena (its fd passed and dropped here, the mapping
+/// stays), and the ring at its end.
+pub(super) struct Granted {
+    pub(super) arena: Option<ArenaGrant>,
+    pub(super) ring: Option<(u64, Geometry, RingSlot)>,
+}
+
+/// Runs the handshake. `Some` when the connection is established; `None` when the connection
+/// is to close (refused, gone, shutting down).
 pub(super) async fn handshake(
     rd: &mut FrameReader,
     wr: &mut WriteSide,
     shared: &SharedRef,
     peer: &Peer,
     shutdown: &CancellationToken,
-) -> Option<Option<ArenaGrant>> {
+) -> Option<Granted> {
     let hello = tokio::select! {
         _ = shutdown.cancelled() => return None,
         r = read_frame(rd, limits::MAX_HANDSHAKE_FRAME) => r,
@@ -60,8 +69,19 @@ pub(super) async fn handshake(
         );
         return refuse(wr, err).await;
     }
-    let arena = if hello.arena_bytes > 0 {
-        match ArenaGrant::new(shared, peer, hello.arena_bytes) {
+    // A ring, if asked for and the daemon has one to give, lies in the arena after the
+    // tensors' part (page-aligned), which it makes larger.
+    let ring = hello.ring.and_then(|ask| {
+        let geo = Geometry::granted(ask.entries, ask.slot_bytes, shared.config.max_in_flight)?;
+        let slot = Rings::grant(shared, peer)?;
+        Some((hello.arena_bytes.div_ceil(4096) * 4096, geo, slot))
+    });
+    let arena_bytes = match &ring {
+        Some((offset, geo, _)) => offset + geo.bytes(),
+        None => hello.arena_bytes,
+    };
+    let arena = if arena_bytes > 0 {
+        match ArenaGrant::new(shared, peer, arena_bytes) {
             Ok(a) => Some(a),
             Err(e) => return refuse(wr, e).await,
         }
@@ -74,7 +94,11 @@ pub(super) async fn handshake(
         max_frame_bytes: shared.config.max_frame_bytes,
         max_in_flight: shared.config.max_in_flight,
         arena_bytes: arena.as_ref().map_or(0, |a| a.map.len() as u64),
-        ring: None,
+        ring: ring.as_ref().map(|(offset, geo, _)| RingGrant {
+            offset: *offset,
+            entries: geo.entries,
+            slot_bytes: geo.slot_bytes,
+        }),
     });
     let Ok(bytes) = frame::encode(&welcome) else {
         return None;
@@ -103,7 +127,7 @@ pub(super) async fn handshake(
         arena = arena.as_ref().map_or(0, |a| a.map.len() as u64),
         "handshake done"
     );
-    Some(arena)
+    Some(Granted { arena, ring })
 }
 
 /// Answers a failed handshake with its error, then closes the write side.

@@ -30,7 +30,10 @@
 mod arena;
 mod handshake;
 mod reader;
+mod ring;
 mod sink;
+
+pub use ring::Rings;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -65,6 +68,16 @@ struct Conn {
     in_flight_ids: Mutex<HashSet<u64>>,
     /// Control requests running at once ([`CONTROL_AT_ONCE`]).
     control: Arc<Semaphore>,
+    /// The connection's submission/completion ring, if one was granted.
+    ring: Option<Arc<ring::Ring>>,
+}
+
+/// Where a request came from, and so where its answer goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Socket,
+    /// The ring: every submission gets exactly one completion.
+    Ring,
 }
 
 /// Control requests one connection may have running at once.
@@ -74,12 +87,14 @@ impl Conn {
     /// Answers request `id`: frees the id first (the client may reuse it the moment it reads
     /// the answer), then writes; `permit` is released once the answer is on the socket.
     fn respond(&self, id: u64, outcome: Outcome, permit: Option<OwnedSemaphorePermit>) {
-        self.respond_sized(id, outcome, permit, 0);
+        self.respond_sized(Via::Socket, id, outcome, permit, 0);
     }
 
-    /// [`Conn::respond`] with the answer encoded into a buffer of `capacity` bytes.
+    /// [`Conn::respond`] by way of `via`, with the answer encoded into a buffer of `capacity`
+    /// bytes.
     fn respond_sized(
         &self,
+        via: Via,
         id: u64,
         outcome: Outcome,
         permit: Option<OwnedSemaphorePermit>,
@@ -92,10 +107,16 @@ impl Conn {
                 .remove(&id);
             Metrics::dec(&self.shared.metrics.in_flight);
         }
-        if let Sent::Dropped(bytes) =
-            self.sink
-                .send(id, encode_response(id, outcome, capacity), permit)
-        {
+        let mut frame = encode_response(id, outcome, capacity);
+        if let (Via::Ring, Some(ring)) = (via, &self.ring) {
+            // On the ring, unless it does not fit a slot (or the client's counts lie): then
+            // on the socket, the ring saying so.
+            match ring.post(id, frame) {
+                Some(spilled) => frame = spilled,
+                None => return,
+            }
+        }
+        if let Sent::Dropped(bytes) = self.sink.send(id, frame, permit) {
             tracing::debug!(
                 id,
                 bytes,
@@ -117,20 +138,32 @@ impl Conn {
         model: Option<&str>,
         permit: Option<OwnedSemaphorePermit>,
     ) {
+        self.fail_via(Via::Socket, id, e, model, permit);
+    }
+
+    /// [`Conn::fail`] by way of `via`.
+    fn fail_via(
+        &self,
+        via: Via,
+        id: u64,
+        e: &RequestError,
+        model: Option<&str>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
         tracing::debug!(id, code = e.code().as_u16(), "{e}");
         self.shared
             .metrics
             .record_error(e.code().as_u16(), e.to_string(), model);
-        self.respond(id, Outcome::Err(e.to_wire()), permit);
+        self.respond_sized(via, id, Outcome::Err(e.to_wire()), permit, 0);
     }
 
     /// Answers a frame that cannot be tied to a request in flight, under id 0.
-    fn refuse(&self, err: WireError, permit: OwnedSemaphorePermit) {
+    fn refuse(&self, via: Via, err: WireError, permit: Option<OwnedSemaphorePermit>) {
         tracing::debug!(code = err.code, "{}", err.message);
         self.shared
             .metrics
             .record_error(err.code, err.message.clone(), None);
-        self.respond(0, Outcome::Err(err), Some(permit));
+        self.respond_sized(via, 0, Outcome::Err(err), permit, 0);
     }
 
     fn ids(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
@@ -146,6 +179,7 @@ struct InferCompletion {
     version: u64,
     metrics: Arc<crate::metrics::ModelMetrics>,
     answered: bool,
+    via: Via,
     permit: Option<OwnedSemaphorePermit>,
     /// The request's bytes; given back before the answer is queued (which holds its own).
     held: Option<Held>,
@@ -191,7 +225,9 @@ impl Completion for InferCompletion {
             self.metrics
                 .record_outcome(Some(ErrorCode::TensorTooLarge.as_u16()));
             let permit = self.permit.take();
-            return self.conn.fail(self.id, &e, Some(&self.model), permit);
+            return self
+                .conn
+                .fail_via(self.via, self.id, &e, Some(&self.model), permit);
         }
         self.metrics.record_outcome(match &result {
             Ok(_) => None,
@@ -202,6 +238,7 @@ impl Completion for InferCompletion {
         match result {
             // `inline` estimates the frame's size (plus its header and some slack).
             Ok(outputs) => self.conn.respond_sized(
+                self.via,
                 self.id,
                 Outcome::Ok(dispatch::infer_reply(&self.model, self.version, outputs)),
                 permit,
@@ -217,7 +254,8 @@ impl Completion for InferCompletion {
                     }
                     other => RequestError::from(other),
                 };
-                self.conn.fail(self.id, &e, Some(&self.model), permit)
+                self.conn
+                    .fail_via(self.via, self.id, &e, Some(&self.model), permit)
             }
         }
     }
@@ -229,7 +267,8 @@ impl Drop for InferCompletion {
         if !self.answered {
             drop(self.held.take());
             let permit = self.permit.take();
-            self.conn.fail(
+            self.conn.fail_via(
+                self.via,
                 self.id,
                 &RequestError::Internal("the request was dropped unanswered".into()),
                 Some(&self.model),
@@ -243,6 +282,7 @@ impl Drop for InferCompletion {
 struct Maker {
     conn: Arc<Conn>,
     id: u64,
+    via: Via,
     permit: Option<OwnedSemaphorePermit>,
     held: Option<Held>,
     token: TaskTrackerToken,
@@ -257,6 +297,7 @@ impl MakeCompletion for Maker {
             version: model.version,
             metrics: model.metrics.clone(),
             answered: false,
+            via: self.via,
             permit: self.permit,
             held: self.held,
             _token: self.token,
@@ -346,8 +387,8 @@ async fn serve(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: Canc
     let mut rd = FrameReader::new(rd);
 
     let handshake = handshake::handshake(&mut rd, &mut wr, &shared, &peer, &shutdown);
-    let arena = match tokio::time::timeout(cfg.handshake_timeout, handshake).await {
-        Ok(Some(arena)) => arena,
+    let granted = match tokio::time::timeout(cfg.handshake_timeout, handshake).await {
+        Ok(Some(granted)) => granted,
         Ok(None) => return,
         Err(_) => {
             let err = WireError::new(
@@ -359,8 +400,20 @@ async fn serve(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: Canc
         }
     };
     let max_in_flight = cfg.max_in_flight as usize;
+    let handshake::Granted { arena, ring } = granted;
+    let (ring, _ring_slot) = match (ring, &arena) {
+        (Some((offset, geo, slot)), Some(a)) => match ring::Ring::new(a.map.clone(), offset, geo) {
+            Ok(r) => (Some(Arc::new(r)), Some(slot)),
+            Err(e) => {
+                tracing::error!("the ring granted is outside the arena: {e}");
+                return;
+            }
+        },
+        _ => (None, None),
+    };
     let conn = Arc::new(Conn {
         arena,
+        ring,
         shared: shared.clone(),
         sink: Sink::new(
             wr,
@@ -380,12 +433,35 @@ async fn serve(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: Canc
     });
     let permits = Arc::new(Semaphore::new(max_in_flight));
     let tasks = TaskTracker::new();
+    let ring_failed = match &conn.ring {
+        Some(r) => {
+            Rings::serve(
+                &shared,
+                r.clone(),
+                conn.clone(),
+                peer.clone(),
+                tasks.clone(),
+            );
+            r.failed().clone()
+        }
+        None => CancellationToken::new(),
+    };
 
     let stop = tokio::select! {
         biased;
         _ = shutdown.cancelled() => Stop::Quietly,
+        _ = ring_failed.cancelled() => {
+            Stop::Answer(conn.ring.as_ref().map(|r| r.take_failure()).unwrap_or_else(|| {
+                WireError::new(ErrorCode::MalformedMessage, "the ring broke its rules")
+            }))
+        }
         stop = read_loop(&mut rd, &conn, &peer, &permits, &tasks) => stop,
     };
+    // The ring takes no more requests; those taken are answered below.
+    if let Some(r) = &conn.ring {
+        r.close();
+        shared.rings.wake();
+    }
     if let Stop::Answer(err) = stop {
         tracing::debug!(code = err.code, "closing the connection: {}", err.message);
         shared
@@ -462,14 +538,15 @@ async fn read_loop(
             Err(_) => return frame_timeout(len, cfg.frame_timeout),
         };
         drop(reading);
-        let (request, permit) = match decode_request(conn, &body, permit) {
+        let (request, permit) = match decode_request(conn, &body, Via::Socket, Some(permit)) {
             Ok(taken) => taken,
             Err(()) => continue,
         };
         drop(body);
         let id = request.id;
         if let rxd_protocol::Request::Infer(infer) = request.body {
-            queue_infer(conn, peer, tasks, id, infer, Some(permit), held);
+            let origin = Origin { conn, peer, tasks };
+            queue_infer(origin, id, infer, Via::Socket, permit, held);
             continue;
         }
         // Control requests answer from a task of their own, a few at a time per connection:
@@ -482,6 +559,7 @@ async fn read_loop(
         let maker = Maker {
             conn: conn.clone(),
             id,
+            via: Via::Socket,
             permit: None,
             held: None,
             token: tasks.token(),
@@ -493,9 +571,9 @@ async fn read_loop(
             async move {
                 let _held = (held, control);
                 match dispatch::handle(&shared, &peer, request.body, arena, maker).await {
-                    Ok(Handled::Reply(reply)) => conn.respond(id, Outcome::Ok(reply), Some(permit)),
+                    Ok(Handled::Reply(reply)) => conn.respond(id, Outcome::Ok(reply), permit),
                     Ok(Handled::Deferred) => {}
-                    Err(e) => conn.fail(id, &e, None, Some(permit)),
+                    Err(e) => conn.fail(id, &e, None, permit),
                 }
             }
             .instrument(span),
@@ -509,20 +587,22 @@ async fn read_loop(
 fn decode_request(
     conn: &Conn,
     body: &[u8],
-    permit: OwnedSemaphorePermit,
-) -> Result<(RequestFrame, OwnedSemaphorePermit), ()> {
+    via: Via,
+    permit: Option<OwnedSemaphorePermit>,
+) -> Result<(RequestFrame, Option<OwnedSemaphorePermit>), ()> {
     let shared = &conn.shared;
     Metrics::inc(&shared.metrics.requests_total);
     // The structure first (bounded values and depth, no allocation): what decoding then
     // allocates is bounded by the frame's bytes.
     if let Err(e) = frame::check_structure(body, limits::MAX_FRAME_VALUES) {
-        conn.refuse(e.to_wire(), permit);
+        conn.refuse(via, e.to_wire(), permit);
         return Err(());
     }
     let request: RequestFrame = match frame::decode(body) {
         Ok(r) => r,
         Err(_) if frame::decode::<Hello>(body).is_ok() => {
             conn.refuse(
+                via,
                 WireError::new(
                     ErrorCode::HandshakeRequired,
                     "a second Hello: the handshake is done once, first (PROTOCOL.md)",
@@ -537,12 +617,12 @@ fn decode_request(
             let w = e.to_wire();
             let id = frame::salvage_id(body).unwrap_or(0);
             if id == 0 || !conn.ids().insert(id) {
-                conn.refuse(w, permit);
+                conn.refuse(via, w, permit);
                 return Err(());
             }
             Metrics::inc(&shared.metrics.in_flight);
             shared.metrics.record_error(w.code, e.to_string(), None);
-            conn.respond(id, Outcome::Err(w), Some(permit));
+            conn.respond_sized(via, id, Outcome::Err(w), permit, 0);
             return Err(());
         }
     };
@@ -551,6 +631,7 @@ fn decode_request(
         // Answered under id 0: under its id it would give the request in flight a second
         // answer.
         conn.refuse(
+            via,
             WireError::new(
                 ErrorCode::BadRequestId,
                 format!("request id {id} is 0 or already in flight on this connection"),
@@ -563,14 +644,21 @@ fn decode_request(
     Ok((request, permit))
 }
 
+/// Where a request came from: its connection, peer, and the tracker of its connection's tasks.
+#[derive(Clone, Copy)]
+struct Origin<'a> {
+    conn: &'a Arc<Conn>,
+    peer: &'a Peer,
+    tasks: &'a TaskTracker,
+}
+
 /// The hot path: validates and queues an inference right here; the worker answers (a request
 /// for a model that must load first waits in a task of its own).
 fn queue_infer(
-    conn: &Arc<Conn>,
-    peer: &Peer,
-    tasks: &TaskTracker,
+    Origin { conn, peer, tasks }: Origin<'_>,
     id: u64,
     infer: rxd_protocol::InferRequest,
+    via: Via,
     permit: Option<OwnedSemaphorePermit>,
     held: Held,
 ) {
@@ -578,6 +666,7 @@ fn queue_infer(
     let maker = Maker {
         conn: conn.clone(),
         id,
+        via,
         permit,
         held: Some(held),
         token: tasks.token(),
@@ -590,11 +679,11 @@ fn queue_infer(
             let (shared, conn, map) = (shared.clone(), conn.clone(), map.cloned());
             tasks.spawn(async move {
                 if let Err(e) = cold.run(shared, map).await {
-                    conn.fail(id, &e, None, None);
+                    conn.fail_via(via, id, &e, None, None);
                 }
             });
         }
-        Err(e) => conn.fail(id, &e, None, None),
+        Err(e) => conn.fail_via(via, id, &e, None, None),
     }
 }
 
@@ -611,16 +700,26 @@ async fn next_byte(
         return rd.fill().await.map_err(Stop::from);
     };
     let all = conn.shared.config.max_in_flight as usize;
+    // The ring's requests count as traffic: one taken since the last look, or one running,
+    // keeps the connection open.
+    let ring = || conn.ring.as_ref().map(|r| r.activity());
+    let mut seen = ring();
     loop {
         match tokio::time::timeout(idle, rd.fill()).await {
             Ok(r) => return r.map_err(Stop::from),
-            Err(_) if permits.available_permits() + 1 >= all && conn.sink.unsent() == 0 => {
+            Err(_)
+                if permits.available_permits() + 1 >= all
+                    && conn.sink.unsent() == 0
+                    && ring().is_none_or(|(taken, running)| {
+                        !running && seen.is_some_and(|(before, _)| before == taken)
+                    }) =>
+            {
                 return Err(Stop::Answer(WireError::new(
                     ErrorCode::ConnectionTimeout,
                     format!("idle for {idle:?} with nothing in flight"),
                 )));
             }
-            Err(_) => {}
+            Err(_) => seen = ring(),
         }
     }
 }

@@ -10,4 +10,5 @@ mod models;
 mod peer;
 mod publish;
 mod redteam;
+mod ring;
 mod sched;

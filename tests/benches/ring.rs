@@ -1,0 +1,454 @@
+//! The shared-memory ring against the socket (issue 26), each ratio in one run with its
+//! baselines:
+//!
+//! 1. `sigmoid`, one client: p50 of in-process ONNX Runtime, of a raw Unix-socket ping-pong
+//!    with the same frame sizes, of rxd through the socket (a blocking raw client) and through
+//!    the ring (`RingClient`, spinning before it sleeps, and not spinning); rxd's added p50 as
+//!    a multiple of the raw round trip.
+//! 2. 32 single-item closed-loop clients (every request a different input, large tensors
+//!    through the arena) on `ppocr_cls` and `sigmoid`, through the socket (`rxctl bench`'s
+//!    load generator: the async client) and through the ring (a `RingClient` thread each, no
+//!    spin: more clients than cores), alternately: throughput as a share of in-process
+//!    ONNX Runtime's best over batch sizes {1,4,8,16,32} and layouts {1 session × all
+//!    threads, one 1-thread session per core} measured in the same run, p99, and the daemon's
+//!    CPU µs per request outside ORT's own run (its CPU time over the requests, less
+//!    in-process ORT's thread CPU per row at the daemon's mean batch size).
+//!
+//! Run: `scripts/bench ring`. `RXD_BENCH_N` (20000) round trips for part 1, `RXD_BENCH_SECS`
+//! (5) per load run, `RXD_BENCH_ROUNDS` (2), `RXD_BENCH_MODELS` (ppocr_cls,sigmoid).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rxd_client::{RingClient, RingOptions, Tensor};
+use rxd_e2e::*;
+use rxd_protocol::frame::{self, HEADER_LEN};
+use rxd_protocol::{InferRequest, Outcome, Request, RequestFrame, ResponseFrame};
+
+fn p50_us(mut samples: Vec<Duration>) -> (f64, f64) {
+    samples.sort();
+    let at = |p: f64| samples[((samples.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6;
+    (at(0.5), at(0.99))
+}
+
+fn time_n(n: usize, mut f: impl FnMut()) -> (f64, f64) {
+    for _ in 0..n / 10 {
+        f();
+    }
+    let mut s = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        f();
+        s.push(t.elapsed());
+    }
+    p50_us(s)
+}
+
+fn infer_frame(id: u64, model: &str, x: Tensor) -> Vec<u8> {
+    frame::encode(&RequestFrame {
+        id,
+        body: Request::Infer(InferRequest {
+            model: model.into(),
+            version: None,
+            inputs: vec![x],
+            outputs: vec![],
+            output_regions: Vec::new(),
+            output_area: None,
+            priority: None,
+            timeout_ms: None,
+            inline_overflow: false,
+        }),
+    })
+    .unwrap()
+}
+
+fn read_frame(s: &mut UnixStream, buf: &mut Vec<u8>) {
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h).unwrap();
+    buf.resize(u32::from_le_bytes(h) as usize, 0);
+    s.read_exact(buf).unwrap();
+}
+
+fn item(model: &str, seed: u64) -> Tensor {
+    match model {
+        "sigmoid" => f32_tensor("x", &[3, 4, 5], &random_f32(60, seed)),
+        "ppocr_cls" => f32_tensor("x", &[1, 3, 48, 192], &random_f32(3 * 48 * 192, seed)),
+        other => panic!("no input for {other}"),
+    }
+}
+
+fn rows(model: &str, b: u64) -> Tensor {
+    match model {
+        "sigmoid" => f32_tensor("x", &[3, 4, 5], &random_f32(60, 1)),
+        _ => f32_tensor(
+            "x",
+            &[b, 3, 48, 192],
+            &random_f32((b * 3 * 48 * 192) as usize, 1),
+        ),
+    }
+}
+
+/// Items/s of `sessions` sessions of `threads` threads at batch `b`.
+fn in_process(model: &str, threads: usize, sessions: usize, b: u64, secs: f64) -> f64 {
+    let b = if model == "sigmoid" { 1 } else { b };
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..sessions)
+            .map(|_| {
+                s.spawn(move || {
+                    let mut sess = bench_session(model, threads);
+                    let x = rows(model, b);
+                    let mut run = || {
+                        std::hint::black_box(
+                            sess.run(vec![("x".to_string(), to_ort(&x))]).unwrap(),
+                        );
+                    };
+                    run();
+                    let start = Instant::now();
+                    let mut n = 0u64;
+                    while start.elapsed().as_secs_f64() < secs {
+                        run();
+                        n += 1;
+                    }
+                    (n * b) as f64 / start.elapsed().as_secs_f64()
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).sum()
+    })
+}
+
+fn best_in_process(model: &str, cores: usize, secs: f64) -> (f64, (usize, usize, u64)) {
+    let mut best = (0.0, (1, 1, 1));
+    let sizes: &[u64] = if model == "sigmoid" {
+        &[1]
+    } else {
+        &[1, 4, 8, 16, 32]
+    };
+    for (threads, sessions) in [(cores, 1), (1, cores)] {
+        for &b in sizes {
+            let r = in_process(model, threads, sessions, b, secs);
+            if r > best.0 {
+                best = (r, (threads, sessions, b));
+            }
+        }
+    }
+    best
+}
+
+fn thread_cpu() -> Duration {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).unwrap();
+    Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32)
+}
+
+/// In-process ORT's thread CPU µs per row at batch `b` (one intra-op thread).
+fn ort_cpu_per_row(model: &str, b: u64) -> f64 {
+    let mut r = Reference::new(&model_file(model));
+    let x = rows(model, b.max(1));
+    let b = if model == "sigmoid" { 1 } else { b.max(1) };
+    let runs = (2000 / b).max(20);
+    for _ in 0..runs / 10 + 3 {
+        std::hint::black_box(r.run(std::slice::from_ref(&x)));
+    }
+    let start = thread_cpu();
+    for _ in 0..runs {
+        std::hint::black_box(r.run(std::slice::from_ref(&x)));
+    }
+    (thread_cpu() - start).as_secs_f64() * 1e6 / (runs * b) as f64
+}
+
+fn process_cpu(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .unwrap()
+        .unwrap_or(100) as u64;
+    Duration::from_secs_f64(ticks as f64 / hz as f64)
+}
+
+struct LoadRun {
+    per_s: f64,
+    p99_ms: f64,
+    cpu_us: f64,
+    mean_batch: f64,
+}
+
+/// The socket's best path: `rxctl bench`'s load generator (the async client, tensors through
+/// the arena, every request a different input), `clients` closed-loop clients for `secs`.
+fn load_socket(d: &TestDaemon, model: &str, clients: usize, secs: f64) -> LoadRun {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .unwrap();
+    let load = rxd_client::bench::Load {
+        socket: d.socket.clone(),
+        model: model.into(),
+        inputs: vec![item(model, 5)],
+        concurrency: clients,
+        rate_phases: Vec::new(),
+        duration: Duration::from_secs_f64(secs),
+        requests: None,
+        warmup: Duration::ZERO,
+        arena: true,
+        timeout_ms: None,
+        same_input: false,
+    };
+    let cpu0 = process_cpu(d.pid());
+    let r = rt
+        .block_on(rxd_client::bench::run(&load, |_, _| {}))
+        .unwrap();
+    let cpu = process_cpu(d.pid()) - cpu0;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    LoadRun {
+        per_s: r.throughput_per_s,
+        p99_ms: r.latency_ms.p99,
+        cpu_us: cpu.as_secs_f64() * 1e6 / (r.requests + r.warmup_requests) as f64,
+        mean_batch: r.mean_batch_size,
+    }
+}
+
+/// 32 closed-loop clients, one thread each, for `secs`; each request's input differs.
+fn load(d: &TestDaemon, model: &str, clients: usize, secs: f64, ring: bool) -> LoadRun {
+    if !ring {
+        return load_socket(d, model, clients, secs);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let before = d.summaries()[model].clone();
+    let cpu0 = process_cpu(d.pid());
+    let start = Instant::now();
+    let handles: Vec<_> = (0..clients)
+        .map(|c| {
+            let (socket, stop, model) = (d.socket.clone(), stop.clone(), model.to_string());
+            std::thread::spawn(move || {
+                let mut x = item(&model, 1000 + c as u64);
+                let mut lat = Vec::new();
+                let vary = |x: &mut Tensor, i: u64| {
+                    if let rxd_protocol::TensorData::Inline(b) = &mut x.data {
+                        let v = (c as u64 * 1_000_000 + i) as f32 * 1e-7;
+                        b[..4].copy_from_slice(&v.to_le_bytes());
+                    }
+                };
+                if ring {
+                    let opts = RingOptions {
+                        entries: 2,
+                        slot_bytes: 4 << 10,
+                        spin: Duration::ZERO,
+                        arena_bytes: 1 << 20,
+                        ..RingOptions::default()
+                    };
+                    let mut cl = RingClient::connect(&socket, opts).unwrap();
+                    assert!(cl.has_ring());
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        vary(&mut x, i);
+                        i += 1;
+                        let t = Instant::now();
+                        cl.infer(&model, vec![x.clone()]).unwrap();
+                        lat.push(t.elapsed());
+                    }
+                } else {
+                    let mut conn = RawConn::connect(&socket).unwrap();
+                    conn.handshake().unwrap();
+                    let mut s = conn.stream;
+                    let mut buf = Vec::new();
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        vary(&mut x, i);
+                        i += 1;
+                        let t = Instant::now();
+                        s.write_all(&infer_frame(i, &model, x.clone())).unwrap();
+                        read_frame(&mut s, &mut buf);
+                        let r: ResponseFrame = frame::decode(&buf).unwrap();
+                        assert!(matches!(r.outcome, Outcome::Ok(_)), "{:?}", r.outcome);
+                        lat.push(t.elapsed());
+                    }
+                }
+                lat
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    stop.store(true, Ordering::Relaxed);
+    let mut all: Vec<Duration> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+    let took = start.elapsed().as_secs_f64();
+    let cpu = process_cpu(d.pid()) - cpu0;
+    let after = d.summaries()[model].clone();
+    let (batches, rows) = (after.batches - before.batches, after.rows - before.rows);
+    let n = all.len();
+    all.sort();
+    LoadRun {
+        per_s: n as f64 / took,
+        p99_ms: all[(n - 1) * 99 / 100].as_secs_f64() * 1e3,
+        cpu_us: cpu.as_secs_f64() * 1e6 / n as f64,
+        mean_batch: rows as f64 / batches.max(1) as f64,
+    }
+}
+
+fn main() {
+    let n: usize = bench_setting("RXD_BENCH_N", 20000);
+    let secs: f64 = bench_setting("RXD_BENCH_SECS", 5.0);
+    let rounds: usize = bench_setting("RXD_BENCH_ROUNDS", 2);
+    let models = std::env::var("RXD_BENCH_MODELS").unwrap_or_else(|_| "ppocr_cls,sigmoid".into());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+
+    // 1. One client on sigmoid.
+    let x = item("sigmoid", 7);
+    let req = infer_frame(1, "sigmoid", x.clone());
+    let mut reference = Reference::new(&model_file("sigmoid"));
+    let ort = time_n(n, || {
+        std::hint::black_box(reference.run(std::slice::from_ref(&x)));
+    });
+    let resp = {
+        let outputs = reference.run(std::slice::from_ref(&x));
+        frame::encode(&ResponseFrame {
+            id: 1,
+            outcome: Outcome::Ok(rxd_protocol::Reply::Infer(rxd_protocol::InferReply {
+                model: "sigmoid".into(),
+                version: 1,
+                outputs,
+            })),
+        })
+        .unwrap()
+    };
+    let (mut a, mut b) = UnixStream::pair().unwrap();
+    let echo = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        loop {
+            let mut h = [0u8; HEADER_LEN];
+            if b.read_exact(&mut h).is_err() {
+                return;
+            }
+            buf.resize(u32::from_le_bytes(h) as usize, 0);
+            b.read_exact(&mut buf).unwrap();
+            b.write_all(&resp).unwrap();
+        }
+    });
+    let mut buf = Vec::new();
+    let raw = time_n(n, || {
+        a.write_all(&req).unwrap();
+        read_frame(&mut a, &mut buf);
+    });
+    drop(a);
+    echo.join().unwrap();
+
+    let repo = Repo::new();
+    repo.link("sigmoid", 1, "sigmoid");
+    let d = TestDaemon::start(repo.path(), &["--io-threads", "1"]);
+    let mut conn = RawConn::connect(&d.socket).unwrap();
+    conn.handshake().unwrap();
+    let mut s = conn.stream;
+    let socket = time_n(n, || {
+        s.write_all(&req).unwrap();
+        read_frame(&mut s, &mut buf);
+    });
+    let want = reference.run(std::slice::from_ref(&x));
+    let mut ring_p50 = Vec::new();
+    for spin_us in [100u64, 0] {
+        let mut c = RingClient::connect(
+            &d.socket,
+            RingOptions {
+                spin: Duration::from_micros(spin_us),
+                ..RingOptions::default()
+            },
+        )
+        .unwrap();
+        assert!(c.has_ring());
+        assert_eq!(c.infer("sigmoid", vec![x.clone()]).unwrap(), want);
+        ring_p50.push((
+            spin_us,
+            time_n(n, || {
+                std::hint::black_box(c.infer("sigmoid", vec![x.clone()]).unwrap());
+            }),
+        ));
+    }
+    drop(d);
+    println!("### One client, sigmoid.onnx [3,4,5] f32, {n} round trips\n");
+    println!("| path | p50 µs | p99 µs | added p50 over in-process / raw socket p50 |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| in-process ORT `Session::run` | {:.1} | {:.1} | |",
+        ort.0, ort.1
+    );
+    println!(
+        "| raw Unix-socket ping-pong (same frame sizes) | {:.1} | {:.1} | |",
+        raw.0, raw.1
+    );
+    println!(
+        "| rxd through the socket (blocking raw client) | {:.1} | {:.1} | {:.2} |",
+        socket.0,
+        socket.1,
+        (socket.0 - ort.0) / raw.0
+    );
+    for (spin, t) in &ring_p50 {
+        println!(
+            "| rxd through the ring (`RingClient`, spin {spin} µs) | {:.1} | {:.1} | {:.2} |",
+            t.0,
+            t.1,
+            (t.0 - ort.0) / raw.0
+        );
+    }
+    println!();
+
+    // 2. 32 clients.
+    println!(
+        "### 32 single-item clients (large tensors through the arena), socket and ring alternately, {secs} s each, {rounds} rounds\n"
+    );
+    println!(
+        "| model | best in-process items/s (where) | path | req/s (per round) | share | p99 ms | mean batch | daemon CPU µs/req outside ORT |"
+    );
+    println!("|---|---:|---|---:|---:|---:|---:|---:|");
+    for model in models.split(',') {
+        let best = best_in_process(model, cores, secs / 2.0);
+        let repo = Repo::new();
+        repo.link(model, 1, model);
+        let cache = tempfile::tempdir().unwrap();
+        let d = TestDaemon::start_with(
+            repo.path(),
+            &["--intra-op-threads", "0", "--log-level", "info"],
+            &format!(
+                "tune = true\ncache-directory = '{}'\n",
+                cache.path().display()
+            ),
+        );
+        let mut runs: Vec<(bool, LoadRun, f64)> = Vec::new();
+        for _ in 0..rounds {
+            for ring in [false, true] {
+                let r = load(&d, model, 32, secs, ring);
+                let (t, s, b) = best.1;
+                let base = in_process(model, t, s, b, secs / 2.0);
+                runs.push((ring, r, base));
+            }
+        }
+        drop(d);
+        for ring in [false, true] {
+            let mine: Vec<&(bool, LoadRun, f64)> = runs.iter().filter(|r| r.0 == ring).collect();
+            let per_round: Vec<String> = mine.iter().map(|r| format!("{:.0}", r.1.per_s)).collect();
+            let share: f64 =
+                mine.iter().map(|r| r.1.per_s / r.2).sum::<f64>() / mine.len() as f64 * 100.0;
+            let mean = |f: &dyn Fn(&LoadRun) -> f64| {
+                mine.iter().map(|r| f(&r.1)).sum::<f64>() / mine.len() as f64
+            };
+            let batch = mean(&|r| r.mean_batch);
+            let ort_cpu = ort_cpu_per_row(model, batch.round() as u64);
+            let (t, s, b) = best.1;
+            println!(
+                "| {model} | {:.0} (batch {b}, {s} × {t} thread(s)) | {} | {} | {share:.0} % | {:.2} | {batch:.1} | {:.0} |",
+                best.0,
+                if ring { "ring" } else { "socket" },
+                per_round.join(" / "),
+                mean(&|r| r.p99_ms),
+                mean(&|r| r.cpu_us) - ort_cpu,
+            );
+        }
+    }
+    println!();
+}
