@@ -38,8 +38,9 @@ pub struct RingOptions {
     pub entries: u32,
     /// Bytes per slot: a request frame must fit one to go on the ring.
     pub slot_bytes: u32,
-    /// How long to spin on the completion queue before sleeping on it. Spinning costs a core
-    /// while it lasts: with more busy clients than cores, 0 is better.
+    /// How long to spin on the completion queue before sleeping on it, while answers come
+    /// within that time (a client whose answers lately took longer does not spin). Spinning
+    /// costs a core while it lasts: with more busy clients than cores, 0 is better.
     pub spin: Duration,
     /// Arena bytes for input tensors (0 = every tensor inline).
     pub arena_bytes: u64,
@@ -78,6 +79,9 @@ pub struct RingClient {
     ring: Option<Ring>,
     next_id: u64,
     spin: Duration,
+    /// How long answers took lately (a moving average): a client whose answers take longer
+    /// than `spin` does not spin, it would only burn the core before sleeping anyway.
+    recent: Duration,
     inline_threshold: u64,
     body: Vec<u8>,
 }
@@ -166,6 +170,7 @@ impl RingClient {
             ring,
             next_id: 1,
             spin: options.spin,
+            recent: Duration::ZERO,
             inline_threshold: options.inline_threshold,
             body: Vec::new(),
         })
@@ -273,7 +278,11 @@ impl RingClient {
 
     /// Waits for the next completion, which answers `id` (one request at a time).
     fn ring_answer(&mut self, id: u64) -> Result<Outcome, ClientError> {
-        let spin = self.spin;
+        let spin = if self.recent <= self.spin {
+            self.spin
+        } else {
+            Duration::ZERO
+        };
         let ring = self.ring.as_mut().expect("a request went on the ring");
         let mut slept = Duration::ZERO;
         let start = Instant::now();
@@ -303,6 +312,7 @@ impl RingClient {
                 }
             }
         }
+        self.recent = (self.recent * 7 + start.elapsed()) / 8;
         let tail = cq_tail.load(Ordering::Acquire);
         if ring.geo.queued(ring.cq_head, tail).is_none() {
             return Err(ClientError::Protocol(format!(

@@ -6,16 +6,19 @@
 //!    the ring (`RingClient`, spinning before it sleeps, and not spinning); rxd's added p50 as
 //!    a multiple of the raw round trip.
 //! 2. 32 single-item closed-loop clients (every request a different input, large tensors
-//!    through the arena) on `ppocr_cls` and `sigmoid`, through the socket (`rxctl bench`'s
-//!    load generator: the async client) and through the ring (a `RingClient` thread each, no
-//!    spin: more clients than cores), alternately: throughput as a share of in-process
+//!    through the arena) on `ppocr_cls`, `yolov8n` and `sigmoid`, through the socket (`rxctl bench`'s
+//!    load generator: the async client on 2 threads) and through the ring (a ring per client,
+//!    2 threads each driving half of them and sleeping on all their completion tails at once
+//!    when none has an answer), alternately: throughput as a share of in-process
 //!    ONNX Runtime's best over batch sizes {1,4,8,16,32} and layouts {1 session × all
-//!    threads, one 1-thread session per core} measured in the same run, p99, and the daemon's
+//!    threads, one 1-thread session per core} measured in the same run (rxd as a fresh install
+//!    runs it: every core, load-time tuning on, model.toml holding only the input shapes),
+//!    p99, and the daemon's
 //!    CPU µs per request outside ORT's own run (its CPU time over the requests, less
 //!    in-process ORT's thread CPU per row at the daemon's mean batch size).
 //!
 //! Run: `scripts/bench ring`. `RXD_BENCH_N` (20000) round trips for part 1, `RXD_BENCH_SECS`
-//! (5) per load run, `RXD_BENCH_ROUNDS` (2), `RXD_BENCH_MODELS` (ppocr_cls,sigmoid).
+//! (5) per load run, `RXD_BENCH_ROUNDS` (2), `RXD_BENCH_MODELS` (ppocr_cls,yolov8n,sigmoid).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -24,6 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rxd_client::{RingClient, RingOptions, Tensor};
+
 use rxd_e2e::*;
 use rxd_protocol::frame::{self, HEADER_LEN};
 use rxd_protocol::{InferRequest, Outcome, Request, RequestFrame, ResponseFrame};
@@ -72,23 +76,43 @@ fn read_frame(s: &mut UnixStream, buf: &mut Vec<u8>) {
     s.read_exact(buf).unwrap();
 }
 
-fn item(model: &str, seed: u64) -> Tensor {
+/// A model's input: its name and one item's shape after the batch dimension (sigmoid has
+/// none: one request is one fixed [3, 4, 5] tensor).
+fn input_of(model: &str) -> (&'static str, &'static [u64]) {
     match model {
-        "sigmoid" => f32_tensor("x", &[3, 4, 5], &random_f32(60, seed)),
-        "ppocr_cls" => f32_tensor("x", &[1, 3, 48, 192], &random_f32(3 * 48 * 192, seed)),
+        "sigmoid" => ("x", &[]),
+        "ppocr_cls" => ("x", &[3, 48, 192]),
+        "yolov8n" => ("images", &[3, 320, 320]),
         other => panic!("no input for {other}"),
     }
 }
 
-fn rows(model: &str, b: u64) -> Tensor {
+/// The model.toml a fresh install would have: the shapes requests have, for tuning.
+fn settings_of(model: &str) -> Option<&'static str> {
     match model {
-        "sigmoid" => f32_tensor("x", &[3, 4, 5], &random_f32(60, 1)),
-        _ => f32_tensor(
-            "x",
-            &[b, 3, 48, 192],
-            &random_f32((b * 3 * 48 * 192) as usize, 1),
-        ),
+        "ppocr_cls" => Some("warmup-dims = { x = [1, 3, 48, 192] }"),
+        "yolov8n" => Some("warmup-dims = { images = [1, 3, 320, 320] }"),
+        _ => None,
     }
+}
+
+fn rows_seeded(model: &str, b: u64, seed: u64) -> Tensor {
+    let (name, item) = input_of(model);
+    if item.is_empty() {
+        return f32_tensor(name, &[3, 4, 5], &random_f32(60, seed));
+    }
+    let mut shape = vec![b];
+    shape.extend_from_slice(item);
+    let n = shape.iter().product::<u64>() as usize;
+    f32_tensor(name, &shape, &random_f32(n, seed))
+}
+
+fn item(model: &str, seed: u64) -> Tensor {
+    rows_seeded(model, 1, seed)
+}
+
+fn rows(model: &str, b: u64) -> Tensor {
+    rows_seeded(model, b, 1)
 }
 
 /// Items/s of `sessions` sessions of `threads` threads at batch `b`.
@@ -101,9 +125,7 @@ fn in_process(model: &str, threads: usize, sessions: usize, b: u64, secs: f64) -
                     let mut sess = bench_session(model, threads);
                     let x = rows(model, b);
                     let mut run = || {
-                        std::hint::black_box(
-                            sess.run(vec![("x".to_string(), to_ort(&x))]).unwrap(),
-                        );
+                        std::hint::black_box(sess.run(vec![(x.name.clone(), to_ort(&x))]).unwrap());
                     };
                     run();
                     let start = Instant::now();
@@ -213,60 +235,153 @@ fn load_socket(d: &TestDaemon, model: &str, clients: usize, secs: f64) -> LoadRu
     }
 }
 
-/// 32 closed-loop clients, one thread each, for `secs`; each request's input differs.
-fn load(d: &TestDaemon, model: &str, clients: usize, secs: f64, ring: bool) -> LoadRun {
-    if !ring {
-        return load_socket(d, model, clients, secs);
+/// One connection's ring, written by hand: the load generator drives many from one thread.
+struct Lane {
+    _conn: RawConn,
+    mem: rxd_shm::ring::RingMem,
+    geo: rxd_protocol::ring::Geometry,
+    sq_tail: u32,
+    cq_head: u32,
+    x: Tensor,
+    /// Where the input goes in the arena (inline when `None`).
+    arena: bool,
+    n: u64,
+    client: u64,
+    sent: Instant,
+}
+
+impl Lane {
+    fn connect(socket: &std::path::Path, x: Tensor, client: u64) -> Lane {
+        let mut conn = RawConn::connect(socket).unwrap();
+        let (welcome, fd) = conn
+            .handshake_ring(
+                4 << 20,
+                Some(rxd_protocol::RingAsk {
+                    entries: 2,
+                    slot_bytes: 4096,
+                }),
+            )
+            .unwrap();
+        let grant = welcome.ring.expect("a ring");
+        let geo = rxd_protocol::ring::Geometry {
+            entries: grant.entries,
+            slot_bytes: grant.slot_bytes,
+        };
+        let map =
+            rxd_shm::Mapping::map(std::os::fd::AsFd::as_fd(&fd), welcome.arena_bytes as usize)
+                .unwrap();
+        let mem = rxd_shm::ring::RingMem::new(Arc::new(map), grant.offset, geo.bytes()).unwrap();
+        let arena = matches!(&x.data, rxd_protocol::TensorData::Inline(b) if b.len() >= 16 << 10);
+        Lane {
+            _conn: conn,
+            mem,
+            geo,
+            sq_tail: 0,
+            cq_head: 0,
+            x,
+            arena,
+            n: 0,
+            client,
+            sent: Instant::now(),
+        }
     }
+
+    /// Sends the next request (its input differs from every other's).
+    fn submit_model(&mut self, model: &str) {
+        use rxd_protocol::ring as layout;
+        self.n += 1;
+        let v = (self.client * 1_000_000 + self.n) as f32 * 1e-7;
+        if let rxd_protocol::TensorData::Inline(b) = &mut self.x.data {
+            b[..4].copy_from_slice(&v.to_le_bytes());
+        }
+        let mut x = self.x.clone();
+        if self.arena
+            && let rxd_protocol::TensorData::Inline(b) = &x.data
+        {
+            self.mem.mapping().copy_in(0, b).unwrap();
+            let len = b.len() as u64;
+            x.data = rxd_protocol::TensorData::Arena(rxd_protocol::ArenaRef { offset: 0, len });
+        }
+        let bytes = infer_frame(self.n, model, x);
+        self.mem
+            .write(self.geo.sq_slot(self.sq_tail), &bytes)
+            .unwrap();
+        self.sq_tail = self.sq_tail.wrapping_add(1);
+        let tail = self.mem.word(layout::SQ_TAIL);
+        tail.store(self.sq_tail, Ordering::SeqCst);
+        if self.mem.word(layout::SQ_WAKE).load(Ordering::SeqCst) != 0 {
+            rxd_shm::ring::wake(tail);
+        }
+        self.sent = Instant::now();
+    }
+
+    /// The answer, if it came: checked and consumed.
+    fn poll(&mut self) -> Option<Duration> {
+        use rxd_protocol::ring as layout;
+        if self.mem.word(layout::CQ_TAIL).load(Ordering::Acquire) == self.cq_head {
+            return None;
+        }
+        let took = self.sent.elapsed();
+        let at = self.geo.cq_slot(self.cq_head);
+        let mut len = [0u8; 4];
+        self.mem.read(at, &mut len).unwrap();
+        let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+        self.mem.read(at + 4, &mut body).unwrap();
+        self.cq_head = self.cq_head.wrapping_add(1);
+        self.mem
+            .word(layout::CQ_HEAD)
+            .store(self.cq_head, Ordering::Release);
+        let r: ResponseFrame = frame::decode(&body).unwrap();
+        assert_eq!(r.id, self.n);
+        assert!(matches!(r.outcome, Outcome::Ok(_)), "{:?}", r.outcome);
+        Some(took)
+    }
+}
+
+/// The ring's load generator: `clients` connections with a ring each, driven by as many
+/// threads as `rxctl bench` uses (each thread round-robins over its connections and sleeps
+/// on all their completion tails at once when none has an answer), for `secs`.
+fn load_ring(d: &TestDaemon, model: &str, clients: usize, secs: f64) -> LoadRun {
+    use rxd_protocol::ring as layout;
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4));
     let stop = Arc::new(AtomicBool::new(false));
     let before = d.summaries()[model].clone();
     let cpu0 = process_cpu(d.pid());
     let start = Instant::now();
-    let handles: Vec<_> = (0..clients)
-        .map(|c| {
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
             let (socket, stop, model) = (d.socket.clone(), stop.clone(), model.to_string());
             std::thread::spawn(move || {
-                let mut x = item(&model, 1000 + c as u64);
+                let mut lanes: Vec<Lane> = (t..clients)
+                    .step_by(threads)
+                    .map(|c| Lane::connect(&socket, item(&model, 1000 + c as u64), c as u64))
+                    .collect();
                 let mut lat = Vec::new();
-                let vary = |x: &mut Tensor, i: u64| {
-                    if let rxd_protocol::TensorData::Inline(b) = &mut x.data {
-                        let v = (c as u64 * 1_000_000 + i) as f32 * 1e-7;
-                        b[..4].copy_from_slice(&v.to_le_bytes());
+                for l in &mut lanes {
+                    l.submit_model(&model);
+                }
+                while !stop.load(Ordering::Relaxed) {
+                    let mut progressed = false;
+                    for l in &mut lanes {
+                        if let Some(took) = l.poll() {
+                            lat.push(took);
+                            l.submit_model(&model);
+                            progressed = true;
+                        }
                     }
-                };
-                if ring {
-                    let opts = RingOptions {
-                        entries: 2,
-                        slot_bytes: 4 << 10,
-                        spin: Duration::ZERO,
-                        arena_bytes: 1 << 20,
-                        ..RingOptions::default()
-                    };
-                    let mut cl = RingClient::connect(&socket, opts).unwrap();
-                    assert!(cl.has_ring());
-                    let mut i = 0;
-                    while !stop.load(Ordering::Relaxed) {
-                        vary(&mut x, i);
-                        i += 1;
-                        let t = Instant::now();
-                        cl.infer(&model, vec![x.clone()]).unwrap();
-                        lat.push(t.elapsed());
+                    if progressed {
+                        continue;
                     }
-                } else {
-                    let mut conn = RawConn::connect(&socket).unwrap();
-                    conn.handshake().unwrap();
-                    let mut s = conn.stream;
-                    let mut buf = Vec::new();
-                    let mut i = 0;
-                    while !stop.load(Ordering::Relaxed) {
-                        vary(&mut x, i);
-                        i += 1;
-                        let t = Instant::now();
-                        s.write_all(&infer_frame(i, &model, x.clone())).unwrap();
-                        read_frame(&mut s, &mut buf);
-                        let r: ResponseFrame = frame::decode(&buf).unwrap();
-                        assert!(matches!(r.outcome, Outcome::Ok(_)), "{:?}", r.outcome);
-                        lat.push(t.elapsed());
+                    for l in &lanes {
+                        l.mem.word(layout::CQ_WAKE).store(1, Ordering::SeqCst);
+                    }
+                    let words: Vec<(&std::sync::atomic::AtomicU32, u32)> = lanes
+                        .iter()
+                        .map(|l| (l.mem.word(layout::CQ_TAIL), l.cq_head))
+                        .collect();
+                    rxd_shm::ring::wait_any(&words, Duration::from_millis(10)).unwrap();
+                    for l in &lanes {
+                        l.mem.word(layout::CQ_WAKE).store(0, Ordering::Relaxed);
                     }
                 }
                 lat
@@ -293,11 +408,20 @@ fn load(d: &TestDaemon, model: &str, clients: usize, secs: f64, ring: bool) -> L
     }
 }
 
+fn load(d: &TestDaemon, model: &str, clients: usize, secs: f64, ring: bool) -> LoadRun {
+    if ring {
+        load_ring(d, model, clients, secs)
+    } else {
+        load_socket(d, model, clients, secs)
+    }
+}
+
 fn main() {
     let n: usize = bench_setting("RXD_BENCH_N", 20000);
     let secs: f64 = bench_setting("RXD_BENCH_SECS", 5.0);
     let rounds: usize = bench_setting("RXD_BENCH_ROUNDS", 2);
-    let models = std::env::var("RXD_BENCH_MODELS").unwrap_or_else(|_| "ppocr_cls,sigmoid".into());
+    let models =
+        std::env::var("RXD_BENCH_MODELS").unwrap_or_else(|_| "ppocr_cls,yolov8n,sigmoid".into());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
 
     // 1. One client on sigmoid.
@@ -410,6 +534,11 @@ fn main() {
         let best = best_in_process(model, cores, secs / 2.0);
         let repo = Repo::new();
         repo.link(model, 1, model);
+        // The shapes requests have, so that load-time tuning measures the model (as
+        // benches/tune.rs does).
+        if let Some(toml) = settings_of(model) {
+            repo.settings(model, toml);
+        }
         let cache = tempfile::tempdir().unwrap();
         let d = TestDaemon::start_with(
             repo.path(),

@@ -417,17 +417,21 @@ fn poll(weak: Weak<Shared>, handle: tokio::runtime::Handle) {
     // Requests for a model that must load first wait in a task on the runtime.
     let _runtime = handle.enter();
     let mut body = Vec::new();
+    // The rings served, looked up again only when the control word says the set changed.
+    let mut served: Vec<Arc<Served>> = Vec::new();
+    let mut seen = None;
     loop {
         let Some(shared) = weak.upgrade() else {
             return;
         };
         let rings = &shared.rings;
         let control = rings.control.load(Ordering::SeqCst);
-        let served: Vec<Arc<Served>> = {
+        if seen != Some(control) {
             let mut st = lock(&rings.state);
             st.served.retain(|s| !s.ring.is_closed());
-            st.served.clone()
-        };
+            served.clone_from(&st.served);
+            seen = Some(control);
+        }
         let mut took = false;
         let mut waits_for_memory = false;
         for s in &served {
