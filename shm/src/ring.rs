@@ -192,6 +192,15 @@ pub fn wait_any(words: &[(&AtomicU32, u32)], timeout: Duration) -> io::Result<()
     Ok(())
 }
 
+/// Whether this kernel (and any system-call filter) lets [`wait_any`] work: a wait on a word
+/// that does not hold the value expected returns at once when it does.
+pub fn wait_any_works() -> bool {
+    let word = AtomicU32::new(1);
+    let start = std::time::Instant::now();
+    wait_any(&[(&word, 0)], Duration::from_millis(100)).is_ok()
+        && start.elapsed() < Duration::from_millis(50)
+}
+
 fn timespec(d: Duration) -> libc::timespec {
     libc::timespec {
         tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,

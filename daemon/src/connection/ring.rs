@@ -136,6 +136,10 @@ impl Ring {
     /// ring gets no completion for it).
     pub(super) fn post(&self, id: u64, frame: Vec<u8>) -> Option<Vec<u8>> {
         let mut tail = lock(&self.cq_tail);
+        // No longer running before it is published: the poller's room check (running plus
+        // unconsumed) must never count one answer twice, or an honest client that consumed
+        // it and submitted again at once would find its ring stalled.
+        self.running.fetch_sub(1, Ordering::AcqRel);
         let head = self.mem.word(layout::CQ_HEAD).load(Ordering::Acquire);
         let room = self
             .geo
@@ -163,7 +167,6 @@ impl Ring {
             Some(frame)
         };
         drop(tail);
-        self.running.fetch_sub(1, Ordering::AcqRel);
         spill
     }
 
@@ -357,6 +360,20 @@ impl Drop for RingSlot {
 impl Rings {
     /// A ring for `peer` if the daemon has one to give (none: the client uses the socket).
     pub(super) fn grant(shared: &SharedRef, peer: &Peer) -> Option<RingSlot> {
+        static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let works = *WORKS.get_or_init(|| {
+            let works = futex::wait_any_works();
+            if !works {
+                tracing::warn!(
+                    "futex_waitv is not available (Linux 5.16 or later, not filtered): no \
+                     client gets a shared-memory ring, all requests use the socket"
+                );
+            }
+            works
+        });
+        if !works {
+            return None;
+        }
         let mut st = lock(&shared.rings.state);
         let mine = st.per_uid.get(&peer.uid).copied().unwrap_or(0);
         if st.granted >= MAX_RINGS || (!peer.admin && mine >= MAX_RINGS_PER_UID) {
