@@ -29,6 +29,8 @@ const _: () = assert!(rxd_shm::REGION_ALIGN == ALIGN);
 #[derive(Clone)]
 pub struct Arena {
     alloc: Arc<Allocator>,
+    /// Bytes for tensors: the mapping, less a ring at its end.
+    size: u64,
 }
 
 impl std::fmt::Debug for Arena {
@@ -43,14 +45,17 @@ impl std::fmt::Debug for Arena {
 }
 
 impl Arena {
-    pub(crate) fn new(map: Mapping) -> Arena {
+    /// The arena of the first `size` bytes of `map` (a ring lies after them).
+    pub(crate) fn within(map: std::sync::Arc<Mapping>, size: u64) -> Arena {
         Arena {
-            alloc: Allocator::new(map),
+            alloc: Allocator::within(map, size),
+            size,
         }
     }
 
+    /// Bytes for tensors (the arena's ring, if any, is not counted).
     pub fn size(&self) -> u64 {
-        self.alloc.mapping().len() as u64
+        self.size
     }
 
     /// Bytes not allocated.
@@ -255,7 +260,8 @@ mod tests {
 
     fn arena(size: usize) -> Arena {
         let fd = rxd_shm::create_sealed("rxd-client-test", size).unwrap();
-        Arena::new(Mapping::map(fd.as_fd(), size).unwrap())
+        let map = Mapping::map(fd.as_fd(), size).unwrap();
+        Arena::within(std::sync::Arc::new(map), size as u64)
     }
 
     #[test]

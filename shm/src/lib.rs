@@ -224,6 +224,13 @@ impl Allocator {
     /// An allocator over the whole of `map`, which no one else allocates from.
     pub fn new(map: Mapping) -> Arc<Allocator> {
         let size = map.len() as u64;
+        Allocator::within(Arc::new(map), size)
+    }
+
+    /// An allocator over the first `size` bytes of `map` (the rest, such as a ring, is not
+    /// handed out), which no one else allocates from.
+    pub fn within(map: Arc<Mapping>, size: u64) -> Arc<Allocator> {
+        let size = size.min(map.len() as u64);
         let usable = size - size % REGION_ALIGN;
         let free = if usable > 0 {
             BTreeMap::from([(0, usable)])
@@ -231,7 +238,7 @@ impl Allocator {
             BTreeMap::new()
         };
         Arc::new(Allocator {
-            map: Arc::new(map),
+            map,
             free: Mutex::new(free),
         })
     }

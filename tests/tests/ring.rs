@@ -89,3 +89,80 @@ fn an_answer_larger_than_a_slot_comes_on_the_socket_and_inputs_through_the_arena
     // The daemon's counters saw every request (none lost between ring and socket).
     assert_eq!(d.summaries()["digits"].requests, 5);
 }
+
+#[test]
+fn the_library_clients_send_inferences_through_the_ring_when_asked() {
+    let repo = Repo::new();
+    repo.example("digits").link("yolov8n", 1, "yolov8n");
+    let d = TestDaemon::start(repo.path(), &[]);
+    let options = rxd_client::ClientOptions {
+        ring_entries: 4,
+        ..rxd_client::ClientOptions::default()
+    };
+    let c = rxd_client::blocking::Client::connect_with(&d.socket, options).unwrap();
+    assert_eq!(c.as_async().ring_requests(), Some(0));
+    let all = example_npy("digits_test_x.npy", "input");
+    let bytes = rxd_client::tensor::bytes(&all).unwrap().to_vec();
+    let rows = |from: usize, n: usize| {
+        rxd_client::Tensor::inline(
+            "input",
+            rxd_client::DType::Float32,
+            vec![n as u64, 64],
+            bytes[from * 256..(from + n) * 256].to_vec(),
+        )
+    };
+    let mut reference = Reference::new(&model_file("digits"));
+    for i in 0..50 {
+        let x = rows(i, 1 + i % 5);
+        assert_eq!(
+            c.infer("digits", vec![x.clone()]).unwrap(),
+            reference.run(&[x])
+        );
+    }
+    assert_eq!(c.as_async().ring_requests(), Some(50));
+    // Eight threads share the client: more requests in flight than the ring has entries,
+    // those beyond go on the socket; every answer is its own request's.
+    let want: Vec<(rxd_client::Tensor, Vec<rxd_client::Tensor>)> = (0..64)
+        .map(|i| {
+            let x = rows(i * 3, 1 + i % 7);
+            let y = reference.run(std::slice::from_ref(&x));
+            (x, y)
+        })
+        .collect();
+    std::thread::scope(|s| {
+        for t in 0..8 {
+            let (c, want) = (&c, &want);
+            s.spawn(move || {
+                for (x, y) in want.iter().skip(t).step_by(8) {
+                    assert_eq!(&c.infer("digits", vec![x.clone()]).unwrap(), y);
+                }
+            });
+        }
+    });
+    let on_ring = c.as_async().ring_requests().unwrap() - 50;
+    assert!(on_ring > 0 && on_ring <= 64, "{on_ring}");
+    // A 1.2 MB image through the arena, its outputs placed in the arena, the request on the
+    // ring.
+    let x = f32_tensor("images", &[1, 3, 320, 320], &random_f32(3 * 320 * 320, 5));
+    let got = c.infer("yolov8n", vec![x.clone()]).unwrap();
+    let want = Reference::new(&model_file("yolov8n")).run(&[x]);
+    assert!(max_rel_diff(&got[0], &want[0]) < 1e-4);
+    assert_eq!(c.as_async().ring_requests().unwrap(), 50 + on_ring + 1);
+    // A daemon that grants no ring (inline only, and no arena asked: the ring still comes,
+    // at offset 0) and one that has none left both answer.
+    let inline = rxd_client::blocking::Client::connect_with(
+        &d.socket,
+        rxd_client::ClientOptions {
+            ring_entries: 2,
+            ..rxd_client::ClientOptions::inline_only()
+        },
+    )
+    .unwrap();
+    assert!(inline.arena().is_none());
+    let x = rows(0, 2);
+    assert_eq!(
+        inline.infer("digits", vec![x.clone()]).unwrap(),
+        reference.run(&[x])
+    );
+    assert_eq!(inline.as_async().ring_requests(), Some(1));
+}

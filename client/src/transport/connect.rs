@@ -20,14 +20,13 @@ use crate::ClientError;
 use crate::arena::Arena;
 
 /// Maps the arena fd the daemon passed, after checking its size and seals.
-fn map_arena(fd: OwnedFd, size: u64) -> Result<Arena, ClientError> {
+fn map_arena(fd: OwnedFd, size: u64) -> Result<Arc<rxd_shm::Mapping>, ClientError> {
     use std::os::fd::AsFd;
     let seals = rxd_shm::seals(fd.as_fd())?;
     if seals & rxd_shm::ARENA_SEALS != rxd_shm::ARENA_SEALS {
         return Err(ClientError::Protocol("the arena fd is not sealed".into()));
     }
-    let map = rxd_shm::Mapping::map(fd.as_fd(), size as usize)?;
-    Ok(Arena::new(map))
+    Ok(Arc::new(rxd_shm::Mapping::map(fd.as_fd(), size as usize)?))
 }
 
 /// Reads the welcome frame with `recvmsg`, so that an fd passed with it is not lost.
@@ -128,7 +127,10 @@ impl Client {
             protocol: PROTOCOL_VERSION,
             client: options.client_name.clone(),
             arena_bytes: options.arena_bytes,
-            ring: None,
+            ring: (options.ring_entries > 0).then_some(rxd_protocol::RingAsk {
+                entries: options.ring_entries,
+                slot_bytes: options.ring_slot_bytes,
+            }),
         };
         let bytes = frame::encode(&hello).map_err(|e| ClientError::Protocol(e.to_string()))?;
         stream.write_all(&bytes).await?;
@@ -139,7 +141,7 @@ impl Client {
             HandshakeReply::Welcome(w) => w,
             HandshakeReply::Error(e) => return Err(ClientError::Handshake(e.error)),
         };
-        let arena = match (welcome.arena_bytes, fd) {
+        let map = match (welcome.arena_bytes, fd) {
             (0, _) => None,
             (n, Some(fd)) => Some(map_arena(fd, n)?),
             (_, None) => {
@@ -153,7 +155,29 @@ impl Client {
         let (rd, wr) = rxd_shm::socket::split(stream)?;
         let mut rd = BufReader::with_capacity(64 * 1024, rd);
         let max_frame = welcome.max_frame_bytes.max(limits::DEFAULT_MAX_FRAME);
+        // Tensors go before the ring, if there is one (none when that part is empty).
+        let tensors = welcome.ring.map_or(welcome.arena_bytes, |r| r.offset);
+        let arena = map
+            .clone()
+            .filter(|_| tensors > 0)
+            .map(|m| Arena::within(m, tensors.min(welcome.arena_bytes)));
+        let ring = match (welcome.ring, map) {
+            (Some(grant), Some(map)) => Some(Arc::new(super::ring::ClientRing::new(
+                map,
+                grant,
+                options.ring_spin,
+            )?)),
+            _ => None,
+        };
         let inner = Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| {
+            // The ring's reaper; without one the ring is not used.
+            let ring = ring.filter(|ring| {
+                let (ring, weak) = (ring.clone(), weak.clone());
+                std::thread::Builder::new()
+                    .name("rxd-client-ring".into())
+                    .spawn(move || ring.reap(&weak))
+                    .is_ok()
+            });
             let weak = weak.clone();
             let reader = tokio::spawn(async move {
                 let reason = read_loop(&mut rd, &weak, max_frame).await;
@@ -169,6 +193,7 @@ impl Client {
                 }
             });
             Inner {
+                ring,
                 writer: tokio::sync::Mutex::new(wr),
                 pending: Mutex::new(Pending::default()),
                 next_id: AtomicU64::new(1),
@@ -212,20 +237,26 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
             continue;
         }
-        let (waiter, lent) = {
-            let mut p = lock(&inner.pending);
-            let waiter = p.waiters.remove(&resp.id);
-            let lent = if waiter.is_none() {
-                p.lent.remove(&resp.id)
-            } else {
-                None
-            };
-            (waiter, lent)
-        };
-        if let Some(w) = waiter {
-            let _ = w.send(Ok(resp.outcome));
-        }
-        // Answered: the daemon is done with the buffers of a request given up.
-        drop(lent);
+        deliver(&inner, resp);
     }
+}
+
+/// Hands an answer to the request waiting for it (from the socket's reader or the ring's
+/// reaper).
+pub(super) fn deliver(inner: &Inner, resp: ResponseFrame) {
+    let (waiter, lent) = {
+        let mut p = lock(&inner.pending);
+        let waiter = p.waiters.remove(&resp.id);
+        let lent = if waiter.is_none() {
+            p.lent.remove(&resp.id)
+        } else {
+            None
+        };
+        (waiter, lent)
+    };
+    if let Some(w) = waiter {
+        let _ = w.send(Ok(resp.outcome));
+    }
+    // Answered: the daemon is done with the buffers of a request given up.
+    drop(lent);
 }

@@ -26,6 +26,7 @@ use crate::arena::{Arena, ArenaBuf};
 mod connect;
 mod infer;
 mod ops;
+mod ring;
 #[cfg(test)]
 mod tests;
 
@@ -51,6 +52,8 @@ impl Drop for Pending {
 }
 
 struct Inner {
+    /// The connection's ring, when asked for and granted (inferences that fit go on it).
+    ring: Option<Arc<ring::ClientRing>>,
     writer: tokio::sync::Mutex<WriteSide>,
     pending: Mutex<Pending>,
     next_id: AtomicU64,
@@ -79,6 +82,15 @@ pub struct ClientOptions {
     /// If the daemon refuses the arena (`arena_unavailable`: over its limits), connect again
     /// without one instead of failing. Default true.
     pub arena_fallback: bool,
+    /// Entries of a shared-memory submission/completion ring to ask for (0 = none, the
+    /// default; PROTOCOL.md, "The ring"): inferences whose frame fits a slot then travel
+    /// through shared memory, answered through it by a reaper thread of the client. Needs an
+    /// arena (the ring lies at its end); a daemon that grants none leaves the socket.
+    pub ring_entries: u32,
+    /// Bytes per ring slot (a request frame must fit one to take the ring).
+    pub ring_slot_bytes: u32,
+    /// How long the reaper spins on the ring before it sleeps (it costs a core meanwhile).
+    pub ring_spin: std::time::Duration,
 }
 
 impl Default for ClientOptions {
@@ -88,15 +100,22 @@ impl Default for ClientOptions {
             inline_threshold: 64 << 10,
             client_name: concat!("rxd-client ", env!("CARGO_PKG_VERSION")).into(),
             arena_fallback: true,
+            ring_entries: std::env::var("RXD_CLIENT_RING")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            ring_slot_bytes: 16 << 10,
+            ring_spin: std::time::Duration::from_micros(50),
         }
     }
 }
 
 impl ClientOptions {
-    /// No arena: every tensor travels inline.
+    /// No shared memory: every tensor travels inline, every request on the socket.
     pub fn inline_only() -> ClientOptions {
         ClientOptions {
             arena_bytes: 0,
+            ring_entries: 0,
             ..ClientOptions::default()
         }
     }
@@ -105,6 +124,9 @@ impl ClientOptions {
 impl Drop for Inner {
     fn drop(&mut self) {
         self.reader.abort();
+        if let Some(ring) = &self.ring {
+            ring.stop();
+        }
     }
 }
 
@@ -162,6 +184,12 @@ impl Client {
         self.inner.arena.as_ref()
     }
 
+    /// Requests sent through the connection's ring so far; `None` when it has no ring
+    /// ([`ClientOptions::ring_entries`]).
+    pub fn ring_requests(&self) -> Option<u64> {
+        self.inner.ring.as_ref().map(|r| r.submitted())
+    }
+
     /// What the daemon said in the handshake.
     pub fn welcome(&self) -> &Welcome {
         &self.inner.welcome
@@ -184,6 +212,7 @@ impl Client {
     /// Sends one request with `lent` output buffers and waits for its answer.
     async fn send(&self, body: Request, lent: Vec<&mut ArenaBuf>) -> Result<Reply, ClientError> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let is_infer = matches!(body, Request::Infer(_));
         let bytes = frame::encode(&RequestFrame { id, body })
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         let (tx, rx) = oneshot::channel();
@@ -200,7 +229,15 @@ impl Client {
             lent,
             answered: false,
         };
-        self.inner.writer.lock().await.write_all(&bytes).await?;
+        let on_ring = is_infer
+            && self
+                .inner
+                .ring
+                .as_ref()
+                .is_some_and(|ring| ring.try_submit(&bytes));
+        if !on_ring {
+            self.inner.writer.lock().await.write_all(&bytes).await?;
+        }
         let outcome = rx.await;
         guard.answered = matches!(outcome, Ok(Ok(_)));
         match outcome {
