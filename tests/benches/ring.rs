@@ -13,9 +13,10 @@
 //!    ONNX Runtime's best over batch sizes {1,4,8,16,32} and layouts {1 session × all
 //!    threads, one 1-thread session per core} measured in the same run (rxd as a fresh install
 //!    runs it: every core, load-time tuning on, model.toml holding only the input shapes),
-//!    p99, and the daemon's
-//!    CPU µs per request outside ORT's own run (its CPU time over the requests, less
-//!    in-process ORT's thread CPU per row at the daemon's mean batch size).
+//!    p99, and the daemon's CPU µs per request (its CPU time over the requests), and of that
+//!    what is outside ORT's own run (less in-process ORT's thread CPU per row at the daemon's
+//!    mean batch size, one intra-op thread: meaningful where ORT's run is small beside it, as
+//!    for `sigmoid`; for heavy models ORT's CPU per row depends on its threads and batch).
 //!
 //! Run: `scripts/bench ring`. `RXD_BENCH_N` (20000) round trips for part 1, `RXD_BENCH_SECS`
 //! (5) per load run, `RXD_BENCH_ROUNDS` (2), `RXD_BENCH_MODELS` (ppocr_cls,yolov8n,sigmoid).
@@ -52,6 +53,16 @@ fn time_n(n: usize, mut f: impl FnMut()) -> (f64, f64) {
 }
 
 fn infer_frame(id: u64, model: &str, x: Tensor) -> Vec<u8> {
+    infer_frame_into(id, model, x, None)
+}
+
+/// [`infer_frame`] with the outputs asked in `area` of the arena.
+fn infer_frame_into(
+    id: u64,
+    model: &str,
+    x: Tensor,
+    area: Option<rxd_protocol::ArenaRef>,
+) -> Vec<u8> {
     frame::encode(&RequestFrame {
         id,
         body: Request::Infer(InferRequest {
@@ -60,7 +71,7 @@ fn infer_frame(id: u64, model: &str, x: Tensor) -> Vec<u8> {
             inputs: vec![x],
             outputs: vec![],
             output_regions: Vec::new(),
-            output_area: None,
+            output_area: area,
             priority: None,
             timeout_ms: None,
             inline_overflow: false,
@@ -237,7 +248,7 @@ fn load_socket(d: &TestDaemon, model: &str, clients: usize, secs: f64) -> LoadRu
 
 /// One connection's ring, written by hand: the load generator drives many from one thread.
 struct Lane {
-    _conn: RawConn,
+    conn: RawConn,
     mem: rxd_shm::ring::RingMem,
     geo: rxd_protocol::ring::Geometry,
     sq_tail: u32,
@@ -273,7 +284,7 @@ impl Lane {
         let mem = rxd_shm::ring::RingMem::new(Arc::new(map), grant.offset, geo.bytes()).unwrap();
         let arena = matches!(&x.data, rxd_protocol::TensorData::Inline(b) if b.len() >= 16 << 10);
         Lane {
-            _conn: conn,
+            conn,
             mem,
             geo,
             sq_tail: 0,
@@ -302,7 +313,12 @@ impl Lane {
             let len = b.len() as u64;
             x.data = rxd_protocol::TensorData::Arena(rxd_protocol::ArenaRef { offset: 0, len });
         }
-        let bytes = infer_frame(self.n, model, x);
+        // Large inputs through the arena, and outputs into it as `rxctl bench` asks them.
+        let area = self.arena.then_some(rxd_protocol::ArenaRef {
+            offset: 2 << 20,
+            len: 2 << 20,
+        });
+        let bytes = infer_frame_into(self.n, model, x, area);
         self.mem
             .write(self.geo.sq_slot(self.sq_tail), &bytes)
             .unwrap();
@@ -325,12 +341,17 @@ impl Lane {
         let at = self.geo.cq_slot(self.cq_head);
         let mut len = [0u8; 4];
         self.mem.read(at, &mut len).unwrap();
-        let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+        let len = u32::from_le_bytes(len);
+        let mut body = vec![0u8; len.max(8) as usize];
         self.mem.read(at + 4, &mut body).unwrap();
         self.cq_head = self.cq_head.wrapping_add(1);
         self.mem
             .word(layout::CQ_HEAD)
             .store(self.cq_head, Ordering::Release);
+        if len == 0 {
+            // A redirect: the answer comes on the socket.
+            body = self.conn.read_body().unwrap();
+        }
         let r: ResponseFrame = frame::decode(&body).unwrap();
         assert_eq!(r.id, self.n);
         assert!(matches!(r.outcome, Outcome::Ok(_)), "{:?}", r.outcome);
@@ -494,6 +515,24 @@ fn main() {
             }),
         ));
     }
+    // The library's blocking client, socket and ring (its reaper thread hands the answer over).
+    let mut library = Vec::new();
+    for entries in [0u32, 4] {
+        let c = rxd_client::blocking::Client::connect_with(
+            &d.socket,
+            rxd_client::ClientOptions {
+                ring_entries: entries,
+                ..rxd_client::ClientOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(c.infer("sigmoid", vec![x.clone()]).unwrap(), want);
+        let t = time_n(n / 2, || {
+            std::hint::black_box(c.infer("sigmoid", vec![x.clone()]).unwrap());
+        });
+        assert_eq!(c.as_async().ring_requests().is_some(), entries > 0);
+        library.push((entries, t));
+    }
     drop(d);
     println!("### One client, sigmoid.onnx [3,4,5] f32, {n} round trips\n");
     println!("| path | p50 µs | p99 µs | added p50 over in-process / raw socket p50 |");
@@ -512,6 +551,19 @@ fn main() {
         socket.1,
         (socket.0 - ort.0) / raw.0
     );
+    for (entries, t) in &library {
+        let path = if *entries == 0 {
+            "the socket".to_string()
+        } else {
+            format!("the ring (`ring_entries: {entries}`, reaper spin 50 µs)")
+        };
+        println!(
+            "| rxd, `blocking::Client::infer` through {path} | {:.1} | {:.1} | {:.2} |",
+            t.0,
+            t.1,
+            (t.0 - ort.0) / raw.0
+        );
+    }
     for (spin, t) in &ring_p50 {
         println!(
             "| rxd through the ring (`RingClient`, spin {spin} µs) | {:.1} | {:.1} | {:.2} |",
@@ -527,9 +579,9 @@ fn main() {
         "### 32 single-item clients (large tensors through the arena), socket and ring alternately, {secs} s each, {rounds} rounds\n"
     );
     println!(
-        "| model | best in-process items/s (where) | path | req/s (per round) | share | p99 ms | mean batch | daemon CPU µs/req outside ORT |"
+        "| model | best in-process items/s (where) | path | req/s (per round) | share | p99 ms | mean batch | daemon CPU µs/req | of which outside ORT |"
     );
-    println!("|---|---:|---|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
     for model in models.split(',') {
         let best = best_in_process(model, cores, secs / 2.0);
         let repo = Repo::new();
@@ -570,11 +622,12 @@ fn main() {
             let ort_cpu = ort_cpu_per_row(model, batch.round() as u64);
             let (t, s, b) = best.1;
             println!(
-                "| {model} | {:.0} (batch {b}, {s} × {t} thread(s)) | {} | {} | {share:.0} % | {:.2} | {batch:.1} | {:.0} |",
+                "| {model} | {:.0} (batch {b}, {s} × {t} thread(s)) | {} | {} | {share:.0} % | {:.2} | {batch:.1} | {:.0} | {:.0} |",
                 best.0,
                 if ring { "ring" } else { "socket" },
                 per_round.join(" / "),
                 mean(&|r| r.p99_ms),
+                mean(&|r| r.cpu_us),
                 mean(&|r| r.cpu_us) - ort_cpu,
             );
         }
