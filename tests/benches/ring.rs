@@ -19,7 +19,8 @@
 //!    for `sigmoid`; for heavy models ORT's CPU per row depends on its threads and batch).
 //!
 //! Run: `scripts/bench ring`. `RXD_BENCH_N` (20000) round trips for part 1, `RXD_BENCH_SECS`
-//! (5) per load run, `RXD_BENCH_ROUNDS` (2), `RXD_BENCH_MODELS` (ppocr_cls,yolov8n,sigmoid).
+//! (5) per load run, `RXD_BENCH_ROUNDS` (2), `RXD_BENCH_MODELS` (ppocr_cls,yolov8n,sigmoid; empty:
+//! part 1 only).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -582,7 +583,7 @@ fn main() {
         "| model | best in-process items/s (where) | path | req/s (per round) | share | p99 ms | mean batch | daemon CPU µs/req | of which outside ORT |"
     );
     println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
-    for model in models.split(',') {
+    for model in models.split(',').filter(|m| !m.is_empty()) {
         let best = best_in_process(model, cores, secs / 2.0);
         let repo = Repo::new();
         repo.link(model, 1, model);
