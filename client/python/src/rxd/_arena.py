@@ -37,7 +37,9 @@ def _round(n: int) -> int:
 class Arena:
     """A mapped arena and its allocator. Thread-safe."""
 
-    def __init__(self, fd: int, size: int) -> None:
+    def __init__(self, fd: int, size: int, usable: Optional[int] = None) -> None:
+        """The arena of the memfd ``fd`` (taken) of ``size`` bytes; only its first ``usable``
+        bytes hold tensors (a ring lies after them)."""
         try:
             import fcntl
 
@@ -52,7 +54,7 @@ class Arena:
             self._mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
-        self.size = size
+        self.size = size = size if usable is None else min(usable, size)
         self._bytes = np.frombuffer(self._mm, dtype=np.uint8)
         self.address = int(self._bytes.__array_interface__["data"][0])
         self._lock = threading.Lock()

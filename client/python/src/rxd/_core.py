@@ -37,6 +37,11 @@ class Options:
     connect_timeout: float = 10.0
     reconnect: bool = True
     arena_fallback: bool = True
+    #: A shared-memory ring to ask for (entries; 0: none), its slots' size, and how long the
+    #: blocking client spins on it for an answer before it sleeps (seconds).
+    ring_entries: int = 0
+    ring_slot_bytes: int = 16 << 10
+    ring_spin: float = 50e-6
 
 
 @dataclass
@@ -136,6 +141,9 @@ class Connection:
         self.pending: Dict[int, Call] = {}
         self.closed: Optional[str] = None
         self._next = 1
+        #: The connection's ring (:mod:`rxd._ring`), when asked for and granted; the blocking
+        #: client uses it.
+        self.ring: Any = None
 
     # -- building requests --------------------------------------------------------------
     def _new(self, op: str) -> Call:
@@ -368,47 +376,53 @@ class Connection:
         whose caller stopped waiting are released here instead). An answer that looks like
         the previous answer to its template (:class:`Answer`) is cut, any other decoded."""
         answered: List[Call] = []
-        pending = self.pending
         for body in self.reader.buffer_updated(nbytes):
-            if len(body) > 13 and body[:4] == _ANSWER_HEAD:
-                # An answer to a templated request that looks like the last one: its outputs
-                # are cut out, the rest is known.
-                rid, at = _read_uint(body, 4)
-                call = pending.get(rid)
-                template = call.template if call is not None else None
-                answer = template.answer if template is not None else None
-                if answer is not None and call is not None and template is not None:
-                    cuts = answer.cut(body, at)
-                    if cuts is not None:
-                        template.unpaid = 0
-                        del pending[rid]
-                        call.done = call.ok = True
-                        call.answer, call.cuts = answer, cuts
-                        if call.abandoned:
-                            call.release()
-                        else:
-                            answered.append(call)
-                        continue
-            frame = _unpackb(body, raw=False, strict_map_key=False)
-            if type(frame) is not dict:
-                raise _wire.FrameError("a response that is not a map")
-            rid, ok, payload = _wire.split_outcome(frame)
-            if rid == 0:
-                # About the connection itself; the daemon closes it after most of these.
-                if not ok:
-                    self.closed = str(errors.from_wire(payload))
-                continue
-            call = self.pending.pop(rid, None)
-            if call is None:
-                continue
-            call.done, call.ok, call.payload = True, ok, payload
-            if call.template is not None:
-                learn_answer(call, body, frame)
-            if call.abandoned:
-                call.release()
-                continue
-            answered.append(call)
+            call = self.take_body(body)
+            if call is not None:
+                answered.append(call)
         return answered
+
+    def take_body(self, body: Any) -> Optional[Call]:
+        """One answer's frame body (from the socket or the ring): the call it answers, when
+        its caller still waits (a call given up is released here instead)."""
+        pending = self.pending
+        if len(body) > 13 and body[:4] == _ANSWER_HEAD:
+            # An answer to a templated request that looks like the last one: its outputs
+            # are cut out, the rest is known.
+            rid, at = _read_uint(body, 4)
+            call = pending.get(rid)
+            template = call.template if call is not None else None
+            answer = template.answer if template is not None else None
+            if answer is not None and call is not None and template is not None:
+                cuts = answer.cut(body, at)
+                if cuts is not None:
+                    template.unpaid = 0
+                    del pending[rid]
+                    call.done = call.ok = True
+                    call.answer, call.cuts = answer, cuts
+                    if call.abandoned:
+                        call.release()
+                        return None
+                    return call
+        frame = _unpackb(body, raw=False, strict_map_key=False)
+        if type(frame) is not dict:
+            raise _wire.FrameError("a response that is not a map")
+        rid, ok, payload = _wire.split_outcome(frame)
+        if rid == 0:
+            # About the connection itself; the daemon closes it after most of these.
+            if not ok:
+                self.closed = str(errors.from_wire(payload))
+            return None
+        call = self.pending.pop(rid, None)
+        if call is None:
+            return None
+        call.done, call.ok, call.payload = True, ok, payload
+        if call.template is not None:
+            learn_answer(call, body, frame)
+        if call.abandoned:
+            call.release()
+            return None
+        return call
 
     def fail_all(self, reason: str) -> List[Call]:
         """The connection is gone: every call in flight fails. The daemon may still touch their

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from . import _wire, errors
 from ._arena import Arena
 from ._core import Connection, Memory, Options
+from ._ring import Ring, futex_number
 
 
 class WelcomeReader:
@@ -55,13 +56,28 @@ class WelcomeReader:
             if int(welcome.get("protocol", 0)) != _wire.PROTOCOL_VERSION:
                 raise errors.ProtocolError(f"the daemon answered protocol {welcome.get('protocol')}")
             size = int(welcome.get("arena_bytes", 0))
+            grant = welcome.get("ring") if options.ring_entries > 0 else None
             arena: Optional[Arena] = None
+            ring: Optional[Ring] = None
             if size > 0:
                 if not self.fds:
                     raise errors.ProtocolError("an arena was granted but no fd came with the welcome")
                 fd = self.fds.pop(0)
-                arena = Arena(fd, size)  # takes the fd
-            return Connection(welcome, arena, options, memory)
+                if isinstance(grant, dict):
+                    try:
+                        ring = Ring(fd, size, grant, options.ring_spin)
+                    except (ValueError, KeyError, TypeError) as e:
+                        os.close(fd)
+                        raise errors.ProtocolError(str(e)) from e
+                # The tensors' part: before the ring (none when that part is empty).
+                usable = int(grant["offset"]) if ring is not None and isinstance(grant, dict) else size
+                if usable > 0:
+                    arena = Arena(fd, size, usable)  # takes the fd
+                else:
+                    os.close(fd)
+            conn = Connection(welcome, arena, options, memory)
+            conn.ring = ring
+            return conn
         finally:
             self.close_fds()
 
@@ -81,12 +97,15 @@ def connect_blocking(options: Options, memory: Memory, timeout: float) -> Tuple[
     """Connects and shakes hands (asking for the arena; without one if the daemon refuses it
     and ``arena_fallback`` is set)."""
     arena_bytes = options.arena_bytes
+    ring: Optional[Tuple[int, int]] = None
+    if options.ring_entries > 0 and futex_number() is not None:
+        ring = (options.ring_entries, options.ring_slot_bytes)
     while True:
         sock = new_socket()
         try:
             sock.settimeout(max(timeout, 0.001))
             sock.connect(options.socket)
-            sock.sendall(_wire.hello(options.client_name, arena_bytes))
+            sock.sendall(_wire.hello(options.client_name, arena_bytes, ring))
             reader = WelcomeReader()
             while not reader.read(sock):
                 pass
@@ -95,9 +114,10 @@ def connect_blocking(options: Options, memory: Memory, timeout: float) -> Tuple[
             return sock, conn
         except errors.ArenaUnavailable:
             sock.close()
-            if arena_bytes == 0 or not options.arena_fallback:
+            if (arena_bytes == 0 and ring is None) or not options.arena_fallback:
                 raise
-            arena_bytes = 0
+            # Without shared memory: no arena, no ring.
+            arena_bytes, ring = 0, None
         except socket.timeout as e:
             sock.close()
             raise errors.Timeout(f"no welcome from {options.socket} within {timeout:.1f} s") from e

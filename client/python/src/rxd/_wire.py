@@ -242,11 +242,12 @@ def decode(body: Union[bytes, bytearray, memoryview]) -> Any:
     return msgpack.unpackb(body, raw=False, strict_map_key=False)
 
 
-def hello(client: str, arena_bytes: int) -> bytes:
-    body: bytes = msgpack.packb(
-        {"protocol": PROTOCOL_VERSION, "client": client, "arena_bytes": int(arena_bytes)},
-        use_bin_type=True,
-    )
+def hello(client: str, arena_bytes: int, ring: Optional[Tuple[int, int]] = None) -> bytes:
+    """The Hello; ``ring``: (entries, slot bytes) of a ring to ask for."""
+    msg: Dict[str, Any] = {"protocol": PROTOCOL_VERSION, "client": client, "arena_bytes": int(arena_bytes)}
+    if ring is not None:
+        msg["ring"] = {"entries": int(ring[0]), "slot_bytes": int(ring[1])}
+    body: bytes = msgpack.packb(msg, use_bin_type=True)
     return HEADER.pack(len(body)) + body
 
 

@@ -50,7 +50,12 @@ class Client:
     ``inline_threshold`` bytes go through the arena; smaller ones inline. ``reconnect``: after
     the daemon restarts or closes the connection, the next call connects again (waiting up to
     ``connect_timeout`` for the daemon to come back); calls in flight when it went away raise
-    :class:`rxd.ConnectionClosed`.
+    :class:`rxd.ConnectionClosed`. ``ring_entries``: ask for a shared-memory ring of that many
+    entries (PROTOCOL.md, "The ring"; 0, the default: none): an inference made while no
+    other call of this client is in flight, whose frame fits a slot (``ring_slot_bytes``),
+    goes through shared memory and its answer is picked up there, spinning ``ring_spin``
+    seconds before sleeping — for light models called one at a time, the socket's round trip
+    is most of the cost. Other calls use the socket as always.
     """
 
     def __init__(
@@ -63,6 +68,9 @@ class Client:
         connect_timeout: float = 10.0,
         reconnect: bool = True,
         arena_fallback: bool = True,
+        ring_entries: int = 0,
+        ring_slot_bytes: int = 16 << 10,
+        ring_spin: float = 50e-6,
     ) -> None:
         from . import __version__
 
@@ -74,6 +82,9 @@ class Client:
             connect_timeout=float(connect_timeout),
             reconnect=reconnect,
             arena_fallback=arena_fallback,
+            ring_entries=int(ring_entries),
+            ring_slot_bytes=int(ring_slot_bytes),
+            ring_spin=float(ring_spin),
         )
         self._memory = Memory()
         self._lock = threading.Lock()
@@ -157,6 +168,13 @@ class Client:
         arena = self._ensure().conn.arena
         return 0 if arena is None else arena.size
 
+    @property
+    def ring_requests(self) -> Optional[int]:
+        """Inferences sent through the shared-memory ring on the current connection (None:
+        it has no ring — not asked for, or not granted)."""
+        ring = self._ensure().conn.ring
+        return None if ring is None else int(ring.submitted)
+
     def arena_free_bytes(self) -> int:
         """Bytes of the arena not in use (0 without an arena)."""
         arena = self._ensure().conn.arena
@@ -229,6 +247,76 @@ class Client:
             raise
         call.frame = []
         self._wait(link, call, deadline, timeout, reading)
+
+    def _exchange_ring(self, link: _Link, call: Call, timeout: Optional[float]) -> bool:
+        """As the reader, alone: sends an inference through the ring and waits for its answer
+        there (the socket read meanwhile whenever it has something: another thread's answer,
+        or the daemon closing). False: it does not fit the ring; nothing was sent."""
+        ring = link.conn.ring
+        if not ring.submit(b"".join(call.frame)):
+            return False
+        call.frame = []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        spin = True
+        holding = True  # the reader's role
+        try:
+            while not call.done:
+                if ring.wait(deadline, spin):
+                    body, rid = ring.take()
+                    if body is None:
+                        # Redirected: the answer comes on the socket.
+                        with self._lock:
+                            link.reading = holding = False
+                        self._wait(link, call, deadline, timeout, False)
+                        return True
+                    with self._lock:
+                        try:
+                            link.conn.take_body(body)
+                        except (_wire.FrameError, ValueError) as e:
+                            broken: Optional[str] = f"undecodable answer: {e}"
+                        else:
+                            broken = None
+                    if broken is not None:
+                        self._broken(link, broken)
+                    continue
+                spin = False
+                if link.poll.poll(0):
+                    self._pump(link)
+                if link.dead:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise errors.Timeout(f"no answer within {timeout} s")
+        except BaseException:
+            with self._lock:
+                link.conn.abandon(call)
+            raise
+        finally:
+            if holding:
+                with self._lock:
+                    link.reading = False
+                    self._wake()
+        return True
+
+    def _pump(self, link: _Link) -> None:
+        """As the reader, keeping the role: one read of what the socket has (it has
+        something), the answers handed out."""
+        n = -1
+        broken: Optional[str] = None
+        try:
+            n = link.sock.recv_into(link.conn.reader.get_buffer())
+            if n == 0:
+                broken = link.conn.closed or "the daemon closed the connection"
+        except OSError as e:
+            broken = f"the connection broke: {e}"
+        with self._lock:
+            if n > 0:
+                try:
+                    link.conn.feed(n)
+                except (_wire.FrameError, ValueError) as e:
+                    broken = f"undecodable answer: {e}"
+            self._wake()
+        if broken is not None:
+            self._broken(link, broken)
 
     def _wake(self) -> None:
         """Under the lock: lets the threads waiting for answers look again (one of them may
@@ -339,7 +427,9 @@ class Client:
                 timeout=timeout, copy=copy, signature=signature,
             )
             reading = self._alone(link)
-        self._exchange(link, call, reading, None if timeout is None else timeout + max(0.5, timeout))
+        wait = None if timeout is None else timeout + max(0.5, timeout)
+        if not (reading and conn.ring is not None and self._exchange_ring(link, call, wait)):
+            self._exchange(link, call, reading, wait)
         return conn.result(call)
 
     def _signature(
