@@ -16,7 +16,9 @@
 //!    p99, and the daemon's CPU µs per request (its CPU time over the requests), and of that
 //!    what is outside ORT's own run (less in-process ORT's thread CPU per row at the daemon's
 //!    mean batch size, one intra-op thread: meaningful where ORT's run is small beside it, as
-//!    for `sigmoid`; for heavy models ORT's CPU per row depends on its threads and batch).
+//!    for `sigmoid`; for heavy models ORT's CPU per row depends on its threads and batch), and
+//!    the load generator's own CPU in cores (the in-process baseline pays none: on 2 cores it
+//!    is what rxd's share cannot have).
 //!
 //! Run: `scripts/bench ring`. `RXD_BENCH_N` (20000) round trips for part 1, `RXD_BENCH_SECS`
 //! (5) per load run, `RXD_BENCH_ROUNDS` (2), `RXD_BENCH_MODELS` (ppocr_cls,yolov8n,sigmoid; empty:
@@ -205,6 +207,8 @@ fn process_cpu(pid: i32) -> Duration {
 }
 
 struct LoadRun {
+    /// The load generator's own CPU (this process, all its threads), in cores.
+    gen_cores: f64,
     per_s: f64,
     p99_ms: f64,
     cpu_us: f64,
@@ -234,12 +238,16 @@ fn load_socket(d: &TestDaemon, model: &str, clients: usize, secs: f64) -> LoadRu
         same_input: false,
     };
     let cpu0 = process_cpu(d.pid());
+    let gen0 = process_cpu(std::process::id() as i32);
+    let start = Instant::now();
     let r = rt
         .block_on(rxd_client::bench::run(&load, |_, _| {}))
         .unwrap();
     let cpu = process_cpu(d.pid()) - cpu0;
+    let gen_cpu = process_cpu(std::process::id() as i32) - gen0;
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     LoadRun {
+        gen_cores: gen_cpu.as_secs_f64() / start.elapsed().as_secs_f64(),
         per_s: r.throughput_per_s,
         p99_ms: r.latency_ms.p99,
         cpu_us: cpu.as_secs_f64() * 1e6 / (r.requests + r.warmup_requests) as f64,
@@ -369,6 +377,7 @@ fn load_ring(d: &TestDaemon, model: &str, clients: usize, secs: f64) -> LoadRun 
     let stop = Arc::new(AtomicBool::new(false));
     let before = d.summaries()[model].clone();
     let cpu0 = process_cpu(d.pid());
+    let gen0 = process_cpu(std::process::id() as i32);
     let start = Instant::now();
     let handles: Vec<_> = (0..threads)
         .map(|t| {
@@ -418,11 +427,13 @@ fn load_ring(d: &TestDaemon, model: &str, clients: usize, secs: f64) -> LoadRun 
         .collect();
     let took = start.elapsed().as_secs_f64();
     let cpu = process_cpu(d.pid()) - cpu0;
+    let gen_cpu = process_cpu(std::process::id() as i32) - gen0;
     let after = d.summaries()[model].clone();
     let (batches, rows) = (after.batches - before.batches, after.rows - before.rows);
     let n = all.len();
     all.sort();
     LoadRun {
+        gen_cores: gen_cpu.as_secs_f64() / took,
         per_s: n as f64 / took,
         p99_ms: all[(n - 1) * 99 / 100].as_secs_f64() * 1e3,
         cpu_us: cpu.as_secs_f64() * 1e6 / n as f64,
@@ -580,9 +591,9 @@ fn main() {
         "### 32 single-item clients (large tensors through the arena), socket and ring alternately, {secs} s each, {rounds} rounds\n"
     );
     println!(
-        "| model | best in-process items/s (where) | path | req/s (per round) | share | p99 ms | mean batch | daemon CPU µs/req | of which outside ORT |"
+        "| model | best in-process items/s (where) | path | req/s (per round) | share | p99 ms | mean batch | daemon CPU µs/req | of which outside ORT | load generator's CPU (cores) |"
     );
-    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     for model in models.split(',').filter(|m| !m.is_empty()) {
         let best = best_in_process(model, cores, secs / 2.0);
         let repo = Repo::new();
@@ -623,13 +634,14 @@ fn main() {
             let ort_cpu = ort_cpu_per_row(model, batch.round() as u64);
             let (t, s, b) = best.1;
             println!(
-                "| {model} | {:.0} (batch {b}, {s} × {t} thread(s)) | {} | {} | {share:.0} % | {:.2} | {batch:.1} | {:.0} | {:.0} |",
+                "| {model} | {:.0} (batch {b}, {s} × {t} thread(s)) | {} | {} | {share:.0} % | {:.2} | {batch:.1} | {:.0} | {:.0} | {:.2} |",
                 best.0,
                 if ring { "ring" } else { "socket" },
                 per_round.join(" / "),
                 mean(&|r| r.p99_ms),
                 mean(&|r| r.cpu_us),
                 mean(&|r| r.cpu_us) - ort_cpu,
+                mean(&|r| r.gen_cores),
             );
         }
     }
