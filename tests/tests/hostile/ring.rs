@@ -29,13 +29,18 @@ struct RawRing {
 impl RawRing {
     /// Connects as `nobody` and asks for a ring of `entries` slots of 1 KiB.
     fn connect(socket: &std::path::Path, entries: u32) -> RawRing {
+        RawRing::connect_slots(socket, entries, 1024)
+    }
+
+    /// Connects as `nobody` and asks for a ring of `entries` slots of `slot_bytes`.
+    fn connect_slots(socket: &std::path::Path, entries: u32, slot_bytes: u32) -> RawRing {
         let mut conn = connect_as_nobody(socket);
         let (welcome, fd) = conn
             .handshake_ring(
                 0,
                 Some(RingAsk {
                     entries,
-                    slot_bytes: 1024,
+                    slot_bytes,
                 }),
             )
             .unwrap();
@@ -347,6 +352,678 @@ fn clients_that_die_with_a_full_ring_or_flood_it_with_wakes_leave_nothing_behind
             "{} arenas still mapped",
             d.arena_mappings()
         );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Red-team attacks on the ring (branch h-ringattack).
+
+/// A digits request frame (length prefix and body), as a submission slot holds it.
+fn digits_frame(id: u64, input: &rxd_client::Tensor) -> Vec<u8> {
+    frame::encode(&RequestFrame {
+        id,
+        body: Request::Infer(InferRequest {
+            model: "digits".into(),
+            version: None,
+            inputs: vec![input.clone()],
+            outputs: vec![],
+            output_regions: Vec::new(),
+            output_area: None,
+            priority: None,
+            timeout_ms: None,
+            inline_overflow: false,
+        }),
+    })
+    .unwrap()
+}
+
+/// Sends a Hello with `arena_bytes` and `ring`, and reads the answer: the welcome and the fd
+/// passed with it (if any), or the handshake error's text. A connection that ends without a
+/// word is an error starting with "no answer".
+fn hello_raw(
+    conn: &mut RawConn,
+    arena_bytes: u64,
+    ring: Option<RingAsk>,
+) -> Result<(rxd_protocol::Welcome, Option<std::os::fd::OwnedFd>), String> {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    conn.send(&rxd_protocol::Hello {
+        protocol: rxd_protocol::PROTOCOL_VERSION,
+        client: "ringattack".into(),
+        arena_bytes,
+        ring,
+    });
+    conn.stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut header = [0u8; 4];
+    let (n, fd) = rxd_shm::recv_with_fd(conn.stream.as_raw_fd(), &mut header)
+        .map_err(|e| format!("no answer: {e}"))?;
+    if n == 0 {
+        return Err("no answer: the connection closed".into());
+    }
+    conn.stream
+        .read_exact(&mut header[n..])
+        .map_err(|e| format!("no answer: {e}"))?;
+    let mut body = vec![0u8; u32::from_le_bytes(header) as usize];
+    conn.stream
+        .read_exact(&mut body)
+        .map_err(|e| format!("no answer: {e}"))?;
+    match frame::decode::<rxd_protocol::HandshakeReply>(&body).map_err(|e| e.to_string())? {
+        rxd_protocol::HandshakeReply::Welcome(w) => Ok((w, fd)),
+        rxd_protocol::HandshakeReply::Error(e) => Err(e.error.to_string()),
+    }
+}
+
+/// Absurd geometry in the Hello: every ask gets a welcome whose ring obeys the rules, or a
+/// clear `arena_unavailable` — never a silent close or a ring outside the arena; and the
+/// arena budget and ring counts are whole again afterwards (nobody gets its full share of
+/// arena, and its 32 rings).
+#[test]
+fn absurd_ring_geometry_gets_a_clear_answer_and_the_budgets_come_back() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    let mut d = shared_daemon(
+        repo.path(),
+        "max-arena-bytes = \"16MiB\"\narena-total-bytes = \"32MiB\"\n",
+        &[],
+    );
+    let before = before(&d);
+    let mappings = d.arena_mappings();
+    let bystander = Bystander::start(&d.socket);
+
+    let ask = |entries, slot_bytes| Some(RingAsk {
+        entries,
+        slot_bytes,
+    });
+    let cases: Vec<(u64, Option<RingAsk>)> = vec![
+        (0, ask(0, 1024)),
+        (0, ask(1, 0)),
+        (0, ask(u32::MAX, 1)),
+        (0, ask(3, u32::MAX)),
+        (0, ask(u32::MAX, u32::MAX)),
+        (4096, ask(7, 300)),
+        (1, ask(1, 256)),
+        (16 << 20, ask(1, 256)),
+        ((16 << 20) - 4096, ask(1, 256)),
+        (u64::MAX, ask(4, 1024)),
+        (u64::MAX - 4095, ask(16, 1024)),
+        (u64::MAX - 4095, ask(1, 256)),
+        (u64::MAX - 100_000, ask(256, 4096)),
+        (1 << 63, ask(2, 1024)),
+    ];
+    let mut problems = Vec::new();
+    for (arena_bytes, ring) in cases {
+        let mut conn = connect_as_nobody(&d.socket);
+        match hello_raw(&mut conn, arena_bytes, ring) {
+            Ok((w, fd)) => {
+                let tensor_part = arena_bytes.div_ceil(4096).wrapping_mul(4096);
+                if let Some(g) = w.ring {
+                    let geo = Geometry {
+                        entries: g.entries,
+                        slot_bytes: g.slot_bytes,
+                    };
+                    let ok = geo.is_valid()
+                        && g.offset == tensor_part
+                        && g.offset.checked_add(geo.bytes()) <= Some(w.arena_bytes)
+                        && w.arena_bytes <= 16 << 20
+                        && fd.is_some();
+                    if !ok {
+                        problems.push(format!("{arena_bytes} {ring:?}: bad grant {w:?}"));
+                    }
+                    if !ok {
+                        continue;
+                    }
+                    // The ring works.
+                    let map = rxd_shm::Mapping::map(
+                        std::os::fd::AsFd::as_fd(fd.as_ref().unwrap()),
+                        w.arena_bytes as usize,
+                    )
+                    .unwrap();
+                    let mem = RingMem::new(Arc::new(map), g.offset, geo.bytes()).unwrap();
+                    let mut r = RawRing {
+                        conn,
+                        mem,
+                        geo,
+                        sq_tail: 0,
+                        cq_head: 0,
+                    };
+                    let (input, _) = digits_case(1);
+                    let f = digits_frame(1, &input);
+                    if geo.body_fits(f.len() as u32 - 4) {
+                        r.submit_bytes(&f);
+                        if !r.wait_completed(1, Duration::from_secs(10)) {
+                            problems.push(format!("{arena_bytes} {ring:?}: no completion"));
+                        } else {
+                            assert_eq!(r.consume().id, 1);
+                        }
+                    }
+                } else if ring.is_some_and(|a| a.entries > 0 && a.slot_bytes > 0) {
+                    problems.push(format!("{arena_bytes} {ring:?}: no ring: {w:?}"));
+                }
+            }
+            Err(e) if e.contains("arena_unavailable") => {}
+            Err(e) => problems.push(format!("arena {arena_bytes} ring {ring:?}: {e}")),
+        }
+    }
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "the daemon died:\n{}",
+        d.log_text()
+    );
+
+    // The budgets are whole again: the full share of arena, then 32 rings, for nobody.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut conn = connect_as_nobody(&d.socket);
+    let share = conn.handshake_arena(16 << 20);
+    assert!(share.is_ok(), "the arena budget leaked: {share:?}");
+    drop((conn, share));
+    std::thread::sleep(Duration::from_millis(300));
+    let rings: Vec<rxd_client::RingClient> = (0..32)
+        .map(|_| {
+            let conn = connect_as_nobody(&d.socket);
+            rxd_client::RingClient::handshake(
+                conn.stream,
+                rxd_client::RingOptions {
+                    entries: 1,
+                    slot_bytes: 256,
+                    arena_bytes: 0,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        })
+        .collect();
+    let granted = rings.iter().filter(|c| c.has_ring()).count();
+    drop(rings);
+
+    let seen = bystander.stop();
+    assert!(
+        !d.log_text().contains("panicked"),
+        "a connection panicked:\n{}",
+        d.log_text()
+    );
+    assert!(problems.is_empty(), "{problems:#?}");
+    assert_eq!(granted, 32, "ring counts leaked");
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.arena_mappings() > mappings {
+        assert!(Instant::now() < deadline, "arenas still mapped");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A client that talks only through its ring, and keeps doing so, is not idle: with
+/// `idle-timeout-secs = 2` it is served for 7 s (fast, then one request every 1.5 s), and its
+/// socket stays open and silent.
+#[test]
+fn an_active_ring_only_client_is_not_closed_as_idle() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    let mut d = shared_daemon(repo.path(), "idle-timeout-secs = 2\n", &[]);
+    let before = before(&d);
+    let (input, want) = digits_case(2);
+    let mut r = RawRing::connect(&d.socket, 4);
+    let start = Instant::now();
+    let mut id = 0u64;
+    while start.elapsed() < Duration::from_secs(7) {
+        id += 1;
+        r.submit_digits(id, &input);
+        assert!(
+            r.wait_completed(1, Duration::from_secs(10)),
+            "request {id} at {:?} got no completion: {:?}",
+            start.elapsed(),
+            read_all(&mut r.conn, Duration::from_millis(100))
+        );
+        let a = r.consume();
+        assert_eq!(a.id, id);
+        match a.outcome {
+            Outcome::Ok(rxd_protocol::Reply::Infer(x)) => assert_eq!(x.outputs, want),
+            other => panic!("request {id} at {:?}: {other:?}", start.elapsed()),
+        }
+        let pause = if start.elapsed() < Duration::from_secs(3) {
+            Duration::from_millis(20)
+        } else {
+            Duration::from_millis(1500)
+        };
+        std::thread::sleep(pause);
+    }
+    // The socket said nothing and is open.
+    r.conn.stream.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 1];
+    let peek = std::io::Read::read(&mut r.conn.stream, &mut b);
+    assert!(
+        matches!(&peek, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the socket said something or closed: {peek:?}"
+    );
+    r.conn.stream.set_nonblocking(false).unwrap();
+    // Then idle: closed as such.
+    let words = r.closing_words();
+    assert_eq!(
+        words.last().and_then(|w| err_code(&w.outcome)),
+        Some(ErrorCode::ConnectionTimeout),
+        "{words:?}"
+    );
+    drop(r);
+    let seen = Seen {
+        ok: 1,
+        ..Default::default()
+    };
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+}
+
+/// A client that scribbles on the daemon's words (`sq_head`, `sq_wake`, `cq_tail`) while its
+/// requests are taken and answered garbles only its own view: the daemon keeps its own
+/// counts, republishes them with the next completion, and every request gets exactly one
+/// right answer.
+#[test]
+fn scribbling_on_the_daemons_words_garbles_only_the_clients_view() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    let mut d = shared_daemon(repo.path(), "", &[]);
+    let before = before(&d);
+    let bystander = Bystander::start(&d.socket);
+    let (input, want) = digits_case(2);
+    let mut r = RawRing::connect(&d.socket, 8);
+    let stop = Arc::new(AtomicBool::new(false));
+    let scribbler = {
+        let (stop, mem) = (stop.clone(), r.mem.clone());
+        std::thread::spawn(move || {
+            let mut x = 0x9e37_79b9u32;
+            while !stop.load(Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                mem.word(layout::SQ_HEAD).store(x, Ordering::Relaxed);
+                mem.word(layout::SQ_WAKE).store(x & 1, Ordering::Relaxed);
+                mem.word(layout::CQ_TAIL).store(x.rotate_left(7), Ordering::Relaxed);
+            }
+        })
+    };
+    for id in 1..=7 {
+        r.submit_digits(id, &input);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    scribbler.join().unwrap();
+    r.submit_digits(8, &input);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while r.word(layout::CQ_TAIL).load(Ordering::Acquire) != 8 {
+        assert!(
+            Instant::now() < deadline,
+            "cq_tail {} (8 expected)",
+            r.word(layout::CQ_TAIL).load(Ordering::Acquire)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(r.word(layout::SQ_HEAD).load(Ordering::Acquire), 8);
+    let mut ids: Vec<u64> = (0..8)
+        .map(|_| {
+            let a = r.consume();
+            match &a.outcome {
+                Outcome::Ok(rxd_protocol::Reply::Infer(x)) => assert_eq!(x.outputs, want),
+                other => panic!("{}: {other:?}", a.id),
+            }
+            a.id
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, (1..=8).collect::<Vec<_>>());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(r.completed(), 0, "a second completion");
+    let seen = bystander.stop();
+    drop(r);
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+}
+
+/// A slot rewritten while the daemon copies it (two valid frames of different sizes, and
+/// junk, swapped as fast as a thread can) is a garbled frame at worst: every submission gets
+/// exactly one completion, under an id the client used or id 0, and the connection goes on.
+#[test]
+fn a_slot_rewritten_while_the_daemon_copies_it_gets_exactly_one_completion() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    let mut d = shared_daemon(repo.path(), "", &[]);
+    let before = before(&d);
+    let bystander = Bystander::start(&d.socket);
+    let mut r = RawRing::connect(&d.socket, 2);
+    let (small, _) = digits_case(1);
+    let (large, _) = digits_case(3);
+    let a = digits_frame(11, &small);
+    let b = digits_frame(22, &large);
+    let mut junk = vec![0xc1u8; 200];
+    junk[..4].copy_from_slice(&196u32.to_le_bytes());
+    let stop = Arc::new(AtomicBool::new(false));
+    let scribbler = {
+        let (stop, mem, geo) = (stop.clone(), r.mem.clone(), r.geo);
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for slot in 0..geo.entries {
+                    let f = match n % 3 {
+                        0 => &a,
+                        1 => &b,
+                        _ => &junk,
+                    };
+                    mem.write(geo.sq_slot(slot), f).unwrap();
+                    n += 1;
+                }
+            }
+            n
+        })
+    };
+    let start = Instant::now();
+    let mut submitted = 0u32;
+    let mut by_id = std::collections::BTreeMap::<u64, u32>::new();
+    while start.elapsed() < Duration::from_secs(3) {
+        r.sq_tail = r.sq_tail.wrapping_add(1);
+        r.publish_tail(r.sq_tail);
+        submitted += 1;
+        assert!(
+            r.wait_completed(1, Duration::from_secs(10)),
+            "submission {submitted} got no completion: {:?}",
+            read_all(&mut r.conn, Duration::from_millis(100))
+        );
+        let c = r.consume();
+        assert!([0, 11, 22].contains(&c.id), "{c:?}");
+        *by_id.entry(c.id).or_default() += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let writes = scribbler.join().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(r.completed(), 0, "a second completion");
+    assert_eq!(r.word(layout::SQ_HEAD).load(Ordering::Acquire), r.sq_tail);
+    eprintln!("{submitted} submissions, {writes} slot writes: {by_id:?}");
+    assert!(submitted > 20, "{submitted}");
+    let seen = bystander.stop();
+    drop(r);
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+}
+
+/// Thousands of tiny submissions a second through a one-entry ring (control requests, refused
+/// at once, and tiny inferences): each gets exactly one completion, in order, and the
+/// bystander is not slowed.
+#[test]
+fn a_flood_through_a_tiny_ring_gets_one_completion_each() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    let mut d = shared_daemon(repo.path(), "", &[]);
+    let before = before(&d);
+    let bystander = Bystander::start(&d.socket);
+    let mut r = RawRing::connect_slots(&d.socket, 1, 512);
+    assert_eq!(r.geo.entries, 1);
+    let (input, want) = digits_case(1);
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < Duration::from_secs(3) {
+        n += 1;
+        if n.is_multiple_of(4) {
+            r.submit_digits(n, &input);
+        } else {
+            r.submit_bytes(
+                &frame::encode(&RequestFrame {
+                    id: n,
+                    body: Request::Status,
+                })
+                .unwrap(),
+            );
+        }
+        let end = Instant::now() + Duration::from_secs(10);
+        while r.completed() == 0 {
+            assert!(Instant::now() < end, "submission {n}: no completion");
+            std::hint::spin_loop();
+        }
+        let c = r.consume();
+        assert_eq!(c.id, n);
+        if n.is_multiple_of(4) {
+            match c.outcome {
+                Outcome::Ok(rxd_protocol::Reply::Infer(x)) => assert_eq!(x.outputs, want),
+                other => panic!("{n}: {other:?}"),
+            }
+        } else {
+            assert_eq!(err_code(&c.outcome), Some(ErrorCode::InvalidRequest));
+        }
+    }
+    eprintln!("{n} submissions in 3 s");
+    assert!(n > 300, "{n}");
+    let seen = bystander.stop();
+    drop(r);
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+}
+
+/// A client closes its socket with requests in flight but keeps its mapping, and goes on
+/// publishing valid submissions and waking the daemon: the daemon takes nothing more, unmaps
+/// its side of the arena, and gives the fds back.
+#[test]
+fn a_client_that_hangs_up_but_keeps_writing_its_ring_is_ignored() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    let mut d = shared_daemon(repo.path(), "", &[]);
+    let before = before(&d);
+    let mappings = d.arena_mappings();
+    let bystander = Bystander::start(&d.socket);
+    let (input, _) = digits_case(2);
+    let mut r = RawRing::connect(&d.socket, 8);
+    for id in 1..=8 {
+        r.submit_digits(id, &input);
+    }
+    let RawRing { conn, mem, geo, .. } = r;
+    conn.stream.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(conn);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, mem) = (stop.clone(), mem.clone());
+        std::thread::spawn(move || {
+            let f = digits_frame(99, &input);
+            while !stop.load(Ordering::Relaxed) {
+                // Keep one valid submission always waiting past the daemon's head, consume
+                // every completion.
+                let head = mem.word(layout::SQ_HEAD).load(Ordering::Acquire);
+                mem.write(geo.sq_slot(head), &f).unwrap();
+                let cq = mem.word(layout::CQ_TAIL).load(Ordering::Acquire);
+                mem.word(layout::CQ_HEAD).store(cq, Ordering::Release);
+                mem.word(layout::SQ_TAIL)
+                    .store(head.wrapping_add(1), Ordering::SeqCst);
+                wake(mem.word(layout::SQ_TAIL));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let head = mem.word(layout::SQ_HEAD).load(Ordering::Acquire);
+    std::thread::sleep(Duration::from_secs(2));
+    let later = mem.word(layout::SQ_HEAD).load(Ordering::Acquire);
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert_eq!(head, later, "the daemon still takes submissions of a closed connection");
+    let seen = bystander.stop();
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.arena_mappings() > mappings {
+        assert!(Instant::now() < deadline, "the daemon keeps the arena mapped");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(mem);
+}
+
+/// One id in flight on the socket and the ring at once: each side's frame gets exactly one
+/// answer, the second of the two under id 0 (`bad_request_id`) or after the first's answer.
+#[test]
+fn one_id_on_the_socket_and_the_ring_at_once_gets_one_answer_each() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    let mut d = shared_daemon(repo.path(), "", &[]);
+    let before = before(&d);
+    let (input, want) = digits_case(2);
+    let mut r = RawRing::connect(&d.socket, 4);
+    let mut outcomes = std::collections::BTreeMap::<String, u32>::new();
+    for i in 0..200 {
+        let req = RequestFrame {
+            id: 5,
+            body: Request::Infer(InferRequest {
+                model: "digits".into(),
+                version: None,
+                inputs: vec![input.clone()],
+                outputs: vec![],
+                output_regions: Vec::new(),
+                output_area: None,
+                priority: None,
+                timeout_ms: None,
+                inline_overflow: false,
+            }),
+        };
+        if i % 2 == 0 {
+            r.submit_digits(5, &input);
+            r.conn.send(&req);
+        } else {
+            r.conn.send(&req);
+            r.submit_digits(5, &input);
+        }
+        let s = r.conn.read_response();
+        assert!(r.wait_completed(1, Duration::from_secs(10)), "{i}: no completion");
+        let c = r.consume();
+        for (side, a) in [("socket", &s), ("ring", &c)] {
+            let what = match &a.outcome {
+                Outcome::Ok(rxd_protocol::Reply::Infer(x)) => {
+                    assert_eq!(x.outputs, want);
+                    assert_eq!(a.id, 5);
+                    "ok".to_string()
+                }
+                Outcome::Err(e) => {
+                    assert_eq!(a.id, 0, "{side} {i}: {e:?}");
+                    assert_eq!(e.kind(), Some(ErrorCode::BadRequestId), "{e:?}");
+                    "bad_request_id".to_string()
+                }
+                other => panic!("{other:?}"),
+            };
+            *outcomes.entry(format!("{side} {what}")).or_default() += 1;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(r.completed(), 0, "a second completion");
+    r.conn.stream.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 1];
+    let extra = std::io::Read::read(&mut r.conn.stream, &mut b);
+    assert!(
+        matches!(&extra, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "a second answer on the socket: {extra:?}"
+    );
+    eprintln!("{outcomes:?}");
+    drop(r);
+    let seen = Seen {
+        ok: 1,
+        ..Default::default()
+    };
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+}
+
+/// Rings come and go all the time (the poller's set changes under it; some leave with
+/// requests in flight) while a ring client of the test's own user keeps asking: it is
+/// always answered, without waiting for the poller's one-second timeout.
+#[test]
+fn rings_coming_and_going_do_not_delay_a_ring_bystander() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    let mut d = shared_daemon(repo.path(), "preload = [\"digits\"]\n", &[]);
+    let before = before(&d);
+    let bystander = Bystander::start(&d.socket);
+    let (input, want) = digits_case(2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (stop, socket, input) = (stop.clone(), d.socket.clone(), input.clone());
+        std::thread::spawn(move || {
+            let mut c = rxd_client::RingClient::connect(
+                &socket,
+                rxd_client::RingOptions {
+                    spin: Duration::ZERO,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            assert!(c.has_ring());
+            let mut worst = Duration::ZERO;
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let out = c.infer("digits", vec![input.clone()]).unwrap();
+                worst = worst.max(t.elapsed());
+                assert_eq!(out, want);
+                n += 1;
+                std::thread::sleep(Duration::from_millis(3));
+            }
+            (worst, n)
+        })
+    };
+    let churners: Vec<_> = (0..2)
+        .map(|k| {
+            let (stop, socket, input) = (stop.clone(), d.socket.clone(), input.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let mut r = RawRing::connect_slots(&socket, 4, 1024);
+                    let k = (n + k) % 3;
+                    for id in 0..k {
+                        r.submit_digits(id + 1, &input);
+                    }
+                    if k == 2 {
+                        r.wait_completed(2, Duration::from_secs(10));
+                    }
+                    drop(r);
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(6));
+    stop.store(true, Ordering::Relaxed);
+    let churned: u64 = churners.into_iter().map(|t| t.join().unwrap()).sum();
+    let (worst, n) = watcher.join().unwrap();
+    eprintln!("{churned} rings came and went; the ring bystander: {n} requests, worst {worst:?}");
+    assert!(churned > 20, "{churned}");
+    assert!(
+        worst < Duration::from_millis(800),
+        "the ring bystander waited {worst:?}"
+    );
+    let seen = bystander.stop();
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+}
+
+/// Ring requests for a model that must load first (load on demand), then the client vanishes
+/// at once: the loads finish, the answers go nowhere, nothing is left behind, and the next
+/// ring client is served.
+#[test]
+fn a_ring_client_that_dies_while_its_model_loads_leaves_nothing_behind() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    let mut d = shared_daemon(repo.path(), "", &[]);
+    let before = before(&d);
+    let mappings = d.arena_mappings();
+    let (input, want) = digits_case(2);
+    for _ in 0..5 {
+        let mut r = RawRing::connect(&d.socket, 8);
+        for id in 1..=8 {
+            r.submit_digits(id, &input);
+        }
+        drop(r);
+    }
+    let mut r = RawRing::connect(&d.socket, 4);
+    r.submit_digits(1, &input);
+    assert!(r.wait_completed(1, Duration::from_secs(30)));
+    match r.consume().outcome {
+        Outcome::Ok(rxd_protocol::Reply::Infer(x)) => assert_eq!(x.outputs, want),
+        other => panic!("{other:?}"),
+    }
+    drop(r);
+    let seen = Seen {
+        ok: 1,
+        ..Default::default()
+    };
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while d.arena_mappings() > mappings {
+        assert!(Instant::now() < deadline, "arenas still mapped");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
