@@ -1027,3 +1027,134 @@ fn a_ring_client_that_dies_while_its_model_loads_leaves_nothing_behind() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// One user fills every ring it may have with submissions that are costly to decode (the
+/// most values a frame may hold: thousands of tiny tensors) and refills them as fast as they
+/// are answered: the single poller decodes them all in turn, and another user's ring client
+/// must still be answered within the bystander bound.
+#[test]
+fn one_users_rings_full_of_costly_frames_do_not_starve_another_users_ring() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    let mut d = shared_daemon(repo.path(), "preload = [\"digits\"]\n", &[]);
+    let before = before(&d);
+    let bystander = Bystander::start(&d.socket);
+    let (input, want) = digits_case(2);
+    let tiny = rxd_client::Tensor::inline(
+        "x",
+        rxd_client::DType::Float32,
+        vec![1],
+        vec![0u8; 4],
+    );
+    let costly = frame::encode(&RequestFrame {
+        id: 1,
+        body: Request::Infer(InferRequest {
+            model: "digits".into(),
+            version: None,
+            inputs: vec![tiny; 10_000],
+            outputs: vec![],
+            output_regions: Vec::new(),
+            output_area: None,
+            priority: None,
+            timeout_ms: None,
+            inline_overflow: false,
+        }),
+    })
+    .unwrap();
+    let slot = (costly.len() as u32 + 4).next_multiple_of(4096);
+    // As many rings as nobody may have (32, or what its arena share holds).
+    let mut rings = Vec::new();
+    for _ in 0..32 {
+        let mut conn = connect_as_nobody(&d.socket);
+        let Ok((w, Some(fd))) = hello_raw(
+            &mut conn,
+            0,
+            Some(RingAsk {
+                entries: 16,
+                slot_bytes: slot,
+            }),
+        ) else {
+            break;
+        };
+        let Some(g) = w.ring else { break };
+        let geo = Geometry {
+            entries: g.entries,
+            slot_bytes: g.slot_bytes,
+        };
+        let map =
+            rxd_shm::Mapping::map(std::os::fd::AsFd::as_fd(&fd), w.arena_bytes as usize).unwrap();
+        let mem = RingMem::new(Arc::new(map), g.offset, geo.bytes()).unwrap();
+        for i in 0..geo.entries {
+            mem.write(geo.sq_slot(i), &costly).unwrap();
+        }
+        rings.push(RawRing {
+            conn,
+            mem,
+            geo,
+            sq_tail: 0,
+            cq_head: 0,
+        });
+    }
+    eprintln!("{} rings of {slot}-byte slots", rings.len());
+    assert!(rings.len() >= 8, "{}", rings.len());
+    let stop = Arc::new(AtomicBool::new(false));
+    let attacker = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut answered = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                for r in rings.iter_mut() {
+                    // Consume without reading (the id is 1 each time: in flight twice is a
+                    // bad_request_id answer, as costly to reach).
+                    let tail = r.word(layout::CQ_TAIL).load(Ordering::Acquire);
+                    answered += u64::from(tail.wrapping_sub(r.cq_head));
+                    r.cq_head = tail;
+                    r.word(layout::CQ_HEAD).store(tail, Ordering::Release);
+                    let room = r.geo.entries - r.sq_tail.wrapping_sub(r.cq_head);
+                    if room > 0 {
+                        r.sq_tail = r.sq_tail.wrapping_add(room);
+                        r.publish_tail(r.sq_tail);
+                    }
+                }
+                std::thread::yield_now();
+            }
+            (rings, answered)
+        })
+    };
+    // Another user's ring client (the test's own) asks one at a time.
+    let mut c = rxd_client::RingClient::connect(
+        &d.socket,
+        rxd_client::RingOptions {
+            spin: Duration::ZERO,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(c.has_ring());
+    let start = Instant::now();
+    let (mut worst, mut n) = (Duration::ZERO, 0u64);
+    while start.elapsed() < Duration::from_secs(6) {
+        let t = Instant::now();
+        let out = c.infer("digits", vec![input.clone()]).unwrap();
+        worst = worst.max(t.elapsed());
+        assert_eq!(out, want);
+        n += 1;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (rings, answered) = attacker.join().unwrap();
+    eprintln!(
+        "the attacker's {} rings had {answered} costly submissions answered; the other \
+         user's ring client: {n} requests, worst {worst:?}",
+        rings.len()
+    );
+    drop(rings);
+    drop(c);
+    let seen = bystander.stop();
+    eprintln!("socket bystander: {seen:?}");
+    assert!(
+        worst < Duration::from_secs(1),
+        "another user's ring client waited {worst:?} ({n} requests)"
+    );
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 256 << 20);
+}
