@@ -71,13 +71,17 @@ pub(super) async fn handshake(
     }
     // A ring, if asked for and the daemon has one to give, lies in the arena after the
     // tensors' part (page-aligned), which it makes larger.
+    // An arena too large to hold the ring after it (its size would not fit a u64) gets no
+    // ring, and is then refused like any arena over max-arena-bytes.
     let ring = hello.ring.and_then(|ask| {
         let geo = Geometry::granted(ask.entries, ask.slot_bytes, shared.config.max_in_flight)?;
+        let offset = hello.arena_bytes.checked_next_multiple_of(4096)?;
+        offset.checked_add(geo.bytes())?;
         let slot = Rings::grant(shared, peer)?;
-        Some((hello.arena_bytes.div_ceil(4096) * 4096, geo, slot))
+        Some((offset, geo, slot))
     });
     let arena_bytes = match &ring {
-        Some((offset, geo, _)) => offset + geo.bytes(),
+        Some((offset, geo, _)) => offset.saturating_add(geo.bytes()),
         None => hello.arena_bytes,
     };
     let arena = if arena_bytes > 0 {
