@@ -3,7 +3,8 @@
 //! the socket or a futex only to wake a side that sleeps.
 //!
 //! One poller thread serves every ring of the daemon: it takes what each ring holds (at most
-//! [`PER_ROUND`] submissions per ring per round, so one busy ring cannot starve the others),
+//! [`PER_ROUND`] submissions per ring, and [`USER_ROUND_BYTES`] of frames per user, per round,
+//! so one busy ring, or one user's many rings, cannot starve the others),
 //! and when a round finds nothing it asks every client to wake it (`sq_wake`), looks once
 //! more, and sleeps on all the rings' submission tails at once (`futex_waitv`; hence at most
 //! [`MAX_RINGS`] rings, and [`MAX_RINGS_PER_UID`] per non-admin user — beyond them the
@@ -45,6 +46,11 @@ pub(crate) const MAX_RINGS: usize = futex::WAIT_ANY_MAX - 1;
 pub(crate) const MAX_RINGS_PER_UID: usize = 32;
 /// Submissions taken from one ring per round of the poller.
 const PER_ROUND: u32 = 16;
+/// Frame bytes taken from all the rings of one user per round of the poller (at least one
+/// submission each round): decoding is the poller's work, and it is proportional to the
+/// bytes, so a user's many rings full of large frames delay another user's ring by about one
+/// such budget per round, not by all of its rings' slots.
+const USER_ROUND_BYTES: u64 = 256 << 10;
 /// The longest the poller sleeps between looks while a ring waits for memory.
 const MEMORY_POLL: Duration = Duration::from_millis(1);
 
@@ -209,11 +215,14 @@ struct Served {
 struct Round {
     took: bool,
     waits_for_memory: bool,
+    /// The user's bytes for this round were spent before the ring was empty.
+    more: bool,
 }
 
 impl Served {
-    /// Takes up to [`PER_ROUND`] submissions.
-    fn round(&self, body: &mut Vec<u8>) -> Round {
+    /// Takes up to [`PER_ROUND`] submissions, and while the user's bytes taken this round
+    /// (`used`, shared by all its rings) stay within [`USER_ROUND_BYTES`].
+    fn round(&self, body: &mut Vec<u8>, used: &mut HashMap<u32, u64>) -> Round {
         let (ring, geo) = (&*self.ring, self.ring.geo);
         let mut round = Round::default();
         if ring.is_closed() {
@@ -259,6 +268,14 @@ impl Served {
                 ));
                 return round;
             }
+            // The user's share of this round is spent: the rest waits for the next round
+            // (which comes at once: something was taken). Not stalled.
+            let user = used.entry(self.peer.uid).or_default();
+            if *user > 0 && *user + u64::from(len) > USER_ROUND_BYTES {
+                ring.stalled.store(false, Ordering::Relaxed);
+                round.more = true;
+                return round;
+            }
             let Some(held) = quotas.try_hold(self.peer.uid, self.peer.admin, u64::from(len)) else {
                 ring.stalled.store(true, Ordering::Relaxed);
                 round.waits_for_memory = true;
@@ -277,6 +294,7 @@ impl Served {
             ring.running.fetch_add(1, Ordering::AcqRel);
             ring.taken.fetch_add(1, Ordering::AcqRel);
             round.took = true;
+            *used.entry(self.peer.uid).or_default() += u64::from(len);
             self.take(body, held);
         }
         ring.stalled.store(false, Ordering::Relaxed);
@@ -437,6 +455,10 @@ fn poll(weak: Weak<Shared>, handle: tokio::runtime::Handle) {
     // The rings served, looked up again only when the control word says the set changed.
     let mut served: Vec<Arc<Served>> = Vec::new();
     let mut seen = None;
+    // Bytes taken per user this round, and where the round starts (it turns, so that no ring
+    // of a user is always the last to find the user's share spent).
+    let mut used: HashMap<u32, u64> = HashMap::new();
+    let mut turn = 0usize;
     loop {
         let Some(shared) = weak.upgrade() else {
             return;
@@ -451,9 +473,12 @@ fn poll(weak: Weak<Shared>, handle: tokio::runtime::Handle) {
         }
         let mut took = false;
         let mut waits_for_memory = false;
-        for s in &served {
-            let r = s.round(&mut body);
-            took |= r.took;
+        used.clear();
+        turn = turn.wrapping_add(1);
+        let first = turn % served.len().max(1);
+        for s in served[first..].iter().chain(&served[..first]) {
+            let r = s.round(&mut body, &mut used);
+            took |= r.took || r.more;
             waits_for_memory |= r.waits_for_memory;
         }
         if body.capacity() > 1 << 20 {
