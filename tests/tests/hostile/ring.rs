@@ -1170,3 +1170,126 @@ fn one_users_rings_full_of_costly_frames_do_not_starve_another_users_ring() {
     );
     assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 256 << 20);
 }
+
+/// The daemon is told to stop while ring clients keep submitting and flooding it with wakes
+/// (one of them never consuming, its ring full): every request taken is answered on the
+/// ring, and the daemon exits cleanly well within its grace period.
+#[test]
+fn the_daemon_stops_promptly_while_rings_keep_submitting() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    let mut d = shared_daemon(repo.path(), "shutdown-grace-secs = 20\n", &[]);
+    let (input, _) = digits_case(2);
+    // A full ring that never consumes.
+    let mut full = RawRing::connect(&d.socket, 4);
+    for id in 1..=4 {
+        full.submit_digits(id, &input);
+    }
+    assert!(full.wait_completed(4, Duration::from_secs(10)));
+    for id in 5..=8 {
+        full.submit_digits(id, &input);
+    }
+    // Busy ones: submit, consume, flood wakes.
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy: Vec<_> = (0..3)
+        .map(|_| {
+            let (stop, socket, input) = (stop.clone(), d.socket.clone(), input.clone());
+            std::thread::spawn(move || {
+                let mut r = RawRing::connect(&socket, 4);
+                let mut id = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    while r.completed() > 0 {
+                        r.consume();
+                    }
+                    if r.sq_tail.wrapping_sub(r.cq_head) < r.geo.entries {
+                        id += 1;
+                        r.submit_digits(id, &input);
+                    } else {
+                        wake(r.word(layout::SQ_TAIL));
+                    }
+                }
+                // Everything taken was answered on the ring (whatever was not taken stays).
+                let head = r.word(layout::SQ_HEAD).load(Ordering::Acquire);
+                let end = Instant::now() + Duration::from_secs(5);
+                while r.word(layout::CQ_TAIL).load(Ordering::Acquire) != head
+                    && Instant::now() < end
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                (head, r.word(layout::CQ_TAIL).load(Ordering::Acquire))
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let start = Instant::now();
+    let status = d.terminate();
+    let took = start.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for t in busy {
+        let (head, cq_tail) = t.join().unwrap();
+        assert_eq!(head, cq_tail, "requests taken and not answered on the ring");
+    }
+    assert!(status.success(), "{status:?}\n{}", d.log_text());
+    assert!(took < Duration::from_secs(5), "stopping took {took:?}");
+    drop(full);
+}
+
+/// A client that submits one more request than its ring has room for (tolerated: the ring
+/// stalls until an answer is consumed) races the poller's room check against the workers'
+/// answers, thousands of times: every request taken still gets its completion on the ring,
+/// never an answer on the socket with no completion.
+#[test]
+fn submitting_past_the_room_never_loses_a_completion() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    let mut d = shared_daemon(repo.path(), "preload = [\"digits\"]\n", &[]);
+    let before = before(&d);
+    let (input, _) = digits_case(1);
+    let mut r = RawRing::connect(&d.socket, 1);
+    assert_eq!(r.geo.entries, 1);
+    r.conn.stream.set_nonblocking(true).unwrap();
+    let start = Instant::now();
+    let mut id = 0u64;
+    let mut rounds = 0u32;
+    while start.elapsed() < Duration::from_secs(6) {
+        rounds += 1;
+        id += 1;
+        r.submit_digits(id, &input);
+        // Taken: publish the next at once, while the first runs.
+        let end = Instant::now() + Duration::from_secs(10);
+        while r.word(layout::SQ_HEAD).load(Ordering::Acquire) != r.sq_tail {
+            assert!(Instant::now() < end, "not taken");
+            std::hint::spin_loop();
+        }
+        id += 1;
+        r.submit_digits(id, &input);
+        for want in [id - 1, id] {
+            let end = Instant::now() + Duration::from_secs(10);
+            while r.completed() == 0 {
+                let mut b = [0u8; 1];
+                let said = std::io::Read::read(&mut r.conn.stream, &mut b);
+                assert!(
+                    matches!(&said, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+                    "round {rounds}: request {want} got no completion; the socket: {said:?}"
+                );
+                assert!(
+                    Instant::now() < end,
+                    "round {rounds}: request {want}: nothing"
+                );
+                std::hint::spin_loop();
+            }
+            assert_eq!(r.consume().id, want);
+            // A stalled ring is looked at again on a wake.
+            wake(r.word(layout::SQ_TAIL));
+        }
+    }
+    eprintln!("{rounds} rounds");
+    assert!(rounds > 100, "{rounds}");
+    r.conn.stream.set_nonblocking(false).unwrap();
+    drop(r);
+    let seen = Seen {
+        ok: 1,
+        ..Default::default()
+    };
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+}
