@@ -241,7 +241,14 @@ impl Served {
         let quotas = &self.conn.shared.quotas;
         for _ in 0..queued.min(PER_ROUND) {
             // Room: every request taken has a completion slot of its own.
-            let cq_tail = *lock(&ring.cq_tail);
+            // The tail and the running count together, under the lock `post` changes both
+            // under: read apart, an answer posted in between would be counted neither as
+            // running nor as published, and one request too many taken (its answer would
+            // then find no completion slot and go on the socket with no completion).
+            let (cq_tail, running) = {
+                let tail = lock(&ring.cq_tail);
+                (*tail, ring.running.load(Ordering::Acquire))
+            };
             let cq_head = ring.mem.word(layout::CQ_HEAD).load(Ordering::Acquire);
             let Some(unconsumed) = geo.queued(cq_head, cq_tail) else {
                 ring.fail(format!(
@@ -251,7 +258,7 @@ impl Served {
                 ));
                 return round;
             };
-            if ring.running.load(Ordering::Acquire) + unconsumed >= geo.entries {
+            if running + unconsumed >= geo.entries {
                 ring.stalled.store(true, Ordering::Relaxed);
                 return round;
             }
