@@ -1293,3 +1293,178 @@ fn submitting_past_the_room_never_loses_a_completion() {
     };
     assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
 }
+
+/// A ring client whose answers do not fit its slots (so each comes on the socket, the ring
+/// saying so) consumes the ring's redirects at full speed and never reads the socket. On the
+/// socket the daemon would stop reading it once `max-unsent-bytes` wait unread; the ring must
+/// stop taking too: the answers it keeps producing (each dropped for an `unread_answers`
+/// error that is queued, and counted beyond the user's share) must neither grow without
+/// bound nor take request memory from another user.
+#[test]
+fn a_ring_client_that_never_reads_its_redirected_answers_is_held_back() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    let mut d = shared_daemon(
+        repo.path(),
+        "preload = [\"digits\"]\nmax-frame-bytes = \"1MiB\"\nrequest-memory-bytes = \"4MiB\"\n\
+         max-unsent-bytes = 65536\n",
+        &[],
+    );
+    let (victim_input, want) = digits_case(2);
+    let rows = 64u64;
+    let (input, _) = digits_case(rows as usize);
+    let in_bytes = rxd_client::tensor::bytes(&input).unwrap().to_vec();
+
+    let mut conn = connect_as_nobody(&d.socket);
+    let (w, fd) = hello_raw(
+        &mut conn,
+        64 << 10,
+        Some(RingAsk {
+            entries: 16,
+            slot_bytes: 256,
+        }),
+    )
+    .unwrap();
+    let g = w.ring.expect("a ring");
+    let geo = Geometry {
+        entries: g.entries,
+        slot_bytes: g.slot_bytes,
+    };
+    let map = Arc::new(
+        rxd_shm::Mapping::map(
+            std::os::fd::AsFd::as_fd(fd.as_ref().unwrap()),
+            w.arena_bytes as usize,
+        )
+        .unwrap(),
+    );
+    map.copy_in(0, &in_bytes).unwrap();
+    let mem = RingMem::new(map, g.offset, geo.bytes()).unwrap();
+    let mut r = RawRing {
+        conn,
+        mem,
+        geo,
+        sq_tail: 0,
+        cq_head: 0,
+    };
+    let request = |id: u64| {
+        frame::encode(&RequestFrame {
+            id,
+            body: Request::Infer(InferRequest {
+                model: "digits".into(),
+                version: None,
+                inputs: vec![rxd_protocol::Tensor {
+                    name: "input".into(),
+                    dtype: rxd_protocol::DType::Float32,
+                    shape: vec![rows, 64],
+                    data: rxd_protocol::TensorData::Arena(rxd_protocol::ArenaRef {
+                        offset: 0,
+                        len: in_bytes.len() as u64,
+                    }),
+                }],
+                outputs: vec![],
+                output_regions: Vec::new(),
+                output_area: None,
+                priority: None,
+                timeout_ms: None,
+                inline_overflow: false,
+            }),
+        })
+        .unwrap()
+    };
+
+    // Another (non-admin) user on the socket, one request after another.
+    let stop = Arc::new(AtomicBool::new(false));
+    let victim = {
+        let (stop, socket) = (stop.clone(), d.socket.clone());
+        std::thread::spawn(move || {
+            let (stream, _helper) = connect_as_with(&socket, 65533, 65533, &[], None);
+            let mut c = RawConn { stream };
+            c.stream
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            c.handshake().unwrap();
+            let (mut worst, mut n) = (Duration::ZERO, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let t = Instant::now();
+                c.send(&RequestFrame {
+                    id: n,
+                    body: Request::Infer(InferRequest {
+                        model: "digits".into(),
+                        version: None,
+                        inputs: vec![victim_input.clone()],
+                        outputs: vec![],
+                        output_regions: Vec::new(),
+                        output_area: None,
+                        priority: None,
+                        timeout_ms: None,
+                        inline_overflow: false,
+                    }),
+                });
+                let Ok(body) = c.read_body() else {
+                    return (Duration::MAX, n);
+                };
+                worst = worst.max(t.elapsed());
+                let a: ResponseFrame = frame::decode(&body).unwrap();
+                match a.outcome {
+                    Outcome::Ok(rxd_protocol::Reply::Infer(x)) => assert_eq!(x.outputs, want),
+                    other => panic!("victim: {other:?}"),
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (worst, n)
+        })
+    };
+
+    // The attack: keep the ring full, consume every redirect, never read the socket.
+    let start = Instant::now();
+    let mut redirects = 0u64;
+    let mut id = 0u64;
+    while start.elapsed() < Duration::from_secs(8) {
+        while r.completed() > 0 {
+            let at = r.geo.cq_slot(r.cq_head);
+            let mut len = [0u8; 4];
+            r.mem.read(at, &mut len).unwrap();
+            if u32::from_le_bytes(len) == 0 {
+                redirects += 1;
+            }
+            r.cq_head = r.cq_head.wrapping_add(1);
+            r.word(layout::CQ_HEAD).store(r.cq_head, Ordering::Release);
+        }
+        if r.sq_tail.wrapping_sub(r.cq_head) < r.geo.entries {
+            id += 1;
+            r.submit_bytes(&request(id));
+        } else {
+            std::thread::yield_now();
+        }
+    }
+    let taken = r.word(layout::SQ_HEAD).load(Ordering::Acquire);
+    stop.store(true, Ordering::Relaxed);
+    let (worst, n) = victim.join().unwrap();
+    // What the socket holds for the attacker.
+    let words = read_all(&mut r.conn, Duration::from_secs(2));
+    let dropped = words
+        .iter()
+        .filter(|w| matches!(&w.outcome, Outcome::Err(e) if e.kind() == Some(ErrorCode::UnreadAnswers)))
+        .count();
+    eprintln!(
+        "taken {taken}, redirects {redirects}, on the socket {} ({dropped} unread_answers); \
+         the victim: {n} requests, worst {worst:?}",
+        words.len()
+    );
+    drop(r);
+    assert!(
+        d.child.try_wait().unwrap().is_none(),
+        "the daemon died:\n{}",
+        d.log_text()
+    );
+    assert!(
+        worst < Duration::from_secs(5),
+        "another user's request waited {worst:?} ({n} requests)"
+    );
+    assert!(
+        dropped <= 64,
+        "the ring kept taking requests whose answers could only be dropped: {dropped} \
+         unread_answers queued ({taken} taken)"
+    );
+}
