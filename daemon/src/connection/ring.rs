@@ -228,6 +228,17 @@ impl Served {
         if ring.is_closed() {
             return round;
         }
+        // Backpressure, as on the socket: while the client leaves more than max-unsent-bytes
+        // of answers unread on the socket (answers too large for a slot), nothing more is
+        // taken — each would only be dropped for an `unread_answers` error queued behind
+        // them. Looked at again every millisecond, as a ring waiting for memory.
+        let max_unsent =
+            usize::try_from(self.conn.shared.config.max_unsent_bytes).unwrap_or(usize::MAX);
+        if self.conn.sink.unsent() > max_unsent {
+            ring.stalled.store(true, Ordering::Relaxed);
+            round.waits_for_memory = true;
+            return round;
+        }
         let mut head = ring.sq_head.load(Ordering::Relaxed);
         let tail = ring.mem.word(layout::SQ_TAIL).load(Ordering::Acquire);
         let Some(queued) = geo.queued(head, tail) else {

@@ -1445,7 +1445,9 @@ fn a_ring_client_that_never_reads_its_redirected_answers_is_held_back() {
     let words = read_all(&mut r.conn, Duration::from_secs(2));
     let dropped = words
         .iter()
-        .filter(|w| matches!(&w.outcome, Outcome::Err(e) if e.kind() == Some(ErrorCode::UnreadAnswers)))
+        .filter(
+            |w| matches!(&w.outcome, Outcome::Err(e) if e.kind() == Some(ErrorCode::UnreadAnswers)),
+        )
         .count();
     eprintln!(
         "taken {taken}, redirects {redirects}, on the socket {} ({dropped} unread_answers); \
