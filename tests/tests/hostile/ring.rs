@@ -1470,3 +1470,117 @@ fn a_ring_client_that_never_reads_its_redirected_answers_is_held_back() {
          unread_answers queued ({taken} taken)"
     );
 }
+
+/// A submission tail flipped back and forth as fast as a thread can (between a published
+/// submission and the one before it): the daemon takes the submission at most once, answers
+/// what it took on the ring, then finds the tail behind its head and ends the connection with
+/// `malformed_message`.
+#[test]
+fn a_tail_flipped_back_and_forth_ends_the_connection_cleanly() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    let mut d = shared_daemon(repo.path(), "", &[]);
+    let before = before(&d);
+    let bystander = Bystander::start(&d.socket);
+    let (input, _) = digits_case(1);
+    for round in 0..5 {
+        let mut r = RawRing::connect(&d.socket, 4);
+        r.mem
+            .write(r.geo.sq_slot(0), &digits_frame(1, &input))
+            .unwrap();
+        r.mem
+            .write(r.geo.sq_slot(1), &digits_frame(2, &input))
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flipper = {
+            let (stop, mem) = (stop.clone(), r.mem.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    // 0, 2, 1, 2, 0, ...: forwards and back.
+                    let t = [0, 2, 1, 2][(n % 4) as usize];
+                    mem.word(layout::SQ_TAIL).store(t, Ordering::SeqCst);
+                    wake(mem.word(layout::SQ_TAIL));
+                    n = n.wrapping_add(1);
+                }
+            })
+        };
+        let start = Instant::now();
+        let words = read_all(&mut r.conn, Duration::from_secs(10));
+        stop.store(true, Ordering::Relaxed);
+        flipper.join().unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(9),
+            "round {round}: the connection stayed open"
+        );
+        let last = words.last().expect("a last word");
+        assert_eq!(last.id, 0, "{words:?}");
+        assert_eq!(
+            err_code(&last.outcome),
+            Some(ErrorCode::MalformedMessage),
+            "{words:?}"
+        );
+        // Whatever was taken was answered on the ring, once.
+        let head = r.word(layout::SQ_HEAD).load(Ordering::Acquire);
+        let end = Instant::now() + Duration::from_secs(5);
+        while r.word(layout::CQ_TAIL).load(Ordering::Acquire) != head {
+            assert!(
+                Instant::now() < end,
+                "round {round}: {head} taken, {} answered",
+                r.word(layout::CQ_TAIL).load(Ordering::Acquire)
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(head <= 2, "round {round}: {head} taken");
+        let mut ids: Vec<u64> = (0..head).map(|_| r.consume().id).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len() as u32, head, "round {round}: {ids:?}");
+    }
+    let seen = bystander.stop();
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+}
+
+/// An admin may take every ring the daemon has (127): a non-admin user then gets none and is
+/// served over the socket; once the admin lets them go, the non-admin gets a ring again.
+#[test]
+fn an_admin_holding_every_ring_leaves_others_the_socket_and_gives_them_back() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    let mut d = shared_daemon(repo.path(), "preload = [\"digits\"]\n", &[]);
+    let before = before(&d);
+    let (input, want) = digits_case(2);
+    let small = || rxd_client::RingOptions {
+        entries: 1,
+        slot_bytes: 256,
+        arena_bytes: 0,
+        ..Default::default()
+    };
+    let admin: Vec<rxd_client::RingClient> = (0..130)
+        .map(|_| rxd_client::RingClient::connect(&d.socket, small()).unwrap())
+        .collect();
+    let granted = admin.iter().filter(|c| c.has_ring()).count();
+    assert_eq!(granted, 127, "rings the admin got");
+    let conn = connect_as_nobody(&d.socket);
+    let mut c = rxd_client::RingClient::handshake(conn.stream, small()).unwrap();
+    assert!(!c.has_ring());
+    assert_eq!(c.infer("digits", vec![input.clone()]).unwrap(), want);
+    drop(c);
+    drop(admin);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let conn = connect_as_nobody(&d.socket);
+        let mut c = rxd_client::RingClient::handshake(conn.stream, small()).unwrap();
+        if c.has_ring() {
+            assert_eq!(c.infer("digits", vec![input.clone()]).unwrap(), want);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the rings were not given back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let seen = Seen {
+        ok: 1,
+        ..Default::default()
+    };
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+}
