@@ -62,12 +62,102 @@ impl Default for RingOptions {
     }
 }
 
-/// The ring this client writes: its memory, geometry and the client's own counts.
+/// The client's half of a ring's memory, shared by [`RingClient`] and the library's
+/// [`crate::Client`]: submitting a frame into a slot, and taking the completion at the head.
+/// The counts (`sq_tail`, `cq_head`) are the caller's own.
+pub(crate) struct Slots {
+    pub(crate) mem: RingMem,
+    pub(crate) geo: Geometry,
+}
+
+/// What a completion slot held.
+pub(crate) enum Completion {
+    /// An answer frame, whose body is now in the caller's buffer.
+    Frame,
+    /// The answer to this request id comes on the socket.
+    Redirect(u64),
+}
+
+impl Slots {
+    /// The ring the welcome granted, in `map` (the connection's arena), after checking that
+    /// its geometry is one the protocol allows.
+    pub(crate) fn new(
+        map: Arc<rxd_shm::Mapping>,
+        grant: rxd_protocol::RingGrant,
+    ) -> Result<Slots, ClientError> {
+        let geo = Geometry {
+            entries: grant.entries,
+            slot_bytes: grant.slot_bytes,
+        };
+        if !geo.is_valid() {
+            return Err(ClientError::Protocol(format!(
+                "the daemon granted a ring the protocol does not allow: {geo:?}"
+            )));
+        }
+        let mem = RingMem::new(map, grant.offset, geo.bytes()).map_err(protocol)?;
+        Ok(Slots { mem, geo })
+    }
+
+    /// Writes `frame` (header and body) into submission slot `tail` and publishes `tail + 1`,
+    /// waking the daemon if it sleeps; `false` (nothing written) when the queue is full or the
+    /// frame does not fit a slot.
+    pub(crate) fn submit(&self, tail: u32, frame: &[u8]) -> bool {
+        let head = self.mem.word(layout::SQ_HEAD).load(Ordering::Acquire);
+        let room = self
+            .geo
+            .queued(head, tail)
+            .is_some_and(|n| n < self.geo.entries);
+        if !room || self.mem.write(self.geo.sq_slot(tail), frame).is_err() {
+            return false;
+        }
+        let word = self.mem.word(layout::SQ_TAIL);
+        word.store(tail.wrapping_add(1), Ordering::SeqCst);
+        if self.mem.word(layout::SQ_WAKE).load(Ordering::SeqCst) != 0 {
+            futex::wake(word);
+        }
+        true
+    }
+
+    /// Reads the completion in slot `head` (an answer's body into `body`), then gives the slot
+    /// back to the daemon by publishing `head + 1` — also when what it held is unusable.
+    pub(crate) fn take(&self, head: u32, body: &mut Vec<u8>) -> Result<Completion, ClientError> {
+        let read = self.read(head, body);
+        self.mem
+            .word(layout::CQ_HEAD)
+            .store(head.wrapping_add(1), Ordering::Release);
+        read
+    }
+
+    fn read(&self, head: u32, body: &mut Vec<u8>) -> Result<Completion, ClientError> {
+        let at = self.geo.cq_slot(head);
+        let mut len = [0u8; 4];
+        self.mem.read(at, &mut len).map_err(protocol)?;
+        let len = u32::from_le_bytes(len);
+        if len == 0 {
+            let mut id = [0u8; 8];
+            self.mem
+                .read(at + layout::SLOT_PREFIX, &mut id)
+                .map_err(protocol)?;
+            return Ok(Completion::Redirect(u64::from_le_bytes(id)));
+        }
+        if !self.geo.body_fits(len) {
+            return Err(ClientError::Protocol(format!(
+                "a completion of {len} bytes does not fit the ring's slots"
+            )));
+        }
+        body.resize(len as usize, 0);
+        self.mem
+            .read(at + layout::SLOT_PREFIX, body)
+            .map_err(protocol)?;
+        Ok(Completion::Frame)
+    }
+}
+
+/// The ring this client writes: its slots and the client's own counts.
 struct Ring {
-    mem: RingMem,
+    slots: Slots,
     /// Bytes of the arena before the ring: where inputs go.
     inputs: u64,
-    geo: Geometry,
     sq_tail: u32,
     cq_head: u32,
 }
@@ -90,7 +180,7 @@ impl std::fmt::Debug for RingClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RingClient")
             .field("server", &self.welcome.server)
-            .field("ring", &self.ring.as_ref().map(|r| r.geo))
+            .field("ring", &self.ring.as_ref().map(|r| r.slots.geo))
             .finish()
     }
 }
@@ -202,23 +292,16 @@ impl RingClient {
                 if len < self.inline_threshold || at + len > ring.inputs {
                     continue;
                 }
-                ring.mem.mapping().copy_in(at, bytes).map_err(protocol)?;
+                ring.slots
+                    .mem
+                    .mapping()
+                    .copy_in(at, bytes)
+                    .map_err(protocol)?;
                 t.data = TensorData::Arena(ArenaRef { offset: at, len });
                 at = (at + len).div_ceil(64) * 64;
             }
         }
-        let req = InferRequest {
-            model: model.into(),
-            version: None,
-            inputs,
-            outputs: Vec::new(),
-            output_regions: Vec::new(),
-            output_area: None,
-            priority: None,
-            timeout_ms: None,
-            inline_overflow: false,
-        };
-        match self.request(Request::Infer(req))? {
+        match self.request(Request::Infer(InferRequest::new(model, inputs)))? {
             Reply::Infer(r) => Ok(r.outputs),
             other => Err(ClientError::Protocol(format!(
                 "unexpected reply to infer: {other:?}"
@@ -235,7 +318,9 @@ impl RingClient {
         let bytes = frame::encode(&RequestFrame { id, body })
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         let on_ring = match &mut self.ring {
-            Some(ring) if is_infer && bytes.len() as u64 <= u64::from(ring.geo.slot_bytes) => {
+            Some(ring)
+                if is_infer && bytes.len() as u64 <= u64::from(ring.slots.geo.slot_bytes) =>
+            {
                 ring.submit(&bytes)?;
                 true
             }
@@ -286,7 +371,7 @@ impl RingClient {
         let ring = self.ring.as_mut().expect("a request went on the ring");
         let mut slept = Duration::ZERO;
         let start = Instant::now();
-        let cq_tail = ring.mem.word(layout::CQ_TAIL);
+        let cq_tail = ring.slots.mem.word(layout::CQ_TAIL);
         loop {
             if cq_tail.load(Ordering::Acquire) != ring.cq_head {
                 break;
@@ -296,7 +381,7 @@ impl RingClient {
                 continue;
             }
             // Ask to be woken, look once more, sleep.
-            let wake = ring.mem.word(layout::CQ_WAKE);
+            let wake = ring.slots.mem.word(layout::CQ_WAKE);
             wake.store(1, Ordering::SeqCst);
             if cq_tail.load(Ordering::SeqCst) == ring.cq_head {
                 let nap = Duration::from_millis(50);
@@ -314,49 +399,32 @@ impl RingClient {
         }
         self.recent = (self.recent * 7 + start.elapsed()) / 8;
         let tail = cq_tail.load(Ordering::Acquire);
-        if ring.geo.queued(ring.cq_head, tail).is_none() {
+        if ring.slots.geo.queued(ring.cq_head, tail).is_none() {
             return Err(ClientError::Protocol(format!(
                 "the ring's completion tail {tail} is not within {} of its head {}",
-                ring.geo.entries, ring.cq_head
+                ring.slots.geo.entries, ring.cq_head
             )));
         }
-        let at = ring.geo.cq_slot(ring.cq_head);
-        let mut len = [0u8; 4];
-        ring.mem.read(at, &mut len).map_err(protocol)?;
-        let len = u32::from_le_bytes(len);
-        let outcome = if len == 0 {
-            let mut redirected = [0u8; 8];
-            ring.mem
-                .read(at + layout::SLOT_PREFIX, &mut redirected)
-                .map_err(protocol)?;
-            ring.consume();
-            let to = u64::from_le_bytes(redirected);
-            if to != id {
+        let taken = ring.slots.take(ring.cq_head, &mut self.body);
+        ring.cq_head = ring.cq_head.wrapping_add(1);
+        let outcome = match taken? {
+            Completion::Redirect(to) if to == id => return self.socket_answer(id),
+            Completion::Redirect(to) => {
                 return Err(ClientError::Protocol(format!(
                     "the ring redirected the answer to {to}, not {id}"
                 )));
             }
-            return self.socket_answer(id);
-        } else {
-            if !ring.geo.body_fits(len) {
-                return Err(ClientError::Protocol(format!(
-                    "a completion of {len} bytes does not fit the ring's slots"
-                )));
+            Completion::Frame => {
+                let resp: ResponseFrame =
+                    frame::decode(&self.body).map_err(|e| ClientError::Protocol(e.to_string()))?;
+                if resp.id != id {
+                    return Err(ClientError::Protocol(format!(
+                        "the ring answered request {}, not {id}",
+                        resp.id
+                    )));
+                }
+                resp.outcome
             }
-            self.body.resize(len as usize, 0);
-            ring.mem
-                .read(at + layout::SLOT_PREFIX, &mut self.body)
-                .map_err(protocol)?;
-            ring.consume();
-            let resp: ResponseFrame =
-                frame::decode(&self.body).map_err(|e| ClientError::Protocol(e.to_string()))?;
-            if resp.id != id {
-                return Err(ClientError::Protocol(format!(
-                    "the ring answered request {}, not {id}",
-                    resp.id
-                )));
-            }
-            resp.outcome
         };
         Ok(outcome)
     }
@@ -381,25 +449,10 @@ impl Ring {
     /// Maps the arena fd the daemon passed (after checking its seals and size) and finds the
     /// ring at the offset the welcome names.
     fn map(fd: OwnedFd, size: u64, grant: rxd_protocol::RingGrant) -> Result<Ring, ClientError> {
-        let seals = rxd_shm::seals(fd.as_fd())?;
-        if seals & rxd_shm::ARENA_SEALS != rxd_shm::ARENA_SEALS {
-            return Err(ClientError::Protocol("the arena fd is not sealed".into()));
-        }
-        let geo = Geometry {
-            entries: grant.entries,
-            slot_bytes: grant.slot_bytes,
-        };
-        if !geo.is_valid() {
-            return Err(ClientError::Protocol(format!(
-                "the daemon granted a ring the protocol does not allow: {geo:?}"
-            )));
-        }
-        let map = Arc::new(rxd_shm::Mapping::map(fd.as_fd(), size as usize)?);
-        let mem = RingMem::new(map, grant.offset, geo.bytes()).map_err(protocol)?;
+        let map = crate::transport::map_arena(fd, size)?;
         Ok(Ring {
-            mem,
+            slots: Slots::new(map, grant)?,
             inputs: grant.offset,
-            geo,
             sq_tail: 0,
             cq_head: 0,
         })
@@ -408,32 +461,12 @@ impl Ring {
     /// Writes a request frame into the next submission slot and publishes it, waking the
     /// daemon if it sleeps.
     fn submit(&mut self, frame: &[u8]) -> Result<(), ClientError> {
-        let head = self.mem.word(layout::SQ_HEAD).load(Ordering::Acquire);
-        match self.geo.queued(head, self.sq_tail) {
-            Some(n) if n < self.geo.entries => {}
-            _ => {
-                return Err(ClientError::Protocol(
-                    "the ring's submission queue is full".into(),
-                ));
-            }
+        if !self.slots.submit(self.sq_tail, frame) {
+            return Err(ClientError::Protocol(
+                "the ring's submission queue is full".into(),
+            ));
         }
-        self.mem
-            .write(self.geo.sq_slot(self.sq_tail), frame)
-            .map_err(protocol)?;
         self.sq_tail = self.sq_tail.wrapping_add(1);
-        let tail = self.mem.word(layout::SQ_TAIL);
-        tail.store(self.sq_tail, Ordering::SeqCst);
-        if self.mem.word(layout::SQ_WAKE).load(Ordering::SeqCst) != 0 {
-            futex::wake(tail);
-        }
         Ok(())
-    }
-
-    /// The completion at the head is read: its slot goes back to the daemon.
-    fn consume(&mut self) {
-        self.cq_head = self.cq_head.wrapping_add(1);
-        self.mem
-            .word(layout::CQ_HEAD)
-            .store(self.cq_head, Ordering::Release);
     }
 }

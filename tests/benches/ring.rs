@@ -69,15 +69,8 @@ fn infer_frame_into(
     frame::encode(&RequestFrame {
         id,
         body: Request::Infer(InferRequest {
-            model: model.into(),
-            version: None,
-            inputs: vec![x],
-            outputs: vec![],
-            output_regions: Vec::new(),
             output_area: area,
-            priority: None,
-            timeout_ms: None,
-            inline_overflow: false,
+            ..InferRequest::new(model, vec![x])
         }),
     })
     .unwrap()

@@ -19,8 +19,8 @@ use super::{Client, ClientOptions, Inner, Pending, lock};
 use crate::ClientError;
 use crate::arena::Arena;
 
-/// Maps the arena fd the daemon passed, after checking its size and seals.
-fn map_arena(fd: OwnedFd, size: u64) -> Result<Arc<rxd_shm::Mapping>, ClientError> {
+/// Maps the arena fd the daemon passed, after checking its size and seals (a ring included).
+pub(crate) fn map_arena(fd: OwnedFd, size: u64) -> Result<Arc<rxd_shm::Mapping>, ClientError> {
     use std::os::fd::AsFd;
     let seals = rxd_shm::seals(fd.as_fd())?;
     if seals & rxd_shm::ARENA_SEALS != rxd_shm::ARENA_SEALS {

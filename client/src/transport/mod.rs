@@ -24,6 +24,7 @@ use crate::ClientError;
 use crate::arena::{Arena, ArenaBuf};
 
 mod connect;
+pub(crate) use connect::map_arena;
 mod infer;
 mod ops;
 mod ring;

@@ -11,16 +11,16 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use rxd_protocol::ring::{self as layout, Geometry};
+use rxd_protocol::ring as layout;
 use rxd_protocol::{ResponseFrame, RingGrant, frame};
-use rxd_shm::ring::{self as futex, RingMem};
+use rxd_shm::ring as futex;
 
 use super::{Inner, lock};
 use crate::ClientError;
+use crate::ring::{Completion, Slots};
 
 pub(super) struct ClientRing {
-    mem: RingMem,
-    geo: Geometry,
+    slots: Slots,
     /// How long the reaper spins on the completion tail before it sleeps.
     spin: Duration,
     sq_tail: Mutex<u32>,
@@ -37,20 +37,8 @@ impl ClientRing {
         grant: RingGrant,
         spin: Duration,
     ) -> Result<ClientRing, ClientError> {
-        let geo = Geometry {
-            entries: grant.entries,
-            slot_bytes: grant.slot_bytes,
-        };
-        if !geo.is_valid() {
-            return Err(ClientError::Protocol(format!(
-                "the daemon granted a ring the protocol does not allow: {geo:?}"
-            )));
-        }
-        let mem = RingMem::new(map, grant.offset, geo.bytes())
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
         Ok(ClientRing {
-            mem,
-            geo,
+            slots: Slots::new(map, grant)?,
             spin,
             sq_tail: Mutex::new(0),
             outstanding: AtomicU32::new(0),
@@ -62,32 +50,18 @@ impl ClientRing {
     /// Puts a request frame on the ring; `false` when it must go on the socket (it does not
     /// fit a slot, or `entries` of the ring's requests await their completion).
     pub(super) fn try_submit(&self, bytes: &[u8]) -> bool {
-        if bytes.len() as u64 > u64::from(self.geo.slot_bytes) {
+        if bytes.len() as u64 > u64::from(self.slots.geo.slot_bytes) {
             return false;
         }
         let mut tail = lock(&self.sq_tail);
-        if self.outstanding.load(Ordering::Acquire) >= self.geo.entries {
-            return false;
-        }
-        let head = self.mem.word(layout::SQ_HEAD).load(Ordering::Acquire);
-        let room = self
-            .geo
-            .queued(head, *tail)
-            .is_some_and(|n| n < self.geo.entries);
-        if !room {
-            return false;
-        }
-        if self.mem.write(self.geo.sq_slot(*tail), bytes).is_err() {
+        if self.outstanding.load(Ordering::Acquire) >= self.slots.geo.entries
+            || !self.slots.submit(*tail, bytes)
+        {
             return false;
         }
         self.outstanding.fetch_add(1, Ordering::AcqRel);
         self.submitted.fetch_add(1, Ordering::Relaxed);
         *tail = tail.wrapping_add(1);
-        let word = self.mem.word(layout::SQ_TAIL);
-        word.store(*tail, Ordering::SeqCst);
-        if self.mem.word(layout::SQ_WAKE).load(Ordering::SeqCst) != 0 {
-            futex::wake(word);
-        }
         true
     }
 
@@ -98,14 +72,14 @@ impl ClientRing {
     /// Ends the reaper (the client is dropped).
     pub(super) fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
-        futex::wake(self.mem.word(layout::CQ_TAIL));
+        futex::wake(self.slots.mem.word(layout::CQ_TAIL));
     }
 
     /// The reaper: consumes completions until the client is dropped, each answer delivered
     /// to its waiter.
     pub(super) fn reap(&self, inner: &Weak<Inner>) {
-        let tail_word = self.mem.word(layout::CQ_TAIL);
-        let wake_word = self.mem.word(layout::CQ_WAKE);
+        let tail_word = self.slots.mem.word(layout::CQ_TAIL);
+        let wake_word = self.slots.mem.word(layout::CQ_WAKE);
         let mut head = 0u32;
         let mut body = Vec::new();
         while !self.stop.load(Ordering::Acquire) {
@@ -126,33 +100,21 @@ impl ClientRing {
                 }
                 continue;
             }
-            if self.geo.queued(head, tail).is_none() {
+            if self.slots.geo.queued(head, tail).is_none() {
                 // The daemon's count makes no sense: leave the ring (requests then go on the
                 // socket once `entries` are outstanding).
                 return;
             }
             while head != tail {
-                let at = self.geo.cq_slot(head);
-                let mut len = [0u8; 4];
-                let read = self.mem.read(at, &mut len);
-                let len = u32::from_le_bytes(len);
-                let resp = if read.is_err() || len == 0 {
-                    // A redirect: the answer comes on the socket, to the reader.
-                    None
-                } else if self.geo.body_fits(len) {
-                    body.resize(len as usize, 0);
-                    self.mem
-                        .read(at + layout::SLOT_PREFIX, &mut body)
-                        .ok()
-                        .and_then(|()| frame::decode::<ResponseFrame>(&body).ok())
-                } else {
-                    None
-                };
+                // An unusable completion is consumed all the same; a redirect's answer comes
+                // on the socket, to the reader.
+                let taken = self.slots.take(head, &mut body);
                 head = head.wrapping_add(1);
-                self.mem
-                    .word(layout::CQ_HEAD)
-                    .store(head, Ordering::Release);
                 self.outstanding.fetch_sub(1, Ordering::AcqRel);
+                let resp = match taken {
+                    Ok(Completion::Frame) => frame::decode::<ResponseFrame>(&body).ok(),
+                    Ok(Completion::Redirect(_)) | Err(_) => None,
+                };
                 if let Some(resp) = resp {
                     let Some(inner) = inner.upgrade() else {
                         return;

@@ -82,22 +82,7 @@ impl RawRing {
     }
 
     fn submit_digits(&mut self, id: u64, input: &rxd_client::Tensor) {
-        let bytes = frame::encode(&RequestFrame {
-            id,
-            body: Request::Infer(InferRequest {
-                model: "digits".into(),
-                version: None,
-                inputs: vec![input.clone()],
-                outputs: vec![],
-                output_regions: Vec::new(),
-                output_area: None,
-                priority: None,
-                timeout_ms: None,
-                inline_overflow: false,
-            }),
-        })
-        .unwrap();
-        self.submit_bytes(&bytes);
+        self.submit_bytes(&digits_frame(id, input));
     }
 
     /// Completions published and not consumed.
@@ -357,23 +342,12 @@ fn clients_that_die_with_a_full_ring_or_flood_it_with_wakes_leave_nothing_behind
 }
 
 // ---------------------------------------------------------------------------------------------
-// Red-team attacks on the ring (branch h-ringattack).
 
 /// A digits request frame (length prefix and body), as a submission slot holds it.
 fn digits_frame(id: u64, input: &rxd_client::Tensor) -> Vec<u8> {
     frame::encode(&RequestFrame {
         id,
-        body: Request::Infer(InferRequest {
-            model: "digits".into(),
-            version: None,
-            inputs: vec![input.clone()],
-            outputs: vec![],
-            output_regions: Vec::new(),
-            output_area: None,
-            priority: None,
-            timeout_ms: None,
-            inline_overflow: false,
-        }),
+        body: Request::Infer(InferRequest::new("digits", vec![input.clone()])),
     })
     .unwrap()
 }
@@ -875,17 +849,7 @@ fn one_id_on_the_socket_and_the_ring_at_once_gets_one_answer_each() {
     for i in 0..200 {
         let req = RequestFrame {
             id: 5,
-            body: Request::Infer(InferRequest {
-                model: "digits".into(),
-                version: None,
-                inputs: vec![input.clone()],
-                outputs: vec![],
-                output_regions: Vec::new(),
-                output_area: None,
-                priority: None,
-                timeout_ms: None,
-                inline_overflow: false,
-            }),
+            body: Request::Infer(InferRequest::new("digits", vec![input.clone()])),
         };
         if i % 2 == 0 {
             r.submit_digits(5, &input);
@@ -1060,17 +1024,7 @@ fn one_users_rings_full_of_costly_frames_do_not_starve_another_users_ring() {
     let tiny = rxd_client::Tensor::inline("x", rxd_client::DType::Float32, vec![1], vec![0u8; 4]);
     let costly = frame::encode(&RequestFrame {
         id: 1,
-        body: Request::Infer(InferRequest {
-            model: "digits".into(),
-            version: None,
-            inputs: vec![tiny; 10_000],
-            outputs: vec![],
-            output_regions: Vec::new(),
-            output_area: None,
-            priority: None,
-            timeout_ms: None,
-            inline_overflow: false,
-        }),
+        body: Request::Infer(InferRequest::new("digits", vec![tiny; 10_000])),
     })
     .unwrap();
     let slot = (costly.len() as u32 + 4).next_multiple_of(4096);
@@ -1349,10 +1303,9 @@ fn a_ring_client_that_never_reads_its_redirected_answers_is_held_back() {
     let request = |id: u64| {
         frame::encode(&RequestFrame {
             id,
-            body: Request::Infer(InferRequest {
-                model: "digits".into(),
-                version: None,
-                inputs: vec![rxd_protocol::Tensor {
+            body: Request::Infer(InferRequest::new(
+                "digits",
+                vec![rxd_protocol::Tensor {
                     name: "input".into(),
                     dtype: rxd_protocol::DType::Float32,
                     shape: vec![rows, 64],
@@ -1361,13 +1314,7 @@ fn a_ring_client_that_never_reads_its_redirected_answers_is_held_back() {
                         len: in_bytes.len() as u64,
                     }),
                 }],
-                outputs: vec![],
-                output_regions: Vec::new(),
-                output_area: None,
-                priority: None,
-                timeout_ms: None,
-                inline_overflow: false,
-            }),
+            )),
         })
         .unwrap()
     };
@@ -1389,17 +1336,7 @@ fn a_ring_client_that_never_reads_its_redirected_answers_is_held_back() {
                 let t = Instant::now();
                 c.send(&RequestFrame {
                     id: n,
-                    body: Request::Infer(InferRequest {
-                        model: "digits".into(),
-                        version: None,
-                        inputs: vec![victim_input.clone()],
-                        outputs: vec![],
-                        output_regions: Vec::new(),
-                        output_area: None,
-                        priority: None,
-                        timeout_ms: None,
-                        inline_overflow: false,
-                    }),
+                    body: Request::Infer(InferRequest::new("digits", vec![victim_input.clone()])),
                 });
                 let Ok(body) = c.read_body() else {
                     return (Duration::MAX, n);
