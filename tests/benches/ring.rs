@@ -22,7 +22,10 @@
 //!
 //! Run: `scripts/bench ring`. `RXD_BENCH_N` (20000) round trips for part 1, `RXD_BENCH_SECS`
 //! (5) per load run, `RXD_BENCH_ROUNDS` (2), `RXD_BENCH_MODELS` (ppocr_cls,yolov8n,sigmoid; empty:
-//! part 1 only).
+//! part 1 only), `RXD_BENCH_PATHS` (socket,ring: which paths part 2 drives; one alone, with
+//! `RXD_BENCH_N=0` to skip part 1, is what to profile the daemon under), `RXD_BENCH_MODEL_TOML`
+//! (lines added to every model's model.toml), `RXD_BENCH_TUNE` (1; 0 for an rxd from before
+//! load-time tuning, which refuses the key: no `tune` line at all).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -94,13 +97,17 @@ fn input_of(model: &str) -> (&'static str, &'static [u64]) {
     }
 }
 
-/// The model.toml a fresh install would have: the shapes requests have, for tuning.
-fn settings_of(model: &str) -> Option<&'static str> {
-    match model {
-        "ppocr_cls" => Some("warmup-dims = { x = [1, 3, 48, 192] }"),
-        "yolov8n" => Some("warmup-dims = { images = [1, 3, 320, 320] }"),
-        _ => None,
-    }
+/// The model.toml a fresh install would have: the shapes requests have, for tuning; then
+/// the lines of `RXD_BENCH_MODEL_TOML` (to compare explicit settings with tuning's).
+fn settings_of(model: &str) -> Option<String> {
+    let dims = match model {
+        "ppocr_cls" => "warmup-dims = { x = [1, 3, 48, 192] }",
+        "yolov8n" => "warmup-dims = { images = [1, 3, 320, 320] }",
+        _ => "",
+    };
+    let extra = std::env::var("RXD_BENCH_MODEL_TOML").unwrap_or_default();
+    let toml = format!("{dims}\n{extra}\n");
+    (!toml.trim().is_empty()).then_some(toml)
 }
 
 fn rows_seeded(model: &str, b: u64, seed: u64) -> Tensor {
@@ -327,7 +334,8 @@ impl Lane {
         self.sq_tail = self.sq_tail.wrapping_add(1);
         let tail = self.mem.word(layout::SQ_TAIL);
         tail.store(self.sq_tail, Ordering::SeqCst);
-        if self.mem.word(layout::SQ_WAKE).load(Ordering::SeqCst) != 0 {
+        let wake = self.mem.word(layout::SQ_WAKE);
+        if wake.load(Ordering::SeqCst) != 0 && wake.swap(0, Ordering::SeqCst) != 0 {
             rxd_shm::ring::wake(tail);
         }
         self.sent = Instant::now();
@@ -449,8 +457,20 @@ fn main() {
     let models =
         std::env::var("RXD_BENCH_MODELS").unwrap_or_else(|_| "ppocr_cls,yolov8n,sigmoid".into());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let paths: Vec<bool> = std::env::var("RXD_BENCH_PATHS")
+        .unwrap_or_else(|_| "socket,ring".into())
+        .split(',')
+        .map(|p| p == "ring")
+        .collect();
+    if n > 0 {
+        one_client(n);
+    }
+    // 2. 32 clients.
+    load_runs(&models, &paths, secs, rounds, cores);
+}
 
-    // 1. One client on sigmoid.
+/// 1. One client on sigmoid.
+fn one_client(n: usize) {
     let x = item("sigmoid", 7);
     let req = infer_frame(1, "sigmoid", x.clone());
     let mut reference = Reference::new(&model_file("sigmoid"));
@@ -578,8 +598,9 @@ fn main() {
         );
     }
     println!();
+}
 
-    // 2. 32 clients.
+fn load_runs(models: &str, paths: &[bool], secs: f64, rounds: usize, cores: usize) {
     println!(
         "### 32 single-item clients (large tensors through the arena), socket and ring alternately, {secs} s each, {rounds} rounds\n"
     );
@@ -594,20 +615,26 @@ fn main() {
         // The shapes requests have, so that load-time tuning measures the model (as
         // benches/tune.rs does).
         if let Some(toml) = settings_of(model) {
-            repo.settings(model, toml);
+            repo.settings(model, &toml);
         }
         let cache = tempfile::tempdir().unwrap();
         let d = TestDaemon::start_with(
             repo.path(),
             &["--intra-op-threads", "0", "--log-level", "info"],
             &format!(
-                "tune = true\ncache-directory = '{}'\n",
+                "{}cache-directory = '{}'\n",
+                // An rxd from before load-time tuning refuses the key (TestDaemon leaves it out).
+                if bench_setting("RXD_BENCH_TUNE", 1) != 0 {
+                    "tune = true\n"
+                } else {
+                    ""
+                },
                 cache.path().display()
             ),
         );
         let mut runs: Vec<(bool, LoadRun, f64)> = Vec::new();
         for _ in 0..rounds {
-            for ring in [false, true] {
+            for &ring in paths {
                 let r = load(&d, model, 32, secs, ring);
                 let (t, s, b) = best.1;
                 let base = in_process(model, t, s, b, secs / 2.0);
@@ -616,6 +643,9 @@ fn main() {
         }
         drop(d);
         for ring in [false, true] {
+            if !paths.contains(&ring) {
+                continue;
+            }
             let mine: Vec<&(bool, LoadRun, f64)> = runs.iter().filter(|r| r.0 == ring).collect();
             let per_round: Vec<String> = mine.iter().map(|r| format!("{:.0}", r.1.per_s)).collect();
             let share: f64 =

@@ -353,9 +353,13 @@ impl TestDaemon {
         // Load-time tuning is off unless a test asks for it (`tune = true`): it measures every
         // model for up to seconds at each load and picks layouts and batch policies that
         // tests of batching, instances and memory pin down themselves. Its own tests (tune.rs)
-        // and the quick start run it.
+        // and the quick start run it. `RXD_BENCH_TUNE=0`: a benchmark runs an rxd from before
+        // load-time tuning (which refuses the key): it is left out.
         let asks = |t: &str| t.lines().any(|l| l.trim_start().starts_with("tune"));
-        let tune = if asks(config_toml) || asks(&extra_config) {
+        let tune = if asks(config_toml)
+            || asks(&extra_config)
+            || bench_setting("RXD_BENCH_TUNE", 1) == 0
+        {
             ""
         } else {
             "tune = false\n"
