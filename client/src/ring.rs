@@ -112,7 +112,9 @@ impl Slots {
         }
         let word = self.mem.word(layout::SQ_TAIL);
         word.store(tail.wrapping_add(1), Ordering::SeqCst);
-        if self.mem.word(layout::SQ_WAKE).load(Ordering::SeqCst) != 0 {
+        // One wake per sleep of the poller: the first submission to see the flag clears it.
+        let wake = self.mem.word(layout::SQ_WAKE);
+        if wake.load(Ordering::SeqCst) != 0 && wake.swap(0, Ordering::SeqCst) != 0 {
             futex::wake(word);
         }
         true

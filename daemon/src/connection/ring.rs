@@ -141,6 +141,7 @@ impl Ring {
     /// socket), or the client's completion head is where no honest client puts it (then the
     /// ring gets no completion for it).
     pub(super) fn post(&self, id: u64, frame: Vec<u8>) -> Option<Vec<u8>> {
+        let cq_tail = self.mem.word(layout::CQ_TAIL);
         let mut tail = lock(&self.cq_tail);
         // No longer running before it is published: the poller's room check (running plus
         // unconsumed) must never count one answer twice, or an honest client that consumed
@@ -151,28 +152,29 @@ impl Ring {
             .geo
             .queued(head, *tail)
             .is_some_and(|n| n < self.geo.entries);
-        let spill = if room {
-            let at = self.geo.cq_slot(*tail);
-            let spill = if frame.len() as u64 <= u64::from(self.geo.slot_bytes) {
-                self.write(at, &frame);
-                None
-            } else {
-                let mut redirect = [0u8; layout::REDIRECT_BYTES as usize];
-                redirect[layout::SLOT_PREFIX as usize..].copy_from_slice(&id.to_le_bytes());
-                self.write(at, &redirect);
-                Some(frame)
-            };
-            *tail = tail.wrapping_add(1);
-            let cq_tail = self.mem.word(layout::CQ_TAIL);
-            cq_tail.store(*tail, Ordering::SeqCst);
-            if self.mem.word(layout::CQ_WAKE).load(Ordering::SeqCst) != 0 {
-                futex::wake(cq_tail);
-            }
-            spill
+        if !room {
+            return Some(frame);
+        }
+        let at = self.geo.cq_slot(*tail);
+        let spill = if frame.len() as u64 <= u64::from(self.geo.slot_bytes) {
+            self.write(at, &frame);
+            None
         } else {
+            let mut redirect = [0u8; layout::REDIRECT_BYTES as usize];
+            redirect[layout::SLOT_PREFIX as usize..].copy_from_slice(&id.to_le_bytes());
+            self.write(at, &redirect);
             Some(frame)
         };
+        *tail = tail.wrapping_add(1);
+        cq_tail.store(*tail, Ordering::SeqCst);
         drop(tail);
+        // Woken once per sleep: the wake word is cleared by the post that wakes, so the
+        // completions that follow before the client sleeps again make no system call. Out
+        // of the lock: the poller and other workers do not wait behind the wake-up.
+        let wake = self.mem.word(layout::CQ_WAKE);
+        if wake.load(Ordering::SeqCst) != 0 && wake.swap(0, Ordering::SeqCst) != 0 {
+            futex::wake(cq_tail);
+        }
         spill
     }
 

@@ -727,6 +727,60 @@ fn a_slot_rewritten_while_the_daemon_copies_it_gets_exactly_one_completion() {
 /// Thousands of tiny submissions a second through a one-entry ring (control requests, refused
 /// at once, and tiny inferences): each gets exactly one completion, in order, and the
 /// bystander is not slowed.
+/// PROTOCOL.md, "One wake per sleep": a client asleep on its completion tail is woken by the
+/// completion, and finds its wake word cleared — the completions that follow while it is
+/// awake make no system call (a client that sleeps pays one wake, not one per answer).
+#[test]
+fn a_sleeping_client_is_woken_once_and_its_wake_word_cleared() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    let d = shared_daemon(repo.path(), "", &[]);
+    let mut r = RawRing::connect(&d.socket, 4);
+    let (input, want) = digits_case(2);
+    // The model loaded, and one answer through the ring.
+    r.submit_digits(1, &input);
+    assert!(r.wait_completed(1, Duration::from_secs(30)));
+    r.consume();
+    for id in 2..6u64 {
+        // Written, not yet published: the client falls asleep first.
+        let tail = r.word(layout::CQ_TAIL).load(Ordering::SeqCst);
+        r.mem
+            .write(r.geo.sq_slot(r.sq_tail), &digits_frame(id, &input))
+            .unwrap();
+        r.sq_tail = r.sq_tail.wrapping_add(1);
+        r.word(layout::CQ_WAKE).store(1, Ordering::SeqCst);
+        let slept = std::thread::scope(|s| {
+            let sleeper = s.spawn(|| {
+                let start = Instant::now();
+                while r.word(layout::CQ_TAIL).load(Ordering::SeqCst) == tail
+                    && start.elapsed() < Duration::from_secs(20)
+                {
+                    rxd_shm::ring::wait(r.word(layout::CQ_TAIL), tail, Duration::from_secs(20));
+                }
+                start.elapsed()
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            r.publish_tail(r.sq_tail);
+            sleeper.join().unwrap()
+        });
+        assert!(
+            slept < Duration::from_secs(10),
+            "request {id}: the sleeper was not woken"
+        );
+        assert_eq!(
+            r.word(layout::CQ_WAKE).load(Ordering::SeqCst),
+            0,
+            "request {id}: the wake word is left set after the wake"
+        );
+        let c = r.consume();
+        assert_eq!(c.id, id);
+        match c.outcome {
+            Outcome::Ok(rxd_protocol::Reply::Infer(reply)) => assert_eq!(reply.outputs, want),
+            other => panic!("request {id}: {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn a_flood_through_a_tiny_ring_gets_one_completion_each() {
     let _serial = serial();
