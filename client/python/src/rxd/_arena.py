@@ -11,6 +11,11 @@ it: a view never changes under its owner's feet.
 Frees can happen in any thread (an array's finalizer runs where its last reference dies,
 possibly inside the cyclic garbage collector while the allocator's lock is held); they are
 queued and applied by the next allocator call, so the allocator never re-enters itself.
+
+Asynchronous exceptions (a signal handler raising, KeyboardInterrupt) may land anywhere: a range
+is handed to its owner's list before it leaves the free list, and counts as taken only once it
+has (a release before that gives nothing back); the last release queues the range in the same
+step that drops the count; and no lock is taken outside a ``with`` block.
 """
 
 from __future__ import annotations
@@ -60,38 +65,55 @@ class Arena:
         self._lock = threading.Lock()
         self._free: List[Tuple[int, int]] = [(0, size)]  # sorted, coalesced (offset, len)
         self._free_bytes = size
+        #: Ranges freed by :meth:`Slot.release` (any thread, any time: finalizers), applied by
+        #: the next allocator call. Not drained there: a lock taken without ``with`` could be
+        #: left held by an exception.
         self._deferred: Deque[Tuple[int, int]] = collections.deque()
 
     # -- allocation ---------------------------------------------------------------------
-    def alloc(self, nbytes: int) -> Optional["Slot"]:
+    def alloc(self, nbytes: int, owner: Optional[List["Slot"]] = None) -> Optional["Slot"]:
         """A slot of at least ``nbytes`` (64-byte aligned), or ``None`` when no free range is
-        large enough."""
+        large enough. ``owner``: a list the slot is appended to before its range leaves the
+        free list, so that an exception landing in between loses nothing."""
         n = _round(nbytes)
         with self._lock:
             self._drain()
             for i, (off, ln) in enumerate(self._free):
                 if ln >= n:
+                    slot = Slot(self, off, n, nbytes)
+                    if owner is not None:
+                        owner.append(slot)
+                    # From here to the claim, no call: nothing can interrupt it.
                     if ln == n:
                         del self._free[i]
                     else:
                         self._free[i] = (off + n, ln - n)
                     self._free_bytes -= n
-                    return Slot(self, off, n, nbytes)
+                    slot._claims = 1
+                    return slot
         return None
 
-    def _release(self, offset: int, length: int) -> None:
-        # Any thread, any time (finalizers): queue it; the allocator applies it.
-        self._deferred.append((offset, length))
-        if self._lock.acquire(blocking=False):
-            try:
-                self._drain()
-            finally:
-                self._lock.release()
-
     def _drain(self) -> None:
-        while self._deferred:
-            off, ln = self._deferred.popleft()
-            self._insert(off, ln)
+        # A range leaves the queue only once it is in the free list; a drain cut short
+        # between the two finds it there already the next time.
+        deferred = self._deferred
+        while deferred:
+            off, ln = deferred[0]
+            if not self._is_free(off, ln):
+                self._insert(off, ln)
+            deferred.popleft()
+
+    def _is_free(self, off: int, ln: int) -> bool:
+        """Whether ``off``..``off + ln`` lies within one free range."""
+        free = self._free
+        lo, hi = 0, len(free)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if free[mid][0] <= off:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo > 0 and off + ln <= free[lo - 1][0] + free[lo - 1][1]
 
     def _insert(self, off: int, ln: int) -> None:
         free = self._free
@@ -165,7 +187,8 @@ class Slot:
         self.length = length
         #: Bytes asked for (``length`` is rounded up).
         self.nbytes = nbytes
-        self._claims = 1
+        #: 0 until the allocator has taken the range out of its free list.
+        self._claims = 0
         # Re-entrant: a finalizer may release a claim in the middle of anything.
         self._lock = threading.RLock()
 
@@ -176,11 +199,13 @@ class Slot:
             self._claims += 1
 
     def release(self) -> None:
+        """Drops a claim; the last one queues the range's free. A release more than the
+        claims (a cleanup run twice) gives nothing back twice."""
         with self._lock:
             self._claims -= 1
-            last = self._claims == 0
-        if last:
-            self.arena._release(self.offset, self.length)
+            if self._claims == 0:
+                # Queued in the step that dropped the count (no call between to interrupt).
+                self.arena._deferred.append((self.offset, self.length))
 
     def view(self, shape: Sequence[int], dtype: np.dtype[Any], at: int = 0, writable: bool = False) -> np.ndarray[Any, Any]:
         """An array over this slot's bytes from ``at``; it holds a claim until it (and every
