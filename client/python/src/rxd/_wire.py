@@ -287,34 +287,64 @@ class FrameReader:
         """Takes ``nbytes`` read into the last buffer; returns the frame bodies completed. A
         small body is a view of the scratch buffer, valid until the next :meth:`get_buffer`:
         decode it before reading more."""
+        self.received(nbytes)
         out: List[memoryview] = []
+        body = self.next_body()
+        while body is not None:
+            out.append(body)
+            self.consume()
+            body = self.next_body()
+        return out
+
+    # The same in steps, for a reader that an exception may interrupt anywhere: a body stays
+    # the next one until consumed, so one whose handling was cut short is handed out again.
+    def received(self, nbytes: int) -> None:
+        """Counts ``nbytes`` read into the last buffer."""
         if self._big is not None:
             self._big_got += nbytes
-            if self._big_got < len(self._big):
-                return out
-            out.append(memoryview(self._big))
+        else:
+            self._end += nbytes
+
+    def received_from(self, counts: List[int]) -> None:
+        """Counts the reads whose byte counts ``counts`` holds, emptying it. Each count leaves
+        the list in the step that counts it (no call between, where CPython could run a
+        signal handler), so an interruption neither loses nor repeats one."""
+        while counts:
+            if self._big is not None:
+                self._big_got += counts[0]
+            else:
+                self._end += counts[0]
+            del counts[0]
+
+    def next_body(self) -> Optional[memoryview]:
+        """The next whole frame body received (valid until :meth:`get_buffer`), left in place
+        until :meth:`consume`; None when none is whole yet."""
+        big = self._big
+        if big is not None:
+            return memoryview(big) if self._big_got >= len(big) else None
+        have = self._end - self._start - 4
+        if have < 0:
+            return None
+        (n,) = HEADER.unpack_from(self._scratch, self._start)
+        if n == 0 or n > self.max_frame:
+            raise FrameError(f"a frame of {n} bytes (the limit is {self.max_frame})")
+        s = self._start + 4
+        if have >= n:
+            return self._view[s : s + n]
+        if n + 4 > len(self._scratch):
+            # A large body: read the rest straight into its own buffer.
+            big = bytearray(n)
+            big[:have] = self._view[s : self._end]
+            self._big, self._big_got, self._start, self._end = big, have, 0, 0
+        return None
+
+    def consume(self) -> None:
+        """Drops the body :meth:`next_body` returned."""
+        if self._big is not None:
             self._big = None
-            return out
-        self._end += nbytes
-        while self._end - self._start >= 4:
+        else:
             (n,) = HEADER.unpack_from(self._scratch, self._start)
-            if n == 0 or n > self.max_frame:
-                raise FrameError(f"a frame of {n} bytes (the limit is {self.max_frame})")
-            have = self._end - self._start - 4
-            if have >= n:
-                s = self._start + 4
-                out.append(self._view[s : s + n])
-                self._start = s + n
-                continue
-            if n + 4 > len(self._scratch):
-                # A large body: read the rest straight into its own buffer.
-                big = bytearray(n)
-                s = self._start + 4
-                big[:have] = self._view[s : self._end]
-                self._big, self._big_got = big, have
-                self._start = self._end = 0
-            break
-        return out
+            self._start += 4 + n
 
 
 def split_outcome(frame: Dict[str, Any]) -> Tuple[int, bool, Any]:
