@@ -241,7 +241,7 @@ def test_threads_sharing_a_blocking_client_each_get_their_own_answers(daemon: Da
             t.join()
         assert not errors, errors
         link = client._link
-        assert link is not None and not link.conn.pending and not link.reading
+        assert link is not None and not link.conn.pending and link.reader is None
         assert arena_whole(client), client.arena_free_ranges()
 
 
@@ -267,7 +267,7 @@ def test_an_exception_while_a_lone_thread_reads_frees_its_slots(daemon: Daemon) 
                     time.sleep(1)  # answered before the alarm: wait for it here instead
             signal.setitimer(signal.ITIMER_REAL, 0)
             link = client._link
-            assert link is not None and not link.reading
+            assert link is not None and link.reader is None
             s = np.zeros((3, 4, 5), np.float32)
             wait_for(lambda: (client.infer("sigmoid", {"x": s}).close(), not link.conn.pending)[1], "the abandoned answers never came")
             assert arena_whole(client), client.arena_free_ranges()

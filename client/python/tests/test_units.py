@@ -135,7 +135,7 @@ def test_a_request_from_a_template_is_the_message_encoded_in_full() -> None:
         kw: dict = {"version": None, "outputs": None, "priority": None, "timeout": None, "signature": None}
         kw.update(options)
         for _ in range(2):  # the template is made, then used
-            call = conn.infer("m", inputs, copy=False, **kw)
+            call = conn.infer(conn.new("infer"), "m", inputs, copy=False, **kw)
             assert len(call.frame) == 1
             frame = bytes(call.frame[0])
             (n,) = struct.unpack_from("<I", frame)
@@ -183,7 +183,7 @@ def test_an_answer_like_the_last_one_is_cut_and_any_other_decoded_in_full() -> N
         return frame({"id": rid, "outcome": outcome})
 
     def exchange(**kw: Any) -> Any:
-        call = conn.infer("m", {"x": x}, version=None, outputs=None, priority=None, timeout=None, copy=False, signature=None)
+        call = conn.infer(conn.new("infer"), "m", {"x": x}, version=None, outputs=None, priority=None, timeout=None, copy=False, signature=None)
         data = answer(call.id, **kw)
         buf = conn.reader.get_buffer()
         buf[: len(data)] = data
@@ -208,7 +208,7 @@ def test_an_answer_like_the_last_one_is_cut_and_any_other_decoded_in_full() -> N
             assert got["n"].shape == () and int(got["n"]) == rid
             assert got.version == kw.get("version", 1) and got.model == "m" and got.dtypes == {"y": "float32", "n": "int64"}
         else:
-            call = conn.infer("m", {"x": x}, version=None, outputs=None, priority=None, timeout=None, copy=False, signature=None)
+            call = conn.infer(conn.new("infer"), "m", {"x": x}, version=None, outputs=None, priority=None, timeout=None, copy=False, signature=None)
             data = answer(call.id, ok=False)
             conn.reader.get_buffer()[: len(data)] = data
             conn.feed(len(data))

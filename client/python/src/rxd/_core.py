@@ -4,6 +4,12 @@ output areas sized; an infer request like one seen before filled into its frame'
 rather than encoded again — and answers into results or exceptions.
 
 The blocking client calls it under its lock; the asyncio client from its event loop.
+
+Asynchronous exceptions (a signal handler raising, KeyboardInterrupt) may land between any two
+steps of the blocking client: a call is made (:meth:`Connection.new`) before it takes anything,
+knows whether its request went out (:attr:`Call.sent`), and is given up (:meth:`Connection.give_up`)
+forgotten when it never went out, abandoned when it did; an answer is handed out by steps that
+can be run again (:meth:`Connection.take_frames`, :meth:`Connection.take_body`).
 """
 
 from __future__ import annotations
@@ -86,12 +92,17 @@ class Memory:
         return n
 
 
+#: Where a request stands (:attr:`Call.sent`): not sent (the daemon knows nothing of it), being
+#: sent (an exception now leaves it unknown), sent (the daemon answers it).
+UNSENT, SENDING, SENT = 0, 1, 2
+
+
 class Call:
     """One request in flight: its frame, what it holds until the answer, and the answer."""
 
     __slots__ = (
         "id", "op", "frame", "held", "keep", "area", "key", "copy", "done", "ok", "payload",
-        "abandoned", "waiter", "signature", "template", "answer", "cuts",
+        "abandoned", "waiter", "signature", "template", "answer", "cuts", "sent", "tail",
     )
 
     def __init__(self, rid: int, op: str) -> None:
@@ -118,9 +129,15 @@ class Call:
         self.template: Optional[Template] = None
         self.answer: Optional[Answer] = None
         self.cuts: Optional[List[bytes]] = None
+        #: UNSENT, SENDING or SENT; ``tail``: the ring's submission count before this
+        #: request's submission (-1: not through the ring).
+        self.sent = UNSENT
+        self.tail = -1
 
     def release(self) -> None:
-        """The daemon answered (or the connection is gone): let go of what the request held."""
+        """The daemon answered (or the connection is gone): let go of what the request held.
+        Run again after an interruption, it releases nothing twice that matters (a slot's
+        surplus release gives nothing back)."""
         for s in self.held:
             s.release()
         self.held = []
@@ -146,32 +163,32 @@ class Connection:
         self.ring: Any = None
 
     # -- building requests --------------------------------------------------------------
-    def _new(self, op: str) -> Call:
+    # A call is made first (new), holding nothing; then its request is built (control,
+    # publish, infer), which registers it as pending last.
+    def new(self, op: str) -> Call:
+        """A new call (its id), holding nothing yet."""
         if self.closed is not None:
             raise errors.ConnectionClosed(self.closed)
         rid = self._next
         self._next = rid + 1 if rid < (1 << 63) else 1
         return Call(rid, op)
 
-    def control(self, op: str, args: Optional[Dict[str, Any]] = None) -> Call:
-        call = self._new(op)
-        call.frame = _wire.encode(_wire.request(call.id, op, args))
+    def control(self, call: Call, args: Optional[Dict[str, Any]] = None) -> Call:
+        call.frame = _wire.encode(_wire.request(call.id, call.op, args))
         self.pending[call.id] = call
         return call
 
-    def publish(self, model: str, data: Union[bytes, memoryview], version: Optional[int]) -> Call:
+    def publish(self, call: Call, model: str, data: Union[bytes, memoryview], version: Optional[int]) -> Call:
         """A publish request whose file goes through the arena when it fits there."""
-        call = self._new("publish")
         args: Dict[str, Any] = {"model": model}
         if version is not None:
             args["version"] = int(version)
-        slot = self.arena.alloc(len(data)) if self.arena is not None and len(data) > 0 else None
         try:
+            slot = self.arena.alloc(len(data), call.held) if self.arena is not None and len(data) > 0 else None
             if slot is not None and self.arena is not None:
                 dst = self.arena.ndarray(slot.offset, (len(data),), np.dtype(np.uint8), writable=True)
                 dst[:] = np.frombuffer(data, dtype=np.uint8)
                 del dst
-                call.held.append(slot)
                 args["data"] = {"arena": {"offset": slot.offset, "len": len(data)}}
             else:
                 args["data"] = {"inline": data}
@@ -184,6 +201,7 @@ class Connection:
 
     def infer(
         self,
+        call: Call,
         model: str,
         inputs: Inputs,
         *,
@@ -197,7 +215,6 @@ class Connection:
         """An infer request: inputs placed (arena arrays by reference, large arrays copied
         into the arena once, the rest inline), an output area sized when the outputs' size
         can be known (from ``signature`` or the previous call)."""
-        call = self._new("infer")
         call.key = (model, version)
         call.copy = copy
         call.signature = signature
@@ -252,9 +269,8 @@ class Connection:
                     tensors.append((name, wire, a.shape, _wire.ARENA, nbytes))
                     holes.append(_wire.u64(off))
                     continue
-                slot = arena.alloc(nbytes) if nbytes >= threshold else None
+                slot = arena.alloc(nbytes, call.held) if nbytes >= threshold else None
                 if slot is not None:
-                    call.held.append(slot)
                     dst = arena.ndarray(slot.offset, a.shape, a.dtype, writable=True)
                     np.copyto(dst, a, casting="no")
                     del dst
@@ -272,12 +288,11 @@ class Connection:
             t = self._template(spec, key, signature)
         pieces = t.pieces
         if t.area is not None and arena is not None:
-            area = arena.alloc(t.area)
+            area = arena.alloc(t.area, call.held)
             if area is None:
                 pieces = t.bare()
             else:
                 call.area = area
-                call.held.append(area)
                 holes.append(_wire.u64(area.offset))
         parts: List[Any] = [None] * (2 * len(holes) + 1)
         parts[0::2] = pieces
@@ -334,9 +349,8 @@ class Connection:
                 data = {"arena": {"offset": off, "len": a.nbytes}}
                 call.keep.append(a)
             else:
-                slot = arena.alloc(a.nbytes) if arena is not None and a.nbytes >= threshold else None
+                slot = arena.alloc(a.nbytes, call.held) if arena is not None and a.nbytes >= threshold else None
                 if slot is not None and arena is not None:
-                    call.held.append(slot)
                     dst = arena.ndarray(slot.offset, a.shape, a.dtype, writable=True)
                     np.copyto(dst, a, casting="no")
                     del dst
@@ -363,10 +377,9 @@ class Connection:
             if estimate is None:
                 estimate = self.memory.output_sizes.get(key)
             if estimate is not None and estimate >= threshold:
-                area = arena.alloc(estimate)
+                area = arena.alloc(estimate, call.held)
                 if area is not None:
                     call.area = area
-                    call.held.append(area)
                     args["output_area"] = {"offset": area.offset, "len": area.nbytes}
         call.frame = _wire.encode(_wire.request(call.id, "infer", args))
 
@@ -382,9 +395,22 @@ class Connection:
                 answered.append(call)
         return answered
 
+    def take_frames(self) -> None:
+        """Hands out every whole answer the frame reader holds (read by the blocking client).
+        Each is consumed only once handed out: one whose handing out an exception cut short is
+        handed out again by the next reader (:meth:`take_body` may take an answer twice)."""
+        reader = self.reader
+        body = reader.next_body()
+        while body is not None:
+            self.take_body(body)
+            reader.consume()
+            body = reader.next_body()
+
     def take_body(self, body: Any) -> Optional[Call]:
         """One answer's frame body (from the socket or the ring): the call it answers, when
-        its caller still waits (a call given up is released here instead)."""
+        its caller still waits (a call given up is released here instead). The call leaves
+        ``pending`` last, so an answer taken again after an interruption completes it the same
+        way, and one taken again after that is ignored."""
         pending = self.pending
         if len(body) > 13 and body[:4] == _ANSWER_HEAD:
             # An answer to a templated request that looks like the last one: its outputs
@@ -397,12 +423,13 @@ class Connection:
                 cuts = answer.cut(body, at)
                 if cuts is not None:
                     template.unpaid = 0
-                    del pending[rid]
                     call.done = call.ok = True
                     call.answer, call.cuts = answer, cuts
                     if call.abandoned:
                         call.release()
+                        pending.pop(rid, None)
                         return None
+                    pending.pop(rid, None)
                     return call
         frame = _unpackb(body, raw=False, strict_map_key=False)
         if type(frame) is not dict:
@@ -413,7 +440,7 @@ class Connection:
             if not ok:
                 self.closed = str(errors.from_wire(payload))
             return None
-        call = self.pending.pop(rid, None)
+        call = pending.get(rid)
         if call is None:
             return None
         call.done, call.ok, call.payload = True, ok, payload
@@ -421,7 +448,9 @@ class Connection:
             learn_answer(call, body, frame)
         if call.abandoned:
             call.release()
+            pending.pop(rid, None)
             return None
+        pending.pop(rid, None)
         return call
 
     def fail_all(self, reason: str) -> List[Call]:
@@ -445,6 +474,24 @@ class Connection:
             call.release()
         else:
             call.abandoned = True
+
+    def give_up(self, call: Call) -> bool:
+        """The caller stopped waiting, wherever it was (timeout, an exception landing at any
+        point): a call answered is released; one whose request never went out is forgotten
+        (nothing will answer it); one sent is abandoned (:meth:`abandon`). Idempotent. False:
+        its request was being sent, how much of it went out is not known — nothing may follow
+        it on this connection."""
+        if call.done:
+            call.release()
+        elif call.sent == UNSENT:
+            call.release()
+            call.done = True
+            self.pending.pop(call.id, None)
+        elif call.sent == SENT:
+            call.abandoned = True
+        else:
+            return False
+        return True
 
     def outcome(self, call: Call) -> Any:
         """The reply's args of an answered control call, or its exception."""
@@ -471,11 +518,11 @@ class Connection:
             raise errors.from_wire(call.payload)
         area = call.area
         hold = area is not None and not call.copy
-        if hold and area is not None:
-            # The Result takes over the request's claim on the output area (with copy=True
-            # the outputs are copied out and the area goes back with the request's slots).
-            call.held.remove(area)
         try:
+            if hold and area is not None:
+                # The Result takes over the request's claim on the output area (with copy=True
+                # the outputs are copied out and the area goes back with the request's slots).
+                call.held.remove(area)
             res, total, overflowed = build_result(call.payload, area, call.copy, hold)
         except BaseException:
             if hold and area is not None:

@@ -10,6 +10,11 @@ system call: the daemon, which may have gone to sleep just before, sees the new 
 client about to sleep writes its wake flag and then sleeps in ``futex_wait``, which checks
 the completion count in the kernel after taking a lock. Every sleep is bounded (50 ms), so
 even a wake lost on a weakly ordered CPU costs a pause, never a hang.
+
+Interruptions. An exception (a signal handler raising) may land between any two steps: a
+submission is published by one store of the submission count, which the client alone writes,
+so reading it back tells whether it went out (:meth:`Ring.settle`); a completion is consumed
+only after its answer was handed out (:meth:`Ring.peek`, then :meth:`Ring.consume`).
 """
 
 from __future__ import annotations
@@ -116,10 +121,24 @@ class Ring:
             return False
         at = self.base + HEADER_BYTES + (self.sq_tail % self.entries) * self.slot
         self._mm[at : at + n] = frame
-        self.sq_tail = (self.sq_tail + 1) & 0xFFFFFFFF
-        self._set(SQ_TAIL, self.sq_tail)
-        self._syscall(SQ_TAIL, _FUTEX_WAKE, 1 << 30, None)
+        tail = (self.sq_tail + 1) & 0xFFFFFFFF
+        self._set(SQ_TAIL, tail)  # published
+        self.sq_tail = tail
         self.submitted += 1
+        self._syscall(SQ_TAIL, _FUTEX_WAKE, 1 << 30, None)
+        return True
+
+    def settle(self, before: int) -> bool:
+        """After a :meth:`submit` that an exception cut short (``before``: ``sq_tail`` when it
+        began): whether it published its request (the daemon answers it). If it did, the
+        count is brought in line and the daemon woken (the submit may not have got to it)."""
+        tail = self._get(SQ_TAIL)
+        if tail == before:
+            return False
+        if self.sq_tail == before:
+            self.sq_tail = tail
+            self.submitted += 1
+        self._syscall(SQ_TAIL, _FUTEX_WAKE, 1 << 30, None)
         return True
 
     # -- completing ----------------------------------------------------------------------
@@ -148,24 +167,25 @@ class Ring:
         self._set(CQ_WAKE, 0)
         return self.ready()
 
-    def take(self) -> "Tuple[Optional[bytes], int]":
-        """The completion at the head, consumed: (its frame body, 0), or (None, request id)
-        for a redirect (its answer comes on the socket)."""
+    def peek(self) -> "Tuple[Optional[bytes], int]":
+        """The completion at the head (there is one: :meth:`ready`), left there until
+        :meth:`consume`: (its frame body, 0), or (None, request id) for a redirect (its answer
+        comes on the socket)."""
         tail = self._get(CQ_TAIL)
         if not 0 < (tail - self.cq_head) & 0xFFFFFFFF <= self.entries:
             raise ValueError(f"the ring's completion count {tail} is not within {self.entries} of {self.cq_head}")
         at = self.base + HEADER_BYTES + (self.entries + self.cq_head % self.entries) * self.slot
         n = int(_U32.unpack_from(self._mm, at)[0])
         if n == 0:
-            rid = int(_U64.unpack_from(self._mm, at + 4)[0])
-            body = None
-            self.redirected += 1
-        elif n <= self.slot - 4:
-            body = self._mm[at + 4 : at + 4 + n]
-            rid = 0
-        else:
-            raise ValueError(f"a completion of {n} bytes does not fit the ring's slots")
+            return None, int(_U64.unpack_from(self._mm, at + 4)[0])
+        if n <= self.slot - 4:
+            return self._mm[at + 4 : at + 4 + n], 0
+        raise ValueError(f"a completion of {n} bytes does not fit the ring's slots")
+
+    def consume(self, redirect: bool) -> None:
+        """Drops the completion at the head (``redirect``: it was one)."""
         self.cq_head = (self.cq_head + 1) & 0xFFFFFFFF
+        if redirect:
+            self.redirected += 1
         self._set(CQ_HEAD, self.cq_head)
-        return body, rid
 

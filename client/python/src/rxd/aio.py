@@ -397,7 +397,7 @@ class AsyncClient:
             raise
 
     async def _control(self, op: str, args: Optional[Dict[str, Any]] = None, timeout: Optional[float] = None) -> Any:
-        conn, call = await self._roundtrip(lambda c: c.control(op, args), timeout)
+        conn, call = await self._roundtrip(lambda c: c.control(c.new(op), args), timeout)
         return conn.outcome(call)
 
     async def infer(
@@ -422,7 +422,7 @@ class AsyncClient:
             proto = await self._ensure()
         conn = proto.conn
         call = conn.infer(
-            model, inputs, version=version, outputs=outputs, priority=priority,
+            conn.new("infer"), model, inputs, version=version, outputs=outputs, priority=priority,
             timeout=timeout, copy=copy, signature=signature,
         )
         if timeout is None:
@@ -571,7 +571,7 @@ class AsyncClient:
             )
             async with side:
                 return await side.publish(model, data, version=version)
-        conn, call = await self._roundtrip(lambda c: c.publish(model, data, version), None)
+        conn, call = await self._roundtrip(lambda c: c.publish(c.new("publish"), model, data, version), None)
         out: PublishReply = conn.outcome(call)
         return out
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _handshake, _wire, errors
-from ._core import Call, Connection, Inputs, Key, Memory, Options, needs_signature
+from ._core import SENDING, SENT, UNSENT, Call, Connection, Inputs, Key, Memory, Options, needs_signature
 from . import _ops
 from ._ops import PathOrBytes, read_model_file
 from .result import Result
@@ -32,8 +32,16 @@ class _Link:
         self.sock = sock
         self.conn = conn
         self.send_lock = threading.Lock()
-        #: A thread is reading the socket for everyone (leader/followers).
-        self.reading = False
+        #: The call whose thread reads the socket (and the ring's completions) for everyone
+        #: (leader/followers): the reader's role, owned by a call so that giving the call up
+        #: gives the role back, wherever an exception interrupted it.
+        self.reader: Optional[Call] = None
+        #: The byte counts of the reader's reads not yet counted by the frame reader, and of
+        #: the sends of the frame being sent (under ``send_lock``): each lands here from the
+        #: system call without a step between (list.extend over map: C calling C), so an
+        #: exception raised after the call still knows what it did.
+        self.got: List[int] = []
+        self.sent: List[int] = []
         self.poll = select.poll()
         self.poll.register(sock.fileno(), select.POLLIN)
         self.dead = False
@@ -88,9 +96,11 @@ class Client:
         )
         self._memory = Memory()
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        #: Threads waiting on ``_cond`` for their answers (none: no one to notify).
-        self._waiting = 0
+        #: Locks that threads waiting for their answers sleep on, each held until ``_wake``
+        #: releases it. Not a Condition: Condition.wait lets the lock go in a step that an
+        #: exception can separate from its ``try``, so that the ``with`` around the wait then
+        #: releases a lock another thread holds.
+        self._parked: List["threading.Lock"] = []
         self._connect_lock = threading.Lock()
         self._closed = False
         self._link: Optional[_Link] = None
@@ -134,13 +144,22 @@ class Client:
 
     def _broken(self, link: _Link, reason: str) -> None:
         with self._lock:
-            if link.dead:
-                return
-            link.dead = True
-            link.conn.fail_all(reason)
-            self._wake()
+            self._fail(link, reason)
         try:
             link.sock.close()
+        except OSError:
+            pass
+
+    def _fail(self, link: _Link, reason: str) -> None:
+        """Under the lock: the connection is unusable; every call in flight fails, and a
+        thread waiting in poll() on the socket wakes (the socket is shut down)."""
+        if link.dead:
+            return
+        link.dead = True
+        link.conn.fail_all(reason)
+        self._wake()
+        try:
+            link.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
@@ -206,187 +225,253 @@ class Client:
         return arena is not None and arena.offset_of(np.asarray(array)) is not None
 
     # -- requests -------------------------------------------------------------------------------
-    def _roundtrip(self, build: Callable[[Connection], Call], timeout: Optional[float]) -> Tuple[Connection, Call]:
+    # Asynchronous exceptions (a signal handler raising, KeyboardInterrupt) may land between any
+    # two steps of a call (CPython runs signal handlers at calls, function entries and
+    # backward jumps). Whatever a call has done is recorded where its cleanup finds it: the
+    # call exists (holding nothing) before it takes anything; whether its request went out is
+    # Call.sent, settled from the counts of its sends (link.sent); the reader's role is owned
+    # by the call; the counts of reads land in link.got, and answers are handed out by steps
+    # that the next reader completes (_leftovers). _give_up, in one turn of the lock, gives the
+    # role back, forgets a request never sent and abandons one sent; only a frame cut off in
+    # the middle of its send closes the connection (the stream's framing is lost).
+    def _roundtrip(self, op: str, build: Callable[[Connection, Call], Call], timeout: Optional[float]) -> Tuple[Connection, Call]:
         link = self._link
         if link is None or link.dead:
             link = self._ensure()
         conn = link.conn
-        with self._lock:
-            call = build(conn)
-            reading = self._alone(link)
-        self._exchange(link, call, reading, timeout)
+        call: Optional[Call] = None
+        try:
+            with self._lock:
+                call = conn.new(op)
+                build(conn, call)
+                self._alone(link, call)
+            self._exchange(link, call, timeout)
+        except BaseException:
+            if call is not None:
+                self._give_up(link, call)
+            raise
         return conn, call
 
-    @staticmethod
-    def _alone(link: _Link) -> bool:
-        """Under the lock, just after a call was made: when it is alone on the connection (the
-        usual case of one thread), its thread takes the reader's role now, so that it reads
+    def _alone(self, link: _Link, call: Call) -> bool:
+        """Under the lock, just after ``call`` was made: when it is alone on the connection (the
+        usual case of one thread), it takes the reader's role now, so that its thread reads
         its answer without another turn of the lock. Only alone: the daemon has nothing else
         to send that a send blocked on a full socket could keep unread."""
-        if not link.reading and not link.dead and len(link.conn.pending) == 1:
-            link.reading = True
-            return True
+        if link.reader is None and not link.dead:
+            self._leftovers(link)
+            if len(link.conn.pending) == 1 and not link.dead:
+                link.reader = call
+                return True
         return False
 
-    def _exchange(self, link: _Link, call: Call, reading: bool, timeout: Optional[float]) -> None:
-        """Sends ``call`` and waits for its answer (``reading``: this thread holds the reader's
-        role already)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def _leftovers(self, link: _Link) -> None:
+        """Under the lock, by a thread about to read while no other does: answers an
+        interrupted reader left behind — whole frames read and not handed out, the ring's
+        completions (answers to calls given up on the ring)."""
         conn = link.conn
         try:
-            with link.send_lock:
-                _send_all(link.sock, call.frame)
-        except OSError as e:
-            self._broken(link, f"the connection broke: {e}")
-        except BaseException:
-            with self._lock:
-                if reading:
-                    link.reading = False
-                    self._wake()
-                conn.abandon(call)
-            raise
+            if link.got:
+                conn.reader.received_from(link.got)
+            conn.take_frames()
+            ring = conn.ring
+            while ring is not None and ring.ready():
+                body, _ = ring.peek()
+                if body is not None:
+                    conn.take_body(body)
+                ring.consume(body is None)
+        except (_wire.FrameError, ValueError) as e:
+            self._fail(link, f"undecodable answer: {e}")
+
+    def _give_up(self, link: _Link, call: Call) -> None:
+        """The caller of ``call`` stops waiting (a timeout, an exception landing anywhere):
+        see above. Idempotent."""
+        with self._lock:
+            if link.reader is call:
+                link.reader = None
+            self._wake()  # also those a wake cut short by this exception left asleep
+            ring = link.conn.ring
+            if call.sent == SENDING and call.tail >= 0 and ring is not None:
+                call.sent = SENT if ring.settle(call.tail) else UNSENT
+            lost = not link.conn.give_up(call)
+            if lost:
+                self._fail(link, "an exception interrupted a send on the connection")
+        if lost:
+            try:
+                link.sock.close()
+            except OSError:
+                pass
+
+    def _exchange(self, link: _Link, call: Call, timeout: Optional[float]) -> None:
+        """Sends ``call`` and waits for its answer."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with link.send_lock:
+            if not call.done:  # else the connection failed: its outcome says so
+                sent = link.sent
+                sent.clear()
+                call.sent = SENDING
+                try:
+                    _send_all(link.sock, call.frame, sent)
+                except OSError as e:
+                    self._broken(link, f"the connection broke: {e}")
+                except BaseException:
+                    n = sum(sent)
+                    if n == 0:
+                        call.sent = UNSENT
+                    elif n == sum(memoryview(b).nbytes for b in call.frame):
+                        call.sent = SENT
+                    else:  # part of the frame went: nothing may follow it
+                        self._broken(link, "an exception interrupted a send on the connection")
+                    raise
+                call.sent = SENT
         call.frame = []
-        self._wait(link, call, deadline, timeout, reading)
+        self._wait(link, call, deadline, timeout)
 
     def _exchange_ring(self, link: _Link, call: Call, timeout: Optional[float]) -> bool:
         """As the reader, alone: sends an inference through the ring and waits for its answer
         there (the socket read meanwhile whenever it has something: another thread's answer,
         or the daemon closing). False: it does not fit the ring; nothing was sent."""
         ring = link.conn.ring
-        if not ring.submit(b"".join(call.frame)):
+        data = b"".join(call.frame)
+        call.tail = ring.sq_tail
+        call.sent = SENDING
+        if not ring.submit(data):
+            call.sent = UNSENT
+            call.tail = -1
             return False
+        call.sent = SENT
         call.frame = []
         deadline = None if timeout is None else time.monotonic() + timeout
         spin = True
-        holding = True  # the reader's role
-        try:
-            while not call.done:
-                if ring.wait(deadline, spin):
-                    body, rid = ring.take()
-                    if body is None:
-                        # Redirected: the answer comes on the socket.
-                        with self._lock:
-                            link.reading = holding = False
-                        self._wait(link, call, deadline, timeout, False)
-                        return True
-                    with self._lock:
-                        try:
-                            link.conn.take_body(body)
-                        except (_wire.FrameError, ValueError) as e:
-                            broken: Optional[str] = f"undecodable answer: {e}"
-                        else:
-                            broken = None
-                    if broken is not None:
-                        self._broken(link, broken)
-                    continue
-                spin = False
-                if link.poll.poll(0):
-                    self._pump(link)
-                if link.dead:
-                    break
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise errors.Timeout(f"no answer within {timeout} s")
-        except BaseException:
-            with self._lock:
-                link.conn.abandon(call)
-            raise
-        finally:
-            if holding:
+        while not call.done:
+            if ring.wait(deadline, spin):
+                broken: Optional[str] = None
                 with self._lock:
-                    link.reading = False
-                    self._wake()
+                    try:
+                        body, rid = ring.peek()
+                        if body is not None:
+                            link.conn.take_body(body)
+                        elif rid == call.id:
+                            # Redirected: the answer comes on the socket. (A redirect of
+                            # another call's, given up, is the socket reader's affair.)
+                            link.reader = None
+                            self._wake()
+                        ring.consume(body is None)
+                    except (_wire.FrameError, ValueError) as e:
+                        broken = f"undecodable answer: {e}"
+                if broken is not None:
+                    self._broken(link, broken)
+                elif link.reader is not call:
+                    self._wait(link, call, deadline, timeout)
+                    return True
+                continue
+            spin = False
+            if link.poll.poll(0):
+                self._pump(link)
+            if link.dead:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise errors.Timeout(f"no answer within {timeout} s")
+        with self._lock:
+            if link.reader is call:
+                link.reader = None
+                self._wake()
         return True
+
+    def _recv(self, link: _Link) -> Optional[str]:
+        """As the reader: one read from the socket into the frame reader, counted; the reason
+        the connection broke, if it did. An exception that interrupts a blocked read has read
+        nothing; one raised just after it finds the count in ``link.got``."""
+        reader = link.conn.reader
+        got = link.got
+        try:
+            got.extend(map(link.sock.recv_into, (reader.get_buffer(),)))
+        except OSError as e:
+            return f"the connection broke: {e}"
+        n = got[-1]
+        reader.received_from(got)
+        if n == 0:
+            return link.conn.closed or "the daemon closed the connection"
+        return None
 
     def _pump(self, link: _Link) -> None:
         """As the reader, keeping the role: one read of what the socket has (it has
         something), the answers handed out."""
-        n = -1
-        broken: Optional[str] = None
-        try:
-            n = link.sock.recv_into(link.conn.reader.get_buffer())
-            if n == 0:
-                broken = link.conn.closed or "the daemon closed the connection"
-        except OSError as e:
-            broken = f"the connection broke: {e}"
+        broken = self._recv(link)
         with self._lock:
-            if n > 0:
-                try:
-                    link.conn.feed(n)
-                except (_wire.FrameError, ValueError) as e:
-                    broken = f"undecodable answer: {e}"
+            try:
+                link.conn.take_frames()
+            except (_wire.FrameError, ValueError) as e:
+                broken = f"undecodable answer: {e}"
             self._wake()
         if broken is not None:
             self._broken(link, broken)
 
     def _wake(self) -> None:
         """Under the lock: lets the threads waiting for answers look again (one of them may
-        take the reader's role)."""
-        if self._waiting:
-            self._cond.notify_all()
+        take the reader's role). Each is let go before it leaves the list, so an exception
+        between leaves it to the next wake, which tolerates finding it let go."""
+        parked = self._parked
+        while parked:
+            try:
+                parked[-1].release()
+            except RuntimeError:
+                pass  # let go by a wake cut short
+            parked.pop()
 
-    def _wait(self, link: _Link, call: Call, deadline: Optional[float], timeout: Optional[float], reading: bool) -> None:
-        """Until ``call`` is answered: reads the socket while no other thread does (the
-        reader's role, ``link.reading``; ``reading``: this thread holds it already), else
-        waits for the reader to hand out the answers."""
-        try:
-            while True:
-                if not reading:
-                    with self._lock:
-                        while not call.done:
-                            if not link.reading and not link.dead:
-                                link.reading = True
-                                break
-                            remaining = None if deadline is None else deadline - time.monotonic()
-                            if remaining is not None and remaining <= 0:
-                                raise errors.Timeout(f"no answer within {timeout} s")
-                            self._waiting += 1
-                            try:
-                                self._cond.wait(remaining)
-                            finally:
-                                self._waiting -= 1
-                        else:
+    def _wait(self, link: _Link, call: Call, deadline: Optional[float], timeout: Optional[float]) -> None:
+        """Until ``call`` is answered: reads the socket while no other thread does (taking the
+        reader's role, unless it holds it already), else waits for the reader to hand out the
+        answers."""
+        while True:
+            if link.reader is not call:
+                with self._lock:
+                    if call.done:
+                        return
+                    if link.reader is None and not link.dead:
+                        link.reader = call
+                        self._leftovers(link)
+                        if call.done:
+                            link.reader = None
+                            self._wake()
                             return
-                reading = False
-                self._read(link, deadline)
-                if call.done:
-                    return
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise errors.Timeout(f"no answer within {timeout} s")
-        except BaseException:
-            with self._lock:
-                if reading:  # never got to read
-                    link.reading = False
-                    self._wake()
-                link.conn.abandon(call)
-            raise
+                        park = None
+                    else:
+                        remaining = None if deadline is None else deadline - time.monotonic()
+                        if remaining is not None and remaining <= 0:
+                            raise errors.Timeout(f"no answer within {timeout} s")
+                        park = threading.Lock()
+                        park.acquire()
+                        self._parked.append(park)
+                if park is not None:
+                    # Holding nothing: an exception here leaves at most a stale lock in the
+                    # list, let go by the next wake.
+                    park.acquire(True, -1 if remaining is None else remaining)
+                    continue
+            self._read(link, call, deadline)
+            if call.done:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise errors.Timeout(f"no answer within {timeout} s")
 
-    def _read(self, link: _Link, deadline: Optional[float]) -> None:
-        """As the reader (``link.reading``): reads what the socket has (waiting until
+    def _read(self, link: _Link, call: Call, deadline: Optional[float]) -> None:
+        """As the reader (``link.reader`` is ``call``): reads what the socket has (waiting until
         ``deadline``), hands out the answers and gives up the reader's role, in one go."""
-        n = -1
         broken: Optional[str] = None
-        try:
-            if deadline is None or link.poll.poll(max(0, int((deadline - time.monotonic()) * 1000) + 1)):
-                n = link.sock.recv_into(link.conn.reader.get_buffer())
-                if n == 0:
-                    broken = link.conn.closed or "the daemon closed the connection"
-        except OSError as e:
-            broken = f"the connection broke: {e}"
-        finally:
-            with self._lock:
-                link.reading = False
-                if n > 0:
-                    try:
-                        link.conn.feed(n)
-                    except (_wire.FrameError, ValueError) as e:
-                        broken = f"undecodable answer: {e}"
-                if self._waiting:
-                    self._cond.notify_all()
+        if deadline is None or link.poll.poll(max(0, int((deadline - time.monotonic()) * 1000) + 1)):
+            broken = self._recv(link)
+        with self._lock:
+            if link.reader is call:
+                link.reader = None
+            try:
+                link.conn.take_frames()
+            except (_wire.FrameError, ValueError) as e:
+                broken = f"undecodable answer: {e}"
+            self._wake()
         if broken is not None:
             self._broken(link, broken)
 
     def _control(self, op: str, args: Optional[Dict[str, Any]] = None, timeout: Optional[float] = None) -> Any:
-        conn, call = self._roundtrip(lambda c: c.control(op, args), timeout)
+        conn, call = self._roundtrip(op, lambda c, call: c.control(call, args), timeout)
         return conn.outcome(call)
 
     def infer(
@@ -421,16 +506,23 @@ class Client:
         if link is None or link.dead:
             link = self._ensure()
         conn = link.conn
-        with self._lock:
-            call = conn.infer(
-                model, inputs, version=version, outputs=outputs, priority=priority,
-                timeout=timeout, copy=copy, signature=signature,
-            )
-            reading = self._alone(link)
-        wait = None if timeout is None else timeout + max(0.5, timeout)
-        if not (reading and conn.ring is not None and self._exchange_ring(link, call, wait)):
-            self._exchange(link, call, reading, wait)
-        return conn.result(call)
+        call: Optional[Call] = None
+        try:
+            with self._lock:
+                call = conn.new("infer")
+                conn.infer(
+                    call, model, inputs, version=version, outputs=outputs, priority=priority,
+                    timeout=timeout, copy=copy, signature=signature,
+                )
+                reading = self._alone(link, call)
+            wait = None if timeout is None else timeout + max(0.5, timeout)
+            if not (reading and conn.ring is not None and self._exchange_ring(link, call, wait)):
+                self._exchange(link, call, wait)
+            return conn.result(call)
+        except BaseException:
+            if call is not None:
+                self._give_up(link, call)
+            raise
 
     def _signature(
         self, model: str, version: Optional[int], inputs: Inputs, timeout: Optional[float]
@@ -575,7 +667,7 @@ class Client:
                 reconnect=False,
             ) as side:
                 return side.publish(model, data, version=version)
-        conn, call = self._roundtrip(lambda c: c.publish(model, data, version), None)
+        conn, call = self._roundtrip("publish", lambda c, call: c.publish(call, model, data, version), None)
         out: PublishReply = conn.outcome(call)
         return out
 
@@ -595,17 +687,26 @@ def _empty(conn: Connection, shape: Union[int, Sequence[int]], dtype: Any) -> "n
         slot.release()  # the array's own claim keeps it
 
 
-def _send_all(sock: socket.socket, bufs: Sequence[Union[bytes, memoryview]]) -> None:
+def _send_all(sock: socket.socket, bufs: Sequence[Union[bytes, memoryview]], sent: List[int]) -> None:
+    """Sends a frame, appending each send's byte count to ``sent`` from the call itself
+    (list.extend over map), so that an exception tells how much of the frame went out."""
+    data: Optional[Union[bytes, memoryview]]
     if len(bufs) == 1 and len(bufs[0]) <= 1 << 16:
-        sock.sendall(bufs[0])
-        return
-    total = sum(len(b) for b in bufs)
-    if total <= 1 << 16:
-        sock.sendall(b"".join(bufs))
+        data = bufs[0]
+    else:
+        total = sum(len(b) for b in bufs)
+        data = b"".join(bufs) if total <= 1 << 16 else None
+    if data is not None:
+        sent.extend(map(sock.send, (data,)))
+        if sent[-1] < len(data):  # rare: a full socket buffer
+            rest = memoryview(data).cast("B")
+            while sum(sent) < len(rest):
+                sent.extend(map(sock.send, (rest[sum(sent) :],)))
         return
     views: List[memoryview] = [memoryview(b).cast("B") for b in bufs]
     while views:
-        n = sock.sendmsg(views)
+        sent.extend(map(sock.sendmsg, (views,)))
+        n = sent[-1]
         while n and views:
             if n >= len(views[0]):
                 n -= len(views[0])
