@@ -6,7 +6,8 @@
 //!    the ring (`RingClient`, spinning before it sleeps, and not spinning); rxd's added p50 as
 //!    a multiple of the raw round trip.
 //! 2. 32 single-item closed-loop clients (every request a different input, large tensors
-//!    through the arena) on `ppocr_cls`, `yolov8n` and `sigmoid`, through the socket (`rxctl bench`'s
+//!    through the arena) on `ppocr_cls`, `yolov8n`, `sigmoid` and Silero VAD (8 kHz chunks, each stream its own
+//!    state, batched along the state), through the socket (`rxctl bench`'s
 //!    load generator: the async client on 2 threads) and through the ring (a ring per client,
 //!    2 threads each driving half of them and sleeping on all their completion tails at once
 //!    when none has an answer), alternately: throughput as a share of in-process
@@ -21,7 +22,7 @@
 //!    is what rxd's share cannot have).
 //!
 //! Run: `scripts/bench ring`. `RXD_BENCH_N` (20000) round trips for part 1, `RXD_BENCH_SECS`
-//! (5) per load run, `RXD_BENCH_ROUNDS` (2), `RXD_BENCH_MODELS` (ppocr_cls,yolov8n,sigmoid; empty:
+//! (5) per load run, `RXD_BENCH_ROUNDS` (2), `RXD_BENCH_MODELS` (ppocr_cls,yolov8n,sigmoid,silero_vad; empty:
 //! part 1 only), `RXD_BENCH_PATHS` (socket,ring: which paths part 2 drives; one alone, with
 //! `RXD_BENCH_N=0` to skip part 1, is what to profile the daemon under), `RXD_BENCH_MODEL_TOML`
 //! (lines added to every model's model.toml), `RXD_BENCH_TUNE` (1; 0 for an rxd from before
@@ -59,21 +60,21 @@ fn time_n(n: usize, mut f: impl FnMut()) -> (f64, f64) {
 }
 
 fn infer_frame(id: u64, model: &str, x: Tensor) -> Vec<u8> {
-    infer_frame_into(id, model, x, None)
+    infer_frame_into(id, model, vec![x], None)
 }
 
 /// [`infer_frame`] with the outputs asked in `area` of the arena.
 fn infer_frame_into(
     id: u64,
     model: &str,
-    x: Tensor,
+    xs: Vec<Tensor>,
     area: Option<rxd_protocol::ArenaRef>,
 ) -> Vec<u8> {
     frame::encode(&RequestFrame {
         id,
         body: Request::Infer(InferRequest {
             output_area: area,
-            ..InferRequest::new(model, vec![x])
+            ..InferRequest::new(model, xs)
         }),
     })
     .unwrap()
@@ -103,6 +104,10 @@ fn settings_of(model: &str) -> Option<String> {
     let dims = match model {
         "ppocr_cls" => "warmup-dims = { x = [1, 3, 48, 192] }",
         "yolov8n" => "warmup-dims = { images = [1, 3, 320, 320] }",
+        "silero_vad" => {
+            "warmup-dims = { input = [1, 256], state = [2, 1, 128] }\n\
+             batch-axes = { state = 1, stateN = 1 }"
+        }
         _ => "",
     };
     let extra = std::env::var("RXD_BENCH_MODEL_TOML").unwrap_or_default();
@@ -110,22 +115,44 @@ fn settings_of(model: &str) -> Option<String> {
     (!toml.trim().is_empty()).then_some(toml)
 }
 
-fn rows_seeded(model: &str, b: u64, seed: u64) -> Tensor {
+/// `b` rows of a model's inputs. Silero VAD: 8 kHz chunks of 256 samples, each stream's
+/// state along dimension 1 of `state` (model.toml's `batch-axes`), the rate shared.
+fn rows_seeded(model: &str, b: u64, seed: u64) -> Vec<Tensor> {
+    if model == "silero_vad" {
+        let audio: Vec<f32> = random_f32(256 * b as usize, seed)
+            .iter()
+            .map(|v| v * 0.2 - 0.1)
+            .collect();
+        return vec![
+            f32_tensor("input", &[b, 256], &audio),
+            f32_tensor(
+                "state",
+                &[2, b, 128],
+                &random_f32(256 * b as usize, seed + 1),
+            ),
+            Tensor::inline(
+                "sr",
+                rxd_protocol::DType::Int64,
+                vec![],
+                8000i64.to_le_bytes().to_vec(),
+            ),
+        ];
+    }
     let (name, item) = input_of(model);
     if item.is_empty() {
-        return f32_tensor(name, &[3, 4, 5], &random_f32(60, seed));
+        return vec![f32_tensor(name, &[3, 4, 5], &random_f32(60, seed))];
     }
     let mut shape = vec![b];
     shape.extend_from_slice(item);
     let n = shape.iter().product::<u64>() as usize;
-    f32_tensor(name, &shape, &random_f32(n, seed))
+    vec![f32_tensor(name, &shape, &random_f32(n, seed))]
 }
 
-fn item(model: &str, seed: u64) -> Tensor {
+fn item(model: &str, seed: u64) -> Vec<Tensor> {
     rows_seeded(model, 1, seed)
 }
 
-fn rows(model: &str, b: u64) -> Tensor {
+fn rows(model: &str, b: u64) -> Vec<Tensor> {
     rows_seeded(model, b, 1)
 }
 
@@ -137,9 +164,11 @@ fn in_process(model: &str, threads: usize, sessions: usize, b: u64, secs: f64) -
             .map(|_| {
                 s.spawn(move || {
                     let mut sess = bench_session(model, threads);
-                    let x = rows(model, b);
+                    let xs = rows(model, b);
                     let mut run = || {
-                        std::hint::black_box(sess.run(vec![(x.name.clone(), to_ort(&x))]).unwrap());
+                        let values: Vec<(String, ort::value::DynValue)> =
+                            xs.iter().map(|x| (x.name.clone(), to_ort(x))).collect();
+                        std::hint::black_box(sess.run(values).unwrap());
                     };
                     run();
                     let start = Instant::now();
@@ -182,15 +211,15 @@ fn thread_cpu() -> Duration {
 /// In-process ORT's thread CPU µs per row at batch `b` (one intra-op thread).
 fn ort_cpu_per_row(model: &str, b: u64) -> f64 {
     let mut r = Reference::new(&model_file(model));
-    let x = rows(model, b.max(1));
+    let xs = rows(model, b.max(1));
     let b = if model == "sigmoid" { 1 } else { b.max(1) };
     let runs = (2000 / b).max(20);
     for _ in 0..runs / 10 + 3 {
-        std::hint::black_box(r.run(std::slice::from_ref(&x)));
+        std::hint::black_box(r.run(&xs));
     }
     let start = thread_cpu();
     for _ in 0..runs {
-        std::hint::black_box(r.run(std::slice::from_ref(&x)));
+        std::hint::black_box(r.run(&xs));
     }
     (thread_cpu() - start).as_secs_f64() * 1e6 / (runs * b) as f64
 }
@@ -227,7 +256,7 @@ fn load_socket(d: &TestDaemon, model: &str, clients: usize, secs: f64) -> LoadRu
     let load = rxd_client::bench::Load {
         socket: d.socket.clone(),
         model: model.into(),
-        inputs: vec![item(model, 5)],
+        inputs: item(model, 5),
         concurrency: clients,
         rate_phases: Vec::new(),
         duration: Duration::from_secs_f64(secs),
@@ -262,8 +291,10 @@ struct Lane {
     geo: rxd_protocol::ring::Geometry,
     sq_tail: u32,
     cq_head: u32,
-    x: Tensor,
-    /// Where the input goes in the arena (inline when `None`).
+    xs: Vec<Tensor>,
+    /// The input every request changes (the largest), so that none is coalesced.
+    vary: usize,
+    /// Whether it goes through the arena (inline otherwise).
     arena: bool,
     n: u64,
     client: u64,
@@ -271,7 +302,7 @@ struct Lane {
 }
 
 impl Lane {
-    fn connect(socket: &std::path::Path, x: Tensor, client: u64) -> Lane {
+    fn connect(socket: &std::path::Path, xs: Vec<Tensor>, client: u64) -> Lane {
         let mut conn = RawConn::connect(socket).unwrap();
         let (welcome, fd) = conn
             .handshake_ring(
@@ -291,14 +322,20 @@ impl Lane {
             rxd_shm::Mapping::map(std::os::fd::AsFd::as_fd(&fd), welcome.arena_bytes as usize)
                 .unwrap();
         let mem = rxd_shm::ring::RingMem::new(Arc::new(map), grant.offset, geo.bytes()).unwrap();
-        let arena = matches!(&x.data, rxd_protocol::TensorData::Inline(b) if b.len() >= 16 << 10);
+        let size = |t: &Tensor| match &t.data {
+            rxd_protocol::TensorData::Inline(b) => b.len(),
+            _ => 0,
+        };
+        let vary = (0..xs.len()).max_by_key(|&i| size(&xs[i])).unwrap();
+        let arena = size(&xs[vary]) >= 16 << 10;
         Lane {
             conn,
             mem,
             geo,
             sq_tail: 0,
             cq_head: 0,
-            x,
+            xs,
+            vary,
             arena,
             n: 0,
             client,
@@ -311,23 +348,24 @@ impl Lane {
         use rxd_protocol::ring as layout;
         self.n += 1;
         let v = (self.client * 1_000_000 + self.n) as f32 * 1e-7;
-        if let rxd_protocol::TensorData::Inline(b) = &mut self.x.data {
+        if let rxd_protocol::TensorData::Inline(b) = &mut self.xs[self.vary].data {
             b[..4].copy_from_slice(&v.to_le_bytes());
         }
-        let mut x = self.x.clone();
+        let mut xs = self.xs.clone();
         if self.arena
-            && let rxd_protocol::TensorData::Inline(b) = &x.data
+            && let rxd_protocol::TensorData::Inline(b) = &xs[self.vary].data
         {
             self.mem.mapping().copy_in(0, b).unwrap();
             let len = b.len() as u64;
-            x.data = rxd_protocol::TensorData::Arena(rxd_protocol::ArenaRef { offset: 0, len });
+            xs[self.vary].data =
+                rxd_protocol::TensorData::Arena(rxd_protocol::ArenaRef { offset: 0, len });
         }
         // Large inputs through the arena, and outputs into it as `rxctl bench` asks them.
         let area = self.arena.then_some(rxd_protocol::ArenaRef {
             offset: 2 << 20,
             len: 2 << 20,
         });
-        let bytes = infer_frame_into(self.n, model, x, area);
+        let bytes = infer_frame_into(self.n, model, xs, area);
         self.mem
             .write(self.geo.sq_slot(self.sq_tail), &bytes)
             .unwrap();
@@ -454,8 +492,8 @@ fn main() {
     let n: usize = bench_setting("RXD_BENCH_N", 20000);
     let secs: f64 = bench_setting("RXD_BENCH_SECS", 5.0);
     let rounds: usize = bench_setting("RXD_BENCH_ROUNDS", 2);
-    let models =
-        std::env::var("RXD_BENCH_MODELS").unwrap_or_else(|_| "ppocr_cls,yolov8n,sigmoid".into());
+    let models = std::env::var("RXD_BENCH_MODELS")
+        .unwrap_or_else(|_| "ppocr_cls,yolov8n,sigmoid,silero_vad".into());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let paths: Vec<bool> = std::env::var("RXD_BENCH_PATHS")
         .unwrap_or_else(|_| "socket,ring".into())
@@ -471,7 +509,7 @@ fn main() {
 
 /// 1. One client on sigmoid.
 fn one_client(n: usize) {
-    let x = item("sigmoid", 7);
+    let x = item("sigmoid", 7).remove(0);
     let req = infer_frame(1, "sigmoid", x.clone());
     let mut reference = Reference::new(&model_file("sigmoid"));
     let ort = time_n(n, || {

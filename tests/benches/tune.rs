@@ -8,7 +8,8 @@
 //! against its fair share (half) of its in-process best.
 //!
 //! Run: `scripts/bench tune`. `RXD_BENCH_SECS` sets seconds per measurement (default 4);
-//! `RXD_BENCH_MODELS` the models (default all five).
+//! `RXD_BENCH_MODELS` the models (default all five); `RXD_BENCH_CELLS=1` prints every
+//! in-process cell measured.
 
 use std::time::{Duration, Instant};
 
@@ -150,6 +151,13 @@ fn best_in_process(case: &Case, cores: usize, secs: f64) -> (f64, String, (usize
     for (threads, sessions) in layouts {
         for &b in sizes {
             let (items, run_ms) = in_process(case, threads, sessions, b, secs / 2.0);
+            if bench_setting("RXD_BENCH_CELLS", 0) != 0 {
+                println!(
+                    "{}: in-process batch {b}, {sessions} × {threads}: {items:.1} items/s, {run_ms:.2} ms a run ({} items in flight)",
+                    case.model,
+                    b * sessions as u64
+                );
+            }
             if items > best.0 {
                 best = (
                     items,
