@@ -697,10 +697,11 @@ def _send_all(sock: socket.socket, bufs: Sequence[Union[bytes, memoryview]], sen
         total = sum(len(b) for b in bufs)
         data = b"".join(bufs) if total <= 1 << 16 else None
     if data is not None:
+        size = memoryview(data).nbytes  # in bytes, whatever the view's format
         sent.extend(map(sock.send, (data,)))
-        if sent[-1] < len(data):  # rare: a full socket buffer
+        if sent[-1] < size:  # rare: a full socket buffer
             rest = memoryview(data).cast("B")
-            while sum(sent) < len(rest):
+            while sum(sent) < size:
                 sent.extend(map(sock.send, (rest[sum(sent) :],)))
         return
     views: List[memoryview] = [memoryview(b).cast("B") for b in bufs]
