@@ -7,7 +7,7 @@
 //! Invariant: the ring's requests whose completion is not consumed never exceed `entries`,
 //! so the daemon always has a completion slot for each (it never stalls this client).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,37 @@ use rxd_shm::ring as futex;
 use super::{Inner, lock};
 use crate::ClientError;
 use crate::ring::{Completion, Slots};
+
+/// Reapers of this process spinning now. At most half the cores' worth spin at once: a
+/// program with many ring connections (a load generator, a server fanning out) would
+/// otherwise have every reaper burn its spin on cores its own work and the daemon need
+/// (`rxctl bench -c 32` with `RXD_CLIENT_RING` served a third of the socket's requests on
+/// two cores); the others sleep at once, as a socket reader does.
+static SPINNING: AtomicUsize = AtomicUsize::new(0);
+
+/// A reaper's turn to spin, given back when dropped.
+struct Spinner;
+
+impl Spinner {
+    fn enter() -> Option<Spinner> {
+        static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let max = *MAX.get_or_init(|| {
+            std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+        });
+        if SPINNING.fetch_add(1, Ordering::AcqRel) < max {
+            Some(Spinner)
+        } else {
+            SPINNING.fetch_sub(1, Ordering::AcqRel);
+            None
+        }
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        SPINNING.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 pub(super) struct ClientRing {
     slots: Slots,
@@ -85,10 +116,13 @@ impl ClientRing {
         while !self.stop.load(Ordering::Acquire) {
             let tail = tail_word.load(Ordering::Acquire);
             if tail == head {
-                // Spin a moment, then ask to be woken, look once more and sleep.
-                let start = Instant::now();
-                while tail_word.load(Ordering::Acquire) == head && start.elapsed() < self.spin {
-                    std::hint::spin_loop();
+                // Spin a moment (while few of the process's reapers spin), then ask to be
+                // woken, look once more and sleep.
+                if let Some(_spinning) = Spinner::enter() {
+                    let start = Instant::now();
+                    while tail_word.load(Ordering::Acquire) == head && start.elapsed() < self.spin {
+                        std::hint::spin_loop();
+                    }
                 }
                 if tail_word.load(Ordering::Acquire) == head {
                     wake_word.store(1, Ordering::SeqCst);
