@@ -425,12 +425,7 @@ class Connection:
                     template.unpaid = 0
                     call.done = call.ok = True
                     call.answer, call.cuts = answer, cuts
-                    if call.abandoned:
-                        call.release()
-                        pending.pop(rid, None)
-                        return None
-                    pending.pop(rid, None)
-                    return call
+                    return self._settled(rid, call)
         frame = _unpackb(body, raw=False, strict_map_key=False)
         if type(frame) is not dict:
             raise _wire.FrameError("a response that is not a map")
@@ -446,11 +441,17 @@ class Connection:
         call.done, call.ok, call.payload = True, ok, payload
         if call.template is not None:
             learn_answer(call, body, frame)
+        return self._settled(rid, call)
+
+    def _settled(self, rid: int, call: Call) -> Optional[Call]:
+        """``call`` is answered: no longer pending; returned to its waiter, or, abandoned, its
+        arena ranges released (before it leaves ``pending``: an exception between the two
+        leaves it to ``fail_all``, not leaked) and ``None``."""
         if call.abandoned:
             call.release()
-            pending.pop(rid, None)
+            self.pending.pop(rid, None)
             return None
-        pending.pop(rid, None)
+        self.pending.pop(rid, None)
         return call
 
     def fail_all(self, reason: str) -> List[Call]:

@@ -396,8 +396,14 @@ class Client:
     def _pump(self, link: _Link) -> None:
         """As the reader, keeping the role: one read of what the socket has (it has
         something), the answers handed out."""
-        broken = self._recv(link)
+        self._hand_out(link, self._recv(link), None)
+
+    def _hand_out(self, link: _Link, broken: Optional[str], leaving: Optional[Call]) -> None:
+        """After a read: the whole frames handed out, the waiters woken, and the reader's role
+        given up when ``leaving`` holds it; the connection failed if it broke."""
         with self._lock:
+            if leaving is not None and link.reader is leaving:
+                link.reader = None
             try:
                 link.conn.take_frames()
             except (_wire.FrameError, ValueError) as e:
@@ -459,16 +465,7 @@ class Client:
         broken: Optional[str] = None
         if deadline is None or link.poll.poll(max(0, int((deadline - time.monotonic()) * 1000) + 1)):
             broken = self._recv(link)
-        with self._lock:
-            if link.reader is call:
-                link.reader = None
-            try:
-                link.conn.take_frames()
-            except (_wire.FrameError, ValueError) as e:
-                broken = f"undecodable answer: {e}"
-            self._wake()
-        if broken is not None:
-            self._broken(link, broken)
+        self._hand_out(link, broken, call)
 
     def _control(self, op: str, args: Optional[Dict[str, Any]] = None, timeout: Optional[float] = None) -> Any:
         conn, call = self._roundtrip(op, lambda c, call: c.control(call, args), timeout)
