@@ -122,6 +122,17 @@ impl RawRing {
     }
 }
 
+/// The end of a ring attack: the daemon unharmed ([`assert_unharmed`]: the bystander served
+/// within 5 s, fds back, memory within 64 MiB); `seen` is `None` where the test runs no
+/// bystander of its own.
+fn assert_ring_unharmed(d: &mut TestDaemon, before: &Before, seen: Option<Seen>) {
+    let seen = seen.unwrap_or(Seen {
+        ok: 1,
+        ..Default::default()
+    });
+    assert_unharmed(d, before, &seen, Duration::from_secs(5), 64 << 20);
+}
+
 /// The daemon ended the liar's connection with `malformed_message` under id 0, naming the
 /// ring, and closed it.
 fn assert_closed_for_lying(r: &mut RawRing, what: &str) {
@@ -217,7 +228,7 @@ fn lying_counts_and_lengths_end_only_the_liars_connection() {
 
     let seen = bystander.stop();
     drop((honest, r));
-    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+    assert_ring_unharmed(&mut d, &before, Some(seen));
 }
 
 #[test]
@@ -272,7 +283,7 @@ fn a_client_that_stops_consuming_stalls_only_its_own_ring_and_is_closed_as_idle(
 
     let seen = bystander.stop();
     drop(r);
-    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+    assert_ring_unharmed(&mut d, &before, Some(seen));
 }
 
 #[test]
@@ -328,7 +339,7 @@ fn clients_that_die_with_a_full_ring_or_flood_it_with_wakes_leave_nothing_behind
     }
 
     let seen = bystander.stop();
-    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+    assert_ring_unharmed(&mut d, &before, Some(seen));
     // Every ring's arena is unmapped once its connection and requests are gone.
     let deadline = Instant::now() + Duration::from_secs(10);
     while d.arena_mappings() > mappings {
@@ -522,7 +533,7 @@ fn absurd_ring_geometry_gets_a_clear_answer_and_the_budgets_come_back() {
     );
     assert!(problems.is_empty(), "{problems:#?}");
     assert_eq!(granted, 32, "ring counts leaked");
-    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+    assert_ring_unharmed(&mut d, &before, Some(seen));
     let deadline = Instant::now() + Duration::from_secs(10);
     while d.arena_mappings() > mappings {
         assert!(Instant::now() < deadline, "arenas still mapped");
@@ -582,11 +593,7 @@ fn an_active_ring_only_client_is_not_closed_as_idle() {
         "{words:?}"
     );
     drop(r);
-    let seen = Seen {
-        ok: 1,
-        ..Default::default()
-    };
-    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+    assert_ring_unharmed(&mut d, &before, None);
 }
 
 /// A client that scribbles on the daemon's words (`sq_head`, `sq_wake`, `cq_tail`) while its
@@ -652,7 +659,7 @@ fn scribbling_on_the_daemons_words_garbles_only_the_clients_view() {
     assert_eq!(r.completed(), 0, "a second completion");
     let seen = bystander.stop();
     drop(r);
-    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+    assert_ring_unharmed(&mut d, &before, Some(seen));
 }
 
 /// A slot rewritten while the daemon copies it (two valid frames of different sizes, and
@@ -721,7 +728,7 @@ fn a_slot_rewritten_while_the_daemon_copies_it_gets_exactly_one_completion() {
     assert!(submitted > 20, "{submitted}");
     let seen = bystander.stop();
     drop(r);
-    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+    assert_ring_unharmed(&mut d, &before, Some(seen));
 }
 
 /// Thousands of tiny submissions a second through a one-entry ring (control requests, refused
@@ -826,7 +833,7 @@ fn a_flood_through_a_tiny_ring_gets_one_completion_each() {
     assert!(n > 300, "{n}");
     let seen = bystander.stop();
     drop(r);
-    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+    assert_ring_unharmed(&mut d, &before, Some(seen));
 }
 
 /// A client closes its socket with requests in flight but keeps its mapping, and goes on
@@ -877,7 +884,7 @@ fn a_client_that_hangs_up_but_keeps_writing_its_ring_is_ignored() {
         "the daemon still takes submissions of a closed connection"
     );
     let seen = bystander.stop();
-    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+    assert_ring_unharmed(&mut d, &before, Some(seen));
     let deadline = Instant::now() + Duration::from_secs(10);
     while d.arena_mappings() > mappings {
         assert!(
@@ -946,11 +953,7 @@ fn one_id_on_the_socket_and_the_ring_at_once_gets_one_answer_each() {
     );
     eprintln!("{outcomes:?}");
     drop(r);
-    let seen = Seen {
-        ok: 1,
-        ..Default::default()
-    };
-    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+    assert_ring_unharmed(&mut d, &before, None);
 }
 
 /// Rings come and go all the time (the poller's set changes under it; some leave with
@@ -1022,7 +1025,7 @@ fn rings_coming_and_going_do_not_delay_a_ring_bystander() {
         "the ring bystander waited {worst:?}"
     );
     let seen = bystander.stop();
-    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+    assert_ring_unharmed(&mut d, &before, Some(seen));
 }
 
 /// Ring requests for a model that must load first (load on demand), then the client vanishes
@@ -1051,11 +1054,7 @@ fn a_ring_client_that_dies_while_its_model_loads_leaves_nothing_behind() {
         other => panic!("{other:?}"),
     }
     drop(r);
-    let seen = Seen {
-        ok: 1,
-        ..Default::default()
-    };
-    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+    assert_ring_unharmed(&mut d, &before, None);
     let deadline = Instant::now() + Duration::from_secs(10);
     while d.arena_mappings() > mappings {
         assert!(Instant::now() < deadline, "arenas still mapped");
@@ -1295,11 +1294,7 @@ fn submitting_past_the_room_never_loses_a_completion() {
     assert!(rounds > 100, "{rounds}");
     r.conn.stream.set_nonblocking(false).unwrap();
     drop(r);
-    let seen = Seen {
-        ok: 1,
-        ..Default::default()
-    };
-    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+    assert_ring_unharmed(&mut d, &before, None);
 }
 
 /// A ring client whose answers do not fit its slots (so each comes on the socket, the ring
@@ -1529,7 +1524,7 @@ fn a_tail_flipped_back_and_forth_ends_the_connection_cleanly() {
         assert_eq!(ids.len() as u32, head, "round {round}: {ids:?}");
     }
     let seen = bystander.stop();
-    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+    assert_ring_unharmed(&mut d, &before, Some(seen));
 }
 
 /// An admin may take every ring the daemon has (127): a non-admin user then gets none and is
@@ -1569,9 +1564,5 @@ fn an_admin_holding_every_ring_leaves_others_the_socket_and_gives_them_back() {
         assert!(Instant::now() < deadline, "the rings were not given back");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let seen = Seen {
-        ok: 1,
-        ..Default::default()
-    };
-    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(5), 64 << 20);
+    assert_ring_unharmed(&mut d, &before, None);
 }
