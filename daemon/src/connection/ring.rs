@@ -496,11 +496,14 @@ fn poll(weak: Weak<Shared>, handle: tokio::runtime::Handle) {
         used.clear();
         turn = turn.wrapping_add(1);
         let first = turn % served.len().max(1);
+        // The round's requests reach their schedulers together, when it ends.
+        let plug = crate::scheduler::Plug::start();
         for s in served[first..].iter().chain(&served[..first]) {
             let r = s.round(&mut body, &mut used);
             took |= r.took || r.more;
             waits_for_memory |= r.waits_for_memory;
         }
+        drop(plug);
         if body.capacity() > 1 << 20 {
             body = Vec::new();
         }

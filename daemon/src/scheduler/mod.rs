@@ -94,6 +94,70 @@ pub struct LaneReport {
     pub error: Option<String>,
 }
 
+/// Holds the submissions a thread makes until it drops the plug, then schedules each
+/// scheduler they went to once: a thread that takes several requests in one go (the ring
+/// poller's round) hands the policy all of them together, so that they can share a batch and
+/// a worker's wake-up, instead of the first going alone to an idle worker, which sleeps again
+/// before the next arrives. A request waits at most for the rest of its submitter's go.
+/// Plugs nest: the outermost one flushes.
+pub struct Plug {
+    outermost: bool,
+    /// Not `Send`: the held schedulers are the thread's own.
+    _thread: std::marker::PhantomData<*const ()>,
+}
+
+thread_local! {
+    /// `Some` while this thread holds a plug: the schedulers submitted to under it.
+    static PLUGGED: std::cell::RefCell<Option<Vec<Arc<Scheduler>>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl Plug {
+    pub fn start() -> Plug {
+        let outermost = PLUGGED.with_borrow_mut(|p| {
+            let first = p.is_none();
+            if first {
+                *p = Some(Vec::new());
+            }
+            first
+        });
+        Plug {
+            outermost,
+            _thread: std::marker::PhantomData,
+        }
+    }
+
+    /// Whether a submission to `sched` on this thread is held, noting the scheduler to flush.
+    fn hold(sched: &Scheduler) -> bool {
+        PLUGGED.with_borrow_mut(|p| {
+            let Some(held) = p else {
+                return false;
+            };
+            if !held.iter().any(|s| std::ptr::eq(Arc::as_ptr(s), sched)) {
+                // A scheduler being dropped cannot be held; it schedules at once.
+                let Some(me) = sched.me.upgrade() else {
+                    return false;
+                };
+                held.push(me);
+            }
+            true
+        })
+    }
+}
+
+impl Drop for Plug {
+    fn drop(&mut self) {
+        if !self.outermost {
+            return;
+        }
+        // Taken out first: flushing completes jobs, whose completions may submit again.
+        let held = PLUGGED.with_borrow_mut(Option::take).unwrap_or_default();
+        for s in held {
+            s.flush();
+        }
+    }
+}
+
 /// The scheduler of one model version: policy state, waiting jobs, and the worker pool.
 pub struct Scheduler {
     me: Weak<Scheduler>,
@@ -338,6 +402,7 @@ impl Scheduler {
 
     /// Queues a job under `terms`.
     pub fn submit(&self, job: Job, terms: Terms) {
+        let held = Plug::hold(self);
         let now = Instant::now();
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let mut st = self.lock();
@@ -356,7 +421,18 @@ impl Scheduler {
             source: terms.source,
         };
         st.pending.insert(id, (job, rows, now));
-        let actions = st.batcher.arrive(item, now);
+        let actions = if held {
+            st.batcher.hold(item, now)
+        } else {
+            st.batcher.arrive(item, now)
+        };
+        self.act(st, actions);
+    }
+
+    /// Schedules what a [`Plug`] held.
+    fn flush(&self) {
+        let mut st = self.lock();
+        let actions = st.batcher.flush(Instant::now());
         self.act(st, actions);
     }
 

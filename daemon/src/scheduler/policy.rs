@@ -332,14 +332,26 @@ impl Batcher {
 
     /// A request arrives.
     pub fn arrive(&mut self, item: Item, now: Instant) -> Vec<Action> {
+        let mut actions = self.hold(item, now);
+        actions.extend(self.schedule(now));
+        actions
+    }
+
+    /// A request arrives and waits, without the queue being looked at, for the next event
+    /// ([`Batcher::flush`] when its submitter has more to add): refused only when the queue
+    /// is full.
+    pub fn hold(&mut self, item: Item, now: Instant) -> Vec<Action> {
         self.rate.observe(item.rows, now);
         if self.queue.len() >= self.settings.queue_capacity {
-            let mut actions = vec![Action::Reject(item.id)];
-            actions.extend(self.schedule(now));
-            return actions;
+            return vec![Action::Reject(item.id)];
         }
         let start = self.fair_start(&item);
         self.queue.push(Waiting { item, start });
+        Vec::new()
+    }
+
+    /// Looks at the queue: what was held since the last event is scheduled.
+    pub fn flush(&mut self, now: Instant) -> Vec<Action> {
         self.schedule(now)
     }
 

@@ -743,3 +743,53 @@ fn workers_retired_while_busy_free_no_slot_when_their_batches_finish() {
     );
     assert_eq!(runs(&b.add_workers(1, t0 + ms(5))), vec![vec![5]]);
 }
+
+#[test]
+fn held_requests_wait_for_the_flush_and_then_share_a_batch() {
+    let t0 = Instant::now();
+    let mut b = Batcher::new(
+        Settings {
+            max_batch_rows: 8,
+            ..Settings::default()
+        },
+        1,
+    );
+    // A worker is free, yet held requests do not run on arrival ...
+    for id in 1..=3 {
+        assert!(b.hold(item(id, 1, 0, 0, t0), t0).is_empty());
+    }
+    assert_eq!(b.queued(), 3);
+    // ... but together, when their submitter is done.
+    assert_eq!(runs(&b.flush(t0)), vec![vec![1, 2, 3]]);
+    assert_eq!(b.queued(), 0);
+    // Arriving one by one, the first would have run alone.
+    let mut a = Batcher::new(
+        Settings {
+            max_batch_rows: 8,
+            ..Settings::default()
+        },
+        1,
+    );
+    assert_eq!(runs(&a.arrive(item(1, 1, 0, 0, t0), t0)), vec![vec![1]]);
+}
+
+#[test]
+fn a_held_request_beyond_the_queue_capacity_is_refused_at_once() {
+    let t0 = Instant::now();
+    let mut b = Batcher::new(
+        Settings {
+            max_batch_rows: 8,
+            queue_capacity: 2,
+            ..Settings::default()
+        },
+        1,
+    );
+    assert!(b.hold(item(1, 1, 0, 0, t0), t0).is_empty());
+    assert!(b.hold(item(2, 1, 0, 0, t0), t0).is_empty());
+    let refused = b.hold(item(3, 1, 0, 0, t0), t0);
+    assert!(
+        matches!(refused.as_slice(), [Action::Reject(3)]),
+        "{refused:?}"
+    );
+    assert_eq!(runs(&b.flush(t0)), vec![vec![1, 2]]);
+}
