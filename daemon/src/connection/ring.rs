@@ -496,8 +496,9 @@ fn poll(weak: Weak<Shared>, handle: tokio::runtime::Handle) {
         used.clear();
         turn = turn.wrapping_add(1);
         let first = turn % served.len().max(1);
-        // The round's requests reach their schedulers together, when it ends.
-        let plug = crate::scheduler::Plug::start();
+        // The round's requests reach their schedulers together, when it ends; a light
+        // model's batch runs here then, rather than waking a worker.
+        let plug = crate::scheduler::Plug::start(true);
         for s in served[first..].iter().chain(&served[..first]) {
             let r = s.round(&mut body, &mut used);
             took |= r.took || r.more;

@@ -265,6 +265,7 @@ impl Runtime {
             // On a GPU, a session per padded batch size (see `WorkerSessions`), each warmed at
             // its size; `main` serves batch size 1 and any size above the largest.
             let mut worker = WorkerSessions::from(session);
+            worker.cpu = *target.kind == DeviceKind::Cpu;
             if per_size {
                 for &rows in pad_to.iter().filter(|&&b| b > 1) {
                     let (mut extra, _) =

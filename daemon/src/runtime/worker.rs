@@ -29,6 +29,9 @@ pub struct WorkerSessions {
     pub by_rows: Vec<(u64, Session)>,
     /// When ORT's CPU arena gives memory back.
     pub arena: ArenaRelease,
+    /// They run on the CPU EP: a light batch may run on the thread that formed it
+    /// ([`WorkerPool::run_here`]).
+    pub cpu: bool,
 }
 
 impl From<Session> for WorkerSessions {
@@ -37,6 +40,7 @@ impl From<Session> for WorkerSessions {
             main,
             by_rows: Vec::new(),
             arena: ArenaRelease::default(),
+            cpu: false,
         }
     }
 }
@@ -181,8 +185,69 @@ impl ArenaRelease {
 pub struct WorkerPool {
     tx: Option<crossbeam_channel::Sender<Batch>>,
     handles: Vec<JoinHandle<()>>,
-    /// Per worker: when its current batch started (ms since [`epoch`] + 1), 0 when idle.
-    busy_since: Arc<Vec<std::sync::atomic::AtomicU64>>,
+    /// One per worker: what it runs batches with.
+    seats: Vec<Arc<Seat>>,
+    /// What every worker of the pool shares.
+    common: Arc<Common>,
+}
+
+/// What one worker runs batches with, locked by whichever thread runs a batch: the worker's
+/// own, or a thread that runs a light batch itself ([`WorkerPool::run_here`]).
+struct Seat {
+    bench: std::sync::Mutex<Bench>,
+    /// When its current batch started (ms since [`epoch`] + 1), 0 when idle.
+    busy_since: std::sync::atomic::AtomicU64,
+}
+
+/// A worker's sessions and gather buffers.
+struct Bench {
+    sessions: WorkerSessions,
+    staging: Staging,
+    /// When a batch last finished here: a batch routed to the worker while it was busy was
+    /// the scheduler's from then on, not from its dispatch.
+    last_done: std::time::Instant,
+}
+
+/// What the workers of one pool share.
+struct Common {
+    pad_to: Arc<[u32]>,
+    axes: Arc<super::Axes>,
+    /// Test hook: runs are given an input the model does not have.
+    bogus: bool,
+    hooks: Hooks,
+    listener: std::sync::Weak<dyn BatchListener>,
+    load: Arc<crate::metrics::DeviceLoad>,
+    lane: usize,
+    /// Batches may run on the thread that formed them: no test hooks, and no run there has
+    /// taken longer than [`INLINE_STOP`].
+    inline: std::sync::atomic::AtomicBool,
+}
+
+impl Seat {
+    fn bench(&self) -> std::sync::MutexGuard<'_, Bench> {
+        self.bench.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The longest run a batch may be expected to take to be run by the thread that formed it
+/// rather than handed to a worker ([`WorkerPool::run_here`]).
+pub const INLINE_MAX: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// A run on the thread that formed its batch that took more of that thread's CPU than this
+/// (the cost table was wrong: inputs whose values make the model slow) ends such runs for the
+/// pool: the threads that take requests are held up by one such run at most. CPU time, not
+/// wall time: on a busy machine an honest run may wait for a core for longer than this.
+pub const INLINE_STOP: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// The calling thread's CPU time so far.
+fn thread_cpu() -> std::time::Duration {
+    use nix::time::{ClockId, clock_gettime};
+    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map_or(std::time::Duration::ZERO, |t| {
+        std::time::Duration::new(
+            t.tv_sec().max(0) as u64,
+            t.tv_nsec().clamp(0, 999_999_999) as u32,
+        )
+    })
 }
 
 /// The process's time origin for worker heartbeats.
@@ -246,36 +311,47 @@ impl WorkerPool {
             fail_runs,
             ort_fails,
         } = crew;
-        let pad_to: Arc<[u32]> = pad_to.into();
+        let hooks = Hooks { wedge, fail_runs };
+        let common = Arc::new(Common {
+            pad_to: pad_to.into(),
+            axes,
+            bogus: ort_fails,
+            hooks,
+            listener,
+            load,
+            lane,
+            inline: (!wedge && !fail_runs && !ort_fails).into(),
+        });
         // The scheduler bounds what is handed out in all (one batch per worker of the version,
         // over every lane) and may route several to the lane expected to finish them first.
         let (tx, rx) = crossbeam_channel::unbounded::<Batch>();
-        let busy_since: Arc<Vec<std::sync::atomic::AtomicU64>> =
-            Arc::new(sessions.iter().map(|_| Default::default()).collect());
+        let seats: Vec<Arc<Seat>> = sessions
+            .into_iter()
+            .map(|sessions| {
+                Arc::new(Seat {
+                    bench: std::sync::Mutex::new(Bench {
+                        sessions,
+                        staging: Staging::default(),
+                        last_done: std::time::Instant::now(),
+                    }),
+                    busy_since: Default::default(),
+                })
+            })
+            .collect();
         let mut pool = WorkerPool {
             tx: Some(tx),
-            handles: Vec::with_capacity(sessions.len()),
-            busy_since: busy_since.clone(),
+            handles: Vec::with_capacity(seats.len()),
+            seats,
+            common,
         };
-        for (i, session) in sessions.into_iter().enumerate() {
-            let rx = rx.clone();
-            let listener = listener.clone();
-            let busy = busy_since.clone();
-            let pad_to = pad_to.clone();
-            let load = load.clone();
-            let axes = axes.clone();
-            let hooks = Hooks { wedge, fail_runs };
+        for (i, seat) in pool.seats.iter().enumerate() {
+            let (rx, seat, common) = (rx.clone(), seat.clone(), pool.common.clone());
             let (device, cores) = (device.clone(), cores.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("rxd-w-{label}-{lane}.{i}"))
                 .spawn(move || {
                     crate::affinity::pin_for(&device, cores.as_deref());
-                    let pad = Pad {
-                        to: &pad_to,
-                        axes: &axes,
-                        bogus: ort_fails,
-                    };
-                    worker_loop(session, rx, pad, listener, &busy[i], hooks, &load, lane)
+                    worker_loop(&seat, rx, &common)
                 })
                 .map_err(|e| RuntimeError::Threads(e.to_string()))?;
             pool.handles.push(handle);
@@ -292,6 +368,55 @@ impl WorkerPool {
         }
     }
 
+    /// Runs a light batch on the calling thread, on the sessions of a worker not running one
+    /// (the scheduler counted that worker busy with this batch; its thread waits on the
+    /// channel meanwhile), and reports it to the scheduler as the worker would. A light batch
+    /// is one on a CPU device expected to take at most [`INLINE_MAX`] whose inputs are no
+    /// larger than the warmup's: the hand-over to a worker (a wake-up of its thread, and its
+    /// sleep again after) costs as much as such a run. Gives the batch back (`Some`), to be
+    /// sent, when it is not light or every worker's sessions are in use.
+    pub fn run_here(&self, batch: Batch) -> Option<Batch> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.common.inline.load(Relaxed)
+            || batch.expected.is_zero()
+            || batch.expected > INLINE_MAX
+            || batch.failed_on.is_some()
+            || self.tx.is_none()
+        {
+            return Some(batch);
+        }
+        let elements = batch
+            .jobs
+            .iter()
+            .flat_map(|j| &j.inputs)
+            .map(|t| t.shape.iter().fold(1u64, |a, &d| a.saturating_mul(d)))
+            .fold(0u64, u64::saturating_add);
+        for seat in &self.seats {
+            let Ok(mut bench) = seat.bench.try_lock() else {
+                continue;
+            };
+            let keep = bench.sessions.arena.keep_elements;
+            if !bench.sessions.cpu || keep == u64::MAX || elements > keep {
+                return Some(batch);
+            }
+            let cpu = thread_cpu();
+            let report = self.common.run(&mut bench, &seat.busy_since, batch);
+            drop(bench);
+            let took = thread_cpu().saturating_sub(cpu);
+            if took > INLINE_STOP && self.common.inline.swap(false, Relaxed) {
+                tracing::info!(
+                    cpu_us = took.as_micros() as u64,
+                    expected_us = report.lane_batch.expected.as_micros() as u64,
+                    "a light batch run by the thread that took it took far longer than \
+                     expected: this model's batches go to its workers from now on"
+                );
+            }
+            self.common.report(report);
+            return None;
+        }
+        Some(batch)
+    }
+
     pub fn instances(&self) -> usize {
         self.handles.len()
     }
@@ -300,9 +425,9 @@ impl WorkerPool {
     pub fn stuck(&self, limit: std::time::Duration) -> usize {
         let now = now_ms();
         let limit = limit.as_millis() as u64;
-        self.busy_since
+        self.seats
             .iter()
-            .map(|b| b.load(std::sync::atomic::Ordering::Relaxed))
+            .map(|s| s.busy_since.load(std::sync::atomic::Ordering::Relaxed))
             .filter(|&since| since != 0 && now.saturating_sub(since) > limit)
             .count()
     }
@@ -339,27 +464,149 @@ struct Hooks {
     fail_runs: bool,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn worker_loop(
-    mut sessions: WorkerSessions,
-    rx: crossbeam_channel::Receiver<Batch>,
-    pad: Pad<'_>,
-    listener: std::sync::Weak<dyn BatchListener>,
-    busy: &std::sync::atomic::AtomicU64,
-    hooks: Hooks,
-    load: &crate::metrics::DeviceLoad,
-    lane: usize,
-) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let mut staging = Staging::default();
-    // When this worker finished its last batch: a batch routed here while it was busy was
-    // the scheduler's from then on, not from its dispatch.
-    let mut last_done = std::time::Instant::now();
+/// What became of a batch, for the scheduler: told after the worker's sessions are free.
+struct Report {
+    ran: Ran,
+    lane_batch: LaneBatch,
+    rows: u32,
+    started: std::time::Instant,
+    done: std::time::Instant,
+}
+
+/// What a batch carried that the scheduler needs back with its report.
+struct LaneBatch {
+    arrived: Vec<std::time::Instant>,
+    dispatched: std::time::Instant,
+    expected: std::time::Duration,
+    retried: bool,
+    failed_on: Option<Box<(usize, String)>>,
+    extra: bool,
+}
+
+impl Common {
+    /// Runs `batch` on `bench`, the sessions of the worker whose heartbeat is `busy`.
+    fn run(
+        &self,
+        bench: &mut Bench,
+        busy: &std::sync::atomic::AtomicU64,
+        mut batch: Batch,
+    ) -> Report {
+        use std::sync::atomic::Ordering::Relaxed;
+        let arrived = std::mem::take(&mut batch.arrived);
+        let started = std::time::Instant::now();
+        busy.store(now_ms(), Relaxed);
+        let rows: u32 = batch.rows.iter().sum();
+        let lane_batch = LaneBatch {
+            arrived,
+            dispatched: batch.dispatched.max(bench.last_done),
+            expected: batch.expected,
+            retried: batch.retried,
+            failed_on: batch.failed_on.take(),
+            extra: batch.extra,
+        };
+        let listener = self.listener.upgrade();
+        let (lane, retried) = (self.lane, lane_batch.retried);
+        let hand_back = || {
+            listener
+                .as_ref()
+                .is_some_and(|l| l.can_retry(lane, retried))
+        };
+        let pad = Pad {
+            to: &self.pad_to,
+            axes: &self.axes,
+            bogus: self.bogus,
+        };
+        self.load.begin(started);
+        let Bench {
+            sessions, staging, ..
+        } = bench;
+        let ran = run_batch(sessions, batch, pad, staging, &hand_back);
+        let done = std::time::Instant::now();
+        self.load.end(done, rows);
+        busy.store(0, Relaxed);
+        bench.last_done = done;
+        Report {
+            ran,
+            lane_batch,
+            rows,
+            started,
+            done,
+        }
+    }
+
+    /// Tells the scheduler what became of a batch (its jobs were answered, or are handed
+    /// back for another device).
+    fn report(&self, report: Report) {
+        let Report {
+            ran,
+            lane_batch,
+            rows,
+            started,
+            done,
+        } = report;
+        let lane = self.lane;
+        let Some(l) = self.listener.upgrade() else {
+            if let Ran::HandedBack(f) = ran {
+                for job in f.jobs {
+                    job.completion
+                        .complete(Err(RuntimeError::Run(f.error.clone())));
+                }
+            }
+            return;
+        };
+        let LaneBatch {
+            arrived,
+            dispatched,
+            expected,
+            retried,
+            failed_on,
+            extra,
+        } = lane_batch;
+        match ran {
+            // Every request failed here: another device tries them (`hand_back` said one
+            // could), and this one is blamed only if they run there.
+            Ran::HandedBack(f) => {
+                let batch = Batch {
+                    jobs: f.jobs,
+                    rows: f.rows,
+                    arrived,
+                    dispatched,
+                    lane,
+                    expected,
+                    retried,
+                    failed_on: None,
+                    extra,
+                };
+                l.run_failed(lane, batch, f.error);
+            }
+            Ran::Answered { ok } => {
+                if let (true, Some(blamed)) = (ok, failed_on) {
+                    let (bad, error) = *blamed;
+                    l.blame(bad, error);
+                }
+                l.batch_done(Finished {
+                    lane,
+                    expected,
+                    rows,
+                    compute: done.saturating_duration_since(started),
+                    occupied: done.saturating_duration_since(dispatched),
+                    arrived: &arrived,
+                    extra,
+                });
+            }
+        }
+    }
+}
+
+fn worker_loop(seat: &Seat, rx: crossbeam_channel::Receiver<Batch>, common: &Common) {
     loop {
         // After a run larger than the warmup's, the arena's growth goes back once idle.
-        let next = if sessions.arena.pending() {
+        let pending = seat.bench().sessions.arena.pending();
+        let next = if pending {
             match rx.recv_timeout(ARENA_IDLE) {
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    let mut bench = seat.bench();
+                    let sessions = &mut bench.sessions;
                     sessions.arena.tidy(&mut sessions.main);
                     continue;
                 }
@@ -371,86 +618,31 @@ fn worker_loop(
         let Some(mut batch) = next else {
             break;
         };
-        let arrived = std::mem::take(&mut batch.arrived);
-        let started = std::time::Instant::now();
-        busy.store(now_ms(), Relaxed);
-        if hooks.wedge {
+        if common.hooks.wedge {
+            seat.busy_since
+                .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
             tracing::warn!("test hook: this worker hangs now");
             loop {
                 std::thread::park();
             }
         }
-        if hooks.fail_runs {
-            busy.store(0, Relaxed);
-            batch.arrived = arrived;
-            match listener.upgrade() {
-                Some(l) => {
-                    l.batch_failed(lane, batch, "test hook: the device fails every run".into())
-                }
+        if common.hooks.fail_runs {
+            seat.bench().last_done = std::time::Instant::now();
+            match common.listener.upgrade() {
+                Some(l) => l.batch_failed(
+                    common.lane,
+                    batch,
+                    "test hook: the device fails every run".into(),
+                ),
                 None => {
-                    for job in batch.jobs {
+                    for job in std::mem::take(&mut batch.jobs) {
                         job.completion.complete(Err(RuntimeError::WorkersGone));
                     }
                 }
             }
-            last_done = std::time::Instant::now();
             continue;
         }
-        let rows: u32 = batch.rows.iter().sum();
-        let dispatched = batch.dispatched.max(last_done);
-        let expected = batch.expected;
-        let (retried, failed_on, extra) = (batch.retried, batch.failed_on.take(), batch.extra);
-        let upgraded = listener.upgrade();
-        let hand_back = || {
-            upgraded
-                .as_ref()
-                .is_some_and(|l| l.can_retry(lane, retried))
-        };
-        load.begin(started);
-        let ran = run_batch(&mut sessions, batch, pad, &mut staging, &hand_back);
-        let done = std::time::Instant::now();
-        load.end(done, rows);
-        busy.store(0, Relaxed);
-        last_done = done;
-        if let Some(l) = upgraded {
-            match ran {
-                // Every request failed here: another device tries them (`hand_back` said one
-                // could), and this one is blamed only if they run there.
-                Ran::HandedBack(f) => {
-                    let batch = Batch {
-                        jobs: f.jobs,
-                        rows: f.rows,
-                        arrived,
-                        dispatched,
-                        lane,
-                        expected,
-                        retried,
-                        failed_on: None,
-                        extra,
-                    };
-                    l.run_failed(lane, batch, f.error);
-                }
-                Ran::Answered { ok } => {
-                    if let (true, Some(blamed)) = (ok, failed_on) {
-                        let (bad, error) = *blamed;
-                        l.blame(bad, error);
-                    }
-                    l.batch_done(Finished {
-                        lane,
-                        expected,
-                        rows,
-                        compute: done.saturating_duration_since(started),
-                        occupied: done.saturating_duration_since(dispatched),
-                        arrived: &arrived,
-                        extra,
-                    });
-                }
-            }
-        } else if let Ran::HandedBack(f) = ran {
-            for job in f.jobs {
-                job.completion
-                    .complete(Err(RuntimeError::Run(f.error.clone())));
-            }
-        }
+        let report = common.run(&mut seat.bench(), &seat.busy_since, batch);
+        common.report(report);
     }
 }

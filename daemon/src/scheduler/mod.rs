@@ -100,8 +100,14 @@ pub struct LaneReport {
 /// a worker's wake-up, instead of the first going alone to an idle worker, which sleeps again
 /// before the next arrives. A request waits at most for the rest of its submitter's go.
 /// Plugs nest: the outermost one flushes.
+///
+/// A plug started with `run_light` also lets its thread run, when it flushes, one light batch
+/// per scheduler itself (`WorkerPool::run_here`: a CPU batch expected to take at most
+/// `INLINE_MAX`) instead of waking a worker for it — the ring poller's, whose rounds are
+/// what a light model's requests wait on anyway.
 pub struct Plug {
     outermost: bool,
+    run_light: bool,
     /// Not `Send`: the held schedulers are the thread's own.
     _thread: std::marker::PhantomData<*const ()>,
 }
@@ -110,10 +116,12 @@ thread_local! {
     /// `Some` while this thread holds a plug: the schedulers submitted to under it.
     static PLUGGED: std::cell::RefCell<Option<Vec<Arc<Scheduler>>>> =
         const { std::cell::RefCell::new(None) };
+    /// While a plug flushes one scheduler: its next light batch may run on this thread.
+    static RUN_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 impl Plug {
-    pub fn start() -> Plug {
+    pub fn start(run_light: bool) -> Plug {
         let outermost = PLUGGED.with_borrow_mut(|p| {
             let first = p.is_none();
             if first {
@@ -123,6 +131,7 @@ impl Plug {
         });
         Plug {
             outermost,
+            run_light,
             _thread: std::marker::PhantomData,
         }
     }
@@ -153,7 +162,9 @@ impl Drop for Plug {
         // Taken out first: flushing completes jobs, whose completions may submit again.
         let held = PLUGGED.with_borrow_mut(Option::take).unwrap_or_default();
         for s in held {
+            RUN_HERE.set(self.run_light);
             s.flush();
+            RUN_HERE.set(false);
         }
     }
 }
@@ -514,7 +525,10 @@ impl Scheduler {
         }
         drop(st);
         let now = Instant::now();
-        for b in batches {
+        // The last batch formed may run on this thread (the others are handed out first, so
+        // that their workers start meanwhile); the batches its run makes follow go to workers.
+        let last = batches.len();
+        for (i, b) in batches.into_iter().enumerate() {
             self.metrics
                 .record_queue(b.arrived.iter().map(|a| now.saturating_duration_since(*a)));
             let rows: u32 = b.rows.iter().sum();
@@ -527,7 +541,11 @@ impl Scheduler {
             self.stats
                 .padded_rows
                 .fetch_add(padded - u64::from(rows), Ordering::Relaxed);
-            self.send(b);
+            if i + 1 == last && RUN_HERE.replace(false) {
+                self.run_here(b);
+            } else {
+                self.send(b);
+            }
         }
         for (job, e) in failed {
             job.completion.complete(Err(e));
@@ -627,6 +645,18 @@ impl Scheduler {
         let cost = l.lane.predict(rows).unwrap_or_default();
         l.lane.hand(cost, now);
         cost
+    }
+
+    /// Runs a light batch on this thread (`WorkerPool::run_here`), else hands it out.
+    fn run_here(&self, b: Batch) {
+        let pool = self.read_pools().get(b.lane).cloned().flatten();
+        let back = match pool {
+            Some(pool) => pool.run_here(b),
+            None => Some(b),
+        };
+        if let Some(b) = back {
+            self.send(b);
+        }
     }
 
     /// Hands a routed batch to its lane's workers; a lane gone (never expected: a lane leaves
