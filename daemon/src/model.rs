@@ -74,6 +74,8 @@ pub struct Serving {
     pub fail_runs: bool,
     /// Test hook: its device's runs fail inside ONNX Runtime.
     pub ort_fails: bool,
+    /// The longest expected run of a batch the ring poller runs itself.
+    pub inline_max: std::time::Duration,
     /// Its device's busy time and rows (the workers record each batch there).
     pub device_load: Arc<crate::metrics::DeviceLoad>,
 }
@@ -132,6 +134,7 @@ impl LoadedModel {
             lane: 0,
             fail_runs: s.fail_runs,
             ort_fails: s.ort_fails,
+            inline_max: s.inline_max,
             axes,
         }
     }

@@ -56,6 +56,76 @@ fn answers_through_the_ring_equal_in_process_ort_across_many_wraps_of_its_slots(
     assert!(max_rel_diff(&got[0], &reference.run(&[x])[0]) < 1e-5);
 }
 
+/// CPU time so far (ns, the scheduler's own count) of the daemon's worker threads (`rxd-w-…`).
+fn worker_cpu_ns(pid: i32) -> u64 {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        if !comm.starts_with("rxd-w-") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("schedstat")).unwrap_or_default();
+        total += stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total
+}
+
+#[test]
+fn a_light_model_runs_on_the_ring_poller_while_its_workers_sleep_and_answers_the_same() {
+    let repo = Repo::new();
+    repo.link("sigmoid", 1, "sigmoid");
+    // A debug build's own part of a batch (gathering, answering) is many times slower than a
+    // release build's, and counts in a batch's expected run: the bound is raised to 1 ms.
+    let d = TestDaemon::start_env(repo.path(), &[("RXD_TEST_INLINE_MAX_US", "1000")], "", &[]);
+    let mut reference = Reference::new(&model_file("sigmoid"));
+    let mut ring = RingClient::connect(&d.socket, ring_options(4, 1024)).unwrap();
+    assert!(ring.has_ring());
+    // On the socket whatever RXD_CLIENT_RING says.
+    let options = rxd_client::ClientOptions {
+        ring_entries: 0,
+        ..Default::default()
+    };
+    let socket = rxd_client::blocking::Client::connect_with(&d.socket, options).unwrap();
+    let x = |i: u64| f32_tensor("x", &[3, 4, 5], &random_f32(60, 5000 + i));
+    // The workers run the first requests: the model's costs are measured from them.
+    for i in 0..50 {
+        assert_eq!(
+            socket.infer("sigmoid", vec![x(i)]).unwrap(),
+            reference.run(&[x(i)])
+        );
+    }
+    // One request at a time through the ring: the poller runs each (its workers are idle).
+    let before = worker_cpu_ns(d.pid());
+    for i in 100..500 {
+        let got = ring.infer("sigmoid", vec![x(i)]).unwrap();
+        assert_eq!(got, reference.run(&[x(i)]), "request {i} through the ring");
+    }
+    let through_ring = worker_cpu_ns(d.pid()) - before;
+    // Through the socket a worker runs each.
+    let before = worker_cpu_ns(d.pid());
+    for i in 500..900 {
+        let got = socket.infer("sigmoid", vec![x(i)]).unwrap();
+        assert_eq!(
+            got,
+            reference.run(&[x(i)]),
+            "request {i} through the socket"
+        );
+    }
+    let through_socket = worker_cpu_ns(d.pid()) - before;
+    assert!(
+        through_ring * 4 < through_socket,
+        "400 requests took the workers {through_ring} ns of CPU through the ring, \
+         {through_socket} ns on the socket"
+    );
+}
+
 #[test]
 fn an_answer_larger_than_a_slot_comes_on_the_socket_and_inputs_through_the_arena() {
     let repo = Repo::new();

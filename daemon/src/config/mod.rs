@@ -50,7 +50,10 @@ pub use crate::runtime::DeviceKind;
 /// `RXD_TEST_FAIL_DEVICE=<device,...>` makes every run on those devices fail (the failing
 /// device test: its batches are handed back unrun to be retried elsewhere); a device written
 /// `ort:<device>` there fails inside ONNX Runtime instead (each run is given an input the
-/// model does not have), through the path a real execution provider's failure takes.
+/// model does not have), through the path a real execution provider's failure takes;
+/// `RXD_TEST_INLINE_MAX_US=<µs>` raises the longest expected run of a batch that the ring
+/// poller runs itself (a debug build's own part of a batch is many times slower than a
+/// release build's, and counts in that expectation: the test of that path raises it).
 #[derive(Debug, Clone, Default)]
 pub struct TestHooks {
     pub load_hang: Option<String>,
@@ -60,6 +63,8 @@ pub struct TestHooks {
     /// Devices (names, comma-separated) whose capability probe reports no float16, as a
     /// Polaris GPU's would: float16 placement is tested without such a GPU.
     pub no_float16: Option<String>,
+    /// The light-batch bound in place of `runtime::INLINE_MAX`.
+    pub inline_max: Option<std::time::Duration>,
 }
 
 impl TestHooks {
@@ -70,6 +75,9 @@ impl TestHooks {
             wedge: var("RXD_TEST_WEDGE"),
             fail_device: var("RXD_TEST_FAIL_DEVICE"),
             no_float16: var("RXD_TEST_NO_FLOAT16"),
+            inline_max: var("RXD_TEST_INLINE_MAX_US")
+                .and_then(|v| v.parse().ok())
+                .map(std::time::Duration::from_micros),
         }
     }
 

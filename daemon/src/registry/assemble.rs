@@ -162,6 +162,11 @@ impl LoadJob {
                 wedge: self.defaults.hooks.wedges(&format!("{name}-{version}")),
                 fail_runs: self.defaults.hooks.fails_device(actual),
                 ort_fails: self.defaults.hooks.fails_in_ort(actual),
+                inline_max: self
+                    .defaults
+                    .hooks
+                    .inline_max
+                    .unwrap_or(crate::runtime::INLINE_MAX),
                 device_load: self
                     .defaults
                     .devices

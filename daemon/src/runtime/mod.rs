@@ -45,7 +45,7 @@ pub use signature::{
     warmup_shape, zero_inputs,
 };
 pub use tune::{Cell, Layout, Measured, TuneSpec, layouts};
-pub use worker::{ARENA_IDLE, ArenaRelease, Crew, WorkerPool, WorkerSessions};
+pub use worker::{ARENA_IDLE, ArenaRelease, Crew, INLINE_MAX, WorkerPool, WorkerSessions};
 
 use profile::node_placement;
 

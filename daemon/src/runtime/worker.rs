@@ -221,6 +221,8 @@ struct Common {
     /// Batches may run on the thread that formed them: no test hooks, and no run there has
     /// taken longer than [`INLINE_STOP`].
     inline: std::sync::atomic::AtomicBool,
+    /// The longest expected run of a light batch.
+    inline_max: std::time::Duration,
 }
 
 impl Seat {
@@ -287,6 +289,8 @@ pub struct Crew {
     /// A test hook (`config::TestHooks`): every run is given an input the model does not
     /// have, so ONNX Runtime fails it.
     pub ort_fails: bool,
+    /// The longest expected run of a light batch ([`INLINE_MAX`] but in a test).
+    pub inline_max: std::time::Duration,
 }
 
 impl WorkerPool {
@@ -310,6 +314,7 @@ impl WorkerPool {
             lane,
             fail_runs,
             ort_fails,
+            inline_max,
         } = crew;
         let hooks = Hooks { wedge, fail_runs };
         let common = Arc::new(Common {
@@ -321,6 +326,7 @@ impl WorkerPool {
             load,
             lane,
             inline: (!wedge && !fail_runs && !ort_fails).into(),
+            inline_max,
         });
         // The scheduler bounds what is handed out in all (one batch per worker of the version,
         // over every lane) and may route several to the lane expected to finish them first.
@@ -379,7 +385,7 @@ impl WorkerPool {
         use std::sync::atomic::Ordering::Relaxed;
         if !self.common.inline.load(Relaxed)
             || batch.expected.is_zero()
-            || batch.expected > INLINE_MAX
+            || batch.expected > self.common.inline_max
             || batch.failed_on.is_some()
             || self.tx.is_none()
         {
