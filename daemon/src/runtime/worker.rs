@@ -368,6 +368,9 @@ impl WorkerPool {
     /// Hands a batch to the workers (the next free one takes it). Fails (returning the batch,
     /// boxed: the error path is rare) only if the workers are gone.
     pub fn send(&self, batch: Batch) -> Result<(), Box<Batch>> {
+        let Some(batch) = keep_here(&self.common, batch) else {
+            return Ok(());
+        };
         match &self.tx {
             Some(tx) => tx.try_send(batch).map_err(|e| Box::new(e.into_inner())),
             None => Err(Box::new(batch)),
@@ -468,6 +471,28 @@ pub(super) struct Pad<'a> {
 struct Hooks {
     wedge: bool,
     fail_runs: bool,
+}
+
+thread_local! {
+    /// On a worker thread while it reports a batch: its pool (the address of its `Common`)
+    /// and the first batch the scheduler hands that pool meanwhile — the policy counted this
+    /// worker free for it. The worker runs it next itself: through the channel, it would wake
+    /// another worker of the pool (a system call and a context switch) while this one went
+    /// to sleep, once per batch under load.
+    static NEXT_HERE: std::cell::RefCell<Option<(usize, Option<Batch>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Keeps `batch` for this worker thread to run next ([`NEXT_HERE`]), or gives it back.
+fn keep_here(common: &Arc<Common>, batch: Batch) -> Option<Batch> {
+    let me = Arc::as_ptr(common) as usize;
+    NEXT_HERE.with_borrow_mut(|k| match k {
+        Some((pool, slot @ None)) if *pool == me => {
+            *slot = Some(batch);
+            None
+        }
+        _ => Some(batch),
+    })
 }
 
 /// What became of a batch, for the scheduler: told after the worker's sessions are free.
@@ -604,11 +629,16 @@ impl Common {
     }
 }
 
-fn worker_loop(seat: &Seat, rx: crossbeam_channel::Receiver<Batch>, common: &Common) {
+fn worker_loop(seat: &Seat, rx: crossbeam_channel::Receiver<Batch>, common: &Arc<Common>) {
+    let me = Arc::as_ptr(common) as usize;
+    // The batch the scheduler handed this pool while this worker reported its last one.
+    let mut kept: Option<Batch> = None;
     loop {
         // After a run larger than the warmup's, the arena's growth goes back once idle.
         let pending = seat.bench().sessions.arena.pending();
-        let next = if pending {
+        let next = if kept.is_some() {
+            kept.take()
+        } else if pending {
             match rx.recv_timeout(ARENA_IDLE) {
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                     let mut bench = seat.bench();
@@ -649,6 +679,8 @@ fn worker_loop(seat: &Seat, rx: crossbeam_channel::Receiver<Batch>, common: &Com
             continue;
         }
         let report = common.run(&mut seat.bench(), &seat.busy_since, batch);
+        NEXT_HERE.set(Some((me, None)));
         common.report(report);
+        kept = NEXT_HERE.take().and_then(|(_, b)| b);
     }
 }
