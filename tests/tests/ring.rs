@@ -56,15 +56,16 @@ fn answers_through_the_ring_equal_in_process_ort_across_many_wraps_of_its_slots(
     assert!(max_rel_diff(&got[0], &reference.run(&[x])[0]) < 1e-5);
 }
 
-/// CPU time so far (ns, the scheduler's own count) of the daemon's worker threads (`rxd-w-…`).
-fn worker_cpu_ns(pid: i32) -> u64 {
+/// CPU time so far (ns, the scheduler's own count) of the daemon's threads whose names start
+/// with `prefix` (`rxd-w-`: the model workers; `rxd-ring`: the ring's poller).
+fn thread_cpu_ns(pid: i32, prefix: &str) -> u64 {
     let mut total = 0;
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let dir = task.unwrap().path();
         let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
             continue;
         };
-        if !comm.starts_with("rxd-w-") {
+        if !comm.starts_with(prefix) {
             continue;
         }
         let stat = std::fs::read_to_string(dir.join("schedstat")).unwrap_or_default();
@@ -102,14 +103,14 @@ fn a_light_model_runs_on_the_ring_poller_while_its_workers_sleep_and_answers_the
         );
     }
     // One request at a time through the ring: the poller runs each (its workers are idle).
-    let before = worker_cpu_ns(d.pid());
+    let before = thread_cpu_ns(d.pid(), "rxd-w-");
     for i in 100..500 {
         let got = ring.infer("sigmoid", vec![x(i)]).unwrap();
         assert_eq!(got, reference.run(&[x(i)]), "request {i} through the ring");
     }
-    let through_ring = worker_cpu_ns(d.pid()) - before;
+    let through_ring = thread_cpu_ns(d.pid(), "rxd-w-") - before;
     // Through the socket a worker runs each.
-    let before = worker_cpu_ns(d.pid());
+    let before = thread_cpu_ns(d.pid(), "rxd-w-");
     for i in 500..900 {
         let got = socket.infer("sigmoid", vec![x(i)]).unwrap();
         assert_eq!(
@@ -118,12 +119,65 @@ fn a_light_model_runs_on_the_ring_poller_while_its_workers_sleep_and_answers_the
             "request {i} through the socket"
         );
     }
-    let through_socket = worker_cpu_ns(d.pid()) - before;
+    let through_socket = thread_cpu_ns(d.pid(), "rxd-w-") - before;
     assert!(
         through_ring * 4 < through_socket,
         "400 requests took the workers {through_ring} ns of CPU through the ring, \
          {through_socket} ns on the socket"
     );
+}
+
+#[test]
+fn a_light_model_made_slow_by_its_input_values_holds_the_poller_up_once() {
+    let repo = Repo::new();
+    // Sums range(n): microseconds for a small n, milliseconds for n = 5e6 (tens the first
+    // time, which faults its memory in) — its cost follows a value, not a shape. One
+    // single-thread session: each run's CPU is on the thread that runs it.
+    repo.link("range_sum", 1, "range_sum")
+        .settings("range_sum", "instances = 1\nintra-op-threads = 1\n");
+    // The bound is raised for a debug build (see the test above); the stop (1 ms of the
+    // poller's CPU for one run) is the daemon's own.
+    let d = TestDaemon::start_env(repo.path(), &[("RXD_TEST_INLINE_MAX_US", "3000")], "", &[]);
+    let mut reference = Reference::new(&model_file("range_sum"));
+    let mut c = RingClient::connect(&d.socket, ring_options(4, 1024)).unwrap();
+    assert!(c.has_ring());
+    let n = |v: f32| f32_tensor("n", &[1], &[v]);
+    // Cheap requests: the model's costs are learnt, and the poller runs them.
+    for i in 0..100u64 {
+        let x = n((i % 7) as f32);
+        assert_eq!(
+            c.infer("range_sum", vec![x.clone()]).unwrap(),
+            reference.run(&[x])
+        );
+    }
+    let cpu = |prefix: &str| thread_cpu_ns(d.pid(), prefix);
+    let slow = n(5e6);
+    let want = reference.run(std::slice::from_ref(&slow));
+    let (poller0, workers0) = (cpu("rxd-ring"), cpu("rxd-w-"));
+    assert_eq!(c.infer("range_sum", vec![slow.clone()]).unwrap(), want);
+    let poller1 = cpu("rxd-ring");
+    for _ in 0..5 {
+        assert_eq!(c.infer("range_sum", vec![slow.clone()]).unwrap(), want);
+    }
+    let (poller2, workers2) = (cpu("rxd-ring"), cpu("rxd-w-"));
+    // Six slow runs: a run's CPU, on average, is a sixth of what they took on both kinds of
+    // thread (poller and workers).
+    let run = (poller2 - poller0 + workers2 - workers0) / 6;
+    let (first, later) = (poller1 - poller0, poller2 - poller1);
+    // The first ran on the poller, which expected a cheap run; no other did.
+    assert!(
+        first > run / 2 && later < run / 2,
+        "one slow run takes {run} ns of CPU; the poller spent {first} ns on the first and \
+         {later} ns on the next five"
+    );
+    // Cheap requests are answered as before (by the workers now).
+    for i in 0..20u64 {
+        let x = n((i % 5) as f32);
+        assert_eq!(
+            c.infer("range_sum", vec![x.clone()]).unwrap(),
+            reference.run(&[x])
+        );
+    }
 }
 
 #[test]
