@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use ort::session::{Session, SessionInputValue};
 
 use super::job::{Batch, BatchListener, Finished};
-use super::run::{Ran, Staging, run_batch};
+use super::run::{Ran, Staging, elements_of, run_batch};
 use super::{RuntimeError, release_free_memory};
 
 /// The sessions of one worker: `main`, and on GPU devices one more session per padded batch
@@ -394,12 +394,13 @@ impl WorkerPool {
         {
             return Some(batch);
         }
-        let elements = batch
-            .jobs
-            .iter()
-            .flat_map(|j| &j.inputs)
-            .map(|t| t.shape.iter().fold(1u64, |a, &d| a.saturating_mul(d)))
-            .fold(0u64, u64::saturating_add);
+        let elements = elements_of(
+            batch
+                .jobs
+                .iter()
+                .flat_map(|j| &j.inputs)
+                .map(|t| t.shape.as_slice()),
+        );
         for seat in &self.seats {
             let Ok(mut bench) = seat.bench.try_lock() else {
                 continue;
@@ -635,10 +636,9 @@ fn worker_loop(seat: &Seat, rx: crossbeam_channel::Receiver<Batch>, common: &Arc
     let mut kept: Option<Batch> = None;
     loop {
         // After a run larger than the warmup's, the arena's growth goes back once idle.
-        let pending = seat.bench().sessions.arena.pending();
         let next = if kept.is_some() {
             kept.take()
-        } else if pending {
+        } else if seat.bench().sessions.arena.pending() {
             match rx.recv_timeout(ARENA_IDLE) {
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                     let mut bench = seat.bench();
