@@ -71,6 +71,8 @@ pub(super) struct Ring {
     taken: AtomicU64,
     /// The poller could not take what the ring holds (no completion slot, or no memory).
     stalled: AtomicBool,
+    /// The client's completion head when the ring stalled: once it moved, there may be room.
+    stalled_cq_head: AtomicU32,
     closed: AtomicBool,
     failed: CancellationToken,
     failure: Mutex<Option<WireError>>,
@@ -91,6 +93,7 @@ impl Ring {
             running: AtomicU32::new(0),
             taken: AtomicU64::new(0),
             stalled: AtomicBool::new(false),
+            stalled_cq_head: AtomicU32::new(0),
             closed: AtomicBool::new(false),
             failed: CancellationToken::new(),
             failure: Mutex::new(None),
@@ -197,10 +200,24 @@ impl Ring {
         }
     }
 
+    /// Whether the poller must look at the ring again before it sleeps: a submission not
+    /// taken, or, while stalled, completions consumed since the stall. The client's wake for
+    /// those may come before the poller sleeps, and be lost: the poller sleeps on a tail that
+    /// did not change (it was seen when a light batch, run by the poller itself, had just
+    /// filled the ring's one completion slot, and the client consumed it at once).
     fn has_work(&self) -> bool {
-        !self.stalled.load(Ordering::Relaxed)
-            && self.mem.word(layout::SQ_TAIL).load(Ordering::SeqCst)
-                != self.sq_head.load(Ordering::Relaxed)
+        if self.stalled.load(Ordering::Relaxed) {
+            return self.mem.word(layout::CQ_HEAD).load(Ordering::SeqCst)
+                != self.stalled_cq_head.load(Ordering::Relaxed);
+        }
+        self.mem.word(layout::SQ_TAIL).load(Ordering::SeqCst)
+            != self.sq_head.load(Ordering::Relaxed)
+    }
+
+    /// Marks the ring stalled, noting the client's completion head as the stall saw it.
+    fn stall(&self, cq_head: u32) {
+        self.stalled_cq_head.store(cq_head, Ordering::Relaxed);
+        self.stalled.store(true, Ordering::Relaxed);
     }
 }
 
@@ -237,7 +254,7 @@ impl Served {
         let max_unsent =
             usize::try_from(self.conn.shared.config.max_unsent_bytes).unwrap_or(usize::MAX);
         if self.conn.sink.unsent() > max_unsent {
-            ring.stalled.store(true, Ordering::Relaxed);
+            ring.stall(ring.mem.word(layout::CQ_HEAD).load(Ordering::Acquire));
             round.waits_for_memory = true;
             return round;
         }
@@ -272,7 +289,7 @@ impl Served {
                 return round;
             };
             if running + unconsumed >= geo.entries {
-                ring.stalled.store(true, Ordering::Relaxed);
+                ring.stall(cq_head);
                 return round;
             }
             let at = geo.sq_slot(head);
@@ -297,7 +314,7 @@ impl Served {
                 return round;
             }
             let Some(held) = quotas.try_hold(self.peer.uid, self.peer.admin, u64::from(len)) else {
-                ring.stalled.store(true, Ordering::Relaxed);
+                ring.stall(ring.mem.word(layout::CQ_HEAD).load(Ordering::Acquire));
                 round.waits_for_memory = true;
                 return round;
             };
