@@ -275,11 +275,13 @@ impl Served {
             // under: read apart, an answer posted in between would be counted neither as
             // running nor as published, and one request too many taken (its answer would
             // then find no completion slot and go on the socket with no completion).
+            // The client's head first: read after the tail, it may already have consumed
+            // answers posted since, and an honest head would look past the tail.
+            let cq_head = ring.mem.word(layout::CQ_HEAD).load(Ordering::Acquire);
             let (cq_tail, running) = {
                 let tail = lock(&ring.cq_tail);
                 (*tail, ring.running.load(Ordering::Acquire))
             };
-            let cq_head = ring.mem.word(layout::CQ_HEAD).load(Ordering::Acquire);
             let Some(unconsumed) = geo.queued(cq_head, cq_tail) else {
                 ring.fail(format!(
                     "the ring's completion head {cq_head} is not within {} entries behind the \
