@@ -131,6 +131,64 @@ fn silero_requests_batch_along_the_state_rows_and_answer_as_alone() {
     );
 }
 
+/// Requests whose every input lies in the client's arena, the rank-0 sample rate too, with
+/// coalescing off (so nothing copies them out of the arena on the way): they batch as inline
+/// ones do (the daemon copies a small shared input into the request before comparing it),
+/// and each answer equals in-process ONNX Runtime's. Before, such a request ran alone.
+#[test]
+fn silero_requests_with_the_sample_rate_in_the_arena_batch_without_coalescing() {
+    let repo = Repo::new();
+    repo.link("silero_vad", 1, "silero_vad").settings(
+        "silero_vad",
+        "warmup-dims = { input = [1, 256], state = [2, 1, 128] }\n\
+         batch-axes = { state = 1, stateN = 1 }\n\
+         max-batch-rows = 16\n\
+         max-queue-delay-us = 20000\n\
+         coalesce-max-bytes = 0\n",
+    );
+    let d = TestDaemon::start(repo.path(), &[]);
+    let before = d.summaries()["silero_vad"].batches;
+    let rt = runtime();
+    let answers = rt.block_on(async {
+        let client = rxd_client::Client::connect_with(
+            &d.socket,
+            ClientOptions {
+                inline_threshold: 0,
+                ..ClientOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+        let calls: Vec<_> = (0..32u64)
+            .map(|i| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let inputs = request(1, 256, 8000, 500 + 10 * i);
+                    let got = client.infer("silero_vad", inputs.clone()).await.unwrap();
+                    (inputs, got)
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for call in calls {
+            out.push(call.await.unwrap());
+        }
+        out
+    });
+    let mut reference = Reference::new(&model_file("silero_vad"));
+    for (inputs, got) in &answers {
+        for (g, w) in got.iter().zip(&reference.run(inputs)) {
+            assert_eq!((&g.name, &g.shape), (&w.name, &w.shape));
+            assert!(max_rel_diff(g, w) <= 1e-5, "'{}' differs", g.name);
+        }
+    }
+    let batches = d.summaries()["silero_vad"].batches - before;
+    assert!(
+        batches <= 8,
+        "32 single-stream requests sent together ran in {batches} batches"
+    );
+}
+
 /// Settings that do not fit the model fail its load with a reason naming them.
 #[test]
 fn batch_axes_that_do_not_fit_fail_the_load_by_name() {

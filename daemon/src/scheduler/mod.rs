@@ -412,7 +412,8 @@ impl Scheduler {
     }
 
     /// Queues a job under `terms`.
-    pub fn submit(&self, job: Job, terms: Terms) {
+    pub fn submit(&self, mut job: Job, terms: Terms) {
+        self.own_shared_inputs(&mut job);
         let held = Plug::hold(self);
         let now = Instant::now();
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -445,6 +446,28 @@ impl Scheduler {
         let mut st = self.lock();
         let actions = st.batcher.flush(Instant::now());
         self.act(st, actions);
+    }
+
+    /// Copies small shared inputs (one value for the whole batch, such as a sample rate) that
+    /// lie in the client's arena into the request: the copy is what is compared and what runs,
+    /// so such requests batch as those carrying the value inline do (arena bytes may change
+    /// after a comparison, so they never batch from there).
+    fn own_shared_inputs(&self, job: &mut Job) {
+        if !self.batchable {
+            return;
+        }
+        for (k, t) in job.inputs.iter_mut().enumerate() {
+            let InputData::Shared { map, offset, len } = &t.data else {
+                continue;
+            };
+            if !matches!(self.axes.input(k), Axis::Shared) || *len > SHARED_MAX_BYTES as u64 {
+                continue;
+            }
+            let mut own = vec![0u8; *len as usize];
+            if map.copy_out(*offset, &mut own).is_ok() {
+                t.data = InputData::Inline(own);
+            }
+        }
     }
 
     /// Rows (equal across inputs, along each input's rows dimension) and the shape key of a
