@@ -402,6 +402,96 @@ fn rxctl_bench_reports_what_the_daemon_did() {
     );
 }
 
+/// Sends `xs` pipelined on `raw` and checks every answer against in-process ORT's.
+fn pipelined(raw: &mut RawConn, xs: &[Tensor], want: &[Vec<Tensor>], next_id: &mut u64) {
+    for x in xs {
+        *next_id += 1;
+        raw.send(&RequestFrame {
+            id: *next_id,
+            body: Request::Infer(InferRequest::new("digits", vec![x.clone()])),
+        });
+    }
+    for i in 0..xs.len() {
+        let r = raw.read_response();
+        let at = (r.id - (*next_id - xs.len() as u64) - 1) as usize;
+        match r.outcome {
+            Outcome::Ok(Reply::Infer(r)) => assert_eq!(r.outputs, want[at], "answer {i}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn coalescing_goes_quiet_on_a_stream_without_duplicates_and_wakes_when_they_come() {
+    // Numbers of coalesce::Listen.
+    const QUIET_AFTER: u64 = 1024;
+    const LISTEN_EVERY: u64 = 512;
+    let repo = Repo::new();
+    // Identical requests sent together meet in flight (a batch waits 20 ms to fill).
+    repo.link("digits", 1, "digits").settings(
+        "digits",
+        "max-queue-delay-us = 20000
+",
+    );
+    let d = TestDaemon::start(repo.path(), &[]);
+    let mut reference = Reference::new(&model_file("digits"));
+    let mut raw = RawConn::connect(&d.socket).unwrap();
+    raw.handshake().unwrap();
+    let mut id = 0;
+
+    // A stream without duplicates: keyed, nothing joins, until keying goes quiet (and its
+    // first keyed window passes).
+    let distinct: Vec<Tensor> = (0..QUIET_AFTER + 64)
+        .map(|i| f32_tensor("input", &[1, 64], &random_f32(64, 1000 + i)))
+        .collect();
+    for chunk in distinct.chunks(64) {
+        let want: Vec<Vec<Tensor>> = chunk
+            .iter()
+            .map(|x| reference.run(std::slice::from_ref(x)))
+            .collect();
+        pipelined(&mut raw, chunk, &want, &mut id);
+    }
+    let s = model_stats(&d, "digits");
+    assert_eq!((s.coalesced, s.rows), (0, QUIET_AFTER + 64), "{s:?}");
+
+    // Duplicates come: while quiet, eight identical requests sent together run eight times
+    // (outside a keyed window); within one listening period, a window keys them and they
+    // run once; from then on every request is keyed again.
+    let x = example_npy("digit.npy", "input");
+    let want = vec![reference.run(std::slice::from_ref(&x)); 8];
+    let same = vec![x.clone(); 8];
+    let mut sent = 0u64;
+    let mut quiet_runs = Vec::new();
+    loop {
+        let before = model_stats(&d, "digits");
+        pipelined(&mut raw, &same, &want, &mut id);
+        sent += 8;
+        let after = model_stats(&d, "digits");
+        if after.coalesced > before.coalesced {
+            break;
+        }
+        quiet_runs.push(after.rows - before.rows);
+        assert!(
+            sent <= LISTEN_EVERY + 16,
+            "no duplicates coalesced after {sent} identical requests: {after:?}"
+        );
+    }
+    assert!(
+        !quiet_runs.is_empty() && quiet_runs.iter().all(|&r| r == 8),
+        "while quiet every request runs: {quiet_runs:?}"
+    );
+    for _ in 0..4 {
+        let before = model_stats(&d, "digits");
+        pipelined(&mut raw, &same, &want, &mut id);
+        let after = model_stats(&d, "digits");
+        assert_eq!(
+            (after.coalesced - before.coalesced, after.rows - before.rows),
+            (7, 1),
+            "{after:?}"
+        );
+    }
+}
+
 #[test]
 fn identical_requests_coalesce_and_the_cache_answers_repeats_byte_identically() {
     let repo = Repo::new();

@@ -24,6 +24,15 @@
 //! Coalescing is on by default for requests with at most `coalesce-max-bytes` of input
 //! (model.toml; 16 KiB by default, since hashing and copying image-sized inputs costs
 //! throughput); larger requests opt in per model, and the cache is opt-in.
+//!
+//! Without the cache, keying pays only where duplicates come, and costs every request where
+//! none do (a stream of voice frames or camera crops is never twice the same). So a version
+//! whose last [`QUIET_AFTER`] keyed requests all found nothing to join stops keying, but for
+//! a window of [`LISTEN`] requests in every [`LISTEN_EVERY`] (requests arriving one after
+//! the other, so that duplicates sent together fall in the same window); one of those
+//! joining a group turns keying back on for every request (see [`Listen`]). What is lost
+//! while quiet is bounded: a duplicate outside a window runs twice, as it would with
+//! coalescing off; nothing else changes for the request.
 //! Invariant: a keyed request runs on copies of the bytes it was keyed on (its arena inputs are
 //! replaced by the copies hashed, a piece at a time), so a client that changes its arena cannot
 //! poison the cache or another client's answer.
@@ -97,6 +106,56 @@ impl Outputs {
     }
 }
 
+/// Keyed requests in a row that found no group to join, after which keying is quiet (no
+/// cache only): each costs a hash and a copy of its inputs for nothing.
+pub const QUIET_AFTER: u64 = 1024;
+
+/// While quiet, requests are counted and one window of [`LISTEN`] in every this many is
+/// keyed, so that a stream of duplicates turns keying on again within this many requests.
+pub const LISTEN_EVERY: u64 = 512;
+
+/// The keyed window's length while quiet (about 6 % of requests keyed).
+pub const LISTEN: u64 = 32;
+
+/// Whether a version's requests are keyed, where nothing is cached: every request while
+/// duplicates come, a window of [`LISTEN`] in every [`LISTEN_EVERY`] once [`QUIET_AFTER`]
+/// keyed requests in a row found nothing to join. Counters only (relaxed atomics): two
+/// threads submitting at once may see a count a request late, which moves a window by one
+/// request and nothing else.
+#[derive(Debug, Default)]
+pub struct Listen {
+    /// Keyed requests since one last joined a group.
+    alone: AtomicU64,
+    /// Requests seen while quiet (what places the windows).
+    seen: AtomicU64,
+}
+
+impl Listen {
+    /// Whether the next request is keyed.
+    pub fn keys(&self) -> bool {
+        if self.alone.load(Ordering::Relaxed) < QUIET_AFTER {
+            return true;
+        }
+        self.seen.fetch_add(1, Ordering::Relaxed) % LISTEN_EVERY < LISTEN
+    }
+
+    /// A keyed request found no group to join (it leads its own).
+    pub fn led(&self) {
+        self.alone.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A keyed request joined a group: duplicates come, every request is keyed again.
+    pub fn joined(&self) {
+        self.alone.store(0, Ordering::Relaxed);
+        self.seen.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether keying is quiet now (shown in status).
+    pub fn quiet(&self) -> bool {
+        self.alone.load(Ordering::Relaxed) >= QUIET_AFTER
+    }
+}
+
 /// Counters for status.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -144,6 +203,7 @@ pub struct Coalescer {
     next_flight: AtomicU64,
     cache: Mutex<Lru>,
     pub stats: Stats,
+    pub listen: Listen,
 }
 
 /// What to do with a keyed request.
@@ -167,6 +227,7 @@ impl Coalescer {
             next_flight: AtomicU64::new(1),
             cache: Mutex::new(Lru::default()),
             stats: Stats::default(),
+            listen: Listen::default(),
         })
     }
 
@@ -175,8 +236,10 @@ impl Coalescer {
         self.cache.lock().unwrap_or_else(|e| e.into_inner()).bytes
     }
 
+    /// Whether a request of `input_bytes` is keyed: always where the cache is on, else where
+    /// coalescing applies to its size and keying is not quiet ([`Listen`]).
     fn enabled_for(&self, input_bytes: u64) -> bool {
-        input_bytes <= self.coalesce_max_bytes || self.capacity() > 0
+        self.capacity() > 0 || (input_bytes <= self.coalesce_max_bytes && self.listen.keys())
     }
 
     /// The result cache's size limit (0 = off).
@@ -339,9 +402,11 @@ impl Coalescer {
         let flights = inflight.entry(key).or_default();
         if let Some(f) = flights.iter_mut().find(|f| f.accepts(priority, deadline)) {
             self.stats.coalesced.fetch_add(1, Ordering::Relaxed);
+            self.listen.joined();
             f.members.push(member);
             return Route::Done;
         }
+        self.listen.led();
         let id = self.next_flight.fetch_add(1, Ordering::Relaxed);
         flights.push(Flight {
             id,
@@ -747,5 +812,41 @@ mod tests {
             key("m", 1, &mut [t(vec![1])], &[]),
             key("m", 2, &mut [t(vec![1])], &[])
         );
+    }
+
+    #[test]
+    fn keying_goes_quiet_after_a_run_without_duplicates_and_a_duplicate_in_a_window_wakes_it() {
+        let l = Listen::default();
+        for _ in 0..QUIET_AFTER {
+            assert!(l.keys() && !l.quiet());
+            l.led();
+        }
+        assert!(l.quiet());
+        // Quiet: one window of LISTEN consecutive requests in every LISTEN_EVERY is keyed.
+        let pattern: Vec<bool> = (0..3 * LISTEN_EVERY).map(|_| l.keys()).collect();
+        for (i, keyed) in pattern.iter().enumerate() {
+            assert_eq!(*keyed, (i as u64) % LISTEN_EVERY < LISTEN, "request {i}");
+        }
+        // Keyed requests in a window that lead alone keep it quiet; one that joins wakes it.
+        l.led();
+        assert!(l.quiet());
+        l.joined();
+        assert!(!l.quiet());
+        assert!((0..2 * LISTEN_EVERY).all(|_| l.keys()));
+    }
+
+    #[test]
+    fn a_quiet_coalescer_still_keys_every_request_while_the_cache_is_on() {
+        let c = Coalescer::new(16 << 10, 0);
+        for _ in 0..QUIET_AFTER {
+            c.listen.led();
+        }
+        let keyed = (0..LISTEN_EVERY).filter(|_| c.enabled_for(100)).count() as u64;
+        assert_eq!(keyed, LISTEN);
+        c.set_capacity(1 << 20);
+        assert!((0..LISTEN_EVERY).all(|_| c.enabled_for(100)));
+        // Past coalesce-max-bytes, only the cache keys.
+        c.set_capacity(0);
+        assert!(!(0..LISTEN_EVERY).any(|_| c.enabled_for(32 << 10)));
     }
 }
