@@ -447,8 +447,21 @@ impl Batcher {
             .then(x.item.id.cmp(&y.item.id))
     }
 
+    /// Whether every waiting request has the same priority: then [`Batcher::before`] is the
+    /// order of starts (a later start has waited no longer, so its effective priority is no
+    /// higher), which needs no clock arithmetic per comparison.
+    fn one_level(&self) -> bool {
+        let mut levels = self.queue.iter().map(|w| w.item.priority);
+        let first = levels.next();
+        levels.all(|p| Some(p) == first)
+    }
+
     /// Index of the head: the request that goes before every other.
     fn head(&self, now: Instant) -> Option<usize> {
+        if self.one_level() {
+            return (0..self.queue.len())
+                .min_by_key(|&i| (self.queue[i].start, self.queue[i].item.id));
+        }
         (0..self.queue.len()).min_by(|&a, &b| self.before(&self.queue[a], &self.queue[b], now))
     }
 
@@ -624,7 +637,11 @@ impl Batcher {
         let mut rest: Vec<usize> = (0..self.queue.len())
             .filter(|&i| i != head_idx && self.queue[i].item.key == head.key)
             .collect();
-        rest.sort_by(|&a, &b| self.before(&self.queue[a], &self.queue[b], now));
+        if self.one_level() {
+            rest.sort_by_key(|&i| (self.queue[i].start, self.queue[i].item.id));
+        } else {
+            rest.sort_by(|&a, &b| self.before(&self.queue[a], &self.queue[b], now));
+        }
         let mut rows = head.rows;
         for i in rest {
             let r = self.queue[i].item.rows;

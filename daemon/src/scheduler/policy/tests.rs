@@ -793,3 +793,43 @@ fn a_held_request_beyond_the_queue_capacity_is_refused_at_once() {
     );
     assert_eq!(runs(&b.flush(t0)), vec![vec![1, 2]]);
 }
+
+proptest! {
+    /// One priority level: the head and a batch's order taken from starts alone are those of
+    /// the general order (effective priority, then start), whatever the arrivals, the sources
+    /// (fair-share starts, some in the future) and the clock.
+    #[test]
+    fn one_level_order_is_the_general_order(
+        arrivals in proptest::collection::vec((0u64..40, 0u64..4), 1..40),
+        priority in 0u8..3,
+        aging in 0u64..20,
+        later in 0u64..200,
+    ) {
+        let t0 = Instant::now();
+        let mut b = Batcher::new(
+            Settings {
+                max_batch_rows: 64,
+                aging: ms(aging),
+                batchable: true,
+                ..Settings::default()
+            },
+            0,
+        );
+        let mut at = t0;
+        for (id, &(gap, source)) in arrivals.iter().enumerate() {
+            at += ms(gap);
+            let mut it = item(id as ReqId + 1, 1, 0, priority, at);
+            it.source = source;
+            b.arrive(it, at);
+        }
+        let now = at + ms(later);
+        prop_assert!(b.one_level());
+        let general = (0..b.queue.len())
+            .min_by(|&x, &y| b.before(&b.queue[x], &b.queue[y], now));
+        prop_assert_eq!(b.head(now), general);
+        let head = b.queue[general.unwrap()].item.clone();
+        let mut order: Vec<usize> = (0..b.queue.len()).collect();
+        order.sort_by(|&x, &y| b.before(&b.queue[x], &b.queue[y], now));
+        prop_assert_eq!(b.collect(&head, now, 64), order);
+    }
+}
