@@ -150,7 +150,7 @@ impl Listen {
         self.seen.store(0, Ordering::Relaxed);
     }
 
-    /// Whether keying is quiet now (shown in status).
+    /// Whether keying is quiet now.
     pub fn quiet(&self) -> bool {
         self.alone.load(Ordering::Relaxed) >= QUIET_AFTER
     }
