@@ -14,6 +14,23 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A daemon serving Silero VAD batched along its state's rows, waiting up to
+/// 20 ms for batches of up to 16 rows to fill; `extra`: more model.toml lines.
+fn silero_daemon(extra: &str) -> (Repo, TestDaemon) {
+    let repo = Repo::new();
+    repo.link("silero_vad", 1, "silero_vad").settings(
+        "silero_vad",
+        &format!(
+            "warmup-dims = {{ input = [1, 256], state = [2, 1, 128] }}\n\
+             batch-axes = {{ state = 1, stateN = 1 }}\n\
+             max-batch-rows = 16\n\
+             max-queue-delay-us = 20000\n{extra}"
+        ),
+    );
+    let d = TestDaemon::start(repo.path(), &[]);
+    (repo, d)
+}
+
 /// One request of `rows` audio streams: `samples` samples each at sample rate `sr`, with a
 /// state of its own (all drawn from `seed`).
 fn request(rows: u64, samples: u64, sr: i64, seed: u64) -> Vec<Tensor> {
@@ -39,15 +56,7 @@ fn request(rows: u64, samples: u64, sr: i64, seed: u64) -> Vec<Tensor> {
 /// differ from their references if one batch had run with the other's rate.
 #[test]
 fn silero_requests_batch_along_the_state_rows_and_answer_as_alone() {
-    let repo = Repo::new();
-    repo.link("silero_vad", 1, "silero_vad").settings(
-        "silero_vad",
-        "warmup-dims = { input = [1, 256], state = [2, 1, 128] }\n\
-         batch-axes = { state = 1, stateN = 1 }\n\
-         max-batch-rows = 16\n\
-         max-queue-delay-us = 20000\n",
-    );
-    let d = TestDaemon::start(repo.path(), &[]);
+    let (_repo, d) = silero_daemon("");
     let summary = &d.summaries()["silero_vad"];
     assert!(summary.batchable, "batch-axes makes it batchable");
     // (rows, samples, sample rate)
@@ -137,16 +146,7 @@ fn silero_requests_batch_along_the_state_rows_and_answer_as_alone() {
 /// and each answer equals in-process ONNX Runtime's. Before, such a request ran alone.
 #[test]
 fn silero_requests_with_the_sample_rate_in_the_arena_batch_without_coalescing() {
-    let repo = Repo::new();
-    repo.link("silero_vad", 1, "silero_vad").settings(
-        "silero_vad",
-        "warmup-dims = { input = [1, 256], state = [2, 1, 128] }\n\
-         batch-axes = { state = 1, stateN = 1 }\n\
-         max-batch-rows = 16\n\
-         max-queue-delay-us = 20000\n\
-         coalesce-max-bytes = 0\n",
-    );
-    let d = TestDaemon::start(repo.path(), &[]);
+    let (_repo, d) = silero_daemon("coalesce-max-bytes = 0\n");
     let before = d.summaries()["silero_vad"].batches;
     let rt = runtime();
     let answers = rt.block_on(async {
