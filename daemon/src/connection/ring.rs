@@ -150,7 +150,7 @@ impl Ring {
         // unconsumed) must never count one answer twice, or an honest client that consumed
         // it and submitted again at once would find its ring stalled.
         self.running.fetch_sub(1, Ordering::AcqRel);
-        let head = self.mem.word(layout::CQ_HEAD).load(Ordering::Acquire);
+        let head = self.cq_head();
         let room = self
             .geo
             .queued(head, *tail)
@@ -214,6 +214,11 @@ impl Ring {
             != self.sq_head.load(Ordering::Relaxed)
     }
 
+    /// The client's completion head, as the client wrote it (checked where it is used).
+    fn cq_head(&self) -> u32 {
+        self.mem.word(layout::CQ_HEAD).load(Ordering::Acquire)
+    }
+
     /// Marks the ring stalled, noting the client's completion head as the stall saw it.
     fn stall(&self, cq_head: u32) {
         self.stalled_cq_head.store(cq_head, Ordering::Relaxed);
@@ -254,7 +259,7 @@ impl Served {
         let max_unsent =
             usize::try_from(self.conn.shared.config.max_unsent_bytes).unwrap_or(usize::MAX);
         if self.conn.sink.unsent() > max_unsent {
-            ring.stall(ring.mem.word(layout::CQ_HEAD).load(Ordering::Acquire));
+            ring.stall(ring.cq_head());
             round.waits_for_memory = true;
             return round;
         }
@@ -277,7 +282,7 @@ impl Served {
             // then find no completion slot and go on the socket with no completion).
             // The client's head first: read after the tail, it may already have consumed
             // answers posted since, and an honest head would look past the tail.
-            let cq_head = ring.mem.word(layout::CQ_HEAD).load(Ordering::Acquire);
+            let cq_head = ring.cq_head();
             let (cq_tail, running) = {
                 let tail = lock(&ring.cq_tail);
                 (*tail, ring.running.load(Ordering::Acquire))
@@ -316,7 +321,7 @@ impl Served {
                 return round;
             }
             let Some(held) = quotas.try_hold(self.peer.uid, self.peer.admin, u64::from(len)) else {
-                ring.stall(ring.mem.word(layout::CQ_HEAD).load(Ordering::Acquire));
+                ring.stall(ring.cq_head());
                 round.waits_for_memory = true;
                 return round;
             };
