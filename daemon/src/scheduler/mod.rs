@@ -66,6 +66,9 @@ struct State {
     running: usize,
     /// Per lane (index = lane id, never reused): what routing knows of it.
     lanes: Vec<LaneState>,
+    /// Rows of the batch last finished on the cheapest lane for its size: the size lanes
+    /// are compared at to hold one in reserve.
+    recent_rows: u32,
 }
 
 /// A lane as the driver keeps it: the router's view and the counts reports show.
@@ -75,6 +78,9 @@ struct LaneState {
     rows: u64,
     /// Its workers are out of the policy's count (failed, resting until its retry).
     resting: bool,
+    /// Its workers are out of the policy's count: it is far slower than the fastest lane
+    /// (`route::reserve`).
+    reserve: bool,
     /// Its last run failed and none has succeeded since (health names the device).
     failing: Option<String>,
     /// The batch it was last handed is a probe: its cost replaces the table's.
@@ -215,6 +221,7 @@ impl Scheduler {
                 next_id: 1,
                 running: 0,
                 lanes: vec![LaneState::new(device, workers)],
+                recent_rows: 1,
             }),
             idle: Condvar::new(),
             draining: std::sync::atomic::AtomicUsize::new(0),
@@ -313,7 +320,11 @@ impl Scheduler {
         let pool = pools[i].take();
         let l = &mut st.lanes[i];
         l.lane.draining = true;
-        let workers = if l.resting { 0 } else { l.lane.workers };
+        let workers = if l.resting || l.reserve {
+            0
+        } else {
+            l.lane.workers
+        };
         st.batcher.retire_workers(workers);
         pool
     }
@@ -523,8 +534,16 @@ impl Scheduler {
         for l in &mut st.lanes {
             if l.resting && !l.lane.draining && l.lane.usable(now) {
                 l.resting = false;
-                back += l.lane.workers;
+                if !l.reserve {
+                    back += l.lane.workers;
+                }
             }
+        }
+        // Lanes far slower than the fastest leave the count, and come back.
+        let (more, out) = Self::hold_in_reserve(&mut st, now);
+        back += more;
+        if out > 0 {
+            st.batcher.retire_workers(out);
         }
         if back > 0 {
             actions.extend(st.batcher.add_workers(back, now));
@@ -751,6 +770,7 @@ impl LaneState {
             lane: Lane::new(device, workers),
             rows: 0,
             resting: false,
+            reserve: false,
             failing: None,
             probe: false,
         }
@@ -803,6 +823,7 @@ impl BatchListener for Scheduler {
             // Its slot is the rest of its batch's.
             Vec::new()
         } else if cheapest && !arrived.is_empty() {
+            st.recent_rows = rows;
             st.batcher.batch_done(rows, occupied, now)
         } else {
             st.batcher.worker_free(now)
@@ -847,6 +868,33 @@ impl BatchListener for Scheduler {
 }
 
 impl Scheduler {
+    /// Marks the lanes held in reserve now (`route::reserve`, for batches of the size last run
+    /// on the cheapest lane); returns how many workers come back into the policy's count and
+    /// how many leave it. Lanes resting or draining are out of the count already.
+    fn hold_in_reserve(st: &mut State, now: Instant) -> (usize, usize) {
+        if st.lanes.len() < 2 || st.batcher.settings().routing != route::Routing::ExpectedFinish {
+            return (0, 0);
+        }
+        let views: Vec<(&Lane, bool)> = st.lanes.iter().map(|l| (&l.lane, l.reserve)).collect();
+        let reserve = route::reserve(&views, st.recent_rows, now);
+        let (mut back, mut out) = (0, 0);
+        for (l, r) in st.lanes.iter_mut().zip(reserve) {
+            if l.reserve == r {
+                continue;
+            }
+            l.reserve = r;
+            if !l.resting && !l.lane.draining {
+                if r {
+                    tracing::debug!(device = %l.lane.device, "held in reserve: far slower than the fastest lane");
+                    out += l.lane.workers;
+                } else {
+                    back += l.lane.workers;
+                }
+            }
+        }
+        (back, out)
+    }
+
     /// Whether a lane other than `lane` can take a batch.
     fn others_usable(st: &State, lane: usize, now: Instant) -> bool {
         st.lanes
@@ -871,7 +919,7 @@ impl Scheduler {
             l.lane.failed_until = Some(now + route::RETRY_AFTER);
             if !l.resting {
                 l.resting = true;
-                let workers = l.lane.workers;
+                let workers = if l.reserve { 0 } else { l.lane.workers };
                 st.batcher.retire_workers(workers);
             }
             timer::wake_at(now + route::RETRY_AFTER, self.me.clone());
