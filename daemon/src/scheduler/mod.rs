@@ -919,7 +919,9 @@ impl Scheduler {
             l.lane.failed_until = Some(now + route::RETRY_AFTER);
             if !l.resting {
                 l.resting = true;
-                let workers = if l.reserve { 0 } else { l.lane.workers };
+                // A lane in reserve or draining is out of the count already.
+                let counted = !l.reserve && !l.lane.draining;
+                let workers = if counted { l.lane.workers } else { 0 };
                 st.batcher.retire_workers(workers);
             }
             timer::wake_at(now + route::RETRY_AFTER, self.me.clone());
