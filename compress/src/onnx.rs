@@ -43,10 +43,15 @@ pub mod tensor {
     pub const FLOAT_DATA: u32 = 4;
     pub const NAME: u32 = 8;
     pub const RAW_DATA: u32 = 9;
+    pub const INT32_DATA: u32 = 5;
+    pub const INT64_DATA: u32 = 7;
     pub const DATA_LOCATION: u32 = 14;
     pub const FLOAT: u64 = 1;
     pub const UINT8: u64 = 2;
     pub const INT8: u64 = 3;
+    pub const UINT16: u64 = 4;
+    pub const INT16: u64 = 5;
+    pub const INT32: u64 = 6;
     pub const INT64: u64 = 7;
     pub const BOOL: u64 = 9;
     pub const FLOAT16: u64 = 10;
@@ -254,6 +259,83 @@ pub fn f32_data(t: &Message) -> Result<Option<Vec<f32>>, Error> {
             .map(f32::from_bits)
             .collect(),
     ))
+}
+
+/// The value of a one-element integer tensor stored in the file (`None`: not one element,
+/// not an integer type, or stored elsewhere).
+pub fn int_scalar(t: &Message) -> Result<Option<i64>, Error> {
+    use tensor::*;
+    if t.varint(DATA_LOCATION) == Some(1) || dims_of(t)?.iter().product::<i64>() != 1 {
+        return Ok(None);
+    }
+    let ty = t.varint(DATA_TYPE).unwrap_or(0);
+    let width = match ty {
+        INT8 | UINT8 | BOOL => 1,
+        INT16 | UINT16 => 2,
+        INT32 => 4,
+        INT64 => 8,
+        _ => return Ok(None),
+    };
+    if let Some(raw) = t.bytes(RAW_DATA) {
+        if raw.len() != width {
+            return Ok(None);
+        }
+        let mut b = [0u8; 8];
+        b[..width].copy_from_slice(raw);
+        let u = u64::from_le_bytes(b);
+        return Ok(Some(match ty {
+            INT8 => i64::from(u as u8 as i8),
+            INT16 => i64::from(u as u16 as i16),
+            INT32 => i64::from(u as u32 as i32),
+            _ => u as i64,
+        }));
+    }
+    let field = if ty == INT64 { INT64_DATA } else { INT32_DATA };
+    Ok(match *t.varints(field)?.as_slice() {
+        [v] if ty == INT64 => Some(v as i64),
+        [v] => Some(i64::from(v as u32 as i32)),
+        _ => None,
+    })
+}
+
+/// For each of `names` (graph inputs), the integer constant an `Equal` node compares it with —
+/// in the graph or any subgraph — when the other operand is a one-element constant (a graph
+/// initializer, or a `Constant` node's `value` or `value_int`); the first comparison found
+/// wins. A model that branches on an input's value (Silero VAD's `sr == 16000`) takes the
+/// branch real requests take when it is run on that value, not on zero's.
+pub fn equal_constants(
+    model: &Model,
+    names: &[&str],
+) -> Result<std::collections::BTreeMap<String, i64>, Error> {
+    let top = model.graph.messages(graph::NODE)?;
+    let mut nodes = nested_nodes(&top)?;
+    nodes.extend(top);
+    let mut consts = std::collections::HashMap::new();
+    for t in model.graph.messages(graph::INITIALIZER)? {
+        if let Some(v) = int_scalar(&t)? {
+            consts.insert(name_of(&t), v);
+        }
+    }
+    for n in nodes.iter().filter(|n| op_type(n) == "Constant") {
+        let v = match tensor_attr(n, "value")? {
+            Some(t) => int_scalar(&t)?,
+            None => int_attr(n, "value_int")?,
+        };
+        if let (Some(v), Some(out)) = (v, outputs(n).first()) {
+            consts.insert(out.clone(), v);
+        }
+    }
+    let mut found = std::collections::BTreeMap::new();
+    for n in nodes.iter().filter(|n| op_type(n) == "Equal") {
+        if let [a, b] = inputs(n).as_slice() {
+            for (x, c) in [(a, b), (b, a)] {
+                if let (true, Some(&v)) = (names.contains(&x.as_str()), consts.get(c)) {
+                    found.entry(x.clone()).or_insert(v);
+                }
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// A tensor initializer with raw data.
@@ -469,6 +551,62 @@ mod tests {
 
     fn node(op: &str, ins: &[&str], outs: &[&str]) -> Message {
         make_node(op, "", "", ins, outs, &[])
+    }
+
+    /// Integer inputs compared with one-element constants, in the graph and in a subgraph:
+    /// the constant is found whichever side of `Equal` it is on and however it is stored;
+    /// comparisons with non-constants or with several elements are not.
+    #[test]
+    fn equal_constants_finds_what_each_input_is_compared_with() {
+        let mut g = Message::default();
+        let push_init = |g: &mut Message, t: Message| g.push_message(graph::INITIALIZER, &t);
+        push_init(
+            &mut g,
+            make_tensor("k", &[], tensor::INT64, 16000i64.to_le_bytes().to_vec()),
+        );
+        push_init(
+            &mut g,
+            make_tensor(
+                "pair",
+                &[2],
+                tensor::INT64,
+                [1i64, 2].iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+        );
+        // A Constant node, its value in int32_data (not raw), inside an If's branch.
+        let mut t = Message::default();
+        t.push(tensor::DATA_TYPE, Value::Varint(tensor::INT32));
+        t.push(tensor::INT32_DATA, Value::Varint((-3i32) as u32 as u64));
+        let mut c = node("Constant", &[], &["minus3"]);
+        let mut a = Message::default();
+        a.push_str(attr::NAME, "value");
+        a.push_message(attr::T, &t);
+        c.push_message(node::ATTRIBUTE, &a);
+        let mut branch = Message::default();
+        branch.push_message(graph::NODE, &c);
+        branch.push_message(graph::NODE, &node("Equal", &["minus3", "mode"], &["m"]));
+        let mut iff = node("If", &["e"], &["y"]);
+        let mut a = Message::default();
+        a.push_str(attr::NAME, "then_branch");
+        a.push_message(attr::G, &branch);
+        iff.push_message(node::ATTRIBUTE, &a);
+        for n in [
+            node("Equal", &["sr", "k"], &["e"]),
+            node("Equal", &["sr", "pair"], &["e2"]),
+            node("Equal", &["x", "sr"], &["e3"]),
+            node("Equal", &["flag", "pair"], &["e4"]),
+            iff,
+        ] {
+            g.push_message(graph::NODE, &n);
+        }
+        let mut m = Message::default();
+        m.push_message(model::GRAPH, &g);
+        let model = Model::parse(&m.encode()).unwrap();
+        let found = equal_constants(&model, &["sr", "mode", "flag", "x"]).unwrap();
+        assert_eq!(
+            found.into_iter().collect::<Vec<_>>(),
+            [("mode".to_string(), -3), ("sr".to_string(), 16000)]
+        );
     }
 
     #[test]
