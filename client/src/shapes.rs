@@ -296,6 +296,7 @@ mod tests {
             dim_names: names.iter().map(|s| s.to_string()).collect(),
             max_dims: Vec::new(),
             warmup_dims: warm.to_vec(),
+            warmup_value: None,
         }
     }
 

@@ -334,6 +334,7 @@ mod tests {
             dims,
             max_dims: Vec::new(),
             warmup_dims: Vec::new(),
+            warmup_value: None,
         }
     }
 

@@ -28,6 +28,7 @@ mod tests {
             dim_names: vec![String::new(); 3],
             max_dims: Vec::new(),
             warmup_dims: Vec::new(),
+            warmup_value: None,
         };
         assert!(spec.fits(&[1, 3, 7]));
         assert!(spec.fits(&[64, 3, 0]));

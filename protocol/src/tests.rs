@@ -348,6 +348,7 @@ fn dims_text_names_plain_dimensions_and_marks_the_rest() {
         ],
         max_dims: Vec::new(),
         warmup_dims: Vec::new(),
+        warmup_value: None,
     };
     assert_eq!(spec.dims_text(), "[batch, 22, ?, ?]");
     // Older daemons send no warmup_dims; the field is optional on the wire.

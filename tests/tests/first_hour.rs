@@ -50,6 +50,110 @@ fn bench_of_silero_with_two_connections_sends_the_sample_rate_unchanged() {
     }
 }
 
+/// Silero compares its sample rate `sr` with 16000 and takes its 8 kHz branch otherwise,
+/// where 16 kHz chunks (512 samples) break its LSTM. The daemon reads that constant from the
+/// graph: it warms up and tunes with `sr` = 16000 (so warmup-dims of a 16 kHz chunk load — with
+/// zeros the warmup failed, and so did the load), the model's description says so, and rxctl's
+/// generated inputs use it (with random integers every request of a 512-sample bench failed).
+#[test]
+fn an_integer_input_the_graph_compares_with_a_constant_is_warmed_tuned_and_generated_with_it() {
+    let repo = Repo::new();
+    repo.link("silero_vad", 1, "silero_vad").settings(
+        "silero_vad",
+        "warmup-dims = { input = [1, 512], state = [2, 1, 128] }\n\
+         batch-axes = { state = 1, stateN = 1 }\n",
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let d = TestDaemon::start_with(
+        repo.path(),
+        &["--intra-op-threads", "2"],
+        &format!(
+            "tune = true\ncache-directory = '{}'\n",
+            cache.path().display()
+        ),
+    );
+    let info = d.client().model_info("silero_vad", None).unwrap();
+    let value = |name: &str| {
+        let spec = info.inputs.iter().find(|t| t.name == name).unwrap();
+        (spec.warmup_value, spec.warmup_dims.clone())
+    };
+    assert_eq!(value("sr"), (Some(16000), vec![]), "{info:?}");
+    assert_eq!(value("input"), (None, vec![1, 512]), "{info:?}");
+    assert_eq!(value("state").0, None);
+    // The tuning measured that branch at batch sizes beyond one (with zeros every run of a
+    // 512-sample chunk fails, and nothing would have been measured).
+    let tuning = info.tuning.clone().expect("tuned");
+    assert!(
+        tuning
+            .table
+            .iter()
+            .any(|c| c.rows >= 8 && c.items_per_s > 0.0),
+        "{tuning:?}"
+    );
+    let out = d.rxctl(&["models", "silero_vad"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("warmup value 16000"), "{text}");
+    // Generated inputs: no --input, 16 kHz chunks.
+    let out = d.rxctl(&[
+        "--json",
+        "bench",
+        "silero_vad",
+        "-c",
+        "2",
+        "--duration",
+        "0.3",
+        "--warmup",
+        "0",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["errors"], serde_json::json!({}), "{v}");
+    assert!(v["ok"].as_u64().unwrap() > 0, "{v}");
+    // One generated request, of the warmup's shapes.
+    let out = d.rxctl(&["--json", "infer", "silero_vad"]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// model.toml `warmup-values` wins over the graph's constant: with `sr = 8000` Silero warms up
+/// on its 8 kHz branch (256-sample chunks load; 512-sample ones then fail the warmup, and with
+/// it the load), and a name that is not an integer input fails the load, saying so.
+#[test]
+fn warmup_values_in_model_toml_win_over_the_graph_and_a_wrong_name_fails_the_load() {
+    let dims = |n: u32| format!("warmup-dims = {{ input = [1, {n}], state = [2, 1, 128] }}\n");
+    let repo = Repo::new();
+    repo.link("eight", 1, "silero_vad")
+        .settings(
+            "eight",
+            &format!("warmup-values = {{ sr = 8000 }}\n{}", dims(256)),
+        )
+        .link("wide", 1, "silero_vad")
+        .settings(
+            "wide",
+            &format!("warmup-values = {{ sr = 8000 }}\n{}", dims(512)),
+        )
+        .link("float", 1, "silero_vad")
+        .settings("float", "warmup-values = { input = 1 }\n");
+    let d = TestDaemon::start(repo.path(), &[]);
+    let c = d.client();
+    let info = c.model_info("eight", None).unwrap();
+    let sr = info.inputs.iter().find(|t| t.name == "sr").unwrap();
+    assert_eq!(sr.warmup_value, Some(8000), "{info:?}");
+    for (model, why) in [
+        ("wide", "warmup"),
+        (
+            "float",
+            "warmup-values names 'input', which is not an input of an integer type",
+        ),
+    ] {
+        assert!(c.model_info(model, None).is_err(), "{model}");
+        let models = c.list_models().unwrap();
+        let m = models.iter().find(|m| m.name == model).unwrap();
+        assert_eq!(m.state, rxd_protocol::ModelState::Failed, "{m:?}");
+        let error = m.error.as_deref().unwrap_or("");
+        assert!(error.contains(why), "{model}: {error}");
+    }
+}
+
 /// `--requests N` sends exactly N measured requests whatever the concurrency, and the report
 /// says what the warm-up sent (the daemon counts those too).
 #[test]

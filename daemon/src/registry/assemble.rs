@@ -106,6 +106,7 @@ impl LoadJob {
                     .unwrap_or(self.defaults.intra_op_threads),
                 allow_spinning: settings.allow_spinning.unwrap_or(false),
                 log_id: format!("{name}:{version}"),
+                warmup_values: settings.warmup_values.clone().unwrap_or_default(),
             },
             target: Target {
                 kind: &dev.kind,
@@ -236,6 +237,7 @@ impl LoadJob {
             sizes: &sizes,
             ort: self.runtime.version(),
             dims: s.warmup_dims.as_ref(),
+            values: s.warmup_values.as_ref(),
             axes: &axes,
             dequantized: served.is_some(),
         };
@@ -266,6 +268,7 @@ impl LoadJob {
                 intra_op_threads: cores,
                 allow_spinning: s.allow_spinning.unwrap_or(false),
                 log_id: format!("{}:{} (tuning)", build.name, build.version),
+                warmup_values: s.warmup_values.clone().unwrap_or_default(),
             },
             layouts: &layouts,
             sizes: &sizes,
@@ -400,6 +403,16 @@ fn apply_limits(
         .find(|k| !sig.inputs.iter().any(|s| &s.name == *k))
     {
         return Err(format!("max-dims names '{unknown}', which is not an input"));
+    }
+    let values = settings.warmup_values.clone().unwrap_or_default();
+    if let Some(unknown) = values.keys().find(|k| {
+        !sig.inputs
+            .iter()
+            .any(|s| &s.name == *k && crate::runtime::integer(s.dtype))
+    }) {
+        return Err(format!(
+            "warmup-values names '{unknown}', which is not an input of an integer type"
+        ));
     }
     let warmup_dims = settings.warmup_dims.clone().unwrap_or_default();
     let mut elements = 0u64;

@@ -80,6 +80,10 @@ pub struct ModelSettings {
     /// e.g. `{ x = [1, 3, 48, 320] }`. Without it such dimensions get 32 and a failing warmup
     /// is only logged; with it a failing warmup fails the load.
     pub warmup_dims: Option<HashMap<String, Vec<i64>>>,
+    /// The value warmup and tuning fill an integer input with, by input name, e.g.
+    /// `{ sr = 8000 }`. Default: the constant the model's graph compares the input with (an
+    /// `Equal` with a one-element constant), else 0.
+    pub warmup_values: Option<HashMap<String, i64>>,
     /// When its device's execution provider cannot be created, run on the CPU instead
     /// (health: degraded) rather than failing. Default: the device's `cpu-fallback`.
     pub cpu_fallback: Option<bool>,
@@ -160,6 +164,7 @@ impl ModelSettings {
             route,
             warmup,
             warmup_dims,
+            warmup_values,
             cpu_fallback,
             compress,
             tune,

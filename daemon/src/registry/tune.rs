@@ -124,6 +124,8 @@ pub struct CacheKey<'a> {
     pub ort: &'a str,
     /// model.toml `warmup-dims`: the shapes measured.
     pub dims: Option<&'a std::collections::HashMap<String, Vec<i64>>>,
+    /// model.toml `warmup-values`: the values measured.
+    pub values: Option<&'a std::collections::HashMap<String, i64>>,
     /// model.toml `batch-axes` and `shared-inputs`: whether and how it batches.
     pub axes: &'a crate::runtime::AxesConfig,
     /// The file was measured dequantized at load (a weights-only file served as a float
@@ -154,6 +156,10 @@ pub fn cache_path(cache_dir: &Path, model: &Path, key: &CacheKey<'_>) -> std::io
     // Only when set, so that the choices kept before these keys existed still apply.
     if !axes.is_empty() || !key.axes.shared.is_empty() {
         h.update(format!("\0{axes:?}\0{:?}", key.axes.shared).as_bytes());
+    }
+    if let Some(values) = key.values.filter(|v| !v.is_empty()) {
+        let values: std::collections::BTreeMap<_, _> = values.iter().collect();
+        h.update(format!("\0values {values:?}").as_bytes());
     }
     let name = h.finalize().to_hex();
     Ok(cache_dir.join("tune").join(format!("{}.json", &name[..32])))
@@ -318,6 +324,7 @@ mod tests {
                 sizes: &[1, 2],
                 ort: "1.31.1",
                 dims: None,
+                values: None,
                 axes: &no_axes,
                 dequantized: false,
             };
@@ -336,6 +343,7 @@ mod tests {
             sizes: &[1, 2],
             ort: "1.31.1",
             dims: Some(&dims),
+            values: None,
             axes: &no_axes,
             dequantized: false,
         };
@@ -354,6 +362,7 @@ mod tests {
             sizes: &[1, 2],
             ort: "1.31.1",
             dims: None,
+            values: None,
             axes: &axes,
             dequantized: false,
         };
@@ -361,6 +370,17 @@ mod tests {
             cache_path(dir.path(), &a, &with_axes).unwrap(),
             p(&a, "cpu", 2),
             "batch-axes change what is measured"
+        );
+        let values: std::collections::HashMap<String, i64> = [("sr".to_string(), 8000)].into();
+        let with_values = CacheKey {
+            dims: None,
+            values: Some(&values),
+            ..with_axes
+        };
+        assert_ne!(
+            cache_path(dir.path(), &a, &with_values).unwrap(),
+            cache_path(dir.path(), &a, &with_axes).unwrap(),
+            "warmup-values change what is measured"
         );
         // The same file measured dequantized at load is another entry.
         let dequantized = CacheKey {

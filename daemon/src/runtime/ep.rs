@@ -171,6 +171,7 @@ impl Runtime {
             intra_op_threads: 1,
             allow_spinning: false,
             log_id: "rxd-probe".into(),
+            warmup_values: Default::default(),
         };
         let made = self.session_on(&path, None, &opts, target, None);
         let _ = std::fs::remove_file(&path);

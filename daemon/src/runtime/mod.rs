@@ -41,7 +41,7 @@ pub use job::{
 };
 pub use profile::NodePlacement;
 pub use signature::{
-    Axes, AxesConfig, Axis, Signature, WARMUP_AUTO_DIM, dtype_of, element_type_of, warmup,
+    Axes, AxesConfig, Axis, Signature, WARMUP_AUTO_DIM, dtype_of, element_type_of, integer, warmup,
     warmup_shape, zero_inputs,
 };
 pub use tune::{Cell, Layout, Measured, TuneSpec, layouts};
@@ -112,6 +112,9 @@ pub struct SessionOptions {
     pub allow_spinning: bool,
     /// Names the session in ORT's log messages (`model:version`).
     pub log_id: String,
+    /// model.toml `warmup-values`: what warmup and tuning fill these integer inputs with,
+    /// over what the graph says (`TensorSpec::warmup_value`).
+    pub warmup_values: std::collections::HashMap<String, i64>,
 }
 
 impl Runtime {
@@ -271,10 +274,17 @@ impl Runtime {
             None => builder.commit_from_file(path),
         }
         .map_err(|e| sess_err(&e))?;
-        let signature = Signature::of(&session).map_err(|message| RuntimeError::Unsupported {
-            path: path.to_path_buf(),
-            message,
-        })?;
+        let mut signature =
+            Signature::of(&session).map_err(|message| RuntimeError::Unsupported {
+                path: path.to_path_buf(),
+                message,
+            })?;
+        signature::read_warmup_values(&mut signature, path, bytes);
+        for spec in &mut signature.inputs {
+            if let Some(&v) = opts.warmup_values.get(&spec.name) {
+                spec.warmup_value = Some(v);
+            }
+        }
         Ok((session, signature))
     }
 }

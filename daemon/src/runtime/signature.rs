@@ -3,6 +3,7 @@
 //! and the wire, and the zero-filled warmup inputs.
 
 use std::borrow::Cow;
+use std::path::Path;
 
 use ort::session::{Session, SessionInputValue};
 use ort::value::{TensorElementType, ValueType};
@@ -177,6 +178,7 @@ impl Signature {
                         dim_names,
                         max_dims: Vec::new(),
                         warmup_dims: Vec::new(),
+                        warmup_value: None,
                     })
                 }
                 other => Err(format!(
@@ -268,8 +270,9 @@ pub fn element_type_of(d: DType) -> TensorElementType {
 /// configured shapes: large enough for the strides of common conv nets.
 pub const WARMUP_AUTO_DIM: u64 = 32;
 
-/// Runs `session` once on zero-filled inputs with `rows` in every input's dynamic rows
-/// dimension (see [`Axis`]); `dims` gives full shapes for named inputs (their rows dimension
+/// Runs `session` once on zero-filled inputs (an integer input the graph compares with a
+/// constant is filled with it: `TensorSpec::warmup_value`) with `rows` in every input's
+/// dynamic rows dimension (see [`Axis`]); `dims` gives full shapes for named inputs (their rows dimension
 /// is replaced by `rows` when the model's is dynamic); other dynamic dimensions get
 /// [`WARMUP_AUTO_DIM`]. This makes ORT
 /// allocate its arena for that batch size (and compile kernels on GPU providers) before the
@@ -320,12 +323,75 @@ pub fn zero_inputs(
             .dtype
             .byte_len(elements)
             .ok_or_else(|| RuntimeError::Run("warmup shape overflows".into()))?;
-        let zeros = vec![0u8; len as usize];
-        let tensor = raw::tensor_from_bytes(element_type_of(spec.dtype), &shape, &zeros)
+        let data = match spec.warmup_value {
+            Some(v) => filled(spec.dtype, elements, v),
+            None => None,
+        }
+        .unwrap_or_else(|| vec![0u8; len as usize]);
+        let tensor = raw::tensor_from_bytes(element_type_of(spec.dtype), &shape, &data)
             .map_err(|e| run_err(&e))?;
         values.push((spec.name.clone(), tensor));
     }
     Ok(values)
+}
+
+/// `elements` values `v` of integer type `dtype`, little-endian (`None` for other types, or
+/// when `v` does not fit the type).
+fn filled(dtype: DType, elements: u64, v: i64) -> Option<Vec<u8>> {
+    let one: Vec<u8> = match dtype {
+        DType::Int8 => i8::try_from(v).ok()?.to_le_bytes().to_vec(),
+        DType::Uint8 => u8::try_from(v).ok()?.to_le_bytes().to_vec(),
+        DType::Int16 => i16::try_from(v).ok()?.to_le_bytes().to_vec(),
+        DType::Uint16 => u16::try_from(v).ok()?.to_le_bytes().to_vec(),
+        DType::Int32 => i32::try_from(v).ok()?.to_le_bytes().to_vec(),
+        DType::Uint32 => u32::try_from(v).ok()?.to_le_bytes().to_vec(),
+        DType::Int64 => v.to_le_bytes().to_vec(),
+        DType::Uint64 => u64::try_from(v).ok()?.to_le_bytes().to_vec(),
+        _ => return None,
+    };
+    Some(one.repeat(usize::try_from(elements).ok()?))
+}
+
+/// Whether inputs of `dtype` can take a warmup value (see `TensorSpec::warmup_value`).
+pub fn integer(dtype: DType) -> bool {
+    filled(dtype, 0, 0).is_some()
+}
+
+/// Sets each integer input's `warmup_value` from the model's graph (`path`, or `bytes` when
+/// the session was made from memory): the constant an `Equal` compares it with. Models
+/// without integer inputs are not read; a file that cannot be read or parsed here (ONNX
+/// Runtime made a session of it) leaves zeros.
+pub(super) fn read_warmup_values(sig: &mut Signature, path: &Path, bytes: Option<&[u8]>) {
+    let names: Vec<&str> = sig
+        .inputs
+        .iter()
+        .filter(|s| integer(s.dtype))
+        .map(|s| s.name.as_str())
+        .collect();
+    if names.is_empty() {
+        return;
+    }
+    let read;
+    let bytes = match bytes {
+        Some(b) => b,
+        None => match std::fs::read(path) {
+            Ok(b) => {
+                read = b;
+                &read
+            }
+            Err(_) => return,
+        },
+    };
+    let found = rxd_compress::onnx::Model::parse(bytes)
+        .and_then(|m| rxd_compress::onnx::equal_constants(&m, &names));
+    match found {
+        Ok(found) => {
+            for spec in &mut sig.inputs {
+                spec.warmup_value = found.get(&spec.name).copied();
+            }
+        }
+        Err(e) => tracing::debug!(path = %path.display(), "no warmup values from the graph: {e}"),
+    }
 }
 
 /// The shape [`warmup`] gives an input at `rows` rows: `rows` in its dynamic rows dimension
@@ -360,6 +426,7 @@ mod tests {
             dim_names: Vec::new(),
             max_dims: Vec::new(),
             warmup_dims: Vec::new(),
+            warmup_value: None,
         }
     }
 
@@ -385,6 +452,23 @@ mod tests {
             axes: axes.iter().map(|&(n, a)| (n.to_string(), a)).collect(),
             shared: shared.iter().map(|s| s.to_string()).collect(),
         }
+    }
+
+    #[test]
+    fn warmup_values_fill_integer_inputs_of_their_type_and_only_where_they_fit() {
+        assert_eq!(
+            filled(DType::Int64, 2, 16000),
+            Some([16000i64.to_le_bytes(), 16000i64.to_le_bytes()].concat())
+        );
+        assert_eq!(
+            filled(DType::Uint16, 1, 8000),
+            Some(8000u16.to_le_bytes().to_vec())
+        );
+        assert_eq!(filled(DType::Int8, 1, -3), Some(vec![0xfd]));
+        assert_eq!(filled(DType::Int8, 1, 300), None, "does not fit");
+        assert_eq!(filled(DType::Uint32, 1, -1), None, "does not fit");
+        assert_eq!(filled(DType::Float32, 1, 1), None, "not an integer type");
+        assert!(integer(DType::Int32) && !integer(DType::Bool) && !integer(DType::Float16));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Measuring a model on its device over thread layouts (instances × intra-op threads) and
 //! batch sizes, for the load-time tuner (`registry::tune` chooses from what this measures).
-//! Each layout gets sessions of its own; all its instances run the same zero-input batch at
-//! once, each on a thread of its own, as the workers would under a backlog, and the cell
+//! Each layout gets sessions of its own; all its instances run the same zero-input batch (an
+//! integer input the graph compares with a constant filled with it) at once, each on a thread of its own, as the workers would under a backlog, and the cell
 //! records items per second over the wall time and the time of one run.
 //! Boundary: measures only, and within the time it is given; chooses nothing.
 

@@ -388,10 +388,31 @@ fn human_number(v: &serde_json::Value) -> String {
     }
 }
 
-/// Random data of `shape` for an input: floats in [0, 1), integers in 0..10, booleans.
+/// Random data of `shape` for an input: floats in [0, 1), integers in 0..10, booleans — but
+/// an integer input the model compares with a constant (`warmup_value`, such as a sample
+/// rate) gets that value everywhere: a random one would take a branch real inputs do not.
 fn random_input(spec: &TensorSpec, shape: &[u64], rng: &mut u64) -> Tensor {
     let shape = shape.to_vec();
     let n = shape.iter().product::<u64>() as usize;
+    if let Some(v) = spec.warmup_value {
+        let size = (spec.dtype.bits() / 8).max(1) as usize;
+        let one = v.to_le_bytes();
+        let integer = matches!(
+            spec.dtype,
+            DType::Int8
+                | DType::Uint8
+                | DType::Int16
+                | DType::Uint16
+                | DType::Int32
+                | DType::Uint32
+                | DType::Int64
+                | DType::Uint64
+        );
+        if integer {
+            let bytes = one[..size].repeat(n);
+            return Tensor::inline(spec.name.clone(), spec.dtype, shape, bytes);
+        }
+    }
     let mut next = || {
         *rng ^= *rng << 13;
         *rng ^= *rng >> 7;

@@ -437,6 +437,9 @@ pub fn spec_text(t: &TensorSpec) -> String {
     if !t.warmup_dims.is_empty() {
         text.push_str(&format!("  warmup {}", list(&t.warmup_dims)));
     }
+    if let Some(v) = t.warmup_value {
+        text.push_str(&format!("  warmup value {v}"));
+    }
     if !t.max_dims.is_empty() {
         text.push_str(&format!("  at most {}", list(&t.max_dims)));
     }
