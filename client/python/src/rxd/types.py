@@ -87,6 +87,9 @@ class TensorSpec(TypedDict):
     dim_names: List[str]
     max_dims: NotRequired[List[int]]
     warmup_dims: NotRequired[List[int]]
+    # Integer inputs: the constant the model's graph compares the input with (a sample rate),
+    # which the daemon's warmup fills it with; use it when generating sample inputs.
+    warmup_value: NotRequired[int]
 
 
 class Settings(TypedDict):
