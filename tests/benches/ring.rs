@@ -105,7 +105,10 @@ fn settings_of(model: &str) -> Option<String> {
         "ppocr_cls" => "warmup-dims = { x = [1, 3, 48, 192] }",
         "yolov8n" => "warmup-dims = { images = [1, 3, 320, 320] }",
         "silero_vad" => {
+            // Its requests are 8 kHz ones (`sr` 8000): tuning measures that branch too
+            // (by default it fills `sr` with the 16000 its graph compares it with).
             "warmup-dims = { input = [1, 256], state = [2, 1, 128] }\n\
+             warmup-values = { sr = 8000 }\n\
              batch-axes = { state = 1, stateN = 1 }"
         }
         _ => "",
