@@ -77,6 +77,7 @@ fn specs(u: &mut Unstructured<'_>) -> Result<Vec<TensorSpec>> {
             dim_names,
             max_dims: Vec::new(),
             warmup_dims: Vec::new(),
+            warmup_value: None,
         });
     }
     Ok(v)
