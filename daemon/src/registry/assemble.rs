@@ -230,6 +230,14 @@ impl LoadJob {
         let limit = dev.budget.map_or_else(|| physical_memory() / 4, |b| b / 2);
         let layouts = super::tune::affordable(crate::runtime::layouts(cores), session_bytes, limit);
         let axes = s.axes();
+        // What warmup fills integer inputs with (read as the sessions will read it).
+        let graph_values = match &served {
+            Some((b, _)) => crate::runtime::graph_values(b, None).ok(),
+            None => std::fs::read(&build.path)
+                .ok()
+                .and_then(|b| crate::runtime::graph_values(&b, None).ok()),
+        }
+        .unwrap_or_default();
         let key = super::tune::CacheKey {
             device: &build.device,
             cores,
@@ -238,6 +246,7 @@ impl LoadJob {
             ort: self.runtime.version(),
             dims: s.warmup_dims.as_ref(),
             values: s.warmup_values.as_ref(),
+            graph_values: &graph_values,
             axes: &axes,
             dequantized: served.is_some(),
         };

@@ -382,15 +382,30 @@ pub(super) fn read_warmup_values(sig: &mut Signature, path: &Path, bytes: Option
             Err(_) => return,
         },
     };
-    let found = rxd_compress::onnx::Model::parse(bytes)
-        .and_then(|m| rxd_compress::onnx::equal_constants(&m, &names));
-    match found {
+    match graph_values(bytes, Some(&names)) {
         Ok(found) => {
             for spec in &mut sig.inputs {
                 spec.warmup_value = found.get(&spec.name).copied();
             }
         }
         Err(e) => tracing::debug!(path = %path.display(), "no warmup values from the graph: {e}"),
+    }
+}
+
+/// The constant the graph of the model `bytes` compares each of `names` with (every input's,
+/// for `None`): `rxd_compress::onnx::equal_constants`.
+pub fn graph_values(
+    bytes: &[u8],
+    names: Option<&[&str]>,
+) -> Result<std::collections::BTreeMap<String, i64>, rxd_compress::proto::Error> {
+    let model = rxd_compress::onnx::Model::parse(bytes)?;
+    match names {
+        Some(names) => rxd_compress::onnx::equal_constants(&model, names),
+        None => {
+            let all = model.input_names()?;
+            let names: Vec<&str> = all.iter().map(String::as_str).collect();
+            rxd_compress::onnx::equal_constants(&model, &names)
+        }
     }
 }
 
