@@ -326,6 +326,10 @@ impl Scheduler {
             l.lane.workers
         };
         st.batcher.retire_workers(workers);
+        drop(st);
+        drop(pools);
+        // The lane leaving may have been the only one counted: one held in reserve comes back.
+        self.act(self.lock(), Vec::new());
         pool
     }
 
@@ -542,6 +546,9 @@ impl Scheduler {
         // Lanes far slower than the fastest leave the count, and come back.
         let (more, out) = Self::hold_in_reserve(&mut st, now);
         back += more;
+        // Netted: a lane back from its rest and held in reserve again at once must not leave
+        // free slots behind (retiring busy workers only marks them to leave).
+        let (back, out) = (back.saturating_sub(out), out.saturating_sub(back));
         if out > 0 {
             st.batcher.retire_workers(out);
         }
@@ -872,11 +879,16 @@ impl Scheduler {
     /// on the cheapest lane); returns how many workers come back into the policy's count and
     /// how many leave it. Lanes resting or draining are out of the count already.
     fn hold_in_reserve(st: &mut State, now: Instant) -> (usize, usize) {
-        if st.lanes.len() < 2 || st.batcher.settings().routing != route::Routing::ExpectedFinish {
+        if st.lanes.len() < 2 {
             return (0, 0);
         }
-        let views: Vec<(&Lane, bool)> = st.lanes.iter().map(|l| (&l.lane, l.reserve)).collect();
-        let reserve = route::reserve(&views, st.recent_rows, now);
+        let reserve = if st.batcher.settings().routing == route::Routing::ExpectedFinish {
+            let views: Vec<(&Lane, bool)> = st.lanes.iter().map(|l| (&l.lane, l.reserve)).collect();
+            route::reserve(&views, st.recent_rows, now)
+        } else {
+            // Round-robin gives every lane its turn: none is held back.
+            vec![false; st.lanes.len()]
+        };
         let (mut back, mut out) = (0, 0);
         for (l, r) in st.lanes.iter_mut().zip(reserve) {
             if l.reserve == r {
@@ -948,6 +960,8 @@ impl Scheduler {
             batch.dispatched = now;
             drop(st);
             self.send(batch);
+            // The failing lane left the count: a lane held in reserve may be all that is left.
+            self.act(self.lock(), Vec::new());
             return;
         }
         // Nowhere else to go, or failed twice: answered with the error; the slot is free.
