@@ -45,6 +45,7 @@ pub mod tensor {
     pub const RAW_DATA: u32 = 9;
     pub const INT32_DATA: u32 = 5;
     pub const INT64_DATA: u32 = 7;
+    pub const UINT64_DATA: u32 = 11;
     pub const DATA_LOCATION: u32 = 14;
     pub const FLOAT: u64 = 1;
     pub const UINT8: u64 = 2;
@@ -53,6 +54,8 @@ pub mod tensor {
     pub const INT16: u64 = 5;
     pub const INT32: u64 = 6;
     pub const INT64: u64 = 7;
+    pub const UINT32: u64 = 12;
+    pub const UINT64: u64 = 13;
     pub const BOOL: u64 = 9;
     pub const FLOAT16: u64 = 10;
 }
@@ -265,15 +268,16 @@ pub fn f32_data(t: &Message) -> Result<Option<Vec<f32>>, Error> {
 /// not an integer type, or stored elsewhere).
 pub fn int_scalar(t: &Message) -> Result<Option<i64>, Error> {
     use tensor::*;
-    if t.varint(DATA_LOCATION) == Some(1) || dims_of(t)?.iter().product::<i64>() != 1 {
+    // One element: rank 0, or every dimension 1 (a product could overflow on crafted dims).
+    if t.varint(DATA_LOCATION) == Some(1) || dims_of(t)?.iter().any(|&d| d != 1) {
         return Ok(None);
     }
     let ty = t.varint(DATA_TYPE).unwrap_or(0);
     let width = match ty {
         INT8 | UINT8 | BOOL => 1,
         INT16 | UINT16 => 2,
-        INT32 => 4,
-        INT64 => 8,
+        INT32 | UINT32 => 4,
+        INT64 | UINT64 => 8,
         _ => return Ok(None),
     };
     if let Some(raw) = t.bytes(RAW_DATA) {
@@ -283,16 +287,21 @@ pub fn int_scalar(t: &Message) -> Result<Option<i64>, Error> {
         let mut b = [0u8; 8];
         b[..width].copy_from_slice(raw);
         let u = u64::from_le_bytes(b);
-        return Ok(Some(match ty {
-            INT8 => i64::from(u as u8 as i8),
-            INT16 => i64::from(u as u16 as i16),
-            INT32 => i64::from(u as u32 as i32),
-            _ => u as i64,
-        }));
+        return Ok(match ty {
+            INT8 => Some(i64::from(u as u8 as i8)),
+            INT16 => Some(i64::from(u as u16 as i16)),
+            INT32 => Some(i64::from(u as u32 as i32)),
+            _ => i64::try_from(u).ok(),
+        });
     }
-    let field = if ty == INT64 { INT64_DATA } else { INT32_DATA };
+    let field = match ty {
+        INT64 => INT64_DATA,
+        UINT32 | UINT64 => UINT64_DATA,
+        _ => INT32_DATA,
+    };
     Ok(match *t.varints(field)?.as_slice() {
-        [v] if ty == INT64 => Some(v as i64),
+        [v] if ty == UINT64 => i64::try_from(v).ok(),
+        [v] if matches!(ty, INT64 | UINT32) => Some(v as i64),
         [v] => Some(i64::from(v as u32 as i32)),
         _ => None,
     })
@@ -307,9 +316,10 @@ pub fn equal_constants(
     model: &Model,
     names: &[&str],
 ) -> Result<std::collections::BTreeMap<String, i64>, Error> {
-    let top = model.graph.messages(graph::NODE)?;
-    let mut nodes = nested_nodes(&top)?;
-    nodes.extend(top);
+    // The graph's own comparisons first, then its subgraphs'.
+    let mut nodes = model.graph.messages(graph::NODE)?;
+    let nested = nested_nodes(&nodes)?;
+    nodes.extend(nested);
     let mut consts = std::collections::HashMap::new();
     for t in model.graph.messages(graph::INITIALIZER)? {
         if let Some(v) = int_scalar(&t)? {
@@ -585,6 +595,8 @@ mod tests {
         let mut branch = Message::default();
         branch.push_message(graph::NODE, &c);
         branch.push_message(graph::NODE, &node("Equal", &["minus3", "mode"], &["m"]));
+        // The graph's own comparison of `sr` wins over its subgraph's.
+        branch.push_message(graph::NODE, &node("Equal", &["sr", "minus3"], &["m2"]));
         let mut iff = node("If", &["e"], &["y"]);
         let mut a = Message::default();
         a.push_str(attr::NAME, "then_branch");
@@ -603,6 +615,11 @@ mod tests {
         m.push_message(model::GRAPH, &g);
         let model = Model::parse(&m.encode()).unwrap();
         let found = equal_constants(&model, &["sr", "mode", "flag", "x"]).unwrap();
+        // Dimensions whose product overflows are not one element (and do not panic).
+        let crafted = make_tensor("c", &[3, i64::MAX / 2], tensor::INT64, vec![0; 8]);
+        assert_eq!(int_scalar(&crafted).unwrap(), None);
+        let big = make_tensor("u", &[1], tensor::UINT64, u64::MAX.to_le_bytes().to_vec());
+        assert_eq!(int_scalar(&big).unwrap(), None, "past i64");
         assert_eq!(
             found.into_iter().collect::<Vec<_>>(),
             [("mode".to_string(), -3), ("sr".to_string(), 16000)]

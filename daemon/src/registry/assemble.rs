@@ -230,14 +230,6 @@ impl LoadJob {
         let limit = dev.budget.map_or_else(|| physical_memory() / 4, |b| b / 2);
         let layouts = super::tune::affordable(crate::runtime::layouts(cores), session_bytes, limit);
         let axes = s.axes();
-        // What warmup fills integer inputs with (read as the sessions will read it).
-        let graph_values = match &served {
-            Some((b, _)) => crate::runtime::graph_values(b, None).ok(),
-            None => std::fs::read(&build.path)
-                .ok()
-                .and_then(|b| crate::runtime::graph_values(&b, None).ok()),
-        }
-        .unwrap_or_default();
         let key = super::tune::CacheKey {
             device: &build.device,
             cores,
@@ -246,7 +238,6 @@ impl LoadJob {
             ort: self.runtime.version(),
             dims: s.warmup_dims.as_ref(),
             values: s.warmup_values.as_ref(),
-            graph_values: &graph_values,
             axes: &axes,
             dequantized: served.is_some(),
         };
@@ -422,6 +413,16 @@ fn apply_limits(
         return Err(format!(
             "warmup-values names '{unknown}', which is not an input of an integer type"
         ));
+    }
+    for spec in &sig.inputs {
+        if let Some(&v) = values.get(&spec.name)
+            && !crate::runtime::fits(spec.dtype, v)
+        {
+            return Err(format!(
+                "warmup-values gives '{}' {v}, which is not a value of its type {}",
+                spec.name, spec.dtype
+            ));
+        }
     }
     let warmup_dims = settings.warmup_dims.clone().unwrap_or_default();
     let mut elements = 0u64;

@@ -126,9 +126,6 @@ pub struct CacheKey<'a> {
     pub dims: Option<&'a std::collections::HashMap<String, Vec<i64>>>,
     /// model.toml `warmup-values`: the values measured.
     pub values: Option<&'a std::collections::HashMap<String, i64>>,
-    /// The values read from the graph (`runtime::graph_values`): a choice measured before
-    /// rxd filled inputs with them (on zeros) is measured again.
-    pub graph_values: &'a std::collections::BTreeMap<String, i64>,
     /// model.toml `batch-axes` and `shared-inputs`: whether and how it batches.
     pub axes: &'a crate::runtime::AxesConfig,
     /// The file was measured dequantized at load (a weights-only file served as a float
@@ -164,9 +161,10 @@ pub fn cache_path(cache_dir: &Path, model: &Path, key: &CacheKey<'_>) -> std::io
         let values: std::collections::BTreeMap<_, _> = values.iter().collect();
         h.update(format!("\0values {values:?}").as_bytes());
     }
-    if !key.graph_values.is_empty() {
-        h.update(format!("\0graph values {:?}", key.graph_values).as_bytes());
-    }
+    // Since rxd fills an integer input with the constant its graph compares it with (not
+    // zero), every choice measured before is measured again once (a model's values come from
+    // its bytes, already in the key).
+    h.update(b"\0warmup values from the graph");
     let name = h.finalize().to_hex();
     Ok(cache_dir.join("tune").join(format!("{}.json", &name[..32])))
 }
@@ -322,7 +320,6 @@ mod tests {
         std::fs::write(&a, b"model a").unwrap();
         std::fs::write(&b, b"model b").unwrap();
         let no_axes = crate::runtime::AxesConfig::default();
-        let none = std::collections::BTreeMap::new();
         let p = |m: &Path, device: &str, cores: u32| {
             let key = CacheKey {
                 device,
@@ -332,7 +329,6 @@ mod tests {
                 ort: "1.31.1",
                 dims: None,
                 values: None,
-                graph_values: &none,
                 axes: &no_axes,
                 dequantized: false,
             };
@@ -352,7 +348,6 @@ mod tests {
             ort: "1.31.1",
             dims: Some(&dims),
             values: None,
-            graph_values: &none,
             axes: &no_axes,
             dequantized: false,
         };
@@ -372,7 +367,6 @@ mod tests {
             ort: "1.31.1",
             dims: None,
             values: None,
-            graph_values: &none,
             axes: &axes,
             dequantized: false,
         };
@@ -391,16 +385,6 @@ mod tests {
             cache_path(dir.path(), &a, &with_values).unwrap(),
             cache_path(dir.path(), &a, &with_axes).unwrap(),
             "warmup-values change what is measured"
-        );
-        let read: std::collections::BTreeMap<String, i64> = [("sr".to_string(), 16000)].into();
-        let with_graph_values = CacheKey {
-            graph_values: &read,
-            ..with_axes
-        };
-        assert_ne!(
-            cache_path(dir.path(), &a, &with_graph_values).unwrap(),
-            cache_path(dir.path(), &a, &with_axes).unwrap(),
-            "a choice measured on zeros is not taken for one on the graph's values"
         );
         // The same file measured dequantized at load is another entry.
         let dequantized = CacheKey {

@@ -41,8 +41,8 @@ pub use job::{
 };
 pub use profile::NodePlacement;
 pub use signature::{
-    Axes, AxesConfig, Axis, Signature, WARMUP_AUTO_DIM, dtype_of, element_type_of, graph_values,
-    integer, warmup, warmup_shape, zero_inputs,
+    Axes, AxesConfig, Axis, Signature, WARMUP_AUTO_DIM, dtype_of, element_type_of, fits, integer,
+    warmup, warmup_shape, zero_inputs,
 };
 pub use tune::{Cell, Layout, Measured, TuneSpec, layouts};
 pub use worker::{ARENA_IDLE, ArenaRelease, Crew, INLINE_MAX, WorkerPool, WorkerSessions};

@@ -357,15 +357,23 @@ pub fn integer(dtype: DType) -> bool {
     filled(dtype, 0, 0).is_some()
 }
 
-/// Sets each integer input's `warmup_value` from the model's graph (`path`, or `bytes` when
-/// the session was made from memory): the constant an `Equal` compares it with. Models
-/// without integer inputs are not read; a file that cannot be read or parsed here (ONNX
-/// Runtime made a session of it) leaves zeros.
+/// Whether `v` is a value of integer type `dtype`.
+pub fn fits(dtype: DType, v: i64) -> bool {
+    filled(dtype, 1, v).is_some()
+}
+
+/// Sets the `warmup_value` of each integer input of one element (rank 0, or every dimension
+/// fixed at 1: a sample rate, a mode, a flag) from the model's graph (`path`, or `bytes`
+/// when the session was made from memory): the constant an `Equal` compares it with. Larger
+/// integer inputs (token ids, masks) keep zeros: a whole tensor of the one value a graph
+/// compares them with (a padding id) is no more a real request than zeros. Models without
+/// such inputs are not read; a file that cannot be read or parsed here (ONNX Runtime made a
+/// session of it) leaves zeros.
 pub(super) fn read_warmup_values(sig: &mut Signature, path: &Path, bytes: Option<&[u8]>) {
     let names: Vec<&str> = sig
         .inputs
         .iter()
-        .filter(|s| integer(s.dtype))
+        .filter(|s| integer(s.dtype) && s.dims.iter().all(|&d| d == 1))
         .map(|s| s.name.as_str())
         .collect();
     if names.is_empty() {
@@ -382,30 +390,15 @@ pub(super) fn read_warmup_values(sig: &mut Signature, path: &Path, bytes: Option
             Err(_) => return,
         },
     };
-    match graph_values(bytes, Some(&names)) {
+    let found = rxd_compress::onnx::Model::parse(bytes)
+        .and_then(|m| rxd_compress::onnx::equal_constants(&m, &names));
+    match found {
         Ok(found) => {
             for spec in &mut sig.inputs {
                 spec.warmup_value = found.get(&spec.name).copied();
             }
         }
         Err(e) => tracing::debug!(path = %path.display(), "no warmup values from the graph: {e}"),
-    }
-}
-
-/// The constant the graph of the model `bytes` compares each of `names` with (every input's,
-/// for `None`): `rxd_compress::onnx::equal_constants`.
-pub fn graph_values(
-    bytes: &[u8],
-    names: Option<&[&str]>,
-) -> Result<std::collections::BTreeMap<String, i64>, rxd_compress::proto::Error> {
-    let model = rxd_compress::onnx::Model::parse(bytes)?;
-    match names {
-        Some(names) => rxd_compress::onnx::equal_constants(&model, names),
-        None => {
-            let all = model.input_names()?;
-            let names: Vec<&str> = all.iter().map(String::as_str).collect();
-            rxd_compress::onnx::equal_constants(&model, &names)
-        }
     }
 }
 
@@ -484,6 +477,7 @@ mod tests {
         assert_eq!(filled(DType::Uint32, 1, -1), None, "does not fit");
         assert_eq!(filled(DType::Float32, 1, 1), None, "not an integer type");
         assert!(integer(DType::Int32) && !integer(DType::Bool) && !integer(DType::Float16));
+        assert!(fits(DType::Int16, -32768) && !fits(DType::Int16, 100_000));
     }
 
     #[test]

@@ -418,7 +418,7 @@ pub struct TensorSpec {
     /// model is known to run with; for an output, what such inputs gave. Empty otherwise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warmup_dims: Vec<u64>,
-    /// Inputs of an integer type: the value the model compares this input with (an `Equal`
+    /// Inputs of an integer type and one element: the value the model compares this input with (an `Equal`
     /// with a one-element constant in its graph, such as a sample rate checked against 16000),
     /// which its warmup and the daemon's tuning fill it with instead of zero, so that they run
     /// the branch real requests take; a generator of sample inputs should use it too. `None`

@@ -394,24 +394,21 @@ fn human_number(v: &serde_json::Value) -> String {
 fn random_input(spec: &TensorSpec, shape: &[u64], rng: &mut u64) -> Tensor {
     let shape = shape.to_vec();
     let n = shape.iter().product::<u64>() as usize;
-    if let Some(v) = spec.warmup_value {
-        let size = (spec.dtype.bits() / 8).max(1) as usize;
-        let one = v.to_le_bytes();
-        let integer = matches!(
-            spec.dtype,
-            DType::Int8
-                | DType::Uint8
-                | DType::Int16
-                | DType::Uint16
-                | DType::Int32
-                | DType::Uint32
-                | DType::Int64
-                | DType::Uint64
-        );
-        if integer {
-            let bytes = one[..size].repeat(n);
-            return Tensor::inline(spec.name.clone(), spec.dtype, shape, bytes);
-        }
+    let one: Option<Vec<u8>> = spec.warmup_value.and_then(|v| {
+        Some(match spec.dtype {
+            DType::Int8 => i8::try_from(v).ok()?.to_le_bytes().to_vec(),
+            DType::Uint8 => u8::try_from(v).ok()?.to_le_bytes().to_vec(),
+            DType::Int16 => i16::try_from(v).ok()?.to_le_bytes().to_vec(),
+            DType::Uint16 => u16::try_from(v).ok()?.to_le_bytes().to_vec(),
+            DType::Int32 => i32::try_from(v).ok()?.to_le_bytes().to_vec(),
+            DType::Uint32 => u32::try_from(v).ok()?.to_le_bytes().to_vec(),
+            DType::Int64 => v.to_le_bytes().to_vec(),
+            DType::Uint64 => u64::try_from(v).ok()?.to_le_bytes().to_vec(),
+            _ => return None,
+        })
+    });
+    if let Some(one) = one {
+        return Tensor::inline(spec.name.clone(), spec.dtype, shape, one.repeat(n));
     }
     let mut next = || {
         *rng ^= *rng << 13;
