@@ -153,6 +153,22 @@ impl DType {
         }
     }
 
+    /// `v` as one element of this type, little-endian: `None` unless this is an integer type
+    /// (signed or unsigned, 8 to 64 bits; not bool) that holds `v`.
+    pub fn integer_bytes(self, v: i64) -> Option<Vec<u8>> {
+        Some(match self {
+            DType::Int8 => i8::try_from(v).ok()?.to_le_bytes().to_vec(),
+            DType::Uint8 => u8::try_from(v).ok()?.to_le_bytes().to_vec(),
+            DType::Int16 => i16::try_from(v).ok()?.to_le_bytes().to_vec(),
+            DType::Uint16 => u16::try_from(v).ok()?.to_le_bytes().to_vec(),
+            DType::Int32 => i32::try_from(v).ok()?.to_le_bytes().to_vec(),
+            DType::Uint32 => u32::try_from(v).ok()?.to_le_bytes().to_vec(),
+            DType::Int64 => v.to_le_bytes().to_vec(),
+            DType::Uint64 => u64::try_from(v).ok()?.to_le_bytes().to_vec(),
+            _ => return None,
+        })
+    }
+
     /// Bytes needed for `elements` elements, packed 4-bit types rounded up to whole bytes.
     /// `None` on overflow.
     pub fn byte_len(self, elements: u64) -> Option<u64> {

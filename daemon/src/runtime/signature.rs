@@ -338,28 +338,21 @@ pub fn zero_inputs(
 /// `elements` values `v` of integer type `dtype`, little-endian (`None` for other types, or
 /// when `v` does not fit the type).
 fn filled(dtype: DType, elements: u64, v: i64) -> Option<Vec<u8>> {
-    let one: Vec<u8> = match dtype {
-        DType::Int8 => i8::try_from(v).ok()?.to_le_bytes().to_vec(),
-        DType::Uint8 => u8::try_from(v).ok()?.to_le_bytes().to_vec(),
-        DType::Int16 => i16::try_from(v).ok()?.to_le_bytes().to_vec(),
-        DType::Uint16 => u16::try_from(v).ok()?.to_le_bytes().to_vec(),
-        DType::Int32 => i32::try_from(v).ok()?.to_le_bytes().to_vec(),
-        DType::Uint32 => u32::try_from(v).ok()?.to_le_bytes().to_vec(),
-        DType::Int64 => v.to_le_bytes().to_vec(),
-        DType::Uint64 => u64::try_from(v).ok()?.to_le_bytes().to_vec(),
-        _ => return None,
-    };
-    Some(one.repeat(usize::try_from(elements).ok()?))
+    Some(
+        dtype
+            .integer_bytes(v)?
+            .repeat(usize::try_from(elements).ok()?),
+    )
 }
 
 /// Whether inputs of `dtype` can take a warmup value (see `TensorSpec::warmup_value`).
 pub fn integer(dtype: DType) -> bool {
-    filled(dtype, 0, 0).is_some()
+    dtype.integer_bytes(0).is_some()
 }
 
 /// Whether `v` is a value of integer type `dtype`.
 pub fn fits(dtype: DType, v: i64) -> bool {
-    filled(dtype, 1, v).is_some()
+    dtype.integer_bytes(v).is_some()
 }
 
 /// Sets the `warmup_value` of each integer input of one element (rank 0, or every dimension

@@ -394,20 +394,7 @@ fn human_number(v: &serde_json::Value) -> String {
 fn random_input(spec: &TensorSpec, shape: &[u64], rng: &mut u64) -> Tensor {
     let shape = shape.to_vec();
     let n = shape.iter().product::<u64>() as usize;
-    let one: Option<Vec<u8>> = spec.warmup_value.and_then(|v| {
-        Some(match spec.dtype {
-            DType::Int8 => i8::try_from(v).ok()?.to_le_bytes().to_vec(),
-            DType::Uint8 => u8::try_from(v).ok()?.to_le_bytes().to_vec(),
-            DType::Int16 => i16::try_from(v).ok()?.to_le_bytes().to_vec(),
-            DType::Uint16 => u16::try_from(v).ok()?.to_le_bytes().to_vec(),
-            DType::Int32 => i32::try_from(v).ok()?.to_le_bytes().to_vec(),
-            DType::Uint32 => u32::try_from(v).ok()?.to_le_bytes().to_vec(),
-            DType::Int64 => v.to_le_bytes().to_vec(),
-            DType::Uint64 => u64::try_from(v).ok()?.to_le_bytes().to_vec(),
-            _ => return None,
-        })
-    });
-    if let Some(one) = one {
+    if let Some(one) = spec.warmup_value.and_then(|v| spec.dtype.integer_bytes(v)) {
         return Tensor::inline(spec.name.clone(), spec.dtype, shape, one.repeat(n));
     }
     let mut next = || {
