@@ -21,15 +21,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use crate::onnx::tensor::{INT16, INT32, INT32_DATA, UINT16};
 use crate::onnx::{self, Model, graph, tensor};
 use crate::proto::{Error, Message, Value};
-
-/// TensorProto's `int32_data` (int8/uint8/int16/uint16/int32/float16 values when not raw).
-const INT32_DATA: u32 = 5;
-/// More integer element types DequantizeLinear reads.
-const UINT16: u64 = 4;
-const INT16: u64 = 5;
-const INT32: u64 = 6;
 
 /// What [`dequantize`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]

@@ -43,6 +43,7 @@ pub mod tensor {
     pub const FLOAT_DATA: u32 = 4;
     pub const NAME: u32 = 8;
     pub const RAW_DATA: u32 = 9;
+    /// int8/uint8/int16/uint16/int32/float16 values when not raw.
     pub const INT32_DATA: u32 = 5;
     pub const INT64_DATA: u32 = 7;
     pub const UINT64_DATA: u32 = 11;
