@@ -94,20 +94,18 @@ fn an_integer_input_the_graph_compares_with_a_constant_is_warmed_tuned_and_gener
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("warmup value 16000"), "{text}");
     // Generated inputs: no --input, 16 kHz chunks.
-    let out = d.rxctl(&[
-        "--json",
-        "bench",
-        "silero_vad",
-        "-c",
-        "2",
-        "--duration",
-        "0.3",
-        "--warmup",
-        "0",
-    ]);
-    assert!(out.status.success(), "{out:?}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["errors"], serde_json::json!({}), "{v}");
+    let v = bench_json(
+        &d,
+        &[
+            "silero_vad",
+            "-c",
+            "2",
+            "--duration",
+            "0.3",
+            "--warmup",
+            "0",
+        ],
+    );
     assert!(v["ok"].as_u64().unwrap() > 0, "{v}");
     // One generated request, of the warmup's shapes.
     let out = d.rxctl(&["--json", "infer", "silero_vad"]);
@@ -229,6 +227,16 @@ fn real_repo() -> Repo {
     repo
 }
 
+/// `rxctl --json bench ARGS` against `d`: it succeeds and no request failed; its report.
+fn bench_json(d: &TestDaemon, args: &[&str]) -> serde_json::Value {
+    let all: Vec<&str> = ["--json", "bench"].iter().chain(args).copied().collect();
+    let out = d.rxctl(&all);
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["errors"], serde_json::json!({}), "{args:?}: {v}");
+    v
+}
+
 fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -254,21 +262,8 @@ fn rxctl_infer_and_bench_run_every_real_model_with_generated_inputs() {
                 .all(|g| g["shape_from"] == "warmup" || g["shape_from"] == "fixed"),
             "{m}: {v}"
         );
-        let out = d.rxctl(&[
-            "--json",
-            "bench",
-            m,
-            "--duration",
-            "0.5",
-            "--warmup",
-            "0.2",
-            "-c",
-            "2",
-        ]);
-        assert!(out.status.success(), "{m}: {out:?}");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let v = bench_json(&d, &[m, "--duration", "0.5", "--warmup", "0.2", "-c", "2"]);
         assert!(v["ok"].as_u64().unwrap() > 0, "{m}: {v}");
-        assert_eq!(v["errors"], serde_json::json!({}), "{m}: {v}");
     }
     let yolo = d.rxctl(&["--json", "infer", "yolov8n"]);
     let v: serde_json::Value = serde_json::from_slice(&yolo.stdout).unwrap();
@@ -869,18 +864,16 @@ fn issue_26_bench_and_concurrent_requests_answer_every_real_model_as_in_process_
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("'state'") && err.contains("--dim"), "{err}");
     // Where every input is batch-first, --rows sets the batch.
-    let out = d.rxctl(&[
-        "--json",
-        "bench",
-        "ppocr_cls",
-        "--rows",
-        "3",
-        "--duration",
-        "0.3",
-        "--warmup",
-        "0",
-    ]);
-    assert!(out.status.success(), "{out:?}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["errors"], serde_json::json!({}), "{v}");
+    bench_json(
+        &d,
+        &[
+            "ppocr_cls",
+            "--rows",
+            "3",
+            "--duration",
+            "0.3",
+            "--warmup",
+            "0",
+        ],
+    );
 }
