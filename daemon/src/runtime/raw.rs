@@ -20,9 +20,10 @@ fn dims_of(shape: &[u64]) -> Result<Vec<i64>, String> {
         .collect()
 }
 
-/// An input tensor over `len` bytes of the arena at `offset`, without copying, for the plain
-/// numeric types; other types (bool, which must be normalised to 0/1, and the packed and 8-bit
-/// float types) are copied out first.
+/// An input tensor over `len` bytes of the arena at `offset`, without copying, for the types
+/// whose values ONNX Runtime only computes with ([`arena_zero_copy_type`]); other types are
+/// copied out first: bool (normalised to 0/1), the packed and 8-bit float types, and the
+/// 32- and 64-bit integers, which may be indices or sizes.
 pub fn tensor_over_mapping<'a>(
     map: &'a Mapping,
     offset: u64,
@@ -30,7 +31,7 @@ pub fn tensor_over_mapping<'a>(
     ty: TensorElementType,
     shape: &[u64],
 ) -> Result<SessionInputValue<'a>, String> {
-    if !zero_copy_type(ty) {
+    if !arena_zero_copy_type(ty) {
         let n = usize::try_from(len).map_err(|_| "input too large")?;
         let mut buf = vec![0u8; n];
         map.copy_out(offset, &mut buf).map_err(|e| e.to_string())?;
@@ -62,6 +63,20 @@ pub fn tensor_over_bytes<'a>(
     // SAFETY: `bytes` is a live slice of `bytes.len()` bytes borrowed for 'a; ORT only reads
     // inputs, so the cast to a mutable pointer is never written through.
     unsafe { over_raw(bytes.as_ptr().cast_mut(), bytes.len() as u64, ty, shape) }
+}
+
+/// Whether an input of `ty` may be read by ONNX Runtime straight from the arena, which the
+/// peer can rewrite while the run reads it. A value read twice may then differ between the
+/// reads. For data that is only computed with, that changes the numbers the peer gets back
+/// and nothing else. But 32- and 64-bit integers are what ONNX makes indices and sizes of
+/// (`Gather`, `ScatterND`, `Slice`, `Reshape`, `TopK`, `Expand`): a kernel that checks every
+/// index and then reads the indices again to use them (ORT's `Gather` does) would use an
+/// index it never checked — reading, or writing, outside its tensors. Those are copied out of
+/// the arena first (they are small: ids, masks, rates); floats and 8- and 16-bit integers
+/// (images, audio, quantized data) are not.
+fn arena_zero_copy_type(ty: TensorElementType) -> bool {
+    use TensorElementType as T;
+    zero_copy_type(ty) && !matches!(ty, T::Int32 | T::Uint32 | T::Int64 | T::Uint64)
 }
 
 fn zero_copy_type(ty: TensorElementType) -> bool {

@@ -592,3 +592,91 @@ fn a_model_removed_and_put_back_serves_again() {
     let seen = bystander.stop();
     assert_unharmed(&mut d, &before, &seen, Duration::from_secs(2), 64 << 20);
 }
+
+/// An index input in the arena that the peer rewrites while ONNX Runtime runs on it. ORT's
+/// `Gather` checks every index, then reads them again to copy: read straight from the arena,
+/// an index made huge between the two reads was used unchecked, reading far outside the
+/// table (the daemon crashed, or answered with bytes of its own memory). Integer inputs are
+/// copied out of the arena before a run: every answer is the table's values for indices the
+/// run saw, or the error for an index out of range.
+#[test]
+fn an_index_rewritten_in_the_arena_during_the_run_is_never_used_unchecked() {
+    use rxd_protocol::{ArenaRef, TensorData};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    // Large enough not to be copied for coalescing's key (16 KiB), so it runs from the arena.
+    const N: u64 = 1 << 16;
+    repo.write("gather", 1, &gather_model())
+        .settings("gather", &format!("max-dims = {{ index = [{N}] }}\n"));
+    let mut d = shared_daemon(repo.path(), "", &[]);
+    let before = before(&d);
+    let bystander = Bystander::start(&d.socket);
+
+    let mut c = connect_as_nobody(&d.socket);
+    let (_, fd) = c.handshake_arena(N * 8).unwrap();
+    let map =
+        Arc::new(rxd_shm::Mapping::map(std::os::fd::AsFd::as_fd(&fd), (N * 8) as usize).unwrap());
+    let bytes = |v: i64| -> Vec<u8> {
+        (0..N)
+            .flat_map(|i| ((i as i64 + v) % 4 + v * 1_000_000_000_000).to_le_bytes())
+            .collect()
+    };
+    let (valid, huge) = (bytes(0), bytes(1 << 20));
+    let stop = Arc::new(AtomicBool::new(false));
+    let flipper = {
+        let (map, stop) = (map.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                map.copy_in(0, &valid).unwrap();
+                map.copy_in(0, &huge).unwrap();
+            }
+            map.copy_in(0, &valid).unwrap();
+        })
+    };
+    let index = Tensor {
+        name: "index".into(),
+        dtype: DType::Int64,
+        shape: vec![N],
+        data: TensorData::Arena(ArenaRef {
+            offset: 0,
+            len: N * 8,
+        }),
+    };
+    let (mut answered, mut refused_runs) = (0, 0);
+    for id in 1..=300 {
+        match infer(&mut c, id, "gather", vec![index.clone()]) {
+            Outcome::Ok(Reply::Infer(r)) => {
+                let TensorData::Inline(b) = &r.outputs[0].data else {
+                    panic!("an inline answer: {:?}", r.outputs[0].shape)
+                };
+                assert_eq!(b.len() as u64, N * 4);
+                for v in b.chunks_exact(4) {
+                    let v = f32::from_le_bytes(v.try_into().unwrap());
+                    assert!(
+                        [10.0, 20.0, 30.0, 40.0].contains(&v),
+                        "a value from outside the table: {v}"
+                    );
+                }
+                answered += 1;
+            }
+            Outcome::Err(e) => {
+                assert_eq!(e.kind(), Some(ErrorCode::InferenceFailed), "{e}");
+                refused_runs += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    flipper.join().unwrap();
+    // Both kinds happen, or the flipper never raced the runs.
+    assert!(
+        answered > 0 && refused_runs > 0,
+        "{answered} answered, {refused_runs} refused"
+    );
+    drop(c);
+
+    let seen = bystander.stop();
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(2), 64 << 20);
+}
