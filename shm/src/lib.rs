@@ -97,6 +97,9 @@ pub fn file_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
 pub struct Mapping {
     map: memmap2::MmapRaw,
     len: usize,
+    /// The end of the part [`Mapping::range`] and the accessors open to references; the rest
+    /// is reserved for this crate's [`ring::RingMem`] ([`Mapping::reserve_from`]).
+    open: usize,
 }
 
 impl std::fmt::Debug for Mapping {
@@ -136,7 +139,19 @@ impl Mapping {
         let map = memmap2::MmapOptions::new()
             .len(len)
             .map_raw(fd.as_raw_fd())?;
-        Ok(Mapping { map, len })
+        Ok(Mapping {
+            map,
+            len,
+            open: len,
+        })
+    }
+
+    /// Reserves the bytes from `offset` to the end (a ring's, whose header words are atomics):
+    /// [`Mapping::range`], [`Mapping::ptr`], [`Mapping::copy_in`] and [`Mapping::copy_out`]
+    /// refuse them from now on, so that no reference a peer names (a tensor, an output area)
+    /// can cover them; only a [`ring::RingMem`] reaches them.
+    pub fn reserve_from(&mut self, offset: u64) {
+        self.open = usize::try_from(offset).map_or(self.open, |o| o.min(self.open));
     }
 
     pub fn len(&self) -> usize {
@@ -147,15 +162,21 @@ impl Mapping {
         self.len == 0
     }
 
-    /// Checks that `len` bytes from `offset` lie inside the mapping; returns the offset.
+    /// Checks that `len` bytes from `offset` lie inside the mapping's open part (all of it
+    /// unless [`Mapping::reserve_from`]); returns the offset.
     pub fn range(&self, offset: u64, len: u64) -> Result<usize, RangeError> {
+        self.range_below(offset, len, self.open)
+    }
+
+    /// [`Mapping::range`] against `end` (at most the mapping's length).
+    fn range_below(&self, offset: u64, len: u64, end: usize) -> Result<usize, RangeError> {
         let err = RangeError {
             offset,
             len,
-            size: self.len as u64,
+            size: end as u64,
         };
         match offset.checked_add(len) {
-            Some(end) if end <= self.len as u64 => Ok(offset as usize),
+            Some(last) if last <= end as u64 && end <= self.len => Ok(offset as usize),
             _ => Err(err),
         }
     }
@@ -164,9 +185,18 @@ impl Mapping {
     /// The memory may change under the reader at any time; callers must treat it as untrusted
     /// bytes and never form Rust references to it.
     pub fn ptr(&self, offset: u64, len: u64) -> Result<*mut u8, RangeError> {
-        let off = self.range(offset, len)?;
-        // SAFETY: `off + len <= self.len` (checked by `range`), so the result stays inside the
-        // mapping.
+        self.ptr_below(offset, len, self.open)
+    }
+
+    /// [`Mapping::ptr`] into the whole mapping, reserved part included (for [`ring::RingMem`]).
+    pub(crate) fn ptr_whole(&self, offset: u64, len: u64) -> Result<*mut u8, RangeError> {
+        self.ptr_below(offset, len, self.len)
+    }
+
+    fn ptr_below(&self, offset: u64, len: u64, end: usize) -> Result<*mut u8, RangeError> {
+        let off = self.range_below(offset, len, end)?;
+        // SAFETY: `off + len <= end <= self.len` (checked by `range_below`), so the result
+        // stays inside the mapping.
         Ok(unsafe { self.map.as_mut_ptr().add(off) })
     }
 
@@ -180,7 +210,16 @@ impl Mapping {
     /// [`Region`] would make one, and the peer is never lent a `Region`'s range), and nothing
     /// here reads the range back.
     pub fn copy_in(&self, offset: u64, src: &[u8]) -> Result<(), RangeError> {
-        let dst = self.ptr(offset, src.len() as u64)?;
+        self.copy_in_below(offset, src, self.open)
+    }
+
+    /// [`Mapping::copy_in`] into the whole mapping, reserved part included.
+    pub(crate) fn copy_in_whole(&self, offset: u64, src: &[u8]) -> Result<(), RangeError> {
+        self.copy_in_below(offset, src, self.len)
+    }
+
+    fn copy_in_below(&self, offset: u64, src: &[u8], end: usize) -> Result<(), RangeError> {
+        let dst = self.ptr_below(offset, src.len() as u64, end)?;
         // SAFETY: `dst..dst+src.len()` lies inside the mapping (checked by `ptr`); `src` is a
         // Rust slice, which cannot overlap shared memory we never hand out as a reference.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
@@ -198,7 +237,16 @@ impl Mapping {
     /// and the compiler cannot assume the source is unchanged between reads because nothing
     /// reads it twice.
     pub fn copy_out(&self, offset: u64, dst: &mut [u8]) -> Result<(), RangeError> {
-        let src = self.ptr(offset, dst.len() as u64)?;
+        self.copy_out_below(offset, dst, self.open)
+    }
+
+    /// [`Mapping::copy_out`] from the whole mapping, reserved part included.
+    pub(crate) fn copy_out_whole(&self, offset: u64, dst: &mut [u8]) -> Result<(), RangeError> {
+        self.copy_out_below(offset, dst, self.len)
+    }
+
+    fn copy_out_below(&self, offset: u64, dst: &mut [u8], end: usize) -> Result<(), RangeError> {
+        let src = self.ptr_below(offset, dst.len() as u64, end)?;
         // SAFETY: `src..src+dst.len()` lies inside the mapping (checked by `ptr`); `dst` is an
         // exclusive Rust slice outside it.
         unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) };

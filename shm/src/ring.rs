@@ -33,7 +33,7 @@ impl RingMem {
     /// The ring of `len` bytes at `base` in `map`; `base` must be a multiple of 64 and the
     /// range inside the mapping.
     pub fn new(map: Arc<Mapping>, base: u64, len: u64) -> Result<RingMem, RangeError> {
-        map.range(base, len)?;
+        map.ptr_whole(base, len)?;
         if !base.is_multiple_of(64) || len < 256 {
             return Err(RangeError {
                 offset: base,
@@ -60,7 +60,7 @@ impl RingMem {
         );
         let ptr = self
             .map
-            .ptr(self.base + offset, 4)
+            .ptr_whole(self.base + offset, 4)
             .expect("the ring's header lies inside the mapping (checked in new)");
         // SAFETY: `ptr` points at 4 bytes inside the mapping (checked by `ptr`, and the header
         // by `new`), 4-byte aligned (the mapping is page-aligned, `base` a multiple of 64,
@@ -74,13 +74,13 @@ impl RingMem {
     /// Copies `src` into the ring at `offset` (a slot), after the range check.
     pub fn write(&self, offset: u64, src: &[u8]) -> Result<(), RangeError> {
         self.check(offset, src.len() as u64)?;
-        self.map.copy_in(self.base + offset, src)
+        self.map.copy_in_whole(self.base + offset, src)
     }
 
     /// Copies bytes of the ring at `offset` into `dst`: untrusted but stable bytes.
     pub fn read(&self, offset: u64, dst: &mut [u8]) -> Result<(), RangeError> {
         self.check(offset, dst.len() as u64)?;
-        self.map.copy_out(self.base + offset, dst)
+        self.map.copy_out_whole(self.base + offset, dst)
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), RangeError> {
@@ -290,5 +290,34 @@ mod tests {
         let map = r.mapping().clone();
         assert!(RingMem::new(map.clone(), 4096, 4097).is_err());
         assert!(RingMem::new(map, 100, 256).is_err());
+    }
+
+    /// A mapping whose tail is reserved for its ring refuses every reference into the ring
+    /// (whatever a peer names), while the ring itself still reaches all of it.
+    #[test]
+    fn a_reserved_ring_is_reachable_only_through_the_ring() {
+        let fd = crate::create_sealed("ring-test", 8192).unwrap();
+        let mut map = Mapping::map(std::os::fd::AsFd::as_fd(&fd), 8192).unwrap();
+        map.reserve_from(4096);
+        let map = Arc::new(map);
+        let r = RingMem::new(map.clone(), 4096, 4096).unwrap();
+        r.word(0).store(7, Ordering::SeqCst);
+        r.write(4092, &[1, 2, 3, 4]).unwrap();
+        assert!(map.range(0, 4096).is_ok());
+        for (offset, len) in [(4096, 4), (4095, 2), (0, 4097), (8188, 4), (4097, 0)] {
+            assert!(map.range(offset, len).is_err(), "{offset}+{len}");
+            assert!(map.ptr(offset, len).is_err(), "{offset}+{len}");
+            assert!(map.copy_in(offset, &vec![0; len as usize]).is_err());
+            assert!(map.copy_out(offset, &mut vec![0; len as usize]).is_err());
+        }
+        assert_eq!(r.word(0).load(Ordering::SeqCst), 7);
+        let mut b = [0u8; 4];
+        r.read(4092, &mut b).unwrap();
+        assert_eq!(b, [1, 2, 3, 4]);
+        // Reserving never reopens: a later, larger offset keeps the smaller one.
+        let mut m = Mapping::map(std::os::fd::AsFd::as_fd(&fd), 8192).unwrap();
+        m.reserve_from(4096);
+        m.reserve_from(6000);
+        assert!(m.range(4096, 1).is_err());
     }
 }

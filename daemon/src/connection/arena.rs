@@ -28,6 +28,7 @@ impl ArenaGrant {
         shared: &SharedRef,
         peer: &Peer,
         asked: u64,
+        ring_at: Option<u64>,
     ) -> Result<ArenaGrant, WireError> {
         let unavailable = |m: String| WireError::new(ErrorCode::ArenaUnavailable, m);
         let cfg = &shared.config;
@@ -44,8 +45,13 @@ impl ArenaGrant {
             .map_err(unavailable)?;
         let fd = rxd_shm::create_sealed("rxd-arena", size as usize)
             .map_err(|e| unavailable(format!("cannot create an arena of {size} bytes: {e}")))?;
-        let map = rxd_shm::Mapping::map(std::os::fd::AsFd::as_fd(&fd), size as usize)
+        let mut map = rxd_shm::Mapping::map(std::os::fd::AsFd::as_fd(&fd), size as usize)
             .map_err(|e| unavailable(format!("cannot map an arena of {size} bytes: {e}")))?;
+        // The ring's bytes are no tensor's: a reference that covered them would have the
+        // daemon write outputs over the words it reads as atomics.
+        if let Some(at) = ring_at {
+            map.reserve_from(at);
+        }
         Ok(ArenaGrant {
             fd: Some(fd),
             map: Arc::new(map),

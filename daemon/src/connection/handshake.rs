@@ -85,7 +85,7 @@ pub(super) async fn handshake(
         None => hello.arena_bytes,
     };
     let arena = if arena_bytes > 0 {
-        match ArenaGrant::new(shared, peer, arena_bytes) {
+        match ArenaGrant::new(shared, peer, arena_bytes, ring.as_ref().map(|r| r.0)) {
             Ok(a) => Some(a),
             Err(e) => return refuse(wr, e).await,
         }

@@ -1566,3 +1566,71 @@ fn an_admin_holding_every_ring_leaves_others_the_socket_and_gives_them_back() {
     }
     assert_ring_unharmed(&mut d, &before, None);
 }
+
+/// The ring lies in the arena, after the tensor part: a request that names ring bytes as an
+/// input or as where its outputs go is refused (`arena_out_of_range`) — the daemon never
+/// writes outputs over the words it reads as atomics, nor hands the ring to a model — and
+/// the ring goes on serving.
+#[test]
+fn references_into_the_ring_are_refused() {
+    use rxd_protocol::{ArenaRef, OutputRegion, TensorData};
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    let mut d = shared_daemon(repo.path(), "", &[]);
+    let before = before(&d);
+    let (input, want) = digits_case(2);
+    // No tensor part: the ring starts at offset 0 and fills the arena.
+    let mut r = RawRing::connect(&d.socket, 8);
+    let in_ring = rxd_client::Tensor {
+        data: TensorData::Arena(ArenaRef {
+            offset: 0,
+            len: 2 * 64 * 4,
+        }),
+        ..input.clone()
+    };
+    let requests = [
+        InferRequest::new("digits", vec![in_ring]),
+        InferRequest {
+            output_area: Some(ArenaRef {
+                offset: 0,
+                len: 4096,
+            }),
+            ..InferRequest::new("digits", vec![input.clone()])
+        },
+        InferRequest {
+            output_regions: vec![OutputRegion {
+                name: want[0].name.clone(),
+                offset: 256,
+                len: 1024,
+            }],
+            ..InferRequest::new("digits", vec![input.clone()])
+        },
+    ];
+    for (i, req) in requests.into_iter().enumerate() {
+        let id = i as u64 + 1;
+        r.submit_bytes(
+            &frame::encode(&RequestFrame {
+                id,
+                body: Request::Infer(req),
+            })
+            .unwrap(),
+        );
+        assert!(r.wait_completed(1, Duration::from_secs(10)), "request {id}");
+        let a = r.consume();
+        assert_eq!(a.id, id);
+        assert_eq!(
+            err_code(&a.outcome),
+            Some(ErrorCode::ArenaOutOfRange),
+            "request {id}: {:?}",
+            a.outcome
+        );
+    }
+    r.submit_digits(9, &input);
+    assert!(r.wait_completed(1, Duration::from_secs(10)));
+    match r.consume().outcome {
+        Outcome::Ok(rxd_protocol::Reply::Infer(x)) => assert_eq!(x.outputs, want),
+        other => panic!("{other:?}"),
+    }
+    drop(r);
+    assert_ring_unharmed(&mut d, &before, None);
+}
