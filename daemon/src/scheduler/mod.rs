@@ -535,13 +535,24 @@ impl Scheduler {
         // Lanes whose rest after a failure is over are tried again.
         let now = Instant::now();
         let mut back = 0;
+        let mut rest_ends: Option<Instant> = None;
         for l in &mut st.lanes {
             if l.resting && !l.lane.draining && l.lane.usable(now) {
                 l.resting = false;
                 if !l.reserve {
                     back += l.lane.workers;
                 }
+            } else if l.resting
+                && !l.lane.draining
+                && let Some(t) = l.lane.failed_until
+            {
+                rest_ends = Some(rest_ends.map_or(t, |r| r.min(t)));
             }
+        }
+        // The timer keeps only a scheduler's earliest wake-up: a rest's end is asked again
+        // for as long as the rest lasts.
+        if let Some(t) = rest_ends {
+            timer::wake_at(t, self.me.clone());
         }
         // Lanes far slower than the fastest leave the count, and come back.
         let (more, out) = Self::hold_in_reserve(&mut st, now);
