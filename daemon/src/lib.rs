@@ -39,6 +39,7 @@ pub mod alloc_count;
 pub mod budget;
 pub mod capability;
 pub mod cli;
+pub mod closer;
 pub mod coalesce;
 pub mod compression;
 pub mod config;

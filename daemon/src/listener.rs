@@ -52,11 +52,27 @@ pub fn bind(path: &Path, mode: u32) -> Result<std::os::unix::net::UnixListener, 
     Ok(listener)
 }
 
+/// Turns `SO_PASSRIGHTS` off on an accepted connection; says once where the kernel lacks it.
+fn refuse_fds(stream: &tokio::net::UnixStream) {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    match rxd_shm::fd::refuse_passed_fds(std::os::fd::AsFd::as_fd(stream)) {
+        Ok(true) => {}
+        Ok(false) => SAID.call_once(|| {
+            tracing::info!(
+                "this kernel cannot refuse fds sent over a socket (SO_PASSRIGHTS, Linux 6.16): \
+                 any a peer sends are received and closed on threads of their own"
+            )
+        }),
+        Err(e) => SAID.call_once(|| tracing::warn!("cannot turn SO_PASSRIGHTS off: {e}")),
+    }
+}
+
 /// Accepts connections until `shutdown` fires, then waits (up to the configured grace) for
 /// every connection to answer what it accepted.
 pub async fn serve(listener: UnixListener, shared: SharedRef, shutdown: CancellationToken) {
     let limit = Arc::new(Semaphore::new(shared.config.max_connections as usize));
     let tracker = TaskTracker::new();
+    let pass_fds = crate::config::TestHooks::from_env().pass_fds;
     loop {
         let permit = tokio::select! {
             biased;
@@ -76,10 +92,19 @@ pub async fn serve(listener: UnixListener, shared: SharedRef, shutdown: Cancella
                 }
             },
         };
+        // No peer may pass fds after the handshake (PROTOCOL.md): where the kernel can, it
+        // refuses them itself. Fds sent before this (or where it cannot) are received and
+        // closed by the closer threads (`closer`).
+        if !pass_fds {
+            refuse_fds(&stream);
+        }
         let peer = match Peer::identify(&stream, shared.own_uid, shared.config.admin_gid) {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!("cannot read peer credentials: {e}");
+                if let Ok(s) = stream.into_std() {
+                    crate::closer::close_one(s.into());
+                }
                 continue;
             }
         };

@@ -92,26 +92,87 @@ pub fn peer_groups(sock: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
     }
 }
 
-/// Receives into `buf` with `recvmsg` where no fds are expected: any that came (or that the
-/// kernel had to discard for lack of room, `MSG_CTRUNC`) are closed, and the flag says so.
-/// Returns the bytes read and whether fds came.
-pub fn recv_closing_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, bool)> {
-    let mut space = nix::cmsg_space!([RawFd; 8]);
+/// The most fds one message can carry (the kernel's `SCM_MAX_FD`).
+const SCM_MAX_FD: usize = 253;
+
+/// What [`recv_taking_fds`] read: bytes, and any fds that came with them.
+pub struct Received {
+    pub bytes: usize,
+    /// The fds that came, now owned by the caller. Closing one may block the thread that
+    /// closes it (the last reference to a socket lingering on unsent data, a file on a FUSE
+    /// mount whose server does not answer): where no fds are expected, hand them to a
+    /// thread that may block.
+    pub fds: Vec<OwnedFd>,
+    /// The kernel had to discard fds for lack of room (`MSG_CTRUNC`; not with room for a
+    /// whole message's worth, as here).
+    pub truncated: bool,
+}
+
+/// Receives into `buf` with `recvmsg` where no fds are expected, with room for every fd a
+/// message can carry: the kernel discarding fds itself would close them on this thread.
+pub fn recv_taking_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<Received> {
+    let mut space = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
     let mut iov = [io::IoSliceMut::new(buf)];
     let msg = recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
-    let mut had = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+    let mut fds = Vec::new();
     for c in msg.cmsgs()? {
         if let ControlMessageOwned::ScmRights(raw) = c {
             for r in raw {
                 // SAFETY: the kernel just installed `r` in our fd table for this message
-                // (SCM_RIGHTS); nothing else owns it: wrapping it takes ownership once, and
-                // dropping it closes it.
-                drop(unsafe { OwnedFd::from_raw_fd(r) });
-                had = true;
+                // (SCM_RIGHTS); nothing else owns it: wrapping it takes ownership once.
+                fds.push(unsafe { OwnedFd::from_raw_fd(r) });
             }
         }
     }
-    Ok((msg.bytes, had))
+    Ok(Received {
+        bytes: msg.bytes,
+        fds,
+        truncated: msg.flags.contains(MsgFlags::MSG_CTRUNC),
+    })
+}
+
+/// `SO_PASSRIGHTS` (Linux ≥ 6.16), the same number on every architecture rxd builds for
+/// (as [`SO_PEERGROUPS`]).
+#[cfg(not(any(target_arch = "mips", target_arch = "mips64", target_arch = "sparc64")))]
+const SO_PASSRIGHTS: nix::libc::c_int = 83;
+
+/// Makes the kernel refuse fds sent to `sock` from now on (`SO_PASSRIGHTS` off: the sender's
+/// `sendmsg` fails with `EPERM`). `Ok(false)` where the kernel lacks the option (before
+/// 6.16): fds sent are then received, and the reader must dispose of them.
+pub fn refuse_passed_fds(sock: BorrowedFd<'_>) -> io::Result<bool> {
+    let off: nix::libc::c_int = 0;
+    // SAFETY: `sock` is a live fd; the option value is a c_int of the size given.
+    let rc = unsafe {
+        nix::libc::setsockopt(
+            sock.as_raw_fd(),
+            nix::libc::SOL_SOCKET,
+            SO_PASSRIGHTS,
+            (&raw const off).cast(),
+            size_of::<nix::libc::c_int>() as nix::libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(nix::libc::ENOPROTOOPT) {
+        return Ok(false);
+    }
+    Err(err)
+}
+
+/// Makes closing `fd`, if it is a socket, abort its connection rather than wait for unsent
+/// data to go (`SO_LINGER` on, 0 s): a socket a peer set to linger would otherwise block the
+/// thread that closes it for the time the peer chose. Not a socket: nothing to do.
+pub fn close_without_lingering(fd: &OwnedFd) {
+    let _ = nix::sys::socket::setsockopt(
+        fd,
+        nix::sys::socket::sockopt::Linger,
+        &nix::libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    );
 }
 
 /// Convenience for fd-generic callers.

@@ -32,7 +32,7 @@ pub mod fd;
 pub mod ring;
 pub mod socket;
 pub use fd::{
-    activated_listener, peek, peer_groups, raw, recv_closing_fds, recv_with_fd, send_with_fd,
+    activated_listener, peek, peer_groups, raw, recv_taking_fds, recv_with_fd, send_with_fd,
 };
 
 /// Seals every arena carries: size fixed, seals fixed.

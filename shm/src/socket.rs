@@ -22,22 +22,69 @@ use tokio::io::{AsyncRead, Interest, ReadBuf};
 
 use crate::fd::watch;
 
+/// What closes a side's descriptor when the side is dropped, in place of closing it on the
+/// dropping thread: the last close of a socket frees what is queued on it, fds a peer sent
+/// included, and closing those may block ([`crate::fd::Received::fds`]).
+pub type Dispose = fn(std::os::fd::OwnedFd);
+
 /// The reading side: the socket, watched for readability.
-pub struct ReadSide(AsyncFd<UnixStream>);
+pub struct ReadSide {
+    /// Taken only by `drop`.
+    fd: Option<AsyncFd<UnixStream>>,
+    dispose: Option<Dispose>,
+}
 
 /// The writing side: a second descriptor of the socket. Shuts the socket's writing direction
 /// down when dropped (the client then sees the end of the stream).
-pub struct WriteSide(UnixStream);
+pub struct WriteSide {
+    /// Taken only by `drop`.
+    sock: Option<UnixStream>,
+    dispose: Option<Dispose>,
+}
 
 /// Splits an accepted connection (taken out of the runtime's registration).
 pub fn split(stream: tokio::net::UnixStream) -> io::Result<(ReadSide, WriteSide)> {
+    split_disposing(stream, None)
+}
+
+/// [`split`], each side handing its descriptor to `dispose` when dropped.
+pub fn split_disposing(
+    stream: tokio::net::UnixStream,
+    dispose: Option<Dispose>,
+) -> io::Result<(ReadSide, WriteSide)> {
     let stream = stream.into_std()?;
     stream.set_nonblocking(true)?;
     let writer = stream.try_clone()?;
     Ok((
-        ReadSide(watch(stream, Interest::READABLE)?),
-        WriteSide(writer),
+        ReadSide {
+            fd: Some(watch(stream, Interest::READABLE)?),
+            dispose,
+        },
+        WriteSide {
+            sock: Some(writer),
+            dispose,
+        },
     ))
+}
+
+impl ReadSide {
+    fn fd(&self) -> &AsyncFd<UnixStream> {
+        self.fd.as_ref().expect("taken only by drop")
+    }
+}
+
+impl Drop for ReadSide {
+    fn drop(&mut self) {
+        if let (Some(fd), Some(dispose)) = (self.fd.take(), self.dispose) {
+            dispose(fd.into_inner().into());
+        }
+    }
+}
+
+impl WriteSide {
+    fn sock(&self) -> &UnixStream {
+        self.sock.as_ref().expect("taken only by drop")
+    }
 }
 
 impl ReadSide {
@@ -54,7 +101,7 @@ impl ReadSide {
         drained: impl Fn(&R) -> bool,
     ) -> io::Result<R> {
         loop {
-            let mut guard = self.0.readable().await?;
+            let mut guard = self.fd().readable().await?;
             match guard.try_io(|s| read(s.as_raw_fd())) {
                 Ok(Ok(r)) => {
                     if drained(&r) {
@@ -80,7 +127,7 @@ impl AsyncRead for ReadSide {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         loop {
-            let mut guard = ready!(self.0.poll_read_ready(cx))?;
+            let mut guard = ready!(self.fd().poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
             let len = unfilled.len();
             match guard.try_io(|s| {
@@ -107,7 +154,7 @@ impl WriteSide {
     /// SIGPIPE (a peer gone is an error).
     pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         nix::sys::socket::send(
-            self.0.as_raw_fd(),
+            self.sock().as_raw_fd(),
             buf,
             MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
         )
@@ -121,7 +168,7 @@ impl WriteSide {
         mut write: impl FnMut(RawFd) -> io::Result<R>,
     ) -> io::Result<R> {
         loop {
-            match write(self.0.as_raw_fd()) {
+            match write(self.sock().as_raw_fd()) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 other => return other,
@@ -131,7 +178,7 @@ impl WriteSide {
 
     /// Ends the socket's writing direction (the peer sees the end of the stream).
     pub fn shutdown(&self) {
-        let _ = self.0.shutdown(std::net::Shutdown::Write);
+        let _ = self.sock().shutdown(std::net::Shutdown::Write);
     }
 
     /// Writes all of `buf`, waiting for room as needed.
@@ -147,7 +194,7 @@ impl WriteSide {
     /// a descriptor of its own, only for the wait: watching starts from the socket's state
     /// at that moment, so room made before the wait began is seen.
     pub async fn writable(&self) -> io::Result<()> {
-        let watch = watch(self.0.try_clone()?, Interest::WRITABLE)?;
+        let watch = watch(self.sock().try_clone()?, Interest::WRITABLE)?;
         let _ready = watch.writable().await?;
         Ok(())
     }
@@ -155,7 +202,12 @@ impl WriteSide {
 
 impl Drop for WriteSide {
     fn drop(&mut self) {
-        let _ = self.0.shutdown(std::net::Shutdown::Write);
+        if let Some(sock) = self.sock.take() {
+            let _ = sock.shutdown(std::net::Shutdown::Write);
+            if let Some(dispose) = self.dispose {
+                dispose(sock.into());
+            }
+        }
     }
 }
 

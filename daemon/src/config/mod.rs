@@ -65,6 +65,9 @@ pub struct TestHooks {
     pub no_float16: Option<String>,
     /// The light-batch bound in place of `runtime::INLINE_MAX`.
     pub inline_max: Option<std::time::Duration>,
+    /// Accepted connections keep `SO_PASSRIGHTS` on: fds a peer sends reach the daemon, as
+    /// on a kernel without the option (before 6.16), to test what it does with them.
+    pub pass_fds: bool,
 }
 
 impl TestHooks {
@@ -78,6 +81,7 @@ impl TestHooks {
             inline_max: var("RXD_TEST_INLINE_MAX_US")
                 .and_then(|v| v.parse().ok())
                 .map(std::time::Duration::from_micros),
+            pass_fds: var("RXD_TEST_PASS_FDS").is_some(),
         }
     }
 

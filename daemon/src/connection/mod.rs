@@ -326,7 +326,7 @@ pub async fn run(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: Ca
                 shared
                     .metrics
                     .record_error(err.code, err.message.clone(), None);
-                let Ok((_, mut wr)) = rxd_shm::socket::split(stream) else {
+                let Ok((_, mut wr)) = split(stream) else {
                     return;
                 };
                 let refusal = handshake::refuse::<()>(&mut wr, err);
@@ -339,6 +339,14 @@ pub async fn run(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: Ca
     }
     .instrument(span)
     .await;
+}
+
+/// A connection's socket split in two, closed by [`crate::closer`] when both sides are gone
+/// (its queue may still hold fds the peer sent).
+fn split(
+    stream: UnixStream,
+) -> std::io::Result<(rxd_shm::socket::ReadSide, rxd_shm::socket::WriteSide)> {
+    rxd_shm::socket::split_disposing(stream, Some(crate::closer::close_one))
 }
 
 /// Why the read loop stopped.
@@ -377,7 +385,7 @@ fn frame_timeout(len: usize, limit: Duration) -> Stop {
 
 async fn serve(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: CancellationToken) {
     let cfg = &shared.config;
-    let (rd, mut wr) = match rxd_shm::socket::split(stream) {
+    let (rd, mut wr) = match split(stream) {
         Ok(halves) => halves,
         Err(e) => {
             tracing::debug!("cannot set up the connection's socket: {e}");

@@ -133,10 +133,14 @@ impl FrameReader {
 }
 
 /// `recvmsg` into `buf`. `Err(())` when file descriptors came with the bytes: the kernel put
-/// them in our fd table and [`rxd_shm::recv_closing_fds`] has closed them already.
+/// them in our fd table, and they go to [`crate::closer`] (closing one may block).
 fn recv_no_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<Result<usize, ()>> {
-    let (n, had_fds) = rxd_shm::recv_closing_fds(fd, buf)?;
-    Ok(if had_fds { Err(()) } else { Ok(n) })
+    let r = rxd_shm::recv_taking_fds(fd, buf)?;
+    if r.fds.is_empty() && !r.truncated {
+        return Ok(Ok(r.bytes));
+    }
+    crate::closer::close_later(r.fds);
+    Ok(Err(()))
 }
 
 /// The handshake's reader: a whole frame of at most `max` bytes.

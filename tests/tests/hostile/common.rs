@@ -28,9 +28,19 @@ pub fn serial() -> MutexGuard<'static, ()> {
 /// A daemon on `repo` whose socket any local user may connect to (mode 0666, directory
 /// searchable), as on a shared machine.
 pub fn shared_daemon(repo: &Path, config_toml: &str, extra: &[&str]) -> TestDaemon {
+    shared_daemon_env(repo, &[], config_toml, extra)
+}
+
+/// [`shared_daemon`] with extra environment variables for the daemon (test hooks).
+pub fn shared_daemon_env(
+    repo: &Path,
+    env: &[(&str, &str)],
+    config_toml: &str,
+    extra: &[&str],
+) -> TestDaemon {
     let mut args = vec!["--socket-mode", "0666"];
     args.extend_from_slice(extra);
-    let d = TestDaemon::start_with(repo, &args, config_toml);
+    let d = TestDaemon::start_env(repo, env, config_toml, &args);
     std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     d
 }

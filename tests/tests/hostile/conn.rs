@@ -289,12 +289,14 @@ fn frames_held_one_byte_short_cost_bounded_memory() {
 }
 
 /// Regression (issue 19, item 11): a frame sent in two `sendmsg` calls that carry fds left the
-/// daemon not reading the rest until another frame arrived.
+/// daemon not reading the rest until another frame arrived. Run with the kernel's refusal
+/// of passed fds off (`RXD_TEST_PASS_FDS`), as on a kernel before 6.16, so that they reach
+/// the daemon.
 #[test]
 fn fds_after_the_handshake_are_closed_and_end_the_connection() {
     let _serial = serial();
     let repo = repo_with(&[]);
-    let mut d = shared_daemon(repo.path(), "", &[]);
+    let mut d = shared_daemon_env(repo.path(), &[("RXD_TEST_PASS_FDS", "1")], "", &[]);
     let b = before(&d);
     let bystander = Bystander::start(&d.socket);
     let null = std::fs::File::open("/dev/null").unwrap();
@@ -416,4 +418,113 @@ fn a_duplicate_id_never_gets_a_second_answer() {
         ..Seen::default()
     };
     assert_unharmed(&mut d, &b, &seen, Duration::from_secs(2), 256 * MIB);
+}
+
+/// A TCP socket that blocks the thread that closes its last reference for `secs`: connected
+/// over the loopback to a peer that never reads, its send buffer full, set to linger.
+fn lingering_socket(secs: i32) -> (std::net::TcpStream, std::net::TcpStream) {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut s = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (unread, _) = listener.accept().unwrap();
+    s.set_nonblocking(true).unwrap();
+    let chunk = vec![0u8; 1 << 16];
+    while s.write(&chunk).is_ok() {}
+    nix::sys::socket::setsockopt(
+        &s,
+        nix::sys::socket::sockopt::Linger,
+        &nix::libc::linger {
+            l_onoff: 1,
+            l_linger: secs,
+        },
+    )
+    .unwrap();
+    (s, unread)
+}
+
+/// Closing the last reference to a file can block the closing thread as long as the file's
+/// owner likes (here a TCP socket lingering 30 s on unsent data; a FUSE file would do too).
+/// A peer that sends such fds with its frames — received, or left queued on its connection
+/// when the daemon closes it — delays no one: the daemon answers `unexpected_fd` at once,
+/// its other clients are served within 2 s, and the sockets are aborted rather than waited
+/// for. Kernel refusal off (`RXD_TEST_PASS_FDS`), as before Linux 6.16.
+#[test]
+fn fds_whose_close_blocks_delay_no_one() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    let mut d = shared_daemon_env(repo.path(), &[("RXD_TEST_PASS_FDS", "1")], "", &[]);
+    let b = before(&d);
+    let bystander = Bystander::start(&d.socket);
+    let status = frame_of(&RequestFrame {
+        id: 1,
+        body: Request::Status,
+    });
+    let mut keep = Vec::new();
+    for _ in 0..3 {
+        let mut c = connect_as_nobody(&d.socket);
+        c.handshake().unwrap();
+        let (received, unread_1) = lingering_socket(30);
+        let (queued, unread_2) = lingering_socket(30);
+        // The second message stays queued on the connection the daemon closes.
+        rxd_shm::send_with_fd(rxd_shm::raw(&c.stream), &status, received.as_fd()).unwrap();
+        let _ = rxd_shm::send_with_fd(rxd_shm::raw(&c.stream), &status, queued.as_fd());
+        drop((received, queued));
+        let start = Instant::now();
+        c.stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let r = c.read_response();
+        assert_eq!(err_code(&r.outcome), Some(ErrorCode::UnexpectedFd));
+        assert!(c.read_body().is_err(), "the connection ends");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "answered after {:?}",
+            start.elapsed()
+        );
+        keep.push((unread_1, unread_2));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let seen = bystander.stop();
+    assert_unharmed(&mut d, &b, &seen, Duration::from_secs(2), 32 * MIB);
+    drop(keep);
+}
+
+/// Where the kernel can (`SO_PASSRIGHTS`, Linux 6.16), it refuses fds sent to the daemon
+/// after accepting the connection: the sender's `sendmsg` fails, nothing reaches the daemon,
+/// and the connection goes on. Elsewhere they reach it and end the connection as above.
+#[test]
+fn the_kernel_refuses_fds_sent_to_the_daemon_where_it_can() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    let mut d = shared_daemon(repo.path(), "", &[]);
+    let b = before(&d);
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let status = frame_of(&RequestFrame {
+        id: 1,
+        body: Request::Status,
+    });
+    let mut c = connect_as_nobody(&d.socket);
+    c.handshake().unwrap();
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    match rxd_shm::send_with_fd(rxd_shm::raw(&c.stream), &status, null.as_fd()) {
+        Err(e) => {
+            assert_eq!(e.raw_os_error(), Some(nix::libc::EPERM), "{e}");
+            c.send_raw(&status).unwrap();
+            let r = c.read_response();
+            assert_eq!(r.id, 1);
+            assert!(matches!(r.outcome, Outcome::Ok(_)), "{:?}", r.outcome);
+        }
+        Ok(_) => {
+            let r = c.read_response();
+            assert_eq!(err_code(&r.outcome), Some(ErrorCode::UnexpectedFd));
+        }
+    }
+    drop(c);
+    let seen = Seen {
+        ok: 1,
+        ..Default::default()
+    };
+    assert_unharmed(&mut d, &b, &seen, Duration::from_secs(2), 32 * MIB);
 }
