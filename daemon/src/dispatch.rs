@@ -101,12 +101,18 @@ pub async fn handle(
         Request::Load(r) => {
             rxd_protocol::check_name(&r.model)?;
             let s = shared.clone();
+            let runtime = tokio::runtime::Handle::current();
             let summary = blocking(move || {
                 // Pick up models added to the repository since the last scan.
                 s.registry
                     .scan()
                     .map_err(|e| RequestError::Internal(format!("cannot read repository: {e}")))?;
-                s.registry.load(&r.model, r.version)
+                s.registry.load_for_request(&r.model, r.version, |ticket| {
+                    let s = s.clone();
+                    runtime.spawn_blocking(move || {
+                        let _ = s.registry.finish(ticket);
+                    });
+                })
             })
             .await??;
             Reply::Load(summary)

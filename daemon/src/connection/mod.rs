@@ -561,9 +561,13 @@ async fn read_loop(
         // they run on the IO threads, so one connection's flood of them must not fill those
         // threads' queues. The maker (for an infer sent through `handle`) gets no permit: the
         // task keeps it until its answer is written.
+        // The id is in flight from here: if the connection ends while this waits (shutdown,
+        // a ring that broke the rules), the request is answered all the same.
+        let waiting = Unanswered { conn, id, permit };
         let Ok(control) = conn.control.clone().acquire_owned().await else {
             return Stop::Quietly;
         };
+        let permit = waiting.taken();
         let maker = Maker {
             conn: conn.clone(),
             id,
@@ -586,6 +590,36 @@ async fn read_loop(
             }
             .instrument(span),
         );
+    }
+}
+
+/// A control request read and in flight but not yet handed to its task: answered
+/// `shutting_down` if dropped so (the read loop's future dropped as the connection ends).
+struct Unanswered<'a> {
+    conn: &'a Conn,
+    id: u64,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Unanswered<'_> {
+    /// Its task takes it (and answers it).
+    fn taken(mut self) -> Option<OwnedSemaphorePermit> {
+        let permit = self.permit.take();
+        self.id = 0;
+        permit
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.id != 0 {
+            let e = WireError::new(
+                ErrorCode::ShuttingDown,
+                "the connection is closing; the request was not run",
+            );
+            self.conn
+                .respond(self.id, Outcome::Err(e), self.permit.take());
+        }
     }
 }
 

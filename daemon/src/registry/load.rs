@@ -110,6 +110,30 @@ impl Registry {
         self.summary_of(name, loaded.version)
     }
 
+    /// [`Registry::load`] for a request: a load it starts is handed to `run` (which carries
+    /// it out with [`Registry::finish`] elsewhere) and waited for like any other, so that
+    /// the request is answered when the daemon stops ([`Registry::stop_loading`]) however
+    /// long the load itself still takes. Blocking.
+    pub fn load_for_request(
+        &self,
+        name: &str,
+        version: Option<u64>,
+        run: impl FnOnce(Box<Ticket>),
+    ) -> Result<ModelSummary, RequestError> {
+        let slot = match self.begin(name, version, false)? {
+            Begin::Ready(l) => return self.summary_of(name, l.version),
+            Begin::Start(ticket) => {
+                let slot = ticket.slot.clone();
+                run(ticket);
+                slot
+            }
+            Begin::Wait(slot) => slot,
+        };
+        slot.wait_blocking()?;
+        let loaded = self.get(name, version)?;
+        self.summary_of(name, loaded.version)
+    }
+
     /// Starts loading a version unless it is ready or already loading.
     pub fn begin(
         &self,

@@ -680,3 +680,41 @@ fn an_index_rewritten_in_the_arena_during_the_run_is_never_used_unchecked() {
     let seen = bystander.stop();
     assert_unharmed(&mut d, &before, &seen, Duration::from_secs(2), 64 << 20);
 }
+
+/// A control request read while the connection's control slots are all taken (four loads
+/// waiting for a load that hangs) waits for a slot with its id in flight. When the daemon
+/// stops meanwhile, it is answered `shutting_down` like the loads — it was once dropped
+/// unanswered with the read loop.
+#[test]
+fn a_control_request_waiting_for_a_slot_is_answered_at_shutdown() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    repo.link("hang", 1, "sigmoid");
+    let mut d = TestDaemon::start_env(
+        repo.path(),
+        &[("RXD_TEST_LOAD_HANG", "hang")],
+        "preload = [\"digits\"]\nload-timeout-secs = 600\nshutdown-grace-secs = 3\n",
+        &[],
+    );
+    let mut admin = admin(&d);
+    for id in 1..=4 {
+        admin.send(&RequestFrame {
+            id,
+            body: Request::Load(model_ref("hang")),
+        });
+    }
+    admin.send(&RequestFrame {
+        id: 5,
+        body: Request::Status,
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let status = d.terminate();
+    assert!(status.success(), "{status}");
+    let answers = read_all(&mut admin, Duration::from_secs(5));
+    let mut ids: Vec<u64> = answers.iter().map(|a| a.id).collect();
+    ids.sort();
+    assert_eq!(ids, vec![1, 2, 3, 4, 5], "{answers:?}");
+    for a in answers {
+        refused(a.outcome, ErrorCode::ShuttingDown);
+    }
+}
