@@ -100,6 +100,8 @@ pub struct Mapping {
     /// The end of the part [`Mapping::range`] and the accessors open to references; the rest
     /// is reserved for this crate's [`ring::RingMem`] ([`Mapping::reserve_from`]).
     open: usize,
+    /// Whether the file's pages are freed when this is dropped ([`Mapping::discard_on_drop`]).
+    discard: bool,
 }
 
 impl std::fmt::Debug for Mapping {
@@ -143,7 +145,16 @@ impl Mapping {
             map,
             len,
             open: len,
+            discard: false,
         })
+    }
+
+    /// Frees the file's pages when this mapping is dropped (`MADV_REMOVE`: the file reads as
+    /// zeros after). For an arena the other side may keep open after it is done with: the
+    /// pages this process touched first are charged to it, and would stay so for as long as
+    /// the other side kept the file, out of reach of this process and of its memory limits.
+    pub fn discard_on_drop(&mut self) {
+        self.discard = true;
     }
 
     /// Reserves the bytes from `offset` to the end (a ring's, whose header words are atomics):
@@ -251,6 +262,25 @@ impl Mapping {
         // exclusive Rust slice outside it.
         unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) };
         Ok(())
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if self.discard {
+            // SAFETY: the range is this mapping (shared, read-write, of a memfd), still mapped
+            // (the map is unmapped after this); MADV_REMOVE frees its backing pages, which
+            // only changes what the bytes read as (zeros), never whether they can be accessed.
+            // Nothing in this process holds a reference into the mapping: it is being dropped.
+            // A failure leaves the pages as they were: nothing to do about it here.
+            unsafe {
+                nix::libc::madvise(
+                    self.map.as_mut_ptr().cast(),
+                    self.len,
+                    nix::libc::MADV_REMOVE,
+                )
+            };
+        }
     }
 }
 

@@ -52,6 +52,9 @@ impl ArenaGrant {
         if let Some(at) = ring_at {
             map.reserve_from(at);
         }
+        // The client may keep the memfd after the connection: the pages the daemon touched
+        // first (outputs it wrote) would stay charged to the daemon as long as it does.
+        map.discard_on_drop();
         Ok(ArenaGrant {
             fd: Some(fd),
             map: Arc::new(map),

@@ -528,3 +528,62 @@ fn the_kernel_refuses_fds_sent_to_the_daemon_where_it_can() {
     };
     assert_unharmed(&mut d, &b, &seen, Duration::from_secs(2), 32 * MIB);
 }
+
+/// A peer that keeps its arena's memfd after its connection ends keeps the arena's pages:
+/// those the daemon touched first (the outputs it wrote) were charged to the daemon for as
+/// long as the peer liked, out of reach of the daemon's own limits, and a peer could pile
+/// them up connection after connection. The daemon frees the arena's pages when it is done
+/// with it: the memfd the peer kept holds none.
+#[test]
+fn an_arena_kept_after_its_connection_holds_no_pages() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    let mut d = shared_daemon(repo.path(), "", &[]);
+    let b = before(&d);
+    let blocks = |fd: &std::os::fd::OwnedFd| nix::sys::stat::fstat(fd).unwrap().st_blocks;
+    let mut kept = Vec::new();
+    for round in 0..4 {
+        let mut c = connect_as_nobody(&d.socket);
+        let (_, fd) = c.handshake_arena(16 * MIB).unwrap();
+        assert_eq!(blocks(&fd), 0, "a new arena holds no pages");
+        // Outputs the daemon writes into ranges nobody touched before.
+        let (input, _) = digits_case(2);
+        let frames: Vec<u8> = (0..8u64)
+            .flat_map(|i| {
+                infer_frame(
+                    i + 1,
+                    InferRequest {
+                        output_area: Some(ArenaRef {
+                            offset: (i + 1) * MIB,
+                            len: MIB,
+                        }),
+                        ..InferRequest::new("digits", vec![input.clone()])
+                    },
+                )
+            })
+            .collect();
+        c.send_raw(&frames).unwrap();
+        for _ in 0..8 {
+            let r = c.read_response();
+            assert!(matches!(r.outcome, Outcome::Ok(_)), "{:?}", r.outcome);
+        }
+        assert!(blocks(&fd) > 0, "round {round}: the daemon wrote no page");
+        drop(c);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while blocks(&fd) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the arena kept {} blocks after its connection",
+                blocks(&fd)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        kept.push(fd);
+    }
+    let seen = Seen {
+        ok: 1,
+        ..Default::default()
+    };
+    assert_unharmed(&mut d, &b, &seen, Duration::from_secs(2), 32 * MIB);
+    drop(kept);
+}
