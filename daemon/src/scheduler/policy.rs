@@ -56,6 +56,7 @@
 //! Limit: one cost table per model version, so requests of very different shapes (a dynamic
 //! image width) share one.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// Identifies a request inside one scheduler.
@@ -342,12 +343,40 @@ impl Batcher {
     /// is full.
     pub fn hold(&mut self, item: Item, now: Instant) -> Vec<Action> {
         self.rate.observe(item.rows, now);
+        let mut actions = Vec::new();
         if self.queue.len() >= self.settings.queue_capacity {
-            return vec![Action::Reject(item.id)];
+            match self.displaced_by(&item) {
+                Some(i) => actions.push(Action::Reject(self.queue.remove(i).item.id)),
+                None => return vec![Action::Reject(item.id)],
+            }
         }
         let start = self.fair_start(&item);
         self.queue.push(Waiting { item, start });
-        Vec::new()
+        actions
+    }
+
+    /// Where the queue is full: the request `item` takes the place of, if any — the latest
+    /// of the source holding the most places, when that is another source holding at least
+    /// two more than `item`'s, at `item`'s priority or below. So one source that fills the
+    /// queue cannot keep other sources out (each would be refused `busy` while it keeps it
+    /// full): they take places from it until the sources queued hold about as many each,
+    /// while a source alone keeps the whole queue. O(queue), only when it is full.
+    fn displaced_by(&self, item: &Item) -> Option<usize> {
+        let mut held: HashMap<u64, usize> = HashMap::new();
+        for w in &self.queue {
+            *held.entry(w.item.source).or_default() += 1;
+        }
+        let mine = held.get(&item.source).copied().unwrap_or(0);
+        let (&top, &most) = held.iter().max_by_key(|&(s, n)| (*n, *s))?;
+        if top == item.source || most < mine + 2 {
+            return None;
+        }
+        self.queue
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.item.source == top && w.item.priority <= item.priority)
+            .max_by_key(|(i, w)| (w.item.arrived, *i))
+            .map(|(i, _)| i)
     }
 
     /// Looks at the queue: what was held since the last event is scheduled.

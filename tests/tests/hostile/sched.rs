@@ -338,3 +338,53 @@ fn a_peers_backlog_at_one_level_does_not_hold_back_others_at_that_level() {
         64 << 20,
     );
 }
+
+/// A peer keeping a model's queue full (`queue-capacity` 16, 64 slow requests in flight)
+/// had every other user's request refused `busy` at admission, before fair ordering could
+/// do anything. A request of another user now takes the place of the flood's latest, which
+/// is refused in its stead: the other user is served, every time.
+#[test]
+fn a_peer_filling_a_models_queue_does_not_get_others_refused() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    repo.settings("digits", "max-batch-rows = 2000\n");
+    let mut d = shared_daemon(repo.path(), "queue-capacity = 16\n", &[]);
+    let before = before(&d);
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut conn = connect_as_nobody(&d.socket);
+    conn.handshake().unwrap();
+    let flag = stop.clone();
+    let inputs = flood_inputs(64, 2000);
+    let attacker = std::thread::spawn(move || {
+        flood(conn, 64, flag, |i| {
+            InferRequest::new("digits", vec![inputs[(i % 64) as usize].clone()])
+        })
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let (x, want) = digits_case(4);
+    let c = d.client_inline();
+    let t = Instant::now();
+    let mut served = 0;
+    while t.elapsed() < Duration::from_secs(3) {
+        match c.infer("digits", vec![x.clone()]) {
+            Ok(out) => assert_eq!(out, want),
+            Err(e) => panic!("the other user was refused after {served} served: {e}"),
+        }
+        served += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    drop(c);
+    let (ok, errors) = attacker.join().unwrap();
+    eprintln!(
+        "flood: {ok} ok, {} refused; the other user: {served} served",
+        errors.len()
+    );
+    assert!(errors.iter().all(|&e| e == ErrorCode::Busy), "{errors:?}");
+    assert!(!errors.is_empty(), "the flood never filled the queue");
+    assert!(served >= 5, "{served} served in 3 s");
+    let seen = Seen {
+        ok: 1,
+        ..Default::default()
+    };
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(2), 64 << 20);
+}

@@ -833,3 +833,52 @@ proptest! {
         prop_assert_eq!(b.collect(&head, now, 64), order);
     }
 }
+
+/// One source that keeps a model's queue full cannot keep another source out: each request
+/// of the other takes the place of the full source's latest (refused `busy` in its stead)
+/// until both hold about as many places; the full source's own new requests are refused.
+/// A source alone keeps the whole queue; a place is never taken from a higher priority.
+#[test]
+fn a_source_filling_the_queue_gives_places_to_other_sources() {
+    let t0 = Instant::now();
+    let mut b = Batcher::new(
+        Settings {
+            queue_capacity: 8,
+            ..Settings::default()
+        },
+        0,
+    );
+    let from = |id: ReqId, source: u64, priority: u8| {
+        let mut it = item(id, 1, 0, priority, t0 + ms(id));
+        it.source = source;
+        it
+    };
+    for id in 1..=8 {
+        assert!(b.hold(from(id, 1, 0), t0).is_empty(), "a source alone");
+    }
+    assert_eq!(b.hold(from(9, 1, 0), t0), vec![Action::Reject(9)]);
+    // Source 2 takes places, latest first, until the two hold 4 each (4 + 2 > 4 stops it).
+    for (id, displaced) in [(10, 8), (11, 7), (12, 6), (13, 5)] {
+        assert_eq!(b.hold(from(id, 2, 0), t0), vec![Action::Reject(displaced)]);
+    }
+    assert_eq!(b.hold(from(14, 2, 0), t0), vec![Action::Reject(14)]);
+    assert_eq!(b.hold(from(15, 1, 0), t0), vec![Action::Reject(15)]);
+    // A third source takes from the one holding the most (a tie: either), not below two
+    // fewer than it.
+    let r = b.hold(from(16, 3, 0), t0);
+    assert!(matches!(r.as_slice(), [Action::Reject(4 | 13)]), "{r:?}");
+    assert_eq!(b.queued(), 8);
+    // Places of a higher priority are not taken by a lower one.
+    let mut p = Batcher::new(
+        Settings {
+            queue_capacity: 4,
+            ..Settings::default()
+        },
+        0,
+    );
+    for id in 1..=4 {
+        p.hold(from(id, 1, 2), t0);
+    }
+    assert_eq!(p.hold(from(5, 2, 1), t0), vec![Action::Reject(5)]);
+    assert_eq!(p.hold(from(6, 2, 2), t0), vec![Action::Reject(4)]);
+}
