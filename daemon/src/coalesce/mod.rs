@@ -73,18 +73,28 @@ pub const KEY_THREADS: usize = 4;
 #[derive(Debug)]
 pub struct Outputs {
     items: Vec<(String, DType, Vec<u64>, Vec<u8>)>,
+    /// What keeping it costs, counted against `cache-bytes`: the outputs' bytes, names and
+    /// shapes, and the entry's own bookkeeping ([`ENTRY_BYTES`], [`ITEM_BYTES`]) — so that
+    /// results with tiny or empty outputs (a detector finding nothing) cannot fill memory
+    /// many times over the bound while counting as nothing.
     bytes: u64,
 }
+
+/// The cache's own memory per entry, about: its key in the map and in the use order, the
+/// `Arc`, the item list.
+const ENTRY_BYTES: u64 = 256;
+/// Per output, about: the tuple and the name's, shape's and bytes' allocations.
+const ITEM_BYTES: u64 = 96;
 
 impl Outputs {
     fn from_inline(outputs: Vec<OutputTensor>) -> Option<Outputs> {
         let mut items = Vec::with_capacity(outputs.len());
-        let mut bytes = 0;
+        let mut bytes = ENTRY_BYTES;
         for o in outputs {
             let OutputData::Inline(b) = o.data else {
                 return None;
             };
-            bytes += b.len() as u64;
+            bytes += ITEM_BYTES + (b.len() + o.name.len() + 8 * o.shape.len()) as u64;
             items.push((o.name, o.dtype, o.shape, b));
         }
         Some(Outputs { items, bytes })
@@ -589,6 +599,36 @@ mod tests {
         // An entry larger than the whole cache is not kept.
         c.insert([4; 32], out(101));
         assert_eq!(c.cache_bytes(), 80);
+    }
+
+    /// Results with empty or tiny outputs count what keeping them costs, not their zero or
+    /// few bytes: a cache of 64 KiB holds at most 64 KiB / 256 of them, however many come.
+    #[test]
+    fn empty_results_count_their_entry_against_the_bound() {
+        let c = Coalescer::new(0, 64 << 10);
+        let empty = || {
+            Outputs::from_inline(vec![OutputTensor {
+                name: "boxes".into(),
+                dtype: DType::Float32,
+                shape: vec![0, 4],
+                data: OutputData::Inline(Vec::new()),
+            }])
+            .unwrap()
+        };
+        for i in 0..100_000u32 {
+            let o = empty();
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&i.to_le_bytes());
+            c.insert(key, Arc::new(o));
+        }
+        let lru = c.cache.lock().unwrap();
+        assert!(
+            lru.map.len() <= (64 << 10) / ENTRY_BYTES as usize,
+            "{}",
+            lru.map.len()
+        );
+        assert!(lru.map.len() > 100, "{}", lru.map.len());
+        assert!(lru.bytes <= 64 << 10);
     }
 
     #[test]
