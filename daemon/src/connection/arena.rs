@@ -54,6 +54,7 @@ impl ArenaGrant {
         }
         // The client may keep the memfd after the connection: the pages the daemon touched
         // first (outputs it wrote) would stay charged to the daemon as long as it does.
+        // Freed a moment after the connection ends ([`ArenaGrant`]'s drop).
         map.discard_on_drop();
         Ok(ArenaGrant {
             fd: Some(fd),
@@ -61,6 +62,67 @@ impl ArenaGrant {
             _held: held,
         })
     }
+}
+
+/// How long after its connection ends an arena's pages are freed: an honest client may still
+/// read its last answers' outputs (and the ring's last completions) from the arena after the
+/// connection closed under it (the daemon stopping, a half-closed connection).
+pub(super) const DISCARD_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Drop for ArenaGrant {
+    fn drop(&mut self) {
+        discard_later(self.map.clone());
+    }
+}
+
+/// Keeps `map` alive for [`DISCARD_AFTER`]; its pages are freed when its last reference goes
+/// (this one, or a request's still running).
+fn discard_later(map: Arc<rxd_shm::Mapping>) {
+    use std::collections::VecDeque;
+    use std::sync::{Condvar, Mutex, OnceLock};
+    use std::time::Instant;
+    type Queue = (Mutex<VecDeque<(Instant, Arc<rxd_shm::Mapping>)>>, Condvar);
+    static QUEUE: OnceLock<&'static Queue> = OnceLock::new();
+    static RUNNING: OnceLock<bool> = OnceLock::new();
+    let q: &'static Queue =
+        QUEUE.get_or_init(|| Box::leak(Box::new((Mutex::new(VecDeque::new()), Condvar::new()))));
+    let running = *RUNNING.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("rxd-discard".into())
+            .spawn(move || {
+                let (queue, cv) = q;
+                let mut g = queue.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    match g.front() {
+                        None => g = cv.wait(g).unwrap_or_else(|e| e.into_inner()),
+                        Some(&(at, _)) if at <= Instant::now() => {
+                            let due = g.pop_front();
+                            drop(g);
+                            drop(due);
+                            g = queue.lock().unwrap_or_else(|e| e.into_inner());
+                        }
+                        Some(&(at, _)) => {
+                            let wait = at.saturating_duration_since(Instant::now());
+                            g = cv
+                                .wait_timeout(g, wait)
+                                .unwrap_or_else(|e| e.into_inner())
+                                .0;
+                        }
+                    }
+                }
+            })
+            .is_ok()
+    });
+    if !running {
+        // No thread to wait on: freed now (or when its last request is done).
+        return;
+    }
+    let (queue, cv) = q;
+    queue
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push_back((Instant::now() + DISCARD_AFTER, map));
+    cv.notify_one();
 }
 
 /// Sends the first bytes of `frame` with `fd` attached; returns how many bytes went.
