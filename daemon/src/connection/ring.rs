@@ -55,6 +55,14 @@ const USER_ROUND_BYTES: u64 = 256 << 10;
 /// The longest the poller sleeps between looks while a ring waits for memory.
 const MEMORY_POLL: Duration = Duration::from_millis(1);
 
+/// Rounds in a row that a wake-up (or work seen) started but took nothing, after which the
+/// poller pauses [`SPIN_PAUSE`] before each wait: a client rewriting its words (a tail moved
+/// within bounds while its ring is stalled, wakes without submissions) would otherwise keep
+/// it looking, a core's worth. Honest wake-ups take something, or come once.
+const SPIN_ROUNDS: u32 = 64;
+/// See [`SPIN_ROUNDS`]: what such a client costs the others' latency at most, per wake.
+const SPIN_PAUSE: Duration = Duration::from_micros(100);
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -526,6 +534,8 @@ fn poll(weak: Weak<Shared>, handle: tokio::runtime::Handle) {
     // of a user is always the last to find the user's share spent).
     let mut used: HashMap<u32, u64> = HashMap::new();
     let mut turn = 0usize;
+    // Rounds in a row that took nothing after an early wake-up ([`SPIN_ROUNDS`]).
+    let (mut fruitless, mut early) = (0u32, false);
     loop {
         let Some(shared) = weak.upgrade() else {
             return;
@@ -556,7 +566,14 @@ fn poll(weak: Weak<Shared>, handle: tokio::runtime::Handle) {
             body = Vec::new();
         }
         if took {
+            fruitless = 0;
             continue;
+        }
+        if early {
+            fruitless = fruitless.saturating_add(1);
+        }
+        if fruitless >= SPIN_ROUNDS {
+            std::thread::sleep(SPIN_PAUSE);
         }
         // Nothing taken: ask every client to wake the poller, then look once more (a
         // submission published before the flag was seen is found here; one after it, by
@@ -565,6 +582,7 @@ fn poll(weak: Weak<Shared>, handle: tokio::runtime::Handle) {
             s.ring.mem.word(layout::SQ_WAKE).store(1, Ordering::SeqCst);
         }
         std::sync::atomic::fence(Ordering::SeqCst);
+        early = true;
         if !served.iter().any(|s| s.ring.has_work()) {
             let mut words: Vec<(&AtomicU32, u32)> = Vec::with_capacity(served.len() + 1);
             words.push((&rings.control, control));
@@ -574,10 +592,12 @@ fn poll(weak: Weak<Shared>, handle: tokio::runtime::Handle) {
             } else {
                 Duration::from_secs(1)
             };
+            let asleep = std::time::Instant::now();
             if let Err(e) = futex::wait_any(&words, timeout) {
                 tracing::error!("the ring poller cannot wait: {e}");
                 std::thread::sleep(MEMORY_POLL);
             }
+            early = asleep.elapsed() < timeout;
         }
         for s in &served {
             s.ring.mem.word(layout::SQ_WAKE).store(0, Ordering::Relaxed);

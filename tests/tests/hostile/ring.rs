@@ -1634,3 +1634,73 @@ fn references_into_the_ring_are_refused() {
     drop(r);
     assert_ring_unharmed(&mut d, &before, None);
 }
+
+/// The daemon's CPU time so far (`/proc/PID/stat` user + system ticks).
+fn cpu_of(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .unwrap()
+        .unwrap_or(100) as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// A client whose ring is stalled (its completions unconsumed) and that keeps moving its
+/// submission tail within bounds, waking the poller each time, made the poller look again at
+/// once every time: a core of the daemon's for the client's one. After 64 such rounds in a row
+/// the poller pauses 100 µs before each wait: the daemon spends a fraction of a core, and
+/// other ring clients are still served.
+#[test]
+fn a_stalled_ring_whose_tail_keeps_moving_does_not_spin_the_poller() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    let mut d = shared_daemon(repo.path(), "", &[]);
+    let before = before(&d);
+    let (input, want) = digits_case(1);
+    let mut r = RawRing::connect(&d.socket, 4);
+    for id in 1..=4 {
+        r.submit_digits(id, &input);
+    }
+    assert!(r.wait_completed(4, Duration::from_secs(10)), "stalled");
+    let stop = Arc::new(AtomicBool::new(false));
+    let mover = {
+        let (stop, mem) = (stop.clone(), r.mem.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                // 5, 6, 5, 6, ...: one or two more submissions, never more than the ring.
+                mem.word(layout::SQ_TAIL).store(5 + n % 2, Ordering::SeqCst);
+                wake(mem.word(layout::SQ_TAIL));
+                n = n.wrapping_add(1);
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let cpu0 = cpu_of(d.pid());
+    let t0 = Instant::now();
+    // Another client's ring is served meanwhile.
+    let mut other = RawRing::connect(&d.socket, 4);
+    let mut served = 0;
+    while t0.elapsed() < Duration::from_secs(2) {
+        other.submit_digits(served + 1, &input);
+        assert!(
+            other.wait_completed(1, Duration::from_secs(2)),
+            "{served} served"
+        );
+        match other.consume().outcome {
+            Outcome::Ok(rxd_protocol::Reply::Infer(x)) => assert_eq!(x.outputs, want),
+            o => panic!("{o:?}"),
+        }
+        served += 1;
+    }
+    let cores = (cpu_of(d.pid()) - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    mover.join().unwrap();
+    eprintln!("daemon: {cores:.2} cores; the other ring: {served} served");
+    assert!(cores < 0.5, "the daemon used {cores:.2} cores");
+    assert!(served > 20, "{served} served");
+    drop((r, other));
+    assert_ring_unharmed(&mut d, &before, None);
+}
