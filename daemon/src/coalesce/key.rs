@@ -16,6 +16,7 @@ const KEY_CHUNK: usize = 1 << 20;
 /// The key of a request; arena inputs are copied (and replaced by the copies) as they are
 /// hashed, a piece at a time. `None` if an arena input cannot be read.
 pub(super) fn key(
+    source: u64,
     model: &str,
     version: u64,
     inputs: &mut [InputTensor],
@@ -26,6 +27,7 @@ pub(super) fn key(
         h.update(&(b.len() as u64).to_le_bytes());
         h.update(b);
     };
+    field(&mut h, &source.to_le_bytes());
     field(&mut h, model.as_bytes());
     field(&mut h, &version.to_le_bytes());
     for t in inputs.iter_mut() {

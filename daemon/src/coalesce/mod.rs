@@ -1,7 +1,10 @@
 //! Identical-request coalescing and the result cache of one model version.
 //!
-//! A request's key is a BLAKE3 hash of the model version, every input's name, dtype, shape and
-//! bytes, and the outputs asked for. Identical requests in flight at the same time run once:
+//! A request's key is a BLAKE3 hash of the user who sent it, the model version, every input's
+//! name, dtype, shape and bytes, and the outputs asked for. Requests are never coalesced with,
+//! nor answered from the cache of, another user's: whether another user sent an input would
+//! show in the answer's timing and in the counts any user may read. Identical requests of a
+//! user in flight at the same time run once:
 //! the first one (the leader) runs with its outputs returned inline to a group completion,
 //! which then delivers the same bytes to every member where that member wants them (inline or
 //! its own arena region). With a cache (`cache-bytes` > 0), finished results are kept in an
@@ -352,7 +355,7 @@ impl Coalescer {
         mut job: Job,
         terms: Terms,
     ) {
-        let Some(key) = key(model, version, &mut job.inputs, &job.outputs) else {
+        let Some(key) = key(terms.source, model, version, &mut job.inputs, &job.outputs) else {
             scheduler.submit(job, terms);
             return;
         };
@@ -827,8 +830,8 @@ mod tests {
             len: bytes.len() as u64,
         })];
         let mut inline = [tensor(InputData::Inline(bytes.clone()))];
-        let k = key("m", 1, &mut shared, &[]).unwrap();
-        assert_eq!(k, key("m", 1, &mut inline, &[]).unwrap());
+        let k = key(7, "m", 1, &mut shared, &[]).unwrap();
+        assert_eq!(k, key(7, "m", 1, &mut inline, &[]).unwrap());
         // The arena input now runs from the copy that was hashed.
         assert!(matches!(&shared[0].data, InputData::Inline(b) if *b == bytes));
     }
@@ -843,14 +846,20 @@ mod tests {
         };
         let k = |b: Vec<u8>, outs: &[&str]| {
             let outs: Vec<String> = outs.iter().map(|s| s.to_string()).collect();
-            key("m", 1, &mut [t(b)], &outs).unwrap()
+            key(7, "m", 1, &mut [t(b)], &outs).unwrap()
         };
         assert_eq!(k(vec![1, 2, 3], &["y"]), k(vec![1, 2, 3], &["y"]));
         assert_ne!(k(vec![1, 2, 3], &["y"]), k(vec![1, 2, 4], &["y"]));
         assert_ne!(k(vec![1, 2, 3], &["y"]), k(vec![1, 2, 3], &["z"]));
         assert_ne!(
-            key("m", 1, &mut [t(vec![1])], &[]),
-            key("m", 2, &mut [t(vec![1])], &[])
+            key(7, "m", 1, &mut [t(vec![1])], &[]),
+            key(7, "m", 2, &mut [t(vec![1])], &[])
+        );
+        // Another user's identical request is another key: results are never shared
+        // between users (whether another user sent an input would show in timing and counts).
+        assert_ne!(
+            key(7, "m", 1, &mut [t(vec![1])], &[]),
+            key(8, "m", 1, &mut [t(vec![1])], &[])
         );
     }
 

@@ -388,3 +388,46 @@ fn a_peer_filling_a_models_queue_does_not_get_others_refused() {
     };
     assert_unharmed(&mut d, &before, &seen, Duration::from_secs(2), 64 << 20);
 }
+
+/// Results are never shared between users: another user's identical request is neither
+/// answered from the cache nor joined to a group of the first user's, so a peer cannot learn
+/// from an answer's timing or from the counts it may read whether someone else sent an input.
+/// A user's own repeat still hits.
+#[test]
+fn another_users_identical_request_is_not_answered_from_the_cache() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    repo.settings("digits", "cache-bytes = \"1MiB\"\n");
+    let mut d = shared_daemon(repo.path(), "", &[]);
+    let before = before(&d);
+    let (x, want) = digits_case(3);
+    let hits = |d: &TestDaemon| d.summaries()["digits"].cache_hits;
+    assert_eq!(
+        d.client_inline().infer("digits", vec![x.clone()]).unwrap(),
+        want
+    );
+    assert_eq!(
+        d.client_inline().infer("digits", vec![x.clone()]).unwrap(),
+        want
+    );
+    assert_eq!(hits(&d), 1, "the same user's repeat hits");
+    let mut stranger = connect_as_nobody(&d.socket);
+    stranger.handshake().unwrap();
+    for id in 1..=2 {
+        stranger.send(&infer_frame(
+            id,
+            InferRequest::new("digits", vec![x.clone()]),
+        ));
+        match stranger.read_response().outcome {
+            Outcome::Ok(rxd_protocol::Reply::Infer(r)) => assert_eq!(r.outputs, want),
+            o => panic!("{o:?}"),
+        }
+    }
+    assert_eq!(hits(&d), 2, "the stranger missed, then hit its own");
+    drop(stranger);
+    let seen = Seen {
+        ok: 1,
+        ..Default::default()
+    };
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(2), 64 << 20);
+}
