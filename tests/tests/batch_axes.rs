@@ -266,3 +266,29 @@ fn a_request_that_fails_its_batch_fails_alone() {
     let batches = d.summaries()["gather"].batches - before;
     assert!(batches < 24, "the requests were batched: {batches} batches");
 }
+
+/// A request whose inputs disagree on their rows (one audio stream, two states) cannot batch:
+/// the scheduler counts it one row, alone. With `batch-sizes` set it was padded to a batch
+/// size, run, and answered one row of what the padded run gave — an answer of nobody's
+/// inputs. It now runs as it is, unpadded: ONNX Runtime's error is its answer; and requests
+/// whose rows agree still answer as in-process ONNX Runtime does, padded.
+#[test]
+fn a_request_whose_inputs_disagree_on_rows_is_not_padded_into_an_answer() {
+    let (_repo, d) = silero_daemon("batch-sizes = [4, 16]\n");
+    let c = d.client_inline();
+    let mut bad = request(1, 256, 8000, 3);
+    bad[1] = f32_tensor("state", &[2, 2, 128], &random_f32(512, 9));
+    let e = c.infer("silero_vad", bad).unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(rxd_client::ErrorCode::InferenceFailed),
+        "{e}"
+    );
+    let good = request(3, 256, 8000, 5);
+    let want = Reference::new(&model_file("silero_vad")).run(&good);
+    let got = c.infer("silero_vad", good).unwrap();
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!((&g.name, &g.shape), (&w.name, &w.shape));
+        assert!(max_rel_diff(g, w) <= 1e-5, "'{}' differs", g.name);
+    }
+}

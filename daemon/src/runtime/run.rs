@@ -85,6 +85,13 @@ pub(super) fn run_batch(
     }
     let total: u64 = live.iter().map(|(_, r)| u64::from(*r)).sum();
     let padded = padded_rows(total, pad.to);
+    // A request that cannot batch (inputs disagreeing on their rows, none along the rows
+    // dimension: the scheduler counts it one row, alone) runs as it is, never padded: padding
+    // would answer it a row of the padding's outputs, not its own answer or error.
+    let padded = match live.as_slice() {
+        [(job, r)] if !rows_agree(job, *r, pad.axes) => total,
+        _ => padded,
+    };
     let (session, arena, is_main) = sessions.for_rows(padded);
     let (shrunk, ran) = match live.len() {
         0 => (false, Ran::Answered { ok: false }),
@@ -277,6 +284,17 @@ fn run_many(
     (result, shrunk)
 }
 
+/// Whether every input of `job` with a rows dimension has `rows` rows along it.
+fn rows_agree(job: &Job, rows: u32, axes: &super::Axes) -> bool {
+    job.inputs
+        .iter()
+        .enumerate()
+        .all(|(k, t)| match axes.input(k) {
+            Axis::Rows(a) => t.shape.get(a) == Some(&u64::from(rows)),
+            Axis::Shared => true,
+        })
+}
+
 /// Each job's outputs, or the batch's error.
 type Results = Result<Vec<Result<Vec<OutputTensor>, RuntimeError>>, RuntimeError>;
 
@@ -302,11 +320,16 @@ fn run_gathered(
         gathered.push((staging.take(k), Vec::new()));
         let axis = axes.input(k);
         let mut parts = Vec::with_capacity(jobs.len());
-        for job in jobs {
+        for (job, &r) in jobs.iter().zip(rows) {
             let input = job
                 .inputs
                 .get(k)
                 .filter(|i| i.name == t.name && i.dtype == t.dtype && same_but_rows(i, t, axis))
+                .filter(|i| match axis {
+                    // Each part has the rows it was counted with (its outputs are split so).
+                    Axis::Rows(a) => i.shape.get(a) == Some(&u64::from(r)),
+                    Axis::Shared => true,
+                })
                 .ok_or_else(incompatible)?;
             parts.push(input);
         }
