@@ -83,6 +83,10 @@ pub(super) struct Ring {
     /// The client's completion head when the ring stalled: once it moved, there may be room.
     stalled_cq_head: AtomicU32,
     closed: AtomicBool,
+    /// Held by the poller for a round of this ring, and by `close`: once `close` returns, no
+    /// round takes anything more (a request taken after the connection stopped waiting for
+    /// its requests could be answered on a socket nobody writes any more).
+    rounds: Mutex<()>,
     failed: CancellationToken,
     failure: Mutex<Option<WireError>>,
 }
@@ -104,6 +108,7 @@ impl Ring {
             stalled: AtomicBool::new(false),
             stalled_cq_head: AtomicU32::new(0),
             closed: AtomicBool::new(false),
+            rounds: Mutex::new(()),
             failed: CancellationToken::new(),
             failure: Mutex::new(None),
         })
@@ -129,7 +134,9 @@ impl Ring {
     }
 
     /// The connection is ending: the poller lets the ring go.
+    /// Takes no more requests: after a round under way, if any, ends.
     pub(super) fn close(&self) {
+        let _round = lock(&self.rounds);
         self.closed.store(true, Ordering::Release);
     }
 
@@ -137,13 +144,15 @@ impl Ring {
         self.closed.load(Ordering::Acquire)
     }
 
+    /// Ends the ring for breaking its rules; called by the poller in a round of it (which
+    /// holds `rounds`, so the closing is done here, not by [`Ring::close`]).
     fn fail(&self, why: String) {
         tracing::debug!("ring: {why}");
         *lock(&self.failure) = Some(WireError::new(
             ErrorCode::MalformedMessage,
             format!("{why}; the connection is closed (PROTOCOL.md, \"The ring\")"),
         ));
-        self.close();
+        self.closed.store(true, Ordering::Release);
         self.failed.cancel();
     }
 
@@ -258,6 +267,7 @@ impl Served {
     fn round(&self, body: &mut Vec<u8>, used: &mut HashMap<u32, u64>) -> Round {
         let (ring, geo) = (&*self.ring, self.ring.geo);
         let mut round = Round::default();
+        let _round = lock(&ring.rounds);
         if ring.is_closed() {
             return round;
         }
