@@ -2,20 +2,24 @@
 //! reference to a file can block the closing thread for as long as the file's owner likes:
 //! a TCP socket set to linger on unsent data (even non-blocking), a file on a FUSE mount
 //! whose server never answers, a socket whose queue holds such files. A peer can make the
-//! daemon hold the last reference by sending fds over its connection (SCM_RIGHTS; refused by
-//! the kernel itself where `SO_PASSRIGHTS` exists, Linux ≥ 6.16, but not before the socket
-//! option is set at accept) — so those fds, and the connection sockets whose queues may still
-//! hold some, are closed here, never on the IO threads or the workers. A socket is first set
-//! to abort rather than linger. A close that blocks holds up only its closer thread: another
-//! starts (up to [`MAX_THREADS`]) when none is free, and idle ones end.
+//! daemon hold the last reference by sending fds over its connection (SCM_RIGHTS) — which
+//! the kernel refuses where it can (`SO_PASSRIGHTS` off on the listening socket, inherited
+//! by every connection; Linux ≥ 6.16). Elsewhere those fds, and the connection sockets whose
+//! queues may still hold some, are closed here, never on the IO threads or the workers. A
+//! socket is first set to abort rather than linger. A close that blocks holds up only its
+//! closer thread, and only its user's closes: each user's run on at most
+//! [`PER_USER_THREADS`] threads at once, so one user's hung closes never delay another's.
+//! Another thread starts (up to [`MAX_THREADS`]) when none is free; idle ones end.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-/// Closer threads at most (each is stuck only on a file a peer made hang).
-pub const MAX_THREADS: usize = 8;
+/// Closer threads at most.
+pub const MAX_THREADS: usize = 16;
+/// Closer threads one user's closes may hold at once.
+pub const PER_USER_THREADS: usize = 2;
 /// A closer idle this long ends (one stays).
 const IDLE: Duration = Duration::from_secs(10);
 /// A close taking longer is logged.
@@ -23,9 +27,34 @@ const SLOW: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 struct State {
-    queue: VecDeque<OwnedFd>,
+    /// What waits to be closed, and whose it is.
+    queue: VecDeque<(u32, OwnedFd)>,
+    /// Closes under way per user.
+    running: HashMap<u32, usize>,
     threads: usize,
     idle: usize,
+}
+
+impl State {
+    /// The first fd in the queue whose user may have another close under way.
+    fn next(&mut self) -> Option<(u32, OwnedFd)> {
+        let i = self
+            .queue
+            .iter()
+            .position(|(uid, _)| self.running.get(uid).copied().unwrap_or(0) < PER_USER_THREADS)?;
+        let job = self.queue.remove(i)?;
+        *self.running.entry(job.0).or_default() += 1;
+        Some(job)
+    }
+
+    fn done(&mut self, uid: u32) {
+        if let Some(n) = self.running.get_mut(&uid) {
+            *n -= 1;
+            if *n == 0 {
+                self.running.remove(&uid);
+            }
+        }
+    }
 }
 
 struct Closer {
@@ -41,18 +70,19 @@ fn closer() -> &'static Closer {
     })
 }
 
-/// Closes `fds` on a closer thread.
-pub fn close_later(fds: impl IntoIterator<Item = OwnedFd>) {
+/// Closes `fds`, which user `uid` had a hand in, on a closer thread.
+pub fn close_later(uid: u32, fds: impl IntoIterator<Item = OwnedFd>) {
     let c = closer();
     let mut st = c.state.lock().unwrap_or_else(|e| e.into_inner());
     let before = st.queue.len();
-    st.queue.extend(fds);
+    st.queue.extend(fds.into_iter().map(|fd| (uid, fd)));
     if st.queue.len() == before {
         return;
     }
+    // Idle threads look first (all of them: the first fds may be of a user at its limit).
     if st.idle > 0 {
         drop(st);
-        c.cv.notify_one();
+        c.cv.notify_all();
         return;
     }
     if st.threads >= MAX_THREADS {
@@ -68,22 +98,23 @@ pub fn close_later(fds: impl IntoIterator<Item = OwnedFd>) {
         tracing::error!("cannot start a closer thread: {e}");
         if st.threads == 0 {
             // Nothing else would ever close them.
-            let fds: Vec<OwnedFd> = st.queue.drain(..).collect();
+            let fds: Vec<(u32, OwnedFd)> = st.queue.drain(..).collect();
             drop(st);
-            fds.iter().for_each(rxd_shm::fd::close_without_lingering);
+            fds.iter()
+                .for_each(|(_, fd)| rxd_shm::fd::close_without_lingering(fd));
         }
     }
 }
 
-/// [`close_later`] for one fd (a [`rxd_shm::socket::Dispose`]).
-pub fn close_one(fd: OwnedFd) {
-    close_later([fd]);
+/// A [`rxd_shm::socket::Dispose`] closing a connection's socket of user `uid` here.
+pub fn disposer(uid: u32) -> rxd_shm::socket::Dispose {
+    std::sync::Arc::new(move |fd| close_later(uid, [fd]))
 }
 
 fn serve(c: &'static Closer) {
     let mut st = c.state.lock().unwrap_or_else(|e| e.into_inner());
     loop {
-        if let Some(fd) = st.queue.pop_front() {
+        if let Some((uid, fd)) = st.next() {
             drop(st);
             rxd_shm::fd::close_without_lingering(&fd);
             let start = Instant::now();
@@ -91,11 +122,17 @@ fn serve(c: &'static Closer) {
             let took = start.elapsed();
             if took > SLOW {
                 tracing::warn!(
+                    uid,
                     secs = took.as_secs_f64(),
                     "closing a file descriptor a peer sent (or its connection) took long"
                 );
             }
             st = c.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.done(uid);
+            // A user's next fd may wait for this one's end: another thread may take it.
+            if !st.queue.is_empty() && st.idle > 0 {
+                c.cv.notify_one();
+            }
             continue;
         }
         st.idle += 1;
@@ -111,8 +148,30 @@ fn serve(c: &'static Closer) {
     }
 }
 
-/// Fds waiting for a closer, and closer threads (for tests and the log).
-pub fn backlog() -> (usize, usize) {
-    let st = closer().state.lock().unwrap_or_else(|e| e.into_inner());
-    (st.queue.len(), st.threads)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fd() -> OwnedFd {
+        std::fs::File::open("/dev/null").unwrap().into()
+    }
+
+    /// A user at its limit of closes under way waits; others' closes are taken past it.
+    #[test]
+    fn one_users_closes_never_hold_up_anothers() {
+        let mut st = State::default();
+        for _ in 0..4 {
+            st.queue.push_back((1, fd()));
+        }
+        st.queue.push_back((2, fd()));
+        assert_eq!(st.next().map(|j| j.0), Some(1));
+        assert_eq!(st.next().map(|j| j.0), Some(1));
+        // User 1 has PER_USER_THREADS under way (hung, say): user 2's comes next.
+        assert_eq!(st.next().map(|j| j.0), Some(2));
+        assert!(st.next().is_none(), "user 1 waits for its own");
+        st.done(1);
+        assert_eq!(st.next().map(|j| j.0), Some(1));
+        st.done(2);
+        assert!(!st.running.contains_key(&2));
+    }
 }

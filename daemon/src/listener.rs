@@ -52,10 +52,12 @@ pub fn bind(path: &Path, mode: u32) -> Result<std::os::unix::net::UnixListener, 
     Ok(listener)
 }
 
-/// Turns `SO_PASSRIGHTS` off on an accepted connection; says once where the kernel lacks it.
-fn refuse_fds(stream: &tokio::net::UnixStream) {
+/// Turns `SO_PASSRIGHTS` off on a socket (the listening one: its connections inherit it, and
+/// fds sent even before a connection is accepted are refused; and each accepted one); says
+/// once where the kernel lacks it.
+fn refuse_fds(sock: &impl std::os::fd::AsFd) {
     static SAID: std::sync::Once = std::sync::Once::new();
-    match rxd_shm::fd::refuse_passed_fds(std::os::fd::AsFd::as_fd(stream)) {
+    match rxd_shm::fd::refuse_passed_fds(sock.as_fd()) {
         Ok(true) => {}
         Ok(false) => SAID.call_once(|| {
             tracing::info!(
@@ -73,6 +75,9 @@ pub async fn serve(listener: UnixListener, shared: SharedRef, shutdown: Cancella
     let limit = Arc::new(Semaphore::new(shared.config.max_connections as usize));
     let tracker = TaskTracker::new();
     let pass_fds = crate::config::TestHooks::from_env().pass_fds;
+    if !pass_fds {
+        refuse_fds(&listener);
+    }
     loop {
         let permit = tokio::select! {
             biased;
@@ -92,9 +97,9 @@ pub async fn serve(listener: UnixListener, shared: SharedRef, shutdown: Cancella
                 }
             },
         };
-        // No peer may pass fds after the handshake (PROTOCOL.md): where the kernel can, it
-        // refuses them itself. Fds sent before this (or where it cannot) are received and
-        // closed by the closer threads (`closer`).
+        // No peer may pass fds (PROTOCOL.md): where the kernel can, it refuses them itself
+        // (off on the listening socket already; again here in case a kernel does not carry
+        // it over). Where it cannot, they are received and closed by the closer threads.
         if !pass_fds {
             refuse_fds(&stream);
         }
@@ -103,7 +108,8 @@ pub async fn serve(listener: UnixListener, shared: SharedRef, shutdown: Cancella
             Err(e) => {
                 tracing::warn!("cannot read peer credentials: {e}");
                 if let Ok(s) = stream.into_std() {
-                    crate::closer::close_one(s.into());
+                    // Whose it is is unknown: any user's bucket would do.
+                    crate::closer::close_later(u32::MAX, [s.into()]);
                 }
                 continue;
             }

@@ -25,7 +25,7 @@ use crate::fd::watch;
 /// What closes a side's descriptor when the side is dropped, in place of closing it on the
 /// dropping thread: the last close of a socket frees what is queued on it, fds a peer sent
 /// included, and closing those may block ([`crate::fd::Received::fds`]).
-pub type Dispose = fn(std::os::fd::OwnedFd);
+pub type Dispose = std::sync::Arc<dyn Fn(std::os::fd::OwnedFd) + Send + Sync>;
 
 /// The reading side: the socket, watched for readability.
 pub struct ReadSide {
@@ -58,7 +58,7 @@ pub fn split_disposing(
     Ok((
         ReadSide {
             fd: Some(watch(stream, Interest::READABLE)?),
-            dispose,
+            dispose: dispose.clone(),
         },
         WriteSide {
             sock: Some(writer),
@@ -75,7 +75,7 @@ impl ReadSide {
 
 impl Drop for ReadSide {
     fn drop(&mut self) {
-        if let (Some(fd), Some(dispose)) = (self.fd.take(), self.dispose) {
+        if let (Some(fd), Some(dispose)) = (self.fd.take(), &self.dispose) {
             dispose(fd.into_inner().into());
         }
     }
@@ -204,7 +204,7 @@ impl Drop for WriteSide {
     fn drop(&mut self) {
         if let Some(sock) = self.sock.take() {
             let _ = sock.shutdown(std::net::Shutdown::Write);
-            if let Some(dispose) = self.dispose {
+            if let Some(dispose) = &self.dispose {
                 dispose(sock.into());
             }
         }

@@ -326,7 +326,7 @@ pub async fn run(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: Ca
                 shared
                     .metrics
                     .record_error(err.code, err.message.clone(), None);
-                let Ok((_, mut wr)) = split(stream) else {
+                let Ok((_, mut wr)) = split(stream, &peer) else {
                     return;
                 };
                 let refusal = handshake::refuse::<()>(&mut wr, err);
@@ -345,8 +345,9 @@ pub async fn run(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: Ca
 /// (its queue may still hold fds the peer sent).
 fn split(
     stream: UnixStream,
+    peer: &Peer,
 ) -> std::io::Result<(rxd_shm::socket::ReadSide, rxd_shm::socket::WriteSide)> {
-    rxd_shm::socket::split_disposing(stream, Some(crate::closer::close_one))
+    rxd_shm::socket::split_disposing(stream, Some(crate::closer::disposer(peer.uid)))
 }
 
 /// Why the read loop stopped.
@@ -385,14 +386,14 @@ fn frame_timeout(len: usize, limit: Duration) -> Stop {
 
 async fn serve(stream: UnixStream, shared: SharedRef, peer: Peer, shutdown: CancellationToken) {
     let cfg = &shared.config;
-    let (rd, mut wr) = match split(stream) {
+    let (rd, mut wr) = match split(stream, &peer) {
         Ok(halves) => halves,
         Err(e) => {
             tracing::debug!("cannot set up the connection's socket: {e}");
             return;
         }
     };
-    let mut rd = FrameReader::new(rd);
+    let mut rd = FrameReader::new(rd, peer.uid);
 
     let handshake = handshake::handshake(&mut rd, &mut wr, &shared, &peer, &shutdown);
     let granted = match tokio::time::timeout(cfg.handshake_timeout, handshake).await {

@@ -33,15 +33,18 @@ const STAGING: usize = 64 * 1024;
 /// vectors.
 pub(super) struct FrameReader {
     rd: ReadSide,
+    /// The peer's uid: whose any fds it sends are, for [`crate::closer`].
+    uid: u32,
     staging: Box<[u8]>,
     start: usize,
     end: usize,
 }
 
 impl FrameReader {
-    pub(super) fn new(rd: ReadSide) -> FrameReader {
+    pub(super) fn new(rd: ReadSide, uid: u32) -> FrameReader {
         FrameReader {
             rd,
+            uid,
             staging: vec![0; STAGING].into_boxed_slice(),
             start: 0,
             end: 0,
@@ -59,11 +62,11 @@ impl FrameReader {
     /// system call per request fewer). A read also stops short where file descriptors come
     /// with the next bytes; only a peer that breaks the protocol sends any, and it then
     /// waits for its own next bytes to be read.
-    async fn recv(rd: &ReadSide, buf: &mut [u8]) -> Result<usize, ReadError> {
+    async fn recv(rd: &ReadSide, uid: u32, buf: &mut [u8]) -> Result<usize, ReadError> {
         let cap = buf.len();
         match rd
             .read(
-                |fd| recv_no_fds(fd, buf),
+                |fd| recv_no_fds(fd, uid, buf),
                 |r| matches!(r, Ok(n) if *n > 0 && *n < cap),
             )
             .await
@@ -81,7 +84,7 @@ impl FrameReader {
         }
         self.start = 0;
         self.end = 0;
-        let n = Self::recv(&self.rd, &mut self.staging).await?;
+        let n = Self::recv(&self.rd, self.uid, &mut self.staging).await?;
         if n == 0 {
             return Err(ReadError::Eof);
         }
@@ -98,7 +101,7 @@ impl FrameReader {
             if self.buffered() == 0 {
                 self.start = 0;
                 self.end = 0;
-                let n = Self::recv(&self.rd, &mut self.staging).await?;
+                let n = Self::recv(&self.rd, self.uid, &mut self.staging).await?;
                 if n == 0 {
                     return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into()));
                 }
@@ -122,7 +125,7 @@ impl FrameReader {
         self.start += have;
         let mut filled = have;
         while filled < len {
-            let n = Self::recv(&self.rd, &mut body[filled..]).await?;
+            let n = Self::recv(&self.rd, self.uid, &mut body[filled..]).await?;
             if n == 0 {
                 return Err(ReadError::Io(io::ErrorKind::UnexpectedEof.into()));
             }
@@ -134,12 +137,12 @@ impl FrameReader {
 
 /// `recvmsg` into `buf`. `Err(())` when file descriptors came with the bytes: the kernel put
 /// them in our fd table, and they go to [`crate::closer`] (closing one may block).
-fn recv_no_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<Result<usize, ()>> {
+fn recv_no_fds(fd: RawFd, uid: u32, buf: &mut [u8]) -> io::Result<Result<usize, ()>> {
     let r = rxd_shm::recv_taking_fds(fd, buf)?;
     if r.fds.is_empty() && !r.truncated {
         return Ok(Ok(r.bytes));
     }
-    crate::closer::close_later(r.fds);
+    crate::closer::close_later(uid, r.fds);
     Ok(Err(()))
 }
 

@@ -446,8 +446,10 @@ fn lingering_socket(secs: i32) -> (std::net::TcpStream, std::net::TcpStream) {
 /// owner likes (here a TCP socket lingering 30 s on unsent data; a FUSE file would do too).
 /// A peer that sends such fds with its frames — received, or left queued on its connection
 /// when the daemon closes it — delays no one: the daemon answers `unexpected_fd` at once,
-/// its other clients are served within 2 s, and the sockets are aborted rather than waited
-/// for. Kernel refusal off (`RXD_TEST_PASS_FDS`), as before Linux 6.16.
+/// its other clients are served within 2 s, the sockets it received are aborted rather than
+/// waited for, and while the closes of its connections hang (on the sockets left queued),
+/// another user's connections still open and close. Kernel refusal off
+/// (`RXD_TEST_PASS_FDS`), as before Linux 6.16.
 #[test]
 fn fds_whose_close_blocks_delay_no_one() {
     let _serial = serial();
@@ -460,7 +462,8 @@ fn fds_whose_close_blocks_delay_no_one() {
         body: Request::Status,
     });
     let mut keep = Vec::new();
-    for _ in 0..3 {
+    // As many hung closes as one user may hold closer threads (PER_USER_THREADS).
+    for _ in 0..2 {
         let mut c = connect_as_nobody(&d.socket);
         c.handshake().unwrap();
         let (received, unread_1) = lingering_socket(30);
@@ -483,6 +486,12 @@ fn fds_whose_close_blocks_delay_no_one() {
         );
         keep.push((unread_1, unread_2));
     }
+    // Another user's connections come and go meanwhile: closed at once (their fds are gone
+    // from the daemon within assert_unharmed's 10 s, while the hung closes last 30 s).
+    for _ in 0..20 {
+        let mut c = RawConn::connect(&d.socket).unwrap();
+        c.handshake().unwrap();
+    }
     std::thread::sleep(Duration::from_secs(2));
     let seen = bystander.stop();
     assert_unharmed(&mut d, &b, &seen, Duration::from_secs(2), 32 * MIB);
@@ -503,6 +512,18 @@ fn the_kernel_refuses_fds_sent_to_the_daemon_where_it_can() {
         id: 1,
         body: Request::Status,
     });
+    // Sent before the daemon accepted the connection (no handshake yet): refused too, the
+    // listening socket's setting being carried over to the connection.
+    let kernel_can = {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        rxd_shm::fd::refuse_passed_fds(a.as_fd()).unwrap()
+    };
+    let early = connect_as_nobody(&d.socket);
+    match rxd_shm::send_with_fd(rxd_shm::raw(&early.stream), b"x", null.as_fd()) {
+        Err(e) => assert_eq!(e.raw_os_error(), Some(nix::libc::EPERM), "{e}"),
+        Ok(_) => assert!(!kernel_can, "the kernel could refuse it, and did not"),
+    }
+    drop(early);
     let mut c = connect_as_nobody(&d.socket);
     c.handshake().unwrap();
     c.stream
@@ -517,6 +538,7 @@ fn the_kernel_refuses_fds_sent_to_the_daemon_where_it_can() {
             assert!(matches!(r.outcome, Outcome::Ok(_)), "{:?}", r.outcome);
         }
         Ok(_) => {
+            assert!(!kernel_can, "the kernel could refuse it, and did not");
             let r = c.read_response();
             assert_eq!(err_code(&r.outcome), Some(ErrorCode::UnexpectedFd));
         }
