@@ -69,20 +69,20 @@ pub async fn handle(
                 if shared.registry.load_on_demand() && state != Unready::In(ModelState::Failed) =>
             {
                 let (s, peer) = (shared.clone(), peer.clone());
+                let run = finish_apart(shared);
                 let info = blocking(move || {
                     if peer.admin {
-                        s.registry.load(&r.model, r.version)?;
+                        s.registry.load_for_request(&r.model, r.version, run)?;
                     } else {
                         let may_load = load_gate(&s, &peer, &r.model);
                         match s.registry.demand_gated(&r.model, r.version, &may_load)? {
                             Demand::Ready(_) => {}
-                            Demand::Cold {
-                                start: Some(ticket),
-                                ..
-                            } => {
-                                s.registry.finish(ticket)?;
+                            Demand::Cold { slot, start } => {
+                                if let Some(ticket) = start {
+                                    run(ticket);
+                                }
+                                slot.wait_blocking()?;
                             }
-                            Demand::Cold { slot, start: None } => slot.wait_blocking()?,
                         }
                     }
                     s.registry.info(&r.model, r.version)
@@ -101,18 +101,13 @@ pub async fn handle(
         Request::Load(r) => {
             rxd_protocol::check_name(&r.model)?;
             let s = shared.clone();
-            let runtime = tokio::runtime::Handle::current();
+            let run = finish_apart(shared);
             let summary = blocking(move || {
                 // Pick up models added to the repository since the last scan.
                 s.registry
                     .scan()
                     .map_err(|e| RequestError::Internal(format!("cannot read repository: {e}")))?;
-                s.registry.load_for_request(&r.model, r.version, |ticket| {
-                    let s = s.clone();
-                    runtime.spawn_blocking(move || {
-                        let _ = s.registry.finish(ticket);
-                    });
-                })
+                s.registry.load_for_request(&r.model, r.version, run)
             })
             .await??;
             Reply::Load(summary)
@@ -339,6 +334,18 @@ pub fn infer_reply(model: &str, version: u64, outputs: Vec<OutputTensor>) -> Rep
 
 /// Runs blocking work (loads, reports, reloads) on the blocking pool, off the IO threads; a
 /// task that panicked is an internal error.
+/// What carries out a load a request started: on a blocking thread of its own, so that the
+/// request waits for it like any other waiter and is answered (`shutting_down`) when the
+/// daemon stops, however long the load still takes. Made on the runtime.
+fn finish_apart(shared: &SharedRef) -> impl FnOnce(Box<crate::registry::Ticket>) + Send + 'static {
+    let (s, runtime) = (shared.clone(), tokio::runtime::Handle::current());
+    move |ticket| {
+        runtime.spawn_blocking(move || {
+            let _ = s.registry.finish(ticket);
+        });
+    }
+}
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, RequestError> {

@@ -684,13 +684,16 @@ fn an_index_rewritten_in_the_arena_during_the_run_is_never_used_unchecked() {
 /// A control request read while the connection's control slots are all taken (four loads
 /// waiting for a load that hangs) waits for a slot with its id in flight. When the daemon
 /// stops meanwhile, it is answered `shutting_down` like the loads — it was once dropped
-/// unanswered with the read loop.
+/// unanswered with the read loop; and the load that started the hung one (carried out by its
+/// request itself) and a non-admin's `model_info` that started another were not answered
+/// before the load timed out.
 #[test]
 fn a_control_request_waiting_for_a_slot_is_answered_at_shutdown() {
     let _serial = serial();
     let repo = repo_with(&[]);
-    repo.link("hang", 1, "sigmoid");
-    let mut d = TestDaemon::start_env(
+    repo.link("hang", 1, "sigmoid")
+        .link("hang_info", 1, "sigmoid");
+    let mut d = shared_daemon_env(
         repo.path(),
         &[("RXD_TEST_LOAD_HANG", "hang")],
         "preload = [\"digits\"]\nload-timeout-secs = 600\nshutdown-grace-secs = 3\n",
@@ -707,9 +710,21 @@ fn a_control_request_waiting_for_a_slot_is_answered_at_shutdown() {
         id: 5,
         body: Request::Status,
     });
+    let mut stranger = nobody(&d);
+    stranger.send(&RequestFrame {
+        id: 1,
+        body: Request::ModelInfo(model_ref("hang_info")),
+    });
     std::thread::sleep(Duration::from_millis(500));
     let status = d.terminate();
     assert!(status.success(), "{status}");
+    stranger
+        .stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let r = stranger.read_response();
+    assert_eq!(r.id, 1);
+    refused(r.outcome, ErrorCode::ShuttingDown);
     let answers = read_all(&mut admin, Duration::from_secs(5));
     let mut ids: Vec<u64> = answers.iter().map(|a| a.id).collect();
     ids.sort();
