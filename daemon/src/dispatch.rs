@@ -59,9 +59,11 @@ pub async fn handle(
             }
             return Ok(Handled::Deferred);
         }
-        Request::ListModels => Reply::ListModels(ModelList {
-            models: shared.registry.list(),
-        }),
+        Request::ListModels => {
+            let s = shared.clone();
+            let models = report(move || s.registry.list()).await?;
+            Reply::ListModels(ModelList { models })
+        }
         Request::ModelInfo(r) => match shared.registry.info(&r.model, r.version) {
             // The signature needs the model: load it as a request would — under the version
             // policy (a version it does not serve loads only for an admin, as with `load`).
@@ -95,9 +97,13 @@ pub async fn handle(
         Request::Status => {
             #[cfg(feature = "alloc-count")]
             crate::alloc_count::log_totals();
-            Reply::Status(crate::report::status(shared))
+            let s = shared.clone();
+            Reply::Status(report(move || crate::report::status(&s)).await?)
         }
-        Request::Health => Reply::Health(crate::report::health(shared, peer.admin)),
+        Request::Health => {
+            let (s, admin) = (shared.clone(), peer.admin);
+            Reply::Health(report(move || crate::report::health(&s, admin)).await?)
+        }
         Request::Load(r) => {
             rxd_protocol::check_name(&r.model)?;
             let s = shared.clone();
@@ -123,21 +129,14 @@ pub async fn handle(
             Reply::Pin(summary)
         }
         Request::Unpin(r) => Reply::Unpin(shared.registry.unpin(&r.model, r.version)?),
-        Request::Devices => Reply::Devices(DeviceList {
-            devices: shared.registry.devices(),
-        }),
-        Request::Metrics => {
-            // Building the report costs real CPU (every model's distributions): one at a time,
-            // off the IO threads, so a flood of metrics requests costs at most one core and
-            // never delays another client's frames.
-            static ONE_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
-            let _turn = ONE_AT_A_TIME
-                .acquire()
-                .await
-                .map_err(|e| RequestError::Internal(e.to_string()))?;
+        Request::Devices => {
             let s = shared.clone();
-            let report = blocking(move || crate::report::metrics(&s)).await?;
-            Reply::Metrics(Box::new(report))
+            let devices = report(move || s.registry.devices()).await?;
+            Reply::Devices(DeviceList { devices })
+        }
+        Request::Metrics => {
+            let s = shared.clone();
+            Reply::Metrics(Box::new(report(move || crate::report::metrics(&s)).await?))
         }
         Request::Compress(c) => {
             let s = shared.clone();
@@ -344,6 +343,22 @@ fn finish_apart(shared: &SharedRef) -> impl FnOnce(Box<crate::registry::Ticket>)
             let _ = s.registry.finish(ticket);
         });
     }
+}
+
+/// Builds a report any peer may ask for (status, health, models, devices, metrics): they
+/// cost real CPU (every model's state and distributions; on a GPU host, the driver's
+/// queries), so one at a time daemon-wide, in turn (first come, first served), off the IO
+/// threads: a flood of them costs at most one core and never delays another client's frames
+/// or the ring poller.
+async fn report<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, RequestError> {
+    static ONE_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+    let _turn = ONE_AT_A_TIME
+        .acquire()
+        .await
+        .map_err(|e| RequestError::Internal(e.to_string()))?;
+    blocking(f).await
 }
 
 async fn blocking<T: Send + 'static>(

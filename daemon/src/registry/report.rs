@@ -151,12 +151,19 @@ impl Registry {
 
     /// Every device: budget, use, and resident versions (least recently used first).
     pub fn devices(&self) -> Vec<DeviceSummary> {
+        // The devices' probes first, outside the locks (a GPU driver's queries can take
+        // milliseconds; a load would wait behind them).
+        let probes: Vec<_> = self
+            .defaults
+            .devices
+            .iter()
+            .map(|dev| self.runtime.probe(&dev.kind))
+            .collect();
         let models = self.read();
         let mut b = self.lock_budget();
         self.sync_usage(&models, &mut b);
         let mut out = Vec::new();
-        for (i, dev) in self.defaults.devices.iter().enumerate() {
-            let probe = self.runtime.probe(&dev.kind);
+        for ((i, dev), probe) in self.defaults.devices.iter().enumerate().zip(probes) {
             let u = b.budget.device_use(i);
             // The budget in force (a config reload may have changed it).
             let live = Some(u.budget).filter(|&b| b != u64::MAX);

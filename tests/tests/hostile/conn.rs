@@ -609,3 +609,68 @@ fn an_arena_kept_after_its_connection_holds_no_pages() {
     assert_unharmed(&mut d, &b, &seen, Duration::from_secs(2), 32 * MIB);
     drop(kept);
 }
+
+/// The reports any peer may ask for (status, health, models, devices, metrics) cost real CPU
+/// (every model's state; on a GPU host the driver's queries, under the registry's locks): a
+/// flood of them from one user, 16 connections keeping 64 each in flight, is built one at a
+/// time off the IO threads. Every one is answered once, and another client's inferences are
+/// served meanwhile within a second.
+#[test]
+fn a_flood_of_reports_is_answered_without_holding_up_inferences() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    let mut d = shared_daemon(repo.path(), "", &[]);
+    let b = before(&d);
+    let bystander = Bystander::start(&d.socket);
+    let kinds = [
+        Request::Health,
+        Request::Devices,
+        Request::Status,
+        Request::ListModels,
+        Request::Metrics,
+    ];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let floods: Vec<_> = (0..16)
+        .map(|_| {
+            let mut c = connect_as_nobody(&d.socket);
+            c.handshake().unwrap();
+            c.stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let (kinds, stop) = (kinds.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut next = 1u64;
+                let mut send = |c: &mut RawConn, id: u64| {
+                    c.send(&RequestFrame {
+                        id,
+                        body: kinds[id as usize % kinds.len()].clone(),
+                    })
+                };
+                for _ in 0..64 {
+                    send(&mut c, next);
+                    next += 1;
+                }
+                let (mut answered, mut in_flight) = (0u64, 64u64);
+                while in_flight > 0 {
+                    let r = c.read_response();
+                    assert!(matches!(r.outcome, Outcome::Ok(_)), "{:?}", r.outcome);
+                    answered += 1;
+                    in_flight -= 1;
+                    if !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        send(&mut c, next);
+                        next += 1;
+                        in_flight += 1;
+                    }
+                }
+                answered
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answered: u64 = floods.into_iter().map(|f| f.join().unwrap()).sum();
+    eprintln!("reports answered: {answered}");
+    assert!(answered >= 16 * 64, "{answered}");
+    let seen = bystander.stop();
+    assert_unharmed(&mut d, &b, &seen, Duration::from_secs(1), 64 * MIB);
+}
