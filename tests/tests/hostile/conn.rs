@@ -640,7 +640,7 @@ fn a_flood_of_reports_is_answered_without_holding_up_inferences() {
             let (kinds, stop) = (kinds.clone(), stop.clone());
             std::thread::spawn(move || {
                 let mut next = 1u64;
-                let mut send = |c: &mut RawConn, id: u64| {
+                let send = |c: &mut RawConn, id: u64| {
                     c.send(&RequestFrame {
                         id,
                         body: kinds[id as usize % kinds.len()].clone(),
