@@ -350,7 +350,7 @@ fn finish_apart(shared: &SharedRef) -> impl FnOnce(Box<crate::registry::Ticket>)
 /// queries), so one at a time daemon-wide, in turn (first come, first served), off the IO
 /// threads: a flood of them costs at most one core and never delays another client's frames
 /// or the ring poller.
-async fn report<T: Send + 'static>(
+pub(crate) async fn report<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, RequestError> {
     static ONE_AT_A_TIME: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);

@@ -19,8 +19,16 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
+/// Scrapes served at once; connections beyond are closed at once (a loopback TCP peer has
+/// no credentials: any local user may connect, whatever the Unix socket's mode), so they
+/// cannot take the daemon's fds. Each has [`SCRAPE_TIME`] in all.
+const MAX_SCRAPES: usize = 32;
+/// A scrape's whole time: the request's header, the report, the answer.
+const SCRAPE_TIME: Duration = Duration::from_secs(5);
+
 /// Serves scrapes until shutdown.
 pub async fn serve(listener: TcpListener, shared: SharedRef, shutdown: CancellationToken) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -33,9 +41,14 @@ pub async fn serve(listener: TcpListener, shared: SharedRef, shutdown: Cancellat
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), scrape(stream, shared)).await;
+            let _ = tokio::time::timeout(SCRAPE_TIME, scrape(stream, shared)).await;
+            drop(slot);
         });
     }
 }
@@ -43,7 +56,14 @@ pub async fn serve(listener: TcpListener, shared: SharedRef, shutdown: Cancellat
 async fn scrape(mut stream: TcpStream, shared: SharedRef) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+    // Looked for in the bytes just read (and the three before them), not the whole buffer
+    // again after each read.
+    let mut seen = 0usize;
+    while !buf[seen.saturating_sub(3)..]
+        .windows(4)
+        .any(|w| w == b"\r\n\r\n")
+    {
+        seen = buf.len();
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
             return Ok(());
@@ -63,7 +83,13 @@ async fn scrape(mut stream: TcpStream, shared: SharedRef) -> std::io::Result<()>
     let mut parts = line.lines().next().unwrap_or("").split_whitespace();
     match (parts.next(), parts.next()) {
         (Some("GET"), Some(path)) if path == "/metrics" || path.starts_with("/metrics?") => {
-            let body = rxd_protocol::metrics::prometheus(&crate::report::metrics(&shared));
+            // Built like every report: one at a time, off the IO threads.
+            let s = shared.clone();
+            let body = crate::dispatch::report(move || {
+                rxd_protocol::metrics::prometheus(&crate::report::metrics(&s))
+            })
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
             respond(
                 &mut stream,
                 "200 OK",

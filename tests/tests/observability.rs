@@ -128,6 +128,33 @@ fn the_metrics_endpoint_serves_prometheus_on_loopback_only() {
     assert!(text.contains(r#"rxd_device_memory_budget_bytes{device="cpu"} 67108864"#));
     promtool_accepts(text);
     assert!(get("/other").starts_with("HTTP/1.1 404"));
+    // A request header sent a byte at a time is read whole.
+    {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        for b in b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n" {
+            s.write_all(&[*b]).unwrap();
+        }
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    }
+    // Any local user may connect over loopback TCP: 200 connections that say nothing hold
+    // at most the exporter's 32 of the daemon's fds (the rest are closed at once), for at
+    // most its 5 s; then scrapes are served again.
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    let idle: Vec<_> = (0..200)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(fds() <= before + 34, "{} fds, {before} before", fds());
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    assert!(get("/metrics").starts_with("HTTP/1.1 200 OK"));
+    drop(idle);
     // The status names the listener; a non-loopback address is a config error.
     let status = d.client().status().unwrap();
     assert_eq!(status.config["metrics-listen"], format!("127.0.0.1:{port}"));
