@@ -60,8 +60,11 @@ pub async fn handle(
             return Ok(Handled::Deferred);
         }
         Request::ListModels => {
-            let s = shared.clone();
-            let models = report(move || s.registry.list()).await?;
+            let (s, admin) = (shared.clone(), peer.admin);
+            let mut models = report(move || s.registry.list()).await?;
+            if !admin {
+                models.iter_mut().for_each(crate::report::redact);
+            }
             Reply::ListModels(ModelList { models })
         }
         Request::ModelInfo(r) => match shared.registry.info(&r.model, r.version) {
@@ -70,6 +73,7 @@ pub async fn handle(
             Err(RequestError::NotReady { state, .. })
                 if shared.registry.load_on_demand() && state != Unready::In(ModelState::Failed) =>
             {
+                let admin = peer.admin;
                 let (s, peer) = (shared.clone(), peer.clone());
                 let run = finish_apart(shared);
                 let info = blocking(move || {
@@ -90,9 +94,9 @@ pub async fn handle(
                     s.registry.info(&r.model, r.version)
                 })
                 .await??;
-                Reply::ModelInfo(info)
+                Reply::ModelInfo(redacted(info, admin))
             }
-            other => Reply::ModelInfo(other?),
+            other => Reply::ModelInfo(redacted(other?, peer.admin)),
         },
         Request::Status => {
             #[cfg(feature = "alloc-count")]
@@ -333,6 +337,14 @@ pub fn infer_reply(model: &str, version: u64, outputs: Vec<OutputTensor>) -> Rep
 
 /// Runs blocking work (loads, reports, reloads) on the blocking pool, off the IO threads; a
 /// task that panicked is an internal error.
+/// `info` as `peer` may see it ([`crate::report::redact`] for non-admins).
+fn redacted(mut info: rxd_protocol::ModelInfo, admin: bool) -> rxd_protocol::ModelInfo {
+    if !admin {
+        crate::report::redact(&mut info.summary);
+    }
+    info
+}
+
 /// What carries out a load a request started: on a blocking thread of its own, so that the
 /// request waits for it like any other waiter and is answered (`shutting_down`) when the
 /// daemon stops, however long the load still takes. Made on the runtime.

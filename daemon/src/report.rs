@@ -80,12 +80,30 @@ pub fn status(shared: &SharedRef) -> Status {
     }
 }
 
+/// What a non-admin sees of a version's summary: a device's failed run is named, not its
+/// error — ONNX Runtime's message is about a batch that may have been another user's (its
+/// shapes, its sizes).
+pub fn redact(m: &mut rxd_protocol::ModelSummary) {
+    redact_shares(&mut m.shares);
+}
+
+fn redact_shares(shares: &mut [rxd_protocol::DeviceShare]) {
+    for s in shares {
+        if s.error.is_some() {
+            s.error = Some("a run on this device failed (the error is shown to admins)".into());
+        }
+    }
+}
+
 /// Health: unhealthy when a worker is stuck or no model version can serve; degraded when a
 /// model failed to load, a queue is nearly full, or the memory budget keeps a served version
 /// out; healthy otherwise. Every reason is named. The last error is shown in full to admins
 /// only (`admin`); others see its code and model.
 pub fn health(shared: &SharedRef, admin: bool) -> Health {
-    let models = shared.registry.list();
+    let mut models = shared.registry.list();
+    if !admin {
+        models.iter_mut().for_each(redact);
+    }
     let ready = models
         .iter()
         .filter(|m| m.state == ModelState::Ready)
@@ -168,5 +186,30 @@ pub fn health(shared: &SharedRef, admin: bool) -> Health {
         models_memory_bytes: devices.iter().map(|d| d.used_bytes).sum(),
         rss_bytes: crate::metrics::resident_bytes(),
         gpu_available: !crate::gpu::metrics().is_empty(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A non-admin sees that a device's run failed, never ONNX Runtime's words about it
+    /// (another user's batch: its shapes, its sizes).
+    #[test]
+    fn a_devices_run_error_is_named_not_shown() {
+        let share = |error: Option<&str>| rxd_protocol::DeviceShare {
+            device: "gpu".into(),
+            instances: 1,
+            batches: 1,
+            rows: 0,
+            memory_bytes: None,
+            state: "failed".into(),
+            error: error.map(String::from),
+        };
+        let mut shares = vec![share(Some("input [7,3,4096] needs 12 GiB")), share(None)];
+        redact_shares(&mut shares);
+        let e = shares[0].error.as_deref().unwrap();
+        assert!(!e.contains("4096") && e.contains("admins"), "{e}");
+        assert!(shares[1].error.is_none());
     }
 }

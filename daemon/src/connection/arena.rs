@@ -75,6 +75,10 @@ impl Drop for ArenaGrant {
     }
 }
 
+/// Arenas waiting for [`DISCARD_AFTER`] at most: beyond, one is freed at once (a user
+/// opening and closing connections fast does not keep many mappings alive).
+const DISCARD_PENDING: usize = 256;
+
 /// Keeps `map` alive for [`DISCARD_AFTER`]; its pages are freed when its last reference goes
 /// (this one, or a request's still running).
 fn discard_later(map: Arc<rxd_shm::Mapping>) {
@@ -118,11 +122,12 @@ fn discard_later(map: Arc<rxd_shm::Mapping>) {
         return;
     }
     let (queue, cv) = q;
-    queue
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push_back((Instant::now() + DISCARD_AFTER, map));
+    let mut g = queue.lock().unwrap_or_else(|e| e.into_inner());
+    let oldest = (g.len() >= DISCARD_PENDING).then(|| g.pop_front());
+    g.push_back((Instant::now() + DISCARD_AFTER, map));
+    drop(g);
     cv.notify_one();
+    drop(oldest);
 }
 
 /// Sends the first bytes of `frame` with `fd` attached; returns how many bytes went.
