@@ -294,15 +294,18 @@ impl<M: MakeCompletion> Cold<M> {
 
 /// Whether a request of `peer` may start a load of `model` now: a user's requests start loads
 /// at a bounded rate (`quota`), so a client asking for model after model cannot make the
-/// daemon load and evict without pause; beyond it the answer is `busy`.
+/// daemon load and evict without pause; beyond it the answer is `busy`. `Ok(true)`: a user's
+/// load, which spares the versions used in the last `SPARE_RECENT_MS` (an admin's may evict
+/// any idle one).
 fn load_gate<'a>(
     shared: &'a SharedRef,
     peer: &'a Peer,
     model: &'a str,
-) -> impl Fn() -> Result<(), RequestError> + 'a {
+) -> impl Fn() -> Result<bool, RequestError> + 'a {
     move || {
         if shared.quotas.try_load(peer.uid, peer.admin) {
-            return Ok(());
+            // A user's load spares the versions others use (an admin's may evict any).
+            return Ok(!peer.admin);
         }
         Err(RequestError::Busy(format!(
             "model '{model}' is not loaded, and this user's requests have started loads \

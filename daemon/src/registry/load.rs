@@ -50,6 +50,10 @@ pub struct Ticket {
     file_bytes: u64,
     /// Preloads never evict anything.
     no_evict: bool,
+    /// Started by a (non-admin) user's request: versions used within [`SPARE_RECENT_MS`] are
+    /// not evicted for it (a user cannot make the daemon swap out the models other users are
+    /// using by asking for others in turn; it is answered `over_budget` instead).
+    spare_recent: bool,
     served: bool,
     /// Where the load started from: a refusal by the budget goes back there.
     from: Idle,
@@ -84,6 +88,10 @@ pub(super) fn logged_by_fail(e: &RequestError) -> bool {
         RequestError::LoadFailed { .. } | RequestError::OverBudget { .. }
     )
 }
+
+/// How recently a version must have been used to be spared by a load a user's request
+/// started (`Ticket::spare_recent`).
+pub const SPARE_RECENT_MS: u64 = 10_000;
 
 impl Registry {
     /// Loads a version (default: the model's default version), evicting least-recently-used
@@ -141,7 +149,7 @@ impl Registry {
         version: Option<u64>,
         no_evict: bool,
     ) -> Result<Begin, RequestError> {
-        self.begin_gated(name, version, no_evict, &|| Ok(()))
+        self.begin_gated(name, version, no_evict, &|| Ok(false))
     }
 
     /// [`Registry::begin`], asking `may_load` before a load would start.
@@ -150,7 +158,7 @@ impl Registry {
         name: &str,
         version: Option<u64>,
         no_evict: bool,
-        may_load: &dyn Fn() -> Result<(), RequestError>,
+        may_load: &dyn Fn() -> Result<bool, RequestError>,
     ) -> Result<Begin, RequestError> {
         let mut models = self.write();
         let model = models
@@ -194,7 +202,7 @@ impl Registry {
                 });
             }
         };
-        may_load()?;
+        let spare_recent = may_load()?;
         let file_bytes = model_bytes(&ver.path);
         let slot = Arc::new(LoadSlot::default());
         let Some(from) = ver.state.start(slot.clone()) else {
@@ -211,6 +219,7 @@ impl Registry {
             slot,
             file_bytes,
             no_evict,
+            spare_recent,
             served,
             from,
         })))
@@ -219,16 +228,17 @@ impl Registry {
     /// For an inference: the ready version, or the load to wait for (started if needed and
     /// loading on demand is on).
     pub fn demand(&self, name: &str, version: Option<u64>) -> Result<Demand, RequestError> {
-        self.demand_gated(name, version, &|| Ok(()))
+        self.demand_gated(name, version, &|| Ok(false))
     }
 
     /// [`Registry::demand`], where `may_load` decides whether this request may start a load
-    /// (it is asked only when one would start: not for a model ready or already loading).
+    /// (it is asked only when one would start: not for a model ready or already loading), and
+    /// whether that load must spare versions used recently (`Ok(true)`: a user's request).
     pub fn demand_gated(
         &self,
         name: &str,
         version: Option<u64>,
-        may_load: &dyn Fn() -> Result<(), RequestError>,
+        may_load: &dyn Fn() -> Result<bool, RequestError>,
     ) -> Result<Demand, RequestError> {
         match self.get(name, version) {
             Ok(l) => return Ok(Demand::Ready(l)),
@@ -278,6 +288,7 @@ impl Registry {
     pub fn finish(&self, ticket: Box<Ticket>) -> Result<ModelSummary, RequestError> {
         let key: Key = (ticket.name.clone(), ticket.version);
         let (name, version) = (key.0.as_str(), key.1);
+        let spare_recent = ticket.spare_recent;
         // Outside the locks: the devices' probe (done at start; here for embedders that skip
         // it) and, only where some device has no float16, reading the model file for it.
         self.probe_devices();
@@ -342,7 +353,13 @@ impl Registry {
         // Final accounting.
         let mut models = self.write();
         let mut b = self.lock_budget();
-        let busy = self.sync_usage(&models, &mut b);
+        let mut busy = self.sync_usage(&models, &mut b);
+        if spare_recent {
+            busy.extend(Self::used_since(
+                &models,
+                self.now_ms().saturating_sub(SPARE_RECENT_MS),
+            ));
+        }
         let dev = b.budget.device_index(&loaded.device);
         match self.place(&mut b, &key, dev, measured, &busy) {
             Ok(evict) => {
@@ -447,7 +464,13 @@ impl Registry {
             });
         let weights = dequantized.unwrap_or(ticket.file_bytes);
         let estimate = known.unwrap_or_else(|| b.estimator.estimate(weights));
-        let busy = self.sync_usage(models, &mut b);
+        let mut busy = self.sync_usage(models, &mut b);
+        if ticket.spare_recent {
+            busy.extend(Self::used_since(
+                models,
+                self.now_ms().saturating_sub(SPARE_RECENT_MS),
+            ));
+        }
         let mut candidates = self
             .candidates(&ticket.settings, &b)
             .map_err(|message| (Failure::Broken, message))?;
@@ -582,6 +605,16 @@ impl Registry {
     /// Pushes each resident model's last use into the policy (for its shares too), releases
     /// share entries whose version is no longer resident or no longer holds that share, and
     /// returns the busy versions.
+    /// Resident versions used at `since` (ms of the registry's clock) or later.
+    fn used_since(models: &std::collections::BTreeMap<String, Model>, since: u64) -> Vec<Key> {
+        models
+            .iter()
+            .flat_map(|(n, m)| m.versions.iter().map(move |(&v, ver)| (n, v, ver)))
+            .filter(|(.., ver)| ver.loaded().is_some_and(|l| l.last_used() >= since))
+            .map(|(n, v, _)| (n.clone(), v))
+            .collect()
+    }
+
     pub(super) fn sync_usage(
         &self,
         models: &std::collections::BTreeMap<String, Model>,

@@ -733,3 +733,85 @@ fn a_control_request_waiting_for_a_slot_is_answered_at_shutdown() {
         refused(a.outcome, ErrorCode::ShuttingDown);
     }
 }
+
+/// A user asking for model after model, with room for one, made every load evict the model
+/// another party was using (idle between its requests, so evictable), and that party's
+/// every request paid a reload. A load a non-admin's request starts now spares the versions
+/// used in the last 10 s: it is refused `over_budget` (or `busy`, at the user's load rate)
+/// and the other party's model stays resident.
+#[test]
+fn a_user_cannot_evict_a_model_another_is_using() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    repo.link("x", 1, "digits")
+        .link("a", 1, "digits")
+        .link("b", 1, "digits");
+    // What one of them holds, measured alone.
+    let one = {
+        let d = TestDaemon::start_with(repo.path(), &[], "preload = ['x']\n");
+        d.summaries()["x"].memory_bytes.expect("measured")
+    };
+    // Room for one of them, not two.
+    let budget = one * 11 / 10;
+    let mut d = shared_daemon(
+        repo.path(),
+        &format!("preload = ['x']\nmemory-budget = {budget}\n"),
+        &[],
+    );
+    let before = before(&d);
+    let (input, _) = digits_case(1);
+    let x = move || vec![input.clone()];
+    let victim = {
+        let x = x.clone();
+        let c = d.client_inline();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut slowest = Duration::ZERO;
+            while start.elapsed() < Duration::from_secs(6) {
+                let t = Instant::now();
+                c.infer("x", x()).unwrap();
+                slowest = slowest.max(t.elapsed());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            slowest
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let mut attacker = nobody(&d);
+    let (mut id, mut refused_b) = (1, 0);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        for m in ["a", "b"] {
+            match infer(&mut attacker, id, m, x()) {
+                Outcome::Err(e) => {
+                    assert!(
+                        matches!(e.kind(), Some(ErrorCode::OverBudget | ErrorCode::Busy)),
+                        "{e}"
+                    );
+                    refused_b += 1;
+                }
+                Outcome::Ok(_) => {}
+            }
+            id += 1;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let slowest = victim.join().unwrap();
+    let s = d.summaries();
+    eprintln!(
+        "one {one}, budget {budget}; x evictions {}, b refused {refused_b}, the victim's \
+         slowest {slowest:?}; {:?}",
+        s["x"].evictions,
+        s.iter()
+            .map(|(n, m)| (n, m.state, m.memory_bytes, m.evictions))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(s["x"].evictions, 0, "{:?}", s["x"]);
+    assert!(refused_b > 0);
+    drop(attacker);
+    let seen = Seen {
+        ok: 1,
+        ..Default::default()
+    };
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(2), 64 << 20);
+}
