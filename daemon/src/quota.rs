@@ -164,7 +164,10 @@ pub struct Quotas {
     memory: Limits,
     arena: Limits,
     usage: Mutex<Usage>,
+    /// Request memory given back, while someone waits for it (`hold`).
     freed: Notify,
+    /// A user's frame done being read (`begin_frame`).
+    frame_done: Notify,
 }
 
 impl Quotas {
@@ -177,6 +180,7 @@ impl Quotas {
             arena: Limits::new(arena_total, 2),
             usage: Mutex::default(),
             freed: Notify::new(),
+            frame_done: Notify::new(),
         })
     }
 
@@ -220,16 +224,16 @@ impl Quotas {
             return Reading { quotas: None, uid };
         }
         loop {
-            let freed = self.freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
+            let done = self.frame_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
             if self.usage().reading.insert(uid) {
                 return Reading {
                     quotas: Some(self.clone()),
                     uid,
                 };
             }
-            freed.await;
+            done.await;
         }
     }
 
@@ -335,7 +339,7 @@ impl Drop for Reading {
     fn drop(&mut self) {
         if let Some(q) = &self.quotas {
             q.usage().reading.remove(&self.uid);
-            q.freed.notify_waiters();
+            q.frame_done.notify_waiters();
         }
     }
 }
@@ -382,8 +386,12 @@ impl Drop for Held {
             Kind::Memory => u.memory.give(self.uid, self.admin, self.bytes),
             Kind::Arena => u.arena.give(self.uid, self.admin, self.bytes),
         }
+        // Only waiters for memory are woken, and only when there are some (they are in
+        // `waiting` before they look, under this lock): every answer gives memory back, and
+        // waking every parked waiter for each would cost each answer as many wake-ups.
+        let waiters = self.kind == Kind::Memory && !u.waiting.is_empty();
         drop(u);
-        if self.kind == Kind::Memory {
+        if waiters {
             self.quotas.freed.notify_waiters();
         }
     }
