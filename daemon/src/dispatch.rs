@@ -234,10 +234,7 @@ pub fn infer<M: MakeCompletion>(
             // dropped holding its ticket (its last retry, or a task never polled) abandoned
             // the load that other requests wait on, and left the version `loading`.
             if let Some(ticket) = start {
-                let s = shared.clone();
-                tokio::task::spawn_blocking(move || {
-                    let _ = s.registry.finish(ticket);
-                });
+                finish_apart(shared)(ticket);
             }
             return Ok(Queued::Cold(Box::new(Cold {
                 req,
@@ -338,9 +335,7 @@ pub fn infer_reply(model: &str, version: u64, outputs: Vec<OutputTensor>) -> Rep
     })
 }
 
-/// Runs blocking work (loads, reports, reloads) on the blocking pool, off the IO threads; a
-/// task that panicked is an internal error.
-/// `info` as `peer` may see it ([`crate::report::redact`] for non-admins).
+/// `info` as a peer may see it (`admin`, or [`crate::report::redact`]ed).
 fn redacted(mut info: rxd_protocol::ModelInfo, admin: bool) -> rxd_protocol::ModelInfo {
     if !admin {
         crate::report::redact(&mut info.summary);
@@ -376,6 +371,8 @@ pub(crate) async fn report<T: Send + 'static>(
     blocking(f).await
 }
 
+/// Runs blocking work (loads, reports, reloads) on the blocking pool, off the IO threads; a
+/// task that panicked is an internal error.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, RequestError> {

@@ -67,7 +67,7 @@ impl ArenaGrant {
 /// How long after its connection ends an arena's pages are freed: an honest client may still
 /// read its last answers' outputs (and the ring's last completions) from the arena after the
 /// connection closed under it (the daemon stopping, a half-closed connection).
-pub(super) const DISCARD_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+const DISCARD_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Drop for ArenaGrant {
     fn drop(&mut self) {

@@ -133,8 +133,8 @@ impl Ring {
         )
     }
 
-    /// The connection is ending: the poller lets the ring go.
-    /// Takes no more requests: after a round under way, if any, ends.
+    /// The connection is ending: the ring takes no more requests once a round of it under way,
+    /// if any, ends; the poller lets it go.
     pub(super) fn close(&self) {
         let _round = lock(&self.rounds);
         self.closed.store(true, Ordering::Release);

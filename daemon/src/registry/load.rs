@@ -353,13 +353,7 @@ impl Registry {
         // Final accounting.
         let mut models = self.write();
         let mut b = self.lock_budget();
-        let mut busy = self.sync_usage(&models, &mut b);
-        if spare_recent {
-            busy.extend(Self::used_since(
-                &models,
-                self.now_ms().saturating_sub(SPARE_RECENT_MS),
-            ));
-        }
+        let busy = self.unevictable(&models, &mut b, spare_recent);
         let dev = b.budget.device_index(&loaded.device);
         match self.place(&mut b, &key, dev, measured, &busy) {
             Ok(evict) => {
@@ -464,13 +458,7 @@ impl Registry {
             });
         let weights = dequantized.unwrap_or(ticket.file_bytes);
         let estimate = known.unwrap_or_else(|| b.estimator.estimate(weights));
-        let mut busy = self.sync_usage(models, &mut b);
-        if ticket.spare_recent {
-            busy.extend(Self::used_since(
-                models,
-                self.now_ms().saturating_sub(SPARE_RECENT_MS),
-            ));
-        }
+        let busy = self.unevictable(models, &mut b, ticket.spare_recent);
         let mut candidates = self
             .candidates(&ticket.settings, &b)
             .map_err(|message| (Failure::Broken, message))?;
@@ -602,19 +590,32 @@ impl Registry {
         err.into()
     }
 
+    /// [`Registry::sync_usage`], and the versions a load may not evict: the busy ones, and,
+    /// for a load a user's request started (`spare_recent`), those used within
+    /// [`SPARE_RECENT_MS`].
+    fn unevictable(
+        &self,
+        models: &std::collections::BTreeMap<String, Model>,
+        b: &mut BudgetState,
+        spare_recent: bool,
+    ) -> HashSet<Key> {
+        let mut keep = self.sync_usage(models, b);
+        if spare_recent {
+            let since = self.now_ms().saturating_sub(SPARE_RECENT_MS);
+            keep.extend(
+                models
+                    .iter()
+                    .flat_map(|(n, m)| m.versions.iter().map(move |(&v, ver)| (n, v, ver)))
+                    .filter(|(.., ver)| ver.loaded().is_some_and(|l| l.last_used() >= since))
+                    .map(|(n, v, _)| (n.clone(), v)),
+            );
+        }
+        keep
+    }
+
     /// Pushes each resident model's last use into the policy (for its shares too), releases
     /// share entries whose version is no longer resident or no longer holds that share, and
     /// returns the busy versions.
-    /// Resident versions used at `since` (ms of the registry's clock) or later.
-    fn used_since(models: &std::collections::BTreeMap<String, Model>, since: u64) -> Vec<Key> {
-        models
-            .iter()
-            .flat_map(|(n, m)| m.versions.iter().map(move |(&v, ver)| (n, v, ver)))
-            .filter(|(.., ver)| ver.loaded().is_some_and(|l| l.last_used() >= since))
-            .map(|(n, v, _)| (n.clone(), v))
-            .collect()
-    }
-
     pub(super) fn sync_usage(
         &self,
         models: &std::collections::BTreeMap<String, Model>,

@@ -83,10 +83,15 @@ pub fn wake_at(at: Instant, target: Weak<Scheduler>) {
     t.cv.notify_one();
 }
 
+/// A scheduler's key in `Pending::by_target`: its allocation's address.
+fn key_of<T>(w: &Weak<T>) -> usize {
+    w.as_ptr().cast::<()>() as usize
+}
+
 impl<T> Pending<T> {
     /// Adds a wake-up unless one at or before `at` is pending for `target`; whether it did.
     fn add(&mut self, at: Instant, target: Weak<T>) -> bool {
-        let key = target.as_ptr().cast::<()>() as usize;
+        let key = key_of(&target);
         if let Some(&old) = self.by_target.get(&key) {
             if old.0 <= at {
                 return false;
@@ -106,7 +111,7 @@ impl<T> Pending<T> {
                 .collect();
             for k in dead {
                 if let Some(w) = self.by_time.remove(&k) {
-                    self.by_target.remove(&(w.as_ptr().cast::<()>() as usize));
+                    self.by_target.remove(&key_of(&w));
                 }
             }
             self.sweep_at = (self.by_target.len() * 2).max(64);
@@ -121,8 +126,7 @@ impl<T> Pending<T> {
             return Some(Err(at));
         }
         let target = self.by_time.remove(&(at, seq)).expect("first");
-        self.by_target
-            .remove(&(target.as_ptr().cast::<()>() as usize));
+        self.by_target.remove(&key_of(&target));
         Some(Ok(target))
     }
 }
