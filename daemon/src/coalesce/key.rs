@@ -13,6 +13,17 @@ use super::{KEY_THREADS, Key};
 /// while it is still in the cache).
 const KEY_CHUNK: usize = 1 << 20;
 
+thread_local! {
+    /// Arena bytes this thread copied to key requests ([`copied_here`]).
+    static COPIED_HERE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Arena bytes the calling thread copied to key requests since it last asked: the ring
+/// poller counts what keying a user's request cost it against that user's round.
+pub fn copied_here() -> u64 {
+    COPIED_HERE.replace(0)
+}
+
 /// The key of a request; arena inputs are copied (and replaced by the copies) as they are
 /// hashed, a piece at a time. `None` if an arena input cannot be read.
 pub(super) fn key(
@@ -48,6 +59,7 @@ pub(super) fn key(
                     h.update(piece);
                     at += piece.len();
                 }
+                COPIED_HERE.set(COPIED_HERE.get().saturating_add(*len));
                 t.data = InputData::Inline(copy);
             }
         }

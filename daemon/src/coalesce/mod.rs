@@ -59,6 +59,7 @@ use crate::validate::Checked;
 mod key;
 mod lru;
 
+pub use key::copied_here;
 pub use key::set_key_budget;
 use key::{Charge, Charged, key, key_pool};
 use lru::Lru;
@@ -830,8 +831,12 @@ mod tests {
             len: bytes.len() as u64,
         })];
         let mut inline = [tensor(InputData::Inline(bytes.clone()))];
+        copied_here();
         let k = key(7, "m", 1, &mut shared, &[]).unwrap();
         assert_eq!(k, key(7, "m", 1, &mut inline, &[]).unwrap());
+        // What this thread copied (the arena input only), for the ring's round budget.
+        assert_eq!(copied_here(), bytes.len() as u64);
+        assert_eq!(copied_here(), 0);
         // The arena input now runs from the copy that was hashed.
         assert!(matches!(&shared[0].data, InputData::Inline(b) if *b == bytes));
     }

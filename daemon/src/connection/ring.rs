@@ -4,7 +4,7 @@
 //!
 //! One poller thread serves every ring of the daemon: it takes what each ring holds (at most
 //! [`PER_ROUND`] submissions per ring, and [`USER_ROUND_BYTES`] of frames per user, per round
-//! — with the arena bytes a small request names, which this thread may copy to key it,
+//! — with the arena bytes this thread copied to key a user's small requests,
 //! so one busy ring, or one user's many rings, cannot starve the others),
 //! and when a round finds nothing it asks every client to wake it (`sq_wake`), looks once
 //! more, and sleeps on all the rings' submission tails at once (`futex_waitv`; hence at most
@@ -357,53 +357,34 @@ impl Served {
             ring.running.fetch_add(1, Ordering::AcqRel);
             ring.taken.fetch_add(1, Ordering::AcqRel);
             round.took = true;
-            let copied = self.take(body, held);
+            crate::coalesce::copied_here();
+            self.take(body, held);
+            let copied = crate::coalesce::copied_here();
             *used.entry(self.peer.uid).or_default() += u64::from(len) + copied;
         }
         ring.stalled.store(false, Ordering::Relaxed);
         round
     }
 
-    /// One submission's frame body: decoded and queued, or answered with its error. Returns
-    /// the arena bytes its inputs name that this thread may copy to key the request
-    /// (coalescing, the cache: small requests are keyed where they are taken), which count
-    /// against the user's round as the frame's own bytes do.
-    fn take(&self, body: &[u8], held: crate::quota::Held) -> u64 {
+    /// One submission's frame body: decoded and queued, or answered with its error.
+    fn take(&self, body: &[u8], held: crate::quota::Held) {
         let Ok((request, _)) = decode_request(&self.conn, body, Via::Ring, None) else {
-            return 0;
+            return;
         };
         let id = request.id;
         match request.body {
-            Request::Infer(infer) => {
-                let (mut all, mut shared) = (0u64, 0u64);
-                for t in &infer.inputs {
-                    match &t.data {
-                        rxd_protocol::TensorData::Inline(b) => all += b.len() as u64,
-                        rxd_protocol::TensorData::Arena(r) => {
-                            all = all.saturating_add(r.len);
-                            shared = shared.saturating_add(r.len);
-                        }
-                        _ => {}
-                    }
-                }
-                queue_infer(
-                    Origin {
-                        conn: &self.conn,
-                        peer: &self.peer,
-                        tasks: &self.tasks,
-                    },
-                    id,
-                    infer,
-                    Via::Ring,
-                    None,
-                    held,
-                );
-                if all <= crate::coalesce::INLINE_KEY_BYTES {
-                    shared
-                } else {
-                    0
-                }
-            }
+            Request::Infer(infer) => queue_infer(
+                Origin {
+                    conn: &self.conn,
+                    peer: &self.peer,
+                    tasks: &self.tasks,
+                },
+                id,
+                infer,
+                Via::Ring,
+                None,
+                held,
+            ),
             other => {
                 let e = RequestError::Wire(WireError::new(
                     ErrorCode::InvalidRequest,
@@ -413,7 +394,6 @@ impl Served {
                     ),
                 ));
                 self.conn.fail_via(Via::Ring, id, &e, None, None);
-                0
             }
         }
     }
