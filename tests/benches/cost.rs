@@ -58,19 +58,6 @@ fn ort_cpu_per_row(reference: &mut Reference, model: &str, rows: u64, n: usize) 
     (thread_cpu() - start).as_secs_f64() * 1e6 / (runs as u64 * rows) as f64
 }
 
-/// The daemon's user + system CPU time so far.
-fn process_cpu(pid: i32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which may hold spaces) start at its closing parenthesis.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .unwrap()
-        .unwrap_or(100) as u64;
-    Duration::from_secs_f64(ticks as f64 / hz as f64)
-}
-
 /// The alloc-count build's totals (allocations, reallocations, bytes), from the log line its
 /// `status` writes.
 fn alloc_totals(d: &TestDaemon) -> (u64, u64, u64) {

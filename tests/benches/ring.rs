@@ -227,17 +227,6 @@ fn ort_cpu_per_row(model: &str, b: u64) -> f64 {
     (thread_cpu() - start).as_secs_f64() * 1e6 / (runs * b) as f64
 }
 
-fn process_cpu(pid: i32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .unwrap()
-        .unwrap_or(100) as u64;
-    Duration::from_secs_f64(ticks as f64 / hz as f64)
-}
-
 struct LoadRun {
     /// The load generator's own CPU (this process, all its threads), in cores.
     gen_cores: f64,

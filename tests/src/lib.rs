@@ -300,6 +300,19 @@ pub fn gather_model() -> Vec<u8> {
     model
 }
 
+/// A process's user + system CPU time so far (`/proc/PID/stat`).
+pub fn process_cpu(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at its closing parenthesis.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .unwrap()
+        .unwrap_or(100) as u64;
+    Duration::from_secs_f64(ticks as f64 / hz as f64)
+}
+
 /// A running `rxd` process.
 pub struct TestDaemon {
     pub child: Child,

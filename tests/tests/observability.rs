@@ -141,11 +141,7 @@ fn the_metrics_endpoint_serves_prometheus_on_loopback_only() {
     // Any local user may connect over loopback TCP: 200 connections that say nothing hold
     // at most the exporter's 32 of the daemon's fds (the rest are closed at once), for at
     // most its 5 s; then scrapes are served again.
-    let fds = || {
-        std::fs::read_dir(format!("/proc/{}/fd", d.pid()))
-            .unwrap()
-            .count()
-    };
+    let fds = || d.fd_targets().len();
     let before = fds();
     let idle: Vec<_> = (0..200)
         .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())

@@ -360,10 +360,7 @@ fn health_shows_other_peers_only_the_code_of_the_last_error() {
     );
     let admins = health(&mut RawConn::connect(&d.socket).unwrap());
     assert!(admins.contains("the-secret-input-name"), "{admins}");
-    let seen = Seen {
-        ok: 1,
-        ..Seen::default()
-    };
+    let seen = Seen::no_bystander();
     assert_unharmed(&mut d, &b, &seen, Duration::from_secs(2), 32 * MIB);
 }
 
@@ -413,10 +410,7 @@ fn a_duplicate_id_never_gets_a_second_answer() {
         ]
     );
     drop(c);
-    let seen = Seen {
-        ok: 1,
-        ..Seen::default()
-    };
+    let seen = Seen::no_bystander();
     assert_unharmed(&mut d, &b, &seen, Duration::from_secs(2), 256 * MIB);
 }
 
@@ -544,10 +538,7 @@ fn the_kernel_refuses_fds_sent_to_the_daemon_where_it_can() {
         }
     }
     drop(c);
-    let seen = Seen {
-        ok: 1,
-        ..Default::default()
-    };
+    let seen = Seen::no_bystander();
     assert_unharmed(&mut d, &b, &seen, Duration::from_secs(2), 32 * MIB);
 }
 
@@ -602,10 +593,7 @@ fn an_arena_kept_after_its_connection_holds_no_pages() {
         }
         kept.push(fd);
     }
-    let seen = Seen {
-        ok: 1,
-        ..Default::default()
-    };
+    let seen = Seen::no_bystander();
     assert_unharmed(&mut d, &b, &seen, Duration::from_secs(2), 32 * MIB);
     drop(kept);
 }

@@ -809,9 +809,6 @@ fn a_user_cannot_evict_a_model_another_is_using() {
     assert_eq!(s["x"].evictions, 0, "{:?}", s["x"]);
     assert!(refused_b > 0);
     drop(attacker);
-    let seen = Seen {
-        ok: 1,
-        ..Default::default()
-    };
+    let seen = Seen::no_bystander();
     assert_unharmed(&mut d, &before, &seen, Duration::from_secs(2), 64 << 20);
 }

@@ -61,9 +61,6 @@ fn admin_rights_come_from_the_socket_not_from_a_reused_pid() {
     }
     drop(helper);
     // (One connection at a time: the checks after the attack stand in for a bystander.)
-    let seen = Seen {
-        ok: 1,
-        ..Seen::default()
-    };
+    let seen = Seen::no_bystander();
     assert_unharmed(&mut d, &b, &seen, Duration::from_secs(2), 32 << 20);
 }

@@ -120,10 +120,7 @@ fn an_output_asked_for_many_times_is_refused_and_no_answer_exceeds_the_frame_lim
         "{r:?}"
     );
     drop((c, fd));
-    let seen = Seen {
-        ok: 1,
-        ..Seen::default()
-    };
+    let seen = Seen::no_bystander();
     assert_unharmed(&mut d, &b, &seen, Duration::from_secs(2), 64 * MIB);
 }
 
@@ -394,10 +391,7 @@ fn model_info_loads_only_versions_the_policy_serves_for_non_admins() {
     admin.handshake().unwrap();
     assert!(matches!(info(&mut admin, 1, 1), Outcome::Ok(_)));
     drop((c, admin));
-    let seen = Seen {
-        ok: 1,
-        ..Seen::default()
-    };
+    let seen = Seen::no_bystander();
     // (Two versions loaded since `before`.)
     assert_unharmed(&mut d, &b, &seen, Duration::from_secs(2), 64 * MIB);
 }

@@ -126,10 +126,7 @@ impl RawRing {
 /// within 5 s, fds back, memory within 64 MiB); `seen` is `None` where the test runs no
 /// bystander of its own.
 fn assert_ring_unharmed(d: &mut TestDaemon, before: &Before, seen: Option<Seen>) {
-    let seen = seen.unwrap_or(Seen {
-        ok: 1,
-        ..Default::default()
-    });
+    let seen = seen.unwrap_or(Seen::no_bystander());
     assert_unharmed(d, before, &seen, Duration::from_secs(5), 64 << 20);
 }
 
@@ -1637,18 +1634,6 @@ fn references_into_the_ring_are_refused() {
     assert_ring_unharmed(&mut d, &before, None);
 }
 
-/// The daemon's CPU time so far (`/proc/PID/stat` user + system ticks).
-fn cpu_of(pid: i32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .unwrap()
-        .unwrap_or(100) as u64;
-    Duration::from_millis(ticks * 1000 / hz)
-}
-
 /// A client whose ring is stalled (its completions unconsumed) and that keeps moving its
 /// submission tail within bounds, waking the poller each time, made the poller look again at
 /// once every time: a core of the daemon's for the client's one. After 64 such rounds in a row
@@ -1680,7 +1665,7 @@ fn a_stalled_ring_whose_tail_keeps_moving_does_not_spin_the_poller() {
         })
     };
     std::thread::sleep(Duration::from_millis(300));
-    let cpu0 = cpu_of(d.pid());
+    let cpu0 = process_cpu(d.pid());
     let t0 = Instant::now();
     // Another client's ring is served meanwhile.
     let mut other = RawRing::connect(&d.socket, 4);
@@ -1697,7 +1682,7 @@ fn a_stalled_ring_whose_tail_keeps_moving_does_not_spin_the_poller() {
         }
         served += 1;
     }
-    let cores = (cpu_of(d.pid()) - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+    let cores = (process_cpu(d.pid()) - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     mover.join().unwrap();
     eprintln!("daemon: {cores:.2} cores; the other ring: {served} served");

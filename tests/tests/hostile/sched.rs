@@ -382,10 +382,7 @@ fn a_peer_filling_a_models_queue_does_not_get_others_refused() {
     assert!(errors.iter().all(|&e| e == ErrorCode::Busy), "{errors:?}");
     assert!(!errors.is_empty(), "the flood never filled the queue");
     assert!(served >= 5, "{served} served in 3 s");
-    let seen = Seen {
-        ok: 1,
-        ..Default::default()
-    };
+    let seen = Seen::no_bystander();
     assert_unharmed(&mut d, &before, &seen, Duration::from_secs(2), 64 << 20);
 }
 
@@ -425,9 +422,6 @@ fn another_users_identical_request_is_not_answered_from_the_cache() {
     }
     assert_eq!(hits(&d), 2, "the stranger missed, then hit its own");
     drop(stranger);
-    let seen = Seen {
-        ok: 1,
-        ..Default::default()
-    };
+    let seen = Seen::no_bystander();
     assert_unharmed(&mut d, &before, &seen, Duration::from_secs(2), 64 << 20);
 }
