@@ -13,6 +13,8 @@
 //! - [`dynamic`]: the `dynamic-int8` strategy (MatMulInteger with activations quantized at
 //!   run time).
 //! - [`fold`]: BatchNormalization folded into the Conv before it.
+//! - [`guard`]: integer `Div`/`Mod` guarded against the one operand pair that traps
+//!   (MIN / -1), applied to every model the daemon loads.
 //! - [`half`]: the `fp16` strategy (float16 arithmetic, float32 at the model's edges) and
 //!   `fp16-weights` (float16 storage, cast back to float when loaded).
 //! - [`job`]: one compression job (plan, inputs, thresholds → result), as both faces run it.
@@ -34,6 +36,7 @@ pub mod dequant;
 pub mod dynamic;
 pub mod error;
 pub mod fold;
+pub mod guard;
 pub mod half;
 pub mod int4;
 pub mod job;

@@ -247,6 +247,83 @@ fn unused_initializer(name: &str, bytes: usize) -> Vec<u8> {
     model
 }
 
+/// An integer division model: `y = op(a, b)` (`op` "Div" or "Mod", `fmod` its attribute)
+/// on inputs `a` `[n]` and `b` `[k]` (k = n, or 1 to broadcast) of ONNX element type `elem`
+/// (6 int32, 7 int64), at default-domain `opset`. `in_branch`: the node sits in an `If`'s then-branch on a
+/// third input `c` (bool `[1]`; the else-branch answers `a`), as a subgraph would hold it.
+/// For two operands, the type's minimum and −1, ONNX Runtime's kernels trap (SIGFPE).
+pub fn division_model(
+    op: &str,
+    elem: u64,
+    fmod: Option<i64>,
+    in_branch: bool,
+    opset_version: u64,
+) -> Vec<u8> {
+    use rxd_compress::onnx::{self, graph, model, opset, value_info};
+    use rxd_compress::proto::{Message, Value};
+    let vi = |name: &str, ty: u64, dim: Option<&str>| {
+        let mut tt = Message::default();
+        tt.push(1, Value::Varint(ty)); // TypeProto.Tensor.elem_type
+        if let Some(d) = dim {
+            let mut dm = Message::default();
+            dm.push_str(2, d); // Dimension.dim_param
+            let mut shape = Message::default();
+            shape.push_message(1, &dm);
+            tt.push_message(2, &shape);
+        }
+        let mut t = Message::default();
+        t.push_message(1, &tt);
+        let mut v = Message::default();
+        v.push_str(value_info::NAME, name);
+        v.push_message(2, &t);
+        v
+    };
+    let ints: Vec<(&str, i64)> = fmod.map(|f| ("fmod", f)).into_iter().collect();
+    let out = if in_branch { "q" } else { "y" };
+    let div = onnx::make_node(op, "", "", &["a", "b"], &[out], &ints);
+    let mut g = Message::default();
+    if in_branch {
+        let branch = |node: &Message, out: &str| {
+            let mut b = Message::default();
+            b.push_message(graph::NODE, node);
+            b.push_str(2, out); // GraphProto.name
+            b.push_message(graph::OUTPUT, &vi(out, elem, None));
+            b
+        };
+        let then = branch(&div, "q");
+        let other = branch(
+            &onnx::make_node("Identity", "", "", &["a"], &["r"], &[]),
+            "r",
+        );
+        let mut iff = onnx::make_node("If", "", "", &["c"], &["y"], &[]);
+        for (name, sub) in [("then_branch", &then), ("else_branch", &other)] {
+            let mut a = Message::default();
+            a.push_str(onnx::attr::NAME, name);
+            a.push_message(onnx::attr::G, sub);
+            a.push(onnx::attr::TYPE, Value::Varint(5)); // GRAPH
+            iff.push_message(onnx::node::ATTRIBUTE, &a);
+        }
+        g.push_message(graph::NODE, &iff);
+    } else {
+        g.push_message(graph::NODE, &div);
+    }
+    g.push_str(2, "division"); // GraphProto.name
+    g.push_message(graph::INPUT, &vi("a", elem, Some("n")));
+    g.push_message(graph::INPUT, &vi("b", elem, Some("k")));
+    if in_branch {
+        g.push_message(graph::INPUT, &vi("c", 9, Some("one")));
+    }
+    g.push_message(graph::OUTPUT, &vi("y", elem, None));
+    let mut m = Message::default();
+    m.push(model::IR_VERSION, Value::Varint(8));
+    let mut o = Message::default();
+    o.push_str(opset::DOMAIN, "");
+    o.push(opset::VERSION, Value::Varint(opset_version));
+    m.push_message(model::OPSET_IMPORT, &o);
+    m.push_message(model::GRAPH, &g);
+    m.encode()
+}
+
 /// A one-node ONNX model (built here, byte by byte): `y = Gather(table, index)` over a
 /// four-element float table, `index` int64 `[n]`. An index outside 0..4 makes ONNX Runtime
 /// fail the run: a request whose values, not shape, fail it.
@@ -705,8 +782,26 @@ impl Reference {
         Reference { session }
     }
 
+    /// A session (as [`Reference::new`]) of a model in memory.
+    pub fn from_bytes(model: &[u8]) -> Reference {
+        let session = ort::session::Session::builder(env())
+            .unwrap()
+            .with_intra_threads(1)
+            .unwrap()
+            .with_inter_threads(1)
+            .unwrap()
+            .commit_from_memory(model)
+            .unwrap();
+        Reference { session }
+    }
+
     /// Runs the model; outputs in the model's order as inline tensors.
     pub fn run(&mut self, inputs: &[Tensor]) -> Vec<Tensor> {
+        self.try_run(inputs).unwrap()
+    }
+
+    /// [`Reference::run`], or ONNX Runtime's error.
+    pub fn try_run(&mut self, inputs: &[Tensor]) -> Result<Vec<Tensor>, String> {
         let mut values: Vec<(String, ort::value::DynValue)> = Vec::new();
         for t in inputs {
             values.push((t.name.clone(), to_ort(t)));
@@ -717,11 +812,11 @@ impl Reference {
             .iter()
             .map(|o| o.name().to_string())
             .collect();
-        let outputs = self.session.run(values).unwrap();
-        names
+        let outputs = self.session.run(values).map_err(|e| e.to_string())?;
+        Ok(names
             .iter()
             .map(|n| from_ort(n, &outputs[n.as_str()]))
-            .collect()
+            .collect())
     }
 }
 

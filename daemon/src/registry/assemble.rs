@@ -76,8 +76,7 @@ impl LoadJob {
             }
             None => (path.to_path_buf(), None),
         };
-        let served = dequantized(&path, settings, name, version);
-        let (bytes, dequantized) = served.unzip();
+        let (bytes, dequantized) = served(&path, settings, name, version);
         // Test hook (ARCHITECTURE.md): RXD_TEST_LOAD_HANG=<model name prefix> makes that
         // model's loads hang here, as a load blocked on a FIFO at its profile path did.
         if self.defaults.hooks.load_hangs(name) {
@@ -218,13 +217,13 @@ impl LoadJob {
             .map(|i| 1u32 << i)
             .filter(|&b| b <= max_rows)
             .collect();
-        // Measured as it will serve: a weights-only file dequantized.
-        let served = dequantized(&build.path, s, &build.name, build.version);
+        // Measured as it will serve: a weights-only file dequantized, division guarded.
+        let (served_bytes, dequantized) = served(&build.path, s, &build.name, build.version);
         // Sessions cost about twice the model each (weights, ORT's copies and arena); they may
         // take half the device's budget, or a quarter of the machine's memory without one.
-        let model_bytes = served.as_ref().map_or_else(
+        let model_bytes = served_bytes.as_ref().map_or_else(
             || std::fs::metadata(&build.path).map_or(0, |m| m.len()),
-            |(b, _)| b.len() as u64,
+            |b| b.len() as u64,
         );
         let session_bytes = 2 * model_bytes;
         let limit = dev.budget.map_or_else(|| physical_memory() / 4, |b| b / 2);
@@ -239,7 +238,7 @@ impl LoadJob {
             dims: s.warmup_dims.as_ref(),
             values: s.warmup_values.as_ref(),
             axes: &axes,
-            dequantized: served.is_some(),
+            dequantized: dequantized.is_some(),
         };
         let cache = super::tune::cache_path(&self.defaults.cache_dir, &build.path, &key).ok();
         let remembered = |path: &std::path::Path| {
@@ -258,7 +257,7 @@ impl LoadJob {
         let no_dims = std::collections::HashMap::new();
         let spec = crate::runtime::TuneSpec {
             path: &build.path,
-            bytes: served.as_ref().map(|(b, _)| b.as_slice()),
+            bytes: served_bytes.as_deref(),
             target: Target {
                 kind: &dev.kind,
                 options: &dev.options,
@@ -305,14 +304,51 @@ impl LoadJob {
     }
 }
 
-/// Dequantize-at-load: when `path` holds a weights-only compressed form (DequantizeLinear of
+/// What a version's sessions are made from: `None` the file at `path` itself, else the
+/// model in memory — dequantized at load ([`dequantized`]) and with its integer division
+/// guarded against the operands that crash ONNX Runtime (`rxd_compress::guard`: any model
+/// whose integer `Div`/`Mod` can see a client's values) — and what dequantizing did.
+fn served(
+    path: &std::path::Path,
+    settings: &ModelSettings,
+    name: &str,
+    version: u64,
+) -> (Option<Vec<u8>>, Option<rxd_protocol::Dequantized>) {
+    // Unreadable: the session's own error says so.
+    let Ok(file) = std::fs::read(path) else {
+        return (None, None);
+    };
+    let (bytes, dequantized) = dequantized(&file, settings, name, version).unzip();
+    let guarded = match rxd_compress::guard::guard_division(bytes.as_deref().unwrap_or(&file)) {
+        Ok((rewritten, g)) => {
+            if g.guarded > 0 {
+                tracing::info!(model = %name, version, "{g}");
+            }
+            if g.unguarded.is_some() {
+                tracing::warn!(
+                    model = %name,
+                    version,
+                    "{g}: a client can crash the daemon through them (see docs/models.md)"
+                );
+            }
+            rewritten
+        }
+        Err(e) => {
+            tracing::debug!(model = %name, version, "division not guarded: {e}");
+            None
+        }
+    };
+    (guarded.or(bytes), dequantized)
+}
+
+/// Dequantize-at-load: when `file` holds a weights-only compressed form (DequantizeLinear of
 /// constant weights in front of float operators) and model.toml does not turn it off
 /// (`dequantize-at-load = false`), the float model it stands for — to make the sessions from
 /// — and what was done; `None`: the file serves as it is (nothing to fold, a model whose
 /// activations are quantized, or the file cannot be read as ONNX: then the session's own
 /// error says so).
 fn dequantized(
-    path: &std::path::Path,
+    file: &[u8],
     settings: &ModelSettings,
     name: &str,
     version: u64,
@@ -320,8 +356,7 @@ fn dequantized(
     if !settings.dequantize_at_load.unwrap_or(true) {
         return None;
     }
-    let file = std::fs::read(path).ok()?;
-    let (bytes, d) = match rxd_compress::dequant::dequantize_bytes(&file) {
+    let (bytes, d) = match rxd_compress::dequant::dequantize_bytes(file) {
         Ok((Some(b), d)) => (b, d),
         Ok((None, d)) => {
             if d.refused.is_some() {

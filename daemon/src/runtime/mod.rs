@@ -263,6 +263,13 @@ impl Runtime {
                 .map_err(Into::into)
             })
             .map_err(|e| sess_err(&e))?;
+        // A model made in memory from the file at `path` finds its external data files (if
+        // any) where the file's would be.
+        if let (Some(_), Some(dir)) = (bytes, path.parent().and_then(Path::to_str)) {
+            builder = builder
+                .with_config_entry("session.model_external_initializers_file_folder_path", dir)
+                .map_err(|e| sess_err(&e))?;
+        }
         if let Some(prefix) = profile {
             builder = builder.with_profiling(prefix).map_err(|e| sess_err(&e))?;
         }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rxd_client::{DType, Tensor};
 use rxd_e2e::*;
 use rxd_protocol::{
-    ErrorCode, InferRequest, ModelRef, Outcome, Reply, Request, RequestFrame, WireError,
+    ErrorCode, InferRequest, ModelRef, Outcome, Reply, Request, RequestFrame, TensorData, WireError,
 };
 
 use crate::common::*;
@@ -601,7 +601,7 @@ fn a_model_removed_and_put_back_serves_again() {
 /// run saw, or the error for an index out of range.
 #[test]
 fn an_index_rewritten_in_the_arena_during_the_run_is_never_used_unchecked() {
-    use rxd_protocol::{ArenaRef, TensorData};
+    use rxd_protocol::ArenaRef;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     let _serial = serial();
@@ -677,6 +677,95 @@ fn an_index_rewritten_in_the_arena_during_the_run_is_never_used_unchecked() {
     );
     drop(c);
 
+    let seen = bystander.stop();
+    assert_unharmed(&mut d, &before, &seen, Duration::from_secs(2), 64 << 20);
+}
+
+/// Integer division of a request's values: ONNX Runtime's `Div`/`Mod` kernels trap on the
+/// type's minimum divided by −1 (SIGFPE: the daemon died with every client's requests). Each
+/// such node is guarded at load; the pair answers what two's complement makes of it (the
+/// minimum for `Div`, 0 for `Mod`), in the main graph and inside an `If` branch alike, and
+/// a zero divisor stays ORT's error.
+#[test]
+fn integer_division_by_minus_one_is_answered_not_fatal() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    let models = [
+        ("div32", division_model("Div", 6, None, false, 17)),
+        ("mod64", division_model("Mod", 7, None, false, 17)),
+        ("branch64", division_model("Div", 7, None, true, 17)),
+    ];
+    for (name, bytes) in &models {
+        repo.write(name, 1, bytes);
+    }
+    let mut d = shared_daemon(repo.path(), "", &[]);
+    let before = before(&d);
+    let bystander = Bystander::start(&d.socket);
+    let mut c = nobody(&d);
+    let int = |dtype: DType, v: &[i64]| -> (DType, Vec<u8>) {
+        match dtype {
+            DType::Int32 => (
+                dtype,
+                v.iter().flat_map(|&x| (x as i32).to_le_bytes()).collect(),
+            ),
+            _ => (dtype, v.iter().flat_map(|&x| x.to_le_bytes()).collect()),
+        }
+    };
+    let cases = [
+        (
+            "div32",
+            DType::Int32,
+            i64::from(i32::MIN),
+            i64::from(i32::MIN),
+        ),
+        ("mod64", DType::Int64, i64::MIN, 0),
+        ("branch64", DType::Int64, i64::MIN, i64::MIN),
+    ];
+    let mut id = 0;
+    for (model, dtype, a, want) in cases {
+        let inputs = |b: i64| {
+            let (_, av) = int(dtype, &[a, 7, -9]);
+            let (_, bv) = int(dtype, &[b, -1, 2]);
+            let mut v = vec![
+                Tensor::inline("a", dtype, vec![3], av),
+                Tensor::inline("b", dtype, vec![3], bv),
+            ];
+            if model.starts_with("branch") {
+                v.push(Tensor::inline("c", DType::Bool, vec![1], vec![1]));
+            }
+            v
+        };
+        id += 1;
+        let Reply::Infer(r) = ok(infer(&mut c, id, model, inputs(-1))) else {
+            panic!("an inference answer")
+        };
+        let TensorData::Inline(b) = &r.outputs[0].data else {
+            panic!("inline")
+        };
+        let got: Vec<i64> = match dtype {
+            DType::Int32 => b
+                .chunks_exact(4)
+                .map(|x| i64::from(i32::from_le_bytes(x.try_into().unwrap())))
+                .collect(),
+            _ => b
+                .chunks_exact(8)
+                .map(|x| i64::from_le_bytes(x.try_into().unwrap()))
+                .collect(),
+        };
+        let rest = if model.starts_with("mod") {
+            [0, 1]
+        } else {
+            [-7, -4]
+        };
+        assert_eq!(got, vec![want, rest[0], rest[1]], "{model}");
+        id += 1;
+        let e = refused(
+            infer(&mut c, id, model, inputs(0)),
+            ErrorCode::InferenceFailed,
+        );
+        assert!(e.message.contains("by zero"), "{model}: {e}");
+    }
+    drop(c);
     let seen = bystander.stop();
     assert_unharmed(&mut d, &before, &seen, Duration::from_secs(2), 64 << 20);
 }

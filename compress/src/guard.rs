@@ -1,0 +1,672 @@
+//! Integer division made safe to serve: ONNX Runtime's CPU kernels for `Div` and `Mod` on
+//! int32/int64 check for a zero divisor but not for the one other case the processor traps
+//! on — the type's minimum divided by −1 — which kills the whole process with SIGFPE. A model
+//! that divides integers computed from a request's values (positions, lengths, indices) lets
+//! any client crash the daemon with two numbers.
+//!
+//! [`guard_division`] rewrites every such node so that a divisor of −1 never reaches the
+//! kernel: `m = (b == −1)`, the node divides by `Where(m, −b, b)`, and `Div`'s result is
+//! `Where(m, −a, a / b')` — what the division means in two's complement (the minimum divided
+//! by −1 wraps to itself, as in NumPy); `Mod` needs no second `Where` (anything mod ±1 is 0).
+//! `m` is computed without a typed constant (`b == Sign(b)` and `b < b − b`), so the same
+//! nodes serve whatever type the divisor has; for float divisors they give the same bits as
+//! the plain node. Every other value gives exactly the result the original node gives.
+//!
+//! A node is left alone when its type is known not to be int32/int64 (floats, where ORT's
+//! fusions should still see a plain `Div`, and the narrow and unsigned types, which do not
+//! trap), or when either operand is a one-element constant that rules the case out (a
+//! divisor other than −1, a dividend other than the minimum: `x / 2` in shape arithmetic).
+//! Types come from the graph's declarations and a forward pass over ONNX's type rules
+//! ([`output_types`]); an operand whose type is not known is guarded. Subgraphs (If, Loop,
+//! Scan bodies) are guarded too, with the types of the names they read from outer scopes.
+//! Model-local functions are not (no model we serve has them; the function's nodes run
+//! as written).
+
+use std::collections::{HashMap, HashSet};
+
+use crate::onnx::{self, Model, graph, node, tensor, value_info};
+use crate::proto::{Error, Message, Value};
+
+/// What [`guard_division`] did to a model.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Guarded {
+    /// The `Div`/`Mod` nodes now guarded (any graph depth).
+    pub guarded: usize,
+    /// Integer (or untyped) `Div`/`Mod` nodes left as they are, with why: the model's
+    /// opset is older than the guard's operators (opset 9: `Sign`, `Where` and integer
+    /// `Less`; 11: `Equal` on floats too, for nodes whose type is not known).
+    pub unguarded: Option<String>,
+}
+
+impl std::fmt::Display for Guarded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} integer Div/Mod node{} guarded against MIN / -1",
+            self.guarded,
+            if self.guarded == 1 { "" } else { "s" }
+        )?;
+        if let Some(why) = &self.unguarded {
+            write!(f, "; not guarded: {why}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The least default-domain opset with the guard's operators for int32/int64 divisors.
+const MIN_OPSET_TYPED: u64 = 9;
+/// The least with them for every numeric type (`Equal` on floats): untyped divisors.
+const MIN_OPSET: u64 = 11;
+
+/// `bytes` with every integer `Div`/`Mod` node guarded (module docs); `None` when no node
+/// needed it (the model serves as it is), with what was found.
+pub fn guard_division(bytes: &[u8]) -> Result<(Option<Vec<u8>>, Guarded), Error> {
+    let mut model = Model::parse(bytes)?;
+    if !has_division(&model.graph)? {
+        return Ok((None, Guarded::default()));
+    }
+    let mut names = HashSet::new();
+    collect_names(&model.graph, &mut names)?;
+    let opset = model.opset("").unwrap_or(0);
+    let mut g = Guard {
+        names,
+        next: 0,
+        count: 0,
+        left: 0,
+        opset,
+    };
+    let changed = g.graph(&mut model.graph, &HashMap::new())?;
+    let mut out = Guarded {
+        guarded: g.count,
+        unguarded: None,
+    };
+    if g.left > 0 {
+        out.unguarded = Some(format!(
+            "{} node{} (opset {opset}; the guard needs {MIN_OPSET_TYPED}, or {MIN_OPSET} \
+             where the type is not known)",
+            g.left,
+            if g.left == 1 { "" } else { "s" }
+        ));
+    }
+    Ok((changed.then(|| model.encode()), out))
+}
+
+/// Whether any node of `g` or its subgraphs is a default-domain `Div` or `Mod`.
+fn has_division(g: &Message) -> Result<bool, Error> {
+    let nodes = g.messages(graph::NODE)?;
+    let nested = onnx::nested_nodes(&nodes)?;
+    Ok(nodes.iter().chain(&nested).any(is_division))
+}
+
+fn is_division(n: &Message) -> bool {
+    let domain = n.string(node::DOMAIN);
+    (domain.is_empty() || domain == "ai.onnx")
+        && matches!(onnx::op_type(n).as_str(), "Div" | "Mod")
+        && onnx::inputs(n).len() == 2
+        && onnx::outputs(n).len() == 1
+}
+
+/// Every name `g` and its subgraphs define or read: new names must differ from all of them.
+fn collect_names(g: &Message, names: &mut HashSet<String>) -> Result<(), Error> {
+    for t in g.messages(graph::INITIALIZER)? {
+        names.insert(onnx::name_of(&t));
+    }
+    for field in [graph::INPUT, graph::OUTPUT, VALUE_INFO] {
+        for v in g.messages(field)? {
+            names.insert(v.string(value_info::NAME));
+        }
+    }
+    for n in g.messages(graph::NODE)? {
+        names.extend(onnx::inputs(&n));
+        names.extend(onnx::outputs(&n));
+        for a in n.messages(node::ATTRIBUTE)? {
+            for field in [onnx::attr::G, onnx::attr::GRAPHS] {
+                for sub in a.messages(field)? {
+                    collect_names(&sub, names)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// GraphProto.value_info: declared types of intermediate values.
+const VALUE_INFO: u32 = 13;
+
+struct Guard {
+    names: HashSet<String>,
+    next: usize,
+    count: usize,
+    /// Nodes that needed a guard the model's opset has no operators for.
+    left: usize,
+    opset: u64,
+}
+
+/// ValueInfoProto.type → TypeProto.tensor_type → elem_type.
+fn declared_type(vi: &Message) -> Option<u64> {
+    vi.message(2).ok()??.message(1).ok()??.varint(1)
+}
+
+/// A one-element integer constant's value, by name: initializers (unless a graph input of
+/// the same name can override them) and `Constant` nodes.
+type Consts = HashMap<String, i64>;
+
+impl Guard {
+    fn fresh(&mut self, base: &str) -> String {
+        loop {
+            let n = format!("{base}/rxd_guard_{}", self.next);
+            self.next += 1;
+            if self.names.insert(n.clone()) {
+                return n;
+            }
+        }
+    }
+
+    /// Guards the division nodes of `g` (and its subgraphs), `outer`: the types of the names
+    /// it may read from enclosing graphs. True when anything changed.
+    fn graph(&mut self, g: &mut Message, outer: &HashMap<String, u64>) -> Result<bool, Error> {
+        let mut types = outer.clone();
+        let mut consts = Consts::new();
+        let inputs: HashSet<String> = g
+            .messages(graph::INPUT)?
+            .iter()
+            .map(|v| v.string(value_info::NAME))
+            .collect();
+        for t in g.messages(graph::INITIALIZER)? {
+            let name = onnx::name_of(&t);
+            if let Some(ty) = t.varint(tensor::DATA_TYPE) {
+                types.insert(name.clone(), ty);
+            }
+            if !inputs.contains(&name)
+                && let Some(v) = onnx::int_scalar(&t)?
+            {
+                consts.insert(name, v);
+            }
+        }
+        // Declared types: ONNX Runtime checks them against its own inference, so they hold.
+        let mut declared = HashMap::new();
+        for field in [graph::INPUT, graph::OUTPUT, VALUE_INFO] {
+            for v in g.messages(field)? {
+                if let Some(ty) = declared_type(&v) {
+                    declared.insert(v.string(value_info::NAME), ty);
+                }
+            }
+        }
+        for (k, v) in &declared {
+            types.insert(k.clone(), *v);
+        }
+        let mut nodes = g.messages(graph::NODE)?;
+        let mut out = Vec::with_capacity(nodes.len());
+        let mut changed = false;
+        for mut n in nodes.drain(..) {
+            if onnx::has_subgraph(&n)? {
+                let scope = types.clone();
+                changed |= onnx::map_subgraphs(&mut n, &mut |sub| self.graph(sub, &scope))?;
+            }
+            let outs = onnx::outputs(&n);
+            for (o, t) in outs.iter().zip(output_types(&n, &types)?) {
+                match (declared.get(o), t) {
+                    (Some(&d), _) => {
+                        types.insert(o.clone(), d);
+                    }
+                    (None, Some(t)) => {
+                        types.insert(o.clone(), t);
+                    }
+                    (None, None) => {
+                        types.remove(o);
+                    }
+                }
+            }
+            if onnx::op_type(&n) == "Constant"
+                && let Some(o) = outs.first()
+            {
+                let v = match onnx::tensor_attr(&n, "value")? {
+                    Some(t) => onnx::int_scalar(&t)?,
+                    None => onnx::int_attr(&n, "value_int")?,
+                };
+                if let Some(v) = v {
+                    consts.insert(o.clone(), v);
+                }
+            }
+            if let Some(typed) = is_division(&n)
+                .then(|| needs_guard(&n, &types, &consts))
+                .flatten()
+            {
+                let min = if typed { MIN_OPSET_TYPED } else { MIN_OPSET };
+                if self.opset >= min {
+                    out.extend(self.rewrite(n));
+                    self.count += 1;
+                    changed = true;
+                    continue;
+                }
+                self.left += 1;
+            }
+            out.push(n);
+        }
+        if changed {
+            g.replace(
+                graph::NODE,
+                out.iter().map(|n| Value::Bytes(n.encode())).collect(),
+            );
+        }
+        Ok(changed)
+    }
+}
+
+/// Whether division node `n` can trap, and if so whether its type is known (int32/int64:
+/// `Some(true)`) or not (`Some(false)`); `None`: it cannot.
+fn needs_guard(n: &Message, types: &HashMap<String, u64>, consts: &Consts) -> Option<bool> {
+    let ins = onnx::inputs(n);
+    let (a, b) = (&ins[0], &ins[1]);
+    // Both operands of Div/Mod have one type: either's tells.
+    let ty = types.get(a).or_else(|| types.get(b)).copied();
+    let min = match ty {
+        Some(tensor::INT32) => i64::from(i32::MIN),
+        Some(tensor::INT64) | None => i64::MIN,
+        Some(_) => return None,
+    };
+    // A constant operand that rules the one trapping pair out (for an untyped node,
+    // a divisor other than −1 or a dividend that is neither minimum).
+    if consts.get(b).is_some_and(|&d| d != -1) {
+        return None;
+    }
+    if let Some(&x) = consts.get(a) {
+        let could_trap = x == min || (ty.is_none() && x == i64::from(i32::MIN));
+        if !could_trap {
+            return None;
+        }
+    }
+    Some(ty.is_some())
+}
+
+impl Guard {
+    /// The nodes that replace division node `n` (module docs).
+    fn rewrite(&mut self, n: Message) -> Vec<Message> {
+        let ins = onnx::inputs(&n);
+        let (a, b) = (ins[0].as_str(), ins[1].as_str());
+        let y = onnx::outputs(&n).remove(0);
+        let base = if y.is_empty() { "div" } else { y.as_str() };
+        let [sign, same, zero, below, m, neg_b, safe_b] = [
+            "sign",
+            "same",
+            "zero",
+            "below",
+            "minus_one",
+            "neg_b",
+            "safe_b",
+        ]
+        .map(|s| self.fresh(&format!("{base}/{s}")));
+        let node =
+            |op: &str, ins: &[&str], out: &str| onnx::make_node(op, "", "", ins, &[out], &[]);
+        let mut nodes = vec![
+            node("Sign", &[b], &sign),
+            node("Equal", &[b, &sign], &same),
+            node("Sub", &[b, b], &zero),
+            node("Less", &[b, &zero], &below),
+            node("And", &[&same, &below], &m),
+            node("Neg", &[b], &neg_b),
+            node("Where", &[&m, &neg_b, b], &safe_b),
+        ];
+        let mut div = n;
+        onnx::set_inputs(&mut div, [a.to_string(), safe_b]);
+        if onnx::op_type(&div) == "Mod" {
+            // a mod ±1 is 0 (fmod: ±0 with a's sign, the same for either divisor).
+            nodes.push(div);
+            return nodes;
+        }
+        let (q, neg_a) = (
+            self.fresh(&format!("{base}/q")),
+            self.fresh(&format!("{base}/neg_a")),
+        );
+        div.replace(node::OUTPUT, vec![Value::Bytes(q.clone().into_bytes())]);
+        nodes.push(div);
+        nodes.push(node("Neg", &[a], &neg_a));
+        nodes.push(node("Where", &[&m, &neg_a, &q], &y));
+        nodes
+    }
+}
+
+/// ONNX operators whose outputs have types other than their first input's, by output:
+/// `Some(t)` fixed, `None` not known from the inputs alone (the value is treated as untyped).
+fn output_types(n: &Message, types: &HashMap<String, u64>) -> Result<Vec<Option<u64>>, Error> {
+    use tensor::{BOOL, FLOAT, INT32, INT64, UINT8};
+    let ins = onnx::inputs(n);
+    let outs = onnx::outputs(n);
+    let of = |i: usize| ins.get(i).and_then(|x| types.get(x)).copied();
+    let all = |t: Option<u64>| vec![t; outs.len()];
+    let first_then = |rest: Option<u64>| {
+        let mut v = vec![rest; outs.len()];
+        if let Some(f) = v.first_mut() {
+            *f = of(0);
+        }
+        v
+    };
+    let domain = n.string(node::DOMAIN);
+    if !(domain.is_empty() || domain == "ai.onnx") {
+        return Ok(all(None));
+    }
+    let dtype_attr = |default: Option<u64>| -> Result<Option<u64>, Error> {
+        Ok(onnx::int_attr(n, "dtype")?.map(|t| t as u64).or(default))
+    };
+    Ok(match onnx::op_type(n).as_str() {
+        "Constant" => {
+            let attrs = n.messages(node::ATTRIBUTE)?;
+            all(attrs
+                .iter()
+                .find_map(|a| match a.string(onnx::attr::NAME).as_str() {
+                    "value" => a
+                        .message(onnx::attr::T)
+                        .ok()
+                        .flatten()
+                        .and_then(|t| t.varint(tensor::DATA_TYPE)),
+                    "value_float" | "value_floats" => Some(FLOAT),
+                    "value_int" | "value_ints" => Some(INT64),
+                    _ => None,
+                }))
+        }
+        "Cast" => all(onnx::int_attr(n, "to")?.map(|t| t as u64)),
+        "CastLike" => all(of(1)),
+        "ConstantOfShape" => all(Some(
+            onnx::tensor_attr(n, "value")?
+                .and_then(|t| t.varint(tensor::DATA_TYPE))
+                .unwrap_or(FLOAT),
+        )),
+        "Shape" | "Size" | "NonZero" | "ArgMax" | "ArgMin" | "NonMaxSuppression"
+        | "SequenceLength" => all(Some(INT64)),
+        "TopK" | "MaxPool" => first_then(Some(INT64)),
+        "Unique" => first_then(Some(INT64)),
+        "Dropout" => first_then(Some(BOOL)),
+        "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "Not" | "And" | "Or"
+        | "Xor" | "IsNaN" | "IsInf" | "RegexFullMatch" => all(Some(BOOL)),
+        "MatMulInteger" | "ConvInteger" => all(Some(INT32)),
+        "QuantizeLinear" => all(Some(of(2).unwrap_or(UINT8))),
+        "DynamicQuantizeLinear" => vec![Some(UINT8), Some(FLOAT), Some(UINT8)],
+        "QLinearConv" => all(of(7)),
+        "QLinearMatMul" => all(of(7)),
+        "DequantizeLinear" => all(of(1)),
+        "Where" => all(of(1).or(of(2))),
+        "OneHot" => all(of(2)),
+        "Multinomial" => all(dtype_attr(Some(INT32))?),
+        "RandomNormal" | "RandomUniform" | "Bernoulli" => all(dtype_attr(Some(FLOAT))?),
+        "RandomNormalLike" | "RandomUniformLike" | "EyeLike" => all(dtype_attr(of(0))?),
+        "HannWindow" | "HammingWindow" | "BlackmanWindow" | "MelWeightMatrix" => {
+            all(onnx::int_attr(n, "output_datatype")?
+                .map(|t| t as u64)
+                .or(Some(FLOAT)))
+        }
+        "ImageDecoder" => all(Some(UINT8)),
+        "TfIdfVectorizer" => all(Some(FLOAT)),
+        // Control flow, sequences, optionals, strings: not followed (untyped unless declared).
+        "If" | "Loop" | "Scan" | "SequenceAt" | "SequenceConstruct" | "SequenceEmpty"
+        | "SequenceErase" | "SequenceInsert" | "SequenceMap" | "SplitToSequence"
+        | "ConcatFromSequence" | "Optional" | "OptionalGetElement" | "OptionalHasElement"
+        | "StringNormalizer" | "StringConcat" | "StringSplit" => all(None),
+        // Everything else: the type of its first typed input (elementwise arithmetic, shape
+        // and layout operators, reductions, convolutions, normalizations, Range, Gather…).
+        _ => all(ins.iter().find_map(|x| types.get(x)).copied()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vi(name: &str, ty: u64) -> Message {
+        let mut tt = Message::default();
+        tt.push(1, Value::Varint(ty));
+        let mut t = Message::default();
+        t.push_message(1, &tt);
+        let mut v = Message::default();
+        v.push_str(value_info::NAME, name);
+        v.push_message(2, &t);
+        v
+    }
+
+    fn model(nodes: &[Message], inputs: &[(&str, u64)], inits: &[Message], opset: u64) -> Vec<u8> {
+        let mut g = Message::default();
+        for n in nodes {
+            g.push_message(graph::NODE, n);
+        }
+        for t in inits {
+            g.push_message(graph::INITIALIZER, t);
+        }
+        for (name, ty) in inputs {
+            g.push_message(graph::INPUT, &vi(name, *ty));
+        }
+        let mut m = Message::default();
+        m.push(onnx::model::IR_VERSION, Value::Varint(8));
+        let mut o = Message::default();
+        o.push_str(onnx::opset::DOMAIN, "");
+        o.push(onnx::opset::VERSION, Value::Varint(opset));
+        m.push_message(onnx::model::OPSET_IMPORT, &o);
+        m.push_message(onnx::model::GRAPH, &g);
+        m.encode()
+    }
+
+    fn op(op: &str, ins: &[&str], out: &str) -> Message {
+        onnx::make_node(op, "", "", ins, &[out], &[])
+    }
+
+    fn ops_of(bytes: &[u8]) -> Vec<String> {
+        let m = Model::parse(bytes).unwrap();
+        m.graph
+            .messages(graph::NODE)
+            .unwrap()
+            .iter()
+            .map(onnx::op_type)
+            .collect()
+    }
+
+    fn scalar(name: &str, ty: u64, v: i64) -> Message {
+        let raw = match ty {
+            tensor::INT32 => (v as i32).to_le_bytes().to_vec(),
+            _ => v.to_le_bytes().to_vec(),
+        };
+        onnx::make_tensor(name, &[], ty, raw)
+    }
+
+    #[test]
+    fn integer_division_of_inputs_is_guarded_and_keeps_its_output_name() {
+        for ty in [tensor::INT32, tensor::INT64] {
+            let bytes = model(
+                &[op("Div", &["a", "b"], "y")],
+                &[("a", ty), ("b", ty)],
+                &[],
+                17,
+            );
+            let (out, g) = guard_division(&bytes).unwrap();
+            let out = out.expect("rewritten");
+            assert_eq!(g.guarded, 1);
+            assert_eq!(g.unguarded, None);
+            let m = Model::parse(&out).unwrap();
+            let nodes = m.graph.messages(graph::NODE).unwrap();
+            let last = nodes.last().unwrap();
+            assert_eq!(onnx::op_type(last), "Where");
+            assert_eq!(onnx::outputs(last), vec!["y".to_string()]);
+            let div = nodes.iter().find(|n| onnx::op_type(n) == "Div").unwrap();
+            assert_eq!(onnx::inputs(div)[0], "a");
+            assert_ne!(onnx::inputs(div)[1], "b", "the divisor is replaced");
+            // Every name is defined once.
+            let mut seen = HashSet::new();
+            for n in &nodes {
+                for o in onnx::outputs(n) {
+                    assert!(seen.insert(o.clone()), "{o} defined twice");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mod_divides_by_the_safe_divisor_and_needs_no_second_where() {
+        let bytes = model(
+            &[op("Mod", &["a", "b"], "y")],
+            &[("a", tensor::INT64), ("b", tensor::INT64)],
+            &[],
+            17,
+        );
+        let out = guard_division(&bytes).unwrap().0.unwrap();
+        let ops = ops_of(&out);
+        assert_eq!(ops.last().map(String::as_str), Some("Mod"));
+        assert_eq!(ops.iter().filter(|o| *o == "Where").count(), 1);
+    }
+
+    #[test]
+    fn float_narrow_and_unsigned_divisions_are_left_alone() {
+        for ty in [
+            tensor::FLOAT,
+            tensor::FLOAT16,
+            tensor::INT8,
+            tensor::INT16,
+            tensor::UINT32,
+            tensor::UINT64,
+        ] {
+            let bytes = model(
+                &[op("Div", &["a", "b"], "y")],
+                &[("a", ty), ("b", ty)],
+                &[],
+                17,
+            );
+            let (out, g) = guard_division(&bytes).unwrap();
+            assert!(out.is_none(), "type {ty}");
+            assert_eq!(g.guarded, 0);
+        }
+        // Typed through the graph: Shape gives int64, Cast to float gives float.
+        let bytes = model(
+            &[
+                op("Shape", &["x"], "s"),
+                op("Div", &["s", "s"], "q"),
+                onnx::make_node("Cast", "", "", &["s"], &["f"], &[("to", 1)]),
+                op("Div", &["f", "f"], "r"),
+            ],
+            &[("x", tensor::FLOAT)],
+            &[],
+            17,
+        );
+        let (out, g) = guard_division(&bytes).unwrap();
+        assert!(out.is_some());
+        assert_eq!(g.guarded, 1, "the int64 Div, not the float one");
+    }
+
+    #[test]
+    fn a_constant_operand_that_rules_the_trap_out_needs_no_guard() {
+        let run = |div_by: i64, dividend: Option<i64>| {
+            let mut inits = vec![scalar("c", tensor::INT64, div_by)];
+            let a = match dividend {
+                Some(v) => {
+                    inits.push(scalar("k", tensor::INT64, v));
+                    "k"
+                }
+                None => "a",
+            };
+            let bytes = model(
+                &[op("Div", &[a, "c"], "y"), op("Div", &["a", "y"], "z")],
+                &[("a", tensor::INT64)],
+                &inits,
+                17,
+            );
+            guard_division(&bytes).unwrap().1.guarded
+        };
+        // y = a / 2 is safe; z = a / y is not (y may be -1).
+        assert_eq!(run(2, None), 1);
+        assert_eq!(run(-1, None), 2, "a divisor of -1 can trap");
+        assert_eq!(run(-1, Some(5)), 1, "5 / -1 cannot");
+        assert_eq!(run(-1, Some(i64::MIN)), 2);
+    }
+
+    #[test]
+    fn an_initializer_a_client_can_override_is_not_a_constant() {
+        let bytes = model(
+            &[op("Div", &["a", "c"], "y")],
+            &[("a", tensor::INT64), ("c", tensor::INT64)],
+            &[scalar("c", tensor::INT64, 2)],
+            17,
+        );
+        assert_eq!(guard_division(&bytes).unwrap().1.guarded, 1);
+    }
+
+    #[test]
+    fn untyped_divisions_are_guarded() {
+        // A custom-domain op's output has no known type.
+        let custom = onnx::make_node("Mystery", "com.example", "", &["x"], &["u"], &[]);
+        let bytes = model(
+            &[custom, op("Div", &["u", "u"], "y")],
+            &[("x", tensor::FLOAT)],
+            &[],
+            17,
+        );
+        assert_eq!(guard_division(&bytes).unwrap().1.guarded, 1);
+    }
+
+    #[test]
+    fn subgraphs_are_guarded_with_outer_types() {
+        let mut body = Message::default();
+        body.push_message(graph::NODE, &op("Div", &["a", "b"], "q"));
+        body.push_message(graph::OUTPUT, &vi("q", tensor::INT64));
+        let mut other = Message::default();
+        other.push_message(graph::NODE, &op("Identity", &["a"], "q2"));
+        other.push_message(graph::OUTPUT, &vi("q2", tensor::INT64));
+        let mut iff = op("If", &["c"], "y");
+        for (name, g) in [("then_branch", &body), ("else_branch", &other)] {
+            let mut a = Message::default();
+            a.push_str(onnx::attr::NAME, name);
+            a.push_message(onnx::attr::G, g);
+            a.push(onnx::attr::TYPE, Value::Varint(5));
+            iff.push_message(node::ATTRIBUTE, &a);
+        }
+        let bytes = model(
+            &[iff],
+            &[
+                ("a", tensor::INT64),
+                ("b", tensor::INT64),
+                ("c", tensor::BOOL),
+            ],
+            &[],
+            17,
+        );
+        let (out, g) = guard_division(&bytes).unwrap();
+        assert_eq!(g.guarded, 1);
+        let m = Model::parse(&out.unwrap()).unwrap();
+        let inner = onnx::nested_nodes(&m.graph.messages(graph::NODE).unwrap()).unwrap();
+        assert!(inner.iter().any(|n| onnx::op_type(n) == "Sign"));
+        assert_eq!(
+            inner.iter().filter(|n| onnx::op_type(n) == "Div").count(),
+            1
+        );
+    }
+
+    #[test]
+    fn an_old_opset_guards_what_its_operators_allow_and_reports_the_rest() {
+        let custom = onnx::make_node("Mystery", "com.example", "", &["x"], &["u"], &[]);
+        let nodes = [
+            op("Div", &["a", "b"], "y"),
+            custom,
+            op("Div", &["u", "u"], "z"),
+        ];
+        let inputs = [
+            ("a", tensor::INT64),
+            ("b", tensor::INT64),
+            ("x", tensor::FLOAT),
+        ];
+        // Opset 10: the typed node is guarded, the untyped one is not (no float Equal).
+        let (out, g) = guard_division(&model(&nodes, &inputs, &[], 10)).unwrap();
+        assert!(out.is_some());
+        assert_eq!(g.guarded, 1);
+        assert!(g.unguarded.unwrap().starts_with("1 node (opset 10"));
+        // Opset 8: neither.
+        let (out, g) = guard_division(&model(&nodes, &inputs, &[], 8)).unwrap();
+        assert!(out.is_none());
+        assert_eq!(g.guarded, 0);
+        assert!(g.unguarded.unwrap().starts_with("2 nodes (opset 8"));
+    }
+
+    #[test]
+    fn a_model_without_division_is_untouched() {
+        let bytes = model(
+            &[op("Add", &["a", "a"], "y")],
+            &[("a", tensor::INT64)],
+            &[],
+            17,
+        );
+        assert_eq!(guard_division(&bytes).unwrap(), (None, Guarded::default()));
+    }
+}

@@ -1,0 +1,226 @@
+//! Integer division guarded at load (`rxd_compress::guard`): ONNX Runtime's `Div`/`Mod`
+//! kernels trap (SIGFPE, the process dies) on the type's minimum divided by −1. The guarded
+//! graph answers exactly as ONNX Runtime answers the original on every operand pair that does
+//! not trap — over wide data of both integer types, both operators, both `fmod` modes,
+//! broadcast divisors and a division inside an `If` branch — gives the two's-complement
+//! result on the pairs that do, fails as the original fails on a zero divisor, and leaves the
+//! real models' (float) arithmetic untouched.
+
+use rxd_compress::guard::guard_division;
+use rxd_compress::onnx::{self, Model, graph};
+use rxd_e2e::{Reference, division_model, model_file};
+use rxd_protocol::{DType, Tensor};
+
+const INT32: u64 = 6;
+const INT64: u64 = 7;
+
+fn xorshift(s: &mut u64) -> u64 {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    *s
+}
+
+/// `n` operands of a type of `bits` bits: its edges, small numbers, and pseudo-random ones
+/// over the whole range and over ±1000, in a shuffled order.
+fn operands(n: usize, bits: u32, seed: u64) -> Vec<i64> {
+    let (min, max) = (
+        -(1i128 << (bits - 1)) as i64,
+        ((1i128 << (bits - 1)) - 1) as i64,
+    );
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let edges = [min, min + 1, min + 2, -2, -1, 0, 1, 2, max - 1, max];
+    (0..n)
+        .map(|i| match i % 4 {
+            0 => edges[(xorshift(&mut s) % edges.len() as u64) as usize],
+            1 => (xorshift(&mut s) % 41) as i64 - 20,
+            2 => (xorshift(&mut s) % 2001) as i64 - 1000,
+            _ => {
+                let v = xorshift(&mut s) as i64;
+                if bits == 32 { i64::from(v as i32) } else { v }
+            }
+        })
+        .collect()
+}
+
+fn tensor(name: &str, elem: u64, values: &[i64]) -> Tensor {
+    let (dtype, bytes): (DType, Vec<u8>) = match elem {
+        INT32 => (
+            DType::Int32,
+            values
+                .iter()
+                .flat_map(|&v| (v as i32).to_le_bytes())
+                .collect(),
+        ),
+        _ => (
+            DType::Int64,
+            values.iter().flat_map(|&v| v.to_le_bytes()).collect(),
+        ),
+    };
+    Tensor::inline(name, dtype, vec![values.len() as u64], bytes)
+}
+
+fn values(t: &Tensor) -> Vec<i64> {
+    let bytes = rxd_client::tensor::bytes(t).unwrap();
+    match t.dtype {
+        DType::Int32 => bytes
+            .chunks_exact(4)
+            .map(|c| i64::from(i32::from_le_bytes(c.try_into().unwrap())))
+            .collect(),
+        _ => bytes
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+    }
+}
+
+struct Case {
+    op: &'static str,
+    elem: u64,
+    fmod: Option<i64>,
+    in_branch: bool,
+    opset: u64,
+}
+
+impl Case {
+    fn inputs(&self, a: &[i64], b: &[i64]) -> Vec<Tensor> {
+        let mut v = vec![tensor("a", self.elem, a), tensor("b", self.elem, b)];
+        if self.in_branch {
+            v.push(Tensor::inline("c", DType::Bool, vec![1], vec![1]));
+        }
+        v
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let mut out = Vec::new();
+    for elem in [INT32, INT64] {
+        for (op, fmod) in [("Div", None), ("Mod", None), ("Mod", Some(1))] {
+            for in_branch in [false, true] {
+                out.push(Case {
+                    op,
+                    elem,
+                    fmod,
+                    in_branch,
+                    opset: 17,
+                });
+            }
+        }
+        // The oldest opset the guard writes for a typed divisor (Mod came in opset 10).
+        for (op, opset) in [("Div", 9), ("Mod", 10)] {
+            out.push(Case {
+                op,
+                elem,
+                fmod: None,
+                in_branch: false,
+                opset,
+            });
+        }
+    }
+    out
+}
+
+#[test]
+fn guarded_integer_division_answers_as_onnx_runtime_and_never_traps() {
+    for (k, case) in cases().iter().enumerate() {
+        let what = format!(
+            "{} fmod={:?} int{} in_branch={} opset {}",
+            case.op,
+            case.fmod,
+            if case.elem == INT32 { 32 } else { 64 },
+            case.in_branch,
+            case.opset
+        );
+        let bits = if case.elem == INT32 { 32 } else { 64 };
+        let min = -(1i128 << (bits - 1)) as i64;
+        let model = division_model(case.op, case.elem, case.fmod, case.in_branch, case.opset);
+        let (guarded, report) = guard_division(&model).unwrap();
+        assert_eq!(report.guarded, 1, "{what}");
+        let mut original = Reference::from_bytes(&model);
+        let mut safe = Reference::from_bytes(&guarded.expect("rewritten"));
+        for (round, seed) in [11u64, 12, 13].into_iter().enumerate() {
+            let n = 4096;
+            let a = operands(n, bits, seed + 100 * k as u64);
+            // Element-wise and broadcast divisors (one value, -1 in the last round).
+            let mut b: Vec<i64> = match round {
+                0 => operands(n, bits, seed * 7 + k as u64),
+                1 => vec![operands(3, bits, seed)[2]],
+                _ => vec![-1],
+            };
+            for d in &mut b {
+                if *d == 0 {
+                    *d = 7;
+                }
+            }
+            let divisor = |i: usize| if b.len() == 1 { b[0] } else { b[i] };
+            let traps: Vec<bool> = (0..n).map(|i| a[i] == min && divisor(i) == -1).collect();
+            assert!(
+                round == 1 || traps.iter().any(|&t| t),
+                "{what}: the data holds trapping pairs"
+            );
+            // The original may only see the pairs that do not trap.
+            let tame: Vec<i64> = (0..n).map(|i| if traps[i] { 5 } else { a[i] }).collect();
+            let want = values(&original.run(&case.inputs(&tame, &b))[0]);
+            let got = values(&safe.run(&case.inputs(&a, &b))[0]);
+            assert_eq!(got.len(), n, "{what}");
+            for i in 0..n {
+                let expect = match (traps[i], case.op) {
+                    (true, "Div") => min, // wraps to itself
+                    (true, _) => 0,
+                    (false, _) => want[i],
+                };
+                assert_eq!(
+                    got[i],
+                    expect,
+                    "{what}: {} op {} (element {i})",
+                    a[i],
+                    divisor(i)
+                );
+            }
+        }
+        // A zero divisor fails the run, guarded or not.
+        let a = operands(64, bits, 5);
+        let mut b = operands(64, bits, 6);
+        b[17] = 0;
+        for d in &mut b {
+            if *d == -1 {
+                *d = 3;
+            }
+        }
+        let e1 = original.try_run(&case.inputs(&a, &b)).unwrap_err();
+        let e2 = safe.try_run(&case.inputs(&a, &b)).unwrap_err();
+        for e in [&e1, &e2] {
+            assert!(e.contains("by zero"), "{what}: {e}");
+        }
+    }
+}
+
+/// The real models keep every node: their divisions are float (ORT's fusions still see
+/// them), so no model we serve pays for the guard.
+#[test]
+fn the_real_models_float_division_is_left_as_it_is() {
+    let mut divisions = 0;
+    for name in [
+        "sigmoid",
+        "mul_1",
+        "ppocr_cls",
+        "ppocr_det",
+        "ppocr_rec",
+        "silero_vad",
+        "yolov8n",
+        "digits",
+    ] {
+        let bytes = std::fs::read(model_file(name)).unwrap();
+        let m = Model::parse(&bytes).unwrap();
+        let mut nodes = m.graph.messages(graph::NODE).unwrap();
+        nodes.extend(onnx::nested_nodes(&nodes).unwrap());
+        divisions += nodes
+            .iter()
+            .filter(|n| matches!(onnx::op_type(n).as_str(), "Div" | "Mod"))
+            .count();
+        let (out, g) = guard_division(&bytes).unwrap();
+        assert!(out.is_none(), "{name}: {g}");
+        assert_eq!(g.guarded, 0, "{name}");
+    }
+    assert!(divisions > 50, "the models divide ({divisions} nodes)");
+}
