@@ -335,24 +335,31 @@ impl Registry {
                 return Err(self.fail(&mut models, ticket, Failure::Broken, e.to_string()));
             }
         };
-        // Weights are resident at least once, even when freed pages were reused; and a reload
-        // after an eviction partly reuses pages the allocator kept from the last time, so it
-        // reads low: a version is accounted at the largest footprint measured for it.
-        let known = self
-            .read()
-            .get(name)
-            .and_then(|m| m.versions.get(&version))
-            .and_then(|v| v.known);
+        // Weights are resident at least once, even when freed pages were reused; and a load
+        // partly reuses pages the allocator kept from models it freed (a reload after an
+        // eviction, or another version of the same file), so it reads low: a version is
+        // accounted at the largest footprint measured for it or for its file — what
+        // admission counted on. (A peer loading copies of a model in turn once had each
+        // measured at a fifth of its size, and more of them resident than the budget holds.)
+        let real = std::fs::canonicalize(&ticket.path).ok();
         // A weights-only file dequantized at load holds its float weights: at least those.
         let weights = loaded
             .dequantized
             .as_ref()
             .map_or(ticket.file_bytes, |d| d.served_bytes);
-        let measured = grew.max(weights).max(known.unwrap_or(0));
 
         // Final accounting.
         let mut models = self.write();
         let mut b = self.lock_budget();
+        let known = models
+            .get(name)
+            .and_then(|m| m.versions.get(&version))
+            .and_then(|v| v.known);
+        let of_file = real.as_ref().and_then(|r| b.files.get(r).copied());
+        let measured = grew
+            .max(weights)
+            .max(known.unwrap_or(0))
+            .max(of_file.unwrap_or(0));
         let busy = self.unevictable(&models, &mut b, spare_recent);
         let dev = b.budget.device_index(&loaded.device);
         match self.place(&mut b, &key, dev, measured, &busy) {
@@ -366,7 +373,7 @@ impl Registry {
                 if on_cpu {
                     // Of the model as served: a dequantized file's float size, not its own.
                     b.estimator.learn(weights, measured);
-                    if let Ok(real) = std::fs::canonicalize(&ticket.path) {
+                    if let Some(real) = real {
                         b.files.insert(real, measured);
                     }
                 }
