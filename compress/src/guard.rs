@@ -61,10 +61,22 @@ const MIN_OPSET: u64 = 11;
 /// `bytes` with every integer `Div`/`Mod` node guarded (module docs); `None` when no node
 /// needed it (the model serves as it is), with what was found.
 pub fn guard_division(bytes: &[u8]) -> Result<(Option<Vec<u8>>, Guarded), Error> {
-    let mut model = Model::parse(bytes)?;
-    if !has_division(&model.graph)? {
+    // Every model a daemon loads comes here: it is looked at in outline (no copy of its
+    // weights), and parsed whole only when a node needs the guard.
+    let outline = Model::parse_outline(bytes)?;
+    if !has_division(&outline.graph)? {
         return Ok((None, Guarded::default()));
     }
+    let (changed, found, _) = guard_model(outline)?;
+    if !changed {
+        return Ok((None, found));
+    }
+    let (_, _, guarded) = guard_model(Model::parse(bytes)?)?;
+    Ok((Some(guarded.encode()), found))
+}
+
+/// [`guard_division`] on a parsed model: whether it changed, what was found, and the model.
+fn guard_model(mut model: Model) -> Result<(bool, Guarded, Model), Error> {
     let mut names = HashSet::new();
     collect_names(&model.graph, &mut names)?;
     let opset = model.opset("").unwrap_or(0);
@@ -88,7 +100,7 @@ pub fn guard_division(bytes: &[u8]) -> Result<(Option<Vec<u8>>, Guarded), Error>
             if g.left == 1 { "" } else { "s" }
         ));
     }
-    Ok((changed.then(|| model.encode()), out))
+    Ok((changed, out, model))
 }
 
 /// Whether any node of `g` or its subgraphs is a default-domain `Div` or `Mod`.
@@ -657,6 +669,37 @@ mod tests {
         assert!(out.is_none());
         assert_eq!(g.guarded, 0);
         assert!(g.unguarded.unwrap().starts_with("2 nodes (opset 8"));
+    }
+
+    #[test]
+    fn the_outline_leaves_weights_out_and_keeps_what_the_guard_reads() {
+        let weights = onnx::make_tensor("w", &[1 << 18], tensor::FLOAT, vec![0; 1 << 20]);
+        let nodes = [
+            op("MatMul", &["x", "w"], "m"),
+            op("Div", &["a", "two"], "h"),
+            op("Div", &["a", "h"], "y"),
+        ];
+        let bytes = model(
+            &nodes,
+            &[("x", tensor::FLOAT), ("a", tensor::INT64)],
+            &[weights, scalar("two", tensor::INT64, 2)],
+            17,
+        );
+        let outline = Model::parse_outline(&bytes).unwrap();
+        assert!(outline.encode().len() < 1024, "{}", outline.encode().len());
+        assert_eq!(
+            onnx::int_scalar(&outline.graph.messages(graph::INITIALIZER).unwrap()[1]).unwrap(),
+            Some(2)
+        );
+        let (out, g) = guard_division(&bytes).unwrap();
+        assert_eq!(g.guarded, 1, "a / 2 needs none, a / h does");
+        let whole = Model::parse(&out.unwrap()).unwrap();
+        let w = &whole.graph.messages(graph::INITIALIZER).unwrap()[0];
+        assert_eq!(
+            w.bytes(tensor::RAW_DATA).map(<[u8]>::len),
+            Some(1 << 20),
+            "weights kept"
+        );
     }
 
     #[test]

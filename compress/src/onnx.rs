@@ -34,6 +34,7 @@ pub mod attr {
     pub const T: u32 = 5;
     pub const G: u32 = 6;
     pub const GRAPHS: u32 = 11;
+    pub const TENSORS: u32 = 10;
     pub const TYPE: u32 = 20;
     pub const TYPE_INT: u64 = 2;
 }
@@ -74,6 +75,22 @@ pub struct Model {
 impl Model {
     pub fn parse(bytes: &[u8]) -> Result<Model, Error> {
         let msg = Message::parse(bytes)?;
+        let graph = msg
+            .message(model::GRAPH)?
+            .ok_or_else(|| Error("the model has no graph".into()))?;
+        Ok(Model { msg, graph })
+    }
+
+    /// The model with the data of every tensor larger than [`OUTLINE_TENSOR`] bytes left
+    /// out (initializers and constants, in subgraphs too): what an analysis of the graph
+    /// needs — names, types, shapes, nodes, one-element constants — without a copy of the
+    /// weights, which would cost a model's size in memory on every load and leave the
+    /// allocator's heap laid out around it (unloading it then freed less).
+    pub fn parse_outline(bytes: &[u8]) -> Result<Model, Error> {
+        let msg = Message::parse_mapped(bytes, &mut |n, b| match n {
+            model::GRAPH => outline_graph(b).map(Some),
+            _ => Ok(Some(b.to_vec())),
+        })?;
         let graph = msg
             .message(model::GRAPH)?
             .ok_or_else(|| Error("the model has no graph".into()))?;
@@ -192,6 +209,43 @@ impl Model {
         o.push(opset::VERSION, Value::Varint(version));
         self.msg.push_message(model::OPSET_IMPORT, &o);
     }
+}
+
+/// The size of a TensorProto above which [`Model::parse_outline`] leaves its data out.
+pub const OUTLINE_TENSOR: usize = 64;
+
+fn outline_graph(b: &[u8]) -> Result<Vec<u8>, Error> {
+    Ok(Message::parse_mapped(b, &mut |n, b| match n {
+        graph::INITIALIZER => outline_tensor(b).map(Some),
+        graph::NODE => outline_node(b).map(Some),
+        _ => Ok(Some(b.to_vec())),
+    })?
+    .encode())
+}
+
+fn outline_node(b: &[u8]) -> Result<Vec<u8>, Error> {
+    Ok(Message::parse_mapped(b, &mut |n, b| match n {
+        node::ATTRIBUTE => Message::parse_mapped(b, &mut |n, b| match n {
+            attr::T | attr::TENSORS => outline_tensor(b).map(Some),
+            attr::G | attr::GRAPHS => outline_graph(b).map(Some),
+            _ => Ok(Some(b.to_vec())),
+        })
+        .map(|a| Some(a.encode())),
+        _ => Ok(Some(b.to_vec())),
+    })?
+    .encode())
+}
+
+fn outline_tensor(b: &[u8]) -> Result<Vec<u8>, Error> {
+    if b.len() <= OUTLINE_TENSOR {
+        return Ok(b.to_vec());
+    }
+    Ok(Message::parse_mapped(b, &mut |n, b| match n {
+        // float, int32, string, int64, raw, double, uint64 data.
+        4 | 5 | 6 | 7 | 9 | 10 | 11 => Ok(None),
+        _ => Ok(Some(b.to_vec())),
+    })?
+    .encode())
 }
 
 /// A graph's nodes and initializers, with each initializer's index by name and how many node

@@ -76,8 +76,18 @@ fn take<'a>(buf: &'a [u8], pos: &mut usize, n: usize) -> Result<&'a [u8], Error>
     Ok(s)
 }
 
+/// What [`Message::parse_mapped`] keeps of a length-delimited field (number, bytes).
+pub type KeepField<'a> = dyn FnMut(u32, &[u8]) -> Result<Option<Vec<u8>>, Error> + 'a;
+
 impl Message {
     pub fn parse(buf: &[u8]) -> Result<Message, Error> {
+        Message::parse_mapped(buf, &mut |_, b| Ok(Some(b.to_vec())))
+    }
+
+    /// [`Message::parse`], with each length-delimited field's bytes handed to `map` (field
+    /// number, the bytes in `buf`), which says what to keep in their place (`None`: drop the
+    /// field) — a view of a large message without copying the parts it leaves out.
+    pub fn parse_mapped(buf: &[u8], map: &mut KeepField<'_>) -> Result<Message, Error> {
         let mut pos = 0;
         let mut fields = Vec::new();
         while pos < buf.len() {
@@ -94,7 +104,10 @@ impl Message {
                 2 => {
                     let n = usize::try_from(read_varint(buf, &mut pos)?)
                         .map_err(|_| Error("length overflows".into()))?;
-                    Value::Bytes(take(buf, &mut pos, n)?.to_vec())
+                    match map(number, take(buf, &mut pos, n)?)? {
+                        Some(kept) => Value::Bytes(kept),
+                        None => continue,
+                    }
                 }
                 5 => Value::I32(u32::from_le_bytes(
                     take(buf, &mut pos, 4)?.try_into().expect("4 bytes"),
