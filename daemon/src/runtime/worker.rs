@@ -241,6 +241,11 @@ pub const INLINE_MAX: std::time::Duration = std::time::Duration::from_micros(50)
 /// wall time: on a busy machine an honest run may wait for a core for longer than this.
 pub const INLINE_STOP: std::time::Duration = std::time::Duration::from_millis(1);
 
+/// The same in wall time, far above what waiting for a core makes of an honest light run: a
+/// run whose thread spent its time blocked (waiting on the session's intra-op threads, which
+/// did the work) ends such runs too.
+pub const INLINE_STOP_WALL: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// The calling thread's CPU time so far.
 fn thread_cpu() -> std::time::Duration {
     use nix::time::{ClockId, clock_gettime};
@@ -409,13 +414,17 @@ impl WorkerPool {
             if !bench.sessions.cpu || keep == u64::MAX || elements > keep {
                 return Some(batch);
             }
-            let cpu = thread_cpu();
+            let (cpu, wall) = (thread_cpu(), std::time::Instant::now());
             let report = self.common.run(&mut bench, &seat.busy_since, batch);
             drop(bench);
             let took = thread_cpu().saturating_sub(cpu);
-            if took > INLINE_STOP && self.common.inline.swap(false, Relaxed) {
+            let wall = wall.elapsed();
+            if (took > INLINE_STOP || wall > INLINE_STOP_WALL)
+                && self.common.inline.swap(false, Relaxed)
+            {
                 tracing::info!(
                     cpu_us = took.as_micros() as u64,
+                    wall_us = wall.as_micros() as u64,
                     expected_us = report.lane_batch.expected.as_micros() as u64,
                     "a light batch run by the thread that took it took far longer than \
                      expected: this model's batches go to its workers from now on"
