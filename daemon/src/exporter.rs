@@ -19,16 +19,35 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Scrapes served at once; connections beyond are closed at once (a loopback TCP peer has
-/// no credentials: any local user may connect, whatever the Unix socket's mode), so they
-/// cannot take the daemon's fds. Each has [`SCRAPE_TIME`] in all.
+/// Scrapes served at once (a loopback TCP peer has no credentials: any local user may
+/// connect, whatever the Unix socket's mode), so connections cannot take the daemon's fds.
+/// Each has [`SCRAPE_TIME`] in all. When all are taken, a new connection takes the place of
+/// the oldest one still waiting for its request's header — a scraper sends its header at
+/// once, so connections that say nothing cannot keep scrapes out — or is closed at once
+/// when every place is serving a request.
 const MAX_SCRAPES: usize = 32;
 /// A scrape's whole time: the request's header, the report, the answer.
 const SCRAPE_TIME: Duration = Duration::from_secs(5);
 
+/// The connections still waiting for their request's header, oldest first.
+type Waiting =
+    std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<(u64, CancellationToken)>>>;
+
+/// Closes the oldest connection still waiting for its header (its place is freed as its
+/// task ends); false when there is none.
+fn displace_oldest(waiting: &Waiting) -> bool {
+    let oldest = waiting
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .pop_front();
+    oldest.map(|(_, cancel)| cancel.cancel()).is_some()
+}
+
 /// Serves scrapes until shutdown.
 pub async fn serve(listener: TcpListener, shared: SharedRef, shutdown: CancellationToken) {
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
+    let waiting = Waiting::default();
+    let mut next_id = 0u64;
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -41,19 +60,58 @@ pub async fn serve(listener: TcpListener, shared: SharedRef, shutdown: Cancellat
                 }
             },
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            drop(stream);
-            continue;
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) if displace_oldest(&waiting) => {
+                // The displaced task gives its place back as soon as it runs.
+                match tokio::time::timeout(
+                    Duration::from_millis(100),
+                    slots.clone().acquire_owned(),
+                )
+                .await
+                {
+                    Ok(Ok(slot)) => slot,
+                    _ => continue,
+                }
+            }
+            Err(_) => continue,
         };
-        let shared = shared.clone();
+        next_id += 1;
+        let (id, cancel) = (next_id, CancellationToken::new());
+        waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back((id, cancel.clone()));
+        let (shared, waiting) = (shared.clone(), waiting.clone());
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(SCRAPE_TIME, scrape(stream, shared)).await;
+            let mut stream = stream;
+            let header = async {
+                let header = read_header(&mut stream).await;
+                waiting
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|(i, _)| *i != id);
+                match header? {
+                    Some(buf) => scrape(&mut stream, &buf, shared).await,
+                    None => Ok(()),
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::timeout(SCRAPE_TIME, header) => {}
+                _ = cancel.cancelled() => {}
+            }
+            waiting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|(i, _)| *i != id);
             drop(slot);
         });
     }
 }
 
-async fn scrape(mut stream: TcpStream, shared: SharedRef) -> std::io::Result<()> {
+/// Reads a request's header: its bytes, or `None` when the peer closed first or sent too
+/// much (answered 400 then).
+async fn read_header(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     // Looked for in the bytes just read (and the three before them), not the whole buffer
@@ -66,20 +124,25 @@ async fn scrape(mut stream: TcpStream, shared: SharedRef) -> std::io::Result<()>
         seen = buf.len();
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
-            return Ok(());
+            return Ok(None);
         }
         buf.extend_from_slice(&chunk[..n]);
         if buf.len() > MAX_HEADER {
-            return respond(
-                &mut stream,
+            respond(
+                stream,
                 "400 Bad Request",
                 "text/plain",
                 "header too large\n",
             )
-            .await;
+            .await?;
+            return Ok(None);
         }
     }
-    let line = String::from_utf8_lossy(&buf);
+    Ok(Some(buf))
+}
+
+async fn scrape(stream: &mut TcpStream, buf: &[u8], shared: SharedRef) -> std::io::Result<()> {
+    let line = String::from_utf8_lossy(buf);
     let mut parts = line.lines().next().unwrap_or("").split_whitespace();
     match (parts.next(), parts.next()) {
         (Some("GET"), Some(path)) if path == "/metrics" || path.starts_with("/metrics?") => {
@@ -91,7 +154,7 @@ async fn scrape(mut stream: TcpStream, shared: SharedRef) -> std::io::Result<()>
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))?;
             respond(
-                &mut stream,
+                stream,
                 "200 OK",
                 "text/plain; version=0.0.4; charset=utf-8",
                 &body,
@@ -100,22 +163,14 @@ async fn scrape(mut stream: TcpStream, shared: SharedRef) -> std::io::Result<()>
         }
         (Some("GET"), Some(_)) => {
             respond(
-                &mut stream,
+                stream,
                 "404 Not Found",
                 "text/plain",
                 "only /metrics is here\n",
             )
             .await
         }
-        _ => {
-            respond(
-                &mut stream,
-                "400 Bad Request",
-                "text/plain",
-                "GET /metrics\n",
-            )
-            .await
-        }
+        _ => respond(stream, "400 Bad Request", "text/plain", "GET /metrics\n").await,
     }
 }
 

@@ -221,7 +221,11 @@ fn the_real_models_float_division_is_left_as_it_is() {
         let t = std::time::Instant::now();
         let (out, g) = guard_division(&bytes).unwrap();
         // What the guard adds to each load (BENCHMARKS.md).
-        eprintln!("{name}: {} bytes, looked at in {:?}", bytes.len(), t.elapsed());
+        eprintln!(
+            "{name}: {} bytes, looked at in {:?}",
+            bytes.len(),
+            t.elapsed()
+        );
         assert!(out.is_none(), "{name}: {g}");
         assert_eq!(g.guarded, 0, "{name}");
     }
