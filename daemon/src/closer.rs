@@ -10,6 +10,12 @@
 //! closer thread, and only its user's closes: each user's run on at most
 //! [`PER_USER_THREADS`] threads at once, so one user's hung closes never delay another's.
 //! Another thread starts (up to [`MAX_THREADS`]) when none is free; idle ones end.
+//!
+//! What one user has waiting here is bounded too: at [`PER_USER_BACKLOG`] fds (queued or
+//! being closed), reading its connections pauses ([`wait_for_room`]) — whatever more it sends
+//! stays in the kernel's socket queues, counted against its own limits, not in the daemon's
+//! fd table. Only its refused connections (over `max-connections-per-uid`) still come here
+//! while it is over: one socket each.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
@@ -24,6 +30,12 @@ pub const PER_USER_THREADS: usize = 2;
 const IDLE: Duration = Duration::from_secs(10);
 /// A close taking longer is logged.
 const SLOW: Duration = Duration::from_secs(1);
+/// Fds of one user waiting to be closed (or being closed) past which its connections are
+/// not read: one message can bring [`rxd_shm::fd::SCM_MAX_FD`] at once.
+pub const PER_USER_BACKLOG: usize = 512;
+
+/// Users at or over [`PER_USER_BACKLOG`] (a quick look on every read).
+static USERS_OVER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 #[derive(Default)]
 struct State {
@@ -31,11 +43,43 @@ struct State {
     queue: VecDeque<(u32, OwnedFd)>,
     /// Closes under way per user.
     running: HashMap<u32, usize>,
+    /// Fds queued or under way per user.
+    backlog: HashMap<u32, usize>,
+    /// Closes the test hook has delayed per user.
+    delayed: HashMap<u32, usize>,
     threads: usize,
     idle: usize,
 }
 
+/// Whether a user with `n` fds waiting may have its connections read (room for one more
+/// message's worth).
+fn has_room(n: usize) -> bool {
+    n + rxd_shm::fd::SCM_MAX_FD < PER_USER_BACKLOG
+}
+
 impl State {
+    fn add(&mut self, uid: u32, n: usize) {
+        let b = self.backlog.entry(uid).or_default();
+        let was = has_room(*b);
+        *b += n;
+        if was && !has_room(*b) {
+            USERS_OVER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn closed(&mut self, uid: u32) {
+        if let Some(b) = self.backlog.get_mut(&uid) {
+            let was = has_room(*b);
+            *b -= 1;
+            if !was && has_room(*b) {
+                USERS_OVER.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            if *b == 0 {
+                self.backlog.remove(&uid);
+            }
+        }
+    }
+
     /// The first fd in the queue whose user may have another close under way.
     fn next(&mut self) -> Option<(u32, OwnedFd)> {
         let i = self
@@ -48,6 +92,7 @@ impl State {
     }
 
     fn done(&mut self, uid: u32) {
+        self.closed(uid);
         if let Some(n) = self.running.get_mut(&uid) {
             *n -= 1;
             if *n == 0 {
@@ -60,6 +105,8 @@ impl State {
 struct Closer {
     state: Mutex<State>,
     cv: Condvar,
+    /// Test hook (`RXD_TEST_CLOSE_DELAY_MS`): each user's first closes take this long.
+    delay: Option<Duration>,
 }
 
 fn closer() -> &'static Closer {
@@ -67,6 +114,7 @@ fn closer() -> &'static Closer {
     CLOSER.get_or_init(|| Closer {
         state: Mutex::new(State::default()),
         cv: Condvar::new(),
+        delay: crate::config::TestHooks::from_env().close_delay,
     })
 }
 
@@ -79,6 +127,8 @@ pub fn close_later(uid: u32, fds: impl IntoIterator<Item = OwnedFd>) {
     if st.queue.len() == before {
         return;
     }
+    let added = st.queue.len() - before;
+    st.add(uid, added);
     // Idle threads look first (all of them: the first fds may be of a user at its limit).
     if st.idle > 0 {
         drop(st);
@@ -99,11 +149,31 @@ pub fn close_later(uid: u32, fds: impl IntoIterator<Item = OwnedFd>) {
         if st.threads == 0 {
             // Nothing else would ever close them.
             let fds: Vec<(u32, OwnedFd)> = st.queue.drain(..).collect();
+            st.backlog.clear();
+            USERS_OVER.store(0, std::sync::atomic::Ordering::Relaxed);
             drop(st);
             fds.iter()
                 .for_each(|(_, fd)| rxd_shm::fd::close_without_lingering(fd));
         }
     }
+}
+
+/// Waits until user `uid` has room for another message's fds in the closer (at once, but
+/// for a user whose closes hang with [`PER_USER_BACKLOG`] fds waiting).
+pub async fn wait_for_room(uid: u32) {
+    while !may_read(uid) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether user `uid`'s connections may be read now ([`wait_for_room`]).
+pub fn may_read(uid: u32) -> bool {
+    USERS_OVER.load(std::sync::atomic::Ordering::Relaxed) == 0 || room_for(uid)
+}
+
+fn room_for(uid: u32) -> bool {
+    let st = closer().state.lock().unwrap_or_else(|e| e.into_inner());
+    has_room(st.backlog.get(&uid).copied().unwrap_or(0))
 }
 
 /// A [`rxd_shm::socket::Dispose`] closing a connection's socket of user `uid` here.
@@ -115,7 +185,15 @@ fn serve(c: &'static Closer) {
     let mut st = c.state.lock().unwrap_or_else(|e| e.into_inner());
     loop {
         if let Some((uid, fd)) = st.next() {
+            let delay = c.delay.filter(|_| {
+                let n = st.delayed.entry(uid).or_default();
+                *n += 1;
+                *n <= PER_USER_THREADS
+            });
             drop(st);
+            if let Some(d) = delay {
+                std::thread::sleep(d);
+            }
             rxd_shm::fd::close_without_lingering(&fd);
             let start = Instant::now();
             drop(fd);
@@ -173,5 +251,30 @@ mod tests {
         assert_eq!(st.next().map(|j| j.0), Some(1));
         st.done(2);
         assert!(!st.running.contains_key(&2));
+    }
+
+    /// A user's backlog counts what is queued and under way, and says when it is full.
+    #[test]
+    fn a_users_backlog_is_counted_until_each_close_ends() {
+        let mut st = State::default();
+        let uid = 7;
+        let n = PER_USER_BACKLOG - rxd_shm::fd::SCM_MAX_FD;
+        for _ in 0..n - 1 {
+            st.queue.push_back((uid, fd()));
+        }
+        st.add(uid, n - 1);
+        assert!(has_room(st.backlog[&uid]));
+        st.queue.push_back((uid, fd()));
+        st.add(uid, 1);
+        assert!(!has_room(st.backlog[&uid]), "full at {n}");
+        let job = st.next().unwrap();
+        assert!(!has_room(st.backlog[&uid]), "one under way still counts");
+        drop(job);
+        st.done(uid);
+        assert!(has_room(st.backlog[&uid]));
+        while st.next().is_some() {
+            st.done(uid);
+        }
+        assert!(!st.backlog.contains_key(&uid));
     }
 }

@@ -50,6 +50,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// Raises the soft limit on open files to the hard one (at most 2^20): systemd's default soft
+/// limit, 1024, is what a few hundred connections with their arenas already take, and on
+/// kernels that cannot refuse fds sent to the daemon (before 6.16) a peer's fds wait in the
+/// fd table to be closed (`closer`). The daemon waits on epoll only, never `select`.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let want = hard.min(1 << 20);
+        if want > soft {
+            match setrlimit(Resource::RLIMIT_NOFILE, want, hard) {
+                Ok(()) => tracing::debug!("open files: soft limit {soft} raised to {want}"),
+                Err(e) => tracing::warn!("open files: soft limit {soft} not raised: {e}"),
+            }
+        }
+    }
+}
+
 fn check_config(opts: &ServeOpts) -> ExitCode {
     match config::load(opts) {
         Ok(cfg) => {
@@ -82,6 +99,7 @@ fn serve(opts: &ServeOpts, activation: (Option<u32>, Option<u32>)) -> ExitCode {
         }
     };
     init_logging(&cfg.log_level);
+    raise_fd_limit();
     // Mesa compiles shaders for the WebGPU EP's Vulkan pipelines: keep its cache under the
     // daemon's cache directory, so a restart does not recompile for seconds.
     let gpu = cfg

@@ -93,7 +93,7 @@ pub fn peer_groups(sock: BorrowedFd<'_>) -> io::Result<Vec<u32>> {
 }
 
 /// The most fds one message can carry (the kernel's `SCM_MAX_FD`).
-const SCM_MAX_FD: usize = 253;
+pub const SCM_MAX_FD: usize = 253;
 
 /// What [`recv_taking_fds`] read: bytes, and any fds that came with them.
 pub struct Received {

@@ -68,6 +68,10 @@ pub struct TestHooks {
     /// Accepted connections keep `SO_PASSRIGHTS` on: fds a peer sends reach the daemon, as
     /// on a kernel without the option (before 6.16), to test what it does with them.
     pub pass_fds: bool,
+    /// The first closes of each user's fds on the closer threads (as many as it may have
+    /// under way, `closer::PER_USER_THREADS`) take this long: closes that hang, as a FUSE
+    /// file's or a lingering socket's would, without the race of making them hang for real.
+    pub close_delay: Option<std::time::Duration>,
 }
 
 impl TestHooks {
@@ -82,6 +86,9 @@ impl TestHooks {
                 .and_then(|v| v.parse().ok())
                 .map(std::time::Duration::from_micros),
             pass_fds: var("RXD_TEST_PASS_FDS").is_some(),
+            close_delay: var("RXD_TEST_CLOSE_DELAY_MS")
+                .and_then(|v| v.parse().ok())
+                .map(std::time::Duration::from_millis),
         }
     }
 

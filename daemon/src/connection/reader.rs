@@ -64,16 +64,28 @@ impl FrameReader {
     /// waits for its own next bytes to be read.
     async fn recv(rd: &ReadSide, uid: u32, buf: &mut [u8]) -> Result<usize, ReadError> {
         let cap = buf.len();
-        match rd
-            .read(
-                |fd| recv_no_fds(fd, uid, buf),
-                |r| matches!(r, Ok(n) if *n > 0 && *n < cap),
-            )
-            .await
-        {
-            Ok(Ok(n)) => Ok(n),
-            Ok(Err(())) => Err(ReadError::Fd),
-            Err(e) => Err(ReadError::Io(e)),
+        loop {
+            // A user whose sent fds wait to be closed (their closes hang) sends no more: looked
+            // at again once the socket is readable, just before reading (all of a user's
+            // connections may be waiting for readiness at once).
+            crate::closer::wait_for_room(uid).await;
+            let read = rd
+                .read(
+                    |fd| {
+                        if !crate::closer::may_read(uid) {
+                            return Ok(None);
+                        }
+                        recv_no_fds(fd, uid, buf).map(Some)
+                    },
+                    |r| matches!(r, Some(Ok(n)) if *n > 0 && *n < cap),
+                )
+                .await;
+            return match read {
+                Ok(None) => continue,
+                Ok(Some(Ok(n))) => Ok(n),
+                Ok(Some(Err(()))) => Err(ReadError::Fd),
+                Err(e) => Err(ReadError::Io(e)),
+            };
         }
     }
 

@@ -492,6 +492,67 @@ fn fds_whose_close_blocks_delay_no_one() {
     drop(keep);
 }
 
+/// While a user's closes hang (two: as many as it may have under way), the fds it goes on
+/// sending waited in the daemon's fd table without bound — 12 connections × 253 fds, ~3 000
+/// more, when systemd's default soft limit is 1024 and `accept` then failed for everyone.
+/// Now at most `PER_USER_BACKLOG` (512) of its fds wait: its connections are not read
+/// meanwhile (what it sends stays in the kernel's queues, on its own account) and are read
+/// once the closes end. Kernel refusal off (`RXD_TEST_PASS_FDS`), as before Linux 6.16;
+/// the hang is the daemon's test hook (`RXD_TEST_CLOSE_DELAY_MS`: making a close hang for
+/// real races the sender's own close of the file, see `fds_whose_close_blocks_delay_no_one`).
+#[test]
+fn a_user_whose_closes_hang_cannot_fill_the_daemons_fd_table() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    let env = [
+        ("RXD_TEST_PASS_FDS", "1"),
+        ("RXD_TEST_CLOSE_DELAY_MS", "5000"),
+    ];
+    let mut d = shared_daemon_env(repo.path(), &env, "", &[]);
+    let b = before(&d);
+    let bystander = Bystander::start(&d.socket);
+    let fds = || d.fd_targets().len();
+    let start = (Instant::now(), fds());
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let many: Vec<std::os::fd::RawFd> = (0..253).map(|_| rxd_shm::raw(&null)).collect();
+    let status = frame_of(&RequestFrame {
+        id: 1,
+        body: Request::Status,
+    });
+    // Sent as each connection's first bytes: a connection the daemon does not read cannot
+    // complete a handshake.
+    let mut conns = Vec::new();
+    for _ in 0..12 {
+        let c = connect_as_nobody(&d.socket);
+        let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&many)];
+        nix::sys::socket::sendmsg::<()>(
+            rxd_shm::raw(&c.stream),
+            &[std::io::IoSlice::new(&status)],
+            &cmsg,
+            nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+        .unwrap();
+        conns.push(c);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let grew = fds().saturating_sub(start.1);
+    eprintln!("the daemon's fds grew by {grew} while nobody's closes hung");
+    assert!(
+        start.0.elapsed() < Duration::from_secs(4),
+        "measured after the closes ended: {:?}",
+        start.0.elapsed()
+    );
+    assert!(grew > 253, "the first of them were taken: {grew}");
+    // The backlog, and each connection's socket (two fds, one more queued to close).
+    assert!(grew < 512 + 4 * 12 + 32, "grew by {grew} fds");
+    // The closes end: the waiting connections are read, their fds closed.
+    drop(conns);
+    std::thread::sleep(Duration::from_secs(5));
+    let seen = bystander.stop();
+    assert_unharmed(&mut d, &b, &seen, Duration::from_secs(2), 32 * MIB);
+}
+
 /// Where the kernel can (`SO_PASSRIGHTS`, Linux 6.16), it refuses fds sent to the daemon
 /// after accepting the connection: the sender's `sendmsg` fails, nothing reaches the daemon,
 /// and the connection goes on. Elsewhere they reach it and end the connection as above.
