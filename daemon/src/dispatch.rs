@@ -13,8 +13,8 @@
 use std::sync::Arc;
 
 use rxd_protocol::{
-    ArenaRef, DeviceList, InferReply, InferRequest, ModelList, ModelState, Reply, Request, Tensor,
-    TensorData,
+    ArenaRef, DeviceList, ErrorCode, InferReply, InferRequest, ModelList, ModelState, Reply,
+    Request, Tensor, TensorData, WireError,
 };
 
 use crate::SharedRef;
@@ -248,8 +248,41 @@ pub fn infer<M: MakeCompletion>(
     let checked = validate::check(&model.signature, req, arena).inspect_err(|e| {
         model.metrics.record_outcome(Some(e.code));
     })?;
+    if !peer.admin {
+        too_long(shared, &model, &checked).inspect_err(|e| {
+            model.metrics.record_outcome(Some(e.code));
+        })?;
+    }
     model.submit(checked, completion.make(&model), terms);
     Ok(Queued::Done)
+}
+
+/// A request expected to keep a worker longer than a quarter of `watchdog-stuck-secs` (30 s
+/// by default) is refused for non-admins (`tensor_too_large`): a batch runs to its end, one
+/// that long holds up every request of the model behind it, and one past the watchdog's
+/// limit has the daemon restarted with every user's requests. Expected by its input elements
+/// at the lowest time per element measured for the model (dimensions within `max-dims` can
+/// still be 64 times the warmup's pixels, and more rows).
+fn too_long(
+    shared: &SharedRef,
+    model: &crate::model::LoadedModel,
+    checked: &validate::Checked,
+) -> Result<(), WireError> {
+    let elements = crate::runtime::elements_of(checked.inputs.iter().map(|t| t.shape.as_slice()));
+    let limit = shared.config.watchdog_stuck / 4;
+    match model.scheduler().expected_compute(elements) {
+        Some(t) if t > limit => Err(WireError::new(
+            ErrorCode::TensorTooLarge,
+            format!(
+                "this request is expected to take {:.0} s of compute (by its size: {elements} \
+                 input elements), more than one request may ({} s: a quarter of \
+                 watchdog-stuck-secs); send smaller inputs, or fewer rows per request",
+                t.as_secs_f64(),
+                limit.as_secs()
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 impl<M: MakeCompletion> Cold<M> {

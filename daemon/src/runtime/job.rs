@@ -163,6 +163,8 @@ pub struct Finished<'a> {
     pub arrived: &'a [std::time::Instant],
     /// [`Batch::extra`]: its end frees no slot of the policy's.
     pub extra: bool,
+    /// Its jobs' input elements in all.
+    pub elements: u64,
 }
 
 /// Told when a worker finishes a batch (the scheduler, held weakly by the workers).

@@ -39,7 +39,7 @@ impl Staging {
 }
 
 /// Input elements of a set of shapes (saturating).
-pub(super) fn elements_of<'a>(shapes: impl IntoIterator<Item = &'a [u64]>) -> u64 {
+pub fn elements_of<'a>(shapes: impl IntoIterator<Item = &'a [u64]>) -> u64 {
     shapes
         .into_iter()
         .map(|s| s.iter().fold(1u64, |a, &d| a.saturating_mul(d)))

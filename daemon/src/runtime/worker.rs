@@ -510,6 +510,8 @@ struct Report {
     ran: Ran,
     lane_batch: LaneBatch,
     rows: u32,
+    /// The batch's input elements in all.
+    elements: u64,
     started: std::time::Instant,
     done: std::time::Instant,
 }
@@ -537,6 +539,13 @@ impl Common {
         let started = std::time::Instant::now();
         busy.store(now_ms(), Relaxed);
         let rows: u32 = batch.rows.iter().sum();
+        let elements = elements_of(
+            batch
+                .jobs
+                .iter()
+                .flat_map(|j| &j.inputs)
+                .map(|t| t.shape.as_slice()),
+        );
         let lane_batch = LaneBatch {
             arrived,
             dispatched: batch.dispatched.max(bench.last_done),
@@ -570,6 +579,7 @@ impl Common {
             ran,
             lane_batch,
             rows,
+            elements,
             started,
             done,
         }
@@ -582,6 +592,7 @@ impl Common {
             ran,
             lane_batch,
             rows,
+            elements,
             started,
             done,
         } = report;
@@ -633,6 +644,7 @@ impl Common {
                     occupied: done.saturating_duration_since(dispatched),
                     arrived: &arrived,
                     extra,
+                    elements,
                 });
             }
         }

@@ -195,6 +195,9 @@ pub struct Scheduler {
     /// different requests share a key on purpose.
     keys: std::hash::RandomState,
     default_priority: std::sync::atomic::AtomicU8,
+    /// The lowest time per input element a batch has taken (f64 bits; 0: none yet), read
+    /// without the lock by [`Scheduler::expected_compute`].
+    least_per_element: AtomicU64,
     pub stats: Stats,
     metrics: Arc<crate::metrics::ModelMetrics>,
 }
@@ -231,6 +234,7 @@ impl Scheduler {
             keys: std::hash::RandomState::new(),
             pad_to: crew.pad_to.clone(),
             default_priority: std::sync::atomic::AtomicU8::new(default_priority),
+            least_per_element: AtomicU64::new(0),
             stats: Stats::default(),
             metrics,
         });
@@ -426,6 +430,15 @@ impl Scheduler {
             .sum()
     }
 
+    /// The least a request of `elements` input elements is expected to take a worker, at the
+    /// lowest time per element any batch has taken (`None` before the first): low rather than
+    /// high, so that no request's cost, high by its values, makes others' look higher.
+    pub fn expected_compute(&self, elements: u64) -> Option<Duration> {
+        let least = f64::from_bits(self.least_per_element.load(Ordering::Relaxed));
+        (least > 0.0)
+            .then(|| Duration::try_from_secs_f64(least * elements as f64).unwrap_or(Duration::MAX))
+    }
+
     /// Queues a job under `terms`.
     pub fn submit(&self, mut job: Job, terms: Terms) {
         self.own_shared_inputs(&mut job);
@@ -446,6 +459,7 @@ impl Scheduler {
             arrived: now,
             deadline: terms.deadline,
             source: terms.source,
+            elements: crate::runtime::elements_of(job.inputs.iter().map(|t| t.shape.as_slice())),
         };
         st.pending.insert(id, (job, rows, now));
         let actions = if held {
@@ -741,6 +755,7 @@ impl Scheduler {
                 occupied: Duration::ZERO,
                 arrived: &[],
                 extra,
+                elements: 0,
             });
         }
     }
@@ -805,6 +820,7 @@ impl BatchListener for Scheduler {
             occupied,
             arrived,
             extra,
+            elements,
         } = done;
         if !arrived.is_empty() {
             self.metrics.record_batch(rows, compute, arrived);
@@ -837,6 +853,16 @@ impl BatchListener for Scheduler {
         // ... and the policy's the worker's time from hand-over to free (on a loaded 2-core
         // machine the hand-over is a visible part of a 1 ms batch), from the cheapest lane
         // for this size.
+        if !arrived.is_empty() {
+            st.batcher.learn_elements(elements, compute);
+            if elements > 0 {
+                let x = compute.as_secs_f64() / elements as f64;
+                let least = f64::from_bits(self.least_per_element.load(Ordering::Relaxed));
+                if x > 0.0 && (least == 0.0 || x < least) {
+                    self.least_per_element.store(x.to_bits(), Ordering::Relaxed);
+                }
+            }
+        }
         let actions = if extra {
             // Its slot is the rest of its batch's.
             Vec::new()

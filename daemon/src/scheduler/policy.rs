@@ -8,14 +8,17 @@
 //!    highest *effective* priority (its priority plus one level per `aging` waited since its
 //!    *start*), earliest start first on ties. A request's start is its arrival, unless its
 //!    own source (the peer's uid) already has requests queued at its level or above: then it
-//!    starts when those are expected to be done (each counts the time a worker takes per
-//!    request of its rows at the cheapest measured batch size, shared over the workers) — a
-//!    fair share: one source's backlog runs in turn with other sources' requests instead of
+//!    starts when those are expected to be done (each counts the time a worker takes for it:
+//!    per row at the cheapest measured batch size, or per input element where that says more
+//!    — a request of 64 times the pixels is 64 times the turn, whatever its rows — shared
+//!    over the workers) — a fair share: one source's backlog runs in turn with other sources' requests instead of
 //!    ahead of them, and it does not age while it waits its turn. Starts never go backwards
 //!    within a source and level (first come, first served there), and lie at most
 //!    `queue_capacity` service times after the arrival. The batch is the head plus other
 //!    requests with the same shape key, best first, while the rows fit `max_batch_rows` (a
-//!    request with more rows than that runs alone).
+//!    request with more rows than that runs alone) and the expected compute fits
+//!    [`MAX_BATCH_COMPUTE`] (by the time per element: heavy requests batched by rows alone
+//!    made runs of 14 s that every other request waited for).
 //!
 //!    The bound this gives: a request at level `d` that is its source's only one waiting at
 //!    `d` or above is overtaken by a request at level `p > d` only if that one starts less
@@ -54,7 +57,8 @@
 //! source's backlog does not delay another source's request by more than a turn.
 //!
 //! Limit: one cost table per model version, so requests of very different shapes (a dynamic
-//! image width) share one.
+//! image width) share one; turns and batch sizes also use the time per input element,
+//! smoothed over all batches, which follows shapes as far as cost is linear in the inputs.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -74,6 +78,14 @@ pub const CHEAP_ENOUGH: f64 = 1.1;
 /// larger batches drain a backlog faster (on the 2-core machine, choosing the smallest when
 /// behind lost 8 of 9 rounds to "rows 8, wait 2 ms").
 pub const CHEAP_ENOUGH_BEHIND: f64 = 1.05;
+
+/// How fast the time per input element follows new batches (the weight of the newest).
+const ELEMENT_SMOOTHING: f64 = 0.2;
+
+/// The most expected compute a batch gathers beyond its head (by the time per element): a
+/// batch runs to its end while other requests of the model, any user's, wait; heavy
+/// requests batched by rows alone made single runs of 14 s.
+pub const MAX_BATCH_COMPUTE: Duration = Duration::from_millis(500);
 
 /// Adaptive mode: one batch in this many run from a backlog is a probe at a neighbouring size
 /// (twice or half the chosen one, in turn), so the cost table follows the machine and finds a
@@ -126,6 +138,9 @@ pub struct Item {
     pub deadline: Option<Instant>,
     /// Who asked (the peer's uid): sources share a level fairly.
     pub source: u64,
+    /// Its inputs' elements in all: what it costs relative to other requests of the model
+    /// (a request of 2560² pixels costs 64 of 320², whatever its rows).
+    pub elements: u64,
 }
 
 /// A queued request and the time its waiting counts from (see the module's rule 2).
@@ -290,6 +305,10 @@ pub struct Batcher {
     wake: Option<Instant>,
     /// Adaptive mode: batches run from a backlog so far (paces the probes).
     backlog_batches: u64,
+    /// A worker's time per input element, smoothed over the batches run (`None` before the
+    /// first): what a request's turn and a batch's size are measured in, whatever shapes
+    /// the requests have (the cost table is per row).
+    per_element: Option<f64>,
 }
 
 impl Batcher {
@@ -304,7 +323,20 @@ impl Batcher {
             rate: RateEstimator::default(),
             wake: None,
             backlog_batches: 0,
+            per_element: None,
         }
+    }
+
+    /// A batch of `elements` input elements took a worker `compute`.
+    pub fn learn_elements(&mut self, elements: u64, compute: Duration) {
+        if elements == 0 {
+            return;
+        }
+        let x = compute.as_secs_f64() / elements as f64;
+        self.per_element = Some(match self.per_element {
+            Some(p) => p + ELEMENT_SMOOTHING * (x - p),
+            None => x,
+        });
     }
 
     pub fn settings(&self) -> &Settings {
@@ -399,8 +431,25 @@ impl Batcher {
         if ahead == 0 {
             return item.arrived;
         }
-        let turn = self.service_time(item.rows).saturating_mul(ahead);
+        let turn: Duration = self
+            .queue
+            .iter()
+            .filter(|w| w.item.source == item.source && w.item.priority >= item.priority)
+            .map(|w| self.service(&w.item))
+            .sum();
         latest.max(item.arrived + turn)
+    }
+
+    /// Expected time the workers take for `item` in a backlog: by its rows at the cheapest
+    /// measured batch size ([`Batcher::service_time`]), or by its elements where that says
+    /// more (requests larger than those the cost table learnt from), shared over the workers.
+    fn service(&self, item: &Item) -> Duration {
+        let by_rows = self.service_time(item.rows);
+        let by_elements = self.per_element.map_or(Duration::ZERO, |p| {
+            let secs = p * item.elements as f64 / self.workers.max(1) as f64;
+            Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
+        });
+        by_rows.max(by_elements)
     }
 
     /// Expected time the workers take per request of `rows` in a backlog: the cheapest
@@ -671,11 +720,18 @@ impl Batcher {
         } else {
             rest.sort_by(|&a, &b| self.before(&self.queue[a], &self.queue[b], now));
         }
-        let mut rows = head.rows;
+        // Nor more work than MAX_BATCH_COMPUTE (the head alone may take more): a batch runs
+        // to its end, and everyone else's requests wait for it.
+        let budget = self
+            .per_element
+            .filter(|&p| p > 0.0)
+            .map_or(u64::MAX, |p| (MAX_BATCH_COMPUTE.as_secs_f64() / p) as u64);
+        let (mut rows, mut elements) = (head.rows, head.elements);
         for i in rest {
-            let r = self.queue[i].item.rows;
-            if rows + r <= max {
+            let (r, e) = (self.queue[i].item.rows, self.queue[i].item.elements);
+            if rows + r <= max && elements.saturating_add(e) <= budget {
                 rows += r;
+                elements += e;
                 batch.push(i);
             }
         }

@@ -339,6 +339,93 @@ fn a_peers_backlog_at_one_level_does_not_hold_back_others_at_that_level() {
     );
 }
 
+/// A peer's backlog of requests far larger than others' — within `max-dims`, one row each —
+/// took its turns by rows: each turn the cost of a small request, so the whole backlog ran
+/// ahead of another user's request (a 20 ms request waited 87 s behind 2560² images). Turns
+/// now count input elements, and a batch gathers at most ~0.5 s of work: the other user waits
+/// about one of the large requests. And a request expected to keep a worker longer than a
+/// quarter of `watchdog-stuck-secs` is refused to non-admins (`tensor_too_large`) instead of
+/// holding the model up (and, past the watchdog's limit, having the daemon restarted).
+#[test]
+fn a_peers_large_requests_take_turns_by_their_size_and_the_largest_are_refused() {
+    let _serial = serial();
+    let repo = repo_with(&["yolov8n"]);
+    let mut d = shared_daemon(repo.path(), "watchdog-stuck-secs = 2\n", &[]);
+    let before = before(&d);
+    let image = |side: u64, seed: u64| {
+        let n = (3 * side * side) as usize;
+        f32_tensor("images", &[1, 3, side, side], &random_f32(n, seed))
+    };
+    // The other user's requests (320², the warmup's size) teach the model what they cost.
+    let c = d.client_inline();
+    let small = image(320, 1);
+    for _ in 0..5 {
+        c.infer("yolov8n", vec![small.clone()]).unwrap();
+    }
+    let mut conn = connect_as_nobody(&d.socket);
+    conn.handshake().unwrap();
+    // 9 times the pixels: allowed, each a few hundred ms.
+    let large: Vec<Tensor> = (0..8).map(|i| image(960, 100 + i)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let attacker = std::thread::spawn(move || {
+        flood(conn, 8, flag, |i| {
+            InferRequest::new("yolov8n", vec![large[(i % 8) as usize].clone()])
+        })
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut latencies = Vec::new();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(6) {
+        let start = Instant::now();
+        c.infer("yolov8n", vec![small.clone()]).unwrap();
+        latencies.push(start.elapsed());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (ok, errors) = attacker.join().unwrap();
+    assert!(errors.is_empty(), "{errors:?}");
+    let one_large = t.elapsed() / (ok.max(1) as u32);
+    latencies.sort();
+    eprintln!(
+        "large requests: {ok} answered, ~{one_large:?} each; the small ones' median {:?}, \
+         worst {:?}",
+        latencies[latencies.len() / 2],
+        latencies.last().unwrap()
+    );
+    // Behind the backlog (8 in flight) a small request waited for all 8 large ones and the
+    // batch running; by size, for the batch running (at most ~0.5 s of work) and its turn.
+    let median = latencies[latencies.len() / 2];
+    assert!(
+        median < one_large * 4,
+        "a small request waited {median:?} (median); one large request takes ~{one_large:?}"
+    );
+    // 41 times the pixels is within max-dims, but expected to take more than 0.5 s (a
+    // quarter of watchdog-stuck-secs = 2): refused to a non-admin, at once.
+    let mut conn = connect_as_nobody(&d.socket);
+    conn.handshake().unwrap();
+    conn.send(&infer_frame(
+        1,
+        InferRequest::new("yolov8n", vec![image(2048, 7)]),
+    ));
+    let start = Instant::now();
+    match conn.read_response().outcome {
+        Outcome::Err(e) => {
+            assert_eq!(e.kind(), Some(ErrorCode::TensorTooLarge), "{e}");
+            assert!(e.message.contains("watchdog-stuck-secs"), "{e}");
+        }
+        Outcome::Ok(_) => panic!("a 2048² request ran"),
+    }
+    assert!(start.elapsed() < Duration::from_secs(1));
+    drop((c, conn));
+    assert_unharmed(
+        &mut d,
+        &before,
+        &Seen::no_bystander(),
+        Duration::from_secs(2),
+        256 << 20,
+    );
+}
+
 /// A peer keeping a model's queue full (`queue-capacity` 16, 64 slow requests in flight)
 /// had every other user's request refused `busy` at admission, before fair ordering could
 /// do anything. A request of another user now takes the place of the flood's latest, which

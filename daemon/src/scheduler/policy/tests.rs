@@ -17,6 +17,7 @@ fn item(id: ReqId, rows: u32, key: u64, priority: u8, arrived: Instant) -> Item 
         arrived,
         deadline: None,
         source: id,
+        elements: u64::from(rows) * 100,
     }
 }
 
@@ -398,7 +399,8 @@ proptest! {
             match e {
                 Ev::Arrive { rows, key, priority, deadline_ms, source } => {
                     let it = Item { id: next_id, rows, key, priority, arrived: now,
-                                    deadline: deadline_ms.map(|d| now + ms(d)), source };
+                                    deadline: deadline_ms.map(|d| now + ms(d)), source,
+                                    elements: u64::from(rows) * 100 };
                     next_id += 1;
                     // The fair-share start: the arrival unless the source has requests
                     // waiting at this level or above; then later, but never more than a
@@ -411,7 +413,8 @@ proptest! {
                     // (Service times of the largest request generated, at the largest
                     // estimate used so far: the estimate moves as batches are measured, and
                     // a start is never before the start of an earlier request of the source.)
-                    most = most.max(b.service_time(5)
+                    let largest = Item { rows: 5, elements: 500, ..it.clone() };
+                    most = most.max(b.service(&largest)
                         .saturating_mul(settings.queue_capacity as u32));
                     prop_assert!(start <= now + most, "start {:?} after arrival",
                         start - now);
@@ -838,6 +841,74 @@ proptest! {
 /// of the other takes the place of the full source's latest (refused `busy` in its stead)
 /// until both hold about as many places; the full source's own new requests are refused.
 /// A source alone keeps the whole queue; a place is never taken from a higher priority.
+/// A source's turn counts what its requests cost, not their rows: the cost table learnt
+/// from light requests (1 ms a row), one source queues 30 requests of 200 times the inputs
+/// (and the time), another one light request a little later. The light one runs after the
+/// heavy one under way and the next — not after every heavy request that arrived before it
+/// (by rows, each heavy one's turn was 1 ms: 25 of them ran first, ~5 s).
+#[test]
+fn a_sources_heavy_backlog_takes_turns_by_its_work_not_its_rows() {
+    let t0 = Instant::now();
+    let s = Settings {
+        max_batch_rows: 1,
+        ..Settings::default()
+    };
+    let mut b = Batcher::new(s, 1);
+    b.free_workers = 0;
+    b.batch_done(1, ms(1), t0);
+    b.learn_elements(100, ms(1));
+    b.free_workers = 0;
+    for id in 1..=30 {
+        let mut it = item(id, 1, 0, 0, t0);
+        it.source = 1;
+        it.elements = 20_000;
+        assert!(runs(&b.arrive(it, t0)).is_empty());
+    }
+    let later = t0 + ms(25);
+    let mut it = item(99, 1, 0, 0, later);
+    it.source = 2;
+    assert!(runs(&b.arrive(it, later)).is_empty());
+    let mut order = Vec::new();
+    let mut now = later;
+    while !order.contains(&99) {
+        now += ms(200);
+        let done = runs(&b.batch_done(1, ms(200), now)).concat();
+        order.extend(done);
+        b.learn_elements(20_000, ms(200));
+    }
+    assert!(order.len() <= 3, "the light request ran after {order:?}");
+}
+
+/// A batch gathers at most `MAX_BATCH_COMPUTE` (0.5 s) of expected work beyond its head:
+/// eight requests of 0.2 s each (by the time per element) run two at a time, not eight
+/// (1.6 s in one run, while every other request of the model waits).
+#[test]
+fn a_batch_gathers_at_most_half_a_second_of_work() {
+    let t0 = Instant::now();
+    let s = Settings {
+        max_batch_rows: 8,
+        ..Settings::default()
+    };
+    let mut b = Batcher::new(s, 1);
+    b.learn_elements(1_000_000, Duration::from_secs(1));
+    b.free_workers = 0;
+    for id in 1..=8 {
+        let mut it = item(id, 1, 7, 0, t0);
+        it.elements = 200_000;
+        assert!(runs(&b.arrive(it, t0)).is_empty());
+    }
+    let mut sizes = Vec::new();
+    let mut now = t0;
+    while b.queued() > 0 {
+        now += ms(800);
+        for r in runs(&b.worker_free(now)) {
+            sizes.push(r.len());
+        }
+        b.free_workers = 0;
+    }
+    assert_eq!(sizes, vec![2, 2, 2, 2]);
+}
+
 #[test]
 fn a_source_filling_the_queue_gives_places_to_other_sources() {
     let t0 = Instant::now();
