@@ -173,6 +173,12 @@ pub fn check_structure(body: &[u8], max_values: usize) -> Result<(), FrameError>
             depth += 1;
         }
     }
+    if pos != body.len() {
+        return Err(bad(&format!(
+            "{} bytes after the message's one value",
+            body.len() - pos
+        )));
+    }
     Ok(())
 }
 

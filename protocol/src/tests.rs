@@ -281,6 +281,9 @@ fn frames_of_many_tiny_values_are_refused_before_decoding() {
         &[0xdb, 0x00, 0x00, 0x00, 0x09, b'x'],
         &[0xc1],
         &[],
+        // One value, then bytes the message does not have.
+        &[0x80, 0x00],
+        &[0xc0, 0xc0],
     ] {
         assert!(frame::check_structure(bad, 1 << 20).is_err(), "{bad:?}");
     }
