@@ -79,6 +79,21 @@ pub const CHEAP_ENOUGH: f64 = 1.1;
 /// behind lost 8 of 9 rounds to "rows 8, wait 2 ms").
 pub const CHEAP_ENOUGH_BEHIND: f64 = 1.05;
 
+/// Per-request service time ([`Batcher::units`]).
+struct Units {
+    per_row: f64,
+    per_element: f64,
+}
+
+impl Units {
+    /// Seconds the workers take for `item`: by rows or by elements, whichever says more.
+    fn secs(&self, item: &Item) -> f64 {
+        let by_rows = self.per_row * f64::from(item.rows.max(1));
+        let by_elements = self.per_element * item.elements as f64;
+        by_rows.max(by_elements)
+    }
+}
+
 /// How fast the time per input element follows new batches (the weight of the newest).
 const ELEMENT_SMOOTHING: f64 = 0.2;
 
@@ -431,39 +446,41 @@ impl Batcher {
         if ahead == 0 {
             return item.arrived;
         }
-        let turn: Duration = self
+        let units = self.units();
+        let turn: f64 = self
             .queue
             .iter()
             .filter(|w| w.item.source == item.source && w.item.priority >= item.priority)
-            .map(|w| self.service(&w.item))
+            .map(|w| units.secs(&w.item))
             .sum();
+        // (At most ~30 years: an Instant plus Duration::MAX overflows.)
+        let turn = Duration::try_from_secs_f64(turn.min(1e9)).unwrap_or(Duration::ZERO);
         latest.max(item.arrived + turn)
     }
 
-    /// Expected time the workers take for `item` in a backlog: by its rows at the cheapest
-    /// measured batch size ([`Batcher::service_time`]), or by its elements where that says
-    /// more (requests larger than those the cost table learnt from), shared over the workers.
-    fn service(&self, item: &Item) -> Duration {
-        let by_rows = self.service_time(item.rows);
-        let by_elements = self.per_element.map_or(Duration::ZERO, |p| {
-            let secs = p * item.elements as f64 / self.workers.max(1) as f64;
-            Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
-        });
-        by_rows.max(by_elements)
-    }
-
-    /// Expected time the workers take per request of `rows` in a backlog: the cheapest
-    /// measured cost per row, shared over the workers. Zero before anything was measured
-    /// (then starts are arrivals: first come, first served).
-    fn service_time(&self, rows: u32) -> Duration {
+    /// What a request's service time is made of: the cheapest measured cost per row and the
+    /// time per input element, each shared over the workers.
+    fn units(&self) -> Units {
         let max = self.settings.max_batch_rows.max(1);
         let per_row = self
             .cost
             .best(max, None, true)
             .and_then(|b| self.cost.per_row(b))
             .unwrap_or(0.0);
-        let secs = per_row * f64::from(rows.max(1)) / self.workers.max(1) as f64;
-        Duration::try_from_secs_f64(secs).unwrap_or(Duration::ZERO)
+        let workers = self.workers.max(1) as f64;
+        Units {
+            per_row: per_row / workers,
+            per_element: self.per_element.unwrap_or(0.0) / workers,
+        }
+    }
+
+    /// Expected time the workers take for `item` in a backlog: by its rows at the cheapest
+    /// measured batch size, or by its elements where that says more (requests larger than
+    /// those the cost table learnt from), shared over the workers. Zero before anything was
+    /// measured (then starts are arrivals: first come, first served).
+    #[cfg(test)]
+    fn service(&self, item: &Item) -> Duration {
+        Duration::try_from_secs_f64(self.units().secs(item)).unwrap_or(Duration::MAX)
     }
 
     /// A batch of `rows` finished after `compute`; its worker is free again.
