@@ -3,7 +3,8 @@
 //! the socket or a futex only to wake a side that sleeps.
 //!
 //! One poller thread serves every ring of the daemon: it takes what each ring holds (at most
-//! [`PER_ROUND`] submissions per ring, and [`USER_ROUND_BYTES`] of frames per user, per round
+//! [`PER_ROUND`] submissions per ring, and [`USER_ROUND_BYTES`] of frames per user (each at
+//! least [`FRAME_ROUND_BYTES`]), per round
 //! — with the arena bytes this thread copied to key a user's small requests,
 //! so one busy ring, or one user's many rings, cannot starve the others),
 //! and when a round finds nothing it asks every client to wake it (`sq_wake`), looks once
@@ -52,6 +53,10 @@ const PER_ROUND: u32 = 16;
 /// bytes, so a user's many rings full of large frames delay another user's ring by about one
 /// such budget per round, not by all of its rings' slots.
 const USER_ROUND_BYTES: u64 = 256 << 10;
+/// What a frame counts against [`USER_ROUND_BYTES`] at least, whatever its size: each costs
+/// the poller its decoding and queueing, so a user's many rings of tiny frames (32 × 16 a
+/// round) delay another user's ring by at most 64 of them per round.
+const FRAME_ROUND_BYTES: u64 = 4 << 10;
 /// The longest the poller sleeps between looks while a ring waits for memory.
 const MEMORY_POLL: Duration = Duration::from_millis(1);
 
@@ -334,7 +339,8 @@ impl Served {
             // The user's share of this round is spent: the rest waits for the next round
             // (which comes at once: something was taken). Not stalled.
             let user = used.entry(self.peer.uid).or_default();
-            if *user > 0 && *user + u64::from(len) > USER_ROUND_BYTES {
+            let cost = u64::from(len).max(FRAME_ROUND_BYTES);
+            if *user > 0 && *user + cost > USER_ROUND_BYTES {
                 ring.stalled.store(false, Ordering::Relaxed);
                 round.more = true;
                 return round;
@@ -360,7 +366,8 @@ impl Served {
             crate::coalesce::copied_here();
             self.take(body, held);
             let copied = crate::coalesce::copied_here();
-            *used.entry(self.peer.uid).or_default() += u64::from(len) + copied;
+            *used.entry(self.peer.uid).or_default() +=
+                u64::from(len).max(FRAME_ROUND_BYTES) + copied;
         }
         ring.stalled.store(false, Ordering::Relaxed);
         round
