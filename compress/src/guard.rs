@@ -18,9 +18,8 @@
 //! divisor other than −1, a dividend other than the minimum: `x / 2` in shape arithmetic).
 //! Types come from the graph's declarations and a forward pass over ONNX's type rules
 //! ([`output_types`]); an operand whose type is not known is guarded. Subgraphs (If, Loop,
-//! Scan bodies) are guarded too, with the types of the names they read from outer scopes.
-//! Model-local functions are not (no model we serve has them; the function's nodes run
-//! as written).
+//! Scan bodies) are guarded too, with the types of the names they read from outer scopes,
+//! and so are model-local functions' bodies (their inputs untyped, at their own opset).
 
 use std::collections::{HashMap, HashSet};
 
@@ -64,7 +63,12 @@ pub fn guard_division(bytes: &[u8]) -> Result<(Option<Vec<u8>>, Guarded), Error>
     // Every model a daemon loads comes here: it is looked at in outline (no copy of its
     // weights), and parsed whole only when a node needs the guard.
     let outline = Model::parse_outline(bytes)?;
-    if !has_division(&outline.graph)? {
+    let in_functions = outline
+        .msg
+        .messages(FUNCTIONS)?
+        .iter()
+        .any(|f| has_division(&function_graph(f).unwrap_or_default()).unwrap_or(true));
+    if !has_division(&outline.graph)? && !in_functions {
         return Ok((None, Guarded::default()));
     }
     let (changed, found, _) = guard_model(outline)?;
@@ -87,7 +91,33 @@ fn guard_model(mut model: Model) -> Result<(bool, Guarded, Model), Error> {
         left: 0,
         opset,
     };
-    let changed = g.graph(&mut model.graph, &HashMap::new())?;
+    let mut changed = g.graph(&mut model.graph, &HashMap::new())?;
+    // Model-local functions: their inputs are untyped (guarded unless a constant rules the
+    // case out), at the function's own opset.
+    let mut functions = model.msg.messages(FUNCTIONS)?;
+    let mut functions_changed = false;
+    for f in &mut functions {
+        let mut body = function_graph(f)?;
+        collect_names(&body, &mut g.names)?;
+        g.opset = function_opset(f)?.unwrap_or(opset);
+        if g.graph(&mut body, &HashMap::new())? {
+            f.replace(
+                FUNCTION_NODE,
+                body.messages(graph::NODE)?
+                    .iter()
+                    .map(|n| Value::Bytes(n.encode()))
+                    .collect(),
+            );
+            functions_changed = true;
+        }
+    }
+    if functions_changed {
+        model.msg.replace(
+            FUNCTIONS,
+            functions.iter().map(|f| Value::Bytes(f.encode())).collect(),
+        );
+        changed = true;
+    }
     let mut out = Guarded {
         guarded: g.count,
         unguarded: None,
@@ -101,6 +131,28 @@ fn guard_model(mut model: Model) -> Result<(bool, Guarded, Model), Error> {
         ));
     }
     Ok((changed, out, model))
+}
+
+/// ModelProto.functions; FunctionProto.node and .opset_import.
+const FUNCTIONS: u32 = 25;
+const FUNCTION_NODE: u32 = 7;
+const FUNCTION_OPSET: u32 = 9;
+
+/// A function's body as a graph of its nodes (what [`Guard::graph`] walks).
+fn function_graph(f: &Message) -> Result<Message, Error> {
+    let mut g = Message::default();
+    for n in f.messages(FUNCTION_NODE)? {
+        g.push_message(graph::NODE, &n);
+    }
+    Ok(g)
+}
+
+/// The default domain's version a function imports, if it says.
+fn function_opset(f: &Message) -> Result<Option<u64>, Error> {
+    Ok(f.messages(FUNCTION_OPSET)?
+        .into_iter()
+        .find(|o| matches!(o.string(onnx::opset::DOMAIN).as_str(), "" | "ai.onnx"))
+        .and_then(|o| o.varint(onnx::opset::VERSION)))
 }
 
 /// Whether any node of `g` or its subgraphs is a default-domain `Div` or `Mod`.
@@ -700,6 +752,48 @@ mod tests {
             Some(1 << 20),
             "weights kept"
         );
+    }
+
+    #[test]
+    fn a_model_local_functions_division_is_guarded_at_its_opset() {
+        for (fn_opset, want) in [(17, 1), (10, 0)] {
+            let mut f = Message::default();
+            f.push_str(1, "f"); // FunctionProto.name
+            f.push_str(4, "x");
+            f.push_str(4, "y");
+            f.push_str(5, "z");
+            f.push_message(FUNCTION_NODE, &op("Div", &["x", "y"], "z"));
+            let mut o = Message::default();
+            o.push_str(onnx::opset::DOMAIN, "");
+            o.push(onnx::opset::VERSION, Value::Varint(fn_opset));
+            f.push_message(FUNCTION_OPSET, &o);
+            f.push_str(10, "local"); // FunctionProto.domain
+            let call = onnx::make_node("f", "local", "", &["a", "b"], &["y"], &[]);
+            let bytes = model(
+                &[call],
+                &[("a", tensor::INT64), ("b", tensor::INT64)],
+                &[],
+                17,
+            );
+            let mut m = Message::parse(&bytes).unwrap();
+            m.push_message(FUNCTIONS, &f);
+            let (out, g) = guard_division(&m.encode()).unwrap();
+            assert_eq!(g.guarded, want, "function opset {fn_opset}");
+            assert_eq!(g.unguarded.is_some(), want == 0);
+            if want == 0 {
+                continue;
+            }
+            let out = Message::parse(&out.unwrap()).unwrap();
+            let f = &out.messages(FUNCTIONS).unwrap()[0];
+            let ops: Vec<String> = f
+                .messages(FUNCTION_NODE)
+                .unwrap()
+                .iter()
+                .map(onnx::op_type)
+                .collect();
+            assert!(ops.contains(&"Sign".to_string()), "{ops:?}");
+            assert_eq!(ops.last().map(String::as_str), Some("Where"));
+        }
     }
 
     #[test]

@@ -195,6 +195,89 @@ fn guarded_integer_division_answers_as_onnx_runtime_and_never_traps() {
     }
 }
 
+/// A division inside a model-local function (the graph calls `local.f(a, b)`, whose body
+/// is `Div`): ONNX Runtime inlines the function, and the trap is there as in the graph.
+fn function_model(op: &str, elem: u64) -> Vec<u8> {
+    use rxd_compress::onnx::{model, opset};
+    use rxd_compress::proto::{Message, Value};
+    let plain = division_model(op, elem, None, false, 17);
+    let mut m = Message::parse(&plain).unwrap();
+    let mut g = m.message(model::GRAPH).unwrap().unwrap();
+    let body = g.messages(graph::NODE).unwrap().remove(0);
+    let call = onnx::make_node("f", "local", "", &["a", "b"], &["y"], &[]);
+    g.replace(graph::NODE, vec![Value::Bytes(call.encode())]);
+    m.replace(model::GRAPH, vec![Value::Bytes(g.encode())]);
+    let mut f = Message::default();
+    f.push_str(1, "f"); // FunctionProto.name
+    f.push_str(4, "a"); // .input
+    f.push_str(4, "b");
+    f.push_str(5, "y"); // .output
+    f.push_message(7, &body); // .node
+    let mut o = Message::default();
+    o.push_str(opset::DOMAIN, "");
+    o.push(opset::VERSION, Value::Varint(17));
+    f.push_message(9, &o); // .opset_import
+    f.push_str(10, "local"); // .domain
+    m.push_message(25, &f); // ModelProto.functions
+    let mut local = Message::default();
+    local.push_str(opset::DOMAIN, "local");
+    local.push(opset::VERSION, Value::Varint(1));
+    m.push_message(model::OPSET_IMPORT, &local);
+    m.encode()
+}
+
+#[test]
+fn a_division_in_a_model_local_function_is_guarded() {
+    for (op, elem, bits) in [("Div", INT64, 64), ("Mod", INT32, 32)] {
+        let model = function_model(op, elem);
+        let (guarded, report) = guard_division(&model).unwrap();
+        assert_eq!(report.guarded, 1, "{op}");
+        let mut original = Reference::from_bytes(&model);
+        let mut safe = Reference::from_bytes(&guarded.unwrap());
+        let min = -(1i128 << (bits - 1)) as i64;
+        let a = operands(2048, bits, 3);
+        let mut b = operands(2048, bits, 4);
+        for d in &mut b {
+            if *d == 0 {
+                *d = 7;
+            }
+        }
+        b[0] = -1;
+        let mut a_trap = a.clone();
+        a_trap[0] = min;
+        let case = Case {
+            op: "",
+            elem,
+            fmod: None,
+            in_branch: false,
+            opset: 17,
+        };
+        let tame: Vec<i64> = (0..a.len())
+            .map(|i| {
+                if a_trap[i] == min && b[i] == -1 {
+                    5
+                } else {
+                    a_trap[i]
+                }
+            })
+            .collect();
+        let want = values(&original.run(&case.inputs(&tame, &b))[0]);
+        let got = values(&safe.run(&case.inputs(&a_trap, &b))[0]);
+        for i in 0..a.len() {
+            let expect = if a_trap[i] == min && b[i] == -1 {
+                if op == "Div" { min } else { 0 }
+            } else {
+                want[i]
+            };
+            assert_eq!(
+                got[i], expect,
+                "{op}: {} op {} (element {i})",
+                a_trap[i], b[i]
+            );
+        }
+    }
+}
+
 /// The real models keep every node: their divisions are float (ORT's fusions still see
 /// them), so no model we serve pays for the guard.
 #[test]
