@@ -206,11 +206,6 @@ struct Guard {
     opset: u64,
 }
 
-/// ValueInfoProto.type → TypeProto.tensor_type → elem_type.
-fn declared_type(vi: &Message) -> Option<u64> {
-    vi.message(2).ok()??.message(1).ok()??.varint(1)
-}
-
 /// A one-element integer constant's value, by name: initializers (unless a graph input of
 /// the same name can override them) and `Constant` nodes.
 type Consts = HashMap<String, i64>;
@@ -251,7 +246,7 @@ impl Guard {
         let mut declared = HashMap::new();
         for field in [graph::INPUT, graph::OUTPUT, VALUE_INFO] {
             for v in g.messages(field)? {
-                if let Some(ty) = declared_type(&v) {
+                if let Some(ty) = onnx::elem_type(&v) {
                     declared.insert(v.string(value_info::NAME), ty);
                 }
             }
@@ -413,21 +408,7 @@ fn output_types(n: &Message, types: &HashMap<String, u64>) -> Result<Vec<Option<
         Ok(onnx::int_attr(n, "dtype")?.map(|t| t as u64).or(default))
     };
     Ok(match onnx::op_type(n).as_str() {
-        "Constant" => {
-            let attrs = n.messages(node::ATTRIBUTE)?;
-            all(attrs
-                .iter()
-                .find_map(|a| match a.string(onnx::attr::NAME).as_str() {
-                    "value" => a
-                        .message(onnx::attr::T)
-                        .ok()
-                        .flatten()
-                        .and_then(|t| t.varint(tensor::DATA_TYPE)),
-                    "value_float" | "value_floats" => Some(FLOAT),
-                    "value_int" | "value_ints" => Some(INT64),
-                    _ => None,
-                }))
-        }
+        "Constant" => all(onnx::constant_type(n, FLOAT)?),
         "Cast" => all(onnx::int_attr(n, "to")?.map(|t| t as u64)),
         "CastLike" => all(of(1)),
         "ConstantOfShape" => all(Some(
@@ -476,14 +457,17 @@ mod tests {
     use super::*;
 
     fn vi(name: &str, ty: u64) -> Message {
-        let mut tt = Message::default();
-        tt.push(1, Value::Varint(ty));
-        let mut t = Message::default();
-        t.push_message(1, &tt);
-        let mut v = Message::default();
-        v.push_str(value_info::NAME, name);
-        v.push_message(2, &t);
-        v
+        onnx::value_info(name, ty, &[])
+    }
+
+    /// `y = op(a, b)`, both inputs of type `ty`.
+    fn binary(op_type: &str, ty: u64, opset: u64) -> Vec<u8> {
+        model(
+            &[op(op_type, &["a", "b"], "y")],
+            &[("a", ty), ("b", ty)],
+            &[],
+            opset,
+        )
     }
 
     fn model(nodes: &[Message], inputs: &[(&str, u64)], inits: &[Message], opset: u64) -> Vec<u8> {
@@ -532,12 +516,7 @@ mod tests {
     #[test]
     fn integer_division_of_inputs_is_guarded_and_keeps_its_output_name() {
         for ty in [tensor::INT32, tensor::INT64] {
-            let bytes = model(
-                &[op("Div", &["a", "b"], "y")],
-                &[("a", ty), ("b", ty)],
-                &[],
-                17,
-            );
+            let bytes = binary("Div", ty, 17);
             let (out, g) = guard_division(&bytes).unwrap();
             let out = out.expect("rewritten");
             assert_eq!(g.guarded, 1);
@@ -562,12 +541,7 @@ mod tests {
 
     #[test]
     fn mod_divides_by_the_safe_divisor_and_needs_no_second_where() {
-        let bytes = model(
-            &[op("Mod", &["a", "b"], "y")],
-            &[("a", tensor::INT64), ("b", tensor::INT64)],
-            &[],
-            17,
-        );
+        let bytes = binary("Mod", tensor::INT64, 17);
         let out = guard_division(&bytes).unwrap().0.unwrap();
         let ops = ops_of(&out);
         assert_eq!(ops.last().map(String::as_str), Some("Mod"));
@@ -584,12 +558,7 @@ mod tests {
             tensor::UINT32,
             tensor::UINT64,
         ] {
-            let bytes = model(
-                &[op("Div", &["a", "b"], "y")],
-                &[("a", ty), ("b", ty)],
-                &[],
-                17,
-            );
+            let bytes = binary("Div", ty, 17);
             let (out, g) = guard_division(&bytes).unwrap();
             assert!(out.is_none(), "type {ty}");
             assert_eq!(g.guarded, 0);

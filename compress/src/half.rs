@@ -191,11 +191,6 @@ pub struct HalfCompute {
 /// The largest finite float16.
 const F16_MAX: f32 = 65504.0;
 
-/// ValueInfoProto.type → TypeProto.tensor_type → elem_type.
-fn elem_type(vi: &Message) -> Option<u64> {
-    vi.message(2).ok()??.message(1).ok()??.varint(1)
-}
-
 fn set_elem_type(vi: &mut Message, t: u64) -> Result<(), Error> {
     let Some(mut ty) = vi.message(2)? else {
         return Ok(());
@@ -274,22 +269,7 @@ fn output_types(n: &Message, types: &HashMap<String, u64>) -> Result<Vec<Option<
     let first = ins.iter().find_map(|x| types.get(x)).copied();
     let all = |t: Option<u64>| vec![t; outs.len()];
     Ok(match onnx::op_type(n).as_str() {
-        "Constant" => {
-            let attrs = n.messages(node::ATTRIBUTE)?;
-            let t = attrs
-                .iter()
-                .find_map(|a| match a.string(onnx::attr::NAME).as_str() {
-                    "value" => a
-                        .message(onnx::attr::T)
-                        .ok()
-                        .flatten()
-                        .and_then(|t| t.varint(tensor::DATA_TYPE)),
-                    "value_float" | "value_floats" => Some(FLOAT16),
-                    "value_int" | "value_ints" => Some(INT64),
-                    _ => None,
-                });
-            all(t)
-        }
+        "Constant" => all(onnx::constant_type(n, FLOAT16)?),
         "Cast" => all(onnx::int_attr(n, "to")?.map(|t| t as u64)),
         "CastLike" => all(of(1)),
         "ConstantOfShape" => all(Some(
@@ -329,7 +309,7 @@ pub(crate) fn value_types(model: &Model) -> Result<HashMap<String, u64>, Error> 
         }
     }
     for i in model.graph.messages(graph::INPUT)? {
-        if let Some(ty) = elem_type(&i) {
+        if let Some(ty) = onnx::elem_type(&i) {
             types.entry(i.string(value_info::NAME)).or_insert(ty);
         }
     }
@@ -396,12 +376,12 @@ pub fn fp16_compute(model: &mut Model) -> Result<HalfCompute, Error> {
         let name = i.string(value_info::NAME);
         if init_names.contains(&name) {
             dropped.push(name);
-        } else if elem_type(&i) == Some(FLOAT) {
+        } else if onnx::elem_type(&i) == Some(FLOAT) {
             let h = format!("{name}.fp16");
             nodes.push(cast(&name, &h, FLOAT16));
             types.insert(h.clone(), FLOAT16);
             renamed.insert(name, h);
-        } else if let Some(t) = elem_type(&i) {
+        } else if let Some(t) = onnx::elem_type(&i) {
             types.insert(name, t);
         }
     }
@@ -410,7 +390,7 @@ pub fn fp16_compute(model: &mut Model) -> Result<HalfCompute, Error> {
     let mut out_casts = Vec::new();
     for o in model.graph.messages(graph::OUTPUT)? {
         let name = o.string(value_info::NAME);
-        if elem_type(&o) == Some(FLOAT) && !renamed.contains_key(&name) {
+        if onnx::elem_type(&o) == Some(FLOAT) && !renamed.contains_key(&name) {
             let h = format!("{name}.fp16");
             out_casts.push(cast(&h, &name, FLOAT));
             out_renamed.insert(name, h);
@@ -534,7 +514,7 @@ pub fn fp16_compute(model: &mut Model) -> Result<HalfCompute, Error> {
     // Intermediate value types recorded in the file follow.
     let mut vis = model.graph.messages(VALUE_INFO)?;
     for vi in &mut vis {
-        if elem_type(vi) == Some(FLOAT) {
+        if onnx::elem_type(vi) == Some(FLOAT) {
             set_elem_type(vi, FLOAT16)?;
         }
     }

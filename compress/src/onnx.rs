@@ -280,6 +280,50 @@ pub fn indexed(graph: &Message) -> Result<Indexed, Error> {
     })
 }
 
+/// ValueInfoProto.type → TypeProto.tensor_type → elem_type.
+pub fn elem_type(vi: &Message) -> Option<u64> {
+    vi.message(2).ok()??.message(1).ok()??.varint(1)
+}
+
+/// A ValueInfoProto of a tensor of `elem` type, with symbolic dimensions `dims` (no shape
+/// when empty).
+pub fn value_info(name: &str, elem: u64, dims: &[&str]) -> Message {
+    let mut tensor_type = Message::default();
+    tensor_type.push(1, Value::Varint(elem));
+    if !dims.is_empty() {
+        let mut shape = Message::default();
+        for d in dims {
+            let mut dim = Message::default();
+            dim.push_str(2, d); // Dimension.dim_param
+            shape.push_message(1, &dim);
+        }
+        tensor_type.push_message(2, &shape);
+    }
+    let mut ty = Message::default();
+    ty.push_message(1, &tensor_type);
+    let mut v = Message::default();
+    v.push_str(value_info::NAME, name);
+    v.push_message(2, &ty);
+    v
+}
+
+/// The data type of a `Constant` node's output: its `value` tensor's, int64 for
+/// `value_int(s)`, `float` (the caller's float type) for `value_float(s)`.
+pub fn constant_type(n: &Message, float: u64) -> Result<Option<u64>, Error> {
+    Ok(n.messages(node::ATTRIBUTE)?
+        .iter()
+        .find_map(|a| match a.string(attr::NAME).as_str() {
+            "value" => a
+                .message(attr::T)
+                .ok()
+                .flatten()
+                .and_then(|t| t.varint(tensor::DATA_TYPE)),
+            "value_float" | "value_floats" => Some(float),
+            "value_int" | "value_ints" => Some(tensor::INT64),
+            _ => None,
+        }))
+}
+
 pub fn name_of(t: &Message) -> String {
     t.string(tensor::NAME)
 }

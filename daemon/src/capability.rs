@@ -328,14 +328,7 @@ mod tests {
     }
 
     fn value_info(name: &str, elem: u64) -> Message {
-        let mut tensor = Message::default();
-        tensor.push(1, Value::Varint(elem));
-        let mut ty = Message::default();
-        ty.push_message(1, &tensor);
-        let mut v = Message::default();
-        v.push_str(onnx::value_info::NAME, name);
-        v.push_message(2, &ty);
-        v
+        onnx::value_info(name, elem, &[])
     }
 
     #[test]

@@ -268,7 +268,7 @@ fn too_long(
     model: &crate::model::LoadedModel,
     checked: &validate::Checked,
 ) -> Result<(), WireError> {
-    let elements = crate::runtime::elements_of(checked.inputs.iter().map(|t| t.shape.as_slice()));
+    let elements = crate::runtime::input_elements(&checked.inputs);
     let limit = shared.config.watchdog_stuck / 4;
     match model.scheduler().expected_compute(elements) {
         Some(t) if t > limit => Err(WireError::new(

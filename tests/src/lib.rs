@@ -247,6 +247,32 @@ fn unused_initializer(name: &str, bytes: usize) -> Vec<u8> {
     model
 }
 
+/// An int32 or int64 tensor of `values` (each taken as the dtype's width: wrapping).
+pub fn int_tensor(name: &str, dtype: DType, shape: &[u64], values: &[i64]) -> Tensor {
+    let bytes: Vec<u8> = match dtype {
+        DType::Int32 => values
+            .iter()
+            .flat_map(|&v| (v as i32).to_le_bytes())
+            .collect(),
+        DType::Int64 => values.iter().flat_map(|&v| v.to_le_bytes()).collect(),
+        d => panic!("not an int32/int64 dtype: {d}"),
+    };
+    Tensor::inline(name, dtype, shape.to_vec(), bytes)
+}
+
+/// An int32 or int64 tensor's values (inline, or in an arena the caller still maps).
+pub fn int_values(t: &Tensor) -> Vec<i64> {
+    let bytes = rxd_client::tensor::bytes(t).unwrap();
+    match t.dtype {
+        DType::Int32 => le_vec(bytes, i32::from_le_bytes)
+            .into_iter()
+            .map(i64::from)
+            .collect(),
+        DType::Int64 => le_vec(bytes, i64::from_le_bytes),
+        d => panic!("not an int32/int64 dtype: {d}"),
+    }
+}
+
 /// An integer division model: `y = op(a, b)` (`op` "Div" or "Mod", `fmod` its attribute)
 /// on inputs `a` `[n]` and `b` `[k]` (k = n, or 1 to broadcast) of ONNX element type `elem`
 /// (6 int32, 7 int64), at default-domain `opset`. `in_branch`: the node sits in an `If`'s then-branch on a
@@ -259,25 +285,9 @@ pub fn division_model(
     in_branch: bool,
     opset_version: u64,
 ) -> Vec<u8> {
-    use rxd_compress::onnx::{self, graph, model, opset, value_info};
+    use rxd_compress::onnx::{self, graph, model, opset};
     use rxd_compress::proto::{Message, Value};
-    let vi = |name: &str, ty: u64, dim: Option<&str>| {
-        let mut tt = Message::default();
-        tt.push(1, Value::Varint(ty)); // TypeProto.Tensor.elem_type
-        if let Some(d) = dim {
-            let mut dm = Message::default();
-            dm.push_str(2, d); // Dimension.dim_param
-            let mut shape = Message::default();
-            shape.push_message(1, &dm);
-            tt.push_message(2, &shape);
-        }
-        let mut t = Message::default();
-        t.push_message(1, &tt);
-        let mut v = Message::default();
-        v.push_str(value_info::NAME, name);
-        v.push_message(2, &t);
-        v
-    };
+    let vi = |name: &str, ty: u64, dim: Option<&str>| onnx::value_info(name, ty, dim.as_slice());
     let ints: Vec<(&str, i64)> = fmod.map(|f| ("fmod", f)).into_iter().collect();
     let out = if in_branch { "q" } else { "y" };
     let div = onnx::make_node(op, "", "", &["a", "b"], &[out], &ints);
@@ -754,15 +764,18 @@ fn env() -> &'static ort::environment::Environment {
 impl Reference {
     /// A session with the same settings rxd uses in tests (one intra-op thread).
     pub fn new(model: &Path) -> Reference {
-        let session = ort::session::Session::builder(env())
+        let session = Self::one_thread().commit_from_file(model).unwrap();
+        Reference { session }
+    }
+
+    /// The session builder of [`Reference::new`]: one intra-op and one inter-op thread.
+    fn one_thread() -> ort::session::builder::SessionBuilder {
+        ort::session::Session::builder(env())
             .unwrap()
             .with_intra_threads(1)
             .unwrap()
             .with_inter_threads(1)
             .unwrap()
-            .commit_from_file(model)
-            .unwrap();
-        Reference { session }
     }
 
     /// A session on ONNX Runtime's CUDA EP (GPU 0) with the given provider options, for the
@@ -784,14 +797,7 @@ impl Reference {
 
     /// A session (as [`Reference::new`]) of a model in memory.
     pub fn from_bytes(model: &[u8]) -> Reference {
-        let session = ort::session::Session::builder(env())
-            .unwrap()
-            .with_intra_threads(1)
-            .unwrap()
-            .with_inter_threads(1)
-            .unwrap()
-            .commit_from_memory(model)
-            .unwrap();
+        let session = Self::one_thread().commit_from_memory(model).unwrap();
         Reference { session }
     }
 

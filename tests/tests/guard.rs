@@ -8,7 +8,7 @@
 
 use rxd_compress::guard::guard_division;
 use rxd_compress::onnx::{self, Model, graph};
-use rxd_e2e::{Reference, division_model, model_file};
+use rxd_e2e::{Reference, division_model, int_tensor, int_values, model_file};
 use rxd_protocol::{DType, Tensor};
 
 const INT32: u64 = 6;
@@ -43,35 +43,22 @@ fn operands(n: usize, bits: u32, seed: u64) -> Vec<i64> {
         .collect()
 }
 
-fn tensor(name: &str, elem: u64, values: &[i64]) -> Tensor {
-    let (dtype, bytes): (DType, Vec<u8>) = match elem {
-        INT32 => (
-            DType::Int32,
-            values
-                .iter()
-                .flat_map(|&v| (v as i32).to_le_bytes())
-                .collect(),
-        ),
-        _ => (
-            DType::Int64,
-            values.iter().flat_map(|&v| v.to_le_bytes()).collect(),
-        ),
+/// The inputs of [`division_model`]: `a`, `b` of ONNX type `elem` (6 int32, 7 int64),
+/// and `c` (true) when the division sits in an `If` branch.
+fn inputs(elem: u64, in_branch: bool, a: &[i64], b: &[i64]) -> Vec<Tensor> {
+    let dtype = if elem == INT32 {
+        DType::Int32
+    } else {
+        DType::Int64
     };
-    Tensor::inline(name, dtype, vec![values.len() as u64], bytes)
-}
-
-fn values(t: &Tensor) -> Vec<i64> {
-    let bytes = rxd_client::tensor::bytes(t).unwrap();
-    match t.dtype {
-        DType::Int32 => bytes
-            .chunks_exact(4)
-            .map(|c| i64::from(i32::from_le_bytes(c.try_into().unwrap())))
-            .collect(),
-        _ => bytes
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-            .collect(),
+    let mut v = vec![
+        int_tensor("a", dtype, &[a.len() as u64], a),
+        int_tensor("b", dtype, &[b.len() as u64], b),
+    ];
+    if in_branch {
+        v.push(Tensor::inline("c", DType::Bool, vec![1], vec![1]));
     }
+    v
 }
 
 struct Case {
@@ -84,11 +71,7 @@ struct Case {
 
 impl Case {
     fn inputs(&self, a: &[i64], b: &[i64]) -> Vec<Tensor> {
-        let mut v = vec![tensor("a", self.elem, a), tensor("b", self.elem, b)];
-        if self.in_branch {
-            v.push(Tensor::inline("c", DType::Bool, vec![1], vec![1]));
-        }
-        v
+        inputs(self.elem, self.in_branch, a, b)
     }
 }
 
@@ -160,8 +143,8 @@ fn guarded_integer_division_answers_as_onnx_runtime_and_never_traps() {
             );
             // The original may only see the pairs that do not trap.
             let tame: Vec<i64> = (0..n).map(|i| if traps[i] { 5 } else { a[i] }).collect();
-            let want = values(&original.run(&case.inputs(&tame, &b))[0]);
-            let got = values(&safe.run(&case.inputs(&a, &b))[0]);
+            let want = int_values(&original.run(&case.inputs(&tame, &b))[0]);
+            let got = int_values(&safe.run(&case.inputs(&a, &b))[0]);
             assert_eq!(got.len(), n, "{what}");
             for i in 0..n {
                 let expect = match (traps[i], case.op) {
@@ -245,13 +228,6 @@ fn a_division_in_a_model_local_function_is_guarded() {
         b[0] = -1;
         let mut a_trap = a.clone();
         a_trap[0] = min;
-        let case = Case {
-            op: "",
-            elem,
-            fmod: None,
-            in_branch: false,
-            opset: 17,
-        };
         let tame: Vec<i64> = (0..a.len())
             .map(|i| {
                 if a_trap[i] == min && b[i] == -1 {
@@ -261,8 +237,8 @@ fn a_division_in_a_model_local_function_is_guarded() {
                 }
             })
             .collect();
-        let want = values(&original.run(&case.inputs(&tame, &b))[0]);
-        let got = values(&safe.run(&case.inputs(&a_trap, &b))[0]);
+        let want = int_values(&original.run(&inputs(elem, false, &tame, &b))[0]);
+        let got = int_values(&safe.run(&inputs(elem, false, &a_trap, &b))[0]);
         for i in 0..a.len() {
             let expect = if a_trap[i] == min && b[i] == -1 {
                 if op == "Div" { min } else { 0 }

@@ -125,6 +125,14 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Its jobs' input elements in all.
+    pub fn elements(&self) -> u64 {
+        self.jobs
+            .iter()
+            .map(|j| super::input_elements(&j.inputs))
+            .fold(0, u64::saturating_add)
+    }
+
     /// A batch formed now and routed to `lane`, expected to take `expected` there.
     pub fn new(
         jobs: Vec<Job>,

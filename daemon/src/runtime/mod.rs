@@ -40,7 +40,7 @@ pub use job::{
     OutputTarget, OutputTensor, Placement, padded_rows,
 };
 pub use profile::NodePlacement;
-pub use run::elements_of;
+pub use run::input_elements;
 pub use signature::{
     Axes, AxesConfig, Axis, Signature, WARMUP_AUTO_DIM, dtype_of, element_type_of, fits, integer,
     warmup, warmup_shape, zero_inputs,

@@ -39,11 +39,16 @@ impl Staging {
 }
 
 /// Input elements of a set of shapes (saturating).
-pub fn elements_of<'a>(shapes: impl IntoIterator<Item = &'a [u64]>) -> u64 {
+pub(super) fn elements_of<'a>(shapes: impl IntoIterator<Item = &'a [u64]>) -> u64 {
     shapes
         .into_iter()
         .map(|s| s.iter().fold(1u64, |a, &d| a.saturating_mul(d)))
         .fold(0u64, u64::saturating_add)
+}
+
+/// The elements of `inputs` in all: what a request costs relative to others of its model.
+pub fn input_elements(inputs: &[super::InputTensor]) -> u64 {
+    elements_of(inputs.iter().map(|t| t.shape.as_slice()))
 }
 
 /// Jobs of a batch that ONNX Runtime failed, every one (each run alone too): handed back to
@@ -97,7 +102,7 @@ pub(super) fn run_batch(
         0 => (false, Ran::Answered { ok: false }),
         1 if padded == total => {
             let (job, r) = live.into_iter().next().expect("one");
-            let elements = elements_of(job.inputs.iter().map(|t| t.shape.as_slice()));
+            let elements = input_elements(&job.inputs);
             let shrink = arena.for_run(elements);
             let shrunk = shrink.is_some();
             match run_one(session, &job, shrink, pad.bogus) {

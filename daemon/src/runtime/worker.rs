@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use ort::session::{Session, SessionInputValue};
 
 use super::job::{Batch, BatchListener, Finished};
-use super::run::{Ran, Staging, elements_of, run_batch};
+use super::run::{Ran, Staging, run_batch};
 use super::{RuntimeError, release_free_memory};
 
 /// The sessions of one worker: `main`, and on GPU devices one more session per padded batch
@@ -399,13 +399,7 @@ impl WorkerPool {
         {
             return Some(batch);
         }
-        let elements = elements_of(
-            batch
-                .jobs
-                .iter()
-                .flat_map(|j| &j.inputs)
-                .map(|t| t.shape.as_slice()),
-        );
+        let elements = batch.elements();
         for seat in &self.seats {
             let Ok(mut bench) = seat.bench.try_lock() else {
                 continue;
@@ -539,13 +533,7 @@ impl Common {
         let started = std::time::Instant::now();
         busy.store(now_ms(), Relaxed);
         let rows: u32 = batch.rows.iter().sum();
-        let elements = elements_of(
-            batch
-                .jobs
-                .iter()
-                .flat_map(|j| &j.inputs)
-                .map(|t| t.shape.as_slice()),
-        );
+        let elements = batch.elements();
         let lane_batch = LaneBatch {
             arrived,
             dispatched: batch.dispatched.max(bench.last_done),

@@ -459,7 +459,7 @@ impl Scheduler {
             arrived: now,
             deadline: terms.deadline,
             source: terms.source,
-            elements: crate::runtime::elements_of(job.inputs.iter().map(|t| t.shape.as_slice())),
+            elements: crate::runtime::input_elements(&job.inputs),
         };
         st.pending.insert(id, (job, rows, now));
         let actions = if held {
