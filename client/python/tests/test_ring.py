@@ -58,15 +58,23 @@ def test_threads_share_the_ring_and_the_socket(daemon: Daemon) -> None:
     errors: List[str] = []
     with rxd.Client(daemon.socket, ring_entries=4) as c:
 
+        first = threading.Event()
+
         def work(t: int) -> None:
             for i in range(t, len(cases), 6):
                 got = c.infer("digits", {"input": cases[i]})
+                first.set()
                 for name, w in wants[i].items():
                     if not np.array_equal(got[name], w):
                         errors.append(f"case {i}: {name}")
 
+        # One thread's first request is alone on the connection (so it takes the ring);
+        # then the six share it. Started together, they could all find another's request in
+        # flight every time, and none took the ring (seen once on a loaded machine).
         threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
-        for t in threads:
+        threads[0].start()
+        assert first.wait(30)
+        for t in threads[1:]:
             t.start()
         for t in threads:
             t.join()
