@@ -220,6 +220,7 @@ pub fn infer<M: MakeCompletion>(
         priority: req.priority,
         deadline,
         source: u64::from(peer.uid),
+        bounded: !peer.admin,
     };
     let demanded = {
         let may_load = load_gate(shared, peer, &req.model);

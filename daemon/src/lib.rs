@@ -130,6 +130,7 @@ pub fn prepare(
             load_on_demand: config.load_on_demand,
             cache_dir: config.cache_directory.clone(),
             load_timeout: config.load_timeout,
+            run_limit: config.watchdog_stuck / 2,
             hooks: config::TestHooks::from_env(),
         },
     );

@@ -76,6 +76,8 @@ pub struct Serving {
     pub ort_fails: bool,
     /// The longest expected run of a batch the ring poller runs itself.
     pub inline_max: std::time::Duration,
+    /// A run holding a non-admin's request is stopped after this long.
+    pub run_limit: std::time::Duration,
     /// Its device's busy time and rows (the workers record each batch there).
     pub device_load: Arc<crate::metrics::DeviceLoad>,
 }
@@ -135,6 +137,7 @@ impl LoadedModel {
             fail_runs: s.fail_runs,
             ort_fails: s.ort_fails,
             inline_max: s.inline_max,
+            run_limit: Some(s.run_limit),
             axes,
         }
     }

@@ -334,6 +334,67 @@ pub fn division_model(
     m.encode()
 }
 
+/// A model whose cost is set by an input's values, not its size: `y = x · 2^max(steps)`,
+/// doubling `x` (float `[n]`) once per iteration of a `Loop` whose trip count is the largest
+/// of `steps` (int64 `[n]`). Rows batch (both inputs have `n` rows), though a row's answer
+/// depends on the others' steps: requests batched together must send equal steps. A few
+/// bytes of request can ask for 10^15 iterations.
+pub fn loop_model() -> Vec<u8> {
+    use rxd_compress::onnx::{self, graph, model, opset};
+    use rxd_compress::proto::{Message, Value};
+    // A rank-0 tensor (an empty shape, where `value_info` without dimensions has none).
+    let scalar = |name: &str, elem: u64| {
+        let mut tensor_type = Message::default();
+        tensor_type.push(1, Value::Varint(elem));
+        tensor_type.push_message(2, &Message::default());
+        let mut ty = Message::default();
+        ty.push_message(1, &tensor_type);
+        let mut v = Message::default();
+        v.push_str(1, name); // ValueInfoProto.name
+        v.push_message(2, &ty);
+        v
+    };
+    let mut body = Message::default();
+    body.push_message(
+        graph::NODE,
+        &onnx::make_node("Identity", "", "", &["cond_in"], &["cond_out"], &[]),
+    );
+    body.push_message(
+        graph::NODE,
+        &onnx::make_node("Add", "", "", &["v_in", "v_in"], &["v_out"], &[]),
+    );
+    body.push_str(2, "double"); // GraphProto.name
+    body.push_message(graph::INPUT, &scalar("i", 7));
+    body.push_message(graph::INPUT, &scalar("cond_in", 9));
+    body.push_message(graph::INPUT, &onnx::value_info("v_in", 1, &[]));
+    body.push_message(graph::OUTPUT, &scalar("cond_out", 9));
+    body.push_message(graph::OUTPUT, &onnx::value_info("v_out", 1, &[]));
+    let mut lp = onnx::make_node("Loop", "", "", &["m", "", "x"], &["y"], &[]);
+    let mut a = Message::default();
+    a.push_str(onnx::attr::NAME, "body");
+    a.push_message(onnx::attr::G, &body);
+    a.push(onnx::attr::TYPE, Value::Varint(5)); // GRAPH
+    lp.push_message(onnx::node::ATTRIBUTE, &a);
+    let mut g = Message::default();
+    g.push_message(
+        graph::NODE,
+        &onnx::make_node("ReduceMax", "", "", &["steps"], &["m"], &[("keepdims", 0)]),
+    );
+    g.push_message(graph::NODE, &lp);
+    g.push_str(2, "spin"); // GraphProto.name
+    g.push_message(graph::INPUT, &onnx::value_info("x", 1, &["n"]));
+    g.push_message(graph::INPUT, &onnx::value_info("steps", 7, &["n"]));
+    g.push_message(graph::OUTPUT, &onnx::value_info("y", 1, &["n"]));
+    let mut m = Message::default();
+    m.push(model::IR_VERSION, Value::Varint(8));
+    let mut o = Message::default();
+    o.push_str(opset::DOMAIN, "");
+    o.push(opset::VERSION, Value::Varint(17));
+    m.push_message(model::OPSET_IMPORT, &o);
+    m.push_message(model::GRAPH, &g);
+    m.encode()
+}
+
 /// A one-node ONNX model (built here, byte by byte): `y = Gather(table, index)` over a
 /// four-element float table, `index` int64 `[n]`. An index outside 0..4 makes ONNX Runtime
 /// fail the run: a request whose values, not shape, fail it.

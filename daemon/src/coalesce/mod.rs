@@ -305,6 +305,7 @@ impl Coalescer {
             outputs: checked.outputs,
             placement: checked.placement,
             completion,
+            bounded: terms.bounded,
         };
         if !self.enabled_for(input_bytes) {
             scheduler.submit(job, terms);
@@ -365,6 +366,7 @@ impl Coalescer {
             outputs,
             placement,
             completion,
+            bounded,
         } = job;
         let priority = terms.priority.unwrap_or(0);
         match self.route(key, priority, terms.deadline, completion, placement) {
@@ -375,6 +377,7 @@ impl Coalescer {
                     // The group wants the bytes back inline; it places them for each member.
                     placement: Placement::default(),
                     completion,
+                    bounded,
                 },
                 terms,
             ),

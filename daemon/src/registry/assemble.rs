@@ -167,6 +167,7 @@ impl LoadJob {
                     .hooks
                     .inline_max
                     .unwrap_or(crate::runtime::INLINE_MAX),
+                run_limit: self.defaults.run_limit,
                 device_load: self
                     .defaults
                     .devices

@@ -377,6 +377,9 @@ pub struct Defaults {
     pub cache_dir: PathBuf,
     /// How long a load may take (model.toml `load-timeout-secs` overrides it per model).
     pub load_timeout: std::time::Duration,
+    /// A run holding a non-admin's request is stopped after this long (half of
+    /// `watchdog-stuck-secs`).
+    pub run_limit: std::time::Duration,
     pub hooks: crate::config::TestHooks,
 }
 

@@ -96,6 +96,9 @@ pub struct Job {
     pub outputs: Vec<String>,
     pub placement: Placement,
     pub completion: Box<dyn Completion>,
+    /// A non-admin's: a run that holds it is stopped past the pool's run limit
+    /// ([`Crew::run_limit`](super::Crew::run_limit)).
+    pub bounded: bool,
 }
 
 /// Jobs that run together as one batch (concatenated along dimension 0), or one job alone.
@@ -173,6 +176,9 @@ pub struct Finished<'a> {
     pub extra: bool,
     /// Its jobs' input elements in all.
     pub elements: u64,
+    /// A run of it was stopped past its limit: its time says nothing of what such a batch
+    /// costs.
+    pub stopped: bool,
 }
 
 /// Told when a worker finishes a batch (the scheduler, held weakly by the workers).

@@ -19,6 +19,7 @@ mod caps;
 mod deliver;
 mod ep;
 mod job;
+mod limit;
 pub mod log;
 mod profile;
 mod raw;
@@ -69,6 +70,13 @@ pub enum RuntimeError {
     Abandoned,
     #[error("the deadline passed before the request could run")]
     DeadlineExceeded,
+    #[error(
+        "stopped after {:.1} s: a run holding a non-admin's request is stopped at half of \
+         watchdog-stuck-secs (less when a failed batch's requests are retried alone), and \
+         this request's values made the model run far longer than requests of its size do",
+        .0.as_secs_f64()
+    )]
+    Stopped(std::time::Duration),
     #[error("cannot create a private directory in {dir}: {message}")]
     Scratch { dir: PathBuf, message: String },
     #[error("warmup at batch {rows} failed: {message}")]

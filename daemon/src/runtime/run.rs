@@ -1,15 +1,19 @@
 //! Running a batch on a worker's session: one job alone straight from where its inputs are
 //! (zero copy from the arena or the request's bytes), several as one batch gathered into the
 //! worker's reused buffers (padded to the batch size its session runs) along each tensor's
-//! rows dimension ([`Axis`]) and split back per job; every job completed exactly once.
+//! rows dimension ([`Axis`]) and split back per job; every job completed exactly once. Each run
+//! goes under its [`Limits`]: past them it is stopped ([`super::limit`]).
 //! Boundary: the worker thread calls in; outputs go out through `deliver`.
 
 use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::Duration;
 
-use ort::session::{Session, SessionInputValue};
+use ort::session::{RunOptions, Session, SessionInputValue};
 
 use super::deliver::{View, deliver};
 use super::job::{Batch, InputData, Job, OutputTensor, padded_rows};
+use super::limit::Watch;
 use super::worker::{ArenaRelease, Pad, WorkerSessions};
 use super::{Axis, RuntimeError, dtype_of, element_type_of, raw, release_free_memory, run_err};
 
@@ -61,11 +65,45 @@ pub(super) struct Failed {
 
 /// What became of a batch.
 pub(super) enum Ran {
-    /// Every job answered; `ok`: at least one with outputs.
+    /// Every job answered; `ok`: at least one with outputs; `stopped`: a run was stopped
+    /// past its limit.
     Answered {
         ok: bool,
+        stopped: bool,
     },
     HandedBack(Failed),
+    /// Run by the thread that formed it, the batch failed or was stopped past
+    /// [`Limits::here`]: its jobs are unanswered, for a worker to run.
+    Requeue(Failed),
+}
+
+/// How long runs may take.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Limits {
+    /// A run that holds a non-admin's job ([`Job::bounded`]) is stopped after this long and
+    /// its jobs answered [`RuntimeError::Stopped`].
+    pub bounded: Option<Duration>,
+    /// Every run is stopped after this long, and a batch that fails (stopped or not) is handed
+    /// back unanswered ([`Ran::Requeue`]): a light batch on the thread that formed it.
+    pub here: Option<Duration>,
+}
+
+impl Limits {
+    /// The limit of a run of `jobs`.
+    fn of<'a>(&self, mut jobs: impl Iterator<Item = &'a Job>) -> Option<Duration> {
+        let bounded = self.bounded.filter(|_| jobs.any(|j| j.bounded));
+        match (bounded, self.here) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// How one run is made: with which options (`None`: ORT's defaults), stopped after how long.
+#[derive(Clone, Copy)]
+pub(super) struct How<'a> {
+    pub options: Option<&'a Arc<RunOptions>>,
+    pub after: Option<Duration>,
 }
 
 /// Runs a batch and completes every job in it — except when ONNX Runtime fails every job
@@ -77,6 +115,7 @@ pub(super) fn run_batch(
     pad: Pad<'_>,
     staging: &mut Staging,
     hand_back: &dyn Fn() -> bool,
+    limits: Limits,
 ) -> Ran {
     let Batch { jobs, rows, .. } = batch;
     let mut live: Vec<(Job, u32)> = Vec::with_capacity(jobs.len());
@@ -97,15 +136,33 @@ pub(super) fn run_batch(
         [(job, r)] if !rows_agree(job, *r, pad.axes) => total,
         _ => padded,
     };
-    let (session, arena, is_main) = sessions.for_rows(padded);
+    let (session, arena, plain, is_main) = sessions.for_rows(padded);
     let (shrunk, ran) = match live.len() {
-        0 => (false, Ran::Answered { ok: false }),
+        0 => (
+            false,
+            Ran::Answered {
+                ok: false,
+                stopped: false,
+            },
+        ),
         1 if padded == total => {
             let (job, r) = live.into_iter().next().expect("one");
             let elements = input_elements(&job.inputs);
             let shrink = arena.for_run(elements);
             let shrunk = shrink.is_some();
-            match run_one(session, &job, shrink, pad.bogus) {
+            let how = How {
+                options: shrink.or(plain),
+                after: limits.of(std::iter::once(&job)),
+            };
+            match run_one(session, &job, how, pad.bogus) {
+                Err(e @ RuntimeError::Stopped(_)) if limits.here.is_some() => (
+                    shrunk,
+                    Ran::Requeue(Failed {
+                        jobs: vec![job],
+                        rows: vec![r],
+                        error: e.to_string(),
+                    }),
+                ),
                 Err(RuntimeError::Run(error)) if hand_back() => (
                     shrunk,
                     Ran::HandedBack(Failed {
@@ -116,34 +173,67 @@ pub(super) fn run_batch(
                 ),
                 result => {
                     let ok = result.is_ok();
+                    let stopped = matches!(result, Err(RuntimeError::Stopped(_)));
                     job.completion.complete(result);
-                    (shrunk, Ran::Answered { ok })
+                    (shrunk, Ran::Answered { ok, stopped })
                 }
             }
         }
         _ => {
             let (jobs, rows): (Vec<Job>, Vec<u32>) = live.into_iter().unzip();
-            let (result, shrunk) = run_many(session, &jobs, &rows, padded, pad, staging, arena);
+            let how = How {
+                options: plain,
+                after: limits.of(jobs.iter()),
+            };
+            let began = std::time::Instant::now();
+            let (result, shrunk) =
+                run_many(session, &jobs, &rows, padded, pad, staging, arena, how);
             match result {
                 Ok(results) => {
                     let ok = results.iter().any(Result::is_ok);
                     for (job, r) in jobs.into_iter().zip(results) {
                         job.completion.complete(r);
                     }
-                    (shrunk, Ran::Answered { ok })
+                    (shrunk, Ran::Answered { ok, stopped: false })
+                }
+                // A light batch that fails on the thread that formed it goes to a worker,
+                // which runs its jobs alone (the thread takes requests: it runs nothing long).
+                Err(e) if limits.here.is_some() => {
+                    let error = e.to_string();
+                    (shrunk, Ran::Requeue(Failed { jobs, rows, error }))
                 }
                 Err(e) => {
+                    let stopped = matches!(e, RuntimeError::Stopped(_));
                     // One request can fail a whole batch (a value ONNX Runtime refuses, such
                     // as an index out of range): each then runs alone, so that only requests
                     // that fail on their own fail, never a stranger's batched beside them.
                     // (On a GPU session kept for one batch size this runs other sizes on it:
                     // slower, once, and only after a failure.) When every one fails alone
                     // too, the device may be what fails: they go back unanswered.
+                    // The runs alone share what is left of one and a half run limits since the
+                    // batch began, so that the worker is never held past the watchdog's
+                    // limit (the batch's run was stopped at one, or requests that fail fast
+                    // made it fail and the slow ones run alone now).
                     tracing::debug!("a batch of {} failed, running each alone: {e}", jobs.len());
+                    let end = limits.bounded.map(|l| began + l + l / 2);
+                    let count = jobs.len() as u32;
                     let alone: Vec<_> = jobs
                         .into_iter()
-                        .map(|job| {
-                            let result = run_one(session, &job, None, pad.bogus);
+                        .enumerate()
+                        .map(|(i, job)| {
+                            let share = end.map(|end| {
+                                let left = end.saturating_duration_since(std::time::Instant::now());
+                                left / (count - i as u32)
+                            });
+                            let limits = Limits {
+                                bounded: limits.bounded.zip(share).map(|(l, s)| l.min(s)),
+                                ..limits
+                            };
+                            let how = How {
+                                options: plain,
+                                after: limits.of(std::iter::once(&job)),
+                            };
+                            let result = run_one(session, &job, how, pad.bogus);
                             (job, result)
                         })
                         .collect();
@@ -159,10 +249,14 @@ pub(super) fn run_batch(
                         (shrunk, Ran::HandedBack(Failed { jobs, rows, error }))
                     } else {
                         let ok = alone.iter().any(|(_, r)| r.is_ok());
+                        let stopped = stopped
+                            || alone
+                                .iter()
+                                .any(|(_, r)| matches!(r, Err(RuntimeError::Stopped(_))));
                         for (job, result) in alone {
                             job.completion.complete(result);
                         }
-                        (shrunk, Ran::Answered { ok })
+                        (shrunk, Ran::Answered { ok, stopped })
                     }
                 }
             }
@@ -176,18 +270,31 @@ pub(super) fn run_batch(
     ran
 }
 
-/// Runs `values` and borrows the outputs named `names` (all of them must exist).
-/// With `shrink` (see [`ArenaRelease`]), ORT's arena frees its unused blocks when the run
-/// ends.
+/// Runs `values` and borrows the outputs named `names` (all of them must exist). With the
+/// options that shrink (see [`ArenaRelease`]), ORT's arena frees its unused blocks when the
+/// run ends; past `how.after`, the run is stopped ([`RuntimeError::Stopped`]).
 fn with_outputs<R>(
     session: &mut Session,
     values: Vec<(Cow<'_, str>, SessionInputValue<'_>)>,
     names: &[&str],
-    shrink: Option<&ort::session::RunOptions>,
+    how: How<'_>,
     then: impl FnOnce(&[View<'_>]) -> Result<R, RuntimeError>,
 ) -> Result<R, RuntimeError> {
-    let outputs = match shrink {
-        Some(options) => session.run_with_options(values, options),
+    let outputs = match how.options {
+        Some(options) => {
+            let watch = how
+                .after
+                .and_then(|after| Some((Watch::start(options.clone(), after)?, after)));
+            let outputs = session.run_with_options(values, &**options);
+            // Stopped, unless it ended just as the limit came (its outputs are good).
+            if let Some((w, after)) = watch
+                && w.end()
+                && outputs.is_err()
+            {
+                return Err(RuntimeError::Stopped(after));
+            }
+            outputs
+        }
         None => session.run(values),
     }
     .map_err(|e| run_err(&e))?;
@@ -231,7 +338,7 @@ fn bogus_input() -> Result<(Cow<'static, str>, SessionInputValue<'static>), Runt
 fn run_one(
     session: &mut Session,
     job: &Job,
-    shrink: Option<&ort::session::RunOptions>,
+    how: How<'_>,
     bogus: bool,
 ) -> Result<Vec<OutputTensor>, RuntimeError> {
     let mut values: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
@@ -253,14 +360,16 @@ fn run_one(
         values.push(bogus_input()?);
     }
     let names: Vec<&str> = job.outputs.iter().map(String::as_str).collect();
-    with_outputs(session, values, &names, shrink, |views| {
+    with_outputs(session, values, &names, how, |views| {
         deliver(views, &job.placement)
     })
 }
 
 /// Runs several jobs as one batch: one gather copy of the inputs into batch tensors (padded
 /// with zero rows up to `padded` rows), one run, then each job's rows of every output are
-/// delivered where that job wants them (the padding rows' outputs are dropped).
+/// delivered where that job wants them (the padding rows' outputs are dropped). `how`: the
+/// run's options unless it shrinks the arena, and its limit.
+#[allow(clippy::too_many_arguments)]
 fn run_many(
     session: &mut Session,
     jobs: &[Job],
@@ -269,6 +378,7 @@ fn run_many(
     pad: Pad<'_>,
     staging: &mut Staging,
     arena: &mut ArenaRelease,
+    how: How<'_>,
 ) -> (Results, bool) {
     let mut gathered: Vec<(Vec<u8>, Vec<u64>)> = Vec::with_capacity(jobs[0].inputs.len());
     let mut shrunk = false;
@@ -281,6 +391,7 @@ fn run_many(
         staging,
         &mut gathered,
         arena,
+        how,
         &mut shrunk,
     );
     for (k, (b, _)) in gathered.into_iter().enumerate() {
@@ -315,6 +426,7 @@ fn run_gathered(
     staging: &mut Staging,
     gathered: &mut Vec<(Vec<u8>, Vec<u64>)>,
     arena: &mut ArenaRelease,
+    how: How<'_>,
     shrunk: &mut bool,
 ) -> Results {
     let real: u64 = rows.iter().map(|&r| u64::from(r)).sum();
@@ -386,7 +498,11 @@ fn run_gathered(
     let elements = elements_of(gathered.iter().map(|(_, shape)| shape.as_slice()));
     let shrink = arena.for_run(elements);
     *shrunk = shrink.is_some();
-    with_outputs(session, values, &names, shrink, |views| {
+    let how = How {
+        options: shrink.or(how.options),
+        ..how
+    };
+    with_outputs(session, values, &names, how, |views| {
         let mut layouts = Vec::with_capacity(views.len());
         for v in views {
             let a = match axes.output(v.name) {

@@ -12,8 +12,8 @@ use std::thread::JoinHandle;
 
 use ort::session::{Session, SessionInputValue};
 
-use super::job::{Batch, BatchListener, Finished};
-use super::run::{Ran, Staging, run_batch};
+use super::job::{Batch, BatchListener, Finished, Job};
+use super::run::{Limits, Ran, Staging, run_batch};
 use super::{RuntimeError, release_free_memory};
 
 /// The sessions of one worker: `main`, and on GPU devices one more session per padded batch
@@ -32,6 +32,9 @@ pub struct WorkerSessions {
     /// They run on the CPU EP: a light batch may run on the thread that formed it
     /// ([`WorkerPool::run_here`]).
     pub cpu: bool,
+    /// The options of their runs (made on first use), which a run past its limit is stopped
+    /// through ([`super::limit`]).
+    options: Option<Arc<ort::session::RunOptions>>,
 }
 
 impl From<Session> for WorkerSessions {
@@ -41,16 +44,34 @@ impl From<Session> for WorkerSessions {
             by_rows: Vec::new(),
             arena: ArenaRelease::default(),
             cpu: false,
+            options: None,
         }
     }
 }
 
+/// What [`WorkerSessions::for_rows`] gives: the session for a batch, the arena policy, the
+/// run options, and whether the session is `main`.
+pub(super) type ForRows<'a> = (
+    &'a mut Session,
+    &'a mut ArenaRelease,
+    Option<&'a Arc<ort::session::RunOptions>>,
+    bool,
+);
+
 impl WorkerSessions {
-    /// The session for a batch of `rows` rows, the arena policy, and whether it is `main`.
-    pub(super) fn for_rows(&mut self, rows: u64) -> (&mut Session, &mut ArenaRelease, bool) {
+    /// The session for a batch of `rows` rows, the arena policy, the run options (`None`
+    /// only if ORT could not make them: runs then go unlimited), and whether it is `main`.
+    pub(super) fn for_rows(&mut self, rows: u64) -> ForRows<'_> {
+        if self.options.is_none() {
+            match ort::session::RunOptions::new() {
+                Ok(o) => self.options = Some(Arc::new(o)),
+                Err(e) => tracing::warn!("cannot make run options (runs go unlimited): {e}"),
+            }
+        }
+        let options = self.options.as_ref();
         match self.by_rows.iter_mut().find(|(r, _)| *r == rows) {
-            Some((_, s)) => (s, &mut self.arena, false),
-            None => (&mut self.main, &mut self.arena, true),
+            Some((_, s)) => (s, &mut self.arena, options, false),
+            None => (&mut self.main, &mut self.arena, options, true),
         }
     }
 }
@@ -71,7 +92,7 @@ impl WorkerSessions {
 pub struct ArenaRelease {
     /// Input elements of the largest warmup run; larger runs make the arena shrink.
     pub keep_elements: u64,
-    options: Option<ort::session::RunOptions>,
+    options: Option<Arc<ort::session::RunOptions>>,
     /// Zero inputs of the batch-1 warmup (empty when that warmup did not run or failed).
     tidy: Vec<(String, ort::value::DynTensor)>,
     /// A large run happened since the last shrink: shrink once the worker is idle.
@@ -114,14 +135,14 @@ impl ArenaRelease {
     }
 
     /// Run options that shrink the arena (made once).
-    fn shrink_options(&mut self) -> Option<&ort::session::RunOptions> {
+    fn shrink_options(&mut self) -> Option<&Arc<ort::session::RunOptions>> {
         if self.options.is_none() {
             let made = ort::session::RunOptions::new().and_then(|mut o| {
                 o.set("memory.enable_memory_arena_shrinkage", "cpu:0")
                     .map(|()| o)
             });
             match made {
-                Ok(o) => self.options = Some(o),
+                Ok(o) => self.options = Some(Arc::new(o)),
                 Err(e) => tracing::warn!("cannot make run options that shrink the arena: {e}"),
             }
         }
@@ -130,7 +151,7 @@ impl ArenaRelease {
 
     /// Notes a run of `elements` input elements about to start; returns run options when the
     /// run itself must shrink the arena (no batch-1 inputs to do it later).
-    pub(super) fn for_run(&mut self, elements: u64) -> Option<&ort::session::RunOptions> {
+    pub(super) fn for_run(&mut self, elements: u64) -> Option<&Arc<ort::session::RunOptions>> {
         if elements <= self.keep_elements {
             return None;
         }
@@ -172,7 +193,7 @@ impl ArenaRelease {
             .iter()
             .map(|(name, t)| (Cow::Borrowed(name.as_str()), t.into()))
             .collect();
-        if let Err(e) = session.run_with_options(values, options) {
+        if let Err(e) = session.run_with_options(values, &**options) {
             tracing::debug!("the batch-1 run that shrinks the arena failed: {e}");
         }
         release_free_memory();
@@ -223,6 +244,8 @@ struct Common {
     inline: std::sync::atomic::AtomicBool,
     /// The longest expected run of a light batch.
     inline_max: std::time::Duration,
+    /// [`Crew::run_limit`].
+    run_limit: Option<std::time::Duration>,
 }
 
 impl Seat {
@@ -296,6 +319,10 @@ pub struct Crew {
     pub ort_fails: bool,
     /// The longest expected run of a light batch ([`INLINE_MAX`] but in a test).
     pub inline_max: std::time::Duration,
+    /// A run holding a non-admin's request ([`Job::bounded`]) is stopped after this long
+    /// (half of `watchdog-stuck-secs`), its requests answered with
+    /// [`RuntimeError::Stopped`](super::RuntimeError::Stopped) (`None`: never).
+    pub run_limit: Option<std::time::Duration>,
 }
 
 impl WorkerPool {
@@ -320,6 +347,7 @@ impl WorkerPool {
             fail_runs,
             ort_fails,
             inline_max,
+            run_limit,
         } = crew;
         let hooks = Hooks { wedge, fail_runs };
         let common = Arc::new(Common {
@@ -332,6 +360,7 @@ impl WorkerPool {
             lane,
             inline: (!wedge && !fail_runs && !ort_fails).into(),
             inline_max,
+            run_limit,
         });
         // The scheduler bounds what is handed out in all (one batch per worker of the version,
         // over every lane) and may route several to the lane expected to finish them first.
@@ -409,7 +438,11 @@ impl WorkerPool {
                 return Some(batch);
             }
             let (cpu, wall) = (thread_cpu(), std::time::Instant::now());
-            let report = self.common.run(&mut bench, &seat.busy_since, batch);
+            let limits = Limits {
+                bounded: self.common.run_limit,
+                here: Some(INLINE_STOP_WALL),
+            };
+            let report = self.common.run(&mut bench, &seat.busy_since, batch, limits);
             drop(bench);
             let took = thread_cpu().saturating_sub(cpu);
             let wall = wall.elapsed();
@@ -423,6 +456,19 @@ impl WorkerPool {
                     "a light batch run by the thread that took it took far longer than \
                      expected: this model's batches go to its workers from now on"
                 );
+            }
+            // Stopped here, or failed: a worker runs it (the scheduler counts it that
+            // worker's already).
+            if let Ran::Requeue(f) = report.ran {
+                let batch = report
+                    .lane_batch
+                    .into_batch(f.jobs, f.rows, self.common.lane);
+                if let Some(b) = self.tx.as_ref().and_then(|tx| tx.try_send(batch).err()) {
+                    for job in b.into_inner().jobs {
+                        job.completion.complete(Err(RuntimeError::WorkersGone));
+                    }
+                }
+                return None;
             }
             self.common.report(report);
             return None;
@@ -520,6 +566,23 @@ struct LaneBatch {
     extra: bool,
 }
 
+impl LaneBatch {
+    /// The batch again, with `jobs` (of `rows` rows each), on `lane`.
+    fn into_batch(self, jobs: Vec<Job>, rows: Vec<u32>, lane: usize) -> Batch {
+        Batch {
+            jobs,
+            rows,
+            arrived: self.arrived,
+            dispatched: self.dispatched,
+            lane,
+            expected: self.expected,
+            retried: self.retried,
+            failed_on: self.failed_on,
+            extra: self.extra,
+        }
+    }
+}
+
 impl Common {
     /// Runs `batch` on `bench`, the sessions of the worker whose heartbeat is `busy`.
     fn run(
@@ -527,6 +590,7 @@ impl Common {
         bench: &mut Bench,
         busy: &std::sync::atomic::AtomicU64,
         mut batch: Batch,
+        limits: Limits,
     ) -> Report {
         use std::sync::atomic::Ordering::Relaxed;
         let arrived = std::mem::take(&mut batch.arrived);
@@ -558,7 +622,7 @@ impl Common {
         let Bench {
             sessions, staging, ..
         } = bench;
-        let ran = run_batch(sessions, batch, pad, staging, &hand_back);
+        let ran = run_batch(sessions, batch, pad, staging, &hand_back, limits);
         let done = std::time::Instant::now();
         self.load.end(done, rows);
         busy.store(0, Relaxed);
@@ -586,7 +650,7 @@ impl Common {
         } = report;
         let lane = self.lane;
         let Some(l) = self.listener.upgrade() else {
-            if let Ran::HandedBack(f) = ran {
+            if let Ran::HandedBack(f) | Ran::Requeue(f) = ran {
                 for job in f.jobs {
                     job.completion
                         .complete(Err(RuntimeError::Run(f.error.clone())));
@@ -594,48 +658,49 @@ impl Common {
             }
             return;
         };
+        let (ok, stopped) = match ran {
+            // Every request failed here: another device tries them (`hand_back` said one
+            // could), and this one is blamed only if they run there.
+            Ran::HandedBack(f) => {
+                let mut batch = lane_batch.into_batch(f.jobs, f.rows, lane);
+                batch.failed_on = None;
+                l.run_failed(lane, batch, f.error);
+                return;
+            }
+            // Only a run on the thread that formed the batch hands it back for a worker
+            // ([`WorkerPool::run_here`] sends it on): answered with the error otherwise.
+            Ran::Requeue(f) => {
+                for job in f.jobs {
+                    job.completion
+                        .complete(Err(RuntimeError::Run(f.error.clone())));
+                }
+                (false, true)
+            }
+            Ran::Answered { ok, stopped } => (ok, stopped),
+        };
         let LaneBatch {
             arrived,
             dispatched,
             expected,
-            retried,
             failed_on,
             extra,
+            ..
         } = lane_batch;
-        match ran {
-            // Every request failed here: another device tries them (`hand_back` said one
-            // could), and this one is blamed only if they run there.
-            Ran::HandedBack(f) => {
-                let batch = Batch {
-                    jobs: f.jobs,
-                    rows: f.rows,
-                    arrived,
-                    dispatched,
-                    lane,
-                    expected,
-                    retried,
-                    failed_on: None,
-                    extra,
-                };
-                l.run_failed(lane, batch, f.error);
-            }
-            Ran::Answered { ok } => {
-                if let (true, Some(blamed)) = (ok, failed_on) {
-                    let (bad, error) = *blamed;
-                    l.blame(bad, error);
-                }
-                l.batch_done(Finished {
-                    lane,
-                    expected,
-                    rows,
-                    compute: done.saturating_duration_since(started),
-                    occupied: done.saturating_duration_since(dispatched),
-                    arrived: &arrived,
-                    extra,
-                    elements,
-                });
-            }
+        if let (true, Some(blamed)) = (ok, failed_on) {
+            let (bad, error) = *blamed;
+            l.blame(bad, error);
         }
+        l.batch_done(Finished {
+            lane,
+            expected,
+            rows,
+            compute: done.saturating_duration_since(started),
+            occupied: done.saturating_duration_since(dispatched),
+            arrived: &arrived,
+            extra,
+            elements,
+            stopped,
+        });
     }
 }
 
@@ -687,7 +752,11 @@ fn worker_loop(seat: &Seat, rx: crossbeam_channel::Receiver<Batch>, common: &Arc
             }
             continue;
         }
-        let report = common.run(&mut seat.bench(), &seat.busy_since, batch);
+        let limits = Limits {
+            bounded: common.run_limit,
+            here: None,
+        };
+        let report = common.run(&mut seat.bench(), &seat.busy_since, batch, limits);
         NEXT_HERE.set(Some((me, None)));
         common.report(report);
         kept = NEXT_HERE.take().and_then(|(_, b)| b);

@@ -43,6 +43,8 @@ pub struct Terms {
     pub deadline: Option<Instant>,
     /// Who asked (the peer's uid): sources share a priority level fairly.
     pub source: u64,
+    /// A non-admin asked: its runs are stopped past the model's run limit.
+    pub bounded: bool,
 }
 
 /// Counters of one model version.
@@ -756,6 +758,7 @@ impl Scheduler {
                 arrived: &[],
                 extra,
                 elements: 0,
+                stopped: false,
             });
         }
     }
@@ -821,6 +824,7 @@ impl BatchListener for Scheduler {
             arrived,
             extra,
             elements,
+            stopped,
         } = done;
         if !arrived.is_empty() {
             self.metrics.record_batch(rows, compute, arrived);
@@ -828,12 +832,15 @@ impl BatchListener for Scheduler {
         let mut st = self.lock();
         st.running = st.running.saturating_sub(1);
         let now = Instant::now();
+        // A batch stopped past its run limit (its values, not its size, made it long) teaches
+        // nothing of what its size costs.
+        let learn = !arrived.is_empty() && !stopped;
         // The lane's own table learns the batch's compute ...
         let cheapest = {
             let mut cheapest = true;
             if let Some(l) = st.lanes.get_mut(lane) {
                 l.lane.finish(expected, now);
-                if !arrived.is_empty() {
+                if learn {
                     // Its compute alone: a hand-over to an idle worker (a wake-up, ms on a
                     // loaded machine) is paid by whichever lane is idle, and counting it would
                     // make the idle lane look slower and stay idle.
@@ -853,7 +860,7 @@ impl BatchListener for Scheduler {
         // ... and the policy's the worker's time from hand-over to free (on a loaded 2-core
         // machine the hand-over is a visible part of a 1 ms batch), from the cheapest lane
         // for this size.
-        if !arrived.is_empty() {
+        if learn {
             st.batcher.learn_elements(elements, compute);
             if elements > 0 {
                 let x = compute.as_secs_f64() / elements as f64;
@@ -866,7 +873,7 @@ impl BatchListener for Scheduler {
         let actions = if extra {
             // Its slot is the rest of its batch's.
             Vec::new()
-        } else if cheapest && !arrived.is_empty() {
+        } else if cheapest && learn {
             st.recent_rows = rows;
             st.batcher.batch_done(rows, occupied, now)
         } else {

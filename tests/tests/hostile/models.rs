@@ -748,6 +748,144 @@ fn integer_division_by_minus_one_is_answered_not_fatal() {
     assert_unharmed(&mut d, &before, &seen, Duration::from_secs(2), 64 << 20);
 }
 
+/// A request's values, not its size, can set what a run costs: here a `Loop`'s trip count. A
+/// few bytes asking for 10^15 iterations held a worker for good (the scheduler expects by
+/// size), until the watchdog had systemd restart the daemon with every user's requests. Runs
+/// holding a non-admin's request are now stopped at half of `watchdog-stuck-secs` (2 s here):
+/// the request is answered `inference_failed` saying so; requests batched with it are answered
+/// as if it had not been there; another user on the same model waits at most about one limit
+/// per stopped run ahead of it; an admin's run is not limited; the daemon goes on.
+#[test]
+fn a_run_made_endless_by_a_requests_values_is_stopped_at_the_run_limit() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    repo.write("spin", 1, &loop_model());
+    let limit = Duration::from_secs(2);
+    let mut d = shared_daemon(repo.path(), "watchdog-stuck-secs = 4\n", &[]);
+    let before = before(&d);
+    let bystander = Bystander::start(&d.socket);
+    let spin = |x: &[f32], steps: &[i64]| {
+        let n = x.len() as u64;
+        vec![
+            f32_tensor("x", &[n], x),
+            int_tensor("steps", DType::Int64, &[n], steps),
+        ]
+    };
+    let mut reference = Reference::from_bytes(&loop_model());
+    // Another user of the same model (an admin: the test's uid), sending honest requests all
+    // along, each checked against ONNX Runtime in-process.
+    let victim_inputs = spin(&[1.5, -2.0, 0.25], &[3, 3, 3]);
+    let victim_want = reference.run(&victim_inputs);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let victim = {
+        let (socket, stop) = (d.socket.clone(), stop.clone());
+        let (inputs, want) = (victim_inputs.clone(), victim_want.clone());
+        std::thread::spawn(move || {
+            let c = rxd_client::blocking::Client::connect_with(
+                &socket,
+                rxd_client::ClientOptions::inline_only(),
+            )
+            .unwrap();
+            let (mut served, mut worst) = (0u32, Duration::ZERO);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                let out = c
+                    .infer("spin", inputs.clone())
+                    .expect("the victim is served");
+                worst = worst.max(t.elapsed());
+                assert_eq!(out, want, "the victim's answer");
+                served += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (served, worst)
+        })
+    };
+    let mut c = nobody(&d);
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let endless = |x: f32| spin(&[x], &[1_000_000_000_000_000]);
+    // Alone: stopped at the limit, with a message saying why.
+    let t = Instant::now();
+    let e = refused(
+        infer(&mut c, 1, "spin", endless(1.0)),
+        ErrorCode::InferenceFailed,
+    );
+    let took = t.elapsed();
+    assert!(e.message.contains("stopped after"), "{e}");
+    assert!(
+        took >= limit - Duration::from_millis(100) && took < limit * 3,
+        "stopped after {took:?} (limit {limit:?})"
+    );
+    // Pipelined among honest requests of the same user (they batch along `n`, and a stopped
+    // batch's requests run again alone): each honest one answered exactly, each endless one
+    // stopped, all within a batch's bound.
+    let honest = spin(&[4.0], &[3]);
+    let honest_want = reference.run(&honest);
+    let t = Instant::now();
+    for id in 10..16u64 {
+        let inputs = if id.is_multiple_of(2) {
+            endless(id as f32)
+        } else {
+            honest.clone()
+        };
+        c.send(&RequestFrame {
+            id,
+            body: Request::Infer(InferRequest::new("spin", inputs)),
+        });
+    }
+    let mut answered = std::collections::BTreeSet::new();
+    for _ in 10..16 {
+        let r = c.read_response();
+        assert!(answered.insert(r.id), "a second answer to {}", r.id);
+        if r.id.is_multiple_of(2) {
+            let e = refused(r.outcome, ErrorCode::InferenceFailed);
+            assert!(e.message.contains("stopped after"), "{e}");
+        } else {
+            let Reply::Infer(a) = ok(r.outcome) else {
+                panic!("an inference answer")
+            };
+            assert_eq!(
+                a.outputs, honest_want,
+                "an honest request beside endless ones"
+            );
+        }
+    }
+    // Three endless runs, each at most one and a half limits with what it was batched with.
+    assert!(t.elapsed() < limit * 9, "took {:?}", t.elapsed());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (served, worst) = victim.join().unwrap();
+    assert!(served > 0, "the victim was never served");
+    // Behind each stopped run at most: one limit, and the rest of a batch's time alone.
+    assert!(
+        worst < limit * 3 + Duration::from_secs(2),
+        "the other user waited {worst:?}"
+    );
+    // An admin's run is not limited: one that takes one and a half limits is answered (the
+    // watchdog would call it stuck at two).
+    let mut a = admin(&d);
+    a.stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let t = Instant::now();
+    ok(infer(&mut a, 1, "spin", spin(&[0.0], &[200_000])));
+    let per_step = t.elapsed().as_secs_f64() / 200_000.0;
+    let steps = (limit.as_secs_f64() * 1.5 / per_step) as i64;
+    let t = Instant::now();
+    let Reply::Infer(r) = ok(infer(&mut a, 2, "spin", spin(&[0.0], &[steps]))) else {
+        panic!("an inference answer")
+    };
+    assert!(
+        t.elapsed() > limit,
+        "the admin's run took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(r.outputs, reference.run(&spin(&[0.0], &[3])));
+    drop(c);
+    let seen = bystander.stop();
+    assert_unharmed(&mut d, &before, &seen, limit, 64 << 20);
+}
+
 /// A control request read while the connection's control slots are all taken (four loads
 /// waiting for a load that hangs) waits for a slot with its id in flight. When the daemon
 /// stops meanwhile, it is answered `shutting_down` like the loads — it was once dropped

@@ -1,0 +1,235 @@
+//! Run limits: a run still going past its limit is stopped. A request's cost can depend on its
+//! values rather than its size (a `Loop` whose trip count is an input, a `Range` whose bounds
+//! are): the scheduler, which expects by size, cannot see it coming, and one such request
+//! would hold a worker for as long as its values say — past the watchdog's limit, which has
+//! systemd restart the daemon with every user's requests. One timer thread sets ONNX Runtime's
+//! terminate flag on the run options of a run past its deadline; ORT checks it between nodes
+//! and between a loop's iterations, and the run fails at the next check.
+//! Invariant: the timer touches a run's options only while the run is registered, under its
+//! lock, and a run's end takes the same lock: a flag set for one run never stops the next.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use ort::session::RunOptions;
+
+/// What the timer stops: a run's options (a flag in tests).
+pub(super) trait Stoppable: Send + Sync {
+    /// Stops the runs made with it (at their next check).
+    fn stop(&self);
+    /// Lets the next run made with it go.
+    fn clear(&self);
+}
+
+impl Stoppable for RunOptions {
+    fn stop(&self) {
+        if let Err(e) = self.terminate() {
+            tracing::warn!("cannot stop a run past its limit: {e}");
+        }
+    }
+
+    fn clear(&self) {
+        if let Err(e) = self.unterminate() {
+            tracing::warn!("cannot clear a stopped run's terminate flag: {e}");
+        }
+    }
+}
+
+/// How often the timer looks while runs have come and gone within [`IDLE`]: a run whose
+/// deadline is later than the next look needs no wake-up (at the rate light runs come, one
+/// system call each would cost more than the run).
+const TICK: Duration = Duration::from_millis(10);
+
+/// How long the timer goes on ticking after the last run it saw, before it sleeps until the
+/// next.
+const IDLE: Duration = Duration::from_secs(1);
+
+/// A run registered with the timer.
+struct Active {
+    id: u64,
+    deadline: Instant,
+    options: Arc<dyn Stoppable>,
+}
+
+#[derive(Default)]
+struct Pending {
+    runs: Vec<Active>,
+    next_id: u64,
+    /// When the timer looks next (`None`: it sleeps until woken).
+    wake_at: Option<Instant>,
+    /// When a run was last registered.
+    last_run: Option<Instant>,
+}
+
+struct Timer {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+}
+
+impl Timer {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops every run past its deadline, then waits for the next deadline or tick.
+    fn serve(&self) {
+        let mut p = self.lock();
+        loop {
+            let now = Instant::now();
+            p.runs.retain(|r| {
+                if r.deadline > now {
+                    return true;
+                }
+                r.options.stop();
+                false
+            });
+            let first = p.runs.iter().map(|r| r.deadline).min();
+            let ticking = p.last_run.is_some_and(|t| now.duration_since(t) < IDLE);
+            let next = match (first, ticking) {
+                (Some(d), true) => Some(d.min(now + TICK)),
+                (None, true) => Some(now + TICK),
+                (d, false) => d,
+            };
+            p.wake_at = next;
+            p = match next {
+                Some(at) => {
+                    self.wake
+                        .wait_timeout(p, at.saturating_duration_since(now))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+                None => self.wake.wait(p).unwrap_or_else(|e| e.into_inner()),
+            };
+        }
+    }
+}
+
+/// The timer, its thread started on first use (`None` if it could not start: runs then go
+/// unlimited, and that is logged once).
+fn timer() -> Option<&'static Timer> {
+    static TIMER: OnceLock<Option<&'static Timer>> = OnceLock::new();
+    *TIMER.get_or_init(|| {
+        let timer: &'static Timer = Box::leak(Box::new(Timer {
+            pending: Mutex::new(Pending::default()),
+            wake: Condvar::new(),
+        }));
+        match std::thread::Builder::new()
+            .name("rxd-run-limit".into())
+            .spawn(move || timer.serve())
+        {
+            Ok(_) => Some(timer),
+            Err(e) => {
+                tracing::error!("cannot start the thread that stops runs past their limit: {e}");
+                None
+            }
+        }
+    })
+}
+
+/// A run registered with the timer; [`Watch::end`] says whether it was stopped.
+#[must_use]
+pub(super) struct Watch {
+    id: u64,
+    options: Arc<dyn Stoppable>,
+}
+
+impl Watch {
+    /// Registers a run made with `options` that is to be stopped `after` from now.
+    pub fn start(options: Arc<dyn Stoppable>, after: Duration) -> Option<Watch> {
+        let timer = timer()?;
+        let now = Instant::now();
+        let deadline = now + after;
+        let mut p = timer.lock();
+        let id = p.next_id;
+        p.next_id += 1;
+        p.runs.push(Active {
+            id,
+            deadline,
+            options: options.clone(),
+        });
+        p.last_run = Some(now);
+        if p.wake_at.is_none_or(|w| deadline < w) {
+            p.wake_at = Some(deadline);
+            timer.wake.notify_one();
+        }
+        Some(Watch { id, options })
+    }
+
+    /// The run is over: whether the timer stopped it. Its options are ready for the next run
+    /// either way.
+    pub fn end(self) -> bool {
+        let Some(timer) = timer() else {
+            return false;
+        };
+        let mut p = timer.lock();
+        match p.runs.iter().position(|r| r.id == self.id) {
+            Some(i) => {
+                p.runs.swap_remove(i);
+                false
+            }
+            None => {
+                self.options.clear();
+                true
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+
+    /// A run's terminate flag.
+    #[derive(Default)]
+    struct Flag(AtomicBool);
+
+    impl Stoppable for Flag {
+        fn stop(&self) {
+            self.0.store(true, SeqCst);
+        }
+        fn clear(&self) {
+            self.0.store(false, SeqCst);
+        }
+    }
+
+    fn watch(flag: &Arc<Flag>, after: Duration) -> Watch {
+        Watch::start(flag.clone(), after).expect("the timer runs")
+    }
+
+    #[test]
+    fn a_run_that_ends_in_time_is_not_stopped_and_a_late_one_is() {
+        let flag = Arc::new(Flag::default());
+        let w = watch(&flag, Duration::from_secs(60));
+        assert!(
+            !w.end(),
+            "a run that ended within its limit was reported stopped"
+        );
+        assert!(!flag.0.load(SeqCst));
+        let w = watch(&flag, Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(flag.0.load(SeqCst), "a run past its limit was not stopped");
+        assert!(w.end());
+        assert!(!flag.0.load(SeqCst), "the flag stayed set for the next run");
+        let w = watch(&flag, Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!w.end(), "the next run with the same options was stopped");
+    }
+
+    #[test]
+    fn an_early_deadline_wakes_a_timer_waiting_for_a_later_one() {
+        let (a, b) = (Arc::new(Flag::default()), Arc::new(Flag::default()));
+        let long = watch(&a, Duration::from_secs(60));
+        // Past the ticking period the timer sleeps until the long run's deadline.
+        std::thread::sleep(IDLE + TICK * 5);
+        let short = watch(&b, Duration::from_millis(30));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            b.0.load(SeqCst),
+            "the short run was not stopped while the timer slept"
+        );
+        assert!(short.end());
+        assert!(!long.end());
+        assert!(!a.0.load(SeqCst));
+    }
+}
