@@ -20,6 +20,13 @@
 //! ([`output_types`]); an operand whose type is not known is guarded. Subgraphs (If, Loop,
 //! Scan bodies) are guarded too, with the types of the names they read from outer scopes,
 //! and so are model-local functions' bodies (their inputs untyped, at their own opset).
+//!
+//! The same trap waits in `STFT`: its kernel divides by its `frame_length` input unchecked,
+//! so a frame length of 0 computed from a request kills the process (SIGFPE; found by running
+//! ORT's kernels over extreme values of every input that is read as a number — the only
+//! other trap found). Unless it is a non-zero constant, `frame_length` goes through
+//! `l · (l / l)` first: equal to it for every other value, and ORT's clean "integer division
+//! by zero" error for 0.
 
 use std::collections::{HashMap, HashSet};
 
@@ -31,6 +38,8 @@ use crate::proto::{Error, Message, Value};
 pub struct Guarded {
     /// The `Div`/`Mod` nodes now guarded (any graph depth).
     pub guarded: usize,
+    /// The `STFT` nodes whose `frame_length` is now checked for 0.
+    pub frames: usize,
     /// Integer (or untyped) `Div`/`Mod` nodes left as they are, with why: the model's
     /// opset is older than the guard's operators (opset 9: `Sign`, `Where` and integer
     /// `Less`; 11: `Equal` on floats too, for nodes whose type is not known).
@@ -45,6 +54,9 @@ impl std::fmt::Display for Guarded {
             self.guarded,
             if self.guarded == 1 { "" } else { "s" }
         )?;
+        if self.frames > 0 {
+            write!(f, ", {} STFT frame_length checked for 0", self.frames)?;
+        }
         if let Some(why) = &self.unguarded {
             write!(f, "; not guarded: {why}")?;
         }
@@ -67,8 +79,8 @@ pub fn guard_division(bytes: &[u8]) -> Result<(Option<Vec<u8>>, Guarded), Error>
         .msg
         .messages(FUNCTIONS)?
         .iter()
-        .any(|f| has_division(&function_graph(f).unwrap_or_default()).unwrap_or(true));
-    if !has_division(&outline.graph)? && !in_functions {
+        .any(|f| has_trap(&function_graph(f).unwrap_or_default()).unwrap_or(true));
+    if !has_trap(&outline.graph)? && !in_functions {
         return Ok((None, Guarded::default()));
     }
     let (changed, found, _) = guard_model(outline)?;
@@ -88,6 +100,7 @@ fn guard_model(mut model: Model) -> Result<(bool, Guarded, Model), Error> {
         names,
         next: 0,
         count: 0,
+        frames: 0,
         left: 0,
         opset,
     };
@@ -120,6 +133,7 @@ fn guard_model(mut model: Model) -> Result<(bool, Guarded, Model), Error> {
     }
     let mut out = Guarded {
         guarded: g.count,
+        frames: g.frames,
         unguarded: None,
     };
     if g.left > 0 {
@@ -155,19 +169,35 @@ fn function_opset(f: &Message) -> Result<Option<u64>, Error> {
         .and_then(|o| o.varint(onnx::opset::VERSION)))
 }
 
-/// Whether any node of `g` or its subgraphs is a default-domain `Div` or `Mod`.
-fn has_division(g: &Message) -> Result<bool, Error> {
+/// Whether any node of `g` or its subgraphs is a default-domain `Div`, `Mod` or `STFT` with
+/// a `frame_length`.
+fn has_trap(g: &Message) -> Result<bool, Error> {
     let nodes = g.messages(graph::NODE)?;
     let nested = onnx::nested_nodes(&nodes)?;
-    Ok(nodes.iter().chain(&nested).any(is_division))
+    Ok(nodes
+        .iter()
+        .chain(&nested)
+        .any(|n| is_division(n) || frame_length(n).is_some()))
+}
+
+fn default_domain(n: &Message) -> bool {
+    let domain = n.string(node::DOMAIN);
+    domain.is_empty() || domain == "ai.onnx"
 }
 
 fn is_division(n: &Message) -> bool {
-    let domain = n.string(node::DOMAIN);
-    (domain.is_empty() || domain == "ai.onnx")
+    default_domain(n)
         && matches!(onnx::op_type(n).as_str(), "Div" | "Mod")
         && onnx::inputs(n).len() == 2
         && onnx::outputs(n).len() == 1
+}
+
+/// An `STFT` node's `frame_length` input (its fourth), when it has one.
+fn frame_length(n: &Message) -> Option<String> {
+    if !default_domain(n) || onnx::op_type(n) != "STFT" {
+        return None;
+    }
+    onnx::inputs(n).get(3).filter(|l| !l.is_empty()).cloned()
 }
 
 /// Every name `g` and its subgraphs define or read: new names must differ from all of them.
@@ -201,6 +231,8 @@ struct Guard {
     names: HashSet<String>,
     next: usize,
     count: usize,
+    /// `STFT` nodes whose `frame_length` is checked.
+    frames: usize,
     /// Nodes that needed a guard the model's opset has no operators for.
     left: usize,
     opset: u64,
@@ -300,6 +332,14 @@ impl Guard {
                 }
                 self.left += 1;
             }
+            if let Some(l) = frame_length(&n)
+                && consts.get(&l).is_none_or(|&v| v == 0)
+            {
+                out.extend(self.check_frame_length(n, &l));
+                self.frames += 1;
+                changed = true;
+                continue;
+            }
             out.push(n);
         }
         if changed {
@@ -382,6 +422,25 @@ impl Guard {
         nodes.push(node("Neg", &[a], &neg_a));
         nodes.push(node("Where", &[&m, &neg_a, &q], &y));
         nodes
+    }
+}
+
+impl Guard {
+    /// `STFT` node `n` with its frame length `l` replaced by `l · (l / l)` (module docs).
+    fn check_frame_length(&mut self, mut n: Message, l: &str) -> Vec<Message> {
+        let base = onnx::outputs(&n).first().cloned().unwrap_or_default();
+        let base = if base.is_empty() { "stft" } else { &base };
+        let [one, checked] = ["one", "frame_length"].map(|s| self.fresh(&format!("{base}/{s}")));
+        let node =
+            |op: &str, ins: &[&str], out: &str| onnx::make_node(op, "", "", ins, &[out], &[]);
+        let mut ins = onnx::inputs(&n);
+        ins[3] = checked.clone();
+        onnx::set_inputs(&mut n, ins);
+        vec![
+            node("Div", &[l, l], &one),
+            node("Mul", &[l, &one], &checked),
+            n,
+        ]
     }
 }
 
@@ -578,6 +637,42 @@ mod tests {
         let (out, g) = guard_division(&bytes).unwrap();
         assert!(out.is_some());
         assert_eq!(g.guarded, 1, "the int64 Div, not the float one");
+    }
+
+    #[test]
+    fn an_stft_frame_length_that_may_be_zero_is_checked() {
+        let stft = |ins: &[&str]| op("STFT", ins, "y");
+        let inputs = [
+            ("x", tensor::FLOAT),
+            ("st", tensor::INT64),
+            ("l", tensor::INT64),
+        ];
+        // From the request: l · (l / l) feeds the STFT.
+        let bytes = model(&[stft(&["x", "st", "", "l"])], &inputs, &[], 17);
+        let (out, g) = guard_division(&bytes).unwrap();
+        assert_eq!((g.frames, g.guarded), (1, 0));
+        let m = Model::parse(&out.expect("rewritten")).unwrap();
+        let nodes = m.graph.messages(graph::NODE).unwrap();
+        let ops: Vec<String> = nodes.iter().map(onnx::op_type).collect();
+        assert_eq!(ops, ["Div", "Mul", "STFT"]);
+        assert_eq!(onnx::inputs(&nodes[0]), ["l", "l"]);
+        assert_eq!(onnx::inputs(&nodes[1])[0], "l");
+        assert_eq!(onnx::inputs(&nodes[2])[3], onnx::outputs(&nodes[1])[0]);
+        assert_eq!(onnx::inputs(&nodes[2])[..3], ["x", "st", ""]);
+        // A constant: left alone unless it is 0; none at all: nothing to check.
+        let with = |l: i64| {
+            let b = model(
+                &[stft(&["x", "st", "", "k"])],
+                &inputs[..2],
+                &[scalar("k", tensor::INT64, l)],
+                17,
+            );
+            guard_division(&b).unwrap().1.frames
+        };
+        assert_eq!(with(16), 0);
+        assert_eq!(with(0), 1);
+        let none = model(&[stft(&["x", "st", "w"])], &inputs[..2], &[], 17);
+        assert_eq!(guard_division(&none).unwrap(), (None, Guarded::default()));
     }
 
     #[test]

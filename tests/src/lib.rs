@@ -334,6 +334,33 @@ pub fn division_model(
     m.encode()
 }
 
+/// A short-time Fourier transform whose frame length is a request's value: `y = STFT(x,
+/// step, frame_length = length)` on a signal `x` float `[1, n, 1]`, with `step` and `length`
+/// scalars of ONNX element type `elem` (6 int32, 7 int64), opset 17. ONNX Runtime's kernel
+/// divides by the frame length unchecked: 0 traps (SIGFPE).
+pub fn stft_model(elem: u64) -> Vec<u8> {
+    use rxd_compress::onnx::{self, graph, model, opset};
+    use rxd_compress::proto::{Message, Value};
+    let mut g = Message::default();
+    g.push_message(
+        graph::NODE,
+        &onnx::make_node("STFT", "", "", &["x", "step", "", "length"], &["y"], &[]),
+    );
+    g.push_str(2, "stft"); // GraphProto.name
+    g.push_message(graph::INPUT, &onnx::value_info("x", 1, &["one", "n", "re"]));
+    g.push_message(graph::INPUT, &onnx::value_info("step", elem, &[]));
+    g.push_message(graph::INPUT, &onnx::value_info("length", elem, &[]));
+    g.push_message(graph::OUTPUT, &onnx::value_info("y", 1, &[]));
+    let mut m = Message::default();
+    m.push(model::IR_VERSION, Value::Varint(8));
+    let mut o = Message::default();
+    o.push_str(opset::DOMAIN, "");
+    o.push(opset::VERSION, Value::Varint(17));
+    m.push_message(model::OPSET_IMPORT, &o);
+    m.push_message(model::GRAPH, &g);
+    m.encode()
+}
+
 /// A model whose cost is set by an input's values, not its size: `y = x · 2^max(steps)`,
 /// doubling `x` (float `[n]`) once per iteration of a `Loop` whose trip count is the largest
 /// of `steps` (int64 `[n]`). Rows batch (both inputs have `n` rows), though a row's answer

@@ -4,11 +4,16 @@
 //! not trap — over wide data of both integer types, both operators, both `fmod` modes,
 //! broadcast divisors and a division inside an `If` branch — gives the two's-complement
 //! result on the pairs that do, fails as the original fails on a zero divisor, and leaves the
-//! real models' (float) arithmetic untouched.
+//! real models' (float) arithmetic untouched. An `STFT` whose frame length is a request's
+//! value (ORT divides by it unchecked) answers as the original for every other frame length
+//! and step, and fails cleanly on 0.
 
 use rxd_compress::guard::guard_division;
 use rxd_compress::onnx::{self, Model, graph};
-use rxd_e2e::{Reference, division_model, int_tensor, int_values, model_file};
+use rxd_e2e::{
+    Reference, division_model, f32_tensor, int_tensor, int_values, model_file, random_f32,
+    stft_model,
+};
 use rxd_protocol::{DType, Tensor};
 
 const INT32: u64 = 6;
@@ -175,6 +180,61 @@ fn guarded_integer_division_answers_as_onnx_runtime_and_never_traps() {
         for e in [&e1, &e2] {
             assert!(e.contains("by zero"), "{what}: {e}");
         }
+    }
+}
+
+#[test]
+fn a_zero_stft_frame_length_fails_cleanly_and_every_other_answers_as_onnx_runtime() {
+    for elem in [INT32, INT64] {
+        let dtype = if elem == INT32 {
+            DType::Int32
+        } else {
+            DType::Int64
+        };
+        let model = stft_model(elem);
+        let (guarded, report) = guard_division(&model).unwrap();
+        assert_eq!((report.frames, report.guarded), (1, 0));
+        let mut original = Reference::from_bytes(&model);
+        let mut safe = Reference::from_bytes(&guarded.expect("rewritten"));
+        let bits = if elem == INT32 { 32 } else { 64 };
+        let (mut answered, mut failed) = (0, 0);
+        for (k, n) in [1u64, 7, 16, 64, 257].into_iter().enumerate() {
+            let x = f32_tensor("x", &[1, n, 1], &random_f32(n as usize, 40 + k as u64));
+            // Frame lengths and steps: the type's edges, small numbers, the signal's length
+            // and around it, pseudo-random ones.
+            let mut values = operands(24, bits, 90 + k as u64);
+            values.extend([1, 2, 3, 4, n as i64 - 1, n as i64, n as i64 + 1]);
+            for &length in &values {
+                for &step in &values {
+                    let inputs = vec![
+                        x.clone(),
+                        int_tensor("step", dtype, &[], &[step]),
+                        int_tensor("length", dtype, &[], &[length]),
+                    ];
+                    let got = safe.try_run(&inputs);
+                    if length == 0 {
+                        // The original would kill this process; the guarded one fails.
+                        let e = got.expect_err("a zero frame length fails");
+                        assert!(e.contains("by zero"), "{e}");
+                        continue;
+                    }
+                    match (original.try_run(&inputs), got) {
+                        (Ok(want), Ok(got)) => {
+                            assert_eq!(got, want, "n {n} step {step} length {length}");
+                            answered += 1;
+                        }
+                        (Err(_), Err(_)) => failed += 1,
+                        (want, got) => {
+                            panic!("n {n} step {step} length {length}: {want:?} vs {got:?}")
+                        }
+                    }
+                }
+            }
+        }
+        assert!(
+            answered > 50 && failed > 50,
+            "{answered} answered, {failed} failed"
+        );
     }
 }
 

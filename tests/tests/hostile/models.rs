@@ -685,7 +685,8 @@ fn an_index_rewritten_in_the_arena_during_the_run_is_never_used_unchecked() {
 /// type's minimum divided by −1 (SIGFPE: the daemon died with every client's requests). Each
 /// such node is guarded at load; the pair answers what two's complement makes of it (the
 /// minimum for `Div`, 0 for `Mod`), in the main graph and inside an `If` branch alike, and
-/// a zero divisor stays ORT's error.
+/// a zero divisor stays ORT's error. `STFT` divides by its frame length unchecked: a request's
+/// 0 there is answered ORT's zero-divisor error too.
 #[test]
 fn integer_division_by_minus_one_is_answered_not_fatal() {
     let _serial = serial();
@@ -694,6 +695,7 @@ fn integer_division_by_minus_one_is_answered_not_fatal() {
         ("div32", division_model("Div", 6, None, false, 17)),
         ("mod64", division_model("Mod", 7, None, false, 17)),
         ("branch64", division_model("Div", 7, None, true, 17)),
+        ("stft", stft_model(7)),
     ];
     for (name, bytes) in &models {
         repo.write(name, 1, bytes);
@@ -743,6 +745,25 @@ fn integer_division_by_minus_one_is_answered_not_fatal() {
         );
         assert!(e.message.contains("by zero"), "{model}: {e}");
     }
+    let stft = |length: i64| {
+        vec![
+            f32_tensor("x", &[1, 16, 1], &random_f32(16, 8)),
+            int_tensor("step", DType::Int64, &[], &[3]),
+            int_tensor("length", DType::Int64, &[], &[length]),
+        ]
+    };
+    let e = refused(
+        infer(&mut c, 100, "stft", stft(0)),
+        ErrorCode::InferenceFailed,
+    );
+    assert!(e.message.contains("by zero"), "{e}");
+    let Reply::Infer(r) = ok(infer(&mut c, 101, "stft", stft(4))) else {
+        panic!("an inference answer")
+    };
+    assert_eq!(
+        r.outputs,
+        Reference::from_bytes(&stft_model(7)).run(&stft(4))
+    );
     drop(c);
     let seen = bystander.stop();
     assert_unharmed(&mut d, &before, &seen, Duration::from_secs(2), 64 << 20);
