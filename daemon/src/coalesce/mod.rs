@@ -306,6 +306,7 @@ impl Coalescer {
             placement: checked.placement,
             completion,
             bounded: terms.bounded,
+            source: terms.source,
         };
         if !self.enabled_for(input_bytes) {
             scheduler.submit(job, terms);
@@ -367,6 +368,7 @@ impl Coalescer {
             placement,
             completion,
             bounded,
+            source,
         } = job;
         let priority = terms.priority.unwrap_or(0);
         match self.route(key, priority, terms.deadline, completion, placement) {
@@ -378,6 +380,7 @@ impl Coalescer {
                     placement: Placement::default(),
                     completion,
                     bounded,
+                    source,
                 },
                 terms,
             ),

@@ -99,6 +99,8 @@ pub struct Job {
     /// A non-admin's: a run that holds it is stopped past the pool's run limit
     /// ([`Crew::run_limit`](super::Crew::run_limit)).
     pub bounded: bool,
+    /// Who asked (the peer's uid): its runs stopped lately shorten its limit.
+    pub source: u64,
 }
 
 /// Jobs that run together as one batch (concatenated along dimension 0), or one job alone.

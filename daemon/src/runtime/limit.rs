@@ -7,7 +7,15 @@
 //! and between a loop's iterations, and the run fails at the next check.
 //! Invariant: the timer touches a run's options only while the run is registered, under its
 //! lock, and a run's end takes the same lock: a flag set for one run never stops the next.
+//!
+//! A user whose requests keep running into the limit would hold a worker for a whole limit
+//! each time, and others' requests would wait that long at each of its turns: [`Strikes`]
+//! halves the limit of that user's next runs at each stop (down to a 64th), and forgets after
+//! [`STRIKE_MEMORY`] without one. Only the user's own stops count, so no one can shorten
+//! another's limit.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -175,10 +183,64 @@ impl Watch {
     }
 }
 
+/// How long a user's stopped runs shorten its limit after the last of them.
+pub const STRIKE_MEMORY: Duration = Duration::from_secs(600);
+
+/// The most a user's stops halve its limit: 6 times, to a 64th.
+const MOST_STRIKES: u32 = 6;
+
+/// Users whose runs were stopped lately, and how often (module docs).
+#[derive(Debug, Default)]
+pub struct Strikes {
+    /// Any user has a strike (the common case, none, takes no lock).
+    any: AtomicBool,
+    by_source: Mutex<HashMap<u64, (u32, Instant)>>,
+}
+
+impl Strikes {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, (u32, Instant)>> {
+        self.by_source.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The limit of `source`'s next run, `limit` unless its runs were stopped lately.
+    pub fn limit(&self, source: u64, limit: Duration) -> Duration {
+        if !self.any.load(Ordering::Relaxed) {
+            return limit;
+        }
+        match self.lock().get(&source) {
+            Some(&(n, last)) if last.elapsed() < STRIKE_MEMORY => limit / (1 << n),
+            _ => limit,
+        }
+    }
+
+    /// A run of `source`'s alone was stopped past its limit.
+    pub fn strike(&self, source: u64) {
+        let now = Instant::now();
+        let mut map = self.lock();
+        map.retain(|_, (_, last)| now.duration_since(*last) < STRIKE_MEMORY);
+        let e = map.entry(source).or_insert((0, now));
+        *e = ((e.0 + 1).min(MOST_STRIKES), now);
+        self.any.store(true, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+
+    #[test]
+    fn each_stop_halves_only_that_users_limit_down_to_a_64th() {
+        let s = Strikes::default();
+        let limit = Duration::from_secs(64);
+        assert_eq!(s.limit(7, limit), limit);
+        for n in 1..=8u32 {
+            s.strike(7);
+            let want = limit / (1 << n.min(MOST_STRIKES));
+            assert_eq!(s.limit(7, limit), want, "after {n} stops");
+        }
+        assert_eq!(s.limit(8, limit), limit, "another user's limit is its own");
+    }
 
     /// A run's terminate flag.
     #[derive(Default)]

@@ -13,7 +13,7 @@ use ort::session::{RunOptions, Session, SessionInputValue};
 
 use super::deliver::{View, deliver};
 use super::job::{Batch, InputData, Job, OutputTensor, padded_rows};
-use super::limit::Watch;
+use super::limit::{Strikes, Watch};
 use super::worker::{ArenaRelease, Pad, WorkerSessions};
 use super::{Axis, RuntimeError, dtype_of, element_type_of, raw, release_free_memory, run_err};
 
@@ -78,23 +78,37 @@ pub(super) enum Ran {
 }
 
 /// How long runs may take.
-#[derive(Debug, Clone, Copy, Default)]
-pub(super) struct Limits {
-    /// A run that holds a non-admin's job ([`Job::bounded`]) is stopped after this long and
-    /// its jobs answered [`RuntimeError::Stopped`].
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limits<'a> {
+    /// A run that holds a non-admin's job ([`Job::bounded`]) is stopped after this long (or
+    /// less for a user whose runs were stopped lately: `strikes`) and its jobs answered
+    /// [`RuntimeError::Stopped`].
     pub bounded: Option<Duration>,
+    pub strikes: &'a Strikes,
     /// Every run is stopped after this long, and a batch that fails (stopped or not) is handed
     /// back unanswered ([`Ran::Requeue`]): a light batch on the thread that formed it.
     pub here: Option<Duration>,
 }
 
-impl Limits {
+impl<'s> Limits<'s> {
     /// The limit of a run of `jobs`.
-    fn of<'a>(&self, mut jobs: impl Iterator<Item = &'a Job>) -> Option<Duration> {
-        let bounded = self.bounded.filter(|_| jobs.any(|j| j.bounded));
+    fn of<'a>(&self, jobs: impl Iterator<Item = &'a Job>) -> Option<Duration> {
+        let bounded = self.bounded.and_then(|limit| {
+            jobs.filter(|j| j.bounded)
+                .map(|j| self.strikes.limit(j.source, limit))
+                .min()
+        });
         match (bounded, self.here) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
+        }
+    }
+
+    /// `job`'s run alone was stopped: it counts against its user (not a light batch's stop
+    /// on the thread that formed it, which is that thread's limit, not the user's).
+    fn stopped_alone(&self, job: &Job, result: &Result<Vec<OutputTensor>, RuntimeError>) {
+        if matches!(result, Err(RuntimeError::Stopped(_))) && self.here.is_none() && job.bounded {
+            self.strikes.strike(job.source);
         }
     }
 }
@@ -115,7 +129,7 @@ pub(super) fn run_batch(
     pad: Pad<'_>,
     staging: &mut Staging,
     hand_back: &dyn Fn() -> bool,
-    limits: Limits,
+    limits: Limits<'_>,
 ) -> Ran {
     let Batch { jobs, rows, .. } = batch;
     let mut live: Vec<(Job, u32)> = Vec::with_capacity(jobs.len());
@@ -174,6 +188,7 @@ pub(super) fn run_batch(
                 result => {
                     let ok = result.is_ok();
                     let stopped = matches!(result, Err(RuntimeError::Stopped(_)));
+                    limits.stopped_alone(&job, &result);
                     job.completion.complete(result);
                     (shrunk, Ran::Answered { ok, stopped })
                 }
@@ -225,15 +240,14 @@ pub(super) fn run_batch(
                                 let left = end.saturating_duration_since(std::time::Instant::now());
                                 left / (count - i as u32)
                             });
-                            let limits = Limits {
-                                bounded: limits.bounded.zip(share).map(|(l, s)| l.min(s)),
-                                ..limits
-                            };
                             let how = How {
                                 options: plain,
-                                after: limits.of(std::iter::once(&job)),
+                                after: limits
+                                    .of(std::iter::once(&job))
+                                    .map(|l| share.map_or(l, |s| l.min(s))),
                             };
                             let result = run_one(session, &job, how, pad.bogus);
+                            limits.stopped_alone(&job, &result);
                             (job, result)
                         })
                         .collect();

@@ -246,6 +246,8 @@ struct Common {
     inline_max: std::time::Duration,
     /// [`Crew::run_limit`].
     run_limit: Option<std::time::Duration>,
+    /// Users whose runs here were stopped lately.
+    strikes: super::limit::Strikes,
 }
 
 impl Seat {
@@ -361,6 +363,7 @@ impl WorkerPool {
             inline: (!wedge && !fail_runs && !ort_fails).into(),
             inline_max,
             run_limit,
+            strikes: Default::default(),
         });
         // The scheduler bounds what is handed out in all (one batch per worker of the version,
         // over every lane) and may route several to the lane expected to finish them first.
@@ -440,6 +443,7 @@ impl WorkerPool {
             let (cpu, wall) = (thread_cpu(), std::time::Instant::now());
             let limits = Limits {
                 bounded: self.common.run_limit,
+                strikes: &self.common.strikes,
                 here: Some(INLINE_STOP_WALL),
             };
             let report = self.common.run(&mut bench, &seat.busy_since, batch, limits);
@@ -590,7 +594,7 @@ impl Common {
         bench: &mut Bench,
         busy: &std::sync::atomic::AtomicU64,
         mut batch: Batch,
-        limits: Limits,
+        limits: Limits<'_>,
     ) -> Report {
         use std::sync::atomic::Ordering::Relaxed;
         let arrived = std::mem::take(&mut batch.arrived);
@@ -754,6 +758,7 @@ fn worker_loop(seat: &Seat, rx: crossbeam_channel::Receiver<Batch>, common: &Arc
         }
         let limits = Limits {
             bounded: common.run_limit,
+            strikes: &common.strikes,
             here: None,
         };
         let report = common.run(&mut seat.bench(), &seat.busy_since, batch, limits);

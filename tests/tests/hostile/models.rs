@@ -775,7 +775,8 @@ fn integer_division_by_minus_one_is_answered_not_fatal() {
 /// holding a non-admin's request are now stopped at half of `watchdog-stuck-secs` (2 s here):
 /// the request is answered `inference_failed` saying so; requests batched with it are answered
 /// as if it had not been there; another user on the same model waits at most about one limit
-/// per stopped run ahead of it; an admin's run is not limited; the daemon goes on.
+/// per stopped run ahead of it; each of a user's stops halves its own limit (not another
+/// user's); an admin's run is not limited; the daemon goes on.
 #[test]
 fn a_run_made_endless_by_a_requests_values_is_stopped_at_the_run_limit() {
     let _serial = serial();
@@ -874,6 +875,29 @@ fn a_run_made_endless_by_a_requests_values_is_stopped_at_the_run_limit() {
     }
     // Three endless runs, each at most one and a half limits with what it was batched with.
     assert!(t.elapsed() < limit * 9, "took {:?}", t.elapsed());
+    // Its stops (two at least by now) shorten its own limit...
+    let t = Instant::now();
+    let e = refused(
+        infer(&mut c, 20, "spin", endless(2.0)),
+        ErrorCode::InferenceFailed,
+    );
+    assert!(e.message.contains("stopped after"), "{e}");
+    assert!(t.elapsed() < limit / 2, "stopped after {:?}", t.elapsed());
+    // ...not another user's.
+    let (stream, _helper) = connect_as_with(&d.socket, NOBODY - 1, NOBODY - 1, &[], None);
+    let mut other = RawConn { stream };
+    other.handshake().unwrap();
+    let t = Instant::now();
+    let e = refused(
+        infer(&mut other, 1, "spin", endless(3.0)),
+        ErrorCode::InferenceFailed,
+    );
+    assert!(e.message.contains("stopped after"), "{e}");
+    assert!(
+        t.elapsed() >= limit - Duration::from_millis(100),
+        "another user's run stopped after {:?}",
+        t.elapsed()
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (served, worst) = victim.join().unwrap();
     assert!(served > 0, "the victim was never served");
@@ -902,7 +926,7 @@ fn a_run_made_endless_by_a_requests_values_is_stopped_at_the_run_limit() {
         t.elapsed()
     );
     assert_eq!(r.outputs, reference.run(&spin(&[0.0], &[3])));
-    drop(c);
+    drop((c, other, a));
     let seen = bystander.stop();
     assert_unharmed(&mut d, &before, &seen, limit, 64 << 20);
 }
