@@ -906,7 +906,7 @@ fn a_run_made_endless_by_a_requests_values_is_stopped_at_the_run_limit() {
         worst < limit * 3 + Duration::from_secs(2),
         "the other user waited {worst:?}"
     );
-    // An admin's run is not limited: one that takes one and a half limits is answered (the
+    // An admin's run is not limited: one that takes 1.75 limits is answered (the
     // watchdog would call it stuck at two).
     let mut a = admin(&d);
     a.stream
@@ -915,7 +915,7 @@ fn a_run_made_endless_by_a_requests_values_is_stopped_at_the_run_limit() {
     let t = Instant::now();
     ok(infer(&mut a, 1, "spin", spin(&[0.0], &[200_000])));
     let per_step = t.elapsed().as_secs_f64() / 200_000.0;
-    let steps = (limit.as_secs_f64() * 1.5 / per_step) as i64;
+    let steps = (limit.as_secs_f64() * 1.75 / per_step) as i64;
     let t = Instant::now();
     let Reply::Infer(r) = ok(infer(&mut a, 2, "spin", spin(&[0.0], &[steps]))) else {
         panic!("an inference answer")
