@@ -72,7 +72,7 @@ pub enum RuntimeError {
     DeadlineExceeded,
     #[error(
         "stopped after {:.1} s: a run holding a non-admin's request is stopped at half of \
-         watchdog-stuck-secs (less when a failed batch's requests are retried alone), and \
+         watchdog-stuck-secs (less for a user whose runs were stopped lately), and \
          this request's values made the model run far longer than requests of its size do",
         .0.as_secs_f64()
     )]

@@ -7,6 +7,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ort::session::{RunOptions, Session, SessionInputValue};
@@ -88,6 +89,10 @@ pub(super) struct Limits<'a> {
     /// Every run is stopped after this long, and a batch that fails (stopped or not) is handed
     /// back unanswered ([`Ran::Requeue`]): a light batch on the thread that formed it.
     pub here: Option<Duration>,
+    /// The worker's heartbeat (when its current run began, ms since its epoch), renewed at
+    /// each run of a failed batch's jobs alone: each run is bounded, so a worker making them
+    /// is not stuck.
+    pub heartbeat: Option<&'a std::sync::atomic::AtomicU64>,
 }
 
 impl<'s> Limits<'s> {
@@ -200,7 +205,6 @@ pub(super) fn run_batch(
                 options: plain,
                 after: limits.of(jobs.iter()),
             };
-            let began = std::time::Instant::now();
             let (result, shrunk) =
                 run_many(session, &jobs, &rows, padded, pad, staging, arena, how);
             match result {
@@ -225,26 +229,21 @@ pub(super) fn run_batch(
                     // (On a GPU session kept for one batch size this runs other sizes on it:
                     // slower, once, and only after a failure.) When every one fails alone
                     // too, the device may be what fails: they go back unanswered.
-                    // The runs alone share what is left of one and a half run limits since the
-                    // batch began, so that the worker is never held past the watchdog's
-                    // limit (the batch's run was stopped at one, or requests that fail fast
-                    // made it fail and the slow ones run alone now).
+                    // Each run alone has its own limit (its user's: a stranger's endless request
+                    // in the batch never gets an honest one stopped), and renews the worker's
+                    // heartbeat (every run is bounded: the worker is not stuck). A user whose
+                    // requests stop here halves its limit at each (`Strikes`), so what its
+                    // endless requests cost the runs alone is about two limits at most.
                     tracing::debug!("a batch of {} failed, running each alone: {e}", jobs.len());
-                    let end = limits.bounded.map(|l| began + l + l / 2);
-                    let count = jobs.len() as u32;
                     let alone: Vec<_> = jobs
                         .into_iter()
-                        .enumerate()
-                        .map(|(i, job)| {
-                            let share = end.map(|end| {
-                                let left = end.saturating_duration_since(std::time::Instant::now());
-                                left / (count - i as u32)
-                            });
+                        .map(|job| {
+                            if let Some(beat) = limits.heartbeat {
+                                beat.store(super::worker::now_ms(), Ordering::Relaxed);
+                            }
                             let how = How {
                                 options: plain,
-                                after: limits
-                                    .of(std::iter::once(&job))
-                                    .map(|l| share.map_or(l, |s| l.min(s))),
+                                after: limits.of(std::iter::once(&job)),
                             };
                             let result = run_one(session, &job, how, pad.bogus);
                             limits.stopped_alone(&job, &result);

@@ -288,7 +288,7 @@ fn epoch() -> std::time::Instant {
     *EPOCH.get_or_init(std::time::Instant::now)
 }
 
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     epoch().elapsed().as_millis() as u64 + 1
 }
 
@@ -445,6 +445,7 @@ impl WorkerPool {
                 bounded: self.common.run_limit,
                 strikes: &self.common.strikes,
                 here: Some(INLINE_STOP_WALL),
+                heartbeat: None,
             };
             let report = self.common.run(&mut bench, &seat.busy_since, batch, limits);
             drop(bench);
@@ -596,6 +597,10 @@ impl Common {
         mut batch: Batch,
         limits: Limits<'_>,
     ) -> Report {
+        let limits = Limits {
+            heartbeat: Some(busy),
+            ..limits
+        };
         use std::sync::atomic::Ordering::Relaxed;
         let arrived = std::mem::take(&mut batch.arrived);
         let started = std::time::Instant::now();
@@ -760,6 +765,7 @@ fn worker_loop(seat: &Seat, rx: crossbeam_channel::Receiver<Batch>, common: &Arc
             bounded: common.run_limit,
             strikes: &common.strikes,
             here: None,
+            heartbeat: None,
         };
         let report = common.run(&mut seat.bench(), &seat.busy_since, batch, limits);
         NEXT_HERE.set(Some((me, None)));
