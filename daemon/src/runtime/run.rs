@@ -92,7 +92,7 @@ pub(super) struct Limits<'a> {
     /// The worker's heartbeat (when its current run began, ms since its epoch), renewed at
     /// each run of a failed batch's jobs alone: each run is bounded, so a worker making them
     /// is not stuck.
-    pub heartbeat: Option<&'a std::sync::atomic::AtomicU64>,
+    pub heartbeat: &'a std::sync::atomic::AtomicU64,
 }
 
 impl<'s> Limits<'s> {
@@ -238,9 +238,9 @@ pub(super) fn run_batch(
                     let alone: Vec<_> = jobs
                         .into_iter()
                         .map(|job| {
-                            if let Some(beat) = limits.heartbeat {
-                                beat.store(super::worker::now_ms(), Ordering::Relaxed);
-                            }
+                            limits
+                                .heartbeat
+                                .store(super::worker::now_ms(), Ordering::Relaxed);
                             let how = How {
                                 options: plain,
                                 after: limits.of(std::iter::once(&job)),

@@ -441,13 +441,8 @@ impl WorkerPool {
                 return Some(batch);
             }
             let (cpu, wall) = (thread_cpu(), std::time::Instant::now());
-            let limits = Limits {
-                bounded: self.common.run_limit,
-                strikes: &self.common.strikes,
-                here: Some(INLINE_STOP_WALL),
-                heartbeat: None,
-            };
-            let report = self.common.run(&mut bench, &seat.busy_since, batch, limits);
+            let here = Some(INLINE_STOP_WALL);
+            let report = self.common.run(&mut bench, &seat.busy_since, batch, here);
             drop(bench);
             let took = thread_cpu().saturating_sub(cpu);
             let wall = wall.elapsed();
@@ -589,17 +584,20 @@ impl LaneBatch {
 }
 
 impl Common {
-    /// Runs `batch` on `bench`, the sessions of the worker whose heartbeat is `busy`.
+    /// Runs `batch` on `bench`, the sessions of the worker whose heartbeat is `busy`; `here`:
+    /// the limit of a light batch's run on the thread that formed it ([`Limits::here`]).
     fn run(
         &self,
         bench: &mut Bench,
         busy: &std::sync::atomic::AtomicU64,
         mut batch: Batch,
-        limits: Limits<'_>,
+        here: Option<std::time::Duration>,
     ) -> Report {
         let limits = Limits {
-            heartbeat: Some(busy),
-            ..limits
+            bounded: self.run_limit,
+            strikes: &self.strikes,
+            here,
+            heartbeat: busy,
         };
         use std::sync::atomic::Ordering::Relaxed;
         let arrived = std::mem::take(&mut batch.arrived);
@@ -761,13 +759,7 @@ fn worker_loop(seat: &Seat, rx: crossbeam_channel::Receiver<Batch>, common: &Arc
             }
             continue;
         }
-        let limits = Limits {
-            bounded: common.run_limit,
-            strikes: &common.strikes,
-            here: None,
-            heartbeat: None,
-        };
-        let report = common.run(&mut seat.bench(), &seat.busy_since, batch, limits);
+        let report = common.run(&mut seat.bench(), &seat.busy_since, batch, None);
         NEXT_HERE.set(Some((me, None)));
         common.report(report);
         kept = NEXT_HERE.take().and_then(|(_, b)| b);
