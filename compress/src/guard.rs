@@ -27,6 +27,13 @@
 //! other trap found). Unless it is a non-zero constant, `frame_length` goes through
 //! `l · (l / l)` first: equal to it for every other value, and ORT's clean "integer division
 //! by zero" error for 0.
+//!
+//! A run past its limit is stopped through ORT's terminate flag, which ORT checks before each
+//! node it runs, in a `Loop`'s body too. A body that runs no node of its own — none, or only
+//! nodes ORT folds into constants because none reads the body's inputs — never checks it, and a
+//! trip count from a request would hold a worker for good. Such a body's condition output
+//! becomes `And(cond, Equal(i, i))` (true and-ed in: the same value), which reads the
+//! iteration number and so runs every iteration.
 
 use std::collections::{HashMap, HashSet};
 
@@ -40,6 +47,8 @@ pub struct Guarded {
     pub guarded: usize,
     /// The `STFT` nodes whose `frame_length` is now checked for 0.
     pub frames: usize,
+    /// The `Loop` bodies given a node that runs every iteration (a stop point).
+    pub loops: usize,
     /// Integer (or untyped) `Div`/`Mod` nodes left as they are, with why: the model's
     /// opset is older than the guard's operators (opset 9: `Sign`, `Where` and integer
     /// `Less`; 11: `Equal` on floats too, for nodes whose type is not known).
@@ -56,6 +65,9 @@ impl std::fmt::Display for Guarded {
         )?;
         if self.frames > 0 {
             write!(f, ", {} STFT frame_length checked for 0", self.frames)?;
+        }
+        if self.loops > 0 {
+            write!(f, ", {} Loop bodies given a stop point", self.loops)?;
         }
         if let Some(why) = &self.unguarded {
             write!(f, "; not guarded: {why}")?;
@@ -101,6 +113,7 @@ fn guard_model(mut model: Model) -> Result<(bool, Guarded, Model), Error> {
         next: 0,
         count: 0,
         frames: 0,
+        loops: 0,
         left: 0,
         opset,
     };
@@ -134,6 +147,7 @@ fn guard_model(mut model: Model) -> Result<(bool, Guarded, Model), Error> {
     let mut out = Guarded {
         guarded: g.count,
         frames: g.frames,
+        loops: g.loops,
         unguarded: None,
     };
     if g.left > 0 {
@@ -177,7 +191,30 @@ fn has_trap(g: &Message) -> Result<bool, Error> {
     Ok(nodes
         .iter()
         .chain(&nested)
-        .any(|n| is_division(n) || frame_length(n).is_some()))
+        .any(|n| is_division(n) || frame_length(n).is_some() || is_loop(n)))
+}
+
+fn is_loop(n: &Message) -> bool {
+    default_domain(n) && onnx::op_type(n) == "Loop"
+}
+
+/// Whether a `Loop` body has no node that reads its inputs (the iteration number, the
+/// condition, the carried values): every node it has reads constants or values fixed for the
+/// whole loop, which ORT may fold or hoist, and it may never check the terminate flag. A node
+/// with subgraphs counts as reading them (what runs in it is not looked into).
+fn runs_nothing(body: &Message) -> Result<bool, Error> {
+    let inputs: HashSet<String> = body
+        .messages(graph::INPUT)?
+        .iter()
+        .map(|v| v.string(value_info::NAME))
+        .collect();
+    for n in body.messages(graph::NODE)? {
+        // A node reading none of them reads constants (and outer values, fixed for the loop).
+        if onnx::has_subgraph(&n)? || onnx::inputs(&n).iter().any(|x| inputs.contains(x)) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 fn default_domain(n: &Message) -> bool {
@@ -233,6 +270,8 @@ struct Guard {
     count: usize,
     /// `STFT` nodes whose `frame_length` is checked.
     frames: usize,
+    /// `Loop` bodies given a stop point.
+    loops: usize,
     /// Nodes that needed a guard the model's opset has no operators for.
     left: usize,
     opset: u64,
@@ -293,6 +332,9 @@ impl Guard {
             if onnx::has_subgraph(&n)? {
                 let scope = types.clone();
                 changed |= onnx::map_subgraphs(&mut n, &mut |sub| self.graph(sub, &scope))?;
+            }
+            if is_loop(&n) {
+                changed |= onnx::map_subgraphs(&mut n, &mut |body| self.stop_point(body))?;
             }
             let outs = onnx::outputs(&n);
             for (o, t) in outs.iter().zip(output_types(&n, &types)?) {
@@ -426,6 +468,35 @@ impl Guard {
 }
 
 impl Guard {
+    /// Gives `body` (a `Loop`'s) a node that runs every iteration when it has none (module
+    /// docs); true when it did.
+    fn stop_point(&mut self, body: &mut Message) -> Result<bool, Error> {
+        if !runs_nothing(body)? {
+            return Ok(false);
+        }
+        let ins = body.messages(graph::INPUT)?;
+        let mut outs = body.messages(graph::OUTPUT)?;
+        let (Some(i), Some(cond)) = (ins.first(), outs.first_mut()) else {
+            return Ok(false);
+        };
+        let (i, c) = (i.string(value_info::NAME), cond.string(value_info::NAME));
+        let [same, checked] = ["iteration", "cond"].map(|s| self.fresh(&format!("loop/{s}")));
+        let node =
+            |op: &str, ins: &[&str], out: &str| onnx::make_node(op, "", "", ins, &[out], &[]);
+        body.push_message(graph::NODE, &node("Equal", &[&i, &i], &same));
+        body.push_message(graph::NODE, &node("And", &[&c, &same], &checked));
+        cond.replace(
+            value_info::NAME,
+            vec![Value::Bytes(checked.clone().into_bytes())],
+        );
+        body.replace(
+            graph::OUTPUT,
+            outs.iter().map(|o| Value::Bytes(o.encode())).collect(),
+        );
+        self.loops += 1;
+        Ok(true)
+    }
+
     /// `STFT` node `n` with its frame length `l` replaced by `l · (l / l)` (module docs).
     fn check_frame_length(&mut self, mut n: Message, l: &str) -> Vec<Message> {
         let base = onnx::outputs(&n).first().cloned().unwrap_or_default();
@@ -673,6 +744,68 @@ mod tests {
         assert_eq!(with(0), 1);
         let none = model(&[stft(&["x", "st", "w"])], &inputs[..2], &[], 17);
         assert_eq!(guard_division(&none).unwrap(), (None, Guarded::default()));
+    }
+
+    #[test]
+    fn a_loop_body_that_runs_no_node_gets_a_stop_point() {
+        let body = |nodes: &[Message], cond: &str, v: &str| {
+            let mut b = Message::default();
+            for n in nodes {
+                b.push_message(graph::NODE, n);
+            }
+            for (name, ty) in [
+                ("i", tensor::INT64),
+                ("c", tensor::BOOL),
+                ("v", tensor::FLOAT),
+            ] {
+                b.push_message(graph::INPUT, &vi(name, ty));
+            }
+            b.push_message(graph::OUTPUT, &vi(cond, tensor::BOOL));
+            b.push_message(graph::OUTPUT, &vi(v, tensor::FLOAT));
+            b
+        };
+        let with_body = |b: &Message| {
+            let mut lp = op("Loop", &["m", "", "x"], "y");
+            let mut a = Message::default();
+            a.push_str(onnx::attr::NAME, "body");
+            a.push_message(onnx::attr::G, b);
+            a.push(onnx::attr::TYPE, Value::Varint(5));
+            lp.push_message(node::ATTRIBUTE, &a);
+            model(
+                &[lp],
+                &[("m", tensor::INT64), ("x", tensor::FLOAT)],
+                &[],
+                17,
+            )
+        };
+        let loops = |b: &Message| guard_division(&with_body(b)).unwrap().1.loops;
+        // No node; only nodes of constants (ORT folds them): stop points.
+        assert_eq!(loops(&body(&[], "c", "v")), 1);
+        let constant = onnx::make_node("Constant", "", "", &[], &["k"], &[]);
+        let folded = [constant, op("Not", &["k"], "nk")];
+        assert_eq!(loops(&body(&folded, "nk", "v")), 1);
+        // A node reading the body's inputs runs every iteration: left alone.
+        assert_eq!(loops(&body(&[op("Identity", &["c"], "c2")], "c2", "v")), 0);
+        assert_eq!(loops(&body(&[op("Add", &["v", "v"], "w")], "c", "w")), 0);
+        // The rewritten body: cond_out = And(c, Equal(i, i)).
+        let (out, _) = guard_division(&with_body(&body(&[], "c", "v"))).unwrap();
+        let m = Model::parse(&out.expect("rewritten")).unwrap();
+        let lp = &m.graph.messages(graph::NODE).unwrap()[0];
+        let b = lp.messages(node::ATTRIBUTE).unwrap()[0]
+            .message(onnx::attr::G)
+            .unwrap()
+            .unwrap();
+        let nodes = b.messages(graph::NODE).unwrap();
+        let ops: Vec<String> = nodes.iter().map(onnx::op_type).collect();
+        assert_eq!(ops, ["Equal", "And"]);
+        assert_eq!(onnx::inputs(&nodes[0]), ["i", "i"]);
+        assert_eq!(onnx::inputs(&nodes[1])[0], "c");
+        let outs = b.messages(graph::OUTPUT).unwrap();
+        assert_eq!(
+            outs[0].string(value_info::NAME),
+            onnx::outputs(&nodes[1])[0]
+        );
+        assert_eq!(outs[1].string(value_info::NAME), "v");
     }
 
     #[test]

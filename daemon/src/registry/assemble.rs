@@ -322,7 +322,7 @@ fn served(
     let (bytes, dequantized) = dequantized(&file, settings, name, version).unzip();
     let guarded = match rxd_compress::guard::guard_division(bytes.as_deref().unwrap_or(&file)) {
         Ok((rewritten, g)) => {
-            if g.guarded > 0 || g.frames > 0 {
+            if g.guarded > 0 || g.frames > 0 || g.loops > 0 {
                 tracing::info!(model = %name, version, "{g}");
             }
             if g.unguarded.is_some() {

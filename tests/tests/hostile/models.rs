@@ -782,6 +782,7 @@ fn a_run_made_endless_by_a_requests_values_is_stopped_at_the_run_limit() {
     let _serial = serial();
     let repo = repo_with(&[]);
     repo.write("spin", 1, &loop_model());
+    repo.write("idle", 1, &empty_loop_model());
     let limit = Duration::from_secs(2);
     let mut d = shared_daemon(repo.path(), "watchdog-stuck-secs = 4\n", &[]);
     let before = before(&d);
@@ -838,6 +839,23 @@ fn a_run_made_endless_by_a_requests_values_is_stopped_at_the_run_limit() {
     assert!(
         took >= limit - Duration::from_millis(100) && took < limit * 3,
         "stopped after {took:?} (limit {limit:?})"
+    );
+    // A loop whose body runs no node (where ORT never looked at the flag; the worker stayed
+    // stuck for good): stopped alike, the model's other requests answered.
+    let t = Instant::now();
+    let e = refused(
+        infer(&mut c, 2, "idle", endless(1.0)),
+        ErrorCode::InferenceFailed,
+    );
+    assert_eq!(stopped_after(&e), limit, "{e}");
+    assert!(t.elapsed() < limit * 3, "stopped after {:?}", t.elapsed());
+    let x = spin(&[1.5, -2.0], &[7, 7]);
+    let Reply::Infer(r) = ok(infer(&mut c, 3, "idle", x.clone())) else {
+        panic!("an inference answer")
+    };
+    assert_eq!(
+        r.outputs,
+        Reference::from_bytes(&empty_loop_model()).run(&x)
     );
     // Pipelined among honest requests of the same user (they batch along `n`, and a stopped
     // batch's requests run again alone): each honest one answered exactly, each endless one
