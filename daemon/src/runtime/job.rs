@@ -181,6 +181,8 @@ pub struct Finished<'a> {
     /// A run of it was stopped past its limit: its time says nothing of what such a batch
     /// costs.
     pub stopped: bool,
+    /// The one user all its jobs came from (`None`: several, or none).
+    pub source: Option<u64>,
 }
 
 /// Told when a worker finishes a batch (the scheduler, held weakly by the workers).

@@ -234,7 +234,11 @@ pub(super) fn run_batch(
                     // heartbeat (every run is bounded: the worker is not stuck). A user whose
                     // requests stop here halves its limit at each (`Strikes`), so what its
                     // endless requests cost the runs alone is about two limits at most.
+                    // Users take turns (each one's first request, then each one's second...):
+                    // a user's many slow requests in the batch do not all run before another
+                    // user's one.
                     tracing::debug!("a batch of {} failed, running each alone: {e}", jobs.len());
+                    let (jobs, rows) = in_turns(jobs, rows);
                     let alone: Vec<_> = jobs
                         .into_iter()
                         .map(|job| {
@@ -281,6 +285,24 @@ pub(super) fn run_batch(
         release_free_memory();
     }
     ran
+}
+
+/// `jobs` (with their `rows`) reordered so that their users take turns: every user's first
+/// job, in the order they came, then every user's second, and so on.
+fn in_turns(jobs: Vec<Job>, rows: Vec<u32>) -> (Vec<Job>, Vec<u32>) {
+    let mut seen: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+    let mut keyed: Vec<(usize, usize, Job, u32)> = jobs
+        .into_iter()
+        .zip(rows)
+        .enumerate()
+        .map(|(i, (job, r))| {
+            let turn = seen.entry(job.source).or_default();
+            *turn += 1;
+            (*turn, i, job, r)
+        })
+        .collect();
+    keyed.sort_by_key(|&(turn, i, _, _)| (turn, i));
+    keyed.into_iter().map(|(_, _, job, r)| (job, r)).unzip()
 }
 
 /// Runs `values` and borrows the outputs named `names` (all of them must exist). With the
@@ -722,6 +744,38 @@ mod tests {
             InputData::Inline(b) => b,
             InputData::Shared { .. } => unreachable!(),
         }
+    }
+
+    struct Nothing;
+    impl crate::runtime::Completion for Nothing {
+        fn complete(self: Box<Self>, _: Result<Vec<OutputTensor>, RuntimeError>) {}
+    }
+
+    #[test]
+    fn users_take_turns_in_a_failed_batchs_runs_alone() {
+        let job = |source: u64, tag: u32| {
+            let j = Job {
+                inputs: Vec::new(),
+                outputs: Vec::new(),
+                placement: Default::default(),
+                completion: Box::new(Nothing),
+                bounded: true,
+                source,
+            };
+            (j, tag)
+        };
+        // User 1 sent five, then user 2 one, user 3 two.
+        let order = [1, 1, 1, 1, 1, 2, 3, 3];
+        let (jobs, rows): (Vec<Job>, Vec<u32>) = order
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| job(s, i as u32))
+            .unzip();
+        let (jobs, rows) = in_turns(jobs, rows);
+        let sources: Vec<u64> = jobs.iter().map(|j| j.source).collect();
+        assert_eq!(sources, [1, 2, 3, 1, 3, 1, 1, 1]);
+        // Each job keeps its rows, and each user's jobs their order.
+        assert_eq!(rows, [0, 5, 6, 1, 7, 2, 3, 4]);
     }
 
     /// Gathering parts along any dimension and taking each part's rows back out gives every

@@ -548,6 +548,8 @@ fn keep_here(common: &Arc<Common>, batch: Batch) -> Option<Batch> {
 /// What became of a batch, for the scheduler: told after the worker's sessions are free.
 struct Report {
     ran: Ran,
+    /// The one user all the batch's jobs came from.
+    source: Option<u64>,
     lane_batch: LaneBatch,
     rows: u32,
     /// The batch's input elements in all.
@@ -603,6 +605,11 @@ impl Common {
         let arrived = std::mem::take(&mut batch.arrived);
         let started = std::time::Instant::now();
         busy.store(now_ms(), Relaxed);
+        let source = batch
+            .jobs
+            .first()
+            .map(|j| j.source)
+            .filter(|&s| batch.jobs.iter().all(|j| j.source == s));
         let rows: u32 = batch.rows.iter().sum();
         let elements = batch.elements();
         let lane_batch = LaneBatch {
@@ -636,6 +643,7 @@ impl Common {
         bench.last_done = done;
         Report {
             ran,
+            source,
             lane_batch,
             rows,
             elements,
@@ -649,6 +657,7 @@ impl Common {
     fn report(&self, report: Report) {
         let Report {
             ran,
+            source,
             lane_batch,
             rows,
             elements,
@@ -707,6 +716,7 @@ impl Common {
             extra,
             elements,
             stopped,
+            source,
         });
     }
 }

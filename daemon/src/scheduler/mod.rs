@@ -759,6 +759,7 @@ impl Scheduler {
                 extra,
                 elements: 0,
                 stopped: false,
+                source: None,
             });
         }
     }
@@ -825,6 +826,7 @@ impl BatchListener for Scheduler {
             extra,
             elements,
             stopped,
+            source,
         } = done;
         if !arrived.is_empty() {
             self.metrics.record_batch(rows, compute, arrived);
@@ -857,6 +859,14 @@ impl BatchListener for Scheduler {
             }
             cheapest
         };
+        // A user's batch that took far longer than expected pushes that user's waiting
+        // requests back by the difference.
+        if let Some(s) = source
+            && !arrived.is_empty()
+            && compute > expected * 2
+        {
+            st.batcher.charge(s, compute - expected);
+        }
         // ... and the policy's the worker's time from hand-over to free (on a loaded 2-core
         // machine the hand-over is a visible part of a 1 ms batch), from the cheapest lane
         // for this size.

@@ -12,7 +12,10 @@
 //!    per row at the cheapest measured batch size, or per input element where that says more
 //!    — a request of 64 times the pixels is 64 times the turn, whatever its rows — shared
 //!    over the workers) — a fair share: one source's backlog runs in turn with other sources' requests instead of
-//!    ahead of them, and it does not age while it waits its turn. Starts never go backwards
+//!    ahead of them, and it does not age while it waits its turn. A source's batch that took
+//!    more than twice its expected compute (its values, not its size, made it long) moves that
+//!    source's waiting requests' starts later by the difference ([`Batcher::charge`]): turns
+//!    follow what a source's runs cost, not only their sizes. Starts never go backwards
 //!    within a source and level (first come, first served there), and lie at most
 //!    `queue_capacity` service times after the arrival. The batch is the head plus other
 //!    requests with the same shape key, best first, while the rows fit `max_batch_rows` (a
@@ -339,6 +342,16 @@ impl Batcher {
             wake: None,
             backlog_batches: 0,
             per_element: None,
+        }
+    }
+
+    /// A batch of `source`'s alone took its worker `overrun` longer than expected (its values,
+    /// not its size, made it long): that source's waiting requests start that much later, so
+    /// that its turns follow what its runs cost and not only their sizes — ten requests that
+    /// each look light but run for a second no longer all go before another source's one.
+    pub fn charge(&mut self, source: u64, overrun: Duration) {
+        for w in self.queue.iter_mut().filter(|w| w.item.source == source) {
+            w.start += overrun;
         }
     }
 

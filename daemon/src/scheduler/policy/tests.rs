@@ -713,6 +713,41 @@ fn one_sources_backlog_does_not_hold_back_anothers_request_at_its_level() {
 }
 
 #[test]
+fn a_sources_requests_that_run_far_longer_than_expected_lose_their_turns() {
+    for aging in [ms(100), Duration::ZERO] {
+        let t0 = Instant::now();
+        let s = Settings {
+            max_batch_rows: 1,
+            aging,
+            ..Settings::default()
+        };
+        let mut b = Batcher::new(s, 1);
+        b.free_workers = 0;
+        b.batch_done(1, ms(1), t0);
+        b.free_workers = 0;
+        // Source 1 queues ten requests that look like 1 ms each; source 2 one, 200 ms later.
+        for id in 1..=10 {
+            let mut it = item(id, 1, 0, 5, t0);
+            it.source = 1;
+            assert!(runs(&b.arrive(it, t0)).is_empty());
+        }
+        let later = t0 + ms(200);
+        let mut it = item(99, 1, 0, 5, later);
+        it.source = 2;
+        assert!(runs(&b.arrive(it, later)).is_empty());
+        // Without a charge source 1's starts are all earlier: they would all go first.
+        // Its running request took 1.4 s: charged, source 2's goes next.
+        b.charge(1, ms(1400));
+        let now = t0 + ms(1400);
+        assert_eq!(
+            runs(&b.batch_done(1, ms(1400), now)),
+            vec![vec![99]],
+            "aging {aging:?}"
+        );
+    }
+}
+
+#[test]
 fn workers_retired_while_busy_free_no_slot_when_their_batches_finish() {
     let t0 = Instant::now();
     let settings = Settings {
