@@ -393,10 +393,12 @@ fn a_peers_large_requests_take_turns_by_their_size_and_the_largest_are_refused()
         latencies.last().unwrap()
     );
     // Behind the backlog (8 in flight) a small request waited for all 8 large ones and the
-    // batch running; by size, for the batch running (at most ~0.5 s of work) and its turn.
+    // batch running (a median of 1.26 s before turns went by size); by size, for the batch
+    // running — its head and at most 0.5 s of expected work more (the policy's
+    // MAX_BATCH_COMPUTE), several large ones where a machine batches them well — and its turn.
     let median = latencies[latencies.len() / 2];
     assert!(
-        median < one_large * 4,
+        median < one_large * 4 + Duration::from_millis(500),
         "a small request waited {median:?} (median); one large request takes ~{one_large:?}"
     );
     // 41 times the pixels is within max-dims, but expected to take more than 0.5 s (a
