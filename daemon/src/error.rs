@@ -123,7 +123,7 @@ impl RequestError {
             RequestError::ShuttingDown => ErrorCode::ShuttingDown,
             RequestError::LoadFailed { .. } => ErrorCode::LoadFailed,
             RequestError::OverBudget { .. } => ErrorCode::OverBudget,
-            RequestError::Runtime(RuntimeError::Run(_) | RuntimeError::Stopped(_)) => {
+            RequestError::Runtime(RuntimeError::Run(_) | RuntimeError::Stopped { .. }) => {
                 ErrorCode::InferenceFailed
             }
             RequestError::Runtime(RuntimeError::WorkersGone) => ErrorCode::ModelNotReady,

@@ -71,12 +71,18 @@ pub enum RuntimeError {
     #[error("the deadline passed before the request could run")]
     DeadlineExceeded,
     #[error(
-        "stopped after {:.1} s: a run holding a non-admin's request is stopped at half of \
-         watchdog-stuck-secs (less for a user whose runs were stopped lately), and \
-         this request's values made the model run far longer than requests of its size do",
-        .0.as_secs_f64()
+        "stopped after {:.1} s at the run limit of {:.1} s: a run holding a non-admin's \
+         request is stopped at half of watchdog-stuck-secs (less for a user whose runs were \
+         stopped lately), between two of the model's operators, and this request's values made \
+         the model run far longer than requests of its size do",
+        took.as_secs_f64(),
+        limit.as_secs_f64()
     )]
-    Stopped(std::time::Duration),
+    Stopped {
+        limit: std::time::Duration,
+        /// What the run took: past the limit by what the operator running then took to end.
+        took: std::time::Duration,
+    },
     #[error("cannot create a private directory in {dir}: {message}")]
     Scratch { dir: PathBuf, message: String },
     #[error("warmup at batch {rows} failed: {message}")]

@@ -96,12 +96,19 @@ pub(super) struct Limits<'a> {
 }
 
 impl<'s> Limits<'s> {
-    /// The limit of a run of `jobs`.
+    /// The limit of a run of `jobs`: the least of its bounded jobs' limits, and for a batch of
+    /// several [`BATCH_ALLOWANCE`] more.
     fn of<'a>(&self, jobs: impl Iterator<Item = &'a Job>) -> Option<Duration> {
         let bounded = self.bounded.and_then(|limit| {
-            jobs.filter(|j| j.bounded)
-                .map(|j| self.strikes.limit(j.source, limit))
-                .min()
+            let (mut n, mut least) = (0usize, None::<Duration>);
+            for j in jobs {
+                n += 1;
+                if j.bounded {
+                    let l = self.strikes.limit(j.source, limit);
+                    least = Some(least.map_or(l, |m| m.min(l)));
+                }
+            }
+            least.map(|l| if n > 1 { l + BATCH_ALLOWANCE } else { l })
         });
         match (bounded, self.here) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -112,11 +119,19 @@ impl<'s> Limits<'s> {
     /// `job`'s run alone was stopped: it counts against its user (not a light batch's stop
     /// on the thread that formed it, which is that thread's limit, not the user's).
     fn stopped_alone(&self, job: &Job, result: &Result<Vec<OutputTensor>, RuntimeError>) {
-        if matches!(result, Err(RuntimeError::Stopped(_))) && self.here.is_none() && job.bounded {
+        if matches!(result, Err(RuntimeError::Stopped { .. })) && self.here.is_none() && job.bounded
+        {
             self.strikes.strike(job.source);
         }
     }
 }
+
+/// What a batch of several requests may take beyond one request's limit: twice the expected
+/// compute a batch gathers beyond its head (`scheduler::policy::MAX_BATCH_COMPUTE`, 0.5 s),
+/// the same margin a request has between the longest expected run admitted (a quarter of
+/// `watchdog-stuck-secs`) and its limit (a half). Honest requests batched together are not
+/// stopped for being many.
+pub(super) const BATCH_ALLOWANCE: Duration = Duration::from_secs(1);
 
 /// How one run is made: with which options (`None`: ORT's defaults), stopped after how long.
 #[derive(Clone, Copy)]
@@ -174,7 +189,7 @@ pub(super) fn run_batch(
                 after: limits.of(std::iter::once(&job)),
             };
             match run_one(session, &job, how, pad.bogus) {
-                Err(e @ RuntimeError::Stopped(_)) if limits.here.is_some() => (
+                Err(e @ RuntimeError::Stopped { .. }) if limits.here.is_some() => (
                     shrunk,
                     Ran::Requeue(Failed {
                         jobs: vec![job],
@@ -192,7 +207,7 @@ pub(super) fn run_batch(
                 ),
                 result => {
                     let ok = result.is_ok();
-                    let stopped = matches!(result, Err(RuntimeError::Stopped(_)));
+                    let stopped = matches!(result, Err(RuntimeError::Stopped { .. }));
                     limits.stopped_alone(&job, &result);
                     job.completion.complete(result);
                     (shrunk, Ran::Answered { ok, stopped })
@@ -222,7 +237,7 @@ pub(super) fn run_batch(
                     (shrunk, Ran::Requeue(Failed { jobs, rows, error }))
                 }
                 Err(e) => {
-                    let stopped = matches!(e, RuntimeError::Stopped(_));
+                    let stopped = matches!(e, RuntimeError::Stopped { .. });
                     // One request can fail a whole batch (a value ONNX Runtime refuses, such
                     // as an index out of range): each then runs alone, so that only requests
                     // that fail on their own fail, never a stranger's batched beside them.
@@ -269,7 +284,7 @@ pub(super) fn run_batch(
                         let stopped = stopped
                             || alone
                                 .iter()
-                                .any(|(_, r)| matches!(r, Err(RuntimeError::Stopped(_))));
+                                .any(|(_, r)| matches!(r, Err(RuntimeError::Stopped { .. })));
                         for (job, result) in alone {
                             job.completion.complete(result);
                         }
@@ -320,13 +335,15 @@ fn with_outputs<R>(
             let watch = how
                 .after
                 .and_then(|after| Some((Watch::start(options.clone(), after)?, after)));
+            let began = std::time::Instant::now();
             let outputs = session.run_with_options(values, &**options);
             // Stopped, unless it ended just as the limit came (its outputs are good).
-            if let Some((w, after)) = watch
+            if let Some((w, limit)) = watch
                 && w.end()
                 && outputs.is_err()
             {
-                return Err(RuntimeError::Stopped(after));
+                let took = began.elapsed();
+                return Err(RuntimeError::Stopped { limit, took });
             }
             outputs
         }

@@ -101,6 +101,10 @@ pub struct ArenaRelease {
     logged: bool,
 }
 
+/// A run at least this long and four times its expected compute may have grown ORT's arena by
+/// its values ([`ArenaRelease::after_long_run`]).
+const LONG_RUN: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// How long a worker waits, idle, before giving back what a large run grew its arena by.
 pub const ARENA_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -175,6 +179,16 @@ impl ArenaRelease {
     /// Whether a large run's growth waits to be given back.
     fn pending(&self) -> bool {
         self.pending
+    }
+
+    /// A run took far longer than expected or was stopped: a request's values, not its size,
+    /// may have grown the arena (a `ConstantOfShape` of a size sent as a value held 0.8–2.5
+    /// GB after its run was stopped), so it is given back once the worker is idle, as after a
+    /// run larger than the warmup's.
+    fn after_long_run(&mut self) {
+        if !self.tidy.is_empty() {
+            self.pending = true;
+        }
     }
 
     /// Gives a large run's growth back: a batch-1 run that shrinks the arena (nothing is in
@@ -636,8 +650,15 @@ impl Common {
         let Bench {
             sessions, staging, ..
         } = bench;
+        let expected = lane_batch.expected;
         let ran = run_batch(sessions, batch, pad, staging, &hand_back, limits);
         let done = std::time::Instant::now();
+        let took = done.saturating_duration_since(started);
+        if matches!(ran, Ran::Answered { stopped: true, .. })
+            || (took > LONG_RUN && took > expected * 4)
+        {
+            sessions.arena.after_long_run();
+        }
         self.load.end(done, rows);
         busy.store(0, Relaxed);
         bench.last_done = done;

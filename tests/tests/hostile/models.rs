@@ -968,13 +968,15 @@ fn a_run_made_endless_by_a_requests_values_is_stopped_at_the_run_limit() {
     assert_unharmed(&mut d, &before, &seen, limit, 64 << 20);
 }
 
-/// The limit a run was stopped at, from its error ("stopped after 2.0 s: ...").
+/// The limit a run was stopped at, from its error ("stopped after 2.0 s at the run limit of
+/// 2.0 s: ...").
 #[track_caller]
 fn stopped_after(e: &WireError) -> Duration {
     let secs = e
         .message
         .strip_prefix("stopped after ")
-        .and_then(|m| m.split(' ').next())
+        .and_then(|m| m.split_once("at the run limit of "))
+        .and_then(|(_, m)| m.split(' ').next())
         .and_then(|s| s.parse::<f64>().ok())
         .unwrap_or_else(|| panic!("not a stopped run: {e}"));
     // Tenths of a second, as the message gives them.
