@@ -9,8 +9,8 @@ of every numeric input, each run in a forked child (address space capped at 3 Gi
 alarm), and prints each operator's count of cases, clean errors and deaths, with the first
 values that killed a child. Re-run it when ONNX Runtime is upgraded:
 
-    python3 -m venv /tmp/v && /tmp/v/bin/pip install onnx onnxruntime numpy
-    /tmp/v/bin/python scripts/value-traps.py [--only OP_SUBSTRING ...]
+    python3 -m venv venv && venv/bin/pip install onnx onnxruntime numpy
+    venv/bin/python scripts/value-traps.py [OPERATOR_NAME_PART ...]   # all, or those matching
 
 With ONNX Runtime 1.32 only int32/int64 Div (the minimum by -1) and STFT (frame_length 0)
 killed the process; both are guarded, and so is integer Mod (ARCHITECTURE.md, "Native
@@ -35,7 +35,7 @@ I64 = [np.iinfo(np.int64).min, np.iinfo(np.int64).min + 1, -2**62, -2**32, np.ii
 I32 = [v for v in I64 if -2**31 <= v < 2**31]
 F = [0.0, -0.0, 1e-45, -1.0, 1e30, -1e30, np.inf, -np.inf, np.nan, 0.5, 2.0]
 f = np.float32
-ONLY = [a for a in sys.argv[1:] if not a.startswith("--")]
+ONLY = sys.argv[1:]
 DIED = []
 
 
