@@ -198,16 +198,20 @@ fn is_loop(n: &Message) -> bool {
     default_domain(n) && onnx::op_type(n) == "Loop"
 }
 
+/// The names of `g`'s inputs.
+fn input_names(g: &Message) -> Result<HashSet<String>, Error> {
+    Ok(g.messages(graph::INPUT)?
+        .iter()
+        .map(|v| v.string(value_info::NAME))
+        .collect())
+}
+
 /// Whether a `Loop` body has no node that reads its inputs (the iteration number, the
 /// condition, the carried values): every node it has reads constants or values fixed for the
 /// whole loop, which ORT may fold or hoist, and it may never check the terminate flag. A node
 /// with subgraphs counts as reading them (what runs in it is not looked into).
 fn runs_nothing(body: &Message) -> Result<bool, Error> {
-    let inputs: HashSet<String> = body
-        .messages(graph::INPUT)?
-        .iter()
-        .map(|v| v.string(value_info::NAME))
-        .collect();
+    let inputs = input_names(body)?;
     for n in body.messages(graph::NODE)? {
         // A node reading none of them reads constants (and outer values, fixed for the loop).
         if onnx::has_subgraph(&n)? || onnx::inputs(&n).iter().any(|x| inputs.contains(x)) {
@@ -297,11 +301,7 @@ impl Guard {
     fn graph(&mut self, g: &mut Message, outer: &HashMap<String, u64>) -> Result<bool, Error> {
         let mut types = outer.clone();
         let mut consts = Consts::new();
-        let inputs: HashSet<String> = g
-            .messages(graph::INPUT)?
-            .iter()
-            .map(|v| v.string(value_info::NAME))
-            .collect();
+        let inputs = input_names(g)?;
         for t in g.messages(graph::INITIALIZER)? {
             let name = onnx::name_of(&t);
             if let Some(ty) = t.varint(tensor::DATA_TYPE) {

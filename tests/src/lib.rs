@@ -273,6 +273,20 @@ pub fn int_values(t: &Tensor) -> Vec<i64> {
     }
 }
 
+/// A model of graph `g` at default-domain opset `opset` (IR version 8).
+fn model_of(g: &rxd_compress::proto::Message, opset: u64) -> Vec<u8> {
+    use rxd_compress::onnx::{model, opset as import};
+    use rxd_compress::proto::{Message, Value};
+    let mut m = Message::default();
+    m.push(model::IR_VERSION, Value::Varint(8));
+    let mut o = Message::default();
+    o.push_str(import::DOMAIN, "");
+    o.push(import::VERSION, Value::Varint(opset));
+    m.push_message(model::OPSET_IMPORT, &o);
+    m.push_message(model::GRAPH, g);
+    m.encode()
+}
+
 /// An integer division model: `y = op(a, b)` (`op` "Div" or "Mod", `fmod` its attribute)
 /// on inputs `a` `[n]` and `b` `[k]` (k = n, or 1 to broadcast) of ONNX element type `elem`
 /// (6 int32, 7 int64), at default-domain `opset`. `in_branch`: the node sits in an `If`'s then-branch on a
@@ -285,7 +299,7 @@ pub fn division_model(
     in_branch: bool,
     opset_version: u64,
 ) -> Vec<u8> {
-    use rxd_compress::onnx::{self, graph, model, opset};
+    use rxd_compress::onnx::{self, graph};
     use rxd_compress::proto::{Message, Value};
     let vi = |name: &str, ty: u64, dim: Option<&str>| onnx::value_info(name, ty, dim.as_slice());
     let ints: Vec<(&str, i64)> = fmod.map(|f| ("fmod", f)).into_iter().collect();
@@ -324,14 +338,7 @@ pub fn division_model(
         g.push_message(graph::INPUT, &vi("c", 9, Some("one")));
     }
     g.push_message(graph::OUTPUT, &vi("y", elem, None));
-    let mut m = Message::default();
-    m.push(model::IR_VERSION, Value::Varint(8));
-    let mut o = Message::default();
-    o.push_str(opset::DOMAIN, "");
-    o.push(opset::VERSION, Value::Varint(opset_version));
-    m.push_message(model::OPSET_IMPORT, &o);
-    m.push_message(model::GRAPH, &g);
-    m.encode()
+    model_of(&g, opset_version)
 }
 
 /// A short-time Fourier transform whose frame length is a request's value: `y = STFT(x,
@@ -339,8 +346,8 @@ pub fn division_model(
 /// scalars of ONNX element type `elem` (6 int32, 7 int64), opset 17. ONNX Runtime's kernel
 /// divides by the frame length unchecked: 0 traps (SIGFPE).
 pub fn stft_model(elem: u64) -> Vec<u8> {
-    use rxd_compress::onnx::{self, graph, model, opset};
-    use rxd_compress::proto::{Message, Value};
+    use rxd_compress::onnx::{self, graph};
+    use rxd_compress::proto::Message;
     let mut g = Message::default();
     g.push_message(
         graph::NODE,
@@ -351,14 +358,7 @@ pub fn stft_model(elem: u64) -> Vec<u8> {
     g.push_message(graph::INPUT, &onnx::value_info("step", elem, &[]));
     g.push_message(graph::INPUT, &onnx::value_info("length", elem, &[]));
     g.push_message(graph::OUTPUT, &onnx::value_info("y", 1, &[]));
-    let mut m = Message::default();
-    m.push(model::IR_VERSION, Value::Varint(8));
-    let mut o = Message::default();
-    o.push_str(opset::DOMAIN, "");
-    o.push(opset::VERSION, Value::Varint(17));
-    m.push_message(model::OPSET_IMPORT, &o);
-    m.push_message(model::GRAPH, &g);
-    m.encode()
+    model_of(&g, 17)
 }
 
 /// A model whose cost is set by an input's values, not its size: `y = x · 2^max(steps)`,
@@ -378,7 +378,7 @@ pub fn empty_loop_model() -> Vec<u8> {
 }
 
 fn spin_model(doubling: bool) -> Vec<u8> {
-    use rxd_compress::onnx::{self, graph, model, opset};
+    use rxd_compress::onnx::{self, graph};
     use rxd_compress::proto::{Message, Value};
     // A rank-0 tensor (an empty shape, where `value_info` without dimensions has none).
     let scalar = |name: &str, elem: u64| {
@@ -428,14 +428,7 @@ fn spin_model(doubling: bool) -> Vec<u8> {
     g.push_message(graph::INPUT, &onnx::value_info("x", 1, &["n"]));
     g.push_message(graph::INPUT, &onnx::value_info("steps", 7, &["n"]));
     g.push_message(graph::OUTPUT, &onnx::value_info("y", 1, &["n"]));
-    let mut m = Message::default();
-    m.push(model::IR_VERSION, Value::Varint(8));
-    let mut o = Message::default();
-    o.push_str(opset::DOMAIN, "");
-    o.push(opset::VERSION, Value::Varint(17));
-    m.push_message(model::OPSET_IMPORT, &o);
-    m.push_message(model::GRAPH, &g);
-    m.encode()
+    model_of(&g, 17)
 }
 
 /// A one-node ONNX model (built here, byte by byte): `y = Gather(table, index)` over a

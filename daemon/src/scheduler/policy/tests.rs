@@ -665,22 +665,28 @@ fn the_levels_peers_may_use_bound_how_long_they_hold_back_the_default() {
     assert!(at(15) <= ms(1_500) + cost * 66, "{:?}", at(15));
 }
 
+/// One worker, one row a batch, `aging`; it has measured that a request costs 1 ms and is busy
+/// again (requests queue). The time it measured at.
+fn busy_after_1ms(aging: Duration) -> (Batcher, Instant) {
+    let t0 = Instant::now();
+    let s = Settings {
+        max_batch_rows: 1,
+        aging,
+        ..Settings::default()
+    };
+    let mut b = Batcher::new(s, 1);
+    b.free_workers = 0;
+    b.batch_done(1, ms(1), t0);
+    b.free_workers = 0;
+    (b, t0)
+}
+
 /// Fair share within a level: one source's backlog runs in turn with another source's
 /// request, not ahead of it (first come, first served within a source).
 #[test]
 fn one_sources_backlog_does_not_hold_back_anothers_request_at_its_level() {
     for aging in [ms(100), Duration::ZERO] {
-        let t0 = Instant::now();
-        let s = Settings {
-            max_batch_rows: 1,
-            aging,
-            ..Settings::default()
-        };
-        let mut b = Batcher::new(s, 1);
-        // The worker has measured what a request costs: 1 ms.
-        b.free_workers = 0;
-        b.batch_done(1, ms(1), t0);
-        b.free_workers = 0;
+        let (mut b, t0) = busy_after_1ms(aging);
         // Source 1 queues 50 requests at once; source 2 one, a moment later.
         let mut flood = Vec::new();
         for id in 1..=50 {
@@ -715,16 +721,7 @@ fn one_sources_backlog_does_not_hold_back_anothers_request_at_its_level() {
 #[test]
 fn a_sources_requests_that_run_far_longer_than_expected_lose_their_turns() {
     for aging in [ms(100), Duration::ZERO] {
-        let t0 = Instant::now();
-        let s = Settings {
-            max_batch_rows: 1,
-            aging,
-            ..Settings::default()
-        };
-        let mut b = Batcher::new(s, 1);
-        b.free_workers = 0;
-        b.batch_done(1, ms(1), t0);
-        b.free_workers = 0;
+        let (mut b, t0) = busy_after_1ms(aging);
         // Source 1 queues ten requests that look like 1 ms each; source 2 one, 200 ms later.
         for id in 1..=10 {
             let mut it = item(id, 1, 0, 5, t0);
