@@ -53,6 +53,7 @@ impl RingMem {
     /// # Panics
     /// If `offset` is not a multiple of 4 inside the ring's first 256 bytes: the offsets are
     /// the protocol's constants, so that is a bug, not input.
+    #[inline]
     pub fn word(&self, offset: u64) -> &AtomicU32 {
         assert!(
             offset.is_multiple_of(4) && offset + 4 <= 256,

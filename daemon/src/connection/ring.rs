@@ -272,6 +272,15 @@ impl Served {
     fn round(&self, body: &mut Vec<u8>, used: &mut HashMap<u32, u64>) -> Round {
         let (ring, geo) = (&*self.ring, self.ring.geo);
         let mut round = Round::default();
+        // Nothing submitted since the last look, and not stalled (a stalled ring is looked at
+        // for completions consumed): nothing to do, and no lock taken — a round looks at every
+        // ring, and the locks are the ones the ring's answers are posted under.
+        if !ring.stalled.load(Ordering::Relaxed)
+            && ring.mem.word(layout::SQ_TAIL).load(Ordering::Acquire)
+                == ring.sq_head.load(Ordering::Relaxed)
+        {
+            return round;
+        }
         let _round = lock(&ring.rounds);
         if ring.is_closed() {
             return round;
