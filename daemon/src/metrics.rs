@@ -368,18 +368,17 @@ impl ModelMetrics {
         d
     }
 
-    /// Requests leaving the queue for a worker, having waited `waits`.
-    pub fn record_queue(&self, waits: impl Iterator<Item = Duration>) {
-        let now = Instant::now();
+    /// Requests leaving the queue for a worker at `now`, having waited `waits`.
+    pub fn record_queue(&self, now: Instant, waits: impl Iterator<Item = Duration>) {
         let mut d = self.dists(now);
         for w in waits {
             d.queue.record(micros(w), now);
         }
     }
 
-    /// A batch of `rows` ran for `compute`; its requests had arrived at `arrived`.
-    pub fn record_batch(&self, rows: u32, compute: Duration, arrived: &[Instant]) {
-        let now = Instant::now();
+    /// A batch of `rows` ran for `compute` and was done at `now`; its requests had arrived
+    /// at `arrived`.
+    pub fn record_batch(&self, rows: u32, compute: Duration, arrived: &[Instant], now: Instant) {
         let mut d = self.dists(now);
         d.compute.record(micros(compute), now);
         d.rows.record(u64::from(rows), now);
@@ -636,8 +635,11 @@ mod tests {
         let m = ModelMetrics::default();
         let t0 = Instant::now();
         let arrived: Vec<Instant> = (0..4).map(|_| t0).collect();
-        m.record_batch(4, Duration::from_millis(2), &arrived);
-        m.record_queue([1u64, 2, 3, 1000].into_iter().map(Duration::from_millis));
+        m.record_batch(4, Duration::from_millis(2), &arrived, Instant::now());
+        m.record_queue(
+            Instant::now(),
+            [1u64, 2, 3, 1000].into_iter().map(Duration::from_millis),
+        );
         m.record_outcome(None);
         m.record_outcome(Some(ErrorCode::Busy.as_u16()));
         let (queue, compute, _, rows, rates) = m.report();

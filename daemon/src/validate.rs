@@ -157,7 +157,12 @@ pub fn check(
     let mut placement = place(sig, &outputs, &req.output_regions, req.output_area, arena)?;
     placement.inline_overflow = req.inline_overflow;
     Ok(Checked {
-        inputs: slots.into_iter().flatten().collect(),
+        // Every slot is filled (checked above); `map` over the vector's own iterator reuses
+        // its allocation (`Option<InputTensor>` has the size of `InputTensor`).
+        inputs: slots
+            .into_iter()
+            .map(|s| s.expect("every input is given"))
+            .collect(),
         outputs,
         placement,
     })

@@ -303,7 +303,12 @@ fn epoch() -> std::time::Instant {
 }
 
 pub(super) fn now_ms() -> u64 {
-    epoch().elapsed().as_millis() as u64 + 1
+    ms_at(std::time::Instant::now())
+}
+
+/// [`now_ms`] of a time already read.
+fn ms_at(t: std::time::Instant) -> u64 {
+    t.saturating_duration_since(epoch()).as_millis() as u64 + 1
 }
 
 /// What a worker pool is started with.
@@ -618,7 +623,7 @@ impl Common {
         use std::sync::atomic::Ordering::Relaxed;
         let arrived = std::mem::take(&mut batch.arrived);
         let started = std::time::Instant::now();
-        busy.store(now_ms(), Relaxed);
+        busy.store(ms_at(started), Relaxed);
         let source = batch
             .jobs
             .first()

@@ -303,8 +303,9 @@ impl Scheduler {
         pools.push(Some(Arc::new(pool)));
         st.lanes.push(LaneState::new(device, workers));
         drop(pools);
-        let actions = st.batcher.add_workers(workers, Instant::now());
-        self.act(st, actions);
+        let now = Instant::now();
+        let actions = st.batcher.add_workers(workers, now);
+        self.act(st, actions, now);
         Ok(())
     }
 
@@ -335,7 +336,7 @@ impl Scheduler {
         drop(st);
         drop(pools);
         // The lane leaving may have been the only one counted: one held in reserve comes back.
-        self.act(self.lock(), Vec::new());
+        self.act(self.lock(), Vec::new(), Instant::now());
         pool
     }
 
@@ -409,8 +410,9 @@ impl Scheduler {
         let mut st = self.lock();
         st.batcher.set_settings(settings);
         // Let the policy look at the queue under the new settings now.
-        let actions = st.batcher.tick(Instant::now());
-        self.act(st, actions);
+        let now = Instant::now();
+        let actions = st.batcher.tick(now);
+        self.act(st, actions, now);
     }
 
     pub fn default_priority(&self) -> u8 {
@@ -469,14 +471,19 @@ impl Scheduler {
         } else {
             st.batcher.arrive(item, now)
         };
-        self.act(st, actions);
+        // Held, and not refused: the plug's flush acts for the whole round.
+        if held && actions.is_empty() {
+            return;
+        }
+        self.act(st, actions, now);
     }
 
     /// Schedules what a [`Plug`] held.
     fn flush(&self) {
         let mut st = self.lock();
-        let actions = st.batcher.flush(Instant::now());
-        self.act(st, actions);
+        let now = Instant::now();
+        let actions = st.batcher.flush(now);
+        self.act(st, actions, now);
     }
 
     /// Copies small shared inputs (one value for the whole batch, such as a sample rate) that
@@ -545,11 +552,16 @@ impl Scheduler {
 
     /// Carries out actions: batches go to workers, refusals and expiries are answered — all
     /// after the lock is released.
-    fn act(&self, mut st: std::sync::MutexGuard<'_, State>, mut actions: Vec<Action>) {
+    /// `now`: the caller's reading of the clock, taken under or just before the lock.
+    fn act(
+        &self,
+        mut st: std::sync::MutexGuard<'_, State>,
+        mut actions: Vec<Action>,
+        now: Instant,
+    ) {
         let mut batches = Vec::new();
         let mut failed: Vec<(Job, RuntimeError)> = Vec::new();
         // Lanes whose rest after a failure is over are tried again.
-        let now = Instant::now();
         let mut back = 0;
         let mut rest_ends: Option<Instant> = None;
         for l in &mut st.lanes {
@@ -600,13 +612,14 @@ impl Scheduler {
             }
         }
         drop(st);
-        let now = Instant::now();
         // The last batch formed may run on this thread (the others are handed out first, so
         // that their workers start meanwhile); the batches its run makes follow go to workers.
         let last = batches.len();
         for (i, b) in batches.into_iter().enumerate() {
-            self.metrics
-                .record_queue(b.arrived.iter().map(|a| now.saturating_duration_since(*a)));
+            self.metrics.record_queue(
+                now,
+                b.arrived.iter().map(|a| now.saturating_duration_since(*a)),
+            );
             let rows: u32 = b.rows.iter().sum();
             self.stats.batches.fetch_add(1, Ordering::Relaxed);
             self.stats
@@ -767,8 +780,9 @@ impl Scheduler {
     /// A timer set by the policy fired.
     pub fn tick(&self) {
         let mut st = self.lock();
-        let actions = st.batcher.tick(Instant::now());
-        self.act(st, actions);
+        let now = Instant::now();
+        let actions = st.batcher.tick(now);
+        self.act(st, actions, now);
     }
 
     /// Waits until nothing is queued or running (before the model is dropped).
@@ -783,9 +797,10 @@ impl Scheduler {
                 .unwrap_or_else(|e| e.into_inner());
             st = guard;
             // A delayed batch may be waiting for its timer: let the policy decide now.
-            let actions = st.batcher.tick(Instant::now());
+            let now = Instant::now();
+            let actions = st.batcher.tick(now);
             if !actions.is_empty() {
-                self.act(st, actions);
+                self.act(st, actions, now);
                 st = self.lock();
             }
         }
@@ -828,12 +843,12 @@ impl BatchListener for Scheduler {
             stopped,
             source,
         } = done;
+        let now = Instant::now();
         if !arrived.is_empty() {
-            self.metrics.record_batch(rows, compute, arrived);
+            self.metrics.record_batch(rows, compute, arrived, now);
         }
         let mut st = self.lock();
         st.running = st.running.saturating_sub(1);
-        let now = Instant::now();
         // A batch stopped past its run limit (its values, not its size, made it long) teaches
         // nothing of what its size costs.
         let learn = !arrived.is_empty() && !stopped;
@@ -889,7 +904,7 @@ impl BatchListener for Scheduler {
         } else {
             st.batcher.worker_free(now)
         };
-        self.act(st, actions);
+        self.act(st, actions, now);
     }
 
     fn batch_failed(&self, lane: usize, batch: Batch, error: String) {
@@ -924,7 +939,7 @@ impl BatchListener for Scheduler {
         let now = Instant::now();
         self.mark_failing(&mut st, lane, &error, now);
         let actions = st.batcher.tick(now);
-        self.act(st, actions);
+        self.act(st, actions, now);
     }
 }
 
@@ -1015,7 +1030,7 @@ impl Scheduler {
             drop(st);
             self.send(batch);
             // The failing lane left the count: a lane held in reserve may be all that is left.
-            self.act(self.lock(), Vec::new());
+            self.act(self.lock(), Vec::new(), Instant::now());
             return;
         }
         // Nowhere else to go, or failed twice: answered with the error; the slot is free.
@@ -1025,7 +1040,7 @@ impl Scheduler {
         } else {
             st.batcher.worker_free(now)
         };
-        self.act(st, actions);
+        self.act(st, actions, now);
         for job in batch.jobs {
             job.completion
                 .complete(Err(RuntimeError::Run(format!("device failed: {error}"))));
