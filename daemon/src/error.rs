@@ -123,9 +123,9 @@ impl RequestError {
             RequestError::ShuttingDown => ErrorCode::ShuttingDown,
             RequestError::LoadFailed { .. } => ErrorCode::LoadFailed,
             RequestError::OverBudget { .. } => ErrorCode::OverBudget,
-            RequestError::Runtime(RuntimeError::Run(_) | RuntimeError::Stopped { .. }) => {
-                ErrorCode::InferenceFailed
-            }
+            RequestError::Runtime(
+                RuntimeError::Run(_) | RuntimeError::Stopped { .. } | RuntimeError::Barred { .. },
+            ) => ErrorCode::InferenceFailed,
             RequestError::Runtime(RuntimeError::WorkersGone) => ErrorCode::ModelNotReady,
             RequestError::Runtime(RuntimeError::QueueFull { .. }) => ErrorCode::Busy,
             RequestError::Runtime(RuntimeError::Abandoned) => ErrorCode::Internal,

@@ -361,6 +361,29 @@ pub fn stft_model(elem: u64) -> Vec<u8> {
     model_of(&g, 17)
 }
 
+/// A model whose one long operator is sized by an input's values: `y = ReduceSum(A · A)`, `A`
+/// the zeros of the shape `shape` (int64 `[r]`) holds. `[k, k]` asks for one `MatMul` of
+/// k³ multiply-adds, which nothing stops midway (ONNX Runtime checks between operators).
+pub fn matmul_model() -> Vec<u8> {
+    use rxd_compress::onnx::{self, graph};
+    use rxd_compress::proto::Message;
+    let mut g = Message::default();
+    for (op, inputs, output) in [
+        ("ConstantOfShape", &["shape"][..], "a"),
+        ("MatMul", &["a", "a"][..], "p"),
+        ("ReduceSum", &["p"][..], "y"),
+    ] {
+        g.push_message(
+            graph::NODE,
+            &onnx::make_node(op, "", "", inputs, &[output], &[]),
+        );
+    }
+    g.push_str(2, "matmul"); // GraphProto.name
+    g.push_message(graph::INPUT, &onnx::value_info("shape", 7, &["r"]));
+    g.push_message(graph::OUTPUT, &onnx::value_info("y", 1, &[]));
+    model_of(&g, 17)
+}
+
 /// A model whose cost is set by an input's values, not its size: `y = x · 2^max(steps)`,
 /// doubling `x` (float `[n]`) once per iteration of a `Loop` whose trip count is the largest
 /// of `steps` (int64 `[n]`). Rows batch (both inputs have `n` rows), though a row's answer

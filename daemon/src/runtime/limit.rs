@@ -13,6 +13,13 @@
 //! halves the limit of that user's next runs at each stop (down to a 64th), and forgets after
 //! [`STRIKE_MEMORY`] without one. Only the user's own stops count, so no one can shorten
 //! another's limit.
+//!
+//! The flag cannot stop one operator midway (a `MatMul` whose size comes from a request's
+//! values runs to its end), so a stop can come late by far more than the limit, and a
+//! shorter limit does not help. A user whose run ended a whole limit or more past it is
+//! *barred* from the pool's workers for [`STRIKE_MEMORY`]: its requests there are answered
+//! at once, unrun ([`Strikes::barred`]). So such a request holds a worker once per model and
+//! ten minutes, not at each of its turns.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -194,11 +201,29 @@ const MOST_STRIKES: u32 = 6;
 pub struct Strikes {
     /// Any user has a strike (the common case, none, takes no lock).
     any: AtomicBool,
-    by_source: Mutex<HashMap<u64, (u32, Instant)>>,
+    by_source: Mutex<HashMap<u64, Strike>>,
+}
+
+/// A user's stops: how many (each halves its limit), the last, and the last that came a
+/// whole limit late.
+#[derive(Debug, Clone, Copy)]
+struct Strike {
+    count: u32,
+    last: Instant,
+    late: Option<Bar>,
+}
+
+/// Why a user is barred from a pool's workers: its run that took `took` against a limit of
+/// `limit`, `ago` before now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bar {
+    pub took: Duration,
+    pub limit: Duration,
+    pub at: Instant,
 }
 
 impl Strikes {
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, (u32, Instant)>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Strike>> {
         self.by_source.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -208,18 +233,49 @@ impl Strikes {
             return limit;
         }
         match self.lock().get(&source) {
-            Some(&(n, last)) if last.elapsed() < STRIKE_MEMORY => limit / (1 << n),
+            Some(s) if s.last.elapsed() < STRIKE_MEMORY => limit / (1 << s.count),
             _ => limit,
         }
     }
 
-    /// A run of `source`'s alone was stopped past its limit.
-    pub fn strike(&self, source: u64) {
+    /// Whether `source` is barred from the pool's workers, and why (module docs).
+    pub fn barred(&self, source: u64) -> Option<Bar> {
+        if !self.any.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.lock()
+            .get(&source)
+            .and_then(|s| s.late)
+            .filter(|b| b.at.elapsed() < STRIKE_MEMORY)
+    }
+
+    /// A run of `source`'s alone was stopped past its `limit`, having taken `took`.
+    pub fn strike(&self, source: u64, took: Duration, limit: Duration) {
         let now = Instant::now();
         let mut map = self.lock();
-        map.retain(|_, (_, last)| now.duration_since(*last) < STRIKE_MEMORY);
-        let e = map.entry(source).or_insert((0, now));
-        *e = ((e.0 + 1).min(MOST_STRIKES), now);
+        map.retain(|_, s| {
+            now.duration_since(s.last) < STRIKE_MEMORY
+                || s.late
+                    .is_some_and(|b| now.duration_since(b.at) < STRIKE_MEMORY)
+        });
+        let s = map.entry(source).or_insert(Strike {
+            count: 0,
+            last: now,
+            late: None,
+        });
+        s.count = if now.duration_since(s.last) < STRIKE_MEMORY {
+            (s.count + 1).min(MOST_STRIKES)
+        } else {
+            1
+        };
+        s.last = now;
+        if took >= limit.saturating_mul(2) {
+            s.late = Some(Bar {
+                took,
+                limit,
+                at: now,
+            });
+        }
         self.any.store(true, Ordering::Relaxed);
     }
 }
@@ -235,11 +291,28 @@ mod tests {
         let limit = Duration::from_secs(64);
         assert_eq!(s.limit(7, limit), limit);
         for n in 1..=8u32 {
-            s.strike(7);
+            s.strike(7, limit, limit);
             let want = limit / (1 << n.min(MOST_STRIKES));
             assert_eq!(s.limit(7, limit), want, "after {n} stops");
         }
         assert_eq!(s.limit(8, limit), limit, "another user's limit is its own");
+        assert_eq!(s.barred(7), None, "stops on time bar nobody");
+    }
+
+    #[test]
+    fn a_stop_a_whole_limit_late_bars_only_that_user() {
+        let s = Strikes::default();
+        let limit = Duration::from_secs(2);
+        s.strike(7, limit * 2 - Duration::from_millis(1), limit);
+        assert_eq!(s.barred(7), None, "less than a limit late");
+        s.strike(7, Duration::from_secs(9), limit);
+        let b = s.barred(7).expect("barred");
+        assert_eq!((b.took, b.limit), (Duration::from_secs(9), limit));
+        assert!(b.at.elapsed() < Duration::from_secs(1));
+        assert_eq!(s.barred(8), None, "another user is not");
+        // A later stop on time keeps the bar (it lasts from the late one).
+        s.strike(7, limit / 4, limit / 4);
+        assert_eq!(s.barred(7), Some(b));
     }
 
     /// A run's terminate flag.

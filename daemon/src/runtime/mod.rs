@@ -83,6 +83,19 @@ pub enum RuntimeError {
         /// What the run took: past the limit by what the operator running then took to end.
         took: std::time::Duration,
     },
+    #[error(
+        "refused unrun: a request of this user's to this model ran {:.1} s against its run \
+         limit of {:.1} s (one operator ran on: a run is stopped only between operators), so \
+         this user's requests to the model are refused for 10 minutes after it ({:.0} s left)",
+        took.as_secs_f64(),
+        limit.as_secs_f64(),
+        left.as_secs_f64().ceil()
+    )]
+    Barred {
+        took: std::time::Duration,
+        limit: std::time::Duration,
+        left: std::time::Duration,
+    },
     #[error("cannot create a private directory in {dir}: {message}")]
     Scratch { dir: PathBuf, message: String },
     #[error("warmup at batch {rows} failed: {message}")]

@@ -73,6 +73,9 @@ pub(super) enum Ran {
         stopped: bool,
     },
     HandedBack(Failed),
+    /// Every job answered without a run (abandoned, or its user barred): what the batch
+    /// took teaches nothing of what its rows cost.
+    Unrun,
     /// Run by the thread that formed it, the batch failed or was stopped past
     /// [`Limits::here`]: its jobs are unanswered, for a worker to run.
     Requeue(Failed),
@@ -119,10 +122,26 @@ impl<'s> Limits<'s> {
     /// `job`'s run alone was stopped: it counts against its user (not a light batch's stop
     /// on the thread that formed it, which is that thread's limit, not the user's).
     fn stopped_alone(&self, job: &Job, result: &Result<Vec<OutputTensor>, RuntimeError>) {
-        if matches!(result, Err(RuntimeError::Stopped { .. })) && self.here.is_none() && job.bounded
+        if let Err(RuntimeError::Stopped { limit, took }) = result
+            && self.here.is_none()
+            && job.bounded
         {
-            self.strikes.strike(job.source);
+            self.strikes.strike(job.source, *took, *limit);
         }
+    }
+
+    /// Why `job` is not to run: its user is barred from these workers
+    /// ([`Strikes::barred`]).
+    fn barred(&self, job: &Job) -> Option<RuntimeError> {
+        if !job.bounded || self.bounded.is_none() {
+            return None;
+        }
+        let b = self.strikes.barred(job.source)?;
+        Some(RuntimeError::Barred {
+            took: b.took,
+            limit: b.limit,
+            left: super::limit::STRIKE_MEMORY.saturating_sub(b.at.elapsed()),
+        })
     }
 }
 
@@ -154,12 +173,14 @@ pub(super) fn run_batch(
     let Batch { jobs, rows, .. } = batch;
     let mut live: Vec<(Job, u32)> = Vec::with_capacity(jobs.len());
     for (j, r) in jobs.into_iter().zip(rows) {
-        if !j.completion.is_abandoned() {
+        if j.completion.is_abandoned() {
+            // Nobody waits for it: skip the work, still complete it (bookkeeping).
+            j.completion.complete(Err(RuntimeError::Abandoned));
+        } else if let Some(e) = limits.barred(&j) {
+            j.completion.complete(Err(e));
+        } else {
             live.push((j, r));
-            continue;
         }
-        // Nobody waits for it: skip the work, still complete it (bookkeeping).
-        j.completion.complete(Err(RuntimeError::Abandoned));
     }
     let total: u64 = live.iter().map(|(_, r)| u64::from(*r)).sum();
     let padded = padded_rows(total, pad.to);
@@ -172,13 +193,7 @@ pub(super) fn run_batch(
     };
     let (session, arena, plain, is_main) = sessions.for_rows(padded);
     let (shrunk, ran) = match live.len() {
-        0 => (
-            false,
-            Ran::Answered {
-                ok: false,
-                stopped: false,
-            },
-        ),
+        0 => (false, Ran::Unrun),
         1 if padded == total => {
             let (job, r) = live.into_iter().next().expect("one");
             let elements = input_elements(&job.inputs);

@@ -719,6 +719,8 @@ impl Common {
                 (false, true)
             }
             Ran::Answered { ok, stopped } => (ok, stopped),
+            // Counted as stopped: not learnt from.
+            Ran::Unrun => (false, true),
         };
         let LaneBatch {
             arrived,

@@ -968,6 +968,92 @@ fn a_run_made_endless_by_a_requests_values_is_stopped_at_the_run_limit() {
     assert_unharmed(&mut d, &before, &seen, limit, 64 << 20);
 }
 
+/// One operator sized by a request's values runs to its end whatever the run limit (ONNX
+/// Runtime looks at the stop flag between operators), so its stop comes late. A user whose
+/// run ended a whole limit or more past its limit is barred from the model's workers for
+/// ten minutes: its requests there are answered at once, unrun, saying why — while its
+/// requests to other models, and other users' to this one, are served. Before, each of its
+/// requests held a worker for as long as its one `MatMul` took (25.9 s against a 2 s limit).
+#[test]
+fn a_user_whose_run_overran_its_limit_in_one_operator_is_barred_from_the_model() {
+    let _serial = serial();
+    let repo = repo_with(&["sigmoid"]);
+    repo.write("matmul", 1, &matmul_model());
+    let limit = Duration::from_secs(1);
+    let d = shared_daemon(repo.path(), "watchdog-stuck-secs = 2\n", &[]);
+    let shape = |k: i64| vec![int_tensor("shape", DType::Int64, &[2], &[k, k])];
+    let mut reference = Reference::from_bytes(&matmul_model());
+    let small = shape(64);
+    let small_want = reference.run(&small);
+    let mut c = nobody(&d);
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    // Each stop halves the user's limit, so within three the operator (~1.3 s on two cores
+    // of a fast machine, k = 6000) outlasts two limits, wherever the test runs.
+    let mut barred = None;
+    for (i, id) in (1..=3u64).enumerate() {
+        let e = refused(
+            infer(&mut c, id * 2, "matmul", shape(8000)),
+            ErrorCode::InferenceFailed,
+        );
+        let at = stopped_after(&e);
+        let took = took_before_stop(&e);
+        assert!(at <= limit / (1 << i), "stop {id}: {e}");
+        let next = infer(&mut c, id * 2 + 1, "matmul", small.clone());
+        if took >= at * 2 {
+            let e = refused(next, ErrorCode::InferenceFailed);
+            assert!(e.message.contains("refused unrun"), "{e}");
+            assert!(
+                e.message
+                    .contains(&format!("ran {:.1} s", took.as_secs_f64())),
+                "the bar names the run: {e}"
+            );
+            barred = Some(id);
+            break;
+        }
+        // Stopped less than a limit late: the user is not barred.
+        let Reply::Infer(r) = ok(next) else {
+            panic!("an inference answer")
+        };
+        assert_eq!(r.outputs, small_want);
+    }
+    assert!(barred.is_some(), "never barred");
+    // Barred again and again, at once, for as long as the bar lasts.
+    let t = Instant::now();
+    for id in 100..110u64 {
+        let e = refused(
+            infer(&mut c, id, "matmul", shape(8000)),
+            ErrorCode::InferenceFailed,
+        );
+        assert!(e.message.contains("refused unrun"), "{e}");
+    }
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    // The user's other models are served; so is another user on this one (an admin here).
+    let x = vec![sigmoid_input()];
+    let Reply::Infer(r) = ok(infer(&mut c, 200, "sigmoid", x.clone())) else {
+        panic!("an inference answer")
+    };
+    assert_eq!(r.outputs, Reference::new(&model_file("sigmoid")).run(&x));
+    let mut a = admin(&d);
+    let Reply::Infer(r) = ok(infer(&mut a, 1, "matmul", small.clone())) else {
+        panic!("an inference answer")
+    };
+    assert_eq!(r.outputs, small_want);
+}
+
+/// What a stopped run took, from its error ("stopped after 6.2 s at the run limit of ...").
+#[track_caller]
+fn took_before_stop(e: &WireError) -> Duration {
+    let secs = e
+        .message
+        .strip_prefix("stopped after ")
+        .and_then(|m| m.split(' ').next())
+        .and_then(|s| s.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("not a stopped run: {e}"));
+    Duration::from_millis((secs * 1000.0).round() as u64)
+}
+
 /// The limit a run was stopped at, from its error ("stopped after 2.0 s at the run limit of
 /// 2.0 s: ...").
 #[track_caller]
