@@ -78,6 +78,8 @@ pub struct Serving {
     pub inline_max: std::time::Duration,
     /// A run holding a non-admin's request is stopped after this long.
     pub run_limit: std::time::Duration,
+    /// Users whose runs of the model were stopped lately (the registry's, per model name).
+    pub strikes: Arc<crate::runtime::Strikes>,
     /// Its device's busy time and rows (the workers record each batch there).
     pub device_load: Arc<crate::metrics::DeviceLoad>,
 }
@@ -138,6 +140,7 @@ impl LoadedModel {
             ort_fails: s.ort_fails,
             inline_max: s.inline_max,
             run_limit: Some(s.run_limit),
+            strikes: s.strikes.clone(),
             axes,
         }
     }

@@ -384,6 +384,33 @@ pub fn matmul_model() -> Vec<u8> {
     model_of(&g, 17)
 }
 
+/// [`matmul_model`] whose requests batch: `y = x + ReduceSum(A · A)`, `A` the zeros of
+/// `[m, m]`, `m` the largest of `k` (int64 `[n]`, as `x` float `[n]`). A row's answer depends
+/// on the others' `k` only through zeros: every answer is `x` as long as `m` stays finite.
+pub fn batched_matmul_model() -> Vec<u8> {
+    use rxd_compress::onnx::{self, graph};
+    use rxd_compress::proto::Message;
+    let mut g = Message::default();
+    for (op, inputs, output, attrs) in [
+        ("ReduceMax", &["k"][..], "m", &[("keepdims", 1)][..]),
+        ("Concat", &["m", "m"][..], "shape", &[("axis", 0)][..]),
+        ("ConstantOfShape", &["shape"][..], "a", &[][..]),
+        ("MatMul", &["a", "a"][..], "p", &[][..]),
+        ("ReduceSum", &["p"][..], "s", &[("keepdims", 0)][..]),
+        ("Add", &["x", "s"][..], "y", &[][..]),
+    ] {
+        g.push_message(
+            graph::NODE,
+            &onnx::make_node(op, "", "", inputs, &[output], attrs),
+        );
+    }
+    g.push_str(2, "batched_matmul"); // GraphProto.name
+    g.push_message(graph::INPUT, &onnx::value_info("x", 1, &["n"]));
+    g.push_message(graph::INPUT, &onnx::value_info("k", 7, &["n"]));
+    g.push_message(graph::OUTPUT, &onnx::value_info("y", 1, &["n"]));
+    model_of(&g, 17)
+}
+
 /// A model whose cost is set by an input's values, not its size: `y = x · 2^max(steps)`,
 /// doubling `x` (float `[n]`) once per iteration of a `Loop` whose trip count is the largest
 /// of `steps` (int64 `[n]`). Rows batch (both inputs have `n` rows), though a row's answer

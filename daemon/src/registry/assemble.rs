@@ -168,6 +168,7 @@ impl LoadJob {
                     .inline_max
                     .unwrap_or(crate::runtime::INLINE_MAX),
                 run_limit: self.defaults.run_limit,
+                strikes: self.strikes.clone(),
                 device_load: self
                     .defaults
                     .devices

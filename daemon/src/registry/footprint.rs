@@ -67,6 +67,7 @@ pub(super) struct LoadJob {
     pub tunings: super::tune::Remembered,
     pub defaults: Defaults,
     pub metrics: Arc<crate::metrics::ModelMetrics>,
+    pub strikes: Arc<crate::runtime::Strikes>,
     pub epoch: Instant,
     /// Per device (`defaults.devices`' order): what its workers record their batches into.
     pub device_loads: Vec<Arc<crate::metrics::DeviceLoad>>,
@@ -113,6 +114,7 @@ impl Registry {
                 ..self.defaults.clone()
             },
             metrics: self.model_metrics(&name, version),
+            strikes: self.model_strikes(&name),
             epoch: self.epoch,
             device_loads: self.loads.clone(),
         };

@@ -306,6 +306,9 @@ pub struct Registry {
     epoch: Instant,
     /// Per-version metrics, kept for the daemon's life.
     metrics: Mutex<BTreeMap<Key, Arc<crate::metrics::ModelMetrics>>>,
+    /// Per model name, the users whose runs of it were stopped lately, kept for the daemon's
+    /// life (a reload or an eviction does not forget a bar; names are the repository's).
+    strikes: Mutex<BTreeMap<String, Arc<crate::runtime::Strikes>>>,
     /// `load-on-demand`, changeable by a config reload.
     on_demand: AtomicBool,
     /// Set when the daemon starts to stop: no load begins, and waiters of loads under way are
@@ -352,6 +355,7 @@ impl Registry {
             load_lock: Mutex::new(()),
             epoch: Instant::now(),
             metrics: Mutex::new(BTreeMap::new()),
+            strikes: Mutex::new(BTreeMap::new()),
             on_demand: AtomicBool::new(defaults.load_on_demand),
             stopping: AtomicBool::new(false),
             tunings: Default::default(),
@@ -386,6 +390,16 @@ impl Registry {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry((name.to_string(), version))
+            .or_default()
+            .clone()
+    }
+
+    /// The strikes of a model's users (created on first use).
+    pub fn model_strikes(&self, name: &str) -> Arc<crate::runtime::Strikes> {
+        self.strikes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_string())
             .or_default()
             .clone()
     }

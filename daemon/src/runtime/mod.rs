@@ -40,6 +40,7 @@ pub use job::{
     Batch, BatchListener, Completion, Finished, InputData, InputTensor, Job, OutputData,
     OutputTarget, OutputTensor, Placement, padded_rows,
 };
+pub use limit::Strikes;
 pub use profile::NodePlacement;
 pub use run::input_elements;
 pub use signature::{

@@ -67,10 +67,12 @@ pub(super) struct Failed {
 /// What became of a batch.
 pub(super) enum Ran {
     /// Every job answered; `ok`: at least one with outputs; `stopped`: a run was stopped
-    /// past its limit.
+    /// past its limit; `partial`: some jobs were answered without a run (abandoned, or their
+    /// user barred), so what the batch took is not what its rows cost.
     Answered {
         ok: bool,
         stopped: bool,
+        partial: bool,
     },
     HandedBack(Failed),
     /// Every job answered without a run (abandoned, or its user barred): what the batch
@@ -171,6 +173,7 @@ pub(super) fn run_batch(
     limits: Limits<'_>,
 ) -> Ran {
     let Batch { jobs, rows, .. } = batch;
+    let given = jobs.len();
     let mut live: Vec<(Job, u32)> = Vec::with_capacity(jobs.len());
     for (j, r) in jobs.into_iter().zip(rows) {
         if j.completion.is_abandoned() {
@@ -192,7 +195,8 @@ pub(super) fn run_batch(
         _ => padded,
     };
     let (session, arena, plain, is_main) = sessions.for_rows(padded);
-    let (shrunk, ran) = match live.len() {
+    let live_count = live.len();
+    let (shrunk, ran) = match live_count {
         0 => (false, Ran::Unrun),
         1 if padded == total => {
             let (job, r) = live.into_iter().next().expect("one");
@@ -225,7 +229,15 @@ pub(super) fn run_batch(
                     let stopped = matches!(result, Err(RuntimeError::Stopped { .. }));
                     limits.stopped_alone(&job, &result);
                     job.completion.complete(result);
-                    (shrunk, Ran::Answered { ok, stopped })
+                    let partial = false;
+                    (
+                        shrunk,
+                        Ran::Answered {
+                            ok,
+                            stopped,
+                            partial,
+                        },
+                    )
                 }
             }
         }
@@ -243,7 +255,15 @@ pub(super) fn run_batch(
                     for (job, r) in jobs.into_iter().zip(results) {
                         job.completion.complete(r);
                     }
-                    (shrunk, Ran::Answered { ok, stopped: false })
+                    let (stopped, partial) = (false, false);
+                    (
+                        shrunk,
+                        Ran::Answered {
+                            ok,
+                            stopped,
+                            partial,
+                        },
+                    )
                 }
                 // A light batch that fails on the thread that formed it goes to a worker,
                 // which runs its jobs alone (the thread takes requests: it runs nothing long).
@@ -272,6 +292,10 @@ pub(super) fn run_batch(
                     let alone: Vec<_> = jobs
                         .into_iter()
                         .map(|job| {
+                            // Its user may have been barred by a run alone just before.
+                            if let Some(e) = limits.barred(&job) {
+                                return (job, Err(e));
+                            }
                             limits
                                 .heartbeat
                                 .store(super::worker::now_ms(), Ordering::Relaxed);
@@ -287,6 +311,9 @@ pub(super) fn run_batch(
                     let every = alone
                         .iter()
                         .all(|(_, r)| matches!(r, Err(RuntimeError::Run(_))));
+                    let partial = alone
+                        .iter()
+                        .any(|(_, r)| matches!(r, Err(RuntimeError::Barred { .. })));
                     if every && hand_back() {
                         let error = match &alone[0].1 {
                             Err(RuntimeError::Run(m)) => m.clone(),
@@ -303,7 +330,14 @@ pub(super) fn run_batch(
                         for (job, result) in alone {
                             job.completion.complete(result);
                         }
-                        (shrunk, Ran::Answered { ok, stopped })
+                        (
+                            shrunk,
+                            Ran::Answered {
+                                ok,
+                                stopped,
+                                partial,
+                            },
+                        )
                     }
                 }
             }
@@ -314,7 +348,14 @@ pub(super) fn run_batch(
     if shrunk && is_main {
         release_free_memory();
     }
-    ran
+    match ran {
+        Ran::Answered { ok, stopped, .. } if live_count < given => Ran::Answered {
+            ok,
+            stopped,
+            partial: true,
+        },
+        ran => ran,
+    }
 }
 
 /// `jobs` (with their `rows`) reordered so that their users take turns: every user's first

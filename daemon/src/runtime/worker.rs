@@ -260,8 +260,8 @@ struct Common {
     inline_max: std::time::Duration,
     /// [`Crew::run_limit`].
     run_limit: Option<std::time::Duration>,
-    /// Users whose runs here were stopped lately.
-    strikes: super::limit::Strikes,
+    /// Users whose runs of the model were stopped lately ([`Crew::strikes`]).
+    strikes: Arc<super::limit::Strikes>,
 }
 
 impl Seat {
@@ -344,6 +344,10 @@ pub struct Crew {
     /// (half of `watchdog-stuck-secs`), its requests answered with
     /// [`RuntimeError::Stopped`](super::RuntimeError::Stopped) (`None`: never).
     pub run_limit: Option<std::time::Duration>,
+    /// Users whose runs of the model were stopped lately: the model's, kept for the daemon's
+    /// life (every version, every device, and reloads share it: a user barred from a model
+    /// stays barred when it is evicted and loaded again).
+    pub strikes: Arc<super::limit::Strikes>,
 }
 
 impl WorkerPool {
@@ -369,6 +373,7 @@ impl WorkerPool {
             ort_fails,
             inline_max,
             run_limit,
+            strikes,
         } = crew;
         let hooks = Hooks { wedge, fail_runs };
         let common = Arc::new(Common {
@@ -382,7 +387,7 @@ impl WorkerPool {
             inline: (!wedge && !fail_runs && !ort_fails).into(),
             inline_max,
             run_limit,
-            strikes: Default::default(),
+            strikes,
         });
         // The scheduler bounds what is handed out in all (one batch per worker of the version,
         // over every lane) and may route several to the lane expected to finish them first.
@@ -718,7 +723,12 @@ impl Common {
                 }
                 (false, true)
             }
-            Ran::Answered { ok, stopped } => (ok, stopped),
+            // A batch some of whose jobs did not run teaches nothing either.
+            Ran::Answered {
+                ok,
+                stopped,
+                partial,
+            } => (ok, stopped || partial),
             // Counted as stopped: not learnt from.
             Ran::Unrun => (false, true),
         };

@@ -1042,6 +1042,100 @@ fn a_user_whose_run_overran_its_limit_in_one_operator_is_barred_from_the_model()
     assert_eq!(r.outputs, small_want);
 }
 
+/// A barred user's requests already queued do not each hold the worker: batched together and
+/// stopped, they run again alone, and the first of those runs that comes late bars the user —
+/// the rest are refused unrun (they each ran for the whole operator before: 23.6 s of the
+/// worker for six requests in a red-team run). The bar outlives the model's unloading.
+#[test]
+fn a_barred_users_queued_requests_do_not_each_hold_the_worker() {
+    let _serial = serial();
+    let repo = repo_with(&[]);
+    repo.write("bmm", 1, &batched_matmul_model());
+    let d = shared_daemon(repo.path(), "watchdog-stuck-secs = 2\n", &[]);
+    let pair = |x: f32, k: i64| {
+        vec![
+            f32_tensor("x", &[1], &[x]),
+            int_tensor("k", DType::Int64, &[1], &[k]),
+        ]
+    };
+    let mut a = admin(&d);
+    a.stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let y = |r: Reply| match r {
+        Reply::Infer(r) => r.outputs[0].clone(),
+        other => panic!("an inference answer, got {other:?}"),
+    };
+    assert_eq!(
+        y(ok(infer(&mut a, 1, "bmm", pair(2.5, 8)))),
+        f32_tensor("y", &[1], &[2.5])
+    );
+    let mut c = nobody(&d);
+    c.stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    // An admin's run (not limited) keeps the worker busy while the user's requests queue.
+    let rows = 2048u64;
+    let mut k = vec![0i64; rows as usize];
+    k[0] = 5000;
+    a.send(&RequestFrame {
+        id: 2,
+        body: Request::Infer(InferRequest::new(
+            "bmm",
+            vec![
+                f32_tensor("x", &[rows], &vec![0.5; rows as usize]),
+                int_tensor("k", DType::Int64, &[rows], &k),
+            ],
+        )),
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    for id in 1..=6u64 {
+        c.send(&RequestFrame {
+            id,
+            body: Request::Infer(InferRequest::new("bmm", pair(id as f32, 6500))),
+        });
+    }
+    assert_eq!(
+        y(ok(a.read_response().outcome)),
+        f32_tensor("y", &[rows], &vec![0.5; rows as usize])
+    );
+    let (mut stopped, mut barred) = (0, 0);
+    let mut answered = std::collections::BTreeSet::new();
+    for _ in 1..=6 {
+        let r = c.read_response();
+        assert!(answered.insert(r.id), "a second answer to {}", r.id);
+        let e = refused(r.outcome, ErrorCode::InferenceFailed);
+        if e.message.starts_with("stopped after") {
+            stopped += 1;
+        } else {
+            assert!(e.message.contains("refused unrun"), "{e}");
+            barred += 1;
+        }
+    }
+    // Each stop halves the user's limit: by the second run alone, at the latest, one came a
+    // whole limit late.
+    assert!(
+        stopped <= 2 && barred >= 4,
+        "{stopped} stopped, {barred} refused"
+    );
+    // Unloaded and loaded again: still barred; an admin is served.
+    let model = ModelRef {
+        model: "bmm".into(),
+        version: None,
+    };
+    ok(ask(&mut a, 3, Request::Unload(model.clone())));
+    ok(ask(&mut a, 4, Request::Load(model)));
+    let e = refused(
+        infer(&mut c, 10, "bmm", pair(1.0, 8)),
+        ErrorCode::InferenceFailed,
+    );
+    assert!(e.message.contains("refused unrun"), "{e}");
+    assert_eq!(
+        y(ok(infer(&mut a, 5, "bmm", pair(1.0, 8)))),
+        f32_tensor("y", &[1], &[1.0])
+    );
+}
+
 /// What a stopped run took, from its error ("stopped after 6.2 s at the run limit of ...").
 #[track_caller]
 fn took_before_stop(e: &WireError) -> Duration {
