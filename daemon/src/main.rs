@@ -9,10 +9,6 @@ use rxd::{config, exit};
 #[path = "rxd/compress.rs"]
 mod compress;
 
-#[cfg(not(feature = "alloc-count"))]
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[allow(unsafe_code)] // Setting the environment before any thread exists.
 fn main() -> ExitCode {
     // Socket activation: read LISTEN_* once, then remove them so children never see them.
