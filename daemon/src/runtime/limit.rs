@@ -17,7 +17,7 @@
 //! The flag cannot stop one operator midway (a `MatMul` whose size comes from a request's
 //! values runs to its end), so a stop can come late by far more than the limit, and a
 //! shorter limit does not help. A user whose run ended a whole limit or more past it is
-//! *barred* from the pool's workers for [`STRIKE_MEMORY`]: its requests there are answered
+//! *barred* from the model's workers for [`STRIKE_MEMORY`]: its requests there are answered
 //! at once, unrun ([`Strikes::barred`]). So such a request holds a worker once per model and
 //! ten minutes, not at each of its turns.
 
@@ -213,8 +213,8 @@ struct Strike {
     late: Option<Bar>,
 }
 
-/// Why a user is barred from a pool's workers: its run that took `took` against a limit of
-/// `limit`, `ago` before now.
+/// Why a user is barred from a model's workers: its run that took `took` against a limit of
+/// `limit`, stopped at `at`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Bar {
     pub took: Duration,
@@ -238,7 +238,7 @@ impl Strikes {
         }
     }
 
-    /// Whether `source` is barred from the pool's workers, and why (module docs).
+    /// Whether `source` is barred from the model's workers, and why (module docs).
     pub fn barred(&self, source: u64) -> Option<Bar> {
         if !self.any.load(Ordering::Relaxed) {
             return None;

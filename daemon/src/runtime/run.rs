@@ -75,12 +75,20 @@ pub(super) enum Ran {
         partial: bool,
     },
     HandedBack(Failed),
-    /// Every job answered without a run (abandoned, or its user barred): what the batch
-    /// took teaches nothing of what its rows cost.
-    Unrun,
     /// Run by the thread that formed it, the batch failed or was stopped past
     /// [`Limits::here`]: its jobs are unanswered, for a worker to run.
     Requeue(Failed),
+}
+
+impl Ran {
+    /// Every job answered, each by a run.
+    fn answered(ok: bool, stopped: bool) -> Ran {
+        Ran::Answered {
+            ok,
+            stopped,
+            partial: false,
+        }
+    }
 }
 
 /// How long runs may take.
@@ -197,7 +205,8 @@ pub(super) fn run_batch(
     let (session, arena, plain, is_main) = sessions.for_rows(padded);
     let live_count = live.len();
     let (shrunk, ran) = match live_count {
-        0 => (false, Ran::Unrun),
+        // Every job answered unrun: `partial` (below).
+        0 => (false, Ran::answered(false, false)),
         1 if padded == total => {
             let (job, r) = live.into_iter().next().expect("one");
             let elements = input_elements(&job.inputs);
@@ -229,15 +238,7 @@ pub(super) fn run_batch(
                     let stopped = matches!(result, Err(RuntimeError::Stopped { .. }));
                     limits.stopped_alone(&job, &result);
                     job.completion.complete(result);
-                    let partial = false;
-                    (
-                        shrunk,
-                        Ran::Answered {
-                            ok,
-                            stopped,
-                            partial,
-                        },
-                    )
+                    (shrunk, Ran::answered(ok, stopped))
                 }
             }
         }
@@ -255,15 +256,7 @@ pub(super) fn run_batch(
                     for (job, r) in jobs.into_iter().zip(results) {
                         job.completion.complete(r);
                     }
-                    let (stopped, partial) = (false, false);
-                    (
-                        shrunk,
-                        Ran::Answered {
-                            ok,
-                            stopped,
-                            partial,
-                        },
-                    )
+                    (shrunk, Ran::answered(ok, false))
                 }
                 // A light batch that fails on the thread that formed it goes to a worker,
                 // which runs its jobs alone (the thread takes requests: it runs nothing long).

@@ -729,8 +729,6 @@ impl Common {
                 stopped,
                 partial,
             } => (ok, stopped || partial),
-            // Counted as stopped: not learnt from.
-            Ran::Unrun => (false, true),
         };
         let LaneBatch {
             arrived,
