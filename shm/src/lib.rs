@@ -251,6 +251,33 @@ impl Mapping {
         self.copy_out_below(offset, dst, self.open)
     }
 
+    /// Appends `len` bytes of the mapping at `offset` to `dst` (after the range check), as
+    /// [`Mapping::copy_out`] copies them, without zeroing the room first: a gathered batch's
+    /// rows are written once, not twice.
+    pub fn extend_out(&self, offset: u64, len: u64, dst: &mut Vec<u8>) -> Result<(), RangeError> {
+        let src = self.ptr_below(offset, len, self.open)?;
+        // `ptr_below` checked `len` against the mapping's size, a `usize`.
+        let n = len as usize;
+        dst.reserve(n);
+        let at = dst.len();
+        // SAFETY: `src..src+n` lies inside the mapping (checked by `ptr_below`); `reserve` made
+        // room for `n` more bytes after `at` in `dst`'s private buffer, which cannot overlap
+        // the mapping. Every one of those `n` bytes is written by the copy before `set_len`
+        // makes them part of the vector.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr().add(at), n);
+            dst.set_len(at + n);
+        }
+        Ok(())
+    }
+
+    /// `len` bytes of the mapping at `offset`, copied out into a vector of their own.
+    pub fn read_out(&self, offset: u64, len: u64) -> Result<Vec<u8>, RangeError> {
+        let mut v = Vec::new();
+        self.extend_out(offset, len, &mut v)?;
+        Ok(v)
+    }
+
     /// [`Mapping::copy_out`] from the whole mapping, reserved part included.
     pub(crate) fn copy_out_whole(&self, offset: u64, dst: &mut [u8]) -> Result<(), RangeError> {
         self.copy_out_below(offset, dst, self.len)
@@ -514,6 +541,25 @@ mod tests {
             Mapping::map(fd.as_fd(), 8192).is_err(),
             "longer than the file"
         );
+    }
+
+    #[test]
+    fn bytes_appended_out_of_a_mapping_are_its_bytes_and_ranges_are_checked() {
+        let fd = create_sealed("rxd-test", 4096).unwrap();
+        let a = Mapping::map(fd.as_fd(), 4096).unwrap();
+        let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+        a.copy_in(0, &pattern).unwrap();
+        let mut v = b"head".to_vec();
+        a.extend_out(4000, 96, &mut v).unwrap();
+        assert_eq!(&v[..4], b"head");
+        assert_eq!(&v[4..], &pattern[4000..]);
+        // Refused past the end (or by overflow): the vector is left as it was.
+        assert!(a.extend_out(4000, 97, &mut v).is_err());
+        assert!(a.extend_out(u64::MAX, 2, &mut v).is_err());
+        assert_eq!(v.len(), 100);
+        assert_eq!(a.read_out(17, 1000).unwrap(), &pattern[17..1017]);
+        assert!(a.read_out(0, 4097).is_err());
+        assert!(a.read_out(4096, 0).unwrap().is_empty());
     }
 
     #[test]

@@ -32,9 +32,7 @@ pub fn tensor_over_mapping<'a>(
     shape: &[u64],
 ) -> Result<SessionInputValue<'a>, String> {
     if !arena_zero_copy_type(ty) {
-        let n = usize::try_from(len).map_err(|_| "input too large")?;
-        let mut buf = vec![0u8; n];
-        map.copy_out(offset, &mut buf).map_err(|e| e.to_string())?;
+        let buf = map.read_out(offset, len).map_err(|e| e.to_string())?;
         return Ok(tensor_from_bytes(ty, shape, &buf)?.into());
     }
     let ptr = map.ptr(offset, len).map_err(|e| e.to_string())?;

@@ -760,10 +760,12 @@ fn gather(
             let n = r as usize * inner;
             match &p.data {
                 InputData::Inline(b) => dst.extend_from_slice(b.get(..n).ok_or_else(short)?),
-                InputData::Shared { .. } => {
-                    let start = dst.len();
-                    dst.resize(start + n, 0);
-                    copy(&p.data, 0, &mut dst[start..])?;
+                InputData::Shared { map, offset, len } => {
+                    if n as u64 > *len {
+                        return Err(short());
+                    }
+                    map.extend_out(*offset, n as u64, dst)
+                        .map_err(|e| RuntimeError::Run(e.to_string()))?;
                 }
             }
         }
@@ -844,8 +846,9 @@ mod tests {
         assert_eq!(rows, [0, 5, 6, 1, 7, 2, 3, 4]);
     }
 
-    /// Gathering parts along any dimension and taking each part's rows back out gives every
-    /// part's bytes back, and the padding rows are zeros, for several shapes and row counts.
+    /// Gathering parts (inline and in an arena) along any dimension and taking each part's rows
+    /// back out gives every part's bytes back, and the padding rows are zeros, for several
+    /// shapes and row counts.
     #[test]
     fn gathered_rows_split_back_into_each_part_along_any_dimension() {
         let cases: &[(&[u64], usize, &[u64])] = &[
@@ -866,7 +869,34 @@ mod tests {
                     input(&s, 1000.0 * (i + 1) as f32)
                 })
                 .collect();
-            let refs: Vec<&InputTensor> = parts.iter().collect();
+            // Every other part lies in an arena, as a client's shared input does.
+            let fd = rxd_shm::create_sealed("rxd-gather-test", 1 << 16).unwrap();
+            let map = std::sync::Arc::new(
+                rxd_shm::Mapping::map(std::os::fd::AsFd::as_fd(&fd), 1 << 16).unwrap(),
+            );
+            let mut at = 64u64;
+            let mixed: Vec<InputTensor> = parts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    if i % 2 == 0 {
+                        return input(&p.shape, 1000.0 * (i + 1) as f32);
+                    }
+                    let bytes = bytes_of(p);
+                    map.copy_in(at, bytes).unwrap();
+                    let data = InputData::Shared {
+                        map: map.clone(),
+                        offset: at,
+                        len: bytes.len() as u64,
+                    };
+                    at += bytes.len() as u64 + 8;
+                    InputTensor {
+                        data,
+                        ..input(&p.shape, 0.0)
+                    }
+                })
+                .collect();
+            let refs: Vec<&InputTensor> = mixed.iter().collect();
             let real: u64 = rows.iter().sum();
             for total in [real, real + 3] {
                 let mut full = shape.to_vec();

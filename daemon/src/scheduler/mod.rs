@@ -501,8 +501,7 @@ impl Scheduler {
             if !matches!(self.axes.input(k), Axis::Shared) || *len > SHARED_MAX_BYTES as u64 {
                 continue;
             }
-            let mut own = vec![0u8; *len as usize];
-            if map.copy_out(*offset, &mut own).is_ok() {
+            if let Ok(own) = map.read_out(*offset, *len) {
                 t.data = InputData::Inline(own);
             }
         }
