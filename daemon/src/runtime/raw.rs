@@ -202,8 +202,8 @@ pub fn tensor_bytes<'a>(tensor: &'a DynTensorRef<'_>) -> Result<&'a [u8], String
 /// or evicted, so that its pages really leave the process, and around a load, whose footprint
 /// is the resident set's growth). Two allocators: glibc's holds what ONNX Runtime allocates,
 /// mimalloc (the daemon's global allocator) what Rust does. mimalloc keeps freed pages
-/// committed for a while (its purge delay, up to seconds for whole segments): a forced collect
-/// returns them now, or a load's transient buffers would be counted in its footprint.
+/// committed for a while (its purge delay, a second): a forced collect returns them now, or a
+/// load's transient buffers would be counted in its footprint.
 pub fn release_free_memory() {
     // SAFETY: malloc_trim only walks glibc's own heap under its internal lock; it takes no
     // pointers from us and is safe to call from any thread at any time.
