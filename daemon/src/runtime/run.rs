@@ -860,43 +860,37 @@ mod tests {
             (&[0], 0, &[5, 2]),
         ];
         for &(shape, a, rows) in cases {
+            // Every other part lies in an arena, as a client's shared input does; `want` keeps
+            // each part's bytes.
+            let fd = rxd_shm::create_sealed("rxd-gather-test", 1 << 16).unwrap();
+            let map = std::sync::Arc::new(
+                rxd_shm::Mapping::map(std::os::fd::AsFd::as_fd(&fd), 1 << 16).unwrap(),
+            );
+            let mut at = 64u64;
+            let mut want: Vec<Vec<u8>> = Vec::new();
             let parts: Vec<InputTensor> = rows
                 .iter()
                 .enumerate()
                 .map(|(i, &r)| {
                     let mut s = shape.to_vec();
                     s[a] = r;
-                    input(&s, 1000.0 * (i + 1) as f32)
+                    let mut part = input(&s, 1000.0 * (i + 1) as f32);
+                    let bytes = bytes_of(&part).to_vec();
+                    if i % 2 == 1 {
+                        map.copy_in(at, &bytes).unwrap();
+                        let len = bytes.len() as u64;
+                        part.data = InputData::Shared {
+                            map: map.clone(),
+                            offset: at,
+                            len,
+                        };
+                        at += len + 8;
+                    }
+                    want.push(bytes);
+                    part
                 })
                 .collect();
-            // Every other part lies in an arena, as a client's shared input does.
-            let fd = rxd_shm::create_sealed("rxd-gather-test", 1 << 16).unwrap();
-            let map = std::sync::Arc::new(
-                rxd_shm::Mapping::map(std::os::fd::AsFd::as_fd(&fd), 1 << 16).unwrap(),
-            );
-            let mut at = 64u64;
-            let mixed: Vec<InputTensor> = parts
-                .iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    if i % 2 == 0 {
-                        return input(&p.shape, 1000.0 * (i + 1) as f32);
-                    }
-                    let bytes = bytes_of(p);
-                    map.copy_in(at, bytes).unwrap();
-                    let data = InputData::Shared {
-                        map: map.clone(),
-                        offset: at,
-                        len: bytes.len() as u64,
-                    };
-                    at += bytes.len() as u64 + 8;
-                    InputTensor {
-                        data,
-                        ..input(&p.shape, 0.0)
-                    }
-                })
-                .collect();
-            let refs: Vec<&InputTensor> = mixed.iter().collect();
+            let refs: Vec<&InputTensor> = parts.iter().collect();
             let real: u64 = rows.iter().sum();
             for total in [real, real + 3] {
                 let mut full = shape.to_vec();
@@ -906,11 +900,11 @@ mod tests {
                 gather(&mut dst, &refs, a, layout, total).unwrap();
                 assert_eq!(dst.len() as u64, layout.bytes(total), "{shape:?} along {a}");
                 let mut start = 0;
-                for (p, &r) in parts.iter().zip(rows) {
+                for (bytes, &r) in want.iter().zip(rows) {
                     let back = layout.rows_of(&dst, total, start, r);
                     assert_eq!(
                         &*back,
-                        bytes_of(p),
+                        &bytes[..],
                         "{shape:?} along {a}, rows {start}..+{r}"
                     );
                     start += r;
