@@ -66,14 +66,12 @@ pub fn take_bytes(
                     "the file refers to the arena, but this connection has none",
                 ))
             })?;
-            let mut bytes = vec![0u8; r.len as usize];
-            map.copy_out(r.offset, &mut bytes).map_err(|e| {
+            map.read_out(r.offset, r.len).map_err(|e| {
                 RequestError::Wire(WireError::new(
                     ErrorCode::ArenaOutOfRange,
                     format!("the file's range: {e}"),
                 ))
-            })?;
-            bytes
+            })?
         }
         _ => return Err(invalid("unknown data kind".into())),
     };
