@@ -264,3 +264,81 @@ fn the_webgpu_device_is_probed_for_float16_and_integer_kernels_at_start() {
         "rxctl devices:\n{text}"
     );
 }
+
+/// ORT's WebGPU EP keeps its state in one context per device, shared by every session on it,
+/// and cannot run two of them at once: two models on one device, two instances of one model,
+/// and a model loading beside another's runs must take turns, or the plugin crashes the
+/// daemon. Clients hammer two models (one with two instances) on one WebGPU device while a
+/// third loads on it; every answer must agree with the CPU EP and the daemon must live.
+#[test]
+fn concurrent_runs_and_loads_on_one_webgpu_device_take_turns_and_all_agree() {
+    let repo = Repo::new();
+    repo.link("cls", 1, "ppocr_cls")
+        .settings(
+            "cls",
+            "devices = ['gpu0']\ninstances = 2\nmax-batch-rows = 1\n",
+        )
+        .link("digits", 1, "digits")
+        .settings("digits", "devices = ['gpu0']\n")
+        .link("late", 1, "ppocr_cls")
+        .settings("late", "devices = ['gpu0']\n");
+    let config = format!(
+        "preload = ['cls', 'digits']\nload-on-demand = true\n{}[[device]]\nname = 'cpu'\n",
+        gpu_device("gpu0", "2GiB")
+    );
+    let d = start(&repo, &config);
+    let digit: Tensor = example_npy("digit.npy", "input");
+    let want_digit = Reference::new(&model_file("digits")).run(std::slice::from_ref(&digit));
+    let crops: Vec<Tensor> = (0..4)
+        .map(|k| {
+            let w = 64 + 32 * k;
+            f32_tensor(
+                "x",
+                &[1, 3, 48, w],
+                &random_f32(3 * 48 * w as usize, 40 + k),
+            )
+        })
+        .collect();
+    let mut reference = Reference::new(&model_file("ppocr_cls"));
+    let want_crops: Vec<Vec<Tensor>> = crops
+        .iter()
+        .map(|t| reference.run(std::slice::from_ref(t)))
+        .collect();
+    let agree = |got: &[Tensor], want: &[Tensor], what: &str| {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!((&g.name, &g.shape), (&w.name, &w.shape), "{what}");
+            let rel = max_rel_diff(g, w);
+            assert!(rel <= 1e-4, "{what} {}: relative error {rel}", g.name);
+        }
+    };
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let (d, crops, want_crops, digit, want_digit) =
+                (&d, &crops, &want_crops, &digit, &want_digit);
+            s.spawn(move || {
+                let c = d.client();
+                for i in 0..24u64 {
+                    if (t + i) % 3 == 0 {
+                        let got = c.infer("digits", vec![digit.clone()]).unwrap();
+                        agree(&got, want_digit, "digits");
+                    } else {
+                        let k = ((t * 7 + i) % 4) as usize;
+                        let got = c.infer("cls", vec![crops[k].clone()]).unwrap();
+                        agree(&got, &want_crops[k], "cls");
+                    }
+                }
+            });
+        }
+        // A load on the same device while the others run.
+        let c = d.client();
+        let got = c.infer("late", vec![crops[0].clone()]).unwrap();
+        agree(&got, &want_crops[0], "late");
+    });
+    let s = d.summaries();
+    for m in ["cls", "digits", "late"] {
+        assert_eq!(s[m].state, ModelState::Ready, "{:?}", s[m]);
+        assert_eq!(s[m].ep.as_deref(), Some(WEBGPU), "{m}");
+    }
+    assert_eq!(s["cls"].instances, 2, "{:?}", s["cls"]);
+}

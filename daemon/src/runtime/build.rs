@@ -9,12 +9,10 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use ort::session::Session;
-
 use super::{
-    ArenaRelease, AxesConfig, DeviceKind, NodePlacement, Runtime, RuntimeError, SessionOptions,
-    Signature, Target, WorkerSessions, arena_stats, node_placement, warmup, warmup_shape,
-    zero_inputs,
+    ArenaRelease, AxesConfig, DeviceKind, DeviceSession, NodePlacement, Runtime, RuntimeError,
+    SessionOptions, Signature, Target, WorkerSessions, arena_stats, node_placement, warmup,
+    warmup_shape, zero_inputs,
 };
 
 /// What to build.
@@ -197,25 +195,26 @@ impl Runtime {
                 && pad_to.iter().any(|&b| b > 1);
             // Zero inputs at `rows` rows: the outputs' shapes, or None (logged) when it fails
             // with automatic shapes; with configured warmup-dims a failure fails the build.
-            let warm_at =
-                |session: &mut Session, rows: u64| -> Result<Option<Vec<Vec<u64>>>, RuntimeError> {
-                    match warmup(session, &sig, rows, warmup_dims) {
-                        Ok(shapes) => Ok(Some(shapes)),
-                        Err(e) if spec.warmup_dims.is_some() => Err(RuntimeError::Warmup {
-                            rows,
-                            message: e.to_string(),
-                        }),
-                        Err(e) => {
-                            tracing::warn!(
-                                model = %name,
-                                version,
-                                "warmup at batch {rows} with automatic shapes failed (set \
-                                 warmup-dims in model.toml): {e}"
-                            );
-                            Ok(None)
-                        }
+            let warm_at = |session: &mut DeviceSession,
+                           rows: u64|
+             -> Result<Option<Vec<Vec<u64>>>, RuntimeError> {
+                match warmup(session, &sig, rows, warmup_dims) {
+                    Ok(shapes) => Ok(Some(shapes)),
+                    Err(e) if spec.warmup_dims.is_some() => Err(RuntimeError::Warmup {
+                        rows,
+                        message: e.to_string(),
+                    }),
+                    Err(e) => {
+                        tracing::warn!(
+                            model = %name,
+                            version,
+                            "warmup at batch {rows} with automatic shapes failed (set \
+                             warmup-dims in model.toml): {e}"
+                        );
+                        Ok(None)
                     }
-                };
+                }
+            };
             if spec.warmup {
                 // With a session per batch size, `main` only ever runs batch 1 (and sizes above
                 // the largest): warming it at others would leave it planned for the wrong shape.
@@ -240,7 +239,7 @@ impl Runtime {
                 }
             }
             if prof.is_some() {
-                match node_placement(&mut session, target.kind.ep()) {
+                match session.with(|s| node_placement(s, target.kind.ep())) {
                     Ok(p) => {
                         let nodes: Vec<String> = p
                             .nodes
@@ -253,7 +252,7 @@ impl Runtime {
                     Err(e) => tracing::warn!(model = %name, version, "no node placement: {e}"),
                 }
             }
-            match arena_stats(&session) {
+            match arena_stats(session.get()) {
                 Ok(stats) => {
                     tracing::debug!(model = %name, version, ?stats, "ORT arena after warmup");
                     if let Some((_, v)) = stats.iter().find(|(k, _)| k == "TotalAllocated") {

@@ -17,7 +17,8 @@ use ort::session::Session;
 use ort::value::TensorElementType;
 use rxd_protocol::{Capabilities, Support};
 
-use super::{DeviceKind, Runtime, Target, raw};
+use super::gate::Gate;
+use super::{DeviceKind, DeviceSession, Runtime, Target, raw};
 
 /// ONNX's element type numbers (onnx.proto `TensorProto.DataType`).
 const UINT8: u64 = 2;
@@ -80,7 +81,7 @@ impl Runtime {
                 )>,
                 String,
             >>()?;
-        let outputs = session.run(inputs).map_err(|e| e.to_string())?;
+        let outputs = session.with(|s| s.run(inputs)).map_err(|e| e.to_string())?;
         let out = outputs
             .get("y")
             .ok_or("the probe has no output 'y'")?
@@ -98,7 +99,7 @@ impl Runtime {
         Ok(())
     }
 
-    fn probe_session(&self, path: &Path, target: Target<'_>) -> Result<Session, String> {
+    fn probe_session(&self, path: &Path, target: Target<'_>) -> Result<DeviceSession, String> {
         // On the CPU device the CPU EP is the device's own; elsewhere it is the fallback.
         let fallback = if matches!(target.kind, DeviceKind::Cpu) {
             "0"
@@ -114,8 +115,11 @@ impl Runtime {
                     .map_err(Into::into)
             })
             .map_err(|e| e.to_string())?;
+        let gate = Gate::of(target.kind);
+        let _turn = gate.hold();
         let mut builder = self.with_device(builder, target)?;
-        builder.commit_from_file(path).map_err(|e| e.to_string())
+        let session = builder.commit_from_file(path).map_err(|e| e.to_string())?;
+        Ok(DeviceSession::new(session, gate))
     }
 }
 

@@ -18,6 +18,7 @@ mod build;
 mod caps;
 mod deliver;
 mod ep;
+mod gate;
 mod job;
 mod limit;
 pub mod log;
@@ -36,6 +37,7 @@ use ort::session::Session;
 pub use build::{BuildSpec, Built, batch_sizes};
 pub use deliver::{View, deliver};
 pub use ep::{DeviceKind, Probe, Target};
+pub use gate::DeviceSession;
 pub use job::{
     Batch, BatchListener, Completion, Finished, InputData, InputTensor, Job, OutputData,
     OutputTarget, OutputTensor, Placement, padded_rows,
@@ -50,6 +52,7 @@ pub use signature::{
 pub use tune::{Cell, Layout, Measured, TuneSpec, layouts};
 pub use worker::{ARENA_IDLE, ArenaRelease, Crew, INLINE_MAX, WorkerPool, WorkerSessions};
 
+use gate::Gate;
 use profile::node_placement;
 
 /// Errors from ONNX Runtime.
@@ -123,7 +126,7 @@ pub struct Runtime {
     /// One tiny session per accelerator device, kept for the daemon's life: it pays the
     /// device's one-time set-up (Dawn/Vulkan instance and adapter, CUDA context) before the
     /// first real model's footprint is measured, and keeps that context alive.
-    primed: std::sync::Mutex<std::collections::BTreeMap<String, Session>>,
+    primed: std::sync::Mutex<std::collections::BTreeMap<String, DeviceSession>>,
     /// The daemon's private directory (mode 0700, a random name created exclusively, removed
     /// at exit) for the files ONNX Runtime is told to write: profiles, the prime graph.
     /// Nothing is ever written at a predictable path of a shared directory, where another
@@ -203,8 +206,9 @@ impl Runtime {
             .and_then(|b| self.shared_allocator(b))
             .and_then(|mut b| b.commit_from_memory(PRIME))
             .map_err(|e| e.to_string())
-            .and_then(|mut session| {
-                let sig = Signature::of(&session)?;
+            .and_then(|session| {
+                let mut session = DeviceSession::new(session, Gate::of(&DeviceKind::Cpu));
+                let sig = Signature::of(session.get())?;
                 warmup(&mut session, &sig, 1, &Default::default()).map_err(|e| e.to_string())
             });
         if let Err(e) = result {
@@ -254,7 +258,7 @@ impl Runtime {
         &self,
         path: &Path,
         opts: &SessionOptions,
-    ) -> Result<(Session, Signature), RuntimeError> {
+    ) -> Result<(DeviceSession, Signature), RuntimeError> {
         self.session_on(path, None, opts, Target::cpu(), None)
     }
 
@@ -271,7 +275,7 @@ impl Runtime {
         opts: &SessionOptions,
         target: Target<'_>,
         profile: Option<&Path>,
-    ) -> Result<(Session, Signature), RuntimeError> {
+    ) -> Result<(DeviceSession, Signature), RuntimeError> {
         let sess_err = |e: &dyn std::fmt::Display| RuntimeError::Session {
             path: path.to_path_buf(),
             message: e.to_string(),
@@ -302,6 +306,9 @@ impl Runtime {
         if let Some(prefix) = profile {
             builder = builder.with_profiling(prefix).map_err(|e| sess_err(&e))?;
         }
+        // The execution provider is made, and the weights reach the device, in its turn.
+        let gate = Gate::of(target.kind);
+        let turn = gate.hold();
         builder = self
             .with_device(builder, target)
             .map_err(|e| sess_err(&e))?;
@@ -310,8 +317,10 @@ impl Runtime {
             None => builder.commit_from_file(path),
         }
         .map_err(|e| sess_err(&e))?;
+        drop(turn);
+        let session = DeviceSession::new(session, gate);
         let mut signature =
-            Signature::of(&session).map_err(|message| RuntimeError::Unsupported {
+            Signature::of(session.get()).map_err(|message| RuntimeError::Unsupported {
                 path: path.to_path_buf(),
                 message,
             })?;

@@ -10,13 +10,15 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use ort::session::{RunOptions, Session, SessionInputValue};
+use ort::session::{RunOptions, SessionInputValue};
 
 use super::deliver::{View, deliver};
 use super::job::{Batch, InputData, Job, OutputTensor, padded_rows};
 use super::limit::{Strikes, Watch};
 use super::worker::{ArenaRelease, Pad, WorkerSessions};
-use super::{Axis, RuntimeError, dtype_of, element_type_of, raw, release_free_memory, run_err};
+use super::{
+    Axis, DeviceSession, RuntimeError, dtype_of, element_type_of, raw, release_free_memory, run_err,
+};
 
 /// A worker's gather buffers, one per model input, kept (with their capacity) from batch to
 /// batch: a batch's inputs are copied once, into memory that was used before, and the batch
@@ -373,13 +375,14 @@ fn in_turns(jobs: Vec<Job>, rows: Vec<u32>) -> (Vec<Job>, Vec<u32>) {
 /// options that shrink (see [`ArenaRelease`]), ORT's arena frees its unused blocks when the
 /// run ends; past `how.after`, the run is stopped ([`RuntimeError::Stopped`]).
 fn with_outputs<R>(
-    session: &mut Session,
+    session: &mut DeviceSession,
     values: Vec<(Cow<'_, str>, SessionInputValue<'_>)>,
     names: &[&str],
     how: How<'_>,
     then: impl FnOnce(&[View<'_>]) -> Result<R, RuntimeError>,
 ) -> Result<R, RuntimeError> {
-    let outputs = match how.options {
+    // The limit's clock starts once the device's turn has come (see `gate`).
+    let outputs = session.with(|session| match how.options {
         Some(options) => {
             let watch = how
                 .after
@@ -394,11 +397,10 @@ fn with_outputs<R>(
                 let took = began.elapsed();
                 return Err(RuntimeError::Stopped { limit, took });
             }
-            outputs
+            outputs.map_err(|e| run_err(&e))
         }
-        None => session.run(values),
-    }
-    .map_err(|e| run_err(&e))?;
+        None => session.run(values).map_err(|e| run_err(&e)),
+    })?;
     let mut tensors = Vec::with_capacity(names.len());
     for &name in names {
         let value = outputs
@@ -437,7 +439,7 @@ fn bogus_input() -> Result<(Cow<'static, str>, SessionInputValue<'static>), Runt
 /// Runs one job: inputs straight from where they are (zero copy from the arena or from the
 /// request's inline bytes).
 fn run_one(
-    session: &mut Session,
+    session: &mut DeviceSession,
     job: &Job,
     how: How<'_>,
     bogus: bool,
@@ -472,7 +474,7 @@ fn run_one(
 /// run's options unless it shrinks the arena, and its limit.
 #[allow(clippy::too_many_arguments)]
 fn run_many(
-    session: &mut Session,
+    session: &mut DeviceSession,
     jobs: &[Job],
     rows: &[u32],
     padded: u64,
@@ -519,7 +521,7 @@ type Results = Result<Vec<Result<Vec<OutputTensor>, RuntimeError>>, RuntimeError
 /// caller whatever happens); `shrunk` says whether the run shrank ORT's arena.
 #[allow(clippy::too_many_arguments)]
 fn run_gathered(
-    session: &mut Session,
+    session: &mut DeviceSession,
     jobs: &[Job],
     rows: &[u32],
     padded: u64,

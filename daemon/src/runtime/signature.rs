@@ -278,7 +278,7 @@ pub const WARMUP_AUTO_DIM: u64 = 32;
 /// allocate its arena for that batch size (and compile kernels on GPU providers) before the
 /// first client request. Returns the outputs' shapes, in the signature's output order.
 pub fn warmup(
-    session: &mut Session,
+    session: &mut super::DeviceSession,
     sig: &Signature,
     rows: u64,
     dims: &std::collections::HashMap<String, Vec<i64>>,
@@ -287,7 +287,7 @@ pub fn warmup(
         .into_iter()
         .map(|(name, tensor)| (Cow::Owned(name), tensor.into()))
         .collect();
-    let outputs = session.run(values).map_err(|e| run_err(&e))?;
+    let outputs = session.with(|s| s.run(values)).map_err(|e| run_err(&e))?;
     Ok(sig
         .outputs
         .iter()

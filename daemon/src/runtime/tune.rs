@@ -75,7 +75,7 @@ const GAIN: f64 = 0.03;
 /// median of its samples.
 const ROUNDS: u32 = 3;
 
-type Sessions = Vec<(ort::session::Session, super::Signature)>;
+type Sessions = Vec<(super::DeviceSession, super::Signature)>;
 
 /// What [`Runtime::measure`] found.
 #[derive(Debug)]

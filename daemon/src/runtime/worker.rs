@@ -10,11 +10,11 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use ort::session::{Session, SessionInputValue};
+use ort::session::SessionInputValue;
 
 use super::job::{Batch, BatchListener, Finished, Job};
 use super::run::{Limits, Ran, Staging, run_batch};
-use super::{RuntimeError, release_free_memory};
+use super::{DeviceSession, RuntimeError, release_free_memory};
 
 /// The sessions of one worker: `main`, and on GPU devices one more session per padded batch
 /// size, each run only at that size. ORT's CUDA EP keeps one set of cuDNN plans per Conv node,
@@ -24,9 +24,9 @@ use super::{RuntimeError, release_free_memory};
 /// (measured in-process on an H200: `cargo bench --bench cuda_probe`). A session per size
 /// never changes shape.
 pub struct WorkerSessions {
-    pub main: Session,
+    pub main: DeviceSession,
     /// Sessions by the batch size (rows) they run; batches of other sizes use `main`.
-    pub by_rows: Vec<(u64, Session)>,
+    pub by_rows: Vec<(u64, DeviceSession)>,
     /// When ORT's CPU arena gives memory back.
     pub arena: ArenaRelease,
     /// They run on the CPU EP: a light batch may run on the thread that formed it
@@ -37,8 +37,8 @@ pub struct WorkerSessions {
     options: Option<Arc<ort::session::RunOptions>>,
 }
 
-impl From<Session> for WorkerSessions {
-    fn from(main: Session) -> Self {
+impl From<DeviceSession> for WorkerSessions {
+    fn from(main: DeviceSession) -> Self {
         WorkerSessions {
             main,
             by_rows: Vec::new(),
@@ -52,7 +52,7 @@ impl From<Session> for WorkerSessions {
 /// What [`WorkerSessions::for_rows`] gives: the session for a batch, the arena policy, the
 /// run options, and whether the session is `main`.
 pub(super) type ForRows<'a> = (
-    &'a mut Session,
+    &'a mut DeviceSession,
     &'a mut ArenaRelease,
     Option<&'a Arc<ort::session::RunOptions>>,
     bool,
@@ -194,7 +194,7 @@ impl ArenaRelease {
     /// Gives a large run's growth back: a batch-1 run that shrinks the arena (nothing is in
     /// use between runs, so every block a larger run added is freed), then freed heap to the
     /// kernel.
-    fn tidy(&mut self, session: &mut Session) {
+    fn tidy(&mut self, session: &mut DeviceSession) {
         self.pending = false;
         if self.shrink_options().is_none() {
             return;
@@ -207,7 +207,7 @@ impl ArenaRelease {
             .iter()
             .map(|(name, t)| (Cow::Borrowed(name.as_str()), t.into()))
             .collect();
-        if let Err(e) = session.run_with_options(values, &**options) {
+        if let Err(e) = session.with(|s| s.run_with_options(values, &**options)) {
             tracing::debug!("the batch-1 run that shrinks the arena failed: {e}");
         }
         release_free_memory();
