@@ -9,6 +9,15 @@ use rxd::{config, exit};
 #[path = "rxd/compress.rs"]
 mod compress;
 
+// mimalloc: a request is decoded on the ring poller's (or a connection's) thread and freed on
+// a worker's; glibc's frees then fill the worker's cache with the poller's chunks and go back
+// under the poller's arena lock, where mimalloc pushes them on the owning page's list. It
+// keeps freed pages committed for its purge delay, so a load's footprint is read after
+// `runtime::release_free_memory`, which forces a collect.
+#[cfg(not(feature = "alloc-count"))]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[allow(unsafe_code)] // Setting the environment before any thread exists.
 fn main() -> ExitCode {
     // Socket activation: read LISTEN_* once, then remove them so children never see them.

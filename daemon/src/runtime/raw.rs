@@ -198,13 +198,23 @@ pub fn tensor_bytes<'a>(tensor: &'a DynTensorRef<'_>) -> Result<&'a [u8], String
     Ok(unsafe { std::slice::from_raw_parts(ptr, size) })
 }
 
-/// Hands memory that the C allocator holds free back to the kernel (after a model is
-/// unloaded or evicted, so that its pages really leave the process).
+/// Hands memory that the allocators hold free back to the kernel (after a model is unloaded
+/// or evicted, so that its pages really leave the process, and around a load, whose footprint
+/// is the resident set's growth). Two allocators: glibc's holds what ONNX Runtime allocates,
+/// mimalloc (the daemon's global allocator) what Rust does. mimalloc keeps freed pages
+/// committed for a while (its purge delay, a second): a forced collect returns them now, or a
+/// load's transient buffers would be counted in its footprint.
 pub fn release_free_memory() {
     // SAFETY: malloc_trim only walks glibc's own heap under its internal lock; it takes no
     // pointers from us and is safe to call from any thread at any time.
     unsafe {
         nix::libc::malloc_trim(0);
+    }
+    // SAFETY: mi_collect takes no pointers; it frees the calling thread's empty pages and
+    // purges mimalloc's arenas under their own locks, safe from any thread at any time (it is
+    // harmless where mimalloc is not the global allocator: it then holds nothing).
+    unsafe {
+        libmimalloc_sys::mi_collect(true);
     }
 }
 
