@@ -1,5 +1,6 @@
 //! ONNX Runtime: loading the library, creating sessions, and the worker threads that own them.
-//! One file per concern: `ep` (devices and their execution providers), `build` (a version's
+//! One file per concern: `ep` (devices and their execution providers), `gate` (sessions on an
+//! execution provider that cannot run two at once take turns), `build` (a version's
 //! sessions, warmed and profiled), `signature` (inputs/outputs, dtypes, warmup inputs),
 //! `profile` (which provider ran each node), `job` (what workers are given), `worker` (the
 //! threads and their arena policy), `run` (running a batch), `deliver` (placing outputs),
