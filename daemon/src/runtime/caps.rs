@@ -17,7 +17,6 @@ use ort::session::Session;
 use ort::value::TensorElementType;
 use rxd_protocol::{Capabilities, Support};
 
-use super::gate::Gate;
 use super::{DeviceKind, DeviceSession, Runtime, Target, raw};
 
 /// ONNX's element type numbers (onnx.proto `TensorProto.DataType`).
@@ -115,11 +114,10 @@ impl Runtime {
                     .map_err(Into::into)
             })
             .map_err(|e| e.to_string())?;
-        let gate = Gate::of(target.kind);
-        let _turn = gate.hold();
-        let mut builder = self.with_device(builder, target)?;
-        let session = builder.commit_from_file(path).map_err(|e| e.to_string())?;
-        Ok(DeviceSession::new(session, gate))
+        DeviceSession::make(target.kind, || {
+            let mut builder = self.with_device(builder, target)?;
+            builder.commit_from_file(path).map_err(|e| e.to_string())
+        })
     }
 }
 

@@ -24,14 +24,14 @@ use super::DeviceKind;
 
 /// Serializes calls into an execution provider that cannot take two at once.
 #[derive(Debug, Clone, Copy)]
-pub struct Gate(Option<&'static Mutex<()>>);
+struct Gate(Option<&'static Mutex<()>>);
 
 /// The WebGPU EP's turn.
 static WEBGPU: Mutex<()> = Mutex::new(());
 
 impl Gate {
     /// The gate of sessions on `kind`'s execution provider.
-    pub fn of(kind: &DeviceKind) -> Gate {
+    fn of(kind: &DeviceKind) -> Gate {
         match kind {
             DeviceKind::WebGpu { .. } => Gate(Some(&WEBGPU)),
             DeviceKind::Cpu | DeviceKind::Cuda { .. } | DeviceKind::TensorRt { .. } => Gate(None),
@@ -40,7 +40,7 @@ impl Gate {
 
     /// Waits for the turn (none without a gate). A panic under the lock left no state of
     /// rxd's behind, so a poisoned lock is taken as it is.
-    pub fn hold(&self) -> Option<MutexGuard<'static, ()>> {
+    fn hold(&self) -> Option<MutexGuard<'static, ()>> {
         self.0
             .map(|m| m.lock().unwrap_or_else(PoisonError::into_inner))
     }
@@ -55,12 +55,21 @@ pub struct DeviceSession {
 }
 
 impl DeviceSession {
-    /// `session` was made under `gate` (see [`super::Runtime::session_on`]).
-    pub(super) fn new(session: Session, gate: Gate) -> DeviceSession {
-        DeviceSession {
+    /// Makes a session for `kind`'s execution provider in its turn (`make` creates the
+    /// provider, and the weights reach the device).
+    pub(super) fn make<E>(
+        kind: &DeviceKind,
+        make: impl FnOnce() -> Result<Session, E>,
+    ) -> Result<DeviceSession, E> {
+        let gate = Gate::of(kind);
+        let session = {
+            let _turn = gate.hold();
+            make()?
+        };
+        Ok(DeviceSession {
             session: Some(session),
             gate,
-        }
+        })
     }
 
     /// The session, for what reads it without calling its execution provider (inputs and

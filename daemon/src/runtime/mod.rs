@@ -53,7 +53,6 @@ pub use signature::{
 pub use tune::{Cell, Layout, Measured, TuneSpec, layouts};
 pub use worker::{ARENA_IDLE, ArenaRelease, Crew, INLINE_MAX, WorkerPool, WorkerSessions};
 
-use gate::Gate;
 use profile::node_placement;
 
 /// Errors from ONNX Runtime.
@@ -205,10 +204,9 @@ impl Runtime {
         let result = Session::builder(&self.env)
             .and_then(|b| b.with_intra_threads(1).map_err(Into::into))
             .and_then(|b| self.shared_allocator(b))
-            .and_then(|mut b| b.commit_from_memory(PRIME))
+            .and_then(|mut b| DeviceSession::make(&DeviceKind::Cpu, || b.commit_from_memory(PRIME)))
             .map_err(|e| e.to_string())
-            .and_then(|session| {
-                let mut session = DeviceSession::new(session, Gate::of(&DeviceKind::Cpu));
+            .and_then(|mut session| {
                 let sig = Signature::of(session.get())?;
                 warmup(&mut session, &sig, 1, &Default::default()).map_err(|e| e.to_string())
             });
@@ -307,19 +305,16 @@ impl Runtime {
         if let Some(prefix) = profile {
             builder = builder.with_profiling(prefix).map_err(|e| sess_err(&e))?;
         }
-        // The execution provider is made, and the weights reach the device, in its turn.
-        let gate = Gate::of(target.kind);
-        let turn = gate.hold();
-        builder = self
-            .with_device(builder, target)
-            .map_err(|e| sess_err(&e))?;
-        let session = match bytes {
-            Some(b) => builder.commit_from_memory(b),
-            None => builder.commit_from_file(path),
-        }
-        .map_err(|e| sess_err(&e))?;
-        drop(turn);
-        let session = DeviceSession::new(session, gate);
+        let session = DeviceSession::make(target.kind, || {
+            let mut builder = self
+                .with_device(builder, target)
+                .map_err(|e| sess_err(&e))?;
+            match bytes {
+                Some(b) => builder.commit_from_memory(b),
+                None => builder.commit_from_file(path),
+            }
+            .map_err(|e| sess_err(&e))
+        })?;
         let mut signature =
             Signature::of(session.get()).map_err(|message| RuntimeError::Unsupported {
                 path: path.to_path_buf(),
