@@ -27,6 +27,16 @@ fn gpu_device(name: &str, budget: &str) -> String {
     )
 }
 
+/// The daemon's outputs are the CPU EP's: same names and shapes, values within 1e-4 relative.
+fn agree(got: &[Tensor], want: &[Tensor], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!((&g.name, &g.shape), (&w.name, &w.shape), "{what}");
+        let rel = max_rel_diff(g, w);
+        assert!(rel <= 1e-4, "{what} {}: relative error {rel}", g.name);
+    }
+}
+
 #[test]
 fn models_on_the_webgpu_device_run_on_the_webgpu_ep_and_agree_with_the_cpu_ep() {
     let repo = Repo::new();
@@ -61,12 +71,7 @@ fn models_on_the_webgpu_device_run_on_the_webgpu_ep_and_agree_with_the_cpu_ep() 
     for (model, input) in [("ppocr_cls", crops), ("yolov8n", image)] {
         let got = c.infer(model, vec![input.clone()]).unwrap();
         let want = Reference::new(&model_file(model)).run(&[input]);
-        assert_eq!(got.len(), want.len());
-        for (g, w) in got.iter().zip(&want) {
-            assert_eq!((&g.name, &g.shape), (&w.name, &w.shape));
-            let rel = max_rel_diff(g, w);
-            assert!(rel <= 1e-4, "{model} {}: relative error {rel}", g.name);
-        }
+        agree(&got, &want, model);
     }
     let devices = c.devices().unwrap();
     assert_eq!(devices[0].ep, WEBGPU);
@@ -304,14 +309,6 @@ fn concurrent_runs_and_loads_on_one_webgpu_device_take_turns_and_all_agree() {
         .iter()
         .map(|t| reference.run(std::slice::from_ref(t)))
         .collect();
-    let agree = |got: &[Tensor], want: &[Tensor], what: &str| {
-        assert_eq!(got.len(), want.len(), "{what}");
-        for (g, w) in got.iter().zip(want) {
-            assert_eq!((&g.name, &g.shape), (&w.name, &w.shape), "{what}");
-            let rel = max_rel_diff(g, w);
-            assert!(rel <= 1e-4, "{what} {}: relative error {rel}", g.name);
-        }
-    };
     std::thread::scope(|s| {
         for t in 0..4u64 {
             let (d, crops, want_crops, digit, want_digit) =
