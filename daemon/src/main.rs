@@ -109,6 +109,7 @@ fn serve(opts: &ServeOpts, activation: (Option<u32>, Option<u32>)) -> ExitCode {
     };
     init_logging(&cfg.log_level);
     raise_fd_limit();
+    rxd::runtime::fix_heap_thresholds();
     // Mesa compiles shaders for the WebGPU EP's Vulkan pipelines: keep its cache under the
     // daemon's cache directory, so a restart does not recompile for seconds.
     let gpu = cfg

@@ -342,6 +342,12 @@ pub fn arena_stats(session: &Session) -> Result<Vec<(String, i64)>, String> {
     raw::arena_stats(session)
 }
 
+/// Sets the C heap up for a daemon that loads and unloads models (see
+/// `raw::fix_heap_thresholds`). Called once at start, before ONNX Runtime allocates.
+pub fn fix_heap_thresholds() {
+    raw::fix_heap_thresholds();
+}
+
 /// Returns freed heap memory to the kernel (after unloading models).
 pub fn release_free_memory() {
     raw::release_free_memory();
