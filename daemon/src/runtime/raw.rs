@@ -198,20 +198,26 @@ pub fn tensor_bytes<'a>(tensor: &'a DynTensorRef<'_>) -> Result<&'a [u8], String
     Ok(unsafe { std::slice::from_raw_parts(ptr, size) })
 }
 
-/// Fixes glibc's heap thresholds at their starting values (128 KiB): a block that large is
-/// mapped on its own and unmapped when freed, and a heap gives its free top back once it is
-/// that large. By default glibc raises both after each large free (up to 32 and 64 MiB), and
-/// `malloc_trim` never shrinks the top of a thread's heap: ONNX Runtime's allocations then
-/// stay resident after the model that made them is unloaded, and each load/unload cycle left
-/// more behind (ppocr_rec: +6.7 then +3.1 MiB a cycle; with the thresholds fixed, +0.1).
-/// Runs do not pay for it: ORT's arena keeps its regions across runs and Rust allocates
-/// through mimalloc.
+/// Fixes glibc's heap thresholds, which it otherwise moves: after each large free it raises
+/// the size from which a block is mapped on its own (up to 32 MiB) and, with it, the size a
+/// thread's heap must have free at its top before it is given back (twice that). As
+/// `malloc_trim` never shrinks the top of a thread's heap, what ONNX Runtime freed there when
+/// a model was unloaded stayed resident, and each load/unload cycle left more behind
+/// (ppocr_rec beside two resident models: +8 MiB over 10 cycles; with the thresholds fixed,
+/// +0.5). Fixed here: a heap gives back a free top above 128 KiB at once; blocks are mapped
+/// on their own from 32 MiB (the largest threshold glibc would have moved to: mapping every
+/// block above 128 KiB, glibc's starting value, made YOLOv8n's load 12 ms slower, as each
+/// large buffer of a load then faults in fresh pages). Runs do not pay for either: ORT's arena
+/// keeps its regions across runs and Rust allocates through mimalloc.
 pub fn fix_heap_thresholds() {
-    for param in [nix::libc::M_TRIM_THRESHOLD, nix::libc::M_MMAP_THRESHOLD] {
+    for (param, value) in [
+        (nix::libc::M_TRIM_THRESHOLD, 128 << 10),
+        (nix::libc::M_MMAP_THRESHOLD, 32 << 20),
+    ] {
         // SAFETY: mallopt takes no pointers; it sets a glibc malloc parameter under the main
         // arena's lock and is safe to call from any thread at any time.
-        if unsafe { nix::libc::mallopt(param, 128 << 10) } != 1 {
-            tracing::warn!(param, "mallopt refused a heap threshold");
+        if unsafe { nix::libc::mallopt(param, value) } != 1 {
+            tracing::warn!(param, value, "mallopt refused a heap threshold");
         }
     }
 }
