@@ -4,7 +4,10 @@
 //!   same warmup (zero inputs at batch 1 and 32 for batchable models, other dynamic
 //!   dimensions 32);
 //! - the first request to an evicted model (evict + load + warmup + run) vs. a warm request;
-//! - each model's footprint: estimated before loading, measured (accounted), ORT arena.
+//! - each model's footprint: estimated before loading, measured (accounted), ORT arena;
+//! - the daemon's resident set over load/unload cycles of one model beside two resident ones
+//!   (what an unload gives back, and whether cycles leave memory behind); with
+//!   `RXD_BENCH_RXD_BEFORE=<rxd>` an older build is measured beside it in the same run.
 //!
 //! Run: `scripts/bench lifecycle`. `RXD_BENCH_N` sets the repeats per model (default 5).
 
@@ -224,6 +227,64 @@ fn main() {
             median(warm[m].clone())
         );
     }
+    drop(c);
+    drop(d);
+
+    // The resident set over load/unload cycles, this build and (if given) an older one.
+    let cycles = 2 * n;
+    let mut rows = Vec::new();
+    if let Some(before) = std::env::var_os("RXD_BENCH_RXD_BEFORE") {
+        let d = TestDaemon::start_program(
+            std::path::Path::new(&before),
+            repo.path(),
+            &[],
+            "preload = []\n",
+            &[],
+        );
+        rows.push(cycles_row("before", &d, cycles));
+    }
+    let d = TestDaemon::start_with(repo.path(), &[], "preload = []\n");
+    rows.push(cycles_row("this build", &d, cycles));
+    println!(
+        "\n### Resident set over {cycles} load/unload cycles of ppocr_rec, YOLOv8n and ppocr_det resident (MiB)\n"
+    );
+    println!(
+        "| rxd | first load grew | a reload grows (median) | after the first unload | after the last | cycles left behind |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!("{r}");
+    }
+}
+
+/// The daemon's resident set over `cycles` load/unload cycles of ppocr_rec with YOLOv8n and
+/// ppocr_det resident: one table row for the rxd binary `label`.
+fn cycles_row(label: &str, d: &TestDaemon, cycles: usize) -> String {
+    let rss = || proc_status_bytes(d.pid(), "VmRSS");
+    let c = d.client_inline();
+    for m in ["yolov8n", "ppocr_det"] {
+        c.load(m, None).unwrap();
+    }
+    let (mut loads, mut unloads) = (Vec::new(), Vec::new());
+    for _ in 0..cycles {
+        let before = rss();
+        c.load("ppocr_rec", None).unwrap();
+        let loaded = rss();
+        c.unload("ppocr_rec", None).unwrap();
+        let after = rss();
+        loads.push(loaded.saturating_sub(before));
+        unloads.push(after);
+        eprintln!("{label}: loaded {loaded}, unloaded {after}");
+    }
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let reload = median(loads[1..].iter().map(|&b| mib(b)).collect());
+    format!(
+        "| {label} | {:.1} | {reload:.1} | {:.1} | {:.1} | {:+.1} |",
+        mib(loads[0]),
+        mib(unloads[0]),
+        mib(unloads[cycles - 1]),
+        mib(unloads[cycles - 1]) - mib(unloads[0]),
+    )
 }
 
 fn ms(d: Duration) -> f64 {
