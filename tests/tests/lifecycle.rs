@@ -72,9 +72,9 @@ fn measure_footprints() -> BTreeMap<String, u64> {
         "accounted {accounted} bytes, resident set grew {grew}"
     );
     // Unloading frees the memory for real: the accounting drops by the model's figure, and
-    // the resident set by what loading the model costs. The first load of a model in a
-    // process also pays ONNX Runtime's one-time costs for its operators, which stay (about
-    // half of ppocr_rec's first footprint); what a reload takes is the model's own cost.
+    // the resident set by what loading the model costs. Part of what a model's first load
+    // in a process allocates inside ONNX Runtime stays, once (about half of ppocr_rec's first
+    // footprint; see BENCHMARKS.md, lifecycle); what a reload takes is the model's own cost.
     let rss = || rss_bytes(d.pid());
     let before = rss();
     assert!(d.rxctl(&["unload", "ppocr_rec"]).status.success());
