@@ -150,6 +150,9 @@ fn contains(path: &Path, needle: &[u8]) -> bool {
     let Ok(mut f) = std::fs::File::open(path) else {
         return false;
     };
+    // A SIMD substring search: comparing every window byte by byte took 5–6 ms on YOLOv8n's
+    // 12 MB, a tenth of its load.
+    let finder = memchr::memmem::Finder::new(needle);
     let mut buf = vec![0u8; (1 << 20) + needle.len()];
     let mut kept = 0;
     loop {
@@ -158,7 +161,7 @@ fn contains(path: &Path, needle: &[u8]) -> bool {
             Ok(n) => n,
         };
         let end = kept + got;
-        if buf[..end].windows(needle.len()).any(|w| w == needle) {
+        if finder.find(&buf[..end]).is_some() {
             return true;
         }
         // Keep the tail: the needle may straddle two reads.
