@@ -189,7 +189,7 @@ fn main() {
     // alternating between them, so each request finds its model evicted.
     let pair = ["ppocr_rec", "yolov8n"];
     // Each footprint as a fresh daemon measures it in this part's order: a model's first load
-    // in a process measures more than later ones (ppocr_rec 35.6 MiB loaded first, 26 after
+    // in a process measures more than later ones (ppocr_rec 33.9 MiB loaded first, 26 after
     // the other models), and the daemon accounts the larger figure.
     let fresh = TestDaemon::start_with(repo.path(), &[], "preload = []\n");
     let fc = fresh.client_inline();

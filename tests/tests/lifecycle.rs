@@ -132,7 +132,7 @@ fn a_budget_for_two_of_three_models_evicts_in_lru_order_and_keeps_pinned_models(
     // Each model measured once with nothing else running, as above: a footprint is the
     // resident set's growth over the load, and memory that another model's request frees
     // during it (its buffers, given back late) reads as the load's shrinking — ppocr_det has
-    // read 9 MiB instead of 15 that way. The daemon accounts each version at the largest
+    // read 8.7 MiB instead of 14.1 that way. The daemon accounts each version at the largest
     // figure measured for it, so the steps below are accounted at these.
     for m in THREE {
         assert!(d.rxctl(&["load", m]).status.success());

@@ -203,8 +203,8 @@ pub fn tensor_bytes<'a>(tensor: &'a DynTensorRef<'_>) -> Result<&'a [u8], String
 /// thread's heap must have free at its top before it is given back (twice that). As
 /// `malloc_trim` never shrinks the top of a thread's heap, what ONNX Runtime freed there when
 /// a model was unloaded stayed resident, and each load/unload cycle left more behind
-/// (ppocr_rec beside two resident models: +8 MiB over 10 cycles; with the thresholds fixed,
-/// +0.5). Fixed here: a heap gives back a free top above 128 KiB at once; blocks are mapped
+/// (ppocr_rec beside two resident models, 20 cycles: +4 to +12 MiB; with the thresholds
+/// fixed, +0.4 to +3). Fixed here: a heap gives back a free top above 128 KiB at once; blocks are mapped
 /// on their own from 32 MiB (the largest threshold glibc would have moved to: mapping every
 /// block above 128 KiB, glibc's starting value, made YOLOv8n's load 12 ms slower, as each
 /// large buffer of a load then faults in fresh pages). Runs do not pay for either: ORT's arena
@@ -226,7 +226,8 @@ pub fn fix_heap_thresholds() {
 /// or evicted, so that its pages really leave the process, and around a load, whose footprint
 /// is the resident set's growth). Two allocators: glibc's holds what ONNX Runtime allocates,
 /// mimalloc (the daemon's global allocator) what Rust does. mimalloc keeps freed pages
-/// committed for a while (its purge delay, a second): a forced collect returns them now, or a
+/// committed for a while (its purge delay: 10 ms for a page, 100 ms for an arena in the v2
+/// mimalloc built here): a forced collect returns them now, or a
 /// load's transient buffers would be counted in its footprint.
 pub fn release_free_memory() {
     // SAFETY: malloc_trim only walks glibc's own heap under its internal lock; it takes no
